@@ -1,0 +1,120 @@
+"""The data contract between rollout, pool, reward, tree and trainer.
+
+Plain dataclasses of Python lists and scalars: they cross Ray process boundaries,
+so nothing here may hold a tensor, a model or an actor handle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+# How an episode ended. Only "ok" and "truncated" episodes are learning signal;
+# "error" (the env raised) is a failed episode; "lost" (a worker died) is infra and
+# is kept out of group statistics.
+EpisodeStatus = Literal["ok", "truncated", "error", "lost"]
+
+NO_VERSION = -1  # policy version of tokens the model did not generate
+
+
+@dataclass
+class Turn:
+    """One model call and the observation that answered it.
+
+    `[start, end)` indexes the trajectory's `token_ids` for the tokens the model
+    generated in this turn; `obs_end` is one past the observation tokens that follow.
+    """
+
+    start: int
+    end: int
+    obs_end: int
+    generation_seconds: float = 0.0
+    env_seconds: float = 0.0
+    truncated: bool = False  # generation hit max_new_tokens
+
+
+@dataclass
+class Trajectory:
+    """One episode, token-in-token-out: `token_ids` are exactly what the model saw and
+    generated, never decoded and re-tokenized.
+
+    Per-token lists all have `len(token_ids)` entries. Tokens the model generated have
+    `loss_mask == 1`, their sampling logprob in `behaviour_logprobs` and the policy
+    version that produced them in `policy_versions`; every other token has mask 0,
+    logprob 0.0 and version `NO_VERSION`.
+    """
+
+    task_id: str
+    group_id: str
+    token_ids: list[int]
+    loss_mask: list[int]
+    behaviour_logprobs: list[float]
+    policy_versions: list[int]
+    prompt_length: int
+    turns: list[Turn] = field(default_factory=list)
+    outcome: float = 0.0  # the env's reward, before shaping
+    reward: float = 0.0  # outcome + shaping, filled in by forge.reward
+    success: bool = False
+    status: EpisodeStatus = "ok"
+    error: str | None = None
+    wall_seconds: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = len(self.token_ids)
+        for name in ("loss_mask", "behaviour_logprobs", "policy_versions"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(
+                    f"Trajectory.{name} has {len(getattr(self, name))} entries, "
+                    f"token_ids has {n}: per-token lists must be the same length"
+                )
+
+    @property
+    def num_turns(self) -> int:
+        return len(self.turns)
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(self.loss_mask)
+
+    @property
+    def tool_seconds(self) -> float:
+        return sum(t.env_seconds for t in self.turns)
+
+
+@dataclass
+class Sample:
+    """One training sequence: a whole trajectory, or one model call of an agent episode
+    (gateway), with the advantage it is trained with."""
+
+    token_ids: list[int]
+    loss_mask: list[int]
+    behaviour_logprobs: list[float]
+    policy_versions: list[int]
+    advantage: float
+    group_id: str = ""
+
+    def __post_init__(self) -> None:
+        n = len(self.token_ids)
+        if not (len(self.loss_mask) == len(self.behaviour_logprobs) == len(self.policy_versions) == n):
+            raise ValueError("Sample per-token lists must all have len(token_ids) entries")
+
+    @classmethod
+    def from_trajectory(cls, trajectory: Trajectory, advantage: float) -> Sample:
+        return cls(
+            token_ids=list(trajectory.token_ids),
+            loss_mask=list(trajectory.loss_mask),
+            behaviour_logprobs=list(trajectory.behaviour_logprobs),
+            policy_versions=list(trajectory.policy_versions),
+            advantage=advantage,
+            group_id=trajectory.group_id,
+        )
+
+
+@dataclass
+class Batch:
+    """What one optimizer step trains on."""
+
+    samples: list[Sample]
+    trajectories: list[Trajectory] = field(default_factory=list)
+    policy_version: int = 0  # trainer's version when the batch was formed
