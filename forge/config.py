@@ -1,0 +1,223 @@
+"""Typed run configuration: YAML load, dotted command-line overrides, validation.
+
+Every section is a pydantic model that forbids unknown keys, so a typo in a YAML file
+or an override fails at once with the key's full dotted path and what it expects.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override the user can fix; the message names the key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TinyModelConfig(Section):
+    """The random-init model built when `model.path` is not set (offline smoke runs)."""
+
+    architecture: Literal["qwen2", "llama"] = Field("qwen2", description="transformers architecture")
+    hidden_size: int = Field(128, gt=0)
+    num_layers: int = Field(2, gt=0)
+    num_heads: int = Field(4, gt=0)
+    num_kv_heads: int = Field(2, gt=0)
+    intermediate_size: int = Field(256, gt=0)
+    max_position_embeddings: int = Field(1024, gt=0)
+
+
+class LoraConfig(Section):
+    enabled: bool = Field(False, description="train LoRA adapters with peft instead of all weights")
+    r: int = Field(8, gt=0)
+    alpha: int = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="module names peft wraps",
+    )
+
+
+class ModelConfig(Section):
+    path: str | None = Field(
+        None,
+        description="local Hugging Face checkpoint folder; unset builds a tiny random model (offline)",
+    )
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: Literal["sdpa", "eager", "flex_attention"] = "sdpa"
+
+
+class EnvConfig(Section):
+    name: str = Field(
+        "guess_number",
+        description="registered env name (entry point group forge.envs) or package.module:ClassName",
+    )
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the env class")
+    tasks: str | None = Field(
+        None,
+        description="local jsonl/parquet/arrow file or dataset name; unset lets the env generate its tasks",
+    )
+    num_tasks: int = Field(10_000, gt=0, description="procedurally generated tasks (when tasks is unset)")
+    step_timeout_s: float = Field(30.0, gt=0, description="harness-enforced limit on one env step")
+    episode_timeout_s: float = Field(600.0, gt=0, description="harness-enforced limit on one episode")
+
+
+class RolloutConfig(Section):
+    num_workers: int = Field(2, gt=0, description="RolloutWorker actors")
+    tasks_per_step: int = Field(4, gt=0, description="distinct tasks per training step")
+    group_size: int = Field(8, gt=0, description="episodes per task (G in GRPO)")
+    max_turns: int = Field(8, gt=0)
+    max_new_tokens: int = Field(16, gt=0, description="generation cap per model call")
+    max_context_tokens: int = Field(1024, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1.0)
+    num_cpus_per_worker: float = Field(0.5, gt=0)
+    num_gpus_per_worker: float = Field(0.0, ge=0)
+
+
+class TrainConfig(Section):
+    mode: Literal["sync", "async"] = "sync"
+    max_steps: int = Field(100, gt=0)
+    learning_rate: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    advantage: str = Field("grpo", description="advantage estimator (forge.reward.advantages)")
+    loss: str = Field("pg", description="policy loss (forge.train.losses)")
+    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = "token_mean"
+    clip_low: float = Field(0.2, ge=0)
+    clip_high: float = Field(0.28, ge=0)
+    tis_cap: float | None = Field(None, description="truncated importance sampling cap; unset disables")
+    kl_coef: float = Field(0.0, ge=0, description="KL to the frozen initial policy; 0 disables")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs reserved for the trainer")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved for the trainer")
+
+
+class TrainerConfig(Section):
+    packing: Literal["tree", "padded"] = Field("tree", description="how samples are packed for the forward")
+    max_tokens_per_microbatch: int = Field(8192, gt=0)
+    attention: Literal["auto", "dense", "flex"] = "auto"
+    gradient_checkpointing: bool = False
+
+
+class RewardConfig(Section):
+    success_threshold: float = Field(0.5, description="outcome at or above which an episode counts as solved")
+
+
+class AsyncConfig(Section):
+    max_staleness: int = Field(1, ge=0, description="drop data older than this many policy versions")
+    window: float = Field(0.3, gt=0, le=1.0, description="FIFO window as a fraction of the batch")
+
+
+class SandboxConfig(Section):
+    min_level: int = Field(0, ge=0, le=2, description="refuse to start below this isolation level")
+
+
+class LoggingConfig(Section):
+    tensorboard: bool = True
+    wandb_project: str | None = None
+    progress_bar: bool = True
+    trajectory_samples: int = Field(4, ge=0, description="decoded trajectories saved per step")
+
+
+class Config(Section):
+    seed: int = 0
+    output_dir: str = "runs/default"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    env: EnvConfig = Field(default_factory=EnvConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    async_: AsyncConfig = Field(default_factory=AsyncConfig, alias="async")
+    sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _check_group(self) -> Config:
+        if self.rollout.group_size < 2 and self.train.advantage in ("grpo", "dr_grpo", "rloo"):
+            raise ValueError(
+                f"rollout.group_size={self.rollout.group_size}: the {self.train.advantage} advantage "
+                "needs at least 2 episodes per task"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, mode="json")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.max_steps=20` -> (["train", "max_steps"], 20). Values are read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form dotted.key=value")
+    key, raw = text.split("=", 1)
+    path = [part for part in key.strip().split(".") if part]
+    if not path:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
+    return path, value
+
+
+def _set_dotted(tree: dict[str, Any], path: list[str], value: Any, original: str) -> None:
+    node = tree
+    for i, part in enumerate(path[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(
+                f"override {original!r}: {'.'.join(path[: i + 1])} is a value, not a section"
+            )
+        node = child
+    node[path[-1]] = value
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(part) for part in error["loc"]) or "<root>"
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key (check the spelling; `forge train CONFIG --dry-run` shows valid keys)"
+    expected = error.get("msg", "invalid value")
+    got = error.get("input")
+    got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{key}: {expected}{got_text}"
+
+
+def validate(raw: dict[str, Any], source: str = "config") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        lines = "\n  ".join(_describe(err) for err in exc.errors())
+        raise ConfigError(f"invalid {source}:\n  {lines}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load YAML (or start from defaults when `path` is None) and apply dotted overrides."""
+    raw: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections, got {type(loaded).__name__}")
+        raw = loaded or {}
+        source = str(path)
+    for text in overrides or []:
+        key_path, value = parse_override(text)
+        _set_dotted(raw, key_path, value, text)
+    return validate(raw, source)
