@@ -1,0 +1,47 @@
+"""The environment contract: subclass `Env`, implement `reset` and `step`.
+
+Methods may be plain or `async def`; the harness awaits whichever it gets and enforces
+step and episode timeouts itself, so an env never has to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class StepResult:
+    """What one env step returns. `reward` counts when `done`; `info` is logged."""
+
+    observation: str
+    reward: float = 0.0
+    done: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Env:
+    """One episode at a time. A task is a dict row (a `datasets.Dataset` row)."""
+
+    # Optional OpenAI-style function schemas; rendered through the chat template.
+    tools: list[dict[str, Any]] | None = None
+    # Optional system message placed before the first observation.
+    system_prompt: str | None = None
+
+    def reset(self, task: dict[str, Any], seed: int) -> str:
+        """Start an episode on `task`; return the first observation."""
+        raise NotImplementedError
+
+    def step(self, action: str) -> StepResult:
+        """Apply the model's reply `action`; return what happened."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release resources (processes, files). Called once per env."""
+
+    @classmethod
+    def generate_tasks(cls, num_tasks: int, seed: int, **kwargs: Any) -> list[dict[str, Any]]:
+        """Procedural tasks for built-in envs; a user env may instead read `env.tasks`."""
+        raise NotImplementedError(
+            f"{cls.__name__} does not generate tasks; set env.tasks to a jsonl/parquet/arrow file"
+        )

@@ -1,0 +1,40 @@
+"""Find an env class by registered name (entry points `forge.envs`) or `module:Class`."""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+
+from forge.env.base import Env
+
+ENTRY_POINT_GROUP = "forge.envs"
+
+
+def registered_envs() -> dict[str, str]:
+    """Installed env names mapped to their `module:Class` targets."""
+    return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def resolve_env(name: str) -> type[Env]:
+    """`guess_number` or `my_pkg.my_env:MyEnv` -> the class."""
+    if ":" in name:
+        module_name, _, class_name = name.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ValueError(f"env {name!r}: cannot import module {module_name!r} ({exc})") from exc
+        env_class = getattr(module, class_name, None)
+        if env_class is None:
+            raise ValueError(f"env {name!r}: module {module_name!r} has no attribute {class_name!r}")
+    else:
+        found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
+        if not found:
+            known = ", ".join(sorted(registered_envs())) or "none installed"
+            raise ValueError(
+                f"env {name!r} is not registered (known: {known}); "
+                "name an installed env or give package.module:ClassName"
+            )
+        env_class = found[0].load()
+    if not (isinstance(env_class, type) and issubclass(env_class, Env)):
+        raise ValueError(f"env {name!r} resolves to {env_class!r}, which is not a forge.env.Env subclass")
+    return env_class

@@ -1,0 +1,72 @@
+"""Model and tokenizer loading: any local Hugging Face checkpoint, or the tiny smoke model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from forge.config import ModelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_path(cfg: ModelConfig, cache_dir: str | Path, seed: int = 0) -> Path:
+    """The checkpoint folder to load: `cfg.path`, or a freshly built tiny checkpoint."""
+    if cfg.path is not None:
+        path = Path(cfg.path).expanduser()
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"model.path={cfg.path!r} is not a Hugging Face checkpoint folder (no config.json); "
+                "point it at a local folder saved with save_pretrained, or unset it for the tiny model"
+            )
+        return path
+    from forge.models.tiny import save_tiny_checkpoint
+
+    return save_tiny_checkpoint(cfg.tiny, Path(cache_dir), seed=seed)
+
+
+def load_tokenizer(path: str | Path):
+    import json
+
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    path = Path(path)
+    config_file = path / "tokenizer_config.json"
+    declared = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.is_file() else None
+    if declared in ("TokenizersBackend", "PreTrainedTokenizerFast") and (path / "tokenizer.json").is_file():
+        # transformers 5's AutoTokenizer picks the model type's tokenizer class (e.g.
+        # Qwen2Tokenizer), which rebuilds the pre-tokenizer and would silently change a
+        # generic tokenizer.json; honour the class the checkpoint declares instead.
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.chat_template is None:
+        raise ValueError(f"tokenizer at {path} has no chat template; Forge renders turns through it")
+    return tokenizer
+
+
+def load_model(path: str | Path, cfg: ModelConfig, trainable: bool = False):
+    """Load a causal LM with `from_pretrained`; wrap it in LoRA adapters when configured."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation
+    )
+    if cfg.lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=cfg.lora.r,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
+            target_modules=list(cfg.lora.target_modules),
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+    model.train(trainable)
+    if not trainable:
+        model.requires_grad_(False)
+    return model
