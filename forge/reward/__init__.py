@@ -1,0 +1,1 @@
+"""Rewards: outcome plus shaping terms, and the advantage estimators built on them."""

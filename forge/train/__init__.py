@@ -1,0 +1,1 @@
+"""Training: the trainer, the loss registry, weight sync and checkpoints."""
