@@ -1,0 +1,214 @@
+"""Micro-batches of samples under a token budget, and their forward pass to per-sample logprobs.
+
+Two packings, same results: `tree` merges shared prefixes into one DFS-ordered sequence
+per micro-batch (each shared token computed once per micro-batch); `padded` right-pads
+whole samples into a `(B, L)` batch, the baseline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from forge.tree.masks import dense_tree_mask, flex_tree_block_mask
+from forge.tree.trie import PrefixTree, build_prefix_tree, common_prefix_length, lexicographic_order
+from forge.types import Sample
+
+Packing = Literal["tree", "padded"]
+Attention = Literal["auto", "dense", "flex"]
+
+
+@dataclass
+class MicroBatch:
+    """Samples run through the model together.
+
+    `tokens_computed` counts the positions the model actually runs: tree nodes for `tree`,
+    `B * L` including padding for `padded`. `tokens_separate` is the samples' own length sum.
+    """
+
+    sample_indices: list[int]
+    token_ids: list[list[int]]
+    packing: Packing
+    attention: Attention
+    tokens_computed: int
+    tokens_separate: int
+    tree: PrefixTree | None = None
+
+    def forward_logprobs(self, model: torch.nn.Module) -> list[torch.Tensor]:
+        """Per sample (in `sample_indices` order) a 1-D tensor of length `len(token_ids) - 1`:
+        element t = log p(token_ids[t+1] | token_ids[:t+1]), with the autograd graph attached."""
+        if self.packing == "tree":
+            return _tree_forward_logprobs(model, self.tree, self.token_ids, self.attention)
+        return _padded_forward_logprobs(model, self.token_ids)
+
+
+def microbatches(
+    samples: Sequence[Sample],
+    packing: Packing,
+    max_tokens_per_microbatch: int,
+    attention: Attention = "auto",
+) -> list[MicroBatch]:
+    """Partition `samples` into micro-batches of at most `max_tokens_per_microbatch` computed tokens."""
+    if packing not in ("tree", "padded"):
+        raise ValueError(f"trainer.packing must be 'tree' or 'padded', got {packing!r}")
+    if attention not in ("auto", "dense", "flex"):
+        raise ValueError(f"trainer.attention must be 'auto', 'dense' or 'flex', got {attention!r}")
+    token_ids = [list(s.token_ids) for s in samples]
+    for index, tokens in enumerate(token_ids):
+        if not tokens:
+            raise ValueError(f"sample {index} has no tokens; drop empty samples before training")
+        if len(tokens) > max_tokens_per_microbatch:
+            raise ValueError(
+                f"sample {index} has {len(tokens)} tokens, more than trainer.max_tokens_per_microbatch="
+                f"{max_tokens_per_microbatch}; raise the budget or truncate the sample"
+            )
+    if packing == "padded":
+        return _padded_microbatches(token_ids, max_tokens_per_microbatch, attention)
+    return _tree_microbatches(token_ids, max_tokens_per_microbatch, attention)
+
+
+def tree_token_ratio(batches: Sequence[MicroBatch]) -> float:
+    """Tokens of the separate sequences / tokens actually computed (repeated prefixes and
+    padding count as computed)."""
+    computed = sum(b.tokens_computed for b in batches)
+    return sum(b.tokens_separate for b in batches) / computed if computed else 1.0
+
+
+def _padded_microbatches(token_ids: list[list[int]], budget: int, attention: Attention) -> list[MicroBatch]:
+    # Longest first, so each batch pads to lengths close to its own: the fair baseline.
+    order = sorted(range(len(token_ids)), key=lambda i: -len(token_ids[i]))
+    batches: list[MicroBatch] = []
+    group: list[int] = []
+    for index in order:
+        width = len(token_ids[group[0]]) if group else len(token_ids[index])
+        if group and (len(group) + 1) * width > budget:
+            batches.append(_padded_batch(group, token_ids, attention))
+            group = []
+        group.append(index)
+    if group:
+        batches.append(_padded_batch(group, token_ids, attention))
+    return batches
+
+
+def _padded_batch(group: list[int], token_ids: list[list[int]], attention: Attention) -> MicroBatch:
+    rows = [token_ids[i] for i in group]
+    width = max(len(r) for r in rows)
+    return MicroBatch(
+        sample_indices=list(group),
+        token_ids=rows,
+        packing="padded",
+        attention=attention,
+        tokens_computed=len(rows) * width,
+        tokens_separate=sum(len(r) for r in rows),
+    )
+
+
+def _tree_microbatches(token_ids: list[list[int]], budget: int, attention: Attention) -> list[MicroBatch]:
+    """Cut the lexicographic order (the trie's DFS order) into runs, each run's tree within
+    `budget`, minimising total computed tokens, then the number of micro-batches.
+
+    A run's tree size is its first sample's length plus each later sample's length beyond
+    its common prefix with the one before; a cut inside a shared prefix makes the next run
+    compute that prefix again, which the ratio counts.
+    """
+    order = lexicographic_order(token_ids)
+    lengths = np.array([len(token_ids[i]) for i in order], dtype=np.int64)
+    shared = np.zeros(len(order), dtype=np.int64)
+    arrays = [np.asarray(token_ids[i], dtype=np.int64) for i in order]
+    for rank in range(1, len(order)):
+        shared[rank] = common_prefix_length(arrays[rank - 1], arrays[rank])
+    new_tokens = np.concatenate([[0], np.cumsum(lengths - shared)])  # new_tokens[j] = sum over ranks < j
+
+    n = len(order)
+    best: list[tuple[int, int]] = [(0, 0)] + [(1 << 62, 0)] * n  # (tokens, micro-batches) for ranks < j
+    cut = [0] * (n + 1)
+    for end in range(1, n + 1):
+        for start in range(end - 1, -1, -1):
+            size = int(new_tokens[end] - new_tokens[start] + shared[start])
+            if size > budget:
+                break  # size only grows as the run extends left
+            candidate = (best[start][0] + size, best[start][1] + 1)
+            if candidate < best[end]:
+                best[end], cut[end] = candidate, start
+    runs = []
+    end = n
+    while end > 0:
+        runs.append(order[cut[end] : end])
+        end = cut[end]
+    batches = []
+    for run in reversed(runs):
+        rows = [token_ids[i] for i in run]
+        tree = build_prefix_tree(rows)
+        batches.append(
+            MicroBatch(
+                sample_indices=list(run),
+                token_ids=rows,
+                packing="tree",
+                attention=attention,
+                tokens_computed=tree.num_nodes,
+                tokens_separate=sum(len(r) for r in rows),
+                tree=tree,
+            )
+        )
+    return batches
+
+
+def _model_dtype_device(model: torch.nn.Module) -> tuple[torch.dtype, torch.device]:
+    weight = model.get_input_embeddings().weight
+    return weight.dtype, weight.device
+
+
+def _uses_flex(model: torch.nn.Module, attention: Attention) -> bool:
+    implementation = getattr(model.config, "_attn_implementation", None)
+    if attention == "flex" and implementation != "flex_attention":
+        raise ValueError(
+            f"trainer.attention='flex' needs the model loaded with attn_implementation='flex_attention' "
+            f"(it has {implementation!r}); load it so, or use attention 'dense' or 'auto'"
+        )
+    return attention == "flex" or (attention == "auto" and implementation == "flex_attention")
+
+
+def _token_logprobs(logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log_softmax(logits)[rows, targets] without materialising a second `(N, V)` tensor."""
+    logits = logits.float()
+    return logits[rows, targets] - torch.logsumexp(logits, dim=-1)[rows]
+
+
+def _tree_forward_logprobs(
+    model: torch.nn.Module, tree: PrefixTree, token_ids: list[list[int]], attention: Attention
+) -> list[torch.Tensor]:
+    dtype, device = _model_dtype_device(model)
+    subtree_end = torch.as_tensor(tree.subtree_end, device=device)
+    if _uses_flex(model, attention):
+        mask = flex_tree_block_mask(subtree_end)
+    else:
+        mask = dense_tree_mask(subtree_end, dtype)
+    input_ids = torch.as_tensor(tree.token_ids, device=device)[None]
+    position_ids = torch.as_tensor(tree.position_ids, device=device)[None]
+    logits = model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=False).logits
+    # The logprob of a sample's token t+1 is read at the node holding its token t (the parent).
+    rows = torch.as_tensor(np.concatenate([nodes[:-1] for nodes in tree.sample_nodes]), device=device)
+    targets = torch.as_tensor(np.concatenate([np.asarray(t[1:], dtype=np.int64) for t in token_ids]), device=device)
+    flat = _token_logprobs(logits[0], rows, targets)
+    return list(torch.split(flat, [len(t) - 1 for t in token_ids]))
+
+
+def _padded_forward_logprobs(model: torch.nn.Module, token_ids: list[list[int]]) -> list[torch.Tensor]:
+    _, device = _model_dtype_device(model)
+    width = max(len(t) for t in token_ids)
+    input_ids = torch.zeros((len(token_ids), width), dtype=torch.long, device=device)
+    attention_mask = torch.zeros((len(token_ids), width), dtype=torch.long, device=device)
+    for row, tokens in enumerate(token_ids):
+        input_ids[row, : len(tokens)] = torch.as_tensor(tokens)
+        attention_mask[row, : len(tokens)] = 1
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    row_index = torch.cat([torch.full((len(t) - 1,), r, dtype=torch.long) for r, t in enumerate(token_ids)])
+    col_index = torch.cat([torch.arange(len(t) - 1) for t in token_ids])
+    targets = torch.cat([torch.as_tensor(t[1:], dtype=torch.long) for t in token_ids])
+    flat_logits = logits.reshape(-1, logits.shape[-1])
+    flat = _token_logprobs(flat_logits, (row_index * width + col_index).to(device), targets.to(device))
+    return list(torch.split(flat, [len(t) - 1 for t in token_ids]))
