@@ -1,0 +1,18 @@
+"""Running untrusted code: rlimits and a uid of its own, namespaces, bubblewrap; the
+strongest level the host offers is probed once and logged."""
+
+from forge.sandbox.core import Limits, SandboxResult, SandboxUnavailable, arun, run
+from forge.sandbox.isolation import LEVEL_NAMES
+from forge.sandbox.probe import available_level, probe, require_level
+
+__all__ = [
+    "LEVEL_NAMES",
+    "Limits",
+    "SandboxResult",
+    "SandboxUnavailable",
+    "arun",
+    "available_level",
+    "probe",
+    "require_level",
+    "run",
+]

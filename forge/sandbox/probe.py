@@ -1,0 +1,68 @@
+"""Which isolation level this host can give, found once by actually running a sandbox at
+each level, and the fail-closed check behind `sandbox.min_level`."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+
+from forge.sandbox import isolation
+
+log = logging.getLogger("forge.sandbox")
+_lock = threading.Lock()
+_level: int | None = None
+
+HOW_TO_ENABLE = {
+    1: "level 1 needs the `unshare` tool (util-linux) and unprivileged user namespaces "
+    "(sysctl kernel.unprivileged_userns_clone=1 / user.max_user_namespaces>0; in Docker, run with "
+    "--security-opt seccomp=unconfined or a profile allowing unshare)",
+    2: "level 2 needs bubblewrap (apt-get install bubblewrap) and unprivileged user namespaces",
+}
+
+
+def _works(level: int) -> tuple[bool, str]:
+    from forge.sandbox.core import Limits, _run_at
+
+    tool = {1: "unshare", 2: "bwrap"}[level]
+    if shutil.which(tool) is None:
+        return False, f"{tool} not found"
+    result = _run_at("print('ok')", "python", {}, (), 20.0, Limits(), level, None)
+    if result.exit_code == 0 and result.stdout.strip() == "ok":
+        return True, ""
+    return False, (result.stderr.strip() or f"exit code {result.exit_code}")[-300:]
+
+
+def available_level() -> int:
+    """The strongest level that works here (probed once per process, then logged)."""
+    global _level
+    with _lock:
+        if _level is None:
+            _level = 0
+            for level in (2, 1):
+                ok, why = _works(level)
+                if ok:
+                    _level = level
+                    break
+                log.info("sandbox level %d (%s) unavailable: %s", level, isolation.LEVEL_NAMES[level], why)
+            log.info("sandbox: using level %d (%s)", _level, isolation.LEVEL_NAMES[_level])
+        return _level
+
+
+def probe() -> int:
+    return available_level()
+
+
+def require_level(min_level: int) -> int:
+    """Fail closed: raise unless the host gives at least `min_level`; return the level in use."""
+    from forge.sandbox.core import SandboxUnavailable
+
+    if min_level not in isolation.LEVEL_NAMES:
+        raise ValueError(f"sandbox.min_level must be 0, 1 or 2, got {min_level!r}")
+    level = available_level()
+    if level < min_level:
+        raise SandboxUnavailable(
+            f"sandbox.min_level={min_level} but this host only offers level {level} "
+            f"({isolation.LEVEL_NAMES[level]}): {HOW_TO_ENABLE[min_level]}; or lower sandbox.min_level."
+        )
+    return level
