@@ -1,0 +1,147 @@
+"""The multi-turn agent loop: one episode, token in, token out.
+
+Generated ids go into the trajectory exactly as sampled (loss mask 1, behaviour
+logprob, policy version); observations are appended through the chat template (mask 0).
+The harness, not the env, enforces step and episode time limits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+from forge.env.base import Env, StepResult
+from forge.rollout.chat import ChatFormat
+from forge.rollout.engine import BatchingEngine, GenerationRequest
+from forge.types import NO_VERSION, Trajectory, Turn
+
+
+@dataclass(frozen=True)
+class EpisodeLimits:
+    max_turns: int
+    max_new_tokens: int
+    max_context_tokens: int
+    step_timeout_s: float
+    episode_timeout_s: float
+    success_threshold: float = 0.5
+
+
+class EnvTimeout(Exception):
+    pass
+
+
+async def call_env(method: Any, *args: Any, timeout_s: float) -> Any:
+    """Call a sync or async env method under a harness-enforced timeout.
+
+    A sync method runs in a thread so a slow env never blocks other episodes; if it
+    hangs past the timeout the episode moves on and the thread is abandoned.
+    """
+    if inspect.iscoroutinefunction(method):
+        call = method(*args)
+    else:
+        call = asyncio.to_thread(method, *args)
+    try:
+        return await asyncio.wait_for(call, timeout=max(timeout_s, 0.0))
+    except asyncio.TimeoutError:
+        raise EnvTimeout(f"{getattr(method, '__qualname__', method)} took longer than {timeout_s:.1f}s") from None
+
+
+async def run_episode(
+    env: Env,
+    task: dict[str, Any],
+    seed: int,
+    engine: BatchingEngine,
+    chat: ChatFormat,
+    limits: EpisodeLimits,
+    group_id: str,
+) -> Trajectory:
+    started = time.monotonic()
+    deadline = started + limits.episode_timeout_s
+    token_ids: list[int] = []
+    loss_mask: list[int] = []
+    logprobs: list[float] = []
+    versions: list[int] = []
+    turns: list[Turn] = []
+    outcome = 0.0
+    status = "truncated"  # unless the env says done
+    error: str | None = None
+    info: dict[str, Any] = {}
+    prompt_length = 0
+
+    def append(ids: list[int], trainable: bool, lps: list[float] | None = None, version: int = NO_VERSION):
+        token_ids.extend(ids)
+        loss_mask.extend([1 if trainable else 0] * len(ids))
+        logprobs.extend(lps if lps is not None else [0.0] * len(ids))
+        versions.extend([version if trainable else NO_VERSION] * len(ids))
+
+    def remaining() -> float:
+        return min(limits.step_timeout_s, deadline - time.monotonic())
+
+    engine.register()
+    try:
+        observation = await call_env(env.reset, task, seed, timeout_s=remaining())
+        if not isinstance(observation, str):
+            raise TypeError(f"{type(env).__name__}.reset returned {type(observation).__name__}, expected str")
+        append(chat.prompt_ids(observation, env.system_prompt, env.tools), trainable=False)
+        prompt_length = len(token_ids)
+        for _ in range(limits.max_turns):
+            if len(token_ids) + limits.max_new_tokens > limits.max_context_tokens:
+                info["stop_reason"] = "context_full"
+                break
+            gen_started = time.monotonic()
+            request = GenerationRequest(token_ids=list(token_ids), max_new_tokens=limits.max_new_tokens)
+            result = await asyncio.wait_for(engine.generate(request), timeout=max(deadline - time.monotonic(), 0))
+            turn = Turn(start=len(token_ids), end=0, obs_end=0, generation_seconds=time.monotonic() - gen_started)
+            append(result.token_ids, trainable=True, lps=result.logprobs, version=result.policy_version)
+            turn.end = len(token_ids)
+            turn.truncated = not result.finished
+            if not result.finished:
+                # Close the turn so the conversation stays in template form; the model
+                # did not produce this token, so it is not trained on.
+                append([chat.eos_token_id], trainable=False)
+            turns.append(turn)
+
+            env_started = time.monotonic()
+            step = await call_env(env.step, chat.decode(result.token_ids), timeout_s=remaining())
+            turn.env_seconds = time.monotonic() - env_started
+            if not isinstance(step, StepResult):
+                raise TypeError(f"{type(env).__name__}.step returned {type(step).__name__}, expected StepResult")
+            outcome += float(step.reward)
+            info.update(step.info)
+            if step.done:
+                status = "ok"
+                turn.obs_end = len(token_ids)
+                break
+            append(chat.observation_ids(str(step.observation)), trainable=False)
+            turn.obs_end = len(token_ids)
+        else:
+            info["stop_reason"] = "max_turns"
+    except (EnvTimeout, asyncio.TimeoutError) as exc:
+        status, error = "truncated", f"timeout: {exc}" if str(exc) else "timeout: episode time limit"
+    except Exception as exc:
+        status, error = "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
+    finally:
+        engine.unregister()
+
+    success = status == "ok" and bool(info.get("success", outcome >= limits.success_threshold))
+    return Trajectory(
+        task_id=str(task.get("task_id", "")),
+        group_id=group_id,
+        token_ids=token_ids,
+        loss_mask=loss_mask,
+        behaviour_logprobs=logprobs,
+        policy_versions=versions,
+        prompt_length=prompt_length,
+        turns=turns,
+        outcome=outcome,
+        reward=outcome,
+        success=success,
+        status=status,  # type: ignore[arg-type]
+        error=error,
+        wall_seconds=time.monotonic() - started,
+        info=info,
+    )

@@ -1,0 +1,92 @@
+"""RolloutWorker: plays episodes with the current policy. Run as a Ray actor."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any
+
+import torch
+
+from forge.config import EnvConfig, ModelConfig, RolloutConfig
+from forge.env.registry import resolve_env
+from forge.rollout.agent import EpisodeLimits, run_episode
+from forge.rollout.chat import ChatFormat
+from forge.rollout.engine import BatchingEngine, HFEngine
+from forge.types import Trajectory
+
+
+class RolloutWorker:
+    def __init__(
+        self,
+        model_path: str,
+        model_cfg: ModelConfig,
+        env_cfg: EnvConfig,
+        rollout_cfg: RolloutConfig,
+        success_threshold: float,
+        seed: int,
+        num_threads: int = 1,
+    ) -> None:
+        from forge.models.loading import load_model, load_tokenizer
+
+        torch.set_num_threads(num_threads)
+        torch.manual_seed(seed)
+        self.tokenizer = load_tokenizer(model_path)
+        self.model = load_model(model_path, model_cfg, trainable=False)
+        self.chat = ChatFormat(self.tokenizer)
+        self.engine = HFEngine(
+            self.model,
+            stop_token_ids=self.chat.stop_token_ids,
+            pad_token_id=self.tokenizer.pad_token_id,
+            temperature=rollout_cfg.temperature,
+            top_p=rollout_cfg.top_p,
+            seed=seed,
+        )
+        self.env_class = resolve_env(env_cfg.name)
+        self.env_kwargs = dict(env_cfg.kwargs)
+        self.limits = EpisodeLimits(
+            max_turns=rollout_cfg.max_turns,
+            max_new_tokens=rollout_cfg.max_new_tokens,
+            max_context_tokens=rollout_cfg.max_context_tokens,
+            step_timeout_s=env_cfg.step_timeout_s,
+            episode_timeout_s=env_cfg.episode_timeout_s,
+            success_threshold=success_threshold,
+        )
+        self.rng = random.Random(seed)
+
+    @property
+    def policy_version(self) -> int:
+        return self.engine.policy_version
+
+    def get_policy_version(self) -> int:
+        return self.engine.policy_version
+
+    def set_weights(self, weights: dict[str, torch.Tensor], version: int) -> int:
+        self.engine.load_weights(weights, version)
+        return version
+
+    def rollout(self, tasks: list[dict[str, Any]], group_size: int) -> list[Trajectory]:
+        """Play `group_size` episodes of each task; episodes of all tasks share batches."""
+        return asyncio.run(self._rollout(tasks, group_size))
+
+    async def _rollout(self, tasks: list[dict[str, Any]], group_size: int) -> list[Trajectory]:
+        engine = BatchingEngine(self.engine)
+        envs = []
+        jobs = []
+        for task in tasks:
+            group_id = f"{task.get('task_id', '')}@v{self.engine.policy_version}#{self.rng.getrandbits(32):08x}"
+            for _ in range(group_size):
+                env = self.env_class(**self.env_kwargs)
+                envs.append(env)
+                jobs.append(
+                    run_episode(env, task, self.rng.getrandbits(31), engine, self.chat, self.limits, group_id)
+                )
+        try:
+            return list(await asyncio.gather(*jobs))
+        finally:
+            await engine.close()
+            for env in envs:
+                try:
+                    env.close()
+                except Exception:  # a failing close must not lose the episodes
+                    pass
