@@ -91,6 +91,13 @@ class TrainConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0)
     warmup_steps: int = Field(0, ge=0)
     advantage: str = Field("grpo", description="advantage estimator (forge.reward.advantages)")
+    advantage_std: Literal["outcome", "reward"] = Field(
+        "outcome",
+        description="what grpo / reinforce_pp_baseline divide by: the spread of the raw outcomes "
+        "(falling back to reward.outcome_gap where they do not vary), so shaping keeps its size; "
+        "'reward' is textbook std normalisation of the shaped reward, which blows small speed "
+        "differences in all-success groups up to full-size advantages",
+    )
     loss: str = Field("pg", description="policy loss (forge.train.losses)")
     loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = "token_mean"
     clip_low: float = Field(0.2, ge=0)
@@ -108,8 +115,103 @@ class TrainerConfig(Section):
     gradient_checkpointing: bool = False
 
 
+class SpeedShapingConfig(Section):
+    """Bonus for finishing fast: weight * h(measure / baseline), h decreasing from 1 to 0."""
+
+    enabled: bool = Field(False, description="add the speed term to the reward")
+    weight: float = Field(0.2, ge=0, description="largest bonus, as a fraction of reward.outcome_gap")
+    measure: Literal["turns", "generated_tokens", "wall_seconds", "tool_seconds"] = Field(
+        "turns", description="what counts as slow"
+    )
+    baseline: Literal["group_median", "task_moving_average", "fixed"] = Field(
+        "group_median",
+        description="what the measure is divided by: the median over the group's episodes the term "
+        "applies to, a per-task moving average of it, or fixed_baseline",
+    )
+    fixed_baseline: float | None = Field(None, gt=0, description="baseline for baseline: fixed")
+    moving_average_decay: float = Field(
+        0.9, ge=0, lt=1, description="per-task moving average: weight of the old value per update"
+    )
+    h: Literal["linear", "exponential", "sigmoid"] = Field(
+        "linear",
+        description="decreasing map of x = measure/baseline onto [0, 1], 0.5 at x = 1: "
+        "linear 1 - x/2 (clipped), exponential 2^-x, sigmoid 1/(1 + exp(sharpness (x - 1)))",
+    )
+    sharpness: float = Field(4.0, gt=0, description="slope of the sigmoid h")
+    apply_to: Literal["success", "all"] = Field(
+        "success", description="episodes that earn the bonus; 'all' also rewards failing fast"
+    )
+
+    @model_validator(mode="after")
+    def _check_fixed(self) -> SpeedShapingConfig:
+        if self.enabled and self.baseline == "fixed" and self.fixed_baseline is None:
+            raise ValueError("baseline 'fixed' needs reward.speed.fixed_baseline (a positive number)")
+        return self
+
+
+class LengthPenaltyConfig(Section):
+    """Kimi k1.5 length penalty: 0.5 - (len - min) / (max - min) over the group's generated
+    tokens, kept whole for successes and only its negative part for failures."""
+
+    enabled: bool = False
+    weight: float = Field(0.1, ge=0, description="scale, as a fraction of reward.outcome_gap")
+
+
+class OverlongConfig(Section):
+    """DAPO soft overlong penalty: 0 up to max_tokens - buffer_tokens generated tokens, then
+    falling linearly to -1 at max_tokens and beyond."""
+
+    enabled: bool = False
+    weight: float = Field(0.1, ge=0, description="largest penalty, as a fraction of reward.outcome_gap")
+    max_tokens: int = Field(4096, gt=0, description="generated tokens at which the full penalty applies")
+    buffer_tokens: int = Field(1024, gt=0, description="width of the linear ramp before max_tokens")
+
+    @model_validator(mode="after")
+    def _check_buffer(self) -> OverlongConfig:
+        if self.buffer_tokens > self.max_tokens:
+            raise ValueError(
+                f"reward.overlong.buffer_tokens={self.buffer_tokens} exceeds max_tokens={self.max_tokens}"
+            )
+        return self
+
+
+class TurnDiscountConfig(Section):
+    """Discount a success per extra turn: weight * (gamma^(turns - 1) - 1)."""
+
+    enabled: bool = False
+    weight: float = Field(0.1, ge=0, description="largest penalty, as a fraction of reward.outcome_gap")
+    gamma: float = Field(0.9, gt=0, le=1, description="discount per turn after the first")
+
+
 class RewardConfig(Section):
+    """Total reward = outcome + shaping terms. Each term is bounded to a range of width
+    weight * outcome_gap, and the enabled weights must sum below 1, so any success's reward
+    stays above any failure's."""
+
     success_threshold: float = Field(0.5, description="outcome at or above which an episode counts as solved")
+    outcome_gap: float = Field(
+        1.0,
+        gt=0,
+        description="smallest outcome difference between a success and a failure the env guarantees "
+        "(1.0 for 0/1 outcomes); shaping weights are fractions of it",
+    )
+    speed: SpeedShapingConfig = Field(default_factory=SpeedShapingConfig)
+    length_penalty: LengthPenaltyConfig = Field(default_factory=LengthPenaltyConfig)
+    overlong: OverlongConfig = Field(default_factory=OverlongConfig)
+    turn_discount: TurnDiscountConfig = Field(default_factory=TurnDiscountConfig)
+
+    @model_validator(mode="after")
+    def _check_budget(self) -> RewardConfig:
+        terms = {"speed": self.speed, "length_penalty": self.length_penalty}
+        terms |= {"overlong": self.overlong, "turn_discount": self.turn_discount}
+        used = {name: term.weight for name, term in terms.items() if term.enabled}
+        if sum(used.values()) >= 1.0:
+            listed = " + ".join(f"{name}.weight={weight:g}" for name, weight in used.items())
+            raise ValueError(
+                f"reward shaping weights {listed} sum to {sum(used.values()):g}; they must sum below 1 "
+                "(each is a fraction of outcome_gap) so that any success outranks any failure: lower them"
+            )
+        return self
 
 
 class AsyncConfig(Section):

@@ -107,18 +107,29 @@ def rloo(rewards: Sequence[float], group_ids: Sequence[str]) -> list[float]:
 
 @register_advantage("reinforce_pp_baseline")
 def reinforce_pp_baseline(
-    rewards: Sequence[float], group_ids: Sequence[str], *, eps: float = 1e-6
+    rewards: Sequence[float],
+    group_ids: Sequence[str],
+    *,
+    eps: float = 1e-6,
+    outcomes: Sequence[float] | None = None,
+    outcome_scale: float = 1.0,
 ) -> list[float]:
     """REINFORCE++-baseline: subtract the group mean, then normalise over the whole batch
-    (mean and std of the centred values), which keeps the scale stable across batches."""
+    (mean and std of the centred values), which keeps the scale stable across batches.
+
+    `outcomes` / `outcome_scale` choose the divisor as in `grpo`: the batch spread of the
+    group-centred outcomes, or `outcome_scale` where that is zero.
+    """
     centred = dr_grpo(rewards, group_ids)
-    if len(centred) < 2:
+    if len(centred) < 2 or _std(centred) <= eps:
         return [0.0] * len(centred)
+    if outcomes is None:
+        scale = _std(centred) + eps
+    else:
+        outcome_std = _std(dr_grpo(outcomes, group_ids))
+        scale = outcome_std + eps if outcome_std > eps else outcome_scale
     batch_mean = _mean(centred)
-    batch_std = _std(centred)
-    if batch_std <= eps:
-        return [0.0] * len(centred)
-    return [(a - batch_mean) / (batch_std + eps) for a in centred]
+    return [(a - batch_mean) / scale for a in centred]
 
 
 def compute_advantages(
