@@ -222,13 +222,15 @@ def run(
     the probe found is used. Raises SandboxUnavailable when that is below `min_level`.
     After the run, paths in `collect` that are regular files are returned in `files`.
     """
-    from forge.sandbox.probe import available_level
+    from forge.sandbox.levels import available_level
 
     limits = limits or Limits()
     best = available_level()
     chosen = best if level is None else level
     if chosen > best:
-        raise SandboxUnavailable(f"sandbox level {chosen} was requested but this host offers only level {best}")
+        raise SandboxUnavailable(
+            f"sandbox level {chosen} was requested but this host offers only level {best}"
+        )
     if chosen < min_level:
         raise SandboxUnavailable(
             f"sandbox.min_level={min_level} but this host offers level {best} "
@@ -259,7 +261,13 @@ def _run_at(
                 argv = isolation.unshare_argv() + argv
             elif level == 2:
                 argv = isolation.bwrap_argv(work_dir, python, env) + argv
-            spec = {"rlimits": _rlimits(limits, timeout_s, uid), "uid": uid, "cwd": work_dir, "argv": argv, "env": env}
+            spec = {
+                "rlimits": _rlimits(limits, timeout_s, uid),
+                "uid": uid,
+                "cwd": work_dir,
+                "argv": argv,
+                "env": env,
+            }
             proc = subprocess.Popen(
                 [sys.executable, "-I", "-S", LAUNCHER, json.dumps(spec)],
                 stdin=subprocess.DEVNULL,

@@ -1,0 +1,108 @@
+"""forge.sandbox API: what goes in, what comes back, and failing closed on min_level."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+import pytest
+
+from forge import sandbox
+from forge.sandbox import levels as probe_module
+
+BEST = sandbox.available_level()
+
+
+def test_python_code_runs_and_reports_exit_code_and_level():
+    result = sandbox.run("import sys\nprint('hi')\nprint('oops', file=sys.stderr)\nsys.exit(3)")
+    assert (result.stdout, result.stderr, result.exit_code) == ("hi\n", "oops\n", 3)
+    assert result.level == BEST and not result.timed_out and not result.ok
+
+
+def test_shell_code_runs():
+    result = sandbox.run("echo $((6 * 7))", "shell")
+    assert result.ok and result.stdout == "42\n"
+
+
+def test_files_go_in_and_collected_files_come_back():
+    code = "data = open('data/in.txt').read()\nopen('out.txt', 'w').write(data.upper())"
+    result = sandbox.run(code, files={"data/in.txt": "abc"}, collect=["out.txt", "missing.txt"])
+    assert result.ok and result.files == {"out.txt": "ABC"}
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "../escape.txt", "a/../../b"])
+def test_file_names_outside_the_work_dir_are_rejected(name):
+    with pytest.raises(ValueError, match="relative path inside the work dir"):
+        sandbox.run("pass", files={name: "x"})
+
+
+def test_environment_is_scrubbed_and_home_is_the_work_dir(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "do-not-leak")
+    result = sandbox.run("import os\nprint(sorted(os.environ))\nprint(os.environ['HOME'] == os.getcwd())")
+    names, home_is_cwd = result.stdout.splitlines()
+    assert "AWS_SECRET_ACCESS_KEY" not in names and home_is_cwd == "True"
+
+
+def test_extra_environment_variables_can_be_passed():
+    result = sandbox.run("echo $GREETING", "shell", env={"GREETING": "hello"})
+    assert result.stdout == "hello\n"
+
+
+def test_stdin_is_empty():
+    result = sandbox.run("import sys\nprint(repr(sys.stdin.read()))")
+    assert result.stdout == "''\n"
+
+
+def test_work_dir_is_fresh_each_run():
+    sandbox.run("open('left.txt', 'w').write('x')")
+    result = sandbox.run("import os\nprint(sorted(os.listdir('.')))")
+    assert result.stdout == "['main.py']\n"
+
+
+def test_unknown_language_is_a_clear_error():
+    with pytest.raises(ValueError, match="'python' or 'shell'"):
+        sandbox.run("1", "ruby")
+
+
+def test_arun_runs_without_blocking_the_event_loop():
+    async def both():
+        return await asyncio.gather(sandbox.arun("print(1)"), sandbox.arun("echo 2", "shell"))
+
+    first, second = asyncio.run(both())
+    assert (first.stdout, second.stdout) == ("1\n", "2\n")
+
+
+def test_a_level_above_what_the_host_offers_is_refused():
+    with pytest.raises(sandbox.SandboxUnavailable, match=f"offers only level {BEST}"):
+        sandbox.run("pass", level=BEST + 1)
+
+
+def test_min_level_fails_closed_with_how_to_fix(monkeypatch):
+    monkeypatch.setattr(probe_module, "_level", 0)
+    with pytest.raises(sandbox.SandboxUnavailable, match="bubblewrap"):
+        sandbox.require_level(2)
+    with pytest.raises(sandbox.SandboxUnavailable, match="min_level=1"):
+        sandbox.run("pass", min_level=1)
+
+
+def test_require_level_returns_the_level_in_use_when_satisfied():
+    assert sandbox.require_level(0) == BEST
+
+
+def test_require_level_rejects_unknown_levels():
+    with pytest.raises(ValueError, match="0, 1 or 2"):
+        sandbox.require_level(3)
+
+
+def test_probe_logs_the_level_it_chose(monkeypatch, caplog):
+    monkeypatch.setattr(probe_module, "_level", None)
+    with caplog.at_level(logging.INFO, logger="forge.sandbox"):
+        level = sandbox.probe()
+    assert level == BEST
+    assert f"sandbox: using level {BEST}" in caplog.text
+
+
+def test_untrusted_code_runs_in_another_process():
+    result = sandbox.run("import os\nprint(os.getpid())", level=0)
+    assert int(result.stdout) != os.getpid()
