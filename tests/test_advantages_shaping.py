@@ -81,3 +81,25 @@ def test_textbook_std_normalisation_of_a_naive_turn_bonus_lets_speed_rival_succe
     advantages = compute_advantages(rewards, [t.group_id for t in trajectories], "grpo")
     gap, speed_spread = success_gap_and_speed_spread(advantages, trajectories)
     assert speed_spread > gap
+
+
+def token_weighted_mean_advantage(advantages, trajectories, group):
+    """The net push a token-mean loss gives the tokens all of a group's episodes share:
+    slow episodes have more tokens, so negative speed advantages outweigh positive ones."""
+    pairs = [(a, t.num_turns) for a, t in zip(advantages, trajectories, strict=True) if t.group_id == group]
+    return sum(a * length for a, length in pairs) / sum(length for _, length in pairs)
+
+
+def test_default_speed_shaping_puts_almost_no_net_push_on_an_all_success_group():
+    trajectories = batch()
+    RewardShaper(RewardConfig.model_validate({"speed": {"enabled": True}})).shape(trajectories)
+    advantages = trajectory_advantages(trajectories, "grpo")
+    assert abs(token_weighted_mean_advantage(advantages, trajectories, "solved")) < 0.02
+
+
+def test_naive_turn_bonus_pushes_every_shared_token_of_a_solved_group_down():
+    trajectories = batch()
+    rewards = [t.outcome + (0.5 * (1 - t.num_turns / 8) if t.success else 0.0) for t in trajectories]
+    advantages = compute_advantages(rewards, [t.group_id for t in trajectories], "grpo")
+    # about as strong as the push a group with failures gives (about -0.27 here)
+    assert token_weighted_mean_advantage(advantages, trajectories, "solved") < -0.2

@@ -10,7 +10,10 @@ std-normalised GRPO divides each group by its own reward spread. In a group wher
 episode succeeds, the only spread left is the shaping term, so a 0.02 speed difference
 becomes a +-1 advantage, as large as success versus failure. Once most groups succeed,
 most of the gradient is speed noise (finishing early is largely luck of the secret, not
-strategy), which drowns the success signal; that is how a naive turn bonus collapsed a
+strategy), which drowns the success signal. Worse, slow episodes have more tokens, so under
+a token-mean loss an all-success group's +-1 advantages sum to a net push down on the
+tokens all its episodes share (the behaviour that makes them succeed), about as strong
+as the push a group with failures gives. That is how a naive turn bonus collapsed a
 prototype's success rate from 1.0 to 0.2. Dividing by the outcome spread (or the outcome
 gap where outcomes are all equal) keeps a speed advantage as small as its weight.
 """
