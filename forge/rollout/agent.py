@@ -8,13 +8,13 @@ The harness, not the env, enforces step and episode time limits.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import time
 import traceback
 from dataclasses import dataclass
 from typing import Any
 
 from forge.env.base import Env, StepResult
+from forge.env.calls import EnvTimeout, call_env
 from forge.rollout.chat import ChatFormat
 from forge.rollout.engine import BatchingEngine, GenerationRequest
 from forge.types import NO_VERSION, Trajectory, Turn
@@ -28,26 +28,6 @@ class EpisodeLimits:
     step_timeout_s: float
     episode_timeout_s: float
     success_threshold: float = 0.5
-
-
-class EnvTimeout(Exception):
-    pass
-
-
-async def call_env(method: Any, *args: Any, timeout_s: float) -> Any:
-    """Call a sync or async env method under a harness-enforced timeout.
-
-    A sync method runs in a thread so a slow env never blocks other episodes; if it
-    hangs past the timeout the episode moves on and the thread is abandoned.
-    """
-    if inspect.iscoroutinefunction(method):
-        call = method(*args)
-    else:
-        call = asyncio.to_thread(method, *args)
-    try:
-        return await asyncio.wait_for(call, timeout=max(timeout_s, 0.0))
-    except asyncio.TimeoutError:
-        raise EnvTimeout(f"{getattr(method, '__qualname__', method)} took longer than {timeout_s:.1f}s") from None
 
 
 async def run_episode(
