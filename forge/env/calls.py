@@ -38,7 +38,9 @@ def in_daemon_thread(function: Any, *args: Any, **kwargs: Any) -> asyncio.Future
         with contextlib.suppress(RuntimeError):  # the loop closed while we ran
             loop.call_soon_threadsafe(settle, *outcome)
 
-    threading.Thread(target=work, name=f"forge-env-{getattr(function, '__name__', 'call')}", daemon=True).start()
+    threading.Thread(
+        target=work, name=f"forge-env-{getattr(function, '__name__', 'call')}", daemon=True
+    ).start()
     return future
 
 

@@ -200,7 +200,9 @@ class ToolEnv(Env):
             return self.finish(action)
         responses = [f"error: {message}" for message in errors]
         if len(calls) > self.max_calls_per_turn:
-            responses.append(f"error: at most {self.max_calls_per_turn} tool calls per turn; the rest were ignored")
+            responses.append(
+                f"error: at most {self.max_calls_per_turn} tool calls per turn; the rest were ignored"
+            )
             calls = calls[: self.max_calls_per_turn]
         for call in calls:
             started = time.monotonic()

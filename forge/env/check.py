@@ -1,0 +1,329 @@
+"""`forge env check NAME`: run an env through its contract and report what to fix.
+
+Checks construction, tasks, reset/step types, empty, huge and garbage actions, finishing
+an episode, determinism under a seed, the harness timeouts, tool schemas and close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from forge.env.base import Env, StepResult
+from forge.env.calls import EnvTimeout, call_env
+from forge.env.registry import resolve_env
+from forge.env.tasks import load_tasks
+
+HUGE_ACTION_CHARS = 1_000_000
+GARBAGE_ACTIONS = [
+    "\x00\x01\x02\ufffd\U0001f600" * 50,
+    "<tool_call>{not json</tool_call>",
+    '<tool_call>{"name": "no_such_tool", "arguments": {}}</tool_call>',
+    "<tool_call>" * 100,
+    "<answer></answer>",
+    "-1e309 NaN None null ]]]}}}",
+]
+
+
+@dataclass
+class Check:
+    name: str
+    passed: bool
+    detail: str
+    fix: str = ""
+
+
+@dataclass
+class CheckReport:
+    env: str
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def render(self) -> str:
+        lines = [f"forge env check {self.env}"]
+        for c in self.checks:
+            lines.append(f"  {'PASS' if c.passed else 'FAIL'}  {c.name:<16} {c.detail}")
+            if not c.passed and c.fix:
+                lines.append(f"        fix: {c.fix}")
+        failed = sum(not c.passed for c in self.checks)
+        verdict = "PASSED" if failed == 0 else "FAILED"
+        lines.append(f"{verdict}: {len(self.checks) - failed} passed, {failed} failed")
+        return "\n".join(lines)
+
+
+class _Stop(Exception):
+    """A check failed in a way that makes the later checks meaningless."""
+
+
+def _step_problem(step: Any) -> str | None:
+    if not isinstance(step, StepResult):
+        return f"returned {type(step).__name__}, expected forge.env.StepResult"
+    if not isinstance(step.observation, str):
+        return f"StepResult.observation is {type(step.observation).__name__}, expected str"
+    if not isinstance(step.done, bool):
+        return f"StepResult.done is {type(step.done).__name__}, expected bool"
+    try:
+        reward = float(step.reward)
+    except (TypeError, ValueError):
+        return f"StepResult.reward {step.reward!r} is not a number"
+    if not math.isfinite(reward):
+        return f"StepResult.reward is {reward}, expected a finite number"
+    if not isinstance(step.info, dict):
+        return f"StepResult.info is {type(step.info).__name__}, expected dict"
+    try:
+        json.dumps(step.info)
+    except (TypeError, ValueError) as exc:
+        return f"StepResult.info is not JSON-serializable ({exc}); it is logged with the trajectory"
+    return None
+
+
+def _probe_actions(task: dict[str, Any], count: int) -> list[str]:
+    """Generic replies that finish many simple envs: numbers, answers built from task values."""
+    actions = [str(i) for i in range(count)]
+    for value in task.values():
+        if isinstance(value, (str, int, float)) and len(str(value)) < 200:
+            actions += [str(value), f"<answer>{value}</answer>"]
+    return actions[:count]
+
+
+class _Checker:
+    def __init__(self, env_class: type[Env], kwargs: dict[str, Any], timeout_s: float, report: CheckReport):
+        self.env_class = env_class
+        self.kwargs = kwargs
+        self.timeout_s = timeout_s
+        self.report = report
+        self.slowest: tuple[float, str] = (0.0, "")
+
+    def record(self, name: str, passed: bool, detail: str, fix: str = "") -> bool:
+        self.report.checks.append(Check(name, passed, detail, fix))
+        return passed
+
+    async def call(self, name: str, method: Callable, *args: Any) -> Any:
+        started = time.monotonic()
+        try:
+            return await call_env(method, *args, timeout_s=self.timeout_s)
+        except EnvTimeout:
+            self.record(
+                name, False, f"{method.__qualname__} did not return within {self.timeout_s:.0f}s",
+                "keep each reset/step under env.step_timeout_s; run slow work in the sandbox with its own timeout",
+            )  # fmt: skip
+            raise _Stop from None
+        except Exception as exc:
+            self.record(
+                name, False, f"{method.__qualname__} raised {type(exc).__name__}: {str(exc)[:200]}",
+                "an env must answer every action (even invalid ones) with a StepResult, not raise",
+            )  # fmt: skip
+            raise _Stop from None
+        finally:
+            self.slowest = max(self.slowest, (time.monotonic() - started, method.__qualname__))
+
+    def new_env(self) -> Env:
+        try:
+            return self.env_class(**self.kwargs)
+        except Exception as exc:
+            self.record("construct", False, f"{self.env_class.__name__}(**{self.kwargs}) raised {exc!r}",
+                        "the class must construct from env.kwargs alone")  # fmt: skip
+            raise _Stop from None
+
+    async def reset(self, env: Env, task: dict[str, Any], seed: int) -> str:
+        observation = await self.call("reset", env.reset, task, seed)
+        if not isinstance(observation, str):
+            self.record("reset", False, f"reset returned {type(observation).__name__}, expected str",
+                        "return the first observation as a string")  # fmt: skip
+            raise _Stop
+        return observation
+
+    async def step(self, name: str, env: Env, action: str) -> StepResult:
+        step = await self.call(name, env.step, action)
+        problem = _step_problem(step)
+        if problem:
+            self.record(
+                name,
+                False,
+                f"step {problem}",
+                "return StepResult(observation: str, reward: float, done: bool, info: dict)",
+            )
+            raise _Stop
+        return step
+
+    async def episode(self, env: Env, task: dict[str, Any], seed: int, actions: list[str]) -> list[tuple]:
+        trace: list[tuple] = [(await self.reset(env, task, seed),)]
+        for action in actions:
+            step = await self.step("episode", env, action)
+            trace.append((step.observation, float(step.reward), step.done))
+            if step.done:
+                break
+        return trace
+
+    async def run(self, tasks_source: str | None, num_tasks: int, seed: int, max_steps: int) -> None:
+        env = self.new_env()
+        self.record("construct", True, f"{self.env_class.__name__}(**{self.kwargs})")
+        self.check_tools(env)
+        try:
+            tasks = load_tasks(self.env_class, tasks_source, num_tasks, seed, **self.kwargs)
+        except Exception as exc:
+            self.record("tasks", False, f"{type(exc).__name__}: {str(exc)[:300]}",
+                        "implement generate_tasks(num_tasks, seed) or set env.tasks to a task file")  # fmt: skip
+            raise _Stop from None
+        task = dict(tasks[0])
+        again = load_tasks(self.env_class, tasks_source, num_tasks, seed, **self.kwargs)
+        if tasks_source is None and list(again) != list(tasks):
+            self.record("tasks", False, "two generate_tasks calls with the same seed gave different tasks",
+                        "draw task randomness from random.Random(seed), not the global RNG")  # fmt: skip
+        else:
+            self.record("tasks", True, f"{len(tasks)} tasks, columns {tasks.column_names}")
+
+        observation = await self.reset(env, task, seed)
+        self.record("reset", True, f"returned {len(observation)} chars")
+        step = await self.step("step", env, "hello")
+        self.record(
+            "step",
+            True,
+            f"observation {len(step.observation)} chars, reward {float(step.reward)}, done {step.done}",
+        )
+
+        await self.reset(env, task, seed)
+        await self.step("empty action", env, "")
+        self.record("empty action", True, "answered with a StepResult")
+        await self.reset(env, task, seed)
+        await self.step("huge action", env, "x" * HUGE_ACTION_CHARS)
+        self.record("huge action", True, f"{HUGE_ACTION_CHARS:,} chars answered within {self.timeout_s:.0f}s")
+        rng = random.Random(seed)
+        garbage = GARBAGE_ACTIONS + ["".join(chr(rng.randrange(32, 0x2FFF)) for _ in range(500))]
+        await self.reset(env, task, seed)
+        for action in garbage:
+            await self.step("garbage action", env, action)
+        self.record("garbage action", True, f"{len(garbage)} malformed replies answered without raising")
+
+        actions = _probe_actions(task, max_steps)
+        first = await self.episode(env, task, seed, actions)
+        if first[-1][-1] is True:
+            replay = await self.episode(env, task, seed, actions)
+            same = replay == first
+            self.record("done", same, f"episode ended after {len(first) - 1} steps; reset after done "
+                        + ("replays it exactly" if same else "does not start a fresh episode"),
+                        "reset must clear all per-episode state")  # fmt: skip
+        else:
+            self.record("done", True, f"not reached within {max_steps} probe actions (not an error)")
+
+        fresh = [self.new_env(), self.new_env()]
+        try:
+            mine = await self.episode(fresh[0], task, seed, actions[:5])
+            theirs = await self.episode(fresh[1], task, seed, actions[:5])
+        finally:
+            for other in fresh:
+                await call_env(other.close, timeout_s=self.timeout_s)
+        self.record("determinism", mine == theirs,
+                    "same task, seed and actions give the same observations and rewards" if mine == theirs
+                    else f"fresh envs diverged: {str(mine)[:150]} vs {str(theirs)[:150]}",
+                    "derive all randomness from the seed passed to reset (random.Random(seed))")  # fmt: skip
+
+        seconds, slowest = self.slowest
+        self.record(
+            "timeouts",
+            True,
+            f"every call returned within {self.timeout_s:.0f}s (slowest: {slowest}, {seconds:.2f}s)",
+        )
+        await self.call("close", env.close)
+        self.record("close", True, "close() returned")
+
+    def check_tools(self, env: Env) -> None:
+        if not env.tools:
+            return
+        problems = []
+        for schema in env.tools:
+            function = schema.get("function", {}) if isinstance(schema, dict) else {}
+            if schema.get("type") != "function" or not isinstance(function.get("name"), str):
+                problems.append(f"{str(schema)[:80]}: needs type 'function' and function.name")
+            elif function.get("parameters", {}).get("type") != "object":
+                problems.append(f"{function['name']}: parameters must be a JSON schema of type 'object'")
+        try:
+            json.dumps(env.tools)
+        except (TypeError, ValueError) as exc:
+            problems.append(f"not JSON-serializable: {exc}")
+        self.record("tools", not problems, "; ".join(problems) or f"{len(env.tools)} valid function schemas",
+                    "use OpenAI function schemas, e.g. via forge.env.tool on a ToolEnv method")  # fmt: skip
+
+
+def check_env(
+    name: str | type[Env],
+    kwargs: dict[str, Any] | None = None,
+    tasks: str | None = None,
+    num_tasks: int = 8,
+    seed: int = 0,
+    timeout_s: float = 30.0,
+    max_steps: int = 40,
+) -> CheckReport:
+    """Run the contract checks on env `name` (registry name, `module:Class` or the class)."""
+    label = name if isinstance(name, str) else f"{name.__module__}:{name.__qualname__}"
+    report = CheckReport(label)
+    try:
+        env_class = resolve_env(name) if isinstance(name, str) else name
+    except ValueError as exc:
+        report.checks.append(Check("resolve", False, str(exc), "pip install the package that registers it"))
+        return report
+    checker = _Checker(env_class, dict(kwargs or {}), timeout_s, report)
+    try:
+        asyncio.run(checker.run(tasks, num_tasks, seed, max_steps))
+    except _Stop:
+        pass
+    return report
+
+
+def list_envs() -> str:
+    """One line per installed env: registry name and `module:Class`."""
+    from forge.env.registry import registered_envs
+
+    envs = registered_envs()
+    if not envs:
+        return "no envs installed (entry point group forge.envs); pip install -e . registers the built-ins"
+    width = max(map(len, envs))
+    return "\n".join(f"{name:<{width}}  {target}" for name, target in sorted(envs.items()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m forge.env.check list` or `... check NAME [--kwargs JSON] [--tasks PATH]`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="forge env", description="list installed envs or check one")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="installed envs (entry point group forge.envs)")
+    check = sub.add_parser("check", help="run the env contract check")
+    add_check_arguments(check)
+    args = parser.parse_args(argv)
+    if args.command == "list":
+        print(list_envs())
+        return 0
+    return run_check_command(args)
+
+
+def add_check_arguments(parser: Any) -> None:
+    parser.add_argument("name", help="registry name or package.module:ClassName")
+    parser.add_argument("--kwargs", default="{}", help="JSON object of constructor arguments")
+    parser.add_argument("--tasks", default=None, help="jsonl/parquet/arrow file or dataset name")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds allowed per reset/step")
+
+
+def run_check_command(args: Any) -> int:
+    try:
+        kwargs = json.loads(args.kwargs)
+    except json.JSONDecodeError as exc:
+        print(f"--kwargs must be a JSON object, e.g. '{{\"n\": 8}}' ({exc})")
+        return 2
+    report = check_env(args.name, kwargs, tasks=args.tasks, seed=args.seed, timeout_s=args.timeout)
+    print(report.render())
+    return 0 if report.passed else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
