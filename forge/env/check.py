@@ -88,11 +88,11 @@ def _step_problem(step: Any) -> str | None:
 
 def _probe_actions(task: dict[str, Any], count: int) -> list[str]:
     """Generic replies that finish many simple envs: numbers, answers built from task values."""
-    actions = [str(i) for i in range(count)]
+    actions = []
     for value in task.values():
         if isinstance(value, (str, int, float)) and len(str(value)) < 200:
             actions += [str(value), f"<answer>{value}</answer>"]
-    return actions[:count]
+    return (actions + [str(i) for i in range(count)])[:count]
 
 
 class _Checker:
