@@ -95,6 +95,14 @@ def _probe_actions(task: dict[str, Any], count: int) -> list[str]:
     return (actions + [str(i) for i in range(count)])[:count]
 
 
+def _first_difference(a: list[tuple], b: list[tuple]) -> str:
+    for index, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            what = "reset observation" if index == 0 else f"step {index} (observation, reward, done)"
+            return f"{what}: {str(x)[:150]!r} vs {str(y)[:150]!r}"
+    return f"episodes of {len(a) - 1} and {len(b) - 1} steps"
+
+
 class _Checker:
     def __init__(self, env_class: type[Env], kwargs: dict[str, Any], timeout_s: float, report: CheckReport):
         self.env_class = env_class
@@ -210,7 +218,7 @@ class _Checker:
             replay = await self.episode(env, task, seed, actions)
             same = replay == first
             self.record("done", same, f"episode ended after {len(first) - 1} steps; reset after done "
-                        + ("replays it exactly" if same else "does not start a fresh episode"),
+                        + ("replays it exactly" if same else f"differs: {_first_difference(first, replay)}"),
                         "reset must clear all per-episode state")  # fmt: skip
         else:
             self.record("done", True, f"not reached within {max_steps} probe actions (not an error)")
@@ -224,7 +232,7 @@ class _Checker:
                 await call_env(other.close, timeout_s=self.timeout_s)
         self.record("determinism", mine == theirs,
                     "same task, seed and actions give the same observations and rewards" if mine == theirs
-                    else f"fresh envs diverged: {str(mine)[:150]} vs {str(theirs)[:150]}",
+                    else f"fresh envs diverged: {_first_difference(mine, theirs)}",
                     "derive all randomness from the seed passed to reset (random.Random(seed))")  # fmt: skip
 
         seconds, slowest = self.slowest
