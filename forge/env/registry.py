@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from importlib.metadata import entry_points
 
 from forge.env.base import Env
 
 ENTRY_POINT_GROUP = "forge.envs"
+
+
+def _import_from_here(module_name: str):
+    """Import `module_name`, also looking in the working directory (as `python -m` does),
+    so `forge env check my_envs:MyEnv` finds a module next to the user's config."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name.split(".")[0] or os.getcwd() in sys.path:
+            raise
+    sys.path.insert(0, os.getcwd())
+    return importlib.import_module(module_name)
 
 
 def registered_envs() -> dict[str, str]:
@@ -20,7 +34,7 @@ def resolve_env(name: str) -> type[Env]:
     if ":" in name:
         module_name, _, class_name = name.partition(":")
         try:
-            module = importlib.import_module(module_name)
+            module = _import_from_here(module_name)
         except ImportError as exc:
             raise ValueError(f"env {name!r}: cannot import module {module_name!r} ({exc})") from exc
         env_class = getattr(module, class_name, None)
