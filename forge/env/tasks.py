@@ -36,7 +36,14 @@ def tasks_from(source: str, split: str = "train") -> datasets.Dataset:
                 f"env.tasks={source!r}: unknown file type {extension!r}; use one of "
                 f"{', '.join(sorted(_FILE_FORMATS))} or a dataset saved with save_to_disk"
             )
-        loaded = datasets.load_dataset(_FILE_FORMATS[extension], data_files=source, split=split)
+        if os.path.getsize(source) == 0:
+            raise ValueError(f"env.tasks={source!r} holds no rows")
+        try:
+            loaded = datasets.load_dataset(_FILE_FORMATS[extension], data_files=source, split=split)
+        except Exception as exc:
+            raise ValueError(
+                f"env.tasks={source!r} could not be read as {extension[1:]} ({type(exc).__name__}: {str(exc)[:200]})"
+            ) from exc
     elif source.endswith(tuple(_FILE_FORMATS)) or source.startswith((".", "/", "~")):
         raise ValueError(f"env.tasks={source!r}: no such file; check the path (relative to {os.getcwd()})")
     else:

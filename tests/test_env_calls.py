@@ -1,0 +1,88 @@
+"""Harness-side calls into envs: sync or async methods, under timeouts the env cannot dodge."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from forge.env import Env, EnvTimeout, StepResult, call_env
+from forge.env.calls import call_sync, step_with_timeout
+
+
+class SyncEnv(Env):
+    def reset(self, task, seed):
+        return f"task {task['x']} seed {seed}"
+
+    def step(self, action):
+        return StepResult(action.upper(), 1.0, True)
+
+
+class AsyncEnv(Env):
+    async def reset(self, task, seed):
+        await asyncio.sleep(0)
+        return "async start"
+
+    async def step(self, action):
+        return StepResult(action[::-1])
+
+
+def test_sync_and_async_methods_are_both_awaited():
+    async def play():
+        return (
+            await call_env(SyncEnv().reset, {"x": 1}, 7, timeout_s=5),
+            await call_env(AsyncEnv().reset, {}, 0, timeout_s=5),
+            await step_with_timeout(AsyncEnv(), "abc", timeout_s=5),
+        )
+
+    sync_obs, async_obs, step = asyncio.run(play())
+    assert (sync_obs, async_obs, step.observation) == ("task 1 seed 7", "async start", "cba")
+
+
+def test_a_hung_sync_step_times_out_and_does_not_hold_up_shutdown():
+    release = threading.Event()
+
+    class Hangs(Env):
+        def step(self, action):
+            release.wait()
+            return StepResult("late")
+
+    async def play():
+        with pytest.raises(EnvTimeout, match="Hangs.step took longer than 0.1s"):
+            await step_with_timeout(Hangs(), "x", timeout_s=0.1)
+
+    try:
+        asyncio.run(play())  # returns although the step's thread is still blocked
+        assert not release.is_set()
+    finally:
+        release.set()
+
+
+def test_a_hung_async_step_times_out():
+    class Sleeps(Env):
+        async def step(self, action):
+            await asyncio.sleep(3600)
+
+    async def play():
+        await step_with_timeout(Sleeps(), "x", timeout_s=0.05)
+
+    with pytest.raises(EnvTimeout):
+        asyncio.run(play())
+
+
+def test_an_env_exception_reaches_the_caller():
+    class Broken(Env):
+        def step(self, action):
+            raise KeyError("missing")
+
+    async def play():
+        await step_with_timeout(Broken(), "x", timeout_s=5)
+
+    with pytest.raises(KeyError, match="missing"):
+        asyncio.run(play())
+
+
+def test_call_sync_runs_either_kind_to_completion():
+    assert call_sync(SyncEnv().step, "a").observation == "A"
+    assert call_sync(AsyncEnv().step, "ab").observation == "ba"

@@ -1,0 +1,218 @@
+"""Tool schemas, Hermes-style tool-call parsing and ToolEnv dispatch."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from forge.env import StepResult, ToolEnv, parse_tool_calls, tool
+from forge.env.calls import call_sync
+from forge.env.tools import ToolCall, parse_answer, tool_schema
+
+
+def call(name: str, **arguments) -> str:
+    return f"<tool_call>{json.dumps({'name': name, 'arguments': arguments})}</tool_call>"
+
+
+def test_a_hermes_tool_call_is_parsed():
+    calls, errors = parse_tool_calls('thinking... <tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call>')
+    assert calls == [ToolCall("add", {"a": 1})] and errors == []
+
+
+def test_several_calls_in_one_reply_are_parsed_in_order():
+    calls, _ = parse_tool_calls(call("a") + " and " + call("b", x=2))
+    assert [c.name for c in calls] == ["a", "b"]
+
+
+def test_text_without_tool_calls_parses_to_nothing():
+    assert parse_tool_calls("the answer is 4") == ([], [])
+
+
+def test_malformed_json_becomes_an_error_message():
+    calls, errors = parse_tool_calls("<tool_call>{name: add}</tool_call>")
+    assert calls == [] and "not valid JSON" in errors[0]
+
+
+def test_a_call_without_a_name_is_an_error():
+    _, errors = parse_tool_calls('<tool_call>{"arguments": {}}</tool_call><tool_call>[1, 2]</tool_call>')
+    assert len(errors) == 2 and all('"name"' in e for e in errors)
+
+
+def test_arguments_that_are_not_an_object_are_an_error():
+    _, errors = parse_tool_calls('<tool_call>{"name": "f", "arguments": [1]}</tool_call>')
+    assert "arguments must be a JSON object" in errors[0]
+
+
+def test_double_encoded_arguments_are_accepted():
+    calls, _ = parse_tool_calls('<tool_call>{"name": "f", "arguments": "{\\"x\\": 1}"}</tool_call>')
+    assert calls == [ToolCall("f", {"x": 1})]
+
+
+def test_an_unclosed_tool_call_is_an_error():
+    _, errors = parse_tool_calls(call("a") + ' <tool_call>{"name": "b"')
+    assert errors == ["tool call opened with <tool_call> but never closed with </tool_call>"]
+
+
+@given(st.text())
+def test_parsing_never_raises(text):
+    calls, errors = parse_tool_calls(text)
+    assert isinstance(calls, list) and isinstance(errors, list)
+
+
+def test_parse_answer_takes_the_last_answer():
+    assert parse_answer("<answer>1</answer> no, <answer> 2 </answer>") == "2"
+    assert parse_answer("no answer") is None
+
+
+def test_schema_comes_from_signature_and_docstring():
+    def search(query: str, limit: int = 5, exact: bool | None = None) -> str:
+        """Search the index.
+
+        Args:
+            query: words to look for
+            limit: most results to return
+        """
+        return ""
+
+    schema = tool_schema(search)["function"]
+    assert schema["name"] == "search" and schema["description"] == "Search the index."
+    assert schema["parameters"] == {
+        "type": "object",
+        "properties": {
+            "query": {"type": "string", "description": "words to look for"},
+            "limit": {"type": "integer", "description": "most results to return"},
+            "exact": {"type": "boolean"},
+        },
+        "required": ["query"],
+    }
+
+
+class Calculator(ToolEnv):
+    @tool
+    def add(self, a: int, b: int) -> str:
+        """Add two integers."""
+        self.thread = threading.current_thread()
+        return str(a + b)
+
+    @tool
+    async def shout(self, text: str) -> str:
+        """Upper-case text."""
+        return text.upper()
+
+    @tool
+    def explode(self) -> str:
+        """Always fails."""
+        raise RuntimeError("boom")
+
+    @tool
+    def submit(self, value: int) -> StepResult:
+        """Finish with a value."""
+        return self.done(float(value == 42), value == 42, "submitted")
+
+    def helper(self) -> str:  # not a tool
+        return "secret"
+
+    def reset(self, task, seed):
+        self.start_episode()
+        return "go"
+
+
+def step(env: ToolEnv, action: str) -> StepResult:
+    return call_sync(env.step, action)
+
+
+def test_tool_env_exposes_only_marked_methods_as_tools():
+    assert sorted(t["function"]["name"] for t in Calculator.tools) == ["add", "explode", "shout", "submit"]
+
+
+def test_sync_and_async_tools_answer_with_tool_responses():
+    env = Calculator()
+    env.reset({}, 0)
+    result = step(env, call("add", a=2, b=3) + call("shout", text="hi"))
+    assert result.observation == "<tool_response>\n5\n</tool_response>\n<tool_response>\nHI\n</tool_response>"
+    assert not result.done and result.info["tool_calls"] == 2 and result.info["turns"] == 1
+
+
+def test_sync_tools_run_off_the_event_loop_thread():
+    env = Calculator()
+    env.reset({}, 0)
+
+    async def play():
+        await env.step(call("add", a=1, b=1))
+        return threading.current_thread()
+
+    loop_thread = asyncio.run(play())
+    assert env.thread is not loop_thread
+
+
+def test_unknown_tool_bad_arguments_and_failing_tool_become_error_observations():
+    env = Calculator()
+    env.reset({}, 0)
+    result = step(env, call("nope") + call("add", a=1) + call("explode") + call("helper"))
+    lines = [line for line in result.observation.splitlines() if line.startswith("error:")]
+    assert lines[0].startswith("error: unknown tool 'nope'")
+    assert lines[1].startswith("error: bad arguments for add")
+    assert lines[2] == "error: explode failed: RuntimeError: boom"
+    assert lines[3].startswith("error: unknown tool 'helper'")
+    assert result.info["tool_errors"] == 4 and not result.done
+
+
+def test_malformed_call_is_an_error_observation_not_a_crash():
+    env = Calculator()
+    env.reset({}, 0)
+    result = step(env, "<tool_call>{oops</tool_call>")
+    assert "error: tool call is not valid JSON" in result.observation and not result.done
+
+
+def test_a_tool_can_end_the_episode_with_bookkeeping_in_info():
+    env = Calculator()
+    env.reset({}, 0)
+    step(env, call("add", a=1, b=2))
+    result = step(env, call("submit", value=42))
+    assert result.done and result.reward == 1.0
+    assert result.info["success"] is True and result.info["outcome"] == "success"
+    assert result.info["turns"] == 2 and result.info["tool_calls"] == 2 and result.info["tool_seconds"] >= 0
+
+
+def test_a_reply_without_tool_call_or_answer_asks_for_one():
+    env = Calculator()
+    env.reset({}, 0)
+    result = step(env, "hmm")
+    assert "<answer>" in result.observation and not result.done
+
+
+def test_too_many_calls_in_one_turn_are_cut():
+    env = Calculator()
+    env.reset({}, 0)
+    result = step(env, call("add", a=1, b=1) * (env.max_calls_per_turn + 3))
+    assert result.info["tool_calls"] == env.max_calls_per_turn
+    assert f"at most {env.max_calls_per_turn} tool calls" in result.observation
+
+
+def test_long_tool_output_is_truncated():
+    env = Calculator()
+    env.reset({}, 0)
+    result = step(env, call("shout", text="a" * (env.max_observation_chars + 100)))
+    assert "[truncated 100 characters]" in result.observation
+
+
+HERMES_TEMPLATE = (
+    "{% if tools %}<|im_start|>system # Tools <tools>{% for t in tools %}{{ t | tojson }}{% endfor %}</tools><|im_end|>{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
+)
+
+
+def test_tool_schemas_render_through_a_chat_template():
+    from forge.models.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = HERMES_TEMPLATE
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "go"}], tools=Calculator.tools, add_generation_prompt=True, tokenize=False
+    )
+    assert '"name": "add"' in text and '"description": "Add two integers."' in text
