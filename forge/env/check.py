@@ -121,7 +121,7 @@ class _Checker:
             return await call_env(method, *args, timeout_s=self.timeout_s)
         except EnvTimeout:
             self.record(
-                name, False, f"{method.__qualname__} did not return within {self.timeout_s:.0f}s",
+                name, False, f"{method.__qualname__} did not return within {self.timeout_s:g}s",
                 "keep each reset/step under env.step_timeout_s; run slow work in the sandbox with its own timeout",
             )  # fmt: skip
             raise _Stop from None
@@ -204,7 +204,7 @@ class _Checker:
         self.record("empty action", True, "answered with a StepResult")
         await self.reset(env, task, seed)
         await self.step("huge action", env, "x" * HUGE_ACTION_CHARS)
-        self.record("huge action", True, f"{HUGE_ACTION_CHARS:,} chars answered within {self.timeout_s:.0f}s")
+        self.record("huge action", True, f"{HUGE_ACTION_CHARS:,} chars answered within {self.timeout_s:g}s")
         rng = random.Random(seed)
         garbage = GARBAGE_ACTIONS + ["".join(chr(rng.randrange(32, 0x2FFF)) for _ in range(500))]
         await self.reset(env, task, seed)
@@ -239,7 +239,7 @@ class _Checker:
         self.record(
             "timeouts",
             True,
-            f"every call returned within {self.timeout_s:.0f}s (slowest: {slowest}, {seconds:.2f}s)",
+            f"every call returned within {self.timeout_s:g}s (slowest: {slowest}, {seconds:.2f}s)",
         )
         await self.call("close", env.close)
         self.record("close", True, "close() returned")

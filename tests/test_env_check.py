@@ -1,0 +1,145 @@
+"""`forge env check`: contract violations are reported as FAIL with a fix, good envs pass."""
+
+from __future__ import annotations
+
+import random
+import time
+
+from forge.env import Env, StepResult
+from forge.env.check import check_env, list_envs, main
+
+
+class Good(Env):
+    @classmethod
+    def generate_tasks(cls, num_tasks, seed, **kwargs):
+        rng = random.Random(seed)
+        return [{"task_id": str(i), "target": rng.randrange(5)} for i in range(num_tasks)]
+
+    def reset(self, task, seed):
+        self.target, self.steps = task["target"], 0
+        return "pick 0-4"
+
+    def step(self, action):
+        self.steps += 1
+        hit = action.strip() == str(self.target)
+        return StepResult("yes" if hit else "no", float(hit), hit or self.steps >= 10, {"steps": self.steps})
+
+
+def failed(report) -> dict[str, str]:
+    return {c.name: c.detail for c in report.checks if not c.passed}
+
+
+def test_a_well_behaved_env_passes_every_check():
+    report = check_env(Good)
+    assert report.passed, report.render()
+    names = [c.name for c in report.checks]
+    for expected in ("reset", "step", "empty action", "huge action", "garbage action", "done", "determinism",
+                     "timeouts", "close"):  # fmt: skip
+        assert expected in names
+
+
+def test_the_built_in_envs_pass():
+    for name in ("guess_number", "countdown", "file_search"):
+        report = check_env(name, num_tasks=2)
+        assert report.passed, report.render()
+
+
+def test_reset_must_return_a_string():
+    class IntReset(Good):
+        def reset(self, task, seed):
+            super().reset(task, seed)
+            return 3
+
+    assert failed(check_env(IntReset)) == {"reset": "reset returned int, expected str"}
+
+
+def test_step_must_return_a_step_result():
+    class TupleStep(Good):
+        def step(self, action):
+            return ("obs", 0.0, False, {})
+
+    assert "expected forge.env.StepResult" in failed(check_env(TupleStep))["step"]
+
+
+def test_raising_on_an_empty_action_fails_with_a_fix():
+    class Picky(Good):
+        def step(self, action):
+            if not action:
+                raise ValueError("empty")
+            return super().step(action)
+
+    report = check_env(Picky)
+    assert "raised ValueError: empty" in failed(report)["empty action"]
+    assert "fix: an env must answer every action" in report.render()
+
+
+def test_info_must_be_json_serializable():
+    class SetInfo(Good):
+        def step(self, action):
+            return StepResult("o", info={"seen": {1, 2}})
+
+    assert "not JSON-serializable" in failed(check_env(SetInfo))["step"]
+
+
+def test_global_randomness_breaks_determinism():
+    class Noisy(Good):
+        def reset(self, task, seed):
+            super().reset(task, seed)
+            return f"pick 0-4 ({random.random()})"
+
+    assert "determinism" in failed(check_env(Noisy))
+
+
+def test_state_leaking_across_resets_is_caught():
+    class Leaky(Good):
+        episodes = 0
+
+        def reset(self, task, seed):
+            self.episodes += 1
+            super().reset(task, seed)
+            return f"episode {self.episodes}"
+
+    assert "differs" in failed(check_env(Leaky))["done"]
+
+
+def test_a_step_past_the_timeout_fails_and_the_check_returns():
+    class Slow(Good):
+        def step(self, action):
+            time.sleep(5)
+
+    report = check_env(Slow, timeout_s=0.2)
+    assert failed(report) == {"step": "Slow.step did not return within 0.2s"}
+
+
+def test_bad_tool_schemas_are_reported():
+    class BadTools(Good):
+        tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]
+
+    assert "parameters must be a JSON schema of type 'object'" in failed(check_env(BadTools))["tools"]
+
+
+def test_an_unknown_env_name_fails_to_resolve():
+    report = check_env("no_such_env_anywhere")
+    assert not report.passed and "not registered" in report.checks[0].detail
+
+
+def test_render_prints_pass_fail_lines_and_a_verdict():
+    class IntReset(Good):
+        def reset(self, task, seed):
+            return 3
+
+    text = check_env(IntReset).render()
+    assert "  PASS  construct" in text and "  FAIL  reset" in text and text.endswith("1 failed")
+
+
+def test_cli_exit_code_follows_the_verdict(capsys):
+    assert main(["check", "guess_number"]) == 0
+    assert main(["check", "no_such_env_anywhere"]) == 1
+    assert main(["check", "guess_number", "--kwargs", "{bad"]) == 2
+    assert "PASSED" in capsys.readouterr().out
+
+
+def test_list_shows_the_registered_built_ins():
+    listing = list_envs()
+    for name in ("guess_number", "countdown", "python_coding", "file_search"):
+        assert name in listing
