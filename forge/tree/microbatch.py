@@ -189,10 +189,14 @@ def _tree_forward_logprobs(
         mask = dense_tree_mask(subtree_end, dtype)
     input_ids = torch.as_tensor(tree.token_ids, device=device)[None]
     position_ids = torch.as_tensor(tree.position_ids, device=device)[None]
-    logits = model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=False).logits
+    logits = model(
+        input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=False
+    ).logits
     # The logprob of a sample's token t+1 is read at the node holding its token t (the parent).
     rows = torch.as_tensor(np.concatenate([nodes[:-1] for nodes in tree.sample_nodes]), device=device)
-    targets = torch.as_tensor(np.concatenate([np.asarray(t[1:], dtype=np.int64) for t in token_ids]), device=device)
+    targets = torch.as_tensor(
+        np.concatenate([np.asarray(t[1:], dtype=np.int64) for t in token_ids]), device=device
+    )
     flat = _token_logprobs(logits[0], rows, targets)
     return list(torch.split(flat, [len(t) - 1 for t in token_ids]))
 

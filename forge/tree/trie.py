@@ -91,7 +91,9 @@ def build_prefix_tree(sequences: Sequence[Sequence[int]]) -> PrefixTree:
         lcp, start, length = int(shared[rank]), int(starts[rank]), len(arrays[index])
         if length > lcp:
             nodes = sample_nodes[index]
-            parent[start + (1 if lcp == 0 else 0) : start + length - lcp] = nodes[max(lcp, 1) - 1 : length - 1]
+            parent[start + (1 if lcp == 0 else 0) : start + length - lcp] = nodes[
+                max(lcp, 1) - 1 : length - 1
+            ]
             upper = length  # depths [lower, upper) of this suffix still to assign
             for branch_depth, end in reversed(stack):
                 lower = max(branch_depth, lcp)

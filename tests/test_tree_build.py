@@ -1,0 +1,119 @@
+"""The prefix tree's layout and the micro-batch partition, without a model."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from forge.tree import build_prefix_tree, microbatches, tree_token_ratio
+from forge.types import Sample
+
+
+def make_sample(tokens: list[int], advantage: float = 1.0) -> Sample:
+    n = len(tokens)
+    return Sample(list(tokens), [1] * n, [0.0] * n, [0] * n, advantage)
+
+
+@st.composite
+def sharing_sequences(draw, max_samples: int = 8, vocab: int = 6) -> list[list[int]]:
+    """Sequences that branch off earlier ones at random depths: shared prefixes,
+    duplicates, prefixes of others and single-token branches all occur."""
+    tokens = st.integers(0, vocab - 1)
+    sequences = [draw(st.lists(tokens, min_size=1, max_size=12))]
+    for _ in range(draw(st.integers(0, max_samples - 1))):
+        base = draw(st.sampled_from(sequences))
+        cut = draw(st.integers(0, len(base)))
+        suffix = draw(st.lists(tokens, min_size=0 if cut else 1, max_size=6))
+        sequences.append(base[:cut] + suffix)
+    return draw(st.permutations(sequences))
+
+
+def ancestors_or_self(parent: np.ndarray, node: int) -> set[int]:
+    found = set()
+    while node >= 0:
+        found.add(node)
+        node = int(parent[node])
+    return found
+
+
+@settings(max_examples=50, deadline=None)
+@given(sharing_sequences())
+def test_every_sample_reads_back_its_own_tokens_at_depth_positions(sequences):
+    tree = build_prefix_tree(sequences)
+    for tokens, nodes in zip(sequences, tree.sample_nodes, strict=True):
+        assert tree.token_ids[nodes].tolist() == tokens
+        assert tree.position_ids[nodes].tolist() == list(range(len(tokens)))
+        assert tree.parent[nodes].tolist() == [-1] + nodes[:-1].tolist()
+
+
+@settings(max_examples=50, deadline=None)
+@given(sharing_sequences())
+def test_each_distinct_prefix_is_one_node(sequences):
+    prefixes = {tuple(s[: i + 1]) for s in sequences for i in range(len(s))}
+    assert build_prefix_tree(sequences).num_nodes == len(prefixes)
+
+
+@settings(max_examples=50, deadline=None)
+@given(sharing_sequences())
+def test_attention_rule_is_exactly_ancestor_or_self(sequences):
+    tree = build_prefix_tree(sequences)
+    allowed = tree.attention_allowed()
+    for query in range(tree.num_nodes):
+        assert set(np.flatnonzero(allowed[query]).tolist()) == ancestors_or_self(tree.parent, query)
+
+
+def test_nodes_are_in_dfs_pre_order():
+    tree = build_prefix_tree([[5, 1, 2], [5, 1, 3], [4], [5, 9]])
+    assert tree.token_ids.tolist() == [4, 5, 1, 2, 3, 9]
+    assert tree.position_ids.tolist() == [0, 0, 1, 2, 2, 1]
+    assert tree.subtree_end.tolist() == [1, 6, 5, 4, 5, 6]
+
+
+@settings(max_examples=50, deadline=None)
+@given(sharing_sequences(max_samples=12), st.integers(12, 60))
+def test_partition_covers_each_sample_once_within_budget(sequences, budget):
+    samples = [make_sample(s) for s in sequences]
+    batches = microbatches(samples, "tree", budget)
+    assert sorted(i for b in batches for i in b.sample_indices) == list(range(len(samples)))
+    assert all(b.tokens_computed <= budget for b in batches)
+    assert sum(b.tokens_separate for b in batches) == sum(len(s) for s in sequences)
+
+
+def test_one_micro_batch_computes_each_shared_token_once():
+    prompt = list(range(100))
+    samples = [make_sample(prompt + [200 + i] * 10) for i in range(4)]
+    batches = microbatches(samples, "tree", max_tokens_per_microbatch=1000)
+    assert [b.tokens_computed for b in batches] == [100 + 4 * 10]
+    assert tree_token_ratio(batches) == pytest.approx(4 * 110 / 140)
+
+
+def test_a_prefix_split_across_micro_batches_is_computed_and_counted_again():
+    prompt = list(range(100))
+    samples = [make_sample(prompt + [200 + i] * 10) for i in range(4)]
+    batches = microbatches(samples, "tree", max_tokens_per_microbatch=125)
+    assert [b.tokens_computed for b in batches] == [120, 120]
+    assert tree_token_ratio(batches) == pytest.approx(4 * 110 / 240)
+
+
+def test_padded_packing_counts_padding_as_computed():
+    samples = [make_sample([1] * 10), make_sample([2] * 6)]
+    batches = microbatches(samples, "padded", max_tokens_per_microbatch=20)
+    assert [(b.sample_indices, b.tokens_computed) for b in batches] == [([0, 1], 20)]
+    assert tree_token_ratio(batches) == pytest.approx(16 / 20)
+
+
+def test_padded_packing_splits_when_padded_batch_exceeds_budget():
+    samples = [make_sample([1] * 10), make_sample([2] * 6), make_sample([3] * 6)]
+    batches = microbatches(samples, "padded", max_tokens_per_microbatch=19)
+    assert all(b.tokens_computed <= 19 for b in batches)
+    assert sorted(i for b in batches for i in b.sample_indices) == [0, 1, 2]
+
+
+def test_sample_longer_than_budget_is_a_clear_error():
+    with pytest.raises(ValueError, match="max_tokens_per_microbatch=8"):
+        microbatches([make_sample(list(range(9)))], "tree", max_tokens_per_microbatch=8)
+
+
+def test_unknown_packing_is_a_clear_error():
+    with pytest.raises(ValueError, match="trainer.packing"):
+        microbatches([make_sample([1, 2])], "dense", max_tokens_per_microbatch=8)

@@ -1,0 +1,220 @@
+"""Tree packing is exact: per-token logprobs and the loss gradients equal those of
+running every sample on its own, for two architectures, LoRA, and both mask paths."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_tree_build import sharing_sequences
+from torch.nn.attention.flex_attention import flex_attention
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from forge.tree import build_prefix_tree, dense_tree_mask, flex_tree_block_mask, microbatches
+from forge.types import Sample
+
+VOCAB = 32
+LOGPROB_TOLERANCE = 1e-5
+GRADIENT_TOLERANCE = 1e-5
+
+
+def tiny_model(architecture: str, attn_implementation: str = "sdpa") -> torch.nn.Module:
+    torch.manual_seed(0)
+    shape = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    if architecture == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**shape, attn_implementation=attn_implementation))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**shape, attn_implementation=attn_implementation))
+    return model.float().eval()
+
+
+def lora_model() -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        tiny_model("qwen2"), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"])
+    )
+    torch.manual_seed(1)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:  # peft zero-initialises B; make the adapter matter
+            torch.nn.init.normal_(parameter, std=0.1)
+    return model
+
+
+MODELS = {
+    "qwen2": lambda: tiny_model("qwen2"),
+    "llama": lambda: tiny_model("llama"),
+    "llama-eager": lambda: tiny_model("llama", "eager"),
+    "qwen2-lora": lora_model,
+}
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def model(request):
+    return MODELS[request.param]()
+
+
+def make_samples(sequences: list[list[int]], seed: int) -> list[Sample]:
+    generator = torch.Generator().manual_seed(seed)
+    samples = []
+    for tokens in sequences:
+        n = len(tokens)
+        loss_mask = (torch.rand(n, generator=generator) < 0.7).long().tolist()
+        versions = torch.randint(0, 3, (n,), generator=generator).tolist()
+        advantage = float(torch.randn(1, generator=generator))
+        samples.append(Sample(tokens, loss_mask, [0.0] * n, versions, advantage))
+    return samples
+
+
+def separate_logprobs(model, sample: Sample) -> torch.Tensor:
+    ids = torch.tensor([sample.token_ids])
+    logits = model(input_ids=ids).logits[0, :-1]
+    return logits.log_softmax(-1).gather(1, ids[0, 1:, None])[:, 0]
+
+
+def policy_loss(logprobs: torch.Tensor, sample: Sample, total_tokens: int) -> torch.Tensor:
+    """A per-sample loss that uses the sample's own advantage and mask on shared tokens."""
+    mask = torch.tensor(sample.loss_mask[1:], dtype=logprobs.dtype)
+    ratio = torch.exp(logprobs - logprobs.detach())
+    return -(sample.advantage * ratio * mask).sum() / total_tokens
+
+
+def trainable(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def gradients(model, loss_fn) -> torch.Tensor:
+    model.zero_grad()
+    loss_fn()
+    return torch.cat([p.grad.flatten() for p in trainable(model)])
+
+
+def separate_results(model, samples):
+    total = sum(len(s.token_ids) for s in samples)
+
+    def run():
+        for s in samples:
+            policy_loss(separate_logprobs(model, s), s, total).backward()
+
+    with torch.no_grad():
+        logprobs = [separate_logprobs(model, s) for s in samples]
+    return logprobs, gradients(model, run)
+
+
+def packed_results(model, samples, packing, budget, attention="auto"):
+    total = sum(len(s.token_ids) for s in samples)
+    batches = microbatches(samples, packing, budget, attention)
+    logprobs = [None] * len(samples)
+
+    def run():
+        for batch in batches:  # one backward per micro-batch, as the trainer does
+            outputs = batch.forward_logprobs(model)
+            loss = sum(
+                policy_loss(lp, samples[i], total)
+                for i, lp in zip(batch.sample_indices, outputs, strict=True)
+            )
+            loss.backward()
+            for i, lp in zip(batch.sample_indices, outputs, strict=True):
+                logprobs[i] = lp.detach()
+
+    return logprobs, gradients(model, run)
+
+
+def assert_same_results(model, samples, packing, budget):
+    expected_logprobs, expected_grad = separate_results(model, samples)
+    logprobs, grad = packed_results(model, samples, packing, budget)
+    for got, want in zip(logprobs, expected_logprobs, strict=True):
+        assert got.shape == want.shape
+        if len(want):
+            assert (got - want).abs().max().item() <= LOGPROB_TOLERANCE
+    # A batch of one-token samples has no predicted token, so both gradients are zero.
+    relative_error = ((grad - expected_grad).norm() / expected_grad.norm().clamp_min(1e-30)).item()
+    assert relative_error <= GRADIENT_TOLERANCE
+
+
+@settings(max_examples=25, deadline=None)
+@given(sequences=sharing_sequences(vocab=VOCAB // 4), seed=st.integers(0, 2**16), budget=st.integers(18, 80))
+def test_tree_logprobs_and_gradients_equal_separate_forwards(model, sequences, seed, budget):
+    assert_same_results(model, make_samples(sequences, seed), "tree", budget)
+
+
+@settings(max_examples=10, deadline=None)
+@given(sequences=sharing_sequences(vocab=VOCAB // 4), seed=st.integers(0, 2**16), budget=st.integers(18, 80))
+def test_padded_logprobs_and_gradients_equal_separate_forwards(model, sequences, seed, budget):
+    assert_same_results(model, make_samples(sequences, seed), "padded", budget)
+
+
+def test_shared_tokens_keep_each_samples_own_advantage_and_mask():
+    model = tiny_model("qwen2")
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    samples = [
+        Sample(prompt + [7, 7], [0] * 8 + [1, 1], [0.0] * 10, [-1] * 8 + [0, 0], advantage=1.0),
+        Sample(prompt + [8], [1] * 9, [0.0] * 9, [2] * 9, advantage=-2.0),
+        Sample(prompt, [0] * 4 + [1] * 4, [0.0] * 8, [1] * 8, advantage=0.5),
+    ]
+    assert_same_results(model, samples, "tree", 64)
+
+
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_flex_block_mask_attention_equals_dense_mask_attention(compiled):
+    torch.manual_seed(0)
+    sequences = [[1, 2, 3] * 50 + [i] * (20 + i) for i in range(6)] + [[9] * 40]
+    tree = build_prefix_tree(sequences)
+    subtree_end = torch.as_tensor(tree.subtree_end)
+    n = tree.num_nodes
+    query, key, value = (torch.randn(1, 2, n, 16) for _ in range(3))
+    attend = torch.compile(flex_attention) if compiled else flex_attention  # compiled skips empty blocks
+    flex = attend(query, key, value, block_mask=flex_tree_block_mask(subtree_end))
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=dense_tree_mask(subtree_end, torch.float32)
+    )
+    assert (flex - dense).abs().max().item() <= LOGPROB_TOLERANCE
+
+
+def test_flex_block_mask_skips_blocks_no_query_sees():
+    # Two unrelated 256-token roots: the blocks between them are empty and skipped.
+    tree_ends = torch.tensor([256] * 256 + [512] * 256)
+    block_mask = flex_tree_block_mask(tree_ends, block_size=128)
+    assert block_mask.sparsity() > 50.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex attention backward needs CUDA in torch 2.13")
+@pytest.mark.parametrize("architecture", ["qwen2", "llama"])
+def test_flex_path_logprobs_and_gradients_equal_separate_forwards_on_gpu(architecture):
+    model = tiny_model(architecture, "flex_attention").cuda()
+    reference = tiny_model(architecture, "sdpa").cuda()
+    samples = make_samples([[1, 2, 3, 4] * 10 + [i] * (5 + i) for i in range(5)] + [[7, 7, 7]], seed=0)
+    total = sum(len(s.token_ids) for s in samples)
+    expected = []
+    reference.zero_grad()
+    for s in samples:
+        ids = torch.tensor([s.token_ids], device="cuda")
+        lp = reference(input_ids=ids).logits[0, :-1].log_softmax(-1).gather(1, ids[0, 1:, None])[:, 0]
+        policy_loss(lp.cpu(), s, total).backward()
+        expected.append(lp.detach().cpu())
+    model.zero_grad()
+    for batch in microbatches(samples, "tree", 64, attention="flex"):
+        outputs = batch.forward_logprobs(model)
+        sum(
+            policy_loss(lp.cpu(), samples[i], total)
+            for i, lp in zip(batch.sample_indices, outputs, strict=True)
+        ).backward()
+        for i, lp in zip(batch.sample_indices, outputs, strict=True):
+            assert (lp.detach().cpu() - expected[i]).abs().max().item() <= 1e-4
+    grad = torch.cat([p.grad.flatten() for p in model.parameters()])
+    want = torch.cat([p.grad.flatten() for p in reference.parameters()])
+    assert ((grad - want).norm() / want.norm()).item() <= 1e-4
+
+
+def test_flex_attention_on_a_model_without_flex_is_a_clear_error():
+    model = tiny_model("qwen2", "sdpa")
+    batch = microbatches(make_samples([[1, 2, 3]], 0), "tree", 16, attention="flex")[0]
+    with pytest.raises(ValueError, match="attn_implementation='flex_attention'"):
+        batch.forward_logprobs(model)
