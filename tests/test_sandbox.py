@@ -106,3 +106,14 @@ def test_probe_logs_the_level_it_chose(monkeypatch, caplog):
 def test_untrusted_code_runs_in_another_process():
     result = sandbox.run("import os\nprint(os.getpid())", level=0)
     assert int(result.stdout) != os.getpid()
+
+
+def test_closing_the_output_pipes_does_not_end_the_run_early():
+    code = "import os, time\nos.close(1)\nos.close(2)\ntime.sleep(30)\n"
+    result = sandbox.run(code, timeout_s=1.0)
+    assert result.timed_out
+
+
+def test_a_signal_death_is_reported_as_a_negative_exit_code_at_level_0():
+    result = sandbox.run("import os, signal\nos.kill(os.getpid(), signal.SIGTERM)", level=0)
+    assert result.exit_code == -15

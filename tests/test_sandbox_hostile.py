@@ -318,8 +318,10 @@ def test_code_cannot_kill_the_harness(level):
     assert result.exit_code is not None
 
 
-@pytest.mark.parametrize("level", NAMESPACED)
+@pytest.mark.parametrize("level", LEVELS)
 def test_sandbox_dies_with_a_killed_harness(level, tmp_path):
+    if level == 0 and not ROOT:
+        pytest.skip("level 0 without root cannot reap grandchildren once the harness is gone")
     marker = f"forge-orphan-{uuid.uuid4().hex}"
     harness = tmp_path / "harness.py"
     harness.write_text(

@@ -62,7 +62,9 @@ class GymEnv(Env):
         if isinstance(space, gym.spaces.Discrete):
             match = _INTEGER.search(action)
             if match is None or not space.contains(int(match.group())):
-                raise ValueError(f"reply with an integer action from {space.start} to {space.start + space.n - 1}")
+                raise ValueError(
+                    f"reply with an integer action from {space.start} to {space.start + space.n - 1}"
+                )
             return int(match.group())
         raise ValueError(f"{type(space).__name__} actions need GymEnv.parse_action overridden")
 
@@ -80,7 +82,9 @@ class GymEnv(Env):
         observation, reward, terminated, truncated, info = self.gym_env.step(gym_action)
         details = {**_jsonable(info), "turns": self.turns, "valid": True}
         details.update(terminated=bool(terminated), truncated=bool(truncated))
-        return StepResult(self.observation_text(observation), float(reward), bool(terminated or truncated), details)
+        return StepResult(
+            self.observation_text(observation), float(reward), bool(terminated or truncated), details
+        )
 
     def close(self) -> None:
         self.gym_env.close()

@@ -3,6 +3,10 @@
 Run by `forge.sandbox.run` as `python -I -S _launch.py SPEC_JSON` so that every privileged
 step happens in a fresh process, never in the caller (which may be a threaded Ray actor,
 where `preexec_fn` is unsafe). Standard library only; it must start fast.
+
+With `supervise` (level 0 under a root harness) the launcher forks: the child becomes the
+sandbox, and the launcher stays behind as root to kill every process of the sandbox uid
+if the harness dies, since without a pid namespace nothing else would reap daemons then.
 """
 
 import ctypes
@@ -24,7 +28,7 @@ RLIMITS = {
 }
 
 
-def _set_limit(name: str, value: int) -> None:
+def _set_limit(name, value):
     which = RLIMITS[name]
     _, hard = resource.getrlimit(which)
     if hard != resource.RLIM_INFINITY and os.getuid() != 0:
@@ -32,9 +36,13 @@ def _set_limit(name: str, value: int) -> None:
     resource.setrlimit(which, (value, value))
 
 
-def main() -> None:
-    spec = json.loads(sys.argv[1])
-    parent = os.getppid()
+def _die_with(parent, sig):
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os.kill(os.getpid(), sig)
+
+
+def _become_sandbox(spec, parent):
     for name, value in spec["rlimits"].items():
         _set_limit(name, int(value))
     uid = spec.get("uid")
@@ -42,15 +50,72 @@ def main() -> None:
         os.setgroups([])
         os.setgid(uid)
         os.setuid(uid)
-    # Set after the uid change: the kernel clears the parent-death signal on credential changes.
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:  # the harness died before we armed the signal
-        os._exit(137)
+    # Armed after the uid change: the kernel clears the parent-death signal on credential changes.
+    _die_with(parent, signal.SIGKILL)
     os.umask(0o022)
     os.chdir(spec["cwd"])
     argv = spec["argv"]
     os.execvpe(argv[0], argv, spec["env"])
+
+
+def _live_processes_of(uid):
+    count = 0
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and os.stat("/proc/" + entry).st_uid == uid:
+                with open("/proc/" + entry + "/stat", "rb") as f:
+                    count += f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+        except (OSError, IndexError):
+            continue
+    return count
+
+
+def _kill_uid(uid):
+    for _ in range(50):
+        if not _live_processes_of(uid):
+            return
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.setgroups([])
+                os.setgid(uid)
+                os.setuid(uid)
+                os.kill(-1, signal.SIGKILL)  # every process of uid, atomically w.r.t. fork
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+
+
+def _supervise(spec, parent):
+    sandbox_pid = os.fork()
+    if sandbox_pid == 0:
+        _become_sandbox(spec, os.getppid())
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 1)  # leave the output pipes to the sandbox alone
+    os.dup2(devnull, 2)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+    def harness_died(signum, frame):
+        _kill_uid(spec["uid"])
+        os._exit(137)
+
+    signal.signal(signal.SIGTERM, harness_died)
+    _die_with(parent, signal.SIGTERM)
+    _, status = os.waitpid(sandbox_pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code < 0:  # die the same way, so the harness sees the signal
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    os._exit(code)
+
+
+def main():
+    spec = json.loads(sys.argv[1])
+    parent = os.getppid()
+    if spec.get("supervise"):
+        _supervise(spec, parent)
+    else:
+        _become_sandbox(spec, parent)
 
 
 if __name__ == "__main__":

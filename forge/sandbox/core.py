@@ -267,6 +267,7 @@ def _run_at(
                 "cwd": work_dir,
                 "argv": argv,
                 "env": env,
+                "supervise": level == 0 and uid is not None,
             }
             proc = subprocess.Popen(
                 [sys.executable, "-I", "-S", LAUNCHER, json.dumps(spec)],
@@ -278,7 +279,14 @@ def _run_at(
                 env={},
             )
             try:
-                out, err, timed_out, truncated = _pump(proc, started + timeout_s, limits.output_bytes)
+                deadline = started + timeout_s
+                out, err, timed_out, truncated = _pump(proc, deadline, limits.output_bytes)
+                if not (timed_out or truncated):
+                    # The pipes closed; the run lasts until the main process exits too.
+                    try:
+                        proc.wait(timeout=max(deadline - time.monotonic(), 0.0))
+                    except subprocess.TimeoutExpired:
+                        timed_out = True
             finally:
                 _kill_tree(proc, uid)
                 proc.stdout.close()
