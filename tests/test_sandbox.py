@@ -117,3 +117,20 @@ def test_closing_the_output_pipes_does_not_end_the_run_early():
 def test_a_signal_death_is_reported_as_a_negative_exit_code_at_level_0():
     result = sandbox.run("import os, signal\nos.kill(os.getpid(), signal.SIGTERM)", level=0)
     assert result.exit_code == -15
+
+
+def test_set_min_level_refuses_later_runs_below_it(monkeypatch):
+    monkeypatch.setattr(probe_module, "_floor", 0)
+    assert sandbox.set_min_level(BEST) == BEST
+    if BEST > 0:
+        with pytest.raises(sandbox.SandboxUnavailable, match=f"min_level={BEST}"):
+            sandbox.run("pass", level=0)
+    assert sandbox.run("print(1)").ok
+
+
+def test_set_min_level_fails_at_startup_when_the_host_cannot_give_it(monkeypatch):
+    monkeypatch.setattr(probe_module, "_level", 0)
+    monkeypatch.setattr(probe_module, "_floor", 0)
+    with pytest.raises(sandbox.SandboxUnavailable, match="sandbox.min_level=1"):
+        sandbox.set_min_level(1)
+    assert probe_module.min_level_floor() == 0

@@ -3,7 +3,7 @@ strongest level the host offers is probed once and logged."""
 
 from forge.sandbox.core import Limits, SandboxResult, SandboxUnavailable, arun, run
 from forge.sandbox.isolation import LEVEL_NAMES
-from forge.sandbox.levels import available_level, probe, require_level
+from forge.sandbox.levels import available_level, probe, require_level, set_min_level
 
 __all__ = [
     "LEVEL_NAMES",
@@ -15,4 +15,5 @@ __all__ = [
     "probe",
     "require_level",
     "run",
+    "set_min_level",
 ]

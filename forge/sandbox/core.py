@@ -222,9 +222,10 @@ def run(
     the probe found is used. Raises SandboxUnavailable when that is below `min_level`.
     After the run, paths in `collect` that are regular files are returned in `files`.
     """
-    from forge.sandbox.levels import available_level
+    from forge.sandbox.levels import available_level, min_level_floor
 
     limits = limits or Limits()
+    min_level = max(min_level, min_level_floor())
     best = available_level()
     chosen = best if level is None else level
     if chosen > best:

@@ -12,6 +12,7 @@ from forge.sandbox import isolation
 log = logging.getLogger("forge.sandbox")
 _lock = threading.Lock()
 _level: int | None = None
+_floor = 0  # set_min_level: no sandbox in this process may run below it
 
 HOW_TO_ENABLE = {
     1: "level 1 needs the `unshare` tool (util-linux) and unprivileged user namespaces "
@@ -66,3 +67,16 @@ def require_level(min_level: int) -> int:
             f"({isolation.LEVEL_NAMES[level]}): {HOW_TO_ENABLE[min_level]}; or lower sandbox.min_level."
         )
     return level
+
+
+def set_min_level(min_level: int) -> int:
+    """Apply `sandbox.min_level` to this process: fail now if the host cannot give it, and
+    refuse any later `run` below it. Call it at startup in the driver and in each worker."""
+    global _floor
+    level = require_level(min_level)
+    _floor = min_level
+    return level
+
+
+def min_level_floor() -> int:
+    return _floor
