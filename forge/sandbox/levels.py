@@ -28,7 +28,10 @@ def _works(level: int) -> tuple[bool, str]:
     tool = {1: "unshare", 2: "bwrap"}[level]
     if shutil.which(tool) is None:
         return False, f"{tool} not found"
-    result = _run_at("print('ok')", "python", {}, (), 20.0, Limits(), level, None)
+    try:
+        result = _run_at("print('ok')", "python", {}, (), 20.0, Limits(), level, None)
+    except (OSError, RuntimeError) as exc:
+        return False, f"{type(exc).__name__}: {exc}"
     if result.exit_code == 0 and result.stdout.strip() == "ok":
         return True, ""
     return False, (result.stderr.strip() or f"exit code {result.exit_code}")[-300:]

@@ -1,0 +1,58 @@
+"""Sandbox overhead: wall seconds of a trivial python run at each available level, run one
+at a time and many at once. Prints one JSON object; writes bench/results/sandbox_latency.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from forge import sandbox
+
+RUNS = 30
+CONCURRENT = 8
+
+
+def timed_run(level: int) -> float:
+    started = time.monotonic()
+    result = sandbox.run("print('ok')", level=level, timeout_s=30)
+    assert result.ok, result
+    return time.monotonic() - started
+
+
+def main() -> None:
+    best = sandbox.available_level()
+    levels = {}
+    for level in range(best + 1):
+        timed_run(level)  # warm the page cache
+        serial = [timed_run(level) for _ in range(RUNS)]
+        started = time.monotonic()
+        with ThreadPoolExecutor(CONCURRENT) as pool:
+            list(pool.map(timed_run, [level] * RUNS))
+        concurrent_wall = time.monotonic() - started
+        levels[str(level)] = {
+            "name": sandbox.LEVEL_NAMES[level],
+            "serial_p50_s": round(statistics.median(serial), 4),
+            "serial_max_s": round(max(serial), 4),
+            f"runs_per_s_with_{CONCURRENT}_threads": round(RUNS / concurrent_wall, 2),
+        }
+    result = {
+        "benchmark": "sandbox_latency",
+        "available_level": best,
+        "runs_per_level": RUNS,
+        "as_root": os.geteuid() == 0,
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "levels": levels,
+    }
+    os.makedirs("bench/results", exist_ok=True)
+    with open("bench/results/sandbox_latency.json", "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
