@@ -19,7 +19,9 @@ def call(name: str, **arguments) -> str:
 
 
 def test_a_hermes_tool_call_is_parsed():
-    calls, errors = parse_tool_calls('thinking... <tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call>')
+    calls, errors = parse_tool_calls(
+        'thinking... <tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call>'
+    )
     assert calls == [ToolCall("add", {"a": 1})] and errors == []
 
 
@@ -213,6 +215,48 @@ def test_tool_schemas_render_through_a_chat_template():
     tokenizer = build_tokenizer()
     tokenizer.chat_template = HERMES_TEMPLATE
     text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "go"}], tools=Calculator.tools, add_generation_prompt=True, tokenize=False
+        [{"role": "user", "content": "go"}],
+        tools=Calculator.tools,
+        add_generation_prompt=True,
+        tokenize=False,
     )
     assert '"name": "add"' in text and '"description": "Add two integers."' in text
+
+
+def test_hand_written_tool_schemas_are_kept():
+    schema = {
+        "type": "function",
+        "function": {"name": "x", "parameters": {"type": "object", "properties": {}}},
+    }
+
+    class Manual(ToolEnv):
+        tools = [schema]
+
+    assert Manual.tools == [schema]
+
+
+def test_grading_a_final_answer_runs_off_the_event_loop_thread():
+    class Graded(ToolEnv):
+        def score_answer(self, answer):
+            return self.done(1.0, True, threading.current_thread().name)
+
+    env = Graded()
+    env.start_episode()
+
+    async def play():
+        return await env.step("<answer>x</answer>"), threading.current_thread().name
+
+    result, loop_thread = asyncio.run(play())
+    assert result.done and result.observation != loop_thread
+
+
+def test_templates_that_ignore_tools_are_detected_and_get_a_hermes_prompt():
+    from forge.env.tools import hermes_tools_prompt, template_renders_tools
+    from forge.models.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    assert not template_renders_tools(tokenizer)
+    tokenizer.chat_template = HERMES_TEMPLATE
+    assert template_renders_tools(tokenizer)
+    prompt = hermes_tools_prompt(Calculator.tools)
+    assert '"name": "add"' in prompt and "<tool_call>" in prompt

@@ -118,6 +118,34 @@ def parse_answer(text: str) -> str | None:
     return found[-1].strip() if found else None
 
 
+def hermes_tools_prompt(tools: list[dict[str, Any]]) -> str:
+    """The tool list as Hermes-style system text, for chat templates that ignore `tools=`."""
+    listing = "\n".join(json.dumps(t) for t in tools)
+    return (
+        f"You may call these tools:\n<tools>\n{listing}\n</tools>\n"
+        'Call one by replying <tool_call>{"name": <tool name>, "arguments": <JSON object>}</tool_call>.'
+    )
+
+
+def template_renders_tools(tokenizer: Any) -> bool:
+    """Whether `tokenizer`'s chat template puts the `tools=` schemas into the prompt."""
+    marker = "forge_probe_tool_7f3a"
+    probe = [
+        {
+            "type": "function",
+            "function": {
+                "name": marker,
+                "description": "",
+                "parameters": {"type": "object", "properties": {}},
+            },
+        }
+    ]
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "x"}], tools=probe, add_generation_prompt=True, tokenize=False
+    )
+    return marker in text
+
+
 def truncate(text: str, max_chars: int) -> str:
     if len(text) <= max_chars:
         return text
@@ -139,8 +167,9 @@ class ToolEnv(Env):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        names = [name for name in dir(cls) if getattr(getattr(cls, name, None), "__forge_tool__", False)]
-        cls.tools = [tool_schema(getattr(cls, name)) for name in names] or None
+        if "tools" not in cls.__dict__:  # a hand-written schema list wins
+            names = [name for name in dir(cls) if getattr(getattr(cls, name, None), "__forge_tool__", False)]
+            cls.tools = [tool_schema(getattr(cls, name)) for name in names] or None
 
     def start_episode(self) -> None:
         """Reset the bookkeeping; call it from `reset`."""
@@ -197,7 +226,9 @@ class ToolEnv(Env):
         self.turns += 1
         calls, errors = parse_tool_calls(action)
         if not calls and not errors:
-            return self.finish(action)
+            if inspect.iscoroutinefunction(self.finish):
+                return await self.finish(action)
+            return await in_daemon_thread(self.finish, action)  # grading may run the sandbox
         responses = [f"error: {message}" for message in errors]
         if len(calls) > self.max_calls_per_turn:
             responses.append(
