@@ -425,3 +425,28 @@ def test_concurrent_sandboxes_cannot_signal_each_other(level):
     assert all(r.ok and r.stdout.strip() == "survived" for r in results), results
     assert len({r.uid for r in results}) == len(results)
     assert_still_works(level)
+
+
+@pytest.mark.parametrize("level", NAMESPACED)
+def test_concurrent_sandboxes_cannot_see_each_other(level):
+    from concurrent.futures import ThreadPoolExecutor
+
+    marker = f"forge-visible-{uuid.uuid4().hex}"
+    hider = f"import os, sys\nos.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(1.5)', {marker!r}])\n"
+    looker = """
+        import os, time
+        time.sleep(0.5)
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    print(open(f"/proc/{entry}/cmdline", "rb").read().replace(b"\\0", b" ").decode())
+                except OSError:
+                    pass
+    """
+    with ThreadPoolExecutor(2) as pool:
+        hidden = pool.submit(run, hider, level)
+        seen = pool.submit(run, looker, level).result()
+        hidden.result()
+    assert processes_with(marker) == [] and seen.ok
+    assert marker not in seen.stdout and "main.py" in seen.stdout  # it does see itself
+    assert_still_works(level)
