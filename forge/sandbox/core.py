@@ -60,7 +60,7 @@ class SandboxResult:
 
 
 def _work_dir(uid: int | None) -> str:
-    path = tempfile.mkdtemp(prefix="forge-sandbox-")
+    path = tempfile.mkdtemp(prefix="forge-sandbox-", dir=isolation.work_root(uid))
     if uid is not None:
         os.chown(path, uid, uid)
     os.chmod(path, 0o700)

@@ -7,6 +7,7 @@ import os
 import shutil
 import stat
 import sys
+import tempfile
 
 LEVEL_NAMES = {0: "rlimits+uid", 1: "user/net/pid namespaces (unshare)", 2: "bubblewrap"}
 
@@ -19,7 +20,19 @@ def _world_reachable(path: str) -> bool:
     path = os.path.realpath(path)
     if not os.path.isfile(path) or not os.stat(path).st_mode & stat.S_IXOTH:
         return False
-    parent = os.path.dirname(path)
+    return _world_searchable(os.path.dirname(path))
+
+
+def work_root(uid: int | None) -> str:
+    """Where work dirs go: the temp dir, unless the sandbox uid could not reach it there."""
+    preferred = tempfile.gettempdir()
+    if uid is None or _world_searchable(preferred):
+        return preferred
+    return "/tmp"
+
+
+def _world_searchable(directory: str) -> bool:
+    parent = os.path.realpath(directory)
     while True:
         if not os.stat(parent).st_mode & stat.S_IXOTH:
             return False
