@@ -114,9 +114,15 @@ def test_closing_the_output_pipes_does_not_end_the_run_early():
     assert result.timed_out
 
 
-def test_a_signal_death_is_reported_as_a_negative_exit_code_at_level_0():
-    result = sandbox.run("import os, signal\nos.kill(os.getpid(), signal.SIGTERM)", level=0)
-    assert result.exit_code == -15
+@pytest.mark.parametrize("level", range(BEST + 1))
+def test_a_signal_death_is_reported_in_the_exit_code(level):
+    result = sandbox.run("import os, signal\nos.kill(os.getpid(), signal.SIGTERM)", level=level)
+    assert result.exit_code == (-15 if level == 0 else 128 + 15)
+
+
+def test_binary_files_go_in_unchanged():
+    result = sandbox.run("print(open('blob', 'rb').read().hex())", files={"blob": bytes([0, 255, 10])})
+    assert result.stdout == "00ff0a\n"
 
 
 def test_set_min_level_refuses_later_runs_below_it(monkeypatch):

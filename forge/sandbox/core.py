@@ -46,7 +46,7 @@ class Limits:
 class SandboxResult:
     stdout: str
     stderr: str
-    exit_code: int | None  # negative: killed by that signal (levels 0-1); None: never started
+    exit_code: int  # killed by signal N: -N at level 0, 128+N at levels 1-2 (as a shell reports it)
     timed_out: bool
     output_truncated: bool
     level: int
@@ -69,21 +69,21 @@ def _work_dir(uid: int | None) -> str:
 
 def _safe_relpath(name: str) -> str:
     norm = os.path.normpath(name)
-    if os.path.isabs(norm) or norm == "." or norm.startswith(".."):
+    if os.path.isabs(norm) or norm in (".", "..") or norm.startswith("../"):
         raise ValueError(f"sandbox file name {name!r} must be a relative path inside the work dir")
     return norm
 
 
-def _write_files(work_dir: str, files: dict[str, str], uid: int | None) -> None:
+def _write_files(work_dir: str, files: dict[str, str | bytes], uid: int | None) -> None:
     for name, content in files.items():
         path = os.path.join(work_dir, _safe_relpath(name))
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
+        with open(path, "wb" if isinstance(content, bytes) else "w") as f:
             f.write(content)
-        if uid is not None:
-            for root, dirs, names in os.walk(work_dir):
-                for entry in (*dirs, *names):
-                    os.chown(os.path.join(root, entry), uid, uid, follow_symlinks=False)
+    if uid is not None:
+        for root, dirs, names in os.walk(work_dir):
+            for entry in (*dirs, *names):
+                os.chown(os.path.join(root, entry), uid, uid, follow_symlinks=False)
 
 
 def _read_back(work_dir: str, name: str, max_bytes: int) -> str | None:
@@ -208,7 +208,7 @@ def run(
     code: str,
     language: Language = "python",
     *,
-    files: dict[str, str] | None = None,
+    files: dict[str, str | bytes] | None = None,
     collect: tuple[str, ...] | list[str] = (),
     timeout_s: float = 10.0,
     limits: Limits | None = None,
@@ -243,7 +243,7 @@ def run(
 def _run_at(
     code: str,
     language: Language,
-    files: dict[str, str],
+    files: dict[str, str | bytes],
     collect: tuple[str, ...],
     timeout_s: float,
     limits: Limits,
@@ -259,7 +259,7 @@ def _run_at(
             _write_files(work_dir, {**files, **entry}, uid)
             env = _scrubbed_env(work_dir, extra_env)
             if level == 1:
-                argv = isolation.unshare_argv() + argv
+                argv = isolation.unshare_argv(python) + argv
             elif level == 2:
                 argv = isolation.bwrap_argv(work_dir, python, env) + argv
             spec = {

@@ -60,10 +60,26 @@ def _prefix_of(python: str) -> str:
     return os.path.dirname(os.path.dirname(os.path.realpath(python)))
 
 
-def unshare_argv() -> list[str]:
+# pid 1 of a level-1 namespace: runs the command as pid 2 and reaps orphans. The code itself
+# must not be pid 1, where the kernel drops signals it has no handler for (even its own SIGTERM).
+MINI_INIT = """
+import os, sys
+child = os.fork()
+if child == 0:
+    os.execvp(sys.argv[1], sys.argv[1:])
+while True:
+    pid, status = os.wait()
+    if pid == child:
+        code = os.waitstatus_to_exitcode(status)
+        os._exit(128 - code if code < 0 else code)
+"""
+
+
+def unshare_argv(python: str) -> list[str]:
     return [
         shutil.which("unshare") or "unshare",
         "--user", "--map-current-user", "--net", "--pid", "--fork", "--kill-child", "--mount-proc",
+        python, "-I", "-S", "-c", MINI_INIT,
     ]  # fmt: skip
 
 
