@@ -86,6 +86,31 @@ def test_fork_bomb_is_contained(level):
 
 
 @pytest.mark.parametrize("level", LEVELS)
+def test_process_count_is_capped(level):
+    result = run(
+        """
+        import os, time
+        children = 0
+        while True:
+            try:
+                if os.fork() == 0:
+                    time.sleep(60)
+                    os._exit(0)
+                children += 1
+            except OSError as error:
+                print("capped after", children, error.errno, flush=True)
+                break
+    """,
+        level,
+        limits=sandbox.Limits(processes=16),
+    )
+    words = result.stdout.split()
+    assert words[:2] == ["capped", "after"] and int(words[2]) < 16 and int(words[3]) == 11  # EAGAIN
+    assert_no_processes_left(result)
+    assert_still_works(level)
+
+
+@pytest.mark.parametrize("level", LEVELS)
 def test_shell_fork_bomb_is_contained(level):
     result = sandbox.run(
         ":(){ :|:& };:\nsleep 1", "shell", level=level, timeout_s=2.0, limits=sandbox.Limits(processes=32)
