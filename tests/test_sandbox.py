@@ -140,3 +140,10 @@ def test_set_min_level_fails_at_startup_when_the_host_cannot_give_it(monkeypatch
     with pytest.raises(sandbox.SandboxUnavailable, match="sandbox.min_level=1"):
         sandbox.set_min_level(1)
     assert probe_module.min_level_floor() == 0
+
+
+def test_a_host_where_even_level_0_fails_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr(probe_module, "_level", None)
+    monkeypatch.setattr(probe_module, "_works", lambda level: (False, "setuid: Operation not permitted"))
+    with pytest.raises(sandbox.SandboxUnavailable, match="even sandbox level 0.*Operation not permitted"):
+        sandbox.probe()

@@ -25,8 +25,8 @@ HOW_TO_ENABLE = {
 def _works(level: int) -> tuple[bool, str]:
     from forge.sandbox.core import Limits, _run_at
 
-    tool = {1: "unshare", 2: "bwrap"}[level]
-    if shutil.which(tool) is None:
+    tool = {0: None, 1: "unshare", 2: "bwrap"}[level]
+    if tool and shutil.which(tool) is None:
         return False, f"{tool} not found"
     try:
         result = _run_at("print('ok')", "python", {}, (), 20.0, Limits(), level, None)
@@ -42,13 +42,19 @@ def available_level() -> int:
     global _level
     with _lock:
         if _level is None:
-            _level = 0
-            for level in (2, 1):
+            for level in (2, 1, 0):
                 ok, why = _works(level)
                 if ok:
-                    _level = level
                     break
                 log.info("sandbox level %d (%s) unavailable: %s", level, isolation.LEVEL_NAMES[level], why)
+            else:
+                from forge.sandbox.core import SandboxUnavailable
+
+                raise SandboxUnavailable(
+                    f"even sandbox level 0 (rlimits, and a uid drop when root) fails here: {why}. "
+                    "A root harness needs CAP_SETUID/CAP_SETGID to drop to a sandbox uid."
+                )
+            _level = level
             log.info("sandbox: using level %d (%s)", _level, isolation.LEVEL_NAMES[_level])
         return _level
 
