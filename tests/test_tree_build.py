@@ -2,10 +2,12 @@
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from forge.tree import build_prefix_tree, microbatches, tree_token_ratio
+from forge.tree.attention import tree_query_blocks
 from forge.types import Sample
 
 
@@ -60,6 +62,19 @@ def test_attention_rule_is_exactly_ancestor_or_self(sequences):
     allowed = tree.attention_allowed()
     for query in range(tree.num_nodes):
         assert set(np.flatnonzero(allowed[query]).tolist()) == ancestors_or_self(tree.parent, query)
+
+
+@settings(max_examples=50, deadline=None)
+@given(sharing_sequences(), st.integers(1, 8))
+def test_query_blocks_hold_exactly_the_rule_for_their_keys(sequences, block_size):
+    tree = build_prefix_tree(sequences)
+    allowed = torch.as_tensor(tree.attention_allowed())
+    covered = torch.zeros_like(allowed)
+    for block in tree_query_blocks(tree.subtree_end, torch.float32, torch.device("cpu"), block_size):
+        visible = block.mask[0, 0] == 0
+        assert torch.equal(visible, allowed[block.start : block.end][:, block.keys])
+        covered[block.start : block.end, block.keys] = visible
+    assert torch.equal(covered, allowed)  # no allowed pair is left out of every block
 
 
 def test_nodes_are_in_dfs_pre_order():

@@ -9,7 +9,7 @@ from test_tree_build import sharing_sequences
 from torch.nn.attention.flex_attention import flex_attention
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from forge.tree import build_prefix_tree, dense_tree_mask, flex_tree_block_mask, microbatches
+from forge.tree import attention, build_prefix_tree, dense_tree_mask, flex_tree_block_mask, microbatches
 from forge.types import Sample
 
 VOCAB = 32
@@ -51,14 +51,17 @@ def lora_model() -> torch.nn.Module:
 MODELS = {
     "qwen2": lambda: tiny_model("qwen2"),
     "llama": lambda: tiny_model("llama"),
-    "llama-eager": lambda: tiny_model("llama", "eager"),
+    "llama-eager": lambda: tiny_model("llama", "eager"),  # the full dense additive mask
     "qwen2-lora": lora_model,
 }
 
 
 @pytest.fixture(scope="module", params=list(MODELS))
 def model(request):
-    return MODELS[request.param]()
+    # Tiny query blocks, so the block-sparse SDPA path splits these short trees into many.
+    saved, attention.QUERY_BLOCK = attention.QUERY_BLOCK, 5
+    yield MODELS[request.param]()
+    attention.QUERY_BLOCK = saved
 
 
 def make_samples(sequences: list[list[int]], seed: int) -> list[Sample]:

@@ -14,6 +14,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from forge.tree.attention import TREE_BLOCKS_KWARG, enable_tree_sdpa, tree_query_blocks
 from forge.tree.masks import dense_tree_mask, flex_tree_block_mask
 from forge.tree.trie import PrefixTree, build_prefix_tree, common_prefix_length, lexicographic_order
 from forge.types import Sample
@@ -109,7 +110,10 @@ def _padded_batch(group: list[int], token_ids: list[list[int]], attention: Atten
 
 def _tree_microbatches(token_ids: list[list[int]], budget: int, attention: Attention) -> list[MicroBatch]:
     """Cut the lexicographic order (the trie's DFS order) into runs, each run's tree within
-    `budget`, minimising total computed tokens, then the number of micro-batches.
+    `budget`, minimising total computed tokens first. Among equal totals, flex prefers fewer
+    micro-batches (its block mask skips masked blocks), while dense attention prefers the
+    smallest sum of squared sizes: a dense mask costs N^2 per micro-batch, so unrelated
+    subtrees are cheaper apart than packed together.
 
     A run's tree size is its first sample's length plus each later sample's length beyond
     its common prefix with the one before; a cut inside a shared prefix makes the next run
@@ -124,14 +128,14 @@ def _tree_microbatches(token_ids: list[list[int]], budget: int, attention: Atten
     new_tokens = np.concatenate([[0], np.cumsum(lengths - shared)])  # new_tokens[j] = sum over ranks < j
 
     n = len(order)
-    best: list[tuple[int, int]] = [(0, 0)] + [(1 << 62, 0)] * n  # (tokens, micro-batches) for ranks < j
+    best: list[tuple[int, int]] = [(0, 0)] + [(1 << 62, 0)] * n  # (tokens, tie-break) for ranks < j
     cut = [0] * (n + 1)
     for end in range(1, n + 1):
         for start in range(end - 1, -1, -1):
             size = int(new_tokens[end] - new_tokens[start] + shared[start])
             if size > budget:
                 break  # size only grows as the run extends left
-            candidate = (best[start][0] + size, best[start][1] + 1)
+            candidate = (best[start][0] + size, best[start][1] + (1 if attention == "flex" else size * size))
             if candidate < best[end]:
                 best[end], cut[end] = candidate, start
     runs = []
@@ -183,14 +187,22 @@ def _tree_forward_logprobs(
 ) -> list[torch.Tensor]:
     dtype, device = _model_dtype_device(model)
     subtree_end = torch.as_tensor(tree.subtree_end, device=device)
+    extra = {}
     if _uses_flex(model, attention):
         mask = flex_tree_block_mask(subtree_end)
+    elif getattr(model.config, "_attn_implementation", None) == "sdpa":
+        enable_tree_sdpa()
+        extra[TREE_BLOCKS_KWARG] = tree_query_blocks(tree.subtree_end, dtype, device)
+        # A 4-D mask passes through transformers untouched; the blocks carry the real one.
+        mask = torch.zeros((1, 1, 1, 1), dtype=dtype, device=device).expand(
+            1, 1, tree.num_nodes, tree.num_nodes
+        )
     else:
         mask = dense_tree_mask(subtree_end, dtype)
     input_ids = torch.as_tensor(tree.token_ids, device=device)[None]
     position_ids = torch.as_tensor(tree.position_ids, device=device)[None]
     logits = model(
-        input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=False
+        input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=False, **extra
     ).logits
     # The logprob of a sample's token t+1 is read at the node holding its token t (the parent).
     rows = torch.as_tensor(np.concatenate([nodes[:-1] for nodes in tree.sample_nodes]), device=device)
