@@ -95,7 +95,6 @@ class CountdownEnv(ToolEnv):
         self.max_number = max_number
         self.numbers: list[int] = []
         self.target = 0
-        self.start_episode()
 
     @classmethod
     def generate_tasks(
@@ -118,7 +117,6 @@ class CountdownEnv(ToolEnv):
         return tasks
 
     def reset(self, task: dict[str, Any], seed: int) -> str:
-        self.start_episode()
         self.numbers = [int(n) for n in task["numbers"]]
         self.target = int(task["target"])
         return f"Numbers: {self.numbers}. Target: {self.target}."

@@ -79,7 +79,6 @@ class FileSearchEnv(ToolEnv):
         self.min_sandbox_level = min_sandbox_level
         self.files: dict[str, str] = {}
         self.answer = ""
-        self.start_episode()
 
     @classmethod
     def generate_tasks(
@@ -100,7 +99,6 @@ class FileSearchEnv(ToolEnv):
         return tasks
 
     def reset(self, task: dict[str, Any], seed: int) -> str:
-        self.start_episode()
         self.files = json.loads(task["files"])
         self.answer = str(task["answer"])
         return f"{task['question']} The repository is in ./repo."

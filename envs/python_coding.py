@@ -130,7 +130,6 @@ class PythonCodingEnv(ToolEnv):
         self.function_name = ""
         self.inputs: list[list[Any]] = []
         self.expected: list[Any] = []
-        self.start_episode()
 
     @classmethod
     def generate_tasks(cls, num_tasks: int, seed: int, num_tests: int = 12, **_: Any) -> list[dict[str, Any]]:
@@ -152,7 +151,6 @@ class PythonCodingEnv(ToolEnv):
         return tasks
 
     def reset(self, task: dict[str, Any], seed: int) -> str:
-        self.start_episode()
         self.function_name = task["function_name"]
         tests = json.loads(task["tests"])
         self.inputs, self.expected = tests["inputs"], tests["expected"]

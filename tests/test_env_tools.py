@@ -119,7 +119,6 @@ class Calculator(ToolEnv):
         return "secret"
 
     def reset(self, task, seed):
-        self.start_episode()
         return "go"
 
 
@@ -260,3 +259,11 @@ def test_templates_that_ignore_tools_are_detected_and_get_a_hermes_prompt():
     assert template_renders_tools(tokenizer)
     prompt = hermes_tools_prompt(Calculator.tools)
     assert '"name": "add"' in prompt and "<tool_call>" in prompt
+
+
+def test_counters_restart_on_every_reset_without_the_subclass_asking():
+    env = Calculator()
+    env.reset({}, 0)
+    step(env, call("add", a=1, b=1))
+    env.reset({}, 1)
+    assert env.info() == {"turns": 0, "tool_calls": 0, "tool_errors": 0, "tool_seconds": 0.0}

@@ -8,6 +8,7 @@ a call that cannot be parsed or run becomes an error observation, never an excep
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import re
@@ -152,27 +153,50 @@ def truncate(text: str, max_chars: int) -> str:
     return text[:max_chars] + f"\n...[truncated {len(text) - max_chars} characters]"
 
 
+def _starting_episode(reset: Any) -> Any:
+    """`reset` preceded by `start_episode`, so a subclass cannot forget to clear the counters."""
+    if inspect.iscoroutinefunction(reset):
+
+        async def wrapped(self: ToolEnv, task: dict[str, Any], seed: int) -> str:
+            self.start_episode()
+            return await reset(self, task, seed)
+    else:
+
+        def wrapped(self: ToolEnv, task: dict[str, Any], seed: int) -> str:
+            self.start_episode()
+            return reset(self, task, seed)
+
+    return functools.wraps(reset)(wrapped)
+
+
 class ToolEnv(Env):
     """An env driven by tool calls. Subclass it, mark methods with `@tool`, implement
-    `reset`, and `finish` (what to do with a reply that calls no tool: by default its
-    `<answer>` is passed to `score_answer`).
+    `reset`, and `score_answer` (or `finish`, for a reply that calls no tool: by default its
+    `<answer>` goes to `score_answer`).
 
     A tool returns a string (the observation) or a `StepResult` to end the episode. Sync
     tools run in a thread, so a sandboxed tool never blocks other episodes. `info` carries
-    turns, tool calls, tool errors, tool seconds and, when done, success and outcome.
+    turns, tool calls, tool errors, tool seconds and, when done, success and outcome; the
+    counters restart on every `reset`.
     """
 
     max_calls_per_turn: int = 8
     max_observation_chars: int = 4000
+    turns: int = 0
+    tool_calls: int = 0
+    tool_errors: int = 0
+    tool_seconds: float = 0.0
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "tools" not in cls.__dict__:  # a hand-written schema list wins
             names = [name for name in dir(cls) if getattr(getattr(cls, name, None), "__forge_tool__", False)]
             cls.tools = [tool_schema(getattr(cls, name)) for name in names] or None
+        if "reset" in cls.__dict__:
+            cls.reset = _starting_episode(cls.__dict__["reset"])
 
     def start_episode(self) -> None:
-        """Reset the bookkeeping; call it from `reset`."""
+        """Clear the per-episode counters (done before every `reset`)."""
         self.turns = 0
         self.tool_calls = 0
         self.tool_errors = 0
