@@ -143,3 +143,24 @@ def test_list_shows_the_registered_built_ins():
     listing = list_envs()
     for name in ("guess_number", "countdown", "python_coding", "file_search"):
         assert name in listing
+
+
+def test_envs_are_closed_even_when_a_check_fails():
+    closed = []
+
+    class FailsStep(Good):
+        def step(self, action):
+            raise RuntimeError("no")
+
+        def close(self):
+            closed.append(self)
+
+    assert not check_env(FailsStep).passed
+    assert len(closed) == 1
+
+
+def test_a_tool_list_of_non_dicts_is_reported_not_crashed_on():
+    class OddTools(Good):
+        tools = ["calculator"]
+
+    assert "needs type 'function'" in failed(check_env(OddTools))["tools"]

@@ -110,6 +110,7 @@ class _Checker:
         self.timeout_s = timeout_s
         self.report = report
         self.slowest: tuple[float, str] = (0.0, "")
+        self.opened: list[Env] = []  # closed at the end, also when a check stops early
 
     def record(self, name: str, passed: bool, detail: str, fix: str = "") -> bool:
         self.report.checks.append(Check(name, passed, detail, fix))
@@ -136,7 +137,9 @@ class _Checker:
 
     def new_env(self) -> Env:
         try:
-            return self.env_class(**self.kwargs)
+            env = self.env_class(**self.kwargs)
+            self.opened.append(env)
+            return env
         except Exception as exc:
             self.record("construct", False, f"{self.env_class.__name__}(**{self.kwargs}) raised {exc!r}",
                         "the class must construct from env.kwargs alone")  # fmt: skip
@@ -223,13 +226,8 @@ class _Checker:
         else:
             self.record("done", True, f"not reached within {max_steps} probe actions (not an error)")
 
-        fresh = [self.new_env(), self.new_env()]
-        try:
-            mine = await self.episode(fresh[0], task, seed, actions[:5])
-            theirs = await self.episode(fresh[1], task, seed, actions[:5])
-        finally:
-            for other in fresh:
-                await call_env(other.close, timeout_s=self.timeout_s)
+        mine = await self.episode(self.new_env(), task, seed, actions[:5])
+        theirs = await self.episode(self.new_env(), task, seed, actions[:5])
         self.record("determinism", mine == theirs,
                     "same task, seed and actions give the same observations and rewards" if mine == theirs
                     else f"fresh envs diverged: {_first_difference(mine, theirs)}",
@@ -242,7 +240,15 @@ class _Checker:
             f"every call returned within {self.timeout_s:g}s (slowest: {slowest}, {seconds:.2f}s)",
         )
         await self.call("close", env.close)
+        self.opened.remove(env)
         self.record("close", True, "close() returned")
+
+    async def close_rest(self) -> None:
+        for env in self.opened:
+            try:
+                await call_env(env.close, timeout_s=self.timeout_s)
+            except Exception:  # already reported, or not the check that failed
+                pass
 
     def check_tools(self, env: Env) -> None:
         if not env.tools:
@@ -250,7 +256,11 @@ class _Checker:
         problems = []
         for schema in env.tools:
             function = schema.get("function", {}) if isinstance(schema, dict) else {}
-            if schema.get("type") != "function" or not isinstance(function.get("name"), str):
+            if (
+                not isinstance(schema, dict)
+                or schema.get("type") != "function"
+                or not isinstance(function.get("name"), str)
+            ):
                 problems.append(f"{str(schema)[:80]}: needs type 'function' and function.name")
             elif function.get("parameters", {}).get("type") != "object":
                 problems.append(f"{function['name']}: parameters must be a JSON schema of type 'object'")
@@ -280,10 +290,16 @@ def check_env(
         report.checks.append(Check("resolve", False, str(exc), "pip install the package that registers it"))
         return report
     checker = _Checker(env_class, dict(kwargs or {}), timeout_s, report)
-    try:
-        asyncio.run(checker.run(tasks, num_tasks, seed, max_steps))
-    except _Stop:
-        pass
+
+    async def run_all() -> None:
+        try:
+            await checker.run(tasks, num_tasks, seed, max_steps)
+        except _Stop:
+            pass
+        finally:
+            await checker.close_rest()
+
+    asyncio.run(run_all())
     return report
 
 
