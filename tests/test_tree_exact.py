@@ -101,13 +101,14 @@ def gradients(model, loss_fn) -> torch.Tensor:
 
 def separate_results(model, samples):
     total = sum(len(s.token_ids) for s in samples)
+    logprobs = []
 
     def run():
         for s in samples:
-            policy_loss(separate_logprobs(model, s), s, total).backward()
+            own = separate_logprobs(model, s)
+            policy_loss(own, s, total).backward()
+            logprobs.append(own.detach())
 
-    with torch.no_grad():
-        logprobs = [separate_logprobs(model, s) for s in samples]
     return logprobs, gradients(model, run)
 
 
@@ -142,14 +143,26 @@ def assert_same_results(model, samples, packing, budget):
     assert relative_error <= GRADIENT_TOLERANCE
 
 
-@settings(max_examples=25, deadline=None)
-@given(sequences=sharing_sequences(vocab=VOCAB // 4), seed=st.integers(0, 2**16), budget=st.integers(18, 80))
+random_trees = given(
+    sequences=sharing_sequences(vocab=VOCAB // 4), seed=st.integers(0, 2**16), budget=st.integers(18, 80)
+)
+
+
+@settings(max_examples=10, deadline=None)
+@random_trees
 def test_tree_logprobs_and_gradients_equal_separate_forwards(model, sequences, seed, budget):
     assert_same_results(model, make_samples(sequences, seed), "tree", budget)
 
 
-@settings(max_examples=10, deadline=None)
-@given(sequences=sharing_sequences(vocab=VOCAB // 4), seed=st.integers(0, 2**16), budget=st.integers(18, 80))
+@pytest.mark.slow
+@settings(max_examples=150, deadline=None)
+@random_trees
+def test_tree_logprobs_and_gradients_equal_separate_forwards_many_trees(model, sequences, seed, budget):
+    assert_same_results(model, make_samples(sequences, seed), "tree", budget)
+
+
+@settings(max_examples=5, deadline=None)
+@random_trees
 def test_padded_logprobs_and_gradients_equal_separate_forwards(model, sequences, seed, budget):
     assert_same_results(model, make_samples(sequences, seed), "padded", budget)
 
