@@ -90,6 +90,9 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     warmup_steps: int = Field(0, ge=0)
+    minibatches_per_step: int = Field(
+        1, gt=0, description="optimizer steps per rollout batch, each on a disjoint slice (PPO-style)"
+    )
     advantage: str = Field("grpo", description="advantage estimator (forge.reward.advantages)")
     advantage_std: Literal["outcome", "reward"] = Field(
         "outcome",

@@ -1,0 +1,174 @@
+"""The trainer: packs samples (prefix tree or padded), computes the policy loss micro-batch
+by micro-batch, steps the optimizer and hands out versioned weights. No env, no rollout."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from forge.config import ModelConfig, TrainConfig, TrainerConfig
+from forge.train.losses import LossConfig, aggregate_loss, compute_loss
+from forge.tree import microbatches
+from forge.types import Sample
+
+
+def loss_config(cfg: TrainConfig) -> LossConfig:
+    return LossConfig(clip_low=cfg.clip_low, clip_high=cfg.clip_high, tis_cap=cfg.tis_cap, kl_coef=cfg.kl_coef)
+
+
+def pad_rows(rows: list[torch.Tensor], width: int, value: float = 0.0) -> torch.Tensor:
+    out = rows[0].new_full((len(rows), width), value)
+    for i, row in enumerate(rows):
+        out[i, : row.shape[0]] = row
+    return out
+
+
+class Trainer:
+    def __init__(
+        self,
+        model_path: str | Path,
+        model_cfg: ModelConfig,
+        train_cfg: TrainConfig,
+        trainer_cfg: TrainerConfig,
+        seed: int = 0,
+        num_threads: int | None = None,
+    ) -> None:
+        from forge.models.loading import load_model, load_tokenizer
+
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+        torch.manual_seed(seed)
+        self.model_path = Path(model_path)
+        self.train_cfg = train_cfg
+        self.trainer_cfg = trainer_cfg
+        self.loss_cfg = loss_config(train_cfg)
+        self.tokenizer = load_tokenizer(model_path)
+        self.model = load_model(model_path, model_cfg, trainable=True)
+        if trainer_cfg.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        self.optimizer = torch.optim.AdamW(
+            list(self.trainable.values()), lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay
+        )
+        warmup = train_cfg.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
+        )
+        self.reference = self._frozen_reference(model_path, model_cfg) if train_cfg.kl_coef > 0 else None
+        self.policy_version = 0
+        self._shuffle = torch.Generator().manual_seed(seed)
+
+    def _frozen_reference(self, model_path: str | Path, model_cfg: ModelConfig) -> Any:
+        from forge.models.loading import load_model
+
+        if model_cfg.lora.enabled:
+            return None  # the peft model with its adapters disabled is the reference
+        return load_model(model_path, model_cfg.model_copy(update={"lora": model_cfg.lora}), trainable=False)
+
+    def _reference_logprobs(self, batch: Any) -> list[torch.Tensor]:
+        with torch.no_grad():
+            if self.reference is not None:
+                return batch.forward_logprobs(self.reference)
+            with self.model.disable_adapter():
+                return batch.forward_logprobs(self.model)
+
+    def train_step(self, samples: list[Sample]) -> dict[str, float]:
+        """Train on one rollout batch: `train.minibatches_per_step` optimizer steps over
+        disjoint shuffled slices of `samples` (1 = a single step on all of them).
+        Bumps the policy version once, since workers sync once per batch."""
+        started = time.perf_counter()
+        samples = [s for s in samples if len(s.token_ids) > 1 and any(s.loss_mask[1:])]
+        if not samples:
+            return {"train_seconds": time.perf_counter() - started, "trained_samples": 0.0}
+        self.model.train()
+        order = torch.randperm(len(samples), generator=self._shuffle).tolist()
+        parts = max(1, min(self.train_cfg.minibatches_per_step, len(samples)))
+        totals: dict[str, float] = {}
+        computed = separate = num_microbatches = 0
+        for part in range(parts):
+            minibatch = [samples[i] for i in order[part::parts]]
+            step_metrics, batches = self._optimizer_step(minibatch)
+            for key, value in step_metrics.items():
+                totals[key] = totals.get(key, 0.0) + value / parts
+            computed += sum(b.tokens_computed for b in batches)
+            separate += sum(b.tokens_separate for b in batches)
+            num_microbatches += len(batches)
+        self.policy_version += 1
+        totals.update(
+            learning_rate=self.scheduler.get_last_lr()[0],
+            tree_token_ratio=separate / computed if computed else 1.0,
+            tokens_computed=float(computed),
+            tokens_separate=float(separate),
+            microbatches=float(num_microbatches),
+            trained_samples=float(len(samples)),
+            train_seconds=time.perf_counter() - started,
+        )
+        return totals
+
+    def _optimizer_step(self, samples: list[Sample]) -> tuple[dict[str, float], list[Any]]:
+        """Forward/backward micro-batch by micro-batch, then one optimizer step."""
+        batches = microbatches(
+            samples,
+            self.trainer_cfg.packing,
+            self.trainer_cfg.max_tokens_per_microbatch,
+            self.trainer_cfg.attention,
+        )
+        num_tokens = sum(sum(s.loss_mask[1:]) for s in samples)
+        metrics: dict[str, float] = {}
+        loss_total = 0.0
+        for batch in batches:
+            members = [samples[i] for i in batch.sample_indices]
+            logprobs = batch.forward_logprobs(self.model)
+            width = max(lp.shape[0] for lp in logprobs)
+            new_logprobs = pad_rows(logprobs, width)
+            behaviour = pad_rows([torch.tensor(s.behaviour_logprobs[1:]) for s in members], width)
+            mask = pad_rows([torch.tensor(s.loss_mask[1:], dtype=torch.float32) for s in members], width)
+            advantages = torch.tensor([s.advantage for s in members], dtype=torch.float32)
+            behaviour, mask, advantages = (t.to(new_logprobs) for t in (behaviour, mask, advantages))
+            ref = pad_rows(self._reference_logprobs(batch), width) if self.train_cfg.kl_coef > 0 else None
+            per_token, batch_metrics = compute_loss(
+                self.train_cfg.loss, new_logprobs, behaviour, advantages, mask, self.loss_cfg, ref
+            )
+            loss = aggregate_loss(per_token, mask, self.train_cfg.loss_aggregation, num_tokens, len(samples))
+            loss.backward()
+            loss_total += float(loss.detach())
+            weight = float(mask.sum()) / max(num_tokens, 1)
+            for key, value in batch_metrics.items():
+                metrics[key] = metrics.get(key, 0.0) + weight * value
+        grad_norm = torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), self.train_cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics.update(loss=loss_total, grad_norm=float(grad_norm))
+        return metrics, batches
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Tensors a rollout worker needs to match this policy: only the trainable ones
+        (LoRA adapters under peft, every weight in full fine-tuning)."""
+        state = self.model.state_dict()
+        return {name: state[name].detach().cpu().clone() for name in self.trainable if name in state}
+
+    def publish_weights(self) -> tuple[list[Any], int]:
+        """Put the weights in the Ray object store once, for every worker to get.
+
+        Returns the reference wrapped in a list, so Ray passes the handle itself on to
+        workers instead of fetching the tensors into the caller."""
+        import ray
+
+        return [ray.put(self.weights())], self.policy_version
+
+    def save(self, directory: str | Path) -> str:
+        """A checkpoint loadable with `from_pretrained` (full model, adapters merged)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        model = self.model
+        if hasattr(model, "merge_and_unload"):
+            import copy
+
+            model = copy.deepcopy(model).merge_and_unload()
+        model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+        return str(directory)
