@@ -23,7 +23,7 @@ WORDS = [
     "guess", "a", "number", "from", "to", "higher", "lower", "correct", "invalid",
     "the", "is", "answer", "try", "again", "turns", "left",
 ]
-NUMBERS = [str(i) for i in range(32)]
+NUMBERS = [str(i) for i in range(16)]
 
 # ChatML-shaped, with a space after the role so a word-level tokenizer splits it.
 CHAT_TEMPLATE = (
