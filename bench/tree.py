@@ -3,6 +3,9 @@ trainer (forward + backward + AdamW step) on a tiny Qwen2 in fp32 on CPU.
 
 Each (workload, packing) runs in a fresh child process, so its peak memory is its own:
 the resident-set high-water mark (VmHWM) over the measured steps, reset just before them.
+Step time is the child's CPU time with one torch thread: on a shared machine wall-clock
+swings with other tenants (and multi-threaded BLAS stalls when a thread is preempted),
+while CPU time counts only this step's work; wall-clock is reported alongside.
 Prints one JSON object and writes bench/results/tree.json. Run: python -m bench.tree
 """
 
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -32,7 +36,7 @@ MODEL = TinyModelConfig(
     max_position_embeddings=4096,
 )
 BUDGET = 4096  # trainer.max_tokens_per_microbatch, the same for both packings
-THREADS = 2
+THREADS = 1
 FIRST_TOKEN = 8  # stay clear of the tokenizer's special tokens
 
 
@@ -113,14 +117,16 @@ def measure_step(workload: str, packing: str, model_dir: Path, repeats: int) -> 
     samples = workload_samples(workload, model_dir)
     trainer.train_step(samples[:2])  # warm-up: first-call allocations and thread pools
     reset_resident_high_water()
-    seconds, metrics = [], {}
+    seconds, wall_seconds, metrics = [], [], {}
     for _ in range(repeats):
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         metrics = trainer.train_step(samples)
-        seconds.append(time.perf_counter() - started)
+        seconds.append(time.process_time() - started_cpu)
+        wall_seconds.append(time.perf_counter() - started)
     return {
         "step_seconds": statistics.median(seconds),
         "step_seconds_all": seconds,
+        "wall_seconds_all": wall_seconds,
         "peak_memory_mb": resident_high_water_mb(),
         "tokens_computed": metrics["tokens_computed"],
         "tokens_separate": metrics["tokens_separate"],
@@ -149,6 +155,8 @@ def run_child(workload: str, packing: str, model_dir: Path, repeats: int) -> dic
 
 def main(repeats: int) -> dict:
     from forge.models.tiny import save_tiny_checkpoint
+
+    load_at_start = os.getloadavg()[0]
 
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = save_tiny_checkpoint(MODEL, Path(scratch) / "model")
@@ -179,12 +187,15 @@ def main(repeats: int) -> dict:
                 "microbatches_tree": int(tree["microbatches"]),
                 "step_seconds_padded_all": [round(s, 3) for s in padded["step_seconds_all"]],
                 "step_seconds_tree_all": [round(s, 3) for s in tree["step_seconds_all"]],
+                "wall_seconds_padded_all": [round(s, 3) for s in padded["wall_seconds_all"]],
+                "wall_seconds_tree_all": [round(s, 3) for s in tree["wall_seconds_all"]],
             }
     return {
         "benchmark": "tree",
         "model": {**MODEL.model_dump(), "vocab_size": vocab, "dtype": "float32"},
-        "device": f"cpu, {THREADS} threads",
-        "attention": "dense (sdpa additive mask)",
+        "device": f"cpu, {THREADS} torch thread(s); load average at start {load_at_start:.1f}",
+        "step_seconds": "median CPU seconds of the step process (wall-clock under detail)",
+        "attention": "dense: tree as block-sparse SDPA (query blocks see their ancestors), padded as SDPA",
         "max_tokens_per_microbatch": BUDGET,
         "repeats": repeats,
         "step": "forge.train.trainer.Trainer.train_step: forward + backward + AdamW step",

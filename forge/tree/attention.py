@@ -55,6 +55,10 @@ def _tree_sdpa_forward(module, query, key, value, attention_mask, dropout=0.0, s
         return _transformers_sdpa(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
+    if kwargs.get("sliding_window"):
+        raise ValueError(
+            "tree packing does not support sliding-window attention layers; set trainer.packing: padded"
+        )
     from transformers.integrations.sdpa_attention import repeat_kv
 
     groups = query.shape[1] // key.shape[1]
