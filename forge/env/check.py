@@ -287,7 +287,12 @@ def check_env(
     try:
         env_class = resolve_env(name) if isinstance(name, str) else name
     except ValueError as exc:
-        report.checks.append(Check("resolve", False, str(exc), "pip install the package that registers it"))
+        fix = (
+            "make the module importable: run from the folder that holds it, add it to PYTHONPATH, or pip install it"
+            if ":" in name
+            else "pip install the package that registers it, or name it as package.module:ClassName"
+        )
+        report.checks.append(Check("resolve", False, str(exc), fix))
         return report
     checker = _Checker(env_class, dict(kwargs or {}), timeout_s, report)
 
