@@ -53,7 +53,14 @@ def microbatches(
     max_tokens_per_microbatch: int,
     attention: Attention = "auto",
 ) -> list[MicroBatch]:
-    """Partition `samples` into micro-batches of at most `max_tokens_per_microbatch` computed tokens."""
+    """Partition `samples` into micro-batches of at most `max_tokens_per_microbatch` computed tokens.
+
+    `attention` picks how a tree micro-batch is masked: `flex` a flex-attention BlockMask
+    (the model must be loaded with attn_implementation="flex_attention"; its backward needs
+    CUDA in torch 2.13), `dense` the same rule without flex (block-sparse SDPA on sdpa models,
+    a full additive mask otherwise), `auto` flex exactly when the model uses flex attention.
+    Padded micro-batches use the model's own causal + padding mask either way.
+    """
     if packing not in ("tree", "padded"):
         raise ValueError(f"trainer.packing must be 'tree' or 'padded', got {packing!r}")
     if attention not in ("auto", "dense", "flex"):
@@ -112,8 +119,8 @@ def _tree_microbatches(token_ids: list[list[int]], budget: int, attention: Atten
     """Cut the lexicographic order (the trie's DFS order) into runs, each run's tree within
     `budget`, minimising total computed tokens first. Among equal totals, flex prefers fewer
     micro-batches (its block mask skips masked blocks), while dense attention prefers the
-    smallest sum of squared sizes: a dense mask costs N^2 per micro-batch, so unrelated
-    subtrees are cheaper apart than packed together.
+    smallest sum of squared sizes: a full dense mask (eager attention) costs N^2 per
+    micro-batch, so unrelated subtrees are cheaper apart than packed together.
 
     A run's tree size is its first sample's length plus each later sample's length beyond
     its common prefix with the one before; a cut inside a shared prefix makes the next run
