@@ -8,6 +8,14 @@ import torch
 
 from forge.config import ModelConfig
 
+
+def quiet_transformers() -> None:
+    """Per-file loading bars from every Ray actor drown the run's own progress bar."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -52,6 +60,7 @@ def load_model(path: str | Path, cfg: ModelConfig, trainable: bool = False):
     """Load a causal LM with `from_pretrained`; wrap it in LoRA adapters when configured."""
     from transformers import AutoModelForCausalLM
 
+    quiet_transformers()
     model = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation
     )

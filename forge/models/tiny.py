@@ -83,6 +83,9 @@ def save_tiny_checkpoint(cfg: TinyModelConfig, directory: str | Path, seed: int 
     if stamp_file.is_file() and stamp_file.read_text() == stamp:
         return directory
     directory.mkdir(parents=True, exist_ok=True)
+    from forge.models.loading import quiet_transformers
+
+    quiet_transformers()
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(build_model_config(cfg, tokenizer))

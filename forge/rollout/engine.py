@@ -8,6 +8,7 @@ together run as one batch, while episodes waiting on their env do not hold other
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -61,12 +62,15 @@ class HFEngine:
         self.policy_version = 0
         self.device = next(model.parameters()).device
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        # Weights never change under a running batch: a sync waits for it to finish.
+        self._lock = threading.Lock()
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
-        missing, unexpected = _load_matching(self.model, state_dict)
-        if unexpected:
-            raise ValueError(f"weight sync sent {len(unexpected)} unknown tensors, e.g. {unexpected[:3]}")
-        self.policy_version = version
+        with self._lock:
+            missing, unexpected = _load_matching(self.model, state_dict)
+            if unexpected:
+                raise ValueError(f"weight sync sent {len(unexpected)} unknown tensors, e.g. {unexpected[:3]}")
+            self.policy_version = version
 
     def release(self, episode_id: str) -> None:
         """Nothing is kept between calls by this engine."""
@@ -84,10 +88,13 @@ class HFEngine:
         # computes them; top-p truncation is recorded as an off-policy effect.
         return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
-    @torch.no_grad()
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         if not requests:
             return []
+        with self._lock, torch.no_grad():
+            return self._generate(requests)
+
+    def _generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         batch = len(requests)
         lengths = [len(r.token_ids) for r in requests]
         width = max(lengths)
@@ -242,7 +249,7 @@ class BatchingEngine:
                         future.set_exception(exc)
                 continue
             self.generation_seconds += time.perf_counter() - started
-            for (_, future), result in zip(live, results):
+            for (_, future), result in zip(live, results, strict=True):
                 self.prefill_tokens += result.prefill_tokens
                 if not future.done():
                     future.set_result(result)

@@ -65,11 +65,11 @@ class RolloutWorker:
         self.engine.load_weights(weights, version)
         return version
 
-    def rollout(self, tasks: list[dict[str, Any]], group_size: int) -> list[Trajectory]:
-        """Play `group_size` episodes of each task; episodes of all tasks share batches."""
-        return asyncio.run(self._rollout(tasks, group_size))
+    async def rollout(self, tasks: list[dict[str, Any]], group_size: int) -> list[Trajectory]:
+        """Play `group_size` episodes of each task; episodes of all tasks share batches.
 
-    async def _rollout(self, tasks: list[dict[str, Any]], group_size: int) -> list[Trajectory]:
+        Async, so under Ray this is an async actor: a weight sync can arrive while episodes
+        run, and each token records the version that actually produced it."""
         engine = BatchingEngine(self.engine)
         envs = []
         jobs = []

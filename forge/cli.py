@@ -1,0 +1,102 @@
+"""The `forge` command: parses arguments and hands off; no logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import yaml
+
+
+def _train(args: argparse.Namespace) -> int:
+    from forge.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.output_dir:
+        cfg.output_dir = args.output_dir
+    if args.dry_run:
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
+    from forge.orchestrator import train
+
+    result = train(cfg)
+    print(f"done: {result.steps} steps in {result.wall_seconds:.0f}s; metrics in {result.output_dir}/metrics.jsonl; "
+          f"checkpoint {result.checkpoint}")
+    return 0
+
+
+def _envs_list(args: argparse.Namespace) -> int:
+    from forge.env.check import list_envs
+
+    print(list_envs())
+    return 0
+
+
+def _env_check(args: argparse.Namespace) -> int:
+    from forge.env.check import run_check_command
+
+    return run_check_command(args)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import importlib
+    import runpy
+
+    module = f"bench.{args.name}"
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError:
+        print(f"forge bench: no benchmark {args.name!r} (run from the repository root, which holds bench/)",
+              file=sys.stderr)
+        return 2
+    sys.argv = [module, *args.bench_args]
+    runpy.run_module(module, run_name="__main__")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="forge", description="RL training harness for LLM agents")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a policy from a YAML config")
+    train.add_argument("config", help="YAML config, e.g. configs/smoke.yaml")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=20")
+    train.add_argument("--dry-run", action="store_true", help="validate and print the resolved config")
+    train.add_argument("--output-dir", help="where the run writes (overrides output_dir)")
+    train.set_defaults(handler=_train)
+
+    envs = commands.add_parser("envs", help="installed environments")
+    envs_commands = envs.add_subparsers(dest="envs_command", required=True)
+    envs_commands.add_parser("list", help="list installed envs").set_defaults(handler=_envs_list)
+
+    env = commands.add_parser("env", help="work with one environment")
+    env_commands = env.add_subparsers(dest="env_command", required=True)
+    check = env_commands.add_parser("check", help="run the env contract check")
+    from forge.env.check import add_check_arguments
+
+    add_check_arguments(check)
+    check.set_defaults(handler=_env_check)
+
+    bench = commands.add_parser("bench", help="run a benchmark from bench/ (prints JSON)")
+    bench.add_argument("name", help="benchmark name, e.g. tree")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(handler=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from forge.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConfigError as exc:
+        print(f"forge: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"forge: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Where a run's numbers go: metrics.jsonl always, TensorBoard and W&B when configured,
+and a few decoded trajectories per step for people to read."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+from forge.types import Trajectory
+
+
+def rollout_metrics(trajectories: list[Trajectory]) -> dict[str, float]:
+    """Per-step episode statistics. Lost episodes (infra failures) are counted, not averaged."""
+    played = [t for t in trajectories if t.status != "lost"]
+    metrics: dict[str, float] = {
+        "episodes": float(len(played)),
+        "episodes_lost": float(len(trajectories) - len(played)),
+        "episodes_error": float(sum(t.status == "error" for t in played)),
+        "episodes_truncated": float(sum(t.status == "truncated" for t in played)),
+    }
+    if not played:
+        return metrics
+    solved = [t for t in played if t.success]
+    metrics.update(
+        reward_mean=statistics.fmean(t.reward for t in played),
+        outcome_mean=statistics.fmean(t.outcome for t in played),
+        success_rate=len(solved) / len(played),
+        turns_mean=statistics.fmean(t.num_turns for t in played),
+        tokens_generated=float(sum(t.generated_tokens for t in played)),
+        tokens_total=float(sum(len(t.token_ids) for t in played)),
+        episode_seconds_mean=statistics.fmean(t.wall_seconds for t in played),
+        tool_seconds_mean=statistics.fmean(t.tool_seconds for t in played),
+    )
+    if solved:
+        metrics["turns_per_solved"] = statistics.fmean(t.num_turns for t in solved)
+    return metrics
+
+
+class MetricsLogger:
+    def __init__(self, output_dir: Path, tensorboard: bool = True, wandb_project: str | None = None,
+                 config: dict[str, Any] | None = None) -> None:
+        self.output_dir = output_dir
+        self.jsonl = (output_dir / "metrics.jsonl").open("a")
+        self.samples = (output_dir / "trajectories.jsonl").open("a")
+        self.tensorboard = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+        self.wandb = None
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise RuntimeError(
+                    "logging.wandb_project is set but wandb is not installed: pip install 'forge-rl[wandb]'"
+                ) from None
+            self.wandb = wandb.init(project=wandb_project, config=config, dir=str(output_dir))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        record = {"step": step, **{k: _finite_or_none(v) for k, v in metrics.items()}}
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        if self.tensorboard is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self.tensorboard.add_scalar(key, value, step)
+            self.tensorboard.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def log_trajectories(self, step: int, trajectories: list[Trajectory], tokenizer: Any, limit: int) -> None:
+        for trajectory in trajectories[:limit]:
+            turns = []
+            for turn in trajectory.turns:
+                turns.append({
+                    "generated": tokenizer.decode(trajectory.token_ids[turn.start:turn.end]),
+                    "observation": tokenizer.decode(trajectory.token_ids[turn.end:turn.obs_end]),
+                    "truncated": turn.truncated,
+                })
+            self.samples.write(json.dumps({
+                "step": step,
+                "task_id": trajectory.task_id,
+                "prompt": tokenizer.decode(trajectory.token_ids[: trajectory.prompt_length]),
+                "turns": turns,
+                "outcome": trajectory.outcome,
+                "reward": trajectory.reward,
+                "success": trajectory.success,
+                "status": trajectory.status,
+                "error": trajectory.error,
+            }) + "\n")
+        self.samples.flush()
+
+    def close(self) -> None:
+        self.jsonl.close()
+        self.samples.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
