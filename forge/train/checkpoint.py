@@ -1,0 +1,236 @@
+"""Resumable checkpoints: what a run must save to continue exactly, and publishing it atomically.
+
+Layout under RUN_DIR/checkpoints: `step-000010/` holds `trainer.pt` (trainable weights,
+optimizer, scheduler, RNG states, policy version) and `run_state.pkl` (step, task-stream
+position, reward-shaper state, driver and worker RNG states); `latest` names the newest
+complete one. A checkpoint is written under a temporary name, fsynced, renamed, and only
+then does `latest` move to it, so a process killed at any point leaves the previous
+checkpoint as the latest.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+LATEST = "latest"
+TRAINER_FILE = "trainer.pt"
+RUN_STATE_FILE = "run_state.pkl"
+
+
+class CheckpointError(FileNotFoundError):
+    """A run directory the user pointed at has no checkpoint to resume from."""
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def _fsync(path: Path) -> None:
+    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0)
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in sorted(directory.rglob("*"), reverse=True):
+        _fsync(path)
+    _fsync(directory)
+
+
+def write_checkpoint(run_dir: str | Path, step: int, write: Callable[[Path], None], keep: int = 2) -> Path:
+    """Call `write(tmp_dir)` to fill a checkpoint, then publish it as the latest.
+
+    Keeps the newest `keep` checkpoints (0 keeps all)."""
+    root = checkpoint_root(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{step_name(step)}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    write(tmp)
+    _fsync_tree(tmp)
+    final = root / step_name(step)
+    if final.exists():
+        # Left by a run that died after the rename but before moving `latest` to it.
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync(root)
+    pointer = root / f".{LATEST}.tmp"
+    with open(pointer, "w") as handle:
+        handle.write(final.name + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(pointer, root / LATEST)
+    _fsync(root)
+    _prune(root, keep)
+    return final
+
+
+def _prune(root: Path, keep: int) -> None:
+    for stale in root.glob(".tmp-step-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    if keep <= 0:
+        return
+    complete = sorted(p for p in root.glob("step-*") if p.is_dir())
+    latest = root / (root / LATEST).read_text().strip()
+    for old in complete[:-keep]:
+        if old != latest:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path:
+    """The newest complete checkpoint of a run; a clear error when there is none."""
+    root = checkpoint_root(run_dir)
+    pointer = root / LATEST
+    if not pointer.is_file():
+        raise CheckpointError(
+            f"{run_dir} has no checkpoint to resume from ({pointer} is missing); "
+            "set train.checkpoint_every to a positive number of steps when you start a run"
+        )
+    directory = root / pointer.read_text().strip()
+    if not (directory / TRAINER_FILE).is_file() or not (directory / RUN_STATE_FILE).is_file():
+        raise CheckpointError(f"{pointer} names {directory}, which is incomplete; delete the pointer to start over")
+    return directory
+
+
+# ---- trainer side (runs inside the trainer actor) ----
+
+
+def trainer_state(trainer: Any) -> dict[str, Any]:
+    return {
+        "trainable": {name: p.detach().cpu().clone() for name, p in trainer.trainable.items()},
+        "optimizer": trainer.optimizer.state_dict(),
+        "scheduler": trainer.scheduler.state_dict(),
+        "policy_version": trainer.policy_version,
+        "shuffle_rng": trainer._shuffle.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "python_rng": random.getstate(),
+    }
+
+
+def restore_trainer_state(trainer: Any, state: dict[str, Any]) -> None:
+    saved = state["trainable"]
+    missing = sorted(set(trainer.trainable) - set(saved))
+    unexpected = sorted(set(saved) - set(trainer.trainable))
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint does not match the model's trainable parameters (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}); resume with the model and model.lora settings the run used"
+        )
+    with torch.no_grad():
+        for name, param in trainer.trainable.items():
+            param.copy_(saved[name].to(param.device, param.dtype))
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.scheduler.load_state_dict(state["scheduler"])
+    trainer.policy_version = state["policy_version"]
+    trainer._shuffle.set_state(state["shuffle_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    random.setstate(state["python_rng"])
+
+
+def save_trainer(trainer: Any, directory: str | Path) -> None:
+    torch.save(trainer_state(trainer), Path(directory) / TRAINER_FILE)
+
+
+def load_trainer(trainer: Any, directory: str | Path) -> None:
+    restore_trainer_state(trainer, torch.load(Path(directory) / TRAINER_FILE, weights_only=False))
+
+
+# ---- driver side (the orchestrator's Run) ----
+
+
+def _driver_rng() -> dict[str, Any]:
+    import numpy as np
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _restore_driver_rng(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def save_run(run: Any, step: int, keep: int = 2) -> Path:
+    """Checkpoint a sync run after `step` completed steps (trainer, workers, task stream)."""
+    import ray
+
+    worker_rng = ray.get([worker.rng_state.remote() for worker in run.workers])
+    state = {
+        "step": step,
+        "tasks": {"rng": run.tasks.rng.getstate(), "order": run.tasks.order, "position": run.tasks.position},
+        "task_baselines": dict(run.shaper.task_baselines),
+        "driver_rng": _driver_rng(),
+        "worker_rng": worker_rng,
+    }
+
+    def write(directory: Path) -> None:
+        ray.get(run.trainer.save_state.remote(str(directory)))
+        with open(directory / RUN_STATE_FILE, "wb") as handle:
+            pickle.dump(state, handle)
+
+    return write_checkpoint(run.output_dir, step, write, keep)
+
+
+def restore_run(run: Any) -> int:
+    """Load the run directory's latest checkpoint into a freshly built run; returns its step."""
+    import ray
+
+    directory = latest_checkpoint(run.output_dir)
+    with open(directory / RUN_STATE_FILE, "rb") as handle:
+        state = pickle.load(handle)
+    if len(state["worker_rng"]) != len(run.workers):
+        raise ValueError(
+            f"the checkpoint was written with rollout.num_workers={len(state['worker_rng'])}, "
+            f"the config asks for {len(run.workers)}; resume with the run's original value"
+        )
+    ray.get(run.trainer.load_state.remote(str(directory)))
+    ray.get([w.set_rng_state.remote(s) for w, s in zip(run.workers, state["worker_rng"], strict=True)])
+    run.tasks.rng.setstate(state["tasks"]["rng"])
+    run.tasks.order = list(state["tasks"]["order"])
+    run.tasks.position = state["tasks"]["position"]
+    run.shaper.task_baselines = dict(state["task_baselines"])
+    _restore_driver_rng(state["driver_rng"])
+    run.sync_weights()
+    step = int(state["step"])
+    for name in ("metrics.jsonl", "trajectories.jsonl"):
+        drop_rows_after(run.output_dir / name, step)
+    return step
+
+
+def drop_rows_after(path: Path, step: int) -> None:
+    """Remove the records a killed run logged after its last checkpoint, which a resume replays."""
+    import json
+
+    if not path.is_file():
+        return
+    def before(line: str) -> bool:
+        try:
+            return json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):
+            return False  # a line cut short when the process died
+
+    kept = [line for line in path.read_text().splitlines() if line.strip() and before(line)]
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)

@@ -1,0 +1,94 @@
+"""Checkpoints publish atomically, and a trainer restored from one continues bit for bit."""
+
+import pytest
+import torch
+
+from forge.config import ModelConfig, TrainConfig, TrainerConfig
+from forge.train.checkpoint import (
+    CheckpointError,
+    checkpoint_root,
+    drop_rows_after,
+    latest_checkpoint,
+    write_checkpoint,
+)
+from forge.types import Sample
+
+
+def fill(step: int):
+    def write(directory):
+        (directory / "trainer.pt").write_text(f"trainer {step}")
+        (directory / "run_state.pkl").write_text(f"run {step}")
+
+    return write
+
+
+def test_latest_names_the_newest_complete_checkpoint(tmp_path):
+    write_checkpoint(tmp_path, 1, fill(1))
+    write_checkpoint(tmp_path, 2, fill(2))
+    assert latest_checkpoint(tmp_path).name == "step-000002"
+    assert (latest_checkpoint(tmp_path) / "trainer.pt").read_text() == "trainer 2"
+
+
+def test_a_checkpoint_that_dies_while_writing_never_becomes_latest(tmp_path):
+    write_checkpoint(tmp_path, 1, fill(1))
+
+    def dies_halfway(directory):
+        (directory / "trainer.pt").write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_checkpoint(tmp_path, 2, dies_halfway)
+    assert latest_checkpoint(tmp_path).name == "step-000001"
+    assert not (checkpoint_root(tmp_path) / "step-000002").exists()
+
+
+def test_old_checkpoints_are_pruned_to_keep(tmp_path):
+    for step in range(1, 5):
+        write_checkpoint(tmp_path, step, fill(step), keep=2)
+    kept = sorted(p.name for p in checkpoint_root(tmp_path).iterdir() if p.is_dir())
+    assert kept == ["step-000003", "step-000004"]
+
+
+def test_resuming_a_run_without_checkpoints_names_the_setting(tmp_path):
+    with pytest.raises(CheckpointError, match="train.checkpoint_every"):
+        latest_checkpoint(tmp_path)
+
+
+def test_rows_logged_after_the_checkpoint_are_dropped_including_a_cut_line(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"ste')
+    drop_rows_after(log, 2)
+    assert log.read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+def samples(vocab: int, seed: int) -> list[Sample]:
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(4):
+        tokens = torch.randint(8, vocab, (12 + i,), generator=generator).tolist()
+        mask = [0] * 6 + [1] * (len(tokens) - 6)
+        out.append(Sample(tokens, mask, [-1.0 * m for m in mask], [0] * len(tokens), advantage=float(i) - 1.5))
+    return out
+
+
+def test_a_restored_trainer_takes_the_same_next_step(tiny_checkpoint, tmp_path):
+    from forge.train.checkpoint import load_trainer, save_trainer
+    from forge.train.trainer import Trainer
+
+    vocab = 16
+    train_cfg = TrainConfig(learning_rate=0.01, minibatches_per_step=2, warmup_steps=3)
+    make = lambda: Trainer(  # noqa: E731
+        tiny_checkpoint, ModelConfig(path=str(tiny_checkpoint)), train_cfg, TrainerConfig(packing="padded"), seed=3
+    )
+    original = make()
+    original.train_step(samples(vocab, 0))
+    save_trainer(original, tmp_path)
+    original.train_step(samples(vocab, 1))
+
+    restored = make()
+    load_trainer(restored, tmp_path)
+    restored.train_step(samples(vocab, 1))
+    assert restored.policy_version == original.policy_version == 2
+    assert restored.scheduler.get_last_lr() == original.scheduler.get_last_lr()
+    for name, param in original.trainable.items():
+        assert torch.equal(param, restored.trainable[name]), name
