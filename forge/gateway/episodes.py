@@ -1,0 +1,232 @@
+"""Episodes of black-box agents: their task, their env (the verifier), and every model call
+they made, recorded token-exact, until they are finished and turned into training data.
+
+Each call becomes its own `Sample` (prompt ids as rendered, generated ids as sampled);
+all calls of an episode share the episode's advantage, computed over the group of
+episodes that played the same task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from forge.env.base import Env, StepResult
+from forge.env.calls import call_env
+from forge.types import NO_VERSION, EpisodeStatus, Sample, Trajectory, Turn
+
+
+@dataclass
+class CallRecord:
+    """One model call: the prompt exactly as the gateway rendered and tokenized it, and
+    the ids the engine sampled, with their behaviour logprobs and policy version."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    logprobs: list[float]
+    policy_version: int
+    finished: bool  # ended on a stop token, not cut by max_tokens
+    seconds: float = 0.0
+
+    def to_sample(self, advantage: float, group_id: str) -> Sample:
+        return Sample(
+            token_ids=self.prompt_ids + self.completion_ids,
+            loss_mask=[0] * len(self.prompt_ids) + [1] * len(self.completion_ids),
+            behaviour_logprobs=[0.0] * len(self.prompt_ids) + list(self.logprobs),
+            policy_versions=[NO_VERSION] * len(self.prompt_ids) + [self.policy_version] * len(self.completion_ids),
+            advantage=advantage,
+            group_id=group_id,
+        )
+
+
+class EpisodeError(Exception):
+    """A request about an episode that cannot be served; `status` is the HTTP code."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class Episode:
+    episode_id: str
+    task: dict[str, Any]
+    group_id: str
+    env: Env | None
+    observation: str
+    started: float = field(default_factory=time.monotonic)
+    calls: list[CallRecord] = field(default_factory=list)
+    steps: int = 0
+    outcome: float = 0.0
+    env_done: bool = False
+    finished: bool = False
+    status: EpisodeStatus = "ok"
+    error: str | None = None
+    wall_seconds: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to_trajectory(self, success_threshold: float) -> Trajectory:
+        """The episode as one Trajectory for reward shaping and metrics: its calls laid
+        end to end, one Turn each (the trainer never sees this layout, only the samples)."""
+        token_ids: list[int] = []
+        mask: list[int] = []
+        logprobs: list[float] = []
+        versions: list[int] = []
+        turns = []
+        for call in self.calls:
+            token_ids += call.prompt_ids
+            start = len(token_ids)
+            token_ids += call.completion_ids
+            mask += [0] * len(call.prompt_ids) + [1] * len(call.completion_ids)
+            logprobs += [0.0] * len(call.prompt_ids) + call.logprobs
+            versions += [NO_VERSION] * len(call.prompt_ids) + [call.policy_version] * len(call.completion_ids)
+            turns.append(Turn(start, len(token_ids), len(token_ids), call.seconds, truncated=not call.finished))
+        return Trajectory(
+            task_id=str(self.task.get("task_id", "")),
+            group_id=self.group_id,
+            token_ids=token_ids,
+            loss_mask=mask,
+            behaviour_logprobs=logprobs,
+            policy_versions=versions,
+            prompt_length=len(self.calls[0].prompt_ids) if self.calls else 0,
+            turns=turns,
+            outcome=self.outcome,
+            success=self.status in ("ok", "truncated") and self.outcome >= success_threshold,
+            status=self.status,
+            error=self.error,
+            wall_seconds=self.wall_seconds,
+            info={"episode_id": self.episode_id, "model_calls": len(self.calls), "env_steps": self.steps, **self.info},
+        )
+
+
+class EpisodeStore:
+    """All live and finished episodes of one gateway. Used from the server's event loop;
+    `start`/`finish`/`take_finished` may also be awaited from the training loop's side
+    through `GatewayServer.call`."""
+
+    def __init__(self, env_factory: Any | None = None, step_timeout_s: float = 30.0) -> None:
+        self.env_factory = env_factory  # () -> Env; None: episodes carry no env
+        self.step_timeout_s = step_timeout_s
+        self.episodes: dict[str, Episode] = {}
+        self._counter = itertools.count()
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def get(self, episode_id: str) -> Episode:
+        episode = self.episodes.get(episode_id)
+        if episode is None:
+            raise EpisodeError(
+                404, f"unknown episode {episode_id!r}: start one with POST /forge/episodes and send its id "
+                "as the API key, the X-Forge-Episode header or the `user` field"
+            )
+        return episode
+
+    def live(self, episode_id: str) -> Episode:
+        episode = self.get(episode_id)
+        if episode.finished:
+            raise EpisodeError(409, f"episode {episode_id!r} is already finished; start a new one")
+        return episode
+
+    def lock(self, episode_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(episode_id, asyncio.Lock())
+
+    async def start(self, task: dict[str, Any], group_id: str | None = None, seed: int | None = None) -> Episode:
+        episode_id = f"ep-{next(self._counter):06d}-{secrets.token_hex(4)}"
+        env = self.env_factory() if self.env_factory is not None else None
+        observation = str(task.get("prompt", ""))
+        if env is not None:
+            seed = seed if seed is not None else secrets.randbits(31)
+            observation = await call_env(env.reset, task, seed, timeout_s=self.step_timeout_s)
+            if not isinstance(observation, str):
+                raise TypeError(f"{type(env).__name__}.reset returned {type(observation).__name__}, expected str")
+        group = group_id if group_id is not None else str(task.get("task_id", episode_id))
+        episode = Episode(episode_id, dict(task), group, env, observation)
+        self.episodes[episode_id] = episode
+        return episode
+
+    def record(self, episode_id: str, call: CallRecord) -> None:
+        """Keep a finished model call. Calls are kept even if the episode finished meanwhile
+        (the client raced its own finish): the tokens were sampled for it."""
+        self.get(episode_id).calls.append(call)
+
+    async def step(self, episode_id: str, action: str) -> StepResult:
+        """Run the episode's env on `action` (a reply or a tool call): the agent's way to act
+        in a built-in env and the env's way to score it."""
+        episode = self.live(episode_id)
+        if episode.env is None:
+            raise EpisodeError(400, f"episode {episode_id!r} has no env to step; finish it with a reward")
+        if episode.env_done:
+            raise EpisodeError(409, f"episode {episode_id!r}: the env is done; finish the episode")
+        async with self.lock(episode_id):
+            try:
+                result = await call_env(episode.env.step, action, timeout_s=self.step_timeout_s)
+            except Exception as exc:  # the env failed: the episode ends as an error, data kept
+                self._close(episode, "error", f"{type(exc).__name__}: {exc}")
+                raise EpisodeError(500, f"episode {episode_id!r}: env step failed: {type(exc).__name__}: {exc}") from None
+            if not isinstance(result, StepResult):
+                raise EpisodeError(500, f"{type(episode.env).__name__}.step returned {type(result).__name__}")
+            episode.steps += 1
+            episode.info.update(result.info)
+            if result.done:
+                episode.env_done = True
+                episode.outcome = float(result.reward)
+            return result
+
+    async def finish(self, episode_id: str, reward: float | None = None, answer: str | None = None) -> Episode:
+        """End an episode. Its outcome is `reward` if given; else the env scores `answer`
+        (as a final step); else it is what the env's steps earned (0 if never done)."""
+        episode = self.live(episode_id)
+        if reward is None and answer is not None and episode.env is not None and not episode.env_done:
+            await self.step(episode_id, answer)
+            episode = self.get(episode_id)
+            if episode.finished:  # the verifier raised
+                return episode
+        if reward is not None:
+            episode.outcome = float(reward)
+        status: EpisodeStatus = "ok" if reward is not None or episode.env_done or episode.env is None else "truncated"
+        self._close(episode, status, None)
+        return episode
+
+    def abandon(self, episode_id: str, status: EpisodeStatus, error: str) -> None:
+        """End an episode whose agent went away (crashed, timed out) without finishing it."""
+        episode = self.get(episode_id)
+        if not episode.finished:
+            self._close(episode, status, error)
+
+    def _close(self, episode: Episode, status: EpisodeStatus, error: str | None) -> None:
+        episode.finished = True
+        episode.status = status
+        episode.error = error
+        episode.wall_seconds = time.monotonic() - episode.started
+        self._locks.pop(episode.episode_id, None)
+        if episode.env is not None:
+            try:
+                episode.env.close()
+            except Exception:  # a failing close must not lose the episode
+                pass
+
+    def take(self, episode_ids: list[str]) -> list[Episode]:
+        """Remove finished episodes from the store and return them."""
+        taken = []
+        for episode_id in episode_ids:
+            episode = self.get(episode_id)
+            if not episode.finished:
+                raise EpisodeError(409, f"episode {episode_id!r} is still running")
+            taken.append(self.episodes.pop(episode_id))
+        return taken
+
+
+def episode_samples(episodes: list[Episode], advantages: list[float]) -> list[Sample]:
+    """One sample per model call, each carrying its episode's advantage; lost episodes and
+    calls that generated nothing are left out."""
+    return [
+        call.to_sample(advantage, episode.group_id)
+        for episode, advantage in zip(episodes, advantages, strict=True)
+        if episode.status != "lost"
+        for call in episode.calls
+        if call.completion_ids
+    ]
