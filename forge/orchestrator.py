@@ -7,6 +7,7 @@ into advantages, the trainer (a Ray actor) steps and publishes versioned weights
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -130,7 +131,7 @@ class Run:
                 num_cpus=cfg.rollout.num_cpus_per_worker, num_gpus=cfg.rollout.num_gpus_per_worker
             ).remote(
                 str(self.model_path), cfg.model, cfg.env, cfg.rollout, cfg.reward.success_threshold,
-                cfg.seed + 1000 * (index + 1), 1,
+                cfg.seed + 1000 * (index + 1), 1, cfg.sandbox.min_level,
             )
             for index in range(cfg.rollout.num_workers)
         ]
@@ -166,23 +167,37 @@ class Run:
             ray.kill(actor)
 
 
-def train(cfg: Config, output_dir: str | Path | None = None, progress: bool | None = None) -> RunResult:
-    """Run `cfg.train.max_steps` steps of sync RL; write metrics and a final checkpoint."""
+def train(
+    cfg: Config, output_dir: str | Path | None = None, progress: bool | None = None, resume: bool = False
+) -> RunResult:
+    """Run `cfg.train.max_steps` steps of sync RL; write metrics and a final checkpoint.
+
+    With `resume`, continue from the latest checkpoint in the output directory."""
     import ray
     from tqdm import tqdm
 
     from forge.reward.shaping import trajectory_advantages
 
+    from forge.sandbox import set_min_level
+
     started = time.perf_counter()
     output = Path(output_dir or cfg.output_dir)
+    sandbox_level = set_min_level(cfg.sandbox.min_level)  # fail closed before starting anything
+    logging.getLogger("forge").info("sandbox level %d available (min_level %d)", sandbox_level, cfg.sandbox.min_level)
     start_ray()
     run = Run(cfg, output)
+    first_step = 1
+    if resume:
+        from forge.train.checkpoint import restore_run
+
+        first_step = restore_run(run) + 1
     logger = MetricsLogger(output, cfg.logging.tensorboard, cfg.logging.wandb_project, cfg.to_dict())
     show_progress = cfg.logging.progress_bar if progress is None else progress
-    bar = tqdm(total=cfg.train.max_steps, desc="train", unit="step", disable=not show_progress)
-    step = 0
+    bar = tqdm(total=cfg.train.max_steps, desc="train", unit="step", disable=not show_progress,
+               initial=first_step - 1)
+    step = first_step - 1
     try:
-        for step in range(1, cfg.train.max_steps + 1):
+        for step in range(first_step, cfg.train.max_steps + 1):
             rollout_started = time.perf_counter()
             trajectories = run.rollout()
             rollout_seconds = time.perf_counter() - rollout_started
@@ -213,6 +228,11 @@ def train(cfg: Config, output_dir: str | Path | None = None, progress: bool | No
                 turns=f"{metrics.get('turns_mean', float('nan')):.1f}",
             )
             bar.update(1)
+            every = cfg.train.checkpoint_every
+            if every and (step % every == 0 or step == cfg.train.max_steps):
+                from forge.train.checkpoint import save_run
+
+                save_run(run, step, cfg.train.keep_checkpoints)
         checkpoint = Path(ray.get(run.trainer.save.remote(str(output / "final"))))
     finally:
         bar.close()

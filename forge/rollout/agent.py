@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 import traceback
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +62,7 @@ async def run_episode(
     def remaining() -> float:
         return min(limits.step_timeout_s, deadline - time.monotonic())
 
+    episode_id = uuid.uuid4().hex  # the engine keeps this episode's KV cache under it
     engine.register()
     try:
         observation = await call_env(env.reset, task, seed, timeout_s=remaining())
@@ -73,7 +75,9 @@ async def run_episode(
                 info["stop_reason"] = "context_full"
                 break
             gen_started = time.monotonic()
-            request = GenerationRequest(token_ids=list(token_ids), max_new_tokens=limits.max_new_tokens)
+            request = GenerationRequest(
+                token_ids=list(token_ids), max_new_tokens=limits.max_new_tokens, episode_id=episode_id
+            )
             result = await asyncio.wait_for(engine.generate(request), timeout=max(deadline - time.monotonic(), 0))
             turn = Turn(start=len(token_ids), end=0, obs_end=0, generation_seconds=time.monotonic() - gen_started)
             append(result.token_ids, trainable=True, lps=result.logprobs, version=result.policy_version)
@@ -106,6 +110,7 @@ async def run_episode(
         status, error = "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
     finally:
         engine.unregister()
+        engine.release(episode_id)
 
     success = status == "ok" and bool(info.get("success", outcome >= limits.success_threshold))
     return Trajectory(

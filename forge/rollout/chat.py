@@ -16,6 +16,9 @@ class ChatFormat:
             raise ValueError("tokenizer has no eos_token; Forge needs it to end the model's turns")
         self.eos_token_id: int = tokenizer.eos_token_id
         self.stop_token_ids = [self.eos_token_id]
+        from forge.env.tools import template_renders_tools
+
+        self.renders_tools = template_renders_tools(tokenizer)
 
     def _render(self, messages: list[dict[str, Any]], tools: list[dict] | None, generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(
@@ -28,6 +31,12 @@ class ChatFormat:
     def prompt_ids(
         self, observation: str, system_prompt: str | None = None, tools: list[dict] | None = None
     ) -> list[int]:
+        if tools and not self.renders_tools:
+            # The template drops `tools=`; show the schemas as Hermes-style system text.
+            from forge.env.tools import hermes_tools_prompt
+
+            system_prompt = "\n\n".join(p for p in (system_prompt, hermes_tools_prompt(tools)) if p)
+            tools = None
         messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
         messages.append({"role": "user", "content": observation})
         return self._encode(self._render(messages, tools, generation_prompt=True))

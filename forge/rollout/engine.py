@@ -42,8 +42,25 @@ class InferenceEngine(Protocol):
     def release(self, episode_id: str) -> None: ...
 
 
+@dataclass
+class _EpisodeKV:
+    """An episode's KV cache: per layer (keys, values) of shape [1, heads, len, dim] for
+    exactly the tokens in `token_ids`, no padding."""
+
+    token_ids: list[int]
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+
+
 class HFEngine:
-    """Batched sampling from a transformers model (left-padded, KV-cached decode)."""
+    """Batched sampling from a transformers model with a KV cache kept per episode.
+
+    A request that names an `episode_id` leaves its KV behind when it returns; the next
+    request of that episode, whose tokens extend the cached ones, prefills only the new
+    tokens (the observation). Requests at different turns share one batch: row i is laid
+    out as `[pad][cached KV][pad][new tokens]`, with the attention mask hiding the pads
+    and explicit position ids, so each row computes what it would alone. Rows that start
+    from the same tokens with no cache (a group's samples) are prefilled once.
+    """
 
     def __init__(
         self,
@@ -62,8 +79,13 @@ class HFEngine:
         self.policy_version = 0
         self.device = next(model.parameters()).device
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self._episodes: dict[str, _EpisodeKV] = {}
         # Weights never change under a running batch: a sync waits for it to finish.
         self._lock = threading.Lock()
+
+    @property
+    def cached_episodes(self) -> int:
+        return len(self._episodes)
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         with self._lock:
@@ -71,9 +93,19 @@ class HFEngine:
             if unexpected:
                 raise ValueError(f"weight sync sent {len(unexpected)} unknown tensors, e.g. {unexpected[:3]}")
             self.policy_version = version
+            # Cached KV came from the old weights; the next turn re-prefills its history so
+            # that new tokens' behaviour logprobs are exactly the new policy's.
+            self._episodes.clear()
 
     def release(self, episode_id: str) -> None:
-        """Nothing is kept between calls by this engine."""
+        """Drop an episode's cached KV (call when the episode ends)."""
+        self._episodes.pop(episode_id, None)
+
+    def next_token_logprobs(self, token_ids: list[int]) -> torch.Tensor:
+        """The tempered next-token distribution after `token_ids` (log space, fp32)."""
+        with self._lock, torch.no_grad():
+            logits = self.model(input_ids=torch.tensor([token_ids], device=self.device)).logits[0, -1]
+            return torch.log_softmax(logits.float() / self.temperature, dim=-1).cpu()
 
     def _sample(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logprobs = torch.log_softmax(logits.float() / self.temperature, dim=-1)
@@ -94,26 +126,79 @@ class HFEngine:
         with self._lock, torch.no_grad():
             return self._generate(requests)
 
+    def _past_for(self, request: GenerationRequest) -> _EpisodeKV | None:
+        past = self._episodes.pop(request.episode_id, None) if request.episode_id else None
+        if past is None:
+            return None
+        n = len(past.token_ids)
+        if n < len(request.token_ids) and request.token_ids[:n] == past.token_ids:
+            return past
+        return None  # the episode's tokens diverged from what was cached: prefill afresh
+
+    def _prefill(self, pasts: list[_EpisodeKV | None], news: list[list[int]]) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """Run the new tokens of each row after its cached KV. Returns the cache, the
+        attention mask over it and the last position's logits."""
+        rows = len(news)
+        past_lengths = [len(p.token_ids) if p is not None else 0 for p in pasts]
+        new_lengths = [len(n) for n in news]
+        width_past, width_new = max(past_lengths), max(new_lengths)
+        input_ids = torch.full((rows, width_new), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((rows, width_past + width_new), dtype=torch.long)
+        positions = torch.zeros((rows, width_new), dtype=torch.long)
+        for row, (p, n) in enumerate(zip(past_lengths, new_lengths, strict=True)):
+            input_ids[row, width_new - n :] = torch.tensor(news[row])
+            mask[row, width_past - p : width_past] = 1
+            mask[row, width_past + width_new - n :] = 1
+            positions[row, width_new - n :] = torch.arange(p, p + n)
+        cache = None
+        if width_past:
+            from transformers import DynamicCache
+
+            template = next(p for p in pasts if p is not None).layers
+            layers = []
+            for layer, (keys, values) in enumerate(template):
+                k = keys.new_zeros((rows, keys.shape[1], width_past, keys.shape[3]))
+                v = values.new_zeros((rows, values.shape[1], width_past, values.shape[3]))
+                for row, past in enumerate(pasts):
+                    if past is not None:
+                        k[row, :, width_past - past_lengths[row] :] = past.layers[layer][0][0]
+                        v[row, :, width_past - past_lengths[row] :] = past.layers[layer][1][0]
+                layers.append((k, v))
+            cache = DynamicCache(ddp_cache_data=layers)
+        mask = mask.to(self.device)
+        out = self.model(
+            input_ids=input_ids.to(self.device),
+            attention_mask=mask,
+            position_ids=positions.to(self.device),
+            cache=cache,
+            use_cache=True,
+        )
+        return out.cache, mask, out.logits[:, -1, :]
+
     def _generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         batch = len(requests)
-        lengths = [len(r.token_ids) for r in requests]
-        width = max(lengths)
-        input_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((batch, width), dtype=torch.long)
-        for row, request in enumerate(requests):
-            input_ids[row, width - lengths[row] :] = torch.tensor(request.token_ids)
-            attention_mask[row, width - lengths[row] :] = 1
-        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        pasts = [self._past_for(r) for r in requests]
+        news = [
+            r.token_ids[len(p.token_ids) :] if p is not None else list(r.token_ids)
+            for r, p in zip(requests, pasts, strict=True)
+        ]
+        # Rows with no cache and the same tokens (a group's first turn) are prefilled once.
+        unique: dict[tuple, int] = {}
+        expand: list[int] = []
+        for row, (past, new) in enumerate(zip(pasts, news, strict=True)):
+            key = ("row", row) if past is not None else ("prompt", tuple(new))
+            expand.append(unique.setdefault(key, len(unique)))
+        firsts = [expand.index(u) for u in range(len(unique))]
+        cache, attention_mask, logits = self._prefill([pasts[r] for r in firsts], [news[r] for r in firsts])
+        prefill_counts = [len(news[row]) if row in firsts else 0 for row in range(batch)]
+        if len(unique) < batch:
+            index = torch.tensor(expand, device=self.device)
+            cache.batch_select_indices(index)
+            attention_mask, logits = attention_mask[index], logits[index]
+
+        next_position = torch.tensor([len(r.token_ids) for r in requests], device=self.device)[:, None]
         limits = torch.tensor([r.max_new_tokens for r in requests], device=self.device)
         steps = int(limits.max())
-
-        out = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True
-        )
-        cache = out.cache
-        logits = out.logits[:, -1, :]
-        next_position = position_ids[:, -1:] + 1
         generated = torch.full((batch, steps), self.pad_token_id, dtype=torch.long, device=self.device)
         generated_logprobs = torch.zeros((batch, steps), device=self.device)
         done = torch.zeros(batch, dtype=torch.bool, device=self.device)
@@ -145,18 +230,30 @@ class HFEngine:
             next_position = next_position + 1
 
         results = []
-        for row in range(batch):
+        for row, request in enumerate(requests):
             n = int(lengths_out[row])
+            tokens_out = generated[row, :n].tolist()
+            if request.episode_id:
+                self._keep(request, row, tokens_out, cache, attention_mask)
             results.append(
                 GenerationResult(
-                    token_ids=generated[row, :n].tolist(),
+                    token_ids=tokens_out,
                     logprobs=generated_logprobs[row, :n].tolist(),
                     finished=bool(finished[row]),
                     policy_version=self.policy_version,
-                    prefill_tokens=lengths[row],
+                    prefill_tokens=prefill_counts[row],
                 )
             )
         return results
+
+    def _keep(self, request: GenerationRequest, row: int, generated: list[int], cache: Any, mask: torch.Tensor) -> None:
+        """Store the row's KV without padding: the request's tokens plus the generated
+        tokens that were fed back (all but the last one sampled, unless decoding went on)."""
+        columns = mask[row].nonzero().squeeze(-1)
+        fed = columns.numel() - len(request.token_ids)
+        layers = [(layer.keys[row : row + 1, :, columns], layer.values[row : row + 1, :, columns])
+                  for layer in cache.layers]
+        self._episodes[request.episode_id] = _EpisodeKV(list(request.token_ids) + generated[:fed], layers)
 
 
 def _load_matching(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
@@ -197,6 +294,11 @@ class BatchingEngine:
         self.active_episodes -= 1
         if self._arrived is not None:
             self._arrived.set()
+
+    def release(self, episode_id: str) -> None:
+        release = getattr(self.engine, "release", None)  # scripted test engines keep no state
+        if release is not None:
+            release(episode_id)
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         if self._runner is None or self._runner.done():

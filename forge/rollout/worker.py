@@ -26,9 +26,12 @@ class RolloutWorker:
         success_threshold: float,
         seed: int,
         num_threads: int = 1,
+        min_sandbox_level: int = 0,
     ) -> None:
         from forge.models.loading import load_model, load_tokenizer
+        from forge.sandbox import set_min_level
 
+        set_min_level(min_sandbox_level)  # each actor is its own process: apply the floor here too
         torch.set_num_threads(num_threads)
         torch.manual_seed(seed)
         self.tokenizer = load_tokenizer(model_path)
@@ -60,6 +63,14 @@ class RolloutWorker:
 
     def get_policy_version(self) -> int:
         return self.engine.policy_version
+
+    def rng_state(self) -> dict[str, Any]:
+        """Episode seeds and token sampling state, for a checkpoint to resume exactly."""
+        return {"episodes": self.rng.getstate(), "sampling": self.engine.generator.get_state()}
+
+    def set_rng_state(self, state: dict[str, Any]) -> None:
+        self.rng.setstate(state["episodes"])
+        self.engine.generator.set_state(state["sampling"])
 
     def set_weights(self, weights: dict[str, torch.Tensor], version: int) -> int:
         self.engine.load_weights(weights, version)

@@ -1,0 +1,77 @@
+"""Config: YAML + dotted overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from forge.cli import main
+from forge.config import ConfigError, load_config, parse_override
+
+
+def test_overrides_set_nested_keys_with_yaml_typed_values():
+    cfg = load_config(None, ["train.max_steps=20", "rollout.num_workers=2", "train.tis_cap=2.5"])
+    assert cfg.train.max_steps == 20
+    assert cfg.rollout.num_workers == 2
+    assert cfg.train.tis_cap == 2.5
+
+
+def test_async_section_is_spelled_async_in_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("async:\n  max_staleness: 3\n")
+    assert load_config(path).async_.max_staleness == 3
+
+
+def test_unknown_key_is_rejected_with_its_dotted_path():
+    with pytest.raises(ConfigError, match=r"train\.max_stepz: unknown key"):
+        load_config(None, ["train.max_stepz=3"])
+
+
+def test_unknown_key_in_yaml_file_names_the_file_and_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("rollout:\n  num_wrkers: 2\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml[\s\S]*rollout\.num_wrkers: unknown key"):
+        load_config(path)
+
+
+def test_wrong_type_names_key_and_expected_type():
+    with pytest.raises(ConfigError, match=r"train\.max_steps: .*valid integer.*'abc'"):
+        load_config(None, ["train.max_steps=abc"])
+
+
+def test_out_of_range_value_is_rejected():
+    with pytest.raises(ConfigError, match=r"rollout\.group_size: .*greater than 0"):
+        load_config(None, ["rollout.group_size=0"])
+
+
+def test_override_into_a_value_is_rejected(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("seed: 1\n")
+    with pytest.raises(ConfigError, match="seed is a value, not a section"):
+        load_config(path, ["seed.x=1"])
+
+
+def test_override_without_equals_is_rejected():
+    with pytest.raises(ConfigError, match="dotted.key=value"):
+        parse_override("train.max_steps")
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_dry_run_prints_resolved_config_and_starts_nothing(capsys, tmp_path):
+    code = main(["train", "configs/smoke.yaml", "train.max_steps=7", "--dry-run", "--output-dir", str(tmp_path / "r")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "max_steps: 7" in out
+    assert f"output_dir: {tmp_path / 'r'}" in out
+    assert not (tmp_path / "r").exists()
+
+
+def test_cli_reports_bad_key_without_traceback(capsys):
+    code = main(["train", "configs/smoke.yaml", "train.lr=1", "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "train.lr: unknown key" in err
+    assert "Traceback" not in err
