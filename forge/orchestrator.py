@@ -177,7 +177,6 @@ def train(
     from tqdm import tqdm
 
     from forge.reward.shaping import trajectory_advantages
-
     from forge.sandbox import set_min_level
 
     started = time.perf_counter()

@@ -26,7 +26,7 @@ def test_each_train_step_bumps_the_policy_version_and_new_tokens_carry_it(tiny_c
     worker, trainer = _setup(tiny_checkpoint)
     tasks = [{"task_id": "a", "secret": 5, "n": 16}]
     trajectories = asyncio.run(worker.rollout(tasks, 4))
-    assert {v for t in trajectories for v, m in zip(t.policy_versions, t.loss_mask) if m} == {0}
+    assert {v for t in trajectories for v, m in zip(t.policy_versions, t.loss_mask, strict=False) if m} == {0}
 
     samples = [Sample.from_trajectory(t, 1.0 if i % 2 else -1.0) for i, t in enumerate(trajectories)]
     trainer.train_step(samples)
@@ -35,7 +35,7 @@ def test_each_train_step_bumps_the_policy_version_and_new_tokens_carry_it(tiny_c
 
     worker.set_weights(trainer.weights(), trainer.policy_version)
     trajectories = asyncio.run(worker.rollout(tasks, 4))
-    assert {v for t in trajectories for v, m in zip(t.policy_versions, t.loss_mask) if m} == {2}
+    assert {v for t in trajectories for v, m in zip(t.policy_versions, t.loss_mask, strict=False) if m} == {2}
 
 
 def test_sync_changes_what_the_worker_computes(tiny_checkpoint):
