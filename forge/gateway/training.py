@@ -1,0 +1,203 @@
+"""Training from agent programs: the harness starts episodes on the gateway, runs one agent
+process per episode against it, and trains on every recorded model call.
+
+The gateway's engine lives in this (driver) process; the trainer is a Ray actor whose
+versioned weights are loaded into the engine after every step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from forge.config import Config
+from forge.gateway.episodes import Episode, EpisodeStore, episode_samples
+from forge.gateway.server import Gateway, GatewayServer
+
+
+@dataclass
+class AgentExit:
+    returncode: int | None  # None: killed at the timeout
+    stderr_tail: str
+
+
+def agent_argv(command: str) -> list[str]:
+    argv = [part.replace("{python}", sys.executable) for part in shlex.split(command)]
+    if not argv:
+        raise ValueError("gateway.agent_command is empty; give the command that runs one agent episode")
+    return argv
+
+
+def run_agents(
+    argv: list[str], episode_ids: list[str], environment: dict[str, str], max_concurrent: int, timeout_s: float
+) -> dict[str, AgentExit]:
+    """Run `argv` once per episode (FORGE_EPISODE_ID and OPENAI_API_KEY set to its id), at
+    most `max_concurrent` at a time; kill the whole process group of any past `timeout_s`."""
+    waiting = list(episode_ids)
+    running: dict[str, tuple[subprocess.Popen, float, Any]] = {}
+    exits: dict[str, AgentExit] = {}
+    try:
+        while waiting or running:
+            while waiting and len(running) < max_concurrent:
+                episode_id = waiting.pop(0)
+                stderr = tempfile.TemporaryFile()
+                env = {**os.environ, **environment, "FORGE_EPISODE_ID": episode_id, "OPENAI_API_KEY": episode_id}
+                try:
+                    process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                               stderr=stderr, start_new_session=True)
+                except OSError as exc:
+                    raise RuntimeError(f"gateway.agent_command {shlex.join(argv)!r} cannot start: {exc}") from None
+                running[episode_id] = (process, time.monotonic(), stderr)
+            for episode_id, (process, started, stderr) in list(running.items()):
+                returncode = process.poll()
+                if returncode is None and time.monotonic() - started < timeout_s:
+                    continue
+                if returncode is None:
+                    _kill_group(process)
+                stderr.seek(0)
+                exits[episode_id] = AgentExit(returncode, stderr.read()[-2000:].decode(errors="replace"))
+                stderr.close()
+                del running[episode_id]
+            time.sleep(0.02)
+    finally:
+        for process, _, stderr in running.values():
+            _kill_group(process)
+            stderr.close()
+    return exits
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
+def close_unfinished(server: GatewayServer, exits: dict[str, AgentExit]) -> None:
+    """Episodes whose agent exited without finishing them: a timeout is a truncation, a
+    crash is an error; their recorded calls are kept either way."""
+    store = server.gateway.store
+    for episode_id, agent in exits.items():
+        if store.get(episode_id).finished:
+            continue
+        if agent.returncode is None:
+            status, error = "truncated", "the agent ran past gateway.agent_timeout_s and was killed"
+        else:
+            status, error = "error", f"the agent exited with code {agent.returncode} without finishing: " + (
+                agent.stderr_tail.strip().splitlines()[-1] if agent.stderr_tail.strip() else "(no stderr)"
+            )
+        server.call(server.gateway.abandon_episode(episode_id, status, error))
+
+
+async def _take(store: EpisodeStore, episode_ids: list[str]) -> list[Episode]:
+    return store.take(episode_ids)
+
+
+def train_gateway(cfg: Config, output_dir: str | Path | None = None, progress: bool | None = None) -> Any:
+    """`cfg.train.max_steps` steps of sync RL where agent processes play every episode."""
+    import ray
+    import torch
+    from tqdm import tqdm
+
+    from forge.env.registry import resolve_env
+    from forge.metrics import MetricsLogger, rollout_metrics
+    from forge.models.loading import load_model, load_tokenizer, resolve_model_path
+    from forge.orchestrator import RunResult, TaskStream, load_task_rows, start_ray
+    from forge.reward.shaping import RewardShaper, trajectory_advantages
+    from forge.rollout.engine import HFEngine
+    from forge.train.trainer import Trainer
+
+    started = time.perf_counter()
+    output = Path(output_dir or cfg.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    argv = agent_argv(cfg.gateway.agent_command)
+    model_path = resolve_model_path(cfg.model, output / "initial_model", seed=cfg.seed)
+    tasks = TaskStream(load_task_rows(cfg), cfg.seed)
+    shaper = RewardShaper(cfg.reward)
+    rng = random.Random(cfg.seed)
+
+    start_ray()
+    trainer = (
+        ray.remote(Trainer)
+        .options(num_cpus=cfg.train.num_cpus, num_gpus=cfg.train.num_gpus)
+        .remote(str(model_path), cfg.model, cfg.train, cfg.trainer, cfg.seed, max(1, int(cfg.train.num_cpus)))
+    )
+    torch.set_num_threads(1)
+    tokenizer = load_tokenizer(model_path)
+    engine = HFEngine(load_model(model_path, cfg.model), [tokenizer.eos_token_id], tokenizer.pad_token_id,
+                      cfg.rollout.temperature, cfg.rollout.top_p, seed=cfg.seed)
+    env_class = resolve_env(cfg.env.name)
+    store = EpisodeStore(lambda: env_class(**cfg.env.kwargs), cfg.env.step_timeout_s)
+    gateway = Gateway(engine, tokenizer, store, cfg.rollout.max_new_tokens, cfg.rollout.max_context_tokens)
+    server = GatewayServer(gateway, cfg.gateway.host, cfg.gateway.port).start()
+    agent_env = {"OPENAI_BASE_URL": server.base_url, "FORGE_GATEWAY_URL": server.root_url,
+                 "FORGE_MAX_TURNS": str(cfg.rollout.max_turns)}
+
+    logger = MetricsLogger(output, cfg.logging.tensorboard, cfg.logging.wandb_project, cfg.to_dict())
+    show_progress = cfg.logging.progress_bar if progress is None else progress
+    bar = tqdm(total=cfg.train.max_steps, desc="train (gateway)", unit="step", disable=not show_progress)
+    step = 0
+    try:
+        for step in range(1, cfg.train.max_steps + 1):
+            rollout_started = time.perf_counter()
+            episode_ids = []
+            for task in tasks.take(cfg.rollout.tasks_per_step):
+                group_id = f"{task.get('task_id', '')}@v{engine.policy_version}#{rng.getrandbits(32):08x}"
+                for _ in range(cfg.rollout.group_size):
+                    episode_ids.append(server.call(gateway.start_episode(task, group_id)))
+            exits = run_agents(argv, episode_ids, agent_env, cfg.gateway.max_concurrent_agents,
+                               cfg.gateway.agent_timeout_s)
+            close_unfinished(server, exits)
+            episodes = server.call(_take(store, episode_ids))
+            rollout_seconds = time.perf_counter() - rollout_started
+
+            trajectories = [episode.to_trajectory(cfg.reward.success_threshold) for episode in episodes]
+            reward_metrics = shaper.shape(trajectories)
+            advantages = trajectory_advantages(trajectories, cfg.train.advantage, cfg.train.advantage_std,
+                                               cfg.reward.outcome_gap)
+            samples = episode_samples(episodes, advantages)
+            train_metrics = ray.get(trainer.train_step.remote(samples))
+            sync_started = time.perf_counter()
+            wrapped, version = ray.get(trainer.publish_weights.remote())
+            engine.load_weights(ray.get(wrapped[0]), version)
+
+            metrics = rollout_metrics(trajectories)
+            metrics.update(reward_metrics)
+            metrics.update(train_metrics)
+            metrics.update(
+                gateway_calls=float(sum(len(e.calls) for e in episodes)),
+                gateway_samples=float(len(samples)),
+                agents_failed=float(sum(a.returncode not in (0,) for a in exits.values())),
+                rollout_seconds=rollout_seconds,
+                sync_seconds=time.perf_counter() - sync_started,
+                policy_version=float(version),
+                wall_seconds=time.perf_counter() - started,
+            )
+            logger.log(step, metrics)
+            logger.log_trajectories(step, trajectories, tokenizer, cfg.logging.trajectory_samples)
+            bar.set_postfix(reward=f"{metrics.get('reward_mean', float('nan')):.3f}",
+                            calls=f"{metrics['gateway_calls']:.0f}")
+            bar.update(1)
+        checkpoint = Path(ray.get(trainer.save.remote(str(output / "final"))))
+    finally:
+        bar.close()
+        logger.close()
+        server.stop()
+        ray.kill(trainer)
+    summary = {"steps": step, "checkpoint": str(checkpoint), "wall_seconds": time.perf_counter() - started}
+    (output / "summary.json").write_text(json.dumps(summary, indent=2))
+    return RunResult(output, step, checkpoint, summary["wall_seconds"])
