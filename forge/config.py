@@ -226,6 +226,21 @@ class SandboxConfig(Section):
     min_level: int = Field(0, ge=0, le=2, description="refuse to start below this isolation level")
 
 
+class GatewayConfig(Section):
+    """Train from black-box agent programs that call an OpenAI-compatible endpoint."""
+
+    enabled: bool = Field(False, description="play episodes through agent processes and the HTTP gateway")
+    host: str = Field("127.0.0.1", description="address the gateway listens on")
+    port: int = Field(0, ge=0, lt=65536, description="0 picks a free port")
+    agent_command: str = Field(
+        "{python} examples/gateway_agent.py",
+        description="command run once per episode ({python} is this interpreter); it gets OPENAI_BASE_URL, "
+        "OPENAI_API_KEY (= the episode id), FORGE_GATEWAY_URL, FORGE_EPISODE_ID and FORGE_MAX_TURNS",
+    )
+    max_concurrent_agents: int = Field(8, gt=0, description="agent processes running at once")
+    agent_timeout_s: float = Field(300.0, gt=0, description="an agent process still running after this is killed")
+
+
 class LoggingConfig(Section):
     tensorboard: bool = True
     wandb_project: str | None = None
@@ -244,6 +259,7 @@ class Config(Section):
     reward: RewardConfig = Field(default_factory=RewardConfig)
     async_: AsyncConfig = Field(default_factory=AsyncConfig, alias="async")
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)

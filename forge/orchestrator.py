@@ -173,6 +173,10 @@ def train(
     """Run `cfg.train.max_steps` steps of sync RL; write metrics and a final checkpoint.
 
     With `resume`, continue from the latest checkpoint in the output directory."""
+    if cfg.gateway.enabled:  # agent programs play the episodes through the HTTP gateway
+        from forge.gateway.training import train_gateway
+
+        return train_gateway(cfg, output_dir, progress)
     import ray
     from tqdm import tqdm
 
