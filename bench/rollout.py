@@ -1,0 +1,76 @@
+"""Rollout cost against episode length: with per-episode KV caches, cost grows linearly.
+
+For episodes of 4, 8 and 16 turns, a tiny random model plays 4 groups of 4 episodes
+(each turn: 8 generated tokens, then an 8-token observation) and we report wall seconds,
+tokens the engine ran through prefill, tokens in the final contexts, and what re-prefilling
+the whole history every turn would have cost. Prints one JSON object and writes
+bench/results/rollout.json.
+
+    python bench/rollout.py
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from forge.config import ModelConfig, TinyModelConfig
+from forge.models.loading import load_model, load_tokenizer
+from forge.models.tiny import save_tiny_checkpoint
+from forge.rollout.engine import GenerationRequest, HFEngine
+
+GROUPS, GROUP_SIZE, NEW_TOKENS, OBSERVATION_TOKENS = 4, 4, 8, 8
+
+
+def play(engine: HFEngine, prompts: list[list[int]], turns: int) -> dict[str, float]:
+    contexts = {f"{g}/{s}": list(prompts[g]) for g in range(len(prompts)) for s in range(GROUP_SIZE)}
+    prefill = naive = 0
+    started = time.perf_counter()
+    for turn in range(turns):
+        requests = [GenerationRequest(ids, NEW_TOKENS, episode_id=name) for name, ids in contexts.items()]
+        naive += sum(len(r.token_ids) for r in requests)
+        for request, result in zip(requests, engine.generate(requests), strict=True):
+            prefill += result.prefill_tokens
+            observation = [(turn * 7 + i) % 30 + 5 for i in range(OBSERVATION_TOKENS)]
+            contexts[request.episode_id] = request.token_ids + result.token_ids + observation
+    seconds = time.perf_counter() - started
+    for name in contexts:
+        engine.release(name)
+    return {
+        "seconds": round(seconds, 4),
+        "prefill_tokens": prefill,
+        "context_tokens": sum(len(ids) for ids in contexts.values()),
+        "naive_prefill_tokens": naive,
+    }
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_tiny_checkpoint(TinyModelConfig(), Path(tmp), seed=0)
+        model, tokenizer = load_model(path, ModelConfig()), load_tokenizer(path)
+    # A stop token outside the vocabulary: every turn generates exactly NEW_TOKENS tokens.
+    engine = HFEngine(model, [tokenizer.vocab_size + 10**6], tokenizer.pad_token_id, seed=0)
+    prompts = [[(g * 11 + i) % 30 + 5 for i in range(24)] for g in range(GROUPS)]
+    play(engine, prompts, 2)  # warm-up
+    results = {str(turns): play(engine, prompts, turns) for turns in (4, 8, 16)}
+    report = {
+        "episodes": GROUPS * GROUP_SIZE,
+        "new_tokens_per_turn": NEW_TOKENS,
+        "observation_tokens_per_turn": OBSERVATION_TOKENS,
+        "turns": results,
+        "prefill_over_context_16": round(results["16"]["prefill_tokens"] / results["16"]["context_tokens"], 4),
+        "seconds_16_over_4": round(results["16"]["seconds"] / results["4"]["seconds"], 3),
+    }
+    out = Path(__file__).parent / "results" / "rollout.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
