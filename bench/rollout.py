@@ -3,7 +3,7 @@
 For episodes of 4, 8 and 16 turns, a tiny random model plays 4 groups of 4 episodes
 (each turn: 8 generated tokens, then an 8-token observation) and we report wall seconds,
 tokens the engine ran through prefill, tokens in the final contexts, and what re-prefilling
-the whole history every turn would have cost. Prints one JSON object and writes
+the whole history every turn would have cost (fastest of REPEATS runs). Prints one JSON object and writes
 bench/results/rollout.json.
 
     python bench/rollout.py
@@ -24,6 +24,7 @@ from forge.models.tiny import save_tiny_checkpoint
 from forge.rollout.engine import GenerationRequest, HFEngine
 
 GROUPS, GROUP_SIZE, NEW_TOKENS, OBSERVATION_TOKENS = 4, 4, 8, 8
+REPEATS = 5
 
 
 def play(engine: HFEngine, prompts: list[list[int]], turns: int) -> dict[str, float]:
@@ -57,7 +58,11 @@ def main() -> None:
     engine = HFEngine(model, [tokenizer.vocab_size + 10**6], tokenizer.pad_token_id, seed=0)
     prompts = [[(g * 11 + i) % 30 + 5 for i in range(24)] for g in range(GROUPS)]
     play(engine, prompts, 2)  # warm-up
-    results = {str(turns): play(engine, prompts, turns) for turns in (4, 8, 16)}
+    results = {}
+    for turns in (4, 8, 16):
+        # Other processes share these 2 cores: keep the fastest of a few repeats.
+        runs = [play(engine, prompts, turns) for _ in range(REPEATS)]
+        results[str(turns)] = min(runs, key=lambda run: run["seconds"])
     report = {
         "episodes": GROUPS * GROUP_SIZE,
         "new_tokens_per_turn": NEW_TOKENS,
