@@ -1,0 +1,319 @@
+"""The gateway driven by the real `openai` client over loopback: what agents see, and what
+the gateway records for training."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from envs.guess_number import GuessNumberEnv
+from forge.config import ModelConfig, TinyModelConfig
+from forge.env.tools import hermes_tools_prompt
+from forge.gateway import Gateway, GatewayServer
+from forge.gateway.episodes import EpisodeStore
+from forge.models.loading import load_model, load_tokenizer
+from forge.models.tiny import save_tiny_checkpoint
+from forge.rollout.engine import GenerationResult, HFEngine
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOL_TEXT = '<tool_call>{"name":"guess","arguments":{"number":3}}</tool_call>'
+GUESS_TOOL = {
+    "type": "function",
+    "function": {"name": "guess", "description": "Guess the number.",
+                 "parameters": {"type": "object", "properties": {"number": {"type": "integer"}}}},
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return save_tiny_checkpoint(TinyModelConfig(), tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(checkpoint):
+    tokenizer = load_tokenizer(checkpoint)
+    tokenizer.add_tokens([TOOL_TEXT])  # lets a scripted engine "write" a tool call
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint, tokenizer) -> HFEngine:
+    return HFEngine(load_model(checkpoint, ModelConfig()), [tokenizer.eos_token_id], tokenizer.pad_token_id)
+
+
+class ScriptedEngine:
+    """Replies with fixed token ids after an optional delay."""
+
+    def __init__(self, reply: list[int], delay_s: float = 0.0) -> None:
+        self.reply = reply
+        self.delay_s = delay_s
+        self.policy_version = 7
+
+    def generate(self, requests):
+        time.sleep(self.delay_s)
+        return [GenerationResult(list(self.reply), [-0.5] * len(self.reply), True, self.policy_version,
+                                 len(r.token_ids)) for r in requests]
+
+    def load_weights(self, state_dict, version):
+        self.policy_version = version
+
+    def release(self, episode_id):
+        pass
+
+
+@contextmanager
+def serve(engine, tokenizer, max_new_tokens: int = 6, max_context_tokens: int = 256):
+    store = EpisodeStore(lambda: GuessNumberEnv(n=8))
+    gateway = Gateway(engine, tokenizer, store, max_new_tokens, max_context_tokens)
+    with GatewayServer(gateway) as server:
+        yield server
+
+
+def start(server: GatewayServer, secret: int = 3, task_id: str = "t0") -> dict:
+    response = httpx.post(f"{server.root_url}/forge/episodes",
+                          json={"task": {"task_id": task_id, "secret": secret, "n": 8}})
+    response.raise_for_status()
+    return response.json()
+
+
+def client(server: GatewayServer, episode_id: str, **kwargs) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url, api_key=episode_id, max_retries=0, **kwargs)
+
+
+def test_chat_call_is_recorded_with_the_template_prompt_and_the_sampled_ids(engine, tokenizer):
+    with serve(engine, tokenizer) as server:
+        episode = start(server)
+        messages = [{"role": "user", "content": episode["observation"]}]
+        reply = client(server, episode["episode_id"]).chat.completions.create(model="p", messages=messages)
+        [call] = server.gateway.store.get(episode["episode_id"]).calls
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert call.prompt_ids == tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    assert reply.choices[0].message.content == tokenizer.decode(call.completion_ids, skip_special_tokens=True)
+    assert len(call.logprobs) == len(call.completion_ids) == reply.usage.completion_tokens
+    assert all(lp <= 0 for lp in call.logprobs)
+    assert call.policy_version == 0
+
+
+def test_a_hermes_tool_call_comes_back_as_openai_tool_calls(tokenizer):
+    engine = ScriptedEngine([tokenizer.convert_tokens_to_ids(TOOL_TEXT), tokenizer.eos_token_id])
+    with serve(engine, tokenizer) as server:
+        episode = start(server)
+        reply = client(server, episode["episode_id"]).chat.completions.create(
+            model="p", messages=[{"role": "user", "content": "guess"}], tools=[GUESS_TOOL]
+        )
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    [call] = choice.message.tool_calls
+    assert call.function.name == "guess" and json.loads(call.function.arguments) == {"number": 3}
+
+
+def test_tool_results_are_rendered_into_the_next_prompt(tokenizer):
+    engine = ScriptedEngine([tokenizer.convert_tokens_to_ids(TOOL_TEXT), tokenizer.eos_token_id])
+    with serve(engine, tokenizer) as server:
+        episode = start(server)
+        agent = client(server, episode["episode_id"])
+        messages = [{"role": "user", "content": "guess"}]
+        first = agent.chat.completions.create(model="p", messages=messages, tools=[GUESS_TOOL]).choices[0].message
+        messages += [first.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": first.tool_calls[0].id, "content": "higher"}]
+        agent.chat.completions.create(model="p", messages=messages, tools=[GUESS_TOOL])
+        first_call, second_call = server.gateway.store.get(episode["episode_id"]).calls
+    # A template that ignores tools= gets them, and the calls, as Hermes text.
+    expected = [
+        {"role": "system", "content": hermes_tools_prompt([GUESS_TOOL])},
+        {"role": "user", "content": "guess"},
+        {"role": "assistant", "content": '<tool_call>{"name": "guess", "arguments": {"number": 3}}</tool_call>'},
+        {"role": "tool", "content": "<tool_response>\nhigher\n</tool_response>"},
+    ]
+    rendered = tokenizer.apply_chat_template(expected, add_generation_prompt=True, tokenize=False)
+    assert second_call.prompt_ids == tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    assert len(second_call.prompt_ids) > len(first_call.prompt_ids)
+
+
+def test_streamed_chunks_add_up_to_the_recorded_reply(engine, tokenizer):
+    with serve(engine, tokenizer) as server:
+        episode = start(server)
+        stream = client(server, episode["episode_id"]).chat.completions.create(
+            model="p", messages=[{"role": "user", "content": "guess"}], stream=True
+        )
+        chunks = list(stream)
+        [call] = server.gateway.store.get(episode["episode_id"]).calls
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == tokenizer.decode(call.completion_ids, skip_special_tokens=True)
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_completions_and_models_endpoints(engine, tokenizer):
+    with serve(engine, tokenizer) as server:
+        episode = start(server)
+        agent = client(server, episode["episode_id"])
+        completion = agent.completions.create(model="p", prompt="guess a number", max_tokens=3)
+        models = agent.models.list()
+        [call] = server.gateway.store.get(episode["episode_id"]).calls
+    assert call.prompt_ids == tokenizer("guess a number", add_special_tokens=False)["input_ids"]
+    assert len(call.completion_ids) <= 3
+    assert completion.choices[0].text == tokenizer.decode(call.completion_ids, skip_special_tokens=True)
+    assert [m.id for m in models.data] == ["forge-policy"]
+
+
+def test_the_episode_header_and_user_field_also_name_the_episode(engine, tokenizer):
+    with serve(engine, tokenizer) as server:
+        by_header, by_user = start(server), start(server)
+        anonymous = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+        messages = [{"role": "user", "content": "guess"}]
+        anonymous.chat.completions.create(model="p", messages=messages,
+                                          extra_headers={"X-Forge-Episode": by_header["episode_id"]})
+        anonymous.chat.completions.create(model="p", messages=messages, user=by_user["episode_id"])
+        store = server.gateway.store
+        assert len(store.get(by_header["episode_id"]).calls) == len(store.get(by_user["episode_id"]).calls) == 1
+
+
+def test_finish_with_a_reward_sets_the_outcome(engine, tokenizer):
+    with serve(engine, tokenizer) as server:
+        episode = start(server)
+        finished = httpx.post(f"{server.root_url}/forge/episodes/{episode['episode_id']}/finish",
+                              json={"reward": 0.25}).json()
+    assert finished["finished"] and finished["status"] == "ok" and finished["outcome"] == 0.25
+
+
+def test_finish_with_an_answer_lets_the_env_verify_it(engine, tokenizer):
+    with serve(engine, tokenizer) as server:
+        right, wrong = start(server, secret=3), start(server, secret=3)
+        url = f"{server.root_url}/forge/episodes"
+        right_end = httpx.post(f"{url}/{right['episode_id']}/finish", json={"answer": "3"}).json()
+        wrong_end = httpx.post(f"{url}/{wrong['episode_id']}/finish", json={"answer": "5"}).json()
+    assert right_end["outcome"] == 1.0 and right_end["status"] == "ok"
+    assert wrong_end["outcome"] == 0.0 and wrong_end["status"] == "truncated"
+
+
+def test_env_steps_reach_the_env_and_its_reward_is_the_outcome(engine, tokenizer):
+    with serve(engine, tokenizer) as server:
+        episode = start(server, secret=3)
+        url = f"{server.root_url}/forge/episodes/{episode['episode_id']}"
+        hint = httpx.post(f"{url}/step", json={"action": "1"}).json()
+        correct = httpx.post(f"{url}/step", json={"action": "3"}).json()
+        finished = httpx.post(f"{url}/finish", json={}).json()
+    assert hint["observation"] == "higher" and not hint["done"]
+    assert correct["done"] and correct["reward"] == 1.0
+    assert finished["outcome"] == 1.0
+
+
+def test_concurrent_episodes_keep_their_calls_apart(engine, tokenizer):
+    with serve(engine, tokenizer) as server:
+        episodes = [start(server, task_id=f"t{i}") for i in range(4)]
+        errors = []
+
+        def play(index: int) -> None:
+            try:
+                agent = client(server, episodes[index]["episode_id"])
+                for turn in range(index + 1):
+                    agent.chat.completions.create(model="p", messages=[{"role": "user", "content": f"{index} {turn}"}])
+            except Exception as exc:  # surfaced below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=play, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        store = server.gateway.store
+        assert not errors
+        for index, episode in enumerate(episodes):
+            calls = store.get(episode["episode_id"]).calls
+            assert len(calls) == index + 1
+            assert all(tokenizer.decode(c.prompt_ids).split()[2] == str(index) for c in calls)
+
+
+def error_of(response: httpx.Response) -> str:
+    return response.json()["error"]["message"]
+
+
+def test_an_unknown_episode_is_a_404_that_says_how_to_start_one(engine, tokenizer):
+    with serve(engine, tokenizer) as server:
+        with pytest.raises(openai.NotFoundError, match="POST /forge/episodes"):
+            client(server, "no-such-episode").chat.completions.create(
+                model="p", messages=[{"role": "user", "content": "x"}]
+            )
+
+
+def test_malformed_json_is_a_400_and_recorded_calls_stay(engine, tokenizer):
+    with serve(engine, tokenizer) as server:
+        episode = start(server)
+        client(server, episode["episode_id"]).chat.completions.create(model="p", messages=[{"role": "user", "content": "x"}])
+        response = httpx.post(f"{server.base_url}/chat/completions", content=b'{"messages": [',
+                              headers={"Authorization": f"Bearer {episode['episode_id']}",
+                                       "Content-Type": "application/json"})
+        assert response.status_code == 400 and "not valid JSON" in error_of(response)
+        assert len(server.gateway.store.get(episode["episode_id"]).calls) == 1
+
+
+def test_a_body_without_messages_is_a_400_naming_the_field(engine, tokenizer):
+    with serve(engine, tokenizer) as server:
+        episode = start(server)
+        response = httpx.post(f"{server.base_url}/chat/completions", json={"model": "p"},
+                              headers={"Authorization": f"Bearer {episode['episode_id']}"})
+    assert response.status_code == 400 and "messages" in error_of(response)
+
+
+def test_a_prompt_over_the_context_limit_is_a_400(engine, tokenizer):
+    with serve(engine, tokenizer, max_context_tokens=16) as server:
+        episode = start(server)
+        with pytest.raises(openai.BadRequestError, match="context limit") as raised:
+            client(server, episode["episode_id"]).chat.completions.create(
+                model="p", messages=[{"role": "user", "content": "guess a number " * 10}]
+            )
+        assert raised.value.code == "context_length_exceeded"
+        assert server.gateway.store.get(episode["episode_id"]).calls == []
+
+
+def test_a_finished_episode_takes_no_more_calls(engine, tokenizer):
+    with serve(engine, tokenizer) as server:
+        episode = start(server)
+        httpx.post(f"{server.root_url}/forge/episodes/{episode['episode_id']}/finish", json={"reward": 1.0})
+        with pytest.raises(openai.ConflictError, match="already finished"):
+            client(server, episode["episode_id"]).chat.completions.create(
+                model="p", messages=[{"role": "user", "content": "x"}]
+            )
+
+
+def test_a_client_that_disconnects_mid_generation_loses_no_recorded_call(tokenizer):
+    engine = ScriptedEngine([tokenizer.convert_tokens_to_ids("5"), tokenizer.eos_token_id])
+    with serve(engine, tokenizer) as server:
+        episode = start(server)
+        messages = [{"role": "user", "content": "x"}]
+        client(server, episode["episode_id"]).chat.completions.create(model="p", messages=messages)
+        engine.delay_s = 1.0
+        with pytest.raises(openai.APITimeoutError):
+            client(server, episode["episode_id"], timeout=0.2).chat.completions.create(model="p", messages=messages)
+        stored = server.gateway.store.get(episode["episode_id"])
+        deadline = time.monotonic() + 10
+        while "calls_dropped" not in stored.info and time.monotonic() < deadline:
+            time.sleep(0.05)
+        engine.delay_s = 0.0
+        client(server, episode["episode_id"]).chat.completions.create(model="p", messages=messages)
+    assert stored.info["calls_dropped"] == 1  # the reply it never received is not a sample
+    assert len(stored.calls) == 2 and all(c.policy_version == 7 for c in stored.calls)
+
+
+def test_the_example_agent_plays_one_episode_to_the_end(engine, tokenizer):
+    with serve(engine, tokenizer) as server:
+        episode = start(server)
+        environment = {**os.environ, "OPENAI_BASE_URL": server.base_url, "OPENAI_API_KEY": episode["episode_id"],
+                       "FORGE_GATEWAY_URL": server.root_url, "FORGE_EPISODE_ID": episode["episode_id"],
+                       "FORGE_MAX_TURNS": "3"}
+        subprocess.run([sys.executable, str(ROOT / "examples" / "gateway_agent.py")], env=environment,
+                       check=True, timeout=120, capture_output=True)
+        played = server.gateway.store.get(episode["episode_id"])
+    assert played.finished and 1 <= len(played.calls) <= 3
+    assert played.steps == len(played.calls)  # each reply was one env action

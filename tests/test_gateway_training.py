@@ -1,0 +1,80 @@
+"""Gateway episodes as training data: per-call samples, shared advantages, and a real run
+where the harness starts and stops agent processes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from forge.config import load_config
+from forge.gateway.episodes import CallRecord, Episode, episode_samples
+from forge.reward.shaping import trajectory_advantages
+from forge.types import NO_VERSION
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def episode(group_id: str, outcome: float, calls: list[CallRecord]) -> Episode:
+    played = Episode(f"ep-{group_id}-{outcome}", {"task_id": group_id}, group_id, None, "obs")
+    played.calls, played.outcome, played.finished = calls, outcome, True
+    return played
+
+
+def call(prompt: list[int], completion: list[int]) -> CallRecord:
+    return CallRecord(prompt, completion, [-0.1] * len(completion), 3, True)
+
+
+def test_each_call_is_a_sample_with_only_its_generated_ids_trained():
+    [sample] = episode_samples([episode("g", 1.0, [call([1, 2, 3], [4, 5])])], [0.5])
+    assert sample.token_ids == [1, 2, 3, 4, 5]
+    assert sample.loss_mask == [0, 0, 0, 1, 1]
+    assert sample.behaviour_logprobs == [0.0, 0.0, 0.0, -0.1, -0.1]
+    assert sample.policy_versions == [NO_VERSION] * 3 + [3, 3]
+
+
+def test_calls_of_one_episode_share_its_advantage_within_its_task_group():
+    won = episode("g", 1.0, [call([1, 2], [3]), call([1, 2, 3, 9], [4])])
+    lost = episode("g", 0.0, [call([1, 2], [5])])
+    other = episode("h", 1.0, [call([7], [8])])
+    played = [won, lost, other]
+    trajectories = [e.to_trajectory(success_threshold=0.5) for e in played]
+    for t in trajectories:
+        t.reward = t.outcome
+    advantages = trajectory_advantages(trajectories, "grpo")
+    samples = episode_samples(played, advantages)
+    assert [s.advantage for s in samples[:2]] == [advantages[0]] * 2
+    assert advantages[0] > 0 > advantages[1]
+    assert samples[-1].group_id == "h" and advantages[2] == 0.0  # alone in its group
+    assert trajectories[0].num_turns == 2 and trajectories[0].generated_tokens == 2
+
+
+def test_lost_episodes_and_empty_calls_give_no_samples():
+    lost = episode("g", 0.0, [call([1], [2])])
+    lost.status = "lost"
+    empty = episode("g", 0.0, [call([1], [])])
+    assert episode_samples([lost, empty], [0.0, 0.0]) == []
+
+
+@pytest.mark.slow
+def test_gateway_smoke_config_trains_with_agent_processes(ray_session, tmp_path, monkeypatch):
+    from forge.orchestrator import train
+
+    monkeypatch.chdir(ROOT)  # the agent command names examples/ relative to the repository
+    cfg = load_config(ROOT / "configs" / "gateway-smoke.yaml", ["train.max_steps=1", "rollout.group_size=2"])
+    result = train(cfg, tmp_path, progress=False)
+    [metrics] = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert result.steps == 1 and (result.checkpoint / "config.json").is_file()
+    assert metrics["agents_failed"] == 0 and metrics["episodes"] == 4
+    assert metrics["trained_samples"] == metrics["gateway_calls"] >= 4
+    assert metrics["tree_token_ratio"] > 1.0  # calls of a group share their first prompt
+    assert not [p for p in os.listdir("/proc") if p.isdigit() and _is_agent(p)]
+
+
+def _is_agent(pid: str) -> bool:
+    try:
+        return b"gateway_agent.py" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
