@@ -19,9 +19,31 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     from forge.orchestrator import train
 
-    result = train(cfg)
+    if args.resume:
+        cfg.output_dir = args.resume
+    result = train(cfg, resume=bool(args.resume))
     print(f"done: {result.steps} steps in {result.wall_seconds:.0f}s; metrics in {result.output_dir}/metrics.jsonl; "
           f"checkpoint {result.checkpoint}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from forge.config import load_config
+    from forge.eval import evaluate
+
+    cfg = load_config(args.config, args.overrides)
+    result = evaluate(cfg, args.checkpoint, args.episodes, args.tasks, progress=not args.no_progress)
+    print(json.dumps(result))
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from forge.plot import plot_run
+
+    for path in plot_run(args.run_dir, args.out):
+        print(path)
     return 0
 
 
@@ -63,7 +85,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=20")
     train.add_argument("--dry-run", action="store_true", help="validate and print the resolved config")
     train.add_argument("--output-dir", help="where the run writes (overrides output_dir)")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
     train.set_defaults(handler=_train)
+
+    evaluate = commands.add_parser("eval", help="play episodes with a trained model; prints one JSON object")
+    evaluate.add_argument("config", help="the YAML config the model was trained with (env, rollout limits)")
+    evaluate.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rollout.temperature=0.7")
+    evaluate.add_argument("--checkpoint", required=True, help="model folder, e.g. runs/smoke/final")
+    evaluate.add_argument("--episodes", type=int, default=8, help="episodes per task")
+    evaluate.add_argument("--tasks", type=int, default=16, help="how many of the env's tasks to play")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    evaluate.set_defaults(handler=_eval)
+
+    plot = commands.add_parser("plot", help="PNG charts of a run's metrics")
+    plot.add_argument("run_dir", help="a run's output directory (holds metrics.jsonl)")
+    plot.add_argument("--out", help="where the PNGs go (default RUN_DIR/plots)")
+    plot.set_defaults(handler=_plot)
 
     envs = commands.add_parser("envs", help="installed environments")
     envs_commands = envs.add_subparsers(dest="envs_command", required=True)

@@ -107,6 +107,10 @@ class TrainConfig(Section):
     clip_high: float = Field(0.28, ge=0)
     tis_cap: float | None = Field(None, description="truncated importance sampling cap; unset disables")
     kl_coef: float = Field(0.0, ge=0, description="KL to the frozen initial policy; 0 disables")
+    checkpoint_every: int = Field(
+        50, ge=0, description="write a resumable checkpoint every this many steps (and at the last); 0 disables"
+    )
+    keep_checkpoints: int = Field(2, ge=0, description="resumable checkpoints kept on disk; 0 keeps all")
     num_cpus: float = Field(1.0, gt=0, description="CPUs reserved for the trainer")
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved for the trainer")
 

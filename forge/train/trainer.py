@@ -160,6 +160,18 @@ class Trainer:
 
         return [ray.put(self.weights())], self.policy_version
 
+    def save_state(self, directory: str) -> None:
+        """Everything `load_state` needs to continue bit for bit (forge.train.checkpoint)."""
+        from forge.train.checkpoint import save_trainer
+
+        save_trainer(self, directory)
+
+    def load_state(self, directory: str) -> int:
+        from forge.train.checkpoint import load_trainer
+
+        load_trainer(self, directory)
+        return self.policy_version
+
     def save(self, directory: str | Path) -> str:
         """A checkpoint loadable with `from_pretrained` (full model, adapters merged)."""
         directory = Path(directory)

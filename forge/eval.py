@@ -1,0 +1,58 @@
+"""`forge eval CONFIG --checkpoint DIR`: play N episodes per task with a saved model and
+summarise success, turns, generated tokens and wall time per task as one JSON object."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from forge.config import Config
+from forge.types import Trajectory
+
+
+def task_summary(trajectories: list[Trajectory], wall_seconds: float) -> dict[str, Any]:
+    played = [t for t in trajectories if t.status != "lost"]
+    return {
+        "episodes": len(played),
+        "episodes_lost": len(trajectories) - len(played),
+        "success_rate": statistics.fmean(t.success for t in played) if played else None,
+        "turns_mean": statistics.fmean(t.num_turns for t in played) if played else None,
+        "generated_tokens_mean": statistics.fmean(t.generated_tokens for t in played) if played else None,
+        "wall_seconds": wall_seconds,
+    }
+
+
+def evaluate(
+    cfg: Config, checkpoint: str | Path, episodes: int, num_tasks: int, progress: bool = True
+) -> dict[str, Any]:
+    """Play `episodes` episodes of each of the first `num_tasks` tasks of `cfg.env` in this
+    process with the model saved in `checkpoint` (a `forge train` output's `final/`)."""
+    from tqdm import tqdm
+
+    from forge.orchestrator import load_task_rows
+    from forge.rollout.worker import RolloutWorker
+
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / "config.json").is_file():
+        raise FileNotFoundError(
+            f"--checkpoint {checkpoint} is not a model folder (no config.json); "
+            "pass a run's final/ folder or any save_pretrained checkpoint"
+        )
+    model_cfg = cfg.model.model_copy(update={"path": str(checkpoint), "lora": cfg.model.lora.model_copy(
+        update={"enabled": False})})  # final/ holds merged weights
+    worker = RolloutWorker(str(checkpoint), model_cfg, cfg.env, cfg.rollout, cfg.reward.success_threshold, cfg.seed)
+    tasks = load_task_rows(cfg)[:num_tasks]
+    started = time.perf_counter()
+    per_task: dict[str, Any] = {}
+    everything: list[Trajectory] = []
+    for index, task in enumerate(tqdm(tasks, desc="eval", unit="task", disable=not progress)):
+        task_started = time.perf_counter()
+        trajectories = asyncio.run(worker.rollout([task], episodes))
+        per_task[str(task.get("task_id", index))] = task_summary(trajectories, time.perf_counter() - task_started)
+        everything.extend(trajectories)
+    overall = task_summary(everything, time.perf_counter() - started)
+    return {"checkpoint": str(checkpoint), "env": cfg.env.name, "tasks": len(tasks),
+            "episodes_per_task": episodes, **overall, "per_task": per_task}

@@ -1,0 +1,67 @@
+"""A run killed with SIGKILL and resumed ends where an uninterrupted run ends."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+CONFIG = {
+    "seed": 7,
+    "model": {"tiny": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1,
+                       "intermediate_size": 64}},
+    "env": {"name": "guess_number", "kwargs": {"n": 4}},
+    "rollout": {"num_workers": 1, "tasks_per_step": 2, "group_size": 4, "max_turns": 4, "max_new_tokens": 1},
+    "train": {"max_steps": 4, "learning_rate": 0.01, "loss": "ppo_clip", "minibatches_per_step": 2,
+              "checkpoint_every": 1, "keep_checkpoints": 0},
+    "trainer": {"packing": "padded"},
+    "logging": {"progress_bar": False, "tensorboard": False},
+}
+
+
+def forge_train(*args: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.Popen([sys.executable, "-m", "forge.cli", "train", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def finish(process: subprocess.Popen) -> None:
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr.decode()[-3000:]
+
+
+def trainable(run_dir, step: int) -> dict[str, torch.Tensor]:
+    path = run_dir / "checkpoints" / f"step-{step:06d}" / "trainer.pt"
+    return torch.load(path, weights_only=False)["trainable"]
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_training_and_resumed_matches_an_uninterrupted_run(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(CONFIG))
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    finish(forge_train(str(config), "--output-dir", str(whole)))
+
+    victim = forge_train(str(config), "--output-dir", str(killed))
+    latest = killed / "checkpoints" / "latest"
+    deadline = time.monotonic() + 600
+    while not (latest.is_file() and latest.read_text().strip() >= "step-000002"):
+        assert victim.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert not (killed / "summary.json").exists()
+
+    finish(forge_train(str(config), "--resume", str(killed)))
+    resumed_at = int(latest.read_text().strip().split("-")[1])
+    assert resumed_at == 4
+    expected, got = trainable(whole, 4), trainable(killed, 4)
+    before = trainable(whole, 2)
+    assert any(not torch.equal(before[name], expected[name]) for name in expected), "no learning after the kill"
+    for name, tensor in expected.items():
+        assert torch.equal(tensor, got[name]), name
