@@ -1,53 +1,87 @@
-"""Versioned weight sync from the trainer to rollout workers."""
+"""Weight sync through the Ray object store: a sync really changes what a worker samples,
+and the tokens generated after it carry the new policy version."""
 
 from __future__ import annotations
 
-import asyncio
-
-import torch
+import pytest
 
 from forge.config import Config
-from forge.rollout.worker import RolloutWorker
-from forge.train.trainer import Trainer
-from forge.types import Sample
+from forge.types import NO_VERSION, Sample
+
+PROBE = [5, 6, 7, 8]
+TASKS = [{"task_id": "t0", "secret": 3, "n": 16}]
 
 
-def _setup(tiny_checkpoint):
+def make_config(lora: bool) -> Config:
     cfg = Config()
+    cfg.model.lora.enabled = lora
+    cfg.train.learning_rate = 0.05
     cfg.rollout.max_new_tokens = 2
     cfg.rollout.max_turns = 2
-    cfg.train.learning_rate = 1e-2
-    worker = RolloutWorker(str(tiny_checkpoint), cfg.model, cfg.env, cfg.rollout, 0.5, seed=0)
-    trainer = Trainer(tiny_checkpoint, cfg.model, cfg.train, cfg.trainer, seed=0)
-    return worker, trainer
+    cfg.trainer.packing = "padded"
+    return cfg
 
 
-def test_each_train_step_bumps_the_policy_version_and_new_tokens_carry_it(tiny_checkpoint):
-    worker, trainer = _setup(tiny_checkpoint)
-    tasks = [{"task_id": "a", "secret": 5, "n": 16}]
-    trajectories = asyncio.run(worker.rollout(tasks, 4))
-    assert {v for t in trajectories for v, m in zip(t.policy_versions, t.loss_mask, strict=False) if m} == {0}
+def start(ray, checkpoint, cfg: Config):
+    from forge.rollout.worker import RolloutWorker
+    from forge.train.trainer import Trainer
 
-    samples = [Sample.from_trajectory(t, 1.0 if i % 2 else -1.0) for i, t in enumerate(trajectories)]
-    trainer.train_step(samples)
-    trainer.train_step(samples)
-    assert trainer.policy_version == 2
-
-    worker.set_weights(trainer.weights(), trainer.policy_version)
-    trajectories = asyncio.run(worker.rollout(tasks, 4))
-    assert {v for t in trajectories for v, m in zip(t.policy_versions, t.loss_mask, strict=False) if m} == {2}
+    trainer = ray.remote(Trainer).remote(str(checkpoint), cfg.model, cfg.train, cfg.trainer, 0, 1)
+    worker = ray.remote(RolloutWorker).remote(
+        str(checkpoint), cfg.model, cfg.env, cfg.rollout, 0.5, 7, 1
+    )
+    return trainer, worker
 
 
-def test_sync_changes_what_the_worker_computes(tiny_checkpoint):
-    worker, trainer = _setup(tiny_checkpoint)
-    probe = torch.tensor([worker.chat.prompt_ids("guess a number from 0 to 15")])
-    with torch.no_grad():
-        before = worker.model(input_ids=probe).logits[0, -1].log_softmax(-1)
-    trajectories = asyncio.run(worker.rollout([{"task_id": "a", "secret": 5, "n": 16}], 4))
-    trainer.train_step([Sample.from_trajectory(t, 1.0) for t in trajectories])
-    worker.set_weights(trainer.weights(), trainer.policy_version)
-    with torch.no_grad():
-        after = worker.model(input_ids=probe).logits[0, -1].log_softmax(-1)
-        trained = trainer.model(input_ids=probe).logits[0, -1].log_softmax(-1)
-    assert (after - before).abs().max() > 1e-3
-    assert torch.allclose(after, trained, atol=1e-5)
+def push_one_step(ray, trainer, worker) -> int:
+    """One training step that pushes up the probability of token 9 after PROBE, then a sync."""
+    sample = Sample(PROBE + [9], [0, 0, 0, 0, 1], [0.0] * 5, [NO_VERSION] * 4 + [0], advantage=1.0)
+    ray.get(trainer.train_step.remote([sample, sample]))
+    wrapped, version = ray.get(trainer.publish_weights.remote())
+    return ray.get(worker.set_weights.remote(wrapped[0], version))
+
+
+def generated_versions(ray, worker) -> set[int]:
+    trajectories = ray.get(worker.rollout.remote(TASKS, 2))
+    return {v for t in trajectories for v, m in zip(t.policy_versions, t.loss_mask, strict=True) if m}
+
+
+@pytest.mark.parametrize("lora", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["full", "lora"])
+def test_a_sync_changes_the_worker_distribution_and_advances_token_versions(ray_session, tiny_checkpoint, lora):
+    ray = ray_session
+    trainer, worker = start(ray, tiny_checkpoint, make_config(lora))
+    try:
+        before = ray.get(worker.next_token_logprobs.remote(PROBE))
+        assert generated_versions(ray, worker) == {0}
+        version = push_one_step(ray, trainer, worker)
+        after = ray.get(worker.next_token_logprobs.remote(PROBE))
+        assert version == 1
+        assert after[9] > before[9] + 1e-3
+        assert generated_versions(ray, worker) == {1}
+    finally:
+        ray.kill(worker)
+        ray.kill(trainer)
+
+
+def test_lora_weights_are_adapters_only(tiny_checkpoint):
+    from forge.train.trainer import Trainer
+
+    cfg = make_config(lora=True)
+    trainer = Trainer(tiny_checkpoint, cfg.model, cfg.train, cfg.trainer, 0, 1)
+    weights = trainer.weights()
+    assert weights and all("lora_" in name for name in weights)
+    full = make_config(lora=False)
+    everything = Trainer(tiny_checkpoint, full.model, full.train, full.trainer, 0, 1).weights()
+    assert sum(t.numel() for t in weights.values()) < sum(t.numel() for t in everything.values()) / 4
+
+
+def test_a_sync_with_unknown_tensor_names_fails_loudly(tiny_checkpoint):
+    import torch
+
+    from forge.rollout.worker import RolloutWorker
+
+    cfg = make_config(lora=False)
+    worker = RolloutWorker(str(tiny_checkpoint), cfg.model, cfg.env, cfg.rollout, 0.5, 7, 1)
+    with pytest.raises(ValueError, match="unknown tensors"):
+        worker.set_weights({"base_model.model.lora_A.weight": torch.zeros(2)}, version=1)
+    assert worker.get_policy_version() == 0

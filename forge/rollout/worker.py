@@ -72,13 +72,9 @@ class RolloutWorker:
         self.rng.setstate(state["episodes"])
         self.engine.generator.set_state(state["sampling"])
 
-    def rng_state(self) -> dict[str, Any]:
-        """Episode seeds and token sampling state, for a checkpoint to resume exactly."""
-        return {"episodes": self.rng.getstate(), "sampling": self.engine.generator.get_state()}
-
-    def set_rng_state(self, state: dict[str, Any]) -> None:
-        self.rng.setstate(state["episodes"])
-        self.engine.generator.set_state(state["sampling"])
+    def next_token_logprobs(self, token_ids: list[int]) -> list[float]:
+        """The policy's next-token distribution after `token_ids` (to check a weight sync)."""
+        return self.engine.next_token_logprobs(token_ids).tolist()
 
     def set_weights(self, weights: dict[str, torch.Tensor], version: int) -> int:
         self.engine.load_weights(weights, version)
