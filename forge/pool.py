@@ -1,0 +1,106 @@
+"""DataPool: between asynchronous rollout and the trainer (run it as a Ray actor).
+
+Groups are numbered in generation order when they are launched (`reserve`), arrive in
+any order (`put`), and leave as training batches (`take`) through a windowed FIFO: a
+finished group may be taken only while it lies within `window` positions of the oldest
+group not yet taken, so a straggler holds back at most a window's worth of newer data.
+Groups whose oldest generated token is more than `max_staleness` policy versions behind
+the trainer are dropped and counted. `reserve` refuses once `capacity` groups are in
+flight or waiting: that is the back-pressure that pauses rollout when the trainer lags.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from forge.types import NO_VERSION, Trajectory
+
+
+def group_version(trajectories: list[Trajectory]) -> int | None:
+    """The oldest policy version that generated any token of the group (None: no tokens)."""
+    versions = [v for t in trajectories for v in t.policy_versions if v != NO_VERSION]
+    return min(versions) if versions else None
+
+
+class DataPool:
+    def __init__(
+        self, batch_groups: int, max_staleness: int, window: float = 0.3, capacity_groups: int | None = None
+    ) -> None:
+        if batch_groups < 1:
+            raise ValueError(f"DataPool batch_groups={batch_groups} must be at least 1")
+        self.batch_groups = batch_groups
+        self.max_staleness = max_staleness
+        self.window = max(1, math.ceil(window * batch_groups))
+        self.capacity = capacity_groups or 2 * batch_groups
+        if self.capacity < batch_groups:
+            raise ValueError(f"DataPool capacity {self.capacity} cannot hold one batch of {batch_groups} groups")
+        self._next_seq = 0
+        self._open: set[int] = set()  # launched, not yet put
+        self._ready: dict[int, list[Trajectory]] = {}  # put, not yet taken
+        self.dropped_stale = 0
+        self.dropped_empty = 0
+        self.taken = 0
+
+    def reserve(self) -> int | None:
+        """A generation-order number for a group about to be launched, or None when the
+        pool is full (rollout should wait for the trainer)."""
+        if len(self._open) + len(self._ready) >= self.capacity:
+            return None
+        seq = self._next_seq
+        self._next_seq += 1
+        self._open.add(seq)
+        return seq
+
+    def put(self, seq: int, trajectories: list[Trajectory]) -> None:
+        """The finished group `seq`. Lost episodes are left out; a group with no played
+        episode is dropped."""
+        if seq not in self._open:
+            raise KeyError(f"group {seq} was never reserved or was already put")
+        self._open.discard(seq)
+        played = [t for t in trajectories if t.status != "lost"]
+        if not played:
+            self.dropped_empty += 1
+            return
+        self._ready[seq] = played
+
+    def _head(self) -> int | None:
+        pending = self._open | self._ready.keys()
+        return min(pending) if pending else None
+
+    def take(self, trainer_version: int) -> list[list[Trajectory]] | None:
+        """`batch_groups` groups for a trainer at `trainer_version`, or None (nothing is
+        removed) if the window does not hold enough fresh finished groups yet."""
+        oldest_allowed = trainer_version - self.max_staleness
+        for seq in sorted(self._ready):
+            version = group_version(self._ready[seq])
+            if version is not None and version < oldest_allowed:
+                del self._ready[seq]
+                self.dropped_stale += 1
+        head = self._head()
+        if head is None:
+            return None
+        # Taking a group can move the head forward, which opens the window further.
+        chosen: list[int] = []
+        while len(chosen) < self.batch_groups:
+            remaining = sorted((self._open | self._ready.keys()) - set(chosen))
+            if not remaining:
+                break
+            limit = remaining[0] + self.window
+            eligible = [seq for seq in sorted(self._ready) if seq < limit and seq not in chosen]
+            if not eligible:
+                break
+            chosen.append(eligible[0])
+        if len(chosen) < self.batch_groups:
+            return None
+        self.taken += len(chosen)
+        return [self._ready.pop(seq) for seq in chosen]
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "pool/in_flight": float(len(self._open)),
+            "pool/ready": float(len(self._ready)),
+            "pool/dropped_stale": float(self.dropped_stale),
+            "pool/dropped_empty": float(self.dropped_empty),
+            "pool/taken": float(self.taken),
+        }

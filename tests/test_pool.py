@@ -1,0 +1,82 @@
+"""DataPool: windowed FIFO over generation order, staleness bound, back-pressure."""
+
+from __future__ import annotations
+
+import pytest
+
+from forge.pool import DataPool, group_version
+from forge.types import NO_VERSION, Trajectory
+
+
+def episode(version: int, status: str = "ok") -> Trajectory:
+    return Trajectory(
+        task_id="t", group_id="g", token_ids=[1, 2, 3], loss_mask=[0, 1, 1],
+        behaviour_logprobs=[0.0, -1.0, -1.0], policy_versions=[NO_VERSION, version, version], prompt_length=1,
+        status=status,  # type: ignore[arg-type]
+    )
+
+
+def group(version: int = 0, size: int = 2) -> list[Trajectory]:
+    return [episode(version) for _ in range(size)]
+
+
+def test_groups_leave_in_generation_order_when_all_are_finished():
+    pool = DataPool(batch_groups=2, max_staleness=1, window=1.0)
+    seqs = [pool.reserve() for _ in range(4)]
+    for seq in reversed(seqs):
+        pool.put(seq, group())
+    first = pool.take(trainer_version=0)
+    assert first is not None and len(first) == 2
+    assert pool.stats()["pool/ready"] == 2.0
+
+
+def test_a_straggler_holds_back_groups_beyond_the_window():
+    pool = DataPool(batch_groups=4, max_staleness=1, window=0.5, capacity_groups=8)  # window: 2 groups
+    seqs = [pool.reserve() for _ in range(6)]
+    for seq in seqs[1:]:  # seqs[0] is still running
+        pool.put(seq, group())
+    assert pool.take(trainer_version=0) is None
+    pool.put(seqs[0], group())
+    batch = pool.take(trainer_version=0)
+    assert batch is not None and len(batch) == 4
+
+
+def test_groups_past_the_staleness_bound_are_dropped_and_counted():
+    pool = DataPool(batch_groups=1, max_staleness=1, window=1.0)
+    old, fresh = pool.reserve(), pool.reserve()
+    pool.put(old, group(version=0))
+    pool.put(fresh, group(version=2))
+    batch = pool.take(trainer_version=3)
+    assert batch is not None and group_version(batch[0]) == 2
+    assert pool.stats()["pool/dropped_stale"] == 1.0
+
+
+def test_a_group_spanning_a_sync_counts_as_its_oldest_version():
+    mixed = [episode(3), episode(1)]
+    assert group_version(mixed) == 1
+
+
+def test_reserve_refuses_when_the_pool_is_full_and_resumes_after_a_take():
+    pool = DataPool(batch_groups=2, max_staleness=1, window=1.0, capacity_groups=3)
+    seqs = [pool.reserve() for _ in range(3)]
+    assert pool.reserve() is None
+    for seq in seqs:
+        pool.put(seq, group())
+    assert pool.take(trainer_version=0) is not None
+    assert pool.reserve() is not None
+
+
+def test_lost_episodes_are_left_out_and_an_all_lost_group_is_dropped():
+    pool = DataPool(batch_groups=1, max_staleness=1, window=1.0)
+    partial, gone = pool.reserve(), pool.reserve()
+    pool.put(partial, [episode(0), episode(0, status="lost")])
+    pool.put(gone, [episode(0, status="lost")] * 2)
+    batch = pool.take(trainer_version=0)
+    assert batch is not None and len(batch[0]) == 1
+    assert pool.stats()["pool/dropped_empty"] == 1.0
+
+
+def test_put_of_an_unknown_group_is_an_error():
+    pool = DataPool(batch_groups=1, max_staleness=1)
+    with pytest.raises(KeyError):
+        pool.put(7, group())
