@@ -174,7 +174,13 @@ def train(
 
     With `resume`, continue from the latest checkpoint in the output directory."""
     if cfg.gateway.enabled:  # agent programs play the episodes through the HTTP gateway
+        from forge.config import ConfigError
         from forge.gateway.training import train_gateway
+
+        if resume:
+            raise ConfigError("gateway runs (gateway.enabled: true) cannot resume yet; start a fresh run")
+        if cfg.train.mode != "sync":
+            raise ConfigError("gateway runs train in sync mode only; set train.mode: sync")
 
         return train_gateway(cfg, output_dir, progress)
     import ray

@@ -141,6 +141,34 @@ def test_tool_results_are_rendered_into_the_next_prompt(tokenizer):
     assert len(second_call.prompt_ids) > len(first_call.prompt_ids)
 
 
+TOOL_AWARE_TEMPLATE = (
+    "{% if tools %}<|im_start|>system {% for t in tools %}{{ t.function.name }} {% endfor %}<|im_end|>{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }} {{ m.content }}"
+    "{% for c in m.tool_calls or [] %} {{ c.function.name }} {{ c.function.arguments.number }}{% endfor %}"
+    "<|im_end|>{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
+)
+
+
+def test_a_template_that_renders_tools_gets_structured_tool_calls(checkpoint):
+    tokenizer = load_tokenizer(checkpoint)
+    tokenizer.add_tokens([TOOL_TEXT])
+    tokenizer.chat_template = TOOL_AWARE_TEMPLATE
+    engine = ScriptedEngine([tokenizer.convert_tokens_to_ids(TOOL_TEXT), tokenizer.eos_token_id])
+    with serve(engine, tokenizer) as server:
+        episode = start(server)
+        agent = client(server, episode["episode_id"])
+        messages = [{"role": "user", "content": "guess"}]
+        first = agent.chat.completions.create(model="p", messages=messages, tools=[GUESS_TOOL]).choices[0].message
+        messages += [first.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": first.tool_calls[0].id, "content": "higher"}]
+        agent.chat.completions.create(model="p", messages=messages, tools=[GUESS_TOOL])
+        second_call = server.gateway.store.get(episode["episode_id"]).calls[1]
+    assert tokenizer.decode(second_call.prompt_ids).split() == (
+        "<|im_start|> system guess <|im_end|> <|im_start|> user guess <|im_end|> "
+        "<|im_start|> assistant guess 3 <|im_end|> <|im_start|> tool higher <|im_end|> <|im_start|> assistant"
+    ).split()
+
+
 def test_streamed_chunks_add_up_to_the_recorded_reply(engine, tokenizer):
     with serve(engine, tokenizer) as server:
         episode = start(server)

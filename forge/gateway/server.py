@@ -4,6 +4,18 @@ the `/forge/episodes` API that starts and finishes episodes.
 A request belongs to an episode named by, in this order, the `X-Forge-Episode` header,
 the API key (`Authorization: Bearer <episode id>`, i.e. `OpenAI(api_key=episode_id)`),
 or the body's `user` field; the first that names a known episode wins.
+
+    GET  /v1/models                      the policy's model name
+    POST /v1/chat/completions            messages (+ tools; stream) -> reply, tool_calls parsed
+    POST /v1/completions                 raw prompt -> text
+    POST /forge/episodes                 {"task"?, "group_id"?} -> id, task, first observation, tools
+    GET  /forge/episodes/{id}            the same view, plus status, outcome and call count
+    POST /forge/episodes/{id}/step       {"action"} -> the env's observation, reward, done
+    POST /forge/episodes/{id}/finish     {"reward"?} or {"answer"?} (the env verifies) or {}
+
+Every call is recorded before its reply is sent, so a client that goes away while the
+reply streams loses nothing; a reply finished after its client disconnected is dropped
+(the agent never saw it) and counted in the episode's `calls_dropped`.
 """
 
 from __future__ import annotations
@@ -132,8 +144,12 @@ class Gateway:
         return episode.episode_id
 
     async def finish_episode(self, episode_id: str, reward: float | None = None, answer: str | None = None) -> None:
-        await self.store.finish(episode_id, reward, answer)
-        self.batching.unregister()
+        episode = self.store.live(episode_id)
+        try:
+            await self.store.finish(episode_id, reward, answer)
+        finally:
+            if episode.finished:  # also when the env's verifier raised and ended it as an error
+                self.batching.unregister()
 
     async def abandon_episode(self, episode_id: str, status: str, error: str) -> None:
         if not self.store.get(episode_id).finished:
