@@ -128,7 +128,8 @@ class Run:
         worker_class = ray.remote(RolloutWorker)
         self.workers = [
             worker_class.options(
-                num_cpus=cfg.rollout.num_cpus_per_worker, num_gpus=cfg.rollout.num_gpus_per_worker
+                num_cpus=cfg.rollout.num_cpus_per_worker, num_gpus=cfg.rollout.num_gpus_per_worker,
+                max_restarts=cfg.async_.max_worker_restarts,  # a dead worker comes back; its episodes are lost
             ).remote(
                 str(self.model_path), cfg.model, cfg.env, cfg.rollout, cfg.reward.success_threshold,
                 cfg.seed + 1000 * (index + 1), 1, cfg.sandbox.min_level,
@@ -183,6 +184,8 @@ def train(
             raise ConfigError("gateway runs train in sync mode only; set train.mode: sync")
 
         return train_gateway(cfg, output_dir, progress)
+    if cfg.train.mode == "async":
+        return train_async(cfg, output_dir, progress, resume)
     import ray
     from tqdm import tqdm
 
@@ -246,6 +249,181 @@ def train(
     finally:
         bar.close()
         logger.close()
+        run.shutdown()
+    summary = {"steps": step, "checkpoint": str(checkpoint), "wall_seconds": time.perf_counter() - started}
+    (output / "summary.json").write_text(json.dumps(summary, indent=2))
+    return RunResult(output, step, checkpoint, summary["wall_seconds"])
+
+
+def lost_group(task: dict[str, Any], group_size: int, error: str) -> list[Trajectory]:
+    """Stand-ins for the episodes of a group whose worker died: counted, never trained on."""
+    task_id = str(task.get("task_id", ""))
+    return [
+        Trajectory(task_id=task_id, group_id=f"{task_id}@lost", token_ids=[], loss_mask=[], behaviour_logprobs=[],
+                   policy_versions=[], prompt_length=0, status="lost", error=error)
+        for _ in range(group_size)
+    ]
+
+
+class BusyClock:
+    """Seconds during which something (a worker with episodes in flight) was busy."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.since = 0.0
+        self.seconds = 0.0
+
+    def start(self) -> None:
+        if self.count == 0:
+            self.since = time.perf_counter()
+        self.count += 1
+
+    def stop(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self.seconds += time.perf_counter() - self.since
+
+    def total(self) -> float:
+        return self.seconds + (time.perf_counter() - self.since if self.count else 0.0)
+
+
+def train_async(
+    cfg: Config, output_dir: str | Path | None = None, progress: bool | None = None, resume: bool = False
+) -> RunResult:
+    """RL with rollout and training overlapped: workers keep playing groups (one task each)
+    while the trainer steps; a DataPool actor hands the trainer batches within the
+    staleness bound; weights are published after every step and fetched by each worker.
+
+    A worker that dies is restarted by Ray; the groups it was playing come back as lost
+    episodes (metric `episodes_lost`) and it is re-synced before its next group."""
+    import ray
+    from ray.exceptions import RayActorError
+    from tqdm import tqdm
+
+    from forge.config import ConfigError
+    from forge.pool import DataPool, group_version
+    from forge.reward.shaping import trajectory_advantages
+    from forge.sandbox import set_min_level
+
+    if resume:
+        raise ConfigError("train.mode: async cannot resume yet; resume with train.mode: sync or start fresh")
+    started = time.perf_counter()
+    output = Path(output_dir or cfg.output_dir)
+    set_min_level(cfg.sandbox.min_level)
+    start_ray()
+    run = Run(cfg, output)
+    pool = ray.remote(DataPool).options(num_cpus=0).remote(
+        cfg.rollout.tasks_per_step, cfg.async_.max_staleness, cfg.async_.window, cfg.async_.max_buffered_groups
+    )
+    logger = MetricsLogger(output, cfg.logging.tensorboard, cfg.logging.wandb_project, cfg.to_dict())
+    show_progress = cfg.logging.progress_bar if progress is None else progress
+    bar = tqdm(total=cfg.train.max_steps, desc="train async", unit="step", disable=not show_progress)
+
+    clocks = [BusyClock() for _ in run.workers]
+    in_flight: dict[Any, tuple[int, int, dict[str, Any]]] = {}  # ref -> (seq, worker, task)
+    needs_sync: set[int] = set()
+    weights: tuple[Any, int] | None = None  # latest (ref, version) published
+    trainer_version = 0
+    training: tuple[Any, list[Trajectory], dict[str, float], float] | None = None
+    train_seconds = 0.0
+    lost = 0
+    step = 0
+    loop_started = time.perf_counter()
+
+    def launch() -> None:
+        while (seq := ray.get(pool.reserve.remote())) is not None:
+            index = min(range(len(run.workers)), key=lambda i: clocks[i].count)
+            if index in needs_sync and weights is not None:
+                run.workers[index].set_weights.remote(weights[0], weights[1])
+            needs_sync.discard(index)
+            task = run.tasks.take(1)[0]
+            in_flight[run.workers[index].rollout.remote([task], cfg.rollout.group_size)] = (seq, index, task)
+            clocks[index].start()
+
+    def start_training() -> None:
+        nonlocal training
+        groups = ray.get(pool.take.remote(trainer_version))
+        if groups is None:
+            return
+        trajectories = [t for group in groups for t in group]
+        reward_metrics = run.shaper.shape(trajectories)
+        advantages = trajectory_advantages(
+            trajectories, cfg.train.advantage, cfg.train.advantage_std, cfg.reward.outcome_gap
+        )
+        staleness = [trainer_version - (group_version(g) or trainer_version) for g in groups]
+        reward_metrics["staleness_mean"] = sum(staleness) / len(staleness)
+        reward_metrics["staleness_max"] = float(max(staleness))
+        ref = run.trainer.train_step.remote(to_samples(trajectories, advantages))
+        training = (ref, trajectories, reward_metrics, time.perf_counter())
+
+    try:
+        while step < cfg.train.max_steps:
+            launch()
+            if training is None:
+                start_training()
+            waiting = list(in_flight) + ([training[0]] if training else [])
+            ready, _ = ray.wait(waiting, num_returns=1, timeout=1.0)
+            if ready:
+                ready, _ = ray.wait(waiting, num_returns=len(waiting), timeout=0)
+            for ref in ready:
+                if training is not None and ref == training[0]:
+                    continue
+                seq, index, task = in_flight.pop(ref)
+                clocks[index].stop()
+                try:
+                    trajectories = ray.get(ref)
+                except RayActorError as exc:  # the worker died; Ray restarts it
+                    trajectories = lost_group(task, cfg.rollout.group_size, f"rollout worker died: {exc}")
+                    lost += len(trajectories)
+                    needs_sync.add(index)
+                ray.get(pool.put.remote(seq, trajectories))
+            if training is None or training[0] not in ready:
+                continue
+
+            ref, trajectories, reward_metrics, train_started = training
+            training = None
+            train_metrics = ray.get(ref)
+            train_seconds += time.perf_counter() - train_started
+            sync_started = time.perf_counter()
+            wrapped, trainer_version = ray.get(run.trainer.publish_weights.remote())
+            weights = (wrapped[0], trainer_version)
+            if step + 1 < cfg.train.max_steps:
+                start_training()  # the next batch may be ready: keep the trainer busy
+            for index, worker in enumerate(run.workers):
+                if index not in needs_sync:
+                    worker.set_weights.remote(weights[0], trainer_version)
+            step += 1
+            wall = time.perf_counter() - loop_started
+            metrics = rollout_metrics(trajectories)
+            metrics.update(reward_metrics)
+            metrics.update(train_metrics)
+            metrics.update(ray.get(pool.stats.remote()))
+            metrics.update(
+                episodes_lost=float(lost),
+                sync_seconds=time.perf_counter() - sync_started,
+                policy_version=float(trainer_version),
+                trainer_idle_fraction=max(0.0, 1.0 - train_seconds / wall),
+                rollout_idle_fraction=max(0.0, 1.0 - sum(c.total() for c in clocks) / (wall * len(clocks))),
+                wall_seconds=time.perf_counter() - started,
+            )
+            lost = 0
+            logger.log(step, metrics)
+            logger.log_trajectories(step, trajectories, run.tokenizer, cfg.logging.trajectory_samples)
+            bar.set_postfix(
+                reward=f"{metrics.get('reward_mean', float('nan')):.3f}",
+                success=f"{metrics.get('success_rate', float('nan')):.2f}",
+                stale=f"{metrics['staleness_mean']:.2f}",
+            )
+            bar.update(1)
+        if training is not None:
+            ray.get(training[0])  # a step started on the last batch finishes before the save
+        checkpoint = Path(ray.get(run.trainer.save.remote(str(output / "final"))))
+    finally:
+        bar.close()
+        logger.close()
+        for ref in in_flight:
+            ray.cancel(ref)
+        ray.kill(pool)
         run.shutdown()
     summary = {"steps": step, "checkpoint": str(checkpoint), "wall_seconds": time.perf_counter() - started}
     (output / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -85,7 +85,11 @@ class RolloutWorker:
 
         Async, so under Ray this is an async actor: a weight sync can arrive while episodes
         run, and each token records the version that actually produced it."""
-        engine = BatchingEngine(self.engine)
+        # One batcher for all concurrent calls, so groups launched separately (async mode)
+        # still share generation batches.
+        if getattr(self, "batching", None) is None or self.batching.engine is not self.engine:
+            self.batching = BatchingEngine(self.engine)
+        engine = self.batching
         envs = []
         jobs = []
         for task in tasks:
@@ -99,7 +103,8 @@ class RolloutWorker:
         try:
             return list(await asyncio.gather(*jobs))
         finally:
-            await engine.close()
+            if engine.active_episodes == 0:
+                await engine.close()
             for env in envs:
                 try:
                     env.close()
