@@ -104,6 +104,16 @@ def test_chat_call_is_recorded_with_the_template_prompt_and_the_sampled_ids(engi
     assert call.policy_version == 0
 
 
+def test_asked_for_logprobs_the_reply_carries_the_behaviour_logprobs(engine, tokenizer):
+    with serve(engine, tokenizer) as server:
+        episode = start(server)
+        reply = client(server, episode["episode_id"]).chat.completions.create(
+            model="p", messages=[{"role": "user", "content": "guess"}], logprobs=True
+        )
+        [call] = server.gateway.store.get(episode["episode_id"]).calls
+    assert [entry.logprob for entry in reply.choices[0].logprobs.content] == call.logprobs
+
+
 def test_a_hermes_tool_call_comes_back_as_openai_tool_calls(tokenizer):
     engine = ScriptedEngine([tokenizer.convert_tokens_to_ids(TOOL_TEXT), tokenizer.eos_token_id])
     with serve(engine, tokenizer) as server:

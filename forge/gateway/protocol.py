@@ -25,6 +25,7 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, gt=0)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
+    logprobs: bool = Field(False, description="return the behaviour logprob of each generated token")
     n: int = Field(1, ge=1, le=1, description="one choice per call: each call is one training sample")
     user: str | None = None
 

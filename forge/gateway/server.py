@@ -174,7 +174,14 @@ class Gateway:
         }
 
 
-def _chat_response(call: CallRecord, text: str, tools_given: bool, model: str, episode_id: str) -> dict:
+def _token_logprobs(tokenizer: Any, call: CallRecord) -> dict[str, Any]:
+    tokens = tokenizer.convert_ids_to_tokens(call.completion_ids)
+    return {"content": [{"token": token, "logprob": logprob, "bytes": None, "top_logprobs": []}
+                        for token, logprob in zip(tokens, call.logprobs, strict=True)]}
+
+
+def _chat_response(call: CallRecord, text: str, tools_given: bool, model: str, episode_id: str,
+                   logprobs: dict | None) -> dict:
     content, tool_calls = split_tool_calls(text) if tools_given else (text, [])
     message: dict[str, Any] = {"role": "assistant", "content": content}
     if tool_calls:
@@ -185,7 +192,7 @@ def _chat_response(call: CallRecord, text: str, tools_given: bool, model: str, e
         "created": now(),
         "model": model,
         "choices": [{"index": 0, "message": message, "finish_reason": finish_reason(call.finished, tool_calls),
-                     "logprobs": None}],
+                     "logprobs": logprobs}],
         "usage": _usage(call),
         "forge": {"episode_id": episode_id, "policy_version": call.policy_version},
     }
@@ -270,7 +277,8 @@ def build_app(gateway: Gateway) -> FastAPI:
             return StreamingResponse(_chat_stream(gateway, call, bool(body.tools), model, include_usage),
                                      media_type="text/event-stream")
         text = gateway.tokenizer.decode(call.completion_ids, skip_special_tokens=True)
-        return _chat_response(call, text, bool(body.tools), model, episode_id)
+        logprobs = _token_logprobs(gateway.tokenizer, call) if body.logprobs else None
+        return _chat_response(call, text, bool(body.tools), model, episode_id, logprobs)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
