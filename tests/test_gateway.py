@@ -192,6 +192,18 @@ def test_streamed_chunks_add_up_to_the_recorded_reply(engine, tokenizer):
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
 
 
+def test_a_streamed_tool_call_arrives_whole(tokenizer):
+    engine = ScriptedEngine([tokenizer.convert_tokens_to_ids(TOOL_TEXT), tokenizer.eos_token_id])
+    with serve(engine, tokenizer) as server:
+        episode = start(server)
+        chunks = list(client(server, episode["episode_id"]).chat.completions.create(
+            model="p", messages=[{"role": "user", "content": "guess"}], tools=[GUESS_TOOL], stream=True
+        ))
+    [delta] = [c.choices[0].delta.tool_calls for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+    assert delta[0].function.name == "guess" and json.loads(delta[0].function.arguments) == {"number": 3}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
 def test_completions_and_models_endpoints(engine, tokenizer):
     with serve(engine, tokenizer) as server:
         episode = start(server)
@@ -215,6 +227,15 @@ def test_the_episode_header_and_user_field_also_name_the_episode(engine, tokeniz
         anonymous.chat.completions.create(model="p", messages=messages, user=by_user["episode_id"])
         store = server.gateway.store
         assert len(store.get(by_header["episode_id"]).calls) == len(store.get(by_user["episode_id"]).calls) == 1
+
+
+def test_starting_an_episode_without_a_task_needs_a_task_source(engine, tokenizer):
+    with serve(engine, tokenizer) as server:
+        refused = httpx.post(f"{server.root_url}/forge/episodes", json={})
+        server.gateway.next_task = lambda: {"task_id": "next", "secret": 1, "n": 8}
+        started = httpx.post(f"{server.root_url}/forge/episodes", json={}).json()
+    assert refused.status_code == 400 and "send the task" in error_of(refused)
+    assert started["task"]["task_id"] == "next" and started["group_id"] == "next"
 
 
 def test_finish_with_a_reward_sets_the_outcome(engine, tokenizer):
