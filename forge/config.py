@@ -225,7 +225,7 @@ class AsyncConfig(Section):
     max_staleness: int = Field(1, ge=0, description="drop data older than this many policy versions")
     window: float = Field(0.3, gt=0, le=1.0, description="FIFO window as a fraction of the batch")
     max_buffered_groups: int | None = Field(
-        None, gt=0, description="groups in flight or waiting before rollout pauses; unset: 2 x tasks_per_step"
+        None, gt=0, description="groups in flight or waiting before rollout pauses; unset: tasks_per_step plus the window"
     )
     max_worker_restarts: int = Field(3, ge=0, description="times Ray restarts a dead rollout worker")
 

@@ -31,7 +31,9 @@ class RunResult:
 
 def start_ray(num_cpus: int | None = None) -> None:
     """Join the cluster named by RAY_ADDRESS, or start a local Ray once per process."""
+    # Imported first on purpose: inside a `ray job submit` driver, torch's MKL fails to load after ray.init.
     import ray
+    import torch  # noqa: F401
 
     if ray.is_initialized():
         return
@@ -265,6 +267,17 @@ def lost_group(task: dict[str, Any], group_size: int, error: str) -> list[Trajec
     ]
 
 
+def collect_group(ref: Any, task: dict[str, Any], group_size: int) -> tuple[list[Trajectory], bool]:
+    """A launched group's episodes, or lost stand-ins (and True) if its worker died."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    try:
+        return ray.get(ref), False
+    except RayActorError as exc:  # Ray restarts the worker (max_restarts); the episodes are gone
+        return lost_group(task, group_size, f"rollout worker died: {exc}"), True
+
+
 class BusyClock:
     """Seconds during which something (a worker with episodes in flight) was busy."""
 
@@ -297,7 +310,6 @@ def train_async(
     A worker that dies is restarted by Ray; the groups it was playing come back as lost
     episodes (metric `episodes_lost`) and it is re-synced before its next group."""
     import ray
-    from ray.exceptions import RayActorError
     from tqdm import tqdm
 
     from forge.config import ConfigError
@@ -370,12 +382,10 @@ def train_async(
                     continue
                 seq, index, task = in_flight.pop(ref)
                 clocks[index].stop()
-                try:
-                    trajectories = ray.get(ref)
-                except RayActorError as exc:  # the worker died; Ray restarts it
-                    trajectories = lost_group(task, cfg.rollout.group_size, f"rollout worker died: {exc}")
+                trajectories, died = collect_group(ref, task, cfg.rollout.group_size)
+                if died:
                     lost += len(trajectories)
-                    needs_sync.add(index)
+                    needs_sync.add(index)  # it came back with the initial weights
                 ray.get(pool.put.remote(seq, trajectories))
             if training is None or training[0] not in ready:
                 continue

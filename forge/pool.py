@@ -32,7 +32,9 @@ class DataPool:
         self.batch_groups = batch_groups
         self.max_staleness = max_staleness
         self.window = max(1, math.ceil(window * batch_groups))
-        self.capacity = capacity_groups or 2 * batch_groups
+        # By default one batch plus a window's worth: more would sit in the pool until it
+        # went stale and was dropped, wasting the rollout that made it.
+        self.capacity = capacity_groups or batch_groups + self.window
         if self.capacity < batch_groups:
             raise ValueError(f"DataPool capacity {self.capacity} cannot hold one batch of {batch_groups} groups")
         self._next_seq = 0
