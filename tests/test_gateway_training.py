@@ -58,6 +58,53 @@ def test_lost_episodes_and_empty_calls_give_no_samples():
     assert episode_samples([lost, empty], [0.0, 0.0]) == []
 
 
+@pytest.fixture
+def server(tiny_checkpoint):
+    from forge.gateway import Gateway, GatewayServer
+    from forge.gateway.episodes import EpisodeStore
+    from forge.models.loading import load_tokenizer
+    from forge.rollout.engine import GenerationResult
+
+    class StopAtOnce:
+        policy_version = 0
+
+        def generate(self, requests):
+            return [GenerationResult([tokenizer.eos_token_id], [-0.1], True, 0, len(r.token_ids)) for r in requests]
+
+    tokenizer = load_tokenizer(tiny_checkpoint)
+    gateway = Gateway(StopAtOnce(), tokenizer, EpisodeStore(), 4, 64)
+    with GatewayServer(gateway) as running:
+        yield running
+
+
+def play(server, command: str, timeout_s: float = 30.0):
+    from forge.gateway.training import agent_argv, close_unfinished, run_agents
+
+    episode_id = server.call(server.gateway.start_episode({"task_id": "t"}))
+    exits = run_agents(agent_argv(command), [episode_id], {}, 1, timeout_s)
+    close_unfinished(server, exits)
+    return exits[episode_id], server.gateway.store.get(episode_id)
+
+
+def test_an_agent_that_crashes_ends_its_episode_as_an_error_naming_its_stderr(server):
+    agent, played = play(server, """{python} -c "raise SystemExit('no tools here')" """)
+    assert agent.returncode == 1
+    assert played.status == "error" and "code 1" in played.error and "no tools here" in played.error
+
+
+def test_an_agent_past_its_timeout_is_killed_and_its_episode_truncated(server):
+    agent, played = play(server, """{python} -c "import time; time.sleep(60)" """, timeout_s=0.5)
+    assert agent.returncode is None
+    assert played.status == "truncated" and "agent_timeout_s" in played.error
+
+
+def test_an_agent_gets_its_episode_id_as_the_api_key(server):
+    agent, played = play(
+        server, """{python} -c "import os, sys; sys.exit(os.environ['OPENAI_API_KEY'] != os.environ['FORGE_EPISODE_ID'])" """
+    )
+    assert agent.returncode == 0 and played.status == "error"  # exited without finishing
+
+
 @pytest.mark.slow
 def test_gateway_smoke_config_trains_with_agent_processes(ray_session, tmp_path, monkeypatch):
     from forge.orchestrator import train
