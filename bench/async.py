@@ -1,0 +1,67 @@
+"""Sync against async training on the smoke workload, in one run.
+
+Both modes train `--steps` steps of configs/smoke.yaml from the same seed. Rates are taken
+between the first and the last step, so actor start-up is left out; the success rate is
+the mean over the last `--last` steps. Prints one JSON object and writes
+bench/results/async.json.
+
+    python bench/async.py --steps 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+from forge.config import load_config
+from forge.orchestrator import train
+
+
+def summarize(records: list[dict], last: int) -> dict[str, float]:
+    later = records[1:]  # step 1 includes actor start-up
+    span = records[-1]["wall_seconds"] - records[0]["wall_seconds"]
+    train_seconds = sum(r.get("train_seconds") or 0.0 for r in later)
+    if "rollout_idle_fraction" in records[-1]:
+        rollout_idle = records[-1]["rollout_idle_fraction"]  # measured per worker by the async loop
+    else:  # sync: workers play only while the driver waits on the rollout
+        rollout_idle = 1.0 - sum(r["rollout_seconds"] for r in later) / span
+    return {
+        "steps": len(records),
+        "steps_per_minute": round(60.0 * len(later) / span, 3),
+        "trainer_idle_fraction": round(max(0.0, 1.0 - train_seconds / span), 4),
+        "rollout_idle_fraction": round(max(0.0, rollout_idle), 4),
+        "final_success_rate": round(statistics.fmean(r["success_rate"] for r in records[-last:]), 4),
+        "dropped_stale_groups": records[-1].get("pool/dropped_stale", 0.0),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", default=str(Path(__file__).parent.parent / "configs" / "smoke.yaml"))
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--last", type=int, default=5, help="steps averaged for final_success_rate")
+    args = parser.parse_args()
+    report: dict[str, object] = {"config": Path(args.config).name, "steps": args.steps}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in ("sync", "async"):
+            cfg = load_config(args.config, [
+                f"train.mode={mode}", f"train.max_steps={args.steps}",
+                "logging.tensorboard=false", "logging.progress_bar=false", "train.checkpoint_every=0",
+            ])
+            out = Path(tmp) / mode
+            train(cfg, out, progress=False)
+            records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            report[mode] = summarize(records, args.last)
+    sync, async_ = report["sync"], report["async"]
+    report["speedup"] = round(async_["steps_per_minute"] / sync["steps_per_minute"], 3)  # type: ignore[index]
+    result = Path(__file__).parent / "results" / "async.json"
+    result.parent.mkdir(parents=True, exist_ok=True)
+    result.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
