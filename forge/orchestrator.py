@@ -31,9 +31,7 @@ class RunResult:
 
 def start_ray(num_cpus: int | None = None) -> None:
     """Join the cluster named by RAY_ADDRESS, or start a local Ray once per process."""
-    # Imported first on purpose: inside a `ray job submit` driver, torch's MKL fails to load after ray.init.
     import ray
-    import torch  # noqa: F401
 
     if ray.is_initialized():
         return

@@ -1,0 +1,149 @@
+"""launch/: the scripts parse, and a smoke job submitted to a 2-node loopback cluster trains."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+LAUNCH = Path(__file__).resolve().parent.parent / "launch"
+REPO = LAUNCH.parent
+
+
+@pytest.mark.parametrize("script", ["local.sh", "submit.sh", "job_entrypoint.sh", "slurm.sbatch"])
+def test_launch_script_is_valid_bash(script):
+    subprocess.run(["bash", "-n", str(LAUNCH / script)], check=True)
+
+
+@pytest.mark.parametrize("script", ["local.sh", "submit.sh", "job_entrypoint.sh"])
+def test_launch_script_is_executable(script):
+    assert os.access(LAUNCH / script, os.X_OK)
+
+
+def test_submit_without_a_cluster_address_says_what_to_set():
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    result = subprocess.run([str(LAUNCH / "submit.sh"), "configs/smoke.yaml"], env=env, capture_output=True, text=True)
+    assert result.returncode != 0 and "RAY_ADDRESS" in result.stderr
+
+
+def test_kuberay_rayjob_runs_forge_train_on_a_ray_cluster_spec():
+    job = yaml.safe_load((LAUNCH / "kuberay-rayjob.yaml").read_text())
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    assert "forge" in job["spec"]["entrypoint"] and " train " in job["spec"]["entrypoint"]
+    cluster = job["spec"]["rayClusterSpec"]
+    assert cluster["headGroupSpec"]["template"]["spec"]["containers"]
+    workers = cluster["workerGroupSpecs"][0]
+    limits = workers["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert int(limits["nvidia.com/gpu"]) > 0
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+class LoopbackCluster:
+    """A head and a worker node on this machine, each a `ray start --block` process group.
+
+    Its own temp dir keeps it from being found by `ray.init()` elsewhere (that looks in
+    /tmp/ray), and `stop` ends only the processes it started, never `ray stop`."""
+
+    def __init__(self, cpus_per_node: int) -> None:
+        self.temp_dir = tempfile.mkdtemp(prefix="fr", dir="/tmp")  # short: unix socket paths
+        (gcs, self.dashboard_port, *agent_ports) = free_ports(10)
+        self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        self.env["RAY_AUTH_MODE"] = "disabled"  # loopback-only test cluster
+        self.gcs = f"127.0.0.1:{gcs}"
+        common = ["--node-ip-address=127.0.0.1", f"--num-cpus={cpus_per_node}", "--num-gpus=0",
+                  "--disable-usage-stats", "--block"]
+        head = ["ray", "start", "--head", f"--port={gcs}", f"--temp-dir={self.temp_dir}",
+                "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+                f"--ray-client-server-port={agent_ports[0]}", *self.node_ports(agent_ports[1:5]), *common]
+        worker = ["ray", "start", f"--address={self.gcs}", *self.node_ports(agent_ports[5:9]), *common]
+        self.processes = [self.start(head)]
+        self.wait_for_nodes(1)
+        self.processes.append(self.start(worker))
+        self.wait_for_nodes(2)
+
+    @staticmethod
+    def node_ports(ports: list[int]) -> list[str]:
+        return [f"--dashboard-agent-listen-port={ports[0]}", f"--dashboard-agent-grpc-port={ports[1]}",
+                f"--metrics-export-port={ports[2]}", f"--runtime-env-agent-port={ports[3]}"]
+
+    def start(self, command: list[str]) -> subprocess.Popen:
+        return subprocess.Popen(command, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+
+    def wait_for_nodes(self, count: int, timeout_s: float = 180) -> None:
+        script = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
+                  "print(sum(n['Alive'] for n in ray.nodes()))")
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert all(p.poll() is None for p in self.processes), "ray start exited"
+            result = subprocess.run([sys.executable, "-c", script, self.gcs], env=self.env,
+                                    capture_output=True, text=True)
+            if result.returncode == 0 and result.stdout.strip().splitlines()[-1:] == [str(count)]:
+                return
+            time.sleep(2)
+        raise TimeoutError(f"the loopback cluster did not reach {count} nodes")
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                continue
+        for process in self.processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+        # Anything of this cluster that left the process groups (by its session dir or address).
+        for marker in (self.temp_dir, self.gcs.split(":")[1]):
+            listed = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
+            for pid in map(int, listed):
+                if pid != os.getpid():
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+
+
+@pytest.mark.slow
+def test_a_smoke_job_submitted_to_a_two_node_loopback_cluster_trains(tmp_path):
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"tiny": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1,
+                           "intermediate_size": 64}},
+        "env": {"name": "guess_number", "kwargs": {"n": 4}},
+        # 1 CPU per node: the trainer takes one node's CPU, so the workers must run on the other.
+        "rollout": {"num_workers": 2, "tasks_per_step": 2, "group_size": 2, "max_turns": 2, "max_new_tokens": 1,
+                    "num_cpus_per_worker": 0.5},
+        "train": {"max_steps": 2, "num_cpus": 1, "checkpoint_every": 1},
+        "logging": {"progress_bar": False, "tensorboard": False},
+    }))
+    output = tmp_path / "run"
+    cluster = LoopbackCluster(cpus_per_node=1)
+    try:
+        env = dict(cluster.env, RAY_ADDRESS=f"http://127.0.0.1:{cluster.dashboard_port}")
+        result = subprocess.run([str(LAUNCH / "submit.sh"), str(config), "--output-dir", str(output)],
+                                cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        cluster.stop()
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    steps = [json.loads(line)["step"] for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+    assert (output / "final" / "config.json").is_file()
+    assert (output / "checkpoints" / "latest").read_text().strip() == "step-000002"
