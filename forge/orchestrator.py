@@ -332,6 +332,8 @@ def train_async(
     clocks = [BusyClock() for _ in run.workers]
     in_flight: dict[Any, tuple[int, int, dict[str, Any]]] = {}  # ref -> (seq, worker, task)
     needs_sync: set[int] = set()
+    down: set[int] = set()  # workers Ray is restarting; they get no groups
+    probes: dict[Any, int] = {}  # ref of a call to a restarting worker -> its index
     weights: tuple[Any, int] | None = None  # latest (ref, version) published
     trainer_version = 0
     training: tuple[Any, list[Trajectory], dict[str, float], float] | None = None
@@ -341,14 +343,32 @@ def train_async(
     loop_started = time.perf_counter()
 
     def launch() -> None:
-        while (seq := ray.get(pool.reserve.remote())) is not None:
-            index = min(range(len(run.workers)), key=lambda i: clocks[i].count)
+        while len(down) < len(run.workers) and (seq := ray.get(pool.reserve.remote())) is not None:
+            index = min(set(range(len(run.workers))) - down, key=lambda i: clocks[i].count)
             if index in needs_sync and weights is not None:
                 run.workers[index].set_weights.remote(weights[0], weights[1])
             needs_sync.discard(index)
             task = run.tasks.take(1)[0]
             in_flight[run.workers[index].rollout.remote([task], cfg.rollout.group_size)] = (seq, index, task)
             clocks[index].start()
+
+    def probe_restarted(ref: Any) -> None:
+        """A restarting worker answers once it is back; until then, ask again."""
+        from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+        index = probes.pop(ref)
+        try:
+            ray.get(ref)
+        except ActorUnavailableError:
+            time.sleep(0.2)
+            probes[run.workers[index].get_policy_version.remote()] = index
+            return
+        except ActorDiedError as exc:
+            raise RuntimeError(
+                f"rollout worker {index} died more than async.max_worker_restarts="
+                f"{cfg.async_.max_worker_restarts} times; see its log above ({exc})"
+            ) from exc
+        down.discard(index)
 
     def start_training() -> None:
         nonlocal training
@@ -371,19 +391,25 @@ def train_async(
             launch()
             if training is None:
                 start_training()
-            waiting = list(in_flight) + ([training[0]] if training else [])
+            waiting = list(in_flight) + list(probes) + ([training[0]] if training else [])
             ready, _ = ray.wait(waiting, num_returns=1, timeout=1.0)
             if ready:
                 ready, _ = ray.wait(waiting, num_returns=len(waiting), timeout=0)
             for ref in ready:
                 if training is not None and ref == training[0]:
                     continue
+                if ref in probes:
+                    probe_restarted(ref)
+                    continue
                 seq, index, task = in_flight.pop(ref)
                 clocks[index].stop()
                 trajectories, died = collect_group(ref, task, cfg.rollout.group_size)
                 if died:
                     lost += len(trajectories)
-                    needs_sync.add(index)  # it came back with the initial weights
+                    needs_sync.add(index)  # it comes back with the initial weights
+                    if index not in down:
+                        down.add(index)
+                        probes[run.workers[index].get_policy_version.remote()] = index
                 ray.get(pool.put.remote(seq, trajectories))
             if training is None or training[0] not in ready:
                 continue

@@ -96,6 +96,14 @@ def test_a_killed_worker_is_restarted_and_its_in_flight_episodes_are_lost(ray_se
         ray.kill(worker, no_restart=False)
         trajectories, died = collect_group(ref, task, 32)
         assert died and rollout_metrics(trajectories)["episodes_lost"] == 32.0
+        deadline = time.monotonic() + 120
+        while True:  # calls fail fast while Ray restarts the actor
+            try:
+                ray.get(worker.get_policy_version.remote(), timeout=30)
+                break
+            except ray.exceptions.ActorUnavailableError:
+                assert time.monotonic() < deadline, "the worker was not restarted"
+                time.sleep(0.5)
         again = ray.get(worker.rollout.remote([task], 2), timeout=120)
         assert len(again) == 2 and all(t.status in ("ok", "truncated") for t in again)
     finally:
