@@ -156,7 +156,7 @@ def test_tree_logprobs_and_gradients_equal_separate_forwards(model, sequences, s
 
 
 @pytest.mark.slow
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=50, deadline=None)
 @random_trees
 def test_tree_logprobs_and_gradients_equal_separate_forwards_many_trees(model, sequences, seed, budget):
     assert_same_results(model, make_samples(sequences, seed), "tree", budget)
