@@ -62,7 +62,7 @@ class LoopbackCluster:
 
     def __init__(self, cpus_per_node: int) -> None:
         self.temp_dir = tempfile.mkdtemp(prefix="fr", dir="/tmp")  # short: unix socket paths
-        (gcs, self.dashboard_port, *agent_ports) = free_ports(10)
+        (gcs, self.dashboard_port, *agent_ports) = free_ports(11)
         self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         self.env["RAY_AUTH_MODE"] = "disabled"  # loopback-only test cluster
         self.gcs = f"127.0.0.1:{gcs}"
