@@ -41,3 +41,35 @@ def test_an_async_run_trains_within_the_staleness_bound(ray_session, tmp_path):
     assert all(r["mismatch_kl"] is not None and r["mismatch_kl"] >= 0 for r in records)
     assert all(0 <= r["trainer_idle_fraction"] <= 1 and 0 <= r["rollout_idle_fraction"] <= 1 for r in records)
     assert (tmp_path / "final" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_an_async_run_survives_a_killed_worker_and_counts_its_episodes_lost(ray_session, tmp_path, monkeypatch):
+    import threading
+    import time
+
+    from forge import orchestrator
+
+    runs = []
+
+    class RecordingRun(orchestrator.Run):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            runs.append(self)
+
+    def kill_after_first_step():
+        metrics = tmp_path / "metrics.jsonl"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not (metrics.is_file() and metrics.read_text().strip()):
+            time.sleep(0.05)
+        ray_session.kill(runs[0].workers[0], no_restart=False)
+
+    monkeypatch.setattr(orchestrator, "Run", RecordingRun)
+    killer = threading.Thread(target=kill_after_first_step, daemon=True)
+    killer.start()
+    cfg = async_config(**{"train.max_steps": 8, "rollout.num_workers": 2, "rollout.max_turns": 4})
+    result = orchestrator.train(cfg, tmp_path, progress=False)
+    killer.join(timeout=5)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert result.steps == 8
+    assert sum(r["episodes_lost"] for r in records) > 0
