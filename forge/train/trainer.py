@@ -116,7 +116,7 @@ class Trainer:
             self.trainer_cfg.max_tokens_per_microbatch,
             self.trainer_cfg.attention,
         )
-        num_tokens = sum(sum(s.loss_mask[1:]) for s in samples)
+        num_tokens, num_samples = self.loss_denominators(samples)
         metrics: dict[str, float] = {}
         loss_total = 0.0
         for batch in batches:
@@ -132,18 +132,29 @@ class Trainer:
             per_token, batch_metrics = compute_loss(
                 self.train_cfg.loss, new_logprobs, behaviour, advantages, mask, self.loss_cfg, ref
             )
-            loss = aggregate_loss(per_token, mask, self.train_cfg.loss_aggregation, num_tokens, len(samples))
-            loss.backward()
+            loss = aggregate_loss(per_token, mask, self.train_cfg.loss_aggregation, num_tokens, num_samples)
+            self.backward(loss)
             loss_total += float(loss.detach())
             weight = float(mask.sum()) / max(num_tokens, 1)
             for key, value in batch_metrics.items():
                 metrics[key] = metrics.get(key, 0.0) + weight * value
-        grad_norm = torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), self.train_cfg.max_grad_norm)
+        grad_norm = self.clip_gradients()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         metrics.update(loss=loss_total, grad_norm=float(grad_norm))
         return metrics, batches
+
+    # Overridden by forge.train.distributed, where a step's samples are spread over processes.
+    def loss_denominators(self, samples: list[Sample]) -> tuple[int, int]:
+        """Loss tokens and samples the step's loss is averaged over."""
+        return sum(sum(s.loss_mask[1:]) for s in samples), len(samples)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def clip_gradients(self) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), self.train_cfg.max_grad_norm)
 
     def weights(self) -> dict[str, torch.Tensor]:
         """Tensors a rollout worker needs to match this policy: only the trainable ones

@@ -1,0 +1,109 @@
+"""Data-parallel training on accelerate: every process holds a shard of each rollout batch,
+and the gradients of the whole batch are combined by DDP (or FSDP2 where torch has it).
+
+Start one process per device with `accelerate launch` or `torchrun` (they set RANK,
+WORLD_SIZE, MASTER_ADDR); on CPU the processes talk over gloo. Gradient accumulation is
+the trainer's own micro-batching: every micro-batch of a step backpropagates before the
+one optimizer step. The single-process `Trainer` stays the default path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from forge.train.trainer import Trainer
+from forge.types import Sample
+
+STRATEGIES = ("ddp", "fsdp")
+
+
+def make_accelerator(strategy: str, mixed_precision: str) -> Any:
+    from accelerate import Accelerator
+
+    if strategy not in STRATEGIES:
+        raise ValueError(f"trainer strategy {strategy!r} is not one of {STRATEGIES}")
+    plugin = None
+    if strategy == "fsdp":
+        from accelerate import FullyShardedDataParallelPlugin
+
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    return Accelerator(mixed_precision=mixed_precision, fsdp_plugin=plugin, cpu=not torch.cuda.is_available())
+
+
+def shard(samples: list[Sample], rank: int, world_size: int) -> list[Sample]:
+    """This process's share of a batch: every world_size-th sample, starting at rank."""
+    return samples[rank::world_size]
+
+
+class ForwardThrough:
+    """Calls go through the DDP/FSDP wrapper, so gradients are combined over processes;
+    attribute lookups (config, input embeddings) go to the model inside it."""
+
+    def __init__(self, wrapped: torch.nn.Module, module: torch.nn.Module) -> None:
+        self._wrapped, self._module = wrapped, module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._wrapped(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+
+class DistributedTrainer(Trainer):
+    """A `Trainer` whose `train_step` trains on this process's shard of the batch, with loss
+    denominators summed over all processes, so N processes take the step one process takes
+    on the whole batch."""
+
+    def __init__(self, *args: Any, strategy: str = "ddp", mixed_precision: str = "no", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.accelerator = make_accelerator(strategy, mixed_precision)
+        # The scheduler is not prepared: accelerate would step it once per process.
+        self.wrapped, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        self.module = self.accelerator.unwrap_model(self.wrapped)
+        self.model = self.module
+        self.trainable = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes
+
+    def train_step(self, samples: list[Sample]) -> dict[str, float]:
+        """`samples` is the whole batch (the same list on every process)."""
+        local = shard(samples, self.accelerator.process_index, self.world_size)
+        if len(local) < self.train_cfg.minibatches_per_step:
+            raise ValueError(
+                f"{len(samples)} samples over {self.world_size} processes leave {len(local)} on a process, fewer "
+                f"than train.minibatches_per_step={self.train_cfg.minibatches_per_step}; lower it or raise "
+                "rollout.tasks_per_step"
+            )
+        return super().train_step(local)
+
+    def _optimizer_step(self, samples: list[Sample]) -> tuple[dict[str, float], list[Any]]:
+        self.model = ForwardThrough(self.wrapped, self.module)
+        try:
+            return super()._optimizer_step(samples)
+        finally:
+            self.model = self.module
+
+    def _reference_logprobs(self, batch: Any) -> list[torch.Tensor]:
+        model, self.model = self.model, self.module
+        try:
+            return super()._reference_logprobs(batch)
+        finally:
+            self.model = model
+
+    def loss_denominators(self, samples: list[Sample]) -> tuple[int, int]:
+        local = torch.tensor([float(sum(sum(s.loss_mask[1:]) for s in samples)), float(len(samples))],
+                             device=self.accelerator.device)
+        total = self.accelerator.reduce(local, reduction="sum")
+        return int(total[0].item()), int(total[1].item())
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # Each process's loss is its part of the global mean; DDP and FSDP average gradients
+        # over processes, so scaling by the process count makes that average a sum.
+        self.accelerator.backward(loss * self.world_size)
+
+    def clip_gradients(self) -> torch.Tensor:
+        return self.accelerator.clip_grad_norm_(list(self.trainable.values()), self.train_cfg.max_grad_norm)
