@@ -194,6 +194,10 @@ def train(
 
     started = time.perf_counter()
     output = Path(output_dir or cfg.output_dir)
+    if resume:
+        from forge.train.checkpoint import latest_checkpoint
+
+        latest_checkpoint(output)  # nothing to resume: say so before any actor starts
     sandbox_level = set_min_level(cfg.sandbox.min_level)  # fail closed before starting anything
     logging.getLogger("forge").info("sandbox level %d available (min_level %d)", sandbox_level, cfg.sandbox.min_level)
     start_ray()
@@ -202,7 +206,11 @@ def train(
     if resume:
         from forge.train.checkpoint import restore_run
 
-        first_step = restore_run(run) + 1
+        try:
+            first_step = restore_run(run) + 1
+        except Exception:
+            run.shutdown()
+            raise
     logger = MetricsLogger(output, cfg.logging.tensorboard, cfg.logging.wandb_project, cfg.to_dict())
     show_progress = cfg.logging.progress_bar if progress is None else progress
     bar = tqdm(total=cfg.train.max_steps, desc="train", unit="step", disable=not show_progress,

@@ -65,3 +65,12 @@ def test_a_run_killed_mid_training_and_resumed_matches_an_uninterrupted_run(tmp_
     assert any(not torch.equal(before[name], expected[name]) for name in expected), "no learning after the kill"
     for name, tensor in expected.items():
         assert torch.equal(tensor, got[name]), name
+
+
+def test_resuming_a_directory_without_checkpoints_fails_with_the_fix(tmp_path, capsys):
+    from forge.cli import main
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(CONFIG))
+    assert main(["train", str(config), "--resume", str(tmp_path / "never_ran")]) == 2
+    assert "train.checkpoint_every" in capsys.readouterr().err
