@@ -126,7 +126,12 @@ class SpeedShapingConfig(Section):
     """Bonus for finishing fast: weight * h(measure / baseline), h decreasing from 1 to 0."""
 
     enabled: bool = Field(False, description="add the speed term to the reward")
-    weight: float = Field(0.2, ge=0, description="largest bonus, as a fraction of reward.outcome_gap")
+    weight: float = Field(
+        0.2,
+        ge=0,
+        description="largest bonus, as a fraction of reward.outcome_gap; a policy may trade up to "
+        "weight / (1 + weight) of its successes for full speed, so keep it small",
+    )
     measure: Literal["turns", "generated_tokens", "wall_seconds", "tool_seconds"] = Field(
         "turns", description="what counts as slow"
     )

@@ -16,6 +16,13 @@ tokens all its episodes share (the behaviour that makes them succeed), about as 
 as the push a group with failures gives. That is how a naive turn bonus collapsed a
 prototype's success rate from 1.0 to 0.2. Dividing by the outcome spread (or the outcome
 gap where outcomes are all equal) keeps a speed advantage as small as its weight.
+
+The ordering invariant is necessary, not sufficient: in expectation a policy may still
+trade success for speed. A strategy that earns the full speed bonus w with success
+probability p beats a slow one that always succeeds once p (1 + w) > 1, i.e. it may give
+up to w / (1 + w) of its successes (17% at w = 0.2, 47% at w = 0.9). Keep the speed weight
+small; bench/speed_shaping.py measured the trade at w = 0.9: turns down 55%, success
+down 37 points.
 """
 
 from __future__ import annotations
