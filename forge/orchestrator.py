@@ -351,7 +351,9 @@ def train_async(
     loop_started = time.perf_counter()
 
     def launch() -> None:
-        while len(down) < len(run.workers) and (seq := ray.get(pool.reserve.remote())) is not None:
+        if len(down) == len(run.workers):
+            return
+        for seq in ray.get(pool.reserve_all.remote()):
             index = min(set(range(len(run.workers))) - down, key=lambda i: clocks[i].count)
             if index in needs_sync and weights is not None:
                 run.workers[index].set_weights.remote(weights[0], weights[1])
@@ -418,7 +420,7 @@ def train_async(
                     if index not in down:
                         down.add(index)
                         probes[run.workers[index].get_policy_version.remote()] = index
-                ray.get(pool.put.remote(seq, trajectories))
+                pool.put.remote(seq, trajectories)  # an actor runs one caller's calls in order
             if training is None or training[0] not in ready:
                 continue
 

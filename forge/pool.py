@@ -54,6 +54,13 @@ class DataPool:
         self._open.add(seq)
         return seq
 
+    def reserve_all(self) -> list[int]:
+        """Numbers for as many groups as the pool has room for (one call for the driver)."""
+        seqs = []
+        while (seq := self.reserve()) is not None:
+            seqs.append(seq)
+        return seqs
+
     def put(self, seq: int, trajectories: list[Trajectory]) -> None:
         """The finished group `seq`. Lost episodes are left out; a group with no played
         episode is dropped."""

@@ -80,3 +80,9 @@ def test_put_of_an_unknown_group_is_an_error():
     pool = DataPool(batch_groups=1, max_staleness=1)
     with pytest.raises(KeyError):
         pool.put(7, group())
+
+
+def test_reserve_all_numbers_groups_up_to_the_capacity_in_order():
+    pool = DataPool(batch_groups=2, max_staleness=1, window=1.0, capacity_groups=3)
+    assert pool.reserve_all() == [0, 1, 2]
+    assert pool.reserve_all() == []
