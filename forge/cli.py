@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import yaml
@@ -61,13 +62,14 @@ def _env_check(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    import importlib
+    import importlib.util
     import runpy
 
     module = f"bench.{args.name}"
-    try:
-        importlib.import_module(module)
-    except ModuleNotFoundError:
+    # Benchmarks live in the repository, not the installed package: import from the cwd.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    if importlib.util.find_spec("bench") is None or importlib.util.find_spec(module) is None:
         print(f"forge bench: no benchmark {args.name!r} (run from the repository root, which holds bench/)",
               file=sys.stderr)
         return 2

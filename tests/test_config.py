@@ -75,3 +75,8 @@ def test_cli_reports_bad_key_without_traceback(capsys):
     assert code == 2
     assert "train.lr: unknown key" in err
     assert "Traceback" not in err
+
+
+def test_bench_with_an_unknown_name_is_a_clear_error(capsys):
+    assert main(["bench", "no_such_bench"]) == 2
+    assert "no benchmark 'no_such_bench'" in capsys.readouterr().err
