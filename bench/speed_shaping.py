@@ -12,6 +12,11 @@ code. Per run: success_rate, turns_per_solved, wall_seconds_per_solved (eval epi
 plus the same numbers over the last fifth of training steps; `turns_reduction` = 1 -
 shaped / plain turns_per_solved. Prints one JSON object and writes
 bench/results/speed_shaping.json. Run: python -m bench.speed_shaping [--steps N]
+[--speed-weight W] [--learning-rate LR]; both runs take about 6 minutes each on 2 cores.
+
+The speed weight sets how much success the shaped policy may trade for speed (up to
+w / (1 + w) of its successes, see forge/reward/shaping.py); run it with --speed-weight 0.9
+to watch the trade happen.
 """
 
 from __future__ import annotations
@@ -39,7 +44,6 @@ BASE = [
     "rollout.tasks_per_step=4",
     "rollout.group_size=8",
     "rollout.temperature=1.0",
-    "train.learning_rate=2e-3",
     "train.minibatches_per_step=2",
     "train.loss=pg",
     "train.advantage=grpo",
@@ -48,12 +52,15 @@ BASE = [
     "logging.progress_bar=false",
     "logging.trajectory_samples=0",
 ]
-SHAPING = ["reward.speed.enabled=true", "reward.speed.weight=0.5", "reward.speed.measure=turns"]
 
 
-def build_config(shaped: bool, steps: int, seed: int) -> Config:
-    overrides = [*BASE, f"train.max_steps={steps}", f"seed={seed}"]
-    return load_config(None, overrides + (SHAPING if shaped else []))
+def shaping_overrides(speed_weight: float) -> list[str]:
+    return ["reward.speed.enabled=true", f"reward.speed.weight={speed_weight}", "reward.speed.measure=turns"]
+
+
+def build_config(shaped: bool, steps: int, seed: int, learning_rate: float, speed_weight: float) -> Config:
+    overrides = [*BASE, f"train.max_steps={steps}", f"seed={seed}", f"train.learning_rate={learning_rate}"]
+    return load_config(None, overrides + (shaping_overrides(speed_weight) if shaped else []))
 
 
 def episode_stats(episodes: list[dict[str, float]]) -> dict[str, float]:
@@ -102,22 +109,20 @@ def training_tail(metrics_file: Path, fraction: float = 0.2) -> dict[str, float]
     }
 
 
-def run(
-    name: str, shaped: bool, steps: int, seed: int, workdir: Path, eval_tasks: int, eval_group: int
-) -> dict:
+def run(name: str, shaped: bool, args: argparse.Namespace, workdir: Path) -> dict:
     from forge.orchestrator import train
 
-    cfg = build_config(shaped, steps, seed)
+    cfg = build_config(shaped, args.steps, args.seed, args.learning_rate, args.speed_weight)
     started = time.perf_counter()
     result = train(cfg, workdir / name, progress=False)
     train_seconds = time.perf_counter() - started
-    evaluation = evaluate(cfg, result.checkpoint, eval_tasks, eval_group)
+    evaluation = evaluate(cfg, result.checkpoint, args.eval_tasks, args.eval_group)
     return {
         **{k: evaluation[k] for k in ("success_rate", "turns_per_solved", "wall_seconds_per_solved")},
         "eval_episodes": evaluation["episodes"],
         "train_tail": training_tail(workdir / name / "metrics.jsonl"),
         "train_seconds": train_seconds,
-        "overrides": SHAPING if shaped else [],
+        "overrides": shaping_overrides(args.speed_weight) if shaped else [],
     }
 
 
@@ -125,6 +130,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=250, help="training steps per run (equal for both)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--learning-rate", type=float, default=4e-3)
+    parser.add_argument(
+        "--speed-weight", type=float, default=0.2, help="reward.speed.weight of the shaped run"
+    )
     parser.add_argument("--eval-tasks", type=int, default=32)
     parser.add_argument("--eval-group", type=int, default=8, help="episodes per held-out task")
     parser.add_argument("--output", type=Path, default=RESULTS)
@@ -133,8 +142,7 @@ def main() -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="forge-speed-") as tmp:
         runs = {
-            name: run(name, shaped, args.steps, args.seed, Path(tmp), args.eval_tasks, args.eval_group)
-            for name, shaped in (("plain", False), ("shaped", True))
+            name: run(name, shaped, args, Path(tmp)) for name, shaped in (("plain", False), ("shaped", True))
         }
     plain, shaped = runs["plain"], runs["shaped"]
     reduction = 1.0 - shaped["turns_per_solved"] / plain["turns_per_solved"]
@@ -144,6 +152,8 @@ def main() -> None:
         "task": f"guess_number n={NUMBERS}, max_turns={2 * NUMBERS}",
         "steps": args.steps,
         "seed": args.seed,
+        "learning_rate": args.learning_rate,
+        "speed_weight": args.speed_weight,
         "base_overrides": BASE,
         "plain": plain,
         "shaped": shaped,
