@@ -141,24 +141,47 @@ class Run:
         self.tokenizer = load_tokenizer(self.model_path)
 
     def rollout(self) -> list[Trajectory]:
-        import ray
+        """One step's episodes: `tasks_per_step` tasks x `group_size`, whole tasks per worker."""
+        return self.collect_rollouts(self.launch_rollouts())
 
+    def launch_rollouts(self) -> list[tuple[Any, list[dict[str, Any]]]]:
         tasks = self.tasks.take(self.cfg.rollout.tasks_per_step)
         chunks = split_evenly(tasks, len(self.workers))
-        calls = [
-            worker.rollout.remote(chunk, self.cfg.rollout.group_size)
+        return [
+            (worker.rollout.remote(chunk, self.cfg.rollout.group_size), chunk)
             for worker, chunk in zip(self.workers, chunks, strict=True)
             if chunk
         ]
-        return [t for batch in ray.get(calls) for t in batch]
+
+    def collect_rollouts(self, calls: list[tuple[Any, list[dict[str, Any]]]]) -> list[Trajectory]:
+        """Gather the launched episodes; a worker that died mid-rollout (Ray restarts it)
+        yields its groups as lost episodes, counted but never trained on."""
+        import ray
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        trajectories: list[Trajectory] = []
+        for ref, chunk in calls:
+            try:
+                trajectories.extend(ray.get(ref))
+            except (RayActorError, ActorUnavailableError) as exc:
+                for task in chunk:
+                    trajectories.extend(lost_group(task, self.cfg.rollout.group_size, f"rollout worker died: {exc}"))
+        return trajectories
 
     def sync_weights(self) -> int:
         import ray
+        from ray.exceptions import ActorUnavailableError, RayActorError
 
         wrapped, version = ray.get(self.trainer.publish_weights.remote())
         # The ObjectRef goes to each worker as a top-level argument: Ray resolves it there,
         # so the weights are put once and fetched by every worker from the object store.
-        ray.get([worker.set_weights.remote(wrapped[0], version) for worker in self.workers])
+        calls = [(worker, worker.set_weights.remote(wrapped[0], version)) for worker in self.workers]
+        for worker, ref in calls:
+            try:
+                ray.get(ref)
+            except (RayActorError, ActorUnavailableError):  # a worker Ray is restarting
+                wait_until_alive(worker)
+                ray.get(worker.set_weights.remote(wrapped[0], version))
         return version
 
     def shutdown(self) -> None:
@@ -166,6 +189,23 @@ class Run:
 
         for actor in [*self.workers, self.trainer]:
             ray.kill(actor)
+
+
+def wait_until_alive(actor: Any, timeout_s: float = 300.0) -> None:
+    """Block until a restarting actor answers again; a worker that never comes back stops
+    the run with a clear error instead of a hang."""
+    import ray
+    from ray.exceptions import ActorUnavailableError
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            ray.get(actor.get_policy_version.remote(), timeout=max(deadline - time.monotonic(), 1.0))
+            return
+        except ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"a rollout worker did not come back within {timeout_s:.0f}s of dying") from None
+            time.sleep(0.2)
 
 
 def train(
