@@ -103,8 +103,12 @@ class TrainConfig(Section):
     )
     loss: str = Field("pg", description="policy loss (forge.train.losses)")
     loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = "token_mean"
-    clip_low: float = Field(0.2, ge=0)
-    clip_high: float = Field(0.28, ge=0)
+    clip_low: float = Field(0.2, ge=0, description="ppo_clip: ratio clipped to [1 - clip_low, 1 + clip_high]")
+    clip_high: float = Field(0.28, ge=0, description="ppo_clip: DAPO clip-higher upper bound")
+    cispo_clip_low: float = Field(0.0, ge=0, description="cispo: lower bound of the stop-gradient IS weight")
+    cispo_clip_high: float = Field(5.0, gt=0, description="cispo: upper bound of the stop-gradient IS weight")
+    gspo_clip_low: float = Field(3e-4, ge=0, description="gspo: sequence ratio clipped to [1 - low, 1 + high]")
+    gspo_clip_high: float = Field(4e-4, ge=0, description="gspo: upper clip of the sequence ratio")
     tis_cap: float | None = Field(None, description="truncated importance sampling cap; unset disables")
     kl_coef: float = Field(0.0, ge=0, description="KL to the frozen initial policy; 0 disables")
     checkpoint_every: int = Field(

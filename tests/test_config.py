@@ -80,3 +80,11 @@ def test_cli_reports_bad_key_without_traceback(capsys):
 def test_bench_with_an_unknown_name_is_a_clear_error(capsys):
     assert main(["bench", "no_such_bench"]) == 2
     assert "no benchmark 'no_such_bench'" in capsys.readouterr().err
+
+
+def test_every_loss_knob_reaches_the_loss_config():
+    from forge.train.trainer import loss_config
+
+    cfg = load_config(None, ["train.cispo_clip_high=3.0", "train.gspo_clip_low=1e-3", "train.clip_high=0.3"])
+    knobs = loss_config(cfg.train)
+    assert (knobs.cispo_clip_high, knobs.gspo_clip_low, knobs.clip_high) == (3.0, 1e-3, 0.3)

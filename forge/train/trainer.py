@@ -16,7 +16,16 @@ from forge.types import Sample
 
 
 def loss_config(cfg: TrainConfig) -> LossConfig:
-    return LossConfig(clip_low=cfg.clip_low, clip_high=cfg.clip_high, tis_cap=cfg.tis_cap, kl_coef=cfg.kl_coef)
+    return LossConfig(
+        clip_low=cfg.clip_low,
+        clip_high=cfg.clip_high,
+        cispo_clip_low=cfg.cispo_clip_low,
+        cispo_clip_high=cfg.cispo_clip_high,
+        gspo_clip_low=cfg.gspo_clip_low,
+        gspo_clip_high=cfg.gspo_clip_high,
+        tis_cap=cfg.tis_cap,
+        kl_coef=cfg.kl_coef,
+    )
 
 
 def pad_rows(rows: list[torch.Tensor], width: int, value: float = 0.0) -> torch.Tensor:
