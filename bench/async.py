@@ -43,13 +43,15 @@ def main() -> None:
     parser.add_argument("--config", default=str(Path(__file__).parent.parent / "configs" / "smoke.yaml"))
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--last", type=int, default=5, help="steps averaged for final_success_rate")
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides applied to both modes")
     args = parser.parse_args()
-    report: dict[str, object] = {"config": Path(args.config).name, "steps": args.steps}
+    report: dict[str, object] = {"config": Path(args.config).name, "steps": args.steps, "overrides": args.overrides}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in ("sync", "async"):
             cfg = load_config(args.config, [
                 f"train.mode={mode}", f"train.max_steps={args.steps}",
                 "logging.tensorboard=false", "logging.progress_bar=false", "train.checkpoint_every=0",
+                *args.overrides,
             ])
             out = Path(tmp) / mode
             train(cfg, out, progress=False)
