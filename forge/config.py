@@ -115,8 +115,15 @@ class TrainConfig(Section):
         50, ge=0, description="write a resumable checkpoint every this many steps (and at the last); 0 disables"
     )
     keep_checkpoints: int = Field(2, ge=0, description="resumable checkpoints kept on disk; 0 keeps all")
-    num_cpus: float = Field(1.0, gt=0, description="CPUs reserved for the trainer")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved for the trainer")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs reserved for the trainer (per trainer process)")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved for the trainer (per trainer process)")
+    num_trainers: int = Field(
+        1, gt=0, description="data-parallel trainer processes (Ray actors, one process group); 1 = single trainer"
+    )
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="how num_trainers > 1 shard the model (accelerate)")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "no", description="autocast for num_trainers > 1 (bf16 on GPU); the single trainer uses model.dtype"
+    )
 
 
 class TrainerConfig(Section):

@@ -120,11 +120,20 @@ class Run:
         self.shaper = RewardShaper(cfg.reward)
 
         trainer_threads = max(1, int(cfg.train.num_cpus))
-        self.trainer = (
-            ray.remote(Trainer)
-            .options(num_cpus=cfg.train.num_cpus, num_gpus=cfg.train.num_gpus)
-            .remote(str(self.model_path), cfg.model, cfg.train, cfg.trainer, cfg.seed, trainer_threads)
-        )
+        trainer_args = (str(self.model_path), cfg.model, cfg.train, cfg.trainer, cfg.seed, trainer_threads)
+        if cfg.train.num_trainers > 1:
+            from forge.train.group import TrainerGroup
+
+            self.trainer = TrainerGroup(
+                cfg.train.num_trainers, cfg.train.num_cpus, cfg.train.num_gpus, trainer_args,
+                {"strategy": cfg.train.strategy, "mixed_precision": cfg.train.mixed_precision},
+            )
+        else:
+            self.trainer = (
+                ray.remote(Trainer)
+                .options(num_cpus=cfg.train.num_cpus, num_gpus=cfg.train.num_gpus)
+                .remote(*trainer_args)
+            )
         worker_class = ray.remote(RolloutWorker)
         self.workers = [
             worker_class.options(
@@ -187,7 +196,7 @@ class Run:
     def shutdown(self) -> None:
         import ray
 
-        for actor in [*self.workers, self.trainer]:
+        for actor in [*self.workers, *getattr(self.trainer, "actors", [self.trainer])]:
             ray.kill(actor)
 
 

@@ -1,0 +1,123 @@
+"""Several data-parallel trainer processes driven as one trainer.
+
+Each rank is a Ray actor (placed by `train.num_cpus` / `train.num_gpus`) running a
+`DistributedTrainer`; rank 0's node hosts the torch.distributed rendezvous. The group
+answers the calls the orchestrator makes of a single trainer actor
+(`group.train_step.remote(samples)` and so on), so the run loop does not change.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from forge.types import Sample
+
+
+class TrainerRank:
+    """One process of the group; the trainer is built in `setup`, once the rendezvous
+    address is known."""
+
+    def __init__(self) -> None:
+        self.trainer: Any = None
+
+    def address(self) -> tuple[str, int]:
+        import ray
+
+        with socket.socket() as probe:
+            probe.bind(("", 0))
+            port = probe.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def setup(self, rank: int, world_size: int, master_addr: str, master_port: int,
+              trainer_args: tuple, trainer_kwargs: dict[str, Any]) -> int:
+        from forge.train.distributed import DistributedTrainer
+
+        # Ray gives each actor its own visible devices, so the local device is always 0.
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+        self.trainer = DistributedTrainer(*trainer_args, **trainer_kwargs)
+        return self.trainer.world_size
+
+    def train_step(self, samples: list[Sample]) -> dict[str, float]:
+        return self.trainer.train_step(samples)
+
+    def publish_weights(self) -> tuple[list[Any], int]:
+        return self.trainer.publish_weights()
+
+    def save(self, directory: str) -> str:
+        return self.trainer.save(directory)
+
+    def save_state(self, directory: str) -> None:
+        self.trainer.save_state(directory)
+
+    def load_state(self, directory: str) -> int:
+        return self.trainer.load_state(directory)
+
+
+class _Call:
+    def __init__(self, launch: Any) -> None:
+        self.remote = launch
+
+
+class TrainerGroup:
+    """`world_size` DDP ranks behind the interface of one trainer actor.
+
+    Every rank gets the whole batch (one `ray.put`) and trains on its shard; rank 0 answers
+    for the group. Under DDP every rank holds the same weights and optimizer state, so
+    rank 0 alone publishes, saves and checkpoints; a restore loads that state into all.
+    """
+
+    def __init__(self, world_size: int, num_cpus: float, num_gpus: float, trainer_args: tuple,
+                 trainer_kwargs: dict[str, Any]) -> None:
+        import ray
+
+        rank_class = ray.remote(TrainerRank)
+        self.actors = [rank_class.options(num_cpus=num_cpus, num_gpus=num_gpus).remote() for _ in range(world_size)]
+        master_addr, master_port = ray.get(self.actors[0].address.remote())
+        joined = ray.get([
+            actor.setup.remote(rank, world_size, master_addr, master_port, trainer_args, trainer_kwargs)
+            for rank, actor in enumerate(self.actors)
+        ])
+        if joined != [world_size] * world_size:
+            raise RuntimeError(f"trainer ranks joined process groups of sizes {joined}, expected {world_size} each")
+        self.world_size = world_size
+        self.train_step = _Call(self._train_step)
+        self.publish_weights = _Call(lambda: self.actors[0].publish_weights.remote())
+        self.save = _Call(lambda directory: self.actors[0].save.remote(directory))
+        self.save_state = _Call(lambda directory: self.actors[0].save_state.remote(directory))
+        self.load_state = _Call(self._load_state)
+
+    def _train_step(self, samples: list[Sample]) -> Any:
+        import ray
+
+        batch = ray.put(samples)
+        refs = [actor.train_step.remote(batch) for actor in self.actors]
+        return _when_all.remote(*refs)
+
+    def _load_state(self, directory: str) -> Any:
+        return _when_all.remote(*[actor.load_state.remote(directory) for actor in self.actors])
+
+
+def _first_result(*results: Any) -> Any:
+    """Rank 0's answer, once every rank has answered (Ray resolves the arguments first)."""
+    return results[0]
+
+
+class _LazyRemote:
+    """`ray.remote` at first use, so importing this module does not need Ray started."""
+
+    def __init__(self, function: Any) -> None:
+        self.function = function
+        self.wrapped: Any = None
+
+    def remote(self, *args: Any) -> Any:
+        import ray
+
+        if self.wrapped is None:
+            self.wrapped = ray.remote(num_cpus=0)(self.function)
+        return self.wrapped.remote(*args)
+
+
+_when_all = _LazyRemote(_first_result)
