@@ -235,3 +235,34 @@ def test_flex_attention_on_a_model_without_flex_is_a_clear_error():
     batch = microbatches(make_samples([[1, 2, 3]], 0), "tree", 16, attention="flex")[0]
     with pytest.raises(ValueError, match="attn_implementation='flex_attention'"):
         batch.forward_logprobs(model)
+
+
+@pytest.mark.parametrize("architecture", ["qwen2", "llama", "qwen2-lora"])
+def test_flex_path_logprobs_through_the_model_equal_separate_forwards_on_cpu(architecture, monkeypatch):
+    # torch 2.13 cannot compile flex attention for CPU nor run its backward there, so on CPU
+    # the model-level flex path is checked forward-only with eager flex attention (the same
+    # BlockMask and the same transformers attention code); gradients are the GPU test's job.
+    from transformers.integrations import flex_attention as hf_flex
+
+    calls = []
+
+    def eager_flex(query, key, value, *args, training=False, **kwargs):
+        calls.append(kwargs.get("block_mask"))
+        return flex_attention(query, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(hf_flex, "compile_friendly_flex_attention", eager_flex)
+    if architecture == "qwen2-lora":
+        model = lora_model()
+        model.base_model.model.config._attn_implementation = "flex_attention"
+        reference = lora_model()
+    else:
+        model = tiny_model(architecture, "flex_attention")
+        reference = tiny_model(architecture, "sdpa")
+    samples = make_samples([[1, 2, 3, 4] * 10 + [i] * (5 + i) for i in range(5)] + [[7, 7, 7], [1, 2]], seed=0)
+    with torch.no_grad():
+        for batch in microbatches(samples, "tree", 64, attention="flex"):
+            for index, lp in zip(batch.sample_indices, batch.forward_logprobs(model), strict=True):
+                ids = torch.tensor([samples[index].token_ids])
+                want = reference(input_ids=ids).logits[0, :-1].log_softmax(-1).gather(1, ids[0, 1:, None])[:, 0]
+                assert (lp - want).abs().max().item() <= LOGPROB_TOLERANCE
+    assert calls and all(mask is not None for mask in calls)  # every layer went through flex
