@@ -110,11 +110,3 @@ class Sample:
             group_id=trajectory.group_id,
         )
 
-
-@dataclass
-class Batch:
-    """What one optimizer step trains on."""
-
-    samples: list[Sample]
-    trajectories: list[Trajectory] = field(default_factory=list)
-    policy_version: int = 0  # trainer's version when the batch was formed
