@@ -100,6 +100,27 @@ def to_samples(trajectories: list[Trajectory], advantages: list[float]) -> list[
     ]
 
 
+def make_trainer(cfg: Config, model_path: Path) -> Any:
+    """The trainer actor; with `train.num_trainers > 1` a TrainerGroup that answers like one."""
+    import ray
+
+    from forge.train.trainer import Trainer
+
+    trainer_args = (str(model_path), cfg.model, cfg.train, cfg.trainer, cfg.seed, max(1, int(cfg.train.num_cpus)))
+    if cfg.train.num_trainers > 1:
+        from forge.train.group import TrainerGroup
+
+        return TrainerGroup(
+            cfg.train.num_trainers, cfg.train.num_cpus, cfg.train.num_gpus, trainer_args,
+            {"strategy": cfg.train.strategy, "mixed_precision": cfg.train.mixed_precision},
+        )
+    return ray.remote(Trainer).options(num_cpus=cfg.train.num_cpus, num_gpus=cfg.train.num_gpus).remote(*trainer_args)
+
+
+def trainer_actors(trainer: Any) -> list[Any]:
+    return list(getattr(trainer, "actors", [trainer]))
+
+
 class Run:
     """One training run's actors and bookkeeping."""
 
@@ -109,7 +130,6 @@ class Run:
         from forge.models.loading import resolve_model_path
         from forge.reward.shaping import RewardShaper
         from forge.rollout.worker import RolloutWorker
-        from forge.train.trainer import Trainer
 
         self.cfg = cfg
         self.output_dir = output_dir
@@ -119,21 +139,7 @@ class Run:
         self.tasks = TaskStream(load_task_rows(cfg), cfg.seed)
         self.shaper = RewardShaper(cfg.reward)
 
-        trainer_threads = max(1, int(cfg.train.num_cpus))
-        trainer_args = (str(self.model_path), cfg.model, cfg.train, cfg.trainer, cfg.seed, trainer_threads)
-        if cfg.train.num_trainers > 1:
-            from forge.train.group import TrainerGroup
-
-            self.trainer = TrainerGroup(
-                cfg.train.num_trainers, cfg.train.num_cpus, cfg.train.num_gpus, trainer_args,
-                {"strategy": cfg.train.strategy, "mixed_precision": cfg.train.mixed_precision},
-            )
-        else:
-            self.trainer = (
-                ray.remote(Trainer)
-                .options(num_cpus=cfg.train.num_cpus, num_gpus=cfg.train.num_gpus)
-                .remote(*trainer_args)
-            )
+        self.trainer = make_trainer(cfg, self.model_path)
         worker_class = ray.remote(RolloutWorker)
         self.workers = [
             worker_class.options(
@@ -196,7 +202,7 @@ class Run:
     def shutdown(self) -> None:
         import ray
 
-        for actor in [*self.workers, *getattr(self.trainer, "actors", [self.trainer])]:
+        for actor in [*self.workers, *trainer_actors(self.trainer)]:
             ray.kill(actor)
 
 

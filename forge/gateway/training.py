@@ -115,10 +115,16 @@ def train_gateway(cfg: Config, output_dir: str | Path | None = None, progress: b
     from forge.env.registry import resolve_env
     from forge.metrics import MetricsLogger, rollout_metrics
     from forge.models.loading import load_model, load_tokenizer, resolve_model_path
-    from forge.orchestrator import RunResult, TaskStream, load_task_rows, start_ray
+    from forge.orchestrator import (
+        RunResult,
+        TaskStream,
+        load_task_rows,
+        make_trainer,
+        start_ray,
+        trainer_actors,
+    )
     from forge.reward.shaping import RewardShaper, trajectory_advantages
     from forge.rollout.engine import HFEngine
-    from forge.train.trainer import Trainer
 
     started = time.perf_counter()
     output = Path(output_dir or cfg.output_dir)
@@ -131,11 +137,7 @@ def train_gateway(cfg: Config, output_dir: str | Path | None = None, progress: b
     rng = random.Random(cfg.seed)
 
     start_ray()
-    trainer = (
-        ray.remote(Trainer)
-        .options(num_cpus=cfg.train.num_cpus, num_gpus=cfg.train.num_gpus)
-        .remote(str(model_path), cfg.model, cfg.train, cfg.trainer, cfg.seed, max(1, int(cfg.train.num_cpus)))
-    )
+    trainer = make_trainer(cfg, model_path)
     torch.set_num_threads(1)
     tokenizer = load_tokenizer(model_path)
     engine = HFEngine(load_model(model_path, cfg.model), [tokenizer.eos_token_id], tokenizer.pad_token_id,
@@ -197,7 +199,8 @@ def train_gateway(cfg: Config, output_dir: str | Path | None = None, progress: b
         bar.close()
         logger.close()
         server.stop()
-        ray.kill(trainer)
+        for actor in trainer_actors(trainer):
+            ray.kill(actor)
     summary = {"steps": step, "checkpoint": str(checkpoint), "wall_seconds": time.perf_counter() - started}
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
     return RunResult(output, step, checkpoint, summary["wall_seconds"])
