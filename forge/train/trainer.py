@@ -75,7 +75,7 @@ class Trainer:
 
         if model_cfg.lora.enabled:
             return None  # the peft model with its adapters disabled is the reference
-        return load_model(model_path, model_cfg.model_copy(update={"lora": model_cfg.lora}), trainable=False)
+        return load_model(model_path, model_cfg, trainable=False)
 
     def _reference_logprobs(self, batch: Any) -> list[torch.Tensor]:
         with torch.no_grad():

@@ -1,0 +1,31 @@
+"""KL to the frozen initial policy: a separate frozen copy, or the LoRA model with its
+adapters switched off."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from forge.config import Config
+from forge.train.trainer import Trainer
+from forge.types import Sample
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_kl_to_the_reference_starts_at_zero_and_grows_as_the_policy_moves(tiny_checkpoint, lora):
+    cfg = Config()
+    cfg.model.lora.enabled = lora
+    cfg.train.kl_coef = 0.1
+    cfg.train.learning_rate = 5e-2
+    trainer = Trainer(tiny_checkpoint, cfg.model, cfg.train, cfg.trainer, seed=0)
+    generator = torch.Generator().manual_seed(0)
+    samples = []
+    for i in range(4):
+        tokens = torch.randint(5, 30, (12,), generator=generator).tolist()
+        mask = [0] * 4 + [1] * 8
+        samples.append(Sample(tokens, mask, [0.0] * 12, [0] * 12, advantage=1.0 if i % 2 else -1.0))
+    first = trainer.train_step(samples)
+    for _ in range(3):
+        later = trainer.train_step(samples)
+    assert first["ref_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert later["ref_kl"] > 1e-4
