@@ -39,6 +39,16 @@ def rollout_metrics(trajectories: list[Trajectory]) -> dict[str, float]:
     return metrics
 
 
+def show_step(bar: Any, metrics: dict[str, float], **extra: str) -> None:
+    """Advance a run's progress bar with the step's reward and success rate (plus `extra`)."""
+    bar.set_postfix(
+        reward=f"{metrics.get('reward_mean', float('nan')):.3f}",
+        success=f"{metrics.get('success_rate', float('nan')):.2f}",
+        **extra,
+    )
+    bar.update(1)
+
+
 class MetricsLogger:
     def __init__(self, output_dir: Path, tensorboard: bool = True, wandb_project: str | None = None,
                  config: dict[str, Any] | None = None) -> None:
@@ -71,6 +81,12 @@ class MetricsLogger:
             self.tensorboard.flush()
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
+
+    def record_step(self, step: int, metrics: dict[str, float], trajectories: list[Trajectory], tokenizer: Any,
+                    samples: int) -> None:
+        """The step's metrics and the first `samples` of its episodes, decoded."""
+        self.log(step, metrics)
+        self.log_trajectories(step, trajectories, tokenizer, samples)
 
     def log_trajectories(self, step: int, trajectories: list[Trajectory], tokenizer: Any, limit: int) -> None:
         for trajectory in trajectories[:limit]:

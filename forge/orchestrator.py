@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from forge.config import Config
-from forge.metrics import MetricsLogger, rollout_metrics
+from forge.metrics import MetricsLogger, rollout_metrics, show_step
 from forge.types import Sample, Trajectory
 
 
@@ -295,14 +295,8 @@ def train(
                 policy_version=float(version),
                 wall_seconds=time.perf_counter() - started,
             )
-            logger.log(step, metrics)
-            logger.log_trajectories(step, trajectories, run.tokenizer, cfg.logging.trajectory_samples)
-            bar.set_postfix(
-                reward=f"{metrics.get('reward_mean', float('nan')):.3f}",
-                success=f"{metrics.get('success_rate', float('nan')):.2f}",
-                turns=f"{metrics.get('turns_mean', float('nan')):.1f}",
-            )
-            bar.update(1)
+            logger.record_step(step, metrics, trajectories, run.tokenizer, cfg.logging.trajectory_samples)
+            show_step(bar, metrics, turns=f"{metrics.get('turns_mean', float('nan')):.1f}")
             every = cfg.train.checkpoint_every
             if every and (step % every == 0 or step == cfg.train.max_steps):
                 from forge.train.checkpoint import save_run
@@ -506,14 +500,8 @@ def train_async(
                 wall_seconds=time.perf_counter() - started,
             )
             lost = 0
-            logger.log(step, metrics)
-            logger.log_trajectories(step, trajectories, run.tokenizer, cfg.logging.trajectory_samples)
-            bar.set_postfix(
-                reward=f"{metrics.get('reward_mean', float('nan')):.3f}",
-                success=f"{metrics.get('success_rate', float('nan')):.2f}",
-                stale=f"{metrics['staleness_mean']:.2f}",
-            )
-            bar.update(1)
+            logger.record_step(step, metrics, trajectories, run.tokenizer, cfg.logging.trajectory_samples)
+            show_step(bar, metrics, stale=f"{metrics['staleness_mean']:.2f}")
         if training is not None:
             ray.get(training[0])  # a step started on the last batch finishes before the save
         checkpoint = Path(ray.get(run.trainer.save.remote(str(output / "final"))))

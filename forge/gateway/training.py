@@ -113,7 +113,7 @@ def train_gateway(cfg: Config, output_dir: str | Path | None = None, progress: b
     from tqdm import tqdm
 
     from forge.env.registry import resolve_env
-    from forge.metrics import MetricsLogger, rollout_metrics
+    from forge.metrics import MetricsLogger, rollout_metrics, show_step
     from forge.models.loading import load_model, load_tokenizer, resolve_model_path
     from forge.orchestrator import (
         RunResult,
@@ -189,11 +189,8 @@ def train_gateway(cfg: Config, output_dir: str | Path | None = None, progress: b
                 policy_version=float(version),
                 wall_seconds=time.perf_counter() - started,
             )
-            logger.log(step, metrics)
-            logger.log_trajectories(step, trajectories, tokenizer, cfg.logging.trajectory_samples)
-            bar.set_postfix(reward=f"{metrics.get('reward_mean', float('nan')):.3f}",
-                            calls=f"{metrics['gateway_calls']:.0f}")
-            bar.update(1)
+            logger.record_step(step, metrics, trajectories, tokenizer, cfg.logging.trajectory_samples)
+            show_step(bar, metrics, calls=f"{metrics['gateway_calls']:.0f}")
         checkpoint = Path(ray.get(trainer.save.remote(str(output / "final"))))
     finally:
         bar.close()
