@@ -57,10 +57,6 @@ class RolloutWorker:
         )
         self.rng = random.Random(seed)
 
-    @property
-    def policy_version(self) -> int:
-        return self.engine.policy_version
-
     def get_policy_version(self) -> int:
         return self.engine.policy_version
 
