@@ -15,7 +15,7 @@ def test_two_trainer_processes_train_the_same_first_step_as_one(ray_session, tmp
     from forge.orchestrator import train
 
     overrides = [
-        "train.max_steps=1", "rollout.tasks_per_step=2", "rollout.group_size=4", "rollout.num_workers=1",
+        "train.max_steps=1", "rollout.tasks_per_step=8", "rollout.group_size=8", "rollout.num_workers=1",
         "train.minibatches_per_step=1", "train.num_cpus=1", "trainer.packing=padded",
         "logging.tensorboard=false", "train.checkpoint_every=0",
     ]

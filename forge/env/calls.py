@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import queue
 import threading
 from typing import Any
 
@@ -13,12 +14,43 @@ class EnvTimeout(Exception):
     """An env method ran past the harness's step or episode time limit."""
 
 
-def in_daemon_thread(function: Any, *args: Any, **kwargs: Any) -> asyncio.Future:
-    """Run blocking `function` in a daemon thread of its own, as an awaitable.
+class DaemonThreads:
+    """Reusable daemon threads for blocking env calls.
 
     Not the loop's default executor: a call that never returns would make `asyncio.run`
-    wait for it forever at shutdown, while an abandoned daemon thread does not.
+    wait for it forever at shutdown, while an abandoned daemon thread does not. A thread
+    goes back to the idle list only when its call returns, so a hung call costs one thread
+    and never blocks a later call; starting a thread per call cost ~0.3 ms, a third of a
+    small env's rollout CPU.
     """
+
+    def __init__(self, max_idle: int = 64) -> None:
+        self.max_idle = max_idle
+        self._idle: list[queue.SimpleQueue] = []
+        self._lock = threading.Lock()
+
+    def submit(self, work: Any) -> None:
+        with self._lock:
+            inbox = self._idle.pop() if self._idle else None
+        if inbox is None:
+            inbox = queue.SimpleQueue()
+            threading.Thread(target=self._serve, args=(inbox,), name="forge-env-call", daemon=True).start()
+        inbox.put(work)
+
+    def _serve(self, inbox: queue.SimpleQueue) -> None:
+        while True:
+            inbox.get()()
+            with self._lock:
+                if len(self._idle) >= self.max_idle:
+                    return
+                self._idle.append(inbox)
+
+
+_THREADS = DaemonThreads()
+
+
+def in_daemon_thread(function: Any, *args: Any, **kwargs: Any) -> asyncio.Future:
+    """Run blocking `function` in a daemon thread (see `DaemonThreads`), as an awaitable."""
     loop = asyncio.get_running_loop()
     future = loop.create_future()
 
@@ -38,9 +70,7 @@ def in_daemon_thread(function: Any, *args: Any, **kwargs: Any) -> asyncio.Future
         with contextlib.suppress(RuntimeError):  # the loop closed while we ran
             loop.call_soon_threadsafe(settle, *outcome)
 
-    threading.Thread(
-        target=work, name=f"forge-env-{getattr(function, '__name__', 'call')}", daemon=True
-    ).start()
+    _THREADS.submit(work)
     return future
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import time
 import traceback
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,7 +61,9 @@ async def run_episode(
     def remaining() -> float:
         return min(limits.step_timeout_s, deadline - time.monotonic())
 
-    episode_id = uuid.uuid4().hex  # the engine keeps this episode's KV cache under it
+    # The engine keeps this episode's KV cache under its id, and orders a batch's rows by
+    # it: derived from the seeded group id and episode seed, so a rerun samples the same.
+    episode_id = f"{group_id}/{seed:08x}"
     engine.register()
     try:
         observation = await call_env(env.reset, task, seed, timeout_s=remaining())

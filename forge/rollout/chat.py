@@ -6,7 +6,15 @@ each observation. Generated ids are appended as they came out of the engine.
 
 from __future__ import annotations
 
+import functools
+import json
 from typing import Any
+
+# Rendered prompts and observation suffixes are cached per ChatFormat: the same text always
+# renders to the same ids, and envs repeat themselves (a group shares one prompt; feedback
+# such as "higher" recurs every turn), so template rendering stops dominating rollout CPU.
+CACHE_ENTRIES = 4096
+CACHE_MAX_CHARS = 4096  # longer texts (file contents, tool output) are rendered each time
 
 
 class ChatFormat:
@@ -19,6 +27,9 @@ class ChatFormat:
         from forge.env.tools import template_renders_tools
 
         self.renders_tools = template_renders_tools(tokenizer)
+        self._cached_prompt = functools.lru_cache(CACHE_ENTRIES)(self._prompt_ids)
+        self._cached_observation = functools.lru_cache(CACHE_ENTRIES)(self._observation_ids)
+        self._assistant_end: str | None = None
 
     def _render(self, messages: list[dict[str, Any]], tools: list[dict] | None, generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(
@@ -31,6 +42,14 @@ class ChatFormat:
     def prompt_ids(
         self, observation: str, system_prompt: str | None = None, tools: list[dict] | None = None
     ) -> list[int]:
+        """Ids of the first prompt: optional system text and tools, the observation as the
+        user's message, and the opening of the assistant's turn."""
+        if len(observation) + len(system_prompt or "") > CACHE_MAX_CHARS:
+            return self._prompt_ids(observation, system_prompt, json.dumps(tools) if tools else None)
+        return list(self._cached_prompt(observation, system_prompt, json.dumps(tools) if tools else None))
+
+    def _prompt_ids(self, observation: str, system_prompt: str | None, tools_json: str | None) -> list[int]:
+        tools = json.loads(tools_json) if tools_json else None
         if tools and not self.renders_tools:
             # The template drops `tools=`; show the schemas as Hermes-style system text.
             from forge.env.tools import hermes_tools_prompt
@@ -44,16 +63,27 @@ class ChatFormat:
     def observation_ids(self, observation: str, role: str = "user") -> list[int]:
         """Tokens that follow a finished assistant turn (ending in eos) to add `observation`
         and open the next assistant turn, exactly as the template renders them."""
-        history = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
-        base = self._render(history, None, generation_prompt=False)
+        if len(observation) > CACHE_MAX_CHARS:
+            return self._observation_ids(observation, role)
+        return list(self._cached_observation(observation, role))
+
+    _HISTORY = ({"role": "user", "content": "x"}, {"role": "assistant", "content": "y"})
+
+    def _observation_ids(self, observation: str, role: str) -> list[int]:
+        history = [dict(message) for message in self._HISTORY]
+        if self._assistant_end is None:  # the rendered history up to and including the eos
+            base = self._render(history, None, generation_prompt=False)
+            cut = base.rfind(self.tokenizer.eos_token)
+            if cut < 0:
+                raise ValueError("the chat template does not end an assistant turn with the eos token")
+            self._assistant_end = base[: cut + len(self.tokenizer.eos_token)]
         full = self._render(history + [{"role": role, "content": observation}], None, generation_prompt=True)
-        cut = base.rfind(self.tokenizer.eos_token)
-        if cut < 0 or not full.startswith(base[: cut + len(self.tokenizer.eos_token)]):
+        if not full.startswith(self._assistant_end):
             raise ValueError(
                 "the chat template does not render a conversation as a prefix of its continuation; "
                 "Forge cannot append observation tokens without re-tokenizing the history"
             )
-        return self._encode(full[cut + len(self.tokenizer.eos_token) :])
+        return self._encode(full[len(self._assistant_end) :])
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)

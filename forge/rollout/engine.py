@@ -342,6 +342,9 @@ class BatchingEngine:
             live = [(request, future) for request, future in batch if not future.cancelled()]
             if not live:
                 continue
+            # Rows in a fixed order, not arrival order (which depends on thread timing), so
+            # the sampler hands the same tokens to the same episodes in every rerun.
+            live.sort(key=lambda item: item[0].episode_id)
             started = time.perf_counter()
             try:
                 results = await asyncio.to_thread(self.engine.generate, [request for request, _ in live])
