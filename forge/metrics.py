@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 from pathlib import Path
 from typing import Any
 
@@ -24,18 +23,19 @@ def rollout_metrics(trajectories: list[Trajectory]) -> dict[str, float]:
     if not played:
         return metrics
     solved = [t for t in played if t.success]
+    n = len(played)
     metrics.update(
-        reward_mean=statistics.fmean(t.reward for t in played),
-        outcome_mean=statistics.fmean(t.outcome for t in played),
-        success_rate=len(solved) / len(played),
-        turns_mean=statistics.fmean(t.num_turns for t in played),
+        reward_mean=sum(t.reward for t in played) / n,
+        outcome_mean=sum(t.outcome for t in played) / n,
+        success_rate=len(solved) / n,
+        turns_mean=sum(t.num_turns for t in played) / n,
         tokens_generated=float(sum(t.generated_tokens for t in played)),
         tokens_total=float(sum(len(t.token_ids) for t in played)),
-        episode_seconds_mean=statistics.fmean(t.wall_seconds for t in played),
-        tool_seconds_mean=statistics.fmean(t.tool_seconds for t in played),
+        episode_seconds_mean=sum(t.wall_seconds for t in played) / n,
+        tool_seconds_mean=sum(t.tool_seconds for t in played) / n,
     )
     if solved:
-        metrics["turns_per_solved"] = statistics.fmean(t.num_turns for t in solved)
+        metrics["turns_per_solved"] = sum(t.num_turns for t in solved) / len(solved)
     return metrics
 
 

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,10 @@ import yaml
 from forge.config import Config
 from forge.metrics import MetricsLogger, rollout_metrics, show_step
 from forge.types import Sample, Trajectory
+
+# Async mode keeps this many training steps submitted to the trainer: one running, one
+# queued behind it, so the trainer never waits on the driver between steps.
+TRAIN_QUEUE_DEPTH = 2
 
 
 @dataclass
@@ -148,6 +153,7 @@ class Run:
             ).remote(
                 str(self.model_path), cfg.model, cfg.env, cfg.rollout, cfg.reward.success_threshold,
                 cfg.seed + 1000 * (index + 1), 1, cfg.sandbox.min_level,
+                cfg.async_.rollout_niceness if cfg.train.mode == "async" else 0,
             )
             for index in range(cfg.rollout.num_workers)
         ]
@@ -171,23 +177,19 @@ class Run:
     def collect_rollouts(self, calls: list[tuple[Any, list[dict[str, Any]]]]) -> list[Trajectory]:
         """Gather the launched episodes; a worker that died mid-rollout (Ray restarts it)
         yields its groups as lost episodes, counted but never trained on."""
-        import ray
-        from ray.exceptions import ActorUnavailableError, RayActorError
-
         trajectories: list[Trajectory] = []
         for ref, chunk in calls:
-            try:
-                trajectories.extend(ray.get(ref))
-            except (RayActorError, ActorUnavailableError) as exc:
-                for task in chunk:
-                    trajectories.extend(lost_group(task, self.cfg.rollout.group_size, f"rollout worker died: {exc}"))
+            groups, _ = collect_groups(ref, chunk, self.cfg.rollout.group_size)
+            trajectories.extend(t for group in groups for t in group)
         return trajectories
 
-    def sync_weights(self) -> int:
+    def sync_weights(self, published: tuple[list[Any], int] | None = None) -> int:
+        """Send every worker the trainer's weights (`published`, as `train_and_publish`
+        returned them, or published now) and wait until each has loaded them."""
         import ray
         from ray.exceptions import ActorUnavailableError, RayActorError
 
-        wrapped, version = ray.get(self.trainer.publish_weights.remote())
+        wrapped, version = published or ray.get(self.trainer.publish_weights.remote())
         # The ObjectRef goes to each worker as a top-level argument: Ray resolves it there,
         # so the weights are put once and fetched by every worker from the object store.
         calls = [(worker, worker.set_weights.remote(wrapped[0], version)) for worker in self.workers]
@@ -282,9 +284,9 @@ def train(
                 trajectories, cfg.train.advantage, cfg.train.advantage_std, cfg.reward.outcome_gap
             )
             samples = to_samples(trajectories, advantages)
-            train_metrics = ray.get(run.trainer.train_step.remote(samples))
+            train_metrics, *published = ray.get(run.trainer.train_and_publish.remote(samples))
             sync_started = time.perf_counter()
-            version = run.sync_weights()
+            version = run.sync_weights(tuple(published))
 
             metrics = rollout_metrics(trajectories)
             metrics.update(reward_metrics)
@@ -322,15 +324,17 @@ def lost_group(task: dict[str, Any], group_size: int, error: str) -> list[Trajec
     ]
 
 
-def collect_group(ref: Any, task: dict[str, Any], group_size: int) -> tuple[list[Trajectory], bool]:
-    """A launched group's episodes, or lost stand-ins (and True) if its worker died."""
+def collect_groups(ref: Any, tasks: list[dict[str, Any]], group_size: int) -> tuple[list[list[Trajectory]], bool]:
+    """The episodes of one worker call, one list per task (its group) in launch order; if
+    the worker died, lost stand-ins for every group, and True."""
     import ray
-    from ray.exceptions import RayActorError
+    from ray.exceptions import ActorUnavailableError, RayActorError
 
     try:
-        return ray.get(ref), False
-    except RayActorError as exc:  # Ray restarts the worker (max_restarts); the episodes are gone
-        return lost_group(task, group_size, f"rollout worker died: {exc}"), True
+        episodes = ray.get(ref)
+    except (RayActorError, ActorUnavailableError) as exc:  # Ray restarts the worker; the episodes are gone
+        return [lost_group(task, group_size, f"rollout worker died: {exc}") for task in tasks], True
+    return [episodes[i * group_size : (i + 1) * group_size] for i in range(len(tasks))], False
 
 
 class BusyClock:
@@ -358,8 +362,8 @@ class BusyClock:
 def train_async(
     cfg: Config, output_dir: str | Path | None = None, progress: bool | None = None, resume: bool = False
 ) -> RunResult:
-    """RL with rollout and training overlapped: workers keep playing groups (one task each)
-    while the trainer steps; a DataPool actor hands the trainer batches within the
+    """RL with rollout and training overlapped: workers keep playing groups while the
+    trainer steps (each pool slot that frees up becomes a group on the least loaded worker); a DataPool actor hands the trainer batches within the
     staleness bound; weights are published after every step and fetched by each worker.
 
     A worker that dies is restarted by Ray; the groups it was playing come back as lost
@@ -387,28 +391,40 @@ def train_async(
     bar = tqdm(total=cfg.train.max_steps, desc="train async", unit="step", disable=not show_progress)
 
     clocks = [BusyClock() for _ in run.workers]
-    in_flight: dict[Any, tuple[int, int, dict[str, Any]]] = {}  # ref -> (seq, worker, task)
+    in_flight: dict[Any, tuple[list[int], int, list[dict[str, Any]]]] = {}  # ref -> (seqs, worker, tasks)
+    groups_in_flight = [0] * len(run.workers)
     needs_sync: set[int] = set()
     down: set[int] = set()  # workers Ray is restarting; they get no groups
     probes: dict[Any, int] = {}  # ref of a call to a restarting worker -> its index
     weights: tuple[Any, int] | None = None  # latest (ref, version) published
     trainer_version = 0
-    training: tuple[Any, list[Trajectory], dict[str, float], float] | None = None
+    queued: deque[tuple[Any, list[Trajectory], dict[str, float]]] = deque()  # steps submitted, oldest first
+    submitted = 0
     train_seconds = 0.0
     lost = 0
     step = 0
     loop_started = time.perf_counter()
 
     def launch() -> None:
-        if len(down) == len(run.workers):
+        """Fill the pool's free slots: each live worker gets its share of the new groups
+        as one call, so its episodes run in one batch (per-group calls made batches
+        small, and a tiny model's forward costs nearly as much for 8 rows as for 32)."""
+        live = [i for i in range(len(run.workers)) if i not in down]
+        if not live:
             return
-        for seq in ray.get(pool.reserve_all.remote()):
-            index = min(set(range(len(run.workers))) - down, key=lambda i: clocks[i].count)
+        shares: dict[int, list[int]] = {i: [] for i in live}
+        for seq in ray.get(pool.reserve_all.remote(len(queued))):
+            index = min(live, key=lambda i: groups_in_flight[i] + len(shares[i]))
+            shares[index].append(seq)
+        for index, seqs in shares.items():
+            if not seqs:
+                continue
             if index in needs_sync and weights is not None:
                 run.workers[index].set_weights.remote(weights[0], weights[1])
             needs_sync.discard(index)
-            task = run.tasks.take(1)[0]
-            in_flight[run.workers[index].rollout.remote([task], cfg.rollout.group_size)] = (seq, index, task)
+            tasks = run.tasks.take(len(seqs))
+            in_flight[run.workers[index].rollout.remote(tasks, cfg.rollout.group_size)] = (seqs, index, tasks)
+            groups_in_flight[index] += len(seqs)
             clocks[index].start()
 
     def probe_restarted(ref: Any) -> None:
@@ -429,59 +445,74 @@ def train_async(
             ) from exc
         down.discard(index)
 
-    def start_training() -> None:
-        nonlocal training
-        groups = ray.get(pool.take.remote(trainer_version))
+    def submit_step() -> bool:
+        """Take a batch for the next training step and queue it on the trainer (which runs
+        its calls in order), so the trainer starts it the moment the current step ends.
+        The batch is trained at the version the queued steps leave the trainer at."""
+        nonlocal submitted
+        at_version = trainer_version + len(queued)
+        groups, stats = ray.get(pool.take_with_stats.remote(at_version))
         if groups is None:
-            return
+            return False
         trajectories = [t for group in groups for t in group]
         reward_metrics = run.shaper.shape(trajectories)
         advantages = trajectory_advantages(
             trajectories, cfg.train.advantage, cfg.train.advantage_std, cfg.reward.outcome_gap
         )
-        staleness = [trainer_version - (group_version(g) or trainer_version) for g in groups]
+        staleness = [at_version - (group_version(g) or at_version) for g in groups]
         reward_metrics["staleness_mean"] = sum(staleness) / len(staleness)
         reward_metrics["staleness_max"] = float(max(staleness))
-        ref = run.trainer.train_step.remote(to_samples(trajectories, advantages))
-        training = (ref, trajectories, reward_metrics, time.perf_counter())
+        reward_metrics.update(stats)
+        ref = run.trainer.train_and_publish.remote(to_samples(trajectories, advantages))
+        queued.append((ref, trajectories, reward_metrics))
+        submitted += 1
+        return True
 
+    # Pool round trips only when they can change something: a batch can form only after
+    # groups arrived, and room for new groups opens only when a batch is taken, a step
+    # ends (the staleness horizon moves) or a worker dies or comes back.
+    may_take, may_launch = False, True
     try:
         while step < cfg.train.max_steps:
-            launch()
-            if training is None:
-                start_training()
-            waiting = list(in_flight) + list(probes) + ([training[0]] if training else [])
+            while may_take and len(queued) < TRAIN_QUEUE_DEPTH and submitted < cfg.train.max_steps:
+                may_take = submit_step()
+                may_launch |= may_take
+            if may_launch:
+                launch()  # after taking a batch: the slots it freed get new groups at once
+                may_launch = False
+            waiting = list(in_flight) + list(probes) + ([queued[0][0]] if queued else [])
             ready, _ = ray.wait(waiting, num_returns=1, timeout=1.0)
             if ready:
                 ready, _ = ray.wait(waiting, num_returns=len(waiting), timeout=0)
             for ref in ready:
-                if training is not None and ref == training[0]:
+                if queued and ref == queued[0][0]:
                     continue
                 if ref in probes:
                     probe_restarted(ref)
+                    may_launch = True
                     continue
-                seq, index, task = in_flight.pop(ref)
+                seqs, index, tasks = in_flight.pop(ref)
+                may_take = True
                 clocks[index].stop()
-                trajectories, died = collect_group(ref, task, cfg.rollout.group_size)
+                groups_in_flight[index] -= len(seqs)
+                groups, died = collect_groups(ref, tasks, cfg.rollout.group_size)
                 if died:
-                    lost += len(trajectories)
+                    may_launch = True  # its groups are dropped, freeing their slots
+                    lost += len(seqs) * cfg.rollout.group_size
                     needs_sync.add(index)  # it comes back with the initial weights
                     if index not in down:
                         down.add(index)
                         probes[run.workers[index].get_policy_version.remote()] = index
-                pool.put.remote(seq, trajectories)  # an actor runs one caller's calls in order
-            if training is None or training[0] not in ready:
+                pool.put_all.remote(seqs, groups)  # an actor runs one caller's calls in order
+            if not queued or queued[0][0] not in ready:
                 continue
 
-            ref, trajectories, reward_metrics, train_started = training
-            training = None
-            train_metrics = ray.get(ref)
-            train_seconds += time.perf_counter() - train_started
+            ref, trajectories, reward_metrics = queued.popleft()
+            train_metrics, wrapped, trainer_version = ray.get(ref)
+            may_take = may_launch = True
+            train_seconds += train_metrics["train_seconds"]
             sync_started = time.perf_counter()
-            wrapped, trainer_version = ray.get(run.trainer.publish_weights.remote())
             weights = (wrapped[0], trainer_version)
-            if step + 1 < cfg.train.max_steps:
-                start_training()  # the next batch may be ready: keep the trainer busy
             for index, worker in enumerate(run.workers):
                 if index not in needs_sync:
                     worker.set_weights.remote(weights[0], trainer_version)
@@ -490,7 +521,6 @@ def train_async(
             metrics = rollout_metrics(trajectories)
             metrics.update(reward_metrics)
             metrics.update(train_metrics)
-            metrics.update(ray.get(pool.stats.remote()))
             metrics.update(
                 episodes_lost=float(lost),
                 sync_seconds=time.perf_counter() - sync_started,
@@ -502,8 +532,6 @@ def train_async(
             lost = 0
             logger.record_step(step, metrics, trajectories, run.tokenizer, cfg.logging.trajectory_samples)
             show_step(bar, metrics, stale=f"{metrics['staleness_mean']:.2f}")
-        if training is not None:
-            ray.get(training[0])  # a step started on the last batch finishes before the save
         checkpoint = Path(ray.get(run.trainer.save.remote(str(output / "final"))))
     finally:
         bar.close()

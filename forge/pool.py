@@ -6,7 +6,8 @@ finished group may be taken only while it lies within `window` positions of the 
 group not yet taken, so a straggler holds back at most a window's worth of newer data.
 Groups whose oldest generated token is more than `max_staleness` policy versions behind
 the trainer are dropped and counted. `reserve` refuses once `capacity` groups are in
-flight or waiting: that is the back-pressure that pauses rollout when the trainer lags.
+flight or waiting: that is the back-pressure that pauses rollout when the trainer lags;
+`reserve_all` also holds back groups the staleness bound would drop before their turn.
 """
 
 from __future__ import annotations
@@ -54,10 +55,18 @@ class DataPool:
         self._open.add(seq)
         return seq
 
-    def reserve_all(self) -> list[int]:
-        """Numbers for as many groups as the pool has room for (one call for the driver)."""
+    def reserve_all(self, steps_queued: int = 0) -> list[int]:
+        """Numbers for as many groups as the pool has room for (one call for the driver),
+        leaving out groups that would be dropped as stale before they could be trained.
+
+        Groups are trained in generation order, a batch per step, after the `steps_queued`
+        steps already submitted to the trainer (the one running included). A group launched
+        now at backlog position p (the groups reserved and not yet taken come first) is
+        trained `steps_queued + p // batch_groups` versions after the weights it is
+        generated with; past `max_staleness` it would only be generated to be dropped."""
+        horizon = (self.max_staleness - steps_queued + 1) * self.batch_groups
         seqs = []
-        while (seq := self.reserve()) is not None:
+        while len(self._open) + len(self._ready) < horizon and (seq := self.reserve()) is not None:
             seqs.append(seq)
         return seqs
 
@@ -72,6 +81,11 @@ class DataPool:
             self.dropped_empty += 1
             return
         self._ready[seq] = played
+
+    def put_all(self, seqs: list[int], groups: list[list[Trajectory]]) -> None:
+        """`put` for each of several finished groups (one call for the driver)."""
+        for seq, trajectories in zip(seqs, groups, strict=True):
+            self.put(seq, trajectories)
 
     def _head(self) -> int | None:
         pending = self._open | self._ready.keys()
@@ -104,6 +118,10 @@ class DataPool:
             return None
         self.taken += len(chosen)
         return [self._ready.pop(seq) for seq in chosen]
+
+    def take_with_stats(self, trainer_version: int) -> tuple[list[list[Trajectory]] | None, dict[str, Any]]:
+        """`take`, and `stats` after it (one call for the driver)."""
+        return self.take(trainer_version), self.stats()
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -80,7 +80,7 @@ def test_generation_past_max_tokens_is_truncated_and_marked(tiny_checkpoint):
 
 @pytest.mark.slow
 def test_a_killed_worker_is_restarted_and_its_in_flight_episodes_are_lost(ray_session, tiny_checkpoint):
-    from forge.orchestrator import collect_group
+    from forge.orchestrator import collect_groups
     from forge.rollout.worker import RolloutWorker
 
     ray = ray_session
@@ -94,8 +94,9 @@ def test_a_killed_worker_is_restarted_and_its_in_flight_episodes_are_lost(ray_se
         assert ray.get(worker.get_policy_version.remote()) == 0  # started
         ref = worker.rollout.remote([task] * 4, 8)
         ray.kill(worker, no_restart=False)
-        trajectories, died = collect_group(ref, task, 32)
-        assert died and rollout_metrics(trajectories)["episodes_lost"] == 32.0
+        groups, died = collect_groups(ref, [task] * 4, 8)
+        trajectories = [t for group in groups for t in group]
+        assert died and len(groups) == 4 and rollout_metrics(trajectories)["episodes_lost"] == 32.0
         deadline = time.monotonic() + 120
         while True:  # calls fail fast while Ray restarts the actor
             try:

@@ -86,3 +86,20 @@ def test_reserve_all_numbers_groups_up_to_the_capacity_in_order():
     pool = DataPool(batch_groups=2, max_staleness=1, window=1.0, capacity_groups=3)
     assert pool.reserve_all() == [0, 1, 2]
     assert pool.reserve_all() == []
+
+
+def test_reserve_all_holds_back_groups_the_staleness_bound_would_drop():
+    # batch 4, window 2: room for 6, but with one step already queued only one batch can
+    # still be trained within max_staleness=1 of the weights it is generated with.
+    pool = DataPool(batch_groups=4, max_staleness=1, window=0.5)
+    assert pool.capacity == 6
+    assert pool.reserve_all(steps_queued=2) == []
+    first = pool.reserve_all(steps_queued=1)
+    assert first == [0, 1, 2, 3]
+    for seq in first:
+        pool.put(seq, group(version=0))
+    # Trained one version on (the queued step finished): all four are within the bound.
+    assert len(pool.take(trainer_version=1)) == 4
+    assert pool.stats()["pool/dropped_stale"] == 0.0
+    # Nothing queued: the capacity is the limit again.
+    assert pool.reserve_all(steps_queued=0) == [4, 5, 6, 7, 8, 9]

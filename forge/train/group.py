@@ -46,6 +46,9 @@ class TrainerRank:
     def publish_weights(self) -> tuple[list[Any], int]:
         return self.trainer.publish_weights()
 
+    def train_and_publish(self, samples: list[Sample]) -> tuple[dict[str, float], list[Any], int]:
+        return self.trainer.train_and_publish(samples)
+
     def save(self, directory: str) -> str:
         return self.trainer.save(directory)
 
@@ -84,16 +87,20 @@ class TrainerGroup:
             raise RuntimeError(f"trainer ranks joined process groups of sizes {joined}, expected {world_size} each")
         self.world_size = world_size
         self.train_step = _Call(self._train_step)
+        self.train_and_publish = _Call(lambda samples: self._train_step(samples, publish=True))
         self.publish_weights = _Call(lambda: self.actors[0].publish_weights.remote())
         self.save = _Call(lambda directory: self.actors[0].save.remote(directory))
         self.save_state = _Call(lambda directory: self.actors[0].save_state.remote(directory))
         self.load_state = _Call(self._load_state)
 
-    def _train_step(self, samples: list[Sample]) -> Any:
+    def _train_step(self, samples: list[Sample], publish: bool = False) -> Any:
+        """Every rank trains on the batch (one put); with `publish`, rank 0 also publishes
+        the new weights, and the call answers with rank 0's result."""
         import ray
 
         batch = ray.put(samples)
-        refs = [actor.train_step.remote(batch) for actor in self.actors]
+        first = self.actors[0].train_and_publish if publish else self.actors[0].train_step
+        refs = [first.remote(batch)] + [actor.train_step.remote(batch) for actor in self.actors[1:]]
         return _when_all.remote(*refs)
 
     def _load_state(self, directory: str) -> Any:

@@ -180,6 +180,12 @@ class Trainer:
 
         return [ray.put(self.weights())], self.policy_version
 
+    def train_and_publish(self, samples: list[Sample]) -> tuple[dict[str, float], list[Any], int]:
+        """`train_step`, then `publish_weights`, in one call: the new weights are out the
+        moment the step ends, even when the caller has already queued the next step."""
+        metrics = self.train_step(samples)
+        return (metrics, *self.publish_weights())
+
     def save_state(self, directory: str) -> None:
         """Everything `load_state` needs to continue bit for bit (forge.train.checkpoint)."""
         from forge.train.checkpoint import save_trainer
