@@ -105,6 +105,33 @@ def to_samples(trajectories: list[Trajectory], advantages: list[float]) -> list[
     ]
 
 
+def check_resources(cfg: Config, rollout_workers: int) -> None:
+    """Fail fast when the trainer processes and rollout workers ask for more CPUs or GPUs
+    than the Ray cluster has in total: Ray would otherwise wait forever to place them."""
+    import ray
+
+    from forge.config import ConfigError
+
+    trainers = cfg.train.num_trainers
+    wanted = {
+        "CPU": trainers * cfg.train.num_cpus + rollout_workers * cfg.rollout.num_cpus_per_worker,
+        "GPU": trainers * cfg.train.num_gpus + rollout_workers * cfg.rollout.num_gpus_per_worker,
+    }
+    have = ray.cluster_resources()
+    for kind, amount in wanted.items():
+        if amount > have.get(kind, 0.0) + 1e-9:
+            message = (
+                f"this run needs {amount:g} {kind}s (train.num_trainers={trainers} x train.num_{kind.lower()}s="
+                f"{getattr(cfg.train, f'num_{kind.lower()}s'):g} + {rollout_workers} rollout workers x "
+                f"rollout.num_{kind.lower()}s_per_worker={getattr(cfg.rollout, f'num_{kind.lower()}s_per_worker'):g}) "
+                f"but the Ray cluster has {have.get(kind, 0.0):g}; lower those settings or add nodes"
+            )
+            if os.environ.get("RAY_ADDRESS"):  # an autoscaling cluster may still grow: say so, go on
+                logging.getLogger("forge").warning(message)
+            else:
+                raise ConfigError(message)
+
+
 def make_trainer(cfg: Config, model_path: Path) -> Any:
     """The trainer actor; with `train.num_trainers > 1` a TrainerGroup that answers like one."""
     import ray
@@ -144,6 +171,7 @@ class Run:
         self.tasks = TaskStream(load_task_rows(cfg), cfg.seed)
         self.shaper = RewardShaper(cfg.reward)
 
+        check_resources(cfg, cfg.rollout.num_workers)
         self.trainer = make_trainer(cfg, self.model_path)
         worker_class = ray.remote(RolloutWorker)
         self.workers = [

@@ -36,3 +36,13 @@ def test_a_worker_killed_mid_rollout_is_restarted_and_its_episodes_are_counted_l
     assert [r["episodes_lost"] for r in rows] == [0.0, 4.0, 0.0, 0.0]
     assert rows[1]["episodes"] == 4.0  # the other worker's group still trained
     assert [r["policy_version"] for r in rows] == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_a_run_asking_for_more_cpus_than_the_cluster_has_fails_fast_with_the_keys(ray_session, tmp_path):
+    from forge.config import ConfigError
+    from forge.orchestrator import train
+
+    total = ray_session.cluster_resources()["CPU"]
+    cfg = load_config("configs/smoke.yaml", [f"train.num_cpus={total}", "train.max_steps=1"])
+    with pytest.raises(ConfigError, match=r"train\.num_cpus=.*rollout\.num_cpus_per_worker=0\.5.*Ray cluster has"):
+        train(cfg, tmp_path / "run", progress=False)  # Ray would otherwise wait forever to place actors

@@ -118,6 +118,7 @@ def train_gateway(cfg: Config, output_dir: str | Path | None = None, progress: b
     from forge.orchestrator import (
         RunResult,
         TaskStream,
+        check_resources,
         load_task_rows,
         make_trainer,
         start_ray,
@@ -137,6 +138,7 @@ def train_gateway(cfg: Config, output_dir: str | Path | None = None, progress: b
     rng = random.Random(cfg.seed)
 
     start_ray()
+    check_resources(cfg, 0)
     trainer = make_trainer(cfg, model_path)
     torch.set_num_threads(1)
     tokenizer = load_tokenizer(model_path)
