@@ -1,22 +1,42 @@
 """Benchmark: does speed shaping make an agent finish in fewer turns without losing success?
 
-Two training runs through the real orchestrator (`forge.orchestrator.train`), equal step
-budget and seed, CPU, tiny random-init Qwen2: `plain` (0/1 outcome) and `shaped` (outcome
-plus the speed term on turns against the group median, default advantage path). The task
-is guess-the-number with twice as many turns as numbers, so a slow strategy (a linear
-scan, or guessing at random within the range) also succeeds and the plain reward is
-indifferent to speed once episodes succeed.
+Two training runs per seed through the real orchestrator (`forge.orchestrator.train`),
+equal step budget and seed, CPU, tiny random-init Qwen2: `plain` (0/1 outcome) and
+`shaped` (outcome plus the speed term on turns against the group median, default advantage
+path: advantages divided by the outcome spread). Everything else is the smoke recipe
+(configs/smoke.yaml: ppo_clip, lr 1e-3, 4 minibatches, one token per turn), identical for
+both runs. The task is guess-the-number with as many turns as numbers (8 and 8), so a slow
+strategy (a linear scan, any fixed order of the numbers) always wins: the plain reward is
+indifferent to speed once episodes succeed. A fixed order averages 4.5 turns; binary search
+on the higher/lower answers averages 2.625, so fewer turns per solved episode means the
+policy uses the answers. The plain run learns the task here (0.99+ training success by
+step 400-500 on seeds 0 and 1), though its seed-1 run then dropped to 0.67 by the end.
 
-Each final policy is then evaluated on the same held-out tasks with the real rollout
-code. Per run: success_rate, turns_per_solved, wall_seconds_per_solved (eval episodes),
-plus the same numbers over the last fifth of training steps; `turns_reduction` = 1 -
-shaped / plain turns_per_solved. Prints one JSON object and writes
-bench/results/speed_shaping.json. Run: python -m bench.speed_shaping [--steps N]
-[--speed-weight W] [--learning-rate LR]; both runs take about 6 minutes each on 2 cores.
+Each final policy is then evaluated through the real rollout code (sampling at the training
+temperature) on held-out tasks whose secrets are stratified. Per run: success_rate,
+turns_per_solved, wall_seconds_per_solved (eval episodes), plus the same numbers over the
+last fifth of training steps (`train_tail`); `turns_reduction` = 1 - shaped / plain
+turns_per_solved. With several seeds the top-level `plain` / `shaped` numbers pool every
+seed's eval episodes and `per_seed` lists each seed's own. Prints one JSON object and writes
+bench/results/speed_shaping.json (after every seed). Run: python -m bench.speed_shaping
+[--seeds 0 1] [--steps N] [--speed-weight W]; one seed (both runs and their evals) takes
+about 8 minutes on one CPU core.
+
+The target of issue 7 (turns per solved down 25% for at most 5 points of success) is not
+met: committed result (seeds 0 and 1, 700 steps, w = 0.5), turns per solved -15% and -4%,
+pooled -11%, with shaped success 2 points below plain on seed 0 and 20 above on seed 1
+(where plain dropped late); an earlier seed-0 run measured -18% for +6 points, another
+lost the shaped run's success late (0.29 eval). See bench/results/speed_shaping.json. Why it is hard here: the plain run does not stay
+at a slow scan; failures early in training (repeats, out-of-range guesses) teach it part
+of the feedback use, so it ends at about 3.7-4.1 turns per solved, and 25% below that is
+within 0.1-0.4 turns of perfect binary search. On 16 numbers with 16 turns neither run
+learns the task in 700 steps (plain 0.57 eval success), so that comparison says little.
 
 The speed weight sets how much success the shaped policy may trade for speed (up to
-w / (1 + w) of its successes, see forge/reward/shaping.py); run it with --speed-weight 0.9
-to watch the trade happen.
+w / (1 + w) of its successes at the optimum, see forge/reward/shaping.py). Here the fast
+strategy (binary search) loses no successes, so there is nothing to trade; w = 0.5 gives
+a speed advantage large enough to learn from within the step budget (at w = 0.2 turns per
+solved moved about 9% in 400 steps, seed 0, training tail).
 """
 
 from __future__ import annotations
@@ -38,16 +58,18 @@ NUMBERS = 8
 BASE = [
     "env.name=guess_number",
     f"env.kwargs.n={NUMBERS}",
-    f"rollout.max_turns={2 * NUMBERS}",
-    "rollout.max_new_tokens=2",  # a guess is one number token (and the end-of-turn token)
-    "rollout.num_workers=1",
-    "rollout.tasks_per_step=4",
+    f"rollout.max_turns={NUMBERS}",  # as many turns as numbers: a linear scan always wins
+    "rollout.max_new_tokens=1",  # a guess is one number token; the harness closes the turn
+    "rollout.num_workers=2",
+    "rollout.tasks_per_step=8",
     "rollout.group_size=8",
     "rollout.temperature=1.0",
-    "train.minibatches_per_step=2",
-    "train.loss=pg",
+    "train.learning_rate=1e-3",
+    "train.loss=ppo_clip",
+    "train.minibatches_per_step=4",
     "train.advantage=grpo",
-    "trainer.packing=padded",
+    "train.loss_aggregation=token_mean",
+    "train.checkpoint_every=0",
     "logging.tensorboard=false",
     "logging.progress_bar=false",
     "logging.trajectory_samples=0",
@@ -58,8 +80,8 @@ def shaping_overrides(speed_weight: float) -> list[str]:
     return ["reward.speed.enabled=true", f"reward.speed.weight={speed_weight}", "reward.speed.measure=turns"]
 
 
-def build_config(shaped: bool, steps: int, seed: int, learning_rate: float, speed_weight: float) -> Config:
-    overrides = [*BASE, f"train.max_steps={steps}", f"seed={seed}", f"train.learning_rate={learning_rate}"]
+def build_config(shaped: bool, steps: int, seed: int, speed_weight: float) -> Config:
+    overrides = [*BASE, f"train.max_steps={steps}", f"seed={seed}"]
     return load_config(None, overrides + (shaping_overrides(speed_weight) if shaped else []))
 
 
@@ -76,16 +98,18 @@ def episode_stats(episodes: list[dict[str, float]]) -> dict[str, float]:
 
 
 def evaluate(cfg: Config, checkpoint: Path, tasks_count: int, group_size: int) -> dict[str, float]:
-    """Play the held-out tasks with the final policy through the real rollout worker."""
-    from forge.orchestrator import load_task_rows
+    """Play held-out tasks with the final policy through the real rollout worker.
+
+    The secrets are stratified (each of the n numbers equally often), not drawn at random:
+    a near-deterministic policy's turns depend mostly on the secret, and 32 random secrets
+    move the mean turns by about 0.4 on their own, more than the effect measured here.
+    """
     from forge.rollout.worker import RolloutWorker
 
-    eval_cfg = cfg.model_copy(deep=True)
-    eval_cfg.seed = cfg.seed + 7919  # tasks neither run trained on
-    eval_cfg.env.num_tasks = tasks_count
-    tasks = load_task_rows(eval_cfg)
+    eval_seed = cfg.seed + 7919  # sampling seed neither run trained with
+    tasks = [{"task_id": f"eval-{i}", "secret": i % NUMBERS, "n": NUMBERS} for i in range(tasks_count)]
     worker = RolloutWorker(
-        str(checkpoint), cfg.model, cfg.env, cfg.rollout, cfg.reward.success_threshold, seed=eval_cfg.seed
+        str(checkpoint), cfg.model, cfg.env, cfg.rollout, cfg.reward.success_threshold, seed=eval_seed
     )
     trajectories = asyncio.run(worker.rollout(tasks, group_size))
     played = [t for t in trajectories if t.status != "lost"]
@@ -101,7 +125,10 @@ def training_tail(metrics_file: Path, fraction: float = 0.2) -> dict[str, float]
     episodes = sum(r["episodes"] for r in tail)
     solved = sum(r["success_rate"] * r["episodes"] for r in tail)
     solved_turns = sum(r.get("turns_per_solved", 0.0) * r["success_rate"] * r["episodes"] for r in tail)
+    last = rows[-20:]
     return {
+        "last_20_steps_success_rate": sum(r["success_rate"] * r["episodes"] for r in last)
+        / sum(r["episodes"] for r in last),
         "steps": len(tail),
         "success_rate": solved / episodes if episodes else float("nan"),
         "turns_per_solved": solved_turns / solved if solved else float("nan"),
@@ -109,10 +136,10 @@ def training_tail(metrics_file: Path, fraction: float = 0.2) -> dict[str, float]
     }
 
 
-def run(name: str, shaped: bool, args: argparse.Namespace, workdir: Path) -> dict:
+def run(name: str, shaped: bool, seed: int, args: argparse.Namespace, workdir: Path) -> dict:
     from forge.orchestrator import train
 
-    cfg = build_config(shaped, args.steps, args.seed, args.learning_rate, args.speed_weight)
+    cfg = build_config(shaped, args.steps, seed, args.speed_weight)
     started = time.perf_counter()
     result = train(cfg, workdir / name, progress=False)
     train_seconds = time.perf_counter() - started
@@ -120,51 +147,78 @@ def run(name: str, shaped: bool, args: argparse.Namespace, workdir: Path) -> dic
     return {
         **{k: evaluation[k] for k in ("success_rate", "turns_per_solved", "wall_seconds_per_solved")},
         "eval_episodes": evaluation["episodes"],
+        "eval_solved": round(evaluation["success_rate"] * evaluation["episodes"]),
         "train_tail": training_tail(workdir / name / "metrics.jsonl"),
         "train_seconds": train_seconds,
         "overrides": shaping_overrides(args.speed_weight) if shaped else [],
     }
 
 
+def compare(plain: dict, shaped: dict) -> dict:
+    reduction = 1.0 - shaped["turns_per_solved"] / plain["turns_per_solved"]
+    drop = plain["success_rate"] - shaped["success_rate"]
+    return {
+        "turns_reduction": reduction,
+        "success_rate_drop": drop,
+        "meets_target": bool(reduction >= 0.25 and drop <= 0.05),
+    }
+
+
+def pooled(runs: list[dict]) -> dict[str, float]:
+    """Eval numbers over every seed's episodes together (solved-weighted per-solved means)."""
+    episodes = sum(r["eval_episodes"] for r in runs)
+    solved = sum(r["eval_solved"] for r in runs)
+    per_solved = {
+        key: sum(r[key] * r["eval_solved"] for r in runs) / solved if solved else float("nan")
+        for key in ("turns_per_solved", "wall_seconds_per_solved")
+    }
+    return {"success_rate": solved / episodes, **per_solved, "eval_episodes": episodes}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=250, help="training steps per run (equal for both)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--learning-rate", type=float, default=4e-3)
+    parser.add_argument("--steps", type=int, default=700, help="training steps per run (equal for both)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument(
-        "--speed-weight", type=float, default=0.2, help="reward.speed.weight of the shaped run"
+        "--speed-weight", type=float, default=0.5, help="reward.speed.weight of the shaped run"
     )
-    parser.add_argument("--eval-tasks", type=int, default=32)
+    parser.add_argument("--eval-tasks", type=int, default=64, help="held-out tasks, secrets stratified")
     parser.add_argument("--eval-group", type=int, default=8, help="episodes per held-out task")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--workdir", type=Path, default=None, help="keep the runs here (default: a temp dir)")
     args = parser.parse_args()
 
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="forge-speed-") as tmp:
-        runs = {
-            name: run(name, shaped, args, Path(tmp)) for name, shaped in (("plain", False), ("shaped", True))
+    per_seed = []
+    for seed in args.seeds:
+        with tempfile.TemporaryDirectory(prefix="forge-speed-") as tmp:
+            workdir = args.workdir / f"seed{seed}" if args.workdir else Path(tmp)
+            runs = {
+                name: run(name, shaped, seed, args, workdir)
+                for name, shaped in (("plain", False), ("shaped", True))
+            }
+        per_seed.append({"seed": seed, **runs, **compare(runs["plain"], runs["shaped"])})
+        plain = pooled([s["plain"] for s in per_seed])
+        shaped = pooled([s["shaped"] for s in per_seed])
+        result = {
+            "benchmark": "speed_shaping",
+            "task": f"guess_number n={NUMBERS}, max_turns={NUMBERS}",
+            "steps": args.steps,
+            "seeds": [s["seed"] for s in per_seed],
+            "complete": len(per_seed) == len(args.seeds),
+            "speed_weight": args.speed_weight,
+            "base_overrides": BASE,
+            "shaped_overrides": shaping_overrides(args.speed_weight),
+            "plain": plain,
+            "shaped": shaped,
+            **compare(plain, shaped),
+            "meets_target_every_seed": all(s["meets_target"] for s in per_seed),
+            "target": "turns_reduction >= 0.25 with success_rate no more than 0.05 lower",
+            "per_seed": per_seed,
+            "total_seconds": time.perf_counter() - started,
         }
-    plain, shaped = runs["plain"], runs["shaped"]
-    reduction = 1.0 - shaped["turns_per_solved"] / plain["turns_per_solved"]
-    success_drop = plain["success_rate"] - shaped["success_rate"]
-    result = {
-        "benchmark": "speed_shaping",
-        "task": f"guess_number n={NUMBERS}, max_turns={2 * NUMBERS}",
-        "steps": args.steps,
-        "seed": args.seed,
-        "learning_rate": args.learning_rate,
-        "speed_weight": args.speed_weight,
-        "base_overrides": BASE,
-        "plain": plain,
-        "shaped": shaped,
-        "turns_reduction": reduction,
-        "success_rate_drop": success_drop,
-        "meets_target": bool(reduction >= 0.25 and success_drop <= 0.05),
-        "target": "turns_reduction >= 0.25 with success_rate no more than 0.05 lower",
-        "total_seconds": time.perf_counter() - started,
-    }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(result, indent=2) + "\n")  # after every seed
     json.dump(result, sys.stdout)
     print()
 
