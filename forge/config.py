@@ -244,11 +244,6 @@ class AsyncConfig(Section):
         None, gt=0, description="groups in flight or waiting before rollout pauses; unset: tasks_per_step plus the window"
     )
     max_worker_restarts: int = Field(3, ge=0, description="times Ray restarts a dead rollout worker")
-    rollout_niceness: int = Field(
-        5, ge=0, le=19, description="added to rollout worker processes' CPU niceness in async mode, so "
-        "that where rollout shares CPU cores with the trainer, the trainer (which paces async training) "
-        "is not slowed by it; 0 leaves the priority alone",
-    )
 
 
 class SandboxConfig(Section):

@@ -181,7 +181,6 @@ class Run:
             ).remote(
                 str(self.model_path), cfg.model, cfg.env, cfg.rollout, cfg.reward.success_threshold,
                 cfg.seed + 1000 * (index + 1), 1, cfg.sandbox.min_level,
-                cfg.async_.rollout_niceness if cfg.train.mode == "async" else 0,
             )
             for index in range(cfg.rollout.num_workers)
         ]
@@ -504,11 +503,17 @@ def train_async(
         while step < cfg.train.max_steps:
             while may_take and len(queued) < TRAIN_QUEUE_DEPTH and submitted < cfg.train.max_steps:
                 may_take = submit_step()
-                may_launch |= may_take
+                may_launch = True  # a take frees slots, and so does one that only dropped stale groups
             if may_launch:
                 launch()  # after taking a batch: the slots it freed get new groups at once
                 may_launch = False
             waiting = list(in_flight) + list(probes) + ([queued[0][0]] if queued else [])
+            if not waiting:  # nothing can arrive: say why rather than spin
+                raise RuntimeError(
+                    f"async training stalled at step {step}: no rollout in flight, no training step "
+                    f"queued and the pool cannot form a batch ({ray.get(pool.stats.remote())}, "
+                    f"{len(down)} of {len(run.workers)} workers down)"
+                )
             ready, _ = ray.wait(waiting, num_returns=1, timeout=1.0)
             if ready:
                 ready, _ = ray.wait(waiting, num_returns=len(waiting), timeout=0)

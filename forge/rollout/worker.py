@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import random
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,24 +14,6 @@ from forge.rollout.agent import EpisodeLimits, run_episode
 from forge.rollout.chat import ChatFormat
 from forge.rollout.engine import BatchingEngine, HFEngine
 from forge.types import Trajectory
-
-
-def lower_priority(increment: int) -> None:
-    """Add `increment` to the niceness of every thread of this process.
-
-    Linux keeps a niceness per thread and `os.nice` changes only the caller's; a Ray actor
-    runs its constructor, its methods and its event loop on different threads. Threads
-    started later inherit the niceness of the thread that starts them."""
-    tasks = Path("/proc/self/task")
-    if not tasks.is_dir():
-        os.nice(increment)
-        return
-    for task in tasks.iterdir():
-        tid = int(task.name)
-        try:
-            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + increment))
-        except (ProcessLookupError, PermissionError):  # the thread ended meanwhile
-            continue
 
 
 class RolloutWorker:
@@ -47,15 +27,11 @@ class RolloutWorker:
         seed: int,
         num_threads: int = 1,
         min_sandbox_level: int = 0,
-        niceness: int = 0,
     ) -> None:
         from forge.models.loading import load_model, load_tokenizer
         from forge.sandbox import set_min_level
 
         set_min_level(min_sandbox_level)  # each actor is its own process: apply the floor here too
-        if niceness:
-            # Yield the CPU to the trainer where both share cores (see AsyncConfig.rollout_niceness).
-            lower_priority(niceness)
         torch.set_num_threads(num_threads)
         torch.manual_seed(seed)
         self.tokenizer = load_tokenizer(model_path)

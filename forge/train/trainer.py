@@ -59,8 +59,12 @@ class Trainer:
         if trainer_cfg.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        params = list(self.trainable.values())
+        # CPU: the fused kernel steps all tensors at once (0.25 ms against 1.07 ms per step
+        # for the smoke model); elsewhere torch picks its own default (foreach on CUDA).
+        on_cpu = all(p.device.type == "cpu" for p in params)
         self.optimizer = torch.optim.AdamW(
-            list(self.trainable.values()), lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay
+            params, lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay, fused=True if on_cpu else None
         )
         warmup = train_cfg.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
