@@ -7,7 +7,7 @@ out; the success rate is the mean over the last `--last` steps. Each mode report
 median run by steps_per_minute (every run is listed under `runs`), and the mean final
 success rate over its runs. Prints one JSON object and writes bench/results/async.json.
 
-    python bench/async.py --steps 60 --repeats 3
+    python bench/async.py --steps 100 --repeats 3
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def summarize(records: list[dict], last: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", default=str(Path(__file__).parent.parent / "configs" / "smoke.yaml"))
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3, help="runs per mode, alternating sync and async")
     parser.add_argument("--last", type=int, default=10, help="steps averaged for final_success_rate")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides applied to both modes")
