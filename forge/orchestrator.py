@@ -390,8 +390,10 @@ def train_async(
     cfg: Config, output_dir: str | Path | None = None, progress: bool | None = None, resume: bool = False
 ) -> RunResult:
     """RL with rollout and training overlapped: workers keep playing groups while the
-    trainer steps (each pool slot that frees up becomes a group on the least loaded worker); a DataPool actor hands the trainer batches within the
-    staleness bound; weights are published after every step and fetched by each worker.
+    trainer steps (the pool slots a batch frees become groups on the least loaded workers);
+    a DataPool actor hands the trainer batches within the staleness bound, one step queued
+    behind the running one; weights are published as each step ends and fetched by each
+    worker.
 
     A worker that dies is restarted by Ray; the groups it was playing come back as lost
     episodes (metric `episodes_lost`) and it is re-synced before its next group."""

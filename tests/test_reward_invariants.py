@@ -12,10 +12,11 @@ from forge.types import Trajectory, Turn
 @st.composite
 def reward_configs(draw):
     enabled = draw(st.lists(st.booleans(), min_size=4, max_size=4))
-    raw = draw(st.lists(st.floats(0.0, 1.0), min_size=4, max_size=4))
+    # No subnormals: w * budget / total rounds to w / total = 1 for w = 5e-324.
+    raw = draw(st.lists(st.floats(0.0, 1.0, allow_subnormal=False), min_size=4, max_size=4))
     budget = draw(st.floats(0.0, 0.99))  # the enabled weights' sum
     total = sum(w for w, on in zip(raw, enabled, strict=True) if on) or 1.0
-    weights = [w * budget / total for w in raw]
+    weights = [w / total * budget for w in raw]
     max_tokens = draw(st.integers(1, 300))
     return RewardConfig.model_validate(
         {
