@@ -128,7 +128,8 @@ def test_a_hermes_tool_call_comes_back_as_openai_tool_calls(tokenizer):
     assert call.function.name == "guess" and json.loads(call.function.arguments) == {"number": 3}
 
 
-def test_tool_results_are_rendered_into_the_next_prompt(tokenizer):
+def tool_call_then_tool_result(tokenizer):
+    """The recorded calls of an agent that gets a tool call, then answers it with "higher"."""
     engine = ScriptedEngine([tokenizer.convert_tokens_to_ids(TOOL_TEXT), tokenizer.eos_token_id])
     with serve(engine, tokenizer) as server:
         episode = start(server)
@@ -138,7 +139,11 @@ def test_tool_results_are_rendered_into_the_next_prompt(tokenizer):
         messages += [first.model_dump(exclude_none=True),
                      {"role": "tool", "tool_call_id": first.tool_calls[0].id, "content": "higher"}]
         agent.chat.completions.create(model="p", messages=messages, tools=[GUESS_TOOL])
-        first_call, second_call = server.gateway.store.get(episode["episode_id"]).calls
+        return server.gateway.store.get(episode["episode_id"]).calls
+
+
+def test_tool_results_are_rendered_into_the_next_prompt(tokenizer):
+    first_call, second_call = tool_call_then_tool_result(tokenizer)
     # A template that ignores tools= gets them, and the calls, as Hermes text.
     expected = [
         {"role": "system", "content": hermes_tools_prompt([GUESS_TOOL])},
@@ -163,16 +168,7 @@ def test_a_template_that_renders_tools_gets_structured_tool_calls(checkpoint):
     tokenizer = load_tokenizer(checkpoint)
     tokenizer.add_tokens([TOOL_TEXT])
     tokenizer.chat_template = TOOL_AWARE_TEMPLATE
-    engine = ScriptedEngine([tokenizer.convert_tokens_to_ids(TOOL_TEXT), tokenizer.eos_token_id])
-    with serve(engine, tokenizer) as server:
-        episode = start(server)
-        agent = client(server, episode["episode_id"])
-        messages = [{"role": "user", "content": "guess"}]
-        first = agent.chat.completions.create(model="p", messages=messages, tools=[GUESS_TOOL]).choices[0].message
-        messages += [first.model_dump(exclude_none=True),
-                     {"role": "tool", "tool_call_id": first.tool_calls[0].id, "content": "higher"}]
-        agent.chat.completions.create(model="p", messages=messages, tools=[GUESS_TOOL])
-        second_call = server.gateway.store.get(episode["episode_id"]).calls[1]
+    _, second_call = tool_call_then_tool_result(tokenizer)
     assert tokenizer.decode(second_call.prompt_ids).split() == (
         "<|im_start|> system guess <|im_end|> <|im_start|> user guess <|im_end|> "
         "<|im_start|> assistant guess 3 <|im_end|> <|im_start|> tool higher <|im_end|> <|im_start|> assistant"
