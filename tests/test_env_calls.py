@@ -86,3 +86,33 @@ def test_an_env_exception_reaches_the_caller():
 def test_call_sync_runs_either_kind_to_completion():
     assert call_sync(SyncEnv().step, "a").observation == "A"
     assert call_sync(AsyncEnv().step, "ab").observation == "ba"
+
+
+def test_env_call_threads_are_reused_and_a_hung_one_is_left_behind():
+    release = threading.Event()
+    hung: list[threading.Thread] = []
+    served: list[threading.Thread] = []
+
+    class Hangs(Env):
+        def step(self, action):
+            hung.append(threading.current_thread())
+            release.wait()
+            return StepResult("late")
+
+    class Records(Env):
+        def step(self, action):
+            served.append(threading.current_thread())
+            return StepResult(action.upper())
+
+    async def play():
+        with pytest.raises(EnvTimeout):
+            await step_with_timeout(Hangs(), "x", timeout_s=0.05)
+        return [(await step_with_timeout(Records(), f"a{i}", timeout_s=5)).observation for i in range(50)]
+
+    try:
+        assert asyncio.run(play()) == [f"A{i}" for i in range(50)]
+        assert len(set(served)) <= 2  # 50 calls, one after another, on reused threads
+        assert hung[0] not in served  # the stuck thread is never handed another call
+        assert all(t.daemon for t in served + hung)
+    finally:
+        release.set()

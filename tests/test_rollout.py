@@ -109,3 +109,18 @@ def test_every_episode_ends_with_a_status(played):
         assert t.status in {"ok", "truncated"}
         assert t.success == (t.status == "ok")
         assert 1 <= t.num_turns <= 4
+
+
+def test_cached_renderings_equal_fresh_ones_and_cannot_be_mutated_through(tiny_checkpoint):
+    from forge.models.loading import load_tokenizer
+    from forge.rollout.chat import CACHE_MAX_CHARS, ChatFormat
+
+    cached, fresh = ChatFormat(load_tokenizer(tiny_checkpoint)), ChatFormat(load_tokenizer(tiny_checkpoint))
+    for text in ("higher", "lower", "x " * CACHE_MAX_CHARS):  # the last one is too long to cache
+        first = cached.observation_ids(text)
+        first.append(-1)  # a caller extending the list it got must not change the next answer
+        assert cached.observation_ids(text) == fresh._observation_ids(text, "user") == first[:-1]
+    prompt = cached.prompt_ids("guess a number", "be quick")
+    prompt.clear()
+    assert cached.prompt_ids("guess a number", "be quick") == fresh._prompt_ids("guess a number", "be quick", None)
+    assert cached.prompt_ids("guess a number", "be quick")
