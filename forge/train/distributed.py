@@ -56,6 +56,8 @@ class DistributedTrainer(Trainer):
     denominators summed over all processes, so N processes take the step one process takes
     on the whole batch."""
 
+    fused_optimizer = False  # accelerate moves (DDP) or shards (FSDP2) the parameters after the optimizer is built
+
     def __init__(self, *args: Any, strategy: str = "ddp", mixed_precision: str = "no", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.accelerator = make_accelerator(strategy, mixed_precision)
