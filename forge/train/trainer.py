@@ -3,6 +3,7 @@ by micro-batch, steps the optimizer and hands out versioned weights. No env, no 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -16,16 +17,8 @@ from forge.types import Sample
 
 
 def loss_config(cfg: TrainConfig) -> LossConfig:
-    return LossConfig(
-        clip_low=cfg.clip_low,
-        clip_high=cfg.clip_high,
-        cispo_clip_low=cfg.cispo_clip_low,
-        cispo_clip_high=cfg.cispo_clip_high,
-        gspo_clip_low=cfg.gspo_clip_low,
-        gspo_clip_high=cfg.gspo_clip_high,
-        tis_cap=cfg.tis_cap,
-        kl_coef=cfg.kl_coef,
-    )
+    """The loss knobs, read from the `train` keys of the same names."""
+    return LossConfig(**{knob.name: getattr(cfg, knob.name) for knob in dataclasses.fields(LossConfig)})
 
 
 def pad_rows(rows: list[torch.Tensor], width: int, value: float = 0.0) -> torch.Tensor:
