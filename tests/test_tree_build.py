@@ -87,6 +87,7 @@ def test_nodes_are_in_dfs_pre_order():
 @settings(max_examples=50, deadline=None)
 @given(sharing_sequences(max_samples=12), st.integers(12, 60))
 def test_partition_covers_each_sample_once_within_budget(sequences, budget):
+    budget = max(budget, *(len(s) for s in sequences))  # a longer sample is refused, not partitioned
     samples = [make_sample(s) for s in sequences]
     batches = microbatches(samples, "tree", budget)
     assert sorted(i for b in batches for i in b.sample_indices) == list(range(len(samples)))
@@ -132,3 +133,8 @@ def test_sample_longer_than_budget_is_a_clear_error():
 def test_unknown_packing_is_a_clear_error():
     with pytest.raises(ValueError, match="trainer.packing"):
         microbatches([make_sample([1, 2])], "dense", max_tokens_per_microbatch=8)
+
+
+def test_a_sample_longer_than_the_budget_is_refused_with_the_key_to_raise():
+    with pytest.raises(ValueError, match="more than trainer.max_tokens_per_microbatch=12"):
+        microbatches([make_sample([1] * 7), make_sample([2] * 13)], "tree", 12)
