@@ -99,3 +99,47 @@ def test_generation_past_max_new_tokens_is_cut_and_marked_unfinished(model_and_t
     results = engine.generate([GenerationRequest([5, 6, 7], 3), GenerationRequest([5, 6], 5)])
     assert [len(r.token_ids) for r in results] == [3, 5]
     assert not any(r.finished for r in results)
+
+
+def test_episodes_that_come_back_together_extend_the_kept_batch_without_setting_it_aside(model_and_tokenizer):
+    engine = make_engine(model_and_tokenizer)
+    contexts = {"a": [5, 6, 7], "b": [5, 6, 7], "c": [8, 9]}
+    for turn in range(3):
+        requests = [GenerationRequest(ids, 3, episode_id=name) for name, ids in contexts.items()]
+        results = engine.generate(requests)
+        for request, result in zip(requests, results, strict=True):
+            contexts[request.episode_id] = request.token_ids + result.token_ids + [10, 11]
+        if turn == 0:  # the shared prompt is prefilled once
+            assert [r.prefill_tokens for r in results] == [3, 0, 2]
+        else:  # the 2-token observation, and the last sampled token unless it was fed already
+            assert all(r.prefill_tokens in (2, 3) for r in results)
+        # All three live in the kept batch; none was copied out into its own cache.
+        assert engine.cached_episodes == 3 and not engine._episodes
+    # A call that leaves one out sets only that one aside; releasing the rest empties it all.
+    engine.generate([GenerationRequest(contexts["a"], 2, episode_id="a")])
+    assert sorted(engine._episodes) == ["b", "c"]
+    for name in contexts:
+        engine.release(name)
+    assert engine.cached_episodes == 0 and engine._batch is None
+
+
+def test_ragged_turns_over_many_calls_keep_exact_logprobs(model_and_tokenizer):
+    """Rows that stop early or get observations of different lengths leave pads in the
+    kept batch; once pads fill half of it the batch is laid out afresh. Every sampled
+    token's logprob must still be the one a fresh forward gives."""
+    model, tokenizer = model_and_tokenizer
+    engine = make_engine(model_and_tokenizer, seed=3)
+    contexts = {f"e{i}": [5 + i, 6, 7] for i in range(4)}
+    relaid = 0
+    for turn in range(10):
+        names = [n for i, n in enumerate(contexts) if (turn + i) % 5 != 0]  # one sits out now and then
+        requests = [GenerationRequest(contexts[n], 1 + (turn + i) % 4, episode_id=n) for i, n in enumerate(names)]
+        before = engine._batch
+        results = engine.generate(requests)
+        relaid += before is not None and before.cache is not engine._batch.cache
+        for i, (request, result) in enumerate(zip(requests, results, strict=True)):
+            expected = reference_logprobs(model, request.token_ids, result.token_ids)
+            assert result.logprobs == pytest.approx(expected, abs=1e-4)
+            observation = [10 + turn] * (1 + (i * 3 + turn) % 7)
+            contexts[request.episode_id] = request.token_ids + result.token_ids + observation
+    assert relaid >= 1  # the test did reach a fresh layout

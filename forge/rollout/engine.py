@@ -8,12 +8,14 @@ together run as one batch, while episodes waiting on their env do not hold other
 from __future__ import annotations
 
 import asyncio
+import collections
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+from transformers.cache_utils import Cache, DynamicLayer
 
 
 @dataclass
@@ -51,6 +53,21 @@ class _EpisodeKV:
     layers: list[tuple[torch.Tensor, torch.Tensor]]
 
 
+@dataclass
+class _BatchKV:
+    """The last batch's KV, kept as it was decoded so that the same episodes' next turn
+    appends to it: row i holds episode `episode_ids[i]`'s `token_ids[i]` at the columns
+    where `mask[i]` is 1 (the other columns are pads). A released row's id is ""."""
+
+    episode_ids: list[str]
+    token_ids: list[list[int]]
+    cache: Any
+    mask: torch.Tensor
+
+    def holes(self) -> int:
+        return self.mask.shape[1] - max(len(ids) for ids in self.token_ids)
+
+
 class HFEngine:
     """Batched sampling from a transformers model with a KV cache kept per episode.
 
@@ -60,6 +77,12 @@ class HFEngine:
     out as `[pad][cached KV][pad][new tokens]`, with the attention mask hiding the pads
     and explicit position ids, so each row computes what it would alone. Rows that start
     from the same tokens with no cache (a group's samples) are prefilled once.
+
+    The batch's KV stays as it is after a call. When the next call brings back the same
+    episodes (or some of them), their new tokens are appended to it in place, so a turn
+    costs no copying of the history: cache layers have room to grow (`_RoomyLayer`).
+    Only when a call brings an episode the batch does not hold is the batch split into
+    per-episode caches and a new one laid out.
     """
 
     def __init__(
@@ -79,13 +102,17 @@ class HFEngine:
         self.policy_version = 0
         self.device = next(model.parameters()).device
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self._num_layers = model.config.get_text_config().num_hidden_layers
         self._episodes: dict[str, _EpisodeKV] = {}
+        self._batch: _BatchKV | None = None
+        self._released: collections.deque[str] = collections.deque()
         # Weights never change under a running batch: a sync waits for it to finish.
         self._lock = threading.Lock()
 
     @property
     def cached_episodes(self) -> int:
-        return len(self._episodes)
+        in_batch = sum(1 for name in self._batch.episode_ids if name) if self._batch is not None else 0
+        return len(self._episodes) + in_batch
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         with self._lock:
@@ -96,10 +123,27 @@ class HFEngine:
             # Cached KV came from the old weights; the next turn re-prefills its history so
             # that new tokens' behaviour logprobs are exactly the new policy's.
             self._episodes.clear()
+            self._batch = None
 
     def release(self, episode_id: str) -> None:
-        """Drop an episode's cached KV (call when the episode ends)."""
-        self._episodes.pop(episode_id, None)
+        """Drop an episode's cached KV (call when the episode ends). Never waits for a
+        running batch: the release is applied before the next one if it cannot be now."""
+        self._released.append(episode_id)
+        if self._lock.acquire(blocking=False):
+            try:
+                self._apply_releases()
+            finally:
+                self._lock.release()
+
+    def _apply_releases(self) -> None:
+        while self._released:
+            episode_id = self._released.popleft()
+            self._episodes.pop(episode_id, None)
+            batch = self._batch
+            if batch is not None and episode_id in batch.episode_ids:
+                batch.episode_ids[batch.episode_ids.index(episode_id)] = ""
+                if not any(batch.episode_ids):
+                    self._batch = None
 
     def next_token_logprobs(self, token_ids: list[int]) -> torch.Tensor:
         """The tempered next-token distribution after `token_ids` (log space, fp32)."""
@@ -124,6 +168,7 @@ class HFEngine:
         if not requests:
             return []
         with self._lock, torch.no_grad():
+            self._apply_releases()
             return self._generate(requests)
 
     def _past_for(self, request: GenerationRequest) -> _EpisodeKV | None:
@@ -135,70 +180,108 @@ class HFEngine:
             return past
         return None  # the episode's tokens diverged from what was cached: prefill afresh
 
-    def _prefill(self, pasts: list[_EpisodeKV | None], news: list[list[int]]) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    def _batch_rows(self, requests: list[GenerationRequest]) -> list[int] | None:
+        """Each request's row in the kept batch, or None if any request cannot extend
+        one, or if pads have come to fill over half the batch's width."""
+        batch = self._batch
+        if batch is None or batch.holes() > batch.mask.shape[1] // 2:
+            return None
+        row_of = {name: row for row, name in enumerate(batch.episode_ids) if name}
+        rows = []
+        for request in requests:
+            row = row_of.pop(request.episode_id, None) if request.episode_id else None
+            if row is None:
+                return None
+            cached = batch.token_ids[row]
+            if not (len(cached) < len(request.token_ids) and request.token_ids[: len(cached)] == cached):
+                return None
+            rows.append(row)
+        return rows
+
+    def _set_aside(self, batch: _BatchKV, rows: Any) -> None:
+        """Copy these rows of a kept batch out into per-episode caches, without pads."""
+        for row in rows:
+            if batch.episode_ids[row]:
+                columns = batch.mask[row].nonzero().squeeze(-1)
+                layers = [(layer.keys[row : row + 1, :, columns], layer.values[row : row + 1, :, columns])
+                          for layer in batch.cache.layers]
+                self._episodes[batch.episode_ids[row]] = _EpisodeKV(batch.token_ids[row], layers)
+
+    def _new_block(self, news: list[list[int]], starts: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Input ids, attention mask and position ids for each row's new tokens, left-padded
+        to one width; row i's tokens take positions from `starts[i]` on."""
+        rows, width = len(news), max(len(n) for n in news)
+        input_ids = torch.full((rows, width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((rows, width), dtype=torch.long)
+        positions = torch.zeros((rows, width), dtype=torch.long)
+        for row, (new, start) in enumerate(zip(news, starts, strict=True)):
+            input_ids[row, width - len(new) :] = torch.tensor(new)
+            mask[row, width - len(new) :] = 1
+            positions[row, width - len(new) :] = torch.arange(start, start + len(new))
+        return input_ids.to(self.device), mask.to(self.device), positions.to(self.device)
+
+    def _extend(self, rows: list[int], requests: list[GenerationRequest], room: int) -> tuple[Any, torch.Tensor, torch.Tensor, list[int]]:
+        """Prefill each request's new tokens after its row of the kept batch, in place."""
+        batch, self._batch = self._batch, None
+        self._set_aside(batch, sorted(set(range(len(batch.episode_ids))) - set(rows)))  # they may come back
+        cache, mask = batch.cache, batch.mask
+        if rows != list(range(len(batch.episode_ids))):
+            index = torch.tensor(rows, device=self.device)
+            cache.batch_select_indices(index)
+            mask = mask[index]
+        starts = [len(batch.token_ids[row]) for row in rows]
+        news = [request.token_ids[start:] for request, start in zip(requests, starts, strict=True)]
+        input_ids, new_mask, positions = self._new_block(news, starts)
+        for layer in cache.layers:
+            layer.reserve(input_ids.shape[1] + room)
+        mask = torch.cat([mask, new_mask], dim=-1)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+        return out.cache, mask, out.logits[:, -1, :], [len(new) for new in news]
+
+    def _prefill(self, pasts: list[_EpisodeKV | None], news: list[list[int]], room: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
         """Run the new tokens of each row after its cached KV. Returns the cache, the
         attention mask over it and the last position's logits."""
         rows = len(news)
         past_lengths = [len(p.token_ids) if p is not None else 0 for p in pasts]
-        new_lengths = [len(n) for n in news]
-        width_past, width_new = max(past_lengths), max(new_lengths)
-        input_ids = torch.full((rows, width_new), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((rows, width_past + width_new), dtype=torch.long)
-        positions = torch.zeros((rows, width_new), dtype=torch.long)
-        for row, (p, n) in enumerate(zip(past_lengths, new_lengths, strict=True)):
-            input_ids[row, width_new - n :] = torch.tensor(news[row])
-            mask[row, width_past - p : width_past] = 1
-            mask[row, width_past + width_new - n :] = 1
-            positions[row, width_new - n :] = torch.arange(p, p + n)
-        cache = None
+        width_past = max(past_lengths)
+        input_ids, new_mask, positions = self._new_block(news, past_lengths)
+        mask = torch.zeros((rows, width_past), dtype=torch.long, device=self.device)
+        for row, p in enumerate(past_lengths):
+            mask[row, width_past - p :] = 1
+        mask = torch.cat([mask, new_mask], dim=-1)
+        room += input_ids.shape[1]
         if width_past:
-            from transformers import DynamicCache
-
             template = next(p for p in pasts if p is not None).layers
             layers = []
             for layer, (keys, values) in enumerate(template):
-                k = keys.new_zeros((rows, keys.shape[1], width_past, keys.shape[3]))
-                v = values.new_zeros((rows, values.shape[1], width_past, values.shape[3]))
+                k = keys.new_zeros((rows, keys.shape[1], width_past + room, keys.shape[3]))
+                v = values.new_zeros((rows, values.shape[1], width_past + room, values.shape[3]))
                 for row, past in enumerate(pasts):
                     if past is not None:
-                        k[row, :, width_past - past_lengths[row] :] = past.layers[layer][0][0]
-                        v[row, :, width_past - past_lengths[row] :] = past.layers[layer][1][0]
-                layers.append((k, v))
-            cache = DynamicCache(ddp_cache_data=layers)
-        mask = mask.to(self.device)
+                        k[row, :, width_past - past_lengths[row] : width_past] = past.layers[layer][0][0]
+                        v[row, :, width_past - past_lengths[row] : width_past] = past.layers[layer][1][0]
+                layers.append(_RoomyLayer.holding(k, v, width_past))
+        else:
+            layers = [_RoomyLayer(room=room) for _ in range(self._num_layers)]
         out = self.model(
-            input_ids=input_ids.to(self.device),
-            attention_mask=mask,
-            position_ids=positions.to(self.device),
-            cache=cache,
-            use_cache=True,
+            input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=Cache(layers=layers), use_cache=True
         )
         return out.cache, mask, out.logits[:, -1, :]
 
     def _generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         batch = len(requests)
-        pasts = [self._past_for(r) for r in requests]
-        news = [
-            r.token_ids[len(p.token_ids) :] if p is not None else list(r.token_ids)
-            for r, p in zip(requests, pasts, strict=True)
-        ]
-        # Rows with no cache and the same tokens (a group's first turn) are prefilled once.
-        unique: dict[tuple, int] = {}
-        expand: list[int] = []
-        for row, (past, new) in enumerate(zip(pasts, news, strict=True)):
-            key = ("row", row) if past is not None else ("prompt", tuple(new))
-            expand.append(unique.setdefault(key, len(unique)))
-        firsts = [expand.index(u) for u in range(len(unique))]
-        cache, attention_mask, logits = self._prefill([pasts[r] for r in firsts], [news[r] for r in firsts])
-        prefill_counts = [len(news[row]) if row in firsts else 0 for row in range(batch)]
-        if len(unique) < batch:
-            index = torch.tensor(expand, device=self.device)
-            cache.batch_select_indices(index)
-            attention_mask, logits = attention_mask[index], logits[index]
+        steps = max(r.max_new_tokens for r in requests)
+        rows = self._batch_rows(requests)
+        if rows is not None:
+            cache, attention_mask, logits, prefill_counts = self._extend(rows, requests, room=steps)
+        else:
+            if self._batch is not None:
+                self._set_aside(self._batch, range(len(self._batch.episode_ids)))
+                self._batch = None
+            cache, attention_mask, logits, prefill_counts = self._prefill_afresh(requests, room=steps)
 
         next_position = torch.tensor([len(r.token_ids) for r in requests], device=self.device)[:, None]
         limits = torch.tensor([r.max_new_tokens for r in requests], device=self.device)
-        steps = int(limits.max())
         generated = torch.full((batch, steps), self.pad_token_id, dtype=torch.long, device=self.device)
         generated_logprobs = torch.zeros((batch, steps), device=self.device)
         done = torch.zeros(batch, dtype=torch.bool, device=self.device)
@@ -229,12 +312,14 @@ class HFEngine:
             logits = out.logits[:, -1, :]
             next_position = next_position + 1
 
-        results = []
+        results, kept = [], []
+        fed = (attention_mask.sum(-1) - torch.tensor([len(r.token_ids) for r in requests], device=self.device)).tolist()
         for row, request in enumerate(requests):
             n = int(lengths_out[row])
             tokens_out = generated[row, :n].tolist()
-            if request.episode_id:
-                self._keep(request, row, tokens_out, cache, attention_mask)
+            # The cache holds the request's tokens plus the generated ones fed back: all
+            # but the last one sampled, unless decoding went on for other rows.
+            kept.append(list(request.token_ids) + tokens_out[: fed[row]])
             results.append(
                 GenerationResult(
                     token_ids=tokens_out,
@@ -244,16 +329,118 @@ class HFEngine:
                     prefill_tokens=prefill_counts[row],
                 )
             )
+        self._batch = _BatchKV([r.episode_id for r in requests], kept, cache, attention_mask)
+        if not any(self._batch.episode_ids):
+            self._batch = None
         return results
 
-    def _keep(self, request: GenerationRequest, row: int, generated: list[int], cache: Any, mask: torch.Tensor) -> None:
-        """Store the row's KV without padding: the request's tokens plus the generated
-        tokens that were fed back (all but the last one sampled, unless decoding went on)."""
-        columns = mask[row].nonzero().squeeze(-1)
-        fed = columns.numel() - len(request.token_ids)
-        layers = [(layer.keys[row : row + 1, :, columns], layer.values[row : row + 1, :, columns])
-                  for layer in cache.layers]
-        self._episodes[request.episode_id] = _EpisodeKV(list(request.token_ids) + generated[:fed], layers)
+    def _prefill_afresh(self, requests: list[GenerationRequest], room: int) -> tuple[Any, torch.Tensor, torch.Tensor, list[int]]:
+        """Lay out a new batch from per-episode caches (or none) and prefill what they lack."""
+        batch = len(requests)
+        pasts = [self._past_for(r) for r in requests]
+        news = [
+            r.token_ids[len(p.token_ids) :] if p is not None else list(r.token_ids)
+            for r, p in zip(requests, pasts, strict=True)
+        ]
+        # Rows with no cache and the same tokens (a group's first turn) are prefilled once.
+        unique: dict[tuple, int] = {}
+        expand: list[int] = []
+        for row, (past, new) in enumerate(zip(pasts, news, strict=True)):
+            key = ("row", row) if past is not None else ("prompt", tuple(new))
+            expand.append(unique.setdefault(key, len(unique)))
+        firsts = [expand.index(u) for u in range(len(unique))]
+        cache, attention_mask, logits = self._prefill([pasts[r] for r in firsts], [news[r] for r in firsts], room)
+        prefill_counts = [len(news[row]) if row in firsts else 0 for row in range(batch)]
+        if len(unique) < batch:
+            index = torch.tensor(expand, device=self.device)
+            cache.batch_select_indices(index)
+            attention_mask, logits = attention_mask[index], logits[index]
+        return cache, attention_mask, logits, prefill_counts
+
+
+class _RoomyLayer(DynamicLayer):
+    """A full-attention cache layer with room to grow. New keys and values are written in
+    place (DynamicLayer concatenates, copying the whole cache for every decoded token);
+    when the room runs out it doubles. `keys`/`values` are views of the filled part."""
+
+    def __init__(self, room: int = 0) -> None:
+        super().__init__()
+        self.length = 0
+        self._room = room
+        self._keys: torch.Tensor | None = None
+        self._values: torch.Tensor | None = None
+
+    @classmethod
+    def holding(cls, keys: torch.Tensor, values: torch.Tensor, length: int) -> _RoomyLayer:
+        """A layer over these buffers, of which the first `length` positions are filled."""
+        layer = cls()
+        layer.device, layer.is_initialized = keys.device, True
+        layer._keys, layer._values, layer.length = keys, values, length
+        layer._expose()
+        return layer
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device, self.is_initialized = key_states.device, True
+        shape = (*key_states.shape[:2], key_states.shape[2] + self._room, key_states.shape[3])
+        self._keys = key_states.new_empty(shape)
+        self._values = value_states.new_empty((*shape[:3], value_states.shape[3]))
+
+    def reserve(self, extra: int) -> None:
+        """Make room for `extra` more positions."""
+        if not self.is_initialized:
+            self._room = max(self._room, extra)
+            return
+        need = self.length + extra
+        if need <= self._keys.shape[2]:
+            return
+        capacity = max(need, 2 * self._keys.shape[2])
+        for name in ("_keys", "_values"):
+            old = getattr(self, name)
+            new = old.new_empty((old.shape[0], old.shape[1], capacity, old.shape[3]))
+            new[:, :, : self.length] = old[:, :, : self.length]
+            setattr(self, name, new)
+        self._expose()
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        self.reserve(n)
+        self._keys[:, :, self.length : self.length + n] = key_states
+        self._values[:, :, self.length : self.length + n] = value_states
+        self.length += n
+        self._expose()
+        return self.keys, self.values
+
+    def _expose(self) -> None:
+        self.keys = self._keys[:, :, : self.length]
+        self.values = self._values[:, :, : self.length]
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._keys, self._values = self._keys[indices], self._values[indices]
+            self._expose()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._keys = self._keys.repeat_interleave(repeats, dim=0)
+            self._values = self._values.repeat_interleave(repeats, dim=0)
+            self._expose()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative count of tokens to remove")
+        self.length = max(0, self.length + tokens_to_remove)
+        if self.is_initialized:
+            self._expose()
+
+    def reset(self) -> None:
+        super().reset()
+        self.length = 0
+        self._keys = self._values = None
 
 
 def _load_matching(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
