@@ -55,10 +55,11 @@ from forge.config import Config, load_config
 RESULTS = Path(__file__).parent / "results" / "speed_shaping.json"
 NUMBERS = 8
 
+MAX_TURNS = NUMBERS
+
 BASE = [
     "env.name=guess_number",
     f"env.kwargs.n={NUMBERS}",
-    f"rollout.max_turns={NUMBERS}",  # as many turns as numbers: a linear scan always wins
     "rollout.max_new_tokens=1",  # a guess is one number token; the harness closes the turn
     "rollout.num_workers=2",
     "rollout.tasks_per_step=8",
@@ -80,8 +81,8 @@ def shaping_overrides(speed_weight: float) -> list[str]:
     return ["reward.speed.enabled=true", f"reward.speed.weight={speed_weight}", "reward.speed.measure=turns"]
 
 
-def build_config(shaped: bool, steps: int, seed: int, speed_weight: float) -> Config:
-    overrides = [*BASE, f"train.max_steps={steps}", f"seed={seed}"]
+def build_config(shaped: bool, steps: int, seed: int, speed_weight: float, max_turns: int = MAX_TURNS) -> Config:
+    overrides = [*BASE, f"rollout.max_turns={max_turns}", f"train.max_steps={steps}", f"seed={seed}"]
     return load_config(None, overrides + (shaping_overrides(speed_weight) if shaped else []))
 
 
@@ -139,7 +140,7 @@ def training_tail(metrics_file: Path, fraction: float = 0.2) -> dict[str, float]
 def run(name: str, shaped: bool, seed: int, args: argparse.Namespace, workdir: Path) -> dict:
     from forge.orchestrator import train
 
-    cfg = build_config(shaped, args.steps, seed, args.speed_weight)
+    cfg = build_config(shaped, args.steps, seed, args.speed_weight, args.max_turns)
     started = time.perf_counter()
     result = train(cfg, workdir / name, progress=False)
     train_seconds = time.perf_counter() - started
@@ -182,6 +183,7 @@ def main() -> None:
     parser.add_argument(
         "--speed-weight", type=float, default=0.5, help="reward.speed.weight of the shaped run"
     )
+    parser.add_argument("--max-turns", type=int, default=MAX_TURNS, help="turn budget per episode")
     parser.add_argument("--eval-tasks", type=int, default=64, help="held-out tasks, secrets stratified")
     parser.add_argument("--eval-group", type=int, default=8, help="episodes per held-out task")
     parser.add_argument("--output", type=Path, default=RESULTS)
@@ -202,7 +204,7 @@ def main() -> None:
         shaped = pooled([s["shaped"] for s in per_seed])
         result = {
             "benchmark": "speed_shaping",
-            "task": f"guess_number n={NUMBERS}, max_turns={NUMBERS}",
+            "task": f"guess_number n={NUMBERS}, max_turns={args.max_turns}",
             "steps": args.steps,
             "seeds": [s["seed"] for s in per_seed],
             "complete": len(per_seed) == len(args.seeds),
