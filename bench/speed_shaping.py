@@ -31,6 +31,10 @@ at a slow scan; failures early in training (repeats, out-of-range guesses) teach
 of the feedback use, so it ends at about 3.7-4.1 turns per solved, and 25% below that is
 within 0.1-0.4 turns of perfect binary search. On 16 numbers with 16 turns neither run
 learns the task in 700 steps (plain 0.57 eval success), so that comparison says little.
+With twice the turns (8 numbers, 16 turns: `--max-turns 16`), the plain run stays slow
+(5.5-5.9 turns per solved) as intended, but the shaped run does not reliably get fast
+either: at 1500 steps seed 0 went -33% (at 6.6 points of eval success) and seed 1 did not
+move (-0%); pooled -16% at 1.5 points (bench/results/speed_shaping_16turns.json).
 
 The speed weight sets how much success the shaped policy may trade for speed (up to
 w / (1 + w) of its successes at the optimum, see forge/reward/shaping.py). Here the fast
