@@ -143,3 +143,23 @@ def test_ragged_turns_over_many_calls_keep_exact_logprobs(model_and_tokenizer):
             observation = [10 + turn] * (1 + (i * 3 + turn) % 7)
             contexts[request.episode_id] = request.token_ids + result.token_ids + observation
     assert relaid >= 1  # the test did reach a fresh layout
+
+
+def test_a_roomy_cache_layer_grows_in_place_and_keeps_what_it_holds():
+    from forge.rollout.engine import _RoomyLayer
+
+    layer = _RoomyLayer(room=2)
+    chunks = [torch.randn(3, 2, n, 4) for n in (3, 1, 1, 5, 1)]
+    for i, chunk in enumerate(chunks):
+        keys, values = layer.update(chunk, -chunk)
+        expected = torch.cat(chunks[: i + 1], dim=2)
+        assert torch.equal(keys, expected) and torch.equal(values, -expected)
+        assert layer.get_seq_length() == expected.shape[2]
+    layer.reserve(4)
+    storage = layer._keys.data_ptr()
+    layer.update(torch.zeros(3, 2, 4, 4), torch.zeros(3, 2, 4, 4))
+    assert layer._keys.data_ptr() == storage  # the reserved room took the new states in place
+    layer.batch_select_indices(torch.tensor([2, 0]))
+    assert torch.equal(layer.keys[:, :, :11], torch.cat(chunks, dim=2)[[2, 0]])
+    layer.crop(-4)
+    assert layer.get_seq_length() == 11
