@@ -29,10 +29,9 @@ turns -52% for -50 points; w = 0.9, turns -55% for -37 points.
 The outcome-spread division keeps a speed advantage small next to success, but once every
 group of a batch succeeds the speed term is the batch's only gradient, and Adam rescales
 it to full-size steps: its smallness no longer makes the steps small. In the current bench
-(n=8 with 8 turns, smoke recipe, 700 steps, w = 0.5) the shaped runs learn faster answers
-(turns per solved 4-18% below plain over four seed-runs, short of the 25% target) but their
-success sometimes wobbles or drops late (one seed-0 run: 0.29 eval success against plain's
-0.996; plain runs can drop late too: seed 1 ended at 0.67). Measuring shaping from the
+(bench/speed_shaping.py: n=8 with 8 turns, smoke recipe, 700 steps, w = 0.5) the shaped runs
+learn faster answers, short of the 25% target (numbers in its docstring and results), and
+their success can wobble or drop late, as the plain runs' can. Measuring shaping from the
 group's slowest success instead of its mean (so no success is ever pushed down) was tried
 and dropped: it sharpens the policy into one deterministic guess tree whose failing
 branches then give identical, signal-free groups (success stuck near 0.83).

@@ -1,6 +1,7 @@
 """Inference engines: token ids in, sampled token ids and their logprobs out.
 
-`HFEngine` runs a transformers causal LM with a KV cache per call. `BatchingEngine`
+`HFEngine` runs a transformers causal LM, keeping episodes' KV caches across their turns
+(the last batch's cache stays in place; see the class). `BatchingEngine`
 lets many concurrent episodes (asyncio tasks) share one engine: requests that arrive
 together run as one batch, while episodes waiting on their env do not hold others up.
 """
