@@ -17,6 +17,8 @@ class GuessNumberEnv(Env):
     Reward is 1.0 on the correct guess. The turn budget is the harness's `max_turns`.
     """
 
+    blocking = False  # a regex and a comparison: run inline, not in a thread
+
     def __init__(self, n: int = 16) -> None:
         if n < 2:
             raise ValueError(f"guess_number: n={n} must be at least 2")

@@ -40,6 +40,30 @@ def test_sync_and_async_methods_are_both_awaited():
     assert (sync_obs, async_obs, step.observation) == ("task 1 seed 7", "async start", "cba")
 
 
+def test_a_sync_env_runs_in_a_thread_unless_it_says_it_never_blocks():
+    class WhereAmI(SyncEnv):
+        def step(self, action):
+            return StepResult(threading.current_thread().name)
+
+    class Inline(WhereAmI):
+        blocking = False
+
+        def reset(self, task, seed):
+            raise ValueError("bad task")
+
+    async def play():
+        loop_thread = threading.current_thread().name
+        threaded = await step_with_timeout(WhereAmI(), "x", timeout_s=5)
+        inline = await step_with_timeout(Inline(), "x", timeout_s=5)
+        with pytest.raises(ValueError, match="bad task"):
+            await call_env(Inline().reset, {}, 0, timeout_s=5)
+        return loop_thread, threaded.observation, inline.observation
+
+    loop_thread, threaded, inline = asyncio.run(play())
+    assert threaded != loop_thread and threaded == "forge-env-call"
+    assert inline == loop_thread
+
+
 def test_a_hung_sync_step_times_out_and_does_not_hold_up_shutdown():
     release = threading.Event()
 

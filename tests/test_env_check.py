@@ -111,6 +111,21 @@ def test_a_step_past_the_timeout_fails_and_the_check_returns():
     assert failed(report)["step"].endswith("Slow.step did not return within 0.2s")
 
 
+def test_an_env_claiming_not_to_block_must_answer_quickly():
+    class Quick(Good):
+        blocking = False
+
+    class Sluggish(Quick):
+        def step(self, action):
+            time.sleep(0.03)
+            return super().step(action)
+
+    assert check_env(Quick).passed
+    report = check_env(Sluggish)
+    assert "stalls every episode on its worker" in failed(report)["blocking=False"]
+    assert "blocking=False" not in [c.name for c in check_env(Good).checks]
+
+
 def test_bad_tool_schemas_are_reported():
     class BadTools(Good):
         tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]

@@ -1,7 +1,8 @@
 """The environment contract: subclass `Env`, implement `reset` and `step`.
 
 Methods may be plain or `async def`; the harness awaits whichever it gets and enforces
-step and episode timeouts itself, so an env never has to.
+step and episode timeouts itself, so an env never has to. Plain methods run in a thread
+(so a blocking one stalls no other episode) unless the env sets `blocking = False`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,12 @@ class Env:
     tools: list[dict[str, Any]] | None = None
     # Optional system message placed before the first observation.
     system_prompt: str | None = None
+    # False: reset/step/close are quick pure computation that never blocks, so the harness
+    # calls them on the worker's event loop instead of handing each to a thread. The hand-off
+    # costs ~0.1 ms per call, a third of a tiny env's rollout CPU; but an inline call that
+    # hangs cannot be timed out and stalls every episode on its worker. `forge env check`
+    # fails an env that says False and takes over 10 ms on a call.
+    blocking: bool = True
 
     def reset(self, task: dict[str, Any], seed: int) -> str:
         """Start an episode on `task`; return the first observation."""

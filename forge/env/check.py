@@ -1,7 +1,8 @@
 """`forge env check NAME`: run an env through its contract and report what to fix.
 
 Checks construction, tasks, reset/step types, empty, huge and garbage actions, finishing
-an episode, determinism under a seed, the harness timeouts, tool schemas and close.
+an episode, determinism under a seed, the harness timeouts (and that an env claiming
+`blocking = False` answers quickly), tool schemas and close.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from forge.env.registry import resolve_env
 from forge.env.tasks import load_tasks
 
 HUGE_ACTION_CHARS = 1_000_000
+INLINE_LIMIT_S = 0.01  # an env with blocking = False must answer every call within this
 GARBAGE_ACTIONS = [
     "\x00\x01\x02\ufffd\U0001f600" * 50,
     "<tool_call>{not json</tool_call>",
@@ -110,6 +112,7 @@ class _Checker:
         self.timeout_s = timeout_s
         self.report = report
         self.slowest: tuple[float, str] = (0.0, "")
+        self.slowest_inline = 0.0  # the slowest call but the 1M-char probe, for blocking = False
         self.opened: list[Env] = []  # closed at the end, also when a check stops early
 
     def record(self, name: str, passed: bool, detail: str, fix: str = "") -> bool:
@@ -133,7 +136,10 @@ class _Checker:
             )  # fmt: skip
             raise _Stop from None
         finally:
-            self.slowest = max(self.slowest, (time.monotonic() - started, method.__qualname__))
+            seconds = time.monotonic() - started
+            self.slowest = max(self.slowest, (seconds, method.__qualname__))
+            if name != "huge action":
+                self.slowest_inline = max(self.slowest_inline, seconds)
 
     def new_env(self) -> Env:
         try:
@@ -239,6 +245,15 @@ class _Checker:
             True,
             f"every call returned within {self.timeout_s:g}s (slowest: {slowest}, {seconds:.2f}s)",
         )
+        if getattr(env, "blocking", True) is False:
+            inline = self.slowest_inline
+            quick = inline <= INLINE_LIMIT_S
+            self.record(
+                "blocking=False", quick,
+                f"slowest call but the huge action {inline * 1000:.1f} ms "
+                + ("(inline calls are quick)" if quick else f"> {INLINE_LIMIT_S * 1000:g} ms: it stalls every episode on its worker"),
+                "drop `blocking = False` so the harness runs its calls in threads (and can time them out)",
+            )  # fmt: skip
         await self.call("close", env.close)
         self.opened.remove(env)
         self.record("close", True, "close() returned")
