@@ -3,10 +3,14 @@ and the tokens generated after it carry the new policy version."""
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
+import torch
 
 from forge.config import Config
 from forge.types import NO_VERSION, Sample
+from forge.weights import pack_weights, unpack_weights
 
 PROBE = [5, 6, 7, 8]
 TASKS = [{"task_id": "t0", "secret": 3, "n": 16}]
@@ -76,8 +80,6 @@ def test_lora_weights_are_adapters_only(tiny_checkpoint):
 
 
 def test_a_sync_with_unknown_tensor_names_fails_loudly(tiny_checkpoint):
-    import torch
-
     from forge.rollout.worker import RolloutWorker
 
     cfg = make_config(lora=False)
@@ -85,3 +87,23 @@ def test_a_sync_with_unknown_tensor_names_fails_loudly(tiny_checkpoint):
     with pytest.raises(ValueError, match="unknown tensors"):
         worker.set_weights({"base_model.model.lora_A.weight": torch.zeros(2)}, version=1)
     assert worker.get_policy_version() == 0
+
+
+def test_packed_weights_round_trip_every_dtype_and_shape():
+    state = {
+        "w": torch.randn(3, 4),
+        "half": torch.randn(5).to(torch.bfloat16),
+        "scalar": torch.tensor(2.5, dtype=torch.float64),
+        "ints": torch.arange(6, dtype=torch.int64).reshape(2, 3),
+        "strided": torch.randn(4, 6).t(),
+    }
+    packed = pickle.loads(pickle.dumps(pack_weights(state), protocol=5))
+    for value in packed.values():
+        value[0].flags.writeable = False  # as Ray's object store hands arrays out
+    unpacked = unpack_weights(packed)
+    assert unpacked.keys() == state.keys()
+    for name, tensor in state.items():
+        assert unpacked[name].dtype == tensor.dtype and unpacked[name].shape == tensor.shape
+        assert torch.equal(unpacked[name], tensor)
+    plain = {"w": state["w"]}
+    assert unpack_weights(plain)["w"] is state["w"]

@@ -126,6 +126,7 @@ def train_gateway(cfg: Config, output_dir: str | Path | None = None, progress: b
     )
     from forge.reward.shaping import RewardShaper, trajectory_advantages
     from forge.rollout.engine import HFEngine
+    from forge.weights import unpack_weights
 
     started = time.perf_counter()
     output = Path(output_dir or cfg.output_dir)
@@ -177,7 +178,7 @@ def train_gateway(cfg: Config, output_dir: str | Path | None = None, progress: b
             train_metrics = ray.get(trainer.train_step.remote(samples))
             sync_started = time.perf_counter()
             wrapped, version = ray.get(trainer.publish_weights.remote())
-            engine.load_weights(ray.get(wrapped[0]), version)
+            engine.load_weights(unpack_weights(ray.get(wrapped[0])), version)
 
             metrics = rollout_metrics(trajectories)
             metrics.update(reward_metrics)

@@ -14,6 +14,7 @@ from forge.rollout.agent import EpisodeLimits, run_episode
 from forge.rollout.chat import ChatFormat
 from forge.rollout.engine import BatchingEngine, HFEngine
 from forge.types import Trajectory
+from forge.weights import PackedWeights, unpack_weights
 
 
 class RolloutWorker:
@@ -72,8 +73,8 @@ class RolloutWorker:
         """The policy's next-token distribution after `token_ids` (to check a weight sync)."""
         return self.engine.next_token_logprobs(token_ids).tolist()
 
-    def set_weights(self, weights: dict[str, torch.Tensor], version: int) -> int:
-        self.engine.load_weights(weights, version)
+    def set_weights(self, weights: PackedWeights | dict[str, torch.Tensor], version: int) -> int:
+        self.engine.load_weights(unpack_weights(weights), version)
         return version
 
     async def rollout(self, tasks: list[dict[str, Any]], group_size: int) -> list[Trajectory]:

@@ -175,10 +175,13 @@ class Trainer:
         """Put the weights in the Ray object store once, for every worker to get.
 
         Returns the reference wrapped in a list, so Ray passes the handle itself on to
-        workers instead of fetching the tensors into the caller."""
+        workers instead of fetching the tensors into the caller. The tensors travel packed
+        (`forge.weights`); readers `unpack_weights` them."""
         import ray
 
-        return [ray.put(self.weights())], self.policy_version
+        from forge.weights import pack_weights
+
+        return [ray.put(pack_weights(self.weights()))], self.policy_version
 
     def train_and_publish(self, samples: list[Sample]) -> tuple[dict[str, float], list[Any], int]:
         """`train_step`, then `publish_weights`, in one call: the new weights are out the
