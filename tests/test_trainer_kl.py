@@ -29,3 +29,29 @@ def test_kl_to_the_reference_starts_at_zero_and_grows_as_the_policy_moves(tiny_c
         later = trainer.train_step(samples)
     assert first["ref_kl"] == pytest.approx(0.0, abs=1e-6)
     assert later["ref_kl"] > 1e-4
+
+
+def test_a_step_without_learning_signal_leaves_the_weights_and_the_optimizer_alone(tiny_checkpoint):
+    """All advantages zero (every group all-success or all-failure) gives an exactly zero
+    gradient; AdamW would still move the weights on the momentum of earlier steps."""
+    cfg = Config()
+    cfg.train.learning_rate = 1e-2
+    trainer = Trainer(tiny_checkpoint, cfg.model, cfg.train, cfg.trainer, seed=0)
+    generator = torch.Generator().manual_seed(0)
+
+    def batch(advantage):
+        tokens = [torch.randint(5, 30, (10,), generator=generator).tolist() for _ in range(4)]
+        return [Sample(t, [0] * 3 + [1] * 7, [0.0] * 10, [0] * 10, advantage=advantage * (-1) ** i)
+                for i, t in enumerate(tokens)]  # fmt: skip
+
+    assert trainer.train_step(batch(1.0))["optimizer_steps_skipped"] == 0.0  # builds momentum
+    before = {name: p.detach().clone() for name, p in trainer.trainable.items()}
+    state = {name: s["exp_avg"].clone() for name, s in zip(trainer.trainable, trainer.optimizer.state.values())}
+    metrics = trainer.train_step(batch(0.0))
+    assert metrics["grad_norm"] == 0.0 and metrics["optimizer_steps_skipped"] == 1.0
+    for name, p in trainer.trainable.items():
+        assert torch.equal(p.detach(), before[name]), name
+    for name, s in zip(trainer.trainable, trainer.optimizer.state.values()):
+        assert torch.equal(s["exp_avg"], state[name]), name
+    assert trainer.policy_version == 2  # the step still counts: workers sync once per batch
+    assert trainer.train_step(batch(1.0))["optimizer_steps_skipped"] == 0.0

@@ -148,10 +148,17 @@ class Trainer:
             for key, value in batch_metrics.items():
                 metrics[key] = metrics.get(key, 0.0) + weight * value
         grad_norm = self.clip_gradients()
-        self.optimizer.step()
+        # A step without learning signal (every advantage zero and no KL term, as when each
+        # group of a near-solved task all succeeded) leaves the weights alone. AdamW would
+        # still move them on momentum alone, for ~20 steps after the last real gradient:
+        # in async runs that drift, on one-step-stale data, set off collapses from 0.99
+        # success to 0.2-0.4 (see the issue 5 note).
+        skipped = bool(grad_norm == 0)
+        if not skipped:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        metrics.update(loss=loss_total, grad_norm=float(grad_norm))
+        metrics.update(loss=loss_total, grad_norm=float(grad_norm), optimizer_steps_skipped=float(skipped))
         return metrics, batches
 
     # Overridden by forge.train.distributed, where a step's samples are spread over processes.
