@@ -434,26 +434,26 @@ def train_async(
     step = 0
     loop_started = time.perf_counter()
 
-    def launch() -> None:
-        """Fill the pool's free slots: each live worker gets its share of the new groups
-        as one call, so its episodes run in one batch (per-group calls made batches
-        small, and a tiny model's forward costs nearly as much for 8 rows as for 32)."""
+    def launch(seqs: list[int]) -> None:
+        """Start the groups the pool reserved: each live worker gets its share as one
+        call, so its episodes run in one batch (per-group calls made batches small, and a
+        tiny model's forward costs nearly as much for 8 rows as for 32)."""
         live = [i for i in range(len(run.workers)) if i not in down]
         if not live:
             return
         shares: dict[int, list[int]] = {i: [] for i in live}
-        for seq in ray.get(pool.reserve_all.remote(len(queued))):
+        for seq in seqs:
             index = min(live, key=lambda i: groups_in_flight[i] + len(shares[i]))
             shares[index].append(seq)
-        for index, seqs in shares.items():
-            if not seqs:
+        for index, share in shares.items():
+            if not share:
                 continue
             if index in needs_sync and weights is not None:
                 run.workers[index].set_weights.remote(weights[0], weights[1])
             needs_sync.discard(index)
-            tasks = run.tasks.take(len(seqs))
-            in_flight[run.workers[index].rollout.remote(tasks, cfg.rollout.group_size)] = (seqs, index, tasks)
-            groups_in_flight[index] += len(seqs)
+            tasks = run.tasks.take(len(share))
+            in_flight[run.workers[index].rollout.remote(tasks, cfg.rollout.group_size)] = (share, index, tasks)
+            groups_in_flight[index] += len(share)
             clocks[index].start()
 
     def probe_restarted(ref: Any) -> None:
@@ -474,41 +474,45 @@ def train_async(
             ) from exc
         down.discard(index)
 
-    def submit_step() -> bool:
-        """Take a batch for the next training step and queue it on the trainer (which runs
-        its calls in order), so the trainer starts it the moment the current step ends.
-        The batch is trained at the version the queued steps leave the trainer at."""
+    def exchange() -> None:
+        """One pool round trip: hand over the groups that arrived, take what batches can
+        form (each queued on the trainer, which runs its calls in order, so it starts a
+        batch the moment the step before ends) and start the groups the pool has room for."""
         nonlocal submitted
-        at_version = trainer_version + len(queued)
-        groups, stats = ray.get(pool.take_with_stats.remote(at_version))
-        if groups is None:
-            return False
-        trajectories = [t for group in groups for t in group]
-        reward_metrics = run.shaper.shape(trajectories)
-        advantages = trajectory_advantages(
-            trajectories, cfg.train.advantage, cfg.train.advantage_std, cfg.reward.outcome_gap
+        seqs = [seq for batch_seqs, _ in arrived for seq in batch_seqs]
+        groups = [group for _, batch_groups in arrived for group in batch_groups]
+        arrived.clear()
+        max_takes = max(0, min(TRAIN_QUEUE_DEPTH - len(queued), cfg.train.max_steps - submitted))
+        live = len(down) < len(run.workers)
+        batches, stats, reserved = ray.get(
+            pool.exchange.remote(seqs, groups, trainer_version + len(queued), max_takes, len(queued), live)
         )
-        staleness = [at_version - (group_version(g) or at_version) for g in groups]
-        reward_metrics["staleness_mean"] = sum(staleness) / len(staleness)
-        reward_metrics["staleness_max"] = float(max(staleness))
-        reward_metrics.update(stats)
-        ref = run.trainer.train_and_publish.remote(to_samples(trajectories, advantages))
-        queued.append((ref, trajectories, reward_metrics))
-        submitted += 1
-        return True
+        for batch in batches:
+            at_version = trainer_version + len(queued)  # the version the queued steps leave the trainer at
+            trajectories = [t for group in batch for t in group]
+            reward_metrics = run.shaper.shape(trajectories)
+            advantages = trajectory_advantages(
+                trajectories, cfg.train.advantage, cfg.train.advantage_std, cfg.reward.outcome_gap
+            )
+            staleness = [at_version - (group_version(g) or at_version) for g in batch]
+            reward_metrics["staleness_mean"] = sum(staleness) / len(staleness)
+            reward_metrics["staleness_max"] = float(max(staleness))
+            reward_metrics.update(stats)
+            ref = run.trainer.train_and_publish.remote(to_samples(trajectories, advantages))
+            queued.append((ref, trajectories, reward_metrics))
+            submitted += 1
+        launch(reserved)
 
-    # Pool round trips only when they can change something: a batch can form only after
-    # groups arrived, and room for new groups opens only when a batch is taken, a step
-    # ends (the staleness horizon moves) or a worker dies or comes back.
-    may_take, may_launch = False, True
+    # A pool round trip only when it can change something: groups arrived (a batch may
+    # form), a step ended (the staleness horizon and the trainer queue moved), or a worker
+    # died or came back.
+    arrived: list[tuple[list[int], list[list[Trajectory]]]] = []
+    changed = True
     try:
         while step < cfg.train.max_steps:
-            while may_take and len(queued) < TRAIN_QUEUE_DEPTH and submitted < cfg.train.max_steps:
-                may_take = submit_step()
-                may_launch = True  # a take frees slots, and so does one that only dropped stale groups
-            if may_launch:
-                launch()  # after taking a batch: the slots it freed get new groups at once
-                may_launch = False
+            if changed:
+                exchange()
+                changed = False
             waiting = list(in_flight) + list(probes) + ([queued[0][0]] if queued else [])
             if not waiting:  # nothing can arrive: say why rather than spin
                 raise RuntimeError(
@@ -524,27 +528,26 @@ def train_async(
                     continue
                 if ref in probes:
                     probe_restarted(ref)
-                    may_launch = True
+                    changed = True
                     continue
                 seqs, index, tasks = in_flight.pop(ref)
-                may_take = True
+                changed = True
                 clocks[index].stop()
                 groups_in_flight[index] -= len(seqs)
                 groups, died = collect_groups(ref, tasks, cfg.rollout.group_size)
-                if died:
-                    may_launch = True  # its groups are dropped, freeing their slots
+                if died:  # its groups are dropped, freeing their slots
                     lost += len(seqs) * cfg.rollout.group_size
                     needs_sync.add(index)  # it comes back with the initial weights
                     if index not in down:
                         down.add(index)
                         probes[run.workers[index].get_policy_version.remote()] = index
-                pool.put_all.remote(seqs, groups)  # an actor runs one caller's calls in order
+                arrived.append((seqs, groups))
             if not queued or queued[0][0] not in ready:
                 continue
 
             ref, trajectories, reward_metrics = queued.popleft()
             train_metrics, wrapped, trainer_version = ray.get(ref)
-            may_take = may_launch = True
+            changed = True
             train_seconds += train_metrics["train_seconds"]
             sync_started = time.perf_counter()
             weights = (wrapped[0], trainer_version)

@@ -103,3 +103,20 @@ def test_reserve_all_holds_back_groups_the_staleness_bound_would_drop():
     assert pool.stats()["pool/dropped_stale"] == 0.0
     # Nothing queued: the capacity is the limit again.
     assert pool.reserve_all(steps_queued=0) == [4, 5, 6, 7, 8, 9]
+
+
+def test_exchange_puts_takes_and_reserves_in_one_call():
+    pool = DataPool(batch_groups=2, max_staleness=2, window=1.0, capacity_groups=4)
+    batches, stats, seqs = pool.exchange([], [], trainer_version=0, max_takes=2, steps_queued=0)
+    assert (batches, seqs) == ([], [0, 1, 2, 3])
+    assert stats["pool/in_flight"] == 4.0
+    # Groups 1 and 0 arrive: one batch forms, in generation order, and the room it frees is
+    # reserved in the same call.
+    batches, stats, seqs = pool.exchange([1, 0], [group(0, size=2), group(0, size=1)], 0, max_takes=2, steps_queued=0)
+    assert [[len(g) for g in batch] for batch in batches] == [[1, 2]]
+    assert seqs == [4, 5] and stats["pool/taken"] == 2.0
+    # With the trainer queue full nothing is taken, and a dead fleet reserves nothing.
+    batches, _, seqs = pool.exchange([2, 3], [group(0), group(0)], 1, max_takes=0, steps_queued=1, reserve=False)
+    assert (batches, seqs) == ([], [])
+    batches, stats, _ = pool.exchange([], [], 1, max_takes=1, steps_queued=1)
+    assert len(batches) == 1 and stats["pool/ready"] == 0.0
