@@ -104,3 +104,34 @@ def test_a_countdown_episode_with_a_malformed_call_still_finishes():
     assert trajectory.status == "ok" and trajectory.success
     assert "error: tool call is not valid JSON" in engine.prompts[1] and "24" in engine.prompts[2]
     assert trajectory.info["turns"] == 3 and trajectory.info["outcome"] == "success"
+
+
+def test_requests_that_arrive_while_the_batcher_closes_are_still_served():
+    """One rollout call closing the batcher while another's episodes start (an async-mode
+    worker runs overlapping calls) must neither strand their requests nor drop the new
+    runner task."""
+    engine = ScriptedEngine(["a", "b", "c"])
+
+    def request(episode_id):
+        from forge.rollout.engine import GenerationRequest
+
+        return GenerationRequest(token_ids=[5, 6], max_new_tokens=4, episode_id=episode_id)
+
+    async def scenario():
+        batching = BatchingEngine(engine)
+        batching.register()
+        first = await batching.generate(request("first"))
+        batching.unregister()
+        closing = asyncio.create_task(batching.close())
+        await asyncio.sleep(0)  # close has cancelled the runner and awaits it
+        batching.register()
+        later = asyncio.create_task(batching.generate(request("later")))
+        await closing
+        assert batching._runner is not None and not batching._runner.done()  # the new runner is kept
+        second = await asyncio.wait_for(later, timeout=5)
+        batching.unregister()
+        await batching.close()
+        return first, second
+
+    first, second = asyncio.run(scenario())
+    assert [ByteChat().decode(r.token_ids) for r in (first, second)] == ["a", "b"]

@@ -489,7 +489,8 @@ class BatchingEngine:
             release(episode_id)
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
-        if self._runner is None or self._runner.done():
+        # A runner being stopped by `close` will not serve this request: start another.
+        if self._runner is None or self._runner.done() or self._runner.cancelling():
             self._arrived = asyncio.Event()
             self._runner = asyncio.create_task(self._run())
         future = asyncio.get_running_loop().create_future()
@@ -498,12 +499,17 @@ class BatchingEngine:
         return await future
 
     async def close(self) -> None:
-        if self._runner is not None:
-            self._runner.cancel()
-            try:
-                await self._runner
-            except asyncio.CancelledError:
-                pass
+        """Stop the runner. Requests that arrive meanwhile (another caller's episodes, in an
+        actor running overlapping rollouts) get a new runner, which `close` leaves alone."""
+        runner = self._runner
+        if runner is None:
+            return
+        runner.cancel()
+        try:
+            await runner
+        except asyncio.CancelledError:
+            pass
+        if self._runner is runner:
             self._runner = None
 
     async def _run(self) -> None:
