@@ -231,6 +231,8 @@ class Run:
     def shutdown(self) -> None:
         import ray
 
+        closing = [worker.close.remote() for worker in self.workers]
+        ray.wait(closing, num_returns=len(closing), timeout=5.0)  # a dead worker just does not answer
         for actor in [*self.workers, *trainer_actors(self.trainer)]:
             ray.kill(actor)
 

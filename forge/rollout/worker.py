@@ -77,6 +77,13 @@ class RolloutWorker:
         self.engine.load_weights(unpack_weights(weights), version)
         return version
 
+    async def close(self) -> None:
+        """Stop the batcher's runner task (called before the actor is killed, so that a
+        runner kept alive by overlapping rollout calls does not die pending)."""
+        batching = getattr(self, "batching", None)
+        if batching is not None:
+            await batching.close()
+
     async def rollout(self, tasks: list[dict[str, Any]], group_size: int) -> list[Trajectory]:
         """Play `group_size` episodes of each task; episodes of all tasks share batches.
 
