@@ -15,7 +15,8 @@ PackedWeights = dict[str, tuple[np.ndarray, str, tuple[int, ...]]]
 
 
 def pack_weights(state: dict[str, torch.Tensor]) -> PackedWeights:
-    """Each tensor as (its bytes as a uint8 array, dtype name, shape); CPU copies."""
+    """Each tensor as (its bytes as a uint8 array, dtype name, shape). The arrays share
+    memory with contiguous CPU tensors: put them (`ray.put` copies) before those change."""
     packed: PackedWeights = {}
     for name, tensor in state.items():
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)
@@ -24,7 +25,8 @@ def pack_weights(state: dict[str, torch.Tensor]) -> PackedWeights:
 
 
 def unpack_weights(weights: PackedWeights | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Tensors again (views of the packed bytes, not copies); a plain state dict passes."""
+    """Tensors again, views of the packed bytes (copied once where those are read-only, as
+    the object store's are); a plain state dict passes through."""
     state: dict[str, torch.Tensor] = {}
     for name, value in weights.items():
         if isinstance(value, torch.Tensor):
