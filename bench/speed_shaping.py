@@ -180,6 +180,31 @@ def pooled(runs: list[dict]) -> dict[str, float]:
     return {"success_rate": solved / episodes, **per_solved, "eval_episodes": episodes}
 
 
+def summarize(
+    per_seed: list[dict], steps: int, speed_weight: float, task: str, total_seconds: float, complete: bool
+) -> dict:
+    """The result file: pooled eval numbers over every seed, the comparison, each seed's own."""
+    plain = pooled([s["plain"] for s in per_seed])
+    shaped = pooled([s["shaped"] for s in per_seed])
+    return {
+        "benchmark": "speed_shaping",
+        "task": task,
+        "steps": steps,
+        "seeds": [s["seed"] for s in per_seed],
+        "complete": complete,
+        "speed_weight": speed_weight,
+        "base_overrides": BASE,
+        "shaped_overrides": shaping_overrides(speed_weight),
+        "plain": plain,
+        "shaped": shaped,
+        **compare(plain, shaped),
+        "meets_target_every_seed": all(s["meets_target"] for s in per_seed),
+        "target": "turns_reduction >= 0.25 with success_rate no more than 0.05 lower",
+        "per_seed": per_seed,
+        "total_seconds": total_seconds,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=700, help="training steps per run (equal for both)")
@@ -192,7 +217,20 @@ def main() -> None:
     parser.add_argument("--eval-group", type=int, default=8, help="episodes per held-out task")
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--workdir", type=Path, default=None, help="keep the runs here (default: a temp dir)")
+    parser.add_argument(
+        "--merge", type=Path, nargs="+", default=None,
+        help="combine result files of runs split over processes (say one seed per core) into --output",
+    )
     args = parser.parse_args()
+    if args.merge:
+        parts = [json.loads(path.read_text()) for path in args.merge]
+        per_seed = sorted((s for part in parts for s in part["per_seed"]), key=lambda s: s["seed"])
+        result = summarize(per_seed, parts[0]["steps"], parts[0]["speed_weight"], parts[0]["task"],
+                           sum(part["total_seconds"] for part in parts), complete=all(part["complete"] for part in parts))  # fmt: skip
+        args.output.write_text(json.dumps(result, indent=2) + "\n")
+        json.dump(result, sys.stdout)
+        print()
+        return
 
     started = time.perf_counter()
     per_seed = []
@@ -204,25 +242,9 @@ def main() -> None:
                 for name, shaped in (("plain", False), ("shaped", True))
             }
         per_seed.append({"seed": seed, **runs, **compare(runs["plain"], runs["shaped"])})
-        plain = pooled([s["plain"] for s in per_seed])
-        shaped = pooled([s["shaped"] for s in per_seed])
-        result = {
-            "benchmark": "speed_shaping",
-            "task": f"guess_number n={NUMBERS}, max_turns={args.max_turns}",
-            "steps": args.steps,
-            "seeds": [s["seed"] for s in per_seed],
-            "complete": len(per_seed) == len(args.seeds),
-            "speed_weight": args.speed_weight,
-            "base_overrides": BASE,
-            "shaped_overrides": shaping_overrides(args.speed_weight),
-            "plain": plain,
-            "shaped": shaped,
-            **compare(plain, shaped),
-            "meets_target_every_seed": all(s["meets_target"] for s in per_seed),
-            "target": "turns_reduction >= 0.25 with success_rate no more than 0.05 lower",
-            "per_seed": per_seed,
-            "total_seconds": time.perf_counter() - started,
-        }
+        task = f"guess_number n={NUMBERS}, max_turns={args.max_turns}"
+        result = summarize(per_seed, args.steps, args.speed_weight, task, time.perf_counter() - started,
+                           complete=len(per_seed) == len(args.seeds))  # fmt: skip
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(result, indent=2) + "\n")  # after every seed
     json.dump(result, sys.stdout)

@@ -129,6 +129,7 @@ def test_memory_bomb_hits_the_address_space_limit(level):
     """,
         level,
         limits=sandbox.Limits(memory_bytes=256 << 20),
+        timeout_s=20.0,  # room for a loaded machine: it must be the memory limit that ends it
     )
     assert result.exit_code != 0 and not result.timed_out
     assert "MemoryError" in result.stderr
