@@ -9,8 +9,8 @@ both runs. The task is guess-the-number with as many turns as numbers (8 and 8),
 strategy (a linear scan, any fixed order of the numbers) always wins: the plain reward is
 indifferent to speed once episodes succeed. A fixed order averages 4.5 turns; binary search
 on the higher/lower answers averages 2.625, so fewer turns per solved episode means the
-policy uses the answers. The plain run learns the task here (0.96 and 0.98 eval success on
-seeds 0 and 1 after 700 steps).
+policy uses the answers. The plain run learns the task here (eval success 0.996 and 0.998
+on seeds 0 and 3 after 700 steps; seeds 1 and 2 lose some of it late, see below).
 
 Each final policy is then evaluated through the real rollout code (sampling at the training
 temperature) on held-out tasks whose secrets are stratified. Per run: success_rate,
@@ -20,21 +20,28 @@ turns_per_solved. With several seeds the top-level `plain` / `shaped` numbers po
 seed's eval episodes and `per_seed` lists each seed's own. Prints one JSON object and writes
 bench/results/speed_shaping.json (after every seed). Run: python -m bench.speed_shaping
 [--seeds 0 1] [--steps N] [--speed-weight W]; one seed (both runs and their evals) takes
-about 8 minutes on one CPU core.
+about 7 minutes on one CPU core.
 
 The target of issue 7 (turns per solved down 25% for at most 5 points of success) is not
-met: committed result (seeds 0 and 1, 700 steps, w = 0.5), turns per solved -10% and
--19%, pooled -15%, with shaped success 4 points above plain on seed 0 and 4 below on
-seed 1 (bench/results/speed_shaping.json; runs are deterministic per seed, so these
-reproduce). Before rollouts were made deterministic, one seed-0 shaped run lost its
-success late (0.29 eval). Why it is hard here: the plain run does not stay at a slow scan; failures early in training (repeats, out-of-range guesses) teach it part
-of the feedback use, so it ends at about 3.7-4.1 turns per solved, and 25% below that is
-within 0.1-0.4 turns of perfect binary search. On 16 numbers with 16 turns neither run
-learns the task in 700 steps (plain 0.57 eval success), so that comparison says little.
-With twice the turns (8 numbers, 16 turns: `--max-turns 16`), the plain run stays slow
-(5.5-5.9 turns per solved) as intended, but the shaped run does not reliably get fast
-either: at 1500 steps seed 0 went -33% (at 6.6 points of eval success) and seed 1 did not
-move (-0%); pooled -16% at 1.5 points (bench/results/speed_shaping_16turns.json).
+met. Committed result (bench/results/speed_shaping.json: seeds 0-3, 700 steps, w = 0.5,
+after the trainer stopped stepping AdamW on zero gradients): turns per solved -7%, -11%,
+-16% and -18%, pooled 3.81 to 3.31 (-13%); pooled eval success 0.87 plain, 0.95 shaped
+(plain seeds 1 and 2 lost success late, to 0.83 and 0.68; shaped seed 1 to 0.81). Runs
+are deterministic per seed, so these reproduce; the four seeds ran as two processes, one
+per core, merged with --merge:
+    taskset -c 0 python -m bench.speed_shaping --seeds 0 2 --output a.json
+    taskset -c 1 python -m bench.speed_shaping --seeds 1 3 --output b.json
+    python -m bench.speed_shaping --merge a.json b.json
+Why it is hard here: the plain run does not stay at a slow scan; failures early in
+training (repeats, out-of-range guesses) teach it part of the feedback use, so it ends at
+about 3.5-4.1 turns per solved, and 25% below that is within 0.1-0.4 turns of perfect
+binary search. On 16 numbers with 16 turns neither run learns the task in 700 steps
+(plain 0.57 eval success), so that comparison says little. With twice the turns (8
+numbers, 16 turns: `--max-turns 16`), the plain run stays slow (5.5-5.9 turns per solved)
+as intended, but the shaped run does not reliably get fast either: at 1500 steps seed 0
+went -33% (at 6.6 points of eval success) and seed 1 did not move (-0%); pooled -16% at
+1.5 points (bench/results/speed_shaping_16turns.json, measured with the trainer of commit
+de28bd7, which still stepped AdamW on zero gradients).
 
 The speed weight sets how much success the shaped policy may trade for speed (up to
 w / (1 + w) of its successes at the optimum, see forge/reward/shaping.py). Here the fast
