@@ -46,12 +46,12 @@ def test_a_step_without_learning_signal_leaves_the_weights_and_the_optimizer_alo
 
     assert trainer.train_step(batch(1.0))["optimizer_steps_skipped"] == 0.0  # builds momentum
     before = {name: p.detach().clone() for name, p in trainer.trainable.items()}
-    state = {name: s["exp_avg"].clone() for name, s in zip(trainer.trainable, trainer.optimizer.state.values())}
+    momentum = {name: trainer.optimizer.state[p]["exp_avg"].clone() for name, p in trainer.trainable.items()}
     metrics = trainer.train_step(batch(0.0))
     assert metrics["grad_norm"] == 0.0 and metrics["optimizer_steps_skipped"] == 1.0
     for name, p in trainer.trainable.items():
         assert torch.equal(p.detach(), before[name]), name
-    for name, s in zip(trainer.trainable, trainer.optimizer.state.values()):
-        assert torch.equal(s["exp_avg"], state[name]), name
+    for name, p in trainer.trainable.items():
+        assert torch.equal(trainer.optimizer.state[p]["exp_avg"], momentum[name]), name
     assert trainer.policy_version == 2  # the step still counts: workers sync once per batch
     assert trainer.train_step(batch(1.0))["optimizer_steps_skipped"] == 0.0
