@@ -41,7 +41,10 @@ numbers, 16 turns: `--max-turns 16`), the plain run stays slow (5.5-5.9 turns pe
 as intended, but the shaped run does not reliably get fast either: at 1500 steps seed 0
 went -33% (at 6.6 points of eval success) and seed 1 did not move (-0%); pooled -16% at
 1.5 points (bench/results/speed_shaping_16turns.json, measured with the trainer of commit
-de28bd7, which still stepped AdamW on zero gradients).
+de28bd7, which still stepped AdamW on zero gradients). A longer budget does not help
+either: at 1500 steps (seeds 0 and 1, 8 turns) the shaped seed 0 run lost success late
+(0.75 eval) and played longer, seed 1 went -5%; pooled +1%
+(bench/results/speed_shaping_1500steps.json).
 
 The speed weight sets how much success the shaped policy may trade for speed (up to
 w / (1 + w) of its successes at the optimum, see forge/reward/shaping.py). Here the fast
