@@ -78,7 +78,6 @@ BASE = [
     "rollout.num_workers=2",
     "rollout.tasks_per_step=8",
     "rollout.group_size=8",
-    "rollout.temperature=1.0",
     "train.learning_rate=1e-3",
     "train.loss=ppo_clip",
     "train.minibatches_per_step=4",
@@ -95,8 +94,11 @@ def shaping_overrides(speed_weight: float) -> list[str]:
     return ["reward.speed.enabled=true", f"reward.speed.weight={speed_weight}", "reward.speed.measure=turns"]
 
 
-def build_config(shaped: bool, steps: int, seed: int, speed_weight: float, max_turns: int = MAX_TURNS) -> Config:
+def build_config(
+    shaped: bool, steps: int, seed: int, speed_weight: float, max_turns: int = MAX_TURNS, temperature: float = 1.0
+) -> Config:
     overrides = [*BASE, f"rollout.max_turns={max_turns}", f"train.max_steps={steps}", f"seed={seed}"]
+    overrides.append(f"rollout.temperature={temperature}")
     return load_config(None, overrides + (shaping_overrides(speed_weight) if shaped else []))
 
 
@@ -154,7 +156,7 @@ def training_tail(metrics_file: Path, fraction: float = 0.2) -> dict[str, float]
 def run(name: str, shaped: bool, seed: int, args: argparse.Namespace, workdir: Path) -> dict:
     from forge.orchestrator import train
 
-    cfg = build_config(shaped, args.steps, seed, args.speed_weight, args.max_turns)
+    cfg = build_config(shaped, args.steps, seed, args.speed_weight, args.max_turns, args.temperature)
     started = time.perf_counter()
     result = train(cfg, workdir / name, progress=False)
     train_seconds = time.perf_counter() - started
@@ -191,7 +193,8 @@ def pooled(runs: list[dict]) -> dict[str, float]:
 
 
 def summarize(
-    per_seed: list[dict], steps: int, speed_weight: float, task: str, total_seconds: float, complete: bool
+    per_seed: list[dict], steps: int, speed_weight: float, task: str, total_seconds: float, complete: bool,
+    temperature: float = 1.0,
 ) -> dict:
     """The result file: pooled eval numbers over every seed, the comparison, each seed's own."""
     plain = pooled([s["plain"] for s in per_seed])
@@ -203,6 +206,7 @@ def summarize(
         "seeds": [s["seed"] for s in per_seed],
         "complete": complete,
         "speed_weight": speed_weight,
+        "temperature": temperature,
         "base_overrides": BASE,
         "shaped_overrides": shaping_overrides(speed_weight),
         "plain": plain,
@@ -223,6 +227,7 @@ def main() -> None:
         "--speed-weight", type=float, default=0.5, help="reward.speed.weight of the shaped run"
     )
     parser.add_argument("--max-turns", type=int, default=MAX_TURNS, help="turn budget per episode")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, training and eval")
     parser.add_argument("--eval-tasks", type=int, default=64, help="held-out tasks, secrets stratified")
     parser.add_argument("--eval-group", type=int, default=8, help="episodes per held-out task")
     parser.add_argument("--output", type=Path, default=RESULTS)
@@ -236,7 +241,8 @@ def main() -> None:
         parts = [json.loads(path.read_text()) for path in args.merge]
         per_seed = sorted((s for part in parts for s in part["per_seed"]), key=lambda s: s["seed"])
         result = summarize(per_seed, parts[0]["steps"], parts[0]["speed_weight"], parts[0]["task"],
-                           sum(part["total_seconds"] for part in parts), complete=all(part["complete"] for part in parts))  # fmt: skip
+                           sum(part["total_seconds"] for part in parts), complete=all(part["complete"] for part in parts),
+                           temperature=parts[0].get("temperature", 1.0))  # fmt: skip
         args.output.write_text(json.dumps(result, indent=2) + "\n")
         json.dump(result, sys.stdout)
         print()
@@ -254,7 +260,7 @@ def main() -> None:
         per_seed.append({"seed": seed, **runs, **compare(runs["plain"], runs["shaped"])})
         task = f"guess_number n={NUMBERS}, max_turns={args.max_turns}"
         result = summarize(per_seed, args.steps, args.speed_weight, task, time.perf_counter() - started,
-                           complete=len(per_seed) == len(args.seeds))  # fmt: skip
+                           complete=len(per_seed) == len(args.seeds), temperature=args.temperature)  # fmt: skip
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(result, indent=2) + "\n")  # after every seed
     json.dump(result, sys.stdout)
