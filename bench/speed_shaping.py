@@ -194,7 +194,7 @@ def pooled(runs: list[dict]) -> dict[str, float]:
 
 def summarize(
     per_seed: list[dict], steps: int, speed_weight: float, task: str, total_seconds: float, complete: bool,
-    temperature: float = 1.0,
+    temperature: float = 1.0, base_overrides: list[str] = BASE,
 ) -> dict:
     """The result file: pooled eval numbers over every seed, the comparison, each seed's own."""
     plain = pooled([s["plain"] for s in per_seed])
@@ -207,7 +207,7 @@ def summarize(
         "complete": complete,
         "speed_weight": speed_weight,
         "temperature": temperature,
-        "base_overrides": BASE,
+        "base_overrides": base_overrides,
         "shaped_overrides": shaping_overrides(speed_weight),
         "plain": plain,
         "shaped": shaped,
@@ -217,6 +217,11 @@ def summarize(
         "per_seed": per_seed,
         "total_seconds": total_seconds,
     }
+
+
+def write(result: dict, output: Path) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def main() -> None:
@@ -242,8 +247,8 @@ def main() -> None:
         per_seed = sorted((s for part in parts for s in part["per_seed"]), key=lambda s: s["seed"])
         result = summarize(per_seed, parts[0]["steps"], parts[0]["speed_weight"], parts[0]["task"],
                            sum(part["total_seconds"] for part in parts), complete=all(part["complete"] for part in parts),
-                           temperature=parts[0].get("temperature", 1.0))  # fmt: skip
-        args.output.write_text(json.dumps(result, indent=2) + "\n")
+                           temperature=parts[0].get("temperature", 1.0), base_overrides=parts[0]["base_overrides"])  # fmt: skip
+        write(result, args.output)
         json.dump(result, sys.stdout)
         print()
         return
@@ -261,8 +266,7 @@ def main() -> None:
         task = f"guess_number n={NUMBERS}, max_turns={args.max_turns}"
         result = summarize(per_seed, args.steps, args.speed_weight, task, time.perf_counter() - started,
                            complete=len(per_seed) == len(args.seeds), temperature=args.temperature)  # fmt: skip
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(result, indent=2) + "\n")  # after every seed
+        write(result, args.output)  # after every seed
     json.dump(result, sys.stdout)
     print()
 

@@ -22,6 +22,7 @@ from forge.env.registry import resolve_env
 from forge.env.tasks import load_tasks
 
 HUGE_ACTION_CHARS = 1_000_000
+HUGE_ACTION = "huge action"  # the check's name; its 1M-char probe is exempt from INLINE_LIMIT_S
 INLINE_LIMIT_S = 0.01  # an env with blocking = False must answer every call within this
 GARBAGE_ACTIONS = [
     "\x00\x01\x02\ufffd\U0001f600" * 50,
@@ -138,7 +139,7 @@ class _Checker:
         finally:
             seconds = time.monotonic() - started
             self.slowest = max(self.slowest, (seconds, method.__qualname__))
-            if name != "huge action":
+            if name != HUGE_ACTION:
                 self.slowest_inline = max(self.slowest_inline, seconds)
 
     def new_env(self) -> Env:
@@ -212,8 +213,8 @@ class _Checker:
         await self.step("empty action", env, "")
         self.record("empty action", True, "answered with a StepResult")
         await self.reset(env, task, seed)
-        await self.step("huge action", env, "x" * HUGE_ACTION_CHARS)
-        self.record("huge action", True, f"{HUGE_ACTION_CHARS:,} chars answered within {self.timeout_s:g}s")
+        await self.step(HUGE_ACTION, env, "x" * HUGE_ACTION_CHARS)
+        self.record(HUGE_ACTION, True, f"{HUGE_ACTION_CHARS:,} chars answered within {self.timeout_s:g}s")
         rng = random.Random(seed)
         garbage = GARBAGE_ACTIONS + ["".join(chr(rng.randrange(32, 0x2FFF)) for _ in range(500))]
         await self.reset(env, task, seed)
