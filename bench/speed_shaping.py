@@ -90,16 +90,18 @@ BASE = [
 ]
 
 
-def shaping_overrides(speed_weight: float) -> list[str]:
-    return ["reward.speed.enabled=true", f"reward.speed.weight={speed_weight}", "reward.speed.measure=turns"]
+def shaping_overrides(speed_weight: float, extra: list[str] = ()) -> list[str]:
+    speed = ["reward.speed.enabled=true", f"reward.speed.weight={speed_weight}", "reward.speed.measure=turns"]
+    return [*speed, *extra]
 
 
 def build_config(
-    shaped: bool, steps: int, seed: int, speed_weight: float, max_turns: int = MAX_TURNS, temperature: float = 1.0
+    shaped: bool, steps: int, seed: int, speed_weight: float, max_turns: int = MAX_TURNS, temperature: float = 1.0,
+    base: list[str] = BASE, shaped_extra: list[str] = (),
 ) -> Config:
-    overrides = [*BASE, f"rollout.max_turns={max_turns}", f"train.max_steps={steps}", f"seed={seed}"]
+    overrides = [*base, f"rollout.max_turns={max_turns}", f"train.max_steps={steps}", f"seed={seed}"]
     overrides.append(f"rollout.temperature={temperature}")
-    return load_config(None, overrides + (shaping_overrides(speed_weight) if shaped else []))
+    return load_config(None, overrides + (shaping_overrides(speed_weight, shaped_extra) if shaped else []))
 
 
 def episode_stats(episodes: list[dict[str, float]]) -> dict[str, float]:
@@ -156,7 +158,8 @@ def training_tail(metrics_file: Path, fraction: float = 0.2) -> dict[str, float]
 def run(name: str, shaped: bool, seed: int, args: argparse.Namespace, workdir: Path) -> dict:
     from forge.orchestrator import train
 
-    cfg = build_config(shaped, args.steps, seed, args.speed_weight, args.max_turns, args.temperature)
+    cfg = build_config(shaped, args.steps, seed, args.speed_weight, args.max_turns, args.temperature,
+                       base_overrides(args), args.shaped_set)  # fmt: skip
     started = time.perf_counter()
     result = train(cfg, workdir / name, progress=False)
     train_seconds = time.perf_counter() - started
@@ -167,7 +170,7 @@ def run(name: str, shaped: bool, seed: int, args: argparse.Namespace, workdir: P
         "eval_solved": round(evaluation["success_rate"] * evaluation["episodes"]),
         "train_tail": training_tail(workdir / name / "metrics.jsonl"),
         "train_seconds": train_seconds,
-        "overrides": shaping_overrides(args.speed_weight) if shaped else [],
+        "overrides": shaping_overrides(args.speed_weight, args.shaped_set) if shaped else [],
     }
 
 
@@ -194,7 +197,7 @@ def pooled(runs: list[dict]) -> dict[str, float]:
 
 def summarize(
     per_seed: list[dict], steps: int, speed_weight: float, task: str, total_seconds: float, complete: bool,
-    temperature: float = 1.0, base_overrides: list[str] = BASE,
+    temperature: float = 1.0, base_overrides: list[str] = BASE, shaped_extra: list[str] = (),
 ) -> dict:
     """The result file: pooled eval numbers over every seed, the comparison, each seed's own."""
     plain = pooled([s["plain"] for s in per_seed])
@@ -208,7 +211,7 @@ def summarize(
         "speed_weight": speed_weight,
         "temperature": temperature,
         "base_overrides": base_overrides,
-        "shaped_overrides": shaping_overrides(speed_weight),
+        "shaped_overrides": shaping_overrides(speed_weight, shaped_extra),
         "plain": plain,
         "shaped": shaped,
         **compare(plain, shaped),
@@ -224,6 +227,10 @@ def write(result: dict, output: Path) -> None:
     output.write_text(json.dumps(result, indent=2) + "\n")
 
 
+def base_overrides(args: argparse.Namespace) -> list[str]:
+    return [*BASE, *args.set]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=700, help="training steps per run (equal for both)")
@@ -235,6 +242,14 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, training and eval")
     parser.add_argument("--eval-tasks", type=int, default=64, help="held-out tasks, secrets stratified")
     parser.add_argument("--eval-group", type=int, default=8, help="episodes per held-out task")
+    parser.add_argument(
+        "--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+        help="config overrides for both runs (say train.entropy_coef=0.01), recorded in base_overrides",
+    )
+    parser.add_argument(
+        "--shaped-set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+        help="config overrides for the shaped run only (say reward.speed.h=sigmoid)",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--workdir", type=Path, default=None, help="keep the runs here (default: a temp dir)")
     parser.add_argument(
@@ -247,7 +262,8 @@ def main() -> None:
         per_seed = sorted((s for part in parts for s in part["per_seed"]), key=lambda s: s["seed"])
         result = summarize(per_seed, parts[0]["steps"], parts[0]["speed_weight"], parts[0]["task"],
                            sum(part["total_seconds"] for part in parts), complete=all(part["complete"] for part in parts),
-                           temperature=parts[0].get("temperature", 1.0), base_overrides=parts[0]["base_overrides"])  # fmt: skip
+                           temperature=parts[0].get("temperature", 1.0), base_overrides=parts[0]["base_overrides"],
+                           shaped_extra=parts[0]["shaped_overrides"][len(shaping_overrides(0.0)):])  # fmt: skip
         write(result, args.output)
         json.dump(result, sys.stdout)
         print()
@@ -265,7 +281,8 @@ def main() -> None:
         per_seed.append({"seed": seed, **runs, **compare(runs["plain"], runs["shaped"])})
         task = f"guess_number n={NUMBERS}, max_turns={args.max_turns}"
         result = summarize(per_seed, args.steps, args.speed_weight, task, time.perf_counter() - started,
-                           complete=len(per_seed) == len(args.seeds), temperature=args.temperature)  # fmt: skip
+                           complete=len(per_seed) == len(args.seeds), temperature=args.temperature,
+                           base_overrides=base_overrides(args), shaped_extra=args.shaped_set)  # fmt: skip
         write(result, args.output)  # after every seed
     json.dump(result, sys.stdout)
     print()

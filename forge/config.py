@@ -111,6 +111,12 @@ class TrainConfig(Section):
     gspo_clip_high: float = Field(4e-4, ge=0, description="gspo: upper clip of the sequence ratio")
     tis_cap: float | None = Field(None, description="truncated importance sampling cap; unset disables")
     kl_coef: float = Field(0.0, ge=0, description="KL to the frozen initial policy; 0 disables")
+    entropy_coef: float = Field(
+        0.0,
+        ge=0,
+        description="bonus on the policy's entropy at trained tokens (loss -= coef * entropy); "
+        "keeps groups exploring; costs one softmax over the vocabulary per token; 0 disables",
+    )
     checkpoint_every: int = Field(
         50, ge=0, description="write a resumable checkpoint every this many steps (and at the last); 0 disables"
     )

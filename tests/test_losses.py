@@ -187,3 +187,24 @@ def test_micro_batch_losses_sum_to_the_whole_batch_loss(mode):
 def test_unknown_aggregation_mode_is_a_clear_error():
     with pytest.raises(ValueError, match="train.loss_aggregation"):
         aggregate_loss(torch.zeros(1, 1), torch.ones(1, 1), "sum", 1, 1)
+
+
+def test_entropy_coef_subtracts_the_entropy_on_trained_tokens_with_gradient():
+    lp = leaf([[-1.0, -2.0]])
+    entropy = leaf([[0.7, 0.2]])
+    config = LossConfig(entropy_coef=0.1)
+    loss, metrics = compute_loss(
+        "pg", lp, torch.tensor([[-1.0, -2.0]], dtype=torch.float64), torch.tensor([0.5], dtype=torch.float64),
+        torch.tensor([[1.0, 0.0]], dtype=torch.float64), config, None, entropy,
+    )  # fmt: skip
+    # token 0: -0.5 * -1 - 0.1 * 0.7; token 1 is masked out
+    assert flat(loss) == pytest.approx([0.5 - 0.07, 0.0])
+    assert metrics["entropy"] == pytest.approx(0.7)
+    assert metrics["policy_loss"] == pytest.approx(0.5)  # the policy term alone
+    loss.sum().backward()
+    assert flat(entropy.grad) == pytest.approx([-0.1, 0.0])
+
+
+def test_entropy_coef_without_entropy_is_a_clear_error():
+    with pytest.raises(ValueError, match="needs entropy"):
+        run("pg", leaf([[0.0]]), [[0.0]], [1.0], [[1]], LossConfig(entropy_coef=0.01))

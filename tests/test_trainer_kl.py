@@ -55,3 +55,20 @@ def test_a_step_without_learning_signal_leaves_the_weights_and_the_optimizer_alo
         assert torch.equal(trainer.optimizer.state[p]["exp_avg"], momentum[name]), name
     assert trainer.policy_version == 2  # the step still counts: workers sync once per batch
     assert trainer.train_step(batch(1.0))["optimizer_steps_skipped"] == 0.0
+
+
+def test_entropy_bonus_alone_raises_the_policy_entropy(tiny_checkpoint):
+    """With every advantage zero the entropy term is the whole gradient: the step is
+    taken (not skipped) and the entropy at the trained tokens goes up."""
+    cfg = Config()
+    cfg.train.entropy_coef = 0.5
+    cfg.train.learning_rate = 1e-2
+    trainer = Trainer(tiny_checkpoint, cfg.model, cfg.train, cfg.trainer, seed=0)
+    generator = torch.Generator().manual_seed(0)
+    tokens = [torch.randint(5, 30, (10,), generator=generator).tolist() for _ in range(4)]
+    samples = [Sample(t, [0] * 3 + [1] * 7, [0.0] * 10, [0] * 10, advantage=0.0) for t in tokens]
+    first = trainer.train_step(samples)
+    for _ in range(3):
+        later = trainer.train_step(samples)
+    assert first["optimizer_steps_skipped"] == 0.0 and first["grad_norm"] > 0
+    assert later["entropy"] > first["entropy"] > 0

@@ -266,3 +266,42 @@ def test_flex_path_logprobs_through_the_model_equal_separate_forwards_on_cpu(arc
                 want = reference(input_ids=ids).logits[0, :-1].log_softmax(-1).gather(1, ids[0, 1:, None])[:, 0]
                 assert (lp - want).abs().max().item() <= LOGPROB_TOLERANCE
     assert calls and all(mask is not None for mask in calls)  # every layer went through flex
+
+
+def separate_entropy(model, sample: Sample) -> torch.Tensor:
+    ids = torch.tensor([sample.token_ids])
+    log_p = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+    return -(log_p.exp() * log_p).sum(-1)
+
+
+def entropy_loss(entropy: torch.Tensor, sample: Sample, total_tokens: int) -> torch.Tensor:
+    mask = torch.tensor(sample.loss_mask[1:], dtype=entropy.dtype)
+    return -(entropy * mask).sum() / total_tokens
+
+
+@pytest.mark.parametrize("packing", ["tree", "padded"])
+@pytest.mark.parametrize("architecture", ["qwen2", "llama"])
+def test_entropy_and_its_gradient_equal_separate_forwards(architecture, packing):
+    """The entropy bonus goes through the same unmerge gather as the logprobs."""
+    model = tiny_model(architecture)
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    samples = make_samples([prompt + [7, 7, 1], prompt + [8], prompt, prompt + [7, 2, 2, 2], [5, 5]], seed=3)
+    total = sum(len(s.token_ids) for s in samples)
+    expected = [separate_entropy(model, s) for s in samples]
+    expected_grad = gradients(
+        model, lambda: sum(entropy_loss(e, s, total) for e, s in zip(expected, samples, strict=True)).backward()
+    )
+    got: list = [None] * len(samples)
+
+    def run():
+        for batch in microbatches(samples, packing, 12):
+            logprobs, entropies = batch.forward_logprobs_and_entropy(model)
+            for i, lp, e in zip(batch.sample_indices, logprobs, entropies, strict=True):
+                assert lp.shape == e.shape
+                got[i] = e
+            sum(entropy_loss(got[i], samples[i], total) for i in batch.sample_indices).backward()
+
+    grad = gradients(model, run)
+    for e, want in zip(got, expected, strict=True):
+        assert (e.detach() - want.detach()).abs().max().item() <= LOGPROB_TOLERANCE
+    assert ((grad - expected_grad).norm() / expected_grad.norm()).item() <= GRADIENT_TOLERANCE

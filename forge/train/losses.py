@@ -10,6 +10,10 @@ Shapes: B sequences, T token positions (padded). Every loss takes
 and returns `(per_token_loss [B, T], metrics)`, zero where `loss_mask` is 0. Reduce the
 per-token loss with `aggregate_loss`. No model, no optimizer, no Ray in here.
 
+`compute_loss` adds the optional entropy bonus to whichever loss it runs: given
+`entropy [B, T]` (the policy's entropy at each position, with grad) and `entropy_coef`,
+the per-token loss becomes loss - entropy_coef * entropy on the trained tokens.
+
 `tis_cap` (truncated importance sampling) bounds every token's importance weight
 pi_trainer / pi_behaviour at the cap, whichever loss it is used with: for `pg` it turns
 on the weight min(ratio, cap) (stop-gradient); for the ratio losses it caps the ratio.
@@ -38,9 +42,11 @@ class LossConfig:
     cispo_clip_high: float = 5.0  # no effective lower bound and tunes only the upper one
     tis_cap: float | None = None  # truncated importance sampling; None disables
     kl_coef: float = 0.0  # weight of the k3 KL to `ref_logprobs`; 0 disables
+    entropy_coef: float = 0.0  # weight of the entropy bonus (needs `entropy`); 0 disables
 
     def __post_init__(self) -> None:
-        for name in ("clip_low", "clip_high", "gspo_clip_low", "gspo_clip_high", "cispo_clip_low", "kl_coef"):
+        knobs = ("clip_low", "clip_high", "gspo_clip_low", "gspo_clip_high", "cispo_clip_low", "kl_coef")
+        for name in (*knobs, "entropy_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"LossConfig.{name}={getattr(self, name)} must be >= 0")
         if self.cispo_clip_high <= self.cispo_clip_low:
@@ -81,8 +87,10 @@ def compute_loss(
     loss_mask: Tensor,
     config: LossConfig,
     ref_logprobs: Tensor | None = None,
+    entropy: Tensor | None = None,
 ) -> LossOutput:
-    """Look up `name` in the registry and apply it; see the module docstring for shapes."""
+    """Look up `name` in the registry and apply it, then the entropy bonus; see the module
+    docstring for shapes."""
     if logprobs.shape != behaviour_logprobs.shape or logprobs.shape != loss_mask.shape:
         raise ValueError(
             f"logprobs {tuple(logprobs.shape)}, behaviour_logprobs {tuple(behaviour_logprobs.shape)} "
@@ -92,7 +100,18 @@ def compute_loss(
         raise ValueError(f"advantages {tuple(advantages.shape)} must be [B] = [{logprobs.shape[0]}]")
     if config.kl_coef > 0 and ref_logprobs is None:
         raise ValueError("kl_coef > 0 needs ref_logprobs (the frozen reference policy's logprobs)")
-    return get_loss(name)(logprobs, behaviour_logprobs, advantages, loss_mask, config, ref_logprobs)
+    if config.entropy_coef > 0 and entropy is None:
+        raise ValueError("entropy_coef > 0 needs entropy (the policy's per-token entropy, with grad)")
+    if entropy is not None and entropy.shape != logprobs.shape:
+        raise ValueError(f"entropy {tuple(entropy.shape)} must be [B, T] = {tuple(logprobs.shape)}")
+    per_token_loss, metrics = get_loss(name)(
+        logprobs, behaviour_logprobs, advantages, loss_mask, config, ref_logprobs
+    )
+    if entropy is not None:
+        metrics["entropy"] = _masked_mean(entropy.detach(), loss_mask)
+        if config.entropy_coef > 0:
+            per_token_loss = per_token_loss - config.entropy_coef * entropy * loss_mask
+    return per_token_loss, metrics
 
 
 # ---------------------------------------------------------------- shared pieces

@@ -130,16 +130,21 @@ class Trainer:
         loss_total = 0.0
         for batch in batches:
             members = [samples[i] for i in batch.sample_indices]
-            logprobs = batch.forward_logprobs(self.model)
+            entropies: list[torch.Tensor] | None = None
+            if self.train_cfg.entropy_coef > 0:
+                logprobs, entropies = batch.forward_logprobs_and_entropy(self.model)
+            else:
+                logprobs = batch.forward_logprobs(self.model)
             width = max(lp.shape[0] for lp in logprobs)
             new_logprobs = pad_rows(logprobs, width)
+            entropy = pad_rows(entropies, width) if entropies is not None else None
             behaviour = pad_rows([torch.tensor(s.behaviour_logprobs[1:]) for s in members], width)
             mask = pad_rows([torch.tensor(s.loss_mask[1:], dtype=torch.float32) for s in members], width)
             advantages = torch.tensor([s.advantage for s in members], dtype=torch.float32)
             behaviour, mask, advantages = (t.to(new_logprobs) for t in (behaviour, mask, advantages))
             ref = pad_rows(self._reference_logprobs(batch), width) if self.train_cfg.kl_coef > 0 else None
             per_token, batch_metrics = compute_loss(
-                self.train_cfg.loss, new_logprobs, behaviour, advantages, mask, self.loss_cfg, ref
+                self.train_cfg.loss, new_logprobs, behaviour, advantages, mask, self.loss_cfg, ref, entropy
             )
             loss = aggregate_loss(per_token, mask, self.train_cfg.loss_aggregation, num_tokens, num_samples)
             self.backward(loss)

@@ -42,9 +42,26 @@ class MicroBatch:
     def forward_logprobs(self, model: torch.nn.Module) -> list[torch.Tensor]:
         """Per sample (in `sample_indices` order) a 1-D tensor of length `len(token_ids) - 1`:
         element t = log p(token_ids[t+1] | token_ids[:t+1]), with the autograd graph attached."""
+        return self.forward(model, entropy=False)[0]
+
+    def forward_logprobs_and_entropy(
+        self, model: torch.nn.Module
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """`forward_logprobs`, plus per sample the entropy of the policy's next-token
+        distribution at the same positions (with grad). Holds one more `(N, V)` tensor."""
+        logprobs, entropy = self.forward(model, entropy=True)
+        assert entropy is not None
+        return logprobs, entropy
+
+    def forward(
+        self, model: torch.nn.Module, entropy: bool
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
         if self.packing == "tree":
-            return _tree_forward_logprobs(model, self.tree, self.token_ids, self.attention)
-        return _padded_forward_logprobs(model, self.token_ids)
+            flat, lengths = _tree_forward(model, self.tree, self.token_ids, self.attention, entropy)
+        else:
+            flat, lengths = _padded_forward(model, self.token_ids, entropy)
+        logprobs = list(torch.split(flat[0], lengths))
+        return logprobs, (list(torch.split(flat[1], lengths)) if entropy else None)
 
 
 def microbatches(
@@ -183,15 +200,24 @@ def _uses_flex(model: torch.nn.Module, attention: Attention) -> bool:
     return attention == "flex" or (attention == "auto" and implementation == "flex_attention")
 
 
-def _token_logprobs(logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log_softmax(logits)[rows, targets] without materialising a second `(N, V)` tensor."""
+def _token_logprobs(
+    logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, entropy: bool
+) -> tuple[torch.Tensor, ...]:
+    """log_softmax(logits)[rows, targets], without materialising a second `(N, V)` tensor
+    unless `entropy` is asked for too (then also -sum p log p at each of `rows`)."""
     logits = logits.float()
-    return logits[rows, targets] - torch.logsumexp(logits, dim=-1)[rows]
+    log_normaliser = torch.logsumexp(logits, dim=-1)
+    logprobs = logits[rows, targets] - log_normaliser[rows]
+    if not entropy:
+        return (logprobs,)
+    log_p = logits - log_normaliser[:, None]
+    per_row = -(log_p.exp() * log_p).sum(dim=-1)
+    return logprobs, per_row[rows]
 
 
-def _tree_forward_logprobs(
-    model: torch.nn.Module, tree: PrefixTree, token_ids: list[list[int]], attention: Attention
-) -> list[torch.Tensor]:
+def _tree_forward(
+    model: torch.nn.Module, tree: PrefixTree, token_ids: list[list[int]], attention: Attention, entropy: bool
+) -> tuple[tuple[torch.Tensor, ...], list[int]]:
     dtype, device = _model_dtype_device(model)
     subtree_end = torch.as_tensor(tree.subtree_end, device=device)
     extra = {}
@@ -216,11 +242,13 @@ def _tree_forward_logprobs(
     targets = torch.as_tensor(
         np.concatenate([np.asarray(t[1:], dtype=np.int64) for t in token_ids]), device=device
     )
-    flat = _token_logprobs(logits[0], rows, targets)
-    return list(torch.split(flat, [len(t) - 1 for t in token_ids]))
+    flat = _token_logprobs(logits[0], rows, targets, entropy)
+    return flat, [len(t) - 1 for t in token_ids]
 
 
-def _padded_forward_logprobs(model: torch.nn.Module, token_ids: list[list[int]]) -> list[torch.Tensor]:
+def _padded_forward(
+    model: torch.nn.Module, token_ids: list[list[int]], entropy: bool
+) -> tuple[tuple[torch.Tensor, ...], list[int]]:
     _, device = _model_dtype_device(model)
     width = max(len(t) for t in token_ids)
     input_ids = torch.zeros((len(token_ids), width), dtype=torch.long, device=device)
@@ -233,5 +261,5 @@ def _padded_forward_logprobs(model: torch.nn.Module, token_ids: list[list[int]])
     col_index = torch.cat([torch.arange(len(t) - 1) for t in token_ids])
     targets = torch.cat([torch.as_tensor(t[1:], dtype=torch.long) for t in token_ids])
     flat_logits = logits.reshape(-1, logits.shape[-1])
-    flat = _token_logprobs(flat_logits, (row_index * width + col_index).to(device), targets.to(device))
-    return list(torch.split(flat, [len(t) - 1 for t in token_ids]))
+    flat = _token_logprobs(flat_logits, (row_index * width + col_index).to(device), targets.to(device), entropy)
+    return flat, [len(t) - 1 for t in token_ids]
