@@ -89,7 +89,13 @@ class TrainConfig(Section):
     learning_rate: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear learning-rate warmup from 0")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant",
+        description="learning rate after warmup: constant, or decayed to min_lr_ratio * learning_rate "
+        "at the last of the run's max_steps * minibatches_per_step optimizer steps",
+    )
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="where linear / cosine decay ends, as a fraction")
     minibatches_per_step: int = Field(
         1, gt=0, description="optimizer steps per rollout batch, each on a disjoint slice (PPO-style)"
     )

@@ -3,11 +3,13 @@ adapters switched off."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from forge.config import Config
-from forge.train.trainer import Trainer
+from forge.train.trainer import Trainer, lr_factor
 from forge.types import Sample
 
 
@@ -72,3 +74,30 @@ def test_entropy_bonus_alone_raises_the_policy_entropy(tiny_checkpoint):
         later = trainer.train_step(samples)
     assert first["optimizer_steps_skipped"] == 0.0 and first["grad_norm"] > 0
     assert later["entropy"] > first["entropy"] > 0
+
+
+@pytest.mark.parametrize(
+    ("schedule", "expected"),
+    [
+        ("constant", [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]),
+        # 7 optimizer steps: 2 of warmup, then from 1.0 at step 2 down to 0.1 at step 6; flat after
+        ("linear", [0.5, 1.0, 1.0, 0.775, 0.55, 0.325, 0.1, 0.1]),
+        ("cosine", [0.5, 1.0, 1.0, 0.1 + 0.9 * (1 + math.cos(math.pi / 4)) / 2, 0.55,
+                    0.1 + 0.9 * (1 + math.cos(3 * math.pi / 4)) / 2, 0.1, 0.1]),
+    ],
+)  # fmt: skip
+def test_lr_factor_warms_up_then_follows_the_schedule(schedule, expected):
+    got = [lr_factor(step, warmup=2, total=7, schedule=schedule, min_ratio=0.1) for step in range(8)]
+    assert got == pytest.approx(expected)
+
+
+def test_trainer_decays_the_learning_rate_over_the_whole_run(tiny_checkpoint):
+    cfg = Config()
+    cfg.train.max_steps, cfg.train.minibatches_per_step = 3, 2
+    cfg.train.lr_schedule, cfg.train.learning_rate = "linear", 1e-2
+    trainer = Trainer(tiny_checkpoint, cfg.model, cfg.train, cfg.trainer, seed=0)
+    tokens = [[5, 6, 7, 8, 9, 10], [5, 6, 7, 11, 12, 13]]
+    samples = [Sample(t, [0] * 3 + [1] * 3, [0.0] * 6, [0] * 6, advantage=(-1.0) ** i) for i, t in enumerate(tokens)]
+    rates = [trainer.train_step(samples)["learning_rate"] for _ in range(3)]
+    # 6 optimizer steps; the rate logged after each train_step is the next step's
+    assert rates == pytest.approx([1e-2 * 3 / 5, 1e-2 * 1 / 5, 0.0])

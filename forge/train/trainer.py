@@ -4,6 +4,7 @@ by micro-batch, steps the optimizer and hands out versioned weights. No env, no 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,25 @@ from forge.types import Sample
 def loss_config(cfg: TrainConfig) -> LossConfig:
     """The loss knobs, read from the `train` keys of the same names."""
     return LossConfig(**{knob.name: getattr(cfg, knob.name) for knob in dataclasses.fields(LossConfig)})
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float = 0.0) -> float:
+    """Learning-rate multiplier at optimizer step `step` (0-based): linear warmup over
+    `warmup` steps, then constant or decaying (linear / cosine) to `min_ratio` at step
+    `total - 1`, and flat there if a run takes more steps."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    span = max(total - 1 - warmup, 1)
+    progress = min(max(step - warmup, 0) / span, 1.0)
+    if schedule == "linear":
+        decay = 1.0 - progress
+    elif schedule == "cosine":
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        raise ValueError(f"unknown lr_schedule {schedule!r}: use constant, linear or cosine")
+    return min_ratio + (1.0 - min_ratio) * decay
 
 
 def pad_rows(rows: list[torch.Tensor], width: int, value: float = 0.0) -> torch.Tensor:
@@ -62,9 +82,12 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             params, lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay, fused=True if fused else None
         )
-        warmup = train_cfg.warmup_steps
+        total = train_cfg.max_steps * train_cfg.minibatches_per_step
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
+            self.optimizer,
+            lambda step: lr_factor(
+                step, train_cfg.warmup_steps, total, train_cfg.lr_schedule, train_cfg.min_lr_ratio
+            ),
         )
         self.reference = self._frozen_reference(model_path, model_cfg) if train_cfg.kl_coef > 0 else None
         self.policy_version = 0
