@@ -19,8 +19,8 @@ last fifth of training steps (`train_tail`); `turns_reduction` = 1 - shaped / pl
 turns_per_solved. With several seeds the top-level `plain` / `shaped` numbers pool every
 seed's eval episodes and `per_seed` lists each seed's own. Prints one JSON object and writes
 bench/results/speed_shaping.json (after every seed). Run: python -m bench.speed_shaping
-[--seeds 0 1] [--steps N] [--speed-weight W] [--set KEY=VALUE ...]; one seed (both runs and their evals) takes
-about 7 minutes on one CPU core.
+[--seeds 0 1] [--steps N] [--speed-weight W] [--set KEY=VALUE ...]; one seed (both runs
+and their evals) takes about 7 minutes on one CPU core.
 
 The target of issue 7 (turns per solved down 25% for at most 5 points of success) is not
 met. Committed result (bench/results/speed_shaping.json: seeds 0-3, 700 steps, w = 0.5,
