@@ -63,7 +63,8 @@ result file, made with --set, and none meets the target):
     late losses (both plain runs end at 0.994 eval success), but shaping moves turns only
     -5% and -11% (pooled 3.32 to 3.05, -8%).
   - cosine decay with 16 turns, where the plain run stays slow (5.04 and 4.66 turns per
-    solved) (speed_shaping_16turns_cosine.json): -3% and -16%, pooled -9% (4.85 to 4.41), eval success 0.98 and 0.97.
+    solved; speed_shaping_16turns_cosine.json): -3% and -16%, pooled -9% (4.85 to 4.41),
+    eval success 0.98 and 0.97.
 
 The speed weight sets how much success the shaped policy may trade for speed (up to
 w / (1 + w) of its successes at the optimum, see forge/reward/shaping.py). Here the fast
@@ -81,6 +82,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from forge.config import Config, load_config
@@ -109,14 +111,14 @@ BASE = [
 ]
 
 
-def shaping_overrides(speed_weight: float, extra: list[str] = ()) -> list[str]:
+def shaping_overrides(speed_weight: float, extra: Sequence[str] = ()) -> list[str]:
     speed = ["reward.speed.enabled=true", f"reward.speed.weight={speed_weight}", "reward.speed.measure=turns"]
     return [*speed, *extra]
 
 
 def build_config(
     shaped: bool, steps: int, seed: int, speed_weight: float, max_turns: int = MAX_TURNS, temperature: float = 1.0,
-    base: list[str] = BASE, shaped_extra: list[str] = (),
+    base: Sequence[str] = BASE, shaped_extra: Sequence[str] = (),
 ) -> Config:
     overrides = [*base, f"rollout.max_turns={max_turns}", f"train.max_steps={steps}", f"seed={seed}"]
     overrides.append(f"rollout.temperature={temperature}")
@@ -216,7 +218,7 @@ def pooled(runs: list[dict]) -> dict[str, float]:
 
 def summarize(
     per_seed: list[dict], steps: int, speed_weight: float, task: str, total_seconds: float, complete: bool,
-    temperature: float = 1.0, base_overrides: list[str] = BASE, shaped_extra: list[str] = (),
+    temperature: float = 1.0, base_overrides: list[str] = BASE, shaped_extra: Sequence[str] = (),
 ) -> dict:
     """The result file: pooled eval numbers over every seed, the comparison, each seed's own."""
     plain = pooled([s["plain"] for s in per_seed])
