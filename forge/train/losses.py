@@ -45,8 +45,9 @@ class LossConfig:
     entropy_coef: float = 0.0  # weight of the entropy bonus (needs `entropy`); 0 disables
 
     def __post_init__(self) -> None:
-        knobs = ("clip_low", "clip_high", "gspo_clip_low", "gspo_clip_high", "cispo_clip_low", "kl_coef")
-        for name in (*knobs, "entropy_coef"):
+        for name in (
+            "clip_low", "clip_high", "gspo_clip_low", "gspo_clip_high", "cispo_clip_low", "kl_coef", "entropy_coef"
+        ):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ValueError(f"LossConfig.{name}={getattr(self, name)} must be >= 0")
         if self.cispo_clip_high <= self.cispo_clip_low:

@@ -154,7 +154,7 @@ class Trainer:
         for batch in batches:
             members = [samples[i] for i in batch.sample_indices]
             entropies: list[torch.Tensor] | None = None
-            if self.train_cfg.entropy_coef > 0:
+            if self.train_cfg.entropy_coef > 0:  # one more (N, V) tensor: only when it is used
                 logprobs, entropies = batch.forward_logprobs_and_entropy(self.model)
             else:
                 logprobs = batch.forward_logprobs(self.model)

@@ -42,26 +42,28 @@ class MicroBatch:
     def forward_logprobs(self, model: torch.nn.Module) -> list[torch.Tensor]:
         """Per sample (in `sample_indices` order) a 1-D tensor of length `len(token_ids) - 1`:
         element t = log p(token_ids[t+1] | token_ids[:t+1]), with the autograd graph attached."""
-        return self.forward(model, entropy=False)[0]
+        return self._forward(model, entropy=False)[0]
 
     def forward_logprobs_and_entropy(
         self, model: torch.nn.Module
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """`forward_logprobs`, plus per sample the entropy of the policy's next-token
         distribution at the same positions (with grad). Holds one more `(N, V)` tensor."""
-        logprobs, entropy = self.forward(model, entropy=True)
+        logprobs, entropy = self._forward(model, entropy=True)
         assert entropy is not None
         return logprobs, entropy
 
-    def forward(
+    def _forward(
         self, model: torch.nn.Module, entropy: bool
     ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
         if self.packing == "tree":
-            flat, lengths = _tree_forward(model, self.tree, self.token_ids, self.attention, entropy)
+            logits, rows, targets = _tree_logits(model, self.tree, self.token_ids, self.attention)
         else:
-            flat, lengths = _padded_forward(model, self.token_ids, entropy)
-        logprobs = list(torch.split(flat[0], lengths))
-        return logprobs, (list(torch.split(flat[1], lengths)) if entropy else None)
+            logits, rows, targets = _padded_logits(model, self.token_ids)
+        logprobs, entropies = _token_logprobs(logits, rows, targets, entropy)
+        lengths = [len(t) - 1 for t in self.token_ids]
+        split = list(torch.split(logprobs, lengths))
+        return split, (list(torch.split(entropies, lengths)) if entropies is not None else None)
 
 
 def microbatches(
@@ -202,22 +204,23 @@ def _uses_flex(model: torch.nn.Module, attention: Attention) -> bool:
 
 def _token_logprobs(
     logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, entropy: bool
-) -> tuple[torch.Tensor, ...]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log_softmax(logits)[rows, targets], without materialising a second `(N, V)` tensor
     unless `entropy` is asked for too (then also -sum p log p at each of `rows`)."""
     logits = logits.float()
     log_normaliser = torch.logsumexp(logits, dim=-1)
     logprobs = logits[rows, targets] - log_normaliser[rows]
     if not entropy:
-        return (logprobs,)
+        return logprobs, None
     log_p = logits - log_normaliser[:, None]
-    per_row = -(log_p.exp() * log_p).sum(dim=-1)
-    return logprobs, per_row[rows]
+    return logprobs, -(log_p.exp() * log_p).sum(dim=-1)[rows]
 
 
-def _tree_forward(
-    model: torch.nn.Module, tree: PrefixTree, token_ids: list[list[int]], attention: Attention, entropy: bool
-) -> tuple[tuple[torch.Tensor, ...], list[int]]:
+def _tree_logits(
+    model: torch.nn.Module, tree: PrefixTree, token_ids: list[list[int]], attention: Attention
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The tree's logits `(nodes, V)`, and for every sample token after the first (in
+    sample order) the row that predicts it and its id."""
     dtype, device = _model_dtype_device(model)
     subtree_end = torch.as_tensor(tree.subtree_end, device=device)
     extra = {}
@@ -242,13 +245,13 @@ def _tree_forward(
     targets = torch.as_tensor(
         np.concatenate([np.asarray(t[1:], dtype=np.int64) for t in token_ids]), device=device
     )
-    flat = _token_logprobs(logits[0], rows, targets, entropy)
-    return flat, [len(t) - 1 for t in token_ids]
+    return logits[0], rows, targets
 
 
-def _padded_forward(
-    model: torch.nn.Module, token_ids: list[list[int]], entropy: bool
-) -> tuple[tuple[torch.Tensor, ...], list[int]]:
+def _padded_logits(
+    model: torch.nn.Module, token_ids: list[list[int]]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As `_tree_logits`, from a right-padded `(B, L)` batch flattened to `(B * L, V)`."""
     _, device = _model_dtype_device(model)
     width = max(len(t) for t in token_ids)
     input_ids = torch.zeros((len(token_ids), width), dtype=torch.long, device=device)
@@ -261,5 +264,4 @@ def _padded_forward(
     col_index = torch.cat([torch.arange(len(t) - 1) for t in token_ids])
     targets = torch.cat([torch.as_tensor(t[1:], dtype=torch.long) for t in token_ids])
     flat_logits = logits.reshape(-1, logits.shape[-1])
-    flat = _token_logprobs(flat_logits, (row_index * width + col_index).to(device), targets.to(device), entropy)
-    return flat, [len(t) - 1 for t in token_ids]
+    return flat_logits, (row_index * width + col_index).to(device), targets.to(device)
