@@ -65,6 +65,11 @@ result file, made with --set, and none meets the target):
   - cosine decay with 16 turns, where the plain run stays slow (5.04 and 4.66 turns per
     solved; speed_shaping_16turns_cosine.json): -3% and -16%, pooled -9% (4.85 to 4.41),
     eval success 0.98 and 0.97.
+  - on that 16-turn cosine recipe, seed 0 (which had moved -3%): 16 episodes per group and
+    4 secrets per step, same 64 episodes (speed_shaping_16turns_cosine_group16.json): -16%;
+    speed weight 0.9 (speed_shaping_16turns_cosine_w0.9.json): -20%; both together on
+    seeds 0 and 1 (speed_shaping_16turns_cosine_group16_w0.9.json): +1% and -18%. Which
+    seed moves and by how much changes with every knob; no knob moves every seed.
 
 The speed weight sets how much success the shaped policy may trade for speed (up to
 w / (1 + w) of its successes at the optimum, see forge/reward/shaping.py). Here the fast
