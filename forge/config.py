@@ -53,6 +53,11 @@ class ModelConfig(Section):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attn_implementation: Literal["sdpa", "eager", "flex_attention"] = "sdpa"
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="where the trainer and rollout workers run their models: auto = CUDA in a process that "
+        "reserves a GPU (train.num_gpus, rollout.num_gpus_per_worker), else CPU",
+    )
 
 
 class EnvConfig(Section):

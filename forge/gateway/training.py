@@ -114,7 +114,7 @@ def train_gateway(cfg: Config, output_dir: str | Path | None = None, progress: b
 
     from forge.env.registry import resolve_env
     from forge.metrics import MetricsLogger, rollout_metrics, show_step
-    from forge.models.loading import load_model, load_tokenizer, resolve_model_path
+    from forge.models.loading import load_model, load_tokenizer, resolve_device, resolve_model_path
     from forge.orchestrator import (
         RunResult,
         TaskStream,
@@ -143,7 +143,9 @@ def train_gateway(cfg: Config, output_dir: str | Path | None = None, progress: b
     trainer = make_trainer(cfg, model_path)
     torch.set_num_threads(1)
     tokenizer = load_tokenizer(model_path)
-    engine = HFEngine(load_model(model_path, cfg.model), [tokenizer.eos_token_id], tokenizer.pad_token_id,
+    # The gateway's engine plays the rollout workers' part, so it follows their GPU reservation.
+    device = resolve_device(cfg.model.device, cfg.rollout.num_gpus_per_worker)
+    engine = HFEngine(load_model(model_path, cfg.model, device=device), [tokenizer.eos_token_id], tokenizer.pad_token_id,
                       cfg.rollout.temperature, cfg.rollout.top_p, seed=cfg.seed)
     env_class = resolve_env(cfg.env.name)
     store = EpisodeStore(lambda: env_class(**cfg.env.kwargs), cfg.env.step_timeout_s)

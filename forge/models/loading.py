@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -56,14 +57,44 @@ def load_tokenizer(path: str | Path):
     return tokenizer
 
 
-def load_model(path: str | Path, cfg: ModelConfig, trainable: bool = False):
-    """Load a causal LM with `from_pretrained`; wrap it in LoRA adapters when configured."""
+def resolve_device(setting: str, reserved_gpus: float | None = None) -> torch.device:
+    """The device a model runs on for `model.device` = `setting`.
+
+    `auto` follows the process's reservation when it has one (`reserved_gpus`: the trainer's
+    `train.num_gpus`, a rollout worker's `rollout.num_gpus_per_worker`): CUDA when it includes
+    a GPU, else CPU, so the placement never depends on what Ray leaves visible to an actor that
+    reserved none. Without a reservation (`None`: a script, a benchmark), CUDA when torch sees one.
+    """
+    if setting == "cpu":
+        return torch.device("cpu")
+    if setting not in ("auto", "cuda"):
+        raise ValueError(f"model.device must be 'auto', 'cpu' or 'cuda', got {setting!r}")
+    wants_gpu = setting == "cuda" or (
+        torch.cuda.is_available() if reserved_gpus is None else reserved_gpus > 0
+    )
+    if not wants_gpu:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise RuntimeError(
+            f"model.device={setting!r} needs a GPU in this process"
+            + (f" (it reserved {reserved_gpus:g})" if reserved_gpus else "")
+            + f", but torch sees none (torch {torch.__version__}, CUDA_VISIBLE_DEVICES={visible!r}); "
+            "install a CUDA build of torch, or set model.device: cpu"
+        )
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def load_model(
+    path: str | Path, cfg: ModelConfig, trainable: bool = False, device: str | torch.device = "cpu"
+):
+    """Load a causal LM with `from_pretrained` onto `device`; wrap it in LoRA adapters when configured."""
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
     model = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation
-    )
+    ).to(device)
     if cfg.lora.enabled:
         from peft import LoraConfig, get_peft_model
 

@@ -29,14 +29,15 @@ class RolloutWorker:
         num_threads: int = 1,
         min_sandbox_level: int = 0,
     ) -> None:
-        from forge.models.loading import load_model, load_tokenizer
+        from forge.models.loading import load_model, load_tokenizer, resolve_device
         from forge.sandbox import set_min_level
 
         set_min_level(min_sandbox_level)  # each actor is its own process: apply the floor here too
         torch.set_num_threads(num_threads)
         torch.manual_seed(seed)
         self.tokenizer = load_tokenizer(model_path)
-        self.model = load_model(model_path, model_cfg, trainable=False)
+        device = resolve_device(model_cfg.device, rollout_cfg.num_gpus_per_worker)
+        self.model = load_model(model_path, model_cfg, trainable=False, device=device)
         self.chat = ChatFormat(self.tokenizer)
         self.engine = HFEngine(
             self.model,

@@ -65,7 +65,14 @@ class DistributedTrainer(Trainer):
         self.wrapped, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         self.module = self.accelerator.unwrap_model(self.wrapped)
         self.model = self.module
+        if self.reference is not None:  # the frozen reference runs beside the policy
+            self.reference.to(self.accelerator.device)
         self.trainable = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
+
+    def model_device(self, model_cfg: Any, train_cfg: Any) -> torch.device:
+        """Load on CPU: `accelerator.prepare` puts the model on this process's device (DDP)
+        or shards it over the processes (FSDP2)."""
+        return torch.device("cpu")
 
     @property
     def world_size(self) -> int:

@@ -1,0 +1,103 @@
+"""Where models run: `model.device` and the GPU reservations decide it, the same way in the
+trainer, the rollout workers and the gateway. The CUDA tests run where torch sees a GPU
+(the prepared device check, bench/gpu_check.sh); on CPU they are skipped."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from forge.config import Config, ConfigError, load_config
+from forge.models.loading import resolve_device
+from forge.train.trainer import Trainer
+from forge.types import Sample
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+def test_cpu_is_cpu_and_auto_follows_the_reservation():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("cpu", reserved_gpus=1).type == "cpu"
+    assert resolve_device("auto", reserved_gpus=0).type == "cpu"  # even on a machine with a GPU
+    assert resolve_device("auto").type == ("cuda" if CUDA else "cpu")
+
+
+@pytest.mark.skipif(CUDA, reason="checks the error where torch sees no GPU")
+@pytest.mark.parametrize(("setting", "reserved"), [("cuda", None), ("cuda", 0), ("auto", 1), ("auto", 0.5)])
+def test_asking_for_a_gpu_torch_cannot_see_is_a_clear_error(setting, reserved):
+    with pytest.raises(RuntimeError, match="needs a GPU in this process.*model.device: cpu"):
+        resolve_device(setting, reserved_gpus=reserved)
+
+
+def test_an_unknown_device_is_refused_by_the_config_and_by_the_resolver():
+    with pytest.raises(ConfigError, match="model.device"):
+        load_config(overrides=["model.device=gpu"])
+    with pytest.raises(ValueError, match="'auto', 'cpu' or 'cuda'"):
+        resolve_device("gpu")
+
+
+def test_the_default_trainer_reserves_no_gpu_and_runs_on_cpu(tiny_checkpoint):
+    cfg = Config()
+    trainer = Trainer(tiny_checkpoint, cfg.model, cfg.train, cfg.trainer, seed=0)
+    assert trainer.device.type == "cpu"
+    assert {p.device.type for p in trainer.model.parameters()} == {"cpu"}
+
+
+def batch(seed: int = 0) -> list[Sample]:
+    generator = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(5, 30, (12,), generator=generator).tolist()
+    samples = []
+    for i in range(6):
+        tokens = prompt + torch.randint(5, 30, (4 + i,), generator=generator).tolist()
+        mask = [0] * len(prompt) + [1] * (len(tokens) - len(prompt))
+        samples.append(Sample(tokens, mask, [-3.0] * len(tokens), [0] * len(tokens), advantage=(-1.0) ** i))
+    return samples
+
+
+def step_on(device: str, tiny_checkpoint, packing: str, kl_coef: float) -> tuple[dict, dict]:
+    cfg = Config()
+    cfg.model.device = device
+    cfg.trainer.packing = packing
+    cfg.train.kl_coef = kl_coef
+    cfg.train.learning_rate = 1e-3
+    trainer = Trainer(tiny_checkpoint, cfg.model, cfg.train, cfg.trainer, seed=0)
+    assert {p.device.type for p in trainer.model.parameters()} == {device}
+    metrics = trainer.train_step(batch())
+    return metrics, trainer.weights()
+
+
+@needs_cuda
+@pytest.mark.parametrize("packing", ["tree", "padded"])
+@pytest.mark.parametrize("kl_coef", [0.0, 0.1])  # 0.1: the frozen reference runs on the GPU too
+def test_a_training_step_on_the_gpu_equals_the_step_on_cpu(tiny_checkpoint, packing, kl_coef):
+    cpu_metrics, cpu_weights = step_on("cpu", tiny_checkpoint, packing, kl_coef)
+    gpu_metrics, gpu_weights = step_on("cuda", tiny_checkpoint, packing, kl_coef)
+    assert gpu_metrics["loss"] == pytest.approx(cpu_metrics["loss"], rel=1e-4, abs=1e-6)
+    assert gpu_metrics["grad_norm"] == pytest.approx(cpu_metrics["grad_norm"], rel=1e-4)
+    assert all(w.device.type == "cpu" for w in gpu_weights.values())  # what workers receive
+    moved = max((gpu_weights[n] - cpu_weights[n]).abs().max().item() for n in cpu_weights)
+    assert moved <= 1e-5  # lr 1e-3: one Adam step moves each weight by about 1e-3
+
+
+@needs_cuda
+def test_a_rollout_engine_on_the_gpu_samples_with_the_logprobs_of_a_cpu_forward(tiny_checkpoint):
+    from forge.config import ModelConfig
+    from forge.models.loading import load_model, load_tokenizer
+    from forge.rollout.engine import GenerationRequest, HFEngine
+
+    tokenizer = load_tokenizer(tiny_checkpoint)
+    gpu_model = load_model(tiny_checkpoint, ModelConfig(), device=resolve_device("cuda"))
+    cpu_model = load_model(tiny_checkpoint, ModelConfig())
+    engine = HFEngine(gpu_model, [tokenizer.eos_token_id], tokenizer.pad_token_id, seed=0)
+    prompts = [[5, 6, 7, 8, 9 + i] for i in range(3)]
+    results = engine.generate([GenerationRequest(p, 6, episode_id=str(i)) for i, p in enumerate(prompts)])
+    for prompt, result in zip(prompts, results, strict=True):
+        assert result.token_ids
+        with torch.no_grad():
+            logits = cpu_model(input_ids=torch.tensor([prompt + result.token_ids])).logits[0]
+        expected = [
+            torch.log_softmax(logits[len(prompt) - 1 + i], -1)[t].item()
+            for i, t in enumerate(result.token_ids)
+        ]
+        assert result.logprobs == pytest.approx(expected, abs=1e-4)
