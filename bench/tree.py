@@ -1,12 +1,17 @@
 """Benchmark: prefix-tree packing against padded packing, one training step of the real
-trainer (forward + backward + AdamW step) on a tiny Qwen2 in fp32 on CPU.
+trainer (forward + backward + AdamW step) on a tiny Qwen2, by default in fp32 on CPU.
 
-Each (workload, packing) runs in a fresh child process, so its peak memory is its own:
-the resident-set high-water mark (VmHWM) over the measured steps, reset just before them.
-Step time is the child's CPU time with one torch thread: on a shared machine wall-clock
-swings with other tenants (and multi-threaded BLAS stalls when a thread is preempted),
-while CPU time counts only this step's work; wall-clock is reported alongside.
-Prints one JSON object and writes bench/results/tree.json. Run: python -m bench.tree
+Each (workload, packing) runs in a fresh child process, so its peak memory is its own.
+On CPU: the resident-set high-water mark (VmHWM) over the measured steps, reset just before
+them; step time is the child's CPU time with one torch thread (on a shared machine
+wall-clock swings with other tenants, and multi-threaded BLAS stalls when a thread is
+preempted, while CPU time counts only this step's work); wall-clock is reported alongside.
+On CUDA (`--device cuda`): wall-clock between synchronisations, and the peak of
+torch.cuda.max_memory_allocated; warm-up steps run the whole workload, so flex attention's
+compilation (one static and one dynamic-shape compile) happens before the measured steps.
+
+Prints one JSON object and writes bench/results/tree.json (tree-gpu.json on CUDA).
+Run: python -m bench.tree  (GPU: python -m bench.tree --device cuda --dtype bfloat16 --attention flex)
 """
 
 from __future__ import annotations
@@ -20,12 +25,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from forge.config import ModelConfig, TinyModelConfig, TrainConfig, TrainerConfig
 from forge.types import Sample
 
 RESULTS = Path(__file__).parent / "results" / "tree.json"
+GPU_RESULTS = Path(__file__).parent / "results" / "tree-gpu.json"
 MODEL = TinyModelConfig(
     architecture="qwen2",
     hidden_size=256,
@@ -103,31 +110,73 @@ def reset_resident_high_water() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM restarts from the current RSS
 
 
-def measure_step(workload: str, packing: str, model_dir: Path, repeats: int) -> dict:
-    """In this (child) process: train steps on the workload with one packing."""
+@dataclass(frozen=True)
+class Setup:
+    """Where and how the steps run: `device` cpu or cuda, the model's `dtype`, and the tree's
+    `attention` (dense: block-sparse SDPA; flex: a flex-attention BlockMask, CUDA only for
+    its backward). The padded baseline always runs on SDPA, its usual kernel."""
+
+    device: str = "cpu"
+    dtype: str = "float32"
+    attention: str = "dense"
+
+    def __post_init__(self) -> None:
+        if self.attention == "flex" and self.device != "cuda":
+            raise SystemExit(
+                "--attention flex needs --device cuda: torch 2.13 has no flex attention backward on CPU"
+            )
+
+
+def make_trainer(packing: str, model_dir: Path, setup: Setup):
     from forge.train.trainer import Trainer
 
-    trainer = Trainer(
+    flex = packing == "tree" and setup.attention == "flex"
+    return Trainer(
         model_dir,
-        ModelConfig(path=str(model_dir), tiny=MODEL, attn_implementation="sdpa"),
+        ModelConfig(
+            path=str(model_dir),
+            tiny=MODEL,
+            attn_implementation="flex_attention" if flex else "sdpa",
+            dtype=setup.dtype,
+            device=setup.device,
+        ),
         TrainConfig(),
-        TrainerConfig(packing=packing, max_tokens_per_microbatch=BUDGET, attention="dense"),
+        TrainerConfig(
+            packing=packing, max_tokens_per_microbatch=BUDGET, attention="flex" if flex else "dense"
+        ),
         num_threads=THREADS,
     )
+
+
+def measure_step(workload: str, packing: str, model_dir: Path, repeats: int, setup: Setup) -> dict:
+    """In this (child) process: train steps on the workload with one packing."""
+    import torch
+
+    trainer = make_trainer(packing, model_dir, setup)
     samples = workload_samples(workload, model_dir)
-    trainer.train_step(samples[:2])  # warm-up: first-call allocations and thread pools
-    reset_resident_high_water()
+    cuda = setup.device == "cuda"
+    if cuda:  # compile flex attention (static, then dynamic shapes) and tune kernels before timing
+        for _ in range(2):
+            trainer.train_step(samples)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        trainer.train_step(samples[:2])  # warm-up: first-call allocations and thread pools
+        reset_resident_high_water()
     seconds, wall_seconds, metrics = [], [], {}
     for _ in range(repeats):
         started, started_cpu = time.perf_counter(), time.process_time()
         metrics = trainer.train_step(samples)
+        if cuda:
+            torch.cuda.synchronize()
         seconds.append(time.process_time() - started_cpu)
         wall_seconds.append(time.perf_counter() - started)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else resident_high_water_mb()
     return {
-        "step_seconds": statistics.median(seconds),
-        "step_seconds_all": seconds,
+        "step_seconds": statistics.median(wall_seconds if cuda else seconds),
+        "step_seconds_all": wall_seconds if cuda else seconds,
         "wall_seconds_all": wall_seconds,
-        "peak_memory_mb": resident_high_water_mb(),
+        "peak_memory_mb": peak,
         "tokens_computed": metrics["tokens_computed"],
         "tokens_separate": metrics["tokens_separate"],
         "microbatches": metrics["microbatches"],
@@ -145,27 +194,64 @@ def build_milliseconds(samples: list[Sample], repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-def run_child(workload: str, packing: str, model_dir: Path, repeats: int) -> dict:
+def run_child(workload: str, packing: str, model_dir: Path, repeats: int, setup: Setup) -> dict:
     command = [sys.executable, "-m", "bench.tree", "--child", workload, packing, str(model_dir), str(repeats)]
+    command += ["--device", setup.device, "--dtype", setup.dtype, "--attention", setup.attention]
     done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parent.parent)
     if done.returncode != 0:
         raise RuntimeError(f"bench child {workload}/{packing} failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def main(repeats: int) -> dict:
+def describe_device(setup: Setup, load_at_start: float) -> str:
+    if setup.device == "cuda":
+        import torch
+
+        return f"cuda, {torch.cuda.get_device_name()}; torch {torch.__version__}"
+    return f"cpu, {THREADS} torch thread(s); load average at start {load_at_start:.1f}"
+
+
+def main(repeats: int, setup: Setup, workload_names: list[str], output: Path) -> dict:
+    """Measure each workload and rewrite `output` after each one, so a run cut short
+    (a device lease running out) still leaves the workloads it finished."""
     from forge.models.tiny import save_tiny_checkpoint
 
     load_at_start = os.getloadavg()[0]
-
+    workloads: dict[str, dict] = {}
+    detail: dict[str, dict] = {}
+    result = {
+        "benchmark": "tree",
+        "model": {**MODEL.model_dump(), "dtype": setup.dtype},
+        "device": describe_device(setup, load_at_start),
+        "step_seconds": (
+            "median wall-clock seconds between CUDA synchronisations"
+            if setup.device == "cuda"
+            else "median CPU seconds of the step process (wall-clock under detail)"
+        ),
+        "attention": (
+            "flex: tree through a flex-attention BlockMask of the tree rule, padded as SDPA"
+            if setup.attention == "flex"
+            else "dense: tree as block-sparse SDPA (query blocks see their ancestors), padded as SDPA"
+        ),
+        "max_tokens_per_microbatch": BUDGET,
+        "repeats": repeats,
+        "step": "forge.train.trainer.Trainer.train_step: forward + backward + AdamW step",
+        "peak_memory": (
+            "torch.cuda.max_memory_allocated over the measured steps (fresh process per run)"
+            if setup.device == "cuda"
+            else "process resident-set high-water over the measured steps (fresh process per run)"
+        ),
+        "workloads": workloads,
+        "detail": detail,
+    }
+    output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = save_tiny_checkpoint(MODEL, Path(scratch) / "model")
-        vocab = vocab_size(model_dir)
-        workloads, detail = {}, {}
-        for name in WORKLOADS:
+        result["model"]["vocab_size"] = vocab_size(model_dir)
+        for name in workload_names:
             samples = workload_samples(name, model_dir)
-            padded = run_child(name, "padded", model_dir, repeats)
-            tree = run_child(name, "tree", model_dir, repeats)
+            padded = run_child(name, "padded", model_dir, repeats, setup)
+            tree = run_child(name, "tree", model_dir, repeats, setup)
             speedup = padded["step_seconds"] / tree["step_seconds"]
             ratio = tree["tokens_separate"] / tree["tokens_computed"]
             workloads[name] = {
@@ -190,31 +276,37 @@ def main(repeats: int) -> dict:
                 "wall_seconds_padded_all": [round(s, 3) for s in padded["wall_seconds_all"]],
                 "wall_seconds_tree_all": [round(s, 3) for s in tree["wall_seconds_all"]],
             }
-    return {
-        "benchmark": "tree",
-        "model": {**MODEL.model_dump(), "vocab_size": vocab, "dtype": "float32"},
-        "device": f"cpu, {THREADS} torch thread(s); load average at start {load_at_start:.1f}",
-        "step_seconds": "median CPU seconds of the step process (wall-clock under detail)",
-        "attention": "dense: tree as block-sparse SDPA (query blocks see their ancestors), padded as SDPA",
-        "max_tokens_per_microbatch": BUDGET,
-        "repeats": repeats,
-        "step": "forge.train.trainer.Trainer.train_step: forward + backward + AdamW step",
-        "peak_memory": "process resident-set high-water over the measured steps (fresh process per run)",
-        "workloads": workloads,
-        "detail": detail,
-    }
+            output.write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=2, help="measured steps per (workload, packing)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="measured steps per (workload, packing); default 2 on CPU, 5 on CUDA",
+    )
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument(
+        "--attention", choices=["dense", "flex"], default="dense", help="the tree's attention path"
+    )
+    parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="default bench/results/tree.json (tree-gpu.json with --device cuda)",
+    )
     parser.add_argument("--child", nargs=4, metavar=("WORKLOAD", "PACKING", "MODEL_DIR", "REPEATS"))
     args = parser.parse_args()
+    setup = Setup(args.device, args.dtype, args.attention)
     if args.child:
         workload, packing, model_dir, repeats = args.child
-        print(json.dumps(measure_step(workload, packing, Path(model_dir), int(repeats))))
+        print(json.dumps(measure_step(workload, packing, Path(model_dir), int(repeats), setup)))
     else:
-        result = main(args.repeats)
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-        print(json.dumps(result))
+        repeats = args.repeats or (5 if setup.device == "cuda" else 2)
+        output = args.output or (GPU_RESULTS if setup.device == "cuda" else RESULTS)
+        print(json.dumps(main(repeats, setup, args.workloads, output)))
