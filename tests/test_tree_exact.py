@@ -305,3 +305,100 @@ def test_entropy_and_its_gradient_equal_separate_forwards(architecture, packing)
     for e, want in zip(got, expected, strict=True):
         assert (e.detach() - want.detach()).abs().max().item() <= LOGPROB_TOLERANCE
     assert ((grad - expected_grad).norm() / expected_grad.norm()).item() <= GRADIENT_TOLERANCE
+
+
+# bf16: tree packing is as exact as bf16 allows. Its error against an fp32 separate-forward
+# reference is at most BF16_FACTOR times that of plain separate bf16 forwards (the bf16 noise
+# floor), or the floor below, whichever is larger.
+BF16_FACTOR = 2.0
+# These tiny models' logits are below 1 in magnitude, where bf16's spacing is at most 2^-8, so
+# rounding the target's logit to bf16 alone moves its logprob by up to 2^-9: an error this small
+# is bf16's own, whatever the separate forwards happened to hit.
+BF16_LOGPROB_FLOOR = 2.0**-9
+# bf16's unit roundoff: merely storing the exact gradient in bf16 errs by up to this, relatively.
+BF16_GRADIENT_FLOOR = 2.0**-8
+
+# At init the tiny model attends almost uniformly, so a position off by one moves its logprobs
+# by ~1e-4, far under bf16's ~2e-3 noise. Scaling q and k by 8 (attention scores by 64) makes
+# position and mask mistakes stand out at bf16 resolution, while logits stay below 1.
+ATTENTION_SHARPNESS = 8.0
+
+
+def sharp_tiny_model(architecture: str, attn_implementation: str) -> torch.nn.Module:
+    model = tiny_model(architecture, attn_implementation)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                parameter.mul_(ATTENTION_SHARPNESS)
+    return model
+
+
+BF16_PATHS = [
+    pytest.param("cpu", "dense", "sdpa", id="cpu-dense-sdpa"),  # block-sparse SDPA
+    pytest.param("cpu", "dense", "eager", id="cpu-dense-eager"),  # the full additive bf16 mask
+    pytest.param(
+        "cuda",
+        "flex",
+        "flex_attention",
+        id="cuda-flex",
+        marks=pytest.mark.skipif(
+            not torch.cuda.is_available(), reason="flex attention backward needs CUDA in torch 2.13"
+        ),
+    ),
+]
+
+
+def forward_results(model, samples, device, attention=None):
+    """Logprobs (fp32, on CPU) and the summed policy-loss gradient (fp32, on CPU): separate
+    forwards when `attention` is None, else tree micro-batches with that attention."""
+    total = sum(len(s.token_ids) for s in samples)
+    logprobs: list = [None] * len(samples)
+    model.zero_grad()
+    if attention is None:
+        for i, s in enumerate(samples):
+            ids = torch.tensor([s.token_ids], device=device)
+            # log_softmax in fp32, as the tree forward does, so both bf16 runs share that step.
+            logits = model(input_ids=ids).logits[0, :-1].float()
+            lp = logits.log_softmax(-1).gather(1, ids[0, 1:, None])[:, 0]
+            policy_loss(lp.cpu(), s, total).backward()
+            logprobs[i] = lp.detach().cpu()
+    else:
+        for batch in microbatches(samples, "tree", 64, attention=attention):
+            outputs = batch.forward_logprobs(model)
+            sum(
+                policy_loss(lp.cpu(), samples[i], total)
+                for i, lp in zip(batch.sample_indices, outputs, strict=True)
+            ).backward()
+            for i, lp in zip(batch.sample_indices, outputs, strict=True):
+                logprobs[i] = lp.detach().cpu()
+    return logprobs, torch.cat([p.grad.float().flatten().cpu() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("architecture", ["qwen2", "llama"])
+@pytest.mark.parametrize(("device", "attention", "attn_implementation"), BF16_PATHS)
+def test_bf16_tree_is_as_exact_as_separate_bf16_forwards(
+    device, attention, attn_implementation, architecture
+):
+    # Three copies of the same weights: the fp32 reference, and two bf16 models.
+    reference = sharp_tiny_model(architecture, "sdpa").to(device)
+    plain = sharp_tiny_model(architecture, "sdpa").to(device, torch.bfloat16)
+    tree = sharp_tiny_model(architecture, attn_implementation).to(device, torch.bfloat16)
+    samples = make_samples([[1, 2, 3, 4] * 10 + [i] * (5 + i) for i in range(5)] + [[7, 7, 7]], seed=0)
+    want_logprobs, want_grad = forward_results(reference, samples, device)
+    plain_logprobs, plain_grad = forward_results(plain, samples, device)
+    tree_logprobs, tree_grad = forward_results(tree, samples, device, attention)
+
+    def logprob_error(logprobs):
+        return max((got - want).abs().max().item() for got, want in zip(logprobs, want_logprobs, strict=True))
+
+    def gradient_error(grad):
+        return ((grad - want_grad).norm() / want_grad.norm()).item()
+
+    noise, error = logprob_error(plain_logprobs), logprob_error(tree_logprobs)
+    assert 1e-4 < noise < 0.1  # really bf16 (fp32 would be ~1e-7), and still a sane model
+    assert error <= max(BF16_FACTOR * noise, BF16_LOGPROB_FLOOR)
+    assert error < 0.1
+    noise, error = gradient_error(plain_grad), gradient_error(tree_grad)
+    assert 1e-4 < noise < 0.1
+    assert error <= max(BF16_FACTOR * noise, BF16_GRADIENT_FLOOR)
+    assert error < 0.1
