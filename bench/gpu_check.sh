@@ -13,11 +13,12 @@ cd "$(dirname "$0")/.."
 out="${OUT:-bench/results/gpu-check}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-if ! python3 -c "import pydantic" 2>/dev/null; then
+if [ -d .whl ]; then  # bench/gpu_wheels.sh: pydantic, and this repo's transformers and peft
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/forge-site .whl/*.whl \
-    || { echo "no pydantic and no wheels in .whl/: run bench/gpu_wheels.sh here and carry .whl"; exit 1; }
+    || { echo "could not install the wheels in .whl/"; exit 1; }
   export PYTHONPATH="/tmp/forge-site${PYTHONPATH:+:$PYTHONPATH}"
 fi
+python3 -c "import pydantic" || { echo "no pydantic: run bench/gpu_wheels.sh here and carry .whl"; exit 1; }
 {
   nvidia-smi
   python3 -c "import sys, torch, transformers, peft; print(sys.version); print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__); print(torch.cuda.get_device_name())"
