@@ -202,31 +202,42 @@ def test_flex_block_mask_skips_blocks_no_query_sees():
     assert block_mask.sparsity() > 50.0
 
 
+def forward_results(model, samples, device, attention=None):
+    """Logprobs (fp32, on CPU) and the summed policy-loss gradient (fp32, on CPU): separate
+    forwards when `attention` is None, else tree micro-batches with that attention."""
+    total = sum(len(s.token_ids) for s in samples)
+    logprobs: list = [None] * len(samples)
+    model.zero_grad()
+    if attention is None:
+        for i, s in enumerate(samples):
+            ids = torch.tensor([s.token_ids], device=device)
+            # log_softmax in fp32, as the tree forward does, so both bf16 runs share that step.
+            logits = model(input_ids=ids).logits[0, :-1].float()
+            lp = logits.log_softmax(-1).gather(1, ids[0, 1:, None])[:, 0]
+            policy_loss(lp.cpu(), s, total).backward()
+            logprobs[i] = lp.detach().cpu()
+    else:
+        for batch in microbatches(samples, "tree", 64, attention=attention):
+            outputs = batch.forward_logprobs(model)
+            sum(
+                policy_loss(lp.cpu(), samples[i], total)
+                for i, lp in zip(batch.sample_indices, outputs, strict=True)
+            ).backward()
+            for i, lp in zip(batch.sample_indices, outputs, strict=True):
+                logprobs[i] = lp.detach().cpu()
+    return logprobs, torch.cat([p.grad.float().flatten().cpu() for p in model.parameters()])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flex attention backward needs CUDA in torch 2.13")
 @pytest.mark.parametrize("architecture", ["qwen2", "llama"])
 def test_flex_path_logprobs_and_gradients_equal_separate_forwards_on_gpu(architecture):
     model = tiny_model(architecture, "flex_attention").cuda()
     reference = tiny_model(architecture, "sdpa").cuda()
     samples = make_samples([[1, 2, 3, 4] * 10 + [i] * (5 + i) for i in range(5)] + [[7, 7, 7]], seed=0)
-    total = sum(len(s.token_ids) for s in samples)
-    expected = []
-    reference.zero_grad()
-    for s in samples:
-        ids = torch.tensor([s.token_ids], device="cuda")
-        lp = reference(input_ids=ids).logits[0, :-1].log_softmax(-1).gather(1, ids[0, 1:, None])[:, 0]
-        policy_loss(lp.cpu(), s, total).backward()
-        expected.append(lp.detach().cpu())
-    model.zero_grad()
-    for batch in microbatches(samples, "tree", 64, attention="flex"):
-        outputs = batch.forward_logprobs(model)
-        sum(
-            policy_loss(lp.cpu(), samples[i], total)
-            for i, lp in zip(batch.sample_indices, outputs, strict=True)
-        ).backward()
-        for i, lp in zip(batch.sample_indices, outputs, strict=True):
-            assert (lp.detach().cpu() - expected[i]).abs().max().item() <= 1e-4
-    grad = torch.cat([p.grad.flatten() for p in model.parameters()])
-    want = torch.cat([p.grad.flatten() for p in reference.parameters()])
+    expected, want = forward_results(reference, samples, "cuda")
+    logprobs, grad = forward_results(model, samples, "cuda", attention="flex")
+    for lp, expected_lp in zip(logprobs, expected, strict=True):
+        assert (lp - expected_lp).abs().max().item() <= 1e-4
     assert ((grad - want).norm() / want.norm()).item() <= 1e-4
 
 
@@ -346,32 +357,6 @@ BF16_PATHS = [
         ),
     ),
 ]
-
-
-def forward_results(model, samples, device, attention=None):
-    """Logprobs (fp32, on CPU) and the summed policy-loss gradient (fp32, on CPU): separate
-    forwards when `attention` is None, else tree micro-batches with that attention."""
-    total = sum(len(s.token_ids) for s in samples)
-    logprobs: list = [None] * len(samples)
-    model.zero_grad()
-    if attention is None:
-        for i, s in enumerate(samples):
-            ids = torch.tensor([s.token_ids], device=device)
-            # log_softmax in fp32, as the tree forward does, so both bf16 runs share that step.
-            logits = model(input_ids=ids).logits[0, :-1].float()
-            lp = logits.log_softmax(-1).gather(1, ids[0, 1:, None])[:, 0]
-            policy_loss(lp.cpu(), s, total).backward()
-            logprobs[i] = lp.detach().cpu()
-    else:
-        for batch in microbatches(samples, "tree", 64, attention=attention):
-            outputs = batch.forward_logprobs(model)
-            sum(
-                policy_loss(lp.cpu(), samples[i], total)
-                for i, lp in zip(batch.sample_indices, outputs, strict=True)
-            ).backward()
-            for i, lp in zip(batch.sample_indices, outputs, strict=True):
-                logprobs[i] = lp.detach().cpu()
-    return logprobs, torch.cat([p.grad.float().flatten().cpu() for p in model.parameters()])
 
 
 @pytest.mark.parametrize("architecture", ["qwen2", "llama"])
