@@ -1,5 +1,5 @@
 """Two gloo processes with half the batch each take the same optimizer step as one process
-with the whole batch."""
+with the whole batch, also when their halves pack into different numbers of micro-batches."""
 
 import os
 import socket
@@ -15,16 +15,27 @@ STEP = textwrap.dedent("""
     from forge.config import ModelConfig, TrainConfig, TrainerConfig
     from forge.types import Sample
 
-    model_dir, out, distributed = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+    model_dir, out, distributed, case = sys.argv[1], sys.argv[2], sys.argv[3] == "1", sys.argv[4]
     torch.set_num_threads(1)
     generator = torch.Generator().manual_seed(0)
     samples = []
-    for i in range(6):
-        tokens = torch.randint(8, 40, (10 + 3 * i,), generator=generator).tolist()
-        mask = [0] * 5 + [1] * (len(tokens) - 5)
-        samples.append(Sample(tokens, mask, [-1.5 * m for m in mask], [0] * len(tokens), advantage=i - 2.5))
-    args = (model_dir, ModelConfig(path=model_dir), TrainConfig(learning_rate=0.01, max_grad_norm=0.05),
-            TrainerConfig(packing="padded"))
+    if case == "even":
+        for i in range(6):
+            tokens = torch.randint(8, 40, (10 + 3 * i,), generator=generator).tolist()
+            mask = [0] * 5 + [1] * (len(tokens) - 5)
+            samples.append(Sample(tokens, mask, [-1.5 * m for m in mask], [0] * len(tokens), advantage=i - 2.5))
+        trainer_cfg, steps = TrainerConfig(packing="padded"), 1
+    else:
+        # Rank 0 (even indices) gets three unrelated 30-token samples: 3 micro-batches of the
+        # 64-token budget. Rank 1 gets two that share 25 tokens (one 35-token tree) and one
+        # with nothing to train: 1 micro-batch. Two steps, so the second starts from the first.
+        prefix = torch.randint(8, 40, (25,), generator=generator).tolist()
+        for i in range(6):
+            tokens = (prefix if i % 2 else []) + torch.randint(8, 40, (5 if i % 2 else 30,), generator=generator).tolist()
+            mask = [0] * 3 + [0 if i == 5 else 1] * (len(tokens) - 3)
+            samples.append(Sample(tokens, mask, [-1.5 * m for m in mask], [0] * len(tokens), advantage=i - 2.5))
+        trainer_cfg, steps = TrainerConfig(packing="tree", max_tokens_per_microbatch=64), 2
+    args = (model_dir, ModelConfig(path=model_dir), TrainConfig(learning_rate=0.01, max_grad_norm=0.05), trainer_cfg)
     if distributed:
         from forge.train.distributed import DistributedTrainer
         trainer = DistributedTrainer(*args, seed=0, strategy="ddp")
@@ -32,7 +43,8 @@ STEP = textwrap.dedent("""
     else:
         from forge.train.trainer import Trainer
         trainer = Trainer(*args, seed=0)
-    metrics = trainer.train_step(samples)
+    for _ in range(steps):
+        metrics = trainer.train_step(samples)
     if not distributed or trainer.accelerator.is_main_process:
         torch.save({"params": {n: p.detach() for n, p in trainer.trainable.items()},
                     "grad_norm": metrics["grad_norm"]}, out)
@@ -45,7 +57,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(model_dir, out, world_size: int) -> None:
+def run(model_dir, out, world_size: int, case: str = "even") -> None:
     port = free_port()
     processes = []
     for rank in range(world_size):
@@ -54,18 +66,24 @@ def run(model_dir, out, world_size: int) -> None:
             env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         processes.append(subprocess.Popen(
-            [sys.executable, "-c", STEP, str(model_dir), str(out), "1" if world_size > 1 else "0"],
+            [sys.executable, "-c", STEP, str(model_dir), str(out), "1" if world_size > 1 else "0", case],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         ))
     for process in processes:
-        output, _ = process.communicate(timeout=300)
+        try:
+            output, _ = process.communicate(timeout=300)
+        except subprocess.TimeoutExpired:  # processes stuck in a collective: fail, do not hang
+            for p in processes:
+                p.kill()
+            raise
         assert process.returncode == 0, output[-3000:]
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_with_half_the_batch_take_the_single_process_step(tiny_checkpoint, tmp_path):
-    run(tiny_checkpoint, tmp_path / "single.pt", world_size=1)
-    run(tiny_checkpoint, tmp_path / "ddp.pt", world_size=2)
+@pytest.mark.parametrize("case", ["even", "uneven"])
+def test_two_gloo_processes_with_half_the_batch_take_the_single_process_step(tiny_checkpoint, tmp_path, case):
+    run(tiny_checkpoint, tmp_path / "single.pt", world_size=1, case=case)
+    run(tiny_checkpoint, tmp_path / "ddp.pt", world_size=2, case=case)
     single, ddp = torch.load(tmp_path / "single.pt"), torch.load(tmp_path / "ddp.pt")
     assert ddp["grad_norm"] == pytest.approx(single["grad_norm"], rel=1e-5)
     assert single["params"].keys() == ddp["params"].keys()

@@ -101,3 +101,38 @@ def test_trainer_decays_the_learning_rate_over_the_whole_run(tiny_checkpoint):
     rates = [trainer.train_step(samples)["learning_rate"] for _ in range(3)]
     # 6 optimizer steps; the rate logged after each train_step is the next step's
     assert rates == pytest.approx([1e-2 * 3 / 5, 1e-2 * 1 / 5, 0.0])
+
+
+class PaddedTrainer(Trainer):
+    """Runs two padding micro-batches after its own, as a data-parallel process does when
+    another process has more micro-batches."""
+
+    def microbatches_to_run(self, num_microbatches: int) -> int:
+        return num_microbatches + 2
+
+
+@pytest.mark.parametrize("packing", ["tree", "padded"])
+@pytest.mark.parametrize(("loss", "kl_coef", "entropy_coef"), [
+    ("pg", 0.0, 0.0), ("ppo_clip", 0.1, 0.01), ("cispo", 0.0, 0.0), ("gspo", 0.0, 0.0),
+])  # fmt: skip
+def test_padding_microbatches_leave_the_gradient_and_the_metrics_exactly_alone(
+    tiny_checkpoint, packing, loss, kl_coef, entropy_coef
+):
+    def step(trainer_class):
+        cfg = Config()
+        cfg.trainer.packing = packing
+        cfg.train.loss, cfg.train.kl_coef, cfg.train.entropy_coef = loss, kl_coef, entropy_coef
+        trainer = trainer_class(tiny_checkpoint, cfg.model, cfg.train, cfg.trainer, seed=0)
+        generator = torch.Generator().manual_seed(0)
+        samples = []
+        for i in range(4):
+            tokens = torch.randint(5, 30, (12,), generator=generator).tolist()
+            samples.append(Sample(tokens, [0] * 4 + [1] * 8, [-3.0] * 12, [0] * 12, advantage=i - 1.5))
+        metrics = trainer.train_step(samples)
+        metrics.pop("train_seconds")
+        return metrics, {name: p.detach().clone() for name, p in trainer.trainable.items()}
+
+    metrics, weights = step(Trainer)
+    padded_metrics, padded_weights = step(PaddedTrainer)
+    assert padded_metrics == metrics  # tokens and micro-batch counts leave padding out too
+    assert all(torch.equal(padded_weights[name], weights[name]) for name in weights)

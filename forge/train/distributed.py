@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from forge.train.trainer import Trainer
+from forge.train.trainer import Trainer, trainable
 from forge.types import Sample
 
 STRATEGIES = ("ddp", "fsdp")
@@ -63,6 +63,7 @@ class DistributedTrainer(Trainer):
         self.accelerator = make_accelerator(strategy, mixed_precision)
         # The scheduler is not prepared: accelerate would step it once per process.
         self.wrapped, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        self._batch_trains = True
         self.module = self.accelerator.unwrap_model(self.wrapped)
         self.model = self.module
         if self.reference is not None:  # the frozen reference runs beside the policy
@@ -79,15 +80,29 @@ class DistributedTrainer(Trainer):
         return self.accelerator.num_processes
 
     def train_step(self, samples: list[Sample]) -> dict[str, float]:
-        """`samples` is the whole batch (the same list on every process)."""
-        local = shard(samples, self.accelerator.process_index, self.world_size)
-        if len(local) < self.train_cfg.minibatches_per_step:
+        """`samples` is the whole batch (the same list on every process), so every decision
+        taken from it (to train at all, or to refuse) is the same on every process."""
+        smallest = len(samples) // self.world_size
+        if smallest < self.train_cfg.minibatches_per_step:
             raise ValueError(
-                f"{len(samples)} samples over {self.world_size} processes leave {len(local)} on a process, fewer "
+                f"{len(samples)} samples over {self.world_size} processes leave {smallest} on a process, fewer "
                 f"than train.minibatches_per_step={self.train_cfg.minibatches_per_step}; lower it or raise "
                 "rollout.tasks_per_step"
             )
-        return super().train_step(local)
+        self._batch_trains = any(trainable(s) for s in samples)
+        return super().train_step(shard(samples, self.accelerator.process_index, self.world_size))
+
+    # Every collective (the loss denominators, DDP's gradient all-reduce and buffer broadcast,
+    # FSDP2's all-gathers) must be entered by every process the same number of times, or the
+    # processes wait on each other forever. So all take the same optimizer steps, even one
+    # whose shard has nothing to train, and each step runs as many micro-batches as the
+    # process that has the most; the others make up the count with padding micro-batches.
+    def optimizer_steps_for(self, num_samples: int) -> int:
+        return self.train_cfg.minibatches_per_step if self._batch_trains else 0
+
+    def microbatches_to_run(self, num_microbatches: int) -> int:
+        counts = self.accelerator.gather(torch.tensor([num_microbatches], device=self.accelerator.device))
+        return int(counts.max().item())
 
     def _optimizer_step(self, samples: list[Sample]) -> tuple[dict[str, float], list[Any]]:
         self.model = ForwardThrough(self.wrapped, self.module)

@@ -41,6 +41,16 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: floa
     return min_ratio + (1.0 - min_ratio) * decay
 
 
+def trainable(sample: Sample) -> bool:
+    """Whether a sample has a token to train on (its first token is never predicted)."""
+    return len(sample.token_ids) > 1 and any(sample.loss_mask[1:])
+
+
+# A micro-batch of this one sample adds nothing to the loss or its gradient (no loss token);
+# a data-parallel process runs it to keep step with processes that have more micro-batches.
+PADDING_SAMPLE = Sample([0, 0], [0, 0], [0.0, 0.0], [0, 0], advantage=0.0)
+
+
 def pad_rows(rows: list[torch.Tensor], width: int, value: float = 0.0) -> torch.Tensor:
     out = rows[0].new_full((len(rows), width), value)
     for i, row in enumerate(rows):
@@ -120,12 +130,12 @@ class Trainer:
         disjoint shuffled slices of `samples` (1 = a single step on all of them).
         Bumps the policy version once, since workers sync once per batch."""
         started = time.perf_counter()
-        samples = [s for s in samples if len(s.token_ids) > 1 and any(s.loss_mask[1:])]
-        if not samples:
+        samples = [s for s in samples if trainable(s)]
+        parts = self.optimizer_steps_for(len(samples))
+        if parts == 0:
             return {"train_seconds": time.perf_counter() - started, "trained_samples": 0.0}
         self.model.train()
         order = torch.randperm(len(samples), generator=self._shuffle).tolist()
-        parts = max(1, min(self.train_cfg.minibatches_per_step, len(samples)))
         totals: dict[str, float] = {}
         computed = separate = num_microbatches = 0
         for part in range(parts):
@@ -149,18 +159,18 @@ class Trainer:
         return totals
 
     def _optimizer_step(self, samples: list[Sample]) -> tuple[dict[str, float], list[Any]]:
-        """Forward/backward micro-batch by micro-batch, then one optimizer step."""
-        batches = microbatches(
-            samples,
-            self.trainer_cfg.packing,
-            self.trainer_cfg.max_tokens_per_microbatch,
-            self.trainer_cfg.attention,
-        )
+        """Forward/backward micro-batch by micro-batch, then one optimizer step.
+        Returns the step's metrics and its micro-batches (padding ones left out)."""
+        cfg = self.trainer_cfg
+        batches = microbatches(samples, cfg.packing, cfg.max_tokens_per_microbatch, cfg.attention) if samples else []
         num_tokens, num_samples = self.loss_denominators(samples)
+        work = [(batch, [samples[i] for i in batch.sample_indices]) for batch in batches]
+        padding = [PADDING_SAMPLE]
+        for _ in range(self.microbatches_to_run(len(batches)) - len(batches)):
+            work.append((microbatches(padding, cfg.packing, cfg.max_tokens_per_microbatch, cfg.attention)[0], padding))
         metrics: dict[str, float] = {}
         loss_total = 0.0
-        for batch in batches:
-            members = [samples[i] for i in batch.sample_indices]
+        for batch, members in work:
             entropies: list[torch.Tensor] | None = None
             if self.train_cfg.entropy_coef > 0:  # one more (N, V) tensor: only when it is used
                 logprobs, entropies = batch.forward_logprobs_and_entropy(self.model)
@@ -199,7 +209,17 @@ class Trainer:
         metrics.update(loss=loss_total, grad_norm=float(grad_norm), optimizer_steps_skipped=float(skipped))
         return metrics, batches
 
-    # Overridden by forge.train.distributed, where a step's samples are spread over processes.
+    # Overridden by forge.train.distributed, where a step's samples are spread over processes
+    # that must all take the same optimizer steps and run the same number of micro-batches.
+    def optimizer_steps_for(self, num_samples: int) -> int:
+        """Optimizer steps for a batch with `num_samples` trainable samples (0: nothing to do)."""
+        return min(self.train_cfg.minibatches_per_step, num_samples)
+
+    def microbatches_to_run(self, num_microbatches: int) -> int:
+        """Micro-batches to run for a step that has `num_microbatches` of its own; any more
+        are padding, whose loss is exactly zero."""
+        return num_microbatches
+
     def loss_denominators(self, samples: list[Sample]) -> tuple[int, int]:
         """Loss tokens and samples the step's loss is averaged over."""
         return sum(sum(s.loss_mask[1:]) for s in samples), len(samples)
