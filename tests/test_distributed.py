@@ -15,7 +15,8 @@ STEP = textwrap.dedent("""
     from forge.config import ModelConfig, TrainConfig, TrainerConfig
     from forge.types import Sample
 
-    model_dir, out, distributed, case = sys.argv[1], sys.argv[2], sys.argv[3] == "1", sys.argv[4]
+    model_dir, out, strategy, case = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+    distributed = strategy != "single"
     torch.set_num_threads(1)
     generator = torch.Generator().manual_seed(0)
     samples = []
@@ -38,16 +39,17 @@ STEP = textwrap.dedent("""
     args = (model_dir, ModelConfig(path=model_dir), TrainConfig(learning_rate=0.01, max_grad_norm=0.05), trainer_cfg)
     if distributed:
         from forge.train.distributed import DistributedTrainer
-        trainer = DistributedTrainer(*args, seed=0, strategy="ddp")
+        trainer = DistributedTrainer(*args, seed=0, strategy=strategy)
         assert trainer.world_size == 2
     else:
         from forge.train.trainer import Trainer
         trainer = Trainer(*args, seed=0)
     for _ in range(steps):
         metrics = trainer.train_step(samples)
+    # Under FSDP2 each process holds a shard of every parameter: gather them (on every process).
+    params = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach() for n, p in trainer.trainable.items()}
     if not distributed or trainer.accelerator.is_main_process:
-        torch.save({"params": {n: p.detach() for n, p in trainer.trainable.items()},
-                    "grad_norm": metrics["grad_norm"]}, out)
+        torch.save({"params": params, "grad_norm": metrics["grad_norm"]}, out)
 """)
 
 
@@ -57,7 +59,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(model_dir, out, world_size: int, case: str = "even") -> None:
+def run(model_dir, out, strategy: str, case: str) -> None:
+    world_size = 1 if strategy == "single" else 2
     port = free_port()
     processes = []
     for rank in range(world_size):
@@ -66,7 +69,7 @@ def run(model_dir, out, world_size: int, case: str = "even") -> None:
             env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         processes.append(subprocess.Popen(
-            [sys.executable, "-c", STEP, str(model_dir), str(out), "1" if world_size > 1 else "0", case],
+            [sys.executable, "-c", STEP, str(model_dir), str(out), strategy, case],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         ))
     for process in processes:
@@ -80,10 +83,10 @@ def run(model_dir, out, world_size: int, case: str = "even") -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["even", "uneven"])
-def test_two_gloo_processes_with_half_the_batch_take_the_single_process_step(tiny_checkpoint, tmp_path, case):
-    run(tiny_checkpoint, tmp_path / "single.pt", world_size=1, case=case)
-    run(tiny_checkpoint, tmp_path / "ddp.pt", world_size=2, case=case)
+@pytest.mark.parametrize(("strategy", "case"), [("ddp", "even"), ("ddp", "uneven"), ("fsdp", "uneven")])
+def test_two_gloo_processes_with_half_the_batch_take_the_single_process_step(tiny_checkpoint, tmp_path, strategy, case):
+    run(tiny_checkpoint, tmp_path / "single.pt", "single", case)
+    run(tiny_checkpoint, tmp_path / "ddp.pt", strategy, case)
     single, ddp = torch.load(tmp_path / "single.pt"), torch.load(tmp_path / "ddp.pt")
     assert ddp["grad_norm"] == pytest.approx(single["grad_norm"], rel=1e-5)
     assert single["params"].keys() == ddp["params"].keys()

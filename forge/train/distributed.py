@@ -9,6 +9,7 @@ one optimizer step. The single-process `Trainer` stays the default path.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -117,6 +118,11 @@ class DistributedTrainer(Trainer):
             return super()._reference_logprobs(batch)
         finally:
             self.model = model
+
+    def gradient_sync(self, last: bool) -> contextlib.AbstractContextManager:
+        """Gradients are combined over processes once per step, in the last micro-batch's
+        backward (which every process enters together); before it they accumulate locally."""
+        return contextlib.nullcontext() if last else self.accelerator.no_sync(self.wrapped)
 
     def loss_denominators(self, samples: list[Sample]) -> tuple[int, int]:
         local = torch.tensor([float(sum(sum(s.loss_mask[1:]) for s in samples)), float(len(samples))],

@@ -3,6 +3,7 @@ by micro-batch, steps the optimizer and hands out versioned weights. No env, no 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -170,29 +171,11 @@ class Trainer:
             work.append((microbatches(padding, cfg.packing, cfg.max_tokens_per_microbatch, cfg.attention)[0], padding))
         metrics: dict[str, float] = {}
         loss_total = 0.0
-        for batch, members in work:
-            entropies: list[torch.Tensor] | None = None
-            if self.train_cfg.entropy_coef > 0:  # one more (N, V) tensor: only when it is used
-                logprobs, entropies = batch.forward_logprobs_and_entropy(self.model)
-            else:
-                logprobs = batch.forward_logprobs(self.model)
-            width = max(lp.shape[0] for lp in logprobs)
-            new_logprobs = pad_rows(logprobs, width)
-            entropy = pad_rows(entropies, width) if entropies is not None else None
-            behaviour = pad_rows([torch.tensor(s.behaviour_logprobs[1:]) for s in members], width)
-            mask = pad_rows([torch.tensor(s.loss_mask[1:], dtype=torch.float32) for s in members], width)
-            advantages = torch.tensor([s.advantage for s in members], dtype=torch.float32)
-            behaviour, mask, advantages = (t.to(new_logprobs) for t in (behaviour, mask, advantages))
-            ref = None
-            if self.train_cfg.kl_coef > 0:
-                ref = pad_rows(self._reference_logprobs(batch), width).to(new_logprobs)
-            per_token, batch_metrics = compute_loss(
-                self.train_cfg.loss, new_logprobs, behaviour, advantages, mask, self.loss_cfg, ref, entropy
-            )
-            loss = aggregate_loss(per_token, mask, self.train_cfg.loss_aggregation, num_tokens, num_samples)
-            self.backward(loss)
+        for index, (batch, members) in enumerate(work):
+            with self.gradient_sync(last=index == len(work) - 1):
+                loss, weight, batch_metrics = self._microbatch_loss(batch, members, num_tokens, num_samples)
+                self.backward(loss)
             loss_total += float(loss.detach())
-            weight = float(mask.sum()) / max(num_tokens, 1)
             for key, value in batch_metrics.items():
                 metrics[key] = metrics.get(key, 0.0) + weight * value
         grad_norm = self.clip_gradients()
@@ -209,6 +192,33 @@ class Trainer:
         metrics.update(loss=loss_total, grad_norm=float(grad_norm), optimizer_steps_skipped=float(skipped))
         return metrics, batches
 
+    def _microbatch_loss(
+        self, batch: Any, members: list[Sample], num_tokens: int, num_samples: int
+    ) -> tuple[torch.Tensor, float, dict[str, float]]:
+        """One micro-batch's share of the step's loss, its weight in the step's token-mean
+        metrics, and its metrics."""
+        entropies: list[torch.Tensor] | None = None
+        if self.train_cfg.entropy_coef > 0:  # one more (N, V) tensor: only when it is used
+            logprobs, entropies = batch.forward_logprobs_and_entropy(self.model)
+        else:
+            logprobs = batch.forward_logprobs(self.model)
+        width = max(lp.shape[0] for lp in logprobs)
+        new_logprobs = pad_rows(logprobs, width)
+        entropy = pad_rows(entropies, width) if entropies is not None else None
+        behaviour = pad_rows([torch.tensor(s.behaviour_logprobs[1:]) for s in members], width)
+        mask = pad_rows([torch.tensor(s.loss_mask[1:], dtype=torch.float32) for s in members], width)
+        advantages = torch.tensor([s.advantage for s in members], dtype=torch.float32)
+        behaviour, mask, advantages = (t.to(new_logprobs) for t in (behaviour, mask, advantages))
+        ref = None
+        if self.train_cfg.kl_coef > 0:
+            ref = pad_rows(self._reference_logprobs(batch), width).to(new_logprobs)
+        per_token, batch_metrics = compute_loss(
+            self.train_cfg.loss, new_logprobs, behaviour, advantages, mask, self.loss_cfg, ref, entropy
+        )
+        loss = aggregate_loss(per_token, mask, self.train_cfg.loss_aggregation, num_tokens, num_samples)
+        weight = float(mask.sum()) / max(num_tokens, 1)
+        return loss, weight, batch_metrics
+
     # Overridden by forge.train.distributed, where a step's samples are spread over processes
     # that must all take the same optimizer steps and run the same number of micro-batches.
     def optimizer_steps_for(self, num_samples: int) -> int:
@@ -219,6 +229,10 @@ class Trainer:
         """Micro-batches to run for a step that has `num_microbatches` of its own; any more
         are padding, whose loss is exactly zero."""
         return num_microbatches
+
+    def gradient_sync(self, last: bool) -> contextlib.AbstractContextManager:
+        """Context for one micro-batch's forward and backward; `last` is the step's last."""
+        return contextlib.nullcontext()
 
     def loss_denominators(self, samples: list[Sample]) -> tuple[int, int]:
         """Loss tokens and samples the step's loss is averaged over."""
