@@ -46,8 +46,7 @@ STEP = textwrap.dedent("""
         trainer = Trainer(*args, seed=0)
     for _ in range(steps):
         metrics = trainer.train_step(samples)
-    # Under FSDP2 each process holds a shard of every parameter: gather them (on every process).
-    params = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach() for n, p in trainer.trainable.items()}
+    params = {n: p.detach() for n, p in trainer.trainable.items()}
     if not distributed or trainer.accelerator.is_main_process:
         torch.save({"params": params, "grad_norm": metrics["grad_norm"]}, out)
 """)
@@ -83,7 +82,8 @@ def run(model_dir, out, strategy: str, case: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("strategy", "case"), [("ddp", "even"), ("ddp", "uneven"), ("fsdp", "uneven")])
+# (No FSDP2 case: on CPU accelerate runs every strategy as DDP; FSDP2 needs CUDA.)
+@pytest.mark.parametrize(("strategy", "case"), [("ddp", "even"), ("ddp", "uneven")])
 def test_two_gloo_processes_with_half_the_batch_take_the_single_process_step(tiny_checkpoint, tmp_path, strategy, case):
     run(tiny_checkpoint, tmp_path / "single.pt", "single", case)
     run(tiny_checkpoint, tmp_path / "ddp.pt", strategy, case)
