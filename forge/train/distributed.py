@@ -10,6 +10,7 @@ one optimizer step. The single-process `Trainer` stays the default path.
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any
 
 import torch
@@ -26,6 +27,8 @@ def make_accelerator(strategy: str, mixed_precision: str) -> Any:
     if strategy not in STRATEGIES:
         raise ValueError(f"trainer strategy {strategy!r} is not one of {STRATEGIES}")
     plugin = None
+    if strategy == "fsdp" and not torch.cuda.is_available():
+        logging.getLogger("forge").warning("train.strategy=fsdp needs CUDA; on CPU accelerate runs the ranks as DDP")
     if strategy == "fsdp":
         from accelerate import FullyShardedDataParallelPlugin
 
