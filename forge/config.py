@@ -128,6 +128,12 @@ class TrainConfig(Section):
         description="bonus on the policy's entropy at trained tokens (loss -= coef * entropy); "
         "keeps groups exploring; costs one softmax over the vocabulary per token; 0 disables",
     )
+    skip_zero_advantage: bool = Field(
+        True,
+        description="leave samples with advantage exactly 0 (groups that all scored the same) out of the "
+        "forward and backward: the same gradient, less compute; applies when the loss vanishes there "
+        "(every built-in loss) and kl_coef and entropy_coef are 0",
+    )
     checkpoint_every: int = Field(
         50, ge=0, description="write a resumable checkpoint every this many steps (and at the last); 0 disables"
     )

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from forge.train.losses import LOSSES, LossConfig, aggregate_loss, compute_loss
+from forge.train.losses import LOSSES, VANISH_AT_ZERO_ADVANTAGE, LossConfig, aggregate_loss, compute_loss
 
 
 def leaf(values):
@@ -150,6 +150,20 @@ def test_every_loss_is_zero_on_masked_positions():
     for name in LOSSES:
         loss, _ = run(name, lp, [[-1.1, -1.9], [-0.2, -0.4]], [1.0, -2.0], [[1, 0], [0, 0]])
         assert loss[0, 1].item() == 0.0 and loss[1].abs().sum().item() == 0.0, name
+
+
+@pytest.mark.parametrize("tis_cap", [None, 1.5])
+def test_losses_declared_to_vanish_at_zero_advantage_do_so_with_zero_gradient(tis_cap):
+    # The trainer skips such sequences' forward and backward; that is exact only if this holds.
+    assert {"pg", "ppo_clip", "cispo", "gspo"} <= VANISH_AT_ZERO_ADVANTAGE
+    behaviour = [[-1.1, -1.9, -0.5], [-0.3, -0.1, -3.0]]  # sequence 1 on-policy: inside every clip
+    for name in VANISH_AT_ZERO_ADVANTAGE:
+        lp = leaf([[-1.0, -2.0, -0.1], [-0.3, -0.1, -4.0]])
+        loss, _ = run(name, lp, behaviour, [0.0, 1.5], [[1, 1, 1], [1, 1, 0]], LossConfig(tis_cap=tis_cap))
+        aggregate_loss(loss, torch.tensor([[1.0, 1, 1], [1, 1, 0]]), "seq_mean_token_mean", 5, 2).backward()
+        assert loss[0].abs().sum().item() == 0.0, name
+        assert lp.grad[0].abs().sum().item() == 0.0, name
+        assert lp.grad[1].abs().sum().item() > 0.0, name  # the other sequence still trains
 
 
 def test_unknown_loss_error_lists_the_registered_names():

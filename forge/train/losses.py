@@ -59,13 +59,22 @@ class LossConfig:
 LossOutput = tuple[Tensor, dict[str, float]]
 LossFn = Callable[..., LossOutput]
 LOSSES: dict[str, LossFn] = {}
+# Losses that are exactly 0, with a zero gradient, on every token of a sequence whose
+# advantage is 0 (when kl_coef and entropy_coef are 0 too): the trainer may leave such
+# sequences out of the forward and backward (`train.skip_zero_advantage`).
+VANISH_AT_ZERO_ADVANTAGE: set[str] = set()
 
 
-def register_loss(name: str) -> Callable[[LossFn], LossFn]:
+def register_loss(name: str, *, vanishes_at_zero_advantage: bool = False) -> Callable[[LossFn], LossFn]:
+    """Add a loss to the registry. Declare `vanishes_at_zero_advantage` only if the loss
+    (before the KL and entropy terms) is a multiple of each sequence's advantage."""
+
     def wrap(fn: LossFn) -> LossFn:
         if name in LOSSES:
             raise ValueError(f"loss {name!r} is already registered")
         LOSSES[name] = fn
+        if vanishes_at_zero_advantage:
+            VANISH_AT_ZERO_ADVANTAGE.add(name)
         return fn
 
     return wrap
@@ -172,7 +181,7 @@ def _clipped_surrogate(
 # ---------------------------------------------------------------- the losses
 
 
-@register_loss("pg")
+@register_loss("pg", vanishes_at_zero_advantage=True)
 def pg(
     logprobs: Tensor,
     behaviour_logprobs: Tensor,
@@ -195,7 +204,7 @@ def pg(
     return _finish(loss, logprobs, behaviour_logprobs, mask, config, ref_logprobs, metrics)
 
 
-@register_loss("ppo_clip")
+@register_loss("ppo_clip", vanishes_at_zero_advantage=True)
 def ppo_clip(
     logprobs: Tensor,
     behaviour_logprobs: Tensor,
@@ -218,7 +227,7 @@ def ppo_clip(
     return _finish(loss, logprobs, behaviour_logprobs, mask, config, ref_logprobs, metrics)
 
 
-@register_loss("cispo")
+@register_loss("cispo", vanishes_at_zero_advantage=True)
 def cispo(
     logprobs: Tensor,
     behaviour_logprobs: Tensor,
@@ -239,7 +248,7 @@ def cispo(
     return _finish(loss, logprobs, behaviour_logprobs, mask, config, ref_logprobs, metrics)
 
 
-@register_loss("gspo")
+@register_loss("gspo", vanishes_at_zero_advantage=True)
 def gspo(
     logprobs: Tensor,
     behaviour_logprobs: Tensor,

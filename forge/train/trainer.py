@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from forge.config import ModelConfig, TrainConfig, TrainerConfig
-from forge.train.losses import LossConfig, aggregate_loss, compute_loss
+from forge.train.losses import VANISH_AT_ZERO_ADVANTAGE, LossConfig, aggregate_loss, compute_loss
 from forge.tree import microbatches
 from forge.types import Sample
 
@@ -80,6 +80,12 @@ class Trainer:
         self.train_cfg = train_cfg
         self.trainer_cfg = trainer_cfg
         self.loss_cfg = loss_config(train_cfg)
+        self.skips_zero_advantage = (
+            train_cfg.skip_zero_advantage
+            and train_cfg.loss in VANISH_AT_ZERO_ADVANTAGE
+            and train_cfg.kl_coef == 0
+            and train_cfg.entropy_coef == 0
+        )
         self.tokenizer = load_tokenizer(model_path)
         self.device = self.model_device(model_cfg, train_cfg)
         self.model = load_model(model_path, model_cfg, trainable=True, device=self.device)
@@ -163,9 +169,12 @@ class Trainer:
         """Forward/backward micro-batch by micro-batch, then one optimizer step.
         Returns the step's metrics and its micro-batches (padding ones left out)."""
         cfg = self.trainer_cfg
-        batches = microbatches(samples, cfg.packing, cfg.max_tokens_per_microbatch, cfg.attention) if samples else []
-        num_tokens, num_samples = self.loss_denominators(samples)
-        work = [(batch, [samples[i] for i in batch.sample_indices]) for batch in batches]
+        num_tokens, num_samples = self.loss_denominators(samples)  # skipped samples count here
+        run = [s for s in samples if s.advantage != 0] if self.skips_zero_advantage else samples
+        batches = microbatches(run, cfg.packing, cfg.max_tokens_per_microbatch, cfg.attention) if run else []
+        work = [(batch, [run[i] for i in batch.sample_indices]) for batch in batches]
+        # Token-mean metrics are over the tokens this process trains on.
+        metric_tokens = sum(sum(s.loss_mask[1:]) for s in run)
         padding = [PADDING_SAMPLE]
         for _ in range(self.microbatches_to_run(len(batches)) - len(batches)):
             work.append((microbatches(padding, cfg.packing, cfg.max_tokens_per_microbatch, cfg.attention)[0], padding))
@@ -173,11 +182,11 @@ class Trainer:
         loss_total = 0.0
         for index, (batch, members) in enumerate(work):
             with self.gradient_sync(last=index == len(work) - 1):
-                loss, weight, batch_metrics = self._microbatch_loss(batch, members, num_tokens, num_samples)
+                loss, loss_tokens, batch_metrics = self._microbatch_loss(batch, members, num_tokens, num_samples)
                 self.backward(loss)
             loss_total += float(loss.detach())
             for key, value in batch_metrics.items():
-                metrics[key] = metrics.get(key, 0.0) + weight * value
+                metrics[key] = metrics.get(key, 0.0) + value * loss_tokens / max(metric_tokens, 1)
         grad_norm = self.clip_gradients()
         # A step without learning signal (every advantage zero and no KL term, as when each
         # group of a near-solved task all succeeded) leaves the weights alone. AdamW would
@@ -189,14 +198,19 @@ class Trainer:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        metrics.update(loss=loss_total, grad_norm=float(grad_norm), optimizer_steps_skipped=float(skipped))
+        metrics.update(
+            loss=loss_total,
+            grad_norm=float(grad_norm),
+            optimizer_steps_skipped=float(skipped),
+            zero_advantage_skipped=(len(samples) - len(run)) / max(len(samples), 1),
+        )
         return metrics, batches
 
     def _microbatch_loss(
         self, batch: Any, members: list[Sample], num_tokens: int, num_samples: int
     ) -> tuple[torch.Tensor, float, dict[str, float]]:
-        """One micro-batch's share of the step's loss, its weight in the step's token-mean
-        metrics, and its metrics."""
+        """One micro-batch's share of the step's loss, its loss tokens, and its metrics
+        (token means over those tokens)."""
         entropies: list[torch.Tensor] | None = None
         if self.train_cfg.entropy_coef > 0:  # one more (N, V) tensor: only when it is used
             logprobs, entropies = batch.forward_logprobs_and_entropy(self.model)
@@ -216,8 +230,7 @@ class Trainer:
             self.train_cfg.loss, new_logprobs, behaviour, advantages, mask, self.loss_cfg, ref, entropy
         )
         loss = aggregate_loss(per_token, mask, self.train_cfg.loss_aggregation, num_tokens, num_samples)
-        weight = float(mask.sum()) / max(num_tokens, 1)
-        return loss, weight, batch_metrics
+        return loss, float(mask.sum()), batch_metrics
 
     # Overridden by forge.train.distributed, where a step's samples are spread over processes
     # that must all take the same optimizer steps and run the same number of micro-batches.

@@ -1,0 +1,73 @@
+"""Samples with advantage exactly 0 are left out of the forward and backward: the step's
+gradient and loss are those of training on every sample, at less compute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from forge.config import Config
+from forge.train.losses import LOSSES, VANISH_AT_ZERO_ADVANTAGE, register_loss
+from forge.train.trainer import Trainer
+from forge.types import Sample
+
+
+def batch() -> list[Sample]:
+    """Two groups of 4 that share a prompt: one all-equal (advantage 0), one spread."""
+    generator = torch.Generator().manual_seed(0)
+    samples = []
+    for group in range(2):
+        prompt = torch.randint(5, 30, (10,), generator=generator).tolist()
+        for member in range(4):
+            tokens = prompt + torch.randint(5, 30, (6,), generator=generator).tolist()
+            advantage = 0.0 if group == 0 else member - 1.5
+            samples.append(Sample(tokens, [0] * 10 + [1] * 6, [-3.0] * 16, [0] * 16, advantage=advantage))
+    return samples
+
+
+def step(tiny_checkpoint, **train) -> tuple[dict, torch.Tensor]:
+    """One train step's metrics and the (clipped) gradient it steps with."""
+    cfg = Config()
+    cfg.train.minibatches_per_step = 1
+    for key, value in train.items():
+        setattr(cfg.train, key, value)
+    trainer = Trainer(tiny_checkpoint, cfg.model, cfg.train, cfg.trainer, seed=0)
+    trainer.optimizer.step = lambda *args, **kwargs: None
+    trainer.optimizer.zero_grad = lambda *args, **kwargs: None
+    metrics = trainer.train_step(batch())
+    return metrics, torch.cat([p.grad.flatten() for p in trainer.trainable.values()])
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+@pytest.mark.parametrize("loss", ["pg", "ppo_clip", "cispo", "gspo"])
+def test_skipping_zero_advantage_samples_keeps_the_gradient_and_the_loss(tiny_checkpoint, loss):
+    aggregation = "seq_mean_token_mean" if loss == "gspo" else "token_mean"
+    full, full_grad = step(tiny_checkpoint, loss=loss, loss_aggregation=aggregation, skip_zero_advantage=False)
+    skip, skip_grad = step(tiny_checkpoint, loss=loss, loss_aggregation=aggregation)
+    assert full["zero_advantage_skipped"] == 0.0 and skip["zero_advantage_skipped"] == 0.5
+    assert skip["tokens_computed"] == full["tokens_computed"] - 10 - 4 * 6  # one prompt, four responses
+    assert skip["loss"] == pytest.approx(full["loss"], abs=1e-7)
+    assert skip["grad_norm"] == pytest.approx(full["grad_norm"], rel=1e-6)
+    assert ((skip_grad - full_grad).norm() / full_grad.norm()).item() <= 1e-6
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+@pytest.mark.parametrize(
+    "train",
+    [
+        {"kl_coef": 0.1},  # the KL term has a gradient at advantage 0
+        {"entropy_coef": 0.01},  # so has the entropy bonus
+        {"skip_zero_advantage": False},
+        {"loss": "advantage_free_test_loss"},  # a loss that does not declare it vanishes
+    ],
+)
+def test_no_sample_is_skipped_where_that_would_change_the_gradient(tiny_checkpoint, train):
+    if "advantage_free_test_loss" not in LOSSES:
+
+        @register_loss("advantage_free_test_loss")
+        def advantage_free(logprobs, behaviour_logprobs, advantages, loss_mask, config, ref_logprobs=None):
+            return -logprobs * loss_mask, {}
+
+    assert "advantage_free_test_loss" not in VANISH_AT_ZERO_ADVANTAGE
+    metrics, _ = step(tiny_checkpoint, **train)
+    assert metrics["zero_advantage_skipped"] == 0.0
