@@ -19,10 +19,14 @@ one JSON object and writes bench/results/async.json.
 
     python bench/async.py              # 300 steps, 3 runs per mode and layout (~8 minutes)
 
-Committed result (bench/results/async.json): async with 1 worker 885 steps per minute
-against sync with 2 workers 630, speedup 1.41x (pairs 1.51 / 1.36 / 1.39); final success
-0.999 async, 0.998 sync. Layout by layout async is 1.53x (1 worker) and 1.22x (2 workers).
-Two earlier runs of this bench on the same code gave 1.35x and 1.47x best against best.
+Committed result (bench/results/async.json, with train.skip_zero_advantage, the default
+since it came in): async with 1 worker 1011 steps per minute against sync with 2 workers
+963, speedup 1.05x (pairs 1.17 / 1.04 / 1.14); final success 0.998 async, 1.0 sync; layout
+by layout async is 1.33x (1 worker) and 1.05x (2 workers). Skipping the samples with zero
+advantage halves the trainer's time, which is what async hides behind rollout, so sync
+gained most (630 -> 963 steps per minute, async 885 -> 1011). Before it
+(bench/results/async_skip_off.json): async 885 against sync 630, 1.41x (pairs 1.51 / 1.36
+/ 1.39), 1.53x and 1.22x layout by layout; two earlier runs gave 1.35x and 1.47x.
 """
 
 from __future__ import annotations
