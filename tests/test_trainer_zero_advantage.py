@@ -71,3 +71,24 @@ def test_no_sample_is_skipped_where_that_would_change_the_gradient(tiny_checkpoi
     assert "advantage_free_test_loss" not in VANISH_AT_ZERO_ADVANTAGE
     metrics, _ = step(tiny_checkpoint, **train)
     assert metrics["zero_advantage_skipped"] == 0.0
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_loss_metrics_average_over_the_optimizer_steps_that_trained_something(tiny_checkpoint):
+    # Two optimizer steps; the one sample with an advantage sits in one of them, and the
+    # other step, all skipped, reports no loss metrics: they are that one step's, not halved.
+    samples = batch()[3:7]  # advantages 0, -1.5, -0.5, 0.5: keep one non-zero
+    samples = [samples[0], samples[1]] + [Sample(s.token_ids, s.loss_mask, s.behaviour_logprobs,
+                                                 s.policy_versions, 0.0) for s in samples[2:]]  # fmt: skip
+
+    def train(batch_samples, parts):
+        cfg = Config()
+        cfg.train.minibatches_per_step = parts
+        trainer = Trainer(tiny_checkpoint, cfg.model, cfg.train, cfg.trainer, seed=0)
+        return trainer.train_step(batch_samples)
+
+    both = train(samples, parts=2)
+    alone = train([samples[1]], parts=1)
+    assert both["zero_advantage_skipped"] == pytest.approx(0.75)
+    assert both["mismatch_kl"] == pytest.approx(alone["mismatch_kl"], rel=1e-5)
+    assert both["mismatch_kl"] > 0

@@ -144,16 +144,19 @@ class Trainer:
         self.model.train()
         order = torch.randperm(len(samples), generator=self._shuffle).tolist()
         totals: dict[str, float] = {}
+        reported: dict[str, int] = {}  # loss metrics come only from optimizer steps that ran a sample
         computed = separate = num_microbatches = 0
         for part in range(parts):
             minibatch = [samples[i] for i in order[part::parts]]
             step_metrics, batches = self._optimizer_step(minibatch)
             for key, value in step_metrics.items():
-                totals[key] = totals.get(key, 0.0) + value / parts
+                totals[key] = totals.get(key, 0.0) + value
+                reported[key] = reported.get(key, 0) + 1
             computed += sum(b.tokens_computed for b in batches)
             separate += sum(b.tokens_separate for b in batches)
             num_microbatches += len(batches)
         self.policy_version += 1
+        totals = {key: value / reported[key] for key, value in totals.items()}
         totals.update(
             learning_rate=self.scheduler.get_last_lr()[0],
             tree_token_ratio=separate / computed if computed else 1.0,
