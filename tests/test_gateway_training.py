@@ -110,7 +110,9 @@ def test_gateway_smoke_config_trains_with_agent_processes(ray_session, tmp_path,
     from forge.orchestrator import train
 
     monkeypatch.chdir(ROOT)  # the agent command names examples/ relative to the repository
-    cfg = load_config(ROOT / "configs" / "gateway-smoke.yaml", ["train.max_steps=1", "rollout.group_size=2"])
+    # Every call trains (none skipped for a zero advantage), so the packing of a group's calls shows.
+    overrides = ["train.max_steps=1", "rollout.group_size=2", "train.skip_zero_advantage=false"]
+    cfg = load_config(ROOT / "configs" / "gateway-smoke.yaml", overrides)
     result = train(cfg, tmp_path, progress=False)
     [metrics] = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert result.steps == 1 and (result.checkpoint / "config.json").is_file()
