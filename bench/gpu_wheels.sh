@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Fetch, here, the wheels bench/gpu_check.sh needs on the device machine. Its image has torch,
 # accelerate, pytest and hypothesis, but not pydantic (forge.config), and an older transformers
-# (5.17: before the `cache=` rename the rollout engine uses) and peft. The versions are the ones
-# installed here. Writes .whl/ (git-ignored, about 17 MB); carry it to the run.
+# (5.17: before the `cache=` rename the rollout engine uses) and peft. regex goes along too:
+# transformers 5.24 checks for regex >= 2025.10.22 at import, which the image may predate.
+# The versions are the ones installed here. Writes .whl/ (git-ignored, about 17 MB); carry it.
 # PYTHON_VERSION (default 3.12, the device's) picks the pydantic_core build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,5 +13,5 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version "${PYT
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
   "pydantic==$(version pydantic)" "pydantic_core==$(version pydantic_core)" \
   "annotated-types==$(version annotated-types)" "typing-inspection==$(version typing-inspection)" \
-  "transformers==$(version transformers)" "peft==$(version peft)"
+  "transformers==$(version transformers)" "peft==$(version peft)" "regex==$(version regex)"
 ls .whl
