@@ -92,3 +92,12 @@ def test_loss_metrics_average_over_the_optimizer_steps_that_trained_something(ti
     assert both["zero_advantage_skipped"] == pytest.approx(0.75)
     assert both["mismatch_kl"] == pytest.approx(alone["mismatch_kl"], rel=1e-5)
     assert both["mismatch_kl"] > 0
+
+
+def test_a_step_that_skips_every_sample_reports_no_tree_ratio_and_no_loss_metrics(tiny_checkpoint):
+    cfg = Config()
+    trainer = Trainer(tiny_checkpoint, cfg.model, cfg.train, cfg.trainer, seed=0)
+    metrics = trainer.train_step(batch()[:4])  # the all-equal group
+    assert metrics["zero_advantage_skipped"] == 1.0 and metrics["tokens_computed"] == 0.0
+    assert metrics["optimizer_steps_skipped"] == 1.0  # nothing to step on, as before the skip
+    assert "tree_token_ratio" not in metrics and "mismatch_kl" not in metrics

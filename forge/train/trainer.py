@@ -157,9 +157,10 @@ class Trainer:
             num_microbatches += len(batches)
         self.policy_version += 1
         totals = {key: value / reported[key] for key, value in totals.items()}
+        if computed:  # none when every sample was skipped for a zero advantage
+            totals["tree_token_ratio"] = separate / computed
         totals.update(
             learning_rate=self.scheduler.get_last_lr()[0],
-            tree_token_ratio=separate / computed if computed else 1.0,
             tokens_computed=float(computed),
             tokens_separate=float(separate),
             microbatches=float(num_microbatches),
