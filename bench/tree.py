@@ -120,12 +120,6 @@ class Setup:
     dtype: str = "float32"
     attention: str = "dense"
 
-    def __post_init__(self) -> None:
-        if self.attention == "flex" and self.device != "cuda":
-            raise SystemExit(
-                "--attention flex needs --device cuda: torch 2.13 has no flex attention backward on CPU"
-            )
-
 
 def make_trainer(packing: str, model_dir: Path, setup: Setup):
     from forge.train.trainer import Trainer
@@ -302,6 +296,8 @@ if __name__ == "__main__":
     )
     parser.add_argument("--child", nargs=4, metavar=("WORKLOAD", "PACKING", "MODEL_DIR", "REPEATS"))
     args = parser.parse_args()
+    if args.attention == "flex" and args.device != "cuda":
+        parser.error("--attention flex needs --device cuda: torch 2.13 has no flex attention backward on CPU")
     setup = Setup(args.device, args.dtype, args.attention)
     if args.child:
         workload, packing, model_dir, repeats = args.child
