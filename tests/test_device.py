@@ -37,6 +37,20 @@ def test_an_unknown_device_is_refused_by_the_config_and_by_the_resolver():
         resolve_device("gpu")
 
 
+@pytest.mark.skipif(CUDA, reason="checks the error where torch sees no GPU")
+def test_a_trainer_or_rollout_worker_that_reserves_a_gpu_asks_torch_for_it(tiny_checkpoint):
+    # The reservation reaches resolve_device from each place that loads a model.
+    from forge.rollout.worker import RolloutWorker
+
+    cfg = Config()
+    cfg.train.num_gpus = 1
+    with pytest.raises(RuntimeError, match=r"model.device='auto' needs a GPU in this process \(it reserved 1\)"):
+        Trainer(tiny_checkpoint, cfg.model, cfg.train, cfg.trainer, seed=0)
+    cfg.rollout.num_gpus_per_worker = 0.5
+    with pytest.raises(RuntimeError, match=r"\(it reserved 0.5\)"):
+        RolloutWorker(str(tiny_checkpoint), cfg.model, cfg.env, cfg.rollout, 0.5, seed=0)
+
+
 def test_the_default_trainer_reserves_no_gpu_and_runs_on_cpu(tiny_checkpoint):
     cfg = Config()
     trainer = Trainer(tiny_checkpoint, cfg.model, cfg.train, cfg.trainer, seed=0)
