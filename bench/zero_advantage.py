@@ -39,7 +39,9 @@ def summarize(records: list[dict], last: int) -> dict[str, float]:
     return {
         "trainer_seconds": round(sum(r["train_seconds"] for r in stepped), 3),
         "tokens_computed": int(sum(r.get("tokens_computed", 0.0) for r in stepped)),
-        "zero_advantage_skipped": round(statistics.fmean(r.get("zero_advantage_skipped", 0.0) for r in stepped), 4),
+        "zero_advantage_skipped": round(
+            statistics.fmean(r.get("zero_advantage_skipped", 0.0) for r in stepped), 4
+        ),
         "steps_per_minute": round(60.0 * (len(records) - 1) / span, 2),
         "final_success_rate": round(statistics.fmean(r["success_rate"] for r in records[-last:]), 4),
     }
@@ -50,7 +52,9 @@ def main() -> None:
     parser.add_argument("--config", default=str(Path(__file__).parent.parent / "configs" / "smoke.yaml"))
     parser.add_argument("--repeats", type=int, default=3, help="runs per arm, alternating")
     parser.add_argument("--last", type=int, default=30, help="steps averaged for final_success_rate")
-    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "zero_advantage.json")
+    parser.add_argument(
+        "--output", type=Path, default=Path(__file__).parent / "results" / "zero_advantage.json"
+    )
     parser.add_argument("overrides", nargs="*", help="dotted config overrides applied to both arms")
     args = parser.parse_args()
     runs: dict[str, list[dict[str, float]]] = {arm: [] for arm in ARMS}
@@ -77,7 +81,10 @@ def main() -> None:
         report[arm] = {**ranked[len(ranked) // 2], "runs": found}
     for key in ("trainer_seconds", "tokens_computed"):
         ratios = [s[key] / f[key] for s, f in zip(runs["skip"], runs["full"], strict=True)]
-        report[f"{key}_ratio"] = {"per_repeat": [round(r, 3) for r in ratios], "median": round(statistics.median(ratios), 3)}
+        report[f"{key}_ratio"] = {
+            "per_repeat": [round(r, 3) for r in ratios],
+            "median": round(statistics.median(ratios), 3),
+        }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report))

@@ -21,10 +21,11 @@ The ordering invariant is necessary, not sufficient: in expectation a policy may
 trade success for speed. A strategy that earns the full speed bonus w with success
 probability p beats a slow one that always succeeds once p (1 + w) > 1, i.e. it may give
 up to w / (1 + w) of its successes (17% at w = 0.2, 47% at w = 0.9). Keep the speed weight
-small unless, as in bench/speed_shaping.py (w = 0.9), the fast strategy never fails. That bound is for the optimum; learning dynamics can lose more. An older
-bench/speed_shaping.py setup (n=8, 16 turns, pg loss, lr 4e-3, 250 steps, a plain run that
-had not learned the task) measured: w = 0.2, turns -14% for success -3 points; w = 0.35,
-turns -52% for -50 points; w = 0.9, turns -55% for -37 points.
+small unless, as in bench/speed_shaping.py (w = 0.9), the fast strategy never fails. That
+bound is for the optimum; learning dynamics can lose more. An older bench/speed_shaping.py
+setup (n=8, 16 turns, pg loss, lr 4e-3, 250 steps, a plain run that had not learned the
+task) measured: w = 0.2, turns -14% for success -3 points; w = 0.35, turns -52% for -50
+points; w = 0.9, turns -55% for -37 points.
 
 The outcome-spread division keeps a speed advantage small next to success, but once every
 group of a batch succeeds the speed term is the batch's only gradient, and Adam rescales

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from forge.train.trainer import Trainer, trainable
+from forge.train.trainer import Trainer, loss_tokens, trainable
 from forge.types import Sample
 
 STRATEGIES = ("ddp", "fsdp")
@@ -28,7 +28,9 @@ def make_accelerator(strategy: str, mixed_precision: str) -> Any:
         raise ValueError(f"trainer strategy {strategy!r} is not one of {STRATEGIES}")
     plugin = None
     if strategy == "fsdp" and not torch.cuda.is_available():
-        logging.getLogger("forge").warning("train.strategy=fsdp needs CUDA; on CPU accelerate runs the ranks as DDP")
+        logging.getLogger("forge").warning(
+            "train.strategy=fsdp needs CUDA; on CPU accelerate runs the ranks as DDP"
+        )
     if strategy == "fsdp":
         from accelerate import FullyShardedDataParallelPlugin
 
@@ -128,8 +130,8 @@ class DistributedTrainer(Trainer):
         return contextlib.nullcontext() if last else self.accelerator.no_sync(self.wrapped)
 
     def loss_denominators(self, samples: list[Sample]) -> tuple[int, int]:
-        local = torch.tensor([float(sum(sum(s.loss_mask[1:]) for s in samples)), float(len(samples))],
-                             device=self.accelerator.device)
+        local = torch.tensor([loss_tokens(samples), len(samples)], dtype=torch.float32)
+        local = local.to(self.accelerator.device)
         total = self.accelerator.reduce(local, reduction="sum")
         return int(total[0].item()), int(total[1].item())
 

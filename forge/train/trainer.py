@@ -47,6 +47,11 @@ def trainable(sample: Sample) -> bool:
     return len(sample.token_ids) > 1 and any(sample.loss_mask[1:])
 
 
+def loss_tokens(samples: list[Sample]) -> int:
+    """The tokens the loss is taken over (its first token is never predicted)."""
+    return sum(sum(s.loss_mask[1:]) for s in samples)
+
+
 # A micro-batch of this one sample adds nothing to the loss or its gradient (no loss token);
 # a data-parallel process runs it to keep step with processes that have more micro-batches.
 PADDING_SAMPLE = Sample([0, 0], [0, 0], [0.0, 0.0], [0, 0], advantage=0.0)
@@ -177,20 +182,21 @@ class Trainer:
         run = [s for s in samples if s.advantage != 0] if self.skips_zero_advantage else samples
         batches = microbatches(run, cfg.packing, cfg.max_tokens_per_microbatch, cfg.attention) if run else []
         work = [(batch, [run[i] for i in batch.sample_indices]) for batch in batches]
-        # Token-mean metrics are over the tokens this process trains on.
-        metric_tokens = sum(sum(s.loss_mask[1:]) for s in run)
-        padding = [PADDING_SAMPLE]
-        for _ in range(self.microbatches_to_run(len(batches)) - len(batches)):
-            work.append((microbatches(padding, cfg.packing, cfg.max_tokens_per_microbatch, cfg.attention)[0], padding))
+        missing = self.microbatches_to_run(len(batches)) - len(batches)
+        if missing:
+            padding = [PADDING_SAMPLE]
+            [padding_batch] = microbatches(padding, cfg.packing, cfg.max_tokens_per_microbatch, cfg.attention)
+            work += [(padding_batch, padding)] * missing
+        metric_tokens = loss_tokens(run)  # token-mean metrics are over the tokens this process trains on
         metrics: dict[str, float] = {}
         loss_total = 0.0
         for index, (batch, members) in enumerate(work):
             with self.gradient_sync(last=index == len(work) - 1):
-                loss, loss_tokens, batch_metrics = self._microbatch_loss(batch, members, num_tokens, num_samples)
+                loss, tokens, stats = self._microbatch_loss(batch, members, num_tokens, num_samples)
                 self.backward(loss)
             loss_total += float(loss.detach())
-            for key, value in batch_metrics.items():
-                metrics[key] = metrics.get(key, 0.0) + value * loss_tokens / max(metric_tokens, 1)
+            for key, value in stats.items():
+                metrics[key] = metrics.get(key, 0.0) + value * tokens / max(metric_tokens, 1)
         grad_norm = self.clip_gradients()
         # A step without learning signal (every advantage zero and no KL term, as when each
         # group of a near-solved task all succeeded) leaves the weights alone. AdamW would
@@ -253,7 +259,7 @@ class Trainer:
 
     def loss_denominators(self, samples: list[Sample]) -> tuple[int, int]:
         """Loss tokens and samples the step's loss is averaged over."""
-        return sum(sum(s.loss_mask[1:]) for s in samples), len(samples)
+        return loss_tokens(samples), len(samples)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
