@@ -71,18 +71,24 @@ def samples(vocab: int, seed: int) -> list[Sample]:
     return out
 
 
-def test_a_restored_trainer_takes_the_same_next_step(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_restored_trainer_takes_the_same_next_step(tiny_checkpoint, tmp_path, lora):
+    from forge.config import LoraConfig
     from forge.train.checkpoint import load_trainer, save_trainer
     from forge.train.trainer import Trainer
 
     vocab = 16
     train_cfg = TrainConfig(learning_rate=0.01, minibatches_per_step=2, warmup_steps=3)
-    make = lambda: Trainer(  # noqa: E731
-        tiny_checkpoint, ModelConfig(path=str(tiny_checkpoint)), train_cfg, TrainerConfig(packing="padded"), seed=3
-    )
+    model_cfg = ModelConfig(path=str(tiny_checkpoint), lora=LoraConfig(enabled=lora))
+    def make():
+        return Trainer(tiny_checkpoint, model_cfg, train_cfg, TrainerConfig(packing="padded"), seed=3)
+
     original = make()
     original.train_step(samples(vocab, 0))
     save_trainer(original, tmp_path)
+    saved = torch.load(tmp_path / "trainer.pt", weights_only=False)
+    assert sorted(saved["trainable"]) == sorted(original.trainable)  # adapters only under LoRA
+    assert len(saved["optimizer"]["state"]) == len(original.trainable)
     original.train_step(samples(vocab, 1))
 
     restored = make()
@@ -92,3 +98,17 @@ def test_a_restored_trainer_takes_the_same_next_step(tiny_checkpoint, tmp_path):
     assert restored.scheduler.get_last_lr() == original.scheduler.get_last_lr()
     for name, param in original.trainable.items():
         assert torch.equal(param, restored.trainable[name]), name
+
+
+def test_a_checkpoint_keyed_by_parameter_index_is_refused_with_the_reason(tiny_checkpoint, tmp_path):
+    from forge.train.checkpoint import load_trainer, save_trainer
+    from forge.train.trainer import Trainer
+
+    trainer = Trainer(tiny_checkpoint, ModelConfig(path=str(tiny_checkpoint)), TrainConfig(), TrainerConfig())
+    trainer.train_step(samples(16, 0))
+    save_trainer(trainer, tmp_path)
+    state = torch.load(tmp_path / "trainer.pt", weights_only=False)
+    state["optimizer"] = trainer.optimizer.state_dict()  # the layout older versions wrote
+    torch.save(state, tmp_path / "trainer.pt")
+    with pytest.raises(ValueError, match="by parameter index"):
+        load_trainer(trainer, tmp_path)

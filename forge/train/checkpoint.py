@@ -112,9 +112,14 @@ def latest_checkpoint(run_dir: str | Path) -> Path:
 
 
 def trainer_state(trainer: Any) -> dict[str, Any]:
+    """A trainer's whole state; its weights and optimizer state are keyed by parameter name,
+    the same whether one process trained or several (sharded or not), so a checkpoint resumes
+    under any `train.num_trainers` and `train.strategy`. Under data parallelism every process
+    calls this (FSDP2 gathers the shards) and only the first gets the weights."""
+    weights, optimizer = trainer.training_state()
     return {
-        "trainable": {name: p.detach().cpu().clone() for name, p in trainer.trainable.items()},
-        "optimizer": trainer.optimizer.state_dict(),
+        "trainable": weights,
+        "optimizer": optimizer,
         "scheduler": trainer.scheduler.state_dict(),
         "policy_version": trainer.policy_version,
         "shuffle_rng": trainer._shuffle.get_state(),
@@ -133,10 +138,12 @@ def restore_trainer_state(trainer: Any, state: dict[str, Any]) -> None:
             f"checkpoint does not match the model's trainable parameters (missing {missing[:3]}, "
             f"unexpected {unexpected[:3]}); resume with the model and model.lora settings the run used"
         )
-    with torch.no_grad():
-        for name, param in trainer.trainable.items():
-            param.copy_(saved[name].to(param.device, param.dtype))
-    trainer.optimizer.load_state_dict(state["optimizer"])
+    if any(isinstance(key, int) for key in state["optimizer"].get("state", {})):
+        raise ValueError(
+            "checkpoint keeps the optimizer state by parameter index, as forge wrote it before "
+            "checkpoints were keyed by parameter name; it cannot be resumed by this version"
+        )
+    trainer.load_training_state(saved, state["optimizer"])
     trainer.scheduler.load_state_dict(state["scheduler"])
     trainer.policy_version = state["policy_version"]
     trainer._shuffle.set_state(state["shuffle_rng"])
@@ -147,7 +154,9 @@ def restore_trainer_state(trainer: Any, state: dict[str, Any]) -> None:
 
 
 def save_trainer(trainer: Any, directory: str | Path) -> None:
-    torch.save(trainer_state(trainer), Path(directory) / TRAINER_FILE)
+    state = trainer_state(trainer)
+    if trainer.writes_files:
+        torch.save(state, Path(directory) / TRAINER_FILE)
 
 
 def load_trainer(trainer: Any, directory: str | Path) -> None:
