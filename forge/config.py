@@ -143,10 +143,21 @@ class TrainConfig(Section):
     num_trainers: int = Field(
         1, gt=0, description="data-parallel trainer processes (Ray actors, one process group); 1 = single trainer"
     )
-    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="how num_trainers > 1 shard the model (accelerate)")
-    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
-        "no", description="autocast for num_trainers > 1 (bf16 on GPU); the single trainer uses model.dtype"
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="num_trainers > 1: ddp copies the model to each, fsdp (FSDP2) shards it"
     )
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "no", description="num_trainers > 1: compute in this precision (bf16 on GPU; fp16 only under ddp); "
+        "the single trainer uses model.dtype"
+    )
+
+    @model_validator(mode="after")
+    def _check_precision(self) -> TrainConfig:
+        if self.strategy == "fsdp" and self.mixed_precision == "fp16":
+            raise ValueError(
+                "train.strategy fsdp takes train.mixed_precision no or bf16 (fp16 needs loss scaling)"
+            )
+        return self
 
 
 class TrainerConfig(Section):

@@ -43,6 +43,13 @@ def test_out_of_range_value_is_rejected():
         load_config(None, ["rollout.group_size=0"])
 
 
+def test_fsdp_refuses_fp16_which_would_need_loss_scaling():
+    with pytest.raises(ConfigError, match=r"fsdp takes train\.mixed_precision no or bf16"):
+        load_config(None, ["train.strategy=fsdp", "train.mixed_precision=fp16"])
+    ddp = load_config(None, ["train.strategy=ddp", "train.mixed_precision=fp16"])
+    assert ddp.train.mixed_precision == "fp16"
+
+
 def test_override_into_a_value_is_rejected(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("seed: 1\n")

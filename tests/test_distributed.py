@@ -1,5 +1,7 @@
 """Two gloo processes with half the batch each take the same optimizer step as one process
-with the whole batch, also when their halves pack into different numbers of micro-batches."""
+with the whole batch, under DDP and under FSDP2 (which shards on CPU too), also when their
+halves pack into different numbers of micro-batches; and what they publish, checkpoint and
+save is what the one process does."""
 
 import os
 import socket
@@ -11,7 +13,7 @@ import pytest
 import torch
 
 STEP = textwrap.dedent("""
-    import sys, torch
+    import os, sys, torch
     from forge.config import ModelConfig, TrainConfig, TrainerConfig
     from forge.types import Sample
 
@@ -37,18 +39,35 @@ STEP = textwrap.dedent("""
             samples.append(Sample(tokens, mask, [-1.5 * m for m in mask], [0] * len(tokens), advantage=i - 2.5))
         trainer_cfg, steps = TrainerConfig(packing="tree", max_tokens_per_microbatch=64), 2
     args = (model_dir, ModelConfig(path=model_dir), TrainConfig(learning_rate=0.01, max_grad_norm=0.05), trainer_cfg)
-    if distributed:
-        from forge.train.distributed import DistributedTrainer
-        trainer = DistributedTrainer(*args, seed=0, strategy=strategy)
-        assert trainer.world_size == 2
-    else:
+
+    def make():
+        if distributed:
+            from forge.train.distributed import DistributedTrainer
+            trainer = DistributedTrainer(*args, seed=0, strategy=strategy)
+            assert trainer.world_size == 2
+            return trainer
         from forge.train.trainer import Trainer
-        trainer = Trainer(*args, seed=0)
-    for _ in range(steps):
+        return Trainer(*args, seed=0)
+
+    trainer = make()
+    if strategy == "fsdp":  # each process holds half of every weight
+        from torch.distributed.tensor import DTensor
+        for name, param in trainer.trainable.items():
+            assert isinstance(param, DTensor), name
+            assert param.to_local().shape[0] <= -(-param.shape[0] // 2), name
+    metrics = trainer.train_step(samples)
+    if case == "uneven":
+        # Every process saves the state after the first step (the first writes it), then a
+        # new trainer resumes, from the single process's file: the layout is the same.
+        os.makedirs(out + ".state", exist_ok=True)
+        trainer.save_state(out + ".state")
+        trainer = make()
+        trainer.load_state(out.replace(strategy, "single") + ".state")
         metrics = trainer.train_step(samples)
-    params = {n: p.detach() for n, p in trainer.trainable.items()}
+        trainer.save(out + ".model")
+    weights = trainer.weights()  # whole tensors, gathered under FSDP2
     if not distributed or trainer.accelerator.is_main_process:
-        torch.save({"params": params, "grad_norm": metrics["grad_norm"]}, out)
+        torch.save({"params": weights, "grad_norm": metrics["grad_norm"]}, out)
 """)
 
 
@@ -71,29 +90,48 @@ def run(model_dir, out, strategy: str, case: str) -> None:
             [sys.executable, "-c", STEP, str(model_dir), str(out), strategy, case],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         ))
+    outputs = []
     for process in processes:
         try:
-            output, _ = process.communicate(timeout=300)
+            outputs.append(process.communicate(timeout=300)[0])
         except subprocess.TimeoutExpired:  # processes stuck in a collective: fail, do not hang
             for p in processes:
                 p.kill()
             raise
-        assert process.returncode == 0, output[-3000:]
+    for rank, (process, output) in enumerate(zip(processes, outputs, strict=True)):
+        assert process.returncode == 0, f"rank {rank}:\n{output[-3000:]}"
+
+
+def load_model_file(directory):
+    from safetensors.torch import load_file
+
+    return load_file(str(directory / "model.safetensors"))
 
 
 @pytest.mark.slow
-# (No FSDP2 case: on CPU accelerate runs every strategy as DDP; FSDP2 needs CUDA.)
-@pytest.mark.parametrize(("strategy", "case"), [("ddp", "even"), ("ddp", "uneven")])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("case", ["even", "uneven"])
 def test_two_gloo_processes_with_half_the_batch_take_the_single_process_step(tiny_checkpoint, tmp_path, strategy, case):
     run(tiny_checkpoint, tmp_path / "single.pt", "single", case)
-    run(tiny_checkpoint, tmp_path / "ddp.pt", strategy, case)
-    single, ddp = torch.load(tmp_path / "single.pt"), torch.load(tmp_path / "ddp.pt")
-    assert ddp["grad_norm"] == pytest.approx(single["grad_norm"], rel=1e-5)
-    assert single["params"].keys() == ddp["params"].keys()
+    run(tiny_checkpoint, tmp_path / f"{strategy}.pt", strategy, case)
+    single, group = torch.load(tmp_path / "single.pt"), torch.load(tmp_path / f"{strategy}.pt")
+    assert group["grad_norm"] == pytest.approx(single["grad_norm"], rel=1e-5)
+    assert single["params"].keys() == group["params"].keys()
     # Adam's first step is about lr * sign(gradient), so where a gradient is near zero the
     # order of fp32 sums shows up at a small fraction of lr (0.01): atol 2e-5 is 0.2% of it.
     for name, tensor in single["params"].items():
-        torch.testing.assert_close(ddp["params"][name], tensor, rtol=1e-5, atol=2e-5)
+        torch.testing.assert_close(group["params"][name], tensor, rtol=1e-5, atol=2e-5)
+    if case == "uneven":
+        # The group's checkpoint after step 1 holds what the single process's does
+        # (weights and Adam moments, gathered whole), and so does its saved model after step 2.
+        one = torch.load(tmp_path / "single.pt.state" / "trainer.pt", weights_only=False)
+        two = torch.load(tmp_path / f"{strategy}.pt.state" / "trainer.pt", weights_only=False)
+        torch.testing.assert_close(two["trainable"], one["trainable"], rtol=1e-5, atol=2e-5)
+        torch.testing.assert_close(two["optimizer"]["state"], one["optimizer"]["state"], rtol=1e-4, atol=1e-9)
+        assert two["policy_version"] == one["policy_version"] == 1
+        saved = load_model_file(tmp_path / f"{strategy}.pt.model")
+        assert saved.keys() == load_model_file(tmp_path / "single.pt.model").keys()
+        torch.testing.assert_close(saved, load_model_file(tmp_path / "single.pt.model"), rtol=1e-5, atol=2e-5)
 
 
 def test_shards_cover_the_batch_once():

@@ -1,4 +1,5 @@
-"""`train.num_trainers=2`: two DDP trainer actors take the step one trainer takes."""
+"""`train.num_trainers=2`: two trainer actors (DDP, or FSDP2 sharding the model between
+them) take the step one trainer takes, and publish and save what it does."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from forge.config import load_config
 
 
 @pytest.mark.slow
-def test_two_trainer_processes_train_the_same_first_step_as_one(ray_session, tmp_path, monkeypatch):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_trainer_processes_train_the_same_first_step_as_one(ray_session, tmp_path, monkeypatch, strategy):
     from safetensors.torch import load_file
 
     from forge.orchestrator import train
@@ -30,8 +32,8 @@ def test_two_trainer_processes_train_the_same_first_step_as_one(ray_session, tmp
 
     monkeypatch.setattr(orchestrator, "Run", RecordingRun)
     single = train(load_config("configs/smoke.yaml", overrides), tmp_path / "one", progress=False)
-    double = train(load_config("configs/smoke.yaml", [*overrides, "train.num_trainers=2"]), tmp_path / "two",
-                   progress=False)
+    group = [*overrides, "train.num_trainers=2", f"train.strategy={strategy}"]
+    double = train(load_config("configs/smoke.yaml", group), tmp_path / "two", progress=False)
 
     assert groups == [1, 2]  # the second run trained in a real two-process group
     initial = load_file(str(tmp_path / "one" / "initial_model" / "model.safetensors"))

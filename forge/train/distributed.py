@@ -1,16 +1,18 @@
-"""Data-parallel training on accelerate: every process holds a shard of each rollout batch,
-and the gradients of the whole batch are combined by DDP (or FSDP2 where torch has it).
+"""Data-parallel training: every process holds a shard of each rollout batch, and the
+gradients of the whole batch are combined by DDP (accelerate) or FSDP2 (torch's
+`fully_shard`, which also shards the weights, gradients and optimizer state).
 
 Start one process per device with `accelerate launch` or `torchrun` (they set RANK,
-WORLD_SIZE, MASTER_ADDR); on CPU the processes talk over gloo. Gradient accumulation is
-the trainer's own micro-batching: every micro-batch of a step backpropagates before the
-one optimizer step. The single-process `Trainer` stays the default path.
+WORLD_SIZE, MASTER_ADDR); on CPU the processes talk over gloo, and FSDP2 shards there
+too, so both strategies are tested without a GPU. Gradient accumulation is the trainer's
+own micro-batching: every micro-batch of a step backpropagates before the one optimizer
+step. The single-process `Trainer` stays the default path.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,20 +24,44 @@ STRATEGIES = ("ddp", "fsdp")
 
 
 def make_accelerator(strategy: str, mixed_precision: str) -> Any:
+    """The process group and this process's device. Under FSDP2 accelerate does no more:
+    it runs FSDP only on accelerators, so the trainer shards the model itself
+    (`shard_model`), the same way on CPU and GPU."""
     from accelerate import Accelerator
 
     if strategy not in STRATEGIES:
         raise ValueError(f"trainer strategy {strategy!r} is not one of {STRATEGIES}")
-    plugin = None
-    if strategy == "fsdp" and not torch.cuda.is_available():
-        logging.getLogger("forge").warning(
-            "train.strategy=fsdp needs CUDA; on CPU accelerate runs the ranks as DDP"
-        )
-    if strategy == "fsdp":
-        from accelerate import FullyShardedDataParallelPlugin
+    return Accelerator(mixed_precision="no" if strategy == "fsdp" else mixed_precision,
+                       cpu=not torch.cuda.is_available())
 
-        plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
-    return Accelerator(mixed_precision=mixed_precision, fsdp_plugin=plugin, cpu=not torch.cuda.is_available())
+
+def shard_model(
+    model: torch.nn.Module, device_type: str, world_size: int, mixed_precision: str
+) -> torch.nn.Module:
+    """FSDP2 over all processes: each transformer block is one unit (its weights are
+    gathered just for its forward and backward), and the root holds the rest. The model
+    is sharded in place; its parameters become DTensors on `device_type`."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device_type, (world_size,))
+    policy = MixedPrecisionPolicy()
+    if mixed_precision == "bf16":  # compute in bf16, average gradients in fp32
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft
+    blocks = set(getattr(base, "_no_split_modules", None) or ())
+    for module in model.modules():
+        if type(module).__name__ in blocks:
+            fully_shard(module, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole of a tensor FSDP2 shards (a collective: every process must call it)."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def shard(samples: list[Sample], rank: int, world_size: int) -> list[Sample]:
@@ -44,7 +70,7 @@ def shard(samples: list[Sample], rank: int, world_size: int) -> list[Sample]:
 
 
 class ForwardThrough:
-    """Calls go through the DDP/FSDP wrapper, so gradients are combined over processes;
+    """Calls go through the DDP wrapper, so gradients are combined over processes;
     attribute lookups (config, input embeddings) go to the model inside it."""
 
     def __init__(self, wrapped: torch.nn.Module, module: torch.nn.Module) -> None:
@@ -60,30 +86,52 @@ class ForwardThrough:
 class DistributedTrainer(Trainer):
     """A `Trainer` whose `train_step` trains on this process's shard of the batch, with loss
     denominators summed over all processes, so N processes take the step one process takes
-    on the whole batch."""
+    on the whole batch.
 
-    fused_optimizer = False  # accelerate moves (DDP) or shards (FSDP2) the parameters after the optimizer is built
+    Every process must make the same calls: `train_step`, and also `publish_weights`,
+    `save` and `save_state`, which gather FSDP2's shards (the first process alone then
+    publishes or writes)."""
+
+    fused_optimizer = False  # accelerate moves the parameters (DDP) after the optimizer is built
 
     def __init__(self, *args: Any, strategy: str = "ddp", mixed_precision: str = "no", **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        self.strategy, self.mixed_precision = strategy, mixed_precision
+        # Before the model is loaded: shard_model needs the process group.
         self.accelerator = make_accelerator(strategy, mixed_precision)
-        # The scheduler is not prepared: accelerate would step it once per process.
-        self.wrapped, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        super().__init__(*args, **kwargs)
+        if self.sharded:  # FSDP2 holds the model since prepare_model; the optimizer steps its shards
+            self.wrapped = self.model
+        else:
+            # The scheduler is not prepared: accelerate would step it once per process.
+            self.wrapped, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         self._batch_trains = True
         self.module = self.accelerator.unwrap_model(self.wrapped)
         self.model = self.module
+        self.trainable = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
         if self.reference is not None:  # the frozen reference runs beside the policy
             self.reference.to(self.accelerator.device)
-        self.trainable = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
 
-    def model_device(self, model_cfg: Any, train_cfg: Any) -> torch.device:
-        """Load on CPU: `accelerator.prepare` puts the model on this process's device (DDP)
-        or shards it over the processes (FSDP2)."""
-        return torch.device("cpu")
+    @property
+    def sharded(self) -> bool:
+        return self.strategy == "fsdp"
+
+    @property
+    def writes_files(self) -> bool:
+        return self.accelerator.is_main_process
 
     @property
     def world_size(self) -> int:
         return self.accelerator.num_processes
+
+    def model_device(self, model_cfg: Any, train_cfg: Any) -> torch.device:
+        """Load on CPU: `accelerator.prepare` puts the model on this process's device (DDP),
+        or `shard_model` spreads it over the processes (FSDP2)."""
+        return torch.device("cpu")
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        if not self.sharded:
+            return model
+        return shard_model(model, self.accelerator.device.type, self.world_size, self.mixed_precision)
 
     def train_step(self, samples: list[Sample]) -> dict[str, float]:
         """`samples` is the whole batch (the same list on every process), so every decision
@@ -99,10 +147,11 @@ class DistributedTrainer(Trainer):
         return super().train_step(shard(samples, self.accelerator.process_index, self.world_size))
 
     # Every collective (the loss denominators, DDP's gradient all-reduce and buffer broadcast,
-    # FSDP2's all-gathers) must be entered by every process the same number of times, or the
-    # processes wait on each other forever. So all take the same optimizer steps, even one
-    # whose shard has nothing to train, and each step runs as many micro-batches as the
-    # process that has the most; the others make up the count with padding micro-batches.
+    # FSDP2's all-gathers and reduce-scatters) must be entered by every process the same
+    # number of times, or the processes wait on each other forever. So all take the same
+    # optimizer steps, even one whose shard has nothing to train, and each step runs as many
+    # micro-batches as the process that has the most; the others make up the count with
+    # padding micro-batches.
     def optimizer_steps_for(self, num_samples: int) -> int:
         return self.train_cfg.minibatches_per_step if self._batch_trains else 0
 
@@ -125,9 +174,13 @@ class DistributedTrainer(Trainer):
             self.model = model
 
     def gradient_sync(self, last: bool) -> contextlib.AbstractContextManager:
-        """Gradients are combined over processes once per step, in the last micro-batch's
-        backward (which every process enters together); before it they accumulate locally."""
-        return contextlib.nullcontext() if last else self.accelerator.no_sync(self.wrapped)
+        """DDP combines gradients once per step, in the last micro-batch's backward (which
+        every process enters together); before it they accumulate locally. FSDP2
+        reduce-scatters every micro-batch's gradients, so a process only ever holds its
+        shard of them."""
+        if last or self.sharded:
+            return contextlib.nullcontext()
+        return self.accelerator.no_sync(self.wrapped)
 
     def loss_denominators(self, samples: list[Sample]) -> tuple[int, int]:
         local = torch.tensor([loss_tokens(samples), len(samples)], dtype=torch.float32)
@@ -136,9 +189,62 @@ class DistributedTrainer(Trainer):
         return int(total[0].item()), int(total[1].item())
 
     def backward(self, loss: torch.Tensor) -> None:
-        # Each process's loss is its part of the global mean; DDP and FSDP average gradients
+        # Each process's loss is its part of the global mean; DDP and FSDP2 average gradients
         # over processes, so scaling by the process count makes that average a sum.
-        self.accelerator.backward(loss * self.world_size)
+        if self.sharded:
+            (loss * self.world_size).backward()
+        else:
+            self.accelerator.backward(loss * self.world_size)
 
     def clip_gradients(self) -> torch.Tensor:
-        return self.accelerator.clip_grad_norm_(list(self.trainable.values()), self.train_cfg.max_grad_norm)
+        params = list(self.trainable.values())
+        if self.sharded:  # the norm over every process's shard
+            return full_tensor(torch.nn.utils.clip_grad_norm_(params, self.train_cfg.max_grad_norm))
+        return self.accelerator.clip_grad_norm_(params, self.train_cfg.max_grad_norm)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The first process gets the trainable tensors whole; the others an empty dict."""
+        main = self.accelerator.is_main_process
+        if not (main or self.sharded):
+            return {}
+        state = self.module.state_dict()
+        out = {}
+        for name in self.trainable:
+            if name in state:
+                tensor = full_tensor(state[name]).detach()  # under FSDP2 every process gathers
+                if main:
+                    out[name] = tensor.cpu().clone()
+        return out
+
+    def publish_weights(self) -> tuple[list[Any], int]:
+        if self.accelerator.is_main_process:
+            return super().publish_weights()
+        self.weights()  # its part of the gather
+        return [], self.policy_version
+
+    def save(self, directory: str | Path) -> str:
+        """Under DDP the first process saves its model. Under FSDP2 the processes gather
+        the whole state, and the first loads it into an unsharded copy of the model and
+        saves that."""
+        main = self.accelerator.is_main_process
+        if not self.sharded:
+            return super().save(directory) if main else str(directory)
+        state = {}
+        for name, tensor in self.module.state_dict().items():
+            tensor = full_tensor(tensor).detach()  # every process gathers; the first keeps it
+            if main:
+                state[name] = tensor.cpu()
+        if not main:
+            return str(directory)
+        from forge.models.loading import load_model
+
+        whole = load_model(self.model_path, self.model_cfg, trainable=True, device=torch.device("cpu"))
+        whole.load_state_dict(state)
+        return self.save_model(whole, directory)
+
+    def save_state(self, directory: str) -> None:
+        super().save_state(directory)
+        self.accelerator.wait_for_everyone()  # the file is whole before any process returns
+
+    def _torch_optimizer(self) -> torch.optim.Optimizer:
+        return getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it under DDP

@@ -65,11 +65,13 @@ class _Call:
 
 
 class TrainerGroup:
-    """`world_size` DDP ranks behind the interface of one trainer actor.
+    """`world_size` data-parallel ranks behind the interface of one trainer actor.
 
     Every rank gets the whole batch (one `ray.put`) and trains on its shard; rank 0 answers
-    for the group. Under DDP every rank holds the same weights and optimizer state, so
-    rank 0 alone publishes, saves and checkpoints; a restore loads that state into all.
+    for the group. Every call goes to every rank: under FSDP2 each holds a shard of the
+    weights and optimizer state, and publishing, saving and checkpointing gather them
+    (rank 0 alone then publishes or writes). A restore loads the whole state into every
+    rank, which keeps its own shard.
     """
 
     def __init__(self, world_size: int, num_cpus: float, num_gpus: float, trainer_args: tuple,
@@ -86,25 +88,19 @@ class TrainerGroup:
         if joined != [world_size] * world_size:
             raise RuntimeError(f"trainer ranks joined process groups of sizes {joined}, expected {world_size} each")
         self.world_size = world_size
-        self.train_step = _Call(self._train_step)
-        self.train_and_publish = _Call(lambda samples: self._train_step(samples, publish=True))
-        self.publish_weights = _Call(lambda: self.actors[0].publish_weights.remote())
-        self.save = _Call(lambda directory: self.actors[0].save.remote(directory))
-        self.save_state = _Call(lambda directory: self.actors[0].save_state.remote(directory))
-        self.load_state = _Call(self._load_state)
+        self.train_step = _Call(lambda samples: self._on_every_rank("train_step", ray.put(samples)))
+        self.train_and_publish = _Call(
+            lambda samples: self._on_every_rank("train_and_publish", ray.put(samples))
+        )
+        self.publish_weights = _Call(lambda: self._on_every_rank("publish_weights"))
+        self.save = _Call(lambda directory: self._on_every_rank("save", directory))
+        self.save_state = _Call(lambda directory: self._on_every_rank("save_state", directory))
+        self.load_state = _Call(lambda directory: self._on_every_rank("load_state", directory))
 
-    def _train_step(self, samples: list[Sample], publish: bool = False) -> Any:
-        """Every rank trains on the batch (one put); with `publish`, rank 0 also publishes
-        the new weights, and the call answers with rank 0's result."""
-        import ray
-
-        batch = ray.put(samples)
-        first = self.actors[0].train_and_publish if publish else self.actors[0].train_step
-        refs = [first.remote(batch)] + [actor.train_step.remote(batch) for actor in self.actors[1:]]
-        return _when_all.remote(*refs)
-
-    def _load_state(self, directory: str) -> Any:
-        return _when_all.remote(*[actor.load_state.remote(directory) for actor in self.actors])
+    def _on_every_rank(self, method: str, *args: Any) -> Any:
+        """Call `method` on every rank; the reference answers with rank 0's result once all
+        have finished."""
+        return _when_all.remote(*[getattr(actor, method).remote(*args) for actor in self.actors])
 
 
 def _first_result(*results: Any) -> Any:
