@@ -1,0 +1,174 @@
+"""What FSDP2 saves each data-parallel trainer process, and what it costs, against DDP.
+
+Two gloo processes (`DistributedTrainer`, one CPU thread each) train the same batch under
+`train.strategy` ddp and fsdp, alternating `--repeats` times so drift in the machine's speed
+falls on both. Per strategy, per process (the larger of the two ranks, median over repeats):
+
+- `weights_mb`: the trainable weights this process holds (its shards under FSDP2);
+- `gradients_mb`: the gradients it holds at the optimizer step (sharded under FSDP2);
+- `optimizer_mb`: its AdamW state (both moments, sharded under FSDP2);
+- `training_state_mb`: the three together, what a process keeps besides activations;
+- `step_seconds`: a training step (forward, backward, optimizer step), median over `--steps`
+  after one warm-up step.
+
+`fsdp_over_ddp` divides fsdp by ddp. Prints one JSON object and writes
+bench/results/fsdp.json.
+
+    python -m bench.fsdp                 # 4 layers, hidden 512; 3 repeats of 5 steps (~2 minutes)
+
+On CPU over gloo FSDP2's all-gathers and reduce-scatters are slow copies, so expect the
+step to cost more there; the memory columns are what carries over to GPUs. (Process
+memory is not compared: each process loads the whole model on CPU before sharding it.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from forge.config import ModelConfig, TinyModelConfig, TrainConfig, TrainerConfig
+from forge.types import Sample
+
+RESULTS = Path(__file__).parent / "results" / "fsdp.json"
+MODEL = TinyModelConfig(hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=4, intermediate_size=2048)
+STRATEGIES = ("ddp", "fsdp")
+WORLD_SIZE = 2
+
+
+def batch(num_samples: int = 8, length: int = 256, seed: int = 0) -> list[Sample]:
+    generator = torch.Generator().manual_seed(seed)
+    samples = []
+    for i in range(num_samples):
+        tokens = torch.randint(8, 40, (length,), generator=generator).tolist()
+        mask = [0] * 32 + [1] * (length - 32)
+        samples.append(Sample(tokens, mask, [-1.0 * m for m in mask], [0] * length, advantage=i - 3.5))
+    return samples
+
+
+def local_megabytes(tensors: list[torch.Tensor]) -> float:
+    """Bytes this process holds for `tensors` (its shard of a DTensor)."""
+    from torch.distributed.tensor import DTensor
+
+    local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+    return sum(t.numel() * t.element_size() for t in local) / 2**20
+
+
+def child(strategy: str, model_dir: str, steps: int, out: str) -> None:
+    """One rank: train, time, and write what it holds."""
+    import torch.distributed as dist
+
+    from forge.train.distributed import DistributedTrainer
+
+    torch.set_num_threads(1)
+    trainer = DistributedTrainer(
+        model_dir, ModelConfig(path=model_dir), TrainConfig(learning_rate=1e-4),
+        TrainerConfig(packing="padded"), seed=0, strategy=strategy,
+    )
+    gradients: list[float] = []
+    clip = trainer.clip_gradients
+
+    def measured_clip() -> torch.Tensor:  # runs once the step's gradients are all there
+        gradients.append(local_megabytes([p.grad for p in trainer.trainable.values() if p.grad is not None]))
+        return clip()
+
+    trainer.clip_gradients = measured_clip
+    samples = batch()
+    trainer.train_step(samples)  # warm-up: allocates the optimizer state
+    seconds = []
+    for _ in range(steps):
+        dist.barrier()
+        started = time.perf_counter()
+        trainer.train_step(samples)
+        dist.barrier()
+        seconds.append(time.perf_counter() - started)
+    state = [t for s in trainer._torch_optimizer().state.values() for t in s.values() if t.dim() > 0]
+    report = {
+        "weights_mb": local_megabytes(list(trainer.trainable.values())),
+        "gradients_mb": max(gradients),
+        "optimizer_mb": local_megabytes(state),
+        "step_seconds": statistics.median(seconds),
+    }
+    report["training_state_mb"] = report["weights_mb"] + report["gradients_mb"] + report["optimizer_mb"]
+    Path(f"{out}.rank{dist.get_rank()}").write_text(json.dumps(report))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run(strategy: str, model_dir: Path, steps: int, workdir: Path) -> dict[str, float]:
+    """Two ranks under `strategy`; each measure is the larger rank's."""
+    out, port, processes = workdir / strategy, free_port(), []
+    for rank in range(WORLD_SIZE):
+        env = dict(os.environ, OMP_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank),
+                   WORLD_SIZE=str(WORLD_SIZE), LOCAL_WORLD_SIZE=str(WORLD_SIZE),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        command = [sys.executable, "-m", "bench.fsdp", "--child", strategy, str(model_dir), str(steps), str(out)]
+        processes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                          text=True, cwd=Path(__file__).parent.parent))
+    for rank, process in enumerate(processes):
+        try:
+            output = process.communicate(timeout=900)[0]
+        except subprocess.TimeoutExpired:
+            for p in processes:
+                p.kill()
+            raise
+        if process.returncode != 0:
+            raise RuntimeError(f"{strategy} rank {rank} failed:\n{output[-3000:]}")
+    reports = [json.loads(Path(f"{out}.rank{rank}").read_text()) for rank in range(WORLD_SIZE)]
+    return {key: max(r[key] for r in reports) for key in reports[0]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per strategy, alternating")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per run (after one warm-up)")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--child", nargs=4, metavar=("STRATEGY", "MODEL_DIR", "STEPS", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        strategy, model_dir, steps, out = args.child
+        child(strategy, model_dir, int(steps), out)
+        return
+
+    from forge.models.tiny import save_tiny_checkpoint
+
+    runs: dict[str, list[dict[str, float]]] = {s: [] for s in STRATEGIES}
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = save_tiny_checkpoint(MODEL, Path(tmp) / "model", seed=0)
+        for _ in range(args.repeats):
+            for strategy in STRATEGIES:
+                runs[strategy].append(run(strategy, model_dir, args.steps, Path(tmp)))
+    results = {
+        s: {key: round(statistics.median(r[key] for r in runs[s]), 4) for key in runs[s][0]} for s in STRATEGIES
+    }
+    result = {
+        "model": MODEL.model_dump(),
+        "processes": WORLD_SIZE,
+        "batch": {"samples": len(batch()), "tokens_per_sample": len(batch()[0].token_ids)},
+        "repeats": args.repeats,
+        "steps": args.steps,
+        **results,
+        "fsdp_over_ddp": {key: round(results["fsdp"][key] / results["ddp"][key], 3) for key in results["ddp"]},
+        "runs": runs,
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
