@@ -63,9 +63,13 @@ class TaskStream:
         self.rng = random.Random(seed)
         self.order: list[int] = []
         self.position = 0
+        # Tasks an async run had started but not trained on when it checkpointed: a resumed
+        # run plays them first.
+        self.requeued: list[dict[str, Any]] = []
 
     def take(self, count: int) -> list[dict[str, Any]]:
-        taken = []
+        taken = self.requeued[:count]
+        del self.requeued[:count]
         while len(taken) < count:
             if self.position >= len(self.order):
                 self.order = list(range(len(self.tasks)))
@@ -294,6 +298,7 @@ def train(
 
         try:
             first_step = restore_run(run) + 1
+            run.sync_weights()
         except Exception:
             run.shutdown()
             raise
@@ -398,28 +403,47 @@ def train_async(
     worker.
 
     A worker that dies is restarted by Ray; the groups it was playing come back as lost
-    episodes (metric `episodes_lost`) and it is re-synced before its next group."""
+    episodes (metric `episodes_lost`) and it is re-synced before its next group.
+
+    A checkpoint step is the last one queued until it ends (the trainer's state is then
+    exactly that step's); the checkpoint holds the tasks of the groups in flight or in the
+    pool, which a resumed run plays first, so no task is lost to a restart."""
     import ray
     from tqdm import tqdm
 
-    from forge.config import ConfigError
     from forge.pool import DataPool, group_version
     from forge.reward.shaping import trajectory_advantages
     from forge.sandbox import set_min_level
 
-    if resume:
-        raise ConfigError("train.mode: async cannot resume yet; resume with train.mode: sync or start fresh")
     started = time.perf_counter()
     output = Path(output_dir or cfg.output_dir)
+    if resume:
+        from forge.train.checkpoint import latest_checkpoint
+
+        latest_checkpoint(output)  # nothing to resume: say so before any actor starts
     set_min_level(cfg.sandbox.min_level)
     start_ray()
     run = Run(cfg, output)
+    step = 0
+    weights: tuple[Any, int] | None = None  # latest (ref, version) published
+    if resume:
+        from forge.train.checkpoint import restore_run
+
+        try:
+            step = restore_run(run)
+            wrapped, version = ray.get(run.trainer.publish_weights.remote())
+            run.sync_weights((wrapped, version))
+            weights = (wrapped[0], version)
+        except Exception:
+            run.shutdown()
+            raise
     pool = ray.remote(DataPool).options(num_cpus=0).remote(
         cfg.rollout.tasks_per_step, cfg.async_.max_staleness, cfg.async_.window, cfg.async_.max_buffered_groups
     )
     logger = MetricsLogger(output, cfg.logging.tensorboard, cfg.logging.wandb_project, cfg.to_dict())
     show_progress = cfg.logging.progress_bar if progress is None else progress
-    bar = tqdm(total=cfg.train.max_steps, desc="train async", unit="step", disable=not show_progress)
+    bar = tqdm(total=cfg.train.max_steps, desc="train async", unit="step", disable=not show_progress,
+               initial=step)
 
     clocks = [BusyClock() for _ in run.workers]
     in_flight: dict[Any, tuple[list[int], int, list[dict[str, Any]]]] = {}  # ref -> (seqs, worker, tasks)
@@ -427,14 +451,17 @@ def train_async(
     needs_sync: set[int] = set()
     down: set[int] = set()  # workers Ray is restarting; they get no groups
     probes: dict[Any, int] = {}  # ref of a call to a restarting worker -> its index
-    weights: tuple[Any, int] | None = None  # latest (ref, version) published
-    trainer_version = 0
+    trainer_version = weights[1] if weights else 0
     queued: deque[tuple[Any, list[Trajectory], dict[str, float]]] = deque()  # steps submitted, oldest first
-    submitted = 0
+    submitted = step
     train_seconds = 0.0
     lost = 0
-    step = 0
+    every = cfg.train.checkpoint_every
+    task_of: dict[int, dict[str, Any]] = {}  # group seq -> its task, while a checkpoint may need it
     loop_started = time.perf_counter()
+
+    def checkpoint_due(n: int) -> bool:
+        return bool(every) and (n % every == 0 or n == cfg.train.max_steps)
 
     def launch(seqs: list[int]) -> None:
         """Start the groups the pool reserved: each live worker gets its share as one
@@ -454,6 +481,8 @@ def train_async(
                 run.workers[index].set_weights.remote(weights[0], weights[1])
             needs_sync.discard(index)
             tasks = run.tasks.take(len(share))
+            if every:
+                task_of.update(zip(share, tasks, strict=True))
             in_flight[run.workers[index].rollout.remote(tasks, cfg.rollout.group_size)] = (share, index, tasks)
             groups_in_flight[index] += len(share)
             clocks[index].start()
@@ -485,6 +514,9 @@ def train_async(
         groups = [group for _, batch_groups in arrived for group in batch_groups]
         arrived.clear()
         max_takes = max(0, min(TRAIN_QUEUE_DEPTH - len(queued), cfg.train.max_steps - submitted))
+        if every:  # nothing is queued behind a checkpoint step, so the trainer saves that step's state
+            held = checkpoint_due(submitted) and step < submitted
+            max_takes = 0 if held else min(max_takes, every - submitted % every)
         live = len(down) < len(run.workers)
         batches, stats, reserved = ray.get(
             pool.exchange.remote(seqs, groups, trainer_version + len(queued), max_takes, len(queued), live)
@@ -572,6 +604,13 @@ def train_async(
             lost = 0
             logger.record_step(step, metrics, trajectories, run.tokenizer, cfg.logging.trajectory_samples)
             show_step(bar, metrics, stale=f"{metrics['staleness_mean']:.2f}")
+            if checkpoint_due(step):
+                from forge.train.checkpoint import save_run
+
+                # Groups still in flight or in the pool: their tasks are not trained on yet.
+                pending = ray.get(pool.pending.remote())
+                task_of = {seq: task_of[seq] for seq in pending if seq in task_of}
+                save_run(run, step, cfg.train.keep_checkpoints, pending_tasks=list(task_of.values()))
         checkpoint = Path(ray.get(run.trainer.save.remote(str(output / "final"))))
     finally:
         bar.close()

@@ -140,6 +140,10 @@ class DataPool:
         reserved = self.reserve_all(steps_queued + len(batches)) if reserve else []
         return batches, self.stats(), reserved
 
+    def pending(self) -> list[int]:
+        """Groups launched and not yet taken or dropped, in generation order."""
+        return sorted(self._open | self._ready.keys())
+
     def stats(self) -> dict[str, Any]:
         return {
             "pool/in_flight": float(len(self._open)),

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from forge.config import ConfigError, load_config
+from forge.config import load_config
 
 
 def async_config(**overrides: object):
@@ -22,11 +22,69 @@ def async_config(**overrides: object):
     return load_config(None, [f"{key}={value}" for key, value in base.items()])
 
 
-def test_async_mode_cannot_resume_yet(tmp_path):
+def test_resuming_an_async_run_without_checkpoints_names_the_setting(tmp_path):
     from forge.orchestrator import train
+    from forge.train.checkpoint import CheckpointError
 
-    with pytest.raises(ConfigError, match="async"):
+    with pytest.raises(CheckpointError, match="checkpoint_every"):
         train(async_config(), tmp_path, progress=False, resume=True)
+
+
+def test_requeued_tasks_are_taken_first_then_the_stream_goes_on():
+    from forge.orchestrator import TaskStream
+
+    tasks = [{"id": i} for i in range(5)]
+    plain, resumed = TaskStream(tasks, seed=3), TaskStream(tasks, seed=3)
+    resumed.requeued = [{"id": 9}, {"id": 8}]
+    assert resumed.take(3) == [{"id": 9}, {"id": 8}, *plain.take(1)]
+    assert resumed.requeued == [] and resumed.take(4) == plain.take(4)
+
+
+@pytest.mark.slow
+def test_an_async_run_checkpoints_and_resumes_with_the_tasks_it_had_started(ray_session, tmp_path):
+    """Each checkpoint holds exactly its step's trainer state (nothing was queued behind
+    it) and the tasks of the groups in flight or waiting; the resumed run plays those
+    first and goes on from the step and policy version it stopped at."""
+    import pickle
+
+    import torch
+
+    from forge.orchestrator import load_task_rows, train
+
+    cfg = async_config(**{"train.max_steps": 4, "train.checkpoint_every": 2, "train.keep_checkpoints": 0})
+    train(cfg, tmp_path, progress=False)
+    rows = load_task_rows(cfg)
+    for step in (2, 4):
+        directory = tmp_path / "checkpoints" / f"step-{step:06d}"
+        trainer = torch.load(directory / "trainer.pt", weights_only=False)
+        assert trainer["policy_version"] == step  # no later step had reached the trainer
+        state = pickle.loads((directory / "run_state.pkl").read_bytes())
+        assert state["step"] == step and state["worker_rng"] is None
+        assert all(task in rows for task in state["requeued"])
+    # The pool reserves groups ahead of the trainer, so some were in flight at step 2.
+    requeued = pickle.loads((tmp_path / "checkpoints" / "step-000002" / "run_state.pkl").read_bytes())["requeued"]
+    assert requeued
+
+    played = []
+    from forge import orchestrator
+
+    class RecordingStream(orchestrator.TaskStream):
+        def take(self, count):
+            taken = super().take(count)
+            played.extend(taken)
+            return taken
+
+    extended = async_config(**{"train.max_steps": 6, "train.checkpoint_every": 2})
+    original, orchestrator.TaskStream = orchestrator.TaskStream, RecordingStream
+    try:
+        result = train(extended, tmp_path, progress=False, resume=True)
+    finally:
+        orchestrator.TaskStream = original
+    final = pickle.loads((tmp_path / "checkpoints" / "step-000004" / "run_state.pkl").read_bytes())["requeued"]
+    assert played[: len(final)] == final  # the started tasks first
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert result.steps == 6 and [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert [r["policy_version"] for r in records[4:]] == [5.0, 6.0]
 
 
 @pytest.mark.slow

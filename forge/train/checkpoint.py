@@ -180,14 +180,18 @@ def _restore_driver_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def save_run(run: Any, step: int, keep: int = 2) -> Path:
-    """Checkpoint a sync run after `step` completed steps (trainer, workers, task stream)."""
+def save_run(run: Any, step: int, keep: int = 2, pending_tasks: list[dict[str, Any]] | None = None) -> Path:
+    """Checkpoint a run after `step` completed steps: trainer, task stream, reward shaper,
+    RNG states. A sync run is between steps, so its workers' RNG states are saved too. An
+    async run's workers are busy (and its episodes' order depends on timing anyway); it
+    passes the tasks it had started and not trained on, which a resumed run plays first."""
     import ray
 
-    worker_rng = ray.get([worker.rng_state.remote() for worker in run.workers])
+    worker_rng = ray.get([worker.rng_state.remote() for worker in run.workers]) if pending_tasks is None else None
     state = {
         "step": step,
         "tasks": {"rng": run.tasks.rng.getstate(), "order": run.tasks.order, "position": run.tasks.position},
+        "requeued": [*(pending_tasks or []), *run.tasks.requeued],
         "task_baselines": dict(run.shaper.task_baselines),
         "driver_rng": _driver_rng(),
         "worker_rng": worker_rng,
@@ -202,25 +206,28 @@ def save_run(run: Any, step: int, keep: int = 2) -> Path:
 
 
 def restore_run(run: Any) -> int:
-    """Load the run directory's latest checkpoint into a freshly built run; returns its step."""
+    """Load the run directory's latest checkpoint into a freshly built run; returns its step.
+    The workers still hold the initial weights: the caller syncs them."""
     import ray
 
     directory = latest_checkpoint(run.output_dir)
     with open(directory / RUN_STATE_FILE, "rb") as handle:
         state = pickle.load(handle)
-    if len(state["worker_rng"]) != len(run.workers):
+    worker_rng = state["worker_rng"]
+    if worker_rng is not None and len(worker_rng) != len(run.workers):
         raise ValueError(
-            f"the checkpoint was written with rollout.num_workers={len(state['worker_rng'])}, "
+            f"the checkpoint was written with rollout.num_workers={len(worker_rng)}, "
             f"the config asks for {len(run.workers)}; resume with the run's original value"
         )
     ray.get(run.trainer.load_state.remote(str(directory)))
-    ray.get([w.set_rng_state.remote(s) for w, s in zip(run.workers, state["worker_rng"], strict=True)])
+    if worker_rng is not None:
+        ray.get([w.set_rng_state.remote(s) for w, s in zip(run.workers, worker_rng, strict=True)])
     run.tasks.rng.setstate(state["tasks"]["rng"])
     run.tasks.order = list(state["tasks"]["order"])
     run.tasks.position = state["tasks"]["position"]
+    run.tasks.requeued = list(state["requeued"])
     run.shaper.task_baselines = dict(state["task_baselines"])
     _restore_driver_rng(state["driver_rng"])
-    run.sync_weights()
     step = int(state["step"])
     for name in ("metrics.jsonl", "trajectories.jsonl"):
         drop_rows_after(run.output_dir / name, step)
