@@ -268,12 +268,10 @@ def train(
         from forge.config import ConfigError
         from forge.gateway.training import train_gateway
 
-        if resume:
-            raise ConfigError("gateway runs (gateway.enabled: true) cannot resume yet; start a fresh run")
         if cfg.train.mode != "sync":
             raise ConfigError("gateway runs train in sync mode only; set train.mode: sync")
 
-        return train_gateway(cfg, output_dir, progress)
+        return train_gateway(cfg, output_dir, progress, resume)
     if cfg.train.mode == "async":
         return train_async(cfg, output_dir, progress, resume)
     import ray

@@ -122,6 +122,25 @@ def test_gateway_smoke_config_trains_with_agent_processes(ray_session, tmp_path,
     assert not [p for p in os.listdir("/proc") if p.isdigit() and _is_agent(p)]
 
 
+@pytest.mark.slow
+def test_a_gateway_run_checkpoints_and_resumes(ray_session, tmp_path, monkeypatch):
+    import torch
+
+    from forge.orchestrator import train
+
+    monkeypatch.chdir(ROOT)
+    overrides = ["rollout.group_size=2", "train.checkpoint_every=1", "logging.tensorboard=false"]
+    config = ROOT / "configs" / "gateway-smoke.yaml"
+    train(load_config(config, [*overrides, "train.max_steps=1"]), tmp_path, progress=False)
+    saved = torch.load(tmp_path / "checkpoints" / "step-000001" / "trainer.pt", weights_only=False)
+    assert saved["policy_version"] == 1
+    result = train(load_config(config, [*overrides, "train.max_steps=2"]), tmp_path, progress=False, resume=True)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert result.steps == 2 and [r["step"] for r in records] == [1, 2]
+    assert records[1]["policy_version"] == 2.0  # the trainer went on from the checkpoint
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-000002"
+
+
 def _is_agent(pid: str) -> bool:
     try:
         return b"gateway_agent.py" in Path(f"/proc/{pid}/cmdline").read_bytes()

@@ -106,8 +106,15 @@ async def _take(store: EpisodeStore, episode_ids: list[str]) -> list[Episode]:
     return store.take(episode_ids)
 
 
-def train_gateway(cfg: Config, output_dir: str | Path | None = None, progress: bool | None = None) -> Any:
-    """`cfg.train.max_steps` steps of sync RL where agent processes play every episode."""
+def train_gateway(
+    cfg: Config, output_dir: str | Path | None = None, progress: bool | None = None, resume: bool = False
+) -> Any:
+    """`cfg.train.max_steps` steps of sync RL where agent processes play every episode.
+
+    Checkpoints every `train.checkpoint_every` steps like a sync run (the gateway's engine
+    has no RNG state saved, so a resumed run samples other tokens than an uninterrupted one)."""
+    from types import SimpleNamespace
+
     import ray
     import torch
     from tqdm import tqdm
@@ -126,10 +133,13 @@ def train_gateway(cfg: Config, output_dir: str | Path | None = None, progress: b
     )
     from forge.reward.shaping import RewardShaper, trajectory_advantages
     from forge.rollout.engine import HFEngine
+    from forge.train.checkpoint import latest_checkpoint, restore_run, save_run
     from forge.weights import unpack_weights
 
     started = time.perf_counter()
     output = Path(output_dir or cfg.output_dir)
+    if resume:
+        latest_checkpoint(output)  # nothing to resume: say so before anything starts
     output.mkdir(parents=True, exist_ok=True)
     (output / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     argv = agent_argv(cfg.gateway.agent_command)
@@ -154,12 +164,25 @@ def train_gateway(cfg: Config, output_dir: str | Path | None = None, progress: b
     agent_env = {"OPENAI_BASE_URL": server.base_url, "FORGE_GATEWAY_URL": server.root_url,
                  "FORGE_MAX_TURNS": str(cfg.rollout.max_turns)}
 
+    # What a checkpoint saves and restores (a sync run's parts, without rollout workers).
+    parts = SimpleNamespace(trainer=trainer, workers=[], tasks=tasks, shaper=shaper, output_dir=output)
+    step = first_step = 0
+    if resume:
+        try:
+            step = first_step = restore_run(parts)
+            wrapped, version = ray.get(trainer.publish_weights.remote())
+            engine.load_weights(unpack_weights(ray.get(wrapped[0])), version)
+        except Exception:
+            server.stop()
+            for actor in trainer_actors(trainer):
+                ray.kill(actor)
+            raise
     logger = MetricsLogger(output, cfg.logging.tensorboard, cfg.logging.wandb_project, cfg.to_dict())
     show_progress = cfg.logging.progress_bar if progress is None else progress
-    bar = tqdm(total=cfg.train.max_steps, desc="train (gateway)", unit="step", disable=not show_progress)
-    step = 0
+    bar = tqdm(total=cfg.train.max_steps, desc="train (gateway)", unit="step", disable=not show_progress,
+               initial=step)
     try:
-        for step in range(1, cfg.train.max_steps + 1):
+        for step in range(first_step + 1, cfg.train.max_steps + 1):
             rollout_started = time.perf_counter()
             episode_ids = []
             for task in tasks.take(cfg.rollout.tasks_per_step):
@@ -196,6 +219,9 @@ def train_gateway(cfg: Config, output_dir: str | Path | None = None, progress: b
             )
             logger.record_step(step, metrics, trajectories, tokenizer, cfg.logging.trajectory_samples)
             show_step(bar, metrics, calls=f"{metrics['gateway_calls']:.0f}")
+            every = cfg.train.checkpoint_every
+            if every and (step % every == 0 or step == cfg.train.max_steps):
+                save_run(parts, step, cfg.train.keep_checkpoints)
         checkpoint = Path(ray.get(trainer.save.remote(str(output / "final"))))
     finally:
         bar.close()
