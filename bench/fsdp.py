@@ -112,7 +112,7 @@ def run(strategy: str, model_dir: Path, steps: int, workdir: Path) -> dict[str, 
     """Two ranks under `strategy`; each measure is the larger rank's."""
     out, port, processes = workdir / strategy, free_port(), []
     for rank in range(WORLD_SIZE):
-        env = dict(os.environ, OMP_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank),
+        env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", RANK=str(rank), LOCAL_RANK=str(rank),
                    WORLD_SIZE=str(WORLD_SIZE), LOCAL_WORLD_SIZE=str(WORLD_SIZE),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         command = [sys.executable, "-m", "bench.fsdp", "--child", strategy, str(model_dir), str(steps), str(out)]

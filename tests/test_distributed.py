@@ -1,7 +1,8 @@
 """Two gloo processes with half the batch each take the same optimizer step as one process
-with the whole batch, under DDP and under FSDP2 (which shards on CPU too), also when their
-halves pack into different numbers of micro-batches; and what they publish, checkpoint and
-save is what the one process does."""
+with the whole batch, under DDP and under FSDP2 (which shards on CPU too): also when their
+halves pack into different numbers of micro-batches, under FSDP2 with gradient checkpointing,
+and with LoRA adapters and a KL term; and what they publish, checkpoint and save is what the
+one process does."""
 
 import os
 import socket
@@ -14,7 +15,7 @@ import torch
 
 STEP = textwrap.dedent("""
     import os, sys, torch
-    from forge.config import ModelConfig, TrainConfig, TrainerConfig
+    from forge.config import LoraConfig, ModelConfig, TrainConfig, TrainerConfig
     from forge.types import Sample
 
     model_dir, out, strategy, case = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
@@ -28,6 +29,12 @@ STEP = textwrap.dedent("""
             mask = [0] * 5 + [1] * (len(tokens) - 5)
             samples.append(Sample(tokens, mask, [-1.5 * m for m in mask], [0] * len(tokens), advantage=i - 2.5))
         trainer_cfg, steps = TrainerConfig(packing="padded"), 1
+    elif case == "lora":  # the same batch through LoRA adapters, with a KL term to the adapter-free model
+        for i in range(6):
+            tokens = torch.randint(8, 40, (10 + 3 * i,), generator=generator).tolist()
+            mask = [0] * 5 + [1] * (len(tokens) - 5)
+            samples.append(Sample(tokens, mask, [-1.5 * m for m in mask], [0] * len(tokens), advantage=i - 2.5))
+        trainer_cfg, steps = TrainerConfig(packing="tree"), 2
     else:
         # Rank 0 (even indices) gets three unrelated 30-token samples: 3 micro-batches of the
         # 64-token budget. Rank 1 gets two that share 25 tokens (one 35-token tree) and one
@@ -37,8 +44,13 @@ STEP = textwrap.dedent("""
             tokens = (prefix if i % 2 else []) + torch.randint(8, 40, (5 if i % 2 else 30,), generator=generator).tolist()
             mask = [0] * 3 + [0 if i == 5 else 1] * (len(tokens) - 3)
             samples.append(Sample(tokens, mask, [-1.5 * m for m in mask], [0] * len(tokens), advantage=i - 2.5))
-        trainer_cfg, steps = TrainerConfig(packing="tree", max_tokens_per_microbatch=64), 2
-    args = (model_dir, ModelConfig(path=model_dir), TrainConfig(learning_rate=0.01, max_grad_norm=0.05), trainer_cfg)
+        # FSDP2 recomputes each block's activations in the backward here: the same step.
+        trainer_cfg = TrainerConfig(packing="tree", max_tokens_per_microbatch=64,
+                                    gradient_checkpointing=strategy == "fsdp")
+        steps = 2
+    lora = LoraConfig(enabled=case == "lora")
+    train_cfg = TrainConfig(learning_rate=0.01, max_grad_norm=0.05, kl_coef=0.1 if case == "lora" else 0.0)
+    args = (model_dir, ModelConfig(path=model_dir, lora=lora), train_cfg, trainer_cfg)
 
     def make():
         if distributed:
@@ -82,7 +94,7 @@ def run(model_dir, out, strategy: str, case: str) -> None:
     port = free_port()
     processes = []
     for rank in range(world_size):
-        env = dict(os.environ, OMP_NUM_THREADS="1")
+        env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # gloo on CPU, also on a GPU machine
         if world_size > 1:
             env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -109,8 +121,10 @@ def load_model_file(directory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-@pytest.mark.parametrize("case", ["even", "uneven"])
+@pytest.mark.parametrize(
+    ("strategy", "case"),
+    [("ddp", "even"), ("ddp", "uneven"), ("fsdp", "even"), ("fsdp", "uneven"), ("fsdp", "lora")],
+)
 def test_two_gloo_processes_with_half_the_batch_take_the_single_process_step(tiny_checkpoint, tmp_path, strategy, case):
     run(tiny_checkpoint, tmp_path / "single.pt", "single", case)
     run(tiny_checkpoint, tmp_path / f"{strategy}.pt", strategy, case)
