@@ -4,7 +4,8 @@
 #   there: run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=560)
 # 1. the tests that need CUDA: the flex-attention tree path's logprobs and gradients against
 #    separate forwards (fp32), tree packing in bf16 within bf16's own error, and the trainer and
-#    the rollout engine on CUDA against CPU (tests/test_device.py);
+#    the rollout engine on CUDA against CPU (tests/test_device.py), and one FSDP2 process
+#    computing in bf16 against the fp32 step (tests/test_distributed.py);
 # 2. `python -m bench.tree` in bf16 with flex attention -> tree-gpu.json.
 # Writes env.txt, pytest.txt, bench.txt and tree-gpu.json under $OUT (default bench/results/gpu-check);
 # commit tree-gpu.json as bench/results/tree-gpu.json.
@@ -26,7 +27,7 @@ python3 -c "import pydantic" || { echo "no pydantic: run bench/gpu_wheels.sh her
 python3 -c "import torch; assert torch.cuda.is_available(), 'torch sees no GPU'" || exit 1
 
 timeout 240 python3 -m pytest -q -p no:cacheprovider -m "slow or not slow" -rs -k "gpu or cuda" \
-  tests/test_tree_exact.py tests/test_device.py 2>&1 | tee "$out/pytest.txt"
+  tests/test_tree_exact.py tests/test_device.py tests/test_distributed.py 2>&1 | tee "$out/pytest.txt"
 tests=${PIPESTATUS[0]}
 
 timeout 300 python3 -m bench.tree --device cuda --dtype bfloat16 --attention flex \

@@ -148,6 +148,64 @@ def test_two_gloo_processes_with_half_the_batch_take_the_single_process_step(tin
         torch.testing.assert_close(saved, load_model_file(tmp_path / "single.pt.model"), rtol=1e-5, atol=2e-5)
 
 
+ONE_PROCESS_BF16 = textwrap.dedent("""
+    import sys, torch
+    from torch.distributed.tensor import DTensor
+    from forge.config import ModelConfig, TrainConfig, TrainerConfig
+    from forge.train.distributed import DistributedTrainer
+    from forge.types import Sample
+
+    model_dir, out, device = sys.argv[1], sys.argv[2], sys.argv[3]
+    generator = torch.Generator().manual_seed(0)
+    samples = []
+    for i in range(6):
+        tokens = torch.randint(8, 40, (10 + 3 * i,), generator=generator).tolist()
+        mask = [0] * 5 + [1] * (len(tokens) - 5)
+        samples.append(Sample(tokens, mask, [-1.5 * m for m in mask], [0] * len(tokens), advantage=i - 2.5))
+    trainer = DistributedTrainer(model_dir, ModelConfig(path=model_dir), TrainConfig(learning_rate=0.01),
+                                 TrainerConfig(), seed=0, strategy="fsdp", mixed_precision="bf16")
+    assert all(isinstance(p, DTensor) and p.device.type == device for p in trainer.trainable.values())
+    assert all(p.dtype == torch.float32 for p in trainer.trainable.values())  # bf16 is for compute only
+    metrics = trainer.train_step(samples)
+    torch.save({"params": trainer.weights(), "grad_norm": metrics["grad_norm"], "samples": samples}, out)
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_fsdp2_computing_in_bf16_takes_the_fp32_step_within_bf16_error_on_cpu_and_cuda(tiny_checkpoint, tmp_path,
+                                                                                          device):
+    """One FSDP2 process (on CUDA this is the device check's way to reach FSDP2 with one GPU)
+    with `train.mixed_precision: bf16` against the fp32 single trainer: the same gradient
+    norm within bf16's error, and nearly every weight moved as the fp32 step moved it (Adam's
+    first step is about lr * sign(gradient), so where a gradient is near zero bf16 may flip
+    it)."""
+    from forge.config import ModelConfig, TrainConfig, TrainerConfig
+    from forge.train.trainer import Trainer
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    out = tmp_path / "fsdp.pt"
+    done = subprocess.run([sys.executable, "-c", ONE_PROCESS_BF16, str(tiny_checkpoint), str(out), device],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    fsdp = torch.load(out, weights_only=False)
+
+    single = Trainer(tiny_checkpoint, ModelConfig(path=str(tiny_checkpoint)), TrainConfig(learning_rate=0.01),
+                     TrainerConfig(), seed=0)
+    initial = {name: p.detach().clone() for name, p in single.trainable.items()}
+    metrics = single.train_step(fsdp["samples"])
+    assert fsdp["grad_norm"] == pytest.approx(metrics["grad_norm"], rel=2e-2)
+    assert fsdp["params"].keys() == single.trainable.keys()
+    moved = torch.cat([(p.detach() - initial[n]).flatten() for n, p in single.trainable.items()])
+    moved_bf16 = torch.cat([(fsdp["params"][n] - initial[n]).flatten() for n in single.trainable])
+    agree = ((moved_bf16 - moved).abs() <= 1e-3).float().mean().item()  # a tenth of lr
+    assert agree >= 0.9, agree
+
+
 def test_shards_cover_the_batch_once():
     from forge.train.distributed import shard
 
