@@ -75,8 +75,10 @@ STEP = textwrap.dedent("""
         trainer.save_state(out + ".state")
         trainer = make()
         trainer.load_state(out.replace(strategy, "single") + ".state")
+    for _ in range(steps - 1):
         metrics = trainer.train_step(samples)
-        trainer.save(out + ".model")
+    if case != "even":
+        trainer.save(out + ".model")  # under LoRA: the adapters merged into the gathered base
     weights = trainer.weights()  # whole tensors, gathered under FSDP2
     if not distributed or trainer.accelerator.is_main_process:
         torch.save({"params": weights, "grad_norm": metrics["grad_norm"]}, out)
@@ -137,12 +139,13 @@ def test_two_gloo_processes_with_half_the_batch_take_the_single_process_step(tin
         torch.testing.assert_close(group["params"][name], tensor, rtol=1e-5, atol=2e-5)
     if case == "uneven":
         # The group's checkpoint after step 1 holds what the single process's does
-        # (weights and Adam moments, gathered whole), and so does its saved model after step 2.
+        # (weights and Adam moments, gathered whole).
         one = torch.load(tmp_path / "single.pt.state" / "trainer.pt", weights_only=False)
         two = torch.load(tmp_path / f"{strategy}.pt.state" / "trainer.pt", weights_only=False)
         torch.testing.assert_close(two["trainable"], one["trainable"], rtol=1e-5, atol=2e-5)
         torch.testing.assert_close(two["optimizer"]["state"], one["optimizer"]["state"], rtol=1e-4, atol=1e-9)
         assert two["policy_version"] == one["policy_version"] == 1
+    if case != "even":  # and so does the model it saves after step 2
         saved = load_model_file(tmp_path / f"{strategy}.pt.model")
         assert saved.keys() == load_model_file(tmp_path / "single.pt.model").keys()
         torch.testing.assert_close(saved, load_model_file(tmp_path / "single.pt.model"), rtol=1e-5, atol=2e-5)
