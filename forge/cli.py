@@ -22,7 +22,16 @@ def _train(args: argparse.Namespace) -> int:
 
     if args.resume:
         cfg.output_dir = args.resume
-    result = train(cfg, resume=bool(args.resume))
+    try:
+        result = train(cfg, resume=bool(args.resume))
+    except Exception as exc:
+        from forge.orchestrator import actor_death_message
+
+        message = actor_death_message(exc, cfg.output_dir, args.config)
+        if message is None:
+            raise
+        print(f"forge: {message}", file=sys.stderr)
+        return 1
     print(f"done: {result.steps} steps in {result.wall_seconds:.0f}s; metrics in {result.output_dir}/metrics.jsonl; "
           f"checkpoint {result.checkpoint}")
     return 0

@@ -241,6 +241,28 @@ class Run:
             ray.kill(actor)
 
 
+def actor_death_message(exc: BaseException, output_dir: str | Path, config: str | None = None) -> str | None:
+    """What to tell the user when a run stops because one of its actors died for good (the
+    trainer, or a trainer rank: its state since the last checkpoint is gone), or None when
+    `exc` is something else."""
+    import re
+
+    from ray.exceptions import RayActorError
+
+    if not isinstance(exc, RayActorError):
+        return None
+    found = re.search(r"class_name: (\w+)", str(exc))
+    who = f"the {found.group(1)} actor" if found else "an actor of the run"
+    message = f"{who} died, so the run stopped (its log above says why: often out of memory)."
+    from forge.train.checkpoint import CheckpointError, latest_checkpoint
+
+    try:
+        latest = latest_checkpoint(output_dir)
+    except CheckpointError:
+        return message + " No checkpoint was written; set train.checkpoint_every to make runs resumable."
+    return message + (f" Continue from {latest.name} with: forge train {config or 'CONFIG'} --resume {output_dir}")
+
+
 def wait_until_alive(actor: Any, timeout_s: float = 300.0) -> None:
     """Block until a restarting actor answers again; a worker that never comes back stops
     the run with a clear error instead of a hang."""

@@ -46,3 +46,35 @@ def test_a_run_asking_for_more_cpus_than_the_cluster_has_fails_fast_with_the_key
     cfg = load_config("configs/smoke.yaml", [f"train.num_cpus={total}", "train.max_steps=1"])
     with pytest.raises(ConfigError, match=r"train\.num_cpus=.*rollout\.num_cpus_per_worker=0\.5.*Ray cluster has"):
         train(cfg, tmp_path / "run", progress=False)  # Ray would otherwise wait forever to place actors
+
+
+@pytest.mark.slow
+def test_a_trainer_that_dies_stops_the_run_with_how_to_resume_it(ray_session, tmp_path, monkeypatch, capsys):
+    from forge.cli import main
+    from forge.train import checkpoint
+
+    save_run = checkpoint.save_run
+
+    def save_then_kill_the_trainer(run, step, *args, **kwargs):
+        path = save_run(run, step, *args, **kwargs)
+        if step == 2:
+            ray_session.kill(run.trainer)
+        return path
+
+    monkeypatch.setattr(checkpoint, "save_run", save_then_kill_the_trainer)
+    overrides = ["train.max_steps=5", "train.checkpoint_every=1", "rollout.tasks_per_step=2",
+                 "rollout.group_size=4", "logging.progress_bar=false"]
+    assert main(["train", "configs/smoke.yaml", *overrides, "--output-dir", str(tmp_path)]) == 1
+    error = capsys.readouterr().err
+    assert "the Trainer actor died, so the run stopped" in error
+    assert f"Continue from step-000002 with: forge train configs/smoke.yaml --resume {tmp_path}" in error
+
+
+def test_only_a_dead_actor_gets_the_resume_advice(tmp_path):
+    from ray.exceptions import ActorDiedError
+
+    from forge.orchestrator import actor_death_message
+
+    assert actor_death_message(ValueError("bad batch"), tmp_path) is None
+    message = actor_death_message(ActorDiedError(), tmp_path)
+    assert "died" in message and "set train.checkpoint_every" in message  # nothing to resume from
