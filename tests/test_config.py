@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from forge.cli import main
 from forge.config import ConfigError, load_config, parse_override
@@ -65,6 +66,17 @@ def test_override_without_equals_is_rejected():
 def test_missing_config_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_overrides_may_follow_an_option_and_unknown_options_are_refused(capsys, tmp_path):
+    assert main(["train", "configs/smoke.yaml", "--output-dir", str(tmp_path), "train.max_steps=3",
+                 "--dry-run", "rollout.group_size=2"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["train"]["max_steps"] == 3 and printed["rollout"]["group_size"] == 2
+    assert printed["output_dir"] == str(tmp_path)
+    with pytest.raises(SystemExit):
+        main(["train", "configs/smoke.yaml", "--dry-run", "--max-steps", "3"])
+    assert "unrecognized arguments: --max-steps 3" in capsys.readouterr().err
 
 
 def test_dry_run_prints_resolved_config_and_starts_nothing(capsys, tmp_path):
