@@ -100,6 +100,7 @@ def child(strategy: str, model_dir: str, steps: int, out: str) -> None:
     }
     report["training_state_mb"] = report["weights_mb"] + report["gradients_mb"] + report["optimizer_mb"]
     Path(f"{out}.rank{dist.get_rank()}").write_text(json.dumps(report))
+    trainer.close()
 
 
 def free_port() -> int:

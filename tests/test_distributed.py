@@ -81,7 +81,9 @@ STEP = textwrap.dedent("""
         trainer.save(out + ".model")  # under LoRA: the adapters merged into the gathered base
     weights = trainer.weights()  # whole tensors, gathered under FSDP2
     if not distributed or trainer.accelerator.is_main_process:
-        torch.save({"params": weights, "grad_norm": metrics["grad_norm"]}, out)
+        torch.save({"params": weights, "grad_norm": metrics["grad_norm"], "metrics": metrics}, out)
+    if distributed:
+        trainer.close()
 """)
 
 
@@ -137,6 +139,13 @@ def test_two_gloo_processes_with_half_the_batch_take_the_single_process_step(tin
     # order of fp32 sums shows up at a small fraction of lr (0.01): atol 2e-5 is 0.2% of it.
     for name, tensor in single["params"].items():
         torch.testing.assert_close(group["params"][name], tensor, rtol=1e-5, atol=2e-5)
+    # The group reports the whole batch's metrics, not rank 0's shard's: counts add up and
+    # token means are weighted by each rank's tokens. (Each rank packs its own shard, so the
+    # tokens computed, and the ratio, depend on how the batch was split.)
+    packing = {"train_seconds", "tokens_computed", "tree_token_ratio", "microbatches"}
+    assert set(group["metrics"]) == set(single["metrics"])
+    for key in set(single["metrics"]) - packing:
+        assert group["metrics"][key] == pytest.approx(single["metrics"][key], rel=1e-4, abs=1e-7), key
     if case == "uneven":
         # The group's checkpoint after step 1 holds what the single process's does
         # (weights and Adam moments, gathered whole).
@@ -171,6 +180,7 @@ ONE_PROCESS_BF16 = textwrap.dedent("""
     assert all(p.dtype == torch.float32 for p in trainer.trainable.values())  # bf16 is for compute only
     metrics = trainer.train_step(samples)
     torch.save({"params": trainer.weights(), "grad_norm": metrics["grad_norm"], "samples": samples}, out)
+    trainer.close()
 """)
 
 
@@ -216,3 +226,22 @@ def test_shards_cover_the_batch_once():
     shards = [shard(batch, rank, 3) for rank in range(3)]
     assert sorted(x for s in shards for x in s) == batch
     assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_group_metrics_add_counts_and_weight_token_means_by_each_process_tokens():
+    from forge.train.distributed import combine_metrics
+
+    rank0 = {"loss": 0.5, "grad_norm": 2.0, "learning_rate": 0.1, "optimizer_steps_skipped": 0.0,
+             "tokens_computed": 30.0, "tokens_separate": 60.0, "microbatches": 1.0, "trained_samples": 3.0,
+             "zero_advantage_skipped": 0.0, "train_seconds": 1.0, "mismatch_kl": 0.2, "tree_token_ratio": 2.0}
+    # A process whose shard had nothing to train ran padding only: counts, no token means.
+    rank1 = {"loss": 0.0, "grad_norm": 2.0, "learning_rate": 0.1, "optimizer_steps_skipped": 0.0,
+             "tokens_computed": 0.0, "tokens_separate": 0.0, "microbatches": 0.0, "trained_samples": 1.0,
+             "zero_advantage_skipped": 1.0, "train_seconds": 1.5}
+    rank2 = {**rank0, "loss": 0.25, "tokens_computed": 10.0, "tokens_separate": 10.0, "mismatch_kl": 0.5,
+             "tree_token_ratio": 1.0}
+    out = combine_metrics([(rank0, 30), (rank1, 0), (rank2, 10)])
+    assert out["loss"] == 0.75 and out["grad_norm"] == 2.0 and out["train_seconds"] == 1.5
+    assert out["trained_samples"] == 7.0 and out["tree_token_ratio"] == 70.0 / 40.0
+    assert out["zero_advantage_skipped"] == 1.0 / 7.0
+    assert out["mismatch_kl"] == pytest.approx((0.2 * 30 + 0.5 * 10) / 40)

@@ -64,6 +64,37 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
+SUMMED = ("loss", "tokens_computed", "tokens_separate", "microbatches", "trained_samples")
+SHARED = ("learning_rate", "grad_norm", "optimizer_steps_skipped")  # the same on every process
+
+
+def combine_metrics(per_process: list[tuple[dict[str, float], int]]) -> dict[str, float]:
+    """One step's metrics for the whole batch, from each process's metrics on its shard and
+    the loss tokens it trained on: counts and the loss (each process's is its part of the
+    global mean) add up, token means are weighted by those tokens, and the step took as long
+    as the slowest process."""
+    first = per_process[0][0]
+    out = {key: first[key] for key in SHARED if key in first}
+    for key in SUMMED:
+        if key in first:
+            out[key] = sum(m[key] for m, _ in per_process)
+    out["train_seconds"] = max(m["train_seconds"] for m, _ in per_process)
+    if out.get("tokens_computed"):
+        out["tree_token_ratio"] = out["tokens_separate"] / out["tokens_computed"]
+    if "zero_advantage_skipped" in first:
+        samples = [(m["zero_advantage_skipped"], m["trained_samples"]) for m, _ in per_process]
+        out["zero_advantage_skipped"] = sum(f * n for f, n in samples) / max(sum(n for _, n in samples), 1.0)
+    averaged = {key for m, _ in per_process for key in m} - set(out) - set(SUMMED)
+    for key in sorted(averaged):
+        reported = [(m[key], tokens) for m, tokens in per_process if key in m]
+        weight = sum(tokens for _, tokens in reported)
+        if weight:
+            out[key] = sum(value * tokens for value, tokens in reported) / weight
+        else:  # no process trained a token (a padding-only step reports no token means)
+            out[key] = sum(value for value, _ in reported) / len(reported)
+    return out
+
+
 def shard(samples: list[Sample], rank: int, world_size: int) -> list[Sample]:
     """This process's share of a batch: every world_size-th sample, starting at rank."""
     return samples[rank::world_size]
@@ -144,7 +175,12 @@ class DistributedTrainer(Trainer):
                 "rollout.tasks_per_step"
             )
         self._batch_trains = any(trainable(s) for s in samples)
-        return super().train_step(shard(samples, self.accelerator.process_index, self.world_size))
+        mine = shard(samples, self.accelerator.process_index, self.world_size)
+        metrics = super().train_step(mine)
+        trained = [s for s in mine if trainable(s) and not (self.skips_zero_advantage and s.advantage == 0)]
+        everyone: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(everyone, (metrics, loss_tokens(trained)))
+        return combine_metrics(everyone)
 
     # Every collective (the loss denominators, DDP's gradient all-reduce and buffer broadcast,
     # FSDP2's all-gathers and reduce-scatters) must be entered by every process the same
@@ -245,6 +281,12 @@ class DistributedTrainer(Trainer):
     def save_state(self, directory: str) -> None:
         super().save_state(directory)
         self.accelerator.wait_for_everyone()  # the file is whole before any process returns
+
+    def close(self) -> None:
+        """Leave the process group (every process together); a process that exits while its
+        group's threads still run can abort."""
+        self.accelerator.wait_for_everyone()
+        torch.distributed.destroy_process_group()
 
     def _torch_optimizer(self) -> torch.optim.Optimizer:
         return getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it under DDP

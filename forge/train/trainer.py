@@ -202,8 +202,9 @@ class Trainer:
                 loss, tokens, stats = self._microbatch_loss(batch, members, num_tokens, num_samples)
                 self.backward(loss)
             loss_total += float(loss.detach())
-            for key, value in stats.items():
-                metrics[key] = metrics.get(key, 0.0) + value * tokens / max(metric_tokens, 1)
+            if tokens:  # a padding micro-batch trains no token, so it reports no token means
+                for key, value in stats.items():
+                    metrics[key] = metrics.get(key, 0.0) + value * tokens / metric_tokens
         grad_norm = self.clip_gradients()
         # A step without learning signal (every advantage zero and no KL term, as when each
         # group of a near-solved task all succeeded) leaves the weights alone. AdamW would
