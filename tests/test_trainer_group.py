@@ -43,3 +43,29 @@ def test_two_trainer_processes_train_the_same_first_step_as_one(ray_session, tmp
     assert any(not torch.equal(one[name], initial[name]) for name in one)  # the step did train
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.slow
+def test_an_async_run_on_two_sharded_trainer_ranks_trains_checkpoints_and_saves(ray_session, tmp_path):
+    """Async mode calls train_and_publish, checkpoints and the final save on the group; under
+    FSDP2 each of those gathers the shards on both ranks."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from forge.orchestrator import train
+
+    overrides = [
+        "train.mode=async", "train.max_steps=3", "train.checkpoint_every=2", "rollout.tasks_per_step=4",
+        "rollout.group_size=4", "rollout.num_workers=1", "train.num_cpus=0.5", "train.num_trainers=2",
+        "train.strategy=fsdp", "logging.tensorboard=false",
+    ]
+    result = train(load_config("configs/smoke.yaml", overrides), tmp_path, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert result.steps == 3 and [r["policy_version"] for r in records] == [1.0, 2.0, 3.0]
+    saved = torch.load(tmp_path / "checkpoints" / "step-000002" / "trainer.pt", weights_only=False)
+    assert saved["policy_version"] == 2
+    initial = load_file(str(tmp_path / "initial_model" / "model.safetensors"))
+    for name, tensor in saved["trainable"].items():  # whole tensors, gathered from both ranks
+        assert tensor.shape == initial[name].shape, name
+    assert (result.checkpoint / "model.safetensors").is_file()
