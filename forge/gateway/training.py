@@ -164,6 +164,11 @@ def train_gateway(
     agent_env = {"OPENAI_BASE_URL": server.base_url, "FORGE_GATEWAY_URL": server.root_url,
                  "FORGE_MAX_TURNS": str(cfg.rollout.max_turns)}
 
+    def stop_services() -> None:
+        server.stop()
+        for actor in trainer_actors(trainer):
+            ray.kill(actor)
+
     # What a checkpoint saves and restores (a sync run's parts, without rollout workers).
     parts = SimpleNamespace(trainer=trainer, workers=[], tasks=tasks, shaper=shaper, output_dir=output)
     step = first_step = 0
@@ -173,9 +178,7 @@ def train_gateway(
             wrapped, version = ray.get(trainer.publish_weights.remote())
             engine.load_weights(unpack_weights(ray.get(wrapped[0])), version)
         except Exception:
-            server.stop()
-            for actor in trainer_actors(trainer):
-                ray.kill(actor)
+            stop_services()
             raise
     logger = MetricsLogger(output, cfg.logging.tensorboard, cfg.logging.wandb_project, cfg.to_dict())
     show_progress = cfg.logging.progress_bar if progress is None else progress
@@ -226,9 +229,7 @@ def train_gateway(
     finally:
         bar.close()
         logger.close()
-        server.stop()
-        for actor in trainer_actors(trainer):
-            ray.kill(actor)
+        stop_services()
     summary = {"steps": step, "checkpoint": str(checkpoint), "wall_seconds": time.perf_counter() - started}
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
     return RunResult(output, step, checkpoint, summary["wall_seconds"])

@@ -12,6 +12,7 @@ step. The single-process `Trainer` stays the default path.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -238,19 +239,24 @@ class DistributedTrainer(Trainer):
             return full_tensor(torch.nn.utils.clip_grad_norm_(params, self.train_cfg.max_grad_norm))
         return self.accelerator.clip_grad_norm_(params, self.train_cfg.max_grad_norm)
 
-    def weights(self) -> dict[str, torch.Tensor]:
-        """The first process gets the trainable tensors whole; the others an empty dict."""
+    def whole_state(self, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """The model's state (or the tensors in `names`) whole and on CPU for the first
+        process, an empty dict for the others. Under FSDP2 every process must call it: each
+        tensor is gathered from all of them."""
         main = self.accelerator.is_main_process
         if not (main or self.sharded):
             return {}
         state = self.module.state_dict()
         out = {}
-        for name in self.trainable:
-            if name in state:
-                tensor = full_tensor(state[name]).detach()  # under FSDP2 every process gathers
-                if main:
-                    out[name] = tensor.cpu().clone()
+        for name in state if names is None else [n for n in names if n in state]:
+            tensor = full_tensor(state[name]).detach()
+            if main:
+                out[name] = tensor.cpu().clone()
         return out
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The first process gets the trainable tensors whole; the others an empty dict."""
+        return self.whole_state(self.trainable)
 
     def publish_weights(self) -> tuple[list[Any], int]:
         if self.accelerator.is_main_process:
@@ -265,11 +271,7 @@ class DistributedTrainer(Trainer):
         main = self.accelerator.is_main_process
         if not self.sharded:
             return super().save(directory) if main else str(directory)
-        state = {}
-        for name, tensor in self.module.state_dict().items():
-            tensor = full_tensor(tensor).detach()  # every process gathers; the first keeps it
-            if main:
-                state[name] = tensor.cpu()
+        state = self.whole_state()
         if not main:
             return str(directory)
         from forge.models.loading import load_model
