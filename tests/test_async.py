@@ -41,7 +41,7 @@ def test_requeued_tasks_are_taken_first_then_the_stream_goes_on():
 
 
 @pytest.mark.slow
-def test_an_async_run_checkpoints_and_resumes_with_the_tasks_it_had_started(ray_session, tmp_path):
+def test_an_async_run_checkpoints_and_resumes_with_the_tasks_it_had_started(ray_session, tmp_path, monkeypatch):
     """Each checkpoint holds exactly its step's trainer state (nothing was queued behind
     it) and the tasks of the groups in flight or waiting; the resumed run plays those
     first and goes on from the step and policy version it stopped at."""
@@ -74,12 +74,9 @@ def test_an_async_run_checkpoints_and_resumes_with_the_tasks_it_had_started(ray_
             played.extend(taken)
             return taken
 
-    extended = async_config(**{"train.max_steps": 6, "train.checkpoint_every": 2})
-    original, orchestrator.TaskStream = orchestrator.TaskStream, RecordingStream
-    try:
-        result = train(extended, tmp_path, progress=False, resume=True)
-    finally:
-        orchestrator.TaskStream = original
+    monkeypatch.setattr(orchestrator, "TaskStream", RecordingStream)
+    result = train(async_config(**{"train.max_steps": 6, "train.checkpoint_every": 2}), tmp_path,
+                   progress=False, resume=True)
     final = pickle.loads((tmp_path / "checkpoints" / "step-000004" / "run_state.pkl").read_bytes())["requeued"]
     assert played[: len(final)] == final  # the started tasks first
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
