@@ -36,18 +36,27 @@ STEP = textwrap.dedent("""
             samples.append(Sample(tokens, mask, [-1.5 * m for m in mask], [0] * len(tokens), advantage=i - 2.5))
         trainer_cfg, steps = TrainerConfig(packing="tree"), 2
     else:
-        # Rank 0 (even indices) gets three unrelated 30-token samples: 3 micro-batches of the
-        # 64-token budget. Rank 1 gets two that share 25 tokens (one 35-token tree) and one
-        # with nothing to train: 1 micro-batch. Two steps, so the second starts from the first.
-        prefix = torch.randint(8, 40, (25,), generator=generator).tolist()
+        # Two unrelated 40-token samples (2 micro-batches of the 64-token budget) and a family
+        # of three that share 48 tokens (one 60-token tree) plus one with nothing to train.
+        # The split keeps the family on one process and balances tokens, so one process
+        # runs 2 micro-batches and the other 1 (checked below). Two steps, so the second
+        # starts from the first.
+        prefix = [39] + torch.randint(20, 40, (47,), generator=generator).tolist()
         for i in range(6):
-            tokens = (prefix if i % 2 else []) + torch.randint(8, 40, (5 if i % 2 else 30,), generator=generator).tolist()
+            tokens = (torch.randint(8, 20, (40,), generator=generator).tolist() if i < 2
+                      else prefix + torch.randint(8, 40, (4,), generator=generator).tolist())
             mask = [0] * 3 + [0 if i == 5 else 1] * (len(tokens) - 3)
             samples.append(Sample(tokens, mask, [-1.5 * m for m in mask], [0] * len(tokens), advantage=i - 2.5))
         # FSDP2 recomputes each block's activations in the backward here: the same step.
         trainer_cfg = TrainerConfig(packing="tree", max_tokens_per_microbatch=64,
                                     gradient_checkpointing=strategy == "fsdp")
         steps = 2
+        from forge.train.distributed import shard
+        from forge.train.trainer import trainable
+        from forge.tree import microbatches
+        counts = [len(microbatches([s for s in shard(samples, rank, 2) if trainable(s)], "tree", 64, "auto"))
+                  for rank in range(2)]
+        assert sorted(counts) == [1, 2], counts
     lora = LoraConfig(enabled=case == "lora")
     train_cfg = TrainConfig(learning_rate=0.01, max_grad_norm=0.05, kl_coef=0.1 if case == "lora" else 0.0)
     args = (model_dir, ModelConfig(path=model_dir, lora=lora), train_cfg, trainer_cfg)
@@ -219,13 +228,41 @@ def test_fsdp2_computing_in_bf16_takes_the_fp32_step_within_bf16_error_on_cpu_an
     assert agree >= 0.9, agree
 
 
-def test_shards_cover_the_batch_once():
-    from forge.train.distributed import shard
+def test_shards_cover_the_batch_once_with_their_minimum_and_balanced_tokens():
+    import random
 
-    batch = list(range(7))
-    shards = [shard(batch, rank, 3) for rank in range(3)]
-    assert sorted(x for s in shards for x in s) == batch
-    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+    from forge.train.distributed import shard_indices
+
+    rng = random.Random(0)
+    for world_size, minimum in [(2, 1), (3, 2), (4, 1), (8, 3)]:
+        batch = [[rng.randrange(8, 40) for _ in range(rng.randrange(10, 200))] for _ in range(40)]
+        shards = shard_indices(batch, world_size, minimum)
+        assert sorted(i for s in shards for i in s) == list(range(len(batch)))
+        assert all(len(s) >= minimum for s in shards)
+        tokens = [sum(len(batch[i]) for i in s) for s in shards]  # nothing shared: tokens are the cost
+        assert max(tokens) - min(tokens) <= 2 * max(map(len, batch)), tokens
+
+
+def test_samples_that_share_a_prompt_stay_on_one_process():
+    """4 GRPO groups of 8 over 4 processes: each process gets one whole group and computes
+    its prompt once; dealt out in turn, every process would compute all 4 prompts."""
+    import random
+
+    from forge.train.distributed import shard_indices
+    from forge.tree import build_prefix_tree
+
+    rng = random.Random(1)
+    batch = []
+    for _ in range(4):
+        prompt = [rng.randrange(8, 40) for _ in range(200)]
+        batch += [prompt + [rng.randrange(8, 40) for _ in range(20)] for _ in range(8)]
+    rng.shuffle(batch)
+    shards = shard_indices(batch, 4)
+    assert sorted(len({tuple(batch[i][:200]) for i in s}) for s in shards) == [1, 1, 1, 1]
+    computed = sum(build_prefix_tree([batch[i] for i in s]).num_nodes for s in shards)
+    dealt = sum(build_prefix_tree(batch[rank::4]).num_nodes for rank in range(4))
+    assert computed <= 4 * (200 + 8 * 20)  # each prompt once (responses may share a token)
+    assert dealt >= 4 * 4 * 200  # each prompt on every process
 
 
 def test_group_metrics_add_counts_and_weight_token_means_by_each_process_tokens():

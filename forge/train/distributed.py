@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from forge.train.trainer import Trainer, loss_tokens, trainable
+from forge.tree.trie import TreeOrder
 from forge.types import Sample
 
 STRATEGIES = ("ddp", "fsdp")
@@ -96,9 +97,56 @@ def combine_metrics(per_process: list[tuple[dict[str, float], int]]) -> dict[str
     return out
 
 
-def shard(samples: list[Sample], rank: int, world_size: int) -> list[Sample]:
-    """This process's share of a batch: every world_size-th sample, starting at rank."""
-    return samples[rank::world_size]
+def shard(samples: list[Sample], rank: int, world_size: int, min_samples: int = 1) -> list[Sample]:
+    """This process's share of a batch (see `shard_indices`)."""
+    shards = shard_indices([s.token_ids for s in samples], world_size, min_samples)
+    return [samples[i] for i in shards[rank]]
+
+
+def shard_indices(token_ids: list[list[int]], world_size: int, min_samples: int = 1) -> list[list[int]]:
+    """Split a batch over `world_size` processes so that samples sharing a prefix stay
+    together: the batch in its prefix tree's order cut into contiguous runs, the largest
+    run tree (the tokens its process computes, a cut prefix counted on both sides) as small
+    as it can be, each run at least `min_samples` long where the batch allows. Dealing
+    samples out in turn would split every group over the processes, each computing the
+    shared prompt again (`python -m bench.tree_sharding`). Every process computes the same
+    split from the same batch."""
+    tree = TreeOrder(token_ids)
+    n = len(tree)
+
+    def greedy(cap: int) -> list[int]:
+        """Ends of the fewest runs within `cap` (taking as much as fits is optimal: a run's
+        size only grows as it extends, and a part of a run is no larger than the run)."""
+        ends, start = [], 0
+        while start < n:
+            end = start + 1
+            while end < n and tree.run_size(start, end + 1) <= cap:
+                end += 1
+            ends.append(end)
+            start = end
+        return ends
+
+    low, high = int(tree.lengths.max(initial=0)), tree.run_size(0, n) if n else 0
+    while low < high:  # the smallest cap that needs at most world_size runs
+        cap = (low + high) // 2
+        low, high = (low, cap) if len(greedy(cap)) <= world_size else (cap + 1, high)
+    ends = greedy(low)
+    runs = list(zip([0, *ends][: len(ends)], ends, strict=True))
+    while len(runs) < world_size and any(end - start > 1 for start, end in runs):
+        # One more run: halve the largest that can be halved, where its larger half is smallest.
+        start, end = max((r for r in runs if r[1] - r[0] > 1), key=lambda r: tree.run_size(*r))
+        cut = min(range(start + 1, end), key=lambda m: max(tree.run_size(start, m), tree.run_size(m, end)))
+        runs[runs.index((start, end))] = (start, cut)
+        runs.append((cut, end))
+        runs.sort()
+    bounds = [0] + [end for _, end in runs[:-1]]
+    bounds += [n] * (world_size - len(bounds))
+    for k in range(1, world_size):  # each run its minimum, where the batch allows
+        latest = max(n - (world_size - k) * min_samples, 0)  # room for the runs after it
+        bounds[k] = min(max(bounds[k], bounds[k - 1] + min_samples), latest)
+        bounds[k] = max(bounds[k], bounds[k - 1])
+    bounds.append(n)
+    return [tree.order[bounds[k] : bounds[k + 1]] for k in range(world_size)]
 
 
 class ForwardThrough:
@@ -176,7 +224,8 @@ class DistributedTrainer(Trainer):
                 "rollout.tasks_per_step"
             )
         self._batch_trains = any(trainable(s) for s in samples)
-        mine = shard(samples, self.accelerator.process_index, self.world_size)
+        rank, parts = self.accelerator.process_index, self.train_cfg.minibatches_per_step
+        mine = shard(samples, rank, self.world_size, parts)
         metrics = super().train_step(mine)
         trained = [s for s in mine if trainable(s) and not (self.skips_zero_advantage and s.advantage == 0)]
         everyone: list[Any] = [None] * self.world_size

@@ -16,7 +16,7 @@ import torch
 
 from forge.tree.attention import TREE_BLOCKS_KWARG, enable_tree_sdpa, tree_query_blocks
 from forge.tree.masks import dense_tree_mask, flex_tree_block_mask
-from forge.tree.trie import PrefixTree, build_prefix_tree, common_prefix_length, lexicographic_order
+from forge.tree.trie import PrefixTree, TreeOrder, build_prefix_tree
 from forge.types import Sample
 
 Packing = Literal["tree", "padded"]
@@ -145,20 +145,14 @@ def _tree_microbatches(token_ids: list[list[int]], budget: int, attention: Atten
     its common prefix with the one before; a cut inside a shared prefix makes the next run
     compute that prefix again, which the ratio counts.
     """
-    order = lexicographic_order(token_ids)
-    lengths = np.array([len(token_ids[i]) for i in order], dtype=np.int64)
-    shared = np.zeros(len(order), dtype=np.int64)
-    arrays = [np.asarray(token_ids[i], dtype=np.int64) for i in order]
-    for rank in range(1, len(order)):
-        shared[rank] = common_prefix_length(arrays[rank - 1], arrays[rank])
-    new_tokens = np.concatenate([[0], np.cumsum(lengths - shared)])  # new_tokens[j] = sum over ranks < j
-
+    tree_order = TreeOrder(token_ids)
+    order = tree_order.order
     n = len(order)
     best: list[tuple[int, int]] = [(0, 0)] + [(1 << 62, 0)] * n  # (tokens, tie-break) for ranks < j
     cut = [0] * (n + 1)
     for end in range(1, n + 1):
         for start in range(end - 1, -1, -1):
-            size = int(new_tokens[end] - new_tokens[start] + shared[start])
+            size = tree_order.run_size(start, end)
             if size > budget:
                 break  # size only grows as the run extends left
             candidate = (best[start][0] + size, best[start][1] + (1 if attention == "flex" else size * size))

@@ -52,6 +52,28 @@ def common_prefix_length(a: np.ndarray, b: np.ndarray) -> int:
     return int(mismatch[0]) if len(mismatch) else n
 
 
+class TreeOrder:
+    """Sequences in their prefix tree's order (lexicographic), with what any contiguous run
+    of that order costs as one tree: `run_size(a, b)` is the node count of the tree of
+    order[a:b], its first sequence's length plus each later one's length beyond its common
+    prefix with the one before."""
+
+    def __init__(self, sequences: Sequence[Sequence[int]]) -> None:
+        self.order = lexicographic_order(sequences)
+        arrays = [np.asarray(sequences[i], dtype=np.int64) for i in self.order]
+        self.lengths = np.array([len(a) for a in arrays], dtype=np.int64)
+        self.shared = np.zeros(len(arrays), dtype=np.int64)  # common prefix with the one before
+        for j in range(1, len(arrays)):
+            self.shared[j] = common_prefix_length(arrays[j - 1], arrays[j])
+        self._new = np.concatenate([[0], np.cumsum(self.lengths - self.shared)])
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def run_size(self, start: int, end: int) -> int:
+        return int(self._new[end] - self._new[start] + self.shared[start])
+
+
 def build_prefix_tree(sequences: Sequence[Sequence[int]]) -> PrefixTree:
     """Merge `sequences` into a prefix tree; duplicates and prefixes of others add no nodes."""
     if any(len(s) == 0 for s in sequences):
