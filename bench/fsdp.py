@@ -25,17 +25,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from bench.ranks import run_ranks
 from forge.config import ModelConfig, TinyModelConfig, TrainConfig, TrainerConfig
 from forge.types import Sample
 
@@ -103,31 +100,10 @@ def child(strategy: str, model_dir: str, steps: int, out: str) -> None:
     trainer.close()
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def run(strategy: str, model_dir: Path, steps: int, workdir: Path) -> dict[str, float]:
     """Two ranks under `strategy`; each measure is the larger rank's."""
-    out, port, processes = workdir / strategy, free_port(), []
-    for rank in range(WORLD_SIZE):
-        env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", RANK=str(rank), LOCAL_RANK=str(rank),
-                   WORLD_SIZE=str(WORLD_SIZE), LOCAL_WORLD_SIZE=str(WORLD_SIZE),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        command = [sys.executable, "-m", "bench.fsdp", "--child", strategy, str(model_dir), str(steps), str(out)]
-        processes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                          text=True, cwd=Path(__file__).parent.parent))
-    for rank, process in enumerate(processes):
-        try:
-            output = process.communicate(timeout=900)[0]
-        except subprocess.TimeoutExpired:
-            for p in processes:
-                p.kill()
-            raise
-        if process.returncode != 0:
-            raise RuntimeError(f"{strategy} rank {rank} failed:\n{output[-3000:]}")
+    out = workdir / strategy
+    run_ranks("bench.fsdp", [strategy, str(model_dir), str(steps), str(out)], WORLD_SIZE)
     reports = [json.loads(Path(f"{out}.rank{rank}").read_text()) for rank in range(WORLD_SIZE)]
     return {key: max(r[key] for r in reports) for key in reports[0]}
 

@@ -11,11 +11,15 @@ For the `bench.tree` workloads and N = 2, 4, 8, this compares two splits:
 Per split: `tree_token_ratio` (the batch's tokens over the tokens all processes compute,
 packed as the trainer packs them, `trainer.max_tokens_per_microbatch` 4096) and
 `max_process_tokens` (what the slowest process computes: a data-parallel step waits for
-it). `prefix_speedup` = dealt's max_process_tokens / prefix's. Token counts, not timings:
-the step time of a process follows the tokens it computes (see `bench.tree`). Prints one
-JSON object and writes bench/results/tree_sharding.json.
+it). `prefix_speedup` = dealt's max_process_tokens / prefix's.
 
-    python -m bench.tree_sharding        # a few seconds
+With `--timed`, it also trains: 2 gloo processes (`DistributedTrainer`, one CPU thread
+each, `bench.tree`'s model) take steps on `grpo` and `agent_per_call` under each split,
+alternating `--repeats` times; `step_seconds` is the median step, and `timed_speedup`
+dealt's over prefix's. Prints one JSON object and writes bench/results/tree_sharding.json.
+
+    python -m bench.tree_sharding            # token counts only: a few seconds
+    python -m bench.tree_sharding --timed    # and 2-process steps (~4 minutes)
 """
 
 from __future__ import annotations
@@ -34,6 +38,68 @@ from forge.types import Sample
 
 RESULTS = Path(__file__).parent / "results" / "tree_sharding.json"
 WORLD_SIZES = (2, 4, 8)
+SPLITS = ("dealt", "prefix")
+TIMED_WORKLOADS = ("grpo", "agent_per_call")
+
+
+def dealt(samples: list[Sample], rank: int, world_size: int, min_samples: int = 1) -> list[Sample]:
+    """How forge split batches before: every world_size-th sample."""
+    return samples[rank::world_size]
+
+
+def child(split: str, workload: str, model_dir: str, steps: int, out: str) -> None:
+    """One rank: train `steps` steps (after a warm-up) with the batch split by `split`."""
+    import torch.distributed as dist
+
+    from forge.config import ModelConfig, TrainConfig, TrainerConfig
+    from forge.train import distributed
+
+    if split == "dealt":
+        distributed.shard = dealt
+    trainer = distributed.DistributedTrainer(
+        model_dir, ModelConfig(path=model_dir, attn_implementation="sdpa"), TrainConfig(),
+        TrainerConfig(packing="tree", max_tokens_per_microbatch=BUDGET), seed=0, num_threads=1,
+    )
+    samples = WORKLOADS[workload](len(build_tokenizer()), random.Random(workload))
+    trainer.train_step(samples)  # warm-up
+    seconds = []
+    for _ in range(steps):
+        dist.barrier()
+        started = time.perf_counter()
+        trainer.train_step(samples)
+        dist.barrier()
+        seconds.append(time.perf_counter() - started)
+    if dist.get_rank() == 0:
+        Path(out).write_text(json.dumps(seconds))
+    trainer.close()
+
+
+def timed(repeats: int, steps: int) -> dict:
+    import statistics
+    import tempfile
+
+    from bench.ranks import run_ranks
+    from bench.tree import MODEL
+    from forge.models.tiny import save_tiny_checkpoint
+
+    runs: dict = {w: {s: [] for s in SPLITS} for w in TIMED_WORKLOADS}
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = save_tiny_checkpoint(MODEL, Path(tmp) / "model", seed=0)
+        for _ in range(repeats):
+            for workload in TIMED_WORKLOADS:
+                for split in SPLITS:
+                    out = Path(tmp) / f"{workload}-{split}.json"
+                    run_ranks("bench.tree_sharding", [split, workload, str(model_dir), str(steps), str(out)], 2)
+                    runs[workload][split].append(statistics.median(json.loads(out.read_text())))
+    result = {}
+    for workload, by_split in runs.items():
+        medians = {split: statistics.median(values) for split, values in by_split.items()}
+        result[workload] = {
+            "step_seconds": {split: round(value, 3) for split, value in medians.items()},
+            "timed_speedup": round(medians["dealt"] / medians["prefix"], 3),
+            "runs": {split: [round(v, 3) for v in values] for split, values in by_split.items()},
+        }
+    return result
 
 
 def computed_tokens(samples: list[Sample]) -> int:
@@ -57,7 +123,15 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--timed", action="store_true", help="also time 2-process training steps")
+    parser.add_argument("--repeats", type=int, default=3, help="--timed: runs per split, alternating")
+    parser.add_argument("--steps", type=int, default=3, help="--timed: timed steps per run")
+    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        split, workload, model_dir, steps, out = args.child
+        child(split, workload, model_dir, int(steps), out)
+        return
     vocab = len(build_tokenizer())
     result: dict = {"budget": BUDGET, "workloads": {}}
     for name, make in WORKLOADS.items():
@@ -83,6 +157,8 @@ def main() -> None:
             )
             row[f"processes_{world_size}"] = entry
         result["workloads"][name] = row
+    if args.timed:
+        result["timed_two_processes"] = timed(args.repeats, args.steps)
     text = json.dumps(result, indent=2)
     print(text)
     args.output.parent.mkdir(parents=True, exist_ok=True)
