@@ -38,6 +38,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from bench.report import save_result
 from forge.config import load_config
 from forge.orchestrator import train
 
@@ -122,9 +123,7 @@ def main() -> None:
     }
     report["layouts"] = layouts
     report["meets_target"] = report["speedup"] >= 1.3 and report["success_rate_drop"] <= 0.05
-    result = Path(__file__).parent / "results" / "async.json"
-    result.parent.mkdir(parents=True, exist_ok=True)
-    result.write_text(json.dumps(report, indent=2) + "\n")
+    save_result(report, Path(__file__).parent / "results" / "async.json")
     print(json.dumps(report))
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from bench.ranks import run_ranks
+from bench.report import save_result
 from forge.config import ModelConfig, TinyModelConfig, TrainConfig, TrainerConfig
 from forge.types import Sample
 
@@ -141,10 +142,8 @@ def main() -> None:
         "fsdp_over_ddp": {key: round(results["fsdp"][key] / results["ddp"][key], 3) for key in results["ddp"]},
         "runs": runs,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text + "\n")
+    print(json.dumps(result, indent=2))
+    save_result(result, args.output)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from bench.report import save_result
 from forge.config import ModelConfig, TinyModelConfig
 from forge.models.loading import load_model, load_tokenizer
 from forge.models.tiny import save_tiny_checkpoint
@@ -84,9 +85,7 @@ def main() -> None:
         "prefill_over_context_16": round(results["16"]["prefill_tokens"] / results["16"]["context_tokens"], 4),
         "seconds_16_over_4": round(results["16"]["seconds"] / results["4"]["seconds"], 3),
     }
-    out = Path(__file__).parent / "results" / "rollout.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    save_result(report, Path(__file__).parent / "results" / "rollout.json")
     print(json.dumps(report))
 
 

@@ -76,6 +76,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from bench.report import save_result
 from forge.config import Config, load_config
 
 RESULTS = Path(__file__).parent / "results" / "speed_shaping.json"
@@ -234,11 +235,6 @@ def summarize(
     }
 
 
-def write(result: dict, output: Path) -> None:
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2) + "\n")
-
-
 def base_overrides(args: argparse.Namespace) -> list[str]:
     return [*BASE, *args.set]
 
@@ -276,7 +272,7 @@ def main() -> None:
                            sum(part["total_seconds"] for part in parts), complete=all(part["complete"] for part in parts),
                            temperature=parts[0].get("temperature", 1.0), base_overrides=parts[0]["base_overrides"],
                            shaped_extra=parts[0]["shaped_overrides"][len(shaping_overrides(0.0)):])  # fmt: skip
-        write(result, args.output)
+        save_result(result, args.output)
         json.dump(result, sys.stdout)
         print()
         return
@@ -295,7 +291,7 @@ def main() -> None:
         result = summarize(per_seed, args.steps, args.speed_weight, task, time.perf_counter() - started,
                            complete=len(per_seed) == len(args.seeds), temperature=args.temperature,
                            base_overrides=base_overrides(args), shaped_extra=args.shaped_set)  # fmt: skip
-        write(result, args.output)  # after every seed
+        save_result(result, args.output)  # after every seed
     json.dump(result, sys.stdout)
     print()
 

@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.report import save_result
 from forge.config import ModelConfig, TinyModelConfig, TrainConfig, TrainerConfig
 from forge.types import Sample
 
@@ -238,7 +239,6 @@ def main(repeats: int, setup: Setup, workload_names: list[str], output: Path) ->
         "workloads": workloads,
         "detail": detail,
     }
-    output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = save_tiny_checkpoint(MODEL, Path(scratch) / "model")
         result["model"]["vocab_size"] = vocab_size(model_dir)
@@ -270,7 +270,7 @@ def main(repeats: int, setup: Setup, workload_names: list[str], output: Path) ->
                 "wall_seconds_padded_all": [round(s, 3) for s in padded["wall_seconds_all"]],
                 "wall_seconds_tree_all": [round(s, 3) for s in tree["wall_seconds_all"]],
             }
-            output.write_text(json.dumps(result, indent=2) + "\n")
+            save_result(result, output)
     return result
 
 

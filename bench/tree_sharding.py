@@ -30,6 +30,7 @@ import random
 import time
 from pathlib import Path
 
+from bench.report import save_result
 from bench.tree import BUDGET, WORKLOADS
 from forge.models.tiny import build_tokenizer
 from forge.train.distributed import shard_indices
@@ -159,10 +160,8 @@ def main() -> None:
         result["workloads"][name] = row
     if args.timed:
         result["timed_two_processes"] = timed(args.repeats, args.steps)
-    text = json.dumps(result, indent=2)
-    print(text)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text + "\n")
+    print(json.dumps(result, indent=2))
+    save_result(result, args.output)
 
 
 if __name__ == "__main__":

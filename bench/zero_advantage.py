@@ -27,6 +27,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from bench.report import save_result
 from forge.config import load_config
 from forge.orchestrator import train
 
@@ -85,8 +86,7 @@ def main() -> None:
             "per_repeat": [round(r, 3) for r in ratios],
             "median": round(statistics.median(ratios), 3),
         }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    save_result(report, args.output)
     print(json.dumps(report))
 
 
