@@ -23,6 +23,7 @@ python3 -c "import pydantic" || { echo "no pydantic: run bench/gpu_wheels.sh her
 {
   nvidia-smi
   python3 -c "import sys, torch, transformers, peft; print(sys.version); print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__); print(torch.cuda.get_device_name())"
+  python3 -m pip list 2>/dev/null | grep -i -E '^(pyarrow|pandas|fsspec|datasets|accelerate|triton|tokenizers|huggingface.hub) '
 } >"$out/env.txt" 2>&1
 python3 -c "import torch; assert torch.cuda.is_available(), 'torch sees no GPU'" || exit 1
 
