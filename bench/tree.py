@@ -43,6 +43,20 @@ MODEL = TinyModelConfig(
     intermediate_size=1024,
     max_position_embeddings=4096,
 )
+# --model wide: a compute-bound size for a GPU (about 0.8B parameters, head_dim 128), where the
+# tiny model's step is kernel-launch bound and times micro-batch counts rather than tokens.
+MODELS = {
+    "tiny": MODEL,
+    "wide": TinyModelConfig(
+        architecture="qwen2",
+        hidden_size=2048,
+        num_layers=16,
+        num_heads=16,
+        num_kv_heads=8,
+        intermediate_size=5632,
+        max_position_embeddings=4096,
+    ),
+}
 BUDGET = 4096  # trainer.max_tokens_per_microbatch, the same for both packings
 THREADS = 1
 FIRST_TOKEN = 8  # stay clear of the tokenizer's special tokens
@@ -120,6 +134,7 @@ class Setup:
     device: str = "cpu"
     dtype: str = "float32"
     attention: str = "dense"
+    model: str = "tiny"
 
 
 def make_trainer(packing: str, model_dir: Path, setup: Setup):
@@ -130,7 +145,7 @@ def make_trainer(packing: str, model_dir: Path, setup: Setup):
         model_dir,
         ModelConfig(
             path=str(model_dir),
-            tiny=MODEL,
+            tiny=MODELS[setup.model],
             attn_implementation="flex_attention" if flex else "sdpa",
             dtype=setup.dtype,
             device=setup.device,
@@ -192,6 +207,7 @@ def build_milliseconds(samples: list[Sample], repeats: int = 5) -> float:
 def run_child(workload: str, packing: str, model_dir: Path, repeats: int, setup: Setup) -> dict:
     command = [sys.executable, "-m", "bench.tree", "--child", workload, packing, str(model_dir), str(repeats)]
     command += ["--device", setup.device, "--dtype", setup.dtype, "--attention", setup.attention]
+    command += ["--model", setup.model]
     done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parent.parent)
     if done.returncode != 0:
         raise RuntimeError(f"bench child {workload}/{packing} failed:\n{done.stderr[-4000:]}")
@@ -216,7 +232,7 @@ def main(repeats: int, setup: Setup, workload_names: list[str], output: Path) ->
     detail: dict[str, dict] = {}
     result = {
         "benchmark": "tree",
-        "model": {**MODEL.model_dump(), "dtype": setup.dtype},
+        "model": {"preset": setup.model, **MODELS[setup.model].model_dump(), "dtype": setup.dtype},
         "device": describe_device(setup, load_at_start),
         "step_seconds": (
             "median wall-clock seconds between CUDA synchronisations"
@@ -240,7 +256,7 @@ def main(repeats: int, setup: Setup, workload_names: list[str], output: Path) ->
         "detail": detail,
     }
     with tempfile.TemporaryDirectory() as scratch:
-        model_dir = save_tiny_checkpoint(MODEL, Path(scratch) / "model")
+        model_dir = save_tiny_checkpoint(MODELS[setup.model], Path(scratch) / "model")
         result["model"]["vocab_size"] = vocab_size(model_dir)
         for name in workload_names:
             samples = workload_samples(name, model_dir)
@@ -287,6 +303,9 @@ if __name__ == "__main__":
     parser.add_argument(
         "--attention", choices=["dense", "flex"], default="dense", help="the tree's attention path"
     )
+    parser.add_argument(
+        "--model", choices=list(MODELS), default="tiny", help="tiny: 4 layers x 256 (default); wide: 16 x 2048"
+    )
     parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
     parser.add_argument(
         "--output",
@@ -298,7 +317,7 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.attention == "flex" and args.device != "cuda":
         parser.error("--attention flex needs --device cuda: torch 2.13 has no flex attention backward on CPU")
-    setup = Setup(args.device, args.dtype, args.attention)
+    setup = Setup(args.device, args.dtype, args.attention, args.model)
     if args.child:
         workload, packing, model_dir, repeats = args.child
         print(json.dumps(measure_step(workload, packing, Path(model_dir), int(repeats), setup)))
