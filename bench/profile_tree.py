@@ -74,10 +74,9 @@ def main() -> None:
         model_dir = save_tiny_checkpoint(MODELS[args.model], Path(scratch) / "model")
         for packing in args.packings:
             result[packing] = profile_step(packing, model_dir, setup, args.workload, args.top)
-    line = json.dumps(result)
-    if args.output:
-        args.output.write_text(line + "\n")
-    print(line)
+            if args.output:  # after each packing: a run cut short keeps what it finished
+                args.output.write_text(json.dumps(result) + "\n")
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
