@@ -7,7 +7,9 @@ falls on both. Per strategy, per process (the larger of the two ranks, median ov
 - `weights_mb`: the trainable weights this process holds (its shards under FSDP2);
 - `gradients_mb`: the gradients it holds at the optimizer step (sharded under FSDP2);
 - `optimizer_mb`: its AdamW state (both moments, sharded under FSDP2);
-- `training_state_mb`: the three together, what a process keeps besides activations;
+- `reference_mb`: the frozen KL reference of this full fine-tune (`train.kl_coef` 0.05;
+  sharded under FSDP2 as well);
+- `training_state_mb`: the four together, what a process keeps besides activations;
 - `step_seconds`: a training step (forward, backward, optimizer step), median over `--steps`
   after one warm-up step.
 
@@ -69,7 +71,7 @@ def child(strategy: str, model_dir: str, steps: int, out: str) -> None:
 
     torch.set_num_threads(1)
     trainer = DistributedTrainer(
-        model_dir, ModelConfig(path=model_dir), TrainConfig(learning_rate=1e-4),
+        model_dir, ModelConfig(path=model_dir), TrainConfig(learning_rate=1e-4, kl_coef=0.05),
         TrainerConfig(packing="padded"), seed=0, strategy=strategy,
     )
     gradients: list[float] = []
@@ -94,9 +96,10 @@ def child(strategy: str, model_dir: str, steps: int, out: str) -> None:
         "weights_mb": local_megabytes(list(trainer.trainable.values())),
         "gradients_mb": max(gradients),
         "optimizer_mb": local_megabytes(state),
+        "reference_mb": local_megabytes(list(trainer.reference.parameters())),
         "step_seconds": statistics.median(seconds),
     }
-    report["training_state_mb"] = report["weights_mb"] + report["gradients_mb"] + report["optimizer_mb"]
+    report["training_state_mb"] = sum(report[key] for key in ("weights_mb", "gradients_mb", "optimizer_mb", "reference_mb"))
     Path(f"{out}.rank{dist.get_rank()}").write_text(json.dumps(report))
     trainer.close()
 

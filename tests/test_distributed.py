@@ -1,7 +1,7 @@
 """Two gloo processes with half the batch each take the same optimizer step as one process
 with the whole batch, under DDP and under FSDP2 (which shards on CPU too): also when their
 halves pack into different numbers of micro-batches, under FSDP2 with gradient checkpointing,
-and with LoRA adapters and a KL term; and what they publish, checkpoint and save is what the
+with LoRA adapters and a KL term, and in a full fine-tune with a KL term to a sharded reference; and what they publish, checkpoint and save is what the
 one process does."""
 
 import os
@@ -29,7 +29,9 @@ STEP = textwrap.dedent("""
             mask = [0] * 5 + [1] * (len(tokens) - 5)
             samples.append(Sample(tokens, mask, [-1.5 * m for m in mask], [0] * len(tokens), advantage=i - 2.5))
         trainer_cfg, steps = TrainerConfig(packing="padded"), 1
-    elif case == "lora":  # the same batch through LoRA adapters, with a KL term to the adapter-free model
+    elif case in ("lora", "kl"):
+        # The same batch through LoRA adapters with a KL term to the adapter-free model, or
+        # a full fine-tune with a KL term to a frozen copy of the model (sharded under FSDP2).
         for i in range(6):
             tokens = torch.randint(8, 40, (10 + 3 * i,), generator=generator).tolist()
             mask = [0] * 5 + [1] * (len(tokens) - 5)
@@ -58,7 +60,7 @@ STEP = textwrap.dedent("""
                   for rank in range(2)]
         assert sorted(counts) == [1, 2], counts
     lora = LoraConfig(enabled=case == "lora")
-    train_cfg = TrainConfig(learning_rate=0.01, max_grad_norm=0.05, kl_coef=0.1 if case == "lora" else 0.0)
+    train_cfg = TrainConfig(learning_rate=0.01, max_grad_norm=0.05, kl_coef=0.1 if case in ("lora", "kl") else 0.0)
     args = (model_dir, ModelConfig(path=model_dir, lora=lora), train_cfg, trainer_cfg)
 
     def make():
@@ -76,6 +78,10 @@ STEP = textwrap.dedent("""
         for name, param in trainer.trainable.items():
             assert isinstance(param, DTensor), name
             assert param.to_local().shape[0] <= -(-param.shape[0] // 2), name
+        if case == "kl":  # and of the frozen reference's
+            for name, param in trainer.reference.named_parameters():
+                assert isinstance(param, DTensor) and not param.requires_grad, name
+                assert param.to_local().shape[0] <= -(-param.shape[0] // 2), name
     metrics = trainer.train_step(samples)
     if case == "uneven":
         # Every process saves the state after the first step (the first writes it), then a
@@ -136,7 +142,7 @@ def load_model_file(directory):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("strategy", "case"),
-    [("ddp", "even"), ("ddp", "uneven"), ("fsdp", "even"), ("fsdp", "uneven"), ("fsdp", "lora")],
+    [("ddp", "even"), ("ddp", "uneven"), ("fsdp", "even"), ("fsdp", "uneven"), ("fsdp", "lora"), ("fsdp", "kl")],
 )
 def test_two_gloo_processes_with_half_the_batch_take_the_single_process_step(tiny_checkpoint, tmp_path, strategy, case):
     run(tiny_checkpoint, tmp_path / "single.pt", "single", case)

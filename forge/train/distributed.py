@@ -38,11 +38,15 @@ def make_accelerator(strategy: str, mixed_precision: str) -> Any:
 
 
 def shard_model(
-    model: torch.nn.Module, device_type: str, world_size: int, mixed_precision: str
+    model: torch.nn.Module, device_type: str, world_size: int, mixed_precision: str, frozen: bool = False
 ) -> torch.nn.Module:
     """FSDP2 over all processes: each transformer block is one unit (its weights are
     gathered just for its forward and backward), and the root holds the rest. The model
-    is sharded in place; its parameters become DTensors on `device_type`."""
+    is sharded in place; its parameters become DTensors on `device_type`.
+
+    `frozen`: a model that only runs forwards (the KL reference). FSDP2 keeps the root's
+    weights gathered after a forward, for the backward that follows; with no backward to
+    come, they are resharded at once."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -55,7 +59,7 @@ def shard_model(
     for module in model.modules():
         if type(module).__name__ in blocks:
             fully_shard(module, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy, **({"reshard_after_forward": True} if frozen else {}))
     return model
 
 
@@ -188,7 +192,7 @@ class DistributedTrainer(Trainer):
         self.module = self.accelerator.unwrap_model(self.wrapped)
         self.model = self.module
         self.trainable = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
-        if self.reference is not None:  # the frozen reference runs beside the policy
+        if self.reference is not None and not self.sharded:  # the frozen reference runs beside the policy
             self.reference.to(self.accelerator.device)
 
     @property
@@ -212,6 +216,16 @@ class DistributedTrainer(Trainer):
         if not self.sharded:
             return model
         return shard_model(model, self.accelerator.device.type, self.world_size, self.mixed_precision)
+
+    def _frozen_reference(self, model_path: str | Path, model_cfg: Any) -> Any:
+        """Under FSDP2 the KL reference of a full fine-tune is sharded like the policy: each
+        process holds 1/N of it. Its forwards are collectives too, entered once per
+        micro-batch (padding ones included) by every process."""
+        reference = super()._frozen_reference(model_path, model_cfg)
+        if reference is None or not self.sharded:
+            return reference
+        device_type = self.accelerator.device.type
+        return shard_model(reference, device_type, self.world_size, self.mixed_precision, frozen=True)
 
     def train_step(self, samples: list[Sample]) -> dict[str, float]:
         """`samples` is the whole batch (the same list on every process), so every decision
