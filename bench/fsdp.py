@@ -10,6 +10,10 @@ falls on both. Per strategy, per process (the larger of the two ranks, median ov
 - `reference_mb`: the frozen KL reference of this full fine-tune (`train.kl_coef` 0.05;
   sharded under FSDP2 as well);
 - `training_state_mb`: the four together, what a process keeps besides activations;
+- `loading_mb_first` / `loading_mb_others`: how far building the trainer (policy and
+  reference) raised the process's resident memory (VmHWM over the RSS before it), for the
+  first process and the largest of the others. Under FSDP2 only the first reads the
+  checkpoint; the others build on the meta device and receive their shards;
 - `step_seconds`: a training step (forward, backward, optimizer step), median over `--steps`
   after one warm-up step.
 
@@ -20,7 +24,7 @@ bench/results/fsdp.json.
 
 On CPU over gloo FSDP2's all-gathers and reduce-scatters are slow copies, so expect the
 step to cost more there; the memory columns are what carries over to GPUs. (Process
-memory is not compared: each process loads the whole model on CPU before sharding it.)
+memory beyond loading is not compared: it is mostly torch's own.)
 """
 
 from __future__ import annotations
@@ -63,6 +67,13 @@ def local_megabytes(tensors: list[torch.Tensor]) -> float:
     return sum(t.numel() * t.element_size() for t in local) / 2**20
 
 
+def resident_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
 def child(strategy: str, model_dir: str, steps: int, out: str) -> None:
     """One rank: train, time, and write what it holds."""
     import torch.distributed as dist
@@ -70,10 +81,16 @@ def child(strategy: str, model_dir: str, steps: int, out: str) -> None:
     from forge.train.distributed import DistributedTrainer
 
     torch.set_num_threads(1)
+    import peft  # noqa: F401  (imported before the baseline: their code is not the model's memory)
+    import transformers.models.qwen2.modeling_qwen2  # noqa: F401
+
+    before = resident_mb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM restarts from the current RSS
     trainer = DistributedTrainer(
         model_dir, ModelConfig(path=model_dir), TrainConfig(learning_rate=1e-4, kl_coef=0.05),
         TrainerConfig(packing="padded"), seed=0, strategy=strategy,
     )
+    loading = resident_mb("VmHWM") - before
     gradients: list[float] = []
     clip = trainer.clip_gradients
 
@@ -98,6 +115,7 @@ def child(strategy: str, model_dir: str, steps: int, out: str) -> None:
         "optimizer_mb": local_megabytes(state),
         "reference_mb": local_megabytes(list(trainer.reference.parameters())),
         "step_seconds": statistics.median(seconds),
+        "loading_mb": loading,
     }
     report["training_state_mb"] = sum(report[key] for key in ("weights_mb", "gradients_mb", "optimizer_mb", "reference_mb"))
     Path(f"{out}.rank{dist.get_rank()}").write_text(json.dumps(report))
@@ -105,11 +123,15 @@ def child(strategy: str, model_dir: str, steps: int, out: str) -> None:
 
 
 def run(strategy: str, model_dir: Path, steps: int, workdir: Path) -> dict[str, float]:
-    """Two ranks under `strategy`; each measure is the larger rank's."""
+    """Two ranks under `strategy`; each measure is the larger rank's (loading: the first's and
+    the others')."""
     out = workdir / strategy
     run_ranks("bench.fsdp", [strategy, str(model_dir), str(steps), str(out)], WORLD_SIZE)
     reports = [json.loads(Path(f"{out}.rank{rank}").read_text()) for rank in range(WORLD_SIZE)]
-    return {key: max(r[key] for r in reports) for key in reports[0]}
+    measures = {key: max(r[key] for r in reports) for key in reports[0] if key != "loading_mb"}
+    measures["loading_mb_first"] = reports[0]["loading_mb"]
+    measures["loading_mb_others"] = max(r["loading_mb"] for r in reports[1:])
+    return measures
 
 
 def main() -> None:

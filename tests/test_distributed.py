@@ -63,6 +63,16 @@ STEP = textwrap.dedent("""
     train_cfg = TrainConfig(learning_rate=0.01, max_grad_norm=0.05, kl_coef=0.1 if case in ("lora", "kl") else 0.0)
     args = (model_dir, ModelConfig(path=model_dir, lora=lora), train_cfg, trainer_cfg)
 
+    if strategy == "fsdp" and os.environ["RANK"] != "0":
+        # Under FSDP2 only the first process reads the checkpoint; the others get their shards
+        # (and the buffers) from it.
+        import transformers
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("a process other than the first read the checkpoint's weights")
+
+        transformers.AutoModelForCausalLM.from_pretrained = refuse
+
     def make():
         if distributed:
             from forge.train.distributed import DistributedTrainer

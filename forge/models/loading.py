@@ -88,13 +88,23 @@ def resolve_device(setting: str, reserved_gpus: float | None = None) -> torch.de
 def load_model(
     path: str | Path, cfg: ModelConfig, trainable: bool = False, device: str | torch.device = "cpu"
 ):
-    """Load a causal LM with `from_pretrained` onto `device`; wrap it in LoRA adapters when configured."""
-    from transformers import AutoModelForCausalLM
+    """Load a causal LM with `from_pretrained` onto `device`; wrap it in LoRA adapters when configured.
+
+    `device="meta"` reads only the checkpoint's config: the model has its shapes and no data
+    (a data-parallel process that receives its weights from the first one, forge.train.distributed)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     quiet_transformers()
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation
-    ).to(device)
+    if torch.device(device).type == "meta":
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(
+                AutoConfig.from_pretrained(str(path)), dtype=DTYPES[cfg.dtype],
+                attn_implementation=cfg.attn_implementation,
+            )
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation
+        ).to(device)
     if cfg.lora.enabled:
         from peft import LoraConfig, get_peft_model
 

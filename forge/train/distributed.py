@@ -63,6 +63,27 @@ def shard_model(
     return model
 
 
+def shard_from_first_process(
+    model: torch.nn.Module, device: torch.device, world_size: int, mixed_precision: str, frozen: bool = False
+) -> torch.nn.Module:
+    """`shard_model` for a model the first process loaded whole and the others built on the
+    meta device (shapes, no data): each process's shard of every weight comes from the first
+    process by broadcast, and so do the buffers, which the state dict leaves out (rotary
+    frequencies). Only one process reads the checkpoint and holds the whole model."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    first = dist.get_rank() == 0
+    whole = model.state_dict() if first else {}
+    shard_model(model, device.type, world_size, mixed_precision, frozen)
+    if not first:
+        model.to_empty(device=device)
+    set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
+    return model
+
+
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The whole of a tensor FSDP2 shards (a collective: every process must call it)."""
     from torch.distributed.tensor import DTensor
@@ -212,10 +233,19 @@ class DistributedTrainer(Trainer):
         or `shard_model` spreads it over the processes (FSDP2)."""
         return torch.device("cpu")
 
+    def load(self, trainable: bool) -> torch.nn.Module:
+        """Under FSDP2 only the first process reads the checkpoint; the others build the model
+        on the meta device and receive their shards in `prepare_model`."""
+        if self.sharded and not self.accelerator.is_main_process:
+            from forge.models.loading import load_model
+
+            return load_model(self.model_path, self.model_cfg, trainable=trainable, device=torch.device("meta"))
+        return super().load(trainable)
+
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         if not self.sharded:
             return model
-        return shard_model(model, self.accelerator.device.type, self.world_size, self.mixed_precision)
+        return shard_from_first_process(model, self.accelerator.device, self.world_size, self.mixed_precision)
 
     def _frozen_reference(self, model_path: str | Path, model_cfg: Any) -> Any:
         """Under FSDP2 the KL reference of a full fine-tune is sharded like the policy: each
@@ -224,8 +254,8 @@ class DistributedTrainer(Trainer):
         reference = super()._frozen_reference(model_path, model_cfg)
         if reference is None or not self.sharded:
             return reference
-        device_type = self.accelerator.device.type
-        return shard_model(reference, device_type, self.world_size, self.mixed_precision, frozen=True)
+        device = self.accelerator.device
+        return shard_from_first_process(reference, device, self.world_size, self.mixed_precision, frozen=True)
 
     def train_step(self, samples: list[Sample]) -> dict[str, float]:
         """`samples` is the whole batch (the same list on every process), so every decision

@@ -77,7 +77,7 @@ class Trainer:
         seed: int = 0,
         num_threads: int | None = None,
     ) -> None:
-        from forge.models.loading import load_model, load_tokenizer
+        from forge.models.loading import load_tokenizer
 
         if num_threads is not None:
             torch.set_num_threads(num_threads)
@@ -95,7 +95,7 @@ class Trainer:
         )
         self.tokenizer = load_tokenizer(model_path)
         self.device = self.model_device(model_cfg, train_cfg)
-        self.model = load_model(model_path, model_cfg, trainable=True, device=self.device)
+        self.model = self.load(trainable=True)
         if trainer_cfg.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.model = self.prepare_model(self.model)
@@ -126,16 +126,20 @@ class Trainer:
 
         return resolve_device(model_cfg.device, train_cfg.num_gpus)
 
+    def load(self, trainable: bool) -> torch.nn.Module:
+        """The policy (`trainable`) or the frozen KL reference, from the checkpoint."""
+        from forge.models.loading import load_model
+
+        return load_model(self.model_path, self.model_cfg, trainable=trainable, device=self.device)
+
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """The model the optimizer is built over (forge.train.distributed shards it here)."""
         return model
 
     def _frozen_reference(self, model_path: str | Path, model_cfg: ModelConfig) -> Any:
-        from forge.models.loading import load_model
-
         if model_cfg.lora.enabled:
             return None  # the peft model with its adapters disabled is the reference
-        return load_model(model_path, model_cfg, trainable=False, device=self.device)
+        return self.load(trainable=False)
 
     def _reference_logprobs(self, batch: Any) -> list[torch.Tensor]:
         with torch.no_grad():
