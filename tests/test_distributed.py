@@ -289,12 +289,12 @@ def test_group_metrics_add_counts_and_weight_token_means_by_each_process_tokens(
              "zero_advantage_skipped": 0.0, "train_seconds": 1.0, "mismatch_kl": 0.2, "tree_token_ratio": 2.0}
     # A process whose shard had nothing to train ran padding only: counts, no token means.
     rank1 = {"loss": 0.0, "grad_norm": 2.0, "learning_rate": 0.1, "optimizer_steps_skipped": 0.0,
-             "tokens_computed": 0.0, "tokens_separate": 0.0, "microbatches": 0.0, "trained_samples": 1.0,
+             "tokens_computed": 0.0, "tokens_separate": 0.0, "microbatches": 0.0, "trained_samples": 0.0,
              "zero_advantage_skipped": 1.0, "train_seconds": 1.5}
     rank2 = {**rank0, "loss": 0.25, "tokens_computed": 10.0, "tokens_separate": 10.0, "mismatch_kl": 0.5,
              "tree_token_ratio": 1.0}
-    out = combine_metrics([(rank0, 30), (rank1, 0), (rank2, 10)])
+    out = combine_metrics([(rank0, 30, 3), (rank1, 0, 1), (rank2, 10, 3)])
     assert out["loss"] == 0.75 and out["grad_norm"] == 2.0 and out["train_seconds"] == 1.5
-    assert out["trained_samples"] == 7.0 and out["tree_token_ratio"] == 70.0 / 40.0
+    assert out["trained_samples"] == 6.0 and out["tree_token_ratio"] == 70.0 / 40.0
     assert out["zero_advantage_skipped"] == 1.0 / 7.0
     assert out["mismatch_kl"] == pytest.approx((0.2 * 30 + 0.5 * 10) / 40)

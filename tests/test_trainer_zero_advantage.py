@@ -42,6 +42,7 @@ def test_skipping_zero_advantage_samples_keeps_the_gradient_and_the_loss(tiny_ch
     full, full_grad = step(tiny_checkpoint, loss=loss, loss_aggregation=aggregation, skip_zero_advantage=False)
     skip, skip_grad = step(tiny_checkpoint, loss=loss, loss_aggregation=aggregation)
     assert full["zero_advantage_skipped"] == 0.0 and skip["zero_advantage_skipped"] == 0.5
+    assert skip["trained_samples"] == full["trained_samples"] / 2  # the skipped half is not trained
     assert skip["tokens_computed"] == full["tokens_computed"] - 10 - 4 * 6  # one prompt, four responses
     assert skip["loss"] == pytest.approx(full["loss"], abs=1e-7)
     assert skip["grad_norm"] == pytest.approx(full["grad_norm"], rel=1e-6)
@@ -94,5 +95,6 @@ def test_a_step_that_skips_every_sample_reports_no_tree_ratio_and_no_loss_metric
     trainer = Trainer(tiny_checkpoint, cfg.model, cfg.train, cfg.trainer, seed=0)
     metrics = trainer.train_step(batch()[:4])  # the all-equal group
     assert metrics["zero_advantage_skipped"] == 1.0 and metrics["tokens_computed"] == 0.0
+    assert metrics["trained_samples"] == 0.0 and metrics["loss"] == 0.0 and metrics["grad_norm"] == 0.0
     assert metrics["optimizer_steps_skipped"] == 1.0  # nothing to step on, as before the skip
     assert "tree_token_ratio" not in metrics and "mismatch_kl" not in metrics

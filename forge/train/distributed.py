@@ -95,25 +95,26 @@ SUMMED = ("loss", "tokens_computed", "tokens_separate", "microbatches", "trained
 SHARED = ("learning_rate", "grad_norm", "optimizer_steps_skipped")  # the same on every process
 
 
-def combine_metrics(per_process: list[tuple[dict[str, float], int]]) -> dict[str, float]:
-    """One step's metrics for the whole batch, from each process's metrics on its shard and
-    the loss tokens it trained on: counts and the loss (each process's is its part of the
-    global mean) add up, token means are weighted by those tokens, and the step took as long
-    as the slowest process."""
+def combine_metrics(per_process: list[tuple[dict[str, float], int, int]]) -> dict[str, float]:
+    """One step's metrics for the whole batch, from each process's metrics on its shard, the
+    loss tokens it trained on and its samples with a token to train: counts and the loss
+    (each process's is its part of the global mean) add up, token means are weighted by
+    those tokens, the skipped fraction by those samples, and the step took as long as the
+    slowest process."""
     first = per_process[0][0]
     out = {key: first[key] for key in SHARED if key in first}
     for key in SUMMED:
         if key in first:
-            out[key] = sum(m[key] for m, _ in per_process)
-    out["train_seconds"] = max(m["train_seconds"] for m, _ in per_process)
+            out[key] = sum(m[key] for m, _, _ in per_process)
+    out["train_seconds"] = max(m["train_seconds"] for m, _, _ in per_process)
     if out.get("tokens_computed"):
         out["tree_token_ratio"] = out["tokens_separate"] / out["tokens_computed"]
     if "zero_advantage_skipped" in first:
-        samples = [(m["zero_advantage_skipped"], m["trained_samples"]) for m, _ in per_process]
-        out["zero_advantage_skipped"] = sum(f * n for f, n in samples) / max(sum(n for _, n in samples), 1.0)
-    averaged = {key for m, _ in per_process for key in m} - set(out) - set(SUMMED)
+        skipped = sum(m.get("zero_advantage_skipped", 0.0) * n for m, _, n in per_process)
+        out["zero_advantage_skipped"] = skipped / max(sum(n for _, _, n in per_process), 1)
+    averaged = {key for m, _, _ in per_process for key in m} - set(out) - set(SUMMED)
     for key in sorted(averaged):
-        reported = [(m[key], tokens) for m, tokens in per_process if key in m]
+        reported = [(m[key], tokens) for m, tokens, _ in per_process if key in m]
         weight = sum(tokens for _, tokens in reported)
         if weight:
             out[key] = sum(value * tokens for value, tokens in reported) / weight
@@ -271,9 +272,10 @@ class DistributedTrainer(Trainer):
         rank, parts = self.accelerator.process_index, self.train_cfg.minibatches_per_step
         mine = shard(samples, rank, self.world_size, parts)
         metrics = super().train_step(mine)
-        trained = [s for s in mine if trainable(s) and not (self.skips_zero_advantage and s.advantage == 0)]
+        eligible = [s for s in mine if trainable(s)]
+        trained = [s for s in eligible if not self._skipped(s)]
         everyone: list[Any] = [None] * self.world_size
-        torch.distributed.all_gather_object(everyone, (metrics, loss_tokens(trained)))
+        torch.distributed.all_gather_object(everyone, (metrics, loss_tokens(trained), len(eligible)))
         return combine_metrics(everyone)
 
     # Every collective (the loss denominators, DDP's gradient all-reduce and buffer broadcast,

@@ -180,17 +180,21 @@ class Trainer:
             tokens_computed=float(computed),
             tokens_separate=float(separate),
             microbatches=float(num_microbatches),
-            trained_samples=float(len(samples)),
+            trained_samples=float(sum(1 for s in samples if not self._skipped(s))),
             train_seconds=time.perf_counter() - started,
         )
         return totals
+
+    def _skipped(self, sample: Sample) -> bool:
+        """Left out of the forward: its loss and gradient are exactly zero (train.skip_zero_advantage)."""
+        return self.skips_zero_advantage and sample.advantage == 0
 
     def _optimizer_step(self, samples: list[Sample]) -> tuple[dict[str, float], list[Any]]:
         """Forward/backward micro-batch by micro-batch, then one optimizer step.
         Returns the step's metrics and its micro-batches (padding ones left out)."""
         cfg = self.trainer_cfg
         num_tokens, num_samples = self.loss_denominators(samples)  # skipped samples count here
-        run = [s for s in samples if s.advantage != 0] if self.skips_zero_advantage else samples
+        run = [s for s in samples if not self._skipped(s)]
         batches = microbatches(run, cfg.packing, cfg.max_tokens_per_microbatch, cfg.attention) if run else []
         work = [(batch, [run[i] for i in batch.sample_indices]) for batch in batches]
         missing = self.microbatches_to_run(len(batches)) - len(batches)
