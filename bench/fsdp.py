@@ -33,12 +33,11 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from bench.ranks import run_ranks
+from bench.ranks import run_ranks, timed_steps
 from bench.report import save_result
 from forge.config import ModelConfig, TinyModelConfig, TrainConfig, TrainerConfig
 from forge.types import Sample
@@ -100,14 +99,7 @@ def child(strategy: str, model_dir: str, steps: int, out: str) -> None:
 
     trainer.clip_gradients = measured_clip
     samples = batch()
-    trainer.train_step(samples)  # warm-up: allocates the optimizer state
-    seconds = []
-    for _ in range(steps):
-        dist.barrier()
-        started = time.perf_counter()
-        trainer.train_step(samples)
-        dist.barrier()
-        seconds.append(time.perf_counter() - started)
+    seconds = timed_steps(trainer, samples, steps)
     state = [t for s in trainer._torch_optimizer().state.values() for t in s.values() if t.dim() > 0]
     report = {
         "weights_mb": local_megabytes(list(trainer.trainable.values())),

@@ -6,7 +6,9 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 
 def free_port() -> int:
@@ -38,3 +40,19 @@ def run_ranks(module: str, child_args: list[str], world_size: int, timeout: floa
     for rank, (process, output) in enumerate(zip(processes, outputs, strict=True)):
         if process.returncode != 0:
             raise RuntimeError(f"{module} rank {rank} failed:\n{output[-3000:]}")
+
+
+def timed_steps(trainer: Any, samples: list, steps: int) -> list[float]:
+    """In a rank: one warm-up `train_step`, then `steps` timed ones, each from a barrier to a
+    barrier, so a step's time is the slowest rank's."""
+    import torch.distributed as dist
+
+    trainer.train_step(samples)  # warm-up (allocates the optimizer state)
+    seconds = []
+    for _ in range(steps):
+        dist.barrier()
+        started = time.perf_counter()
+        trainer.train_step(samples)
+        dist.barrier()
+        seconds.append(time.perf_counter() - started)
+    return seconds

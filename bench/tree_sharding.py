@@ -52,6 +52,7 @@ def child(split: str, workload: str, model_dir: str, steps: int, out: str) -> No
     """One rank: train `steps` steps (after a warm-up) with the batch split by `split`."""
     import torch.distributed as dist
 
+    from bench.ranks import timed_steps
     from forge.config import ModelConfig, TrainConfig, TrainerConfig
     from forge.train import distributed
 
@@ -62,14 +63,7 @@ def child(split: str, workload: str, model_dir: str, steps: int, out: str) -> No
         TrainerConfig(packing="tree", max_tokens_per_microbatch=BUDGET), seed=0, num_threads=1,
     )
     samples = WORKLOADS[workload](len(build_tokenizer()), random.Random(workload))
-    trainer.train_step(samples)  # warm-up
-    seconds = []
-    for _ in range(steps):
-        dist.barrier()
-        started = time.perf_counter()
-        trainer.train_step(samples)
-        dist.barrier()
-        seconds.append(time.perf_counter() - started)
+    seconds = timed_steps(trainer, samples, steps)
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps(seconds))
     trainer.close()
