@@ -174,7 +174,7 @@ def run(name: str, shaped: bool, seed: int, args: argparse.Namespace, workdir: P
     cfg = build_config(shaped, args.steps, seed, args.speed_weight, args.max_turns, args.temperature,
                        base_overrides(args), args.shaped_set)  # fmt: skip
     started = time.perf_counter()
-    result = train(cfg, workdir / name, progress=False)
+    result = train(cfg, workdir / name, progress=False, overwrite=True)  # --workdir: a rerun replaces its runs
     train_seconds = time.perf_counter() - started
     evaluation = evaluate(cfg, result.checkpoint, args.eval_tasks, args.eval_group)
     return {

@@ -23,7 +23,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.resume:
         cfg.output_dir = args.resume
     try:
-        result = train(cfg, resume=bool(args.resume))
+        result = train(cfg, resume=bool(args.resume), overwrite=args.overwrite)
     except Exception as exc:
         from forge.orchestrator import actor_death_message
 
@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dry-run", action="store_true", help="validate and print the resolved config")
     train.add_argument("--output-dir", help="where the run writes (overrides output_dir)")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    train.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier run in the output directory (else refused)"
+    )
     train.set_defaults(handler=_train)
 
     evaluate = commands.add_parser("eval", help="play episodes with a trained model; prints one JSON object")
@@ -146,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"forge: {exc}", file=sys.stderr)
         return 2
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, FileExistsError) as exc:
         print(f"forge: {exc}", file=sys.stderr)
         return 2
 

@@ -5,10 +5,34 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
 from forge.types import Trajectory
+
+# What a run writes into its output folder (the trainers, `forge plot`).
+RUN_FILES = ("metrics.jsonl", "trajectories.jsonl", "config.yaml")
+RUN_FOLDERS = ("tensorboard", "checkpoints", "final", "plots", "initial_model")
+
+
+def claim_output_dir(output: Path, overwrite: bool = False) -> None:
+    """Make `output` ready for a new run. One that holds an earlier run is refused (its
+    metrics would be appended to, and its checkpoints mixed with this run's), unless
+    `overwrite`: then that run's files are removed, and only those."""
+    earlier = [name for name in ("metrics.jsonl", "checkpoints") if (output / name).exists()]
+    if not earlier:
+        return
+    if not overwrite:
+        raise FileExistsError(
+            f"{output} already holds a run ({' and '.join(earlier)}): continue it with --resume {output} "
+            "(if it wrote checkpoints), write this run elsewhere with --output-dir DIR, or replace it with "
+            "--overwrite"
+        )
+    for name in RUN_FILES:
+        (output / name).unlink(missing_ok=True)
+    for name in RUN_FOLDERS:
+        shutil.rmtree(output / name, ignore_errors=True)
 
 
 def rollout_metrics(trajectories: list[Trajectory]) -> dict[str, float]:

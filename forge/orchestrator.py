@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from forge.config import Config
-from forge.metrics import MetricsLogger, rollout_metrics, show_step
+from forge.metrics import MetricsLogger, claim_output_dir, rollout_metrics, show_step
 from forge.types import Sample, Trajectory
 
 # Async mode keeps this many training steps submitted to the trainer: one running, one
@@ -281,11 +281,15 @@ def wait_until_alive(actor: Any, timeout_s: float = 300.0) -> None:
 
 
 def train(
-    cfg: Config, output_dir: str | Path | None = None, progress: bool | None = None, resume: bool = False
+    cfg: Config, output_dir: str | Path | None = None, progress: bool | None = None, resume: bool = False,
+    overwrite: bool = False,
 ) -> RunResult:
     """Run `cfg.train.max_steps` steps of sync RL; write metrics and a final checkpoint.
 
-    With `resume`, continue from the latest checkpoint in the output directory."""
+    With `resume`, continue from the latest checkpoint in the output directory. Without it,
+    an output directory holding an earlier run is refused, or with `overwrite` emptied of it."""
+    if not resume:
+        claim_output_dir(Path(output_dir or cfg.output_dir), overwrite)
     if cfg.gateway.enabled:  # agent programs play the episodes through the HTTP gateway
         from forge.config import ConfigError
         from forge.gateway.training import train_gateway

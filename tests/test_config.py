@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import yaml
 
@@ -107,3 +109,36 @@ def test_every_loss_knob_reaches_the_loss_config():
     cfg = load_config(None, ["train.cispo_clip_high=3.0", "train.gspo_clip_low=1e-3", "train.clip_high=0.3"])
     knobs = loss_config(cfg.train)
     assert (knobs.cispo_clip_high, knobs.gspo_clip_low, knobs.clip_high) == (3.0, 1e-3, 0.3)
+
+
+def test_a_new_run_refuses_a_directory_that_holds_an_earlier_run(capsys, tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    code = main(["train", "configs/smoke.yaml", "--output-dir", str(tmp_path)])  # refused before Ray starts
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert f"{tmp_path} already holds a run (metrics.jsonl)" in err
+    assert "--resume" in err and "--output-dir" in err and "--overwrite" in err
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'  # left as it was
+
+
+def test_overwrite_removes_the_earlier_runs_files_and_nothing_else(tmp_path, monkeypatch):
+    from forge import orchestrator
+    from forge.metrics import RUN_FILES, RUN_FOLDERS, claim_output_dir
+
+    for name in RUN_FILES:
+        (tmp_path / name).write_text("old")
+    for name in RUN_FOLDERS:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "file").write_text("old")
+    (tmp_path / "notes.txt").write_text("the user's")
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        claim_output_dir(tmp_path)
+    claim_output_dir(tmp_path, overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+    claim_output_dir(tmp_path)  # nothing of a run left: a new run may start here
+
+    calls = []  # and the command line asks for it (a stand-in for the run records what it was asked)
+    done = SimpleNamespace(steps=0, wall_seconds=0.0, output_dir=tmp_path, checkpoint=None)
+    monkeypatch.setattr(orchestrator, "train", lambda cfg, **kwargs: calls.append(kwargs) or done)
+    assert main(["train", "configs/smoke.yaml", "--output-dir", str(tmp_path), "--overwrite"]) == 0
+    assert calls == [{"resume": False, "overwrite": True}]
