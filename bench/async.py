@@ -17,7 +17,7 @@ per repeat, the async run against the sync run of the same repeat (the machine's
 drifts over minutes, so neighbours compare fairer than medians taken far apart). Prints
 one JSON object and writes bench/results/async.json.
 
-    python bench/async.py              # 300 steps, 3 runs per mode and layout (~8 minutes)
+    python -m bench.async              # 300 steps, 3 runs per mode and layout (~8 minutes)
 
 Committed result (bench/results/async.json, with train.skip_zero_advantage, the default
 since it came in): async with 1 worker 1011 steps per minute against sync with 2 workers

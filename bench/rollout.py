@@ -11,11 +11,12 @@ decoded token costs about 1.4 ms at 50 tokens of context and 1.9 ms at 300 for t
 and batch, which alone makes 16 turns about 4.6x of 4. On this shared 2-core machine the
 measured ratio moves between about 4.5 and 5 with load.
 
-    python bench/rollout.py
+    python -m bench.rollout   (or: forge bench rollout)
 """
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import tempfile
@@ -56,7 +57,7 @@ def play(engine: HFEngine, prompts: list[list[int]], turns: int) -> dict[str, fl
     }
 
 
-def main() -> None:
+def main(output: Path) -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         path = save_tiny_checkpoint(TinyModelConfig(), Path(tmp), seed=0)
@@ -85,9 +86,11 @@ def main() -> None:
         "prefill_over_context_16": round(results["16"]["prefill_tokens"] / results["16"]["context_tokens"], 4),
         "seconds_16_over_4": round(results["16"]["seconds"] / results["4"]["seconds"], 3),
     }
-    save_result(report, Path(__file__).parent / "results" / "rollout.json")
+    save_result(report, output)
     print(json.dumps(report))
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "rollout.json")
+    main(parser.parse_args().output)

@@ -1,15 +1,21 @@
 """Sandbox overhead: wall seconds of a trivial python run at each available level, run one
-at a time and many at once. Prints one JSON object; writes bench/results/sandbox_latency.json."""
+at a time and many at once. Prints one JSON object; writes bench/results/sandbox_latency.json.
+
+    python -m bench.sandbox_latency
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+from bench.report import save_result
 from forge import sandbox
 
 RUNS = 30
@@ -23,7 +29,7 @@ def timed_run(level: int) -> float:
     return time.monotonic() - started
 
 
-def main() -> None:
+def main(output: Path) -> None:
     best = sandbox.available_level()
     levels = {}
     for level in range(best + 1):
@@ -48,11 +54,11 @@ def main() -> None:
         "machine": platform.machine(),
         "levels": levels,
     }
-    os.makedirs("bench/results", exist_ok=True)
-    with open("bench/results/sandbox_latency.json", "w") as f:
-        json.dump(result, f, indent=2)
+    save_result(result, output)
     print(json.dumps(result))
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "sandbox_latency.json")
+    main(parser.parse_args().output)
