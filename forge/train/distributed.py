@@ -12,6 +12,7 @@ step. The single-process `Trainer` stays the default path.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -381,8 +382,14 @@ class DistributedTrainer(Trainer):
 
     def close(self) -> None:
         """Leave the process group (every process together); a process that exits while its
-        group's threads still run can abort."""
+        group's threads still run can abort.
+
+        After the last collective completes, a gloo worker thread still has to free its work,
+        which takes the GIL. If the group were freed at that moment (its destructor joins the
+        workers while holding the GIL), both would wait forever: seen once as a bench rank
+        hung in ~ProcessGroupGloo. Sleeping releases the GIL, so the workers finish first."""
         self.accelerator.wait_for_everyone()
+        time.sleep(0.05)
         torch.distributed.destroy_process_group()
 
     def _torch_optimizer(self) -> torch.optim.Optimizer:
