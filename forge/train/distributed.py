@@ -249,11 +249,11 @@ class DistributedTrainer(Trainer):
             return model
         return shard_from_first_process(model, self.accelerator.device, self.world_size, self.mixed_precision)
 
-    def _frozen_reference(self, model_path: str | Path, model_cfg: Any) -> Any:
+    def _frozen_reference(self) -> Any:
         """Under FSDP2 the KL reference of a full fine-tune is sharded like the policy: each
         process holds 1/N of it. Its forwards are collectives too, entered once per
         micro-batch (padding ones included) by every process."""
-        reference = super()._frozen_reference(model_path, model_cfg)
+        reference = super()._frozen_reference()
         if reference is None or not self.sharded:
             return reference
         device = self.accelerator.device

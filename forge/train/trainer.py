@@ -115,7 +115,7 @@ class Trainer:
                 step, train_cfg.warmup_steps, total, train_cfg.lr_schedule, train_cfg.min_lr_ratio
             ),
         )
-        self.reference = self._frozen_reference(model_path, model_cfg) if train_cfg.kl_coef > 0 else None
+        self.reference = self._frozen_reference() if train_cfg.kl_coef > 0 else None
         self.policy_version = 0
         self._shuffle = torch.Generator().manual_seed(seed)
 
@@ -136,8 +136,8 @@ class Trainer:
         """The model the optimizer is built over (forge.train.distributed shards it here)."""
         return model
 
-    def _frozen_reference(self, model_path: str | Path, model_cfg: ModelConfig) -> Any:
-        if model_cfg.lora.enabled:
+    def _frozen_reference(self) -> Any:
+        if self.model_cfg.lora.enabled:
             return None  # the peft model with its adapters disabled is the reference
         return self.load(trainable=False)
 
