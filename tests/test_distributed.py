@@ -1,7 +1,8 @@
 """Two gloo processes with half the batch each take the same optimizer step as one process
 with the whole batch, under DDP and under FSDP2 (which shards on CPU too): also when their
 halves pack into different numbers of micro-batches, under FSDP2 with gradient checkpointing,
-with LoRA adapters and a KL term, and in a full fine-tune with a KL term to a sharded reference; and what they publish, checkpoint and save is what the
+with LoRA adapters and a KL term, in a full fine-tune with a KL term to a sharded reference,
+and with two optimizer steps per batch; and what they publish, checkpoint and save is what the
 one process does."""
 
 import os
@@ -37,6 +38,18 @@ STEP = textwrap.dedent("""
             mask = [0] * 5 + [1] * (len(tokens) - 5)
             samples.append(Sample(tokens, mask, [-1.5 * m for m in mask], [0] * len(tokens), advantage=i - 2.5))
         trainer_cfg, steps = TrainerConfig(packing="tree"), 2
+    elif case == "minibatches":
+        # Two optimizer steps per batch, each on a shuffled half: every process cuts the same
+        # halves and trains its share of each, as the single process trains each half. Two
+        # GRPO-like groups (a shared prompt each) and one lone sample; one zero advantage.
+        for g in range(3):
+            prompt = torch.randint(8, 40, (12,), generator=generator).tolist()
+            for i in range(3 if g < 2 else 1):
+                tokens = prompt + torch.randint(8, 40, (4 + 2 * i,), generator=generator).tolist()
+                mask = [0] * 12 + [1] * (len(tokens) - 12)
+                samples.append(Sample(tokens, mask, [-1.5 * m for m in mask], [0] * len(tokens),
+                                      advantage=0.0 if (g, i) == (0, 1) else i - 1.0 + g))
+        trainer_cfg, steps = TrainerConfig(packing="tree"), 2
     else:
         # Two unrelated 40-token samples (2 micro-batches of the 64-token budget) and a family
         # of three that share 48 tokens (one 60-token tree) plus one with nothing to train.
@@ -56,11 +69,12 @@ STEP = textwrap.dedent("""
         from forge.train.distributed import shard
         from forge.train.trainer import trainable
         from forge.tree import microbatches
-        counts = [len(microbatches([s for s in shard(samples, rank, 2) if trainable(s)], "tree", 64, "auto"))
+        counts = [len(microbatches(shard([s for s in samples if trainable(s)], rank, 2), "tree", 64, "auto"))
                   for rank in range(2)]
         assert sorted(counts) == [1, 2], counts
     lora = LoraConfig(enabled=case == "lora")
-    train_cfg = TrainConfig(learning_rate=0.01, max_grad_norm=0.05, kl_coef=0.1 if case in ("lora", "kl") else 0.0)
+    train_cfg = TrainConfig(learning_rate=0.01, max_grad_norm=0.05, kl_coef=0.1 if case in ("lora", "kl") else 0.0,
+                            minibatches_per_step=2 if case == "minibatches" else 1)
     args = (model_dir, ModelConfig(path=model_dir, lora=lora), train_cfg, trainer_cfg)
 
     if strategy == "fsdp" and os.environ["RANK"] != "0":
@@ -152,7 +166,8 @@ def load_model_file(directory):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("strategy", "case"),
-    [("ddp", "even"), ("ddp", "uneven"), ("fsdp", "even"), ("fsdp", "uneven"), ("fsdp", "lora"), ("fsdp", "kl")],
+    [("ddp", "even"), ("ddp", "uneven"), ("ddp", "minibatches"), ("fsdp", "even"), ("fsdp", "uneven"),
+     ("fsdp", "lora"), ("fsdp", "kl"), ("fsdp", "minibatches")],
 )
 def test_two_gloo_processes_with_half_the_batch_take_the_single_process_step(tiny_checkpoint, tmp_path, strategy, case):
     run(tiny_checkpoint, tmp_path / "single.pt", "single", case)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from forge.train.trainer import Trainer, loss_tokens, trainable
+from forge.train.trainer import Trainer, loss_tokens
 from forge.tree.trie import TreeOrder
 from forge.types import Sample
 
@@ -211,7 +211,6 @@ class DistributedTrainer(Trainer):
         else:
             # The scheduler is not prepared: accelerate would step it once per process.
             self.wrapped, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
-        self._batch_trains = True
         self.module = self.accelerator.unwrap_model(self.wrapped)
         self.model = self.module
         self.trainable = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
@@ -260,39 +259,31 @@ class DistributedTrainer(Trainer):
         return shard_from_first_process(reference, device, self.world_size, self.mixed_precision, frozen=True)
 
     def train_step(self, samples: list[Sample]) -> dict[str, float]:
-        """`samples` is the whole batch (the same list on every process), so every decision
-        taken from it (to train at all, or to refuse) is the same on every process."""
-        smallest = len(samples) // self.world_size
-        if smallest < self.train_cfg.minibatches_per_step:
-            raise ValueError(
-                f"{len(samples)} samples over {self.world_size} processes leave {smallest} on a process, fewer "
-                f"than train.minibatches_per_step={self.train_cfg.minibatches_per_step}; lower it or raise "
-                "rollout.tasks_per_step"
-            )
-        self._batch_trains = any(trainable(s) for s in samples)
-        rank, parts = self.accelerator.process_index, self.train_cfg.minibatches_per_step
-        mine = shard(samples, rank, self.world_size, parts)
-        metrics = super().train_step(mine)
-        eligible = [s for s in mine if trainable(s)]
-        trained = [s for s in eligible if not self._skipped(s)]
+        """`samples` is the whole batch (the same list on every process): every process cuts
+        the same minibatches from it, and every decision taken from it (to train at all, how
+        many optimizer steps) is the same on every process."""
+        metrics = super().train_step(samples)
+        trained = [s for s in self.last_share if not self._skipped(s)]
         everyone: list[Any] = [None] * self.world_size
-        torch.distributed.all_gather_object(everyone, (metrics, loss_tokens(trained), len(eligible)))
+        torch.distributed.all_gather_object(everyone, (metrics, loss_tokens(trained), len(self.last_share)))
         return combine_metrics(everyone)
+
+    def own_share(self, minibatch: list[Sample]) -> list[Sample]:
+        """This process's share of each minibatch, split in prefix-tree order (`shard`). A
+        process whose share is empty still takes the step, with padding micro-batches."""
+        return shard(minibatch, self.accelerator.process_index, self.world_size)
 
     # Every collective (the loss denominators, DDP's gradient all-reduce and buffer broadcast,
     # FSDP2's all-gathers and reduce-scatters) must be entered by every process the same
     # number of times, or the processes wait on each other forever. So all take the same
-    # optimizer steps, even one whose shard has nothing to train, and each step runs as many
-    # micro-batches as the process that has the most; the others make up the count with
-    # padding micro-batches.
-    def optimizer_steps_for(self, num_samples: int) -> int:
-        return self.train_cfg.minibatches_per_step if self._batch_trains else 0
-
+    # optimizer steps (decided from the whole batch), even one whose share has nothing to
+    # train, and each step runs as many micro-batches as the process that has the most; the
+    # others make up the count with padding micro-batches.
     def microbatches_to_run(self, num_microbatches: int) -> int:
         counts = self.accelerator.gather(torch.tensor([num_microbatches], device=self.accelerator.device))
         return int(counts.max().item())
 
-    def _optimizer_step(self, samples: list[Sample]) -> tuple[dict[str, float], list[Any]]:
+    def _optimizer_step(self, samples: list[Sample]) -> tuple[dict[str, float], dict[str, float], list[Any]]:
         self.model = ForwardThrough(self.wrapped, self.module)
         try:
             return super()._optimizer_step(samples)

@@ -151,28 +151,39 @@ class Trainer:
     def train_step(self, samples: list[Sample]) -> dict[str, float]:
         """Train on one rollout batch: `train.minibatches_per_step` optimizer steps over
         disjoint shuffled slices of `samples` (1 = a single step on all of them).
-        Bumps the policy version once, since workers sync once per batch."""
+        Bumps the policy version once, since workers sync once per batch.
+
+        Data-parallel processes (forge.train.distributed) each get the whole batch, cut the
+        same slices (the same shuffle) and train their share of each (`own_share`), so N
+        processes take the steps one process takes."""
         started = time.perf_counter()
         samples = [s for s in samples if trainable(s)]
-        parts = self.optimizer_steps_for(len(samples))
+        self.last_share: list[Sample] = []  # what this process trained on (skipped samples included)
+        parts = min(self.train_cfg.minibatches_per_step, len(samples))  # 0: nothing to train
         if parts == 0:
             return {"train_seconds": time.perf_counter() - started, "trained_samples": 0.0}
         self.model.train()
         order = torch.randperm(len(samples), generator=self._shuffle).tolist()
-        totals: dict[str, float] = {}
-        reported: dict[str, int] = {}  # loss metrics come only from optimizer steps that ran a sample
+        step_totals: dict[str, float] = {}  # loss, grad_norm, optimizer_steps_skipped: means over the steps
+        token_sums: dict[str, float] = {}  # token-mean metrics, times their tokens, over every step
         computed = separate = num_microbatches = 0
         for part in range(parts):
-            minibatch = [samples[i] for i in order[part::parts]]
-            step_metrics, batches = self._optimizer_step(minibatch)
+            minibatch = self.own_share([samples[i] for i in order[part::parts]])
+            self.last_share += minibatch
+            step_metrics, token_metrics, batches = self._optimizer_step(minibatch)
             for key, value in step_metrics.items():
-                totals[key] = totals.get(key, 0.0) + value
-                reported[key] = reported.get(key, 0) + 1
+                step_totals[key] = step_totals.get(key, 0.0) + value / parts
+            for key, value in token_metrics.items():
+                token_sums[key] = token_sums.get(key, 0.0) + value
             computed += sum(b.tokens_computed for b in batches)
             separate += sum(b.tokens_separate for b in batches)
             num_microbatches += len(batches)
         self.policy_version += 1
-        totals = {key: value / reported[key] for key, value in totals.items()}
+        trained = [s for s in self.last_share if not self._skipped(s)]
+        tokens = loss_tokens(trained)
+        # Token means over every token trained this step (none on a step that skipped every sample).
+        totals = {key: value / tokens for key, value in token_sums.items()} if tokens else {}
+        totals.update(step_totals)
         if computed:  # none when every sample was skipped for a zero advantage
             totals["tree_token_ratio"] = separate / computed
         totals.update(
@@ -180,18 +191,25 @@ class Trainer:
             tokens_computed=float(computed),
             tokens_separate=float(separate),
             microbatches=float(num_microbatches),
-            trained_samples=float(sum(1 for s in samples if not self._skipped(s))),
+            trained_samples=float(len(trained)),
+            zero_advantage_skipped=(len(self.last_share) - len(trained)) / max(len(self.last_share), 1),
             train_seconds=time.perf_counter() - started,
         )
         return totals
+
+    def own_share(self, minibatch: list[Sample]) -> list[Sample]:
+        """The part of a minibatch this process trains on: all of it (forge.train.distributed
+        takes its process's share)."""
+        return minibatch
 
     def _skipped(self, sample: Sample) -> bool:
         """Left out of the forward: its loss and gradient are exactly zero (train.skip_zero_advantage)."""
         return self.skips_zero_advantage and sample.advantage == 0
 
-    def _optimizer_step(self, samples: list[Sample]) -> tuple[dict[str, float], list[Any]]:
+    def _optimizer_step(self, samples: list[Sample]) -> tuple[dict[str, float], dict[str, float], list[Any]]:
         """Forward/backward micro-batch by micro-batch, then one optimizer step.
-        Returns the step's metrics and its micro-batches (padding ones left out)."""
+        Returns the step's metrics, its token-mean metrics times their tokens (summed over the
+        micro-batches that trained a token) and its micro-batches (padding ones left out)."""
         cfg = self.trainer_cfg
         num_tokens, num_samples = self.loss_denominators(samples)  # skipped samples count here
         run = [s for s in samples if not self._skipped(s)]
@@ -202,8 +220,7 @@ class Trainer:
             padding = [PADDING_SAMPLE]
             [padding_batch] = microbatches(padding, cfg.packing, cfg.max_tokens_per_microbatch, cfg.attention)
             work += [(padding_batch, padding)] * missing
-        metric_tokens = loss_tokens(run)  # token-mean metrics are over the tokens this process trains on
-        metrics: dict[str, float] = {}
+        token_sums: dict[str, float] = {}
         loss_total = 0.0
         for index, (batch, members) in enumerate(work):
             with self.gradient_sync(last=index == len(work) - 1):
@@ -212,7 +229,7 @@ class Trainer:
             loss_total += float(loss.detach())
             if tokens:  # a padding micro-batch trains no token, so it reports no token means
                 for key, value in stats.items():
-                    metrics[key] = metrics.get(key, 0.0) + value * tokens / metric_tokens
+                    token_sums[key] = token_sums.get(key, 0.0) + value * tokens
         grad_norm = self.clip_gradients()
         # A step without learning signal (every advantage zero and no KL term, as when each
         # group of a near-solved task all succeeded) leaves the weights alone. AdamW would
@@ -224,13 +241,8 @@ class Trainer:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        metrics.update(
-            loss=loss_total,
-            grad_norm=float(grad_norm),
-            optimizer_steps_skipped=float(skipped),
-            zero_advantage_skipped=(len(samples) - len(run)) / max(len(samples), 1),
-        )
-        return metrics, batches
+        step_metrics = {"loss": loss_total, "grad_norm": float(grad_norm), "optimizer_steps_skipped": float(skipped)}
+        return step_metrics, token_sums, batches
 
     def _microbatch_loss(
         self, batch: Any, members: list[Sample], num_tokens: int, num_samples: int
@@ -258,12 +270,8 @@ class Trainer:
         loss = aggregate_loss(per_token, mask, self.train_cfg.loss_aggregation, num_tokens, num_samples)
         return loss, float(mask.sum()), batch_metrics
 
-    # Overridden by forge.train.distributed, where a step's samples are spread over processes
-    # that must all take the same optimizer steps and run the same number of micro-batches.
-    def optimizer_steps_for(self, num_samples: int) -> int:
-        """Optimizer steps for a batch with `num_samples` trainable samples (0: nothing to do)."""
-        return min(self.train_cfg.minibatches_per_step, num_samples)
-
+    # Overridden by forge.train.distributed, where every process must run as many
+    # micro-batches per step as the others, and the loss is averaged over all of them.
     def microbatches_to_run(self, num_microbatches: int) -> int:
         """Micro-batches to run for a step that has `num_microbatches` of its own; any more
         are padding, whose loss is exactly zero."""
