@@ -11,15 +11,7 @@
 # commit tree-gpu.json as bench/results/tree-gpu.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out="${OUT:-bench/results/gpu-check}"
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1
-if [ -d .whl ]; then  # bench/gpu_wheels.sh: pydantic, and this repo's transformers and peft
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/forge-site .whl/*.whl \
-    || { echo "could not install the wheels in .whl/"; exit 1; }
-  export PYTHONPATH="/tmp/forge-site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-python3 -c "import pydantic" || { echo "no pydantic: run bench/gpu_wheels.sh here and carry .whl"; exit 1; }
+source bench/gpu_env.sh  # $out, and the carried wheels on PYTHONPATH
 {
   nvidia-smi
   python3 -c "import sys, torch, transformers, peft; print(sys.version); print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__); print(torch.cuda.get_device_name())"
