@@ -69,3 +69,44 @@ def test_an_async_run_on_two_sharded_trainer_ranks_trains_checkpoints_and_saves(
     for name, tensor in saved["trainable"].items():  # whole tensors, gathered from both ranks
         assert tensor.shape == initial[name].shape, name
     assert (result.checkpoint / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_rank_that_fails_to_load_stops_the_group_at_once_and_no_rank_is_left_waiting(ray_session, tmp_path,
+                                                                                        tiny_checkpoint):
+    # Under FSDP2 only rank 0 reads the weights; the others build from the config and wait for
+    # its broadcast. Unreadable weights fail rank 0: the group must say so and end the other
+    # rank too, not leave it blocked in the broadcast.
+    import shutil
+    import time
+
+    from forge.config import ModelConfig, TrainConfig, TrainerConfig
+    from forge.train.group import TrainerGroup
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    args = (str(broken), ModelConfig(path=str(broken)), TrainConfig(), TrainerConfig(), 0, 1)
+    created = []
+
+    class Recorded(TrainerGroup):
+        def __init__(self, *a, **k):
+            try:
+                super().__init__(*a, **k)
+            finally:
+                created.append(self)
+
+    started = time.monotonic()
+    with pytest.raises(Exception, match="safetensors|header|Error"):
+        Recorded(2, 1, 0, args, {"strategy": "fsdp", "mixed_precision": "no"})
+    assert time.monotonic() - started < 120
+    deadline = time.monotonic() + 30  # every rank ends (ray.kill is asynchronous), none waits in a collective
+    for actor in created[0].actors:
+        while True:
+            try:
+                ray_session.get(actor.address.remote(), timeout=10)
+            except ray_session.exceptions.RayActorError:
+                break
+            assert time.monotonic() < deadline, "a rank outlived the failed group"
+            time.sleep(0.5)

@@ -81,10 +81,18 @@ class TrainerGroup:
         rank_class = ray.remote(TrainerRank)
         self.actors = [rank_class.options(num_cpus=num_cpus, num_gpus=num_gpus).remote() for _ in range(world_size)]
         master_addr, master_port = ray.get(self.actors[0].address.remote())
-        joined = ray.get([
+        setups = [
             actor.setup.remote(rank, world_size, master_addr, master_port, trainer_args, trainer_kwargs)
             for rank, actor in enumerate(self.actors)
-        ])
+        ]
+        try:
+            joined = _all_or_first_error(setups)
+        except Exception:
+            # A rank that failed (rank 0 reading the checkpoint, say) leaves the others waiting
+            # in a collective for it (FSDP2's broadcast of the weights): end them all.
+            for actor in self.actors:
+                ray.kill(actor)
+            raise
         if joined != [world_size] * world_size:
             raise RuntimeError(f"trainer ranks joined process groups of sizes {joined}, expected {world_size} each")
         self.world_size = world_size
@@ -101,6 +109,17 @@ class TrainerGroup:
         """Call `method` on every rank; the reference answers with rank 0's result once all
         have finished."""
         return _when_all.remote(*[getattr(actor, method).remote(*args) for actor in self.actors])
+
+
+def _all_or_first_error(refs: list[Any]) -> list[Any]:
+    """The results of `refs`, or the first error as soon as any fails (not once all end)."""
+    import ray
+
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        ray.get(done)
+    return ray.get(refs)
 
 
 def _first_result(*results: Any) -> Any:
