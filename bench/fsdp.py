@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from bench.memory import reset_high_water, resident_mb
 from bench.ranks import run_ranks, timed_steps
 from bench.report import save_result
 from forge.config import ModelConfig, TinyModelConfig, TrainConfig, TrainerConfig
@@ -66,13 +67,6 @@ def local_megabytes(tensors: list[torch.Tensor]) -> float:
     return sum(t.numel() * t.element_size() for t in local) / 2**20
 
 
-def resident_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def child(strategy: str, model_dir: str, steps: int, out: str) -> None:
     """One rank: train, time, and write what it holds."""
     import torch.distributed as dist
@@ -84,7 +78,7 @@ def child(strategy: str, model_dir: str, steps: int, out: str) -> None:
     import transformers.models.qwen2.modeling_qwen2  # noqa: F401
 
     before = resident_mb("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM restarts from the current RSS
+    reset_high_water()
     trainer = DistributedTrainer(
         model_dir, ModelConfig(path=model_dir), TrainConfig(learning_rate=1e-4, kl_coef=0.05),
         TrainerConfig(packing="padded"), seed=0, strategy=strategy,

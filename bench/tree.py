@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.memory import reset_high_water, resident_mb
 from bench.report import save_result
 from forge.config import ModelConfig, TinyModelConfig, TrainConfig, TrainerConfig
 from forge.types import Sample
@@ -47,14 +48,8 @@ MODEL = TinyModelConfig(
 # tiny model's step is kernel-launch bound and times micro-batch counts rather than tokens.
 MODELS = {
     "tiny": MODEL,
-    "wide": TinyModelConfig(
-        architecture="qwen2",
-        hidden_size=2048,
-        num_layers=16,
-        num_heads=16,
-        num_kv_heads=8,
-        intermediate_size=5632,
-        max_position_embeddings=4096,
+    "wide": MODEL.model_copy(
+        update={"hidden_size": 2048, "num_layers": 16, "num_heads": 16, "num_kv_heads": 8, "intermediate_size": 5632}
     ),
 }
 BUDGET = 4096  # trainer.max_tokens_per_microbatch, the same for both packings
@@ -114,17 +109,6 @@ def workload_samples(name: str, model_dir: Path) -> list[Sample]:
     return WORKLOADS[name](vocab_size(model_dir), random.Random(name))
 
 
-def resident_high_water_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def reset_resident_high_water() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM restarts from the current RSS
-
-
 @dataclass(frozen=True)
 class Setup:
     """Where and how the steps run: `device` cpu or cuda, the model's `dtype`, and the tree's
@@ -172,7 +156,7 @@ def measure_step(workload: str, packing: str, model_dir: Path, repeats: int, set
         torch.cuda.reset_peak_memory_stats()
     else:
         trainer.train_step(samples[:2])  # warm-up: first-call allocations and thread pools
-        reset_resident_high_water()
+        reset_high_water()
     seconds, wall_seconds, metrics = [], [], {}
     for _ in range(repeats):
         started, started_cpu = time.perf_counter(), time.process_time()
@@ -181,7 +165,7 @@ def measure_step(workload: str, packing: str, model_dir: Path, repeats: int, set
             torch.cuda.synchronize()
         seconds.append(time.process_time() - started_cpu)
         wall_seconds.append(time.perf_counter() - started)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else resident_high_water_mb()
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else resident_mb()
     return {
         "step_seconds": statistics.median(wall_seconds if cuda else seconds),
         "step_seconds_all": wall_seconds if cuda else seconds,
