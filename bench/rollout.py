@@ -29,7 +29,8 @@ from bench.report import save_result
 from forge.config import ModelConfig, TinyModelConfig
 from forge.models.loading import load_model, load_tokenizer
 from forge.models.tiny import save_tiny_checkpoint
-from forge.rollout.engine import GenerationRequest, HFEngine
+from forge.rollout.engines.hf import HFEngine
+from forge.rollout.engines.protocol import GenerationRequest
 
 GROUPS, GROUP_SIZE, NEW_TOKENS, OBSERVATION_TOKENS = 4, 4, 8, 8
 REPEATS = 20

@@ -99,7 +99,8 @@ def test_a_training_step_on_the_gpu_equals_the_step_on_cpu(tiny_checkpoint, pack
 def test_a_rollout_engine_on_the_gpu_samples_with_the_logprobs_of_a_cpu_forward(tiny_checkpoint):
     from forge.config import ModelConfig
     from forge.models.loading import load_model, load_tokenizer
-    from forge.rollout.engine import GenerationRequest, HFEngine
+    from forge.rollout.engines.hf import HFEngine
+    from forge.rollout.engines.protocol import GenerationRequest
 
     tokenizer = load_tokenizer(tiny_checkpoint)
     gpu_model = load_model(tiny_checkpoint, ModelConfig(), device=resolve_device("cuda"))

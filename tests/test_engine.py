@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from forge.config import ModelConfig
-from forge.rollout.engine import GenerationRequest, HFEngine
+from forge.rollout.engines.hf import HFEngine
+from forge.rollout.engines.protocol import GenerationRequest
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +147,7 @@ def test_ragged_turns_over_many_calls_keep_exact_logprobs(model_and_tokenizer):
 
 
 def test_a_roomy_cache_layer_grows_in_place_and_keeps_what_it_holds():
-    from forge.rollout.engine import _RoomyLayer
+    from forge.rollout.engines.kv import _RoomyLayer
 
     layer = _RoomyLayer(room=2)
     chunks = [torch.randn(3, 2, n, 4) for n in (3, 1, 1, 5, 1)]

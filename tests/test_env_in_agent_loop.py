@@ -9,7 +9,8 @@ import json
 from envs.countdown import CountdownEnv
 from envs.python_coding import PythonCodingEnv
 from forge.rollout.agent import EpisodeLimits, run_episode
-from forge.rollout.engine import BatchingEngine, GenerationResult
+from forge.rollout.engines.batching import BatchingEngine
+from forge.rollout.engines.protocol import GenerationResult
 
 EOS = 0
 
@@ -113,7 +114,7 @@ def test_requests_that_arrive_while_the_batcher_closes_are_still_served():
     engine = ScriptedEngine(["a", "b", "c"])
 
     def request(episode_id):
-        from forge.rollout.engine import GenerationRequest
+        from forge.rollout.engines.protocol import GenerationRequest
 
         return GenerationRequest(token_ids=[5, 6], max_new_tokens=4, episode_id=episode_id)
 

@@ -23,7 +23,8 @@ from forge.gateway import Gateway, GatewayServer
 from forge.gateway.episodes import EpisodeStore
 from forge.models.loading import load_model, load_tokenizer
 from forge.models.tiny import save_tiny_checkpoint
-from forge.rollout.engine import GenerationResult, HFEngine
+from forge.rollout.engines.hf import HFEngine
+from forge.rollout.engines.protocol import GenerationResult
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL_TEXT = '<tool_call>{"name":"guess","arguments":{"number":3}}</tool_call>'

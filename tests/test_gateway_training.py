@@ -63,7 +63,7 @@ def server(tiny_checkpoint):
     from forge.gateway import Gateway, GatewayServer
     from forge.gateway.episodes import EpisodeStore
     from forge.models.loading import load_tokenizer
-    from forge.rollout.engine import GenerationResult
+    from forge.rollout.engines.protocol import GenerationResult
 
     class StopAtOnce:
         policy_version = 0

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from forge.config import Config
-from forge.rollout.engine import HFEngine
+from forge.rollout.engines.hf import HFEngine
 from forge.rollout.worker import RolloutWorker
 from forge.tree import microbatches
 from forge.types import NO_VERSION, Sample

@@ -46,7 +46,8 @@ from forge.gateway.protocol import (
     split_tool_calls,
     template_messages,
 )
-from forge.rollout.engine import BatchingEngine, GenerationRequest, InferenceEngine
+from forge.rollout.engines.batching import BatchingEngine
+from forge.rollout.engines.protocol import GenerationRequest, InferenceEngine
 
 
 class Gateway:

@@ -132,7 +132,7 @@ def train_gateway(
         trainer_actors,
     )
     from forge.reward.shaping import RewardShaper, trajectory_advantages
-    from forge.rollout.engine import HFEngine
+    from forge.rollout.engines.hf import HFEngine
     from forge.train.checkpoint import latest_checkpoint, restore_run, save_run
     from forge.weights import unpack_weights
 

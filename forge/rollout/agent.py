@@ -16,7 +16,8 @@ from typing import Any
 from forge.env.base import Env, StepResult
 from forge.env.calls import EnvTimeout, call_env
 from forge.rollout.chat import ChatFormat
-from forge.rollout.engine import BatchingEngine, GenerationRequest
+from forge.rollout.engines.batching import BatchingEngine
+from forge.rollout.engines.protocol import GenerationRequest
 from forge.types import NO_VERSION, Trajectory, Turn
 
 

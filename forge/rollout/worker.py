@@ -12,7 +12,8 @@ from forge.config import EnvConfig, ModelConfig, RolloutConfig
 from forge.env.registry import resolve_env
 from forge.rollout.agent import EpisodeLimits, run_episode
 from forge.rollout.chat import ChatFormat
-from forge.rollout.engine import BatchingEngine, HFEngine
+from forge.rollout.engines.batching import BatchingEngine
+from forge.rollout.engines.hf import HFEngine
 from forge.types import Trajectory
 from forge.weights import PackedWeights, unpack_weights
 

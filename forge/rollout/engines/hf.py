@@ -1,48 +1,19 @@
-"""Inference engines: token ids in, sampled token ids and their logprobs out.
-
-`HFEngine` runs a transformers causal LM, keeping episodes' KV caches across their turns
-(the last batch's cache stays in place; see the class). `BatchingEngine`
-lets many concurrent episodes (asyncio tasks) share one engine: requests that arrive
-together run as one batch, while episodes waiting on their env do not hold others up.
+"""`HFEngine`: batched sampling from a transformers causal LM, keeping episodes' KV caches
+across their turns (the last batch's cache stays in place; see the class).
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import threading
-import time
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache
 
-
-@dataclass
-class GenerationRequest:
-    token_ids: list[int]
-    max_new_tokens: int
-    episode_id: str = ""  # lets an engine keep an episode's state between its turns
-
-
-@dataclass
-class GenerationResult:
-    token_ids: list[int]
-    logprobs: list[float]
-    finished: bool  # ended on a stop token; False means max_new_tokens cut it off
-    policy_version: int
-    prefill_tokens: int  # context tokens this call ran through prefill
-
-
-class InferenceEngine(Protocol):
-    policy_version: int
-
-    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]: ...
-
-    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None: ...
-
-    def release(self, episode_id: str) -> None: ...
+from forge.rollout.engines.kv import _RoomyLayer
+from forge.rollout.engines.protocol import GenerationRequest, GenerationResult
 
 
 @dataclass
@@ -359,91 +330,6 @@ class HFEngine:
         return cache, attention_mask, logits, prefill_counts
 
 
-class _RoomyLayer(DynamicLayer):
-    """A full-attention cache layer with room to grow. New keys and values are written in
-    place (DynamicLayer concatenates, copying the whole cache for every decoded token);
-    when the room runs out it doubles. `keys`/`values` are views of the filled part."""
-
-    def __init__(self, room: int = 0) -> None:
-        super().__init__()
-        self.length = 0
-        self._room = room
-        self._keys: torch.Tensor | None = None
-        self._values: torch.Tensor | None = None
-
-    @classmethod
-    def holding(cls, keys: torch.Tensor, values: torch.Tensor, length: int) -> _RoomyLayer:
-        """A layer over these buffers, of which the first `length` positions are filled."""
-        layer = cls()
-        layer.device, layer.is_initialized = keys.device, True
-        layer._keys, layer._values, layer.length = keys, values, length
-        layer._expose()
-        return layer
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.device, self.is_initialized = key_states.device, True
-        shape = (*key_states.shape[:2], key_states.shape[2] + self._room, key_states.shape[3])
-        self._keys = key_states.new_empty(shape)
-        self._values = value_states.new_empty((*shape[:3], value_states.shape[3]))
-
-    def reserve(self, extra: int) -> None:
-        """Make room for `extra` more positions."""
-        if not self.is_initialized:
-            self._room = max(self._room, extra)
-            return
-        need = self.length + extra
-        if need <= self._keys.shape[2]:
-            return
-        capacity = max(need, 2 * self._keys.shape[2])
-        for name in ("_keys", "_values"):
-            old = getattr(self, name)
-            new = old.new_empty((old.shape[0], old.shape[1], capacity, old.shape[3]))
-            new[:, :, : self.length] = old[:, :, : self.length]
-            setattr(self, name, new)
-        self._expose()
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        n = key_states.shape[-2]
-        self.reserve(n)
-        self._keys[:, :, self.length : self.length + n] = key_states
-        self._values[:, :, self.length : self.length + n] = value_states
-        self.length += n
-        self._expose()
-        return self.keys, self.values
-
-    def _expose(self) -> None:
-        self.keys = self._keys[:, :, : self.length]
-        self.values = self._values[:, :, : self.length]
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.is_initialized:
-            self._keys, self._values = self._keys[indices], self._values[indices]
-            self._expose()
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized:
-            self._keys = self._keys.repeat_interleave(repeats, dim=0)
-            self._values = self._values.repeat_interleave(repeats, dim=0)
-            self._expose()
-
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove > 0:
-            raise ValueError("crop takes a negative count of tokens to remove")
-        self.length = max(0, self.length + tokens_to_remove)
-        if self.is_initialized:
-            self._expose()
-
-    def reset(self) -> None:
-        super().reset()
-        self.length = 0
-        self._keys = self._values = None
-
-
 def _load_matching(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
     """Copy `state_dict` into `model` in place; a partial dict (LoRA adapters) is fine."""
     own = model.state_dict()
@@ -454,101 +340,3 @@ def _load_matching(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) 
                 own[name].copy_(tensor.to(own[name].device, own[name].dtype))
     missing = [name for name in own if name not in state_dict]
     return missing, unexpected
-
-
-class BatchingEngine:
-    """Async front for an engine: concurrent `generate` calls are gathered into batches.
-
-    A batch is launched when every registered episode is waiting, or `max_wait_s` after
-    the first request arrived, so an episode stuck in a slow env step never stalls the
-    others. Generation runs in a thread, leaving the event loop free for env steps.
-    """
-
-    def __init__(self, engine: InferenceEngine, max_batch_size: int = 256, max_wait_s: float = 0.005) -> None:
-        self.engine = engine
-        self.max_batch_size = max_batch_size
-        self.max_wait_s = max_wait_s
-        self.active_episodes = 0
-        self._pending: list[tuple[GenerationRequest, asyncio.Future]] = []
-        self._arrived: asyncio.Event | None = None
-        self._runner: asyncio.Task | None = None
-        self.generation_seconds = 0.0
-        self.prefill_tokens = 0
-
-    def register(self) -> None:
-        self.active_episodes += 1
-
-    def unregister(self) -> None:
-        self.active_episodes -= 1
-        if self._arrived is not None:
-            self._arrived.set()
-
-    def release(self, episode_id: str) -> None:
-        release = getattr(self.engine, "release", None)  # scripted test engines keep no state
-        if release is not None:
-            release(episode_id)
-
-    async def generate(self, request: GenerationRequest) -> GenerationResult:
-        # A runner being stopped by `close` will not serve this request: start another.
-        if self._runner is None or self._runner.done() or self._runner.cancelling():
-            self._arrived = asyncio.Event()
-            self._runner = asyncio.create_task(self._run())
-        future = asyncio.get_running_loop().create_future()
-        self._pending.append((request, future))
-        self._arrived.set()
-        return await future
-
-    async def close(self) -> None:
-        """Stop the runner. Requests that arrive meanwhile (another caller's episodes, in an
-        actor running overlapping rollouts) get a new runner, which `close` leaves alone."""
-        runner = self._runner
-        if runner is None:
-            return
-        runner.cancel()
-        try:
-            await runner
-        except asyncio.CancelledError:
-            pass
-        if self._runner is runner:
-            self._runner = None
-
-    async def _run(self) -> None:
-        assert self._arrived is not None
-        while True:
-            await self._arrived.wait()
-            self._arrived.clear()
-            if not self._pending:
-                continue
-            deadline = time.monotonic() + self.max_wait_s
-            while len(self._pending) < min(self.active_episodes, self.max_batch_size):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    await asyncio.wait_for(self._arrived.wait(), remaining)
-                except asyncio.TimeoutError:
-                    break
-                self._arrived.clear()
-            batch = self._pending[: self.max_batch_size]
-            self._pending = self._pending[self.max_batch_size :]
-            if self._pending:
-                self._arrived.set()
-            live = [(request, future) for request, future in batch if not future.cancelled()]
-            if not live:
-                continue
-            # Rows in a fixed order, not arrival order (which depends on thread timing), so
-            # the sampler hands the same tokens to the same episodes in every rerun.
-            live.sort(key=lambda item: item[0].episode_id)
-            started = time.perf_counter()
-            try:
-                results = await asyncio.to_thread(self.engine.generate, [request for request, _ in live])
-            except Exception as exc:  # surfaced to each waiting episode, which records it
-                for _, future in live:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            self.generation_seconds += time.perf_counter() - started
-            for (_, future), result in zip(live, results, strict=True):
-                self.prefill_tokens += result.prefill_tokens
-                if not future.done():
-                    future.set_result(result)

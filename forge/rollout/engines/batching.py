@@ -1,0 +1,109 @@
+"""`BatchingEngine`: lets many concurrent episodes (asyncio tasks) share one engine:
+requests that arrive together run as one batch, while episodes waiting on their env do
+not hold others up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from forge.rollout.engines.protocol import GenerationRequest, GenerationResult, InferenceEngine
+
+
+class BatchingEngine:
+    """Async front for an engine: concurrent `generate` calls are gathered into batches.
+
+    A batch is launched when every registered episode is waiting, or `max_wait_s` after
+    the first request arrived, so an episode stuck in a slow env step never stalls the
+    others. Generation runs in a thread, leaving the event loop free for env steps.
+    """
+
+    def __init__(self, engine: InferenceEngine, max_batch_size: int = 256, max_wait_s: float = 0.005) -> None:
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.active_episodes = 0
+        self._pending: list[tuple[GenerationRequest, asyncio.Future]] = []
+        self._arrived: asyncio.Event | None = None
+        self._runner: asyncio.Task | None = None
+        self.generation_seconds = 0.0
+        self.prefill_tokens = 0
+
+    def register(self) -> None:
+        self.active_episodes += 1
+
+    def unregister(self) -> None:
+        self.active_episodes -= 1
+        if self._arrived is not None:
+            self._arrived.set()
+
+    def release(self, episode_id: str) -> None:
+        release = getattr(self.engine, "release", None)  # scripted test engines keep no state
+        if release is not None:
+            release(episode_id)
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        # A runner being stopped by `close` will not serve this request: start another.
+        if self._runner is None or self._runner.done() or self._runner.cancelling():
+            self._arrived = asyncio.Event()
+            self._runner = asyncio.create_task(self._run())
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((request, future))
+        self._arrived.set()
+        return await future
+
+    async def close(self) -> None:
+        """Stop the runner. Requests that arrive meanwhile (another caller's episodes, in an
+        actor running overlapping rollouts) get a new runner, which `close` leaves alone."""
+        runner = self._runner
+        if runner is None:
+            return
+        runner.cancel()
+        try:
+            await runner
+        except asyncio.CancelledError:
+            pass
+        if self._runner is runner:
+            self._runner = None
+
+    async def _run(self) -> None:
+        assert self._arrived is not None
+        while True:
+            await self._arrived.wait()
+            self._arrived.clear()
+            if not self._pending:
+                continue
+            deadline = time.monotonic() + self.max_wait_s
+            while len(self._pending) < min(self.active_episodes, self.max_batch_size):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), remaining)
+                except asyncio.TimeoutError:
+                    break
+                self._arrived.clear()
+            batch = self._pending[: self.max_batch_size]
+            self._pending = self._pending[self.max_batch_size :]
+            if self._pending:
+                self._arrived.set()
+            live = [(request, future) for request, future in batch if not future.cancelled()]
+            if not live:
+                continue
+            # Rows in a fixed order, not arrival order (which depends on thread timing), so
+            # the sampler hands the same tokens to the same episodes in every rerun.
+            live.sort(key=lambda item: item[0].episode_id)
+            started = time.perf_counter()
+            try:
+                results = await asyncio.to_thread(self.engine.generate, [request for request, _ in live])
+            except Exception as exc:  # surfaced to each waiting episode, which records it
+                for _, future in live:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            self.generation_seconds += time.perf_counter() - started
+            for (_, future), result in zip(live, results, strict=True):
+                self.prefill_tokens += result.prefill_tokens
+                if not future.done():
+                    future.set_result(result)
