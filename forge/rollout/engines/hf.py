@@ -14,6 +14,7 @@ from transformers.cache_utils import Cache
 
 from forge.rollout.engines.kv import _RoomyLayer
 from forge.rollout.engines.protocol import GenerationRequest, GenerationResult
+from forge.rollout.engines.sampling import RowSampling
 
 
 @dataclass
@@ -122,19 +123,6 @@ class HFEngine:
         with self._lock, torch.no_grad():
             logits = self.model(input_ids=torch.tensor([token_ids], device=self.device)).logits[0, -1]
             return torch.log_softmax(logits.float() / self.temperature, dim=-1).cpu()
-
-    def _sample(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logprobs = torch.log_softmax(logits.float() / self.temperature, dim=-1)
-        probs = logprobs.exp()
-        if self.top_p < 1.0:
-            sorted_probs, order = probs.sort(dim=-1, descending=True)
-            outside = sorted_probs.cumsum(-1) - sorted_probs > self.top_p
-            sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-        tokens = torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
-        # Behaviour logprobs are those of the full tempered distribution, as the trainer
-        # computes them; top-p truncation is recorded as an off-policy effect.
-        return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         if not requests:
@@ -260,14 +248,27 @@ class HFEngine:
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
         lengths_out = torch.zeros(batch, dtype=torch.long, device=self.device)
         stop_ids = self.stop_token_ids.to(self.device)
+        # Behaviour logprobs are those of the full tempered distribution, as the trainer
+        # computes them; top-p truncation is recorded as an off-policy effect.
+        sampling = RowSampling.of(requests, self.temperature, self.top_p, self.device)
+        top_k = sampling.top_k_logprobs
+        if top_k:
+            top_values = torch.zeros((batch, steps, top_k), device=self.device)
+            top_ids = torch.zeros((batch, steps, top_k), dtype=torch.long, device=self.device)
+        watchers = [(row, r.on_token) for row, r in enumerate(requests) if r.on_token is not None]
         for step in range(steps):
-            tokens, logprobs = self._sample(logits)
+            tokens, logprobs, distribution = sampling.sample(logits, self.generator)
             tokens = torch.where(done, torch.full_like(tokens, self.pad_token_id), tokens)
             active = ~done
             generated[:, step] = tokens
             generated_logprobs[:, step] = torch.where(active, logprobs, torch.zeros_like(logprobs))
+            if top_k:
+                top_values[:, step], top_ids[:, step] = distribution.topk(top_k, dim=-1)
             lengths_out += active.long()
             stopped = active & torch.isin(tokens, stop_ids)
+            if watchers:
+                stopped |= self._watch(watchers, step, active, tokens, logprobs,
+                                       (top_ids[:, step], top_values[:, step]) if top_k else None, requests)
             finished |= stopped
             done |= stopped | (lengths_out >= limits)
             if bool(done.all()) or step == steps - 1:
@@ -292,6 +293,11 @@ class HFEngine:
             # The cache holds the request's tokens plus the generated ones fed back: all
             # but the last one sampled, unless decoding went on for other rows.
             kept.append(list(request.token_ids) + tokens_out[: fed[row]])
+            k = request.top_logprobs
+            tops = None
+            if k:
+                tops = [list(zip(ids, values, strict=True)) for ids, values in
+                        zip(top_ids[row, :n, :k].tolist(), top_values[row, :n, :k].tolist(), strict=True)]
             results.append(
                 GenerationResult(
                     token_ids=tokens_out,
@@ -299,12 +305,26 @@ class HFEngine:
                     finished=bool(finished[row]),
                     policy_version=self.policy_version,
                     prefill_tokens=prefill_counts[row],
+                    top_logprobs=tops,
                 )
             )
         self._batch = _BatchKV([r.episode_id for r in requests], kept, cache, attention_mask)
         if not any(self._batch.episode_ids):
             self._batch = None
         return results
+
+    def _watch(self, watchers: list, step: int, active: torch.Tensor, tokens: torch.Tensor, logprobs: torch.Tensor,
+               tops: tuple[torch.Tensor, torch.Tensor] | None, requests: list[GenerationRequest]) -> torch.Tensor:
+        """Hand each watched active row its new token; the rows whose callback says stop."""
+        live, token_list, logprob_list = active.tolist(), tokens.tolist(), logprobs.tolist()
+        top_lists = (tops[0].tolist(), tops[1].tolist()) if tops is not None else None
+        stop = [False] * len(live)
+        for row, on_token in watchers:
+            if live[row]:
+                k = requests[row].top_logprobs
+                top = list(zip(top_lists[0][row][:k], top_lists[1][row][:k], strict=True)) if top_lists and k else []
+                stop[row] = bool(on_token(token_list[row], logprob_list[row], top))
+        return torch.tensor(stop, device=self.device)
 
     def _prefill_afresh(self, requests: list[GenerationRequest], room: int) -> tuple[Any, torch.Tensor, torch.Tensor, list[int]]:
         """Lay out a new batch from per-episode caches (or none) and prefill what they lack."""

@@ -5,6 +5,7 @@ Every engine (in-process or a server's client) answers `InferenceEngine`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -16,6 +17,14 @@ class GenerationRequest:
     token_ids: list[int]
     max_new_tokens: int
     episode_id: str = ""  # lets an engine keep an episode's state between its turns
+    # Per-request sampling; None takes the engine's own. Temperature 0 is greedy decoding.
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None  # the row draws from its own generator, seeded with this
+    top_logprobs: int = 0  # also return the k most likely tokens at each step
+    # Called on the engine's thread with (token id, logprob, top (id, logprob) pairs) after
+    # each sampled token; returning True ends the row there as a stop (stop strings, streaming).
+    on_token: Callable[[int, float, list[tuple[int, float]]], bool] | None = None
 
 
 @dataclass
@@ -25,6 +34,7 @@ class GenerationResult:
     finished: bool  # ended on a stop token; False means max_new_tokens cut it off
     policy_version: int
     prefill_tokens: int  # context tokens this call ran through prefill
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per token, when asked for
 
 
 class InferenceEngine(Protocol):
