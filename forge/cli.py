@@ -57,6 +57,18 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from forge.rollout.engines.server import serve
+
+    serve(
+        args.checkpoint, host=args.host, port=args.port, max_new_tokens=args.max_new_tokens,
+        max_context_tokens=args.max_context_tokens, temperature=args.temperature, top_p=args.top_p,
+        cache_tokens=args.prefix_cache_tokens, seed=args.seed, dtype=args.dtype, device=args.device,
+        model_name=args.served_model_name,
+    )
+    return 0
+
+
 def _envs_list(args: argparse.Namespace) -> int:
     from forge.env.check import list_envs
 
@@ -110,6 +122,22 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tasks", type=int, default=16, help="how many of the env's tasks to play")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     evaluate.set_defaults(handler=_eval)
+
+    serve = commands.add_parser("serve", help="serve a checkpoint over HTTP (token API + OpenAI API)")
+    serve.add_argument("checkpoint", help="a Hugging Face checkpoint folder, e.g. runs/smoke/final")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-new-tokens", type=int, default=256, help="cap on tokens sampled per call")
+    serve.add_argument("--max-context-tokens", type=int, default=4096, help="prompt plus sampled tokens")
+    serve.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (logprobs are of it)")
+    serve.add_argument("--top-p", type=float, default=1.0)
+    serve.add_argument("--prefix-cache-tokens", type=int, default=65536,
+                       help="episodes' KV kept between calls, in tokens; least recently used evicted past it")
+    serve.add_argument("--seed", type=int, default=0, help="sampling seed")
+    serve.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    serve.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    serve.add_argument("--served-model-name", help="model name on /v1/models (default: the folder name)")
+    serve.set_defaults(handler=_serve)
 
     plot = commands.add_parser("plot", help="PNG charts of a run's metrics")
     plot.add_argument("run_dir", help="a run's output directory (holds metrics.jsonl)")

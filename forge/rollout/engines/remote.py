@@ -1,0 +1,211 @@
+"""Clients for inference servers, one interface: token ids in, sampled ids with behaviour
+logprobs, finish reason and policy version out; weight updates; pause/resume.
+
+`ForgeClient` talks to `forge serve`; `forge.rollout.engines.vllm_client` and
+`forge.rollout.engines.sglang_client` to vLLM's and SGLang's servers. Each client builds
+its requests and parses its responses in plain functions (tested against recorded
+shapes); the transport is shared here. A server that does not answer (connection refused,
+timeout, 5xx) raises `EngineLost`: its episodes are lost, never silently retried.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from forge.rollout.engines.protocol import GenerationRequest, GenerationResult
+
+
+class EngineLost(RuntimeError):
+    """The engine at `url` died, hung past its timeout, or failed the request."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(f"engine {url}: {reason}")
+        self.url = url
+        self.reason = reason
+
+
+class ProtocolError(ValueError):
+    """A server answered with a body this client cannot read (wrong server kind or version)."""
+
+
+@dataclass
+class Sampling:
+    """What every engine is asked to sample with; behaviour logprobs are of this distribution."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop_token_ids: tuple[int, ...] = ()
+
+
+@dataclass
+class HttpCall:
+    """One request a client makes: method, path under the server's root, JSON body or bytes."""
+
+    method: str
+    path: str
+    body: Any = None
+    content: bytes | None = None
+    params: dict[str, Any] | None = None
+
+
+class EngineClient(Protocol):
+    url: str
+    policy_version: int
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult: ...
+
+    async def release(self, episode_id: str) -> None: ...
+
+    async def healthy(self) -> bool: ...
+
+    async def load_checkpoint(self, path: str, version: int) -> None: ...
+
+    async def load_adapter(self, path: str, version: int) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class HttpTransport:
+    """An httpx client per event loop (Ray actors and tests run several loops)."""
+
+    def __init__(self, url: str, timeout_s: float) -> None:
+        self.url = url.rstrip("/")
+        self.timeout_s = timeout_s
+        self._client: Any = None
+        self._loop: Any = None
+
+    def _session(self) -> Any:
+        import asyncio
+
+        import httpx
+
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._loop is not loop:
+            self._client = httpx.AsyncClient(base_url=self.url, timeout=self.timeout_s)
+            self._loop = loop
+        return self._client
+
+    async def send(self, call: HttpCall, timeout_s: float | None = None) -> Any:
+        import httpx
+
+        try:
+            try:
+                response = await self._request(call, timeout_s)
+            except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError):
+                # A kept-alive connection the server had just closed (servers drop idle ones
+                # after a few seconds): send once more on a fresh one. A re-sent generate is
+                # still a sample of the policy; the server re-prefills that episode.
+                response = await self._request(call, timeout_s)
+        except httpx.TimeoutException:
+            raise EngineLost(self.url, f"no answer to {call.method} {call.path} within {timeout_s or self.timeout_s:g}s "
+                                       "(rollout.engine_timeout_s)") from None
+        except httpx.TransportError as exc:
+            raise EngineLost(self.url, f"{type(exc).__name__} on {call.method} {call.path}: {exc}") from None
+        if response.status_code >= 500:
+            raise EngineLost(self.url, f"{call.method} {call.path} answered {response.status_code}: {response.text[:300]}")
+        if response.status_code >= 400:
+            raise ProtocolError(f"{self.url}{call.path} refused the request ({response.status_code}): {response.text[:500]}")
+        if "json" in response.headers.get("content-type", ""):
+            return response.json()
+        return response.text
+
+    async def _request(self, call: HttpCall, timeout_s: float | None) -> Any:
+        return await self._session().request(
+            call.method, call.path, json=call.body if call.content is None else None, content=call.content,
+            params=call.params, timeout=timeout_s or self.timeout_s,
+        )
+
+    async def close(self) -> None:
+        if self._client is not None:
+            try:
+                await self._client.aclose()
+            except RuntimeError:  # its loop is gone; the sockets went with it
+                pass
+            self._client = None
+
+
+# -- Forge's own server -------------------------------------------------------------------
+def forge_generate_call(request: GenerationRequest) -> HttpCall:
+    return HttpCall("POST", "/forge/generate", {
+        "token_ids": list(request.token_ids), "max_new_tokens": request.max_new_tokens,
+        "episode_id": request.episode_id,
+    })
+
+
+def forge_parse_generate(body: Any) -> GenerationResult:
+    try:
+        reason = body["finish_reason"]
+        if reason not in ("stop", "length"):
+            raise ProtocolError(f"finish_reason {reason!r} is neither stop nor length")
+        ids, logprobs = [int(t) for t in body["token_ids"]], [float(x) for x in body["logprobs"]]
+        if len(ids) != len(logprobs):
+            raise ProtocolError(f"{len(ids)} token ids but {len(logprobs)} logprobs")
+        return GenerationResult(ids, logprobs, reason == "stop", int(body["policy_version"]), int(body["prefill_tokens"]))
+    except (KeyError, TypeError) as exc:
+        raise ProtocolError(f"not a forge serve /forge/generate answer ({exc!r}): {str(body)[:300]}") from None
+
+
+class ForgeClient:
+    """A `forge serve` server. It keeps each episode's KV between turns (send the same
+    `episode_id`; `release` when the episode ends) and stamps the policy version itself."""
+
+    kind = "forge"
+
+    def __init__(self, url: str, timeout_s: float = 120.0) -> None:
+        self.http = HttpTransport(url, timeout_s)
+        self.url = self.http.url
+        self.policy_version = 0
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        result = forge_parse_generate(await self.http.send(forge_generate_call(request)))
+        self.policy_version = result.policy_version
+        return result
+
+    async def release(self, episode_id: str) -> None:
+        await self.http.send(HttpCall("POST", "/forge/release", {"episode_id": episode_id}))
+
+    async def healthy(self) -> bool:
+        try:
+            await self.http.send(HttpCall("GET", "/health"), timeout_s=5.0)
+            return True
+        except (EngineLost, ProtocolError):
+            return False
+
+    async def load_checkpoint(self, path: str, version: int) -> None:
+        await self.http.send(HttpCall("POST", "/forge/weights", {"checkpoint": path, "version": version}))
+        self.policy_version = version
+
+    async def load_adapter(self, path: str, version: int) -> None:
+        await self.http.send(HttpCall("POST", "/forge/weights", {"adapter": path, "version": version}))
+        self.policy_version = version
+
+    async def push_tensors(self, blob: bytes, version: int) -> None:
+        """Tensors as one safetensors blob (`forge.rollout.engines.updates.tensors_to_bytes`)."""
+        await self.http.send(HttpCall("POST", "/forge/weights/tensors", content=blob, params={"version": version}))
+        self.policy_version = version
+
+    async def metrics(self) -> dict[str, Any]:
+        return await self.http.send(HttpCall("GET", "/forge/metrics"))
+
+    async def close(self) -> None:
+        await self.http.close()
+
+
+def make_client(spec: str, model: str, sampling: Sampling, timeout_s: float = 120.0) -> EngineClient:
+    """A client from a `rollout.servers` entry: `http://host:port` (forge serve),
+    `vllm+http://host:port` or `sglang+http://host:port`."""
+    kind, _, url = spec.partition("+") if "+" in spec.split("://")[0] else ("forge", "", spec)
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"rollout.servers entry {spec!r}: write http://host:port, vllm+http://... or sglang+http://...")
+    if kind == "forge":
+        return ForgeClient(url, timeout_s)
+    if kind == "vllm":
+        from forge.rollout.engines.vllm_client import VLLMClient
+
+        return VLLMClient(url, model, sampling, timeout_s)
+    if kind == "sglang":
+        from forge.rollout.engines.sglang_client import SGLangClient
+
+        return SGLangClient(url, sampling, timeout_s)
+    raise ValueError(f"rollout.servers entry {spec!r}: unknown server kind {kind!r} (forge, vllm or sglang)")

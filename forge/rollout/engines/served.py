@@ -1,0 +1,140 @@
+"""An engine as a server runs it: generation paused around weight updates, a bounded
+cache of episodes' KV (least recently used evicted first), and the counts behind
+`/forge/metrics` (requests, tokens, prefix-cache hits)."""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from forge.rollout.engines.protocol import GenerationRequest, GenerationResult
+
+
+class ServedEngine:
+    """Wraps an engine (HFEngine) for many clients at once; itself an `InferenceEngine`.
+
+    `pause()` holds new batches back and returns once the running one has finished, so a
+    weight update never lands under a batch and every token's version is the one that
+    sampled it. The wrapped engine keeps each episode's KV so that its next turn prefills
+    only the new tokens; here that cache is bounded to `cache_tokens` tokens: past it, the
+    episodes used least recently are released (their next turn is prefilled afresh)."""
+
+    def __init__(self, engine: Any, cache_tokens: int = 65536) -> None:
+        if cache_tokens < 0:
+            raise ValueError(f"cache_tokens={cache_tokens}: give 0 (keep no episode between calls) or more")
+        self.engine = engine
+        self.cache_tokens = cache_tokens
+        self._cached: collections.OrderedDict[str, int] = collections.OrderedDict()  # episode -> tokens, LRU first
+        self._state = threading.Condition()
+        self._paused = False
+        self._running = 0
+        self.counts: dict[str, float] = collections.defaultdict(float)
+        self.started = time.time()
+
+    @property
+    def policy_version(self) -> int:
+        return self.engine.policy_version
+
+    # -- pause / resume -------------------------------------------------------------
+    def pause(self, timeout_s: float | None = None) -> None:
+        """Stop starting batches; return once no batch is running."""
+        with self._state:
+            self._paused = True
+            if not self._state.wait_for(lambda: self._running == 0, timeout_s):
+                raise TimeoutError(f"a generation batch was still running after {timeout_s}s")
+
+    def resume(self) -> None:
+        with self._state:
+            self._paused = False
+            self._state.notify_all()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    # -- generation -------------------------------------------------------------------
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        with self._state:
+            self._state.wait_for(lambda: not self._paused)
+            self._running += 1
+        try:
+            results = self.engine.generate(requests)
+        finally:
+            with self._state:
+                self._running -= 1
+                self._state.notify_all()
+        self._account(requests, results)
+        return results
+
+    def _account(self, requests: list[GenerationRequest], results: list[GenerationResult]) -> None:
+        evicted: list[str] = []
+        with self._state:
+            self.counts["requests"] += len(requests)
+            for request, result in zip(requests, results, strict=True):
+                self.counts["prompt_tokens"] += len(request.token_ids)
+                self.counts["prefill_tokens"] += result.prefill_tokens
+                self.counts["generated_tokens"] += len(result.token_ids)
+                if request.episode_id:
+                    self._cached.pop(request.episode_id, None)
+                    self._cached[request.episode_id] = len(request.token_ids) + len(result.token_ids)
+            while self._cached and sum(self._cached.values()) > self.cache_tokens:
+                episode_id, _ = self._cached.popitem(last=False)
+                evicted.append(episode_id)
+            self.counts["evictions"] += len(evicted)
+        for episode_id in evicted:
+            self.engine.release(episode_id)
+
+    def release(self, episode_id: str) -> None:
+        with self._state:
+            self._cached.pop(episode_id, None)
+        self.engine.release(episode_id)
+
+    # -- weights ------------------------------------------------------------------------
+    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        self.update(lambda: state_dict, version)
+
+    def update(self, load: Callable[[], dict[str, torch.Tensor] | None], version: int) -> None:
+        """Between batches, run `load` (it returns the new tensors, or None when it changed
+        the model itself) and load its tensors; later outputs carry `version`. Episodes'
+        KV came from the old weights and is dropped (the engine re-prefills it)."""
+        self.pause()
+        try:
+            self.engine.load_weights(load() or {}, version)
+            with self._state:
+                self._cached.clear()
+                self.counts["weight_updates"] += 1
+        finally:
+            self.resume()
+
+    def next_token_logprobs(self, token_ids: list[int]) -> torch.Tensor:
+        return self.engine.next_token_logprobs(token_ids)
+
+    # -- metrics ------------------------------------------------------------------------
+    def metrics(self) -> dict[str, float | int | bool]:
+        with self._state:
+            counts = dict(self.counts)
+            cached_tokens = sum(self._cached.values())
+            cached_episodes = len(self._cached)
+        prompt = counts.get("prompt_tokens", 0.0)
+        hits = prompt - counts.get("prefill_tokens", 0.0)
+        return {
+            "policy_version": self.policy_version,
+            "paused": self._paused,
+            "requests": int(counts.get("requests", 0)),
+            "prompt_tokens": int(prompt),
+            "prefill_tokens": int(counts.get("prefill_tokens", 0)),
+            "generated_tokens": int(counts.get("generated_tokens", 0)),
+            "prefix_cache_hit_tokens": int(hits),
+            "prefix_cache_hit_rate": hits / prompt if prompt else 0.0,
+            "prefix_cache_tokens": cached_tokens,
+            "prefix_cache_episodes": cached_episodes,
+            "prefix_cache_capacity_tokens": self.cache_tokens,
+            "prefix_cache_evictions": int(counts.get("evictions", 0)),
+            "weight_updates": int(counts.get("weight_updates", 0)),
+            "uptime_s": time.time() - self.started,
+        }

@@ -1,0 +1,289 @@
+"""`forge serve`: Forge's engine as a standalone HTTP inference server.
+
+The OpenAI-compatible endpoints and the episode API are the training gateway's own app
+(`forge.gateway.server.build_app`), served unchanged; this module adds to that app:
+
+    GET  /health                  the process answers
+    GET  /ready                   200 once the model is loaded and generation is not paused, else 503
+    GET  /forge/info              model name, policy version, token limits, stop ids
+    GET  /forge/metrics           requests, tokens, prefix-cache hits and evictions, weight updates
+    POST /forge/generate          {"token_ids", "max_new_tokens"?, "episode_id"?} -> sampled "token_ids",
+                                  "logprobs", "finish_reason" (stop|length), "policy_version",
+                                  "prefill_tokens", "cached_tokens"
+    POST /forge/release           {"episode_id"}: drop that episode's cached KV
+    POST /forge/pause             hold new batches until /forge/resume (returns when none runs)
+    POST /forge/resume
+    POST /forge/weights           {"checkpoint": folder} | {"adapter": folder}, "version": n
+    POST /forge/weights/tensors   body: safetensors bytes; ?version=n
+
+A weight update pauses generation, loads, and resumes: every token sampled after it
+carries the new version, every token before it the old one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from forge.gateway.episodes import EpisodeError, EpisodeStore
+from forge.gateway.server import Gateway, build_app
+from forge.rollout.engines.protocol import GenerationRequest
+from forge.rollout.engines.served import ServedEngine
+from forge.rollout.engines.updates import (
+    WeightUpdateError,
+    apply_adapter,
+    checkpoint_state,
+    tensors_from_bytes,
+)
+
+
+class GenerateBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    token_ids: list[int] = Field(min_length=1, description="the whole context so far, as token ids")
+    max_new_tokens: int | None = Field(None, gt=0, description="cap on sampled tokens (at most the server's)")
+    episode_id: str = Field("", description="keeps the episode's KV cached for its next turn")
+
+
+class ReleaseBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    episode_id: str
+
+
+class WeightsBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    checkpoint: str | None = Field(None, description="a Hugging Face checkpoint folder on the server's disk")
+    adapter: str | None = Field(None, description="a peft LoRA adapter folder on the server's disk")
+    version: int = Field(ge=0, description="the policy version outputs carry from now on")
+
+
+class EngineService:
+    """What the extra endpoints act on: the served engine, the gateway (its tokenizer,
+    its batcher, which the token endpoint shares) and the limits."""
+
+    def __init__(self, served: ServedEngine, gateway: Gateway, model_name: str) -> None:
+        self.served = served
+        self.gateway = gateway
+        self.model_name = model_name
+        self.vocab_size = len(gateway.tokenizer)
+        self._update_lock = asyncio.Lock()
+
+    async def generate(self, body: GenerateBody) -> dict[str, Any]:
+        limit = self.gateway.max_new_tokens
+        if body.max_new_tokens is not None and body.max_new_tokens > limit:
+            raise EpisodeError(400, f"max_new_tokens={body.max_new_tokens} is over this server's limit of {limit} "
+                                    "(forge serve --max-new-tokens)")
+        wanted = body.max_new_tokens or limit
+        context = self.gateway.max_context_tokens
+        if len(body.token_ids) + wanted > context:
+            raise EpisodeError(400, f"the prompt is {len(body.token_ids)} tokens and {wanted} more were asked for, "
+                                    f"over the context limit of {context} tokens (forge serve --max-context-tokens)")
+        bad = [t for t in body.token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise EpisodeError(400, f"token ids {bad[:5]} are outside the vocabulary (0..{self.vocab_size - 1})")
+        request = GenerationRequest(list(body.token_ids), wanted, body.episode_id)
+        result = await self.gateway.batching.generate(request)
+        return {
+            "token_ids": result.token_ids,
+            "logprobs": result.logprobs,
+            "finish_reason": "stop" if result.finished else "length",
+            "policy_version": result.policy_version,
+            "prefill_tokens": result.prefill_tokens,
+            "cached_tokens": len(body.token_ids) - result.prefill_tokens,
+        }
+
+    async def update(self, load: Any, version: int) -> dict[str, Any]:
+        """Run `load()` (which returns a state dict, or None when it changed the model
+        itself) with generation paused, then stamp `version`."""
+        async with self._update_lock:
+            started = time.perf_counter()
+            await asyncio.to_thread(self.served.update, load, version)
+            return {"policy_version": self.served.policy_version, "seconds": time.perf_counter() - started}
+
+    def load_adapter(self, path: str) -> None:
+        engine = self.served.engine
+        engine.model = apply_adapter(engine.model, path)
+
+
+def build_server_app(service: EngineService) -> FastAPI:
+    """The gateway's app with the engine endpoints added."""
+    app = build_app(service.gateway)
+    router = APIRouter()
+
+    @router.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @router.get("/ready")
+    async def ready() -> JSONResponse:
+        paused = service.served.paused
+        body = {"ready": not paused, "paused": paused, "policy_version": service.served.policy_version}
+        return JSONResponse(body, status_code=503 if paused else 200)
+
+    @router.get("/forge/info")
+    async def info() -> dict:
+        gateway = service.gateway
+        return {
+            "model": service.model_name,
+            "policy_version": service.served.policy_version,
+            "max_new_tokens": gateway.max_new_tokens,
+            "max_context_tokens": gateway.max_context_tokens,
+            "stop_token_ids": service.served.engine.stop_token_ids.tolist(),
+            "vocab_size": service.vocab_size,
+        }
+
+    @router.get("/forge/metrics")
+    async def metrics() -> dict:
+        return service.served.metrics()
+
+    @router.post("/forge/generate")
+    async def generate(body: GenerateBody) -> dict:
+        return await service.generate(body)
+
+    @router.post("/forge/release")
+    async def release(body: ReleaseBody) -> dict:
+        service.served.release(body.episode_id)
+        return {"released": body.episode_id}
+
+    @router.post("/forge/pause")
+    async def pause() -> dict:
+        await asyncio.to_thread(service.served.pause)
+        return {"paused": True}
+
+    @router.post("/forge/resume")
+    async def resume() -> dict:
+        service.served.resume()
+        return {"paused": False}
+
+    @router.post("/forge/weights")
+    async def weights(body: WeightsBody) -> dict:
+        if (body.checkpoint is None) == (body.adapter is None):
+            raise EpisodeError(400, "send exactly one of checkpoint (a model folder) or adapter (a LoRA folder)")
+        try:
+            if body.checkpoint is not None:
+                return await service.update(lambda: checkpoint_state(body.checkpoint), body.version)
+            return await service.update(lambda: service.load_adapter(body.adapter), body.version)
+        except WeightUpdateError as exc:
+            raise EpisodeError(400, str(exc)) from None
+        except ValueError as exc:  # the engine refused tensors it does not have
+            raise EpisodeError(400, f"weight update refused: {exc}") from None
+
+    @router.post("/forge/weights/tensors")
+    async def weight_tensors(request: Request, version: int) -> dict:
+        data = await request.body()
+        try:
+            state = tensors_from_bytes(data)
+            return await service.update(lambda: state, version)
+        except WeightUpdateError as exc:
+            raise EpisodeError(400, str(exc)) from None
+        except ValueError as exc:
+            raise EpisodeError(400, f"weight update refused: {exc}") from None
+
+    app.include_router(router)
+    return app
+
+
+def make_service(
+    checkpoint: str | Path,
+    max_new_tokens: int = 256,
+    max_context_tokens: int = 4096,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    cache_tokens: int = 65536,
+    seed: int = 0,
+    dtype: str = "float32",
+    device: str = "auto",
+    model_name: str | None = None,
+) -> EngineService:
+    """Load a checkpoint into an engine and wrap it for serving."""
+    from forge.config import ModelConfig
+    from forge.models.loading import load_model, load_tokenizer, resolve_device
+    from forge.rollout.chat import ChatFormat
+    from forge.rollout.engines.hf import HFEngine
+
+    path = Path(checkpoint)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint folder (no config.json)")
+    tokenizer = load_tokenizer(path)
+    model_cfg = ModelConfig(path=str(path), dtype=dtype, device=device)  # type: ignore[arg-type]
+    model = load_model(path, model_cfg, trainable=False, device=resolve_device(device))
+    chat = ChatFormat(tokenizer)
+    engine = HFEngine(model, chat.stop_token_ids, tokenizer.pad_token_id, temperature=temperature, top_p=top_p,
+                      seed=seed)
+    served = ServedEngine(engine, cache_tokens=cache_tokens)
+    name = model_name or path.resolve().name
+    gateway = Gateway(served, tokenizer, EpisodeStore(), max_new_tokens, max_context_tokens, model_name=name)
+    return EngineService(served, gateway, name)
+
+
+class EngineServer:
+    """Serves a service's app with uvicorn on its own thread (for tests, benchmarks and the
+    Ray actor behind `rollout.engine: server`). `port=0` picks a free port."""
+
+    def __init__(self, service: EngineService, host: str = "127.0.0.1", port: int = 0) -> None:
+        import uvicorn
+
+        self.service = service
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self.socket.bind((host, port))
+        except OSError as exc:
+            self.socket.close()
+            raise RuntimeError(f"forge serve cannot listen on {host}:{port} ({exc}); pick another --port") from None
+        self.host, self.port = self.socket.getsockname()[:2]
+        config = uvicorn.Config(build_server_app(service), log_level="warning", access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=2, timeout_keep_alive=300)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self._serve, name="forge-serve", daemon=True)
+
+    @property
+    def url(self) -> str:
+        host = socket.gethostbyname(socket.gethostname()) if self.host == "0.0.0.0" else self.host
+        return f"http://{host}:{self.port}"
+
+    def _serve(self) -> None:
+        asyncio.run(self.server.serve(sockets=[self.socket]))
+
+    def start(self, timeout_s: float = 30.0) -> EngineServer:
+        self.thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"forge serve did not start on {self.host}:{self.port}")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        if self.thread.is_alive():
+            self.thread.join(timeout=10)
+        self.socket.close()
+
+    def __enter__(self) -> EngineServer:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, **options: Any) -> None:
+    """Run `forge serve` in the foreground until interrupted."""
+    service = make_service(checkpoint, **options)
+    server = EngineServer(service, host, port).start()
+    print(f"forge serve: {service.model_name} at {server.url} (OpenAI API at {server.url}/v1, "
+          f"token API at {server.url}/forge/generate)", flush=True)
+    try:
+        while server.thread.is_alive():
+            server.thread.join(timeout=1.0)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
