@@ -297,6 +297,14 @@ class GatewayConfig(Section):
     )
     max_concurrent_agents: int = Field(8, gt=0, description="agent processes running at once")
     agent_timeout_s: float = Field(300.0, gt=0, description="an agent process still running after this is killed")
+    sampling: Literal["override", "honour"] = Field(
+        "override",
+        description="override: requests sample with rollout.temperature/top_p (an X-Forge-Sampling header says "
+        "when a request asked otherwise); honour: with the request's own, recorded as its behaviour logprobs",
+    )
+    tool_parser: Literal["auto", "hermes", "llama3_json", "mistral"] = Field(
+        "auto", description="how tool calls are read from replies; auto: the family the chat template writes"
+    )
 
 
 class LoggingConfig(Section):

@@ -39,10 +39,12 @@ def test_a_callback_that_says_stop_ends_only_its_row_as_finished(model):
         seen.append(token)
         return len(seen) == 3
 
-    watched, free = engine.generate([
-        GenerationRequest(PROMPT, 12, "a", on_token=stop_at_third),
-        GenerationRequest(PROMPT + [10], 12, "b"),
-    ])
+    watched, free = engine.generate(
+        [
+            GenerationRequest(PROMPT, 12, "a", on_token=stop_at_third),
+            GenerationRequest(PROMPT + [10], 12, "b"),
+        ]
+    )
     assert watched.token_ids == seen and len(seen) == 3 and watched.finished
     assert len(free.token_ids) == 12 and not free.finished
 
@@ -52,7 +54,9 @@ def test_the_turn_after_a_callback_stop_keeps_exact_logprobs(model):
     first = engine.generate([GenerationRequest(PROMPT, 10, "a", on_token=lambda *_: True)])[0]
     context = PROMPT + first.token_ids + [7, 8]
     second = engine.generate([GenerationRequest(context, 4, "a")])[0]
-    expected = [next_logprobs(model, context + second.token_ids[:i])[t].item() for i, t in enumerate(second.token_ids)]
+    expected = [
+        next_logprobs(model, context + second.token_ids[:i])[t].item() for i, t in enumerate(second.token_ids)
+    ]
     assert second.logprobs == pytest.approx(expected, abs=1e-4)
 
 
@@ -60,7 +64,9 @@ def test_a_seeded_request_samples_the_same_tokens_whatever_its_batch(model):
     engine = no_stop_engine(model)
     alone = engine.generate([GenerationRequest(PROMPT, 8, seed=1234)])[0]
     engine.generate([GenerationRequest(PROMPT, 5)])  # moves the engine's own generator on
-    batched = engine.generate([GenerationRequest(PROMPT + [3], 8), GenerationRequest(PROMPT, 8, seed=1234)])[1]
+    batched = engine.generate([GenerationRequest(PROMPT + [3], 8), GenerationRequest(PROMPT, 8, seed=1234)])[
+        1
+    ]
     other_seed = engine.generate([GenerationRequest(PROMPT, 8, seed=99)])[0]
     assert batched.token_ids == alone.token_ids
     assert other_seed.token_ids != alone.token_ids
@@ -77,14 +83,22 @@ def test_temperature_zero_is_greedy_with_the_models_own_logprobs(model):
 
 def test_a_requests_temperature_sets_its_behaviour_logprobs(model):
     engine = no_stop_engine(model)
-    hot, default = engine.generate([GenerationRequest(PROMPT, 1, temperature=2.0), GenerationRequest(PROMPT + [4], 1)])
-    assert hot.logprobs[0] == pytest.approx(next_logprobs(model, PROMPT, 2.0)[hot.token_ids[0]].item(), abs=1e-4)
-    assert default.logprobs[0] == pytest.approx(next_logprobs(model, PROMPT + [4])[default.token_ids[0]].item(), abs=1e-4)
+    hot, default = engine.generate(
+        [GenerationRequest(PROMPT, 1, temperature=2.0), GenerationRequest(PROMPT + [4], 1)]
+    )
+    assert hot.logprobs[0] == pytest.approx(
+        next_logprobs(model, PROMPT, 2.0)[hot.token_ids[0]].item(), abs=1e-4
+    )
+    assert default.logprobs[0] == pytest.approx(
+        next_logprobs(model, PROMPT + [4])[default.token_ids[0]].item(), abs=1e-4
+    )
 
 
 def test_top_logprobs_are_the_k_most_likely_tokens_of_each_step(model):
     engine = no_stop_engine(model)
-    asked, plain = engine.generate([GenerationRequest(PROMPT, 3, top_logprobs=4), GenerationRequest(PROMPT + [4], 3)])
+    asked, plain = engine.generate(
+        [GenerationRequest(PROMPT, 3, top_logprobs=4), GenerationRequest(PROMPT + [4], 3)]
+    )
     assert plain.top_logprobs is None
     assert len(asked.top_logprobs) == 3
     context = list(PROMPT)
@@ -97,6 +111,7 @@ def test_top_logprobs_are_the_k_most_likely_tokens_of_each_step(model):
 
 def test_top_logprobs_reach_the_callback(model):
     tops: list[list] = []
-    no_stop_engine(model).generate([GenerationRequest(PROMPT, 2, top_logprobs=2,
-                                                      on_token=lambda t, lp, top: tops.append(top) and False)])
+    no_stop_engine(model).generate(
+        [GenerationRequest(PROMPT, 2, top_logprobs=2, on_token=lambda t, lp, top: tops.append(top) and False)]
+    )
     assert len(tops) == 2 and all(len(top) == 2 for top in tops)

@@ -9,22 +9,18 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
+from gateway_helpers import ScriptedEngine, client, serve, start
 
-from envs.guess_number import GuessNumberEnv
 from forge.config import ModelConfig, TinyModelConfig
 from forge.env.tools import hermes_tools_prompt
-from forge.gateway import Gateway, GatewayServer
-from forge.gateway.episodes import EpisodeStore
 from forge.models.loading import load_model, load_tokenizer
 from forge.models.tiny import save_tiny_checkpoint
 from forge.rollout.engines.hf import HFEngine
-from forge.rollout.engines.protocol import GenerationResult
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL_TEXT = '<tool_call>{"name":"guess","arguments":{"number":3}}</tool_call>'
@@ -50,45 +46,6 @@ def tokenizer(checkpoint):
 @pytest.fixture(scope="module")
 def engine(checkpoint, tokenizer) -> HFEngine:
     return HFEngine(load_model(checkpoint, ModelConfig()), [tokenizer.eos_token_id], tokenizer.pad_token_id)
-
-
-class ScriptedEngine:
-    """Replies with fixed token ids after an optional delay."""
-
-    def __init__(self, reply: list[int], delay_s: float = 0.0) -> None:
-        self.reply = reply
-        self.delay_s = delay_s
-        self.policy_version = 7
-
-    def generate(self, requests):
-        time.sleep(self.delay_s)
-        return [GenerationResult(list(self.reply), [-0.5] * len(self.reply), True, self.policy_version,
-                                 len(r.token_ids)) for r in requests]
-
-    def load_weights(self, state_dict, version):
-        self.policy_version = version
-
-    def release(self, episode_id):
-        pass
-
-
-@contextmanager
-def serve(engine, tokenizer, max_new_tokens: int = 6, max_context_tokens: int = 256):
-    store = EpisodeStore(lambda: GuessNumberEnv(n=8))
-    gateway = Gateway(engine, tokenizer, store, max_new_tokens, max_context_tokens)
-    with GatewayServer(gateway) as server:
-        yield server
-
-
-def start(server: GatewayServer, secret: int = 3, task_id: str = "t0") -> dict:
-    response = httpx.post(f"{server.root_url}/forge/episodes",
-                          json={"task": {"task_id": task_id, "secret": secret, "n": 8}})
-    response.raise_for_status()
-    return response.json()
-
-
-def client(server: GatewayServer, episode_id: str, **kwargs) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.base_url, api_key=episode_id, max_retries=0, **kwargs)
 
 
 def test_chat_call_is_recorded_with_the_template_prompt_and_the_sampled_ids(engine, tokenizer):

@@ -8,36 +8,66 @@ import secrets
 import time
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from forge.env.tools import _TOOL_CALL, hermes_tools_prompt, parse_tool_calls
+from forge.env.tools import hermes_tools_prompt
 
 
-class ChatCompletionRequest(BaseModel):
-    """The fields the gateway acts on; sampling knobs (temperature, top_p, ...) are
-    accepted and ignored, since behaviour logprobs must come from the training policy."""
+class SamplingFields(BaseModel):
+    """What chat and completions requests share: limits, sampling, stop strings, n."""
 
     model_config = ConfigDict(extra="allow")
     model: str = ""
-    messages: list[dict[str, Any]] = Field(min_length=1)
-    tools: list[dict[str, Any]] | None = None
     max_tokens: int | None = Field(None, gt=0)
-    max_completion_tokens: int | None = Field(None, gt=0)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1, le=16, description="choices sampled from one prefill; each is a training sample")
     stream: bool = False
     stream_options: dict[str, Any] | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, stop: str | list[str] | None) -> list[str] | None:
+        stops = [stop] if isinstance(stop, str) else stop
+        if stops is not None and (len(stops) > 4 or not all(stops)):
+            raise ValueError("stop takes up to 4 non-empty strings")
+        return stops
+
+    def unsupported(self) -> str | None:
+        """A field set to something the gateway cannot do, as an error message."""
+        for name in ("frequency_penalty", "presence_penalty"):
+            if getattr(self, name):
+                return f"{name} is not supported by the Forge gateway (it would change the behaviour policy); leave it unset or 0"
+        if self.logit_bias:
+            return "logit_bias is not supported by the Forge gateway; leave it unset"
+        return None
+
+
+class ChatCompletionRequest(SamplingFields):
+    """An OpenAI chat completion request; see `forge/gateway/README` in the project README
+    for what each field does here."""
+
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+    max_completion_tokens: int | None = Field(None, gt=0)
     logprobs: bool = Field(False, description="return the behaviour logprob of each generated token")
-    n: int = Field(1, ge=1, le=1, description="one choice per call: each call is one training sample")
-    user: str | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
-class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    model: str = ""
-    prompt: str
-    max_tokens: int | None = Field(None, gt=0)
-    stream: bool = False
-    n: int = Field(1, ge=1, le=1)
-    user: str | None = None
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+    suffix: str | None = None
 
 
 class StartEpisodeRequest(BaseModel):
@@ -84,6 +114,7 @@ def template_messages(messages: list[dict[str, Any]], tools: list[dict] | None, 
     (`<tool_call>...</tool_call>`, `<tool_response>...</tool_response>`), the same text
     the gateway parses the model's calls from."""
     rendered: list[dict[str, Any]] = []
+    names: dict[str, str] = {}  # tool call id -> function name
     for index, message in enumerate(messages):
         role = message.get("role")
         if role not in ("system", "developer", "user", "assistant", "tool"):
@@ -94,9 +125,11 @@ def template_messages(messages: list[dict[str, Any]], tools: list[dict] | None, 
         if role == "assistant" and calls:
             if tool_aware:
                 structured = [
-                    {"type": "function", "function": {"name": c["function"]["name"], "arguments": _arguments(c)}}
+                    {"id": c.get("id", ""), "type": "function",
+                     "function": {"name": c["function"]["name"], "arguments": _arguments(c)}}
                     for c in calls
                 ]
+                names.update((c.get("id"), c["function"]["name"]) for c in calls)
                 rendered.append({"role": role, "content": content, "tool_calls": structured})
                 continue
             blocks = [
@@ -106,6 +139,11 @@ def template_messages(messages: list[dict[str, Any]], tools: list[dict] | None, 
             content = "\n".join(([content] if content else []) + blocks)
         elif role == "tool" and not tool_aware:
             content = f"<tool_response>\n{content}\n</tool_response>"
+        elif role == "tool":  # templates that show which call a result answers read these
+            call_id = message.get("tool_call_id", "")
+            rendered.append({"role": role, "content": content, "tool_call_id": call_id,
+                             "name": message.get("name") or names.get(call_id, "")})
+            continue
         rendered.append({"role": role, "content": content})
     if tools and not tool_aware:
         listing = hermes_tools_prompt(tools)
@@ -114,24 +152,6 @@ def template_messages(messages: list[dict[str, Any]], tools: list[dict] | None, 
         else:
             rendered.insert(0, {"role": "system", "content": listing})
     return rendered
-
-
-def split_tool_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
-    """The model's reply as OpenAI `content` and `tool_calls` (Hermes `<tool_call>` blocks).
-    A malformed block stays in `content` for the agent to see."""
-    calls, _ = parse_tool_calls(text)
-    if not calls:
-        return text, []
-    content = _TOOL_CALL.sub("", text).strip() or None
-    tool_calls = [
-        {
-            "id": f"call_{secrets.token_hex(8)}",
-            "type": "function",
-            "function": {"name": call.name, "arguments": json.dumps(call.arguments)},
-        }
-        for call in calls
-    ]
-    return content, tool_calls
 
 
 def finish_reason(finished: bool, tool_calls: list) -> str:

@@ -5,17 +5,19 @@ A request belongs to an episode named by, in this order, the `X-Forge-Episode` h
 the API key (`Authorization: Bearer <episode id>`, i.e. `OpenAI(api_key=episode_id)`),
 or the body's `user` field; the first that names a known episode wins.
 
-    GET  /v1/models                      the policy's model name
+    GET  /v1/models, /v1/models/{id}      the policy's model
     POST /v1/chat/completions            messages (+ tools; stream) -> reply, tool_calls parsed
-    POST /v1/completions                 raw prompt -> text
+    POST /v1/completions                 raw prompt(s) -> text
+    POST /v1/responses                   the Responses API (text and function tools)
     POST /forge/episodes                 {"task"?, "group_id"?} -> id, task, first observation, tools
     GET  /forge/episodes/{id}            the same view, plus status, outcome and call count
     POST /forge/episodes/{id}/step       {"action"} -> the env's observation, reward, done
     POST /forge/episodes/{id}/finish     {"reward"?} or {"answer"?} (the env verifies) or {}
 
-Every call is recorded before its reply is sent, so a client that goes away while the
-reply streams loses nothing; a reply finished after its client disconnected is dropped
-(the agent never saw it) and counted in the episode's `calls_dropped`.
+Every call is recorded once generation ends and before the last of its reply is sent, so
+a client that goes away after that loses nothing; a reply whose client disconnected
+before it was finished is dropped (the agent never saw it whole) and counted in the
+episode's `calls_dropped`. Any error, on any route, is OpenAI's error object.
 """
 
 from __future__ import annotations
@@ -25,34 +27,45 @@ import json
 import socket
 import threading
 import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from forge.env.tools import template_renders_tools
-from forge.gateway.episodes import CallRecord, EpisodeError, EpisodeStore
+from forge.gateway.calls import CallRun, CallSpec, Choice, TokenEvent
+from forge.gateway.chat import chat_response, chat_spec, chat_stream
+from forge.gateway.completions import completion_specs, completions_response, completions_stream
+from forge.gateway.decoding import hidden_token_ids
+from forge.gateway.episodes import EpisodeError, EpisodeStore
 from forge.gateway.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     FinishRequest,
+    SamplingFields,
     StartEpisodeRequest,
     StepRequest,
-    completion_id,
     error_body,
-    finish_reason,
-    now,
-    split_tool_calls,
     template_messages,
 )
+from forge.gateway.tool_parsers import HermesParser, ToolParser, choose_tool_parser
 from forge.rollout.engines.batching import BatchingEngine
-from forge.rollout.engines.protocol import GenerationRequest, InferenceEngine
+from forge.rollout.engines.protocol import InferenceEngine
+
+SAMPLING_RULES = ("honour", "override")
 
 
 class Gateway:
     """What the endpoints need: an engine, the tokenizer whose chat template renders
-    prompts, the episode store and the token limits."""
+    prompts, the episode store, the token limits and the sampling rule.
+
+    `sampling="honour"` samples each request with its own temperature and top_p (the
+    behaviour logprobs recorded are those of that distribution); `"override"` samples
+    with the engine's (the run's) settings and says so in an `X-Forge-Sampling` header
+    whenever a request asked for others. `seed` is honoured either way."""
 
     def __init__(
         self,
@@ -65,7 +78,11 @@ class Gateway:
         next_task: Any | None = None,
         tools: list[dict] | None = None,
         system_prompt: str | None = None,
+        tool_parser: str = "auto",
+        sampling: str = "honour",
     ) -> None:
+        if sampling not in SAMPLING_RULES:
+            raise ValueError(f"gateway.sampling={sampling!r}: use honour or override")
         self.engine = engine
         self.batching = BatchingEngine(engine, max_wait_s=0.01)
         self.tokenizer = tokenizer
@@ -76,22 +93,56 @@ class Gateway:
         self.next_task = next_task  # () -> task row, for POST /forge/episodes without a task
         self.tools = tools
         self.system_prompt = system_prompt
+        self.sampling = sampling
         self.tool_aware = template_renders_tools(tokenizer)
+        self.tool_parser = choose_tool_parser(tokenizer, tool_parser)
+        self.hidden_ids = hidden_token_ids(tokenizer, self.tool_parser.markers)
+        self.engine_names: dict[str, set[str]] = {}  # episode -> the names its calls' KV is kept under
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def chat_prompt_ids(self, messages: list[dict], tools: list[dict] | None) -> list[int]:
+    def parser_for_tools(self) -> ToolParser:
+        """A template that ignores `tools=` is given them, and reads its calls, in Hermes text."""
+        return self.tool_parser if self.tool_aware else HermesParser()
+
+    def chat_prompt_text(self, messages: list[dict], tools: list[dict] | None) -> str:
         try:
             rendered = template_messages(messages, tools, self.tool_aware)
-            text = self.tokenizer.apply_chat_template(
+            return self.tokenizer.apply_chat_template(
                 rendered, tools=tools if self.tool_aware else None, add_generation_prompt=True, tokenize=False
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise EpisodeError(400, f"messages could not be rendered: {exc}") from None
         except Exception as exc:  # jinja2 errors raised by the template itself
             raise EpisodeError(400, f"the chat template rejected these messages: {exc}") from None
-        return self.encode(text)
+
+    def token_limit(self, prompt_tokens: int, asked: int | None) -> int:
+        """Tokens a call may generate: what it asked for, up to the context limit (beyond is an
+        error); unasked, `max_new_tokens` or what room is left."""
+        room = self.max_context_tokens - prompt_tokens
+        if room < 1 or (asked is not None and asked > room):
+            wanted = f" and {asked} more were asked for" if asked is not None else ""
+            raise EpisodeError(
+                400, f"the prompt is {prompt_tokens} tokens{wanted}, over the context limit of "
+                f"{self.max_context_tokens} tokens (rollout.max_context_tokens): shorten the conversation"
+                + (f" or ask for at most max_tokens={room}" if room >= 1 else ""),
+            )
+        return asked if asked is not None else min(self.max_new_tokens, room)
+
+    def apply_sampling(self, body: SamplingFields, spec: CallSpec) -> dict[str, str]:
+        """Put the request's sampling into `spec` by the gateway's rule; the headers that say
+        what was overridden."""
+        problem = body.unsupported()
+        if problem:
+            raise EpisodeError(400, problem)
+        if self.sampling == "honour":
+            spec.temperature, spec.top_p = body.temperature, body.top_p
+            return {}
+        run = {"temperature": getattr(self.engine, "temperature", None), "top_p": getattr(self.engine, "top_p", None)}
+        changed = [f"{name}={getattr(body, name)}->{value}" for name, value in run.items()
+                   if getattr(body, name) is not None and getattr(body, name) != value]
+        return {"X-Forge-Sampling": "overridden " + ", ".join(changed) + " (gateway.sampling=override)"} if changed else {}
 
     def resolve_episode(self, request: Request, user: str | None) -> str:
         header = request.headers.get("x-forge-episode")
@@ -108,33 +159,34 @@ class Gateway:
             "its episode_id as the API key, the X-Forge-Episode header or the `user` field"
         )
 
-    async def generate(self, request: Request, episode_id: str, prompt_ids: list[int], max_tokens: int | None):
+    def start_call(self, episode_id: str, spec: CallSpec, stream: bool) -> CallRun:
         self.store.live(episode_id)
-        room = self.max_context_tokens - len(prompt_ids)
-        limit = min(max_tokens or self.max_new_tokens, self.max_new_tokens)
-        if room < 1 or (max_tokens is not None and limit > room):
-            raise EpisodeError(
-                400, f"the prompt is {len(prompt_ids)} tokens and {limit} more were asked for, over the "
-                f"context limit of {self.max_context_tokens} tokens (rollout.max_context_tokens): shorten "
-                "the conversation or ask for fewer max_tokens",
-            )
-        limit = min(limit, room)
-        started = time.monotonic()
-        try:
-            result = await self.batching.generate(GenerationRequest(list(prompt_ids), limit, episode_id))
-        except Exception as exc:
-            raise EpisodeError(500, f"generation failed: {type(exc).__name__}: {exc}") from None
-        call = CallRecord(
-            list(prompt_ids), list(result.token_ids), list(result.logprobs), result.policy_version,
-            result.finished, time.monotonic() - started,
-        )
-        if await request.is_disconnected():
+        return CallRun(self, episode_id, spec, stream)
+
+    async def finish_call(self, request: Request | None, run: CallRun) -> list[Choice]:
+        """Wait for the call's choices and record them, unless its client went away."""
+        choices = await run.task
+        if run.aborted or (request is not None and await request.is_disconnected()):
             # The agent never saw this reply, so it did not shape the episode: not a sample.
-            episode = self.store.get(episode_id)
-            episode.info["calls_dropped"] = episode.info.get("calls_dropped", 0) + 1
+            self._count_dropped(run.episode_id)
             raise EpisodeError(499, "the client disconnected before the reply was sent")
-        self.store.record(episode_id, call)
-        return call
+        for choice in choices:
+            self.store.record(run.episode_id, choice.record)
+        return choices
+
+    def _count_dropped(self, episode_id: str) -> None:
+        episode = self.store.get(episode_id)
+        episode.info["calls_dropped"] = episode.info.get("calls_dropped", 0) + 1
+
+    async def _drop(self, run: CallRun) -> None:
+        try:
+            await run.task
+        except EpisodeError:
+            pass
+        self._count_dropped(run.episode_id)
+
+    def stream_events(self, run: CallRun, render: Callable[[TokenEvent], str | None]) -> StreamedCall:
+        return StreamedCall(self, run, render)
 
     async def start_episode(self, task: dict[str, Any], group_id: str | None = None) -> str:
         try:
@@ -144,18 +196,24 @@ class Gateway:
         self.batching.register()  # batches wait briefly for the other live episodes' calls
         return episode.episode_id
 
+    def _ended(self, episode_id: str) -> None:
+        """An episode is over: its batch slot and its cached KV go."""
+        self.batching.unregister()
+        for name in self.engine_names.pop(episode_id, ()):
+            self.batching.release(name)
+
     async def finish_episode(self, episode_id: str, reward: float | None = None, answer: str | None = None) -> None:
         episode = self.store.live(episode_id)
         try:
             await self.store.finish(episode_id, reward, answer)
         finally:
             if episode.finished:  # also when the env's verifier raised and ended it as an error
-                self.batching.unregister()
+                self._ended(episode_id)
 
     async def abandon_episode(self, episode_id: str, status: str, error: str) -> None:
         if not self.store.get(episode_id).finished:
             self.store.abandon(episode_id, status, error)  # type: ignore[arg-type]
-            self.batching.unregister()
+            self._ended(episode_id)
 
     def episode_view(self, episode_id: str) -> dict[str, Any]:
         episode = self.store.get(episode_id)
@@ -175,78 +233,88 @@ class Gateway:
         }
 
 
-def _token_logprobs(tokenizer: Any, call: CallRecord) -> dict[str, Any]:
-    tokens = tokenizer.convert_ids_to_tokens(call.completion_ids)
-    return {"content": [{"token": token, "logprob": logprob, "bytes": None, "top_logprobs": []}
-                        for token, logprob in zip(tokens, call.logprobs, strict=True)]}
+class StreamedCall:
+    """A call's token events rendered as they come; once they end, the call is recorded
+    and `result` holds its choices. A client that leaves early aborts the call."""
+
+    def __init__(self, gateway: Gateway, run: CallRun, render: Callable[[TokenEvent], str | None]) -> None:
+        self.gateway, self.run, self.render = gateway, run, render
+        self.result: list[Choice] = []
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        run, finished = self.run, False
+        try:
+            while True:
+                getter = asyncio.ensure_future(run.events.get())
+                await asyncio.wait({getter, run.task}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    break
+                piece = self.render(getter.result())
+                if piece:
+                    yield piece
+            while not run.events.empty():  # tokens that came in with the end of generation
+                piece = self.render(run.events.get_nowait())
+                if piece:
+                    yield piece
+            self.result = await self.gateway.finish_call(None, run)
+            finished = True
+        finally:
+            if not finished and not run.aborted:
+                run.abort()
+                asyncio.ensure_future(self.gateway._drop(run))
 
 
-def _chat_response(call: CallRecord, text: str, tools_given: bool, model: str, episode_id: str,
-                   logprobs: dict | None) -> dict:
-    content, tool_calls = split_tool_calls(text) if tools_given else (text, [])
-    message: dict[str, Any] = {"role": "assistant", "content": content}
-    if tool_calls:
-        message["tool_calls"] = tool_calls
-    return {
-        "id": completion_id("chatcmpl"),
-        "object": "chat.completion",
-        "created": now(),
-        "model": model,
-        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason(call.finished, tool_calls),
-                     "logprobs": logprobs}],
-        "usage": _usage(call),
-        "forge": {"episode_id": episode_id, "policy_version": call.policy_version},
-    }
+def _sse_errors(stream: AsyncIterator[str]) -> AsyncIterator[str]:
+    """A stream whose call fails after the headers went out ends with an OpenAI error event."""
+
+    async def guarded() -> AsyncIterator[str]:
+        try:
+            async for piece in stream:
+                yield piece
+        except EpisodeError as exc:
+            kind = "invalid_request_error" if exc.status < 500 else "server_error"
+            yield f"data: {json.dumps(error_body(exc.message, kind))}\n\n"
+
+    return guarded()
 
 
-def _usage(call: CallRecord) -> dict[str, int]:
-    prompt, completion = len(call.prompt_ids), len(call.completion_ids)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def _chat_stream(gateway: Gateway, call: CallRecord, tools_given: bool, model: str, include_usage: bool):
-    """SSE chunks of an already recorded call: text token by token, tool calls whole."""
-    ident, created = completion_id("chatcmpl"), now()
-
-    def chunk(delta: dict[str, Any], reason: str | None = None, usage: dict | None = None) -> str:
-        body = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}]}
-        if usage is not None:
-            body["choices"], body["usage"] = [], usage
-        return f"data: {json.dumps(body)}\n\n"
-
-    text = gateway.tokenizer.decode(call.completion_ids, skip_special_tokens=True)
-    content, tool_calls = split_tool_calls(text) if tools_given else (text, [])
-    yield chunk({"role": "assistant", "content": ""})
-    if tool_calls:
-        if content:
-            yield chunk({"content": content})
-        for index, tool_call in enumerate(tool_calls):
-            yield chunk({"tool_calls": [{"index": index, **tool_call}]})
-    else:
-        sent = ""
-        for end in range(1, len(call.completion_ids) + 1):
-            so_far = gateway.tokenizer.decode(call.completion_ids[:end], skip_special_tokens=True)
-            if so_far.startswith(sent) and len(so_far) > len(sent):
-                yield chunk({"content": so_far[len(sent):]})
-                sent = so_far
-        if sent != text:  # decoding was not prefix-stable; send the rest as is
-            yield chunk({"content": text[len(sent):] if text.startswith(sent) else text})
-    yield chunk({}, finish_reason(call.finished, tool_calls))
-    if include_usage:
-        yield chunk({}, usage=_usage(call))
-    yield "data: [DONE]\n\n"
+def _error_kind(status: int) -> tuple[str, str | None]:
+    kinds = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+             404: "invalid_request_error", 405: "invalid_request_error", 409: "invalid_request_error",
+             422: "invalid_request_error", 429: "rate_limit_error"}
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    return kinds.get(status, "server_error" if status >= 500 else "invalid_request_error"), codes.get(status)
 
 
 def build_app(gateway: Gateway) -> FastAPI:
-    app = FastAPI(title="Forge gateway", docs_url=None, redoc_url=None)
+    """The gateway's FastAPI app: the OpenAI routes and the episode API over `gateway`
+    (mount it, or serve it with `GatewayServer`)."""
+    app = FastAPI(title="Forge gateway", docs_url=None, redoc_url=None, openapi_url=None)
     store = gateway.store
 
     @app.exception_handler(EpisodeError)
     async def episode_error(_: Request, exc: EpisodeError) -> JSONResponse:
-        kind = "invalid_request_error" if exc.status < 500 else "server_error"
+        kind, _code = _error_kind(exc.status)
         code = "context_length_exceeded" if "context limit" in exc.message else None
         return JSONResponse(error_body(exc.message, kind, code), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind, code = _error_kind(exc.status_code)
+        message = str(exc.detail)
+        if exc.status_code == 404:
+            message = f"unknown route {request.method} {request.url.path}: see /v1/models, /v1/chat/completions, " \
+                      "/v1/completions, /v1/responses and /forge/episodes"
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+        return JSONResponse(error_body(message, kind, code), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def server_error(_: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"),
+                            status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -262,40 +330,47 @@ def build_app(gateway: Gateway) -> FastAPI:
         return JSONResponse(error_body("invalid request: " + "; ".join(problems), "invalid_request_error"),
                             status_code=400)
 
+    def model_card() -> dict[str, Any]:
+        return {"id": gateway.model_name, "object": "model", "created": 0, "owned_by": "forge"}
+
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": gateway.model_name, "object": "model", "created": 0,
-                                            "owned_by": "forge"}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict:
+        if model_id != gateway.model_name:
+            raise EpisodeError(404, f"model {model_id!r} does not exist here; this gateway serves "
+                               f"{gateway.model_name!r}")
+        return model_card()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         episode_id = gateway.resolve_episode(request, body.user)
-        prompt_ids = gateway.chat_prompt_ids(body.messages, body.tools)
-        call = await gateway.generate(request, episode_id, prompt_ids, body.max_completion_tokens or body.max_tokens)
-        model = body.model or gateway.model_name
+        spec, parser = chat_spec(gateway, body)
+        headers = gateway.apply_sampling(body, spec)
+        run = gateway.start_call(episode_id, spec, body.stream)
         if body.stream:
-            include_usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(_chat_stream(gateway, call, bool(body.tools), model, include_usage),
-                                     media_type="text/event-stream")
-        text = gateway.tokenizer.decode(call.completion_ids, skip_special_tokens=True)
-        logprobs = _token_logprobs(gateway.tokenizer, call) if body.logprobs else None
-        return _chat_response(call, text, bool(body.tools), model, episode_id, logprobs)
+            return StreamingResponse(_sse_errors(chat_stream(gateway, body, run, parser)),
+                                     media_type="text/event-stream", headers=headers)
+        choices = await gateway.finish_call(request, run)
+        return JSONResponse(chat_response(gateway, body, spec, parser, choices, episode_id), headers=headers)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        if body.stream:
-            raise EpisodeError(400, "streaming is supported on /v1/chat/completions only; set stream=false")
         episode_id = gateway.resolve_episode(request, body.user)
-        call = await gateway.generate(request, episode_id, gateway.encode(body.prompt), body.max_tokens)
-        text = gateway.tokenizer.decode(call.completion_ids, skip_special_tokens=True)
-        return {
-            "id": completion_id("cmpl"), "object": "text_completion", "created": now(),
-            "model": body.model or gateway.model_name,
-            "choices": [{"index": 0, "text": text, "finish_reason": finish_reason(call.finished, []),
-                         "logprobs": None}],
-            "usage": _usage(call),
-            "forge": {"episode_id": episode_id, "policy_version": call.policy_version},
-        }
+        specs = completion_specs(gateway, body)
+        headers = {}
+        for spec in specs:
+            headers = gateway.apply_sampling(body, spec)
+        runs = [gateway.start_call(episode_id, spec, body.stream) for spec in specs]
+        if body.stream:
+            if body.echo or body.logprobs is not None:
+                raise EpisodeError(400, "a streamed completion takes neither echo nor logprobs")
+            return StreamingResponse(_sse_errors(completions_stream(gateway, body, runs)),
+                                     media_type="text/event-stream", headers=headers)
+        results = [await gateway.finish_call(request, run) for run in runs]
+        return JSONResponse(completions_response(gateway, body, specs, results, episode_id), headers=headers)
 
     @app.post("/forge/episodes")
     async def start_episode(body: StartEpisodeRequest) -> dict:

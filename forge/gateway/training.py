@@ -159,7 +159,8 @@ def train_gateway(
                       cfg.rollout.temperature, cfg.rollout.top_p, seed=cfg.seed)
     env_class = resolve_env(cfg.env.name)
     store = EpisodeStore(lambda: env_class(**cfg.env.kwargs), cfg.env.step_timeout_s)
-    gateway = Gateway(engine, tokenizer, store, cfg.rollout.max_new_tokens, cfg.rollout.max_context_tokens)
+    gateway = Gateway(engine, tokenizer, store, cfg.rollout.max_new_tokens, cfg.rollout.max_context_tokens,
+                      tool_parser=cfg.gateway.tool_parser, sampling=cfg.gateway.sampling)
     server = GatewayServer(gateway, cfg.gateway.host, cfg.gateway.port).start()
     agent_env = {"OPENAI_BASE_URL": server.base_url, "FORGE_GATEWAY_URL": server.root_url,
                  "FORGE_MAX_TURNS": str(cfg.rollout.max_turns)}

@@ -20,8 +20,9 @@ class RowSampling:
     any_greedy: bool
 
     @classmethod
-    def of(cls, requests: list[GenerationRequest], temperature: float, top_p: float,
-           device: torch.device) -> RowSampling:
+    def of(
+        cls, requests: list[GenerationRequest], temperature: float, top_p: float, device: torch.device
+    ) -> RowSampling:
         for request in requests:
             if request.temperature is not None and request.temperature < 0:
                 raise ValueError(f"temperature={request.temperature}: use 0 (greedy) or more")
@@ -30,12 +31,21 @@ class RowSampling:
         temperatures = [temperature if r.temperature is None else r.temperature for r in requests]
         top_ps = [top_p if r.top_p is None else r.top_p for r in requests]
         generators = [
-            torch.Generator(device=device).manual_seed(r.seed) if r.seed is not None else None for r in requests
+            torch.Generator(device=device).manual_seed(r.seed) if r.seed is not None else None
+            for r in requests
         ]
-        return cls(torch.tensor(temperatures, device=device)[:, None], torch.tensor(top_ps, device=device)[:, None],
-                   generators, max(r.top_logprobs for r in requests), min(top_ps) < 1, min(temperatures) == 0)
+        return cls(
+            torch.tensor(temperatures, device=device)[:, None],
+            torch.tensor(top_ps, device=device)[:, None],
+            generators,
+            max(r.top_logprobs for r in requests),
+            min(top_ps) < 1,
+            min(temperatures) == 0,
+        )
 
-    def sample(self, logits: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def sample(
+        self, logits: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Sampled tokens, their logprobs under the row's tempered distribution, and that
         distribution's log-softmax (for top logprobs). Greedy rows report the model's own
         (temperature 1) logprobs, since their sampling distribution is a point mass."""

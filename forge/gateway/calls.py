@@ -1,0 +1,139 @@
+"""One model call through the engine: n choices sampled from one prefill, each decoded as
+it is sampled (stop strings end it token-exact; streaming sees each token), and recorded
+as training samples once generation ends, unless the client went away first."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from forge.gateway.decoding import TextStream
+from forge.gateway.episodes import CallRecord, EpisodeError
+from forge.rollout.engines.protocol import GenerationRequest, GenerationResult
+
+
+@dataclass
+class CallSpec:
+    """A call as the engine runs it: the prompt (with any forced opening), its limits and
+    sampling, and how its text is cut and held back."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    n: int = 1
+    temperature: float | None = None  # None: the engine's (the run's) setting
+    top_p: float | None = None
+    seed: int | None = None
+    top_logprobs: int = 0
+    stop: list[str] = field(default_factory=list)
+    prefix: str = ""  # forced into the prompt; the reply's text goes on from it
+    hold: Callable[[str], int] | None = None  # how much text is surely content (tool calls held back)
+    end: Callable[[str], int | None] | None = None  # where the reply is complete (json mode)
+
+
+@dataclass
+class Choice:
+    index: int
+    record: CallRecord
+    text: str  # the reply's text, forced prefix included, cut before any stop string
+    top_logprobs: list[list[tuple[int, float]]] | None
+
+
+@dataclass
+class TokenEvent:
+    index: int
+    text: str  # text settled by this token ("" while held back)
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+class CallRun:
+    """Runs a `CallSpec` on the gateway's batching engine. With `stream`, every sampled
+    token is put on `events` as it comes; `choices` resolves when all are done."""
+
+    def __init__(self, gateway: Any, episode_id: str, spec: CallSpec, stream: bool) -> None:
+        self.gateway = gateway
+        self.episode_id = episode_id
+        self.spec = spec
+        self.stream = stream
+        self.aborted = False
+        self.events: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        self.texts = [
+            TextStream(gateway.tokenizer, spec.stop, gateway.hidden_ids, spec.prefix, spec.hold, spec.end)
+            for _ in range(spec.n)
+        ]
+        self.task = asyncio.create_task(self._run())
+
+    def abort(self) -> None:
+        """The client is gone: end generation at the next token, record nothing."""
+        self.aborted = True
+
+    def sent_so_far(self, index: int) -> int:
+        return self.texts[index].sent
+
+    def _watcher(self, index: int, loop: asyncio.AbstractEventLoop) -> Callable | None:
+        text = self.texts[index]
+        if not (self.stream or text.stop or text.end):
+            return None
+
+        def on_token(token_id: int, logprob: float, top: list[tuple[int, float]]) -> bool:
+            if self.aborted:
+                return True
+            stopped = text.push(token_id)
+            if self.stream:
+                event = TokenEvent(index, text.ready(), token_id, logprob, top)
+                loop.call_soon_threadsafe(self.events.put_nowait, event)
+            return stopped
+
+        return on_token
+
+    def _engine_name(self, index: int) -> str:
+        # n > 1: every choice runs under its own name, so that none takes the episode's
+        # cached KV and all share one prefill of the prompt.
+        return self.episode_id if self.spec.n == 1 else f"{self.episode_id}#{index}"
+
+    async def _run(self) -> list[Choice]:
+        spec, loop = self.spec, asyncio.get_running_loop()
+        requests = []
+        for index in range(spec.n):
+            seed = None if spec.seed is None else (spec.seed + index) % 2**63
+            name = self._engine_name(index)
+            self.gateway.engine_names.setdefault(self.episode_id, set()).add(name)
+            requests.append(
+                GenerationRequest(
+                    list(spec.prompt_ids),
+                    spec.max_tokens,
+                    name,
+                    temperature=spec.temperature,
+                    top_p=spec.top_p,
+                    seed=seed,
+                    top_logprobs=spec.top_logprobs,
+                    on_token=self._watcher(index, loop),
+                )
+            )
+        started = time.monotonic()
+        try:
+            results: list[GenerationResult] = await asyncio.gather(
+                *(self.gateway.batching.generate(request) for request in requests)
+            )
+        except Exception as exc:
+            raise EpisodeError(500, f"generation failed: {type(exc).__name__}: {exc}") from None
+        seconds = time.monotonic() - started
+        choices = []
+        for index, result in enumerate(results):
+            text = self.texts[index]
+            if len(text.ids) != len(result.token_ids):  # not watched, or an engine without callbacks
+                text.take_all(result.token_ids)
+            record = CallRecord(
+                list(spec.prompt_ids),
+                list(result.token_ids),
+                list(result.logprobs),
+                result.policy_version,
+                result.finished,
+                seconds,
+            )
+            choices.append(Choice(index, record, text.final_text, result.top_logprobs))
+        return choices

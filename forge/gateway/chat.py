@@ -1,0 +1,198 @@
+"""`/v1/chat/completions`: a request as a `CallSpec` (template, tools, tool_choice,
+response_format, stop, limits, sampling), and its choices as an OpenAI reply or a stream
+of chunks sent token by token."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from forge.gateway.calls import CallRun, CallSpec, Choice
+from forge.gateway.decoding import json_object_end, token_entry
+from forge.gateway.episodes import EpisodeError
+from forge.gateway.protocol import ChatCompletionRequest, completion_id, finish_reason, now
+from forge.gateway.tool_parsers import ToolParser
+
+
+def tool_choice_function(body: ChatCompletionRequest) -> str | None:
+    """The function a `tool_choice` names ({"type": "function", "function": {"name": ...}})."""
+    choice = body.tool_choice
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name") or choice.get("name")
+        if not isinstance(name, str):
+            raise EpisodeError(
+                400,
+                'tool_choice must be "none", "auto", "required" or '
+                '{"type": "function", "function": {"name": ...}}',
+            )
+        if name not in {t.get("function", {}).get("name") for t in body.tools or []}:
+            raise EpisodeError(400, f"tool_choice names {name!r}, which is not among the request's tools")
+        return name
+    if choice not in (None, "none", "auto", "required"):
+        raise EpisodeError(400, f'tool_choice={choice!r}: use "none", "auto", "required" or a named function')
+    return None
+
+
+def chat_spec(gateway: Any, body: ChatCompletionRequest) -> tuple[CallSpec, ToolParser | None]:
+    """The call a chat request asks for, and the tool parser for its reply (None: no tools)."""
+    named = tool_choice_function(body)
+    if (body.tool_choice == "required" or named) and not body.tools:
+        raise EpisodeError(400, "tool_choice asks for a tool call but the request has no tools")
+    # tool_choice "none": the model is not shown the tools, and its reply is not parsed for calls.
+    tools = body.tools if body.tools and body.tool_choice != "none" else None
+    parser = gateway.parser_for_tools() if tools else None
+    prefix, end = "", None
+    if parser is not None and (body.tool_choice == "required" or named):
+        prefix = parser.opening(named)
+    kind = (body.response_format or {}).get("type", "text")
+    if kind not in ("text", "json_object", "json_schema"):
+        raise EpisodeError(400, f"response_format.type={kind!r}: use text, json_object or json_schema")
+    if kind != "text" and not prefix:
+        # JSON mode: the reply is opened with "{" and ends where that object closes.
+        prefix, end = "{", json_object_end
+    if body.top_logprobs and not body.logprobs:
+        raise EpisodeError(400, "top_logprobs needs logprobs=true")
+    prompt_text = gateway.chat_prompt_text(body.messages, tools)
+    prompt_ids = gateway.encode(prompt_text + prefix)
+    asked = body.max_completion_tokens or body.max_tokens
+    spec = CallSpec(
+        prompt_ids,
+        gateway.token_limit(len(prompt_ids), asked),
+        n=body.n,
+        seed=body.seed,
+        top_logprobs=body.top_logprobs or 0,
+        stop=body.stop or [],
+        prefix=prefix,
+        hold=parser.content_end if parser is not None else None,
+        end=end,
+    )
+    return spec, parser
+
+
+def _message(choice: Choice, parser: ToolParser | None, parallel: bool) -> tuple[dict[str, Any], list]:
+    content, tool_calls = parser.split(choice.text) if parser is not None else (choice.text, [])
+    if not parallel:
+        tool_calls = tool_calls[:1]
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return message, tool_calls
+
+
+def usage(prompt_tokens: int, choices: list[Choice]) -> dict[str, int]:
+    completion = sum(len(c.record.completion_ids) for c in choices)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
+    }
+
+
+def logprobs_of(gateway: Any, choice: Choice) -> dict[str, Any]:
+    """Every recorded token of the choice (its end-of-turn token too) with its behaviour
+    logprob, decoded string, bytes and, when asked, the top alternatives."""
+    tops = choice.top_logprobs or [None] * len(choice.record.completion_ids)
+    return {
+        "content": [
+            token_entry(gateway.tokenizer, token, logprob, top)
+            for token, logprob, top in zip(
+                choice.record.completion_ids, choice.record.logprobs, tops, strict=True
+            )
+        ],
+        "refusal": None,
+    }
+
+
+def chat_response(
+    gateway: Any,
+    body: ChatCompletionRequest,
+    spec: CallSpec,
+    parser: ToolParser | None,
+    choices: list[Choice],
+    episode_id: str,
+) -> dict[str, Any]:
+    out = []
+    for choice in choices:
+        message, tool_calls = _message(choice, parser, body.parallel_tool_calls is not False)
+        out.append(
+            {
+                "index": choice.index,
+                "message": message,
+                "finish_reason": finish_reason(choice.record.finished, tool_calls),
+                "logprobs": logprobs_of(gateway, choice) if body.logprobs else None,
+            }
+        )
+    return {
+        "id": completion_id("chatcmpl"),
+        "object": "chat.completion",
+        "created": now(),
+        "model": body.model or gateway.model_name,
+        "choices": out,
+        "usage": usage(len(spec.prompt_ids), choices),
+        "system_fingerprint": None,
+        "forge": {"episode_id": episode_id, "policy_version": choices[0].record.policy_version},
+    }
+
+
+async def chat_stream(
+    gateway: Any, body: ChatCompletionRequest, run: CallRun, parser: ToolParser | None
+) -> AsyncIterator[str]:
+    """SSE chunks: content token by token as it is sampled (with its logprobs when asked),
+    tool calls whole once their text is complete, then each choice's finish reason."""
+    ident, created, model = completion_id("chatcmpl"), now(), body.model or gateway.model_name
+
+    def chunk(index: int, delta: dict[str, Any], reason: str | None = None, logprobs: Any = None) -> str:
+        data = {
+            "id": ident,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "system_fingerprint": None,
+            "choices": [{"index": index, "delta": delta, "finish_reason": reason, "logprobs": logprobs}],
+        }
+        return f"data: {json.dumps(data)}\n\n"
+
+    for index in range(run.spec.n):
+        yield chunk(index, {"role": "assistant", "content": ""})
+    choices = gateway.stream_events(
+        run,
+        lambda event: (
+            chunk(
+                event.index,
+                {"content": event.text} if event.text else {},
+                logprobs={
+                    "content": [token_entry(gateway.tokenizer, event.token_id, event.logprob, event.top)],
+                    "refusal": None,
+                }
+                if body.logprobs
+                else None,
+            )
+            if event.text or body.logprobs
+            else None
+        ),
+    )
+    async for piece in choices:
+        yield piece
+    done: list[Choice] = choices.result
+    for choice in done:
+        text = run.texts[choice.index]
+        message, tool_calls = _message(choice, parser, body.parallel_tool_calls is not False)
+        sent = choice.text[: text.sent]
+        content = message["content"] or ""
+        if content.startswith(sent) and len(content) > len(sent):
+            yield chunk(choice.index, {"content": content[len(sent) :]})
+        for position, call in enumerate(tool_calls):
+            yield chunk(choice.index, {"tool_calls": [{"index": position, **call}]})
+        yield chunk(choice.index, {}, finish_reason(choice.record.finished, tool_calls))
+    if (body.stream_options or {}).get("include_usage"):
+        data = {
+            "id": ident,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [],
+            "usage": usage(len(run.spec.prompt_ids), done),
+        }
+        yield f"data: {json.dumps(data)}\n\n"
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,147 @@
+"""`/v1/completions`: raw prompts (a string, a list of strings, token ids, or lists of
+them), each sampled n times, as a legacy text completion or its stream."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from forge.gateway.calls import CallRun, CallSpec, Choice
+from forge.gateway.decoding import token_bytes
+from forge.gateway.episodes import EpisodeError
+from forge.gateway.protocol import CompletionRequest, completion_id, finish_reason, now
+
+
+def prompt_token_lists(gateway: Any, prompt: Any) -> list[list[int]]:
+    if isinstance(prompt, str):
+        return [gateway.encode(prompt)]
+    if not prompt:
+        raise EpisodeError(400, "prompt is empty: give a string, a list of strings or token ids")
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    if all(isinstance(p, str) for p in prompt):
+        return [gateway.encode(p) for p in prompt]
+    if all(isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompt):
+        return [list(p) for p in prompt]
+    raise EpisodeError(
+        400, "prompt must be a string, a list of strings, a list of token ids or a list of those"
+    )
+
+
+def completion_specs(gateway: Any, body: CompletionRequest) -> list[CallSpec]:
+    if body.suffix:
+        raise EpisodeError(400, "suffix is not supported by the Forge gateway; leave it unset")
+    if body.echo and body.logprobs is not None:
+        raise EpisodeError(
+            400, "echo with logprobs is not supported (prompt tokens have no behaviour logprobs)"
+        )
+    vocab = len(gateway.tokenizer)
+    specs = []
+    for ids in prompt_token_lists(gateway, body.prompt):
+        if any(not 0 <= t < vocab for t in ids):
+            raise EpisodeError(400, f"prompt token ids must be in [0, {vocab})")
+        specs.append(
+            CallSpec(
+                ids,
+                gateway.token_limit(len(ids), body.max_tokens),
+                n=body.n,
+                seed=body.seed,
+                top_logprobs=body.logprobs or 0,
+                stop=body.stop or [],
+            )
+        )
+    return specs
+
+
+def _legacy_logprobs(gateway: Any, choice: Choice) -> dict[str, Any]:
+    tokenizer = gateway.tokenizer
+    tokens = [
+        token_bytes(tokenizer, t).decode("utf-8", errors="replace") for t in choice.record.completion_ids
+    ]
+    offsets, at = [], 0
+    for token in tokens:
+        offsets.append(at)
+        at += len(token)
+    tops = None
+    if choice.top_logprobs is not None:
+        tops = [
+            {token_bytes(tokenizer, t).decode("utf-8", errors="replace"): v for t, v in step}
+            for step in choice.top_logprobs
+        ]
+    return {
+        "tokens": tokens,
+        "token_logprobs": list(choice.record.logprobs),
+        "top_logprobs": tops,
+        "text_offset": offsets,
+    }
+
+
+def _text(gateway: Any, body: CompletionRequest, spec: CallSpec, choice: Choice) -> str:
+    prompt = gateway.tokenizer.decode(spec.prompt_ids, skip_special_tokens=False) if body.echo else ""
+    return prompt + choice.text
+
+
+def completions_response(
+    gateway: Any, body: CompletionRequest, specs: list[CallSpec], runs: list[list[Choice]], episode_id: str
+) -> dict[str, Any]:
+    out, prompt_tokens, completion_tokens = [], 0, 0
+    for number, (spec, choices) in enumerate(zip(specs, runs, strict=True)):
+        prompt_tokens += len(spec.prompt_ids)
+        for choice in choices:
+            completion_tokens += len(choice.record.completion_ids)
+            out.append(
+                {
+                    "index": number * body.n + choice.index,
+                    "text": _text(gateway, body, spec, choice),
+                    "finish_reason": finish_reason(choice.record.finished, []),
+                    "logprobs": _legacy_logprobs(gateway, choice) if body.logprobs is not None else None,
+                }
+            )
+    return {
+        "id": completion_id("cmpl"),
+        "object": "text_completion",
+        "created": now(),
+        "model": body.model or gateway.model_name,
+        "choices": out,
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+        "forge": {"episode_id": episode_id, "policy_version": runs[0][0].record.policy_version},
+    }
+
+
+async def completions_stream(
+    gateway: Any, body: CompletionRequest, runs: list[CallRun]
+) -> AsyncIterator[str]:
+    """Text chunks as tokens are sampled, prompt after prompt; then each choice's finish."""
+    ident, created, model = completion_id("cmpl"), now(), body.model or gateway.model_name
+
+    def chunk(index: int, text: str, reason: str | None = None) -> str:
+        data = {
+            "id": ident,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [{"index": index, "text": text, "finish_reason": reason, "logprobs": None}],
+        }
+        return f"data: {json.dumps(data)}\n\n"
+
+    for number, run in enumerate(runs):
+        streamed = gateway.stream_events(
+            run,
+            lambda event, number=number: (
+                chunk(number * body.n + event.index, event.text) if event.text else None
+            ),
+        )
+        async for piece in streamed:
+            yield piece
+        for choice in streamed.result:
+            rest = choice.text[run.texts[choice.index].sent :]
+            index = number * body.n + choice.index
+            if rest:
+                yield chunk(index, rest)
+            yield chunk(index, "", finish_reason(choice.record.finished, []))
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,197 @@
+"""Token ids to the text an OpenAI client sees: incremental decoding with stop strings
+and a hold-back for text that may still turn out to be a stop or a tool call, and each
+token's string and bytes for `logprobs`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import lru_cache
+from typing import Any
+
+
+class TextStream:
+    """One choice's text as its tokens arrive. `push` says when a stop string completed;
+    `ready` hands out the text that can no longer change (never part of a stop string,
+    nor text `hold` keeps back, e.g. a tool call being written)."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        stop: list[str],
+        hidden_ids: set[int],
+        prefix: str = "",
+        hold: Callable[[str], int] | None = None,
+        end: Callable[[str], int | None] | None = None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.hidden_ids = hidden_ids  # special tokens left out of the text (end of turn, pads)
+        self.prefix = prefix  # text forced into the prompt that the reply goes on from
+        self.hold = hold
+        self.end = end  # where the text is complete (a closed JSON object), or None
+        self.ids: list[int] = []
+        self.text = prefix
+        self.stop_at: int | None = None  # where the stop string begins in `text`
+        self.sent = 0
+
+    def _decode(self) -> None:
+        self.text = self.prefix + self.tokenizer.decode(
+            [i for i in self.ids if i not in self.hidden_ids], skip_special_tokens=False
+        )
+
+    def push(self, token_id: int) -> bool:
+        """Add a sampled token; True when the text now holds a stop string (or is complete)."""
+        self.ids.append(token_id)
+        before = len(self.text)
+        self._decode()
+        if self.stop_at is None and self.stop:
+            longest = max(len(s) for s in self.stop)
+            start = max(len(self.prefix), min(before, len(self.text)) - longest + 1)
+            found = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+            if found:
+                self.stop_at = min(found)
+                return True
+        if self.stop_at is None and self.end is not None:
+            self.stop_at = self.end(self.text)
+            return self.stop_at is not None
+        return False
+
+    def take_all(self, token_ids: list[int]) -> None:
+        """The whole reply at once, from an engine that did not report its tokens one by one."""
+        self.ids = list(token_ids)
+        self._decode()
+        found = [i for i in (self.text.find(s, len(self.prefix)) for s in self.stop) if i >= 0]
+        ends = [self.end(self.text)] if self.end is not None else []
+        cuts = found + [i for i in ends if i is not None]
+        self.stop_at = min(cuts) if cuts else None
+
+    @property
+    def final_text(self) -> str:
+        return self.text if self.stop_at is None else self.text[: self.stop_at]
+
+    def ready(self, final: bool = False) -> str:
+        """The next piece of text that is settled (all of the rest when `final`)."""
+        text = self.final_text
+        end = len(text)
+        if not final:
+            if text.endswith("\ufffd"):  # a character whose bytes are not all sampled yet
+                end -= 1
+            end -= _stop_prefix_at_end(text[:end], self.stop)
+        if self.hold is not None:
+            end = min(end, self.hold(text))
+            if not final:  # whitespace before a tool call is not content: wait to see what follows
+                end = len(text[:end].rstrip())
+        if end <= self.sent:
+            return ""
+        piece, self.sent = text[self.sent : end], end
+        return piece
+
+
+def _stop_prefix_at_end(text: str, stops: list[str]) -> int:
+    """Length of the longest end of `text` that begins some stop string."""
+    best = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:size]):
+                best = size
+                break
+    return best
+
+
+def hidden_token_ids(tokenizer: Any, keep: tuple[str, ...] = ()) -> set[int]:
+    """Special tokens that are not text (end of turn, pads), except those in `keep`
+    (tool-call markers some families make special)."""
+    kept = {tokenizer.convert_tokens_to_ids(token) for token in keep}
+    return set(tokenizer.all_special_ids) - kept
+
+
+def byte_to_char() -> dict[int, str]:
+    """GPT-2's byte-level table: printable bytes stand for themselves, the others are
+    shifted to code points from 256 on, in byte order."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("\xa1"), ord("\xac") + 1),
+        *range(ord("\xae"), ord("\xff") + 1),
+    ]
+    table, shifted = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            table[byte] = chr(byte)
+        else:
+            table[byte] = chr(256 + shifted)
+            shifted += 1
+    return table
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    return {char: byte for byte, char in byte_to_char().items()}
+
+
+def token_bytes(tokenizer: Any, token_id: int) -> bytes:
+    """The raw bytes a token stands for: byte-level BPE pieces mapped back to bytes,
+    sentencepiece byte-fallback pieces (<0xNN>) as their byte, else the decoded text."""
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    if piece is None:
+        return b""
+    if token_id not in tokenizer.all_special_ids:
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            try:
+                return bytes([int(piece[3:5], 16)])
+            except ValueError:
+                pass
+        if _byte_level(tokenizer):
+            decoder = _byte_decoder()
+            if all(char in decoder for char in piece):
+                return bytes(decoder[char] for char in piece)
+        elif "\u2581" in piece:  # sentencepiece's word-start mark is a space
+            return piece.replace("\u2581", " ").encode("utf-8")
+    return tokenizer.decode([token_id], skip_special_tokens=False).encode("utf-8")
+
+
+def _byte_level(tokenizer: Any) -> bool:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return backend is not None and type(backend.decoder).__name__ == "ByteLevel"
+
+
+def token_entry(
+    tokenizer: Any, token_id: int, logprob: float, top: list[tuple[int, float]] | None
+) -> dict[str, Any]:
+    """One token of an OpenAI chat `logprobs.content` list."""
+    raw = token_bytes(tokenizer, token_id)
+    entry: dict[str, Any] = {
+        "token": raw.decode("utf-8", errors="replace"),
+        "logprob": logprob,
+        "bytes": list(raw),
+    }
+    entry["top_logprobs"] = [
+        {
+            "token": (b := token_bytes(tokenizer, other)).decode("utf-8", errors="replace"),
+            "logprob": value,
+            "bytes": list(b),
+        }
+        for other, value in (top or [])
+    ]
+    return entry
+
+
+def json_object_end(text: str) -> int | None:
+    """One past the `}` that closes the JSON object `text` opens, or None while it is open."""
+    depth, in_string, escaped = 0, False, False
+    for index, char in enumerate(text):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "{[":
+            depth += 1
+        elif char in "}]":
+            depth -= 1
+            if depth == 0:
+                return index + 1
+    return None

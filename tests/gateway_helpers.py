@@ -1,0 +1,85 @@
+"""What gateway tests share: a scripted engine, a served gateway, episodes and clients."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import httpx
+import openai
+
+from envs.guess_number import GuessNumberEnv
+from forge.gateway import Gateway, GatewayServer
+from forge.gateway.episodes import EpisodeStore
+from forge.rollout.engines.protocol import GenerationResult
+
+
+class ScriptedEngine:
+    """Replies with fixed token ids after an optional delay (and `token_delay_s` per token),
+    reporting each token to the request's callback as HFEngine does and ending where it
+    says stop."""
+
+    def __init__(self, reply: list[int], delay_s: float = 0.0, token_delay_s: float = 0.0) -> None:
+        self.reply = reply
+        self.delay_s = delay_s
+        self.token_delay_s = token_delay_s
+        self.policy_version = 7
+        self.temperature, self.top_p = 1.0, 1.0
+        self.requests = []
+        self.finished_at = 0.0
+
+    def generate(self, requests):
+        self.requests.extend(requests)
+        time.sleep(self.delay_s)
+        results = []
+        for request in requests:
+            reply = list(self.reply[: request.max_new_tokens])
+            finished = len(reply) == len(self.reply)  # else max_new_tokens cut it
+            for end, token in enumerate(reply, 1):
+                time.sleep(self.token_delay_s)
+                top = [(token, -0.5)][: request.top_logprobs]
+                if request.on_token is not None and request.on_token(token, -0.5, top):
+                    reply, finished = reply[:end], True
+                    break
+            tops = [[(t, -0.5)][: request.top_logprobs] for t in reply] if request.top_logprobs else None
+            results.append(
+                GenerationResult(
+                    reply, [-0.5] * len(reply), finished, self.policy_version, len(request.token_ids), tops
+                )
+            )
+        self.finished_at = time.monotonic()
+        return results
+
+    def load_weights(self, state_dict, version):
+        self.policy_version = version
+
+    def release(self, episode_id):
+        pass
+
+
+@contextmanager
+def serve(engine, tokenizer, max_new_tokens: int = 6, max_context_tokens: int = 256, **gateway_options):
+    store = EpisodeStore(lambda: GuessNumberEnv(n=8))
+    gateway = Gateway(engine, tokenizer, store, max_new_tokens, max_context_tokens, **gateway_options)
+    with GatewayServer(gateway) as server:
+        yield server
+
+
+def start(server: GatewayServer, secret: int = 3, task_id: str = "t0") -> dict:
+    response = httpx.post(
+        f"{server.root_url}/forge/episodes", json={"task": {"task_id": task_id, "secret": secret, "n": 8}}
+    )
+    response.raise_for_status()
+    return response.json()
+
+
+def client(server: GatewayServer, episode_id: str, **kwargs) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url, api_key=episode_id, max_retries=0, **kwargs)
+
+
+def async_client(server: GatewayServer, episode_id: str, **kwargs) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=server.base_url, api_key=episode_id, max_retries=0, **kwargs)
+
+
+def calls_of(server: GatewayServer, episode: dict) -> list:
+    return server.gateway.store.get(episode["episode_id"]).calls
