@@ -86,6 +86,29 @@ class RolloutConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1.0)
     num_cpus_per_worker: float = Field(0.5, gt=0)
     num_gpus_per_worker: float = Field(0.0, ge=0)
+    engine: Literal["inprocess", "server", "remote"] = Field(
+        "inprocess",
+        description="where generation runs: inside each rollout worker; in num_engines `forge serve` actors "
+        "Forge starts (workers then hold no model and reserve no CPU); or on rollout.servers run by someone else",
+    )
+    servers: list[str] = Field(
+        default_factory=list,
+        description="engine: remote: server URLs, http://host:port (forge serve), vllm+http://... or sglang+http://...",
+    )
+    num_engines: int = Field(2, gt=0, description="engine: server: forge serve actors to start")
+    num_cpus_per_engine: float = Field(0.5, ge=0, description="engine: server: CPUs each engine actor reserves")
+    num_gpus_per_engine: float = Field(0.0, ge=0, description="engine: server: GPUs each engine actor reserves")
+    engine_host: str = Field("127.0.0.1", description="engine: server: address the engines listen on "
+                             "(0.0.0.0 when workers run on other nodes)")
+    prefix_cache_tokens: int = Field(
+        65536, ge=0, description="engine: server: episodes' KV each engine keeps between calls, in tokens (LRU)"
+    )
+    engine_timeout_s: float = Field(
+        120.0, gt=0, description="a generate call or weight update an engine has not answered by then counts it lost"
+    )
+    weight_dir: str | None = Field(
+        None, description="engine: remote with SGLang servers: a folder trainer and servers share, for new weights"
+    )
 
 
 class TrainConfig(Section):

@@ -60,6 +60,10 @@ def rollout_metrics(trajectories: list[Trajectory]) -> dict[str, float]:
     )
     if solved:
         metrics["turns_per_solved"] = sum(t.num_turns for t in solved) / len(solved)
+    context = sum(t.info.get("context_tokens", 0) for t in played)
+    if context:  # context tokens sent to the engine that it did not prefill: its prefix cache held them
+        hits = context - sum(t.info.get("prefill_tokens", 0) for t in played)
+        metrics.update(prefix_cache_hit_tokens=float(hits), prefix_cache_hit_rate=hits / context)
     return metrics
 
 

@@ -117,9 +117,12 @@ def check_resources(cfg: Config, rollout_workers: int) -> None:
     from forge.config import ConfigError
 
     trainers = cfg.train.num_trainers
+    engines = cfg.rollout.num_engines if cfg.rollout.engine == "server" else 0
     wanted = {
-        "CPU": trainers * cfg.train.num_cpus + rollout_workers * cfg.rollout.num_cpus_per_worker,
-        "GPU": trainers * cfg.train.num_gpus + rollout_workers * cfg.rollout.num_gpus_per_worker,
+        "CPU": trainers * cfg.train.num_cpus + rollout_workers * worker_cpus(cfg)
+        + engines * cfg.rollout.num_cpus_per_engine,
+        "GPU": trainers * cfg.train.num_gpus + rollout_workers * cfg.rollout.num_gpus_per_worker
+        + engines * cfg.rollout.num_gpus_per_engine,
     }
     have = ray.cluster_resources()
     for kind, amount in wanted.items():
@@ -134,6 +137,11 @@ def check_resources(cfg: Config, rollout_workers: int) -> None:
                 logging.getLogger("forge").warning(message)
             else:
                 raise ConfigError(message)
+
+
+def worker_cpus(cfg: Config) -> float:
+    """A rollout worker's CPU reservation: none when engines generate for it (it runs envs only)."""
+    return cfg.rollout.num_cpus_per_worker if cfg.rollout.engine == "inprocess" else 0.0
 
 
 def make_trainer(cfg: Config, model_path: Path) -> Any:
@@ -176,15 +184,21 @@ class Run:
         self.shaper = RewardShaper(cfg.reward)
 
         check_resources(cfg, cfg.rollout.num_workers)
+        self.engines = None
+        if cfg.rollout.engine != "inprocess":  # generation on engine servers (forge.rollout.engines.pool)
+            from forge.rollout.engines.pool import EnginePool
+
+            self.engines = EnginePool.start(cfg, self.model_path)
         self.trainer = make_trainer(cfg, self.model_path)
         worker_class = ray.remote(RolloutWorker)
         self.workers = [
             worker_class.options(
-                num_cpus=cfg.rollout.num_cpus_per_worker, num_gpus=cfg.rollout.num_gpus_per_worker,
+                num_cpus=worker_cpus(cfg), num_gpus=cfg.rollout.num_gpus_per_worker,
                 max_restarts=cfg.async_.max_worker_restarts,  # a dead worker comes back; its episodes are lost
             ).remote(
                 str(self.model_path), cfg.model, cfg.env, cfg.rollout, cfg.reward.success_threshold,
                 cfg.seed + 1000 * (index + 1), 1, cfg.sandbox.min_level,
+                self.engines.urls if self.engines is not None else None, index,
             )
             for index in range(cfg.rollout.num_workers)
         ]
@@ -221,6 +235,9 @@ class Run:
         from ray.exceptions import ActorUnavailableError, RayActorError
 
         wrapped, version = published or ray.get(self.trainer.publish_weights.remote())
+        if self.engines is not None:  # the engines generate: they get the weights, workers hold none
+            self.engines.sync(wrapped, version, self.trainer)
+            return version
         # The ObjectRef goes to each worker as a top-level argument: Ray resolves it there,
         # so the weights are put once and fetched by every worker from the object store.
         calls = [(worker, worker.set_weights.remote(wrapped[0], version)) for worker in self.workers]
@@ -239,6 +256,8 @@ class Run:
         ray.wait(closing, num_returns=len(closing), timeout=5.0)  # a dead worker just does not answer
         for actor in [*self.workers, *trainer_actors(self.trainer)]:
             ray.kill(actor)
+        if self.engines is not None:
+            self.engines.shutdown()
 
 
 def actor_death_message(exc: BaseException, output_dir: str | Path, config: str | None = None) -> str | None:
@@ -290,6 +309,9 @@ def train(
     an output directory holding an earlier run is refused, or with `overwrite` emptied of it."""
     if not resume:
         claim_output_dir(Path(output_dir or cfg.output_dir), overwrite)
+    from forge.rollout.engines.pool import check_engine_config
+
+    check_engine_config(cfg)
     if cfg.gateway.enabled:  # agent programs play the episodes through the HTTP gateway
         from forge.config import ConfigError
         from forge.gateway.training import train_gateway
@@ -336,6 +358,8 @@ def train(
             rollout_started = time.perf_counter()
             trajectories = run.rollout()
             rollout_seconds = time.perf_counter() - rollout_started
+            if trajectories and all(t.status == "lost" for t in trajectories):
+                raise RuntimeError(f"step {step}: every episode was lost, e.g. {trajectories[0].error}; the run stops")
 
             reward_metrics = run.shaper.shape(trajectories)
             advantages = trajectory_advantages(

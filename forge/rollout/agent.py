@@ -18,6 +18,7 @@ from forge.env.calls import EnvTimeout, call_env
 from forge.rollout.chat import ChatFormat
 from forge.rollout.engines.batching import BatchingEngine
 from forge.rollout.engines.protocol import GenerationRequest
+from forge.rollout.engines.remote import EngineLost
 from forge.types import NO_VERSION, Trajectory, Turn
 
 
@@ -82,6 +83,8 @@ async def run_episode(
             )
             result = await asyncio.wait_for(engine.generate(request), timeout=max(deadline - time.monotonic(), 0))
             turn = Turn(start=len(token_ids), end=0, obs_end=0, generation_seconds=time.monotonic() - gen_started)
+            info["context_tokens"] = info.get("context_tokens", 0) + len(request.token_ids)
+            info["prefill_tokens"] = info.get("prefill_tokens", 0) + result.prefill_tokens
             append(result.token_ids, trainable=True, lps=result.logprobs, version=result.policy_version)
             turn.end = len(token_ids)
             turn.truncated = not result.finished
@@ -106,6 +109,8 @@ async def run_episode(
             turn.obs_end = len(token_ids)
         else:
             info["stop_reason"] = "max_turns"
+    except EngineLost as exc:  # infrastructure, not the policy: counted, never trained on
+        status, error = "lost", str(exc)
     except (EnvTimeout, asyncio.TimeoutError) as exc:
         status, error = "truncated", f"timeout: {exc}" if str(exc) else "timeout: episode time limit"
     except Exception as exc:

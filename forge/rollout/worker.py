@@ -14,6 +14,7 @@ from forge.rollout.agent import EpisodeLimits, run_episode
 from forge.rollout.chat import ChatFormat
 from forge.rollout.engines.batching import BatchingEngine
 from forge.rollout.engines.hf import HFEngine
+from forge.rollout.engines.router import Router
 from forge.types import Trajectory
 from forge.weights import PackedWeights, unpack_weights
 
@@ -29,6 +30,8 @@ class RolloutWorker:
         seed: int,
         num_threads: int = 1,
         min_sandbox_level: int = 0,
+        engine_urls: list[str] | None = None,
+        worker_index: int = 0,
     ) -> None:
         from forge.models.loading import load_model, load_tokenizer, resolve_device
         from forge.sandbox import set_min_level
@@ -37,17 +40,27 @@ class RolloutWorker:
         torch.set_num_threads(num_threads)
         torch.manual_seed(seed)
         self.tokenizer = load_tokenizer(model_path)
-        device = resolve_device(model_cfg.device, rollout_cfg.num_gpus_per_worker)
-        self.model = load_model(model_path, model_cfg, trainable=False, device=device)
         self.chat = ChatFormat(self.tokenizer)
-        self.engine = HFEngine(
-            self.model,
-            stop_token_ids=self.chat.stop_token_ids,
-            pad_token_id=self.tokenizer.pad_token_id,
-            temperature=rollout_cfg.temperature,
-            top_p=rollout_cfg.top_p,
-            seed=seed,
-        )
+        self.router: Router | None = None
+        self.engine: HFEngine | None = None
+        if engine_urls:  # generation runs on engine servers; this worker holds no model
+            from forge.rollout.engines.remote import Sampling, make_client
+
+            sampling = Sampling(rollout_cfg.temperature, rollout_cfg.top_p, tuple(self.chat.stop_token_ids))
+            clients = [make_client(url, model_cfg.path or "policy", sampling, rollout_cfg.engine_timeout_s)
+                       for url in engine_urls]
+            self.router = Router(clients, offset=worker_index, name=f"rollout worker {worker_index}")
+        else:
+            device = resolve_device(model_cfg.device, rollout_cfg.num_gpus_per_worker)
+            self.model = load_model(model_path, model_cfg, trainable=False, device=device)
+            self.engine = HFEngine(
+                self.model,
+                stop_token_ids=self.chat.stop_token_ids,
+                pad_token_id=self.tokenizer.pad_token_id,
+                temperature=rollout_cfg.temperature,
+                top_p=rollout_cfg.top_p,
+                seed=seed,
+            )
         self.env_class = resolve_env(env_cfg.name)
         self.env_kwargs = dict(env_cfg.kwargs)
         self.limits = EpisodeLimits(
@@ -61,15 +74,18 @@ class RolloutWorker:
         self.rng = random.Random(seed)
 
     def get_policy_version(self) -> int:
-        return self.engine.policy_version
+        return self.engine.policy_version if self.engine is not None else self.router.policy_version
 
     def rng_state(self) -> dict[str, Any]:
-        """Episode seeds and token sampling state, for a checkpoint to resume exactly."""
-        return {"episodes": self.rng.getstate(), "sampling": self.engine.generator.get_state()}
+        """Episode seeds and token sampling state, for a checkpoint to resume exactly
+        (with engine servers, sampling state lives in them and is not saved)."""
+        sampling = self.engine.generator.get_state() if self.engine is not None else None
+        return {"episodes": self.rng.getstate(), "sampling": sampling}
 
     def set_rng_state(self, state: dict[str, Any]) -> None:
         self.rng.setstate(state["episodes"])
-        self.engine.generator.set_state(state["sampling"])
+        if self.engine is not None and state.get("sampling") is not None:
+            self.engine.generator.set_state(state["sampling"])
 
     def next_token_logprobs(self, token_ids: list[int]) -> list[float]:
         """The policy's next-token distribution after `token_ids` (to check a weight sync)."""
@@ -93,13 +109,16 @@ class RolloutWorker:
         run, and each token records the version that actually produced it."""
         # One batcher for all concurrent calls, so groups launched separately (async mode)
         # still share generation batches.
-        if getattr(self, "batching", None) is None or self.batching.engine is not self.engine:
-            self.batching = BatchingEngine(self.engine)
-        engine = self.batching
+        if self.router is not None:
+            engine: BatchingEngine | Router = self.router
+        else:
+            if getattr(self, "batching", None) is None or self.batching.engine is not self.engine:
+                self.batching = BatchingEngine(self.engine)
+            engine = self.batching
         envs = []
         jobs = []
         for task in tasks:
-            group_id = f"{task.get('task_id', '')}@v{self.engine.policy_version}#{self.rng.getrandbits(32):08x}"
+            group_id = f"{task.get('task_id', '')}@v{self.get_policy_version()}#{self.rng.getrandbits(32):08x}"
             for _ in range(group_size):
                 env = self.env_class(**self.env_kwargs)
                 envs.append(env)

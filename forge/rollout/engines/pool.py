@@ -1,0 +1,201 @@
+"""The engines of a run with `rollout.engine: server | remote`: `forge serve` Ray actors
+that Forge starts itself (`server`), or servers someone else runs (`remote`); weight
+updates to all of them, and engines that died dropped with a console line."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from forge.config import Config, ConfigError
+
+
+class EngineActor:
+    """`forge serve` inside a Ray actor: the HTTP server runs on a thread; weights arrive
+    through the object store (the trainer's packed tensors) without an HTTP hop."""
+
+    def __init__(self, model_path: str, cfg: Config, seed: int, num_threads: int = 1) -> None:
+        import torch
+
+        from forge.rollout.engines.server import EngineServer, make_service
+
+        torch.set_num_threads(num_threads)
+        rollout = cfg.rollout
+        self.service = make_service(
+            model_path, max_new_tokens=rollout.max_new_tokens, max_context_tokens=rollout.max_context_tokens,
+            temperature=rollout.temperature, top_p=rollout.top_p, cache_tokens=rollout.prefix_cache_tokens,
+            seed=seed, dtype=cfg.model.dtype, device=cfg.model.device,
+        )
+        self.server = EngineServer(self.service, host=rollout.engine_host, port=0).start()
+
+    def url(self) -> str:
+        return self.server.url
+
+    def get_policy_version(self) -> int:
+        return self.service.served.policy_version
+
+    def set_weights(self, weights: Any, version: int) -> int:
+        from forge.weights import unpack_weights
+
+        self.service.served.load_weights(unpack_weights(weights), version)
+        return version
+
+    def metrics(self) -> dict[str, Any]:
+        return self.service.served.metrics()
+
+    def next_token_logprobs(self, token_ids: list[int]) -> list[float]:
+        return self.service.served.next_token_logprobs(token_ids).tolist()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def check_engine_config(cfg: Config) -> None:
+    """Refuse settings that cannot work before any actor starts."""
+    rollout = cfg.rollout
+    if rollout.engine != "inprocess" and (cfg.train.mode != "sync" or cfg.gateway.enabled):
+        raise ConfigError(f"rollout.engine={rollout.engine} runs with train.mode=sync and the gateway off for now; "
+                          "set rollout.engine=inprocess for async or gateway runs")
+    if rollout.engine == "remote":
+        if not rollout.servers:
+            raise ConfigError("rollout.engine=remote needs rollout.servers: [http://host:port, ...] "
+                              "(forge serve, or vllm+http://... / sglang+http://...)")
+        if any(s.startswith("vllm+") for s in rollout.servers):
+            raise ConfigError(
+                "rollout.servers: vLLM servers take new full weights only through vLLM's NCCL weight-transfer "
+                "engine, which training runs do not drive yet; use forge serve or sglang+ servers to train "
+                "(forge.rollout.engines.vllm_client talks to vLLM for generation and LoRA loading)"
+            )
+        if any(s.startswith("sglang+") for s in rollout.servers) and not rollout.weight_dir:
+            raise ConfigError("rollout.servers has SGLang servers, which load weights from a folder: set "
+                              "rollout.weight_dir to a folder the trainer and those servers both see")
+    elif rollout.servers:
+        raise ConfigError(f"rollout.servers is set but rollout.engine={rollout.engine}; set rollout.engine=remote")
+
+
+def engine_actor_name(index: int) -> str:
+    """The Ray name of this driver's engine actor `index` (unique per driver process)."""
+    return f"forge-engine-{os.getpid()}-{index}"
+
+
+class EnginePool:
+    """The run's engines, seen from the driver."""
+
+    def __init__(self, urls: list[str], actors: list[Any], cfg: Config) -> None:
+        self.urls = urls
+        self.actors = actors  # server mode: the EngineActors, same order as urls
+        self.cfg = cfg
+        self.dead: dict[str, str] = {}
+
+    @classmethod
+    def start(cls, cfg: Config, model_path: Path) -> EnginePool:
+        import ray
+
+        check_engine_config(cfg)
+        if cfg.rollout.engine == "remote":
+            return cls(list(cfg.rollout.servers), [], cfg)
+        actor_class = ray.remote(EngineActor)
+        actors = [
+            actor_class.options(num_cpus=cfg.rollout.num_cpus_per_engine, num_gpus=cfg.rollout.num_gpus_per_engine,
+                                name=engine_actor_name(index))
+            .remote(str(model_path), cfg, cfg.seed + 7919 * (index + 1), max(1, int(cfg.rollout.num_cpus_per_engine)))
+            for index in range(cfg.rollout.num_engines)
+        ]
+        urls = ray.get([actor.url.remote() for actor in actors])
+        return cls(urls, actors, cfg)
+
+    @property
+    def live_urls(self) -> list[str]:
+        return [url for url in self.urls if url not in self.dead]
+
+    def lost(self, url: str, reason: str) -> None:
+        if url in self.dead:
+            return
+        self.dead[url] = reason
+        print(f"forge: engine {url} lost ({reason}); {len(self.live_urls)} of {len(self.urls)} engines remain",
+              file=sys.stderr, flush=True)
+        if not self.live_urls:
+            raise RuntimeError(f"all {len(self.urls)} inference engines are lost ({self.dead}); the run stops")
+
+    def sync(self, wrapped: list[Any], version: int, trainer: Any = None, timeout_s: float | None = None) -> None:
+        """Get weights `version` to every live engine: server mode through the object
+        store; remote forge servers as pushed tensors; SGLang servers from a folder."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        timeout_s = timeout_s or self.cfg.rollout.engine_timeout_s
+        if self.actors:
+            calls = [(url, actor.set_weights.remote(wrapped[0], version))
+                     for url, actor in zip(self.urls, self.actors, strict=True) if url not in self.dead]
+            for url, ref in calls:
+                try:
+                    ray.get(ref, timeout=timeout_s)
+                except (RayActorError, GetTimeoutError) as exc:
+                    self.lost(url, f"weight update failed: {type(exc).__name__}")
+            return
+        asyncio.run(self._sync_remote(wrapped, version, trainer, timeout_s))
+
+    async def _sync_remote(self, wrapped: list[Any], version: int, trainer: Any, timeout_s: float) -> None:
+        import ray
+
+        from forge.rollout.engines.remote import EngineLost, ForgeClient, ProtocolError, Sampling, make_client
+        from forge.rollout.engines.updates import tensors_to_bytes
+        from forge.weights import unpack_weights
+
+        clients = [make_client(url, "policy", Sampling(), timeout_s) for url in self.live_urls]
+        blob = folder = None
+        try:
+            for client in clients:
+                try:
+                    if isinstance(client, ForgeClient):
+                        if blob is None:
+                            blob = tensors_to_bytes(unpack_weights(ray.get(wrapped[0])))
+                        await client.push_tensors(blob, version)
+                    else:
+                        if folder is None:
+                            target = Path(self.cfg.rollout.weight_dir) / f"v{version:06d}"
+                            folder = ray.get(trainer.save.remote(str(target)))
+                        await client.load_checkpoint(folder, version)
+                except (EngineLost, ProtocolError) as exc:
+                    self.lost(client.url, f"weight update failed: {exc}")
+        finally:
+            for client in clients:
+                await client.close()
+
+    def metrics(self) -> dict[str, float]:
+        """Prefix-cache counters summed over the server-mode engines (remote ones report
+        through the trajectories' own counts)."""
+        import ray
+
+        totals: dict[str, float] = {}
+        live = [actor for url, actor in zip(self.urls, self.actors, strict=False) if url not in self.dead]
+        for reply in ray.get([a.metrics.remote() for a in live], timeout=10) if live else []:
+            for key in ("prefix_cache_hit_tokens", "prompt_tokens", "prefix_cache_evictions", "prefix_cache_tokens"):
+                totals[key] = totals.get(key, 0.0) + float(reply[key])
+        return totals
+
+    def shutdown(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+
+    def wait_ready(self, timeout_s: float = 120.0) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        for url in self.live_urls:
+            base = url.split("+", 1)[1] if "+" in url.split("://")[0] else url
+            while True:
+                try:
+                    if httpx.get(f"{base}/health", timeout=5.0).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"engine {url} did not answer /health within {timeout_s:.0f}s")
+                time.sleep(0.5)

@@ -1,0 +1,154 @@
+"""Routing a rollout worker's generation over several engine servers.
+
+All turns of an episode, and all episodes of a group, go to one engine, so that its
+prefix cache holds their shared context; a new group goes to the engine with the least
+work (live episodes plus calls in flight). An engine that fails or hangs past its timeout
+is dropped: its episodes end as lost (never waited on forever), one console line says so,
+and the other engines carry on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from forge.rollout.engines.protocol import GenerationRequest, GenerationResult
+from forge.rollout.engines.remote import EngineClient, EngineLost
+
+
+@dataclass
+class _Engine:
+    client: EngineClient
+    alive: bool = True
+    in_flight: int = 0
+    episodes: set[str] = field(default_factory=set)
+    lost_reason: str = ""
+
+
+class Router:
+    """The agent loop's engine (same calls as `BatchingEngine`) over remote engines.
+
+    `offset` staggers the choice among equally loaded engines, so that several workers
+    starting at once spread their first groups instead of all picking engine 0."""
+
+    def __init__(self, clients: list[EngineClient], offset: int = 0, name: str = "rollout worker") -> None:
+        if not clients:
+            raise ValueError("the router needs at least one engine (rollout.servers or rollout.num_engines)")
+        self.engines = [_Engine(client) for client in clients]
+        self.offset = offset
+        self.name = name
+        self.active_episodes = 0
+        self.generation_seconds = 0.0
+        self.prefill_tokens = 0
+        self._episode_engine: dict[str, int] = {}
+        self._group_engine: dict[str, int] = {}
+        self._group_members: dict[str, int] = {}
+        self._background: set[asyncio.Task] = set()
+
+    @property
+    def policy_version(self) -> int:
+        return max((e.client.policy_version for e in self.engines if e.alive), default=0)
+
+    @property
+    def alive(self) -> list[str]:
+        return [e.client.url for e in self.engines if e.alive]
+
+    def register(self) -> None:
+        self.active_episodes += 1
+
+    def unregister(self) -> None:
+        self.active_episodes -= 1
+
+    def _choose(self) -> int:
+        live = [i for i, e in enumerate(self.engines) if e.alive]
+        if not live:
+            reasons = "; ".join(f"{e.client.url}: {e.lost_reason}" for e in self.engines)
+            raise EngineLost("every engine", f"all {len(self.engines)} engines are lost ({reasons})")
+        n = len(self.engines)
+        return min(live, key=lambda i: (len(self.engines[i].episodes) + self.engines[i].in_flight,
+                                        (i - self.offset) % n))
+
+    def engine_for(self, episode_id: str, group_id: str = "") -> int:
+        """The engine an episode's calls go to: its own, its group's, or the least loaded."""
+        index = self._episode_engine.get(episode_id) if episode_id else None
+        if index is not None:
+            return index
+        index = self._group_engine.get(group_id) if group_id else None
+        if index is None or not self.engines[index].alive:
+            index = self._choose()
+            if group_id:
+                self._group_engine[group_id] = index
+        if episode_id:
+            self._episode_engine[episode_id] = index
+            self.engines[index].episodes.add(episode_id)
+            if group_id:
+                self._group_members[group_id] = self._group_members.get(group_id, 0) + 1
+        return index
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        index = self.engine_for(request.episode_id, _group_of(request))
+        engine = self.engines[index]
+        if not engine.alive:  # the episode's engine died between its turns: its KV went with it
+            raise EngineLost(engine.client.url, f"lost earlier ({engine.lost_reason})")
+        engine.in_flight += 1
+        started = time.perf_counter()
+        try:
+            result = await engine.client.generate(request)
+        except EngineLost as exc:
+            self._drop(index, exc.reason)
+            raise
+        finally:
+            engine.in_flight -= 1
+        self.generation_seconds += time.perf_counter() - started
+        self.prefill_tokens += result.prefill_tokens
+        return result
+
+    def _drop(self, index: int, reason: str) -> None:
+        engine = self.engines[index]
+        if not engine.alive:
+            return
+        engine.alive, engine.lost_reason = False, reason
+        remaining = sum(e.alive for e in self.engines)
+        print(f"forge: {self.name}: engine {engine.client.url} lost ({reason}); its {len(engine.episodes)} live "
+              f"episodes end as lost; {remaining} of {len(self.engines)} engines remain", file=sys.stderr, flush=True)
+
+    def release(self, episode_id: str) -> None:
+        """The episode ended: forget its engine and tell the engine to free its KV (in the
+        background; a lost engine is not asked)."""
+        index = self._episode_engine.pop(episode_id, None)
+        if index is None:
+            return
+        engine = self.engines[index]
+        engine.episodes.discard(episode_id)
+        group = episode_id.rsplit("/", 1)[0] if "/" in episode_id else ""
+        if group in self._group_members:
+            self._group_members[group] -= 1
+            if self._group_members[group] <= 0:
+                del self._group_members[group]
+                self._group_engine.pop(group, None)
+        if engine.alive:
+            task = asyncio.get_running_loop().create_task(self._release(engine, episode_id))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _release(self, engine: _Engine, episode_id: str) -> None:
+        try:
+            await engine.client.release(episode_id)
+        except Exception:  # a release that fails only leaves KV for the server's LRU to evict
+            pass
+
+    async def close(self) -> None:
+        """Wait for pending releases (briefly); clients stay open for the next rollout."""
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=5.0)
+
+    def stats(self) -> dict[str, Any]:
+        return {"engines_alive": sum(e.alive for e in self.engines), "engines": len(self.engines)}
+
+
+def _group_of(request: GenerationRequest) -> str:
+    """The agent loop names episodes `{group_id}/{seed}`: a group's episodes share the prefix."""
+    return request.episode_id.rsplit("/", 1)[0] if "/" in request.episode_id else ""

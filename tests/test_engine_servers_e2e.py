@@ -1,0 +1,86 @@
+"""Training with `rollout.engine: server` (Forge starts `forge serve` actors) and `remote`
+(servers someone else runs): weights reach the engines, versions come back on every
+token, prefix-cache hits are reported, and a run survives an engine killed mid-run."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from forge.config import ConfigError, load_config
+
+SMALL = ["rollout.tasks_per_step=2", "rollout.group_size=4", "rollout.num_workers=2", "rollout.num_engines=2"]
+
+
+def rows(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_a_server_engine_run_survives_an_engine_killed_mid_run(ray_session, tmp_path, capfd):
+    import ray
+
+    from forge.orchestrator import train
+    from forge.rollout.engines.pool import engine_actor_name
+
+    cfg = load_config("configs/smoke.yaml", ["train.max_steps=8", "rollout.engine=server", *SMALL])
+    run = tmp_path / "run"
+
+    def kill_engine_after_step_2() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            metrics = run / "metrics.jsonl"
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+                ray.kill(ray.get_actor(engine_actor_name(0)))
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_engine_after_step_2, daemon=True)
+    killer.start()
+    result = train(cfg, run, progress=False)
+    killer.join(timeout=5)
+
+    assert result.steps == 8
+    steps = rows(run)
+    assert [row["policy_version"] for row in steps] == [float(n) for n in range(1, 9)]
+    assert sum(row["episodes_lost"] for row in steps) > 0  # the killed engine's episodes, counted
+    assert steps[-1]["episodes"] == 8 and steps[-1]["episodes_lost"] == 0  # the other engine took over
+    assert all(row["prefix_cache_hit_rate"] > 0 for row in steps if row["episodes"])
+    assert "engine http://" in capfd.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_remote_engine_run_trains_against_forge_servers_it_did_not_start(ray_session, tmp_path):
+    from forge.models.loading import resolve_model_path
+    from forge.orchestrator import train
+    from forge.rollout.engines.server import EngineServer, make_service
+
+    cfg = load_config("configs/smoke.yaml", ["train.max_steps=3", *SMALL])
+    model = resolve_model_path(cfg.model, tmp_path / "model", seed=cfg.seed)
+    with EngineServer(make_service(model, max_new_tokens=1, max_context_tokens=1024)) as server:
+        cfg = load_config("configs/smoke.yaml", ["train.max_steps=3", *SMALL, "rollout.engine=remote",
+                                                 f"rollout.servers=[{server.url}]", f"model.path={model}"])
+        train(cfg, tmp_path / "run", progress=False)
+        assert server.service.served.policy_version == 3  # pushed tensors after every step
+        assert server.service.served.metrics()["requests"] > 0
+    assert [row["policy_version"] for row in rows(tmp_path / "run")] == [1.0, 2.0, 3.0]
+
+
+def test_engine_settings_that_cannot_work_are_refused_before_anything_starts():
+    from forge.rollout.engines.pool import check_engine_config
+
+    with pytest.raises(ConfigError, match="rollout.servers"):
+        check_engine_config(load_config("configs/smoke.yaml", ["rollout.engine=remote"]))
+    with pytest.raises(ConfigError, match="train.mode=sync"):
+        check_engine_config(load_config("configs/smoke.yaml", ["rollout.engine=server", "train.mode=async"]))
+    with pytest.raises(ConfigError, match="weight_dir"):
+        check_engine_config(load_config("configs/smoke.yaml", ["rollout.engine=remote",
+                                                               "rollout.servers=[sglang+http://h:1]"]))
+    with pytest.raises(ConfigError, match="NCCL"):
+        check_engine_config(load_config("configs/smoke.yaml", ["rollout.engine=remote",
+                                                               "rollout.servers=[vllm+http://h:1]"]))
+    with pytest.raises(ConfigError, match="rollout.engine=remote"):
+        check_engine_config(load_config("configs/smoke.yaml", ["rollout.servers=[http://h:1]"]))
