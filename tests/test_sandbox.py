@@ -115,9 +115,15 @@ def test_closing_the_output_pipes_does_not_end_the_run_early():
 
 
 @pytest.mark.parametrize("level", range(BEST + 1))
-def test_a_signal_death_is_reported_in_the_exit_code(level):
+def test_a_signal_death_is_reported_as_128_plus_the_signal_at_every_level(level):
     result = sandbox.run("import os, signal\nos.kill(os.getpid(), signal.SIGTERM)", level=level)
-    assert result.exit_code == (-15 if level == 0 else 128 + 15)
+    assert result.exit_code == 128 + 15
+
+
+@pytest.mark.parametrize("level", range(BEST + 1))
+def test_a_timeout_reports_sigkill_as_137_at_every_level(level):
+    result = sandbox.run("import time\ntime.sleep(30)", level=level, timeout_s=0.5)
+    assert result.timed_out and result.exit_code == 128 + 9
 
 
 def test_binary_files_go_in_unchanged():
@@ -147,3 +153,40 @@ def test_a_host_where_even_level_0_fails_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(probe_module, "_works", lambda level: (False, "setuid: Operation not permitted"))
     with pytest.raises(sandbox.SandboxUnavailable, match="even sandbox level 0.*Operation not permitted"):
         sandbox.probe()
+
+
+def test_a_host_without_bubblewrap_falls_back_to_level_1(monkeypatch):
+    if BEST < 1:
+        pytest.skip("this host has no user namespaces")
+    monkeypatch.setattr(probe_module, "_level", None)
+    monkeypatch.setattr(
+        probe_module.shutil, "which", lambda name: None if name == "bwrap" else "/usr/bin/" + name
+    )
+    assert sandbox.probe() == 1
+    result = sandbox.run("import os\nprint(os.listdir('/tmp'), os.getcwd())")
+    assert result.ok and result.level == 1 and result.stdout == "[] /work\n"
+
+
+@pytest.mark.parametrize("level", range(BEST + 1))
+def test_hidden_tests_can_import_the_harness_packages_read_only(level):
+    # pydantic is a forge dependency, absent from a bare system python3.
+    hidden = "import pydantic, sys\nprint(pydantic.VERSION, sys.executable)\n"
+    code = "import os, pydantic\nimport test_hidden\ntry:\n    open(os.path.join(os.path.dirname(pydantic.__file__), 'x'), 'w')\n    print('WROTE')\nexcept OSError:\n    print('read-only')\n"
+    result = sandbox.run(code, files={"test_hidden.py": hidden}, level=level)
+    assert result.ok, result.stderr
+    import pydantic
+
+    assert result.stdout.split()[0] == pydantic.VERSION
+    assert result.stdout.split()[-1] == "read-only"
+
+
+def test_a_sandbox_python_that_cannot_run_is_one_clear_error():
+    with pytest.raises(sandbox.SandboxUnavailable, match="sandbox.python='/nonexistent/python3'"):
+        sandbox.run("print(1)", python="/nonexistent/python3")
+
+
+def test_sandbox_python_chooses_the_interpreter(monkeypatch):
+    monkeypatch.setattr(probe_module, "_python", None)
+    sandbox.set_python("/usr/bin/python3")
+    result = sandbox.run("import sys\nprint(sys.executable)")
+    assert result.ok and result.stdout.strip() == "/usr/bin/python3"

@@ -36,6 +36,8 @@ def assert_still_works(level: int) -> None:
 
 
 def assert_no_processes_left(result: sandbox.SandboxResult) -> None:
+    # The call SIGKILLs them all before it returns; reaping them is its cleanup's, off its path.
+    assert sandbox.wait_for_cleanup(30.0)
     if result.uid is not None:
         assert uids.processes_of(result.uid) == []
 
@@ -106,7 +108,13 @@ def test_process_count_is_capped(level):
         timeout_s=15.0,  # it stops at the cap at once; the margin is for a loaded CI machine
     )
     words = result.stdout.split()
-    seen = (result.exit_code, result.timed_out, round(result.wall_seconds, 2), result.stdout, result.stderr[-500:])
+    seen = (
+        result.exit_code,
+        result.timed_out,
+        round(result.wall_seconds, 2),
+        result.stdout,
+        result.stderr[-500:],
+    )
     assert words[:2] == ["capped", "after"], seen
     assert int(words[2]) < 16 and int(words[3]) == 11, seen  # EAGAIN
     assert_no_processes_left(result)

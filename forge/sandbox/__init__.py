@@ -1,9 +1,9 @@
 """Running untrusted code: rlimits and a uid of its own, namespaces, bubblewrap; the
 strongest level the host offers is probed once and logged."""
 
-from forge.sandbox.core import Limits, SandboxResult, SandboxUnavailable, arun, run
+from forge.sandbox.core import Limits, SandboxResult, SandboxUnavailable, arun, run, wait_for_cleanup
 from forge.sandbox.isolation import LEVEL_NAMES
-from forge.sandbox.levels import available_level, probe, require_level, set_min_level
+from forge.sandbox.levels import available_level, probe, require_level, set_min_level, set_python
 
 __all__ = [
     "LEVEL_NAMES",
@@ -16,4 +16,6 @@ __all__ = [
     "require_level",
     "run",
     "set_min_level",
+    "set_python",
+    "wait_for_cleanup",
 ]

@@ -1,22 +1,26 @@
-"""Trusted launcher: applies rlimits, drops privileges, then execs the sandboxed command.
+"""Trusted launcher: applies rlimits, drops privileges, then execs the sandboxed command
+(levels 0 and 2) or builds level 1's namespaces itself (`_namespace`).
 
 Run by `forge.sandbox.run` as `python -I -S _launch.py SPEC_JSON` so that every privileged
 step happens in a fresh process, never in the caller (which may be a threaded Ray actor,
 where `preexec_fn` is unsafe). Standard library only; it must start fast.
+`python -I -S _launch.py kill UID` kills every process of a sandbox uid (as root).
 
 With `supervise` (level 0 under a root harness) the launcher forks: the child becomes the
 sandbox, and the launcher stays behind as root to kill every process of the sandbox uid
 if the harness dies, since without a pid namespace nothing else would reap daemons then.
 """
 
-import ctypes
 import json
 import os
 import resource
 import signal
 import sys
 
-PR_SET_PDEATHSIG = 1
+# -I leaves this file's directory off sys.path; the helpers beside it are standard library only.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _namespace  # noqa: E402  (imported now: after the uid drop the stdlib may be out of reach)
+import _syscalls  # noqa: E402
 
 RLIMITS = {
     "cpu": resource.RLIMIT_CPU,
@@ -37,7 +41,7 @@ def _set_limit(name, value):
 
 
 def _die_with(parent, sig):
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+    _syscalls.prctl(_syscalls.PR_SET_PDEATHSIG, sig)
     if os.getppid() != parent:  # the parent died before the signal was armed
         os.kill(os.getpid(), sig)
 
@@ -52,6 +56,8 @@ def _become_sandbox(spec, parent):
         os.setuid(uid)
     # Armed after the uid change: the kernel clears the parent-death signal on credential changes.
     _die_with(parent, signal.SIGKILL)
+    if spec.get("level") == 1:
+        _namespace.run(spec, parent)
     os.umask(0o022)
     os.chdir(spec["cwd"])
     argv = spec["argv"]
@@ -70,8 +76,8 @@ def _live_processes_of(uid):
     return count
 
 
-def _kill_uid(uid):
-    for _ in range(50):
+def _kill_uid(uid, passes=50):
+    for _ in range(passes):
         if not _live_processes_of(uid):
             return
         pid = os.fork()
@@ -110,6 +116,9 @@ def _supervise(spec, parent):
 
 
 def main():
+    if sys.argv[1] == "kill":  # kill UID PASSES
+        _kill_uid(int(sys.argv[2]), int(sys.argv[3]))
+        return
     spec = json.loads(sys.argv[1])
     parent = os.getppid()
     if spec.get("supervise"):

@@ -4,26 +4,26 @@ isolation level the host offers, and return what it printed and wrote."""
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import json
+import logging
 import math
 import os
 import selectors
-import shutil
 import signal
 import stat
 import subprocess
 import sys
-import tempfile
+import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
-from forge.sandbox import isolation, uids
+from forge.sandbox import isolation, uids, workdir
 
 Language = Literal["python", "shell"]
-LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_launch.py")
+log = logging.getLogger("forge.sandbox")
 # After the main process exits, how long daemons holding its pipes may keep us reading.
 EXIT_GRACE_S = 0.2
 
@@ -40,13 +40,19 @@ class Limits:
     open_files: int = 256
     processes: int = 64  # RLIMIT_NPROC, per sandbox uid
     output_bytes: int = 1 << 20  # per stream; more ends the run, output_truncated=True
+    # Everything the code may keep in its work dir, /tmp and /dev/shm together: a tmpfs of this
+    # size and inode count when the harness is root; otherwise /tmp and /dev/shm each (levels 1-2).
+    disk_bytes: int = 256 << 20
+    max_files: int = 4096
 
 
 @dataclass
 class SandboxResult:
     stdout: str
     stderr: str
-    exit_code: int  # killed by signal N: -N at level 0, 128+N at levels 1-2 (as a shell reports it)
+    # As a shell reports it, at every level: the code's exit status, or 128+N when it died of
+    # signal N; a call the harness ended (timeout, output cap) reports 137 (SIGKILL).
+    exit_code: int
     timed_out: bool
     output_truncated: bool
     level: int
@@ -57,14 +63,6 @@ class SandboxResult:
     @property
     def ok(self) -> bool:
         return self.exit_code == 0 and not self.timed_out and not self.output_truncated
-
-
-def _work_dir(uid: int | None) -> str:
-    path = tempfile.mkdtemp(prefix="forge-sandbox-", dir=isolation.work_root(uid))
-    if uid is not None:
-        os.chown(path, uid, uid)
-    os.chmod(path, 0o700)
-    return path
 
 
 def _safe_relpath(name: str) -> str:
@@ -148,22 +146,15 @@ def _command(language: Language, code: str, work_dir: str, python: str) -> tuple
     raise ValueError(f"sandbox language {language!r} is not supported: use 'python' or 'shell'")
 
 
-@contextlib.contextmanager
-def _maybe_uid() -> Iterator[int | None]:
-    if uids.is_root():
-        with uids.sandbox_uid() as uid:
-            yield uid
-    else:
-        yield None
-
-
-def _kill_tree(proc: subprocess.Popen, uid: int | None) -> None:
+def _kill_now(proc: subprocess.Popen, uid: int | None) -> None:
+    """Stop every process of the call before it returns: after this none of them runs
+    another instruction (so none writes late). Waiting for them to be reaped is cleanup's."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)  # own session: start_new_session made pgid == pid
     with contextlib.suppress(ProcessLookupError):
         proc.kill()
     if uid is not None:
-        uids.kill_all_of(uid)  # daemons that called setsid() left our process group
+        uids.kill_all_of(uid, attempts=1)  # daemons that called setsid() left our process group
     proc.wait()
 
 
@@ -215,29 +206,57 @@ def run(
     min_level: int = 0,
     level: int | None = None,
     env: dict[str, str] | None = None,
+    python: str | None = None,
 ) -> SandboxResult:
     """Run `code` as `main.py` (python) or `main.sh` (shell) in a fresh work dir with `files`.
 
     `level` forces an isolation level (it must be available); by default the strongest level
-    the probe found is used. Raises SandboxUnavailable when that is below `min_level`.
+    the probe found is used. Raises SandboxUnavailable when that is below `min_level` or the
+    process's floor (`set_min_level`, `configure`). `python` is the interpreter for python
+    code (default: the one `configure` set, else the harness's own), checked on first use.
     After the run, paths in `collect` that are regular files are returned in `files`.
     """
-    from forge.sandbox.levels import available_level, min_level_floor
+    from forge.sandbox import levels
 
     limits = limits or Limits()
-    min_level = max(min_level, min_level_floor())
-    best = available_level()
+    best = levels.available_level()
     chosen = best if level is None else level
     if chosen > best:
         raise SandboxUnavailable(
             f"sandbox level {chosen} was requested but this host offers only level {best}"
         )
-    if chosen < min_level:
-        raise SandboxUnavailable(
-            f"sandbox.min_level={min_level} but this host offers level {best} "
-            f"({isolation.LEVEL_NAMES[best]}); see forge.sandbox.require_level for how to enable more"
+    levels.check_floor(chosen, min_level)
+    interpreter = levels.interpreter(python)
+    if language == "python":
+        levels.check_python(chosen, interpreter)
+    return _run_at(code, language, files or {}, tuple(collect), timeout_s, limits, chosen, env, interpreter)
+
+
+def _launch(spec: dict) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-I", "-S", uids.LAUNCHER, json.dumps(spec)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        close_fds=True,
+        env={},
+    )
+
+
+def _argv_at(level: int, run_dir: workdir.RunDir, argv: list[str], env: dict[str, str],
+             limits: Limits, ro_binds: list[tuple[str, str]]) -> tuple[list[str], dict | None]:  # fmt: skip
+    """The command the launcher execs, and level 1's namespace spec."""
+    if level == 1:
+        ns = isolation.level1_spec(run_dir.work, run_dir.fs, ro_binds, run_dir.mounted, limits.disk_bytes,
+                                   limits.max_files)  # fmt: skip
+        return argv, ns
+    if level == 2:
+        bwrap = isolation.bwrap_argv(
+            run_dir.work, run_dir.fs, ro_binds, run_dir.mounted, limits.disk_bytes, env
         )
-    return _run_at(code, language, files or {}, tuple(collect), timeout_s, limits, chosen, env)
+        return bwrap + argv, None
+    return argv, None
 
 
 def _run_at(
@@ -249,61 +268,60 @@ def _run_at(
     limits: Limits,
     level: int,
     extra_env: dict[str, str] | None,
+    python: str,
 ) -> SandboxResult:
     started = time.monotonic()
-    with _maybe_uid() as uid:
-        work_dir = _work_dir(uid)
+    cleanup = contextlib.ExitStack()  # runs off the caller's path, in a thread, once we return
+    try:
+        uid = cleanup.enter_context(uids.sandbox_uid()) if uids.is_root() else None
+        run_dir = workdir.create(uid, limits.disk_bytes, limits.max_files)
+        cleanup.callback(workdir.remove, run_dir)
+        work = run_dir.work
+        runnable = isolation.level0_python(python) or python if level == 0 else python
+        argv, entry = _command(language, code, work, runnable)
+        _write_files(work, {**files, **entry}, uid)
+        inside = isolation.INSIDE_WORK if level >= 1 else work
+        env = _scrubbed_env(inside, extra_env)
+        if runnable != python:  # its RUNPATH names the closed path: it would load another libpython
+            env["LD_LIBRARY_PATH"] = os.path.join(os.path.dirname(os.path.dirname(runnable)), "lib")
+        ro_binds = isolation.interpreter_binds(python) if level >= 1 else []
+        argv, ns = _argv_at(level, run_dir, argv, env, limits, ro_binds)
+        spec = {
+            "level": level,
+            "rlimits": _rlimits(limits, timeout_s, uid),
+            "uid": uid,
+            "cwd": "/" if level == 2 else inside,  # bubblewrap's --chdir moves it inside
+            "argv": argv,
+            "env": env,
+            "ns": ns,
+            "supervise": level == 0 and uid is not None,
+        }
+        proc = _launch(spec)
         try:
-            python = isolation.python_for(uid)
-            argv, entry = _command(language, code, work_dir, python)
-            _write_files(work_dir, {**files, **entry}, uid)
-            env = _scrubbed_env(work_dir, extra_env)
-            if level == 1:
-                argv = isolation.unshare_argv(python) + argv
-            elif level == 2:
-                argv = isolation.bwrap_argv(work_dir, python, env) + argv
-            spec = {
-                "rlimits": _rlimits(limits, timeout_s, uid),
-                "uid": uid,
-                "cwd": work_dir,
-                "argv": argv,
-                "env": env,
-                "supervise": level == 0 and uid is not None,
-            }
-            proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", LAUNCHER, json.dumps(spec)],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                start_new_session=True,
-                close_fds=True,
-                env={},
-            )
-            try:
-                deadline = started + timeout_s
-                out, err, timed_out, truncated = _pump(proc, deadline, limits.output_bytes)
-                if not (timed_out or truncated):
-                    # The pipes closed; the run lasts until the main process exits too.
-                    try:
-                        proc.wait(timeout=max(deadline - time.monotonic(), 0.0))
-                    except subprocess.TimeoutExpired:
-                        timed_out = True
-            finally:
-                _kill_tree(proc, uid)
-                proc.stdout.close()
-                proc.stderr.close()
-            exit_code = proc.returncode
-            collected = {}
-            for name in collect:
-                content = _read_back(work_dir, name, limits.output_bytes)
-                if content is not None:
-                    collected[name] = content
+            deadline = started + timeout_s
+            out, err, timed_out, truncated = _pump(proc, deadline, limits.output_bytes)
+            if not (timed_out or truncated):
+                # The pipes closed; the run lasts until the main process exits too.
+                try:
+                    proc.wait(timeout=max(deadline - time.monotonic(), 0.0))
+                except subprocess.TimeoutExpired:
+                    timed_out = True
         finally:
-            shutil.rmtree(work_dir, ignore_errors=True)
+            _kill_now(proc, uid)
+            proc.stdout.close()
+            proc.stderr.close()
+        collected = {}
+        for name in collect:
+            content = _read_back(work, name, limits.output_bytes)
+            if content is not None:
+                collected[name] = content
+    finally:
+        _in_background(cleanup)
+    code_ = proc.returncode
     return SandboxResult(
         stdout=out.decode("utf-8", errors="replace"),
         stderr=err.decode("utf-8", errors="replace"),
-        exit_code=exit_code,
+        exit_code=128 - code_ if code_ < 0 else code_,
         timed_out=timed_out,
         output_truncated=truncated,
         level=level,
@@ -311,6 +329,47 @@ def _run_at(
         files=collected,
         uid=uid,
     )
+
+
+_pending: set[threading.Thread] = set()
+_pending_lock = threading.Lock()
+
+
+def _in_background(cleanup: contextlib.ExitStack) -> None:
+    """Reap the call's processes, unmount and remove its files, free its uid: in a thread,
+    so however much the code left behind the call itself has already returned."""
+
+    def work() -> None:
+        try:
+            cleanup.close()
+        except Exception:
+            log.exception("sandbox cleanup failed (a later start sweeps what is left)")
+        finally:
+            with _pending_lock:
+                _pending.discard(thread)
+
+    thread = threading.Thread(target=work, name="forge-sandbox-cleanup", daemon=True)
+    with _pending_lock:
+        _pending.add(thread)
+    thread.start()
+
+
+def wait_for_cleanup(timeout_s: float = 30.0) -> bool:
+    """Wait until every finished call's cleanup is done; False if some still run."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with _pending_lock:
+            threads = list(_pending)
+        if not threads:
+            return True
+        for thread in threads:
+            thread.join(max(deadline - time.monotonic(), 0.0))
+        if time.monotonic() >= deadline:
+            with _pending_lock:
+                return not _pending
+
+
+atexit.register(wait_for_cleanup)
 
 
 async def arun(code: str, language: Language = "python", **kwargs) -> SandboxResult:

@@ -1,37 +1,39 @@
-"""The command lines of each isolation level: which interpreter the sandbox may run, and the
-`unshare` (level 1) and bubblewrap (level 2) wrappers around it."""
+"""What each isolation level is made of: the interpreter the sandbox runs and the directories
+it needs read-only, the launcher's spec for level 1 (its own namespaces) and the bubblewrap
+command line for level 2."""
 
 from __future__ import annotations
 
+import fcntl
+import functools
+import hashlib
+import json
 import os
 import shutil
 import stat
+import subprocess
 import sys
-import tempfile
 
-LEVEL_NAMES = {0: "rlimits+uid", 1: "user/net/pid namespaces (unshare)", 2: "bubblewrap"}
+LEVEL_NAMES = {0: "rlimits+uid", 1: "namespaces (user, mount, pid, net)", 2: "bubblewrap"}
 
-# Read-only system paths a level-2 sandbox sees; everything else (/etc, /home, /root, ...) is absent.
+# Read-only system paths a level 1-2 sandbox sees; everything else (/etc, /home, /root, /tmp,
+# Ray's session files, the harness's tree) is absent.
 SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/etc/alternatives", "/etc/ld.so.cache")
+# The code's own writable places inside levels 1-2, bound from the run's directory.
+SCRATCH = {"tmp": "/tmp", "shm": "/dev/shm"}
+# The work dir's path inside levels 1-2 (its host path would sit under the private /tmp).
+INSIDE_WORK = "/work"
 
 
-def _world_reachable(path: str) -> bool:
+def world_reachable(path: str) -> bool:
     """True when every directory on the way is world-searchable and the file world-executable."""
     path = os.path.realpath(path)
     if not os.path.isfile(path) or not os.stat(path).st_mode & stat.S_IXOTH:
         return False
-    return _world_searchable(os.path.dirname(path))
+    return world_searchable(os.path.dirname(path))
 
 
-def work_root(uid: int | None) -> str:
-    """Where work dirs go: the temp dir, unless the sandbox uid could not reach it there."""
-    preferred = tempfile.gettempdir()
-    if uid is None or _world_searchable(preferred):
-        return preferred
-    return "/tmp"
-
-
-def _world_searchable(directory: str) -> bool:
+def world_searchable(directory: str) -> bool:
     parent = os.path.realpath(directory)
     while True:
         if not os.stat(parent).st_mode & stat.S_IXOTH:
@@ -41,64 +43,128 @@ def _world_searchable(directory: str) -> bool:
         parent = os.path.dirname(parent)
 
 
-def python_for(uid: int | None) -> str:
-    """An interpreter the sandbox user can execute: ours if reachable, else the system one."""
-    if uid is None or _world_reachable(sys.executable):
-        return sys.executable
-    for candidate in ("/usr/bin/python3", "/usr/local/bin/python3", shutil.which("python3") or ""):
-        if candidate and _world_reachable(candidate):
-            return candidate
-    raise RuntimeError(
-        f"no Python interpreter is executable by the unprivileged sandbox user: {sys.executable} sits "
-        "in a directory only root can enter. Install a system python3 (apt-get install python3) or "
-        "put the harness's interpreter in a world-readable location."
-    )
-
-
 def _prefix_of(python: str) -> str:
     # .../bin/python3 -> the installation prefix holding bin/ and lib/
     return os.path.dirname(os.path.dirname(os.path.realpath(python)))
 
 
-# pid 1 of a level-1 namespace: runs the command as pid 2 and reaps orphans. The code itself
-# must not be pid 1, where the kernel drops signals it has no handler for (even its own SIGTERM).
-MINI_INIT = """
-import os, sys
-child = os.fork()
-if child == 0:
-    os.execvp(sys.argv[1], sys.argv[1:])
-while True:
-    pid, status = os.wait()
-    if pid == child:
-        code = os.waitstatus_to_exitcode(status)
-        os._exit(128 - code if code < 0 else code)
-"""
+@functools.lru_cache(maxsize=8)
+def interpreter_dirs(python: str) -> tuple[str, ...]:
+    """The directories `python` needs (its prefixes: a venv and the installation under it),
+    outside the system paths, each given once (none inside another)."""
+    if os.path.realpath(python) == os.path.realpath(sys.executable):
+        prefixes = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]
+    else:
+        query = "import sys, json; print(json.dumps([sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]))"
+        try:
+            out = subprocess.run([python, "-I", "-S", "-c", query], capture_output=True, text=True, timeout=30,
+                                 check=True).stdout  # fmt: skip
+            prefixes = json.loads(out)
+        except (OSError, subprocess.SubprocessError, ValueError) as exc:
+            raise ValueError(f"sandbox.python={python!r} does not run here ({exc}); set it to a Python 3 "
+                             "interpreter's path, or leave it unset for the harness's own") from exc  # fmt: skip
+    prefixes.append(_prefix_of(python))
+    dirs: list[str] = []
+    for path in sorted(
+        {os.path.realpath(p) for p in prefixes} | {os.path.abspath(p) for p in prefixes}, key=len
+    ):
+        covered = any(path == d or path.startswith(d.rstrip("/") + "/") for d in (*SYSTEM_PATHS, *dirs))
+        if os.path.isdir(path) and not covered:
+            dirs.append(path)
+    return tuple(dirs)
 
 
-def unshare_argv(python: str) -> list[str]:
-    return [
-        shutil.which("unshare") or "unshare",
-        "--user", "--map-current-user", "--net", "--pid", "--fork", "--kill-child", "--mount-proc",
-        python, "-I", "-S", "-c", MINI_INIT,
-    ]  # fmt: skip
+def interpreter_binds(python: str) -> list[tuple[str, str]]:
+    """(source, destination) read-only binds that give the sandbox `python` at its own path.
+    A directory the sandbox uid cannot walk to (a venv under a root-only /root) comes from a
+    read-only bind the root harness keeps under BIND_DIR, since bubblewrap and the level-1
+    launcher set up mounts as that uid."""
+    return [(_reachable(path), path) for path in interpreter_dirs(python)]
 
 
-def bwrap_argv(work_dir: str, python: str, env: dict[str, str]) -> list[str]:
+BIND_DIR = "/run/forge-sandbox-python"
+
+
+def level0_python(python: str) -> str | None:
+    """A path to `python` that level 0's sandbox uid can execute, or None. Under a root
+    harness, an installation in a closed directory is reached through its read-only bind
+    under BIND_DIR (its stdlib and packages sit beside it); a venv cannot be (its
+    pyvenv.cfg names the closed path of the installation below it)."""
+    if os.geteuid() != 0 or world_reachable(python):
+        return python
+    real = os.path.realpath(python)
+    dirs = interpreter_dirs(python)
+    if len(dirs) != 1 or not real.startswith(dirs[0] + "/"):
+        return None
+    return os.path.join(_reachable(dirs[0]), os.path.relpath(real, dirs[0]))
+
+
+def _is_mount_point(path: str) -> bool:
+    # os.path.ismount misses a bind mount from the same filesystem (same st_dev as its parent).
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == path for line in f)
+
+
+def _reachable(path: str) -> str:
+    if os.geteuid() != 0 or world_searchable(path):
+        return path
+    from forge.sandbox import _syscalls
+
+    target = os.path.join(BIND_DIR, hashlib.sha256(path.encode()).hexdigest()[:16])
+    os.makedirs(BIND_DIR, mode=0o711, exist_ok=True)
+    with open(os.path.join(BIND_DIR, "lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one harness at a time mounts it
+        if not _is_mount_point(target):
+            os.makedirs(target, mode=0o755, exist_ok=True)
+            _syscalls.mount(path, target, None, _syscalls.MS_BIND)
+            flags = (
+                _syscalls.mount_flags(target) | _syscalls.MS_RDONLY | _syscalls.MS_NOSUID | _syscalls.MS_NODEV
+            )
+            _syscalls.mount(None, target, None, _syscalls.MS_REMOUNT | _syscalls.MS_BIND | flags)
+    return target
+
+
+def level1_spec(work: str, scratch: str, ro_binds: list[tuple[str, str]], scratch_mounted: bool,
+                tmpfs_bytes: int, tmpfs_files: int) -> dict:  # fmt: skip
+    """What `_namespace` builds: the run's fs/ is at `scratch`, its work dir at `work`.
+    Without a capped tmpfs from the harness (not root), /tmp and /dev/shm are tmpfs of their own."""
+    binds = [(work, INSIDE_WORK)]
+    tmpfs = []
+    for name, dest in SCRATCH.items():
+        if scratch_mounted:
+            binds.append((os.path.join(scratch, name), dest))
+        else:
+            tmpfs.append((dest, tmpfs_bytes, tmpfs_files))
+    return {
+        "new_root": os.path.join(os.path.dirname(scratch), "newroot"),
+        "system": list(SYSTEM_PATHS),
+        "ro_binds": [list(pair) for pair in ro_binds],
+        "binds": [list(pair) for pair in binds],
+        "tmpfs": [list(entry) for entry in tmpfs],
+    }
+
+
+def bwrap_argv(work: str, scratch: str, ro_binds: list[tuple[str, str]], scratch_mounted: bool,
+               tmpfs_bytes: int, env: dict[str, str]) -> list[str]:  # fmt: skip
     argv = [
         shutil.which("bwrap") or "bwrap",
         "--unshare-all", "--die-with-parent", "--new-session", "--clearenv",
-        "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
+        "--proc", "/proc", "--dev", "/dev",
     ]  # fmt: skip
-    mounted: set[str] = set()
-    for path in (*SYSTEM_PATHS, _prefix_of(python)):
-        if path in mounted or not os.path.lexists(path):
-            continue
-        mounted.add(path)
+    for path in SYSTEM_PATHS:
         if os.path.islink(path):
             argv += ["--symlink", os.readlink(path), path]
-        else:
+        elif os.path.exists(path):
             argv += ["--ro-bind", path, path]
-    argv += ["--bind", work_dir, work_dir, "--chdir", work_dir]
+    for source, dest in ro_binds:
+        argv += ["--ro-bind", source, dest]
+    for name, dest in SCRATCH.items():
+        if scratch_mounted:
+            argv += ["--bind", os.path.join(scratch, name), dest]
+        else:
+            argv += ["--size", str(tmpfs_bytes), "--tmpfs", dest]
+    argv += ["--bind", work, INSIDE_WORK, "--chdir", INSIDE_WORK]
+    argv += ["--remount-ro", "/"]  # bubblewrap's root is a tmpfs: writable, and uncapped, by default
     for key, value in env.items():
         argv += ["--setenv", key, value]
     return argv + ["--"]

@@ -1,10 +1,12 @@
 """Which isolation level this host can give, found once by actually running a sandbox at
-each level, and the fail-closed check behind `sandbox.min_level`."""
+each level; the floor below which this process refuses to run code (`sandbox.min_level`,
+untrusted envs); and the interpreter sandboxed Python runs, checked before first use."""
 
 from __future__ import annotations
 
 import logging
 import shutil
+import sys
 import threading
 
 from forge.sandbox import isolation
@@ -13,11 +15,14 @@ log = logging.getLogger("forge.sandbox")
 _lock = threading.Lock()
 _level: int | None = None
 _floor = 0  # set_min_level: no sandbox in this process may run below it
+_floor_reason = ""  # what set the floor, for the refusal's message
+_python: str | None = None  # set_python: sandbox.python
+_python_ok: set[tuple[int, str]] = set()
 
 HOW_TO_ENABLE = {
-    1: "level 1 needs the `unshare` tool (util-linux) and unprivileged user namespaces "
-    "(sysctl kernel.unprivileged_userns_clone=1 / user.max_user_namespaces>0; in Docker, run with "
-    "--security-opt seccomp=unconfined or a profile allowing unshare)",
+    1: "level 1 needs unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1 / "
+    "user.max_user_namespaces>0; in Docker, run with --security-opt seccomp=unconfined or a profile "
+    "allowing unshare and mount)",
     2: "level 2 needs bubblewrap (apt-get install bubblewrap) and unprivileged user namespaces",
 }
 
@@ -25,11 +30,10 @@ HOW_TO_ENABLE = {
 def _works(level: int) -> tuple[bool, str]:
     from forge.sandbox.core import Limits, _run_at
 
-    tool = {0: None, 1: "unshare", 2: "bwrap"}[level]
-    if tool and shutil.which(tool) is None:
-        return False, f"{tool} not found"
+    if level == 2 and shutil.which("bwrap") is None:
+        return False, "bwrap not found"
     try:
-        result = _run_at("print('ok')", "python", {}, (), 20.0, Limits(), level, None)
+        result = _run_at("echo ok", "shell", {}, (), 20.0, Limits(), level, None, sys.executable)
     except (OSError, RuntimeError) as exc:
         return False, f"{type(exc).__name__}: {exc}"
     if result.exit_code == 0 and result.stdout.strip() == "ok":
@@ -38,10 +42,14 @@ def _works(level: int) -> tuple[bool, str]:
 
 
 def available_level() -> int:
-    """The strongest level that works here (probed once per process, then logged)."""
+    """The strongest level that works here (probed once per process, then logged). The first
+    probe also sweeps work dirs left by harnesses that died."""
     global _level
     with _lock:
         if _level is None:
+            from forge.sandbox import uids, workdir
+
+            workdir.sweep(workdir.base_dir(uids.UID_BASE if uids.is_root() else None))
             for level in (2, 1, 0):
                 ok, why = _works(level)
                 if ok:
@@ -78,14 +86,67 @@ def require_level(min_level: int) -> int:
     return level
 
 
-def set_min_level(min_level: int) -> int:
-    """Apply `sandbox.min_level` to this process: fail now if the host cannot give it, and
-    refuse any later `run` below it. Call it at startup in the driver and in each worker."""
-    global _floor
+def set_min_level(min_level: int, reason: str = "") -> int:
+    """Apply a floor to this process: fail now if the host cannot give it, and refuse any
+    later `run` below it. Call it at startup in the driver and in each worker."""
+    global _floor, _floor_reason
     level = require_level(min_level)
     _floor = min_level
+    _floor_reason = reason or f"sandbox.min_level={min_level}"
     return level
 
 
 def min_level_floor() -> int:
     return _floor
+
+
+def check_floor(level: int, min_level: int = 0) -> None:
+    """Raise SandboxUnavailable when `level` is below `min_level` or this process's floor."""
+    from forge.sandbox.core import SandboxUnavailable
+
+    if level >= max(min_level, _floor):
+        return
+    reason = _floor_reason if _floor > min_level else f"sandbox.min_level={min_level}"
+    best = available_level()
+    raise SandboxUnavailable(
+        f"{reason}, but this run would use sandbox level {level} ({isolation.LEVEL_NAMES[level]}; "
+        f"the host offers up to level {best}); see forge.sandbox.require_level for how to enable more"
+    )
+
+
+def set_python(python: str | None) -> None:
+    """`sandbox.python`: the interpreter for sandboxed Python (None: the harness's own)."""
+    global _python
+    _python = python
+
+
+def interpreter(python: str | None = None) -> str:
+    return python or _python or sys.executable
+
+
+def check_python(level: int, python: str) -> None:
+    """Fail with the fix unless sandboxed code at `level` can run `python` (checked once)."""
+    from forge.sandbox.core import Limits, SandboxUnavailable, _run_at
+
+    if (level, python) in _python_ok:
+        return
+    fix = (
+        "set sandbox.python to an interpreter the sandbox can run (e.g. /usr/bin/python3, without the "
+        "harness's packages), or use a host that gives level 1 or 2"
+    )
+    try:
+        isolation.interpreter_dirs(python)
+    except ValueError as exc:
+        raise SandboxUnavailable(str(exc)) from exc
+    if level == 0 and isolation.level0_python(python) is None:
+        raise SandboxUnavailable(
+            f"sandboxed Python at level 0 runs as an unprivileged uid, which cannot execute {python} "
+            f"(a directory on its path is closed to other users, and it is a venv): {fix}"
+        )
+    result = _run_at(
+        "import sys\nprint(sys.version_info[0])", "python", {}, (), 30.0, Limits(), level, None, python
+    )
+    if result.stdout.strip() != "3":
+        why = (result.stderr.strip() or f"exit code {result.exit_code}")[-400:]
+        raise SandboxUnavailable(f"the sandbox (level {level}) cannot run Python {python}: {why}; {fix}")
+    _python_ok.add((level, python))

@@ -12,12 +12,12 @@ import fcntl
 import os
 import pwd
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from forge.sandbox.isolation import python_for
-
+LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_launch.py")
 UID_BASE = 200_000
 UID_COUNT = 1_000
 LOCK_DIR = "/run/forge-sandbox" if os.path.isdir("/run") else "/tmp/forge-sandbox-uids"
@@ -46,20 +46,18 @@ def processes_of(uid: int) -> list[int]:
 
 
 def kill_all_of(uid: int, attempts: int = 20) -> None:
-    """SIGKILL every process running as `uid`.
+    """SIGKILL every process running as `uid`; with attempts=1, one pass and no waiting.
 
-    Uses a helper that becomes `uid` and calls kill(-1, SIGKILL): the kernel signals all
-    of that uid's processes in one pass under the tasklist lock, so a fork bomb cannot
-    outrun it the way a /proc scan could be outrun.
+    The launcher (started as root, so any interpreter will do) forks a helper that becomes
+    `uid` and calls kill(-1, SIGKILL): the kernel signals all of that uid's processes in one
+    pass under the tasklist lock, so a fork bomb cannot outrun it as a /proc scan could, and
+    none of them runs another instruction after it.
     """
     for _ in range(attempts):
         if not processes_of(uid):
             return
         subprocess.run(
-            [python_for(uid), "-I", "-S", "-c", "import os, signal\nos.kill(-1, signal.SIGKILL)"],
-            user=uid,
-            group=uid,
-            extra_groups=[],
+            [sys.executable, "-I", "-S", LAUNCHER, "kill", str(uid), "1"],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -67,6 +65,8 @@ def kill_all_of(uid: int, attempts: int = 20) -> None:
             env={},
             check=False,
         )
+        if attempts == 1:
+            return
         time.sleep(0.01)
     leftover = processes_of(uid)
     if leftover:
