@@ -51,6 +51,7 @@ from forge.gateway.protocol import (
     error_body,
     template_messages,
 )
+from forge.gateway.responses import mount_responses
 from forge.gateway.tool_parsers import HermesParser, ToolParser, choose_tool_parser
 from forge.rollout.engines.batching import BatchingEngine
 from forge.rollout.engines.protocol import InferenceEngine
@@ -139,7 +140,7 @@ class Gateway:
         if self.sampling == "honour":
             spec.temperature, spec.top_p = body.temperature, body.top_p
             return {}
-        run = {"temperature": getattr(self.engine, "temperature", None), "top_p": getattr(self.engine, "top_p", None)}
+        run = {name: _engine_setting(self.engine, name) for name in ("temperature", "top_p")}
         changed = [f"{name}={getattr(body, name)}->{value}" for name, value in run.items()
                    if getattr(body, name) is not None and getattr(body, name) != value]
         return {"X-Forge-Sampling": "overridden " + ", ".join(changed) + " (gateway.sampling=override)"} if changed else {}
@@ -231,6 +232,13 @@ class Gateway:
             "calls": len(episode.calls),
             "env_done": episode.env_done,
         }
+
+
+def _engine_setting(engine: Any, name: str) -> Any:
+    """An engine's sampling setting, looked up through wrappers (a served engine's `.engine`)."""
+    while engine is not None and not hasattr(engine, name):
+        engine = getattr(engine, "engine", None)
+    return getattr(engine, name, None)
 
 
 class StreamedCall:
@@ -371,6 +379,8 @@ def build_app(gateway: Gateway) -> FastAPI:
                                      media_type="text/event-stream", headers=headers)
         results = [await gateway.finish_call(request, run) for run in runs]
         return JSONResponse(completions_response(gateway, body, specs, results, episode_id), headers=headers)
+
+    mount_responses(app, gateway, _sse_errors)
 
     @app.post("/forge/episodes")
     async def start_episode(body: StartEpisodeRequest) -> dict:

@@ -1,0 +1,353 @@
+"""`/v1/responses`, the Responses API (the OpenAI Agents SDK's default): input items and
+function tools translated to a chat call, run and recorded like one, and its reply as
+output items (a message, function calls), whole or as the API's stream of events."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from forge.gateway.calls import CallRun, Choice
+from forge.gateway.chat import chat_spec
+from forge.gateway.episodes import EpisodeError
+from forge.gateway.protocol import ChatCompletionRequest, text_content
+from forge.gateway.tool_parsers import ToolParser
+
+
+class ResponsesRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str = ""
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    max_output_tokens: int | None = Field(None, gt=0)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    text: dict[str, Any] | None = None
+    stream: bool = False
+    previous_response_id: str | None = None
+    conversation: Any = None
+    user: str | None = None
+    metadata: dict[str, Any] | None = None
+
+
+def _part_text(content: Any, where: str) -> str:
+    if isinstance(content, list):
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind not in ("input_text", "output_text", "text", "refusal"):
+                raise EpisodeError(400, f"{where}: content part type {kind!r} is not supported (text only)")
+        return "".join(part.get("text", part.get("refusal", "")) for part in content)
+    return text_content(content)
+
+
+def chat_messages(body: ResponsesRequest) -> list[dict[str, Any]]:
+    """The instructions and input items as chat messages: function calls join the
+    assistant message before them, their outputs become tool messages."""
+    messages: list[dict[str, Any]] = []
+    if body.instructions:
+        messages.append({"role": "system", "content": body.instructions})
+    items = [{"role": "user", "content": body.input}] if isinstance(body.input, str) else body.input
+    for index, item in enumerate(items):
+        kind, where = item.get("type", "message"), f"input[{index}]"
+        if kind == "message":
+            messages.append(
+                {"role": item.get("role", "user"), "content": _part_text(item.get("content"), where)}
+            )
+        elif kind == "function_call":
+            call = {
+                "id": item.get("call_id", ""),
+                "type": "function",
+                "function": {"name": item.get("name", ""), "arguments": item.get("arguments") or "{}"},
+            }
+            last = messages[-1] if messages else None
+            if last is not None and last["role"] == "assistant":
+                last.setdefault("tool_calls", []).append(call)
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            messages.append(
+                {
+                    "role": "tool",
+                    "tool_call_id": item.get("call_id", ""),
+                    "content": _part_text(item.get("output"), where),
+                }
+            )
+        elif kind == "reasoning":
+            continue  # this gateway's models write no separate reasoning items
+        else:
+            raise EpisodeError(
+                400,
+                f"{where}: input item type {kind!r} is not supported "
+                "(message, function_call, function_call_output)",
+            )
+    if not messages:
+        raise EpisodeError(400, "input is empty: give a string or a list of input items")
+    return messages
+
+
+def as_chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
+    if body.previous_response_id or body.conversation:
+        raise EpisodeError(
+            400,
+            "previous_response_id and conversation are not supported: the gateway keeps no "
+            "responses; send the whole conversation as input",
+        )
+    tools = []
+    for tool in body.tools or []:
+        if tool.get("type") != "function":
+            raise EpisodeError(400, f"tool type {tool.get('type')!r} is not supported; give function tools")
+        tools.append(
+            {
+                "type": "function",
+                "function": {
+                    "name": tool["name"],
+                    "description": tool.get("description") or "",
+                    "parameters": tool.get("parameters") or {"type": "object", "properties": {}},
+                },
+            }
+        )
+    choice = body.tool_choice
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        choice = {"type": "function", "function": {"name": choice.get("name")}}
+    text_format = (body.text or {}).get("format") or {"type": "text"}
+    return ChatCompletionRequest(
+        model=body.model,
+        messages=chat_messages(body),
+        tools=tools or None,
+        tool_choice=choice,
+        parallel_tool_calls=body.parallel_tool_calls,
+        max_completion_tokens=body.max_output_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        stream=body.stream,
+        user=body.user,
+        response_format={"type": text_format.get("type", "text")},
+    )
+
+
+def _id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(12)}"
+
+
+def _output(choice: Choice, parser: ToolParser | None, parallel: bool) -> list[dict[str, Any]]:
+    content, tool_calls = parser.split(choice.text) if parser is not None else (choice.text, [])
+    if not parallel:
+        tool_calls = tool_calls[:1]
+    items: list[dict[str, Any]] = []
+    if content:
+        items.append(
+            {
+                "type": "message",
+                "id": _id("msg"),
+                "status": "completed",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": content, "annotations": [], "logprobs": []}],
+            }
+        )
+    for call in tool_calls:
+        items.append(
+            {
+                "type": "function_call",
+                "id": _id("fc"),
+                "call_id": call["id"],
+                "name": call["function"]["name"],
+                "arguments": call["function"]["arguments"],
+                "status": "completed",
+            }
+        )
+    return items
+
+
+def response_object(
+    gateway: Any,
+    body: ResponsesRequest,
+    ident: str,
+    created: int,
+    status: str,
+    output: list[dict[str, Any]],
+    prompt_tokens: int,
+    choice: Choice | None,
+) -> dict[str, Any]:
+    completion = len(choice.record.completion_ids) if choice is not None else 0
+    cut = choice is not None and not choice.record.finished
+    return {
+        "id": ident,
+        "object": "response",
+        "created_at": created,
+        "model": body.model or gateway.model_name,
+        "status": "incomplete" if cut and status == "completed" else status,
+        "incomplete_details": {"reason": "max_output_tokens"} if cut else None,
+        "error": None,
+        "instructions": body.instructions,
+        "metadata": body.metadata or {},
+        "output": output,
+        "parallel_tool_calls": body.parallel_tool_calls is not False,
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "tool_choice": body.tool_choice or "auto",
+        "tools": body.tools or [],
+        "max_output_tokens": body.max_output_tokens,
+        "text": body.text or {"format": {"type": "text"}},
+        "truncation": "disabled",
+        "store": False,
+        "previous_response_id": None,
+        "reasoning": None,
+        "usage": {
+            "input_tokens": prompt_tokens,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": completion,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": prompt_tokens + completion,
+        },
+    }
+
+
+async def response_stream(
+    gateway: Any, body: ResponsesRequest, run: CallRun, parser: ToolParser | None
+) -> AsyncIterator[str]:
+    """The Responses stream: created, text deltas as tokens are sampled, function calls
+    whole at the end, completed."""
+    ident, created, sequence = _id("resp"), int(time.time()), 0
+    prompt_tokens = len(run.spec.prompt_ids)
+
+    def event(kind: str, **fields: Any) -> str:
+        nonlocal sequence
+        sequence += 1
+        return f"event: {kind}\ndata: {json.dumps({'type': kind, 'sequence_number': sequence - 1, **fields})}\n\n"
+
+    shell = response_object(gateway, body, ident, created, "in_progress", [], prompt_tokens, None)
+    yield event("response.created", response=shell)
+    yield event("response.in_progress", response=shell)
+    message_id, opened = _id("msg"), False
+
+    def open_message() -> list[str]:
+        item = {
+            "type": "message",
+            "id": message_id,
+            "status": "in_progress",
+            "role": "assistant",
+            "content": [],
+        }
+        part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        return [
+            event("response.output_item.added", output_index=0, item=item),
+            event(
+                "response.content_part.added", item_id=message_id, output_index=0, content_index=0, part=part
+            ),
+        ]
+
+    def on_token(token_event: Any) -> str | None:
+        nonlocal opened
+        if not token_event.text:
+            return None
+        pieces = [] if opened else open_message()
+        opened = True
+        pieces.append(
+            event(
+                "response.output_text.delta",
+                item_id=message_id,
+                output_index=0,
+                content_index=0,
+                delta=token_event.text,
+                logprobs=[],
+            )
+        )
+        return "".join(pieces)
+
+    streamed = gateway.stream_events(run, on_token)
+    async for piece in streamed:
+        yield piece
+    [choice] = streamed.result
+    output = _output(choice, parser, body.parallel_tool_calls is not False)
+    message = next((item for item in output if item["type"] == "message"), None)
+    if message is not None:
+        message["id"] = message_id
+        text = message["content"][0]["text"]
+        sent = choice.text[: run.texts[0].sent]
+        if not opened:
+            yield "".join(open_message())
+        if text.startswith(sent) and len(text) > len(sent):
+            yield event(
+                "response.output_text.delta",
+                item_id=message_id,
+                output_index=0,
+                content_index=0,
+                delta=text[len(sent) :],
+                logprobs=[],
+            )
+        yield event(
+            "response.output_text.done",
+            item_id=message_id,
+            output_index=0,
+            content_index=0,
+            text=text,
+            logprobs=[],
+        )
+        yield event(
+            "response.content_part.done",
+            item_id=message_id,
+            output_index=0,
+            content_index=0,
+            part=message["content"][0],
+        )
+        yield event("response.output_item.done", output_index=0, item=message)
+    for index, item in enumerate(output):
+        if item["type"] != "function_call":
+            continue
+        yield event(
+            "response.output_item.added",
+            output_index=index,
+            item={**item, "arguments": "", "status": "in_progress"},
+        )
+        yield event(
+            "response.function_call_arguments.delta",
+            item_id=item["id"],
+            output_index=index,
+            delta=item["arguments"],
+        )
+        yield event(
+            "response.function_call_arguments.done",
+            item_id=item["id"],
+            output_index=index,
+            name=item["name"],
+            arguments=item["arguments"],
+        )
+        yield event("response.output_item.done", output_index=index, item=item)
+    final = response_object(gateway, body, ident, created, "completed", output, prompt_tokens, choice)
+    yield event(
+        "response.completed" if final["status"] == "completed" else "response.incomplete", response=final
+    )
+
+
+def mount_responses(app: FastAPI, gateway: Any, sse_errors: Any) -> None:
+    """Add `POST /v1/responses` to the gateway's app."""
+
+    @app.post("/v1/responses")
+    async def responses(body: ResponsesRequest, request: Request):
+        episode_id = gateway.resolve_episode(request, body.user)
+        chat = as_chat_request(body)
+        spec, parser = chat_spec(gateway, chat)
+        headers = gateway.apply_sampling(chat, spec)
+        run = gateway.start_call(episode_id, spec, body.stream)
+        if body.stream:
+            return StreamingResponse(
+                sse_errors(response_stream(gateway, body, run, parser)),
+                media_type="text/event-stream",
+                headers=headers,
+            )
+        [choice] = await gateway.finish_call(request, run)
+        output = _output(choice, parser, body.parallel_tool_calls is not False)
+        body_out = response_object(
+            gateway, body, _id("resp"), int(time.time()), "completed", output, len(spec.prompt_ids), choice
+        )
+        return JSONResponse(body_out, headers=headers)

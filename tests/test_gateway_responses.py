@@ -1,0 +1,107 @@
+"""`/v1/responses` through the real `openai` SDK: text and function tools, whole and
+streamed, each call recorded as a sample."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import openai
+import pytest
+from family_tokenizers import byte_level_tokenizer
+from gateway_helpers import ScriptedEngine, async_client, calls_of, client, serve, start
+
+WIDE = {"max_new_tokens": 200, "max_context_tokens": 4096}
+GUESS = {
+    "type": "function",
+    "name": "guess",
+    "description": "Guess the number.",
+    "parameters": {"type": "object", "properties": {"number": {"type": "integer"}}, "required": ["number"]},
+}
+CALL_TEXT = 'Trying 3.\n<tool_call>\n{"name": "guess", "arguments": {"number": 3}}\n</tool_call>'
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    return byte_level_tokenizer("qwen", tmp_path_factory.mktemp("qwen"))
+
+
+def scripted(tokenizer, text: str) -> ScriptedEngine:
+    return ScriptedEngine(tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+
+
+def test_a_text_response_is_the_recorded_reply(qwen):
+    with serve(scripted(qwen, "The number is 3."), qwen, **WIDE) as server:
+        episode = start(server)
+        response = client(server, episode["episode_id"]).responses.create(
+            model="p", instructions="Be brief.", input="Which number?"
+        )
+        [call] = calls_of(server, episode)
+    assert response.output_text == "The number is 3." and response.status == "completed"
+    assert response.usage.output_tokens == len(call.completion_ids)
+    prompt = qwen.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Which number?"}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    assert call.prompt_ids == qwen(prompt, add_special_tokens=False)["input_ids"]
+
+
+def test_function_tools_round_trip_through_input_items(qwen):
+    with serve(scripted(qwen, CALL_TEXT), qwen, **WIDE) as server:
+        episode = start(server)
+        agent = client(server, episode["episode_id"])
+        first = agent.responses.create(model="p", input="Guess.", tools=[GUESS])
+        [message, function_call] = first.output
+        followup = [
+            {"role": "user", "content": "Guess."},
+            *[item.model_dump(exclude_none=True) for item in first.output],
+            {"type": "function_call_output", "call_id": function_call.call_id, "output": "higher"},
+        ]
+        agent.responses.create(model="p", input=followup, tools=[GUESS])
+        _, second = calls_of(server, episode)
+    assert message.content[0].text == "Trying 3."
+    assert function_call.name == "guess" and json.loads(function_call.arguments) == {"number": 3}
+    rendered = qwen.decode(second.prompt_ids)
+    assert '<tool_call>\n{"name": "guess", "arguments": {"number": 3}}\n</tool_call>' in rendered
+    assert "<tool_response>\nhigher\n</tool_response>" in rendered
+
+
+def test_a_streamed_response_sends_deltas_then_the_completed_response(qwen):
+    async def play(server, episode_id):
+        agent = async_client(server, episode_id)
+        stream = await agent.responses.create(model="p", input="Guess.", tools=[GUESS], stream=True)
+        events = [event async for event in stream]
+        await agent.close()
+        return events
+
+    with serve(scripted(qwen, CALL_TEXT), qwen, **WIDE) as server:
+        episode = start(server)
+        events = asyncio.run(play(server, episode["episode_id"]))
+        [call] = calls_of(server, episode)
+    kinds = [event.type for event in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.completed"
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == "Trying 3."
+    [arguments] = [e.arguments for e in events if e.type == "response.function_call_arguments.done"]
+    assert json.loads(arguments) == {"number": 3}
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert events[-1].response.usage.output_tokens == len(call.completion_ids)
+
+
+def test_a_response_cut_by_max_output_tokens_is_incomplete(qwen):
+    with serve(scripted(qwen, "a long reply that goes on"), qwen, **WIDE) as server:
+        episode = start(server)
+        response = client(server, episode["episode_id"]).responses.create(
+            model="p", input="x", max_output_tokens=4
+        )
+    assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
+
+
+def test_unsupported_inputs_are_refused_by_name(qwen):
+    with serve(scripted(qwen, "x"), qwen, **WIDE) as server:
+        episode = start(server)
+        agent = client(server, episode["episode_id"])
+        with pytest.raises(openai.BadRequestError, match="web_search"):
+            agent.responses.create(model="p", input="x", tools=[{"type": "web_search"}])
+        with pytest.raises(openai.BadRequestError, match="previous_response_id"):
+            agent.responses.create(model="p", input="x", previous_response_id="resp_1")
