@@ -69,9 +69,10 @@ class EngineClient(Protocol):
 class HttpTransport:
     """An httpx client per event loop (Ray actors and tests run several loops)."""
 
-    def __init__(self, url: str, timeout_s: float) -> None:
+    def __init__(self, url: str, timeout_s: float, transport: Any = None) -> None:
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
+        self.transport = transport  # an httpx transport; tests replay recorded exchanges through one
         self._client: Any = None
         self._loop: Any = None
 
@@ -82,7 +83,7 @@ class HttpTransport:
 
         loop = asyncio.get_running_loop()
         if self._client is None or self._loop is not loop:
-            self._client = httpx.AsyncClient(base_url=self.url, timeout=self.timeout_s)
+            self._client = httpx.AsyncClient(base_url=self.url, timeout=self.timeout_s, transport=self.transport)
             self._loop = loop
         return self._client
 

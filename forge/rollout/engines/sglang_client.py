@@ -1,0 +1,153 @@
+"""SGLang's server as an engine: `/generate` with `input_ids` and `return_logprob`;
+`/update_weights_from_disk` for full weights (with `weight_version`, which SGLang stamps
+on its outputs); `/load_lora_adapter` for LoRA; `/pause_generation` and
+`/continue_generation` around updates.
+
+Written against SGLang's documented shapes (`GenerateReqInput`, `UpdateWeightFromDiskReqInput`,
+`LoadLoRAAdapterReqInput`, the native API docs), checked against recorded fixtures, not a
+running SGLang. Launch flags are in the README ("Inference servers").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from forge.rollout.engines.protocol import GenerationRequest, GenerationResult
+from forge.rollout.engines.remote import EngineLost, HttpCall, HttpTransport, ProtocolError, Sampling
+
+
+def generate_call(request: GenerationRequest, sampling: Sampling, lora_name: str | None = None) -> HttpCall:
+    params: dict[str, Any] = {
+        "max_new_tokens": request.max_new_tokens,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "skip_special_tokens": False,
+        "no_stop_trim": True,  # keep the stop token in the output: the trajectory holds what was sampled
+    }
+    if sampling.stop_token_ids:
+        params["stop_token_ids"] = list(sampling.stop_token_ids)
+    body: dict[str, Any] = {
+        "input_ids": list(request.token_ids),
+        "sampling_params": params,
+        "return_logprob": True,
+        "logprob_start_len": -1,  # logprobs of the output only, none of the prompt
+        "stream": False,
+    }
+    if lora_name:
+        body["lora_path"] = lora_name
+    return HttpCall("POST", "/generate", body)
+
+
+def parse_generate(body: Any, stop_token_ids: tuple[int, ...], policy_version: int) -> GenerationResult:
+    """Ids and logprobs from `meta_info.output_token_logprobs` ([logprob, token_id, text]);
+    the version from `meta_info.weight_version` when the server reports one."""
+    try:
+        meta = body["meta_info"]
+        entries = meta["output_token_logprobs"]
+        reason = meta["finish_reason"]
+        kind = reason["type"] if isinstance(reason, dict) else reason
+    except (KeyError, TypeError) as exc:
+        raise ProtocolError(f"not an SGLang /generate answer with return_logprob ({exc!r}): {str(body)[:300]}") from None
+    try:
+        logprobs = [float(entry[0]) for entry in entries]
+        ids = [int(entry[1]) for entry in entries]
+    except (TypeError, ValueError, IndexError) as exc:
+        raise ProtocolError(f"SGLang output_token_logprobs entries are not [logprob, token_id, text]: {exc!r}") from None
+    listed = body.get("output_ids")
+    if listed is not None and [int(t) for t in listed] != ids:
+        raise ProtocolError(f"SGLang's output_ids {listed[:8]}... disagree with its logprob tokens {ids[:8]}...")
+    if kind == "abort":
+        raise EngineLost("sglang", f"the request was aborted: {reason}")
+    if kind not in ("stop", "length"):
+        raise ProtocolError(f"SGLang finish_reason {reason!r} is not stop, length or abort")
+    version = meta.get("weight_version")
+    if version not in (None, "", "default"):
+        try:
+            policy_version = int(version)
+        except ValueError:
+            raise ProtocolError(f"SGLang weight_version {version!r} is not a Forge policy version") from None
+    finished = kind == "stop" and bool(ids) and ids[-1] in stop_token_ids
+    cached = int(meta.get("cached_tokens") or 0)
+    prompt = int(meta.get("prompt_tokens") or 0)
+    return GenerationResult(ids, logprobs, finished, policy_version, prefill_tokens=max(prompt - cached, 0))
+
+
+def update_from_disk_call(path: str, version: int) -> HttpCall:
+    return HttpCall("POST", "/update_weights_from_disk", {
+        "model_path": path, "weight_version": str(version), "abort_all_requests": False,
+    })
+
+
+def load_adapter_call(name: str, path: str) -> HttpCall:
+    return HttpCall("POST", "/load_lora_adapter", {"lora_name": name, "lora_path": path})
+
+
+def unload_adapter_call(name: str) -> HttpCall:
+    return HttpCall("POST", "/unload_lora_adapter", {"lora_name": name})
+
+
+def pause_call() -> HttpCall:
+    # "in_place" keeps running requests (and their KV) frozen until continue; "abort" would
+    # end them, losing episodes mid-turn.
+    return HttpCall("POST", "/pause_generation", {"mode": "in_place"})
+
+
+def continue_call() -> HttpCall:
+    return HttpCall("POST", "/continue_generation", {})
+
+
+def check_success(body: Any, what: str) -> None:
+    """SGLang answers control calls with {"success": bool, "message" | "error_message": ...}."""
+    if isinstance(body, dict) and body.get("success") is False:
+        raise ProtocolError(f"SGLang refused {what}: {body.get('message') or body.get('error_message') or body}")
+
+
+class SGLangClient:
+    """An SGLang server (`python -m sglang.launch_server`). Versions travel with the weights
+    (`weight_version`), so every output is stamped by the server itself."""
+
+    kind = "sglang"
+
+    def __init__(self, url: str, sampling: Sampling, timeout_s: float = 120.0) -> None:
+        self.http = HttpTransport(url, timeout_s)
+        self.url = self.http.url
+        self.sampling = sampling
+        self.policy_version = 0
+        self.lora_name: str | None = None
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        body = await self.http.send(generate_call(request, self.sampling, self.lora_name))
+        return parse_generate(body, self.sampling.stop_token_ids, self.policy_version)
+
+    async def release(self, episode_id: str) -> None:
+        """SGLang's radix cache evicts by itself; nothing to release."""
+
+    async def healthy(self) -> bool:
+        try:
+            await self.http.send(HttpCall("GET", "/health"), timeout_s=5.0)
+            return True
+        except (EngineLost, ProtocolError):
+            return False
+
+    async def load_checkpoint(self, path: str, version: int) -> None:
+        check_success(await self.http.send(update_from_disk_call(path, version)), "update_weights_from_disk")
+        self.policy_version = version
+
+    async def load_adapter(self, path: str, version: int) -> None:
+        # A new name per version: SGLang keys adapters by name, and requests name the one they use.
+        name = f"forge-v{version}"
+        await self.http.send(pause_call())
+        try:
+            check_success(await self.http.send(load_adapter_call(name, path)), "load_lora_adapter")
+            old, self.lora_name = self.lora_name, name
+        finally:
+            await self.http.send(continue_call())
+        self.policy_version = version
+        if old is not None:  # after continuing: requests frozen mid-turn may still be using it
+            try:
+                await self.http.send(unload_adapter_call(old))
+            except ProtocolError:
+                pass  # still busy; it stays loaded, which costs memory, not correctness
+
+    async def close(self) -> None:
+        await self.http.close()

@@ -1,0 +1,162 @@
+"""vLLM's OpenAI-compatible server as an engine: `/v1/completions` with a token-id prompt,
+`return_tokens_as_token_ids` and `logprobs`; runtime LoRA loading; the weight-transfer
+control plane (`/pause`, `/init_weight_transfer_engine`, `/update_weights`, `/resume`).
+
+Written against vLLM's documented shapes (its OpenAI protocol, `entrypoints/serve/rlhf`
+router and examples), checked against recorded fixtures, not a running vLLM. Launch flags
+the requests need are in the README ("Inference servers").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from forge.rollout.engines.protocol import GenerationRequest, GenerationResult
+from forge.rollout.engines.remote import EngineLost, HttpCall, HttpTransport, ProtocolError, Sampling
+
+TOKEN_PREFIX = "token_id:"  # how return_tokens_as_token_ids spells each sampled token
+
+
+def completion_call(request: GenerationRequest, model: str, sampling: Sampling) -> HttpCall:
+    body: dict[str, Any] = {
+        "model": model,
+        "prompt": list(request.token_ids),  # a list of ints is a token prompt: nothing is re-tokenized
+        "max_tokens": request.max_new_tokens,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "n": 1,
+        "stream": False,
+        "logprobs": 0,  # the sampled token's own logprob only
+        "return_tokens_as_token_ids": True,
+        "return_token_ids": True,  # newer vLLM also lists choices[0].token_ids; checked when present
+        "skip_special_tokens": False,
+    }
+    if sampling.stop_token_ids:
+        body["stop_token_ids"] = list(sampling.stop_token_ids)
+    if request.episode_id:
+        body["user"] = request.episode_id
+    return HttpCall("POST", "/v1/completions", body)
+
+
+def parse_completion(body: Any, stop_token_ids: tuple[int, ...], policy_version: int) -> GenerationResult:
+    """Sampled ids and logprobs from `choices[0].logprobs` (`tokens` as "token_id:N")."""
+    try:
+        choice = body["choices"][0]
+        logprobs = choice["logprobs"]
+        tokens, values = logprobs["tokens"], logprobs["token_logprobs"]
+        reason = choice["finish_reason"]
+    except (KeyError, IndexError, TypeError) as exc:
+        raise ProtocolError(f"not a vLLM completion with logprobs ({exc!r}): {str(body)[:300]}") from None
+    ids = []
+    for token in tokens:
+        if not isinstance(token, str) or not token.startswith(TOKEN_PREFIX):
+            raise ProtocolError(
+                f"vLLM returned token {token!r}, not 'token_id:N': the request must set return_tokens_as_token_ids"
+            )
+        ids.append(int(token[len(TOKEN_PREFIX):]))
+    listed = choice.get("token_ids")
+    if listed is not None and [int(t) for t in listed] != ids:
+        raise ProtocolError(f"vLLM's token_ids {listed[:8]}... disagree with its logprob tokens {ids[:8]}...")
+    if len(values) != len(ids) or any(v is None for v in values):
+        raise ProtocolError(f"vLLM returned {len(values)} logprobs for {len(ids)} tokens")
+    if reason not in ("stop", "length", "abort"):
+        raise ProtocolError(f"vLLM finish_reason {reason!r} is not stop, length or abort")
+    if reason == "abort":
+        raise EngineLost("vllm", "the request was aborted (a /pause with mode=abort?)")
+    # Ended on a stop token only if the server says so and shows the token; otherwise the
+    # agent loop closes the turn itself, untrained.
+    finished = reason == "stop" and bool(ids) and ids[-1] in stop_token_ids
+    return GenerationResult(ids, [float(v) for v in values], finished, policy_version, prefill_tokens=0)
+
+
+def load_adapter_call(name: str, path: str) -> HttpCall:
+    # load_inplace replaces an adapter of the same name (vLLM >= 0.11); older servers need
+    # /v1/unload_lora_adapter first, which `VLLMClient.load_adapter` falls back to.
+    return HttpCall("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": path, "load_inplace": True})
+
+
+def unload_adapter_call(name: str) -> HttpCall:
+    return HttpCall("POST", "/v1/unload_lora_adapter", {"lora_name": name})
+
+
+def pause_call(mode: str = "wait") -> HttpCall:
+    return HttpCall("POST", "/pause", params={"mode": mode})
+
+
+def resume_call() -> HttpCall:
+    return HttpCall("POST", "/resume")
+
+
+def init_weight_transfer_call(master_address: str, master_port: int, rank_offset: int, world_size: int) -> HttpCall:
+    return HttpCall("POST", "/init_weight_transfer_engine", {"init_info": {
+        "master_address": master_address, "master_port": master_port, "rank_offset": rank_offset,
+        "world_size": world_size,
+    }})
+
+
+def update_weights_call(names: list[str], dtype_names: list[str], shapes: list[list[int]], packed: bool = True) -> HttpCall:
+    return HttpCall("POST", "/update_weights", {"update_info": {
+        "names": names, "dtype_names": dtype_names, "shapes": shapes, "packed": packed,
+    }})
+
+
+def world_size_call() -> HttpCall:
+    return HttpCall("GET", "/get_world_size")
+
+
+class VLLMClient:
+    """A `vllm serve` server. vLLM does not know Forge's policy versions: the client stamps
+    the version it last loaded, and pauses the server (`mode=wait`) around every update so
+    that no request straddles one. Prefix caching is vLLM's own (`--enable-prefix-caching`)."""
+
+    kind = "vllm"
+
+    def __init__(self, url: str, model: str, sampling: Sampling, timeout_s: float = 120.0) -> None:
+        self.http = HttpTransport(url, timeout_s)
+        self.url = self.http.url
+        self.base_model = model
+        self.model = model  # the adapter's name once one is loaded
+        self.sampling = sampling
+        self.policy_version = 0
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        body = await self.http.send(completion_call(request, self.model, self.sampling))
+        result = parse_completion(body, self.sampling.stop_token_ids, self.policy_version)
+        usage = body.get("usage") or {}
+        cached = ((usage.get("prompt_tokens_details") or {}).get("cached_tokens")) or 0
+        result.prefill_tokens = len(request.token_ids) - int(cached)
+        return result
+
+    async def release(self, episode_id: str) -> None:
+        """vLLM's prefix cache evicts by itself; nothing to release."""
+
+    async def healthy(self) -> bool:
+        try:
+            await self.http.send(HttpCall("GET", "/health"), timeout_s=5.0)
+            return True
+        except (EngineLost, ProtocolError):
+            return False
+
+    async def load_adapter(self, path: str, version: int) -> None:
+        name = f"{self.base_model}-forge-lora"
+        await self.http.send(pause_call())
+        try:
+            try:
+                await self.http.send(load_adapter_call(name, path))
+            except ProtocolError:  # a server without load_inplace: unload, then load
+                await self.http.send(unload_adapter_call(name))
+                await self.http.send(load_adapter_call(name, path))
+        finally:
+            await self.http.send(resume_call())
+        self.model = name
+        self.policy_version = version
+
+    async def load_checkpoint(self, path: str, version: int) -> None:
+        raise ProtocolError(
+            "vLLM takes full weights through its weight-transfer engine (NCCL broadcast from the trainer: "
+            "vllm serve --weight-transfer-backend nccl), not from a folder over HTTP; use LoRA "
+            "(model.lora.enabled) with a vllm+ server, or a forge / sglang server for full weights"
+        )
+
+    async def close(self) -> None:
+        await self.http.close()

@@ -1,0 +1,187 @@
+"""The vLLM and SGLang clients against recorded shapes of those servers' APIs
+(tests/fixtures/engines/*.json, written from their documentation and source): every
+request Forge builds is the recorded one, every recorded response parses to the ids,
+logprobs, finish and version it holds, and the update sequences go in the right order."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from forge.rollout.engines import sglang_client, vllm_client
+from forge.rollout.engines.protocol import GenerationRequest
+from forge.rollout.engines.remote import EngineLost, ForgeClient, ProtocolError, Sampling, make_client
+
+FIXTURES = Path(__file__).parent / "fixtures" / "engines"
+VLLM = json.loads((FIXTURES / "vllm.json").read_text())
+SGLANG = json.loads((FIXTURES / "sglang.json").read_text())
+
+
+def call_as_recorded(call, exchange: dict) -> None:
+    assert (call.method, call.path) == (exchange["method"], exchange["path"])
+    assert call.body == exchange.get("request")
+    assert (call.params or None) == exchange.get("params")
+
+
+def replay(exchanges: list[dict], seen: list[tuple[str, str, object]]) -> httpx.MockTransport:
+    """A server that answers each (method, path) with its recorded response, in order."""
+    queue = {(e["method"], e["path"]): e for e in exchanges}
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        exchange = queue[(request.method, request.url.path)]
+        body = json.loads(request.content) if request.content else None
+        seen.append((request.method, request.url.path, body))
+        if "response_text" in exchange:
+            return httpx.Response(200, text=exchange["response_text"])
+        return httpx.Response(exchange.get("status", 200), json=exchange["response"])
+
+    return httpx.MockTransport(handle)
+
+
+# -- vLLM ---------------------------------------------------------------------------------
+def test_vllm_completion_request_is_the_recorded_token_prompt_request():
+    given = VLLM["completion"]["given"]
+    request = GenerationRequest(given["token_ids"], given["max_new_tokens"], given["episode_id"])
+    sampling = Sampling(given["temperature"], given["top_p"], tuple(given["stop_token_ids"]))
+    call_as_recorded(vllm_client.completion_call(request, given["model"], sampling), VLLM["completion"])
+
+
+@pytest.mark.parametrize("name", ["completion", "completion_cut_by_max_tokens_older_server"])
+def test_vllm_completion_responses_parse_to_the_sampled_ids_and_logprobs(name):
+    expected = VLLM[name]["expected"]
+    result = vllm_client.parse_completion(VLLM[name]["response"], (3,), policy_version=7)
+    assert (result.token_ids, result.logprobs, result.finished) == (
+        expected["token_ids"], expected["logprobs"], expected["finished"])
+    assert result.policy_version == 7  # vLLM knows no versions: the client's own
+
+
+def test_vllm_tokens_as_text_are_refused_not_retokenized():
+    with pytest.raises(ProtocolError, match=VLLM["completion_without_token_ids"]["error"]):
+        vllm_client.parse_completion(VLLM["completion_without_token_ids"]["response"], (3,), 0)
+
+
+def test_vllm_token_ids_that_disagree_with_the_logprob_tokens_are_refused():
+    body = json.loads(json.dumps(VLLM["completion"]["response"]))
+    body["choices"][0]["token_ids"] = [27, 4]
+    with pytest.raises(ProtocolError, match="disagree"):
+        vllm_client.parse_completion(body, (3,), 0)
+
+
+def test_vllm_control_requests_are_the_recorded_ones():
+    call_as_recorded(vllm_client.load_adapter_call("policy-forge-lora", "/shared/forge/v000003"),
+                     VLLM["load_lora_adapter"])
+    call_as_recorded(vllm_client.unload_adapter_call("policy-forge-lora"), VLLM["unload_lora_adapter"])
+    call_as_recorded(vllm_client.pause_call(), VLLM["pause"])
+    call_as_recorded(vllm_client.resume_call(), VLLM["resume"])
+    call_as_recorded(vllm_client.world_size_call(), VLLM["get_world_size"])
+    call_as_recorded(vllm_client.init_weight_transfer_call("10.0.0.5", 29555, 1, 2), VLLM["init_weight_transfer_engine"])
+    update = VLLM["update_weights"]["request"]["update_info"]
+    call_as_recorded(vllm_client.update_weights_call(update["names"], update["dtype_names"], update["shapes"]),
+                     VLLM["update_weights"])
+
+
+def test_the_vllm_client_generates_and_loads_an_adapter_paused():
+    seen: list = []
+    transport = replay([VLLM["completion"], VLLM["pause"], VLLM["load_lora_adapter"], VLLM["resume"]], seen)
+    client = make_client("vllm+http://vllm:8000", "policy", Sampling(1.0, 1.0, (3,)))
+    client.http = vllm_client.HttpTransport("http://vllm:8000", 10, transport)
+
+    async def scenario() -> None:
+        given = VLLM["completion"]["given"]
+        result = await client.generate(GenerationRequest(given["token_ids"], 4, given["episode_id"]))
+        assert result.token_ids == [27, 3] and result.prefill_tokens == 2
+        await client.load_adapter("/shared/forge/v000003", 3)
+        assert client.policy_version == 3 and client.model == "policy-forge-lora"
+
+    asyncio.run(scenario())
+    assert [path for _, path, _ in seen] == ["/v1/completions", "/pause", "/v1/load_lora_adapter", "/resume"]
+    assert seen[0][2] == VLLM["completion"]["request"]
+
+
+def test_a_vllm_error_response_is_a_protocol_error_naming_the_server():
+    seen: list = []
+    exchange = {**VLLM["error_response"], "method": "POST", "path": "/v1/completions"}
+    client = vllm_client.VLLMClient("http://vllm:8000", "policy", Sampling())
+    client.http = vllm_client.HttpTransport("http://vllm:8000", 10, replay([exchange], seen))
+    with pytest.raises(ProtocolError, match="maximum context length"):
+        asyncio.run(client.generate(GenerationRequest([1] * 8, 4)))
+
+
+def test_vllm_full_weights_from_a_folder_are_refused_with_the_way_that_works():
+    client = vllm_client.VLLMClient("http://vllm:8000", "policy", Sampling())
+    with pytest.raises(ProtocolError, match="weight-transfer"):
+        asyncio.run(client.load_checkpoint("/tmp/x", 1))
+
+
+# -- SGLang -------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["generate", "generate_with_lora"])
+def test_sglang_generate_requests_are_the_recorded_ones(name):
+    given = SGLANG[name]["given"]
+    request = GenerationRequest(given["token_ids"], given["max_new_tokens"])
+    sampling = Sampling(given["temperature"], given["top_p"], tuple(given["stop_token_ids"]))
+    call_as_recorded(sglang_client.generate_call(request, sampling, given["lora_name"]), SGLANG[name])
+
+
+@pytest.mark.parametrize("name", ["generate", "generate_cut_by_length_default_version"])
+def test_sglang_generate_responses_parse_to_ids_logprobs_and_the_servers_version(name):
+    expected = SGLANG[name]["expected"]
+    result = sglang_client.parse_generate(SGLANG[name]["response"], (3,), policy_version=0)
+    assert (result.token_ids, result.logprobs, result.finished, result.policy_version, result.prefill_tokens) == (
+        expected["token_ids"], expected["logprobs"], expected["finished"], expected["policy_version"],
+        expected["prefill_tokens"])
+
+
+def test_an_aborted_sglang_request_loses_the_episode():
+    with pytest.raises(EngineLost, match=SGLANG["generate_aborted"]["error"]):
+        sglang_client.parse_generate(SGLANG["generate_aborted"]["response"], (3,), 0)
+
+
+def test_sglang_control_requests_are_the_recorded_ones():
+    call_as_recorded(sglang_client.update_from_disk_call("/shared/forge/v000004", 4), SGLANG["update_weights_from_disk"])
+    call_as_recorded(sglang_client.load_adapter_call("forge-v3", "/shared/forge/v000003"), SGLANG["load_lora_adapter"])
+    call_as_recorded(sglang_client.unload_adapter_call("forge-v2"), SGLANG["unload_lora_adapter"])
+    call_as_recorded(sglang_client.pause_call(), SGLANG["pause_generation"])
+    call_as_recorded(sglang_client.continue_call(), SGLANG["continue_generation"])
+
+
+def test_a_failed_sglang_update_says_why():
+    with pytest.raises(ProtocolError, match=SGLANG["update_weights_from_disk_failed"]["error"]):
+        sglang_client.check_success(SGLANG["update_weights_from_disk_failed"]["response"], "update_weights_from_disk")
+
+
+def test_the_sglang_client_updates_from_disk_and_swaps_adapters_paused():
+    seen: list = []
+    exchanges = [SGLANG["update_weights_from_disk"], SGLANG["pause_generation"], SGLANG["load_lora_adapter"],
+                 SGLANG["continue_generation"], SGLANG["unload_lora_adapter"], SGLANG["generate_with_lora"]
+                 | {"response": SGLANG["generate"]["response"]}]
+    client = make_client("sglang+http://sglang:30000", "policy", Sampling(0.7, 0.95, (3,)))
+    client.http = sglang_client.HttpTransport("http://sglang:30000", 10, replay(exchanges, seen))
+
+    async def scenario() -> None:
+        await client.load_checkpoint("/shared/forge/v000004", 4)
+        assert client.policy_version == 4
+        client.lora_name = "forge-v2"
+        await client.load_adapter("/shared/forge/v000003", 3)
+        assert client.lora_name == "forge-v3"
+        result = await client.generate(GenerationRequest([2, 6], 2))
+        assert result.policy_version == 4  # stamped by the server (its weight_version)
+
+    asyncio.run(scenario())
+    assert [path for _, path, _ in seen] == ["/update_weights_from_disk", "/pause_generation", "/load_lora_adapter",
+                                            "/continue_generation", "/unload_lora_adapter", "/generate"]
+    assert seen[-1][2]["lora_path"] == "forge-v3"
+
+
+# -- the spec strings ------------------------------------------------------------------------
+def test_server_entries_name_their_kind():
+    assert isinstance(make_client("http://h:1", "m", Sampling()), ForgeClient)
+    assert isinstance(make_client("vllm+http://h:1", "m", Sampling()), vllm_client.VLLMClient)
+    assert isinstance(make_client("sglang+https://h:1", "m", Sampling()), sglang_client.SGLangClient)
+    with pytest.raises(ValueError, match="unknown server kind"):
+        make_client("tgi+http://h:1", "m", Sampling())
+    with pytest.raises(ValueError, match="write http://host:port"):
+        make_client("h:1", "m", Sampling())
