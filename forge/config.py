@@ -84,7 +84,7 @@ class RolloutConfig(Section):
     max_context_tokens: int = Field(1024, gt=0)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1.0)
-    num_cpus_per_worker: float = Field(0.5, gt=0)
+    num_cpus_per_worker: float = Field(0.5, gt=0, description="CPUs Ray reserves per worker (placement only)")
     num_gpus_per_worker: float = Field(0.0, ge=0)
     engine: Literal["inprocess", "server", "remote"] = Field(
         "inprocess",
@@ -109,6 +109,18 @@ class RolloutConfig(Section):
     weight_dir: str | None = Field(
         None, description="engine: remote with SGLang servers: a folder trainer and servers share, for new weights"
     )
+    torch_threads: int | None = Field(
+        None,
+        gt=0,
+        description="torch intra-op threads per worker; unset: num_cpus_per_worker rounded down, at least 1. "
+        "May exceed the reservation where processes take turns (sync mode: the trainer and a worker can "
+        "each use every core)",
+    )
+
+    @property
+    def threads(self) -> int:
+        """The torch thread count a worker runs at."""
+        return self.torch_threads or max(1, int(self.num_cpus_per_worker))
 
 
 class TrainConfig(Section):
@@ -163,6 +175,14 @@ class TrainConfig(Section):
     keep_checkpoints: int = Field(2, ge=0, description="resumable checkpoints kept on disk; 0 keeps all")
     num_cpus: float = Field(1.0, gt=0, description="CPUs reserved for the trainer (per trainer process)")
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved for the trainer (per trainer process)")
+    torch_threads: int | None = Field(
+        None, gt=0, description="torch intra-op threads per trainer process; unset: num_cpus rounded down, at least 1"
+    )
+
+    @property
+    def threads(self) -> int:
+        """The torch thread count a trainer process runs at."""
+        return self.torch_threads or max(1, int(self.num_cpus))
     num_trainers: int = Field(
         1, gt=0, description="data-parallel trainer processes (Ray actors, one process group); 1 = single trainer"
     )

@@ -150,7 +150,7 @@ def make_trainer(cfg: Config, model_path: Path) -> Any:
 
     from forge.train.trainer import Trainer
 
-    trainer_args = (str(model_path), cfg.model, cfg.train, cfg.trainer, cfg.seed, max(1, int(cfg.train.num_cpus)))
+    trainer_args = (str(model_path), cfg.model, cfg.train, cfg.trainer, cfg.seed, cfg.train.threads)
     if cfg.train.num_trainers > 1:
         from forge.train.group import TrainerGroup
 
@@ -197,7 +197,7 @@ class Run:
                 max_restarts=cfg.async_.max_worker_restarts,  # a dead worker comes back; its episodes are lost
             ).remote(
                 str(self.model_path), cfg.model, cfg.env, cfg.rollout, cfg.reward.success_threshold,
-                cfg.seed + 1000 * (index + 1), 1, cfg.sandbox.min_level,
+                cfg.seed + 1000 * (index + 1), None, cfg.sandbox.min_level,
                 self.engines.urls if self.engines is not None else None, index,
             )
             for index in range(cfg.rollout.num_workers)

@@ -85,7 +85,8 @@ class Gateway:
         if sampling not in SAMPLING_RULES:
             raise ValueError(f"gateway.sampling={sampling!r}: use honour or override")
         self.engine = engine
-        self.batching = BatchingEngine(engine, max_wait_s=0.01)
+        # Batches run off the server's event loop, which must keep answering HTTP meanwhile.
+        self.batching = BatchingEngine(engine, max_wait_s=0.01, offload=True)
         self.tokenizer = tokenizer
         self.store = store
         self.max_new_tokens = max_new_tokens

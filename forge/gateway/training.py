@@ -151,7 +151,7 @@ def train_gateway(
     start_ray()
     check_resources(cfg, 0)
     trainer = make_trainer(cfg, model_path)
-    torch.set_num_threads(1)
+    torch.set_num_threads(cfg.rollout.threads)  # this process plays the rollout worker's part
     tokenizer = load_tokenizer(model_path)
     # The gateway's engine plays the rollout workers' part, so it follows their GPU reservation.
     device = resolve_device(cfg.model.device, cfg.rollout.num_gpus_per_worker)

@@ -28,7 +28,7 @@ class RolloutWorker:
         rollout_cfg: RolloutConfig,
         success_threshold: float,
         seed: int,
-        num_threads: int = 1,
+        num_threads: int | None = None,
         min_sandbox_level: int = 0,
         engine_urls: list[str] | None = None,
         worker_index: int = 0,
@@ -37,7 +37,7 @@ class RolloutWorker:
         from forge.sandbox import set_min_level
 
         set_min_level(min_sandbox_level)  # each actor is its own process: apply the floor here too
-        torch.set_num_threads(num_threads)
+        torch.set_num_threads(num_threads or rollout_cfg.threads)
         torch.manual_seed(seed)
         self.tokenizer = load_tokenizer(model_path)
         self.chat = ChatFormat(self.tokenizer)

@@ -16,11 +16,20 @@ class BatchingEngine:
 
     A batch is launched when every registered episode is waiting, or `max_wait_s` after
     the first request arrived, so an episode stuck in a slow env step never stalls the
-    others. Generation runs in a thread, leaving the event loop free for env steps.
+    others.
+
+    A batch runs on the event loop's own thread: torch's intra-op threads (OpenMP) work
+    for the thread that set them up, and handing generation to another thread made decoding
+    about 2x slower at 2 threads (bench/generation.py). Env calls that may block already
+    run in their own threads, so they go on meanwhile. `offload=True` runs batches in a
+    thread instead, for a loop that must stay responsive (the gateway's HTTP server).
     """
 
-    def __init__(self, engine: InferenceEngine, max_batch_size: int = 256, max_wait_s: float = 0.005) -> None:
+    def __init__(
+        self, engine: InferenceEngine, max_batch_size: int = 256, max_wait_s: float = 0.005, offload: bool = False
+    ) -> None:
         self.engine = engine
+        self.offload = offload
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.active_episodes = 0
@@ -96,7 +105,11 @@ class BatchingEngine:
             live.sort(key=lambda item: item[0].episode_id)
             started = time.perf_counter()
             try:
-                results = await asyncio.to_thread(self.engine.generate, [request for request, _ in live])
+                requests = [request for request, _ in live]
+                if self.offload:
+                    results = await asyncio.to_thread(self.engine.generate, requests)
+                else:
+                    results = self.engine.generate(requests)
             except Exception as exc:  # surfaced to each waiting episode, which records it
                 for _, future in live:
                     if not future.done():
