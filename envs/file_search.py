@@ -62,6 +62,7 @@ class FileSearchEnv(ToolEnv):
     `grep`; reply `<answer>value</answer>`. Reward 1.0 for the exact value; one answer ends
     the episode."""
 
+    runs_untrusted_code = True  # the model's shell commands
     system_prompt = (
         "You explore a repository with the ls, cat and grep tools, e.g. "
         '<tool_call>{"name": "grep", "arguments": {"pattern": "port", "path": "repo"}}</tool_call>, '

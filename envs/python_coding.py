@@ -116,6 +116,7 @@ class PythonCodingEnv(ToolEnv):
     sandbox and reports the first failure, so the model can debug over several turns; the
     episode ends with reward 1.0 when every test passes, or with the graded `<answer>`."""
 
+    runs_untrusted_code = True
     system_prompt = (
         "You write Python functions. Test a solution with "
         '<tool_call>{"name": "run_tests", "arguments": {"code": "def f(...): ..."}}</tool_call>; '

@@ -325,6 +325,17 @@ class AsyncConfig(Section):
 
 class SandboxConfig(Section):
     min_level: int = Field(0, ge=0, le=2, description="refuse to start below this isolation level")
+    allow_level_0: bool = Field(
+        False,
+        description="let an env that runs untrusted code (python_coding, file_search) run it at level 0 "
+        "(rlimits + uid only: host files any user may read, /tmp, loopback services); warned on the console",
+    )
+    python: str | None = Field(
+        None, description="interpreter for sandboxed Python; null: the harness's own, with its packages (read-only)"
+    )
+    level: int | None = Field(
+        None, ge=0, le=2, description="written by the run into its config.yaml: the level it used (ignored as input)"
+    )
 
 
 class GatewayConfig(Section):

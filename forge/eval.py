@@ -43,7 +43,8 @@ def evaluate(
         )
     model_cfg = cfg.model.model_copy(update={"path": str(checkpoint), "lora": cfg.model.lora.model_copy(
         update={"enabled": False})})  # final/ holds merged weights
-    worker = RolloutWorker(str(checkpoint), model_cfg, cfg.env, cfg.rollout, cfg.reward.success_threshold, cfg.seed)
+    worker = RolloutWorker(str(checkpoint), model_cfg, cfg.env, cfg.rollout, cfg.reward.success_threshold, cfg.seed,
+                           sandbox_cfg=cfg.sandbox)  # fmt: skip
     tasks = load_task_rows(cfg)[:num_tasks]
     started = time.perf_counter()
     per_task: dict[str, Any] = {}

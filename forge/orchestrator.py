@@ -51,6 +51,19 @@ def start_ray(num_cpus: int | None = None) -> None:
     )
 
 
+def start_sandbox(cfg: Config) -> int:
+    """Apply `sandbox.*` for the run's env (untrusted code never silently at level 0), print
+    the level, and record it in cfg (so in config.yaml) for the metrics too."""
+    from forge.env.registry import resolve_env
+    from forge.sandbox.policy import announce, configure_for_env
+
+    env_class = resolve_env(cfg.env.name)
+    level = configure_for_env(cfg.sandbox, env_class, cfg.env.name)
+    announce(level, untrusted=getattr(env_class, "runs_untrusted_code", False), env_name=cfg.env.name)
+    cfg.sandbox.level = level
+    return level
+
+
 class TaskStream:
     """Cycles through the task rows in a seeded shuffled order, epoch after epoch."""
 
@@ -197,7 +210,7 @@ class Run:
                 max_restarts=cfg.async_.max_worker_restarts,  # a dead worker comes back; its episodes are lost
             ).remote(
                 str(self.model_path), cfg.model, cfg.env, cfg.rollout, cfg.reward.success_threshold,
-                cfg.seed + 1000 * (index + 1), None, cfg.sandbox.min_level,
+                cfg.seed + 1000 * (index + 1), None, cfg.sandbox,
                 self.engines.urls if self.engines is not None else None, index,
             )
             for index in range(cfg.rollout.num_workers)
@@ -326,7 +339,6 @@ def train(
     from tqdm import tqdm
 
     from forge.reward.shaping import trajectory_advantages
-    from forge.sandbox import set_min_level
 
     started = time.perf_counter()
     output = Path(output_dir or cfg.output_dir)
@@ -334,8 +346,7 @@ def train(
         from forge.train.checkpoint import latest_checkpoint
 
         latest_checkpoint(output)  # nothing to resume: say so before any actor starts
-    sandbox_level = set_min_level(cfg.sandbox.min_level)  # fail closed before starting anything
-    logging.getLogger("forge").info("sandbox level %d available (min_level %d)", sandbox_level, cfg.sandbox.min_level)
+    start_sandbox(cfg)  # fail closed before starting anything
     start_ray()
     run = Run(cfg, output)
     first_step = 1
@@ -379,6 +390,7 @@ def train(
                 policy_version=float(version),
                 wall_seconds=time.perf_counter() - started,
             )
+            metrics["sandbox_level"] = float(cfg.sandbox.level)
             logger.record_step(step, metrics, trajectories, run.tokenizer, cfg.logging.trajectory_samples)
             show_step(bar, metrics, turns=f"{metrics.get('turns_mean', float('nan')):.1f}")
             every = cfg.train.checkpoint_every
@@ -461,7 +473,6 @@ def train_async(
 
     from forge.pool import DataPool, group_version
     from forge.reward.shaping import trajectory_advantages
-    from forge.sandbox import set_min_level
 
     started = time.perf_counter()
     output = Path(output_dir or cfg.output_dir)
@@ -469,7 +480,7 @@ def train_async(
         from forge.train.checkpoint import latest_checkpoint
 
         latest_checkpoint(output)  # nothing to resume: say so before any actor starts
-    set_min_level(cfg.sandbox.min_level)
+    start_sandbox(cfg)
     start_ray()
     run = Run(cfg, output)
     step = 0
@@ -650,6 +661,7 @@ def train_async(
                 wall_seconds=time.perf_counter() - started,
             )
             lost = 0
+            metrics["sandbox_level"] = float(cfg.sandbox.level)
             logger.record_step(step, metrics, trajectories, run.tokenizer, cfg.logging.trajectory_samples)
             show_step(bar, metrics, stale=f"{metrics['staleness_mean']:.2f}")
             if checkpoint_due(step):

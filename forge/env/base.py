@@ -34,6 +34,9 @@ class Env:
     # hangs cannot be timed out and stalls every episode on its worker. `forge env check`
     # fails an env that says False and takes over 10 ms on a call.
     blocking: bool = True
+    # True: the env runs code it did not write (the model's) in `forge.sandbox`. A run then
+    # refuses sandbox level 0 unless `sandbox.allow_level_0` is set, and warns when it is.
+    runs_untrusted_code: bool = False
 
     def reset(self, task: dict[str, Any], seed: int) -> str:
         """Start an episode on `task`; return the first observation."""

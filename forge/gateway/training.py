@@ -129,6 +129,7 @@ def train_gateway(
         load_task_rows,
         make_trainer,
         start_ray,
+        start_sandbox,
         trainer_actors,
     )
     from forge.reward.shaping import RewardShaper, trajectory_advantages
@@ -140,6 +141,7 @@ def train_gateway(
     output = Path(output_dir or cfg.output_dir)
     if resume:
         latest_checkpoint(output)  # nothing to resume: say so before anything starts
+    start_sandbox(cfg)  # its envs run in this process
     output.mkdir(parents=True, exist_ok=True)
     (output / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     argv = agent_argv(cfg.gateway.agent_command)
@@ -221,6 +223,7 @@ def train_gateway(
                 policy_version=float(version),
                 wall_seconds=time.perf_counter() - started,
             )
+            metrics["sandbox_level"] = float(cfg.sandbox.level)
             logger.record_step(step, metrics, trajectories, tokenizer, cfg.logging.trajectory_samples)
             show_step(bar, metrics, calls=f"{metrics['gateway_calls']:.0f}")
             every = cfg.train.checkpoint_every

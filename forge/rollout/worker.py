@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from forge.config import EnvConfig, ModelConfig, RolloutConfig
+from forge.config import EnvConfig, ModelConfig, RolloutConfig, SandboxConfig
 from forge.env.registry import resolve_env
 from forge.rollout.agent import EpisodeLimits, run_episode
 from forge.rollout.chat import ChatFormat
@@ -29,14 +29,15 @@ class RolloutWorker:
         success_threshold: float,
         seed: int,
         num_threads: int | None = None,
-        min_sandbox_level: int = 0,
+        sandbox_cfg: SandboxConfig | None = None,
         engine_urls: list[str] | None = None,
         worker_index: int = 0,
     ) -> None:
         from forge.models.loading import load_model, load_tokenizer, resolve_device
-        from forge.sandbox import set_min_level
+        from forge.sandbox.policy import configure_for_env
 
-        set_min_level(min_sandbox_level)  # each actor is its own process: apply the floor here too
+        # Each actor is its own process: apply the run's sandbox policy here too.
+        configure_for_env(sandbox_cfg or SandboxConfig(), resolve_env(env_cfg.name), env_cfg.name)
         torch.set_num_threads(num_threads or rollout_cfg.threads)
         torch.manual_seed(seed)
         self.tokenizer = load_tokenizer(model_path)

@@ -1,0 +1,111 @@
+"""A run's sandbox policy: untrusted code is refused at level 0 unless the user opts in, and
+every run says its level on the console, in config.yaml and in its metrics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from forge import sandbox
+from forge.config import load_config
+from forge.sandbox import levels, policy
+
+BEST = sandbox.available_level()
+
+
+@pytest.fixture
+def host_level(monkeypatch):
+    """Pretend the host offers a given level; the process's policy is restored afterwards."""
+    monkeypatch.setattr(levels, "_floor", 0)
+    monkeypatch.setattr(levels, "_floor_reason", "")
+    monkeypatch.setattr(levels, "_python", None)
+
+    def offer(level: int) -> None:
+        monkeypatch.setattr(levels, "_level", level)
+
+    return offer
+
+
+def test_the_builtin_envs_that_run_model_code_declare_it():
+    from envs.countdown import CountdownEnv
+    from envs.file_search import FileSearchEnv
+    from envs.python_coding import PythonCodingEnv
+
+    assert PythonCodingEnv.runs_untrusted_code and FileSearchEnv.runs_untrusted_code
+    assert not CountdownEnv.runs_untrusted_code
+
+
+def test_untrusted_code_is_refused_at_level_0_naming_the_opt_in(host_level):
+    host_level(0)
+    with pytest.raises(sandbox.SandboxUnavailable, match="python_coding.*sandbox.allow_level_0: true"):
+        policy.configure(untrusted=True, env_name="python_coding")
+
+
+def test_opting_in_runs_level_0_with_a_console_warning(host_level, capsys):
+    host_level(0)
+    assert (
+        policy.configure(
+            untrusted=True, allow_level_0=True, python="/usr/bin/python3", env_name="file_search"
+        )
+        == 0
+    )
+    policy.announce(0, untrusted=True, env_name="file_search")
+    err = capsys.readouterr().err
+    assert "forge: sandbox level 0 (rlimits+uid)" in err
+    assert "WARNING: env 'file_search' runs untrusted code at level 0 because sandbox.allow_level_0" in err
+    assert "Ray's included" in err
+
+
+def test_trusted_envs_may_run_at_level_0_with_a_warning(host_level, capsys):
+    host_level(0)
+    assert policy.configure(untrusted=False) == 0
+    policy.announce(0, untrusted=False, env_name="countdown")
+    err = capsys.readouterr().err
+    assert "below bubblewrap's (2)" in err and "untrusted" not in err
+
+
+def test_level_2_is_one_line_without_warning(host_level, capsys):
+    host_level(2)
+    lines = policy.announce(2, untrusted=True, env_name="python_coding")
+    assert lines == ["forge: sandbox level 2 (bubblewrap)"]
+
+
+@pytest.mark.skipif(BEST < 1, reason="needs a host with level 1 or more")
+def test_after_the_policy_a_forced_level_0_call_is_refused_with_the_reason(host_level):
+    host_level(BEST)
+    assert policy.configure(untrusted=True, env_name="python_coding") == BEST
+    with pytest.raises(sandbox.SandboxUnavailable, match="'python_coding' runs untrusted code"):
+        sandbox.run("print(1)", level=0)
+
+
+def test_a_bad_sandbox_python_fails_at_start(host_level):
+    host_level(BEST)
+    with pytest.raises(sandbox.SandboxUnavailable, match="sandbox.python='/no/such/python'"):
+        policy.configure(untrusted=True, python="/no/such/python", env_name="python_coding")
+
+
+def test_a_training_run_refuses_untrusted_code_at_level_0_before_starting_anything(host_level, tmp_path):
+    from forge.orchestrator import train
+
+    host_level(0)
+    cfg = load_config("configs/smoke.yaml", ["env.name=python_coding", "train.max_steps=1"])
+    with pytest.raises(sandbox.SandboxUnavailable, match="allow_level_0"):
+        train(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_run_prints_its_level_and_writes_it_to_config_and_metrics(ray_session, tmp_path, capfd):
+    from forge.orchestrator import train
+
+    cfg = load_config(
+        "configs/smoke.yaml", ["train.max_steps=1", "rollout.tasks_per_step=1", "rollout.num_workers=1"]
+    )
+    train(cfg, tmp_path / "run", progress=False)
+    assert f"forge: sandbox level {BEST} ({sandbox.LEVEL_NAMES[BEST]})" in capfd.readouterr().err
+    written = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert written["sandbox"]["level"] == BEST
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["sandbox_level"] for row in rows] == [float(BEST)]
