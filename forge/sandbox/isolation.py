@@ -144,6 +144,15 @@ def level1_spec(work: str, scratch: str, ro_binds: list[tuple[str, str]], scratc
     }
 
 
+@functools.lru_cache(maxsize=1)
+def _bwrap_has_size() -> bool:
+    # --size (a tmpfs's cap) came with bubblewrap 0.7; without it /tmp is an uncapped tmpfs.
+    try:
+        return "--size" in subprocess.run(["bwrap", "--help"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
 def bwrap_argv(work: str, scratch: str, ro_binds: list[tuple[str, str]], scratch_mounted: bool,
                tmpfs_bytes: int, env: dict[str, str]) -> list[str]:  # fmt: skip
     argv = [
@@ -162,7 +171,7 @@ def bwrap_argv(work: str, scratch: str, ro_binds: list[tuple[str, str]], scratch
         if scratch_mounted:
             argv += ["--bind", os.path.join(scratch, name), dest]
         else:
-            argv += ["--size", str(tmpfs_bytes), "--tmpfs", dest]
+            argv += (["--size", str(tmpfs_bytes)] if _bwrap_has_size() else []) + ["--tmpfs", dest]
     argv += ["--bind", work, INSIDE_WORK, "--chdir", INSIDE_WORK]
     argv += ["--remount-ro", "/"]  # bubblewrap's root is a tmpfs: writable, and uncapped, by default
     for key, value in env.items():
