@@ -9,9 +9,11 @@ episodes that played the same task.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +62,7 @@ class Episode:
     env: Env | None
     observation: str
     started: float = field(default_factory=time.monotonic)
+    last_used: float = field(default_factory=time.monotonic)
     calls: list[CallRecord] = field(default_factory=list)
     steps: int = 0
     outcome: float = 0.0
@@ -109,10 +112,25 @@ class EpisodeStore:
     `start`/`finish`/`take_finished` may also be awaited from the training loop's side
     through `GatewayServer.call`."""
 
-    def __init__(self, env_factory: Any | None = None, step_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        env_factory: Any | None = None,
+        step_timeout_s: float = 30.0,
+        on_finished: Callable[[Episode], None] | None = None,
+        keep_finished: int | None = None,
+        max_live: int | None = None,
+    ) -> None:
         self.env_factory = env_factory  # () -> Env; None: episodes carry no env
         self.step_timeout_s = step_timeout_s
+        # A long-running gateway (forge serve) hands each finished episode to `on_finished`
+        # (e.g. a recorder) and keeps only the last `keep_finished` of them; training takes
+        # them itself and leaves both unset. Past `max_live` live episodes, the one used
+        # least recently is ended to make room (see `over_capacity`).
+        self.on_finished = on_finished
+        self.keep_finished = keep_finished
+        self.max_live = max_live
         self.episodes: dict[str, Episode] = {}
+        self._finished: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._counter = itertools.count()
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -129,7 +147,15 @@ class EpisodeStore:
         episode = self.get(episode_id)
         if episode.finished:
             raise EpisodeError(409, f"episode {episode_id!r} is already finished; start a new one")
+        episode.last_used = time.monotonic()
         return episode
+
+    def over_capacity(self) -> list[str]:
+        """Live episodes to end before one more starts, least recently used first."""
+        if self.max_live is None:
+            return []
+        live = sorted((e for e in self.episodes.values() if not e.finished), key=lambda e: e.last_used)
+        return [e.episode_id for e in live[: max(0, len(live) - self.max_live + 1)]]
 
     def lock(self, episode_id: str) -> asyncio.Lock:
         return self._locks.setdefault(episode_id, asyncio.Lock())
@@ -208,6 +234,12 @@ class EpisodeStore:
                 episode.env.close()
             except Exception:  # a failing close must not lose the episode
                 pass
+        if self.on_finished is not None:
+            self.on_finished(episode)
+        if self.keep_finished is not None:
+            self._finished[episode.episode_id] = None
+            while len(self._finished) > self.keep_finished:
+                self.episodes.pop(self._finished.popitem(last=False)[0], None)
 
     def take(self, episode_ids: list[str]) -> list[Episode]:
         """Remove finished episodes from the store and return them."""
@@ -217,6 +249,7 @@ class EpisodeStore:
             if not episode.finished:
                 raise EpisodeError(409, f"episode {episode_id!r} is still running")
             taken.append(self.episodes.pop(episode_id))
+            self._finished.pop(episode_id, None)
         return taken
 
 

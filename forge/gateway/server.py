@@ -81,12 +81,14 @@ class Gateway:
         system_prompt: str | None = None,
         tool_parser: str = "auto",
         sampling: str = "honour",
+        batch_wait_s: float = 0.01,
     ) -> None:
         if sampling not in SAMPLING_RULES:
             raise ValueError(f"gateway.sampling={sampling!r}: use honour or override")
         self.engine = engine
-        # Batches run off the server's event loop, which must keep answering HTTP meanwhile.
-        self.batching = BatchingEngine(engine, max_wait_s=0.01, offload=True)
+        # A batch waits `batch_wait_s` for the other live episodes' calls to join it, and runs
+        # off the server's event loop, which must keep answering HTTP (and streaming) meanwhile.
+        self.batching = BatchingEngine(engine, max_wait_s=batch_wait_s, offload=True)
         self.tokenizer = tokenizer
         self.store = store
         self.max_new_tokens = max_new_tokens
@@ -191,6 +193,9 @@ class Gateway:
         return StreamedCall(self, run, render)
 
     async def start_episode(self, task: dict[str, Any], group_id: str | None = None) -> str:
+        for episode_id in self.store.over_capacity():
+            await self.abandon_episode(episode_id, "truncated", f"ended to make room: more than "
+                                       f"{self.store.max_live} live episodes, this one used least recently")
         try:
             episode = await self.store.start(task, group_id)
         except Exception as exc:
