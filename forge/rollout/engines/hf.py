@@ -195,7 +195,10 @@ class HFEngine:
         for layer in cache.layers:
             layer.reserve(input_ids.shape[1] + room)
         mask = torch.cat([mask, new_mask], dim=-1)
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+        out = self.model(
+            input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+            logits_to_keep=1,
+        )
         return out.cache, mask, out.logits[:, -1, :], [len(new) for new in news]
 
     def _prefill(self, pasts: list[_EpisodeKV | None], news: list[list[int]], room: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
@@ -224,7 +227,8 @@ class HFEngine:
         else:
             layers = [_RoomyLayer(room=room) for _ in range(self._num_layers)]
         out = self.model(
-            input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=Cache(layers=layers), use_cache=True
+            input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=Cache(layers=layers), use_cache=True,
+            logits_to_keep=1,  # only the last position is sampled from: no [tokens, vocab] logits
         )
         return out.cache, mask, out.logits[:, -1, :]
 
@@ -248,6 +252,12 @@ class HFEngine:
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
         lengths_out = torch.zeros(batch, dtype=torch.long, device=self.device)
         stop_ids = self.stop_token_ids.to(self.device)
+        # The mask has its decode columns from the start: a step writes one column in place
+        # and passes a view (a torch.cat per step copied the whole mask for every token).
+        width = attention_mask.shape[1]
+        full_mask = attention_mask.new_zeros((batch, width + steps))
+        full_mask[:, :width] = attention_mask
+        attention_mask = full_mask[:, :width]
         # Behaviour logprobs are those of the full tempered distribution, as the trainer
         # computes them; top-p truncation is recorded as an off-policy effect.
         sampling = RowSampling.of(requests, self.temperature, self.top_p, self.device)
@@ -256,24 +266,27 @@ class HFEngine:
             top_values = torch.zeros((batch, steps, top_k), device=self.device)
             top_ids = torch.zeros((batch, steps, top_k), dtype=torch.long, device=self.device)
         watchers = [(row, r.on_token) for row, r in enumerate(requests) if r.on_token is not None]
+        # Per-token work outside the model's forward is kept to a few in-place tensor ops:
+        # on a GPU each op is a kernel launch and Python's cost per token adds up.
         for step in range(steps):
             tokens, logprobs, distribution = sampling.sample(logits, self.generator)
-            tokens = torch.where(done, torch.full_like(tokens, self.pad_token_id), tokens)
             active = ~done
+            tokens.masked_fill_(done, self.pad_token_id)
             generated[:, step] = tokens
-            generated_logprobs[:, step] = torch.where(active, logprobs, torch.zeros_like(logprobs))
+            generated_logprobs[:, step] = logprobs.masked_fill_(done, 0.0)
             if top_k:
                 top_values[:, step], top_ids[:, step] = distribution.topk(top_k, dim=-1)
-            lengths_out += active.long()
-            stopped = active & torch.isin(tokens, stop_ids)
+            lengths_out += active
+            stopped = torch.isin(tokens, stop_ids).logical_and_(active)
             if watchers:
                 stopped |= self._watch(watchers, step, active, tokens, logprobs,
                                        (top_ids[:, step], top_values[:, step]) if top_k else None, requests)
             finished |= stopped
-            done |= stopped | (lengths_out >= limits)
-            if bool(done.all()) or step == steps - 1:
+            done |= stopped.logical_or_(lengths_out >= limits)
+            if step == steps - 1 or bool(done.all()):
                 break
-            attention_mask = torch.cat([attention_mask, active.long()[:, None]], dim=-1)
+            full_mask[:, width + step] = active
+            attention_mask = full_mask[:, : width + step + 1]
             out = self.model(
                 input_ids=tokens[:, None],
                 attention_mask=attention_mask,

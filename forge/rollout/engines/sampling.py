@@ -18,6 +18,7 @@ class RowSampling:
     top_k_logprobs: int  # the most any row asked for
     truncates: bool  # some row has top_p < 1
     any_greedy: bool
+    tempered: bool  # some row samples at a temperature other than 0 or 1
 
     @classmethod
     def of(
@@ -41,6 +42,7 @@ class RowSampling:
             max(r.top_logprobs for r in requests),
             min(top_ps) < 1,
             min(temperatures) == 0,
+            any(t not in (0, 1) for t in temperatures),
         )
 
     def sample(
@@ -49,8 +51,10 @@ class RowSampling:
         """Sampled tokens, their logprobs under the row's tempered distribution, and that
         distribution's log-softmax (for top logprobs). Greedy rows report the model's own
         (temperature 1) logprobs, since their sampling distribution is a point mass."""
-        greedy = self.temperature == 0
-        logprobs = torch.log_softmax(logits.float() / torch.where(greedy, 1.0, self.temperature), dim=-1)
+        scaled = logits.float()
+        if self.tempered:  # at temperature 1 (and greedy) the logits are used as they are
+            scaled = scaled / torch.where(self.temperature == 0, 1.0, self.temperature)
+        logprobs = torch.log_softmax(scaled, dim=-1)
         probs = logprobs.exp()
         if self.truncates:
             sorted_probs, order = probs.sort(dim=-1, descending=True)
@@ -62,5 +66,5 @@ class RowSampling:
             if own is not None:
                 tokens[row] = torch.multinomial(probs[row], 1, generator=own)[0]
         if self.any_greedy:
-            tokens = torch.where(greedy.squeeze(-1), logits.argmax(-1), tokens)
+            tokens = torch.where((self.temperature == 0).squeeze(-1), logits.argmax(-1), tokens)
         return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1), logprobs
