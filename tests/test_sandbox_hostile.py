@@ -231,13 +231,13 @@ def test_cannot_modify_or_add_host_files(level, host_dir):
     assert_still_works(level)
 
 
-@pytest.mark.skipif(BEST < 2, reason="only bubblewrap (level 2) hides the host's world-writable /tmp")
-def test_level_2_writes_to_tmp_do_not_reach_the_host():
+@pytest.mark.parametrize("level", NAMESPACED)
+def test_writes_to_tmp_do_not_reach_the_host(level):
     target = f"/tmp/forge-escape-{uuid.uuid4().hex}"
-    result = run(f"open({target!r}, 'w').write('escaped')\nprint('wrote inside')", 2)
+    result = run(f"open({target!r}, 'w').write('escaped')\nprint('wrote inside')", level)
     assert result.ok
     assert not os.path.exists(target)
-    assert_still_works(2)
+    assert_still_works(level)
 
 
 @pytest.mark.parametrize("level", LEVELS)
