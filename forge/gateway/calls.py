@@ -30,7 +30,8 @@ class CallSpec:
     stop: list[str] = field(default_factory=list)
     prefix: str = ""  # forced into the prompt; the reply's text goes on from it
     hold: Callable[[str], int] | None = None  # how much text is surely content (tool calls held back)
-    end: Callable[[str], int | None] | None = None  # where the reply is complete (json mode)
+    # Makes, per choice, the finder of where its reply is complete (json mode), or None.
+    end: Callable[[], Callable[[str], int | None]] | None = None
 
 
 @dataclass
@@ -60,9 +61,11 @@ class CallRun:
         self.spec = spec
         self.stream = stream
         self.aborted = False
+        self.failure: str | None = None
         self.events: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self.texts = [
-            TextStream(gateway.tokenizer, spec.stop, gateway.hidden_ids, spec.prefix, spec.hold, spec.end)
+            TextStream(gateway.tokenizer, spec.stop, gateway.hidden_ids, spec.prefix, spec.hold,
+                       spec.end() if spec.end is not None else None)
             for _ in range(spec.n)
         ]
         self.task = asyncio.create_task(self._run())
@@ -82,10 +85,14 @@ class CallRun:
         def on_token(token_id: int, logprob: float, top: list[tuple[int, float]]) -> bool:
             if self.aborted:
                 return True
-            stopped = text.push(token_id)
+            try:
+                stopped = text.push(token_id)
+                piece = text.ready() if self.stream else ""
+            except Exception as exc:  # never let one reply's decoding fail the engine's whole batch
+                self.failure = f"decoding the reply failed: {type(exc).__name__}: {exc}"
+                return True
             if self.stream:
-                event = TokenEvent(index, text.ready(), token_id, logprob, top)
-                loop.call_soon_threadsafe(self.events.put_nowait, event)
+                loop.call_soon_threadsafe(self.events.put_nowait, TokenEvent(index, piece, token_id, logprob, top))
             return stopped
 
         return on_token
@@ -122,11 +129,15 @@ class CallRun:
         except Exception as exc:
             raise EpisodeError(500, f"generation failed: {type(exc).__name__}: {exc}") from None
         seconds = time.monotonic() - started
+        if self.failure is not None:
+            raise EpisodeError(500, self.failure)
         choices = []
         for index, result in enumerate(results):
             text = self.texts[index]
             if len(text.ids) != len(result.token_ids):  # not watched, or an engine without callbacks
                 text.take_all(result.token_ids)
+            else:
+                text.settle()
             record = CallRecord(
                 list(spec.prompt_ids),
                 list(result.token_ids),

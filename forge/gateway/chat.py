@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from forge.gateway.calls import CallRun, CallSpec, Choice
-from forge.gateway.decoding import json_object_end, token_entry
+from forge.gateway.decoding import JsonObjectEnd, token_entry
 from forge.gateway.episodes import EpisodeError
 from forge.gateway.protocol import ChatCompletionRequest, completion_id, finish_reason, now
 from forge.gateway.tool_parsers import ToolParser
@@ -50,7 +50,7 @@ def chat_spec(gateway: Any, body: ChatCompletionRequest) -> tuple[CallSpec, Tool
         raise EpisodeError(400, f"response_format.type={kind!r}: use text, json_object or json_schema")
     if kind != "text" and not prefix:
         # JSON mode: the reply is opened with "{" and ends where that object closes.
-        prefix, end = "{", json_object_end
+        prefix, end = "{", JsonObjectEnd
     if body.top_logprobs and not body.logprobs:
         raise EpisodeError(400, "top_logprobs needs logprobs=true")
     prompt_text = gateway.chat_prompt_text(body.messages, tools)

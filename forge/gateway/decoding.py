@@ -33,17 +33,36 @@ class TextStream:
         self.text = prefix
         self.stop_at: int | None = None  # where the stop string begins in `text`
         self.sent = 0
+        # Incremental decoding: only the tokens from `_window` on are decoded again for each
+        # new one (the token before gives the spacing context), so a reply costs O(length).
+        self._visible: list[int] = []
+        self._window = self._read = 0
 
     def _decode(self) -> None:
-        self.text = self.prefix + self.tokenizer.decode(
-            [i for i in self.ids if i not in self.hidden_ids], skip_special_tokens=False
-        )
+        self._visible = [i for i in self.ids if i not in self.hidden_ids]
+        self.text = self.prefix + self.tokenizer.decode(self._visible, skip_special_tokens=False)
+        self._window = self._read = len(self._visible)
+
+    def _append(self, token_id: int) -> None:
+        if token_id in self.hidden_ids:
+            return
+        self._visible.append(token_id)
+        decode = self.tokenizer.decode
+        before = decode(self._visible[self._window : self._read], skip_special_tokens=False)
+        after = decode(self._visible[self._window :], skip_special_tokens=False)
+        if after.endswith("\ufffd"):  # a character whose bytes are not all sampled yet
+            return
+        if not after.startswith(before):  # decoding is not local here: decode it all
+            self._decode()
+            return
+        self.text += after[len(before) :]
+        self._window, self._read = self._read, len(self._visible)
 
     def push(self, token_id: int) -> bool:
         """Add a sampled token; True when the text now holds a stop string (or is complete)."""
         self.ids.append(token_id)
         before = len(self.text)
-        self._decode()
+        self._append(token_id)
         if self.stop_at is None and self.stop:
             longest = max(len(s) for s in self.stop)
             start = max(len(self.prefix), min(before, len(self.text)) - longest + 1)
@@ -55,6 +74,11 @@ class TextStream:
             self.stop_at = self.end(self.text)
             return self.stop_at is not None
         return False
+
+    def settle(self) -> None:
+        """Generation ended: decode tokens still waiting on the rest of a character."""
+        if self.stop_at is None and self._read < len(self._visible):
+            self._decode()
 
     def take_all(self, token_ids: list[int]) -> None:
         """The whole reply at once, from an engine that did not report its tokens one by one."""
@@ -175,23 +199,32 @@ def token_entry(
     return entry
 
 
-def json_object_end(text: str) -> int | None:
-    """One past the `}` that closes the JSON object `text` opens, or None while it is open."""
-    depth, in_string, escaped = 0, False, False
-    for index, char in enumerate(text):
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
+class JsonObjectEnd:
+    """Where the JSON object a growing text opens is closed: called with the text so far,
+    it returns one past the closing `}` or None while the object is open. It scans only
+    what was added since the last call."""
+
+    def __init__(self) -> None:
+        self.scanned, self.depth, self.in_string, self.escaped = 0, 0, False, False
+
+    def __call__(self, text: str) -> int | None:
+        for index in range(self.scanned, len(text)):
+            char = text[index]
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif char == "\\":
+                    self.escaped = True
+                elif char == '"':
+                    self.in_string = False
             elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in "{[":
-            depth += 1
-        elif char in "}]":
-            depth -= 1
-            if depth == 0:
-                return index + 1
-    return None
+                self.in_string = True
+            elif char in "{[":
+                self.depth += 1
+            elif char in "}]":
+                self.depth -= 1
+                if self.depth == 0:
+                    self.scanned = index + 1
+                    return index + 1
+        self.scanned = len(text)
+        return None

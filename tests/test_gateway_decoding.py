@@ -1,0 +1,57 @@
+"""Incremental decoding of a reply: the text built token by token equals decoding it whole,
+stop strings are found across token boundaries and never handed out, and the JSON end
+finder scans a growing text once."""
+
+from __future__ import annotations
+
+import pytest
+from family_tokenizers import byte_level_tokenizer
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from forge.gateway.decoding import JsonObjectEnd, TextStream
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    return byte_level_tokenizer("qwen", tmp_path_factory.mktemp("qwen"))
+
+
+def stream_all(tokenizer, text: str, stop: list[str]) -> tuple[TextStream, str]:
+    stream = TextStream(tokenizer, stop, {tokenizer.eos_token_id})
+    handed_out = ""
+    for token in tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]:
+        stopped = stream.push(token)
+        handed_out += stream.ready()
+        if stopped:
+            break
+    stream.settle()
+    return stream, handed_out + stream.ready(final=True)
+
+
+@settings(max_examples=25, deadline=None)
+@given(text=st.text(alphabet=st.sampled_from(list('ab the\n{}"é✓日')), max_size=40))
+def test_text_built_token_by_token_is_the_whole_decode(qwen, text):
+    stream, handed_out = stream_all(qwen, text, [])
+    assert stream.final_text == handed_out == text
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    before=st.text(alphabet=st.sampled_from(list("ab e\né")), max_size=20),
+    after=st.text(alphabet=st.sampled_from(list("ab e\né")), max_size=10),
+)
+def test_a_stop_string_is_cut_wherever_the_tokens_split_it(qwen, before, after):
+    stop = "\nObs:"
+    stream, handed_out = stream_all(qwen, before + stop + after, [stop])
+    expected = (before + stop).split(stop)[0]
+    assert stream.final_text == handed_out == expected
+    assert stop not in handed_out
+
+
+def test_the_json_end_finder_matches_a_whole_scan():
+    text = '{"a": "}{\\"", "b": [1, {"c": 2}]} trailing'
+    finder = JsonObjectEnd()
+    ends = [finder(text[:size]) for size in range(1, len(text) + 1)]
+    closed = text.index("]}") + 2
+    assert ends[closed - 1] == closed and all(end is None for end in ends[: closed - 1])
