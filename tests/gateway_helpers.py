@@ -26,6 +26,7 @@ class ScriptedEngine:
         self.policy_version = 7
         self.temperature, self.top_p = 1.0, 1.0
         self.requests = []
+        self.generated: list[int] = []  # tokens produced per request (before any stop)
         self.finished_at = 0.0
 
     def generate(self, requests):
@@ -41,6 +42,7 @@ class ScriptedEngine:
                 if request.on_token is not None and request.on_token(token, -0.5, top):
                     reply, finished = reply[:end], True
                     break
+            self.generated.append(len(reply))
             tops = [[(t, -0.5)][: request.top_logprobs] for t in reply] if request.top_logprobs else None
             results.append(
                 GenerationResult(

@@ -354,6 +354,42 @@ def test_a_streamed_tool_call_is_held_back_and_sent_whole(qwen):
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
+def test_a_client_that_leaves_mid_stream_ends_generation_and_the_call_is_not_a_sample(qwen):
+    engine = scripted(qwen, "word " * 40, token_delay_s=0.02)
+    with serve(engine, qwen, **BYTES) as server:
+        episode = start(server)
+        stream = client(server, episode["episode_id"]).chat.completions.create(
+            model="p", messages=USER, stream=True
+        )
+        for received, _ in enumerate(stream):
+            if received == 3:
+                break
+        stream.close()
+        stored = server.gateway.store.get(episode["episode_id"])
+        deadline = time.monotonic() + 10
+        while "calls_dropped" not in stored.info and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert stored.info.get("calls_dropped") == 1 and stored.calls == []
+    assert engine.generated[0] < len(engine.reply)  # generation stopped when the client left
+
+
+def test_n_streamed_choices_arrive_by_index(engine, tokenizer):
+    with serve(engine, tokenizer) as server:
+        episode = start(server)
+        chunks = list(
+            client(server, episode["episode_id"]).chat.completions.create(
+                model="p", messages=USER, n=2, stream=True
+            )
+        )
+        calls = calls_of(server, episode)
+    texts = [
+        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+        for i in range(2)
+    ]
+    assert texts == [recorded_text(tokenizer, call) for call in calls]
+    assert sorted(c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason) == [0, 1]
+
+
 def test_the_async_client_chats_and_streams(engine, tokenizer):
     async def play(server, episode_id):
         agent = async_client(server, episode_id)
