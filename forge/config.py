@@ -106,6 +106,12 @@ class RolloutConfig(Section):
     engine_timeout_s: float = Field(
         120.0, gt=0, description="a generate call or weight update an engine has not answered by then counts it lost"
     )
+    weight_sync: Literal["auto", "object_store", "folder", "broadcast"] = Field(
+        "auto",
+        description="engine: server: how new weights reach the engines: the Ray object store, a safetensors "
+        "folder (rollout.weight_dir, else a temp folder; shared across nodes), a gloo/NCCL broadcast group; "
+        "auto = the fastest measured per case (bench.weight_sync)",
+    )
     weight_dir: str | None = Field(
         None, description="engine: remote with SGLang servers: a folder trainer and servers share, for new weights"
     )

@@ -33,6 +33,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from forge.config import ModelConfig
 from forge.gateway.episodes import EpisodeError, EpisodeStore
 from forge.gateway.server import Gateway, build_app
 from forge.rollout.engines.protocol import GenerationRequest
@@ -201,9 +202,10 @@ def make_service(
     dtype: str = "float32",
     device: str = "auto",
     model_name: str | None = None,
+    model_cfg: ModelConfig | None = None,
 ) -> EngineService:
-    """Load a checkpoint into an engine and wrap it for serving."""
-    from forge.config import ModelConfig
+    """Load a checkpoint into an engine and wrap it for serving. `model_cfg` (a run's
+    `model` section) gives dtype, device and LoRA layout; else `dtype` and `device`."""
     from forge.models.loading import load_model, load_tokenizer, resolve_device
     from forge.rollout.chat import ChatFormat
     from forge.rollout.engines.hf import HFEngine
@@ -212,8 +214,9 @@ def make_service(
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint folder (no config.json)")
     tokenizer = load_tokenizer(path)
-    model_cfg = ModelConfig(path=str(path), dtype=dtype, device=device)  # type: ignore[arg-type]
-    model = load_model(path, model_cfg, trainable=False, device=resolve_device(device))
+    if model_cfg is None:
+        model_cfg = ModelConfig(path=str(path), dtype=dtype, device=device)  # type: ignore[arg-type]
+    model = load_model(path, model_cfg, trainable=False, device=resolve_device(model_cfg.device))
     chat = ChatFormat(tokenizer)
     engine = HFEngine(model, chat.stop_token_ids, tokenizer.pad_token_id, temperature=temperature, top_p=top_p,
                       seed=seed)
