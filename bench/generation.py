@@ -59,7 +59,20 @@ TARGETS = {"a_P256": 1.0, "a_P1024": 1.5, "a_P4096": 1.5, "b_P256_16": 1.0, "c_m
 STEP_TARGETS = {"step_P256": 1.3, "step_P1024": 2.5}
 
 
-def save_checkpoint(directory: Path) -> Path:
+# The CPU model, and a 0.5B-class one for the GPU run (Qwen2-0.5B's shapes, random init).
+MODELS = {
+    "small": dict(vocab_size=VOCAB, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=512),
+    "qwen2-0.5b": dict(vocab_size=151936, hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+                       num_key_value_heads=2, intermediate_size=4864),
+}
+# Peak memory bandwidth in GB/s by device name, for the decode bound; --bandwidth-gbs overrides.
+BANDWIDTH_GBS = {"H200": 4800, "H100 SXM": 3350, "H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H100 NVL": 3900,
+                 "A100-SXM4-80GB": 2039, "A100 80GB PCIe": 1935, "A100-SXM4-40GB": 1555, "A100-PCIE-40GB": 1555,
+                 "L40S": 864, "L4": 300, "A10G": 600, "RTX 4090": 1008}
+
+
+def save_checkpoint(directory: Path, preset: str = "small") -> Path:
     """The bench model with Forge's tiny tokenizer beside it (the trainer loads both)."""
     from transformers import AutoModelForCausalLM, Qwen2Config
 
@@ -67,8 +80,7 @@ def save_checkpoint(directory: Path) -> Path:
 
     tokenizer = build_tokenizer()
     config = Qwen2Config(
-        vocab_size=VOCAB, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=512, max_position_embeddings=8192, tie_word_embeddings=True,
+        **MODELS[preset], max_position_embeddings=8192, tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=None, bos_token_id=None,
     )
     torch.manual_seed(0)
@@ -86,6 +98,8 @@ class ForwardClock:
     def __init__(self, model: torch.nn.Module) -> None:
         self.reset()
         self._started = (0.0, 0.0)
+        # On a GPU a forward returns once its kernels are queued: wait for them on both sides.
+        self._sync = torch.cuda.synchronize if next(model.parameters()).is_cuda else lambda: None
         model.register_forward_pre_hook(self._enter, with_kwargs=True)
         model.register_forward_hook(self._leave, with_kwargs=True)
 
@@ -94,9 +108,11 @@ class ForwardClock:
         self.decode_steps = self.prefill_calls = 0
 
     def _enter(self, module: Any, args: Any, kwargs: dict) -> None:
+        self._sync()
         self._started = (time.perf_counter(), time.thread_time())
 
     def _leave(self, module: Any, args: Any, kwargs: dict, output: Any) -> None:
+        self._sync()
         wall, cpu = time.perf_counter() - self._started[0], time.thread_time() - self._started[1]
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is not None and ids.shape[1] == 1:
@@ -125,6 +141,7 @@ def timed(clock: ForwardClock, run: Callable[[], int]) -> dict[str, float]:
     with quiet_gc():
         started, started_cpu = time.perf_counter(), time.thread_time()
         prefill_tokens = run()
+        clock._sync()
         seconds, cpu = time.perf_counter() - started, time.thread_time() - started_cpu
     steps = max(clock.decode_steps, 1)
     return {
@@ -160,7 +177,7 @@ def hf_sample(model: Any, contexts: torch.Tensor, new_tokens: int) -> torch.Tens
 
 def hf_group(model: Any, prompt: list[int], samples: int) -> Callable[[], int]:
     def run() -> int:
-        contexts = torch.tensor([prompt] * samples)
+        contexts = torch.tensor([prompt] * samples, device=model.device)
         new = hf_sample(model, contexts, NEW_TOKENS)
         assert new.shape == (samples, NEW_TOKENS)
         return contexts.numel()
@@ -190,12 +207,12 @@ def forge_episodes(engine: HFEngine, prompt: list[int], episodes: int) -> Callab
 
 def hf_episodes(model: Any, prompt: list[int], episodes: int) -> Callable[[], int]:
     def run() -> int:
-        contexts = torch.tensor([prompt] * episodes)
+        contexts = torch.tensor([prompt] * episodes, device=model.device)
         prefill = 0
         for turn in range(TURNS):
             prefill += contexts.numel()
             new = hf_sample(model, contexts, TURN_TOKENS)
-            observations = torch.tensor([observation(e, turn) for e in range(episodes)])
+            observations = torch.tensor([observation(e, turn) for e in range(episodes)], device=model.device)
             contexts = torch.cat([contexts, new, observations], dim=1)
         return prefill
 
@@ -291,7 +308,7 @@ def step_cases(path: Path, engine: HFEngine, model: Any, threads: int, repeats: 
                      engine.generate([GenerationRequest(list(prompt), NEW_TOKENS) for _ in range(8)])],
             trainers["tree"], prompt)
         padded_step = lambda prompt=prompt: step(  # noqa: E731
-            lambda: [(row, None) for row in hf_sample(model, torch.tensor([prompt] * 8), NEW_TOKENS).tolist()],
+            lambda: [(row, None) for row in hf_sample(model, torch.tensor([prompt] * 8, device=model.device), NEW_TOKENS).tolist()],
             trainers["padded"], prompt)
         forge_step(), padded_step()  # warm-up: the trainers' first step allocates
         best = alternate({"forge": forge_step, "generate_padded": padded_step}, repeats)
@@ -331,15 +348,53 @@ def thread_handoff(engine: HFEngine, repeats: int) -> dict[str, Any]:
     }
 
 
-def main(threads: int, repeats: int, only: list[str] | None, output: Path, profile_label: str | None) -> dict:
+def batch_cases(model: Any, engine: HFEngine, clock: ForwardClock, batches: list[int], repeats: int,
+                bandwidth_gbs: float | None) -> dict[str, Any]:
+    """Case (a)'s shape at P=256 for each batch size, against the decode bound of memory
+    bandwidth: every decode step reads all the weights once, so tokens/s <= batch x
+    bandwidth / weight bytes (the KV cache's reads come on top)."""
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    if bandwidth_gbs is None:
+        bandwidth_gbs = next((gbs for key, gbs in BANDWIDTH_GBS.items() if key in name), None)
+    out: dict[str, Any] = {"device": name, "weight_bytes": weight_bytes, "bandwidth_gbs": bandwidth_gbs}
+    prompt = prompt_of(256, salt=3)
+    for batch in batches:
+        case = compare(clock, forge_group(engine, prompt, batch), hf_group(model, prompt, batch),
+                       batch * NEW_TOKENS, repeats, 1.0)
+        if bandwidth_gbs:
+            bound = batch * bandwidth_gbs * 1e9 / weight_bytes
+            case["bandwidth_bound_tokens_per_s"] = round(bound, 1)
+            for side in ("forge", "generate"):
+                case[side]["fraction_of_bound"] = round(case[side]["tokens_per_s"] / bound, 4)
+        if torch.cuda.is_available():
+            case["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        out[f"batch_{batch}"] = case
+        print(f"batch_{batch}", json.dumps(case), flush=True)
+    return out
+
+
+def main(threads: int, repeats: int, only: list[str] | None, output: Path, profile_label: str | None,
+         preset: str = "small", device: str = "cpu", dtype: str = "float32", batches: list[int] | None = None,
+         bandwidth_gbs: float | None = None) -> dict:
     torch.set_num_threads(threads)
     quiet_transformers()
     with tempfile.TemporaryDirectory() as tmp:
-        path = save_checkpoint(Path(tmp))
-        model = load_model(path, ModelConfig(path=str(path), attn_implementation="sdpa")).eval()
+        path = save_checkpoint(Path(tmp), preset)
+        model_cfg = ModelConfig(path=str(path), attn_implementation="sdpa", dtype=dtype)
+        model = load_model(path, model_cfg, device=device).eval()
         clock = ForwardClock(model)
-        engine = HFEngine(model, [VOCAB + 10**6], 0, seed=0)  # a stop token no row can sample
+        engine = HFEngine(model, [10**9], 0, seed=0)  # a stop token no row can sample
         torch.manual_seed(0)  # generate samples from torch's global generator
+        if batches:
+            with torch.no_grad():
+                forge_group(engine, prompt_of(64, 0), 2)(), hf_group(model, prompt_of(64, 0), 2)()  # warm-up
+                report = {"model": f"{preset} ({MODELS[preset]}), {dtype}, sdpa, random init", "repeats": repeats,
+                          "new_tokens": NEW_TOKENS, "prompt_tokens": 256, **batch_cases(
+                              model, engine, clock, batches, repeats, bandwidth_gbs)}
+            save_result(report, output)
+            print(json.dumps(report))
+            return report
         cases: dict[str, tuple[Callable[[], int], Callable[[], int], int]] = {}
         for length in (256, 1024, 4096):
             prompt = prompt_of(length, salt=length)
@@ -399,5 +454,13 @@ if __name__ == "__main__":
     parser.add_argument("--only", nargs="*", help="case names (a_P256 ... c_multiturn, handoff, step)")
     parser.add_argument("--output", type=Path, default=RESULTS / "generation.json")
     parser.add_argument("--profile-label", help="also file the per-step split under this label")
+    parser.add_argument("--model", choices=sorted(MODELS), default="small")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--batches", type=int, nargs="*",
+                        help="instead of cases a-d: a group of this many samples at P=256, per size, "
+                        "against the memory-bandwidth bound (the GPU run)")
+    parser.add_argument("--bandwidth-gbs", type=float, help="the device's memory bandwidth (else looked up by name)")
     args = parser.parse_args()
-    main(args.threads, args.repeats, args.only, args.output, args.profile_label)
+    main(args.threads, args.repeats, args.only, args.output, args.profile_label, args.model, args.device,
+         args.dtype, args.batches, args.bandwidth_gbs)
