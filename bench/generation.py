@@ -296,9 +296,10 @@ def step_cases(path: Path, engine: HFEngine, model: Any, threads: int, repeats: 
     """(d): one sync step each way, on the same prompt and sampling settings."""
     from forge.train.trainer import Trainer
 
-    model_cfg = ModelConfig(path=str(path), attn_implementation="sdpa")
+    model_cfg = ModelConfig(path=str(path))
     train_cfg = TrainConfig(learning_rate=1e-5, checkpoint_every=0)
-    trainers = {packing: Trainer(path, model_cfg, train_cfg, TrainerConfig(packing=packing), 0, threads)
+    trainers = {packing: Trainer(path, model_cfg, train_cfg,
+                                 TrainerConfig(packing=packing, attn_implementation="sdpa"), 0, threads)
                 for packing in ("tree", "padded")}
     out = {}
     for length in (256, 1024):
@@ -381,8 +382,8 @@ def main(threads: int, repeats: int, only: list[str] | None, output: Path, profi
     quiet_transformers()
     with tempfile.TemporaryDirectory() as tmp:
         path = save_checkpoint(Path(tmp), preset)
-        model_cfg = ModelConfig(path=str(path), attn_implementation="sdpa", dtype=dtype)
-        model = load_model(path, model_cfg, device=device).eval()
+        model_cfg = ModelConfig(path=str(path), dtype=dtype)
+        model = load_model(path, model_cfg, device=device, attn_implementation="sdpa").eval()
         clock = ForwardClock(model)
         engine = HFEngine(model, [10**9], 0, seed=0)  # a stop token no row can sample
         torch.manual_seed(0)  # generate samples from torch's global generator

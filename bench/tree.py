@@ -130,13 +130,15 @@ def make_trainer(packing: str, model_dir: Path, setup: Setup):
         ModelConfig(
             path=str(model_dir),
             tiny=MODELS[setup.model],
-            attn_implementation="flex_attention" if flex else "sdpa",
             dtype=setup.dtype,
             device=setup.device,
         ),
         TrainConfig(),
         TrainerConfig(
-            packing=packing, max_tokens_per_microbatch=BUDGET, attention="flex" if flex else "dense"
+            packing=packing,
+            max_tokens_per_microbatch=BUDGET,
+            attention="flex" if flex else "dense",
+            attn_implementation="flex_attention" if flex else "sdpa",
         ),
         num_threads=THREADS,
     )

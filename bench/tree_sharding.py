@@ -59,8 +59,8 @@ def child(split: str, workload: str, model_dir: str, steps: int, out: str) -> No
     if split == "dealt":
         distributed.shard = dealt
     trainer = distributed.DistributedTrainer(
-        model_dir, ModelConfig(path=model_dir, attn_implementation="sdpa"), TrainConfig(),
-        TrainerConfig(packing="tree", max_tokens_per_microbatch=BUDGET), seed=0, num_threads=1,
+        model_dir, ModelConfig(path=model_dir), TrainConfig(),
+        TrainerConfig(packing="tree", max_tokens_per_microbatch=BUDGET, attn_implementation="sdpa"), seed=0, num_threads=1,
     )
     samples = WORKLOADS[workload](len(build_tokenizer()), random.Random(workload))
     seconds = timed_steps(trainer, samples, steps)

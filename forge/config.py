@@ -52,12 +52,21 @@ class ModelConfig(Section):
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    attn_implementation: Literal["sdpa", "eager", "flex_attention"] = "sdpa"
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto",
         description="where the trainer and rollout workers run their models: auto = CUDA in a process that "
         "reserves a GPU (train.num_gpus, rollout.num_gpus_per_worker), else CPU",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "attn_implementation" in data:
+            raise ValueError(
+                "model.attn_implementation is set per role now: trainer.attn_implementation and "
+                "rollout.attn_implementation (each auto, sdpa, eager or flex_attention)"
+            )
+        return data
 
 
 class EnvConfig(Section):
@@ -121,6 +130,12 @@ class RolloutConfig(Section):
         description="torch intra-op threads per worker; unset: num_cpus_per_worker rounded down, at least 1. "
         "May exceed the reservation where processes take turns (sync mode: the trainer and a worker can "
         "each use every core)",
+    )
+
+    attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention"] = Field(
+        "auto",
+        description="the rollout engine's transformers attention: auto = sdpa where the model family "
+        "has it, else eager",
     )
 
     @property
@@ -212,7 +227,23 @@ class TrainConfig(Section):
 class TrainerConfig(Section):
     packing: Literal["tree", "padded"] = Field("tree", description="how samples are packed for the forward")
     max_tokens_per_microbatch: int = Field(8192, gt=0)
-    attention: Literal["auto", "dense", "flex"] = "auto"
+    attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention"] = Field(
+        "auto",
+        description="the trainer's transformers attention, under Forge's tree attention: auto = sdpa "
+        "where the model family has it, else flex_attention on a GPU, else eager",
+    )
+    attention: Literal["auto", "dense", "flex"] = Field(
+        "auto",
+        description="how the tree rule is laid out: flex = a flex-attention BlockMask (needs "
+        "attn_implementation flex_attention), dense = block-sparse SDPA (a full mask on eager), auto = flex "
+        "exactly when the model runs flex_attention",
+    )
+    self_check: Literal["fallback", "stop", "off"] = Field(
+        "fallback",
+        description="before the first step, compare the tree path with separate forwards on a few short "
+        "random sequences through the loaded model; on a disagreement print it and fall back to padded "
+        "packing (fallback), or raise (stop)",
+    )
     gradient_checkpointing: bool = False
 
 

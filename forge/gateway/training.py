@@ -157,7 +157,11 @@ def train_gateway(
     tokenizer = load_tokenizer(model_path)
     # The gateway's engine plays the rollout workers' part, so it follows their GPU reservation.
     device = resolve_device(cfg.model.device, cfg.rollout.num_gpus_per_worker)
-    engine = HFEngine(load_model(model_path, cfg.model, device=device), [tokenizer.eos_token_id], tokenizer.pad_token_id,
+    model = load_model(
+        model_path, cfg.model, device=device,
+        attn_implementation=cfg.rollout.attn_implementation, setting_key="rollout.attn_implementation",
+    )
+    engine = HFEngine(model, [tokenizer.eos_token_id], tokenizer.pad_token_id,
                       cfg.rollout.temperature, cfg.rollout.top_p, seed=cfg.seed)
     env_class = resolve_env(cfg.env.name)
     store = EpisodeStore(lambda: env_class(**cfg.env.kwargs), cfg.env.step_timeout_s)

@@ -85,25 +85,70 @@ def resolve_device(setting: str, reserved_gpus: float | None = None) -> torch.de
     return torch.device("cuda", torch.cuda.current_device())
 
 
+def choose_attn_implementation(config, setting: str, device: str | torch.device, key: str) -> str:
+    """The transformers attention to load a model of `config` with, for the setting `key` = `setting`.
+
+    `auto` picks what the family supports: sdpa, else flex_attention on a GPU, else eager. An
+    explicit choice the family lacks is Forge's error, naming `key`, before transformers' own."""
+    from transformers import AutoModelForCausalLM
+
+    model_class = AutoModelForCausalLM._model_mapping.get(type(config), None)
+    supports = {
+        "sdpa": getattr(model_class, "_supports_sdpa", True),
+        "flex_attention": getattr(model_class, "_supports_flex_attn", True),
+        "eager": True,
+    }
+    if setting == "auto":
+        if supports["sdpa"]:
+            return "sdpa"
+        if supports["flex_attention"] and torch.device(device).type == "cuda":
+            return "flex_attention"
+        return "eager"
+    if setting not in supports:
+        raise ValueError(f"{key} must be auto, sdpa, eager or flex_attention, got {setting!r}")
+    if not supports[setting]:
+        family = model_class.__name__ if model_class is not None else type(config).__name__
+        others = ", ".join(name for name, ok in supports.items() if ok)
+        raise ValueError(
+            f"{family} has no {setting} attention in transformers {_transformers_version()} (for instance "
+            f"soft-capped attention logits, which sdpa cannot compute); set {key} to auto or one of: {others}"
+        )
+    return setting
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
 def load_model(
-    path: str | Path, cfg: ModelConfig, trainable: bool = False, device: str | torch.device = "cpu"
+    path: str | Path,
+    cfg: ModelConfig,
+    trainable: bool = False,
+    device: str | torch.device = "cpu",
+    attn_implementation: str = "auto",
+    setting_key: str = "trainer.attn_implementation",
 ):
     """Load a causal LM with `from_pretrained` onto `device`; wrap it in LoRA adapters when configured.
 
+    `attn_implementation` is the role's setting (`setting_key`: trainer.attn_implementation or
+    rollout.attn_implementation), resolved by `choose_attn_implementation`.
     `device="meta"` reads only the checkpoint's config: the model has its shapes and no data
     (a data-parallel process that receives its weights from the first one, forge.train.distributed)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     quiet_transformers()
+    config = AutoConfig.from_pretrained(str(path))
+    implementation = choose_attn_implementation(config, attn_implementation, device, setting_key)
     if torch.device(device).type == "meta":
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(
-                AutoConfig.from_pretrained(str(path)), dtype=DTYPES[cfg.dtype],
-                attn_implementation=cfg.attn_implementation,
+                config, dtype=DTYPES[cfg.dtype], attn_implementation=implementation
             )
     else:
         model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation
+            str(path), dtype=DTYPES[cfg.dtype], attn_implementation=implementation
         ).to(device)
     if cfg.lora.enabled:
         from peft import LoraConfig, get_peft_model

@@ -53,7 +53,10 @@ class RolloutWorker:
             self.router = Router(clients, offset=worker_index, name=f"rollout worker {worker_index}")
         else:
             device = resolve_device(model_cfg.device, rollout_cfg.num_gpus_per_worker)
-            self.model = load_model(model_path, model_cfg, trainable=False, device=device)
+            self.model = load_model(
+                model_path, model_cfg, trainable=False, device=device,
+                attn_implementation=rollout_cfg.attn_implementation, setting_key="rollout.attn_implementation",
+            )
             self.engine = HFEngine(
                 self.model,
                 stop_token_ids=self.chat.stop_token_ids,

@@ -240,7 +240,10 @@ class DistributedTrainer(Trainer):
         if self.sharded and not self.accelerator.is_main_process:
             from forge.models.loading import load_model
 
-            return load_model(self.model_path, self.model_cfg, trainable=trainable, device=torch.device("meta"))
+            return load_model(
+                self.model_path, self.model_cfg, trainable=trainable, device=torch.device("meta"),
+                attn_implementation=self.attn_implementation,
+            )
         return super().load(trainable)
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -363,7 +366,10 @@ class DistributedTrainer(Trainer):
             return str(directory)
         from forge.models.loading import load_model
 
-        whole = load_model(self.model_path, self.model_cfg, trainable=True, device=torch.device("cpu"))
+        whole = load_model(
+            self.model_path, self.model_cfg, trainable=True, device=torch.device("cpu"),
+            attn_implementation=self.attn_implementation,
+        )
         whole.load_state_dict(state)
         return self.save_model(whole, directory)
 

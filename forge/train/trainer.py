@@ -95,10 +95,13 @@ class Trainer:
         )
         self.tokenizer = load_tokenizer(model_path)
         self.device = self.model_device(model_cfg, train_cfg)
+        self.attn_implementation = self._choose_attention()
+        self.packing = trainer_cfg.packing  # padded after a failed self-check
         self.model = self.load(trainable=True)
         if trainer_cfg.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.model = self.prepare_model(self.model)
+        self.self_check_result = self._self_check()
         self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         params = list(self.trainable.values())
         # The fused kernel steps all tensors at once (on CPU 0.25 ms against 1.07 ms per step
@@ -126,11 +129,45 @@ class Trainer:
 
         return resolve_device(model_cfg.device, train_cfg.num_gpus)
 
+    def _choose_attention(self) -> str:
+        """trainer.attn_implementation, `auto` resolved for the device the trainer computes on
+        (which a data-parallel process's `self.device` may not be while it loads)."""
+        from transformers import AutoConfig
+
+        from forge.models.loading import choose_attn_implementation, resolve_device
+
+        compute_device = resolve_device(self.model_cfg.device, self.train_cfg.num_gpus)
+        return choose_attn_implementation(
+            AutoConfig.from_pretrained(str(self.model_path)), self.trainer_cfg.attn_implementation,
+            compute_device, "trainer.attn_implementation",
+        )
+
     def load(self, trainable: bool) -> torch.nn.Module:
         """The policy (`trainable`) or the frozen KL reference, from the checkpoint."""
         from forge.models.loading import load_model
 
-        return load_model(self.model_path, self.model_cfg, trainable=trainable, device=self.device)
+        return load_model(
+            self.model_path, self.model_cfg, trainable=trainable, device=self.device,
+            attn_implementation=self.attn_implementation,
+        )
+
+    def _self_check(self) -> Any:
+        """trainer.self_check: the tree path against separate forwards through the loaded model
+        (forge.tree.self_check); a disagreement falls back to padded packing or stops."""
+        from forge.tree.self_check import check_tree_path
+
+        cfg = self.trainer_cfg
+        if self.packing != "tree" or cfg.self_check == "off":
+            return None
+        result = check_tree_path(self.model, cfg.attention)
+        if result.ok:
+            return result
+        message = f"forge: the tree path disagrees with separate forwards on this model: {result.reason}"
+        if cfg.self_check == "stop":
+            raise RuntimeError(f"{message}; set trainer.packing: padded (or trainer.self_check: fallback)")
+        print(f"{message}; training with padded packing instead (trainer.self_check: stop refuses)", flush=True)
+        self.packing = "padded"
+        return result
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """The model the optimizer is built over (forge.train.distributed shards it here)."""
@@ -213,12 +250,12 @@ class Trainer:
         cfg = self.trainer_cfg
         num_tokens, num_samples = self.loss_denominators(samples)  # skipped samples count here
         run = [s for s in samples if not self._skipped(s)]
-        batches = microbatches(run, cfg.packing, cfg.max_tokens_per_microbatch, cfg.attention) if run else []
+        batches = microbatches(run, self.packing, cfg.max_tokens_per_microbatch, cfg.attention) if run else []
         work = [(batch, [run[i] for i in batch.sample_indices]) for batch in batches]
         missing = self.microbatches_to_run(len(batches)) - len(batches)
         if missing:
             padding = [PADDING_SAMPLE]
-            [padding_batch] = microbatches(padding, cfg.packing, cfg.max_tokens_per_microbatch, cfg.attention)
+            [padding_batch] = microbatches(padding, self.packing, cfg.max_tokens_per_microbatch, cfg.attention)
             work += [(padding_batch, padding)] * missing
         token_sums: dict[str, float] = {}
         loss_total = 0.0

@@ -1,21 +1,42 @@
-"""Block-sparse tree attention through SDPA, for models without flex attention's backward (CPU).
+"""Forge's tree attention, registered with transformers under its own names.
 
-A dense `(N, N)` tree mask makes SDPA compute every query against every key, most of them
-masked: a micro-batch of unrelated branches costs N^2. In DFS order the keys that a block of
-queries `[a, b)` can see are exactly the ancestors of node a plus the block itself (an
-ancestor of a later node in the block that lies before a is an ancestor of a), so each
-block attends to those keys only: about the work of running each path on its own.
+A model whose `config._attn_implementation` is one of `TREE_IMPLEMENTATIONS`' values runs its
+base implementation (sdpa, eager, flex_attention) unchanged, except in a forward that passes
+a `TreeLayout` under `TREE_KWARG`: then each layer attends by the tree rule, composed with the
+layer's own sliding window and logit soft-cap, which transformers hands every attention call
+(`sliding_window=`, `softcap=`). Nothing of transformers' own is replaced.
+
+Three ways to lay the rule out (`TreeLayout.kind`): `flex`, a flex-attention `BlockMask`;
+`dense`, one full additive `(N, N)` mask (what eager attention takes); `blocks`, block-sparse:
+in DFS order the keys that a block of queries `[a, b)` can see are the ancestors of node a plus
+the block itself (an ancestor of a later node in the block that lies before a is an ancestor
+of a), so each block attends to those keys only, about the work of running each path alone.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
-TREE_BLOCKS_KWARG = "forge_tree_blocks"  # model(...) keyword that reaches the attention function
+from forge.tree.masks import dense_tree_mask, flex_tree_block_mask, tree_rule
+
+TREE_KWARG = "forge_tree"  # model(...) keyword that carries the layout to every attention call
 QUERY_BLOCK = 256
+# transformers' attention implementation -> the name Forge registers its tree attention under
+TREE_IMPLEMENTATIONS = {
+    "sdpa": "forge_tree_sdpa",
+    "eager": "forge_tree_eager",
+    "flex_attention": "forge_tree_flex_attention",
+}
+BASE_IMPLEMENTATIONS = {tree: base for base, tree in TREE_IMPLEMENTATIONS.items()}
+# Layer kinds whose attention the tree rule reproduces exactly (transformers' `layer_types`).
+EXACT_LAYER_TYPES = {"full_attention", "sliding_attention"}
+Kind = Literal["flex", "dense", "blocks"]
 
 
 @dataclass
@@ -29,67 +50,187 @@ class QueryBlock:
 
 
 def tree_query_blocks(
-    subtree_end: np.ndarray, dtype: torch.dtype, device: torch.device, block_size: int | None = None
+    subtree_end: np.ndarray,
+    dtype: torch.dtype,
+    device: torch.device,
+    block_size: int | None = None,
+    depth: np.ndarray | None = None,
+    window: int | None = None,
 ) -> list[QueryBlock]:
-    """Split the nodes into query blocks, each with the only keys its queries may see."""
+    """Split the nodes into query blocks, each with the only keys its queries may see (under
+    `window`, keys too shallow for every query of the block are left out too)."""
     block_size = block_size or QUERY_BLOCK
     n = len(subtree_end)
     ends = torch.as_tensor(subtree_end, device=device)
+    depths = None if depth is None else torch.as_tensor(depth, device=device)
     blocks = []
     for start in range(0, n, block_size):
         end = min(start + block_size, n)
         ancestors = np.flatnonzero(subtree_end[:start] > start)
         keys = torch.as_tensor(np.concatenate([ancestors, np.arange(start, end)]), device=device)
         query = torch.arange(start, end, device=device)[:, None]
-        allowed = (keys[None, :] <= query) & (query < ends[keys][None, :])
+        allowed = tree_rule(query, keys[None, :], ends, depths, window)
+        if window is not None:
+            seen = allowed.any(dim=0)
+            keys, allowed = keys[seen], allowed[:, seen]
         mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
         mask.masked_fill_(~allowed, torch.finfo(dtype).min)
         blocks.append(QueryBlock(start, end, keys, mask[None, None]))
     return blocks
 
 
-def _tree_sdpa_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """transformers' sdpa attention, except when a tree forward passes its query blocks."""
-    blocks: list[QueryBlock] | None = kwargs.pop(TREE_BLOCKS_KWARG, None)
-    if blocks is None:
-        return _transformers_sdpa(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
-    if kwargs.get("sliding_window"):
+@dataclass
+class TreeLayout:
+    """One tree micro-batch as its attention calls see it; the masks of each window are built
+    once per forward (and its recomputation under gradient checkpointing) and shared by the
+    layers that use that window."""
+
+    subtree_end: np.ndarray
+    depth: np.ndarray
+    kind: Kind
+    dtype: torch.dtype
+    device: torch.device
+    calls: int = 0  # attention calls that received the layout: 0 after a forward = it was dropped
+    _masks: dict[int | None, Any] = field(default_factory=dict)
+
+    def mask(self, window: int | None) -> Any:
+        if window not in self._masks:
+            self._masks[window] = self._build(window)
+        return self._masks[window]
+
+    def _build(self, window: int | None) -> Any:
+        if self.kind == "blocks":
+            return tree_query_blocks(
+                self.subtree_end, self.dtype, self.device, depth=self.depth, window=window
+            )
+        ends = torch.as_tensor(self.subtree_end, device=self.device)
+        depth = torch.as_tensor(self.depth, device=self.device)
+        if self.kind == "flex":
+            return flex_tree_block_mask(ends, depth=depth, window=window)
+        return dense_tree_mask(ends, self.dtype, depth=depth, window=window)
+
+    def placeholder_mask(self) -> torch.Tensor:
+        """The `attention_mask` a tree forward passes: 4-D, so transformers builds no mask of its
+        own and hands it through; the layout carries the real one. All zeros (no masking), so
+        a layer that drops the layout attends everywhere and the self-check sees it."""
+        n = len(self.subtree_end)
+        return torch.zeros((1, 1, 1, 1), dtype=self.dtype, device=self.device).expand(1, 1, n, n)
+
+
+def _eager_function(module: torch.nn.Module) -> Callable:
+    """The eager attention of `module`'s own modeling file (soft-capping and sinks included)."""
+    function = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if function is None:
         raise ValueError(
-            "tree packing does not support sliding-window attention layers; set trainer.packing: padded"
+            f"{type(module).__name__} has no eager_attention_forward in {type(module).__module__}; "
+            "Forge's tree attention cannot compute it exactly: set trainer.packing: padded"
         )
-    from transformers.integrations.sdpa_attention import repeat_kv
+    return function
 
-    groups = query.shape[1] // key.shape[1]
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    outputs = [
-        torch.nn.functional.scaled_dot_product_attention(
-            query[:, :, b.start : b.end],
-            key.index_select(2, b.keys),
-            value.index_select(2, b.keys),
-            attn_mask=b.mask,
-            dropout_p=dropout,
-            scale=scaling,
+
+def _needs_eager(kwargs: dict[str, Any]) -> bool:
+    """SDPA has no logit soft-cap nor attention sinks; the model's eager code does."""
+    return kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None
+
+
+def _base_function(base: str, module: torch.nn.Module) -> Callable:
+    if base == "eager":
+        return _eager_function(module)
+    from transformers import AttentionInterface
+
+    return AttentionInterface()[base]
+
+
+def _tree_attention(base: str) -> Callable:
+    def forward(module, query, key, value, attention_mask, **kwargs):
+        layout: TreeLayout | None = kwargs.pop(TREE_KWARG, None)
+        if layout is None:
+            return _base_function(base, module)(module, query, key, value, attention_mask, **kwargs)
+        layout.calls += 1
+        mask = layout.mask(kwargs.get("sliding_window"))
+        if layout.kind == "flex":
+            return _base_function("flex_attention", module)(module, query, key, value, mask, **kwargs)
+        function = (
+            _eager_function(module)
+            if base == "eager" or _needs_eager(kwargs)
+            else _base_function("sdpa", module)
         )
-        for b in blocks
-    ]
-    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+        if layout.kind == "dense":
+            return function(module, query, key, value, mask, **kwargs)
+        outputs = [
+            function(
+                module,
+                query[:, :, block.start : block.end],
+                key.index_select(2, block.keys),
+                value.index_select(2, block.keys),
+                block.mask,
+                **kwargs,
+            )[0]
+            for block in mask
+        ]
+        return torch.cat(outputs, dim=1), None
+
+    forward.__name__ = f"forge_tree_{base}_attention"
+    return forward
 
 
-_transformers_sdpa = None
+_registered = False
 
 
-def enable_tree_sdpa() -> None:
-    """Route transformers' "sdpa" attention through `_tree_sdpa_forward` (idempotent).
-
-    Calls without the tree keyword behave exactly as before: they go to transformers' own sdpa.
-    """
-    global _transformers_sdpa
-    if _transformers_sdpa is not None:
+def register_tree_attention() -> None:
+    """Register Forge's tree attention (and the mask builders of its bases) under
+    `TREE_IMPLEMENTATIONS`' names with transformers (idempotent)."""
+    global _registered
+    if _registered:
         return
     from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-    _transformers_sdpa = sdpa_attention_forward
-    AttentionInterface.register("sdpa", _tree_sdpa_forward)
+    for base, name in TREE_IMPLEMENTATIONS.items():
+        AttentionInterface.register(name, _tree_attention(base))
+        # A forward without a tree (padded packing, the self-check's separate forwards)
+        # gets the mask its base would.
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    _registered = True
+
+
+def base_implementation(config: Any) -> str | None:
+    """The transformers attention a model computes with, whether or not Forge's tree attention
+    wraps it."""
+    implementation = getattr(config, "_attn_implementation", None)
+    return BASE_IMPLEMENTATIONS.get(implementation, implementation)
+
+
+def check_tree_support(config: Any) -> None:
+    """Raise, naming the setting to change, for a model whose attention the tree rule cannot
+    reproduce exactly."""
+    name = type(config).__name__
+    if getattr(config, "attention_chunk_size", None) is not None:
+        raise ValueError(
+            f"{name} uses chunked attention (attention_chunk_size={config.attention_chunk_size}), which "
+            "tree packing cannot compute exactly; set trainer.packing: padded"
+        )
+    other = sorted(set(getattr(config, "layer_types", None) or []) - EXACT_LAYER_TYPES)
+    if other:
+        raise ValueError(
+            f"{name} has layers of type {', '.join(other)}, which tree packing cannot compute exactly "
+            f"(it reproduces {', '.join(sorted(EXACT_LAYER_TYPES))}); set trainer.packing: padded"
+        )
+    base = base_implementation(config)
+    if base not in TREE_IMPLEMENTATIONS:
+        raise ValueError(
+            f"tree packing runs on sdpa, eager or flex_attention, not {base!r}; set "
+            "trainer.attn_implementation to one of them, or trainer.packing: padded"
+        )
+
+
+def use_tree_attention(model: torch.nn.Module) -> str:
+    """Switch `model` (its own config only) to Forge's tree attention over its current
+    implementation; idempotent. Returns the base implementation."""
+    register_tree_attention()
+    config = model.config
+    check_tree_support(config)
+    base = base_implementation(config)
+    if config._attn_implementation != TREE_IMPLEMENTATIONS[base]:
+        config._attn_implementation = TREE_IMPLEMENTATIONS[base]
+    return base

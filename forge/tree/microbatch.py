@@ -14,8 +14,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from forge.tree.attention import TREE_BLOCKS_KWARG, enable_tree_sdpa, tree_query_blocks
-from forge.tree.masks import dense_tree_mask, flex_tree_block_mask
+from forge.tree.attention import TREE_KWARG, TreeLayout, base_implementation, use_tree_attention
 from forge.tree.trie import PrefixTree, TreeOrder, build_prefix_tree
 from forge.types import Sample
 
@@ -186,14 +185,26 @@ def _model_dtype_device(model: torch.nn.Module) -> tuple[torch.dtype, torch.devi
     return weight.dtype, weight.device
 
 
-def _uses_flex(model: torch.nn.Module, attention: Attention) -> bool:
-    implementation = getattr(model.config, "_attn_implementation", None)
+def _layout_kind(model: torch.nn.Module, attention: Attention) -> str:
+    """How the tree rule is laid out for `model`: a flex BlockMask on flex models (`auto`,
+    `flex`), else block-sparse (`blocks`) on sdpa and flex models, a full mask on eager ones."""
+    implementation = base_implementation(model.config)
     if attention == "flex" and implementation != "flex_attention":
         raise ValueError(
             f"trainer.attention='flex' needs the model loaded with attn_implementation='flex_attention' "
-            f"(it has {implementation!r}); load it so, or use attention 'dense' or 'auto'"
+            f"(it has {implementation!r}); set trainer.attn_implementation: flex_attention, or use attention "
+            "'dense' or 'auto'"
         )
-    return attention == "flex" or (attention == "auto" and implementation == "flex_attention")
+    if implementation == "flex_attention" and attention != "dense":
+        return "flex"
+    return "dense" if implementation == "eager" else "blocks"
+
+
+def _no_router_loss(model: torch.nn.Module) -> dict[str, bool]:
+    """Mixture-of-experts models: the forward computes no router auxiliary loss. Forge trains
+    on the policy loss alone (the load-balancing loss depends on which tokens a forward holds,
+    so it would differ between tree, padded and separate forwards)."""
+    return {"output_router_logits": False} if hasattr(model.config, "output_router_logits") else {}
 
 
 def _token_logprobs(
@@ -216,24 +227,24 @@ def _tree_logits(
     """The tree's logits `(nodes, V)`, and for every sample token after the first (in
     sample order) the row that predicts it and its id."""
     dtype, device = _model_dtype_device(model)
-    subtree_end = torch.as_tensor(tree.subtree_end, device=device)
-    extra = {}
-    if _uses_flex(model, attention):
-        mask = flex_tree_block_mask(subtree_end)
-    elif getattr(model.config, "_attn_implementation", None) == "sdpa":
-        enable_tree_sdpa()
-        extra[TREE_BLOCKS_KWARG] = tree_query_blocks(tree.subtree_end, dtype, device)
-        # A 4-D mask passes through transformers untouched; the blocks carry the real one.
-        mask = torch.zeros((1, 1, 1, 1), dtype=dtype, device=device).expand(
-            1, 1, tree.num_nodes, tree.num_nodes
-        )
-    else:
-        mask = dense_tree_mask(subtree_end, dtype)
+    kind = _layout_kind(model, attention)
+    use_tree_attention(model)
+    layout = TreeLayout(tree.subtree_end, tree.position_ids, kind, dtype, device)
     input_ids = torch.as_tensor(tree.token_ids, device=device)[None]
     position_ids = torch.as_tensor(tree.position_ids, device=device)[None]
     logits = model(
-        input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=False, **extra
+        input_ids=input_ids,
+        position_ids=position_ids,
+        attention_mask=layout.placeholder_mask(),
+        use_cache=False,
+        **_no_router_loss(model),
+        **{TREE_KWARG: layout},
     ).logits
+    if layout.calls == 0:
+        raise ValueError(
+            f"{type(model).__name__}'s attention never received Forge's tree layout (its forward drops the "
+            f"{TREE_KWARG!r} keyword), so tree packing cannot run on it; set trainer.packing: padded"
+        )
     # The logprob of a sample's token t+1 is read at the node holding its token t (the parent).
     rows = torch.as_tensor(np.concatenate([nodes[:-1] for nodes in tree.sample_nodes]), device=device)
     targets = torch.as_tensor(
@@ -253,7 +264,9 @@ def _padded_logits(
     for row, tokens in enumerate(token_ids):
         input_ids[row, : len(tokens)] = torch.as_tensor(tokens)
         attention_mask[row, : len(tokens)] = 1
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    logits = model(
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **_no_router_loss(model)
+    ).logits
     row_index = torch.cat([torch.full((len(t) - 1,), r, dtype=torch.long) for r, t in enumerate(token_ids)])
     col_index = torch.cat([torch.arange(len(t) - 1) for t in token_ids])
     targets = torch.cat([torch.as_tensor(t[1:], dtype=torch.long) for t in token_ids])

@@ -29,6 +29,7 @@ class EngineActor:
             model_path, max_new_tokens=rollout.max_new_tokens, max_context_tokens=rollout.max_context_tokens,
             temperature=rollout.temperature, top_p=rollout.top_p, cache_tokens=rollout.prefix_cache_tokens,
             seed=seed, model_cfg=cfg.model,
+            attn_implementation=rollout.attn_implementation,
         )
         self.server = EngineServer(self.service, host=rollout.engine_host, port=0).start()
 

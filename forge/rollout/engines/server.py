@@ -203,6 +203,7 @@ def make_service(
     device: str = "auto",
     model_name: str | None = None,
     model_cfg: ModelConfig | None = None,
+    attn_implementation: str = "auto",
 ) -> EngineService:
     """Load a checkpoint into an engine and wrap it for serving. `model_cfg` (a run's
     `model` section) gives dtype, device and LoRA layout; else `dtype` and `device`."""
@@ -216,7 +217,10 @@ def make_service(
     tokenizer = load_tokenizer(path)
     if model_cfg is None:
         model_cfg = ModelConfig(path=str(path), dtype=dtype, device=device)  # type: ignore[arg-type]
-    model = load_model(path, model_cfg, trainable=False, device=resolve_device(model_cfg.device))
+    model = load_model(
+        path, model_cfg, trainable=False, device=resolve_device(model_cfg.device),
+        attn_implementation=attn_implementation, setting_key="rollout.attn_implementation",
+    )
     chat = ChatFormat(tokenizer)
     engine = HFEngine(model, chat.stop_token_ids, tokenizer.pad_token_id, temperature=temperature, top_p=top_p,
                       seed=seed)

@@ -1,0 +1,170 @@
+"""Tiny random-init models of every model family Forge is tested on, and what each supports:
+the family matrix (tests/test_model_families.py), the GPU check and the README table use these."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+VOCAB = 64
+WINDOW = 6  # sliding windows shorter than the matrix's sequences, so the window matters
+SHAPE = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=1,
+    # Wider than the default 0.02, so attention is far from uniform and a wrong mask shows.
+    initializer_range=0.2,
+)
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family: its transformers classes, a tiny config, and what it exercises."""
+
+    name: str
+    config_class: str
+    model_class: str
+    config: dict[str, Any]
+    lora: bool = False  # the matrix also trains it through LoRA adapters
+    features: tuple[str, ...] = ()  # what makes it differ from Llama, for the README table
+    extra_modules: tuple[str, ...] = field(default=())  # LoRA targets beyond q/k/v/o
+
+    def build(self, attn_implementation: str = "sdpa", seed: int = 0) -> torch.nn.Module:
+        """The tiny model in fp32, eval mode, with weights that depend only on `seed`."""
+        import transformers
+
+        config = getattr(transformers, self.config_class)(
+            **{**SHAPE, **self.config}, attn_implementation=attn_implementation
+        )
+        torch.manual_seed(seed)
+        return getattr(transformers, self.model_class)(config).float().eval()
+
+    def attention_implementations(self) -> list[str]:
+        """The transformers attention implementations this family supports."""
+        import transformers
+
+        model_class = getattr(transformers, self.model_class)
+        return [
+            name
+            for name, supported in (
+                ("sdpa", model_class._supports_sdpa),
+                ("eager", True),
+                ("flex_attention", model_class._supports_flex_attn),
+            )
+            if supported
+        ]
+
+
+def _lora_wrap(model: torch.nn.Module, targets: list[str], seed: int) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    torch.manual_seed(seed + 1)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:  # peft zero-initialises B; make the adapter matter
+            torch.nn.init.normal_(parameter, std=0.1)
+    return model
+
+
+def build_lora(family: Family, attn_implementation: str = "sdpa", seed: int = 0) -> torch.nn.Module:
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", *family.extra_modules]
+    return _lora_wrap(family.build(attn_implementation, seed), targets, seed)
+
+
+FAMILIES: dict[str, Family] = {
+    family.name: family
+    for family in [
+        Family(
+            "qwen2",
+            "Qwen2Config",
+            "Qwen2ForCausalLM",
+            # Layers from max_window_layers on slide: layer 0 full, layer 1 sliding.
+            dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
+            lora=True,
+            features=("sliding window on layers >= max_window_layers",),
+        ),
+        Family("qwen3", "Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=8), features=("q/k norm",)),
+        Family("llama", "LlamaConfig", "LlamaForCausalLM", dict(head_dim=8)),
+        Family(
+            "mistral",
+            "MistralConfig",
+            "MistralForCausalLM",
+            dict(head_dim=8, sliding_window=WINDOW),
+            lora=True,
+            features=("sliding window on every layer",),
+        ),
+        Family(
+            "gemma2",
+            "Gemma2Config",
+            "Gemma2ForCausalLM",
+            # A soft-cap small enough to bend these scores, and q.k scaled by 1 (not 1/sqrt(8)).
+            dict(
+                head_dim=8,
+                sliding_window=WINDOW,
+                attn_logit_softcapping=1.0,
+                final_logit_softcapping=3.0,
+                query_pre_attn_scalar=1,
+            ),
+            lora=True,
+            features=("sliding / full layers alternate", "attention logit soft-cap", "final logit soft-cap"),
+        ),
+        Family(
+            "gemma3",
+            "Gemma3TextConfig",
+            "Gemma3ForCausalLM",
+            dict(
+                head_dim=8,
+                sliding_window=WINDOW,
+                layer_types=["sliding_attention", "full_attention"],
+                query_pre_attn_scalar=1,
+            ),
+            features=("sliding / full layers with their own rotary bases", "q/k norm"),
+        ),
+        Family(
+            "phi3",
+            "Phi3Config",
+            "Phi3ForCausalLM",
+            dict(partial_rotary_factor=0.5, sliding_window=2 * WINDOW),
+            features=("partial rotary", "sliding window"),
+        ),
+        Family(
+            "gpt_neox",
+            "GPTNeoXConfig",
+            "GPTNeoXForCausalLM",
+            dict(rotary_pct=0.25),
+            features=("partial rotary", "parallel residual"),
+        ),
+        Family("olmo2", "Olmo2Config", "Olmo2ForCausalLM", dict(), features=("q/k norm after projection",)),
+        Family(
+            "qwen3_moe",
+            "Qwen3MoeConfig",
+            "Qwen3MoeForCausalLM",
+            # The config asks for router logits and an aux loss: Forge's forwards leave them out.
+            dict(
+                head_dim=8,
+                num_experts=4,
+                num_experts_per_tok=2,
+                moe_intermediate_size=32,
+                output_router_logits=True,
+                router_aux_loss_coef=0.01,
+            ),
+            features=("mixture of experts (router aux loss left out)",),
+        ),
+        Family(
+            "mixtral",
+            "MixtralConfig",
+            "MixtralForCausalLM",
+            dict(head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW),
+            features=("mixture of experts", "sliding window"),
+        ),
+    ]
+}
