@@ -6,13 +6,14 @@ CPU paths only; the flex backward (CUDA) is bench/gpu_families.sh's."""
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import pytest
 import torch
 from test_tree_exact import make_samples, packed_results, separate_results
 from torch.nn.attention.flex_attention import flex_attention
 
-from forge.models.families import FAMILIES, VOCAB, WINDOW, Family, build_lora
+from forge.models.families import FAMILIES, VOCAB, WINDOW, Family, build_lora, matrix_paths, render_readme
 from forge.tree import attention, microbatches
 from forge.types import Sample
 
@@ -49,20 +50,19 @@ def build(family: Family, lora: bool, attn_implementation: str) -> torch.nn.Modu
 
 
 def cases() -> list:
-    """(family, lora, packing, attn_implementation) for every CPU path of every family."""
+    """(family, lora, packing, attn_implementation) for every CPU path of every family (the
+    README table is generated from the same `matrix_paths`)."""
     found = []
     for family in FAMILIES.values():
+        first = family.attention_implementations()[0]
         for lora in [False, True] if family.lora else [False]:
-            implementations = family.attention_implementations()
-            for implementation in implementations:
-                packings = ["tree"] if implementation == "flex_attention" else ["tree", "padded"]
-                for packing in packings:
-                    name = f"{family.name}{'-lora' if lora else ''}-{packing}-{implementation}"
-                    # Padded packing is transformers' own masking: the fast run checks it once
-                    # per family, on its first implementation, without LoRA.
-                    slow = packing == "padded" and (lora or implementation != implementations[0])
-                    marks = [pytest.mark.slow] if slow else []
-                    found.append(pytest.param(family, lora, packing, implementation, id=name, marks=marks))
+            for packing, implementation in matrix_paths(family):
+                name = f"{family.name}{'-lora' if lora else ''}-{packing}-{implementation}"
+                # Padded packing is transformers' own masking: the fast run checks it once per
+                # family, on its first implementation, without LoRA.
+                slow = packing == "padded" and (lora or implementation != first)
+                marks = [pytest.mark.slow] if slow else []
+                found.append(pytest.param(family, lora, packing, implementation, id=name, marks=marks))
     return found
 
 
@@ -168,3 +168,11 @@ def test_moe_forwards_leave_the_router_aux_loss_out():
             batch.forward_logprobs(model)
     assert outputs and all(o.aux_loss is None and o.router_logits is None for o in outputs)
     assert model(input_ids=torch.tensor([samples[0].token_ids])).aux_loss is not None  # what it would do
+
+
+def test_readme_family_table_is_generated_from_this_matrix():
+    readme = Path(__file__).resolve().parent.parent / "README.md"
+    current = readme.read_text()
+    assert render_readme(current) == current, (
+        "README.md family table is stale: run python -m forge.models.families"
+    )
