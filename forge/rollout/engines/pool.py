@@ -48,6 +48,9 @@ class EngineActor:
     def metrics(self) -> dict[str, Any]:
         return self.service.served.metrics()
 
+    def model_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.service.served.engine.model.state_dict().values())
+
     def join_weight_group(self, host: str, port: int, rank: int, world_size: int) -> None:
         from forge.rollout.engines.broadcast import WeightGroup
 
@@ -95,11 +98,13 @@ def check_engine_config(cfg: Config) -> None:
         raise ConfigError(f"rollout.servers is set but rollout.engine={rollout.engine}; set rollout.engine=remote")
 
 
-# rollout.weight_sync: auto, per case, the fastest in bench/results/weight_sync.json (0.5B
-# Qwen2 shape, 2 engines, CPU): full weights by broadcast (fp32 2.65 s, bf16 1.49 s; the
-# object store 30.9 s and 15.3 s, a folder 3.44 s and 1.69 s); LoRA adapters by folder
-# (0.078 s and 0.067 s against 0.18 / 0.11 s object store and 0.38 / 0.42 s broadcast).
-AUTO_WEIGHT_SYNC = {"full": "broadcast", "lora": "folder"}
+# rollout.weight_sync: auto, the fastest in bench/results/weight_sync.json (0.5B Qwen2
+# shape, 2 engines, CPU): full weights (1-2 GB) by broadcast (fp32 2.65 s, bf16 1.49 s; the
+# object store 30.9 s and 15.3 s, a folder 3.44 s and 1.69 s); LoRA adapters (8.6 MB) by
+# folder (0.078 s and 0.067 s against 0.18 / 0.11 s object store, 0.38 / 0.42 s broadcast,
+# whose cost there is per-tensor latency). What decides is the size sent, so a small full
+# model goes as adapters do (the smoke model, 1.2 MB: broadcast 91 ms a sync, object store 15 ms).
+BROADCAST_FROM_BYTES = 64 * 1024**2
 
 
 def engine_actor_name(index: int) -> str:
@@ -208,12 +213,21 @@ class EnginePool:
 
         chosen = self.cfg.rollout.weight_sync
         if chosen == "auto":
-            chosen = AUTO_WEIGHT_SYNC["lora" if self.cfg.model.lora.enabled else "full"]
+            large = not self.cfg.model.lora.enabled and self._model_bytes() >= BROADCAST_FROM_BYTES
+            chosen = "broadcast" if large else "folder"
             if chosen == "folder" and not self.cfg.rollout.weight_dir and len(ray.nodes()) > 1:
                 chosen = "object_store"  # a temp folder is not shared across nodes
         if chosen == "broadcast" and hasattr(trainer, "actors"):
             return "object_store"  # a data-parallel trainer group (one rank would have to send)
         return chosen
+
+    def _model_bytes(self) -> int:
+        """The size of one engine's weights (asked once)."""
+        import ray
+
+        if getattr(self, "_bytes", None) is None:
+            self._bytes = ray.get(self.actors[0].model_bytes.remote()) if self.actors else 0
+        return self._bytes
 
     def _weight_folder(self, version: int) -> str:
         import tempfile
