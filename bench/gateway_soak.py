@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import sys
 import tempfile
 import threading
 import time
@@ -84,6 +85,7 @@ def soak(
                                 "engine_cached_episodes": engine.cached_episodes,
                             }
                         )
+                        print(json.dumps(series[-1]), file=sys.stderr, flush=True)  # progress
                     if done[0] >= calls:
                         break
             if episode_number % 10:  # every 10th agent walks away without finishing
