@@ -64,7 +64,7 @@ def _serve(args: argparse.Namespace) -> int:
         args.checkpoint, host=args.host, port=args.port, max_new_tokens=args.max_new_tokens,
         max_context_tokens=args.max_context_tokens, temperature=args.temperature, top_p=args.top_p,
         cache_tokens=args.prefix_cache_tokens, seed=args.seed, dtype=args.dtype, device=args.device,
-        model_name=args.served_model_name,
+        model_name=args.served_model_name, record_dir=args.record_dir, max_live_episodes=args.max_live_episodes,
     )
     return 0
 
@@ -137,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     serve.add_argument("--served-model-name", help="model name on /v1/models (default: the folder name)")
+    serve.add_argument("--record-dir", help="append each finished episode's calls, as training samples, to "
+                       "RECORD_DIR/episodes.jsonl")
+    serve.add_argument("--max-live-episodes", type=int, default=1024,
+                       help="past this many unfinished episodes the least recently used is ended")
     serve.set_defaults(handler=_serve)
 
     plot = commands.add_parser("plot", help="PNG charts of a run's metrics")

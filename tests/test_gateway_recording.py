@@ -120,3 +120,20 @@ def test_resident_memory_levels_off_over_10000_calls(tmp_path):
     assert result["calls"] >= 10_000
     assert result["max_episodes_in_memory"] <= 32 + 16 and result["max_engine_cached_episodes"] <= 32
     assert result["growth_second_half_mb"] < 20, result["series"]
+
+
+def test_forge_serve_records_the_episodes_agents_play_through_it(tiny_checkpoint, tmp_path):
+    from forge.rollout.engines.server import EngineServer, make_service
+
+    service = make_service(tiny_checkpoint, max_new_tokens=4, max_context_tokens=128, record_dir=tmp_path)
+    with EngineServer(service) as running:
+        episode = httpx.post(f"{running.url}/forge/episodes", json={"task": {"task_id": "dev"}}).json()
+        agent = openai.OpenAI(base_url=f"{running.url}/v1", api_key=episode["episode_id"], max_retries=0)
+        reply = agent.chat.completions.create(model="p", messages=USER, logprobs=True)
+        httpx.post(f"{running.url}/forge/episodes/{episode['episode_id']}/finish", json={"reward": 1.0})
+    [(trajectory, [sample])] = read_recorded(tmp_path / "episodes.jsonl")
+    assert trajectory.outcome == 1.0 and trajectory.task_id == "dev"
+    generated = [t for t, m in zip(sample.token_ids, sample.loss_mask, strict=True) if m]
+    assert len(generated) == reply.usage.completion_tokens
+    assert [e.logprob for e in reply.choices[0].logprobs.content] == [
+        lp for lp, m in zip(sample.behaviour_logprobs, sample.loss_mask, strict=True) if m]

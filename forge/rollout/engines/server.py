@@ -34,7 +34,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from forge.config import ModelConfig
-from forge.gateway.episodes import EpisodeError, EpisodeStore
+from forge.gateway.episodes import EpisodeError
 from forge.gateway.server import Gateway, build_app
 from forge.rollout.engines.protocol import GenerationRequest
 from forge.rollout.engines.served import ServedEngine
@@ -204,9 +204,13 @@ def make_service(
     model_name: str | None = None,
     model_cfg: ModelConfig | None = None,
     attn_implementation: str = "auto",
+    record_dir: str | Path | None = None,
+    max_live_episodes: int = 1024,
 ) -> EngineService:
     """Load a checkpoint into an engine and wrap it for serving. `model_cfg` (a run's
-    `model` section) gives dtype, device and LoRA layout; else `dtype` and `device`."""
+    `model` section) gives dtype, device and LoRA layout; else `dtype` and `device`.
+    Episodes played through the OpenAI endpoints are recorded to `record_dir`, if given."""
+    from forge.gateway.recording import standalone_store
     from forge.models.loading import load_model, load_tokenizer, resolve_device
     from forge.rollout.chat import ChatFormat
     from forge.rollout.engines.hf import HFEngine
@@ -226,7 +230,8 @@ def make_service(
                       seed=seed)
     served = ServedEngine(engine, cache_tokens=cache_tokens)
     name = model_name or path.resolve().name
-    gateway = Gateway(served, tokenizer, EpisodeStore(), max_new_tokens, max_context_tokens, model_name=name)
+    store = standalone_store(record_dir, max_live_episodes=max_live_episodes)
+    gateway = Gateway(served, tokenizer, store, max_new_tokens, max_context_tokens, model_name=name)
     return EngineService(served, gateway, name)
 
 
