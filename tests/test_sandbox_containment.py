@@ -434,3 +434,49 @@ def test_no_process_the_code_can_trace_holds_a_capability(level):
         _, pid, effective, permitted = line.split()
         assert int(effective, 16) == 0 and int(permitted, 16) == 0, line
     assert_still_works(level)
+
+
+@pytest.fixture
+def no_tmpfs(monkeypatch):
+    """A harness that cannot mount (not root, or a container without CAP_SYS_ADMIN)."""
+    from forge.sandbox import workdir
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(1, "mount: Operation not permitted")
+
+    monkeypatch.setattr(workdir._syscalls, "mount", refuse)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_without_a_tmpfs_a_work_dir_over_its_file_cap_ends_the_call(level, no_tmpfs):
+    result = run(
+        """
+        import time
+        for i in range(100000):
+            open(f"f{i}", "w").close()
+        time.sleep(60)
+    """,
+        level,
+        timeout_s=20.0,
+        limits=sandbox.Limits(max_files=500),
+    )
+    assert result.disk_exceeded and not result.ok and not result.timed_out, result
+    assert result.wall_seconds < 5.0
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_without_a_tmpfs_a_work_dir_over_its_byte_cap_ends_the_call(level, no_tmpfs):
+    result = run(
+        """
+        import time
+        with open("big", "wb") as f:
+            for _ in range(64):
+                f.write(b"x" * (1 << 20))
+                f.flush()
+        time.sleep(60)
+    """,
+        level,
+        timeout_s=20.0,
+        limits=sandbox.Limits(disk_bytes=8 << 20, file_bytes=128 << 20),
+    )
+    assert result.disk_exceeded and not result.timed_out, result

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -26,6 +27,8 @@ Language = Literal["python", "shell"]
 log = logging.getLogger("forge.sandbox")
 # After the main process exits, how long daemons holding its pipes may keep us reading.
 EXIT_GRACE_S = 0.2
+# Without a capped tmpfs (a harness that is not root), how often the work dir is measured.
+DISK_CHECK_S = 0.25
 
 
 class SandboxUnavailable(RuntimeError):
@@ -59,10 +62,18 @@ class SandboxResult:
     wall_seconds: float
     files: dict[str, str] = field(default_factory=dict)  # the `collect` paths that were regular files
     uid: int | None = None  # host uid the code ran as (root harness only), for audits
+    # Ended for holding more than Limits.disk_bytes or max_files in its work dir: measured
+    # when the harness is not root (as root a capped tmpfs makes such writes fail instead).
+    disk_exceeded: bool = False
 
     @property
     def ok(self) -> bool:
-        return self.exit_code == 0 and not self.timed_out and not self.output_truncated
+        return (
+            self.exit_code == 0
+            and not self.timed_out
+            and not self.output_truncated
+            and not self.disk_exceeded
+        )
 
 
 def _safe_relpath(name: str) -> str:
@@ -158,21 +169,30 @@ def _kill_now(proc: subprocess.Popen, uid: int | None) -> None:
     proc.wait()
 
 
-def _pump(proc: subprocess.Popen, deadline: float, cap: int) -> tuple[bytes, bytes, bool, bool]:
-    """Read both pipes until EOF, the deadline, or more than `cap` bytes on one stream."""
+def _pump(
+    proc: subprocess.Popen, deadline: float, cap: int, over_disk: Callable[[], bool] | None
+) -> tuple[bytes, bytes, bool, bool, bool]:
+    """Read both pipes until EOF, the deadline, more than `cap` bytes on one stream, or
+    `over_disk()` (checked every DISK_CHECK_S) says the work dir holds too much."""
     buffers = {proc.stdout: bytearray(), proc.stderr: bytearray()}
     sel = selectors.DefaultSelector()
     for stream in buffers:
         os.set_blocking(stream.fileno(), False)
         sel.register(stream, selectors.EVENT_READ)
-    timed_out = truncated = False
+    timed_out = truncated = disk_exceeded = False
     exited_at: float | None = None
+    next_disk_check = time.monotonic() + DISK_CHECK_S
     try:
         while sel.get_map():
             now = time.monotonic()
             if now >= deadline:
                 timed_out = True
                 break
+            if over_disk is not None and now >= next_disk_check:
+                next_disk_check = now + DISK_CHECK_S
+                if over_disk():
+                    disk_exceeded = True
+                    break
             if exited_at is None and proc.poll() is not None:
                 exited_at = now
             if exited_at is not None and now - exited_at > EXIT_GRACE_S:
@@ -192,7 +212,7 @@ def _pump(proc: subprocess.Popen, deadline: float, cap: int) -> tuple[bytes, byt
     finally:
         sel.close()
     out, err = (bytes(b[:cap]) for b in buffers.values())
-    return out, err, timed_out, truncated
+    return out, err, timed_out, truncated, disk_exceeded
 
 
 def run(
@@ -299,8 +319,15 @@ def _run_at(
         proc = _launch(spec)
         try:
             deadline = started + timeout_s
-            out, err, timed_out, truncated = _pump(proc, deadline, limits.output_bytes)
-            if not (timed_out or truncated):
+            over_disk = (
+                None
+                if run_dir.mounted
+                else lambda: workdir.over_cap(run_dir, limits.disk_bytes, limits.max_files)
+            )
+            out, err, timed_out, truncated, disk_exceeded = _pump(
+                proc, deadline, limits.output_bytes, over_disk
+            )
+            if not (timed_out or truncated or disk_exceeded):
                 # The pipes closed; the run lasts until the main process exits too.
                 try:
                     proc.wait(timeout=max(deadline - time.monotonic(), 0.0))
@@ -317,17 +344,18 @@ def _run_at(
                 collected[name] = content
     finally:
         _in_background(cleanup)
-    code_ = proc.returncode
+    status = proc.returncode
     return SandboxResult(
         stdout=out.decode("utf-8", errors="replace"),
         stderr=err.decode("utf-8", errors="replace"),
-        exit_code=128 - code_ if code_ < 0 else code_,
+        exit_code=128 - status if status < 0 else status,
         timed_out=timed_out,
         output_truncated=truncated,
         level=level,
         wall_seconds=time.monotonic() - started,
         files=collected,
         uid=uid,
+        disk_exceeded=disk_exceeded,
     )
 
 

@@ -148,7 +148,9 @@ def level1_spec(work: str, scratch: str, ro_binds: list[tuple[str, str]], scratc
 def _bwrap_has_size() -> bool:
     # --size (a tmpfs's cap) came with bubblewrap 0.7; without it /tmp is an uncapped tmpfs.
     try:
-        return "--size" in subprocess.run(["bwrap", "--help"], capture_output=True, text=True, timeout=10).stdout
+        return (
+            "--size" in subprocess.run(["bwrap", "--help"], capture_output=True, text=True, timeout=10).stdout
+        )
     except (OSError, subprocess.SubprocessError):
         return False
 

@@ -89,6 +89,30 @@ def _warn_unmounted(exc: OSError) -> None:
         log.warning("sandbox work dirs are not capped in bytes and files: mounting a tmpfs failed (%s)", exc)
 
 
+def over_cap(run_dir: RunDir, max_bytes: int, max_files: int) -> bool:
+    """Whether fs/ holds more than the caps: the check for a harness that cannot mount a
+    capped tmpfs. It stops counting at the cap, so a flood costs it O(cap) per check."""
+    files = used = 0
+    stack = [run_dir.fs]
+    while stack:
+        try:
+            entries = list(os.scandir(stack.pop()))
+        except OSError:
+            continue
+        for entry in entries:
+            files += 1
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            used += info.st_blocks * 512  # what it occupies: a sparse file counts what it wrote
+            if files > max_files or used > max_bytes:
+                return True
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(entry.path)
+    return False
+
+
 def _remove(root: str) -> None:
     fs = os.path.join(root, "fs")
     if os.path.ismount(fs):
