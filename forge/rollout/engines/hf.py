@@ -15,6 +15,7 @@ from transformers.cache_utils import Cache
 from forge.rollout.engines.kv import _RoomyLayer
 from forge.rollout.engines.protocol import GenerationRequest, GenerationResult
 from forge.rollout.engines.sampling import RowSampling
+from forge.rollout.engines.windows import positional_masks, sliding_windows
 
 
 @dataclass
@@ -76,6 +77,9 @@ class HFEngine:
         self.device = next(model.parameters()).device
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self._num_layers = model.config.get_text_config().num_hidden_layers
+        self._windows = sliding_windows(model.config)
+        # Mixture-of-experts: no router load-balancing loss (nothing here trains on it).
+        self._no_router = {"output_router_logits": False} if hasattr(model.config, "output_router_logits") else {}
         self._episodes: dict[str, _EpisodeKV] = {}
         self._batch: _BatchKV | None = None
         self._released: collections.deque[str] = collections.deque()
@@ -121,7 +125,7 @@ class HFEngine:
     def next_token_logprobs(self, token_ids: list[int]) -> torch.Tensor:
         """The tempered next-token distribution after `token_ids` (log space, fp32)."""
         with self._lock, torch.no_grad():
-            logits = self.model(input_ids=torch.tensor([token_ids], device=self.device)).logits[0, -1]
+            logits = self.model(input_ids=torch.tensor([token_ids], device=self.device), **self._no_router).logits[0, -1]
             return torch.log_softmax(logits.float() / self.temperature, dim=-1).cpu()
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
@@ -196,8 +200,8 @@ class HFEngine:
             layer.reserve(input_ids.shape[1] + room)
         mask = torch.cat([mask, new_mask], dim=-1)
         out = self.model(
-            input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-            logits_to_keep=1,
+            input_ids=input_ids, attention_mask=self._attention(mask, input_ids.shape[1]), position_ids=positions,
+            cache=cache, use_cache=True, logits_to_keep=1, **self._no_router,
         )
         return out.cache, mask, out.logits[:, -1, :], [len(new) for new in news]
 
@@ -227,10 +231,19 @@ class HFEngine:
         else:
             layers = [_RoomyLayer(room=room) for _ in range(self._num_layers)]
         out = self.model(
-            input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=Cache(layers=layers), use_cache=True,
+            input_ids=input_ids, attention_mask=self._attention(mask, input_ids.shape[1]), position_ids=positions,
+            cache=Cache(layers=layers), use_cache=True,
             logits_to_keep=1,  # only the last position is sampled from: no [tokens, vocab] logits
+            **self._no_router,
         )
         return out.cache, mask, out.logits[:, -1, :]
+
+    def _attention(self, mask: torch.Tensor, new_tokens: int) -> Any:
+        """The 2-D `mask` for transformers, or on a sliding-window model the masks that count
+        the window in positions, not in the batch's columns (forge.rollout.engines.windows)."""
+        if self._windows is None:
+            return mask
+        return positional_masks(mask, new_tokens, self._windows, self.model.get_input_embeddings().weight.dtype)
 
     def _generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         batch = len(requests)
@@ -289,10 +302,11 @@ class HFEngine:
             attention_mask = full_mask[:, : width + step + 1]
             out = self.model(
                 input_ids=tokens[:, None],
-                attention_mask=attention_mask,
+                attention_mask=self._attention(attention_mask, 1),
                 position_ids=next_position,
                 cache=cache,
                 use_cache=True,
+                **self._no_router,
             )
             cache = out.cache
             logits = out.logits[:, -1, :]

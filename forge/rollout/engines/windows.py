@@ -1,0 +1,57 @@
+"""Sliding-window attention masks over the engine's kept KV batch, by position.
+
+The batch lays rows out with pad holes (`[pad][cached KV][pad][new tokens]`), and transformers
+counts a sliding window in cache columns, so over a hole it would reach fewer real tokens than
+the window: behaviour logprobs would not be the policy's. These masks count it in positions
+(a key is seen iff it is real, not later, and less than a window behind), as a fresh forward
+of each row does. Models without a sliding window keep transformers' own masks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class Windows:
+    """A model's sliding window; `per_layer_type` when its layers differ (transformers'
+    `layer_types`), so the model takes one mask per layer type, else one for every layer."""
+
+    window: int
+    per_layer_type: bool
+
+
+def sliding_windows(config: Any) -> Windows | None:
+    """The sliding window `config` applies, or None when no layer slides."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(config, "sliding_window", None)
+    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return Windows(window, True) if "sliding_attention" in layer_types else None
+    return Windows(window, False)
+
+
+def positional_masks(
+    mask: torch.Tensor, new_tokens: int, windows: Windows, dtype: torch.dtype
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """Additive 4-D masks `(rows, 1, new_tokens, columns)` for the last `new_tokens` columns of
+    the 2-D `mask` (1 = a real token), with the window counted in positions."""
+    valid = mask.bool()
+    columns = torch.arange(mask.shape[1], device=mask.device)
+    position = valid.long().cumsum(-1) - 1  # of each real column; the row's tokens are in order
+    query = slice(mask.shape[1] - new_tokens, None)
+    allowed = valid[:, None, :] & (columns[None, None, :] <= columns[query][None, :, None])
+    in_window = allowed & (position[:, query, None] - position[:, None, :] < windows.window)
+
+    def additive(keep: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(keep.shape, dtype=dtype, device=mask.device)
+        return out.masked_fill_(~keep, torch.finfo(dtype).min)[:, None]
+
+    if windows.per_layer_type:
+        return {"full_attention": additive(allowed), "sliding_attention": additive(in_window)}
+    return additive(in_window)
