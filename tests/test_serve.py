@@ -214,3 +214,21 @@ def test_forge_serve_command_serves_a_checkpoint(checkpoint):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_a_request_samples_with_its_own_temperature_and_its_logprobs_are_of_it(server):
+    ids = prompt(server)
+    body = httpx.post(f"{server.url}/forge/generate",
+                      json={"token_ids": ids, "max_new_tokens": 1, "temperature": 0.5, "top_p": 1.0}).json()
+    with torch.no_grad():
+        logits = server.service.served.engine.model(input_ids=torch.tensor([ids])).logits[0, -1]
+    expected = torch.log_softmax(logits.float() / 0.5, dim=-1)[body["token_ids"][0]].item()
+    assert body["logprobs"][0] == pytest.approx(expected, abs=1e-5)
+
+
+def test_the_forge_client_sends_the_runs_sampling():
+    from forge.rollout.engines.remote import Sampling, forge_generate_call
+
+    call = forge_generate_call(GenerationRequest([1, 2], 3, "e"), Sampling(0.7, 0.9, (3,)))
+    assert call.body == {"token_ids": [1, 2], "max_new_tokens": 3, "episode_id": "e", "temperature": 0.7, "top_p": 0.9}
+    assert "temperature" not in forge_generate_call(GenerationRequest([1, 2], 3)).body

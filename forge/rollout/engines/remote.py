@@ -127,11 +127,14 @@ class HttpTransport:
 
 
 # -- Forge's own server -------------------------------------------------------------------
-def forge_generate_call(request: GenerationRequest) -> HttpCall:
-    return HttpCall("POST", "/forge/generate", {
+def forge_generate_call(request: GenerationRequest, sampling: Sampling | None = None) -> HttpCall:
+    body: dict[str, Any] = {
         "token_ids": list(request.token_ids), "max_new_tokens": request.max_new_tokens,
         "episode_id": request.episode_id,
-    })
+    }
+    if sampling is not None:  # the run's sampling, whatever the server was started with
+        body.update(temperature=sampling.temperature, top_p=sampling.top_p)
+    return HttpCall("POST", "/forge/generate", body)
 
 
 def forge_parse_generate(body: Any) -> GenerationResult:
@@ -153,13 +156,14 @@ class ForgeClient:
 
     kind = "forge"
 
-    def __init__(self, url: str, timeout_s: float = 120.0) -> None:
+    def __init__(self, url: str, timeout_s: float = 120.0, sampling: Sampling | None = None) -> None:
         self.http = HttpTransport(url, timeout_s)
         self.url = self.http.url
+        self.sampling = sampling  # None: the server's own --temperature / --top-p
         self.policy_version = 0
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
-        result = forge_parse_generate(await self.http.send(forge_generate_call(request)))
+        result = forge_parse_generate(await self.http.send(forge_generate_call(request, self.sampling)))
         self.policy_version = result.policy_version
         return result
 
@@ -200,7 +204,7 @@ def make_client(spec: str, model: str, sampling: Sampling, timeout_s: float = 12
     if not url.startswith(("http://", "https://")):
         raise ValueError(f"rollout.servers entry {spec!r}: write http://host:port, vllm+http://... or sglang+http://...")
     if kind == "forge":
-        return ForgeClient(url, timeout_s)
+        return ForgeClient(url, timeout_s, sampling)
     if kind == "vllm":
         from forge.rollout.engines.vllm_client import VLLMClient
 

@@ -7,7 +7,8 @@ The OpenAI-compatible endpoints and the episode API are the training gateway's o
     GET  /ready                   200 once the model is loaded and generation is not paused, else 503
     GET  /forge/info              model name, policy version, token limits, stop ids
     GET  /forge/metrics           requests, tokens, prefix-cache hits and evictions, weight updates
-    POST /forge/generate          {"token_ids", "max_new_tokens"?, "episode_id"?} -> sampled "token_ids",
+    POST /forge/generate          {"token_ids", "max_new_tokens"?, "episode_id"?, "temperature"?, "top_p"?}
+                                  -> sampled "token_ids",
                                   "logprobs", "finish_reason" (stop|length), "policy_version",
                                   "prefill_tokens", "cached_tokens"
     POST /forge/release           {"episode_id"}: drop that episode's cached KV
@@ -51,6 +52,8 @@ class GenerateBody(BaseModel):
     token_ids: list[int] = Field(min_length=1, description="the whole context so far, as token ids")
     max_new_tokens: int | None = Field(None, gt=0, description="cap on sampled tokens (at most the server's)")
     episode_id: str = Field("", description="keeps the episode's KV cached for its next turn")
+    temperature: float | None = Field(None, ge=0, description="unset: the server's --temperature; 0 is greedy")
+    top_p: float | None = Field(None, gt=0, le=1, description="unset: the server's --top-p")
 
 
 class ReleaseBody(BaseModel):
@@ -89,7 +92,8 @@ class EngineService:
         bad = [t for t in body.token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise EpisodeError(400, f"token ids {bad[:5]} are outside the vocabulary (0..{self.vocab_size - 1})")
-        request = GenerationRequest(list(body.token_ids), wanted, body.episode_id)
+        request = GenerationRequest(list(body.token_ids), wanted, body.episode_id, temperature=body.temperature,
+                                    top_p=body.top_p)
         result = await self.gateway.batching.generate(request)
         return {
             "token_ids": result.token_ids,
@@ -137,6 +141,8 @@ def build_server_app(service: EngineService) -> FastAPI:
             "max_new_tokens": gateway.max_new_tokens,
             "max_context_tokens": gateway.max_context_tokens,
             "stop_token_ids": service.served.engine.stop_token_ids.tolist(),
+            "temperature": service.served.engine.temperature,
+            "top_p": service.served.engine.top_p,
             "vocab_size": service.vocab_size,
         }
 
