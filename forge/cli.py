@@ -69,6 +69,13 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configs(args: argparse.Namespace) -> int:
+    from forge.builtin_configs import listing
+
+    print(listing())
+    return 0
+
+
 def _envs_list(args: argparse.Namespace) -> int:
     from forge.env.check import list_envs
 
@@ -100,11 +107,17 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from forge import __version__
+
     parser = argparse.ArgumentParser(prog="forge", description="RL training harness for LLM agents")
+    parser.add_argument("--version", action="version", version=f"forge {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train a policy from a YAML config")
-    train.add_argument("config", help="YAML config, e.g. configs/smoke.yaml")
+    train.add_argument(
+        "config",
+        help="a built-in config's name (forge configs lists them) or a YAML file, e.g. smoke or my-run.yaml",
+    )
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=20")
     train.add_argument("--dry-run", action="store_true", help="validate and print the resolved config")
     train.add_argument("--output-dir", help="where the run writes (overrides output_dir)")
@@ -115,7 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=_train)
 
     evaluate = commands.add_parser("eval", help="play episodes with a trained model; prints one JSON object")
-    evaluate.add_argument("config", help="the YAML config the model was trained with (env, rollout limits)")
+    evaluate.add_argument(
+        "config",
+        help="the config the model was trained with (env, rollout limits): a built-in name or a YAML file",
+    )
     evaluate.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rollout.temperature=0.7")
     evaluate.add_argument("--checkpoint", required=True, help="model folder, e.g. runs/smoke/final")
     evaluate.add_argument("--episodes", type=int, default=8, help="episodes per task")
@@ -147,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("run_dir", help="a run's output directory (holds metrics.jsonl)")
     plot.add_argument("--out", help="where the PNGs go (default RUN_DIR/plots)")
     plot.set_defaults(handler=_plot)
+
+    configs = commands.add_parser("configs", help="list the built-in configs (forge train NAME)")
+    configs.set_defaults(handler=_configs)
 
     envs = commands.add_parser("envs", help="installed environments")
     envs_commands = envs.add_subparsers(dest="envs_command", required=True)

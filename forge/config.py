@@ -382,8 +382,9 @@ class GatewayConfig(Section):
     host: str = Field("127.0.0.1", description="address the gateway listens on")
     port: int = Field(0, ge=0, lt=65536, description="0 picks a free port")
     agent_command: str = Field(
-        "{python} examples/gateway_agent.py",
-        description="command run once per episode ({python} is this interpreter); it gets OPENAI_BASE_URL, "
+        "{python} -m forge.openai_agent",
+        description="command run once per episode ({python} is this interpreter; the default is Forge's reference "
+        "openai-SDK agent); it gets OPENAI_BASE_URL, "
         "OPENAI_API_KEY (= the episode id), FORGE_GATEWAY_URL, FORGE_EPISODE_ID and FORGE_MAX_TURNS",
     )
     max_concurrent_agents: int = Field(8, gt=0, description="agent processes running at once")
@@ -479,14 +480,31 @@ def validate(raw: dict[str, Any], source: str = "config") -> Config:
         raise ConfigError(f"invalid {source}:\n  {lines}") from None
 
 
+def config_file(name_or_path: str | Path) -> Path:
+    """The YAML file as given when it exists, else the built-in config of that name
+    (`smoke` -> configs/smoke.yaml as installed; `forge configs` lists them)."""
+    from forge.builtin_configs import builtin_configs
+
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    builtin = builtin_configs()
+    if str(name_or_path) in builtin:
+        return builtin[str(name_or_path)]
+    known = f"built-in: {', '.join(builtin)}; `forge configs` lists them" if builtin else "none built in"
+    if path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
+        hint = f"; to use the built-in one, name it: {path.stem}" if path.stem in builtin else ""
+        raise ConfigError(f"config file {path} does not exist here{hint} ({known})")
+    raise ConfigError(f"config {name_or_path!r} is neither a YAML file nor a built-in config name ({known})")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load YAML (or start from defaults when `path` is None) and apply dotted overrides."""
+    """Load YAML (or start from defaults when `path` is None) and apply dotted overrides;
+    `path` is a YAML file or a built-in config's name."""
     raw: dict[str, Any] = {}
     source = "config"
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+        path = config_file(path)
         try:
             loaded = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:

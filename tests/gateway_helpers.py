@@ -8,10 +8,10 @@ from contextlib import contextmanager
 import httpx
 import openai
 
-from envs.guess_number import GuessNumberEnv
 from forge.gateway import Gateway, GatewayServer
 from forge.gateway.episodes import EpisodeStore
 from forge.rollout.engines.protocol import GenerationResult
+from forge_envs.guess_number import GuessNumberEnv
 
 
 class ScriptedEngine:

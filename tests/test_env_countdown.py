@@ -8,8 +8,8 @@ from fractions import Fraction
 
 import pytest
 
-from envs.countdown import CountdownEnv, ExpressionError, evaluate
 from forge.env.calls import call_sync
+from forge_envs.countdown import CountdownEnv, ExpressionError, evaluate
 
 
 def calculator(expression: str) -> str:

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from envs.file_search import FileSearchEnv
 from forge.env.calls import call_sync
+from forge_envs.file_search import FileSearchEnv
 
 
 def tool(name: str, **arguments) -> str:

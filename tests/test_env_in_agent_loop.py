@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 
-from envs.countdown import CountdownEnv
-from envs.python_coding import PythonCodingEnv
 from forge.rollout.agent import EpisodeLimits, run_episode
 from forge.rollout.engines.batching import BatchingEngine
 from forge.rollout.engines.protocol import GenerationResult
+from forge_envs.countdown import CountdownEnv
+from forge_envs.python_coding import PythonCodingEnv
 
 EOS = 0
 

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from envs.python_coding import PROBLEMS, PythonCodingEnv
 from forge.env.calls import call_sync
+from forge_envs.python_coding import PROBLEMS, PythonCodingEnv
 
 # An independent solution for every problem: generated tasks must be solvable.
 SOLUTIONS = {
@@ -98,7 +98,7 @@ def test_a_final_answer_is_graded_once():
 
 
 def test_expected_values_never_reach_the_sandbox(monkeypatch):
-    from envs import python_coding
+    from forge_envs import python_coding
 
     sent = []
     real_run = python_coding.sandbox.run

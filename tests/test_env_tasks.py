@@ -5,9 +5,9 @@ from __future__ import annotations
 import datasets
 import pytest
 
-from envs.guess_number import GuessNumberEnv
 from forge.env import load_tasks
 from forge.env.tasks import tasks_from
+from forge_envs.guess_number import GuessNumberEnv
 
 ROWS = [{"secret": 3, "n": 8}, {"secret": 5, "n": 8}]
 

@@ -325,7 +325,7 @@ def test_the_example_agent_plays_one_episode_to_the_end(engine, tokenizer):
         environment = {**os.environ, "OPENAI_BASE_URL": server.base_url, "OPENAI_API_KEY": episode["episode_id"],
                        "FORGE_GATEWAY_URL": server.root_url, "FORGE_EPISODE_ID": episode["episode_id"],
                        "FORGE_MAX_TURNS": "3"}
-        subprocess.run([sys.executable, str(ROOT / "examples" / "gateway_agent.py")], env=environment,
+        subprocess.run([sys.executable, "-m", "forge.openai_agent"], env=environment,
                        check=True, timeout=120, capture_output=True)
         played = server.gateway.store.get(episode["episode_id"])
     assert played.finished and 1 <= len(played.calls) <= 3

@@ -109,10 +109,10 @@ def test_an_agent_gets_its_episode_id_as_the_api_key(server):
 def test_gateway_smoke_config_trains_with_agent_processes(ray_session, tmp_path, monkeypatch):
     from forge.orchestrator import train
 
-    monkeypatch.chdir(ROOT)  # the agent command names examples/ relative to the repository
+    monkeypatch.chdir(tmp_path)  # the built-in agent is a module: no repository folder needed
     # Every call trains (none skipped for a zero advantage), so the packing of a group's calls shows.
     overrides = ["train.max_steps=1", "rollout.group_size=2", "train.skip_zero_advantage=false"]
-    cfg = load_config(ROOT / "configs" / "gateway-smoke.yaml", overrides)
+    cfg = load_config("gateway-smoke", overrides)
     result = train(cfg, tmp_path, progress=False)
     [metrics] = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert result.steps == 1 and (result.checkpoint / "config.json").is_file()
@@ -143,6 +143,6 @@ def test_a_gateway_run_checkpoints_and_resumes(ray_session, tmp_path, monkeypatc
 
 def _is_agent(pid: str) -> bool:
     try:
-        return b"gateway_agent.py" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        return b"forge.openai_agent" in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False

@@ -31,7 +31,7 @@ class FakeClient:
         if self.hang:
             try:
                 await asyncio.wait_for(asyncio.sleep(60), timeout=0.2)  # what the HTTP timeout does
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise EngineLost(self.url, "no answer within 0.2s (rollout.engine_timeout_s)") from None
         if self.fail:
             raise EngineLost(self.url, "ConnectError: connection refused")
@@ -125,8 +125,8 @@ def test_a_hung_engine_counts_as_lost_after_its_timeout():
 
 
 def test_the_agent_loop_records_an_episode_whose_engine_died_as_lost(tiny_checkpoint):
-    from envs.guess_number import GuessNumberEnv
     from forge.models.loading import load_tokenizer
+    from forge_envs.guess_number import GuessNumberEnv
 
     chat = ChatFormat(load_tokenizer(tiny_checkpoint))
     client = FakeClient("http://a")
@@ -141,9 +141,9 @@ def test_the_agent_loop_records_an_episode_whose_engine_died_as_lost(tiny_checkp
 def test_trajectories_hold_the_engines_sampled_ids_even_when_their_text_retokenizes_differently(tiny_checkpoint):
     """<|unk|> then 'system' decodes to 'system', which encodes as one token: a loop that
     re-tokenized the reply would train on [system], not on what the engine sampled."""
-    from envs.guess_number import GuessNumberEnv
     from forge.models.loading import load_tokenizer
     from forge.types import Sample
+    from forge_envs.guess_number import GuessNumberEnv
 
     tokenizer = load_tokenizer(tiny_checkpoint)
     sampled = [tokenizer.convert_tokens_to_ids("<|unk|>"), tokenizer.convert_tokens_to_ids("system")]

@@ -29,9 +29,9 @@ def host_level(monkeypatch):
 
 
 def test_the_builtin_envs_that_run_model_code_declare_it():
-    from envs.countdown import CountdownEnv
-    from envs.file_search import FileSearchEnv
-    from envs.python_coding import PythonCodingEnv
+    from forge_envs.countdown import CountdownEnv
+    from forge_envs.file_search import FileSearchEnv
+    from forge_envs.python_coding import PythonCodingEnv
 
     assert PythonCodingEnv.runs_untrusted_code and FileSearchEnv.runs_untrusted_code
     assert not CountdownEnv.runs_untrusted_code

@@ -99,7 +99,7 @@ async def call_env(method: Any, *args: Any, timeout_s: float) -> Any:
         call = _sync_then_await(method, *args)
     try:
         return await asyncio.wait_for(call, timeout=max(timeout_s, 0.0))
-    except asyncio.TimeoutError:
+    except TimeoutError:
         name = getattr(method, "__qualname__", repr(method))
         raise EnvTimeout(f"{name} took longer than {timeout_s:.1f}s") from None
 

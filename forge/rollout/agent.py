@@ -111,7 +111,7 @@ async def run_episode(
             info["stop_reason"] = "max_turns"
     except EngineLost as exc:  # infrastructure, not the policy: counted, never trained on
         status, error = "lost", str(exc)
-    except (EnvTimeout, asyncio.TimeoutError) as exc:
+    except (TimeoutError, EnvTimeout) as exc:
         status, error = "truncated", f"timeout: {exc}" if str(exc) else "timeout: episode time limit"
     except Exception as exc:
         status, error = "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"

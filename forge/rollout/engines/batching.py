@@ -90,7 +90,7 @@ class BatchingEngine:
                     break
                 try:
                     await asyncio.wait_for(self._arrived.wait(), remaining)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
                 self._arrived.clear()
             batch = self._pending[: self.max_batch_size]

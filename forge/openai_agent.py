@@ -1,6 +1,9 @@
-"""A black-box agent: a plain tool-calling loop on the official `openai` SDK.
+"""The reference black-box agent: a plain tool-calling loop on the official `openai` SDK.
 
-Forge's gateway trains on it unchanged. The harness runs it once per episode with
+Forge's gateway trains on it unchanged; `gateway.agent_command` runs it by default
+(`{python} -m forge.openai_agent`), and it is the place to start an agent program of your
+own. It lives outside forge.gateway so that each agent process imports only the SDK (not
+the gateway's server). The harness runs it once per episode with
 OPENAI_BASE_URL (the gateway), OPENAI_API_KEY (= the episode id, which ties each call to
 the episode), FORGE_GATEWAY_URL, FORGE_EPISODE_ID and FORGE_MAX_TURNS in the environment.
 The env acts through the gateway's episode API: `/step` runs an action, `/finish` scores.
