@@ -14,7 +14,7 @@ from forge.rollout.engines.protocol import GenerationRequest
 class RowSampling:
     temperature: torch.Tensor  # [rows]; 0 is greedy
     top_p: torch.Tensor  # [rows]
-    generators: list[torch.Generator | None]  # a row's own stream (a seeded request), else None
+    generators: list[tuple[int, torch.Generator]]  # (row, its own stream) for each seeded request
     top_k_logprobs: int  # the most any row asked for
     truncates: bool  # some row has top_p < 1
     any_greedy: bool
@@ -32,8 +32,8 @@ class RowSampling:
         temperatures = [temperature if r.temperature is None else r.temperature for r in requests]
         top_ps = [top_p if r.top_p is None else r.top_p for r in requests]
         generators = [
-            torch.Generator(device=device).manual_seed(r.seed) if r.seed is not None else None
-            for r in requests
+            (row, torch.Generator(device=device).manual_seed(r.seed))
+            for row, r in enumerate(requests) if r.seed is not None
         ]
         return cls(
             torch.tensor(temperatures, device=device)[:, None],
@@ -62,9 +62,8 @@ class RowSampling:
             sorted_probs = sorted_probs.masked_fill(outside, 0.0)
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
         tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        for row, own in enumerate(self.generators):
-            if own is not None:
-                tokens[row] = torch.multinomial(probs[row], 1, generator=own)[0]
+        for row, own in self.generators:  # seeded rows only: no Python loop over the batch per token
+            tokens[row] = torch.multinomial(probs[row], 1, generator=own)[0]
         if self.any_greedy:
             tokens = torch.where((self.temperature == 0).squeeze(-1), logits.argmax(-1), tokens)
         return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1), logprobs
