@@ -216,19 +216,21 @@ class HFEngine:
         for row, p in enumerate(past_lengths):
             mask[row, width_past - p :] = 1
         mask = torch.cat([mask, new_mask], dim=-1)
-        room += input_ids.shape[1]
         if width_past:
             template = next(p for p in pasts if p is not None).layers
+            width = width_past + input_ids.shape[1] + room
             layers = []
             for layer, (keys, values) in enumerate(template):
-                k = keys.new_zeros((rows, keys.shape[1], width_past + room, keys.shape[3]))
-                v = values.new_zeros((rows, values.shape[1], width_past + room, values.shape[3]))
+                k = keys.new_zeros((rows, keys.shape[1], width, keys.shape[3]))
+                v = values.new_zeros((rows, values.shape[1], width, values.shape[3]))
                 for row, past in enumerate(pasts):
                     if past is not None:
                         k[row, :, width_past - past_lengths[row] : width_past] = past.layers[layer][0][0]
                         v[row, :, width_past - past_lengths[row] : width_past] = past.layers[layer][1][0]
                 layers.append(_RoomyLayer.holding(k, v, width_past))
         else:
+            # Sized when the prefill's keys arrive: their length plus `room` (adding the new
+            # tokens here too made every buffer twice the prompt, copied again per sample).
             layers = [_RoomyLayer(room=room) for _ in range(self._num_layers)]
         out = self.model(
             input_ids=input_ids, attention_mask=self._attention(mask, input_ids.shape[1]), position_ids=positions,
