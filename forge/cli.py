@@ -16,14 +16,21 @@ def _train(args: argparse.Namespace) -> int:
     if args.output_dir:
         cfg.output_dir = args.output_dir
     if args.dry_run:
+        from forge.env.preflight import preflight_env
+
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        print(f"forge: {preflight_env(cfg.env, cfg.seed)}", file=sys.stderr)
         return 0
+    from forge.failures import RunStopped
     from forge.orchestrator import train
 
     if args.resume:
         cfg.output_dir = args.resume
     try:
         result = train(cfg, resume=bool(args.resume), overwrite=args.overwrite)
+    except RunStopped as exc:
+        print(f"forge: {exc}", file=sys.stderr)
+        return 1
     except Exception as exc:
         from forge.orchestrator import actor_death_message
 

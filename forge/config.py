@@ -82,6 +82,12 @@ class EnvConfig(Section):
     num_tasks: int = Field(10_000, gt=0, description="procedurally generated tasks (when tasks is unset)")
     step_timeout_s: float = Field(30.0, gt=0, description="harness-enforced limit on one env step")
     episode_timeout_s: float = Field(600.0, gt=0, description="harness-enforced limit on one episode")
+    max_error_fraction: float = Field(
+        0.5, ge=0, le=1,
+        description="a run stops (exit code 1) when more than this share of its episodes errored over the last "
+        "error_window_steps steps",
+    )
+    error_window_steps: int = Field(5, gt=0, description="steps over which max_error_fraction is measured")
 
 
 class RolloutConfig(Section):

@@ -68,10 +68,14 @@ def rollout_metrics(trajectories: list[Trajectory]) -> dict[str, float]:
 
 
 def show_step(bar: Any, metrics: dict[str, float], **extra: str) -> None:
-    """Advance a run's progress bar with the step's reward and success rate (plus `extra`)."""
+    """Advance a run's progress bar with the step's reward and success rate, its errored,
+    truncated and lost episode counts (plus `extra`)."""
     bar.set_postfix(
         reward=f"{metrics.get('reward_mean', float('nan')):.3f}",
         success=f"{metrics.get('success_rate', float('nan')):.2f}",
+        err=f"{metrics.get('episodes_error', 0):.0f}",
+        trunc=f"{metrics.get('episodes_truncated', 0):.0f}",
+        lost=f"{metrics.get('episodes_lost', 0):.0f}",
         **extra,
     )
     bar.update(1)

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from forge.config import Config
+from forge.failures import FailureWatch
 from forge.metrics import MetricsLogger, claim_output_dir, rollout_metrics, show_step
 from forge.types import Sample, Trajectory
 
@@ -34,14 +35,23 @@ class RunResult:
     wall_seconds: float
 
 
-def start_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster named by RAY_ADDRESS, or start a local Ray once per process."""
+def start_ray(num_cpus: int | None = None, env_name: str | None = None) -> None:
+    """Join the cluster named by RAY_ADDRESS, or start a local Ray once per process. On a
+    cluster, the folder of env `env_name` (a `module:Class` not installed as a package) is
+    shipped to every node (Ray's `py_modules`)."""
     import ray
 
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        from forge.env.registry import env_import_root
+
+        root = env_import_root(env_name) if env_name else None
+        module = env_name.partition(":")[0].split(".")[0] if root and env_name else None
+        shipped = [path for path in (os.path.join(root, module), os.path.join(root, f"{module}.py"))
+                   if os.path.exists(path)] if root and module else []
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True,
+                 runtime_env={"py_modules": shipped} if shipped else None)
         return
     ray.init(
         num_cpus=num_cpus or os.cpu_count() or 1,
@@ -184,6 +194,7 @@ class Run:
     def __init__(self, cfg: Config, output_dir: Path) -> None:
         import ray
 
+        from forge.env.registry import worker_runtime_env
         from forge.models.loading import resolve_model_path
         from forge.reward.shaping import RewardShaper
         from forge.rollout.worker import RolloutWorker
@@ -204,10 +215,14 @@ class Run:
             self.engines = EnginePool.start(cfg, self.model_path)
         self.trainer = make_trainer(cfg, self.model_path)
         worker_class = ray.remote(RolloutWorker)
+        # A user's env module found through the working directory or PYTHONPATH: the workers
+        # get its folder on their path (on a remote cluster, start_ray shipped it instead).
+        runtime_env = None if os.environ.get("RAY_ADDRESS") else worker_runtime_env(cfg.env.name)
         self.workers = [
             worker_class.options(
                 num_cpus=worker_cpus(cfg), num_gpus=cfg.rollout.num_gpus_per_worker,
                 max_restarts=cfg.async_.max_worker_restarts,  # a dead worker comes back; its episodes are lost
+                **({"runtime_env": runtime_env} if runtime_env else {}),
             ).remote(
                 str(self.model_path), cfg.model, cfg.env, cfg.rollout, cfg.reward.success_threshold,
                 cfg.seed + 1000 * (index + 1), None, cfg.sandbox,
@@ -223,20 +238,28 @@ class Run:
         """One step's episodes: `tasks_per_step` tasks x `group_size`, whole tasks per worker."""
         return self.collect_rollouts(self.launch_rollouts())
 
-    def launch_rollouts(self) -> list[tuple[Any, list[dict[str, Any]]]]:
+    def launch_rollouts(self) -> list[tuple[Any, list[dict[str, Any]], Any]]:
         tasks = self.tasks.take(self.cfg.rollout.tasks_per_step)
         chunks = split_evenly(tasks, len(self.workers))
         return [
-            (worker.rollout.remote(chunk, self.cfg.rollout.group_size), chunk)
+            (worker.rollout.remote(chunk, self.cfg.rollout.group_size), chunk, worker)
             for worker, chunk in zip(self.workers, chunks, strict=True)
             if chunk
         ]
 
-    def collect_rollouts(self, calls: list[tuple[Any, list[dict[str, Any]]]]) -> list[Trajectory]:
+    def collect_rollouts(self, calls: list[tuple[Any, list[dict[str, Any]], Any]]) -> list[Trajectory]:
         """Gather the launched episodes; a worker that died mid-rollout (Ray restarts it)
-        yields its groups as lost episodes, counted but never trained on."""
+        yields its groups as lost episodes, counted but never trained on. So does a worker
+        stuck past `rollout_deadline_s` (an inline env call hung where nothing can interrupt
+        it): it is killed and restarted."""
+        import ray
+
+        deadline = time.monotonic() + rollout_deadline_s(self.cfg.env.episode_timeout_s)
         trajectories: list[Trajectory] = []
-        for ref, chunk in calls:
+        for ref, chunk, worker in calls:
+            ready, _ = ray.wait([ref], timeout=max(deadline - time.monotonic(), 0.0))
+            if not ready:
+                kill_stuck_worker(worker)
             groups, _ = collect_groups(ref, chunk, self.cfg.rollout.group_size)
             trajectories.extend(t for group in groups for t in group)
         return trajectories
@@ -295,6 +318,25 @@ def actor_death_message(exc: BaseException, output_dir: str | Path, config: str 
     return message + (f" Continue from {latest.name} with: forge train {config or 'CONFIG'} --resume {output_dir}")
 
 
+def rollout_deadline_s(episode_timeout_s: float) -> float:
+    """How long a rollout call may run: its episodes all end by `episode_timeout_s` (the
+    worker enforces it), plus room for a busy worker to hand them back."""
+    return episode_timeout_s + max(30.0, 0.1 * episode_timeout_s)
+
+
+def kill_stuck_worker(worker: Any) -> None:
+    """End a rollout worker whose call outran its deadline (an env call stuck on its event
+    loop); Ray restarts it and its call's episodes come back lost."""
+    import ray
+
+    logging.getLogger("forge").warning(
+        "a rollout worker did not return its episodes within env.episode_timeout_s; an env call is stuck on its "
+        "event loop (an env with blocking = False hung where the watchdog cannot interrupt it): restarting the "
+        "worker, its episodes are counted lost"
+    )
+    ray.kill(worker, no_restart=False)
+
+
 def wait_until_alive(actor: Any, timeout_s: float = 300.0) -> None:
     """Block until a restarting actor answers again; a worker that never comes back stops
     the run with a clear error instead of a hang."""
@@ -325,6 +367,9 @@ def train(
     from forge.rollout.engines.pool import check_engine_config
 
     check_engine_config(cfg)
+    from forge.env.preflight import preflight_env
+
+    preflight_env(cfg.env, cfg.seed)  # a wrong env name, kwargs or reset: one message, before Ray starts
     if cfg.gateway.enabled:  # agent programs play the episodes through the HTTP gateway
         from forge.config import ConfigError
         from forge.gateway.training import train_gateway
@@ -347,7 +392,7 @@ def train(
 
         latest_checkpoint(output)  # nothing to resume: say so before any actor starts
     start_sandbox(cfg)  # fail closed before starting anything
-    start_ray()
+    start_ray(env_name=cfg.env.name)
     run = Run(cfg, output)
     first_step = 1
     if resume:
@@ -363,14 +408,16 @@ def train(
     show_progress = cfg.logging.progress_bar if progress is None else progress
     bar = tqdm(total=cfg.train.max_steps, desc="train", unit="step", disable=not show_progress,
                initial=first_step - 1)
+    failures = FailureWatch(cfg.env.max_error_fraction, cfg.env.error_window_steps)
     step = first_step - 1
     try:
         for step in range(first_step, cfg.train.max_steps + 1):
-            rollout_started = time.perf_counter()
+            step_started = rollout_started = time.perf_counter()
             trajectories = run.rollout()
             rollout_seconds = time.perf_counter() - rollout_started
             if trajectories and all(t.status == "lost" for t in trajectories):
                 raise RuntimeError(f"step {step}: every episode was lost, e.g. {trajectories[0].error}; the run stops")
+            failures.observe(step, trajectories, last_step=step == cfg.train.max_steps)
 
             reward_metrics = run.shaper.shape(trajectories)
             advantages = trajectory_advantages(
@@ -388,6 +435,7 @@ def train(
                 rollout_seconds=rollout_seconds,
                 sync_seconds=time.perf_counter() - sync_started,
                 policy_version=float(version),
+                step_seconds=time.perf_counter() - step_started,
                 wall_seconds=time.perf_counter() - started,
             )
             metrics["sandbox_level"] = float(cfg.sandbox.level)
@@ -481,7 +529,7 @@ def train_async(
 
         latest_checkpoint(output)  # nothing to resume: say so before any actor starts
     start_sandbox(cfg)
-    start_ray()
+    start_ray(env_name=cfg.env.name)
     run = Run(cfg, output)
     step = 0
     weights: tuple[Any, int] | None = None  # latest (ref, version) published
@@ -506,6 +554,7 @@ def train_async(
 
     clocks = [BusyClock() for _ in run.workers]
     in_flight: dict[Any, tuple[list[int], int, list[dict[str, Any]]]] = {}  # ref -> (seqs, worker, tasks)
+    launched_at: dict[Any, float] = {}  # ref in flight -> when it was launched, until its worker is overdue
     groups_in_flight = [0] * len(run.workers)
     needs_sync: set[int] = set()
     down: set[int] = set()  # workers Ray is restarting; they get no groups
@@ -517,7 +566,8 @@ def train_async(
     lost = 0
     every = cfg.train.checkpoint_every
     task_of: dict[int, dict[str, Any]] = {}  # group seq -> its task, while a checkpoint may need it
-    loop_started = time.perf_counter()
+    loop_started = step_ended = time.perf_counter()
+    failures = FailureWatch(cfg.env.max_error_fraction, cfg.env.error_window_steps)
 
     def checkpoint_due(n: int) -> bool:
         return bool(every) and (n % every == 0 or n == cfg.train.max_steps)
@@ -542,7 +592,9 @@ def train_async(
             tasks = run.tasks.take(len(share))
             if every:
                 task_of.update(zip(share, tasks, strict=True))
-            in_flight[run.workers[index].rollout.remote(tasks, cfg.rollout.group_size)] = (share, index, tasks)
+            ref = run.workers[index].rollout.remote(tasks, cfg.rollout.group_size)
+            in_flight[ref] = (share, index, tasks)
+            launched_at[ref] = time.monotonic()
             groups_in_flight[index] += len(share)
             clocks[index].start()
 
@@ -614,6 +666,12 @@ def train_async(
                     f"{len(down)} of {len(run.workers)} workers down)"
                 )
             ready, _ = ray.wait(waiting, num_returns=1, timeout=1.0)
+            for ref, since in list(launched_at.items()):
+                if ref not in in_flight:
+                    del launched_at[ref]
+                elif time.monotonic() - since > rollout_deadline_s(cfg.env.episode_timeout_s):
+                    kill_stuck_worker(run.workers[in_flight[ref][1]])  # its call then comes back as a death
+                    del launched_at[ref]
             if ready:
                 ready, _ = ray.wait(waiting, num_returns=len(waiting), timeout=0)
             for ref in ready:
@@ -648,6 +706,7 @@ def train_async(
                 if index not in needs_sync:
                     worker.set_weights.remote(weights[0], trainer_version)
             step += 1
+            failures.observe(step, trajectories, last_step=step == cfg.train.max_steps)
             wall = time.perf_counter() - loop_started
             metrics = rollout_metrics(trajectories)
             metrics.update(reward_metrics)
@@ -658,8 +717,10 @@ def train_async(
                 policy_version=float(trainer_version),
                 trainer_idle_fraction=max(0.0, 1.0 - train_seconds / wall),
                 rollout_idle_fraction=max(0.0, 1.0 - sum(c.total() for c in clocks) / (wall * len(clocks))),
+                step_seconds=time.perf_counter() - step_ended,
                 wall_seconds=time.perf_counter() - started,
             )
+            step_ended = time.perf_counter()
             lost = 0
             metrics["sandbox_level"] = float(cfg.sandbox.level)
             logger.record_step(step, metrics, trajectories, run.tokenizer, cfg.logging.trajectory_samples)

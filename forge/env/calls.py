@@ -9,6 +9,8 @@ import queue
 import threading
 from typing import Any
 
+from forge.env.watchdog import InlineTimeout, call_inline
+
 
 class EnvTimeout(Exception):
     """An env method ran past the harness's step or episode time limit."""
@@ -86,12 +88,21 @@ async def call_env(method: Any, *args: Any, timeout_s: float) -> Any:
 
     A sync method runs in a thread so a slow env never blocks other episodes; if it hangs
     past the timeout the caller moves on and the thread is abandoned. A sync method of an
-    env with `blocking = False` runs inline on the loop: quicker, but not interruptible.
+    env with `blocking = False` runs inline on the loop: quicker, and interrupted by a
+    watchdog when it hangs (see `forge.env.watchdog`).
     """
     if inspect.iscoroutinefunction(method):
         call = method(*args)
     elif getattr(getattr(method, "__self__", None), "blocking", True) is False:
-        result = method(*args)  # the env says it never blocks: no thread hand-off (see Env.blocking)
+        # The env says it never blocks: no thread hand-off (see Env.blocking), but a
+        # watchdog interrupts the call if it hangs anyway.
+        try:
+            result = call_inline(method, *args, timeout_s=timeout_s)
+        except InlineTimeout:
+            name = getattr(method, "__qualname__", repr(method))
+            raise EnvTimeout(
+                f"{name} took longer than {timeout_s:.1f}s (called inline: the env sets blocking = False)"
+            ) from None
         if not inspect.isawaitable(result):
             return result
         call = result

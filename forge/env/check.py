@@ -11,6 +11,7 @@ import asyncio
 import json
 import math
 import random
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from forge.env.tasks import load_tasks
 
 HUGE_ACTION_CHARS = 1_000_000
 HUGE_ACTION = "huge action"  # the check's name; its 1M-char probe is exempt from INLINE_LIMIT_S
+HUNG_GRACE_S = 2.0  # past the timeout, a call the watchdog could not interrupt is reported hung
 INLINE_LIMIT_S = 0.01  # an env with blocking = False must answer every call within this
 GARBAGE_ACTIONS = [
     "\x00\x01\x02\ufffd\U0001f600" * 50,
@@ -106,6 +108,15 @@ def _first_difference(a: list[tuple], b: list[tuple]) -> str:
     return f"episodes of {len(a) - 1} and {len(b) - 1} steps"
 
 
+def _timeout_fix(method: Callable) -> str:
+    if getattr(getattr(method, "__self__", None), "blocking", True) is False:
+        return (
+            "the env sets blocking = False, so the harness calls it inline and only a watchdog can stop it; "
+            "drop `blocking = False` (its calls then run in threads) or find what hangs"
+        )
+    return "keep each reset/step under env.step_timeout_s; run slow work in the sandbox with its own timeout"
+
+
 class _Checker:
     def __init__(self, env_class: type[Env], kwargs: dict[str, Any], timeout_s: float, report: CheckReport):
         self.env_class = env_class
@@ -115,6 +126,7 @@ class _Checker:
         self.slowest: tuple[float, str] = (0.0, "")
         self.slowest_inline = 0.0  # the slowest call but the 1M-char probe, for blocking = False
         self.opened: list[Env] = []  # closed at the end, also when a check stops early
+        self.in_call: tuple[str, str, float] | None = None  # (check, method, started) of the call running
 
     def record(self, name: str, passed: bool, detail: str, fix: str = "") -> bool:
         self.report.checks.append(Check(name, passed, detail, fix))
@@ -122,13 +134,12 @@ class _Checker:
 
     async def call(self, name: str, method: Callable, *args: Any) -> Any:
         started = time.monotonic()
+        self.in_call = (name, method.__qualname__, started)
         try:
             return await call_env(method, *args, timeout_s=self.timeout_s)
         except EnvTimeout:
-            self.record(
-                name, False, f"{method.__qualname__} did not return within {self.timeout_s:g}s",
-                "keep each reset/step under env.step_timeout_s; run slow work in the sandbox with its own timeout",
-            )  # fmt: skip
+            self.record(name, False, f"{method.__qualname__} did not return within {self.timeout_s:g}s",
+                        _timeout_fix(method))  # fmt: skip
             raise _Stop from None
         except Exception as exc:
             self.record(
@@ -137,6 +148,7 @@ class _Checker:
             )  # fmt: skip
             raise _Stop from None
         finally:
+            self.in_call = None
             seconds = time.monotonic() - started
             self.slowest = max(self.slowest, (seconds, method.__qualname__))
             if name != HUGE_ACTION:
@@ -320,7 +332,23 @@ def check_env(
         finally:
             await checker.close_rest()
 
-    asyncio.run(run_all())
+    # On a thread of its own: an inline (blocking = False) call stuck inside C code (a long
+    # sleep, a read) outlasts the watchdog, and must not hang the check with it.
+    thread = threading.Thread(target=asyncio.run, args=(run_all(),), name="forge-env-check", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.1)
+        current = checker.in_call
+        if current is not None and time.monotonic() - current[2] > timeout_s + HUNG_GRACE_S:
+            name, method, _ = current
+            report.checks.append(Check(
+                name, False, f"{method} did not return within {timeout_s:g}s and could not be interrupted",
+                "the env sets blocking = False, so its calls run on the worker's event loop, which one stuck "
+                "call stalls; drop `blocking = False` (its calls then run in threads) or find what hangs"
+                if getattr(env_class, "blocking", True) is False
+                else "keep each reset/step under env.step_timeout_s; run slow work in the sandbox with its own timeout",
+            ))  # fmt: skip
+            break
     return report
 
 

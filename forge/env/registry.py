@@ -6,6 +6,8 @@ import importlib
 import os
 import sys
 from importlib.metadata import entry_points
+from types import ModuleType
+from typing import Any
 
 from forge.env.base import Env
 
@@ -52,3 +54,34 @@ def resolve_env(name: str) -> type[Env]:
     if not (isinstance(env_class, type) and issubclass(env_class, Env)):
         raise ValueError(f"env {name!r} resolves to {env_class!r}, which is not a forge.env.Env subclass")
     return env_class
+
+
+def _installed(path: str) -> bool:
+    return any(part in ("site-packages", "dist-packages") for part in os.path.abspath(path).split(os.sep))
+
+
+def env_import_root(name: str) -> str | None:
+    """The folder another process must have on its path to import env `name`, when it is a
+    `module:Class` not installed as a package (a module next to the config, in a temp
+    folder, found through PYTHONPATH or the working directory); None when nothing needs
+    adding (a registered or pip-installed env)."""
+    if ":" not in name:
+        return None
+    module_name = name.partition(":")[0]
+    resolve_env(name)  # imported here first, so its top-level module is known (and errors said)
+    top: ModuleType = sys.modules[module_name.split(".")[0]]
+    paths = list(getattr(top, "__path__", []))  # a package: its folder; else the module's file
+    location = paths[0] if len(paths) == 1 else None if paths else getattr(top, "__file__", None)
+    if location is None or _installed(location):
+        return None
+    return os.path.dirname(os.path.abspath(location))
+
+
+def worker_runtime_env(name: str) -> dict[str, Any] | None:
+    """The Ray runtime env of an actor that must import env `name` on this machine's
+    filesystem: its import root prepended to PYTHONPATH (None when not needed)."""
+    root = env_import_root(name)
+    if root is None:
+        return None
+    inherited = os.environ.get("PYTHONPATH", "")
+    return {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in (root, inherited) if p)}}

@@ -19,6 +19,7 @@ from typing import Any
 
 from forge.env.base import Env, StepResult
 from forge.env.calls import call_env
+from forge.env.errors import describe_env_error
 from forge.types import NO_VERSION, EpisodeStatus, Sample, Trajectory, Turn
 
 
@@ -191,7 +192,7 @@ class EpisodeStore:
             try:
                 result = await call_env(episode.env.step, action, timeout_s=self.step_timeout_s)
             except Exception as exc:  # the env failed: the episode ends as an error, data kept
-                self._close(episode, "error", f"{type(exc).__name__}: {exc}")
+                self._close(episode, "error", describe_env_error(exc, episode.env))
                 raise EpisodeError(500, f"episode {episode_id!r}: env step failed: {type(exc).__name__}: {exc}") from None
             if not isinstance(result, StepResult):
                 raise EpisodeError(500, f"{type(episode.env).__name__}.step returned {type(result).__name__}")

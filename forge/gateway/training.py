@@ -120,6 +120,7 @@ def train_gateway(
     from tqdm import tqdm
 
     from forge.env.registry import resolve_env
+    from forge.failures import FailureWatch
     from forge.metrics import MetricsLogger, rollout_metrics, show_step
     from forge.models.loading import load_model, load_tokenizer, resolve_device, resolve_model_path
     from forge.orchestrator import (
@@ -191,9 +192,10 @@ def train_gateway(
     show_progress = cfg.logging.progress_bar if progress is None else progress
     bar = tqdm(total=cfg.train.max_steps, desc="train (gateway)", unit="step", disable=not show_progress,
                initial=step)
+    failures = FailureWatch(cfg.env.max_error_fraction, cfg.env.error_window_steps)
     try:
         for step in range(first_step + 1, cfg.train.max_steps + 1):
-            rollout_started = time.perf_counter()
+            step_started = rollout_started = time.perf_counter()
             episode_ids = []
             for task in tasks.take(cfg.rollout.tasks_per_step):
                 group_id = f"{task.get('task_id', '')}@v{engine.policy_version}#{rng.getrandbits(32):08x}"
@@ -206,6 +208,7 @@ def train_gateway(
             rollout_seconds = time.perf_counter() - rollout_started
 
             trajectories = [episode.to_trajectory(cfg.reward.success_threshold) for episode in episodes]
+            failures.observe(step, trajectories, last_step=step == cfg.train.max_steps)
             reward_metrics = shaper.shape(trajectories)
             advantages = trajectory_advantages(trajectories, cfg.train.advantage, cfg.train.advantage_std,
                                                cfg.reward.outcome_gap)
@@ -225,6 +228,7 @@ def train_gateway(
                 rollout_seconds=rollout_seconds,
                 sync_seconds=time.perf_counter() - sync_started,
                 policy_version=float(version),
+                step_seconds=time.perf_counter() - step_started,
                 wall_seconds=time.perf_counter() - started,
             )
             metrics["sandbox_level"] = float(cfg.sandbox.level)

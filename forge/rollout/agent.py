@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-import traceback
 from dataclasses import dataclass
 from typing import Any
 
 from forge.env.base import Env, StepResult
 from forge.env.calls import EnvTimeout, call_env
+from forge.env.errors import EnvContractError, describe_env_error
 from forge.rollout.chat import ChatFormat
 from forge.rollout.engines.batching import BatchingEngine
 from forge.rollout.engines.protocol import GenerationRequest
@@ -70,7 +70,9 @@ async def run_episode(
     try:
         observation = await call_env(env.reset, task, seed, timeout_s=remaining())
         if not isinstance(observation, str):
-            raise TypeError(f"{type(env).__name__}.reset returned {type(observation).__name__}, expected str")
+            raise EnvContractError(
+                f"{type(env).__name__}.reset returned {type(observation).__name__}, expected str", env.reset
+            )
         append(chat.prompt_ids(observation, env.system_prompt, env.tools), trainable=False)
         prompt_length = len(token_ids)
         for _ in range(limits.max_turns):
@@ -98,7 +100,9 @@ async def run_episode(
             step = await call_env(env.step, chat.decode(result.token_ids), timeout_s=remaining())
             turn.env_seconds = time.monotonic() - env_started
             if not isinstance(step, StepResult):
-                raise TypeError(f"{type(env).__name__}.step returned {type(step).__name__}, expected StepResult")
+                raise EnvContractError(
+                    f"{type(env).__name__}.step returned {type(step).__name__}, expected StepResult", env.step
+                )
             outcome += float(step.reward)
             info.update(step.info)
             if step.done:
@@ -114,7 +118,7 @@ async def run_episode(
     except (TimeoutError, EnvTimeout) as exc:
         status, error = "truncated", f"timeout: {exc}" if str(exc) else "timeout: episode time limit"
     except Exception as exc:
-        status, error = "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
+        status, error = "error", describe_env_error(exc, env)
     finally:
         engine.unregister()
         engine.release(episode_id)
