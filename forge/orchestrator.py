@@ -44,14 +44,11 @@ def start_ray(num_cpus: int | None = None, env_name: str | None = None) -> None:
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        from forge.env.registry import env_import_root
+        from forge.env.registry import env_module_path
 
-        root = env_import_root(env_name) if env_name else None
-        module = env_name.partition(":")[0].split(".")[0] if root and env_name else None
-        shipped = [path for path in (os.path.join(root, module), os.path.join(root, f"{module}.py"))
-                   if os.path.exists(path)] if root and module else []
+        shipped = env_module_path(env_name) if env_name else None
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True,
-                 runtime_env={"py_modules": shipped} if shipped else None)
+                 runtime_env={"py_modules": [shipped]} if shipped else None)
         return
     ray.init(
         num_cpus=num_cpus or os.cpu_count() or 1,
@@ -238,28 +235,20 @@ class Run:
         """One step's episodes: `tasks_per_step` tasks x `group_size`, whole tasks per worker."""
         return self.collect_rollouts(self.launch_rollouts())
 
-    def launch_rollouts(self) -> list[tuple[Any, list[dict[str, Any]], Any]]:
+    def launch_rollouts(self) -> list[tuple[Any, list[dict[str, Any]]]]:
         tasks = self.tasks.take(self.cfg.rollout.tasks_per_step)
         chunks = split_evenly(tasks, len(self.workers))
         return [
-            (worker.rollout.remote(chunk, self.cfg.rollout.group_size), chunk, worker)
+            (worker.rollout.remote(chunk, self.cfg.rollout.group_size), chunk)
             for worker, chunk in zip(self.workers, chunks, strict=True)
             if chunk
         ]
 
-    def collect_rollouts(self, calls: list[tuple[Any, list[dict[str, Any]], Any]]) -> list[Trajectory]:
+    def collect_rollouts(self, calls: list[tuple[Any, list[dict[str, Any]]]]) -> list[Trajectory]:
         """Gather the launched episodes; a worker that died mid-rollout (Ray restarts it)
-        yields its groups as lost episodes, counted but never trained on. So does a worker
-        stuck past `rollout_deadline_s` (an inline env call hung where nothing can interrupt
-        it): it is killed and restarted."""
-        import ray
-
-        deadline = time.monotonic() + rollout_deadline_s(self.cfg.env.episode_timeout_s)
+        yields its groups as lost episodes, counted but never trained on."""
         trajectories: list[Trajectory] = []
-        for ref, chunk, worker in calls:
-            ready, _ = ray.wait([ref], timeout=max(deadline - time.monotonic(), 0.0))
-            if not ready:
-                kill_stuck_worker(worker)
+        for ref, chunk in calls:
             groups, _ = collect_groups(ref, chunk, self.cfg.rollout.group_size)
             trajectories.extend(t for group in groups for t in group)
         return trajectories
@@ -316,25 +305,6 @@ def actor_death_message(exc: BaseException, output_dir: str | Path, config: str 
     except CheckpointError:
         return message + " No checkpoint was written; set train.checkpoint_every to make runs resumable."
     return message + (f" Continue from {latest.name} with: forge train {config or 'CONFIG'} --resume {output_dir}")
-
-
-def rollout_deadline_s(episode_timeout_s: float) -> float:
-    """How long a rollout call may run: its episodes all end by `episode_timeout_s` (the
-    worker enforces it), plus room for a busy worker to hand them back."""
-    return episode_timeout_s + max(30.0, 0.1 * episode_timeout_s)
-
-
-def kill_stuck_worker(worker: Any) -> None:
-    """End a rollout worker whose call outran its deadline (an env call stuck on its event
-    loop); Ray restarts it and its call's episodes come back lost."""
-    import ray
-
-    logging.getLogger("forge").warning(
-        "a rollout worker did not return its episodes within env.episode_timeout_s; an env call is stuck on its "
-        "event loop (an env with blocking = False hung where the watchdog cannot interrupt it): restarting the "
-        "worker, its episodes are counted lost"
-    )
-    ray.kill(worker, no_restart=False)
 
 
 def wait_until_alive(actor: Any, timeout_s: float = 300.0) -> None:
@@ -554,7 +524,6 @@ def train_async(
 
     clocks = [BusyClock() for _ in run.workers]
     in_flight: dict[Any, tuple[list[int], int, list[dict[str, Any]]]] = {}  # ref -> (seqs, worker, tasks)
-    launched_at: dict[Any, float] = {}  # ref in flight -> when it was launched, until its worker is overdue
     groups_in_flight = [0] * len(run.workers)
     needs_sync: set[int] = set()
     down: set[int] = set()  # workers Ray is restarting; they get no groups
@@ -592,9 +561,7 @@ def train_async(
             tasks = run.tasks.take(len(share))
             if every:
                 task_of.update(zip(share, tasks, strict=True))
-            ref = run.workers[index].rollout.remote(tasks, cfg.rollout.group_size)
-            in_flight[ref] = (share, index, tasks)
-            launched_at[ref] = time.monotonic()
+            in_flight[run.workers[index].rollout.remote(tasks, cfg.rollout.group_size)] = (share, index, tasks)
             groups_in_flight[index] += len(share)
             clocks[index].start()
 
@@ -666,12 +633,6 @@ def train_async(
                     f"{len(down)} of {len(run.workers)} workers down)"
                 )
             ready, _ = ray.wait(waiting, num_returns=1, timeout=1.0)
-            for ref, since in list(launched_at.items()):
-                if ref not in in_flight:
-                    del launched_at[ref]
-                elif time.monotonic() - since > rollout_deadline_s(cfg.env.episode_timeout_s):
-                    kill_stuck_worker(run.workers[in_flight[ref][1]])  # its call then comes back as a death
-                    del launched_at[ref]
             if ready:
                 ready, _ = ray.wait(waiting, num_returns=len(waiting), timeout=0)
             for ref in ready:

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from forge.config import Config, load_config
+from forge.config import Config
 from forge.env.base import Env, StepResult
 from forge.types import Trajectory
 
@@ -230,49 +230,3 @@ def test_a_run_whose_env_always_errors_stops_with_exit_code_1(ray_session, tmp_p
     error = capsys.readouterr().err
     assert error.count("KeyError: 'answer' (at ") == 1
     assert "forge: stopped at step 2: 8 of 8 episodes errored over the last 2 steps" in error
-
-
-@pytest.mark.slow
-def test_a_worker_stuck_in_an_uninterruptible_inline_call_is_restarted(ray_session, tmp_path, monkeypatch):
-    from forge import orchestrator
-
-    monkeypatch.setattr(orchestrator, "rollout_deadline_s", lambda episode_timeout_s: 8.0)
-    (tmp_path / "tasks.jsonl").write_text("".join(json.dumps({"task_id": str(i)}) + "\n" for i in range(4)))
-    cfg = load_config(
-        "configs/smoke.yaml",
-        [
-            f"env.name={__name__}:StuckOnceEnv",
-            f"env.tasks={tmp_path / 'tasks.jsonl'}",
-            f"env.kwargs={{marker: {tmp_path / 'stuck'}}}",
-            "train.max_steps=2",
-            "rollout.tasks_per_step=2",
-            "rollout.group_size=2",
-            "rollout.num_workers=1",
-            "env.step_timeout_s=1",
-        ],
-    )
-    result = orchestrator.train(cfg, tmp_path / "run", progress=False)
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert result.steps == 2
-    assert [r["episodes_lost"] for r in rows] == [4.0, 0.0]  # the stuck call's episodes
-    assert rows[1]["episodes"] == 4.0  # the restarted worker played the next step
-
-
-class StuckOnceEnv(Env):
-    """Inline; its first step ever (marked by a file) sleeps where no watchdog reaches."""
-
-    blocking = False
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def reset(self, task, seed):
-        return "guess"
-
-    def step(self, action):
-        import os
-
-        if not os.path.exists(self.marker):
-            open(self.marker, "w").close()
-            time.sleep(3600)
-        return StepResult("x", done=True)

@@ -45,6 +45,19 @@ def test_an_env_module_outside_any_package_gets_its_folder_on_the_workers_path(t
     sys.modules.pop("count_env_a", None)
 
 
+def test_a_package_outside_site_packages_is_shipped_as_its_folder(tmp_path, monkeypatch):
+    from forge.env.registry import env_import_root, env_module_path
+
+    (tmp_path / "my_pkg_c").mkdir()
+    (tmp_path / "my_pkg_c" / "__init__.py").write_text("")
+    (tmp_path / "my_pkg_c" / "envs.py").write_text(ENV_SOURCE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert env_module_path("my_pkg_c.envs:CountEnv") == str(tmp_path / "my_pkg_c")  # Ray's py_modules entry
+    assert env_import_root("my_pkg_c.envs:CountEnv") == str(tmp_path)
+    for name in ("my_pkg_c", "my_pkg_c.envs"):
+        sys.modules.pop(name, None)
+
+
 def test_a_non_env_target_is_refused_by_name():
     from forge.env.registry import env_import_root
 

@@ -60,11 +60,11 @@ def _installed(path: str) -> bool:
     return any(part in ("site-packages", "dist-packages") for part in os.path.abspath(path).split(os.sep))
 
 
-def env_import_root(name: str) -> str | None:
-    """The folder another process must have on its path to import env `name`, when it is a
-    `module:Class` not installed as a package (a module next to the config, in a temp
-    folder, found through PYTHONPATH or the working directory); None when nothing needs
-    adding (a registered or pip-installed env)."""
+def env_module_path(name: str) -> str | None:
+    """Where env `name`'s top-level module lives (its package folder or its file) when it is
+    a `module:Class` not installed as a package (a module next to the config, in a temp
+    folder, found through PYTHONPATH or the working directory); None when another process
+    finds it anyway (a registered or pip-installed env)."""
     if ":" not in name:
         return None
     module_name = name.partition(":")[0]
@@ -74,7 +74,14 @@ def env_import_root(name: str) -> str | None:
     location = paths[0] if len(paths) == 1 else None if paths else getattr(top, "__file__", None)
     if location is None or _installed(location):
         return None
-    return os.path.dirname(os.path.abspath(location))
+    return os.path.abspath(location)
+
+
+def env_import_root(name: str) -> str | None:
+    """The folder another process must have on its path to import env `name` (see
+    `env_module_path`), or None."""
+    location = env_module_path(name)
+    return os.path.dirname(location) if location else None
 
 
 def worker_runtime_env(name: str) -> dict[str, Any] | None:

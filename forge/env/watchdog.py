@@ -4,9 +4,9 @@ limit is interrupted by an exception raised in its own thread.
 An inline call runs on the event loop's thread, so `asyncio.wait_for` cannot time it out.
 The watchdog thread raises `InlineTimeout` in the caller's thread (CPython's
 `PyThreadState_SetAsyncExc`), again every `REFIRE_S` until the call is left, which
-interrupts any Python code; a call stuck inside one C function (a long `time.sleep`, a
-socket read) is interrupted only when that function returns. The rollout driver's
-backstop covers that case.
+interrupts any Python code. A call stuck inside one C function (a long `time.sleep`, a
+socket read) is interrupted only when that function returns: `forge env check` fails
+such an env, and an env that may block must leave `blocking` True.
 """
 
 from __future__ import annotations
