@@ -7,6 +7,7 @@ from contextlib import contextmanager
 
 import httpx
 import openai
+import torch
 
 from forge.gateway import Gateway, GatewayServer
 from forge.gateway.episodes import EpisodeStore
@@ -63,8 +64,15 @@ class ScriptedEngine:
 def serve(engine, tokenizer, max_new_tokens: int = 6, max_context_tokens: int = 256, **gateway_options):
     store = EpisodeStore(lambda: GuessNumberEnv(n=8))
     gateway = Gateway(engine, tokenizer, store, max_new_tokens, max_context_tokens, **gateway_options)
-    with GatewayServer(gateway) as server:
-        yield server
+    # The gateway runs batches on a worker thread; torch's thread pool spinning there
+    # against the server's threads made decoding ~20x slower on a loaded 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with GatewayServer(gateway) as server:
+            yield server
+    finally:
+        torch.set_num_threads(threads)
 
 
 def start(server: GatewayServer, secret: int = 3, task_id: str = "t0") -> dict:

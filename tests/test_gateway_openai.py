@@ -334,6 +334,28 @@ def test_the_first_chunk_leaves_before_generation_ends_with_logprobs(qwen):
     assert streamed == call.logprobs
 
 
+def test_the_real_engines_first_chunk_arrives_while_it_is_still_generating(tiny_checkpoint, tokenizer):
+    model = load_model(tiny_checkpoint, ModelConfig())
+    endless = HFEngine(model, [], tokenizer.pad_token_id)  # no stop token: runs to max_tokens
+    with serve(endless, tokenizer, max_context_tokens=512) as server:
+        episode = start(server)
+        stream = client(server, episode["episode_id"]).chat.completions.create(
+            model="p", messages=USER, stream=True, max_tokens=120
+        )
+        recorded_at_first_chunk = None
+        chunks = []
+        for chunk in stream:
+            chunks.append(chunk)
+            if recorded_at_first_chunk is None and chunk.choices and chunk.choices[0].delta.content:
+                recorded_at_first_chunk = len(calls_of(server, episode))
+        [call] = calls_of(server, episode)
+    assert recorded_at_first_chunk == 0  # the call is recorded when generation ends: it had not
+    assert len(call.completion_ids) == 120
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == recorded_text(
+        tokenizer, call
+    )
+
+
 def test_a_streamed_tool_call_is_held_back_and_sent_whole(qwen):
     engine = scripted(
         qwen, 'Let me guess.\n<tool_call>\n{"name": "guess", "arguments": {"number": 3}}\n</tool_call>'
