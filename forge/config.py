@@ -118,6 +118,9 @@ class RolloutConfig(Section):
     prefix_cache_tokens: int = Field(
         65536, ge=0, description="engine: server: episodes' KV each engine keeps between calls, in tokens (LRU)"
     )
+    max_engine_restarts: int = Field(
+        3, ge=0, description="engine: server: lost engines replaced by new ones over a run (their episodes stay lost)"
+    )
     engine_timeout_s: float = Field(
         120.0, gt=0, description="a generate call or weight update an engine has not answered by then counts it lost"
     )

@@ -262,6 +262,8 @@ class Run:
         wrapped, version = published or ray.get(self.trainer.publish_weights.remote())
         if self.engines is not None:  # the engines generate: they get the weights, workers hold none
             self.engines.sync(wrapped, version, self.trainer)
+            for url in self.engines.take_started():  # replacements for lost engines
+                ray.get([worker.add_engine.remote(url) for worker in self.workers])
             return version
         # The ObjectRef goes to each worker as a top-level argument: Ray resolves it there,
         # so the weights are put once and fetched by every worker from the object store.

@@ -20,7 +20,7 @@ def rows(run) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_a_server_engine_run_survives_an_engine_killed_mid_run(ray_session, tmp_path, capfd):
+def test_a_server_engine_run_survives_an_engine_killed_mid_run_and_replaces_it(ray_session, tmp_path, capfd):
     import ray
 
     from forge.orchestrator import train
@@ -49,7 +49,9 @@ def test_a_server_engine_run_survives_an_engine_killed_mid_run(ray_session, tmp_
     assert sum(row["episodes_lost"] for row in steps) > 0  # the killed engine's episodes, counted
     assert steps[-1]["episodes"] == 8 and steps[-1]["episodes_lost"] == 0  # the other engine took over
     assert all(row["prefix_cache_hit_rate"] > 0 for row in steps if row["episodes"])
-    assert "engine http://" in capfd.readouterr().err
+    console = capfd.readouterr().err
+    assert "engine http://" in console and "lost" in console
+    assert "started in place of" in console  # rollout.max_engine_restarts: a new engine joined
 
 
 @pytest.mark.slow

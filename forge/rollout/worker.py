@@ -51,6 +51,8 @@ class RolloutWorker:
             clients = [make_client(url, model_cfg.path or "policy", sampling, rollout_cfg.engine_timeout_s)
                        for url in engine_urls]
             self.router = Router(clients, offset=worker_index, name=f"rollout worker {worker_index}")
+            self._client = lambda url: make_client(url, model_cfg.path or "policy", sampling,
+                                                   rollout_cfg.engine_timeout_s)
         else:
             device = resolve_device(model_cfg.device, rollout_cfg.num_gpus_per_worker)
             self.model = load_model(
@@ -76,6 +78,10 @@ class RolloutWorker:
             success_threshold=success_threshold,
         )
         self.rng = random.Random(seed)
+
+    def add_engine(self, url: str) -> None:
+        """An engine started in place of a lost one: route new groups to it too."""
+        self.router.add(self._client(url))
 
     def get_policy_version(self) -> int:
         return self.engine.policy_version if self.engine is not None else self.router.policy_version

@@ -107,6 +107,14 @@ def check_engine_config(cfg: Config) -> None:
 BROADCAST_FROM_BYTES = 64 * 1024**2
 
 
+def start_engine(cfg: Config, model_path: Path | None, index: int, name: str) -> Any:
+    import ray
+
+    return ray.remote(EngineActor).options(
+        num_cpus=cfg.rollout.num_cpus_per_engine, num_gpus=cfg.rollout.num_gpus_per_engine, name=name,
+    ).remote(str(model_path), cfg, cfg.seed + 7919 * (index + 1), max(1, int(cfg.rollout.num_cpus_per_engine)))
+
+
 def engine_actor_name(index: int) -> str:
     """The Ray name of this driver's engine actor `index` (unique per driver process)."""
     return f"forge-engine-{os.getpid()}-{index}"
@@ -115,11 +123,14 @@ def engine_actor_name(index: int) -> str:
 class EnginePool:
     """The run's engines, seen from the driver."""
 
-    def __init__(self, urls: list[str], actors: list[Any], cfg: Config) -> None:
+    def __init__(self, urls: list[str], actors: list[Any], cfg: Config, model_path: Path | None = None) -> None:
         self.urls = urls
         self.actors = actors  # server mode: the EngineActors, same order as urls
         self.cfg = cfg
+        self.model_path = model_path
         self.dead: dict[str, str] = {}
+        self.restarts = 0
+        self.started: list[str] = []  # urls of engines started in place of lost ones, for the workers
 
     @classmethod
     def start(cls, cfg: Config, model_path: Path) -> EnginePool:
@@ -128,15 +139,24 @@ class EnginePool:
         check_engine_config(cfg)
         if cfg.rollout.engine == "remote":
             return cls(list(cfg.rollout.servers), [], cfg)
-        actor_class = ray.remote(EngineActor)
-        actors = [
-            actor_class.options(num_cpus=cfg.rollout.num_cpus_per_engine, num_gpus=cfg.rollout.num_gpus_per_engine,
-                                name=engine_actor_name(index))
-            .remote(str(model_path), cfg, cfg.seed + 7919 * (index + 1), max(1, int(cfg.rollout.num_cpus_per_engine)))
-            for index in range(cfg.rollout.num_engines)
-        ]
+        actors = [start_engine(cfg, model_path, index, engine_actor_name(index)) for index in range(cfg.rollout.num_engines)]
         urls = ray.get([actor.url.remote() for actor in actors])
-        return cls(urls, actors, cfg)
+        return cls(urls, actors, cfg, model_path)
+
+    def _restart(self, index: int) -> None:
+        """Start a new engine in place of lost engine `index` (it gets the weights at this sync)."""
+        import ray
+
+        self.restarts += 1
+        name = f"{engine_actor_name(index)}-restart{self.restarts}"
+        actor = start_engine(self.cfg, self.model_path, index, name)
+        url = ray.get(actor.url.remote(), timeout=self.cfg.rollout.engine_timeout_s * 5)
+        self.urls.append(url)
+        self.actors.append(actor)
+        self.started.append(url)
+        print(f"forge: engine {url} started in place of {self.urls[index]} "
+              f"({self.restarts} of rollout.max_engine_restarts={self.cfg.rollout.max_engine_restarts})",
+              file=sys.stderr, flush=True)
 
     @property
     def live_urls(self) -> list[str]:
@@ -148,6 +168,12 @@ class EnginePool:
         self.dead[url] = reason
         print(f"forge: engine {url} lost ({reason}); {len(self.live_urls)} of {len(self.urls)} engines remain",
               file=sys.stderr, flush=True)
+        if self.actors and self.restarts < self.cfg.rollout.max_engine_restarts:
+            try:
+                self._restart(self.urls.index(url))
+            except Exception as exc:  # the replacement failed to start: go on with the others
+                print(f"forge: a new engine in place of {url} did not start ({type(exc).__name__}: {exc})",
+                      file=sys.stderr, flush=True)
         if not self.live_urls:
             raise RuntimeError(f"all {len(self.urls)} inference engines are lost ({self.dead}); the run stops")
 
@@ -161,6 +187,27 @@ class EnginePool:
         if not self.actors:
             asyncio.run(self._sync_remote(wrapped, version, trainer, timeout_s))
             return
+        known = len(self.urls)
+        self._sync_actors(wrapped, version, trainer, timeout_s)
+        while len(self.urls) > known:  # engines started in place of ones lost during the sync
+            fresh = list(zip(self.urls[known:], self.actors[known:], strict=True))
+            known = len(self.urls)
+            for url, actor in fresh:
+                try:
+                    ray.get(actor.set_weights.remote(wrapped[0], version), timeout=timeout_s)
+                except (RayActorError, GetTimeoutError) as exc:
+                    self.lost(url, f"weight update failed: {type(exc).__name__}")
+
+    def take_started(self) -> list[str]:
+        """Engines started in place of lost ones since the last call (workers add them)."""
+        started = [url for url in self.started if url not in self.dead]
+        self.started = []
+        return started
+
+    def _sync_actors(self, wrapped: list[Any], version: int, trainer: Any, timeout_s: float) -> None:
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
         live = self._answering(timeout_s)
         method = self.method(trainer)
         if method == "broadcast":
@@ -197,6 +244,7 @@ class EnginePool:
 
         live = [(url, actor) for url, actor in zip(self.urls, self.actors, strict=True) if url not in self.dead]
         probes = [(url, actor, actor.get_policy_version.remote()) for url, actor in live]
+        known = len(self.urls)
         answering = []
         for url, actor, ref in probes:
             try:
@@ -204,7 +252,7 @@ class EnginePool:
                 answering.append((url, actor))
             except (RayActorError, GetTimeoutError) as exc:
                 self.lost(url, f"it does not answer: {type(exc).__name__}")
-        return answering
+        return answering + list(zip(self.urls[known:], self.actors[known:], strict=True))  # started meanwhile
 
     def method(self, trainer: Any) -> str:
         """How weights travel to server-mode engines: `rollout.weight_sync`, or with `auto`

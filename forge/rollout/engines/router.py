@@ -56,6 +56,9 @@ class Router:
     def alive(self) -> list[str]:
         return [e.client.url for e in self.engines if e.alive]
 
+    def add(self, client: EngineClient) -> None:
+        self.engines.append(_Engine(client))
+
     def register(self) -> None:
         self.active_episodes += 1
 
