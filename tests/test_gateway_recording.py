@@ -118,7 +118,9 @@ def test_resident_memory_levels_off_over_10000_calls(tmp_path):
     result = soak(10_000, every=500, max_live=32, keep_finished=16, workdir=tmp_path)
     print({k: v for k, v in result.items() if k != "series"})
     assert result["calls"] >= 10_000
-    assert result["max_episodes_in_memory"] <= 32 + 16 and result["max_engine_cached_episodes"] <= 32
+    # Live (32) and finished (16) episodes; the engine's KV for the live ones, plus at most one
+    # just-ended episode per agent whose release waits for the running batch.
+    assert result["max_episodes_in_memory"] <= 32 + 16 and result["max_engine_cached_episodes"] <= 32 + 4
     assert result["growth_second_half_mb"] < 20, result["series"]
 
 
