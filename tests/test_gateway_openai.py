@@ -395,6 +395,23 @@ def test_a_client_that_leaves_mid_stream_ends_generation_and_the_call_is_not_a_s
     assert engine.generated[0] < len(engine.reply)  # generation stopped when the client left
 
 
+class FailingEngine(ScriptedEngine):
+    def generate(self, requests):
+        raise RuntimeError("the device fell over")
+
+
+def test_a_generation_that_fails_mid_stream_ends_it_with_an_openai_error(tokenizer):
+    with serve(FailingEngine([]), tokenizer) as server:
+        episode = start(server)
+        stream = client(server, episode["episode_id"]).chat.completions.create(
+            model="p", messages=USER, stream=True
+        )
+        with pytest.raises(openai.APIError, match="generation failed: RuntimeError: the device fell over"):
+            list(stream)
+        stored = server.gateway.store.get(episode["episode_id"])
+    assert stored.calls == [] and "calls_dropped" not in stored.info
+
+
 def test_n_streamed_choices_arrive_by_index(engine, tokenizer):
     with serve(engine, tokenizer) as server:
         episode = start(server)

@@ -256,7 +256,7 @@ class StreamedCall:
         self.result: list[Choice] = []
 
     async def __aiter__(self) -> AsyncIterator[str]:
-        run, finished = self.run, False
+        run, outcome = self.run, "left"  # until the call is recorded or fails, the client may leave
         try:
             while True:
                 getter = asyncio.ensure_future(run.events.get())
@@ -271,11 +271,15 @@ class StreamedCall:
                 piece = self.render(run.events.get_nowait())
                 if piece:
                     yield piece
-            self.result = await self.gateway.finish_call(None, run)
-            finished = True
+            try:
+                self.result = await self.gateway.finish_call(None, run)
+            except EpisodeError:
+                outcome = "failed"
+                raise
+            outcome = "recorded"
         finally:
-            if not finished and not run.aborted:
-                run.abort()
+            if outcome == "left" and not run.aborted:
+                run.abort()  # generation stops at its next token; the call is not a sample
                 asyncio.ensure_future(self.gateway._drop(run))
 
 
