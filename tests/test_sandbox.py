@@ -190,3 +190,9 @@ def test_sandbox_python_chooses_the_interpreter(monkeypatch):
     sandbox.set_python("/usr/bin/python3")
     result = sandbox.run("import sys\nprint(sys.executable)")
     assert result.ok and result.stdout.strip() == "/usr/bin/python3"
+
+
+@pytest.mark.parametrize("level", range(BEST + 1))
+def test_a_command_that_cannot_start_reports_127(level):
+    result = sandbox.run("exec /no/such/program", "shell", level=level)
+    assert result.exit_code == 127 and not result.timed_out

@@ -54,7 +54,8 @@ class SandboxResult:
     stdout: str
     stderr: str
     # As a shell reports it, at every level: the code's exit status, or 128+N when it died of
-    # signal N; a call the harness ended (timeout, output cap) reports 137 (SIGKILL).
+    # signal N; a call the harness ended (timeout, output or disk cap) reports 137 (SIGKILL);
+    # 126/127 when level 1 could not set up or start the command (its stderr says why).
     exit_code: int
     timed_out: bool
     output_truncated: bool
