@@ -344,6 +344,10 @@ class EnginePool:
     def shutdown(self) -> None:
         import ray
 
+        live = [actor for url, actor in zip(self.urls, self.actors, strict=True) if url not in self.dead]
+        # Stop the HTTP servers first: killing an actor with its server thread running prints
+        # abseil mutex noise on the console.
+        ray.wait([actor.stop.remote() for actor in live], num_returns=len(live), timeout=5.0)
         for actor in self.actors:
             ray.kill(actor)
 
