@@ -32,7 +32,7 @@ def evaluate(
     process with the model saved in `checkpoint` (a `forge train` output's `final/`)."""
     from tqdm import tqdm
 
-    from forge.orchestrator import load_task_rows
+    from forge.orchestrator import load_task_rows, start_sandbox
     from forge.rollout.worker import RolloutWorker
 
     checkpoint = Path(checkpoint)
@@ -41,6 +41,7 @@ def evaluate(
             f"--checkpoint {checkpoint} is not a model folder (no config.json); "
             "pass a run's final/ folder or any save_pretrained checkpoint"
         )
+    start_sandbox(cfg)  # says the level; untrusted code is refused at level 0 unless allowed
     model_cfg = cfg.model.model_copy(update={"path": str(checkpoint), "lora": cfg.model.lora.model_copy(
         update={"enabled": False})})  # final/ holds merged weights
     worker = RolloutWorker(str(checkpoint), model_cfg, cfg.env, cfg.rollout, cfg.reward.success_threshold, cfg.seed,
@@ -56,4 +57,4 @@ def evaluate(
         everything.extend(trajectories)
     overall = task_summary(everything, time.perf_counter() - started)
     return {"checkpoint": str(checkpoint), "env": cfg.env.name, "tasks": len(tasks),
-            "episodes_per_task": episodes, **overall, "per_task": per_task}
+            "episodes_per_task": episodes, "sandbox_level": cfg.sandbox.level, **overall, "per_task": per_task}

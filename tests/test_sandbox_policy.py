@@ -90,7 +90,7 @@ def test_a_training_run_refuses_untrusted_code_at_level_0_before_starting_anythi
     from forge.orchestrator import train
 
     host_level(0)
-    cfg = load_config("configs/smoke.yaml", ["env.name=python_coding", "train.max_steps=1"])
+    cfg = load_config("configs/smoke.yaml", ["env.name=python_coding", "env.kwargs={}", "train.max_steps=1"])
     with pytest.raises(sandbox.SandboxUnavailable, match="allow_level_0"):
         train(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
@@ -109,3 +109,17 @@ def test_a_run_prints_its_level_and_writes_it_to_config_and_metrics(ray_session,
     assert written["sandbox"]["level"] == BEST
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [row["sandbox_level"] for row in rows] == [float(BEST)]
+
+
+def test_forge_eval_prints_its_level_and_reports_it(tiny_checkpoint, tmp_path, capsys):
+    from forge.cli import main
+
+    config = tmp_path / "eval.yaml"
+    config.write_text(
+        "env: {name: guess_number, kwargs: {n: 4}}\nrollout: {max_turns: 2, max_new_tokens: 1}\n"
+    )
+    code = main(["eval", str(config), "--checkpoint", str(tiny_checkpoint), "--episodes", "1", "--tasks", "1",
+                 "--no-progress"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0 and json.loads(captured.out)["sandbox_level"] == BEST
+    assert f"forge: sandbox level {BEST}" in captured.err
