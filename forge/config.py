@@ -412,7 +412,11 @@ class LoggingConfig(Section):
     tensorboard: bool = True
     wandb_project: str | None = None
     progress_bar: bool = True
-    trajectory_samples: int = Field(4, ge=0, description="decoded trajectories saved per step")
+    trajectory_samples: int = Field(4, ge=0, description="decoded trajectories saved per saved step")
+    trajectories_every: int = Field(
+        1, gt=0, description="save trajectory samples on every Nth step only (steps N, 2N, ...): "
+        "trajectories.jsonl grows N times slower"
+    )
 
 
 class Config(Section):

@@ -83,8 +83,9 @@ def show_step(bar: Any, metrics: dict[str, float], **extra: str) -> None:
 
 class MetricsLogger:
     def __init__(self, output_dir: Path, tensorboard: bool = True, wandb_project: str | None = None,
-                 config: dict[str, Any] | None = None) -> None:
+                 config: dict[str, Any] | None = None, trajectories_every: int = 1) -> None:
         self.output_dir = output_dir
+        self.trajectories_every = trajectories_every
         self.jsonl = (output_dir / "metrics.jsonl").open("a")
         self.samples = (output_dir / "trajectories.jsonl").open("a")
         self.tensorboard = None
@@ -116,9 +117,11 @@ class MetricsLogger:
 
     def record_step(self, step: int, metrics: dict[str, float], trajectories: list[Trajectory], tokenizer: Any,
                     samples: int) -> None:
-        """The step's metrics and the first `samples` of its episodes, decoded."""
+        """The step's metrics and, on every `trajectories_every`-th step, the first `samples`
+        of its episodes, decoded."""
         self.log(step, metrics)
-        self.log_trajectories(step, trajectories, tokenizer, samples)
+        if step % self.trajectories_every == 0:
+            self.log_trajectories(step, trajectories, tokenizer, samples)
 
     def log_trajectories(self, step: int, trajectories: list[Trajectory], tokenizer: Any, limit: int) -> None:
         for trajectory in trajectories[:limit]:

@@ -376,7 +376,8 @@ def train(
         except Exception:
             run.shutdown()
             raise
-    logger = MetricsLogger(output, cfg.logging.tensorboard, cfg.logging.wandb_project, cfg.to_dict())
+    logger = MetricsLogger(output, cfg.logging.tensorboard, cfg.logging.wandb_project, cfg.to_dict(),
+                           trajectories_every=cfg.logging.trajectories_every)
     show_progress = cfg.logging.progress_bar if progress is None else progress
     bar = tqdm(total=cfg.train.max_steps, desc="train", unit="step", disable=not show_progress,
                initial=first_step - 1)
@@ -519,7 +520,8 @@ def train_async(
     pool = ray.remote(DataPool).options(num_cpus=0).remote(
         cfg.rollout.tasks_per_step, cfg.async_.max_staleness, cfg.async_.window, cfg.async_.max_buffered_groups
     )
-    logger = MetricsLogger(output, cfg.logging.tensorboard, cfg.logging.wandb_project, cfg.to_dict())
+    logger = MetricsLogger(output, cfg.logging.tensorboard, cfg.logging.wandb_project, cfg.to_dict(),
+                           trajectories_every=cfg.logging.trajectories_every)
     show_progress = cfg.logging.progress_bar if progress is None else progress
     bar = tqdm(total=cfg.train.max_steps, desc="train async", unit="step", disable=not show_progress,
                initial=step)

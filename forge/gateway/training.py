@@ -188,7 +188,8 @@ def train_gateway(
         except Exception:
             stop_services()
             raise
-    logger = MetricsLogger(output, cfg.logging.tensorboard, cfg.logging.wandb_project, cfg.to_dict())
+    logger = MetricsLogger(output, cfg.logging.tensorboard, cfg.logging.wandb_project, cfg.to_dict(),
+                           trajectories_every=cfg.logging.trajectories_every)
     show_progress = cfg.logging.progress_bar if progress is None else progress
     bar = tqdm(total=cfg.train.max_steps, desc="train (gateway)", unit="step", disable=not show_progress,
                initial=step)
