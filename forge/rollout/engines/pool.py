@@ -344,6 +344,8 @@ class EnginePool:
     def shutdown(self) -> None:
         import ray
 
+        if not self.actors:  # remote servers are someone else's to stop
+            return
         live = [actor for url, actor in zip(self.urls, self.actors, strict=True) if url not in self.dead]
         # Stop the HTTP servers first: killing an actor with its server thread running prints
         # abseil mutex noise on the console.
