@@ -138,3 +138,33 @@ def test_unknown_packing_is_a_clear_error():
 def test_a_sample_longer_than_the_budget_is_refused_with_the_key_to_raise():
     with pytest.raises(ValueError, match="more than trainer.max_tokens_per_microbatch=12"):
         microbatches([make_sample([1] * 7), make_sample([2] * 13)], "tree", 12)
+
+
+@settings(max_examples=50, deadline=None)
+@given(sharing_sequences(), st.integers(1, 6), st.one_of(st.none(), st.integers(1, 8)))
+def test_flex_block_layout_covers_the_rule_and_marks_full_only_fully_allowed_blocks(
+    sequences, block_size, window
+):
+    from forge.tree.masks import tree_block_layout, tree_rule
+
+    tree = build_prefix_tree(sequences)
+    ends, depth = torch.as_tensor(tree.subtree_end), torch.as_tensor(tree.position_ids)
+    nodes = torch.arange(tree.num_nodes)
+    allowed = tree_rule(nodes[:, None], nodes[None, :], ends, depth, window)
+    partial, full = (
+        torch.as_tensor(b) for b in tree_block_layout(tree.subtree_end, block_size, tree.position_ids, window)
+    )
+    assert not (partial & full).any()
+    for i in range(partial.shape[0]):
+        for j in range(partial.shape[1]):
+            block = allowed[i * block_size : (i + 1) * block_size, j * block_size : (j + 1) * block_size]
+            if block.any():
+                assert partial[i, j] or full[i, j]  # no allowed pair is skipped
+            if full[i, j]:
+                assert block.all() and block.shape == (block_size, block_size)
+            if window is None:  # without a window the layout is exact, not just safe
+                assert bool(partial[i, j] or full[i, j]) == bool(block.any())
+                assert (
+                    bool(full[i, j]) == bool(block.all() and block.shape == (block_size, block_size))
+                    or i == j
+                )

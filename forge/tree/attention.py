@@ -103,10 +103,10 @@ class TreeLayout:
             return tree_query_blocks(
                 self.subtree_end, self.dtype, self.device, depth=self.depth, window=window
             )
+        if self.kind == "flex":
+            return flex_tree_block_mask(self.subtree_end, depth=self.depth, window=window, device=self.device)
         ends = torch.as_tensor(self.subtree_end, device=self.device)
         depth = torch.as_tensor(self.depth, device=self.device)
-        if self.kind == "flex":
-            return flex_tree_block_mask(ends, depth=depth, window=window)
         return dense_tree_mask(ends, self.dtype, depth=depth, window=window)
 
     def placeholder_mask(self) -> torch.Tensor:
