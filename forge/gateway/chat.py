@@ -8,7 +8,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from forge.gateway.calls import CallRun, CallSpec, Choice
+from forge.gateway.calls import CallRun, CallSpec, Choice, TokenEvent
 from forge.gateway.decoding import JsonObjectEnd, token_entry
 from forge.gateway.episodes import EpisodeError
 from forge.gateway.protocol import ChatCompletionRequest, completion_id, finish_reason, now
@@ -155,23 +155,18 @@ async def chat_stream(
 
     for index in range(run.spec.n):
         yield chunk(index, {"role": "assistant", "content": ""})
-    choices = gateway.stream_events(
-        run,
-        lambda event: (
-            chunk(
-                event.index,
-                {"content": event.text} if event.text else {},
-                logprobs={
-                    "content": [token_entry(gateway.tokenizer, event.token_id, event.logprob, event.top)],
-                    "refusal": None,
-                }
-                if body.logprobs
-                else None,
-            )
-            if event.text or body.logprobs
-            else None
-        ),
-    )
+
+    def token_chunk(event: TokenEvent) -> str | None:
+        """A sampled token's chunk: its settled text, and its logprob when asked for."""
+        if not (event.text or body.logprobs):
+            return None
+        logprobs = None
+        if body.logprobs:
+            entry = token_entry(gateway.tokenizer, event.token_id, event.logprob, event.top)
+            logprobs = {"content": [entry], "refusal": None}
+        return chunk(event.index, {"content": event.text} if event.text else {}, logprobs=logprobs)
+
+    choices = gateway.stream_events(run, token_chunk)
     async for piece in choices:
         yield piece
     done: list[Choice] = choices.result
