@@ -61,7 +61,7 @@ class ScriptedEngine:
 
 
 @contextmanager
-def serve(engine, tokenizer, max_new_tokens: int = 6, max_context_tokens: int = 256, **gateway_options):
+def serve(engine, tokenizer, max_new_tokens: int = 6, max_context_tokens: int = 1024, **gateway_options):
     store = EpisodeStore(lambda: GuessNumberEnv(n=8))
     gateway = Gateway(engine, tokenizer, store, max_new_tokens, max_context_tokens, **gateway_options)
     # The gateway runs batches on a worker thread; torch's thread pool spinning there

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -127,7 +128,9 @@ def test_a_template_that_renders_tools_gets_structured_tool_calls(checkpoint):
     tokenizer.add_tokens([TOOL_TEXT])
     tokenizer.chat_template = TOOL_AWARE_TEMPLATE
     _, second_call = tool_call_then_tool_result(tokenizer)
-    assert tokenizer.decode(second_call.prompt_ids).split() == (
+    # Special tokens decode without spaces around them: set them apart to compare words.
+    decoded = re.sub(r"(<\|im_\w+\|>)", r" \1 ", tokenizer.decode(second_call.prompt_ids))
+    assert decoded.split() == (
         "<|im_start|> system guess <|im_end|> <|im_start|> user guess <|im_end|> "
         "<|im_start|> assistant guess 3 <|im_end|> <|im_start|> tool higher <|im_end|> <|im_start|> assistant"
     ).split()

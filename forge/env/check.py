@@ -25,7 +25,8 @@ from forge.env.tasks import load_tasks
 HUGE_ACTION_CHARS = 1_000_000
 HUGE_ACTION = "huge action"  # the check's name; its 1M-char probe is exempt from INLINE_LIMIT_S
 HUNG_GRACE_S = 2.0  # past the timeout, a call the watchdog could not interrupt is reported hung
-INLINE_LIMIT_S = 0.01  # an env with blocking = False must answer every call within this
+INLINE_LIMIT_S = 0.01
+MAX_TOKEN_SAMPLES = 20  # observations of the probe episode whose tokens are checked  # an env with blocking = False must answer every call within this
 GARBAGE_ACTIONS = [
     "\x00\x01\x02\ufffd\U0001f600" * 50,
     "<tool_call>{not json</tool_call>",
@@ -118,7 +119,15 @@ def _timeout_fix(method: Callable) -> str:
 
 
 class _Checker:
-    def __init__(self, env_class: type[Env], kwargs: dict[str, Any], timeout_s: float, report: CheckReport):
+    def __init__(
+        self,
+        env_class: type[Env],
+        kwargs: dict[str, Any],
+        timeout_s: float,
+        report: CheckReport,
+        tokenizer: tuple[str, Any] | None = None,
+    ):
+        self.tokenizer = tokenizer  # (name, tokenizer) whose view of the env's text is checked
         self.env_class = env_class
         self.kwargs = kwargs
         self.timeout_s = timeout_s
@@ -245,6 +254,10 @@ class _Checker:
         else:
             self.record("done", True, f"not reached within {max_steps} probe actions (not an error)")
 
+        if self.tokenizer is not None:
+            shown = [first[0][0]] + [observation for observation, _, done in first[1:] if not done]
+            self.check_tokens(env, shown[:MAX_TOKEN_SAMPLES])
+
         mine = await self.episode(self.new_env(), task, seed, actions[:5])
         theirs = await self.episode(self.new_env(), task, seed, actions[:5])
         self.record("determinism", mine == theirs,
@@ -278,6 +291,15 @@ class _Checker:
             except Exception:  # already reported, or not the check that failed
                 pass
 
+    def check_tokens(self, env: Env, observations: list[str]) -> None:
+        from forge.env.tokens import tokenize_env_text
+
+        name, tokenizer = self.tokenizer
+        report = tokenize_env_text(tokenizer, observations, env.system_prompt, env.tools)
+        self.record("tokens", report.unknown_tokens == 0, f"for {name}: {report.summary()}",
+                    "the model would read <unk> for that text: train a model whose tokenizer covers it "
+                    "(model.path), or word the prompt and observations in text it covers")  # fmt: skip
+
     def check_tools(self, env: Env) -> None:
         if not env.tools:
             return
@@ -308,8 +330,11 @@ def check_env(
     seed: int = 0,
     timeout_s: float = 30.0,
     max_steps: int = 40,
+    tokenizer: tuple[str, Any] | None = None,
 ) -> CheckReport:
-    """Run the contract checks on env `name` (registry name, `module:Class` or the class)."""
+    """Run the contract checks on env `name` (registry name, `module:Class` or the class);
+    with `tokenizer` (a name for the report, the tokenizer), also how its prompt and
+    observations tokenize, failing on unknown tokens."""
     label = name if isinstance(name, str) else f"{name.__module__}:{name.__qualname__}"
     report = CheckReport(label)
     try:
@@ -322,7 +347,7 @@ def check_env(
         )
         report.checks.append(Check("resolve", False, str(exc), fix))
         return report
-    checker = _Checker(env_class, dict(kwargs or {}), timeout_s, report)
+    checker = _Checker(env_class, dict(kwargs or {}), timeout_s, report, tokenizer)
 
     async def run_all() -> None:
         try:
@@ -385,6 +410,12 @@ def add_check_arguments(parser: Any) -> None:
     parser.add_argument("--tasks", default=None, help="jsonl/parquet/arrow file or dataset name")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds allowed per reset/step")
+    parser.add_argument(
+        "--model", default=None,
+        help="checkpoint folder whose tokenizer the prompts are checked with (default: the config's model.path, "
+        "else the built-in tiny model)",
+    )  # fmt: skip
+    parser.add_argument("--config", default=None, help="a training config: its model is the one checked")
 
 
 def run_check_command(args: Any) -> int:
@@ -393,7 +424,22 @@ def run_check_command(args: Any) -> int:
     except json.JSONDecodeError as exc:
         print(f"--kwargs must be a JSON object, e.g. '{{\"n\": 8}}' ({exc})")
         return 2
-    report = check_env(args.name, kwargs, tasks=args.tasks, seed=args.seed, timeout_s=args.timeout)
+    from forge.env.tokens import load_check_tokenizer
+
+    model_path = args.model
+    if model_path is None and args.config:
+        from forge.config import load_config
+
+        model_path = load_config(args.config, []).model.path
+    tokenizer, name = load_check_tokenizer(model_path)
+    report = check_env(
+        args.name,
+        kwargs,
+        tasks=args.tasks,
+        seed=args.seed,
+        timeout_s=args.timeout,
+        tokenizer=(name, tokenizer),
+    )
     print(report.render())
     return 0 if report.passed else 1
 

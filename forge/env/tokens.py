@@ -1,0 +1,88 @@
+"""How an env's text reaches a model: its prompt and observations rendered through the
+model's chat template and tokenized, with the words the tokenizer cannot represent."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+_BYTE_TOKEN = re.compile(r"^<0x[0-9A-F]{2}>$")
+
+
+@dataclass
+class TokenReport:
+    prompt_tokens: int = 0
+    observation_tokens: list[int] = field(default_factory=list)
+    byte_tokens: int = 0  # pieces spelled in bytes (a byte-fallback tokenizer's rare words)
+    unknown_tokens: int = 0
+    unknown_words: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        counts = f"prompt {self.prompt_tokens} tokens"
+        if self.observation_tokens:
+            counts += (
+                f", {len(self.observation_tokens)} observations {min(self.observation_tokens)}-"
+                f"{max(self.observation_tokens)} tokens"
+            )
+        if self.unknown_tokens:
+            words = ", ".join(repr(w) for w in self.unknown_words[:8])
+            more = f" and {len(self.unknown_words) - 8} more" if len(self.unknown_words) > 8 else ""
+            return f"{counts}; {self.unknown_tokens} unknown tokens: the model cannot see {words}{more}"
+        return f"{counts}; no unknown tokens ({self.byte_tokens} spelled in bytes)"
+
+
+def _unknown_words(tokenizer: Any, text: str) -> list[str]:
+    unk = tokenizer.unk_token_id
+    words = []
+    for word in dict.fromkeys(text.split()):
+        if unk in tokenizer(word, add_special_tokens=False)["input_ids"]:
+            words.append(word)
+    return words
+
+
+def tokenize_env_text(
+    tokenizer: Any, observations: list[str], system_prompt: str | None = None, tools: list[dict] | None = None
+) -> TokenReport:
+    """The first observation as the prompt (with the system prompt and tools), the rest as
+    observations appended after a model turn, exactly as the agent loop renders them."""
+    from forge.rollout.chat import ChatFormat
+
+    chat = ChatFormat(tokenizer)
+    report = TokenReport()
+    pieces = [chat.prompt_ids(observations[0], system_prompt, tools)] if observations else []
+    report.prompt_tokens = len(pieces[0]) if pieces else 0
+    for observation in observations[1:]:
+        ids = chat.observation_ids(observation)
+        report.observation_tokens.append(len(ids))
+        pieces.append(ids)
+    unk = tokenizer.unk_token_id
+    for ids in pieces:
+        report.unknown_tokens += sum(token == unk for token in ids) if unk is not None else 0
+        report.byte_tokens += sum(
+            bool(_BYTE_TOKEN.match(t or "")) for t in tokenizer.convert_ids_to_tokens(ids)
+        )
+    if report.unknown_tokens:
+        texts = [system_prompt or "", *observations]
+        report.unknown_words = list(
+            dict.fromkeys(w for text in texts for w in _unknown_words(tokenizer, text))
+        )
+    return report
+
+
+def load_check_tokenizer(model_path: str | None) -> tuple[Any, str]:
+    """The tokenizer of `model_path` (a checkpoint folder), or the built-in tiny model's
+    when None (what a config without model.path trains); and a name for the report."""
+    if model_path is None:
+        from forge.models.tiny import build_tokenizer
+
+        return build_tokenizer(), "the built-in tiny model"
+    import os
+
+    from forge.models.loading import load_tokenizer
+
+    if not os.path.isdir(model_path):
+        raise FileNotFoundError(
+            f"model {model_path!r} is not a folder: give a checkpoint folder (--model, model.path)"
+        )
+    return load_tokenizer(model_path), model_path

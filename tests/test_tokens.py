@@ -1,0 +1,107 @@
+"""The built-in tiny model sees any text, and `forge env check` says how an env's text
+tokenizes for the model it will train, failing when the model would read <unk>."""
+
+from __future__ import annotations
+
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from forge.env.base import Env, StepResult
+from forge.env.check import check_env
+from forge.env.tokens import tokenize_env_text
+from forge.models.tiny import build_tokenizer
+
+ANY_TEXT = 'Reach 17 with +1 / +3 / x2 moves.\n\tTry:  ünïcode 😀 {"json": [1, 2]}'
+
+
+class ReachEnv(Env):
+    system_prompt = "Reach the target number with moves +1, +3 or x2. Reply with one move."
+
+    @classmethod
+    def generate_tasks(cls, num_tasks, seed, **kwargs):
+        return [{"task_id": str(i), "target": 10 + i} for i in range(num_tasks)]
+
+    def reset(self, task, seed):
+        self.value, self.target = 1, task["target"]
+        return f"You are at {self.value}; reach {self.target}."
+
+    def step(self, action):
+        self.value += 1
+        done = self.value >= self.target
+        return StepResult(f"Now at {self.value}.", float(done), done)
+
+
+def test_the_tiny_tokenizer_represents_any_text_without_unknown_tokens():
+    tokenizer = build_tokenizer()
+    ids = tokenizer(ANY_TEXT, add_special_tokens=False)["input_ids"]
+    assert tokenizer.unk_token_id not in ids
+    assert tokenizer.decode(ids) == ANY_TEXT
+
+
+def test_the_tiny_tokenizer_keeps_known_words_as_single_tokens():
+    tokenizer = build_tokenizer()
+    ids = tokenizer("guess a number from 0 to 3", add_special_tokens=False)["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(ids) == ["▁guess", "▁a", "▁number", "▁from", "▁0", "▁to", "▁3"]
+
+
+def test_a_generated_turn_tokenizes_as_the_rendered_history_does():
+    from forge.rollout.chat import ChatFormat
+
+    tokenizer = build_tokenizer()
+    chat = ChatFormat(tokenizer)
+    reply = tokenizer("2", add_special_tokens=False)["input_ids"]
+    played = chat.prompt_ids("guess a number") + reply + [chat.eos_token_id]
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "guess a number"}, {"role": "assistant", "content": "2"}], tokenize=False
+    )
+    assert played == tokenizer(rendered, add_special_tokens=False)["input_ids"]
+
+
+def test_env_check_reports_how_the_env_text_tokenizes_for_the_tiny_model():
+    report = check_env(ReachEnv, tokenizer=("the built-in tiny model", build_tokenizer()))
+    tokens = next(c for c in report.checks if c.name == "tokens")
+    assert tokens.passed, report.render()
+    assert tokens.detail.startswith("for the built-in tiny model: prompt ")
+    assert "no unknown tokens" in tokens.detail and "spelled in bytes" in tokens.detail
+
+
+def _word_level(tmp_path) -> PreTrainedTokenizerFast:
+    words = ["<|im_start|>", "<|im_end|>", "<unk>", "user", "assistant", "system", "you", "are", "at"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<|im_end|>",
+                                        additional_special_tokens=["<|im_start|>"])  # fmt: skip
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m.role }} {{ m.content }}<|im_end|>{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
+    )
+    return tokenizer
+
+
+def test_env_check_fails_text_the_model_would_read_as_unknown(tmp_path):
+    report = check_env(ReachEnv, tokenizer=("a word-level model", _word_level(tmp_path)))
+    tokens = next(c for c in report.checks if c.name == "tokens")
+    assert not tokens.passed and not report.passed
+    assert "unknown tokens: the model cannot see 'Reach'" in tokens.detail
+    assert "model.path" in tokens.fix
+
+
+def test_tokenize_env_text_counts_prompt_and_observation_tokens():
+    report = tokenize_env_text(build_tokenizer(), ["guess a number", "higher", "lower"])
+    assert report.unknown_tokens == 0 and report.byte_tokens == 0
+    assert report.prompt_tokens == 8  # <|im_start|> user guess a number <|im_end|> <|im_start|> assistant
+    assert report.observation_tokens == [6, 6]
+
+
+def test_the_cli_checks_tokens_with_the_configs_model(capsys):
+    from forge.cli import main
+
+    assert main(["env", "check", "guess_number", "--config", "configs/smoke.yaml"]) == 0
+    assert "PASS  tokens           for the built-in tiny model: prompt" in capsys.readouterr().out
+
+
+def test_the_cli_names_a_model_folder_it_cannot_read(capsys):
+    from forge.cli import main
+
+    assert main(["env", "check", "guess_number", "--model", "/no/such/model"]) == 2
+    assert "model '/no/such/model' is not a folder" in capsys.readouterr().err
