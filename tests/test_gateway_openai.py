@@ -479,3 +479,27 @@ def test_overridden_sampling_says_so_in_a_header(tokenizer):
     assert raw.headers["x-forge-sampling"] == "overridden temperature=0.2->1.0 (gateway.sampling=override)"
     assert "x-forge-sampling" not in plain.headers
     assert [r.temperature for r in engine.requests] == [None, None]  # the engine's own setting ran
+
+
+@pytest.mark.parametrize("rule", ["override", "honour"])
+def test_a_training_runs_gateway_follows_gateway_sampling(tokenizer, rule):
+    from forge.config import Config
+    from forge.gateway import EpisodeStore, GatewayServer
+    from forge.gateway.training import run_gateway
+
+    cfg = Config() if rule == "override" else Config.model_validate({"gateway": {"sampling": rule}})
+    engine = ScriptedEngine([tokenizer.eos_token_id])
+    gateway = run_gateway(cfg, engine, tokenizer, EpisodeStore())
+    with GatewayServer(gateway) as server:
+        episode = start(server)
+        raw = client(server, episode["episode_id"]).chat.completions.with_raw_response.create(
+            model="p", messages=USER, temperature=0.3, top_p=0.9
+        )
+    [request] = engine.requests
+    if rule == "override":  # the default: the run's settings, and a header saying so
+        assert (request.temperature, request.top_p) == (None, None)
+        assert raw.headers["x-forge-sampling"] == (
+            "overridden temperature=0.3->1.0, top_p=0.9->1.0 (gateway.sampling=override)"
+        )
+    else:
+        assert (request.temperature, request.top_p) == (0.3, 0.9) and "x-forge-sampling" not in raw.headers

@@ -102,6 +102,14 @@ def close_unfinished(server: GatewayServer, exits: dict[str, AgentExit]) -> None
         server.call(server.gateway.abandon_episode(episode_id, status, error))
 
 
+def run_gateway(cfg: Config, engine: Any, tokenizer: Any, store: EpisodeStore) -> Gateway:
+    """The gateway of a training run: the run's limits, tool parser and sampling rule
+    (`gateway.sampling`: override by default, so every call samples with rollout.temperature
+    and rollout.top_p, or honour)."""
+    return Gateway(engine, tokenizer, store, cfg.rollout.max_new_tokens, cfg.rollout.max_context_tokens,
+                   tool_parser=cfg.gateway.tool_parser, sampling=cfg.gateway.sampling)
+
+
 async def _take(store: EpisodeStore, episode_ids: list[str]) -> list[Episode]:
     return store.take(episode_ids)
 
@@ -166,8 +174,7 @@ def train_gateway(
                       cfg.rollout.temperature, cfg.rollout.top_p, seed=cfg.seed)
     env_class = resolve_env(cfg.env.name)
     store = EpisodeStore(lambda: env_class(**cfg.env.kwargs), cfg.env.step_timeout_s)
-    gateway = Gateway(engine, tokenizer, store, cfg.rollout.max_new_tokens, cfg.rollout.max_context_tokens,
-                      tool_parser=cfg.gateway.tool_parser, sampling=cfg.gateway.sampling)
+    gateway = run_gateway(cfg, engine, tokenizer, store)
     server = GatewayServer(gateway, cfg.gateway.host, cfg.gateway.port).start()
     agent_env = {"OPENAI_BASE_URL": server.base_url, "FORGE_GATEWAY_URL": server.root_url,
                  "FORGE_MAX_TURNS": str(cfg.rollout.max_turns)}
