@@ -18,11 +18,14 @@ class BatchingEngine:
     the first request arrived, so an episode stuck in a slow env step never stalls the
     others.
 
-    A batch runs on the event loop's own thread: torch's intra-op threads (OpenMP) work
-    for the thread that set them up, and handing generation to another thread made decoding
-    about 2x slower at 2 threads (bench/generation.py). Env calls that may block already
-    run in their own threads, so they go on meanwhile. `offload=True` runs batches in a
-    thread instead, for a loop that must stay responsive (the gateway's HTTP server).
+    A batch runs on the event loop's own thread, the one torch's threads were set up on:
+    handed to asyncio.to_thread, a batch decoded about 2x slower at 2 threads (0.87 s
+    against 0.36 s in the issue; 1.12 s against 0.55 s here at a load of 4). Under heavy
+    oversubscription (load 18 on 2 cores) the order turned (bench/results/
+    generation-threads2.json), which is why a crowded machine should run at 1 thread.
+    Env calls that may block run in their own threads meanwhile. `offload=True` runs
+    batches in a thread instead, for a loop that must stay responsive (the gateway's HTTP
+    server).
     """
 
     def __init__(
