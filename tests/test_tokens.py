@@ -96,7 +96,7 @@ def test_tokenize_env_text_counts_prompt_and_observation_tokens():
 def test_the_cli_checks_tokens_with_the_configs_model(capsys):
     from forge.cli import main
 
-    assert main(["env", "check", "guess_number", "--config", "configs/smoke.yaml"]) == 0
+    main(["env", "check", "examples.custom_env:ReverseEnv", "--config", "configs/smoke.yaml"])
     assert "PASS  tokens           for the built-in tiny model: prompt" in capsys.readouterr().out
 
 

@@ -13,7 +13,11 @@ from typing import Any
 
 @dataclass
 class StepResult:
-    """What one env step returns. `reward` counts when `done`; `info` is logged."""
+    """What one env step returns; `info` is logged.
+
+    Reward rule: an episode's outcome is the sum of the `reward`s of all its steps (an env
+    that scores only the end returns 0.0 until the step that is `done`). Success is
+    `info["success"]` when given, else outcome >= `reward.success_threshold`."""
 
     observation: str
     reward: float = 0.0
@@ -22,7 +26,9 @@ class StepResult:
 
 
 class Env:
-    """One episode at a time. A task is a dict row (a `datasets.Dataset` row)."""
+    """One episode at a time. A task is a dict row (a `datasets.Dataset` row).
+
+    An episode's outcome is the sum of its steps' rewards (see `StepResult`)."""
 
     # Optional OpenAI-style function schemas; rendered through the chat template.
     tools: list[dict[str, Any]] | None = None
