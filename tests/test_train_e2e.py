@@ -32,6 +32,11 @@ def test_short_run_writes_finite_metrics_tensorboard_and_a_loadable_checkpoint(r
             assert isinstance(row[key], float) and math.isfinite(row[key]), (key, row[key])
     assert any(row["tokens_computed"] for row in rows)
     assert [row["policy_version"] for row in rows] == [1.0, 2.0, 3.0]
+    from test_metrics_doc import documented_metrics
+
+    for row in rows:  # the README's metrics table explains every key a run writes
+        assert set(row) - documented_metrics() == set()
+        assert 0 < row["step_seconds"] <= row["wall_seconds"]  # each step's own wall time
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     assert (tmp_path / "run" / "trajectories.jsonl").read_text().strip()
     model = AutoModelForCausalLM.from_pretrained(str(result.checkpoint))
