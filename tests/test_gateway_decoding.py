@@ -55,3 +55,26 @@ def test_the_json_end_finder_matches_a_whole_scan():
     ends = [finder(text[:size]) for size in range(1, len(text) + 1)]
     closed = text.index("]}") + 2
     assert ends[closed - 1] == closed and all(end is None for end in ends[: closed - 1])
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoint):
+    from forge.models.loading import load_tokenizer
+
+    return load_tokenizer(tiny_checkpoint)
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_any_token_ids_of_a_byte_fallback_tokenizer_stream_as_their_whole_decode(tiny, data):
+    # Random ids are what a random model samples: words, byte pieces in invalid runs (which
+    # byte fallback decodes as a whole), specials.
+    ids = data.draw(st.lists(st.integers(0, len(tiny) - 1), max_size=30))
+    hidden = set(tiny.all_special_ids)
+    stream, handed_out = TextStream(tiny, [], hidden), ""
+    for token in ids:
+        stream.push(token)
+        handed_out += stream.ready()
+    stream.settle()
+    handed_out += stream.ready(final=True)
+    assert handed_out == stream.final_text == tiny.decode([t for t in ids if t not in hidden])

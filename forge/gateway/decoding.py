@@ -47,6 +47,10 @@ class TextStream:
         if token_id in self.hidden_ids:
             return
         self._visible.append(token_id)
+        if _byte_piece(self.tokenizer.convert_ids_to_tokens(token_id)):
+            # Sentencepiece's byte fallback decodes a run of byte pieces as one (an invalid run
+            # becomes all replacement characters): wait for the run to end.
+            return
         decode = self.tokenizer.decode
         before = decode(self._visible[self._window : self._read], skip_special_tokens=False)
         after = decode(self._visible[self._window :], skip_special_tokens=False)
@@ -159,7 +163,7 @@ def token_bytes(tokenizer: Any, token_id: int) -> bytes:
     if piece is None:
         return b""
     if token_id not in tokenizer.all_special_ids:
-        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        if _byte_piece(piece):
             try:
                 return bytes([int(piece[3:5], 16)])
             except ValueError:
@@ -171,6 +175,11 @@ def token_bytes(tokenizer: Any, token_id: int) -> bytes:
         elif "\u2581" in piece:  # sentencepiece's word-start mark is a space
             return piece.replace("\u2581", " ").encode("utf-8")
     return tokenizer.decode([token_id], skip_special_tokens=False).encode("utf-8")
+
+
+def _byte_piece(piece: str | None) -> bool:
+    """A sentencepiece byte-fallback token, `<0xNN>`."""
+    return piece is not None and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">")
 
 
 def _byte_level(tokenizer: Any) -> bool:
