@@ -44,6 +44,17 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sft(args: argparse.Namespace) -> int:
+    from forge.config import load_config
+    from forge.sft import sft
+
+    cfg = load_config(args.config, args.overrides)
+    output = args.output_dir or f"{cfg.output_dir}-sft"
+    final = sft(cfg, args.data, output, epochs=args.epochs, batch_size=args.batch_size)
+    print(f"done: metrics in {output}/metrics.jsonl; model {final} (train on: forge train CONFIG model.path={final})")
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     import json
 
@@ -133,6 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace an earlier run in the output directory (else refused)"
     )
     train.set_defaults(handler=_train)
+
+    warm = commands.add_parser("sft", help="supervised warm start on chat transcripts (loss on assistant tokens)")
+    warm.add_argument("config", help="YAML config: its model, env (for demonstrations), train and trainer settings")
+    warm.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.learning_rate=1e-3")
+    warm.add_argument("--data", help="jsonl of {'messages': [...]}; default: the env's demonstrations(tasks)")
+    warm.add_argument("--output-dir", help="where the run writes (default: output_dir + '-sft')")
+    warm.add_argument("--epochs", type=int, default=1)
+    warm.add_argument("--batch-size", type=int, default=16, help="transcripts per optimizer step")
+    warm.set_defaults(handler=_sft)
 
     evaluate = commands.add_parser("eval", help="play episodes with a trained model; prints one JSON object")
     evaluate.add_argument(

@@ -1,0 +1,102 @@
+"""`forge sft`: supervised warm start through the RL trainer, loss on assistant tokens only."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from forge.models.tiny import build_tokenizer
+from forge.sft import transcript_sample
+
+TRANSCRIPT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "guess a number from 0 to 3"},
+    {"role": "assistant", "content": "2"},
+    {"role": "user", "content": "higher"},
+    {"role": "assistant", "content": "3"},
+]
+
+
+def test_only_the_assistant_tokens_carry_the_loss():
+    tokenizer = build_tokenizer()
+    sample = transcript_sample(tokenizer, TRANSCRIPT)
+    trained = [
+        tokenizer.convert_ids_to_tokens(i)
+        for i, m in zip(sample.token_ids, sample.loss_mask, strict=True)
+        if m
+    ]
+    assert trained == ["▁2", "<|im_end|>", "▁3", "<|im_end|>"]  # each reply and its end of turn
+    rendered = tokenizer.apply_chat_template(TRANSCRIPT, tokenize=False)
+    assert sample.token_ids == tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    assert sample.advantage == 1.0
+
+
+def test_a_transcript_without_an_assistant_message_is_refused():
+    with pytest.raises(ValueError, match="no assistant message"):
+        transcript_sample(build_tokenizer(), TRANSCRIPT[:2])
+
+
+def test_sft_teaches_the_demonstrated_reply(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from forge.cli import main
+    from forge.models.loading import load_tokenizer
+
+    data = tmp_path / "demos.jsonl"
+    data.write_text("".join(json.dumps({"messages": TRANSCRIPT[1:3]}) + "\n" for _ in range(16)))
+    overrides = ["train.learning_rate=0.003", "logging.tensorboard=false"]
+    assert main(["sft", "configs/smoke.yaml", *overrides, "--data", str(data), "--output-dir",
+                 str(tmp_path / "sft"), "--epochs", "10", "--batch-size", "8"]) == 0  # fmt: skip
+    assert "model.path=" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 20 and rows[-1]["loss"] < rows[0]["loss"] / 4
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "sft" / "final")
+    tokenizer = load_tokenizer(tmp_path / "sft" / "final")
+    prompt = tokenizer.apply_chat_template(TRANSCRIPT[1:2], add_generation_prompt=True, tokenize=False)
+    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        best = model(ids).logits[0, -1].argmax().item()
+    assert tokenizer.convert_ids_to_tokens(best) == "▁2"
+
+
+def test_bad_transcript_files_name_the_line(tmp_path):
+    from forge.config import ConfigError
+    from forge.sft import read_transcripts
+
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "x"}]}\n{"text": "no messages"}\n')
+    with pytest.raises(ConfigError, match="line 2 needs a 'messages' list"):
+        read_transcripts(data)
+
+
+class DemoEnv:
+    """Only what `forge sft` asks of an env: tasks and `demonstrations(tasks)`."""
+
+    @classmethod
+    def demonstrations(cls, tasks, **kwargs):
+        return [[{"role": "user", "content": "guess a number"}, {"role": "assistant", "content": str(t["secret"])}]
+                for t in tasks]  # fmt: skip
+
+
+def test_an_envs_demonstrations_are_the_default_data(tmp_path, monkeypatch):
+    from forge import sft as sft_module
+    from forge.config import load_config
+
+    monkeypatch.setattr("forge.env.registry.resolve_env", lambda name: DemoEnv)
+    monkeypatch.setattr(
+        "forge.orchestrator.load_task_rows", lambda cfg: [{"secret": i % 4} for i in range(12)]
+    )
+    cfg = load_config("configs/smoke.yaml", ["logging.tensorboard=false"])
+    sft_module.sft(cfg, None, tmp_path / "sft", epochs=1, batch_size=4)
+    rows = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["trained_samples"] for r in rows] == [4.0, 4.0, 4.0]
+
+
+def test_an_env_without_demonstrations_is_told_to_give_data(monkeypatch):
+    from forge.config import ConfigError, load_config
+    from forge.sft import env_demonstrations
+
+    with pytest.raises(ConfigError, match="GuessNumberEnv has no demonstrations"):
+        env_demonstrations(load_config("configs/smoke.yaml", []))
