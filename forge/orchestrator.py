@@ -55,7 +55,21 @@ def start_ray(num_cpus: int | None = None, env_name: str | None = None) -> None:
         include_dashboard=False,
         log_to_driver=True,
         configure_logging=False,
+        _system_config=ray_system_config(),
     )
+
+
+# Ray's GCS server keeps the status and profile events of the last 100,000 tasks (its
+# default). A run makes ~5 Ray calls a step, ~3.6 KB of events each, so the GCS grew by
+# ~18 KB a step, 350 MB over 20,000 steps, before that cap. 2,000 tasks (the last few
+# hundred steps, still listed by `ray list tasks`) bound it at a few MB.
+TASK_EVENTS_IN_GCS = 2000
+
+
+def ray_system_config() -> dict[str, int]:
+    """Ray settings for a local cluster Forge starts; a RAY_<name> the user set wins."""
+    config = {"task_events_max_num_task_in_gcs": TASK_EVENTS_IN_GCS}
+    return {name: value for name, value in config.items() if f"RAY_{name}" not in os.environ}
 
 
 def start_sandbox(cfg: Config) -> int:

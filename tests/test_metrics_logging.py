@@ -15,17 +15,26 @@ def episode(tokenizer, task_id: str) -> Trajectory:
     guess = tokenizer.encode(" 2")
     ids = prompt + guess
     return Trajectory(
-        task_id=task_id, group_id=task_id, token_ids=ids, loss_mask=[0] * len(prompt) + [1] * len(guess),
-        behaviour_logprobs=[0.0] * len(ids), policy_versions=[-1] * len(prompt) + [0] * len(guess),
-        prompt_length=len(prompt), turns=[Turn(start=len(prompt), end=len(ids), obs_end=len(ids))],
+        task_id=task_id,
+        group_id=task_id,
+        token_ids=ids,
+        loss_mask=[0] * len(prompt) + [1] * len(guess),
+        behaviour_logprobs=[0.0] * len(ids),
+        policy_versions=[-1] * len(prompt) + [0] * len(guess),
+        prompt_length=len(prompt),
+        turns=[Turn(start=len(prompt), end=len(ids), obs_end=len(ids))],
     )
 
 
-def test_trajectory_samples_are_saved_on_every_nth_step_only_and_metrics_on_every_step(tmp_path, tiny_checkpoint):
+def test_trajectory_samples_are_saved_on_every_nth_step_only_and_metrics_on_every_step(
+    tmp_path, tiny_checkpoint
+):
     tokenizer = load_tokenizer(tiny_checkpoint)
     logger = MetricsLogger(tmp_path, tensorboard=False, trajectories_every=3)
     for step in range(1, 10):
-        logger.record_step(step, {"reward": 1.0}, [episode(tokenizer, f"t{step}-{i}") for i in range(5)], tokenizer, 2)
+        logger.record_step(
+            step, {"reward": 1.0}, [episode(tokenizer, f"t{step}-{i}") for i in range(5)], tokenizer, 2
+        )
     logger.close()
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     samples = [json.loads(line) for line in (tmp_path / "trajectories.jsonl").read_text().splitlines()]

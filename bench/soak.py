@@ -1,0 +1,273 @@
+"""A long run's resources: `forge train` for many steps in sync, async and gateway mode,
+sampling every process of the run (resident memory, open fds, threads) and the run folder.
+
+Per mode and process kind it reports the start, the end and the least-squares slope per
+1,000 steps over the second half of the run; the run folder's growth per 1,000 steps too.
+Prints one JSON object and writes bench/results/soak.json.
+
+    python -m bench.soak --steps 1500 --modes sync async gateway
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+from bench.report import save_result
+
+# Each mode: the built-in config and its overrides. Gateway steps are slower (one agent
+# process per episode), so a gateway soak runs a fraction of the steps (`GATEWAY_SHARE`).
+MODES = {
+    "sync": ["smoke"],
+    "async": ["smoke", "train.mode=async", "rollout.num_workers=1"],
+    "gateway": ["configs/gateway-smoke.yaml"],
+}
+GATEWAY_SHARE = 0.1
+COMMON = ["logging.progress_bar=false", "logging.tensorboard=true"]
+
+
+def process_kind(process: psutil.Process, driver_pid: int) -> str:
+    """A process's role in the run, from its pid or Ray's process title / command line."""
+    if process.pid == driver_pid:
+        return "driver"
+    try:
+        cmdline = " ".join(process.cmdline())
+        name = process.name()
+    except psutil.Error:
+        return "gone"
+    if "gcs_server" in name or "gcs_server" in cmdline:
+        return "gcs_server"
+    if name == "raylet" or "/raylet" in cmdline.split(" ")[0]:
+        return "raylet"
+    for title, kind in (
+        ("ray::Trainer", "trainer"),
+        ("ray::Rollout", "worker"),
+        ("ray::DataPool", "pool"),
+        ("ray::Gateway", "gateway"),
+        ("ray::DashboardAgent", "dashboard_agent"),
+        ("ray::RuntimeEnvAgent", "runtime_env_agent"),
+        ("ray::IDLE", "ray_idle_worker"),
+        ("ray::", "ray_actor_other"),
+    ):
+        if cmdline.startswith(title):
+            return kind
+    if "forge.openai_agent" in cmdline:
+        return "agent_process"
+    for marker, kind in (
+        ("dashboard/agent.py", "dashboard_agent"),
+        ("runtime_env/agent", "runtime_env_agent"),
+        ("log_monitor", "log_monitor"),
+        ("autoscaler/_private/monitor", "autoscaler_monitor"),
+        ("dashboard", "dashboard"),
+    ):
+        if marker in cmdline:
+            return kind
+    return "other:" + name
+
+
+def sample(driver: psutil.Process) -> dict[str, dict[str, float]]:
+    """Every process under the driver, summed per kind: RSS in MB, open fds, threads, count."""
+    kinds: dict[str, dict[str, float]] = {}
+    for process in [driver, *driver.children(recursive=True)]:
+        kind = process_kind(process, driver.pid)
+        try:
+            with process.oneshot():
+                values = {
+                    "rss_mb": process.memory_info().rss / 2**20,
+                    "fds": process.num_fds(),
+                    "threads": process.num_threads(),
+                }
+        except psutil.Error:
+            continue
+        if kind in ("gone", "agent_process"):  # agents live one episode each: not a long-lived process
+            continue
+        total = kinds.setdefault(kind, {"rss_mb": 0.0, "fds": 0, "threads": 0, "processes": 0})
+        for key, value in values.items():
+            total[key] += value
+        total["processes"] += 1
+    return kinds
+
+
+def steps_done(run_dir: Path) -> int:
+    """The last step metrics.jsonl recorded (0 before the first)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    with path.open("rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        handle.seek(max(0, handle.tell() - 65536))
+        lines = handle.read().splitlines()
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError):
+            continue
+    return 0
+
+
+def folder_bytes(folder: Path) -> dict[str, int]:
+    """Bytes per top-level entry of the run folder (a folder counts everything under it)."""
+    sizes: dict[str, int] = {}
+    for entry in folder.iterdir() if folder.exists() else []:
+        files = [entry] if entry.is_file() else [p for p in entry.rglob("*") if p.is_file()]
+        sizes[entry.name] = sum(p.stat().st_size for p in files)
+    return sizes
+
+
+def slope_per_1000(points: list[tuple[int, float]]) -> float:
+    """Least-squares slope of value against step, times 1,000, over the second half of the steps."""
+    if not points:
+        return 0.0
+    half = points[-1][0] / 2
+    tail = [(s, v) for s, v in points if s >= half]
+    if len(tail) < 3:
+        return 0.0
+    mean_s = sum(s for s, _ in tail) / len(tail)
+    mean_v = sum(v for _, v in tail) / len(tail)
+    spread = sum((s - mean_s) ** 2 for s, _ in tail)
+    return 1000 * sum((s - mean_s) * (v - mean_v) for s, v in tail) / spread if spread else 0.0
+
+
+def summarize(series: list[dict]) -> dict:
+    """Per process kind and quantity: start (first sample after step 0), end and slope."""
+    started = [row for row in series if row["step"] > 0] or series
+    kinds = sorted({kind for row in started for kind in row["processes"]})
+    summary: dict[str, dict] = {}
+    for kind in kinds:
+        rows = [(row["step"], row["processes"][kind]) for row in started if kind in row["processes"]]
+        summary[kind] = {"processes": rows[-1][1]["processes"]}
+        for key in ("rss_mb", "fds", "threads"):
+            points = [(step, values[key]) for step, values in rows]
+            summary[kind][key] = {
+                "start": round(points[0][1], 1),
+                "end": round(points[-1][1], 1),
+                "slope_per_1000_steps": round(slope_per_1000(points), 2),
+            }
+    return summary
+
+
+def soak_mode(mode: str, steps: int, every_s: float, workdir: Path, extra: list[str]) -> dict:
+    """Train `steps` steps of `mode` in a subprocess, sampling every `every_s` seconds."""
+    run_dir = workdir / mode
+    command = [
+        sys.executable,
+        "-m",
+        "forge.cli",
+        "train",
+        *MODES[mode][:1],
+        *MODES[mode][1:],
+        *COMMON,
+        f"train.max_steps={steps}",
+        "--output-dir",
+        str(run_dir),
+        *extra,
+    ]
+    started = time.monotonic()
+    log = (workdir / f"{mode}.log").open("w")
+    child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+    driver = psutil.Process(child.pid)
+    series = []
+    while child.poll() is None:
+        try:
+            row = {
+                "t_s": round(time.monotonic() - started, 1),
+                "step": steps_done(run_dir),
+                "processes": sample(driver),
+                "disk": folder_bytes(run_dir),
+            }
+        except (psutil.Error, FileNotFoundError):
+            break
+        if row["step"] < steps:  # the last steps' samples would catch the shutdown
+            series.append(row)
+        time.sleep(every_s)
+    if child.wait() != 0:
+        tail = (workdir / f"{mode}.log").read_text()[-3000:]
+        raise RuntimeError(f"soak {mode}: forge train exited {child.returncode}:\n{tail}")
+    disk_points = [(row["step"], sum(row["disk"].values())) for row in series if row["step"] > 0]
+    per_file = {
+        name: round(
+            slope_per_1000([(row["step"], row["disk"].get(name, 0)) for row in series if row["step"] > 0])
+            / 1024,
+            1,
+        )
+        for name in folder_bytes(run_dir)
+    }
+    return {
+        "steps": steps,
+        "command": " ".join(["forge", *command[3:]]),
+        "wall_s": round(time.monotonic() - started, 1),
+        "samples": len(series),
+        "processes": summarize(series),
+        "disk": {
+            "end_kb": round(sum(folder_bytes(run_dir).values()) / 1024, 1),
+            "kb_per_1000_steps": round(slope_per_1000(disk_points) / 1024, 1),
+            "kb_per_1000_steps_by_entry": per_file,
+        },
+        "series": [
+            {
+                "step": row["step"],
+                "t_s": row["t_s"],
+                **{f"{kind}_rss_mb": round(v["rss_mb"], 1) for kind, v in row["processes"].items()},
+            }
+            for row in series
+        ],
+    }
+
+
+def worst(result: dict, key: str = "rss_mb") -> tuple[str, float]:
+    """The process kind with the steepest second-half slope of `key`, and that slope."""
+    slopes = {kind: values[key]["slope_per_1000_steps"] for kind, values in result["processes"].items()}
+    kind = max(slopes, key=slopes.get)
+    return kind, slopes[kind]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=1500, help="training steps for sync and async")
+    parser.add_argument(
+        "--gateway-steps", type=int, help=f"gateway mode's steps (default {GATEWAY_SHARE} x --steps)"
+    )
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    parser.add_argument("--every", type=float, default=5.0, help="seconds between samples")
+    parser.add_argument("--out", default="bench/results/soak.json")
+    parser.add_argument("overrides", nargs="*", help="extra dotted overrides for every mode")
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="forge-soak-"))
+    result = {"bench": "soak", "cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg()[0], "modes": {}}
+    for mode in args.modes:
+        steps = (
+            args.gateway_steps or max(10, int(args.steps * GATEWAY_SHARE))
+            if mode == "gateway"
+            else args.steps
+        )
+        result["modes"][mode] = soak_mode(mode, steps, args.every, workdir, args.overrides)
+        kind, slope = worst(result["modes"][mode])
+        result["modes"][mode]["steepest_rss"] = {"kind": kind, "mb_per_1000_steps": slope}
+    save_result(result, Path(args.out))
+    print(
+        json.dumps(
+            {
+                mode: {
+                    "steps": r["steps"],
+                    "wall_s": r["wall_s"],
+                    "steepest_rss": r["steepest_rss"],
+                    "disk_kb_per_1000_steps": r["disk"]["kb_per_1000_steps"],
+                }
+                for mode, r in result["modes"].items()
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

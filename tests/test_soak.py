@@ -1,0 +1,54 @@
+"""Long runs stay flat: a shortened soak of a sync run fails on any process of the run
+(Forge's or Ray's) whose resident memory, open files or threads keep growing."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.soak import slope_per_1000, soak_mode, summarize
+
+# MB per 1,000 steps over the second half. Ray's GCS grew 18 before its task events were
+# capped (`forge.orchestrator.TASK_EVENTS_IN_GCS`); a flat process measures within +-1.
+MAX_RSS_SLOPE_MB = 5.0
+
+
+def test_slope_is_taken_over_the_second_half_of_the_steps():
+    warming_then_flat = [(step, min(step, 500) * 0.1) for step in range(0, 2001, 50)]
+    assert slope_per_1000(warming_then_flat) == 0.0
+    growing = [(step, 100 + step * 0.018) for step in range(0, 2001, 50)]
+    assert slope_per_1000(growing) == pytest.approx(18.0)
+
+
+def test_summary_reports_start_end_and_slope_per_process_kind():
+    series = [
+        {
+            "step": step,
+            "processes": {
+                "gcs_server": {"rss_mb": 50 + step * 0.01, "fds": 60, "threads": 27, "processes": 1}
+            },
+        }
+        for step in range(0, 1001, 100)
+    ]
+    gcs = summarize(series)["gcs_server"]
+    assert gcs["rss_mb"]["start"] == 51.0 and gcs["rss_mb"]["end"] == 60.0
+    assert gcs["rss_mb"]["slope_per_1000_steps"] == pytest.approx(10.0)
+    assert gcs["fds"]["slope_per_1000_steps"] == 0.0
+
+
+@pytest.mark.slow
+def test_a_shortened_sync_soak_has_no_growing_process(tmp_path):
+    result = soak_mode("sync", steps=2000, every_s=2.0, workdir=tmp_path, extra=["logging.tensorboard=false"])
+    assert result["samples"] >= 10, f"too few samples to fit a slope: {result['samples']}"
+    growing = {
+        kind: values["rss_mb"]["slope_per_1000_steps"]
+        for kind, values in result["processes"].items()
+        if values["rss_mb"]["slope_per_1000_steps"] > MAX_RSS_SLOPE_MB
+    }
+    assert not growing, f"resident memory grows (MB per 1,000 steps, second half): {growing}"
+    for key in ("fds", "threads"):
+        rising = {
+            kind: values[key]
+            for kind, values in result["processes"].items()
+            if values[key]["end"] > values[key]["start"] + 2
+        }
+        assert not rising, f"{key} grow over the run: {rising}"
