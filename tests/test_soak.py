@@ -7,9 +7,12 @@ import pytest
 
 from bench.soak import slope_per_1000, soak_mode, summarize
 
-# MB per 1,000 steps over the second half. Ray's GCS grew 18 before its task events were
-# capped (`forge.orchestrator.TASK_EVENTS_IN_GCS`); a flat process measures within +-1.
+# MB per 1,000 steps and process over the second half. Ray's GCS grew 15-18 before its task
+# events were capped (`forge.orchestrator.TASK_EVENTS_IN_GCS`); in bench/results/soak.json's
+# 1,500 sync steps the steepest, a rollout worker still warming up, is 2.8 (its last 500
+# steps +0.3 MB), the GCS 0.8. Open fds and threads may rise by a few while pools start.
 MAX_RSS_SLOPE_MB = 5.0
+MAX_HANDLE_RISE = 4
 
 
 def test_slope_is_taken_over_the_second_half_of_the_steps():
@@ -37,18 +40,18 @@ def test_summary_reports_start_end_and_slope_per_process_kind():
 
 @pytest.mark.slow
 def test_a_shortened_sync_soak_has_no_growing_process(tmp_path):
-    result = soak_mode("sync", steps=2000, every_s=2.0, workdir=tmp_path, extra=["logging.tensorboard=false"])
+    result = soak_mode("sync", steps=1500, every_s=2.0, workdir=tmp_path, extra=[])
     assert result["samples"] >= 10, f"too few samples to fit a slope: {result['samples']}"
     growing = {
-        kind: values["rss_mb"]["slope_per_1000_steps"]
+        kind: values["rss_mb"]["slope_per_1000_steps"] / values["processes"]
         for kind, values in result["processes"].items()
-        if values["rss_mb"]["slope_per_1000_steps"] > MAX_RSS_SLOPE_MB
+        if values["rss_mb"]["slope_per_1000_steps"] / values["processes"] > MAX_RSS_SLOPE_MB
     }
-    assert not growing, f"resident memory grows (MB per 1,000 steps, second half): {growing}"
+    assert not growing, f"resident memory grows (MB per 1,000 steps and process, second half): {growing}"
     for key in ("fds", "threads"):
         rising = {
             kind: values[key]
             for kind, values in result["processes"].items()
-            if values[key]["end"] > values[key]["start"] + 2
+            if values[key]["end"] > values[key]["start"] + MAX_HANDLE_RISE
         }
         assert not rising, f"{key} grow over the run: {rising}"
