@@ -119,7 +119,7 @@ def test_gateway_smoke_config_trains_with_agent_processes(ray_session, tmp_path,
     assert metrics["agents_failed"] == 0 and metrics["episodes"] == 4
     assert metrics["trained_samples"] == metrics["gateway_calls"] >= 4
     assert metrics["tree_token_ratio"] > 1.0  # calls of a group share their first prompt
-    assert not [p for p in os.listdir("/proc") if p.isdigit() and _is_agent(p)]
+    assert not [p for p in os.listdir("/proc") if p.isdigit() and _is_agent(p, tmp_path)]
 
 
 @pytest.mark.slow
@@ -141,8 +141,12 @@ def test_a_gateway_run_checkpoints_and_resumes(ray_session, tmp_path, monkeypatc
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-000002"
 
 
-def _is_agent(pid: str) -> bool:
+def _is_agent(pid: str, cwd: Path) -> bool:
+    """An agent process this test started: its agents run in the test's folder (other runs'
+    agents on a shared machine do not count)."""
     try:
-        return b"forge.openai_agent" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        return b"forge.openai_agent" in Path(f"/proc/{pid}/cmdline").read_bytes() and (
+            os.readlink(f"/proc/{pid}/cwd") == str(cwd)
+        )
     except OSError:
         return False
