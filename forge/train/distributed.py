@@ -251,6 +251,18 @@ class DistributedTrainer(Trainer):
             return model
         return shard_from_first_process(model, self.accelerator.device, self.world_size, self.mixed_precision)
 
+    def after_forward_only(self) -> None:
+        """FSDP2 keeps the root module's parameters gathered after a forward, for the backward
+        that follows; after the self-check's forwards there is none, so shard them again (else
+        the model's parameters are no longer the sharded ones the optimizer steps)."""
+        if not self.sharded:
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
     def _frozen_reference(self) -> Any:
         """Under FSDP2 the KL reference of a full fine-tune is sharded like the policy: each
         process holds 1/N of it. Its forwards are collectives too, entered once per

@@ -101,7 +101,6 @@ class Trainer:
         if trainer_cfg.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.model = self.prepare_model(self.model)
-        self.self_check_result = self._self_check()
         self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         params = list(self.trainable.values())
         # The fused kernel steps all tensors at once (on CPU 0.25 ms against 1.07 ms per step
@@ -121,6 +120,9 @@ class Trainer:
         self.reference = self._frozen_reference() if train_cfg.kl_coef > 0 else None
         self.policy_version = 0
         self._shuffle = torch.Generator().manual_seed(seed)
+        # Last, once the optimizer holds the parameters: the check's forwards must not change
+        # what it was built over (forge.train.distributed reshards after them).
+        self.self_check_result = self._self_check()
 
     # Overridden by forge.train.distributed, where accelerate places the model.
     def model_device(self, model_cfg: ModelConfig, train_cfg: TrainConfig) -> torch.device:
@@ -160,6 +162,7 @@ class Trainer:
         if self.packing != "tree" or cfg.self_check == "off":
             return None
         result = check_tree_path(self.model, cfg.attention)
+        self.after_forward_only()
         if result.ok:
             return result
         message = f"forge: the tree path disagrees with separate forwards on this model: {result.reason}"
@@ -168,6 +171,10 @@ class Trainer:
         print(f"{message}; training with padded packing instead (trainer.self_check: stop refuses)", flush=True)
         self.packing = "padded"
         return result
+
+    def after_forward_only(self) -> None:
+        """After forwards without a backward (the self-check): leave the model as a step
+        expects it (forge.train.distributed: FSDP2 reshards what the forwards gathered)."""
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """The model the optimizer is built over (forge.train.distributed shards it here)."""
