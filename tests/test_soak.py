@@ -55,3 +55,12 @@ def test_a_shortened_sync_soak_has_no_growing_process(tmp_path):
             if values[key]["end"] > values[key]["start"] + MAX_HANDLE_RISE
         }
         assert not rising, f"{key} grow over the run: {rising}"
+
+
+def test_a_local_ray_keeps_a_bounded_number_of_task_events_unless_the_user_set_one(monkeypatch):
+    from forge.orchestrator import TASK_EVENTS_IN_GCS, ray_system_config
+
+    monkeypatch.delenv("RAY_task_events_max_num_task_in_gcs", raising=False)
+    assert ray_system_config() == {"task_events_max_num_task_in_gcs": TASK_EVENTS_IN_GCS}
+    monkeypatch.setenv("RAY_task_events_max_num_task_in_gcs", "500")
+    assert ray_system_config() == {}
