@@ -193,13 +193,13 @@ def test_two_gloo_processes_with_half_the_batch_take_the_single_process_step(tin
         # (weights and Adam moments, gathered whole).
         one = torch.load(tmp_path / "single.pt.state" / "trainer.pt", weights_only=False)
         two = torch.load(tmp_path / f"{strategy}.pt.state" / "trainer.pt", weights_only=False)
-        torch.testing.assert_close(two["trainable"], one["trainable"], rtol=1e-5, atol=2e-5)
+        torch.testing.assert_close(two["trainable"], one["trainable"], rtol=1e-5, atol=5e-5)
         torch.testing.assert_close(two["optimizer"]["state"], one["optimizer"]["state"], rtol=1e-4, atol=1e-9)
         assert two["policy_version"] == one["policy_version"] == 1
     if case != "even":  # and so does the model it saves after step 2
         saved = load_model_file(tmp_path / f"{strategy}.pt.model")
         assert saved.keys() == load_model_file(tmp_path / "single.pt.model").keys()
-        torch.testing.assert_close(saved, load_model_file(tmp_path / "single.pt.model"), rtol=1e-5, atol=2e-5)
+        torch.testing.assert_close(saved, load_model_file(tmp_path / "single.pt.model"), rtol=1e-5, atol=5e-5)
 
 
 ONE_PROCESS_BF16 = textwrap.dedent("""
