@@ -419,27 +419,61 @@ def build_app(gateway: Gateway) -> FastAPI:
     return app
 
 
-class GatewayServer:
-    """Runs the app with uvicorn on its own thread and event loop, so a training loop (or a
-    test) can go on in the calling thread. `port=0` picks a free port."""
+class ThreadedServer:
+    """Runs an ASGI app with uvicorn on its own thread and event loop, so a training loop (or a
+    test) can go on in the calling thread. `port=0` picks a free port. `what` names the server
+    in errors and `fix` says what to change when the port is taken."""
 
-    def __init__(self, gateway: Gateway, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, app: Any, host: str, port: int, what: str, fix: str, **uvicorn_options: Any) -> None:
         import uvicorn
 
-        self.gateway = gateway
+        self.what = what
         self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             self.socket.bind((host, port))
         except OSError as exc:
             self.socket.close()
-            raise RuntimeError(f"gateway cannot listen on {host}:{port} ({exc}); set gateway.port=0 for a free port") from None
+            raise RuntimeError(f"{what} cannot listen on {host}:{port} ({exc}); {fix}") from None
         self.host, self.port = self.socket.getsockname()[:2]
-        config = uvicorn.Config(build_app(gateway), log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=2)
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=2, **uvicorn_options)
         self.server = uvicorn.Server(config)
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self._serve, name="forge-gateway", daemon=True)
+        self.thread = threading.Thread(target=self._serve, name=what.replace(" ", "-"), daemon=True)
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self.server.serve(sockets=[self.socket]))
+
+    def start(self, timeout_s: float = 30.0) -> Any:
+        self.thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.what} did not start on {self.host}:{self.port}")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        if self.thread.is_alive():
+            self.thread.join(timeout=10)
+        self.socket.close()
+
+    def __enter__(self) -> Any:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+class GatewayServer(ThreadedServer):
+    """The gateway's app served on its own thread (see `ThreadedServer`)."""
+
+    def __init__(self, gateway: Gateway, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.gateway = gateway
+        super().__init__(build_app(gateway), host, port, "the gateway", "set gateway.port=0 for a free port")
 
     @property
     def base_url(self) -> str:
@@ -449,31 +483,6 @@ class GatewayServer:
     def root_url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def _serve(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(self.server.serve(sockets=[self.socket]))
-
-    def start(self, timeout_s: float = 30.0) -> GatewayServer:
-        self.thread.start()
-        deadline = time.monotonic() + timeout_s
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"the gateway did not start on {self.host}:{self.port}")
-            time.sleep(0.01)
-        return self
-
     def call(self, coroutine: Any, timeout_s: float | None = None) -> Any:
         """Run `coroutine` (e.g. an `EpisodeStore` method) on the server's loop and wait."""
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout_s)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        if self.thread.is_alive():
-            self.thread.join(timeout=10)
-        self.socket.close()
-
-    def __enter__(self) -> GatewayServer:
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from forge.config import ModelConfig
 from forge.gateway.episodes import EpisodeError
-from forge.gateway.server import Gateway, build_app
+from forge.gateway.server import Gateway, ThreadedServer, build_app
 from forge.rollout.engines.protocol import GenerationRequest
 from forge.rollout.engines.served import ServedEngine
 from forge.rollout.engines.updates import (
@@ -241,55 +240,19 @@ def make_service(
     return EngineService(served, gateway, name)
 
 
-class EngineServer:
+class EngineServer(ThreadedServer):
     """Serves a service's app with uvicorn on its own thread (for tests, benchmarks and the
     Ray actor behind `rollout.engine: server`). `port=0` picks a free port."""
 
     def __init__(self, service: EngineService, host: str = "127.0.0.1", port: int = 0) -> None:
-        import uvicorn
-
         self.service = service
-        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            self.socket.bind((host, port))
-        except OSError as exc:
-            self.socket.close()
-            raise RuntimeError(f"forge serve cannot listen on {host}:{port} ({exc}); pick another --port") from None
-        self.host, self.port = self.socket.getsockname()[:2]
-        config = uvicorn.Config(build_server_app(service), log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=2, timeout_keep_alive=300)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self._serve, name="forge-serve", daemon=True)
+        super().__init__(build_server_app(service), host, port, "forge serve", "pick another --port",
+                         timeout_keep_alive=300)
 
     @property
     def url(self) -> str:
         host = socket.gethostbyname(socket.gethostname()) if self.host == "0.0.0.0" else self.host
         return f"http://{host}:{self.port}"
-
-    def _serve(self) -> None:
-        asyncio.run(self.server.serve(sockets=[self.socket]))
-
-    def start(self, timeout_s: float = 30.0) -> EngineServer:
-        self.thread.start()
-        deadline = time.monotonic() + timeout_s
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"forge serve did not start on {self.host}:{self.port}")
-            time.sleep(0.01)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        if self.thread.is_alive():
-            self.thread.join(timeout=10)
-        self.socket.close()
-
-    def __enter__(self) -> EngineServer:
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
 
 
 def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, **options: Any) -> None:
