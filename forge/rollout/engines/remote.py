@@ -87,6 +87,14 @@ class HttpTransport:
             self._loop = loop
         return self._client
 
+    async def healthy(self) -> bool:
+        """Whether the server answers GET /health within 5 s (the route all three servers have)."""
+        try:
+            await self.send(HttpCall("GET", "/health"), timeout_s=5.0)
+            return True
+        except (EngineLost, ProtocolError):
+            return False
+
     async def send(self, call: HttpCall, timeout_s: float | None = None) -> Any:
         import httpx
 
@@ -171,11 +179,7 @@ class ForgeClient:
         await self.http.send(HttpCall("POST", "/forge/release", {"episode_id": episode_id}))
 
     async def healthy(self) -> bool:
-        try:
-            await self.http.send(HttpCall("GET", "/health"), timeout_s=5.0)
-            return True
-        except (EngineLost, ProtocolError):
-            return False
+        return await self.http.healthy()
 
     async def load_checkpoint(self, path: str, version: int) -> None:
         await self.http.send(HttpCall("POST", "/forge/weights", {"checkpoint": path, "version": version}))

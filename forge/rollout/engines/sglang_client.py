@@ -123,11 +123,7 @@ class SGLangClient:
         """SGLang's radix cache evicts by itself; nothing to release."""
 
     async def healthy(self) -> bool:
-        try:
-            await self.http.send(HttpCall("GET", "/health"), timeout_s=5.0)
-            return True
-        except (EngineLost, ProtocolError):
-            return False
+        return await self.http.healthy()
 
     async def load_checkpoint(self, path: str, version: int) -> None:
         check_success(await self.http.send(update_from_disk_call(path, version)), "update_weights_from_disk")

@@ -131,11 +131,7 @@ class VLLMClient:
         """vLLM's prefix cache evicts by itself; nothing to release."""
 
     async def healthy(self) -> bool:
-        try:
-            await self.http.send(HttpCall("GET", "/health"), timeout_s=5.0)
-            return True
-        except (EngineLost, ProtocolError):
-            return False
+        return await self.http.healthy()
 
     async def load_adapter(self, path: str, version: int) -> None:
         name = f"{self.base_model}-forge-lora"
