@@ -14,6 +14,17 @@ from forge.gateway.episodes import EpisodeStore
 from forge.rollout.engines.protocol import GenerationResult
 from forge_envs.guess_number import GuessNumberEnv
 
+# Two function tools the gateway tests offer: one with an argument, one without.
+GUESS = {
+    "type": "function",
+    "function": {
+        "name": "guess",
+        "description": "Guess the number.",
+        "parameters": {"type": "object", "properties": {"number": {"type": "integer"}}},
+    },
+}
+HINT = {"type": "function", "function": {"name": "hint", "parameters": {"type": "object", "properties": {}}}}
+
 
 class ScriptedEngine:
     """Replies with fixed token ids after an optional delay (and `token_delay_s` per token),

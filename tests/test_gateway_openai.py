@@ -13,22 +13,13 @@ import httpx
 import openai
 import pytest
 from family_tokenizers import byte_level_tokenizer
-from gateway_helpers import ScriptedEngine, async_client, calls_of, client, serve, start
+from gateway_helpers import GUESS, HINT, ScriptedEngine, async_client, calls_of, client, serve, start
 
 from forge.config import ModelConfig
 from forge.models.loading import load_model, load_tokenizer
 from forge.rollout.engines.hf import HFEngine
 from forge.rollout.engines.protocol import GenerationRequest
 
-GUESS = {
-    "type": "function",
-    "function": {
-        "name": "guess",
-        "description": "Guess the number.",
-        "parameters": {"type": "object", "properties": {"number": {"type": "integer"}}},
-    },
-}
-HINT = {"type": "function", "function": {"name": "hint", "parameters": {"type": "object", "properties": {}}}}
 USER = [{"role": "user", "content": "guess"}]
 BYTES = {"max_new_tokens": 200, "max_context_tokens": 4096}  # one token per byte: long prompts
 

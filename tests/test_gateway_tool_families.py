@@ -9,20 +9,11 @@ import json
 
 import pytest
 from family_tokenizers import byte_level_tokenizer
-from gateway_helpers import ScriptedEngine, calls_of, client, serve, start
+from gateway_helpers import GUESS, HINT, ScriptedEngine, calls_of, client, serve, start
 
 from forge.gateway.tool_parsers import choose_tool_parser
 
 WIDE = {"max_new_tokens": 300, "max_context_tokens": 8192}
-GUESS = {
-    "type": "function",
-    "function": {
-        "name": "guess",
-        "description": "Guess the number.",
-        "parameters": {"type": "object", "properties": {"number": {"type": "integer"}}},
-    },
-}
-HINT = {"type": "function", "function": {"name": "hint", "parameters": {"type": "object", "properties": {}}}}
 USER = [{"role": "user", "content": "Guess a number."}]
 
 # family: (parser it is read as, a reply with two calls in its format, how the template
