@@ -83,6 +83,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_context_tokens=args.max_context_tokens, temperature=args.temperature, top_p=args.top_p,
         cache_tokens=args.prefix_cache_tokens, seed=args.seed, dtype=args.dtype, device=args.device,
         model_name=args.served_model_name, record_dir=args.record_dir, max_live_episodes=args.max_live_episodes,
+        attn_implementation=args.attn_implementation, attn_setting="--attn-implementation",
     )
     return 0
 
@@ -179,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--seed", type=int, default=0, help="sampling seed")
     serve.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    serve.add_argument("--attn-implementation", choices=["auto", "sdpa", "eager", "flex_attention"], default="auto",
+                       help="the model's transformers attention (as rollout.attn_implementation): auto = sdpa "
+                       "where the family has it, else eager")
     serve.add_argument("--served-model-name", help="model name on /v1/models (default: the folder name)")
     serve.add_argument("--record-dir", help="append each finished episode's calls, as training samples, to "
                        "RECORD_DIR/episodes.jsonl")

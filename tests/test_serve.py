@@ -195,7 +195,8 @@ def test_forge_serve_command_serves_a_checkpoint(checkpoint):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     process = subprocess.Popen(
-        [sys.executable, "-m", "forge.cli", "serve", str(checkpoint), "--port", str(port), "--max-new-tokens", "4"],
+        [sys.executable, "-m", "forge.cli", "serve", str(checkpoint), "--port", str(port), "--max-new-tokens", "4",
+         "--attn-implementation", "eager"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
@@ -210,10 +211,38 @@ def test_forge_serve_command_serves_a_checkpoint(checkpoint):
             time.sleep(0.5)
         body = httpx.post(f"http://127.0.0.1:{port}/forge/generate", json={"token_ids": [2, 6, 9]}).json()
         assert 1 <= len(body["token_ids"]) <= 4
-        assert json.loads(httpx.get(f"http://127.0.0.1:{port}/forge/info").text)["max_new_tokens"] == 4
+        info = json.loads(httpx.get(f"http://127.0.0.1:{port}/forge/info").text)
+        assert (info["max_new_tokens"], info["attn_implementation"]) == (4, "eager")
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_serve_loads_with_the_attention_its_flag_names(checkpoint):
+    assert make_service(checkpoint, attn_implementation="eager").served.engine.model.config._attn_implementation == "eager"
+    assert make_service(checkpoint).served.engine.model.config._attn_implementation == "sdpa"  # auto
+
+
+def test_forge_serve_refuses_an_attention_the_family_lacks_naming_the_flag(tmp_path, capsys):
+    from forge.cli import main
+    from forge.models.families import FAMILIES
+    from forge.models.tiny import build_tokenizer
+
+    FAMILIES["gemma2"].build("eager").save_pretrained(tmp_path)
+    build_tokenizer().save_pretrained(tmp_path)
+    assert main(["serve", str(tmp_path), "--attn-implementation", "sdpa", "--device", "cpu"]) == 2
+    error = capsys.readouterr().err
+    assert "Gemma2ForCausalLM has no sdpa attention" in error
+    assert "set --attn-implementation to auto or one of:" in error
+    assert "Traceback" not in error
+
+
+def test_forge_serve_lists_the_attention_choices(capsys):
+    from forge.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["serve", "somewhere", "--attn-implementation", "flash"])
+    assert "choose from 'auto', 'sdpa', 'eager', 'flex_attention'" in capsys.readouterr().err
 
 
 def test_a_request_samples_with_its_own_temperature_and_its_logprobs_are_of_it(server):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from forge.config import ModelConfig
+from forge.config import ConfigError, ModelConfig
 
 
 def quiet_transformers() -> None:
@@ -89,7 +89,8 @@ def choose_attn_implementation(config, setting: str, device: str | torch.device,
     """The transformers attention to load a model of `config` with, for the setting `key` = `setting`.
 
     `auto` picks what the family supports: sdpa, else flex_attention on a GPU, else eager. An
-    explicit choice the family lacks is Forge's error, naming `key`, before transformers' own."""
+    explicit choice the family lacks is Forge's error (a ConfigError: the `forge` command prints it
+    and exits 2), naming `key`, before transformers' own."""
     from transformers import AutoModelForCausalLM
 
     model_class = AutoModelForCausalLM._model_mapping.get(type(config), None)
@@ -105,11 +106,11 @@ def choose_attn_implementation(config, setting: str, device: str | torch.device,
             return "flex_attention"
         return "eager"
     if setting not in supports:
-        raise ValueError(f"{key} must be auto, sdpa, eager or flex_attention, got {setting!r}")
+        raise ConfigError(f"{key} must be auto, sdpa, eager or flex_attention, got {setting!r}")
     if not supports[setting]:
         family = model_class.__name__ if model_class is not None else type(config).__name__
         others = ", ".join(name for name, ok in supports.items() if ok)
-        raise ValueError(
+        raise ConfigError(
             f"{family} has no {setting} attention in transformers {_transformers_version()} (for instance "
             f"soft-capped attention logits, which sdpa cannot compute); set {key} to auto or one of: {others}"
         )

@@ -5,7 +5,7 @@ The OpenAI-compatible endpoints and the episode API are the training gateway's o
 
     GET  /health                  the process answers
     GET  /ready                   200 once the model is loaded and generation is not paused, else 503
-    GET  /forge/info              model name, policy version, token limits, stop ids
+    GET  /forge/info              model name, policy version, token limits, stop ids, attention
     GET  /forge/metrics           requests, tokens, prefix-cache hits and evictions, weight updates
     POST /forge/generate          {"token_ids", "max_new_tokens"?, "episode_id"?, "temperature"?, "top_p"?}
                                   -> sampled "token_ids",
@@ -143,6 +143,7 @@ def build_server_app(service: EngineService) -> FastAPI:
             "temperature": service.served.engine.temperature,
             "top_p": service.served.engine.top_p,
             "vocab_size": service.vocab_size,
+            "attn_implementation": service.served.engine.model.config._attn_implementation,
         }
 
     @router.get("/forge/metrics")
@@ -209,12 +210,14 @@ def make_service(
     model_name: str | None = None,
     model_cfg: ModelConfig | None = None,
     attn_implementation: str = "auto",
+    attn_setting: str = "rollout.attn_implementation",
     record_dir: str | Path | None = None,
     max_live_episodes: int = 1024,
 ) -> EngineService:
     """Load a checkpoint into an engine and wrap it for serving. `model_cfg` (a run's
     `model` section) gives dtype, device and LoRA layout; else `dtype` and `device`.
-    Episodes played through the OpenAI endpoints are recorded to `record_dir`, if given."""
+    Episodes played through the OpenAI endpoints are recorded to `record_dir`, if given.
+    `attn_setting` is what errors about `attn_implementation` name (the config key or the flag)."""
     from forge.gateway.recording import standalone_store
     from forge.models.loading import load_model, load_tokenizer, resolve_device
     from forge.rollout.chat import ChatFormat
@@ -228,7 +231,7 @@ def make_service(
         model_cfg = ModelConfig(path=str(path), dtype=dtype, device=device)  # type: ignore[arg-type]
     model = load_model(
         path, model_cfg, trainable=False, device=resolve_device(model_cfg.device),
-        attn_implementation=attn_implementation, setting_key="rollout.attn_implementation",
+        attn_implementation=attn_implementation, setting_key=attn_setting,
     )
     chat = ChatFormat(tokenizer)
     engine = HFEngine(model, chat.stop_token_ids, tokenizer.pad_token_id, temperature=temperature, top_p=top_p,
