@@ -8,6 +8,8 @@ import sys
 
 import yaml
 
+SIGPIPE_EXIT = 141  # 128 + SIGPIPE, the status a shell reports for a program the signal ended
+
 
 def _train(args: argparse.Namespace) -> int:
     from forge.config import load_config
@@ -227,7 +229,14 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     try:
-        return args.handler(args)
+        code = args.handler(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (`forge configs | head -1`): stop quietly as a program
+        # killed by SIGPIPE would. Later writes, and the flush at exit, go to /dev/null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return SIGPIPE_EXIT
     except ConfigError as exc:
         print(f"forge: {exc}", file=sys.stderr)
         return 2
