@@ -1,16 +1,22 @@
 """The rollout engine on every family of the matrix: behaviour logprobs from its kept KV
 caches (ragged multi-turn batches with pad holes, shared prompts, sliding windows shorter than
-the contexts) equal a fresh forward's, and a weight sync makes it sample the new policy."""
+the contexts) equal a fresh forward's, and a weight sync (all weights, or LoRA adapters: the
+trainer's tensors in process, or a peft adapter folder as forge serve takes it) makes it
+sample the new policy."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 
+from forge.config import ConfigError, ModelConfig
 from forge.models.families import FAMILIES, WINDOW
-from forge.models.loading import choose_attn_implementation
+from forge.models.loading import choose_attn_implementation, load_model
 from forge.rollout.engines.hf import HFEngine
 from forge.rollout.engines.protocol import GenerationRequest
+from forge.rollout.engines.updates import apply_adapter
 
 TOLERANCE = 1e-5
 STOP = 1  # the families' eos id
@@ -30,12 +36,17 @@ def fresh_logprobs(model, context: list[int], generated: list[int]) -> torch.Ten
     return torch.tensor([logprobs[len(context) - 1 + i, t].item() for i, t in enumerate(generated)])
 
 
-def play_ragged(engine: HFEngine, model, turns: int, seed: int) -> int:
+def play_ragged(engine: HFEngine, model, turns: int, seed: int, contexts: dict | None = None) -> int:
     """Episodes that share a prompt, sit out turns, stop at different lengths and get
     observations of different lengths (pad holes in the kept batch); every sampled token's
-    logprob is checked against a fresh forward. Returns the longest context seen."""
+    logprob is checked against a fresh forward. `contexts` (episode id -> its tokens so far)
+    carries episodes on from an earlier call, whose KV the engine holds; it is updated in place.
+    Returns the longest context seen."""
     prompt = [5, 6, 7, 8]
-    contexts = {f"e{i}": prompt + [9 + i] for i in range(4)}
+    if contexts is None:
+        contexts = {}
+    if not contexts:
+        contexts.update({f"e{i}": prompt + [9 + i] for i in range(4)})
     longest = 0
     for turn in range(turns):
         names = [n for i, n in enumerate(contexts) if (turn + i) % 5 != 0]
@@ -69,7 +80,94 @@ SYNC_FAST = {"gemma2", "qwen3_moe"}
 def test_weight_sync_makes_the_engine_sample_the_new_policy(name):
     model, trained = rollout_model(name), rollout_model(name, seed=1)
     engine = HFEngine(model, [STOP], pad_token_id=0, seed=3)
-    play_ragged(engine, model, turns=2, seed=0)  # caches from the old weights
+    episodes: dict = {}
+    play_ragged(engine, model, turns=2, seed=0, contexts=episodes)  # caches from the old weights
     engine.load_weights({k: v.clone() for k, v in trained.state_dict().items()}, version=1)
     assert engine.policy_version == 1
-    play_ragged(engine, trained, turns=3, seed=1)
+    play_ragged(engine, trained, turns=3, seed=1, contexts=episodes)  # the same episodes go on
+
+
+def lora_pair(name: str, folder) -> tuple[torch.nn.Module, torch.nn.Module, ModelConfig]:
+    """A family's checkpoint loaded as Forge loads it with LoRA on its attention projections:
+    the trainer's model (adapters trainable) and a rollout worker's (rollout attention)."""
+    family = FAMILIES[name]
+    family.build("eager").save_pretrained(folder)
+    cfg = ModelConfig(path=str(folder), lora=dict(enabled=True, r=4, alpha=8,
+                                                  target_modules=list(family.attention_modules)))
+    trainer = load_model(folder, cfg, trainable=True)
+    worker = load_model(folder, cfg, attn_implementation="auto", setting_key="rollout.attn_implementation")
+    return trainer, worker, cfg
+
+
+def train_adapters(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """Move every adapter far from its initial value (peft starts B at zero, a no-op) and return
+    what the trainer publishes: its trainable tensors (Trainer.weights)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    state = model.state_dict()
+    return {n: state[n].detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_merged_agrees(engine: HFEngine, adapted: torch.nn.Module) -> None:
+    """The engine's next-token distribution equals the adapters merged into the base weights."""
+    merged = copy.deepcopy(adapted).merge_and_unload().eval()
+    context = [5, 6, 7, 8] + list(range(9, 9 + 3 * WINDOW))
+    with torch.no_grad():
+        logits = merged(input_ids=torch.tensor([context])).logits[0, -1].float()
+    expected = torch.log_softmax(logits / engine.temperature, dim=-1)
+    assert (engine.next_token_logprobs(context) - expected).abs().max().item() <= TOLERANCE
+
+
+# Soft-capped sliding layers and tied embeddings (gemma2) and fused attention projections
+# (phi3's qkv_proj) in the fast run; every family in the slow one.
+LORA_FAST = {"gemma2", "phi3"}
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=[] if n in LORA_FAST else [pytest.mark.slow]) for n in FAMILIES]
+)
+def test_a_lora_adapter_sync_makes_the_engine_sample_the_adapted_policy(name, tmp_path):
+    trainer, worker, _ = lora_pair(name, tmp_path)
+    engine = HFEngine(worker, [STOP], pad_token_id=0, seed=3)
+    episodes: dict = {}
+    play_ragged(engine, worker, turns=2, seed=0, contexts=episodes)  # caches from the initial adapters
+    for version, seed in [(1, 11), (2, 12)]:
+        engine.load_weights(train_adapters(trainer, seed), version=version)
+        assert engine.policy_version == version
+        trainer.eval()
+        play_ragged(engine, trainer, turns=3, seed=version, contexts=episodes)  # the same episodes go on
+        assert_merged_agrees(engine, trainer)
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=[] if n in LORA_FAST else [pytest.mark.slow]) for n in FAMILIES]
+)
+def test_a_lora_adapter_folder_makes_the_engine_sample_the_adapted_policy(name, tmp_path):
+    """forge serve's path: a base model, then adapter folders (the first wraps it in peft, the
+    next replaces the adapter weights)."""
+    trainer, _, cfg = lora_pair(name, tmp_path / "model")
+    base = load_model(tmp_path / "model", ModelConfig(path=cfg.path), attn_implementation="auto",
+                      setting_key="rollout.attn_implementation")
+    engine = HFEngine(base, [STOP], pad_token_id=0, seed=3)
+    episodes: dict = {}
+    play_ragged(engine, base, turns=2, seed=0, contexts=episodes)  # caches from the base model
+    for version, seed in [(1, 21), (2, 22)]:
+        train_adapters(trainer, seed)
+        trainer.save_pretrained(tmp_path / f"adapter{version}")
+        engine.model = apply_adapter(engine.model, tmp_path / f"adapter{version}")
+        engine.load_weights({}, version=version)  # what forge serve's update does after loading
+        trainer.eval()
+        play_ragged(engine, trainer, turns=3, seed=version, contexts=episodes)  # the same episodes go on
+        assert_merged_agrees(engine, trainer)
+
+
+def test_lora_targets_the_family_lacks_are_refused_naming_the_setting(tmp_path):
+    FAMILIES["gpt_neox"].build("eager").save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match=r"target_modules names \['q_proj'.*query_key_value"):
+        load_model(tmp_path, ModelConfig(path=str(tmp_path), lora=dict(enabled=True)))
+    FAMILIES["phi3"].build("eager").save_pretrained(tmp_path)  # some targets exist: still refused
+    with pytest.raises(ConfigError, match=r"names \['q_proj', 'k_proj', 'v_proj'\].*qkv_proj"):
+        load_model(tmp_path, ModelConfig(path=str(tmp_path), lora=dict(enabled=True)))

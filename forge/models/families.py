@@ -36,7 +36,9 @@ class Family:
     config: dict[str, Any]
     lora: bool = False  # the matrix also trains it through LoRA adapters
     features: tuple[str, ...] = ()  # what makes it differ from Llama, for the README table
-    extra_modules: tuple[str, ...] = field(default=())  # LoRA targets beyond q/k/v/o
+    # The attention projections, peft's LoRA targets (model.lora.target_modules for this family).
+    attention_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    extra_modules: tuple[str, ...] = field(default=())  # LoRA targets beyond the attention's
 
     def build(self, attn_implementation: str = "sdpa", seed: int = 0) -> torch.nn.Module:
         """The tiny model in fp32, eval mode, with weights that depend only on `seed`."""
@@ -76,7 +78,7 @@ def _lora_wrap(model: torch.nn.Module, targets: list[str], seed: int) -> torch.n
 
 
 def build_lora(family: Family, attn_implementation: str = "sdpa", seed: int = 0) -> torch.nn.Module:
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", *family.extra_modules]
+    targets = [*family.attention_modules, *family.extra_modules]
     return _lora_wrap(family.build(attn_implementation, seed), targets, seed)
 
 
@@ -135,6 +137,7 @@ FAMILIES: dict[str, Family] = {
             "Phi3ForCausalLM",
             dict(partial_rotary_factor=0.5, sliding_window=2 * WINDOW),
             features=("partial rotary", "sliding window"),
+            attention_modules=("qkv_proj", "o_proj"),
         ),
         Family(
             "gpt_neox",
@@ -142,6 +145,7 @@ FAMILIES: dict[str, Family] = {
             "GPTNeoXForCausalLM",
             dict(rotary_pct=0.25),
             features=("partial rotary", "parallel residual"),
+            attention_modules=("query_key_value", "dense"),
         ),
         Family("olmo2", "Olmo2Config", "Olmo2ForCausalLM", dict(), features=("q/k norm after projection",)),
         Family(

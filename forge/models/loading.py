@@ -117,6 +117,22 @@ def choose_attn_implementation(config, setting: str, device: str | torch.device,
     return setting
 
 
+def check_lora_targets(model: torch.nn.Module, targets: list[str]) -> None:
+    """Refuse LoRA targets the model has no module for, naming the ones it has. peft adapts
+    whichever targets exist without a word (Forge's q/k/v/o default on Phi3, whose attention is
+    qkv_proj + o_proj, would train o_proj alone) and, when none exist, raises an error that
+    names no Forge setting."""
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in targets if not any(name == t or name.endswith("." + t) for name in names)]
+    if missing:
+        linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                         if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")})
+        raise ConfigError(
+            f"model.lora.target_modules names {missing}, which {type(model).__name__} has no module for; "
+            f"its linear layers are {linear}: set model.lora.target_modules to some of them"
+        )
+
+
 def _transformers_version() -> str:
     import transformers
 
@@ -153,6 +169,8 @@ def load_model(
         ).to(device)
     if cfg.lora.enabled:
         from peft import LoraConfig, get_peft_model
+
+        check_lora_targets(model, list(cfg.lora.target_modules))
 
         lora = LoraConfig(
             r=cfg.lora.r,
