@@ -40,7 +40,7 @@ from pathlib import Path
 
 from bench.report import save_result
 from forge.config import load_config
-from forge.orchestrator import train
+from forge.run.launch import train
 
 
 def summarize(records: list[dict], last: int) -> dict[str, float]:

@@ -1,6 +1,6 @@
 """Benchmark: does speed shaping make an agent finish in fewer turns without losing success?
 
-Two training runs per seed through the real orchestrator (`forge.orchestrator.train`),
+Two training runs per seed through the real run loop (`forge.run.launch.train`),
 equal step budget and seed, CPU, tiny random-init Qwen2: `plain` (0/1 outcome) and
 `shaped` (outcome plus the speed term on turns against the group median, weight 0.9,
 default advantage path: advantages divided by the outcome spread). Everything else is the
@@ -169,7 +169,7 @@ def training_tail(metrics_file: Path, fraction: float = 0.2) -> dict[str, float]
 
 
 def run(name: str, shaped: bool, seed: int, args: argparse.Namespace, workdir: Path) -> dict:
-    from forge.orchestrator import train
+    from forge.run.launch import train
 
     cfg = build_config(shaped, args.steps, seed, args.speed_weight, args.max_turns, args.temperature,
                        base_overrides(args), args.shaped_set)  # fmt: skip

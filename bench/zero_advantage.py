@@ -29,7 +29,7 @@ from pathlib import Path
 
 from bench.report import save_result
 from forge.config import load_config
-from forge.orchestrator import train
+from forge.run.launch import train
 
 ARMS = {"skip": "true", "full": "false"}
 

@@ -24,7 +24,7 @@ def _train(args: argparse.Namespace) -> int:
         print(f"forge: {preflight_env(cfg.env, cfg.seed)}", file=sys.stderr)
         return 0
     from forge.failures import RunStopped
-    from forge.orchestrator import train
+    from forge.run.launch import train
 
     if args.resume:
         cfg.output_dir = args.resume
@@ -34,7 +34,7 @@ def _train(args: argparse.Namespace) -> int:
         print(f"forge: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:
-        from forge.orchestrator import actor_death_message
+        from forge.run.faults import actor_death_message
 
         message = actor_death_message(exc, cfg.output_dir, args.config)
         if message is None:

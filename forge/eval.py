@@ -32,8 +32,9 @@ def evaluate(
     process with the model saved in `checkpoint` (a `forge train` output's `final/`)."""
     from tqdm import tqdm
 
-    from forge.orchestrator import load_task_rows, start_sandbox
     from forge.rollout.worker import RolloutWorker
+    from forge.run.context import start_sandbox
+    from forge.run.tasks import load_task_rows
 
     checkpoint = Path(checkpoint)
     if not (checkpoint / "config.json").is_file():

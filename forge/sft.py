@@ -65,7 +65,7 @@ def read_transcripts(path: str | Path) -> list[list[dict[str, Any]]]:
 def env_demonstrations(cfg: Config) -> list[list[dict[str, Any]]]:
     """Transcripts from the configured env's `demonstrations(tasks)` classmethod."""
     from forge.env.registry import resolve_env
-    from forge.orchestrator import load_task_rows
+    from forge.run.tasks import load_task_rows
 
     env_class = resolve_env(cfg.env.name)
     demonstrate = getattr(env_class, "demonstrations", None)

@@ -23,7 +23,7 @@ def async_config(**overrides: object):
 
 
 def test_resuming_an_async_run_without_checkpoints_names_the_setting(tmp_path):
-    from forge.orchestrator import train
+    from forge.run.launch import train
     from forge.train.checkpoint import CheckpointError
 
     with pytest.raises(CheckpointError, match="checkpoint_every"):
@@ -31,7 +31,7 @@ def test_resuming_an_async_run_without_checkpoints_names_the_setting(tmp_path):
 
 
 def test_requeued_tasks_are_taken_first_then_the_stream_goes_on():
-    from forge.orchestrator import TaskStream
+    from forge.run.tasks import TaskStream
 
     tasks = [{"id": i} for i in range(5)]
     plain, resumed = TaskStream(tasks, seed=3), TaskStream(tasks, seed=3)
@@ -49,7 +49,8 @@ def test_an_async_run_checkpoints_and_resumes_with_the_tasks_it_had_started(ray_
 
     import torch
 
-    from forge.orchestrator import load_task_rows, train
+    from forge.run.launch import train
+    from forge.run.tasks import load_task_rows
 
     cfg = async_config(**{"train.max_steps": 4, "train.checkpoint_every": 2, "train.keep_checkpoints": 0})
     train(cfg, tmp_path, progress=False)
@@ -66,15 +67,15 @@ def test_an_async_run_checkpoints_and_resumes_with_the_tasks_it_had_started(ray_
     assert requeued
 
     played = []
-    from forge import orchestrator
+    from forge.run import context
 
-    class RecordingStream(orchestrator.TaskStream):
+    class RecordingStream(context.TaskStream):
         def take(self, count):
             taken = super().take(count)
             played.extend(taken)
             return taken
 
-    monkeypatch.setattr(orchestrator, "TaskStream", RecordingStream)
+    monkeypatch.setattr(context, "TaskStream", RecordingStream)
     result = train(async_config(**{"train.max_steps": 6, "train.checkpoint_every": 2}), tmp_path,
                    progress=False, resume=True)
     final = pickle.loads((tmp_path / "checkpoints" / "step-000004" / "run_state.pkl").read_bytes())["requeued"]
@@ -86,7 +87,7 @@ def test_an_async_run_checkpoints_and_resumes_with_the_tasks_it_had_started(ray_
 
 @pytest.mark.slow
 def test_an_async_run_trains_within_the_staleness_bound(ray_session, tmp_path):
-    from forge.orchestrator import train
+    from forge.run.launch import train
 
     # The smoke board (4 numbers, 3 one-token guesses) in groups of 4 gives groups mixed outcomes,
     # so some step trains: groups of 2 on 8 numbers were all failures at times (nothing trained).
@@ -110,11 +111,11 @@ def test_an_async_run_survives_a_killed_worker_and_counts_its_episodes_lost(ray_
     import threading
     import time
 
-    from forge import orchestrator
+    from forge.run import context, launch
 
     runs = []
 
-    class RecordingRun(orchestrator.Run):
+    class RecordingRun(context.Run):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             runs.append(self)
@@ -126,11 +127,11 @@ def test_an_async_run_survives_a_killed_worker_and_counts_its_episodes_lost(ray_
             time.sleep(0.05)
         ray_session.kill(runs[0].workers[0], no_restart=False)
 
-    monkeypatch.setattr(orchestrator, "Run", RecordingRun)
+    monkeypatch.setattr(context, "Run", RecordingRun)
     killer = threading.Thread(target=kill_after_first_step, daemon=True)
     killer.start()
     cfg = async_config(**{"train.max_steps": 8, "rollout.num_workers": 2, "rollout.max_turns": 4})
-    result = orchestrator.train(cfg, tmp_path, progress=False)
+    result = launch.train(cfg, tmp_path, progress=False)
     killer.join(timeout=5)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert result.steps == 8

@@ -122,8 +122,8 @@ def test_a_new_run_refuses_a_directory_that_holds_an_earlier_run(capsys, tmp_pat
 
 
 def test_overwrite_removes_the_earlier_runs_files_and_nothing_else(tmp_path, monkeypatch):
-    from forge import orchestrator
     from forge.metrics import RUN_FILES, RUN_FOLDERS, claim_output_dir
+    from forge.run import launch
 
     for name in RUN_FILES:
         (tmp_path / name).write_text("old")
@@ -139,6 +139,6 @@ def test_overwrite_removes_the_earlier_runs_files_and_nothing_else(tmp_path, mon
 
     calls = []  # and the command line asks for it (a stand-in for the run records what it was asked)
     done = SimpleNamespace(steps=0, wall_seconds=0.0, output_dir=tmp_path, checkpoint=None)
-    monkeypatch.setattr(orchestrator, "train", lambda cfg, **kwargs: calls.append(kwargs) or done)
+    monkeypatch.setattr(launch, "train", lambda cfg, **kwargs: calls.append(kwargs) or done)
     assert main(["train", "configs/smoke.yaml", "--output-dir", str(tmp_path), "--overwrite"]) == 0
     assert calls == [{"resume": False, "overwrite": True}]

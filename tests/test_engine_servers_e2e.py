@@ -23,8 +23,8 @@ def rows(run) -> list[dict]:
 def test_a_server_engine_run_survives_an_engine_killed_mid_run_and_replaces_it(ray_session, tmp_path, capfd):
     import ray
 
-    from forge.orchestrator import train
     from forge.rollout.engines.pool import engine_actor_name
+    from forge.run.launch import train
 
     cfg = load_config("configs/smoke.yaml", ["train.max_steps=8", "rollout.engine=server", *SMALL])
     run = tmp_path / "run"
@@ -57,8 +57,8 @@ def test_a_server_engine_run_survives_an_engine_killed_mid_run_and_replaces_it(r
 @pytest.mark.slow
 def test_a_remote_engine_run_trains_against_forge_servers_it_did_not_start(ray_session, tmp_path):
     from forge.models.loading import resolve_model_path
-    from forge.orchestrator import train
     from forge.rollout.engines.server import EngineServer, make_service
+    from forge.run.launch import train
 
     cfg = load_config("configs/smoke.yaml", ["train.max_steps=3", *SMALL])
     model = resolve_model_path(cfg.model, tmp_path / "model", seed=cfg.seed)

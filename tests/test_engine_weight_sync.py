@@ -32,8 +32,8 @@ def test_every_weight_sync_path_gives_the_engines_the_trainers_weights(ray_sessi
     from ray import cloudpickle
 
     from forge.models.loading import resolve_model_path
-    from forge.orchestrator import make_trainer
     from forge.rollout.engines.pool import EnginePool
+    from forge.run.context import make_trainer
 
     overrides = ["rollout.engine=server", "rollout.num_engines=2", "rollout.num_cpus_per_engine=0"]
     cfg = load_config("configs/smoke.yaml", overrides + ([f"model.lora.enabled={lora}"]))

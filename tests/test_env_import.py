@@ -67,7 +67,7 @@ def test_a_non_env_target_is_refused_by_name():
 
 @pytest.mark.slow
 def test_a_run_plays_an_env_from_a_module_in_a_temp_folder(ray_session, tmp_path, monkeypatch):
-    from forge.orchestrator import train
+    from forge.run.launch import train
 
     folder = tmp_path / "my_envs"
     folder.mkdir()

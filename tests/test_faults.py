@@ -80,8 +80,8 @@ def test_generation_past_max_tokens_is_truncated_and_marked(tiny_checkpoint):
 
 @pytest.mark.slow
 def test_a_killed_worker_is_restarted_and_its_in_flight_episodes_are_lost(ray_session, tiny_checkpoint):
-    from forge.orchestrator import collect_groups
     from forge.rollout.worker import RolloutWorker
+    from forge.run.faults import collect_groups
 
     ray = ray_session
     cfg = Config()
@@ -112,7 +112,7 @@ def test_a_killed_worker_is_restarted_and_its_in_flight_episodes_are_lost(ray_se
 
 
 def test_lost_episodes_take_no_part_in_group_statistics():
-    from forge.orchestrator import lost_group
+    from forge.run.faults import lost_group
     from forge.types import Trajectory
 
     def played(reward: float) -> Trajectory:

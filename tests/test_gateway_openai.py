@@ -476,7 +476,7 @@ def test_overridden_sampling_says_so_in_a_header(tokenizer):
 def test_a_training_runs_gateway_follows_gateway_sampling(tokenizer, rule):
     from forge.config import Config
     from forge.gateway import EpisodeStore, GatewayServer
-    from forge.gateway.training import run_gateway
+    from forge.run.gateway import run_gateway
 
     cfg = Config() if rule == "override" else Config.model_validate({"gateway": {"sampling": rule}})
     engine = ScriptedEngine([tokenizer.eos_token_id])

@@ -78,7 +78,7 @@ def server(tiny_checkpoint):
 
 
 def play(server, command: str, timeout_s: float = 30.0):
-    from forge.gateway.training import agent_argv, close_unfinished, run_agents
+    from forge.gateway.agents import agent_argv, close_unfinished, run_agents
 
     episode_id = server.call(server.gateway.start_episode({"task_id": "t"}))
     exits = run_agents(agent_argv(command), [episode_id], {}, 1, timeout_s)
@@ -107,7 +107,7 @@ def test_an_agent_gets_its_episode_id_as_the_api_key(server):
 
 @pytest.mark.slow
 def test_gateway_smoke_config_trains_with_agent_processes(ray_session, tmp_path, monkeypatch):
-    from forge.orchestrator import train
+    from forge.run.launch import train
 
     monkeypatch.chdir(tmp_path)  # the built-in agent is a module: no repository folder needed
     # Every call trains (none skipped for a zero advantage), so the packing of a group's calls shows.
@@ -126,7 +126,7 @@ def test_gateway_smoke_config_trains_with_agent_processes(ray_session, tmp_path,
 def test_a_gateway_run_checkpoints_and_resumes(ray_session, tmp_path, monkeypatch):
     import torch
 
-    from forge.orchestrator import train
+    from forge.run.launch import train
 
     monkeypatch.chdir(ROOT)
     overrides = ["rollout.group_size=2", "train.checkpoint_every=1", "logging.tensorboard=false"]

@@ -84,7 +84,7 @@ def test_a_bad_sandbox_python_fails_at_start(host_level):
 
 
 def test_a_training_run_refuses_untrusted_code_at_level_0_before_starting_anything(host_level, tmp_path):
-    from forge.orchestrator import train
+    from forge.run.launch import train
 
     host_level(0)
     cfg = load_config("configs/smoke.yaml", ["env.name=python_coding", "env.kwargs={}", "train.max_steps=1"])
@@ -95,7 +95,7 @@ def test_a_training_run_refuses_untrusted_code_at_level_0_before_starting_anythi
 
 @pytest.mark.slow
 def test_a_run_prints_its_level_and_writes_it_to_config_and_metrics(ray_session, tmp_path, capfd):
-    from forge.orchestrator import train
+    from forge.run.launch import train
 
     cfg = load_config(
         "configs/smoke.yaml", ["train.max_steps=1", "rollout.tasks_per_step=1", "rollout.num_workers=1"]

@@ -86,7 +86,7 @@ def test_an_envs_demonstrations_are_the_default_data(tmp_path, monkeypatch):
 
     monkeypatch.setattr("forge.env.registry.resolve_env", lambda name: DemoEnv)
     monkeypatch.setattr(
-        "forge.orchestrator.load_task_rows", lambda cfg: [{"secret": i % 4} for i in range(12)]
+        "forge.run.tasks.load_task_rows", lambda cfg: [{"secret": i % 4} for i in range(12)]
     )
     cfg = load_config("configs/smoke.yaml", ["logging.tensorboard=false"])
     sft_module.sft(cfg, None, tmp_path / "sft", epochs=1, batch_size=4)

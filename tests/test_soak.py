@@ -8,7 +8,7 @@ import pytest
 from bench.soak import slope_per_1000, soak_mode, summarize
 
 # MB per 1,000 steps and process over the second half. Ray's GCS grew 15-18 before its task
-# events were capped (`forge.orchestrator.TASK_EVENTS_IN_GCS`); in bench/results/soak.json's
+# events were capped (`forge.run.cluster.TASK_EVENTS_IN_GCS`); in bench/results/soak.json's
 # 1,500 sync steps the steepest, a rollout worker still warming up, is 2.8 (its last 500
 # steps +0.3 MB), the GCS 0.8. Open fds and threads may rise by a few while pools start.
 MAX_RSS_SLOPE_MB = 5.0
@@ -64,7 +64,7 @@ def test_a_shortened_sync_soak_has_no_growing_process(tmp_path):
 
 
 def test_a_local_ray_keeps_a_bounded_number_of_task_events_unless_the_user_set_one(monkeypatch):
-    from forge.orchestrator import TASK_EVENTS_IN_GCS, ray_system_config
+    from forge.run.cluster import TASK_EVENTS_IN_GCS, ray_system_config
 
     monkeypatch.delenv("RAY_task_events_max_num_task_in_gcs", raising=False)
     assert ray_system_config() == {"task_events_max_num_task_in_gcs": TASK_EVENTS_IN_GCS}

@@ -13,9 +13,9 @@ from forge.config import load_config
 def test_a_worker_killed_mid_rollout_is_restarted_and_its_episodes_are_counted_lost(
     ray_session, tmp_path, monkeypatch
 ):
-    from forge import orchestrator
+    from forge.run import context, launch
 
-    class KillingRun(orchestrator.Run):
+    class KillingRun(context.Run):
         launches = 0
 
         def launch_rollouts(self):
@@ -25,11 +25,11 @@ def test_a_worker_killed_mid_rollout_is_restarted_and_its_episodes_are_counted_l
                 ray_session.kill(self.workers[0], no_restart=False)
             return calls
 
-    monkeypatch.setattr(orchestrator, "Run", KillingRun)
+    monkeypatch.setattr(context, "Run", KillingRun)
     cfg = load_config("configs/smoke.yaml", [
         "train.max_steps=4", "rollout.tasks_per_step=2", "rollout.group_size=4", "rollout.num_workers=2",
     ])
-    result = orchestrator.train(cfg, tmp_path, progress=False)
+    result = launch.train(cfg, tmp_path, progress=False)
 
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert result.steps == 4
@@ -40,7 +40,7 @@ def test_a_worker_killed_mid_rollout_is_restarted_and_its_episodes_are_counted_l
 
 def test_a_run_asking_for_more_cpus_than_the_cluster_has_fails_fast_with_the_keys(ray_session, tmp_path):
     from forge.config import ConfigError
-    from forge.orchestrator import train
+    from forge.run.launch import train
 
     total = ray_session.cluster_resources()["CPU"]
     cfg = load_config("configs/smoke.yaml", [f"train.num_cpus={total}", "train.max_steps=1"])
@@ -73,7 +73,7 @@ def test_a_trainer_that_dies_stops_the_run_with_how_to_resume_it(ray_session, tm
 def test_only_a_dead_actor_gets_the_resume_advice(tmp_path):
     from ray.exceptions import ActorDiedError
 
-    from forge.orchestrator import actor_death_message
+    from forge.run.faults import actor_death_message
 
     assert actor_death_message(ValueError("bad batch"), tmp_path) is None
     message = actor_death_message(ActorDiedError(), tmp_path)

@@ -69,7 +69,7 @@ def test_a_thread_count_below_one_is_refused_with_its_key():
 def test_the_two_core_layout_fits_a_two_cpu_cluster(monkeypatch):
     import ray
 
-    from forge.orchestrator import check_resources
+    from forge.run.cluster import check_resources
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
     cfg = load_config("configs/smoke.yaml", TWO_CORE_LAYOUT)
@@ -80,7 +80,7 @@ def test_the_two_core_layout_fits_a_two_cpu_cluster(monkeypatch):
 def test_a_run_starts_its_trainer_and_worker_at_the_configured_threads(ray_session, tmp_path):
     import torch
 
-    from forge.orchestrator import Run
+    from forge.run.context import Run
 
     run = Run(load_config("configs/smoke.yaml", [*TWO_CORE_LAYOUT, "logging.tensorboard=false"]), tmp_path)
     try:

@@ -14,7 +14,7 @@ from forge.config import load_config
 def test_short_run_writes_finite_metrics_tensorboard_and_a_loadable_checkpoint(ray_session, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from forge.orchestrator import train
+    from forge.run.launch import train
 
     cfg = load_config(
         "configs/smoke.yaml",

@@ -14,23 +14,23 @@ from forge.config import load_config
 def test_two_trainer_processes_train_the_same_first_step_as_one(ray_session, tmp_path, monkeypatch, strategy):
     from safetensors.torch import load_file
 
-    from forge.orchestrator import train
+    from forge.run.launch import train
 
     overrides = [
         "train.max_steps=1", "rollout.tasks_per_step=8", "rollout.group_size=8", "rollout.num_workers=1",
         "train.minibatches_per_step=1", "train.num_cpus=1", "trainer.packing=padded",
         "logging.tensorboard=false", "train.checkpoint_every=0",
     ]
-    from forge import orchestrator
+    from forge.run import context
 
     groups = []
 
-    class RecordingRun(orchestrator.Run):
+    class RecordingRun(context.Run):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             groups.append(getattr(self.trainer, "world_size", 1))
 
-    monkeypatch.setattr(orchestrator, "Run", RecordingRun)
+    monkeypatch.setattr(context, "Run", RecordingRun)
     single = train(load_config("configs/smoke.yaml", overrides), tmp_path / "one", progress=False)
     group = [*overrides, "train.num_trainers=2", f"train.strategy={strategy}"]
     double = train(load_config("configs/smoke.yaml", group), tmp_path / "two", progress=False)
@@ -53,7 +53,7 @@ def test_an_async_run_on_two_sharded_trainer_ranks_trains_checkpoints_and_saves(
 
     from safetensors.torch import load_file
 
-    from forge.orchestrator import train
+    from forge.run.launch import train
 
     overrides = [
         "train.mode=async", "train.max_steps=3", "train.checkpoint_every=2", "rollout.tasks_per_step=4",

@@ -163,7 +163,7 @@ def load_trainer(trainer: Any, directory: str | Path) -> None:
     restore_trainer_state(trainer, torch.load(Path(directory) / TRAINER_FILE, weights_only=False))
 
 
-# ---- driver side (the orchestrator's Run) ----
+# ---- driver side (forge.run.context.Run) ----
 
 
 def _driver_rng() -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 Each rank is a Ray actor (placed by `train.num_cpus` / `train.num_gpus`) running a
 `DistributedTrainer`; rank 0's node hosts the torch.distributed rendezvous. The group
-answers the calls the orchestrator makes of a single trainer actor
+answers the calls the run loop (forge.run) makes of a single trainer actor
 (`group.train_step.remote(samples)` and so on), so the run loop does not change.
 """
 

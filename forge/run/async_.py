@@ -1,0 +1,333 @@
+"""Asynchronous RL: workers keep playing groups while the trainer steps; a DataPool actor
+hands the trainer batches within the staleness bound (`async.*`)."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from forge.config import Config
+from forge.failures import FailureWatch
+from forge.run.context import (
+    Run,
+    RunResult,
+    StepLog,
+    checkpoint_due,
+    finish,
+    open_run,
+    shape_rewards,
+    step_metrics,
+    to_samples,
+)
+from forge.run.faults import collect_groups
+from forge.types import Trajectory
+
+# Async mode keeps this many training steps submitted to the trainer: one running, one
+# queued behind it, so the trainer never waits on the driver between steps.
+TRAIN_QUEUE_DEPTH = 2
+
+
+def train_async(
+    cfg: Config, output_dir: str | Path | None = None, progress: bool | None = None, resume: bool = False
+) -> RunResult:
+    """RL with rollout and training overlapped: workers keep playing groups while the
+    trainer steps (the pool slots a batch frees become groups on the least loaded workers);
+    a DataPool actor hands the trainer batches within the staleness bound, one step queued
+    behind the running one; weights are published as each step ends and fetched by each
+    worker.
+
+    A worker that dies is restarted by Ray; the groups it was playing come back as lost
+    episodes (metric `episodes_lost`) and it is re-synced before its next group.
+
+    A checkpoint step is the last one queued until it ends (the trainer's state is then
+    exactly that step's); the checkpoint holds the tasks of the groups in flight or in the
+    pool, which a resumed run plays first, so no task is lost to a restart."""
+    import ray
+
+    started = time.perf_counter()
+    output = Path(output_dir or cfg.output_dir)
+    run, done, published = open_run(cfg, output, resume)
+    weights = (published[0][0], published[1]) if published else None
+    log = StepLog(cfg, output, progress, "train async", done)
+    loop = AsyncLoop(run, done, weights)
+    try:
+        while loop.step < cfg.train.max_steps:
+            if not loop.wait_for_step():
+                continue
+            trajectories, metrics = loop.end_step(started)
+            log.record(
+                loop.step, metrics, trajectories, run.tokenizer, stale=f"{metrics['staleness_mean']:.2f}"
+            )
+            if loop.checkpoint_due(loop.step):
+                loop.save_checkpoint()
+        checkpoint = Path(ray.get(run.trainer.save.remote(str(output / "final"))))
+    finally:
+        log.close()
+        loop.stop()
+        run.shutdown()
+    return finish(output, loop.step, checkpoint, started)
+
+
+class BusyClock:
+    """Seconds during which something (a worker with episodes in flight) was busy."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.since = 0.0
+        self.seconds = 0.0
+
+    def start(self) -> None:
+        if self.count == 0:
+            self.since = time.perf_counter()
+        self.count += 1
+
+    def stop(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self.seconds += time.perf_counter() - self.since
+
+    def total(self) -> float:
+        return self.seconds + (time.perf_counter() - self.since if self.count else 0.0)
+
+
+class AsyncLoop:
+    """An async run between its steps: the pool, the worker calls in flight, the workers
+    down or out of sync, and the training steps queued on the trainer.
+
+    A pool round trip happens only when it can change something: groups arrived (a batch
+    may form), a step ended (the staleness horizon and the trainer queue moved), or a
+    worker died or came back."""
+
+    def __init__(self, run: Run, step: int, weights: tuple[Any, int] | None) -> None:
+        import ray
+
+        from forge.pool import DataPool
+
+        cfg = run.cfg
+        self.run = run
+        self.cfg = cfg
+        self.pool = (
+            ray.remote(DataPool)
+            .options(num_cpus=0)
+            .remote(
+                cfg.rollout.tasks_per_step,
+                cfg.async_.max_staleness,
+                cfg.async_.window,
+                cfg.async_.max_buffered_groups,
+            )
+        )
+        self.step = step
+        self.submitted = step  # steps handed to the trainer
+        self.weights = weights  # latest (ref, version) published
+        self.trainer_version = weights[1] if weights else 0
+        self.clocks = [BusyClock() for _ in run.workers]
+        self.in_flight: dict[
+            Any, tuple[list[int], int, list[dict[str, Any]]]
+        ] = {}  # ref -> (seqs, worker, tasks)
+        self.groups_in_flight = [0] * len(run.workers)
+        self.needs_sync: set[int] = set()
+        self.down: set[int] = set()  # workers Ray is restarting; they get no groups
+        self.probes: dict[Any, int] = {}  # ref of a call to a restarting worker -> its index
+        self.queued: deque[tuple[Any, list[Trajectory], dict[str, float]]] = (
+            deque()
+        )  # submitted steps, oldest first
+        self.arrived: list[
+            tuple[list[int], list[list[Trajectory]]]
+        ] = []  # groups for the next pool round trip
+        self.changed = True  # whether a pool round trip may change something
+        self.task_of: dict[int, dict[str, Any]] = {}  # group seq -> its task, while a checkpoint may need it
+        self.train_seconds = 0.0
+        self.lost = 0  # episodes lost since the last step
+        self.failures = FailureWatch(cfg.env.max_error_fraction, cfg.env.error_window_steps)
+        self.loop_started = self.step_ended = time.perf_counter()
+
+    def checkpoint_due(self, step: int) -> bool:
+        return checkpoint_due(step, self.cfg.train.checkpoint_every, self.cfg.train.max_steps)
+
+    def wait_for_step(self) -> bool:
+        """Exchange with the pool if something changed, wait up to a second for a worker
+        call, a probe or the oldest queued step to end, and take in the worker calls and
+        probes that did; True when the oldest queued step has ended."""
+        import ray
+
+        if self.changed:
+            self.exchange()
+            self.changed = False
+        oldest = [self.queued[0][0]] if self.queued else []
+        waiting = list(self.in_flight) + list(self.probes) + oldest
+        if not waiting:  # nothing can arrive: say why rather than spin
+            raise RuntimeError(
+                f"async training stalled at step {self.step}: no rollout in flight, no training step "
+                f"queued and the pool cannot form a batch ({ray.get(self.pool.stats.remote())}, "
+                f"{len(self.down)} of {len(self.run.workers)} workers down)"
+            )
+        ready, _ = ray.wait(waiting, num_returns=1, timeout=1.0)
+        if ready:
+            ready, _ = ray.wait(waiting, num_returns=len(waiting), timeout=0)
+        for ref in ready:
+            if oldest and ref == oldest[0]:
+                continue
+            self.changed = True
+            if ref in self.probes:
+                self.probe_restarted(ref)
+            else:
+                self.take_rollout(ref)
+        return bool(oldest) and oldest[0] in ready
+
+    def exchange(self) -> None:
+        """One pool round trip: hand over the groups that arrived, take what batches can
+        form (each queued on the trainer, which runs its calls in order, so it starts a
+        batch the moment the step before ends) and start the groups the pool has room for."""
+        import ray
+
+        seqs = [seq for batch_seqs, _ in self.arrived for seq in batch_seqs]
+        groups = [group for _, batch_groups in self.arrived for group in batch_groups]
+        self.arrived.clear()
+        max_takes = max(
+            0, min(TRAIN_QUEUE_DEPTH - len(self.queued), self.cfg.train.max_steps - self.submitted)
+        )
+        every = self.cfg.train.checkpoint_every
+        if every:  # nothing is queued behind a checkpoint step, so the trainer saves that step's state
+            held = self.checkpoint_due(self.submitted) and self.step < self.submitted
+            max_takes = 0 if held else min(max_takes, every - self.submitted % every)
+        live = len(self.down) < len(self.run.workers)
+        batches, stats, reserved = ray.get(
+            self.pool.exchange.remote(
+                seqs, groups, self.trainer_version + len(self.queued), max_takes, len(self.queued), live
+            )
+        )
+        for batch in batches:
+            self.submit(batch, stats)
+        self.launch(reserved)
+
+    def submit(self, batch: list[list[Trajectory]], pool_stats: dict[str, float]) -> None:
+        """Queue a training step on `batch`, with its reward and staleness metrics."""
+        from forge.pool import group_version
+
+        at_version = self.trainer_version + len(
+            self.queued
+        )  # the version the queued steps leave the trainer at
+        trajectories = [t for group in batch for t in group]
+        reward_metrics, advantages = shape_rewards(self.run.shaper, trajectories, self.cfg)
+        staleness = [at_version - (group_version(g) or at_version) for g in batch]
+        reward_metrics["staleness_mean"] = sum(staleness) / len(staleness)
+        reward_metrics["staleness_max"] = float(max(staleness))
+        reward_metrics.update(pool_stats)
+        ref = self.run.trainer.train_and_publish.remote(to_samples(trajectories, advantages))
+        self.queued.append((ref, trajectories, reward_metrics))
+        self.submitted += 1
+
+    def launch(self, seqs: list[int]) -> None:
+        """Start the groups the pool reserved: each live worker gets its share as one
+        call, so its episodes run in one batch (per-group calls made batches small, and a
+        tiny model's forward costs nearly as much for 8 rows as for 32)."""
+        live = [i for i in range(len(self.run.workers)) if i not in self.down]
+        if not live:
+            return
+        shares: dict[int, list[int]] = {i: [] for i in live}
+        for seq in seqs:
+            index = min(live, key=lambda i: self.groups_in_flight[i] + len(shares[i]))
+            shares[index].append(seq)
+        for index, share in shares.items():
+            if share:
+                self.start_groups(index, share)
+
+    def start_groups(self, index: int, seqs: list[int]) -> None:
+        """One rollout call on worker `index` for the groups `seqs` (it gets the latest weights first if it came back)."""
+        worker = self.run.workers[index]
+        if index in self.needs_sync and self.weights is not None:
+            worker.set_weights.remote(self.weights[0], self.weights[1])
+        self.needs_sync.discard(index)
+        tasks = self.run.tasks.take(len(seqs))
+        if self.cfg.train.checkpoint_every:
+            self.task_of.update(zip(seqs, tasks, strict=True))
+        self.in_flight[worker.rollout.remote(tasks, self.cfg.rollout.group_size)] = (seqs, index, tasks)
+        self.groups_in_flight[index] += len(seqs)
+        self.clocks[index].start()
+
+    def take_rollout(self, ref: Any) -> None:
+        """A worker call ended: its groups arrive for the pool; if the worker died, they are
+        lost stand-ins, and the worker is probed until Ray has restarted it."""
+        seqs, index, tasks = self.in_flight.pop(ref)
+        self.clocks[index].stop()
+        self.groups_in_flight[index] -= len(seqs)
+        groups, died = collect_groups(ref, tasks, self.cfg.rollout.group_size)
+        if died:  # its groups are dropped, freeing their slots
+            self.lost += len(seqs) * self.cfg.rollout.group_size
+            self.needs_sync.add(index)  # it comes back with the initial weights
+            if index not in self.down:
+                self.down.add(index)
+                self.probes[self.run.workers[index].get_policy_version.remote()] = index
+        self.arrived.append((seqs, groups))
+
+    def probe_restarted(self, ref: Any) -> None:
+        """A restarting worker answers once it is back; until then, ask again."""
+        import ray
+        from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+        index = self.probes.pop(ref)
+        try:
+            ray.get(ref)
+        except ActorUnavailableError:
+            time.sleep(0.2)
+            self.probes[self.run.workers[index].get_policy_version.remote()] = index
+            return
+        except ActorDiedError as exc:
+            raise RuntimeError(
+                f"rollout worker {index} died more than async.max_worker_restarts="
+                f"{self.cfg.async_.max_worker_restarts} times; see its log above ({exc})"
+            ) from exc
+        self.down.discard(index)
+
+    def end_step(self, started: float) -> tuple[list[Trajectory], dict[str, float]]:
+        """The oldest queued step has ended: send its weights to every worker in sync, count
+        the step, and return its episodes and metrics."""
+        import ray
+
+        ref, trajectories, reward_metrics = self.queued.popleft()
+        train_metrics, wrapped, self.trainer_version = ray.get(ref)
+        self.changed = True
+        self.train_seconds += train_metrics["train_seconds"]
+        sync_started = time.perf_counter()
+        self.weights = (wrapped[0], self.trainer_version)
+        for index, worker in enumerate(self.run.workers):
+            if index not in self.needs_sync:
+                worker.set_weights.remote(self.weights[0], self.trainer_version)
+        self.step += 1
+        self.failures.observe(self.step, trajectories, last_step=self.step == self.cfg.train.max_steps)
+        wall = time.perf_counter() - self.loop_started
+        busy = sum(clock.total() for clock in self.clocks)
+        loop_metrics = {
+            "episodes_lost": float(self.lost),
+            "sync_seconds": time.perf_counter() - sync_started,
+            "policy_version": float(self.trainer_version),
+            "trainer_idle_fraction": max(0.0, 1.0 - self.train_seconds / wall),
+            "rollout_idle_fraction": max(0.0, 1.0 - busy / (wall * len(self.clocks))),
+            "step_seconds": time.perf_counter() - self.step_ended,
+            "wall_seconds": time.perf_counter() - started,
+        }
+        self.step_ended = time.perf_counter()
+        self.lost = 0
+        return trajectories, step_metrics(trajectories, reward_metrics, train_metrics, loop_metrics)
+
+    def save_checkpoint(self) -> None:
+        """Checkpoint after this step, with the tasks of the groups still in flight or in the
+        pool (not trained on yet), which a resumed run plays first."""
+        import ray
+
+        from forge.train.checkpoint import save_run
+
+        pending = ray.get(self.pool.pending.remote())
+        self.task_of = {seq: self.task_of[seq] for seq in pending if seq in self.task_of}
+        save_run(
+            self.run, self.step, self.cfg.train.keep_checkpoints, pending_tasks=list(self.task_of.values())
+        )
+
+    def stop(self) -> None:
+        import ray
+
+        for ref in self.in_flight:
+            ray.cancel(ref)
+        ray.kill(self.pool)

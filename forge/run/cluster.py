@@ -1,0 +1,85 @@
+"""The Ray cluster a run uses: starting or joining it, and checking it can hold the
+run's trainer, rollout workers and engines before anything waits on it."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from forge.config import Config
+
+# Ray's GCS server keeps the status and profile events of the last 100,000 tasks (its
+# default). A run makes ~5 Ray calls a step, ~3.6 KB of events each, so the GCS grew by
+# ~18 KB a step, 350 MB over 20,000 steps, before that cap. 2,000 tasks (the last few
+# hundred steps, still listed by `ray list tasks`) bound it at a few MB.
+TASK_EVENTS_IN_GCS = 2000
+
+
+def start_ray(num_cpus: int | None = None, env_name: str | None = None) -> None:
+    """Join the cluster named by RAY_ADDRESS, or start a local Ray once per process. On a
+    cluster, the folder of env `env_name` (a `module:Class` not installed as a package) is
+    shipped to every node (Ray's `py_modules`)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        from forge.env.registry import env_module_path
+
+        shipped = env_module_path(env_name) if env_name else None
+        ray.init(
+            address=os.environ["RAY_ADDRESS"],
+            log_to_driver=True,
+            runtime_env={"py_modules": [shipped]} if shipped else None,
+        )
+        return
+    ray.init(
+        num_cpus=num_cpus or os.cpu_count() or 1,
+        include_dashboard=False,
+        log_to_driver=True,
+        configure_logging=False,
+        _system_config=ray_system_config(),
+    )
+
+
+def ray_system_config() -> dict[str, int]:
+    """Ray settings for a local cluster Forge starts; a RAY_<name> the user set wins."""
+    config = {"task_events_max_num_task_in_gcs": TASK_EVENTS_IN_GCS}
+    return {name: value for name, value in config.items() if f"RAY_{name}" not in os.environ}
+
+
+def check_resources(cfg: Config, rollout_workers: int) -> None:
+    """Fail fast when the trainer processes and rollout workers ask for more CPUs or GPUs
+    than the Ray cluster has in total: Ray would otherwise wait forever to place them."""
+    import ray
+
+    from forge.config import ConfigError
+
+    trainers = cfg.train.num_trainers
+    engines = cfg.rollout.num_engines if cfg.rollout.engine == "server" else 0
+    wanted = {
+        "CPU": trainers * cfg.train.num_cpus
+        + rollout_workers * worker_cpus(cfg)
+        + engines * cfg.rollout.num_cpus_per_engine,
+        "GPU": trainers * cfg.train.num_gpus
+        + rollout_workers * cfg.rollout.num_gpus_per_worker
+        + engines * cfg.rollout.num_gpus_per_engine,
+    }
+    have = ray.cluster_resources()
+    for kind, amount in wanted.items():
+        if amount > have.get(kind, 0.0) + 1e-9:
+            message = (
+                f"this run needs {amount:g} {kind}s (train.num_trainers={trainers} x train.num_{kind.lower()}s="
+                f"{getattr(cfg.train, f'num_{kind.lower()}s'):g} + {rollout_workers} rollout workers x "
+                f"rollout.num_{kind.lower()}s_per_worker={getattr(cfg.rollout, f'num_{kind.lower()}s_per_worker'):g}) "
+                f"but the Ray cluster has {have.get(kind, 0.0):g}; lower those settings or add nodes"
+            )
+            if os.environ.get("RAY_ADDRESS"):  # an autoscaling cluster may still grow: say so, go on
+                logging.getLogger("forge").warning(message)
+            else:
+                raise ConfigError(message)
+
+
+def worker_cpus(cfg: Config) -> float:
+    """A rollout worker's CPU reservation: none when engines generate for it (it runs envs only)."""
+    return cfg.rollout.num_cpus_per_worker if cfg.rollout.engine == "inprocess" else 0.0

@@ -1,0 +1,292 @@
+"""What every run mode shares: the run's actors (`Run`: rollout workers, engines, trainer),
+its start and resume, the reward shaping of a step, and the record of its steps.
+
+Holds no algorithm: workers (Ray actors) play episodes, `forge.reward` turns outcomes
+into advantages, the trainer (a Ray actor) steps and publishes versioned weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from forge.config import Config
+from forge.metrics import MetricsLogger, rollout_metrics, show_step
+from forge.run.cluster import check_resources, start_ray, worker_cpus
+from forge.run.faults import collect_groups, wait_until_alive
+from forge.run.tasks import TaskStream, load_task_rows, split_evenly
+from forge.types import Sample, Trajectory
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    steps: int
+    checkpoint: Path
+    wall_seconds: float
+
+
+def start_sandbox(cfg: Config) -> int:
+    """Apply `sandbox.*` for the run's env (untrusted code never silently at level 0), print
+    the level, and record it in cfg (so in config.yaml) for the metrics too."""
+    from forge.env.registry import resolve_env
+    from forge.sandbox.policy import announce, configure_for_env
+
+    env_class = resolve_env(cfg.env.name)
+    level = configure_for_env(cfg.sandbox, env_class, cfg.env.name)
+    announce(level, untrusted=getattr(env_class, "runs_untrusted_code", False), env_name=cfg.env.name)
+    cfg.sandbox.level = level
+    return level
+
+
+def make_trainer(cfg: Config, model_path: Path) -> Any:
+    """The trainer actor; with `train.num_trainers > 1` a TrainerGroup that answers like one."""
+    import ray
+
+    from forge.train.trainer import Trainer
+
+    trainer_args = (str(model_path), cfg.model, cfg.train, cfg.trainer, cfg.seed, cfg.train.threads)
+    if cfg.train.num_trainers > 1:
+        from forge.train.group import TrainerGroup
+
+        return TrainerGroup(
+            cfg.train.num_trainers,
+            cfg.train.num_cpus,
+            cfg.train.num_gpus,
+            trainer_args,
+            {"strategy": cfg.train.strategy, "mixed_precision": cfg.train.mixed_precision},
+        )
+    return (
+        ray.remote(Trainer)
+        .options(num_cpus=cfg.train.num_cpus, num_gpus=cfg.train.num_gpus)
+        .remote(*trainer_args)
+    )
+
+
+def trainer_actors(trainer: Any) -> list[Any]:
+    return list(getattr(trainer, "actors", [trainer]))
+
+
+class Run:
+    """One training run's actors and bookkeeping."""
+
+    def __init__(self, cfg: Config, output_dir: Path) -> None:
+        from forge.models.loading import load_tokenizer, resolve_model_path
+        from forge.reward.shaping import RewardShaper
+
+        self.cfg = cfg
+        self.output_dir = output_dir
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        self.model_path = resolve_model_path(cfg.model, output_dir / "initial_model", seed=cfg.seed)
+        self.tasks = TaskStream(load_task_rows(cfg), cfg.seed)
+        self.shaper = RewardShaper(cfg.reward)
+
+        check_resources(cfg, cfg.rollout.num_workers)
+        self.engines = None
+        if cfg.rollout.engine != "inprocess":  # generation on engine servers (forge.rollout.engines.pool)
+            from forge.rollout.engines.pool import EnginePool
+
+            self.engines = EnginePool.start(cfg, self.model_path)
+        self.trainer = make_trainer(cfg, self.model_path)
+        self.workers = self._start_workers()
+        self.tokenizer = load_tokenizer(self.model_path)
+
+    def _start_workers(self) -> list[Any]:
+        import ray
+
+        from forge.env.registry import worker_runtime_env
+        from forge.rollout.worker import RolloutWorker
+
+        cfg = self.cfg
+        worker_class = ray.remote(RolloutWorker)
+        # A user's env module found through the working directory or PYTHONPATH: the workers
+        # get its folder on their path (on a remote cluster, start_ray shipped it instead).
+        runtime_env = None if os.environ.get("RAY_ADDRESS") else worker_runtime_env(cfg.env.name)
+        return [
+            worker_class.options(
+                num_cpus=worker_cpus(cfg),
+                num_gpus=cfg.rollout.num_gpus_per_worker,
+                max_restarts=cfg.async_.max_worker_restarts,  # a dead worker comes back; its episodes are lost
+                **({"runtime_env": runtime_env} if runtime_env else {}),
+            ).remote(
+                str(self.model_path),
+                cfg.model,
+                cfg.env,
+                cfg.rollout,
+                cfg.reward.success_threshold,
+                cfg.seed + 1000 * (index + 1),
+                None,
+                cfg.sandbox,
+                self.engines.urls if self.engines is not None else None,
+                index,
+            )
+            for index in range(cfg.rollout.num_workers)
+        ]
+
+    def rollout(self) -> list[Trajectory]:
+        """One step's episodes: `tasks_per_step` tasks x `group_size`, whole tasks per worker."""
+        return self.collect_rollouts(self.launch_rollouts())
+
+    def launch_rollouts(self) -> list[tuple[Any, list[dict[str, Any]]]]:
+        tasks = self.tasks.take(self.cfg.rollout.tasks_per_step)
+        chunks = split_evenly(tasks, len(self.workers))
+        return [
+            (worker.rollout.remote(chunk, self.cfg.rollout.group_size), chunk)
+            for worker, chunk in zip(self.workers, chunks, strict=True)
+            if chunk
+        ]
+
+    def collect_rollouts(self, calls: list[tuple[Any, list[dict[str, Any]]]]) -> list[Trajectory]:
+        """Gather the launched episodes; a worker that died mid-rollout (Ray restarts it)
+        yields its groups as lost episodes, counted but never trained on."""
+        trajectories: list[Trajectory] = []
+        for ref, chunk in calls:
+            groups, _ = collect_groups(ref, chunk, self.cfg.rollout.group_size)
+            trajectories.extend(t for group in groups for t in group)
+        return trajectories
+
+    def sync_weights(self, published: tuple[list[Any], int] | None = None) -> int:
+        """Send every worker the trainer's weights (`published`, as `train_and_publish`
+        returned them, or published now) and wait until each has loaded them."""
+        import ray
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        wrapped, version = published or ray.get(self.trainer.publish_weights.remote())
+        if self.engines is not None:  # the engines generate: they get the weights, workers hold none
+            self.engines.sync(wrapped, version, self.trainer)
+            for url in self.engines.take_started():  # replacements for lost engines
+                ray.get([worker.add_engine.remote(url) for worker in self.workers])
+            return version
+        # The ObjectRef goes to each worker as a top-level argument: Ray resolves it there,
+        # so the weights are put once and fetched by every worker from the object store.
+        calls = [(worker, worker.set_weights.remote(wrapped[0], version)) for worker in self.workers]
+        for worker, ref in calls:
+            try:
+                ray.get(ref)
+            except (RayActorError, ActorUnavailableError):  # a worker Ray is restarting
+                wait_until_alive(worker)
+                ray.get(worker.set_weights.remote(wrapped[0], version))
+        return version
+
+    def shutdown(self) -> None:
+        import ray
+
+        closing = [worker.close.remote() for worker in self.workers]
+        ray.wait(closing, num_returns=len(closing), timeout=5.0)  # a dead worker just does not answer
+        for actor in [*self.workers, *trainer_actors(self.trainer)]:
+            ray.kill(actor)
+        if self.engines is not None:
+            self.engines.shutdown()
+
+
+def open_run(cfg: Config, output: Path, resume: bool) -> tuple[Run, int, tuple[list[Any], int] | None]:
+    """Start a run's actors (sandbox first: it fails closed before anything starts). With
+    `resume`, load the latest checkpoint into them and give the workers its weights.
+    Returns the run, the steps already done and the weights published (None when fresh)."""
+    import ray
+
+    from forge.train.checkpoint import latest_checkpoint, restore_run
+
+    if resume:
+        latest_checkpoint(output)  # nothing to resume: say so before any actor starts
+    start_sandbox(cfg)
+    start_ray(env_name=cfg.env.name)
+    run = Run(cfg, output)
+    if not resume:
+        return run, 0, None
+    try:
+        step = restore_run(run)
+        published = ray.get(run.trainer.publish_weights.remote())
+        run.sync_weights(published)
+    except Exception:
+        run.shutdown()
+        raise
+    return run, step, published
+
+
+def shape_rewards(
+    shaper: Any, trajectories: list[Trajectory], cfg: Config
+) -> tuple[dict[str, float], list[float]]:
+    """A step's reward metrics and per-episode advantages (`forge.reward`), in every mode alike."""
+    from forge.reward.shaping import trajectory_advantages
+
+    reward_metrics = shaper.shape(trajectories)
+    advantages = trajectory_advantages(
+        trajectories, cfg.train.advantage, cfg.train.advantage_std, cfg.reward.outcome_gap
+    )
+    return reward_metrics, advantages
+
+
+def to_samples(trajectories: list[Trajectory], advantages: list[float]) -> list[Sample]:
+    """Training samples from every episode that is learning signal (not lost)."""
+    return [
+        Sample.from_trajectory(t, a)
+        for t, a in zip(trajectories, advantages, strict=True)
+        if t.status != "lost" and t.generated_tokens > 0
+    ]
+
+
+def checkpoint_due(step: int, every: int, max_steps: int) -> bool:
+    """Whether a checkpoint is written after `step` (`train.checkpoint_every`, and the last step)."""
+    return bool(every) and (step % every == 0 or step == max_steps)
+
+
+def step_metrics(trajectories: list[Trajectory], *parts: dict[str, float]) -> dict[str, float]:
+    """A step's metrics: its episodes' (`rollout_metrics`), then each part in order (a later key wins)."""
+    metrics = rollout_metrics(trajectories)
+    for part in parts:
+        metrics.update(part)
+    return metrics
+
+
+class StepLog:
+    """Where a run records its steps: metrics.jsonl (and TensorBoard, wandb), sampled
+    trajectories, and the progress bar."""
+
+    def __init__(self, cfg: Config, output: Path, progress: bool | None, desc: str, done_steps: int) -> None:
+        from tqdm import tqdm
+
+        self.logger = MetricsLogger(
+            output,
+            cfg.logging.tensorboard,
+            cfg.logging.wandb_project,
+            cfg.to_dict(),
+            trajectories_every=cfg.logging.trajectories_every,
+        )
+        show_progress = cfg.logging.progress_bar if progress is None else progress
+        self.bar = tqdm(
+            total=cfg.train.max_steps, desc=desc, unit="step", disable=not show_progress, initial=done_steps
+        )
+        self.sandbox_level = float(cfg.sandbox.level)
+        self.trajectory_samples = cfg.logging.trajectory_samples
+
+    def record(
+        self,
+        step: int,
+        metrics: dict[str, float],
+        trajectories: list[Trajectory],
+        tokenizer: Any,
+        **shown: str,
+    ) -> None:
+        """Log step `step` (its metrics plus the sandbox level) and advance the bar, showing `shown` too."""
+        metrics["sandbox_level"] = self.sandbox_level
+        self.logger.record_step(step, metrics, trajectories, tokenizer, self.trajectory_samples)
+        show_step(self.bar, metrics, **shown)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.logger.close()
+
+
+def finish(output: Path, steps: int, checkpoint: Path, started: float) -> RunResult:
+    """Write the run's summary.json and say what it did."""
+    summary = {"steps": steps, "checkpoint": str(checkpoint), "wall_seconds": time.perf_counter() - started}
+    (output / "summary.json").write_text(json.dumps(summary, indent=2))
+    return RunResult(output, steps, checkpoint, summary["wall_seconds"])

@@ -1,0 +1,87 @@
+"""What a run does when one of its Ray actors dies: lost stand-in episodes for a dead
+worker's groups, waiting for a restarted worker, and the message when the run must stop."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from forge.types import Trajectory
+
+
+def lost_group(task: dict[str, Any], group_size: int, error: str) -> list[Trajectory]:
+    """Stand-ins for the episodes of a group whose worker died: counted, never trained on."""
+    task_id = str(task.get("task_id", ""))
+    return [
+        Trajectory(
+            task_id=task_id,
+            group_id=f"{task_id}@lost",
+            token_ids=[],
+            loss_mask=[],
+            behaviour_logprobs=[],
+            policy_versions=[],
+            prompt_length=0,
+            status="lost",
+            error=error,
+        )
+        for _ in range(group_size)
+    ]
+
+
+def collect_groups(
+    ref: Any, tasks: list[dict[str, Any]], group_size: int
+) -> tuple[list[list[Trajectory]], bool]:
+    """The episodes of one worker call, one list per task (its group) in launch order; if
+    the worker died, lost stand-ins for every group, and True."""
+    import ray
+    from ray.exceptions import ActorUnavailableError, RayActorError
+
+    try:
+        episodes = ray.get(ref)
+    except (RayActorError, ActorUnavailableError) as exc:  # Ray restarts the worker; the episodes are gone
+        return [lost_group(task, group_size, f"rollout worker died: {exc}") for task in tasks], True
+    return [episodes[i * group_size : (i + 1) * group_size] for i in range(len(tasks))], False
+
+
+def wait_until_alive(actor: Any, timeout_s: float = 300.0) -> None:
+    """Block until a restarting actor answers again; a worker that never comes back stops
+    the run with a clear error instead of a hang."""
+    import ray
+    from ray.exceptions import ActorUnavailableError
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            ray.get(actor.get_policy_version.remote(), timeout=max(deadline - time.monotonic(), 1.0))
+            return
+        except ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"a rollout worker did not come back within {timeout_s:.0f}s of dying"
+                ) from None
+            time.sleep(0.2)
+
+
+def actor_death_message(exc: BaseException, output_dir: str | Path, config: str | None = None) -> str | None:
+    """What to tell the user when a run stops because one of its actors died for good (the
+    trainer, or a trainer rank: its state since the last checkpoint is gone), or None when
+    `exc` is something else."""
+    import re
+
+    from ray.exceptions import RayActorError
+
+    if not isinstance(exc, RayActorError):
+        return None
+    found = re.search(r"class_name: (\w+)", str(exc))
+    who = f"the {found.group(1)} actor" if found else "an actor of the run"
+    message = f"{who} died, so the run stopped (its log above says why: often out of memory)."
+    from forge.train.checkpoint import CheckpointError, latest_checkpoint
+
+    try:
+        latest = latest_checkpoint(output_dir)
+    except CheckpointError:
+        return message + " No checkpoint was written; set train.checkpoint_every to make runs resumable."
+    return message + (
+        f" Continue from {latest.name} with: forge train {config or 'CONFIG'} --resume {output_dir}"
+    )

@@ -1,0 +1,226 @@
+"""Training from agent programs: the harness starts episodes on the gateway, runs one agent
+process per episode against it, and trains on every recorded model call.
+
+The gateway's engine lives in this (driver) process; the trainer is a Ray actor whose
+versioned weights are loaded into the engine after every step.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from forge.config import Config
+from forge.failures import FailureWatch
+from forge.gateway.agents import AgentExit, agent_argv, close_unfinished, run_agents
+from forge.gateway.episodes import Episode, EpisodeStore, episode_samples
+from forge.gateway.server import Gateway, GatewayServer
+from forge.run.cluster import check_resources, start_ray
+from forge.run.context import (
+    RunResult,
+    StepLog,
+    checkpoint_due,
+    finish,
+    make_trainer,
+    shape_rewards,
+    start_sandbox,
+    step_metrics,
+    trainer_actors,
+)
+from forge.run.tasks import TaskStream, load_task_rows
+
+
+def train_gateway(
+    cfg: Config, output_dir: str | Path | None = None, progress: bool | None = None, resume: bool = False
+) -> RunResult:
+    """`cfg.train.max_steps` steps of sync RL where agent processes play every episode.
+
+    Checkpoints every `train.checkpoint_every` steps like a sync run (the gateway's engine
+    has no RNG state saved, so a resumed run samples other tokens than an uninterrupted one)."""
+    import ray
+
+    from forge.train.checkpoint import latest_checkpoint, restore_run
+
+    started = time.perf_counter()
+    output = Path(output_dir or cfg.output_dir)
+    if resume:
+        latest_checkpoint(output)  # nothing to resume: say so before anything starts
+    start_sandbox(cfg)  # its envs run in this process
+    run = GatewayRun(cfg, output)
+    step = done = 0
+    if resume:
+        try:
+            step = done = restore_run(run)
+            run.sync_weights()
+        except Exception:
+            run.shutdown()
+            raise
+    log = StepLog(cfg, output, progress, "train (gateway)", done)
+    failures = FailureWatch(cfg.env.max_error_fraction, cfg.env.error_window_steps)
+    try:
+        for step in range(done + 1, cfg.train.max_steps + 1):
+            gateway_step(run, step, failures, log, started)
+        checkpoint = Path(ray.get(run.trainer.save.remote(str(output / "final"))))
+    finally:
+        log.close()
+        run.shutdown()
+    return finish(output, step, checkpoint, started)
+
+
+def run_gateway(cfg: Config, engine: Any, tokenizer: Any, store: EpisodeStore) -> Gateway:
+    """The gateway of a training run: the run's limits, tool parser and sampling rule
+    (`gateway.sampling`: override by default, so every call samples with rollout.temperature
+    and rollout.top_p, or honour)."""
+    return Gateway(
+        engine,
+        tokenizer,
+        store,
+        cfg.rollout.max_new_tokens,
+        cfg.rollout.max_context_tokens,
+        tool_parser=cfg.gateway.tool_parser,
+        sampling=cfg.gateway.sampling,
+    )
+
+
+class GatewayRun:
+    """A gateway run's parts: the trainer actor, the engine and gateway server in this
+    process, the task stream and reward shaper. A checkpoint saves and restores it like a
+    sync run (it has no rollout workers)."""
+
+    def __init__(self, cfg: Config, output: Path) -> None:
+        import torch
+
+        from forge.env.registry import resolve_env
+        from forge.models.loading import load_tokenizer, resolve_model_path
+        from forge.reward.shaping import RewardShaper
+
+        self.cfg = cfg
+        self.workers: list[Any] = []  # agent processes play the episodes
+        self.output_dir = output
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        self.argv = agent_argv(cfg.gateway.agent_command)
+        model_path = resolve_model_path(cfg.model, output / "initial_model", seed=cfg.seed)
+        self.tasks = TaskStream(load_task_rows(cfg), cfg.seed)
+        self.shaper = RewardShaper(cfg.reward)
+        self.rng = random.Random(cfg.seed)
+
+        start_ray()
+        check_resources(cfg, 0)
+        self.trainer = make_trainer(cfg, model_path)
+        torch.set_num_threads(cfg.rollout.threads)  # this process plays the rollout worker's part
+        self.tokenizer = load_tokenizer(model_path)
+        self.engine = self._load_engine(model_path)
+        env_class = resolve_env(cfg.env.name)
+        self.store = EpisodeStore(lambda: env_class(**cfg.env.kwargs), cfg.env.step_timeout_s)
+        self.gateway = run_gateway(cfg, self.engine, self.tokenizer, self.store)
+        self.server = GatewayServer(self.gateway, cfg.gateway.host, cfg.gateway.port).start()
+        self.agent_env = {
+            "OPENAI_BASE_URL": self.server.base_url,
+            "FORGE_GATEWAY_URL": self.server.root_url,
+            "FORGE_MAX_TURNS": str(cfg.rollout.max_turns),
+        }
+
+    def _load_engine(self, model_path: Path) -> Any:
+        from forge.models.loading import load_model, resolve_device
+        from forge.rollout.engines.hf import HFEngine
+
+        cfg = self.cfg
+        # The gateway's engine plays the rollout workers' part, so it follows their GPU reservation.
+        device = resolve_device(cfg.model.device, cfg.rollout.num_gpus_per_worker)
+        model = load_model(
+            model_path,
+            cfg.model,
+            device=device,
+            attn_implementation=cfg.rollout.attn_implementation,
+            setting_key="rollout.attn_implementation",
+        )
+        return HFEngine(
+            model,
+            [self.tokenizer.eos_token_id],
+            self.tokenizer.pad_token_id,
+            cfg.rollout.temperature,
+            cfg.rollout.top_p,
+            seed=cfg.seed,
+        )
+
+    def play(self) -> tuple[list[Episode], dict[str, AgentExit]]:
+        """One step's episodes: `tasks_per_step` tasks x `group_size`, one agent process each."""
+        cfg = self.cfg
+        episode_ids = []
+        for task in self.tasks.take(cfg.rollout.tasks_per_step):
+            group_id = (
+                f"{task.get('task_id', '')}@v{self.engine.policy_version}#{self.rng.getrandbits(32):08x}"
+            )
+            for _ in range(cfg.rollout.group_size):
+                episode_ids.append(self.server.call(self.gateway.start_episode(task, group_id)))
+        exits = run_agents(
+            self.argv,
+            episode_ids,
+            self.agent_env,
+            cfg.gateway.max_concurrent_agents,
+            cfg.gateway.agent_timeout_s,
+        )
+        close_unfinished(self.server, exits)
+        return self.server.call(_take(self.store, episode_ids)), exits
+
+    def sync_weights(self) -> int:
+        """Load the trainer's latest weights into the gateway's engine; returns their version."""
+        import ray
+
+        from forge.weights import unpack_weights
+
+        wrapped, version = ray.get(self.trainer.publish_weights.remote())
+        self.engine.load_weights(unpack_weights(ray.get(wrapped[0])), version)
+        return version
+
+    def shutdown(self) -> None:
+        import ray
+
+        self.server.stop()
+        for actor in trainer_actors(self.trainer):
+            ray.kill(actor)
+
+
+async def _take(store: EpisodeStore, episode_ids: list[str]) -> list[Episode]:
+    return store.take(episode_ids)
+
+
+def gateway_step(run: GatewayRun, step: int, failures: FailureWatch, log: StepLog, started: float) -> None:
+    """Play one step's episodes through the agents, train on every recorded call, load the
+    new weights into the engine, record the step and checkpoint when due."""
+    import ray
+
+    cfg = run.cfg
+    step_started = time.perf_counter()
+    episodes, exits = run.play()
+    rollout_seconds = time.perf_counter() - step_started
+
+    trajectories = [episode.to_trajectory(cfg.reward.success_threshold) for episode in episodes]
+    failures.observe(step, trajectories, last_step=step == cfg.train.max_steps)
+    reward_metrics, advantages = shape_rewards(run.shaper, trajectories, cfg)
+    samples = episode_samples(episodes, advantages)
+    train_metrics = ray.get(run.trainer.train_step.remote(samples))
+    sync_started = time.perf_counter()
+    version = run.sync_weights()
+
+    gateway_metrics = {
+        "gateway_calls": float(sum(len(e.calls) for e in episodes)),
+        "gateway_samples": float(len(samples)),
+        "agents_failed": float(sum(a.returncode not in (0,) for a in exits.values())),
+        "rollout_seconds": rollout_seconds,
+        "sync_seconds": time.perf_counter() - sync_started,
+        "policy_version": float(version),
+        "step_seconds": time.perf_counter() - step_started,
+        "wall_seconds": time.perf_counter() - started,
+    }
+    metrics = step_metrics(trajectories, reward_metrics, train_metrics, gateway_metrics)
+    log.record(step, metrics, trajectories, run.tokenizer, calls=f"{metrics['gateway_calls']:.0f}")
+    if checkpoint_due(step, cfg.train.checkpoint_every, cfg.train.max_steps):
+        from forge.train.checkpoint import save_run
+
+        save_run(run, step, cfg.train.keep_checkpoints)

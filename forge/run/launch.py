@@ -1,0 +1,42 @@
+"""`train`: checks what can be checked before anything starts, then runs the configured
+mode (`forge.run.sync`, `forge.run.async_`, or `forge.run.gateway` for agent programs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from forge.config import Config, ConfigError
+from forge.metrics import claim_output_dir
+from forge.run.async_ import train_async
+from forge.run.context import RunResult
+from forge.run.sync import train_sync
+
+
+def train(
+    cfg: Config,
+    output_dir: str | Path | None = None,
+    progress: bool | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> RunResult:
+    """Run `cfg.train.max_steps` steps of RL; write metrics and a final checkpoint.
+
+    With `resume`, continue from the latest checkpoint in the output directory. Without it,
+    an output directory holding an earlier run is refused, or with `overwrite` emptied of it."""
+    if not resume:
+        claim_output_dir(Path(output_dir or cfg.output_dir), overwrite)
+    from forge.rollout.engines.pool import check_engine_config
+
+    check_engine_config(cfg)
+    from forge.env.preflight import preflight_env
+
+    preflight_env(cfg.env, cfg.seed)  # a wrong env name, kwargs or reset: one message, before Ray starts
+    if cfg.gateway.enabled:  # agent programs play the episodes through the HTTP gateway
+        from forge.run.gateway import train_gateway  # imported here: it loads the web server
+
+        if cfg.train.mode != "sync":
+            raise ConfigError("gateway runs train in sync mode only; set train.mode: sync")
+        return train_gateway(cfg, output_dir, progress, resume)
+    if cfg.train.mode == "async":
+        return train_async(cfg, output_dir, progress, resume)
+    return train_sync(cfg, output_dir, progress, resume)

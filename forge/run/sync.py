@@ -1,0 +1,81 @@
+"""Synchronous RL: each step plays `tasks_per_step` groups on the workers, trains on them,
+and gives every worker the new weights before the next step starts."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from forge.config import Config
+from forge.failures import FailureWatch
+from forge.run.context import (
+    Run,
+    RunResult,
+    StepLog,
+    checkpoint_due,
+    finish,
+    open_run,
+    shape_rewards,
+    step_metrics,
+    to_samples,
+)
+
+
+def train_sync(
+    cfg: Config, output_dir: str | Path | None = None, progress: bool | None = None, resume: bool = False
+) -> RunResult:
+    """Run `cfg.train.max_steps` sync steps (continuing a checkpoint with `resume`); write
+    metrics, checkpoints and a final checkpoint."""
+    import ray
+
+    started = time.perf_counter()
+    output = Path(output_dir or cfg.output_dir)
+    run, done, _ = open_run(cfg, output, resume)
+    log = StepLog(cfg, output, progress, "train", done)
+    failures = FailureWatch(cfg.env.max_error_fraction, cfg.env.error_window_steps)
+    step = done
+    try:
+        for step in range(done + 1, cfg.train.max_steps + 1):
+            sync_step(run, step, failures, log, started)
+        checkpoint = Path(ray.get(run.trainer.save.remote(str(output / "final"))))
+    finally:
+        log.close()
+        run.shutdown()
+    return finish(output, step, checkpoint, started)
+
+
+def sync_step(run: Run, step: int, failures: FailureWatch, log: StepLog, started: float) -> None:
+    """Play one step's episodes, train on them, sync the weights, record it and checkpoint when due."""
+    import ray
+
+    cfg = run.cfg
+    step_started = time.perf_counter()
+    trajectories = run.rollout()
+    rollout_seconds = time.perf_counter() - step_started
+    if trajectories and all(t.status == "lost" for t in trajectories):
+        raise RuntimeError(
+            f"step {step}: every episode was lost, e.g. {trajectories[0].error}; the run stops"
+        )
+    failures.observe(step, trajectories, last_step=step == cfg.train.max_steps)
+
+    reward_metrics, advantages = shape_rewards(run.shaper, trajectories, cfg)
+    samples = to_samples(trajectories, advantages)
+    train_metrics, *published = ray.get(run.trainer.train_and_publish.remote(samples))
+    sync_started = time.perf_counter()
+    version = run.sync_weights(tuple(published))
+
+    timings = {
+        "rollout_seconds": rollout_seconds,
+        "sync_seconds": time.perf_counter() - sync_started,
+        "policy_version": float(version),
+        "step_seconds": time.perf_counter() - step_started,
+        "wall_seconds": time.perf_counter() - started,
+    }
+    metrics = step_metrics(trajectories, reward_metrics, train_metrics, timings)
+    log.record(
+        step, metrics, trajectories, run.tokenizer, turns=f"{metrics.get('turns_mean', float('nan')):.1f}"
+    )
+    if checkpoint_due(step, cfg.train.checkpoint_every, cfg.train.max_steps):
+        from forge.train.checkpoint import save_run
+
+        save_run(run, step, cfg.train.keep_checkpoints)
