@@ -41,7 +41,7 @@ from typing import Any
 
 from bench.report import save_result
 from forge.config import Config, load_config
-from forge.orchestrator import train
+from forge.run.launch import train
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "stragglers.yaml"
 ARMS: dict[str, list[str]] = {
@@ -95,8 +95,8 @@ def summarize(records: list[dict[str, Any]], last: int) -> dict[str, Any]:
 def final_success_rate(cfg: Config, checkpoint: Path, tasks: int, episodes: int) -> float:
     """The trained model's success on the first `tasks` tasks, `episodes` each, played in
     this process with the env's latency off (it changes timing, not outcomes)."""
-    from forge.orchestrator import load_task_rows
     from forge.rollout.worker import RolloutWorker
+    from forge.run.tasks import load_task_rows
 
     env = cfg.env.model_copy(update={"latency": cfg.env.latency.model_copy(update={"dist": "none"})})
     model = cfg.model.model_copy(update={"path": str(checkpoint)})
