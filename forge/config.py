@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -31,6 +31,18 @@ class TinyModelConfig(Section):
     num_kv_heads: int = Field(2, gt=0)
     intermediate_size: int = Field(256, gt=0)
     max_position_embeddings: int = Field(1024, gt=0)
+    extra_words: list[str] = Field(
+        default_factory=list,
+        description="more words the tokenizer keeps whole (single tokens): an env's own action words, so a "
+        "random model can sample them",
+    )
+
+    @model_validator(mode="after")
+    def _check_words(self) -> TinyModelConfig:
+        bad = [word for word in self.extra_words if not word or any(c.isspace() for c in word)]
+        if bad:
+            raise ValueError(f"model.tiny.extra_words {bad}: each must be one non-empty word without spaces")
+        return self
 
 
 class LoraConfig(Section):
@@ -69,34 +81,6 @@ class ModelConfig(Section):
         return data
 
 
-class LatencyConfig(Section):
-    """Extra delay on every env step, for a straggler workload on any env: lognormal with
-    median_ms and p99_ms (e.g. 50 and 2000), capped at max_ms, seeded per episode. The wait
-    is asynchronous: other episodes on the worker go on meanwhile."""
-
-    dist: Literal["none", "lognormal"] = Field("none", description="none: no added latency")
-    median_ms: float = Field(50.0, gt=0, description="median delay per step, in milliseconds")
-    p99_ms: float = Field(2000.0, gt=0, description="99th-percentile delay per step, in milliseconds")
-    max_ms: float | None = Field(
-        None, gt=0, description="cap on one delay, in milliseconds; unset: half of env.step_timeout_s"
-    )
-    seed: int = Field(0, description="mixed with each episode's seed: the same seeds draw the same delays")
-
-    @model_validator(mode="after")
-    def _check_tail(self) -> LatencyConfig:
-        if self.dist == "lognormal" and self.p99_ms <= self.median_ms:
-            raise ValueError(
-                f"env.latency.p99_ms={self.p99_ms:g} must be above median_ms={self.median_ms:g} "
-                "(a lognormal's tail lies above its median): raise p99_ms or lower median_ms"
-            )
-        if self.max_ms is not None and self.max_ms < self.median_ms:
-            raise ValueError(
-                f"env.latency.max_ms={self.max_ms:g} is below median_ms={self.median_ms:g}: "
-                "it would cap most delays; raise max_ms or leave it unset"
-            )
-        return self
-
-
 class EnvConfig(Section):
     name: str = Field(
         "guess_number",
@@ -116,17 +100,6 @@ class EnvConfig(Section):
         "error_window_steps steps",
     )
     error_window_steps: int = Field(5, gt=0, description="steps over which max_error_fraction is measured")
-    latency: LatencyConfig = Field(default_factory=LatencyConfig)
-
-    @model_validator(mode="after")
-    def _check_latency_cap(self) -> EnvConfig:
-        max_ms = self.latency.max_ms
-        if self.latency.dist != "none" and max_ms is not None and max_ms / 1000.0 >= self.step_timeout_s:
-            raise ValueError(
-                f"env.latency.max_ms={max_ms:g} reaches env.step_timeout_s={self.step_timeout_s:g} s: a delay that "
-                "long would end its episode as a timeout; set env.latency.max_ms below step_timeout_s * 1000"
-            )
-        return self
 
 
 class RolloutConfig(Section):
@@ -305,8 +278,12 @@ class SpeedShapingConfig(Section):
         description="largest bonus, as a fraction of reward.outcome_gap; a policy may trade up to "
         "weight / (1 + weight) of its successes for full speed, so keep it small",
     )
-    measure: Literal["turns", "generated_tokens", "wall_seconds", "tool_seconds"] = Field(
-        "turns", description="what counts as slow"
+    measure: Literal[
+        "turns", "generated_tokens", "wall_seconds", "tool_seconds", "critical_steps", "critical_seconds"
+    ] = Field(
+        "turns",
+        description="what counts as slow; critical_steps: each model turn plus the longest sub-agent run it "
+        "started (= turns without sub-agents), critical_seconds: the episode's time on its critical path",
     )
     baseline: Literal["group_median", "task_moving_average", "fixed"] = Field(
         "group_median",
@@ -368,6 +345,25 @@ class TurnDiscountConfig(Section):
     gamma: float = Field(0.9, gt=0, le=1, description="discount per turn after the first")
 
 
+class ParlConfig(Section):
+    """PARL's terms for agent clusters (swarm.enabled): a bonus for sub-agents spawned and one
+    for sub-agents that finished, each weight annealed linearly to 0 over the first
+    anneal_fraction of train.max_steps (they exist to stop serial collapse early on)."""
+
+    enabled: bool = Field(False, description="add the spawn and finish terms to the reward")
+    spawn_weight: float = Field(
+        0.1, ge=0, description="largest bonus for spawning, as a fraction of outcome_gap: weight * min(spawned, "
+        "spawn_cap) / spawn_cap"
+    )
+    spawn_cap: int = Field(4, gt=0, description="sub-agents spawned in an episode at which the spawn term is full")
+    finish_weight: float = Field(
+        0.1, ge=0, description="bonus for the share of spawned sub-agents that finished, as a fraction of outcome_gap"
+    )
+    anneal_fraction: float = Field(
+        0.5, gt=0, le=1, description="share of train.max_steps over which both weights fall linearly to 0"
+    )
+
+
 class RewardConfig(Section):
     """Total reward = outcome + shaping terms. Each term is bounded to a range of width
     weight * outcome_gap, and the enabled weights must sum below 1, so any success's reward
@@ -384,12 +380,15 @@ class RewardConfig(Section):
     length_penalty: LengthPenaltyConfig = Field(default_factory=LengthPenaltyConfig)
     overlong: OverlongConfig = Field(default_factory=OverlongConfig)
     turn_discount: TurnDiscountConfig = Field(default_factory=TurnDiscountConfig)
+    parl: ParlConfig = Field(default_factory=ParlConfig)
 
     @model_validator(mode="after")
     def _check_budget(self) -> RewardConfig:
         terms = {"speed": self.speed, "length_penalty": self.length_penalty}
         terms |= {"overlong": self.overlong, "turn_discount": self.turn_discount}
         used = {name: term.weight for name, term in terms.items() if term.enabled}
+        if self.parl.enabled:
+            used |= {"parl.spawn": self.parl.spawn_weight, "parl.finish": self.parl.finish_weight}
         if sum(used.values()) >= 1.0:
             listed = " + ".join(f"{name}.weight={weight:g}" for name, weight in used.items())
             raise ValueError(
@@ -399,30 +398,51 @@ class RewardConfig(Section):
         return self
 
 
+class SwarmConfig(Section):
+    """Agent clusters: a spawn tool for tool-using envs; sub-agent episodes run concurrently
+    on the rollout worker and their answers come back as the tool's result."""
+
+    enabled: bool = Field(False, description="offer the spawn tool to the env's agent (a ToolEnv)")
+    max_subagents_per_call: int = Field(8, gt=0, description="sub-tasks one spawn call may start; the rest get errors")
+    max_subagents_per_episode: int = Field(16, gt=0, description="sub-agents one episode may start in all")
+    depth: int = Field(1, gt=0, description="spawn levels: 1 = sub-agents cannot spawn")
+    timeout_s: float = Field(
+        60.0, gt=0, description="a sub-agent still running after this returns an error result"
+    )
+    subagent_max_turns: int = Field(
+        4, gt=0, description="a sub-agent's turns; one that ends on a tool call returns that tool's response"
+    )
+    subagent_policy: Literal["frozen", "current"] = Field(
+        "frozen",
+        description="frozen: sub-agents sample from a snapshot of frozen_version's weights (PARL); current: "
+        "from the policy being trained",
+    )
+    frozen_version: int = Field(
+        0, ge=0, description="frozen: the policy version kept for sub-agents (0 = the initial weights; until the "
+        "run reaches a later one, sub-agents use the current policy)"
+    )
+    train_subagents: bool = Field(
+        False, description="train on sub-agents' turns too (needs subagent_policy current), with their "
+        "orchestrator episode's advantage"
+    )
+
+    @model_validator(mode="after")
+    def _check_training(self) -> SwarmConfig:
+        if self.train_subagents and self.subagent_policy != "current":
+            raise ValueError(
+                "swarm.train_subagents needs swarm.subagent_policy: current (a frozen policy's tokens "
+                "are not the trained policy's)"
+            )
+        return self
+
+
 class AsyncConfig(Section):
     max_staleness: int = Field(1, ge=0, description="drop data older than this many policy versions")
-    window: float | Literal["fifo", "none"] = Field(
-        0.3,
-        description="which finished groups may leave the pool: those within this fraction of the batch (in "
-        "groups, rounded up) of the oldest group not yet trained on; fifo: strictly in generation order; "
-        "none: no window, whatever finished first",
-    )
+    window: float = Field(0.3, gt=0, le=1.0, description="FIFO window as a fraction of the batch")
     max_buffered_groups: int | None = Field(
         None, gt=0, description="groups in flight or waiting before rollout pauses; unset: tasks_per_step plus the window"
     )
     max_worker_restarts: int = Field(3, ge=0, description="times Ray restarts a dead rollout worker")
-
-    @field_validator("window", mode="before")
-    @classmethod
-    def _check_window(cls, value: Any) -> Any:
-        if value in ("fifo", "none"):
-            return value
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
-            raise ValueError(
-                f"async.window={value!r}: give a fraction of the batch in (0, 1] (the default window is 0.3), "
-                "fifo (strictly in generation order) or none (no window: whatever finished first)"
-            )
-        return float(value)
 
 
 class SandboxConfig(Section):
@@ -487,6 +507,7 @@ class Config(Section):
     async_: AsyncConfig = Field(default_factory=AsyncConfig, alias="async")
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    swarm: SwarmConfig = Field(default_factory=SwarmConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
@@ -498,6 +519,15 @@ class Config(Section):
                 f"rollout.group_size={self.rollout.group_size}: the {self.train.advantage} advantage "
                 "needs at least 2 episodes per task"
             )
+        if self.swarm.enabled and self.swarm.subagent_policy == "frozen" and self.rollout.engine != "inprocess":
+            raise ValueError(
+                "swarm.subagent_policy frozen keeps a weight snapshot in each rollout worker, which needs "
+                "rollout.engine: inprocess; use swarm.subagent_policy: current with engine servers"
+            )
+        if self.swarm.enabled and self.gateway.enabled:
+            raise ValueError("swarm.enabled plays sub-agents in Forge's own agent loop; gateway runs cannot use it")
+        if self.reward.parl.enabled and not self.swarm.enabled:
+            raise ValueError("reward.parl rewards spawned sub-agents: set swarm.enabled: true or turn reward.parl off")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -13,8 +13,15 @@ from forge.config import Config
 from forge.types import Trajectory
 
 
-def task_summary(trajectories: list[Trajectory], wall_seconds: float) -> dict[str, Any]:
+def task_summary(trajectories: list[Trajectory], wall_seconds: float, swarm: bool = False) -> dict[str, Any]:
+    """Success, turns, tokens and wall time of a task's episodes; with `swarm`, also the
+    agent-cluster measures (`forge.metrics.swarm_metrics`)."""
     played = [t for t in trajectories if t.status != "lost"]
+    extra: dict[str, Any] = {}
+    if swarm:
+        from forge.metrics import swarm_metrics
+
+        extra = swarm_metrics(played)
     return {
         "episodes": len(played),
         "episodes_lost": len(trajectories) - len(played),
@@ -22,6 +29,7 @@ def task_summary(trajectories: list[Trajectory], wall_seconds: float) -> dict[st
         "turns_mean": statistics.fmean(t.num_turns for t in played) if played else None,
         "generated_tokens_mean": statistics.fmean(t.generated_tokens for t in played) if played else None,
         "wall_seconds": wall_seconds,
+        **extra,
     }
 
 
@@ -46,7 +54,7 @@ def evaluate(
     model_cfg = cfg.model.model_copy(update={"path": str(checkpoint), "lora": cfg.model.lora.model_copy(
         update={"enabled": False})})  # final/ holds merged weights
     worker = RolloutWorker(str(checkpoint), model_cfg, cfg.env, cfg.rollout, cfg.reward.success_threshold, cfg.seed,
-                           sandbox_cfg=cfg.sandbox)  # fmt: skip
+                           sandbox_cfg=cfg.sandbox, swarm_cfg=cfg.swarm)  # fmt: skip
     tasks = load_task_rows(cfg)[:num_tasks]
     started = time.perf_counter()
     per_task: dict[str, Any] = {}
@@ -54,8 +62,10 @@ def evaluate(
     for index, task in enumerate(tqdm(tasks, desc="eval", unit="task", disable=not progress)):
         task_started = time.perf_counter()
         trajectories = asyncio.run(worker.rollout([task], episodes))
-        per_task[str(task.get("task_id", index))] = task_summary(trajectories, time.perf_counter() - task_started)
+        per_task[str(task.get("task_id", index))] = task_summary(
+            trajectories, time.perf_counter() - task_started, cfg.swarm.enabled
+        )
         everything.extend(trajectories)
-    overall = task_summary(everything, time.perf_counter() - started)
+    overall = task_summary(everything, time.perf_counter() - started, cfg.swarm.enabled)
     return {"checkpoint": str(checkpoint), "env": cfg.env.name, "tasks": len(tasks),
             "episodes_per_task": episodes, "sandbox_level": cfg.sandbox.level, **overall, "per_task": per_task}

@@ -35,8 +35,9 @@ def claim_output_dir(output: Path, overwrite: bool = False) -> None:
         shutil.rmtree(output / name, ignore_errors=True)
 
 
-def rollout_metrics(trajectories: list[Trajectory]) -> dict[str, float]:
-    """Per-step episode statistics. Lost episodes (infra failures) are counted, not averaged."""
+def rollout_metrics(trajectories: list[Trajectory], swarm: bool = False) -> dict[str, float]:
+    """Per-step episode statistics. Lost episodes (infra failures) are counted, not averaged;
+    `swarm` adds the agent-cluster ones (`swarm_metrics`)."""
     played = [t for t in trajectories if t.status != "lost"]
     metrics: dict[str, float] = {
         "episodes": float(len(played)),
@@ -64,6 +65,33 @@ def rollout_metrics(trajectories: list[Trajectory]) -> dict[str, float]:
     if context:  # context tokens sent to the engine that it did not prefill: its prefix cache held them
         hits = context - sum(t.info.get("prefill_tokens", 0) for t in played)
         metrics.update(prefix_cache_hit_tokens=float(hits), prefix_cache_hit_rate=hits / context)
+    if swarm:
+        metrics.update(swarm_metrics(played))
+    return metrics
+
+
+def swarm_metrics(played: list[Trajectory]) -> dict[str, float]:
+    """Agent clusters: sub-agents spawned per episode and the share that finished, critical
+    steps (each turn plus the longest sub-agent run it started) against total steps (every
+    agent's turns), and parallelism, total over critical."""
+    if not played:
+        return {}
+    spawned = [sub for t in played for sub in t.all_subagents()]
+    critical = sum(t.critical_steps for t in played)
+    total = sum(t.total_steps for t in played)
+    n = len(played)
+    metrics = {
+        "subagents_per_episode": len(spawned) / n,
+        "critical_steps_mean": critical / n,
+        "total_steps_mean": total / n,
+        "parallelism": total / critical if critical else 1.0,
+    }
+    if spawned:
+        metrics["subagent_success_rate"] = sum(sub.success for sub in spawned) / len(spawned)
+    solved = [t for t in played if t.success]
+    if solved:
+        metrics["critical_steps_per_solved"] = sum(t.critical_steps for t in solved) / len(solved)
+        metrics["total_steps_per_solved"] = sum(t.total_steps for t in solved) / len(solved)
     return metrics
 
 
@@ -142,6 +170,8 @@ class MetricsLogger:
                 "success": trajectory.success,
                 "status": trajectory.status,
                 "error": trajectory.error,
+                **({"subagents": [_decoded_subagent(sub, tokenizer) for sub in trajectory.all_subagents()]}
+                   if trajectory.subagents else {}),
             }) + "\n")
         self.samples.flush()
 
@@ -152,6 +182,20 @@ class MetricsLogger:
             self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _decoded_subagent(sub: Trajectory, tokenizer: Any) -> dict[str, Any]:
+    """A sub-agent in trajectories.jsonl: where it hangs, its prompt, replies and answer."""
+    return {
+        "depth": sub.depth,
+        "parent_turn": sub.parent_turn,
+        "prompt": tokenizer.decode(sub.token_ids[: sub.prompt_length]),
+        "generated": [tokenizer.decode(sub.token_ids[turn.start:turn.end]) for turn in sub.turns],
+        "answer": sub.info.get("answer"),
+        "success": sub.success,
+        "status": sub.status,
+        "error": sub.error,
+    }
 
 
 def _finite_or_none(value: Any) -> Any:

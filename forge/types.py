@@ -59,6 +59,12 @@ class Trajectory:
     error: str | None = None
     wall_seconds: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
+    # Agent clusters: the episodes this one started with the spawn tool, in spawn order. A
+    # sub-agent's `parent_turn` is the index of its parent's turn whose tool call started it,
+    # `depth` its level (the orchestrator is 0).
+    subagents: list[Trajectory] = field(default_factory=list)
+    parent_turn: int | None = None
+    depth: int = 0
 
     def __post_init__(self) -> None:
         n = len(self.token_ids)
@@ -80,6 +86,36 @@ class Trajectory:
     @property
     def tool_seconds(self) -> float:
         return sum(t.env_seconds for t in self.turns)
+
+    @property
+    def critical_steps(self) -> int:
+        """Steps on the episode's critical path: for each turn, 1 plus the longest (in critical
+        steps) sub-agent run it started. Equals `num_turns` for an episode without sub-agents;
+        sub-agents that run beside a longer one add nothing."""
+        longest = [0] * len(self.turns)
+        for sub in self.subagents:
+            if sub.parent_turn is not None and 0 <= sub.parent_turn < len(longest):
+                longest[sub.parent_turn] = max(longest[sub.parent_turn], sub.critical_steps)
+        return sum(1 + extra for extra in longest)
+
+    @property
+    def total_steps(self) -> int:
+        """Turns of this episode and of every sub-agent under it."""
+        return self.num_turns + sum(sub.total_steps for sub in self.subagents)
+
+    @property
+    def critical_seconds(self) -> float:
+        """Time on the critical path: the episode's model and tool time, where a spawn call's
+        tool time is its wait for the slowest of the sub-agents it ran concurrently."""
+        return sum(t.generation_seconds + t.env_seconds for t in self.turns)
+
+    def all_subagents(self) -> list[Trajectory]:
+        """Every sub-agent under this episode, depth first (a sub-agent before its own)."""
+        found: list[Trajectory] = []
+        for sub in self.subagents:
+            found.append(sub)
+            found.extend(sub.all_subagents())
+        return found
 
 
 @dataclass

@@ -31,6 +31,16 @@ def test_every_episode_metric_is_documented():
     assert keys - documented_metrics() == set()
 
 
+def test_every_swarm_metric_is_documented():
+    helper = Trajectory("t", "g", [1, 2], [0, 1], [0.0, 0.0], [-1, 0], 1, turns=[Turn(1, 2, 2)], success=True,
+                        parent_turn=0)  # fmt: skip
+    team = Trajectory("t", "g", [1, 2], [0, 1], [0.0, 0.0], [-1, 0], 1, turns=[Turn(1, 2, 2)], success=True,
+                      subagents=[helper])  # fmt: skip
+    keys = set(rollout_metrics([team], swarm=True))
+    assert {"parallelism", "subagent_success_rate", "critical_steps_per_solved"} <= keys
+    assert keys - documented_metrics() == set()
+
+
 def test_every_pool_statistic_is_documented():
     from forge.pool import DataPool
 

@@ -182,6 +182,11 @@ class ToolEnv(Env):
 
     max_calls_per_turn: int = 8
     max_observation_chars: int = 4000
+    # False: the system prompt explains the tools in a syntax of the env's own (see
+    # `parse_calls`), so the harness puts no schemas into the prompt.
+    render_tools: bool = True
+    # What sub-agents of this env's agent read first (agent clusters, swarm.enabled).
+    subagent_system_prompt: str | None = None
     turns: int = 0
     tool_calls: int = 0
     tool_errors: int = 0
@@ -230,7 +235,34 @@ class ToolEnv(Env):
             )
         return self.score_answer(answer)
 
+    def parse_calls(self, action: str) -> tuple[list[ToolCall], list[str]]:
+        """The tool calls in a reply, and one error per malformed one. Hermes-style by
+        default; an env whose model writes calls another way overrides this."""
+        return parse_tool_calls(action)
+
+    def subtask_succeeded(self, prompt: str, answer: str) -> bool:
+        """Whether a sub-agent given `prompt` finished its sub-task with `answer` (agent
+        clusters); by default, any answer that is not an error."""
+        return bool(answer.strip()) and not answer.startswith("error:")
+
+    def add_tool(self, schema: dict[str, Any], function: Any) -> None:
+        """Offer one more tool on this instance (the harness's spawn tool): `schema` joins
+        `tools`, and a call by its name awaits `function(**arguments)` (a coroutine function)."""
+        name = schema["function"]["name"]
+        self.added_tools = {**getattr(self, "added_tools", {}), name: function}
+        self.tools = [t for t in (self.tools or []) if t["function"]["name"] != name] + [schema]
+
     async def _call(self, call: ToolCall) -> str | StepResult:
+        added = getattr(self, "added_tools", {}).get(call.name)
+        if added is not None:
+            try:
+                inspect.signature(added).bind(**call.arguments)
+            except TypeError as exc:
+                return f"error: bad arguments for {call.name}: {exc}"
+            try:
+                return await added(**call.arguments)
+            except Exception as exc:  # the tool's failure is the model's observation
+                return f"error: {call.name} failed: {type(exc).__name__}: {exc}"
         method = getattr(self, call.name, None) if not call.name.startswith("_") else None
         if method is None or not getattr(method, "__forge_tool__", False):
             known = ", ".join(t["function"]["name"] for t in self.tools or [])
@@ -248,7 +280,7 @@ class ToolEnv(Env):
 
     async def step(self, action: str) -> StepResult:
         self.turns += 1
-        calls, errors = parse_tool_calls(action)
+        calls, errors = self.parse_calls(action)
         if not calls and not errors:
             if inspect.iscoroutinefunction(self.finish):
                 return await self.finish(action)
@@ -271,7 +303,10 @@ class ToolEnv(Env):
                 result = result.observation
             responses.append(str(result))
         self.tool_errors += sum(r.startswith("error:") for r in responses)
-        observation = "\n".join(
+        return StepResult(self.format_responses(responses), 0.0, False, self.info())
+
+    def format_responses(self, responses: list[str]) -> str:
+        """One turn's tool responses as the observation the model reads next."""
+        return "\n".join(
             f"<tool_response>\n{truncate(r, self.max_observation_chars)}\n</tool_response>" for r in responses
         )
-        return StepResult(observation, 0.0, False, self.info())

@@ -41,13 +41,15 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Whole known words (each with its leading space) as single tokens, bytes for the rest.
+def build_tokenizer(extra_words: list[str] | tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    """Whole known words (each with its leading space) as single tokens, bytes for the rest;
+    `extra_words` (model.tiny.extra_words) are known words too.
 
     A BPE model with no merges and `ignore_merges`: a word in the vocabulary is one token;
     any other word falls back to its UTF-8 bytes (`byte_fallback`), the space before it to
     the metaspace token."""
-    words = [SPACE + word for word in ROLE_WORDS + WORDS + NUMBERS]
+    known = ROLE_WORDS + WORDS + NUMBERS
+    words = [SPACE + word for word in known + [w for w in dict.fromkeys(extra_words) if w not in known]]
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + words + [SPACE] + BYTE_TOKENS)}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True, ignore_merges=True,
                                    unk_token="<|unk|>"))  # fmt: skip
@@ -118,7 +120,13 @@ def save_tiny_checkpoint(cfg: TinyModelConfig, directory: str | Path, seed: int 
 
     directory = Path(directory)
     stamp = json.dumps(
-        {"tiny": cfg.model_dump(), "seed": seed, "tokenizer": TOKENIZER_VERSION}, sort_keys=True
+        # Without extra words the stamp is what it was before they existed: saved checkpoints stay valid.
+        {
+            "tiny": cfg.model_dump(exclude=set() if cfg.extra_words else {"extra_words"}),
+            "seed": seed,
+            "tokenizer": TOKENIZER_VERSION,
+        },
+        sort_keys=True,
     )
     stamp_file = directory / "forge_tiny.json"
     if stamp_file.is_file() and stamp_file.read_text() == stamp:
@@ -127,7 +135,7 @@ def save_tiny_checkpoint(cfg: TinyModelConfig, directory: str | Path, seed: int 
     from forge.models.loading import quiet_transformers
 
     quiet_transformers()
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(cfg.extra_words)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(build_model_config(cfg, tokenizer))
     _start_with_words(model, tokenizer)

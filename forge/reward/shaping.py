@@ -1,5 +1,6 @@
 """Reward shaping: total reward = outcome + bounded shaping terms (speed, Kimi length
-penalty, DAPO overlong penalty, per-turn discount), and the advantages built on it.
+penalty, DAPO overlong penalty, per-turn discount, PARL's spawn and finish terms for agent
+clusters), and the advantages built on it.
 
 Each term is a pure function onto a fixed range of width 1, scaled by `weight *
 outcome_gap`; the config keeps the enabled weights' sum below 1. So shaping moves a
@@ -102,9 +103,31 @@ def turn_discount_value(turns: int, gamma: float) -> float:
     return gamma ** max(turns - 1, 0) - 1.0
 
 
+def parl_values(trajectory: Trajectory, spawn_cap: int) -> tuple[float, float]:
+    """PARL's spawn and finish terms in [0, 1]: sub-agents spawned (every level), as a share
+    of `spawn_cap`; the share of them that finished (0 when none was spawned)."""
+    spawned = trajectory.all_subagents()
+    if not spawned:
+        return 0.0, 0.0
+    finished = sum(sub.success for sub in spawned)
+    return min(len(spawned), spawn_cap) / spawn_cap, finished / len(spawned)
+
+
+def anneal_scale(progress: float | None, anneal_fraction: float) -> float:
+    """Linear from 1 at the start of training to 0 at `anneal_fraction` of it; 1 when the
+    progress is unknown."""
+    if progress is None:
+        return 1.0
+    return max(0.0, 1.0 - progress / anneal_fraction)
+
+
 def speed_measure(trajectory: Trajectory, measure: str) -> float:
     if measure == "turns":
         return float(trajectory.num_turns)
+    if measure == "critical_steps":
+        return float(trajectory.critical_steps)
+    if measure == "critical_seconds":
+        return float(trajectory.critical_seconds)
     if measure == "generated_tokens":
         return float(trajectory.generated_tokens)
     if measure == "wall_seconds":
@@ -112,7 +135,8 @@ def speed_measure(trajectory: Trajectory, measure: str) -> float:
     if measure == "tool_seconds":
         return float(trajectory.tool_seconds)
     raise ValueError(
-        f"unknown speed measure {measure!r}: use turns, generated_tokens, wall_seconds or tool_seconds"
+        f"unknown speed measure {measure!r}: use turns, generated_tokens, wall_seconds, tool_seconds, "
+        "critical_steps or critical_seconds"
     )
 
 
@@ -129,8 +153,10 @@ class RewardShaper:
         self.config = config
         self.task_baselines: dict[str, float] = {}
 
-    def shape(self, trajectories: Sequence[Trajectory]) -> dict[str, float]:
+    def shape(self, trajectories: Sequence[Trajectory], progress: float | None = None) -> dict[str, float]:
         """Fill in `reward` (and `info["reward_terms"]`) of every episode that is not lost.
+
+        `progress` (the step over train.max_steps) anneals the PARL terms' weights.
 
         Lost episodes (infra failures) get no reward and stay out of group statistics.
         Returns `reward/<term>` means over the shaped episodes, the raw outcome among them.
@@ -164,11 +190,20 @@ class RewardShaper:
                 id(t): turn_discount_value(t.num_turns, gamma) if t.success else 0.0 for t in live
             }
 
+        parl_scale = anneal_scale(progress, cfg.parl.anneal_fraction)
+        if cfg.parl.enabled:
+            found = {id(t): parl_values(t, cfg.parl.spawn_cap) for t in live}
+            terms["parl_spawn"] = {key: spawn for key, (spawn, _) in found.items()}
+            terms["parl_finish"] = {key: finish for key, (_, finish) in found.items()}
+
         weights = {
             "speed": cfg.speed.weight,
             "length_penalty": cfg.length_penalty.weight,
             "overlong": cfg.overlong.weight,
             "turn_discount": cfg.turn_discount.weight,
+            # Annealed weights only shrink, so the budget the config checked still holds.
+            "parl_spawn": cfg.parl.spawn_weight * parl_scale,
+            "parl_finish": cfg.parl.finish_weight * parl_scale,
         }
         for trajectory in live:
             scaled = {
@@ -186,6 +221,8 @@ class RewardShaper:
         metrics["reward/success_rate"] = statistics.fmean(float(t.success) for t in live)
         for name in terms:
             metrics[f"reward/{name}"] = statistics.fmean(t.info["reward_terms"][name] for t in live)
+        if cfg.parl.enabled:
+            metrics["reward/parl_weight_scale"] = parl_scale
         return metrics
 
     def _speed(self, groups: dict[str, list[Trajectory]]) -> dict[int, float]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from forge.env.base import Env, StepResult
 from forge.env.calls import EnvTimeout, call_env
@@ -20,6 +20,9 @@ from forge.rollout.engines.batching import BatchingEngine
 from forge.rollout.engines.protocol import GenerationRequest
 from forge.rollout.engines.remote import EngineLost
 from forge.types import NO_VERSION, Trajectory, Turn
+
+if TYPE_CHECKING:
+    from forge.rollout.spawn import Spawner
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,10 @@ async def run_episode(
     chat: ChatFormat,
     limits: EpisodeLimits,
     group_id: str,
+    spawner: Spawner | None = None,
 ) -> Trajectory:
+    """Play one episode of `env` on `task`. With a `spawner` (agent clusters) the env
+    offers the spawn tool; the sub-agents it ran come back in `Trajectory.subagents`."""
     started = time.monotonic()
     deadline = started + limits.episode_timeout_s
     token_ids: list[int] = []
@@ -60,8 +66,11 @@ async def run_episode(
         logprobs.extend(lps if lps is not None else [0.0] * len(ids))
         versions.extend([version if trainable else NO_VERSION] * len(ids))
 
-    def remaining() -> float:
-        return min(limits.step_timeout_s, deadline - time.monotonic())
+    # A step that spawns sub-agents may also wait for them, each bounded by swarm.timeout_s.
+    step_limit = limits.step_timeout_s + (spawner.wait_limit_s if spawner is not None else 0.0)
+
+    def remaining(limit: float = limits.step_timeout_s) -> float:
+        return min(limit, deadline - time.monotonic())
 
     # The engine keeps this episode's KV cache under its id, and orders a batch's rows by
     # it: derived from the seeded group id and episode seed, so a rerun samples the same.
@@ -73,7 +82,9 @@ async def run_episode(
             raise EnvContractError(
                 f"{type(env).__name__}.reset returned {type(observation).__name__}, expected str", env.reset
             )
-        append(chat.prompt_ids(observation, env.system_prompt, env.tools), trainable=False)
+        # An env whose system prompt explains its own tool syntax shows no schemas.
+        tools = env.tools if getattr(env, "render_tools", True) else None
+        append(chat.prompt_ids(observation, env.system_prompt, tools), trainable=False)
         prompt_length = len(token_ids)
         for _ in range(limits.max_turns):
             if len(token_ids) + limits.max_new_tokens > limits.max_context_tokens:
@@ -97,7 +108,9 @@ async def run_episode(
             turns.append(turn)
 
             env_started = time.monotonic()
-            step = await call_env(env.step, chat.decode(result.token_ids), timeout_s=remaining())
+            if spawner is not None:
+                spawner.turn = len(turns) - 1
+            step = await call_env(env.step, chat.decode(result.token_ids), timeout_s=remaining(step_limit))
             turn.env_seconds = time.monotonic() - env_started
             if not isinstance(step, StepResult):
                 raise EnvContractError(
@@ -140,4 +153,5 @@ async def run_episode(
         error=error,
         wall_seconds=time.monotonic() - started,
         info=info,
+        subagents=list(spawner.trajectories) if spawner is not None else [],
     )

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator
 from typing import Any
 
 import torch
 
-from forge.config import EnvConfig, ModelConfig, RolloutConfig, SandboxConfig
-from forge.env.latency import with_latency
+from forge.config import EnvConfig, ModelConfig, RolloutConfig, SandboxConfig, SwarmConfig
 from forge.env.registry import resolve_env
 from forge.rollout.agent import EpisodeLimits, run_episode
 from forge.rollout.chat import ChatFormat
@@ -34,6 +32,7 @@ class RolloutWorker:
         sandbox_cfg: SandboxConfig | None = None,
         engine_urls: list[str] | None = None,
         worker_index: int = 0,
+        swarm_cfg: SwarmConfig | None = None,
     ) -> None:
         from forge.models.loading import load_model, load_tokenizer, resolve_device
         from forge.sandbox.policy import configure_for_env
@@ -71,8 +70,6 @@ class RolloutWorker:
             )
         self.env_class = resolve_env(env_cfg.name)
         self.env_kwargs = dict(env_cfg.kwargs)
-        self.env_latency = env_cfg.latency
-        self.step_timeout_s = env_cfg.step_timeout_s
         self.limits = EpisodeLimits(
             max_turns=rollout_cfg.max_turns,
             max_new_tokens=rollout_cfg.max_new_tokens,
@@ -82,6 +79,35 @@ class RolloutWorker:
             success_threshold=success_threshold,
         )
         self.rng = random.Random(seed)
+        self.seed = seed
+        self.swarm = swarm_cfg if swarm_cfg is not None and swarm_cfg.enabled else None
+        self.frozen: HFEngine | None = None  # the sub-agents' weight snapshot (swarm.subagent_policy: frozen)
+        if self.swarm is not None:
+            from forge.env.tools import ToolEnv
+
+            if not issubclass(self.env_class, ToolEnv):
+                raise ValueError(
+                    f"swarm.enabled: env {env_cfg.name!r} ({self.env_class.__name__}) is not a forge.env.ToolEnv, "
+                    "so it has no tools to offer spawn beside; use a ToolEnv or set swarm.enabled: false"
+                )
+            if self.swarm.subagent_policy == "frozen" and self.swarm.frozen_version == 0:
+                self._freeze()
+
+    def _freeze(self) -> None:
+        """Keep a copy of the engine's current weights for sub-agents (a second model)."""
+        import copy
+
+        if self.engine is None:
+            raise ValueError("swarm.subagent_policy: frozen needs rollout.engine: inprocess")
+        self.frozen = HFEngine(
+            copy.deepcopy(self.engine.model),
+            stop_token_ids=self.chat.stop_token_ids,
+            pad_token_id=self.tokenizer.pad_token_id,
+            temperature=self.engine.temperature,
+            top_p=self.engine.top_p,
+            seed=self.seed + 1,  # its own sampling stream, apart from the policy's
+        )
+        self.frozen.policy_version = self.engine.policy_version
 
     def add_engine(self, url: str) -> None:
         """An engine started in place of a lost one: route new groups to it too."""
@@ -107,30 +133,25 @@ class RolloutWorker:
 
     def set_weights(self, weights: PackedWeights | dict[str, torch.Tensor], version: int) -> int:
         self.engine.load_weights(unpack_weights(weights), version)
+        swarm = self.swarm
+        if swarm is not None and swarm.subagent_policy == "frozen" and self.frozen is None:
+            if version >= swarm.frozen_version:  # a resumed run may never see that exact version: the next one
+                self._freeze()
         return version
 
     async def close(self) -> None:
         """Stop the batcher's runner task (called before the actor is killed, so that a
         runner kept alive by overlapping rollout calls does not die pending)."""
-        batching = getattr(self, "batching", None)
-        if batching is not None:
-            await batching.close()
+        for name in ("batching", "frozen_batching"):
+            batching = getattr(self, name, None)
+            if batching is not None:
+                await batching.close()
 
     async def rollout(self, tasks: list[dict[str, Any]], group_size: int) -> list[Trajectory]:
         """Play `group_size` episodes of each task; episodes of all tasks share batches.
-        Returns them task by task, when all have ended.
 
         Async, so under Ray this is an async actor: a weight sync can arrive while episodes
         run, and each token records the version that actually produced it."""
-        groups = {index: group async for index, group in self.rollout_groups(tasks, group_size)}
-        return [t for index in sorted(groups) for t in groups[index]]
-
-    async def rollout_groups(
-        self, tasks: list[dict[str, Any]], group_size: int
-    ) -> AsyncIterator[tuple[int, list[Trajectory]]]:
-        """`rollout`, streamed: yields (index of the task, its group's episodes) as each
-        group ends, so a caller (Ray's streaming generator) gets short groups without waiting
-        for the call's slowest episode."""
         # One batcher for all concurrent calls, so groups launched separately (async mode)
         # still share generation batches.
         if self.router is not None:
@@ -139,31 +160,47 @@ class RolloutWorker:
             if getattr(self, "batching", None) is None or self.batching.engine is not self.engine:
                 self.batching = BatchingEngine(self.engine)
             engine = self.batching
-        playing: list[asyncio.Future] = []
-        for index, task in enumerate(tasks):
+        subagent_engine = self._subagent_engine(engine)
+        envs = []
+        jobs = []
+        for task in tasks:
             group_id = f"{task.get('task_id', '')}@v{self.get_policy_version()}#{self.rng.getrandbits(32):08x}"
-            envs = [with_latency(self.env_class(**self.env_kwargs), self.env_latency, self.step_timeout_s)
-                    for _ in range(group_size)]  # fmt: skip
-            jobs = [run_episode(env, task, self.rng.getrandbits(31), engine, self.chat, self.limits, group_id)
-                    for env in envs]  # fmt: skip
-            playing.append(asyncio.ensure_future(play_group(index, envs, jobs)))
+            for _ in range(group_size):
+                env = self.env_class(**self.env_kwargs)
+                envs.append(env)
+                seed = self.rng.getrandbits(31)
+                spawner = None
+                if self.swarm is not None:
+                    spawner = self._spawner(env, subagent_engine, engine, task, group_id, seed)
+                jobs.append(run_episode(env, task, seed, engine, self.chat, self.limits, group_id, spawner))
         try:
-            for finished in asyncio.as_completed(playing):
-                yield await finished
+            return list(await asyncio.gather(*jobs))
         finally:
-            for future in playing:  # the caller stopped early (cancelled): end what still plays
-                future.cancel()
-            if engine.active_episodes == 0:
-                await engine.close()
+            for used in {id(engine): engine, id(subagent_engine): subagent_engine}.values():
+                if used.active_episodes == 0:
+                    await used.close()
+            for env in envs:
+                try:
+                    env.close()
+                except Exception:  # a failing close must not lose the episodes
+                    pass
 
+    def _subagent_engine(self, engine: BatchingEngine | Router) -> BatchingEngine | Router:
+        """What sub-agents sample from: the frozen snapshot's batcher, else the policy's."""
+        if self.frozen is None:
+            return engine
+        if getattr(self, "frozen_batching", None) is None or self.frozen_batching.engine is not self.frozen:
+            self.frozen_batching = BatchingEngine(self.frozen)
+        return self.frozen_batching
 
-async def play_group(index: int, envs: list[Any], jobs: list[Any]) -> tuple[int, list[Trajectory]]:
-    """One group's episodes, played together; its envs are closed as soon as it ends."""
-    try:
-        return index, list(await asyncio.gather(*jobs))
-    finally:
-        for env in envs:
-            try:
-                env.close()
-            except Exception:  # a failing close must not lose the episodes
-                pass
+    def _spawner(self, env: Any, engine: Any, parent_engine: Any, task: dict[str, Any], group_id: str,
+                 seed: int) -> Any:
+        from forge.rollout.spawn import Spawner, SwarmLimits
+
+        swarm = self.swarm
+        limits = SwarmLimits(swarm.max_subagents_per_call, swarm.max_subagents_per_episode, swarm.depth,
+                             swarm.timeout_s, swarm.subagent_max_turns)  # fmt: skip
+        spawner = Spawner(env, engine, parent_engine, self.chat, self.limits, limits,
+                          str(task.get("task_id", "")), group_id, seed)  # fmt: skip
+        spawner.attach()
+        return spawner

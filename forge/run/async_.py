@@ -210,12 +210,14 @@ class AsyncLoop:
             self.queued
         )  # the version the queued steps leave the trainer at
         trajectories = [t for group in batch for t in group]
-        reward_metrics, advantages = shape_rewards(self.run.shaper, trajectories, self.cfg)
+        reward_metrics, advantages = shape_rewards(
+            self.run.shaper, trajectories, self.cfg, self.submitted + 1
+        )
         staleness = [at_version - (group_version(g) or at_version) for g in batch]
         reward_metrics["staleness_mean"] = sum(staleness) / len(staleness)
         reward_metrics["staleness_max"] = float(max(staleness))
         reward_metrics.update(pool_stats)
-        ref = self.run.trainer.train_and_publish.remote(to_samples(trajectories, advantages))
+        ref = self.run.trainer.train_and_publish.remote(to_samples(trajectories, advantages, self.cfg))
         self.queued.append((ref, trajectories, reward_metrics))
         self.submitted += 1
 
@@ -310,7 +312,9 @@ class AsyncLoop:
         }
         self.step_ended = time.perf_counter()
         self.lost = 0
-        return trajectories, step_metrics(trajectories, reward_metrics, train_metrics, loop_metrics)
+        return trajectories, step_metrics(
+            trajectories, reward_metrics, train_metrics, loop_metrics, swarm=self.cfg.swarm.enabled
+        )
 
     def save_checkpoint(self) -> None:
         """Checkpoint after this step, with the tasks of the groups still in flight or in the

@@ -126,6 +126,7 @@ class Run:
                 cfg.sandbox,
                 self.engines.urls if self.engines is not None else None,
                 index,
+                cfg.swarm,
             )
             for index in range(cfg.rollout.num_workers)
         ]
@@ -212,20 +213,29 @@ def open_run(cfg: Config, output: Path, resume: bool) -> tuple[Run, int, tuple[l
 
 
 def shape_rewards(
-    shaper: Any, trajectories: list[Trajectory], cfg: Config
+    shaper: Any, trajectories: list[Trajectory], cfg: Config, step: int | None = None
 ) -> tuple[dict[str, float], list[float]]:
-    """A step's reward metrics and per-episode advantages (`forge.reward`), in every mode alike."""
+    """A step's reward metrics and per-episode advantages (`forge.reward`), in every mode alike;
+    `step` (the one these episodes train) anneals the terms that fade over the run."""
     from forge.reward.shaping import trajectory_advantages
 
-    reward_metrics = shaper.shape(trajectories)
+    progress = None if step is None else (step - 1) / cfg.train.max_steps
+    reward_metrics = shaper.shape(trajectories, progress=progress)
     advantages = trajectory_advantages(
         trajectories, cfg.train.advantage, cfg.train.advantage_std, cfg.reward.outcome_gap
     )
     return reward_metrics, advantages
 
 
-def to_samples(trajectories: list[Trajectory], advantages: list[float]) -> list[Sample]:
-    """Training samples from every episode that is learning signal (not lost)."""
+def to_samples(
+    trajectories: list[Trajectory], advantages: list[float], cfg: Config | None = None
+) -> list[Sample]:
+    """Training samples from every episode that is learning signal (not lost); with
+    `swarm.train_subagents`, their sub-agents' too (`forge.rollout.spawn.with_subagents`)."""
+    if cfg is not None and cfg.swarm.train_subagents:
+        from forge.rollout.spawn import with_subagents
+
+        trajectories, advantages = with_subagents(trajectories, advantages, True, cfg.train.advantage)
     return [
         Sample.from_trajectory(t, a)
         for t, a in zip(trajectories, advantages, strict=True)
@@ -238,9 +248,12 @@ def checkpoint_due(step: int, every: int, max_steps: int) -> bool:
     return bool(every) and (step % every == 0 or step == max_steps)
 
 
-def step_metrics(trajectories: list[Trajectory], *parts: dict[str, float]) -> dict[str, float]:
-    """A step's metrics: its episodes' (`rollout_metrics`), then each part in order (a later key wins)."""
-    metrics = rollout_metrics(trajectories)
+def step_metrics(
+    trajectories: list[Trajectory], *parts: dict[str, float], swarm: bool = False
+) -> dict[str, float]:
+    """A step's metrics: its episodes' (`rollout_metrics`, with the agent-cluster ones when
+    `swarm`), then each part in order (a later key wins)."""
+    metrics = rollout_metrics(trajectories, swarm=swarm)
     for part in parts:
         metrics.update(part)
     return metrics

@@ -58,8 +58,8 @@ def sync_step(run: Run, step: int, failures: FailureWatch, log: StepLog, started
         )
     failures.observe(step, trajectories, last_step=step == cfg.train.max_steps)
 
-    reward_metrics, advantages = shape_rewards(run.shaper, trajectories, cfg)
-    samples = to_samples(trajectories, advantages)
+    reward_metrics, advantages = shape_rewards(run.shaper, trajectories, cfg, step)
+    samples = to_samples(trajectories, advantages, cfg)
     train_metrics, *published = ray.get(run.trainer.train_and_publish.remote(samples))
     sync_started = time.perf_counter()
     version = run.sync_weights(tuple(published))
@@ -71,7 +71,7 @@ def sync_step(run: Run, step: int, failures: FailureWatch, log: StepLog, started
         "step_seconds": time.perf_counter() - step_started,
         "wall_seconds": time.perf_counter() - started,
     }
-    metrics = step_metrics(trajectories, reward_metrics, train_metrics, timings)
+    metrics = step_metrics(trajectories, reward_metrics, train_metrics, timings, swarm=cfg.swarm.enabled)
     log.record(
         step, metrics, trajectories, run.tokenizer, turns=f"{metrics.get('turns_mean', float('nan')):.1f}"
     )

@@ -1,0 +1,96 @@
+"""What agent clusters hand the trainer and the metrics: sub-agents' turns as samples (with
+swarm.train_subagents) under their orchestrator's advantage, merged by the prefix tree where
+their prompts are shared; and the per-step swarm metrics."""
+
+from __future__ import annotations
+
+import pytest
+from test_swarm_spawn import play
+
+from forge.metrics import rollout_metrics, swarm_metrics
+from forge.rollout.spawn import with_subagents
+from forge.tree.trie import build_prefix_tree, common_prefix_length
+from forge.types import Sample, Trajectory, Turn
+
+
+def built(turns, success=True, subagents=(), parent_turn=None, status="ok"):
+    return Trajectory("t", "g", [1, 2], [0, 1], [0.0, 0.0], [-1, 0], 1, turns=[Turn(1, 2, 2)] * turns,
+                      success=success, status=status, subagents=list(subagents), parent_turn=parent_turn)  # fmt: skip
+
+
+def test_without_train_subagents_only_orchestrators_train():
+    team = built(2, subagents=[built(1, parent_turn=0)])
+    assert with_subagents([team], [0.5], train_subagents=False) == ([team], [0.5])
+
+
+def built_in(group, turns, success=True, parent_turn=0, subagents=()):
+    sub = built(turns, success, subagents, parent_turn)
+    sub.group_id = group
+    return sub
+
+
+def test_with_train_subagents_every_subagent_trains_on_its_own_outcome_within_its_group():
+    nested = built_in("g/sub", 1, success=True, subagents=[built_in("g/sub/sub", 1)])
+    team = built(2, subagents=[nested, built_in("g/sub", 1, success=False, parent_turn=1)])
+    alone = built(3)
+    lost = built(0, subagents=[built_in("h/sub", 1)], status="lost")
+    for helper in team.all_subagents():
+        helper.outcome = helper.reward = float(helper.success)
+    episodes, advantages = with_subagents([team, alone, lost], [0.5, -0.5, 0.0], train_subagents=True)
+    assert episodes[:3] == [team, alone, lost] and advantages[:3] == [0.5, -0.5, 0.0]
+    assert episodes[3:] == [
+        nested,
+        nested.subagents[0],
+        team.subagents[1],
+    ]  # the lost one's helper is left out
+    # grpo among the orchestrator group's helpers: the one that finished above the one that did not;
+    # the nested level is a group of one (no baseline, no signal)
+    assert advantages[3] > 0 > advantages[5] and advantages[4] == 0.0
+
+
+def test_a_run_hands_the_trainer_subagent_samples_only_with_train_subagents():
+    from forge.config import load_config
+    from forge.run.context import to_samples
+
+    helper = built_in("g/sub", 1, success=True)
+    team = built(1, subagents=[helper, built_in("g/sub", 1, success=False)])
+    for sub in team.subagents:
+        sub.outcome = sub.reward = float(sub.success)
+    trained = load_config("configs/swarm.yaml")
+    assert len(to_samples([team], [1.0], trained)) == 3
+    frozen = load_config("configs/swarm.yaml", ["swarm.train_subagents=false", "swarm.subagent_policy=frozen"])
+    assert len(to_samples([team], [1.0], frozen)) == 1
+
+
+def test_the_prefix_tree_merges_the_prompts_subagents_share():
+    trajectory, _, _ = play(["a", "b", "c"])
+    helpers = [Sample.from_trajectory(sub, 1.0).token_ids for sub in trajectory.subagents]
+    shared = common_prefix_length(*[__import__("numpy").array(ids) for ids in helpers[:2]])
+    # the helpers' system prompt, tools and the start of their task are one branch of the tree
+    assert shared >= helpers[0].index(ord("k") + 1)  # up to "key ..." (ByteChat: id = byte + 1)
+    tree = build_prefix_tree(helpers)
+    separate = sum(len(ids) for ids in helpers)
+    assert tree.num_nodes == separate - 2 * shared
+    orchestrator = Sample.from_trajectory(trajectory, 1.0).token_ids
+    assert build_prefix_tree([orchestrator, *helpers]).num_nodes == tree.num_nodes + len(orchestrator)
+
+
+def test_swarm_metrics_count_spawns_their_success_and_the_critical_path():
+    team = built(2, subagents=[built(1, parent_turn=0), built(3, success=False, parent_turn=0)])  # 1+3+1 = 5
+    alone = built(4, success=False)
+    metrics = swarm_metrics([team, alone])
+    assert metrics == pytest.approx({
+        "subagents_per_episode": 1.0,
+        "subagent_success_rate": 0.5,
+        "critical_steps_mean": (5 + 4) / 2,
+        "total_steps_mean": (6 + 4) / 2,
+        "parallelism": 10 / 9,
+        "critical_steps_per_solved": 5.0,
+        "total_steps_per_solved": 6.0,
+    })  # fmt: skip
+
+
+def test_swarm_metrics_appear_only_in_swarm_runs():
+    episodes = [built(2)]
+    assert "parallelism" not in rollout_metrics(episodes)
+    assert rollout_metrics(episodes, swarm=True)["parallelism"] == 1.0

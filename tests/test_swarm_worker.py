@@ -1,0 +1,88 @@
+"""Agent clusters in the rollout worker, on the real tiny model: the spawn tool from config,
+a frozen sub-agent policy kept beside the trained one, and a swarm run end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+
+import pytest
+import torch
+
+from forge.config import Config, TinyModelConfig, load_config
+from forge.models.tiny import save_tiny_checkpoint
+from forge.rollout.worker import RolloutWorker
+from forge_envs.parallel_lookup import ParallelLookupEnv
+
+
+@pytest.fixture(scope="module")
+def lookup_checkpoint(tmp_path_factory):
+    return save_tiny_checkpoint(TinyModelConfig(extra_words=["find", "spawn"]), tmp_path_factory.mktemp("lookup"))
+
+
+def swarm_config(**swarm) -> Config:
+    return load_config("configs/swarm.yaml", [f"swarm.{key}={value}" for key, value in swarm.items()])
+
+
+def test_swarm_needs_a_tool_env(tiny_checkpoint):
+    cfg = Config()
+    cfg.swarm.enabled = True
+    with pytest.raises(ValueError, match="is not a forge.env.ToolEnv"):
+        RolloutWorker(str(tiny_checkpoint), cfg.model, cfg.env, cfg.rollout, 0.5, seed=0, swarm_cfg=cfg.swarm)
+
+
+def test_a_frozen_subagent_policy_keeps_its_weights_while_the_policy_moves(lookup_checkpoint):
+    cfg = swarm_config(subagent_policy="frozen", train_subagents="false")
+    worker = RolloutWorker(str(lookup_checkpoint), cfg.model, cfg.env, cfg.rollout, 0.5, seed=0, swarm_cfg=cfg.swarm)
+    initial = {name: p.detach().clone() for name, p in worker.engine.model.state_dict().items()}
+    moved = {name: p + 0.01 * torch.randn_like(p) for name, p in initial.items()}
+    worker.set_weights(moved, version=1)
+    frozen = worker.frozen.model.state_dict()
+    assert all(torch.equal(frozen[name], initial[name]) for name in initial)
+    assert not torch.equal(worker.engine.model.state_dict()["lm_head.weight"], initial["lm_head.weight"])
+
+    tasks = ParallelLookupEnv.generate_tasks(6, seed=0, num_keys=8, k=4)
+    trajectories = asyncio.run(worker.rollout(tasks, group_size=8))
+    helpers = [sub for t in trajectories for sub in t.subagents]
+    assert helpers, "the random policy spawned no sub-agent in 48 episodes"
+    assert {v for t in trajectories for v, m in zip(t.policy_versions, t.loss_mask, strict=True) if m} == {1}
+    assert {v for s in helpers for v, m in zip(s.policy_versions, s.loss_mask, strict=True) if m} == {0}
+    assert all(s.parent_turn is not None and s.depth == 1 for s in helpers)
+
+
+def test_a_later_frozen_version_is_taken_when_the_run_reaches_it(lookup_checkpoint):
+    cfg = swarm_config(subagent_policy="frozen", train_subagents="false", frozen_version=2)
+    worker = RolloutWorker(str(lookup_checkpoint), cfg.model, cfg.env, cfg.rollout, 0.5, seed=0, swarm_cfg=cfg.swarm)
+    assert worker.frozen is None  # until version 2, sub-agents use the current policy
+    weights = worker.engine.model.state_dict()
+    worker.set_weights(weights, version=1)
+    assert worker.frozen is None
+    worker.set_weights(weights, version=2)
+    assert worker.frozen is not None and worker.frozen.policy_version == 2
+
+
+@pytest.mark.slow
+def test_a_swarm_run_writes_the_cluster_metrics_and_its_subagents(ray_session, tmp_path):
+    from test_metrics_doc import documented_metrics
+
+    from forge.run.launch import train
+
+    cfg = load_config(
+        "configs/swarm.yaml",
+        ["train.max_steps=2", "rollout.tasks_per_step=4", "rollout.group_size=4", "logging.trajectory_samples=16"],
+    )
+    train(cfg, tmp_path / "run", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2]
+    for row in rows:
+        assert set(row) - documented_metrics() == set()
+        for key in ("subagents_per_episode", "critical_steps_mean", "total_steps_mean", "parallelism",
+                    "reward/parl_spawn", "reward/parl_finish"):  # fmt: skip
+            assert math.isfinite(row[key]), key
+        assert row["critical_steps_mean"] <= row["total_steps_mean"]
+    assert rows[0]["reward/parl_weight_scale"] == 1.0 > rows[1]["reward/parl_weight_scale"]
+    assert any(row["subagents_per_episode"] > 0 for row in rows)
+    logged = [json.loads(line) for line in (tmp_path / "run" / "trajectories.jsonl").read_text().splitlines()]
+    helpers = [sub for episode in logged for sub in episode.get("subagents", [])]
+    assert helpers and all("find" in sub["prompt"] and sub["parent_turn"] is not None for sub in helpers)
