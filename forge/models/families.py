@@ -149,6 +149,28 @@ FAMILIES: dict[str, Family] = {
         ),
         Family("olmo2", "Olmo2Config", "Olmo2ForCausalLM", dict(), features=("q/k norm after projection",)),
         Family(
+            "cohere2",
+            "Cohere2Config",
+            "Cohere2ForCausalLM",
+            dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"], logit_scale=0.5),
+            features=("sliding / full layers, rotary on sliding layers only", "parallel residual", "logit scale"),
+        ),
+        Family(
+            "starcoder2",
+            "Starcoder2Config",
+            "Starcoder2ForCausalLM",
+            dict(sliding_window=WINDOW),
+            features=("sliding window on every layer", "biases", "layer norm"),
+        ),
+        Family(
+            "granite",
+            "GraniteConfig",
+            "GraniteForCausalLM",
+            # Scores scaled by attention_multiplier, not 1/sqrt(head_dim): the tree must keep it.
+            dict(attention_multiplier=0.3, residual_multiplier=0.5, embedding_multiplier=3.0, logits_scaling=2.0),
+            features=("attention / residual / embedding / logit multipliers",),
+        ),
+        Family(
             "qwen3_moe",
             "Qwen3MoeConfig",
             "Qwen3MoeForCausalLM",
