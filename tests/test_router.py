@@ -10,7 +10,7 @@ import pytest
 from forge.rollout.agent import EpisodeLimits, run_episode
 from forge.rollout.chat import ChatFormat
 from forge.rollout.engines.protocol import GenerationRequest, GenerationResult
-from forge.rollout.engines.remote import EngineLost
+from forge.rollout.engines.remote import EngineLost, generate_each
 from forge.rollout.engines.router import Router
 
 
@@ -23,6 +23,7 @@ class FakeClient:
         self.policy_version = version
         self.calls: list[GenerationRequest] = []
         self.released: list[str] = []
+        self.batches: list[int] = []  # requests per generate_batch call
         self.fail = False
         self.hang = False
 
@@ -37,8 +38,13 @@ class FakeClient:
             raise EngineLost(self.url, "ConnectError: connection refused")
         return GenerationResult(list(self.reply), [-0.5] * len(self.reply), True, self.policy_version, 1)
 
-    async def release(self, episode_id: str) -> None:
-        self.released.append(episode_id)
+    async def generate_batch(self, requests: list[GenerationRequest], release: list[str] | None = None) -> list:
+        self.batches.append(len(requests))
+        self.released.extend(release or [])
+        return await generate_each(self, requests)
+
+    async def release(self, episode_ids: list[str]) -> None:
+        self.released.extend(episode_ids)
 
     async def healthy(self) -> bool:
         return not self.fail
@@ -62,6 +68,46 @@ def test_all_turns_of_an_episode_and_all_episodes_of_a_group_go_to_one_engine():
     asyncio.run(scenario())
     counts = [len(e.calls) for e in engines]
     assert sorted(counts) == [0, 12]
+
+
+def test_turns_of_a_workers_live_episodes_go_to_each_engine_in_one_call():
+    engines = [FakeClient("http://a"), FakeClient("http://b")]
+    router = Router(engines, max_wait_s=5.0)
+
+    async def episode(group: str, seed: int) -> None:
+        router.register()
+        try:
+            for turn in range(3):
+                await asyncio.sleep(0.001 * seed)  # env steps of different lengths
+                await router.generate(request(group, seed, [1] * (turn + 1)))
+        finally:
+            router.unregister()
+            router.release(f"{group}/{seed:08x}")
+
+    async def scenario() -> None:
+        await asyncio.gather(*(episode(group, seed) for group in ("g1", "g2") for seed in range(4)))
+        await router.close()
+
+    asyncio.run(scenario())
+    # Every live episode waited for the others (max_wait_s is long): 3 turns, one call per engine each.
+    assert [e.batches for e in engines] == [[4, 4, 4], [4, 4, 4]]
+    assert router.calls == 6
+    assert sorted(engines[0].released + engines[1].released) == sorted(f"{g}/{s:08x}" for g in ("g1", "g2") for s in range(4))
+
+
+def test_an_episode_busy_in_its_env_does_not_hold_the_others_back():
+    engines = [FakeClient("http://a")]
+    router = Router(engines, max_wait_s=0.01)
+
+    async def scenario() -> float:
+        for _ in range(3):
+            router.register()
+        started = asyncio.get_running_loop().time()
+        await asyncio.gather(router.generate(request("g", 1)), router.generate(request("g", 2)))
+        return asyncio.get_running_loop().time() - started  # the third episode never asked
+
+    assert asyncio.run(scenario()) < 0.5
+    assert engines[0].batches == [2]
 
 
 def test_groups_are_spread_over_engines_by_load():

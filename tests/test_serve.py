@@ -162,12 +162,60 @@ def test_openai_chat_is_served_by_the_gateway_app_with_the_engine_version(server
     assert [m.id for m in client.models.list().data] == [server.service.model_name]
 
 
+def test_a_batch_call_runs_its_requests_as_one_engine_batch_each_answered_as_alone(server):
+    ids = prompt(server)
+    before = server.service.served.metrics()["batches"]
+    body = httpx.post(f"{server.url}/forge/generate/batch", json={"requests": [
+        {"token_ids": ids, "max_new_tokens": 1, "episode_id": f"e{i}", "temperature": 0} for i in range(4)
+    ]}).json()
+    assert server.service.served.metrics()["batches"] == before + 1
+    alone = httpx.post(f"{server.url}/forge/generate", json={"token_ids": ids, "max_new_tokens": 1, "temperature": 0})
+    assert [r["token_ids"] for r in body["results"]] == [alone.json()["token_ids"]] * 4
+    assert [r["logprobs"][0] for r in body["results"]] == pytest.approx([alone.json()["logprobs"][0]] * 4, abs=1e-5)
+    assert {r["policy_version"] for r in body["results"]} == {0}
+
+
+def test_a_refused_request_in_a_batch_gets_its_own_error_and_the_others_are_answered(server):
+    ids = prompt(server)
+    body = httpx.post(f"{server.url}/forge/generate/batch", json={"requests": [
+        {"token_ids": ids, "max_new_tokens": 2}, {"token_ids": [10**6]}, {"token_ids": [5] * 200},
+    ]}).json()
+    good, out_of_vocab, too_long = body["results"]
+    assert len(good["token_ids"]) >= 1
+    assert out_of_vocab["status"] == 400 and "outside the vocabulary" in out_of_vocab["error"]
+    assert "context limit" in too_long["error"]
+
+
+def test_a_batch_releases_the_episodes_it_names_before_generating(server):
+    ids = prompt(server)
+    httpx.post(f"{server.url}/forge/generate", json={"token_ids": ids, "max_new_tokens": 1, "episode_id": "old"})
+    assert "old" in server.service.served._cached
+    httpx.post(f"{server.url}/forge/generate/batch",
+               json={"requests": [{"token_ids": ids, "max_new_tokens": 1, "episode_id": "new"}], "release": ["old"]})
+    assert "old" not in server.service.served._cached and "new" in server.service.served._cached
+    assert httpx.post(f"{server.url}/forge/release", json={}).status_code == 400
+
+
+def test_the_forge_client_sends_a_batch_and_reads_each_answer_or_error(server):
+    from forge.rollout.engines.remote import ProtocolError
+
+    async def scenario() -> None:
+        client = ForgeClient(server.url, timeout_s=30)
+        results = await client.generate_batch(
+            [GenerationRequest(prompt(server), 2, "a"), GenerationRequest([10**6], 2, "b")], release=["gone"])
+        assert len(results[0].token_ids) == len(results[0].logprobs) >= 1
+        assert isinstance(results[1], ProtocolError) and "outside the vocabulary" in str(results[1])
+        await client.close()
+
+    asyncio.run(scenario())
+
+
 def test_the_forge_client_generates_releases_and_updates(server, other_checkpoint):
     async def scenario() -> None:
         client = ForgeClient(server.url, timeout_s=30)
         result = await client.generate(GenerationRequest(prompt(server), 3, "e"))
         assert len(result.token_ids) == len(result.logprobs) and client.policy_version == 0
-        await client.release("e")
+        await client.release(["e"])
         assert "e" not in server.service.served._cached
         await client.load_checkpoint(str(other_checkpoint), 4)
         assert (await client.generate(GenerationRequest(prompt(server), 2))).policy_version == 4
@@ -256,8 +304,11 @@ def test_a_request_samples_with_its_own_temperature_and_its_logprobs_are_of_it(s
 
 
 def test_the_forge_client_sends_the_runs_sampling():
-    from forge.rollout.engines.remote import Sampling, forge_generate_call
+    from forge.rollout.engines.remote import Sampling, forge_generate_batch_call, forge_generate_call
 
     call = forge_generate_call(GenerationRequest([1, 2], 3, "e"), Sampling(0.7, 0.9, (3,)))
     assert call.body == {"token_ids": [1, 2], "max_new_tokens": 3, "episode_id": "e", "temperature": 0.7, "top_p": 0.9}
     assert "temperature" not in forge_generate_call(GenerationRequest([1, 2], 3)).body
+    batch = forge_generate_batch_call([GenerationRequest([1, 2], 3, "e")], Sampling(0.7, 0.9, (3,)), release=["d"])
+    assert (batch.method, batch.path) == ("POST", "/forge/generate/batch")
+    assert batch.body == {"requests": [call.body], "release": ["d"]}

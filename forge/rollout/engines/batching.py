@@ -56,14 +56,20 @@ class BatchingEngine:
             release(episode_id)
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
-        # A runner being stopped by `close` will not serve this request: start another.
+        return (await self.generate_many([request]))[0]
+
+    async def generate_many(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        """Requests that arrived together (a client's batch): queued at once, so they run in
+        one batch (with any others pending, up to `max_batch_size`)."""
+        # A runner being stopped by `close` will not serve these requests: start another.
         if self._runner is None or self._runner.done() or self._runner.cancelling():
             self._arrived = asyncio.Event()
             self._runner = asyncio.create_task(self._run())
-        future = asyncio.get_running_loop().create_future()
-        self._pending.append((request, future))
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in requests]
+        self._pending.extend(zip(requests, futures, strict=True))
         self._arrived.set()
-        return await future
+        return list(await asyncio.gather(*futures))
 
     async def close(self) -> None:
         """Stop the runner. Requests that arrive meanwhile (another caller's episodes, in an

@@ -6,6 +6,10 @@ logprobs, finish reason and policy version out; weight updates; pause/resume.
 its requests and parses its responses in plain functions (tested against recorded
 shapes); the transport is shared here. A server that does not answer (connection refused,
 timeout, 5xx) raises `EngineLost`: its episodes are lost, never silently retried.
+
+A rollout worker sends many episodes' turns at once: `generate_batch` takes them together
+(`forge serve`: one HTTP call and one engine batch; vLLM and SGLang: concurrent calls,
+which those servers batch themselves).
 """
 
 from __future__ import annotations
@@ -55,7 +59,13 @@ class EngineClient(Protocol):
 
     async def generate(self, request: GenerationRequest) -> GenerationResult: ...
 
-    async def release(self, episode_id: str) -> None: ...
+    async def generate_batch(self, requests: list[GenerationRequest], release: list[str] | None = None
+                             ) -> list[GenerationResult | ProtocolError | EngineLost]:
+        """Each request's result or error, in order; `release` names ended episodes (their
+        cached KV may go). Raises EngineLost when the whole call fails."""
+        ...
+
+    async def release(self, episode_ids: list[str]) -> None: ...
 
     async def healthy(self) -> bool: ...
 
@@ -64,6 +74,20 @@ class EngineClient(Protocol):
     async def load_adapter(self, path: str, version: int) -> None: ...
 
     async def close(self) -> None: ...
+
+
+async def generate_each(client: Any, requests: list[GenerationRequest]) -> list[GenerationResult | ProtocolError | EngineLost]:
+    """`generate_batch` for a server that batches concurrent requests itself: one call per
+    request, all in flight at once."""
+    import asyncio
+
+    async def one(request: GenerationRequest) -> GenerationResult | ProtocolError | EngineLost:
+        try:
+            return await client.generate(request)
+        except (ProtocolError, EngineLost) as exc:
+            return exc
+
+    return list(await asyncio.gather(*(one(request) for request in requests)))
 
 
 class HttpTransport:
@@ -145,6 +169,23 @@ def forge_generate_call(request: GenerationRequest, sampling: Sampling | None = 
     return HttpCall("POST", "/forge/generate", body)
 
 
+def forge_generate_batch_call(requests: list[GenerationRequest], sampling: Sampling | None = None,
+                              release: list[str] | None = None) -> HttpCall:
+    body: dict[str, Any] = {"requests": [forge_generate_call(request, sampling).body for request in requests]}
+    if release:
+        body["release"] = list(release)
+    return HttpCall("POST", "/forge/generate/batch", body)
+
+
+def forge_parse_generate_batch(body: Any, count: int) -> list[GenerationResult | ProtocolError]:
+    """Each answer of a batch, or a ProtocolError for a request the server refused."""
+    results = body.get("results") if isinstance(body, dict) else None
+    if not isinstance(results, list) or len(results) != count:
+        raise ProtocolError(f"not a forge serve /forge/generate/batch answer for {count} requests: {str(body)[:300]}")
+    return [ProtocolError(f"forge serve refused the request ({item.get('status', 400)}): {item['error']}")
+            if isinstance(item, dict) and "error" in item else forge_parse_generate(item) for item in results]
+
+
 def forge_parse_generate(body: Any) -> GenerationResult:
     try:
         reason = body["finish_reason"]
@@ -175,8 +216,17 @@ class ForgeClient:
         self.policy_version = result.policy_version
         return result
 
-    async def release(self, episode_id: str) -> None:
-        await self.http.send(HttpCall("POST", "/forge/release", {"episode_id": episode_id}))
+    async def generate_batch(self, requests: list[GenerationRequest], release: list[str] | None = None
+                             ) -> list[GenerationResult | ProtocolError | EngineLost]:
+        body = await self.http.send(forge_generate_batch_call(requests, self.sampling, release))
+        results = forge_parse_generate_batch(body, len(requests))
+        versions = [r.policy_version for r in results if isinstance(r, GenerationResult)]
+        if versions:
+            self.policy_version = max(versions)
+        return results
+
+    async def release(self, episode_ids: list[str]) -> None:
+        await self.http.send(HttpCall("POST", "/forge/release", {"episode_ids": list(episode_ids)}))
 
     async def healthy(self) -> bool:
         return await self.http.healthy()

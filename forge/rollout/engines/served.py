@@ -75,6 +75,7 @@ class ServedEngine:
         evicted: list[str] = []
         with self._state:
             self.counts["requests"] += len(requests)
+            self.counts["batches"] += 1
             for request, result in zip(requests, results, strict=True):
                 self.counts["prompt_tokens"] += len(request.token_ids)
                 self.counts["prefill_tokens"] += result.prefill_tokens
@@ -126,6 +127,7 @@ class ServedEngine:
             "policy_version": self.policy_version,
             "paused": self._paused,
             "requests": int(counts.get("requests", 0)),
+            "batches": int(counts.get("batches", 0)),  # engine batches the requests ran in
             "prompt_tokens": int(prompt),
             "prefill_tokens": int(counts.get("prefill_tokens", 0)),
             "generated_tokens": int(counts.get("generated_tokens", 0)),

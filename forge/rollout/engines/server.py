@@ -11,7 +11,10 @@ The OpenAI-compatible endpoints and the episode API are the training gateway's o
                                   -> sampled "token_ids",
                                   "logprobs", "finish_reason" (stop|length), "policy_version",
                                   "prefill_tokens", "cached_tokens"
-    POST /forge/release           {"episode_id"}: drop that episode's cached KV
+    POST /forge/generate/batch    {"requests": [generate bodies], "release"?: [episode ids]}
+                                  -> {"results": [generate answers, or {"error", "status"}]}:
+                                  one call, one engine batch (a rollout worker's many episodes)
+    POST /forge/release           {"episode_id"} | {"episode_ids": [...]}: drop cached KV
     POST /forge/pause             hold new batches until /forge/resume (returns when none runs)
     POST /forge/resume
     POST /forge/weights           {"checkpoint": folder} | {"adapter": folder}, "version": n
@@ -36,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from forge.config import ModelConfig
 from forge.gateway.episodes import EpisodeError
 from forge.gateway.server import Gateway, ThreadedServer, build_app
-from forge.rollout.engines.protocol import GenerationRequest
+from forge.rollout.engines.protocol import GenerationRequest, GenerationResult
 from forge.rollout.engines.served import ServedEngine
 from forge.rollout.engines.updates import (
     WeightUpdateError,
@@ -55,9 +58,16 @@ class GenerateBody(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1, description="unset: the server's --top-p")
 
 
+class GenerateBatchBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    requests: list[GenerateBody] = Field(min_length=1, description="generated together, in one engine batch")
+    release: list[str] = Field(default_factory=list, description="episodes that ended: their KV is dropped first")
+
+
 class ReleaseBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    episode_id: str
+    episode_id: str | None = None
+    episode_ids: list[str] = Field(default_factory=list)
 
 
 class WeightsBody(BaseModel):
@@ -79,6 +89,27 @@ class EngineService:
         self._update_lock = asyncio.Lock()
 
     async def generate(self, body: GenerateBody) -> dict[str, Any]:
+        request = self._request(body)
+        return _answer(request, await self.gateway.batching.generate(request))
+
+    async def generate_batch(self, body: GenerateBatchBody) -> dict[str, Any]:
+        """Every request of the batch in one engine batch; a request this server refuses gets
+        its own error entry, the others are answered."""
+        for episode_id in body.release:
+            self.served.release(episode_id)
+        requests: list[GenerationRequest | EpisodeError] = []
+        for item in body.requests:
+            try:
+                requests.append(self._request(item))
+            except EpisodeError as exc:
+                requests.append(exc)
+        valid = [r for r in requests if isinstance(r, GenerationRequest)]
+        results = iter(await self.gateway.batching.generate_many(valid) if valid else [])
+        return {"results": [_answer(r, next(results)) if isinstance(r, GenerationRequest)
+                            else {"error": r.message, "status": r.status} for r in requests]}
+
+    def _request(self, body: GenerateBody) -> GenerationRequest:
+        """The engine request for a body, or EpisodeError(400) naming what is over a limit."""
         limit = self.gateway.max_new_tokens
         if body.max_new_tokens is not None and body.max_new_tokens > limit:
             raise EpisodeError(400, f"max_new_tokens={body.max_new_tokens} is over this server's limit of {limit} "
@@ -91,17 +122,8 @@ class EngineService:
         bad = [t for t in body.token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise EpisodeError(400, f"token ids {bad[:5]} are outside the vocabulary (0..{self.vocab_size - 1})")
-        request = GenerationRequest(list(body.token_ids), wanted, body.episode_id, temperature=body.temperature,
-                                    top_p=body.top_p)
-        result = await self.gateway.batching.generate(request)
-        return {
-            "token_ids": result.token_ids,
-            "logprobs": result.logprobs,
-            "finish_reason": "stop" if result.finished else "length",
-            "policy_version": result.policy_version,
-            "prefill_tokens": result.prefill_tokens,
-            "cached_tokens": len(body.token_ids) - result.prefill_tokens,
-        }
+        return GenerationRequest(list(body.token_ids), wanted, body.episode_id, temperature=body.temperature,
+                                 top_p=body.top_p)
 
     async def update(self, load: Any, version: int) -> dict[str, Any]:
         """Run `load()` (which returns a state dict, or None when it changed the model
@@ -114,6 +136,17 @@ class EngineService:
     def load_adapter(self, path: str) -> None:
         engine = self.served.engine
         engine.model = apply_adapter(engine.model, path)
+
+
+def _answer(request: GenerationRequest, result: GenerationResult) -> dict[str, Any]:
+    return {
+        "token_ids": result.token_ids,
+        "logprobs": result.logprobs,
+        "finish_reason": "stop" if result.finished else "length",
+        "policy_version": result.policy_version,
+        "prefill_tokens": result.prefill_tokens,
+        "cached_tokens": len(request.token_ids) - result.prefill_tokens,
+    }
 
 
 def build_server_app(service: EngineService) -> FastAPI:
@@ -154,10 +187,18 @@ def build_server_app(service: EngineService) -> FastAPI:
     async def generate(body: GenerateBody) -> dict:
         return await service.generate(body)
 
+    @router.post("/forge/generate/batch")
+    async def generate_batch(body: GenerateBatchBody) -> dict:
+        return await service.generate_batch(body)
+
     @router.post("/forge/release")
     async def release(body: ReleaseBody) -> dict:
-        service.served.release(body.episode_id)
-        return {"released": body.episode_id}
+        episodes = ([body.episode_id] if body.episode_id is not None else []) + body.episode_ids
+        if not episodes:
+            raise EpisodeError(400, "name the episodes to release: episode_id or episode_ids")
+        for episode_id in episodes:
+            service.served.release(episode_id)
+        return {"released": episodes}
 
     @router.post("/forge/pause")
     async def pause() -> dict:

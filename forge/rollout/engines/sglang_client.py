@@ -13,7 +13,14 @@ from __future__ import annotations
 from typing import Any
 
 from forge.rollout.engines.protocol import GenerationRequest, GenerationResult
-from forge.rollout.engines.remote import EngineLost, HttpCall, HttpTransport, ProtocolError, Sampling
+from forge.rollout.engines.remote import (
+    EngineLost,
+    HttpCall,
+    HttpTransport,
+    ProtocolError,
+    Sampling,
+    generate_each,
+)
 
 
 def generate_call(request: GenerationRequest, sampling: Sampling, lora_name: str | None = None) -> HttpCall:
@@ -119,7 +126,11 @@ class SGLangClient:
         body = await self.http.send(generate_call(request, self.sampling, self.lora_name))
         return parse_generate(body, self.sampling.stop_token_ids, self.policy_version)
 
-    async def release(self, episode_id: str) -> None:
+    async def generate_batch(self, requests: list[GenerationRequest], release: list[str] | None = None
+                             ) -> list[GenerationResult | ProtocolError | EngineLost]:
+        return await generate_each(self, requests)
+
+    async def release(self, episode_ids: list[str]) -> None:
         """SGLang's radix cache evicts by itself; nothing to release."""
 
     async def healthy(self) -> bool:

@@ -12,7 +12,14 @@ from __future__ import annotations
 from typing import Any
 
 from forge.rollout.engines.protocol import GenerationRequest, GenerationResult
-from forge.rollout.engines.remote import EngineLost, HttpCall, HttpTransport, ProtocolError, Sampling
+from forge.rollout.engines.remote import (
+    EngineLost,
+    HttpCall,
+    HttpTransport,
+    ProtocolError,
+    Sampling,
+    generate_each,
+)
 
 TOKEN_PREFIX = "token_id:"  # how return_tokens_as_token_ids spells each sampled token
 
@@ -127,7 +134,11 @@ class VLLMClient:
         result.prefill_tokens = len(request.token_ids) - int(cached)
         return result
 
-    async def release(self, episode_id: str) -> None:
+    async def generate_batch(self, requests: list[GenerationRequest], release: list[str] | None = None
+                             ) -> list[GenerationResult | ProtocolError | EngineLost]:
+        return await generate_each(self, requests)
+
+    async def release(self, episode_ids: list[str]) -> None:
         """vLLM's prefix cache evicts by itself; nothing to release."""
 
     async def healthy(self) -> bool:
