@@ -4,6 +4,7 @@ and the tokens generated after it carry the new policy version."""
 from __future__ import annotations
 
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -107,3 +108,13 @@ def test_packed_weights_round_trip_every_dtype_and_shape():
         assert torch.equal(unpacked[name], tensor)
     plain = {"w": state["w"]}
     assert unpack_weights(plain)["w"] is state["w"]
+
+
+def test_unpacking_the_object_stores_read_only_bytes_copies_nothing_and_warns_nothing():
+    packed = pack_weights({"w": torch.randn(64, 64)})
+    data = packed["w"][0].copy()
+    data.flags.writeable = False  # as Ray's object store hands arrays out
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        unpacked = unpack_weights({"w": (data, *packed["w"][1:])})
+    assert unpacked["w"].data_ptr() == data.ctypes.data
