@@ -55,6 +55,24 @@ def test_a_server_engine_run_survives_an_engine_killed_mid_run_and_replaces_it(r
 
 
 @pytest.mark.slow
+def test_an_async_run_generates_on_engine_servers_that_get_each_version(ray_session, tmp_path):
+    from forge.run.launch import train
+
+    cfg = load_config("configs/smoke.yaml", ["train.max_steps=6", "train.mode=async", "rollout.engine=server",
+                                             *SMALL, "rollout.num_workers=1"])
+    result = train(cfg, tmp_path / "run", progress=False)
+
+    assert result.steps == 6
+    steps = rows(tmp_path / "run")
+    assert [row["policy_version"] for row in steps] == [float(n) for n in range(1, 7)]
+    assert sum(row["episodes_lost"] for row in steps) == 0
+    # Engines left at version 0 would make every group staler step by step, past the bound
+    # (the pool drops those); each version reached them, so the groups stay within it.
+    assert max(row["staleness_max"] for row in steps) <= cfg.async_.max_staleness
+    assert steps[-1]["staleness_mean"] < steps[-1]["policy_version"] - 1
+
+
+@pytest.mark.slow
 def test_a_remote_engine_run_trains_against_forge_servers_it_did_not_start(ray_session, tmp_path):
     from forge.models.loading import resolve_model_path
     from forge.rollout.engines.server import EngineServer, make_service
@@ -76,8 +94,16 @@ def test_engine_settings_that_cannot_work_are_refused_before_anything_starts():
 
     with pytest.raises(ConfigError, match="rollout.servers"):
         check_engine_config(load_config("configs/smoke.yaml", ["rollout.engine=remote"]))
+    check_engine_config(load_config("configs/smoke.yaml", ["rollout.engine=server", "train.mode=async"]))
+    with pytest.raises(ConfigError, match="object_store"):
+        check_engine_config(load_config("configs/smoke.yaml", ["rollout.engine=server", "train.mode=async",
+                                                               "rollout.weight_sync=folder"]))
+    with pytest.raises(ConfigError, match="gateway"):
+        check_engine_config(load_config("configs/smoke.yaml", ["rollout.engine=server", "gateway.enabled=true"]))
     with pytest.raises(ConfigError, match="train.mode=sync"):
-        check_engine_config(load_config("configs/smoke.yaml", ["rollout.engine=server", "train.mode=async"]))
+        check_engine_config(load_config("configs/smoke.yaml", [
+            "rollout.engine=remote", "rollout.servers=[sglang+http://h:1]", "rollout.weight_dir=/tmp/w",
+            "train.mode=async"]))
     with pytest.raises(ConfigError, match="weight_dir"):
         check_engine_config(load_config("configs/smoke.yaml", ["rollout.engine=remote",
                                                                "rollout.servers=[sglang+http://h:1]"]))

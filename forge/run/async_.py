@@ -239,7 +239,7 @@ class AsyncLoop:
     def start_groups(self, index: int, seqs: list[int]) -> None:
         """One rollout call on worker `index` for the groups `seqs` (it gets the latest weights first if it came back)."""
         worker = self.run.workers[index]
-        if index in self.needs_sync and self.weights is not None:
+        if index in self.needs_sync and self.weights is not None and self.run.engines is None:
             worker.set_weights.remote(self.weights[0], self.weights[1])
         self.needs_sync.discard(index)
         tasks = self.run.tasks.take(len(seqs))
@@ -294,8 +294,12 @@ class AsyncLoop:
         self.train_seconds += train_metrics["train_seconds"]
         sync_started = time.perf_counter()
         self.weights = (wrapped[0], self.trainer_version)
+        if self.run.engines is not None:
+            # Engine servers: each pauses between batches, loads, resumes; episodes in
+            # flight go on, their later tokens stamped with the new version.
+            self.run.sync_weights((wrapped, self.trainer_version))
         for index, worker in enumerate(self.run.workers):
-            if index not in self.needs_sync:
+            if index not in self.needs_sync and self.run.engines is None:
                 worker.set_weights.remote(self.weights[0], self.trainer_version)
         self.step += 1
         self.failures.observe(self.step, trajectories, last_step=self.step == self.cfg.train.max_steps)

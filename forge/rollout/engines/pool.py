@@ -78,9 +78,18 @@ class EngineActor:
 def check_engine_config(cfg: Config) -> None:
     """Refuse settings that cannot work before any actor starts."""
     rollout = cfg.rollout
-    if rollout.engine != "inprocess" and (cfg.train.mode != "sync" or cfg.gateway.enabled):
-        raise ConfigError(f"rollout.engine={rollout.engine} runs with train.mode=sync and the gateway off for now; "
-                          "set rollout.engine=inprocess for async or gateway runs")
+    if rollout.engine != "inprocess" and cfg.gateway.enabled:
+        raise ConfigError(f"rollout.engine={rollout.engine} does not run with the gateway yet (its engine streams "
+                          "tokens in-process); set rollout.engine=inprocess for gateway runs")
+    if rollout.engine != "inprocess" and cfg.train.mode == "async":
+        if rollout.weight_sync in ("folder", "broadcast"):
+            raise ConfigError(
+                f"rollout.weight_sync={rollout.weight_sync} with train.mode=async: the trainer may already be a step "
+                "further when it writes or sends, so the engines would get weights newer than the version they "
+                "stamp; use rollout.weight_sync=object_store (or auto, which picks it for async runs)")
+        if any(s.startswith("sglang+") for s in rollout.servers):
+            raise ConfigError("SGLang servers load each version from a folder the trainer writes, which in "
+                              "train.mode=async may already hold a later step; use train.mode=sync with them")
     if rollout.engine == "remote":
         if not rollout.servers:
             raise ConfigError("rollout.engine=remote needs rollout.servers: [http://host:port, ...] "
@@ -260,6 +269,10 @@ class EnginePool:
         import ray
 
         chosen = self.cfg.rollout.weight_sync
+        if self.cfg.train.mode == "async":
+            # The published (packed) weights are exactly this version's; the trainer's own
+            # may be a queued step further by the time it would write or send them.
+            return "object_store"
         if chosen == "auto":
             large = not self.cfg.model.lora.enabled and self._model_bytes() >= BROADCAST_FROM_BYTES
             chosen = "broadcast" if large else "folder"
