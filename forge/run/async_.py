@@ -49,7 +49,7 @@ def train_async(
     started = time.perf_counter()
     output = Path(output_dir or cfg.output_dir)
     run, done, published = open_run(cfg, output, resume)
-    weights = (published[0][0], published[1]) if published else None
+    weights = (published[0][0], published[1]) if published else None  # (the weights' ref, their version)
     log = StepLog(cfg, output, progress, "train async", done)
     loop = AsyncLoop(run, done, weights)
     try:
@@ -108,34 +108,30 @@ class AsyncLoop:
         cfg = run.cfg
         self.run = run
         self.cfg = cfg
-        self.pool = (
-            ray.remote(DataPool)
-            .options(num_cpus=0)
-            .remote(
-                cfg.rollout.tasks_per_step,
-                cfg.async_.max_staleness,
-                cfg.async_.window,
-                cfg.async_.max_buffered_groups,
-            )
+        pool_actor = ray.remote(DataPool).options(num_cpus=0)
+        self.pool = pool_actor.remote(
+            cfg.rollout.tasks_per_step,
+            cfg.async_.max_staleness,
+            cfg.async_.window,
+            cfg.async_.max_buffered_groups,
         )
         self.step = step
         self.submitted = step  # steps handed to the trainer
         self.weights = weights  # latest (ref, version) published
         self.trainer_version = weights[1] if weights else 0
         self.clocks = [BusyClock() for _ in run.workers]
-        self.in_flight: dict[
-            Any, tuple[list[int], int, list[dict[str, Any]]]
-        ] = {}  # ref -> (seqs, worker, tasks)
+        # worker call -> (its group seqs, the worker's index, its tasks)
+        self.in_flight: dict[Any, tuple[list[int], int, list[dict[str, Any]]]] = {}
         self.groups_in_flight = [0] * len(run.workers)
-        self.needs_sync: set[int] = set()
+        self.needs_sync: set[int] = (
+            set()
+        )  # restarted workers: they get the latest weights with their next call
         self.down: set[int] = set()  # workers Ray is restarting; they get no groups
         self.probes: dict[Any, int] = {}  # ref of a call to a restarting worker -> its index
-        self.queued: deque[tuple[Any, list[Trajectory], dict[str, float]]] = (
-            deque()
-        )  # submitted steps, oldest first
-        self.arrived: list[
-            tuple[list[int], list[list[Trajectory]]]
-        ] = []  # groups for the next pool round trip
+        # training steps submitted, oldest first: (its call, its episodes, its reward metrics)
+        self.queued: deque[tuple[Any, list[Trajectory], dict[str, float]]] = deque()
+        # (group seqs, groups) that arrived since the last pool round trip
+        self.arrived: list[tuple[list[int], list[list[Trajectory]]]] = []
         self.changed = True  # whether a pool round trip may change something
         self.task_of: dict[int, dict[str, Any]] = {}  # group seq -> its task, while a checkpoint may need it
         self.train_seconds = 0.0
@@ -206,9 +202,8 @@ class AsyncLoop:
         """Queue a training step on `batch`, with its reward and staleness metrics."""
         from forge.pool import group_version
 
-        at_version = self.trainer_version + len(
-            self.queued
-        )  # the version the queued steps leave the trainer at
+        # The version the steps queued before it leave the trainer at.
+        at_version = self.trainer_version + len(self.queued)
         trajectories = [t for group in batch for t in group]
         reward_metrics, advantages = shape_rewards(
             self.run.shaper, trajectories, self.cfg, self.submitted + 1
@@ -237,7 +232,8 @@ class AsyncLoop:
                 self.start_groups(index, share)
 
     def start_groups(self, index: int, seqs: list[int]) -> None:
-        """One rollout call on worker `index` for the groups `seqs` (it gets the latest weights first if it came back)."""
+        """One rollout call on worker `index` for the groups `seqs`; a worker Ray restarted
+        gets the latest weights first."""
         worker = self.run.workers[index]
         if index in self.needs_sync and self.weights is not None and self.run.engines is None:
             worker.set_weights.remote(self.weights[0], self.weights[1])

@@ -26,6 +26,8 @@ from forge.types import Sample, Trajectory
 
 @dataclass
 class RunResult:
+    """What a finished run did: its output folder, steps, final checkpoint and wall time."""
+
     output_dir: Path
     steps: int
     checkpoint: Path
@@ -70,6 +72,7 @@ def make_trainer(cfg: Config, model_path: Path) -> Any:
 
 
 def trainer_actors(trainer: Any) -> list[Any]:
+    """The Ray actors behind `trainer` (one, or a TrainerGroup's ranks), to kill at shutdown."""
     return list(getattr(trainer, "actors", [trainer]))
 
 

@@ -71,19 +71,40 @@ def train_gateway(
     return finish(output, step, checkpoint, started)
 
 
-def run_gateway(cfg: Config, engine: Any, tokenizer: Any, store: EpisodeStore) -> Gateway:
-    """The gateway of a training run: the run's limits, tool parser and sampling rule
-    (`gateway.sampling`: override by default, so every call samples with rollout.temperature
-    and rollout.top_p, or honour)."""
-    return Gateway(
-        engine,
-        tokenizer,
-        store,
-        cfg.rollout.max_new_tokens,
-        cfg.rollout.max_context_tokens,
-        tool_parser=cfg.gateway.tool_parser,
-        sampling=cfg.gateway.sampling,
-    )
+def gateway_step(run: GatewayRun, step: int, failures: FailureWatch, log: StepLog, started: float) -> None:
+    """Play one step's episodes through the agents, train on every recorded call, load the
+    new weights into the engine, record the step and checkpoint when due."""
+    import ray
+
+    cfg = run.cfg
+    step_started = time.perf_counter()
+    episodes, exits = run.play()
+    rollout_seconds = time.perf_counter() - step_started
+
+    trajectories = [episode.to_trajectory(cfg.reward.success_threshold) for episode in episodes]
+    failures.observe(step, trajectories, last_step=step == cfg.train.max_steps)
+    reward_metrics, advantages = shape_rewards(run.shaper, trajectories, cfg)
+    samples = episode_samples(episodes, advantages)
+    train_metrics = ray.get(run.trainer.train_step.remote(samples))
+    sync_started = time.perf_counter()
+    version = run.sync_weights()
+
+    gateway_metrics = {
+        "gateway_calls": float(sum(len(e.calls) for e in episodes)),
+        "gateway_samples": float(len(samples)),
+        "agents_failed": float(sum(a.returncode not in (0,) for a in exits.values())),
+        "rollout_seconds": rollout_seconds,
+        "sync_seconds": time.perf_counter() - sync_started,
+        "policy_version": float(version),
+        "step_seconds": time.perf_counter() - step_started,
+        "wall_seconds": time.perf_counter() - started,
+    }
+    metrics = step_metrics(trajectories, reward_metrics, train_metrics, gateway_metrics)
+    log.record(step, metrics, trajectories, run.tokenizer, calls=f"{metrics['gateway_calls']:.0f}")
+    if checkpoint_due(step, cfg.train.checkpoint_every, cfg.train.max_steps):
+        from forge.train.checkpoint import save_run
+
+        save_run(run, step, cfg.train.keep_checkpoints)
 
 
 class GatewayRun:
@@ -186,41 +207,20 @@ class GatewayRun:
             ray.kill(actor)
 
 
+def run_gateway(cfg: Config, engine: Any, tokenizer: Any, store: EpisodeStore) -> Gateway:
+    """The gateway of a training run: the run's limits, tool parser and sampling rule
+    (`gateway.sampling`: override by default, so every call samples with rollout.temperature
+    and rollout.top_p, or honour)."""
+    return Gateway(
+        engine,
+        tokenizer,
+        store,
+        cfg.rollout.max_new_tokens,
+        cfg.rollout.max_context_tokens,
+        tool_parser=cfg.gateway.tool_parser,
+        sampling=cfg.gateway.sampling,
+    )
+
+
 async def _take(store: EpisodeStore, episode_ids: list[str]) -> list[Episode]:
     return store.take(episode_ids)
-
-
-def gateway_step(run: GatewayRun, step: int, failures: FailureWatch, log: StepLog, started: float) -> None:
-    """Play one step's episodes through the agents, train on every recorded call, load the
-    new weights into the engine, record the step and checkpoint when due."""
-    import ray
-
-    cfg = run.cfg
-    step_started = time.perf_counter()
-    episodes, exits = run.play()
-    rollout_seconds = time.perf_counter() - step_started
-
-    trajectories = [episode.to_trajectory(cfg.reward.success_threshold) for episode in episodes]
-    failures.observe(step, trajectories, last_step=step == cfg.train.max_steps)
-    reward_metrics, advantages = shape_rewards(run.shaper, trajectories, cfg)
-    samples = episode_samples(episodes, advantages)
-    train_metrics = ray.get(run.trainer.train_step.remote(samples))
-    sync_started = time.perf_counter()
-    version = run.sync_weights()
-
-    gateway_metrics = {
-        "gateway_calls": float(sum(len(e.calls) for e in episodes)),
-        "gateway_samples": float(len(samples)),
-        "agents_failed": float(sum(a.returncode not in (0,) for a in exits.values())),
-        "rollout_seconds": rollout_seconds,
-        "sync_seconds": time.perf_counter() - sync_started,
-        "policy_version": float(version),
-        "step_seconds": time.perf_counter() - step_started,
-        "wall_seconds": time.perf_counter() - started,
-    }
-    metrics = step_metrics(trajectories, reward_metrics, train_metrics, gateway_metrics)
-    log.record(step, metrics, trajectories, run.tokenizer, calls=f"{metrics['gateway_calls']:.0f}")
-    if checkpoint_due(step, cfg.train.checkpoint_every, cfg.train.max_steps):
-        from forge.train.checkpoint import save_run
-
-        save_run(run, step, cfg.train.keep_checkpoints)
