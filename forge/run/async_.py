@@ -123,9 +123,8 @@ class AsyncLoop:
         # worker call -> (its group seqs, the worker's index, its tasks)
         self.in_flight: dict[Any, tuple[list[int], int, list[dict[str, Any]]]] = {}
         self.groups_in_flight = [0] * len(run.workers)
-        self.needs_sync: set[int] = (
-            set()
-        )  # restarted workers: they get the latest weights with their next call
+        # Restarted workers: they get the latest weights with their next call.
+        self.needs_sync: set[int] = set()
         self.down: set[int] = set()  # workers Ray is restarting; they get no groups
         self.probes: dict[Any, int] = {}  # ref of a call to a restarting worker -> its index
         # training steps submitted, oldest first: (its call, its episodes, its reward metrics)
