@@ -1,0 +1,198 @@
+"""Benchmark: does training with the spawn tool (agent clusters) cut the critical path?
+
+parallel_lookup (find the values of 4 keys out of 8): one agent needs a turn per key, a
+team that spawns one sub-agent per key is done in 2 critical steps. Two training runs per
+seed through the real run loop (`forge.run.launch.train`), seeds alternated, the same
+steps, config (configs/swarm.yaml) and speed shaping on critical steps: `single` (no spawn
+tool, no PARL terms) and `swarm` (spawn tool, sub-agents on the current policy and trained
+on their own sub-task, PARL spawn and finish terms annealed to 0 over the first half).
+`--no-spawn-term` adds a third arm, `swarm_no_spawn_term` (reward.parl.spawn_weight=0), to
+see whether the orchestrator collapses to serial lookups without the spawn bonus.
+
+Each final policy is then evaluated on held-out tasks through the real rollout worker
+(sampling at the training temperature): success_rate, critical_steps_per_solved,
+total_steps_per_solved, subagents_per_episode. The top-level `single` and `swarm` pool the
+seeds' eval episodes; `runs` holds each run's eval, training tail and its curve (every
+`--curve-every` steps: spawns per episode, success, critical steps). Target: critical steps
+per solved task at least 2x lower for `swarm` at no loss of success. Prints one JSON object
+and writes bench/results/swarm.json (after every run). Run: python -m bench.swarm [--seeds
+0 1] [--steps N] [--no-spawn-term] [--set KEY=VALUE ...].
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.report import save_result
+from forge.config import Config, load_config
+
+RESULTS = Path(__file__).parent / "results" / "swarm.json"
+CONFIG = Path(__file__).resolve().parent.parent / "configs" / "swarm.yaml"
+ARMS = {
+    "single": ["swarm.enabled=false", "reward.parl.enabled=false"],
+    "swarm": [],
+    "swarm_no_spawn_term": ["reward.parl.spawn_weight=0.0"],
+}
+QUIET = ["logging.tensorboard=false", "logging.progress_bar=false", "logging.trajectory_samples=2",
+         "logging.trajectories_every=10"]  # fmt: skip
+
+
+def build_config(arm: str, steps: int, seed: int, extra: list[str]) -> Config:
+    return load_config(CONFIG, [*QUIET, f"train.max_steps={steps}", f"seed={seed}", *extra, *ARMS[arm]])
+
+
+def evaluate(cfg: Config, checkpoint: Path, tasks_count: int, group_size: int) -> dict:
+    """Held-out tasks (a task seed no run trained on) played by the final policy."""
+    from forge.env.registry import resolve_env
+    from forge.rollout.worker import RolloutWorker
+
+    env_class = resolve_env(cfg.env.name)
+    eval_seed = cfg.seed + 7919
+    tasks = env_class.generate_tasks(tasks_count, eval_seed, **cfg.env.kwargs)
+    model = cfg.model.model_copy(update={"path": str(checkpoint)})
+    worker = RolloutWorker(str(checkpoint), model, cfg.env, cfg.rollout, cfg.reward.success_threshold,
+                           seed=eval_seed, sandbox_cfg=cfg.sandbox, swarm_cfg=cfg.swarm)  # fmt: skip
+    played = [t for t in asyncio.run(worker.rollout(tasks, group_size)) if t.status != "lost"]
+    solved = [t for t in played if t.success]
+    return {
+        "episodes": len(played),
+        "solved": len(solved),
+        "success_rate": len(solved) / len(played),
+        "critical_steps_per_solved": statistics.fmean(t.critical_steps for t in solved) if solved else None,
+        "total_steps_per_solved": statistics.fmean(t.total_steps for t in solved) if solved else None,
+        "subagents_per_episode": statistics.fmean(len(t.all_subagents()) for t in played),
+    }
+
+
+def curve(rows: list[dict], every: int) -> list[dict]:
+    keys = ("success_rate", "subagents_per_episode", "critical_steps_mean", "reward/parl_weight_scale")
+    return [
+        {"step": r["step"], **{k: round(r[k], 3) for k in keys if r.get(k) is not None}}
+        for r in rows
+        if r["step"] % every == 0 or r["step"] == 1
+    ]
+
+
+def training_tail(rows: list[dict], fraction: float = 0.1) -> dict:
+    tail = rows[-max(1, int(len(rows) * fraction)) :]
+    return {
+        "steps": len(tail),
+        "success_rate": statistics.fmean(r["success_rate"] for r in tail),
+        "critical_steps_mean": statistics.fmean(r.get("critical_steps_mean", r["turns_mean"]) for r in tail),
+        "subagents_per_episode": statistics.fmean(r.get("subagents_per_episode", 0.0) for r in tail),
+    }
+
+
+def run(arm: str, seed: int, args: argparse.Namespace, workdir: Path) -> dict:
+    from forge.run.launch import train
+
+    cfg = build_config(arm, args.steps, seed, args.set)
+    started = time.perf_counter()
+    result = train(cfg, workdir / f"{arm}-{seed}", progress=False, overwrite=True)
+    train_seconds = time.perf_counter() - started
+    rows = [
+        json.loads(line) for line in (workdir / f"{arm}-{seed}" / "metrics.jsonl").read_text().splitlines()
+    ]
+    return {
+        "arm": arm,
+        "seed": seed,
+        "overrides": ARMS[arm] + args.set,
+        "eval": evaluate(cfg, result.checkpoint, args.eval_tasks, args.eval_group),
+        "train_tail": training_tail(rows),
+        "train_seconds": train_seconds,
+        "curve": curve(rows, args.curve_every),
+    }
+
+
+def pooled(runs: list[dict]) -> dict:
+    """Eval numbers over every seed's episodes together (per-solved means weighted by solved)."""
+    episodes = sum(r["eval"]["episodes"] for r in runs)
+    solved = sum(r["eval"]["solved"] for r in runs)
+    out = {"success_rate": solved / episodes if episodes else None, "eval_episodes": episodes}
+    for key in ("critical_steps_per_solved", "total_steps_per_solved"):
+        out[key] = (
+            sum((r["eval"][key] or 0.0) * r["eval"]["solved"] for r in runs) / solved if solved else None
+        )
+    out["subagents_per_episode"] = sum(
+        r["eval"]["subagents_per_episode"] * r["eval"]["episodes"] for r in runs
+    ) / (episodes or 1)
+    return out
+
+
+def summarize(runs: list[dict], args: argparse.Namespace, seconds: float, complete: bool) -> dict:
+    arms = {
+        arm: pooled([r for r in runs if r["arm"] == arm]) for arm in dict.fromkeys(r["arm"] for r in runs)
+    }
+    result = {"benchmark": "swarm", "config": "configs/swarm.yaml", "steps": args.steps, "seeds": args.seeds,
+              "complete": complete, "overrides": args.set, **arms}  # fmt: skip
+    single, swarm = arms.get("single"), arms.get("swarm")
+    if single and swarm and single["critical_steps_per_solved"] and swarm["critical_steps_per_solved"]:
+        reduction = single["critical_steps_per_solved"] / swarm["critical_steps_per_solved"]
+        drop = single["success_rate"] - swarm["success_rate"]
+        result.update(critical_steps_reduction=reduction, success_rate_drop=drop,
+                      meets_target=bool(reduction >= 2.0 and drop <= 0.0))  # fmt: skip
+    result["target"] = "critical_steps_per_solved at least 2x lower for swarm, success_rate not lower"
+    result["runs"] = runs
+    result["total_seconds"] = seconds
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=150, help="training steps per run (equal for every arm)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument(
+        "--no-spawn-term", action="store_true", help="add the swarm arm without PARL's spawn term"
+    )
+    parser.add_argument("--eval-tasks", type=int, default=32, help="held-out tasks")
+    parser.add_argument("--eval-group", type=int, default=4, help="episodes per held-out task")
+    parser.add_argument("--curve-every", type=int, default=5, help="steps between curve points")
+    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="config overrides for every arm")  # fmt: skip
+    parser.add_argument("--arms", nargs="+", default=None, choices=sorted(ARMS),
+                        help="run only these arms (say one per process, then --merge)")  # fmt: skip
+    parser.add_argument(
+        "--merge", type=Path, nargs="+", default=None, help="combine result files into --output"
+    )
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--workdir", type=Path, default=None, help="keep the runs here (default: a temp dir)")
+    args = parser.parse_args()
+
+    if args.merge:
+        parts = [json.loads(path.read_text()) for path in args.merge]
+        runs = sorted(
+            (r for part in parts for r in part["runs"]), key=lambda r: (r["seed"], list(ARMS).index(r["arm"]))
+        )
+        args.steps, args.set = parts[0]["steps"], parts[0]["overrides"]
+        args.seeds = sorted({r["seed"] for r in runs})
+        # the parts ran side by side: the slowest is the wall time
+        result = summarize(
+            runs, args, max(p["total_seconds"] for p in parts), all(p["complete"] for p in parts)
+        )
+        save_result(result, args.output)
+        json.dump({k: v for k, v in result.items() if k != "runs"}, sys.stdout)
+        print()
+        return
+    arms = args.arms or ["single", "swarm"] + (["swarm_no_spawn_term"] if args.no_spawn_term else [])
+    started = time.perf_counter()
+    runs: list[dict] = []
+    jobs = [(seed, arm) for seed in args.seeds for arm in arms]  # alternated: each seed's arms back to back
+    with tempfile.TemporaryDirectory(prefix="forge-swarm-") as tmp:
+        workdir = args.workdir or Path(tmp)
+        for index, (seed, arm) in enumerate(jobs):
+            runs.append(run(arm, seed, args, workdir))
+            result = summarize(runs, args, time.perf_counter() - started, complete=index == len(jobs) - 1)
+            save_result(result, args.output)
+    json.dump({k: v for k, v in result.items() if k != "runs"}, sys.stdout)
+    print()
+
+
+if __name__ == "__main__":
+    main()
