@@ -9,6 +9,12 @@ from collections import deque
 from forge.env.errors import error_headline, error_kind
 from forge.types import Trajectory
 
+ENV_FIX = "Fix the env (its first error is printed above; `forge env check ENV_NAME` runs it through the contract)"
+AGENT_FIX = (
+    "Fix the agent program (gateway.agent_command) or the env: the first error of each kind is printed "
+    "above (for an agent that crashed, the last line of its stderr)"
+)
+
 
 class RunStopped(RuntimeError):
     """The run cannot usefully go on (its env keeps failing); the message says why."""
@@ -29,8 +35,9 @@ class FailureWatch:
     the window is full, and at the run's last step), since a run whose episodes error
     trains on nothing."""
 
-    def __init__(self, max_error_fraction: float, window_steps: int) -> None:
+    def __init__(self, max_error_fraction: float, window_steps: int, fix: str = ENV_FIX) -> None:
         self.max_error_fraction = max_error_fraction
+        self.fix = fix  # what the stop message tells the user to fix
         self.window: deque[tuple[int, int]] = deque(maxlen=window_steps)  # (errored, played) per step
         self.seen: set[str] = set()
 
@@ -58,6 +65,5 @@ class FailureWatch:
             raise RunStopped(
                 f"stopped at step {step}: {errors} of {total} episodes errored over the last {len(self.window)} "
                 f"steps ({errors / total:.0%} > env.max_error_fraction={self.max_error_fraction:g}), so the run "
-                "would train on nothing. Fix the env (its first error is printed above; `forge env check "
-                "ENV_NAME` runs it through the contract), or raise env.max_error_fraction"
+                f"would train on nothing. {self.fix}, or raise env.max_error_fraction"
             )

@@ -150,3 +150,19 @@ def _is_agent(pid: str, cwd: Path) -> bool:
         )
     except OSError:
         return False
+
+
+@pytest.mark.slow
+def test_a_gateway_run_whose_agents_always_crash_stops_with_exit_code_1(ray_session, tmp_path, capsys):
+    from forge.cli import main
+
+    (tmp_path / "agent.py").write_text("raise RuntimeError('agent is broken')\n")
+    overrides = [f"gateway.agent_command='{{python}} {tmp_path / 'agent.py'}'", "train.max_steps=20",
+                 "env.error_window_steps=2", "rollout.group_size=2"]  # fmt: skip
+    assert main(["train", "gateway-smoke", *overrides, "--output-dir", str(tmp_path / "run")]) == 1
+    error = capsys.readouterr().err
+    assert error.count("the agent exited with code 1 without finishing: RuntimeError: agent is broken") == 1
+    assert "forge: stopped at step 2: 8 of 8 episodes errored over the last 2 steps" in error
+    assert "Fix the agent program (gateway.agent_command)" in error
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["agents_failed"] for r in rows] == [4.0]  # step 2 stopped before it was recorded

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from forge.config import Config
-from forge.failures import FailureWatch
+from forge.failures import AGENT_FIX, FailureWatch
 from forge.gateway.agents import AgentExit, agent_argv, close_unfinished, run_agents
 from forge.gateway.episodes import Episode, EpisodeStore, episode_samples
 from forge.gateway.server import Gateway, GatewayServer
@@ -60,7 +60,8 @@ def train_gateway(
             run.shutdown()
             raise
     log = StepLog(cfg, output, progress, "train (gateway)", done)
-    failures = FailureWatch(cfg.env.max_error_fraction, cfg.env.error_window_steps)
+    # An errored episode here is most often an agent process that crashed (or an env error).
+    failures = FailureWatch(cfg.env.max_error_fraction, cfg.env.error_window_steps, AGENT_FIX)
     try:
         for step in range(done + 1, cfg.train.max_steps + 1):
             gateway_step(run, step, failures, log, started)
