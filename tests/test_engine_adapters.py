@@ -117,6 +117,107 @@ def test_vllm_full_weights_from_a_folder_are_refused_with_the_way_that_works():
         asyncio.run(client.load_checkpoint("/tmp/x", 1))
 
 
+def test_vllm_full_weight_update_requests_are_the_recorded_ones():
+    call_as_recorded(vllm_client.start_weight_update_call(), VLLM["start_weight_update"])
+    call_as_recorded(vllm_client.finish_weight_update_call(3), VLLM["finish_weight_update"])
+
+
+def vllm_for_transfer(url: str, world_size: str, seen: list, older: bool = False, failing: bool = False):
+    start = VLLM["start_weight_update_older_server" if older else "start_weight_update"]
+    finish = VLLM["finish_weight_update_older_server" if older else "finish_weight_update"]
+    update = {**VLLM["update_weights"], "status": 500, "response": {"error": "NCCL error"}} if failing \
+        else VLLM["update_weights"]
+    exchanges = [VLLM[world_size], VLLM["init_weight_transfer_engine"], VLLM["pause"], start, update, finish,
+                 VLLM["resume"]]
+    client = vllm_client.VLLMClient(url, "policy", Sampling())
+    client.http = vllm_client.HttpTransport(url, 10, replay(exchanges, seen))
+    return client
+
+
+class FakeTrainer:
+    """The trainer's side of vllm_transfer: records the group it joined and each broadcast."""
+
+    def __init__(self, clients_seen: list[list]) -> None:
+        self.clients_seen = clients_seen
+        self.joined: list[tuple] = []
+        self.sent_while: list[list[str]] = []
+
+    async def address(self):
+        return "10.0.0.5", 29555
+
+    async def join(self, host, port, world):
+        self.joined.append((host, port, world))
+        update = VLLM["update_weights"]["request"]["update_info"]
+        return update["names"], update["dtype_names"], update["shapes"]
+
+    async def send(self):
+        await asyncio.sleep(0)  # the servers' update_weights calls are in flight meanwhile
+        self.sent_while.append([seen[-1][1] for seen in self.clients_seen])
+
+
+def test_a_vllm_full_weight_update_pauses_opens_receives_the_broadcast_closes_with_the_version_and_resumes():
+    from forge.rollout.engines.vllm_transfer import VLLMWeightTransfer
+
+    seen_a, seen_b = [], []
+    clients = [vllm_for_transfer("http://a:8000", "get_world_size", seen_a),
+               vllm_for_transfer("http://b:8000", "get_world_size_tp2", seen_b)]
+    trainer = FakeTrainer([seen_a, seen_b])
+    transfer = VLLMWeightTransfer(trainer.join, trainer.send, trainer.address)
+
+    asyncio.run(transfer.update(clients, 3))
+    assert trainer.joined == [("10.0.0.5", 29555, 4)]  # trainer + 1 rank of a + 2 of b
+    inits = [body["init_info"] for seen in (seen_a, seen_b) for _, path, body in seen
+             if path == "/init_weight_transfer_engine"]
+    assert [(i["rank_offset"], i["world_size"]) for i in inits] == [(1, 4), (2, 4)]  # b holds ranks 2 and 3
+    assert [path for _, path, _ in seen_a] == ["/get_world_size", "/init_weight_transfer_engine", "/pause",
+                                               "/start_weight_update", "/update_weights", "/finish_weight_update",
+                                               "/resume"]
+    assert [body for _, path, body in seen_a if path == "/update_weights"] == [VLLM["update_weights"]["request"]]
+    assert [body for _, path, body in seen_b if path == "/finish_weight_update"] == [{"weight_version": "3"}]
+    assert [c.policy_version for c in clients] == [3, 3]
+    # The broadcast ran once both servers had opened the update and before either closed it.
+    assert len(trainer.sent_while) == 1
+    assert set(trainer.sent_while[0]) <= {"/start_weight_update", "/update_weights"}
+
+    seen_a.clear()
+    asyncio.run(transfer.update(clients, 4))  # the group stands: no second init
+    assert [path for _, path, _ in seen_a] == ["/pause", "/start_weight_update", "/update_weights",
+                                               "/finish_weight_update", "/resume"]
+    assert len(trainer.joined) == 1 and clients[0].policy_version == 4
+
+
+def test_a_vllm_server_older_than_start_and_finish_is_updated_without_them():
+    from forge.rollout.engines.vllm_transfer import VLLMWeightTransfer
+
+    seen: list = []
+    client = vllm_for_transfer("http://a:8000", "get_world_size", seen, older=True)
+    trainer = FakeTrainer([seen])
+    asyncio.run(VLLMWeightTransfer(trainer.join, trainer.send, trainer.address).update([client], 2))
+    assert client.policy_version == 2 and seen[-1][1] == "/resume"
+
+
+def test_a_failed_vllm_transfer_resumes_the_servers_keeps_the_old_version_and_regroups_next_time():
+    from forge.rollout.engines.vllm_transfer import VLLMWeightTransfer
+
+    seen: list = []
+    client = vllm_for_transfer("http://a:8000", "get_world_size", seen, failing=True)
+    trainer = FakeTrainer([seen])
+    transfer = VLLMWeightTransfer(trainer.join, trainer.send, trainer.address)
+    with pytest.raises(EngineLost, match="NCCL error"):
+        asyncio.run(transfer.update([client], 5))
+    assert seen[-1][1] == "/resume" and "/finish_weight_update" not in [p for _, p, _ in seen]
+    assert client.policy_version == 0 and transfer.members is None
+
+
+def test_vllm_weight_metadata_names_dtypes_and_shapes_in_send_order():
+    import torch
+
+    from forge.rollout.engines.vllm_transfer import weight_metadata
+
+    names, dtypes, shapes = weight_metadata({"b": torch.zeros(2, 3, dtype=torch.bfloat16), "a": torch.zeros(4)})
+    assert (names, dtypes, shapes) == (["a", "b"], ["float32", "bfloat16"], [[4], [2, 3]])
+
+
 # -- SGLang -------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["generate", "generate_with_lora"])
 def test_sglang_generate_requests_are_the_recorded_ones(name):

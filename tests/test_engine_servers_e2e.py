@@ -107,8 +107,13 @@ def test_engine_settings_that_cannot_work_are_refused_before_anything_starts():
     with pytest.raises(ConfigError, match="weight_dir"):
         check_engine_config(load_config("configs/smoke.yaml", ["rollout.engine=remote",
                                                                "rollout.servers=[sglang+http://h:1]"]))
-    with pytest.raises(ConfigError, match="NCCL"):
+    with pytest.raises(ConfigError, match="train.num_gpus=1"):
         check_engine_config(load_config("configs/smoke.yaml", ["rollout.engine=remote",
                                                                "rollout.servers=[vllm+http://h:1]"]))
+    check_engine_config(load_config("configs/smoke.yaml", ["rollout.engine=remote", "rollout.servers=[vllm+http://h:1]",
+                                                           "train.num_gpus=1"]))
+    with pytest.raises(ConfigError, match="LoRA"):
+        check_engine_config(load_config("configs/smoke.yaml", ["rollout.engine=remote", "rollout.servers=[vllm+http://h:1]",
+                                                               "train.num_gpus=1", "model.lora.enabled=true"]))
     with pytest.raises(ConfigError, match="rollout.engine=remote"):
         check_engine_config(load_config("configs/smoke.yaml", ["rollout.servers=[http://h:1]"]))

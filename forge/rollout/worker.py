@@ -113,6 +113,13 @@ class RolloutWorker:
         """An engine started in place of a lost one: route new groups to it too."""
         self.router.add(self._client(url))
 
+    def set_engine_version(self, version: int) -> None:
+        """The version the engines that do not stamp their own (vLLM) now generate with:
+        set between steps, while none of this worker's episodes run."""
+        for engine in self.router.engines:
+            if getattr(engine.client, "kind", "") == "vllm":
+                engine.client.policy_version = version
+
     def get_policy_version(self) -> int:
         return self.engine.policy_version if self.engine is not None else self.router.policy_version
 

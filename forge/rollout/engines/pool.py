@@ -95,11 +95,14 @@ def check_engine_config(cfg: Config) -> None:
             raise ConfigError("rollout.engine=remote needs rollout.servers: [http://host:port, ...] "
                               "(forge serve, or vllm+http://... / sglang+http://...)")
         if any(s.startswith("vllm+") for s in rollout.servers):
-            raise ConfigError(
-                "rollout.servers: vLLM servers take new full weights only through vLLM's NCCL weight-transfer "
-                "engine, which training runs do not drive yet; use forge serve or sglang+ servers to train "
-                "(forge.rollout.engines.vllm_client talks to vLLM for generation and LoRA loading)"
-            )
+            if cfg.model.lora.enabled:
+                raise ConfigError("rollout.servers: vllm+ servers get full weights by NCCL from the trainer; "
+                                  "LoRA runs do not drive vLLM's adapter loading yet: set model.lora.enabled=false "
+                                  "or use forge / sglang+ servers")
+            if cfg.train.num_gpus < 1 or cfg.train.mode != "sync":
+                raise ConfigError("rollout.servers: vllm+ servers get new weights by an NCCL broadcast from the "
+                                  "trainer, which needs train.num_gpus=1 (vllm installed beside the trainer) and "
+                                  "train.mode=sync (an async trainer would send a later step's weights)")
         if any(s.startswith("sglang+") for s in rollout.servers) and not rollout.weight_dir:
             raise ConfigError("rollout.servers has SGLang servers, which load weights from a folder: set "
                               "rollout.weight_dir to a folder the trainer and those servers both see")
@@ -323,9 +326,14 @@ class EnginePool:
         from forge.weights import unpack_weights
 
         clients = [make_client(url, "policy", Sampling(), timeout_s) for url in self.live_urls]
+        vllm = [client for client in clients if client.kind == "vllm"]
         blob = folder = None
         try:
+            if vllm:
+                await self._vllm_update(vllm, version, trainer)
             for client in clients:
+                if client.kind == "vllm":
+                    continue
                 try:
                     if isinstance(client, ForgeClient):
                         if blob is None:
@@ -341,6 +349,29 @@ class EnginePool:
         finally:
             for client in clients:
                 await client.close()
+
+    async def _vllm_update(self, clients: list[Any], version: int, trainer: Any) -> None:
+        """Full weights to vLLM servers by vLLM's NCCL weight transfer (trainer on a GPU,
+        vllm installed beside it). A failure midway leaves their weights part old, part new:
+        every server in it is dropped."""
+        from forge.rollout.engines import vllm_transfer
+        from forge.rollout.engines.broadcast import trainer_address
+
+        if getattr(self, "_vllm", None) is None:
+            if hasattr(trainer, "actors"):
+                raise RuntimeError("vllm+ servers take weights from one trainer process; this run's trainer is a "
+                                   "data-parallel group (train.num_gpus > 1): use forge or sglang+ servers")
+            self._vllm = vllm_transfer.VLLMWeightTransfer(
+                join=lambda host, port, world: trainer.__ray_call__.remote(vllm_transfer.trainer_join, host, port,
+                                                                           world),
+                send=lambda: trainer.__ray_call__.remote(vllm_transfer.trainer_send),
+                address=lambda: trainer.__ray_call__.remote(trainer_address),
+            )
+        try:
+            await self._vllm.update(clients, version)
+        except Exception as exc:
+            for client in clients:
+                self.lost(client.url, f"vLLM weight transfer failed: {type(exc).__name__}: {str(exc)[:300]}")
 
     def metrics(self) -> dict[str, float]:
         """Prefix-cache counters summed over the server-mode engines (remote ones report

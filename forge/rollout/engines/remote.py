@@ -30,7 +30,12 @@ class EngineLost(RuntimeError):
 
 
 class ProtocolError(ValueError):
-    """A server answered with a body this client cannot read (wrong server kind or version)."""
+    """A server answered with a body this client cannot read (wrong server kind or version),
+    or refused the request (`status`, the HTTP code, when it came as one)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass
@@ -138,7 +143,8 @@ class HttpTransport:
         if response.status_code >= 500:
             raise EngineLost(self.url, f"{call.method} {call.path} answered {response.status_code}: {response.text[:300]}")
         if response.status_code >= 400:
-            raise ProtocolError(f"{self.url}{call.path} refused the request ({response.status_code}): {response.text[:500]}")
+            raise ProtocolError(f"{self.url}{call.path} refused the request ({response.status_code}): "
+                                f"{response.text[:500]}", status=response.status_code)
         if "json" in response.headers.get("content-type", ""):
             return response.json()
         return response.text

@@ -111,6 +111,16 @@ def world_size_call() -> HttpCall:
     return HttpCall("GET", "/get_world_size")
 
 
+def start_weight_update_call() -> HttpCall:
+    # Checkpoint format: the trainer sends Hugging Face names and shapes; vLLM maps them
+    # onto its own (fused, sharded) layout as when it loads a checkpoint.
+    return HttpCall("POST", "/start_weight_update", {"is_checkpoint_format": True})
+
+
+def finish_weight_update_call(version: int) -> HttpCall:
+    return HttpCall("POST", "/finish_weight_update", {"weight_version": str(version)})
+
+
 class VLLMClient:
     """A `vllm serve` server. vLLM does not know Forge's policy versions: the client stamps
     the version it last loaded, and pauses the server (`mode=wait`) around every update so
@@ -158,11 +168,55 @@ class VLLMClient:
         self.model = name
         self.policy_version = version
 
+    # -- full weights by vLLM's NCCL weight transfer (forge.rollout.engines.vllm_transfer) ----
+    async def world_size(self) -> int:
+        """The server's inference ranks (TP x PP x DP): each is one member of the group."""
+        body = await self.http.send(world_size_call())
+        try:
+            return int(body["world_size"])
+        except (KeyError, TypeError, ValueError):
+            raise ProtocolError(f"{self.url}/get_world_size answered {str(body)[:200]}, not {{\"world_size\": n}}") from None
+
+    async def init_weight_transfer(self, master_address: str, master_port: int, rank_offset: int,
+                                   world_size: int) -> None:
+        """Join the trainer's NCCL group; returns once every member has joined."""
+        await self.http.send(init_weight_transfer_call(master_address, master_port, rank_offset, world_size))
+
+    async def begin_weight_update(self) -> None:
+        """Pause once running requests end, then open the update (servers older than
+        /start_weight_update need no opening)."""
+        await self.http.send(pause_call())
+        await self._optional(start_weight_update_call())
+
+    async def receive_weights(self, names: list[str], dtype_names: list[str], shapes: list[list[int]]) -> None:
+        """Take the tensors the trainer broadcasts (returns when all have arrived)."""
+        await self.http.send(update_weights_call(names, dtype_names, shapes))
+
+    async def end_weight_update(self, version: int) -> None:
+        """Close the update with its version and resume generation; outputs from now on
+        carry `version`."""
+        try:
+            await self._optional(finish_weight_update_call(version))
+        finally:
+            await self.http.send(resume_call())
+        self.policy_version = version
+
+    async def resume(self) -> None:
+        await self.http.send(resume_call())
+
+    async def _optional(self, call: HttpCall) -> None:
+        """A call newer vLLM servers need and older ones lack (they answer 404)."""
+        try:
+            await self.http.send(call)
+        except ProtocolError as exc:
+            if exc.status != 404:
+                raise
+
     async def load_checkpoint(self, path: str, version: int) -> None:
         raise ProtocolError(
-            "vLLM takes full weights through its weight-transfer engine (NCCL broadcast from the trainer: "
-            "vllm serve --weight-transfer-backend nccl), not from a folder over HTTP; use LoRA "
-            "(model.lora.enabled) with a vllm+ server, or a forge / sglang server for full weights"
+            "vLLM takes full weights through its weight-transfer engine (an NCCL broadcast from the trainer, "
+            "which training runs drive through forge.rollout.engines.vllm_transfer: vllm serve "
+            "--weight-transfer-config '{\"backend\": \"nccl\"}'), not from a folder over HTTP"
         )
 
     async def close(self) -> None:
