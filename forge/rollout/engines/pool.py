@@ -116,6 +116,9 @@ def check_engine_config(cfg: Config) -> None:
 # folder (0.078 s and 0.067 s against 0.18 / 0.11 s object store, 0.38 / 0.42 s broadcast,
 # whose cost there is per-tensor latency). What decides is the size sent, so a small full
 # model goes as adapters do (the smoke model, 1.2 MB: broadcast 91 ms a sync, object store 15 ms).
+# The object store's full-weight times above came from a copy since removed (forge.weights):
+# at 196M parameters it went from 26.2 s to 2.66 s fp32, 7.62 s to 0.65 s bf16, level with
+# broadcast (3.06 s, 0.60 s; bench/results/weight_sync_4layers.json), so broadcast stays.
 BROADCAST_FROM_BYTES = 64 * 1024**2
 
 
