@@ -16,7 +16,23 @@ seeds' eval episodes; `runs` holds each run's eval, training tail and its curve 
 `--curve-every` steps: spawns per episode, success, critical steps). Target: critical steps
 per solved task at least 2x lower for `swarm` at no loss of success. Prints one JSON object
 and writes bench/results/swarm.json (after every run). Run: python -m bench.swarm [--seeds
-0 1] [--steps N] [--no-spawn-term] [--set KEY=VALUE ...].
+0 1] [--steps N] [--no-spawn-term] [--set KEY=VALUE ...]. The committed result ran its two
+arms side by side, one process each, then merged:
+    python -m bench.swarm --steps 150 --arms single --output a.json &
+    python -m bench.swarm --steps 150 --arms swarm --output b.json
+    python -m bench.swarm --merge a.json b.json
+
+How the recipe was found (training metrics, mean of the last 10 steps; a 2-core machine
+shared with other runs at load 30-55, 4-15 s a step):
+  - 4 keys of 8, 6 tokens a reply, lr 1e-3: the swarm run at step 41 solved 6-9% of its
+    episodes; sub-agents finished 5-15% of their sub-tasks (a sub-agent must copy its key
+    from `find 3`; with the team's advantage as its credit it barely learned to).
+  - sub-agents credited for their own sub-task (the default since), 4 keys of 6, 5 tokens,
+    lr 2e-3, stopped early for time: single at step 83 solved 10% (5.35 critical steps per
+    solved), swarm at step 54 solved 9% (6.0 per solved, 2.3 sub-agents an episode, 21%
+    of them finished). Neither had learned to read the keys off the prompt in that budget.
+  - 4 keys of 4 (every key of the table, in a shuffled order: no key to pick, only to look
+    up without repeats, or to hand out): the committed result.
 """
 
 from __future__ import annotations
