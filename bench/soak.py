@@ -5,7 +5,7 @@ Per mode and process kind it reports the start, the end and the least-squares sl
 1,000 steps over the second half of the run; the run folder's growth per 1,000 steps too.
 Prints one JSON object and writes bench/results/soak.json.
 
-    python -m bench.soak --steps 1500 --modes sync async gateway
+    python -m bench.soak --steps 5000 --parallel   # sync, async, gateway (500 steps) side by side
 """
 
 from __future__ import annotations
@@ -13,26 +13,36 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
 
 from bench.report import save_result
 
-# Each mode: the built-in config and its overrides. A gateway step is ~50x slower here (an
-# agent process per episode, ~10 s a step on the loaded 2-core machine), so a gateway soak
-# runs a fraction of the steps (`GATEWAY_SHARE`).
+# Each mode: the built-in config and its overrides. A gateway step starts an agent process
+# per episode; its agents are bench/soak_agent.py (the reference agent's requests on the
+# standard library: importing the openai SDK takes ~1 s an episode), all 8 of a step at
+# once. Still slower than a sync step, so a gateway soak runs a share of the steps.
+SOAK_AGENT = Path(__file__).with_name("soak_agent.py")
 MODES = {
     "sync": ["smoke"],
     "async": ["smoke", "train.mode=async", "rollout.num_workers=1"],
-    "gateway": ["configs/gateway-smoke.yaml"],
+    "gateway": [
+        "configs/gateway-smoke.yaml",
+        f'gateway.agent_command="{{python}} {shlex.quote(str(SOAK_AGENT))}"',
+        "gateway.max_concurrent_agents=8",
+    ],
 }
-GATEWAY_SHARE = 0.04
+GATEWAY_SHARE = 0.1
 COMMON = ["logging.progress_bar=false", "logging.tensorboard=true"]
+QUANTITIES = ("rss_mb", "private_mb", "shared_mb", "fds", "threads")
 
 
 def process_kind(process: psutil.Process, driver_pid: int) -> str:
@@ -60,7 +70,7 @@ def process_kind(process: psutil.Process, driver_pid: int) -> str:
     ):
         if cmdline.startswith(title):
             return kind
-    if "forge.openai_agent" in cmdline:
+    if "forge.openai_agent" in cmdline or SOAK_AGENT.name in cmdline:
         return "agent_process"
     for marker, kind in (
         ("dashboard/agent.py", "dashboard_agent"),
@@ -74,8 +84,24 @@ def process_kind(process: psutil.Process, driver_pid: int) -> str:
     return "other:" + name
 
 
+def memory_parts(process: psutil.Process) -> dict[str, float]:
+    """A process's resident memory in MB split by what holds it (Linux /proc/PID/status):
+    `private_mb` its anonymous memory (Python objects, tensors, the allocator's heap) and
+    `shared_mb` the shared memory it has mapped, which here is Ray's object store: every
+    process that writes or reads an object maps its pages, so this counts the store's pages
+    once per process, up to the store's high-water mark."""
+    fields = {}
+    with open(f"/proc/{process.pid}/status") as status:
+        for line in status:
+            name, _, value = line.partition(":")
+            if name in ("RssAnon", "RssShmem"):
+                fields[name] = int(value.split()[0]) / 1024
+    return {"private_mb": fields.get("RssAnon", 0.0), "shared_mb": fields.get("RssShmem", 0.0)}
+
+
 def sample(driver: psutil.Process) -> dict[str, dict[str, float]]:
-    """Every process under the driver, summed per kind: RSS in MB, open fds, threads, count."""
+    """Every process under the driver, summed per kind: RSS in MB (and its private and shared
+    parts), open fds, threads, count."""
     kinds: dict[str, dict[str, float]] = {}
     for process in [driver, *driver.children(recursive=True)]:
         kind = process_kind(process, driver.pid)
@@ -83,14 +109,15 @@ def sample(driver: psutil.Process) -> dict[str, dict[str, float]]:
             with process.oneshot():
                 values = {
                     "rss_mb": process.memory_info().rss / 2**20,
+                    **memory_parts(process),
                     "fds": process.num_fds(),
                     "threads": process.num_threads(),
                 }
-        except psutil.Error:
+        except (psutil.Error, FileNotFoundError, ProcessLookupError):
             continue
         if kind in ("gone", "agent_process"):  # agents live one episode each: not a long-lived process
             continue
-        total = kinds.setdefault(kind, {"rss_mb": 0.0, "fds": 0, "threads": 0, "processes": 0})
+        total = kinds.setdefault(kind, {**dict.fromkeys(QUANTITIES, 0.0), "processes": 0})
         for key, value in values.items():
             total[key] += value
         total["processes"] += 1
@@ -145,7 +172,7 @@ def summarize(series: list[dict]) -> dict:
     for kind in kinds:
         rows = [(row["step"], row["processes"][kind]) for row in started if kind in row["processes"]]
         summary[kind] = {"processes": rows[-1][1]["processes"]}
-        for key in ("rss_mb", "fds", "threads"):
+        for key in QUANTITIES:
             points = [(step, values[key]) for step, values in rows]
             summary[kind][key] = {
                 "start": round(points[0][1], 1),
@@ -172,6 +199,7 @@ def soak_mode(mode: str, steps: int, every_s: float, workdir: Path, extra: list[
         *extra,
     ]
     started = time.monotonic()
+    load_at_start = os.getloadavg()[0]
     log = (workdir / f"{mode}.log").open("w")
     child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
     driver = psutil.Process(child.pid)
@@ -205,6 +233,7 @@ def soak_mode(mode: str, steps: int, every_s: float, workdir: Path, extra: list[
         "steps": steps,
         "command": " ".join(["forge", *command[3:]]),
         "wall_s": round(time.monotonic() - started, 1),
+        "load_avg": {"start": round(load_at_start, 1), "end": round(os.getloadavg()[0], 1)},
         "samples": len(series),
         "processes": summarize(series),
         "disk": {
@@ -216,18 +245,31 @@ def soak_mode(mode: str, steps: int, every_s: float, workdir: Path, extra: list[
             {
                 "step": row["step"],
                 "t_s": row["t_s"],
-                **{f"{kind}_rss_mb": round(v["rss_mb"], 1) for kind, v in row["processes"].items()},
+                **{
+                    f"{kind}_{key}": round(v[key], 1)
+                    for kind, v in row["processes"].items()
+                    for key in ("rss_mb", "private_mb", "shared_mb")
+                },
             }
             for row in series
         ],
     }
 
 
+def per_process_slopes(result: dict, key: str = "rss_mb") -> dict[str, float]:
+    """Each process kind's second-half slope of `key` per process (a kind's values are
+    summed over its processes: two rollout workers, say)."""
+    return {
+        kind: values[key]["slope_per_1000_steps"] / max(values["processes"], 1)
+        for kind, values in result["processes"].items()
+    }
+
+
 def worst(result: dict, key: str = "rss_mb") -> tuple[str, float]:
-    """The process kind with the steepest second-half slope of `key`, and that slope."""
-    slopes = {kind: values[key]["slope_per_1000_steps"] for kind, values in result["processes"].items()}
+    """The process kind with the steepest second-half slope of `key` per process, and that slope."""
+    slopes = per_process_slopes(result, key)
     kind = max(slopes, key=slopes.get)
-    return kind, slopes[kind]
+    return kind, round(slopes[kind], 2)
 
 
 def main() -> None:
@@ -241,30 +283,59 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     parser.add_argument("--every", type=float, default=5.0, help="seconds between samples")
     parser.add_argument("--out", default="bench/results/soak.json")
+    parser.add_argument(
+        "--parallel", action="store_true", help="run the modes side by side (each its own Ray)"
+    )
     parser.add_argument("overrides", nargs="*", help="extra dotted overrides for every mode")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="forge-soak-"))
-    result = {"bench": "soak", "cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg()[0], "modes": {}}
-    for mode in args.modes:
+    from forge.run.cluster import ray_system_config
+
+    # Modes measured before (by an earlier run into the same file) stay; those run now replace theirs.
+    out = Path(args.out)
+    earlier = json.loads(out.read_text()) if out.exists() else {}
+    result = {
+        "bench": "soak",
+        "cpus": os.cpu_count(),
+        "ray_system_config": ray_system_config(),
+        "modes": earlier.get("modes", {}) if earlier.get("bench") == "soak" else {},
+    }
+    lock = threading.Lock()
+
+    def run(mode: str) -> None:
         steps = (
             args.gateway_steps or max(10, int(args.steps * GATEWAY_SHARE))
             if mode == "gateway"
             else args.steps
         )
-        result["modes"][mode] = soak_mode(mode, steps, args.every, workdir, args.overrides)
-        kind, slope = worst(result["modes"][mode])
-        result["modes"][mode]["steepest_rss"] = {"kind": kind, "mb_per_1000_steps": slope}
-        save_result(result, Path(args.out))  # after each mode: a long soak's first modes survive a failure
+        measured = soak_mode(mode, steps, args.every, workdir, args.overrides)
+        for key in ("rss_mb", "private_mb"):
+            kind, slope = worst(measured, key)
+            measured[f"steepest_{key}"] = {"kind": kind, "mb_per_1000_steps_per_process": slope}
+        with lock:
+            result["modes"][mode] = measured
+            save_result(
+                result, Path(args.out)
+            )  # after each mode: a long soak's first modes survive a failure
+
+    if args.parallel:  # slopes are per step, so modes sharing the machine measure the same
+        with ThreadPoolExecutor(len(args.modes)) as pool:
+            list(pool.map(run, args.modes))
+    else:
+        for mode in args.modes:
+            run(mode)
     print(
         json.dumps(
             {
                 mode: {
                     "steps": r["steps"],
                     "wall_s": r["wall_s"],
-                    "steepest_rss": r["steepest_rss"],
+                    "steepest_rss": r["steepest_rss_mb"],
+                    "steepest_private": r["steepest_private_mb"],
                     "disk_kb_per_1000_steps": r["disk"]["kb_per_1000_steps"],
                 }
                 for mode, r in result["modes"].items()
+                if mode in args.modes
             }
         )
     )
