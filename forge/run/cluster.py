@@ -13,6 +13,13 @@ from forge.config import Config
 # ~18 KB a step, 350 MB over 20,000 steps, before that cap. 2,000 tasks (the last few
 # hundred steps, still listed by `ray list tasks`) bound it at a few MB.
 TASK_EVENTS_IN_GCS = 2000
+# A weights object the run no longer references stays in Ray's shared-memory object store
+# until the raylet's next batch of frees, every second by default; a smoke run publishes
+# 3-30 weights a second, so 10-40 of them (1.2 MB each) waited there, and the store's pages
+# that every worker and the trainer map grew with them: the "growth" of 2.6-8 MB per 1,000
+# steps bench.soak saw in each of those processes. Freed every 100 ms, the pages mapped
+# plateau at 2.6 MB instead of 11.5 (same loaded machine, 2,000 sync steps side by side).
+FREE_OBJECTS_PERIOD_MS = 100
 
 
 def start_ray(num_cpus: int | None = None, env_name: str | None = None) -> None:
@@ -44,7 +51,10 @@ def start_ray(num_cpus: int | None = None, env_name: str | None = None) -> None:
 
 def ray_system_config() -> dict[str, int]:
     """Ray settings for a local cluster Forge starts; a RAY_<name> the user set wins."""
-    config = {"task_events_max_num_task_in_gcs": TASK_EVENTS_IN_GCS}
+    config = {
+        "task_events_max_num_task_in_gcs": TASK_EVENTS_IN_GCS,
+        "free_objects_period_milliseconds": FREE_OBJECTS_PERIOD_MS,
+    }
     return {name: value for name, value in config.items() if f"RAY_{name}" not in os.environ}
 
 
