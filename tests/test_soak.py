@@ -8,17 +8,18 @@ import pytest
 from bench.soak import memory_parts, per_process_slopes, slope_per_1000, soak_mode, summarize
 
 # Per process over the second half of the soak. Private memory (anonymous: Python objects,
-# tensors, the allocator's heap) of every process grew 0.5 MB per 1,000 steps or less in
-# bench/results/soak.json and in 6,500 instrumented sync steps, where Python's object counts
-# by type stayed the same from step 1,000 on; 2 MB per 1,000 steps is 2 KB kept per step.
+# tensors, the allocator's heap) grew 0.07-0.75 MB per 1,000 steps in every process over
+# steps 3,235-6,470 of an instrumented sync run, where Python's object counts by type stayed
+# the same from step 1,000 on. Ray's GCS settles last, after its 2,000 kept task events
+# (`forge.run.cluster.TASK_EVENTS_IN_GCS`) fill at ~400 steps: -0.3 to 1.2 over steps
+# 1,000-2,000 in three runs (1.23 in bench/results/soak.json), 0.01 later on; it grew 15-18 before
+# that cap. 3 MB per 1,000 steps is 3 KB kept per step.
 # Shared memory is the pages of Ray's object store a process has mapped: they plateau once
 # the store reuses freed space (2.6 MB at 3 steps a second with frees every 100 ms,
 # `forge.run.cluster.FREE_OBJECTS_PERIOD_MS`), so they are bounded in size, not slope; a
 # step's weights are 1.2 MB, so objects kept alive step after step pass 64 MB in ~50 steps.
-# Ray's GCS grew 15-18 MB per 1,000 steps before its task events were capped
-# (`forge.run.cluster.TASK_EVENTS_IN_GCS`). Open fds and threads may rise by a few while
-# pools start.
-MAX_PRIVATE_SLOPE_MB = 2.0
+# Open fds and threads may rise by a few while pools start.
+MAX_PRIVATE_SLOPE_MB = 3.0
 MAX_SHARED_MB = 64.0
 MAX_HANDLE_RISE = 4
 
