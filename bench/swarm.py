@@ -16,11 +16,12 @@ seeds' eval episodes; `runs` holds each run's eval, training tail and its curve 
 `--curve-every` steps: spawns per episode, success, critical steps). Target: critical steps
 per solved task at least 2x lower for `swarm` at no loss of success. Prints one JSON object
 and writes bench/results/swarm.json (after every run). Run: python -m bench.swarm [--seeds
-0 1] [--steps N] [--no-spawn-term] [--set KEY=VALUE ...]. The committed result ran its two
-arms side by side, one process each, then merged:
+0 1] [--steps N] [--no-spawn-term] [--set KEY=VALUE ...]. The committed result ran its
+arms side by side, one process each, then merged (total_seconds is the slowest part's):
     python -m bench.swarm --steps 150 --arms single --output a.json &
-    python -m bench.swarm --steps 150 --arms swarm --output b.json
-    python -m bench.swarm --merge a.json b.json
+    python -m bench.swarm --steps 150 --arms swarm --output b.json &
+    python -m bench.swarm --steps 150 --arms swarm_no_spawn_term --output c.json
+    python -m bench.swarm --merge a.json b.json c.json
 
 How the recipe was found (training metrics, mean of the last 10 steps; a 2-core machine
 shared with other runs at load 30-55, 4-15 s a step):

@@ -69,7 +69,9 @@ def play(rule, swarm: bool):
         env = ParallelLookupEnv(num_keys=8, k=4)
         spawner = None
         if swarm:
-            spawner = Spawner(env, batching, batching, chat, LIMITS, SwarmLimits(subagent_max_turns=1), "t", "g", 1)
+            spawner = Spawner(
+                env, batching, batching, chat, LIMITS, SwarmLimits(subagent_max_turns=1), "t", "g", 1
+            )
             spawner.attach()
         try:
             return await run_episode(env, TASK, 0, batching, chat, LIMITS, "g", spawner)

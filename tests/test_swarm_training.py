@@ -58,7 +58,9 @@ def test_a_run_hands_the_trainer_subagent_samples_only_with_train_subagents():
         sub.outcome = sub.reward = float(sub.success)
     trained = load_config("configs/swarm.yaml")
     assert len(to_samples([team], [1.0], trained)) == 3
-    frozen = load_config("configs/swarm.yaml", ["swarm.train_subagents=false", "swarm.subagent_policy=frozen"])
+    frozen = load_config(
+        "configs/swarm.yaml", ["swarm.train_subagents=false", "swarm.subagent_policy=frozen"]
+    )
     assert len(to_samples([team], [1.0], frozen)) == 1
 
 

@@ -18,7 +18,9 @@ from forge_envs.parallel_lookup import ParallelLookupEnv
 
 @pytest.fixture(scope="module")
 def lookup_checkpoint(tmp_path_factory):
-    return save_tiny_checkpoint(TinyModelConfig(extra_words=["find", "spawn"]), tmp_path_factory.mktemp("lookup"))
+    return save_tiny_checkpoint(
+        TinyModelConfig(extra_words=["find", "spawn"]), tmp_path_factory.mktemp("lookup")
+    )
 
 
 def swarm_config(**swarm) -> Config:
@@ -34,7 +36,9 @@ def test_swarm_needs_a_tool_env(tiny_checkpoint):
 
 def test_a_frozen_subagent_policy_keeps_its_weights_while_the_policy_moves(lookup_checkpoint):
     cfg = swarm_config(subagent_policy="frozen", train_subagents="false")
-    worker = RolloutWorker(str(lookup_checkpoint), cfg.model, cfg.env, cfg.rollout, 0.5, seed=0, swarm_cfg=cfg.swarm)
+    worker = RolloutWorker(
+        str(lookup_checkpoint), cfg.model, cfg.env, cfg.rollout, 0.5, seed=0, swarm_cfg=cfg.swarm
+    )
     initial = {name: p.detach().clone() for name, p in worker.engine.model.state_dict().items()}
     moved = {name: p + 0.01 * torch.randn_like(p) for name, p in initial.items()}
     worker.set_weights(moved, version=1)
@@ -53,7 +57,9 @@ def test_a_frozen_subagent_policy_keeps_its_weights_while_the_policy_moves(looku
 
 def test_a_later_frozen_version_is_taken_when_the_run_reaches_it(lookup_checkpoint):
     cfg = swarm_config(subagent_policy="frozen", train_subagents="false", frozen_version=2)
-    worker = RolloutWorker(str(lookup_checkpoint), cfg.model, cfg.env, cfg.rollout, 0.5, seed=0, swarm_cfg=cfg.swarm)
+    worker = RolloutWorker(
+        str(lookup_checkpoint), cfg.model, cfg.env, cfg.rollout, 0.5, seed=0, swarm_cfg=cfg.swarm
+    )
     assert worker.frozen is None  # until version 2, sub-agents use the current policy
     weights = worker.engine.model.state_dict()
     worker.set_weights(weights, version=1)
@@ -70,7 +76,12 @@ def test_a_swarm_run_writes_the_cluster_metrics_and_its_subagents(ray_session, t
 
     cfg = load_config(
         "configs/swarm.yaml",
-        ["train.max_steps=2", "rollout.tasks_per_step=4", "rollout.group_size=4", "logging.trajectory_samples=16"],
+        [
+            "train.max_steps=2",
+            "rollout.tasks_per_step=4",
+            "rollout.group_size=4",
+            "logging.trajectory_samples=16",
+        ],
     )
     train(cfg, tmp_path / "run", progress=False)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
