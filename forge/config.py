@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -81,6 +81,34 @@ class ModelConfig(Section):
         return data
 
 
+class LatencyConfig(Section):
+    """Extra delay on every env step, for a straggler workload on any env: lognormal with
+    median_ms and p99_ms (e.g. 50 and 2000), capped at max_ms, seeded per episode. The wait
+    is asynchronous: other episodes on the worker go on meanwhile."""
+
+    dist: Literal["none", "lognormal"] = Field("none", description="none: no added latency")
+    median_ms: float = Field(50.0, gt=0, description="median delay per step, in milliseconds")
+    p99_ms: float = Field(2000.0, gt=0, description="99th-percentile delay per step, in milliseconds")
+    max_ms: float | None = Field(
+        None, gt=0, description="cap on one delay, in milliseconds; unset: half of env.step_timeout_s"
+    )
+    seed: int = Field(0, description="mixed with each episode's seed: the same seeds draw the same delays")
+
+    @model_validator(mode="after")
+    def _check_tail(self) -> LatencyConfig:
+        if self.dist == "lognormal" and self.p99_ms <= self.median_ms:
+            raise ValueError(
+                f"env.latency.p99_ms={self.p99_ms:g} must be above median_ms={self.median_ms:g} "
+                "(a lognormal's tail lies above its median): raise p99_ms or lower median_ms"
+            )
+        if self.max_ms is not None and self.max_ms < self.median_ms:
+            raise ValueError(
+                f"env.latency.max_ms={self.max_ms:g} is below median_ms={self.median_ms:g}: "
+                "it would cap most delays; raise max_ms or leave it unset"
+            )
+        return self
+
+
 class EnvConfig(Section):
     name: str = Field(
         "guess_number",
@@ -100,6 +128,17 @@ class EnvConfig(Section):
         "error_window_steps steps",
     )
     error_window_steps: int = Field(5, gt=0, description="steps over which max_error_fraction is measured")
+    latency: LatencyConfig = Field(default_factory=LatencyConfig)
+
+    @model_validator(mode="after")
+    def _check_latency_cap(self) -> EnvConfig:
+        max_ms = self.latency.max_ms
+        if self.latency.dist != "none" and max_ms is not None and max_ms / 1000.0 >= self.step_timeout_s:
+            raise ValueError(
+                f"env.latency.max_ms={max_ms:g} reaches env.step_timeout_s={self.step_timeout_s:g} s: a delay that "
+                "long would end its episode as a timeout; set env.latency.max_ms below step_timeout_s * 1000"
+            )
+        return self
 
 
 class RolloutConfig(Section):
@@ -438,11 +477,29 @@ class SwarmConfig(Section):
 
 class AsyncConfig(Section):
     max_staleness: int = Field(1, ge=0, description="drop data older than this many policy versions")
-    window: float = Field(0.3, gt=0, le=1.0, description="FIFO window as a fraction of the batch")
+    window: float | Literal["fifo", "none"] = Field(
+        0.3,
+        description="which finished groups may leave the pool: those within this fraction of the batch (in "
+        "groups, rounded up) of the oldest group not yet trained on; fifo: strictly in generation order; "
+        "none: no window, whatever finished first",
+    )
     max_buffered_groups: int | None = Field(
-        None, gt=0, description="groups in flight or waiting before rollout pauses; unset: tasks_per_step plus the window"
+        None, gt=0, description="groups in flight or waiting before rollout pauses; unset: as many as max_staleness "
+        "lets train, (max_staleness + 1) * tasks_per_step"
     )
     max_worker_restarts: int = Field(3, ge=0, description="times Ray restarts a dead rollout worker")
+
+    @field_validator("window", mode="before")
+    @classmethod
+    def _check_window(cls, value: Any) -> Any:
+        if value in ("fifo", "none"):
+            return value
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+            raise ValueError(
+                f"async.window={value!r}: give a fraction of the batch in (0, 1] (the default window is 0.3), "
+                "fifo (strictly in generation order) or none (no window: whatever finished first)"
+            )
+        return float(value)
 
 
 class SandboxConfig(Section):

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
@@ -20,6 +21,8 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 def _type_name(annotation: Any) -> str:
     if get_origin(annotation) is Literal:
         return " \\| ".join(f'"{value}"' for value in get_args(annotation))
+    if get_origin(annotation) in (Union, UnionType) and any(get_origin(part) is Literal for part in get_args(annotation)):
+        return " \\| ".join(_type_name(part) for part in get_args(annotation))
     text = annotation.__name__ if isinstance(annotation, type) else str(annotation)
     return text.replace("typing.", "").replace("NoneType", "null").replace("None", "null").replace("|", "\\|")
 

@@ -89,9 +89,10 @@ def test_an_async_run_checkpoints_and_resumes_with_the_tasks_it_had_started(ray_
 def test_an_async_run_trains_within_the_staleness_bound(ray_session, tmp_path):
     from forge.run.launch import train
 
-    # The smoke board (4 numbers, 3 one-token guesses) in groups of 4 gives groups mixed outcomes,
-    # so some step trains: groups of 2 on 8 numbers were all failures at times (nothing trained).
-    overrides = {"rollout.group_size": 4, "env.kwargs": "{n: 4}", "rollout.max_turns": 3, "rollout.max_new_tokens": 1}
+    # The smoke board (4 numbers, 3 one-token guesses) in groups of 8 gives groups mixed outcomes,
+    # so some step trains: groups of 2 on 8 numbers were all failures at times (nothing trained),
+    # and so were all six groups of 4 once the pool held 4 groups instead of 3.
+    overrides = {"rollout.group_size": 8, "env.kwargs": "{n: 4}", "rollout.max_turns": 3, "rollout.max_new_tokens": 1}
     result = train(async_config(**overrides), tmp_path, progress=False)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert result.steps == 3 and [r["step"] for r in records] == [1, 2, 3]

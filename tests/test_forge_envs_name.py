@@ -44,7 +44,9 @@ def _unrelated_envs_package(root: Path) -> Path:
 
 
 def test_every_builtin_entry_point_targets_forge_envs():
-    assert set(ENTRY_POINTS) == {"guess_number", "countdown", "python_coding", "file_search", "parallel_lookup"}
+    assert set(ENTRY_POINTS) == {
+        "guess_number", "countdown", "python_coding", "file_search", "parallel_lookup", "guess_rounds"
+    }
     assert all(target.startswith("forge_envs.") for target in ENTRY_POINTS.values())
     assert not (REPO / "envs").exists()
 

@@ -89,9 +89,9 @@ def test_reserve_all_numbers_groups_up_to_the_capacity_in_order():
 
 
 def test_reserve_all_holds_back_groups_the_staleness_bound_would_drop():
-    # batch 4, window 2: room for 6, but with one step already queued only one batch can
-    # still be trained within max_staleness=1 of the weights it is generated with.
-    pool = DataPool(batch_groups=4, max_staleness=1, window=0.5)
+    # batch 4, room for 6, but with one step already queued only one batch can still be
+    # trained within max_staleness=1 of the weights it is generated with.
+    pool = DataPool(batch_groups=4, max_staleness=1, window=0.5, capacity_groups=6)
     assert pool.capacity == 6
     assert pool.reserve_all(steps_queued=2) == []
     first = pool.reserve_all(steps_queued=1)
@@ -120,3 +120,71 @@ def test_exchange_puts_takes_and_reserves_in_one_call():
     assert (batches, seqs) == ([], [])
     batches, stats, _ = pool.exchange([], [], 1, max_takes=1, steps_queued=1)
     assert len(batches) == 1 and stats["pool/ready"] == 0.0
+
+
+def batch_tags(batch: list[list[Trajectory]]) -> list[str]:
+    return [g[0].task_id for g in batch]
+
+
+def tagged(tag: str) -> list[Trajectory]:
+    trajectories = group()
+    for t in trajectories:
+        t.task_id = tag
+    return trajectories
+
+
+def test_strict_fifo_waits_for_the_oldest_group_however_many_newer_ones_finished():
+    pool = DataPool(batch_groups=2, max_staleness=5, window="fifo", capacity_groups=6)
+    seqs = [pool.reserve() for _ in range(6)]
+    for seq in seqs[1:]:
+        pool.put(seq, tagged(str(seq)))
+    assert pool.take(trainer_version=0) is None  # group 0 is out: nothing may pass it
+    pool.put(seqs[0], tagged("0"))
+    assert batch_tags(pool.take(trainer_version=0)) == ["0", "1"]
+    assert batch_tags(pool.take(trainer_version=0)) == ["2", "3"]
+
+
+def test_a_window_lets_a_batch_skip_a_running_group_and_fifo_does_not():
+    """Group 0 finished, group 1 still running, groups 2 and 3 finished; batches of 2. A
+    2-group window may take group 2 past the running group 1; a strict FIFO waits for it."""
+    for window, expected in (("fifo", None), (1.0, ["0", "2"]), ("none", ["0", "2"])):
+        pool = DataPool(batch_groups=2, max_staleness=5, window=window, capacity_groups=4)
+        seqs = [pool.reserve() for _ in range(4)]
+        for seq in (0, 2, 3):
+            pool.put(seqs[seq], tagged(str(seq)))
+        batch = pool.take(trainer_version=0)
+        assert (batch_tags(batch) if batch else None) == expected, window
+
+
+def test_only_no_window_lets_a_batch_form_while_the_oldest_group_runs():
+    for window, expected in (("fifo", None), (1.0, None), ("none", ["1", "2"])):
+        pool = DataPool(batch_groups=2, max_staleness=5, window=window, capacity_groups=4)
+        seqs = [pool.reserve() for _ in range(3)]
+        for seq in (1, 2):
+            pool.put(seqs[seq], tagged(str(seq)))
+        batch = pool.take(trainer_version=0)
+        assert (batch_tags(batch) if batch else None) == expected, window
+
+
+def test_no_window_takes_whatever_finished_first_oldest_first():
+    pool = DataPool(batch_groups=2, max_staleness=5, window="none", capacity_groups=8)
+    seqs = [pool.reserve() for _ in range(8)]
+    for seq in (7, 3, 5):  # groups 0-2 are still running
+        pool.put(seqs[seq], tagged(str(seq)))
+    assert batch_tags(pool.take(trainer_version=0)) == ["3", "5"]
+    assert pool.take(trainer_version=0) is None  # one finished group left, a batch needs two
+
+
+def test_by_default_the_pool_holds_as_many_groups_as_the_staleness_bound_lets_train():
+    for window in (0.3, "fifo", "none"):
+        assert DataPool(batch_groups=8, max_staleness=1, window=window).capacity == 16
+    assert DataPool(batch_groups=8, max_staleness=0).capacity == 8
+    assert DataPool(batch_groups=8, max_staleness=3).capacity == 32
+    assert DataPool(batch_groups=8, max_staleness=1, capacity_groups=10).capacity == 10
+
+
+def test_a_window_that_is_neither_a_fraction_nor_a_mode_is_refused():
+    with pytest.raises(ValueError, match="'fifo' or 'none'"):
+        DataPool(batch_groups=2, max_staleness=1, window="greedy")
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        DataPool(batch_groups=2, max_staleness=1, window=1.5)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import AsyncIterator
 from typing import Any
 
 import torch
 
 from forge.config import EnvConfig, ModelConfig, RolloutConfig, SandboxConfig, SwarmConfig
+from forge.env.latency import with_latency
 from forge.env.registry import resolve_env
 from forge.rollout.agent import EpisodeLimits, run_episode
 from forge.rollout.chat import ChatFormat
@@ -70,6 +72,8 @@ class RolloutWorker:
             )
         self.env_class = resolve_env(env_cfg.name)
         self.env_kwargs = dict(env_cfg.kwargs)
+        self.env_latency = env_cfg.latency
+        self.step_timeout_s = env_cfg.step_timeout_s
         self.limits = EpisodeLimits(
             max_turns=rollout_cfg.max_turns,
             max_new_tokens=rollout_cfg.max_new_tokens,
@@ -156,9 +160,19 @@ class RolloutWorker:
 
     async def rollout(self, tasks: list[dict[str, Any]], group_size: int) -> list[Trajectory]:
         """Play `group_size` episodes of each task; episodes of all tasks share batches.
+        Returns them task by task, when all have ended.
 
         Async, so under Ray this is an async actor: a weight sync can arrive while episodes
         run, and each token records the version that actually produced it."""
+        groups = {index: group async for index, group in self.rollout_groups(tasks, group_size)}
+        return [t for index in sorted(groups) for t in groups[index]]
+
+    async def rollout_groups(
+        self, tasks: list[dict[str, Any]], group_size: int
+    ) -> AsyncIterator[tuple[int, list[Trajectory]]]:
+        """`rollout`, streamed: yields (index of the task, its group's episodes) as each
+        group ends, so a caller (Ray's streaming generator) gets short groups without waiting
+        for the call's slowest episode."""
         # One batcher for all concurrent calls, so groups launched separately (async mode)
         # still share generation batches.
         if self.router is not None:
@@ -168,29 +182,29 @@ class RolloutWorker:
                 self.batching = BatchingEngine(self.engine)
             engine = self.batching
         subagent_engine = self._subagent_engine(engine)
-        envs = []
-        jobs = []
-        for task in tasks:
+        playing: list[asyncio.Future] = []
+        for index, task in enumerate(tasks):
             group_id = f"{task.get('task_id', '')}@v{self.get_policy_version()}#{self.rng.getrandbits(32):08x}"
+            envs, jobs = [], []
             for _ in range(group_size):
                 env = self.env_class(**self.env_kwargs)
-                envs.append(env)
                 seed = self.rng.getrandbits(31)
                 spawner = None
-                if self.swarm is not None:
+                if self.swarm is not None:  # attached to the env itself, before a latency wrapper copies its tools
                     spawner = self._spawner(env, subagent_engine, engine, task, group_id, seed)
+                env = with_latency(env, self.env_latency, self.step_timeout_s)
+                envs.append(env)
                 jobs.append(run_episode(env, task, seed, engine, self.chat, self.limits, group_id, spawner))
+            playing.append(asyncio.ensure_future(play_group(index, envs, jobs)))
         try:
-            return list(await asyncio.gather(*jobs))
+            for finished in asyncio.as_completed(playing):
+                yield await finished
         finally:
+            for future in playing:  # the caller stopped early (cancelled): end what still plays
+                future.cancel()
             for used in {id(engine): engine, id(subagent_engine): subagent_engine}.values():
                 if used.active_episodes == 0:
                     await used.close()
-            for env in envs:
-                try:
-                    env.close()
-                except Exception:  # a failing close must not lose the episodes
-                    pass
 
     def _subagent_engine(self, engine: BatchingEngine | Router) -> BatchingEngine | Router:
         """What sub-agents sample from: the frozen snapshot's batcher, else the policy's."""
@@ -211,3 +225,15 @@ class RolloutWorker:
                           str(task.get("task_id", "")), group_id, seed)  # fmt: skip
         spawner.attach()
         return spawner
+
+
+async def play_group(index: int, envs: list[Any], jobs: list[Any]) -> tuple[int, list[Trajectory]]:
+    """One group's episodes, played together; its envs are closed as soon as it ends."""
+    try:
+        return index, list(await asyncio.gather(*jobs))
+    finally:
+        for env in envs:
+            try:
+                env.close()
+            except Exception:  # a failing close must not lose the episodes
+                pass

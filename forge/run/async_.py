@@ -4,7 +4,8 @@ hands the trainer batches within the staleness bound (`async.*`)."""
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import Counter, deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,8 @@ from forge.run.context import (
     step_metrics,
     to_samples,
 )
-from forge.run.faults import collect_groups
-from forge.types import Trajectory
+from forge.run.faults import lost_group
+from forge.types import NO_VERSION, Trajectory
 
 # Async mode keeps this many training steps submitted to the trainer: one running, one
 # queued behind it, so the trainer never waits on the driver between steps.
@@ -92,6 +93,17 @@ class BusyClock:
         return self.seconds + (time.perf_counter() - self.since if self.count else 0.0)
 
 
+@dataclass
+class RolloutCall:
+    """One streaming rollout call on a worker: its groups' pool numbers and tasks, by
+    position, and the positions it has sent so far."""
+
+    seqs: list[int]
+    worker: int
+    tasks: list[dict[str, Any]]
+    sent: set[int] = field(default_factory=set)
+
+
 class AsyncLoop:
     """An async run between its steps: the pool, the worker calls in flight, the workers
     down or out of sync, and the training steps queued on the trainer.
@@ -120,8 +132,7 @@ class AsyncLoop:
         self.weights = weights  # latest (ref, version) published
         self.trainer_version = weights[1] if weights else 0
         self.clocks = [BusyClock() for _ in run.workers]
-        # worker call -> (its group seqs, the worker's index, its tasks)
-        self.in_flight: dict[Any, tuple[list[int], int, list[dict[str, Any]]]] = {}
+        self.in_flight: dict[Any, RolloutCall] = {}  # a worker call's streaming generator -> the call
         self.groups_in_flight = [0] * len(run.workers)
         # Restarted workers: they get the latest weights with their next call.
         self.needs_sync: set[int] = set()
@@ -210,6 +221,10 @@ class AsyncLoop:
         staleness = [at_version - (group_version(g) or at_version) for g in batch]
         reward_metrics["staleness_mean"] = sum(staleness) / len(staleness)
         reward_metrics["staleness_max"] = float(max(staleness))
+        # Per token, the distribution actually trained on: an episode that spanned weight
+        # updates holds tokens of several versions.
+        token_lags = Counter(at_version - v for t in trajectories for v in t.policy_versions if v != NO_VERSION)
+        reward_metrics.update({f"staleness_tokens/{lag}": float(n) for lag, n in sorted(token_lags.items())})
         reward_metrics.update(pool_stats)
         ref = self.run.trainer.train_and_publish.remote(to_samples(trajectories, advantages, self.cfg))
         self.queued.append((ref, trajectories, reward_metrics))
@@ -240,24 +255,53 @@ class AsyncLoop:
         tasks = self.run.tasks.take(len(seqs))
         if self.cfg.train.checkpoint_every:
             self.task_of.update(zip(seqs, tasks, strict=True))
-        self.in_flight[worker.rollout.remote(tasks, self.cfg.rollout.group_size)] = (seqs, index, tasks)
+        # Streamed: the call yields each group as it ends, so a short group reaches the pool
+        # without waiting for the call's slowest episode.
+        stream = worker.rollout_groups.remote(tasks, self.cfg.rollout.group_size)
+        self.in_flight[stream] = RolloutCall(seqs, index, tasks)
         self.groups_in_flight[index] += len(seqs)
         self.clocks[index].start()
 
-    def take_rollout(self, ref: Any) -> None:
-        """A worker call ended: its groups arrive for the pool; if the worker died, they are
-        lost stand-ins, and the worker is probed until Ray has restarted it."""
-        seqs, index, tasks = self.in_flight.pop(ref)
-        self.clocks[index].stop()
-        self.groups_in_flight[index] -= len(seqs)
-        groups, died = collect_groups(ref, tasks, self.cfg.rollout.group_size)
-        if died:  # its groups are dropped, freeing their slots
-            self.lost += len(seqs) * self.cfg.rollout.group_size
-            self.needs_sync.add(index)  # it comes back with the initial weights
-            if index not in self.down:
-                self.down.add(index)
-                self.probes[self.run.workers[index].get_policy_version.remote()] = index
-        self.arrived.append((seqs, groups))
+    def take_rollout(self, stream: Any) -> None:
+        """A worker call has groups ready, or has ended: its finished groups arrive for the
+        pool; if the worker died, the groups it had not sent are lost stand-ins, and the
+        worker is probed until Ray has restarted it."""
+        import ray
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        call = self.in_flight[stream]
+        while True:
+            try:
+                position, group = ray.get(next(stream))
+            except StopIteration:
+                self.end_call(stream)
+                return
+            except (RayActorError, ActorUnavailableError) as exc:  # Ray restarts the worker; the episodes are gone
+                self.worker_died(stream, f"rollout worker died: {exc}")
+                return
+            call.sent.add(position)
+            self.groups_in_flight[call.worker] -= 1
+            self.arrived.append(([call.seqs[position]], [group]))
+            if not ray.wait([stream], timeout=0)[0]:  # nothing more yet
+                return
+
+    def end_call(self, stream: Any) -> None:
+        call = self.in_flight.pop(stream)
+        self.clocks[call.worker].stop()
+
+    def worker_died(self, stream: Any, error: str) -> None:
+        call = self.in_flight[stream]
+        self.end_call(stream)
+        unsent = [position for position in range(len(call.seqs)) if position not in call.sent]
+        self.groups_in_flight[call.worker] -= len(unsent)
+        self.lost += len(unsent) * self.cfg.rollout.group_size  # their slots are freed, their groups dropped
+        size = self.cfg.rollout.group_size
+        self.arrived.append(([call.seqs[p] for p in unsent], [lost_group(call.tasks[p], size, error) for p in unsent]))
+        index = call.worker
+        self.needs_sync.add(index)  # it comes back with the initial weights
+        if index not in self.down:
+            self.down.add(index)
+            self.probes[self.run.workers[index].get_policy_version.remote()] = index
 
     def probe_restarted(self, ref: Any) -> None:
         """A restarting worker answers once it is back; until then, ask again."""

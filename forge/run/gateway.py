@@ -116,6 +116,7 @@ class GatewayRun:
     def __init__(self, cfg: Config, output: Path) -> None:
         import torch
 
+        from forge.env.latency import with_latency
         from forge.env.registry import resolve_env
         from forge.models.loading import load_tokenizer, resolve_model_path
         from forge.reward.shaping import RewardShaper
@@ -138,7 +139,10 @@ class GatewayRun:
         self.tokenizer = load_tokenizer(model_path)
         self.engine = self._load_engine(model_path)
         env_class = resolve_env(cfg.env.name)
-        self.store = EpisodeStore(lambda: env_class(**cfg.env.kwargs), cfg.env.step_timeout_s)
+        env = cfg.env  # env.latency applies to the agents' env steps too
+        self.store = EpisodeStore(
+            lambda: with_latency(env_class(**env.kwargs), env.latency, env.step_timeout_s), env.step_timeout_s
+        )
         self.gateway = run_gateway(cfg, self.engine, self.tokenizer, self.store)
         self.server = GatewayServer(self.gateway, cfg.gateway.host, cfg.gateway.port).start()
         self.agent_env = {
