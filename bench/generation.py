@@ -238,8 +238,12 @@ def rounded(result: dict) -> dict:
 
 
 def compare(clock: ForwardClock, forge: Callable[[], int], hf: Callable[[], int], generated: int,
-            repeats: int, target: float) -> dict[str, Any]:
-    rounds = alternate({"forge": lambda: timed(clock, forge), "generate": lambda: timed(clock, hf)}, repeats, keep=True)
+            repeats: int, target: float, others: dict[str, Callable[[], int]] | None = None) -> dict[str, Any]:
+    """Forge against generate, alternated; `others` (more ways, e.g. Forge with its group's prompt
+    KV copied into every row) take their turns in the same rounds and are reported beside."""
+    sides = {"forge": lambda: timed(clock, forge), "generate": lambda: timed(clock, hf)}
+    sides.update({name: (lambda run=run: timed(clock, run)) for name, run in (others or {}).items()})
+    rounds = alternate(sides, repeats, keep=True)
     best = {side: min(found, key=lambda r: r["seconds"]) for side, found in rounds.items()}
     for side, result in best.items():
         result["seconds_all_rounds"] = [round(r["seconds"], 3) for r in rounds[side]]
@@ -248,8 +252,7 @@ def compare(clock: ForwardClock, forge: Callable[[], int], hf: Callable[[], int]
     ratio = best["generate"]["seconds"] / best["forge"]["seconds"]
     return {
         "generated_tokens": generated,
-        "forge": rounded(best["forge"]),
-        "generate": rounded(best["generate"]),
+        **{side: rounded(result) for side, result in best.items()},
         "ratio": round(ratio, 3),
         "target": target,
         "met": ratio >= target,
@@ -377,7 +380,7 @@ def batch_cases(model: Any, engine: HFEngine, clock: ForwardClock, batches: list
 
 def main(threads: int, repeats: int, only: list[str] | None, output: Path, profile_label: str | None,
          preset: str = "small", device: str = "cpu", dtype: str = "float32", batches: list[int] | None = None,
-         bandwidth_gbs: float | None = None) -> dict:
+         bandwidth_gbs: float | None = None, compare_copy: bool = False) -> dict:
     torch.set_num_threads(threads)
     quiet_transformers()
     with tempfile.TemporaryDirectory() as tmp:
@@ -386,6 +389,8 @@ def main(threads: int, repeats: int, only: list[str] | None, output: Path, profi
         model = load_model(path, model_cfg, device=device, attn_implementation="sdpa").eval()
         clock = ForwardClock(model)
         engine = HFEngine(model, [10**9], 0, seed=0)  # a stop token no row can sample
+        # The same engine with the group's prompt KV copied into each row (as before it was shared).
+        copying = HFEngine(model, [10**9], 0, seed=0, share_prompt=False) if compare_copy else None
         torch.manual_seed(0)  # generate samples from torch's global generator
         if batches:
             with torch.no_grad():
@@ -408,6 +413,7 @@ def main(threads: int, repeats: int, only: list[str] | None, output: Path, profi
             "model": "qwen2 4 layers, hidden 256, 4 heads (2 kv), vocab 512, fp32, sdpa, random init",
             "torch_threads": threads,
             "cpus": os.cpu_count(),
+            "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
             "repeats": repeats,
             "timing": "one process; Forge and generate alternate within each round, each keeps its fastest "
             "round (the machine is shared with other processes); a warm-up round first",
@@ -418,13 +424,19 @@ def main(threads: int, repeats: int, only: list[str] | None, output: Path, profi
         for name, (forge, hf, generated) in cases.items():
             if only and name not in only:
                 continue
+            others = {}
+            if copying is not None and name.startswith(("a_", "b_")):
+                length, samples = (256, 16) if name.startswith("b_") else (int(name[3:]), 8)
+                others["forge_copied_prompt"] = forge_group(copying, prompt_of(length, salt=1 if samples == 16 else length),
+                                                            samples)
             with torch.no_grad():
-                report["cases"][name] = compare(clock, forge, hf, generated, repeats, TARGETS[name])
+                report["cases"][name] = compare(clock, forge, hf, generated, repeats, TARGETS[name], others)
             print(name, json.dumps(report["cases"][name]), flush=True)
         if not only or "handoff" in only:
             report["thread_handoff"] = thread_handoff(engine, repeats)
         if not only or "step" in only:
             report["steps"] = step_cases(path, engine, model, threads, repeats)
+    report["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     report["all_targets_met"] = all(c["met"] for c in report["cases"].values()) and all(
         c["met"] for c in report.get("steps", {}).values()
     )
@@ -438,7 +450,7 @@ def main(threads: int, repeats: int, only: list[str] | None, output: Path, profi
                     "decode_steps", "seconds", "decode_forward_ms_per_step", "other_ms_per_decode_step",
                     "decode_forward_cpu_ms_per_step", "other_cpu_ms_per_decode_step")} | {
                     "least_other_cpu_ms_per_decode_step": case["other_cpu_ms_per_step"][side]}
-                    for side in ("forge", "generate")}
+                    for side in case["other_cpu_ms_per_step"]}
                 for name, case in report["cases"].items()
             },
         }
@@ -462,6 +474,9 @@ if __name__ == "__main__":
                         help="instead of cases a-d: a group of this many samples at P=256, per size, "
                         "against the memory-bandwidth bound (the GPU run)")
     parser.add_argument("--bandwidth-gbs", type=float, help="the device's memory bandwidth (else looked up by name)")
+    parser.add_argument("--compare-copy", action="store_true",
+                        help="cases a and b also run Forge with the group's prompt KV copied into every row "
+                        "(HFEngine share_prompt=False), alternated in the same rounds")
     args = parser.parse_args()
     main(args.threads, args.repeats, args.only, args.output, args.profile_label, args.model, args.device,
-         args.dtype, args.batches, args.bandwidth_gbs)
+         args.dtype, args.batches, args.bandwidth_gbs, args.compare_copy)

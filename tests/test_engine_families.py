@@ -16,6 +16,7 @@ from forge.models.families import FAMILIES, WINDOW
 from forge.models.loading import choose_attn_implementation, load_model
 from forge.rollout.engines.hf import HFEngine
 from forge.rollout.engines.protocol import GenerationRequest
+from forge.rollout.engines.shared_prefix import SharedPromptLayer
 from forge.rollout.engines.updates import apply_adapter
 
 TOLERANCE = 1e-5
@@ -61,6 +62,57 @@ def play_ragged(engine: HFEngine, model, turns: int, seed: int, contexts: dict |
             contexts[request.episode_id] = request.token_ids + result.token_ids + observation
             longest = max(longest, len(contexts[request.episode_id]))
     return longest
+
+
+def play_group(engine: HFEngine, model, turns: int) -> type:
+    """A group of 4 episodes on one prompt longer than the windows: its first turn shares the
+    prompt's KV; later turns sit episodes out and add observations of different lengths. Every
+    token is checked against a fresh forward. Returns the kept cache layers' type after turn 1."""
+    contexts = {f"g{i}": [5 + (i * 3) % 50 for i in range(3 * WINDOW)] for i in range(4)}
+    layer_type = None
+    for turn in range(turns):
+        names = [n for i, n in enumerate(contexts) if turn == 0 or (turn + i) % 3 != 0]
+        requests = [GenerationRequest(contexts[n], 2 + (turn + i) % 3, episode_id=n) for i, n in enumerate(names)]
+        for i, (request, result) in enumerate(zip(requests, engine.generate(requests), strict=True)):
+            want = fresh_logprobs(model, request.token_ids, result.token_ids)
+            assert (torch.tensor(result.logprobs) - want).abs().max().item() <= TOLERANCE, (turn, request.episode_id)
+            contexts[request.episode_id] = request.token_ids + result.token_ids + [20 + turn] * (1 + (i + turn) % 4)
+        if turn == 0:
+            layer_type = type(engine._batch.cache.layers[0])
+    return layer_type
+
+
+# Shared (llama, qwen3_moe, gpt_neox) and copied (mistral: sliding window) in the fast run.
+GROUP_FAST = {"llama", "qwen3_moe", "gpt_neox", "mistral"}
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=[] if n in GROUP_FAST else [pytest.mark.slow]) for n in FAMILIES]
+)
+def test_a_groups_shared_prompt_samples_with_fresh_forward_logprobs(name):
+    """Where the family's attention is plain sdpa (no window, soft-cap or sinks) the group's
+    rows share one copy of the prompt's KV, read by Forge's shared-prompt attention; elsewhere
+    it is copied into every row. Either way, behaviour logprobs are a fresh forward's."""
+    model = rollout_model(name)
+    engine = HFEngine(model, [STOP], pad_token_id=0, seed=3)
+    layer_type = play_group(engine, model, turns=4)
+    assert (layer_type is SharedPromptLayer) == engine.share_prompt
+
+
+def test_plain_sdpa_families_share_the_prompt_and_windowed_or_capped_ones_copy_it():
+    shares = {name: HFEngine(rollout_model(name), [STOP], pad_token_id=0).share_prompt for name in FAMILIES}
+    assert shares["llama"] and shares["qwen3"] and shares["qwen3_moe"] and shares["gpt_neox"]
+    assert not shares["mistral"] and not shares["gemma2"] and not shares["qwen2"]
+
+
+def test_the_shared_prompt_is_one_copy_however_many_rows():
+    model = rollout_model("llama")
+    engine = HFEngine(model, [STOP], pad_token_id=0, seed=3)
+    prompt = list(range(2, 40))
+    engine.generate([GenerationRequest(prompt, 3, episode_id=f"e{i}") for i in range(8)])
+    layer = engine._batch.cache.layers[0]
+    assert layer.prompt_keys.shape[0] == 1 and layer.prompt_keys.shape[2] == len(prompt)
+    assert layer.keys.shape[0] == 8 and layer.keys.shape[2] < len(prompt)  # the rows hold only their own tokens
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))

@@ -267,8 +267,10 @@ def test_forge_serve_command_serves_a_checkpoint(checkpoint):
 
 
 def test_serve_loads_with_the_attention_its_flag_names(checkpoint):
-    assert make_service(checkpoint, attn_implementation="eager").served.engine.model.config._attn_implementation == "eager"
-    assert make_service(checkpoint).served.engine.model.config._attn_implementation == "sdpa"  # auto
+    from forge.rollout.engines.shared_prefix import loaded_attention
+
+    assert loaded_attention(make_service(checkpoint, attn_implementation="eager").served.engine.model.config) == "eager"
+    assert loaded_attention(make_service(checkpoint).served.engine.model.config) == "sdpa"  # auto
 
 
 def test_forge_serve_refuses_an_attention_the_family_lacks_naming_the_flag(tmp_path, capsys):

@@ -15,6 +15,12 @@ from transformers.cache_utils import Cache
 from forge.rollout.engines.kv import _RoomyLayer
 from forge.rollout.engines.protocol import GenerationRequest, GenerationResult
 from forge.rollout.engines.sampling import RowSampling
+from forge.rollout.engines.shared_prefix import (
+    SHARED_KWARG,
+    SharedPromptLayer,
+    can_share_prompt,
+    use_shared_prompt_attention,
+)
 from forge.rollout.engines.windows import positional_masks, sliding_windows
 
 
@@ -50,7 +56,9 @@ class HFEngine:
     tokens (the observation). Requests at different turns share one batch: row i is laid
     out as `[pad][cached KV][pad][new tokens]`, with the attention mask hiding the pads
     and explicit position ids, so each row computes what it would alone. Rows that start
-    from the same tokens with no cache (a group's samples) are prefilled once.
+    from the same tokens with no cache (a group's samples) are prefilled once, and where the
+    model's attention is plain sdpa (`share_prompt`) that prompt's KV stays one copy that
+    all the rows read (forge.rollout.engines.shared_prefix); else it is copied into each row.
 
     The batch's KV stays as it is after a call. When the next call brings back the same
     episodes (or some of them), their new tokens are appended to it in place, so a turn
@@ -67,6 +75,7 @@ class HFEngine:
         temperature: float = 1.0,
         top_p: float = 1.0,
         seed: int = 0,
+        share_prompt: bool = True,
     ) -> None:
         self.model = model
         self.stop_token_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long)
@@ -80,6 +89,11 @@ class HFEngine:
         self._windows = sliding_windows(model.config)
         # Mixture-of-experts: no router load-balancing loss (nothing here trains on it).
         self._no_router = {"output_router_logits": False} if hasattr(model.config, "output_router_logits") else {}
+        # A group's prompt KV is kept once for all its rows where the attention allows
+        # (forge.rollout.engines.shared_prefix); else copied into each row.
+        self.share_prompt = share_prompt and can_share_prompt(model, self._windows)
+        if self.share_prompt:
+            use_shared_prompt_attention(model)
         self._episodes: dict[str, _EpisodeKV] = {}
         self._batch: _BatchKV | None = None
         self._released: collections.deque[str] = collections.deque()
@@ -167,8 +181,7 @@ class HFEngine:
         for row in rows:
             if batch.episode_ids[row]:
                 columns = batch.mask[row].nonzero().squeeze(-1)
-                layers = [(layer.keys[row : row + 1, :, columns], layer.values[row : row + 1, :, columns])
-                          for layer in batch.cache.layers]
+                layers = [layer.row(row, columns) for layer in batch.cache.layers]
                 self._episodes[batch.episode_ids[row]] = _EpisodeKV(batch.token_ids[row], layers)
 
     def _new_block(self, news: list[list[int]], starts: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -201,7 +214,7 @@ class HFEngine:
         mask = torch.cat([mask, new_mask], dim=-1)
         out = self.model(
             input_ids=input_ids, attention_mask=self._attention(mask, input_ids.shape[1]), position_ids=positions,
-            cache=cache, use_cache=True, logits_to_keep=1, **self._no_router,
+            cache=cache, use_cache=True, logits_to_keep=1, **self._no_router, **self._shared(cache),
         )
         return out.cache, mask, out.logits[:, -1, :], [len(new) for new in news]
 
@@ -239,6 +252,12 @@ class HFEngine:
             **self._no_router,
         )
         return out.cache, mask, out.logits[:, -1, :]
+
+    def _shared(self, cache: Any) -> dict[str, Any]:
+        """The keyword that hands a cache holding a shared prompt to the attention calls."""
+        if self.share_prompt and any(isinstance(layer, SharedPromptLayer) for layer in cache.layers):
+            return {SHARED_KWARG: cache}
+        return {}
 
     def _attention(self, mask: torch.Tensor, new_tokens: int) -> Any:
         """The 2-D `mask` for transformers, or on a sliding-window model the masks that count
@@ -281,6 +300,7 @@ class HFEngine:
             top_values = torch.zeros((batch, steps, top_k), device=self.device)
             top_ids = torch.zeros((batch, steps, top_k), dtype=torch.long, device=self.device)
         watchers = [(row, r.on_token) for row, r in enumerate(requests) if r.on_token is not None]
+        shared = self._shared(cache)
         # Per-token work outside the model's forward is kept to a few in-place tensor ops:
         # on a GPU each op is a kernel launch and Python's cost per token adds up.
         for step in range(steps):
@@ -309,7 +329,10 @@ class HFEngine:
                 cache=cache,
                 use_cache=True,
                 **self._no_router,
+                **shared,
             )
+            if shared and step == 0:
+                _check_shared_reads(cache)
             cache = out.cache
             logits = out.logits[:, -1, :]
             next_position = next_position + 1
@@ -370,13 +393,31 @@ class HFEngine:
             key = ("row", row) if past is not None else ("prompt", tuple(new))
             expand.append(unique.setdefault(key, len(unique)))
         firsts = [expand.index(u) for u in range(len(unique))]
-        cache, attention_mask, logits = self._prefill([pasts[r] for r in firsts], [news[r] for r in firsts], room)
+        shared = self.share_prompt and len(unique) == 1 and batch > 1 and pasts[0] is None
+        # A shared prompt's KV is sized to it exactly: the rows' own tokens go elsewhere.
+        cache, attention_mask, logits = self._prefill([pasts[r] for r in firsts], [news[r] for r in firsts],
+                                                      0 if shared else room)
         prefill_counts = [len(news[row]) if row in firsts else 0 for row in range(batch)]
-        if len(unique) < batch:
+        if shared:
+            cache = Cache(layers=[SharedPromptLayer(layer.keys, layer.values, room) for layer in cache.layers])
+            index = torch.tensor(expand, device=self.device)
+            attention_mask, logits = attention_mask[index], logits[index]
+        elif len(unique) < batch:
             index = torch.tensor(expand, device=self.device)
             cache.batch_select_indices(index)
             attention_mask, logits = attention_mask[index], logits[index]
         return cache, attention_mask, logits, prefill_counts
+
+
+def _check_shared_reads(cache: Any) -> None:
+    """Every shared-prompt layer was read by Forge's attention in the last forward: model code
+    that drops the keyword would attend to the rows' own keys alone, silently."""
+    layers = [layer for layer in cache.layers if isinstance(layer, SharedPromptLayer)]
+    if any(layer.reads == 0 for layer in layers):
+        raise RuntimeError(
+            "the model's attention did not receive the engine's shared prompt (its code drops keyword "
+            "arguments on the way to attention); construct HFEngine with share_prompt=False"
+        )
 
 
 def _load_matching(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:

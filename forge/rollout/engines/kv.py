@@ -71,6 +71,10 @@ class _RoomyLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.length
 
+    def row(self, row: int, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row `row`'s keys and values at these columns, as `[1, heads, len(columns), dim]`."""
+        return self.keys[row : row + 1, :, columns], self.values[row : row + 1, :, columns]
+
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.is_initialized:
             self._keys, self._values = self._keys[indices], self._values[indices]

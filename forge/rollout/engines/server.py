@@ -41,6 +41,7 @@ from forge.gateway.episodes import EpisodeError
 from forge.gateway.server import Gateway, ThreadedServer, build_app
 from forge.rollout.engines.protocol import GenerationRequest, GenerationResult
 from forge.rollout.engines.served import ServedEngine
+from forge.rollout.engines.shared_prefix import loaded_attention
 from forge.rollout.engines.updates import (
     WeightUpdateError,
     apply_adapter,
@@ -176,7 +177,7 @@ def build_server_app(service: EngineService) -> FastAPI:
             "temperature": service.served.engine.temperature,
             "top_p": service.served.engine.top_p,
             "vocab_size": service.vocab_size,
-            "attn_implementation": service.served.engine.model.config._attn_implementation,
+            "attn_implementation": loaded_attention(service.served.engine.model.config),
         }
 
     @router.get("/forge/metrics")
