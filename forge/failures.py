@@ -9,7 +9,9 @@ from collections import deque
 from forge.env.errors import error_headline, error_kind
 from forge.types import Trajectory
 
-ENV_FIX = "Fix the env (its first error is printed above; `forge env check ENV_NAME` runs it through the contract)"
+ENV_FIX = (
+    "Fix the env (its first error is printed above; `forge env check ENV_NAME` runs it through the contract)"
+)
 AGENT_FIX = (
     "Fix the agent program (gateway.agent_command) or the env: the first error of each kind is printed "
     "above (for an agent that crashed, the last line of its stderr)"

@@ -1,0 +1,151 @@
+"""Warm start against none: RL after `forge sft` on the env's own demonstrations, against RL
+from the random-init model, on the README walkthrough's env (examples/reach: reach a number
+with +1, +3 and x2 moves).
+
+Each arm runs the walkthrough's commands as a user types them, in subprocesses, from the
+same seeds, alternating which arm goes first from seed to seed:
+
+    rl      forge train examples/reach/reach.yaml seed=S
+    sft_rl  forge sft examples/reach/reach.yaml seed=S --epochs E
+            forge train examples/reach/reach.yaml seed=S model.path=SFT/final
+
+Both train on the env's train split (the demonstrations are the solver's moves on train-split
+tasks); every final model, and the warm start before RL, is then scored with `forge eval` on
+the test split, (start, target) pairs no demonstration and no RL episode came from. Reported
+per arm and seed: the training success curve (mean over each `--bucket` steps), the success
+over the last `--last` steps, held-out success, and each command's wall time; with the load
+average over the run, since the 2-core machine these ran on is shared.
+Prints one JSON object and writes bench/results/warm_start.json.
+
+    python -m bench.warm_start                 # 2 seeds x 2 arms
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.report import save_result
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "examples" / "reach"
+CONFIG = EXAMPLE / "reach.yaml"
+# The example env by module:Class from its folder, so the bench needs no `pip install -e
+# examples/reach`; Forge puts that folder on the rollout workers' path itself.
+ENV = ["env.name=reach_env:ReachEnv"]
+
+
+# Ray gives its raylet a fixed 30 s to register; on a heavily shared machine it sometimes
+# does not, and the command is started again (counted in the result as ray_start_retries).
+RAY_START_TIMEOUT = "The current node timed out during startup"
+RETRIES = {"ray_start": 0}
+
+
+def forge(*args: str) -> tuple[str, float]:
+    """Run one `forge` command; its stdout and wall seconds. A failing command stops the bench."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(EXAMPLE), os.environ.get("PYTHONPATH", "")])}
+    for attempt in range(3):
+        started = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "forge.cli", *args, *(["--overwrite"] if attempt and args[0] == "train" else [])],
+                              cwd=REPO, env=env, capture_output=True, text=True)  # fmt: skip
+        if done.returncode == 0 or RAY_START_TIMEOUT not in done.stderr:
+            break
+        RETRIES["ray_start"] += 1
+    if done.returncode != 0:
+        raise RuntimeError(f"forge {' '.join(args)} exited {done.returncode}:\n{done.stderr[-3000:]}")
+    return done.stdout, round(time.perf_counter() - started, 1)
+
+
+def heldout_success(checkpoint: Path, tasks: int, episodes: int) -> float:
+    out, _ = forge("eval", str(CONFIG), *ENV, "env.kwargs.split=test", f"env.num_tasks={tasks}",
+                   "--checkpoint", str(checkpoint), "--tasks", str(tasks), "--episodes", str(episodes),
+                   "--no-progress")  # fmt: skip
+    return round(json.loads(out.strip().splitlines()[-1])["success_rate"], 4)
+
+
+def curve(run_dir: Path, bucket: int, last: int) -> dict[str, object]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    success = [r["success_rate"] for r in rows]
+    return {
+        "steps": len(rows),
+        "success_curve": [round(statistics.fmean(success[i : i + bucket]), 3) for i in range(0, len(success), bucket)],
+        "first_success": round(statistics.fmean(success[:last]), 4),
+        "final_success": round(statistics.fmean(success[-last:]), 4),
+    }
+
+
+def run_arm(arm: str, seed: int, tmp: Path, args: argparse.Namespace) -> dict[str, object]:
+    common = [*ENV, f"seed={seed}", f"train.max_steps={args.steps}", *args.overrides]
+    result: dict[str, object] = {"seed": seed}
+    model: list[str] = []
+    if arm == "sft_rl":
+        sft_dir = tmp / f"sft-{seed}"
+        _, result["sft_seconds"] = forge("sft", str(CONFIG), *ENV, f"seed={seed}", *args.sft_overrides,
+                                         "--epochs", str(args.sft_epochs), "--output-dir", str(sft_dir))  # fmt: skip
+        result["sft_heldout_success"] = heldout_success(sft_dir / "final", args.eval_tasks, args.eval_episodes)
+        model = [f"model.path={sft_dir / 'final'}"]
+    run_dir = tmp / f"{arm}-{seed}"
+    _, result["rl_seconds"] = forge("train", str(CONFIG), *common, *model, "logging.progress_bar=false",
+                                    "--output-dir", str(run_dir))  # fmt: skip
+    result.update(curve(run_dir, args.bucket, args.last))
+    result["heldout_success"] = heldout_success(run_dir / "final", args.eval_tasks, args.eval_episodes)
+    result["seconds"] = round(float(result.get("sft_seconds", 0.0)) + float(result["rl_seconds"]), 1)  # type: ignore[arg-type]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--steps", type=int, default=60, help="RL steps per run (train.max_steps)")
+    parser.add_argument("--sft-epochs", type=int, default=2)
+    parser.add_argument("--sft-overrides", nargs="*", default=["train.learning_rate=0.003"],
+                        help="overrides for forge sft only (the walkthrough's)")
+    parser.add_argument("--bucket", type=int, default=10, help="steps per point of the success curve")
+    parser.add_argument("--last", type=int, default=10, help="steps averaged for first/final success")
+    parser.add_argument("--eval-tasks", type=int, default=64, help="held-out tasks per forge eval")
+    parser.add_argument("--eval-episodes", type=int, default=4, help="episodes per held-out task")
+    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "warm_start.json")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides for both arms' forge train")
+    args = parser.parse_args()
+    runs: dict[str, list[dict[str, object]]] = {"rl": [], "sft_rl": []}
+    load = [round(os.getloadavg()[0], 1)]
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for index, seed in enumerate(args.seeds):
+            order = ["rl", "sft_rl"] if index % 2 == 0 else ["sft_rl", "rl"]
+            for arm in order:
+                runs[arm].append(run_arm(arm, seed, Path(tmp), args))
+                load.append(round(os.getloadavg()[0], 1))
+    report: dict[str, object] = {
+        "benchmark": "warm_start",
+        "config": "examples/reach/reach.yaml",
+        "steps": args.steps,
+        "sft_epochs": args.sft_epochs,
+        "sft_overrides": args.sft_overrides,
+        "overrides": args.overrides,
+        "seeds": args.seeds,
+        "cpus": os.cpu_count(),
+        "load_average_1min": load,
+        "total_seconds": round(time.perf_counter() - started, 1),
+        "ray_start_retries": RETRIES["ray_start"],
+    }
+    for arm, found in runs.items():
+        report[arm] = {
+            "final_success_mean": round(statistics.fmean(r["final_success"] for r in found), 4),  # type: ignore[misc]
+            "heldout_success_mean": round(statistics.fmean(r["heldout_success"] for r in found), 4),  # type: ignore[misc]
+            "seconds_mean": round(statistics.fmean(r["seconds"] for r in found), 1),  # type: ignore[misc]
+            "runs": found,
+        }
+    save_result(report, args.output)
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
