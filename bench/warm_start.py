@@ -18,6 +18,10 @@ average over the run, since the 2-core machine these ran on is shared.
 Prints one JSON object and writes bench/results/warm_start.json.
 
     python -m bench.warm_start                 # 2 seeds x 2 arms
+
+Committed result (60 RL steps, load average 16-48): training success over the last 10 steps
+0.39 / 0.32 after the warm start against 0.23 / 0.23 from random init (0.37 / 0.26 against
+0.06 / 0.07 over the first 10); held-out success level, 0.26 / 0.30 against 0.28 / 0.28.
 """
 
 from __future__ import annotations
@@ -50,7 +54,10 @@ RETRIES = {"ray_start": 0}
 
 def forge(*args: str) -> tuple[str, float]:
     """Run one `forge` command; its stdout and wall seconds. A failing command stops the bench."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(EXAMPLE), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), str(EXAMPLE), os.environ.get("PYTHONPATH", "")]),
+    }
     for attempt in range(3):
         started = time.perf_counter()
         done = subprocess.run([sys.executable, "-m", "forge.cli", *args, *(["--overwrite"] if attempt and args[0] == "train" else [])],
@@ -75,7 +82,9 @@ def curve(run_dir: Path, bucket: int, last: int) -> dict[str, object]:
     success = [r["success_rate"] for r in rows]
     return {
         "steps": len(rows),
-        "success_curve": [round(statistics.fmean(success[i : i + bucket]), 3) for i in range(0, len(success), bucket)],
+        "success_curve": [
+            round(statistics.fmean(success[i : i + bucket]), 3) for i in range(0, len(success), bucket)
+        ],
         "first_success": round(statistics.fmean(success[:last]), 4),
         "final_success": round(statistics.fmean(success[-last:]), 4),
     }
@@ -89,7 +98,9 @@ def run_arm(arm: str, seed: int, tmp: Path, args: argparse.Namespace) -> dict[st
         sft_dir = tmp / f"sft-{seed}"
         _, result["sft_seconds"] = forge("sft", str(CONFIG), *ENV, f"seed={seed}", *args.sft_overrides,
                                          "--epochs", str(args.sft_epochs), "--output-dir", str(sft_dir))  # fmt: skip
-        result["sft_heldout_success"] = heldout_success(sft_dir / "final", args.eval_tasks, args.eval_episodes)
+        result["sft_heldout_success"] = heldout_success(
+            sft_dir / "final", args.eval_tasks, args.eval_episodes
+        )
         model = [f"model.path={sft_dir / 'final'}"]
     run_dir = tmp / f"{arm}-{seed}"
     _, result["rl_seconds"] = forge("train", str(CONFIG), *common, *model, "logging.progress_bar=false",
@@ -101,12 +112,18 @@ def run_arm(arm: str, seed: int, tmp: Path, args: argparse.Namespace) -> dict[st
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--steps", type=int, default=60, help="RL steps per run (train.max_steps)")
     parser.add_argument("--sft-epochs", type=int, default=2)
-    parser.add_argument("--sft-overrides", nargs="*", default=["train.learning_rate=0.003"],
-                        help="overrides for forge sft only (the walkthrough's)")
+    parser.add_argument(
+        "--sft-overrides",
+        nargs="*",
+        default=["train.learning_rate=0.003"],
+        help="overrides for forge sft only (the walkthrough's)",
+    )
     parser.add_argument("--bucket", type=int, default=10, help="steps per point of the success curve")
     parser.add_argument("--last", type=int, default=10, help="steps averaged for first/final success")
     parser.add_argument("--eval-tasks", type=int, default=64, help="held-out tasks per forge eval")

@@ -27,3 +27,10 @@ def test_custom_env_example_in_readme_is_the_tested_file():
 def test_every_config_named_in_readme_exists():
     for name in set(re.findall(r"configs/[\w.-]+\.yaml", README)):
         assert (REPO / name).is_file(), name
+
+
+def test_every_example_file_named_in_readme_exists():
+    names = set(re.findall(r"examples/[\w./-]+\.(?:py|yaml|toml)", README))
+    assert "examples/reach/reach.yaml" in names
+    for name in names:
+        assert (REPO / name).is_file(), name

@@ -45,7 +45,7 @@ class ReachEnv(Env):
         pairs = [(s, t) for t in range(2, max_target + 1) for s in range(1, t) if in_split(s, t, split)]
         rng = random.Random(seed)
         rows = []
-        for i in range(num_tasks):
+        for _ in range(num_tasks):
             start, target = rng.choice(pairs)
             rows.append({"task_id": f"{start}-{target}", "start": start, "target": target,
                          "turns": len(solve(start, target)) + 1})  # fmt: skip
