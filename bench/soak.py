@@ -107,6 +107,8 @@ def sample(driver: psutil.Process) -> dict[str, dict[str, float]]:
         kind = process_kind(process, driver.pid)
         try:
             with process.oneshot():
+                if process.status() == psutil.STATUS_ZOMBIE:  # an agent that exited, not yet reaped
+                    continue
                 values = {
                     "rss_mb": process.memory_info().rss / 2**20,
                     **memory_parts(process),
