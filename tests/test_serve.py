@@ -25,6 +25,10 @@ from forge.rollout.engines.updates import tensors_to_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# A weight load reads a checkpoint and swaps the engine's weights: on a loaded CI machine that
+# took over httpx's 5 s default once, which is not what these tests check.
+WEIGHTS_TIMEOUT_S = 60
+
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
@@ -60,12 +64,14 @@ def test_generate_returns_sampled_ids_their_logprobs_finish_reason_and_version(s
 
 def test_a_turn_that_extends_the_cached_episode_prefills_only_its_new_tokens(server):
     ids = prompt(server)
-    first = httpx.post(f"{server.url}/forge/generate",
-                       json={"token_ids": ids, "max_new_tokens": 3, "episode_id": "ep"}).json()
+    first = httpx.post(
+        f"{server.url}/forge/generate", json={"token_ids": ids, "max_new_tokens": 3, "episode_id": "ep"}
+    ).json()
     observation = prompt(server, "higher")
     context = ids + first["token_ids"] + observation
-    second = httpx.post(f"{server.url}/forge/generate",
-                        json={"token_ids": context, "max_new_tokens": 3, "episode_id": "ep"}).json()
+    second = httpx.post(
+        f"{server.url}/forge/generate", json={"token_ids": context, "max_new_tokens": 3, "episode_id": "ep"}
+    ).json()
     # Everything up to the last token fed back during decoding was cached.
     assert second["cached_tokens"] >= len(ids) + len(first["token_ids"]) - 1
     assert second["prefill_tokens"] <= len(observation) + 1
@@ -77,8 +83,10 @@ def test_a_turn_that_extends_the_cached_episode_prefills_only_its_new_tokens(ser
 def test_the_prefix_cache_is_bounded_and_evicts_the_least_recently_used_episode(server):
     ids = prompt(server)  # 64-token budget: three 24+-token episodes cannot all stay
     for name in ("a", "b", "c"):
-        httpx.post(f"{server.url}/forge/generate", json={"token_ids": ids * 3, "max_new_tokens": 2,
-                                                        "episode_id": name})
+        httpx.post(
+            f"{server.url}/forge/generate",
+            json={"token_ids": ids * 3, "max_new_tokens": 2, "episode_id": name},
+        )
     metrics = httpx.get(f"{server.url}/forge/metrics").json()
     assert metrics["prefix_cache_tokens"] <= metrics["prefix_cache_capacity_tokens"] == 64
     assert metrics["prefix_cache_evictions"] >= 1
@@ -88,7 +96,11 @@ def test_the_prefix_cache_is_bounded_and_evicts_the_least_recently_used_episode(
 def test_a_checkpoint_folder_update_stamps_its_version_on_later_outputs(server, other_checkpoint):
     ids = prompt(server)
     before = server.service.served.next_token_logprobs(ids)
-    reply = httpx.post(f"{server.url}/forge/weights", json={"checkpoint": str(other_checkpoint), "version": 5})
+    reply = httpx.post(
+        f"{server.url}/forge/weights",
+        json={"checkpoint": str(other_checkpoint), "version": 5},
+        timeout=WEIGHTS_TIMEOUT_S,
+    )
     assert reply.status_code == 200 and reply.json()["policy_version"] == 5
     after = server.service.served.next_token_logprobs(ids)
     assert not torch.allclose(before, after)
@@ -100,7 +112,12 @@ def test_pushed_tensors_update_the_weights(server, other_checkpoint):
     from forge.rollout.engines.updates import checkpoint_state
 
     state = checkpoint_state(other_checkpoint)
-    reply = httpx.post(f"{server.url}/forge/weights/tensors", params={"version": 2}, content=tensors_to_bytes(state))
+    reply = httpx.post(
+        f"{server.url}/forge/weights/tensors",
+        params={"version": 2},
+        content=tensors_to_bytes(state),
+        timeout=WEIGHTS_TIMEOUT_S,
+    )
     assert reply.json()["policy_version"] == 2
     model_state = server.service.served.engine.model.state_dict()
     name = next(iter(state))
@@ -111,12 +128,18 @@ def test_a_lora_adapter_folder_is_applied_and_versioned(server, checkpoint, tmp_
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(checkpoint),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(checkpoint),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
     model.save_pretrained(tmp_path / "adapter")
     ids = prompt(server)
     before = server.service.served.next_token_logprobs(ids)
-    reply = httpx.post(f"{server.url}/forge/weights", json={"adapter": str(tmp_path / "adapter"), "version": 9})
+    reply = httpx.post(
+        f"{server.url}/forge/weights",
+        json={"adapter": str(tmp_path / "adapter"), "version": 9},
+        timeout=WEIGHTS_TIMEOUT_S,
+    )
     assert reply.status_code == 200, reply.text
     assert not torch.allclose(before, server.service.served.next_token_logprobs(ids))
     assert httpx.post(f"{server.url}/forge/generate", json={"token_ids": ids}).json()["policy_version"] == 9
@@ -145,19 +168,36 @@ def test_bad_requests_get_a_clear_400(server, tmp_path):
     assert too_long.status_code == 400 and "context limit" in too_long.text
     over_cap = httpx.post(f"{url}/forge/generate", json={"token_ids": [5], "max_new_tokens": 99})
     assert over_cap.status_code == 400 and "--max-new-tokens" in over_cap.text
-    missing = httpx.post(f"{url}/forge/weights", json={"checkpoint": str(tmp_path / "nope"), "version": 1})
+    missing = httpx.post(
+        f"{url}/forge/weights",
+        json={"checkpoint": str(tmp_path / "nope"), "version": 1},
+        timeout=WEIGHTS_TIMEOUT_S,
+    )
     assert missing.status_code == 400 and "does not exist" in missing.text
-    not_adapter = httpx.post(f"{url}/forge/weights", json={"adapter": str(tmp_path), "version": 1})
+    not_adapter = httpx.post(
+        f"{url}/forge/weights", json={"adapter": str(tmp_path), "version": 1}, timeout=WEIGHTS_TIMEOUT_S
+    )
     assert not_adapter.status_code == 400 and "adapter_config.json" in not_adapter.text
-    garbage = httpx.post(f"{url}/forge/weights/tensors", params={"version": 1}, content=b"not safetensors")
+    garbage = httpx.post(
+        f"{url}/forge/weights/tensors",
+        params={"version": 1},
+        content=b"not safetensors",
+        timeout=WEIGHTS_TIMEOUT_S,
+    )
     assert garbage.status_code == 400 and "safetensors" in garbage.text
 
 
 def test_openai_chat_is_served_by_the_gateway_app_with_the_engine_version(server, other_checkpoint):
-    httpx.post(f"{server.url}/forge/weights", json={"checkpoint": str(other_checkpoint), "version": 3})
+    httpx.post(
+        f"{server.url}/forge/weights",
+        json={"checkpoint": str(other_checkpoint), "version": 3},
+        timeout=WEIGHTS_TIMEOUT_S,
+    )
     episode = httpx.post(f"{server.url}/forge/episodes", json={"task": {}}).json()
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=episode["episode_id"])
-    reply = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    reply = client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=3
+    )
     assert reply.model_extra["forge"]["policy_version"] == 3
     assert [m.id for m in client.models.list().data] == [server.service.model_name]
 
@@ -165,21 +205,38 @@ def test_openai_chat_is_served_by_the_gateway_app_with_the_engine_version(server
 def test_a_batch_call_runs_its_requests_as_one_engine_batch_each_answered_as_alone(server):
     ids = prompt(server)
     before = server.service.served.metrics()["batches"]
-    body = httpx.post(f"{server.url}/forge/generate/batch", json={"requests": [
-        {"token_ids": ids, "max_new_tokens": 1, "episode_id": f"e{i}", "temperature": 0} for i in range(4)
-    ]}).json()
+    body = httpx.post(
+        f"{server.url}/forge/generate/batch",
+        json={
+            "requests": [
+                {"token_ids": ids, "max_new_tokens": 1, "episode_id": f"e{i}", "temperature": 0}
+                for i in range(4)
+            ]
+        },
+    ).json()
     assert server.service.served.metrics()["batches"] == before + 1
-    alone = httpx.post(f"{server.url}/forge/generate", json={"token_ids": ids, "max_new_tokens": 1, "temperature": 0})
+    alone = httpx.post(
+        f"{server.url}/forge/generate", json={"token_ids": ids, "max_new_tokens": 1, "temperature": 0}
+    )
     assert [r["token_ids"] for r in body["results"]] == [alone.json()["token_ids"]] * 4
-    assert [r["logprobs"][0] for r in body["results"]] == pytest.approx([alone.json()["logprobs"][0]] * 4, abs=1e-5)
+    assert [r["logprobs"][0] for r in body["results"]] == pytest.approx(
+        [alone.json()["logprobs"][0]] * 4, abs=1e-5
+    )
     assert {r["policy_version"] for r in body["results"]} == {0}
 
 
 def test_a_refused_request_in_a_batch_gets_its_own_error_and_the_others_are_answered(server):
     ids = prompt(server)
-    body = httpx.post(f"{server.url}/forge/generate/batch", json={"requests": [
-        {"token_ids": ids, "max_new_tokens": 2}, {"token_ids": [10**6]}, {"token_ids": [5] * 200},
-    ]}).json()
+    body = httpx.post(
+        f"{server.url}/forge/generate/batch",
+        json={
+            "requests": [
+                {"token_ids": ids, "max_new_tokens": 2},
+                {"token_ids": [10**6]},
+                {"token_ids": [5] * 200},
+            ]
+        },
+    ).json()
     good, out_of_vocab, too_long = body["results"]
     assert len(good["token_ids"]) >= 1
     assert out_of_vocab["status"] == 400 and "outside the vocabulary" in out_of_vocab["error"]
@@ -188,10 +245,14 @@ def test_a_refused_request_in_a_batch_gets_its_own_error_and_the_others_are_answ
 
 def test_a_batch_releases_the_episodes_it_names_before_generating(server):
     ids = prompt(server)
-    httpx.post(f"{server.url}/forge/generate", json={"token_ids": ids, "max_new_tokens": 1, "episode_id": "old"})
+    httpx.post(
+        f"{server.url}/forge/generate", json={"token_ids": ids, "max_new_tokens": 1, "episode_id": "old"}
+    )
     assert "old" in server.service.served._cached
-    httpx.post(f"{server.url}/forge/generate/batch",
-               json={"requests": [{"token_ids": ids, "max_new_tokens": 1, "episode_id": "new"}], "release": ["old"]})
+    httpx.post(
+        f"{server.url}/forge/generate/batch",
+        json={"requests": [{"token_ids": ids, "max_new_tokens": 1, "episode_id": "new"}], "release": ["old"]},
+    )
     assert "old" not in server.service.served._cached and "new" in server.service.served._cached
     assert httpx.post(f"{server.url}/forge/release", json={}).status_code == 400
 
@@ -202,7 +263,8 @@ def test_the_forge_client_sends_a_batch_and_reads_each_answer_or_error(server):
     async def scenario() -> None:
         client = ForgeClient(server.url, timeout_s=30)
         results = await client.generate_batch(
-            [GenerationRequest(prompt(server), 2, "a"), GenerationRequest([10**6], 2, "b")], release=["gone"])
+            [GenerationRequest(prompt(server), 2, "a"), GenerationRequest([10**6], 2, "b")], release=["gone"]
+        )
         assert len(results[0].token_ids) == len(results[0].logprobs) >= 1
         assert isinstance(results[1], ProtocolError) and "outside the vocabulary" in str(results[1])
         await client.close()
@@ -243,9 +305,23 @@ def test_forge_serve_command_serves_a_checkpoint(checkpoint):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     process = subprocess.Popen(
-        [sys.executable, "-m", "forge.cli", "serve", str(checkpoint), "--port", str(port), "--max-new-tokens", "4",
-         "--attn-implementation", "eager"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "forge.cli",
+            "serve",
+            str(checkpoint),
+            "--port",
+            str(port),
+            "--max-new-tokens",
+            "4",
+            "--attn-implementation",
+            "eager",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 120
@@ -269,7 +345,10 @@ def test_forge_serve_command_serves_a_checkpoint(checkpoint):
 def test_serve_loads_with_the_attention_its_flag_names(checkpoint):
     from forge.rollout.engines.shared_prefix import loaded_attention
 
-    assert loaded_attention(make_service(checkpoint, attn_implementation="eager").served.engine.model.config) == "eager"
+    assert (
+        loaded_attention(make_service(checkpoint, attn_implementation="eager").served.engine.model.config)
+        == "eager"
+    )
     assert loaded_attention(make_service(checkpoint).served.engine.model.config) == "sdpa"  # auto
 
 
@@ -297,8 +376,10 @@ def test_forge_serve_lists_the_attention_choices(capsys):
 
 def test_a_request_samples_with_its_own_temperature_and_its_logprobs_are_of_it(server):
     ids = prompt(server)
-    body = httpx.post(f"{server.url}/forge/generate",
-                      json={"token_ids": ids, "max_new_tokens": 1, "temperature": 0.5, "top_p": 1.0}).json()
+    body = httpx.post(
+        f"{server.url}/forge/generate",
+        json={"token_ids": ids, "max_new_tokens": 1, "temperature": 0.5, "top_p": 1.0},
+    ).json()
     with torch.no_grad():
         logits = server.service.served.engine.model(input_ids=torch.tensor([ids])).logits[0, -1]
     expected = torch.log_softmax(logits.float() / 0.5, dim=-1)[body["token_ids"][0]].item()
@@ -309,8 +390,16 @@ def test_the_forge_client_sends_the_runs_sampling():
     from forge.rollout.engines.remote import Sampling, forge_generate_batch_call, forge_generate_call
 
     call = forge_generate_call(GenerationRequest([1, 2], 3, "e"), Sampling(0.7, 0.9, (3,)))
-    assert call.body == {"token_ids": [1, 2], "max_new_tokens": 3, "episode_id": "e", "temperature": 0.7, "top_p": 0.9}
+    assert call.body == {
+        "token_ids": [1, 2],
+        "max_new_tokens": 3,
+        "episode_id": "e",
+        "temperature": 0.7,
+        "top_p": 0.9,
+    }
     assert "temperature" not in forge_generate_call(GenerationRequest([1, 2], 3)).body
-    batch = forge_generate_batch_call([GenerationRequest([1, 2], 3, "e")], Sampling(0.7, 0.9, (3,)), release=["d"])
+    batch = forge_generate_batch_call(
+        [GenerationRequest([1, 2], 3, "e")], Sampling(0.7, 0.9, (3,)), release=["d"]
+    )
     assert (batch.method, batch.path) == ("POST", "/forge/generate/batch")
     assert batch.body == {"requests": [call.body], "release": ["d"]}
