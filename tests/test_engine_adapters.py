@@ -13,8 +13,9 @@ import httpx
 import pytest
 
 from forge.rollout.engines import sglang_client, vllm_client
+from forge.rollout.engines.clients import make_client
 from forge.rollout.engines.protocol import GenerationRequest
-from forge.rollout.engines.remote import EngineLost, ForgeClient, ProtocolError, Sampling, make_client
+from forge.rollout.engines.remote import EngineLost, ForgeClient, ProtocolError, Sampling
 
 FIXTURES = Path(__file__).parent / "fixtures" / "engines"
 VLLM = json.loads((FIXTURES / "vllm.json").read_text())

@@ -48,7 +48,8 @@ class RolloutWorker:
         self.router: Router | None = None
         self.engine: HFEngine | None = None
         if engine_urls:  # generation runs on engine servers; this worker holds no model
-            from forge.rollout.engines.remote import Sampling, make_client
+            from forge.rollout.engines.clients import make_client
+            from forge.rollout.engines.remote import Sampling
 
             sampling = Sampling(rollout_cfg.temperature, rollout_cfg.top_p, tuple(self.chat.stop_token_ids))
             clients = [make_client(url, model_cfg.path or "policy", sampling, rollout_cfg.engine_timeout_s)

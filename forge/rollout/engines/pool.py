@@ -324,7 +324,8 @@ class EnginePool:
     async def _sync_remote(self, wrapped: list[Any], version: int, trainer: Any, timeout_s: float) -> None:
         import ray
 
-        from forge.rollout.engines.remote import EngineLost, ForgeClient, ProtocolError, Sampling, make_client
+        from forge.rollout.engines.clients import make_client
+        from forge.rollout.engines.remote import EngineLost, ForgeClient, ProtocolError, Sampling
         from forge.rollout.engines.updates import tensors_to_bytes
         from forge.weights import unpack_weights
 

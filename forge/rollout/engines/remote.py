@@ -255,22 +255,3 @@ class ForgeClient:
 
     async def close(self) -> None:
         await self.http.close()
-
-
-def make_client(spec: str, model: str, sampling: Sampling, timeout_s: float = 120.0) -> EngineClient:
-    """A client from a `rollout.servers` entry: `http://host:port` (forge serve),
-    `vllm+http://host:port` or `sglang+http://host:port`."""
-    kind, _, url = spec.partition("+") if "+" in spec.split("://")[0] else ("forge", "", spec)
-    if not url.startswith(("http://", "https://")):
-        raise ValueError(f"rollout.servers entry {spec!r}: write http://host:port, vllm+http://... or sglang+http://...")
-    if kind == "forge":
-        return ForgeClient(url, timeout_s, sampling)
-    if kind == "vllm":
-        from forge.rollout.engines.vllm_client import VLLMClient
-
-        return VLLMClient(url, model, sampling, timeout_s)
-    if kind == "sglang":
-        from forge.rollout.engines.sglang_client import SGLangClient
-
-        return SGLangClient(url, sampling, timeout_s)
-    raise ValueError(f"rollout.servers entry {spec!r}: unknown server kind {kind!r} (forge, vllm or sglang)")
