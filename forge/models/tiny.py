@@ -132,9 +132,9 @@ def save_tiny_checkpoint(cfg: TinyModelConfig, directory: str | Path, seed: int 
     if stamp_file.is_file() and stamp_file.read_text() == stamp:
         return directory
     directory.mkdir(parents=True, exist_ok=True)
-    from forge.models.loading import quiet_transformers
+    from transformers.utils import logging as hf_logging
 
-    quiet_transformers()
+    hf_logging.disable_progress_bar()  # as loading.quiet_transformers, which imports this module
     tokenizer = build_tokenizer(cfg.extra_words)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(build_model_config(cfg, tokenizer))
