@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 from forge.rollout.engines.protocol import GenerationRequest, GenerationResult, InferenceEngine
 
@@ -92,16 +93,11 @@ class BatchingEngine:
             self._arrived.clear()
             if not self._pending:
                 continue
-            deadline = time.monotonic() + self.max_wait_s
-            while len(self._pending) < min(self.active_episodes, self.max_batch_size):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    await asyncio.wait_for(self._arrived.wait(), remaining)
-                except TimeoutError:
-                    break
-                self._arrived.clear()
+            await wait_for_batch(
+                self._arrived,
+                self.max_wait_s,
+                lambda: len(self._pending) >= min(self.active_episodes, self.max_batch_size),
+            )
             batch = self._pending[: self.max_batch_size]
             self._pending = self._pending[self.max_batch_size :]
             if self._pending:
@@ -129,3 +125,18 @@ class BatchingEngine:
                 self.prefill_tokens += result.prefill_tokens
                 if not future.done():
                     future.set_result(result)
+
+
+async def wait_for_batch(arrived: asyncio.Event, max_wait_s: float, full: Callable[[], bool]) -> None:
+    """Wait, woken by each arrival on `arrived`, until `full()` holds or `max_wait_s` has passed:
+    the batching rule both this engine and the server router use."""
+    deadline = time.monotonic() + max_wait_s
+    while not full():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        try:
+            await asyncio.wait_for(arrived.wait(), remaining)
+        except TimeoutError:
+            return
+        arrived.clear()

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from forge.rollout.engines.batching import wait_for_batch
 from forge.rollout.engines.protocol import GenerationRequest, GenerationResult
 from forge.rollout.engines.remote import EngineClient, EngineLost
 
@@ -132,16 +133,7 @@ class Router:
             self._arrived.clear()
             if not any(e.pending for e in self.engines):
                 continue
-            deadline = time.monotonic() + self.max_wait_s
-            while self.waiting < self.active_episodes:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    await asyncio.wait_for(self._arrived.wait(), remaining)
-                except TimeoutError:
-                    break
-                self._arrived.clear()
+            await wait_for_batch(self._arrived, self.max_wait_s, lambda: self.waiting >= self.active_episodes)
             for index, engine in enumerate(self.engines):
                 batch = [(request, future) for request, future in engine.pending if not future.done()]
                 engine.pending = []
