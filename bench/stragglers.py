@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.report import save_result
+from bench.report import run_timing, save_result
 from forge.config import Config, load_config
 from forge.run.launch import train
 
@@ -82,17 +82,8 @@ def staleness_distribution(records: list[dict[str, Any]]) -> dict[str, float]:
 
 def summarize(records: list[dict[str, Any]], last: int) -> dict[str, Any]:
     later = records[1:]  # step 1 includes actor start-up
-    span = records[-1]["wall_seconds"] - records[0]["wall_seconds"]
-    train_seconds = sum(r.get("train_seconds") or 0.0 for r in later)
-    if "rollout_idle_fraction" in records[-1]:
-        rollout_idle = records[-1]["rollout_idle_fraction"]  # measured per worker by the async loop
-    else:  # sync: workers play only while the driver waits on the rollout
-        rollout_idle = 1.0 - sum(r["rollout_seconds"] for r in later) / span
     return {
-        "steps": len(records),
-        "steps_per_minute": round(60.0 * len(later) / span, 3),
-        "trainer_idle_fraction": round(max(0.0, 1.0 - train_seconds / span), 4),
-        "rollout_idle_fraction": round(max(0.0, rollout_idle), 4),
+        **run_timing(records),
         "trained_success_rate": round(statistics.fmean(r["success_rate"] for r in records[-last:]), 4),
         "turns_mean": round(statistics.fmean(r["turns_mean"] for r in later), 3),
         "dropped_stale_groups": records[-1].get("pool/dropped_stale", 0.0),
