@@ -6,32 +6,13 @@ from __future__ import annotations
 import asyncio
 import json
 
+from byte_chat import EOS, ByteChat
+
 from forge.rollout.agent import EpisodeLimits, run_episode
 from forge.rollout.engines.batching import BatchingEngine
 from forge.rollout.engines.protocol import GenerationResult
 from forge_envs.countdown import CountdownEnv
 from forge_envs.python_coding import PythonCodingEnv
-
-EOS = 0
-
-
-class ByteChat:
-    """A chat format over raw bytes (token id = byte + 1, 0 = end of turn)."""
-
-    eos_token_id = EOS
-    stop_token_ids = [EOS]
-
-    def encode(self, text: str) -> list[int]:
-        return [b + 1 for b in text.encode()]
-
-    def prompt_ids(self, observation, system_prompt=None, tools=None):
-        return self.encode(f"{system_prompt}\n{json.dumps(tools)}\nuser: {observation}\nassistant: ")
-
-    def observation_ids(self, observation, role="user"):
-        return self.encode(f"\n{role}: {observation}\nassistant: ")
-
-    def decode(self, token_ids):
-        return bytes(t - 1 for t in token_ids if t != EOS).decode()
 
 
 class ScriptedEngine:

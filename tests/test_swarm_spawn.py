@@ -8,7 +8,9 @@ import asyncio
 import json
 import time
 
+import byte_chat
 import pytest
+from byte_chat import EOS
 
 from forge.env import ToolEnv, tool
 from forge.rollout.agent import EpisodeLimits, run_episode
@@ -17,27 +19,15 @@ from forge.rollout.engines.protocol import GenerationResult
 from forge.rollout.spawn import Spawner, SwarmLimits
 from forge.types import Trajectory, Turn
 
-EOS = 0
 FACTS = {"a": "1", "b": "2", "c": "3", "d": "4"}
 
 
-class ByteChat:
-    """A chat format over raw bytes (token id = byte + 1, 0 = end of turn)."""
-
-    eos_token_id = EOS
-    stop_token_ids = [EOS]
-
-    def encode(self, text: str) -> list[int]:
-        return [b + 1 for b in text.encode()]
-
-    def prompt_ids(self, observation, system_prompt=None, tools=None):
-        return self.encode(f"{system_prompt}\n{json.dumps(tools)}\nuser: {observation}\nassistant: ")
+class ByteChat(byte_chat.ByteChat):
+    """Every observation, tool results included, reads as a user message: the rule engine
+    below answers the text after the last `user: `."""
 
     def observation_ids(self, observation, role="user"):
-        return self.encode(f"\nuser: {observation}\nassistant: ")
-
-    def decode(self, token_ids):
-        return bytes(t - 1 for t in token_ids if t != EOS).decode()
+        return super().observation_ids(observation, "user")
 
 
 class RuleEngine:
