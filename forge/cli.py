@@ -18,10 +18,10 @@ def _train(args: argparse.Namespace) -> int:
     if args.output_dir:
         cfg.output_dir = args.output_dir
     if args.dry_run:
-        from forge.env.preflight import preflight_env
+        from forge.run.launch import preflight
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
-        print(f"forge: {preflight_env(cfg.env, cfg.seed)}", file=sys.stderr)
+        print(f"forge: {preflight(cfg)}", file=sys.stderr)
         return 0
     from forge.failures import RunStopped
     from forge.run.launch import train

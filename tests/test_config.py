@@ -98,6 +98,22 @@ def test_cli_reports_bad_key_without_traceback(capsys):
     assert "Traceback" not in err
 
 
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["rollout.engine=remote"], "rollout.engine=remote needs rollout.servers"),
+        (["train.mode=async", "rollout.engine=server", "rollout.weight_sync=folder"], "rollout.weight_sync=folder with"),
+        (["gateway.enabled=true", "train.mode=async"], "gateway runs train in sync mode only"),
+    ],
+)
+def test_dry_run_refuses_what_the_run_would_refuse(capsys, overrides, message):
+    code = main(["train", "configs/smoke.yaml", *overrides, "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err
+
 def test_bench_with_an_unknown_name_is_a_clear_error(capsys):
     assert main(["bench", "no_such_bench"]) == 2
     assert "no benchmark 'no_such_bench'" in capsys.readouterr().err

@@ -25,18 +25,24 @@ def train(
     an output directory holding an earlier run is refused, or with `overwrite` emptied of it."""
     if not resume:
         claim_output_dir(Path(output_dir or cfg.output_dir), overwrite)
-    from forge.rollout.engines.pool import check_engine_config
-
-    check_engine_config(cfg)
-    from forge.env.preflight import preflight_env
-
-    preflight_env(cfg.env, cfg.seed)  # a wrong env name, kwargs or reset: one message, before Ray starts
+    preflight(cfg)
     if cfg.gateway.enabled:  # agent programs play the episodes through the HTTP gateway
         from forge.run.gateway import train_gateway  # imported here: it loads the web server
 
-        if cfg.train.mode != "sync":
-            raise ConfigError("gateway runs train in sync mode only; set train.mode: sync")
         return train_gateway(cfg, output_dir, progress, resume)
     if cfg.train.mode == "async":
         return train_async(cfg, output_dir, progress, resume)
     return train_sync(cfg, output_dir, progress, resume)
+
+
+def preflight(cfg: Config) -> str:
+    """Refuse what cannot run, before Ray starts (also what `forge train --dry-run` checks):
+    engine settings, the gateway's mode, and the env built with its kwargs and reset once.
+    Returns the env check's one-line summary."""
+    from forge.env.preflight import preflight_env
+    from forge.rollout.engines.pool import check_engine_config
+
+    check_engine_config(cfg)
+    if cfg.gateway.enabled and cfg.train.mode != "sync":
+        raise ConfigError("gateway runs train in sync mode only; set train.mode: sync")
+    return preflight_env(cfg.env, cfg.seed)  # a wrong env name, kwargs or reset: one message
