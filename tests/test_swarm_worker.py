@@ -97,3 +97,78 @@ def test_a_swarm_run_writes_the_cluster_metrics_and_its_subagents(ray_session, t
     logged = [json.loads(line) for line in (tmp_path / "run" / "trajectories.jsonl").read_text().splitlines()]
     helpers = [sub for episode in logged for sub in episode.get("subagents", [])]
     assert helpers and all("find" in sub["prompt"] and sub["parent_turn"] is not None for sub in helpers)
+
+
+def test_a_restarted_worker_past_the_frozen_version_loads_the_runs_snapshot(lookup_checkpoint, tmp_path):
+    cfg = swarm_config(subagent_policy="frozen", train_subagents="false", frozen_version=2)
+    snapshot = tmp_path / "swarm_frozen.pt"
+
+    def start() -> RolloutWorker:
+        return RolloutWorker(str(lookup_checkpoint), cfg.model, cfg.env, cfg.rollout, 0.5, seed=0,
+                             swarm_cfg=cfg.swarm, frozen_snapshot=str(snapshot))  # fmt: skip
+
+    worker = start()
+    initial = {name: p.detach().clone() for name, p in worker.engine.model.state_dict().items()}
+    at_two = {name: p + 0.01 * torch.randn_like(p) for name, p in initial.items()}
+    worker.set_weights(at_two, version=2)
+    worker.save_frozen(str(snapshot))
+    sampling = worker.rng_state()
+
+    restarted = start()  # as Ray restarts a dead worker: its constructor again, then the latest weights
+    restarted.set_rng_state(sampling)
+    later = {name: p + 0.05 for name, p in at_two.items()}  # (randn here would repeat at_two: the worker seeds torch)
+    restarted.set_weights(later, version=5)
+    assert restarted.frozen.policy_version == 2
+    frozen, kept = restarted.frozen.model.state_dict(), worker.frozen.model.state_dict()
+    assert all(torch.equal(frozen[name], kept[name]) for name in kept)  # version 2's weights, not 5's
+    assert not torch.equal(frozen["model.norm.weight"], restarted.engine.model.state_dict()["model.norm.weight"])
+    assert torch.equal(restarted.frozen.generator.get_state(), worker.frozen.generator.get_state())
+
+
+def test_a_worker_past_the_frozen_version_without_its_snapshot_refuses(lookup_checkpoint, tmp_path):
+    cfg = swarm_config(subagent_policy="frozen", train_subagents="false", frozen_version=2)
+    worker = RolloutWorker(str(lookup_checkpoint), cfg.model, cfg.env, cfg.rollout, 0.5, seed=0,
+                           swarm_cfg=cfg.swarm, frozen_snapshot=str(tmp_path / "missing.pt"))  # fmt: skip
+    with pytest.raises(RuntimeError, match="no snapshot of version 2"):
+        worker.set_weights(worker.engine.model.state_dict(), version=3)
+    assert worker.frozen is None
+
+
+@pytest.mark.slow
+def test_a_run_keeps_its_frozen_version_for_restarts_and_resumes(ray_session, tmp_path):
+    """The run saves version 1's weights when its workers reach it; killed after step 2 and
+    resumed, it ends where the uninterrupted run ends; without the snapshot it refuses to resume."""
+    from test_resume import trainable
+
+    from forge.run.frozen import SNAPSHOT_FILE
+    from forge.run.launch import train
+
+    def config(steps: int, *extra: str) -> Config:
+        return load_config("configs/swarm.yaml", [*extra,
+            "swarm.subagent_policy=frozen", "swarm.train_subagents=false", "swarm.frozen_version=1",
+            f"train.max_steps={steps}", "train.checkpoint_every=1", "train.keep_checkpoints=0",
+            "rollout.num_workers=1", "rollout.tasks_per_step=2", "rollout.group_size=4",
+            "logging.tensorboard=false",
+        ])  # fmt: skip
+
+    train(config(3), tmp_path / "whole", progress=False)
+    train(config(2), tmp_path / "cut", progress=False)
+    snapshot = torch.load(tmp_path / "cut" / SNAPSHOT_FILE, weights_only=True)
+    at_one, at_two = trainable(tmp_path / "cut", 1), trainable(tmp_path / "cut", 2)
+    assert at_one.keys() <= snapshot.keys()
+    assert all(torch.equal(snapshot[name], at_one[name]) for name in at_one)
+    assert any(not torch.equal(at_one[name], at_two[name]) for name in at_one)
+
+    train(config(3), tmp_path / "cut", progress=False, resume=True)
+    expected, got = trainable(tmp_path / "whole", 3), trainable(tmp_path / "cut", 3)
+    for name, tensor in expected.items():
+        assert torch.equal(tensor, got[name]), name
+
+    (tmp_path / "cut" / SNAPSHOT_FILE).unlink()
+    with pytest.raises(ValueError, match="no snapshot"):
+        train(config(4), tmp_path / "cut", progress=False, resume=True)
+
+    train(config(2, "train.mode=async"), tmp_path / "async", progress=False)  # weights sent without waiting
+    snapshot = torch.load(tmp_path / "async" / SNAPSHOT_FILE, weights_only=True)
+    at_one = trainable(tmp_path / "async", 1)
+    assert all(torch.equal(snapshot[name], at_one[name]) for name in at_one)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,6 +37,7 @@ class RolloutWorker:
         engine_urls: list[str] | None = None,
         worker_index: int = 0,
         swarm_cfg: SwarmConfig | None = None,
+        frozen_snapshot: str | None = None,
     ) -> None:
         from forge.models.loading import load_model, load_tokenizer, resolve_device
         from forge.sandbox.policy import configure_for_env
@@ -87,6 +90,10 @@ class RolloutWorker:
         self.seed = seed
         self.swarm = swarm_cfg if swarm_cfg is not None and swarm_cfg.enabled else None
         self.frozen: HFEngine | None = None  # the sub-agents' weight snapshot (swarm.subagent_policy: frozen)
+        # Where the run keeps that snapshot (forge.run.frozen), so that a worker Ray restarted
+        # or a resumed run samples sub-agents from the version the run froze, not a later one.
+        self.frozen_snapshot = Path(frozen_snapshot) if frozen_snapshot else None
+        self._frozen_sampling: Any = None  # a checkpoint's sampling state, until the snapshot is loaded
         if self.swarm is not None:
             from forge.env.tools import ToolEnv
 
@@ -98,21 +105,61 @@ class RolloutWorker:
             if self.swarm.subagent_policy == "frozen" and self.swarm.frozen_version == 0:
                 self._freeze()
 
-    def _freeze(self) -> None:
-        """Keep a copy of the engine's current weights for sub-agents (a second model)."""
+    def _freeze(self, weights: dict[str, torch.Tensor] | None = None, version: int | None = None) -> None:
+        """Keep a copy of the engine's weights for sub-agents (a second model): its current
+        weights, or `weights` of `version` (a snapshot the run saved)."""
         import copy
 
         if self.engine is None:
             raise ValueError("swarm.subagent_policy: frozen needs rollout.engine: inprocess")
+        model = copy.deepcopy(self.engine.model)
+        if weights is not None:
+            model.load_state_dict(weights)
         self.frozen = HFEngine(
-            copy.deepcopy(self.engine.model),
+            model,
             stop_token_ids=self.chat.stop_token_ids,
             pad_token_id=self.tokenizer.pad_token_id,
             temperature=self.engine.temperature,
             top_p=self.engine.top_p,
             seed=self.seed + 1,  # its own sampling stream, apart from the policy's
         )
-        self.frozen.policy_version = self.engine.policy_version
+        self.frozen.policy_version = self.engine.policy_version if version is None else version
+        if self._frozen_sampling is not None:
+            self.frozen.generator.set_state(self._frozen_sampling)
+            self._frozen_sampling = None
+
+    def _keep_frozen(self, version: int) -> None:
+        """After a weight sync to `version`: take the sub-agents' snapshot when the run reaches
+        `swarm.frozen_version`; past it, load the one the run saved."""
+        swarm = self.swarm
+        if swarm is None or swarm.subagent_policy != "frozen" or self.frozen is not None:
+            return
+        if version < swarm.frozen_version:
+            return  # until then sub-agents use the current policy
+        snapshot = self.frozen_snapshot
+        if snapshot is not None and snapshot.exists():
+            self._freeze(torch.load(snapshot, weights_only=True), swarm.frozen_version)
+        elif version == swarm.frozen_version:
+            self._freeze()
+        else:
+            raise RuntimeError(
+                f"swarm.frozen_version is {swarm.frozen_version} but this worker first got version {version} "
+                f"and the run saved no snapshot of version {swarm.frozen_version}"
+                + (f" at {snapshot}" if snapshot is not None else "")
+                + "; sub-agents would sample from the wrong weights. Start the run afresh, or set "
+                "swarm.frozen_version to a version not yet reached"
+            )
+
+    def save_frozen(self, path: str) -> str:
+        """Write the sub-agents' snapshot to `path` (atomically: a reader never sees half a file)."""
+        if self.frozen is None:
+            raise RuntimeError("no frozen sub-agent policy to save: this worker has not reached swarm.frozen_version")
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+        torch.save(self.frozen.model.state_dict(), partial)
+        os.replace(partial, target)
+        return str(target)
 
     def add_engine(self, url: str) -> None:
         """An engine started in place of a lost one: route new groups to it too."""
@@ -132,12 +179,19 @@ class RolloutWorker:
         """Episode seeds and token sampling state, for a checkpoint to resume exactly
         (with engine servers, sampling state lives in them and is not saved)."""
         sampling = self.engine.generator.get_state() if self.engine is not None else None
-        return {"episodes": self.rng.getstate(), "sampling": sampling}
+        frozen = self.frozen.generator.get_state() if self.frozen is not None else self._frozen_sampling
+        return {"episodes": self.rng.getstate(), "sampling": sampling, "frozen_sampling": frozen}
 
     def set_rng_state(self, state: dict[str, Any]) -> None:
         self.rng.setstate(state["episodes"])
         if self.engine is not None and state.get("sampling") is not None:
             self.engine.generator.set_state(state["sampling"])
+        frozen = state.get("frozen_sampling")
+        if frozen is not None:  # the sub-agents' stream; its snapshot may be loaded later (forge.run.frozen)
+            if self.frozen is not None:
+                self.frozen.generator.set_state(frozen)
+            else:
+                self._frozen_sampling = frozen
 
     def next_token_logprobs(self, token_ids: list[int]) -> list[float]:
         """The policy's next-token distribution after `token_ids` (to check a weight sync)."""
@@ -145,10 +199,7 @@ class RolloutWorker:
 
     def set_weights(self, weights: PackedWeights | dict[str, torch.Tensor], version: int) -> int:
         self.engine.load_weights(unpack_weights(weights), version)
-        swarm = self.swarm
-        if swarm is not None and swarm.subagent_policy == "frozen" and self.frozen is None:
-            if version >= swarm.frozen_version:  # a resumed run may never see that exact version: the next one
-                self._freeze()
+        self._keep_frozen(version)
         return version
 
     async def close(self) -> None:
@@ -209,6 +260,8 @@ class RolloutWorker:
 
     def _subagent_engine(self, engine: BatchingEngine | Router) -> BatchingEngine | Router:
         """What sub-agents sample from: the frozen snapshot's batcher, else the policy's."""
+        if self.engine is not None:  # a sync that raised unseen (async mode sends weights without waiting)
+            self._keep_frozen(self.engine.policy_version)
         if self.frozen is None:
             return engine
         if getattr(self, "frozen_batching", None) is None or self.frozen_batching.engine is not self.frozen:

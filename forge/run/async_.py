@@ -23,6 +23,7 @@ from forge.run.context import (
     to_samples,
 )
 from forge.run.faults import lost_group
+from forge.run.frozen import keep_snapshot
 from forge.types import NO_VERSION, Trajectory
 
 # Async mode keeps this many training steps submitted to the trainer: one running, one
@@ -337,9 +338,12 @@ class AsyncLoop:
             # Engine servers: each pauses between batches, loads, resumes; episodes in
             # flight go on, their later tokens stamped with the new version.
             self.run.sync_weights((wrapped, self.trainer_version))
-        for index, worker in enumerate(self.run.workers):
-            if index not in self.needs_sync and self.run.engines is None:
-                worker.set_weights.remote(self.weights[0], self.trainer_version)
+        synced = [i for i in range(len(self.run.workers)) if i not in self.needs_sync]
+        if self.run.engines is None:
+            loading = [self.run.workers[i].set_weights.remote(self.weights[0], self.trainer_version) for i in synced]
+            if synced:
+                keep_snapshot(self.run.frozen_snapshot, self.cfg.swarm.frozen_version, self.trainer_version,
+                              self.run.workers[synced[0]], loading[0])  # fmt: skip
         self.step += 1
         self.failures.observe(self.step, trajectories, last_step=self.step == self.cfg.train.max_steps)
         wall = time.perf_counter() - self.loop_started

@@ -20,6 +20,7 @@ from forge.config import Config
 from forge.metrics import MetricsLogger, rollout_metrics, show_step
 from forge.run.cluster import check_resources, start_ray, worker_cpus
 from forge.run.faults import collect_groups, wait_until_alive
+from forge.run.frozen import check_resumable, frozen_snapshot, keep_snapshot
 from forge.run.tasks import TaskStream, load_task_rows, split_evenly
 from forge.types import Sample, Trajectory
 
@@ -90,6 +91,7 @@ class Run:
         self.model_path = resolve_model_path(cfg.model, output_dir / "initial_model", seed=cfg.seed)
         self.tasks = TaskStream(load_task_rows(cfg), cfg.seed)
         self.shaper = RewardShaper(cfg.reward)
+        self.frozen_snapshot = frozen_snapshot(cfg, output_dir)
 
         check_resources(cfg, cfg.rollout.num_workers)
         self.engines = None
@@ -130,6 +132,7 @@ class Run:
                 self.engines.urls if self.engines is not None else None,
                 index,
                 cfg.swarm,
+                str(self.frozen_snapshot) if self.frozen_snapshot is not None else None,
             )
             for index in range(cfg.rollout.num_workers)
         ]
@@ -179,7 +182,12 @@ class Run:
             except (RayActorError, ActorUnavailableError):  # a worker Ray is restarting
                 wait_until_alive(worker)
                 ray.get(worker.set_weights.remote(wrapped[0], version))
+        self.keep_frozen(version)
         return version
+
+    def keep_frozen(self, version: int) -> None:
+        """Save the sub-agents' snapshot when the workers reach swarm.frozen_version (forge.run.frozen)."""
+        keep_snapshot(self.frozen_snapshot, self.cfg.swarm.frozen_version, version, self.workers[0])
 
     def shutdown(self) -> None:
         import ray
@@ -209,6 +217,7 @@ def open_run(cfg: Config, output: Path, resume: bool) -> tuple[Run, int, tuple[l
         return run, 0, None
     try:
         step = restore_run(run)
+        check_resumable(run.frozen_snapshot, cfg.swarm.frozen_version, step)
         published = ray.get(run.trainer.publish_weights.remote())
         run.sync_weights(published)
     except Exception:
