@@ -287,3 +287,49 @@ def test_server_entries_name_their_kind():
         make_client("tgi+http://h:1", "m", Sampling())
     with pytest.raises(ValueError, match="write http://host:port"):
         make_client("h:1", "m", Sampling())
+
+
+# -- a gateway's call: stop strings, seeds, top logprobs, the client's own sampling ---------
+def gateway_request(given: dict) -> tuple[GenerationRequest, Sampling]:
+    request = GenerationRequest(given["token_ids"], given["max_new_tokens"], given.get("episode_id", ""),
+                                temperature=given["temperature"], seed=given["seed"],
+                                top_logprobs=given["top_logprobs"], stop=given["stop"])
+    return request, Sampling(given["run_temperature"], given["run_top_p"], tuple(given["stop_token_ids"]))
+
+
+def test_a_gateway_call_on_vllm_sends_its_stop_seed_top_logprobs_and_own_temperature():
+    exchange = VLLM["completion_for_a_gateway_call"]
+    request, sampling = gateway_request(exchange["given"])
+    call_as_recorded(vllm_client.completion_call(request, exchange["given"]["model"], sampling), exchange)
+
+
+def test_vllm_top_logprobs_parse_to_the_k_most_likely_of_each_step_whatever_was_sampled():
+    exchange = VLLM["completion_for_a_gateway_call"]
+    result = vllm_client.parse_completion(exchange["response"], (3,), 5, top_logprobs=2)
+    expected = exchange["expected"]
+    assert (result.token_ids, result.logprobs, result.finished) == (
+        expected["token_ids"], expected["logprobs"], expected["finished"])  # ended on a stop string, not a stop id
+    assert result.top_logprobs == [[tuple(pair) for pair in step] for step in expected["top_logprobs"]]
+    body = json.loads(json.dumps(exchange["response"]))
+    body["choices"][0]["logprobs"]["top_logprobs"] = [None, None, None]
+    with pytest.raises(ProtocolError, match="top_logprobs"):
+        vllm_client.parse_completion(body, (3,), 5, top_logprobs=2)
+
+
+def test_a_gateway_call_on_sglang_sends_its_stop_seed_top_logprobs_and_own_temperature():
+    exchange = SGLANG["generate_for_a_gateway_call"]
+    request, sampling = gateway_request(exchange["given"])
+    call_as_recorded(sglang_client.generate_call(request, sampling), exchange)
+
+
+def test_sglang_output_top_logprobs_parse_to_the_k_most_likely_of_each_step():
+    exchange = SGLANG["generate_for_a_gateway_call"]
+    result = sglang_client.parse_generate(exchange["response"], (3,), 0, top_logprobs=2)
+    expected = exchange["expected"]
+    assert (result.token_ids, result.logprobs, result.finished, result.policy_version) == (
+        expected["token_ids"], expected["logprobs"], expected["finished"], expected["policy_version"])
+    assert result.top_logprobs == [[tuple(pair) for pair in step] for step in expected["top_logprobs"]]
+    body = json.loads(json.dumps(exchange["response"]))
+    del body["meta_info"]["output_top_logprobs"]
+    with pytest.raises(ProtocolError, match="output_top_logprobs"):
+        sglang_client.parse_generate(body, (3,), 0, top_logprobs=2)

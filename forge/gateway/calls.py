@@ -104,11 +104,13 @@ class CallRun:
 
     async def _run(self) -> list[Choice]:
         spec, loop = self.spec, asyncio.get_running_loop()
-        requests = []
+        requests, watchers = [], []
+        group = self.gateway.store.get(self.episode_id).group_id or ""
         for index in range(spec.n):
             seed = None if spec.seed is None else (spec.seed + index) % 2**63
             name = self._engine_name(index)
             self.gateway.engine_names.setdefault(self.episode_id, set()).add(name)
+            watchers.append(self._watcher(index, loop))
             requests.append(
                 GenerationRequest(
                     list(spec.prompt_ids),
@@ -118,7 +120,9 @@ class CallRun:
                     top_p=spec.top_p,
                     seed=seed,
                     top_logprobs=spec.top_logprobs,
-                    on_token=self._watcher(index, loop),
+                    stop=list(self.texts[index].stop),
+                    group_id=group,
+                    on_token=watchers[-1],
                 )
             )
         started = time.monotonic()
@@ -134,7 +138,13 @@ class CallRun:
         choices = []
         for index, result in enumerate(results):
             text = self.texts[index]
-            if len(text.ids) != len(result.token_ids):  # not watched, or an engine without callbacks
+            if watchers[index] is not None and not text.ids and result.token_ids:
+                # An engine behind HTTP answers whole replies: its tokens go through the same
+                # watcher now (a stream gets them all at once), cut where it says stop.
+                result = self._replay(result, watchers[index])
+                if self.failure is not None:
+                    raise EpisodeError(500, self.failure)
+            if len(text.ids) != len(result.token_ids):  # not watched
                 text.take_all(result.token_ids)
             else:
                 text.settle()
@@ -148,3 +158,19 @@ class CallRun:
             )
             choices.append(Choice(index, record, text.final_text, result.top_logprobs))
         return choices
+
+    @staticmethod
+    def _replay(result: GenerationResult, on_token: Callable) -> GenerationResult:
+        """A whole reply fed token by token to its watcher. Where the watcher stops it (a stop
+        string, a closed JSON object), the reply ends there: the tokens after it were sampled
+        but never shown to the client, so they are not part of the call. The rest are the
+        engine's ids and logprobs, unchanged."""
+        tops = result.top_logprobs
+        for position, (token, logprob) in enumerate(zip(result.token_ids, result.logprobs, strict=True)):
+            if on_token(token, logprob, tops[position] if tops else []):
+                end = position + 1
+                return GenerationResult(
+                    result.token_ids[:end], result.logprobs[:end], True, result.policy_version,
+                    result.prefill_tokens, tops[:end] if tops else tops,
+                )
+        return result

@@ -82,13 +82,17 @@ class Gateway:
         tool_parser: str = "auto",
         sampling: str = "honour",
         batch_wait_s: float = 0.01,
+        router: Any | None = None,
     ) -> None:
         if sampling not in SAMPLING_RULES:
             raise ValueError(f"gateway.sampling={sampling!r}: use honour or override")
         self.engine = engine
         # A batch waits `batch_wait_s` for the other live episodes' calls to join it, and runs
         # off the server's event loop, which must keep answering HTTP (and streaming) meanwhile.
-        self.batching = BatchingEngine(engine, max_wait_s=batch_wait_s, offload=True)
+        # With engine servers (`router`, a `forge.rollout.engines.router.Router` whose clients
+        # sample with the run's settings, `engine` then giving those settings), the router
+        # batches the calls and sends them over HTTP from this loop.
+        self.batching = router if router is not None else BatchingEngine(engine, max_wait_s=batch_wait_s, offload=True)
         self.tokenizer = tokenizer
         self.store = store
         self.max_new_tokens = max_new_tokens

@@ -1,8 +1,9 @@
 """Training from agent programs: the harness starts episodes on the gateway, runs one agent
 process per episode against it, and trains on every recorded model call.
 
-The gateway's engine lives in this (driver) process; the trainer is a Ray actor whose
-versioned weights are loaded into the engine after every step.
+The gateway's engine lives in this (driver) process, or with `rollout.engine: server |
+remote` the gateway routes its calls to engine servers (`forge.rollout.engines.router`);
+the trainer is a Ray actor whose versioned weights go to the engine(s) after every step.
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ def gateway_step(run: GatewayRun, step: int, failures: FailureWatch, log: StepLo
         "policy_version": float(version),
         "step_seconds": time.perf_counter() - step_started,
         "wall_seconds": time.perf_counter() - started,
+        **run.prefix_cache_metrics(),
     }
     metrics = step_metrics(trajectories, reward_metrics, train_metrics, gateway_metrics)
     log.record(step, metrics, trajectories, run.tokenizer, calls=f"{metrics['gateway_calls']:.0f}")
@@ -134,16 +136,22 @@ class GatewayRun:
 
         start_ray()
         check_resources(cfg, 0)
+        self.pool: Any = None  # the engine servers, when the engine is not in this process
+        self.router: Any = None
+        if cfg.rollout.engine != "inprocess":
+            from forge.rollout.engines.pool import EnginePool
+
+            self.pool = EnginePool.start(cfg, model_path)
         self.trainer = make_trainer(cfg, model_path)
         torch.set_num_threads(cfg.rollout.threads)  # this process plays the rollout worker's part
         self.tokenizer = load_tokenizer(model_path)
-        self.engine = self._load_engine(model_path)
+        self.engine = self._load_engine(model_path) if self.pool is None else self._route_engines(model_path)
         env_class = resolve_env(cfg.env.name)
         env = cfg.env  # env.latency applies to the agents' env steps too
         self.store = EpisodeStore(
             lambda: with_latency(env_class(**env.kwargs), env.latency, env.step_timeout_s), env.step_timeout_s
         )
-        self.gateway = run_gateway(cfg, self.engine, self.tokenizer, self.store)
+        self.gateway = run_gateway(cfg, self.engine, self.tokenizer, self.store, self.router)
         self.server = GatewayServer(self.gateway, cfg.gateway.host, cfg.gateway.port).start()
         self.agent_env = {
             "OPENAI_BASE_URL": self.server.base_url,
@@ -174,13 +182,46 @@ class GatewayRun:
             seed=cfg.seed,
         )
 
+    def _route_engines(self, model_path: Path) -> Any:
+        """A router over the engine servers, for the gateway's calls; returns the sampling
+        the servers are asked to use (the run's), which the gateway reports as the engine's."""
+        from forge.rollout.chat import ChatFormat
+        from forge.rollout.engines.clients import make_client
+        from forge.rollout.engines.remote import Sampling
+        from forge.rollout.engines.router import Router
+
+        rollout = self.cfg.rollout
+        sampling = Sampling(rollout.temperature, rollout.top_p, tuple(ChatFormat(self.tokenizer).stop_token_ids))
+        self._client = lambda url: make_client(url, self.cfg.model.path or "policy", sampling,
+                                               rollout.engine_timeout_s)
+        self.router = Router([self._client(url) for url in self.pool.urls], name="gateway", max_wait_s=0.01)
+        self.version = 0
+        return sampling
+
+    @property
+    def policy_version(self) -> int:
+        return self.engine.policy_version if self.pool is None else self.version
+
+    def prefix_cache_metrics(self) -> dict[str, float]:
+        """This step's context tokens the `server` engines did not prefill (their prefix
+        caches held them), from the engines' counters; none in-process or with remote servers."""
+        if self.pool is None or not self.pool.actors:
+            return {}
+        totals = self.pool.metrics()
+        last, self._cache_totals = getattr(self, "_cache_totals", {}), totals
+        hits = totals.get("prefix_cache_hit_tokens", 0.0) - last.get("prefix_cache_hit_tokens", 0.0)
+        prompt = totals.get("prompt_tokens", 0.0) - last.get("prompt_tokens", 0.0)
+        if prompt <= 0:  # an engine restarted meanwhile reset its counters: skip this step
+            return {}
+        return {"prefix_cache_hit_tokens": hits, "prefix_cache_hit_rate": hits / prompt}
+
     def play(self) -> tuple[list[Episode], dict[str, AgentExit]]:
         """One step's episodes: `tasks_per_step` tasks x `group_size`, one agent process each."""
         cfg = self.cfg
         episode_ids = []
         for task in self.tasks.take(cfg.rollout.tasks_per_step):
             group_id = (
-                f"{task.get('task_id', '')}@v{self.engine.policy_version}#{self.rng.getrandbits(32):08x}"
+                f"{task.get('task_id', '')}@v{self.policy_version}#{self.rng.getrandbits(32):08x}"
             )
             for _ in range(cfg.rollout.group_size):
                 episode_ids.append(self.server.call(self.gateway.start_episode(task, group_id)))
@@ -201,21 +242,39 @@ class GatewayRun:
         from forge.weights import unpack_weights
 
         wrapped, version = ray.get(self.trainer.publish_weights.remote())
-        self.engine.load_weights(unpack_weights(ray.get(wrapped[0])), version)
+        if self.pool is None:
+            self.engine.load_weights(unpack_weights(ray.get(wrapped[0])), version)
+            return version
+        # Between steps no call is in flight: the engines load, the router learns of any
+        # engine started in place of a lost one, and vLLM clients stamp the new version.
+        self.pool.sync(wrapped, version, self.trainer)
+        for url in self.pool.take_started():
+            self.router.add(self._client(url))
+        for engine in self.router.engines:
+            if getattr(engine.client, "kind", "") == "vllm":
+                engine.client.policy_version = version
+        self.version = version
         return version
 
     def shutdown(self) -> None:
         import ray
 
+        if self.router is not None:
+            try:  # the ended episodes' KV is released on the servers, from the loop the router runs on
+                self.server.call(self.router.close(), timeout_s=10)
+            except Exception:
+                pass
         self.server.stop()
         for actor in trainer_actors(self.trainer):
             ray.kill(actor)
+        if self.pool is not None:
+            self.pool.shutdown()
 
 
-def run_gateway(cfg: Config, engine: Any, tokenizer: Any, store: EpisodeStore) -> Gateway:
+def run_gateway(cfg: Config, engine: Any, tokenizer: Any, store: EpisodeStore, router: Any = None) -> Gateway:
     """The gateway of a training run: the run's limits, tool parser and sampling rule
     (`gateway.sampling`: override by default, so every call samples with rollout.temperature
-    and rollout.top_p, or honour)."""
+    and rollout.top_p, or honour); with engine servers, `router` sends its calls to them."""
     return Gateway(
         engine,
         tokenizer,
@@ -224,6 +283,7 @@ def run_gateway(cfg: Config, engine: Any, tokenizer: Any, store: EpisodeStore) -
         cfg.rollout.max_context_tokens,
         tool_parser=cfg.gateway.tool_parser,
         sampling=cfg.gateway.sampling,
+        router=router,
     )
 
 

@@ -78,9 +78,6 @@ class EngineActor:
 def check_engine_config(cfg: Config) -> None:
     """Refuse settings that cannot work before any actor starts."""
     rollout = cfg.rollout
-    if rollout.engine != "inprocess" and cfg.gateway.enabled:
-        raise ConfigError(f"rollout.engine={rollout.engine} does not run with the gateway yet (its engine streams "
-                          "tokens in-process); set rollout.engine=inprocess for gateway runs")
     if rollout.engine != "inprocess" and cfg.train.mode == "async":
         if rollout.weight_sync in ("folder", "broadcast"):
             raise ConfigError(

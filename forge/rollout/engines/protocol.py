@@ -6,7 +6,7 @@ Every engine (in-process or a server's client) answers `InferenceEngine`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -22,6 +22,11 @@ class GenerationRequest:
     top_p: float | None = None
     seed: int | None = None  # the row draws from its own generator, seeded with this
     top_logprobs: int = 0  # also return the k most likely tokens at each step
+    # Stop strings, for engines behind HTTP (which cannot call `on_token`): the server
+    # decodes and ends the row at the token whose text completes one. In-process engines
+    # leave them to the caller's `on_token`, which sees every token.
+    stop: list[str] = field(default_factory=list)
+    group_id: str = ""  # requests of one group share a prompt: a router sends them to one engine
     # Called on the engine's thread with (token id, logprob, top (id, logprob) pairs) after
     # each sampled token; returning True ends the row there as a stop (stop strings, streaming).
     on_token: Callable[[int, float, list[tuple[int, float]]], bool] | None = None

@@ -170,9 +170,37 @@ def forge_generate_call(request: GenerationRequest, sampling: Sampling | None = 
         "token_ids": list(request.token_ids), "max_new_tokens": request.max_new_tokens,
         "episode_id": request.episode_id,
     }
-    if sampling is not None:  # the run's sampling, whatever the server was started with
-        body.update(temperature=sampling.temperature, top_p=sampling.top_p)
+    # The request's own sampling, else the run's, else (neither set) the server's flags.
+    temperature, top_p = request_sampling(request, sampling)
+    if temperature is not None:
+        body["temperature"] = temperature
+    if top_p is not None:
+        body["top_p"] = top_p
+    if request.seed is not None:
+        body["seed"] = request.seed
+    if request.top_logprobs:
+        body["top_logprobs"] = request.top_logprobs
+    if request.stop:
+        body["stop"] = list(request.stop)
     return HttpCall("POST", "/forge/generate", body)
+
+
+def request_sampling(request: GenerationRequest, sampling: Sampling | None) -> tuple[float | None, float | None]:
+    """Temperature and top-p a request is sampled with: its own where it set them (a gateway
+    honouring its client's), else the run's."""
+    temperature = request.temperature if request.temperature is not None else (
+        sampling.temperature if sampling is not None else None)
+    top_p = request.top_p if request.top_p is not None else (sampling.top_p if sampling is not None else None)
+    return temperature, top_p
+
+
+def top_logprob_pairs(steps: Any, what: str) -> list[list[tuple[int, float]]]:
+    """Per sampled token, its alternatives as (token id, logprob), most likely first."""
+    try:
+        return [sorted(((int(token), float(value)) for token, value in step), key=lambda pair: -pair[1])
+                for step in steps]
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(f"{what}: top logprobs are not [token id, logprob] pairs ({exc!r})") from None
 
 
 def forge_generate_batch_call(requests: list[GenerationRequest], sampling: Sampling | None = None,
@@ -200,7 +228,13 @@ def forge_parse_generate(body: Any) -> GenerationResult:
         ids, logprobs = [int(t) for t in body["token_ids"]], [float(x) for x in body["logprobs"]]
         if len(ids) != len(logprobs):
             raise ProtocolError(f"{len(ids)} token ids but {len(logprobs)} logprobs")
-        return GenerationResult(ids, logprobs, reason == "stop", int(body["policy_version"]), int(body["prefill_tokens"]))
+        tops = body.get("top_logprobs")
+        if tops is not None:
+            tops = top_logprob_pairs(tops, "forge serve")
+            if len(tops) != len(ids):
+                raise ProtocolError(f"{len(ids)} token ids but top logprobs for {len(tops)}")
+        return GenerationResult(ids, logprobs, reason == "stop", int(body["policy_version"]), int(body["prefill_tokens"]),
+                                top_logprobs=tops)
     except (KeyError, TypeError) as exc:
         raise ProtocolError(f"not a forge serve /forge/generate answer ({exc!r}): {str(body)[:300]}") from None
 

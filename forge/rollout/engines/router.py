@@ -60,6 +60,7 @@ class Router:
         self._episode_engine: dict[str, int] = {}
         self._group_engine: dict[str, int] = {}
         self._group_members: dict[str, int] = {}
+        self._episode_group: dict[str, str] = {}
         self._background: set[asyncio.Task] = set()
 
     @property
@@ -104,11 +105,12 @@ class Router:
             self._episode_engine[episode_id] = index
             self.engines[index].episodes.add(episode_id)
             if group_id:
+                self._episode_group[episode_id] = group_id
                 self._group_members[group_id] = self._group_members.get(group_id, 0) + 1
         return index
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
-        index = self.engine_for(request.episode_id, _group_of(request))
+        index = self.engine_for(request.episode_id, request.group_id or _group_of(request))
         engine = self.engines[index]
         if not engine.alive:  # the episode's engine died between its turns: its KV went with it
             raise EngineLost(engine.client.url, f"lost earlier ({engine.lost_reason})")
@@ -190,7 +192,7 @@ class Router:
             return
         engine = self.engines[index]
         engine.episodes.discard(episode_id)
-        group = episode_id.rsplit("/", 1)[0] if "/" in episode_id else ""
+        group = self._episode_group.pop(episode_id, "")
         if group in self._group_members:
             self._group_members[group] -= 1
             if self._group_members[group] <= 0:

@@ -7,10 +7,12 @@ The OpenAI-compatible endpoints and the episode API are the training gateway's o
     GET  /ready                   200 once the model is loaded and generation is not paused, else 503
     GET  /forge/info              model name, policy version, token limits, stop ids, attention
     GET  /forge/metrics           requests, tokens, prefix-cache hits and evictions, weight updates
-    POST /forge/generate          {"token_ids", "max_new_tokens"?, "episode_id"?, "temperature"?, "top_p"?}
-                                  -> sampled "token_ids",
+    POST /forge/generate          {"token_ids", "max_new_tokens"?, "episode_id"?, "temperature"?, "top_p"?,
+                                  "seed"?, "top_logprobs"?, "stop"? (strings)} -> sampled "token_ids",
                                   "logprobs", "finish_reason" (stop|length), "policy_version",
-                                  "prefill_tokens", "cached_tokens"
+                                  "prefill_tokens", "cached_tokens", and "top_logprobs" when asked
+                                  (per token, [[id, logprob], ...]). A stop string ends generation at
+                                  the token that completes it (that token is the last returned).
     POST /forge/generate/batch    {"requests": [generate bodies], "release"?: [episode ids]}
                                   -> {"results": [generate answers, or {"error", "status"}]}:
                                   one call, one engine batch (a rollout worker's many episodes)
@@ -37,6 +39,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from forge.config import ModelConfig
+from forge.gateway.decoding import TextStream
 from forge.gateway.episodes import EpisodeError
 from forge.gateway.server import Gateway, ThreadedServer, build_app
 from forge.rollout.engines.protocol import GenerationRequest, GenerationResult
@@ -57,6 +60,10 @@ class GenerateBody(BaseModel):
     episode_id: str = Field("", description="keeps the episode's KV cached for its next turn")
     temperature: float | None = Field(None, ge=0, description="unset: the server's --temperature; 0 is greedy")
     top_p: float | None = Field(None, gt=0, le=1, description="unset: the server's --top-p")
+    seed: int | None = Field(None, ge=0, description="the request samples from its own generator, seeded so")
+    top_logprobs: int = Field(0, ge=0, le=20, description="also return the k most likely tokens at each step")
+    stop: list[str] = Field(default_factory=list, max_length=16,
+                            description="stop strings: generation ends at the token whose text completes one")
 
 
 class GenerateBatchBody(BaseModel):
@@ -123,8 +130,16 @@ class EngineService:
         bad = [t for t in body.token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise EpisodeError(400, f"token ids {bad[:5]} are outside the vocabulary (0..{self.vocab_size - 1})")
+        stop = [text for text in body.stop if text]
         return GenerationRequest(list(body.token_ids), wanted, body.episode_id, temperature=body.temperature,
-                                 top_p=body.top_p)
+                                 top_p=body.top_p, seed=body.seed, top_logprobs=body.top_logprobs, stop=stop,
+                                 on_token=self._stop_watcher(stop) if stop else None)
+
+    def _stop_watcher(self, stop: list[str]) -> Any:
+        """Ends the row at the token whose text completes a stop string, decoded as the
+        gateway decodes a reply (`TextStream`), so a gateway client cuts at the same token."""
+        text = TextStream(self.gateway.tokenizer, stop, self.gateway.hidden_ids)
+        return lambda token_id, _logprob, _top: text.push(token_id)
 
     async def update(self, load: Any, version: int) -> dict[str, Any]:
         """Run `load()` (which returns a state dict, or None when it changed the model
@@ -140,7 +155,7 @@ class EngineService:
 
 
 def _answer(request: GenerationRequest, result: GenerationResult) -> dict[str, Any]:
-    return {
+    answer = {
         "token_ids": result.token_ids,
         "logprobs": result.logprobs,
         "finish_reason": "stop" if result.finished else "length",
@@ -148,6 +163,9 @@ def _answer(request: GenerationRequest, result: GenerationResult) -> dict[str, A
         "prefill_tokens": result.prefill_tokens,
         "cached_tokens": len(request.token_ids) - result.prefill_tokens,
     }
+    if request.top_logprobs:  # per sampled token, its k most likely alternatives as [id, logprob]
+        answer["top_logprobs"] = [[[token, value] for token, value in top] for top in result.top_logprobs or []]
+    return answer
 
 
 def build_server_app(service: EngineService) -> FastAPI:

@@ -20,19 +20,26 @@ from forge.rollout.engines.remote import (
     ProtocolError,
     Sampling,
     generate_each,
+    request_sampling,
+    top_logprob_pairs,
 )
 
 
 def generate_call(request: GenerationRequest, sampling: Sampling, lora_name: str | None = None) -> HttpCall:
+    temperature, top_p = request_sampling(request, sampling)
     params: dict[str, Any] = {
         "max_new_tokens": request.max_new_tokens,
-        "temperature": sampling.temperature,
-        "top_p": sampling.top_p,
+        "temperature": temperature,
+        "top_p": top_p,
         "skip_special_tokens": False,
         "no_stop_trim": True,  # keep the stop token in the output: the trajectory holds what was sampled
     }
     if sampling.stop_token_ids:
         params["stop_token_ids"] = list(sampling.stop_token_ids)
+    if request.stop:  # SGLang ends at the token completing one; output_ids keep that token
+        params["stop"] = list(request.stop)
+    if request.seed is not None:
+        params["sampling_seed"] = request.seed
     body: dict[str, Any] = {
         "input_ids": list(request.token_ids),
         "sampling_params": params,
@@ -40,14 +47,18 @@ def generate_call(request: GenerationRequest, sampling: Sampling, lora_name: str
         "logprob_start_len": -1,  # logprobs of the output only, none of the prompt
         "stream": False,
     }
+    if request.top_logprobs:  # meta_info.output_top_logprobs: per token, [[logprob, token_id, text], ...]
+        body["top_logprobs_num"] = request.top_logprobs
     if lora_name:
         body["lora_path"] = lora_name
     return HttpCall("POST", "/generate", body)
 
 
-def parse_generate(body: Any, stop_token_ids: tuple[int, ...], policy_version: int) -> GenerationResult:
+def parse_generate(body: Any, stop_token_ids: tuple[int, ...], policy_version: int,
+                   top_logprobs: int = 0) -> GenerationResult:
     """Ids and logprobs from `meta_info.output_token_logprobs` ([logprob, token_id, text]);
-    the version from `meta_info.weight_version` when the server reports one."""
+    the version from `meta_info.weight_version` when the server reports one; with
+    `top_logprobs` = k, each step's k most likely from `meta_info.output_top_logprobs`."""
     try:
         meta = body["meta_info"]
         entries = meta["output_token_logprobs"]
@@ -76,7 +87,19 @@ def parse_generate(body: Any, stop_token_ids: tuple[int, ...], policy_version: i
     finished = kind == "stop" and bool(ids) and ids[-1] in stop_token_ids
     cached = int(meta.get("cached_tokens") or 0)
     prompt = int(meta.get("prompt_tokens") or 0)
-    return GenerationResult(ids, logprobs, finished, policy_version, prefill_tokens=max(prompt - cached, 0))
+    tops = None
+    if top_logprobs:
+        steps = meta.get("output_top_logprobs")
+        if not isinstance(steps, list) or len(steps) != len(ids):
+            raise ProtocolError(f"SGLang returned no output_top_logprobs per token for top_logprobs_num="
+                                f"{top_logprobs}: {str(steps)[:200]}")
+        try:
+            pairs = top_logprob_pairs([[(entry[1], entry[0]) for entry in step] for step in steps], "SGLang")
+        except (TypeError, IndexError) as exc:
+            raise ProtocolError(f"SGLang output_top_logprobs entries are not [logprob, token_id, text]: {exc!r}") from None
+        tops = [step[:top_logprobs] for step in pairs]
+    return GenerationResult(ids, logprobs, finished, policy_version, prefill_tokens=max(prompt - cached, 0),
+                            top_logprobs=tops)
 
 
 def update_from_disk_call(path: str, version: int) -> HttpCall:
@@ -124,7 +147,7 @@ class SGLangClient:
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         body = await self.http.send(generate_call(request, self.sampling, self.lora_name))
-        return parse_generate(body, self.sampling.stop_token_ids, self.policy_version)
+        return parse_generate(body, self.sampling.stop_token_ids, self.policy_version, request.top_logprobs)
 
     async def generate_batch(self, requests: list[GenerationRequest], release: list[str] | None = None
                              ) -> list[GenerationResult | ProtocolError | EngineLost]:

@@ -19,34 +19,53 @@ from forge.rollout.engines.remote import (
     ProtocolError,
     Sampling,
     generate_each,
+    request_sampling,
+    top_logprob_pairs,
 )
 
 TOKEN_PREFIX = "token_id:"  # how return_tokens_as_token_ids spells each sampled token
 
 
 def completion_call(request: GenerationRequest, model: str, sampling: Sampling) -> HttpCall:
+    temperature, top_p = request_sampling(request, sampling)
     body: dict[str, Any] = {
         "model": model,
         "prompt": list(request.token_ids),  # a list of ints is a token prompt: nothing is re-tokenized
         "max_tokens": request.max_new_tokens,
-        "temperature": sampling.temperature,
-        "top_p": sampling.top_p,
+        "temperature": temperature,
+        "top_p": top_p,
         "n": 1,
         "stream": False,
-        "logprobs": 0,  # the sampled token's own logprob only
+        # The sampled token's own logprob, and with k > 0 the k most likely beside it
+        # (choices[0].logprobs.top_logprobs, one {"token_id:N": logprob} per token).
+        "logprobs": request.top_logprobs,
         "return_tokens_as_token_ids": True,
         "return_token_ids": True,  # newer vLLM also lists choices[0].token_ids; checked when present
         "skip_special_tokens": False,
     }
     if sampling.stop_token_ids:
         body["stop_token_ids"] = list(sampling.stop_token_ids)
+    if request.stop:  # vLLM ends at the token completing one; its token ids keep that token
+        body["stop"] = list(request.stop)
+    if request.seed is not None:
+        body["seed"] = request.seed
     if request.episode_id:
         body["user"] = request.episode_id
     return HttpCall("POST", "/v1/completions", body)
 
 
-def parse_completion(body: Any, stop_token_ids: tuple[int, ...], policy_version: int) -> GenerationResult:
-    """Sampled ids and logprobs from `choices[0].logprobs` (`tokens` as "token_id:N")."""
+def _token_id(token: Any) -> int:
+    if not isinstance(token, str) or not token.startswith(TOKEN_PREFIX):
+        raise ProtocolError(
+            f"vLLM returned token {token!r}, not 'token_id:N': the request must set return_tokens_as_token_ids"
+        )
+    return int(token[len(TOKEN_PREFIX):])
+
+
+def parse_completion(body: Any, stop_token_ids: tuple[int, ...], policy_version: int,
+                     top_logprobs: int = 0) -> GenerationResult:
+    """Sampled ids and logprobs from `choices[0].logprobs` (`tokens` as "token_id:N"), and
+    with `top_logprobs` = k the k most likely tokens at each step."""
     try:
         choice = body["choices"][0]
         logprobs = choice["logprobs"]
@@ -54,13 +73,7 @@ def parse_completion(body: Any, stop_token_ids: tuple[int, ...], policy_version:
         reason = choice["finish_reason"]
     except (KeyError, IndexError, TypeError) as exc:
         raise ProtocolError(f"not a vLLM completion with logprobs ({exc!r}): {str(body)[:300]}") from None
-    ids = []
-    for token in tokens:
-        if not isinstance(token, str) or not token.startswith(TOKEN_PREFIX):
-            raise ProtocolError(
-                f"vLLM returned token {token!r}, not 'token_id:N': the request must set return_tokens_as_token_ids"
-            )
-        ids.append(int(token[len(TOKEN_PREFIX):]))
+    ids = [_token_id(token) for token in tokens]
     listed = choice.get("token_ids")
     if listed is not None and [int(t) for t in listed] != ids:
         raise ProtocolError(f"vLLM's token_ids {listed[:8]}... disagree with its logprob tokens {ids[:8]}...")
@@ -73,7 +86,18 @@ def parse_completion(body: Any, stop_token_ids: tuple[int, ...], policy_version:
     # Ended on a stop token only if the server says so and shows the token; otherwise the
     # agent loop closes the turn itself, untrained.
     finished = reason == "stop" and bool(ids) and ids[-1] in stop_token_ids
-    return GenerationResult(ids, [float(v) for v in values], finished, policy_version, prefill_tokens=0)
+    tops = None
+    if top_logprobs:
+        # Each step's dict holds the sampled token and the k most likely (k + 1 entries when
+        # the sampled one is not among them): the k best by logprob are the top k.
+        steps = logprobs.get("top_logprobs")
+        if not isinstance(steps, list) or len(steps) != len(ids) or not all(isinstance(s, dict) for s in steps):
+            raise ProtocolError(f"vLLM returned no top_logprobs per token for logprobs={top_logprobs}: {str(steps)[:200]}")
+        pairs = top_logprob_pairs([[(_token_id(token), value) for token, value in step.items()] for step in steps],
+                                  "vLLM")
+        tops = [step[:top_logprobs] for step in pairs]
+    return GenerationResult(ids, [float(v) for v in values], finished, policy_version, prefill_tokens=0,
+                            top_logprobs=tops)
 
 
 def load_adapter_call(name: str, path: str) -> HttpCall:
@@ -138,7 +162,7 @@ class VLLMClient:
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         body = await self.http.send(completion_call(request, self.model, self.sampling))
-        result = parse_completion(body, self.sampling.stop_token_ids, self.policy_version)
+        result = parse_completion(body, self.sampling.stop_token_ids, self.policy_version, request.top_logprobs)
         usage = body.get("usage") or {}
         cached = ((usage.get("prompt_tokens_details") or {}).get("cached_tokens")) or 0
         result.prefill_tokens = len(request.token_ids) - int(cached)
