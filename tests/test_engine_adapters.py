@@ -333,3 +333,79 @@ def test_sglang_output_top_logprobs_parse_to_the_k_most_likely_of_each_step():
     del body["meta_info"]["output_top_logprobs"]
     with pytest.raises(ProtocolError, match="output_top_logprobs"):
         sglang_client.parse_generate(body, (3,), 0, top_logprobs=2)
+
+
+# -- LoRA runs on vLLM: each version's adapter from a shared folder ----------------------
+def test_a_lora_version_reaches_vllm_servers_as_the_adapter_folder_the_trainer_wrote(tmp_path):
+    from forge.config import load_config
+    from forge.rollout.engines.pool import EnginePool
+
+    cfg = load_config("configs/smoke.yaml", ["rollout.engine=remote", "rollout.servers=[vllm+http://vllm:8000]",
+                                             "model.lora.enabled=true", f"rollout.weight_dir={tmp_path}"])
+    seen: list = []
+    client = make_client("vllm+http://vllm:8000", "policy", Sampling(1.0, 1.0, (3,)))
+    client.http = vllm_client.HttpTransport(
+        "http://vllm:8000", 10, replay([VLLM["pause"], VLLM["load_lora_adapter"], VLLM["resume"], VLLM["completion"]],
+                                       seen))
+    pool = EnginePool(["vllm+http://vllm:8000"], [], cfg)
+    saved: list = []
+
+    async def scenario() -> None:
+        await pool._vllm_adapters([client], 3, lambda: saved.append(3) or "/shared/forge/v000003")
+        given = VLLM["completion"]["given"]
+        await client.generate(GenerationRequest(given["token_ids"], 4, given["episode_id"]))
+
+    asyncio.run(scenario())
+    assert saved == [3]  # written once for every server
+    assert [path for _, path, _ in seen] == ["/pause", "/v1/load_lora_adapter", "/resume", "/v1/completions"]
+    assert seen[1][2] == VLLM["load_lora_adapter"]["request"]
+    assert seen[3][2]["model"] == "policy-forge-lora"  # requests name the adapter from then on
+    assert client.policy_version == 3 and not pool.dead
+
+
+def test_a_vllm_server_that_refuses_the_adapter_is_dropped_and_the_others_keep_it(tmp_path, capsys):
+    from forge.config import load_config
+    from forge.rollout.engines.pool import EnginePool
+
+    cfg = load_config("configs/smoke.yaml", ["rollout.engine=remote", "model.lora.enabled=true",
+                                             "rollout.servers=[vllm+http://a:1, vllm+http://b:1]",
+                                             f"rollout.weight_dir={tmp_path}"])
+    refused = {**VLLM["error_response"], "method": "POST", "path": "/v1/load_lora_adapter"}
+    unload = {**VLLM["unload_lora_adapter"], "status": 404, "response": {"detail": "Not Found"}}
+    good, bad = (make_client(f"vllm+http://{host}:1", "policy", Sampling()) for host in "ab")
+    good.http = vllm_client.HttpTransport("http://a:1", 10, replay(
+        [VLLM["pause"], VLLM["load_lora_adapter"], VLLM["resume"]], []))
+    bad.http = vllm_client.HttpTransport("http://b:1", 10, replay([VLLM["pause"], refused, unload, VLLM["resume"]], []))
+    pool = EnginePool(["vllm+http://a:1", "vllm+http://b:1"], [], cfg)
+    asyncio.run(pool._vllm_adapters([good, bad], 4, lambda: "/shared/forge/v000004"))
+    assert good.policy_version == 4 and good.model == "policy-forge-lora"
+    assert bad.policy_version == 0 and bad.model == "policy"  # it keeps naming what it serves
+    assert list(pool.dead) == ["http://b:1"] and "LoRA adapter load failed" in capsys.readouterr().err
+
+
+def test_the_trainers_adapters_are_saved_as_the_peft_folder_vllm_and_forge_serve_load(tmp_path):
+    from types import SimpleNamespace
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from forge.config import TinyModelConfig
+    from forge.models.tiny import save_tiny_checkpoint
+    from forge.rollout.engines.updates import WeightUpdateError, apply_adapter, trainer_save_adapter
+
+    checkpoint = save_tiny_checkpoint(TinyModelConfig(), tmp_path / "model", seed=0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(checkpoint),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    folder = Path(trainer_save_adapter(SimpleNamespace(model=model), str(tmp_path / "v000001-adapter")))
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["r"] == 4 and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+    saved = load_file(str(folder / "adapter_model.safetensors"))
+    trained = {n: t for n, t in model.state_dict().items() if "lora_" in n}
+    assert len(saved) == len(trained) > 0
+    served = apply_adapter(AutoModelForCausalLM.from_pretrained(checkpoint), folder)
+    ids = torch.tensor([[2, 6, 9, 10]])
+    assert torch.allclose(served(ids).logits, model(ids).logits, atol=1e-5)
+    with pytest.raises(WeightUpdateError, match="lora.enabled"):
+        trainer_save_adapter(SimpleNamespace(model=AutoModelForCausalLM.from_pretrained(checkpoint)), str(tmp_path / "x"))

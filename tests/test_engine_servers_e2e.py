@@ -112,8 +112,13 @@ def test_engine_settings_that_cannot_work_are_refused_before_anything_starts():
                                                                "rollout.servers=[vllm+http://h:1]"]))
     check_engine_config(load_config("configs/smoke.yaml", ["rollout.engine=remote", "rollout.servers=[vllm+http://h:1]",
                                                            "train.num_gpus=1"]))
-    with pytest.raises(ConfigError, match="LoRA"):
-        check_engine_config(load_config("configs/smoke.yaml", ["rollout.engine=remote", "rollout.servers=[vllm+http://h:1]",
-                                                               "train.num_gpus=1", "model.lora.enabled=true"]))
+    # LoRA to vLLM goes by adapter folders (/v1/load_lora_adapter): a shared folder, no NCCL, no GPU trainer.
+    vllm_lora = ["rollout.engine=remote", "rollout.servers=[vllm+http://h:1]", "model.lora.enabled=true"]
+    with pytest.raises(ConfigError, match="rollout.weight_dir"):
+        check_engine_config(load_config("configs/smoke.yaml", vllm_lora))
+    check_engine_config(load_config("configs/smoke.yaml", [*vllm_lora, "rollout.weight_dir=/tmp/w"]))
+    with pytest.raises(ConfigError, match="train.mode=sync"):
+        check_engine_config(load_config("configs/smoke.yaml", [*vllm_lora, "rollout.weight_dir=/tmp/w",
+                                                               "train.mode=async"]))
     with pytest.raises(ConfigError, match="rollout.engine=remote"):
         check_engine_config(load_config("configs/smoke.yaml", ["rollout.servers=[http://h:1]"]))

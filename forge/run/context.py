@@ -171,7 +171,8 @@ class Run:
             for url in self.engines.take_started():  # replacements for lost engines
                 ray.get([worker.add_engine.remote(url) for worker in self.workers])
             if any(url.startswith("vllm+") for url in self.engines.live_urls):  # vLLM keeps no Forge versions
-                ray.get([worker.set_engine_version.remote(version) for worker in self.workers])
+                lora = self.cfg.model.lora.enabled
+                ray.get([worker.set_engine_version.remote(version, lora) for worker in self.workers])
             return version
         # The ObjectRef goes to each worker as a top-level argument: Ray resolves it there,
         # so the weights are put once and fetched by every worker from the object store.

@@ -252,7 +252,10 @@ class GatewayRun:
             self.router.add(self._client(url))
         for engine in self.router.engines:
             if getattr(engine.client, "kind", "") == "vllm":
-                engine.client.policy_version = version
+                if self.cfg.model.lora.enabled:
+                    engine.client.use_adapter(version)
+                else:
+                    engine.client.policy_version = version
         self.version = version
         return version
 

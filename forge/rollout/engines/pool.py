@@ -93,10 +93,15 @@ def check_engine_config(cfg: Config) -> None:
                               "(forge serve, or vllm+http://... / sglang+http://...)")
         if any(s.startswith("vllm+") for s in rollout.servers):
             if cfg.model.lora.enabled:
-                raise ConfigError("rollout.servers: vllm+ servers get full weights by NCCL from the trainer; "
-                                  "LoRA runs do not drive vLLM's adapter loading yet: set model.lora.enabled=false "
-                                  "or use forge / sglang+ servers")
-            if cfg.train.num_gpus < 1 or cfg.train.mode != "sync":
+                if not rollout.weight_dir:
+                    raise ConfigError("rollout.servers has vLLM servers and model.lora.enabled: each version's adapter "
+                                      "is written to a folder they load it from (/v1/load_lora_adapter); set "
+                                      "rollout.weight_dir to a folder the trainer and those servers both see")
+                if cfg.train.mode != "sync" or cfg.train.num_gpus > 1:
+                    raise ConfigError("rollout.servers: vllm+ servers load each adapter version from a folder one "
+                                      "trainer process writes after its step: use train.mode=sync and "
+                                      "train.num_gpus <= 1 with them")
+            elif cfg.train.num_gpus < 1 or cfg.train.mode != "sync":
                 raise ConfigError("rollout.servers: vllm+ servers get new weights by an NCCL broadcast from the "
                                   "trainer, which needs train.num_gpus=1 (vllm installed beside the trainer) and "
                                   "train.mode=sync (an async trainer would send a later step's weights)")
@@ -326,11 +331,17 @@ class EnginePool:
         from forge.rollout.engines.updates import tensors_to_bytes
         from forge.weights import unpack_weights
 
-        clients = [make_client(url, "policy", Sampling(), timeout_s) for url in self.live_urls]
+        clients = [make_client(url, self.cfg.model.path or "policy", Sampling(), timeout_s) for url in self.live_urls]
         vllm = [client for client in clients if client.kind == "vllm"]
         blob = folder = None
         try:
-            if vllm:
+            if vllm and self.cfg.model.lora.enabled:
+                from forge.rollout.engines.updates import trainer_save_adapter
+
+                target = str(Path(self.cfg.rollout.weight_dir) / f"v{version:06d}-adapter")
+                await self._vllm_adapters(
+                    vllm, version, lambda: ray.get(trainer.__ray_call__.remote(trainer_save_adapter, target)))
+            elif vllm:
                 await self._vllm_update(vllm, version, trainer)
             for client in clients:
                 if client.kind == "vllm":
@@ -350,6 +361,19 @@ class EnginePool:
         finally:
             for client in clients:
                 await client.close()
+
+    async def _vllm_adapters(self, clients: list[Any], version: int, save: Any) -> None:
+        """LoRA to vLLM servers: `save()` writes this version's adapter folder (under
+        rollout.weight_dir) and returns its path; each server loads it in place of the last
+        (`/v1/load_lora_adapter`, paused around it). A server that fails it is dropped."""
+        from forge.rollout.engines.remote import EngineLost, ProtocolError
+
+        path = save()
+        for client in clients:
+            try:
+                await client.load_adapter(path, version)
+            except (EngineLost, ProtocolError) as exc:
+                self.lost(client.url, f"LoRA adapter load failed: {exc}")
 
     async def _vllm_update(self, clients: list[Any], version: int, trainer: Any) -> None:
         """Full weights to vLLM servers by vLLM's NCCL weight transfer (trainer on a GPU,

@@ -1,5 +1,6 @@
 """New weights for a serving engine: read from a checkpoint folder, a LoRA adapter folder
-(peft's `save_pretrained` layout), or safetensors bytes pushed over HTTP."""
+(peft's `save_pretrained` layout), or safetensors bytes pushed over HTTP; and the trainer's
+side of an adapter folder (`trainer_save_adapter`)."""
 
 from __future__ import annotations
 
@@ -77,3 +78,18 @@ def apply_adapter(model: Any, path: str | Path) -> Any:
     wrapped = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
     wrapped.eval()
     return wrapped
+
+
+def trainer_save_adapter(trainer: Any, path: str) -> str:
+    """Run inside the trainer actor (`__ray_call__`): its LoRA adapters as a peft adapter
+    folder (adapter_config.json, adapter_model.safetensors) at `path`, the layout vLLM's
+    `/v1/load_lora_adapter` and `apply_adapter` read."""
+    from peft import PeftModel
+
+    model = trainer.model
+    if not isinstance(model, PeftModel):
+        raise WeightUpdateError("the trainer holds no LoRA adapters (model.lora.enabled is false): send full weights")
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    return str(folder)

@@ -178,8 +178,21 @@ class VLLMClient:
     async def healthy(self) -> bool:
         return await self.http.healthy()
 
+    @property
+    def adapter_name(self) -> str:
+        """The name Forge's adapter is loaded under (each version in place of the last);
+        requests name it as their `model` once it is loaded."""
+        return f"{self.base_model}-forge-lora"
+
+    def use_adapter(self, version: int) -> None:
+        """Another process loaded `version` of the adapter on this server: name it from now on."""
+        self.model = self.adapter_name
+        self.policy_version = version
+
     async def load_adapter(self, path: str, version: int) -> None:
-        name = f"{self.base_model}-forge-lora"
+        """Load a peft adapter folder the server can read (the trainer wrote it under
+        rollout.weight_dir), generation paused meanwhile; later requests name it."""
+        name = self.adapter_name
         await self.http.send(pause_call())
         try:
             try:
