@@ -105,7 +105,7 @@ def _envs_list(args: argparse.Namespace) -> int:
 
 
 def _env_check(args: argparse.Namespace) -> int:
-    from forge.env.check import run_check_command
+    from forge.env.check_process import run_check_command
 
     return run_check_command(args)
 

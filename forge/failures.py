@@ -22,7 +22,8 @@ class RunStopped(RuntimeError):
     """The run cannot usefully go on (its env keeps failing); the message says why."""
 
 
-def _say(message: str) -> None:
+def say(message: str) -> None:
+    """Print a run's message on the console, above its progress bar."""
     from tqdm import tqdm
 
     tqdm.write(message, file=sys.stderr)  # above a progress bar, not through it
@@ -54,7 +55,7 @@ class FailureWatch:
                 continue
             self.seen.add(kind)
             what = "an episode errored" if trajectory.status == "error" else "an episode was cut short"
-            _say(
+            say(
                 f"forge: step {step}: {what} (task {trajectory.task_id!r}; each kind is printed once):\n"
                 f"  {error_headline(trajectory.error)}"
             )

@@ -6,7 +6,8 @@ import random
 import time
 
 from forge.env import Env, StepResult
-from forge.env.check import check_env, list_envs, main
+from forge.env.check import check_env, list_envs
+from forge.env.check_process import main
 
 
 class Good(Env):

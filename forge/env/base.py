@@ -37,8 +37,9 @@ class Env:
     # False: reset/step/close are quick pure computation that never blocks, so the harness
     # calls them on the worker's event loop instead of handing each to a thread. The hand-off
     # costs ~0.1 ms per call, a third of a tiny env's rollout CPU; but an inline call that
-    # hangs cannot be timed out and stalls every episode on its worker. `forge env check`
-    # fails an env that says False and takes over 10 ms on a call.
+    # hangs stalls every episode on its worker until a watchdog interrupts it, or, stuck in
+    # C code, until the worker ends itself and is restarted (`forge.rollout.stuck`), its
+    # episodes lost. `forge env check` fails an env that says False and takes over 10 ms on a call.
     blocking: bool = True
     # True: the env runs code it did not write (the model's) in `forge.sandbox`. A run then
     # refuses sandbox level 0 unless `sandbox.allow_level_0` is set, and warns when it is.

@@ -49,6 +49,19 @@ class Check:
 class CheckReport:
     env: str
     checks: list[Check] = field(default_factory=list)
+    # Told each check as it is recorded and each env call as it starts and ends (None), for a
+    # parent process to watch (`forge.env.check_process`).
+    sink: Callable[[dict[str, Any]], None] | None = field(default=None, repr=False, compare=False)
+
+    def add(self, check: Check) -> None:
+        self.checks.append(check)
+        if self.sink is not None:
+            self.sink({"check": [check.name, check.passed, check.detail, check.fix]})
+
+    def calling(self, call: tuple[str, str, bool] | None) -> None:
+        """An env call (check, method, whether inline) starts, or (None) the call running ended."""
+        if self.sink is not None:
+            self.sink({"call": list(call) if call else None})
 
     @property
     def passed(self) -> bool:
@@ -109,8 +122,13 @@ def _first_difference(a: list[tuple], b: list[tuple]) -> str:
     return f"episodes of {len(a) - 1} and {len(b) - 1} steps"
 
 
+def _inline(method: Callable) -> bool:
+    """Whether the harness calls `method` inline (its env sets blocking = False)."""
+    return getattr(getattr(method, "__self__", None), "blocking", True) is False
+
+
 def _timeout_fix(method: Callable) -> str:
-    if getattr(getattr(method, "__self__", None), "blocking", True) is False:
+    if _inline(method):
         return (
             "the env sets blocking = False, so the harness calls it inline and only a watchdog can stop it; "
             "drop `blocking = False` (its calls then run in threads) or find what hangs"
@@ -138,10 +156,11 @@ class _Checker:
         self.in_call: tuple[str, str, float] | None = None  # (check, method, started) of the call running
 
     def record(self, name: str, passed: bool, detail: str, fix: str = "") -> bool:
-        self.report.checks.append(Check(name, passed, detail, fix))
+        self.report.add(Check(name, passed, detail, fix))
         return passed
 
     async def call(self, name: str, method: Callable, *args: Any) -> Any:
+        self.report.calling((name, method.__qualname__, _inline(method)))  # before the clock starts
         started = time.monotonic()
         self.in_call = (name, method.__qualname__, started)
         try:
@@ -157,8 +176,9 @@ class _Checker:
             )  # fmt: skip
             raise _Stop from None
         finally:
-            self.in_call = None
             seconds = time.monotonic() - started
+            self.in_call = None
+            self.report.calling(None)
             self.slowest = max(self.slowest, (seconds, method.__qualname__))
             if name != HUGE_ACTION:
                 self.slowest_inline = max(self.slowest_inline, seconds)
@@ -331,12 +351,14 @@ def check_env(
     timeout_s: float = 30.0,
     max_steps: int = 40,
     tokenizer: tuple[str, Any] | None = None,
+    sink: Callable[[dict[str, Any]], None] | None = None,
 ) -> CheckReport:
     """Run the contract checks on env `name` (registry name, `module:Class` or the class);
     with `tokenizer` (a name for the report, the tokenizer), also how its prompt and
-    observations tokenize, failing on unknown tokens."""
+    observations tokenize, failing on unknown tokens; `sink` is told of each check and env
+    call as it happens (see `CheckReport.sink`)."""
     label = name if isinstance(name, str) else f"{name.__module__}:{name.__qualname__}"
-    report = CheckReport(label)
+    report = CheckReport(label, sink=sink)
     try:
         env_class = resolve_env(name) if isinstance(name, str) else name
     except ValueError as exc:
@@ -345,7 +367,7 @@ def check_env(
             if ":" in name
             else "pip install the package that registers it, or name it as package.module:ClassName"
         )
-        report.checks.append(Check("resolve", False, str(exc), fix))
+        report.add(Check("resolve", False, str(exc), fix))
         return report
     checker = _Checker(env_class, dict(kwargs or {}), timeout_s, report, tokenizer)
 
@@ -366,15 +388,30 @@ def check_env(
         current = checker.in_call
         if current is not None and time.monotonic() - current[2] > timeout_s + HUNG_GRACE_S:
             name, method, _ = current
-            report.checks.append(Check(
-                name, False, f"{method} did not return within {timeout_s:g}s and could not be interrupted",
-                "the env sets blocking = False, so its calls run on the worker's event loop, which one stuck "
-                "call stalls; drop `blocking = False` (its calls then run in threads) or find what hangs"
-                if getattr(env_class, "blocking", True) is False
-                else "keep each reset/step under env.step_timeout_s; run slow work in the sandbox with its own timeout",
-            ))  # fmt: skip
+            report.add(
+                hung_check(name, method, timeout_s, inline=getattr(env_class, "blocking", True) is False)
+            )
             break
     return report
+
+
+def hung_check(name: str, method: str, timeout_s: float, inline: bool, held_gil: bool = False) -> Check:
+    """The failed check of an env call that outlasted the timeout and its watchdog; `held_gil`:
+    it stopped every thread of the check's process (C code that holds the GIL)."""
+    how = "held the GIL, stopping every thread of the check" if held_gil else "could not be interrupted"
+    if inline:
+        fix = (
+            "the env sets blocking = False, so its calls run on the worker's event loop, which one stuck call "
+            "stalls (a run ends and restarts such a worker); drop `blocking = False` (its calls then run in "
+            "threads) or find what hangs"
+        )
+    elif held_gil:
+        fix = "C code that holds the GIL stops every thread; release the GIL in it or run it in a subprocess"
+    else:
+        fix = (
+            "keep each reset/step under env.step_timeout_s; run slow work in the sandbox with its own timeout"
+        )
+    return Check(name, False, f"{method} did not return within {timeout_s:g}s and {how}", fix)
 
 
 def list_envs() -> str:
@@ -386,22 +423,6 @@ def list_envs() -> str:
         return "no envs installed (entry point group forge.envs); pip install -e . registers the built-ins"
     width = max(map(len, envs))
     return "\n".join(f"{name:<{width}}  {target}" for name, target in sorted(envs.items()))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m forge.env.check list` or `... check NAME [--kwargs JSON] [--tasks PATH]`."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="forge env", description="list installed envs or check one")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="installed envs (entry point group forge.envs)")
-    check = sub.add_parser("check", help="run the env contract check")
-    add_check_arguments(check)
-    args = parser.parse_args(argv)
-    if args.command == "list":
-        print(list_envs())
-        return 0
-    return run_check_command(args)
 
 
 def add_check_arguments(parser: Any) -> None:
@@ -416,33 +437,3 @@ def add_check_arguments(parser: Any) -> None:
         "else the built-in tiny model)",
     )  # fmt: skip
     parser.add_argument("--config", default=None, help="a training config: its model is the one checked")
-
-
-def run_check_command(args: Any) -> int:
-    try:
-        kwargs = json.loads(args.kwargs)
-    except json.JSONDecodeError as exc:
-        print(f"--kwargs must be a JSON object, e.g. '{{\"n\": 8}}' ({exc})")
-        return 2
-    from forge.env.tokens import load_check_tokenizer
-
-    model_path = args.model
-    if model_path is None and args.config:
-        from forge.config import load_config
-
-        model_path = load_config(args.config, []).model.path
-    tokenizer, name = load_check_tokenizer(model_path)
-    report = check_env(
-        args.name,
-        kwargs,
-        tasks=args.tasks,
-        seed=args.seed,
-        timeout_s=args.timeout,
-        tokenizer=(name, tokenizer),
-    )
-    print(report.render())
-    return 0 if report.passed else 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

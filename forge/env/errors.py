@@ -24,7 +24,7 @@ _PYTHON_DIRS = tuple(
 )
 
 
-def _is_harness(filename: str) -> bool:
+def is_harness(filename: str) -> bool:
     """Frames of Forge itself or of Python's own library (asyncio, threading)."""
     path = os.path.abspath(filename)
     if path.startswith(_FORGE_DIR):
@@ -64,7 +64,7 @@ def user_frame(exc: BaseException, env: Any = None) -> traceback.FrameSummary | 
         own = [f for f in frames if os.path.abspath(f.filename) == env_file]
         if own:
             return own[-1]
-    outside = [f for f in frames if not _is_harness(f.filename)]
+    outside = [f for f in frames if not is_harness(f.filename)]
     return outside[-1] if outside else None
 
 

@@ -5,8 +5,9 @@ An inline call runs on the event loop's thread, so `asyncio.wait_for` cannot tim
 The watchdog thread raises `InlineTimeout` in the caller's thread (CPython's
 `PyThreadState_SetAsyncExc`), again every `REFIRE_S` until the call is left, which
 interrupts any Python code. A call stuck inside one C function (a long `time.sleep`, a
-socket read) is interrupted only when that function returns: `forge env check` fails
-such an env, and an env that may block must leave `blocking` True.
+socket read) is interrupted only when that function returns: a rollout worker stuck so
+ends itself (`forge.rollout.stuck`), `forge env check` fails such an env, and an env that
+may block must leave `blocking` True.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 from collections.abc import AsyncIterator
@@ -19,6 +20,7 @@ from forge.rollout.chat import ChatFormat
 from forge.rollout.engines.batching import BatchingEngine
 from forge.rollout.engines.hf import HFEngine
 from forge.rollout.engines.router import Router
+from forge.rollout.stuck import LoopGuard, stuck_limit_s
 from forge.types import Trajectory
 from forge.weights import PackedWeights, unpack_weights
 
@@ -38,7 +40,10 @@ class RolloutWorker:
         worker_index: int = 0,
         swarm_cfg: SwarmConfig | None = None,
         frozen_snapshot: str | None = None,
+        stuck_report_dir: str | None = None,
     ) -> None:
+        """With `stuck_report_dir` (a run's workers, which Ray restarts), a loop stuck past
+        `stuck_limit_s` ends this process, its stacks written there (`forge.rollout.stuck`)."""
         from forge.models.loading import load_model, load_tokenizer, resolve_device
         from forge.sandbox.policy import configure_for_env
 
@@ -88,6 +93,11 @@ class RolloutWorker:
         )
         self.rng = random.Random(seed)
         self.seed = seed
+        self.guard = (
+            LoopGuard(stuck_report_dir, f"rollout_{worker_index}", stuck_limit_s(env_cfg.step_timeout_s))
+            if stuck_report_dir
+            else None
+        )
         self.swarm = swarm_cfg if swarm_cfg is not None and swarm_cfg.enabled else None
         self.frozen: HFEngine | None = None  # the sub-agents' weight snapshot (swarm.subagent_policy: frozen)
         # Where the run keeps that snapshot (forge.run.frozen), so that a worker Ray restarted
@@ -157,7 +167,8 @@ class RolloutWorker:
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
-        torch.save(self.frozen.model.state_dict(), partial)
+        with self._unguarded():  # runs on the event loop, as long as the model is big
+            torch.save(self.frozen.model.state_dict(), partial)
         os.replace(partial, target)
         return str(target)
 
@@ -202,17 +213,23 @@ class RolloutWorker:
         return self.engine.next_token_logprobs(token_ids).tolist()
 
     def set_weights(self, weights: PackedWeights | dict[str, torch.Tensor], version: int) -> int:
-        self.engine.load_weights(unpack_weights(weights), version)
-        self._keep_frozen(version)
+        with self._unguarded():  # runs on the event loop, as long as the model is big
+            self.engine.load_weights(unpack_weights(weights), version)
+            self._keep_frozen(version)
         return version
+
+    def _unguarded(self) -> contextlib.AbstractContextManager[None]:
+        return self.guard.paused_for() if self.guard is not None else contextlib.nullcontext()
 
     async def close(self) -> None:
         """Stop the batcher's runner task (called before the actor is killed, so that a
-        runner kept alive by overlapping rollout calls does not die pending)."""
+        runner kept alive by overlapping rollout calls does not die pending) and the guard."""
         for name in ("batching", "frozen_batching"):
             batching = getattr(self, name, None)
             if batching is not None:
                 await batching.close()
+        if self.guard is not None:
+            self.guard.stop()
 
     async def rollout(self, tasks: list[dict[str, Any]], group_size: int) -> list[Trajectory]:
         """Play `group_size` episodes of each task; episodes of all tasks share batches.
@@ -237,21 +254,15 @@ class RolloutWorker:
             if getattr(self, "batching", None) is None or self.batching.engine is not self.engine:
                 self.batching = BatchingEngine(self.engine)
             engine = self.batching
-        subagent_engine = self._subagent_engine(engine)
+        if self.guard is not None:
+            self.guard.start()
         playing: list[asyncio.Future] = []
-        for index, task in enumerate(tasks):
-            group_id = f"{task.get('task_id', '')}@v{self.get_policy_version()}#{self.rng.getrandbits(32):08x}"
-            envs, jobs = [], []
-            for _ in range(group_size):
-                env = self.env_class(**self.env_kwargs)
-                seed = self.rng.getrandbits(31)
-                spawner = None
-                if self.swarm is not None:  # attached to the env itself, before a latency wrapper copies its tools
-                    spawner = self._spawner(env, subagent_engine, engine, task, group_id, seed)
-                env = with_latency(env, self.env_latency, self.step_timeout_s)
-                envs.append(env)
-                jobs.append(run_episode(env, task, seed, engine, self.chat, self.limits, group_id, spawner))
-            playing.append(asyncio.ensure_future(play_group(index, envs, jobs)))
+        # Loading a frozen snapshot, building envs: not env calls, not under env.step_timeout_s.
+        with self._unguarded():
+            subagent_engine = self._subagent_engine(engine)
+            for index, task in enumerate(tasks):
+                group = self._play_group(index, task, group_size, engine, subagent_engine)
+                playing.append(asyncio.ensure_future(group))
         try:
             for finished in asyncio.as_completed(playing):
                 yield await finished
@@ -261,6 +272,24 @@ class RolloutWorker:
             for used in {id(engine): engine, id(subagent_engine): subagent_engine}.values():
                 if used.active_episodes == 0:
                     await used.close()
+
+    def _play_group(
+        self, index: int, task: dict[str, Any], group_size: int, engine: Any, subagent_engine: Any
+    ) -> Any:
+        """The coroutine that plays one task's group, its envs built now."""
+        group_id = f"{task.get('task_id', '')}@v{self.get_policy_version()}#{self.rng.getrandbits(32):08x}"
+        envs, jobs = [], []
+        for _ in range(group_size):
+            env = self.env_class(**self.env_kwargs)
+            seed = self.rng.getrandbits(31)
+            spawner = None
+            # A spawner is attached to the env itself, before a latency wrapper copies its tools.
+            if self.swarm is not None:
+                spawner = self._spawner(env, subagent_engine, engine, task, group_id, seed)
+            env = with_latency(env, self.env_latency, self.step_timeout_s)
+            envs.append(env)
+            jobs.append(run_episode(env, task, seed, engine, self.chat, self.limits, group_id, spawner))
+        return play_group(index, envs, jobs)
 
     def _subagent_engine(self, engine: BatchingEngine | Router) -> BatchingEngine | Router:
         """What sub-agents sample from: the frozen snapshot's batcher, else the policy's."""

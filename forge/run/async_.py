@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from forge.config import Config
-from forge.failures import FailureWatch
+from forge.failures import FailureWatch, RunStopped
 from forge.run.context import (
     Run,
     RunResult,
@@ -22,7 +22,7 @@ from forge.run.context import (
     step_metrics,
     to_samples,
 )
-from forge.run.faults import lost_group
+from forge.run.faults import lost_group, worker_gone_message
 from forge.run.frozen import keep_snapshot
 from forge.types import NO_VERSION, Trajectory
 
@@ -224,7 +224,9 @@ class AsyncLoop:
         reward_metrics["staleness_max"] = float(max(staleness))
         # Per token, the distribution actually trained on: an episode that spanned weight
         # updates holds tokens of several versions.
-        token_lags = Counter(at_version - v for t in trajectories for v in t.policy_versions if v != NO_VERSION)
+        token_lags = Counter(
+            at_version - v for t in trajectories for v in t.policy_versions if v != NO_VERSION
+        )
         reward_metrics.update({f"staleness_tokens/{lag}": float(n) for lag, n in sorted(token_lags.items())})
         reward_metrics.update(pool_stats)
         ref = self.run.trainer.train_and_publish.remote(to_samples(trajectories, advantages, self.cfg))
@@ -277,7 +279,8 @@ class AsyncLoop:
             except StopIteration:
                 self.end_call(stream)
                 return
-            except (RayActorError, ActorUnavailableError) as exc:  # Ray restarts the worker; the episodes are gone
+            except (RayActorError, ActorUnavailableError) as exc:
+                # Ray restarts the worker; the episodes are gone.
                 self.worker_died(stream, f"rollout worker died: {exc}")
                 return
             call.sent.add(position)
@@ -296,8 +299,11 @@ class AsyncLoop:
         unsent = [position for position in range(len(call.seqs)) if position not in call.sent]
         self.groups_in_flight[call.worker] -= len(unsent)
         self.lost += len(unsent) * self.cfg.rollout.group_size  # their slots are freed, their groups dropped
+        self.run.tell_worker_death(call.worker, len(unsent) * self.cfg.rollout.group_size)
         size = self.cfg.rollout.group_size
-        self.arrived.append(([call.seqs[p] for p in unsent], [lost_group(call.tasks[p], size, error) for p in unsent]))
+        self.arrived.append(
+            ([call.seqs[p] for p in unsent], [lost_group(call.tasks[p], size, error) for p in unsent])
+        )
         index = call.worker
         self.needs_sync.add(index)  # it comes back with the initial weights
         if index not in self.down:
@@ -317,10 +323,7 @@ class AsyncLoop:
             self.probes[self.run.workers[index].get_policy_version.remote()] = index
             return
         except ActorDiedError as exc:
-            raise RuntimeError(
-                f"rollout worker {index} died more than async.max_worker_restarts="
-                f"{self.cfg.async_.max_worker_restarts} times; see its log above ({exc})"
-            ) from exc
+            raise RunStopped(worker_gone_message(index, self.cfg.async_.max_worker_restarts, exc)) from None
         self.down.discard(index)
 
     def end_step(self, started: float) -> tuple[list[Trajectory], dict[str, float]]:

@@ -17,9 +17,11 @@ from typing import Any
 import yaml
 
 from forge.config import Config
+from forge.failures import say
 from forge.metrics import MetricsLogger, rollout_metrics, show_step
+from forge.rollout.stuck import remove_unused_reports
 from forge.run.cluster import check_resources, start_ray, worker_cpus
-from forge.run.faults import collect_groups, wait_until_alive
+from forge.run.faults import collect_groups, wait_until_alive, worker_death_note
 from forge.run.frozen import check_resumable, frozen_snapshot, keep_snapshot
 from forge.run.tasks import TaskStream, load_task_rows, split_evenly
 from forge.types import Sample, Trajectory
@@ -100,6 +102,9 @@ class Run:
 
             self.engines = EnginePool.start(cfg, self.model_path)
         self.trainer = make_trainer(cfg, self.model_path)
+        # Where a worker whose event loop got stuck writes its stacks before it ends (forge.rollout.stuck).
+        self.stuck_report_dir = output_dir.resolve() / "stuck_workers"
+        self.stuck_reported: set[str] = set()
         self.workers = self._start_workers()
         self.tokenizer = load_tokenizer(self.model_path)
 
@@ -133,6 +138,7 @@ class Run:
                 index,
                 cfg.swarm,
                 str(self.frozen_snapshot) if self.frozen_snapshot is not None else None,
+                str(self.stuck_report_dir),
             )
             for index in range(cfg.rollout.num_workers)
         ]
@@ -154,10 +160,21 @@ class Run:
         """Gather the launched episodes; a worker that died mid-rollout (Ray restarts it)
         yields its groups as lost episodes, counted but never trained on."""
         trajectories: list[Trajectory] = []
-        for ref, chunk in calls:
-            groups, _ = collect_groups(ref, chunk, self.cfg.rollout.group_size)
+        for index, (ref, chunk) in enumerate(calls):  # calls[i] is worker i's: only trailing chunks are empty
+            groups, died = collect_groups(ref, chunk, self.cfg.rollout.group_size)
+            if died:
+                self.tell_worker_death(index, len(chunk) * self.cfg.rollout.group_size)
             trajectories.extend(t for group in groups for t in group)
         return trajectories
+
+    def tell_worker_death(self, index: int, lost: int) -> None:
+        """Say on the console that rollout worker `index` died, losing `lost` episodes, and why if it knows."""
+        env = self.cfg.env
+        say(
+            worker_death_note(
+                index, lost, self.stuck_report_dir, self.stuck_reported, env.name, env.step_timeout_s
+            )
+        )
 
     def sync_weights(self, published: tuple[list[Any], int] | None = None) -> int:
         """Send every worker the trainer's weights (`published`, as `train_and_publish`
@@ -177,11 +194,11 @@ class Run:
         # The ObjectRef goes to each worker as a top-level argument: Ray resolves it there,
         # so the weights are put once and fetched by every worker from the object store.
         calls = [(worker, worker.set_weights.remote(wrapped[0], version)) for worker in self.workers]
-        for worker, ref in calls:
+        for index, (worker, ref) in enumerate(calls):
             try:
                 ray.get(ref)
             except (RayActorError, ActorUnavailableError):  # a worker Ray is restarting
-                wait_until_alive(worker)
+                wait_until_alive(worker, index, self.cfg.async_.max_worker_restarts)
                 ray.get(worker.set_weights.remote(wrapped[0], version))
         self.keep_frozen(version)
         return version
@@ -197,6 +214,7 @@ class Run:
         ray.wait(closing, num_returns=len(closing), timeout=5.0)  # a dead worker just does not answer
         for actor in [*self.workers, *trainer_actors(self.trainer)]:
             ray.kill(actor)
+        remove_unused_reports(self.stuck_report_dir)
         if self.engines is not None:
             self.engines.shutdown()
 

@@ -1,5 +1,6 @@
 """What a run does when one of its Ray actors dies: lost stand-in episodes for a dead
-worker's groups, waiting for a restarted worker, and the message when the run must stop."""
+worker's groups, what to say about the death, waiting for a restarted worker, and the
+message when the run must stop."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from forge.failures import RunStopped
 from forge.types import Trajectory
 
 
@@ -44,11 +46,40 @@ def collect_groups(
     return [episodes[i * group_size : (i + 1) * group_size] for i in range(len(tasks))], False
 
 
-def wait_until_alive(actor: Any, timeout_s: float = 300.0) -> None:
-    """Block until a restarting actor answers again; a worker that never comes back stops
-    the run with a clear error instead of a hang."""
+def worker_death_note(
+    index: int, lost: int, report_dir: str | Path, reported: set[str], env_name: str, step_timeout_s: float
+) -> str:
+    """The console line for rollout worker `index`'s death, which lost `lost` episodes:
+    where its env call was stuck, when the worker ended itself for that (its report in
+    `report_dir`, see `forge.rollout.stuck`; `reported` holds the reports told already)."""
+    from forge.rollout.stuck import stuck_report
+
+    stuck = stuck_report(report_dir, f"rollout_{index}", reported)
+    if stuck is None:
+        return (
+            f"forge: rollout worker {index} died (its log above says why; Ray restarts it, up to "
+            f"async.max_worker_restarts times); its {lost} episodes count as lost"
+        )
+    why = (
+        "inside C code, which the watchdog cannot interrupt, on the worker's event loop (the env sets "
+        "blocking = False, so its calls run there; an env whose calls can block must leave `blocking` True)"
+        if stuck.on_loop
+        else "in a thread that held the GIL (C code that does not release it), so the worker's event loop could not run"
+    )
+    return (
+        f"forge: rollout worker {index} was stuck for {stuck.seconds:g}s at {stuck.where} "
+        f"(env {env_name}, env.step_timeout_s={step_timeout_s:g}): {why}. The worker was ended (Ray restarts it, "
+        f"up to async.max_worker_restarts times); its {lost} episodes count as lost. All its threads' stacks: "
+        f"{stuck.path}"
+    )
+
+
+def wait_until_alive(actor: Any, index: int, max_restarts: int, timeout_s: float = 300.0) -> None:
+    """Block until restarting rollout worker `index` answers again; one that never comes
+    back (it died more than `max_restarts` times, or did not restart within `timeout_s`)
+    stops the run with a clear message instead of a hang."""
     import ray
-    from ray.exceptions import ActorUnavailableError
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
 
     deadline = time.monotonic() + timeout_s
     while True:
@@ -57,10 +88,21 @@ def wait_until_alive(actor: Any, timeout_s: float = 300.0) -> None:
             return
         except ActorUnavailableError:
             if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"a rollout worker did not come back within {timeout_s:.0f}s of dying"
+                raise RunStopped(
+                    f"rollout worker {index} did not come back within {timeout_s:.0f}s of dying"
                 ) from None
             time.sleep(0.2)
+        except ActorDiedError as exc:
+            raise RunStopped(worker_gone_message(index, max_restarts, exc)) from None
+
+
+def worker_gone_message(index: int, max_restarts: int, exc: BaseException) -> str:
+    """Why the run stops when rollout worker `index` is dead for good."""
+    cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return (
+        f"rollout worker {index} died more than async.max_worker_restarts={max_restarts} times, so the run "
+        f"stopped; the lines above say why it died ({cause})"
+    )
 
 
 def actor_death_message(exc: BaseException, output_dir: str | Path, config: str | None = None) -> str | None:

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from forge.config import Config
-from forge.failures import FailureWatch
+from forge.failures import FailureWatch, RunStopped
 from forge.run.context import (
     Run,
     RunResult,
@@ -53,9 +53,7 @@ def sync_step(run: Run, step: int, failures: FailureWatch, log: StepLog, started
     trajectories = run.rollout()
     rollout_seconds = time.perf_counter() - step_started
     if trajectories and all(t.status == "lost" for t in trajectories):
-        raise RuntimeError(
-            f"step {step}: every episode was lost, e.g. {trajectories[0].error}; the run stops"
-        )
+        raise RunStopped(f"stopped at step {step}: every episode was lost, e.g. {trajectories[0].error}")
     failures.observe(step, trajectories, last_step=step == cfg.train.max_steps)
 
     reward_metrics, advantages = shape_rewards(run.shaper, trajectories, cfg, step)

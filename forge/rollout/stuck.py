@@ -1,0 +1,156 @@
+"""The last resort against a rollout worker whose event loop is stuck (an inline env call
+inside C code, which the watchdog cannot interrupt): the process ends and Ray restarts it.
+
+A `blocking = False` env's calls run on the worker's event loop. The watchdog
+(`forge.env.watchdog`) interrupts Python code, but a call inside one C function (a long
+`time.sleep`, a regex that backtracks for hours, a C extension's loop holding the GIL)
+cannot be interrupted by anything in the process: while the GIL is held no Python thread
+runs at all. `faulthandler`'s timer is a C thread that needs no GIL: `LoopGuard` has the
+loop re-arm it every second, so it fires only when the loop has not run for `limit_s`;
+it then writes every thread's stack to a report file and ends the process (exit code 1).
+The run reads the report (`stuck_report`) to say which env call was stuck, and where.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import faulthandler
+import os
+import re
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+REARM_S = 1.0  # how often the loop re-arms the timer (each arming starts a C thread: ~60 us)
+MIN_GRACE_S = 10.0  # a loop busy this long past env.step_timeout_s is stuck, not slow
+
+
+def stuck_limit_s(step_timeout_s: float) -> float:
+    """How long a worker's event loop may go without running before the worker is ended:
+    the env's step time limit plus as long again, at least `MIN_GRACE_S` (an inline call
+    that runs over is interrupted at the step limit; a loaded machine may add seconds)."""
+    return step_timeout_s + max(step_timeout_s, MIN_GRACE_S)
+
+
+class LoopGuard:
+    """Ends this process when its event loop has not run for `limit_s` (see the module
+    docstring), its threads' stacks written to a new file in `report_dir` first."""
+
+    def __init__(self, report_dir: str | Path, name: str, limit_s: float) -> None:
+        self.report_dir = Path(report_dir)
+        self.name = name  # the file's prefix: which worker
+        self.limit_s = limit_s
+        self.report: IO[str] | None = None
+        self.paused = False
+
+    def start(self) -> None:
+        """Arm the timer and keep re-arming it from the running loop (once; later calls do nothing)."""
+        if self.report is not None:
+            return
+        self.report_dir.mkdir(parents=True, exist_ok=True)
+        # One file per process: a restarted worker must not overwrite its predecessor's report.
+        path = self.report_dir / f"{self.name}.{os.getpid()}.txt"
+        self.report = open(path, "w")  # noqa: SIM115 (open for the life of the process: faulthandler writes to it)
+        # The loop's thread, spelled as faulthandler spells it, so the report can pick its stack.
+        self.report.write(
+            f"{self.name} event loop thread 0x{threading.get_ident():016x}, stuck after {self.limit_s:g}s\n"
+        )
+        self.report.flush()
+        self._rearm(asyncio.get_running_loop())
+
+    def _rearm(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.report is None:  # stopped
+            return
+        if not self.paused:
+            faulthandler.dump_traceback_later(self.limit_s, exit=True, file=self.report)
+        loop.call_later(REARM_S, self._rearm, loop)
+
+    def stop(self) -> None:
+        """Disarm for good (the loop is about to close)."""
+        if self.report is not None:
+            faulthandler.cancel_dump_traceback_later()
+            self.report.close()
+            self.report = None
+
+    @contextlib.contextmanager
+    def paused_for(self) -> Iterator[None]:
+        """Disarm while the loop runs known long work that is not an env call (loading
+        weights, building envs), so a slow but healthy worker is not ended."""
+        if self.report is None or self.paused:
+            yield
+            return
+        self.paused = True
+        faulthandler.cancel_dump_traceback_later()
+        try:
+            yield
+        finally:
+            self.paused = False
+            if self.report is not None:  # not stopped meanwhile
+                faulthandler.dump_traceback_later(self.limit_s, exit=True, file=self.report)
+
+
+@dataclass
+class StuckReport:
+    """What a guard's report says: where its process was stuck (`stuck_frame`), whether on
+    the event loop's thread, for how long, and the report's path."""
+
+    where: str
+    on_loop: bool
+    seconds: float
+    path: str
+
+
+def stuck_report(report_dir: str | Path, name: str, seen: set[str]) -> StuckReport | None:
+    """The report a guard named `name` wrote before ending its process and not in `seen`
+    (the paths reported already; updated), or None."""
+    for path in sorted(Path(report_dir).glob(f"{name}.*.txt"), key=lambda p: p.stat().st_mtime):
+        if str(path) in seen:
+            continue
+        text = path.read_text(errors="replace")
+        if not _fired(text):  # a live process's file, or one that ended otherwise
+            continue
+        seen.add(str(path))
+        limit = re.search(r"stuck after ([0-9.e+-]+)s", text)
+        return StuckReport(*stuck_frame(text), float(limit.group(1)) if limit else float("nan"), str(path))
+    return None
+
+
+def stuck_frame(report: str) -> tuple[str, bool]:
+    """Where a report's process was stuck, as 'file:line in function': the innermost frame
+    outside Forge and Python's own library (the env's line) on the event loop's thread,
+    else on another thread (one that held the GIL), else the loop's innermost frame; and
+    whether it is on the loop's thread."""
+    from forge.env.errors import is_harness
+
+    found = re.search(r"event loop thread (0x[0-9a-f]+)", report)
+    loop_id = found.group(1) if found else "-"
+    stacks = re.split(r"\n(?=(?:Current thread|Thread) 0x)", report)
+    threads = [
+        (loop_id in s.split("\n", 1)[0], re.findall(r'File "(.+)", line (\d+) in (\S+)', s)) for s in stacks
+    ]
+    threads.sort(key=lambda thread: not thread[0])  # the loop's thread first
+    for on_loop, frames in threads:
+        user = next((f for f in frames if not is_harness(f[0])), None)
+        if user is not None:
+            return f"{user[0]}:{user[1]} in {user[2]}", on_loop
+    loop_frames = threads[0][1] if threads and threads[0][0] else []
+    if loop_frames:
+        return f"{loop_frames[0][0]}:{loop_frames[0][1]} in {loop_frames[0][2]}", True
+    return "an unknown place (the report holds no stack of the event loop's thread)", True
+
+
+def _fired(report: str) -> bool:
+    return "Timeout (" in report  # faulthandler's first line when its timer fires
+
+
+def remove_unused_reports(report_dir: str | Path) -> None:
+    """Delete the files of guards that never fired (and the folder, if that empties it)."""
+    folder = Path(report_dir)
+    for path in folder.glob("*.txt"):
+        if not _fired(path.read_text(errors="replace")):
+            path.unlink()
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()

@@ -1,0 +1,157 @@
+"""An inline env stuck inside one C call (the GIL held or released) cannot hang the
+harness: its rollout worker ends itself with a report naming the env's line, the run
+counts the worker's episodes lost, says so, and goes on; `forge env check` fails it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import stuck_envs
+
+from forge.rollout.stuck import remove_unused_reports, stuck_report
+from forge.run.faults import worker_death_note
+
+ENV = "stuck_envs:StuckInlineEnv"  # tests/ is on the path, as a user's folder would be
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _stuck_line(kind: str) -> str:
+    """'file:line in step' of the C call where StuckInlineEnv gets stuck for `kind`."""
+    marker = "the GIL released" if kind == "sleep" else "the GIL held"
+    source = Path(stuck_envs.__file__).read_text().splitlines()
+    line = next(i for i, text in enumerate(source, 1) if f"# stuck here: one C call, {marker}" in text)
+    return f"{stuck_envs.__file__}:{line} in step"
+
+
+def _guarded_loop(tmp_path: Path, body: str, limit_s: float) -> subprocess.CompletedProcess:
+    """Run `body` (awaited) on an event loop guarded by a LoopGuard in a fresh process."""
+    script = textwrap.dedent(f"""
+        import asyncio, time
+        from forge.env.calls import call_env
+        from forge.rollout.stuck import LoopGuard
+        from stuck_envs import StuckInlineEnv
+
+        async def main():
+            guard = LoopGuard({str(tmp_path)!r}, "rollout_0", {limit_s})
+            guard.start()
+            {body}
+            guard.stop()
+
+        asyncio.run(main())
+    """)
+    return subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT / "tests", capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.parametrize("kind", ["sleep", "regex"])
+def test_a_loop_stuck_in_one_c_call_ends_its_process_with_a_report_of_the_env_line(tmp_path, kind):
+    started = time.monotonic()
+    done = _guarded_loop(
+        tmp_path,
+        f"env = StuckInlineEnv(); env.reset({{'stuck': {kind!r}}}, 0); await call_env(env.step, 'x', timeout_s=0.2)",
+        limit_s=1.0,
+    )
+    assert done.returncode == 1, done.stderr
+    assert time.monotonic() - started < 30
+    stuck = stuck_report(tmp_path, "rollout_0", set())
+    assert stuck.where == _stuck_line(kind) and stuck.on_loop and stuck.seconds == 1.0
+    assert "Timeout (0:00:01)" in Path(stuck.path).read_text()
+
+
+def test_the_run_says_which_env_line_a_worker_was_stuck_at_and_then_that_others_died(tmp_path):
+    done = _guarded_loop(
+        tmp_path, "env = StuckInlineEnv(); env.reset({'stuck': 'sleep'}, 0); env.step('x')", limit_s=0.5
+    )
+    assert done.returncode == 1
+    told: set[str] = set()
+    note = worker_death_note(0, 16, tmp_path, told, ENV, 0.2)
+    assert note.startswith(
+        f"forge: rollout worker 0 was stuck for 0.5s at {_stuck_line('sleep')} (env {ENV}, "
+    )
+    assert (
+        "env.step_timeout_s=0.2" in note
+        and "blocking = False" in note
+        and "16 episodes count as lost" in note
+    )
+    # The same report is not told twice: a later death of the worker is one it cannot explain.
+    assert worker_death_note(3, 8, tmp_path, told, ENV, 0.2).startswith(
+        "forge: rollout worker 3 died (its log"
+    )
+
+
+def test_a_paused_guard_lets_long_work_run_and_leaves_no_report(tmp_path):
+    done = _guarded_loop(
+        tmp_path,
+        "with guard.paused_for(): time.sleep(2.0)\n            await asyncio.sleep(0.2)",
+        limit_s=1.0,
+    )
+    assert done.returncode == 0, done.stderr
+    assert stuck_report(tmp_path, "rollout_0", set()) is None
+    remove_unused_reports(tmp_path)
+    assert not tmp_path.exists()
+
+
+@pytest.mark.parametrize(("kind", "how"), [("sleep", "could not be interrupted"), ("regex", "held the GIL")])
+def test_env_check_fails_an_env_stuck_in_one_c_call(tmp_path, capsys, kind, how):
+    from forge.cli import main
+
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text(json.dumps({"task_id": "a", "stuck": kind}) + "\n")
+    started = time.monotonic()
+    assert main(["env", "check", ENV, "--tasks", str(tasks), "--timeout", "0.3"]) == 1
+    assert time.monotonic() - started < 60
+    out = capsys.readouterr().out
+    assert f"FAIL  step             StuckInlineEnv.step did not return within 0.3s and {how}" in out
+    assert "drop `blocking = False`" in out and out.rstrip().endswith("FAILED: 3 passed, 1 failed")
+
+
+def _run(
+    tmp_path: Path, capsys, kind: str, mode: str, once: bool, *overrides: str
+) -> tuple[int, list[dict], str]:
+    """A short run on StuckInlineEnv, 4 tasks of which one gets stuck: its exit code,
+    metrics rows and console."""
+    from forge.cli import main
+
+    rows = [{"task_id": str(i)} for i in range(4)]
+    rows[0].update(stuck=kind, **({"once": str(tmp_path / "stuck-once")} if once else {}))
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    code = main([
+        "train", "configs/smoke.yaml", f"env.name={ENV}", "env.kwargs={}", f"env.tasks={tasks}",
+        "env.step_timeout_s=0.5", f"train.mode={mode}", "train.max_steps=2", "rollout.tasks_per_step=2",
+        "rollout.group_size=2", "rollout.num_workers=2", "logging.progress_bar=false", *overrides,
+        "--output-dir", str(tmp_path / "run"),
+    ])  # fmt: skip
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    steps = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    return code, steps, capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("kind", "mode"), [("regex", "sync"), ("sleep", "async")])
+def test_a_run_whose_env_gets_stuck_in_a_c_call_restarts_the_worker_and_trains_on(
+    ray_session, tmp_path, capsys, kind, mode
+):
+    code, steps, console = _run(tmp_path, capsys, kind, mode, True)
+    assert code == 0, console
+    assert [s["step"] for s in steps] == [1, 2] and all(s["episodes"] > 0 for s in steps)
+    assert sum(s["episodes_lost"] for s in steps) >= 2  # the stuck group, and any other the worker held
+    lines = [line for line in console.splitlines() if " was stuck for 10.5s at " in line]
+    assert len(lines) == 1 and f"at {_stuck_line(kind)} (env {ENV}, env.step_timeout_s=0.5)" in lines[0]
+    reports = list((tmp_path / "run" / "stuck_workers").iterdir())
+    assert len(reports) == 1 and str(reports[0]) in lines[0]  # the stuck worker's; the others' removed
+
+
+@pytest.mark.slow
+def test_a_run_whose_worker_stays_stuck_stops_with_exit_code_1(ray_session, tmp_path, capsys):
+    code, _, console = _run(tmp_path, capsys, "sleep", "sync", False, "async.max_worker_restarts=0")
+    assert code == 1
+    assert " was stuck for 10.5s at " in console
+    assert "died more than async.max_worker_restarts=0 times, so the run stopped" in console.splitlines()[-1]
