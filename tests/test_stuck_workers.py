@@ -120,7 +120,8 @@ def _run(
     from forge.cli import main
 
     rows = [{"task_id": str(i)} for i in range(4)]
-    rows[0].update(stuck=kind, **({"once": str(tmp_path / "stuck-once")} if once else {}))
+    # Not the first: forge train resets that one before it starts (and would claim `once`).
+    rows[-1].update(stuck=kind, **({"once": str(tmp_path / "stuck-once")} if once else {}))
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text("".join(json.dumps(row) + "\n" for row in rows))
     code = main([

@@ -104,7 +104,8 @@ class Run:
         self.trainer = make_trainer(cfg, self.model_path)
         # Where a worker whose event loop got stuck writes its stacks before it ends (forge.rollout.stuck).
         self.stuck_report_dir = output_dir.resolve() / "stuck_workers"
-        self.stuck_reported: set[str] = set()
+        # Reports told already (or left by the run this one resumes).
+        self.stuck_reported = {str(path) for path in self.stuck_report_dir.glob("*.txt")}
         self.workers = self._start_workers()
         self.tokenizer = load_tokenizer(self.model_path)
 
