@@ -31,7 +31,9 @@ MAX_NEW_TOKENS = 24
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     # Llama here: the other gateway and serve tests run the default Qwen2 family.
-    return save_tiny_checkpoint(TinyModelConfig(architecture="llama"), tmp_path_factory.mktemp("llama"), seed=3)
+    return save_tiny_checkpoint(
+        TinyModelConfig(architecture="llama"), tmp_path_factory.mktemp("llama"), seed=3
+    )
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +41,12 @@ def engines(checkpoint):
     """Two `forge serve` engines of the checkpoint, each on its own HTTP server."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    servers = [EngineServer(make_service(checkpoint, max_new_tokens=MAX_NEW_TOKENS, max_context_tokens=512,
-                                         seed=index)).start() for index in range(2)]
+    servers = [
+        EngineServer(
+            make_service(checkpoint, max_new_tokens=MAX_NEW_TOKENS, max_context_tokens=512, seed=index)
+        ).start()
+        for index in range(2)
+    ]
     yield servers
     for server in servers:
         server.stop()
@@ -53,9 +59,12 @@ def remote(engines):
     service = engines[0].service
     tokenizer = service.gateway.tokenizer
     sampling = Sampling(1.0, 1.0, tuple(ChatFormat(tokenizer).stop_token_ids))
-    router = Router([ForgeClient(server.url, sampling=sampling) for server in engines], name="gateway", max_wait_s=0.01)
-    gateway = Gateway(sampling, tokenizer, EpisodeStore(lambda: GuessNumberEnv(n=8)), MAX_NEW_TOKENS, 512,
-                      router=router)
+    router = Router(
+        [ForgeClient(server.url, sampling=sampling) for server in engines], name="gateway", max_wait_s=0.01
+    )
+    gateway = Gateway(
+        sampling, tokenizer, EpisodeStore(lambda: GuessNumberEnv(n=8)), MAX_NEW_TOKENS, 512, router=router
+    )
     with GatewayServer(gateway) as server:
         yield server
         server.call(router.close(), timeout_s=10)
@@ -76,12 +85,16 @@ def last_call(server, episode_id: str):
 
 
 def chat(client: openai.OpenAI, **options):
-    return client.chat.completions.create(model="policy", messages=MESSAGES, max_tokens=MAX_NEW_TOKENS, **options)
+    return client.chat.completions.create(
+        model="policy", messages=MESSAGES, max_tokens=MAX_NEW_TOKENS, **options
+    )
 
 
 def entries(reply) -> list[tuple[str, float, list[tuple[str, float]]]]:
-    return [(e.token, e.logprob, [(t.token, t.logprob) for t in e.top_logprobs])
-            for e in reply.choices[0].logprobs.content]
+    return [
+        (e.token, e.logprob, [(t.token, t.logprob) for t in e.top_logprobs])
+        for e in reply.choices[0].logprobs.content
+    ]
 
 
 def assert_same_logprobs(over_servers, in_process) -> None:
@@ -94,7 +107,9 @@ def assert_same_logprobs(over_servers, in_process) -> None:
 
 
 @pytest.mark.parametrize("seed", [11, 12])
-def test_a_seeded_chat_over_engine_servers_is_the_in_process_gateways_reply_token_for_token(remote, engines, seed):
+def test_a_seeded_chat_over_engine_servers_is_the_in_process_gateways_reply_token_for_token(
+    remote, engines, seed
+):
     client, episode = start(remote)
     local, local_episode = start(engines[0])
     over_servers = chat(client, seed=seed, logprobs=True, top_logprobs=3)
@@ -105,7 +120,9 @@ def test_a_seeded_chat_over_engine_servers_is_the_in_process_gateways_reply_toke
     assert all(len(e[2]) == 3 for e in entries(over_servers))
     recorded, expected = last_call(remote, episode), last_call(engines[0], local_episode)
     assert recorded.prompt_ids == expected.prompt_ids
-    assert recorded.completion_ids == expected.completion_ids  # the engine's sampled ids, not re-tokenized text
+    assert (
+        recorded.completion_ids == expected.completion_ids
+    )  # the engine's sampled ids, not re-tokenized text
     assert recorded.logprobs == pytest.approx(expected.logprobs, abs=1e-4)
 
 
@@ -113,13 +130,15 @@ def stop_string(text: str) -> str:
     """A piece of a reply's text that first occurs past its start: a stop string that cuts it."""
     for width in (4, 3, 2):
         for begin in range(len(text) // 3, len(text) - width):
-            piece = text[begin:begin + width]
+            piece = text[begin : begin + width]
             if piece.strip() and text.index(piece) > 0:
                 return piece
     pytest.skip(f"the reply {text!r} has no usable stop string")
 
 
-def test_a_stop_string_ends_the_reply_at_the_token_that_completes_it_and_the_server_stops_there(remote, engines):
+def test_a_stop_string_ends_the_reply_at_the_token_that_completes_it_and_the_server_stops_there(
+    remote, engines
+):
     client, _ = start(remote)
     whole = chat(client, seed=21).choices[0].message.content
     stop = stop_string(whole)
@@ -153,7 +172,9 @@ def test_a_stream_over_engine_servers_sends_the_same_text_and_logprobs_as_the_wh
     client, episode = start(remote)
     chunks = list(chat(client, seed=31, stop=[stop], logprobs=True, stream=True))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    streamed = [e.token for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    streamed = [
+        e.token for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content
+    ]
     assert text == reply.choices[0].message.content
     assert streamed == [e.token for e in reply.choices[0].logprobs.content]
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
@@ -167,7 +188,9 @@ def test_n_choices_and_seeds_over_engine_servers_sample_each_choice_with_its_own
     local, _ = start(engines[0])
     in_process = local.chat.completions.create(model="policy", messages=MESSAGES, max_tokens=8, n=2, seed=41)
     texts = [c.message.content for c in both.choices]
-    assert texts == [c.message.content for c in again.choices] == [c.message.content for c in in_process.choices]
+    assert (
+        texts == [c.message.content for c in again.choices] == [c.message.content for c in in_process.choices]
+    )
 
 
 def test_a_groups_episodes_are_routed_to_one_engine_and_released_when_they_end(remote):
@@ -192,8 +215,10 @@ class WholeReplies:
         self.reply = reply
 
     async def generate_batch(self, requests, release=None):
-        return [GenerationResult(list(self.reply), [-0.25 * (i + 1) for i in range(len(self.reply))], False, 4, 1)
-                for _ in requests]
+        return [
+            GenerationResult(list(self.reply), [-0.25 * (i + 1) for i in range(len(self.reply))], False, 4, 1)
+            for _ in requests
+        ]
 
     async def release(self, episode_ids):
         pass
@@ -229,11 +254,19 @@ def test_the_forge_client_sends_stop_seed_and_top_logprobs_and_the_request_sampl
 
     request = GenerationRequest([1, 2], 4, "e", temperature=0.5, seed=7, top_logprobs=2, stop=["\n"])
     body = forge_generate_call(request, Sampling(1.0, 0.9)).body
-    assert body == {"token_ids": [1, 2], "max_new_tokens": 4, "episode_id": "e", "temperature": 0.5,
-                    "top_p": 0.9, "seed": 7, "top_logprobs": 2, "stop": ["\n"]}
+    assert body == {
+        "token_ids": [1, 2],
+        "max_new_tokens": 4,
+        "episode_id": "e",
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "seed": 7,
+        "top_logprobs": 2,
+        "stop": ["\n"],
+    }
 
 
-AGENT = '''
+AGENT = """
 import json, os, zlib
 import httpx
 from openai import OpenAI
@@ -260,11 +293,13 @@ with open(os.path.join(os.environ["AGENT_LOG_DIR"], episode + ".jsonl"), "w") as
             break
         messages.append({{"role": "user", "content": result["observation"]}})
 httpx.post(url + "/finish", json={{}}, timeout=60).raise_for_status()
-'''
+"""
 
 
 @pytest.mark.slow
-def test_a_gateway_run_on_engine_servers_trains_on_the_tokens_the_engines_sampled(ray_session, tmp_path, monkeypatch):
+def test_a_gateway_run_on_engine_servers_trains_on_the_tokens_the_engines_sampled(
+    ray_session, tmp_path, monkeypatch
+):
     """Agent processes on the openai SDK (stop strings, logprobs, top_logprobs, seeds) play
     every episode through a gateway whose engines are two `forge serve` actors; every call
     the agents saw is trained on, with the engine's ids, logprobs and version."""
@@ -290,11 +325,19 @@ def test_a_gateway_run_on_engine_servers_trains_on_the_tokens_the_engines_sample
 
     monkeypatch.setattr(gateway_run, "episode_samples", capture)
 
-    cfg = load_config("configs/gateway-smoke.yaml", [
-        "rollout.engine=server", "rollout.num_engines=2", "rollout.num_cpus_per_engine=1", "train.max_steps=2",
-        "rollout.max_new_tokens=8", "train.skip_zero_advantage=false", "gateway.max_concurrent_agents=8",
-        f"gateway.agent_command='{{python}} {tmp_path / 'agent.py'}'",
-    ])
+    cfg = load_config(
+        "configs/gateway-smoke.yaml",
+        [
+            "rollout.engine=server",
+            "rollout.num_engines=2",
+            "rollout.num_cpus_per_engine=1",
+            "train.max_steps=2",
+            "rollout.max_new_tokens=8",
+            "train.skip_zero_advantage=false",
+            "gateway.max_concurrent_agents=8",
+            f"gateway.agent_command='{{python}} {tmp_path / 'agent.py'}'",
+        ],
+    )
     result = train(cfg, tmp_path / "run", progress=False)
 
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -304,8 +347,11 @@ def test_a_gateway_run_on_engine_servers_trains_on_the_tokens_the_engines_sample
     assert all(row["prefix_cache_hit_rate"] > 0 for row in rows)  # later turns extend cached episodes
 
     calls = [json.loads(line) for log in logs.iterdir() for line in log.read_text().splitlines()]
-    seen = sorted((tuple(map(tuple, c["bytes"])), tuple(round(v, 5) for v in c["logprobs"]), c["version"])
-                  for c in calls if c["bytes"])
+    seen = sorted(
+        (tuple(map(tuple, c["bytes"])), tuple(round(v, 5) for v in c["logprobs"]), c["version"])
+        for c in calls
+        if c["bytes"]
+    )
     tokenizer = load_tokenizer(result.checkpoint)
     used = []
     for sample in trained:
@@ -313,11 +359,20 @@ def test_a_gateway_run_on_engine_servers_trains_on_the_tokens_the_engines_sample
         ids = [sample.token_ids[i] for i in completion]
         versions = {sample.policy_versions[i] for i in completion}
         assert len(versions) == 1
-        used.append((tuple(tuple(token_bytes(tokenizer, t)) for t in ids),
-                     tuple(round(sample.behaviour_logprobs[i], 5) for i in completion), versions.pop()))
+        used.append(
+            (
+                tuple(tuple(token_bytes(tokenizer, t)) for t in ids),
+                tuple(round(sample.behaviour_logprobs[i], 5) for i in completion),
+                versions.pop(),
+            )
+        )
     assert sorted(used) == seen  # what each agent was shown is exactly what was trained, call for call
     assert all(all(n == 2 for n in c["tops"]) for c in calls)
     assert not any(stop in (c["text"] or "") for c in calls for stop in stops)
-    cut = [c for c in calls if c["finish"] == "stop" and any(s in bytes(sum(c["bytes"], [])).decode("utf-8", "replace")
-                                                             for s in stops)]
+    cut = [
+        c
+        for c in calls
+        if c["finish"] == "stop"
+        and any(s in bytes(sum(c["bytes"], [])).decode("utf-8", "replace") for s in stops)
+    ]
     assert cut  # some replies ended on a stop string (its token recorded and trained, its text not shown)

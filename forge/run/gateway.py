@@ -191,9 +191,12 @@ class GatewayRun:
         from forge.rollout.engines.router import Router
 
         rollout = self.cfg.rollout
-        sampling = Sampling(rollout.temperature, rollout.top_p, tuple(ChatFormat(self.tokenizer).stop_token_ids))
-        self._client = lambda url: make_client(url, self.cfg.model.path or "policy", sampling,
-                                               rollout.engine_timeout_s)
+        sampling = Sampling(
+            rollout.temperature, rollout.top_p, tuple(ChatFormat(self.tokenizer).stop_token_ids)
+        )
+        self._client = lambda url: make_client(
+            url, self.cfg.model.path or "policy", sampling, rollout.engine_timeout_s
+        )
         self.router = Router([self._client(url) for url in self.pool.urls], name="gateway", max_wait_s=0.01)
         self.version = 0
         return sampling
@@ -220,9 +223,7 @@ class GatewayRun:
         cfg = self.cfg
         episode_ids = []
         for task in self.tasks.take(cfg.rollout.tasks_per_step):
-            group_id = (
-                f"{task.get('task_id', '')}@v{self.policy_version}#{self.rng.getrandbits(32):08x}"
-            )
+            group_id = f"{task.get('task_id', '')}@v{self.policy_version}#{self.rng.getrandbits(32):08x}"
             for _ in range(cfg.rollout.group_size):
                 episode_ids.append(self.server.call(self.gateway.start_episode(task, group_id)))
         exits = run_agents(
