@@ -409,3 +409,22 @@ def test_the_trainers_adapters_are_saved_as_the_peft_folder_vllm_and_forge_serve
     assert torch.allclose(served(ids).logits, model(ids).logits, atol=1e-5)
     with pytest.raises(WeightUpdateError, match="lora.enabled"):
         trainer_save_adapter(SimpleNamespace(model=AutoModelForCausalLM.from_pretrained(checkpoint)), str(tmp_path / "x"))
+
+
+def test_after_a_lora_sync_a_rollout_workers_vllm_requests_name_the_adapter_with_its_version(tiny_checkpoint):
+    import torch
+
+    from forge.config import load_config
+    from forge.rollout.worker import RolloutWorker
+
+    threads = torch.get_num_threads()
+    cfg = load_config("configs/smoke.yaml", [f"model.path={tiny_checkpoint}", "model.lora.enabled=true"])
+    worker = RolloutWorker(str(tiny_checkpoint), cfg.model, cfg.env, cfg.rollout, 0.5, 0, None, cfg.sandbox,
+                           ["vllm+http://vllm:8000"], 0, None)
+    torch.set_num_threads(threads)
+    client = worker.router.engines[0].client
+    assert client.model == str(tiny_checkpoint)  # version 0: the base model (LoRA's B starts at zero)
+    worker.set_engine_version(3, adapter=True)
+    assert (client.model, client.policy_version) == (f"{tiny_checkpoint}-forge-lora", 3)
+    assert vllm_client.completion_call(GenerationRequest([1], 2), client.model, client.sampling).body["model"] == \
+        f"{tiny_checkpoint}-forge-lora"
