@@ -40,6 +40,7 @@ def evaluate(
     process with the model saved in `checkpoint` (a `forge train` output's `final/`)."""
     from tqdm import tqdm
 
+    from forge.rollout.stuck import LoopGuard, stuck_limit_s
     from forge.rollout.worker import RolloutWorker
     from forge.run.context import start_sandbox
     from forge.run.tasks import load_task_rows
@@ -55,17 +56,23 @@ def evaluate(
         update={"enabled": False})})  # final/ holds merged weights
     worker = RolloutWorker(str(checkpoint), model_cfg, cfg.env, cfg.rollout, cfg.reward.success_threshold, cfg.seed,
                            sandbox_cfg=cfg.sandbox, swarm_cfg=cfg.swarm)  # fmt: skip
+    # An env call stuck in C code (blocking = False) ends the eval, exit code 1 and every
+    # thread's stack on stderr, instead of hanging it (forge.rollout.stuck).
+    worker.guard = LoopGuard(None, "eval", stuck_limit_s(cfg.env.step_timeout_s))
     tasks = load_task_rows(cfg)[:num_tasks]
     started = time.perf_counter()
     per_task: dict[str, Any] = {}
     everything: list[Trajectory] = []
-    for index, task in enumerate(tqdm(tasks, desc="eval", unit="task", disable=not progress)):
-        task_started = time.perf_counter()
-        trajectories = asyncio.run(worker.rollout([task], episodes))
-        per_task[str(task.get("task_id", index))] = task_summary(
-            trajectories, time.perf_counter() - task_started, cfg.swarm.enabled
-        )
-        everything.extend(trajectories)
+    try:
+        for index, task in enumerate(tqdm(tasks, desc="eval", unit="task", disable=not progress)):
+            task_started = time.perf_counter()
+            trajectories = asyncio.run(worker.rollout([task], episodes))
+            per_task[str(task.get("task_id", index))] = task_summary(
+                trajectories, time.perf_counter() - task_started, cfg.swarm.enabled
+            )
+            everything.extend(trajectories)
+    finally:
+        worker.guard.stop()
     overall = task_summary(everything, time.perf_counter() - started, cfg.swarm.enabled)
     return {"checkpoint": str(checkpoint), "env": cfg.env.name, "tasks": len(tasks),
             "episodes_per_task": episodes, "sandbox_level": cfg.sandbox.level, **overall, "per_task": per_task}

@@ -5,6 +5,7 @@ counts the worker's episodes lost, says so, and goes on; `forge env check` fails
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -156,3 +157,24 @@ def test_a_run_whose_worker_stays_stuck_stops_with_exit_code_1(ray_session, tmp_
     assert code == 1
     assert " was stuck for 10.5s at " in console
     assert "died more than async.max_worker_restarts=0 times, so the run stopped" in console.splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_forge_eval_on_an_env_stuck_in_a_c_call_ends_with_the_env_line_instead_of_hanging(
+    tmp_path, tiny_checkpoint
+):
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text(json.dumps({"task_id": "a", "stuck": "regex"}) + "\n")
+    command = [
+        sys.executable, "-m", "forge.cli", "eval", "configs/smoke.yaml", "--checkpoint", str(tiny_checkpoint),
+        "--episodes", "1", "--tasks", "1", "--no-progress",
+        f"env.name={ENV}", "env.kwargs={}", f"env.tasks={tasks}", "env.step_timeout_s=0.2",
+    ]  # fmt: skip
+    path = os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": path}
+    )
+    assert done.returncode == 1
+    assert "Timeout (0:00:10.200000)!" in done.stderr
+    file, line = _stuck_line("regex").removesuffix(" in step").rsplit(":", 1)
+    assert f'File "{file}", line {line} in step' in done.stderr

@@ -18,6 +18,7 @@ import contextlib
 import faulthandler
 import os
 import re
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,50 +37,62 @@ def stuck_limit_s(step_timeout_s: float) -> float:
 
 
 class LoopGuard:
-    """Ends this process when its event loop has not run for `limit_s` (see the module
-    docstring), its threads' stacks written to a new file in `report_dir` first."""
+    """Ends this process when the event loop it guards has not run for `limit_s` (see the
+    module docstring), every thread's stack written first to a new file in `report_dir`,
+    or with `report_dir` None to this process's stderr (where no other process reads a
+    report: `forge eval`, a gateway run's own loop)."""
 
-    def __init__(self, report_dir: str | Path, name: str, limit_s: float) -> None:
-        self.report_dir = Path(report_dir)
+    def __init__(self, report_dir: str | Path | None, name: str, limit_s: float) -> None:
+        self.report_dir = Path(report_dir) if report_dir is not None else None
         self.name = name  # the file's prefix: which worker
         self.limit_s = limit_s
         self.report: IO[str] | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None  # the loop guarded, None when stopped
         self.paused = False
 
     def start(self) -> None:
-        """Arm the timer and keep re-arming it from the running loop (once; later calls do nothing)."""
-        if self.report is not None:
+        """Guard the running loop: arm the timer and keep re-arming it from that loop (a later
+        call on the same loop does nothing; on another loop, that loop is guarded instead)."""
+        loop = asyncio.get_running_loop()
+        if loop is self.loop:
             return
+        if self.report is None:
+            self.report = self._open_report()
+        self.loop = loop
+        self._rearm(loop)
+
+    def _open_report(self) -> IO[str]:
+        if self.report_dir is None:
+            return sys.__stderr__  # the real stderr: faulthandler needs a file descriptor
         self.report_dir.mkdir(parents=True, exist_ok=True)
         # One file per process: a restarted worker must not overwrite its predecessor's report.
         path = self.report_dir / f"{self.name}.{os.getpid()}.txt"
-        self.report = open(path, "w")  # noqa: SIM115 (open for the life of the process: faulthandler writes to it)
+        report = open(path, "w")  # noqa: SIM115 (open for the life of the process: faulthandler writes to it)
         # The loop's thread, spelled as faulthandler spells it, so the report can pick its stack.
-        self.report.write(
+        report.write(
             f"{self.name} event loop thread 0x{threading.get_ident():016x}, stuck after {self.limit_s:g}s\n"
         )
-        self.report.flush()
-        self._rearm(asyncio.get_running_loop())
+        report.flush()
+        return report
 
     def _rearm(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self.report is None:  # stopped
+        if loop is not self.loop:  # stopped, or guarding another loop now
             return
         if not self.paused:
             faulthandler.dump_traceback_later(self.limit_s, exit=True, file=self.report)
         loop.call_later(REARM_S, self._rearm, loop)
 
     def stop(self) -> None:
-        """Disarm for good (the loop is about to close)."""
-        if self.report is not None:
+        """Disarm until the next `start` (the loop is about to close)."""
+        if self.loop is not None:
+            self.loop = None
             faulthandler.cancel_dump_traceback_later()
-            self.report.close()
-            self.report = None
 
     @contextlib.contextmanager
     def paused_for(self) -> Iterator[None]:
         """Disarm while the loop runs known long work that is not an env call (loading
         weights, building envs), so a slow but healthy worker is not ended."""
-        if self.report is None or self.paused:
+        if self.loop is None or self.paused:
             yield
             return
         self.paused = True
@@ -88,7 +101,7 @@ class LoopGuard:
             yield
         finally:
             self.paused = False
-            if self.report is not None:  # not stopped meanwhile
+            if self.loop is not None:  # not stopped meanwhile
                 faulthandler.dump_traceback_later(self.limit_s, exit=True, file=self.report)
 
 
