@@ -52,6 +52,9 @@ def run_check_command(args: Any) -> int:
     except json.JSONDecodeError as exc:
         print(f"--kwargs must be a JSON object, e.g. '{{\"n\": 8}}' ({exc})")
         return 2
+    from forge.env.tokens import check_model_folder
+
+    check_model_folder(model_path_of(args))  # said here, as the command's error, not as a check's
     report = check_in_child_process(args)
     print(report.render())
     return 0 if report.passed else 1
@@ -61,12 +64,7 @@ def check_from_arguments(args: Any, sink: Callable[[dict[str, Any]], None] | Non
     """The check `forge env check`'s arguments ask for, with the tokenizer they name."""
     from forge.env.tokens import load_check_tokenizer
 
-    model_path = args.model
-    if model_path is None and args.config:
-        from forge.config import load_config
-
-        model_path = load_config(args.config, []).model.path
-    tokenizer, name = load_check_tokenizer(model_path)
+    tokenizer, name = load_check_tokenizer(model_path_of(args))
     return check_env(
         args.name,
         json.loads(args.kwargs),
@@ -76,6 +74,15 @@ def check_from_arguments(args: Any, sink: Callable[[dict[str, Any]], None] | Non
         tokenizer=(name, tokenizer),
         sink=sink,
     )
+
+
+def model_path_of(args: Any) -> str | None:
+    """The model whose tokenizer is checked: --model, else the --config's model.path."""
+    if args.model is None and args.config:
+        from forge.config import load_config
+
+        return load_config(args.config, []).model.path
+    return args.model
 
 
 def child_arguments(args: Any) -> list[str]:

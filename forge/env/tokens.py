@@ -77,12 +77,17 @@ def load_check_tokenizer(model_path: str | None) -> tuple[Any, str]:
         from forge.models.tiny import build_tokenizer
 
         return build_tokenizer(), "the built-in tiny model"
-    import os
-
     from forge.models.loading import load_tokenizer
 
-    if not os.path.isdir(model_path):
+    check_model_folder(model_path)
+    return load_tokenizer(model_path), model_path
+
+
+def check_model_folder(model_path: str | None) -> None:
+    """Raise a clear error when `model_path` is set and is not a folder."""
+    import os
+
+    if model_path is not None and not os.path.isdir(model_path):
         raise FileNotFoundError(
             f"model {model_path!r} is not a folder: give a checkpoint folder (--model, model.path)"
         )
-    return load_tokenizer(model_path), model_path
