@@ -4,6 +4,7 @@ counts the worker's episodes lost, says so, and goes on; `forge env check` fails
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -111,6 +112,31 @@ def test_env_check_fails_an_env_stuck_in_one_c_call(tmp_path, capsys, kind, how)
     out = capsys.readouterr().out
     assert f"FAIL  step             StuckInlineEnv.step did not return within 0.3s and {how}" in out
     assert "drop `blocking = False`" in out and out.rstrip().endswith("FAILED: 3 passed, 1 failed")
+
+
+def test_the_gateway_runs_an_inline_env_in_a_thread_so_a_stuck_step_only_times_out():
+    from forge.gateway.episodes import EpisodeError, EpisodeStore
+
+    async def play() -> tuple[float, int]:
+        store = EpisodeStore(stuck_envs.StuckInlineEnv, step_timeout_s=0.3)
+        episode = await store.start({"task_id": "a", "stuck": "sleep"}, seed=0)
+        ticks = 0
+
+        async def tick() -> None:  # the loop serves every agent: it must go on meanwhile
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.05)
+                ticks += 1
+
+        ticker = asyncio.ensure_future(tick())
+        started = time.monotonic()
+        with pytest.raises(EpisodeError, match="env step failed: EnvTimeout"):
+            await store.step(episode.episode_id, "x")
+        ticker.cancel()
+        return time.monotonic() - started, ticks
+
+    seconds, ticks = asyncio.run(play())
+    assert seconds < 5 and ticks >= 3
 
 
 def _run(

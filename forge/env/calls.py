@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import queue
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 from forge.env.watchdog import InlineTimeout, call_inline
@@ -49,6 +51,23 @@ class DaemonThreads:
 
 
 _THREADS = DaemonThreads()
+
+# False within `in_threads`: no env call runs inline, whatever its env's `blocking` says.
+_INLINE_ALLOWED: contextvars.ContextVar[bool] = contextvars.ContextVar("forge_inline_env_calls", default=True)
+
+
+@contextlib.contextmanager
+def in_threads() -> Iterator[None]:
+    """Within this block (this task and what it awaits), `call_env` hands every sync env
+    method to a thread, even an env's with `blocking = False`: for callers whose calls are
+    not hot (the gateway answers an HTTP request per step) and whose event loop serves
+    everyone else (a call stuck in C code inline would stall it; in a thread, it is
+    abandoned at its timeout)."""
+    token = _INLINE_ALLOWED.set(False)
+    try:
+        yield
+    finally:
+        _INLINE_ALLOWED.reset(token)
 
 
 def in_daemon_thread(function: Any, *args: Any, **kwargs: Any) -> asyncio.Future:
@@ -93,7 +112,7 @@ async def call_env(method: Any, *args: Any, timeout_s: float) -> Any:
     """
     if inspect.iscoroutinefunction(method):
         call = method(*args)
-    elif getattr(getattr(method, "__self__", None), "blocking", True) is False:
+    elif _INLINE_ALLOWED.get() and getattr(getattr(method, "__self__", None), "blocking", True) is False:
         # The env says it never blocks: no thread hand-off (see Env.blocking), but a
         # watchdog interrupts the call if it hangs anyway.
         try:

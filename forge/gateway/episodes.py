@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from forge.env.base import Env, StepResult
-from forge.env.calls import call_env
+from forge.env.calls import call_env, in_threads
 from forge.env.errors import describe_env_error
 from forge.types import NO_VERSION, EpisodeStatus, Sample, Trajectory, Turn
 
@@ -167,7 +167,8 @@ class EpisodeStore:
         observation = str(task.get("prompt", ""))
         if env is not None:
             seed = seed if seed is not None else secrets.randbits(31)
-            observation = await call_env(env.reset, task, seed, timeout_s=self.step_timeout_s)
+            with in_threads():  # this loop serves every agent: no env call runs on it
+                observation = await call_env(env.reset, task, seed, timeout_s=self.step_timeout_s)
             if not isinstance(observation, str):
                 raise TypeError(f"{type(env).__name__}.reset returned {type(observation).__name__}, expected str")
         group = group_id if group_id is not None else str(task.get("task_id", episode_id))
@@ -190,7 +191,8 @@ class EpisodeStore:
             raise EpisodeError(409, f"episode {episode_id!r}: the env is done; finish the episode")
         async with self.lock(episode_id):
             try:
-                result = await call_env(episode.env.step, action, timeout_s=self.step_timeout_s)
+                with in_threads():  # this loop serves every agent: no env call runs on it
+                    result = await call_env(episode.env.step, action, timeout_s=self.step_timeout_s)
             except Exception as exc:  # the env failed: the episode ends as an error, data kept
                 self._close(episode, "error", describe_env_error(exc, episode.env))
                 raise EpisodeError(500, f"episode {episode_id!r}: env step failed: {type(exc).__name__}: {exc}") from None
