@@ -43,6 +43,11 @@ MODES = {
 GATEWAY_SHARE = 0.1
 COMMON = ["logging.progress_bar=false", "logging.tensorboard=true"]
 QUANTITIES = ("rss_mb", "private_mb", "shared_mb", "fds", "threads")
+# bench/results/soak.json keeps this many samples of each mode's series (every sample went
+# into the slopes), and of each process kind its private and object-store memory: the whole
+# series of a 2,000-step soak took ~300 KB a mode.
+SERIES_POINTS = 40
+SERIES_KEYS = ("private_mb", "shared_mb")
 
 
 def process_kind(process: psutil.Process, driver_pid: int) -> str:
@@ -250,12 +255,20 @@ def soak_mode(mode: str, steps: int, every_s: float, workdir: Path, extra: list[
                 **{
                     f"{kind}_{key}": round(v[key], 1)
                     for kind, v in row["processes"].items()
-                    for key in ("rss_mb", "private_mb", "shared_mb")
+                    for key in SERIES_KEYS
                 },
             }
-            for row in series
+            for row in thinned(series)
         ],
     }
+
+
+def thinned(series: list, points: int = SERIES_POINTS) -> list:
+    """At most `points` rows of `series`, evenly spread and keeping its first and last: the
+    slopes are fitted on every sample, the kept rows only show the curve's shape."""
+    if len(series) <= points:
+        return series
+    return [series[round(i * (len(series) - 1) / (points - 1))] for i in range(points)]
 
 
 def per_process_slopes(result: dict, key: str = "rss_mb") -> dict[str, float]:
@@ -302,6 +315,11 @@ def main() -> None:
         "ray_system_config": ray_system_config(),
         "modes": earlier.get("modes", {}) if earlier.get("bench") == "soak" else {},
     }
+    for kept in result["modes"].values():  # written before the series were thinned
+        kept["series"] = [
+            {k: v for k, v in row.items() if k in ("step", "t_s") or k.endswith(SERIES_KEYS)}
+            for row in thinned(kept.get("series", []))
+        ]
     lock = threading.Lock()
 
     def run(mode: str) -> None:

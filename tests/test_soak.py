@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
-from bench.soak import memory_parts, per_process_slopes, slope_per_1000, soak_mode, summarize
+from bench.soak import memory_parts, per_process_slopes, slope_per_1000, soak_mode, summarize, thinned
 
 # Per process over the second half of the soak. Private memory (anonymous: Python objects,
 # tensors, the allocator's heap) grew 0.07-0.75 MB per 1,000 steps in every process over
@@ -80,6 +82,16 @@ def test_a_shortened_sync_soak_has_no_growing_process(tmp_path):
             if values[key]["end"] > values[key]["start"] + MAX_HANDLE_RISE
         }
         assert not rising, f"{key} grow over the run: {rising}"
+
+
+def test_the_written_series_keeps_a_few_evenly_spread_samples_with_both_ends():
+    series = [{"step": step} for step in range(0, 1000, 3)]
+    kept = thinned(series, points=10)
+    assert len(kept) == 10
+    assert kept[0] == series[0] and kept[-1] == series[-1]
+    gaps = {b["step"] - a["step"] for a, b in itertools.pairwise(kept)}
+    assert max(gaps) - min(gaps) <= 3
+    assert thinned(series[:5], points=10) == series[:5]
 
 
 def test_memory_is_split_into_private_and_shared_pages():
