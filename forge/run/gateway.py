@@ -20,6 +20,7 @@ from forge.failures import AGENT_FIX, FailureWatch
 from forge.gateway.agents import AgentExit, agent_argv, close_unfinished, run_agents
 from forge.gateway.episodes import Episode, EpisodeStore, episode_samples
 from forge.gateway.server import Gateway, GatewayServer
+from forge.heap import release_free_heap
 from forge.run.cluster import check_resources, start_ray
 from forge.run.context import (
     RunResult,
@@ -108,6 +109,9 @@ def gateway_step(run: GatewayRun, step: int, failures: FailureWatch, log: StepLo
         from forge.train.checkpoint import save_run
 
         save_run(run, step, cfg.train.keep_checkpoints)
+    # The step's generations, episodes and HTTP requests are freed; without this the driver
+    # holds ~30 MB of freed heap that the next steps scatter live blocks over (forge.heap).
+    release_free_heap()
 
 
 class GatewayRun:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from forge.config import ModelConfig, TrainConfig, TrainerConfig
+from forge.heap import release_free_heap
 from forge.train.losses import VANISH_AT_ZERO_ADVANTAGE, LossConfig, aggregate_loss, compute_loss
 from forge.tree import microbatches
 from forge.types import Sample
@@ -239,6 +240,10 @@ class Trainer:
             zero_advantage_skipped=(len(self.last_share) - len(trained)) / max(len(self.last_share), 1),
             train_seconds=time.perf_counter() - started,
         )
+        # The step's tensors and packed batches are freed by now; give their pages back, or
+        # a run whose batches vary in size keeps its largest step's heap (forge.heap).
+        del batches
+        release_free_heap()
         return totals
 
     def own_share(self, minibatch: list[Sample]) -> list[Sample]:
