@@ -58,3 +58,17 @@ def test_a_training_step_gives_its_freed_heap_back(tiny_checkpoint, monkeypatch)
     mask = [0] * 6 + [1] * 6
     trainer.train_step([Sample(tokens, mask, [-1.0] * 12, [0] * 12, advantage=1.0)] * 2)
     assert calls == [True]
+
+
+@pytest.mark.slow
+def test_a_gateway_run_gives_the_drivers_freed_heap_back_after_every_step(ray_session, tmp_path, monkeypatch):
+    import forge.run.gateway as gateway_module
+    from forge.config import load_config
+    from forge.run.launch import train
+
+    calls = []
+    monkeypatch.setattr(gateway_module, "release_free_heap", lambda: calls.append(True))
+    monkeypatch.chdir(tmp_path)  # the built-in agent is a module: no repository folder needed
+    cfg = load_config("gateway-smoke", ["train.max_steps=2", "rollout.group_size=2"])
+    assert train(cfg, tmp_path, progress=False).steps == 2
+    assert calls == [True, True]
