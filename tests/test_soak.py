@@ -14,8 +14,10 @@ from bench.soak import memory_parts, per_process_slopes, slope_per_1000, soak_mo
 # steps 3,235-6,470 of an instrumented sync run, where Python's object counts by type stayed
 # the same from step 1,000 on. Ray's GCS settles last, after its 2,000 kept task events
 # (`forge.run.cluster.TASK_EVENTS_IN_GCS`) fill at ~400 steps: -0.3 to 1.2 over steps
-# 1,000-2,000 in three runs (1.23 in bench/results/soak.json), 0.01 later on; it grew 15-18 before
-# that cap. 3 MB per 1,000 steps is 3 KB kept per step.
+# 1,000-2,000 in four runs (0.98 in bench/results/soak.json), 0.01 later on; it grew 15-18 before
+# that cap. 3 MB per 1,000 steps is 3 KB kept per step. A gateway run (no test here: its
+# steps start 8 agent processes each, ~1 s a step, so a soak long enough to fit a slope takes
+# 30-40 minutes) is covered by bench.soak and by tests/test_heap.py.
 # Shared memory is the pages of Ray's object store a process has mapped: they plateau once
 # the store reuses freed space (2.6 MB at 3 steps a second with frees every 100 ms,
 # `forge.run.cluster.FREE_OBJECTS_PERIOD_MS`), so they are bounded in size, not slope; a
