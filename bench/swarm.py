@@ -107,20 +107,42 @@ def training_tail(rows: list[dict], fraction: float = 0.1) -> dict:
     }
 
 
+def warm_start(cfg: Config, args: argparse.Namespace, out: Path) -> Path:
+    """`forge sft` on the first `--sft-transcripts` of the env's demonstrations for this arm
+    (a team's spawn calls and sub-agent turns with swarm.enabled, else one agent's lookups),
+    from the training tasks; the same transcript count, epochs and batch for every arm."""
+    from forge.sft import env_demonstrations, sft
+
+    data = out / "demonstrations.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
+    transcripts = env_demonstrations(cfg)[: args.sft_transcripts]
+    data.write_text("".join(json.dumps({"messages": messages}) + "\n" for messages in transcripts))
+    return sft(cfg, str(data), out / "sft", epochs=args.sft_epochs, batch_size=args.sft_batch)
+
+
 def run(arm: str, seed: int, args: argparse.Namespace, workdir: Path) -> dict:
     from forge.run.launch import train
 
     cfg = build_config(arm, args.steps, seed, args.set)
+    out = workdir / f"{arm}-{seed}"
     started = time.perf_counter()
-    result = train(cfg, workdir / f"{arm}-{seed}", progress=False, overwrite=True)
+    warm: dict = {}
+    if args.sft_transcripts:
+        start_model = warm_start(cfg, args, workdir / f"{arm}-{seed}-warm")
+        warm = {"sft_transcripts": args.sft_transcripts, "sft_epochs": args.sft_epochs,
+                "sft_batch": args.sft_batch, "sft_seconds": time.perf_counter() - started}  # fmt: skip
+        if args.eval_warm_start:
+            warm["eval"] = evaluate(cfg, start_model, args.eval_tasks, args.eval_group)
+        cfg = build_config(arm, args.steps, seed, [*args.set, f"model.path={start_model}"])
+    started = time.perf_counter()
+    result = train(cfg, out, progress=False, overwrite=True)
     train_seconds = time.perf_counter() - started
-    rows = [
-        json.loads(line) for line in (workdir / f"{arm}-{seed}" / "metrics.jsonl").read_text().splitlines()
-    ]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {
         "arm": arm,
         "seed": seed,
         "overrides": ARMS[arm] + args.set,
+        "warm_start": warm or None,
         "eval": evaluate(cfg, result.checkpoint, args.eval_tasks, args.eval_group),
         "train_tail": training_tail(rows),
         "train_seconds": train_seconds,
@@ -170,6 +192,13 @@ def main() -> None:
     )
     parser.add_argument("--eval-tasks", type=int, default=32, help="held-out tasks")
     parser.add_argument("--eval-group", type=int, default=4, help="episodes per held-out task")
+    parser.add_argument("--sft-transcripts", type=int, default=512,
+                        help="warm start: demonstrations per arm for forge sft (0: RL from random init)")  # fmt: skip
+    parser.add_argument("--sft-epochs", type=int, default=2)
+    parser.add_argument("--sft-batch", type=int, default=16)
+    parser.add_argument(
+        "--eval-warm-start", action="store_true", help="also evaluate each warm start before RL"
+    )
     parser.add_argument("--curve-every", type=int, default=5, help="steps between curve points")
     parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="config overrides for every arm")  # fmt: skip

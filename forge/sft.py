@@ -4,6 +4,7 @@ the `pg` loss is their negative log-likelihood); tree packing, LoRA, metrics as 
 
 from __future__ import annotations
 
+import inspect
 import json
 import random
 import time
@@ -63,7 +64,8 @@ def read_transcripts(path: str | Path) -> list[list[dict[str, Any]]]:
 
 
 def env_demonstrations(cfg: Config) -> list[list[dict[str, Any]]]:
-    """Transcripts from the configured env's `demonstrations(tasks)` classmethod."""
+    """Transcripts from the configured env's `demonstrations(tasks, **env.kwargs)`
+    classmethod; with swarm.enabled, `spawn=True` too when it takes that argument."""
     from forge.env.registry import resolve_env
     from forge.run.tasks import load_task_rows
 
@@ -73,7 +75,11 @@ def env_demonstrations(cfg: Config) -> list[list[dict[str, Any]]]:
         raise ConfigError(
             f"{env_class.__name__} has no demonstrations(tasks) classmethod; give a jsonl of 'messages' (--data)"
         )
-    return list(demonstrate(load_task_rows(cfg), **cfg.env.kwargs))
+    kwargs = dict(cfg.env.kwargs)
+    # A team's demonstrations (spawn calls and sub-agent turns) for an env that has them.
+    if cfg.swarm.enabled and "spawn" in inspect.signature(demonstrate).parameters:
+        kwargs["spawn"] = True
+    return list(demonstrate(load_task_rows(cfg), **kwargs))
 
 
 def sft(cfg: Config, data: str | None, output_dir: str | Path, epochs: int = 1, batch_size: int = 16) -> Path:

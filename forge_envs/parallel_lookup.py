@@ -63,12 +63,29 @@ class ParallelLookupEnv(ToolEnv):
         ]
 
     @classmethod
-    def demonstrations(cls, tasks: list[dict[str, Any]]) -> list[list[dict[str, str]]]:
-        """One agent looking up each key in turn (for `forge sft`)."""
+    def demonstrations(
+        cls, tasks: list[dict[str, Any]], spawn: bool = False, **_: Any
+    ) -> list[list[dict[str, str]]]:
+        """Transcripts for `forge sft`, keys in ascending order (the next one is the smallest
+        not yet looked up: an order a tiny model learns far sooner than the prompt's): one
+        agent looking up a key a turn, or with `spawn` (what `forge sft` asks for under
+        swarm.enabled) a team's: per task the orchestrator handing every key out in one
+        call (`spawn 3 9 12`, whose result solves the episode) and one sub-agent transcript
+        per key (`find 3` -> `3`)."""
         transcripts = []
         for task in tasks:
-            messages = [{"role": "user", "content": "find " + " ".join(map(str, task["keys"]))}]
-            for key in task["keys"]:
+            keys = sorted(task["keys"])
+            prompt = "find " + " ".join(map(str, task["keys"]))
+            if spawn:
+                transcripts.append([{"role": "user", "content": prompt},
+                                    {"role": "assistant", "content": "spawn " + " ".join(map(str, keys))}])  # fmt: skip
+                transcripts += [
+                    [{"role": "user", "content": f"find {key}"}, {"role": "assistant", "content": str(key)}]
+                    for key in keys
+                ]
+                continue
+            messages = [{"role": "user", "content": prompt}]
+            for key in keys:
                 messages.append({"role": "assistant", "content": str(key)})
                 messages.append({"role": "user", "content": f"{key} is {task['table'][key]}"})
             transcripts.append(messages[:-1])

@@ -147,6 +147,19 @@ def test_demonstrations_solve_their_tasks():
         assert results[-1].done and results[-1].info["success"] and len(replies) == 4
 
 
+def test_team_demonstrations_are_a_spawn_of_every_key_and_each_sub_agents_lookup():
+    transcripts = ParallelLookupEnv.demonstrations([TASK], spawn=True, num_keys=8, k=4)
+    assert len(transcripts) == 1 + len(TASK["keys"])
+    replies = {messages[0]["content"]: messages[1]["content"] for messages in transcripts}
+
+    def demonstrated(message, prompt):
+        return replies[message]
+
+    trajectory = play(demonstrated, swarm=True)
+    assert trajectory.success and trajectory.num_turns == 1 and trajectory.critical_steps == 2
+    assert all(sub.success for sub in trajectory.subagents) and len(trajectory.subagents) == 4
+
+
 def test_it_is_registered_as_an_entry_point():
     pyproject = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
     entry = pyproject["project"]["entry-points"]["forge.envs"]["parallel_lookup"]

@@ -100,3 +100,15 @@ def test_an_env_without_demonstrations_is_told_to_give_data(monkeypatch):
 
     with pytest.raises(ConfigError, match="GuessNumberEnv has no demonstrations"):
         env_demonstrations(load_config("configs/smoke.yaml", []))
+
+
+def test_a_swarm_config_asks_the_env_for_a_teams_demonstrations():
+    from forge.config import load_config
+    from forge.sft import env_demonstrations
+
+    team = env_demonstrations(load_config("configs/swarm.yaml", ["env.num_tasks=3"]))
+    single = ["env.num_tasks=3", "swarm.enabled=false", "reward.parl.enabled=false"]
+    alone = env_demonstrations(load_config("configs/swarm.yaml", single))
+    assert [m[1]["content"].split()[0] for m in team[:2]] == ["spawn", team[1][0]["content"].split()[1]]
+    assert len(team) == 3 * 7 and len(alone) == 3
+    assert all(m["role"] == "user" or m["content"].split()[0] != "spawn" for t in alone for m in t)
