@@ -140,7 +140,10 @@ def run(arm: str, seed: int, args: argparse.Namespace, workdir: Path) -> dict:
                 "sft_batch": args.sft_batch, "sft_seconds": time.perf_counter() - started}  # fmt: skip
         if args.eval_warm_start:
             warm["eval"] = evaluate(cfg, start_model, args.eval_tasks, args.eval_group)
-        cfg = build_config(arm, args.steps, seed, [*args.set, f"model.path={start_model}"])
+        # RL from a peaked policy at the config's 2e-3 wrecked it in one step (Adam moves every
+        # weight ~lr per update whatever the gradient's size); RL after a warm start is gentler.
+        rl = [f"model.path={start_model}", f"train.learning_rate={args.rl_learning_rate}"]
+        cfg = build_config(arm, args.steps, seed, [*rl, *args.set])
     started = time.perf_counter()
     result = train(cfg, out, progress=False, overwrite=True)
     train_seconds = time.perf_counter() - started
@@ -148,7 +151,9 @@ def run(arm: str, seed: int, args: argparse.Namespace, workdir: Path) -> dict:
     return {
         "arm": arm,
         "seed": seed,
-        "overrides": ARMS[arm] + args.set,
+        "overrides": ARMS[arm]
+        + ([f"train.learning_rate={args.rl_learning_rate}"] if warm else [])
+        + args.set,
         "warm_start": warm or None,
         "eval": evaluate(cfg, result.checkpoint, args.eval_tasks, args.eval_group),
         "train_tail": training_tail(rows),
@@ -199,9 +204,12 @@ def main() -> None:
     )
     parser.add_argument("--eval-tasks", type=int, default=32, help="held-out tasks")
     parser.add_argument("--eval-group", type=int, default=4, help="episodes per held-out task")
-    parser.add_argument("--sft-transcripts", type=int, default=1280,
+    parser.add_argument("--sft-transcripts", type=int, default=3200,
                         help="warm start: demonstrations per arm for forge sft (0: RL from random init)")  # fmt: skip
     parser.add_argument("--sft-epochs", type=int, default=1)
+    parser.add_argument(
+        "--rl-learning-rate", type=float, default=2e-4, help="RL's learning rate after a warm start"
+    )
     parser.add_argument("--sft-batch", type=int, default=16)
     parser.add_argument(
         "--eval-warm-start", action="store_true", help="also evaluate each warm start before RL"
