@@ -22,25 +22,29 @@ The top-level `single` and `swarm` pool the seeds' eval episodes; `runs` holds e
 warm start, eval, training tail and its curve (every `--curve-every` steps: spawns per
 episode, success, critical steps). Target: critical steps per solved task at least 2x
 lower for `swarm` at no loss of success. Prints one JSON object and writes
-bench/results/swarm.json (after every run). Run: python -m bench.swarm [--seeds 0 1]
+bench/results/swarm.json (after every run). Run: python -m bench.swarm [--seeds 0 1 2]
 [--steps N] [--sft-transcripts N] [--no-spawn-term] [--set KEY=VALUE ...]. The committed
-result: python -m bench.swarm --eval-warm-start (the defaults: seeds 0 1, 20 RL steps,
-1280 transcripts, one epoch, batch 16).
+result: python -m bench.swarm --no-spawn-term --eval-warm-start (the defaults: seeds 0-2,
+20 RL steps at 2e-4 after a warm start on 3,200 transcripts, one epoch,
+batch 16), 188 s at load 2-3.5; `--merge` of that file added the pooled warm-start evals.
 
-How the recipe was found (a 2-core machine shared with other runs, load 15-55):
-  - RL from random init, 4 keys of 4, 150 steps, seed 0 (the first committed result):
-    the team solved 0.51 of held-out episodes against 0.28 for one agent, but in 5.58
-    critical steps per solved against 5.14: spawning rose while PARL's spawn term was on,
-    but the tiny policy never learned to hand out every key in one call, and spawned less
-    once the term had annealed. A third arm without the spawn term did not collapse to
-    serial work (3.7 sub-agents an episode, 4.72 critical steps per solved). 33 minutes
-    for the swarm arm alone.
-  - the warm start: 2,048 team transcripts (2 epochs, 256 steps) took the team to 0.95
-    held-out success in 2.0 critical steps; one agent's demonstrations in the prompt's key
-    order stayed at loss 0.8 after 197 steps (the 2-layer model does not learn to find
-    its place in the prompt that fast), in ascending order (now the demonstrations'
-    order) its loss was 0.01 by step 60. 1,280 transcripts in one epoch (80 steps) fits
-    both arms and two seeds in the budget.
+How the recipe was found (a 2-core machine shared with other runs):
+  - RL from random init, 4 keys of 4, 150 steps, seed 0 (the first committed result, load
+    30-55): the team solved 0.51 of held-out episodes against 0.28 for one agent, but in
+    5.58 critical steps per solved against 5.14 (0.92x): spawning rose while PARL's spawn
+    term was on, but the tiny policy never learned to hand out every key in one call, and
+    spawned less once the term had annealed. A third arm without the spawn term did not
+    collapse to serial work (3.7 sub-agents an episode, 4.72 critical steps per solved).
+    33 minutes for the swarm arm alone.
+  - the warm start (load 15-20): 2,048 team transcripts in one epoch (128 steps) took the
+    team to 0.94 held-out success in 2.1 critical steps. One agent's demonstrations in the
+    prompt's key order stayed at loss 0.8 after 197 steps (the 2-layer model does not
+    learn to find its place in the prompt that fast); in ascending order (now the
+    demonstrations' order, for both arms) its loss was 0.01 by step 60.
+  - 1,280 transcripts (80 steps), RL at the config's 2e-3, seeds 0 1 (load 3-8, 171 s):
+    the team's warm start was short of it (0.15 / 0.27 held-out success), and RL's first
+    step wrecked both arms (one agent 0.98 -> 0 training success from step 2: four Adam
+    updates of ~lr per weight from a peaked policy). Hence 3,200 transcripts and RL at 2e-4.
 """
 
 from __future__ import annotations
@@ -162,24 +166,32 @@ def run(arm: str, seed: int, args: argparse.Namespace, workdir: Path) -> dict:
     }
 
 
-def pooled(runs: list[dict]) -> dict:
+def pooled(evals: list[dict]) -> dict:
     """Eval numbers over every seed's episodes together (per-solved means weighted by solved)."""
-    episodes = sum(r["eval"]["episodes"] for r in runs)
-    solved = sum(r["eval"]["solved"] for r in runs)
+    episodes = sum(e["episodes"] for e in evals)
+    solved = sum(e["solved"] for e in evals)
     out = {"success_rate": solved / episodes if episodes else None, "eval_episodes": episodes}
     for key in ("critical_steps_per_solved", "total_steps_per_solved"):
-        out[key] = (
-            sum((r["eval"][key] or 0.0) * r["eval"]["solved"] for r in runs) / solved if solved else None
-        )
-    out["subagents_per_episode"] = sum(
-        r["eval"]["subagents_per_episode"] * r["eval"]["episodes"] for r in runs
-    ) / (episodes or 1)
+        out[key] = sum((e[key] or 0.0) * e["solved"] for e in evals) / solved if solved else None
+    out["subagents_per_episode"] = sum(e["subagents_per_episode"] * e["episodes"] for e in evals) / (
+        episodes or 1
+    )
+    return out
+
+
+def arm_summary(runs: list[dict]) -> dict:
+    """An arm's pooled eval after training, and (`warm_start`) of its warm starts before RL."""
+    out = pooled([r["eval"] for r in runs])
+    warm = [r["warm_start"]["eval"] for r in runs if (r.get("warm_start") or {}).get("eval")]
+    if warm:
+        out["warm_start"] = pooled(warm)
     return out
 
 
 def summarize(runs: list[dict], args: argparse.Namespace, seconds: float, complete: bool) -> dict:
     arms = {
-        arm: pooled([r for r in runs if r["arm"] == arm]) for arm in dict.fromkeys(r["arm"] for r in runs)
+        arm: arm_summary([r for r in runs if r["arm"] == arm])
+        for arm in dict.fromkeys(r["arm"] for r in runs)
     }
     result = {"benchmark": "swarm", "config": "configs/swarm.yaml", "steps": args.steps, "seeds": args.seeds,
               "complete": complete, "overrides": args.set, **arms}  # fmt: skip
@@ -198,7 +210,7 @@ def summarize(runs: list[dict], args: argparse.Namespace, seconds: float, comple
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20, help="RL steps per run (equal for every arm)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument(
         "--no-spawn-term", action="store_true", help="add the swarm arm without PARL's spawn term"
     )
