@@ -45,6 +45,10 @@ How the recipe was found (a 2-core machine shared with other runs):
     the team's warm start was short of it (0.15 / 0.27 held-out success), and RL's first
     step wrecked both arms (one agent 0.98 -> 0 training success from step 2: four Adam
     updates of ~lr per weight from a peaked policy). Hence 3,200 transcripts and RL at 2e-4.
+  - does RL take a half-learned team further? The team alone, 1,280 transcripts, then 40
+    RL steps at 2e-4, seeds 0 1 (load 1-2, 4 min): held-out success 0.21 -> 0.66, but
+    critical steps per solved only 6.35 -> 5.18 (8.8 sub-agents an episode: it learned to
+    spawn again and look up, not to hand out every key in one call).
 """
 
 from __future__ import annotations
