@@ -70,7 +70,35 @@ def forge(*args: str) -> tuple[str, float]:
     return done.stdout, round(time.perf_counter() - started, 1)
 
 
-def heldout_success(checkpoint: Path, tasks: int, episodes: int) -> float:
+def reach_env():  # the example's module, from its folder (the bench needs no install)
+    sys.path.insert(0, str(EXAMPLE))
+    import reach_env
+
+    return reach_env
+
+
+def heldout_pairs() -> int:
+    return len(reach_env().split_pairs("test"))
+
+
+def random_moves_success(split: str) -> float:
+    """The success of replying a uniformly random move every turn, exactly, over every pair
+    of `split`: what a model that learned only the reply format scores, so what a warm
+    start must beat to have learned the task itself."""
+    reach = reach_env()
+
+    def success(value: int, target: int, turns: int) -> float:
+        after = [move(value) for move in reach.MOVES.values()]
+        return statistics.fmean(1.0 if v == target else success(v, target, turns - 1) if v < target and turns > 1
+                                else 0.0 for v in after)  # fmt: skip
+
+    pairs = reach.split_pairs(split)
+    return round(statistics.fmean(success(s, t, len(reach.solve(s, t)) + 1) for s, t in pairs), 4)
+
+
+def heldout_success(checkpoint: Path, episodes: int) -> float:
+    """`forge eval` on every held-out (test split) pair, `episodes` episodes each."""
+    tasks = heldout_pairs()
     out, _ = forge("eval", str(CONFIG), *ENV, "env.kwargs.split=test", f"env.num_tasks={tasks}",
                    "--checkpoint", str(checkpoint), "--tasks", str(tasks), "--episodes", str(episodes),
                    "--no-progress")  # fmt: skip
@@ -98,15 +126,14 @@ def run_arm(arm: str, seed: int, tmp: Path, args: argparse.Namespace) -> dict[st
         sft_dir = tmp / f"sft-{seed}"
         _, result["sft_seconds"] = forge("sft", str(CONFIG), *ENV, f"seed={seed}", *args.sft_overrides,
                                          "--epochs", str(args.sft_epochs), "--output-dir", str(sft_dir))  # fmt: skip
-        result["sft_heldout_success"] = heldout_success(
-            sft_dir / "final", args.eval_tasks, args.eval_episodes
-        )
+        result["sft_heldout_success"] = heldout_success(sft_dir / "final", args.eval_episodes)
         model = [f"model.path={sft_dir / 'final'}"]
     run_dir = tmp / f"{arm}-{seed}"
     _, result["rl_seconds"] = forge("train", str(CONFIG), *common, *model, "logging.progress_bar=false",
                                     "--output-dir", str(run_dir))  # fmt: skip
     result.update(curve(run_dir, args.bucket, args.last))
-    result["heldout_success"] = heldout_success(run_dir / "final", args.eval_tasks, args.eval_episodes)
+    result["heldout_success"] = heldout_success(run_dir / "final", args.eval_episodes)
+    # The walkthrough's own wall time: forge sft (when run) and forge train, not the evals.
     result["seconds"] = round(float(result.get("sft_seconds", 0.0)) + float(result["rl_seconds"]), 1)  # type: ignore[arg-type]
     return result
 
@@ -117,7 +144,7 @@ def main() -> None:
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--steps", type=int, default=60, help="RL steps per run (train.max_steps)")
-    parser.add_argument("--sft-epochs", type=int, default=2)
+    parser.add_argument("--sft-epochs", type=int, default=1)
     parser.add_argument(
         "--sft-overrides",
         nargs="*",
@@ -126,8 +153,10 @@ def main() -> None:
     )
     parser.add_argument("--bucket", type=int, default=10, help="steps per point of the success curve")
     parser.add_argument("--last", type=int, default=10, help="steps averaged for first/final success")
-    parser.add_argument("--eval-tasks", type=int, default=64, help="held-out tasks per forge eval")
-    parser.add_argument("--eval-episodes", type=int, default=4, help="episodes per held-out task")
+    parser.add_argument("--eval-episodes", type=int, default=8, help="episodes per held-out pair")
+    parser.add_argument(
+        "--budget", type=float, default=600.0, help="wall seconds the walkthrough should fit in"
+    )
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "warm_start.json")
     parser.add_argument("overrides", nargs="*", help="dotted overrides for both arms' forge train")
     args = parser.parse_args()
@@ -153,13 +182,33 @@ def main() -> None:
         "total_seconds": round(time.perf_counter() - started, 1),
         "ray_start_retries": RETRIES["ray_start"],
     }
+    report["heldout_pairs"] = heldout_pairs()
+    report["random_moves_heldout_success"] = random_moves_success("test")
     for arm, found in runs.items():
         report[arm] = {
+            "first_success_mean": round(statistics.fmean(r["first_success"] for r in found), 4),  # type: ignore[misc]
             "final_success_mean": round(statistics.fmean(r["final_success"] for r in found), 4),  # type: ignore[misc]
             "heldout_success_mean": round(statistics.fmean(r["heldout_success"] for r in found), 4),  # type: ignore[misc]
             "seconds_mean": round(statistics.fmean(r["seconds"] for r in found), 1),  # type: ignore[misc]
+            "seconds_max": max(r["seconds"] for r in found),  # type: ignore[type-var]
             "runs": found,
         }
+    # Warm start against none, seed by seed (the same seed's two runs), then over the seeds.
+    pairs = list(zip(runs["sft_rl"], runs["rl"], strict=True))
+    report["comparison"] = {
+        key: {
+            "per_seed": {str(w["seed"]): round(float(w[key]) - float(r[key]), 4) for w, r in pairs},  # type: ignore[arg-type]
+            "difference": round(report["sft_rl"][f"{key}_mean"] - report["rl"][f"{key}_mean"], 4),  # type: ignore[index]
+            "ratio": round(report["sft_rl"][f"{key}_mean"] / max(report["rl"][f"{key}_mean"], 1e-4), 2),  # type: ignore[index]
+        }
+        for key in ("final_success", "heldout_success")
+    }
+    report["comparison"]["warm_start_wins_every_seed"] = all(  # type: ignore[index]
+        w["final_success"] > r["final_success"] and w["heldout_success"] > r["heldout_success"]
+        for w, r in pairs  # type: ignore[operator]
+    )
+    report["walkthrough_within_budget"] = all(float(w["seconds"]) <= args.budget for w in runs["sft_rl"])  # type: ignore[arg-type]
+    report["budget_seconds"] = args.budget
     save_result(report, args.output)
     print(json.dumps(report))
 

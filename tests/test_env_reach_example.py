@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import tomllib
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -69,16 +70,37 @@ def test_demonstrations_are_the_env_played_by_the_solver(reach):
         assert (result.reward, result.done) == (1.0, True)
 
 
-def test_a_reply_is_read_as_its_first_move(reach):
+def test_a_reply_counts_only_when_it_starts_with_a_move_written_exactly(reach):
     task = {"task_id": "1-15", "start": 1, "target": 15, "turns": 6}
     env = reach.ReachEnv()
     env.reset(task, seed=0)
-    assert env.step("+3 then x2").observation.startswith("from 4 to 15")
-    assert env.step("2").observation.startswith("from 8 to 15")  # a bare 2 doubles
-    assert env.step("x 2").done  # 16 overshoots 15
+    assert env.step("+3 then x2").observation.startswith("from 4 to 15")  # its first move counts
+    assert env.step(" x2").observation.startswith("from 8 to 15")
+    for loose in ("2", "3", "x 2", "+ 3", "+10", "x2x", "then +1", "higher"):  # no move: the turn is spent
+        env.reset(task, seed=0)
+        step = env.step(loose)
+        assert step.observation == "from 1 to 15 5 turns left" and step.info == {"valid": False}, loose
     env.reset(task, seed=0)
-    step = env.step("higher")  # no move: the turn is spent, the value stays
-    assert step.observation == "from 1 to 15 5 turns left" and step.info == {"valid": False}
+    done = [env.step(move).done for move in ("x2", "x2", "x2", "x2")]
+    assert done == [False, False, False, True]  # 16 overshoots 15
+
+
+def test_tasks_cycle_through_every_pair_of_the_split(reach):
+    test_pairs = reach.split_pairs("test")
+    tasks = reach.ReachEnv.generate_tasks(len(test_pairs), 5, split="test")
+    assert sorted((t["start"], t["target"]) for t in tasks) == sorted(test_pairs)  # each held-out pair once
+    counts = Counter((t["start"], t["target"]) for t in reach.ReachEnv.generate_tasks(1000, 0))
+    assert set(counts) == set(reach.split_pairs("train")) and max(counts.values()) - min(counts.values()) <= 1
+
+
+def test_the_config_makes_each_move_one_token_of_the_tiny_model(reach):
+    from forge.config import load_config
+    from forge.models.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer(load_config(EXAMPLE / "reach.yaml").model.tiny.extra_words)
+    for move in reach.MOVES:
+        ids = tokenizer(move, add_special_tokens=False)["input_ids"]
+        assert len(ids) == 1 and tokenizer.decode(ids) == move, move
 
 
 def test_the_example_passes_env_check(reach):

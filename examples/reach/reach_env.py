@@ -8,10 +8,9 @@ from collections import deque
 from forge.env import Env, StepResult
 
 MOVES = {"+1": lambda v: v + 1, "+3": lambda v: v + 3, "x2": lambda v: v * 2}
-# A move as written, or a bare 1, 3 or 2 for +1, +3, x2 (a model that has not learned the
-# signs yet still plays); the reply's first one counts.
-MOVE = re.compile(r"\+ ?[13]|x ?2|\b[123]\b")
-BARE = {"1": "+1", "3": "+3", "2": "x2"}
+# A reply is a move when it starts with one, written exactly (reach.yaml makes each a single
+# token of the tiny model); anything else, a bare 3 or "+ 3" included, spends the turn.
+MOVE = re.compile(r"\s*(\+1|\+3|x2)(?![\w+])")
 
 
 def solve(start, target):
@@ -31,6 +30,11 @@ def in_split(start, target, split):
     return ((start * 7 + target) % 5 == 0) == (split == "test")
 
 
+def split_pairs(split, max_target=15):
+    """Every (start, target) pair of a split, 1 <= start < target <= max_target."""
+    return [(s, t) for t in range(2, max_target + 1) for s in range(1, t) if in_split(s, t, split)]
+
+
 class ReachEnv(Env):
     """Reply one move a turn; reach the target exactly within the task's turn budget
     (its shortest solution plus one). Reward 1.0 on reaching it; overshooting ends the episode."""
@@ -42,14 +46,13 @@ class ReachEnv(Env):
 
     @classmethod
     def generate_tasks(cls, num_tasks, seed, split="train", max_target=15):
-        pairs = [(s, t) for t in range(2, max_target + 1) for s in range(1, t) if in_split(s, t, split)]
-        rng = random.Random(seed)
-        rows = []
-        for _ in range(num_tasks):
-            start, target = rng.choice(pairs)
-            rows.append({"task_id": f"{start}-{target}", "start": start, "target": target,
-                         "turns": len(solve(start, target)) + 1})  # fmt: skip
-        return rows
+        """The split's (start, target) pairs, shuffled by `seed`, cycled to `num_tasks`: any
+        num_tasks at least the pair count plays every pair, each as often (within one)."""
+        pairs = split_pairs(split, max_target)
+        random.Random(seed).shuffle(pairs)
+        return [{"task_id": f"{start}-{target}", "start": start, "target": target,
+                 "turns": len(solve(start, target)) + 1}
+                for start, target in (pairs[i % len(pairs)] for i in range(num_tasks))]  # fmt: skip
 
     @classmethod
     def demonstrations(cls, tasks, **kwargs):
@@ -73,9 +76,9 @@ class ReachEnv(Env):
 
     def step(self, action):
         self.left -= 1
-        match = MOVE.search(action)
+        match = MOVE.match(action)
         if match:
-            self.value = MOVES[BARE.get(match.group(), match.group().replace(" ", ""))](self.value)
+            self.value = MOVES[match.group(1)](self.value)
         reached = self.value == self.target
         done = reached or self.value > self.target or self.left == 0
         return StepResult(self._where(), reward=float(reached), done=done, info={"valid": bool(match)})
