@@ -56,3 +56,28 @@ def test_every_weight_sync_path_gives_the_engines_the_trainers_weights(ray_sessi
     finally:
         pool.shutdown()
         ray.kill(trainer)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ([], "object_store"),  # the fastest measured on CPU engines, full weights and adapters
+        (["model.lora.enabled=true"], "object_store"),
+        (["rollout.num_gpus_per_engine=1"], "broadcast"),  # NCCL, as peers do
+        (["rollout.num_gpus_per_engine=1", "model.lora.enabled=true"], "object_store"),
+        (["rollout.weight_sync=folder"], "folder"),  # a choice the user makes stands
+        (["rollout.weight_sync=broadcast", "train.mode=async"], "object_store"),  # the published version
+    ],
+)
+def test_auto_weight_sync_follows_the_measured_numbers(overrides, expected):
+    from forge.rollout.engines.pool import EnginePool
+
+    cfg = load_config("configs/smoke.yaml", ["rollout.engine=server", *overrides])
+    assert EnginePool(["http://engine"], [object()], cfg).method(trainer=object()) == expected
+
+
+def test_the_weight_sync_bench_calls_a_near_tie_for_the_object_store():
+    from bench.weight_sync import fastest
+
+    assert fastest({"object_store": 0.0223, "folder": 0.0217, "broadcast": 0.186}) == "object_store"
+    assert fastest({"object_store": 2.33, "folder": 3.25, "broadcast": 1.48}) == "broadcast"

@@ -113,15 +113,12 @@ def check_engine_config(cfg: Config) -> None:
 
 
 # rollout.weight_sync: auto, the fastest in bench/results/weight_sync.json (0.5B Qwen2
-# shape, 2 engines, CPU): full weights (1-2 GB) by broadcast (fp32 2.65 s, bf16 1.49 s; the
-# object store 30.9 s and 15.3 s, a folder 3.44 s and 1.69 s); LoRA adapters (8.6 MB) by
-# folder (0.078 s and 0.067 s against 0.18 / 0.11 s object store, 0.38 / 0.42 s broadcast,
-# whose cost there is per-tensor latency). What decides is the size sent, so a small full
-# model goes as adapters do (the smoke model, 1.2 MB: broadcast 91 ms a sync, object store 15 ms).
-# The object store's full-weight times above came from a copy since removed (forge.weights):
-# at 196M parameters it went from 26.2 s to 2.66 s fp32, 7.62 s to 0.65 s bf16, level with
-# broadcast (3.06 s, 0.60 s; bench/results/weight_sync_4layers.json), so broadcast stays.
-BROADCAST_FROM_BYTES = 64 * 1024**2
+# shape, 2 engines, CPU, 5 alternated rounds, idle machine): the object store for every case.
+# Full weights fp32 0.55 s (a folder 0.89 s, a gloo broadcast 1.62 s), bf16 0.32 s (0.44 s,
+# 0.84 s); LoRA adapters (8.6 MB) about 0.02 s by the object store or a folder alike, broadcast
+# 0.16-0.19 s (its cost is per-tensor latency). Engines on GPUs (num_gpus_per_engine > 0)
+# take the NCCL broadcast peers use instead: the object store would copy every tensor to host
+# memory and back, and no GPU number exists yet to say otherwise.
 
 
 def start_engine(cfg: Config, model_path: Path | None, index: int, name: str) -> Any:
@@ -274,29 +271,17 @@ class EnginePool:
     def method(self, trainer: Any) -> str:
         """How weights travel to server-mode engines: `rollout.weight_sync`, or with `auto`
         the fastest path measured for this case (bench/results/weight_sync.json)."""
-        import ray
-
         chosen = self.cfg.rollout.weight_sync
         if self.cfg.train.mode == "async":
             # The published (packed) weights are exactly this version's; the trainer's own
             # may be a queued step further by the time it would write or send them.
             return "object_store"
         if chosen == "auto":
-            large = not self.cfg.model.lora.enabled and self._model_bytes() >= BROADCAST_FROM_BYTES
-            chosen = "broadcast" if large else "folder"
-            if chosen == "folder" and not self.cfg.rollout.weight_dir and len(ray.nodes()) > 1:
-                chosen = "object_store"  # a temp folder is not shared across nodes
+            full_on_gpus = self.cfg.rollout.num_gpus_per_engine > 0 and not self.cfg.model.lora.enabled
+            chosen = "broadcast" if full_on_gpus else "object_store"
         if chosen == "broadcast" and hasattr(trainer, "actors"):
             return "object_store"  # a data-parallel trainer group (one rank would have to send)
         return chosen
-
-    def _model_bytes(self) -> int:
-        """The size of one engine's weights (asked once)."""
-        import ray
-
-        if getattr(self, "_bytes", None) is None:
-            self._bytes = ray.get(self.actors[0].model_bytes.remote()) if self.actors else 0
-        return self._bytes
 
     def _weight_folder(self, version: int) -> str:
         import tempfile
