@@ -177,15 +177,9 @@ class RolloutWorker:
         self.router.add(self._client(url))
 
     def set_engine_version(self, version: int, adapter: bool = False) -> None:
-        """The version the engines that do not stamp their own (vLLM) now generate with:
-        set between steps, while none of this worker's episodes run. With `adapter`, that
-        version is Forge's LoRA adapter on them, which requests then name."""
-        for engine in self.router.engines:
-            if getattr(engine.client, "kind", "") == "vllm":
-                if adapter:
-                    engine.client.use_adapter(version)
-                else:
-                    engine.client.policy_version = version
+        """The version vLLM engines now generate with (`Router.stamp_version`): set between
+        steps, while none of this worker's episodes run."""
+        self.router.stamp_version(version, adapter)
 
     def get_policy_version(self) -> int:
         return self.engine.policy_version if self.engine is not None else self.router.policy_version

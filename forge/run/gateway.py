@@ -255,12 +255,7 @@ class GatewayRun:
         self.pool.sync(wrapped, version, self.trainer)
         for url in self.pool.take_started():
             self.router.add(self._client(url))
-        for engine in self.router.engines:
-            if getattr(engine.client, "kind", "") == "vllm":
-                if self.cfg.model.lora.enabled:
-                    engine.client.use_adapter(version)
-                else:
-                    engine.client.policy_version = version
+        self.router.stamp_version(version, self.cfg.model.lora.enabled)
         self.version = version
         return version
 

@@ -74,6 +74,17 @@ class Router:
     def add(self, client: EngineClient) -> None:
         self.engines.append(_Engine(client))
 
+    def stamp_version(self, version: int, adapter: bool = False) -> None:
+        """vLLM servers keep no Forge versions: their clients stamp `version` on what they
+        return from now on (set between steps); with `adapter`, that version is Forge's LoRA
+        adapter on them, which requests then name."""
+        for engine in self.engines:
+            if getattr(engine.client, "kind", "") == "vllm":
+                if adapter:
+                    engine.client.use_adapter(version)
+                else:
+                    engine.client.policy_version = version
+
     def register(self) -> None:
         self.active_episodes += 1
 
