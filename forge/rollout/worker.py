@@ -56,15 +56,12 @@ class RolloutWorker:
         self.router: Router | None = None
         self.engine: HFEngine | None = None
         if engine_urls:  # generation runs on engine servers; this worker holds no model
-            from forge.rollout.engines.clients import make_client
-            from forge.rollout.engines.remote import Sampling
+            from forge.rollout.engines.clients import client_factory, run_sampling
 
-            sampling = Sampling(rollout_cfg.temperature, rollout_cfg.top_p, tuple(self.chat.stop_token_ids))
-            clients = [make_client(url, model_cfg.path or "policy", sampling, rollout_cfg.engine_timeout_s)
-                       for url in engine_urls]
+            sampling = run_sampling(rollout_cfg, self.chat.stop_token_ids)
+            self._client = client_factory(model_cfg, rollout_cfg, sampling)
+            clients = [self._client(url) for url in engine_urls]
             self.router = Router(clients, offset=worker_index, name=f"rollout worker {worker_index}")
-            self._client = lambda url: make_client(url, model_cfg.path or "policy", sampling,
-                                                   rollout_cfg.engine_timeout_s)
         else:
             device = resolve_device(model_cfg.device, rollout_cfg.num_gpus_per_worker)
             self.model = load_model(

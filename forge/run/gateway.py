@@ -190,17 +190,11 @@ class GatewayRun:
         """A router over the engine servers, for the gateway's calls; returns the sampling
         the servers are asked to use (the run's), which the gateway reports as the engine's."""
         from forge.rollout.chat import ChatFormat
-        from forge.rollout.engines.clients import make_client
-        from forge.rollout.engines.remote import Sampling
+        from forge.rollout.engines.clients import client_factory, run_sampling
         from forge.rollout.engines.router import Router
 
-        rollout = self.cfg.rollout
-        sampling = Sampling(
-            rollout.temperature, rollout.top_p, tuple(ChatFormat(self.tokenizer).stop_token_ids)
-        )
-        self._client = lambda url: make_client(
-            url, self.cfg.model.path or "policy", sampling, rollout.engine_timeout_s
-        )
+        sampling = run_sampling(self.cfg.rollout, ChatFormat(self.tokenizer).stop_token_ids)
+        self._client = client_factory(self.cfg.model, self.cfg.rollout, sampling)
         self.router = Router([self._client(url) for url in self.pool.urls], name="gateway", max_wait_s=0.01)
         self.version = 0
         return sampling

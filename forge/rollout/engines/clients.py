@@ -3,6 +3,9 @@ SGLang). Apart from `remote.py`, which the vLLM and SGLang clients build on, so 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from forge.rollout.engines.remote import EngineClient, ForgeClient, Sampling
 from forge.rollout.engines.sglang_client import SGLangClient
 from forge.rollout.engines.vllm_client import VLLMClient
@@ -21,3 +24,16 @@ def make_client(spec: str, model: str, sampling: Sampling, timeout_s: float = 12
     if kind == "sglang":
         return SGLangClient(url, sampling, timeout_s)
     raise ValueError(f"rollout.servers entry {spec!r}: unknown server kind {kind!r} (forge, vllm or sglang)")
+
+
+
+def run_sampling(rollout_cfg: Any, stop_token_ids: list[int]) -> Sampling:
+    """The run's sampling (`rollout.temperature`, `rollout.top_p`), stopping at the chat's end tokens."""
+    return Sampling(rollout_cfg.temperature, rollout_cfg.top_p, tuple(stop_token_ids))
+
+
+def client_factory(model_cfg: Any, rollout_cfg: Any, sampling: Sampling) -> Callable[[str], EngineClient]:
+    """How a run's rollout side (a worker, the gateway) reaches one engine URL: with
+    `sampling` and `rollout.engine_timeout_s`, naming the model as `model.path`."""
+    model = model_cfg.path or "policy"
+    return lambda url: make_client(url, model, sampling, rollout_cfg.engine_timeout_s)
