@@ -120,6 +120,8 @@ def test_gateway_smoke_config_trains_with_agent_processes(ray_session, tmp_path,
     assert metrics["trained_samples"] == metrics["gateway_calls"] >= 4
     assert metrics["tree_token_ratio"] > 1.0  # calls of a group share their first prompt
     assert not [p for p in os.listdir("/proc") if p.isdigit() and _is_agent(p, tmp_path)]
+    # The guard against an env stuck in C code (forge.run.gateway_guard) never fired: no report.
+    assert not (tmp_path / "stuck_workers").exists()
 
 
 @pytest.mark.slow

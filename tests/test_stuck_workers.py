@@ -204,3 +204,76 @@ def test_forge_eval_on_an_env_stuck_in_a_c_call_ends_with_the_env_line_instead_o
     assert "Timeout (0:00:10.200000)!" in done.stderr
     file, line = _stuck_line("regex").removesuffix(" in step").rsplit(":", 1)
     assert f'File "{file}", line {line} in step' in done.stderr
+
+
+def test_a_guard_report_names_the_env_call_a_thread_holding_the_gil_was_stuck_in(tmp_path):
+    from forge.rollout.stuck import read_stuck_report
+    from forge.run.gateway_guard import stuck_message
+
+    # As in the gateway: the env call runs in a thread, whose regex stops the loop too.
+    done = _guarded_loop(
+        tmp_path,
+        "from forge.env.calls import in_threads\n            env = StuckInlineEnv(); env.reset({'stuck': 'regex'}, 0)\n"
+        "            with in_threads(): await call_env(env.step, 'x', timeout_s=0.2)",
+        limit_s=1.0,
+    )
+    assert done.returncode == 1, done.stderr
+    [path] = tmp_path.glob("rollout_0.*.txt")
+    report = read_stuck_report(path, stuck_envs.__file__)
+    assert (report.where, report.on_loop, report.call) == (_stuck_line("regex"), False, "step")
+    message = stuck_message(report, ENV, 0.2)
+    assert message.startswith(
+        f"forge: the gateway run was ended (exit code 1): the env call step() was stuck for 1s at "
+        f"{_stuck_line('regex')} (env {ENV}, env.step_timeout_s=0.2): it ran in a thread inside C code that "
+        "holds the GIL"
+    )
+    assert message.endswith(f"All threads' stacks: {path}")
+    # Without the env's file, the innermost frame outside Forge and Python's library still finds it.
+    assert read_stuck_report(path).where == _stuck_line("regex")
+
+
+def _processes_with(marker: str) -> list[str]:
+    """Processes whose environment holds `marker` (a run's, and whatever it started)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if marker.encode() in Path(f"/proc/{pid}/environ").read_bytes():
+                found.append(pid)
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.slow
+def test_a_gateway_run_whose_env_holds_the_gil_ends_naming_the_env_line_instead_of_hanging(tmp_path):
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text(json.dumps({"task_id": "a", "stuck": "regex"}) + "\n")
+    command = [
+        sys.executable, "-m", "forge.cli", "train", "gateway-smoke", f"env.name={ENV}", "env.kwargs={}",
+        f"env.tasks={tasks}", "env.step_timeout_s=1", "rollout.tasks_per_step=1", "rollout.group_size=2",
+        "train.max_steps=1", "--output-dir", str(tmp_path / "run"),
+    ]  # fmt: skip
+    marker = f"FORGE_TEST_RUN={tmp_path.name}"
+    path = os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
+    started = time.monotonic()
+    done = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=180,
+        env={**os.environ, "PYTHONPATH": path, "FORGE_TEST_RUN": tmp_path.name},
+    )  # fmt: skip
+    seconds = time.monotonic() - started
+    assert done.returncode == 1, done.stderr[-3000:]
+    [report] = (tmp_path / "run" / "stuck_workers").glob("gateway.*.txt")
+    [line] = [
+        line for line in done.stderr.splitlines() if line.startswith("forge: the gateway run was ended")
+    ]
+    assert (
+        f"the env call step() was stuck for 11s at {_stuck_line('regex')} (env {ENV}, env.step_timeout_s=1)"
+        in line
+    )
+    assert line.endswith(f"All threads' stacks: {report}") and "Timeout (0:00:11)!" in report.read_text()
+    assert seconds < 120, seconds
+    # Nothing the run started lives on: Ray's processes, the agents, the watcher.
+    deadline = time.monotonic() + 20
+    while _processes_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _processes_with(marker) == []

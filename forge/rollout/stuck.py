@@ -108,36 +108,56 @@ class LoopGuard:
 @dataclass
 class StuckReport:
     """What a guard's report says: where its process was stuck (`stuck_frame`), whether on
-    the event loop's thread, for how long, and the report's path."""
+    the event loop's thread, for how long, the report's path, and, when the env's source
+    file was known and on the stack, the env method the harness had called (`call`)."""
 
     where: str
     on_loop: bool
     seconds: float
     path: str
+    call: str | None = None
 
 
-def stuck_report(report_dir: str | Path, name: str, seen: set[str]) -> StuckReport | None:
+def read_stuck_report(path: str | Path, env_file: str | None = None) -> StuckReport | None:
+    """The report at `path`, or None when its guard has not fired (a live process's file,
+    one that ended otherwise, or none); `env_file` as for `stuck_frame`."""
+    try:
+        text = Path(path).read_text(errors="replace")
+    except FileNotFoundError:
+        return None
+    if not _fired(text):
+        return None
+    limit = re.search(r"stuck after ([0-9.e+-]+)s", text)
+    where, on_loop, call = stuck_frame(text, env_file)
+    return StuckReport(where, on_loop, float(limit.group(1)) if limit else float("nan"), str(path), call)
+
+
+def stuck_report(
+    report_dir: str | Path, name: str, seen: set[str], env_file: str | None = None
+) -> StuckReport | None:
     """The report a guard named `name` wrote before ending its process and not in `seen`
     (the paths reported already; updated), or None."""
     for path in sorted(Path(report_dir).glob(f"{name}.*.txt"), key=lambda p: p.stat().st_mtime):
         if str(path) in seen:
             continue
-        text = path.read_text(errors="replace")
-        if not _fired(text):  # a live process's file, or one that ended otherwise
-            continue
-        seen.add(str(path))
-        limit = re.search(r"stuck after ([0-9.e+-]+)s", text)
-        return StuckReport(*stuck_frame(text), float(limit.group(1)) if limit else float("nan"), str(path))
+        report = read_stuck_report(path, env_file)
+        if report is not None:
+            seen.add(str(path))
+            return report
     return None
 
 
-def stuck_frame(report: str) -> tuple[str, bool]:
-    """Where a report's process was stuck, as 'file:line in function': the innermost frame
-    outside Forge and Python's own library (the env's line) on the event loop's thread,
-    else on another thread (one that held the GIL), else the loop's innermost frame; and
-    whether it is on the loop's thread."""
-    from forge.env.errors import is_harness
+def stuck_frame(report: str, env_file: str | None = None) -> tuple[str, bool, str | None]:
+    """Where a report's process was stuck, as 'file:line in function', whether on the event
+    loop's thread, and which env method the harness had called (None when unknown).
 
+    With `env_file` (the env class's source file), the innermost frame in that file, on
+    the loop's thread first, else on the first other thread that has one (a thread that
+    held the GIL, or one waiting for it meanwhile: a dump cannot tell them apart); the
+    method is that thread's outermost frame in the file. Otherwise, or when no thread is
+    in that file: the innermost frame outside Forge and Python's own library on a thread
+    running an env call handed to a thread, else on the loop's thread, else on another
+    thread, else the loop's innermost frame."""
     found = re.search(r"event loop thread (0x[0-9a-f]+)", report)
     loop_id = found.group(1) if found else "-"
     stacks = re.split(r"\n(?=(?:Current thread|Thread) 0x)", report)
@@ -145,14 +165,26 @@ def stuck_frame(report: str) -> tuple[str, bool]:
         (loop_id in s.split("\n", 1)[0], re.findall(r'File "(.+)", line (\d+) in (\S+)', s)) for s in stacks
     ]
     threads.sort(key=lambda thread: not thread[0])  # the loop's thread first
+    if env_file is not None:
+        env_path = os.path.abspath(env_file)
+        for on_loop, frames in threads:
+            own = [f for f in frames if os.path.abspath(f[0]) == env_path]
+            if own:
+                return f"{own[0][0]}:{own[0][1]} in {own[0][2]}", on_loop, own[-1][2]
+    from forge.env.errors import is_harness
+
+    # Threads inside an env call handed to a thread (`forge.env.calls`) before the loop's:
+    # the loop's own frames outside Forge are a library's (Ray's, a web server's).
+    handed = os.path.join("forge", "env", "calls.py")
+    threads.sort(key=lambda thread: not any(f[0].endswith(handed) and f[2] == "work" for f in thread[1]))
     for on_loop, frames in threads:
         user = next((f for f in frames if not is_harness(f[0])), None)
         if user is not None:
-            return f"{user[0]}:{user[1]} in {user[2]}", on_loop
+            return f"{user[0]}:{user[1]} in {user[2]}", on_loop, None
     loop_frames = threads[0][1] if threads and threads[0][0] else []
     if loop_frames:
-        return f"{loop_frames[0][0]}:{loop_frames[0][1]} in {loop_frames[0][2]}", True
-    return "an unknown place (the report holds no stack of the event loop's thread)", True
+        return f"{loop_frames[0][0]}:{loop_frames[0][1]} in {loop_frames[0][2]}", True, None
+    return "an unknown place (the report holds no stack of the event loop's thread)", True, None
 
 
 def _fired(report: str) -> bool:

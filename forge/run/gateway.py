@@ -8,6 +8,7 @@ the trainer is a Ray actor whose versioned weights go to the engine(s) after eve
 
 from __future__ import annotations
 
+import inspect
 import random
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ from forge.run.context import (
     step_metrics,
     trainer_actors,
 )
+from forge.run.gateway_guard import GatewayGuard
 from forge.run.tasks import TaskStream, load_task_rows
 
 
@@ -162,6 +164,9 @@ class GatewayRun:
             "FORGE_GATEWAY_URL": self.server.root_url,
             "FORGE_MAX_TURNS": str(cfg.rollout.max_turns),
         }
+        # Last: an env call stuck in C code that holds the GIL ends this process instead of
+        # hanging it, and a watcher says which call and where (forge.run.gateway_guard).
+        self.guard = GatewayGuard(self.server, output, env.name, _source_file(env_class), env.step_timeout_s)
 
     def _load_engine(self, model_path: Path) -> Any:
         from forge.models.loading import load_model, resolve_device
@@ -261,6 +266,7 @@ class GatewayRun:
                 self.server.call(self.router.close(), timeout_s=10)
             except Exception:
                 pass
+        self.guard.stop()
         self.server.stop()
         for actor in trainer_actors(self.trainer):
             ray.kill(actor)
@@ -282,6 +288,18 @@ def run_gateway(cfg: Config, engine: Any, tokenizer: Any, store: EpisodeStore, r
         sampling=cfg.gateway.sampling,
         router=router,
     )
+
+
+def _source_file(env_class: Any) -> str | None:
+    """The env class's source file, whose frames a stuck report names; None for one of
+    Forge's own (the gymnasium adapter: the user's code is what it calls)."""
+    from forge.env.errors import is_harness
+
+    try:
+        path = inspect.getfile(env_class)
+    except (TypeError, OSError):  # a class defined where no file is (a REPL)
+        return None
+    return None if is_harness(path) else path
 
 
 async def _take(store: EpisodeStore, episode_ids: list[str]) -> list[Episode]:
