@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from forge.config import Config
 from forge.types import Trajectory
+
+ON_LOOP = (
+    "it ran inline on the event loop (the env sets blocking = False) inside C code, which the watchdog cannot "
+    "interrupt, so nothing else could run; an env whose calls can block must leave `blocking` True"
+)
 
 
 def task_summary(trajectories: list[Trajectory], wall_seconds: float, swarm: bool = False) -> dict[str, Any]:
@@ -40,7 +46,9 @@ def evaluate(
     process with the model saved in `checkpoint` (a `forge train` output's `final/`)."""
     from tqdm import tqdm
 
-    from forge.rollout.stuck import LoopGuard, stuck_limit_s
+    from forge.env.registry import resolve_env
+    from forge.rollout.stuck import LoopGuard, remove_unused_reports, stuck_limit_s
+    from forge.rollout.stuck_watch import StuckWatcher, env_source_file
     from forge.rollout.worker import RolloutWorker
     from forge.run.context import start_sandbox
     from forge.run.tasks import load_task_rows
@@ -52,13 +60,20 @@ def evaluate(
             "pass a run's final/ folder or any save_pretrained checkpoint"
         )
     start_sandbox(cfg)  # says the level; untrusted code is refused at level 0 unless allowed
-    model_cfg = cfg.model.model_copy(update={"path": str(checkpoint), "lora": cfg.model.lora.model_copy(
-        update={"enabled": False})})  # final/ holds merged weights
+    model_cfg = cfg.model.model_copy(
+        update={"path": str(checkpoint), "lora": cfg.model.lora.model_copy(update={"enabled": False})}
+    )  # final/ holds merged weights
     worker = RolloutWorker(str(checkpoint), model_cfg, cfg.env, cfg.rollout, cfg.reward.success_threshold, cfg.seed,
                            sandbox_cfg=cfg.sandbox, swarm_cfg=cfg.swarm)  # fmt: skip
-    # An env call stuck in C code (blocking = False) ends the eval, exit code 1 and every
-    # thread's stack on stderr, instead of hanging it (forge.rollout.stuck).
-    worker.guard = LoopGuard(None, "eval", stuck_limit_s(cfg.env.step_timeout_s))
+    # An env call stuck in C code (blocking = False, or holding the GIL) ends the eval with
+    # exit code 1 instead of hanging it (forge.rollout.stuck), every thread's stack written
+    # to a file, and a watcher process says which call was stuck and where.
+    report_dir = Path(tempfile.mkdtemp(prefix="forge-eval-"))
+    worker.guard = LoopGuard(report_dir, "eval", stuck_limit_s(cfg.env.step_timeout_s))
+    env_file = env_source_file(resolve_env(cfg.env.name))
+    watcher = StuckWatcher(
+        worker.guard.report_path(), cfg.env.name, env_file, cfg.env.step_timeout_s, "forge eval", ON_LOOP
+    )
     tasks = load_task_rows(cfg)[:num_tasks]
     started = time.perf_counter()
     per_task: dict[str, Any] = {}
@@ -72,7 +87,16 @@ def evaluate(
             )
             everything.extend(trajectories)
     finally:
-        worker.guard.stop()
+        worker.guard.close()
+        watcher.close()
+        remove_unused_reports(report_dir)
     overall = task_summary(everything, time.perf_counter() - started, cfg.swarm.enabled)
-    return {"checkpoint": str(checkpoint), "env": cfg.env.name, "tasks": len(tasks),
-            "episodes_per_task": episodes, "sandbox_level": cfg.sandbox.level, **overall, "per_task": per_task}
+    return {
+        "checkpoint": str(checkpoint),
+        "env": cfg.env.name,
+        "tasks": len(tasks),
+        "episodes_per_task": episodes,
+        "sandbox_level": cfg.sandbox.level,
+        **overall,
+        "per_task": per_task,
+    }

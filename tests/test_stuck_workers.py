@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -201,14 +202,18 @@ def test_forge_eval_on_an_env_stuck_in_a_c_call_ends_with_the_env_line_instead_o
         command, cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": path}
     )
     assert done.returncode == 1
-    assert "Timeout (0:00:10.200000)!" in done.stderr
-    file, line = _stuck_line("regex").removesuffix(" in step").rsplit(":", 1)
-    assert f'File "{file}", line {line} in step' in done.stderr
+    [line] = [line for line in done.stderr.splitlines() if line.startswith("forge: forge eval was ended")]
+    assert f"the env call step() was stuck for 10.2s at {_stuck_line('regex')} (env {ENV}, " in line
+    assert "the env sets blocking = False" in line
+    report = Path(line.rsplit("All threads' stacks: ", 1)[1])
+    file, number = _stuck_line("regex").removesuffix(" in step").rsplit(":", 1)
+    assert f'File "{file}", line {number} in step' in report.read_text()
+    shutil.rmtree(report.parent)
 
 
 def test_a_guard_report_names_the_env_call_a_thread_holding_the_gil_was_stuck_in(tmp_path):
     from forge.rollout.stuck import read_stuck_report
-    from forge.run.gateway_guard import stuck_message
+    from forge.rollout.stuck_watch import stuck_message
 
     # As in the gateway: the env call runs in a thread, whose regex stops the loop too.
     done = _guarded_loop(
@@ -221,15 +226,34 @@ def test_a_guard_report_names_the_env_call_a_thread_holding_the_gil_was_stuck_in
     [path] = tmp_path.glob("rollout_0.*.txt")
     report = read_stuck_report(path, stuck_envs.__file__)
     assert (report.where, report.on_loop, report.call) == (_stuck_line("regex"), False, "step")
-    message = stuck_message(report, ENV, 0.2)
+    message = stuck_message(report, ENV, 0.2, "the gateway run", "(on the loop)")
     assert message.startswith(
         f"forge: the gateway run was ended (exit code 1): the env call step() was stuck for 1s at "
         f"{_stuck_line('regex')} (env {ENV}, env.step_timeout_s=0.2): it ran in a thread inside C code that "
         "holds the GIL"
     )
     assert message.endswith(f"All threads' stacks: {path}")
-    # Without the env's file, the innermost frame outside Forge and Python's library still finds it.
+    # Without the env's file: the thread running an env call, not the loop's frames outside Forge.
     assert read_stuck_report(path).where == _stuck_line("regex")
+
+
+def test_a_guard_report_of_a_call_stuck_on_the_loop_says_so_and_one_that_did_not_fire_is_none(tmp_path):
+    from forge.rollout.stuck import read_stuck_report
+    from forge.rollout.stuck_watch import stuck_message
+
+    done = _guarded_loop(
+        tmp_path, "env = StuckInlineEnv(); env.reset({'stuck': 'sleep'}, 0); env.step('x')", limit_s=0.5
+    )
+    assert done.returncode == 1
+    [path] = tmp_path.glob("rollout_0.*.txt")
+    report = read_stuck_report(path, stuck_envs.__file__)
+    assert (report.where, report.on_loop, report.call) == (_stuck_line("sleep"), True, "step")
+    message = stuck_message(report, ENV, 0.2, "forge eval", "it ran inline on the event loop")
+    assert f"the env call step() was stuck for 0.5s at {_stuck_line('sleep')} " in message
+    assert "env.step_timeout_s=0.2): it ran inline on the event loop. Make that code finish" in message
+    unfired = tmp_path / "rollout_0.1.txt"
+    unfired.write_text("rollout_0 event loop thread 0x0000000000000001, stuck after 0.5s\n")
+    assert read_stuck_report(unfired) is None and read_stuck_report(tmp_path / "missing.txt") is None
 
 
 def _processes_with(marker: str) -> list[str]:

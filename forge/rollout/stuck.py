@@ -61,12 +61,16 @@ class LoopGuard:
         self.loop = loop
         self._rearm(loop)
 
-    def _open_report(self) -> IO[str]:
-        if self.report_dir is None:
-            return sys.__stderr__  # the real stderr: faulthandler needs a file descriptor
-        self.report_dir.mkdir(parents=True, exist_ok=True)
+    def report_path(self) -> Path | None:
+        """The file this process's stacks go to (None: stderr)."""
         # One file per process: a restarted worker must not overwrite its predecessor's report.
-        path = self.report_dir / f"{self.name}.{os.getpid()}.txt"
+        return self.report_dir / f"{self.name}.{os.getpid()}.txt" if self.report_dir is not None else None
+
+    def _open_report(self) -> IO[str]:
+        path = self.report_path()
+        if path is None:
+            return sys.__stderr__  # the real stderr: faulthandler needs a file descriptor
+        path.parent.mkdir(parents=True, exist_ok=True)
         report = open(path, "w")  # noqa: SIM115 (open for the life of the process: faulthandler writes to it)
         # The loop's thread, spelled as faulthandler spells it, so the report can pick its stack.
         report.write(
@@ -87,6 +91,13 @@ class LoopGuard:
         if self.loop is not None:
             self.loop = None
             faulthandler.cancel_dump_traceback_later()
+
+    def close(self) -> None:
+        """Stop for good: disarm and close the report file."""
+        self.stop()
+        if self.report is not None and self.report is not sys.__stderr__:
+            self.report.close()
+        self.report = None
 
     @contextlib.contextmanager
     def paused_for(self) -> Iterator[None]:

@@ -8,7 +8,6 @@ the trainer is a Ray actor whose versioned weights go to the engine(s) after eve
 
 from __future__ import annotations
 
-import inspect
 import random
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from forge.gateway.agents import AgentExit, agent_argv, close_unfinished, run_ag
 from forge.gateway.episodes import Episode, EpisodeStore, episode_samples
 from forge.gateway.server import Gateway, GatewayServer
 from forge.heap import release_free_heap
+from forge.rollout.stuck_watch import env_source_file
 from forge.run.cluster import check_resources, start_ray
 from forge.run.context import (
     RunResult,
@@ -166,7 +166,9 @@ class GatewayRun:
         }
         # Last: an env call stuck in C code that holds the GIL ends this process instead of
         # hanging it, and a watcher says which call and where (forge.run.gateway_guard).
-        self.guard = GatewayGuard(self.server, output, env.name, _source_file(env_class), env.step_timeout_s)
+        self.guard = GatewayGuard(
+            self.server, output, env.name, env_source_file(env_class), env.step_timeout_s
+        )
 
     def _load_engine(self, model_path: Path) -> Any:
         from forge.models.loading import load_model, resolve_device
@@ -288,18 +290,6 @@ def run_gateway(cfg: Config, engine: Any, tokenizer: Any, store: EpisodeStore, r
         sampling=cfg.gateway.sampling,
         router=router,
     )
-
-
-def _source_file(env_class: Any) -> str | None:
-    """The env class's source file, whose frames a stuck report names; None for one of
-    Forge's own (the gymnasium adapter: the user's code is what it calls)."""
-    from forge.env.errors import is_harness
-
-    try:
-        path = inspect.getfile(env_class)
-    except (TypeError, OSError):  # a class defined where no file is (a REPL)
-        return None
-    return None if is_harness(path) else path
 
 
 async def _take(store: EpisodeStore, episode_ids: list[str]) -> list[Episode]:

@@ -1,0 +1,125 @@
+"""A watcher process that says in words why a `LoopGuard` (`forge.rollout.stuck`) ended the
+process it guards: the guard's exit runs no Python code, so that process cannot.
+
+`StuckWatcher` starts it; it waits until the guarded process ends (end of file on a pipe
+whose only writer that process holds, however it ends) and, if the guard's report fired,
+prints which env call was stuck and where (`stuck_message`) to the stderr they share.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import forge
+from forge.rollout.stuck import StuckReport, read_stuck_report
+
+
+class StuckWatcher:
+    """The watcher of this process's guard, whose report goes to `report_path`; `what` names
+    the process in the message ("the gateway run") and `on_loop` says why a call stuck on
+    its event loop stopped it. `env_file` is the env class's source file, whose frames the
+    message names (None when unknown)."""
+
+    def __init__(
+        self,
+        report_path: Path,
+        env_name: str,
+        env_file: str | None,
+        step_timeout_s: float,
+        what: str,
+        on_loop: str,
+    ) -> None:
+        read_end, self._alive = os.pipe()  # this process holds the only write end until it ends
+        argv = [
+            str(read_end),
+            str(report_path),
+            env_name,
+            env_file or "",
+            repr(step_timeout_s),
+            what,
+            on_loop,
+        ]
+        # The watcher imports this Forge, wherever this process found it.
+        path = os.pathsep.join([str(Path(forge.__file__).parent.parent), os.environ.get("PYTHONPATH", "")])
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "forge.rollout.stuck_watch", *argv],
+                pass_fds=(read_end,),
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, "PYTHONPATH": path},
+            )
+        finally:
+            os.close(read_end)
+
+    def close(self) -> None:
+        """Let the watcher go (this process is ending normally) and wait for it."""
+        if self._alive < 0:
+            return
+        os.close(self._alive)
+        self._alive = -1
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def env_source_file(env_class: type) -> str | None:
+    """The env class's source file, whose frames a stuck report names; None for one of
+    Forge's own (the gymnasium adapter: the user's code is what it calls) or none at all."""
+    import inspect
+
+    from forge.env.errors import is_harness
+
+    try:
+        path = inspect.getfile(env_class)
+    except (TypeError, OSError):  # a class defined where no file is (a REPL)
+        return None
+    return None if is_harness(path) else path
+
+
+def stuck_message(report: StuckReport, env_name: str, step_timeout_s: float, what: str, on_loop: str) -> str:
+    """What the console says when a guard ended `what` (`report` is the guard's report;
+    `on_loop` says why a call stuck on the guarded event loop stopped everything)."""
+    limit = f"env.step_timeout_s={step_timeout_s:g}"
+    stacks = f"All threads' stacks: {report.path}"
+    if report.call is None:
+        return (
+            f"forge: {what} was ended (exit code 1): its event loop did not run for {report.seconds:g}s "
+            f"(env {env_name}, {limit}); no thread was in the env's own file, and the innermost frame "
+            f"outside Forge was {report.where}. Code that holds the GIL that long (C code that does not "
+            f"release it) stops every thread of the process. {stacks}"
+        )
+    why = (
+        on_loop
+        if report.on_loop
+        else "it ran in a thread inside C code that holds the GIL (a backtracking regex, a C extension's "
+        "loop), which stops every thread of the process, so the call could not be abandoned at its time limit"
+    )
+    return (
+        f"forge: {what} was ended (exit code 1): the env call {report.call}() was stuck for {report.seconds:g}s "
+        f"at {report.where} (env {env_name}, {limit}): {why}. Make that code finish within {limit}, or "
+        f"release the GIL while it runs (or run it in a subprocess). {stacks}"
+    )
+
+
+def watch(argv: list[str]) -> int:
+    """The watcher: wait until the guarded process ends (end of file on the pipe `argv[0]`),
+    then print the message if its guard's report `argv[1]` fired."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the guarded process, which then lets go
+    alive, report_path, env_name, env_file, step_timeout_s, what, on_loop = argv
+    with os.fdopen(int(alive), "rb") as pipe:
+        pipe.read()
+    report = read_stuck_report(report_path, env_file or None)
+    if report is not None:
+        message = stuck_message(report, env_name, float(step_timeout_s), what, on_loop)
+        print(message, file=sys.stderr, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(watch(sys.argv[1:]))
