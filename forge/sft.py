@@ -8,6 +8,7 @@ import inspect
 import json
 import random
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +45,33 @@ def transcript_sample(tokenizer: Any, messages: list[dict[str, Any]]) -> Sample:
     return Sample(ids, mask, [0.0] * len(ids), [NO_VERSION] * len(ids), advantage=1.0)
 
 
+def transcript_problem(messages: Any) -> str | None:
+    """What keeps `messages` from being a transcript to learn from, or None: a list of
+    {role, content} dicts with text content (an assistant's may be empty when it carries
+    tool_calls), at least one of them the assistant's."""
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        return f"needs a 'messages' list of {{role, content}} dicts, not {type(messages).__name__}"
+    for index, message in enumerate(messages):
+        if not isinstance(message.get("role"), str):
+            return f"message {index} has no 'role' string"
+        content = message.get("content")
+        if not isinstance(content, str) and not (content is None and message.get("tool_calls")):
+            return f"message {index} ({message['role']}) has 'content' {type(content).__name__}, not text"
+    if not any(m["role"] == "assistant" for m in messages):
+        return "has no assistant message to learn from (the loss is on assistant tokens only)"
+    return None
+
+
 def read_transcripts(path: str | Path) -> list[list[dict[str, Any]]]:
     """`messages` lists from a jsonl file, one transcript a line."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(
+            f"sft.data {path}: cannot read it ({exc.strerror or exc}); --data names a jsonl file"
+        ) from None
     transcripts = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -55,8 +79,9 @@ def read_transcripts(path: str | Path) -> list[list[dict[str, Any]]]:
         except json.JSONDecodeError as exc:
             raise ConfigError(f"sft.data {path}: line {number} is not JSON ({exc})") from None
         messages = row.get("messages") if isinstance(row, dict) else None
-        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
-            raise ConfigError(f"sft.data {path}: line {number} needs a 'messages' list of {{role, content}}")
+        problem = transcript_problem(messages)
+        if problem:
+            raise ConfigError(f"sft.data {path}: line {number} {problem}")
         transcripts.append(messages)
     if not transcripts:
         raise ConfigError(f"sft.data {path} holds no transcripts")
@@ -66,10 +91,14 @@ def read_transcripts(path: str | Path) -> list[list[dict[str, Any]]]:
 def env_demonstrations(cfg: Config) -> list[list[dict[str, Any]]]:
     """Transcripts from the configured env's `demonstrations(tasks, **env.kwargs)`
     classmethod; with swarm.enabled, `spawn=True` too when it takes that argument."""
+    from forge.env.errors import describe_env_error, error_headline
     from forge.env.registry import resolve_env
     from forge.run.tasks import load_task_rows
 
-    env_class = resolve_env(cfg.env.name)
+    try:
+        env_class = resolve_env(cfg.env.name)
+    except ValueError as exc:
+        raise ConfigError(f"env.name: {exc}") from None
     demonstrate = getattr(env_class, "demonstrations", None)
     if demonstrate is None:
         raise ConfigError(
@@ -79,7 +108,26 @@ def env_demonstrations(cfg: Config) -> list[list[dict[str, Any]]]:
     # A team's demonstrations (spawn calls and sub-agent turns) for an env that has them.
     if cfg.swarm.enabled and "spawn" in inspect.signature(demonstrate).parameters:
         kwargs["spawn"] = True
-    return list(demonstrate(load_task_rows(cfg), **kwargs))
+    tasks = load_task_rows(cfg)
+    source = f"{env_class.__name__}.demonstrations"
+    try:
+        given = demonstrate(tasks, **kwargs)
+        listed = isinstance(given, Iterable) and not isinstance(given, (str, bytes, dict))
+        transcripts = list(given) if listed else None
+    except Exception as exc:  # the user's code: its message and its own file:line, no traceback
+        raise ConfigError(f"{source} raised {error_headline(describe_env_error(exc))}") from None
+    if transcripts is None:
+        raise ConfigError(
+            f"{source} returned {type(given).__name__}; return a list of transcripts, each a list of "
+            "{role, content} messages"
+        )
+    for index, messages in enumerate(transcripts):
+        problem = transcript_problem(messages)
+        if problem:
+            raise ConfigError(f"{source}: transcript {index} {problem}")
+    if not transcripts:
+        raise ConfigError(f"{source} gave no transcripts for {len(tasks)} tasks")
+    return transcripts
 
 
 def sft(cfg: Config, data: str | None, output_dir: str | Path, epochs: int = 1, batch_size: int = 16) -> Path:
@@ -89,6 +137,10 @@ def sft(cfg: Config, data: str | None, output_dir: str | Path, epochs: int = 1, 
     from forge.models.loading import resolve_model_path
     from forge.train.trainer import Trainer
 
+    if epochs < 1 or batch_size < 1:
+        raise ConfigError(
+            f"forge sft needs --epochs and --batch-size of at least 1 (got {epochs}, {batch_size})"
+        )
     output = Path(output_dir)
     claim_output_dir(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -102,7 +154,10 @@ def sft(cfg: Config, data: str | None, output_dir: str | Path, epochs: int = 1, 
         "max_steps": steps,
     })  # fmt: skip
     trainer = Trainer(model_path, cfg.model, train_cfg, cfg.trainer, cfg.seed)
-    samples = [transcript_sample(trainer.tokenizer, messages) for messages in transcripts]
+    try:
+        samples = [transcript_sample(trainer.tokenizer, messages) for messages in transcripts]
+    except ValueError as exc:  # the model's chat template cannot separate the assistant's tokens
+        raise ConfigError(f"forge sft on {model_path}: {exc}") from None
     logger = MetricsLogger(output, cfg.logging.tensorboard, None, cfg.to_dict())
     order = random.Random(cfg.seed)
     started = time.perf_counter()
@@ -112,7 +167,9 @@ def sft(cfg: Config, data: str | None, output_dir: str | Path, epochs: int = 1, 
             order.shuffle(samples)
             for first in range(0, len(samples), batch_size):
                 step += 1
+                step_started = time.perf_counter()
                 metrics = trainer.train_step(samples[first : first + batch_size])
+                metrics["step_seconds"] = time.perf_counter() - step_started
                 metrics["wall_seconds"] = time.perf_counter() - started
                 logger.log(step, metrics)
     finally:

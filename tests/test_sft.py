@@ -66,7 +66,7 @@ def test_bad_transcript_files_name_the_line(tmp_path):
     from forge.sft import read_transcripts
 
     data = tmp_path / "bad.jsonl"
-    data.write_text('{"messages": [{"role": "user", "content": "x"}]}\n{"text": "no messages"}\n')
+    data.write_text(json.dumps({"messages": TRANSCRIPT}) + '\n{"text": "no messages"}\n')
     with pytest.raises(ConfigError, match="line 2 needs a 'messages' list"):
         read_transcripts(data)
 
@@ -85,9 +85,7 @@ def test_an_envs_demonstrations_are_the_default_data(tmp_path, monkeypatch):
     from forge.config import load_config
 
     monkeypatch.setattr("forge.env.registry.resolve_env", lambda name: DemoEnv)
-    monkeypatch.setattr(
-        "forge.run.tasks.load_task_rows", lambda cfg: [{"secret": i % 4} for i in range(12)]
-    )
+    monkeypatch.setattr("forge.run.tasks.load_task_rows", lambda cfg: [{"secret": i % 4} for i in range(12)])
     cfg = load_config("configs/smoke.yaml", ["logging.tensorboard=false"])
     sft_module.sft(cfg, None, tmp_path / "sft", epochs=1, batch_size=4)
     rows = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
@@ -112,3 +110,89 @@ def test_a_swarm_config_asks_the_env_for_a_teams_demonstrations():
     assert [m[1]["content"].split()[0] for m in team[:2]] == ["spawn", team[1][0]["content"].split()[1]]
     assert len(team) == 3 * 7 and len(alone) == 3
     assert all(m["role"] == "user" or m["content"].split()[0] != "spawn" for t in alone for m in t)
+
+
+@pytest.mark.parametrize(
+    ("line", "says"),
+    [
+        ('{"messages": [{"role": "user", "content": "hi"}]}', "line 1 has no assistant message"),
+        ('{"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]}',
+         "line 1 message 0 \\(user\\) has 'content' int"),
+        ('{"messages": [{"content": "hi"}, {"role": "assistant", "content": "x"}]}', "line 1 message 0 has no 'role'"),
+        ('{"messages": "hello"}', "line 1 needs a 'messages' list"),
+    ],
+)  # fmt: skip
+def test_a_transcript_file_that_cannot_teach_is_refused_naming_its_line(tmp_path, line, says):
+    from forge.config import ConfigError
+    from forge.sft import read_transcripts
+
+    data = tmp_path / "bad.jsonl"
+    data.write_text(line + "\n")
+    with pytest.raises(ConfigError, match=says):
+        read_transcripts(data)
+
+
+class GarbageDemoEnv:
+    """An env whose demonstrations are not transcripts, in one of the ways they go wrong."""
+
+    given: object = None
+
+    @classmethod
+    def demonstrations(cls, tasks, **kwargs):
+        if cls.given == "raise":
+            raise KeyError("no solver for this task")
+        return cls.given
+
+
+@pytest.mark.parametrize(
+    ("given", "says"),
+    [
+        (None, "GarbageDemoEnv.demonstrations returned NoneType; return a list of transcripts"),
+        (["hello"], "transcript 0 needs a 'messages' list of \\{role, content\\} dicts, not str"),
+        ([{"messages": TRANSCRIPT}], "transcript 0 needs a 'messages' list .* not dict"),
+        ([TRANSCRIPT[:2]], "transcript 0 has no assistant message"),
+        ([], "gave no transcripts for 12 tasks"),
+        ("raise", "demonstrations raised KeyError: 'no solver for this task' \\(at .*test_sft.py:\\d+ in demonstrations"),
+    ],
+)  # fmt: skip
+def test_demonstrations_that_are_not_transcripts_stop_with_one_message(monkeypatch, given, says):
+    from forge.config import ConfigError, load_config
+    from forge.sft import env_demonstrations
+
+    monkeypatch.setattr(GarbageDemoEnv, "given", given)
+    monkeypatch.setattr("forge.env.registry.resolve_env", lambda name: GarbageDemoEnv)
+    monkeypatch.setattr("forge.run.tasks.load_task_rows", lambda cfg: [{"secret": i % 4} for i in range(12)])
+    with pytest.raises(ConfigError, match=says):
+        env_demonstrations(load_config("configs/smoke.yaml", []))
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["env.name=guess_numbr"], "env.name: env 'guess_numbr' is not registered"),
+        (["--data", "no/such.jsonl"], "sft.data no/such.jsonl: cannot read it"),
+        (["--epochs", "0"], "--epochs and --batch-size of at least 1"),
+        (["--batch-size", "0"], "--epochs and --batch-size of at least 1"),
+    ],
+)
+def test_forge_sft_refuses_bad_input_with_exit_2_and_no_traceback(tmp_path, capsys, args, says):
+    import re
+
+    from forge.cli import main
+
+    assert main(["sft", "configs/smoke.yaml", "--output-dir", str(tmp_path / "sft"), *args]) == 2
+    err = capsys.readouterr().err
+    assert re.search(says, err) and "Traceback" not in err
+    assert not (tmp_path / "sft" / "metrics.jsonl").exists()
+
+
+def test_each_sft_step_records_its_own_wall_time(tmp_path):
+    from forge import sft as sft_module
+    from forge.config import load_config
+
+    data = tmp_path / "demos.jsonl"
+    data.write_text("".join(json.dumps({"messages": TRANSCRIPT}) + "\n" for _ in range(4)))
+    cfg = load_config("configs/smoke.yaml", ["logging.tensorboard=false"])
+    sft_module.sft(cfg, str(data), tmp_path / "sft", epochs=1, batch_size=2)
+    rows = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(0 < r["step_seconds"] <= r["wall_seconds"] for r in rows)
