@@ -139,3 +139,36 @@ def test_an_unknown_gym_id_is_a_clear_error():
 def test_the_adapter_passes_the_env_contract_check():
     report = check_env(GymEnv, {"env_id": "FrozenLake-v1"})
     assert report.passed, report.render()
+
+
+def test_box_actions_are_read_as_the_replys_numbers_within_the_bounds():
+    env = GymEnv("Pendulum-v1")
+    assert "Reply with 1 number from -2 to 2." in env.system_prompt
+    env.reset({"seed": 0}, 0)
+    result = env.step("torque 1.5 please")
+    assert result.info["valid"] is True and result.reward < 0  # Pendulum's cost, not the invalid-action 0
+    outside = env.step("5")
+    assert outside.info["valid"] is False and "outside" in outside.observation
+    assert env.step("none").info["valid"] is False
+
+
+class MultiDiscreteEnv(gym.Env):
+    observation_space = gym.spaces.Discrete(2)
+    action_space = gym.spaces.MultiDiscrete([2, 3])
+
+    def reset(self, seed=None, options=None):
+        return 0, {}
+
+    def step(self, action):
+        return 0, 0.0, True, False, {}
+
+
+def test_an_action_space_it_cannot_read_is_refused_when_built_not_on_every_reply():
+    with pytest.raises(ValueError, match="MultiDiscrete action spaces need GymEnv.parse_action overridden"):
+        GymEnv(env=MultiDiscreteEnv())
+
+    class Pairs(GymEnv):
+        def parse_action(self, action):
+            return [int(c) for c in action.split()[:2]]
+
+    assert Pairs(env=MultiDiscreteEnv()).step("1 2").info["valid"] is True

@@ -4,7 +4,8 @@ Observations become text: a text space passes through; otherwise a user function
 (`observation_fn`), else the env's ANSI render with its control codes stripped (a
 highlighted cell becomes `[X]`), else `str(obs)`. The system prompt describes the task
 and the action space. Actions: a text space takes the reply; `Discrete` takes the first
-integer or action name in it. Override `observation_text` and `parse_action` for more.
+integer or action name in it; `Box` its first numbers, one per dimension, within the
+bounds. Other spaces need `parse_action` (and `describe_actions`) overridden.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from collections.abc import Callable
 from typing import Any
 
 import gymnasium as gym
+import numpy as np
 
 from forge.env.base import Env, StepResult
 
 _INTEGER = re.compile(r"-?\d+")
+_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 _HIGHLIGHTED = re.compile(r"\x1b\[(?:4\d|10\d|7)m(.*?)\x1b\[0?m", re.S)  # a background-coloured span
 _CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
 
@@ -91,6 +94,14 @@ class GymEnv(Env):
             raise ValueError(
                 f"GymEnv: action_names has {len(self.action_names)} names for action space {space}"
             )
+        # Refused here, not on every reply: each turn would otherwise be an invalid action.
+        if type(self).parse_action is GymEnv.parse_action and not isinstance(
+            space, (gym.spaces.Text, gym.spaces.Discrete, gym.spaces.Box)
+        ):
+            raise ValueError(
+                f"GymEnv: {type(space).__name__} action spaces need GymEnv.parse_action overridden "
+                "(subclass GymEnv; override describe_actions too, to tell the model how to reply)"
+            )
         self.system_prompt = "\n".join(
             part
             for part in (description or f"You are playing {self.env_id}.", self.describe_actions())
@@ -128,6 +139,13 @@ class GymEnv(Env):
                 named = ", ".join(f"{first + i} = {name}" for i, name in enumerate(self.action_names))
                 return f"Actions: {named}. Reply with one action, its number or its name."
             return f"Reply with one integer action from {first} to {last}."
+        if isinstance(space, gym.spaces.Box):
+            low, high = space.low.flatten(), space.high.flatten()
+            if len(set(low.tolist())) == 1 and len(set(high.tolist())) == 1:
+                bounds = f"from {low[0]:g} to {high[0]:g}"
+            else:
+                bounds = "within " + ", ".join(f"[{a:g}, {b:g}]" for a, b in zip(low, high, strict=True))
+            return f"Reply with {low.size} number{'s' if low.size > 1 else ''} {bounds}."
         return f"Action space: {space}."
 
     def observation_text(self, observation: Any) -> str:
@@ -156,6 +174,16 @@ class GymEnv(Env):
                     if word in self.action_names:
                         return int(space.start) + self.action_names.index(word)
             raise ValueError(self.describe_actions())
+        if isinstance(space, gym.spaces.Box):
+            numbers = [float(n) for n in _NUMBER.findall(action)[: int(np.prod(space.shape))]]
+            if len(numbers) < int(np.prod(space.shape)):
+                raise ValueError(self.describe_actions())
+            value = np.asarray(numbers, dtype=space.dtype).reshape(space.shape)
+            if not space.contains(value):
+                raise ValueError(
+                    f"{' '.join(f'{n:g}' for n in numbers)} is outside the bounds. {self.describe_actions()}"
+                )
+            return value
         raise ValueError(f"{type(space).__name__} actions need GymEnv.parse_action overridden")
 
     def reset(self, task: dict[str, Any], seed: int) -> str:
