@@ -1,11 +1,18 @@
 """A long run's resources: `forge train` for many steps in sync, async and gateway mode,
 sampling every process of the run (resident memory, open fds, threads) and the run folder.
 
-Per mode and process kind it reports the start, the end and the least-squares slope per
-1,000 steps over the second half of the run; the run folder's growth per 1,000 steps too.
-Prints one JSON object and writes bench/results/soak.json.
+Per mode and process kind it reports the start, the end and two slopes per 1,000 steps over
+the second half of the run: `slope_per_1000_steps`, least squares over every sample, and
+`floor_slope_per_1000_steps`, the slope of the memory the process comes back to between
+steps (the lowest sample of each of 20 spans, Theil-Sen through them). The bar (1 MB per
+1,000 steps) is judged on the floor: a swing within a step is not growth, and samples taken
+at random phases of a 30 MB swing make the least-squares slope noise of several MB, while
+a leak raises the floor, which is what runs out over days. The run folder's growth per
+1,000 steps too. Prints one JSON object and writes bench/results/soak.json (modes not run
+keep their earlier result); every sample goes to <workdir>/<mode>.series.jsonl.
 
     python -m bench.soak --steps 5000 --parallel   # sync, async, gateway (500 steps) side by side
+    python -m bench.soak --modes gateway --gateway-steps 2400   # one mode, merged into soak.json
 """
 
 from __future__ import annotations
@@ -48,6 +55,10 @@ QUANTITIES = ("rss_mb", "private_mb", "shared_mb", "fds", "threads")
 # series of a 2,000-step soak took ~300 KB a mode.
 SERIES_POINTS = 40
 SERIES_KEYS = ("private_mb", "shared_mb")
+# The second half's steps are cut into this many spans for the floor slope (the lowest
+# sample of each): a 2,000-step soak sampled every second has 50 steps and ~10-50 samples
+# a span (gateway ~1 step a second, sync and async 2-5), so each span holds between-step lows.
+FLOOR_WINDOWS = 20
 
 
 def process_kind(process: psutil.Process, driver_pid: int) -> str:
@@ -157,18 +168,63 @@ def folder_bytes(folder: Path) -> dict[str, int]:
     return sizes
 
 
+def second_half(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """The points from half the last step on: the first half holds the warm-up (pools
+    starting, Ray's kept task events filling, the object store's pages mapped)."""
+    if not points:
+        return []
+    half = points[-1][0] / 2
+    return [(s, v) for s, v in points if s >= half]
+
+
 def slope_per_1000(points: list[tuple[int, float]]) -> float:
     """Least-squares slope of value against step, times 1,000, over the second half of the steps."""
-    if not points:
-        return 0.0
-    half = points[-1][0] / 2
-    tail = [(s, v) for s, v in points if s >= half]
+    tail = second_half(points)
     if len(tail) < 3:
         return 0.0
     mean_s = sum(s for s, _ in tail) / len(tail)
     mean_v = sum(v for _, v in tail) / len(tail)
     spread = sum((s - mean_s) ** 2 for s, _ in tail)
     return 1000 * sum((s - mean_s) * (v - mean_v) for s, v in tail) / spread if spread else 0.0
+
+
+def theil_sen(points: list[tuple[int, float]]) -> float:
+    """The median of the slopes between every two points of different steps (Theil-Sen):
+    a few outlying points move it little, unlike a least-squares fit."""
+    slopes = sorted(
+        (vb - va) / (sb - sa) for i, (sa, va) in enumerate(points) for sb, vb in points[i + 1 :] if sb != sa
+    )
+    if not slopes:
+        return 0.0
+    middle = len(slopes) // 2
+    return slopes[middle] if len(slopes) % 2 else (slopes[middle - 1] + slopes[middle]) / 2
+
+
+def floor_slope_per_1000(points: list[tuple[int, float]], windows: int = FLOOR_WINDOWS) -> float:
+    """The slope per 1,000 steps of the memory a process comes back to between steps, over
+    the second half: the second half's steps cut into `windows` equal spans, the lowest
+    sample of each, and the Theil-Sen slope through those minima.
+
+    The bar is judged on this one. A process's memory swings within a step (a gateway
+    driver's by ~30 MB: agents running, requests in flight, the step's episodes held), and
+    samples taken at random phases of that swing give a least-squares fit whose slope is
+    noise of several MB per 1,000 steps. What a leak adds is memory the process never comes
+    back below, which raises the floor; over days the floor is what runs out of memory.
+    Theil-Sen over the minima ignores a lone low sample as well (a window's minimum is the
+    one sample that outlier would set)."""
+    tail = second_half(points)
+    windows = min(windows, len(tail) // 3)  # a window needs a few samples to find its low
+    if windows < 3:
+        return slope_per_1000(points)
+    first, last = tail[0][0], tail[-1][0]
+    if last == first:
+        return 0.0
+    lows: dict[int, tuple[int, float]] = {}
+    for step, value in tail:
+        window = min(int((step - first) / (last - first) * windows), windows - 1)
+        if window not in lows or value < lows[window][1]:
+            lows[window] = (step, value)
+    return 1000 * theil_sen(sorted(lows.values()))
 
 
 def summarize(series: list[dict]) -> dict:
@@ -185,12 +241,14 @@ def summarize(series: list[dict]) -> dict:
                 "start": round(points[0][1], 1),
                 "end": round(points[-1][1], 1),
                 "slope_per_1000_steps": round(slope_per_1000(points), 2),
+                "floor_slope_per_1000_steps": round(floor_slope_per_1000(points), 2),
             }
     return summary
 
 
 def soak_mode(mode: str, steps: int, every_s: float, workdir: Path, extra: list[str]) -> dict:
-    """Train `steps` steps of `mode` in a subprocess, sampling every `every_s` seconds."""
+    """Train `steps` steps of `mode` in a subprocess, sampling every `every_s` seconds. Every
+    sample also goes to `workdir`/`mode`.series.jsonl (the result keeps a thinned series)."""
     run_dir = workdir / mode
     command = [
         sys.executable,
@@ -211,6 +269,8 @@ def soak_mode(mode: str, steps: int, every_s: float, workdir: Path, extra: list[
     child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
     driver = psutil.Process(child.pid)
     series = []
+    raw = (workdir / f"{mode}.series.jsonl").open("w")
+    next_sample = time.monotonic()
     while child.poll() is None:
         try:
             row = {
@@ -223,7 +283,10 @@ def soak_mode(mode: str, steps: int, every_s: float, workdir: Path, extra: list[
             break
         if row["step"] < steps:  # the last steps' samples would catch the shutdown
             series.append(row)
-        time.sleep(every_s)
+            raw.write(json.dumps(row) + "\n")
+        next_sample += every_s  # a sample takes ~0.1 s: keep the period, not the gap
+        time.sleep(max(0.0, next_sample - time.monotonic()))
+    raw.close()
     if child.wait() != 0:
         tail = (workdir / f"{mode}.log").read_text()[-3000:]
         raise RuntimeError(f"soak {mode}: forge train exited {child.returncode}:\n{tail}")
@@ -271,20 +334,45 @@ def thinned(series: list, points: int = SERIES_POINTS) -> list:
     return [series[round(i * (len(series) - 1) / (points - 1))] for i in range(points)]
 
 
-def per_process_slopes(result: dict, key: str = "rss_mb") -> dict[str, float]:
+def per_process_slopes(
+    result: dict, key: str = "rss_mb", slope: str = "floor_slope_per_1000_steps"
+) -> dict[str, float]:
     """Each process kind's second-half slope of `key` per process (a kind's values are
-    summed over its processes: two rollout workers, say)."""
+    summed over its processes: two rollout workers, say); by default the floor slope, the
+    one the bar is judged on (`floor_slope_per_1000`), else `slope="slope_per_1000_steps"`
+    for the least-squares fit over every sample."""
     return {
-        kind: values[key]["slope_per_1000_steps"] / max(values["processes"], 1)
-        for kind, values in result["processes"].items()
+        kind: values[key][slope] / max(values["processes"], 1) for kind, values in result["processes"].items()
     }
 
 
-def worst(result: dict, key: str = "rss_mb") -> tuple[str, float]:
+def worst(result: dict, key: str = "rss_mb", slope: str = "floor_slope_per_1000_steps") -> tuple[str, float]:
     """The process kind with the steepest second-half slope of `key` per process, and that slope."""
-    slopes = per_process_slopes(result, key)
+    slopes = per_process_slopes(result, key, slope)
     kind = max(slopes, key=slopes.get)
     return kind, round(slopes[kind], 2)
+
+
+def merge_into(out: Path, mode: str, measured: dict) -> None:
+    """Write `measured` as `mode`'s result into `out`, keeping the other modes there: the
+    file is read at the write, so soaks of different modes can run side by side into it."""
+    from forge.run.cluster import ray_system_config
+
+    earlier = json.loads(out.read_text()) if out.exists() else {}
+    modes = earlier.get("modes", {}) if earlier.get("bench") == "soak" else {}
+    for kept in modes.values():  # written before the series were thinned
+        kept["series"] = [
+            {k: v for k, v in row.items() if k in ("step", "t_s") or k.endswith(SERIES_KEYS)}
+            for row in thinned(kept.get("series", []))
+        ]
+    modes[mode] = measured
+    result = {
+        "bench": "soak",
+        "cpus": os.cpu_count(),
+        "ray_system_config": ray_system_config(),
+        "modes": dict(sorted(modes.items())),
+    }
+    save_result(result, out)
 
 
 def main() -> None:
@@ -296,7 +384,12 @@ def main() -> None:
         "--gateway-steps", type=int, help=f"gateway mode's steps (default {GATEWAY_SHARE} x --steps)"
     )
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
-    parser.add_argument("--every", type=float, default=5.0, help="seconds between samples")
+    parser.add_argument(
+        "--every",
+        type=float,
+        default=1.0,
+        help="seconds between samples (several per step's swing, for the floor slope)",
+    )
     parser.add_argument("--out", default="bench/results/soak.json")
     parser.add_argument(
         "--parallel", action="store_true", help="run the modes side by side (each its own Ray)"
@@ -304,22 +397,9 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="extra dotted overrides for every mode")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="forge-soak-"))
-    from forge.run.cluster import ray_system_config
+    print(f"bench.soak: runs, logs and every sample under {workdir}", file=sys.stderr)
 
-    # Modes measured before (by an earlier run into the same file) stay; those run now replace theirs.
     out = Path(args.out)
-    earlier = json.loads(out.read_text()) if out.exists() else {}
-    result = {
-        "bench": "soak",
-        "cpus": os.cpu_count(),
-        "ray_system_config": ray_system_config(),
-        "modes": earlier.get("modes", {}) if earlier.get("bench") == "soak" else {},
-    }
-    for kept in result["modes"].values():  # written before the series were thinned
-        kept["series"] = [
-            {k: v for k, v in row.items() if k in ("step", "t_s") or k.endswith(SERIES_KEYS)}
-            for row in thinned(kept.get("series", []))
-        ]
     lock = threading.Lock()
 
     def run(mode: str) -> None:
@@ -331,12 +411,14 @@ def main() -> None:
         measured = soak_mode(mode, steps, args.every, workdir, args.overrides)
         for key in ("rss_mb", "private_mb"):
             kind, slope = worst(measured, key)
-            measured[f"steepest_{key}"] = {"kind": kind, "mb_per_1000_steps_per_process": slope}
-        with lock:
-            result["modes"][mode] = measured
-            save_result(
-                result, Path(args.out)
-            )  # after each mode: a long soak's first modes survive a failure
+            ols_kind, ols = worst(measured, key, "slope_per_1000_steps")
+            measured[f"steepest_{key}"] = {
+                "kind": kind,
+                "mb_per_1000_steps_per_process": slope,  # the floor slope: the bar's
+                "least_squares": {"kind": ols_kind, "mb_per_1000_steps_per_process": ols},
+            }
+        with lock:  # after each mode: a long soak's first modes survive a failure
+            merge_into(out, mode, measured)
 
     if args.parallel:  # slopes are per step, so modes sharing the machine measure the same
         with ThreadPoolExecutor(len(args.modes)) as pool:
@@ -344,6 +426,7 @@ def main() -> None:
     else:
         for mode in args.modes:
             run(mode)
+    result = json.loads(out.read_text())
     print(
         json.dumps(
             {
