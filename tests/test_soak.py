@@ -51,8 +51,7 @@ def swinging(trend_mb_per_1000: float, seed: int) -> list[tuple[int, float]]:
     """A process sampled every second for 2,000 steps of ~1 s, at random phases of a step
     whose memory rises by up to 50 MB while it plays and is back on its floor for the last
     third (a gateway driver's: 419-470 MB, at 419 in 12 of 30 samples), on a floor that
-    grows by `trend_mb_per_1000`, with one stray low sample (the async worker's 376.9 MB
-    among 382-383.5)."""
+    grows by `trend_mb_per_1000`, with one stray low sample."""
     rng = random.Random(seed)
     points = []
     for second in range(2200):
@@ -65,13 +64,31 @@ def swinging(trend_mb_per_1000: float, seed: int) -> list[tuple[int, float]]:
     return points
 
 
+def dipping(trend_mb_per_1000: float, seed: int) -> list[tuple[int, float]]:
+    """A process sampled 400 times over 2,000 fast steps, steady within 1-2 MB but for dips
+    of 6 MB lasting a few samples, about one sample in 25 (the async worker's 375-376 MB
+    among 380-383), on a level that grows by `trend_mb_per_1000`."""
+    rng = random.Random(seed)
+    points, dip = [], 0
+    for sample in range(400):
+        step = sample * 5
+        if not dip and rng.random() < 0.02:
+            dip = rng.randint(1, 4)
+        dip = max(0, dip - 1) if dip else 0
+        level = 381.5 + trend_mb_per_1000 * step / 1000 + rng.gauss(0, 0.6)
+        points.append((step, level - (6.0 if dip else 0.0)))
+    return points
+
+
 @pytest.mark.parametrize("seed", range(5))
-def test_the_floor_slope_sees_through_a_swing_within_steps_but_not_past_a_leak(seed):
-    flat, leaking = swinging(0.0, seed), swinging(3.0, seed)
+@pytest.mark.parametrize("shape", [swinging, dipping])
+def test_the_floor_slope_sees_through_swings_and_dips_but_not_past_a_leak(shape, seed):
     # A least-squares fit through random phases of the swing is off by MBs (the gateway
-    # driver's 8.6 over 2,400 steps sampled every 5 s): the bar is judged on the floor.
-    assert abs(floor_slope_per_1000(flat)) < 0.3
-    assert floor_slope_per_1000(leaking) == pytest.approx(3.0, abs=0.3)
+    # driver's 8.6 over 2,400 steps sampled every 5 s), a minimum follows the dips: the bar
+    # is judged on the floor, each span's 20th percentile.
+    flat, leaking = shape(0.0, seed), shape(3.0, seed)
+    assert abs(floor_slope_per_1000(flat)) < 0.6
+    assert floor_slope_per_1000(leaking) == pytest.approx(3.0, abs=0.6)
 
 
 def test_the_floor_slope_follows_a_steady_series_and_falls_back_on_few_samples():
