@@ -324,19 +324,48 @@ def soak_mode(mode: str, steps: int, every_s: float, workdir: Path, extra: list[
             "kb_per_1000_steps": round(slope_per_1000(disk_points) / 1024, 1),
             "kb_per_1000_steps_by_entry": per_file,
         },
-        "series": [
-            {
-                "step": row["step"],
-                "t_s": row["t_s"],
-                **{
-                    f"{kind}_{key}": round(v[key], 1)
-                    for kind, v in row["processes"].items()
-                    for key in SERIES_KEYS
-                },
-            }
-            for row in thinned(series)
-        ],
+        "series": kept_series(series),
     }
+
+
+def kept_series(series: list[dict]) -> list[dict]:
+    """The rows of `series` soak.json keeps: a few, with each kind's private and shared memory."""
+    return [
+        {
+            "step": row["step"],
+            "t_s": row["t_s"],
+            **{
+                f"{kind}_{key}": round(v[key], 1)
+                for kind, v in row["processes"].items()
+                for key in SERIES_KEYS
+            },
+        }
+        for row in thinned(series)
+    ]
+
+
+def with_steepest(measured: dict) -> dict:
+    """`measured` with the kinds whose RSS and private memory have the steepest floor slope
+    and least-squares slope per process."""
+    for key in ("rss_mb", "private_mb"):
+        kind, slope = worst(measured, key)
+        ols_kind, ols = worst(measured, key, "slope_per_1000_steps")
+        measured[f"steepest_{key}"] = {
+            "kind": kind,
+            "mb_per_1000_steps_per_process": slope,  # the floor slope: the bar's
+            "least_squares": {"kind": ols_kind, "mb_per_1000_steps_per_process": ols},
+        }
+    return measured
+
+
+def resummarized(measured: dict, samples_path: Path) -> dict:
+    """`measured` with its processes' figures worked out again from every sample an earlier
+    soak wrote (`<workdir>/<mode>.series.jsonl`), by this version's slopes; the command,
+    wall time, load and disk stay as measured."""
+    series = [json.loads(line) for line in samples_path.read_text().splitlines() if line]
+    return with_steepest(
+        {**measured, "samples": len(series), "processes": summarize(series), "series": kept_series(series)}
+    )
 
 
 def thinned(series: list, points: int = SERIES_POINTS) -> list:
@@ -407,9 +436,16 @@ def main() -> None:
     parser.add_argument(
         "--parallel", action="store_true", help="run the modes side by side (each its own Ray)"
     )
+    parser.add_argument(
+        "--resummarize",
+        type=Path,
+        metavar="WORKDIR",
+        help="run nothing: work the --modes' figures in --out out again from the samples an "
+        "earlier soak left in WORKDIR (after a change to the slopes)",
+    )
     parser.add_argument("overrides", nargs="*", help="extra dotted overrides for every mode")
     args = parser.parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="forge-soak-"))
+    workdir = args.resummarize or Path(tempfile.mkdtemp(prefix="forge-soak-"))
     print(f"bench.soak: runs, logs and every sample under {workdir}", file=sys.stderr)
 
     out = Path(args.out)
@@ -421,15 +457,12 @@ def main() -> None:
             if mode == "gateway"
             else args.steps
         )
-        measured = soak_mode(mode, steps, args.every, workdir, args.overrides)
-        for key in ("rss_mb", "private_mb"):
-            kind, slope = worst(measured, key)
-            ols_kind, ols = worst(measured, key, "slope_per_1000_steps")
-            measured[f"steepest_{key}"] = {
-                "kind": kind,
-                "mb_per_1000_steps_per_process": slope,  # the floor slope: the bar's
-                "least_squares": {"kind": ols_kind, "mb_per_1000_steps_per_process": ols},
-            }
+        if args.resummarize:
+            measured = resummarized(
+                json.loads(out.read_text())["modes"][mode], args.resummarize / f"{mode}.series.jsonl"
+            )
+        else:
+            measured = with_steepest(soak_mode(mode, steps, args.every, workdir, args.overrides))
         with lock:  # after each mode: a long soak's first modes survive a failure
             merge_into(out, mode, measured)
 

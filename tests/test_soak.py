@@ -14,6 +14,7 @@ from bench.soak import (
     memory_parts,
     merge_into,
     per_process_slopes,
+    resummarized,
     slope_per_1000,
     soak_mode,
     summarize,
@@ -209,3 +210,35 @@ def test_a_local_ray_keeps_a_bounded_number_of_task_events_unless_the_user_set_o
     }
     monkeypatch.setenv("RAY_task_events_max_num_task_in_gcs", "500")
     assert ray_system_config() == {"free_objects_period_milliseconds": FREE_OBJECTS_PERIOD_MS}
+
+
+def test_a_soak_is_worked_out_again_from_the_samples_it_left(tmp_path):
+    rows = [
+        {
+            "step": step,
+            "t_s": step / 2,
+            "processes": {
+                "driver": {
+                    "rss_mb": 400 + step * 0.002,
+                    "private_mb": 380 + step * 0.002,
+                    "shared_mb": 1.0,
+                    "fds": 40,
+                    "threads": 30,
+                    "processes": 1,
+                }
+            },
+        }
+        for step in range(0, 2000, 4)
+    ]
+    samples = tmp_path / "gateway.series.jsonl"
+    samples.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    measured = {"steps": 2000, "command": "forge train gateway-smoke", "processes": {}, "samples": 0}
+    again = resummarized(measured, samples)
+    assert again["command"] == measured["command"] and again["samples"] == len(rows)
+    assert again["processes"]["driver"]["private_mb"]["floor_slope_per_1000_steps"] == pytest.approx(2.0)
+    assert again["steepest_private_mb"] == {
+        "kind": "driver",
+        "mb_per_1000_steps_per_process": 2.0,
+        "least_squares": {"kind": "driver", "mb_per_1000_steps_per_process": 2.0},
+    }
+    assert len(again["series"]) == 40
