@@ -1,13 +1,14 @@
-"""What a run's driver process keeps: `forge train` run in this process while a thread counts
-its Python objects by type (`gc.get_objects()`, after a full collection) and reads glibc's
-heap statistics every N steps.
+"""What a gateway run's driver keeps from step to step: `forge train` in this process, its
+memory read at the same point of every step (right after the step's end hands freed heap
+back, `forge.heap.release_free_heap`), and its Python objects counted by type every N steps.
 
-Prints one JSON object: per sample the step, private memory, the heap's bytes in use and
-free, and at the end the object types whose count grew most between the sample after the
-warm-up (a quarter of the steps) and the last one, with the growth per 1,000 steps.
+Outside the process a soak samples the driver at random phases of a step that swings it by
+~50 MB; here every reading is at the step's low, so a slope over them is the driver's growth.
+Prints one JSON object: the private memory and glibc heap in use per step (thinned), their
+slopes per 1,000 steps over the second half, and the object types whose count grew most
+between the sample after a quarter of the steps and the last.
 
-    python -m bench.driver_objects --steps 800 --every-steps 100   # bench.soak's gateway run
-    python -m bench.driver_objects --steps 800 -- smoke train.mode=async   # another run
+    python -m bench.driver_objects --steps 1200 --every-steps 100   # bench.soak's gateway run
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ import ctypes
 import ctypes.util
 import gc
 import json
+import os
 import tempfile
-import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
-from bench.soak import COMMON, MODES, steps_done
+from bench.soak import COMMON, MODES, floor_slope_per_1000, slope_per_1000, thinned
 
 
 class MallInfo2(ctypes.Structure):
@@ -80,27 +82,31 @@ def object_counts() -> tuple[Counter, int]:
     return Counter(type(o).__name__ for o in gc.get_objects()), freed
 
 
-def watch(run_dir: Path, every_steps: int, samples: list[dict], stop: threading.Event) -> None:
-    """Every `every_steps` steps of the run writing to `run_dir`: one sample into `samples`."""
-    next_step = every_steps
-    while not stop.wait(0.5):
-        step = steps_done(run_dir)
-        if step < next_step:
-            continue
-        next_step = step - step % every_steps + every_steps
-        started = time.perf_counter()
-        counts, freed = object_counts()
-        samples.append(
-            {
-                "step": step,
-                "private_mb": round(private_mb(), 1),
-                **heap_mb(),
-                "objects": sum(counts.values()),
-                "garbage_collected": freed,
-                "count_s": round(time.perf_counter() - started, 2),
-                "by_type": counts,
-            }
-        )
+def hooked(
+    release: Callable[[], bool], every_steps: int, readings: list[dict], counts: list[dict]
+) -> Callable[[], bool]:
+    """`release` (the gateway step's last call) followed by a reading of this process's
+    memory, and every `every_steps` steps a count of its objects by type."""
+
+    def release_and_read() -> bool:
+        released = release()
+        step = len(readings) + 1
+        readings.append({"step": step, "private_mb": round(private_mb(), 2), **heap_mb()})
+        if step % every_steps == 0:
+            started = time.perf_counter()
+            by_type, freed = object_counts()
+            counts.append(
+                {
+                    "step": step,
+                    "objects": sum(by_type.values()),
+                    "garbage_collected": freed,
+                    "count_s": round(time.perf_counter() - started, 2),
+                    "by_type": by_type,
+                }
+            )
+        return released
+
+    return release_and_read
 
 
 def growth(samples: list[dict], top: int = 15) -> dict[str, dict]:
@@ -129,33 +135,48 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--steps", type=int, default=800)
-    parser.add_argument("--every-steps", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--every-steps", type=int, default=100, help="steps between object counts")
     parser.add_argument("--out", help="also write the JSON here")
     parser.add_argument(
-        "train_args", nargs="*", help="forge train's config and overrides (default: bench.soak's gateway run)"
+        "train_args", nargs="*", help="a gateway run's config and overrides (default: bench.soak's)"
     )
     args = parser.parse_args()
+    import forge.run.gateway
     from forge.cli import main as forge_main
 
     train_args = [*(args.train_args or MODES["gateway"]), *COMMON, f"train.max_steps={args.steps}"]
     run_dir = Path(tempfile.mkdtemp(prefix="forge-driver-objects-")) / "run"
-    samples: list[dict] = []
-    stop = threading.Event()
-    watcher = threading.Thread(target=watch, args=(run_dir, args.every_steps, samples, stop), daemon=True)
-    watcher.start()
-    try:
-        code = forge_main(["train", *train_args, "--output-dir", str(run_dir)])
-    finally:
-        stop.set()
-        watcher.join()
-    if code != 0 or len(samples) < 2:
-        raise SystemExit(f"bench.driver_objects: forge train exited {code} with {len(samples)} samples")
+    readings: list[dict] = []
+    counts: list[dict] = []
+    forge.run.gateway.release_free_heap = hooked(
+        forge.run.gateway.release_free_heap, args.every_steps, readings, counts
+    )
+    started = time.monotonic()
+    code = forge_main(["train", *train_args, "--output-dir", str(run_dir)])
+    if code != 0 or len(counts) < 2:
+        raise SystemExit(
+            f"bench.driver_objects: forge train exited {code} after {len(readings)} gateway steps "
+            f"({len(counts)} object counts; a gateway run with --steps of at least 2 x --every-steps)"
+        )
+    slopes = {}
+    for key in ("private_mb", "in_use_mb", "free_mb"):
+        points = [(r["step"], r[key]) for r in readings if key in r]
+        slopes[key] = {
+            "start": points[len(points) // 2][1],
+            "end": points[-1][1],
+            "slope_per_1000_steps": round(slope_per_1000(points), 2),
+            "floor_slope_per_1000_steps": round(floor_slope_per_1000(points), 2),
+        }
     result = {
         "bench": "driver_objects",
         "train_args": train_args,
-        "samples": [{k: v for k, v in s.items() if k != "by_type"} for s in samples],
-        "growing_types": growth(samples),
+        "wall_s": round(time.monotonic() - started, 1),
+        "load_avg": round(os.getloadavg()[0], 1),
+        "second_half": slopes,
+        "readings": thinned(readings),
+        "counts": [{k: v for k, v in c.items() if k != "by_type"} for c in counts],
+        "growing_types": growth(counts),
     }
     print(json.dumps(result))
     if args.out:
