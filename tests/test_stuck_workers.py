@@ -234,7 +234,12 @@ def test_a_guard_report_names_the_env_call_a_thread_holding_the_gil_was_stuck_in
     )
     assert message.endswith(f"All threads' stacks: {path}")
     # Without the env's file: the thread running an env call, not the loop's frames outside Forge.
-    assert read_stuck_report(path).where == _stuck_line("regex")
+    unknown = read_stuck_report(path)
+    assert (unknown.where, unknown.call) == (_stuck_line("regex"), None)
+    assert (
+        "the innermost frame outside Forge and Python's library, on a thread (one held the GIL), was "
+        f"{_stuck_line('regex')}."
+    ) in stuck_message(unknown, ENV, 0.2, "the gateway run", "(on the loop)")
 
 
 def test_a_guard_report_of_a_call_stuck_on_the_loop_says_so_and_one_that_did_not_fire_is_none(tmp_path):

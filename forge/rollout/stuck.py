@@ -192,7 +192,7 @@ def stuck_frame(report: str, env_file: str | None = None) -> tuple[str, bool, st
         user = next((f for f in frames if not is_harness(f[0])), None)
         if user is not None:
             return f"{user[0]}:{user[1]} in {user[2]}", on_loop, None
-    loop_frames = threads[0][1] if threads and threads[0][0] else []
+    loop_frames = next((frames for on_loop, frames in threads if on_loop), [])
     if loop_frames:
         return f"{loop_frames[0][0]}:{loop_frames[0][1]} in {loop_frames[0][2]}", True, None
     return "an unknown place (the report holds no stack of the event loop's thread)", True, None

@@ -88,10 +88,11 @@ def stuck_message(report: StuckReport, env_name: str, step_timeout_s: float, wha
     limit = f"env.step_timeout_s={step_timeout_s:g}"
     stacks = f"All threads' stacks: {report.path}"
     if report.call is None:
+        thread = "its event loop" if report.on_loop else "a thread (one held the GIL)"
         return (
             f"forge: {what} was ended (exit code 1): its event loop did not run for {report.seconds:g}s "
-            f"(env {env_name}, {limit}); no thread was in the env's own file, and the innermost frame "
-            f"outside Forge was {report.where}. Code that holds the GIL that long (C code that does not "
+            f"(env {env_name}, {limit}); the innermost frame outside Forge and Python's library, on "
+            f"{thread}, was {report.where}. Code that holds the GIL that long (C code that does not "
             f"release it) stops every thread of the process. {stacks}"
         )
     why = (
