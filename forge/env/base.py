@@ -34,8 +34,9 @@ class Env:
     tools: list[dict[str, Any]] | None = None
     # Optional system message placed before the first observation.
     system_prompt: str | None = None
-    # False: reset/step/close are quick pure computation that never blocks, so the harness
-    # calls them on the worker's event loop instead of handing each to a thread. The hand-off
+    # False: __init__/reset/step/close are quick pure computation that never blocks, so the
+    # harness calls them on the worker's event loop instead of handing each to a thread
+    # (either way under env.step_timeout_s). The hand-off
     # costs ~0.1 ms per call, a third of a tiny env's rollout CPU; but an inline call that
     # hangs stalls every episode on its worker until a watchdog interrupts it, or, stuck in
     # C code, until the worker ends itself and is restarted (`forge.rollout.stuck`), its

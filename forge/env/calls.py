@@ -7,15 +7,23 @@ import contextlib
 import contextvars
 import inspect
 import queue
+import sys
 import threading
-from collections.abc import Iterator
+import traceback
+from collections.abc import Callable, Iterator
 from typing import Any
 
+from forge.env.errors import is_harness
 from forge.env.watchdog import InlineTimeout, call_inline
 
 
 class EnvTimeout(Exception):
-    """An env method ran past the harness's step or episode time limit."""
+    """An env method ran past the harness's step or episode time limit. `stuck_at`: where
+    the abandoned call was when it was given up on (the user's frame), when known."""
+
+    def __init__(self, message: str, stuck_at: traceback.FrameSummary | None = None) -> None:
+        super().__init__(message)
+        self.stuck_at = stuck_at
 
 
 class DaemonThreads:
@@ -132,6 +140,61 @@ async def call_env(method: Any, *args: Any, timeout_s: float) -> Any:
     except TimeoutError:
         name = getattr(method, "__qualname__", repr(method))
         raise EnvTimeout(f"{name} took longer than {timeout_s:.1f}s") from None
+
+
+async def build_env(
+    factory: Callable[..., Any],
+    kwargs: dict[str, Any] | None = None,
+    *,
+    timeout_s: float,
+    name: str | None = None,
+    limit: str = "env.step_timeout_s",
+) -> Any:
+    """`factory(**kwargs)` (an env class, or a function that returns an env), given up on
+    after `timeout_s` with `EnvTimeout` ("building NAME took longer than ..., `limit`").
+
+    Built where the env's plain methods run (see `call_env`): a class with `blocking =
+    False` inline on the loop, under the watchdog; anything else in a daemon thread, so a
+    constructor that hangs costs one abandoned thread (an env it builds after all is closed)
+    while the loop serves every other episode. `stuck_at` says where the constructor was."""
+    label = name or getattr(factory, "__name__", "")
+    if not label or label.startswith("<"):  # a lambda
+        label = "the env"
+    what = f"building {label} took longer than {timeout_s:g}s ({limit})"
+    inline = _INLINE_ALLOWED.get() and getattr(factory, "blocking", True) is False
+    if inline:
+        try:
+            return call_inline(lambda: factory(**(kwargs or {})), timeout_s=timeout_s)
+        except InlineTimeout as exc:
+            stuck = _user_frame(traceback.extract_tb(exc.__traceback__))
+            raise EnvTimeout(f"{what}; built inline: {label} sets blocking = False", stuck) from None
+    state: dict[str, Any] = {}
+
+    def build() -> Any:
+        state["thread"] = threading.get_ident()
+        env = factory(**(kwargs or {}))
+        if state.get("abandoned"):  # nobody will use it: release what it holds
+            with contextlib.suppress(Exception):
+                closed = env.close()
+                if inspect.isawaitable(closed):
+                    closed.close()
+        return env
+
+    try:
+        return await asyncio.wait_for(in_daemon_thread(build), timeout=max(timeout_s, 0.0))
+    except TimeoutError:
+        state["abandoned"] = True
+        frame = sys._current_frames().get(state.get("thread", -1))
+        stuck = _user_frame(traceback.extract_stack(frame)) if frame is not None else None
+        raise EnvTimeout(what, stuck) from None
+    except asyncio.CancelledError:
+        state["abandoned"] = True
+        raise
+
+
+def _user_frame(frames: traceback.StackSummary) -> traceback.FrameSummary | None:
+    outside = [frame for frame in frames if not is_harness(frame.filename)]
+    return outside[-1] if outside else None
 
 
 async def step_with_timeout(env: Any, action: str, timeout_s: float) -> Any:

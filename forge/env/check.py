@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from forge.env.base import Env, StepResult
-from forge.env.calls import EnvTimeout, call_env
+from forge.env.calls import EnvTimeout, build_env, call_env
 from forge.env.registry import resolve_env
 from forge.env.tasks import load_tasks
 
@@ -123,8 +123,10 @@ def _first_difference(a: list[tuple], b: list[tuple]) -> str:
 
 
 def _inline(method: Callable) -> bool:
-    """Whether the harness calls `method` inline (its env sets blocking = False)."""
-    return getattr(getattr(method, "__self__", None), "blocking", True) is False
+    """Whether the harness calls `method` (an env's method, or an env class: its
+    constructor) inline (the env sets blocking = False)."""
+    owner = method if isinstance(method, type) else getattr(method, "__self__", None)
+    return getattr(owner, "blocking", True) is False
 
 
 def _timeout_fix(method: Callable) -> str:
@@ -183,15 +185,29 @@ class _Checker:
             if name != HUGE_ACTION:
                 self.slowest_inline = max(self.slowest_inline, seconds)
 
-    def new_env(self) -> Env:
+    async def new_env(self) -> Env:
+        """Build the env as a run does (`build_env`: within the timeout, where its calls run),
+        watched like any env call, so a constructor that hangs fails the check."""
+        label = f"{self.env_class.__name__}.__init__"
+        self.report.calling(("construct", label, _inline(self.env_class)))
+        self.in_call = ("construct", label, time.monotonic())
         try:
-            env = self.env_class(**self.kwargs)
-            self.opened.append(env)
-            return env
+            env = await build_env(self.env_class, self.kwargs, timeout_s=self.timeout_s, limit="--timeout")
+        except EnvTimeout as exc:
+            where = f" (stuck at {exc.stuck_at.filename}:{exc.stuck_at.lineno} in {exc.stuck_at.name})"
+            self.record("construct", False, f"{exc}{where if exc.stuck_at else ''}",
+                        "keep __init__ quick: a run gives building an env env.step_timeout_s, like a step; "
+                        "do slow setup lazily or once per process")  # fmt: skip
+            raise _Stop from None
         except Exception as exc:
             self.record("construct", False, f"{self.env_class.__name__}(**{self.kwargs}) raised {exc!r}",
                         "the class must construct from env.kwargs alone")  # fmt: skip
             raise _Stop from None
+        finally:
+            self.in_call = None
+            self.report.calling(None)
+        self.opened.append(env)
+        return env
 
     async def reset(self, env: Env, task: dict[str, Any], seed: int) -> str:
         observation = await self.call("reset", env.reset, task, seed)
@@ -224,7 +240,7 @@ class _Checker:
         return trace
 
     async def run(self, tasks_source: str | None, num_tasks: int, seed: int, max_steps: int) -> None:
-        env = self.new_env()
+        env = await self.new_env()
         self.record("construct", True, f"{self.env_class.__name__}(**{self.kwargs})")
         self.check_tools(env)
         try:
@@ -278,8 +294,8 @@ class _Checker:
             shown = [first[0][0]] + [observation for observation, _, done in first[1:] if not done]
             self.check_tokens(env, shown[:MAX_TOKEN_SAMPLES])
 
-        mine = await self.episode(self.new_env(), task, seed, actions[:5])
-        theirs = await self.episode(self.new_env(), task, seed, actions[:5])
+        mine = await self.episode(await self.new_env(), task, seed, actions[:5])
+        theirs = await self.episode(await self.new_env(), task, seed, actions[:5])
         self.record("determinism", mine == theirs,
                     "same task, seed and actions give the same observations and rewards" if mine == theirs
                     else f"fresh envs diverged: {_first_difference(mine, theirs)}",
@@ -407,6 +423,8 @@ def hung_check(name: str, method: str, timeout_s: float, inline: bool, held_gil:
         )
     elif held_gil:
         fix = "C code that holds the GIL stops every thread; release the GIL in it or run it in a subprocess"
+    elif name == "construct":
+        fix = "keep __init__ quick (a run gives building an env env.step_timeout_s) and find what hangs"
     else:
         fix = (
             "keep each reset/step under env.step_timeout_s; run slow work in the sandbox with its own timeout"

@@ -49,15 +49,19 @@ def _definition(method: Any) -> traceback.FrameSummary | None:
 
 
 def user_frame(exc: BaseException, env: Any = None) -> traceback.FrameSummary | None:
-    """The innermost frame in `env`'s own source file, else the innermost frame outside
-    Forge and the standard library (a library the env called), else None."""
+    """The innermost frame in the source file of `env` (an env, or its class), else the
+    innermost frame outside Forge and the standard library (a library the env called),
+    else None. For a call given up on at a time limit: where it was stuck, when known."""
     if isinstance(exc, EnvContractError):
         return _definition(exc.method)
+    stuck = getattr(exc, "stuck_at", None)  # forge.env.calls.EnvTimeout
+    if stuck is not None:
+        return stuck
     frames = traceback.extract_tb(exc.__traceback__)
     env_file = None
     if env is not None:
         try:
-            env_file = os.path.abspath(inspect.getfile(type(env)))
+            env_file = os.path.abspath(inspect.getfile(env if isinstance(env, type) else type(env)))
         except (TypeError, OSError):
             env_file = None
     if env_file is not None:

@@ -3,16 +3,21 @@ one task, so a wrong name, wrong kwargs or a broken `reset` stop the run with on
 
 from __future__ import annotations
 
+import faulthandler
 import inspect
+import sys
 import threading
+import traceback
 from typing import Any
 
 from forge.config import ConfigError, EnvConfig
 from forge.env.base import Env
-from forge.env.calls import call_sync
-from forge.env.errors import describe_env_error, error_headline
+from forge.env.calls import EnvTimeout, call_sync
+from forge.env.errors import describe_env_error, error_headline, is_harness
 from forge.env.registry import resolve_env
 from forge.env.tasks import load_tasks
+
+GIL_GRACE_S = 5.0  # past env.step_timeout_s: a call that kept this thread waiting holds the GIL
 
 
 class EnvPreflightError(ConfigError):
@@ -41,7 +46,9 @@ def _kwargs_problem(env_class: type[Env], kwargs: dict[str, Any]) -> str | None:
 
 def _in_thread(function: Any, *args: Any, timeout_s: float) -> Any:
     """`function(*args)` in a daemon thread (so a hung call costs one thread, not the
-    process); raises TimeoutError past `timeout_s`, or what the call raised."""
+    process); raises `EnvTimeout` (where the call was stuck) past `timeout_s`, or what the
+    call raised. C code that holds the GIL stops this thread's wait too: past the limit and
+    `GIL_GRACE_S`, faulthandler (a C thread) ends the process with every thread's stack."""
     outcome: dict[str, Any] = {}
 
     def work() -> None:
@@ -51,13 +58,27 @@ def _in_thread(function: Any, *args: Any, timeout_s: float) -> Any:
             outcome["error"] = exc
 
     thread = threading.Thread(target=work, name="forge-env-preflight", daemon=True)
-    thread.start()
-    thread.join(timeout_s)
+    # The real stderr: faulthandler writes to a file descriptor, not to a replaced sys.stderr.
+    faulthandler.dump_traceback_later(timeout_s + GIL_GRACE_S, exit=True, file=sys.__stderr__)
+    try:
+        thread.start()
+        thread.join(timeout_s)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
     if thread.is_alive():
-        raise TimeoutError(f"did not return within {timeout_s:g}s (env.step_timeout_s)")
+        frame = sys._current_frames().get(thread.ident or -1)
+        stuck = [f for f in traceback.extract_stack(frame) if not is_harness(f.filename)] if frame else []
+        raise EnvTimeout(
+            f"did not return within {timeout_s:g}s (env.step_timeout_s)", stuck[-1] if stuck else None
+        )
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]
+
+
+def _stuck_at(exc: EnvTimeout) -> str:
+    frame = exc.stuck_at
+    return f" (stuck at {frame.filename}:{frame.lineno} in {frame.name})" if frame is not None else ""
 
 
 def preflight_env(env_cfg: EnvConfig, seed: int) -> str:
@@ -78,13 +99,24 @@ def preflight_env(env_cfg: EnvConfig, seed: int) -> str:
         raise EnvPreflightError(f"{source}: {error_headline(describe_env_error(exc))}") from None
     task = dict(tasks[0])
     try:
-        env = env_class(**env_cfg.kwargs)
+        env = _in_thread(lambda: env_class(**env_cfg.kwargs), timeout_s=env_cfg.step_timeout_s)
+    except EnvTimeout as exc:
+        raise EnvPreflightError(
+            f"building {name}(**env.kwargs={env_cfg.kwargs!r}) took longer than {env_cfg.step_timeout_s:g}s "
+            f"(env.step_timeout_s){_stuck_at(exc)}: a run gives building an env that long, like a step; keep "
+            "__init__ quick (slow setup lazily or once per process) or raise env.step_timeout_s"
+        ) from None
     except Exception as exc:
         raise EnvPreflightError(
             f"{name}(**env.kwargs={env_cfg.kwargs!r}) raised {error_headline(describe_env_error(exc))}"
         ) from None
     try:
         observation = _in_thread(env.reset, task, seed, timeout_s=env_cfg.step_timeout_s)
+    except EnvTimeout as exc:
+        raise EnvPreflightError(
+            f"{name}.reset on task {task.get('task_id')!r} did not return within {env_cfg.step_timeout_s:g}s "
+            f"(env.step_timeout_s){_stuck_at(exc)}"
+        ) from None
     except Exception as exc:
         raise EnvPreflightError(
             f"{name}.reset on task {task.get('task_id')!r} raised {error_headline(describe_env_error(exc, env))}"

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from forge.env.base import Env, StepResult
-from forge.env.calls import call_env, in_threads
-from forge.env.errors import describe_env_error
+from forge.env.calls import EnvTimeout, build_env, call_env, in_threads
+from forge.env.errors import describe_env_error, error_headline
 from forge.types import NO_VERSION, EpisodeStatus, Sample, Trajectory, Turn
 
 
@@ -47,12 +47,15 @@ class CallRecord:
 
 
 class EpisodeError(Exception):
-    """A request about an episode that cannot be served; `status` is the HTTP code."""
+    """A request about an episode that cannot be served; `status` is the HTTP code.
+    `episode_id`: an episode the failed request started and ended at once (its env could
+    not be built), kept in the store as an error for the caller to take or record."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, episode_id: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.episode_id = episode_id
 
 
 @dataclass
@@ -120,8 +123,11 @@ class EpisodeStore:
         on_finished: Callable[[Episode], None] | None = None,
         keep_finished: int | None = None,
         max_live: int | None = None,
+        env_name: str | None = None,
     ) -> None:
         self.env_factory = env_factory  # () -> Env; None: episodes carry no env
+        self.env_name = env_name  # what messages call the env (default: the factory's name)
+        # Building an env, like each reset and step, is given up on past this.
         self.step_timeout_s = step_timeout_s
         # A long-running gateway (forge serve) hands each finished episode to `on_finished`
         # (e.g. a recorder) and keeps only the last `keep_finished` of them; training takes
@@ -163,7 +169,15 @@ class EpisodeStore:
 
     async def start(self, task: dict[str, Any], group_id: str | None = None, seed: int | None = None) -> Episode:
         episode_id = f"ep-{next(self._counter):06d}-{secrets.token_hex(4)}"
-        env = self.env_factory() if self.env_factory is not None else None
+        group = group_id if group_id is not None else str(task.get("task_id", episode_id))
+        env = None
+        if self.env_factory is not None:
+            started = time.monotonic()
+            try:
+                with in_threads():  # this loop serves every agent: the constructor runs off it
+                    env = await build_env(self.env_factory, timeout_s=self.step_timeout_s, name=self.env_name)
+            except Exception as exc:
+                raise self._unbuilt(episode_id, task, group, exc, started) from None
         observation = str(task.get("prompt", ""))
         if env is not None:
             seed = seed if seed is not None else secrets.randbits(31)
@@ -171,10 +185,25 @@ class EpisodeStore:
                 observation = await call_env(env.reset, task, seed, timeout_s=self.step_timeout_s)
             if not isinstance(observation, str):
                 raise TypeError(f"{type(env).__name__}.reset returned {type(observation).__name__}, expected str")
-        group = group_id if group_id is not None else str(task.get("task_id", episode_id))
         episode = Episode(episode_id, dict(task), group, env, observation)
         self.episodes[episode_id] = episode
         return episode
+
+    def _unbuilt(
+        self, episode_id: str, task: dict[str, Any], group: str, exc: Exception, started: float
+    ) -> EpisodeError:
+        """An episode whose env could not be built, ended as an error (recorded, or taken by
+        the training loop like any other); the start request's error: 504 when the
+        constructor ran past the time limit, else 500."""
+        episode = Episode(episode_id, dict(task), group, None, "", started=started)
+        self.episodes[episode_id] = episode
+        error = describe_env_error(exc)
+        self._close(episode, "error", error)
+        return EpisodeError(
+            504 if isinstance(exc, EnvTimeout) else 500,
+            f"episode {episode_id!r} could not start: {error_headline(error)}",
+            episode_id=episode_id,
+        )
 
     def record(self, episode_id: str, call: CallRecord) -> None:
         """Keep a finished model call. Calls are kept even if the episode finished meanwhile

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import random
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ from typing import Any
 import torch
 
 from forge.config import EnvConfig, ModelConfig, RolloutConfig, SandboxConfig, SwarmConfig
+from forge.env.calls import build_env
+from forge.env.errors import describe_env_error
 from forge.env.latency import with_latency
 from forge.env.registry import resolve_env
 from forge.rollout.agent import EpisodeLimits, run_episode
@@ -248,12 +251,13 @@ class RolloutWorker:
         if self.guard is not None:
             self.guard.start()
         playing: list[asyncio.Future] = []
-        # Loading a frozen snapshot, building envs: not env calls, not under env.step_timeout_s.
+        # Loading a frozen snapshot is long work, not an env call: no limit. Envs are built
+        # in the groups' coroutines, under env.step_timeout_s and the armed guard.
         with self._unguarded():
             subagent_engine = self._subagent_engine(engine)
-            for index, task in enumerate(tasks):
-                group = self._play_group(index, task, group_size, engine, subagent_engine)
-                playing.append(asyncio.ensure_future(group))
+        for index, task in enumerate(tasks):
+            group = self._play_group(index, task, group_size, engine, subagent_engine)
+            playing.append(asyncio.ensure_future(group))
         try:
             for finished in asyncio.as_completed(playing):
                 yield await finished
@@ -267,20 +271,46 @@ class RolloutWorker:
     def _play_group(
         self, index: int, task: dict[str, Any], group_size: int, engine: Any, subagent_engine: Any
     ) -> Any:
-        """The coroutine that plays one task's group, its envs built now."""
+        """The coroutine that builds one task's envs and plays its group (its group id and
+        episode seeds drawn now, in task order, so a rerun draws the same)."""
         group_id = f"{task.get('task_id', '')}@v{self.get_policy_version()}#{self.rng.getrandbits(32):08x}"
-        envs, jobs = [], []
-        for _ in range(group_size):
-            env = self.env_class(**self.env_kwargs)
-            seed = self.rng.getrandbits(31)
+        seeds = [self.rng.getrandbits(31) for _ in range(group_size)]
+        return self._build_and_play(index, task, group_id, seeds, engine, subagent_engine)
+
+    async def _build_and_play(
+        self,
+        index: int,
+        task: dict[str, Any],
+        group_id: str,
+        seeds: list[int],
+        engine: Any,
+        subagent_engine: Any,
+    ) -> tuple[int, list[Trajectory]]:
+        """Build the group's envs one by one, each within env.step_timeout_s (`build_env`),
+        then play them. A constructor that raises or runs over fails the whole group: its
+        episodes are recorded as errors (no token was generated) and the rest are not built,
+        so a constructor that always hangs costs one time limit per group, not one per env."""
+        started = time.monotonic()
+        envs: list[Any] = []
+        try:
+            for _ in seeds:
+                envs.append(await build_env(self.env_class, self.env_kwargs, timeout_s=self.step_timeout_s))
+        except Exception as exc:
+            close_envs(envs)
+            error = describe_env_error(exc, self.env_class)
+            return index, [unbuilt_episode(task, group_id, error, time.monotonic() - started) for _ in seeds]
+        except BaseException:  # cancelled while building: the caller stopped early
+            close_envs(envs)
+            raise
+        jobs = []
+        for env, seed in zip(envs, seeds, strict=True):
             spawner = None
             # A spawner is attached to the env itself, before a latency wrapper copies its tools.
             if self.swarm is not None:
                 spawner = self._spawner(env, subagent_engine, engine, task, group_id, seed)
-            env = with_latency(env, self.env_latency, self.step_timeout_s)
-            envs.append(env)
-            jobs.append(run_episode(env, task, seed, engine, self.chat, self.limits, group_id, spawner))
-        return play_group(index, envs, jobs)
+            wrapped = with_latency(env, self.env_latency, self.step_timeout_s)
+            jobs.append(run_episode(wrapped, task, seed, engine, self.chat, self.limits, group_id, spawner))
+        return await play_group(index, envs, jobs)
 
     def _subagent_engine(self, engine: BatchingEngine | Router) -> BatchingEngine | Router:
         """What sub-agents sample from: the frozen snapshot's batcher, else the policy's."""
@@ -310,8 +340,29 @@ async def play_group(index: int, envs: list[Any], jobs: list[Any]) -> tuple[int,
     try:
         return index, list(await asyncio.gather(*jobs))
     finally:
-        for env in envs:
-            try:
-                env.close()
-            except Exception:  # a failing close must not lose the episodes
-                pass
+        close_envs(envs)
+
+
+def close_envs(envs: list[Any]) -> None:
+    for env in envs:
+        try:
+            env.close()
+        except Exception:  # a failing close must not lose the episodes
+            pass
+
+
+def unbuilt_episode(task: dict[str, Any], group_id: str, error: str, seconds: float) -> Trajectory:
+    """The episode of an env that could not be built: an error with no tokens, counted
+    against env.max_error_fraction like any episode error (a run trains on nothing from it)."""
+    return Trajectory(
+        task_id=str(task.get("task_id", "")),
+        group_id=group_id,
+        token_ids=[],
+        loss_mask=[],
+        behaviour_logprobs=[],
+        policy_versions=[],
+        prompt_length=0,
+        status="error",
+        error=error,
+        wall_seconds=seconds,
+    )

@@ -8,6 +8,7 @@ the trainer is a Ray actor whose versioned weights go to the engine(s) after eve
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ import yaml
 from forge.config import Config
 from forge.failures import AGENT_FIX, FailureWatch
 from forge.gateway.agents import AgentExit, agent_argv, close_unfinished, run_agents
-from forge.gateway.episodes import Episode, EpisodeStore, episode_samples
+from forge.gateway.episodes import Episode, EpisodeError, EpisodeStore, episode_samples
 from forge.gateway.server import Gateway, GatewayServer
 from forge.heap import release_free_heap
 from forge.rollout.stuck_watch import env_source_file
@@ -155,7 +156,9 @@ class GatewayRun:
         env_class = resolve_env(cfg.env.name)
         env = cfg.env  # env.latency applies to the agents' env steps too
         self.store = EpisodeStore(
-            lambda: with_latency(env_class(**env.kwargs), env.latency, env.step_timeout_s), env.step_timeout_s
+            lambda: with_latency(env_class(**env.kwargs), env.latency, env.step_timeout_s),
+            env.step_timeout_s,
+            env_name=env_class.__name__,
         )
         self.gateway = run_gateway(cfg, self.engine, self.tokenizer, self.store, self.router)
         self.server = GatewayServer(self.gateway, cfg.gateway.host, cfg.gateway.port).start()
@@ -226,14 +229,14 @@ class GatewayRun:
     def play(self) -> tuple[list[Episode], dict[str, AgentExit]]:
         """One step's episodes: `tasks_per_step` tasks x `group_size`, one agent process each."""
         cfg = self.cfg
-        episode_ids = []
+        starts = []
         for task in self.tasks.take(cfg.rollout.tasks_per_step):
             group_id = f"{task.get('task_id', '')}@v{self.policy_version}#{self.rng.getrandbits(32):08x}"
-            for _ in range(cfg.rollout.group_size):
-                episode_ids.append(self.server.call(self.gateway.start_episode(task, group_id)))
+            starts += [(task, group_id)] * cfg.rollout.group_size
+        episode_ids, unbuilt = self.server.call(_start_all(self.gateway, starts))
         exits = run_agents(
             self.argv,
-            episode_ids,
+            [episode_id for episode_id in episode_ids if episode_id not in unbuilt],
             self.agent_env,
             cfg.gateway.max_concurrent_agents,
             cfg.gateway.agent_timeout_s,
@@ -290,6 +293,27 @@ def run_gateway(cfg: Config, engine: Any, tokenizer: Any, store: EpisodeStore, r
         sampling=cfg.gateway.sampling,
         router=router,
     )
+
+
+async def _start_all(
+    gateway: Gateway, starts: list[tuple[dict[str, Any], str]]
+) -> tuple[list[str], set[str]]:
+    """Start one episode per (task, group id), their envs built at the same time (each
+    within env.step_timeout_s); returns their ids, and those of the episodes whose env
+    could not be built (already ended as errors, no agent to run)."""
+    started = await asyncio.gather(
+        *(gateway.start_episode(task, group_id) for task, group_id in starts), return_exceptions=True
+    )
+    episode_ids, unbuilt = [], set()
+    for outcome in started:
+        if isinstance(outcome, EpisodeError) and outcome.episode_id is not None:
+            episode_ids.append(outcome.episode_id)
+            unbuilt.add(outcome.episode_id)
+        elif isinstance(outcome, BaseException):
+            raise outcome
+        else:
+            episode_ids.append(outcome)
+    return episode_ids, unbuilt
 
 
 async def _take(store: EpisodeStore, episode_ids: list[str]) -> list[Episode]:

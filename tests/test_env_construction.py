@@ -1,0 +1,276 @@
+"""Building an env is bounded like any env call: a constructor that hangs (in Python, in a
+C call that releases the GIL or in one that holds it) or raises cannot hang a rollout
+worker, the gateway, `forge env check` or `forge train --dry-run`; its episodes are
+recorded as errors naming the user's own line, and the harness goes on."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import slow_init_envs
+
+from forge.config import Config
+from forge.env.errors import error_headline
+from forge.rollout.stuck import stuck_report
+
+ENV = "slow_init_envs:SlowInitEnv"  # tests/ is on the path, as a user's folder would be
+INLINE_ENV = "slow_init_envs:InlineSlowInitEnv"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _line(marker: str) -> str:
+    """'file:line' of the constructor's line marked `# <marker>`."""
+    source = Path(slow_init_envs.__file__).read_text().splitlines()
+    return f"{slow_init_envs.__file__}:{next(i for i, text in enumerate(source, 1) if f'# {marker}' in text)}"
+
+
+STUCK = {
+    "sleep": _line("stuck here: one C call, the GIL released"),
+    "regex": _line("stuck here: one C call, the GIL held"),
+    "spin": _line("stuck here: a Python loop"),
+}
+
+
+def _worker(checkpoint, env_name: str, kwargs: dict, step_timeout_s: float):
+    from forge.rollout.worker import RolloutWorker
+
+    cfg = Config()
+    cfg.env.name = env_name
+    cfg.env.kwargs = kwargs
+    cfg.env.step_timeout_s = step_timeout_s
+    cfg.rollout.max_turns = 2
+    cfg.rollout.max_new_tokens = 2
+    return RolloutWorker(str(checkpoint), cfg.model, cfg.env, cfg.rollout, 0.5, seed=0)
+
+
+@pytest.mark.parametrize(("env", "hang"), [(ENV, "sleep"), (ENV, "spin"), (INLINE_ENV, "spin")])
+def test_a_worker_records_a_constructor_past_the_limit_as_errors_and_plays_on(tiny_checkpoint, env, hang):
+    worker = _worker(tiny_checkpoint, env, {"hang": hang}, step_timeout_s=0.5)
+    started = time.monotonic()
+    trajectories = asyncio.run(worker.rollout([{"task_id": "a"}, {"task_id": "b"}], 3))
+    # The groups build at the same time, and a group stops building at its first failure:
+    # one time limit in all, not one per env.
+    assert time.monotonic() - started < 4
+    assert [t.status for t in trajectories] == ["error"] * 6
+    assert all(t.token_ids == [] for t in trajectories)
+    name = env.split(":")[1]
+    where = "; built inline: InlineSlowInitEnv sets blocking = False" if env == INLINE_ENV else ""
+    assert {error_headline(t.error) for t in trajectories} == {
+        f"EnvTimeout: building {name} took longer than 0.5s (env.step_timeout_s){where} (at {STUCK[hang]} in __init__)"
+    }
+    worker.env_kwargs = {}  # the same worker plays on
+    assert [t.status for t in asyncio.run(worker.rollout([{"task_id": "a"}], 2))] == ["ok", "ok"]
+
+
+def test_a_constructor_that_raises_fails_its_group_with_the_users_own_line(tiny_checkpoint):
+    worker = _worker(tiny_checkpoint, ENV, {"hang": "raise"}, step_timeout_s=5.0)
+    trajectories = asyncio.run(worker.rollout([{"task_id": "a"}], 2))
+    assert [t.status for t in trajectories] == ["error", "error"]
+    assert error_headline(trajectories[0].error) == (
+        f"ValueError: no board of that size (at {_line('raised here: the user')} in __init__)"
+    )
+
+
+def _guarded_build(tmp_path: Path, env: str, hang: str) -> subprocess.CompletedProcess:
+    """Build `env` with `build_env` on an event loop guarded by a LoopGuard (as a rollout
+    worker's is while it builds) in a fresh process."""
+    module, name = env.split(":")
+    script = textwrap.dedent(f"""
+        import asyncio
+        from forge.env.calls import build_env
+        from forge.rollout.stuck import LoopGuard
+        from {module} import {name}
+
+        async def main():
+            guard = LoopGuard({str(tmp_path)!r}, "rollout_0", 1.0)
+            guard.start()
+            await build_env({name}, {{"hang": {hang!r}}}, timeout_s=0.2)
+            guard.stop()
+
+        asyncio.run(main())
+    """)
+    return subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT / "tests", capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.parametrize(("env", "on_loop"), [(ENV, False), (INLINE_ENV, True)])
+def test_a_constructor_holding_the_gil_ends_the_worker_with_a_report_of_its_line(tmp_path, env, on_loop):
+    """In a thread or inline, C code that holds the GIL stops the loop: the armed guard
+    ends the process (Ray restarts a run's worker), naming the constructor's line."""
+    done = _guarded_build(tmp_path, env, "regex")
+    assert done.returncode == 1, done.stderr
+    stuck = stuck_report(tmp_path, "rollout_0", set())
+    assert stuck.where == f"{STUCK['regex']} in __init__" and stuck.on_loop is on_loop
+
+
+def _store(factory, **options):
+    from forge.gateway.episodes import EpisodeStore
+
+    finished = []
+    return EpisodeStore(factory, step_timeout_s=0.3, on_finished=finished.append, **options), finished
+
+
+def test_the_gateway_answers_a_hung_constructor_with_a_504_while_its_loop_serves_on():
+    from forge.gateway.episodes import EpisodeError
+
+    store, finished = _store(lambda: slow_init_envs.SlowInitEnv(hang="sleep"), env_name="SlowInitEnv")
+
+    async def start() -> tuple[EpisodeError, float, int]:
+        ticks = 0
+
+        async def tick() -> None:  # the loop serves every agent: it must go on meanwhile
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.05)
+                ticks += 1
+
+        ticker = asyncio.ensure_future(tick())
+        started = time.monotonic()
+        with pytest.raises(EpisodeError) as failed:
+            await store.start({"task_id": "a"}, seed=0)
+        ticker.cancel()
+        return failed.value, time.monotonic() - started, ticks
+
+    error, seconds, ticks = asyncio.run(start())
+    assert seconds < 3 and ticks >= 3
+    assert error.status == 504 and error.episode_id is not None
+    assert error.message == (
+        f"episode {error.episode_id!r} could not start: EnvTimeout: building SlowInitEnv took longer than "
+        f"0.3s (env.step_timeout_s) (at {STUCK['sleep']} in __init__)"
+    )
+    # The episode is ended as an error and recorded, like one whose step failed.
+    assert [(e.episode_id, e.status) for e in finished] == [(error.episode_id, "error")]
+    assert store.get(error.episode_id).to_trajectory(0.5).status == "error"
+
+
+def test_the_gateway_answers_a_constructor_that_raises_with_a_500_naming_the_users_line(tiny_checkpoint):
+    from fastapi.testclient import TestClient
+
+    from forge.gateway import Gateway
+    from forge.gateway.server import build_app
+    from forge.models.loading import load_tokenizer
+
+    store, finished = _store(lambda: slow_init_envs.SlowInitEnv(hang="raise"))
+    gateway = Gateway(None, load_tokenizer(tiny_checkpoint), store, 4, 64)
+    with TestClient(build_app(gateway)) as client:
+        reply = client.post("/forge/episodes", json={"task": {"task_id": "a"}})
+    assert reply.status_code == 500
+    message = reply.json()["error"]["message"]
+    assert message.endswith(
+        f"could not start: ValueError: no board of that size (at {_line('raised here: the user')} in __init__)"
+    )
+    assert [e.status for e in finished] == ["error"]
+
+
+def test_a_gateway_run_counts_episodes_whose_env_could_not_be_built_as_errors(tiny_checkpoint):
+    """The training loop starts a step's episodes together and takes an unbuilt one's
+    error episode like any other (no agent runs for it)."""
+    from forge.gateway import Gateway, GatewayServer
+    from forge.models.loading import load_tokenizer
+    from forge.run.gateway import _start_all
+
+    calls = itertools.count()  # the second construction to begin hangs (they run at the same time)
+
+    def factory():
+        return slow_init_envs.SlowInitEnv(hang="sleep" if next(calls) == 1 else "")
+
+    store, _ = _store(factory, env_name="SlowInitEnv")
+    gateway = Gateway(None, load_tokenizer(tiny_checkpoint), store, 4, 64)
+    with GatewayServer(gateway) as server:
+        started = time.monotonic()
+        episode_ids, unbuilt = server.call(_start_all(gateway, [({"task_id": "a"}, "g")] * 3))
+        assert time.monotonic() - started < 3
+        assert len(set(episode_ids)) == 3 and len(unbuilt) == 1 and unbuilt <= set(episode_ids)
+        assert [store.get(e).finished for e in episode_ids] == [e in unbuilt for e in episode_ids]
+        assert "building SlowInitEnv took longer than 0.3s" in store.get(unbuilt.pop()).error
+
+
+@pytest.mark.parametrize(("env", "hang", "detail"), [
+    (ENV, "sleep", f"building SlowInitEnv took longer than 0.3s (--timeout) (stuck at {STUCK['sleep']} in __init__)"),
+    (INLINE_ENV, "spin", "building InlineSlowInitEnv took longer than 0.3s (--timeout); built inline: "
+     f"InlineSlowInitEnv sets blocking = False (stuck at {STUCK['spin']} in __init__)"),
+    (INLINE_ENV, "sleep", "InlineSlowInitEnv.__init__ did not return within 0.3s and could not be interrupted"),
+])  # fmt: skip
+def test_env_check_fails_a_constructor_that_hangs(env, hang, detail):
+    from forge.env.check import check_env
+
+    started = time.monotonic()
+    report = check_env(getattr(slow_init_envs, env.split(":")[1]), {"hang": hang}, timeout_s=0.3)
+    assert time.monotonic() - started < 10
+    assert [(c.name, c.passed, c.detail) for c in report.checks] == [("construct", False, detail)]
+
+
+@pytest.mark.slow
+def test_env_check_fails_a_constructor_holding_the_gil(capsys):
+    from forge.cli import main
+
+    started = time.monotonic()
+    assert main(["env", "check", ENV, "--kwargs", '{"hang": "regex"}', "--timeout", "0.3"]) == 1
+    assert time.monotonic() - started < 60
+    out = capsys.readouterr().out
+    assert "FAIL  construct        SlowInitEnv.__init__ did not return within 0.3s and held the GIL" in out
+    assert "release the GIL in it or run it in a subprocess" in out
+
+
+def test_dry_run_fails_a_constructor_past_the_limit_with_its_line(capsys):
+    from forge.cli import main
+
+    started = time.monotonic()
+    overrides = [f"env.name={ENV}", "env.kwargs={hang: sleep}", "env.step_timeout_s=0.3"]
+    assert main(["train", "configs/smoke.yaml", *overrides, "--dry-run"]) == 2
+    assert time.monotonic() - started < 5
+    error = capsys.readouterr().err
+    assert "Traceback" not in error
+    assert error.splitlines()[-1].startswith(
+        "forge: building SlowInitEnv(**env.kwargs={'hang': 'sleep'}) took longer than 0.3s "
+        f"(env.step_timeout_s) (stuck at {STUCK['sleep']} in __init__)"
+    )
+
+
+def test_dry_run_on_a_constructor_holding_the_gil_ends_with_its_line_instead_of_hanging():
+    command = [
+        sys.executable, "-m", "forge.cli", "train", "configs/smoke.yaml", "--dry-run",
+        f"env.name={ENV}", "env.kwargs={hang: regex}", "env.step_timeout_s=0.3",
+    ]  # fmt: skip
+    path = os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
+    environment = {**os.environ, "PYTHONPATH": path}
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60, env=environment)
+    assert done.returncode == 1
+    file, line = STUCK["regex"].rsplit(":", 1)
+    assert (
+        "Timeout (0:00:05.300000)!" in done.stderr
+        and f'File "{file}", line {line} in __init__' in done.stderr
+    )
+
+
+@pytest.mark.slow
+def test_a_run_whose_constructors_hang_stops_with_exit_code_1(ray_session, tmp_path, capsys):
+    from forge.cli import main
+
+    overrides = [
+        f"env.name={ENV}",
+        "env.kwargs={hang: sleep, once: " + str(tmp_path / "built-once") + "}",  # the dry run's build passes
+        "env.step_timeout_s=0.5",
+        "train.max_steps=20",
+        "env.error_window_steps=2",
+        "rollout.tasks_per_step=2",
+        "rollout.group_size=2",
+        "logging.progress_bar=false",
+    ]
+    assert main(["train", "configs/smoke.yaml", *overrides, "--output-dir", str(tmp_path / "run")]) == 1
+    error = capsys.readouterr().err
+    assert error.count("EnvTimeout: building SlowInitEnv took longer than 0.5s (env.step_timeout_s)") == 1
+    assert f"(at {STUCK['sleep']} in __init__)" in error
+    assert "forge: stopped at step 2: 8 of 8 episodes errored over the last 2 steps" in error
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps[0]["episodes_error"] == 4  # the run stopped at step 2, before recording it
