@@ -44,6 +44,18 @@ def _kwargs_problem(env_class: type[Env], kwargs: dict[str, Any]) -> str | None:
     return None
 
 
+def _text_problem(env: Env) -> str | None:
+    """What is wrong with the env's `system_prompt` or `tools`, which every episode renders
+    through the chat template (a wrong type there would error every episode in Forge's code)."""
+    prompt = getattr(env, "system_prompt", None)
+    if prompt is not None and not isinstance(prompt, str):
+        return f"system_prompt is {type(prompt).__name__}, expected str or None: the text shown before the first observation"
+    tools = getattr(env, "tools", None)
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        return f"tools is {type(tools).__name__}, expected a list of OpenAI-style function schemas (dicts) or None"
+    return None
+
+
 def _in_thread(function: Any, *args: Any, timeout_s: float) -> Any:
     """`function(*args)` in a daemon thread (so a hung call costs one thread, not the
     process); raises `EnvTimeout` (where the call was stuck) past `timeout_s`, or what the
@@ -133,6 +145,9 @@ def preflight_env(env_cfg: EnvConfig, seed: int) -> str:
             f"{name}.reset returned {type(observation).__name__}, expected str{where}: return the first "
             "observation as text the model reads"
         )
+    problem = _text_problem(env)
+    if problem:
+        raise EnvPreflightError(f"{name}.{problem}")
     return (
         f"env {env_cfg.name}: built {name}(**{env_cfg.kwargs!r}), {len(tasks)} tasks, reset on task "
         f"{task.get('task_id')!r} returned {len(observation)} chars"
