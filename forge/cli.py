@@ -52,7 +52,7 @@ def _sft(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     output = args.output_dir or f"{cfg.output_dir}-sft"
-    final = sft(cfg, args.data, output, epochs=args.epochs, batch_size=args.batch_size)
+    final = sft(cfg, args.data, output, args.epochs, args.batch_size, overwrite=args.overwrite)
     print(f"done: metrics in {output}/metrics.jsonl; model {final} (train on: forge train CONFIG model.path={final})")
     return 0
 
@@ -153,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     warm.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.learning_rate=1e-3")
     warm.add_argument("--data", help="jsonl of {'messages': [...]}; default: the env's demonstrations(tasks)")
     warm.add_argument("--output-dir", help="where the run writes (default: output_dir + '-sft')")
+    warm.add_argument("--overwrite", action="store_true", help="replace an earlier run in --output-dir")
     warm.add_argument("--epochs", type=int, default=1)
     warm.add_argument("--batch-size", type=int, default=16, help="transcripts per optimizer step")
     warm.set_defaults(handler=_sft)

@@ -130,9 +130,17 @@ def env_demonstrations(cfg: Config) -> list[list[dict[str, Any]]]:
     return transcripts
 
 
-def sft(cfg: Config, data: str | None, output_dir: str | Path, epochs: int = 1, batch_size: int = 16) -> Path:
+def sft(
+    cfg: Config,
+    data: str | None,
+    output_dir: str | Path,
+    epochs: int = 1,
+    batch_size: int = 16,
+    overwrite: bool = False,
+) -> Path:
     """Train on the transcripts (`data`, or the env's demonstrations) for `epochs`, in
-    steps of `batch_size` transcripts; write metrics.jsonl and final/. Returns final/."""
+    steps of `batch_size` transcripts; write metrics.jsonl and final/. Returns final/.
+    An output folder holding an earlier run is refused unless `overwrite`."""
     from forge.metrics import MetricsLogger, claim_output_dir
     from forge.models.loading import resolve_model_path
     from forge.train.trainer import Trainer
@@ -142,7 +150,13 @@ def sft(cfg: Config, data: str | None, output_dir: str | Path, epochs: int = 1, 
             f"forge sft needs --epochs and --batch-size of at least 1 (got {epochs}, {batch_size})"
         )
     output = Path(output_dir)
-    claim_output_dir(output)
+    try:
+        claim_output_dir(output, overwrite)
+    except FileExistsError:  # its message offers --resume, which forge sft has not
+        raise FileExistsError(
+            f"{output} already holds a run (metrics.jsonl): write this one elsewhere with --output-dir DIR, "
+            "or replace it with --overwrite"
+        ) from None
     output.mkdir(parents=True, exist_ok=True)
     transcripts = read_transcripts(data) if data else env_demonstrations(cfg)
     model_path = resolve_model_path(cfg.model, output / "initial_model", seed=cfg.seed)

@@ -196,3 +196,18 @@ def test_each_sft_step_records_its_own_wall_time(tmp_path):
     sft_module.sft(cfg, str(data), tmp_path / "sft", epochs=1, batch_size=2)
     rows = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(0 < r["step_seconds"] <= r["wall_seconds"] for r in rows)
+
+
+def test_an_earlier_sft_run_is_refused_with_the_flags_forge_sft_has_then_replaced(tmp_path, capsys):
+    from forge.cli import main
+
+    data = tmp_path / "demos.jsonl"
+    data.write_text(json.dumps({"messages": TRANSCRIPT}) + "\n")
+    args = ["sft", "configs/smoke.yaml", "logging.tensorboard=false", "--data", str(data)]
+    args += ["--output-dir", str(tmp_path / "sft")]
+    assert main(args) == 0
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert "already holds a run" in error and "--overwrite" in error and "--resume" not in error
+    assert main([*args, "--overwrite"]) == 0
+    assert len((tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()) == 1
