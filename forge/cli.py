@@ -61,11 +61,15 @@ def _eval(args: argparse.Namespace) -> int:
     import json
 
     from forge.config import load_config
-    from forge.eval import evaluate
+    from forge.eval import error_verdict, evaluate
 
     cfg = load_config(args.config, args.overrides)
     result = evaluate(cfg, args.checkpoint, args.episodes, args.tasks, progress=not args.no_progress)
     print(json.dumps(result))
+    verdict = error_verdict(result, cfg.env.max_error_fraction)
+    if verdict:
+        print(f"forge: {verdict}", file=sys.stderr)
+        return 1
     return 0
 
 

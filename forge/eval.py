@@ -30,6 +30,8 @@ def task_summary(trajectories: list[Trajectory], wall_seconds: float, swarm: boo
         extra = swarm_metrics(played)
     return {
         "episodes": len(played),
+        "episodes_error": sum(t.status == "error" for t in played),
+        "episodes_truncated": sum(t.status == "truncated" for t in played),
         "episodes_lost": len(trajectories) - len(played),
         "success_rate": statistics.fmean(t.success for t in played) if played else None,
         "turns_mean": statistics.fmean(t.num_turns for t in played) if played else None,
@@ -39,6 +41,39 @@ def task_summary(trajectories: list[Trajectory], wall_seconds: float, swarm: boo
     }
 
 
+def say_new_errors(task_id: str, trajectories: list[Trajectory], seen: set[str]) -> None:
+    """Print the first episode error (or cut) of each kind once, with the env's own file:line,
+    as a training run does: a success rate of 0 from an env that raised is not the model's."""
+    from forge.env.errors import error_headline, error_kind
+    from forge.failures import say
+
+    for trajectory in trajectories:
+        if trajectory.status == "lost" or not trajectory.error:
+            continue
+        kind = error_kind(trajectory.error)
+        if kind not in seen:
+            seen.add(kind)
+            what = "an episode errored" if trajectory.status == "error" else "an episode was cut short"
+            say(
+                f"forge: task {task_id!r}: {what} (each kind is printed once):\n  {error_headline(trajectory.error)}"
+            )
+
+
+def error_verdict(result: dict[str, Any], max_error_fraction: float) -> str | None:
+    """Why an eval's numbers are not the model's (every episode lost, or errored episodes
+    past `env.max_error_fraction` of those played), or None."""
+    played, errored = result["episodes"], result["episodes_error"]
+    if not played:
+        return f"every one of the {result['episodes_lost']} episodes was lost (the engine or the env's process died)"
+    if errored / played > max_error_fraction:
+        return (
+            f"{errored} of {played} episodes errored ({errored / played:.0%} > env.max_error_fraction="
+            f"{max_error_fraction:g}), so the success rate is the env's failure, not the model's. Fix the env "
+            f"(its first error is printed above; `forge env check {result['env']}` runs it through the contract)"
+        )
+    return None
+
+
 def evaluate(
     cfg: Config, checkpoint: str | Path, episodes: int, num_tasks: int, progress: bool = True
 ) -> dict[str, Any]:
@@ -46,6 +81,7 @@ def evaluate(
     process with the model saved in `checkpoint` (a `forge train` output's `final/`)."""
     from tqdm import tqdm
 
+    from forge.env.preflight import preflight_env
     from forge.env.registry import resolve_env
     from forge.rollout.stuck import LoopGuard, remove_unused_reports, stuck_limit_s
     from forge.rollout.stuck_watch import StuckWatcher, env_source_file
@@ -59,6 +95,7 @@ def evaluate(
             f"--checkpoint {checkpoint} is not a model folder (no config.json); "
             "pass a run's final/ folder or any save_pretrained checkpoint"
         )
+    preflight_env(cfg.env, cfg.seed)  # a wrong name, kwargs or reset: one message, as forge train gives
     start_sandbox(cfg)  # says the level; untrusted code is refused at level 0 unless allowed
     model_cfg = cfg.model.model_copy(
         update={"path": str(checkpoint), "lora": cfg.model.lora.model_copy(update={"enabled": False})}
@@ -78,10 +115,12 @@ def evaluate(
     started = time.perf_counter()
     per_task: dict[str, Any] = {}
     everything: list[Trajectory] = []
+    seen: set[str] = set()
     try:
         for index, task in enumerate(tqdm(tasks, desc="eval", unit="task", disable=not progress)):
             task_started = time.perf_counter()
             trajectories = asyncio.run(worker.rollout([task], episodes))
+            say_new_errors(str(task.get("task_id", index)), trajectories, seen)
             per_task[str(task.get("task_id", index))] = task_summary(
                 trajectories, time.perf_counter() - task_started, cfg.swarm.enabled
             )

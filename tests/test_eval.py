@@ -5,13 +5,27 @@ import json
 import pytest
 
 from forge.cli import main
+from forge.env.base import Env
 
 
 def test_eval_prints_one_json_object_with_per_task_numbers(tiny_checkpoint, tmp_path, capsys):
     config = tmp_path / "eval.yaml"
-    config.write_text("env: {name: guess_number, kwargs: {n: 4}}\nrollout: {max_turns: 3, max_new_tokens: 1}\n")
-    code = main(["eval", str(config), "--checkpoint", str(tiny_checkpoint), "--episodes", "3", "--tasks", "2",
-                 "--no-progress"])
+    config.write_text(
+        "env: {name: guess_number, kwargs: {n: 4}}\nrollout: {max_turns: 3, max_new_tokens: 1}\n"
+    )
+    code = main(
+        [
+            "eval",
+            str(config),
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--episodes",
+            "3",
+            "--tasks",
+            "2",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert result["tasks"] == 2 and result["episodes"] == 6
@@ -30,3 +44,41 @@ def test_eval_of_a_folder_that_is_not_a_model_names_the_fix(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="final/"):
         evaluate(Config(), tmp_path, episodes=1, num_tasks=1)
+
+
+class RaisingEnv(Env):
+    """Every step raises: an eval of it measures the env's bug, not the model."""
+
+    system_prompt = "Guess."
+
+    @classmethod
+    def generate_tasks(cls, num_tasks, seed, **kwargs):
+        return [{"task_id": str(i)} for i in range(num_tasks)]
+
+    def reset(self, task, seed):
+        return "guess a number"
+
+    def step(self, action):
+        return {}["answer"]  # the user's bug: KeyError
+
+
+def test_eval_of_an_env_that_errors_says_so_and_exits_1(tiny_checkpoint, tmp_path, capsys):
+    config = tmp_path / "eval.yaml"
+    config.write_text(
+        f"env: {{name: '{__name__}:RaisingEnv'}}\nrollout: {{max_turns: 2, max_new_tokens: 1}}\n"
+    )
+    code = main(["eval", str(config), "--checkpoint", str(tiny_checkpoint), "--episodes", "2", "--tasks", "2",
+                 "--no-progress"])  # fmt: skip
+    out, err = capsys.readouterr()
+    result = json.loads(out)
+    assert code == 1 and result["episodes"] == 4 and result["episodes_error"] == 4
+    assert result["per_task"]["0"]["episodes_error"] == 2
+    assert err.count("KeyError: 'answer'") == 1 and "test_eval.py:" in err  # once, at the user's line
+    assert "4 of 4 episodes errored" in err and "env.max_error_fraction=0.5" in err
+
+
+def test_eval_of_a_misspelt_env_is_one_message_before_the_model_loads(tiny_checkpoint, capsys):
+    code = main(["eval", "configs/smoke.yaml", "env.name=guess_numbr", "--checkpoint", str(tiny_checkpoint),
+                 "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "env 'guess_numbr' is not registered" in err and "Traceback" not in err
