@@ -13,6 +13,8 @@ CHARTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "turns": ("turns per episode", ("turns_mean", "turns_per_solved")),
     "tree_token_ratio": ("tree token ratio (separate / computed tokens)", ("tree_token_ratio",)),
     "throughput": ("throughput", ("generated_tokens_per_second", "steps_per_minute")),
+    # A forge sft run has no episodes: its loss is the curve that says whether it learned.
+    "loss": ("loss", ("loss",)),
 }
 
 

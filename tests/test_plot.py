@@ -43,3 +43,10 @@ def test_throughput_is_generated_tokens_per_rollout_second_and_steps_per_minute(
 def test_a_folder_without_metrics_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="forge plot"):
         plot_run(tmp_path)
+
+
+def test_an_sft_run_gets_its_loss_curve(tmp_path):
+    """A `forge sft` run's rows: loss and timings, no episodes."""
+    write_metrics(tmp_path, [{"step": s, "loss": 3.0 / s, "train_seconds": 0.1, "wall_seconds": 0.2 * s}
+                             for s in range(1, 5)])  # fmt: skip
+    assert sorted(p.name for p in plot_run(tmp_path)) == ["loss.png", "throughput.png"]
