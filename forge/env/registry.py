@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 import sys
@@ -31,6 +32,19 @@ def registered_envs() -> dict[str, str]:
     return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
+def _refuse_a_file_path(name: str, module_name: str, class_name: str) -> None:
+    """A `path/to/file.py:Class` that did not import: say how to name it as a module."""
+    if not (module_name.endswith(".py") or "/" in module_name or os.sep in module_name):
+        return
+    path = module_name.removesuffix(".py")
+    folder, module = (os.path.dirname(path), os.path.basename(path)) if os.path.isabs(path) else ("", path)
+    where = f"{module.replace(os.sep, '.').replace('/', '.').strip('.')}:{class_name}"
+    raise ValueError(
+        f"env {name!r}: {module_name!r} is a file path; name the module as Python imports it: "
+        f"{where}" + (f", run from {folder} (or with it on PYTHONPATH)" if folder else "")
+    )
+
+
 def resolve_env(name: str) -> type[Env]:
     """`guess_number` or `my_pkg.my_env:MyEnv` -> the class."""
     if ":" in name:
@@ -38,6 +52,7 @@ def resolve_env(name: str) -> type[Env]:
         try:
             module = _import_from_here(module_name)
         except ImportError as exc:
+            _refuse_a_file_path(name, module_name, class_name)
             raise ValueError(f"env {name!r}: cannot import module {module_name!r} ({exc})") from exc
         env_class = getattr(module, class_name, None)
         if env_class is None:
@@ -46,9 +61,11 @@ def resolve_env(name: str) -> type[Env]:
         found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
         if not found:
             known = ", ".join(sorted(registered_envs())) or "none installed"
+            close = difflib.get_close_matches(name.lower(), registered_envs(), n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}? Otherwise " if close else ""
             raise ValueError(
                 f"env {name!r} is not registered (known: {known}); "
-                "name an installed env or give package.module:ClassName"
+                f"{hint}name an installed env or give package.module:ClassName"
             )
         env_class = found[0].load()
     if not (isinstance(env_class, type) and issubclass(env_class, Env)):
