@@ -23,14 +23,15 @@ from bench.soak import (
 
 # Per process over the second half of the soak, on the floor slope (the memory a process
 # comes back to between steps, bench.soak.floor_slope_per_1000), as bench.soak judges it.
-# Private memory (anonymous: Python objects, tensors, the allocator's heap) grew 0.07-0.75 MB per 1,000 steps in every process over
-# steps 3,235-6,470 of an instrumented sync run, where Python's object counts by type stayed
-# the same from step 1,000 on. Ray's GCS settles last, after its 2,000 kept task events
-# (`forge.run.cluster.TASK_EVENTS_IN_GCS`) fill at ~400 steps: -0.3 to 1.2 over steps
-# 1,000-2,000 in four runs (0.98 in bench/results/soak.json), 0.01 later on; it grew 15-18 before
-# that cap. 3 MB per 1,000 steps is 3 KB kept per step. A gateway run (no test here: its
-# steps start 8 agent processes each, ~1 s a step, so a soak long enough to fit a slope takes
-# 30-40 minutes) is covered by bench.soak and by tests/test_heap.py.
+# Private memory (anonymous: Python objects, tensors, the allocator's heap) grew 0.07-0.75
+# MB per 1,000 steps in every process over steps 3,235-6,470 of an instrumented sync run,
+# where Python's object counts by type stayed the same from step 1,000 on. Ray's GCS
+# settles last, after its 2,000 kept task events (`forge.run.cluster.TASK_EVENTS_IN_GCS`)
+# fill at ~400 steps: -0.3 to 1.2 over steps 1,000-2,000 in four runs, 0.27 over steps
+# 2,000-4,000 (bench/results/soak.json); it grew 15-18 before that cap. 3 MB per 1,000
+# steps is 3 KB kept per step. A gateway run (no test here: its steps start 8 agent
+# processes each, ~1 s a step, so a soak long enough to fit a slope takes 30-40 minutes)
+# is covered by bench.soak and by tests/test_heap.py.
 # Shared memory is the pages of Ray's object store a process has mapped: they plateau once
 # the store reuses freed space (2.6 MB at 3 steps a second with frees every 100 ms,
 # `forge.run.cluster.FREE_OBJECTS_PERIOD_MS`), so they are bounded in size, not slope; a
