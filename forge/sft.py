@@ -141,6 +141,8 @@ def sft(
     """Train on the transcripts (`data`, or the env's demonstrations) for `epochs`, in
     steps of `batch_size` transcripts; write metrics.jsonl and final/. Returns final/.
     An output folder holding an earlier run is refused unless `overwrite`."""
+    from tqdm import tqdm
+
     from forge.metrics import MetricsLogger, claim_output_dir
     from forge.models.loading import resolve_model_path
     from forge.train.trainer import Trainer
@@ -173,6 +175,8 @@ def sft(
     except ValueError as exc:  # the model's chat template cannot separate the assistant's tokens
         raise ConfigError(f"forge sft on {model_path}: {exc}") from None
     logger = MetricsLogger(output, cfg.logging.tensorboard, None, cfg.to_dict())
+    # The console's view of a warm start that can take minutes: steps done and the loss.
+    bar = tqdm(total=steps, desc="sft", unit="step", disable=not cfg.logging.progress_bar)
     order = random.Random(cfg.seed)
     started = time.perf_counter()
     step = 0
@@ -186,6 +190,9 @@ def sft(
                 metrics["step_seconds"] = time.perf_counter() - step_started
                 metrics["wall_seconds"] = time.perf_counter() - started
                 logger.log(step, metrics)
+                bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}", refresh=False)
+                bar.update()
     finally:
+        bar.close()
         logger.close()
     return Path(trainer.save(output / "final"))

@@ -186,7 +186,7 @@ def test_forge_sft_refuses_bad_input_with_exit_2_and_no_traceback(tmp_path, caps
     assert not (tmp_path / "sft" / "metrics.jsonl").exists()
 
 
-def test_each_sft_step_records_its_own_wall_time(tmp_path):
+def test_each_sft_step_records_its_own_wall_time_and_shows_its_loss(tmp_path, capsys):
     from forge import sft as sft_module
     from forge.config import load_config
 
@@ -196,6 +196,8 @@ def test_each_sft_step_records_its_own_wall_time(tmp_path):
     sft_module.sft(cfg, str(data), tmp_path / "sft", epochs=1, batch_size=2)
     rows = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(0 < r["step_seconds"] <= r["wall_seconds"] for r in rows)
+    progress = capsys.readouterr().err.split("\r")[-1]  # the console's last progress line
+    assert "sft: 100%" in progress and "2/2" in progress and f"loss={rows[-1]['loss']:.3f}" in progress
 
 
 def test_an_earlier_sft_run_is_refused_with_the_flags_forge_sft_has_then_replaced(tmp_path, capsys):
