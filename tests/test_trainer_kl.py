@@ -59,6 +59,21 @@ def test_a_step_without_learning_signal_leaves_the_weights_and_the_optimizer_alo
     assert trainer.train_step(batch(1.0))["optimizer_steps_skipped"] == 0.0
 
 
+def test_a_first_step_without_learning_signal_warns_nothing(tiny_checkpoint):
+    """The schedule counts a skipped step; torch's warning about a scheduler step before any
+    optimizer step reached the console of every run whose first step had no signal."""
+    import warnings
+
+    cfg = Config()
+    trainer = Trainer(tiny_checkpoint, cfg.model, cfg.train, cfg.trainer, seed=0)
+    tokens = [list(range(5, 15)), list(range(6, 16))]
+    samples = [Sample(t, [0] * 3 + [1] * 7, [0.0] * 10, [0] * 10, advantage=0.0) for t in tokens]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert trainer.train_step(samples)["optimizer_steps_skipped"] == 1.0
+    assert not [w for w in caught if "lr_scheduler" in str(w.message)]
+
+
 def test_entropy_bonus_alone_raises_the_policy_entropy(tiny_checkpoint):
     """With every advantage zero the entropy term is the whole gradient: the step is
     taken (not skipped) and the entropy at the trained tokens goes up."""

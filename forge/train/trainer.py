@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -288,7 +289,12 @@ class Trainer:
         skipped = bool(grad_norm == 0)
         if not skipped:
             self.optimizer.step()
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # The schedule counts every step, a skipped one too, on purpose; torch's warning
+            # about a scheduler step before any optimizer step (a run whose first steps had no
+            # signal, e.g. a random model that never succeeds) only alarmed users' consoles.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         step_metrics = {"loss": loss_total, "grad_norm": float(grad_norm), "optimizer_steps_skipped": float(skipped)}
         return step_metrics, token_sums, batches
