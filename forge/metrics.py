@@ -170,6 +170,8 @@ class MetricsLogger:
                 "success": trajectory.success,
                 "status": trajectory.status,
                 "error": trajectory.error,
+                # The env's close() failed (the episode stands): forge.env.closing.
+                **({"close_error": trajectory.info["close_error"]} if trajectory.info.get("close_error") else {}),
                 **({"subagents": [_decoded_subagent(sub, tokenizer) for sub in trajectory.all_subagents()]}
                    if trajectory.subagents else {}),
             }) + "\n")

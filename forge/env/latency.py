@@ -79,6 +79,11 @@ class LatencyEnv(Env):
         self.env.close()
 
 
+def unwrapped(env: Env) -> Env:
+    """The env a `LatencyEnv` wraps (whose class and methods messages should name), else `env`."""
+    return env.env if isinstance(env, LatencyEnv) else env
+
+
 def with_latency(env: Env, latency: Any, step_timeout_s: float) -> Env:
     """`env` wrapped by `env.latency` (a `forge.config.LatencyConfig`), or `env` itself
     when the config asks for no latency. Unset, the cap is half the step timeout, so a

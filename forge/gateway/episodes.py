@@ -19,7 +19,9 @@ from typing import Any
 
 from forge.env.base import Env, StepResult
 from forge.env.calls import EnvTimeout, build_env, call_env, in_threads
-from forge.env.errors import describe_env_error, error_headline
+from forge.env.closing import close_env
+from forge.env.errors import EnvContractError, describe_env_error, error_headline
+from forge.env.latency import unwrapped
 from forge.types import NO_VERSION, EpisodeStatus, Sample, Trajectory, Turn
 
 
@@ -140,6 +142,7 @@ class EpisodeStore:
         self._finished: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._counter = itertools.count()
         self._locks: dict[str, asyncio.Lock] = {}
+        self._closing: dict[str, asyncio.Future] = {}  # ended episodes whose env is being closed
 
     def get(self, episode_id: str) -> Episode:
         episode = self.episodes.get(episode_id)
@@ -167,37 +170,51 @@ class EpisodeStore:
     def lock(self, episode_id: str) -> asyncio.Lock:
         return self._locks.setdefault(episode_id, asyncio.Lock())
 
-    async def start(self, task: dict[str, Any], group_id: str | None = None, seed: int | None = None) -> Episode:
+    async def start(
+        self, task: dict[str, Any], group_id: str | None = None, seed: int | None = None
+    ) -> Episode:
+        """Start an episode: build its env and reset it on `task` (each within the step time
+        limit). If either fails, the episode is ended as an error at once and `EpisodeError`
+        says why (see `_failed_start`)."""
         episode_id = f"ep-{next(self._counter):06d}-{secrets.token_hex(4)}"
         group = group_id if group_id is not None else str(task.get("task_id", episode_id))
         env = None
+        observation = str(task.get("prompt", ""))
         if self.env_factory is not None:
             started = time.monotonic()
-            try:
-                with in_threads():  # this loop serves every agent: the constructor runs off it
-                    env = await build_env(self.env_factory, timeout_s=self.step_timeout_s, name=self.env_name)
-            except Exception as exc:
-                raise self._unbuilt(episode_id, task, group, exc, started) from None
-        observation = str(task.get("prompt", ""))
-        if env is not None:
             seed = seed if seed is not None else secrets.randbits(31)
-            with in_threads():  # this loop serves every agent: no env call runs on it
-                observation = await call_env(env.reset, task, seed, timeout_s=self.step_timeout_s)
-            if not isinstance(observation, str):
-                raise TypeError(f"{type(env).__name__}.reset returned {type(observation).__name__}, expected str")
+            try:
+                # This loop serves every agent: the constructor and reset run off it.
+                with in_threads():
+                    env = await build_env(self.env_factory, timeout_s=self.step_timeout_s, name=self.env_name)
+                    observation = await call_env(env.reset, task, seed, timeout_s=self.step_timeout_s)
+                if not isinstance(observation, str):
+                    inner = unwrapped(env)
+                    raise EnvContractError(
+                        f"{type(inner).__name__}.reset returned {type(observation).__name__}, expected str",
+                        inner.reset,
+                    )
+            except Exception as exc:
+                raise self._failed_start(episode_id, task, group, env, exc, started) from None
         episode = Episode(episode_id, dict(task), group, env, observation)
         self.episodes[episode_id] = episode
         return episode
 
-    def _unbuilt(
-        self, episode_id: str, task: dict[str, Any], group: str, exc: Exception, started: float
+    def _failed_start(
+        self,
+        episode_id: str,
+        task: dict[str, Any],
+        group: str,
+        env: Env | None,
+        exc: Exception,
+        started: float,
     ) -> EpisodeError:
-        """An episode whose env could not be built, ended as an error (recorded, or taken by
-        the training loop like any other); the start request's error: 504 when the
-        constructor ran past the time limit, else 500."""
-        episode = Episode(episode_id, dict(task), group, None, "", started=started)
+        """An episode whose env could not be built or reset, ended as an error (recorded, or
+        taken by the training loop like any other; its env, if built, closed); the start
+        request's error, an env fault: 504 when the call ran past the time limit, else 500."""
+        episode = Episode(episode_id, dict(task), group, env, "", started=started)
         self.episodes[episode_id] = episode
-        error = describe_env_error(exc)
+        error = describe_env_error(exc, unwrapped(env) if env is not None else None)
         self._close(episode, "error", error)
         return EpisodeError(
             504 if isinstance(exc, EnvTimeout) else 500,
@@ -261,17 +278,37 @@ class EpisodeStore:
         episode.error = error
         episode.wall_seconds = time.monotonic() - episode.started
         self._locks.pop(episode.episode_id, None)
-        if episode.env is not None:
+        if episode.env is not None:  # closed off this loop, within the step limit, unawaited
             try:
-                episode.env.close()
-            except Exception:  # a failing close must not lose the episode
-                pass
+                asyncio.get_running_loop()
+            except RuntimeError:  # called from plain code, not the server's loop: close here
+                asyncio.run(self._close_env(episode))
+            else:
+                self._closing[episode.episode_id] = asyncio.ensure_future(self._close_env(episode))
         if self.on_finished is not None:
             self.on_finished(episode)
         if self.keep_finished is not None:
             self._finished[episode.episode_id] = None
             while len(self._finished) > self.keep_finished:
                 self.episodes.pop(self._finished.popitem(last=False)[0], None)
+
+    async def _close_env(self, episode: Episode) -> None:
+        """Close an ended episode's env; a close that raises or runs over is printed once
+        per kind and noted as `info["close_error"]`, the episode's outcome untouched."""
+        try:
+            with in_threads():
+                error = await close_env(unwrapped(episode.env), self.step_timeout_s)
+            if error is not None:
+                episode.info["close_error"] = error
+        finally:
+            self._closing.pop(episode.episode_id, None)
+
+    async def closed(self, episode_ids: list[str]) -> None:
+        """Wait until the envs of these ended episodes are closed (each within the step
+        limit), so their close errors are in what `take` returns."""
+        closing = [self._closing[e] for e in episode_ids if e in self._closing]
+        if closing:
+            await asyncio.wait(closing)
 
     def take(self, episode_ids: list[str]) -> list[Episode]:
         """Remove finished episodes from the store and return them."""

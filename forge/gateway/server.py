@@ -202,7 +202,7 @@ class Gateway:
                                        f"{self.store.max_live} live episodes, this one used least recently")
         try:
             episode = await self.store.start(task, group_id)
-        except EpisodeError:  # the env could not be built: the store says so itself
+        except EpisodeError:  # the env could not be built or reset: the store says so itself
             raise
         except Exception as exc:
             raise EpisodeError(400, f"the env could not start this task: {type(exc).__name__}: {exc}") from None

@@ -15,6 +15,7 @@ import torch
 
 from forge.config import EnvConfig, ModelConfig, RolloutConfig, SandboxConfig, SwarmConfig
 from forge.env.calls import build_env
+from forge.env.closing import close_envs, close_in_background
 from forge.env.errors import describe_env_error
 from forge.env.latency import with_latency
 from forge.env.registry import resolve_env
@@ -296,11 +297,11 @@ class RolloutWorker:
             for _ in seeds:
                 envs.append(await build_env(self.env_class, self.env_kwargs, timeout_s=self.step_timeout_s))
         except Exception as exc:
-            close_envs(envs)
+            await close_envs(envs, self.step_timeout_s)
             error = describe_env_error(exc, self.env_class)
             return index, [unbuilt_episode(task, group_id, error, time.monotonic() - started) for _ in seeds]
         except BaseException:  # cancelled while building: the caller stopped early
-            close_envs(envs)
+            close_in_background(envs, self.step_timeout_s)
             raise
         jobs = []
         for env, seed in zip(envs, seeds, strict=True):
@@ -310,7 +311,7 @@ class RolloutWorker:
                 spawner = self._spawner(env, subagent_engine, engine, task, group_id, seed)
             wrapped = with_latency(env, self.env_latency, self.step_timeout_s)
             jobs.append(run_episode(wrapped, task, seed, engine, self.chat, self.limits, group_id, spawner))
-        return await play_group(index, envs, jobs)
+        return await play_group(index, envs, jobs, self.step_timeout_s)
 
     def _subagent_engine(self, engine: BatchingEngine | Router) -> BatchingEngine | Router:
         """What sub-agents sample from: the frozen snapshot's batcher, else the policy's."""
@@ -335,20 +336,21 @@ class RolloutWorker:
         return spawner
 
 
-async def play_group(index: int, envs: list[Any], jobs: list[Any]) -> tuple[int, list[Trajectory]]:
-    """One group's episodes, played together; its envs are closed as soon as it ends."""
+async def play_group(
+    index: int, envs: list[Any], jobs: list[Any], timeout_s: float
+) -> tuple[int, list[Trajectory]]:
+    """One group's episodes, played together; its envs are closed as soon as it ends, each
+    within `timeout_s` (a close that raises or hangs is noted on its episode as
+    `info["close_error"]` and printed once per kind; the episode stands)."""
     try:
-        return index, list(await asyncio.gather(*jobs))
-    finally:
-        close_envs(envs)
-
-
-def close_envs(envs: list[Any]) -> None:
-    for env in envs:
-        try:
-            env.close()
-        except Exception:  # a failing close must not lose the episodes
-            pass
+        trajectories = list(await asyncio.gather(*jobs))
+    except BaseException:  # cancelled: the caller stopped early and waits for nothing
+        close_in_background(envs, timeout_s)
+        raise
+    for trajectory, error in zip(trajectories, await close_envs(envs, timeout_s), strict=True):
+        if error is not None:
+            trajectory.info["close_error"] = error
+    return index, trajectories
 
 
 def unbuilt_episode(task: dict[str, Any], group_id: str, error: str, seconds: float) -> Trajectory:

@@ -300,7 +300,7 @@ async def _start_all(
 ) -> tuple[list[str], set[str]]:
     """Start one episode per (task, group id), their envs built at the same time (each
     within env.step_timeout_s); returns their ids, and those of the episodes whose env
-    could not be built (already ended as errors, no agent to run)."""
+    could not be built or reset (already ended as errors, no agent to run)."""
     started = await asyncio.gather(
         *(gateway.start_episode(task, group_id) for task, group_id in starts), return_exceptions=True
     )
@@ -317,4 +317,5 @@ async def _start_all(
 
 
 async def _take(store: EpisodeStore, episode_ids: list[str]) -> list[Episode]:
+    await store.closed(episode_ids)  # a close that failed is noted on its episode's trajectory
     return store.take(episode_ids)
