@@ -3,10 +3,11 @@ memory read at the same point of every step (right after the step's end hands fr
 back, `forge.heap.release_free_heap`), and its Python objects counted by type every N steps.
 
 Outside the process a soak samples the driver at random phases of a step that swings it by
-~50 MB; here every reading is at the step's low, so a slope over them is the driver's growth.
-Prints one JSON object: the private memory and glibc heap in use per step (thinned), their
-slopes per 1,000 steps over the second half, and the object types whose count grew most
-between the sample after a quarter of the steps and the last.
+up to 80 MB; here every reading is at the same point of a step, after the step's garbage is
+freed, so a slope through them is what the driver keeps. Prints one JSON object and writes
+bench/results/driver_objects.json: the private memory and glibc heap in use per step
+(thinned), their slopes per 1,000 steps over the second half, and the object types whose
+count grew most between the count after a quarter of the steps and the last.
 
     python -m bench.driver_objects --steps 1200 --every-steps 100   # bench.soak's gateway run
 """
@@ -25,6 +26,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+from bench.report import save_result
 from bench.soak import COMMON, MODES, floor_slope_per_1000, slope_per_1000, thinned
 
 
@@ -137,7 +139,7 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--every-steps", type=int, default=100, help="steps between object counts")
-    parser.add_argument("--out", help="also write the JSON here")
+    parser.add_argument("--out", default="bench/results/driver_objects.json")
     parser.add_argument(
         "train_args", nargs="*", help="a gateway run's config and overrides (default: bench.soak's)"
     )
@@ -179,8 +181,7 @@ def main() -> None:
         "growing_types": growth(counts),
     }
     print(json.dumps(result))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    save_result(result, Path(args.out))
 
 
 if __name__ == "__main__":
