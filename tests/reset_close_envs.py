@@ -1,7 +1,8 @@
-"""Envs whose reset or close fails, for the tests that neither can hang or crash the
-harness: `on_reset` "raise", "sleep" (hangs) or "dict" (the wrong type); `on_close` "raise",
-"sleep" (hangs in a C call) or "spin" (hangs in Python). With `once=PATH` the first reset
-anywhere (the dry run's) claims PATH and works; later ones fail."""
+"""Envs whose reset, close or generate_tasks fails, for the tests that none can hang or
+crash the harness: `on_reset` "raise", "sleep" (hangs) or "dict" (the wrong type);
+`on_close` "raise", "sleep" (hangs in a C call) or "spin" (hangs in Python); `on_tasks`
+"sleep" (generate_tasks hangs). With `once=PATH` the first reset anywhere (the dry run's)
+claims PATH and works; later ones fail."""
 
 from __future__ import annotations
 
@@ -12,13 +13,15 @@ from forge.env.base import Env, StepResult
 
 
 class ResetCloseEnv(Env):
-    def __init__(self, on_reset: str = "", on_close: str = "", once: str = "") -> None:
+    def __init__(self, on_reset: str = "", on_close: str = "", once: str = "", on_tasks: str = "") -> None:
         self.on_reset = on_reset
         self.on_close = on_close
         self.once = once
 
     @classmethod
-    def generate_tasks(cls, num_tasks, seed, **kwargs):
+    def generate_tasks(cls, num_tasks, seed, on_tasks="", **kwargs):
+        if on_tasks == "sleep":
+            time.sleep(10**6)  # generate_tasks stuck here
         return [{"task_id": str(i)} for i in range(num_tasks)]
 
     def reset(self, task, seed):

@@ -190,6 +190,20 @@ def test_a_worker_close_that_fails_is_given_up_on_and_its_episodes_stand(
     ] * 2
 
 
+def test_env_check_fails_a_generate_tasks_that_hangs():
+    from forge.env.check import check_env
+
+    started = time.monotonic()
+    report = check_env(reset_close_envs.ResetCloseEnv, {"on_tasks": "sleep"}, timeout_s=0.3)
+    assert time.monotonic() - started < 5
+    assert [(c.name, c.passed, c.detail) for c in report.checks] == [
+        ("construct", True, "ResetCloseEnv(**{'on_tasks': 'sleep'})"),
+        ("tasks", False, "ResetCloseEnv.generate_tasks did not return within 0.3s (--timeout) "
+         f"(stuck at {_line('generate_tasks stuck here')} in generate_tasks)"),
+    ]  # fmt: skip
+    assert "set env.tasks to it" in report.checks[-1].fix
+
+
 @pytest.mark.slow
 def test_a_gateway_run_whose_resets_all_fail_stops_with_exit_code_1(ray_session, tmp_path, capsys):
     from forge.cli import main

@@ -11,14 +11,17 @@ import asyncio
 import json
 import math
 import random
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from forge.env.base import Env, StepResult
-from forge.env.calls import EnvTimeout, build_env, call_env
+from forge.env.calls import EnvTimeout, build_env, call_env, in_daemon_thread
+from forge.env.errors import is_harness
 from forge.env.registry import resolve_env
 from forge.env.tasks import load_tasks
 
@@ -26,6 +29,10 @@ HUGE_ACTION_CHARS = 1_000_000
 HUGE_ACTION = "huge action"  # the check's name; its 1M-char probe is exempt from INLINE_LIMIT_S
 HUNG_GRACE_S = 2.0  # past the timeout, a call the watchdog could not interrupt is reported hung
 INLINE_LIMIT_S = 0.01
+TASKS_FIX = (
+    "generate_tasks runs before a run starts: keep it quick for the number asked (env.num_tasks), "
+    "or write the tasks to a file once and set env.tasks to it"
+)
 MAX_TOKEN_SAMPLES = 20  # observations of the probe episode whose tokens are checked  # an env with blocking = False must answer every call within this
 GARBAGE_ACTIONS = [
     "\x00\x01\x02\ufffd\U0001f600" * 50,
@@ -209,6 +216,34 @@ class _Checker:
         self.opened.append(env)
         return env
 
+    async def load_tasks(self, source: str | None, num_tasks: int, seed: int) -> Any:
+        """The tasks a run would load; `generate_tasks` runs in a daemon thread, watched like
+        an env call and failed past the timeout (naming where it was stuck), so a generator
+        that hangs fails the check instead of hanging it."""
+        if source is not None:  # a task file: data, not the env's code
+            return load_tasks(self.env_class, source, num_tasks, seed, **self.kwargs)
+        label = f"{self.env_class.__name__}.generate_tasks"
+        self.report.calling(("tasks", label, False))
+        self.in_call = ("tasks", label, time.monotonic())
+        thread: dict[str, int] = {}
+
+        def generate() -> Any:
+            thread["id"] = threading.get_ident()
+            return load_tasks(self.env_class, None, num_tasks, seed, **self.kwargs)
+
+        try:
+            return await asyncio.wait_for(in_daemon_thread(generate), timeout=self.timeout_s)
+        except TimeoutError:
+            frame = sys._current_frames().get(thread.get("id", -1))
+            stuck = [f for f in traceback.extract_stack(frame) if not is_harness(f.filename)] if frame else []
+            where = f" (stuck at {stuck[-1].filename}:{stuck[-1].lineno} in {stuck[-1].name})" if stuck else ""
+            self.record("tasks", False, f"{label} did not return within {self.timeout_s:g}s (--timeout){where}",
+                        TASKS_FIX)  # fmt: skip
+            raise _Stop from None
+        finally:
+            self.in_call = None
+            self.report.calling(None)
+
     async def reset(self, env: Env, task: dict[str, Any], seed: int) -> str:
         observation = await self.call("reset", env.reset, task, seed)
         if not isinstance(observation, str):
@@ -244,13 +279,15 @@ class _Checker:
         self.record("construct", True, f"{self.env_class.__name__}(**{self.kwargs})")
         self.check_tools(env)
         try:
-            tasks = load_tasks(self.env_class, tasks_source, num_tasks, seed, **self.kwargs)
+            tasks = await self.load_tasks(tasks_source, num_tasks, seed)
+        except _Stop:
+            raise
         except Exception as exc:
             self.record("tasks", False, f"{type(exc).__name__}: {str(exc)[:300]}",
                         "implement generate_tasks(num_tasks, seed) or set env.tasks to a task file")  # fmt: skip
             raise _Stop from None
         task = dict(tasks[0])
-        again = load_tasks(self.env_class, tasks_source, num_tasks, seed, **self.kwargs)
+        again = await self.load_tasks(tasks_source, num_tasks, seed)
         if tasks_source is None and list(again) != list(tasks):
             self.record("tasks", False, "two generate_tasks calls with the same seed gave different tasks",
                         "draw task randomness from random.Random(seed), not the global RNG")  # fmt: skip
@@ -423,6 +460,8 @@ def hung_check(name: str, method: str, timeout_s: float, inline: bool, held_gil:
         )
     elif held_gil:
         fix = "C code that holds the GIL stops every thread; release the GIL in it or run it in a subprocess"
+    elif name == "tasks":
+        fix = TASKS_FIX
     elif name == "construct":
         fix = "keep __init__ quick (a run gives building an env env.step_timeout_s) and find what hangs"
     else:
