@@ -120,6 +120,9 @@ class EnvConfig(Section):
         description="local jsonl/parquet/arrow file or dataset name; unset lets the env generate its tasks",
     )
     num_tasks: int = Field(10_000, gt=0, description="procedurally generated tasks (when tasks is unset)")
+    tasks_timeout_s: float = Field(
+        300.0, gt=0, description="limit on generate_tasks (when tasks is unset), checked before a run starts"
+    )
     step_timeout_s: float = Field(30.0, gt=0, description="harness-enforced limit on building an env and on one env step")
     episode_timeout_s: float = Field(600.0, gt=0, description="harness-enforced limit on one episode")
     max_error_fraction: float = Field(

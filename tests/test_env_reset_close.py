@@ -204,6 +204,21 @@ def test_env_check_fails_a_generate_tasks_that_hangs():
     assert "set env.tasks to it" in report.checks[-1].fix
 
 
+def test_dry_run_fails_a_generate_tasks_past_its_limit_with_its_line(capsys):
+    from forge.cli import main
+
+    started = time.monotonic()
+    overrides = [f"env.name={ENV}", "env.kwargs={on_tasks: sleep}", "env.tasks_timeout_s=0.3"]
+    assert main(["train", "configs/smoke.yaml", *overrides, "--dry-run"]) == 2
+    assert time.monotonic() - started < 5
+    error = capsys.readouterr().err
+    assert "Traceback" not in error
+    assert error.splitlines()[-1].startswith(
+        "forge: ResetCloseEnv.generate_tasks (env.num_tasks=10000) did not return within 0.3s "
+        f"(env.tasks_timeout_s) (stuck at {_line('generate_tasks stuck here')} in generate_tasks)"
+    )
+
+
 @pytest.mark.slow
 def test_a_gateway_run_whose_resets_all_fail_stops_with_exit_code_1(ray_session, tmp_path, capsys):
     from forge.cli import main

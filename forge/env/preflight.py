@@ -88,6 +88,10 @@ def _in_thread(function: Any, *args: Any, timeout_s: float) -> Any:
     return outcome["value"]
 
 
+def _generate(env_class: type[Env], env_cfg: EnvConfig, seed: int) -> Any:
+    return load_tasks(env_class, None, env_cfg.num_tasks, seed, **env_cfg.kwargs)
+
+
 def _stuck_at(exc: EnvTimeout) -> str:
     frame = exc.stuck_at
     return f" (stuck at {frame.filename}:{frame.lineno} in {frame.name})" if frame is not None else ""
@@ -105,7 +109,17 @@ def preflight_env(env_cfg: EnvConfig, seed: int) -> str:
     if problem:
         raise EnvPreflightError(problem)
     try:
-        tasks = load_tasks(env_class, env_cfg.tasks, env_cfg.num_tasks, seed, **env_cfg.kwargs)
+        if env_cfg.tasks:  # a task file: data, not the env's code
+            tasks = load_tasks(env_class, env_cfg.tasks, env_cfg.num_tasks, seed, **env_cfg.kwargs)
+        else:
+            # The env's own code, run in a thread: one that hangs is given up on with its line.
+            tasks = _in_thread(_generate, env_class, env_cfg, seed, timeout_s=env_cfg.tasks_timeout_s)
+    except EnvTimeout as exc:
+        raise EnvPreflightError(
+            f"{name}.generate_tasks (env.num_tasks={env_cfg.num_tasks}) did not return within "
+            f"{env_cfg.tasks_timeout_s:g}s (env.tasks_timeout_s){_stuck_at(exc)}: keep it quick, write the tasks "
+            "to a file once and set env.tasks to it, or raise env.tasks_timeout_s"
+        ) from None
     except Exception as exc:
         source = f"env.tasks={env_cfg.tasks!r}" if env_cfg.tasks else f"{name}.generate_tasks"
         raise EnvPreflightError(f"{source}: {error_headline(describe_env_error(exc))}") from None
