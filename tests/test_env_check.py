@@ -179,4 +179,46 @@ def test_a_tool_list_of_non_dicts_is_reported_not_crashed_on():
     class OddTools(Good):
         tools = ["calculator"]
 
-    assert "needs type 'function'" in failed(check_env(OddTools))["tools"]
+    assert failed(check_env(OddTools))["text"].startswith(
+        "OddTools.tools is list, expected a list of OpenAI-style function schemas"
+    )
+
+
+class NumberPrompt(Good):
+    system_prompt = 42  # a user's slip: not text
+
+
+class RaisingPrompt(Good):
+    @property
+    def system_prompt(self):
+        raise RuntimeError("prompt file missing")
+
+
+class ListParameters(Good):
+    tools = [{"type": "function", "function": {"name": "add", "parameters": ["a", "b"]}}]
+
+
+def test_a_system_prompt_that_is_not_text_fails_with_the_dry_runs_words():
+    report = check_env(NumberPrompt)
+    assert failed(report) == {"text": "NumberPrompt.system_prompt is int, expected str or None: the text shown "
+                              "before the first observation"}  # fmt: skip
+
+
+def test_an_exception_escaping_a_check_fails_that_check_with_the_users_frame():
+    report = check_env(RaisingPrompt)
+    detail = failed(report)["text"]
+    assert detail.startswith("the check raised RuntimeError: prompt file missing at ")
+    assert f"{__file__}:" in detail and "in system_prompt" in detail
+    assert not report.passed
+
+
+def test_an_exception_in_the_checkers_own_code_fails_the_check_it_was_in():
+    assert failed(check_env(ListParameters))["tools"].startswith("the check raised AttributeError: ")
+
+
+def test_the_cli_exits_1_when_a_check_crashed(capsys):
+    assert main(["check", f"{__name__}:RaisingPrompt"]) == 1
+    captured = capsys.readouterr()
+    assert "FAILED: 1 passed, 1 failed" in captured.out and "Traceback" not in captured.err
+    assert main(["check", f"{__name__}:NumberPrompt"]) == 1
+    assert "FAIL  text" in capsys.readouterr().out

@@ -21,7 +21,8 @@ from typing import Any
 
 from forge.env.base import Env, StepResult
 from forge.env.calls import EnvTimeout, build_env, call_env, in_daemon_thread
-from forge.env.errors import is_harness
+from forge.env.errors import is_harness, user_frame
+from forge.env.preflight import text_problem
 from forge.env.registry import resolve_env
 from forge.env.tasks import load_tasks
 
@@ -163,12 +164,24 @@ class _Checker:
         self.slowest_inline = 0.0  # the slowest call but the 1M-char probe, for blocking = False
         self.opened: list[Env] = []  # closed at the end, also when a check stops early
         self.in_call: tuple[str, str, float] | None = None  # (check, method, started) of the call running
+        self.stage = "construct"  # the check running, failed if anything escapes it
+
+    def crashed(self, exc: BaseException) -> None:
+        """Fail the check running with what escaped it: one line, and the user's frame when
+        the exception came from the env's own code."""
+        message = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        frame = user_frame(exc, self.env_class)
+        where = f" at {frame.filename}:{frame.lineno} in {frame.name}" if frame else ""
+        self.record(self.stage, False, f"the check raised {type(exc).__name__}: {message}{where}",
+                    "fix what the error names; if it is in Forge's code, the env gave it something of the "
+                    "wrong type (system_prompt, tools, an observation)")  # fmt: skip
 
     def record(self, name: str, passed: bool, detail: str, fix: str = "") -> bool:
         self.report.add(Check(name, passed, detail, fix))
         return passed
 
     async def call(self, name: str, method: Callable, *args: Any) -> Any:
+        self.stage = name
         self.report.calling((name, method.__qualname__, _inline(method)))  # before the clock starts
         started = time.monotonic()
         self.in_call = (name, method.__qualname__, started)
@@ -195,6 +208,7 @@ class _Checker:
     async def new_env(self) -> Env:
         """Build the env as a run does (`build_env`: within the timeout, where its calls run),
         watched like any env call, so a constructor that hangs fails the check."""
+        self.stage = "construct"
         label = f"{self.env_class.__name__}.__init__"
         self.report.calling(("construct", label, _inline(self.env_class)))
         self.in_call = ("construct", label, time.monotonic())
@@ -222,6 +236,7 @@ class _Checker:
         that hangs fails the check instead of hanging it."""
         if source is not None:  # a task file: data, not the env's code
             return load_tasks(self.env_class, source, num_tasks, seed, **self.kwargs)
+        self.stage = "tasks"
         label = f"{self.env_class.__name__}.generate_tasks"
         self.report.calling(("tasks", label, False))
         self.in_call = ("tasks", label, time.monotonic())
@@ -277,6 +292,7 @@ class _Checker:
     async def run(self, tasks_source: str | None, num_tasks: int, seed: int, max_steps: int) -> None:
         env = await self.new_env()
         self.record("construct", True, f"{self.env_class.__name__}(**{self.kwargs})")
+        self.check_text(env)
         self.check_tools(env)
         try:
             tasks = await self.load_tasks(tasks_source, num_tasks, seed)
@@ -367,13 +383,24 @@ class _Checker:
     def check_tokens(self, env: Env, observations: list[str]) -> None:
         from forge.env.tokens import tokenize_env_text
 
+        self.stage = "tokens"
         name, tokenizer = self.tokenizer
         report = tokenize_env_text(tokenizer, observations, env.system_prompt, env.tools)
         self.record("tokens", report.unknown_tokens == 0, f"for {name}: {report.summary()}",
                     "the model would read <unk> for that text: train a model whose tokenizer covers it "
                     "(model.path), or word the prompt and observations in text it covers")  # fmt: skip
 
+    def check_text(self, env: Env) -> None:
+        """The system prompt and tools every episode renders: refused as `forge train` refuses them."""
+        self.stage = "text"
+        problem = text_problem(env)
+        if problem:
+            self.record("text", False, f"{self.env_class.__name__}.{problem}",
+                        "set system_prompt to a string (or None) and tools to a list of function schemas")  # fmt: skip
+            raise _Stop
+
     def check_tools(self, env: Env) -> None:
+        self.stage = "tools"
         if not env.tools:
             return
         problems = []
@@ -429,6 +456,8 @@ def check_env(
             await checker.run(tasks, num_tasks, seed, max_steps)
         except _Stop:
             pass
+        except Exception as exc:  # a bug the checks did not foresee must fail, not pass unseen
+            checker.crashed(exc)
         finally:
             await checker.close_rest()
 

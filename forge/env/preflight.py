@@ -44,7 +44,7 @@ def _kwargs_problem(env_class: type[Env], kwargs: dict[str, Any]) -> str | None:
     return None
 
 
-def _text_problem(env: Env) -> str | None:
+def text_problem(env: Env) -> str | None:
     """What is wrong with the env's `system_prompt` or `tools`, which every episode renders
     through the chat template (a wrong type there would error every episode in Forge's code)."""
     prompt = getattr(env, "system_prompt", None)
@@ -159,7 +159,7 @@ def preflight_env(env_cfg: EnvConfig, seed: int) -> str:
             f"{name}.reset returned {type(observation).__name__}, expected str{where}: return the first "
             "observation as text the model reads"
         )
-    problem = _text_problem(env)
+    problem = text_problem(env)
     if problem:
         raise EnvPreflightError(f"{name}.{problem}")
     return (
