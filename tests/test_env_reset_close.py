@@ -52,7 +52,7 @@ def _store(factory, **options):
 @pytest.mark.parametrize(("on_reset", "status", "headline"), [
     ("raise", 500, f"ValueError: no such level (at {_line('reset raised here')} in reset)"),
     ("dict", 500, f"EnvContractError: ResetCloseEnv.reset returned dict, expected str (at {_definition('reset')} in reset)"),
-    ("sleep", 504, "EnvTimeout: ResetCloseEnv.reset took longer than 0.3s"),
+    ("sleep", 504, f"EnvTimeout: ResetCloseEnv.reset took longer than 0.3s (at {_line('reset stuck here')} in reset)"),
 ])  # fmt: skip
 def test_a_failed_reset_in_the_gateway_ends_its_episode_as_an_error(on_reset, status, headline):
     from forge.gateway.episodes import EpisodeError
@@ -115,7 +115,7 @@ def test_a_gateway_run_takes_episodes_whose_reset_failed_as_errors(tiny_checkpoi
 
 @pytest.mark.parametrize(("on_close", "headline"), [
     ("raise", f"OSError: the board file is gone (at {_line('close raised here')} in close)"),
-    ("sleep", "EnvTimeout: ResetCloseEnv.close took longer than 0.3s"),
+    ("sleep", f"EnvTimeout: ResetCloseEnv.close took longer than 0.3s (at {_line('close stuck here')} in close)"),
 ])  # fmt: skip
 def test_a_gateway_close_that_fails_leaves_the_episode_and_the_loop_alone(on_close, headline, capsys):
     store, finished = _store(lambda: reset_close_envs.ResetCloseEnv(on_close=on_close))
@@ -162,9 +162,10 @@ def _worker(checkpoint, env_name: str, kwargs: dict, step_timeout_s: float):
 
 @pytest.mark.parametrize(("env", "on_close", "headline"), [
     (ENV, "raise", f"OSError: the board file is gone (at {_line('close raised here')} in close)"),
-    (ENV, "sleep", "EnvTimeout: ResetCloseEnv.close took longer than 0.5s"),
+    (ENV, "sleep", f"EnvTimeout: ResetCloseEnv.close took longer than 0.5s (at {_line('close stuck here')} in close)"),
     ("reset_close_envs:InlineResetCloseEnv", "spin",
-     "EnvTimeout: ResetCloseEnv.close took longer than 0.5s (called inline: the env sets blocking = False)"),
+     "EnvTimeout: ResetCloseEnv.close took longer than 0.5s (called inline: the env sets blocking = False) "
+     f"(at {_line('close spins here')} in close)"),
 ])  # fmt: skip
 def test_a_worker_close_that_fails_is_given_up_on_and_its_episodes_stand(
     tiny_checkpoint, env, on_close, headline, capsys, tmp_path

@@ -103,8 +103,13 @@ def in_daemon_thread(function: Any, *args: Any, **kwargs: Any) -> asyncio.Future
     return future
 
 
-async def _sync_then_await(method: Any, *args: Any) -> Any:
-    result = await in_daemon_thread(method, *args)
+async def _sync_then_await(method: Any, *args: Any, state: dict[str, Any] | None = None) -> Any:
+    def run() -> Any:
+        if state is not None:  # which thread, so a call given up on can say where it was
+            state["thread"] = threading.get_ident()
+        return method(*args)
+
+    result = await in_daemon_thread(run)
     if inspect.isawaitable(result):
         result = await result
     return result
@@ -116,8 +121,10 @@ async def call_env(method: Any, *args: Any, timeout_s: float) -> Any:
     A sync method runs in a thread so a slow env never blocks other episodes; if it hangs
     past the timeout the caller moves on and the thread is abandoned. A sync method of an
     env with `blocking = False` runs inline on the loop: quicker, and interrupted by a
-    watchdog when it hangs (see `forge.env.watchdog`).
+    watchdog when it hangs (see `forge.env.watchdog`). A timeout's `EnvTimeout.stuck_at`
+    is where a sync call was when given up on (the user's frame), when known.
     """
+    state: dict[str, Any] = {}  # the thread a sync call runs on
     if inspect.iscoroutinefunction(method):
         call = method(*args)
     elif _INLINE_ALLOWED.get() and getattr(getattr(method, "__self__", None), "blocking", True) is False:
@@ -125,21 +132,24 @@ async def call_env(method: Any, *args: Any, timeout_s: float) -> Any:
         # watchdog interrupts the call if it hangs anyway.
         try:
             result = call_inline(method, *args, timeout_s=timeout_s)
-        except InlineTimeout:
+        except InlineTimeout as exc:
             name = getattr(method, "__qualname__", repr(method))
             raise EnvTimeout(
-                f"{name} took longer than {timeout_s:.1f}s (called inline: the env sets blocking = False)"
+                f"{name} took longer than {timeout_s:.1f}s (called inline: the env sets blocking = False)",
+                _user_frame(traceback.extract_tb(exc.__traceback__)),
             ) from None
         if not inspect.isawaitable(result):
             return result
         call = result
     else:
-        call = _sync_then_await(method, *args)
+        call = _sync_then_await(method, *args, state=state)
     try:
         return await asyncio.wait_for(call, timeout=max(timeout_s, 0.0))
     except TimeoutError:
         name = getattr(method, "__qualname__", repr(method))
-        raise EnvTimeout(f"{name} took longer than {timeout_s:.1f}s") from None
+        frame = sys._current_frames().get(state.get("thread", -1))
+        stuck = _user_frame(traceback.extract_stack(frame)) if frame is not None else None
+        raise EnvTimeout(f"{name} took longer than {timeout_s:.1f}s", stuck) from None
 
 
 async def build_env(
