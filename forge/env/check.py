@@ -513,13 +513,23 @@ def list_envs() -> str:
 
 def add_check_arguments(parser: Any) -> None:
     parser.add_argument("name", help="registry name or package.module:ClassName")
-    parser.add_argument("--kwargs", default="{}", help="JSON object of constructor arguments")
-    parser.add_argument("--tasks", default=None, help="jsonl/parquet/arrow file or dataset name")
+    parser.add_argument(
+        "--kwargs", default=None,
+        help="JSON object of constructor arguments (default: the config's env.kwargs when NAME is its env, else {})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--tasks", default=None,
+        help="jsonl/parquet/arrow file or dataset name (default: the config's env.tasks when NAME is its env)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds allowed per reset/step")
     parser.add_argument(
         "--model", default=None,
         help="checkpoint folder whose tokenizer the prompts are checked with (default: the config's model.path, "
-        "else the built-in tiny model)",
+        "else the built-in tiny model with the config's model.tiny.extra_words)",
     )  # fmt: skip
-    parser.add_argument("--config", default=None, help="a training config: its model is the one checked")
+    parser.add_argument(
+        "--config", default=None,
+        help="a training config: its env is built with its env.kwargs (and env.tasks) and the text checked with "
+        "the tokenizer of the model it trains; --kwargs, --tasks and --model, when given, win over it",
+    )  # fmt: skip

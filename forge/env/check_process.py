@@ -47,11 +47,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_check_command(args: Any) -> int:
     """`forge env check NAME ...`: print the report; 0 when every check passed."""
-    try:
-        json.loads(args.kwargs)
-    except json.JSONDecodeError as exc:
-        print(f"--kwargs must be a JSON object, e.g. '{{\"n\": 8}}' ({exc})")
-        return 2
+    if args.kwargs is not None:
+        try:
+            json.loads(args.kwargs)
+        except json.JSONDecodeError as exc:
+            print(f"--kwargs must be a JSON object, e.g. '{{\"n\": 8}}' ({exc})")
+            return 2
     from forge.env.tokens import check_model_folder
 
     check_model_folder(model_path_of(args))  # said here, as the command's error, not as a check's
@@ -64,11 +65,13 @@ def check_from_arguments(args: Any, sink: Callable[[dict[str, Any]], None] | Non
     """The check `forge env check`'s arguments ask for, with the tokenizer they name."""
     from forge.env.tokens import load_check_tokenizer
 
-    tokenizer, name = load_check_tokenizer(model_path_of(args))
+    cfg = _config(args)
+    extra_words = cfg.model.tiny.extra_words if cfg is not None else ()
+    tokenizer, name = load_check_tokenizer(model_path_of(args), extra_words)
     return check_env(
         args.name,
-        json.loads(args.kwargs),
-        tasks=args.tasks,
+        kwargs_of(args),
+        tasks=cfg.env.tasks if args.tasks is None and _configs_env(args, cfg) else args.tasks,
         seed=args.seed,
         timeout_s=args.timeout,
         tokenizer=(name, tokenizer),
@@ -76,19 +79,56 @@ def check_from_arguments(args: Any, sink: Callable[[dict[str, Any]], None] | Non
     )
 
 
-def model_path_of(args: Any) -> str | None:
-    """The model whose tokenizer is checked: --model, else the --config's model.path."""
-    if args.model is None and args.config:
-        from forge.config import load_config
+def _config(args: Any) -> Any:
+    """The --config's settings, or None without one."""
+    if not args.config:
+        return None
+    from forge.config import load_config
 
-        return load_config(args.config, []).model.path
+    return load_config(args.config, [])
+
+
+def _configs_env(args: Any, cfg: Any) -> bool:
+    """Whether the env checked is the one `cfg` trains (whose env.kwargs and env.tasks apply)."""
+    if cfg is None:
+        return False
+    if args.name == cfg.env.name:
+        return True
+    from forge.env.registry import resolve_env
+
+    try:
+        return resolve_env(args.name) is resolve_env(cfg.env.name)
+    except ValueError:  # either does not resolve: the check itself reports the checked one
+        return False
+
+
+def kwargs_of(args: Any) -> dict[str, Any]:
+    """The env's constructor arguments: --kwargs, else the --config's env.kwargs (what a run
+    builds the env with) when the env checked is the config's, else none."""
+    if args.kwargs is not None:
+        return json.loads(args.kwargs)
+    cfg = _config(args)
+    return dict(cfg.env.kwargs) if _configs_env(args, cfg) else {}
+
+
+def model_path_of(args: Any) -> str | None:
+    """The model whose tokenizer is checked: --model, else the --config's model.path (None:
+    the built-in tiny model, built with the config's model.tiny.extra_words)."""
+    if args.model is None and args.config:
+        return _config(args).model.path
     return args.model
 
 
 def child_arguments(args: Any) -> list[str]:
     """`args` (`forge env check`'s) as the child's command line."""
-    argv = [args.name, "--kwargs", args.kwargs, "--seed", str(args.seed), "--timeout", repr(args.timeout)]
-    for flag, value in (("--tasks", args.tasks), ("--model", args.model), ("--config", args.config)):
+    argv = [args.name, "--seed", str(args.seed), "--timeout", repr(args.timeout)]
+    flags = (
+        ("--kwargs", args.kwargs),
+        ("--tasks", args.tasks),
+        ("--model", args.model),
+        ("--config", args.config),
+    )
+    for flag, value in flags:
         if value is not None:
             argv += [flag, str(value)]
     return argv

@@ -70,13 +70,17 @@ def tokenize_env_text(
     return report
 
 
-def load_check_tokenizer(model_path: str | None) -> tuple[Any, str]:
-    """The tokenizer of `model_path` (a checkpoint folder), or the built-in tiny model's
-    when None (what a config without model.path trains); and a name for the report."""
+def load_check_tokenizer(
+    model_path: str | None, extra_words: list[str] | tuple[str, ...] = ()
+) -> tuple[Any, str]:
+    """The tokenizer of `model_path` (a checkpoint folder), or when None the built-in tiny
+    model's with `extra_words` (model.tiny.extra_words: what a config without model.path
+    trains, built as `save_tiny_checkpoint` builds it); and a name for the report."""
     if model_path is None:
         from forge.models.tiny import build_tokenizer
 
-        return build_tokenizer(), "the built-in tiny model"
+        words = f" with model.tiny.extra_words {list(extra_words)}" if extra_words else ""
+        return build_tokenizer(extra_words), f"the built-in tiny model{words}"
     from forge.models.loading import load_tokenizer
 
     check_model_folder(model_path)
