@@ -128,7 +128,7 @@ class EnvConfig(Section):
     max_error_fraction: float = Field(
         0.5, ge=0, le=1,
         description="a run stops (exit code 1) when more than this share of its episodes errored over the last "
-        "error_window_steps steps",
+        "error_window_steps steps (1: never stops)",
     )
     error_window_steps: int = Field(5, gt=0, description="steps over which max_error_fraction is measured")
     latency: LatencyConfig = Field(default_factory=LatencyConfig)

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import sys
 from collections import deque
+from collections.abc import Callable
 
 from forge.env.errors import error_headline, error_kind
 from forge.types import Trajectory
 
-ENV_FIX = (
-    "Fix the env (its first error is printed above; `forge env check ENV_NAME` runs it through the contract)"
-)
+
+def env_fix(env_name: str) -> str:
+    """What the stop message tells the user to fix, for a run of env `env_name`."""
+    return f"Fix the env (its first error is printed above; `forge env check {env_name}` runs it through the contract)"
+
+
 AGENT_FIX = (
     "Fix the agent program (gateway.agent_command) or the env: the first error of each kind is printed "
     "above (for an agent that crashed, the last line of its stderr)"
@@ -38,13 +42,21 @@ class FailureWatch:
     the window is full, and at the run's last step), since a run whose episodes error
     trains on nothing."""
 
-    def __init__(self, max_error_fraction: float, window_steps: int, fix: str = ENV_FIX) -> None:
+    def __init__(self, max_error_fraction: float, window_steps: int, fix: str = env_fix("ENV_NAME")) -> None:
         self.max_error_fraction = max_error_fraction
         self.fix = fix  # what the stop message tells the user to fix
         self.window: deque[tuple[int, int]] = deque(maxlen=window_steps)  # (errored, played) per step
         self.seen: set[str] = set()
 
-    def observe(self, step: int, trajectories: list[Trajectory], last_step: bool = False) -> None:
+    def observe(
+        self,
+        step: int,
+        trajectories: list[Trajectory],
+        last_step: bool = False,
+        before_stop: Callable[[], None] | None = None,
+    ) -> None:
+        """Watch step `step`'s episodes; `before_stop` runs before a stop is raised (to record
+        the step that stopped the run, whose metrics would otherwise be lost)."""
         played = [t for t in trajectories if t.status != "lost"]
         errored = [t for t in played if t.status == "error"]
         for trajectory in played:
@@ -65,6 +77,8 @@ class FailureWatch:
         errors = sum(e for e, _ in self.window)
         total = sum(p for _, p in self.window)
         if total and errors / total > self.max_error_fraction:
+            if before_stop is not None:
+                before_stop()
             raise RunStopped(
                 f"stopped at step {step}: {errors} of {total} episodes errored over the last {len(self.window)} "
                 f"steps ({errors / total:.0%} > env.max_error_fraction={self.max_error_fraction:g}), so the run "

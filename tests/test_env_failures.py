@@ -211,11 +211,24 @@ def test_env_check_fails_a_hung_inline_env_instead_of_hanging():
         assert "did not return within 0.3s" in step.detail and "blocking = False" in step.fix
 
 
+def test_the_step_that_stops_a_run_is_recorded_before_the_stop():
+    from forge.failures import FailureWatch, RunStopped
+
+    recorded = []
+    watch = FailureWatch(max_error_fraction=0.5, window_steps=1)
+    watch.observe(1, [_fine()], before_stop=lambda: recorded.append(1))
+    with pytest.raises(RunStopped, match="stopped at step 2"):
+        watch.observe(2, [_errored("a")], before_stop=lambda: recorded.append(2))
+    assert recorded == [2]
+
+
 @pytest.mark.slow
-def test_a_run_whose_env_always_errors_stops_with_exit_code_1(ray_session, tmp_path, capsys):
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_run_whose_env_always_errors_stops_with_exit_code_1(ray_session, tmp_path, capsys, mode):
     from forge.cli import main
 
     overrides = [
+        f"train.mode={mode}",
         f"env.name={__name__}:BuggyEnv",
         "env.tasks=" + str(tmp_path / "tasks.jsonl"),
         "env.kwargs={}",
@@ -230,3 +243,10 @@ def test_a_run_whose_env_always_errors_stops_with_exit_code_1(ray_session, tmp_p
     error = capsys.readouterr().err
     assert error.count("KeyError: 'answer' (at ") == 1
     assert "forge: stopped at step 2: 8 of 8 episodes errored over the last 2 steps" in error
+    assert f"`forge env check {__name__}:BuggyEnv` runs it through the contract" in error
+    # The step that stopped the run is in metrics.jsonl, with its errored episodes.
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["episodes_error"]) for r in rows] == [(1, 4), (2, 4)]
+    if mode == "sync":  # nothing was trained on the stopping step, and its row does not say otherwise
+        assert "loss" in rows[0]
+        assert not {"loss", "policy_loss", "trained_samples"} & set(rows[-1])

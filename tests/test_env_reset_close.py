@@ -240,4 +240,4 @@ def test_a_gateway_run_whose_resets_all_fail_stops_with_exit_code_1(ray_session,
     assert error.count(f"ValueError: no such level (at {_line('reset raised here')} in reset)") == 1
     assert "forge: stopped at step 2: 8 of 8 episodes errored over the last 2 steps" in error
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["episodes_error"], r["agents_failed"]) for r in rows] == [(4, 0.0)]  # no agent ran
+    assert [(r["episodes_error"], r["agents_failed"]) for r in rows] == [(4, 0.0), (4, 0.0)]  # no agent ran

@@ -167,4 +167,7 @@ def test_a_gateway_run_whose_agents_always_crash_stops_with_exit_code_1(ray_sess
     assert "forge: stopped at step 2: 8 of 8 episodes errored over the last 2 steps" in error
     assert "Fix the agent program (gateway.agent_command)" in error
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["agents_failed"] for r in rows] == [4.0]  # step 2 stopped before it was recorded
+    # Step 2 stopped the run, recorded without training (no trainer keys).
+    assert [(r["step"], r["agents_failed"]) for r in rows] == [(1, 4.0), (2, 4.0)]
+    assert "gateway_samples" in rows[0]
+    assert not {"gateway_samples", "loss", "policy_loss", "trained_samples"} & set(rows[1])

@@ -6,11 +6,12 @@ from __future__ import annotations
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from forge.config import Config
-from forge.failures import FailureWatch, RunStopped
+from forge.failures import FailureWatch, RunStopped, env_fix
 from forge.run.context import (
     Run,
     RunResult,
@@ -59,9 +60,12 @@ def train_async(
             if not loop.wait_for_step():
                 continue
             trajectories, metrics = loop.end_step(started)
-            log.record(
-                loop.step, metrics, trajectories, run.tokenizer, stale=f"{metrics['staleness_mean']:.2f}"
-            )
+            # Also the step that stops the run: trained, since its training ended before it.
+            stale = f"{metrics['staleness_mean']:.2f}"
+            record = partial(log.record, loop.step, metrics, trajectories, run.tokenizer, stale=stale)
+            last = loop.step == cfg.train.max_steps
+            loop.failures.observe(loop.step, trajectories, last_step=last, before_stop=record)
+            record()
             if loop.checkpoint_due(loop.step):
                 loop.save_checkpoint()
         checkpoint = Path(ray.get(run.trainer.save.remote(str(output / "final"))))
@@ -147,7 +151,8 @@ class AsyncLoop:
         self.task_of: dict[int, dict[str, Any]] = {}  # group seq -> its task, while a checkpoint may need it
         self.train_seconds = 0.0
         self.lost = 0  # episodes lost since the last step
-        self.failures = FailureWatch(cfg.env.max_error_fraction, cfg.env.error_window_steps)
+        fix = env_fix(cfg.env.name)
+        self.failures = FailureWatch(cfg.env.max_error_fraction, cfg.env.error_window_steps, fix)
         self.loop_started = self.step_ended = time.perf_counter()
 
     def checkpoint_due(self, step: int) -> bool:
@@ -348,7 +353,6 @@ class AsyncLoop:
                 keep_snapshot(self.run.frozen_snapshot, self.cfg.swarm.frozen_version, self.trainer_version,
                               self.run.workers[synced[0]], loading[0])  # fmt: skip
         self.step += 1
-        self.failures.observe(self.step, trajectories, last_step=self.step == self.cfg.train.max_steps)
         wall = time.perf_counter() - self.loop_started
         busy = sum(clock.total() for clock in self.clocks)
         loop_metrics = {

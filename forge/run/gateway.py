@@ -88,7 +88,20 @@ def gateway_step(run: GatewayRun, step: int, failures: FailureWatch, log: StepLo
     rollout_seconds = time.perf_counter() - step_started
 
     trajectories = [episode.to_trajectory(cfg.reward.success_threshold) for episode in episodes]
-    failures.observe(step, trajectories, last_step=step == cfg.train.max_steps)
+    played = {
+        "gateway_calls": float(sum(len(e.calls) for e in episodes)),
+        "agents_failed": float(sum(a.returncode not in (0,) for a in exits.values())),
+        "rollout_seconds": rollout_seconds,
+    }
+
+    def record_stopped() -> None:  # the step that stops the run: its episodes, nothing trained
+        timings = {
+            "step_seconds": time.perf_counter() - step_started,
+            "wall_seconds": time.perf_counter() - started,
+        }
+        log.record(step, step_metrics(trajectories, played, timings), trajectories, run.tokenizer)
+
+    failures.observe(step, trajectories, last_step=step == cfg.train.max_steps, before_stop=record_stopped)
     reward_metrics, advantages = shape_rewards(run.shaper, trajectories, cfg)
     samples = episode_samples(episodes, advantages)
     train_metrics = ray.get(run.trainer.train_step.remote(samples))
@@ -96,10 +109,8 @@ def gateway_step(run: GatewayRun, step: int, failures: FailureWatch, log: StepLo
     version = run.sync_weights()
 
     gateway_metrics = {
-        "gateway_calls": float(sum(len(e.calls) for e in episodes)),
+        **played,
         "gateway_samples": float(len(samples)),
-        "agents_failed": float(sum(a.returncode not in (0,) for a in exits.values())),
-        "rollout_seconds": rollout_seconds,
         "sync_seconds": time.perf_counter() - sync_started,
         "policy_version": float(version),
         "step_seconds": time.perf_counter() - step_started,

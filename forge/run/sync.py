@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from forge.config import Config
-from forge.failures import FailureWatch, RunStopped
+from forge.failures import FailureWatch, RunStopped, env_fix
 from forge.run.context import (
     Run,
     RunResult,
@@ -32,7 +32,7 @@ def train_sync(
     output = Path(output_dir or cfg.output_dir)
     run, done, _ = open_run(cfg, output, resume)
     log = StepLog(cfg, output, progress, "train", done)
-    failures = FailureWatch(cfg.env.max_error_fraction, cfg.env.error_window_steps)
+    failures = FailureWatch(cfg.env.max_error_fraction, cfg.env.error_window_steps, env_fix(cfg.env.name))
     step = done
     try:
         for step in range(done + 1, cfg.train.max_steps + 1):
@@ -54,7 +54,15 @@ def sync_step(run: Run, step: int, failures: FailureWatch, log: StepLog, started
     rollout_seconds = time.perf_counter() - step_started
     if trajectories and all(t.status == "lost" for t in trajectories):
         raise RunStopped(f"stopped at step {step}: every episode was lost, e.g. {trajectories[0].error}")
-    failures.observe(step, trajectories, last_step=step == cfg.train.max_steps)
+
+    def record_stopped() -> None:  # the step that stops the run: its episodes, nothing trained
+        timings = {"rollout_seconds": rollout_seconds, "step_seconds": time.perf_counter() - step_started,
+                   "wall_seconds": time.perf_counter() - started}  # fmt: skip
+        log.record(
+            step, step_metrics(trajectories, timings, swarm=cfg.swarm.enabled), trajectories, run.tokenizer
+        )
+
+    failures.observe(step, trajectories, last_step=step == cfg.train.max_steps, before_stop=record_stopped)
 
     reward_metrics, advantages = shape_rewards(run.shaper, trajectories, cfg, step)
     samples = to_samples(trajectories, advantages, cfg)
