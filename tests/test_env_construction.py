@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import slow_init_envs
+from env_fault_kit import episode_store, marked_line, rollout_worker
 
-from forge.config import Config
 from forge.env.errors import error_headline
 from forge.rollout.stuck import stuck_report
 
@@ -27,34 +27,20 @@ INLINE_ENV = "slow_init_envs:InlineSlowInitEnv"
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _line(marker: str) -> str:
-    """'file:line' of the constructor's line marked `# <marker>`."""
-    source = Path(slow_init_envs.__file__).read_text().splitlines()
-    return f"{slow_init_envs.__file__}:{next(i for i, text in enumerate(source, 1) if f'# {marker}' in text)}"
 
 
 STUCK = {
-    "sleep": _line("stuck here: one C call, the GIL released"),
-    "regex": _line("stuck here: one C call, the GIL held"),
-    "spin": _line("stuck here: a Python loop"),
+    "sleep": marked_line(slow_init_envs, "stuck here: one C call, the GIL released"),
+    "regex": marked_line(slow_init_envs, "stuck here: one C call, the GIL held"),
+    "spin": marked_line(slow_init_envs, "stuck here: a Python loop"),
 }
 
 
-def _worker(checkpoint, env_name: str, kwargs: dict, step_timeout_s: float):
-    from forge.rollout.worker import RolloutWorker
-
-    cfg = Config()
-    cfg.env.name = env_name
-    cfg.env.kwargs = kwargs
-    cfg.env.step_timeout_s = step_timeout_s
-    cfg.rollout.max_turns = 2
-    cfg.rollout.max_new_tokens = 2
-    return RolloutWorker(str(checkpoint), cfg.model, cfg.env, cfg.rollout, 0.5, seed=0)
 
 
 @pytest.mark.parametrize(("env", "hang"), [(ENV, "sleep"), (ENV, "spin"), (INLINE_ENV, "spin")])
 def test_a_worker_records_a_constructor_past_the_limit_as_errors_and_plays_on(tiny_checkpoint, env, hang):
-    worker = _worker(tiny_checkpoint, env, {"hang": hang}, step_timeout_s=0.5)
+    worker = rollout_worker(tiny_checkpoint, env, {"hang": hang}, step_timeout_s=0.5)
     started = time.monotonic()
     trajectories = asyncio.run(worker.rollout([{"task_id": "a"}, {"task_id": "b"}], 3))
     # The groups build at the same time, and a group stops building at its first failure:
@@ -72,11 +58,11 @@ def test_a_worker_records_a_constructor_past_the_limit_as_errors_and_plays_on(ti
 
 
 def test_a_constructor_that_raises_fails_its_group_with_the_users_own_line(tiny_checkpoint):
-    worker = _worker(tiny_checkpoint, ENV, {"hang": "raise"}, step_timeout_s=5.0)
+    worker = rollout_worker(tiny_checkpoint, ENV, {"hang": "raise"}, step_timeout_s=5.0)
     trajectories = asyncio.run(worker.rollout([{"task_id": "a"}], 2))
     assert [t.status for t in trajectories] == ["error", "error"]
     assert error_headline(trajectories[0].error) == (
-        f"ValueError: no board of that size (at {_line('raised here: the user')} in __init__)"
+        f"ValueError: no board of that size (at {marked_line(slow_init_envs, 'raised here: the user')} in __init__)"
     )
 
 
@@ -113,17 +99,12 @@ def test_a_constructor_holding_the_gil_ends_the_worker_with_a_report_of_its_line
     assert stuck.where == f"{STUCK['regex']} in __init__" and stuck.on_loop is on_loop
 
 
-def _store(factory, **options):
-    from forge.gateway.episodes import EpisodeStore
-
-    finished = []
-    return EpisodeStore(factory, step_timeout_s=0.3, on_finished=finished.append, **options), finished
 
 
 def test_the_gateway_answers_a_hung_constructor_with_a_504_while_its_loop_serves_on():
     from forge.gateway.episodes import EpisodeError
 
-    store, finished = _store(lambda: slow_init_envs.SlowInitEnv(hang="sleep"), env_name="SlowInitEnv")
+    store, finished = episode_store(lambda: slow_init_envs.SlowInitEnv(hang="sleep"), env_name="SlowInitEnv")
 
     async def start() -> tuple[EpisodeError, float, int]:
         ticks = 0
@@ -160,14 +141,14 @@ def test_the_gateway_answers_a_constructor_that_raises_with_a_500_naming_the_use
     from forge.gateway.server import build_app
     from forge.models.loading import load_tokenizer
 
-    store, finished = _store(lambda: slow_init_envs.SlowInitEnv(hang="raise"))
+    store, finished = episode_store(lambda: slow_init_envs.SlowInitEnv(hang="raise"))
     gateway = Gateway(None, load_tokenizer(tiny_checkpoint), store, 4, 64)
     with TestClient(build_app(gateway)) as client:
         reply = client.post("/forge/episodes", json={"task": {"task_id": "a"}})
     assert reply.status_code == 500
     message = reply.json()["error"]["message"]
     assert message.endswith(
-        f"could not start: ValueError: no board of that size (at {_line('raised here: the user')} in __init__)"
+        f"could not start: ValueError: no board of that size (at {marked_line(slow_init_envs, 'raised here: the user')} in __init__)"
     )
     assert [e.status for e in finished] == ["error"]
 
@@ -184,7 +165,7 @@ def test_a_gateway_run_counts_episodes_whose_env_could_not_be_built_as_errors(ti
     def factory():
         return slow_init_envs.SlowInitEnv(hang="sleep" if next(calls) == 1 else "")
 
-    store, _ = _store(factory, env_name="SlowInitEnv")
+    store, _ = episode_store(factory, env_name="SlowInitEnv")
     gateway = Gateway(None, load_tokenizer(tiny_checkpoint), store, 4, 64)
     with GatewayServer(gateway) as server:
         started = time.monotonic()

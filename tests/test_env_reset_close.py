@@ -13,20 +13,14 @@ from pathlib import Path
 
 import pytest
 import reset_close_envs
+from env_fault_kit import episode_store, marked_line, rollout_worker
 
-from forge.config import Config
 from forge.env import closing
 from forge.env.errors import error_headline
 
 ENV = "reset_close_envs:ResetCloseEnv"  # tests/ is on the path, as a user's folder would be
 
 
-def _line(marker: str) -> str:
-    """'file:line' of the line marked `# <marker>` in reset_close_envs.py."""
-    source = Path(reset_close_envs.__file__).read_text().splitlines()
-    return (
-        f"{reset_close_envs.__file__}:{next(i for i, text in enumerate(source, 1) if f'# {marker}' in text)}"
-    )
 
 
 def _definition(name: str) -> str:
@@ -42,22 +36,17 @@ def fresh_warnings(monkeypatch):
     monkeypatch.setattr(closing, "_WARNED", set())
 
 
-def _store(factory, **options):
-    from forge.gateway.episodes import EpisodeStore
-
-    finished = []
-    return EpisodeStore(factory, step_timeout_s=0.3, on_finished=finished.append, **options), finished
 
 
 @pytest.mark.parametrize(("on_reset", "status", "headline"), [
-    ("raise", 500, f"ValueError: no such level (at {_line('reset raised here')} in reset)"),
+    ("raise", 500, f"ValueError: no such level (at {marked_line(reset_close_envs, 'reset raised here')} in reset)"),
     ("dict", 500, f"EnvContractError: ResetCloseEnv.reset returned dict, expected str (at {_definition('reset')} in reset)"),
-    ("sleep", 504, f"EnvTimeout: ResetCloseEnv.reset took longer than 0.3s (at {_line('reset stuck here')} in reset)"),
+    ("sleep", 504, f"EnvTimeout: ResetCloseEnv.reset took longer than 0.3s (at {marked_line(reset_close_envs, 'reset stuck here')} in reset)"),
 ])  # fmt: skip
 def test_a_failed_reset_in_the_gateway_ends_its_episode_as_an_error(on_reset, status, headline):
     from forge.gateway.episodes import EpisodeError
 
-    store, finished = _store(lambda: reset_close_envs.ResetCloseEnv(on_reset=on_reset))
+    store, finished = episode_store(lambda: reset_close_envs.ResetCloseEnv(on_reset=on_reset))
 
     async def start() -> tuple[EpisodeError, float]:
         started = time.monotonic()
@@ -84,13 +73,13 @@ def test_the_agents_start_request_gets_a_500_naming_the_line_its_reset_raised_at
     from forge.gateway.server import build_app
     from forge.models.loading import load_tokenizer
 
-    store, finished = _store(lambda: reset_close_envs.ResetCloseEnv(on_reset="raise"))
+    store, finished = episode_store(lambda: reset_close_envs.ResetCloseEnv(on_reset="raise"))
     gateway = Gateway(None, load_tokenizer(tiny_checkpoint), store, 4, 64)
     with TestClient(build_app(gateway)) as client:
         reply = client.post("/forge/episodes", json={"task": {"task_id": "a"}})
     assert reply.status_code == 500
     assert reply.json()["error"]["message"].endswith(
-        f"could not start: ValueError: no such level (at {_line('reset raised here')} in reset)"
+        f"could not start: ValueError: no such level (at {marked_line(reset_close_envs, 'reset raised here')} in reset)"
     )
     assert [e.status for e in finished] == ["error"]
 
@@ -103,7 +92,7 @@ def test_a_gateway_run_takes_episodes_whose_reset_failed_as_errors(tiny_checkpoi
     from forge.run.gateway import _start_all, _take
 
     resets = iter(["", "raise", "dict"])
-    store, _ = _store(lambda: reset_close_envs.ResetCloseEnv(on_reset=next(resets)))
+    store, _ = episode_store(lambda: reset_close_envs.ResetCloseEnv(on_reset=next(resets)))
     gateway = Gateway(None, load_tokenizer(tiny_checkpoint), store, 4, 64)
     with GatewayServer(gateway) as server:
         episode_ids, failed = server.call(_start_all(gateway, [({"task_id": "a"}, "g")] * 3))
@@ -114,11 +103,11 @@ def test_a_gateway_run_takes_episodes_whose_reset_failed_as_errors(tiny_checkpoi
 
 
 @pytest.mark.parametrize(("on_close", "headline"), [
-    ("raise", f"OSError: the board file is gone (at {_line('close raised here')} in close)"),
-    ("sleep", f"EnvTimeout: ResetCloseEnv.close took longer than 0.3s (at {_line('close stuck here')} in close)"),
+    ("raise", f"OSError: the board file is gone (at {marked_line(reset_close_envs, 'close raised here')} in close)"),
+    ("sleep", f"EnvTimeout: ResetCloseEnv.close took longer than 0.3s (at {marked_line(reset_close_envs, 'close stuck here')} in close)"),
 ])  # fmt: skip
 def test_a_gateway_close_that_fails_leaves_the_episode_and_the_loop_alone(on_close, headline, capsys):
-    store, finished = _store(lambda: reset_close_envs.ResetCloseEnv(on_close=on_close))
+    store, finished = episode_store(lambda: reset_close_envs.ResetCloseEnv(on_close=on_close))
 
     async def play() -> tuple[list, float, int]:
         ticks = 0
@@ -148,31 +137,21 @@ def test_a_gateway_close_that_fails_leaves_the_episode_and_the_loop_alone(on_clo
     assert capsys.readouterr().err.count(headline) == 1  # printed once
 
 
-def _worker(checkpoint, env_name: str, kwargs: dict, step_timeout_s: float):
-    from forge.rollout.worker import RolloutWorker
-
-    cfg = Config()
-    cfg.env.name = env_name
-    cfg.env.kwargs = kwargs
-    cfg.env.step_timeout_s = step_timeout_s
-    cfg.rollout.max_turns = 2
-    cfg.rollout.max_new_tokens = 2
-    return RolloutWorker(str(checkpoint), cfg.model, cfg.env, cfg.rollout, 0.5, seed=0)
 
 
 @pytest.mark.parametrize(("env", "on_close", "headline"), [
-    (ENV, "raise", f"OSError: the board file is gone (at {_line('close raised here')} in close)"),
-    (ENV, "sleep", f"EnvTimeout: ResetCloseEnv.close took longer than 0.5s (at {_line('close stuck here')} in close)"),
+    (ENV, "raise", f"OSError: the board file is gone (at {marked_line(reset_close_envs, 'close raised here')} in close)"),
+    (ENV, "sleep", f"EnvTimeout: ResetCloseEnv.close took longer than 0.5s (at {marked_line(reset_close_envs, 'close stuck here')} in close)"),
     ("reset_close_envs:InlineResetCloseEnv", "spin",
      "EnvTimeout: ResetCloseEnv.close took longer than 0.5s (called inline: the env sets blocking = False) "
-     f"(at {_line('close spins here')} in close)"),
+     f"(at {marked_line(reset_close_envs, 'close spins here')} in close)"),
 ])  # fmt: skip
 def test_a_worker_close_that_fails_is_given_up_on_and_its_episodes_stand(
     tiny_checkpoint, env, on_close, headline, capsys, tmp_path
 ):
     from forge.metrics import MetricsLogger
 
-    worker = _worker(tiny_checkpoint, env, {"on_close": on_close}, step_timeout_s=0.5)
+    worker = rollout_worker(tiny_checkpoint, env, {"on_close": on_close}, step_timeout_s=0.5)
     started = time.monotonic()
     trajectories = asyncio.run(worker.rollout([{"task_id": "a"}, {"task_id": "b"}], 2))
     # The closes run at the same time: one time limit in all, not one per env.
@@ -200,7 +179,7 @@ def test_env_check_fails_a_generate_tasks_that_hangs():
     assert [(c.name, c.passed, c.detail) for c in report.checks] == [
         ("construct", True, "ResetCloseEnv(**{'on_tasks': 'sleep'})"),
         ("tasks", False, "ResetCloseEnv.generate_tasks did not return within 0.3s (--timeout) "
-         f"(stuck at {_line('generate_tasks stuck here')} in generate_tasks)"),
+         f"(stuck at {marked_line(reset_close_envs, 'generate_tasks stuck here')} in generate_tasks)"),
     ]  # fmt: skip
     assert "set env.tasks to it" in report.checks[-1].fix
 
@@ -216,7 +195,7 @@ def test_dry_run_fails_a_generate_tasks_past_its_limit_with_its_line(capsys):
     assert "Traceback" not in error
     assert error.splitlines()[-1].startswith(
         "forge: ResetCloseEnv.generate_tasks (env.num_tasks=10000) did not return within 0.3s "
-        f"(env.tasks_timeout_s) (stuck at {_line('generate_tasks stuck here')} in generate_tasks)"
+        f"(env.tasks_timeout_s) (stuck at {marked_line(reset_close_envs, 'generate_tasks stuck here')} in generate_tasks)"
     )
 
 
@@ -237,7 +216,7 @@ def test_a_gateway_run_whose_resets_all_fail_stops_with_exit_code_1(ray_session,
     assert main(["train", "gateway-smoke", *overrides, "--output-dir", str(tmp_path / "run")]) == 1
     error = capsys.readouterr().err
     assert "Traceback" not in error
-    assert error.count(f"ValueError: no such level (at {_line('reset raised here')} in reset)") == 1
+    assert error.count(f"ValueError: no such level (at {marked_line(reset_close_envs, 'reset raised here')} in reset)") == 1
     assert "forge: stopped at step 2: 8 of 8 episodes errored over the last 2 steps" in error
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["episodes_error"], r["agents_failed"]) for r in rows] == [(4, 0.0), (4, 0.0)]  # no agent ran
