@@ -36,3 +36,28 @@ def rollout_worker(checkpoint: Any, env_name: str, kwargs: dict, step_timeout_s:
     cfg.rollout.max_turns = 2
     cfg.rollout.max_new_tokens = 2
     return RolloutWorker(str(checkpoint), cfg.model, cfg.env, cfg.rollout, 0.5, seed=0)
+
+
+class LoopTicker:
+    """Counts how often the running event loop got to run a 50 ms tick while a test awaited
+    something: the gateway's loop serves every agent, so it must go on meanwhile."""
+
+    def __init__(self) -> None:
+        self.ticks = 0
+        self._task: Any = None
+
+    async def _tick(self) -> None:
+        import asyncio
+
+        while True:
+            await asyncio.sleep(0.05)
+            self.ticks += 1
+
+    def start(self) -> LoopTicker:
+        import asyncio
+
+        self._task = asyncio.ensure_future(self._tick())
+        return self
+
+    def stop(self) -> None:
+        self._task.cancel()

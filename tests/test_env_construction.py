@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import slow_init_envs
-from env_fault_kit import episode_store, marked_line, rollout_worker
+from env_fault_kit import LoopTicker, episode_store, marked_line, rollout_worker
 
 from forge.env.errors import error_headline
 from forge.rollout.stuck import stuck_report
@@ -107,20 +107,12 @@ def test_the_gateway_answers_a_hung_constructor_with_a_504_while_its_loop_serves
     store, finished = episode_store(lambda: slow_init_envs.SlowInitEnv(hang="sleep"), env_name="SlowInitEnv")
 
     async def start() -> tuple[EpisodeError, float, int]:
-        ticks = 0
-
-        async def tick() -> None:  # the loop serves every agent: it must go on meanwhile
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.05)
-                ticks += 1
-
-        ticker = asyncio.ensure_future(tick())
+        ticker = LoopTicker().start()  # the loop serves every agent: it must go on meanwhile
         started = time.monotonic()
         with pytest.raises(EpisodeError) as failed:
             await store.start({"task_id": "a"}, seed=0)
-        ticker.cancel()
-        return failed.value, time.monotonic() - started, ticks
+        ticker.stop()
+        return failed.value, time.monotonic() - started, ticker.ticks
 
     error, seconds, ticks = asyncio.run(start())
     assert seconds < 3 and ticks >= 3

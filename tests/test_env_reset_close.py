@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import reset_close_envs
-from env_fault_kit import episode_store, marked_line, rollout_worker
+from env_fault_kit import LoopTicker, episode_store, marked_line, rollout_worker
 
 from forge.env import closing
 from forge.env.errors import error_headline
@@ -110,23 +110,15 @@ def test_a_gateway_close_that_fails_leaves_the_episode_and_the_loop_alone(on_clo
     store, finished = episode_store(lambda: reset_close_envs.ResetCloseEnv(on_close=on_close))
 
     async def play() -> tuple[list, float, int]:
-        ticks = 0
-
-        async def tick() -> None:  # the loop serves every agent: it must go on meanwhile
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.05)
-                ticks += 1
-
-        ticker = asyncio.ensure_future(tick())
+        ticker = LoopTicker().start()  # the loop serves every agent: it must go on meanwhile
         started = time.monotonic()
         episodes = [await store.start({"task_id": "a"}, seed=0) for _ in range(2)]
         for episode in episodes:
             await store.finish(episode.episode_id, answer="7")  # not waiting for the close
         seconds = time.monotonic() - started
         await store.closed([e.episode_id for e in episodes])
-        ticker.cancel()
-        return episodes, seconds, ticks
+        ticker.stop()
+        return episodes, seconds, ticker.ticks
 
     episodes, seconds, ticks = asyncio.run(play())
     assert seconds < 0.3
