@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
 from forge.env import Env, EnvTimeout, StepResult, call_env
-from forge.env.calls import call_sync, step_with_timeout
+from forge.env.calls import Abandoned, build_env, call_sync, step_with_timeout
 
 
 class SyncEnv(Env):
@@ -140,3 +141,78 @@ def test_env_call_threads_are_reused_and_a_hung_one_is_left_behind():
         assert all(t.daemon for t in served + hung)
     finally:
         release.set()
+
+
+def spinner(where: str, stopped: list[BaseException]) -> None:
+    """Loops in Python, as a buggy env can, until an exception lands in it."""
+    try:
+        while where:
+            pass
+    except BaseException as exc:  # what stopped it
+        stopped.append(exc)
+        raise
+
+
+def wait_for(condition, timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+def test_a_step_given_up_on_while_looping_in_python_is_stopped():
+    # Left looping, its thread would take the GIL turn by turn from every later call.
+    stopped: list[BaseException] = []
+
+    class Spins(Env):
+        def step(self, action):
+            spinner("step", stopped)
+
+    async def play():
+        with pytest.raises(EnvTimeout, match="Spins.step took longer than 0.1s") as timeout:
+            await step_with_timeout(Spins(), "x", timeout_s=0.1)
+        return timeout.value
+
+    timeout = asyncio.run(play())
+    assert timeout.stuck_at is not None and timeout.stuck_at.name == "spinner"
+    assert wait_for(lambda: stopped) and isinstance(stopped[0], Abandoned)
+
+
+def test_a_constructor_given_up_on_while_looping_in_python_is_stopped():
+    stopped: list[BaseException] = []
+
+    class SpinsAtBirth(SyncEnv):
+        def __init__(self) -> None:
+            spinner("init", stopped)
+
+    with pytest.raises(EnvTimeout, match="building SpinsAtBirth took longer than 0.1s"):
+        asyncio.run(build_env(SpinsAtBirth, timeout_s=0.1))
+    assert wait_for(lambda: stopped) and isinstance(stopped[0], Abandoned)
+
+
+def test_a_call_that_returns_as_it_is_given_up_on_leaves_nothing_for_the_next_call(monkeypatch):
+    # Calls that end right at their limit, on reused threads: a stop meant for one that had
+    # just returned must never land in a later call, nor kill its thread.
+    killed: list[BaseException] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: killed.append(args.exc_value))
+
+    class AtTheLimit(Env):
+        def step(self, action):
+            time.sleep(0.005)
+            return StepResult(action)
+
+    async def play() -> tuple[int, list[str]]:
+        timeouts = 0
+        for _ in range(200):
+            try:
+                await step_with_timeout(AtTheLimit(), "x", timeout_s=0.005)
+            except EnvTimeout:
+                timeouts += 1
+        return timeouts, [
+            (await step_with_timeout(SyncEnv(), f"b{i}", timeout_s=5)).observation for i in range(100)
+        ]
+
+    timeouts, after = asyncio.run(play())
+    assert 0 < timeouts  # the race was run
+    assert after == [f"B{i}" for i in range(100)]
+    assert killed == []

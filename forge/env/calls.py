@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from forge.env.errors import is_harness
-from forge.env.watchdog import InlineTimeout, call_inline
+from forge.env.watchdog import InlineTimeout, call_inline, raise_in
 
 
 class EnvTimeout(Exception):
@@ -78,10 +78,50 @@ def in_threads() -> Iterator[None]:
         _INLINE_ALLOWED.reset(token)
 
 
-def in_daemon_thread(function: Any, *args: Any, **kwargs: Any) -> asyncio.Future:
-    """Run blocking `function` in a daemon thread (see `DaemonThreads`), as an awaitable."""
+class Abandoned(BaseException):
+    """Raised inside a daemon-thread env call the harness gave up on at its time limit, so a
+    call looping in Python stops instead of taking the GIL turn by turn from every later
+    call for the life of the process. A call stuck inside one C function gets it when that
+    function returns. A BaseException, so an env's `except Exception` does not swallow it."""
+
+
+class ThreadCall:
+    """A call running in a daemon thread: where it is, and a way to stop it once given up on."""
+
+    def __init__(self) -> None:
+        self.thread: int | None = None
+        self.finished = False
+        self._lock = threading.Lock()
+
+    def stuck_at(self) -> traceback.FrameSummary | None:
+        """The user's frame the call is in now (None when not known or not in user code)."""
+        frame = sys._current_frames().get(self.thread or -1)
+        return _user_frame(traceback.extract_stack(frame)) if frame is not None else None
+
+    def abandon(self) -> None:
+        """Raise `Abandoned` in the call, if it is still running."""
+        with self._lock:
+            if self.thread is not None and not self.finished:
+                raise_in(self.thread, Abandoned)
+
+    def run(self, function: Any, *args: Any, **kwargs: Any) -> Any:
+        self.thread = threading.get_ident()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            with self._lock:  # after this, `abandon` raises nothing; one it raised just before is withdrawn
+                self.finished = True
+                raise_in(self.thread, None)
+
+
+def in_daemon_thread(
+    function: Any, *args: Any, call: ThreadCall | None = None, **kwargs: Any
+) -> asyncio.Future:
+    """Run blocking `function` in a daemon thread (see `DaemonThreads`), as an awaitable.
+    Pass `call` to learn where it is and to stop it when the caller gives up on it."""
     loop = asyncio.get_running_loop()
     future = loop.create_future()
+    call = call or ThreadCall()
 
     def settle(result: Any, error: BaseException | None) -> None:
         if future.done():  # the caller timed out and moved on
@@ -93,8 +133,8 @@ def in_daemon_thread(function: Any, *args: Any, **kwargs: Any) -> asyncio.Future
 
     def work() -> None:
         try:
-            outcome: tuple[Any, BaseException | None] = (function(*args, **kwargs), None)
-        except BaseException as exc:  # handed to the awaiting coroutine
+            outcome: tuple[Any, BaseException | None] = (call.run(function, *args, **kwargs), None)
+        except BaseException as exc:  # handed to the awaiting coroutine (Abandoned: to nobody)
             outcome = (None, exc)
         with contextlib.suppress(RuntimeError):  # the loop closed while we ran
             loop.call_soon_threadsafe(settle, *outcome)
@@ -103,13 +143,8 @@ def in_daemon_thread(function: Any, *args: Any, **kwargs: Any) -> asyncio.Future
     return future
 
 
-async def _sync_then_await(method: Any, *args: Any, state: dict[str, Any] | None = None) -> Any:
-    def run() -> Any:
-        if state is not None:  # which thread, so a call given up on can say where it was
-            state["thread"] = threading.get_ident()
-        return method(*args)
-
-    result = await in_daemon_thread(run)
+async def _sync_then_await(method: Any, *args: Any, call: ThreadCall) -> Any:
+    result = await in_daemon_thread(method, *args, call=call)
     if inspect.isawaitable(result):
         result = await result
     return result
@@ -119,12 +154,13 @@ async def call_env(method: Any, *args: Any, timeout_s: float) -> Any:
     """Await `method(*args)` whether it is sync or async, giving up after `timeout_s`.
 
     A sync method runs in a thread so a slow env never blocks other episodes; if it hangs
-    past the timeout the caller moves on and the thread is abandoned. A sync method of an
+    past the timeout the caller moves on and the call is abandoned (stopped with `Abandoned`
+    if it loops in Python; a thread stuck in C code stays until that code returns). A sync method of an
     env with `blocking = False` runs inline on the loop: quicker, and interrupted by a
     watchdog when it hangs (see `forge.env.watchdog`). A timeout's `EnvTimeout.stuck_at`
     is where a sync call was when given up on (the user's frame), when known.
     """
-    state: dict[str, Any] = {}  # the thread a sync call runs on
+    thread_call = ThreadCall()  # a sync call's thread
     if inspect.iscoroutinefunction(method):
         call = method(*args)
     elif _INLINE_ALLOWED.get() and getattr(getattr(method, "__self__", None), "blocking", True) is False:
@@ -142,13 +178,13 @@ async def call_env(method: Any, *args: Any, timeout_s: float) -> Any:
             return result
         call = result
     else:
-        call = _sync_then_await(method, *args, state=state)
+        call = _sync_then_await(method, *args, call=thread_call)
     try:
         return await asyncio.wait_for(call, timeout=max(timeout_s, 0.0))
     except TimeoutError:
         name = getattr(method, "__qualname__", repr(method))
-        frame = sys._current_frames().get(state.get("thread", -1))
-        stuck = _user_frame(traceback.extract_stack(frame)) if frame is not None else None
+        stuck = thread_call.stuck_at()
+        thread_call.abandon()
         raise EnvTimeout(f"{name} took longer than {timeout_s:.1f}s", stuck) from None
 
 
@@ -165,8 +201,8 @@ async def build_env(
 
     Built where the env's plain methods run (see `call_env`): a class with `blocking =
     False` inline on the loop, under the watchdog; anything else in a daemon thread, so a
-    constructor that hangs costs one abandoned thread (an env it builds after all is closed)
-    while the loop serves every other episode. `stuck_at` says where the constructor was."""
+    constructor that hangs is abandoned like a call (`call_env`; an env it builds after all
+    is closed) while the loop serves every other episode. `stuck_at` says where the constructor was."""
     label = name or getattr(factory, "__name__", "")
     if not label or label.startswith("<"):  # a lambda
         label = "the env"
@@ -179,9 +215,9 @@ async def build_env(
             stuck = _user_frame(traceback.extract_tb(exc.__traceback__))
             raise EnvTimeout(f"{what}; built inline: {label} sets blocking = False", stuck) from None
     state: dict[str, Any] = {}
+    thread_call = ThreadCall()
 
     def build() -> Any:
-        state["thread"] = threading.get_ident()
         env = factory(**(kwargs or {}))
         if state.get("abandoned"):  # nobody will use it: release what it holds
             with contextlib.suppress(Exception):
@@ -191,11 +227,11 @@ async def build_env(
         return env
 
     try:
-        return await asyncio.wait_for(in_daemon_thread(build), timeout=max(timeout_s, 0.0))
+        return await asyncio.wait_for(in_daemon_thread(build, call=thread_call), timeout=max(timeout_s, 0.0))
     except TimeoutError:
         state["abandoned"] = True
-        frame = sys._current_frames().get(state.get("thread", -1))
-        stuck = _user_frame(traceback.extract_stack(frame)) if frame is not None else None
+        stuck = thread_call.stuck_at()
+        thread_call.abandon()
         raise EnvTimeout(what, stuck) from None
     except asyncio.CancelledError:
         state["abandoned"] = True

@@ -11,17 +11,15 @@ import asyncio
 import json
 import math
 import random
-import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from forge.env.base import Env, StepResult
-from forge.env.calls import EnvTimeout, build_env, call_env, in_daemon_thread
-from forge.env.errors import is_harness, user_frame
+from forge.env.calls import EnvTimeout, ThreadCall, build_env, call_env, in_daemon_thread
+from forge.env.errors import user_frame
 from forge.env.preflight import text_problem
 from forge.env.registry import resolve_env
 from forge.env.tasks import load_tasks
@@ -240,18 +238,17 @@ class _Checker:
         label = f"{self.env_class.__name__}.generate_tasks"
         self.report.calling(("tasks", label, False))
         self.in_call = ("tasks", label, time.monotonic())
-        thread: dict[str, int] = {}
+        call = ThreadCall()
 
         def generate() -> Any:
-            thread["id"] = threading.get_ident()
             return load_tasks(self.env_class, None, num_tasks, seed, **self.kwargs)
 
         try:
-            return await asyncio.wait_for(in_daemon_thread(generate), timeout=self.timeout_s)
+            return await asyncio.wait_for(in_daemon_thread(generate, call=call), timeout=self.timeout_s)
         except TimeoutError:
-            frame = sys._current_frames().get(thread.get("id", -1))
-            stuck = [f for f in traceback.extract_stack(frame) if not is_harness(f.filename)] if frame else []
-            where = f" (stuck at {stuck[-1].filename}:{stuck[-1].lineno} in {stuck[-1].name})" if stuck else ""
+            stuck = call.stuck_at()
+            call.abandon()
+            where = f" (stuck at {stuck.filename}:{stuck.lineno} in {stuck.name})" if stuck else ""
             self.record("tasks", False, f"{label} did not return within {self.timeout_s:g}s (--timeout){where}",
                         TASKS_FIX)  # fmt: skip
             raise _Stop from None

@@ -26,7 +26,9 @@ class InlineTimeout(BaseException):
     env's `except Exception` does not swallow it."""
 
 
-def _raise_in(thread_id: int, exception: type[BaseException] | None) -> None:
+def raise_in(thread_id: int, exception: type[BaseException] | None) -> None:
+    """Raise `exception` in the thread at its next Python instruction (None withdraws one
+    still pending)."""
     ctypes.pythonapi.PyThreadState_SetAsyncExc(
         ctypes.c_ulong(thread_id), ctypes.py_object(exception) if exception else ctypes.c_void_p(0)
     )
@@ -58,7 +60,7 @@ class _Watchdog:
         with self.lock:
             self.deadlines.pop(thread_id, None)
             if self.fired.pop(thread_id, False):
-                _raise_in(thread_id, None)
+                raise_in(thread_id, None)
 
     def _watch(self) -> None:
         with self.lock:
@@ -66,7 +68,7 @@ class _Watchdog:
                 now = time.monotonic()
                 for thread_id, deadline in self.deadlines.items():
                     if now >= deadline:
-                        _raise_in(thread_id, InlineTimeout)
+                        raise_in(thread_id, InlineTimeout)
                         self.deadlines[thread_id] = now + REFIRE_S
                         self.fired[thread_id] = True
                 self.wake_at = min(self.deadlines.values(), default=now + 60.0)
