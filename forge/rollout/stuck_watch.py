@@ -3,7 +3,9 @@ process it guards: the guard's exit runs no Python code, so that process cannot.
 
 `StuckWatcher` starts it; it waits until the guarded process ends (end of file on a pipe
 whose only writer that process holds, however it ends) and, if the guard's report fired,
-prints which env call was stuck and where (`stuck_message`) to the stderr they share.
+prints which env call was stuck and where (`stuck_message`) to the stderr they share, then
+ends what that process started and left running: every process carrying its `RUN_MARK`
+(a local Ray's, the gateway's agents), after `LEFTOVER_GRACE_S` to end on their own.
 """
 
 from __future__ import annotations
@@ -12,10 +14,16 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import forge
 from forge.rollout.stuck import StuckReport, read_stuck_report
+
+# The environment variable whose value marks the processes a run started (set before a
+# local Ray starts, so all of Ray's processes and the agents inherit it).
+RUN_MARK = "FORGE_RUN_MARK"
+LEFTOVER_GRACE_S = 3.0
 
 
 class StuckWatcher:
@@ -42,6 +50,7 @@ class StuckWatcher:
             repr(step_timeout_s),
             what,
             on_loop,
+            own_mark(),
         ]
         # The watcher imports this Forge, wherever this process found it.
         path = os.pathsep.join([str(Path(forge.__file__).parent.parent), os.environ.get("PYTHONPATH", "")])
@@ -66,6 +75,13 @@ class StuckWatcher:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+def own_mark() -> str:
+    """This process's `RUN_MARK` value, or "" when it set none (one inherited from the
+    process that started it marks that process's own, which must not be ended)."""
+    mark = os.environ.get(RUN_MARK, "")
+    return mark if mark.startswith(f"{os.getpid()}-") else ""
 
 
 def env_source_file(env_class: type) -> str | None:
@@ -110,16 +126,48 @@ def stuck_message(report: StuckReport, env_name: str, step_timeout_s: float, wha
 
 def watch(argv: list[str]) -> int:
     """The watcher: wait until the guarded process ends (end of file on the pipe `argv[0]`),
-    then print the message if its guard's report `argv[1]` fired."""
+    then, if its guard's report `argv[1]` fired, print the message and end its leftovers."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the guarded process, which then lets go
-    alive, report_path, env_name, env_file, step_timeout_s, what, on_loop = argv
+    alive, report_path, env_name, env_file, step_timeout_s, what, on_loop, mark = argv
     with os.fdopen(int(alive), "rb") as pipe:
         pipe.read()
     report = read_stuck_report(report_path, env_file or None)
     if report is not None:
         message = stuck_message(report, env_name, float(step_timeout_s), what, on_loop)
         print(message, file=sys.stderr, flush=True)
+        if mark:
+            end_marked(f"{RUN_MARK}={mark}", LEFTOVER_GRACE_S)
     return 0
+
+
+def marked_processes(mark: str) -> list[int]:
+    """Processes (but this one) whose environment holds `mark` ("NAME=VALUE"); Linux only."""
+    found = []
+    entry = mark.encode() + b"\0"
+    for name in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as environ:
+                if (b"\0" + environ.read()).find(b"\0" + entry) >= 0:
+                    found.append(int(name))
+        except OSError:  # ended meanwhile, or not ours to read
+            pass
+    return found
+
+
+def end_marked(mark: str, grace_s: float) -> list[int]:
+    """Let the processes holding `mark` end on their own for `grace_s`, then kill the rest.
+    Returns those killed."""
+    deadline = time.monotonic() + grace_s
+    while (left := marked_processes(mark)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    return left
 
 
 if __name__ == "__main__":

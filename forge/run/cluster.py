@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 from forge.config import Config
+from forge.rollout.stuck_watch import RUN_MARK
 
 # Ray's GCS server keeps the status and profile events of the last 100,000 tasks (its
 # default). A run makes ~5 Ray calls a step, ~3.6 KB of events each, so the GCS grew by
@@ -40,6 +42,10 @@ def start_ray(num_cpus: int | None = None, env_name: str | None = None) -> None:
             runtime_env={"py_modules": [shipped]} if shipped else None,
         )
         return
+    # Every process of this local Ray inherits the mark, so what a run that was ended
+    # abruptly left can be found (forge.rollout.stuck_watch). This process's own, never
+    # one inherited from the process that started it.
+    os.environ[RUN_MARK] = f"{os.getpid()}-{time.time_ns()}"
     ray.init(
         num_cpus=num_cpus or os.cpu_count() or 1,
         include_dashboard=False,
