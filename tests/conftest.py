@@ -34,3 +34,14 @@ def tiny_checkpoint(tmp_path_factory):
     from forge.models.tiny import save_tiny_checkpoint
 
     return save_tiny_checkpoint(TinyModelConfig(), tmp_path_factory.mktemp("tiny_model"), seed=0)
+
+
+def pytest_runtest_logreport(report):
+    """On CI, name a failed test the moment it fails (with its time), not only in the final
+    summary: a run that is cut off at CI's time limit still says what failed."""
+    if os.environ.get("CI") and report.failed:
+        import sys
+
+        print(
+            f"\nFAILED {report.nodeid} ({report.when}, {report.duration:.1f}s)", file=sys.stderr, flush=True
+        )

@@ -133,9 +133,9 @@ def test_a_gateway_close_that_fails_leaves_the_episode_and_the_loop_alone(on_clo
 
 @pytest.mark.parametrize(("env", "on_close", "headline"), [
     (ENV, "raise", f"OSError: the board file is gone (at {marked_line(reset_close_envs, 'close raised here')} in close)"),
-    (ENV, "sleep", f"EnvTimeout: ResetCloseEnv.close took longer than 0.5s (at {marked_line(reset_close_envs, 'close stuck here')} in close)"),
+    (ENV, "sleep", f"EnvTimeout: ResetCloseEnv.close took longer than 1.0s (at {marked_line(reset_close_envs, 'close stuck here')} in close)"),
     ("reset_close_envs:InlineResetCloseEnv", "spin",
-     "EnvTimeout: ResetCloseEnv.close took longer than 0.5s (called inline: the env sets blocking = False) "
+     "EnvTimeout: ResetCloseEnv.close took longer than 1.0s (called inline: the env sets blocking = False) "
      f"(at {marked_line(reset_close_envs, 'close spins here')} in close)"),
 ])  # fmt: skip
 def test_a_worker_close_that_fails_is_given_up_on_and_its_episodes_stand(
@@ -143,11 +143,21 @@ def test_a_worker_close_that_fails_is_given_up_on_and_its_episodes_stand(
 ):
     from forge.metrics import MetricsLogger
 
-    worker = rollout_worker(tiny_checkpoint, env, {"on_close": on_close}, step_timeout_s=0.5)
-    started = time.monotonic()
-    trajectories = asyncio.run(worker.rollout([{"task_id": "a"}, {"task_id": "b"}], 2))
-    # The closes run at the same time: one time limit in all, not one per env.
-    assert time.monotonic() - started < 4
+    worker = rollout_worker(tiny_checkpoint, env, {}, step_timeout_s=1.0)
+    tasks = [{"task_id": "a"}, {"task_id": "b"}]
+
+    def timed_rollout() -> tuple[list, float]:
+        started = time.monotonic()
+        return asyncio.run(worker.rollout(tasks, 2)), time.monotonic() - started
+
+    timed_rollout()  # warm
+    _, quiet = timed_rollout()
+    worker.env_kwargs = {"on_close": on_close}
+    trajectories, failing = timed_rollout()
+    # Closes in threads run at the same time: one time limit (1 s) in all, not 4 s, one per
+    # env. Inline ones (blocking = False) run on the loop, one after another.
+    limits = 1 if env == ENV else 4
+    assert failing - quiet < limits * 1.0 + 1.5, (failing, quiet)
     assert [(t.status, t.outcome, t.error) for t in trajectories] == [("ok", 1.0, None)] * 4
     assert {error_headline(t.info["close_error"]) for t in trajectories} == {headline}
     assert capsys.readouterr().err.count(headline) == 1  # printed once

@@ -48,7 +48,8 @@ def make_worker(checkpoint, env_name: str, step_timeout_s: float = 30.0, max_tur
 
 
 def test_a_hung_env_step_truncates_its_episode_without_stalling_the_others(tiny_checkpoint):
-    worker = make_worker(tiny_checkpoint, f"{__name__}:HangingEnv", step_timeout_s=1.0)
+    # The fine episodes end long before the stuck ones' 3 s limit (a slow machine's margin).
+    worker = make_worker(tiny_checkpoint, f"{__name__}:HangingEnv", step_timeout_s=3.0)
     tasks = [{"task_id": "stuck", "hang": True}, {"task_id": "fine", "hang": False}]
     started = time.monotonic()
     trajectories = asyncio.run(worker.rollout(tasks, group_size=2))
@@ -56,8 +57,8 @@ def test_a_hung_env_step_truncates_its_episode_without_stalling_the_others(tiny_
     fine = [t for t in trajectories if t.task_id == "fine"]
     assert all(t.status == "truncated" and t.error.startswith("timeout") for t in stuck)
     assert all(t.error is None and t.num_turns == 3 for t in fine)
-    assert max(t.wall_seconds for t in fine) < 1.0 <= min(t.wall_seconds for t in stuck)
-    assert time.monotonic() - started < 10
+    assert max(t.wall_seconds for t in fine) < 3.0 <= min(t.wall_seconds for t in stuck)
+    assert time.monotonic() - started < 20
 
 
 def test_an_env_that_raises_is_a_failed_episode_with_the_error(tiny_checkpoint):

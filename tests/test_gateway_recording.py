@@ -112,12 +112,14 @@ def test_a_file_that_is_not_a_recording_says_so(tmp_path):
 
 
 @pytest.mark.slow
-def test_resident_memory_levels_off_over_10000_calls(tmp_path):
+def test_resident_memory_levels_off_over_4000_calls(tmp_path):
+    # The caps are reached within ~100 episodes; `python -m bench.gateway_soak --calls 10000`
+    # is the long form (README).
     from bench.gateway_soak import soak
 
-    result = soak(10_000, every=500, max_live=32, keep_finished=16, workdir=tmp_path)
+    result = soak(4_000, every=250, max_live=32, keep_finished=16, workdir=tmp_path)
     print({k: v for k, v in result.items() if k != "series"})
-    assert result["calls"] >= 10_000
+    assert result["calls"] >= 4_000
     # Live (32) and finished (16) episodes; the engine's KV for the live ones, plus at most one
     # just-ended episode per agent whose release waits for the running batch.
     assert result["max_episodes_in_memory"] <= 32 + 16 and result["max_engine_cached_episodes"] <= 32 + 4
