@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import stuck_envs
+from env_fault_kit import LoopTicker
 
 from forge.rollout.stuck import remove_unused_reports, stuck_report
 from forge.run.faults import worker_death_note
@@ -121,20 +122,12 @@ def test_the_gateway_runs_an_inline_env_in_a_thread_so_a_stuck_step_only_times_o
     async def play() -> tuple[float, int]:
         store = EpisodeStore(stuck_envs.StuckInlineEnv, step_timeout_s=0.3)
         episode = await store.start({"task_id": "a", "stuck": "sleep"}, seed=0)
-        ticks = 0
-
-        async def tick() -> None:  # the loop serves every agent: it must go on meanwhile
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.05)
-                ticks += 1
-
-        ticker = asyncio.ensure_future(tick())
+        ticker = LoopTicker().start()  # the loop serves every agent: it must go on meanwhile
         started = time.monotonic()
         with pytest.raises(EpisodeError, match="env step failed: EnvTimeout"):
             await store.step(episode.episode_id, "x")
-        ticker.cancel()
-        return time.monotonic() - started, ticks
+        ticker.stop()
+        return time.monotonic() - started, ticker.ticks
 
     seconds, ticks = asyncio.run(play())
     assert seconds < 5 and ticks >= 3
