@@ -5,6 +5,7 @@ counts the worker's episodes lost, says so, and goes on; `forge env check` fails
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -328,3 +329,42 @@ def test_the_watcher_ends_the_processes_carrying_the_runs_mark_and_no_others(mon
     assert own_mark() == mark
     monkeypatch.setenv(RUN_MARK, "1-inherited")  # another process's: never ours to end
     assert own_mark() == ""
+
+
+@pytest.mark.parametrize("ending", ["killed", "shut down"])
+def test_a_guarded_process_killed_from_outside_leaves_nothing_running(tmp_path, ending):
+    """The watcher ends what a process left running when it died without letting go (here
+    `kill -9`), and nothing when it shut down and let go."""
+    script = textwrap.dedent(f"""
+        import os, signal, subprocess, sys
+        from forge.rollout.stuck_watch import RUN_MARK, StuckWatcher
+
+        os.environ[RUN_MARK] = f"{{os.getpid()}}-test"
+        watcher = StuckWatcher({str(tmp_path / "never.txt")!r}, "AnEnv", None, 1.0, "the gateway run", "")
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        print(child.pid, watcher.process.pid, flush=True)
+        if {ending!r} == "killed":
+            os.kill(os.getpid(), signal.SIGKILL)
+        watcher.close()
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    child, watcher = (int(pid) for pid in run.stdout.split())
+    try:
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{watcher}").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not Path(f"/proc/{watcher}").exists()  # the watcher is done
+        try:
+            child_left = "State:\tZ" not in Path(f"/proc/{child}/status").read_text()  # not a zombie
+        except OSError:
+            child_left = False
+        if ending == "killed":
+            assert not child_left
+            assert "forge: the gateway run ended without shutting down (killed, or out of memory?); " \
+                   "ended the 1 processes it left running" in run.stderr  # fmt: skip
+        else:
+            assert child_left and "forge:" not in run.stderr
+    finally:
+        with contextlib.suppress(OSError):
+            os.kill(child, 9)

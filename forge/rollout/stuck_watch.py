@@ -3,9 +3,11 @@ process it guards: the guard's exit runs no Python code, so that process cannot.
 
 `StuckWatcher` starts it; it waits until the guarded process ends (end of file on a pipe
 whose only writer that process holds, however it ends) and, if the guard's report fired,
-prints which env call was stuck and where (`stuck_message`) to the stderr they share, then
-ends what that process started and left running: every process carrying its `RUN_MARK`
-(a local Ray's, the gateway's agents), after `LEFTOVER_GRACE_S` to end on their own.
+prints which env call was stuck and where (`stuck_message`) to the stderr they share. When
+that process ended without letting the watcher go (its guard fired, or it was killed: out of
+memory, `kill -9`), the watcher then ends what it started and left running: every process
+carrying its `RUN_MARK` (a local Ray's, the gateway's agents), after `LEFTOVER_GRACE_S` to
+end on their own.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from forge.rollout.stuck import StuckReport, read_stuck_report
 # local Ray starts, so all of Ray's processes and the agents inherit it).
 RUN_MARK = "FORGE_RUN_MARK"
 LEFTOVER_GRACE_S = 3.0
+LET_GO = b"done"  # what a process that ends normally writes to its watcher
 
 
 class StuckWatcher:
@@ -68,6 +71,7 @@ class StuckWatcher:
         """Let the watcher go (this process is ending normally) and wait for it."""
         if self._alive < 0:
             return
+        os.write(self._alive, LET_GO)  # an ending it was told of: nothing to clean up
         os.close(self._alive)
         self._alive = -1
         try:
@@ -126,17 +130,25 @@ def stuck_message(report: StuckReport, env_name: str, step_timeout_s: float, wha
 
 def watch(argv: list[str]) -> int:
     """The watcher: wait until the guarded process ends (end of file on the pipe `argv[0]`),
-    then, if its guard's report `argv[1]` fired, print the message and end its leftovers."""
+    print the message if its guard's report `argv[1]` fired, and end its leftovers unless it
+    let the watcher go."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the guarded process, which then lets go
     alive, report_path, env_name, env_file, step_timeout_s, what, on_loop, mark = argv
     with os.fdopen(int(alive), "rb") as pipe:
-        pipe.read()
+        let_go = pipe.read() == LET_GO
     report = read_stuck_report(report_path, env_file or None)
     if report is not None:
         message = stuck_message(report, env_name, float(step_timeout_s), what, on_loop)
         print(message, file=sys.stderr, flush=True)
-        if mark:
-            end_marked(f"{RUN_MARK}={mark}", LEFTOVER_GRACE_S)
+    if mark and not let_go:
+        ended = end_marked(f"{RUN_MARK}={mark}", LEFTOVER_GRACE_S)
+        if ended and report is None:  # killed from outside: say what became of its processes
+            print(
+                f"forge: {what} ended without shutting down (killed, or out of memory?); ended the "
+                f"{len(ended)} processes it left running (Ray's, the agents')",
+                file=sys.stderr,
+                flush=True,
+            )
     return 0
 
 
