@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -267,3 +268,45 @@ def test_counters_restart_on_every_reset_without_the_subclass_asking():
     step(env, call("add", a=1, b=1))
     env.reset({}, 1)
     assert env.info() == {"turns": 0, "tool_calls": 0, "tool_errors": 0, "tool_seconds": 0.0}
+
+
+def test_a_sync_tool_given_up_on_while_looping_in_python_is_stopped():
+    from forge.env.calls import Abandoned, EnvTimeout, call_env
+
+    stopped: list[BaseException] = []
+
+    class Spins(ToolEnv):
+        def reset(self, task, seed):
+            return "find it"
+
+        @tool
+        def search(self, query: str) -> str:
+            """Search forever.
+
+            Args:
+                query: what to look for.
+            """
+            try:
+                while query:
+                    pass
+            except BaseException as exc:  # what stopped it
+                stopped.append(exc)
+                raise
+            return ""
+
+    env = Spins()
+    env.reset({}, 0)
+
+    async def play() -> None:
+        await call_env(env.step, call("search", query="x"), timeout_s=0.2)
+
+    try:
+        asyncio.run(play())
+    except EnvTimeout:
+        pass
+    else:
+        raise AssertionError("the step did not time out")
+    deadline = time.monotonic() + 5
+    while not stopped and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert stopped and isinstance(stopped[0], Abandoned)

@@ -8,6 +8,7 @@ a call that cannot be parsed or run becomes an error observation, never an excep
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import json
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 from forge.env.base import Env, StepResult
-from forge.env.calls import in_daemon_thread
+from forge.env.calls import ThreadCall, in_daemon_thread
 
 _TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
@@ -274,7 +275,7 @@ class ToolEnv(Env):
         try:
             if inspect.iscoroutinefunction(method):
                 return await method(**call.arguments)
-            return await in_daemon_thread(method, **call.arguments)
+            return await in_thread(method, **call.arguments)
         except Exception as exc:  # the tool's failure is the model's observation
             return f"error: {call.name} failed: {type(exc).__name__}: {exc}"
 
@@ -284,7 +285,7 @@ class ToolEnv(Env):
         if not calls and not errors:
             if inspect.iscoroutinefunction(self.finish):
                 return await self.finish(action)
-            return await in_daemon_thread(self.finish, action)  # grading may run the sandbox
+            return await in_thread(self.finish, action)  # grading may run the sandbox
         responses = [f"error: {message}" for message in errors]
         if len(calls) > self.max_calls_per_turn:
             responses.append(
@@ -310,3 +311,14 @@ class ToolEnv(Env):
         return "\n".join(
             f"<tool_response>\n{truncate(r, self.max_observation_chars)}\n</tool_response>" for r in responses
         )
+
+
+async def in_thread(function: Any, *args: Any, **kwargs: Any) -> Any:
+    """A sync tool or grader in a daemon thread; when the step awaiting it is given up on
+    (its `env.step_timeout_s`), the call is abandoned like any env call (see `ThreadCall`)."""
+    call = ThreadCall()
+    try:
+        return await in_daemon_thread(function, *args, call=call, **kwargs)
+    except asyncio.CancelledError:
+        call.abandon()
+        raise
