@@ -45,18 +45,29 @@ def transcript_sample(tokenizer: Any, messages: list[dict[str, Any]]) -> Sample:
     return Sample(ids, mask, [0.0] * len(ids), [NO_VERSION] * len(ids), advantage=1.0)
 
 
+ROLES = {"system", "developer", "user", "assistant", "tool"}  # OpenAI's chat roles
+
+
 def transcript_problem(messages: Any) -> str | None:
     """What keeps `messages` from being a transcript to learn from, or None: a list of
-    {role, content} dicts with text content (an assistant's may be empty when it carries
-    tool_calls), at least one of them the assistant's."""
+    {role, content} dicts with OpenAI's roles and text content (an assistant's may be empty
+    only when it carries tool_calls), at least one of them the assistant's."""
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         return f"needs a 'messages' list of {{role, content}} dicts, not {type(messages).__name__}"
     for index, message in enumerate(messages):
-        if not isinstance(message.get("role"), str):
+        role = message.get("role")
+        if not isinstance(role, str):
             return f"message {index} has no 'role' string"
+        if role not in ROLES:
+            return (
+                f"message {index} has role {role!r}; roles are {', '.join(sorted(ROLES))} "
+                "(ShareGPT's human and gpt are user and assistant)"
+            )
         content = message.get("content")
         if not isinstance(content, str) and not (content is None and message.get("tool_calls")):
-            return f"message {index} ({message['role']}) has 'content' {type(content).__name__}, not text"
+            return f"message {index} ({role}) has 'content' {type(content).__name__}, not text"
+        if role == "assistant" and not message.get("tool_calls") and not content.strip():
+            return f"message {index} (assistant) is empty: nothing to learn but the end of a turn"
     if not any(m["role"] == "assistant" for m in messages):
         return "has no assistant message to learn from (the loss is on assistant tokens only)"
     return None

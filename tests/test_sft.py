@@ -120,6 +120,10 @@ def test_a_swarm_config_asks_the_env_for_a_teams_demonstrations():
          "line 1 message 0 \\(user\\) has 'content' int"),
         ('{"messages": [{"content": "hi"}, {"role": "assistant", "content": "x"}]}', "line 1 message 0 has no 'role'"),
         ('{"messages": "hello"}', "line 1 needs a 'messages' list"),
+        ('{"messages": [{"role": "human", "content": "hi"}, {"role": "gpt", "content": "x"}]}',
+         "line 1 message 0 has role 'human'; roles are assistant, developer, system, tool, user \\(ShareGPT's"),
+        ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]}',
+         "line 1 message 1 \\(assistant\\) is empty"),
     ],
 )  # fmt: skip
 def test_a_transcript_file_that_cannot_teach_is_refused_naming_its_line(tmp_path, line, says):
