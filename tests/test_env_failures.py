@@ -76,12 +76,14 @@ def _this_file() -> str:
     return __file__
 
 
-def _worker(checkpoint, env_name: str, step_timeout_s: float = 30.0):
+def _worker(checkpoint, env_name: str, step_timeout_s: float = 30.0, latency: bool = False):
     from forge.rollout.worker import RolloutWorker
 
     cfg = Config()
     cfg.env.name = env_name
     cfg.env.step_timeout_s = step_timeout_s
+    if latency:  # the straggler wrapper (LatencyEnv) around the env
+        cfg.env.latency.dist, cfg.env.latency.median_ms, cfg.env.latency.p99_ms = "lognormal", 1.0, 2.0
     cfg.rollout.max_turns = 2
     cfg.rollout.max_new_tokens = 2
     return RolloutWorker(str(checkpoint), cfg.model, cfg.env, cfg.rollout, 0.5, seed=0)
@@ -100,11 +102,12 @@ def test_an_episode_error_names_the_users_own_file_and_line(tiny_checkpoint, env
     assert "Traceback (most recent call last)" in error  # the whole traceback is kept too
 
 
-def test_a_reset_of_the_wrong_type_points_at_the_reset_method(tiny_checkpoint):
+@pytest.mark.parametrize("latency", [False, True], ids=["plain", "env.latency"])
+def test_a_reset_of_the_wrong_type_points_at_the_reset_method(tiny_checkpoint, latency):
     from forge.env.errors import error_headline
 
     trajectories = asyncio.run(
-        _worker(tiny_checkpoint, f"{__name__}:DictResetEnv").rollout([{"task_id": "t"}], 1)
+        _worker(tiny_checkpoint, f"{__name__}:DictResetEnv", latency=latency).rollout([{"task_id": "t"}], 1)
     )
     assert error_headline(trajectories[0].error).startswith(
         f"EnvContractError: DictResetEnv.reset returned dict, expected str (at {_this_file()}:"

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from forge.env.base import Env, StepResult
 from forge.env.calls import EnvTimeout, call_env
 from forge.env.errors import EnvContractError, describe_env_error
+from forge.env.latency import unwrapped
 from forge.rollout.chat import ChatFormat
 from forge.rollout.engines.batching import BatchingEngine
 from forge.rollout.engines.protocol import GenerationRequest
@@ -79,8 +80,9 @@ async def run_episode(
     try:
         observation = await call_env(env.reset, task, seed, timeout_s=remaining())
         if not isinstance(observation, str):
+            inner = unwrapped(env)  # the user's env, not the env.latency wrapper
             raise EnvContractError(
-                f"{type(env).__name__}.reset returned {type(observation).__name__}, expected str", env.reset
+                f"{type(inner).__name__}.reset returned {type(observation).__name__}, expected str", inner.reset
             )
         # An env whose system prompt explains its own tool syntax shows no schemas.
         tools = env.tools if getattr(env, "render_tools", True) else None
@@ -113,8 +115,9 @@ async def run_episode(
             step = await call_env(env.step, chat.decode(result.token_ids), timeout_s=remaining(step_limit))
             turn.env_seconds = time.monotonic() - env_started
             if not isinstance(step, StepResult):
+                inner = unwrapped(env)
                 raise EnvContractError(
-                    f"{type(env).__name__}.step returned {type(step).__name__}, expected StepResult", env.step
+                    f"{type(inner).__name__}.step returned {type(step).__name__}, expected StepResult", inner.step
                 )
             outcome += float(step.reward)
             info.update(step.info)
