@@ -45,3 +45,44 @@ def pytest_runtest_logreport(report):
         print(
             f"\nFAILED {report.nodeid} ({report.when}, {report.duration:.1f}s)", file=sys.stderr, flush=True
         )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_thread_left_spinning():
+    """After each test module: no thread it left behind still runs test code on a CPU. A
+    spinning leftover takes the GIL turn by turn from every later test in the process (one
+    made the suite ~5x slower and its timed tests fail); one asleep costs nothing."""
+    yield
+    import sys
+    import threading
+    import time
+    import traceback
+    from pathlib import Path
+
+    here = str(Path(__file__).parent)
+
+    def cpu_seconds(native_id: int) -> float:
+        try:
+            fields = Path(f"/proc/self/task/{native_id}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended, or not Linux
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+    frames = sys._current_frames()
+    suspects = [
+        t for t in threading.enumerate()
+        if t is not threading.current_thread() and t.native_id and t.ident in frames
+        and any(f.filename.startswith(here) for f in traceback.extract_stack(frames[t.ident]))
+    ]  # fmt: skip
+    if not suspects:
+        return
+    before = {t.native_id: cpu_seconds(t.native_id) for t in suspects}
+    time.sleep(0.3)
+    frames = sys._current_frames()
+    spinning = [
+        f"{t.name} at {traceback.extract_stack(frames[t.ident])[-1].filename}:"
+        f"{traceback.extract_stack(frames[t.ident])[-1].lineno}"
+        for t in suspects
+        if t.ident in frames and cpu_seconds(t.native_id) - before[t.native_id] > 0.15
+    ]
+    assert not spinning, f"threads left running test code on a CPU: {spinning}"
