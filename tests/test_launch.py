@@ -54,14 +54,31 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
+class RayStartExited(RuntimeError):
+    pass
+
+
 class LoopbackCluster:
     """A head and a worker node on this machine, each a `ray start --block` process group.
 
     Its own temp dir keeps it from being found by `ray.init()` elsewhere (that looks in
     /tmp/ray), and `stop` ends only the processes it started, never `ray stop`."""
 
-    def __init__(self, cpus_per_node: int) -> None:
+    def __init__(self, cpus_per_node: int, attempts: int = 3) -> None:
+        # The ports are free when picked but may be taken before `ray start` binds them (and
+        # `ray start` then exits): a new set of ports each attempt.
+        for attempt in range(attempts):
+            try:
+                self.start_nodes(cpus_per_node)
+                return
+            except RayStartExited:
+                self.stop()
+                if attempt == attempts - 1:
+                    raise
+
+    def start_nodes(self, cpus_per_node: int) -> None:
         self.temp_dir = tempfile.mkdtemp(prefix="fr", dir="/tmp")  # short: unix socket paths
+        self.processes: list[subprocess.Popen] = []
         (gcs, self.dashboard_port, *agent_ports) = free_ports(11)
         self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         self.env["RAY_AUTH_MODE"] = "disabled"  # loopback-only test cluster
@@ -83,17 +100,25 @@ class LoopbackCluster:
                 f"--metrics-export-port={ports[2]}", f"--runtime-env-agent-port={ports[3]}"]
 
     def start(self, command: list[str]) -> subprocess.Popen:
-        return subprocess.Popen(command, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
+        log = open(Path(self.temp_dir) / f"ray-start-{len(self.processes)}.log", "w")  # noqa: SIM115
+        with log:
+            return subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
 
     def wait_for_nodes(self, count: int, timeout_s: float = 180) -> None:
         script = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
                   "print(sum(n['Alive'] for n in ray.nodes()))")
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            assert all(p.poll() is None for p in self.processes), "ray start exited"
-            result = subprocess.run([sys.executable, "-c", script, self.gcs], env=self.env,
-                                    capture_output=True, text=True)
+            for index, process in enumerate(self.processes):
+                if process.poll() is not None:
+                    log = (Path(self.temp_dir) / f"ray-start-{index}.log").read_text()[-2000:]
+                    raise RayStartExited(f"ray start exited ({process.returncode}):\n{log}")
+            try:  # ray.init waits long for a GCS that is not up (or never will be)
+                result = subprocess.run([sys.executable, "-c", script, self.gcs], env=self.env,
+                                        capture_output=True, text=True, timeout=30)
+            except subprocess.TimeoutExpired:
+                continue
             if result.returncode == 0 and result.stdout.strip().splitlines()[-1:] == [str(count)]:
                 return
             time.sleep(2)
