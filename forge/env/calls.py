@@ -98,6 +98,12 @@ class ThreadCall:
         frame = sys._current_frames().get(self.thread or -1)
         return _user_frame(traceback.extract_stack(frame)) if frame is not None else None
 
+    def give_up(self) -> traceback.FrameSummary | None:
+        """Where the call is stuck (`stuck_at`), then stop it (`abandon`): the caller moved on."""
+        stuck = self.stuck_at()
+        self.abandon()
+        return stuck
+
     def abandon(self) -> None:
         """Raise `Abandoned` in the call, if it is still running."""
         with self._lock:
@@ -183,8 +189,7 @@ async def call_env(method: Any, *args: Any, timeout_s: float) -> Any:
         return await asyncio.wait_for(call, timeout=max(timeout_s, 0.0))
     except TimeoutError:
         name = getattr(method, "__qualname__", repr(method))
-        stuck = thread_call.stuck_at()
-        thread_call.abandon()
+        stuck = thread_call.give_up()
         raise EnvTimeout(f"{name} took longer than {timeout_s:.1f}s", stuck) from None
 
 
@@ -230,8 +235,7 @@ async def build_env(
         return await asyncio.wait_for(in_daemon_thread(build, call=thread_call), timeout=max(timeout_s, 0.0))
     except TimeoutError:
         state["abandoned"] = True
-        stuck = thread_call.stuck_at()
-        thread_call.abandon()
+        stuck = thread_call.give_up()
         raise EnvTimeout(what, stuck) from None
     except asyncio.CancelledError:
         state["abandoned"] = True

@@ -246,8 +246,7 @@ class _Checker:
         try:
             return await asyncio.wait_for(in_daemon_thread(generate, call=call), timeout=self.timeout_s)
         except TimeoutError:
-            stuck = call.stuck_at()
-            call.abandon()
+            stuck = call.give_up()
             where = f" (stuck at {stuck.filename}:{stuck.lineno} in {stuck.name})" if stuck else ""
             self.record("tasks", False, f"{label} did not return within {self.timeout_s:g}s (--timeout){where}",
                         TASKS_FIX)  # fmt: skip
