@@ -6,6 +6,8 @@ or an override fails at once with the key's full dotted path and what it expects
 
 from __future__ import annotations
 
+import difflib
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -621,21 +623,65 @@ def _set_dotted(tree: dict[str, Any], path: list[str], value: Any, original: str
     node[path[-1]] = value
 
 
-def _describe(error: dict[str, Any]) -> str:
-    key = ".".join(str(part) for part in error["loc"]) or "<root>"
-    if error["type"] == "extra_forbidden":
-        return f"{key}: unknown key (check the spelling; `forge train CONFIG --dry-run` shows valid keys)"
+def known_keys(model: type[BaseModel] | None = None, prefix: str = "") -> list[str]:
+    """Every dotted key a config may set, sections included, as YAML spells them."""
+    model = model or Config
+    keys = []
+    for name, field in model.model_fields.items():
+        key = prefix + (field.alias or name)
+        keys.append(key)
+        for kind in (field.annotation, *typing.get_args(field.annotation)):
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                keys.extend(known_keys(kind, key + "."))
+    return keys
+
+
+# Names other trainers use for a key Forge spells differently.
+_SYNONYMS = {"lr": "learning_rate", "steps": "max_steps", "num_steps": "max_steps", "total_steps": "max_steps"}
+
+
+def _near(key: str) -> list[str]:
+    """The valid keys a mistyped `key` most likely meant: a near spelling in its own section,
+    the same name (or its usual synonym) in another section; else a near spelling anywhere."""
+    section, _, leaf = key.rpartition(".")
+    keys = known_keys()
+    own = [k.rpartition(".")[2] for k in keys if k.rpartition(".")[0] == section]
+    found = [f"{section}.{k}" if section else k for k in difflib.get_close_matches(leaf, own, n=3, cutoff=0.7)]
+    found += [k for k in keys if k.rpartition(".")[2] in (leaf, _SYNONYMS.get(leaf)) and k != key]
+    found = found or difflib.get_close_matches(key, keys, n=3, cutoff=0.75)
+    return list(dict.fromkeys(found))[:3]
+
+
+def _describe(error: dict[str, Any], overrides: dict[str, str]) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    unknown = error["type"] == "extra_forbidden"  # an unknown section holds the overridden key
+    given = next(
+        (
+            text
+            for path, text in overrides.items()
+            if key and (key == path or key.startswith(path + ".") or (unknown and path.startswith(key + ".")))
+        ),
+        None,
+    )
+    where = f" (set on the command line by {given!r})" if given else ""
+    if unknown:
+        near = _near(key)
+        hint = f"; did you mean {' or '.join(near)}?" if near else ""
+        return f"{key}: unknown key{where}{hint} (`forge train CONFIG --dry-run` shows valid keys)"
     expected = error.get("msg", "invalid value")
+    if error["type"] == "value_error":
+        expected = expected.removeprefix("Value error, ")
     got = error.get("input")
     got_text = "" if isinstance(got, dict) else f" (got {got!r})"
-    return f"{key}: {expected}{got_text}"
+    return f"{key}: {expected}{got_text}{where}" if key else f"{expected}{where}"
 
 
-def validate(raw: dict[str, Any], source: str = "config") -> Config:
+def validate(raw: dict[str, Any], source: str = "config", overrides: dict[str, str] | None = None) -> Config:
+    """`overrides`: dotted key -> the command-line text that set it, so an error names it."""
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
-        lines = "\n  ".join(_describe(err) for err in exc.errors())
+        lines = "\n  ".join(_describe(err, overrides or {}) for err in exc.errors())
         raise ConfigError(f"invalid {source}:\n  {lines}") from None
 
 
@@ -672,7 +718,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path} must hold a mapping of sections, got {type(loaded).__name__}")
         raw = loaded or {}
         source = str(path)
+    given = {}
     for text in overrides or []:
         key_path, value = parse_override(text)
         _set_dotted(raw, key_path, value, text)
-    return validate(raw, source)
+        given[".".join(key_path)] = text
+    return validate(raw, source, given)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import json
 from types import SimpleNamespace
 
 import pytest
 import yaml
 
 from forge.cli import main
-from forge.config import ConfigError, load_config, parse_override
+from forge.config import ConfigError, known_keys, load_config, parse_override
 
 
 def test_overrides_set_nested_keys_with_yaml_typed_values():
@@ -27,6 +29,54 @@ def test_async_section_is_spelled_async_in_yaml(tmp_path):
 def test_unknown_key_is_rejected_with_its_dotted_path():
     with pytest.raises(ConfigError, match=r"train\.max_stepz: unknown key"):
         load_config(None, ["train.max_stepz=3"])
+
+
+@pytest.mark.parametrize(
+    ("override", "meant"),
+    [
+        ("train.max_stepz=3", "train.max_steps"),  # a typo in its own section
+        ("rollout.temprature=0.5", "rollout.temperature"),
+        ("trainer.learning_rate=1e-5", "train.learning_rate"),  # the right name in another section
+        ("train.lr=1e-5", "train.learning_rate"),  # another trainer's name for it
+        ("train.steps=3", "train.max_steps"),
+        ("rolout.num_workers=2", "rollout"),  # a misspelt section
+    ],
+)
+def test_an_unknown_key_names_the_key_it_likely_meant_and_the_override_that_set_it(override, meant):
+    with pytest.raises(ConfigError) as caught:
+        load_config("configs/smoke.yaml", [override])
+    message = str(caught.value)
+    assert f"did you mean {meant}?" in message
+    assert f"set on the command line by {override!r}" in message
+
+
+def test_an_unknown_key_nothing_resembles_gets_no_guess():
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, ["zzz.qqq=1"])
+    assert "zzz: unknown key" in str(caught.value) and "did you mean" not in str(caught.value)
+
+
+def test_known_keys_are_spelled_as_yaml_spells_them():
+    keys = known_keys()
+    assert {"async.max_staleness", "env.latency.median_ms", "train.max_steps", "model.lora.r"} <= set(keys)
+    assert not any(key.startswith("async_") for key in keys)
+    defaults = load_config(None).to_dict()
+    for key in keys:  # each one an override may set (sections too, as mappings): here to its default
+        value = functools.reduce(lambda node, part: node[part], key.split("."), defaults)
+        assert load_config(None, [f"{key}={json.dumps(value)}"]).to_dict() == defaults, key
+
+
+def test_a_bad_value_names_its_override_and_a_check_speaks_in_forges_words(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, ["rollout.tasks_per_step=0"])
+    assert "rollout.tasks_per_step: Input should be greater than 0 (got 0) (set on the command line by" in str(caught.value)
+    path = tmp_path / "c.yaml"
+    path.write_text("rollout:\n  group_size: 1\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert "the grpo advantage needs at least 2 episodes per task" in message
+    assert "Value error" not in message and "<root>" not in message and "command line" not in message
 
 
 def test_unknown_key_in_yaml_file_names_the_file_and_key(tmp_path):
