@@ -125,10 +125,14 @@ class EnvConfig(Section):
     tasks_timeout_s: float = Field(
         300.0, gt=0, description="limit on generate_tasks (when tasks is unset), checked before a run starts"
     )
-    step_timeout_s: float = Field(30.0, gt=0, description="harness-enforced limit on building an env and on one env step")
+    step_timeout_s: float = Field(
+        30.0, gt=0, description="harness-enforced limit on building an env and on one env step"
+    )
     episode_timeout_s: float = Field(600.0, gt=0, description="harness-enforced limit on one episode")
     max_error_fraction: float = Field(
-        0.5, ge=0, le=1,
+        0.5,
+        ge=0,
+        le=1,
         description="a run stops (exit code 1) when more than this share of its episodes errored over the last "
         "error_window_steps steps (1: never stops)",
     )
@@ -167,18 +171,30 @@ class RolloutConfig(Section):
         description="engine: remote: server URLs, http://host:port (forge serve), vllm+http://... or sglang+http://...",
     )
     num_engines: int = Field(2, gt=0, description="engine: server: forge serve actors to start")
-    num_cpus_per_engine: float = Field(0.5, ge=0, description="engine: server: CPUs each engine actor reserves")
-    num_gpus_per_engine: float = Field(0.0, ge=0, description="engine: server: GPUs each engine actor reserves")
-    engine_host: str = Field("127.0.0.1", description="engine: server: address the engines listen on "
-                             "(0.0.0.0 when workers run on other nodes)")
+    num_cpus_per_engine: float = Field(
+        0.5, ge=0, description="engine: server: CPUs each engine actor reserves"
+    )
+    num_gpus_per_engine: float = Field(
+        0.0, ge=0, description="engine: server: GPUs each engine actor reserves"
+    )
+    engine_host: str = Field(
+        "127.0.0.1",
+        description="engine: server: address the engines listen on (0.0.0.0 when workers run on other nodes)",
+    )
     prefix_cache_tokens: int = Field(
-        65536, ge=0, description="engine: server: episodes' KV each engine keeps between calls, in tokens (LRU)"
+        65536,
+        ge=0,
+        description="engine: server: episodes' KV each engine keeps between calls, in tokens (LRU)",
     )
     max_engine_restarts: int = Field(
-        3, ge=0, description="engine: server: lost engines replaced by new ones over a run (their episodes stay lost)"
+        3,
+        ge=0,
+        description="engine: server: lost engines replaced by new ones over a run (their episodes stay lost)",
     )
     engine_timeout_s: float = Field(
-        120.0, gt=0, description="a generate call or weight update an engine has not answered by then counts it lost"
+        120.0,
+        gt=0,
+        description="a generate call or weight update an engine has not answered by then counts it lost",
     )
     weight_sync: Literal["auto", "object_store", "folder", "broadcast"] = Field(
         "auto",
@@ -187,7 +203,8 @@ class RolloutConfig(Section):
         "auto = the fastest measured per case (bench.weight_sync)",
     )
     weight_dir: str | None = Field(
-        None, description="engine: remote with SGLang servers: a folder trainer and servers share, for new weights"
+        None,
+        description="engine: remote with SGLang servers: a folder trainer and servers share, for new weights",
     )
     torch_threads: int | None = Field(
         None,
@@ -221,7 +238,9 @@ class TrainConfig(Section):
         description="learning rate after warmup: constant, or decayed to min_lr_ratio * learning_rate "
         "at the last of the run's max_steps * minibatches_per_step optimizer steps",
     )
-    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="where linear / cosine decay ends, as a fraction")
+    min_lr_ratio: float = Field(
+        0.0, ge=0, le=1, description="where linear / cosine decay ends, as a fraction"
+    )
     minibatches_per_step: int = Field(
         1, gt=0, description="optimizer steps per rollout batch, each on a disjoint slice (PPO-style)"
     )
@@ -239,7 +258,9 @@ class TrainConfig(Section):
     clip_high: float = Field(0.28, ge=0, description="ppo_clip: DAPO clip-higher upper bound")
     cispo_clip_low: float = Field(0.0, ge=0, description="cispo: lower bound of the stop-gradient IS weight")
     cispo_clip_high: float = Field(5.0, gt=0, description="cispo: upper bound of the stop-gradient IS weight")
-    gspo_clip_low: float = Field(3e-4, ge=0, description="gspo: sequence ratio clipped to [1 - low, 1 + high]")
+    gspo_clip_low: float = Field(
+        3e-4, ge=0, description="gspo: sequence ratio clipped to [1 - low, 1 + high]"
+    )
     gspo_clip_high: float = Field(4e-4, ge=0, description="gspo: upper clip of the sequence ratio")
     tis_cap: float | None = Field(None, description="truncated importance sampling cap; unset disables")
     kl_coef: float = Field(0.0, ge=0, description="KL to the frozen initial policy; 0 disables")
@@ -256,28 +277,36 @@ class TrainConfig(Section):
         "(every built-in loss) and kl_coef and entropy_coef are 0",
     )
     checkpoint_every: int = Field(
-        50, ge=0, description="write a resumable checkpoint every this many steps (and at the last); 0 disables"
+        50,
+        ge=0,
+        description="write a resumable checkpoint every this many steps (and at the last); 0 disables",
     )
     keep_checkpoints: int = Field(2, ge=0, description="resumable checkpoints kept on disk; 0 keeps all")
     num_cpus: float = Field(1.0, gt=0, description="CPUs reserved for the trainer (per trainer process)")
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved for the trainer (per trainer process)")
     torch_threads: int | None = Field(
-        None, gt=0, description="torch intra-op threads per trainer process; unset: num_cpus rounded down, at least 1"
+        None,
+        gt=0,
+        description="torch intra-op threads per trainer process; unset: num_cpus rounded down, at least 1",
     )
 
     @property
     def threads(self) -> int:
         """The torch thread count a trainer process runs at."""
         return self.torch_threads or max(1, int(self.num_cpus))
+
     num_trainers: int = Field(
-        1, gt=0, description="data-parallel trainer processes (Ray actors, one process group); 1 = single trainer"
+        1,
+        gt=0,
+        description="data-parallel trainer processes (Ray actors, one process group); 1 = single trainer",
     )
     strategy: Literal["ddp", "fsdp"] = Field(
         "ddp", description="num_trainers > 1: ddp copies the model to each, fsdp (FSDP2) shards it"
     )
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(
-        "no", description="num_trainers > 1: compute in this precision (bf16 on GPU; fp16 only under ddp); "
-        "the single trainer uses model.dtype"
+        "no",
+        description="num_trainers > 1: compute in this precision (bf16 on GPU; fp16 only under ddp); "
+        "the single trainer uses model.dtype",
     )
 
     @model_validator(mode="after")
@@ -396,12 +425,18 @@ class ParlConfig(Section):
 
     enabled: bool = Field(False, description="add the spawn and finish terms to the reward")
     spawn_weight: float = Field(
-        0.1, ge=0, description="largest bonus for spawning, as a fraction of outcome_gap: weight * min(spawned, "
-        "spawn_cap) / spawn_cap"
+        0.1,
+        ge=0,
+        description="largest bonus for spawning, as a fraction of outcome_gap: weight * min(spawned, "
+        "spawn_cap) / spawn_cap",
     )
-    spawn_cap: int = Field(4, gt=0, description="sub-agents spawned in an episode at which the spawn term is full")
+    spawn_cap: int = Field(
+        4, gt=0, description="sub-agents spawned in an episode at which the spawn term is full"
+    )
     finish_weight: float = Field(
-        0.1, ge=0, description="bonus for the share of spawned sub-agents that finished, as a fraction of outcome_gap"
+        0.1,
+        ge=0,
+        description="bonus for the share of spawned sub-agents that finished, as a fraction of outcome_gap",
     )
     anneal_fraction: float = Field(
         0.5, gt=0, le=1, description="share of train.max_steps over which both weights fall linearly to 0"
@@ -447,7 +482,9 @@ class SwarmConfig(Section):
     on the rollout worker and their answers come back as the tool's result."""
 
     enabled: bool = Field(False, description="offer the spawn tool to the env's agent (a ToolEnv)")
-    max_subagents_per_call: int = Field(8, gt=0, description="sub-tasks one spawn call may start; the rest get errors")
+    max_subagents_per_call: int = Field(
+        8, gt=0, description="sub-tasks one spawn call may start; the rest get errors"
+    )
     max_subagents_per_episode: int = Field(16, gt=0, description="sub-agents one episode may start in all")
     depth: int = Field(1, gt=0, description="spawn levels: 1 = sub-agents cannot spawn")
     timeout_s: float = Field(
@@ -462,12 +499,15 @@ class SwarmConfig(Section):
         "from the policy being trained",
     )
     frozen_version: int = Field(
-        0, ge=0, description="frozen: the policy version kept for sub-agents (0 = the initial weights; until the "
-        "run reaches a later one, sub-agents use the current policy)"
+        0,
+        ge=0,
+        description="frozen: the policy version kept for sub-agents (0 = the initial weights; until the "
+        "run reaches a later one, sub-agents use the current policy)",
     )
     train_subagents: bool = Field(
-        False, description="train on sub-agents' turns too (needs subagent_policy current), with their "
-        "orchestrator episode's advantage"
+        False,
+        description="train on sub-agents' turns too (needs subagent_policy current), with their "
+        "orchestrator episode's advantage",
     )
 
     @model_validator(mode="after")
@@ -489,8 +529,10 @@ class AsyncConfig(Section):
         "none: no window, whatever finished first",
     )
     max_buffered_groups: int | None = Field(
-        None, gt=0, description="groups in flight or waiting before rollout pauses; unset: as many as max_staleness "
-        "lets train, (max_staleness + 1) * tasks_per_step"
+        None,
+        gt=0,
+        description="groups in flight or waiting before rollout pauses; unset: as many as max_staleness "
+        "lets train, (max_staleness + 1) * tasks_per_step",
     )
     max_worker_restarts: int = Field(3, ge=0, description="times Ray restarts a dead rollout worker")
 
@@ -515,10 +557,14 @@ class SandboxConfig(Section):
         "(rlimits + uid only: host files any user may read, /tmp, loopback services); warned on the console",
     )
     python: str | None = Field(
-        None, description="interpreter for sandboxed Python; null: the harness's own, with its packages (read-only)"
+        None,
+        description="interpreter for sandboxed Python; null: the harness's own, with its packages (read-only)",
     )
     level: int | None = Field(
-        None, ge=0, le=2, description="written by the run into its config.yaml: the level it used (ignored as input)"
+        None,
+        ge=0,
+        le=2,
+        description="written by the run into its config.yaml: the level it used (ignored as input)",
     )
 
 
@@ -535,7 +581,9 @@ class GatewayConfig(Section):
         "OPENAI_API_KEY (= the episode id), FORGE_GATEWAY_URL, FORGE_EPISODE_ID and FORGE_MAX_TURNS",
     )
     max_concurrent_agents: int = Field(8, gt=0, description="agent processes running at once")
-    agent_timeout_s: float = Field(300.0, gt=0, description="an agent process still running after this is killed")
+    agent_timeout_s: float = Field(
+        300.0, gt=0, description="an agent process still running after this is killed"
+    )
     sampling: Literal["override", "honour"] = Field(
         "override",
         description="override: requests sample with rollout.temperature/top_p (an X-Forge-Sampling header says "
@@ -552,8 +600,10 @@ class LoggingConfig(Section):
     progress_bar: bool = True
     trajectory_samples: int = Field(4, ge=0, description="decoded trajectories saved per saved step")
     trajectories_every: int = Field(
-        1, gt=0, description="save trajectory samples on every Nth step only (steps N, 2N, ...): "
-        "trajectories.jsonl grows N times slower"
+        1,
+        gt=0,
+        description="save trajectory samples on every Nth step only (steps N, 2N, ...): "
+        "trajectories.jsonl grows N times slower",
     )
 
 
@@ -581,15 +631,23 @@ class Config(Section):
                 f"rollout.group_size={self.rollout.group_size}: the {self.train.advantage} advantage "
                 "needs at least 2 episodes per task"
             )
-        if self.swarm.enabled and self.swarm.subagent_policy == "frozen" and self.rollout.engine != "inprocess":
+        if (
+            self.swarm.enabled
+            and self.swarm.subagent_policy == "frozen"
+            and self.rollout.engine != "inprocess"
+        ):
             raise ValueError(
                 "swarm.subagent_policy frozen keeps a weight snapshot in each rollout worker, which needs "
                 "rollout.engine: inprocess; use swarm.subagent_policy: current with engine servers"
             )
         if self.swarm.enabled and self.gateway.enabled:
-            raise ValueError("swarm.enabled plays sub-agents in Forge's own agent loop; gateway runs cannot use it")
+            raise ValueError(
+                "swarm.enabled plays sub-agents in Forge's own agent loop; gateway runs cannot use it"
+            )
         if self.reward.parl.enabled and not self.swarm.enabled:
-            raise ValueError("reward.parl rewards spawned sub-agents: set swarm.enabled: true or turn reward.parl off")
+            raise ValueError(
+                "reward.parl rewards spawned sub-agents: set swarm.enabled: true or turn reward.parl off"
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -616,9 +674,7 @@ def _set_dotted(tree: dict[str, Any], path: list[str], value: Any, original: str
     for i, part in enumerate(path[:-1]):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(
-                f"override {original!r}: {'.'.join(path[: i + 1])} is a value, not a section"
-            )
+            raise ConfigError(f"override {original!r}: {'.'.join(path[: i + 1])} is a value, not a section")
         node = child
     node[path[-1]] = value
 
@@ -637,7 +693,12 @@ def known_keys(model: type[BaseModel] | None = None, prefix: str = "") -> list[s
 
 
 # Names other trainers use for a key Forge spells differently.
-_SYNONYMS = {"lr": "learning_rate", "steps": "max_steps", "num_steps": "max_steps", "total_steps": "max_steps"}
+_SYNONYMS = {
+    "lr": "learning_rate",
+    "steps": "max_steps",
+    "num_steps": "max_steps",
+    "total_steps": "max_steps",
+}
 
 
 def _near(key: str) -> list[str]:
@@ -646,7 +707,9 @@ def _near(key: str) -> list[str]:
     section, _, leaf = key.rpartition(".")
     keys = known_keys()
     own = [k.rpartition(".")[2] for k in keys if k.rpartition(".")[0] == section]
-    found = [f"{section}.{k}" if section else k for k in difflib.get_close_matches(leaf, own, n=3, cutoff=0.7)]
+    found = [
+        f"{section}.{k}" if section else k for k in difflib.get_close_matches(leaf, own, n=3, cutoff=0.7)
+    ]
     found += [k for k in keys if k.rpartition(".")[2] in (leaf, _SYNONYMS.get(leaf)) and k != key]
     found = found or difflib.get_close_matches(key, keys, n=3, cutoff=0.75)
     return list(dict.fromkeys(found))[:3]

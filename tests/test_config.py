@@ -69,7 +69,10 @@ def test_known_keys_are_spelled_as_yaml_spells_them():
 def test_a_bad_value_names_its_override_and_a_check_speaks_in_forges_words(tmp_path):
     with pytest.raises(ConfigError) as caught:
         load_config(None, ["rollout.tasks_per_step=0"])
-    assert "rollout.tasks_per_step: Input should be greater than 0 (got 0) (set on the command line by" in str(caught.value)
+    assert (
+        "rollout.tasks_per_step: Input should be greater than 0 (got 0) (set on the command line by"
+        in str(caught.value)
+    )
     path = tmp_path / "c.yaml"
     path.write_text("rollout:\n  group_size: 1\n")
     with pytest.raises(ConfigError) as caught:
@@ -121,8 +124,20 @@ def test_missing_config_file_is_a_clear_error(tmp_path):
 
 
 def test_overrides_may_follow_an_option_and_unknown_options_are_refused(capsys, tmp_path):
-    assert main(["train", "configs/smoke.yaml", "--output-dir", str(tmp_path), "train.max_steps=3",
-                 "--dry-run", "rollout.group_size=2"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "configs/smoke.yaml",
+                "--output-dir",
+                str(tmp_path),
+                "train.max_steps=3",
+                "--dry-run",
+                "rollout.group_size=2",
+            ]
+        )
+        == 0
+    )
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["train"]["max_steps"] == 3 and printed["rollout"]["group_size"] == 2
     assert printed["output_dir"] == str(tmp_path)
@@ -132,7 +147,9 @@ def test_overrides_may_follow_an_option_and_unknown_options_are_refused(capsys, 
 
 
 def test_dry_run_prints_resolved_config_and_starts_nothing(capsys, tmp_path):
-    code = main(["train", "configs/smoke.yaml", "train.max_steps=7", "--dry-run", "--output-dir", str(tmp_path / "r")])
+    code = main(
+        ["train", "configs/smoke.yaml", "train.max_steps=7", "--dry-run", "--output-dir", str(tmp_path / "r")]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "max_steps: 7" in out
@@ -148,12 +165,14 @@ def test_cli_reports_bad_key_without_traceback(capsys):
     assert "Traceback" not in err
 
 
-
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
         (["rollout.engine=remote"], "rollout.engine=remote needs rollout.servers"),
-        (["train.mode=async", "rollout.engine=server", "rollout.weight_sync=folder"], "rollout.weight_sync=folder with"),
+        (
+            ["train.mode=async", "rollout.engine=server", "rollout.weight_sync=folder"],
+            "rollout.weight_sync=folder with",
+        ),
         (["gateway.enabled=true", "train.mode=async"], "gateway runs train in sync mode only"),
     ],
 )
@@ -163,6 +182,7 @@ def test_dry_run_refuses_what_the_run_would_refuse(capsys, overrides, message):
     assert code == 2
     assert message in err
     assert "Traceback" not in err
+
 
 def test_bench_with_an_unknown_name_is_a_clear_error(capsys):
     assert main(["bench", "no_such_bench"]) == 2
