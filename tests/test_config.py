@@ -228,3 +228,23 @@ def test_overwrite_removes_the_earlier_runs_files_and_nothing_else(tmp_path, mon
     monkeypatch.setattr(launch, "train", lambda cfg, **kwargs: calls.append(kwargs) or done)
     assert main(["train", "configs/smoke.yaml", "--output-dir", str(tmp_path), "--overwrite"]) == 0
     assert calls == [{"resume": False, "overwrite": True}]
+
+
+@pytest.mark.parametrize(
+    ("path", "says"),
+    [
+        ("{tmp}", "it has no config.json"),
+        ("{tmp}/missing", "it does not exist); point it at a local folder saved with save_pretrained"),
+        (
+            "Qwen/Qwen3-0.6B",
+            "does not download from the Hugging Face hub; if 'Qwen/Qwen3-0.6B' is a hub model, "
+            "download it once (hf download Qwen/Qwen3-0.6B --local-dir /models/Qwen3-0.6B)",
+        ),
+    ],
+)
+def test_the_dry_run_refuses_a_model_path_that_is_not_a_checkpoint_folder(capsys, tmp_path, path, says):
+    given = path.format(tmp=tmp_path)
+    assert main(["train", "smoke", f"model.path={given}", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert f"model.path={given!r} is not a Hugging Face checkpoint folder" in err and says in err
+    assert "Traceback" not in err

@@ -20,16 +20,29 @@ def quiet_transformers() -> None:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def checkpoint_folder(given: str) -> Path:
+    """`model.path` as a checkpoint folder, or an error saying what to give instead (a hub
+    name such as Qwen/Qwen3-0.6B is not fetched: every process of a run, on every node, loads
+    the same local folder)."""
+    path = Path(given).expanduser()
+    if (path / "config.json").is_file():
+        return path
+    what = "has no config.json" if path.is_dir() else "does not exist"
+    hint = "point it at a local folder saved with save_pretrained, or unset it for the tiny model"
+    parts = given.split("/")
+    if not path.exists() and len(parts) == 2 and all(parts) and not given.startswith((".", "~")):
+        hint = (
+            f"Forge loads local folders only and does not download from the Hugging Face hub; if {given!r} "
+            f"is a hub model, download it once (hf download {given} --local-dir /models/{parts[1]}) "
+            f"and set model.path=/models/{parts[1]} (a folder every node can read)"
+        )
+    raise FileNotFoundError(f"model.path={given!r} is not a Hugging Face checkpoint folder (it {what}); {hint}")
+
+
 def resolve_model_path(cfg: ModelConfig, cache_dir: str | Path, seed: int = 0) -> Path:
     """The checkpoint folder to load: `cfg.path`, or a freshly built tiny checkpoint."""
     if cfg.path is not None:
-        path = Path(cfg.path).expanduser()
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"model.path={cfg.path!r} is not a Hugging Face checkpoint folder (no config.json); "
-                "point it at a local folder saved with save_pretrained, or unset it for the tiny model"
-            )
-        return path
+        return checkpoint_folder(cfg.path)
     from forge.models.tiny import save_tiny_checkpoint
 
     return save_tiny_checkpoint(cfg.tiny, Path(cache_dir), seed=seed)
