@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         "config",
         help="a built-in config's name (forge configs lists them) or a YAML file, e.g. smoke or my-run.yaml",
     )
-    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=20")
+    train.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. train.max_steps=20")
     train.add_argument("--dry-run", action="store_true", help="validate and print the resolved config")
     train.add_argument("--output-dir", help="where the run writes (overrides output_dir)")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     warm = commands.add_parser("sft", help="supervised warm start on chat transcripts (loss on assistant tokens)")
     warm.add_argument("config", help="YAML config: its model, env (for demonstrations), train and trainer settings")
-    warm.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.learning_rate=1e-3")
+    warm.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. train.learning_rate=1e-3")
     warm.add_argument("--data", help="jsonl of {'messages': [...]}; default: the env's demonstrations(tasks)")
     warm.add_argument("--output-dir", help="where the run writes (default: output_dir + '-sft')")
     warm.add_argument("--overwrite", action="store_true", help="replace an earlier run in --output-dir")
@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
         "config",
         help="the config the model was trained with (env, rollout limits): a built-in name or a YAML file",
     )
-    evaluate.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rollout.temperature=0.7")
+    evaluate.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. rollout.temperature=0.7")
     evaluate.add_argument("--checkpoint", required=True, help="model folder, e.g. runs/smoke/final")
     evaluate.add_argument("--episodes", type=int, default=8, help="episodes per task")
     evaluate.add_argument("--tasks", type=int, default=16, help="how many of the env's tasks to play")

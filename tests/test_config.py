@@ -248,3 +248,10 @@ def test_the_dry_run_refuses_a_model_path_that_is_not_a_checkpoint_folder(capsys
     err = capsys.readouterr().err
     assert f"model.path={given!r} is not a Hugging Face checkpoint folder" in err and says in err
     assert "Traceback" not in err
+
+
+def test_a_command_without_its_config_names_only_what_is_missing(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval"])
+    err = capsys.readouterr().err
+    assert "the following arguments are required: config, --checkpoint" in err  # not "overrides": they are optional
