@@ -1,16 +1,30 @@
-"""A long-running gateway: finished episodes recorded to disk in the training form and
-dropped from memory, their KV freed at their end, live episodes capped (the least recently
-used ended), and a 10,000-call soak whose resident memory levels off."""
+"""A long-running gateway: finished episodes recorded to disk in the training form, after
+their env's close (its outcome recorded with them), and dropped from memory, their KV freed
+at their end, live episodes capped (the least recently used ended), stopping the server
+(Ctrl-C, a kill) recording every episode once, and a soak whose resident memory levels off."""
 
 from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+import subprocess
+import sys
+import time
 
 import httpx
 import openai
 import pytest
+import reset_close_envs
+from env_fault_kit import marked_line
 from gateway_helpers import calls_of, client
 
 from forge.config import ModelConfig
+from forge.env.base import Env, StepResult
+from forge.env.errors import error_headline
 from forge.gateway import Gateway, GatewayServer
+from forge.gateway.episodes import SHUT_DOWN, SHUTDOWN_GRACE_S, EpisodeStore
 from forge.gateway.recording import read_recorded, standalone_store
 from forge.models.loading import load_model, load_tokenizer
 from forge.rollout.engines.hf import HFEngine
@@ -85,10 +99,14 @@ def test_past_the_cap_the_least_recently_used_live_episode_is_ended_and_recorded
             client(server, idle["episode_id"]).chat.completions.create(model="p", messages=USER)
         client(server, newest["episode_id"]).chat.completions.create(model="p", messages=USER)
         ended = store.get(idle["episode_id"])
-    assert ended.status == "truncated" and "least recently" in ended.error
-    assert not store.get(busy["episode_id"]).finished
-    [(trajectory, _)] = read_recorded(tmp_path / "episodes.jsonl")
-    assert trajectory.info["episode_id"] == idle["episode_id"]
+        assert ended.status == "truncated" and "least recently" in ended.error
+        assert not store.get(busy["episode_id"]).finished
+        [(trajectory, _)] = read_recorded(tmp_path / "episodes.jsonl")
+        assert trajectory.info["episode_id"] == idle["episode_id"]
+    # Stopping the server ends the live ones; each episode is recorded once.
+    assert [t.info["episode_id"] for t, _ in read_recorded(tmp_path / "episodes.jsonl")] == [
+        e["episode_id"] for e in (idle, busy, newest)
+    ]
 
 
 def test_only_the_last_finished_episodes_stay_in_memory(engine, tokenizer, tmp_path):
@@ -140,4 +158,114 @@ def test_forge_serve_records_the_episodes_agents_play_through_it(tiny_checkpoint
     generated = [t for t, m in zip(sample.token_ids, sample.loss_mask, strict=True) if m]
     assert len(generated) == reply.usage.completion_tokens
     assert [e.logprob for e in reply.choices[0].logprobs.content] == [
-        lp for lp, m in zip(sample.behaviour_logprobs, sample.loss_mask, strict=True) if m]
+        lp for lp, m in zip(sample.behaviour_logprobs, sample.loss_mask, strict=True) if m
+    ]
+
+
+def end_with_answer(server: GatewayServer, episode: dict) -> None:
+    httpx.post(f"{server.root_url}/forge/episodes/{episode['episode_id']}/finish", json={"answer": "7"})
+
+
+@pytest.mark.parametrize(("on_close", "headline"), [
+    ("raise", f"OSError: the board file is gone (at {marked_line(reset_close_envs, 'close raised here')} in close)"),
+    ("sleep", f"EnvTimeout: ResetCloseEnv.close took longer than 0.5s (at {marked_line(reset_close_envs, 'close stuck here')} in close)"),
+])  # fmt: skip
+def test_a_recording_carries_its_envs_close_outcome_and_stopping_records_each_episode_once(
+    engine, tokenizer, tmp_path, on_close, headline
+):
+    store = standalone_store(
+        tmp_path, env_factory=lambda: reset_close_envs.ResetCloseEnv(on_close=on_close), step_timeout_s=0.5
+    )
+    server = serve_store(engine, tokenizer, store).start()
+    ended, live = begin(server), begin(server)
+    end_with_answer(server, ended)  # its close runs (or hangs) as the server is stopped
+    stopping = time.monotonic()
+    server.stop()  # the live one is ended; both closes are waited for, each within its 0.5 s
+    seconds = time.monotonic() - stopping
+    recorded = {t.info["episode_id"]: t for t, _ in read_recorded(tmp_path / "episodes.jsonl")}
+    assert len(recorded) == 2 == len(read_recorded(tmp_path / "episodes.jsonl"))  # each once
+    assert (recorded[ended["episode_id"]].status, recorded[ended["episode_id"]].outcome) == ("ok", 1.0)
+    assert (recorded[live["episode_id"]].status, recorded[live["episode_id"]].error) == (
+        "truncated",
+        SHUT_DOWN,
+    )
+    assert [error_headline(t.info["close_error"]) for t in recorded.values()] == [headline] * 2
+    # uvicorn's 2 s graceful shutdown, then at most the step limit and its grace: never a hang
+    assert seconds < 2 + 0.5 + SHUTDOWN_GRACE_S + 2, seconds
+
+
+class StubbornCloseEnv(Env):
+    """Its async close ignores being given up on until `let_go` is set."""
+
+    let_go: asyncio.Event
+
+    def reset(self, task, seed):
+        return "go"
+
+    def step(self, action):
+        return StepResult("done", reward=1.0, done=True)
+
+    async def close(self):
+        while not self.let_go.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.let_go.wait()
+
+
+def test_a_close_that_ignores_being_given_up_on_is_recorded_once_at_shutdown_and_not_again():
+    StubbornCloseEnv.let_go = None  # made on the test's loop below
+    records: list = []
+    store = EpisodeStore(StubbornCloseEnv, step_timeout_s=0.3, on_finished=records.append)
+
+    async def play() -> float:
+        StubbornCloseEnv.let_go = asyncio.Event()
+        episode = await store.start({"task_id": "a"})
+        await store.finish(episode.episode_id, reward=1.0)
+        started = time.monotonic()
+        await store.shutdown()
+        seconds = time.monotonic() - started
+        assert [e.episode_id for e in records] == [episode.episode_id]
+        StubbornCloseEnv.let_go.set()  # the close ends after all: nothing is recorded again
+        await asyncio.sleep(0.2)
+        return seconds
+
+    seconds = asyncio.run(play())
+    assert len(records) == 1 and "had not ended when the server shut down" in records[0].info["close_error"]
+    assert records[0].status == "ok"
+    assert seconds < 0.3 + SHUTDOWN_GRACE_S + 1.0, seconds
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_forge_serve_stopped_by_ctrl_c_or_a_kill_records_its_live_episodes(tiny_checkpoint, tmp_path, stop):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "forge.cli", "serve", str(tiny_checkpoint), "--port", str(port),
+         "--max-new-tokens", "4", "--record-dir", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                    break
+            assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()
+            time.sleep(0.5)
+        episodes = [
+            httpx.post(f"{url}/forge/episodes", json={"task": {"task_id": "t"}}).json() for _ in range(2)
+        ]
+        for episode in episodes:
+            agent = openai.OpenAI(base_url=f"{url}/v1", api_key=episode["episode_id"], max_retries=0)
+            agent.chat.completions.create(model="p", messages=USER)
+        httpx.post(f"{url}/forge/episodes/{episodes[0]['episode_id']}/finish", json={"reward": 1.0})
+        process.send_signal(stop)
+        assert process.wait(timeout=60) == 0, process.stdout.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    recorded = read_recorded(tmp_path / "episodes.jsonl")
+    assert sorted((t.info["episode_id"], t.status, len(s)) for t, s in recorded) == [
+        (episodes[0]["episode_id"], "ok", 1), (episodes[1]["episode_id"], "truncated", 1)]  # fmt: skip

@@ -42,10 +42,17 @@ class CallRecord:
             token_ids=self.prompt_ids + self.completion_ids,
             loss_mask=[0] * len(self.prompt_ids) + [1] * len(self.completion_ids),
             behaviour_logprobs=[0.0] * len(self.prompt_ids) + list(self.logprobs),
-            policy_versions=[NO_VERSION] * len(self.prompt_ids) + [self.policy_version] * len(self.completion_ids),
+            policy_versions=[NO_VERSION] * len(self.prompt_ids)
+            + [self.policy_version] * len(self.completion_ids),
             advantage=advantage,
             group_id=group_id,
         )
+
+
+# The error of an episode still live when its server stopped; how much longer than the step
+# limit a server's shutdown waits for closes already running (they give up at that limit).
+SHUT_DOWN = "the server shut down before the episode finished"
+SHUTDOWN_GRACE_S = 1.0
 
 
 class EpisodeError(Exception):
@@ -78,6 +85,7 @@ class Episode:
     error: str | None = None
     wall_seconds: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
+    handed_on: bool = False  # given to the store's `on_finished` (a recorder): once only
 
     def to_trajectory(self, success_threshold: float) -> Trajectory:
         """The episode as one Trajectory for reward shaping and metrics: its calls laid
@@ -94,7 +102,9 @@ class Episode:
             mask += [0] * len(call.prompt_ids) + [1] * len(call.completion_ids)
             logprobs += [0.0] * len(call.prompt_ids) + call.logprobs
             versions += [NO_VERSION] * len(call.prompt_ids) + [call.policy_version] * len(call.completion_ids)
-            turns.append(Turn(start, len(token_ids), len(token_ids), call.seconds, truncated=not call.finished))
+            turns.append(
+                Turn(start, len(token_ids), len(token_ids), call.seconds, truncated=not call.finished)
+            )
         return Trajectory(
             task_id=str(self.task.get("task_id", "")),
             group_id=self.group_id,
@@ -109,7 +119,12 @@ class Episode:
             status=self.status,
             error=self.error,
             wall_seconds=self.wall_seconds,
-            info={"episode_id": self.episode_id, "model_calls": len(self.calls), "env_steps": self.steps, **self.info},
+            info={
+                "episode_id": self.episode_id,
+                "model_calls": len(self.calls),
+                "env_steps": self.steps,
+                **self.info,
+            },
         )
 
 
@@ -142,14 +157,16 @@ class EpisodeStore:
         self._finished: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._counter = itertools.count()
         self._locks: dict[str, asyncio.Lock] = {}
-        self._closing: dict[str, asyncio.Future] = {}  # ended episodes whose env is being closed
+        # Ended episodes whose env is being closed (an episode past keep_finished is held here alone).
+        self._closing: dict[str, tuple[Episode, asyncio.Future]] = {}
 
     def get(self, episode_id: str) -> Episode:
         episode = self.episodes.get(episode_id)
         if episode is None:
             raise EpisodeError(
-                404, f"unknown episode {episode_id!r}: start one with POST /forge/episodes and send its id "
-                "as the API key, the X-Forge-Episode header or the `user` field"
+                404,
+                f"unknown episode {episode_id!r}: start one with POST /forge/episodes and send its id "
+                "as the API key, the X-Forge-Episode header or the `user` field",
             )
         return episode
 
@@ -241,7 +258,9 @@ class EpisodeStore:
                     result = await call_env(episode.env.step, action, timeout_s=self.step_timeout_s)
             except Exception as exc:  # the env failed: the episode ends as an error, data kept
                 self._close(episode, "error", describe_env_error(exc, episode.env))
-                raise EpisodeError(500, f"episode {episode_id!r}: env step failed: {type(exc).__name__}: {exc}") from None
+                raise EpisodeError(
+                    500, f"episode {episode_id!r}: env step failed: {type(exc).__name__}: {exc}"
+                ) from None
             if not isinstance(result, StepResult):
                 raise EpisodeError(500, f"{type(episode.env).__name__}.step returned {type(result).__name__}")
             episode.steps += 1
@@ -251,7 +270,9 @@ class EpisodeStore:
                 episode.outcome = float(result.reward)
             return result
 
-    async def finish(self, episode_id: str, reward: float | None = None, answer: str | None = None) -> Episode:
+    async def finish(
+        self, episode_id: str, reward: float | None = None, answer: str | None = None
+    ) -> Episode:
         """End an episode. Its outcome is `reward` if given; else the env scores `answer`
         (as a final step); else it is what the env's steps earned (0 if never done)."""
         episode = self.live(episode_id)
@@ -262,7 +283,9 @@ class EpisodeStore:
                 return episode
         if reward is not None:
             episode.outcome = float(reward)
-        status: EpisodeStatus = "ok" if reward is not None or episode.env_done or episode.env is None else "truncated"
+        status: EpisodeStatus = (
+            "ok" if reward is not None or episode.env_done or episode.env is None else "truncated"
+        )
         self._close(episode, status, None)
         return episode
 
@@ -278,23 +301,30 @@ class EpisodeStore:
         episode.error = error
         episode.wall_seconds = time.monotonic() - episode.started
         self._locks.pop(episode.episode_id, None)
-        if episode.env is not None:  # closed off this loop, within the step limit, unawaited
+        if episode.env is None:
+            self._hand_on(episode)
+        else:  # closed off this loop, within the step limit, unawaited; handed on once closed
             try:
                 asyncio.get_running_loop()
             except RuntimeError:  # called from plain code, not the server's loop: close here
                 asyncio.run(self._close_env(episode))
             else:
-                self._closing[episode.episode_id] = asyncio.ensure_future(self._close_env(episode))
-        if self.on_finished is not None:
-            self.on_finished(episode)
+                self._closing[episode.episode_id] = (episode, asyncio.ensure_future(self._close_env(episode)))
         if self.keep_finished is not None:
             self._finished[episode.episode_id] = None
             while len(self._finished) > self.keep_finished:
                 self.episodes.pop(self._finished.popitem(last=False)[0], None)
 
+    def _hand_on(self, episode: Episode) -> None:
+        """Give an ended episode to `on_finished` (a recorder), after its env's close, once."""
+        if self.on_finished is not None and not episode.handed_on:
+            episode.handed_on = True
+            self.on_finished(episode)
+
     async def _close_env(self, episode: Episode) -> None:
         """Close an ended episode's env; a close that raises or runs over is printed once
-        per kind and noted as `info["close_error"]`, the episode's outcome untouched."""
+        per kind and noted as `info["close_error"]`, the episode's outcome untouched. Then
+        the episode is handed on (recorded), its close's outcome with it."""
         try:
             with in_threads():
                 error = await close_env(unwrapped(episode.env), self.step_timeout_s)
@@ -302,13 +332,37 @@ class EpisodeStore:
                 episode.info["close_error"] = error
         finally:
             self._closing.pop(episode.episode_id, None)
+            self._hand_on(episode)
 
     async def closed(self, episode_ids: list[str]) -> None:
         """Wait until the envs of these ended episodes are closed (each within the step
         limit), so their close errors are in what `take` returns."""
-        closing = [self._closing[e] for e in episode_ids if e in self._closing]
+        closing = [self._closing[e][1] for e in episode_ids if e in self._closing]
         if closing:
             await asyncio.wait(closing)
+
+    async def shutdown(self) -> int:
+        """The server is stopping: end every live episode (truncated), wait for the closes
+        still running (each gives up at the step limit, so this waits at most about that
+        long), and hand on every ended episode exactly once, its close's outcome noted; one
+        whose close has still not ended is handed on with that said as its `close_error`.
+        Returns how many closes it waited for."""
+        for episode in [e for e in self.episodes.values() if not e.finished]:
+            self._close(episode, "truncated", SHUT_DOWN)
+        pending = list(self._closing.values())
+        if pending:
+            await asyncio.wait(
+                [closing for _, closing in pending], timeout=self.step_timeout_s + SHUTDOWN_GRACE_S
+            )
+        for episode, closing in pending:
+            if not closing.done():  # an async close that ignored being given up on
+                episode.info["close_error"] = (
+                    f"EnvTimeout: its close had not ended when the server shut down "
+                    f"({self.step_timeout_s + SHUTDOWN_GRACE_S:g}s after)"
+                )
+                self._hand_on(episode)
+                closing.cancel()
+        return len(pending)
 
     def take(self, episode_ids: list[str]) -> list[Episode]:
         """Remove finished episodes from the store and return them."""

@@ -68,11 +68,18 @@ def standalone_store(
     max_live_episodes: int = 1024,
     keep_finished: int = 256,
     env_factory: Any | None = None,
+    step_timeout_s: float = 30.0,
 ) -> EpisodeStore:
     """The episode store of a long-running gateway: finished episodes are recorded to
-    `record_dir` (if given) and only the last `keep_finished` kept in memory; past
-    `max_live_episodes` live ones, the least recently used is ended (and recorded)."""
+    `record_dir` (if given) once their env is closed (a close that failed noted as
+    `close_error`), and only the last `keep_finished` kept in memory; past
+    `max_live_episodes` live ones, the least recently used is ended (and recorded). Each
+    env call, its close included, is given up on after `step_timeout_s`."""
     recorder = EpisodeRecorder(record_dir) if record_dir is not None else None
     return EpisodeStore(
-        env_factory, on_finished=recorder, keep_finished=keep_finished, max_live=max_live_episodes
+        env_factory,
+        step_timeout_s=step_timeout_s,
+        on_finished=recorder,
+        keep_finished=keep_finished,
+        max_live=max_live_episodes,
     )

@@ -40,7 +40,7 @@ from forge.gateway.calls import CallRun, CallSpec, Choice, TokenEvent
 from forge.gateway.chat import chat_response, chat_spec, chat_stream
 from forge.gateway.completions import completion_specs, completions_response, completions_stream
 from forge.gateway.decoding import hidden_token_ids
-from forge.gateway.episodes import EpisodeError, EpisodeStore
+from forge.gateway.episodes import SHUTDOWN_GRACE_S, EpisodeError, EpisodeStore
 from forge.gateway.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -92,7 +92,9 @@ class Gateway:
         # With engine servers (`router`, a `forge.rollout.engines.router.Router` whose clients
         # sample with the run's settings, `engine` then giving those settings), the router
         # batches the calls and sends them over HTTP from this loop.
-        self.batching = router if router is not None else BatchingEngine(engine, max_wait_s=batch_wait_s, offload=True)
+        self.batching = (
+            router if router is not None else BatchingEngine(engine, max_wait_s=batch_wait_s, offload=True)
+        )
         self.tokenizer = tokenizer
         self.store = store
         self.max_new_tokens = max_new_tokens
@@ -132,7 +134,8 @@ class Gateway:
         if room < 1 or (asked is not None and asked > room):
             wanted = f" and {asked} more were asked for" if asked is not None else ""
             raise EpisodeError(
-                400, f"the prompt is {prompt_tokens} tokens{wanted}, over the context limit of "
+                400,
+                f"the prompt is {prompt_tokens} tokens{wanted}, over the context limit of "
                 f"{self.max_context_tokens} tokens (rollout.max_context_tokens): shorten the conversation"
                 + (f" or ask for at most max_tokens={room}" if room >= 1 else ""),
             )
@@ -148,9 +151,16 @@ class Gateway:
             spec.temperature, spec.top_p = body.temperature, body.top_p
             return {}
         run = {name: _engine_setting(self.engine, name) for name in ("temperature", "top_p")}
-        changed = [f"{name}={getattr(body, name)}->{value}" for name, value in run.items()
-                   if getattr(body, name) is not None and getattr(body, name) != value]
-        return {"X-Forge-Sampling": "overridden " + ", ".join(changed) + " (gateway.sampling=override)"} if changed else {}
+        changed = [
+            f"{name}={getattr(body, name)}->{value}"
+            for name, value in run.items()
+            if getattr(body, name) is not None and getattr(body, name) != value
+        ]
+        return (
+            {"X-Forge-Sampling": "overridden " + ", ".join(changed) + " (gateway.sampling=override)"}
+            if changed
+            else {}
+        )
 
     def resolve_episode(self, request: Request, user: str | None) -> str:
         header = request.headers.get("x-forge-episode")
@@ -163,8 +173,9 @@ class Gateway:
                 return candidate
         tried = ", ".join(f"{name}={value!r}" for name, value in (("api key", key), ("user", user)) if value)
         raise EpisodeError(
-            404, f"unknown episode ({tried or 'none given'}): start one with POST /forge/episodes and send "
-            "its episode_id as the API key, the X-Forge-Episode header or the `user` field"
+            404,
+            f"unknown episode ({tried or 'none given'}): start one with POST /forge/episodes and send "
+            "its episode_id as the API key, the X-Forge-Episode header or the `user` field",
         )
 
     def start_call(self, episode_id: str, spec: CallSpec, stream: bool) -> CallRun:
@@ -198,14 +209,20 @@ class Gateway:
 
     async def start_episode(self, task: dict[str, Any], group_id: str | None = None) -> str:
         for episode_id in self.store.over_capacity():
-            await self.abandon_episode(episode_id, "truncated", f"ended to make room: more than "
-                                       f"{self.store.max_live} live episodes, this one used least recently")
+            await self.abandon_episode(
+                episode_id,
+                "truncated",
+                f"ended to make room: more than "
+                f"{self.store.max_live} live episodes, this one used least recently",
+            )
         try:
             episode = await self.store.start(task, group_id)
         except EpisodeError:  # the env could not be built or reset: the store says so itself
             raise
         except Exception as exc:
-            raise EpisodeError(400, f"the env could not start this task: {type(exc).__name__}: {exc}") from None
+            raise EpisodeError(
+                400, f"the env could not start this task: {type(exc).__name__}: {exc}"
+            ) from None
         self.batching.register()  # batches wait briefly for the other live episodes' calls
         return episode.episode_id
 
@@ -215,7 +232,9 @@ class Gateway:
         for name in self.engine_names.pop(episode_id, ()):
             self.batching.release(name)
 
-    async def finish_episode(self, episode_id: str, reward: float | None = None, answer: str | None = None) -> None:
+    async def finish_episode(
+        self, episode_id: str, reward: float | None = None, answer: str | None = None
+    ) -> None:
         episode = self.store.live(episode_id)
         try:
             await self.store.finish(episode_id, reward, answer)
@@ -304,9 +323,16 @@ def _sse_errors(stream: AsyncIterator[str]) -> AsyncIterator[str]:
 
 
 def _error_kind(status: int) -> tuple[str, str | None]:
-    kinds = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-             404: "invalid_request_error", 405: "invalid_request_error", 409: "invalid_request_error",
-             422: "invalid_request_error", 429: "rate_limit_error"}
+    kinds = {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        403: "permission_error",
+        404: "invalid_request_error",
+        405: "invalid_request_error",
+        409: "invalid_request_error",
+        422: "invalid_request_error",
+        429: "rate_limit_error",
+    }
     codes = {404: "not_found", 405: "method_not_allowed"}
     return kinds.get(status, "server_error" if status >= 500 else "invalid_request_error"), codes.get(status)
 
@@ -328,17 +354,23 @@ def build_app(gateway: Gateway) -> FastAPI:
         kind, code = _error_kind(exc.status_code)
         message = str(exc.detail)
         if exc.status_code == 404:
-            message = f"unknown route {request.method} {request.url.path}: see /v1/models, /v1/chat/completions, " \
-                      "/v1/completions, /v1/responses and /forge/episodes"
+            message = (
+                f"unknown route {request.method} {request.url.path}: see /v1/models, /v1/chat/completions, "
+                "/v1/completions, /v1/responses and /forge/episodes"
+            )
         elif exc.status_code == 405:
             message = f"{request.method} is not allowed on {request.url.path}"
-        return JSONResponse(error_body(message, kind, code), status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        return JSONResponse(
+            error_body(message, kind, code),
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
 
     @app.exception_handler(Exception)
     async def server_error(_: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"),
-                            status_code=500)
+        return JSONResponse(
+            error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"), status_code=500
+        )
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -346,13 +378,17 @@ def build_app(gateway: Gateway) -> FastAPI:
         for error in exc.errors():
             if error["type"] == "json_invalid":
                 return JSONResponse(
-                    error_body(f"the request body is not valid JSON ({error.get('msg', '')})", "invalid_request_error"),
+                    error_body(
+                        f"the request body is not valid JSON ({error.get('msg', '')})",
+                        "invalid_request_error",
+                    ),
                     status_code=400,
                 )
             where = ".".join(str(part) for part in error["loc"] if part != "body") or "body"
             problems.append(f"{where}: {error['msg']}")
-        return JSONResponse(error_body("invalid request: " + "; ".join(problems), "invalid_request_error"),
-                            status_code=400)
+        return JSONResponse(
+            error_body("invalid request: " + "; ".join(problems), "invalid_request_error"), status_code=400
+        )
 
     def model_card() -> dict[str, Any]:
         return {"id": gateway.model_name, "object": "model", "created": 0, "owned_by": "forge"}
@@ -364,8 +400,9 @@ def build_app(gateway: Gateway) -> FastAPI:
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> dict:
         if model_id != gateway.model_name:
-            raise EpisodeError(404, f"model {model_id!r} does not exist here; this gateway serves "
-                               f"{gateway.model_name!r}")
+            raise EpisodeError(
+                404, f"model {model_id!r} does not exist here; this gateway serves {gateway.model_name!r}"
+            )
         return model_card()
 
     @app.post("/v1/chat/completions")
@@ -375,8 +412,11 @@ def build_app(gateway: Gateway) -> FastAPI:
         headers = gateway.apply_sampling(body, spec)
         run = gateway.start_call(episode_id, spec, body.stream)
         if body.stream:
-            return StreamingResponse(_sse_errors(chat_stream(gateway, body, run, parser)),
-                                     media_type="text/event-stream", headers=headers)
+            return StreamingResponse(
+                _sse_errors(chat_stream(gateway, body, run, parser)),
+                media_type="text/event-stream",
+                headers=headers,
+            )
         choices = await gateway.finish_call(request, run)
         return JSONResponse(chat_response(gateway, body, spec, parser, choices, episode_id), headers=headers)
 
@@ -391,8 +431,11 @@ def build_app(gateway: Gateway) -> FastAPI:
         if body.stream:
             if body.echo or body.logprobs is not None:
                 raise EpisodeError(400, "a streamed completion takes neither echo nor logprobs")
-            return StreamingResponse(_sse_errors(completions_stream(gateway, body, runs)),
-                                     media_type="text/event-stream", headers=headers)
+            return StreamingResponse(
+                _sse_errors(completions_stream(gateway, body, runs)),
+                media_type="text/event-stream",
+                headers=headers,
+            )
         results = [await gateway.finish_call(request, run) for run in runs]
         return JSONResponse(completions_response(gateway, body, specs, results, episode_id), headers=headers)
 
@@ -414,8 +457,12 @@ def build_app(gateway: Gateway) -> FastAPI:
     @app.post("/forge/episodes/{episode_id}/step")
     async def step_episode(episode_id: str, body: StepRequest) -> dict:
         result = await store.step(episode_id, body.action)
-        return {"observation": result.observation, "reward": result.reward, "done": result.done,
-                "info": json.loads(json.dumps(result.info, default=str))}
+        return {
+            "observation": result.observation,
+            "reward": result.reward,
+            "done": result.done,
+            "info": json.loads(json.dumps(result.info, default=str)),
+        }
 
     @app.post("/forge/episodes/{episode_id}/finish")
     async def finish_episode(episode_id: str, body: FinishRequest) -> dict:
@@ -428,12 +475,24 @@ def build_app(gateway: Gateway) -> FastAPI:
 class ThreadedServer:
     """Runs an ASGI app with uvicorn on its own thread and event loop, so a training loop (or a
     test) can go on in the calling thread. `port=0` picks a free port. `what` names the server
-    in errors and `fix` says what to change when the port is taken."""
+    in errors and `fix` says what to change when the port is taken. `store`: the episode store
+    whose `shutdown` runs on the server's loop once it stops serving (live episodes ended, the
+    envs' closes waited for, each ended episode recorded once)."""
 
-    def __init__(self, app: Any, host: str, port: int, what: str, fix: str, **uvicorn_options: Any) -> None:
+    def __init__(
+        self,
+        app: Any,
+        host: str,
+        port: int,
+        what: str,
+        fix: str,
+        store: EpisodeStore | None = None,
+        **uvicorn_options: Any,
+    ) -> None:
         import uvicorn
 
         self.what = what
+        self.store = store
         self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -442,15 +501,29 @@ class ThreadedServer:
             self.socket.close()
             raise RuntimeError(f"{what} cannot listen on {host}:{port} ({exc}); {fix}") from None
         self.host, self.port = self.socket.getsockname()[:2]
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=2, **uvicorn_options)
+        config = uvicorn.Config(
+            app,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=2,
+            **uvicorn_options,
+        )
         self.server = uvicorn.Server(config)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self._serve, name=what.replace(" ", "-"), daemon=True)
 
     def _serve(self) -> None:
         asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(self.server.serve(sockets=[self.socket]))
+        try:
+            self.loop.run_until_complete(self.server.serve(sockets=[self.socket]))
+        finally:
+            if self.store is not None:  # bounded: each close gives up at the step limit
+                self.loop.run_until_complete(self.store.shutdown())
+
+    def drain_limit_s(self) -> float:
+        """How long stopping may take past uvicorn's own graceful shutdown: the store's."""
+        return self.store.step_timeout_s + SHUTDOWN_GRACE_S if self.store is not None else 0.0
 
     def start(self, timeout_s: float = 30.0) -> Any:
         self.thread.start()
@@ -464,7 +537,7 @@ class ThreadedServer:
     def stop(self) -> None:
         self.server.should_exit = True
         if self.thread.is_alive():
-            self.thread.join(timeout=10)
+            self.thread.join(timeout=10 + self.drain_limit_s())
         self.socket.close()
 
     def __enter__(self) -> Any:
@@ -479,7 +552,14 @@ class GatewayServer(ThreadedServer):
 
     def __init__(self, gateway: Gateway, host: str = "127.0.0.1", port: int = 0) -> None:
         self.gateway = gateway
-        super().__init__(build_app(gateway), host, port, "the gateway", "set gateway.port=0 for a free port")
+        super().__init__(
+            build_app(gateway),
+            host,
+            port,
+            "the gateway",
+            "set gateway.port=0 for a free port",
+            store=gateway.store,
+        )
 
     @property
     def base_url(self) -> str:

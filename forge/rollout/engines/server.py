@@ -29,6 +29,7 @@ carries the new version, every token before it the old one.
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 import time
 from pathlib import Path
@@ -58,18 +59,25 @@ class GenerateBody(BaseModel):
     token_ids: list[int] = Field(min_length=1, description="the whole context so far, as token ids")
     max_new_tokens: int | None = Field(None, gt=0, description="cap on sampled tokens (at most the server's)")
     episode_id: str = Field("", description="keeps the episode's KV cached for its next turn")
-    temperature: float | None = Field(None, ge=0, description="unset: the server's --temperature; 0 is greedy")
+    temperature: float | None = Field(
+        None, ge=0, description="unset: the server's --temperature; 0 is greedy"
+    )
     top_p: float | None = Field(None, gt=0, le=1, description="unset: the server's --top-p")
     seed: int | None = Field(None, ge=0, description="the request samples from its own generator, seeded so")
     top_logprobs: int = Field(0, ge=0, le=20, description="also return the k most likely tokens at each step")
-    stop: list[str] = Field(default_factory=list, max_length=16,
-                            description="stop strings: generation ends at the token whose text completes one")
+    stop: list[str] = Field(
+        default_factory=list,
+        max_length=16,
+        description="stop strings: generation ends at the token whose text completes one",
+    )
 
 
 class GenerateBatchBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     requests: list[GenerateBody] = Field(min_length=1, description="generated together, in one engine batch")
-    release: list[str] = Field(default_factory=list, description="episodes that ended: their KV is dropped first")
+    release: list[str] = Field(
+        default_factory=list, description="episodes that ended: their KV is dropped first"
+    )
 
 
 class ReleaseBody(BaseModel):
@@ -113,27 +121,49 @@ class EngineService:
                 requests.append(exc)
         valid = [r for r in requests if isinstance(r, GenerationRequest)]
         results = iter(await self.gateway.batching.generate_many(valid) if valid else [])
-        return {"results": [_answer(r, next(results)) if isinstance(r, GenerationRequest)
-                            else {"error": r.message, "status": r.status} for r in requests]}
+        return {
+            "results": [
+                _answer(r, next(results))
+                if isinstance(r, GenerationRequest)
+                else {"error": r.message, "status": r.status}
+                for r in requests
+            ]
+        }
 
     def _request(self, body: GenerateBody) -> GenerationRequest:
         """The engine request for a body, or EpisodeError(400) naming what is over a limit."""
         limit = self.gateway.max_new_tokens
         if body.max_new_tokens is not None and body.max_new_tokens > limit:
-            raise EpisodeError(400, f"max_new_tokens={body.max_new_tokens} is over this server's limit of {limit} "
-                                    "(forge serve --max-new-tokens)")
+            raise EpisodeError(
+                400,
+                f"max_new_tokens={body.max_new_tokens} is over this server's limit of {limit} "
+                "(forge serve --max-new-tokens)",
+            )
         wanted = body.max_new_tokens or limit
         context = self.gateway.max_context_tokens
         if len(body.token_ids) + wanted > context:
-            raise EpisodeError(400, f"the prompt is {len(body.token_ids)} tokens and {wanted} more were asked for, "
-                                    f"over the context limit of {context} tokens (forge serve --max-context-tokens)")
+            raise EpisodeError(
+                400,
+                f"the prompt is {len(body.token_ids)} tokens and {wanted} more were asked for, "
+                f"over the context limit of {context} tokens (forge serve --max-context-tokens)",
+            )
         bad = [t for t in body.token_ids if not 0 <= t < self.vocab_size]
         if bad:
-            raise EpisodeError(400, f"token ids {bad[:5]} are outside the vocabulary (0..{self.vocab_size - 1})")
+            raise EpisodeError(
+                400, f"token ids {bad[:5]} are outside the vocabulary (0..{self.vocab_size - 1})"
+            )
         stop = [text for text in body.stop if text]
-        return GenerationRequest(list(body.token_ids), wanted, body.episode_id, temperature=body.temperature,
-                                 top_p=body.top_p, seed=body.seed, top_logprobs=body.top_logprobs, stop=stop,
-                                 on_token=self._stop_watcher(stop) if stop else None)
+        return GenerationRequest(
+            list(body.token_ids),
+            wanted,
+            body.episode_id,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=body.seed,
+            top_logprobs=body.top_logprobs,
+            stop=stop,
+            on_token=self._stop_watcher(stop) if stop else None,
+        )
 
     def _stop_watcher(self, stop: list[str]) -> Any:
         """Ends the row at the token whose text completes a stop string, decoded as the
@@ -164,7 +194,9 @@ def _answer(request: GenerationRequest, result: GenerationResult) -> dict[str, A
         "cached_tokens": len(request.token_ids) - result.prefill_tokens,
     }
     if request.top_logprobs:  # per sampled token, its k most likely alternatives as [id, logprob]
-        answer["top_logprobs"] = [[[token, value] for token, value in top] for top in result.top_logprobs or []]
+        answer["top_logprobs"] = [
+            [[token, value] for token, value in top] for top in result.top_logprobs or []
+        ]
     return answer
 
 
@@ -232,7 +264,9 @@ def build_server_app(service: EngineService) -> FastAPI:
     @router.post("/forge/weights")
     async def weights(body: WeightsBody) -> dict:
         if (body.checkpoint is None) == (body.adapter is None):
-            raise EpisodeError(400, "send exactly one of checkpoint (a model folder) or adapter (a LoRA folder)")
+            raise EpisodeError(
+                400, "send exactly one of checkpoint (a model folder) or adapter (a LoRA folder)"
+            )
         try:
             if body.checkpoint is not None:
                 return await service.update(lambda: checkpoint_state(body.checkpoint), body.version)
@@ -290,12 +324,17 @@ def make_service(
     if model_cfg is None:
         model_cfg = ModelConfig(path=str(path), dtype=dtype, device=device)  # type: ignore[arg-type]
     model = load_model(
-        path, model_cfg, trainable=False, device=resolve_device(model_cfg.device),
-        attn_implementation=attn_implementation, setting_key=attn_setting,
+        path,
+        model_cfg,
+        trainable=False,
+        device=resolve_device(model_cfg.device),
+        attn_implementation=attn_implementation,
+        setting_key=attn_setting,
     )
     chat = ChatFormat(tokenizer)
-    engine = HFEngine(model, chat.stop_token_ids, tokenizer.pad_token_id, temperature=temperature, top_p=top_p,
-                      seed=seed)
+    engine = HFEngine(
+        model, chat.stop_token_ids, tokenizer.pad_token_id, temperature=temperature, top_p=top_p, seed=seed
+    )
     served = ServedEngine(engine, cache_tokens=cache_tokens)
     name = model_name or path.resolve().name
     store = standalone_store(record_dir, max_live_episodes=max_live_episodes)
@@ -309,8 +348,15 @@ class EngineServer(ThreadedServer):
 
     def __init__(self, service: EngineService, host: str = "127.0.0.1", port: int = 0) -> None:
         self.service = service
-        super().__init__(build_server_app(service), host, port, "forge serve", "pick another --port",
-                         timeout_keep_alive=300)
+        super().__init__(
+            build_server_app(service),
+            host,
+            port,
+            "forge serve",
+            "pick another --port",
+            store=service.gateway.store,
+            timeout_keep_alive=300,
+        )
 
     @property
     def url(self) -> str:
@@ -319,15 +365,31 @@ class EngineServer(ThreadedServer):
 
 
 def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, **options: Any) -> None:
-    """Run `forge serve` in the foreground until interrupted."""
+    """Run `forge serve` in the foreground until interrupted (Ctrl-C or SIGTERM); stopping
+    ends live episodes and records every ended one, its env's close waited for (bounded)."""
     service = make_service(checkpoint, **options)
     server = EngineServer(service, host, port).start()
-    print(f"forge serve: {service.model_name} at {server.url} (OpenAI API at {server.url}/v1, "
-          f"token API at {server.url}/forge/generate)", flush=True)
+    print(
+        f"forge serve: {service.model_name} at {server.url} (OpenAI API at {server.url}/v1, "
+        f"token API at {server.url}/forge/generate)",
+        flush=True,
+    )
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # a plain kill stops it as Ctrl-C does
     try:
         while server.thread.is_alive():
-            server.thread.join(timeout=1.0)
+            # Not `join`: one that Ctrl-C interrupts leaves the thread looking ended (Python
+            # 3.11), so `stop` would not wait for its shutdown and the episodes it records.
+            time.sleep(0.5)
     except KeyboardInterrupt:
         pass
     finally:
+        if service.gateway.store.env_factory is not None:
+            print(
+                f"forge serve: stopping; envs still closing get up to {server.drain_limit_s():g}s", flush=True
+            )
         server.stop()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
