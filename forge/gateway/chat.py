@@ -23,8 +23,8 @@ def tool_choice_function(body: ChatCompletionRequest) -> str | None:
         if not isinstance(name, str):
             raise EpisodeError(
                 400,
-                'tool_choice must be "none", "auto", "required" or '
-                '{"type": "function", "function": {"name": ...}}',
+                'tool_choice must be "none", "auto", "required", {"type": "function", "function": '
+                '{"name": ...}} or {"type": "allowed_tools", "allowed_tools": {"mode": ..., "tools": [...]}}',
             )
         if name not in {t.get("function", {}).get("name") for t in body.tools or []}:
             raise EpisodeError(400, f"tool_choice names {name!r}, which is not among the request's tools")
@@ -34,8 +34,51 @@ def tool_choice_function(body: ChatCompletionRequest) -> str | None:
     return None
 
 
+def check_tools(tools: list[dict[str, Any]] | None) -> None:
+    """Every tool must be a function the policy can be shown and its calls read as."""
+    for index, tool in enumerate(tools or []):
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if kind != "function" or not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise EpisodeError(
+                400,
+                f"tools[{index}] (type {kind!r}) is not supported: give function tools, "
+                '{"type": "function", "function": {"name": ..., "parameters": {...}}}',
+            )
+
+
+def narrow_allowed_tools(body: ChatCompletionRequest) -> None:
+    """tool_choice {"type": "allowed_tools", "allowed_tools": {"mode", "tools"}}: only the
+    listed tools are offered, with tool_choice `mode` ("auto" or "required")."""
+    choice = body.tool_choice
+    if not (isinstance(choice, dict) and choice.get("type") == "allowed_tools"):
+        return
+    allowed = choice.get("allowed_tools") or {}
+    mode = allowed.get("mode", "auto")
+    if mode not in ("auto", "required"):
+        raise EpisodeError(400, f'tool_choice.allowed_tools.mode={mode!r}: use "auto" or "required"')
+    names = []
+    for entry in allowed.get("tools") or []:
+        name = (entry.get("function") or {}).get("name") if isinstance(entry, dict) else None
+        if not isinstance(name, str):
+            raise EpisodeError(
+                400, 'tool_choice.allowed_tools.tools takes {"type": "function", "function": {"name": ...}} entries'
+            )
+        names.append(name)
+    offered = {t["function"]["name"] for t in body.tools or []}
+    missing = [name for name in names if name not in offered]
+    if missing or not names:
+        raise EpisodeError(
+            400, f"tool_choice.allowed_tools names {missing or 'no tools'}, which must be among the request's tools"
+        )
+    body.tools = [t for t in body.tools or [] if t["function"]["name"] in names]
+    body.tool_choice = mode
+
+
 def chat_spec(gateway: Any, body: ChatCompletionRequest) -> tuple[CallSpec, ToolParser | None]:
     """The call a chat request asks for, and the tool parser for its reply (None: no tools)."""
+    check_tools(body.tools)
+    narrow_allowed_tools(body)
     named = tool_choice_function(body)
     if (body.tool_choice == "required" or named) and not body.tools:
         raise EpisodeError(400, "tool_choice asks for a tool call but the request has no tools")

@@ -116,8 +116,10 @@ def completions_response(
 async def completions_stream(
     gateway: Any, body: CompletionRequest, runs: list[CallRun]
 ) -> AsyncIterator[str]:
-    """Text chunks as tokens are sampled, prompt after prompt; then each choice's finish."""
+    """Text chunks as tokens are sampled, prompt after prompt; then each choice's finish, and
+    the usage when `stream_options.include_usage` asks."""
     ident, created, model = completion_id("cmpl"), now(), body.model or gateway.model_name
+    prompt_tokens = completion_tokens = 0
 
     def chunk(index: int, text: str, reason: str | None = None) -> str:
         data = {
@@ -144,4 +146,12 @@ async def completions_stream(
             if rest:
                 yield chunk(index, rest)
             yield chunk(index, "", finish_reason(choice.record.finished, []))
+        prompt_tokens += len(run.spec.prompt_ids)
+        completion_tokens += sum(len(choice.record.completion_ids) for choice in streamed.result)
+    if (body.stream_options or {}).get("include_usage"):
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                 "total_tokens": prompt_tokens + completion_tokens}
+        data = {"id": ident, "object": "text_completion", "created": created, "model": model,
+                "choices": [], "usage": usage}
+        yield f"data: {json.dumps(data)}\n\n"
     yield "data: [DONE]\n\n"

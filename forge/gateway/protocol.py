@@ -12,6 +12,44 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from forge.env.tools import hermes_tools_prompt
 
+# Fields of OpenAI's API that change nothing a reply holds (storage, billing, caching,
+# moderation of the account's traffic): accepted and left unused.
+NO_EFFECT_FIELDS = frozenset(
+    {"store", "metadata", "service_tier", "prediction", "prompt_cache_key", "prompt_cache_retention",
+     "prompt_cache_options", "safety_identifier", "user"}
+)
+# Fields the gateway knows but cannot honour, and what to do instead.
+CANNOT_HONOUR = {
+    "functions": "functions and function_call are the API's deprecated form of tools: send "
+    'tools=[{"type": "function", "function": {...}}] and tool_choice instead',
+    "function_call": "functions and function_call are the API's deprecated form of tools: send "
+    'tools=[{"type": "function", "function": {...}}] and tool_choice instead',
+    "audio": "its policy writes text only; leave audio unset",
+    "web_search_options": "it has no web search; leave web_search_options unset",
+    "reasoning_effort": "the policy reasons as its chat template and training make it, whatever "
+    "the effort asked: leave reasoning_effort unset",
+    "verbosity": "the policy's length is its own, whatever verbosity asks: leave verbosity unset",
+}
+
+
+def refused_field(fields: dict[str, Any] | None, known: frozenset[str] = frozenset()) -> str | None:
+    """The first field of a request's extras that the gateway would otherwise ignore while it
+    changes what the agent asked for, as an error message. A null is no request at all."""
+    for name, value in (fields or {}).items():
+        if value is None or name in NO_EFFECT_FIELDS or name in known:
+            continue
+        if name == "modalities" and value == ["text"]:
+            continue
+        if name == "modalities":
+            return f"modalities={value!r}: the Forge gateway's policy writes text only; ask for [\"text\"]"
+        if name in CANNOT_HONOUR:
+            return f"{name} is not supported by the Forge gateway: {CANNOT_HONOUR[name]}"
+        return (
+            f"unrecognized request field {name!r}: the Forge gateway honours every field it takes "
+            "and does not know this one (an ignored field would change what was asked); leave it out"
+        )
+    return None
+
 
 class SamplingFields(BaseModel):
     """What chat and completions requests share: limits, sampling, stop strings, n."""
@@ -41,6 +79,9 @@ class SamplingFields(BaseModel):
 
     def unsupported(self) -> str | None:
         """A field set to something the gateway cannot do, as an error message."""
+        refused = refused_field(self.model_extra)
+        if refused:
+            return refused
         for name in ("frequency_penalty", "presence_penalty"):
             if getattr(self, name):
                 return f"{name} is not supported by the Forge gateway (it would change the behaviour policy); leave it unset or 0"
@@ -68,6 +109,15 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None
+    best_of: int | None = Field(None, ge=1)
+
+    def unsupported(self) -> str | None:
+        if self.best_of is not None and self.best_of != self.n:
+            return (
+                f"best_of={self.best_of} with n={self.n} is not supported: the gateway returns every "
+                f"sample it draws (each is recorded for training); ask for n={self.best_of} and pick"
+            )
+        return super().unsupported()
 
 
 class StartEpisodeRequest(BaseModel):
@@ -87,14 +137,25 @@ class FinishRequest(BaseModel):
     answer: str | None = Field(None, description="a final reply for the env to score, when reward is unset")
 
 
+TEXT_PARTS = ("text", "input_text", "output_text")
+
+
 def text_content(content: Any) -> str:
-    """OpenAI message content (a string, null, or a list of text parts) as one string."""
+    """OpenAI message content (a string, null, or a list of text parts) as one string. A part
+    that is not text (an image, audio, a file) is refused: the policy would never see it."""
     if content is None:
         return ""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            if kind not in TEXT_PARTS and kind != "refusal":
+                raise ValueError(
+                    f"content part type {kind!r} is not supported: the Forge gateway's policy reads "
+                    "text only; send text parts ({\"type\": \"text\", \"text\": ...})"
+                )
+        return "".join(part.get("text", part.get("refusal", "")) for part in content)
     raise ValueError(f"message content must be a string or a list of text parts, got {type(content).__name__}")
 
 
@@ -118,9 +179,12 @@ def template_messages(messages: list[dict[str, Any]], tools: list[dict] | None, 
     for index, message in enumerate(messages):
         role = message.get("role")
         if role not in ("system", "developer", "user", "assistant", "tool"):
-            raise ValueError(f"messages[{index}].role={role!r}: use system, user, assistant or tool")
+            raise ValueError(f"messages[{index}].role={role!r}: use system, developer, user, assistant or tool")
         role = "system" if role == "developer" else role
-        content = text_content(message.get("content"))
+        try:
+            content = text_content(message.get("content"))
+        except ValueError as exc:
+            raise ValueError(f"messages[{index}]: {exc}") from None
         calls = message.get("tool_calls") or []
         if role == "assistant" and calls:
             if tool_aware:

@@ -15,9 +15,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from forge.gateway.calls import CallRun, Choice
-from forge.gateway.chat import chat_spec
+from forge.gateway.chat import chat_spec, logprobs_of
 from forge.gateway.episodes import EpisodeError
-from forge.gateway.protocol import ChatCompletionRequest, text_content
+from forge.gateway.protocol import ChatCompletionRequest, refused_field, text_content
 from forge.gateway.tool_parsers import ToolParser
 
 
@@ -38,6 +38,34 @@ class ResponsesRequest(BaseModel):
     conversation: Any = None
     user: str | None = None
     metadata: dict[str, Any] | None = None
+    include: list[str] | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    truncation: str | None = None  # "auto" would drop items when over the context; here that is a 400
+    max_tool_calls: int | None = None  # counts built-in tool calls, which the gateway has none of
+    stream_options: dict[str, Any] | None = None
+    background: bool | None = None
+    reasoning: dict[str, Any] | None = None
+    prompt: dict[str, Any] | None = None
+
+    def unsupported(self) -> str | None:
+        """A field the gateway would otherwise ignore while it changes what was asked."""
+        if self.background:
+            return "background responses are not supported: the gateway keeps no responses; call without background"
+        if self.prompt:
+            return "prompt (a stored prompt template) is not supported: send instructions and input instead"
+        if any(value is not None for value in (self.reasoning or {}).values()):
+            return (
+                "reasoning is not supported by the Forge gateway: the policy reasons as its chat template "
+                "and training make it; leave reasoning unset"
+            )
+        return refused_field(self.model_extra)
+
+    @property
+    def logprobs(self) -> bool:
+        return LOGPROBS in (self.include or []) or bool(self.top_logprobs)
+
+
+LOGPROBS = "message.output_text.logprobs"  # the `include` entry that asks for logprobs
 
 
 def _part_text(content: Any, where: str) -> str:
@@ -116,9 +144,16 @@ def as_chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
                 },
             }
         )
+    problem = body.unsupported()
+    if problem:
+        raise EpisodeError(400, problem)
     choice = body.tool_choice
     if isinstance(choice, dict) and choice.get("type") == "function":
         choice = {"type": "function", "function": {"name": choice.get("name")}}
+    elif isinstance(choice, dict) and choice.get("type") == "allowed_tools":
+        listed = [{"type": "function", "function": {"name": t.get("name")}} for t in choice.get("tools") or []
+                  if isinstance(t, dict)]
+        choice = {"type": "allowed_tools", "allowed_tools": {"mode": choice.get("mode", "auto"), "tools": listed}}
     text_format = (body.text or {}).get("format") or {"type": "text"}
     return ChatCompletionRequest(
         model=body.model,
@@ -132,14 +167,25 @@ def as_chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
         stream=body.stream,
         user=body.user,
         response_format={"type": text_format.get("type", "text")},
+        logprobs=body.logprobs,
+        top_logprobs=body.top_logprobs,
     )
+
+
+def _logprobs(gateway: Any, body: ResponsesRequest, choice: Choice) -> list[dict[str, Any]] | None:
+    """Every recorded token's behaviour logprob (the end-of-turn token too, as chat gives
+    them), when `include` or `top_logprobs` asks."""
+    return logprobs_of(gateway, choice)["content"] if body.logprobs else None
 
 
 def _id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(12)}"
 
 
-def _output(choice: Choice, parser: ToolParser | None, parallel: bool) -> list[dict[str, Any]]:
+def _output(
+    choice: Choice, parser: ToolParser | None, parallel: bool, logprobs: list[dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
+    """The reply as output items; `logprobs` (every recorded token's, when asked) go on its text."""
     content, tool_calls = parser.split(choice.text) if parser is not None else (choice.text, [])
     if not parallel:
         tool_calls = tool_calls[:1]
@@ -151,7 +197,7 @@ def _output(choice: Choice, parser: ToolParser | None, parallel: bool) -> list[d
                 "id": _id("msg"),
                 "status": "completed",
                 "role": "assistant",
-                "content": [{"type": "output_text", "text": content, "annotations": [], "logprobs": []}],
+                "content": [{"type": "output_text", "text": content, "annotations": [], "logprobs": logprobs or []}],
             }
         )
     for call in tool_calls:
@@ -268,7 +314,7 @@ async def response_stream(
     async for piece in streamed:
         yield piece
     [choice] = streamed.result
-    output = _output(choice, parser, body.parallel_tool_calls is not False)
+    output = _output(choice, parser, body.parallel_tool_calls is not False, _logprobs(gateway, body, choice))
     message = next((item for item in output if item["type"] == "message"), None)
     if message is not None:
         message["id"] = message_id
@@ -291,7 +337,7 @@ async def response_stream(
             output_index=0,
             content_index=0,
             text=text,
-            logprobs=[],
+            logprobs=message["content"][0]["logprobs"],
         )
         yield event(
             "response.content_part.done",
@@ -346,7 +392,7 @@ def mount_responses(app: FastAPI, gateway: Any, sse_errors: Any) -> None:
                 headers=headers,
             )
         [choice] = await gateway.finish_call(request, run)
-        output = _output(choice, parser, body.parallel_tool_calls is not False)
+        output = _output(choice, parser, body.parallel_tool_calls is not False, _logprobs(gateway, body, choice))
         body_out = response_object(
             gateway, body, _id("resp"), int(time.time()), "completed", output, len(spec.prompt_ids), choice
         )

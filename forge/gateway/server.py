@@ -427,10 +427,12 @@ def build_app(gateway: Gateway) -> FastAPI:
         headers = {}
         for spec in specs:
             headers = gateway.apply_sampling(body, spec)
+        if body.stream and (body.echo or body.logprobs is not None):  # refused before any generation starts
+            raise EpisodeError(
+                400, "a streamed completion takes neither echo nor logprobs; ask without stream"
+            )
         runs = [gateway.start_call(episode_id, spec, body.stream) for spec in specs]
         if body.stream:
-            if body.echo or body.logprobs is not None:
-                raise EpisodeError(400, "a streamed completion takes neither echo nor logprobs")
             return StreamingResponse(
                 _sse_errors(completions_stream(gateway, body, runs)),
                 media_type="text/event-stream",

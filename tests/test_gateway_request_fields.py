@@ -1,0 +1,292 @@
+"""Every field of an OpenAI request is honoured or refused by name, never ignored: through
+the real `openai` SDK, the fields the gateway cannot honour (non-text content, non-function
+tools, the deprecated `functions`, audio, reasoning effort, vLLM's sampling extras, a
+`best_of` beyond n) are 400s that name them and record nothing; the ones it can honour
+(`allowed_tools`, Responses logprobs, a streamed completion's usage) come back as the API
+documents them."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import openai
+import pytest
+from family_tokenizers import byte_level_tokenizer
+from gateway_helpers import GUESS, HINT, ScriptedEngine, calls_of, client, serve, start
+
+USER = [{"role": "user", "content": "guess"}]
+WIDE = {"max_new_tokens": 200, "max_context_tokens": 4096}  # one token per byte: long prompts
+CALL = '<tool_call>\n{"name": "guess", "arguments": {"number": 3}}\n</tool_call>'
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    """A byte-level tokenizer with Qwen 2.5's (Hermes) tool-calling template."""
+    return byte_level_tokenizer("qwen", tmp_path_factory.mktemp("qwen"))
+
+
+def scripted(tokenizer, text: str) -> ScriptedEngine:
+    return ScriptedEngine(tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+
+
+@pytest.fixture(scope="module")
+def served(qwen):
+    """One gateway for the module; each test starts its own episode."""
+    engine = scripted(qwen, "The number is 3.")
+    with serve(engine, qwen, **WIDE) as server:
+        yield server, engine
+
+
+def say(served, qwen, text: str) -> None:
+    served[1].reply = qwen(text, add_special_tokens=False)["input_ids"] + [qwen.eos_token_id]
+
+
+# --- chat: refused by name, nothing recorded ------------------------------------------------
+
+REFUSED_CHAT = [
+    (
+        "image_url",
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "what is this?"},
+                        {"type": "image_url", "image_url": {"url": "http://x/a.png"}},
+                    ],
+                }
+            ]
+        },
+    ),
+    (
+        "input_audio",
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}],
+                }
+            ]
+        },
+    ),
+    ("custom", {"tools": [{"type": "custom", "custom": {"name": "shell"}}]}),
+    ("tools\\[1\\]", {"tools": [GUESS, {"type": "function", "name": "flat"}]}),
+    ("deprecated form of tools", {"functions": [GUESS["function"]]}),
+    ("deprecated form of tools", {"functions": [GUESS["function"]], "function_call": "auto"}),
+    ("modalities", {"modalities": ["text", "audio"]}),
+    ("audio", {"audio": {"voice": "alloy", "format": "wav"}}),
+    ("reasoning_effort", {"reasoning_effort": "low"}),
+    ("verbosity", {"verbosity": "low"}),
+    ("web_search_options", {"web_search_options": {}}),
+    ("'top_k'", {"extra_body": {"top_k": 5}}),  # vLLM's sampling extras change the policy too
+    ("'repetition_penalty'", {"extra_body": {"repetition_penalty": 1.2}}),
+]
+
+
+@pytest.mark.parametrize(("named", "fields"), REFUSED_CHAT, ids=[f"{i}" for i in range(len(REFUSED_CHAT))])
+def test_a_chat_field_the_gateway_cannot_honour_is_a_400_naming_it(served, named, fields):
+    server, _ = served
+    episode = start(server)
+    fields = {"messages": USER, **fields}
+    with pytest.raises(openai.BadRequestError, match=named) as raised:
+        client(server, episode["episode_id"]).chat.completions.create(model="p", **fields)
+    assert raised.value.status_code == 400 and raised.value.type == "invalid_request_error"
+    assert calls_of(server, episode) == []
+
+
+def test_fields_that_change_no_reply_are_taken(served, qwen):
+    server, _ = served
+    say(served, qwen, "ok")
+    episode = start(server)
+    reply = client(server, episode["episode_id"]).chat.completions.create(
+        model="p",
+        messages=USER,
+        store=True,
+        metadata={"run": "a"},
+        service_tier="auto",
+        prediction={"type": "content", "content": "ok"},
+        prompt_cache_key="k",
+        safety_identifier="u",
+        modalities=["text"],
+        extra_body={"top_k": None},
+    )
+    assert reply.choices[0].message.content == "ok" and len(calls_of(server, episode)) == 1
+
+
+def test_text_parts_of_every_role_are_read(served, qwen):
+    server, engine = served
+    say(served, qwen, "ok")
+    episode = start(server)
+    client(server, episode["episode_id"]).chat.completions.create(
+        model="p",
+        messages=[
+            {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+            {"role": "user", "content": [{"type": "text", "text": "gue"}, {"type": "text", "text": "ss"}]},
+        ],
+    )
+    prompt = qwen.decode(engine.requests[-1].token_ids)
+    assert (
+        "<|im_start|>system\nBe brief.<|im_end|>" in prompt and "<|im_start|>user\nguess<|im_end|>" in prompt
+    )
+
+
+# --- chat: allowed_tools ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["auto", "required"])
+def test_allowed_tools_offers_only_the_listed_tools(served, qwen, mode):
+    server, engine = served
+    say(served, qwen, CALL if mode == "auto" else 'guess", "arguments": {"number": 3}}\n</tool_call>')
+    episode = start(server)
+    choice = {
+        "type": "allowed_tools",
+        "allowed_tools": {"mode": mode, "tools": [{"type": "function", "function": {"name": "guess"}}]},
+    }
+    reply = client(server, episode["episode_id"]).chat.completions.create(
+        model="p", messages=USER, tools=[GUESS, HINT], tool_choice=choice
+    )
+    prompt = qwen.decode(engine.requests[-1].token_ids)
+    assert '"name": "guess"' in prompt and '"name": "hint"' not in prompt
+    assert prompt.endswith('<tool_call>\n{"name": "') == (mode == "required")
+    [call] = reply.choices[0].message.tool_calls
+    assert call.function.name == "guess" and json.loads(call.function.arguments) == {"number": 3}
+
+
+def test_allowed_tools_must_name_the_requests_tools(served):
+    server, _ = served
+    episode = start(server)
+    choice = {
+        "type": "allowed_tools",
+        "allowed_tools": {"mode": "auto", "tools": [{"type": "function", "function": {"name": "nope"}}]},
+    }
+    with pytest.raises(openai.BadRequestError, match="allowed_tools names \\['nope'\\]"):
+        client(server, episode["episode_id"]).chat.completions.create(
+            model="p", messages=USER, tools=[GUESS], tool_choice=choice
+        )
+
+
+# --- legacy completions ---------------------------------------------------------------------
+
+
+def test_best_of_beyond_n_is_refused_and_equal_to_n_is_taken(served, qwen):
+    server, _ = served
+    say(served, qwen, "ok")
+    episode = start(server)
+    agent = client(server, episode["episode_id"])
+    with pytest.raises(openai.BadRequestError, match="best_of=3 with n=1"):
+        agent.completions.create(model="p", prompt="x", best_of=3)
+    reply = agent.completions.create(model="p", prompt="x", best_of=2, n=2)
+    assert [c.text for c in reply.choices] == ["ok", "ok"] and len(calls_of(server, episode)) == 2
+
+
+def test_a_streamed_completion_ends_with_its_usage_when_asked(served, qwen):
+    server, _ = served
+    say(served, qwen, "ok")
+    episode = start(server)
+    chunks = list(
+        client(server, episode["episode_id"]).completions.create(
+            model="p", prompt=["ab", "c"], n=2, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    calls = calls_of(server, episode)
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.prompt_tokens == 3  # "ab" and "c", one token a byte
+    assert chunks[-1].usage.completion_tokens == sum(len(c.completion_ids) for c in calls) == 4 * 3
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_a_refused_streamed_completion_generates_nothing(served):
+    server, engine = served
+    episode = start(server)
+    asked = len(engine.requests)
+    response = httpx.post(
+        f"{server.base_url}/completions",
+        headers={"Authorization": f"Bearer {episode['episode_id']}"},
+        json={"model": "p", "prompt": "x", "stream": True, "echo": True},
+    )
+    assert response.status_code == 400 and "echo" in response.json()["error"]["message"]
+    time.sleep(0.3)  # a call started anyway would have reached the engine by now (batches wait 10 ms)
+    assert len(engine.requests) == asked  # the engine was never asked
+
+
+# --- the Responses API ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("named", "fields"),
+    [
+        ("'stop'", {"extra_body": {"stop": ["END"]}}),
+        ("'n'", {"extra_body": {"n": 2}}),
+        ("background", {"background": True}),
+        ("reasoning", {"reasoning": {"effort": "low"}}),
+        ("prompt", {"prompt": {"id": "pmpt_1"}}),
+    ],
+)
+def test_a_responses_field_the_gateway_cannot_honour_is_a_400_naming_it(served, named, fields):
+    server, _ = served
+    episode = start(server)
+    with pytest.raises(openai.BadRequestError, match=named):
+        client(server, episode["episode_id"]).responses.create(model="p", input="x", **fields)
+    assert calls_of(server, episode) == []
+
+
+def test_responses_fields_that_change_no_reply_are_taken(served, qwen):
+    server, _ = served
+    say(served, qwen, "ok")
+    episode = start(server)
+    response = client(server, episode["episode_id"]).responses.create(
+        model="p",
+        input="x",
+        store=False,
+        metadata={"a": "b"},
+        truncation="auto",
+        max_tool_calls=2,
+        include=["reasoning.encrypted_content"],
+        prompt_cache_key="k",
+        reasoning={"effort": None},
+    )
+    assert response.output_text == "ok"
+    assert response.output[0].content[0].logprobs == []  # not asked for
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_responses_logprobs_are_the_recorded_behaviour_logprobs(served, qwen, stream):
+    server, _ = served
+    say(served, qwen, "ok")
+    episode = start(server)
+    agent = client(server, episode["episode_id"])
+    asked = {"model": "p", "input": "x", "include": ["message.output_text.logprobs"], "top_logprobs": 1}
+    if stream:
+        events = list(agent.responses.create(**asked, stream=True))
+        done = next(e for e in events if e.type == "response.output_text.done")
+        assert [t.token for t in done.logprobs][:2] == ["o", "k"]
+        response = events[-1].response
+    else:
+        response = agent.responses.create(**asked)
+    [call] = calls_of(server, episode)
+    logprobs = response.output[0].content[0].logprobs
+    assert [t.logprob for t in logprobs] == call.logprobs  # the end-of-turn token too, as chat lists it
+    assert [t.token for t in logprobs][:2] == ["o", "k"] and logprobs[0].bytes == [ord("o")]
+    assert [len(t.top_logprobs) for t in logprobs] == [1] * len(call.logprobs)
+
+
+def test_responses_allowed_tools_offers_only_the_listed_tools(served, qwen):
+    server, engine = served
+    say(served, qwen, CALL)
+    episode = start(server)
+    tools = [{"type": "function", **GUESS["function"]}, {"type": "function", **HINT["function"]}]
+    response = client(server, episode["episode_id"]).responses.create(
+        model="p",
+        input="x",
+        tools=tools,
+        tool_choice={
+            "type": "allowed_tools",
+            "mode": "auto",
+            "tools": [{"type": "function", "name": "guess"}],
+        },
+    )
+    prompt = qwen.decode(engine.requests[-1].token_ids)
+    assert '"name": "guess"' in prompt and '"name": "hint"' not in prompt
+    assert [item.type for item in response.output] == ["function_call"]
