@@ -1,12 +1,13 @@
 """Closing envs like any other env call: within env.step_timeout_s, a close that raises or
-hangs abandoned at the limit, warned once per kind, noted on its episode, never its failure."""
+hangs abandoned at the limit, warned once per kind, noted on its episode, never its failure.
+Every close runs in a thread, whatever the env's `blocking` says (see `close_env`)."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
 
-from forge.env.calls import call_env
+from forge.env.calls import call_env, in_threads
 from forge.env.errors import describe_env_error, error_headline, error_kind
 
 _WARNED: set[str] = set()  # kinds of close failure this process has printed
@@ -14,11 +15,17 @@ _BACKGROUND: set[asyncio.Future] = set()  # closes nobody waits for, kept from t
 
 
 async def close_env(env: Any, timeout_s: float) -> str | None:
-    """Close `env` (in a thread, or inline under the watchdog for `blocking = False`, as
-    `call_env` runs its calls), given up on after `timeout_s`. Returns None, or what went
-    wrong (`describe_env_error`'s message and user frame lines), printed once per kind."""
+    """Close `env` in a daemon thread, given up on (and stopped, `ThreadCall`) after
+    `timeout_s`. Returns None, or what went wrong (`describe_env_error`'s message and user
+    frame lines), printed once per kind.
+
+    In a thread even for an env with `blocking = False`: a close is not hot, and inline each
+    one would hold the event loop until the watchdog ends it, so closes gathered together
+    would run one after another (a group of N envs whose close hangs cost N time limits,
+    every other episode of the worker stalled meanwhile); in threads they run at once."""
     try:
-        await call_env(env.close, timeout_s=timeout_s)
+        with in_threads():
+            await call_env(env.close, timeout_s=timeout_s)
     except Exception as exc:  # the env's fault: its episode stands
         error = "\n".join(describe_env_error(exc, env).splitlines()[:2])
         warn_close_failure(error)
