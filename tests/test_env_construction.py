@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -27,15 +28,11 @@ INLINE_ENV = "slow_init_envs:InlineSlowInitEnv"
 ROOT = Path(__file__).resolve().parent.parent
 
 
-
-
 STUCK = {
     "sleep": marked_line(slow_init_envs, "stuck here: one C call, the GIL released"),
     "regex": marked_line(slow_init_envs, "stuck here: one C call, the GIL held"),
     "spin": marked_line(slow_init_envs, "stuck here: a Python loop"),
 }
-
-
 
 
 @pytest.mark.parametrize(("env", "hang"), [(ENV, "sleep"), (ENV, "spin"), (INLINE_ENV, "spin")])
@@ -97,8 +94,6 @@ def test_a_constructor_holding_the_gil_ends_the_worker_with_a_report_of_its_line
     assert done.returncode == 1, done.stderr
     stuck = stuck_report(tmp_path, "rollout_0", set())
     assert stuck.where == f"{STUCK['regex']} in __init__" and stuck.on_loop is on_loop
-
-
 
 
 def test_the_gateway_answers_a_hung_constructor_with_a_504_while_its_loop_serves_on():
@@ -208,6 +203,23 @@ def test_dry_run_fails_a_constructor_past_the_limit_with_its_line(capsys):
         "forge: building SlowInitEnv(**env.kwargs={'hang': 'sleep'}) took longer than 0.3s "
         f"(env.step_timeout_s) (stuck at {STUCK['sleep']} in __init__)"
     )
+
+
+def test_dry_run_stops_a_constructor_it_gave_up_on_that_loops_in_python(capsys):
+    from forge.cli import main
+
+    before = set(threading.enumerate())
+    overrides = [f"env.name={ENV}", "env.kwargs={hang: spin}", "env.step_timeout_s=0.3"]
+    assert main(["train", "configs/smoke.yaml", *overrides, "--dry-run"]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith(
+        "forge: building SlowInitEnv(**env.kwargs={'hang': 'spin'}) took longer than 0.3s "
+        f"(env.step_timeout_s) (stuck at {STUCK['spin']} in __init__)"
+    )
+    left = [t for t in threading.enumerate() if t not in before and t.name == "forge-env-preflight"]
+    for dry_run in left:  # stopped, not left taking the GIL from the rest of the process
+        dry_run.join(timeout=10)
+        assert not dry_run.is_alive()
 
 
 def test_dry_run_on_a_constructor_holding_the_gil_ends_with_its_line_instead_of_hanging():

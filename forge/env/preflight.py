@@ -7,13 +7,12 @@ import faulthandler
 import inspect
 import sys
 import threading
-import traceback
 from typing import Any
 
 from forge.config import ConfigError, EnvConfig
 from forge.env.base import Env
-from forge.env.calls import EnvTimeout, call_sync
-from forge.env.errors import describe_env_error, error_headline, is_harness
+from forge.env.calls import EnvTimeout, ThreadCall, call_sync
+from forge.env.errors import describe_env_error, error_headline
 from forge.env.registry import resolve_env
 from forge.env.tasks import load_tasks
 
@@ -59,14 +58,17 @@ def text_problem(env: Env) -> str | None:
 def _in_thread(function: Any, *args: Any, timeout_s: float) -> Any:
     """`function(*args)` in a daemon thread (so a hung call costs one thread, not the
     process); raises `EnvTimeout` (where the call was stuck) past `timeout_s`, or what the
-    call raised. C code that holds the GIL stops this thread's wait too: past the limit and
-    `GIL_GRACE_S`, faulthandler (a C thread) ends the process with every thread's stack."""
+    call raised. A call given up on is stopped like every env call (`ThreadCall`: one
+    looping in Python ends at once, one in C code when that returns). C code that holds the
+    GIL stops this thread's wait too: past the limit and `GIL_GRACE_S`, faulthandler (a C
+    thread) ends the process with every thread's stack."""
     outcome: dict[str, Any] = {}
+    call = ThreadCall()
 
     def work() -> None:
         try:
-            outcome["value"] = call_sync(function, *args)
-        except BaseException as exc:  # handed back to the caller
+            outcome["value"] = call.run(call_sync, function, *args)
+        except BaseException as exc:  # handed back to the caller (Abandoned: to nobody)
             outcome["error"] = exc
 
     thread = threading.Thread(target=work, name="forge-env-preflight", daemon=True)
@@ -78,11 +80,7 @@ def _in_thread(function: Any, *args: Any, timeout_s: float) -> Any:
     finally:
         faulthandler.cancel_dump_traceback_later()
     if thread.is_alive():
-        frame = sys._current_frames().get(thread.ident or -1)
-        stuck = [f for f in traceback.extract_stack(frame) if not is_harness(f.filename)] if frame else []
-        raise EnvTimeout(
-            f"did not return within {timeout_s:g}s (env.step_timeout_s)", stuck[-1] if stuck else None
-        )
+        raise EnvTimeout(f"did not return within {timeout_s:g}s (env.step_timeout_s)", call.give_up())
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]
