@@ -113,6 +113,33 @@ def test_a_streamed_family_call_holds_its_text_back(family):
     assert names == ["guess", "hint"]
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_without_parallel_tool_calls_generation_ends_after_the_first_call(family, stream):
+    """The agent is given one call, so the sample must hold only that call: the model's
+    second call is never generated (it was recorded, unseen by the agent, before)."""
+    name, tokenizer = family
+    reply_text = FAMILIES[name][1]
+    engine = scripted(tokenizer, reply_text)
+    with serve(engine, tokenizer, **WIDE) as server:
+        episode = start(server)
+        asked = {"model": "p", "messages": USER, "tools": [GUESS, HINT], "parallel_tool_calls": False}
+        agent = client(server, episode["episode_id"])
+        if stream:
+            chunks = list(agent.chat.completions.create(**asked, stream=True))
+            calls = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or []]
+            reason = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+        else:
+            choice = agent.chat.completions.create(**asked).choices[0]
+            calls, reason = choice.message.tool_calls, choice.finish_reason
+        [call] = calls_of(server, episode)
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [("guess", {"number": 3})]
+    assert reason == "tool_calls"
+    sampled = tokenizer.decode(call.completion_ids, skip_special_tokens=False)
+    assert "hint" not in sampled and reply_text.startswith(sampled) and "guess" in sampled
+    assert engine.generated[-1] == len(call.completion_ids) < len(engine.reply)
+    assert call.finished
+
+
 def test_the_setting_overrides_the_template(tmp_path):
     tokenizer = byte_level_tokenizer("llama3", tmp_path)
     text = '<tool_call>\n{"name": "guess", "arguments": {"number": 3}}\n</tool_call>'

@@ -5,7 +5,7 @@ of chunks sent token by token."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from forge.gateway.calls import CallRun, CallSpec, Choice, TokenEvent
@@ -94,6 +94,10 @@ def chat_spec(gateway: Any, body: ChatCompletionRequest) -> tuple[CallSpec, Tool
     if kind != "text" and not prefix:
         # JSON mode: the reply is opened with "{" and ends where that object closes.
         prefix, end = "{", JsonObjectEnd
+    if parser is not None and body.parallel_tool_calls is False:
+        # The agent is given one call: generation ends where it closes, so the recorded sample is
+        # what the agent acted on, not calls it never saw.
+        end = _first_end(end, parser.first_call_end)
     if body.top_logprobs and not body.logprobs:
         raise EpisodeError(400, "top_logprobs needs logprobs=true")
     prompt_text = gateway.chat_prompt_text(body.messages, tools)
@@ -111,6 +115,23 @@ def chat_spec(gateway: Any, body: ChatCompletionRequest) -> tuple[CallSpec, Tool
         end=end,
     )
     return spec, parser
+
+
+def _first_end(
+    made: Callable[[], Callable[[str], int | None]] | None, finder: Callable[[str], int | None]
+) -> Callable[[], Callable[[str], int | None]]:
+    """A maker of end finders that ends at whichever of `made`'s finder and `finder` ends first."""
+
+    def make() -> Callable[[str], int | None]:
+        other = made() if made is not None else None
+
+        def end(text: str) -> int | None:
+            found = [at for at in (finder(text), other(text) if other is not None else None) if at is not None]
+            return min(found) if found else None
+
+        return end
+
+    return make
 
 
 def _message(choice: Choice, parser: ToolParser | None, parallel: bool) -> tuple[dict[str, Any], list]:

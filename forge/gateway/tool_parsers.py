@@ -56,6 +56,12 @@ class ToolParser:
         """Text that starts a call (of `function`, if named), for the model to go on from."""
         raise NotImplementedError
 
+    def first_call_end(self, text: str) -> int | None:
+        """One past where the reply's first call is complete, or None while it is not (for
+        `parallel_tool_calls: false`: generation ends there, so the sample holds the one call
+        the agent is given)."""
+        raise NotImplementedError
+
 
 class HermesParser(ToolParser):
     """Hermes / Qwen 2.5+: `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`, one block per call."""
@@ -86,6 +92,12 @@ class HermesParser(ToolParser):
 
     def opening(self, function: str | None) -> str:
         return '<tool_call>\n{"name": "' + (f'{function}", "arguments": ' if function else "")
+
+    def first_call_end(self, text: str) -> int | None:
+        for match in re.finditer(r"<tool_call>(.*?)</tool_call>", text, re.DOTALL):
+            if self.split(match.group(0))[1]:  # a block that is no valid call does not count
+                return match.end()
+        return None
 
 
 class Llama3JsonParser(ToolParser):
@@ -122,6 +134,12 @@ class Llama3JsonParser(ToolParser):
     def opening(self, function: str | None) -> str:
         return '{"name": "' + (f'{function}", "parameters": ' if function else "")
 
+    def first_call_end(self, text: str) -> int | None:
+        start = _after_space(text, 0)
+        if text.startswith("<|python_tag|>", start):
+            start = _after_space(text, start + len("<|python_tag|>"))
+        return _object_end(text, start)
+
 
 class MistralParser(ToolParser):
     """Mistral (v3 tokenizer): `[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]`; call
@@ -138,10 +156,15 @@ class MistralParser(ToolParser):
         at = text.find("[TOOL_CALLS]")
         if at < 0:
             return text, []
+        body = text[at + len("[TOOL_CALLS]") :].lstrip()
         try:
-            payload, _ = json.JSONDecoder().raw_decode(text[at + len("[TOOL_CALLS]") :].lstrip())
+            payload, _ = json.JSONDecoder().raw_decode(body)
         except json.JSONDecodeError:
-            return text, []
+            # A list cut after its first call (parallel_tool_calls false ends generation there).
+            end = _object_end(body, _after_space(body, 1)) if body.startswith("[") else None
+            if end is None:
+                return text, []
+            payload = [json.loads(body[_after_space(body, 1) : end])]
         payload = payload if isinstance(payload, list) else [payload]
         if not all(isinstance(p, dict) and isinstance(p.get("name"), str) for p in payload):
             return text, []
@@ -153,6 +176,27 @@ class MistralParser(ToolParser):
 
     def opening(self, function: str | None) -> str:
         return '[TOOL_CALLS][{"name": "' + (f'{function}", "arguments": ' if function else "")
+
+    def first_call_end(self, text: str) -> int | None:
+        at = text.find("[TOOL_CALLS]")
+        if at < 0:
+            return None
+        at = _after_space(text, at + len("[TOOL_CALLS]"))
+        return _object_end(text, _after_space(text, at + 1) if text.startswith("[", at) else at)
+
+
+def _after_space(text: str, at: int) -> int:
+    return len(text) - len(text[at:].lstrip())
+
+
+def _object_end(text: str, start: int) -> int | None:
+    """One past the JSON object that begins at `start`, or None while it is open (or none does)."""
+    if not text.startswith("{", start):
+        return None
+    try:
+        return json.JSONDecoder().raw_decode(text, start)[1]
+    except json.JSONDecodeError:
+        return None
 
 
 PARSERS: dict[str, type[ToolParser]] = {p.name: p for p in (HermesParser, Llama3JsonParser, MistralParser)}
