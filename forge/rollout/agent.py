@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from forge.env.base import Env, StepResult
 from forge.env.calls import EnvTimeout, call_env
@@ -21,9 +21,6 @@ from forge.rollout.engines.batching import BatchingEngine
 from forge.rollout.engines.protocol import GenerationRequest
 from forge.rollout.engines.remote import EngineLost
 from forge.types import NO_VERSION, Trajectory, Turn
-
-if TYPE_CHECKING:
-    from forge.rollout.spawn import Spawner
 
 
 @dataclass(frozen=True)
@@ -36,6 +33,18 @@ class EpisodeLimits:
     success_threshold: float = 0.5
 
 
+class EpisodeSpawner(Protocol):
+    """What the loop needs of an episode's spawn tool (`forge.rollout.spawn.Spawner`, which
+    plays its sub-agents with `run_episode`): how long a step may wait for sub-agents, the
+    turn that starts them, and the trajectories they left."""
+
+    turn: int
+    trajectories: list[Trajectory]
+
+    @property
+    def wait_limit_s(self) -> float: ...
+
+
 async def run_episode(
     env: Env,
     task: dict[str, Any],
@@ -44,7 +53,7 @@ async def run_episode(
     chat: ChatFormat,
     limits: EpisodeLimits,
     group_id: str,
-    spawner: Spawner | None = None,
+    spawner: EpisodeSpawner | None = None,
 ) -> Trajectory:
     """Play one episode of `env` on `task`. With a `spawner` (agent clusters) the env
     offers the spawn tool; the sub-agents it ran come back in `Trajectory.subagents`."""
@@ -82,7 +91,8 @@ async def run_episode(
         if not isinstance(observation, str):
             inner = unwrapped(env)  # the user's env, not the env.latency wrapper
             raise EnvContractError(
-                f"{type(inner).__name__}.reset returned {type(observation).__name__}, expected str", inner.reset
+                f"{type(inner).__name__}.reset returned {type(observation).__name__}, expected str",
+                inner.reset,
             )
         # An env whose system prompt explains its own tool syntax shows no schemas.
         tools = env.tools if getattr(env, "render_tools", True) else None
@@ -96,8 +106,12 @@ async def run_episode(
             request = GenerationRequest(
                 token_ids=list(token_ids), max_new_tokens=limits.max_new_tokens, episode_id=episode_id
             )
-            result = await asyncio.wait_for(engine.generate(request), timeout=max(deadline - time.monotonic(), 0))
-            turn = Turn(start=len(token_ids), end=0, obs_end=0, generation_seconds=time.monotonic() - gen_started)
+            result = await asyncio.wait_for(
+                engine.generate(request), timeout=max(deadline - time.monotonic(), 0)
+            )
+            turn = Turn(
+                start=len(token_ids), end=0, obs_end=0, generation_seconds=time.monotonic() - gen_started
+            )
             info["context_tokens"] = info.get("context_tokens", 0) + len(request.token_ids)
             info["prefill_tokens"] = info.get("prefill_tokens", 0) + result.prefill_tokens
             append(result.token_ids, trainable=True, lps=result.logprobs, version=result.policy_version)
@@ -117,7 +131,8 @@ async def run_episode(
             if not isinstance(step, StepResult):
                 inner = unwrapped(env)
                 raise EnvContractError(
-                    f"{type(inner).__name__}.step returned {type(step).__name__}, expected StepResult", inner.step
+                    f"{type(inner).__name__}.step returned {type(step).__name__}, expected StepResult",
+                    inner.step,
                 )
             outcome += float(step.reward)
             info.update(step.info)

@@ -20,6 +20,7 @@ from typing import Any
 
 from forge.env.base import Env, StepResult
 from forge.env.tools import ToolCall, ToolEnv, parse_answer
+from forge.rollout.agent import run_episode
 from forge.types import Trajectory
 
 SPAWN_TOOL = "spawn"
@@ -244,8 +245,6 @@ class Spawner:
         return "\n".join(f"[{i + 1}] {result}" for i, result in enumerate(results))
 
     async def _run(self, task: SubTask, known: list[str]) -> Trajectory:
-        from forge.rollout.agent import run_episode
-
         seed = self.rng.getrandbits(31)
         nested = None
         if self.depth < self.swarm.depth:
