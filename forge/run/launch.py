@@ -37,15 +37,17 @@ def train(
 
 def preflight(cfg: Config) -> str:
     """Refuse what cannot run, before Ray starts (also what `forge train --dry-run` checks):
-    engine settings, model.path, the gateway's mode, and the env built with its kwargs and reset once.
+    engine settings, model.path (a folder the in-process engine can serve), the gateway's mode, and the env built with its kwargs and reset once.
     Returns the env check's one-line summary."""
     from forge.env.preflight import preflight_env
     from forge.models.loading import checkpoint_folder
+    from forge.rollout.engines.engine_check import refuse_unservable
     from forge.rollout.engines.pool import check_engine_config
 
     check_engine_config(cfg)
     if cfg.model.path is not None:
         checkpoint_folder(cfg.model.path)  # a wrong folder or a hub name: before anything starts
+    refuse_unservable(cfg.model.path, cfg.rollout.engine)
     if cfg.gateway.enabled and cfg.train.mode != "sync":
         raise ConfigError("gateway runs train in sync mode only; set train.mode: sync")
     return preflight_env(cfg.env, cfg.seed)  # a wrong env name, kwargs or reset: one message

@@ -91,6 +91,9 @@ class TreeLayout:
     dtype: torch.dtype
     device: torch.device
     calls: int = 0  # attention calls that received the layout: 0 after a forward = it was dropped
+    # Attention calls whose mask was not the placeholder: the model made a mask of its own
+    # (a score bias, a dynamic mask) that the tree rule would replace.
+    own_masks: int = 0
     _masks: dict[int | None, Any] = field(default_factory=dict)
 
     def mask(self, window: int | None) -> Any:
@@ -114,7 +117,17 @@ class TreeLayout:
         own and hands it through; the layout carries the real one. All zeros (no masking), so
         a layer that drops the layout attends everywhere and the self-check sees it."""
         n = len(self.subtree_end)
-        return torch.zeros((1, 1, 1, 1), dtype=self.dtype, device=self.device).expand(1, 1, n, n)
+        self._placeholder = torch.zeros((1, 1, 1, 1), dtype=self.dtype, device=self.device)
+        return self._placeholder.expand(1, 1, n, n)
+
+    def is_placeholder(self, mask: Any) -> bool:
+        """Whether `mask` is (a view of) `placeholder_mask()`'s, as transformers hands it on."""
+        placeholder = getattr(self, "_placeholder", None)
+        return (
+            isinstance(mask, torch.Tensor)
+            and placeholder is not None
+            and mask.data_ptr() == placeholder.data_ptr()
+        )
 
 
 def _eager_function(module: torch.nn.Module) -> Callable:
@@ -147,6 +160,8 @@ def _tree_attention(base: str) -> Callable:
         if layout is None:
             return _base_function(base, module)(module, query, key, value, attention_mask, **kwargs)
         layout.calls += 1
+        if attention_mask is not None and not layout.is_placeholder(attention_mask):
+            layout.own_masks += 1
         mask = layout.mask(kwargs.get("sliding_window"))
         if layout.kind == "flex":
             return _base_function("flex_attention", module)(module, query, key, value, mask, **kwargs)

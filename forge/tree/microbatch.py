@@ -245,6 +245,12 @@ def _tree_logits(
             f"{type(model).__name__}'s attention never received Forge's tree layout (its forward drops the "
             f"{TREE_KWARG!r} keyword), so tree packing cannot run on it; set trainer.packing: padded"
         )
+    if layout.own_masks:
+        raise ValueError(
+            f"{type(model).__name__}'s attention makes a mask of its own (it changes the attention scores beyond "
+            "causal masking, e.g. a learned or dynamic bias), which Forge's tree rule would replace: its gradients "
+            "would be wrong even where its logprobs agree; set trainer.packing: padded"
+        )
     # The logprob of a sample's token t+1 is read at the node holding its token t (the parent).
     rows = torch.as_tensor(np.concatenate([nodes[:-1] for nodes in tree.sample_nodes]), device=device)
     targets = torch.as_tensor(

@@ -56,7 +56,7 @@ def check_sequences(vocab_size: int, seed: int = 0) -> list[list[int]]:
 
 
 @contextlib.contextmanager
-def _shrunk_windows(model: torch.nn.Module, window: int) -> Iterator[bool]:
+def shrunk_windows(model: torch.nn.Module, window: int) -> Iterator[bool]:
     """Every sliding window the model declares (config and attention modules) set to at most
     `window`, restored on exit. Yields whether there was any."""
     saved: list[tuple[object, int]] = []
@@ -111,7 +111,7 @@ def check_tree_path(model: torch.nn.Module, attention: Attention = "auto", seed:
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), _shrunk_windows(model, CHECK_WINDOW):
+        with torch.no_grad(), shrunk_windows(model, CHECK_WINDOW):
             want = _separate(model, sequences, embeddings.device)
             tolerance = FP32_TOLERANCE
             if embeddings.dtype != torch.float32:

@@ -76,6 +76,7 @@ class HFEngine:
         top_p: float = 1.0,
         seed: int = 0,
         share_prompt: bool = True,
+        self_check: bool = True,
     ) -> None:
         self.model = model
         self.stop_token_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long)
@@ -89,8 +90,15 @@ class HFEngine:
         self._windows = sliding_windows(model.config)
         # Mixture-of-experts: no router load-balancing loss (nothing here trains on it).
         self._no_router = {"output_router_logits": False} if hasattr(model.config, "output_router_logits") else {}
+        if self_check:
+            # A family nobody has tested: sample a few tiny turns against fresh forwards first;
+            # drop the shared prompt where it disagrees, refuse where the copy does too.
+            from forge.rollout.engines.engine_check import check_engine
+
+            share_prompt = check_engine(model, pad_token_id, share_prompt)
         # A group's prompt KV is kept once for all its rows where the attention allows
         # (forge.rollout.engines.shared_prefix); else copied into each row.
+        self._attention_before = model.config._attn_implementation
         self.share_prompt = share_prompt and can_share_prompt(model, self._windows)
         if self.share_prompt:
             use_shared_prompt_attention(model)
@@ -99,6 +107,11 @@ class HFEngine:
         self._released: collections.deque[str] = collections.deque()
         # Weights never change under a running batch: a sync waits for it to finish.
         self._lock = threading.Lock()
+
+    def restore_attention(self) -> None:
+        """Give the model back the attention it had before this engine (the engine check's
+        probes, which share the model with the engine that follows)."""
+        self.model.config._attn_implementation = self._attention_before
 
     @property
     def cached_episodes(self) -> int:

@@ -1,0 +1,159 @@
+"""The rollout engine checked against fresh forwards through the loaded model, before it samples.
+
+Families nobody has tested may keep in their cache something other than the keys their
+attention reads (MLA's compressed latents), combine attention outputs in their own way
+(differential attention), mask by a rule the engine's masks do not count by position, or
+keep recurrent state (SSM / linear-attention layers) instead of KV. Behaviour logprobs would
+then not be the policy's, silently or with an error from deep inside transformers. A few
+tiny generate calls here (a group's shared prompt, ragged later turns with pad holes, an
+episode joining) are compared with fresh forwards: the shared prompt is dropped where it
+disagrees, and a model the engine cannot sample exactly is refused, naming the setting.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from forge.tree.self_check import CHECK_WINDOW, shrunk_windows
+
+FP32_TOLERANCE = 1e-4
+# In half precision a batched and a single forward round differently; a wrong mask or cache
+# moves logprobs by O(1) (0.9 to 5 on the families this was written against).
+LOW_PRECISION_TOLERANCE = 0.1
+# Layer kinds the engine's KV cache serves (transformers' `layer_types`).
+KV_LAYER_TYPES = {"full_attention", "sliding_attention"}
+REFUSE_HINT = (
+    "the in-process engine (rollout.engine: inprocess or server) cannot sample it exactly; "
+    "use rollout.engine: remote with a vLLM or SGLang server (rollout.servers: vllm+http://...)"
+)
+
+
+def unsupported_reason(config: Any) -> str | None:
+    """Why the engine's attention KV cache cannot serve a model of `config`, known from the
+    config alone, or None."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    name = type(config).__name__
+    if getattr(config, "attention_chunk_size", None) is not None:
+        return f"{name} uses chunked attention (attention_chunk_size={config.attention_chunk_size})"
+    other = sorted(set(getattr(config, "layer_types", None) or []) - KV_LAYER_TYPES)
+    if other:
+        return (
+            f"{name} has layers of type {', '.join(other)}, which the engine's attention KV cache "
+            f"does not hold (it serves {', '.join(sorted(KV_LAYER_TYPES))})"
+        )
+    return None
+
+
+def refuse_unservable(model_path: str | None, engine: str) -> None:
+    """Before Ray starts: a ConfigError for a checkpoint at `model_path` that the in-process
+    engine cannot serve, known from its config (rollout.engine: remote passes)."""
+    from pathlib import Path
+
+    from forge.config import ConfigError
+
+    if (
+        model_path is None
+        or engine == "remote"
+        or not (Path(model_path).expanduser() / "config.json").is_file()
+    ):
+        return
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(Path(model_path).expanduser()))
+    reason = unsupported_reason(config)
+    if reason is not None:
+        raise ConfigError(f"model.path={model_path!r}: {reason}; {REFUSE_HINT}")
+
+
+def _fresh(model: Any, context: list[int], generated: list[int], device: torch.device) -> torch.Tensor:
+    ids = torch.tensor([context + generated], device=device)
+    logits = model(input_ids=ids, use_cache=False).logits[0].float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    rows = torch.arange(len(context) - 1, len(context) - 1 + len(generated), device=device)
+    return logprobs[rows, torch.tensor(generated, device=device)].cpu()
+
+
+def _play(engine: Any, vocab: int) -> float:
+    """Three calls through `engine`: a group of 3 on one prompt, two of them back with
+    observations of different lengths (pad holes), then those and a new episode (a new
+    layout from the kept caches). The largest behaviour logprob error against fresh forwards."""
+    from forge.rollout.engines.protocol import GenerationRequest
+
+    generator = torch.Generator().manual_seed(0)
+
+    def tokens(n: int) -> list[int]:
+        return torch.randint(2, vocab, (n,), generator=generator).tolist()
+
+    prompt = tokens(3 * CHECK_WINDOW)
+    contexts = {f"c{i}": list(prompt) for i in range(3)}
+    calls = [["c0", "c1", "c2"], ["c0", "c2"], ["c2", "c0", "new"]]
+    error = 0.0
+    for turn, names in enumerate(calls):
+        if "new" in names:
+            contexts["new"] = tokens(CHECK_WINDOW + 3)
+        requests = [GenerationRequest(contexts[n], 3, episode_id=n) for n in names]
+        for i, (request, result) in enumerate(zip(requests, engine.generate(requests), strict=True)):
+            if result.token_ids:
+                want = _fresh(engine.model, request.token_ids, result.token_ids, engine.device)
+                error = max(error, (torch.tensor(result.logprobs) - want).abs().max().item())
+            contexts[request.episode_id] = (
+                request.token_ids + result.token_ids + tokens(1 + (2 * i + turn) % 4)
+            )
+    return error
+
+
+def check_engine(model: Any, pad_token_id: int, share_prompt: bool) -> bool:
+    """Whether the engine may share a group's prompt KV on `model` (it asked to and the check
+    agrees); raises ValueError, naming the setting, where the engine cannot sample it exactly."""
+    # What it finds is the model's structure, not its weights: once per model object (a
+    # worker's engine is built once; a test builds many over one model).
+    memo = model.__dict__.setdefault("_forge_engine_check", {})
+    if share_prompt not in memo:
+        try:
+            memo[share_prompt] = _check(model, pad_token_id, share_prompt)
+        except ValueError as error:
+            memo[share_prompt] = error
+    if isinstance(memo[share_prompt], ValueError):
+        raise memo[share_prompt]
+    return memo[share_prompt]
+
+
+def _check(model: Any, pad_token_id: int, share_prompt: bool) -> bool:
+    from forge.rollout.engines.hf import HFEngine
+
+    name = type(model).__name__
+    reason = unsupported_reason(model.config)
+    if reason is not None:
+        raise ValueError(f"{name}: {reason}; {REFUSE_HINT}")
+    dtype = model.get_input_embeddings().weight.dtype
+    tolerance = FP32_TOLERANCE if dtype == torch.float32 else LOW_PRECISION_TOLERANCE
+    vocab = int(model.get_input_embeddings().weight.shape[0])
+    was_training = model.training
+    model.eval()
+    findings = []
+    try:
+        for share in [True, False] if share_prompt else [False]:
+            with torch.no_grad(), shrunk_windows(model, CHECK_WINDOW):
+                # Temperature 1: behaviour logprobs are then the model's own, as a fresh forward's.
+                probe = HFEngine(
+                    model, [], pad_token_id, temperature=1.0, share_prompt=share, self_check=False
+                )
+                if share and not probe.share_prompt:
+                    continue
+                try:
+                    error = _play(probe, vocab)
+                except Exception as failure:  # noqa: BLE001 - any failure of the engine's path is the finding
+                    findings.append(f"{type(failure).__name__}: {failure}")
+                    continue
+                finally:
+                    probe.restore_attention()
+            if error <= tolerance:
+                return share
+            findings.append(
+                f"behaviour logprobs differ from a fresh forward's by {error:.3g} (> {tolerance:.3g})"
+            )
+    finally:
+        model.train(was_training)
+    raise ValueError(f"{name}: {findings[-1]}; {REFUSE_HINT}")

@@ -1,0 +1,137 @@
+"""Model families outside the matrix (forge.models.families), as a new user brings them.
+
+The trainer's self-check passes on those the tree path computes exactly and catches the rest
+(the trainer then packs them padded); the rollout engine's check keeps behaviour logprobs a
+fresh forward's: it drops the shared prompt where a family's cache or attention is not plain
+(MLA's compressed latents, differential attention) and refuses, naming the setting, what its
+KV cache cannot serve (linear-attention, SSM or conv layers, chunked attention, a local window
+it does not count by position)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_engine_families import play_group, play_ragged
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from forge.config import Config, ConfigError
+from forge.models.families import SHAPE, WINDOW
+from forge.rollout.engines.hf import HFEngine
+from forge.run.launch import preflight
+from forge.tree.self_check import check_tree_path
+
+MLA = dict(kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, head_dim=4,
+           num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1,
+           moe_intermediate_size=16)  # fmt: skip
+OFF_MATRIX = {
+    # exact on the tree path (sdpa, or eager where the family has no sdpa)
+    "smollm3": dict(head_dim=8, no_rope_layers=[1, 0]),  # a layer without rotary
+    "gpt_oss": dict(head_dim=8, sliding_window=WINDOW, num_local_experts=4, num_experts_per_tok=2),  # sinks
+    "olmo3": dict(sliding_window=WINDOW, num_hidden_layers=4),  # 3 sliding, 1 full
+    "exaone4": dict(head_dim=8, sliding_window=WINDOW, sliding_window_pattern=2),
+    "glm4": dict(head_dim=8, partial_rotary_factor=0.5),
+    "deepseek_v3": dict(MLA, q_lora_rank=16, n_group=1, topk_group=1),  # MLA + MoE
+    "deepseek_v2": dict(MLA, q_lora_rank=None),
+    "diffllama": dict(head_dim=8),  # differential attention
+    "seed_oss": dict(head_dim=8),
+    "ministral": dict(head_dim=8, sliding_window=WINDOW),
+    # not computable by the tree rule
+    "qwen3_next": dict(head_dim=8, layer_types=["linear_attention", "full_attention"], linear_num_value_heads=2,
+                       linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8, num_experts=4,
+                       num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16),
+    "llama4_text": dict(head_dim=8, attention_chunk_size=4, num_local_experts=2, num_experts_per_tok=1,
+                        intermediate_size_mlp=64),
+    "lfm2": dict(layer_types=["conv", "full_attention"], block_dim=32, block_ff_dim=64, conv_L_cache=3),
+    "gpt_neo": dict(num_layers=2, attention_types=[[["global", "local"], 1]], window_size=WINDOW, num_heads=4),
+    "falcon": dict(alibi=False, new_decoder_architecture=False),  # its attention drops the tree keyword
+    "bloom": dict(n_layer=2, n_head=4),  # ALiBi, its own attention code
+    # A dynamic mask from learned weights: at their init (A = 0) it adds the same to every score, so
+    # the tree's logprobs agreed while its gradients left A and dt_proj untrained.
+    "doge": dict(),
+}  # fmt: skip
+EXACT = ["smollm3", "gpt_oss", "olmo3", "exaone4", "glm4", "deepseek_v3", "deepseek_v2", "diffllama", "seed_oss",
+         "ministral"]  # fmt: skip
+CAUGHT = {
+    "qwen3_next": "layers of type linear_attention",
+    "llama4_text": "chunked attention",
+    "lfm2": "layers of type conv",
+    "gpt_neo": "never received Forge's tree layout",
+    "falcon": "never received Forge's tree layout",
+    "bloom": "the tree forward failed",
+    "doge": "makes a mask of its own",
+}
+
+
+def build(name: str, attn_implementation: str | None = None, seed: int = 0) -> torch.nn.Module:
+    """The family's tiny random-init model, on sdpa where it has it (else eager)."""
+    config = AutoConfig.for_model(name, **{**SHAPE, **OFF_MATRIX[name]})
+    model_class = AutoModelForCausalLM._model_mapping[type(config)]
+    implementation = attn_implementation or ("sdpa" if model_class._supports_sdpa else "eager")
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=implementation).float().eval()
+
+
+@pytest.mark.parametrize("name", EXACT)
+def test_the_self_check_passes_where_the_tree_path_is_exact(name):
+    result = check_tree_path(build(name))
+    assert result.ok, result.reason
+    assert result.max_error <= 1e-5
+
+
+@pytest.mark.parametrize("name", list(CAUGHT))
+def test_the_self_check_catches_what_the_tree_path_cannot_compute(name):
+    result = check_tree_path(build(name))
+    assert not result.ok
+    assert CAUGHT[name] in result.reason
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3", "diffllama"])
+def test_the_engine_copies_the_prompt_where_sharing_it_would_be_wrong(name):
+    """MLA caches compressed latents, not the keys its attention reads (sharing them raised
+    from inside the attention); differential attention combines two maps the shared-prompt
+    attention does not (behaviour logprobs were off by 5). The engine's check drops sharing."""
+    model = build(name)
+    engine = HFEngine(model, [1], pad_token_id=0, seed=3)
+    assert not engine.share_prompt
+    play_group(engine, model, turns=3)  # every token against a fresh forward
+
+
+@pytest.mark.parametrize("name", ["smollm3", "glm4"])
+def test_the_engine_keeps_sharing_the_prompt_on_plain_attention(name):
+    model = build(name)
+    engine = HFEngine(model, [1], pad_token_id=0, seed=3)
+    assert engine.share_prompt
+    play_group(engine, model, turns=2)
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("qwen3_next", "layers of type linear_attention"),
+        ("lfm2", "layers of type conv"),
+        ("llama4_text", "chunked attention"),  # its behaviour logprobs were off by 4.9
+        ("gpt_neo", "behaviour logprobs differ"),  # a local window counted in columns: off by 1.3
+    ],
+)
+def test_the_engine_refuses_what_its_kv_cache_cannot_serve_naming_the_setting(name, reason):
+    with pytest.raises(ValueError, match=f"{reason}.*rollout.engine: remote"):
+        HFEngine(build(name), [1], pad_token_id=0)
+
+
+@pytest.mark.slow
+def test_the_engine_check_is_exact_on_a_windowed_sink_family():
+    model = build("gpt_oss")  # eager, attention sinks, sliding / full layers
+    engine = HFEngine(model, [1], pad_token_id=0, seed=3)
+    assert play_ragged(engine, model, turns=4, seed=0) > 2 * WINDOW
+
+
+def test_forge_train_refuses_a_model_the_engine_cannot_serve_before_ray_starts(tmp_path):
+    build("qwen3_next").save_pretrained(tmp_path)
+    cfg = Config.model_validate({"model": {"path": str(tmp_path)}, "env": {"name": "guess_number"}})
+    with pytest.raises(ConfigError, match="linear_attention.*rollout.engine: remote"):
+        preflight(cfg)
+    preflight(
+        Config.model_validate(
+            {**cfg.model_dump(), "rollout": {"engine": "remote", "servers": ["http://x:1"]}}
+        )
+    )
