@@ -104,15 +104,15 @@ def _play(engine: Any, vocab: int) -> float:
     return error
 
 
-def check_engine(model: Any, pad_token_id: int, share_prompt: bool) -> bool:
-    """Whether the engine may share a group's prompt KV on `model` (it asked to and the check
-    agrees); raises ValueError, naming the setting, where the engine cannot sample it exactly."""
+def check_engine(engine_class: type, model: Any, pad_token_id: int, share_prompt: bool) -> bool:
+    """Whether an `engine_class` (HFEngine, passed in: it calls this) engine may share a group's
+    prompt KV on `model` (it asked to and the check agrees); raises ValueError, naming the setting, where the engine cannot sample it exactly."""
     # What it finds is the model's structure, not its weights: once per model object (a
     # worker's engine is built once; a test builds many over one model).
     memo = model.__dict__.setdefault("_forge_engine_check", {})
     if share_prompt not in memo:
         try:
-            memo[share_prompt] = _check(model, pad_token_id, share_prompt)
+            memo[share_prompt] = _check(engine_class, model, pad_token_id, share_prompt)
         except ValueError as error:
             memo[share_prompt] = error
     if isinstance(memo[share_prompt], ValueError):
@@ -120,9 +120,7 @@ def check_engine(model: Any, pad_token_id: int, share_prompt: bool) -> bool:
     return memo[share_prompt]
 
 
-def _check(model: Any, pad_token_id: int, share_prompt: bool) -> bool:
-    from forge.rollout.engines.hf import HFEngine
-
+def _check(engine_class: type, model: Any, pad_token_id: int, share_prompt: bool) -> bool:
     name = type(model).__name__
     reason = unsupported_reason(model.config)
     if reason is not None:
@@ -137,7 +135,7 @@ def _check(model: Any, pad_token_id: int, share_prompt: bool) -> bool:
         for share in [True, False] if share_prompt else [False]:
             with torch.no_grad(), shrunk_windows(model, CHECK_WINDOW):
                 # Temperature 1: behaviour logprobs are then the model's own, as a fresh forward's.
-                probe = HFEngine(
+                probe = engine_class(
                     model, [], pad_token_id, temperature=1.0, share_prompt=share, self_check=False
                 )
                 if share and not probe.share_prompt:

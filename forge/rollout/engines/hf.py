@@ -95,7 +95,7 @@ class HFEngine:
             # drop the shared prompt where it disagrees, refuse where the copy does too.
             from forge.rollout.engines.engine_check import check_engine
 
-            share_prompt = check_engine(model, pad_token_id, share_prompt)
+            share_prompt = check_engine(type(self), model, pad_token_id, share_prompt)
         # A group's prompt KV is kept once for all its rows where the attention allows
         # (forge.rollout.engines.shared_prefix); else copied into each row.
         self._attention_before = model.config._attn_implementation
