@@ -290,3 +290,33 @@ def test_responses_allowed_tools_offers_only_the_listed_tools(served, qwen):
     prompt = qwen.decode(engine.requests[-1].token_ids)
     assert '"name": "guess"' in prompt and '"name": "hint"' not in prompt
     assert [item.type for item in response.output] == ["function_call"]
+
+
+# --- malformed requests: a 400 naming the Responses API's own field, never a 500 -------------
+
+
+@pytest.mark.parametrize(
+    ("named", "fields"),
+    [
+        ("tools\\[0\\] has no name", {"tools": [{"type": "function", "parameters": {}}]}),
+        ("input\\[0\\].role='tool'", {"input": [{"type": "message", "role": "tool", "content": "3"}]}),
+        ("text.format.type='xml'", {"text": {"format": {"type": "xml"}}}),
+        ("at most max_output_tokens=", {"max_output_tokens": 10**6}),
+    ],
+)
+def test_a_malformed_responses_request_names_its_own_field(served, named, fields):
+    server, _ = served
+    episode = start(server)
+    with pytest.raises(openai.BadRequestError, match=named):
+        client(server, episode["episode_id"]).responses.create(model="p", **{"input": "x", **fields})
+    assert calls_of(server, episode) == []
+
+
+def test_a_history_tool_call_without_a_function_name_is_a_400_naming_it(served):
+    server, _ = served
+    episode = start(server)
+    history = [*USER, {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function"}]}]
+    with pytest.raises(
+        openai.BadRequestError, match="messages\\[1\\].tool_calls\\[0\\] has no function name"
+    ):
+        client(server, episode["episode_id"]).chat.completions.create(model="p", messages=history)

@@ -75,8 +75,11 @@ def narrow_allowed_tools(body: ChatCompletionRequest) -> None:
     body.tool_choice = mode
 
 
-def chat_spec(gateway: Any, body: ChatCompletionRequest) -> tuple[CallSpec, ToolParser | None]:
-    """The call a chat request asks for, and the tool parser for its reply (None: no tools)."""
+def chat_spec(
+    gateway: Any, body: ChatCompletionRequest, limit_field: str = "max_tokens"
+) -> tuple[CallSpec, ToolParser | None]:
+    """The call a chat request asks for, and the tool parser for its reply (None: no tools).
+    `limit_field` names the token limit in errors (the Responses API calls it max_output_tokens)."""
     check_tools(body.tools)
     narrow_allowed_tools(body)
     named = tool_choice_function(body)
@@ -105,7 +108,7 @@ def chat_spec(gateway: Any, body: ChatCompletionRequest) -> tuple[CallSpec, Tool
     asked = body.max_completion_tokens or body.max_tokens
     spec = CallSpec(
         prompt_ids,
-        gateway.token_limit(len(prompt_ids), asked),
+        gateway.token_limit(len(prompt_ids), asked, limit_field),
         n=body.n,
         seed=body.seed,
         top_logprobs=body.top_logprobs or 0,

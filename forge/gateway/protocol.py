@@ -186,6 +186,13 @@ def template_messages(messages: list[dict[str, Any]], tools: list[dict] | None, 
         except ValueError as exc:
             raise ValueError(f"messages[{index}]: {exc}") from None
         calls = message.get("tool_calls") or []
+        for number, call in enumerate(calls):
+            function = call.get("function") if isinstance(call, dict) else None
+            if not (isinstance(function, dict) and isinstance(function.get("name"), str)):
+                raise ValueError(
+                    f"messages[{index}].tool_calls[{number}] has no function name: give "
+                    '{"id": ..., "type": "function", "function": {"name": ..., "arguments": "{...}"}}'
+                )
         if role == "assistant" and calls:
             if tool_aware:
                 structured = [

@@ -87,7 +87,12 @@ def chat_messages(body: ResponsesRequest) -> list[dict[str, Any]]:
     items = [{"role": "user", "content": body.input}] if isinstance(body.input, str) else body.input
     for index, item in enumerate(items):
         kind, where = item.get("type", "message"), f"input[{index}]"
-        if kind == "message":
+        if kind == "message" and item.get("role", "user") not in ("user", "assistant", "system", "developer"):
+            raise EpisodeError(
+                400, f"{where}.role={item.get('role')!r}: use user, assistant, system or developer "
+                "(a tool's result is a function_call_output item)",
+            )
+        elif kind == "message":
             messages.append(
                 {"role": item.get("role", "user"), "content": _part_text(item.get("content"), where)}
             )
@@ -131,9 +136,13 @@ def as_chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
             "responses; send the whole conversation as input",
         )
     tools = []
-    for tool in body.tools or []:
+    for index, tool in enumerate(body.tools or []):
         if tool.get("type") != "function":
             raise EpisodeError(400, f"tool type {tool.get('type')!r} is not supported; give function tools")
+        if not isinstance(tool.get("name"), str):
+            raise EpisodeError(
+                400, f'tools[{index}] has no name: give {{"type": "function", "name": ..., "parameters": {{...}}}}'
+            )
         tools.append(
             {
                 "type": "function",
@@ -155,6 +164,8 @@ def as_chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
                   if isinstance(t, dict)]
         choice = {"type": "allowed_tools", "allowed_tools": {"mode": choice.get("mode", "auto"), "tools": listed}}
     text_format = (body.text or {}).get("format") or {"type": "text"}
+    if text_format.get("type", "text") not in ("text", "json_object", "json_schema"):
+        raise EpisodeError(400, f"text.format.type={text_format.get('type')!r}: use text, json_object or json_schema")
     return ChatCompletionRequest(
         model=body.model,
         messages=chat_messages(body),
@@ -382,7 +393,7 @@ def mount_responses(app: FastAPI, gateway: Any, sse_errors: Any) -> None:
     async def responses(body: ResponsesRequest, request: Request):
         episode_id = gateway.resolve_episode(request, body.user)
         chat = as_chat_request(body)
-        spec, parser = chat_spec(gateway, chat)
+        spec, parser = chat_spec(gateway, chat, "max_output_tokens")
         headers = gateway.apply_sampling(chat, spec)
         run = gateway.start_call(episode_id, spec, body.stream)
         if body.stream:

@@ -127,7 +127,7 @@ class Gateway:
         except Exception as exc:  # jinja2 errors raised by the template itself
             raise EpisodeError(400, f"the chat template rejected these messages: {exc}") from None
 
-    def token_limit(self, prompt_tokens: int, asked: int | None) -> int:
+    def token_limit(self, prompt_tokens: int, asked: int | None, field: str = "max_tokens") -> int:
         """Tokens a call may generate: what it asked for, up to the context limit (beyond is an
         error); unasked, `max_new_tokens` or what room is left."""
         room = self.max_context_tokens - prompt_tokens
@@ -137,7 +137,7 @@ class Gateway:
                 400,
                 f"the prompt is {prompt_tokens} tokens{wanted}, over the context limit of "
                 f"{self.max_context_tokens} tokens (rollout.max_context_tokens): shorten the conversation"
-                + (f" or ask for at most max_tokens={room}" if room >= 1 else ""),
+                + (f" or ask for at most {field}={room}" if room >= 1 else ""),
             )
         return asked if asked is not None else min(self.max_new_tokens, room)
 
