@@ -106,7 +106,8 @@ def _play(engine: Any, vocab: int) -> float:
 
 def check_engine(engine_class: type, model: Any, pad_token_id: int, share_prompt: bool) -> bool:
     """Whether an `engine_class` (HFEngine, passed in: it calls this) engine may share a group's
-    prompt KV on `model` (it asked to and the check agrees); raises ValueError, naming the setting, where the engine cannot sample it exactly."""
+    prompt KV on `model` (it asked to and the check agrees); raises ValueError, naming the
+    setting, where the engine cannot sample it exactly."""
     # What it finds is the model's structure, not its weights: once per model object (a
     # worker's engine is built once; a test builds many over one model).
     memo = model.__dict__.setdefault("_forge_engine_check", {})
