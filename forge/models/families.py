@@ -39,6 +39,9 @@ class Family:
     # The attention projections, peft's LoRA targets (model.lora.target_modules for this family).
     attention_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     extra_modules: tuple[str, ...] = field(default=())  # LoRA targets beyond the attention's
+    # torch runs its flex attention on CPU (the matrix's forward-only check); transformers
+    # computes attention sinks under flex only on a GPU.
+    flex_on_cpu: bool = True
 
     def build(self, attn_implementation: str = "sdpa", seed: int = 0) -> torch.nn.Module:
         """The tiny model in fp32, eval mode, with weights that depend only on `seed`."""
@@ -192,17 +195,49 @@ FAMILIES: dict[str, Family] = {
             dict(head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW),
             features=("mixture of experts", "sliding window"),
         ),
+        Family(
+            "gpt_oss",
+            "GptOssConfig",
+            "GptOssForCausalLM",
+            dict(head_dim=8, sliding_window=WINDOW, num_local_experts=4, num_experts_per_tok=2),
+            features=("attention sinks", "sliding / full layers alternate", "mixture of experts"),
+            flex_on_cpu=False,
+        ),
+        Family(
+            "deepseek_v3",
+            "DeepseekV3Config",
+            "DeepseekV3ForCausalLM",
+            # Multi-head latent attention: keys and values from a compressed latent, rotary on part.
+            dict(
+                q_lora_rank=16,
+                kv_lora_rank=16,
+                qk_rope_head_dim=4,
+                qk_nope_head_dim=4,
+                v_head_dim=8,
+                head_dim=4,
+                num_key_value_heads=4,
+                n_routed_experts=4,
+                num_experts_per_tok=2,
+                first_k_dense_replace=1,
+                moe_intermediate_size=16,
+                n_group=1,
+                topk_group=1,
+            ),
+            features=("multi-head latent attention", "mixture of experts"),
+            attention_modules=("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"),
+        ),
     ]
 }
 
 
 def matrix_paths(family: Family) -> list[tuple[str, str]]:
     """(packing, attention implementation) pairs the family matrix checks on CPU: tree on every
-    implementation the family has (flex forward-only: torch has no CPU flex backward), padded
-    on every implementation but flex."""
+    implementation the family has (flex forward-only: torch has no CPU flex backward; none where
+    the family's flex runs on a GPU only), padded on every implementation but flex."""
     paths = []
     for implementation in family.attention_implementations():
-        paths.append(("tree", implementation))
+        if implementation != "flex_attention" or family.flex_on_cpu:
+            paths.append(("tree", implementation))
         if implementation != "flex_attention":
             paths.append(("padded", implementation))
     return paths
@@ -232,7 +267,11 @@ def support_table() -> str:
         checked = set(matrix_paths(family))
         cells = []
         for packing, implementation in COLUMNS:
-            if (packing, implementation) not in checked:
+            if (packing, implementation) == ("tree", "flex_attention") and not family.flex_on_cpu and (
+                implementation in family.attention_implementations()
+            ):
+                cells.append("GPU only (transformers); GPU check, not yet run")
+            elif (packing, implementation) not in checked:
                 cells.append("no (transformers)")
             elif implementation == "flex_attention":
                 cells.append("exact forward (CPU); backward: GPU check, not yet run")
