@@ -320,3 +320,26 @@ def test_a_history_tool_call_without_a_function_name_is_a_400_naming_it(served):
         openai.BadRequestError, match="messages\\[1\\].tool_calls\\[0\\] has no function name"
     ):
         client(server, episode["episode_id"]).chat.completions.create(model="p", messages=history)
+
+
+@pytest.mark.parametrize("prompt", ["", [""], [[]]])
+def test_an_empty_completion_prompt_is_a_400_not_a_failed_generation(served, prompt):
+    server, engine = served
+    episode = start(server)
+    asked = len(engine.requests)
+    with pytest.raises(openai.BadRequestError, match="empty"):
+        client(server, episode["episode_id"]).completions.create(model="p", prompt=prompt)
+    assert len(engine.requests) == asked
+
+
+def test_stored_response_routes_say_the_gateway_keeps_no_responses(served):
+    server, _ = served
+    agent = client(server, start(server)["episode_id"])
+    for call in (
+        lambda: agent.responses.retrieve("resp_1"),
+        lambda: agent.responses.delete("resp_1"),
+        lambda: agent.responses.cancel("resp_1"),
+        lambda: agent.responses.input_items.list("resp_1"),
+    ):
+        with pytest.raises(openai.NotFoundError, match="stores no responses"):
+            call()

@@ -22,7 +22,7 @@ def prompt_token_lists(gateway: Any, prompt: Any) -> list[list[int]]:
         return [list(prompt)]
     if all(isinstance(p, str) for p in prompt):
         return [gateway.encode(p) for p in prompt]
-    if all(isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompt):
+    if all(isinstance(p, list) and all(isinstance(t, int) for t in p) for p in prompt):
         return [list(p) for p in prompt]
     raise EpisodeError(
         400, "prompt must be a string, a list of strings, a list of token ids or a list of those"
@@ -38,7 +38,10 @@ def completion_specs(gateway: Any, body: CompletionRequest) -> list[CallSpec]:
         )
     vocab = len(gateway.tokenizer)
     specs = []
-    for ids in prompt_token_lists(gateway, body.prompt):
+    for number, ids in enumerate(prompt_token_lists(gateway, body.prompt)):
+        if not ids:  # the engine has nothing to go on from (a model without a BOS token adds none)
+            where = "prompt" if isinstance(body.prompt, str) else f"prompt[{number}]"
+            raise EpisodeError(400, f"{where} is empty (0 tokens): give at least one token of prompt")
         if any(not 0 <= t < vocab for t in ids):
             raise EpisodeError(400, f"prompt token ids must be in [0, {vocab})")
         specs.append(

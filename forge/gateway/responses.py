@@ -387,7 +387,17 @@ async def response_stream(
 
 
 def mount_responses(app: FastAPI, gateway: Any, sse_errors: Any) -> None:
-    """Add `POST /v1/responses` to the gateway's app."""
+    """Add `POST /v1/responses` to the gateway's app, and say on the routes of stored
+    responses (retrieve, delete, cancel, input items) that it keeps none."""
+
+    @app.api_route("/v1/responses/{response_id}", methods=["GET", "DELETE"])
+    @app.api_route("/v1/responses/{response_id}/input_items", methods=["GET"])
+    @app.api_route("/v1/responses/{response_id}/cancel", methods=["POST"])
+    async def stored_response(response_id: str):
+        raise EpisodeError(
+            404, f"response {response_id!r} is not kept: the Forge gateway stores no responses (each "
+            "call is recorded for training instead); keep what you need from the reply itself",
+        )
 
     @app.post("/v1/responses")
     async def responses(body: ResponsesRequest, request: Request):
