@@ -103,6 +103,7 @@ def test_plain_sdpa_families_share_the_prompt_and_windowed_or_capped_ones_copy_i
     shares = {name: HFEngine(rollout_model(name), [STOP], pad_token_id=0).share_prompt for name in FAMILIES}
     assert shares["llama"] and shares["qwen3"] and shares["qwen3_moe"] and shares["gpt_neox"]
     assert not shares["mistral"] and not shares["gemma2"] and not shares["qwen2"]
+    assert not shares["deepseek_v3"]  # MLA caches latents, not keys: the engine's check copies its prompt
 
 
 def test_the_shared_prompt_is_one_copy_however_many_rows():
