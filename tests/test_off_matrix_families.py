@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_engine_families import play_group
+from test_engine_families import play_group, play_ragged
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from forge.config import Config, ConfigError
@@ -33,6 +33,11 @@ OFF_MATRIX = {
     "diffllama": dict(head_dim=8),  # differential attention
     "seed_oss": dict(head_dim=8),
     "ministral": dict(head_dim=8, sliding_window=WINDOW),
+    # Its last 2 layers read the KV of the last earlier layer of their type and keep none.
+    "gemma3n_text": dict(head_dim=8, sliding_window=WINDOW, num_hidden_layers=4, num_kv_shared_layers=2,
+                         layer_types=["sliding_attention", "full_attention"] * 2, altup_num_inputs=2,
+                         laurel_rank=4, hidden_size_per_layer_input=8, vocab_size_per_layer_input=64,
+                         intermediate_size=[64] * 4, activation_sparsity_pattern=[0.0] * 4),
     # not computable by the tree rule
     "qwen3_next": dict(head_dim=8, layer_types=["linear_attention", "full_attention"], linear_num_value_heads=2,
                        linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8, num_experts=4,
@@ -47,7 +52,17 @@ OFF_MATRIX = {
     # the tree's logprobs agreed while its gradients left A and dt_proj untrained.
     "doge": dict(),
 }  # fmt: skip
-EXACT = ["smollm3", "olmo3", "exaone4", "glm4", "deepseek_v2", "diffllama", "seed_oss", "ministral"]
+EXACT = [
+    "smollm3",
+    "olmo3",
+    "exaone4",
+    "glm4",
+    "deepseek_v2",
+    "diffllama",
+    "seed_oss",
+    "ministral",
+    "gemma3n_text",
+]
 CAUGHT = {
     "qwen3_next": "layers of type linear_attention",
     "llama4_text": "chunked attention",
@@ -83,7 +98,7 @@ def test_the_self_check_catches_what_the_tree_path_cannot_compute(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [n for n in EXACT if n not in ("deepseek_v2", "diffllama")])
+@pytest.mark.parametrize("name", [n for n in EXACT if n not in ("deepseek_v2", "diffllama", "gemma3n_text")])
 def test_the_engine_check_passes_where_the_engine_is_exact(name):
     """The engine's own check (sliding windows of 4, a shared prompt, pad holes) passes; it would
     raise otherwise."""
@@ -108,6 +123,17 @@ def test_the_engine_keeps_sharing_the_prompt_on_plain_attention(name):
     engine = HFEngine(model, [1], pad_token_id=0, seed=3)
     assert engine.share_prompt
     play_group(engine, model, turns=2)
+
+
+def test_the_engine_samples_a_model_whose_layers_share_kv_exactly():
+    """Gemma 3n's KV-shared layers keep no cache of their own: setting a batch's rows aside
+    (an episode joining) read their empty layers (a TypeError before)."""
+    model = build("gemma3n_text")
+    engine = HFEngine(model, [1], pad_token_id=0, seed=3)
+    episodes: dict = {}
+    play_ragged(engine, model, turns=3, seed=0, contexts=episodes)
+    episodes["late"] = [5, 6, 7, 8, 9]  # a new episode: the batch is laid out again from per-episode caches
+    play_ragged(engine, model, turns=3, seed=1, contexts=episodes)
 
 
 @pytest.mark.parametrize(

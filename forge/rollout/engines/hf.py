@@ -27,10 +27,11 @@ from forge.rollout.engines.windows import positional_masks, sliding_windows
 @dataclass
 class _EpisodeKV:
     """An episode's KV cache: per layer (keys, values) of shape [1, heads, len, dim] for
-    exactly the tokens in `token_ids`, no padding."""
+    exactly the tokens in `token_ids`, no padding; None for a layer that keeps no KV of its own
+    (it reads another layer's, as Gemma 3n's KV-shared layers do)."""
 
     token_ids: list[int]
-    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    layers: list[tuple[torch.Tensor, torch.Tensor] | None]
 
 
 @dataclass
@@ -246,7 +247,11 @@ class HFEngine:
             template = next(p for p in pasts if p is not None).layers
             width = width_past + input_ids.shape[1] + room
             layers = []
-            for layer, (keys, values) in enumerate(template):
+            for layer, held in enumerate(template):
+                if held is None:  # a layer that reads another layer's KV (Gemma 3n) keeps none
+                    layers.append(_RoomyLayer(room=room))
+                    continue
+                keys, values = held
                 k = keys.new_zeros((rows, keys.shape[1], width, keys.shape[3]))
                 v = values.new_zeros((rows, values.shape[1], width, values.shape[3]))
                 for row, past in enumerate(pasts):
@@ -412,7 +417,12 @@ class HFEngine:
                                                       0 if shared else room)
         prefill_counts = [len(news[row]) if row in firsts else 0 for row in range(batch)]
         if shared:
-            cache = Cache(layers=[SharedPromptLayer(layer.keys, layer.values, room) for layer in cache.layers])
+            cache = Cache(
+                layers=[
+                    SharedPromptLayer(layer.keys, layer.values, room) if layer.is_initialized else layer
+                    for layer in cache.layers
+                ]
+            )
             index = torch.tensor(expand, device=self.device)
             attention_mask, logits = attention_mask[index], logits[index]
         elif len(unique) < batch:

@@ -71,8 +71,11 @@ class _RoomyLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.length
 
-    def row(self, row: int, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Row `row`'s keys and values at these columns, as `[1, heads, len(columns), dim]`."""
+    def row(self, row: int, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Row `row`'s keys and values at these columns, as `[1, heads, len(columns), dim]`; None
+        where the layer never held any (it reads another layer's KV: Gemma 3n's shared layers)."""
+        if not self.is_initialized:
+            return None
         return self.keys[row : row + 1, :, columns], self.values[row : row + 1, :, columns]
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
