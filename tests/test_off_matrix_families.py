@@ -45,7 +45,8 @@ OFF_MATRIX = {
     "llama4_text": dict(head_dim=8, attention_chunk_size=4, num_local_experts=2, num_experts_per_tok=1,
                         intermediate_size_mlp=64),
     "lfm2": dict(layer_types=["conv", "full_attention"], block_dim=32, block_ff_dim=64, conv_L_cache=3),
-    "gpt_neo": dict(num_layers=2, attention_types=[[["global", "local"], 1]], window_size=WINDOW, num_heads=4),
+    # Its default local window (256): longer than the engine check's sequences.
+    "gpt_neo": dict(num_layers=2, attention_types=[[["global", "local"], 1]], num_heads=4),
     "falcon": dict(alibi=False, new_decoder_architecture=False),  # its attention drops the tree keyword
     "bloom": dict(n_layer=2, n_head=4),  # ALiBi, its own attention code
     # A dynamic mask from learned weights: at their init (A = 0) it adds the same to every score, so
@@ -142,7 +143,7 @@ def test_the_engine_samples_a_model_whose_layers_share_kv_exactly():
         ("qwen3_next", "layers of type linear_attention"),
         ("lfm2", "layers of type conv"),
         ("llama4_text", "chunked attention"),  # its behaviour logprobs were off by 4.9
-        ("gpt_neo", "behaviour logprobs differ"),  # a local window counted in columns: off by 1.3
+        ("gpt_neo", "local attention layers"),  # a window counted in columns: off by 1.3 at window 6
     ],
 )
 def test_the_engine_refuses_what_its_kv_cache_cannot_serve_naming_the_setting(name, reason):

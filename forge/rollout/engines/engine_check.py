@@ -37,6 +37,10 @@ def unsupported_reason(config: Any) -> str | None:
     name = type(config).__name__
     if getattr(config, "attention_chunk_size", None) is not None:
         return f"{name} uses chunked attention (attention_chunk_size={config.attention_chunk_size})"
+    if "local" in (getattr(config, "attention_layers", None) or []):
+        # GPT-Neo: the window is baked into each layer's mask buffer at init, in sequence
+        # columns (pad holes would shorten it), and too long for the check's short sequences.
+        return f"{name} has local attention layers (window_size={getattr(config, 'window_size', None)})"
     other = sorted(set(getattr(config, "layer_types", None) or []) - KV_LAYER_TYPES)
     if other:
         return (
