@@ -665,7 +665,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
+        # A plain string YAML cannot read (e.g. gateway.agent_command's "{python} my_agent.py",
+        # which YAML takes for a mapping) goes through in quotes: say how.
+        raise ConfigError(
+            f"override {text!r}: value is not valid YAML ({exc}); to give it as a string, quote it: "
+            f"'{key.strip()}=\"{raw}\"'"
+        ) from exc
     return path, value
 
 

@@ -113,6 +113,13 @@ def test_override_into_a_value_is_rejected(tmp_path):
         load_config(path, ["seed.x=1"])
 
 
+def test_a_value_yaml_cannot_read_says_how_to_quote_it_and_the_quoted_one_is_a_string():
+    with pytest.raises(ConfigError, match=r"""quote it: 'gateway.agent_command="\{python\} my_agent.py"'"""):
+        parse_override("gateway.agent_command={python} my_agent.py")
+    cfg = load_config(None, ['gateway.agent_command="{python} my_agent.py"'])
+    assert cfg.gateway.agent_command == "{python} my_agent.py"
+
+
 def test_override_without_equals_is_rejected():
     with pytest.raises(ConfigError, match="dotted.key=value"):
         parse_override("train.max_steps")
