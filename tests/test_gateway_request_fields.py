@@ -262,6 +262,9 @@ def test_responses_logprobs_are_the_recorded_behaviour_logprobs(served, qwen, st
         events = list(agent.responses.create(**asked, stream=True))
         done = next(e for e in events if e.type == "response.output_text.done")
         assert [t.token for t in done.logprobs][:2] == ["o", "k"]
+        deltas = [e for e in events if e.type == "response.output_text.delta"]
+        # Each delta carries the logprobs of the tokens sampled since the one before.
+        assert [[t.token for t in d.logprobs] for d in deltas][:2] == [["o"], ["k"]]
         response = events[-1].response
     else:
         response = agent.responses.create(**asked)

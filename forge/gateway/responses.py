@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from forge.gateway.calls import CallRun, Choice
 from forge.gateway.chat import chat_spec, logprobs_of
+from forge.gateway.decoding import token_entry
 from forge.gateway.episodes import EpisodeError
 from forge.gateway.protocol import ChatCompletionRequest, refused_field, text_content
 from forge.gateway.tool_parsers import ToolParser
@@ -303,8 +304,12 @@ async def response_stream(
             ),
         ]
 
+    pending: list[dict[str, Any]] = []  # logprobs of tokens sampled since the last delta
+
     def on_token(token_event: Any) -> str | None:
-        nonlocal opened
+        nonlocal opened, pending
+        if body.logprobs:
+            pending.append(token_entry(gateway.tokenizer, token_event.token_id, token_event.logprob, token_event.top))
         if not token_event.text:
             return None
         pieces = [] if opened else open_message()
@@ -316,9 +321,10 @@ async def response_stream(
                 output_index=0,
                 content_index=0,
                 delta=token_event.text,
-                logprobs=[],
+                logprobs=pending,
             )
         )
+        pending = []
         return "".join(pieces)
 
     streamed = gateway.stream_events(run, on_token)
@@ -340,7 +346,7 @@ async def response_stream(
                 output_index=0,
                 content_index=0,
                 delta=text[len(sent) :],
-                logprobs=[],
+                logprobs=pending,
             )
         yield event(
             "response.output_text.done",
