@@ -276,6 +276,13 @@ class TrainConfig(Section):
         "forward and backward: the same gradient, less compute; applies when the loss vanishes there "
         "(every built-in loss) and kl_coef and entropy_coef are 0",
     )
+    max_steps_without_signal: int = Field(
+        20,
+        ge=0,
+        description="a run stops (exit code 1) after this many steps in a row with no learning signal (every "
+        "episode's advantage 0: each group scored alike, so the step trains nothing and the next samples the "
+        "same policy), and when a run from scratch ends without a step of signal; 0: never stops",
+    )
     checkpoint_every: int = Field(
         50,
         ge=0,

@@ -1,5 +1,6 @@
-"""Episode failures made loud and bounded: the first error of each kind printed once with
-the user's frame, and a run stopped when too many of its episodes error."""
+"""A run that would train on nothing made loud and bounded: the first episode error of each
+kind printed once with the user's frame, and a run stopped when too many of its episodes
+error or too many of its steps in a row have no learning signal."""
 
 from __future__ import annotations
 
@@ -22,8 +23,23 @@ AGENT_FIX = (
 )
 
 
+def signal_fix(env_name: str, max_turns: int, max_new_tokens: int) -> str:
+    """What a stop for want of learning signal tells the user to check, for a run of env `env_name`."""
+    return (
+        f"Check that {env_name} can be solved in rollout.max_turns={max_turns} turns of at most "
+        f"rollout.max_new_tokens={max_new_tokens} tokens (`forge env check {env_name}` plays it) and that its "
+        "rewards differ between episodes of a task; or warm-start the model first (`forge sft`)"
+    )
+
+
+AGENT_SIGNAL_FIX = (
+    "Check that the agent program (gateway.agent_command) can solve the env's tasks and that their rewards "
+    "differ between episodes of a task; or warm-start the model first (`forge sft`)"
+)
+
+
 class RunStopped(RuntimeError):
-    """The run cannot usefully go on (its env keeps failing); the message says why."""
+    """The run cannot usefully go on (its env keeps failing, or nothing is learned); the message says why."""
 
 
 def say(message: str) -> None:
@@ -83,4 +99,50 @@ class FailureWatch:
                 f"stopped at step {step}: {errors} of {total} episodes errored over the last {len(self.window)} "
                 f"steps ({errors / total:.0%} > env.max_error_fraction={self.max_error_fraction:g}), so the run "
                 f"would train on nothing. {self.fix}, or raise env.max_error_fraction"
+            )
+
+
+class SignalWatch:
+    """Watches each step for learning signal: an episode whose advantage is not 0 (the step's
+    `signal_fraction` metric, `forge.run.context.shape_rewards`).
+
+    A step without any (every group's episodes scored alike) changes nothing, and the next
+    step samples the same policy again. The first such step is said once, with `fix`.
+    `max_steps` of them in a row stop the run, and so does a run started from scratch whose
+    last step comes without any step of signal: it would exit 0 having trained on nothing.
+    `max_steps` 0 turns both the message and the stops off."""
+
+    def __init__(self, max_steps: int, fix: str, from_scratch: bool = True) -> None:
+        self.max_steps = max_steps
+        self.fix = fix
+        self.from_scratch = from_scratch  # a resumed run has trained before this process
+        self.in_a_row = 0
+        self.steps = 0
+        self.ever = False
+
+    def observe(self, step: int, metrics: dict[str, float], last_step: bool = False) -> None:
+        """Watch step `step`, already recorded; raises `RunStopped` when the run must stop."""
+        self.steps += 1
+        if metrics.get("signal_fraction", 0.0) > 0:
+            self.ever, self.in_a_row = True, 0
+            return
+        self.in_a_row += 1
+        if not self.max_steps:
+            return
+        rewards = f"reward_mean {metrics.get('reward_mean', float('nan')):.3g}"
+        if self.in_a_row == 1 and not self.ever:
+            say(
+                f"forge: step {step} had no learning signal: within each task's group every episode got the same "
+                f"reward ({rewards}), so every advantage is 0 and the step trains nothing. {self.fix}"
+            )
+        if self.in_a_row >= self.max_steps:
+            raise RunStopped(
+                f"stopped at step {step}: the last {self.in_a_row} steps had no learning signal (every episode's "
+                f"advantage was 0; {rewards}), so the run trains on nothing (train.max_steps_without_signal="
+                f"{self.max_steps}; 0 never stops). {self.fix}"
+            )
+        if last_step and self.from_scratch and not self.ever:
+            raise RunStopped(
+                f"stopped at step {step}, the last: none of the run's {self.steps} steps had learning signal (every "
+                f"episode's advantage was 0; {rewards}), so it trained on nothing. {self.fix}"
             )

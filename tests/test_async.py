@@ -17,6 +17,8 @@ def async_config(**overrides: object):
         "rollout.max_turns": 2, "rollout.max_new_tokens": 2, "rollout.num_cpus_per_worker": 1,
         "env.kwargs": "{n: 8}", "logging.tensorboard": False, "logging.progress_bar": False,
         "async.max_staleness": 1,
+        # Two-token replies rarely solve a task: these runs test the loop, not learning.
+        "train.max_steps_without_signal": 0,
     }
     base.update(overrides)
     return load_config(None, [f"{key}={value}" for key, value in base.items()])

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from forge.config import Config
-from forge.failures import FailureWatch, RunStopped, env_fix
+from forge.failures import FailureWatch, RunStopped, SignalWatch, env_fix, signal_fix
 from forge.run.context import (
     Run,
     RunResult,
@@ -68,6 +68,7 @@ def train_async(
             record()
             if loop.checkpoint_due(loop.step):
                 loop.save_checkpoint()
+            loop.signal.observe(loop.step, metrics, last_step=last)
         checkpoint = Path(ray.get(run.trainer.save.remote(str(output / "final"))))
     finally:
         log.close()
@@ -153,6 +154,8 @@ class AsyncLoop:
         self.lost = 0  # episodes lost since the last step
         fix = env_fix(cfg.env.name)
         self.failures = FailureWatch(cfg.env.max_error_fraction, cfg.env.error_window_steps, fix)
+        fix = signal_fix(cfg.env.name, cfg.rollout.max_turns, cfg.rollout.max_new_tokens)
+        self.signal = SignalWatch(cfg.train.max_steps_without_signal, fix, from_scratch=step == 0)
         self.loop_started = self.step_ended = time.perf_counter()
 
     def checkpoint_due(self, step: int) -> bool:

@@ -258,6 +258,9 @@ def shape_rewards(
     advantages = trajectory_advantages(
         trajectories, cfg.train.advantage, cfg.train.advantage_std, cfg.reward.outcome_gap
     )
+    played = [a for t, a in zip(trajectories, advantages, strict=True) if t.status != "lost"]
+    # The share of episodes there is something to learn from (forge.failures.SignalWatch).
+    reward_metrics["signal_fraction"] = sum(a != 0 for a in played) / len(played) if played else 0.0
     return reward_metrics, advantages
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from forge.config import Config
-from forge.failures import AGENT_FIX, FailureWatch
+from forge.failures import AGENT_FIX, AGENT_SIGNAL_FIX, FailureWatch, SignalWatch
 from forge.gateway.agents import AgentExit, agent_argv, close_unfinished, run_agents
 from forge.gateway.episodes import Episode, EpisodeError, EpisodeStore, episode_samples
 from forge.gateway.server import Gateway, GatewayServer
@@ -67,9 +67,11 @@ def train_gateway(
     log = StepLog(cfg, output, progress, "train (gateway)", done)
     # An errored episode here is most often an agent process that crashed (or an env error).
     failures = FailureWatch(cfg.env.max_error_fraction, cfg.env.error_window_steps, AGENT_FIX)
+    signal = SignalWatch(cfg.train.max_steps_without_signal, AGENT_SIGNAL_FIX, from_scratch=done == 0)
     try:
         for step in range(done + 1, cfg.train.max_steps + 1):
-            gateway_step(run, step, failures, log, started)
+            metrics = gateway_step(run, step, failures, log, started)
+            signal.observe(step, metrics, last_step=step == cfg.train.max_steps)
         checkpoint = Path(ray.get(run.trainer.save.remote(str(output / "final"))))
     finally:
         log.close()
@@ -77,9 +79,9 @@ def train_gateway(
     return finish(output, step, checkpoint, started)
 
 
-def gateway_step(run: GatewayRun, step: int, failures: FailureWatch, log: StepLog, started: float) -> None:
+def gateway_step(run: GatewayRun, step: int, failures: FailureWatch, log: StepLog, started: float) -> dict[str, float]:
     """Play one step's episodes through the agents, train on every recorded call, load the
-    new weights into the engine, record the step and checkpoint when due."""
+    new weights into the engine, record the step and checkpoint when due; returns its metrics."""
     import ray
 
     cfg = run.cfg
@@ -126,6 +128,7 @@ def gateway_step(run: GatewayRun, step: int, failures: FailureWatch, log: StepLo
     # The step's generations, episodes and HTTP requests are freed; without this the driver
     # holds ~30 MB of freed heap that the next steps scatter live blocks over (forge.heap).
     release_free_heap()
+    return metrics
 
 
 class GatewayRun:

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from forge.config import Config
-from forge.failures import FailureWatch, RunStopped, env_fix
+from forge.failures import FailureWatch, RunStopped, SignalWatch, env_fix, signal_fix
 from forge.run.context import (
     Run,
     RunResult,
@@ -33,10 +33,13 @@ def train_sync(
     run, done, _ = open_run(cfg, output, resume)
     log = StepLog(cfg, output, progress, "train", done)
     failures = FailureWatch(cfg.env.max_error_fraction, cfg.env.error_window_steps, env_fix(cfg.env.name))
+    fix = signal_fix(cfg.env.name, cfg.rollout.max_turns, cfg.rollout.max_new_tokens)
+    signal = SignalWatch(cfg.train.max_steps_without_signal, fix, from_scratch=done == 0)
     step = done
     try:
         for step in range(done + 1, cfg.train.max_steps + 1):
-            sync_step(run, step, failures, log, started)
+            metrics = sync_step(run, step, failures, log, started)
+            signal.observe(step, metrics, last_step=step == cfg.train.max_steps)
         checkpoint = Path(ray.get(run.trainer.save.remote(str(output / "final"))))
     finally:
         log.close()
@@ -44,8 +47,9 @@ def train_sync(
     return finish(output, step, checkpoint, started)
 
 
-def sync_step(run: Run, step: int, failures: FailureWatch, log: StepLog, started: float) -> None:
-    """Play one step's episodes, train on them, sync the weights, record it and checkpoint when due."""
+def sync_step(run: Run, step: int, failures: FailureWatch, log: StepLog, started: float) -> dict[str, float]:
+    """Play one step's episodes, train on them, sync the weights, record it and checkpoint when
+    due; returns its metrics."""
     import ray
 
     cfg = run.cfg
@@ -85,3 +89,4 @@ def sync_step(run: Run, step: int, failures: FailureWatch, log: StepLog, started
         from forge.train.checkpoint import save_run
 
         save_run(run, step, cfg.train.keep_checkpoints)
+    return metrics

@@ -1,0 +1,119 @@
+"""A run with nothing to learn from is loud and bounded: a step whose episodes all have
+advantage 0 (every group scored alike) is said once with what to check, a run stops with
+exit code 1 after `train.max_steps_without_signal` such steps in a row, and a run from
+scratch that never had signal does not end with exit code 0."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from forge.config import load_config
+from forge.env.base import Env, StepResult
+from forge.failures import RunStopped, SignalWatch
+from forge.run.context import shape_rewards
+from forge.types import Trajectory
+
+
+class NeverSolvedEnv(Env):
+    """Every episode scores 0: the smoke config's one-token actions never spell a word."""
+
+    blocking = False
+
+    @classmethod
+    def generate_tasks(cls, num_tasks, seed, **kwargs):
+        return [{"task_id": str(i)} for i in range(num_tasks)]
+
+    def reset(self, task, seed):
+        return "Spell 'forge' backwards."
+
+    def step(self, action):
+        return StepResult("no", reward=0.0, done=True)
+
+
+def steps(*fractions: float) -> list[dict[str, float]]:
+    return [{"signal_fraction": f, "reward_mean": 0.0} for f in fractions]
+
+
+def test_the_first_step_without_signal_is_said_once_with_what_to_check(capsys):
+    watch = SignalWatch(max_steps=5, fix="Check the env")
+    for step, metrics in enumerate(steps(0, 0, 0), start=1):
+        watch.observe(step, metrics)
+    said = capsys.readouterr().err
+    assert said.count("had no learning signal") == 1
+    assert (
+        "forge: step 1 had no learning signal: within each task's group every episode got the same reward"
+        in said
+    )
+    assert said.rstrip().endswith("Check the env")
+
+
+def test_a_run_stops_after_max_steps_in_a_row_without_signal_and_a_step_with_signal_resets_the_count():
+    watch = SignalWatch(max_steps=3, fix="Check the env")
+    for step, metrics in enumerate(steps(0.5, 0, 0, 0.25, 0, 0), start=1):
+        watch.observe(step, metrics)  # never 3 in a row
+    with pytest.raises(
+        RunStopped,
+        match=r"stopped at step 7: the last 3 steps had no learning signal .*"
+        r"train.max_steps_without_signal=3; 0 never stops\). Check the env",
+    ):
+        watch.observe(7, steps(0)[0])
+
+
+def test_a_run_from_scratch_that_never_had_signal_stops_at_its_last_step():
+    watch = SignalWatch(max_steps=20, fix="Check the env")
+    watch.observe(1, steps(0)[0])
+    with pytest.raises(
+        RunStopped, match=r"stopped at step 2, the last: none of the run's 2 steps had learning signal"
+    ):
+        watch.observe(2, steps(0)[0], last_step=True)
+    resumed = SignalWatch(
+        max_steps=20, fix="Check the env", from_scratch=False
+    )  # it trained before this process
+    resumed.observe(11, steps(0)[0], last_step=True)
+    quiet = SignalWatch(max_steps=0, fix="Check the env")  # 0 turns the stops off
+    for step in range(1, 40):
+        quiet.observe(step, steps(0)[0], last_step=step == 39)
+
+
+def _episode(group: str, reward: float, status: str = "ok") -> Trajectory:
+    return Trajectory("t", group, [5], [1], [0.0], [0], 0, reward=reward, outcome=reward, status=status)
+
+
+def test_signal_fraction_is_the_share_of_played_episodes_with_a_nonzero_advantage():
+    from forge.reward.shaping import RewardShaper
+
+    cfg = load_config("configs/smoke.yaml")
+    shaper = RewardShaper(cfg.reward)
+    alike = [_episode("a", 1.0), _episode("a", 1.0), _episode("b", 0.0), _episode("b", 0.0)]
+    assert shape_rewards(shaper, alike, cfg)[0]["signal_fraction"] == 0.0
+    mixed = [
+        _episode("a", 1.0),
+        _episode("a", 0.0),
+        _episode("b", 0.0),
+        _episode("b", 0.0),
+        _episode("b", 1, "lost"),
+    ]
+    assert shape_rewards(shaper, mixed, cfg)[0]["signal_fraction"] == 0.5  # the lost one is not played
+
+
+@pytest.mark.slow
+def test_a_run_on_an_env_it_never_solves_ends_with_exit_code_1_not_0(ray_session, tmp_path, capsys):
+    from forge.cli import main
+
+    overrides = [
+        f"env.name={__name__}:NeverSolvedEnv",
+        "env.kwargs={}",
+        "train.max_steps=2",
+        "rollout.tasks_per_step=2",
+        "rollout.group_size=2",
+        "logging.progress_bar=false",
+    ]
+    assert main(["train", "configs/smoke.yaml", *overrides, "--output-dir", str(tmp_path / "run")]) == 1
+    error = capsys.readouterr().err
+    assert "forge: step 1 had no learning signal" in error
+    assert "forge: stopped at step 2, the last: none of the run's 2 steps had learning signal" in error
+    assert f"`forge env check {__name__}:NeverSolvedEnv` plays it" in error
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["signal_fraction"]) for r in rows] == [(1, 0.0), (2, 0.0)]
