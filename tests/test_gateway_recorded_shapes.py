@@ -29,6 +29,47 @@ GUESS_PARAMETERS = {**SCHEMA, "title": "guess_args"}
 CALL = '<tool_call>\n{"name": "guess", "arguments": {"number": 3}}\n</tool_call>'
 AGENT_SETTINGS = {"metadata": {"run": "a"}, "parallel_tool_calls": False, "store": False, "top_p": 0.9}
 
+HINT_TOOL = {
+    "name": "hint",
+    "parameters": {
+        "properties": {},
+        "title": "hint_args",
+        "type": "object",
+        "additionalProperties": False,
+        "required": [],
+    },
+    "strict": True,
+    "type": "function",
+    "description": "A hint.",
+}
+OUTPUT_TYPE = {"type": "json_schema", "name": "final_output", "schema": SCHEMA, "strict": True}
+HINT_CALL = '<tool_call>\n{"name": "hint", "arguments": {}}\n</tool_call>'
+# An Agents SDK agent with tools and an output_type asks for both at once.
+AGENT_WITH_TOOLS_AND_OUTPUT_TYPE = {
+    "/v1/responses": {
+        "model": "p",
+        "include": [],
+        "input": [{"content": "go", "role": "user"}],
+        "instructions": "Answer.",
+        "text": {"format": OUTPUT_TYPE},
+        "tools": [HINT_TOOL],
+    },
+    "/v1/chat/completions": {
+        "model": "p",
+        "messages": [{"content": "Answer.", "role": "system"}, {"role": "user", "content": "go"}],
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "final_output", "strict": True, "schema": SCHEMA},
+        },
+        "tools": [
+            {
+                "type": "function",
+                "function": {key: HINT_TOOL[key] for key in ("name", "description", "parameters", "strict")},
+            }
+        ],
+    },
+}
+
 # (who sends it, route, body, what the model writes, what the reply must say)
 SHAPES = [
     (
@@ -218,6 +259,26 @@ SHAPES = [
         "You win.",
         {"content": "You win.", "prompt_has": [CALL, "<tool_response>\nright\n</tool_response>"]},
     ),
+    *[
+        (
+            f"agents sdk Agent(tools=[hint], output_type=Guess) over {route}, {what}",
+            route,
+            AGENT_WITH_TOOLS_AND_OUTPUT_TYPE[route],
+            reply,
+            expected,
+        )
+        for route in AGENT_WITH_TOOLS_AND_OUTPUT_TYPE
+        for what, reply, expected in (
+            # JSON mode must not take the model's tool calls away (it forced "{" before).
+            (
+                "calling the tool",
+                HINT_CALL,
+                # Nothing is forced after the prompt: the model chooses a call or an answer.
+                {"tool_calls": [("hint", {})], "prompt_ends_with": "<|im_start|>assistant"},
+            ),
+            ("answering", '{"number": 3} and more', {"content": '{"number": 3}'}),
+        )
+    ],
     (
         "litellm.completion(stop=[...], max_tokens, temperature)",
         "/v1/chat/completions",
@@ -293,3 +354,4 @@ def test_a_frameworks_recorded_request_gets_the_reply_it_reads(served, who, rout
     assert sampled.endswith(expected.get("sampled_ends_with", sampled))
     prompt = qwen.decode(call.prompt_ids, skip_special_tokens=False)
     assert all(text in prompt for text in expected.get("prompt_has", []))
+    assert prompt.endswith(expected.get("prompt_ends_with", ""))

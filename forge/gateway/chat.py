@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from forge.gateway.calls import CallRun, CallSpec, Choice, TokenEvent
-from forge.gateway.decoding import JsonObjectEnd, token_entry
+from forge.gateway.decoding import JsonObjectEnd, LeadingObjectEnd, token_entry
 from forge.gateway.episodes import EpisodeError
 from forge.gateway.protocol import ChatCompletionRequest, completion_id, finish_reason, now
 from forge.gateway.tool_parsers import ToolParser
@@ -94,7 +94,12 @@ def chat_spec(
     kind = (body.response_format or {}).get("type", "text")
     if kind not in ("text", "json_object", "json_schema"):
         raise EpisodeError(400, f"response_format.type={kind!r}: use text, json_object or json_schema")
-    if kind != "text" and not prefix:
+    if kind != "text" and not prefix and parser is not None:
+        # JSON mode with tools offered (an Agents SDK agent with tools and an output_type): the
+        # model may call a tool instead, so nothing is forced; a reply that opens an object ends
+        # where it closes.
+        end = LeadingObjectEnd
+    elif kind != "text" and not prefix:
         # JSON mode: the reply is opened with "{" and ends where that object closes.
         prefix, end = "{", JsonObjectEnd
     if parser is not None and body.parallel_tool_calls is False:

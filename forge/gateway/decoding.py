@@ -237,3 +237,20 @@ class JsonObjectEnd:
                     return index + 1
         self.scanned = len(text)
         return None
+
+
+class LeadingObjectEnd:
+    """`JsonObjectEnd` for a reply that may be something else (a tool call): it ends the
+    reply where its object closes only when the reply begins with `{`."""
+
+    def __init__(self) -> None:
+        self.inner = JsonObjectEnd()
+        self.opens_object: bool | None = None  # undecided while the reply is only whitespace
+
+    def __call__(self, text: str) -> int | None:
+        if self.opens_object is None:
+            start = text.lstrip()
+            if not start:
+                return None
+            self.opens_object = start.startswith("{")
+        return self.inner(text) if self.opens_object else None
