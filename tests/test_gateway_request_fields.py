@@ -344,5 +344,5 @@ def test_stored_response_routes_say_the_gateway_keeps_no_responses(served):
         lambda: agent.responses.cancel("resp_1"),
         lambda: agent.responses.input_items.list("resp_1"),
     ):
-        with pytest.raises(openai.NotFoundError, match="stores no responses"):
+        with pytest.raises(openai.NotFoundError, match="cannot be read back"):
             call()

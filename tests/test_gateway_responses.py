@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import httpx
 import openai
 import pytest
 from family_tokenizers import byte_level_tokenizer
@@ -105,3 +106,51 @@ def test_unsupported_inputs_are_refused_by_name(qwen):
             agent.responses.create(model="p", input="x", tools=[{"type": "web_search"}])
         with pytest.raises(openai.BadRequestError, match="previous_response_id"):
             agent.responses.create(model="p", input="x", previous_response_id="resp_1")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_previous_response_id_goes_on_from_the_kept_conversation(qwen, stream):
+    engine = scripted(qwen, CALL_TEXT)
+    with serve(engine, qwen, **WIDE) as server:
+        episode = start(server)
+        agent = client(server, episode["episode_id"])
+
+        def respond(**fields):
+            if not stream:
+                return agent.responses.create(model="p", tools=[GUESS], **fields)
+            return list(agent.responses.create(model="p", tools=[GUESS], stream=True, **fields))[-1].response
+
+        first = respond(instructions="Play.", input="Guess.")
+        [_, function_call] = first.output
+        engine.reply = qwen("Higher, then 5.", add_special_tokens=False)["input_ids"] + [qwen.eos_token_id]
+        output = {"type": "function_call_output", "call_id": function_call.call_id, "output": "higher"}
+        second = respond(previous_response_id=first.id, input=[output])
+        third = respond(previous_response_id=second.id, input="And now?")
+        _, second_call, third_call = calls_of(server, episode)
+        with pytest.raises(openai.BadRequestError, match="store"):
+            unkept = respond(input="x", store=False)
+            respond(previous_response_id=unkept.id, input="y")
+        kept = server.gateway.kept_responses
+        assert set(kept[episode["episode_id"]]) == {first.id, second.id, third.id}
+        httpx.post(f"{server.root_url}/forge/episodes/{episode['episode_id']}/finish", json={"reward": 1.0})
+        assert episode["episode_id"] not in kept  # an episode's responses go when it ends
+    assert first.store and second.previous_response_id == first.id
+    second_prompt = qwen.decode(second_call.prompt_ids)
+    # The first call's instructions are not carried over (as the API says); its turns are.
+    assert "Play." not in second_prompt
+    assert '"name": "guess", "arguments": {"number": 3}' in second_prompt
+    assert "<tool_response>\nhigher\n</tool_response>" in second_prompt
+    third_prompt = qwen.decode(third_call.prompt_ids)
+    assert (
+        third_prompt.startswith(second_prompt)
+        and "Higher, then 5." in third_prompt
+        and "And now?" in third_prompt
+    )
+
+
+def test_previous_response_id_of_another_episode_is_refused(qwen):
+    with serve(scripted(qwen, "x"), qwen, **WIDE) as server:
+        first = client(server, start(server)["episode_id"]).responses.create(model="p", input="x")
+        other = client(server, start(server, task_id="t1")["episode_id"])
+        with pytest.raises(openai.BadRequestError, match="not a stored response of this episode"):
+            other.responses.create(model="p", input="y", previous_response_id=first.id)

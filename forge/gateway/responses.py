@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -37,6 +37,7 @@ class ResponsesRequest(BaseModel):
     stream: bool = False
     previous_response_id: str | None = None
     conversation: Any = None
+    store: bool | None = None
     user: str | None = None
     metadata: dict[str, Any] | None = None
     include: list[str] | None = None
@@ -79,13 +80,43 @@ def _part_text(content: Any, where: str) -> str:
     return text_content(content)
 
 
-def chat_messages(body: ResponsesRequest) -> list[dict[str, Any]]:
+def input_items(body: ResponsesRequest) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": body.input}] if isinstance(body.input, str) else list(body.input)
+
+
+def conversation(gateway: Any, episode_id: str, body: ResponsesRequest) -> list[dict[str, Any]]:
+    """The items a response goes on from: those of `previous_response_id` (its input and
+    output, kept for the episode's life) and then this request's input."""
+    if body.conversation:
+        raise EpisodeError(
+            400, "conversation is not supported: continue with previous_response_id, or send the whole "
+            "conversation as input",
+        )
+    if not body.previous_response_id:
+        return input_items(body)
+    kept = gateway.kept_responses.get(episode_id, {}).get(body.previous_response_id)
+    if kept is None:
+        raise EpisodeError(
+            400, f"previous_response_id {body.previous_response_id!r} is not a stored response of this "
+            "episode: the gateway keeps an episode's responses (made with store unset or true) until it "
+            "ends; send the whole conversation as input instead",
+        )
+    return kept + input_items(body)
+
+
+def keep(gateway: Any, episode_id: str, body: ResponsesRequest, ident: str, items: list, output: list) -> None:
+    """Keep a response's conversation for a later previous_response_id, unless store is false."""
+    if body.store is not False:
+        gateway.kept_responses.setdefault(episode_id, {})[ident] = items + output
+
+
+def chat_messages(body: ResponsesRequest, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The instructions and input items as chat messages: function calls join the
-    assistant message before them, their outputs become tool messages."""
+    assistant message before them, their outputs become tool messages. (A previous
+    response's instructions are not carried over, as the API says.)"""
     messages: list[dict[str, Any]] = []
     if body.instructions:
         messages.append({"role": "system", "content": body.instructions})
-    items = [{"role": "user", "content": body.input}] if isinstance(body.input, str) else body.input
     for index, item in enumerate(items):
         kind, where = item.get("type", "message"), f"input[{index}]"
         if kind == "message" and item.get("role", "user") not in ("user", "assistant", "system", "developer"):
@@ -129,13 +160,7 @@ def chat_messages(body: ResponsesRequest) -> list[dict[str, Any]]:
     return messages
 
 
-def as_chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
-    if body.previous_response_id or body.conversation:
-        raise EpisodeError(
-            400,
-            "previous_response_id and conversation are not supported: the gateway keeps no "
-            "responses; send the whole conversation as input",
-        )
+def as_chat_request(body: ResponsesRequest, items: list[dict[str, Any]]) -> ChatCompletionRequest:
     tools = []
     for index, tool in enumerate(body.tools or []):
         if tool.get("type") != "function":
@@ -169,7 +194,7 @@ def as_chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
         raise EpisodeError(400, f"text.format.type={text_format.get('type')!r}: use text, json_object or json_schema")
     return ChatCompletionRequest(
         model=body.model,
-        messages=chat_messages(body),
+        messages=chat_messages(body, items),
         tools=tools or None,
         tool_choice=choice,
         parallel_tool_calls=body.parallel_tool_calls,
@@ -257,8 +282,8 @@ def response_object(
         "max_output_tokens": body.max_output_tokens,
         "text": body.text or {"format": {"type": "text"}},
         "truncation": "disabled",
-        "store": False,
-        "previous_response_id": None,
+        "store": body.store is not False,
+        "previous_response_id": body.previous_response_id,
         "reasoning": None,
         "usage": {
             "input_tokens": prompt_tokens,
@@ -271,11 +296,12 @@ def response_object(
 
 
 async def response_stream(
-    gateway: Any, body: ResponsesRequest, run: CallRun, parser: ToolParser | None
+    gateway: Any, body: ResponsesRequest, run: CallRun, parser: ToolParser | None, ident: str,
+    kept: Callable[[list[dict[str, Any]]], None],
 ) -> AsyncIterator[str]:
     """The Responses stream: created, text deltas as tokens are sampled, function calls
-    whole at the end, completed."""
-    ident, created, sequence = _id("resp"), int(time.time()), 0
+    whole at the end, completed. `kept` is given the output to keep."""
+    created, sequence = int(time.time()), 0
     prompt_tokens = len(run.spec.prompt_ids)
 
     def event(kind: str, **fields: Any) -> str:
@@ -386,6 +412,7 @@ async def response_stream(
             arguments=item["arguments"],
         )
         yield event("response.output_item.done", output_index=index, item=item)
+    kept(output)
     final = response_object(gateway, body, ident, created, "completed", output, prompt_tokens, choice)
     yield event(
         "response.completed" if final["status"] == "completed" else "response.incomplete", response=final
@@ -394,33 +421,36 @@ async def response_stream(
 
 def mount_responses(app: FastAPI, gateway: Any, sse_errors: Any) -> None:
     """Add `POST /v1/responses` to the gateway's app, and say on the routes of stored
-    responses (retrieve, delete, cancel, input items) that it keeps none."""
+    responses (retrieve, delete, cancel, input items) that none can be read back."""
 
     @app.api_route("/v1/responses/{response_id}", methods=["GET", "DELETE"])
     @app.api_route("/v1/responses/{response_id}/input_items", methods=["GET"])
     @app.api_route("/v1/responses/{response_id}/cancel", methods=["POST"])
     async def stored_response(response_id: str):
         raise EpisodeError(
-            404, f"response {response_id!r} is not kept: the Forge gateway stores no responses (each "
-            "call is recorded for training instead); keep what you need from the reply itself",
+            404, f"response {response_id!r} cannot be read back: the Forge gateway stores no responses to "
+            "retrieve (each call is recorded for training; an episode's responses are kept only to go on "
+            "from with previous_response_id); keep what you need from the reply itself",
         )
 
     @app.post("/v1/responses")
     async def responses(body: ResponsesRequest, request: Request):
         episode_id = gateway.resolve_episode(request, body.user)
-        chat = as_chat_request(body)
+        items = conversation(gateway, episode_id, body)
+        chat = as_chat_request(body, items)
         spec, parser = chat_spec(gateway, chat, "max_output_tokens")
         headers = gateway.apply_sampling(chat, spec)
         run = gateway.start_call(episode_id, spec, body.stream)
+        ident = _id("resp")
         if body.stream:
-            return StreamingResponse(
-                sse_errors(response_stream(gateway, body, run, parser)),
-                media_type="text/event-stream",
-                headers=headers,
+            stream = response_stream(
+                gateway, body, run, parser, ident, lambda output: keep(gateway, episode_id, body, ident, items, output)
             )
+            return StreamingResponse(sse_errors(stream), media_type="text/event-stream", headers=headers)
         [choice] = await gateway.finish_call(request, run)
         output = _output(choice, parser, body.parallel_tool_calls is not False, _logprobs(gateway, body, choice))
+        keep(gateway, episode_id, body, ident, items, output)
         body_out = response_object(
-            gateway, body, _id("resp"), int(time.time()), "completed", output, len(spec.prompt_ids), choice
+            gateway, body, ident, int(time.time()), "completed", output, len(spec.prompt_ids), choice
         )
         return JSONResponse(body_out, headers=headers)

@@ -108,6 +108,8 @@ class Gateway:
         self.tool_parser = choose_tool_parser(tokenizer, tool_parser)
         self.hidden_ids = hidden_token_ids(tokenizer, self.tool_parser.markers)
         self.engine_names: dict[str, set[str]] = {}  # episode -> the names its calls' KV is kept under
+        # episode -> response id -> its conversation items, for previous_response_id (until it ends)
+        self.kept_responses: dict[str, dict[str, list[dict[str, Any]]]] = {}
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -227,8 +229,9 @@ class Gateway:
         return episode.episode_id
 
     def _ended(self, episode_id: str) -> None:
-        """An episode is over: its batch slot and its cached KV go."""
+        """An episode is over: its batch slot, its cached KV and its kept responses go."""
         self.batching.unregister()
+        self.kept_responses.pop(episode_id, None)
         for name in self.engine_names.pop(episode_id, ()):
             self.batching.release(name)
 
