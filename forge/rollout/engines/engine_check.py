@@ -119,9 +119,9 @@ def check_engine(engine_class: type, model: Any, pad_token_id: int, share_prompt
         try:
             memo[share_prompt] = _check(engine_class, model, pad_token_id, share_prompt)
         except ValueError as error:
-            memo[share_prompt] = error
-    if isinstance(memo[share_prompt], ValueError):
-        raise memo[share_prompt]
+            memo[share_prompt] = str(error)  # not the exception: its traceback holds the probe's caches
+    if isinstance(memo[share_prompt], str):
+        raise ValueError(memo[share_prompt])
     return memo[share_prompt]
 
 
