@@ -148,7 +148,9 @@ def test_top_logprobs_are_real_with_decoded_strings_and_bytes(engine, tokenizer)
         [call] = calls_of(server, episode)
     entries = reply.choices[0].logprobs.content
     # A token's text has a space where its piece has the word-start mark.
-    assert [tokenizer.convert_tokens_to_ids(e.token.replace(" ", "\u2581")) for e in entries] == call.completion_ids
+    assert [
+        tokenizer.convert_tokens_to_ids(e.token.replace(" ", "\u2581")) for e in entries
+    ] == call.completion_ids
     for entry, logprob in zip(entries, call.logprobs, strict=True):
         assert entry.logprob == logprob and entry.bytes == list(entry.token.encode())
         assert len(entry.top_logprobs) == 3
@@ -441,6 +443,36 @@ def test_the_async_client_chats_and_streams(engine, tokenizer):
         tokenizer, second
     )
     assert chunks[-1].usage.completion_tokens == len(second.completion_ids)
+
+
+def test_concurrent_calls_of_one_episode_sample_and_record_as_they_would_alone(engine, tokenizer):
+    """Agents fire calls of one episode at once (asyncio.gather over tools, sub-agents): they
+    share the episode's name for cached KV, yet each is sampled and recorded as it is alone."""
+    seeds = range(5)
+
+    async def together(server, episode_id):
+        agent = async_client(server, episode_id)
+        replies = await asyncio.gather(
+            *(agent.chat.completions.create(model="p", messages=USER, seed=s, logprobs=True) for s in seeds)
+        )
+        await agent.close()
+        return replies
+
+    with serve(engine, tokenizer) as server:
+        alone_episode = start(server)
+        agent = client(server, alone_episode["episode_id"])
+        alone = [
+            agent.chat.completions.create(model="p", messages=USER, seed=s, logprobs=True) for s in seeds
+        ]
+        episode = start(server, task_id="t1")
+        replies = asyncio.run(together(server, episode["episode_id"]))
+        calls = calls_of(server, episode)
+    assert len(calls) == len(seeds)
+    for solo, reply in zip(alone, replies, strict=True):
+        assert reply.choices[0].message.content == solo.choices[0].message.content
+        got = [t.logprob for t in reply.choices[0].logprobs.content]
+        assert got == pytest.approx([t.logprob for t in solo.choices[0].logprobs.content], abs=1e-4)
+        assert got in [c.logprobs for c in calls]  # recorded as replied
 
 
 # --- the sampling rule ------------------------------------------------------------------
