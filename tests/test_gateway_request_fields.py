@@ -346,3 +346,22 @@ def test_stored_response_routes_say_the_gateway_keeps_no_responses(served):
     ):
         with pytest.raises(openai.NotFoundError, match="cannot be read back"):
             call()
+
+
+def test_a_field_sent_as_null_is_a_field_not_sent(served, qwen):
+    """Agent code passes through what it was given (`n=kwargs.get("n")`): the SDK sends JSON
+    nulls, which OpenAI's API reads as unset."""
+    server, _ = served
+    say(served, qwen, "ok")
+    episode = start(server)
+    agent = client(server, episode["episode_id"])
+    nulls = {"n": None, "stream": None, "logprobs": None, "stop": None, "temperature": None, "seed": None}
+    chat = agent.chat.completions.create(
+        model="p", messages=USER, tools=None, tool_choice=None, response_format=None, max_tokens=None, **nulls
+    )
+    completion = agent.completions.create(model="p", prompt="x", echo=None, best_of=None, **nulls)
+    response = agent.responses.create(
+        model="p", input="x", stream=None, tools=None, instructions=None, store=None, temperature=None
+    )
+    assert chat.choices[0].message.content == completion.choices[0].text == response.output_text == "ok"
+    assert len(calls_of(server, episode)) == 3

@@ -8,7 +8,7 @@ import secrets
 import time
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from forge.env.tools import hermes_tools_prompt
 
@@ -51,10 +51,20 @@ def refused_field(fields: dict[str, Any] | None, known: frozenset[str] = frozens
     return None
 
 
-class SamplingFields(BaseModel):
-    """What chat and completions requests share: limits, sampling, stop strings, n."""
+class OpenAIBody(BaseModel):
+    """A request body as OpenAI's API reads it: a field sent as null is a field not sent
+    (clients pass `n=None`, `stream=None` through the SDK as JSON nulls)."""
 
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data: Any) -> Any:
+        return {key: value for key, value in data.items() if value is not None} if isinstance(data, dict) else data
+
+
+class SamplingFields(OpenAIBody):
+    """What chat and completions requests share: limits, sampling, stop strings, n."""
     model: str = ""
     max_tokens: int | None = Field(None, gt=0)
     temperature: float | None = Field(None, ge=0, le=2)

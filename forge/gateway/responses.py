@@ -12,18 +12,17 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from forge.gateway.calls import CallRun, Choice
 from forge.gateway.chat import chat_spec, logprobs_of
 from forge.gateway.decoding import token_entry
 from forge.gateway.episodes import EpisodeError
-from forge.gateway.protocol import ChatCompletionRequest, refused_field, text_content
+from forge.gateway.protocol import ChatCompletionRequest, OpenAIBody, refused_field, text_content
 from forge.gateway.tool_parsers import ToolParser
 
 
-class ResponsesRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class ResponsesRequest(OpenAIBody):
     model: str = ""
     input: str | list[dict[str, Any]]
     instructions: str | None = None
