@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from forge.config import Config, ConfigError
 from forge.models.families import SHAPE, WINDOW
 from forge.rollout.engines.hf import HFEngine
+from forge.rollout.engines.protocol import GenerationRequest
 from forge.run.launch import preflight
 from forge.tree.self_check import check_tree_path
 
@@ -153,6 +154,28 @@ def test_the_engine_samples_a_model_whose_layers_share_kv_exactly():
 def test_the_engine_refuses_what_its_kv_cache_cannot_serve_naming_the_setting(name, reason):
     with pytest.raises(ValueError, match=f"{reason}.*rollout.engine: remote"):
         HFEngine(build(name), [1], pad_token_id=0)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "config"),
+    [
+        ("gpt2", dict(n_layer=2, n_head=4, n_embd=32, max_position_embeddings=32)),
+        ("opt", dict(max_position_embeddings=32)),
+    ],
+)
+def test_the_engine_refuses_a_request_past_a_learned_position_table_naming_the_setting(model_type, config):
+    """GPT-2 and OPT learn one embedding per position: a longer context raised an IndexError from
+    inside torch's embedding (OPT's table holds 2 more rows than positions)."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(
+        AutoConfig.for_model(model_type, **{**SHAPE, **config}), attn_implementation="eager"
+    ).eval()
+    engine = HFEngine(model, [], pad_token_id=0, seed=3)
+    assert (
+        len(engine.generate([GenerationRequest(list(range(2, 29)), 5)])[0].token_ids) == 5
+    )  # 32 positions: fits
+    with pytest.raises(ValueError, match="past the 32 positions.*rollout.max_context_tokens to at most 32"):
+        engine.generate([GenerationRequest(list(range(2, 30)), 5)])
 
 
 def test_forge_train_refuses_a_model_the_engine_cannot_serve_before_ray_starts(tmp_path):

@@ -50,6 +50,18 @@ def unsupported_reason(config: Any) -> str | None:
     return None
 
 
+POSITION_TABLES = {"wpe", "embed_positions", "position_embeddings"}  # GPT-2, GPT-Neo, OPT, BioGPT
+
+
+def position_limit(model: Any) -> int | None:
+    """The positions a model with a learned absolute position table can embed (GPT-2's wpe,
+    OPT's embed_positions less its offset), or None for rotary, ALiBi and sinusoidal ones."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in POSITION_TABLES:
+            return module.num_embeddings - int(getattr(module, "offset", 0))
+    return None
+
+
 def refuse_unservable(model_path: str | None, engine: str) -> None:
     """Before Ray starts: a ConfigError for a checkpoint at `model_path` that the in-process
     engine cannot serve, known from its config (rollout.engine: remote passes)."""

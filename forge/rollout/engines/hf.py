@@ -91,6 +91,9 @@ class HFEngine:
         self._windows = sliding_windows(model.config)
         # Mixture-of-experts: no router load-balancing loss (nothing here trains on it).
         self._no_router = {"output_router_logits": False} if hasattr(model.config, "output_router_logits") else {}
+        from forge.rollout.engines.engine_check import position_limit
+
+        self._position_limit = position_limit(model)
         if self_check:
             # A family nobody has tested: sample a few tiny turns against fresh forwards first;
             # drop the shared prompt where it disagrees, refuse where the copy does too.
@@ -159,9 +162,23 @@ class HFEngine:
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         if not requests:
             return []
+        if self._position_limit is not None:
+            self._check_positions(requests)
         with self._lock, torch.no_grad():
             self._apply_releases()
             return self._generate(requests)
+
+    def _check_positions(self, requests: list[GenerationRequest]) -> None:
+        """Refuse a request that would run past a learned position table (an IndexError from
+        inside the model otherwise), naming the settings that bound it."""
+        limit = self._position_limit
+        for request in requests:
+            if len(request.token_ids) + request.max_new_tokens > limit:
+                raise ValueError(
+                    f"a request of {len(request.token_ids)} tokens plus up to {request.max_new_tokens} new ones "
+                    f"runs past the {limit} positions {type(self.model).__name__} has learned embeddings for; "
+                    f"set rollout.max_context_tokens to at most {limit}"
+                )
 
     def _past_for(self, request: GenerationRequest) -> _EpisodeKV | None:
         past = self._episodes.pop(request.episode_id, None) if request.episode_id else None
