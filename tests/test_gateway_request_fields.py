@@ -365,3 +365,27 @@ def test_a_field_sent_as_null_is_a_field_not_sent(served, qwen):
     )
     assert chat.choices[0].message.content == completion.choices[0].text == response.output_text == "ok"
     assert len(calls_of(server, episode)) == 3
+
+
+def test_chat_template_kwargs_reach_the_template(tmp_path):
+    """Qwen3 agents written for vLLM turn thinking off with extra_body chat_template_kwargs;
+    the gateway hands them to the template (it was ignored: the policy thought anyway)."""
+    tokenizer = byte_level_tokenizer("qwen", tmp_path)
+    # Qwen3's own switch, after the generation prompt.
+    tokenizer.chat_template += (
+        "{%- if add_generation_prompt and enable_thinking is defined and enable_thinking is false %}"
+        "{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    )
+    engine = scripted(tokenizer, "ok")
+    with serve(engine, tokenizer, **WIDE) as server:
+        agent = client(server, start(server)["episode_id"])
+        agent.chat.completions.create(model="p", messages=USER)
+        agent.chat.completions.create(
+            model="p", messages=USER, extra_body={"chat_template_kwargs": {"enable_thinking": False}}
+        )
+        with pytest.raises(openai.BadRequestError, match="chat_template_kwargs may not set tools"):
+            agent.chat.completions.create(
+                model="p", messages=USER, extra_body={"chat_template_kwargs": {"tools": []}}
+            )
+    thinking, not_thinking = (tokenizer.decode(request.token_ids) for request in engine.requests)
+    assert not thinking.endswith("</think>\n\n") and not_thinking == thinking + "<think>\n\n</think>\n\n"

@@ -34,6 +34,25 @@ def tool_choice_function(body: ChatCompletionRequest) -> str | None:
     return None
 
 
+# Arguments of apply_chat_template that the gateway sets; a request's chat_template_kwargs may not.
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    {
+        "conversation",
+        "tools",
+        "documents",
+        "add_generation_prompt",
+        "continue_final_message",
+        "tokenize",
+        "return_dict",
+        "return_tensors",
+        "padding",
+        "truncation",
+        "max_length",
+        "tokenizer_kwargs",
+    }
+)
+
+
 def check_tools(tools: list[dict[str, Any]] | None) -> None:
     """Every tool must be a function the policy can be shown and its calls read as."""
     for index, tool in enumerate(tools or []):
@@ -62,14 +81,16 @@ def narrow_allowed_tools(body: ChatCompletionRequest) -> None:
         name = (entry.get("function") or {}).get("name") if isinstance(entry, dict) else None
         if not isinstance(name, str):
             raise EpisodeError(
-                400, 'tool_choice.allowed_tools.tools takes {"type": "function", "function": {"name": ...}} entries'
+                400,
+                'tool_choice.allowed_tools.tools takes {"type": "function", "function": {"name": ...}} entries',
             )
         names.append(name)
     offered = {t["function"]["name"] for t in body.tools or []}
     missing = [name for name in names if name not in offered]
     if missing or not names:
         raise EpisodeError(
-            400, f"tool_choice.allowed_tools names {missing or 'no tools'}, which must be among the request's tools"
+            400,
+            f"tool_choice.allowed_tools names {missing or 'no tools'}, which must be among the request's tools",
         )
     body.tools = [t for t in body.tools or [] if t["function"]["name"] in names]
     body.tool_choice = mode
@@ -108,7 +129,14 @@ def chat_spec(
         end = _first_end(end, parser.first_call_end)
     if body.top_logprobs and not body.logprobs:
         raise EpisodeError(400, "top_logprobs needs logprobs=true")
-    prompt_text = gateway.chat_prompt_text(body.messages, tools)
+    reserved = sorted(RESERVED_TEMPLATE_KWARGS & set(body.chat_template_kwargs or {}))
+    if reserved:
+        raise EpisodeError(
+            400,
+            f"chat_template_kwargs may not set {', '.join(reserved)}: the gateway renders those itself "
+            "(send tools in the request's tools)",
+        )
+    prompt_text = gateway.chat_prompt_text(body.messages, tools, body.chat_template_kwargs)
     prompt_ids = gateway.encode(prompt_text + prefix)
     asked = body.max_completion_tokens or body.max_tokens
     spec = CallSpec(
@@ -134,7 +162,9 @@ def _first_end(
         other = made() if made is not None else None
 
         def end(text: str) -> int | None:
-            found = [at for at in (finder(text), other(text) if other is not None else None) if at is not None]
+            found = [
+                at for at in (finder(text), other(text) if other is not None else None) if at is not None
+            ]
             return min(found) if found else None
 
         return end

@@ -112,6 +112,8 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, gt=0)
     logprobs: bool = Field(False, description="return the behaviour logprob of each generated token")
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    # vLLM's and SGLang's extra field (extra_body), e.g. {"enable_thinking": false} for Qwen3
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class CompletionRequest(SamplingFields):

@@ -118,11 +118,19 @@ class Gateway:
         """A template that ignores `tools=` is given them, and reads its calls, in Hermes text."""
         return self.tool_parser if self.tool_aware else HermesParser()
 
-    def chat_prompt_text(self, messages: list[dict], tools: list[dict] | None) -> str:
+    def chat_prompt_text(
+        self, messages: list[dict], tools: list[dict] | None, template_kwargs: dict[str, Any] | None = None
+    ) -> str:
+        """The prompt as the chat template renders it; `template_kwargs` are the request's
+        `chat_template_kwargs` (e.g. Qwen3's enable_thinking), handed to the template."""
         try:
             rendered = template_messages(messages, tools, self.tool_aware)
             return self.tokenizer.apply_chat_template(
-                rendered, tools=tools if self.tool_aware else None, add_generation_prompt=True, tokenize=False
+                rendered,
+                tools=tools if self.tool_aware else None,
+                add_generation_prompt=True,
+                tokenize=False,
+                **(template_kwargs or {}),
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise EpisodeError(400, f"messages could not be rendered: {exc}") from None
