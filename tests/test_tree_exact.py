@@ -202,14 +202,16 @@ def test_flex_block_mask_attention_equals_dense_mask_attention(compiled):
     assert (flex - dense).abs().max().item() <= LOGPROB_TOLERANCE
 
 
-@pytest.mark.parametrize("window", [None, 7, 40])
-def test_flex_block_mask_with_a_window_equals_the_dense_mask(window):
+@pytest.mark.parametrize(("window", "chunk"), [(None, None), (7, None), (40, None), (None, 8), (None, 37)])
+def test_flex_block_mask_with_a_window_or_chunk_equals_the_dense_mask(window, chunk):
     sequences = [[1, 2, 3] * 30 + [i] * (20 + i) for i in range(4)] + [[9] * 40]
     tree = build_prefix_tree(sequences)
     ends, depth = torch.as_tensor(tree.subtree_end), torch.as_tensor(tree.position_ids)
     query, key, value = (torch.randn(1, 2, tree.num_nodes, 16, generator=torch.Generator().manual_seed(1)) for _ in range(3))
-    flex = flex_attention(query, key, value, block_mask=flex_tree_block_mask(ends, 16, depth, window))
-    mask = dense_tree_mask(ends, torch.float32, depth, window)
+    flex = flex_attention(query, key, value, block_mask=flex_tree_block_mask(ends, 16, depth, window, chunk=chunk))
+    mask = dense_tree_mask(ends, torch.float32, depth, window, chunk)
+    if chunk is not None:  # the chunk cuts these sequences
+        assert (mask == 0).sum() < (dense_tree_mask(ends, torch.float32, depth, window) == 0).sum()
     dense = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask)
     assert (flex - dense).abs().max().item() <= LOGPROB_TOLERANCE
 

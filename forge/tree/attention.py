@@ -35,7 +35,7 @@ TREE_IMPLEMENTATIONS = {
 }
 BASE_IMPLEMENTATIONS = {tree: base for base, tree in TREE_IMPLEMENTATIONS.items()}
 # Layer kinds whose attention the tree rule reproduces exactly (transformers' `layer_types`).
-EXACT_LAYER_TYPES = {"full_attention", "sliding_attention"}
+EXACT_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention"}
 Kind = Literal["flex", "dense", "blocks"]
 
 
@@ -56,6 +56,7 @@ def tree_query_blocks(
     block_size: int | None = None,
     depth: np.ndarray | None = None,
     window: int | None = None,
+    chunk: int | None = None,
 ) -> list[QueryBlock]:
     """Split the nodes into query blocks, each with the only keys its queries may see (under
     `window`, keys too shallow for every query of the block are left out too)."""
@@ -69,8 +70,8 @@ def tree_query_blocks(
         ancestors = np.flatnonzero(subtree_end[:start] > start)
         keys = torch.as_tensor(np.concatenate([ancestors, np.arange(start, end)]), device=device)
         query = torch.arange(start, end, device=device)[:, None]
-        allowed = tree_rule(query, keys[None, :], ends, depths, window)
-        if window is not None:
+        allowed = tree_rule(query, keys[None, :], ends, depths, window, chunk)
+        if window is not None or chunk is not None:
             seen = allowed.any(dim=0)
             keys, allowed = keys[seen], allowed[:, seen]
         mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
@@ -94,23 +95,25 @@ class TreeLayout:
     # Attention calls whose mask was not the placeholder: the model made a mask of its own
     # (a score bias, a dynamic mask) that the tree rule would replace.
     own_masks: int = 0
-    _masks: dict[int | None, Any] = field(default_factory=dict)
+    _masks: dict[tuple[int | None, int | None], Any] = field(default_factory=dict)
 
-    def mask(self, window: int | None) -> Any:
-        if window not in self._masks:
-            self._masks[window] = self._build(window)
-        return self._masks[window]
+    def mask(self, window: int | None, chunk: int | None = None) -> Any:
+        if (window, chunk) not in self._masks:
+            self._masks[window, chunk] = self._build(window, chunk)
+        return self._masks[window, chunk]
 
-    def _build(self, window: int | None) -> Any:
+    def _build(self, window: int | None, chunk: int | None) -> Any:
         if self.kind == "blocks":
             return tree_query_blocks(
-                self.subtree_end, self.dtype, self.device, depth=self.depth, window=window
+                self.subtree_end, self.dtype, self.device, depth=self.depth, window=window, chunk=chunk
             )
         if self.kind == "flex":
-            return flex_tree_block_mask(self.subtree_end, depth=self.depth, window=window, device=self.device)
+            return flex_tree_block_mask(
+                self.subtree_end, depth=self.depth, window=window, device=self.device, chunk=chunk
+            )
         ends = torch.as_tensor(self.subtree_end, device=self.device)
         depth = torch.as_tensor(self.depth, device=self.device)
-        return dense_tree_mask(ends, self.dtype, depth=depth, window=window)
+        return dense_tree_mask(ends, self.dtype, depth=depth, window=window, chunk=chunk)
 
     def placeholder_mask(self) -> torch.Tensor:
         """The `attention_mask` a tree forward passes: 4-D, so transformers builds no mask of its
@@ -128,6 +131,23 @@ class TreeLayout:
             and placeholder is not None
             and mask.data_ptr() == placeholder.data_ptr()
         )
+
+
+def attention_chunk(module: torch.nn.Module) -> int | None:
+    """The chunk of `module`'s layer where it is a chunked-attention one (Llama 4: transformers
+    hands it no keyword, only a mask; the layer's kind is in its config's `layer_types`)."""
+    config = getattr(module, "config", None)
+    chunk = getattr(config, "attention_chunk_size", None)
+    if chunk is None:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    index = getattr(module, "layer_idx", None)
+    if layer_types is None or index is None:
+        raise ValueError(
+            f"{type(module).__name__} uses chunked attention (attention_chunk_size={chunk}) without saying which "
+            "layers chunk (config.layer_types, the module's layer_idx); set trainer.packing: padded"
+        )
+    return chunk if layer_types[index] == "chunked_attention" else None
 
 
 def _eager_function(module: torch.nn.Module) -> Callable:
@@ -162,7 +182,7 @@ def _tree_attention(base: str) -> Callable:
         layout.calls += 1
         if attention_mask is not None and not layout.is_placeholder(attention_mask):
             layout.own_masks += 1
-        mask = layout.mask(kwargs.get("sliding_window"))
+        mask = layout.mask(kwargs.get("sliding_window"), attention_chunk(module))
         if layout.kind == "flex":
             return _base_function("flex_attention", module)(module, query, key, value, mask, **kwargs)
         function = (
@@ -220,7 +240,7 @@ def check_tree_support(config: Any) -> None:
     """Raise, naming the setting to change, for a model whose attention the tree rule cannot
     reproduce exactly."""
     name = type(config).__name__
-    if getattr(config, "attention_chunk_size", None) is not None:
+    if getattr(config, "attention_chunk_size", None) is not None and getattr(config, "layer_types", None) is None:
         raise ValueError(
             f"{name} uses chunked attention (attention_chunk_size={config.attention_chunk_size}), which "
             "tree packing cannot compute exactly; set trainer.packing: padded"

@@ -1,6 +1,7 @@
 """Attention masks for a DFS-laid-out prefix tree, all from one rule: query q sees key k iff
 k <= q < subtree_end[k] (k is q or an ancestor of q), and, on a sliding-window layer of
-window W, depth[q] - depth[k] < W (exact, since a node's position is its depth)."""
+window W, depth[q] - depth[k] < W; on a chunked-attention layer of chunk C (Llama 4),
+depth[q] // C == depth[k] // C (both exact, since a node's position is its depth)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,16 @@ def tree_rule(
     subtree_end: torch.Tensor,
     depth: torch.Tensor | None = None,
     window: int | None = None,
+    chunk: int | None = None,
 ) -> torch.Tensor:
     """Whether node `query` may attend to node `key` (broadcasting index tensors)."""
     allowed = (key <= query) & (query < subtree_end[key])
+    if (window is not None or chunk is not None) and depth is None:
+        raise ValueError("a sliding-window or chunked tree mask needs the nodes' depths")
     if window is not None:
-        if depth is None:
-            raise ValueError("a sliding-window tree mask needs the nodes' depths")
         allowed = allowed & (depth[query] - depth[key] < window)
+    if chunk is not None:
+        allowed = allowed & (depth[query] // chunk == depth[key] // chunk)
     return allowed
 
 
@@ -29,13 +33,14 @@ def dense_tree_mask(
     dtype: torch.dtype,
     depth: torch.Tensor | None = None,
     window: int | None = None,
+    chunk: int | None = None,
 ) -> torch.Tensor:
     """Additive `(1, 1, N, N)` mask: 0 where allowed, the dtype's minimum elsewhere.
 
     Float, not boolean: transformers' eager attention adds a 4-D mask to the scores.
     """
     positions = torch.arange(subtree_end.shape[0], device=subtree_end.device)
-    allowed = tree_rule(positions[:, None], positions[None, :], subtree_end, depth, window)
+    allowed = tree_rule(positions[:, None], positions[None, :], subtree_end, depth, window, chunk)
     mask = torch.zeros(allowed.shape, dtype=dtype, device=subtree_end.device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[None, None]
@@ -47,6 +52,7 @@ def flex_tree_block_mask(
     depth: torch.Tensor | np.ndarray | None = None,
     window: int | None = None,
     device: torch.device | str | None = None,
+    chunk: int | None = None,
 ):
     """flex-attention `BlockMask` of the same rule; fully masked blocks are skipped.
 
@@ -55,8 +61,8 @@ def flex_tree_block_mask(
     Give numpy arrays (and `device`) to build it without a device-to-host copy."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    if window is not None and depth is None:
-        raise ValueError("a sliding-window tree mask needs the nodes' depths")
+    if (window is not None or chunk is not None) and depth is None:
+        raise ValueError("a sliding-window or chunked tree mask needs the nodes' depths")
     if isinstance(subtree_end, torch.Tensor):
         device = subtree_end.device if device is None else device
     host_ends = _host(subtree_end)
@@ -68,10 +74,14 @@ def flex_tree_block_mask(
         allowed = (key <= query) & (query < ends[key])
         if window is not None:
             allowed = allowed & (depths[query] - depths[key] < window)
+        if chunk is not None:
+            allowed = allowed & (depths[query] // chunk == depths[key] // chunk)
         return allowed
 
     n = len(host_ends)
     partial, full = tree_block_layout(host_ends, block_size, host_depth, window)
+    if chunk is not None:  # no block is taken as wholly allowed: the rule decides every pair
+        partial, full = partial | full, np.zeros_like(full)
 
     def as_indices(blocks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         counts = blocks.sum(axis=-1).astype(np.int32)

@@ -59,19 +59,20 @@ def check_sequences(vocab_size: int, seed: int = 0) -> list[list[int]]:
 def shrunk_windows(model: torch.nn.Module, window: int) -> Iterator[bool]:
     """Every sliding window the model declares (config and attention modules) set to at most
     `window`, restored on exit. Yields whether there was any."""
-    saved: list[tuple[object, int]] = []
+    saved: list[tuple[object, str, int]] = []
     owners = [model.config, *model.modules()]
     for owner in owners:
-        value = getattr(owner, "sliding_window", None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > window:
-            saved.append((owner, value))
+        for name in ("sliding_window", "attention_chunk_size"):  # Llama 4's chunks, as windows
+            value = getattr(owner, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > window:
+                saved.append((owner, name, value))
     try:
-        for owner, _ in saved:
-            owner.sliding_window = window
+        for owner, name, _ in saved:
+            setattr(owner, name, window)
         yield bool(saved)
     finally:
-        for owner, value in saved:
-            owner.sliding_window = value
+        for owner, name, value in saved:
+            setattr(owner, name, value)
 
 
 def _sample(tokens: list[int]) -> Sample:

@@ -23,7 +23,7 @@ FP32_TOLERANCE = 1e-4
 # moves logprobs by O(1) (0.9 to 5 on the families this was written against).
 LOW_PRECISION_TOLERANCE = 0.1
 # Layer kinds the engine's KV cache serves (transformers' `layer_types`).
-KV_LAYER_TYPES = {"full_attention", "sliding_attention"}
+KV_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention"}
 REFUSE_HINT = (
     "the in-process engine (rollout.engine: inprocess or server) cannot sample it exactly; "
     "use rollout.engine: remote with a vLLM or SGLang server (rollout.servers: vllm+http://...)"
@@ -35,8 +35,8 @@ def unsupported_reason(config: Any) -> str | None:
     config alone, or None."""
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     name = type(config).__name__
-    if getattr(config, "attention_chunk_size", None) is not None:
-        return f"{name} uses chunked attention (attention_chunk_size={config.attention_chunk_size})"
+    if getattr(config, "attention_chunk_size", None) is not None and getattr(config, "layer_types", None) is None:
+        return f"{name} uses chunked attention (attention_chunk_size={config.attention_chunk_size}) on unnamed layers"
     if "local" in (getattr(config, "attention_layers", None) or []):
         # GPT-Neo: the window is baked into each layer's mask buffer at init, in sequence
         # columns (pad holes would shorten it), and too long for the check's short sequences.

@@ -1,4 +1,4 @@
-"""Sliding-window attention masks over the engine's kept KV batch, by position.
+"""Sliding-window (and chunked) attention masks over the engine's kept KV batch, by position.
 
 The batch lays rows out with pad holes (`[pad][cached KV][pad][new tokens]`), and transformers
 counts a sliding window in cache columns, so over a hole it would reach fewer real tokens than
@@ -17,23 +17,30 @@ import torch
 
 @dataclass(frozen=True)
 class Windows:
-    """A model's sliding window; `per_layer_type` when its layers differ (transformers'
-    `layer_types`), so the model takes one mask per layer type, else one for every layer."""
+    """A model's sliding window (or None), and its attention chunk where layers chunk
+    (Llama 4); `per_layer_type` when its layers differ (transformers' `layer_types`), so the
+    model takes one mask per layer type, else one for every layer."""
 
-    window: int
+    window: int | None
     per_layer_type: bool
+    chunk: int | None = None
+
+
+def _size(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def sliding_windows(config: Any) -> Windows | None:
-    """The sliding window `config` applies, or None when no layer slides."""
+    """The sliding window and attention chunk `config` applies, or None when no layer slides
+    or chunks."""
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    window = getattr(config, "sliding_window", None)
-    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
-        return None
+    window = _size(getattr(config, "sliding_window", None))
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None:
-        return Windows(window, True) if "sliding_attention" in layer_types else None
-    return Windows(window, False)
+        window = window if "sliding_attention" in layer_types else None
+        chunk = _size(getattr(config, "attention_chunk_size", None)) if "chunked_attention" in layer_types else None
+        return Windows(window, True, chunk) if window is not None or chunk is not None else None
+    return Windows(window, False) if window is not None else None
 
 
 def positional_masks(
@@ -46,12 +53,20 @@ def positional_masks(
     position = valid.long().cumsum(-1) - 1  # of each real column; the row's tokens are in order
     query = slice(mask.shape[1] - new_tokens, None)
     allowed = valid[:, None, :] & (columns[None, None, :] <= columns[query][None, :, None])
-    in_window = allowed & (position[:, query, None] - position[:, None, :] < windows.window)
 
     def additive(keep: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(keep.shape, dtype=dtype, device=mask.device)
         return out.masked_fill_(~keep, torch.finfo(dtype).min)[:, None]
 
-    if windows.per_layer_type:
-        return {"full_attention": additive(allowed), "sliding_attention": additive(in_window)}
-    return additive(in_window)
+    in_window = None
+    if windows.window is not None:
+        in_window = allowed & (position[:, query, None] - position[:, None, :] < windows.window)
+    if not windows.per_layer_type:
+        return additive(in_window)
+    masks = {"full_attention": additive(allowed)}
+    if in_window is not None:
+        masks["sliding_attention"] = additive(in_window)
+    if windows.chunk is not None:
+        same_chunk = position[:, query, None] // windows.chunk == position[:, None, :] // windows.chunk
+        masks["chunked_attention"] = additive(allowed & same_chunk)
+    return masks
