@@ -134,6 +134,8 @@ def test_previous_response_id_goes_on_from_the_kept_conversation(qwen, stream):
         assert set(kept[episode["episode_id"]]) == {first.id, second.id, third.id}
         httpx.post(f"{server.root_url}/forge/episodes/{episode['episode_id']}/finish", json={"reward": 1.0})
         assert episode["episode_id"] not in kept  # an episode's responses go when it ends
+        with pytest.raises(openai.ConflictError, match="already finished"):
+            respond(previous_response_id=third.id, input="more")
     assert first.store and second.previous_response_id == first.id
     second_prompt = qwen.decode(second_call.prompt_ids)
     # The first call's instructions are not carried over (as the API says); its turns are.

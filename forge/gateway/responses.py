@@ -435,6 +435,7 @@ def mount_responses(app: FastAPI, gateway: Any, sse_errors: Any) -> None:
     @app.post("/v1/responses")
     async def responses(body: ResponsesRequest, request: Request):
         episode_id = gateway.resolve_episode(request, body.user)
+        gateway.store.live(episode_id)  # a finished episode says so, before its responses are looked up
         items = conversation(gateway, episode_id, body)
         chat = as_chat_request(body, items)
         spec, parser = chat_spec(gateway, chat, "max_output_tokens")
