@@ -130,20 +130,26 @@ def test_family_path_equals_separate_forwards(
     assert ((grad - expected_grad).norm() / scale).item() <= GRADIENT_TOLERANCE
 
 
-WINDOWED = [f for f in FAMILIES.values() if f.config.get("sliding_window")]
+WINDOWED = [
+    f for f in FAMILIES.values() if f.config.get("sliding_window") or f.config.get("attention_chunk_size")
+]
 
 
 @pytest.mark.parametrize("family", WINDOWED, ids=[f.name for f in WINDOWED])
 def test_the_matrix_sequences_reach_past_every_window(family):
-    """Without its window (and soft-cap) a windowed family's logprobs move far beyond the
-    tolerance on these samples: the matrix would catch a tree path that ignored them."""
+    """Without its window or chunk (and soft-cap) a windowed family's logprobs move far beyond
+    the tolerance on these samples: the matrix would catch a tree path that ignored them."""
     samples = family_samples(seed=len(family.name))
     model = family.build("eager")
     unbounded = Family(
         family.name,
         family.config_class,
         family.model_class,
-        {**family.config, "sliding_window": 10_000, "attn_logit_softcapping": None},
+        {
+            **family.config,
+            **{key: 10_000 for key in ("sliding_window", "attention_chunk_size") if family.config.get(key)},
+            "attn_logit_softcapping": None,
+        },
     ).build("eager")
     with torch.no_grad():
         windowed, _, _ = separate_results_no_grad(model, samples)

@@ -34,9 +34,6 @@ OFF_MATRIX = {
     "diffllama": dict(head_dim=8),  # differential attention
     "seed_oss": dict(head_dim=8),
     "ministral": dict(head_dim=8, sliding_window=WINDOW),
-    # Chunked attention on layer 0 (positions attend within their chunk of 6), full on layer 1 (no rotary).
-    "llama4_text": dict(head_dim=8, attention_chunk_size=WINDOW, no_rope_layers=[1, 0], num_local_experts=2,
-                        num_experts_per_tok=1, intermediate_size_mlp=64),
     # Its last 2 layers read the KV of the last earlier layer of their type and keep none.
     "gemma3n_text": dict(head_dim=8, sliding_window=WINDOW, num_hidden_layers=4, num_kv_shared_layers=2,
                          layer_types=["sliding_attention", "full_attention"] * 2, altup_num_inputs=2,
@@ -69,7 +66,6 @@ EXACT = [
     "seed_oss",
     "ministral",
     "gemma3n_text",
-    "llama4_text",
 ]
 CAUGHT = {
     "qwen3_next": "layers of type linear_attention",
@@ -106,9 +102,7 @@ def test_the_self_check_catches_what_the_tree_path_cannot_compute(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "name", [n for n in EXACT if n not in ("deepseek_v2", "diffllama", "gemma3n_text", "llama4_text")]
-)
+@pytest.mark.parametrize("name", [n for n in EXACT if n not in ("deepseek_v2", "diffllama", "gemma3n_text")])
 def test_the_engine_check_passes_where_the_engine_is_exact(name):
     """The engine's own check (sliding windows of 4, a shared prompt, pad holes) passes; it would
     raise otherwise."""
@@ -133,29 +127,6 @@ def test_the_engine_keeps_sharing_the_prompt_on_plain_attention(name):
     engine = HFEngine(model, [1], pad_token_id=0, seed=3)
     assert engine.share_prompt
     play_group(engine, model, turns=2)
-
-
-def test_chunked_attention_is_exact_on_the_tree_and_in_the_engine():
-    """Llama 4's chunked layers see only their own chunk of positions: the tree rule takes the
-    chunk by depth, the engine's masks by position (transformers' counts cache columns, which
-    pad holes shift: behaviour logprobs were off by 4.9). Both were refused before."""
-    from test_model_families import family_samples
-    from test_tree_exact import packed_results, separate_results
-
-    model, unchunked = build("llama4_text"), build("llama4_text")
-    unchunked.config.attention_chunk_size = 1000
-    samples = family_samples(seed=4)
-    want, want_grad, scale = separate_results(model, samples)
-    other, _, _ = separate_results(unchunked, samples)
-    assert (
-        max((a - b).abs().max().item() for a, b in zip(want, other, strict=True) if len(a)) > 1e-3
-    )  # chunks bind
-    for attention in ["dense", "auto"]:  # sdpa: a full mask, and block-sparse
-        got, grad = packed_results(model, samples, "tree", 24, attention)
-        assert max((a - b).abs().max().item() for a, b in zip(got, want, strict=True) if len(b)) <= 1e-5
-        assert ((grad - want_grad).norm() / scale).item() <= 1e-5
-    engine = HFEngine(model, [1], pad_token_id=0, seed=3)
-    assert play_ragged(engine, model, turns=4, seed=0) > 2 * WINDOW
 
 
 def test_the_engine_samples_a_model_whose_layers_share_kv_exactly():

@@ -226,6 +226,21 @@ FAMILIES: dict[str, Family] = {
             features=("multi-head latent attention", "mixture of experts"),
             attention_modules=("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"),
         ),
+        Family(
+            "llama4_text",
+            "Llama4TextConfig",
+            "Llama4ForCausalLM",
+            # Layer 0 chunked (a position sees its own chunk of WINDOW), layer 1 full without rotary.
+            dict(
+                head_dim=8,
+                attention_chunk_size=WINDOW,
+                no_rope_layers=[1, 0],
+                num_local_experts=2,
+                num_experts_per_tok=1,
+                intermediate_size_mlp=64,
+            ),
+            features=("chunked attention", "layers without rotary", "mixture of experts"),
+        ),
     ]
 }
 
