@@ -279,9 +279,9 @@ class TrainConfig(Section):
     max_steps_without_signal: int = Field(
         20,
         ge=0,
-        description="a run stops (exit code 1) after this many steps in a row with no learning signal (every "
-        "episode's advantage 0: each group scored alike, so the step trains nothing and the next samples the "
-        "same policy), and when a run from scratch ends without a step of signal; 0: never stops",
+        description="a run that has not yet had a step with learning signal (an episode whose advantage is not "
+        "0) stops (exit code 1) after this many steps, or at its last step if sooner: it trains on nothing. "
+        "After signal, this many steps without it in a row are said once and the run goes on; 0: off",
     )
     checkpoint_every: int = Field(
         50,

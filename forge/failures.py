@@ -107,18 +107,19 @@ class SignalWatch:
     `signal_fraction` metric, `forge.run.context.shape_rewards`).
 
     A step without any (every group's episodes scored alike) changes nothing, and the next
-    step samples the same policy again. The first such step is said once, with `fix`.
-    `max_steps` of them in a row stop the run, and so does a run started from scratch whose
-    last step comes without any step of signal: it would exit 0 having trained on nothing.
-    `max_steps` 0 turns both the message and the stops off."""
+    step samples the same policy again. Until the run's first step with signal, that is a
+    run training on nothing: its first such step is said with `fix`, and `max_steps` of them
+    in a row stop it, as does its last step. After signal, steps without it are a policy that
+    solves its tasks alike (converged, most often): said once, when `max_steps` come in a
+    row, and the run goes on. A resumed run has had signal. `max_steps` 0 turns it all off."""
 
     def __init__(self, max_steps: int, fix: str, from_scratch: bool = True) -> None:
         self.max_steps = max_steps
         self.fix = fix
-        self.from_scratch = from_scratch  # a resumed run has trained before this process
+        self.ever = not from_scratch  # whether a step had signal (a resumed run trained before)
         self.in_a_row = 0
         self.steps = 0
-        self.ever = False
+        self.said_alike = False
 
     def observe(self, step: int, metrics: dict[str, float], last_step: bool = False) -> None:
         """Watch step `step`, already recorded; raises `RunStopped` when the run must stop."""
@@ -129,20 +130,24 @@ class SignalWatch:
         self.in_a_row += 1
         if not self.max_steps:
             return
-        rewards = f"reward_mean {metrics.get('reward_mean', float('nan')):.3g}"
-        if self.in_a_row == 1 and not self.ever:
+        scored = f"reward_mean {metrics.get('reward_mean', float('nan')):.3g}, success_rate {metrics.get('success_rate', float('nan')):.2f}"
+        if self.ever:
+            if self.in_a_row >= self.max_steps and not self.said_alike:
+                self.said_alike = True
+                say(
+                    f"forge: steps {step - self.in_a_row + 1}-{step} had no learning signal ({scored}): every group's "
+                    "episodes scored alike, so they train nothing; the run goes on (tasks the policy solves only "
+                    "sometimes give it more to learn)"
+                )
+            return
+        if self.in_a_row == 1:
             say(
                 f"forge: step {step} had no learning signal: within each task's group every episode got the same "
-                f"reward ({rewards}), so every advantage is 0 and the step trains nothing. {self.fix}"
+                f"reward ({scored}), so every advantage is 0 and the step trains nothing. {self.fix}"
             )
-        if self.in_a_row >= self.max_steps:
+        if self.in_a_row >= self.max_steps or last_step:
             raise RunStopped(
-                f"stopped at step {step}: the last {self.in_a_row} steps had no learning signal (every episode's "
-                f"advantage was 0; {rewards}), so the run trains on nothing (train.max_steps_without_signal="
+                f"stopped at step {step}: none of the run's {self.steps} steps had learning signal (every "
+                f"episode's advantage was 0; {scored}), so it trained on nothing (train.max_steps_without_signal="
                 f"{self.max_steps}; 0 never stops). {self.fix}"
-            )
-        if last_step and self.from_scratch and not self.ever:
-            raise RunStopped(
-                f"stopped at step {step}, the last: none of the run's {self.steps} steps had learning signal (every "
-                f"episode's advantage was 0; {rewards}), so it trained on nothing. {self.fix}"
             )

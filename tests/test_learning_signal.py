@@ -49,32 +49,44 @@ def test_the_first_step_without_signal_is_said_once_with_what_to_check(capsys):
     assert said.rstrip().endswith("Check the env")
 
 
-def test_a_run_stops_after_max_steps_in_a_row_without_signal_and_a_step_with_signal_resets_the_count():
+def test_a_run_that_never_had_signal_stops_after_max_steps_or_at_its_last_step():
     watch = SignalWatch(max_steps=3, fix="Check the env")
-    for step, metrics in enumerate(steps(0.5, 0, 0, 0.25, 0, 0), start=1):
-        watch.observe(step, metrics)  # never 3 in a row
+    watch.observe(1, steps(0)[0])
+    watch.observe(2, steps(0)[0])
     with pytest.raises(
         RunStopped,
-        match=r"stopped at step 7: the last 3 steps had no learning signal .*"
+        match=r"stopped at step 3: none of the run's 3 steps had learning signal .*"
         r"train.max_steps_without_signal=3; 0 never stops\). Check the env",
     ):
-        watch.observe(7, steps(0)[0])
+        watch.observe(3, steps(0)[0])
+    short = SignalWatch(max_steps=20, fix="Check the env")
+    short.observe(1, steps(0)[0])
+    with pytest.raises(RunStopped, match=r"stopped at step 2: none of the run's 2 steps had learning signal"):
+        short.observe(2, steps(0)[0], last_step=True)
 
 
-def test_a_run_from_scratch_that_never_had_signal_stops_at_its_last_step():
-    watch = SignalWatch(max_steps=20, fix="Check the env")
-    watch.observe(1, steps(0)[0])
-    with pytest.raises(
-        RunStopped, match=r"stopped at step 2, the last: none of the run's 2 steps had learning signal"
-    ):
-        watch.observe(2, steps(0)[0], last_step=True)
+def test_after_signal_steps_that_score_alike_are_said_once_and_the_run_goes_on(capsys):
+    """A converged policy solves every episode of every group: no signal, and nothing wrong."""
+    watch = SignalWatch(max_steps=3, fix="Check the env")
+    watch.observe(1, steps(0.5)[0])
+    for step in range(2, 30):
+        watch.observe(
+            step, {"signal_fraction": 0.0, "reward_mean": 1.0, "success_rate": 1.0}, last_step=step == 29
+        )
+    said = capsys.readouterr().err
+    assert said.count("had no learning signal") == 1
+    assert "forge: steps 2-4 had no learning signal (reward_mean 1, success_rate 1.00)" in said
+    assert "the run goes on" in said and "Check the env" not in said
+
+
+def test_a_resumed_run_or_the_setting_at_0_never_stops():
     resumed = SignalWatch(
-        max_steps=20, fix="Check the env", from_scratch=False
+        max_steps=2, fix="Check the env", from_scratch=False
     )  # it trained before this process
-    resumed.observe(11, steps(0)[0], last_step=True)
-    quiet = SignalWatch(max_steps=0, fix="Check the env")  # 0 turns the stops off
+    off = SignalWatch(max_steps=0, fix="Check the env")
     for step in range(1, 40):
-        quiet.observe(step, steps(0)[0], last_step=step == 39)
+        resumed.observe(step, steps(0)[0], last_step=step == 39)
+        off.observe(step, steps(0)[0], last_step=step == 39)
 
 
 def _episode(group: str, reward: float, status: str = "ok") -> Trajectory:
@@ -113,7 +125,7 @@ def test_a_run_on_an_env_it_never_solves_ends_with_exit_code_1_not_0(ray_session
     assert main(["train", "configs/smoke.yaml", *overrides, "--output-dir", str(tmp_path / "run")]) == 1
     error = capsys.readouterr().err
     assert "forge: step 1 had no learning signal" in error
-    assert "forge: stopped at step 2, the last: none of the run's 2 steps had learning signal" in error
+    assert "forge: stopped at step 2: none of the run's 2 steps had learning signal" in error
     assert f"`forge env check {__name__}:NeverSolvedEnv` plays it" in error
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["signal_fraction"]) for r in rows] == [(1, 0.0), (2, 0.0)]
