@@ -73,7 +73,9 @@ def test_a_tree_forward_replaces_no_transformers_attention():
     assert AttentionInterface()["sdpa"] is sdpa_attention_forward
 
 
-def test_chunked_attention_is_refused_naming_the_setting():
+def test_chunked_attention_on_unnamed_layers_is_refused_naming_the_setting():
+    """Llama 4 names its chunked layers in layer_types and is exact (the family matrix); a
+    config that chunks without saying which layers cannot be reproduced."""
     config = FAMILIES["llama"].build("sdpa").config
     config.attention_chunk_size = 8
     with pytest.raises(ValueError, match="chunked attention.*trainer.packing: padded"):
@@ -87,6 +89,6 @@ def test_layers_the_tree_rule_cannot_reproduce_are_refused():
         check_tree_support(config)
     samples = [Sample([1, 2, 3], [1] * 3, [0.0] * 3, [0] * 3, 1.0)]
     model = FAMILIES["qwen2"].build("sdpa")
-    model.config.attention_chunk_size = 4
+    model.config.layer_types = ["full_attention", "linear_attention"]
     with pytest.raises(ValueError, match="trainer.packing: padded"), torch.no_grad():
         microbatches(samples, "tree", 64)[0].forward_logprobs(model)
