@@ -156,3 +156,38 @@ def test_previous_response_id_of_another_episode_is_refused(qwen):
         other = client(server, start(server, task_id="t1")["episode_id"])
         with pytest.raises(openai.BadRequestError, match="not a stored response of this episode"):
             other.responses.create(model="p", input="y", previous_response_id=first.id)
+
+
+class FailingMidway(ScriptedEngine):
+    """Streams its first tokens, then the device fails."""
+
+    def generate(self, requests):
+        for request in requests:
+            for token in self.reply[:3]:
+                request.on_token(token, -0.5, [])
+        raise RuntimeError("the device fell over")
+
+
+FAILED = "generation failed: RuntimeError: the device fell over"
+
+
+def test_a_stream_that_fails_midway_ends_with_the_apis_error_and_failed_events(qwen):
+    engine = FailingMidway(qwen("Trying 3.", add_special_tokens=False)["input_ids"])
+    with serve(engine, qwen, **WIDE) as server:
+        episode = start(server)
+        agent = client(server, episode["episode_id"])
+        events = list(agent.responses.create(model="p", input="Guess.", stream=True))
+        with agent.responses.stream(model="p", input="Guess.") as stream:
+            seen = list(stream)
+            with pytest.raises(RuntimeError, match="response.completed"):
+                stream.get_final_response()
+        assert calls_of(server, episode) == []  # a failed call is no sample
+    # The SDK parses both as its own types (a chat-style {"error": ...} event raised APIError instead).
+    assert [type(e).__name__ for e in events[-2:]] == ["ResponseErrorEvent", "ResponseFailedEvent"]
+    error, failed = events[-2:]
+    assert "response.output_text.delta" in [e.type for e in events]  # it failed after text went out
+    assert (error.type, error.code, error.message, error.param) == ("error", "server_error", FAILED, None)
+    assert failed.response.status == "failed" and failed.response.error.message == FAILED
+    assert failed.response.error.code == "server_error" and failed.response.id == events[0].response.id
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert [e.type for e in seen[-2:]] == ["error", "response.failed"] and seen[-2].message == FAILED

@@ -88,7 +88,8 @@ def conversation(gateway: Any, episode_id: str, body: ResponsesRequest) -> list[
     output, kept for the episode's life) and then this request's input."""
     if body.conversation:
         raise EpisodeError(
-            400, "conversation is not supported: continue with previous_response_id, or send the whole "
+            400,
+            "conversation is not supported: continue with previous_response_id, or send the whole "
             "conversation as input",
         )
     if not body.previous_response_id:
@@ -96,14 +97,17 @@ def conversation(gateway: Any, episode_id: str, body: ResponsesRequest) -> list[
     kept = gateway.kept_responses.get(episode_id, {}).get(body.previous_response_id)
     if kept is None:
         raise EpisodeError(
-            400, f"previous_response_id {body.previous_response_id!r} is not a stored response of this "
+            400,
+            f"previous_response_id {body.previous_response_id!r} is not a stored response of this "
             "episode: the gateway keeps an episode's responses (made with store unset or true) until it "
             "ends; send the whole conversation as input instead",
         )
     return kept + input_items(body)
 
 
-def keep(gateway: Any, episode_id: str, body: ResponsesRequest, ident: str, items: list, output: list) -> None:
+def keep(
+    gateway: Any, episode_id: str, body: ResponsesRequest, ident: str, items: list, output: list
+) -> None:
     """Keep a response's conversation for a later previous_response_id, unless store is false."""
     if body.store is not False:
         gateway.kept_responses.setdefault(episode_id, {})[ident] = items + output
@@ -120,7 +124,8 @@ def chat_messages(body: ResponsesRequest, items: list[dict[str, Any]]) -> list[d
         kind, where = item.get("type", "message"), f"input[{index}]"
         if kind == "message" and item.get("role", "user") not in ("user", "assistant", "system", "developer"):
             raise EpisodeError(
-                400, f"{where}.role={item.get('role')!r}: use user, assistant, system or developer "
+                400,
+                f"{where}.role={item.get('role')!r}: use user, assistant, system or developer "
                 "(a tool's result is a function_call_output item)",
             )
         elif kind == "message":
@@ -166,7 +171,8 @@ def as_chat_request(body: ResponsesRequest, items: list[dict[str, Any]]) -> Chat
             raise EpisodeError(400, f"tool type {tool.get('type')!r} is not supported; give function tools")
         if not isinstance(tool.get("name"), str):
             raise EpisodeError(
-                400, f'tools[{index}] has no name: give {{"type": "function", "name": ..., "parameters": {{...}}}}'
+                400,
+                f'tools[{index}] has no name: give {{"type": "function", "name": ..., "parameters": {{...}}}}',
             )
         tools.append(
             {
@@ -185,12 +191,20 @@ def as_chat_request(body: ResponsesRequest, items: list[dict[str, Any]]) -> Chat
     if isinstance(choice, dict) and choice.get("type") == "function":
         choice = {"type": "function", "function": {"name": choice.get("name")}}
     elif isinstance(choice, dict) and choice.get("type") == "allowed_tools":
-        listed = [{"type": "function", "function": {"name": t.get("name")}} for t in choice.get("tools") or []
-                  if isinstance(t, dict)]
-        choice = {"type": "allowed_tools", "allowed_tools": {"mode": choice.get("mode", "auto"), "tools": listed}}
+        listed = [
+            {"type": "function", "function": {"name": t.get("name")}}
+            for t in choice.get("tools") or []
+            if isinstance(t, dict)
+        ]
+        choice = {
+            "type": "allowed_tools",
+            "allowed_tools": {"mode": choice.get("mode", "auto"), "tools": listed},
+        }
     text_format = (body.text or {}).get("format") or {"type": "text"}
     if text_format.get("type", "text") not in ("text", "json_object", "json_schema"):
-        raise EpisodeError(400, f"text.format.type={text_format.get('type')!r}: use text, json_object or json_schema")
+        raise EpisodeError(
+            400, f"text.format.type={text_format.get('type')!r}: use text, json_object or json_schema"
+        )
     return ChatCompletionRequest(
         model=body.model,
         messages=chat_messages(body, items),
@@ -233,7 +247,9 @@ def _output(
                 "id": _id("msg"),
                 "status": "completed",
                 "role": "assistant",
-                "content": [{"type": "output_text", "text": content, "annotations": [], "logprobs": logprobs or []}],
+                "content": [
+                    {"type": "output_text", "text": content, "annotations": [], "logprobs": logprobs or []}
+                ],
             }
         )
     for call in tool_calls:
@@ -294,20 +310,31 @@ def response_object(
     }
 
 
+class EventSequence:
+    """The stream's events as SSE text, numbered in order (`sequence_number` from 0)."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+
+    def __call__(self, kind: str, **fields: Any) -> str:
+        self.sent += 1
+        data = json.dumps({"type": kind, "sequence_number": self.sent - 1, **fields})
+        return f"event: {kind}\ndata: {data}\n\n"
+
+
 async def response_stream(
-    gateway: Any, body: ResponsesRequest, run: CallRun, parser: ToolParser | None, ident: str,
+    gateway: Any,
+    body: ResponsesRequest,
+    run: CallRun,
+    parser: ToolParser | None,
+    ident: str,
     kept: Callable[[list[dict[str, Any]]], None],
+    event: EventSequence,
+    created: int,
 ) -> AsyncIterator[str]:
     """The Responses stream: created, text deltas as tokens are sampled, function calls
     whole at the end, completed. `kept` is given the output to keep."""
-    created, sequence = int(time.time()), 0
     prompt_tokens = len(run.spec.prompt_ids)
-
-    def event(kind: str, **fields: Any) -> str:
-        nonlocal sequence
-        sequence += 1
-        return f"event: {kind}\ndata: {json.dumps({'type': kind, 'sequence_number': sequence - 1, **fields})}\n\n"
-
     shell = response_object(gateway, body, ident, created, "in_progress", [], prompt_tokens, None)
     yield event("response.created", response=shell)
     yield event("response.in_progress", response=shell)
@@ -334,7 +361,9 @@ async def response_stream(
     def on_token(token_event: Any) -> str | None:
         nonlocal opened, pending
         if body.logprobs:
-            pending.append(token_entry(gateway.tokenizer, token_event.token_id, token_event.logprob, token_event.top))
+            pending.append(
+                token_entry(gateway.tokenizer, token_event.token_id, token_event.logprob, token_event.top)
+            )
         if not token_event.text:
             return None
         pieces = [] if opened else open_message()
@@ -418,7 +447,27 @@ async def response_stream(
     )
 
 
-def mount_responses(app: FastAPI, gateway: Any, sse_errors: Any) -> None:
+async def failing_stream(
+    stream: AsyncIterator[str], event: EventSequence, failed: Callable[[dict[str, Any]], dict[str, Any]]
+) -> AsyncIterator[str]:
+    """A Responses stream whose call fails after the headers went out ends as the API's
+    own does: an `error` event (code, message, param), then `response.failed` carrying the
+    response with its `error` set (`failed` makes it from that error)."""
+    try:
+        async for piece in stream:
+            yield piece
+    except Exception as exc:
+        if isinstance(exc, EpisodeError):
+            message, status = exc.message, exc.status
+        else:  # a fault of the gateway itself: still a well-formed end, not a torn connection
+            message, status = f"internal error: {type(exc).__name__}: {exc}", 500
+        # OpenAI's ResponseError codes name server faults "server_error"; a refusal keeps its kind.
+        code = "server_error" if status >= 500 else "invalid_request_error"
+        yield event("error", code=code, message=message, param=None)
+        yield event("response.failed", response=failed({"code": code, "message": message}))
+
+
+def mount_responses(app: FastAPI, gateway: Any) -> None:
     """Add `POST /v1/responses` to the gateway's app, and say on the routes of stored
     responses (retrieve, delete, cancel, input items) that none can be read back."""
 
@@ -427,7 +476,8 @@ def mount_responses(app: FastAPI, gateway: Any, sse_errors: Any) -> None:
     @app.api_route("/v1/responses/{response_id}/cancel", methods=["POST"])
     async def stored_response(response_id: str):
         raise EpisodeError(
-            404, f"response {response_id!r} cannot be read back: the Forge gateway stores no responses to "
+            404,
+            f"response {response_id!r} cannot be read back: the Forge gateway stores no responses to "
             "retrieve (each call is recorded for training; an episode's responses are kept only to go on "
             "from with previous_response_id); keep what you need from the reply itself",
         )
@@ -443,12 +493,31 @@ def mount_responses(app: FastAPI, gateway: Any, sse_errors: Any) -> None:
         run = gateway.start_call(episode_id, spec, body.stream)
         ident = _id("resp")
         if body.stream:
+            event, created = EventSequence(), int(time.time())
             stream = response_stream(
-                gateway, body, run, parser, ident, lambda output: keep(gateway, episode_id, body, ident, items, output)
+                gateway,
+                body,
+                run,
+                parser,
+                ident,
+                lambda output: keep(gateway, episode_id, body, ident, items, output),
+                event,
+                created,
             )
-            return StreamingResponse(sse_errors(stream), media_type="text/event-stream", headers=headers)
+
+            def failed(error: dict[str, Any]) -> dict[str, Any]:
+                response = response_object(
+                    gateway, body, ident, created, "failed", [], len(spec.prompt_ids), None
+                )
+                return {**response, "error": error}
+
+            return StreamingResponse(
+                failing_stream(stream, event, failed), media_type="text/event-stream", headers=headers
+            )
         [choice] = await gateway.finish_call(request, run)
-        output = _output(choice, parser, body.parallel_tool_calls is not False, _logprobs(gateway, body, choice))
+        output = _output(
+            choice, parser, body.parallel_tool_calls is not False, _logprobs(gateway, body, choice)
+        )
         keep(gateway, episode_id, body, ident, items, output)
         body_out = response_object(
             gateway, body, ident, int(time.time()), "completed", output, len(spec.prompt_ids), choice

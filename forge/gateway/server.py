@@ -452,7 +452,7 @@ def build_app(gateway: Gateway) -> FastAPI:
         results = [await gateway.finish_call(request, run) for run in runs]
         return JSONResponse(completions_response(gateway, body, specs, results, episode_id), headers=headers)
 
-    mount_responses(app, gateway, _sse_errors)
+    mount_responses(app, gateway)
 
     @app.post("/forge/episodes")
     async def start_episode(body: StartEpisodeRequest) -> dict:
