@@ -12,19 +12,27 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
 import reset_close_envs
 from env_fault_kit import marked_line
-from gateway_helpers import calls_of, client
+from gateway_helpers import ScriptedEngine, calls_of, client
 
 from forge.config import ModelConfig
 from forge.env.base import Env, StepResult
 from forge.env.errors import error_headline
 from forge.gateway import Gateway, GatewayServer
-from forge.gateway.episodes import SHUT_DOWN, SHUTDOWN_GRACE_S, EpisodeStore
+from forge.gateway.episodes import (
+    SHUT_DOWN,
+    SHUTDOWN_GRACE_S,
+    CallRecord,
+    EpisodeError,
+    EpisodeStore,
+    episode_samples,
+)
 from forge.gateway.recording import read_recorded, standalone_store
 from forge.models.loading import load_model, load_tokenizer
 from forge.rollout.engines.hf import HFEngine
@@ -269,3 +277,106 @@ def test_forge_serve_stopped_by_ctrl_c_or_a_kill_records_its_live_episodes(tiny_
     recorded = read_recorded(tmp_path / "episodes.jsonl")
     assert sorted((t.info["episode_id"], t.status, len(s)) for t, s in recorded) == [
         (episodes[0]["episode_id"], "ok", 1), (episodes[1]["episode_id"], "truncated", 1)]  # fmt: skip
+
+
+# --- a call still generating when its agent finishes the episode ------------------------
+
+
+def slow_gateway(tokenizer, store, tokens: int, token_delay_s: float) -> tuple[GatewayServer, ScriptedEngine]:
+    reply = tokenizer(" seven" * tokens, add_special_tokens=False)["input_ids"][:tokens] + [
+        tokenizer.eos_token_id
+    ]
+    engine = ScriptedEngine(reply, token_delay_s=token_delay_s)
+    return GatewayServer(Gateway(engine, tokenizer, store, max_new_tokens=64, max_context_tokens=256)), engine
+
+
+def finish_while_generating(server: GatewayServer, engine: ScriptedEngine, episode: dict, call):
+    """Run `call` (a model call) on a thread, finish the episode once it is generating, and
+    return the call's future and how long the finish took."""
+    pool = ThreadPoolExecutor(1)
+    future = pool.submit(call)
+    deadline = time.monotonic() + 10
+    while not engine.requests and time.monotonic() < deadline:
+        time.sleep(0.01)
+    started = time.monotonic()
+    finish(server, episode)
+    pool.shutdown(wait=False)
+    return future, time.monotonic() - started
+
+
+def test_a_call_still_generating_at_finish_is_recorded_with_its_episode_exactly_once(tokenizer, tmp_path):
+    server, engine = slow_gateway(tokenizer, standalone_store(tmp_path), tokens=20, token_delay_s=0.03)
+    with server:
+        episode = begin(server)
+        agent = client(server, episode["episode_id"])
+        reply, finishing = finish_while_generating(
+            server, engine, episode, lambda: agent.chat.completions.create(model="p", messages=USER)
+        )
+        text = reply.result(timeout=30).choices[0].message.content
+        [call] = calls_of(server, episode)
+    [(trajectory, samples)] = read_recorded(tmp_path / "episodes.jsonl")
+    assert finishing < 0.5  # the finish does not wait for the call; the recording does
+    assert trajectory.status == "ok" and trajectory.num_turns == 1 and "calls_dropped" not in trajectory.info
+    assert [s.token_ids for s in samples] == [call.prompt_ids + call.completion_ids]
+    assert tokenizer.decode(call.completion_ids, skip_special_tokens=True) == text
+
+
+def test_a_call_running_past_the_step_limit_after_finish_is_stopped_refused_and_counted(tokenizer, tmp_path):
+    store = standalone_store(tmp_path, step_timeout_s=0.4)
+    server, engine = slow_gateway(tokenizer, store, tokens=60, token_delay_s=0.05)  # 3 s to generate
+    with server:
+        episode = begin(server)
+        agent = client(server, episode["episode_id"])
+        stream, _ = finish_while_generating(
+            server,
+            engine,
+            episode,
+            lambda: list(agent.chat.completions.create(model="p", messages=USER, stream=True)),
+        )
+        with pytest.raises(openai.APIError, match="past the step limit .*0.4s.*not kept"):
+            stream.result(timeout=30)
+    [(trajectory, samples)] = read_recorded(tmp_path / "episodes.jsonl")  # once, not again at stop
+    assert samples == [] and trajectory.num_turns == 0 and trajectory.info["calls_dropped"] == 1
+    assert engine.generated[0] < 60  # generation stopped, not run to its end
+
+
+def test_a_call_that_ends_after_its_episode_was_recorded_is_refused_not_added():
+    records: list = []
+    store = EpisodeStore(step_timeout_s=0.2, on_finished=records.append)
+
+    async def play():
+        episode = await store.start({"task_id": "a"})
+        # An engine behind HTTP answers whole replies: being stopped does not end the call.
+        _, pending = store.begin_call(episode.episode_id, abort=lambda reason: None)
+        await store.finish(episode.episode_id, reward=1.0)
+        assert records == []  # waiting for the call
+        started = time.monotonic()
+        await store.closed([episode.episode_id])
+        waited = time.monotonic() - started
+        with pytest.raises(EpisodeError, match="recorded .* before the call ended"):
+            store.end_call(episode, pending, [CallRecord([1], [2], [-0.1], 0, True)])
+        return episode, waited
+
+    episode, waited = asyncio.run(play())
+    assert records == [episode] and episode.calls == [] and episode.info["calls_dropped"] == 1
+    assert waited < 0.2 + SHUTDOWN_GRACE_S, waited
+
+
+def test_a_training_run_takes_the_call_its_agent_finished_during_as_the_recording_would(tokenizer):
+    from forge.run.gateway import _take
+
+    store = EpisodeStore()
+    server, engine = slow_gateway(tokenizer, store, tokens=20, token_delay_s=0.03)
+    with server:
+        episode = begin(server)
+        agent = client(server, episode["episode_id"])
+        reply, _ = finish_while_generating(
+            server, engine, episode, lambda: agent.chat.completions.create(model="p", messages=USER)
+        )
+        [taken] = server.call(_take(store, [episode["episode_id"]]), timeout_s=30)
+        reply.result(timeout=30)
+    [sample] = episode_samples([taken], [1.0])
+    assert (
+        len(taken.calls) == 1
+        and sample.token_ids == taken.calls[0].prompt_ids + taken.calls[0].completion_ids
+    )

@@ -61,18 +61,29 @@ class CallRun:
         self.spec = spec
         self.stream = stream
         self.aborted = False
+        self.abort_reason: str | None = None  # why the gateway stopped it (its client did not leave)
         self.failure: str | None = None
+        # In flight until the gateway keeps or drops it (`EpisodeStore.end_call`).
+        self.episode, self.pending = gateway.store.begin_call(episode_id, self.abort)
         self.events: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self.texts = [
-            TextStream(gateway.tokenizer, spec.stop, gateway.hidden_ids, spec.prefix, spec.hold,
-                       spec.end() if spec.end is not None else None)
+            TextStream(
+                gateway.tokenizer,
+                spec.stop,
+                gateway.hidden_ids,
+                spec.prefix,
+                spec.hold,
+                spec.end() if spec.end is not None else None,
+            )
             for _ in range(spec.n)
         ]
         self.task = asyncio.create_task(self._run())
 
-    def abort(self) -> None:
-        """The client is gone: end generation at the next token, record nothing."""
+    def abort(self, reason: str | None = None) -> None:
+        """End generation at the next token and record nothing: the client is gone, or the
+        gateway stopped the call for `reason` (which its client is told)."""
         self.aborted = True
+        self.abort_reason = self.abort_reason or reason
 
     def sent_so_far(self, index: int) -> int:
         return self.texts[index].sent
@@ -92,7 +103,9 @@ class CallRun:
                 self.failure = f"decoding the reply failed: {type(exc).__name__}: {exc}"
                 return True
             if self.stream:
-                loop.call_soon_threadsafe(self.events.put_nowait, TokenEvent(index, piece, token_id, logprob, top))
+                loop.call_soon_threadsafe(
+                    self.events.put_nowait, TokenEvent(index, piece, token_id, logprob, top)
+                )
             return stopped
 
         return on_token
@@ -105,7 +118,7 @@ class CallRun:
     async def _run(self) -> list[Choice]:
         spec, loop = self.spec, asyncio.get_running_loop()
         requests, watchers = [], []
-        group = self.gateway.store.get(self.episode_id).group_id or ""
+        group = self.episode.group_id or ""
         for index in range(spec.n):
             seed = None if spec.seed is None else (spec.seed + index) % 2**63
             name = self._engine_name(index)
@@ -170,7 +183,11 @@ class CallRun:
             if on_token(token, logprob, tops[position] if tops else []):
                 end = position + 1
                 return GenerationResult(
-                    result.token_ids[:end], result.logprobs[:end], True, result.policy_version,
-                    result.prefill_tokens, tops[:end] if tops else tops,
+                    result.token_ids[:end],
+                    result.logprobs[:end],
+                    True,
+                    result.policy_version,
+                    result.prefill_tokens,
+                    tops[:end] if tops else tops,
                 )
         return result

@@ -50,9 +50,19 @@ class CallRecord:
 
 
 # The error of an episode still live when its server stopped; how much longer than the step
-# limit a server's shutdown waits for closes already running (they give up at that limit).
+# limit a server's shutdown waits for closes already running (they give up at that limit), and
+# for calls stopped at that limit to come back (half of it: the rest is the closes').
 SHUT_DOWN = "the server shut down before the episode finished"
 SHUTDOWN_GRACE_S = 1.0
+
+
+@dataclass(eq=False)
+class PendingCall:
+    """A model call of an episode from its start until it is kept or dropped (`ended` is
+    then done); `abort(reason)` stops its generation at the next token."""
+
+    abort: Callable[[str], None]
+    ended: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
 class EpisodeError(Exception):
@@ -86,6 +96,11 @@ class Episode:
     wall_seconds: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
     handed_on: bool = False  # given to the store's `on_finished` (a recorder): once only
+    # Calls still generating; an ended episode is sealed (recorded, or taken for training)
+    # once they are done (or stopped, see `EpisodeStore._drain`): a call ending after that is
+    # not kept, so what is recorded and what is trained on are the same calls.
+    in_flight: set[PendingCall] = field(default_factory=set)
+    sealed: bool = False
 
     def to_trajectory(self, success_threshold: float) -> Trajectory:
         """The episode as one Trajectory for reward shaping and metrics: its calls laid
@@ -157,8 +172,9 @@ class EpisodeStore:
         self._finished: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._counter = itertools.count()
         self._locks: dict[str, asyncio.Lock] = {}
-        # Ended episodes whose env is being closed (an episode past keep_finished is held here alone).
-        self._closing: dict[str, tuple[Episode, asyncio.Future]] = {}
+        # Ended episodes whose env is being closed or whose calls in flight are awaited, with that
+        # work and the close alone (an episode past keep_finished is held here alone).
+        self._settling: dict[str, tuple[Episode, asyncio.Future, asyncio.Future | None]] = {}
 
     def get(self, episode_id: str) -> Episode:
         episode = self.episodes.get(episode_id)
@@ -239,10 +255,36 @@ class EpisodeStore:
             episode_id=episode_id,
         )
 
-    def record(self, episode_id: str, call: CallRecord) -> None:
-        """Keep a finished model call. Calls are kept even if the episode finished meanwhile
-        (the client raced its own finish): the tokens were sampled for it."""
-        self.get(episode_id).calls.append(call)
+    def begin_call(self, episode_id: str, abort: Callable[[str], None]) -> tuple[Episode, PendingCall]:
+        """A model call of a live episode starts; it is in flight until `end_call`."""
+        episode = self.live(episode_id)
+        pending = PendingCall(abort)
+        episode.in_flight.add(pending)
+        return episode, pending
+
+    def end_call(
+        self, episode: Episode, pending: PendingCall, records: list[CallRecord], dropped: bool = False
+    ) -> None:
+        """A model call ended: its choices (`records`) are kept, or it is `dropped` (its client
+        never saw it whole; counted in `calls_dropped`), or neither (it failed). A call that
+        ends after its episode finished is kept like any other (the client raced its own
+        finish: the tokens were sampled for it) unless the episode is sealed by then, when
+        it raises `EpisodeError` (409) and nothing is kept."""
+        if pending.ended.done():
+            return
+        pending.ended.set_result(None)
+        episode.in_flight.discard(pending)
+        if episode.sealed:  # a call dropped or failed now was counted when the episode was sealed
+            if records:
+                raise EpisodeError(
+                    409,
+                    f"episode {episode.episode_id!r} was finished while this call was generating and was "
+                    "recorded (or taken for training) before the call ended: its reply is not kept",
+                )
+            return
+        if dropped:
+            episode.info["calls_dropped"] = episode.info.get("calls_dropped", 0) + 1
+        episode.calls.extend(records)
 
     async def step(self, episode_id: str, action: str) -> StepResult:
         """Run the episode's env on `action` (a reply or a tool call): the agent's way to act
@@ -301,45 +343,83 @@ class EpisodeStore:
         episode.error = error
         episode.wall_seconds = time.monotonic() - episode.started
         self._locks.pop(episode.episode_id, None)
-        if episode.env is None:
+        if episode.env is None and not episode.in_flight:
             self._hand_on(episode)
-        else:  # closed off this loop, within the step limit, unawaited; handed on once closed
+        else:  # closed off this loop and its calls awaited, within the step limit, unawaited
             try:
                 asyncio.get_running_loop()
             except RuntimeError:  # called from plain code, not the server's loop: close here
-                asyncio.run(self._close_env(episode))
+                asyncio.run(self._settle(episode, None))
             else:
-                self._closing[episode.episode_id] = (episode, asyncio.ensure_future(self._close_env(episode)))
+                closing = asyncio.ensure_future(self._close_env(episode)) if episode.env is not None else None
+                settling = asyncio.ensure_future(self._settle(episode, closing))
+                self._settling[episode.episode_id] = (episode, settling, closing)
         if self.keep_finished is not None:
             self._finished[episode.episode_id] = None
             while len(self._finished) > self.keep_finished:
                 self.episodes.pop(self._finished.popitem(last=False)[0], None)
 
+    def _seal(self, episode: Episode) -> None:
+        """An ended episode's calls are final: any still in flight is counted as dropped here,
+        and is not kept when it ends (`end_call`)."""
+        if not episode.sealed:
+            episode.sealed = True
+            if episode.in_flight:
+                episode.info["calls_dropped"] = episode.info.get("calls_dropped", 0) + len(episode.in_flight)
+
     def _hand_on(self, episode: Episode) -> None:
-        """Give an ended episode to `on_finished` (a recorder), after its env's close, once."""
+        """Seal an ended episode and give it to `on_finished` (a recorder), after its env's
+        close and its calls in flight, once."""
+        self._seal(episode)
         if self.on_finished is not None and not episode.handed_on:
             episode.handed_on = True
             self.on_finished(episode)
 
-    async def _close_env(self, episode: Episode) -> None:
-        """Close an ended episode's env; a close that raises or runs over is printed once
-        per kind and noted as `info["close_error"]`, the episode's outcome untouched. Then
-        the episode is handed on (recorded), its close's outcome with it."""
+    async def _settle(self, episode: Episode, closing: asyncio.Future | None) -> None:
+        """Close an ended episode's env (`closing`, or here when there is no loop to run it
+        on) while its calls in flight end, then hand it on, its close's outcome and every
+        call with it."""
         try:
-            with in_threads():
-                error = await close_env(unwrapped(episode.env), self.step_timeout_s)
-            if error is not None:
-                episode.info["close_error"] = error
+            if closing is None and episode.env is not None:
+                closing = asyncio.ensure_future(self._close_env(episode))
+            await asyncio.gather(*([closing] if closing is not None else []), self._drain(episode))
         finally:
-            self._closing.pop(episode.episode_id, None)
+            self._settling.pop(episode.episode_id, None)
             self._hand_on(episode)
 
+    async def _close_env(self, episode: Episode) -> None:
+        """Close an ended episode's env; a close that raises or runs over is printed once
+        per kind and noted as `info["close_error"]`, the episode's outcome untouched."""
+        with in_threads():
+            error = await close_env(unwrapped(episode.env), self.step_timeout_s)
+        if error is not None:
+            episode.info["close_error"] = error
+
+    async def _drain(self, episode: Episode) -> None:
+        """Wait for an ended episode's calls still generating (an agent that finished while
+        one ran), up to the step limit; those still running then are stopped at their next
+        token and not kept (their clients are told why), waited for a moment more."""
+        waiting = {pending.ended for pending in episode.in_flight}
+        if not waiting:
+            return
+        _, late = await asyncio.wait(waiting, timeout=self.step_timeout_s)
+        if not late:
+            return
+        for pending in list(episode.in_flight):
+            pending.abort(
+                f"episode {episode.episode_id!r} was finished while this call was generating, and the "
+                f"call ran on past the step limit ({self.step_timeout_s:g}s, env.step_timeout_s): it was "
+                "stopped and its reply is not kept"
+            )
+        await asyncio.wait(late, timeout=SHUTDOWN_GRACE_S / 2)
+
     async def closed(self, episode_ids: list[str]) -> None:
-        """Wait until the envs of these ended episodes are closed (each within the step
-        limit), so their close errors are in what `take` returns."""
-        closing = [self._closing[e][1] for e in episode_ids if e in self._closing]
-        if closing:
-            await asyncio.wait(closing)
+        """Wait until these ended episodes are settled: their envs closed and their calls in
+        flight ended (each within the step limit), so their close errors and every call
+        kept are in what `take` returns, and no call is added after."""
+        settling = [self._settling[e][1] for e in episode_ids if e in self._settling]
+        if settling:
+            await asyncio.wait(settling)
 
     async def shutdown(self) -> int:
         """The server is stopping: end every live episode (truncated), wait for the closes
@@ -349,19 +429,23 @@ class EpisodeStore:
         Returns how many closes it waited for."""
         for episode in [e for e in self.episodes.values() if not e.finished]:
             self._close(episode, "truncated", SHUT_DOWN)
-        pending = list(self._closing.values())
+        pending = list(self._settling.values())
         if pending:
             await asyncio.wait(
-                [closing for _, closing in pending], timeout=self.step_timeout_s + SHUTDOWN_GRACE_S
+                [settling for _, settling, _ in pending], timeout=self.step_timeout_s + SHUTDOWN_GRACE_S
             )
-        for episode, closing in pending:
-            if not closing.done():  # an async close that ignored being given up on
-                episode.info["close_error"] = (
-                    f"EnvTimeout: its close had not ended when the server shut down "
-                    f"({self.step_timeout_s + SHUTDOWN_GRACE_S:g}s after)"
-                )
-                self._hand_on(episode)
-                closing.cancel()
+        for episode, settling, closing in pending:
+            if not settling.done():
+                if (
+                    closing is not None and not closing.done()
+                ):  # an async close that ignored being given up on
+                    episode.info["close_error"] = (
+                        f"EnvTimeout: its close had not ended when the server shut down "
+                        f"({self.step_timeout_s + SHUTDOWN_GRACE_S:g}s after)"
+                    )
+                    closing.cancel()
+                self._hand_on(episode)  # a call still in flight is counted as dropped
+                settling.cancel()
         return len(pending)
 
     def take(self, episode_ids: list[str]) -> list[Episode]:
@@ -371,6 +455,7 @@ class EpisodeStore:
             episode = self.get(episode_id)
             if not episode.finished:
                 raise EpisodeError(409, f"episode {episode_id!r} is still running")
+            self._seal(episode)  # a call that ends later is not added to what was taken
             taken.append(self.episodes.pop(episode_id))
             self._finished.pop(episode_id, None)
         return taken

@@ -17,7 +17,9 @@ or the body's `user` field; the first that names a known episode wins.
 Every call is recorded once generation ends and before the last of its reply is sent, so
 a client that goes away after that loses nothing; a reply whose client disconnected
 before it was finished is dropped (the agent never saw it whole) and counted in the
-episode's `calls_dropped`. Any error, on any route, is OpenAI's error object.
+episode's `calls_dropped`. A call still generating when its episode finishes is waited for
+(up to the step limit, then stopped and dropped) before the episode is recorded or taken
+for training (`EpisodeStore._drain`). Any error, on any route, is OpenAI's error object.
 """
 
 from __future__ import annotations
@@ -189,30 +191,35 @@ class Gateway:
         )
 
     def start_call(self, episode_id: str, spec: CallSpec, stream: bool) -> CallRun:
-        self.store.live(episode_id)
         return CallRun(self, episode_id, spec, stream)
 
     async def finish_call(self, request: Request | None, run: CallRun) -> list[Choice]:
-        """Wait for the call's choices and record them, unless its client went away."""
-        choices = await run.task
-        if run.aborted or (request is not None and await request.is_disconnected()):
+        """Wait for the call's choices and record them, unless its client went away or the
+        gateway stopped it (its episode finished meanwhile and it ran past the step limit)."""
+        try:
+            choices = await run.task
+            gone = run.aborted or (request is not None and await request.is_disconnected())
+        except asyncio.CancelledError:  # the server is stopping: the reply is never sent
+            self.store.end_call(run.episode, run.pending, [], dropped=True)
+            raise
+        except BaseException:  # generation failed: no sample, and not a dropped reply
+            self.store.end_call(run.episode, run.pending, [])
+            raise
+        if gone:
             # The agent never saw this reply, so it did not shape the episode: not a sample.
-            self._count_dropped(run.episode_id)
+            self.store.end_call(run.episode, run.pending, [], dropped=True)
+            if run.abort_reason is not None:
+                raise EpisodeError(409, run.abort_reason)
             raise EpisodeError(499, "the client disconnected before the reply was sent")
-        for choice in choices:
-            self.store.record(run.episode_id, choice.record)
+        self.store.end_call(run.episode, run.pending, [choice.record for choice in choices])
         return choices
-
-    def _count_dropped(self, episode_id: str) -> None:
-        episode = self.store.get(episode_id)
-        episode.info["calls_dropped"] = episode.info.get("calls_dropped", 0) + 1
 
     async def _drop(self, run: CallRun) -> None:
         try:
             await run.task
-        except EpisodeError:
+        except Exception:
             pass
-        self._count_dropped(run.episode_id)
+        self.store.end_call(run.episode, run.pending, [], dropped=True)
 
     def stream_events(self, run: CallRun, render: Callable[[TokenEvent], str | None]) -> StreamedCall:
         return StreamedCall(self, run, render)

@@ -79,7 +79,9 @@ def train_gateway(
     return finish(output, step, checkpoint, started)
 
 
-def gateway_step(run: GatewayRun, step: int, failures: FailureWatch, log: StepLog, started: float) -> dict[str, float]:
+def gateway_step(
+    run: GatewayRun, step: int, failures: FailureWatch, log: StepLog, started: float
+) -> dict[str, float]:
     """Play one step's episodes through the agents, train on every recorded call, load the
     new weights into the engine, record the step and checkpoint when due; returns its metrics."""
     import ray
@@ -331,5 +333,8 @@ async def _start_all(
 
 
 async def _take(store: EpisodeStore, episode_ids: list[str]) -> list[Episode]:
-    await store.closed(episode_ids)  # a close that failed is noted on its episode's trajectory
+    # A close that failed is noted on its episode's trajectory, and a call its agent left
+    # generating when it finished is waited for (up to env.step_timeout_s, else dropped), so
+    # this step trains on the calls a recording of these episodes would hold.
+    await store.closed(episode_ids)
     return store.take(episode_ids)
