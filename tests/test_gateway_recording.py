@@ -362,7 +362,7 @@ def test_a_call_that_ends_after_its_episode_was_recorded_is_refused_not_added():
     assert waited < 0.2 + SHUTDOWN_GRACE_S, waited
 
 
-def test_a_training_run_takes_the_call_its_agent_finished_during_as_the_recording_would(tokenizer):
+def test_a_training_run_takes_the_calls_its_agent_waited_for_as_the_recording_would(tokenizer, tmp_path):
     from forge.run.gateway import _take
 
     store = EpisodeStore()
@@ -373,10 +373,39 @@ def test_a_training_run_takes_the_call_its_agent_finished_during_as_the_recordin
         reply, _ = finish_while_generating(
             server, engine, episode, lambda: agent.chat.completions.create(model="p", messages=USER)
         )
+        reply.result(timeout=30)  # the agent reads its reply, then exits
         [taken] = server.call(_take(store, [episode["episode_id"]]), timeout_s=30)
-        reply.result(timeout=30)
     [sample] = episode_samples([taken], [1.0])
     assert (
         len(taken.calls) == 1
         and sample.token_ids == taken.calls[0].prompt_ids + taken.calls[0].completion_ids
     )
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_training_step_drops_the_calls_its_exited_agents_left_generating_without_waiting(tokenizer, stream):
+    from forge.run.gateway import _take
+
+    store = EpisodeStore()  # a 30 s step limit: the step does not wait for the call
+    server, engine = slow_gateway(tokenizer, store, tokens=60, token_delay_s=0.05)  # 3 s to generate
+    with server:
+        episode = begin(server)
+        agent = client(server, episode["episode_id"])
+        reply, _ = finish_while_generating(
+            server,
+            engine,
+            episode,
+            lambda: (
+                list(agent.chat.completions.create(model="p", messages=USER, stream=True))
+                if stream
+                else agent.chat.completions.create(model="p", messages=USER)
+            ),
+        )
+        started = time.monotonic()
+        [taken] = server.call(_take(store, [episode["episode_id"]]), timeout_s=30)
+        waited = time.monotonic() - started
+        with pytest.raises(openai.APIError, match="agent exited before this reply was read"):
+            reply.result(timeout=30)
+    assert waited < 2.0 and taken.calls == [] and taken.info["calls_dropped"] == 1, waited
+    if stream:  # watched token by token: generation stopped too
+        assert engine.generated[0] < 60

@@ -413,6 +413,20 @@ class EpisodeStore:
             )
         await asyncio.wait(late, timeout=SHUTDOWN_GRACE_S / 2)
 
+    def stop_calls(self, episode_ids: list[str], reason: str) -> int:
+        """Give up the calls still generating for these episodes, e.g. when no agent is left
+        to read them: dropped now (not kept, counted in `calls_dropped`, not waited for), and
+        stopped at their next token where they are watched token by token (streamed, or with
+        a stop string); their clients, if any, are told `reason`. Returns how many."""
+        stopped = 0
+        for episode_id in episode_ids:
+            episode = self.get(episode_id)
+            for pending in list(episode.in_flight):
+                pending.abort(reason)
+                self.end_call(episode, pending, [], dropped=True)
+                stopped += 1
+        return stopped
+
     async def closed(self, episode_ids: list[str]) -> None:
         """Wait until these ended episodes are settled: their envs closed and their calls in
         flight ended (each within the step limit), so their close errors and every call

@@ -333,8 +333,10 @@ async def _start_all(
 
 
 async def _take(store: EpisodeStore, episode_ids: list[str]) -> list[Episode]:
-    # A close that failed is noted on its episode's trajectory, and a call its agent left
-    # generating when it finished is waited for (up to env.step_timeout_s, else dropped), so
-    # this step trains on the calls a recording of these episodes would hold.
+    # Every agent has exited: a call still generating has no one to read it, so it would be
+    # dropped when it ends; it is dropped now rather than waited for (up to env.step_timeout_s).
+    store.stop_calls(episode_ids, "the episode's agent exited before this reply was read")
+    # A close that failed is noted on its episode's trajectory, and the calls that did end
+    # are in: this step trains on the calls a recording of these episodes would hold.
     await store.closed(episode_ids)
     return store.take(episode_ids)
