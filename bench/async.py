@@ -51,10 +51,14 @@ def summarize(records: list[dict], last: int) -> dict[str, float]:
     }
 
 
-def paired_speedup(sync_runs: list[dict[str, float]], async_runs: list[dict[str, float]]) -> dict[str, object]:
+def paired_speedup(
+    sync_runs: list[dict[str, float]], async_runs: list[dict[str, float]]
+) -> dict[str, object]:
     """Each async run against the sync run of the same repeat. The machine's speed drifts
     over minutes (identical sync runs ranged 513-695 steps per minute in one bench)."""
-    ratios = [a["steps_per_minute"] / s["steps_per_minute"] for s, a in zip(sync_runs, async_runs, strict=True)]
+    ratios = [
+        a["steps_per_minute"] / s["steps_per_minute"] for s, a in zip(sync_runs, async_runs, strict=True)
+    ]
     return {"ratios": [round(r, 3) for r in ratios], "median": round(statistics.median(ratios), 3)}
 
 
@@ -70,8 +74,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", default=str(Path(__file__).parent.parent / "configs" / "smoke.yaml"))
     parser.add_argument("--steps", type=int, default=None, help="train.max_steps (default: the config's)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per mode and layout, alternating sync and async")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="rollout.num_workers layouts to run")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="runs per mode and layout, alternating sync and async"
+    )
+    parser.add_argument(
+        "--workers", type=int, nargs="+", default=[1, 2], help="rollout.num_workers layouts to run"
+    )
     parser.add_argument("--last", type=int, default=10, help="steps averaged for final_success_rate")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides applied to both modes")
     args = parser.parse_args()
@@ -84,28 +92,42 @@ def main() -> None:
         "cpus": os.cpu_count(),
     }
     modes = ("sync", "async")
-    runs: dict[str, dict[int, list[dict[str, float]]]] = {mode: {w: [] for w in args.workers} for mode in modes}
+    runs: dict[str, dict[int, list[dict[str, float]]]] = {
+        mode: {w: [] for w in args.workers} for mode in modes
+    }
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
             for workers in args.workers:
                 for mode in modes:
                     steps = [] if args.steps is None else [f"train.max_steps={args.steps}"]
-                    cfg = load_config(args.config, [
-                        f"train.mode={mode}", f"rollout.num_workers={workers}", *steps,
-                        "logging.tensorboard=false", "logging.progress_bar=false", "train.checkpoint_every=0",
-                        *args.overrides,
-                    ])
+                    cfg = load_config(
+                        args.config,
+                        [
+                            f"train.mode={mode}",
+                            f"rollout.num_workers={workers}",
+                            *steps,
+                            "logging.tensorboard=false",
+                            "logging.progress_bar=false",
+                            "train.checkpoint_every=0",
+                            *args.overrides,
+                        ],
+                    )
                     out = Path(tmp) / f"{mode}-{workers}-{repeat}"
                     train(cfg, out, progress=False)
                     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
                     runs[mode][workers].append(summarize(records, args.last))
-    layouts = {mode: {str(w): median_run(found) for w, found in by_layout.items()} for mode, by_layout in runs.items()}
+    layouts = {
+        mode: {str(w): median_run(found) for w, found in by_layout.items()}
+        for mode, by_layout in runs.items()
+    }
     best = {mode: max(layouts[mode], key=lambda w: layouts[mode][w]["steps_per_minute"]) for mode in modes}
     for mode in modes:
         report[mode] = {"num_workers": int(best[mode]), **layouts[mode][best[mode]]}
     sync, async_ = report["sync"], report["async"]
     report["speedup"] = round(async_["steps_per_minute"] / sync["steps_per_minute"], 3)  # type: ignore[index]
-    report["speedup_paired"] = paired_speedup(runs["sync"][int(best["sync"])], runs["async"][int(best["async"])])
+    report["speedup_paired"] = paired_speedup(
+        runs["sync"][int(best["sync"])], runs["async"][int(best["async"])]
+    )
     report["success_rate_drop"] = round(sync["final_success_rate"] - async_["final_success_rate"], 4)  # type: ignore[index]
     report["speedup_same_layout"] = {
         w: round(layouts["async"][w]["steps_per_minute"] / layouts["sync"][w]["steps_per_minute"], 3)  # type: ignore[operator]

@@ -43,9 +43,17 @@ def generate_run(model, prompt: list[int], **options) -> Callable[[], None]:
     def run() -> None:
         contexts = torch.tensor([prompt] * SAMPLES)
         out = model.generate(
-            input_ids=contexts, attention_mask=torch.ones_like(contexts), do_sample=True, temperature=1.0,
-            top_k=0, top_p=1.0, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, pad_token_id=0,
-            eos_token_id=None, **options,
+            input_ids=contexts,
+            attention_mask=torch.ones_like(contexts),
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            pad_token_id=0,
+            eos_token_id=None,
+            **options,
         )
         assert out.shape == (SAMPLES, len(prompt) + NEW_TOKENS)
 
@@ -79,9 +87,12 @@ def main(threads: int, repeats: int, prompt_tokens: int, ways: list[str] | None,
             "forge": forge_group(HFEngine(model, [10**9], 0, seed=0), prompt, SAMPLES),
             "forge_compiled": forge_group(HFEngine(compiled_model, [10**9], 0, seed=0), prompt, SAMPLES),
             "generate": generate_run(model, prompt),
-            "generate_static": generate_run(model, prompt, cache_implementation="static", disable_compile=True),
-            "generate_static_compiled": generate_run(model, prompt, cache_implementation="static",
-                                                     compile_config=forced),
+            "generate_static": generate_run(
+                model, prompt, cache_implementation="static", disable_compile=True
+            ),
+            "generate_static_compiled": generate_run(
+                model, prompt, cache_implementation="static", compile_config=forced
+            ),
         }
         runs = {name: run for name, run in runs.items() if not ways or name in ways}
         found: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
@@ -117,7 +128,9 @@ def main(threads: int, repeats: int, prompt_tokens: int, ways: list[str] | None,
                 "warm_up_s": round(warm[name], 3),
                 "compile_s": round(max(warm[name] - best[name], 0.0), 3),
                 "forge_over_this": round(best["forge"] / best[name], 3) if "forge" in best else None,
-                "forge_over_this_cpu": round(best_cpu["forge"] / best_cpu[name], 3) if "forge" in best else None,
+                "forge_over_this_cpu": round(best_cpu["forge"] / best_cpu[name], 3)
+                if "forge" in best
+                else None,
             }
             for name in runs
         },
@@ -128,7 +141,9 @@ def main(threads: int, repeats: int, prompt_tokens: int, ways: list[str] | None,
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--prompt", type=int, default=256, help="prompt tokens")

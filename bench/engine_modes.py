@@ -43,7 +43,9 @@ def summarize(records: list[dict], last_fraction: float = 0.1) -> dict[str, floa
         "rollout_seconds_median": round(statistics.median(r["rollout_seconds"] for r in later), 4),
         "seconds_after_step_1": round(records[-1]["wall_seconds"] - records[0]["wall_seconds"], 2),
         "wall_seconds": round(records[-1]["wall_seconds"], 2),
-        "prefix_cache_hit_rate_mean": round(statistics.fmean(r.get("prefix_cache_hit_rate", 0.0) for r in later), 4),
+        "prefix_cache_hit_rate_mean": round(
+            statistics.fmean(r.get("prefix_cache_hit_rate", 0.0) for r in later), 4
+        ),
         "episodes_lost": sum(r.get("episodes_lost", 0) for r in records),
         "success_first_10pct": round(statistics.fmean(r["success_rate"] for r in records[:last]), 4),
         "success_last_10pct": round(statistics.fmean(r["success_rate"] for r in records[-last:]), 4),
@@ -51,20 +53,38 @@ def summarize(records: list[dict], last_fraction: float = 0.1) -> dict[str, floa
 
 
 def run_once(config: str, mode: str, steps: int, overrides: list[str], out: Path) -> dict[str, float]:
-    command = [sys.executable, "-m", "forge.cli", "train", config, f"rollout.engine={mode}",
-               f"train.max_steps={steps}", "logging.progress_bar=false", "logging.tensorboard=false",
-               *overrides, "--output-dir", str(out), "--overwrite"]
+    command = [
+        sys.executable,
+        "-m",
+        "forge.cli",
+        "train",
+        config,
+        f"rollout.engine={mode}",
+        f"train.max_steps={steps}",
+        "logging.progress_bar=false",
+        "logging.tensorboard=false",
+        *overrides,
+        "--output-dir",
+        str(out),
+        "--overwrite",
+    ]
     load = os.getloadavg()[0]
     started = time.monotonic()
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    if done.returncode != 0 and "timed out during startup" in done.stderr:  # Ray on a crowded machine: once more
+    if (
+        done.returncode != 0 and "timed out during startup" in done.stderr
+    ):  # Ray on a crowded machine: once more
         load = os.getloadavg()[0]
         started = time.monotonic()
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {**summarize(records), "command_seconds": round(time.monotonic() - started, 2), "load_before": load}
+    return {
+        **summarize(records),
+        "command_seconds": round(time.monotonic() - started, 2),
+        "load_before": load,
+    }
 
 
 def main() -> None:
@@ -80,12 +100,22 @@ def main() -> None:
         for repeat in range(args.repeats):
             order = MODES if repeat % 2 == 0 else MODES[::-1]
             for mode in order:
-                runs[mode].append(run_once(args.config, mode, args.steps, args.overrides, Path(tmp) / f"{mode}-{repeat}"))
-    ratios = [s["step_seconds_median"] / i["step_seconds_median"] for i, s in zip(runs["inprocess"], runs["server"], strict=True)]
-    rollout = [s["rollout_seconds_median"] / i["rollout_seconds_median"]
-               for i, s in zip(runs["inprocess"], runs["server"], strict=True)]
+                runs[mode].append(
+                    run_once(args.config, mode, args.steps, args.overrides, Path(tmp) / f"{mode}-{repeat}")
+                )
+    ratios = [
+        s["step_seconds_median"] / i["step_seconds_median"]
+        for i, s in zip(runs["inprocess"], runs["server"], strict=True)
+    ]
+    rollout = [
+        s["rollout_seconds_median"] / i["rollout_seconds_median"]
+        for i, s in zip(runs["inprocess"], runs["server"], strict=True)
+    ]
     report: dict[str, object] = {
-        "config": Path(args.config).name, "steps": args.steps, "repeats": args.repeats, "overrides": args.overrides,
+        "config": Path(args.config).name,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "overrides": args.overrides,
         "cpus": os.cpu_count(),
         "ratio": round(statistics.median(ratios), 3),
         "ratios": [round(r, 3) for r in ratios],

@@ -80,8 +80,12 @@ def child(strategy: str, model_dir: str, steps: int, out: str) -> None:
     before = resident_mb("VmRSS")
     reset_high_water()
     trainer = DistributedTrainer(
-        model_dir, ModelConfig(path=model_dir), TrainConfig(learning_rate=1e-4, kl_coef=0.05),
-        TrainerConfig(packing="padded"), seed=0, strategy=strategy,
+        model_dir,
+        ModelConfig(path=model_dir),
+        TrainConfig(learning_rate=1e-4, kl_coef=0.05),
+        TrainerConfig(packing="padded"),
+        seed=0,
+        strategy=strategy,
     )
     loading = resident_mb("VmHWM") - before
     gradients: list[float] = []
@@ -103,7 +107,9 @@ def child(strategy: str, model_dir: str, steps: int, out: str) -> None:
         "step_seconds": statistics.median(seconds),
         "loading_mb": loading,
     }
-    report["training_state_mb"] = sum(report[key] for key in ("weights_mb", "gradients_mb", "optimizer_mb", "reference_mb"))
+    report["training_state_mb"] = sum(
+        report[key] for key in ("weights_mb", "gradients_mb", "optimizer_mb", "reference_mb")
+    )
     Path(f"{out}.rank{dist.get_rank()}").write_text(json.dumps(report))
     trainer.close()
 
@@ -121,11 +127,15 @@ def run(strategy: str, model_dir: Path, steps: int, workdir: Path) -> dict[str, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=3, help="runs per strategy, alternating")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per run (after one warm-up)")
     parser.add_argument("--output", type=Path, default=RESULTS)
-    parser.add_argument("--child", nargs=4, metavar=("STRATEGY", "MODEL_DIR", "STEPS", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--child", nargs=4, metavar=("STRATEGY", "MODEL_DIR", "STEPS", "OUT"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.child:
         strategy, model_dir, steps, out = args.child
@@ -141,7 +151,8 @@ def main() -> None:
             for strategy in STRATEGIES:
                 runs[strategy].append(run(strategy, model_dir, args.steps, Path(tmp)))
     results = {
-        s: {key: round(statistics.median(r[key] for r in runs[s]), 4) for key in runs[s][0]} for s in STRATEGIES
+        s: {key: round(statistics.median(r[key] for r in runs[s]), 4) for key in runs[s][0]}
+        for s in STRATEGIES
     }
     result = {
         "model": MODEL.model_dump(),
@@ -150,7 +161,9 @@ def main() -> None:
         "repeats": args.repeats,
         "steps": args.steps,
         **results,
-        "fsdp_over_ddp": {key: round(results["fsdp"][key] / results["ddp"][key], 3) for key in results["ddp"]},
+        "fsdp_over_ddp": {
+            key: round(results["fsdp"][key] / results["ddp"][key], 3) for key in results["ddp"]
+        },
         "runs": runs,
     }
     print(json.dumps(result, indent=2))

@@ -61,15 +61,39 @@ STEP_TARGETS = {"step_P256": 1.3, "step_P1024": 2.5}
 
 # The CPU model, and a 0.5B-class one for the GPU run (Qwen2-0.5B's shapes, random init).
 MODELS = {
-    "small": dict(vocab_size=VOCAB, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2, intermediate_size=512),
-    "qwen2-0.5b": dict(vocab_size=151936, hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
-                       num_key_value_heads=2, intermediate_size=4864),
+    "small": dict(
+        vocab_size=VOCAB,
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=512,
+    ),
+    "qwen2-0.5b": dict(
+        vocab_size=151936,
+        hidden_size=896,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        intermediate_size=4864,
+    ),
 }
 # Peak memory bandwidth in GB/s by device name, for the decode bound; --bandwidth-gbs overrides.
-BANDWIDTH_GBS = {"H200": 4800, "H100 SXM": 3350, "H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H100 NVL": 3900,
-                 "A100-SXM4-80GB": 2039, "A100 80GB PCIe": 1935, "A100-SXM4-40GB": 1555, "A100-PCIE-40GB": 1555,
-                 "L40S": 864, "L4": 300, "A10G": 600, "RTX 4090": 1008}
+BANDWIDTH_GBS = {
+    "H200": 4800,
+    "H100 SXM": 3350,
+    "H100 80GB HBM3": 3350,
+    "H100 PCIe": 2000,
+    "H100 NVL": 3900,
+    "A100-SXM4-80GB": 2039,
+    "A100 80GB PCIe": 1935,
+    "A100-SXM4-40GB": 1555,
+    "A100-PCIE-40GB": 1555,
+    "L40S": 864,
+    "L4": 300,
+    "A10G": 600,
+    "RTX 4090": 1008,
+}
 
 
 def save_checkpoint(directory: Path, preset: str = "small") -> Path:
@@ -80,8 +104,12 @@ def save_checkpoint(directory: Path, preset: str = "small") -> Path:
 
     tokenizer = build_tokenizer()
     config = Qwen2Config(
-        **MODELS[preset], max_position_embeddings=8192, tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=None, bos_token_id=None,
+        **MODELS[preset],
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=None,
+        bos_token_id=None,
     )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(directory)
@@ -169,8 +197,16 @@ def forge_group(engine: HFEngine, prompt: list[int], samples: int) -> Callable[[
 def hf_sample(model: Any, contexts: torch.Tensor, new_tokens: int) -> torch.Tensor:
     """`generate` as a user calls it; returns only the new tokens."""
     out = model.generate(
-        input_ids=contexts, attention_mask=torch.ones_like(contexts), do_sample=True, temperature=1.0, top_k=0,
-        top_p=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0, eos_token_id=None,
+        input_ids=contexts,
+        attention_mask=torch.ones_like(contexts),
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        pad_token_id=0,
+        eos_token_id=None,
     )
     return out[:, contexts.shape[1] :]
 
@@ -194,7 +230,9 @@ def forge_episodes(engine: HFEngine, prompt: list[int], episodes: int) -> Callab
         contexts = {f"e{e}": list(prompt) for e in range(episodes)}
         prefill = 0
         for turn in range(TURNS):
-            requests = [GenerationRequest(ids, TURN_TOKENS, episode_id=name) for name, ids in contexts.items()]
+            requests = [
+                GenerationRequest(ids, TURN_TOKENS, episode_id=name) for name, ids in contexts.items()
+            ]
             for e, (request, result) in enumerate(zip(requests, engine.generate(requests), strict=True)):
                 prefill += result.prefill_tokens
                 contexts[request.episode_id] = request.token_ids + result.token_ids + observation(e, turn)
@@ -237,8 +275,15 @@ def rounded(result: dict) -> dict:
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
 
 
-def compare(clock: ForwardClock, forge: Callable[[], int], hf: Callable[[], int], generated: int,
-            repeats: int, target: float, others: dict[str, Callable[[], int]] | None = None) -> dict[str, Any]:
+def compare(
+    clock: ForwardClock,
+    forge: Callable[[], int],
+    hf: Callable[[], int],
+    generated: int,
+    repeats: int,
+    target: float,
+    others: dict[str, Callable[[], int]] | None = None,
+) -> dict[str, Any]:
     """Forge against generate, alternated; `others` (more ways, e.g. Forge with its group's prompt
     KV copied into every row) take their turns in the same rounds and are reported beside."""
     sides = {"forge": lambda: timed(clock, forge), "generate": lambda: timed(clock, hf)}
@@ -257,8 +302,9 @@ def compare(clock: ForwardClock, forge: Callable[[], int], hf: Callable[[], int]
         "target": target,
         "met": ratio >= target,
         # Outside the forward, per decode step, in CPU time (see ForwardClock), each side's least.
-        "other_cpu_ms_per_step": {side: round(min(r["other_cpu_ms_per_decode_step"] for r in rounds[side]), 4)
-                                  for side in rounds},
+        "other_cpu_ms_per_step": {
+            side: round(min(r["other_cpu_ms_per_decode_step"] for r in rounds[side]), 4) for side in rounds
+        },
         "other_per_step_at_most_generate": min(r["other_cpu_ms_per_decode_step"] for r in rounds["forge"])
         <= min(r["other_cpu_ms_per_decode_step"] for r in rounds["generate"]),
     }
@@ -268,29 +314,38 @@ def prompt_of(length: int, salt: int) -> list[int]:
     return [(i * 7 + salt * 13) % (VOCAB - 2) + 1 for i in range(length)]
 
 
-def samples_of(prompt: list[int], completions: list[list[int]], logprobs: list[list[float]] | None) -> list[Sample]:
+def samples_of(
+    prompt: list[int], completions: list[list[int]], logprobs: list[list[float]] | None
+) -> list[Sample]:
     """A group's training samples; advantages +-1 so no sample is skipped."""
     out = []
     for i, completion in enumerate(completions):
         behaviour = logprobs[i] if logprobs is not None else [0.0] * len(completion)
-        out.append(Sample(
-            token_ids=prompt + completion, loss_mask=[0] * len(prompt) + [1] * len(completion),
-            behaviour_logprobs=[0.0] * len(prompt) + list(behaviour), policy_versions=[0] * (len(prompt) + len(completion)),
-            advantage=1.0 if i % 2 else -1.0, group_id="g",
-        ))
+        out.append(
+            Sample(
+                token_ids=prompt + completion,
+                loss_mask=[0] * len(prompt) + [1] * len(completion),
+                behaviour_logprobs=[0.0] * len(prompt) + list(behaviour),
+                policy_versions=[0] * (len(prompt) + len(completion)),
+                advantage=1.0 if i % 2 else -1.0,
+                group_id="g",
+            )
+        )
     return out
 
 
-def step(sample: Callable[[], list[tuple[list[int], list[float] | None]]], trainer: Any,
-         prompt: list[int]) -> dict[str, float]:
+def step(
+    sample: Callable[[], list[tuple[list[int], list[float] | None]]], trainer: Any, prompt: list[int]
+) -> dict[str, float]:
     """One sync step: sample the group's completions, then train on them."""
     with quiet_gc():
         started = time.perf_counter()
         completions = sample()
         rolled = time.perf_counter()
         logprobs = [lp for _, lp in completions]
-        trainer.train_step(samples_of(prompt, [ids for ids, _ in completions],
-                                      None if logprobs[0] is None else logprobs))
+        trainer.train_step(
+            samples_of(prompt, [ids for ids, _ in completions], None if logprobs[0] is None else logprobs)
+        )
         done = time.perf_counter()
     return {"seconds": done - started, "rollout_s": rolled - started, "train_s": done - rolled}
 
@@ -301,19 +356,33 @@ def step_cases(path: Path, engine: HFEngine, model: Any, threads: int, repeats: 
 
     model_cfg = ModelConfig(path=str(path))
     train_cfg = TrainConfig(learning_rate=1e-5, checkpoint_every=0)
-    trainers = {packing: Trainer(path, model_cfg, train_cfg,
-                                 TrainerConfig(packing=packing, attn_implementation="sdpa"), 0, threads)
-                for packing in ("tree", "padded")}
+    trainers = {
+        packing: Trainer(
+            path, model_cfg, train_cfg, TrainerConfig(packing=packing, attn_implementation="sdpa"), 0, threads
+        )
+        for packing in ("tree", "padded")
+    }
     out = {}
     for length in (256, 1024):
         prompt = prompt_of(length, salt=5)
         forge_step = lambda prompt=prompt: step(  # noqa: E731
-            lambda: [(r.token_ids, r.logprobs) for r in
-                     engine.generate([GenerationRequest(list(prompt), NEW_TOKENS) for _ in range(8)])],
-            trainers["tree"], prompt)
+            lambda: [
+                (r.token_ids, r.logprobs)
+                for r in engine.generate([GenerationRequest(list(prompt), NEW_TOKENS) for _ in range(8)])
+            ],
+            trainers["tree"],
+            prompt,
+        )
         padded_step = lambda prompt=prompt: step(  # noqa: E731
-            lambda: [(row, None) for row in hf_sample(model, torch.tensor([prompt] * 8, device=model.device), NEW_TOKENS).tolist()],
-            trainers["padded"], prompt)
+            lambda: [
+                (row, None)
+                for row in hf_sample(
+                    model, torch.tensor([prompt] * 8, device=model.device), NEW_TOKENS
+                ).tolist()
+            ],
+            trainers["padded"],
+            prompt,
+        )
         forge_step(), padded_step()  # warm-up: the trainers' first step allocates
         best = alternate({"forge": forge_step, "generate_padded": padded_step}, repeats)
         name = f"step_P{length}"
@@ -352,8 +421,14 @@ def thread_handoff(engine: HFEngine, repeats: int) -> dict[str, Any]:
     }
 
 
-def batch_cases(model: Any, engine: HFEngine, clock: ForwardClock, batches: list[int], repeats: int,
-                bandwidth_gbs: float | None) -> dict[str, Any]:
+def batch_cases(
+    model: Any,
+    engine: HFEngine,
+    clock: ForwardClock,
+    batches: list[int],
+    repeats: int,
+    bandwidth_gbs: float | None,
+) -> dict[str, Any]:
     """Case (a)'s shape at P=256 for each batch size, against the decode bound of memory
     bandwidth: every decode step reads all the weights once, so tokens/s <= batch x
     bandwidth / weight bytes (the KV cache's reads come on top)."""
@@ -364,8 +439,14 @@ def batch_cases(model: Any, engine: HFEngine, clock: ForwardClock, batches: list
     out: dict[str, Any] = {"device": name, "weight_bytes": weight_bytes, "bandwidth_gbs": bandwidth_gbs}
     prompt = prompt_of(256, salt=3)
     for batch in batches:
-        case = compare(clock, forge_group(engine, prompt, batch), hf_group(model, prompt, batch),
-                       batch * NEW_TOKENS, repeats, 1.0)
+        case = compare(
+            clock,
+            forge_group(engine, prompt, batch),
+            hf_group(model, prompt, batch),
+            batch * NEW_TOKENS,
+            repeats,
+            1.0,
+        )
         if bandwidth_gbs:
             bound = batch * bandwidth_gbs * 1e9 / weight_bytes
             case["bandwidth_bound_tokens_per_s"] = round(bound, 1)
@@ -378,9 +459,19 @@ def batch_cases(model: Any, engine: HFEngine, clock: ForwardClock, batches: list
     return out
 
 
-def main(threads: int, repeats: int, only: list[str] | None, output: Path, profile_label: str | None,
-         preset: str = "small", device: str = "cpu", dtype: str = "float32", batches: list[int] | None = None,
-         bandwidth_gbs: float | None = None, compare_copy: bool = False) -> dict:
+def main(
+    threads: int,
+    repeats: int,
+    only: list[str] | None,
+    output: Path,
+    profile_label: str | None,
+    preset: str = "small",
+    device: str = "cpu",
+    dtype: str = "float32",
+    batches: list[int] | None = None,
+    bandwidth_gbs: float | None = None,
+    compare_copy: bool = False,
+) -> dict:
     torch.set_num_threads(threads)
     quiet_transformers()
     with tempfile.TemporaryDirectory() as tmp:
@@ -395,20 +486,32 @@ def main(threads: int, repeats: int, only: list[str] | None, output: Path, profi
         if batches:
             with torch.no_grad():
                 forge_group(engine, prompt_of(64, 0), 2)(), hf_group(model, prompt_of(64, 0), 2)()  # warm-up
-                report = {"model": f"{preset} ({MODELS[preset]}), {dtype}, sdpa, random init", "repeats": repeats,
-                          "new_tokens": NEW_TOKENS, "prompt_tokens": 256, **batch_cases(
-                              model, engine, clock, batches, repeats, bandwidth_gbs)}
+                report = {
+                    "model": f"{preset} ({MODELS[preset]}), {dtype}, sdpa, random init",
+                    "repeats": repeats,
+                    "new_tokens": NEW_TOKENS,
+                    "prompt_tokens": 256,
+                    **batch_cases(model, engine, clock, batches, repeats, bandwidth_gbs),
+                }
             save_result(report, output)
             print(json.dumps(report))
             return report
         cases: dict[str, tuple[Callable[[], int], Callable[[], int], int]] = {}
         for length in (256, 1024, 4096):
             prompt = prompt_of(length, salt=length)
-            cases[f"a_P{length}"] = (forge_group(engine, prompt, 8), hf_group(model, prompt, 8), 8 * NEW_TOKENS)
+            cases[f"a_P{length}"] = (
+                forge_group(engine, prompt, 8),
+                hf_group(model, prompt, 8),
+                8 * NEW_TOKENS,
+            )
         prompt = prompt_of(256, salt=1)
         cases["b_P256_16"] = (forge_group(engine, prompt, 16), hf_group(model, prompt, 16), 16 * NEW_TOKENS)
         prompt = prompt_of(EPISODE_PROMPT, salt=2)
-        cases["c_multiturn"] = (forge_episodes(engine, prompt, 8), hf_episodes(model, prompt, 8), 8 * TURNS * TURN_TOKENS)
+        cases["c_multiturn"] = (
+            forge_episodes(engine, prompt, 8),
+            hf_episodes(model, prompt, 8),
+            8 * TURNS * TURN_TOKENS,
+        )
         report: dict[str, Any] = {
             "model": "qwen2 4 layers, hidden 256, 4 heads (2 kv), vocab 512, fp32, sdpa, random init",
             "torch_threads": threads,
@@ -427,8 +530,9 @@ def main(threads: int, repeats: int, only: list[str] | None, output: Path, profi
             others = {}
             if copying is not None and name.startswith(("a_", "b_")):
                 length, samples = (256, 16) if name.startswith("b_") else (int(name[3:]), 8)
-                others["forge_copied_prompt"] = forge_group(copying, prompt_of(length, salt=1 if samples == 16 else length),
-                                                            samples)
+                others["forge_copied_prompt"] = forge_group(
+                    copying, prompt_of(length, salt=1 if samples == 16 else length), samples
+                )
             with torch.no_grad():
                 report["cases"][name] = compare(clock, forge, hf, generated, repeats, TARGETS[name], others)
             print(name, json.dumps(report["cases"][name]), flush=True)
@@ -446,11 +550,21 @@ def main(threads: int, repeats: int, only: list[str] | None, output: Path, profi
         profile[profile_label] = {
             "torch_threads": threads,
             "cases": {
-                name: {side: {k: case[side][k] for k in (
-                    "decode_steps", "seconds", "decode_forward_ms_per_step", "other_ms_per_decode_step",
-                    "decode_forward_cpu_ms_per_step", "other_cpu_ms_per_decode_step")} | {
-                    "least_other_cpu_ms_per_decode_step": case["other_cpu_ms_per_step"][side]}
-                    for side in case["other_cpu_ms_per_step"]}
+                name: {
+                    side: {
+                        k: case[side][k]
+                        for k in (
+                            "decode_steps",
+                            "seconds",
+                            "decode_forward_ms_per_step",
+                            "other_ms_per_decode_step",
+                            "decode_forward_cpu_ms_per_step",
+                            "other_cpu_ms_per_decode_step",
+                        )
+                    }
+                    | {"least_other_cpu_ms_per_decode_step": case["other_cpu_ms_per_step"][side]}
+                    for side in case["other_cpu_ms_per_step"]
+                }
                 for name, case in report["cases"].items()
             },
         }
@@ -461,7 +575,9 @@ def main(threads: int, repeats: int, only: list[str] | None, output: Path, profi
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads (both sides)")
     parser.add_argument("--repeats", type=int, default=3, help="alternated rounds per case")
     parser.add_argument("--only", nargs="*", help="case names (a_P256 ... c_multiturn, handoff, step)")
@@ -470,13 +586,33 @@ if __name__ == "__main__":
     parser.add_argument("--model", choices=sorted(MODELS), default="small")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    parser.add_argument("--batches", type=int, nargs="*",
-                        help="instead of cases a-d: a group of this many samples at P=256, per size, "
-                        "against the memory-bandwidth bound (the GPU run)")
-    parser.add_argument("--bandwidth-gbs", type=float, help="the device's memory bandwidth (else looked up by name)")
-    parser.add_argument("--compare-copy", action="store_true",
-                        help="cases a and b also run Forge with the group's prompt KV copied into every row "
-                        "(HFEngine share_prompt=False), alternated in the same rounds")
+    parser.add_argument(
+        "--batches",
+        type=int,
+        nargs="*",
+        help="instead of cases a-d: a group of this many samples at P=256, per size, "
+        "against the memory-bandwidth bound (the GPU run)",
+    )
+    parser.add_argument(
+        "--bandwidth-gbs", type=float, help="the device's memory bandwidth (else looked up by name)"
+    )
+    parser.add_argument(
+        "--compare-copy",
+        action="store_true",
+        help="cases a and b also run Forge with the group's prompt KV copied into every row "
+        "(HFEngine share_prompt=False), alternated in the same rounds",
+    )
     args = parser.parse_args()
-    main(args.threads, args.repeats, args.only, args.output, args.profile_label, args.model, args.device,
-         args.dtype, args.batches, args.bandwidth_gbs, args.compare_copy)
+    main(
+        args.threads,
+        args.repeats,
+        args.only,
+        args.output,
+        args.profile_label,
+        args.model,
+        args.device,
+        args.dtype,
+        args.batches,
+        args.bandwidth_gbs,
+        args.compare_copy,
+    )

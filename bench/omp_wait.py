@@ -34,7 +34,11 @@ def timed(n=30):
 timed(2)
 print(json.dumps({"calling_thread": timed(), "to_thread": asyncio.run(asyncio.to_thread(timed))}))
 """
-WAYS = {"1_thread": ("1", {}), "2_threads": ("2", {}), "2_threads_passive": ("2", {"OMP_WAIT_POLICY": "PASSIVE"})}
+WAYS = {
+    "1_thread": ("1", {}),
+    "2_threads": ("2", {}),
+    "2_threads_passive": ("2", {"OMP_WAIT_POLICY": "PASSIVE"}),
+}
 
 
 def main(rounds: int, output: Path) -> dict:
@@ -42,8 +46,13 @@ def main(rounds: int, output: Path) -> dict:
     found: dict[str, list[dict]] = {name: [] for name in WAYS}
     for _ in range(rounds):
         for name, (threads, env) in WAYS.items():
-            out = subprocess.run([sys.executable, "-c", PROBE, threads], env={**os.environ, **env},
-                                 capture_output=True, text=True, check=True).stdout
+            out = subprocess.run(
+                [sys.executable, "-c", PROBE, threads],
+                env={**os.environ, **env},
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
             found[name].append(json.loads(out.strip().splitlines()[-1]))
     report = {
         "what": __doc__.split("\n\n")[0],
@@ -53,10 +62,14 @@ def main(rounds: int, output: Path) -> dict:
         "rounds": rounds,
         "columns": "[wall s, process CPU s] per round",
         "ways": found,
-        "least_wall_s": {name: {where: min(r[where][0] for r in runs) for where in ("calling_thread", "to_thread")}
-                         for name, runs in found.items()},
-        "least_cpu_s": {name: {where: min(r[where][1] for r in runs) for where in ("calling_thread", "to_thread")}
-                        for name, runs in found.items()},
+        "least_wall_s": {
+            name: {where: min(r[where][0] for r in runs) for where in ("calling_thread", "to_thread")}
+            for name, runs in found.items()
+        },
+        "least_cpu_s": {
+            name: {where: min(r[where][1] for r in runs) for where in ("calling_thread", "to_thread")}
+            for name, runs in found.items()
+        },
     }
     save_result(report, output)
     print(json.dumps(report))
@@ -64,7 +77,9 @@ def main(rounds: int, output: Path) -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--output", type=Path, default=RESULTS / "omp-wait.json")
     args = parser.parse_args()

@@ -22,13 +22,27 @@ def run_ranks(module: str, child_args: list[str], world_size: int, timeout: floa
     CPU, one thread each, and wait for all; a rank that fails raises with its output."""
     port, processes = free_port(), []
     for rank in range(world_size):
-        env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", RANK=str(rank), LOCAL_RANK=str(rank),
-                   WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        processes.append(subprocess.Popen(
-            [sys.executable, "-m", module, "--child", *child_args], env=env, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).parent.parent,
-        ))
+        env = dict(
+            os.environ,
+            OMP_NUM_THREADS="1",
+            CUDA_VISIBLE_DEVICES="",
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            LOCAL_WORLD_SIZE=str(world_size),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, "-m", module, "--child", *child_args],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                cwd=Path(__file__).parent.parent,
+            )
+        )
     outputs = []
     for process in processes:
         try:

@@ -84,7 +84,9 @@ def main(output: Path) -> None:
         "new_tokens_per_turn": NEW_TOKENS,
         "observation_tokens_per_turn": OBSERVATION_TOKENS,
         "turns": results,
-        "prefill_over_context_16": round(results["16"]["prefill_tokens"] / results["16"]["context_tokens"], 4),
+        "prefill_over_context_16": round(
+            results["16"]["prefill_tokens"] / results["16"]["context_tokens"], 4
+        ),
         "seconds_16_over_4": round(results["16"]["seconds"] / results["4"]["seconds"], 3),
     }
     save_result(report, output)
@@ -92,6 +94,8 @@ def main(output: Path) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "rollout.json")
     main(parser.parse_args().output)

@@ -109,8 +109,14 @@ def shaping_overrides(speed_weight: float, extra: Sequence[str] = ()) -> list[st
 
 
 def build_config(
-    shaped: bool, steps: int, seed: int, speed_weight: float, max_turns: int = MAX_TURNS, temperature: float = 1.0,
-    base: Sequence[str] = BASE, shaped_extra: Sequence[str] = (),
+    shaped: bool,
+    steps: int,
+    seed: int,
+    speed_weight: float,
+    max_turns: int = MAX_TURNS,
+    temperature: float = 1.0,
+    base: Sequence[str] = BASE,
+    shaped_extra: Sequence[str] = (),
 ) -> Config:
     overrides = [*base, f"rollout.max_turns={max_turns}", f"train.max_steps={steps}", f"seed={seed}"]
     overrides.append(f"rollout.temperature={temperature}")
@@ -174,7 +180,9 @@ def run(name: str, shaped: bool, seed: int, args: argparse.Namespace, workdir: P
     cfg = build_config(shaped, args.steps, seed, args.speed_weight, args.max_turns, args.temperature,
                        base_overrides(args), args.shaped_set)  # fmt: skip
     started = time.perf_counter()
-    result = train(cfg, workdir / name, progress=False, overwrite=True)  # --workdir: a rerun replaces its runs
+    result = train(
+        cfg, workdir / name, progress=False, overwrite=True
+    )  # --workdir: a rerun replaces its runs
     train_seconds = time.perf_counter() - started
     evaluation = evaluate(cfg, result.checkpoint, args.eval_tasks, args.eval_group)
     return {
@@ -209,8 +217,15 @@ def pooled(runs: list[dict]) -> dict[str, float]:
 
 
 def summarize(
-    per_seed: list[dict], steps: int, speed_weight: float, task: str, total_seconds: float, complete: bool,
-    temperature: float = 1.0, base_overrides: list[str] = BASE, shaped_extra: Sequence[str] = (),
+    per_seed: list[dict],
+    steps: int,
+    speed_weight: float,
+    task: str,
+    total_seconds: float,
+    complete: bool,
+    temperature: float = 1.0,
+    base_overrides: list[str] = BASE,
+    shaped_extra: Sequence[str] = (),
 ) -> dict:
     """The result file: pooled eval numbers over every seed, the comparison, each seed's own."""
     plain = pooled([s["plain"] for s in per_seed])
@@ -247,21 +262,34 @@ def main() -> None:
         "--speed-weight", type=float, default=0.9, help="reward.speed.weight of the shaped run"
     )
     parser.add_argument("--max-turns", type=int, default=MAX_TURNS, help="turn budget per episode")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, training and eval")
+    parser.add_argument(
+        "--temperature", type=float, default=1.0, help="sampling temperature, training and eval"
+    )
     parser.add_argument("--eval-tasks", type=int, default=64, help="held-out tasks, secrets stratified")
     parser.add_argument("--eval-group", type=int, default=8, help="episodes per held-out task")
     parser.add_argument(
-        "--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+        "--set",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
         help="config overrides for both runs (say train.entropy_coef=0.01), recorded in base_overrides",
     )
     parser.add_argument(
-        "--shaped-set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+        "--shaped-set",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
         help="config overrides for the shaped run only (say reward.speed.h=sigmoid)",
     )
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--workdir", type=Path, default=None, help="keep the runs here (default: a temp dir)")
     parser.add_argument(
-        "--merge", type=Path, nargs="+", default=None,
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=None,
         help="combine result files of runs split over processes (say one seed per core) into --output",
     )
     args = parser.parse_args()

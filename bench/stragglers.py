@@ -74,7 +74,10 @@ def staleness_distribution(records: list[dict[str, Any]]) -> dict[str, float]:
     if not counts:  # sync (always on-policy), or an async loop that does not count tokens
         if any("staleness_mean" in r for r in records):
             means = [r["staleness_mean"] for r in records[1:]]
-            return {"groups_mean": round(statistics.fmean(means), 4), "groups_max": max(r["staleness_max"] for r in records)}
+            return {
+                "groups_mean": round(statistics.fmean(means), 4),
+                "groups_max": max(r["staleness_max"] for r in records),
+            }
         return {"0": 1.0}
     total = sum(counts.values())
     return {str(lag): round(counts[lag] / total, 4) for lag in sorted(counts)}
@@ -114,7 +117,9 @@ def run_arm(arm: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     wall = time.perf_counter() - started
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     result = summarize(records, args.last)
-    result["final_success_rate"] = round(final_success_rate(cfg, out / "final", args.eval_tasks, args.eval_episodes), 4)
+    result["final_success_rate"] = round(
+        final_success_rate(cfg, out / "final", args.eval_tasks, args.eval_episodes), 4
+    )
     result["wall_seconds"] = round(wall, 1)
     result["load_average"] = {"before": [round(x, 2) for x in load_before],
                               "after": [round(x, 2) for x in os.getloadavg()]}  # fmt: skip
@@ -131,16 +136,27 @@ def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", default=str(CONFIG))
     parser.add_argument("--steps", type=int, default=50, help="train.max_steps of every run")
     parser.add_argument("--repeats", type=int, default=1, help="rounds of all arms, alternated within each")
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), help=f"of {', '.join(ARMS)} and --extra-arm names")
-    parser.add_argument("--extra-arm", action="append", default=[], metavar="NAME=KEY=VALUE,...",
-                        help="another arm to run, e.g. async_roomy=train.mode=async,async.max_buffered_groups=16")
+    parser.add_argument(
+        "--arms", nargs="+", default=list(ARMS), help=f"of {', '.join(ARMS)} and --extra-arm names"
+    )
+    parser.add_argument(
+        "--extra-arm",
+        action="append",
+        default=[],
+        metavar="NAME=KEY=VALUE,...",
+        help="another arm to run, e.g. async_roomy=train.mode=async,async.max_buffered_groups=16",
+    )
     parser.add_argument("--last", type=int, default=10, help="steps averaged for trained_success_rate")
     parser.add_argument("--eval-tasks", type=int, default=64, help="tasks the final model plays")
-    parser.add_argument("--eval-episodes", type=int, default=16, help="episodes per task for final_success_rate")
+    parser.add_argument(
+        "--eval-episodes", type=int, default=16, help="episodes per task for final_success_rate"
+    )
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "stragglers.json"))
     parser.add_argument("overrides", nargs="*", help="dotted config overrides applied to every arm")
     args = parser.parse_args()
@@ -149,7 +165,9 @@ def main() -> None:
         ARMS[name] = overrides.split(",")
         args.arms.append(name)
     if unknown := set(args.arms) - set(ARMS):
-        parser.error(f"unknown arms {sorted(unknown)}: choose from {', '.join(ARMS)} or add one with --extra-arm")
+        parser.error(
+            f"unknown arms {sorted(unknown)}: choose from {', '.join(ARMS)} or add one with --extra-arm"
+        )
     if "sync" not in args.arms:
         parser.error("--arms must include sync: every ratio is against it")
     report: dict[str, Any] = {
@@ -171,13 +189,20 @@ def main() -> None:
         report[arm] = combine(runs[arm])
     sync_runs = runs["sync"]
     report["speedup"] = {
-        arm: round(statistics.median(a["steps_per_minute"] / s["steps_per_minute"]
-                                     for s, a in zip(sync_runs, runs[arm], strict=True)), 3)  # fmt: skip
-        for arm in args.arms if arm != "sync"
+        arm: round(
+            statistics.median(
+                a["steps_per_minute"] / s["steps_per_minute"]
+                for s, a in zip(sync_runs, runs[arm], strict=True)
+            ),
+            3,
+        )  # fmt: skip
+        for arm in args.arms
+        if arm != "sync"
     }
     report["success_gap"] = {  # sync's final success minus the arm's, in points (0-100)
         arm: round(100 * (report["sync"]["final_success_rate"] - report[arm]["final_success_rate"]), 1)
-        for arm in args.arms if arm != "sync"
+        for arm in args.arms
+        if arm != "sync"
     }
     if "async" in args.arms:
         report["meets_target"] = report["speedup"]["async"] >= 1.5 and report["success_gap"]["async"] <= 3.0

@@ -49,7 +49,13 @@ MODEL = TinyModelConfig(
 MODELS = {
     "tiny": MODEL,
     "wide": MODEL.model_copy(
-        update={"hidden_size": 2048, "num_layers": 16, "num_heads": 16, "num_kv_heads": 8, "intermediate_size": 5632}
+        update={
+            "hidden_size": 2048,
+            "num_layers": 16,
+            "num_heads": 16,
+            "num_kv_heads": 8,
+            "intermediate_size": 5632,
+        }
     ),
 }
 BUDGET = 4096  # trainer.max_tokens_per_microbatch, the same for both packings
@@ -290,7 +296,10 @@ if __name__ == "__main__":
         "--attention", choices=["dense", "flex"], default="dense", help="the tree's attention path"
     )
     parser.add_argument(
-        "--model", choices=list(MODELS), default="tiny", help="tiny: 4 layers x 256 (default); wide: 16 x 2048"
+        "--model",
+        choices=list(MODELS),
+        default="tiny",
+        help="tiny: 4 layers x 256 (default); wide: 16 x 2048",
     )
     parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
     parser.add_argument(

@@ -59,8 +59,12 @@ def child(split: str, workload: str, model_dir: str, steps: int, out: str) -> No
     if split == "dealt":
         distributed.shard = dealt
     trainer = distributed.DistributedTrainer(
-        model_dir, ModelConfig(path=model_dir), TrainConfig(),
-        TrainerConfig(packing="tree", max_tokens_per_microbatch=BUDGET, attn_implementation="sdpa"), seed=0, num_threads=1,
+        model_dir,
+        ModelConfig(path=model_dir),
+        TrainConfig(),
+        TrainerConfig(packing="tree", max_tokens_per_microbatch=BUDGET, attn_implementation="sdpa"),
+        seed=0,
+        num_threads=1,
     )
     samples = WORKLOADS[workload](len(build_tokenizer()), random.Random(workload))
     seconds = timed_steps(trainer, samples, steps)
@@ -84,7 +88,9 @@ def timed(repeats: int, steps: int) -> dict:
             for workload in TIMED_WORKLOADS:
                 for split in SPLITS:
                     out = Path(tmp) / f"{workload}-{split}.json"
-                    run_ranks("bench.tree_sharding", [split, workload, str(model_dir), str(steps), str(out)], 2)
+                    run_ranks(
+                        "bench.tree_sharding", [split, workload, str(model_dir), str(steps), str(out)], 2
+                    )
                     runs[workload][split].append(statistics.median(json.loads(out.read_text())))
     result = {}
     for workload, by_split in runs.items():
@@ -145,8 +151,10 @@ def main() -> None:
             started = time.perf_counter()
             prefix = shard_indices(token_ids, world_size)
             prefix_seconds = time.perf_counter() - started
-            entry = {"dealt": measure(samples, dealt, dealt_seconds),
-                     "prefix": measure(samples, prefix, prefix_seconds)}
+            entry = {
+                "dealt": measure(samples, dealt, dealt_seconds),
+                "prefix": measure(samples, prefix, prefix_seconds),
+            }
             entry["prefix_speedup"] = round(
                 entry["dealt"]["max_process_tokens"] / entry["prefix"]["max_process_tokens"], 3
             )

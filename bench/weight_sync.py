@@ -40,8 +40,16 @@ from bench.report import save_result
 
 ROUNDS = 5  # the first round of each path pays its warm-up (4.2 s against 0.55 s after it, fp32)
 TIE = 0.05
-QWEN2_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                 num_key_value_heads=2, vocab_size=151936, max_position_embeddings=4096, tie_word_embeddings=True)
+QWEN2_05B = dict(
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    vocab_size=151936,
+    max_position_embeddings=4096,
+    tie_word_embeddings=True,
+)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
@@ -152,7 +160,9 @@ def sync_folder(state: dict[str, torch.Tensor], engines: list[Any], folder: Path
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
     started = time.perf_counter()
-    save_file({name: tensor.contiguous() for name, tensor in state.items()}, str(target / "model.safetensors"))
+    save_file(
+        {name: tensor.contiguous() for name, tensor in state.items()}, str(target / "model.safetensors")
+    )
     ray.get([engine.from_folder.remote(str(target)) for engine in engines])
     return time.perf_counter() - started
 
@@ -221,15 +231,24 @@ def fastest(medians: dict[str, float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=ROUNDS)
-    parser.add_argument("--layers", type=int, default=QWEN2_05B["num_hidden_layers"],
-                        help="fewer layers for a quick check (the results file is for the full 24)")
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=QWEN2_05B["num_hidden_layers"],
+        help="fewer layers for a quick check (the results file is for the full 24)",
+    )
     parser.add_argument("--output", default="bench/results/weight_sync.json")
     args = parser.parse_args()
     import ray
 
     sizes = dict(QWEN2_05B, num_hidden_layers=args.layers)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True, configure_logging=False,
-             object_store_memory=3 * 1024**3)
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=True,
+        configure_logging=False,
+        object_store_memory=3 * 1024**3,
+    )
     torch.set_num_threads(1)
     folder = Path(tempfile.mkdtemp(prefix="forge_weight_sync_"))
     cases = []
@@ -242,8 +261,12 @@ def main() -> None:
         shutil.rmtree(folder, ignore_errors=True)
         ray.shutdown()
     result = {
-        "model": "Qwen2 with Qwen2.5-0.5B's shape, random weights", "layers": args.layers,
-        "parameters": None, "engines": 2, "rounds": args.rounds, "group_backend": "gloo",
+        "model": "Qwen2 with Qwen2.5-0.5B's shape, random weights",
+        "layers": args.layers,
+        "parameters": None,
+        "engines": 2,
+        "rounds": args.rounds,
+        "group_backend": "gloo",
         "machine": f"CPU, {os.cpu_count()} cores shared with other jobs; /tmp for the folder path",
         "cases": cases,
         "default": {f"{c['dtype']}_{c['weights']}": c["default"] for c in cases},

@@ -41,8 +41,10 @@ def _train(args: argparse.Namespace) -> int:
             raise
         print(f"forge: {message}", file=sys.stderr)
         return 1
-    print(f"done: {result.steps} steps in {result.wall_seconds:.0f}s; metrics in {result.output_dir}/metrics.jsonl; "
-          f"checkpoint {result.checkpoint}")
+    print(
+        f"done: {result.steps} steps in {result.wall_seconds:.0f}s; metrics in {result.output_dir}/metrics.jsonl; "
+        f"checkpoint {result.checkpoint}"
+    )
     return 0
 
 
@@ -53,7 +55,9 @@ def _sft(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     output = args.output_dir or f"{cfg.output_dir}-sft"
     final = sft(cfg, args.data, output, args.epochs, args.batch_size, overwrite=args.overwrite)
-    print(f"done: metrics in {output}/metrics.jsonl; model {final} (train on: forge train CONFIG model.path={final})")
+    print(
+        f"done: metrics in {output}/metrics.jsonl; model {final} (train on: forge train CONFIG model.path={final})"
+    )
     return 0
 
 
@@ -85,11 +89,22 @@ def _serve(args: argparse.Namespace) -> int:
     from forge.rollout.engines.server import serve
 
     serve(
-        args.checkpoint, host=args.host, port=args.port, max_new_tokens=args.max_new_tokens,
-        max_context_tokens=args.max_context_tokens, temperature=args.temperature, top_p=args.top_p,
-        cache_tokens=args.prefix_cache_tokens, seed=args.seed, dtype=args.dtype, device=args.device,
-        model_name=args.served_model_name, record_dir=args.record_dir, max_live_episodes=args.max_live_episodes,
-        attn_implementation=args.attn_implementation, attn_setting="--attn-implementation",
+        args.checkpoint,
+        host=args.host,
+        port=args.port,
+        max_new_tokens=args.max_new_tokens,
+        max_context_tokens=args.max_context_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        cache_tokens=args.prefix_cache_tokens,
+        seed=args.seed,
+        dtype=args.dtype,
+        device=args.device,
+        model_name=args.served_model_name,
+        record_dir=args.record_dir,
+        max_live_episodes=args.max_live_episodes,
+        attn_implementation=args.attn_implementation,
+        attn_setting="--attn-implementation",
     )
     return 0
 
@@ -123,8 +138,10 @@ def _bench(args: argparse.Namespace) -> int:
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     if importlib.util.find_spec("bench") is None or importlib.util.find_spec(module) is None:
-        print(f"forge bench: no benchmark {args.name!r} (run from the repository root, which holds bench/)",
-              file=sys.stderr)
+        print(
+            f"forge bench: no benchmark {args.name!r} (run from the repository root, which holds bench/)",
+            file=sys.stderr,
+        )
         return 2
     sys.argv = [module, *args.bench_args]
     runpy.run_module(module, run_name="__main__")
@@ -146,15 +163,25 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. train.max_steps=20")
     train.add_argument("--dry-run", action="store_true", help="validate and print the resolved config")
     train.add_argument("--output-dir", help="where the run writes (overrides output_dir)")
-    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
     train.add_argument(
-        "--overwrite", action="store_true", help="replace an earlier run in the output directory (else refused)"
+        "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint"
+    )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier run in the output directory (else refused)",
     )
     train.set_defaults(handler=_train)
 
-    warm = commands.add_parser("sft", help="supervised warm start on chat transcripts (loss on assistant tokens)")
-    warm.add_argument("config", help="YAML config: its model, env (for demonstrations), train and trainer settings")
-    warm.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. train.learning_rate=1e-3")
+    warm = commands.add_parser(
+        "sft", help="supervised warm start on chat transcripts (loss on assistant tokens)"
+    )
+    warm.add_argument(
+        "config", help="YAML config: its model, env (for demonstrations), train and trainer settings"
+    )
+    warm.add_argument(
+        "overrides", nargs="*", default=[], help="dotted overrides, e.g. train.learning_rate=1e-3"
+    )
     warm.add_argument("--data", help="jsonl of {'messages': [...]}; default: the env's demonstrations(tasks)")
     warm.add_argument("--output-dir", help="where the run writes (default: output_dir + '-sft')")
     warm.add_argument("--overwrite", action="store_true", help="replace an earlier run in --output-dir")
@@ -167,7 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
         "config",
         help="the config the model was trained with (env, rollout limits): a built-in name or a YAML file",
     )
-    evaluate.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. rollout.temperature=0.7")
+    evaluate.add_argument(
+        "overrides", nargs="*", default=[], help="dotted overrides, e.g. rollout.temperature=0.7"
+    )
     evaluate.add_argument("--checkpoint", required=True, help="model folder, e.g. runs/smoke/final")
     evaluate.add_argument("--episodes", type=int, default=8, help="episodes per task")
     evaluate.add_argument("--tasks", type=int, default=16, help="how many of the env's tasks to play")
@@ -180,21 +209,37 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-new-tokens", type=int, default=256, help="cap on tokens sampled per call")
     serve.add_argument("--max-context-tokens", type=int, default=4096, help="prompt plus sampled tokens")
-    serve.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (logprobs are of it)")
+    serve.add_argument(
+        "--temperature", type=float, default=1.0, help="sampling temperature (logprobs are of it)"
+    )
     serve.add_argument("--top-p", type=float, default=1.0)
-    serve.add_argument("--prefix-cache-tokens", type=int, default=65536,
-                       help="episodes' KV kept between calls, in tokens; least recently used evicted past it")
+    serve.add_argument(
+        "--prefix-cache-tokens",
+        type=int,
+        default=65536,
+        help="episodes' KV kept between calls, in tokens; least recently used evicted past it",
+    )
     serve.add_argument("--seed", type=int, default=0, help="sampling seed")
     serve.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    serve.add_argument("--attn-implementation", choices=["auto", "sdpa", "eager", "flex_attention"], default="auto",
-                       help="the model's transformers attention (as rollout.attn_implementation): auto = sdpa "
-                       "where the family has it, else eager")
+    serve.add_argument(
+        "--attn-implementation",
+        choices=["auto", "sdpa", "eager", "flex_attention"],
+        default="auto",
+        help="the model's transformers attention (as rollout.attn_implementation): auto = sdpa "
+        "where the family has it, else eager",
+    )
     serve.add_argument("--served-model-name", help="model name on /v1/models (default: the folder name)")
-    serve.add_argument("--record-dir", help="append each finished episode's calls, as training samples, to "
-                       "RECORD_DIR/episodes.jsonl")
-    serve.add_argument("--max-live-episodes", type=int, default=1024,
-                       help="past this many unfinished episodes the least recently used is ended")
+    serve.add_argument(
+        "--record-dir",
+        help="append each finished episode's calls, as training samples, to RECORD_DIR/episodes.jsonl",
+    )
+    serve.add_argument(
+        "--max-live-episodes",
+        type=int,
+        default=1024,
+        help="past this many unfinished episodes the least recently used is ended",
+    )
     serve.set_defaults(handler=_serve)
 
     plot = commands.add_parser("plot", help="PNG charts of a run's metrics")

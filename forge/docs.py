@@ -21,7 +21,9 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 def _type_name(annotation: Any) -> str:
     if get_origin(annotation) is Literal:
         return " \\| ".join(f'"{value}"' for value in get_args(annotation))
-    if get_origin(annotation) in (Union, UnionType) and any(get_origin(part) is Literal for part in get_args(annotation)):
+    if get_origin(annotation) in (Union, UnionType) and any(
+        get_origin(part) is Literal for part in get_args(annotation)
+    ):
         return " \\| ".join(_type_name(part) for part in get_args(annotation))
     text = annotation.__name__ if isinstance(annotation, type) else str(annotation)
     return text.replace("typing.", "").replace("NoneType", "null").replace("None", "null").replace("|", "\\|")
@@ -57,7 +59,9 @@ def _table(model: type[BaseModel], prefix: str) -> list[str]:
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             continue
         description = (field.description or "").replace("|", "\\|")
-        lines.append(f"| `{prefix}{field.alias or name}` | {_type_name(annotation)} | {_default(field)} | {description} |")
+        lines.append(
+            f"| `{prefix}{field.alias or name}` | {_type_name(annotation)} | {_default(field)} | {description} |"
+        )
     return lines
 
 
@@ -91,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     updated = render(current)
     if "--check" in args:
         if updated != current:
-            print("README.md configuration reference is out of date: run python -m forge.docs", file=sys.stderr)
+            print(
+                "README.md configuration reference is out of date: run python -m forge.docs", file=sys.stderr
+            )
             return 1
         return 0
     README.write_text(updated)

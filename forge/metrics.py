@@ -110,8 +110,14 @@ def show_step(bar: Any, metrics: dict[str, float], **extra: str) -> None:
 
 
 class MetricsLogger:
-    def __init__(self, output_dir: Path, tensorboard: bool = True, wandb_project: str | None = None,
-                 config: dict[str, Any] | None = None, trajectories_every: int = 1) -> None:
+    def __init__(
+        self,
+        output_dir: Path,
+        tensorboard: bool = True,
+        wandb_project: str | None = None,
+        config: dict[str, Any] | None = None,
+        trajectories_every: int = 1,
+    ) -> None:
         self.output_dir = output_dir
         self.trajectories_every = trajectories_every
         self.jsonl = (output_dir / "metrics.jsonl").open("a")
@@ -143,8 +149,14 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
 
-    def record_step(self, step: int, metrics: dict[str, float], trajectories: list[Trajectory], tokenizer: Any,
-                    samples: int) -> None:
+    def record_step(
+        self,
+        step: int,
+        metrics: dict[str, float],
+        trajectories: list[Trajectory],
+        tokenizer: Any,
+        samples: int,
+    ) -> None:
         """The step's metrics and, on every `trajectories_every`-th step, the first `samples`
         of its episodes, decoded."""
         self.log(step, metrics)
@@ -155,26 +167,44 @@ class MetricsLogger:
         for trajectory in trajectories[:limit]:
             turns = []
             for turn in trajectory.turns:
-                turns.append({
-                    "generated": tokenizer.decode(trajectory.token_ids[turn.start:turn.end]),
-                    "observation": tokenizer.decode(trajectory.token_ids[turn.end:turn.obs_end]),
-                    "truncated": turn.truncated,
-                })
-            self.samples.write(json.dumps({
-                "step": step,
-                "task_id": trajectory.task_id,
-                "prompt": tokenizer.decode(trajectory.token_ids[: trajectory.prompt_length]),
-                "turns": turns,
-                "outcome": trajectory.outcome,
-                "reward": trajectory.reward,
-                "success": trajectory.success,
-                "status": trajectory.status,
-                "error": trajectory.error,
-                # The env's close() failed (the episode stands): forge.env.closing.
-                **({"close_error": trajectory.info["close_error"]} if trajectory.info.get("close_error") else {}),
-                **({"subagents": [_decoded_subagent(sub, tokenizer) for sub in trajectory.all_subagents()]}
-                   if trajectory.subagents else {}),
-            }) + "\n")
+                turns.append(
+                    {
+                        "generated": tokenizer.decode(trajectory.token_ids[turn.start : turn.end]),
+                        "observation": tokenizer.decode(trajectory.token_ids[turn.end : turn.obs_end]),
+                        "truncated": turn.truncated,
+                    }
+                )
+            self.samples.write(
+                json.dumps(
+                    {
+                        "step": step,
+                        "task_id": trajectory.task_id,
+                        "prompt": tokenizer.decode(trajectory.token_ids[: trajectory.prompt_length]),
+                        "turns": turns,
+                        "outcome": trajectory.outcome,
+                        "reward": trajectory.reward,
+                        "success": trajectory.success,
+                        "status": trajectory.status,
+                        "error": trajectory.error,
+                        # The env's close() failed (the episode stands): forge.env.closing.
+                        **(
+                            {"close_error": trajectory.info["close_error"]}
+                            if trajectory.info.get("close_error")
+                            else {}
+                        ),
+                        **(
+                            {
+                                "subagents": [
+                                    _decoded_subagent(sub, tokenizer) for sub in trajectory.all_subagents()
+                                ]
+                            }
+                            if trajectory.subagents
+                            else {}
+                        ),
+                    }
+                )
+                + "\n"
+            )
         self.samples.flush()
 
     def close(self) -> None:
@@ -192,7 +222,7 @@ def _decoded_subagent(sub: Trajectory, tokenizer: Any) -> dict[str, Any]:
         "depth": sub.depth,
         "parent_turn": sub.parent_turn,
         "prompt": tokenizer.decode(sub.token_ids[: sub.prompt_length]),
-        "generated": [tokenizer.decode(sub.token_ids[turn.start:turn.end]) for turn in sub.turns],
+        "generated": [tokenizer.decode(sub.token_ids[turn.start : turn.end]) for turn in sub.turns],
         "answer": sub.info.get("answer"),
         "success": sub.success,
         "status": sub.status,

@@ -23,7 +23,11 @@ SUBMIT = {
     "function": {
         "name": "submit",
         "description": "Submit an answer to the task.",
-        "parameters": {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]},
+        "parameters": {
+            "type": "object",
+            "properties": {"answer": {"type": "string"}},
+            "required": ["answer"],
+        },
     },
 }
 

@@ -38,13 +38,18 @@ def window_groups(window: float | str, batch_groups: int) -> int | None:
     if window == "none":
         return None
     if isinstance(window, str) or not 0 < window <= 1:
-        raise ValueError(f"DataPool window={window!r}: give a fraction of the batch in (0, 1], 'fifo' or 'none'")
+        raise ValueError(
+            f"DataPool window={window!r}: give a fraction of the batch in (0, 1], 'fifo' or 'none'"
+        )
     return max(1, math.ceil(window * batch_groups))
 
 
 class DataPool:
     def __init__(
-        self, batch_groups: int, max_staleness: int, window: float | str = DEFAULT_WINDOW,
+        self,
+        batch_groups: int,
+        max_staleness: int,
+        window: float | str = DEFAULT_WINDOW,
         capacity_groups: int | None = None,
     ) -> None:
         if batch_groups < 1:
@@ -59,7 +64,9 @@ class DataPool:
         # window then only says which finished groups may leave.
         self.capacity = capacity_groups or (max_staleness + 1) * batch_groups
         if self.capacity < batch_groups:
-            raise ValueError(f"DataPool capacity {self.capacity} cannot hold one batch of {batch_groups} groups")
+            raise ValueError(
+                f"DataPool capacity {self.capacity} cannot hold one batch of {batch_groups} groups"
+            )
         self._next_seq = 0
         self._open: set[int] = set()  # launched, not yet put
         self._ready: dict[int, list[Trajectory]] = {}  # put, not yet taken

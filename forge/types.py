@@ -145,4 +145,3 @@ class Sample:
             advantage=advantage,
             group_id=trajectory.group_id,
         )
-

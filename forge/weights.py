@@ -22,7 +22,11 @@ def pack_weights(state: dict[str, torch.Tensor]) -> PackedWeights:
     packed: PackedWeights = {}
     for name, tensor in state.items():
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-        packed[name] = (flat.view(torch.uint8).numpy(), str(flat.dtype).removeprefix("torch."), tuple(tensor.shape))
+        packed[name] = (
+            flat.view(torch.uint8).numpy(),
+            str(flat.dtype).removeprefix("torch."),
+            tuple(tensor.shape),
+        )
     return packed
 
 

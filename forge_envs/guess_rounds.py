@@ -19,7 +19,7 @@ _INTEGER = re.compile(r"-?\d+")
 
 def rounds_weights(max_rounds: int, tail_exponent: float) -> list[float]:
     """P(rounds = k) for k = 1..max_rounds, proportional to k ** -tail_exponent."""
-    raw = [k ** -tail_exponent for k in range(1, max_rounds + 1)]
+    raw = [k**-tail_exponent for k in range(1, max_rounds + 1)]
     return [w / sum(raw) for w in raw]
 
 
@@ -33,7 +33,9 @@ class GuessRoundsEnv(Env):
 
     blocking = False  # a regex and a comparison: run inline, not in a thread
 
-    def __init__(self, n: int = 4, guesses_per_round: int = 3, max_rounds: int = 8, tail_exponent: float = 1.5) -> None:
+    def __init__(
+        self, n: int = 4, guesses_per_round: int = 3, max_rounds: int = 8, tail_exponent: float = 1.5
+    ) -> None:
         if n < 2:
             raise ValueError(f"guess_rounds: n={n} must be at least 2")
         if guesses_per_round < 1 or max_rounds < 1:
@@ -56,7 +58,9 @@ class GuessRoundsEnv(Env):
         tasks = []
         for i in range(num_tasks):
             rounds = rng.choices(range(1, max_rounds + 1), weights)[0]
-            tasks.append({"task_id": f"rounds-{i}", "n": n, "secrets": [rng.randrange(n) for _ in range(rounds)]})
+            tasks.append(
+                {"task_id": f"rounds-{i}", "n": n, "secrets": [rng.randrange(n) for _ in range(rounds)]}
+            )
         return tasks
 
     def reset(self, task: dict[str, Any], seed: int) -> str:
@@ -86,7 +90,9 @@ class GuessRoundsEnv(Env):
             return StepResult(f"correct {self._ask()}", reward=reward, info=info)
         info["rounds_solved"] = self.round
         if self.guesses >= self.guesses_per_round:
-            return StepResult("the answer is " + str(self.secrets[self.round]), done=True, info={**info, "success": False})
+            return StepResult(
+                "the answer is " + str(self.secrets[self.round]), done=True, info={**info, "success": False}
+            )
         if guess is None:
             return StepResult("invalid", info=info)
         return StepResult("higher" if guess < self.secrets[self.round] else "lower", info=info)

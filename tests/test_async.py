@@ -12,10 +12,19 @@ from forge.config import load_config
 
 def async_config(**overrides: object):
     base = {
-        "train.mode": "async", "train.max_steps": 3, "train.loss": "cispo", "train.tis_cap": 2.0,
-        "rollout.num_workers": 1, "rollout.tasks_per_step": 2, "rollout.group_size": 2,
-        "rollout.max_turns": 2, "rollout.max_new_tokens": 2, "rollout.num_cpus_per_worker": 1,
-        "env.kwargs": "{n: 8}", "logging.tensorboard": False, "logging.progress_bar": False,
+        "train.mode": "async",
+        "train.max_steps": 3,
+        "train.loss": "cispo",
+        "train.tis_cap": 2.0,
+        "rollout.num_workers": 1,
+        "rollout.tasks_per_step": 2,
+        "rollout.group_size": 2,
+        "rollout.max_turns": 2,
+        "rollout.max_new_tokens": 2,
+        "rollout.num_cpus_per_worker": 1,
+        "env.kwargs": "{n: 8}",
+        "logging.tensorboard": False,
+        "logging.progress_bar": False,
         "async.max_staleness": 1,
         # Two-token replies rarely solve a task: these runs test the loop, not learning.
         "train.max_steps_without_signal": 0,
@@ -43,7 +52,9 @@ def test_requeued_tasks_are_taken_first_then_the_stream_goes_on():
 
 
 @pytest.mark.slow
-def test_an_async_run_checkpoints_and_resumes_with_the_tasks_it_had_started(ray_session, tmp_path, monkeypatch):
+def test_an_async_run_checkpoints_and_resumes_with_the_tasks_it_had_started(
+    ray_session, tmp_path, monkeypatch
+):
     """Each checkpoint holds exactly its step's trainer state (nothing was queued behind
     it) and the tasks of the groups in flight or waiting; the resumed run plays those
     first and goes on from the step and policy version it stopped at."""
@@ -65,7 +76,9 @@ def test_an_async_run_checkpoints_and_resumes_with_the_tasks_it_had_started(ray_
         assert state["step"] == step and state["worker_rng"] is None
         assert all(task in rows for task in state["requeued"])
     # The pool reserves groups ahead of the trainer, so some were in flight at step 2.
-    requeued = pickle.loads((tmp_path / "checkpoints" / "step-000002" / "run_state.pkl").read_bytes())["requeued"]
+    requeued = pickle.loads((tmp_path / "checkpoints" / "step-000002" / "run_state.pkl").read_bytes())[
+        "requeued"
+    ]
     assert requeued
 
     played = []
@@ -78,9 +91,15 @@ def test_an_async_run_checkpoints_and_resumes_with_the_tasks_it_had_started(ray_
             return taken
 
     monkeypatch.setattr(context, "TaskStream", RecordingStream)
-    result = train(async_config(**{"train.max_steps": 6, "train.checkpoint_every": 2}), tmp_path,
-                   progress=False, resume=True)
-    final = pickle.loads((tmp_path / "checkpoints" / "step-000004" / "run_state.pkl").read_bytes())["requeued"]
+    result = train(
+        async_config(**{"train.max_steps": 6, "train.checkpoint_every": 2}),
+        tmp_path,
+        progress=False,
+        resume=True,
+    )
+    final = pickle.loads((tmp_path / "checkpoints" / "step-000004" / "run_state.pkl").read_bytes())[
+        "requeued"
+    ]
     assert played[: len(final)] == final  # the started tasks first
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert result.steps == 6 and [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
@@ -94,7 +113,12 @@ def test_an_async_run_trains_within_the_staleness_bound(ray_session, tmp_path):
     # The smoke board (4 numbers, 3 one-token guesses) in groups of 8 gives groups mixed outcomes,
     # so some step trains: groups of 2 on 8 numbers were all failures at times (nothing trained),
     # and so were all six groups of 4 once the pool held 4 groups instead of 3.
-    overrides = {"rollout.group_size": 8, "env.kwargs": "{n: 4}", "rollout.max_turns": 3, "rollout.max_new_tokens": 1}
+    overrides = {
+        "rollout.group_size": 8,
+        "env.kwargs": "{n: 4}",
+        "rollout.max_turns": 3,
+        "rollout.max_new_tokens": 1,
+    }
     result = train(async_config(**overrides), tmp_path, progress=False)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert result.steps == 3 and [r["step"] for r in records] == [1, 2, 3]
@@ -110,7 +134,9 @@ def test_an_async_run_trains_within_the_staleness_bound(ray_session, tmp_path):
 
 
 @pytest.mark.slow
-def test_an_async_run_survives_a_killed_worker_and_counts_its_episodes_lost(ray_session, tmp_path, monkeypatch):
+def test_an_async_run_survives_a_killed_worker_and_counts_its_episodes_lost(
+    ray_session, tmp_path, monkeypatch
+):
     import threading
     import time
 

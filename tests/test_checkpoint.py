@@ -67,7 +67,9 @@ def samples(vocab: int, seed: int) -> list[Sample]:
     for i in range(4):
         tokens = torch.randint(8, vocab, (12 + i,), generator=generator).tolist()
         mask = [0] * 6 + [1] * (len(tokens) - 6)
-        out.append(Sample(tokens, mask, [-1.0 * m for m in mask], [0] * len(tokens), advantage=float(i) - 1.5))
+        out.append(
+            Sample(tokens, mask, [-1.0 * m for m in mask], [0] * len(tokens), advantage=float(i) - 1.5)
+        )
     return out
 
 
@@ -80,6 +82,7 @@ def test_a_restored_trainer_takes_the_same_next_step(tiny_checkpoint, tmp_path, 
     vocab = 16
     train_cfg = TrainConfig(learning_rate=0.01, minibatches_per_step=2, warmup_steps=3)
     model_cfg = ModelConfig(path=str(tiny_checkpoint), lora=LoraConfig(enabled=lora))
+
     def make():
         return Trainer(tiny_checkpoint, model_cfg, train_cfg, TrainerConfig(packing="padded"), seed=3)
 

@@ -261,4 +261,6 @@ def test_a_command_without_its_config_names_only_what_is_missing(capsys):
     with pytest.raises(SystemExit):
         main(["eval"])
     err = capsys.readouterr().err
-    assert "the following arguments are required: config, --checkpoint" in err  # not "overrides": they are optional
+    assert (
+        "the following arguments are required: config, --checkpoint" in err
+    )  # not "overrides": they are optional

@@ -45,7 +45,9 @@ def test_a_trainer_or_rollout_worker_that_reserves_a_gpu_asks_torch_for_it(tiny_
 
     cfg = Config()
     cfg.train.num_gpus = 1
-    with pytest.raises(RuntimeError, match=r"model.device='auto' needs a GPU in this process \(it reserved 1\)"):
+    with pytest.raises(
+        RuntimeError, match=r"model.device='auto' needs a GPU in this process \(it reserved 1\)"
+    ):
         Trainer(tiny_checkpoint, cfg.model, cfg.train, cfg.trainer, seed=0)
     cfg.rollout.num_gpus_per_worker = 0.5
     with pytest.raises(RuntimeError, match=r"\(it reserved 0.5\)"):

@@ -137,14 +137,27 @@ def run(model_dir, out, strategy: str, case: str) -> None:
     port = free_port()
     processes = []
     for rank in range(world_size):
-        env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # gloo on CPU, also on a GPU machine
+        env = dict(
+            os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""
+        )  # gloo on CPU, also on a GPU machine
         if world_size > 1:
-            env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
-                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        processes.append(subprocess.Popen(
-            [sys.executable, "-c", STEP, str(model_dir), str(out), strategy, case],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        ))
+            env.update(
+                RANK=str(rank),
+                LOCAL_RANK=str(rank),
+                WORLD_SIZE=str(world_size),
+                LOCAL_WORLD_SIZE=str(world_size),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port),
+            )
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, "-c", STEP, str(model_dir), str(out), strategy, case],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outputs = []
     for process in processes:
         try:
@@ -166,10 +179,20 @@ def load_model_file(directory):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("strategy", "case"),
-    [("ddp", "even"), ("ddp", "uneven"), ("ddp", "minibatches"), ("fsdp", "even"), ("fsdp", "uneven"),
-     ("fsdp", "lora"), ("fsdp", "kl"), ("fsdp", "minibatches")],
+    [
+        ("ddp", "even"),
+        ("ddp", "uneven"),
+        ("ddp", "minibatches"),
+        ("fsdp", "even"),
+        ("fsdp", "uneven"),
+        ("fsdp", "lora"),
+        ("fsdp", "kl"),
+        ("fsdp", "minibatches"),
+    ],
 )
-def test_two_gloo_processes_with_half_the_batch_take_the_single_process_step(tiny_checkpoint, tmp_path, strategy, case):
+def test_two_gloo_processes_with_half_the_batch_take_the_single_process_step(
+    tiny_checkpoint, tmp_path, strategy, case
+):
     run(tiny_checkpoint, tmp_path / "single.pt", "single", case)
     run(tiny_checkpoint, tmp_path / f"{strategy}.pt", strategy, case)
     single, group = torch.load(tmp_path / "single.pt"), torch.load(tmp_path / f"{strategy}.pt")
@@ -227,10 +250,18 @@ ONE_PROCESS_BF16 = textwrap.dedent("""
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
-def test_fsdp2_computing_in_bf16_takes_the_fp32_step_within_bf16_error_on_cpu_and_cuda(tiny_checkpoint, tmp_path,
-                                                                                          device):
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+        ),
+    ],
+)
+def test_fsdp2_computing_in_bf16_takes_the_fp32_step_within_bf16_error_on_cpu_and_cuda(
+    tiny_checkpoint, tmp_path, device
+):
     """One FSDP2 process (on CUDA this is the device check's way to reach FSDP2 with one GPU)
     with `train.mixed_precision: bf16` against the fp32 single trainer: the same gradient
     norm within bf16's error, and nearly every weight moved as the fp32 step moved it (Adam's
@@ -239,18 +270,36 @@ def test_fsdp2_computing_in_bf16_takes_the_fp32_step_within_bf16_error_on_cpu_an
     from forge.config import ModelConfig, TrainConfig, TrainerConfig
     from forge.train.trainer import Trainer
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        RANK="0",
+        LOCAL_RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+    )
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     out = tmp_path / "fsdp.pt"
-    done = subprocess.run([sys.executable, "-c", ONE_PROCESS_BF16, str(tiny_checkpoint), str(out), device],
-                          env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", ONE_PROCESS_BF16, str(tiny_checkpoint), str(out), device],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     fsdp = torch.load(out, weights_only=False)
 
-    single = Trainer(tiny_checkpoint, ModelConfig(path=str(tiny_checkpoint)), TrainConfig(learning_rate=0.01),
-                     TrainerConfig(), seed=0)
+    single = Trainer(
+        tiny_checkpoint,
+        ModelConfig(path=str(tiny_checkpoint)),
+        TrainConfig(learning_rate=0.01),
+        TrainerConfig(),
+        seed=0,
+    )
     initial = {name: p.detach().clone() for name, p in single.trainable.items()}
     metrics = single.train_step(fsdp["samples"])
     assert fsdp["grad_norm"] == pytest.approx(metrics["grad_norm"], rel=2e-2)
@@ -301,15 +350,41 @@ def test_samples_that_share_a_prompt_stay_on_one_process():
 def test_group_metrics_add_counts_and_weight_token_means_by_each_process_tokens():
     from forge.train.distributed import combine_metrics
 
-    rank0 = {"loss": 0.5, "grad_norm": 2.0, "learning_rate": 0.1, "optimizer_steps_skipped": 0.0,
-             "tokens_computed": 30.0, "tokens_separate": 60.0, "microbatches": 1.0, "trained_samples": 3.0,
-             "zero_advantage_skipped": 0.0, "train_seconds": 1.0, "mismatch_kl": 0.2, "tree_token_ratio": 2.0}
+    rank0 = {
+        "loss": 0.5,
+        "grad_norm": 2.0,
+        "learning_rate": 0.1,
+        "optimizer_steps_skipped": 0.0,
+        "tokens_computed": 30.0,
+        "tokens_separate": 60.0,
+        "microbatches": 1.0,
+        "trained_samples": 3.0,
+        "zero_advantage_skipped": 0.0,
+        "train_seconds": 1.0,
+        "mismatch_kl": 0.2,
+        "tree_token_ratio": 2.0,
+    }
     # A process whose shard had nothing to train ran padding only: counts, no token means.
-    rank1 = {"loss": 0.0, "grad_norm": 2.0, "learning_rate": 0.1, "optimizer_steps_skipped": 0.0,
-             "tokens_computed": 0.0, "tokens_separate": 0.0, "microbatches": 0.0, "trained_samples": 0.0,
-             "zero_advantage_skipped": 1.0, "train_seconds": 1.5}
-    rank2 = {**rank0, "loss": 0.25, "tokens_computed": 10.0, "tokens_separate": 10.0, "mismatch_kl": 0.5,
-             "tree_token_ratio": 1.0}
+    rank1 = {
+        "loss": 0.0,
+        "grad_norm": 2.0,
+        "learning_rate": 0.1,
+        "optimizer_steps_skipped": 0.0,
+        "tokens_computed": 0.0,
+        "tokens_separate": 0.0,
+        "microbatches": 0.0,
+        "trained_samples": 0.0,
+        "zero_advantage_skipped": 1.0,
+        "train_seconds": 1.5,
+    }
+    rank2 = {
+        **rank0,
+        "loss": 0.25,
+        "tokens_computed": 10.0,
+        "tokens_separate": 10.0,
+        "mismatch_kl": 0.5,
+        "tree_token_ratio": 1.0,
+    }
     out = combine_metrics([(rank0, 30, 3), (rank1, 0, 1), (rank2, 10, 3)])
     assert out["loss"] == 0.75 and out["grad_norm"] == 2.0 and out["train_seconds"] == 1.5
     assert out["trained_samples"] == 6.0 and out["tree_token_ratio"] == 70.0 / 40.0

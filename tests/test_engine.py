@@ -60,7 +60,9 @@ def test_a_later_turn_prefills_only_the_tokens_after_the_cache(model_and_tokeniz
     prompt = [5, 6, 7, 8, 9]
     first = engine.generate([GenerationRequest(prompt, 3, episode_id="a")])[0]
     observation = [10, 11]
-    context = prompt + first.token_ids + ([] if first.finished else [engine.stop_token_ids[0].item()]) + observation
+    context = (
+        prompt + first.token_ids + ([] if first.finished else [engine.stop_token_ids[0].item()]) + observation
+    )
     second = engine.generate([GenerationRequest(context, 3, episode_id="a")])[0]
     assert first.prefill_tokens == len(prompt)
     # The last sampled token was never fed through the model, so it is prefilled now.
@@ -134,7 +136,9 @@ def test_ragged_turns_over_many_calls_keep_exact_logprobs(model_and_tokenizer):
     relaid = 0
     for turn in range(10):
         names = [n for i, n in enumerate(contexts) if (turn + i) % 5 != 0]  # one sits out now and then
-        requests = [GenerationRequest(contexts[n], 1 + (turn + i) % 4, episode_id=n) for i, n in enumerate(names)]
+        requests = [
+            GenerationRequest(contexts[n], 1 + (turn + i) % 4, episode_id=n) for i, n in enumerate(names)
+        ]
         before = engine._batch
         results = engine.generate(requests)
         relaid += before is not None and before.cache is not engine._batch.cache

@@ -56,7 +56,10 @@ def test_vllm_completion_responses_parse_to_the_sampled_ids_and_logprobs(name):
     expected = VLLM[name]["expected"]
     result = vllm_client.parse_completion(VLLM[name]["response"], (3,), policy_version=7)
     assert (result.token_ids, result.logprobs, result.finished) == (
-        expected["token_ids"], expected["logprobs"], expected["finished"])
+        expected["token_ids"],
+        expected["logprobs"],
+        expected["finished"],
+    )
     assert result.policy_version == 7  # vLLM knows no versions: the client's own
 
 
@@ -73,16 +76,21 @@ def test_vllm_token_ids_that_disagree_with_the_logprob_tokens_are_refused():
 
 
 def test_vllm_control_requests_are_the_recorded_ones():
-    call_as_recorded(vllm_client.load_adapter_call("policy-forge-lora", "/shared/forge/v000003"),
-                     VLLM["load_lora_adapter"])
+    call_as_recorded(
+        vllm_client.load_adapter_call("policy-forge-lora", "/shared/forge/v000003"), VLLM["load_lora_adapter"]
+    )
     call_as_recorded(vllm_client.unload_adapter_call("policy-forge-lora"), VLLM["unload_lora_adapter"])
     call_as_recorded(vllm_client.pause_call(), VLLM["pause"])
     call_as_recorded(vllm_client.resume_call(), VLLM["resume"])
     call_as_recorded(vllm_client.world_size_call(), VLLM["get_world_size"])
-    call_as_recorded(vllm_client.init_weight_transfer_call("10.0.0.5", 29555, 1, 2), VLLM["init_weight_transfer_engine"])
+    call_as_recorded(
+        vllm_client.init_weight_transfer_call("10.0.0.5", 29555, 1, 2), VLLM["init_weight_transfer_engine"]
+    )
     update = VLLM["update_weights"]["request"]["update_info"]
-    call_as_recorded(vllm_client.update_weights_call(update["names"], update["dtype_names"], update["shapes"]),
-                     VLLM["update_weights"])
+    call_as_recorded(
+        vllm_client.update_weights_call(update["names"], update["dtype_names"], update["shapes"]),
+        VLLM["update_weights"],
+    )
 
 
 def test_the_vllm_client_generates_and_loads_an_adapter_paused():
@@ -126,10 +134,20 @@ def test_vllm_full_weight_update_requests_are_the_recorded_ones():
 def vllm_for_transfer(url: str, world_size: str, seen: list, older: bool = False, failing: bool = False):
     start = VLLM["start_weight_update_older_server" if older else "start_weight_update"]
     finish = VLLM["finish_weight_update_older_server" if older else "finish_weight_update"]
-    update = {**VLLM["update_weights"], "status": 500, "response": {"error": "NCCL error"}} if failing \
+    update = (
+        {**VLLM["update_weights"], "status": 500, "response": {"error": "NCCL error"}}
+        if failing
         else VLLM["update_weights"]
-    exchanges = [VLLM[world_size], VLLM["init_weight_transfer_engine"], VLLM["pause"], start, update, finish,
-                 VLLM["resume"]]
+    )
+    exchanges = [
+        VLLM[world_size],
+        VLLM["init_weight_transfer_engine"],
+        VLLM["pause"],
+        start,
+        update,
+        finish,
+        VLLM["resume"],
+    ]
     client = vllm_client.VLLMClient(url, "policy", Sampling())
     client.http = vllm_client.HttpTransport(url, 10, replay(exchanges, seen))
     return client
@@ -160,20 +178,34 @@ def test_a_vllm_full_weight_update_pauses_opens_receives_the_broadcast_closes_wi
     from forge.rollout.engines.vllm_transfer import VLLMWeightTransfer
 
     seen_a, seen_b = [], []
-    clients = [vllm_for_transfer("http://a:8000", "get_world_size", seen_a),
-               vllm_for_transfer("http://b:8000", "get_world_size_tp2", seen_b)]
+    clients = [
+        vllm_for_transfer("http://a:8000", "get_world_size", seen_a),
+        vllm_for_transfer("http://b:8000", "get_world_size_tp2", seen_b),
+    ]
     trainer = FakeTrainer([seen_a, seen_b])
     transfer = VLLMWeightTransfer(trainer.join, trainer.send, trainer.address)
 
     asyncio.run(transfer.update(clients, 3))
     assert trainer.joined == [("10.0.0.5", 29555, 4)]  # trainer + 1 rank of a + 2 of b
-    inits = [body["init_info"] for seen in (seen_a, seen_b) for _, path, body in seen
-             if path == "/init_weight_transfer_engine"]
+    inits = [
+        body["init_info"]
+        for seen in (seen_a, seen_b)
+        for _, path, body in seen
+        if path == "/init_weight_transfer_engine"
+    ]
     assert [(i["rank_offset"], i["world_size"]) for i in inits] == [(1, 4), (2, 4)]  # b holds ranks 2 and 3
-    assert [path for _, path, _ in seen_a] == ["/get_world_size", "/init_weight_transfer_engine", "/pause",
-                                               "/start_weight_update", "/update_weights", "/finish_weight_update",
-                                               "/resume"]
-    assert [body for _, path, body in seen_a if path == "/update_weights"] == [VLLM["update_weights"]["request"]]
+    assert [path for _, path, _ in seen_a] == [
+        "/get_world_size",
+        "/init_weight_transfer_engine",
+        "/pause",
+        "/start_weight_update",
+        "/update_weights",
+        "/finish_weight_update",
+        "/resume",
+    ]
+    assert [body for _, path, body in seen_a if path == "/update_weights"] == [
+        VLLM["update_weights"]["request"]
+    ]
     assert [body for _, path, body in seen_b if path == "/finish_weight_update"] == [{"weight_version": "3"}]
     assert [c.policy_version for c in clients] == [3, 3]
     # The broadcast ran once both servers had opened the update and before either closed it.
@@ -182,8 +214,13 @@ def test_a_vllm_full_weight_update_pauses_opens_receives_the_broadcast_closes_wi
 
     seen_a.clear()
     asyncio.run(transfer.update(clients, 4))  # the group stands: no second init
-    assert [path for _, path, _ in seen_a] == ["/pause", "/start_weight_update", "/update_weights",
-                                               "/finish_weight_update", "/resume"]
+    assert [path for _, path, _ in seen_a] == [
+        "/pause",
+        "/start_weight_update",
+        "/update_weights",
+        "/finish_weight_update",
+        "/resume",
+    ]
     assert len(trainer.joined) == 1 and clients[0].policy_version == 4
 
 
@@ -215,7 +252,9 @@ def test_vllm_weight_metadata_names_dtypes_and_shapes_in_send_order():
 
     from forge.rollout.engines.vllm_transfer import weight_metadata
 
-    names, dtypes, shapes = weight_metadata({"b": torch.zeros(2, 3, dtype=torch.bfloat16), "a": torch.zeros(4)})
+    names, dtypes, shapes = weight_metadata(
+        {"b": torch.zeros(2, 3, dtype=torch.bfloat16), "a": torch.zeros(4)}
+    )
     assert (names, dtypes, shapes) == (["a", "b"], ["float32", "bfloat16"], [[4], [2, 3]])
 
 
@@ -232,9 +271,19 @@ def test_sglang_generate_requests_are_the_recorded_ones(name):
 def test_sglang_generate_responses_parse_to_ids_logprobs_and_the_servers_version(name):
     expected = SGLANG[name]["expected"]
     result = sglang_client.parse_generate(SGLANG[name]["response"], (3,), policy_version=0)
-    assert (result.token_ids, result.logprobs, result.finished, result.policy_version, result.prefill_tokens) == (
-        expected["token_ids"], expected["logprobs"], expected["finished"], expected["policy_version"],
-        expected["prefill_tokens"])
+    assert (
+        result.token_ids,
+        result.logprobs,
+        result.finished,
+        result.policy_version,
+        result.prefill_tokens,
+    ) == (
+        expected["token_ids"],
+        expected["logprobs"],
+        expected["finished"],
+        expected["policy_version"],
+        expected["prefill_tokens"],
+    )
 
 
 def test_an_aborted_sglang_request_loses_the_episode():
@@ -243,8 +292,12 @@ def test_an_aborted_sglang_request_loses_the_episode():
 
 
 def test_sglang_control_requests_are_the_recorded_ones():
-    call_as_recorded(sglang_client.update_from_disk_call("/shared/forge/v000004", 4), SGLANG["update_weights_from_disk"])
-    call_as_recorded(sglang_client.load_adapter_call("forge-v3", "/shared/forge/v000003"), SGLANG["load_lora_adapter"])
+    call_as_recorded(
+        sglang_client.update_from_disk_call("/shared/forge/v000004", 4), SGLANG["update_weights_from_disk"]
+    )
+    call_as_recorded(
+        sglang_client.load_adapter_call("forge-v3", "/shared/forge/v000003"), SGLANG["load_lora_adapter"]
+    )
     call_as_recorded(sglang_client.unload_adapter_call("forge-v2"), SGLANG["unload_lora_adapter"])
     call_as_recorded(sglang_client.pause_call(), SGLANG["pause_generation"])
     call_as_recorded(sglang_client.continue_call(), SGLANG["continue_generation"])
@@ -252,14 +305,21 @@ def test_sglang_control_requests_are_the_recorded_ones():
 
 def test_a_failed_sglang_update_says_why():
     with pytest.raises(ProtocolError, match=SGLANG["update_weights_from_disk_failed"]["error"]):
-        sglang_client.check_success(SGLANG["update_weights_from_disk_failed"]["response"], "update_weights_from_disk")
+        sglang_client.check_success(
+            SGLANG["update_weights_from_disk_failed"]["response"], "update_weights_from_disk"
+        )
 
 
 def test_the_sglang_client_updates_from_disk_and_swaps_adapters_paused():
     seen: list = []
-    exchanges = [SGLANG["update_weights_from_disk"], SGLANG["pause_generation"], SGLANG["load_lora_adapter"],
-                 SGLANG["continue_generation"], SGLANG["unload_lora_adapter"], SGLANG["generate_with_lora"]
-                 | {"response": SGLANG["generate"]["response"]}]
+    exchanges = [
+        SGLANG["update_weights_from_disk"],
+        SGLANG["pause_generation"],
+        SGLANG["load_lora_adapter"],
+        SGLANG["continue_generation"],
+        SGLANG["unload_lora_adapter"],
+        SGLANG["generate_with_lora"] | {"response": SGLANG["generate"]["response"]},
+    ]
     client = make_client("sglang+http://sglang:30000", "policy", Sampling(0.7, 0.95, (3,)))
     client.http = sglang_client.HttpTransport("http://sglang:30000", 10, replay(exchanges, seen))
 
@@ -273,8 +333,14 @@ def test_the_sglang_client_updates_from_disk_and_swaps_adapters_paused():
         assert result.policy_version == 4  # stamped by the server (its weight_version)
 
     asyncio.run(scenario())
-    assert [path for _, path, _ in seen] == ["/update_weights_from_disk", "/pause_generation", "/load_lora_adapter",
-                                            "/continue_generation", "/unload_lora_adapter", "/generate"]
+    assert [path for _, path, _ in seen] == [
+        "/update_weights_from_disk",
+        "/pause_generation",
+        "/load_lora_adapter",
+        "/continue_generation",
+        "/unload_lora_adapter",
+        "/generate",
+    ]
     assert seen[-1][2]["lora_path"] == "forge-v3"
 
 
@@ -291,9 +357,15 @@ def test_server_entries_name_their_kind():
 
 # -- a gateway's call: stop strings, seeds, top logprobs, the client's own sampling ---------
 def gateway_request(given: dict) -> tuple[GenerationRequest, Sampling]:
-    request = GenerationRequest(given["token_ids"], given["max_new_tokens"], given.get("episode_id", ""),
-                                temperature=given["temperature"], seed=given["seed"],
-                                top_logprobs=given["top_logprobs"], stop=given["stop"])
+    request = GenerationRequest(
+        given["token_ids"],
+        given["max_new_tokens"],
+        given.get("episode_id", ""),
+        temperature=given["temperature"],
+        seed=given["seed"],
+        top_logprobs=given["top_logprobs"],
+        stop=given["stop"],
+    )
     return request, Sampling(given["run_temperature"], given["run_top_p"], tuple(given["stop_token_ids"]))
 
 
@@ -308,7 +380,10 @@ def test_vllm_top_logprobs_parse_to_the_k_most_likely_of_each_step_whatever_was_
     result = vllm_client.parse_completion(exchange["response"], (3,), 5, top_logprobs=2)
     expected = exchange["expected"]
     assert (result.token_ids, result.logprobs, result.finished) == (
-        expected["token_ids"], expected["logprobs"], expected["finished"])  # ended on a stop string, not a stop id
+        expected["token_ids"],
+        expected["logprobs"],
+        expected["finished"],
+    )  # ended on a stop string, not a stop id
     assert result.top_logprobs == [[tuple(pair) for pair in step] for step in expected["top_logprobs"]]
     body = json.loads(json.dumps(exchange["response"]))
     body["choices"][0]["logprobs"]["top_logprobs"] = [None, None, None]
@@ -327,7 +402,11 @@ def test_sglang_output_top_logprobs_parse_to_the_k_most_likely_of_each_step():
     result = sglang_client.parse_generate(exchange["response"], (3,), 0, top_logprobs=2)
     expected = exchange["expected"]
     assert (result.token_ids, result.logprobs, result.finished, result.policy_version) == (
-        expected["token_ids"], expected["logprobs"], expected["finished"], expected["policy_version"])
+        expected["token_ids"],
+        expected["logprobs"],
+        expected["finished"],
+        expected["policy_version"],
+    )
     assert result.top_logprobs == [[tuple(pair) for pair in step] for step in expected["top_logprobs"]]
     body = json.loads(json.dumps(exchange["response"]))
     del body["meta_info"]["output_top_logprobs"]
@@ -340,13 +419,22 @@ def test_a_lora_version_reaches_vllm_servers_as_the_adapter_folder_the_trainer_w
     from forge.config import load_config
     from forge.rollout.engines.pool import EnginePool
 
-    cfg = load_config("configs/smoke.yaml", ["rollout.engine=remote", "rollout.servers=[vllm+http://vllm:8000]",
-                                             "model.lora.enabled=true", f"rollout.weight_dir={tmp_path}"])
+    cfg = load_config(
+        "configs/smoke.yaml",
+        [
+            "rollout.engine=remote",
+            "rollout.servers=[vllm+http://vllm:8000]",
+            "model.lora.enabled=true",
+            f"rollout.weight_dir={tmp_path}",
+        ],
+    )
     seen: list = []
     client = make_client("vllm+http://vllm:8000", "policy", Sampling(1.0, 1.0, (3,)))
     client.http = vllm_client.HttpTransport(
-        "http://vllm:8000", 10, replay([VLLM["pause"], VLLM["load_lora_adapter"], VLLM["resume"], VLLM["completion"]],
-                                       seen))
+        "http://vllm:8000",
+        10,
+        replay([VLLM["pause"], VLLM["load_lora_adapter"], VLLM["resume"], VLLM["completion"]], seen),
+    )
     pool = EnginePool(["vllm+http://vllm:8000"], [], cfg)
     saved: list = []
 
@@ -367,15 +455,24 @@ def test_a_vllm_server_that_refuses_the_adapter_is_dropped_and_the_others_keep_i
     from forge.config import load_config
     from forge.rollout.engines.pool import EnginePool
 
-    cfg = load_config("configs/smoke.yaml", ["rollout.engine=remote", "model.lora.enabled=true",
-                                             "rollout.servers=[vllm+http://a:1, vllm+http://b:1]",
-                                             f"rollout.weight_dir={tmp_path}"])
+    cfg = load_config(
+        "configs/smoke.yaml",
+        [
+            "rollout.engine=remote",
+            "model.lora.enabled=true",
+            "rollout.servers=[vllm+http://a:1, vllm+http://b:1]",
+            f"rollout.weight_dir={tmp_path}",
+        ],
+    )
     refused = {**VLLM["error_response"], "method": "POST", "path": "/v1/load_lora_adapter"}
     unload = {**VLLM["unload_lora_adapter"], "status": 404, "response": {"detail": "Not Found"}}
     good, bad = (make_client(f"vllm+http://{host}:1", "policy", Sampling()) for host in "ab")
-    good.http = vllm_client.HttpTransport("http://a:1", 10, replay(
-        [VLLM["pause"], VLLM["load_lora_adapter"], VLLM["resume"]], []))
-    bad.http = vllm_client.HttpTransport("http://b:1", 10, replay([VLLM["pause"], refused, unload, VLLM["resume"]], []))
+    good.http = vllm_client.HttpTransport(
+        "http://a:1", 10, replay([VLLM["pause"], VLLM["load_lora_adapter"], VLLM["resume"]], [])
+    )
+    bad.http = vllm_client.HttpTransport(
+        "http://b:1", 10, replay([VLLM["pause"], refused, unload, VLLM["resume"]], [])
+    )
     pool = EnginePool(["vllm+http://a:1", "vllm+http://b:1"], [], cfg)
     asyncio.run(pool._vllm_adapters([good, bad], 4, lambda: "/shared/forge/v000004"))
     assert good.policy_version == 4 and good.model == "policy-forge-lora"
@@ -396,8 +493,10 @@ def test_the_trainers_adapters_are_saved_as_the_peft_folder_vllm_and_forge_serve
     from forge.rollout.engines.updates import WeightUpdateError, apply_adapter, trainer_save_adapter
 
     checkpoint = save_tiny_checkpoint(TinyModelConfig(), tmp_path / "model", seed=0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(checkpoint),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(checkpoint),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
     folder = Path(trainer_save_adapter(SimpleNamespace(model=model), str(tmp_path / "v000001-adapter")))
     config = json.loads((folder / "adapter_config.json").read_text())
     assert config["r"] == 4 and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
@@ -408,7 +507,9 @@ def test_the_trainers_adapters_are_saved_as_the_peft_folder_vllm_and_forge_serve
     ids = torch.tensor([[2, 6, 9, 10]])
     assert torch.allclose(served(ids).logits, model(ids).logits, atol=1e-5)
     with pytest.raises(WeightUpdateError, match="lora.enabled"):
-        trainer_save_adapter(SimpleNamespace(model=AutoModelForCausalLM.from_pretrained(checkpoint)), str(tmp_path / "x"))
+        trainer_save_adapter(
+            SimpleNamespace(model=AutoModelForCausalLM.from_pretrained(checkpoint)), str(tmp_path / "x")
+        )
 
 
 def test_after_a_lora_sync_a_rollout_workers_vllm_requests_name_the_adapter_with_its_version(tiny_checkpoint):
@@ -419,12 +520,25 @@ def test_after_a_lora_sync_a_rollout_workers_vllm_requests_name_the_adapter_with
 
     threads = torch.get_num_threads()
     cfg = load_config("configs/smoke.yaml", [f"model.path={tiny_checkpoint}", "model.lora.enabled=true"])
-    worker = RolloutWorker(str(tiny_checkpoint), cfg.model, cfg.env, cfg.rollout, 0.5, 0, None, cfg.sandbox,
-                           ["vllm+http://vllm:8000"], 0, None)
+    worker = RolloutWorker(
+        str(tiny_checkpoint),
+        cfg.model,
+        cfg.env,
+        cfg.rollout,
+        0.5,
+        0,
+        None,
+        cfg.sandbox,
+        ["vllm+http://vllm:8000"],
+        0,
+        None,
+    )
     torch.set_num_threads(threads)
     client = worker.router.engines[0].client
     assert client.model == str(tiny_checkpoint)  # version 0: the base model (LoRA's B starts at zero)
     worker.set_engine_version(3, adapter=True)
     assert (client.model, client.policy_version) == (f"{tiny_checkpoint}-forge-lora", 3)
-    assert vllm_client.completion_call(GenerationRequest([1], 2), client.model, client.sampling).body["model"] == \
-        f"{tiny_checkpoint}-forge-lora"
+    assert (
+        vllm_client.completion_call(GenerationRequest([1], 2), client.model, client.sampling).body["model"]
+        == f"{tiny_checkpoint}-forge-lora"
+    )

@@ -72,11 +72,18 @@ def play_group(engine: HFEngine, model, turns: int) -> type:
     layer_type = None
     for turn in range(turns):
         names = [n for i, n in enumerate(contexts) if turn == 0 or (turn + i) % 3 != 0]
-        requests = [GenerationRequest(contexts[n], 2 + (turn + i) % 3, episode_id=n) for i, n in enumerate(names)]
+        requests = [
+            GenerationRequest(contexts[n], 2 + (turn + i) % 3, episode_id=n) for i, n in enumerate(names)
+        ]
         for i, (request, result) in enumerate(zip(requests, engine.generate(requests), strict=True)):
             want = fresh_logprobs(model, request.token_ids, result.token_ids)
-            assert (torch.tensor(result.logprobs) - want).abs().max().item() <= TOLERANCE, (turn, request.episode_id)
-            contexts[request.episode_id] = request.token_ids + result.token_ids + [20 + turn] * (1 + (i + turn) % 4)
+            assert (torch.tensor(result.logprobs) - want).abs().max().item() <= TOLERANCE, (
+                turn,
+                request.episode_id,
+            )
+            contexts[request.episode_id] = (
+                request.token_ids + result.token_ids + [20 + turn] * (1 + (i + turn) % 4)
+            )
         if turn == 0:
             layer_type = type(engine._batch.cache.layers[0])
     return layer_type
@@ -113,7 +120,9 @@ def test_the_shared_prompt_is_one_copy_however_many_rows():
     engine.generate([GenerationRequest(prompt, 3, episode_id=f"e{i}") for i in range(8)])
     layer = engine._batch.cache.layers[0]
     assert layer.prompt_keys.shape[0] == 1 and layer.prompt_keys.shape[2] == len(prompt)
-    assert layer.keys.shape[0] == 8 and layer.keys.shape[2] < len(prompt)  # the rows hold only their own tokens
+    assert layer.keys.shape[0] == 8 and layer.keys.shape[2] < len(
+        prompt
+    )  # the rows hold only their own tokens
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
@@ -145,8 +154,9 @@ def lora_pair(name: str, folder) -> tuple[torch.nn.Module, torch.nn.Module, Mode
     the trainer's model (adapters trainable) and a rollout worker's (rollout attention)."""
     family = FAMILIES[name]
     family.build("eager").save_pretrained(folder)
-    cfg = ModelConfig(path=str(folder), lora=dict(enabled=True, r=4, alpha=8,
-                                                  target_modules=list(family.attention_modules)))
+    cfg = ModelConfig(
+        path=str(folder), lora=dict(enabled=True, r=4, alpha=8, target_modules=list(family.attention_modules))
+    )
     trainer = load_model(folder, cfg, trainable=True)
     worker = load_model(folder, cfg, attn_implementation="auto", setting_key="rollout.attn_implementation")
     return trainer, worker, cfg
@@ -202,8 +212,12 @@ def test_a_lora_adapter_folder_makes_the_engine_sample_the_adapted_policy(name, 
     """forge serve's path: a base model, then adapter folders (the first wraps it in peft, the
     next replaces the adapter weights)."""
     trainer, _, cfg = lora_pair(name, tmp_path / "model")
-    base = load_model(tmp_path / "model", ModelConfig(path=cfg.path), attn_implementation="auto",
-                      setting_key="rollout.attn_implementation")
+    base = load_model(
+        tmp_path / "model",
+        ModelConfig(path=cfg.path),
+        attn_implementation="auto",
+        setting_key="rollout.attn_implementation",
+    )
     engine = HFEngine(base, [STOP], pad_token_id=0, seed=3)
     episodes: dict = {}
     play_ragged(engine, base, turns=2, seed=0, contexts=episodes)  # caches from the base model

@@ -58,8 +58,10 @@ def test_a_server_engine_run_survives_an_engine_killed_mid_run_and_replaces_it(r
 def test_an_async_run_generates_on_engine_servers_that_get_each_version(ray_session, tmp_path):
     from forge.run.launch import train
 
-    cfg = load_config("configs/smoke.yaml", ["train.max_steps=6", "train.mode=async", "rollout.engine=server",
-                                             *SMALL, "rollout.num_workers=1"])
+    cfg = load_config(
+        "configs/smoke.yaml",
+        ["train.max_steps=6", "train.mode=async", "rollout.engine=server", *SMALL, "rollout.num_workers=1"],
+    )
     result = train(cfg, tmp_path / "run", progress=False)
 
     assert result.steps == 6
@@ -81,8 +83,16 @@ def test_a_remote_engine_run_trains_against_forge_servers_it_did_not_start(ray_s
     cfg = load_config("configs/smoke.yaml", ["train.max_steps=3", *SMALL])
     model = resolve_model_path(cfg.model, tmp_path / "model", seed=cfg.seed)
     with EngineServer(make_service(model, max_new_tokens=1, max_context_tokens=1024)) as server:
-        cfg = load_config("configs/smoke.yaml", ["train.max_steps=3", *SMALL, "rollout.engine=remote",
-                                                 f"rollout.servers=[{server.url}]", f"model.path={model}"])
+        cfg = load_config(
+            "configs/smoke.yaml",
+            [
+                "train.max_steps=3",
+                *SMALL,
+                "rollout.engine=remote",
+                f"rollout.servers=[{server.url}]",
+                f"model.path={model}",
+            ],
+        )
         train(cfg, tmp_path / "run", progress=False)
         assert server.service.served.policy_version == 3  # pushed tensors after every step
         assert server.service.served.metrics()["requests"] > 0
@@ -96,29 +106,50 @@ def test_engine_settings_that_cannot_work_are_refused_before_anything_starts():
         check_engine_config(load_config("configs/smoke.yaml", ["rollout.engine=remote"]))
     check_engine_config(load_config("configs/smoke.yaml", ["rollout.engine=server", "train.mode=async"]))
     with pytest.raises(ConfigError, match="object_store"):
-        check_engine_config(load_config("configs/smoke.yaml", ["rollout.engine=server", "train.mode=async",
-                                                               "rollout.weight_sync=folder"]))
+        check_engine_config(
+            load_config(
+                "configs/smoke.yaml",
+                ["rollout.engine=server", "train.mode=async", "rollout.weight_sync=folder"],
+            )
+        )
     # The gateway routes its calls to engine servers too (tests/test_gateway_engine_servers.py).
     check_engine_config(load_config("configs/smoke.yaml", ["rollout.engine=server", "gateway.enabled=true"]))
     with pytest.raises(ConfigError, match="train.mode=sync"):
-        check_engine_config(load_config("configs/smoke.yaml", [
-            "rollout.engine=remote", "rollout.servers=[sglang+http://h:1]", "rollout.weight_dir=/tmp/w",
-            "train.mode=async"]))
+        check_engine_config(
+            load_config(
+                "configs/smoke.yaml",
+                [
+                    "rollout.engine=remote",
+                    "rollout.servers=[sglang+http://h:1]",
+                    "rollout.weight_dir=/tmp/w",
+                    "train.mode=async",
+                ],
+            )
+        )
     with pytest.raises(ConfigError, match="weight_dir"):
-        check_engine_config(load_config("configs/smoke.yaml", ["rollout.engine=remote",
-                                                               "rollout.servers=[sglang+http://h:1]"]))
+        check_engine_config(
+            load_config(
+                "configs/smoke.yaml", ["rollout.engine=remote", "rollout.servers=[sglang+http://h:1]"]
+            )
+        )
     with pytest.raises(ConfigError, match="train.num_gpus=1"):
-        check_engine_config(load_config("configs/smoke.yaml", ["rollout.engine=remote",
-                                                               "rollout.servers=[vllm+http://h:1]"]))
-    check_engine_config(load_config("configs/smoke.yaml", ["rollout.engine=remote", "rollout.servers=[vllm+http://h:1]",
-                                                           "train.num_gpus=1"]))
+        check_engine_config(
+            load_config("configs/smoke.yaml", ["rollout.engine=remote", "rollout.servers=[vllm+http://h:1]"])
+        )
+    check_engine_config(
+        load_config(
+            "configs/smoke.yaml",
+            ["rollout.engine=remote", "rollout.servers=[vllm+http://h:1]", "train.num_gpus=1"],
+        )
+    )
     # LoRA to vLLM goes by adapter folders (/v1/load_lora_adapter): a shared folder, no NCCL, no GPU trainer.
     vllm_lora = ["rollout.engine=remote", "rollout.servers=[vllm+http://h:1]", "model.lora.enabled=true"]
     with pytest.raises(ConfigError, match="rollout.weight_dir"):
         check_engine_config(load_config("configs/smoke.yaml", vllm_lora))
     check_engine_config(load_config("configs/smoke.yaml", [*vllm_lora, "rollout.weight_dir=/tmp/w"]))
     with pytest.raises(ConfigError, match="train.mode=sync"):
-        check_engine_config(load_config("configs/smoke.yaml", [*vllm_lora, "rollout.weight_dir=/tmp/w",
-                                                               "train.mode=async"]))
+        check_engine_config(
+            load_config("configs/smoke.yaml", [*vllm_lora, "rollout.weight_dir=/tmp/w", "train.mode=async"])
+        )
     with pytest.raises(ConfigError, match="rollout.engine=remote"):
         check_engine_config(load_config("configs/smoke.yaml", ["rollout.servers=[http://h:1]"]))

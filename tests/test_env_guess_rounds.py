@@ -27,7 +27,10 @@ def test_tasks_are_reproducible_from_the_seed():
 
 def test_solving_every_round_succeeds_with_reward_one():
     env = GuessRoundsEnv()
-    assert call_sync(env.reset, {"task_id": "t", "n": 4, "secrets": [2, 0, 3]}, 0) == "guess a number from 0 to 3"
+    assert (
+        call_sync(env.reset, {"task_id": "t", "n": 4, "secrets": [2, 0, 3]}, 0)
+        == "guess a number from 0 to 3"
+    )
     replies = [env.step(guess) for guess in ("1", "2", "0", "3")]
     assert [r.observation for r in replies] == [
         "higher", "correct guess a number from 0 to 3", "correct guess a number from 0 to 3", "correct",
@@ -41,7 +44,12 @@ def test_a_round_out_of_guesses_ends_the_episode_with_the_rounds_solved_so_far()
     env = GuessRoundsEnv(guesses_per_round=2)
     env.reset({"n": 4, "secrets": [1, 3]}, 0)
     replies = [env.step(guess) for guess in ("1", "0", "hmm")]
-    assert replies[-1].done and replies[-1].info == {"turns": 3, "rounds": 2, "rounds_solved": 1, "success": False}
+    assert replies[-1].done and replies[-1].info == {
+        "turns": 3,
+        "rounds": 2,
+        "rounds_solved": 1,
+        "success": False,
+    }
     assert sum(r.reward for r in replies) == pytest.approx(0.5)
     assert replies[1].observation == "higher"
 

@@ -26,7 +26,9 @@ def test_a_lognormal_sampler_has_the_asked_median_and_99th_percentile():
     assert quantile(delays, 0.5) == pytest.approx(0.050, rel=0.03)
     assert quantile(delays, 0.99) == pytest.approx(2.0, rel=0.06)
     assert sampler.quantile(0.5) == pytest.approx(0.050) and sampler.quantile(0.99) == pytest.approx(2.0)
-    assert statistics.fmean(delays) > 3 * quantile(delays, 0.5)  # heavy-tailed: the mean sits far above the median
+    assert statistics.fmean(delays) > 3 * quantile(
+        delays, 0.5
+    )  # heavy-tailed: the mean sits far above the median
 
 
 def test_the_same_seed_draws_the_same_delays_and_another_seed_others():
@@ -62,7 +64,9 @@ def test_the_wrapped_env_answers_as_before_and_keeps_its_prompt_and_tools():
     assert env.system_prompt == inner.system_prompt and env.tools == inner.tools
 
     async def play() -> list[StepResult]:
-        assert await call_env(env.reset, {"secret": 2, "n": 4}, 0, timeout_s=5) == "guess a number from 0 to 3"
+        assert (
+            await call_env(env.reset, {"secret": 2, "n": 4}, 0, timeout_s=5) == "guess a number from 0 to 3"
+        )
         return [await call_env(env.step, guess, timeout_s=5) for guess in ("1", "3", "2")]
 
     results = asyncio.run(play())
@@ -122,7 +126,10 @@ def test_no_latency_leaves_the_env_unwrapped():
     [
         (["env.latency.dist=lognormal", "env.latency.p99_ms=40"], "p99_ms=40 must be above median_ms=50"),
         (["env.latency.dist=lognormal", "env.latency.median_ms=0"], "env.latency.median_ms"),
-        (["env.latency.dist=lognormal", "env.latency.max_ms=30000"], "max_ms=30000 reaches env.step_timeout_s=30"),
+        (
+            ["env.latency.dist=lognormal", "env.latency.max_ms=30000"],
+            "max_ms=30000 reaches env.step_timeout_s=30",
+        ),
         (["env.latency.dist=lognormal", "env.latency.max_ms=20"], "max_ms=20 is below median_ms=50"),
         (["env.latency.dist=pareto"], "env.latency.dist"),
         (["env.latency.p50_ms=3"], "env.latency.p50_ms: unknown key"),

@@ -87,8 +87,10 @@ def test_a_killed_worker_is_restarted_and_its_in_flight_episodes_are_lost(ray_se
     ray = ray_session
     cfg = Config()
     cfg.rollout.max_turns = 8
-    worker = ray.remote(RolloutWorker).options(max_restarts=1).remote(
-        str(tiny_checkpoint), cfg.model, cfg.env, cfg.rollout, 0.5, 0, 1
+    worker = (
+        ray.remote(RolloutWorker)
+        .options(max_restarts=1)
+        .remote(str(tiny_checkpoint), cfg.model, cfg.env, cfg.rollout, 0.5, 0, 1)
     )
     task = {"task_id": "t", "secret": 3, "n": 16}
     try:

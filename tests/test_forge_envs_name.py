@@ -45,7 +45,12 @@ def _unrelated_envs_package(root: Path) -> Path:
 
 def test_every_builtin_entry_point_targets_forge_envs():
     assert set(ENTRY_POINTS) == {
-        "guess_number", "countdown", "python_coding", "file_search", "parallel_lookup", "guess_rounds"
+        "guess_number",
+        "countdown",
+        "python_coding",
+        "file_search",
+        "parallel_lookup",
+        "guess_rounds",
     }
     assert all(target.startswith("forge_envs.") for target in ENTRY_POINTS.values())
     assert not (REPO / "envs").exists()
@@ -69,7 +74,9 @@ def test_an_unrelated_envs_package_first_on_the_path_changes_nothing(tmp_path):
     assert found["by_target"] == expected
     stale = sorted(set(ENTRY_POINTS) - set(found["registered"]))
     if stale:  # an install made before an env was added; CI installs afresh
-        pytest.skip(f"the installed forge_rl metadata lacks {stale}: reinstall (pip install -e .) to check by name")
+        pytest.skip(
+            f"the installed forge_rl metadata lacks {stale}: reinstall (pip install -e .) to check by name"
+        )
     # By name through the installed entry points: this checks the installed metadata too
     # (an install made before the rename still says envs.*; reinstall to refresh it).
     assert found["by_name"] == expected

@@ -27,8 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
 TOOL_TEXT = '<tool_call>{"name":"guess","arguments":{"number":3}}</tool_call>'
 GUESS_TOOL = {
     "type": "function",
-    "function": {"name": "guess", "description": "Guess the number.",
-                 "parameters": {"type": "object", "properties": {"number": {"type": "integer"}}}},
+    "function": {
+        "name": "guess",
+        "description": "Guess the number.",
+        "parameters": {"type": "object", "properties": {"number": {"type": "integer"}}},
+    },
 }
 
 
@@ -94,9 +97,13 @@ def tool_call_then_tool_result(tokenizer):
         episode = start(server)
         agent = client(server, episode["episode_id"])
         messages = [{"role": "user", "content": "guess"}]
-        first = agent.chat.completions.create(model="p", messages=messages, tools=[GUESS_TOOL]).choices[0].message
-        messages += [first.model_dump(exclude_none=True),
-                     {"role": "tool", "tool_call_id": first.tool_calls[0].id, "content": "higher"}]
+        first = (
+            agent.chat.completions.create(model="p", messages=messages, tools=[GUESS_TOOL]).choices[0].message
+        )
+        messages += [
+            first.model_dump(exclude_none=True),
+            {"role": "tool", "tool_call_id": first.tool_calls[0].id, "content": "higher"},
+        ]
         agent.chat.completions.create(model="p", messages=messages, tools=[GUESS_TOOL])
         return server.gateway.store.get(episode["episode_id"]).calls
 
@@ -107,7 +114,10 @@ def test_tool_results_are_rendered_into_the_next_prompt(tokenizer):
     expected = [
         {"role": "system", "content": hermes_tools_prompt([GUESS_TOOL])},
         {"role": "user", "content": "guess"},
-        {"role": "assistant", "content": '<tool_call>{"name": "guess", "arguments": {"number": 3}}</tool_call>'},
+        {
+            "role": "assistant",
+            "content": '<tool_call>{"name": "guess", "arguments": {"number": 3}}</tool_call>',
+        },
         {"role": "tool", "content": "<tool_response>\nhigher\n</tool_response>"},
     ]
     rendered = tokenizer.apply_chat_template(expected, add_generation_prompt=True, tokenize=False)
@@ -130,10 +140,13 @@ def test_a_template_that_renders_tools_gets_structured_tool_calls(checkpoint):
     _, second_call = tool_call_then_tool_result(tokenizer)
     # Special tokens decode without spaces around them: set them apart to compare words.
     decoded = re.sub(r"(<\|im_\w+\|>)", r" \1 ", tokenizer.decode(second_call.prompt_ids))
-    assert decoded.split() == (
-        "<|im_start|> system guess <|im_end|> <|im_start|> user guess <|im_end|> "
-        "<|im_start|> assistant guess 3 <|im_end|> <|im_start|> tool higher <|im_end|> <|im_start|> assistant"
-    ).split()
+    assert (
+        decoded.split()
+        == (
+            "<|im_start|> system guess <|im_end|> <|im_start|> user guess <|im_end|> "
+            "<|im_start|> assistant guess 3 <|im_end|> <|im_start|> tool higher <|im_end|> <|im_start|> assistant"
+        ).split()
+    )
 
 
 def test_streamed_chunks_add_up_to_the_recorded_reply(engine, tokenizer):
@@ -153,9 +166,11 @@ def test_a_streamed_tool_call_arrives_whole(tokenizer):
     engine = ScriptedEngine([tokenizer.convert_tokens_to_ids(TOOL_TEXT), tokenizer.eos_token_id])
     with serve(engine, tokenizer) as server:
         episode = start(server)
-        chunks = list(client(server, episode["episode_id"]).chat.completions.create(
-            model="p", messages=[{"role": "user", "content": "guess"}], tools=[GUESS_TOOL], stream=True
-        ))
+        chunks = list(
+            client(server, episode["episode_id"]).chat.completions.create(
+                model="p", messages=[{"role": "user", "content": "guess"}], tools=[GUESS_TOOL], stream=True
+            )
+        )
     [delta] = [c.choices[0].delta.tool_calls for c in chunks if c.choices and c.choices[0].delta.tool_calls]
     assert delta[0].function.name == "guess" and json.loads(delta[0].function.arguments) == {"number": 3}
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
@@ -179,11 +194,14 @@ def test_the_episode_header_and_user_field_also_name_the_episode(engine, tokeniz
         by_header, by_user = start(server), start(server)
         anonymous = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
         messages = [{"role": "user", "content": "guess"}]
-        anonymous.chat.completions.create(model="p", messages=messages,
-                                          extra_headers={"X-Forge-Episode": by_header["episode_id"]})
+        anonymous.chat.completions.create(
+            model="p", messages=messages, extra_headers={"X-Forge-Episode": by_header["episode_id"]}
+        )
         anonymous.chat.completions.create(model="p", messages=messages, user=by_user["episode_id"])
         store = server.gateway.store
-        assert len(store.get(by_header["episode_id"]).calls) == len(store.get(by_user["episode_id"]).calls) == 1
+        assert (
+            len(store.get(by_header["episode_id"]).calls) == len(store.get(by_user["episode_id"]).calls) == 1
+        )
 
 
 def test_starting_an_episode_without_a_task_needs_a_task_source(engine, tokenizer):
@@ -198,8 +216,9 @@ def test_starting_an_episode_without_a_task_needs_a_task_source(engine, tokenize
 def test_finish_with_a_reward_sets_the_outcome(engine, tokenizer):
     with serve(engine, tokenizer) as server:
         episode = start(server)
-        finished = httpx.post(f"{server.root_url}/forge/episodes/{episode['episode_id']}/finish",
-                              json={"reward": 0.25}).json()
+        finished = httpx.post(
+            f"{server.root_url}/forge/episodes/{episode['episode_id']}/finish", json={"reward": 0.25}
+        ).json()
     assert finished["finished"] and finished["status"] == "ok" and finished["outcome"] == 0.25
 
 
@@ -234,7 +253,9 @@ def test_concurrent_episodes_keep_their_calls_apart(engine, tokenizer):
             try:
                 agent = client(server, episodes[index]["episode_id"])
                 for turn in range(index + 1):
-                    agent.chat.completions.create(model="p", messages=[{"role": "user", "content": f"{index} {turn}"}])
+                    agent.chat.completions.create(
+                        model="p", messages=[{"role": "user", "content": f"{index} {turn}"}]
+                    )
             except Exception as exc:  # surfaced below
                 errors.append(exc)
 
@@ -266,10 +287,14 @@ def test_an_unknown_episode_is_a_404_that_says_how_to_start_one(engine, tokenize
 def test_malformed_json_is_a_400_and_recorded_calls_stay(engine, tokenizer):
     with serve(engine, tokenizer) as server:
         episode = start(server)
-        client(server, episode["episode_id"]).chat.completions.create(model="p", messages=[{"role": "user", "content": "x"}])
-        response = httpx.post(f"{server.base_url}/chat/completions", content=b'{"messages": [',
-                              headers={"Authorization": f"Bearer {episode['episode_id']}",
-                                       "Content-Type": "application/json"})
+        client(server, episode["episode_id"]).chat.completions.create(
+            model="p", messages=[{"role": "user", "content": "x"}]
+        )
+        response = httpx.post(
+            f"{server.base_url}/chat/completions",
+            content=b'{"messages": [',
+            headers={"Authorization": f"Bearer {episode['episode_id']}", "Content-Type": "application/json"},
+        )
         assert response.status_code == 400 and "not valid JSON" in error_of(response)
         assert len(server.gateway.store.get(episode["episode_id"]).calls) == 1
 
@@ -277,8 +302,11 @@ def test_malformed_json_is_a_400_and_recorded_calls_stay(engine, tokenizer):
 def test_a_body_without_messages_is_a_400_naming_the_field(engine, tokenizer):
     with serve(engine, tokenizer) as server:
         episode = start(server)
-        response = httpx.post(f"{server.base_url}/chat/completions", json={"model": "p"},
-                              headers={"Authorization": f"Bearer {episode['episode_id']}"})
+        response = httpx.post(
+            f"{server.base_url}/chat/completions",
+            json={"model": "p"},
+            headers={"Authorization": f"Bearer {episode['episode_id']}"},
+        )
     assert response.status_code == 400 and "messages" in error_of(response)
 
 
@@ -311,7 +339,9 @@ def test_a_client_that_disconnects_mid_generation_loses_no_recorded_call(tokeniz
         client(server, episode["episode_id"]).chat.completions.create(model="p", messages=messages)
         engine.delay_s = 1.0
         with pytest.raises(openai.APITimeoutError):
-            client(server, episode["episode_id"], timeout=0.2).chat.completions.create(model="p", messages=messages)
+            client(server, episode["episode_id"], timeout=0.2).chat.completions.create(
+                model="p", messages=messages
+            )
         stored = server.gateway.store.get(episode["episode_id"])
         deadline = time.monotonic() + 10
         while "calls_dropped" not in stored.info and time.monotonic() < deadline:
@@ -325,11 +355,21 @@ def test_a_client_that_disconnects_mid_generation_loses_no_recorded_call(tokeniz
 def test_the_example_agent_plays_one_episode_to_the_end(engine, tokenizer):
     with serve(engine, tokenizer) as server:
         episode = start(server)
-        environment = {**os.environ, "OPENAI_BASE_URL": server.base_url, "OPENAI_API_KEY": episode["episode_id"],
-                       "FORGE_GATEWAY_URL": server.root_url, "FORGE_EPISODE_ID": episode["episode_id"],
-                       "FORGE_MAX_TURNS": "3"}
-        subprocess.run([sys.executable, "-m", "forge.openai_agent"], env=environment,
-                       check=True, timeout=120, capture_output=True)
+        environment = {
+            **os.environ,
+            "OPENAI_BASE_URL": server.base_url,
+            "OPENAI_API_KEY": episode["episode_id"],
+            "FORGE_GATEWAY_URL": server.root_url,
+            "FORGE_EPISODE_ID": episode["episode_id"],
+            "FORGE_MAX_TURNS": "3",
+        }
+        subprocess.run(
+            [sys.executable, "-m", "forge.openai_agent"],
+            env=environment,
+            check=True,
+            timeout=120,
+            capture_output=True,
+        )
         played = server.gateway.store.get(episode["episode_id"])
     assert played.finished and 1 <= len(played.calls) <= 3
     assert played.steps == len(played.calls)  # each reply was one env action

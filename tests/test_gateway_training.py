@@ -69,7 +69,10 @@ def server(tiny_checkpoint):
         policy_version = 0
 
         def generate(self, requests):
-            return [GenerationResult([tokenizer.eos_token_id], [-0.1], True, 0, len(r.token_ids)) for r in requests]
+            return [
+                GenerationResult([tokenizer.eos_token_id], [-0.1], True, 0, len(r.token_ids))
+                for r in requests
+            ]
 
     tokenizer = load_tokenizer(tiny_checkpoint)
     gateway = Gateway(StopAtOnce(), tokenizer, EpisodeStore(), 4, 64)
@@ -100,7 +103,8 @@ def test_an_agent_past_its_timeout_is_killed_and_its_episode_truncated(server):
 
 def test_an_agent_gets_its_episode_id_as_the_api_key(server):
     agent, played = play(
-        server, """{python} -c "import os, sys; sys.exit(os.environ['OPENAI_API_KEY'] != os.environ['FORGE_EPISODE_ID'])" """
+        server,
+        """{python} -c "import os, sys; sys.exit(os.environ['OPENAI_API_KEY'] != os.environ['FORGE_EPISODE_ID'])" """,
     )
     assert agent.returncode == 0 and played.status == "error"  # exited without finishing
 
@@ -137,7 +141,9 @@ def test_a_gateway_run_checkpoints_and_resumes(ray_session, tmp_path, monkeypatc
     train(load_config(config, [*overrides, "train.max_steps=1"]), tmp_path, progress=False)
     saved = torch.load(tmp_path / "checkpoints" / "step-000001" / "trainer.pt", weights_only=False)
     assert saved["policy_version"] == 1
-    result = train(load_config(config, [*overrides, "train.max_steps=2"]), tmp_path, progress=False, resume=True)
+    result = train(
+        load_config(config, [*overrides, "train.max_steps=2"]), tmp_path, progress=False, resume=True
+    )
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert result.steps == 2 and [r["step"] for r in records] == [1, 2]
     assert records[1]["policy_version"] == 2.0  # the trainer went on from the checkpoint

@@ -29,7 +29,9 @@ def test_launch_script_is_executable(script):
 
 def test_submit_without_a_cluster_address_says_what_to_set():
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    result = subprocess.run([str(LAUNCH / "submit.sh"), "configs/smoke.yaml"], env=env, capture_output=True, text=True)
+    result = subprocess.run(
+        [str(LAUNCH / "submit.sh"), "configs/smoke.yaml"], env=env, capture_output=True, text=True
+    )
     assert result.returncode != 0 and "RAY_ADDRESS" in result.stderr
 
 
@@ -83,11 +85,26 @@ class LoopbackCluster:
         self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         self.env["RAY_AUTH_MODE"] = "disabled"  # loopback-only test cluster
         self.gcs = f"127.0.0.1:{gcs}"
-        common = ["--node-ip-address=127.0.0.1", f"--num-cpus={cpus_per_node}", "--num-gpus=0",
-                  "--disable-usage-stats", "--block"]
-        head = ["ray", "start", "--head", f"--port={gcs}", f"--temp-dir={self.temp_dir}",
-                "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-                f"--ray-client-server-port={agent_ports[0]}", *self.node_ports(agent_ports[1:5]), *common]
+        common = [
+            "--node-ip-address=127.0.0.1",
+            f"--num-cpus={cpus_per_node}",
+            "--num-gpus=0",
+            "--disable-usage-stats",
+            "--block",
+        ]
+        head = [
+            "ray",
+            "start",
+            "--head",
+            f"--port={gcs}",
+            f"--temp-dir={self.temp_dir}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dashboard_port}",
+            f"--ray-client-server-port={agent_ports[0]}",
+            *self.node_ports(agent_ports[1:5]),
+            *common,
+        ]
         worker = ["ray", "start", f"--address={self.gcs}", *self.node_ports(agent_ports[5:9]), *common]
         self.processes = [self.start(head)]
         self.wait_for_nodes(1)
@@ -96,18 +113,25 @@ class LoopbackCluster:
 
     @staticmethod
     def node_ports(ports: list[int]) -> list[str]:
-        return [f"--dashboard-agent-listen-port={ports[0]}", f"--dashboard-agent-grpc-port={ports[1]}",
-                f"--metrics-export-port={ports[2]}", f"--runtime-env-agent-port={ports[3]}"]
+        return [
+            f"--dashboard-agent-listen-port={ports[0]}",
+            f"--dashboard-agent-grpc-port={ports[1]}",
+            f"--metrics-export-port={ports[2]}",
+            f"--runtime-env-agent-port={ports[3]}",
+        ]
 
     def start(self, command: list[str]) -> subprocess.Popen:
         log = open(Path(self.temp_dir) / f"ray-start-{len(self.processes)}.log", "w")  # noqa: SIM115
         with log:
-            return subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            return subprocess.Popen(
+                command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
 
     def wait_for_nodes(self, count: int, timeout_s: float = 180) -> None:
-        script = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
-                  "print(sum(n['Alive'] for n in ray.nodes()))")
+        script = (
+            "import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
+            "print(sum(n['Alive'] for n in ray.nodes()))"
+        )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             for index, process in enumerate(self.processes):
@@ -115,8 +139,13 @@ class LoopbackCluster:
                     log = (Path(self.temp_dir) / f"ray-start-{index}.log").read_text()[-2000:]
                     raise RayStartExited(f"ray start exited ({process.returncode}):\n{log}")
             try:  # ray.init waits long for a GCS that is not up (or never will be)
-                result = subprocess.run([sys.executable, "-c", script, self.gcs], env=self.env,
-                                        capture_output=True, text=True, timeout=30)
+                result = subprocess.run(
+                    [sys.executable, "-c", script, self.gcs],
+                    env=self.env,
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                )
             except subprocess.TimeoutExpired:
                 continue
             if result.returncode == 0 and result.stdout.strip().splitlines()[-1:] == [str(count)]:
@@ -149,22 +178,45 @@ class LoopbackCluster:
 @pytest.mark.slow
 def test_a_smoke_job_submitted_to_a_two_node_loopback_cluster_trains(tmp_path):
     config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump({
-        "model": {"tiny": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1,
-                           "intermediate_size": 64}},
-        "env": {"name": "guess_number", "kwargs": {"n": 4}},
-        # 1 CPU per node: the trainer takes one node's CPU, so the workers must run on the other.
-        "rollout": {"num_workers": 2, "tasks_per_step": 2, "group_size": 2, "max_turns": 2, "max_new_tokens": 1,
-                    "num_cpus_per_worker": 0.5},
-        "train": {"max_steps": 2, "num_cpus": 1, "checkpoint_every": 1},
-        "logging": {"progress_bar": False, "tensorboard": False},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {
+                    "tiny": {
+                        "hidden_size": 32,
+                        "num_layers": 1,
+                        "num_heads": 2,
+                        "num_kv_heads": 1,
+                        "intermediate_size": 64,
+                    }
+                },
+                "env": {"name": "guess_number", "kwargs": {"n": 4}},
+                # 1 CPU per node: the trainer takes one node's CPU, so the workers must run on the other.
+                "rollout": {
+                    "num_workers": 2,
+                    "tasks_per_step": 2,
+                    "group_size": 2,
+                    "max_turns": 2,
+                    "max_new_tokens": 1,
+                    "num_cpus_per_worker": 0.5,
+                },
+                "train": {"max_steps": 2, "num_cpus": 1, "checkpoint_every": 1},
+                "logging": {"progress_bar": False, "tensorboard": False},
+            }
+        )
+    )
     output = tmp_path / "run"
     cluster = LoopbackCluster(cpus_per_node=1)
     try:
         env = dict(cluster.env, RAY_ADDRESS=f"http://127.0.0.1:{cluster.dashboard_port}")
-        result = subprocess.run([str(LAUNCH / "submit.sh"), str(config), "--output-dir", str(output)],
-                                cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        result = subprocess.run(
+            [str(LAUNCH / "submit.sh"), str(config), "--output-dir", str(output)],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
     finally:
         cluster.stop()
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]

@@ -42,7 +42,10 @@ class GatedEnv(Env):
 
 def perturbed(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
-    return {name: p.detach() + 0.05 * torch.randn(p.shape, generator=generator) for name, p in model.named_parameters()}
+    return {
+        name: p.detach() + 0.05 * torch.randn(p.shape, generator=generator)
+        for name, p in model.named_parameters()
+    }
 
 
 def token_logprobs(model: torch.nn.Module, trajectory: Trajectory) -> torch.Tensor:

@@ -10,8 +10,13 @@ from forge.types import NO_VERSION, Trajectory
 
 def episode(version: int, status: str = "ok") -> Trajectory:
     return Trajectory(
-        task_id="t", group_id="g", token_ids=[1, 2, 3], loss_mask=[0, 1, 1],
-        behaviour_logprobs=[0.0, -1.0, -1.0], policy_versions=[NO_VERSION, version, version], prompt_length=1,
+        task_id="t",
+        group_id="g",
+        token_ids=[1, 2, 3],
+        loss_mask=[0, 1, 1],
+        behaviour_logprobs=[0.0, -1.0, -1.0],
+        policy_versions=[NO_VERSION, version, version],
+        prompt_length=1,
         status=status,  # type: ignore[arg-type]
     )
 
@@ -112,11 +117,15 @@ def test_exchange_puts_takes_and_reserves_in_one_call():
     assert stats["pool/in_flight"] == 4.0
     # Groups 1 and 0 arrive: one batch forms, in generation order, and the room it frees is
     # reserved in the same call.
-    batches, stats, seqs = pool.exchange([1, 0], [group(0, size=2), group(0, size=1)], 0, max_takes=2, steps_queued=0)
+    batches, stats, seqs = pool.exchange(
+        [1, 0], [group(0, size=2), group(0, size=1)], 0, max_takes=2, steps_queued=0
+    )
     assert [[len(g) for g in batch] for batch in batches] == [[1, 2]]
     assert seqs == [4, 5] and stats["pool/taken"] == 2.0
     # With the trainer queue full nothing is taken, and a dead fleet reserves nothing.
-    batches, _, seqs = pool.exchange([2, 3], [group(0), group(0)], 1, max_takes=0, steps_queued=1, reserve=False)
+    batches, _, seqs = pool.exchange(
+        [2, 3], [group(0), group(0)], 1, max_takes=0, steps_queued=1, reserve=False
+    )
     assert (batches, seqs) == ([], [])
     batches, stats, _ = pool.exchange([], [], 1, max_takes=1, steps_queued=1)
     assert len(batches) == 1 and stats["pool/ready"] == 0.0

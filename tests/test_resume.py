@@ -12,12 +12,25 @@ import yaml
 
 CONFIG = {
     "seed": 7,
-    "model": {"tiny": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1,
-                       "intermediate_size": 64}},
+    "model": {
+        "tiny": {
+            "hidden_size": 32,
+            "num_layers": 1,
+            "num_heads": 2,
+            "num_kv_heads": 1,
+            "intermediate_size": 64,
+        }
+    },
     "env": {"name": "guess_number", "kwargs": {"n": 4}},
     "rollout": {"num_workers": 1, "tasks_per_step": 2, "group_size": 4, "max_turns": 4, "max_new_tokens": 1},
-    "train": {"max_steps": 4, "learning_rate": 0.01, "loss": "ppo_clip", "minibatches_per_step": 2,
-              "checkpoint_every": 1, "keep_checkpoints": 0},
+    "train": {
+        "max_steps": 4,
+        "learning_rate": 0.01,
+        "loss": "ppo_clip",
+        "minibatches_per_step": 2,
+        "checkpoint_every": 1,
+        "keep_checkpoints": 0,
+    },
     "trainer": {"packing": "padded"},
     "logging": {"progress_bar": False, "tensorboard": False},
 }
@@ -25,8 +38,13 @@ CONFIG = {
 
 def forge_train(*args: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return subprocess.Popen([sys.executable, "-m", "forge.cli", "train", *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "forge.cli", "train", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
 
 
 def finish(process: subprocess.Popen) -> None:
@@ -62,7 +80,9 @@ def test_a_run_killed_mid_training_and_resumed_matches_an_uninterrupted_run(tmp_
     assert resumed_at == 4
     expected, got = trainable(whole, 4), trainable(killed, 4)
     before = trainable(whole, 2)
-    assert any(not torch.equal(before[name], expected[name]) for name in expected), "no learning after the kill"
+    assert any(not torch.equal(before[name], expected[name]) for name in expected), (
+        "no learning after the kill"
+    )
     for name, tensor in expected.items():
         assert torch.equal(tensor, got[name]), name
 

@@ -122,5 +122,7 @@ def test_cached_renderings_equal_fresh_ones_and_cannot_be_mutated_through(tiny_c
         assert cached.observation_ids(text) == fresh._observation_ids(text, "user") == first[:-1]
     prompt = cached.prompt_ids("guess a number", "be quick")
     prompt.clear()
-    assert cached.prompt_ids("guess a number", "be quick") == fresh._prompt_ids("guess a number", "be quick", None)
+    assert cached.prompt_ids("guess a number", "be quick") == fresh._prompt_ids(
+        "guess a number", "be quick", None
+    )
     assert cached.prompt_ids("guess a number", "be quick")

@@ -35,7 +35,11 @@ def worker(tiny_checkpoint) -> RolloutWorker:
     return made
 
 
-TASKS = [{"task_id": "slow", "delay": 1.0}, {"task_id": "fast", "delay": 0.0}, {"task_id": "mid", "delay": 0.3}]
+TASKS = [
+    {"task_id": "slow", "delay": 1.0},
+    {"task_id": "fast", "delay": 0.0},
+    {"task_id": "mid", "delay": 0.3},
+]
 
 
 def test_groups_arrive_as_each_ends_not_in_launch_order(worker):

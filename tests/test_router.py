@@ -38,7 +38,9 @@ class FakeClient:
             raise EngineLost(self.url, "ConnectError: connection refused")
         return GenerationResult(list(self.reply), [-0.5] * len(self.reply), True, self.policy_version, 1)
 
-    async def generate_batch(self, requests: list[GenerationRequest], release: list[str] | None = None) -> list:
+    async def generate_batch(
+        self, requests: list[GenerationRequest], release: list[str] | None = None
+    ) -> list:
         self.batches.append(len(requests))
         self.released.extend(release or [])
         return await generate_each(self, requests)
@@ -63,7 +65,9 @@ def test_all_turns_of_an_episode_and_all_episodes_of_a_group_go_to_one_engine():
 
     async def scenario() -> None:
         for turn in range(3):
-            await asyncio.gather(*(router.generate(request("task1@v0#aa", seed, [1] * (turn + 1))) for seed in range(4)))
+            await asyncio.gather(
+                *(router.generate(request("task1@v0#aa", seed, [1] * (turn + 1))) for seed in range(4))
+            )
 
     asyncio.run(scenario())
     counts = [len(e.calls) for e in engines]
@@ -92,7 +96,9 @@ def test_turns_of_a_workers_live_episodes_go_to_each_engine_in_one_call():
     # Every live episode waited for the others (max_wait_s is long): 3 turns, one call per engine each.
     assert [e.batches for e in engines] == [[4, 4, 4], [4, 4, 4]]
     assert router.calls == 6
-    assert sorted(engines[0].released + engines[1].released) == sorted(f"{g}/{s:08x}" for g in ("g1", "g2") for s in range(4))
+    assert sorted(engines[0].released + engines[1].released) == sorted(
+        f"{g}/{s:08x}" for g in ("g1", "g2") for s in range(4)
+    )
 
 
 def test_an_episode_busy_in_its_env_does_not_hold_the_others_back():
@@ -123,7 +129,9 @@ def test_groups_are_spread_over_engines_by_load():
 
 def test_workers_with_different_offsets_start_on_different_engines():
     engines = [FakeClient("http://a"), FakeClient("http://b")]
-    assert Router(engines, offset=0).engine_for("g/1", "g") != Router(engines, offset=1).engine_for("g/1", "g")
+    assert Router(engines, offset=0).engine_for("g/1", "g") != Router(engines, offset=1).engine_for(
+        "g/1", "g"
+    )
 
 
 def test_release_frees_the_episode_on_its_engine_and_ends_the_group_affinity():
@@ -177,14 +185,20 @@ def test_the_agent_loop_records_an_episode_whose_engine_died_as_lost(tiny_checkp
     chat = ChatFormat(load_tokenizer(tiny_checkpoint))
     client = FakeClient("http://a")
     client.fail = True
-    limits = EpisodeLimits(max_turns=2, max_new_tokens=2, max_context_tokens=256, step_timeout_s=5,
-                           episode_timeout_s=10)
-    trajectory = asyncio.run(run_episode(GuessNumberEnv(n=4), {"task_id": "0", "secret": 1}, 0, Router([client]),
-                                         chat, limits, "0@v0#00"))
+    limits = EpisodeLimits(
+        max_turns=2, max_new_tokens=2, max_context_tokens=256, step_timeout_s=5, episode_timeout_s=10
+    )
+    trajectory = asyncio.run(
+        run_episode(
+            GuessNumberEnv(n=4), {"task_id": "0", "secret": 1}, 0, Router([client]), chat, limits, "0@v0#00"
+        )
+    )
     assert trajectory.status == "lost" and "http://a" in trajectory.error
 
 
-def test_trajectories_hold_the_engines_sampled_ids_even_when_their_text_retokenizes_differently(tiny_checkpoint):
+def test_trajectories_hold_the_engines_sampled_ids_even_when_their_text_retokenizes_differently(
+    tiny_checkpoint,
+):
     """<|unk|> then 'system' decodes to 'system', which encodes as one token: a loop that
     re-tokenized the reply would train on [system], not on what the engine sampled."""
     from forge.models.loading import load_tokenizer
@@ -197,13 +211,20 @@ def test_trajectories_hold_the_engines_sampled_ids_even_when_their_text_retokeni
     assert tokenizer(text, add_special_tokens=False)["input_ids"] != sampled  # the premise
     chat = ChatFormat(tokenizer)
     client = FakeClient("http://a", reply=sampled, version=11)
-    limits = EpisodeLimits(max_turns=1, max_new_tokens=4, max_context_tokens=256, step_timeout_s=5,
-                           episode_timeout_s=10)
-    trajectory = asyncio.run(run_episode(GuessNumberEnv(n=4), {"task_id": "0", "secret": 1}, 0, Router([client]),
-                                         chat, limits, "0@v0#00"))
+    limits = EpisodeLimits(
+        max_turns=1, max_new_tokens=4, max_context_tokens=256, step_timeout_s=5, episode_timeout_s=10
+    )
+    trajectory = asyncio.run(
+        run_episode(
+            GuessNumberEnv(n=4), {"task_id": "0", "secret": 1}, 0, Router([client]), chat, limits, "0@v0#00"
+        )
+    )
     generated = [t for t, m in zip(trajectory.token_ids, trajectory.loss_mask, strict=True) if m]
     assert generated == sampled
-    assert [lp for lp, m in zip(trajectory.behaviour_logprobs, trajectory.loss_mask, strict=True) if m] == [-0.5, -0.5]
+    assert [lp for lp, m in zip(trajectory.behaviour_logprobs, trajectory.loss_mask, strict=True) if m] == [
+        -0.5,
+        -0.5,
+    ]
     assert {v for v, m in zip(trajectory.policy_versions, trajectory.loss_mask, strict=True) if m} == {11}
     sample = Sample.from_trajectory(trajectory, 1.0)
     assert [t for t, m in zip(sample.token_ids, sample.loss_mask, strict=True) if m] == sampled

@@ -116,12 +116,16 @@ def test_a_restarted_worker_past_the_frozen_version_loads_the_runs_snapshot(look
 
     restarted = start()  # as Ray restarts a dead worker: its constructor again, then the latest weights
     restarted.set_rng_state(sampling)
-    later = {name: p + 0.05 for name, p in at_two.items()}  # (randn here would repeat at_two: the worker seeds torch)
+    later = {
+        name: p + 0.05 for name, p in at_two.items()
+    }  # (randn here would repeat at_two: the worker seeds torch)
     restarted.set_weights(later, version=5)
     assert restarted.frozen.policy_version == 2
     frozen, kept = restarted.frozen.model.state_dict(), worker.frozen.model.state_dict()
     assert all(torch.equal(frozen[name], kept[name]) for name in kept)  # version 2's weights, not 5's
-    assert not torch.equal(frozen["model.norm.weight"], restarted.engine.model.state_dict()["model.norm.weight"])
+    assert not torch.equal(
+        frozen["model.norm.weight"], restarted.engine.model.state_dict()["model.norm.weight"]
+    )
     assert torch.equal(restarted.frozen.generator.get_state(), worker.frozen.generator.get_state())
 
 

@@ -26,9 +26,15 @@ def test_a_worker_killed_mid_rollout_is_restarted_and_its_episodes_are_counted_l
             return calls
 
     monkeypatch.setattr(context, "Run", KillingRun)
-    cfg = load_config("configs/smoke.yaml", [
-        "train.max_steps=4", "rollout.tasks_per_step=2", "rollout.group_size=4", "rollout.num_workers=2",
-    ])
+    cfg = load_config(
+        "configs/smoke.yaml",
+        [
+            "train.max_steps=4",
+            "rollout.tasks_per_step=2",
+            "rollout.group_size=4",
+            "rollout.num_workers=2",
+        ],
+    )
     result = launch.train(cfg, tmp_path, progress=False)
 
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -44,7 +50,9 @@ def test_a_run_asking_for_more_cpus_than_the_cluster_has_fails_fast_with_the_key
 
     total = ray_session.cluster_resources()["CPU"]
     cfg = load_config("configs/smoke.yaml", [f"train.num_cpus={total}", "train.max_steps=1"])
-    with pytest.raises(ConfigError, match=r"train\.num_cpus=.*rollout\.num_cpus_per_worker=0\.5.*Ray cluster has"):
+    with pytest.raises(
+        ConfigError, match=r"train\.num_cpus=.*rollout\.num_cpus_per_worker=0\.5.*Ray cluster has"
+    ):
         train(cfg, tmp_path / "run", progress=False)  # Ray would otherwise wait forever to place actors
 
 
@@ -62,8 +70,13 @@ def test_a_trainer_that_dies_stops_the_run_with_how_to_resume_it(ray_session, tm
         return path
 
     monkeypatch.setattr(checkpoint, "save_run", save_then_kill_the_trainer)
-    overrides = ["train.max_steps=5", "train.checkpoint_every=1", "rollout.tasks_per_step=2",
-                 "rollout.group_size=4", "logging.progress_bar=false"]
+    overrides = [
+        "train.max_steps=5",
+        "train.checkpoint_every=1",
+        "rollout.tasks_per_step=2",
+        "rollout.group_size=4",
+        "logging.progress_bar=false",
+    ]
     assert main(["train", "configs/smoke.yaml", *overrides, "--output-dir", str(tmp_path)]) == 1
     error = capsys.readouterr().err
     assert "the Trainer actor died, so the run stopped" in error

@@ -13,7 +13,10 @@ from forge.rollout.engines.batching import BatchingEngine
 from forge.rollout.engines.protocol import GenerationRequest, GenerationResult
 
 TWO_CORE_LAYOUT = [
-    "train.num_cpus=1", "train.torch_threads=2", "rollout.num_workers=1", "rollout.num_cpus_per_worker=1",
+    "train.num_cpus=1",
+    "train.torch_threads=2",
+    "rollout.num_workers=1",
+    "rollout.num_cpus_per_worker=1",
     "rollout.torch_threads=2",
 ]
 
@@ -35,7 +38,9 @@ def batch_threads(offload: bool) -> tuple[int, list[int]]:
     async def play() -> int:
         batching = BatchingEngine(engine, offload=offload)
         try:
-            await asyncio.gather(*(batching.generate(GenerationRequest([2, 3], 1, f"e{i}")) for i in range(3)))
+            await asyncio.gather(
+                *(batching.generate(GenerationRequest([2, 3], 1, f"e{i}")) for i in range(3))
+            )
         finally:
             await batching.close()
         return threading.get_ident()
@@ -85,7 +90,9 @@ def test_a_run_starts_its_trainer_and_worker_at_the_configured_threads(ray_sessi
     run = Run(load_config("configs/smoke.yaml", [*TWO_CORE_LAYOUT, "logging.tensorboard=false"]), tmp_path)
     try:
         actors = [run.trainer, *run.workers]
-        counts = ray_session.get([a.__ray_call__.remote(lambda self: torch.get_num_threads()) for a in actors])
+        counts = ray_session.get(
+            [a.__ray_call__.remote(lambda self: torch.get_num_threads()) for a in actors]
+        )
     finally:
         for actor in [run.trainer, *run.workers]:
             ray_session.kill(actor)

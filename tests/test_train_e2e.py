@@ -24,8 +24,15 @@ def test_short_run_writes_finite_metrics_tensorboard_and_a_loadable_checkpoint(r
 
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2, 3]
-    required = ["reward_mean", "success_rate", "turns_mean", "tokens_generated", "rollout_seconds",
-                "train_seconds", "policy_version"]
+    required = [
+        "reward_mean",
+        "success_rate",
+        "turns_mean",
+        "tokens_generated",
+        "rollout_seconds",
+        "train_seconds",
+        "policy_version",
+    ]
     for row in rows:
         # A step whose groups all scored alike computes no token (train.skip_zero_advantage).
         for key in required + (["tree_token_ratio"] if row["tokens_computed"] else []):

@@ -17,9 +17,15 @@ def test_two_trainer_processes_train_the_same_first_step_as_one(ray_session, tmp
     from forge.run.launch import train
 
     overrides = [
-        "train.max_steps=1", "rollout.tasks_per_step=8", "rollout.group_size=8", "rollout.num_workers=1",
-        "train.minibatches_per_step=1", "train.num_cpus=1", "trainer.packing=padded",
-        "logging.tensorboard=false", "train.checkpoint_every=0",
+        "train.max_steps=1",
+        "rollout.tasks_per_step=8",
+        "rollout.group_size=8",
+        "rollout.num_workers=1",
+        "train.minibatches_per_step=1",
+        "train.num_cpus=1",
+        "trainer.packing=padded",
+        "logging.tensorboard=false",
+        "train.checkpoint_every=0",
     ]
     from forge.run import context
 
@@ -56,9 +62,16 @@ def test_an_async_run_on_two_sharded_trainer_ranks_trains_checkpoints_and_saves(
     from forge.run.launch import train
 
     overrides = [
-        "train.mode=async", "train.max_steps=3", "train.checkpoint_every=2", "rollout.tasks_per_step=4",
-        "rollout.group_size=4", "rollout.num_workers=1", "train.num_cpus=0.5", "train.num_trainers=2",
-        "train.strategy=fsdp", "logging.tensorboard=false",
+        "train.mode=async",
+        "train.max_steps=3",
+        "train.checkpoint_every=2",
+        "rollout.tasks_per_step=4",
+        "rollout.group_size=4",
+        "rollout.num_workers=1",
+        "train.num_cpus=0.5",
+        "train.num_trainers=2",
+        "train.strategy=fsdp",
+        "logging.tensorboard=false",
     ]
     result = train(load_config("configs/smoke.yaml", overrides), tmp_path, progress=False)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -73,8 +86,9 @@ def test_an_async_run_on_two_sharded_trainer_ranks_trains_checkpoints_and_saves(
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_a_rank_that_fails_to_load_stops_the_group_at_once_and_no_rank_is_left_waiting(ray_session, tmp_path,
-                                                                                        tiny_checkpoint):
+def test_a_rank_that_fails_to_load_stops_the_group_at_once_and_no_rank_is_left_waiting(
+    ray_session, tmp_path, tiny_checkpoint
+):
     # Under FSDP2 only rank 0 reads the weights; the others build from the config and wait for
     # its broadcast. Unreadable weights fail rank 0: the group must say so and end the other
     # rank too, not leave it blocked in the broadcast.

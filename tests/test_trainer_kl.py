@@ -112,7 +112,9 @@ def test_trainer_decays_the_learning_rate_over_the_whole_run(tiny_checkpoint):
     cfg.train.lr_schedule, cfg.train.learning_rate = "linear", 1e-2
     trainer = Trainer(tiny_checkpoint, cfg.model, cfg.train, cfg.trainer, seed=0)
     tokens = [[5, 6, 7, 8, 9, 10], [5, 6, 7, 11, 12, 13]]
-    samples = [Sample(t, [0] * 3 + [1] * 3, [0.0] * 6, [0] * 6, advantage=(-1.0) ** i) for i, t in enumerate(tokens)]
+    samples = [
+        Sample(t, [0] * 3 + [1] * 3, [0.0] * 6, [0] * 6, advantage=(-1.0) ** i) for i, t in enumerate(tokens)
+    ]
     rates = [trainer.train_step(samples)["learning_rate"] for _ in range(3)]
     # 6 optimizer steps; the rate logged after each train_step is the next step's
     assert rates == pytest.approx([1e-2 * 3 / 5, 1e-2 * 1 / 5, 0.0])

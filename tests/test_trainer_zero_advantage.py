@@ -39,7 +39,9 @@ def step(tiny_checkpoint, **train) -> tuple[dict, torch.Tensor]:
 @pytest.mark.parametrize("loss", ["pg", "ppo_clip", "cispo", "gspo"])
 def test_skipping_zero_advantage_samples_keeps_the_gradient_and_the_loss(tiny_checkpoint, loss):
     aggregation = "seq_mean_token_mean" if loss == "gspo" else "token_mean"
-    full, full_grad = step(tiny_checkpoint, loss=loss, loss_aggregation=aggregation, skip_zero_advantage=False)
+    full, full_grad = step(
+        tiny_checkpoint, loss=loss, loss_aggregation=aggregation, skip_zero_advantage=False
+    )
     skip, skip_grad = step(tiny_checkpoint, loss=loss, loss_aggregation=aggregation)
     assert full["zero_advantage_skipped"] == 0.0 and skip["zero_advantage_skipped"] == 0.5
     assert skip["trained_samples"] == full["trained_samples"] / 2  # the skipped half is not trained

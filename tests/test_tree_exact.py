@@ -207,8 +207,12 @@ def test_flex_block_mask_with_a_window_or_chunk_equals_the_dense_mask(window, ch
     sequences = [[1, 2, 3] * 30 + [i] * (20 + i) for i in range(4)] + [[9] * 40]
     tree = build_prefix_tree(sequences)
     ends, depth = torch.as_tensor(tree.subtree_end), torch.as_tensor(tree.position_ids)
-    query, key, value = (torch.randn(1, 2, tree.num_nodes, 16, generator=torch.Generator().manual_seed(1)) for _ in range(3))
-    flex = flex_attention(query, key, value, block_mask=flex_tree_block_mask(ends, 16, depth, window, chunk=chunk))
+    query, key, value = (
+        torch.randn(1, 2, tree.num_nodes, 16, generator=torch.Generator().manual_seed(1)) for _ in range(3)
+    )
+    flex = flex_attention(
+        query, key, value, block_mask=flex_tree_block_mask(ends, 16, depth, window, chunk=chunk)
+    )
     mask = dense_tree_mask(ends, torch.float32, depth, window, chunk)
     if chunk is not None:  # the chunk cuts these sequences
         assert (mask == 0).sum() < (dense_tree_mask(ends, torch.float32, depth, window) == 0).sum()
@@ -290,12 +294,16 @@ def test_flex_path_logprobs_through_the_model_equal_separate_forwards_on_cpu(arc
     else:
         model = tiny_model(architecture, "flex_attention")
         reference = tiny_model(architecture, "sdpa")
-    samples = make_samples([[1, 2, 3, 4] * 10 + [i] * (5 + i) for i in range(5)] + [[7, 7, 7], [1, 2]], seed=0)
+    samples = make_samples(
+        [[1, 2, 3, 4] * 10 + [i] * (5 + i) for i in range(5)] + [[7, 7, 7], [1, 2]], seed=0
+    )
     with torch.no_grad():
         for batch in microbatches(samples, "tree", 64, attention="flex"):
             for index, lp in zip(batch.sample_indices, batch.forward_logprobs(model), strict=True):
                 ids = torch.tensor([samples[index].token_ids])
-                want = reference(input_ids=ids).logits[0, :-1].log_softmax(-1).gather(1, ids[0, 1:, None])[:, 0]
+                want = (
+                    reference(input_ids=ids).logits[0, :-1].log_softmax(-1).gather(1, ids[0, 1:, None])[:, 0]
+                )
                 assert (lp - want).abs().max().item() <= LOGPROB_TOLERANCE
     assert calls and all(mask is not None for mask in calls)  # every layer went through flex
 
@@ -321,7 +329,8 @@ def test_entropy_and_its_gradient_equal_separate_forwards(architecture, packing)
     total = sum(len(s.token_ids) for s in samples)
     expected = [separate_entropy(model, s) for s in samples]
     expected_grad = gradients(
-        model, lambda: sum(entropy_loss(e, s, total) for e, s in zip(expected, samples, strict=True)).backward()
+        model,
+        lambda: sum(entropy_loss(e, s, total) for e, s in zip(expected, samples, strict=True)).backward(),
     )
     got: list = [None] * len(samples)
 

@@ -32,9 +32,7 @@ def start(ray, checkpoint, cfg: Config):
     from forge.train.trainer import Trainer
 
     trainer = ray.remote(Trainer).remote(str(checkpoint), cfg.model, cfg.train, cfg.trainer, 0, 1)
-    worker = ray.remote(RolloutWorker).remote(
-        str(checkpoint), cfg.model, cfg.env, cfg.rollout, 0.5, 7, 1
-    )
+    worker = ray.remote(RolloutWorker).remote(str(checkpoint), cfg.model, cfg.env, cfg.rollout, 0.5, 7, 1)
     return trainer, worker
 
 
@@ -52,7 +50,9 @@ def generated_versions(ray, worker) -> set[int]:
 
 
 @pytest.mark.parametrize("lora", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["full", "lora"])
-def test_a_sync_changes_the_worker_distribution_and_advances_token_versions(ray_session, tiny_checkpoint, lora):
+def test_a_sync_changes_the_worker_distribution_and_advances_token_versions(
+    ray_session, tiny_checkpoint, lora
+):
     ray = ray_session
     trainer, worker = start(ray, tiny_checkpoint, make_config(lora))
     try:

@@ -514,7 +514,8 @@ def add_check_arguments(parser: Any) -> None:
         help="JSON object of constructor arguments (default: the config's env.kwargs when NAME is its env, else {})",
     )  # fmt: skip
     parser.add_argument(
-        "--tasks", default=None,
+        "--tasks",
+        default=None,
         help="jsonl/parquet/arrow file or dataset name (default: the config's env.tasks when NAME is its env)",
     )
     parser.add_argument("--seed", type=int, default=0)

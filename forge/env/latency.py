@@ -27,7 +27,9 @@ class LatencySampler:
 
     def __init__(self, median_ms: float, p99_ms: float, max_ms: float | None = None, seed: int = 0) -> None:
         if not 0 < median_ms < p99_ms:
-            raise ValueError(f"latency: need 0 < median_ms < p99_ms, got median_ms={median_ms}, p99_ms={p99_ms}")
+            raise ValueError(
+                f"latency: need 0 < median_ms < p99_ms, got median_ms={median_ms}, p99_ms={p99_ms}"
+            )
         self.mu = math.log(median_ms / 1000.0)
         self.sigma = math.log(p99_ms / median_ms) / Z99
         self.max_s = None if max_ms is None else max_ms / 1000.0
@@ -47,7 +49,13 @@ class LatencyEnv(Env):
     the wrapped env's. The delays of an episode are seeded by its episode seed."""
 
     def __init__(
-        self, env: Env, median_ms: float, p99_ms: float, max_ms: float | None, seed: int, step_timeout_s: float
+        self,
+        env: Env,
+        median_ms: float,
+        p99_ms: float,
+        max_ms: float | None,
+        seed: int,
+        step_timeout_s: float,
     ) -> None:
         LatencySampler(median_ms, p99_ms, max_ms)  # bad settings fail here, not at the first reset
         self.env = env

@@ -6,6 +6,15 @@ from forge.gateway.recording import EpisodeRecorder, read_recorded, standalone_s
 from forge.gateway.server import Gateway, GatewayServer, build_app
 
 __all__ = [
-    "CallRecord", "Episode", "EpisodeError", "EpisodeRecorder", "EpisodeStore", "Gateway", "GatewayServer",
-    "build_app", "episode_samples", "read_recorded", "standalone_store",
+    "CallRecord",
+    "Episode",
+    "EpisodeError",
+    "EpisodeRecorder",
+    "EpisodeStore",
+    "Gateway",
+    "GatewayServer",
+    "build_app",
+    "episode_samples",
+    "read_recorded",
+    "standalone_store",
 ]

@@ -152,9 +152,18 @@ async def completions_stream(
         prompt_tokens += len(run.spec.prompt_ids)
         completion_tokens += sum(len(choice.record.completion_ids) for choice in streamed.result)
     if (body.stream_options or {}).get("include_usage"):
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                 "total_tokens": prompt_tokens + completion_tokens}
-        data = {"id": ident, "object": "text_completion", "created": created, "model": model,
-                "choices": [], "usage": usage}
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+        data = {
+            "id": ident,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [],
+            "usage": usage,
+        }
         yield f"data: {json.dumps(data)}\n\n"
     yield "data: [DONE]\n\n"

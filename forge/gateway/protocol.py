@@ -15,8 +15,17 @@ from forge.env.tools import hermes_tools_prompt
 # Fields of OpenAI's API that change nothing a reply holds (storage, billing, caching,
 # moderation of the account's traffic): accepted and left unused.
 NO_EFFECT_FIELDS = frozenset(
-    {"store", "metadata", "service_tier", "prediction", "prompt_cache_key", "prompt_cache_retention",
-     "prompt_cache_options", "safety_identifier", "user"}
+    {
+        "store",
+        "metadata",
+        "service_tier",
+        "prediction",
+        "prompt_cache_key",
+        "prompt_cache_retention",
+        "prompt_cache_options",
+        "safety_identifier",
+        "user",
+    }
 )
 # Fields the gateway knows but cannot honour, and what to do instead.
 CANNOT_HONOUR = {
@@ -41,7 +50,7 @@ def refused_field(fields: dict[str, Any] | None, known: frozenset[str] = frozens
         if name == "modalities" and value == ["text"]:
             continue
         if name == "modalities":
-            return f"modalities={value!r}: the Forge gateway's policy writes text only; ask for [\"text\"]"
+            return f'modalities={value!r}: the Forge gateway\'s policy writes text only; ask for ["text"]'
         if name in CANNOT_HONOUR:
             return f"{name} is not supported by the Forge gateway: {CANNOT_HONOUR[name]}"
         return (
@@ -60,11 +69,16 @@ class OpenAIBody(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _null_is_unset(cls, data: Any) -> Any:
-        return {key: value for key, value in data.items() if value is not None} if isinstance(data, dict) else data
+        return (
+            {key: value for key, value in data.items() if value is not None}
+            if isinstance(data, dict)
+            else data
+        )
 
 
 class SamplingFields(OpenAIBody):
     """What chat and completions requests share: limits, sampling, stop strings, n."""
+
     model: str = ""
     max_tokens: int | None = Field(None, gt=0)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -165,10 +179,12 @@ def text_content(content: Any) -> str:
             if kind not in TEXT_PARTS and kind != "refusal":
                 raise ValueError(
                     f"content part type {kind!r} is not supported: the Forge gateway's policy reads "
-                    "text only; send text parts ({\"type\": \"text\", \"text\": ...})"
+                    'text only; send text parts ({"type": "text", "text": ...})'
                 )
         return "".join(part.get("text", part.get("refusal", "")) for part in content)
-    raise ValueError(f"message content must be a string or a list of text parts, got {type(content).__name__}")
+    raise ValueError(
+        f"message content must be a string or a list of text parts, got {type(content).__name__}"
+    )
 
 
 def _arguments(call: dict[str, Any]) -> dict[str, Any]:
@@ -181,7 +197,9 @@ def _arguments(call: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
-def template_messages(messages: list[dict[str, Any]], tools: list[dict] | None, tool_aware: bool) -> list[dict]:
+def template_messages(
+    messages: list[dict[str, Any]], tools: list[dict] | None, tool_aware: bool
+) -> list[dict]:
     """Messages as the chat template takes them. A template that renders tools gets OpenAI
     tool calls as structured `tool_calls`; any other gets them in Hermes text
     (`<tool_call>...</tool_call>`, `<tool_response>...</tool_response>`), the same text
@@ -191,7 +209,9 @@ def template_messages(messages: list[dict[str, Any]], tools: list[dict] | None, 
     for index, message in enumerate(messages):
         role = message.get("role")
         if role not in ("system", "developer", "user", "assistant", "tool"):
-            raise ValueError(f"messages[{index}].role={role!r}: use system, developer, user, assistant or tool")
+            raise ValueError(
+                f"messages[{index}].role={role!r}: use system, developer, user, assistant or tool"
+            )
         role = "system" if role == "developer" else role
         try:
             content = text_content(message.get("content"))
@@ -208,15 +228,20 @@ def template_messages(messages: list[dict[str, Any]], tools: list[dict] | None, 
         if role == "assistant" and calls:
             if tool_aware:
                 structured = [
-                    {"id": c.get("id", ""), "type": "function",
-                     "function": {"name": c["function"]["name"], "arguments": _arguments(c)}}
+                    {
+                        "id": c.get("id", ""),
+                        "type": "function",
+                        "function": {"name": c["function"]["name"], "arguments": _arguments(c)},
+                    }
                     for c in calls
                 ]
                 names.update((c.get("id"), c["function"]["name"]) for c in calls)
                 rendered.append({"role": role, "content": content, "tool_calls": structured})
                 continue
             blocks = [
-                "<tool_call>" + json.dumps({"name": c["function"]["name"], "arguments": _arguments(c)}) + "</tool_call>"
+                "<tool_call>"
+                + json.dumps({"name": c["function"]["name"], "arguments": _arguments(c)})
+                + "</tool_call>"
                 for c in calls
             ]
             content = "\n".join(([content] if content else []) + blocks)
@@ -224,8 +249,14 @@ def template_messages(messages: list[dict[str, Any]], tools: list[dict] | None, 
             content = f"<tool_response>\n{content}\n</tool_response>"
         elif role == "tool":  # templates that show which call a result answers read these
             call_id = message.get("tool_call_id", "")
-            rendered.append({"role": role, "content": content, "tool_call_id": call_id,
-                             "name": message.get("name") or names.get(call_id, "")})
+            rendered.append(
+                {
+                    "role": role,
+                    "content": content,
+                    "tool_call_id": call_id,
+                    "name": message.get("name") or names.get(call_id, ""),
+                }
+            )
             continue
         rendered.append({"role": role, "content": content})
     if tools and not tool_aware:

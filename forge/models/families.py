@@ -156,7 +156,11 @@ FAMILIES: dict[str, Family] = {
             "Cohere2Config",
             "Cohere2ForCausalLM",
             dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"], logit_scale=0.5),
-            features=("sliding / full layers, rotary on sliding layers only", "parallel residual", "logit scale"),
+            features=(
+                "sliding / full layers, rotary on sliding layers only",
+                "parallel residual",
+                "logit scale",
+            ),
         ),
         Family(
             "starcoder2",
@@ -170,7 +174,12 @@ FAMILIES: dict[str, Family] = {
             "GraniteConfig",
             "GraniteForCausalLM",
             # Scores scaled by attention_multiplier, not 1/sqrt(head_dim): the tree must keep it.
-            dict(attention_multiplier=0.3, residual_multiplier=0.5, embedding_multiplier=3.0, logits_scaling=2.0),
+            dict(
+                attention_multiplier=0.3,
+                residual_multiplier=0.5,
+                embedding_multiplier=3.0,
+                logits_scaling=2.0,
+            ),
             features=("attention / residual / embedding / logit multipliers",),
         ),
         Family(
@@ -282,8 +291,10 @@ def support_table() -> str:
         checked = set(matrix_paths(family))
         cells = []
         for packing, implementation in COLUMNS:
-            if (packing, implementation) == ("tree", "flex_attention") and not family.flex_on_cpu and (
-                implementation in family.attention_implementations()
+            if (
+                (packing, implementation) == ("tree", "flex_attention")
+                and not family.flex_on_cpu
+                and (implementation in family.attention_implementations())
             ):
                 cells.append("GPU only (transformers); GPU check, not yet run")
             elif (packing, implementation) not in checked:

@@ -36,7 +36,9 @@ def checkpoint_folder(given: str) -> Path:
             f"is a hub model, download it once (hf download {given} --local-dir /models/{parts[1]}) "
             f"and set model.path=/models/{parts[1]} (a folder every node can read)"
         )
-    raise FileNotFoundError(f"model.path={given!r} is not a Hugging Face checkpoint folder (it {what}); {hint}")
+    raise FileNotFoundError(
+        f"model.path={given!r} is not a Hugging Face checkpoint folder (it {what}); {hint}"
+    )
 
 
 def resolve_model_path(cfg: ModelConfig, cache_dir: str | Path, seed: int = 0) -> Path:
@@ -138,8 +140,13 @@ def check_lora_targets(model: torch.nn.Module, targets: list[str]) -> None:
     names = [name for name, _ in model.named_modules()]
     missing = [t for t in targets if not any(name == t or name.endswith("." + t) for name in names)]
     if missing:
-        linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                         if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")})
+        linear = sorted(
+            {
+                name.rsplit(".", 1)[-1]
+                for name, module in model.named_modules()
+                if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")
+            }
+        )
         raise ConfigError(
             f"model.lora.target_modules names {missing}, which {type(model).__name__} has no module for; "
             f"its linear layers are {linear}: set model.lora.target_modules to some of them"

@@ -31,7 +31,9 @@ class ChatFormat:
         self._cached_observation = functools.lru_cache(CACHE_ENTRIES)(self._observation_ids)
         self._assistant_end: str | None = None
 
-    def _render(self, messages: list[dict[str, Any]], tools: list[dict] | None, generation_prompt: bool) -> str:
+    def _render(
+        self, messages: list[dict[str, Any]], tools: list[dict] | None, generation_prompt: bool
+    ) -> str:
         return self.tokenizer.apply_chat_template(
             messages, tools=tools, add_generation_prompt=generation_prompt, tokenize=False
         )

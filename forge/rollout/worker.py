@@ -69,8 +69,12 @@ class RolloutWorker:
         else:
             device = resolve_device(model_cfg.device, rollout_cfg.num_gpus_per_worker)
             self.model = load_model(
-                model_path, model_cfg, trainable=False, device=device,
-                attn_implementation=rollout_cfg.attn_implementation, setting_key="rollout.attn_implementation",
+                model_path,
+                model_cfg,
+                trainable=False,
+                device=device,
+                attn_implementation=rollout_cfg.attn_implementation,
+                setting_key="rollout.attn_implementation",
             )
             self.engine = HFEngine(
                 self.model,
@@ -164,7 +168,9 @@ class RolloutWorker:
     def save_frozen(self, path: str) -> str:
         """Write the sub-agents' snapshot to `path` (atomically: a reader never sees half a file)."""
         if self.frozen is None:
-            raise RuntimeError("no frozen sub-agent policy to save: this worker has not reached swarm.frozen_version")
+            raise RuntimeError(
+                "no frozen sub-agent policy to save: this worker has not reached swarm.frozen_version"
+            )
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
@@ -323,8 +329,9 @@ class RolloutWorker:
             self.frozen_batching = BatchingEngine(self.frozen)
         return self.frozen_batching
 
-    def _spawner(self, env: Any, engine: Any, parent_engine: Any, task: dict[str, Any], group_id: str,
-                 seed: int) -> Any:
+    def _spawner(
+        self, env: Any, engine: Any, parent_engine: Any, task: dict[str, Any], group_id: str, seed: int
+    ) -> Any:
         from forge.rollout.spawn import Spawner, SwarmLimits
 
         swarm = self.swarm

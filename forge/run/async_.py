@@ -351,7 +351,9 @@ class AsyncLoop:
             self.run.sync_weights((wrapped, self.trainer_version))
         synced = [i for i in range(len(self.run.workers)) if i not in self.needs_sync]
         if self.run.engines is None:
-            loading = [self.run.workers[i].set_weights.remote(self.weights[0], self.trainer_version) for i in synced]
+            loading = [
+                self.run.workers[i].set_weights.remote(self.weights[0], self.trainer_version) for i in synced
+            ]
             if synced:
                 keep_snapshot(self.run.frozen_snapshot, self.cfg.swarm.frozen_version, self.trainer_version,
                               self.run.workers[synced[0]], loading[0])  # fmt: skip

@@ -20,7 +20,9 @@ def frozen_snapshot(cfg: Config, output_dir: Path) -> Path | None:
     return output_dir / SNAPSHOT_FILE
 
 
-def keep_snapshot(snapshot: Path | None, frozen_version: int, version: int, worker: Any, loading: Any = None) -> None:
+def keep_snapshot(
+    snapshot: Path | None, frozen_version: int, version: int, worker: Any, loading: Any = None
+) -> None:
     """Once `worker` holds `version` == the frozen version, save its snapshot (waited for, so
     that any later version a restarted worker gets finds the file). `loading`: the worker's
     pending `set_weights` call, waited for first (an async actor may run calls out of order)."""

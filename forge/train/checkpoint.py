@@ -104,7 +104,9 @@ def latest_checkpoint(run_dir: str | Path) -> Path:
         )
     directory = root / pointer.read_text().strip()
     if not (directory / TRAINER_FILE).is_file() or not (directory / RUN_STATE_FILE).is_file():
-        raise CheckpointError(f"{pointer} names {directory}, which is incomplete; delete the pointer to start over")
+        raise CheckpointError(
+            f"{pointer} names {directory}, which is incomplete; delete the pointer to start over"
+        )
     return directory
 
 
@@ -187,7 +189,9 @@ def save_run(run: Any, step: int, keep: int = 2, pending_tasks: list[dict[str, A
     passes the tasks it had started and not trained on, which a resumed run plays first."""
     import ray
 
-    worker_rng = ray.get([worker.rng_state.remote() for worker in run.workers]) if pending_tasks is None else None
+    worker_rng = (
+        ray.get([worker.rng_state.remote() for worker in run.workers]) if pending_tasks is None else None
+    )
     state = {
         "step": step,
         "tasks": {"rng": run.tasks.rng.getstate(), "order": run.tasks.order, "position": run.tasks.position},
@@ -240,6 +244,7 @@ def drop_rows_after(path: Path, step: int) -> None:
 
     if not path.is_file():
         return
+
     def before(line: str) -> bool:
         try:
             return json.loads(line)["step"] <= step

@@ -34,8 +34,9 @@ def make_accelerator(strategy: str, mixed_precision: str) -> Any:
 
     if strategy not in STRATEGIES:
         raise ValueError(f"trainer strategy {strategy!r} is not one of {STRATEGIES}")
-    return Accelerator(mixed_precision="no" if strategy == "fsdp" else mixed_precision,
-                       cpu=not torch.cuda.is_available())
+    return Accelerator(
+        mixed_precision="no" if strategy == "fsdp" else mixed_precision, cpu=not torch.cuda.is_available()
+    )
 
 
 def shard_model(
@@ -79,7 +80,9 @@ def shard_from_first_process(
     shard_model(model, device.type, world_size, mixed_precision, frozen)
     if not first:
         model.to_empty(device=device)
-    set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    set_model_state_dict(
+        model, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    )
     for buffer in model.buffers():
         dist.broadcast(buffer, src=0)
     return model
@@ -241,7 +244,10 @@ class DistributedTrainer(Trainer):
             from forge.models.loading import load_model
 
             return load_model(
-                self.model_path, self.model_cfg, trainable=trainable, device=torch.device("meta"),
+                self.model_path,
+                self.model_cfg,
+                trainable=trainable,
+                device=torch.device("meta"),
                 attn_implementation=self.attn_implementation,
             )
         return super().load(trainable)
@@ -379,7 +385,10 @@ class DistributedTrainer(Trainer):
         from forge.models.loading import load_model
 
         whole = load_model(
-            self.model_path, self.model_cfg, trainable=True, device=torch.device("cpu"),
+            self.model_path,
+            self.model_cfg,
+            trainable=True,
+            device=torch.device("cpu"),
             attn_implementation=self.attn_implementation,
         )
         whole.load_state_dict(state)

@@ -30,13 +30,26 @@ class TrainerRank:
             port = probe.getsockname()[1]
         return ray.util.get_node_ip_address(), port
 
-    def setup(self, rank: int, world_size: int, master_addr: str, master_port: int,
-              trainer_args: tuple, trainer_kwargs: dict[str, Any]) -> int:
+    def setup(
+        self,
+        rank: int,
+        world_size: int,
+        master_addr: str,
+        master_port: int,
+        trainer_args: tuple,
+        trainer_kwargs: dict[str, Any],
+    ) -> int:
         from forge.train.distributed import DistributedTrainer
 
         # Ray gives each actor its own visible devices, so the local device is always 0.
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+        os.environ.update(
+            RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            LOCAL_RANK="0",
+            LOCAL_WORLD_SIZE="1",
+            MASTER_ADDR=master_addr,
+            MASTER_PORT=str(master_port),
+        )
         self.trainer = DistributedTrainer(*trainer_args, **trainer_kwargs)
         return self.trainer.world_size
 
@@ -74,12 +87,20 @@ class TrainerGroup:
     rank, which keeps its own shard.
     """
 
-    def __init__(self, world_size: int, num_cpus: float, num_gpus: float, trainer_args: tuple,
-                 trainer_kwargs: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        world_size: int,
+        num_cpus: float,
+        num_gpus: float,
+        trainer_args: tuple,
+        trainer_kwargs: dict[str, Any],
+    ) -> None:
         import ray
 
         rank_class = ray.remote(TrainerRank)
-        self.actors = [rank_class.options(num_cpus=num_cpus, num_gpus=num_gpus).remote() for _ in range(world_size)]
+        self.actors = [
+            rank_class.options(num_cpus=num_cpus, num_gpus=num_gpus).remote() for _ in range(world_size)
+        ]
         master_addr, master_port = ray.get(self.actors[0].address.remote())
         setups = [
             actor.setup.remote(rank, world_size, master_addr, master_port, trainer_args, trainer_kwargs)
@@ -94,7 +115,9 @@ class TrainerGroup:
                 ray.kill(actor)
             raise
         if joined != [world_size] * world_size:
-            raise RuntimeError(f"trainer ranks joined process groups of sizes {joined}, expected {world_size} each")
+            raise RuntimeError(
+                f"trainer ranks joined process groups of sizes {joined}, expected {world_size} each"
+            )
         self.world_size = world_size
         self.train_step = _Call(lambda samples: self._on_every_rank("train_step", ray.put(samples)))
         self.train_and_publish = _Call(

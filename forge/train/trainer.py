@@ -110,7 +110,10 @@ class Trainer:
         # (forge.train.distributed), torch picks its own default.
         fused = self.fused_optimizer and all(p.device.type in ("cpu", "cuda") for p in params)
         self.optimizer = torch.optim.AdamW(
-            params, lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay, fused=True if fused else None
+            params,
+            lr=train_cfg.learning_rate,
+            weight_decay=train_cfg.weight_decay,
+            fused=True if fused else None,
         )
         total = train_cfg.max_steps * train_cfg.minibatches_per_step
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -142,8 +145,10 @@ class Trainer:
 
         compute_device = resolve_device(self.model_cfg.device, self.train_cfg.num_gpus)
         return choose_attn_implementation(
-            AutoConfig.from_pretrained(str(self.model_path)), self.trainer_cfg.attn_implementation,
-            compute_device, "trainer.attn_implementation",
+            AutoConfig.from_pretrained(str(self.model_path)),
+            self.trainer_cfg.attn_implementation,
+            compute_device,
+            "trainer.attn_implementation",
         )
 
     def load(self, trainable: bool) -> torch.nn.Module:
@@ -151,7 +156,10 @@ class Trainer:
         from forge.models.loading import load_model
 
         return load_model(
-            self.model_path, self.model_cfg, trainable=trainable, device=self.device,
+            self.model_path,
+            self.model_cfg,
+            trainable=trainable,
+            device=self.device,
             attn_implementation=self.attn_implementation,
         )
 
@@ -170,7 +178,9 @@ class Trainer:
         message = f"forge: the tree path disagrees with separate forwards on this model: {result.reason}"
         if cfg.self_check == "stop":
             raise RuntimeError(f"{message}; set trainer.packing: padded (or trainer.self_check: fallback)")
-        print(f"{message}; training with padded packing instead (trainer.self_check: stop refuses)", flush=True)
+        print(
+            f"{message}; training with padded packing instead (trainer.self_check: stop refuses)", flush=True
+        )
         self.packing = "padded"
         return result
 
@@ -268,7 +278,9 @@ class Trainer:
         missing = self.microbatches_to_run(len(batches)) - len(batches)
         if missing:
             padding = [PADDING_SAMPLE]
-            [padding_batch] = microbatches(padding, self.packing, cfg.max_tokens_per_microbatch, cfg.attention)
+            [padding_batch] = microbatches(
+                padding, self.packing, cfg.max_tokens_per_microbatch, cfg.attention
+            )
             work += [(padding_batch, padding)] * missing
         token_sums: dict[str, float] = {}
         loss_total = 0.0
@@ -296,7 +308,11 @@ class Trainer:
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        step_metrics = {"loss": loss_total, "grad_norm": float(grad_norm), "optimizer_steps_skipped": float(skipped)}
+        step_metrics = {
+            "loss": loss_total,
+            "grad_norm": float(grad_norm),
+            "optimizer_steps_skipped": float(skipped),
+        }
         return step_metrics, token_sums, batches
 
     def _microbatch_loss(
@@ -383,7 +399,10 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         set_state_dict(
-            self.model, self._torch_optimizer(), model_state_dict=weights, optim_state_dict=optimizer,
+            self.model,
+            self._torch_optimizer(),
+            model_state_dict=weights,
+            optim_state_dict=optimizer,
             options=self._state_options(),
         )
 

@@ -240,7 +240,10 @@ def check_tree_support(config: Any) -> None:
     """Raise, naming the setting to change, for a model whose attention the tree rule cannot
     reproduce exactly."""
     name = type(config).__name__
-    if getattr(config, "attention_chunk_size", None) is not None and getattr(config, "layer_types", None) is None:
+    if (
+        getattr(config, "attention_chunk_size", None) is not None
+        and getattr(config, "layer_types", None) is None
+    ):
         raise ValueError(
             f"{name} uses chunked attention (attention_chunk_size={config.attention_chunk_size}), which "
             "tree packing cannot compute exactly; set trainer.packing: padded"

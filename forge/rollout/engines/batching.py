@@ -30,7 +30,11 @@ class BatchingEngine:
     """
 
     def __init__(
-        self, engine: InferenceEngine, max_batch_size: int = 256, max_wait_s: float = 0.005, offload: bool = False
+        self,
+        engine: InferenceEngine,
+        max_batch_size: int = 256,
+        max_wait_s: float = 0.005,
+        offload: bool = False,
     ) -> None:
         self.engine = engine
         self.offload = offload

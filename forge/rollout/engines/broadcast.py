@@ -80,5 +80,7 @@ def trainer_save(trainer: Any, path: str) -> str:
 
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({name: t.contiguous() for name, t in trainer.weights().items()}, str(folder / "model.safetensors"))
+    save_file(
+        {name: t.contiguous() for name, t in trainer.weights().items()}, str(folder / "model.safetensors")
+    )
     return str(folder)

@@ -16,7 +16,9 @@ def make_client(spec: str, model: str, sampling: Sampling, timeout_s: float = 12
     `vllm+http://host:port` or `sglang+http://host:port`."""
     kind, _, url = spec.partition("+") if "+" in spec.split("://")[0] else ("forge", "", spec)
     if not url.startswith(("http://", "https://")):
-        raise ValueError(f"rollout.servers entry {spec!r}: write http://host:port, vllm+http://... or sglang+http://...")
+        raise ValueError(
+            f"rollout.servers entry {spec!r}: write http://host:port, vllm+http://... or sglang+http://..."
+        )
     if kind == "forge":
         return ForgeClient(url, timeout_s, sampling)
     if kind == "vllm":
@@ -24,7 +26,6 @@ def make_client(spec: str, model: str, sampling: Sampling, timeout_s: float = 12
     if kind == "sglang":
         return SGLangClient(url, sampling, timeout_s)
     raise ValueError(f"rollout.servers entry {spec!r}: unknown server kind {kind!r} (forge, vllm or sglang)")
-
 
 
 def run_sampling(rollout_cfg: Any, stop_token_ids: list[int]) -> Sampling:

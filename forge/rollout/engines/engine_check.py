@@ -35,7 +35,10 @@ def unsupported_reason(config: Any) -> str | None:
     config alone, or None."""
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     name = type(config).__name__
-    if getattr(config, "attention_chunk_size", None) is not None and getattr(config, "layer_types", None) is None:
+    if (
+        getattr(config, "attention_chunk_size", None) is not None
+        and getattr(config, "layer_types", None) is None
+    ):
         return f"{name} uses chunked attention (attention_chunk_size={config.attention_chunk_size}) on unnamed layers"
     if "local" in (getattr(config, "attention_layers", None) or []):
         # GPT-Neo: the window is baked into each layer's mask buffer at init, in sequence

@@ -90,7 +90,9 @@ class HFEngine:
         self._num_layers = model.config.get_text_config().num_hidden_layers
         self._windows = sliding_windows(model.config)
         # Mixture-of-experts: no router load-balancing loss (nothing here trains on it).
-        self._no_router = {"output_router_logits": False} if hasattr(model.config, "output_router_logits") else {}
+        self._no_router = (
+            {"output_router_logits": False} if hasattr(model.config, "output_router_logits") else {}
+        )
         from forge.rollout.engines.engine_check import position_limit
 
         self._position_limit = position_limit(model)
@@ -156,7 +158,9 @@ class HFEngine:
     def next_token_logprobs(self, token_ids: list[int]) -> torch.Tensor:
         """The tempered next-token distribution after `token_ids` (log space, fp32)."""
         with self._lock, torch.no_grad():
-            logits = self.model(input_ids=torch.tensor([token_ids], device=self.device), **self._no_router).logits[0, -1]
+            logits = self.model(
+                input_ids=torch.tensor([token_ids], device=self.device), **self._no_router
+            ).logits[0, -1]
             return torch.log_softmax(logits.float() / self.temperature, dim=-1).cpu()
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
@@ -215,7 +219,9 @@ class HFEngine:
                 layers = [layer.row(row, columns) for layer in batch.cache.layers]
                 self._episodes[batch.episode_ids[row]] = _EpisodeKV(batch.token_ids[row], layers)
 
-    def _new_block(self, news: list[list[int]], starts: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _new_block(
+        self, news: list[list[int]], starts: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Input ids, attention mask and position ids for each row's new tokens, left-padded
         to one width; row i's tokens take positions from `starts[i]` on."""
         rows, width = len(news), max(len(n) for n in news)
@@ -228,7 +234,9 @@ class HFEngine:
             positions[row, width - len(new) :] = torch.arange(start, start + len(new))
         return input_ids.to(self.device), mask.to(self.device), positions.to(self.device)
 
-    def _extend(self, rows: list[int], requests: list[GenerationRequest], room: int) -> tuple[Any, torch.Tensor, torch.Tensor, list[int]]:
+    def _extend(
+        self, rows: list[int], requests: list[GenerationRequest], room: int
+    ) -> tuple[Any, torch.Tensor, torch.Tensor, list[int]]:
         """Prefill each request's new tokens after its row of the kept batch, in place."""
         batch, self._batch = self._batch, None
         self._set_aside(batch, sorted(set(range(len(batch.episode_ids))) - set(rows)))  # they may come back
@@ -244,12 +252,20 @@ class HFEngine:
             layer.reserve(input_ids.shape[1] + room)
         mask = torch.cat([mask, new_mask], dim=-1)
         out = self.model(
-            input_ids=input_ids, attention_mask=self._attention(mask, input_ids.shape[1]), position_ids=positions,
-            cache=cache, use_cache=True, logits_to_keep=1, **self._no_router, **self._shared(cache),
+            input_ids=input_ids,
+            attention_mask=self._attention(mask, input_ids.shape[1]),
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+            **self._no_router,
+            **self._shared(cache),
         )
         return out.cache, mask, out.logits[:, -1, :], [len(new) for new in news]
 
-    def _prefill(self, pasts: list[_EpisodeKV | None], news: list[list[int]], room: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    def _prefill(
+        self, pasts: list[_EpisodeKV | None], news: list[list[int]], room: int
+    ) -> tuple[Any, torch.Tensor, torch.Tensor]:
         """Run the new tokens of each row after its cached KV. Returns the cache, the
         attention mask over it and the last position's logits."""
         rows = len(news)
@@ -281,8 +297,11 @@ class HFEngine:
             # tokens here too made every buffer twice the prompt, copied again per sample).
             layers = [_RoomyLayer(room=room) for _ in range(self._num_layers)]
         out = self.model(
-            input_ids=input_ids, attention_mask=self._attention(mask, input_ids.shape[1]), position_ids=positions,
-            cache=Cache(layers=layers), use_cache=True,
+            input_ids=input_ids,
+            attention_mask=self._attention(mask, input_ids.shape[1]),
+            position_ids=positions,
+            cache=Cache(layers=layers),
+            use_cache=True,
             logits_to_keep=1,  # only the last position is sampled from: no [tokens, vocab] logits
             **self._no_router,
         )
@@ -299,7 +318,9 @@ class HFEngine:
         the window in positions, not in the batch's columns (forge.rollout.engines.windows)."""
         if self._windows is None:
             return mask
-        return positional_masks(mask, new_tokens, self._windows, self.model.get_input_embeddings().weight.dtype)
+        return positional_masks(
+            mask, new_tokens, self._windows, self.model.get_input_embeddings().weight.dtype
+        )
 
     def _generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         batch = len(requests)
@@ -349,8 +370,15 @@ class HFEngine:
             lengths_out += active
             stopped = torch.isin(tokens, stop_ids).logical_and_(active)
             if watchers:
-                stopped |= self._watch(watchers, step, active, tokens, logprobs,
-                                       (top_ids[:, step], top_values[:, step]) if top_k else None, requests)
+                stopped |= self._watch(
+                    watchers,
+                    step,
+                    active,
+                    tokens,
+                    logprobs,
+                    (top_ids[:, step], top_values[:, step]) if top_k else None,
+                    requests,
+                )
             finished |= stopped
             done |= stopped.logical_or_(lengths_out >= limits)
             if step == steps - 1 or bool(done.all()):
@@ -373,7 +401,9 @@ class HFEngine:
             next_position = next_position + 1
 
         results, kept = [], []
-        fed = (attention_mask.sum(-1) - torch.tensor([len(r.token_ids) for r in requests], device=self.device)).tolist()
+        fed = (
+            attention_mask.sum(-1) - torch.tensor([len(r.token_ids) for r in requests], device=self.device)
+        ).tolist()
         for row, request in enumerate(requests):
             n = int(lengths_out[row])
             tokens_out = generated[row, :n].tolist()
@@ -383,8 +413,12 @@ class HFEngine:
             k = request.top_logprobs
             tops = None
             if k:
-                tops = [list(zip(ids, values, strict=True)) for ids, values in
-                        zip(top_ids[row, :n, :k].tolist(), top_values[row, :n, :k].tolist(), strict=True)]
+                tops = [
+                    list(zip(ids, values, strict=True))
+                    for ids, values in zip(
+                        top_ids[row, :n, :k].tolist(), top_values[row, :n, :k].tolist(), strict=True
+                    )
+                ]
             results.append(
                 GenerationResult(
                     token_ids=tokens_out,
@@ -400,8 +434,16 @@ class HFEngine:
             self._batch = None
         return results
 
-    def _watch(self, watchers: list, step: int, active: torch.Tensor, tokens: torch.Tensor, logprobs: torch.Tensor,
-               tops: tuple[torch.Tensor, torch.Tensor] | None, requests: list[GenerationRequest]) -> torch.Tensor:
+    def _watch(
+        self,
+        watchers: list,
+        step: int,
+        active: torch.Tensor,
+        tokens: torch.Tensor,
+        logprobs: torch.Tensor,
+        tops: tuple[torch.Tensor, torch.Tensor] | None,
+        requests: list[GenerationRequest],
+    ) -> torch.Tensor:
         """Hand each watched active row its new token; the rows whose callback says stop."""
         live, token_list, logprob_list = active.tolist(), tokens.tolist(), logprobs.tolist()
         top_lists = (tops[0].tolist(), tops[1].tolist()) if tops is not None else None
@@ -409,11 +451,17 @@ class HFEngine:
         for row, on_token in watchers:
             if live[row]:
                 k = requests[row].top_logprobs
-                top = list(zip(top_lists[0][row][:k], top_lists[1][row][:k], strict=True)) if top_lists and k else []
+                top = (
+                    list(zip(top_lists[0][row][:k], top_lists[1][row][:k], strict=True))
+                    if top_lists and k
+                    else []
+                )
                 stop[row] = bool(on_token(token_list[row], logprob_list[row], top))
         return torch.tensor(stop, device=self.device)
 
-    def _prefill_afresh(self, requests: list[GenerationRequest], room: int) -> tuple[Any, torch.Tensor, torch.Tensor, list[int]]:
+    def _prefill_afresh(
+        self, requests: list[GenerationRequest], room: int
+    ) -> tuple[Any, torch.Tensor, torch.Tensor, list[int]]:
         """Lay out a new batch from per-episode caches (or none) and prefill what they lack."""
         batch = len(requests)
         pasts = [self._past_for(r) for r in requests]
@@ -430,8 +478,9 @@ class HFEngine:
         firsts = [expand.index(u) for u in range(len(unique))]
         shared = self.share_prompt and len(unique) == 1 and batch > 1 and pasts[0] is None
         # A shared prompt's KV is sized to it exactly: the rows' own tokens go elsewhere.
-        cache, attention_mask, logits = self._prefill([pasts[r] for r in firsts], [news[r] for r in firsts],
-                                                      0 if shared else room)
+        cache, attention_mask, logits = self._prefill(
+            [pasts[r] for r in firsts], [news[r] for r in firsts], 0 if shared else room
+        )
         prefill_counts = [len(news[row]) if row in firsts else 0 for row in range(batch)]
         if shared:
             cache = Cache(
@@ -460,7 +509,9 @@ def _check_shared_reads(cache: Any) -> None:
         )
 
 
-def _load_matching(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+def _load_matching(
+    model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
+) -> tuple[list[str], list[str]]:
     """Copy `state_dict` into `model` in place; a partial dict (LoRA adapters) is fine."""
     own = model.state_dict()
     unexpected = [name for name in state_dict if name not in own]

@@ -26,9 +26,14 @@ class EngineActor:
         torch.set_num_threads(num_threads)
         rollout = cfg.rollout
         self.service = make_service(
-            model_path, max_new_tokens=rollout.max_new_tokens, max_context_tokens=rollout.max_context_tokens,
-            temperature=rollout.temperature, top_p=rollout.top_p, cache_tokens=rollout.prefix_cache_tokens,
-            seed=seed, model_cfg=cfg.model,
+            model_path,
+            max_new_tokens=rollout.max_new_tokens,
+            max_context_tokens=rollout.max_context_tokens,
+            temperature=rollout.temperature,
+            top_p=rollout.top_p,
+            cache_tokens=rollout.prefix_cache_tokens,
+            seed=seed,
+            model_cfg=cfg.model,
             attn_implementation=rollout.attn_implementation,
         )
         self.server = EngineServer(self.service, host=rollout.engine_host, port=0).start()
@@ -49,7 +54,9 @@ class EngineActor:
         return self.service.served.metrics()
 
     def model_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.service.served.engine.model.state_dict().values())
+        return sum(
+            t.numel() * t.element_size() for t in self.service.served.engine.model.state_dict().values()
+        )
 
     def join_weight_group(self, host: str, port: int, rank: int, world_size: int) -> None:
         from forge.rollout.engines.broadcast import WeightGroup
@@ -83,33 +90,48 @@ def check_engine_config(cfg: Config) -> None:
             raise ConfigError(
                 f"rollout.weight_sync={rollout.weight_sync} with train.mode=async: the trainer may already be a step "
                 "further when it writes or sends, so the engines would get weights newer than the version they "
-                "stamp; use rollout.weight_sync=object_store (or auto, which picks it for async runs)")
+                "stamp; use rollout.weight_sync=object_store (or auto, which picks it for async runs)"
+            )
         if any(s.startswith("sglang+") for s in rollout.servers):
-            raise ConfigError("SGLang servers load each version from a folder the trainer writes, which in "
-                              "train.mode=async may already hold a later step; use train.mode=sync with them")
+            raise ConfigError(
+                "SGLang servers load each version from a folder the trainer writes, which in "
+                "train.mode=async may already hold a later step; use train.mode=sync with them"
+            )
     if rollout.engine == "remote":
         if not rollout.servers:
-            raise ConfigError("rollout.engine=remote needs rollout.servers: [http://host:port, ...] "
-                              "(forge serve, or vllm+http://... / sglang+http://...)")
+            raise ConfigError(
+                "rollout.engine=remote needs rollout.servers: [http://host:port, ...] "
+                "(forge serve, or vllm+http://... / sglang+http://...)"
+            )
         if any(s.startswith("vllm+") for s in rollout.servers):
             if cfg.model.lora.enabled:
                 if not rollout.weight_dir:
-                    raise ConfigError("rollout.servers has vLLM servers and model.lora.enabled: each version's adapter "
-                                      "is written to a folder they load it from (/v1/load_lora_adapter); set "
-                                      "rollout.weight_dir to a folder the trainer and those servers both see")
+                    raise ConfigError(
+                        "rollout.servers has vLLM servers and model.lora.enabled: each version's adapter "
+                        "is written to a folder they load it from (/v1/load_lora_adapter); set "
+                        "rollout.weight_dir to a folder the trainer and those servers both see"
+                    )
                 if cfg.train.mode != "sync" or cfg.train.num_gpus > 1:
-                    raise ConfigError("rollout.servers: vllm+ servers load each adapter version from a folder one "
-                                      "trainer process writes after its step: use train.mode=sync and "
-                                      "train.num_gpus <= 1 with them")
+                    raise ConfigError(
+                        "rollout.servers: vllm+ servers load each adapter version from a folder one "
+                        "trainer process writes after its step: use train.mode=sync and "
+                        "train.num_gpus <= 1 with them"
+                    )
             elif cfg.train.num_gpus < 1 or cfg.train.mode != "sync":
-                raise ConfigError("rollout.servers: vllm+ servers get new weights by an NCCL broadcast from the "
-                                  "trainer, which needs train.num_gpus=1 (vllm installed beside the trainer) and "
-                                  "train.mode=sync (an async trainer would send a later step's weights)")
+                raise ConfigError(
+                    "rollout.servers: vllm+ servers get new weights by an NCCL broadcast from the "
+                    "trainer, which needs train.num_gpus=1 (vllm installed beside the trainer) and "
+                    "train.mode=sync (an async trainer would send a later step's weights)"
+                )
         if any(s.startswith("sglang+") for s in rollout.servers) and not rollout.weight_dir:
-            raise ConfigError("rollout.servers has SGLang servers, which load weights from a folder: set "
-                              "rollout.weight_dir to a folder the trainer and those servers both see")
+            raise ConfigError(
+                "rollout.servers has SGLang servers, which load weights from a folder: set "
+                "rollout.weight_dir to a folder the trainer and those servers both see"
+            )
     elif rollout.servers:
-        raise ConfigError(f"rollout.servers is set but rollout.engine={rollout.engine}; set rollout.engine=remote")
+        raise ConfigError(
+            f"rollout.servers is set but rollout.engine={rollout.engine}; set rollout.engine=remote"
+        )
 
 
 # rollout.weight_sync: auto, the fastest in bench/results/weight_sync.json (0.5B Qwen2
@@ -124,9 +146,17 @@ def check_engine_config(cfg: Config) -> None:
 def start_engine(cfg: Config, model_path: Path | None, index: int, name: str) -> Any:
     import ray
 
-    return ray.remote(EngineActor).options(
-        num_cpus=cfg.rollout.num_cpus_per_engine, num_gpus=cfg.rollout.num_gpus_per_engine, name=name,
-    ).remote(str(model_path), cfg, cfg.seed + 7919 * (index + 1), max(1, int(cfg.rollout.num_cpus_per_engine)))
+    return (
+        ray.remote(EngineActor)
+        .options(
+            num_cpus=cfg.rollout.num_cpus_per_engine,
+            num_gpus=cfg.rollout.num_gpus_per_engine,
+            name=name,
+        )
+        .remote(
+            str(model_path), cfg, cfg.seed + 7919 * (index + 1), max(1, int(cfg.rollout.num_cpus_per_engine))
+        )
+    )
 
 
 def engine_actor_name(index: int) -> str:
@@ -137,7 +167,9 @@ def engine_actor_name(index: int) -> str:
 class EnginePool:
     """The run's engines, seen from the driver."""
 
-    def __init__(self, urls: list[str], actors: list[Any], cfg: Config, model_path: Path | None = None) -> None:
+    def __init__(
+        self, urls: list[str], actors: list[Any], cfg: Config, model_path: Path | None = None
+    ) -> None:
         self.urls = urls
         self.actors = actors  # server mode: the EngineActors, same order as urls
         self.cfg = cfg
@@ -153,7 +185,10 @@ class EnginePool:
         check_engine_config(cfg)
         if cfg.rollout.engine == "remote":
             return cls(list(cfg.rollout.servers), [], cfg)
-        actors = [start_engine(cfg, model_path, index, engine_actor_name(index)) for index in range(cfg.rollout.num_engines)]
+        actors = [
+            start_engine(cfg, model_path, index, engine_actor_name(index))
+            for index in range(cfg.rollout.num_engines)
+        ]
         urls = ray.get([actor.url.remote() for actor in actors])
         return cls(urls, actors, cfg, model_path)
 
@@ -168,9 +203,12 @@ class EnginePool:
         self.urls.append(url)
         self.actors.append(actor)
         self.started.append(url)
-        print(f"forge: engine {url} started in place of {self.urls[index]} "
-              f"({self.restarts} of rollout.max_engine_restarts={self.cfg.rollout.max_engine_restarts})",
-              file=sys.stderr, flush=True)
+        print(
+            f"forge: engine {url} started in place of {self.urls[index]} "
+            f"({self.restarts} of rollout.max_engine_restarts={self.cfg.rollout.max_engine_restarts})",
+            file=sys.stderr,
+            flush=True,
+        )
 
     @property
     def live_urls(self) -> list[str]:
@@ -180,18 +218,28 @@ class EnginePool:
         if url in self.dead:
             return
         self.dead[url] = reason
-        print(f"forge: engine {url} lost ({reason}); {len(self.live_urls)} of {len(self.urls)} engines remain",
-              file=sys.stderr, flush=True)
+        print(
+            f"forge: engine {url} lost ({reason}); {len(self.live_urls)} of {len(self.urls)} engines remain",
+            file=sys.stderr,
+            flush=True,
+        )
         if self.actors and self.restarts < self.cfg.rollout.max_engine_restarts:
             try:
                 self._restart(self.urls.index(url))
             except Exception as exc:  # the replacement failed to start: go on with the others
-                print(f"forge: a new engine in place of {url} did not start ({type(exc).__name__}: {exc})",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"forge: a new engine in place of {url} did not start ({type(exc).__name__}: {exc})",
+                    file=sys.stderr,
+                    flush=True,
+                )
         if not self.live_urls:
-            raise RuntimeError(f"all {len(self.urls)} inference engines are lost ({self.dead}); the run stops")
+            raise RuntimeError(
+                f"all {len(self.urls)} inference engines are lost ({self.dead}); the run stops"
+            )
 
-    def sync(self, wrapped: list[Any], version: int, trainer: Any = None, timeout_s: float | None = None) -> None:
+    def sync(
+        self, wrapped: list[Any], version: int, trainer: Any = None, timeout_s: float | None = None
+    ) -> None:
         """Get weights `version` to every live engine: server mode through the object
         store; remote forge servers as pushed tensors; SGLang servers from a folder."""
         import ray
@@ -227,9 +275,15 @@ class EnginePool:
         if method == "broadcast":
             try:
                 calls = self._broadcast(live, trainer, version)
-            except Exception as exc:  # a member failed mid-broadcast: regroup next time, send this one plainly
-                print(f"forge: weight broadcast failed ({type(exc).__name__}: {str(exc)[:200]}); "
-                      "this version goes through the object store", file=sys.stderr, flush=True)
+            except (
+                Exception
+            ) as exc:  # a member failed mid-broadcast: regroup next time, send this one plainly
+                print(
+                    f"forge: weight broadcast failed ({type(exc).__name__}: {str(exc)[:200]}); "
+                    "this version goes through the object store",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 self._group_members = None
                 live = self._answering(timeout_s)
                 calls = [(url, actor.set_weights.remote(wrapped[0], version)) for url, actor in live]
@@ -256,7 +310,9 @@ class EnginePool:
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError
 
-        live = [(url, actor) for url, actor in zip(self.urls, self.actors, strict=True) if url not in self.dead]
+        live = [
+            (url, actor) for url, actor in zip(self.urls, self.actors, strict=True) if url not in self.dead
+        ]
         probes = [(url, actor, actor.get_policy_version.remote()) for url, actor in live]
         known = len(self.urls)
         answering = []
@@ -286,7 +342,9 @@ class EnginePool:
     def _weight_folder(self, version: int) -> str:
         import tempfile
 
-        root = self.cfg.rollout.weight_dir or str(Path(tempfile.gettempdir()) / f"forge-weights-{os.getpid()}")
+        root = self.cfg.rollout.weight_dir or str(
+            Path(tempfile.gettempdir()) / f"forge-weights-{os.getpid()}"
+        )
         return str(Path(root) / f"v{version:06d}")
 
     def _broadcast(self, live: list[tuple[str, Any]], trainer: Any, version: int) -> list[tuple[str, Any]]:
@@ -300,7 +358,10 @@ class EnginePool:
         if getattr(self, "_group_members", None) != members:
             host, port = ray.get(trainer.__ray_call__.remote(trainer_address))
             world = len(live) + 1
-            joins = [actor.join_weight_group.remote(host, port, rank + 1, world) for rank, (_, actor) in enumerate(live)]
+            joins = [
+                actor.join_weight_group.remote(host, port, rank + 1, world)
+                for rank, (_, actor) in enumerate(live)
+            ]
             self._names = ray.get(trainer.__ray_call__.remote(trainer_join, host, port, world))
             ray.get(joins)
             self._group_members = members
@@ -316,7 +377,9 @@ class EnginePool:
         from forge.rollout.engines.updates import tensors_to_bytes
         from forge.weights import unpack_weights
 
-        clients = [make_client(url, self.cfg.model.path or "policy", Sampling(), timeout_s) for url in self.live_urls]
+        clients = [
+            make_client(url, self.cfg.model.path or "policy", Sampling(), timeout_s) for url in self.live_urls
+        ]
         vllm = [client for client in clients if client.kind == "vllm"]
         blob = folder = None
         try:
@@ -325,7 +388,8 @@ class EnginePool:
 
                 target = str(Path(self.cfg.rollout.weight_dir) / f"v{version:06d}-adapter")
                 await self._vllm_adapters(
-                    vllm, version, lambda: ray.get(trainer.__ray_call__.remote(trainer_save_adapter, target)))
+                    vllm, version, lambda: ray.get(trainer.__ray_call__.remote(trainer_save_adapter, target))
+                )
             elif vllm:
                 await self._vllm_update(vllm, version, trainer)
             for client in clients:
@@ -369,11 +433,14 @@ class EnginePool:
 
         if getattr(self, "_vllm", None) is None:
             if hasattr(trainer, "actors"):
-                raise RuntimeError("vllm+ servers take weights from one trainer process; this run's trainer is a "
-                                   "data-parallel group (train.num_gpus > 1): use forge or sglang+ servers")
+                raise RuntimeError(
+                    "vllm+ servers take weights from one trainer process; this run's trainer is a "
+                    "data-parallel group (train.num_gpus > 1): use forge or sglang+ servers"
+                )
             self._vllm = vllm_transfer.VLLMWeightTransfer(
-                join=lambda host, port, world: trainer.__ray_call__.remote(vllm_transfer.trainer_join, host, port,
-                                                                           world),
+                join=lambda host, port, world: trainer.__ray_call__.remote(
+                    vllm_transfer.trainer_join, host, port, world
+                ),
                 send=lambda: trainer.__ray_call__.remote(vllm_transfer.trainer_send),
                 address=lambda: trainer.__ray_call__.remote(trainer_address),
             )
@@ -391,7 +458,12 @@ class EnginePool:
         totals: dict[str, float] = {}
         live = [actor for url, actor in zip(self.urls, self.actors, strict=False) if url not in self.dead]
         for reply in ray.get([a.metrics.remote() for a in live], timeout=10) if live else []:
-            for key in ("prefix_cache_hit_tokens", "prompt_tokens", "prefix_cache_evictions", "prefix_cache_tokens"):
+            for key in (
+                "prefix_cache_hit_tokens",
+                "prompt_tokens",
+                "prefix_cache_evictions",
+                "prefix_cache_tokens",
+            ):
                 totals[key] = totals.get(key, 0.0) + float(reply[key])
         return totals
 

@@ -64,8 +64,9 @@ class EngineClient(Protocol):
 
     async def generate(self, request: GenerationRequest) -> GenerationResult: ...
 
-    async def generate_batch(self, requests: list[GenerationRequest], release: list[str] | None = None
-                             ) -> list[GenerationResult | ProtocolError | EngineLost]:
+    async def generate_batch(
+        self, requests: list[GenerationRequest], release: list[str] | None = None
+    ) -> list[GenerationResult | ProtocolError | EngineLost]:
         """Each request's result or error, in order; `release` names ended episodes (their
         cached KV may go). Raises EngineLost when the whole call fails."""
         ...
@@ -81,7 +82,9 @@ class EngineClient(Protocol):
     async def close(self) -> None: ...
 
 
-async def generate_each(client: Any, requests: list[GenerationRequest]) -> list[GenerationResult | ProtocolError | EngineLost]:
+async def generate_each(
+    client: Any, requests: list[GenerationRequest]
+) -> list[GenerationResult | ProtocolError | EngineLost]:
     """`generate_batch` for a server that batches concurrent requests itself: one call per
     request, all in flight at once."""
     import asyncio
@@ -112,7 +115,9 @@ class HttpTransport:
 
         loop = asyncio.get_running_loop()
         if self._client is None or self._loop is not loop:
-            self._client = httpx.AsyncClient(base_url=self.url, timeout=self.timeout_s, transport=self.transport)
+            self._client = httpx.AsyncClient(
+                base_url=self.url, timeout=self.timeout_s, transport=self.transport
+            )
             self._loop = loop
         return self._client
 
@@ -136,23 +141,34 @@ class HttpTransport:
                 # still a sample of the policy; the server re-prefills that episode.
                 response = await self._request(call, timeout_s)
         except httpx.TimeoutException:
-            raise EngineLost(self.url, f"no answer to {call.method} {call.path} within {timeout_s or self.timeout_s:g}s "
-                                       "(rollout.engine_timeout_s)") from None
+            raise EngineLost(
+                self.url,
+                f"no answer to {call.method} {call.path} within {timeout_s or self.timeout_s:g}s "
+                "(rollout.engine_timeout_s)",
+            ) from None
         except httpx.TransportError as exc:
             raise EngineLost(self.url, f"{type(exc).__name__} on {call.method} {call.path}: {exc}") from None
         if response.status_code >= 500:
-            raise EngineLost(self.url, f"{call.method} {call.path} answered {response.status_code}: {response.text[:300]}")
+            raise EngineLost(
+                self.url, f"{call.method} {call.path} answered {response.status_code}: {response.text[:300]}"
+            )
         if response.status_code >= 400:
-            raise ProtocolError(f"{self.url}{call.path} refused the request ({response.status_code}): "
-                                f"{response.text[:500]}", status=response.status_code)
+            raise ProtocolError(
+                f"{self.url}{call.path} refused the request ({response.status_code}): {response.text[:500]}",
+                status=response.status_code,
+            )
         if "json" in response.headers.get("content-type", ""):
             return response.json()
         return response.text
 
     async def _request(self, call: HttpCall, timeout_s: float | None) -> Any:
         return await self._session().request(
-            call.method, call.path, json=call.body if call.content is None else None, content=call.content,
-            params=call.params, timeout=timeout_s or self.timeout_s,
+            call.method,
+            call.path,
+            json=call.body if call.content is None else None,
+            content=call.content,
+            params=call.params,
+            timeout=timeout_s or self.timeout_s,
         )
 
     async def close(self) -> None:
@@ -167,7 +183,8 @@ class HttpTransport:
 # -- Forge's own server -------------------------------------------------------------------
 def forge_generate_call(request: GenerationRequest, sampling: Sampling | None = None) -> HttpCall:
     body: dict[str, Any] = {
-        "token_ids": list(request.token_ids), "max_new_tokens": request.max_new_tokens,
+        "token_ids": list(request.token_ids),
+        "max_new_tokens": request.max_new_tokens,
         "episode_id": request.episode_id,
     }
     # The request's own sampling, else the run's, else (neither set) the server's flags.
@@ -185,11 +202,16 @@ def forge_generate_call(request: GenerationRequest, sampling: Sampling | None = 
     return HttpCall("POST", "/forge/generate", body)
 
 
-def request_sampling(request: GenerationRequest, sampling: Sampling | None) -> tuple[float | None, float | None]:
+def request_sampling(
+    request: GenerationRequest, sampling: Sampling | None
+) -> tuple[float | None, float | None]:
     """Temperature and top-p a request is sampled with: its own where it set them (a gateway
     honouring its client's), else the run's."""
-    temperature = request.temperature if request.temperature is not None else (
-        sampling.temperature if sampling is not None else None)
+    temperature = (
+        request.temperature
+        if request.temperature is not None
+        else (sampling.temperature if sampling is not None else None)
+    )
     top_p = request.top_p if request.top_p is not None else (sampling.top_p if sampling is not None else None)
     return temperature, top_p
 
@@ -197,14 +219,17 @@ def request_sampling(request: GenerationRequest, sampling: Sampling | None) -> t
 def top_logprob_pairs(steps: Any, what: str) -> list[list[tuple[int, float]]]:
     """Per sampled token, its alternatives as (token id, logprob), most likely first."""
     try:
-        return [sorted(((int(token), float(value)) for token, value in step), key=lambda pair: -pair[1])
-                for step in steps]
+        return [
+            sorted(((int(token), float(value)) for token, value in step), key=lambda pair: -pair[1])
+            for step in steps
+        ]
     except (TypeError, ValueError) as exc:
         raise ProtocolError(f"{what}: top logprobs are not [token id, logprob] pairs ({exc!r})") from None
 
 
-def forge_generate_batch_call(requests: list[GenerationRequest], sampling: Sampling | None = None,
-                              release: list[str] | None = None) -> HttpCall:
+def forge_generate_batch_call(
+    requests: list[GenerationRequest], sampling: Sampling | None = None, release: list[str] | None = None
+) -> HttpCall:
     body: dict[str, Any] = {"requests": [forge_generate_call(request, sampling).body for request in requests]}
     if release:
         body["release"] = list(release)
@@ -215,9 +240,15 @@ def forge_parse_generate_batch(body: Any, count: int) -> list[GenerationResult |
     """Each answer of a batch, or a ProtocolError for a request the server refused."""
     results = body.get("results") if isinstance(body, dict) else None
     if not isinstance(results, list) or len(results) != count:
-        raise ProtocolError(f"not a forge serve /forge/generate/batch answer for {count} requests: {str(body)[:300]}")
-    return [ProtocolError(f"forge serve refused the request ({item.get('status', 400)}): {item['error']}")
-            if isinstance(item, dict) and "error" in item else forge_parse_generate(item) for item in results]
+        raise ProtocolError(
+            f"not a forge serve /forge/generate/batch answer for {count} requests: {str(body)[:300]}"
+        )
+    return [
+        ProtocolError(f"forge serve refused the request ({item.get('status', 400)}): {item['error']}")
+        if isinstance(item, dict) and "error" in item
+        else forge_parse_generate(item)
+        for item in results
+    ]
 
 
 def forge_parse_generate(body: Any) -> GenerationResult:
@@ -233,10 +264,18 @@ def forge_parse_generate(body: Any) -> GenerationResult:
             tops = top_logprob_pairs(tops, "forge serve")
             if len(tops) != len(ids):
                 raise ProtocolError(f"{len(ids)} token ids but top logprobs for {len(tops)}")
-        return GenerationResult(ids, logprobs, reason == "stop", int(body["policy_version"]), int(body["prefill_tokens"]),
-                                top_logprobs=tops)
+        return GenerationResult(
+            ids,
+            logprobs,
+            reason == "stop",
+            int(body["policy_version"]),
+            int(body["prefill_tokens"]),
+            top_logprobs=tops,
+        )
     except (KeyError, TypeError) as exc:
-        raise ProtocolError(f"not a forge serve /forge/generate answer ({exc!r}): {str(body)[:300]}") from None
+        raise ProtocolError(
+            f"not a forge serve /forge/generate answer ({exc!r}): {str(body)[:300]}"
+        ) from None
 
 
 class ForgeClient:
@@ -256,8 +295,9 @@ class ForgeClient:
         self.policy_version = result.policy_version
         return result
 
-    async def generate_batch(self, requests: list[GenerationRequest], release: list[str] | None = None
-                             ) -> list[GenerationResult | ProtocolError | EngineLost]:
+    async def generate_batch(
+        self, requests: list[GenerationRequest], release: list[str] | None = None
+    ) -> list[GenerationResult | ProtocolError | EngineLost]:
         body = await self.http.send(forge_generate_batch_call(requests, self.sampling, release))
         results = forge_parse_generate_batch(body, len(requests))
         versions = [r.policy_version for r in results if isinstance(r, GenerationResult)]
@@ -281,7 +321,9 @@ class ForgeClient:
 
     async def push_tensors(self, blob: bytes, version: int) -> None:
         """Tensors as one safetensors blob (`forge.rollout.engines.updates.tensors_to_bytes`)."""
-        await self.http.send(HttpCall("POST", "/forge/weights/tensors", content=blob, params={"version": version}))
+        await self.http.send(
+            HttpCall("POST", "/forge/weights/tensors", content=blob, params={"version": version})
+        )
         self.policy_version = version
 
     async def metrics(self) -> dict[str, Any]:

@@ -42,8 +42,13 @@ class Router:
     `offset` staggers the choice among equally loaded engines, so that several workers
     starting at once spread their first groups instead of all picking engine 0."""
 
-    def __init__(self, clients: list[EngineClient], offset: int = 0, name: str = "rollout worker",
-                 max_wait_s: float = 0.005) -> None:
+    def __init__(
+        self,
+        clients: list[EngineClient],
+        offset: int = 0,
+        name: str = "rollout worker",
+        max_wait_s: float = 0.005,
+    ) -> None:
         if not clients:
             raise ValueError("the router needs at least one engine (rollout.servers or rollout.num_engines)")
         self.engines = [_Engine(client) for client in clients]
@@ -99,8 +104,10 @@ class Router:
             reasons = "; ".join(f"{e.client.url}: {e.lost_reason}" for e in self.engines)
             raise EngineLost("every engine", f"all {len(self.engines)} engines are lost ({reasons})")
         n = len(self.engines)
-        return min(live, key=lambda i: (len(self.engines[i].episodes) + self.engines[i].in_flight,
-                                        (i - self.offset) % n))
+        return min(
+            live,
+            key=lambda i: (len(self.engines[i].episodes) + self.engines[i].in_flight, (i - self.offset) % n),
+        )
 
     def engine_for(self, episode_id: str, group_id: str = "") -> int:
         """The engine an episode's calls go to: its own, its group's, or the least loaded."""
@@ -192,8 +199,12 @@ class Router:
             return
         engine.alive, engine.lost_reason = False, reason
         remaining = sum(e.alive for e in self.engines)
-        print(f"forge: {self.name}: engine {engine.client.url} lost ({reason}); its {len(engine.episodes)} live "
-              f"episodes end as lost; {remaining} of {len(self.engines)} engines remain", file=sys.stderr, flush=True)
+        print(
+            f"forge: {self.name}: engine {engine.client.url} lost ({reason}); its {len(engine.episodes)} live "
+            f"episodes end as lost; {remaining} of {len(self.engines)} engines remain",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def release(self, episode_id: str) -> None:
         """The episode ended: forget its engine, and tell the engine to free its KV with the

@@ -33,7 +33,8 @@ class RowSampling:
         top_ps = [top_p if r.top_p is None else r.top_p for r in requests]
         generators = [
             (row, torch.Generator(device=device).manual_seed(r.seed))
-            for row, r in enumerate(requests) if r.seed is not None
+            for row, r in enumerate(requests)
+            if r.seed is not None
         ]
         return cls(
             torch.tensor(temperatures, device=device)[:, None],

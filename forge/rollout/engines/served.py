@@ -29,7 +29,9 @@ class ServedEngine:
             raise ValueError(f"cache_tokens={cache_tokens}: give 0 (keep no episode between calls) or more")
         self.engine = engine
         self.cache_tokens = cache_tokens
-        self._cached: collections.OrderedDict[str, int] = collections.OrderedDict()  # episode -> tokens, LRU first
+        self._cached: collections.OrderedDict[str, int] = (
+            collections.OrderedDict()
+        )  # episode -> tokens, LRU first
         self._state = threading.Condition()
         self._paused = False
         self._running = 0

@@ -54,8 +54,9 @@ def generate_call(request: GenerationRequest, sampling: Sampling, lora_name: str
     return HttpCall("POST", "/generate", body)
 
 
-def parse_generate(body: Any, stop_token_ids: tuple[int, ...], policy_version: int,
-                   top_logprobs: int = 0) -> GenerationResult:
+def parse_generate(
+    body: Any, stop_token_ids: tuple[int, ...], policy_version: int, top_logprobs: int = 0
+) -> GenerationResult:
     """Ids and logprobs from `meta_info.output_token_logprobs` ([logprob, token_id, text]);
     the version from `meta_info.weight_version` when the server reports one; with
     `top_logprobs` = k, each step's k most likely from `meta_info.output_top_logprobs`."""
@@ -65,15 +66,21 @@ def parse_generate(body: Any, stop_token_ids: tuple[int, ...], policy_version: i
         reason = meta["finish_reason"]
         kind = reason["type"] if isinstance(reason, dict) else reason
     except (KeyError, TypeError) as exc:
-        raise ProtocolError(f"not an SGLang /generate answer with return_logprob ({exc!r}): {str(body)[:300]}") from None
+        raise ProtocolError(
+            f"not an SGLang /generate answer with return_logprob ({exc!r}): {str(body)[:300]}"
+        ) from None
     try:
         logprobs = [float(entry[0]) for entry in entries]
         ids = [int(entry[1]) for entry in entries]
     except (TypeError, ValueError, IndexError) as exc:
-        raise ProtocolError(f"SGLang output_token_logprobs entries are not [logprob, token_id, text]: {exc!r}") from None
+        raise ProtocolError(
+            f"SGLang output_token_logprobs entries are not [logprob, token_id, text]: {exc!r}"
+        ) from None
     listed = body.get("output_ids")
     if listed is not None and [int(t) for t in listed] != ids:
-        raise ProtocolError(f"SGLang's output_ids {listed[:8]}... disagree with its logprob tokens {ids[:8]}...")
+        raise ProtocolError(
+            f"SGLang's output_ids {listed[:8]}... disagree with its logprob tokens {ids[:8]}..."
+        )
     if kind == "abort":
         raise EngineLost("sglang", f"the request was aborted: {reason}")
     if kind not in ("stop", "length"):
@@ -91,21 +98,32 @@ def parse_generate(body: Any, stop_token_ids: tuple[int, ...], policy_version: i
     if top_logprobs:
         steps = meta.get("output_top_logprobs")
         if not isinstance(steps, list) or len(steps) != len(ids):
-            raise ProtocolError(f"SGLang returned no output_top_logprobs per token for top_logprobs_num="
-                                f"{top_logprobs}: {str(steps)[:200]}")
+            raise ProtocolError(
+                f"SGLang returned no output_top_logprobs per token for top_logprobs_num="
+                f"{top_logprobs}: {str(steps)[:200]}"
+            )
         try:
             pairs = top_logprob_pairs([[(entry[1], entry[0]) for entry in step] for step in steps], "SGLang")
         except (TypeError, IndexError) as exc:
-            raise ProtocolError(f"SGLang output_top_logprobs entries are not [logprob, token_id, text]: {exc!r}") from None
+            raise ProtocolError(
+                f"SGLang output_top_logprobs entries are not [logprob, token_id, text]: {exc!r}"
+            ) from None
         tops = [step[:top_logprobs] for step in pairs]
-    return GenerationResult(ids, logprobs, finished, policy_version, prefill_tokens=max(prompt - cached, 0),
-                            top_logprobs=tops)
+    return GenerationResult(
+        ids, logprobs, finished, policy_version, prefill_tokens=max(prompt - cached, 0), top_logprobs=tops
+    )
 
 
 def update_from_disk_call(path: str, version: int) -> HttpCall:
-    return HttpCall("POST", "/update_weights_from_disk", {
-        "model_path": path, "weight_version": str(version), "abort_all_requests": False,
-    })
+    return HttpCall(
+        "POST",
+        "/update_weights_from_disk",
+        {
+            "model_path": path,
+            "weight_version": str(version),
+            "abort_all_requests": False,
+        },
+    )
 
 
 def load_adapter_call(name: str, path: str) -> HttpCall:
@@ -129,7 +147,9 @@ def continue_call() -> HttpCall:
 def check_success(body: Any, what: str) -> None:
     """SGLang answers control calls with {"success": bool, "message" | "error_message": ...}."""
     if isinstance(body, dict) and body.get("success") is False:
-        raise ProtocolError(f"SGLang refused {what}: {body.get('message') or body.get('error_message') or body}")
+        raise ProtocolError(
+            f"SGLang refused {what}: {body.get('message') or body.get('error_message') or body}"
+        )
 
 
 class SGLangClient:
@@ -149,8 +169,9 @@ class SGLangClient:
         body = await self.http.send(generate_call(request, self.sampling, self.lora_name))
         return parse_generate(body, self.sampling.stop_token_ids, self.policy_version, request.top_logprobs)
 
-    async def generate_batch(self, requests: list[GenerationRequest], release: list[str] | None = None
-                             ) -> list[GenerationResult | ProtocolError | EngineLost]:
+    async def generate_batch(
+        self, requests: list[GenerationRequest], release: list[str] | None = None
+    ) -> list[GenerationResult | ProtocolError | EngineLost]:
         return await generate_each(self, requests)
 
     async def release(self, episode_ids: list[str]) -> None:

@@ -40,7 +40,9 @@ def tensors_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
     try:
         return load(data)
     except Exception as exc:  # safetensors raises its own error types for a bad header
-        raise WeightUpdateError(f"the body is not a safetensors blob ({exc}); send safetensors.torch.save(state)") from None
+        raise WeightUpdateError(
+            f"the body is not a safetensors blob ({exc}); send safetensors.torch.save(state)"
+        ) from None
 
 
 def tensors_to_bytes(state: dict[str, torch.Tensor]) -> bytes:
@@ -65,7 +67,9 @@ def apply_adapter(model: Any, path: str | Path) -> Any:
     if isinstance(model, PeftModel):
         new = json.loads(config_file.read_text())
         old = model.peft_config["default"]
-        if int(new.get("r", old.r)) != old.r or sorted(new.get("target_modules") or []) != sorted(old.target_modules):
+        if int(new.get("r", old.r)) != old.r or sorted(new.get("target_modules") or []) != sorted(
+            old.target_modules
+        ):
             raise WeightUpdateError(
                 f"adapter {folder} (r={new.get('r')}, targets {new.get('target_modules')}) does not match the "
                 f"loaded one (r={old.r}, targets {sorted(old.target_modules)}); restart the server to change it"
@@ -73,7 +77,9 @@ def apply_adapter(model: Any, path: str | Path) -> Any:
         result = set_peft_model_state_dict(model, load_file(str(weights_file)))
         unexpected = list(getattr(result, "unexpected_keys", []) or [])
         if unexpected:
-            raise WeightUpdateError(f"adapter {folder} has {len(unexpected)} tensors the model lacks, e.g. {unexpected[:3]}")
+            raise WeightUpdateError(
+                f"adapter {folder} has {len(unexpected)} tensors the model lacks, e.g. {unexpected[:3]}"
+            )
         return model
     wrapped = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
     wrapped.eval()
@@ -88,7 +94,9 @@ def trainer_save_adapter(trainer: Any, path: str) -> str:
 
     model = trainer.model
     if not isinstance(model, PeftModel):
-        raise WeightUpdateError("the trainer holds no LoRA adapters (model.lora.enabled is false): send full weights")
+        raise WeightUpdateError(
+            "the trainer holds no LoRA adapters (model.lora.enabled is false): send full weights"
+        )
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(folder), safe_serialization=True)

@@ -59,11 +59,12 @@ def _token_id(token: Any) -> int:
         raise ProtocolError(
             f"vLLM returned token {token!r}, not 'token_id:N': the request must set return_tokens_as_token_ids"
         )
-    return int(token[len(TOKEN_PREFIX):])
+    return int(token[len(TOKEN_PREFIX) :])
 
 
-def parse_completion(body: Any, stop_token_ids: tuple[int, ...], policy_version: int,
-                     top_logprobs: int = 0) -> GenerationResult:
+def parse_completion(
+    body: Any, stop_token_ids: tuple[int, ...], policy_version: int, top_logprobs: int = 0
+) -> GenerationResult:
     """Sampled ids and logprobs from `choices[0].logprobs` (`tokens` as "token_id:N"), and
     with `top_logprobs` = k the k most likely tokens at each step."""
     try:
@@ -91,19 +92,29 @@ def parse_completion(body: Any, stop_token_ids: tuple[int, ...], policy_version:
         # Each step's dict holds the sampled token and the k most likely (k + 1 entries when
         # the sampled one is not among them): the k best by logprob are the top k.
         steps = logprobs.get("top_logprobs")
-        if not isinstance(steps, list) or len(steps) != len(ids) or not all(isinstance(s, dict) for s in steps):
-            raise ProtocolError(f"vLLM returned no top_logprobs per token for logprobs={top_logprobs}: {str(steps)[:200]}")
-        pairs = top_logprob_pairs([[(_token_id(token), value) for token, value in step.items()] for step in steps],
-                                  "vLLM")
+        if (
+            not isinstance(steps, list)
+            or len(steps) != len(ids)
+            or not all(isinstance(s, dict) for s in steps)
+        ):
+            raise ProtocolError(
+                f"vLLM returned no top_logprobs per token for logprobs={top_logprobs}: {str(steps)[:200]}"
+            )
+        pairs = top_logprob_pairs(
+            [[(_token_id(token), value) for token, value in step.items()] for step in steps], "vLLM"
+        )
         tops = [step[:top_logprobs] for step in pairs]
-    return GenerationResult(ids, [float(v) for v in values], finished, policy_version, prefill_tokens=0,
-                            top_logprobs=tops)
+    return GenerationResult(
+        ids, [float(v) for v in values], finished, policy_version, prefill_tokens=0, top_logprobs=tops
+    )
 
 
 def load_adapter_call(name: str, path: str) -> HttpCall:
     # load_inplace replaces an adapter of the same name (vLLM >= 0.11); older servers need
     # /v1/unload_lora_adapter first, which `VLLMClient.load_adapter` falls back to.
-    return HttpCall("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": path, "load_inplace": True})
+    return HttpCall(
+        "POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": path, "load_inplace": True}
+    )
 
 
 def unload_adapter_call(name: str) -> HttpCall:
@@ -118,17 +129,38 @@ def resume_call() -> HttpCall:
     return HttpCall("POST", "/resume")
 
 
-def init_weight_transfer_call(master_address: str, master_port: int, rank_offset: int, world_size: int) -> HttpCall:
-    return HttpCall("POST", "/init_weight_transfer_engine", {"init_info": {
-        "master_address": master_address, "master_port": master_port, "rank_offset": rank_offset,
-        "world_size": world_size,
-    }})
+def init_weight_transfer_call(
+    master_address: str, master_port: int, rank_offset: int, world_size: int
+) -> HttpCall:
+    return HttpCall(
+        "POST",
+        "/init_weight_transfer_engine",
+        {
+            "init_info": {
+                "master_address": master_address,
+                "master_port": master_port,
+                "rank_offset": rank_offset,
+                "world_size": world_size,
+            }
+        },
+    )
 
 
-def update_weights_call(names: list[str], dtype_names: list[str], shapes: list[list[int]], packed: bool = True) -> HttpCall:
-    return HttpCall("POST", "/update_weights", {"update_info": {
-        "names": names, "dtype_names": dtype_names, "shapes": shapes, "packed": packed,
-    }})
+def update_weights_call(
+    names: list[str], dtype_names: list[str], shapes: list[list[int]], packed: bool = True
+) -> HttpCall:
+    return HttpCall(
+        "POST",
+        "/update_weights",
+        {
+            "update_info": {
+                "names": names,
+                "dtype_names": dtype_names,
+                "shapes": shapes,
+                "packed": packed,
+            }
+        },
+    )
 
 
 def world_size_call() -> HttpCall:
@@ -162,14 +194,17 @@ class VLLMClient:
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         body = await self.http.send(completion_call(request, self.model, self.sampling))
-        result = parse_completion(body, self.sampling.stop_token_ids, self.policy_version, request.top_logprobs)
+        result = parse_completion(
+            body, self.sampling.stop_token_ids, self.policy_version, request.top_logprobs
+        )
         usage = body.get("usage") or {}
         cached = ((usage.get("prompt_tokens_details") or {}).get("cached_tokens")) or 0
         result.prefill_tokens = len(request.token_ids) - int(cached)
         return result
 
-    async def generate_batch(self, requests: list[GenerationRequest], release: list[str] | None = None
-                             ) -> list[GenerationResult | ProtocolError | EngineLost]:
+    async def generate_batch(
+        self, requests: list[GenerationRequest], release: list[str] | None = None
+    ) -> list[GenerationResult | ProtocolError | EngineLost]:
         return await generate_each(self, requests)
 
     async def release(self, episode_ids: list[str]) -> None:
@@ -212,10 +247,13 @@ class VLLMClient:
         try:
             return int(body["world_size"])
         except (KeyError, TypeError, ValueError):
-            raise ProtocolError(f"{self.url}/get_world_size answered {str(body)[:200]}, not {{\"world_size\": n}}") from None
+            raise ProtocolError(
+                f'{self.url}/get_world_size answered {str(body)[:200]}, not {{"world_size": n}}'
+            ) from None
 
-    async def init_weight_transfer(self, master_address: str, master_port: int, rank_offset: int,
-                                   world_size: int) -> None:
+    async def init_weight_transfer(
+        self, master_address: str, master_port: int, rank_offset: int, world_size: int
+    ) -> None:
         """Join the trainer's NCCL group; returns once every member has joined."""
         await self.http.send(init_weight_transfer_call(master_address, master_port, rank_offset, world_size))
 
@@ -225,7 +263,9 @@ class VLLMClient:
         await self.http.send(pause_call())
         await self._optional(start_weight_update_call())
 
-    async def receive_weights(self, names: list[str], dtype_names: list[str], shapes: list[list[int]]) -> None:
+    async def receive_weights(
+        self, names: list[str], dtype_names: list[str], shapes: list[list[int]]
+    ) -> None:
         """Take the tensors the trainer broadcasts (returns when all have arrived)."""
         await self.http.send(update_weights_call(names, dtype_names, shapes))
 
@@ -253,7 +293,7 @@ class VLLMClient:
         raise ProtocolError(
             "vLLM takes full weights through its weight-transfer engine (an NCCL broadcast from the trainer, "
             "which training runs drive through forge.rollout.engines.vllm_transfer: vllm serve "
-            "--weight-transfer-config '{\"backend\": \"nccl\"}'), not from a folder over HTTP"
+            '--weight-transfer-config \'{"backend": "nccl"}\'), not from a folder over HTTP'
         )
 
     async def close(self) -> None:

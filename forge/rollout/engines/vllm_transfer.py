@@ -18,7 +18,11 @@ from typing import Any
 def weight_metadata(state: dict[str, Any]) -> tuple[list[str], list[str], list[list[int]]]:
     """Names, dtype names and shapes in send order, as `/update_weights` wants them."""
     names = sorted(state)
-    return names, [str(state[n].dtype).removeprefix("torch.") for n in names], [list(state[n].shape) for n in names]
+    return (
+        names,
+        [str(state[n].dtype).removeprefix("torch.") for n in names],
+        [list(state[n].shape) for n in names],
+    )
 
 
 def _device_weights(trainer: Any) -> dict[str, Any]:
@@ -40,7 +44,9 @@ def _nccl_engine() -> Any:
 
 
 # Run inside the trainer actor through Ray's `__ray_call__`.
-def trainer_join(trainer: Any, host: str, port: int, world_size: int) -> tuple[list[str], list[str], list[list[int]]]:
+def trainer_join(
+    trainer: Any, host: str, port: int, world_size: int
+) -> tuple[list[str], list[str], list[list[int]]]:
     """Rank 0 of the group (blocks until the servers join); returns the weights' metadata."""
     trainer._vllm_group = _nccl_engine().trainer_init(
         {"master_address": host, "master_port": port, "world_size": world_size}
@@ -77,7 +83,9 @@ class VLLMWeightTransfer:
             await asyncio.gather(*(c.begin_weight_update() for c in clients))
             names, dtypes, shapes = self.metadata
             try:
-                await asyncio.gather(self.send(), *(c.receive_weights(names, dtypes, shapes) for c in clients))
+                await asyncio.gather(
+                    self.send(), *(c.receive_weights(names, dtypes, shapes) for c in clients)
+                )
             except BaseException:
                 await asyncio.gather(*(c.resume() for c in clients), return_exceptions=True)
                 raise
@@ -93,7 +101,10 @@ class VLLMWeightTransfer:
         offsets = [1 + sum(sizes[:i]) for i in range(len(clients))]
         joined = await asyncio.gather(
             self.join(host, port, world),
-            *(c.init_weight_transfer(host, port, offset, world) for c, offset in zip(clients, offsets, strict=True)),
+            *(
+                c.init_weight_transfer(host, port, offset, world)
+                for c, offset in zip(clients, offsets, strict=True)
+            ),
         )
         self.metadata = joined[0]
         self.members = [c.url for c in clients]

@@ -38,7 +38,11 @@ def sliding_windows(config: Any) -> Windows | None:
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None:
         window = window if "sliding_attention" in layer_types else None
-        chunk = _size(getattr(config, "attention_chunk_size", None)) if "chunked_attention" in layer_types else None
+        chunk = (
+            _size(getattr(config, "attention_chunk_size", None))
+            if "chunked_attention" in layer_types
+            else None
+        )
         return Windows(window, True, chunk) if window is not None or chunk is not None else None
     return Windows(window, False) if window is not None else None
 
