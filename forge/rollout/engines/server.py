@@ -374,7 +374,9 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, **options:
         f"token API at {server.url}/forge/generate)",
         flush=True,
     )
-    previous = signal.signal(signal.SIGTERM, _interrupt)  # a plain kill stops it as Ctrl-C does
+    # Ctrl-C and a plain kill both stop it, even where SIGINT came ignored (a shell's background
+    # job: Python then leaves it ignored, and Ctrl-C or `kill -INT` would do nothing).
+    previous = {stop: signal.signal(stop, _interrupt) for stop in (signal.SIGINT, signal.SIGTERM)}
     try:
         while server.thread.is_alive():
             # Not `join`: one that Ctrl-C interrupts leaves the thread looking ended (Python
@@ -388,7 +390,8 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, **options:
                 f"forge serve: stopping; envs still closing get up to {server.drain_limit_s():g}s", flush=True
             )
         server.stop()
-        signal.signal(signal.SIGTERM, previous)
+        for stop, handler in previous.items():
+            signal.signal(stop, handler)
 
 
 def _interrupt(signum: int, frame: Any) -> None:
