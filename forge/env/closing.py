@@ -1,32 +1,39 @@
 """Closing envs like any other env call: within env.step_timeout_s, a close that raises or
 hangs abandoned at the limit, warned once per kind, noted on its episode, never its failure.
-Every close runs in a thread, whatever the env's `blocking` says (see `close_env`)."""
+A close runs where the env's other calls run, until one of its class runs past the limit
+inline; then in threads (see `close_env`)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
-from forge.env.calls import call_env, in_threads
+from forge.env.calls import EnvTimeout, call_env, in_threads
 from forge.env.errors import describe_env_error, error_headline, error_kind
 
 _WARNED: set[str] = set()  # kinds of close failure this process has printed
 _BACKGROUND: set[asyncio.Future] = set()  # closes nobody waits for, kept from the collector
+_SLOW_INLINE: set[type] = set()  # blocking = False env classes one of whose closes ran past its limit inline
 
 
 async def close_env(env: Any, timeout_s: float) -> str | None:
-    """Close `env` in a daemon thread, given up on (and stopped, `ThreadCall`) after
-    `timeout_s`. Returns None, or what went wrong (`describe_env_error`'s message and user
-    frame lines), printed once per kind.
+    """Close `env` as `call_env` runs its calls, given up on after `timeout_s`. Returns None,
+    or what went wrong (`describe_env_error`'s message and user frame lines), printed once
+    per kind.
 
-    In a thread even for an env with `blocking = False`: a close is not hot, and inline each
-    one would hold the event loop until the watchdog ends it, so closes gathered together
-    would run one after another (a group of N envs whose close hangs cost N time limits,
-    every other episode of the worker stalled meanwhile); in threads they run at once."""
+    An env with `blocking = False` closes inline, as its other calls: no thread per close
+    (a worker closes a whole step's envs at once). Once a close of its class has run past the
+    limit there, that class closes in daemon threads (a spinning one stopped, `ThreadCall`):
+    inline, closes gathered together run one after another, each holding the event loop until
+    the watchdog ends it (N limits for a group of N, every other episode stalled meanwhile)."""
+    threaded = type(env) in _SLOW_INLINE
     try:
-        with in_threads():
+        with in_threads() if threaded else contextlib.nullcontext():
             await call_env(env.close, timeout_s=timeout_s)
     except Exception as exc:  # the env's fault: its episode stands
+        if isinstance(exc, EnvTimeout) and not getattr(env, "blocking", True):
+            _SLOW_INLINE.add(type(env))
         error = "\n".join(describe_env_error(exc, env).splitlines()[:2])
         warn_close_failure(error)
         return error
