@@ -200,7 +200,13 @@ def test_a_smoke_job_submitted_to_a_two_node_loopback_cluster_trains(tmp_path):
                     "max_new_tokens": 1,
                     "num_cpus_per_worker": 0.5,
                 },
-                "train": {"max_steps": 2, "num_cpus": 1, "checkpoint_every": 1},
+                # Two steps of 4 one-token episodes may all score alike: this tests the launch, not learning.
+                "train": {
+                    "max_steps": 2,
+                    "num_cpus": 1,
+                    "checkpoint_every": 1,
+                    "max_steps_without_signal": 0,
+                },
                 "logging": {"progress_bar": False, "tensorboard": False},
             }
         )
