@@ -7,7 +7,6 @@ or an override fails at once with the key's full dotted path and what it expects
 from __future__ import annotations
 
 import difflib
-import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -691,17 +690,26 @@ def _set_dotted(tree: dict[str, Any], path: list[str], value: Any, original: str
     node[path[-1]] = value
 
 
-def known_keys(model: type[BaseModel] | None = None, prefix: str = "") -> list[str]:
-    """Every dotted key a config may set, sections included, as YAML spells them."""
+def config_sections(
+    model: type[BaseModel] | None = None, prefix: str = ""
+) -> list[tuple[str, type[BaseModel]]]:
+    """Every section of the schema, the top level first, with its dotted prefix as YAML
+    spells it ("" for the top level, then "model.", "model.tiny.", ...)."""
     model = model or Config
-    keys = []
+    found = [(prefix, model)]
     for name, field in model.model_fields.items():
-        key = prefix + (field.alias or name)
-        keys.append(key)
-        for kind in (field.annotation, *typing.get_args(field.annotation)):
-            if isinstance(kind, type) and issubclass(kind, BaseModel):
-                keys.extend(known_keys(kind, key + "."))
-    return keys
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            found.extend(config_sections(field.annotation, f"{prefix}{field.alias or name}."))
+    return found
+
+
+def known_keys() -> list[str]:
+    """Every dotted key a config may set, sections included, as YAML spells them."""
+    return [
+        prefix + (field.alias or name)
+        for prefix, model in config_sections()
+        for name, field in model.model_fields.items()
+    ]
 
 
 # Names other trainers use for a key Forge spells differently.

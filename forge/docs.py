@@ -43,15 +43,6 @@ def _default(field: Any) -> str:
     return f"`{json.dumps(value)}`"
 
 
-def _sections(model: type[BaseModel], prefix: str) -> list[tuple[str, type[BaseModel]]]:
-    found = [(prefix, model)]
-    for name, field in model.model_fields.items():
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            found.extend(_sections(annotation, f"{prefix}{field.alias or name}."))
-    return found
-
-
 def _table(model: type[BaseModel], prefix: str) -> list[str]:
     lines = ["| key | type | default | description |", "|---|---|---|---|"]
     for name, field in model.model_fields.items():
@@ -67,10 +58,10 @@ def _table(model: type[BaseModel], prefix: str) -> list[str]:
 
 def reference() -> str:
     """Markdown: one table per config section (dotted key, type, default, description)."""
-    from forge.config import Config
+    from forge.config import Config, config_sections
 
     lines: list[str] = []
-    for prefix, model in _sections(Config, ""):
+    for prefix, model in config_sections():
         lines.append(f"#### `{prefix.rstrip('.') or 'top level'}`")
         lines.append("")
         doc = model.__doc__ if model.__doc__ and model.__doc__ != BaseModel.__doc__ else ""
