@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from bench.generation import NEW_TOKENS, forge_group, prompt_of, quiet_gc, save_checkpoint
+from bench.generation import NEW_TOKENS, forge_group, hf_sample, prompt_of, quiet_gc, save_checkpoint
 from bench.report import save_result
 from forge.config import ModelConfig
 from forge.models.loading import load_model, quiet_transformers
@@ -41,21 +41,8 @@ SAMPLES = 8
 
 def generate_run(model, prompt: list[int], **options) -> Callable[[], None]:
     def run() -> None:
-        contexts = torch.tensor([prompt] * SAMPLES)
-        out = model.generate(
-            input_ids=contexts,
-            attention_mask=torch.ones_like(contexts),
-            do_sample=True,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS,
-            pad_token_id=0,
-            eos_token_id=None,
-            **options,
-        )
-        assert out.shape == (SAMPLES, len(prompt) + NEW_TOKENS)
+        new = hf_sample(model, torch.tensor([prompt] * SAMPLES), NEW_TOKENS, **options)
+        assert new.shape == (SAMPLES, NEW_TOKENS)
 
     return run
 

@@ -194,8 +194,9 @@ def forge_group(engine: HFEngine, prompt: list[int], samples: int) -> Callable[[
     return run
 
 
-def hf_sample(model: Any, contexts: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """`generate` as a user calls it; returns only the new tokens."""
+def hf_sample(model: Any, contexts: torch.Tensor, new_tokens: int, **options: Any) -> torch.Tensor:
+    """`generate` as a user calls it (with `options`, e.g. a cache implementation); returns
+    only the new tokens."""
     out = model.generate(
         input_ids=contexts,
         attention_mask=torch.ones_like(contexts),
@@ -207,6 +208,7 @@ def hf_sample(model: Any, contexts: torch.Tensor, new_tokens: int) -> torch.Tens
         min_new_tokens=new_tokens,
         pad_token_id=0,
         eos_token_id=None,
+        **options,
     )
     return out[:, contexts.shape[1] :]
 
