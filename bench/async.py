@@ -19,10 +19,11 @@ one JSON object and writes bench/results/async.json.
 
     python -m bench.async              # 300 steps, 3 runs per mode and layout (~8 minutes)
 
-Committed result (bench/results/async.json, with train.skip_zero_advantage, the default
-since it came in): async with 1 worker 1011 steps per minute against sync with 2 workers
-963, speedup 1.05x (pairs 1.17 / 1.04 / 1.14); final success 0.998 async, 1.0 sync; layout
-by layout async is 1.33x (1 worker) and 1.05x (2 workers). Skipping the samples with zero
+Committed result (bench/results/async.json, re-measured on an idle machine): async with 1
+worker 829 steps per minute against sync with 2 workers 800, speedup 1.04x (pairs 1.02 /
+0.995 / 1.07); final success 0.93 async (one run of three at 0.80), 0.998 sync; layout by
+layout 1.04x (1 worker) and 1.01x (2 workers). The run before gave 1011 against 963, 1.05x,
+with train.skip_zero_advantage, the default since it came in. Skipping the samples with zero
 advantage halves the trainer's time, which is what async hides behind rollout, so sync
 gained most (630 -> 963 steps per minute, async 885 -> 1011). Before it
 (bench/results/async_skip_off.json): async 885 against sync 630, 1.41x (pairs 1.51 / 1.36
