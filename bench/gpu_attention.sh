@@ -12,11 +12,11 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_env.sh
-timeout 330 python3 -m bench.tree --device cuda --dtype bfloat16 --attention dense --model wide \
+timeout $(cap 330) python3 -m bench.tree --device cuda --dtype bfloat16 --attention dense --model wide \
   --output "$out/tree-gpu-wide-dense.json" >"$out/bench-dense.txt" 2>&1
 bench=$?
 tail -c 1500 "$out/bench-dense.txt"
-timeout 180 python3 -m bench.profile_tree --device cuda --dtype bfloat16 --attention flex --model wide \
+timeout $(cap 180) python3 -m bench.profile_tree --device cuda --dtype bfloat16 --attention flex --model wide \
   --packings tree --output "$out/profile-flex-tree.json" >"$out/profile-flex-tree.txt" 2>&1
 profile=$?
 grep -E "^==|Self CUDA time total" "$out/profile-flex-tree.txt"

@@ -19,11 +19,11 @@ source bench/gpu_env.sh  # $out, and the carried wheels on PYTHONPATH
 } >"$out/env.txt" 2>&1
 python3 -c "import torch; assert torch.cuda.is_available(), 'torch sees no GPU'" || exit 1
 
-timeout 240 python3 -m pytest -q -p no:cacheprovider -m "slow or not slow" -rs -k "gpu or cuda" \
+timeout $(cap 240) python3 -m pytest -q -p no:cacheprovider -m "slow or not slow" -rs -k "gpu or cuda" \
   tests/test_tree_exact.py tests/test_device.py tests/test_distributed.py 2>&1 | tee "$out/pytest.txt"
 tests=${PIPESTATUS[0]}
 
-timeout 300 python3 -m bench.tree --device cuda --dtype bfloat16 --attention flex \
+timeout $(cap 300) python3 -m bench.tree --device cuda --dtype bfloat16 --attention flex \
   --output "$out/tree-gpu.json" >"$out/bench.txt" 2>&1
 bench=$?
 tail -c 3000 "$out/bench.txt"

@@ -11,7 +11,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_env.sh  # $out, and the carried wheels on PYTHONPATH
 python3 -c "import torch; assert torch.cuda.is_available(), 'torch sees no GPU'" || exit 1
-timeout 360 python3 -m bench.gpu_families --device cuda --attention flex \
+timeout $(cap 360) python3 -m bench.gpu_families --device cuda --attention flex \
   --output "$out/gpu-families.json" >"$out/gpu-families.txt" 2>&1
 status=$?
 grep -v '^{' "$out/gpu-families.txt" | tail -40

@@ -15,10 +15,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_env.sh  # $out, and the carried wheels on PYTHONPATH
 python3 -c "import torch; assert torch.cuda.is_available(), 'torch sees no GPU'" || exit 1
-timeout 60 python3 -m bench.flex_mask --device cuda --output "$out/flex-mask-gpu.json" >"$out/flex-mask.txt" 2>&1
+timeout $(cap 60) python3 -m bench.flex_mask --device cuda --output "$out/flex-mask-gpu.json" >"$out/flex-mask.txt" 2>&1
 mask=$?
 tail -c 800 "$out/flex-mask.txt"
-timeout 330 python3 -m bench.tree --device cuda --dtype bfloat16 --attention flex --model wide \
+timeout $(cap 330) python3 -m bench.tree --device cuda --dtype bfloat16 --attention flex --model wide \
   --output "$out/tree-gpu-wide.json" >"$out/bench-flex-wide.txt" 2>&1
 bench=$?
 tail -c 1500 "$out/bench-flex-wide.txt"

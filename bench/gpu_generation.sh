@@ -17,7 +17,7 @@ source bench/gpu_env.sh  # $out, and the carried wheels on PYTHONPATH
 } >"$out/env.txt" 2>&1
 python3 -c "import torch; assert torch.cuda.is_available(), 'torch sees no GPU'" || exit 1
 
-timeout 450 python3 -m bench.generation --model qwen2-0.5b --device cuda --dtype bfloat16 --batches 8 64 256 \
+timeout $(cap 450) python3 -m bench.generation --model qwen2-0.5b --device cuda --dtype bfloat16 --batches 8 64 256 \
   --repeats 2 --output "$out/generation-gpu.json" >"$out/bench.txt" 2>&1
 bench=$?
 grep "^batch_" "$out/bench.txt" | python3 -c "
