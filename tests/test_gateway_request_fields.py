@@ -389,3 +389,75 @@ def test_chat_template_kwargs_reach_the_template(tmp_path):
             )
     thinking, not_thinking = (tokenizer.decode(request.token_ids) for request in engine.requests)
     assert not thinking.endswith("</think>\n\n") and not_thinking == thinking + "<think>\n\n</think>\n\n"
+
+
+# --- tool results that answer no call: a 400 as OpenAI's API gives, nothing generated ---------
+
+ASKED = {
+    "role": "assistant",
+    "content": None,
+    "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "guess", "arguments": '{"number": 3}'}}
+    ],
+}
+ANSWER = {"role": "tool", "tool_call_id": "call_1", "content": "higher"}
+
+
+@pytest.mark.parametrize(
+    ("named", "history"),
+    [
+        (
+            "messages\\[2\\].tool_call_id 'call_9' is not found in the tool_calls of the assistant "
+            "message before it \\(messages\\[1\\], ids \\['call_1'\\]\\)",
+            [*USER, ASKED, {**ANSWER, "tool_call_id": "call_9"}],
+        ),
+        (
+            "messages\\[1\\]: messages with role 'tool' must be a response to a preceding message with "
+            "'tool_calls' \\(messages\\[0\\] has none\\)",
+            [*USER, ANSWER],
+        ),
+        (
+            "messages\\[4\\]: messages with role 'tool' must be a response .*messages\\[3\\] has none",
+            [*USER, ASKED, ANSWER, {"role": "user", "content": "and?"}, ANSWER],
+        ),
+        ("messages\\[2\\].tool_call_id None is not found", [*USER, ASKED, {"role": "tool", "content": "x"}]),
+    ],
+    ids=["unknown id", "no call before", "a user message between", "no id"],
+)
+def test_a_chat_tool_result_that_answers_no_call_is_a_400_naming_it(served, named, history):
+    server, engine = served
+    episode = start(server)
+    asked = len(engine.requests)
+    with pytest.raises(openai.BadRequestError, match=named):
+        client(server, episode["episode_id"]).chat.completions.create(
+            model="p", messages=history, tools=[GUESS]
+        )
+    assert len(engine.requests) == asked and calls_of(server, episode) == []
+
+
+def test_a_responses_function_call_output_that_answers_no_call_is_a_400_naming_the_call_id(served, qwen):
+    server, engine = served
+    say(served, qwen, CALL)
+    episode = start(server)
+    agent = client(server, episode["episode_id"])
+    tools = [{"type": "function", **GUESS["function"]}]
+    first = agent.responses.create(model="p", input="Guess.", tools=tools)
+    [function_call] = first.output
+    stray = {"type": "function_call_output", "call_id": "call_stray", "output": "higher"}
+    asked = len(engine.requests)
+    in_chain = (
+        f"input\\[0\\]: no tool call found for function call output with call_id 'call_stray'.*'{first.id}'"
+    )
+    with pytest.raises(openai.BadRequestError, match=in_chain):
+        agent.responses.create(model="p", input=[stray], tools=tools, previous_response_id=first.id)
+    with pytest.raises(openai.BadRequestError, match="input\\[1\\]: .*'call_stray'.*no previous_response_id"):
+        agent.responses.create(model="p", input=[{"role": "user", "content": "x"}, stray], tools=tools)
+    assert len(engine.requests) == asked and len(calls_of(server, episode)) == 1
+    # An output answering a call of the chain, or of its own input, is taken.
+    answer = {"type": "function_call_output", "call_id": function_call.call_id, "output": "higher"}
+    say(served, qwen, "ok")
+    agent.responses.create(model="p", input=[answer], tools=tools, previous_response_id=first.id)
+    agent.responses.create(
+        model="p", input=[function_call.model_dump(exclude_none=True), answer], tools=tools
+    )
+    assert len(calls_of(server, episode)) == 3

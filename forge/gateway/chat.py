@@ -66,6 +66,36 @@ def check_tools(tools: list[dict[str, Any]] | None) -> None:
             )
 
 
+def check_tool_results(messages: list[dict[str, Any]]) -> None:
+    """Each tool message answers a call of the assistant message before it (other tool messages
+    between), by `tool_call_id`, as OpenAI's API requires: a result that answers no call is a
+    400 naming it, not a turn the model is shown."""
+    offered: list[str] | None = None  # the ids of the calls the next tool message may answer
+    made_at = -1
+    for index, message in enumerate(messages):
+        role = message.get("role")
+        if role != "tool":
+            calls = message.get("tool_calls") if role == "assistant" else None
+            offered = [c.get("id") for c in calls if isinstance(c, dict)] if calls else None
+            made_at = index
+            continue
+        call_id = message.get("tool_call_id")
+        if offered is None:
+            raise EpisodeError(
+                400,
+                f"messages[{index}]: messages with role 'tool' must be a response to a preceding message "
+                "with 'tool_calls' ("
+                + (f"messages[{made_at}] has none" if made_at >= 0 else "it is the first message")
+                + "): put the assistant message whose call it answers before it",
+            )
+        if not isinstance(call_id, str) or call_id not in offered:
+            raise EpisodeError(
+                400,
+                f"messages[{index}].tool_call_id {call_id!r} is not found in the tool_calls of the assistant "
+                f"message before it (messages[{made_at}], ids {offered}): answer one of those calls by its id",
+            )
+
+
 def narrow_allowed_tools(body: ChatCompletionRequest) -> None:
     """tool_choice {"type": "allowed_tools", "allowed_tools": {"mode", "tools"}}: only the
     listed tools are offered, with tool_choice `mode` ("auto" or "required")."""

@@ -118,10 +118,13 @@ def chat_messages(body: ResponsesRequest, items: list[dict[str, Any]]) -> list[d
     assistant message before them, their outputs become tool messages. (A previous
     response's instructions are not carried over, as the API says.)"""
     messages: list[dict[str, Any]] = []
+    called: set[str] = set()  # call_ids of the function_call items so far
     if body.instructions:
         messages.append({"role": "system", "content": body.instructions})
+    kept = len(items) - len(input_items(body))  # the previous_response_id chain's items come first
     for index, item in enumerate(items):
-        kind, where = item.get("type", "message"), f"input[{index}]"
+        kind = item.get("type", "message")
+        where = f"input[{index - kept}]" if index >= kept else f"previous_response_id's item {index}"
         if kind == "message" and item.get("role", "user") not in ("user", "assistant", "system", "developer"):
             raise EpisodeError(
                 400,
@@ -133,6 +136,7 @@ def chat_messages(body: ResponsesRequest, items: list[dict[str, Any]]) -> list[d
                 {"role": item.get("role", "user"), "content": _part_text(item.get("content"), where)}
             )
         elif kind == "function_call":
+            called.add(item.get("call_id", ""))
             call = {
                 "id": item.get("call_id", ""),
                 "type": "function",
@@ -144,6 +148,8 @@ def chat_messages(body: ResponsesRequest, items: list[dict[str, Any]]) -> list[d
             else:
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif kind == "function_call_output":
+            if item.get("call_id") not in called:
+                raise EpisodeError(400, _unmatched_output(body, item.get("call_id"), where))
             messages.append(
                 {
                     "role": "tool",
@@ -162,6 +168,20 @@ def chat_messages(body: ResponsesRequest, items: list[dict[str, Any]]) -> list[d
     if not messages:
         raise EpisodeError(400, "input is empty: give a string or a list of input items")
     return messages
+
+
+def _unmatched_output(body: ResponsesRequest, call_id: Any, where: str) -> str:
+    """The API's 400 for a tool result that answers no call, saying where calls were looked for."""
+    looked = "this request's input" + (
+        f" and the conversation of previous_response_id {body.previous_response_id!r}"
+        if body.previous_response_id
+        else " (no previous_response_id was given)"
+    )
+    return (
+        f"{where}: no tool call found for function call output with call_id {call_id!r}: no "
+        f"function_call item with that call_id comes before it in {looked}; send the function_call "
+        "item the output answers, or continue from the response that made it with previous_response_id"
+    )
 
 
 def as_chat_request(body: ResponsesRequest, items: list[dict[str, Any]]) -> ChatCompletionRequest:

@@ -39,7 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from forge.env.tools import template_renders_tools
 from forge.gateway.calls import CallRun, CallSpec, Choice, TokenEvent
-from forge.gateway.chat import chat_response, chat_spec, chat_stream
+from forge.gateway.chat import chat_response, chat_spec, chat_stream, check_tool_results
 from forge.gateway.completions import completion_specs, completions_response, completions_stream
 from forge.gateway.decoding import hidden_token_ids
 from forge.gateway.episodes import SHUTDOWN_GRACE_S, EpisodeError, EpisodeStore
@@ -426,6 +426,7 @@ def build_app(gateway: Gateway) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         episode_id = gateway.resolve_episode(request, body.user)
+        check_tool_results(body.messages)
         spec, parser = chat_spec(gateway, body)
         headers = gateway.apply_sampling(body, spec)
         run = gateway.start_call(episode_id, spec, body.stream)
