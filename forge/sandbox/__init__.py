@@ -1,7 +1,8 @@
 """Running untrusted code: rlimits and a uid of its own, namespaces, bubblewrap; the
 strongest level the host offers is probed once and logged."""
 
-from forge.sandbox.core import Limits, SandboxResult, SandboxUnavailable, arun, run, wait_for_cleanup
+from forge.sandbox.api import arun, run
+from forge.sandbox.core import Limits, SandboxResult, SandboxUnavailable, wait_for_cleanup
 from forge.sandbox.isolation import LEVEL_NAMES
 from forge.sandbox.levels import available_level, probe, require_level, set_min_level, set_python
 

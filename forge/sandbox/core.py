@@ -1,9 +1,8 @@
-"""`run`: execute untrusted python or shell code in a fresh subprocess under the strongest
-isolation level the host offers, and return what it printed and wrote."""
+"""Executing untrusted python or shell code in a fresh subprocess at a given isolation level
+(`run_at`), and what a run returns; `forge.sandbox.api.run` picks the level."""
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import contextlib
 import json
@@ -216,43 +215,6 @@ def _pump(
     return out, err, timed_out, truncated, disk_exceeded
 
 
-def run(
-    code: str,
-    language: Language = "python",
-    *,
-    files: dict[str, str | bytes] | None = None,
-    collect: tuple[str, ...] | list[str] = (),
-    timeout_s: float = 10.0,
-    limits: Limits | None = None,
-    min_level: int = 0,
-    level: int | None = None,
-    env: dict[str, str] | None = None,
-    python: str | None = None,
-) -> SandboxResult:
-    """Run `code` as `main.py` (python) or `main.sh` (shell) in a fresh work dir with `files`.
-
-    `level` forces an isolation level (it must be available); by default the strongest level
-    the probe found is used. Raises SandboxUnavailable when that is below `min_level` or the
-    process's floor (`set_min_level`, `configure`). `python` is the interpreter for python
-    code (default: the one `configure` set, else the harness's own), checked on first use.
-    After the run, paths in `collect` that are regular files are returned in `files`.
-    """
-    from forge.sandbox import levels
-
-    limits = limits or Limits()
-    best = levels.available_level()
-    chosen = best if level is None else level
-    if chosen > best:
-        raise SandboxUnavailable(
-            f"sandbox level {chosen} was requested but this host offers only level {best}"
-        )
-    levels.check_floor(chosen, min_level)
-    interpreter = levels.interpreter(python)
-    if language == "python":
-        levels.check_python(chosen, interpreter)
-    return _run_at(code, language, files or {}, tuple(collect), timeout_s, limits, chosen, env, interpreter)
-
-
 def _launch(spec: dict) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-I", "-S", uids.LAUNCHER, json.dumps(spec)],
@@ -280,7 +242,7 @@ def _argv_at(level: int, run_dir: workdir.RunDir, argv: list[str], env: dict[str
     return argv, None
 
 
-def _run_at(
+def run_at(
     code: str,
     language: Language,
     files: dict[str, str | bytes],
@@ -399,8 +361,3 @@ def wait_for_cleanup(timeout_s: float = 30.0) -> bool:
 
 
 atexit.register(wait_for_cleanup)
-
-
-async def arun(code: str, language: Language = "python", **kwargs) -> SandboxResult:
-    """`run` from async code without blocking the event loop."""
-    return await asyncio.to_thread(run, code, language, **kwargs)

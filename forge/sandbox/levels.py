@@ -9,7 +9,8 @@ import shutil
 import sys
 import threading
 
-from forge.sandbox import isolation
+from forge.sandbox import isolation, uids, workdir
+from forge.sandbox.core import Limits, SandboxUnavailable, run_at
 
 log = logging.getLogger("forge.sandbox")
 _lock = threading.Lock()
@@ -28,12 +29,10 @@ HOW_TO_ENABLE = {
 
 
 def _works(level: int) -> tuple[bool, str]:
-    from forge.sandbox.core import Limits, _run_at
-
     if level == 2 and shutil.which("bwrap") is None:
         return False, "bwrap not found"
     try:
-        result = _run_at("echo ok", "shell", {}, (), 20.0, Limits(), level, None, sys.executable)
+        result = run_at("echo ok", "shell", {}, (), 20.0, Limits(), level, None, sys.executable)
     except (OSError, RuntimeError) as exc:
         return False, f"{type(exc).__name__}: {exc}"
     if result.exit_code == 0 and result.stdout.strip() == "ok":
@@ -47,8 +46,6 @@ def available_level() -> int:
     global _level
     with _lock:
         if _level is None:
-            from forge.sandbox import uids, workdir
-
             workdir.sweep(workdir.base_dir(uids.UID_BASE if uids.is_root() else None))
             for level in (2, 1, 0):
                 ok, why = _works(level)
@@ -56,8 +53,6 @@ def available_level() -> int:
                     break
                 log.info("sandbox level %d (%s) unavailable: %s", level, isolation.LEVEL_NAMES[level], why)
             else:
-                from forge.sandbox.core import SandboxUnavailable
-
                 raise SandboxUnavailable(
                     f"even sandbox level 0 (rlimits, and a uid drop when root) fails here: {why}. "
                     "A root harness needs CAP_SETUID/CAP_SETGID to drop to a sandbox uid."
@@ -73,8 +68,6 @@ def probe() -> int:
 
 def require_level(min_level: int) -> int:
     """Fail closed: raise unless the host gives at least `min_level`; return the level in use."""
-    from forge.sandbox.core import SandboxUnavailable
-
     if min_level not in isolation.LEVEL_NAMES:
         raise ValueError(f"sandbox.min_level must be 0, 1 or 2, got {min_level!r}")
     level = available_level()
@@ -102,8 +95,6 @@ def min_level_floor() -> int:
 
 def check_floor(level: int, min_level: int = 0) -> None:
     """Raise SandboxUnavailable when `level` is below `min_level` or this process's floor."""
-    from forge.sandbox.core import SandboxUnavailable
-
     if level >= max(min_level, _floor):
         return
     reason = _floor_reason if _floor > min_level else f"sandbox.min_level={min_level}"
@@ -126,8 +117,6 @@ def interpreter(python: str | None = None) -> str:
 
 def check_python(level: int, python: str) -> None:
     """Fail with the fix unless sandboxed code at `level` can run `python` (checked once)."""
-    from forge.sandbox.core import Limits, SandboxUnavailable, _run_at
-
     if (level, python) in _python_ok:
         return
     fix = (
@@ -143,7 +132,7 @@ def check_python(level: int, python: str) -> None:
             f"sandboxed Python at level 0 runs as an unprivileged uid, which cannot execute {python} "
             f"(a directory on its path is closed to other users, and it is a venv): {fix}"
         )
-    result = _run_at(
+    result = run_at(
         "import sys\nprint(sys.version_info[0])", "python", {}, (), 30.0, Limits(), level, None, python
     )
     if result.stdout.strip() != "3":
