@@ -29,7 +29,7 @@ HINT = {"type": "function", "function": {"name": "hint", "parameters": {"type": 
 class ScriptedEngine:
     """Replies with fixed token ids after an optional delay (and `token_delay_s` per token),
     reporting each token to the request's callback as HFEngine does and ending where it
-    says stop."""
+    says stop, or where the request's `cancel` is set."""
 
     def __init__(self, reply: list[int], delay_s: float = 0.0, token_delay_s: float = 0.0) -> None:
         self.reply = reply
@@ -53,6 +53,9 @@ class ScriptedEngine:
                 top = [(token, -0.5)][: request.top_logprobs]
                 if request.on_token is not None and request.on_token(token, -0.5, top):
                     reply, finished = reply[:end], True
+                    break
+                if request.cancel is not None and request.cancel.is_set():  # given up: cut here
+                    reply, finished = reply[:end], False
                     break
             self.generated.append(len(reply))
             tops = [[(t, -0.5)][: request.top_logprobs] for t in reply] if request.top_logprobs else None

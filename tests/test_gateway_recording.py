@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -340,6 +341,92 @@ def test_a_call_running_past_the_step_limit_after_finish_is_stopped_refused_and_
     assert engine.generated[0] < 60  # generation stopped, not run to its end
 
 
+def counted_engine(model, step_s: float) -> HFEngine:
+    """An HFEngine with no stop token (a row runs to its limit unless ended) whose forwards
+    are counted in `forwards` (each takes at least `step_s`: a slow engine) and whose
+    results, as it returned them, are kept in `results`."""
+    engine = HFEngine(model, [], 0)
+    engine.forwards, engine.results = 0, []
+    generate = engine.generate
+
+    def step(*_):
+        engine.forwards += 1
+        time.sleep(step_s)
+
+    def kept(requests):
+        engine.results.extend(results := generate(requests))
+        return results
+
+    model.register_forward_hook(step)
+    engine.generate = kept
+    return engine
+
+
+@pytest.mark.parametrize("ending", ["step limit after finish", "agent exited"])
+def test_a_non_streamed_call_given_up_stops_generating_in_the_engine(
+    tiny_checkpoint, tokenizer, tmp_path, ending
+):
+    """A call no one will read (its episode ended and its step limit passed, or its agent
+    exited) is dropped from the engine's batch at the next decode step, not run to its
+    token limit while other episodes wait for the engine."""
+    from forge.run.gateway import _take
+
+    limit = 600  # ~3 s of decoding at 5 ms a step, were it run to the end
+    engine = counted_engine(load_model(tiny_checkpoint, ModelConfig()), step_s=0.005)
+    # An exited agent's calls are given up at once (`_take`), not at the step limit.
+    store = standalone_store(tmp_path, step_timeout_s=0.3 if ending != "agent exited" else 30)
+    gateway = Gateway(engine, tokenizer, store, max_new_tokens=limit, max_context_tokens=1024)
+    with GatewayServer(gateway) as server:
+        episode = begin(server)
+        agent = client(server, episode["episode_id"])
+        pool = ThreadPoolExecutor(1)
+        reply = pool.submit(agent.chat.completions.create, model="p", messages=USER)
+        deadline = time.monotonic() + 10
+        while engine.forwards < 20 and time.monotonic() < deadline:  # well into decoding
+            time.sleep(0.01)
+        if ending == "agent exited":  # killed at its timeout, as `close_unfinished` ends it
+            server.call(gateway.abandon_episode(episode["episode_id"], "truncated", "killed"), timeout_s=30)
+            [taken] = server.call(_take(store, [episode["episode_id"]]), timeout_s=30)
+        else:
+            finish(server, episode)
+            server.call(store.closed([episode["episode_id"]]), timeout_s=30)
+            [(taken, samples)] = read_recorded(tmp_path / "episodes.jsonl")
+            assert samples == []
+        with pytest.raises(openai.ConflictError, match="not kept|agent exited"):
+            reply.result(timeout=30)
+        pool.shutdown()
+    [result] = engine.results
+    assert not result.finished and len(result.token_ids) < limit // 4, len(result.token_ids)
+    assert engine.forwards < limit // 4  # prefill and the decode steps it ran before it was dropped
+    assert (
+        taken.info["calls_dropped"] == 1
+        and (taken.num_turns if ending != "agent exited" else len(taken.calls)) == 0
+    )
+
+
+def test_a_request_given_up_while_queued_never_reaches_the_engine():
+    from forge.rollout.engines.batching import BatchingEngine
+    from forge.rollout.engines.protocol import GenerationRequest
+
+    engine = ScriptedEngine([5, 6, 7])
+    given_up, wanted = threading.Event(), threading.Event()
+    given_up.set()
+
+    async def both():
+        batching = BatchingEngine(engine)
+        requests = [
+            GenerationRequest([1], 3, name, cancel=flag) for name, flag in (("a", given_up), ("b", wanted))
+        ]
+        try:
+            return await batching.generate_many(requests)
+        finally:
+            await batching.close()
+
+    dropped, served = asyncio.run(both())
+    assert [r.episode_id for r in engine.requests] == ["b"]
+    assert (dropped.token_ids, dropped.finished) == ([], False) and served.token_ids == [5, 6, 7]
+
+
 def test_a_call_that_ends_after_its_episode_was_recorded_is_refused_not_added():
     records: list = []
     store = EpisodeStore(step_timeout_s=0.2, on_finished=records.append)
@@ -407,5 +494,4 @@ def test_a_training_step_drops_the_calls_its_exited_agents_left_generating_witho
         with pytest.raises(openai.APIError, match="agent exited before this reply was read"):
             reply.result(timeout=30)
     assert waited < 2.0 and taken.calls == [] and taken.info["calls_dropped"] == 1, waited
-    if stream:  # watched token by token: generation stopped too
-        assert engine.generated[0] < 60
+    assert engine.generated[0] < 60  # streamed or not, generation stopped too

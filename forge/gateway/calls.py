@@ -5,6 +5,7 @@ as training samples once generation ends, unless the client went away first."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -61,6 +62,9 @@ class CallRun:
         self.spec = spec
         self.stream = stream
         self.aborted = False
+        # Set with `aborted`: the engine drops the call's rows at its next decode step (a call
+        # with no token watcher, not streamed, would otherwise run on to its token limit).
+        self.cancel = threading.Event()
         self.abort_reason: str | None = None  # why the gateway stopped it (its client did not leave)
         self.failure: str | None = None
         # In flight until the gateway keeps or drops it (`EpisodeStore.end_call`).
@@ -84,6 +88,7 @@ class CallRun:
         gateway stopped the call for `reason` (which its client is told)."""
         self.aborted = True
         self.abort_reason = self.abort_reason or reason
+        self.cancel.set()
 
     def sent_so_far(self, index: int) -> int:
         return self.texts[index].sent
@@ -136,6 +141,7 @@ class CallRun:
                     stop=list(self.texts[index].stop),
                     group_id=group,
                     on_token=watchers[-1],
+                    cancel=self.cancel,
                 )
             )
         started = time.monotonic()

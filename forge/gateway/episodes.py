@@ -416,8 +416,8 @@ class EpisodeStore:
     def stop_calls(self, episode_ids: list[str], reason: str) -> int:
         """Give up the calls still generating for these episodes, e.g. when no agent is left
         to read them: dropped now (not kept, counted in `calls_dropped`, not waited for), and
-        stopped at their next token where they are watched token by token (streamed, or with
-        a stop string); their clients, if any, are told `reason`. Returns how many."""
+        stopped at the in-process engine's next decode step (an engine server runs them on);
+        their clients, if any, are told `reason`. Returns how many."""
         stopped = 0
         for episode_id in episode_ids:
             episode = self.get(episode_id)

@@ -107,6 +107,11 @@ class BatchingEngine:
             if self._pending:
                 self._arrived.set()
             live = [(request, future) for request, future in batch if not future.cancelled()]
+            for request, future in live:
+                if request.cancel is not None and request.cancel.is_set():  # given up while queued
+                    version = getattr(self.engine, "policy_version", 0)
+                    future.set_result(GenerationResult([], [], False, version, 0))
+            live = [(request, future) for request, future in live if not future.done()]
             if not live:
                 continue
             # Rows in a fixed order, not arrival order (which depends on thread timing), so

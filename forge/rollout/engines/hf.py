@@ -356,6 +356,9 @@ class HFEngine:
             top_values = torch.zeros((batch, steps, top_k), device=self.device)
             top_ids = torch.zeros((batch, steps, top_k), dtype=torch.long, device=self.device)
         watchers = [(row, r.on_token) for row, r in enumerate(requests) if r.on_token is not None]
+        # Rows whose caller may give them up (the gateway's calls): a set flag ends the row at
+        # this step, read on the host, so no step waits on the device for it.
+        cancellable = [(row, r.cancel) for row, r in enumerate(requests) if r.cancel is not None]
         shared = self._shared(cache)
         # Per-token work outside the model's forward is kept to a few in-place tensor ops:
         # on a GPU each op is a kernel launch and Python's cost per token adds up.
@@ -381,6 +384,10 @@ class HFEngine:
                 )
             finished |= stopped
             done |= stopped.logical_or_(lengths_out >= limits)
+            if cancellable and any(flag.is_set() for _, flag in cancellable):
+                given_up = [row for row, flag in cancellable if flag.is_set()]
+                done[torch.tensor(given_up, device=self.device)] = True
+                cancellable = [(row, flag) for row, flag in cancellable if row not in given_up]
             if step == steps - 1 or bool(done.all()):
                 break
             full_mask[:, width + step] = active

@@ -5,6 +5,7 @@ Every engine (in-process or a server's client) answers `InferenceEngine`.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -30,6 +31,9 @@ class GenerationRequest:
     # Called on the engine's thread with (token id, logprob, top (id, logprob) pairs) after
     # each sampled token; returning True ends the row there as a stop (stop strings, streaming).
     on_token: Callable[[int, float, list[tuple[int, float]]], bool] | None = None
+    # Set (from any thread) when no one will read the result: an in-process engine ends the
+    # row at its next decode step, cut (finished False), reading only this host-side flag.
+    cancel: threading.Event | None = None
 
 
 @dataclass
