@@ -105,6 +105,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_live_episodes=args.max_live_episodes,
         attn_implementation=args.attn_implementation,
         attn_setting="--attn-implementation",
+        revision=args.revision,
     )
     return 0
 
@@ -197,14 +198,23 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "overrides", nargs="*", default=[], help="dotted overrides, e.g. rollout.temperature=0.7"
     )
-    evaluate.add_argument("--checkpoint", required=True, help="model folder, e.g. runs/smoke/final")
+    evaluate.add_argument(
+        "--checkpoint",
+        required=True,
+        help="model folder, e.g. runs/smoke/final, or a hub model id (org/name; revision: model.revision)",
+    )
     evaluate.add_argument("--episodes", type=int, default=8, help="episodes per task")
     evaluate.add_argument("--tasks", type=int, default=16, help="how many of the env's tasks to play")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     evaluate.set_defaults(handler=_eval)
 
     serve = commands.add_parser("serve", help="serve a checkpoint over HTTP (token API + OpenAI API)")
-    serve.add_argument("checkpoint", help="a Hugging Face checkpoint folder, e.g. runs/smoke/final")
+    serve.add_argument(
+        "checkpoint",
+        help="a Hugging Face checkpoint folder, e.g. runs/smoke/final, or a hub model id (org/name, from or "
+        "into the Hugging Face cache)",
+    )
+    serve.add_argument("--revision", default="main", help="for a hub id: the branch, tag or commit to serve")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-new-tokens", type=int, default=256, help="cap on tokens sampled per call")

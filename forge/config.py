@@ -60,7 +60,14 @@ class LoraConfig(Section):
 class ModelConfig(Section):
     path: str | None = Field(
         None,
-        description="local Hugging Face checkpoint folder; unset builds a tiny random model (offline)",
+        description="a local Hugging Face checkpoint folder, or a hub model id (org/name: each process finds "
+        "it in its node's Hugging Face cache, downloading it when missing); unset builds a tiny random model "
+        "(offline)",
+    )
+    revision: str = Field(
+        "main",
+        description="for a hub id in model.path: the branch, tag or commit to load (a run pins the commit "
+        "it found at start for all its processes)",
     )
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)

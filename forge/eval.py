@@ -83,18 +83,20 @@ def evaluate(
 
     from forge.env.preflight import preflight_env
     from forge.env.registry import resolve_env
+    from forge.models.loading import checkpoint_folder
     from forge.rollout.stuck import LoopGuard, remove_unused_reports, stuck_limit_s
     from forge.rollout.stuck_watch import StuckWatcher, env_source_file
     from forge.rollout.worker import RolloutWorker
     from forge.run.context import start_sandbox
     from forge.run.tasks import load_task_rows
 
-    checkpoint = Path(checkpoint)
-    if not (checkpoint / "config.json").is_file():
+    try:  # a hub id: this machine's Hugging Face cache (its errors name the fix themselves)
+        checkpoint = checkpoint_folder(checkpoint, cfg.model.revision, ("--checkpoint", "model.revision"))
+    except FileNotFoundError:
         raise FileNotFoundError(
-            f"--checkpoint {checkpoint} is not a model folder (no config.json); "
-            "pass a run's final/ folder or any save_pretrained checkpoint"
-        )
+            f"--checkpoint {checkpoint} is not a model folder (no config.json); pass a run's final/ folder, "
+            "any save_pretrained checkpoint or a hub model id (org/name)"
+        ) from None
     preflight_env(cfg.env, cfg.seed)  # a wrong name, kwargs or reset: one message, as forge train gives
     start_sandbox(cfg)  # says the level; untrusted code is refused at level 0 unless allowed
     model_cfg = cfg.model.model_copy(

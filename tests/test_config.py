@@ -243,17 +243,28 @@ def test_overwrite_removes_the_earlier_runs_files_and_nothing_else(tmp_path, mon
         ("{tmp}", "it has no config.json"),
         ("{tmp}/missing", "it does not exist); point it at a local folder saved with save_pretrained"),
         (
-            "Qwen/Qwen3-0.6B",
-            "does not download from the Hugging Face hub; if 'Qwen/Qwen3-0.6B' is a hub model, "
-            "download it once (hf download Qwen/Qwen3-0.6B --local-dir /models/Qwen3-0.6B)",
+            "Qwen/Qwen3-0.6B",  # a hub id, offline and not in the (empty) cache
+            "model.path='Qwen/Qwen3-0.6B' (model.revision='main') is not in this node's Hugging Face cache",
         ),
     ],
 )
-def test_the_dry_run_refuses_a_model_path_that_is_not_a_checkpoint_folder(capsys, tmp_path, path, says):
+def test_the_dry_run_refuses_a_model_path_that_is_not_a_checkpoint_folder(
+    capsys, tmp_path, monkeypatch, path, says
+):
+    from huggingface_hub import constants
+
+    from forge.models.hub import hub_snapshot
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))  # never the hub in tests
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    hub_snapshot.cache_clear()
     given = path.format(tmp=tmp_path)
     assert main(["train", "smoke", f"model.path={given}", "--dry-run"]) == 2
     err = capsys.readouterr().err
-    assert f"model.path={given!r} is not a Hugging Face checkpoint folder" in err and says in err
+    folder = (
+        "Hugging Face checkpoint folder" if given.startswith(str(tmp_path)) else "hf download Qwen/Qwen3-0.6B"
+    )
+    assert folder in err and says in err
     assert "Traceback" not in err
 
 

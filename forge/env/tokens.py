@@ -83,15 +83,20 @@ def load_check_tokenizer(
         return build_tokenizer(extra_words), f"the built-in tiny model{words}"
     from forge.models.loading import load_tokenizer
 
-    check_model_folder(model_path)
-    return load_tokenizer(model_path), model_path
+    return load_tokenizer(check_model_folder(model_path)), model_path
 
 
-def check_model_folder(model_path: str | None) -> None:
-    """Raise a clear error when `model_path` is set and is not a folder."""
+def check_model_folder(model_path: str | None) -> str | None:
+    """The folder of `model_path`: itself, or for a hub id (org/name) its snapshot in this
+    machine's Hugging Face cache (downloaded when missing, as model.path's); a clear error
+    when it is set and is neither."""
     import os
 
+    from forge.models.hub import hub_snapshot, names_hub_model
+
+    if names_hub_model(model_path):
+        return str(hub_snapshot(model_path, "main", ("--model", "revision")))
     if model_path is not None and not os.path.isdir(model_path):
         raise FileNotFoundError(
-            f"model {model_path!r} is not a folder: give a checkpoint folder (--model, model.path)"
+            f"model {model_path!r} is not a folder: give a checkpoint folder or a hub id, org/name (--model, model.path)"
         )

@@ -1,4 +1,4 @@
-"""Model and tokenizer loading: any local Hugging Face checkpoint, or the tiny smoke model."""
+"""Model and tokenizer loading: a local Hugging Face checkpoint or hub id, or the tiny smoke model."""
 
 from __future__ import annotations
 
@@ -20,34 +20,60 @@ def quiet_transformers() -> None:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def checkpoint_folder(given: str) -> Path:
-    """`model.path` as a checkpoint folder, or an error saying what to give instead (a hub
-    name such as Qwen/Qwen3-0.6B is not fetched: every process of a run, on every node, loads
-    the same local folder)."""
+def checkpoint_folder(
+    given: str | Path, revision: str = "main", settings: tuple[str, str] = ("model.path", "model.revision")
+) -> Path:
+    """The checkpoint folder `model.path` = `given` names: a local folder holding config.json,
+    or for a hub id (`org/name`, no such local folder) the model's snapshot in this process's
+    Hugging Face cache at `revision` (forge.models.hub, which downloads it when missing).
+    Anything else is an error saying what to give instead, naming `settings` (the options that
+    gave the path and the revision)."""
+    from forge.models.hub import hub_snapshot, names_hub_model
+
     path = Path(given).expanduser()
     if (path / "config.json").is_file():
         return path
+    if names_hub_model(str(given)):
+        return hub_snapshot(str(given), revision, settings)
     what = "has no config.json" if path.is_dir() else "does not exist"
-    hint = "point it at a local folder saved with save_pretrained, or unset it for the tiny model"
-    parts = given.split("/")
-    if not path.exists() and len(parts) == 2 and all(parts) and not given.startswith((".", "~")):
-        hint = (
-            f"Forge loads local folders only and does not download from the Hugging Face hub; if {given!r} "
-            f"is a hub model, download it once (hf download {given} --local-dir /models/{parts[1]}) "
-            f"and set model.path=/models/{parts[1]} (a folder every node can read)"
-        )
+    hint = "point it at a local folder saved with save_pretrained" + (
+        ", or unset it for the tiny model" if settings[0] == "model.path" else ""
+    )
     raise FileNotFoundError(
-        f"model.path={given!r} is not a Hugging Face checkpoint folder (it {what}); {hint}"
+        f"{settings[0]}={str(given)!r} is not a Hugging Face checkpoint folder (it {what}); {hint}"
     )
 
 
 def resolve_model_path(cfg: ModelConfig, cache_dir: str | Path, seed: int = 0) -> Path:
-    """The checkpoint folder to load: `cfg.path`, or a freshly built tiny checkpoint."""
+    """The checkpoint folder to load: `cfg.path` (a folder or a hub id, see `checkpoint_folder`),
+    or a freshly built tiny checkpoint."""
     if cfg.path is not None:
-        return checkpoint_folder(cfg.path)
+        return checkpoint_folder(cfg.path, cfg.revision)
     from forge.models.tiny import save_tiny_checkpoint
 
     return save_tiny_checkpoint(cfg.tiny, Path(cache_dir), seed=seed)
+
+
+def actor_model_source(cfg: ModelConfig, folder: Path) -> str:
+    """What a run's Ray actors are given to load, once this process resolved `cfg.path` to
+    `folder`: for a hub id the id itself, each actor resolving it in its own node's cache, with
+    `cfg.revision` pinned to the commit found here (`folder`'s name) so that every node loads the
+    same weights even if the branch moves during the run; else the folder."""
+    from forge.models.hub import names_hub_model
+
+    if cfg.path is not None and names_hub_model(cfg.path):
+        cfg.revision = folder.name
+        return cfg.path
+    return str(folder)
+
+
+def actor_env(cfg: ModelConfig) -> dict[str, str]:
+    """Environment variables a run's Ray actors need to resolve `cfg.path` as this process did:
+    the huggingface_hub settings here (cache, offline mode, token, endpoint) for a hub id."""
+    from forge.models.hub import hub_env, names_hub_model
+
+    return hub_env() if names_hub_model(cfg.path) else {}
+    return {}
 
 
 def load_tokenizer(path: str | Path):

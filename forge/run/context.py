@@ -50,13 +50,16 @@ def start_sandbox(cfg: Config) -> int:
     return level
 
 
-def make_trainer(cfg: Config, model_path: Path) -> Any:
-    """The trainer actor; with `train.num_trainers > 1` a TrainerGroup that answers like one."""
+def make_trainer(cfg: Config, model_path: Path | str) -> Any:
+    """The trainer actor; with `train.num_trainers > 1` a TrainerGroup that answers like one.
+    `model_path`: a folder, or a hub id each trainer process resolves (`actor_model_source`)."""
     import ray
 
+    from forge.models.loading import actor_env
     from forge.train.trainer import Trainer
 
     trainer_args = (str(model_path), cfg.model, cfg.train, cfg.trainer, cfg.seed, cfg.train.threads)
+    env_vars = actor_env(cfg.model)
     if cfg.train.num_trainers > 1:
         from forge.train.group import TrainerGroup
 
@@ -66,10 +69,15 @@ def make_trainer(cfg: Config, model_path: Path) -> Any:
             cfg.train.num_gpus,
             trainer_args,
             {"strategy": cfg.train.strategy, "mixed_precision": cfg.train.mixed_precision},
+            env_vars,
         )
     return (
         ray.remote(Trainer)
-        .options(num_cpus=cfg.train.num_cpus, num_gpus=cfg.train.num_gpus)
+        .options(
+            num_cpus=cfg.train.num_cpus,
+            num_gpus=cfg.train.num_gpus,
+            **({"runtime_env": {"env_vars": env_vars}} if env_vars else {}),
+        )
         .remote(*trainer_args)
     )
 
@@ -83,14 +91,17 @@ class Run:
     """One training run's actors and bookkeeping."""
 
     def __init__(self, cfg: Config, output_dir: Path) -> None:
-        from forge.models.loading import load_tokenizer, resolve_model_path
+        from forge.models.loading import actor_model_source, load_tokenizer, resolve_model_path
         from forge.reward.shaping import RewardShaper
 
         self.cfg = cfg
         self.output_dir = output_dir
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        # This process's folder of the model; the actors get `model_source` and resolve it
+        # themselves (a hub id, its commit pinned in cfg, so also in config.yaml).
         self.model_path = resolve_model_path(cfg.model, output_dir / "initial_model", seed=cfg.seed)
+        self.model_source = actor_model_source(cfg.model, self.model_path)
+        (output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         self.tasks = TaskStream(load_task_rows(cfg), cfg.seed)
         self.shaper = RewardShaper(cfg.reward)
         self.frozen_snapshot = frozen_snapshot(cfg, output_dir)
@@ -100,8 +111,8 @@ class Run:
         if cfg.rollout.engine != "inprocess":  # generation on engine servers (forge.rollout.engines.pool)
             from forge.rollout.engines.pool import EnginePool
 
-            self.engines = EnginePool.start(cfg, self.model_path)
-        self.trainer = make_trainer(cfg, self.model_path)
+            self.engines = EnginePool.start(cfg, self.model_source)
+        self.trainer = make_trainer(cfg, self.model_source)
         # Where a worker whose event loop got stuck writes its stacks before it ends (forge.rollout.stuck).
         self.stuck_report_dir = output_dir.resolve() / "stuck_workers"
         # Reports told already (or left by the run this one resumes).
@@ -113,13 +124,16 @@ class Run:
         import ray
 
         from forge.env.registry import worker_runtime_env
+        from forge.models.loading import actor_env
         from forge.rollout.worker import RolloutWorker
 
         cfg = self.cfg
         worker_class = ray.remote(RolloutWorker)
         # A user's env module found through the working directory or PYTHONPATH: the workers
         # get its folder on their path (on a remote cluster, start_ray shipped it instead).
-        runtime_env = None if os.environ.get("RAY_ADDRESS") else worker_runtime_env(cfg.env.name)
+        runtime_env = (None if os.environ.get("RAY_ADDRESS") else worker_runtime_env(cfg.env.name)) or {}
+        if hub := actor_env(cfg.model):  # the model is a hub id: resolved as this process does
+            runtime_env = {**runtime_env, "env_vars": {**runtime_env.get("env_vars", {}), **hub}}
         return [
             worker_class.options(
                 num_cpus=worker_cpus(cfg),
@@ -127,7 +141,7 @@ class Run:
                 max_restarts=cfg.async_.max_worker_restarts,  # a dead worker comes back; its episodes are lost
                 **({"runtime_env": runtime_env} if runtime_env else {}),
             ).remote(
-                str(self.model_path),
+                self.model_source,
                 cfg.model,
                 cfg.env,
                 cfg.rollout,

@@ -143,16 +143,17 @@ class GatewayRun:
 
         from forge.env.latency import with_latency
         from forge.env.registry import resolve_env
-        from forge.models.loading import load_tokenizer, resolve_model_path
+        from forge.models.loading import actor_model_source, load_tokenizer, resolve_model_path
         from forge.reward.shaping import RewardShaper
 
         self.cfg = cfg
         self.workers: list[Any] = []  # agent processes play the episodes
         self.output_dir = output
         output.mkdir(parents=True, exist_ok=True)
+        model_path = resolve_model_path(cfg.model, output / "initial_model", seed=cfg.seed)
+        model_source = actor_model_source(cfg.model, model_path)  # what the actors resolve (a hub id pinned)
         (output / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         self.argv = agent_argv(cfg.gateway.agent_command)
-        model_path = resolve_model_path(cfg.model, output / "initial_model", seed=cfg.seed)
         self.tasks = TaskStream(load_task_rows(cfg), cfg.seed)
         self.shaper = RewardShaper(cfg.reward)
         self.rng = random.Random(cfg.seed)
@@ -164,8 +165,8 @@ class GatewayRun:
         if cfg.rollout.engine != "inprocess":
             from forge.rollout.engines.pool import EnginePool
 
-            self.pool = EnginePool.start(cfg, model_path)
-        self.trainer = make_trainer(cfg, model_path)
+            self.pool = EnginePool.start(cfg, model_source)
+        self.trainer = make_trainer(cfg, model_source)
         torch.set_num_threads(cfg.rollout.threads)  # this process plays the rollout worker's part
         self.tokenizer = load_tokenizer(model_path)
         self.engine = self._load_engine(model_path) if self.pool is None else self._route_engines(model_path)

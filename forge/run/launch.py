@@ -46,8 +46,10 @@ def preflight(cfg: Config) -> str:
 
     check_engine_config(cfg)
     if cfg.model.path is not None:
-        checkpoint_folder(cfg.model.path)  # a wrong folder or a hub name: before anything starts
-    refuse_unservable(cfg.model.path, cfg.rollout.engine)
+        # A wrong folder, or a hub id not in this node's cache that cannot be downloaded: before
+        # anything starts (downloaded here, the run's actors on this node find it in the cache).
+        folder = checkpoint_folder(cfg.model.path, cfg.model.revision)
+        refuse_unservable(cfg.model.path, cfg.rollout.engine, folder)
     if cfg.gateway.enabled and cfg.train.mode != "sync":
         raise ConfigError("gateway runs train in sync mode only; set train.mode: sync")
     return preflight_env(cfg.env, cfg.seed)  # a wrong env name, kwargs or reset: one message

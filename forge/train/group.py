@@ -94,12 +94,16 @@ class TrainerGroup:
         num_gpus: float,
         trainer_args: tuple,
         trainer_kwargs: dict[str, Any],
+        env_vars: dict[str, str] | None = None,
     ) -> None:
+        """`env_vars`: set in every rank's process (forge.models.loading.actor_env)."""
         import ray
 
         rank_class = ray.remote(TrainerRank)
+        runtime_env = {"runtime_env": {"env_vars": env_vars}} if env_vars else {}
         self.actors = [
-            rank_class.options(num_cpus=num_cpus, num_gpus=num_gpus).remote() for _ in range(world_size)
+            rank_class.options(num_cpus=num_cpus, num_gpus=num_gpus, **runtime_env).remote()
+            for _ in range(world_size)
         ]
         master_addr, master_port = ray.get(self.actors[0].address.remote())
         setups = [

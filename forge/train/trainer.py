@@ -79,12 +79,13 @@ class Trainer:
         seed: int = 0,
         num_threads: int | None = None,
     ) -> None:
-        from forge.models.loading import load_tokenizer
+        from forge.models.loading import checkpoint_folder, load_tokenizer
 
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         torch.manual_seed(seed)
-        self.model_path = Path(model_path)
+        self.model_path = checkpoint_folder(model_path, model_cfg.revision)  # a hub id: this node's cache
+        model_path = self.model_path
         self.model_cfg = model_cfg
         self.train_cfg = train_cfg
         self.trainer_cfg = trainer_cfg

@@ -65,22 +65,20 @@ def position_limit(model: Any) -> int | None:
     return None
 
 
-def refuse_unservable(model_path: str | None, engine: str) -> None:
-    """Before Ray starts: a ConfigError for a checkpoint at `model_path` that the in-process
-    engine cannot serve, known from its config (rollout.engine: remote passes)."""
+def refuse_unservable(model_path: str | None, engine: str, folder: Any = None) -> None:
+    """Before Ray starts: a ConfigError for a checkpoint at `model_path` (read from `folder`,
+    its local folder, when given: a hub id's snapshot) that the in-process engine cannot serve,
+    known from its config (rollout.engine: remote passes)."""
     from pathlib import Path
 
     from forge.config import ConfigError
 
-    if (
-        model_path is None
-        or engine == "remote"
-        or not (Path(model_path).expanduser() / "config.json").is_file()
-    ):
+    folder = Path(folder if folder is not None else model_path or "").expanduser()
+    if model_path is None or engine == "remote" or not (folder / "config.json").is_file():
         return
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(str(Path(model_path).expanduser()))
+    config = AutoConfig.from_pretrained(str(folder))
     reason = unsupported_reason(config)
     if reason is not None:
         raise ConfigError(f"model.path={model_path!r}: {reason}; {REFUSE_HINT}")

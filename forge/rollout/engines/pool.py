@@ -143,15 +143,20 @@ def check_engine_config(cfg: Config) -> None:
 # memory and back, and no GPU number exists yet to say otherwise.
 
 
-def start_engine(cfg: Config, model_path: Path | None, index: int, name: str) -> Any:
+def start_engine(cfg: Config, model_path: Path | str | None, index: int, name: str) -> Any:
+    """Engine actor `index`, serving `model_path` (a folder, or a hub id it resolves itself)."""
     import ray
 
+    from forge.models.loading import actor_env
+
+    env_vars = actor_env(cfg.model)
     return (
         ray.remote(EngineActor)
         .options(
             num_cpus=cfg.rollout.num_cpus_per_engine,
             num_gpus=cfg.rollout.num_gpus_per_engine,
             name=name,
+            **({"runtime_env": {"env_vars": env_vars}} if env_vars else {}),
         )
         .remote(
             str(model_path), cfg, cfg.seed + 7919 * (index + 1), max(1, int(cfg.rollout.num_cpus_per_engine))
@@ -168,7 +173,7 @@ class EnginePool:
     """The run's engines, seen from the driver."""
 
     def __init__(
-        self, urls: list[str], actors: list[Any], cfg: Config, model_path: Path | None = None
+        self, urls: list[str], actors: list[Any], cfg: Config, model_path: Path | str | None = None
     ) -> None:
         self.urls = urls
         self.actors = actors  # server mode: the EngineActors, same order as urls
@@ -179,7 +184,7 @@ class EnginePool:
         self.started: list[str] = []  # urls of engines started in place of lost ones, for the workers
 
     @classmethod
-    def start(cls, cfg: Config, model_path: Path) -> EnginePool:
+    def start(cls, cfg: Config, model_path: Path | str) -> EnginePool:
         import ray
 
         check_engine_config(cfg)

@@ -307,19 +307,23 @@ def make_service(
     attn_setting: str = "rollout.attn_implementation",
     record_dir: str | Path | None = None,
     max_live_episodes: int = 1024,
+    revision: str = "main",
 ) -> EngineService:
     """Load a checkpoint into an engine and wrap it for serving. `model_cfg` (a run's
     `model` section) gives dtype, device and LoRA layout; else `dtype` and `device`.
     Episodes played through the OpenAI endpoints are recorded to `record_dir`, if given.
-    `attn_setting` is what errors about `attn_implementation` name (the config key or the flag)."""
+    `attn_setting` is what errors about `attn_implementation` name (the config key or the flag).
+    `checkpoint` is a folder or a hub id (at `revision`, or a run's model.revision), as model.path."""
     from forge.gateway.recording import standalone_store
-    from forge.models.loading import load_model, load_tokenizer, resolve_device
+    from forge.models.hub import names_hub_model
+    from forge.models.loading import checkpoint_folder, load_model, load_tokenizer, resolve_device
     from forge.rollout.chat import ChatFormat
     from forge.rollout.engines.hf import HFEngine
 
-    path = Path(checkpoint)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint folder (no config.json)")
+    if model_cfg is not None:  # a run's engine: its model section
+        path = checkpoint_folder(checkpoint, model_cfg.revision)
+    else:
+        path = checkpoint_folder(checkpoint, revision, ("forge serve CHECKPOINT", "--revision"))
     tokenizer = load_tokenizer(path)
     if model_cfg is None:
         model_cfg = ModelConfig(path=str(path), dtype=dtype, device=device)  # type: ignore[arg-type]
@@ -336,7 +340,7 @@ def make_service(
         model, chat.stop_token_ids, tokenizer.pad_token_id, temperature=temperature, top_p=top_p, seed=seed
     )
     served = ServedEngine(engine, cache_tokens=cache_tokens)
-    name = model_name or path.resolve().name
+    name = model_name or (str(checkpoint) if names_hub_model(str(checkpoint)) else path.resolve().name)
     store = standalone_store(record_dir, max_live_episodes=max_live_episodes)
     gateway = Gateway(served, tokenizer, store, max_new_tokens, max_context_tokens, model_name=name)
     return EngineService(served, gateway, name)
