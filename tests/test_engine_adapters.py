@@ -329,7 +329,7 @@ def test_the_sglang_client_updates_from_disk_and_swaps_adapters_paused():
         client.lora_name = "forge-v2"
         await client.load_adapter("/shared/forge/v000003", 3)
         assert client.lora_name == "forge-v3"
-        result = await client.generate(GenerationRequest([2, 6], 2))
+        result = await client.generate(GenerationRequest(SGLANG["generate"]["given"]["token_ids"], 2))
         assert result.policy_version == 4  # stamped by the server (its weight_version)
 
     asyncio.run(scenario())

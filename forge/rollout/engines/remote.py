@@ -5,7 +5,8 @@ logprobs, finish reason and policy version out; weight updates; pause/resume.
 `forge.rollout.engines.sglang_client` to vLLM's and SGLang's servers. Each client builds
 its requests and parses its responses in plain functions (tested against recorded
 shapes); the transport is shared here. A server that does not answer (connection refused,
-timeout, 5xx) raises `EngineLost`: its episodes are lost, never silently retried.
+timeout, 5xx) raises `EngineLost`: its episodes are lost, never silently retried. A request
+the server ended as aborted raises `RequestAborted`: that episode is lost, the engine stays.
 
 A rollout worker sends many episodes' turns at once: `generate_batch` takes them together
 (`forge serve`: one HTTP call and one engine batch; vLLM and SGLang: concurrent calls,
@@ -27,6 +28,12 @@ class EngineLost(RuntimeError):
         super().__init__(f"engine {url}: {reason}")
         self.url = url
         self.reason = reason
+
+
+class RequestAborted(EngineLost):
+    """The server ended one request as aborted (finish reason `abort`: someone paused it with
+    mode=abort, or an older server that aborts on every pause): that episode is lost, not
+    the engine, which answered and goes on serving (the router keeps it)."""
 
 
 class ProtocolError(ValueError):
@@ -105,6 +112,9 @@ class HttpTransport:
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
         self.transport = transport  # an httpx transport; tests replay recorded exchanges through one
+        # What to tell a user whose server lacks a route (FastAPI's 404 {"detail": "Not
+        # Found"}): the flag or environment variable that turns it on, by path.
+        self.route_hints: dict[str, str] = {}
         self._client: Any = None
         self._loop: Any = None
 
@@ -150,11 +160,16 @@ class HttpTransport:
             raise EngineLost(self.url, f"{type(exc).__name__} on {call.method} {call.path}: {exc}") from None
         if response.status_code >= 500:
             raise EngineLost(
-                self.url, f"{call.method} {call.path} answered {response.status_code}: {response.text[:300]}"
+                self.url,
+                f"{call.method} {call.path} answered {response.status_code}: {error_message(response)}",
             )
         if response.status_code >= 400:
+            message = error_message(response)
+            hint = error_hint(message)
+            if response.status_code == 404 and message == "Not Found" and call.path in self.route_hints:
+                hint = f" (the server has no {call.path}: {self.route_hints[call.path]})"
             raise ProtocolError(
-                f"{self.url}{call.path} refused the request ({response.status_code}): {response.text[:500]}",
+                f"{self.url}{call.path} refused the request ({response.status_code}): {message}{hint}",
                 status=response.status_code,
             )
         if "json" in response.headers.get("content-type", ""):
@@ -178,6 +193,67 @@ class HttpTransport:
             except RuntimeError:  # its loop is gone; the sockets went with it
                 pass
             self._client = None
+
+
+def check_prompt_kept(sent: int | None, counted: Any, url: str, fix: str) -> None:
+    """Refuse an answer to a prompt the server shortened: its tokens would be trained as a
+    continuation of context the model never saw. `counted` is the server's own prompt count."""
+    if sent is None or counted is None:
+        return
+    try:
+        kept = int(counted)
+    except (TypeError, ValueError):
+        return
+    if kept != sent:
+        raise ProtocolError(
+            f"{url} generated from {kept} of the {sent} prompt tokens sent (it cut the prompt); "
+            f"those tokens are not a sample of the policy on this context. {fix}"
+        )
+
+
+def error_message(response: Any) -> str:
+    """The message of an error body as vLLM, SGLang and FastAPI write it: vLLM's newer
+    `{"error": {"message", "type", "param", "code"}}`, its older flat
+    `{"object": "error", "message", ...}`, SGLang's `{"error": {"message"}}` or
+    `{"error": "..."}`, FastAPI's `{"detail": ...}`; else the text itself."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:500]
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])[:1000]
+        for value in (error, body.get("message"), body.get("detail")):
+            if isinstance(value, str) and value:
+                return value[:1000]
+        if body.get("detail") is not None:
+            return str(body["detail"])[:1000]
+    return response.text[:500]
+
+
+# Phrases of a prompt over the server's context: vLLM's renderer ("However, the model's
+# context length is only N tokens", vllm/renderers/params.py), older vLLM ("This model's
+# maximum context length is N tokens"), SGLang ("is longer than the model's context length",
+# "exceeds the maximum allowed length").
+CONTEXT_PHRASES = ("context length", "maximum allowed length", "max_model_len")
+
+
+def error_hint(message: str) -> str:
+    """What to change for an error a server gives on every request of a misconfigured run."""
+    lowered = message.lower()
+    if any(phrase in lowered for phrase in CONTEXT_PHRASES):
+        return (
+            " (a turn's prompt plus rollout.max_new_tokens must fit the server's context: set "
+            "rollout.max_context_tokens at most the server's --max-model-len (vLLM) / "
+            "--context-length (SGLang), or raise those)"
+        )
+    if "model" in lowered and "does not exist" in lowered:  # vLLM's 404 for an unserved name
+        return (
+            " (requests name the model as model.path; serve it under that name: vllm serve ... "
+            "--served-model-name <model.path>)"
+        )
+    return ""
 
 
 # -- Forge's own server -------------------------------------------------------------------

@@ -4,7 +4,7 @@ All turns of an episode, and all episodes of a group, go to one engine, so that 
 prefix cache holds their shared context; a new group goes to the engine with the least
 work (live episodes plus calls in flight). An engine that fails or hangs past its timeout
 is dropped: its episodes end as lost (never waited on forever), one console line says so,
-and the other engines carry on.
+and the other engines carry on. A request the server aborted loses its episode only.
 
 Calls are batched as `BatchingEngine` batches in-process: a turn waits until every live
 episode of the worker is waiting on generation (or `max_wait_s` has passed), then each
@@ -22,7 +22,7 @@ from typing import Any
 
 from forge.rollout.engines.batching import wait_for_batch
 from forge.rollout.engines.protocol import GenerationRequest, GenerationResult
-from forge.rollout.engines.remote import EngineClient, EngineLost
+from forge.rollout.engines.remote import EngineClient, EngineLost, RequestAborted
 
 
 @dataclass
@@ -183,8 +183,8 @@ class Router:
             finally:
                 engine.in_flight -= len(batch)
         for (_, future), result in zip(batch, results, strict=True):
-            if isinstance(result, EngineLost):
-                self._drop(index, result.reason)
+            if isinstance(result, EngineLost) and not isinstance(result, RequestAborted):
+                self._drop(index, result.reason)  # an aborted request loses its episode only
             if future.done():  # the episode timed out meanwhile
                 continue
             if isinstance(result, BaseException):

@@ -18,11 +18,26 @@ from forge.rollout.engines.remote import (
     HttpCall,
     HttpTransport,
     ProtocolError,
+    RequestAborted,
     Sampling,
+    check_prompt_kept,
     generate_each,
     request_sampling,
     top_logprob_pairs,
 )
+
+# SGLang fills sampling parameters a request leaves unset from the model's
+# generation_config.json (`--sampling-defaults model`, its default; python/sglang/srt/
+# server_args.py), e.g. Qwen2.5-Instruct's top_k 20 and repetition_penalty 1.05. Forge's
+# behaviour logprobs and trainer assume temperature and top-p only: the rest is sent off
+# (top_k -1 is the whole vocabulary in SGLang's SamplingParams).
+NEUTRAL_SAMPLING = {
+    "top_k": -1,
+    "min_p": 0.0,
+    "repetition_penalty": 1.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+}
 
 
 def generate_call(request: GenerationRequest, sampling: Sampling, lora_name: str | None = None) -> HttpCall:
@@ -31,6 +46,7 @@ def generate_call(request: GenerationRequest, sampling: Sampling, lora_name: str
         "max_new_tokens": request.max_new_tokens,
         "temperature": temperature,
         "top_p": top_p,
+        **NEUTRAL_SAMPLING,
         "skip_special_tokens": False,
         "no_stop_trim": True,  # keep the stop token in the output: the trajectory holds what was sampled
     }
@@ -55,7 +71,11 @@ def generate_call(request: GenerationRequest, sampling: Sampling, lora_name: str
 
 
 def parse_generate(
-    body: Any, stop_token_ids: tuple[int, ...], policy_version: int, top_logprobs: int = 0
+    body: Any,
+    stop_token_ids: tuple[int, ...],
+    policy_version: int,
+    top_logprobs: int = 0,
+    url: str = "sglang",
 ) -> GenerationResult:
     """Ids and logprobs from `meta_info.output_token_logprobs` ([logprob, token_id, text]);
     the version from `meta_info.weight_version` when the server reports one; with
@@ -81,8 +101,8 @@ def parse_generate(
         raise ProtocolError(
             f"SGLang's output_ids {listed[:8]}... disagree with its logprob tokens {ids[:8]}..."
         )
-    if kind == "abort":
-        raise EngineLost("sglang", f"the request was aborted: {reason}")
+    if kind == "abort":  # the server goes on; this episode is lost
+        raise RequestAborted(url, f"SGLang aborted the request: {reason}")
     if kind not in ("stop", "length"):
         raise ProtocolError(f"SGLang finish_reason {reason!r} is not stop, length or abort")
     version = meta.get("weight_version")
@@ -167,7 +187,17 @@ class SGLangClient:
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         body = await self.http.send(generate_call(request, self.sampling, self.lora_name))
-        return parse_generate(body, self.sampling.stop_token_ids, self.policy_version, request.top_logprobs)
+        result = parse_generate(
+            body, self.sampling.stop_token_ids, self.policy_version, request.top_logprobs, self.url
+        )
+        check_prompt_kept(
+            len(request.token_ids),
+            (body.get("meta_info") or {}).get("prompt_tokens"),
+            self.url,
+            "Start the SGLang server without --allow-auto-truncate, and keep rollout.max_context_tokens "
+            "within its --context-length.",
+        )
+        return result
 
     async def generate_batch(
         self, requests: list[GenerationRequest], release: list[str] | None = None

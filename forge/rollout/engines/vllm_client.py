@@ -17,13 +17,42 @@ from forge.rollout.engines.remote import (
     HttpCall,
     HttpTransport,
     ProtocolError,
+    RequestAborted,
     Sampling,
+    check_prompt_kept,
     generate_each,
     request_sampling,
     top_logprob_pairs,
 )
 
 TOKEN_PREFIX = "token_id:"  # how return_tokens_as_token_ids spells each sampled token
+
+# Sampling knobs a request leaves unset take the server's defaults, which vLLM reads from the
+# model's generation_config.json (`--generation-config auto`, its default: Qwen2.5-Instruct's
+# sets top_k 20, repetition_penalty 1.05; CompletionRequest.to_sampling_params in
+# vllm/entrypoints/openai/completion/protocol.py). Forge's behaviour logprobs and its trainer
+# assume temperature and top-p only, so every other knob is sent switched off. top_k -1 is
+# "off" on every vLLM (older ones refuse 0).
+NEUTRAL_SAMPLING = {
+    "top_k": -1,
+    "min_p": 0.0,
+    "repetition_penalty": 1.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+}
+
+# Routes a plain `vllm serve` lacks, and what turns them on.
+ROUTE_HINTS = {
+    "/pause": "start vllm serve with VLLM_SERVER_DEV_MODE=1",
+    "/resume": "start vllm serve with VLLM_SERVER_DEV_MODE=1",
+    "/get_world_size": "start vllm serve with VLLM_SERVER_DEV_MODE=1 and --weight-transfer-config "
+    '\'{"backend": "nccl"}\'',
+    "/init_weight_transfer_engine": "start vllm serve with VLLM_SERVER_DEV_MODE=1 and "
+    '--weight-transfer-config \'{"backend": "nccl"}\'',
+    "/update_weights": "start vllm serve with VLLM_SERVER_DEV_MODE=1",
+    "/v1/load_lora_adapter": "start vllm serve with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and --enable-lora",
+    "/v1/unload_lora_adapter": "start vllm serve with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and --enable-lora",
+}
 
 
 def completion_call(request: GenerationRequest, model: str, sampling: Sampling) -> HttpCall:
@@ -34,6 +63,7 @@ def completion_call(request: GenerationRequest, model: str, sampling: Sampling) 
         "max_tokens": request.max_new_tokens,
         "temperature": temperature,
         "top_p": top_p,
+        **NEUTRAL_SAMPLING,
         "n": 1,
         "stream": False,
         # The sampled token's own logprob, and with k > 0 the k most likely beside it
@@ -63,7 +93,7 @@ def _token_id(token: Any) -> int:
 
 
 def parse_completion(
-    body: Any, stop_token_ids: tuple[int, ...], policy_version: int, top_logprobs: int = 0
+    body: Any, stop_token_ids: tuple[int, ...], policy_version: int, top_logprobs: int = 0, url: str = "vllm"
 ) -> GenerationResult:
     """Sampled ids and logprobs from `choices[0].logprobs` (`tokens` as "token_id:N"), and
     with `top_logprobs` = k the k most likely tokens at each step."""
@@ -82,8 +112,8 @@ def parse_completion(
         raise ProtocolError(f"vLLM returned {len(values)} logprobs for {len(ids)} tokens")
     if reason not in ("stop", "length", "abort"):
         raise ProtocolError(f"vLLM finish_reason {reason!r} is not stop, length or abort")
-    if reason == "abort":
-        raise EngineLost("vllm", "the request was aborted (a /pause with mode=abort?)")
+    if reason == "abort":  # the server goes on; this episode is lost
+        raise RequestAborted(url, "vLLM aborted the request (a /pause with mode=abort, or an abort call)")
     # Ended on a stop token only if the server says so and shows the token; otherwise the
     # agent loop closes the turn itself, untrained.
     finished = reason == "stop" and bool(ids) and ids[-1] in stop_token_ids
@@ -121,8 +151,13 @@ def unload_adapter_call(name: str) -> HttpCall:
     return HttpCall("POST", "/v1/unload_lora_adapter", {"lora_name": name})
 
 
-def pause_call(mode: str = "wait") -> HttpCall:
-    return HttpCall("POST", "/pause", params={"mode": mode})
+def pause_call() -> HttpCall:
+    # Requests running finish first, then the server pauses. Newer vLLM reads `mode`
+    # (default "abort"); vLLM before it reads only `wait_for_inflight_requests` (default
+    # false: abort), and ignores `mode`, so both are sent: each version waits
+    # (vllm/entrypoints/serve/dev/rlhf/api_router.py, AsyncLLM.pause_generation, which maps
+    # the deprecated flag to mode="wait").
+    return HttpCall("POST", "/pause", params={"mode": "wait", "wait_for_inflight_requests": True})
 
 
 def resume_call() -> HttpCall:
@@ -186,6 +221,7 @@ class VLLMClient:
 
     def __init__(self, url: str, model: str, sampling: Sampling, timeout_s: float = 120.0) -> None:
         self.http = HttpTransport(url, timeout_s)
+        self.http.route_hints = ROUTE_HINTS
         self.url = self.http.url
         self.base_model = model
         self.model = model  # the adapter's name once one is loaded
@@ -195,9 +231,16 @@ class VLLMClient:
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         body = await self.http.send(completion_call(request, self.model, self.sampling))
         result = parse_completion(
-            body, self.sampling.stop_token_ids, self.policy_version, request.top_logprobs
+            body, self.sampling.stop_token_ids, self.policy_version, request.top_logprobs, self.url
         )
         usage = body.get("usage") or {}
+        check_prompt_kept(
+            len(request.token_ids),
+            usage.get("prompt_tokens"),
+            self.url,
+            "Forge sends no truncate_prompt_tokens: check that nothing between Forge and vLLM rewrites "
+            "requests, and that rollout.max_context_tokens is within the server's --max-model-len.",
+        )
         cached = ((usage.get("prompt_tokens_details") or {}).get("cached_tokens")) or 0
         result.prefill_tokens = len(request.token_ids) - int(cached)
         return result

@@ -1,0 +1,155 @@
+"""vLLM and SGLang clients off the happy path, against shapes recorded from those projects'
+source (tests/fixtures/engines/*.json; each entry's `about` names the file it came from):
+server-side sampling defaults, pauses on older servers, aborted requests, error bodies a
+cluster user meets, prompts a server cut short."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from forge.rollout.engines import sglang_client, vllm_client
+from forge.rollout.engines.protocol import GenerationRequest
+from forge.rollout.engines.remote import EngineLost, ProtocolError, RequestAborted, Sampling
+from forge.rollout.engines.router import Router
+
+FIXTURES = Path(__file__).parent / "fixtures" / "engines"
+VLLM = json.loads((FIXTURES / "vllm.json").read_text())
+SGLANG = json.loads((FIXTURES / "sglang.json").read_text())
+PROMPT = [2, 6, 9, 10, 11, 3, 2, 7]  # the recorded responses' 8 prompt tokens
+
+
+def answering(status: int, body: dict) -> httpx.MockTransport:
+    return httpx.MockTransport(lambda request: httpx.Response(status, json=body))
+
+
+def vllm(transport: httpx.MockTransport, url: str = "http://vllm-3:8000") -> vllm_client.VLLMClient:
+    client = vllm_client.VLLMClient(url, "policy", Sampling(1.0, 1.0, (3,)))
+    hints = client.http.route_hints
+    client.http = vllm_client.HttpTransport(url, 10, transport)
+    client.http.route_hints = hints
+    return client
+
+
+def sglang(transport: httpx.MockTransport, url: str = "http://sglang-2:30000") -> sglang_client.SGLangClient:
+    client = sglang_client.SGLangClient(url, Sampling(1.0, 1.0, (3,)))
+    client.http = sglang_client.HttpTransport(url, 10, transport)
+    return client
+
+
+# -- the sampled distribution is the one the trainer assumes ----------------------------------
+@pytest.mark.parametrize("kind", ["vllm", "sglang"])
+def test_requests_switch_off_every_sampling_knob_the_server_would_fill_from_generation_config(kind):
+    request = GenerationRequest(PROMPT, 4)
+    if kind == "vllm":
+        sent = vllm_client.completion_call(request, "policy", Sampling(0.9, 0.95)).body
+    else:
+        sent = sglang_client.generate_call(request, Sampling(0.9, 0.95)).body["sampling_params"]
+    # Left unset, Qwen2.5-Instruct's generation_config.json would sample with top_k 20 and
+    # repetition_penalty 1.05 on both servers (fixtures' sampling_defaults_about).
+    assert {k: sent[k] for k in ("temperature", "top_p")} == {"temperature": 0.9, "top_p": 0.95}
+    assert {
+        k: sent.get(k)
+        for k in ("top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+    } == {
+        "top_k": -1,
+        "min_p": 0.0,
+        "repetition_penalty": 1.0,
+        "presence_penalty": 0.0,
+        "frequency_penalty": 0.0,
+    }
+
+
+# -- pauses that wait on every version -----------------------------------------------------------
+def test_a_vllm_pause_waits_on_servers_that_read_mode_and_on_those_that_read_only_the_older_flag():
+    params = vllm_client.pause_call().params
+    assert params["mode"] == "wait"  # newer /pause: mode (default abort)
+    assert params["wait_for_inflight_requests"] is True  # older /pause: this flag only (default abort)
+    assert httpx.Request("POST", "http://v/pause", params=params).url.query == (
+        b"mode=wait&wait_for_inflight_requests=true"
+    )
+
+
+# -- an aborted request loses its episode, not the engine ----------------------------------------
+def test_a_request_vllm_aborted_loses_its_episode_and_the_router_keeps_the_server():
+    client = vllm(answering(200, VLLM["completion_aborted"]["response"]))
+    router = Router([client])
+
+    async def scenario() -> None:
+        router.register()
+        with pytest.raises(RequestAborted, match="http://vllm-3:8000.*aborted") as lost:
+            await router.generate(GenerationRequest(PROMPT, 4, "g/0"))
+        assert isinstance(lost.value, EngineLost)  # the agent loop counts the episode as lost
+        router.unregister()
+        await router.close()
+
+    asyncio.run(scenario())
+    assert router.alive == ["http://vllm-3:8000"]
+
+
+def test_a_request_an_older_sglang_pause_aborted_names_the_server_and_loses_only_its_episode():
+    body = SGLANG["generate_aborted_by_an_older_pause"]["response"]
+    with pytest.raises(RequestAborted, match="http://sglang-2:30000.*aborted"):
+        asyncio.run(sglang(answering(200, body)).generate(GenerationRequest(PROMPT, 4)))
+
+
+# -- errors a cluster user meets, said with the setting to change --------------------------------
+@pytest.mark.parametrize(
+    "kind,name",
+    [
+        ("vllm", "error_response_prompt_too_long"),
+        ("vllm", "error_response_older_flat"),
+        ("sglang", "error_prompt_too_long"),
+    ],
+)
+def test_a_prompt_over_the_servers_context_is_refused_with_its_message_and_the_settings_to_change(kind, name):
+    exchange = (VLLM if kind == "vllm" else SGLANG)[name]
+    client = (vllm if kind == "vllm" else sglang)(answering(exchange["status"], exchange["response"]))
+    with pytest.raises(ProtocolError) as refused:
+        asyncio.run(client.generate(GenerationRequest(PROMPT, 4)))
+    message = str(refused.value)
+    body = exchange["response"]
+    assert (body.get("error") or body)["message"] in message  # the server's words, not its JSON
+    assert "rollout.max_context_tokens" in message and "--max-model-len" in message
+    assert refused.value.status == 400
+
+
+def test_a_model_vllm_does_not_serve_is_refused_naming_served_model_name():
+    exchange = VLLM["error_model_not_found"]
+    with pytest.raises(ProtocolError, match="does not exist.*--served-model-name") as refused:
+        asyncio.run(vllm(answering(404, exchange["response"])).generate(GenerationRequest(PROMPT, 4)))
+    assert refused.value.status == 404
+
+
+def test_a_vllm_without_its_dev_routes_is_told_to_set_vllm_server_dev_mode():
+    exchange = VLLM["route_missing"]
+    with pytest.raises(ProtocolError, match="no /pause: start vllm serve with VLLM_SERVER_DEV_MODE=1"):
+        asyncio.run(vllm(answering(404, exchange["response"])).begin_weight_update())
+
+
+def test_a_server_restarting_is_an_engine_lost_naming_it():
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    with pytest.raises(EngineLost, match="http://vllm-3:8000.*ConnectError"):
+        asyncio.run(vllm(httpx.MockTransport(refuse)).generate(GenerationRequest(PROMPT, 4)))
+
+
+# -- a prompt the server cut is never trained on -----------------------------------------------
+def test_an_answer_to_a_prompt_sglang_auto_truncated_is_refused():
+    recorded = SGLANG["generate_auto_truncated"]
+    client = sglang(answering(200, recorded["response"]))
+    sent = list(range(recorded["sent_prompt_tokens"]))
+    with pytest.raises(ProtocolError, match="10 of the 12 prompt tokens.*--allow-auto-truncate"):
+        asyncio.run(client.generate(GenerationRequest(sent, 1)))
+
+
+def test_an_answer_vllm_counts_fewer_prompt_tokens_for_is_refused():
+    body = json.loads(json.dumps(VLLM["completion"]["response"]))
+    body["usage"]["prompt_tokens"] = 6
+    with pytest.raises(ProtocolError, match="6 of the 8 prompt tokens"):
+        asyncio.run(vllm(answering(200, body)).generate(GenerationRequest(PROMPT, 4)))
