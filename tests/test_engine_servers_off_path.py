@@ -153,3 +153,121 @@ def test_an_answer_vllm_counts_fewer_prompt_tokens_for_is_refused():
     body["usage"]["prompt_tokens"] = 6
     with pytest.raises(ProtocolError, match="6 of the 8 prompt tokens"):
         asyncio.run(vllm(answering(200, body)).generate(GenerationRequest(PROMPT, 4)))
+
+
+# -- at connect: the server answers, serves the model and holds the run's context --------------
+def models_server(kind: str, seen: list[str], models: dict | None = None) -> httpx.MockTransport:
+    recorded = (VLLM if kind == "vllm" else SGLANG)["models"]["response"]
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.path)
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json=models or recorded)
+        if request.url.path == "/version" and kind == "vllm":
+            return httpx.Response(200, json=VLLM["version"]["response"])
+        return httpx.Response(404, json={"detail": "Not Found"})
+
+    return httpx.MockTransport(handle)
+
+
+def remote_config(servers: list[str], model: str = "/models/qwen", context: int = 1024):
+    from forge.config import load_config
+
+    return load_config(
+        "configs/smoke.yaml",
+        [
+            "rollout.engine=remote",
+            f"rollout.servers=[{','.join(servers)}]",
+            f"model.path={model}",
+            f"rollout.max_context_tokens={context}",
+            "rollout.weight_dir=/shared/forge",
+            "train.num_gpus=1",
+        ],
+    )
+
+
+def test_at_connect_each_server_says_what_it_serves():
+    from forge.rollout.engines.server_check import check_servers
+
+    seen: list[str] = []
+    cfg = remote_config(["vllm+http://vllm-3:8000"])
+    lines = check_servers(cfg, models_server("vllm", seen))
+    assert lines == ["vllm+http://vllm-3:8000: vLLM 0.11.2 serving /models/qwen (4096 tokens of context)"]
+    assert seen == ["/v1/models", "/version"]
+    cfg = remote_config(["sglang+http://sglang-2:30000"])
+    assert check_servers(cfg, models_server("sglang", [])) == [
+        "sglang+http://sglang-2:30000: SGLang serving /models/qwen (2048 tokens of context)"
+    ]
+
+
+def test_a_vllm_serving_the_model_under_another_name_is_refused_at_connect_naming_the_flag():
+    from forge.config import ConfigError
+    from forge.rollout.engines.server_check import check_servers
+
+    cfg = remote_config(["vllm+http://vllm-3:8000"], model="/ckpt/step0")
+    with pytest.raises(ConfigError, match=r"serves \['/models/qwen'\].*--served-model-name /ckpt/step0"):
+        check_servers(cfg, models_server("vllm", []))
+
+
+@pytest.mark.parametrize(
+    "kind,flag,held", [("vllm", "--max-model-len", 4096), ("sglang", "--context-length", 2048)]
+)
+def test_a_server_holding_less_context_than_the_run_is_refused_at_connect(kind, flag, held):
+    from forge.config import ConfigError
+    from forge.rollout.engines.server_check import check_servers
+
+    cfg = remote_config([f"{kind}+http://h:1"], context=8192)
+    with pytest.raises(
+        ConfigError, match=rf"holds {held} tokens.*its {flag}.*rollout.max_context_tokens=8192"
+    ):
+        check_servers(cfg, models_server(kind, []))
+
+
+def test_a_server_that_does_not_answer_or_is_not_that_server_is_refused_at_connect():
+    from forge.config import ConfigError
+    from forge.rollout.engines.server_check import check_servers
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    with pytest.raises(ConfigError, match="vllm\\+http://h:1: the server does not answer.*ConnectError"):
+        check_servers(remote_config(["vllm+http://h:1"]), httpx.MockTransport(refuse))
+    not_found = answering(404, {"detail": "Not Found"})
+    with pytest.raises(ConfigError, match="did not answer as SGLang does"):
+        check_servers(remote_config(["sglang+http://h:1"]), not_found)
+    # forge serve entries are Forge's own: nothing is probed
+    assert check_servers(remote_config(["http://h:1"]), not_found) == []
+
+
+def test_forge_train_refuses_a_vllm_serving_another_name_before_anything_starts():
+    """Over real HTTP: a stand-in answering GET /v1/models as vLLM does, then `preflight`
+    (what `forge train` and `--dry-run` run first)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from forge.config import ConfigError
+    from forge.run.launch import preflight
+
+    class Models(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            body = json.dumps(VLLM["models"]["response"] if self.path == "/v1/models" else {}).encode()
+            self.send_response(200 if self.path == "/v1/models" else 404)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Models)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        cfg = remote_config(
+            [f"vllm+http://127.0.0.1:{server.server_address[1]}"], model="runs/smoke/initial_model"
+        )
+        with pytest.raises(ConfigError, match="--served-model-name runs/smoke/initial_model"):
+            preflight(cfg)
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -3,6 +3,7 @@ mode (`forge.run.sync`, `forge.run.async_`, or `forge.run.gateway` for agent pro
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from forge.config import Config, ConfigError
@@ -37,14 +38,19 @@ def train(
 
 def preflight(cfg: Config) -> str:
     """Refuse what cannot run, before Ray starts (also what `forge train --dry-run` checks):
-    engine settings, model.path (a folder the in-process engine can serve), the gateway's mode, and the env built with its kwargs and reset once.
+    engine settings, remote vLLM / SGLang servers (each answers, serves model.path and holds
+    rollout.max_context_tokens), model.path (a folder the in-process engine can serve), the
+    gateway's mode, and the env built with its kwargs and reset once.
     Returns the env check's one-line summary."""
     from forge.env.preflight import preflight_env
     from forge.models.loading import checkpoint_folder
     from forge.rollout.engines.engine_check import refuse_unservable
     from forge.rollout.engines.pool import check_engine_config
+    from forge.rollout.engines.server_check import check_servers
 
     check_engine_config(cfg)
+    for line in check_servers(cfg):
+        print(f"forge: {line}", file=sys.stderr)
     if cfg.model.path is not None:
         # A wrong folder, or a hub id not in this node's cache that cannot be downloaded: before
         # anything starts (downloaded here, the run's actors on this node find it in the cache).
