@@ -8,9 +8,12 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from fake_hub import FakeHub
 
 from forge.cli import main
 from forge.config import ConfigError, ModelConfig, TinyModelConfig
@@ -120,6 +123,86 @@ def test_a_repo_with_only_bin_weights_is_loaded_from_them(tmp_path, monkeypatch,
     with pytest.raises(ConfigError, match="has no config.json and model\\*.safetensors or pytorch_model"):
         checkpoint_folder("old-org/bin-model")
     hub.hub_snapshot.cache_clear()
+
+
+# What a hub repo holds besides the model: none of it may be downloaded.
+NOT_THE_MODEL = {
+    "consolidated.safetensors": b"c" * 4096,  # Mistral-style second copy of the weights
+    "pytorch_model.bin": b"p" * 4096,  # the weights again, in the older format
+    "onnx/model.onnx": b"o" * 1024,
+    "README.md": b"# a model card",
+}
+
+
+@pytest.fixture
+def online_hub(tmp_path, monkeypatch, tiny_files):
+    """A local stand-in for the hub (tests.fake_hub) serving `org/tiny` (the tiny model and
+    NOT_THE_MODEL) and `old-org/bin-only`, an empty cache, this process pointed at both."""
+    from huggingface_hub import constants
+
+    model = {path.name: path.read_bytes() for path in tiny_files.iterdir()}
+    bin_only = {name: data for name, data in model.items() if name != "model.safetensors"}
+    bin_only |= {"pytorch_model.bin": model["model.safetensors"], "README.md": b"old"}
+    repos = {"org/tiny": ("b" * 40, model | NOT_THE_MODEL), "old-org/bin-only": ("c" * 40, bin_only)}
+    with FakeHub(repos) as fake:
+        cache = tmp_path / "cache"
+        monkeypatch.setattr(constants, "ENDPOINT", fake.url)
+        monkeypatch.setattr(
+            constants, "HUGGINGFACE_CO_URL_TEMPLATE", fake.url + "/{repo_id}/resolve/{revision}/{filename}"
+        )
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        hub.hub_snapshot.cache_clear()
+        yield fake, cache, model
+    hub.hub_snapshot.cache_clear()
+
+
+def test_the_processes_of_a_node_download_a_hub_model_once_and_only_its_model_files(online_hub):
+    """Three processes resolving the same id at once (a node's trainer and rollout workers)
+    share one download: each file is fetched once (huggingface_hub's per-file locks) and
+    every process gets the same, whole snapshot."""
+    fake, cache, model = online_hub
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": fake.url,
+        "HF_HUB_CACHE": str(cache),
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    }
+    env.pop("HF_HUB_OFFLINE", None)
+    resolve = "from forge.models.hub import hub_snapshot; print(hub_snapshot('org/tiny'))"
+    processes = [
+        subprocess.Popen([sys.executable, "-c", resolve], env=env, stdout=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    folders = {process.communicate(timeout=120)[0].strip() for process in processes}
+    assert [process.returncode for process in processes] == [0, 0, 0]
+    snapshot = cache / "models--org--tiny" / "snapshots" / ("b" * 40)
+    assert folders == {str(snapshot)}
+    assert sorted(path for _, path in fake.sent) == sorted(model)  # each model file once, nothing else
+    assert {path.name: path.read_bytes() for path in snapshot.iterdir()} == model
+    assert checkpoint_folder("org/tiny") == snapshot  # this process: from the cache, no new download
+    assert len(fake.sent) == len(model)
+
+
+def test_a_repo_without_safetensors_is_fetched_as_pytorch_model_bin(online_hub):
+    fake, cache, _ = online_hub
+    folder = checkpoint_folder("old-org/bin-only")
+    assert (folder / "pytorch_model.bin").is_file() and not (folder / "README.md").exists()
+    assert ("old-org/bin-only", "README.md") not in fake.sent
+
+
+@pytest.mark.parametrize(
+    ("given", "revision", "says"),
+    [
+        ("org/tyni", "main", "the hub has no model 'org/tyni' that this process may read"),
+        ("org/tiny", "v2", "'org/tiny' has no branch, tag or commit 'v2'; set model.revision to one it has"),
+    ],
+)
+def test_a_typo_or_an_unknown_revision_online_names_the_setting(capsys, online_hub, given, revision, says):
+    assert main(["train", "smoke", f"model.path={given}", f"model.revision={revision}", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert f"forge: model.path={given!r} (model.revision={revision!r}): {says}" in err
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize(
