@@ -271,3 +271,42 @@ def test_forge_train_refuses_a_vllm_serving_another_name_before_anything_starts(
     finally:
         server.shutdown()
         server.server_close()
+
+
+# -- LoRA on vLLM: the refusal that matters is the one reported ---------------------------------
+def lora_server(answer: dict, seen: list[str]) -> httpx.MockTransport:
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.path)
+        if request.url.path == "/v1/load_lora_adapter" and seen.count("/v1/load_lora_adapter") == 1:
+            return httpx.Response(answer["status"], json=answer["response"])
+        if request.url.path == "/v1/unload_lora_adapter":
+            return httpx.Response(200, text=VLLM["unload_lora_adapter"]["response_text"])
+        if request.url.path == "/v1/load_lora_adapter":
+            return httpx.Response(200, text=VLLM["load_lora_adapter"]["response_text"])
+        return httpx.Response(200, json={"status": "ok"})
+
+    return httpx.MockTransport(handle)
+
+
+def test_a_vllm_adapter_folder_the_server_cannot_read_is_reported_and_generation_resumes():
+    seen: list[str] = []
+    client = vllm(lora_server(VLLM["load_lora_adapter_not_found"], seen))
+    with pytest.raises(ProtocolError, match="No adapter found for .*rollout.weight_dir") as refused:
+        asyncio.run(client.load_adapter("/shared/forge/v000003-adapter", 3))
+    assert refused.value.status == 404
+    assert seen == ["/pause", "/v1/load_lora_adapter", "/resume"]  # no unload: that would hide this error
+    assert client.model == "policy" and client.policy_version == 0
+
+
+def test_a_vllm_without_load_inplace_gets_the_new_version_by_unload_then_load():
+    seen: list[str] = []
+    client = vllm(lora_server(VLLM["load_lora_adapter_already_loaded"], seen))
+    asyncio.run(client.load_adapter("/shared/forge/v000003-adapter", 3))
+    assert seen == [
+        "/pause",
+        "/v1/load_lora_adapter",
+        "/v1/unload_lora_adapter",
+        "/v1/load_lora_adapter",
+        "/resume",
+    ]
+    assert client.model == "policy-forge-lora" and client.policy_version == 3

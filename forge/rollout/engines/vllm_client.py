@@ -275,7 +275,17 @@ class VLLMClient:
         try:
             try:
                 await self.http.send(load_adapter_call(name, path))
-            except ProtocolError:  # a server without load_inplace: unload, then load
+            except ProtocolError as exc:
+                # A vLLM without load_inplace ignores it and refuses a name already loaded
+                # (400 "The lora adapter '...' has already been loaded."): unload, then load.
+                # Any other refusal (a folder the server cannot read, a rank over its
+                # --max-lora-rank) is the one to report, not the unload's.
+                if "already been loaded" not in str(exc):
+                    raise ProtocolError(
+                        f"{exc} -- the adapter folder {path} (under rollout.weight_dir) must be readable "
+                        "by the vLLM server at that path, and its rank at most the server's --max-lora-rank",
+                        status=exc.status,
+                    ) from None
                 await self.http.send(unload_adapter_call(name))
                 await self.http.send(load_adapter_call(name, path))
         finally:
