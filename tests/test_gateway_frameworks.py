@@ -1,8 +1,9 @@
 """Agents written with popular frameworks, installed from PyPI, run unchanged against the
 gateway on loopback: the OpenAI Agents SDK (Responses API and chat completions, plain and
-streamed) and LangChain's ChatOpenAI, each a tool-using agent over a few turns, with every
-model call recorded token-exact. The model's replies are scripted (a random tiny model
-would never call a tool); everything between the framework and the engine is real."""
+streamed) and LangChain's ChatOpenAI (tools, and the deprecated functions), each a tool-using
+agent over a few turns, with every model call recorded token-exact. The model's replies are
+scripted (a random tiny model would never call a tool); everything between the framework and
+the engine is real."""
 
 from __future__ import annotations
 
@@ -157,6 +158,49 @@ def test_a_langchain_chat_openai_agent_plays_a_tool_using_episode(qwen):
     assert [
         json.loads(json.dumps(m.tool_calls[0]["args"])) for m in messages if getattr(m, "tool_calls", None)
     ] == [{"number": 3}, {"number": 5}]
+    assert messages[-1].content == "The number is 5."
+
+
+def test_a_langchain_legacy_functions_agent_plays_a_tool_using_episode(qwen):
+    """The loop of LangChain's legacy OpenAI functions agents: `functions` bound to the model,
+    the call read from `additional_kwargs["function_call"]`, its result sent back as a
+    FunctionMessage (role function), streamed or not."""
+    from langchain_core.messages import FunctionMessage, HumanMessage, SystemMessage
+    from langchain_core.utils.function_calling import convert_to_openai_function
+    from langchain_openai import ChatOpenAI
+
+    engine = ScriptEngine(qwen, SCRIPT)
+    with serve(engine, qwen, **WIDE) as server:
+        episode = start(server)
+        model = ChatOpenAI(
+            model="forge-policy", base_url=server.base_url, api_key=episode["episode_id"], max_retries=0
+        ).bind(functions=[convert_to_openai_function(guess_number)])
+        messages = [
+            SystemMessage("Find the number with the function."),
+            HumanMessage("Guess between 1 and 8."),
+        ]
+        for turn in range(5):
+            if turn == 1:  # streamed: the chunks added up, as LangChain's streaming agents do
+                chunks = list(model.stream(messages))
+                reply = chunks[0]
+                for chunk in chunks[1:]:
+                    reply = reply + chunk
+            else:
+                reply = model.invoke(messages)
+            messages.append(reply)
+            call = reply.additional_kwargs.get("function_call")
+            if not call:
+                break
+            result = guess_number(**json.loads(call["arguments"]))
+            messages.append(FunctionMessage(result, name=call["name"]))
+        assert_recorded_token_exact(server, episode, engine, qwen)
+    calls = [
+        m.additional_kwargs["function_call"] for m in messages if m.additional_kwargs.get("function_call")
+    ]
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [
+        ("guess", {"number": 3}),
+        ("guess", {"number": 5}),
+    ]
     assert messages[-1].content == "The number is 5."
 
 

@@ -1,9 +1,9 @@
 """Every field of an OpenAI request is honoured or refused by name, never ignored: through
 the real `openai` SDK, the fields the gateway cannot honour (non-text content, non-function
-tools, the deprecated `functions`, audio, reasoning effort, vLLM's sampling extras, a
-`best_of` beyond n) are 400s that name them and record nothing; the ones it can honour
-(`allowed_tools`, Responses logprobs, a streamed completion's usage) come back as the API
-documents them."""
+tools, audio, reasoning effort, vLLM's sampling extras, a `best_of` beyond n) are 400s that
+name them and record nothing; the ones it can honour (`allowed_tools`, Responses logprobs, a
+streamed completion's usage) come back as the API documents them; a tool result that answers
+no call is a 400 as the API's is."""
 
 from __future__ import annotations
 
@@ -73,8 +73,6 @@ REFUSED_CHAT = [
     ),
     ("custom", {"tools": [{"type": "custom", "custom": {"name": "shell"}}]}),
     ("tools\\[1\\]", {"tools": [GUESS, {"type": "function", "name": "flat"}]}),
-    ("deprecated form of tools", {"functions": [GUESS["function"]]}),
-    ("deprecated form of tools", {"functions": [GUESS["function"]], "function_call": "auto"}),
     ("modalities", {"modalities": ["text", "audio"]}),
     ("audio", {"audio": {"voice": "alloy", "format": "wav"}}),
     ("reasoning_effort", {"reasoning_effort": "low"}),

@@ -154,3 +154,32 @@ def test_the_setting_overrides_the_template(tmp_path):
 def test_an_unknown_parser_setting_names_the_choices(tmp_path):
     with pytest.raises(ValueError, match="use auto, hermes, llama3_json, mistral"):
         choose_tool_parser(byte_level_tokenizer("qwen", tmp_path), "xml")
+
+
+def test_a_legacy_function_call_comes_back_as_one_call_and_goes_back_into_the_familys_prompt(family):
+    """The deprecated `functions`: the reply's first call as `message.function_call` (the
+    sample ends where it closes), and sent back with a role function result, written into
+    the next prompt as the family's template writes a tool call and its result."""
+    name, tokenizer = family
+    _, reply_text, written_back = FAMILIES[name]
+    functions = [GUESS["function"], HINT["function"]]
+    with serve(scripted(tokenizer, reply_text), tokenizer, **WIDE) as server:
+        episode = start(server)
+        agent = client(server, episode["episode_id"])
+        first = agent.chat.completions.create(model="p", messages=USER, functions=functions)
+        message = first.choices[0].message
+        messages = [
+            *USER,
+            message.model_dump(exclude_none=True),
+            {"role": "function", "name": message.function_call.name, "content": "higher"},
+        ]
+        agent.chat.completions.create(model="p", messages=messages, functions=functions)
+        first_call, second_call = calls_of(server, episode)
+    assert first.choices[0].finish_reason == "function_call" and message.tool_calls is None
+    assert (message.function_call.name, json.loads(message.function_call.arguments)) == (
+        "guess",
+        {"number": 3},
+    )
+    assert "hint" not in tokenizer.decode(first_call.completion_ids, skip_special_tokens=False)
+    rendered = tokenizer.decode(second_call.prompt_ids, skip_special_tokens=False)
+    assert written_back in rendered and "higher" in rendered

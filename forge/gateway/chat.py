@@ -11,6 +11,8 @@ from typing import Any
 from forge.gateway.calls import CallRun, CallSpec, Choice, TokenEvent
 from forge.gateway.decoding import JsonObjectEnd, LeadingObjectEnd, token_entry
 from forge.gateway.episodes import EpisodeError
+from forge.gateway.legacy import FINISH_REASON as LEGACY_FINISH
+from forge.gateway.legacy import legacy_message
 from forge.gateway.protocol import ChatCompletionRequest, completion_id, finish_reason, now
 from forge.gateway.tool_parsers import ToolParser
 
@@ -236,6 +238,10 @@ def logprobs_of(gateway: Any, choice: Choice) -> dict[str, Any]:
     }
 
 
+def _finish_reason(finished: bool, tool_calls: list, legacy: bool) -> str:
+    return LEGACY_FINISH if legacy and tool_calls else finish_reason(finished, tool_calls)
+
+
 def chat_response(
     gateway: Any,
     body: ChatCompletionRequest,
@@ -243,15 +249,18 @@ def chat_response(
     parser: ToolParser | None,
     choices: list[Choice],
     episode_id: str,
+    legacy: bool = False,
 ) -> dict[str, Any]:
+    """The reply; `legacy`: the request sent `functions`, and is answered with
+    `message.function_call` and finish_reason "function_call"."""
     out = []
     for choice in choices:
         message, tool_calls = _message(choice, parser, body.parallel_tool_calls is not False)
         out.append(
             {
                 "index": choice.index,
-                "message": message,
-                "finish_reason": finish_reason(choice.record.finished, tool_calls),
+                "message": legacy_message(message) if legacy else message,
+                "finish_reason": _finish_reason(choice.record.finished, tool_calls, legacy),
                 "logprobs": logprobs_of(gateway, choice) if body.logprobs else None,
             }
         )
@@ -268,10 +277,11 @@ def chat_response(
 
 
 async def chat_stream(
-    gateway: Any, body: ChatCompletionRequest, run: CallRun, parser: ToolParser | None
+    gateway: Any, body: ChatCompletionRequest, run: CallRun, parser: ToolParser | None, legacy: bool = False
 ) -> AsyncIterator[str]:
     """SSE chunks: content token by token as it is sampled (with its logprobs when asked),
-    tool calls whole once their text is complete, then each choice's finish reason."""
+    tool calls whole once their text is complete (`legacy`: the call as `delta.function_call`),
+    then each choice's finish reason."""
     ident, created, model = completion_id("chatcmpl"), now(), body.model or gateway.model_name
 
     def chunk(index: int, delta: dict[str, Any], reason: str | None = None, logprobs: Any = None) -> str:
@@ -309,9 +319,11 @@ async def chat_stream(
         content = message["content"] or ""
         if content.startswith(sent) and len(content) > len(sent):
             yield chunk(choice.index, {"content": content[len(sent) :]})
-        for position, call in enumerate(tool_calls):
+        if legacy and tool_calls:  # one call: a legacy reply holds no more
+            yield chunk(choice.index, {"function_call": dict(tool_calls[0]["function"])})
+        for position, call in enumerate([] if legacy else tool_calls):
             yield chunk(choice.index, {"tool_calls": [{"index": position, **call}]})
-        yield chunk(choice.index, {}, finish_reason(choice.record.finished, tool_calls))
+        yield chunk(choice.index, {}, _finish_reason(choice.record.finished, tool_calls, legacy))
     if (body.stream_options or {}).get("include_usage"):
         data = {
             "id": ident,

@@ -29,10 +29,6 @@ NO_EFFECT_FIELDS = frozenset(
 )
 # Fields the gateway knows but cannot honour, and what to do instead.
 CANNOT_HONOUR = {
-    "functions": "functions and function_call are the API's deprecated form of tools: send "
-    'tools=[{"type": "function", "function": {...}}] and tool_choice instead',
-    "function_call": "functions and function_call are the API's deprecated form of tools: send "
-    'tools=[{"type": "function", "function": {...}}] and tool_choice instead',
     "audio": "its policy writes text only; leave audio unset",
     "web_search_options": "it has no web search; leave web_search_options unset",
     "reasoning_effort": "the policy reasons as its chat template and training make it, whatever "
@@ -128,6 +124,9 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     # vLLM's and SGLang's extra field (extra_body), e.g. {"enable_thinking": false} for Qwen3
     chat_template_kwargs: dict[str, Any] | None = None
+    # The API's deprecated form of tools and tool_choice (`forge.gateway.legacy`).
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
 
 
 class CompletionRequest(SamplingFields):

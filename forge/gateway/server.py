@@ -43,6 +43,7 @@ from forge.gateway.chat import chat_response, chat_spec, chat_stream, check_tool
 from forge.gateway.completions import completion_specs, completions_response, completions_stream
 from forge.gateway.decoding import hidden_token_ids
 from forge.gateway.episodes import SHUTDOWN_GRACE_S, EpisodeError, EpisodeStore
+from forge.gateway.legacy import translate_functions
 from forge.gateway.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -426,18 +427,21 @@ def build_app(gateway: Gateway) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         episode_id = gateway.resolve_episode(request, body.user)
+        legacy = translate_functions(body)  # the deprecated functions / function_call, as tools
         check_tool_results(body.messages)
         spec, parser = chat_spec(gateway, body)
         headers = gateway.apply_sampling(body, spec)
         run = gateway.start_call(episode_id, spec, body.stream)
         if body.stream:
             return StreamingResponse(
-                _sse_errors(chat_stream(gateway, body, run, parser)),
+                _sse_errors(chat_stream(gateway, body, run, parser, legacy)),
                 media_type="text/event-stream",
                 headers=headers,
             )
         choices = await gateway.finish_call(request, run)
-        return JSONResponse(chat_response(gateway, body, spec, parser, choices, episode_id), headers=headers)
+        return JSONResponse(
+            chat_response(gateway, body, spec, parser, choices, episode_id, legacy), headers=headers
+        )
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
