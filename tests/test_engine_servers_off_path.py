@@ -310,3 +310,33 @@ def test_a_vllm_without_load_inplace_gets_the_new_version_by_unload_then_load():
         "/resume",
     ]
     assert client.model == "policy-forge-lora" and client.policy_version == 3
+
+
+# -- a busy server is asked again; a server that stays busy is lost ------------------------------
+def busy_then(answer: httpx.Response, busy_times: int, seen: list[int]) -> httpx.MockTransport:
+    busy = SGLANG["generate_queue_full"]
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(1)
+        if len(seen) <= busy_times:
+            return httpx.Response(busy["status"], json=busy["response"])
+        return answer
+
+    return httpx.MockTransport(handle)
+
+
+def test_a_full_sglang_queue_is_waited_out_and_the_request_sent_again():
+    seen: list[int] = []
+    client = sglang(busy_then(httpx.Response(200, json=SGLANG["generate"]["response"]), 2, seen))
+    client.http.busy_retry_delays_s = (0.0, 0.0, 0.0)
+    result = asyncio.run(client.generate(GenerationRequest(PROMPT, 4)))
+    assert result.token_ids == [27, 3] and len(seen) == 3
+
+
+def test_a_server_busy_past_its_retries_is_lost_with_its_own_words():
+    seen: list[int] = []
+    client = sglang(busy_then(httpx.Response(200, json={}), 99, seen))
+    client.http.busy_retry_delays_s = (0.0, 0.0)
+    with pytest.raises(EngineLost, match="answered 503: The request queue is full."):
+        asyncio.run(client.generate(GenerationRequest(PROMPT, 4)))
+    assert len(seen) == 3

@@ -5,7 +5,9 @@ logprobs, finish reason and policy version out; weight updates; pause/resume.
 `forge.rollout.engines.sglang_client` to vLLM's and SGLang's servers. Each client builds
 its requests and parses its responses in plain functions (tested against recorded
 shapes); the transport is shared here. A server that does not answer (connection refused,
-timeout, 5xx) raises `EngineLost`: its episodes are lost, never silently retried. A request
+timeout, 5xx) raises `EngineLost`: its episodes are lost, never silently retried; only a
+server that turns a request away as busy (503, 429: it ran nothing) is asked again, with
+backoff, within the call's time. A request
 the server ended as aborted raises `RequestAborted`: that episode is lost, the engine stays.
 
 A rollout worker sends many episodes' turns at once: `generate_batch` takes them together
@@ -105,6 +107,17 @@ async def generate_each(
     return list(await asyncio.gather(*(one(request) for request in requests)))
 
 
+BUSY_STATUSES = (429, 503)  # turned away for now, nothing run: worth sending again
+
+
+def retry_after(response: Any, default: float) -> float:
+    """The wait a busy answer asks for (`Retry-After` in seconds, at most 10), else `default`."""
+    try:
+        return min(float(response.headers.get("retry-after", default)), 10.0)
+    except ValueError:
+        return default
+
+
 class HttpTransport:
     """An httpx client per event loop (Ray actors and tests run several loops)."""
 
@@ -112,6 +125,9 @@ class HttpTransport:
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
         self.transport = transport  # an httpx transport; tests replay recorded exchanges through one
+        # Waits before sending a request turned away as busy again (BUSY_STATUSES); after
+        # the last, the busy answer stands (a 503 is then an EngineLost).
+        self.busy_retry_delays_s: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
         # What to tell a user whose server lacks a route (FastAPI's 404 {"detail": "Not
         # Found"}): the flag or environment variable that turns it on, by path.
         self.route_hints: dict[str, str] = {}
@@ -140,24 +156,22 @@ class HttpTransport:
             return False
 
     async def send(self, call: HttpCall, timeout_s: float | None = None) -> Any:
-        import httpx
+        import asyncio
+        import time
 
-        try:
-            try:
-                response = await self._request(call, timeout_s)
-            except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError):
-                # A kept-alive connection the server had just closed (servers drop idle ones
-                # after a few seconds): send once more on a fresh one. A re-sent generate is
-                # still a sample of the policy; the server re-prefills that episode.
-                response = await self._request(call, timeout_s)
-        except httpx.TimeoutException:
-            raise EngineLost(
-                self.url,
-                f"no answer to {call.method} {call.path} within {timeout_s or self.timeout_s:g}s "
-                "(rollout.engine_timeout_s)",
-            ) from None
-        except httpx.TransportError as exc:
-            raise EngineLost(self.url, f"{type(exc).__name__} on {call.method} {call.path}: {exc}") from None
+        started = time.monotonic()
+        budget = timeout_s or self.timeout_s
+        for delay in (*self.busy_retry_delays_s, None):
+            response = await self._send_once(call, timeout_s)
+            if response.status_code not in BUSY_STATUSES or delay is None:
+                break
+            # A server that is up but turns requests away for now (SGLang's full queue,
+            # --max-queued-requests: 503 "The request queue is full."; a proxy's 429) ran
+            # nothing: the same request again later, within the call's time.
+            wait = min(retry_after(response, delay), budget - (time.monotonic() - started))
+            if wait < 0:
+                break
+            await asyncio.sleep(wait)
         if response.status_code >= 500:
             raise EngineLost(
                 self.url,
@@ -175,6 +189,26 @@ class HttpTransport:
         if "json" in response.headers.get("content-type", ""):
             return response.json()
         return response.text
+
+    async def _send_once(self, call: HttpCall, timeout_s: float | None) -> Any:
+        import httpx
+
+        try:
+            try:
+                return await self._request(call, timeout_s)
+            except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError):
+                # A kept-alive connection the server had just closed (servers drop idle ones
+                # after a few seconds): send once more on a fresh one. A re-sent generate is
+                # still a sample of the policy; the server re-prefills that episode.
+                return await self._request(call, timeout_s)
+        except httpx.TimeoutException:
+            raise EngineLost(
+                self.url,
+                f"no answer to {call.method} {call.path} within {timeout_s or self.timeout_s:g}s "
+                "(rollout.engine_timeout_s)",
+            ) from None
+        except httpx.TransportError as exc:
+            raise EngineLost(self.url, f"{type(exc).__name__} on {call.method} {call.path}: {exc}") from None
 
     async def _request(self, call: HttpCall, timeout_s: float | None) -> Any:
         return await self._session().request(
