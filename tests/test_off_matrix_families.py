@@ -5,7 +5,7 @@ The trainer's self-check passes on those the tree path computes exactly and catc
 fresh forward's: it drops the shared prompt where a family's cache or attention is not plain
 (MLA's compressed latents, differential attention) and refuses, naming the setting, what its
 KV cache cannot serve (linear-attention, SSM or conv layers, chunked attention, a local window
-it does not count by position)."""
+it does not count by position), as `forge train` does before Ray starts."""
 
 from __future__ import annotations
 
@@ -39,12 +39,30 @@ OFF_MATRIX = {
                          layer_types=["sliding_attention", "full_attention"] * 2, altup_num_inputs=2,
                          laurel_rank=4, hidden_size_per_layer_input=8, vocab_size_per_layer_input=64,
                          intermediate_size=[64] * 4, activation_sparsity_pattern=[0.0] * 4),
+    # Fused qkv clipped at 1 (binds on these weights), MoE. Its attn_config needs rope_theta (a real
+    # checkpoint's has it; transformers' default lacks it), and d_model itself: hidden_size alone
+    # leaves the experts 2048 wide.
+    "dbrx": dict(d_model=32, attn_config=dict(kv_n_heads=2, clip_qkv=1.0, rope_theta=10000.0),
+                 ffn_config=dict(ffn_hidden_size=32, moe_num_experts=4, moe_top_k=2)),
+    # MoE with a shared expert; layer 1 slides (layers from max_window_layers on, as Qwen2).
+    "dots1": dict(head_dim=8, sliding_window=WINDOW, max_window_layers=1, n_routed_experts=4, num_experts_per_tok=2,
+                  n_shared_experts=1, moe_intermediate_size=16, first_k_dense_replace=1),
+    # MLA, and MoE with zero (identity) experts; each of its num_layers holds two attentions.
+    "longcat_flash": dict(num_layers=1, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=4, qk_rope_head_dim=4,
+                          head_dim=4, v_head_dim=8, num_key_value_heads=4, ffn_hidden_size=64, n_routed_experts=4,
+                          moe_topk=2, zero_expert_num=2, expert_ffn_hidden_size=16),
     # not computable by the tree rule
     "qwen3_next": dict(head_dim=8, layer_types=["linear_attention", "full_attention"], linear_num_value_heads=2,
                        linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8, num_experts=4,
                        num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16),
 
     "lfm2": dict(layer_types=["conv", "full_attention"], block_dim=32, block_ff_dim=64, conv_L_cache=3),
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=1, num_experts=4, num_experts_per_tok=2,
+                     moe_intermediate_size=16),
+    # SSM layers (transformers calls them linear_attention); Zamba2 adds a shared attention ("hybrid").
+    "mamba2": dict(num_heads=8, head_dim=8, state_size=16, n_groups=1, chunk_size=8),
+    "zamba2": dict(layers_block_type=["mamba", "hybrid"], n_mamba_heads=4, mamba_d_state=16, adapter_rank=4,
+                   chunk_size=8),
     # Its default local window (256): longer than the engine check's sequences.
     "gpt_neo": dict(num_layers=2, attention_types=[[["global", "local"], 1]], num_heads=4),
     "falcon": dict(alibi=False, new_decoder_architecture=False),  # its attention drops the tree keyword
@@ -66,10 +84,16 @@ EXACT = [
     "seed_oss",
     "ministral",
     "gemma3n_text",
+    "dbrx",
+    "dots1",
+    "longcat_flash",
 ]
 CAUGHT = {
     "qwen3_next": "layers of type linear_attention",
     "lfm2": "layers of type conv",
+    "lfm2_moe": "layers of type conv",
+    "mamba2": "layers of type linear_attention",
+    "zamba2": "layers of type hybrid, linear_attention",
     "gpt_neo": "never received Forge's tree layout",
     "falcon": "never received Forge's tree layout",
     "bloom": "the tree forward failed",
@@ -101,20 +125,49 @@ def test_the_self_check_catches_what_the_tree_path_cannot_compute(name):
     assert CAUGHT[name] in result.reason
 
 
+def test_phimoe_at_a_window_no_trained_sequence_reaches_keeps_the_tree(tmp_path):
+    """PhiMoE applies its window in its mask alone: one that binds is caught (above). Its real
+    window (131072) binds on no sequence of at most trainer.max_tokens_per_microbatch tokens
+    (microbatches refuses longer ones), so the check leaves it as declared and passes; with a
+    budget that reaches it the check shrinks it, as any window, and catches the model."""
+    from forge.config import ModelConfig, TrainConfig, TrainerConfig
+    from forge.models.tiny import build_tokenizer
+    from forge.train.trainer import Trainer
+
+    model = build("phimoe")
+    model.config.sliding_window = 131072
+    assert check_tree_path(model, longest=8192).ok
+    assert not check_tree_path(model, longest=131072).ok  # a 131072-token sequence may reach its edge
+    tokenizer = build_tokenizer()
+    model.resize_token_embeddings(len(tokenizer))
+    model.config.vocab_size = len(tokenizer)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    trainer = Trainer(
+        tmp_path, ModelConfig(path=str(tmp_path)), TrainConfig(), TrainerConfig(self_check="stop")
+    )
+    assert trainer.packing == "tree" and trainer.self_check_result.ok
+    assert trainer.model.config.sliding_window == 131072
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [n for n in EXACT if n not in ("deepseek_v2", "diffllama", "gemma3n_text")])
+@pytest.mark.parametrize(
+    "name", [n for n in EXACT if n not in ("deepseek_v2", "diffllama", "gemma3n_text", "longcat_flash")]
+)
 def test_the_engine_check_passes_where_the_engine_is_exact(name):
     """The engine's own check (sliding windows of 4, a shared prompt, pad holes) passes; it would
     raise otherwise."""
     engine = HFEngine(build(name), [1], pad_token_id=0)
-    assert engine.share_prompt == (name in ("smollm3", "glm4", "seed_oss"))  # the windowless sdpa ones
+    windowless_sdpa = ("smollm3", "glm4", "seed_oss", "dbrx")
+    assert engine.share_prompt == (name in windowless_sdpa)
 
 
-@pytest.mark.parametrize("name", ["deepseek_v2", "diffllama"])
+@pytest.mark.parametrize("name", ["deepseek_v2", "longcat_flash", "diffllama"])
 def test_the_engine_copies_the_prompt_where_sharing_it_would_be_wrong(name):
-    """MLA caches compressed latents, not the keys its attention reads (sharing them raised
-    from inside the attention); differential attention combines two maps the shared-prompt
-    attention does not (behaviour logprobs were off by 5). The engine's check drops sharing."""
+    """MLA (DeepSeek V2, LongCat Flash) caches compressed latents, not the keys its attention
+    reads (sharing them raised from inside the attention); differential attention combines two
+    maps the shared-prompt attention does not (behaviour logprobs were off by 5). The engine's
+    check drops sharing."""
     model = build(name)
     engine = HFEngine(model, [1], pad_token_id=0, seed=3)
     assert not engine.share_prompt
@@ -145,6 +198,9 @@ def test_the_engine_samples_a_model_whose_layers_share_kv_exactly():
     [
         ("qwen3_next", "layers of type linear_attention"),
         ("lfm2", "layers of type conv"),
+        ("lfm2_moe", "layers of type conv"),
+        ("mamba2", "layers of type linear_attention"),
+        ("zamba2", "layers of type hybrid, linear_attention"),
         ("gpt_neo", "local attention layers"),  # a window counted in columns: off by 1.3 at window 6
     ],
 )
@@ -175,8 +231,9 @@ def test_the_engine_refuses_a_request_past_a_learned_position_table_naming_the_s
         engine.generate([GenerationRequest(list(range(2, 30)), 5)])
 
 
-def test_forge_train_refuses_a_model_the_engine_cannot_serve_before_ray_starts(tmp_path):
-    build("qwen3_next").save_pretrained(tmp_path)
+@pytest.mark.parametrize("name", ["qwen3_next", "mamba2"])
+def test_forge_train_refuses_a_model_the_engine_cannot_serve_before_ray_starts(name, tmp_path):
+    build(name).save_pretrained(tmp_path)
     cfg = Config.model_validate({"model": {"path": str(tmp_path)}, "env": {"name": "guess_number"}})
     with pytest.raises(ConfigError, match="linear_attention.*rollout.engine: remote"):
         preflight(cfg)

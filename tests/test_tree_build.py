@@ -168,3 +168,20 @@ def test_flex_block_layout_covers_the_rule_and_marks_full_only_fully_allowed_blo
                     bool(full[i, j]) == bool(block.all() and block.shape == (block_size, block_size))
                     or i == j
                 )
+
+
+@pytest.mark.parametrize("kind", ["dense", "blocks"])
+def test_a_window_or_chunk_longer_than_the_tree_shares_the_full_layers_mask(kind):
+    """A query sees keys fewer than `window` positions back: on a tree whose deepest node is at
+    depth 8 a window of 9 (or a chunk of 9) binds nowhere, so those layers take the full mask
+    (one mask built, not two); a window of 8 still drops the root from the deepest query."""
+    from forge.tree.attention import TreeLayout
+
+    tree = build_prefix_tree([list(range(9)), [0, 1, 2, 7]])
+    assert tree.position_ids.max() == 8
+    layout = TreeLayout(tree.subtree_end, tree.position_ids, kind, torch.float32, torch.device("cpu"))
+    full = layout.mask(None)
+    assert layout.mask(9) is full and layout.mask(131072) is full and layout.mask(None, chunk=9) is full
+    assert layout.mask(8) is not full and layout.mask(None, chunk=8) is not full
+    dense = TreeLayout(tree.subtree_end, tree.position_ids, "dense", torch.float32, torch.device("cpu"))
+    assert dense.mask(8)[0, 0, 8, 0] < 0 and dense.mask(9)[0, 0, 8, 0] == 0

@@ -152,6 +152,23 @@ FAMILIES: dict[str, Family] = {
         ),
         Family("olmo2", "Olmo2Config", "Olmo2ForCausalLM", dict(), features=("q/k norm after projection",)),
         Family(
+            "gptj",
+            "GPTJConfig",
+            "GPTJForCausalLM",
+            # Rotary on 4 of each head's 8 dimensions, rotating interleaved pairs (GPT-NeoX's halves).
+            dict(rotary_dim=4),
+            features=("interleaved partial rotary", "parallel residual"),
+            attention_modules=("q_proj", "k_proj", "v_proj", "out_proj"),
+        ),
+        Family(
+            "codegen",
+            "CodeGenConfig",
+            "CodeGenForCausalLM",
+            dict(rotary_dim=4),
+            features=("interleaved partial rotary", "parallel residual", "fused qkv split in 4 groups"),
+            attention_modules=("qkv_proj", "out_proj"),
+        ),
+        Family(
             "cohere2",
             "Cohere2Config",
             "Cohere2ForCausalLM",

@@ -172,7 +172,7 @@ class Trainer:
         cfg = self.trainer_cfg
         if self.packing != "tree" or cfg.self_check == "off":
             return None
-        result = check_tree_path(self.model, cfg.attention)
+        result = check_tree_path(self.model, cfg.attention, longest=cfg.max_tokens_per_microbatch)
         self.after_forward_only()
         if result.ok:
             return result

@@ -98,6 +98,13 @@ class TreeLayout:
     _masks: dict[tuple[int | None, int | None], Any] = field(default_factory=dict)
 
     def mask(self, window: int | None, chunk: int | None = None) -> Any:
+        # A window or chunk longer than the deepest node binds nowhere in this tree (a query
+        # sees keys fewer than `window` positions back; all depths fall in chunk 0): such
+        # layers share the full layers' mask (a 131072 window on any tree of fewer tokens).
+        if window is not None or chunk is not None:
+            deepest = int(self.depth.max(initial=0))
+            window = None if window is not None and window > deepest else window
+            chunk = None if chunk is not None and chunk > deepest else chunk
         if (window, chunk) not in self._masks:
             self._masks[window, chunk] = self._build(window, chunk)
         return self._masks[window, chunk]

@@ -3,7 +3,9 @@
 For families nobody has tested: a model whose code drops Forge's tree keyword, masks by sequence
 index instead of position, or attends in a way the tree rule does not reproduce disagrees here
 on a few short random sequences, instead of training on wrong gradients. Sliding windows the
-model declares are shrunk for the check (and restored), so short sequences reach past them.
+model declares are shrunk for the check (and restored), so short sequences reach past them;
+a window longer than the longest sequence the trainer takes never binds, so it is left
+as declared (PhiMoE's 131072, which it applies in its mask alone, then trains on the tree).
 """
 
 from __future__ import annotations
@@ -56,15 +58,23 @@ def check_sequences(vocab_size: int, seed: int = 0) -> list[list[int]]:
 
 
 @contextlib.contextmanager
-def shrunk_windows(model: torch.nn.Module, window: int) -> Iterator[bool]:
+def shrunk_windows(model: torch.nn.Module, window: int, longest: int | None = None) -> Iterator[bool]:
     """Every sliding window the model declares (config and attention modules) set to at most
-    `window`, restored on exit. Yields whether there was any."""
+    `window`, restored on exit, except those longer than `longest`: no sequence of at most
+    `longest` tokens reaches past them (a query sees keys fewer than `window` positions back;
+    one more than needed, for a family that counts its window one further), so they cannot
+    change a result. Yields whether any was shrunk."""
     saved: list[tuple[object, str, int]] = []
     owners = [model.config, *model.modules()]
     for owner in owners:
         for name in ("sliding_window", "attention_chunk_size"):  # Llama 4's chunks, as windows
             value = getattr(owner, name, None)
-            if isinstance(value, int) and not isinstance(value, bool) and value > window:
+            if (
+                isinstance(value, int)
+                and not isinstance(value, bool)
+                and value > window
+                and (longest is None or value <= longest)
+            ):
                 saved.append((owner, name, value))
     try:
         for owner, name, _ in saved:
@@ -103,16 +113,22 @@ def _max_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
     return max((g - w).abs().max().item() for g, w in zip(got, want, strict=True) if len(w))
 
 
-def check_tree_path(model: torch.nn.Module, attention: Attention = "auto", seed: int = 0) -> CheckResult:
+def check_tree_path(
+    model: torch.nn.Module, attention: Attention = "auto", seed: int = 0, longest: int | None = None
+) -> CheckResult:
     """Compare the tree path's logprobs with separate forwards of `check_sequences` through
-    `model` as loaded (its attention implementation and dtype), in eval mode without grad."""
+    `model` as loaded (its attention implementation and dtype), in eval mode without grad.
+
+    `longest`: the most tokens a sequence trained on the tree path may have (the trainer's
+    trainer.max_tokens_per_microbatch, which `microbatches` enforces); windows longer than that
+    are checked as declared, not shrunk. None: every window is shrunk."""
     started = time.perf_counter()
     embeddings = model.get_input_embeddings().weight
     sequences = check_sequences(int(model.config.vocab_size), seed)
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), shrunk_windows(model, CHECK_WINDOW):
+        with torch.no_grad(), shrunk_windows(model, CHECK_WINDOW, longest):
             want = _separate(model, sequences, embeddings.device)
             tolerance = FP32_TOLERANCE
             if embeddings.dtype != torch.float32:
