@@ -1,7 +1,7 @@
 """The exact requests agent frameworks send, recorded from LangChain's `ChatOpenAI`
-(structured output both ways, a ReAct stop), the OpenAI Agents SDK (ModelSettings with a
-required tool, parallel calls off, store, metadata and top_p; an `output_type`; both over
-the Responses API and chat completions) and LiteLLM (`litellm.completion`, plain and
+(structured output both ways, a ReAct stop, a legacy `functions` agent and its history), the
+OpenAI Agents SDK (ModelSettings with a required tool, parallel calls off, store, metadata and
+top_p; an `output_type`; both over the Responses API and chat completions) and LiteLLM (`litellm.completion`, plain and
 streamed), replayed with raw httpx: every reply parses as the `openai` SDK's own type, says
 what the framework reads, and is recorded once. The frameworks themselves are not CI
 dependencies; `tests/test_gateway_frameworks.py` runs two of them end to end."""
@@ -29,6 +29,12 @@ GUESS_PARAMETERS = {**SCHEMA, "title": "guess_args"}
 CALL = '<tool_call>\n{"name": "guess", "arguments": {"number": 3}}\n</tool_call>'
 AGENT_SETTINGS = {"metadata": {"run": "a"}, "parallel_tool_calls": False, "store": False, "top_p": 0.9}
 
+# What LangChain's convert_to_openai_function makes of a `guess(number: int)` function.
+LEGACY_GUESS = {
+    "name": "guess",
+    "description": "Guess the number.",
+    "parameters": {"properties": {"number": {"type": "integer"}}, "required": ["number"], "type": "object"},
+}
 HINT_TOOL = {
     "name": "hint",
     "parameters": {
@@ -114,6 +120,41 @@ SHAPES = [
         # A second call the agent would never see: generation must end before it.
         '{"number": 3}}\n</tool_call>\n<tool_call>\n{"name": "Guess", "arguments": {"number": 4}}\n</tool_call>',
         {"tool_calls": [("Guess", {"number": 3})], "sampled_ends_with": "</tool_call>"},
+    ),
+    (
+        "langchain bind(functions=..., function_call={'name': ...}) (a legacy functions agent)",
+        "/v1/chat/completions",
+        {
+            "model": "p",
+            "stream": False,
+            "messages": [{"content": "Play.", "role": "system"}, {"content": "go", "role": "user"}],
+            "function_call": {"name": "guess"},
+            "functions": [LEGACY_GUESS],
+        },
+        # The reply holds one call: generation must end before a second.
+        '{"number": 3}}\n</tool_call>\n<tool_call>\n{"name": "guess", "arguments": {}}\n</tool_call>',
+        {"function_call": ("guess", {"number": 3}), "sampled_ends_with": "</tool_call>"},
+    ),
+    (
+        "langchain legacy functions agent, the turn after a FunctionMessage",
+        "/v1/chat/completions",
+        {
+            "model": "p",
+            "stream": False,
+            "messages": [
+                {"content": "Play.", "role": "system"},
+                {"content": "go", "role": "user"},
+                {
+                    "content": None,
+                    "role": "assistant",
+                    "function_call": {"arguments": '{"number": 3}', "name": "guess"},
+                },
+                {"content": "right", "name": "guess", "role": "function"},
+            ],
+            "functions": [LEGACY_GUESS],
+        },
+        "You win.",
+        {"content": "You win.", "prompt_has": [CALL, "<tool_response>\nright\n</tool_response>"]},
     ),
     (
         "langchain bind(stop=...) ReAct",
@@ -332,6 +373,9 @@ def _read(route: str, response: httpx.Response) -> tuple[str | None, list[tuple[
     reply = ChatCompletion.model_validate(response.json())
     message = reply.choices[0].message
     calls = [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls or []]
+    if message.function_call is not None:  # the deprecated form: one call, and no tool_calls
+        assert not calls and reply.choices[0].finish_reason == "function_call"
+        calls = [("function_call", message.function_call.name, json.loads(message.function_call.arguments))]
     return message.content, calls, reply.usage.completion_tokens
 
 
@@ -349,7 +393,8 @@ def test_a_frameworks_recorded_request_gets_the_reply_it_reads(served, who, rout
     assert completion_tokens == len(call.completion_ids)
     if "content" in expected:
         assert content == expected["content"]
-    assert tool_calls == expected.get("tool_calls", [])
+    legacy = [("function_call", *expected["function_call"])] if "function_call" in expected else []
+    assert tool_calls == expected.get("tool_calls", legacy)
     sampled = qwen.decode(call.completion_ids, skip_special_tokens=False)
     assert sampled.endswith(expected.get("sampled_ends_with", sampled))
     prompt = qwen.decode(call.prompt_ids, skip_special_tokens=False)
