@@ -340,3 +340,19 @@ def test_a_server_busy_past_its_retries_is_lost_with_its_own_words():
     with pytest.raises(EngineLost, match="answered 503: The request queue is full."):
         asyncio.run(client.generate(GenerationRequest(PROMPT, 4)))
     assert len(seen) == 3
+
+
+def test_a_vllm_that_lost_forges_adapter_in_a_restart_is_lost_not_an_episode_error():
+    """Runtime LoRA adapters do not survive a vLLM restart: requests naming the adapter then
+    get the 404 of an unserved model (error_model_not_found's shape)."""
+    gone = {"error": {**VLLM["error_model_not_found"]["response"]["error"]}}
+    gone["error"]["message"] = "The model `policy-forge-lora` does not exist."
+    client = vllm(answering(404, gone))
+    client.use_adapter(3)
+    with pytest.raises(
+        EngineLost, match="http://vllm-3:8000.*no LoRA adapter 'policy-forge-lora'.*restarted"
+    ):
+        asyncio.run(client.generate(GenerationRequest(PROMPT, 4)))
+    base = vllm(answering(404, VLLM["error_model_not_found"]["response"]))  # no adapter: a naming mistake
+    with pytest.raises(ProtocolError, match="--served-model-name"):
+        asyncio.run(base.generate(GenerationRequest(PROMPT, 4)))

@@ -229,7 +229,18 @@ class VLLMClient:
         self.policy_version = 0
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
-        body = await self.http.send(completion_call(request, self.model, self.sampling))
+        try:
+            body = await self.http.send(completion_call(request, self.model, self.sampling))
+        except ProtocolError as exc:
+            if exc.status == 404 and self.model != self.base_model:
+                # The server had Forge's adapter and now serves no such model: it restarted
+                # (runtime LoRA adapters do not survive one). Its samples would be of another
+                # policy, so the engine is lost; the next sync loads the adapter again.
+                raise EngineLost(
+                    self.url,
+                    f"serves no LoRA adapter {self.model!r} any more (restarted?): {exc}",
+                ) from None
+            raise
         result = parse_completion(
             body, self.sampling.stop_token_ids, self.policy_version, request.top_logprobs, self.url
         )
