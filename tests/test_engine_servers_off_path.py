@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from pathlib import Path
 
 import httpx
@@ -156,15 +157,20 @@ def test_an_answer_vllm_counts_fewer_prompt_tokens_for_is_refused():
 
 
 # -- at connect: the server answers, serves the model and holds the run's context --------------
-def models_server(kind: str, seen: list[str], models: dict | None = None) -> httpx.MockTransport:
+def models_server(kind: str, seen: list[str], server_info: dict | None = None) -> httpx.MockTransport:
+    """A server answering GET /v1/models as recorded, and (vLLM) /version and /server_info."""
     recorded = (VLLM if kind == "vllm" else SGLANG)["models"]["response"]
+    info = server_info if server_info is not None else VLLM["server_info"]["response"]
 
     def handle(request: httpx.Request) -> httpx.Response:
         seen.append(request.url.path)
         if request.url.path == "/v1/models":
-            return httpx.Response(200, json=models or recorded)
+            return httpx.Response(200, json=recorded)
         if request.url.path == "/version" and kind == "vllm":
             return httpx.Response(200, json=VLLM["version"]["response"])
+        if request.url.path == "/server_info" and kind == "vllm" and info:
+            assert request.url.params["config_format"] == "json"
+            return httpx.Response(200, json=info)
         return httpx.Response(404, json={"detail": "Not Found"})
 
     return httpx.MockTransport(handle)
@@ -193,7 +199,7 @@ def test_at_connect_each_server_says_what_it_serves():
     cfg = remote_config(["vllm+http://vllm-3:8000"])
     lines = check_servers(cfg, models_server("vllm", seen))
     assert lines == ["vllm+http://vllm-3:8000: vLLM 0.11.2 serving /models/qwen (4096 tokens of context)"]
-    assert seen == ["/v1/models", "/version"]
+    assert seen == ["/v1/models", "/version", "/server_info"]
     cfg = remote_config(["sglang+http://sglang-2:30000"])
     assert check_servers(cfg, models_server("sglang", [])) == [
         "sglang+http://sglang-2:30000: SGLang serving /models/qwen (2048 tokens of context)"
@@ -356,3 +362,45 @@ def test_a_vllm_that_lost_forges_adapter_in_a_restart_is_lost_not_an_episode_err
     base = vllm(answering(404, VLLM["error_model_not_found"]["response"]))  # no adapter: a naming mistake
     with pytest.raises(ProtocolError, match="--served-model-name"):
         asyncio.run(base.generate(GenerationRequest(PROMPT, 4)))
+
+
+def server_info_with(**changes: object) -> dict:
+    info = json.loads(json.dumps(VLLM["server_info"]["response"]))
+    for path, value in changes.items():
+        section, key = path.split("__") if "__" in path else (path, None)
+        if section == "env":
+            info["vllm_env"][key] = value
+        elif key is None:
+            info["vllm_config"][section] = value
+        else:
+            info["vllm_config"][section][key] = value
+    return info
+
+
+@pytest.mark.parametrize(
+    "lora,change,said",
+    [
+        (False, {"model_config__logprobs_mode": "raw_logprobs"}, "--logprobs-mode processed_logprobs"),
+        (False, {"weight_transfer_config": None}, '--weight-transfer-config \'{"backend": "nccl"}\''),
+        (True, {"lora_config": None}, "--enable-lora"),
+        (True, {"lora_config__max_lora_rank": 8}, "--max-lora-rank 8 is below model.lora.r=16"),
+        (True, {"env__VLLM_ALLOW_RUNTIME_LORA_UPDATING": False}, "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True"),
+    ],
+)
+def test_a_vllm_started_without_a_flag_the_run_needs_is_refused_at_connect_naming_it(lora, change, said):
+    from forge.config import ConfigError
+    from forge.rollout.engines.server_check import check_servers
+
+    cfg = remote_config(["vllm+http://h:1"])
+    if lora:
+        cfg.model.lora.enabled, cfg.model.lora.r = True, 16
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        check_servers(cfg, models_server("vllm", [], server_info_with(**change)))
+    check_servers(cfg, models_server("vllm", []))  # as recorded: every flag there
+
+
+def test_a_vllm_that_does_not_show_its_flags_is_let_through_saying_so():
+    from forge.rollout.engines.server_check import check_servers
+
+    lines = check_servers(remote_config(["vllm+http://h:1"]), models_server("vllm", [], server_info={}))
+    assert lines[0].endswith("its flags not shown (GET /server_info), so not checked")

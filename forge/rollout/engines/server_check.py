@@ -1,14 +1,25 @@
 """vLLM and SGLang servers a run names (`rollout.servers`), checked before it starts: each
-answers, serves the model its requests name, and holds the run's context; a mismatch is
-refused naming the server and the setting, instead of every episode failing later."""
+answers, serves the model its requests name, holds the run's context and (vLLM, where it
+shows its configuration) was started with the flags the run needs; a mismatch is refused
+naming the server and the setting, instead of every episode failing or sampling wrongly later."""
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Any
 
 from forge.config import ConfigError
 from forge.rollout.engines.remote import EngineLost, HttpCall, HttpTransport, ProtocolError
+
+
+@dataclass
+class Needs:
+    """What a run asks of its servers."""
+
+    model: str  # the name vLLM requests carry (model.path)
+    max_context_tokens: int
+    lora_rank: int | None = None  # model.lora.r in LoRA runs, else None (full weights by NCCL)
 
 
 def served_models(body: Any) -> tuple[list[str], int | None]:
@@ -23,13 +34,50 @@ def served_models(body: Any) -> tuple[list[str], int | None]:
     return [str(card.get("id")) for card in base], (min(lengths) if lengths else None)
 
 
-async def probe(
-    spec: str, model: str, max_context_tokens: int, transport: Any = None, timeout_s: float = 10.0
-) -> str:
+def vllm_flag_problems(info: Any, needs: Needs) -> list[str]:
+    """What a vLLM's `GET /server_info?config_format=json` (its VllmConfig as JSON and its
+    VLLM_ environment; vllm/entrypoints/serve/instrumentator/server_info.py) says is missing
+    for this run. A part the server does not show is not judged."""
+    config = info.get("vllm_config") if isinstance(info, dict) else None
+    if not isinstance(config, dict):
+        return []
+    env = info.get("vllm_env") if isinstance(info.get("vllm_env"), dict) else {}
+    problems = []
+    mode = (config.get("model_config") or {}).get("logprobs_mode")
+    if mode is not None and mode != "processed_logprobs":
+        problems.append(
+            f"its logprobs are {mode} (of the logits before temperature and top-p), not of the distribution it "
+            "samples: start it with --logprobs-mode processed_logprobs"
+        )
+    if needs.lora_rank is not None:
+        if "lora_config" in config:
+            lora = config["lora_config"]
+            if not lora:
+                problems.append("model.lora.enabled needs runtime LoRA: start it with --enable-lora")
+            elif isinstance(lora.get("max_lora_rank"), int) and lora["max_lora_rank"] < needs.lora_rank:
+                problems.append(
+                    f"its --max-lora-rank {lora['max_lora_rank']} is below model.lora.r={needs.lora_rank}"
+                )
+        if str(env.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")).lower() not in ("true", "1"):
+            problems.append("loading each version's adapter needs VLLM_ALLOW_RUNTIME_LORA_UPDATING=True")
+    elif "weight_transfer_config" in config:
+        backend = (config["weight_transfer_config"] or {}).get("backend")
+        if backend != "nccl":
+            problems.append(
+                "full weights reach it by NCCL weight transfer: start it with "
+                f'--weight-transfer-config \'{{"backend": "nccl"}}\' (it has {backend or "none"})'
+            )
+    return problems
+
+
+async def probe(spec: str, needs: Needs, transport: Any = None, timeout_s: float = 10.0) -> str:
     """Check one `vllm+` / `sglang+` server; returns a line saying what it serves."""
     kind, _, url = spec.partition("+")
     name = {"vllm": "vLLM", "sglang": "SGLang"}[kind]
     http = HttpTransport(url, timeout_s, transport)
+    http.busy_retry_delays_s = ()
+    version, flags = "", ""
+    problems: list[str] = []
     try:
         try:
             names, context = served_models(await http.send(HttpCall("GET", "/v1/models")))
@@ -42,31 +90,40 @@ async def probe(
                 f"rollout.servers entry {spec}: GET /v1/models did not answer as {name} does ({exc}); "
                 f"is this a {name} server? (forge serve is written http://host:port)"
             ) from None
-        version = ""
         if kind == "vllm":
             try:
-                answer = await http.send(HttpCall("GET", "/version"), timeout_s=timeout_s)
+                answer = await http.send(HttpCall("GET", "/version"))
                 version = f" {answer['version']}" if isinstance(answer, dict) and "version" in answer else ""
             except (EngineLost, ProtocolError):
                 pass
+            shown = False
+            try:
+                info = await http.send(HttpCall("GET", "/server_info", params={"config_format": "json"}))
+                shown = isinstance(info, dict) and isinstance(info.get("vllm_config"), dict)
+                problems = vllm_flag_problems(info, needs)
+            except (EngineLost, ProtocolError):
+                pass
+            if not shown:  # older servers show their config as text; none without VLLM_SERVER_DEV_MODE
+                flags = "; its flags not shown (GET /server_info), so not checked"
     finally:
         await http.close()
     # vLLM's completions name the model (model.path); SGLang's native /generate names none.
-    if kind == "vllm" and model not in names:
-        raise ConfigError(
-            f"rollout.servers entry {spec}: vLLM serves {names}, but Forge's requests name the model "
-            f"model.path={model!r} (vLLM answers 404 to every one): start vllm serve with "
-            f"--served-model-name {model}"
+    if kind == "vllm" and needs.model not in names:
+        problems.insert(
+            0,
+            f"it serves {names}, but Forge's requests name the model model.path={needs.model!r} (vLLM answers 404 "
+            f"to every one): start it with --served-model-name {needs.model}",
         )
-    if context is not None and context < max_context_tokens:
+    if context is not None and context < needs.max_context_tokens:
         flag = "--max-model-len" if kind == "vllm" else "--context-length"
-        raise ConfigError(
-            f"rollout.servers entry {spec}: the server holds {context} tokens of context (its {flag}), "
-            f"less than rollout.max_context_tokens={max_context_tokens}, so a long episode's turns would be "
-            f"refused or cut: set rollout.max_context_tokens <= {context}, or start the server with {flag} "
-            f">= {max_context_tokens}"
+        problems.append(
+            f"it holds {context} tokens of context (its {flag}), less than rollout.max_context_tokens="
+            f"{needs.max_context_tokens}, so a long episode's turns would be refused or cut: set "
+            f"rollout.max_context_tokens <= {context}, or start it with {flag} >= {needs.max_context_tokens}"
         )
-    return f"{spec}: {name}{version} serving {', '.join(names)} ({context or '?'} tokens of context)"
+    if problems:
+        raise ConfigError(f"rollout.servers entry {spec} ({name}{version}): " + "; ".join(problems))
+    return f"{spec}: {name}{version} serving {', '.join(names)} ({context or '?'} tokens of context){flags}"
 
 
 def check_servers(cfg: Any, transport: Any = None) -> list[str]:
@@ -74,16 +131,15 @@ def check_servers(cfg: Any, transport: Any = None) -> list[str]:
     serve entries are Forge's own, checked by their first call); one line per server."""
     if cfg.rollout.engine != "remote":
         return []
-    model = cfg.model.path or "policy"
-    specs = [
-        s
-        for s in cfg.rollout.servers
-        if s.split("://")[0] in ("vllm+http", "vllm+https", "sglang+http", "sglang+https")
-    ]
+    needs = Needs(
+        cfg.model.path or "policy",
+        cfg.rollout.max_context_tokens,
+        cfg.model.lora.r if cfg.model.lora.enabled else None,
+    )
+    kinds = ("vllm+http", "vllm+https", "sglang+http", "sglang+https")
+    specs = [s for s in cfg.rollout.servers if s.split("://")[0] in kinds]
 
     async def all_of() -> list[str]:
-        return list(
-            await asyncio.gather(*(probe(s, model, cfg.rollout.max_context_tokens, transport) for s in specs))
-        )
+        return list(await asyncio.gather(*(probe(s, needs, transport) for s in specs)))
 
     return asyncio.run(all_of()) if specs else []
