@@ -362,46 +362,52 @@ def counted_engine(model, step_s: float) -> HFEngine:
     return engine
 
 
-@pytest.mark.parametrize("ending", ["step limit after finish", "agent exited"])
+@pytest.mark.parametrize("ending", ["step limit after finish", "agent exited", "client left"])
 def test_a_non_streamed_call_given_up_stops_generating_in_the_engine(
     tiny_checkpoint, tokenizer, tmp_path, ending
 ):
-    """A call no one will read (its episode ended and its step limit passed, or its agent
-    exited) is dropped from the engine's batch at the next decode step, not run to its
-    token limit while other episodes wait for the engine."""
+    """A call no one will read (its episode ended and its step limit passed, its agent
+    exited, or its client closed the connection) is dropped from the engine's batch at the
+    next decode step, not run to its token limit while other episodes wait for the engine."""
     from forge.run.gateway import _take
 
     limit = 600  # ~3 s of decoding at 5 ms a step, were it run to the end
     engine = counted_engine(load_model(tiny_checkpoint, ModelConfig()), step_s=0.005)
     # An exited agent's calls are given up at once (`_take`), not at the step limit.
-    store = standalone_store(tmp_path, step_timeout_s=0.3 if ending != "agent exited" else 30)
+    store = standalone_store(tmp_path, step_timeout_s=0.3 if ending == "step limit after finish" else 30)
     gateway = Gateway(engine, tokenizer, store, max_new_tokens=limit, max_context_tokens=1024)
     with GatewayServer(gateway) as server:
         episode = begin(server)
-        agent = client(server, episode["episode_id"])
+        # The client that leaves gives up waiting (and closes its connection) well into decoding.
+        agent = client(server, episode["episode_id"], timeout=0.5 if ending == "client left" else 30)
         pool = ThreadPoolExecutor(1)
         reply = pool.submit(agent.chat.completions.create, model="p", messages=USER)
         deadline = time.monotonic() + 10
         while engine.forwards < 20 and time.monotonic() < deadline:  # well into decoding
             time.sleep(0.01)
-        if ending == "agent exited":  # killed at its timeout, as `close_unfinished` ends it
+        if ending == "client left":
+            with pytest.raises(openai.APITimeoutError):
+                reply.result(timeout=30)
+            while not engine.results and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.1)  # the call is dropped once its generation ends
+            taken = store.get(episode["episode_id"])
+        elif ending == "agent exited":  # killed at its timeout, as `close_unfinished` ends it
             server.call(gateway.abandon_episode(episode["episode_id"], "truncated", "killed"), timeout_s=30)
             [taken] = server.call(_take(store, [episode["episode_id"]]), timeout_s=30)
         else:
             finish(server, episode)
             server.call(store.closed([episode["episode_id"]]), timeout_s=30)
             [(taken, samples)] = read_recorded(tmp_path / "episodes.jsonl")
-            assert samples == []
-        with pytest.raises(openai.ConflictError, match="not kept|agent exited"):
-            reply.result(timeout=30)
+            assert samples == [] and taken.num_turns == 0
+        if ending != "client left":
+            with pytest.raises(openai.ConflictError, match="not kept|agent exited"):
+                reply.result(timeout=30)
         pool.shutdown()
     [result] = engine.results
     assert not result.finished and len(result.token_ids) < limit // 4, len(result.token_ids)
     assert engine.forwards < limit // 4  # prefill and the decode steps it ran before it was dropped
-    assert (
-        taken.info["calls_dropped"] == 1
-        and (taken.num_turns if ending != "agent exited" else len(taken.calls)) == 0
-    )
+    assert taken.info["calls_dropped"] == 1 and not getattr(taken, "calls", [])
 
 
 def test_a_request_given_up_while_queued_never_reaches_the_engine():

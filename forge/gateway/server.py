@@ -16,8 +16,8 @@ or the body's `user` field; the first that names a known episode wins.
 
 Every call is recorded once generation ends and before the last of its reply is sent, so
 a client that goes away after that loses nothing; a reply whose client disconnected
-before it was finished is dropped (the agent never saw it whole) and counted in the
-episode's `calls_dropped`. A call still generating when its episode finishes is waited for
+before it was finished is dropped (the agent never saw it whole), stopped in the engine
+at its next decode step, and counted in the episode's `calls_dropped`. A call still generating when its episode finishes is waited for
 (up to the step limit, then stopped and dropped) before the episode is recorded or taken
 for training (`EpisodeStore._drain`). Any error, on any route, is OpenAI's error object.
 """
@@ -196,7 +196,9 @@ class Gateway:
 
     async def finish_call(self, request: Request | None, run: CallRun) -> list[Choice]:
         """Wait for the call's choices and record them, unless its client went away or the
-        gateway stopped it (its episode finished meanwhile and it ran past the step limit)."""
+        gateway stopped it (its episode finished meanwhile and it ran past the step limit).
+        A client that leaves while it generates (an agent killed mid-call) stops it."""
+        watcher = asyncio.ensure_future(_stop_when_gone(request, run)) if request is not None else None
         try:
             choices = await run.task
             gone = run.aborted or (request is not None and await request.is_disconnected())
@@ -206,6 +208,9 @@ class Gateway:
         except BaseException:  # generation failed: no sample, and not a dropped reply
             self.store.end_call(run.episode, run.pending, [])
             raise
+        finally:
+            if watcher is not None:
+                watcher.cancel()
         if gone:
             # The agent never saw this reply, so it did not shape the episode: not a sample.
             self.store.end_call(run.episode, run.pending, [], dropped=True)
@@ -282,6 +287,20 @@ class Gateway:
             "calls": len(episode.calls),
             "env_done": episode.env_done,
         }
+
+
+# How often a non-streamed call's connection is looked at while it generates.
+DISCONNECT_POLL_S = 0.1
+
+
+async def _stop_when_gone(request: Request, run: CallRun) -> None:
+    """Abort `run` (its rows leave the engine's batch at the next decode step) once its client
+    has disconnected: no one is left to read the reply."""
+    while not run.task.done():
+        if await request.is_disconnected():
+            run.abort()
+            return
+        await asyncio.sleep(DISCONNECT_POLL_S)
 
 
 def _engine_setting(engine: Any, name: str) -> Any:
