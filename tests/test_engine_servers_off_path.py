@@ -236,8 +236,10 @@ def test_a_server_that_does_not_answer_or_is_not_that_server_is_refused_at_conne
     def refuse(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("connection refused", request=request)
 
-    with pytest.raises(ConfigError, match="vllm\\+http://h:1: the server does not answer.*ConnectError"):
-        check_servers(remote_config(["vllm+http://h:1"]), httpx.MockTransport(refuse))
+    cfg = remote_config(["vllm+http://h:1"])
+    cfg.rollout.engine_timeout_s = 0.01  # how long a server still starting is waited for
+    with pytest.raises(ConfigError, match="vllm\\+http://h:1: the server did not answer.*ConnectError"):
+        check_servers(cfg, httpx.MockTransport(refuse))
     not_found = answering(404, {"detail": "Not Found"})
     with pytest.raises(ConfigError, match="did not answer as SGLang does"):
         check_servers(remote_config(["sglang+http://h:1"]), not_found)
@@ -404,3 +406,30 @@ def test_a_vllm_that_does_not_show_its_flags_is_let_through_saying_so():
 
     lines = check_servers(remote_config(["vllm+http://h:1"]), models_server("vllm", [], server_info={}))
     assert lines[0].endswith("its flags not shown (GET /server_info), so not checked")
+
+
+def test_a_server_still_starting_is_waited_for_up_to_the_engine_timeout(capsys):
+    from forge.config import ConfigError
+    from forge.rollout.engines.server_check import Needs, probe
+
+    attempts: list[int] = []
+    answering_later = models_server("sglang", [])
+
+    def starting(request: httpx.Request) -> httpx.Response:
+        attempts.append(1)
+        if len(attempts) <= 2:  # not listening yet: the model is still loading
+            raise httpx.ConnectError("connection refused", request=request)
+        return answering_later.handler(request)
+
+    needs = Needs("/models/qwen", 1024)
+    line = asyncio.run(
+        probe("sglang+http://h:1", needs, httpx.MockTransport(starting), wait_s=5, poll_s=0.01)
+    )
+    assert line.startswith("sglang+http://h:1: SGLang serving /models/qwen") and len(attempts) == 3
+    assert "forge: waiting up to 5s for sglang+http://h:1 to answer" in capsys.readouterr().err
+
+    def never(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    with pytest.raises(ConfigError, match=r"did not answer within 0.05s \(rollout.engine_timeout_s\)"):
+        asyncio.run(probe("sglang+http://h:1", needs, httpx.MockTransport(never), wait_s=0.05, poll_s=0.01))

@@ -6,6 +6,8 @@ naming the server and the setting, instead of every episode failing or sampling 
 from __future__ import annotations
 
 import asyncio
+import sys
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,8 +72,17 @@ def vllm_flag_problems(info: Any, needs: Needs) -> list[str]:
     return problems
 
 
-async def probe(spec: str, needs: Needs, transport: Any = None, timeout_s: float = 10.0) -> str:
-    """Check one `vllm+` / `sglang+` server; returns a line saying what it serves."""
+async def probe(
+    spec: str,
+    needs: Needs,
+    transport: Any = None,
+    wait_s: float = 120.0,
+    poll_s: float = 2.0,
+    timeout_s: float = 10.0,
+) -> str:
+    """Check one `vllm+` / `sglang+` server, waiting up to `wait_s` for one still starting
+    (a large model takes minutes to load before the server listens); returns a line saying
+    what it serves."""
     kind, _, url = spec.partition("+")
     name = {"vllm": "vLLM", "sglang": "SGLang"}[kind]
     http = HttpTransport(url, timeout_s, transport)
@@ -79,17 +90,29 @@ async def probe(spec: str, needs: Needs, transport: Any = None, timeout_s: float
     version, flags = "", ""
     problems: list[str] = []
     try:
-        try:
-            names, context = served_models(await http.send(HttpCall("GET", "/v1/models")))
-        except EngineLost as exc:
-            raise ConfigError(
-                f"rollout.servers entry {spec}: the server does not answer ({exc.reason}); start it, or fix the URL"
-            ) from None
-        except ProtocolError as exc:
-            raise ConfigError(
-                f"rollout.servers entry {spec}: GET /v1/models did not answer as {name} does ({exc}); "
-                f"is this a {name} server? (forge serve is written http://host:port)"
-            ) from None
+        deadline = time.monotonic() + wait_s
+        said = False
+        while True:
+            try:
+                names, context = served_models(await http.send(HttpCall("GET", "/v1/models")))
+                break
+            except EngineLost as exc:
+                if time.monotonic() + poll_s > deadline:
+                    raise ConfigError(
+                        f"rollout.servers entry {spec}: the server did not answer within {wait_s:g}s "
+                        f"(rollout.engine_timeout_s) ({exc.reason}); start it, or fix the URL"
+                    ) from None
+                if not said:
+                    print(
+                        f"forge: waiting up to {wait_s:g}s for {spec} to answer", file=sys.stderr, flush=True
+                    )
+                    said = True
+                await asyncio.sleep(poll_s)
+            except ProtocolError as exc:
+                raise ConfigError(
+                    f"rollout.servers entry {spec}: GET /v1/models did not answer as {name} does ({exc}); "
+                    f"is this a {name} server? (forge serve is written http://host:port)"
+                ) from None
         if kind == "vllm":
             try:
                 answer = await http.send(HttpCall("GET", "/version"))
@@ -140,6 +163,7 @@ def check_servers(cfg: Any, transport: Any = None) -> list[str]:
     specs = [s for s in cfg.rollout.servers if s.split("://")[0] in kinds]
 
     async def all_of() -> list[str]:
-        return list(await asyncio.gather(*(probe(s, needs, transport) for s in specs)))
+        wait_s = cfg.rollout.engine_timeout_s
+        return list(await asyncio.gather(*(probe(s, needs, transport, wait_s) for s in specs)))
 
     return asyncio.run(all_of()) if specs else []

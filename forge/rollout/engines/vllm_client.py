@@ -43,8 +43,8 @@ NEUTRAL_SAMPLING = {
 
 # Routes a plain `vllm serve` lacks, and what turns them on.
 ROUTE_HINTS = {
-    "/pause": "start vllm serve with VLLM_SERVER_DEV_MODE=1",
-    "/resume": "start vllm serve with VLLM_SERVER_DEV_MODE=1",
+    "/pause": "start vllm serve with VLLM_SERVER_DEV_MODE=1 (releases before its /pause have none: upgrade)",
+    "/resume": "start vllm serve with VLLM_SERVER_DEV_MODE=1 (releases before its /pause have none: upgrade)",
     "/get_world_size": "start vllm serve with VLLM_SERVER_DEV_MODE=1 and --weight-transfer-config "
     '\'{"backend": "nccl"}\'',
     "/init_weight_transfer_engine": "start vllm serve with VLLM_SERVER_DEV_MODE=1 and "
