@@ -147,6 +147,7 @@ def vllm_for_transfer(url: str, world_size: str, seen: list, older: bool = False
         update,
         finish,
         VLLM["resume"],
+        VLLM["weight_info"],
     ]
     client = vllm_client.VLLMClient(url, "policy", Sampling())
     client.http = vllm_client.HttpTransport(url, 10, replay(exchanges, seen))
@@ -213,8 +214,9 @@ def test_a_vllm_full_weight_update_pauses_opens_receives_the_broadcast_closes_wi
     assert set(trainer.sent_while[0]) <= {"/start_weight_update", "/update_weights"}
 
     seen_a.clear()
-    asyncio.run(transfer.update(clients, 4))  # the group stands: no second init
+    asyncio.run(transfer.update(clients, 4))  # each still holds version 3: the group stands, no second init
     assert [path for _, path, _ in seen_a] == [
+        "/weight_info",
         "/pause",
         "/start_weight_update",
         "/update_weights",

@@ -433,3 +433,60 @@ def test_a_server_still_starting_is_waited_for_up_to_the_engine_timeout(capsys):
 
     with pytest.raises(ConfigError, match=r"did not answer within 0.05s \(rollout.engine_timeout_s\)"):
         asyncio.run(probe("sglang+http://h:1", needs, httpx.MockTransport(never), wait_s=0.05, poll_s=0.01))
+
+
+# -- full weights: a vLLM that restarted between updates is found and regrouped ----------------
+def test_a_vllm_that_restarted_since_the_last_update_is_regrouped_not_the_run_lost(capsys):
+    """A restarted server left the NCCL group and holds its checkpoint again: without a new
+    group its /update_weights fails (every vLLM of the run was dropped for it). Its
+    /weight_info (None after a restart) tells, and the group is formed afresh."""
+    from forge.rollout.engines.vllm_transfer import VLLMWeightTransfer
+
+    restarted = {"now": False}
+    seen: list[str] = []
+    recorded = {
+        (e["method"], e["path"]): e
+        for e in (
+            VLLM["get_world_size"],
+            VLLM["init_weight_transfer_engine"],
+            VLLM["pause"],
+            VLLM["start_weight_update"],
+            VLLM["update_weights"],
+            VLLM["finish_weight_update"],
+            VLLM["resume"],
+        )
+    }
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.path)
+        if request.url.path == "/weight_info":
+            held = VLLM["weight_info_after_a_restart" if restarted["now"] else "weight_info"]["response"]
+            return httpx.Response(200, json=held)
+        return httpx.Response(200, json=recorded[(request.method, request.url.path)]["response"])
+
+    joined: list[int] = []
+
+    async def join(host, port, world):
+        joined.append(world)
+        info = VLLM["update_weights"]["request"]["update_info"]
+        return info["names"], info["dtype_names"], info["shapes"]
+
+    async def send():
+        return None
+
+    async def address():
+        return "10.0.0.5", 29555
+
+    transfer = VLLMWeightTransfer(join, send, address)
+
+    def fresh_client() -> vllm_client.VLLMClient:  # the driver makes new clients at each sync
+        return vllm(httpx.MockTransport(handle), url="http://a:8000")
+
+    asyncio.run(transfer.update([fresh_client()], 3))
+    assert joined == [2] and transfer.reporting == {"http://a:8000"}
+    seen.clear()
+    restarted["now"] = True
+    asyncio.run(transfer.update([fresh_client()], 4))
+    assert joined == [2, 2]  # the trainer formed a new group with it
+    assert seen[:3] == ["/weight_info", "/get_world_size", "/init_weight_transfer_engine"]
+    assert "http://a:8000 holds weights None, not version 3 (restarted?)" in capsys.readouterr().err

@@ -212,6 +212,12 @@ def finish_weight_update_call(version: int) -> HttpCall:
     return HttpCall("POST", "/finish_weight_update", {"weight_version": str(version)})
 
 
+def weight_info_call() -> HttpCall:
+    # The weight_version the last /finish_weight_update set (None on a server that has not
+    # had one since it started), in vLLM's dev RLHF router.
+    return HttpCall("GET", "/weight_info")
+
+
 class VLLMClient:
     """A `vllm serve` server. vLLM does not know Forge's policy versions: the client stamps
     the version it last loaded, and pauses the server (`mode=wait`) around every update so
@@ -227,6 +233,7 @@ class VLLMClient:
         self.model = model  # the adapter's name once one is loaded
         self.sampling = sampling
         self.policy_version = 0
+        self.reports_version = False  # its /finish_weight_update took the version (it has /weight_info)
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         try:
@@ -337,21 +344,38 @@ class VLLMClient:
         """Close the update with its version and resume generation; outputs from now on
         carry `version`."""
         try:
-            await self._optional(finish_weight_update_call(version))
+            self.reports_version = await self._optional(finish_weight_update_call(version))
         finally:
             await self.http.send(resume_call())
         self.policy_version = version
 
+    async def served_version(self) -> tuple[bool, str | None]:
+        """(whether the server says, the weight_version it says it holds): a server that
+        restarted holds its checkpoint again and says None."""
+        try:
+            body = await self.http.send(weight_info_call())
+        except ProtocolError as exc:
+            if exc.status == 404:  # a vLLM before /weight_info
+                return False, None
+            raise
+        if not isinstance(body, dict) or "weight_version" not in body:
+            return False, None
+        version = body["weight_version"]
+        return True, None if version is None else str(version)
+
     async def resume(self) -> None:
         await self.http.send(resume_call())
 
-    async def _optional(self, call: HttpCall) -> None:
-        """A call newer vLLM servers need and older ones lack (they answer 404)."""
+    async def _optional(self, call: HttpCall) -> bool:
+        """A call newer vLLM servers need and older ones lack (they answer 404); whether it
+        was made."""
         try:
             await self.http.send(call)
+            return True
         except ProtocolError as exc:
             if exc.status != 404:
                 raise
+            return False
 
     async def load_checkpoint(self, path: str, version: int) -> None:
         raise ProtocolError(

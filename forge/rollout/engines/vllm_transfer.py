@@ -12,6 +12,7 @@ recorded shapes only, never against a running vLLM (there is none, and no GPU, h
 from __future__ import annotations
 
 import asyncio
+import sys
 from typing import Any
 
 
@@ -72,12 +73,18 @@ class VLLMWeightTransfer:
         self.join, self.send, self.address = join, send, address
         self.members: list[str] | None = None
         self.metadata: tuple[list[str], list[str], list[list[int]]] | None = None
+        self.version: int | None = None  # the last version every member took
+        self.reporting: set[str] = set()  # members whose /weight_info says the version they hold
 
     async def update(self, clients: list[Any], version: int) -> None:
         """Get `version` to every client. Raises if any step fails: the servers are then
         resumed but their weights may be part old, part new (the caller drops them), and
-        the group is formed afresh next time."""
+        the group is formed afresh next time. A member that restarted since the last update
+        (it left the group, and holds its checkpoint's weights again) is found by the
+        version it reports, and the group is formed afresh with it."""
         try:
+            if self.members == [c.url for c in clients] and await self._restarted(clients):
+                self.members = None
             if self.members != [c.url for c in clients]:
                 await self._form(clients)
             await asyncio.gather(*(c.begin_weight_update() for c in clients))
@@ -93,6 +100,27 @@ class VLLMWeightTransfer:
         except BaseException:
             self.members = None
             raise
+        self.version = version
+        self.reporting = {c.url for c in clients if getattr(c, "reports_version", False)}
+
+    async def _restarted(self, clients: list[Any]) -> bool:
+        """Whether a member says it holds other weights than the last version sent (vLLM
+        servers with /weight_info: None once restarted); says which on the console."""
+        asked = [c for c in clients if c.url in self.reporting]
+        said = await asyncio.gather(*(c.served_version() for c in asked))
+        gone = [
+            (c.url, held)
+            for c, (known, held) in zip(asked, said, strict=True)
+            if known and held != str(self.version)
+        ]
+        for url, held in gone:
+            print(
+                f"forge: vLLM server {url} holds weights {held!r}, not version {self.version} (restarted?): "
+                "forming the weight-transfer group afresh",
+                file=sys.stderr,
+                flush=True,
+            )
+        return bool(gone)
 
     async def _form(self, clients: list[Any]) -> None:
         sizes = await asyncio.gather(*(c.world_size() for c in clients))
