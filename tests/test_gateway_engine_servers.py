@@ -6,6 +6,7 @@ stream of the same text; and every call is recorded with the engine's own sample
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import httpx
@@ -246,6 +247,35 @@ def test_tokens_a_server_sampled_past_a_stop_string_are_cut_from_the_reply_and_t
             assert recorded.completion_ids == reply[:kept] and recorded.finished
             assert recorded.logprobs == [-0.25 * (i + 1) for i in range(kept)]
         server.call(router.close(), timeout_s=10)
+
+
+def test_a_call_whose_client_left_is_cancelled_on_the_engine_server(checkpoint):
+    """The gateway gives the call up (its client closed the connection): the router's
+    ForgeClient cancels it on the server (POST /forge/cancel), whose engine ends it at the
+    next decode step instead of generating to the token limit."""
+    limit = 600  # ~3 s of decoding at 5 ms a step, were it run to the end
+    service = make_service(checkpoint, max_new_tokens=limit, max_context_tokens=1024)
+    engine = service.served.engine
+    engine.stop_token_ids = torch.tensor([], dtype=torch.long)  # no stop token: runs to its limit
+    engine.model.register_forward_hook(lambda *_: time.sleep(0.005))
+    tokenizer = service.gateway.tokenizer
+    with EngineServer(service) as engine_server:
+        router = Router([ForgeClient(engine_server.url)], name="gateway", max_wait_s=0.01)
+        store = EpisodeStore(lambda: GuessNumberEnv(n=8))
+        with GatewayServer(Gateway(Sampling(), tokenizer, store, limit, 1024, router=router)) as server:
+            client, episode = start(server)
+            leaving = client.with_options(timeout=0.8)
+            with pytest.raises(openai.APITimeoutError):
+                leaving.chat.completions.create(model="policy", messages=MESSAGES, max_tokens=limit)
+            deadline = time.monotonic() + 10
+            while service.served.metrics()["requests"] < 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            generated = service.served.metrics()["generated_tokens"]
+            time.sleep(0.1)  # the call is dropped once its generation ends
+            dropped = store.get(episode)
+            server.call(router.close(), timeout_s=10)
+    assert 0 < generated < limit // 4, generated
+    assert dropped.calls == [] and dropped.info["calls_dropped"] == 1
 
 
 def test_the_forge_client_sends_stop_seed_and_top_logprobs_and_the_request_sampling_first():

@@ -388,6 +388,10 @@ def forge_parse_generate(body: Any) -> GenerationResult:
         ) from None
 
 
+# How often a batch in flight on a `forge serve` looks for requests given up meanwhile.
+CANCEL_POLL_S = 0.1
+
+
 class ForgeClient:
     """A `forge serve` server. It keeps each episode's KV between turns (send the same
     `episode_id`; `release` when the episode ends) and stamps the policy version itself."""
@@ -408,12 +412,38 @@ class ForgeClient:
     async def generate_batch(
         self, requests: list[GenerationRequest], release: list[str] | None = None
     ) -> list[GenerationResult | ProtocolError | EngineLost]:
-        body = await self.http.send(forge_generate_batch_call(requests, self.sampling, release))
+        """One call for the batch; a request given up meanwhile (its `cancel` set) is cancelled
+        on the server, which ends it at its next decode step and answers it cut."""
+        import asyncio
+
+        call = asyncio.ensure_future(
+            self.http.send(forge_generate_batch_call(requests, self.sampling, release))
+        )
+        try:
+            await self._cancel_given_up(call, [r for r in requests if r.cancel is not None and r.episode_id])
+            body = await call
+        finally:
+            call.cancel()  # done by now, unless this call itself was cancelled
         results = forge_parse_generate_batch(body, len(requests))
         versions = [r.policy_version for r in results if isinstance(r, GenerationResult)]
         if versions:
             self.policy_version = max(versions)
         return results
+
+    async def _cancel_given_up(self, call: Any, watched: list[GenerationRequest]) -> None:
+        """Until `call` is answered, send the server the episode ids of the requests whose
+        `cancel` was set, once each."""
+        import asyncio
+
+        while watched and not call.done():
+            await asyncio.wait({call}, timeout=CANCEL_POLL_S)
+            given_up = [r.episode_id for r in watched if r.cancel is not None and r.cancel.is_set()]
+            if given_up and not call.done():
+                watched = [r for r in watched if r.episode_id not in given_up]
+                try:
+                    await self.http.send(HttpCall("POST", "/forge/cancel", {"episode_ids": given_up}), 10.0)
+                except (EngineLost, ProtocolError):  # a server without /forge/cancel runs them on
+                    pass
 
     async def release(self, episode_ids: list[str]) -> None:
         await self.http.send(HttpCall("POST", "/forge/release", {"episode_ids": list(episode_ids)}))

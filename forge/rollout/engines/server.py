@@ -17,6 +17,8 @@ The OpenAI-compatible endpoints and the episode API are the training gateway's o
                                   -> {"results": [generate answers, or {"error", "status"}]}:
                                   one call, one engine batch (a rollout worker's many episodes)
     POST /forge/release           {"episode_id"} | {"episode_ids": [...]}: drop cached KV
+    POST /forge/cancel            {"episode_ids": [...]}: their requests still generating end at the
+                                  next decode step (answered cut, finish_reason length); -> "cancelled"
     POST /forge/pause             hold new batches until /forge/resume (returns when none runs)
     POST /forge/resume
     POST /forge/weights           {"checkpoint": folder} | {"adapter": folder}, "version": n
@@ -29,9 +31,12 @@ carries the new version, every token before it the old one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import socket
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +91,11 @@ class ReleaseBody(BaseModel):
     episode_ids: list[str] = Field(default_factory=list)
 
 
+class CancelBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    episode_ids: list[str] = Field(min_length=1, description="the episode ids their requests were sent with")
+
+
 class WeightsBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     checkpoint: str | None = Field(None, description="a Hugging Face checkpoint folder on the server's disk")
@@ -103,10 +113,37 @@ class EngineService:
         self.model_name = model_name
         self.vocab_size = len(gateway.tokenizer)
         self._update_lock = asyncio.Lock()
+        # episode id -> the cancel flags of its requests still generating (POST /forge/cancel)
+        self.running: dict[str, list[threading.Event]] = {}
 
     async def generate(self, body: GenerateBody) -> dict[str, Any]:
         request = self._request(body)
-        return _answer(request, await self.gateway.batching.generate(request))
+        with self._cancellable([request]):
+            return _answer(request, await self.gateway.batching.generate(request))
+
+    @contextlib.contextmanager
+    def _cancellable(self, requests: list[GenerationRequest]) -> Iterator[None]:
+        """While these requests generate, `cancel` can end those of an episode id."""
+        named = [r for r in requests if r.episode_id and r.cancel is not None]
+        for request in named:
+            self.running.setdefault(request.episode_id, []).append(request.cancel)
+        try:
+            yield
+        finally:
+            for request in named:
+                flags = self.running.get(request.episode_id, [])
+                if request.cancel in flags:
+                    flags.remove(request.cancel)
+                if not flags:
+                    self.running.pop(request.episode_id, None)
+
+    def cancel(self, episode_ids: list[str]) -> int:
+        """End the requests of these episode ids still generating at the engine's next decode
+        step (their client gave them up); how many there were."""
+        flags = [flag for episode_id in episode_ids for flag in self.running.get(episode_id, [])]
+        for flag in flags:
+            flag.set()
+        return len(flags)
 
     async def generate_batch(self, body: GenerateBatchBody) -> dict[str, Any]:
         """Every request of the batch in one engine batch; a request this server refuses gets
@@ -120,7 +157,8 @@ class EngineService:
             except EpisodeError as exc:
                 requests.append(exc)
         valid = [r for r in requests if isinstance(r, GenerationRequest)]
-        results = iter(await self.gateway.batching.generate_many(valid) if valid else [])
+        with self._cancellable(valid):
+            results = iter(await self.gateway.batching.generate_many(valid) if valid else [])
         return {
             "results": [
                 _answer(r, next(results))
@@ -163,6 +201,7 @@ class EngineService:
             top_logprobs=body.top_logprobs,
             stop=stop,
             on_token=self._stop_watcher(stop) if stop else None,
+            cancel=threading.Event(),
         )
 
     def _stop_watcher(self, stop: list[str]) -> Any:
@@ -250,6 +289,10 @@ def build_server_app(service: EngineService) -> FastAPI:
         for episode_id in episodes:
             service.served.release(episode_id)
         return {"released": episodes}
+
+    @router.post("/forge/cancel")
+    async def cancel(body: CancelBody) -> dict:
+        return {"cancelled": service.cancel(body.episode_ids)}
 
     @router.post("/forge/pause")
     async def pause() -> dict:
