@@ -1,7 +1,8 @@
 """vLLM and SGLang clients off the happy path, against shapes recorded from those projects'
 source (tests/fixtures/engines/*.json; each entry's `about` names the file it came from):
 server-side sampling defaults, pauses on older servers, aborted requests, error bodies a
-cluster user meets, prompts a server cut short."""
+cluster user meets, prompts a server cut short, busy servers, restarts, and the check at
+connect (the server answers, serves the model, holds the context, has the flags)."""
 
 from __future__ import annotations
 
