@@ -21,7 +21,7 @@ def _train(args: argparse.Namespace) -> int:
         from forge.run.launch import preflight
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
-        print(f"forge: {preflight(cfg)}", file=sys.stderr)
+        print(f"forge: {preflight(cfg, wait_for_servers=False)}", file=sys.stderr)
         return 0
     from forge.failures import RunStopped
     from forge.run.launch import train

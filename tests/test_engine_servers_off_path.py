@@ -238,8 +238,10 @@ def test_a_server_that_does_not_answer_or_is_not_that_server_is_refused_at_conne
         raise httpx.ConnectError("connection refused", request=request)
 
     cfg = remote_config(["vllm+http://h:1"])
-    cfg.rollout.engine_timeout_s = 0.01  # how long a server still starting is waited for
     with pytest.raises(ConfigError, match="vllm\\+http://h:1: the server did not answer.*ConnectError"):
+        check_servers(cfg, httpx.MockTransport(refuse), wait=False)  # a dry run: at once, not in 120 s
+    cfg.rollout.engine_timeout_s = 0.01  # how long a run waits for a server still starting
+    with pytest.raises(ConfigError, match="did not answer within 0.01s"):
         check_servers(cfg, httpx.MockTransport(refuse))
     not_found = answering(404, {"detail": "Not Found"})
     with pytest.raises(ConfigError, match="did not answer as SGLang does"):

@@ -36,11 +36,12 @@ def train(
     return train_sync(cfg, output_dir, progress, resume)
 
 
-def preflight(cfg: Config) -> str:
+def preflight(cfg: Config, wait_for_servers: bool = True) -> str:
     """Refuse what cannot run, before Ray starts (also what `forge train --dry-run` checks):
     engine settings, remote vLLM / SGLang servers (each answers, serves model.path and holds
     rollout.max_context_tokens), model.path (a folder the in-process engine can serve), the
     gateway's mode, and the env built with its kwargs and reset once.
+    A dry run (`wait_for_servers` false) does not wait for remote servers still starting.
     Returns the env check's one-line summary."""
     from forge.env.preflight import preflight_env
     from forge.models.loading import checkpoint_folder
@@ -49,7 +50,7 @@ def preflight(cfg: Config) -> str:
     from forge.rollout.engines.server_check import check_servers
 
     check_engine_config(cfg)
-    for line in check_servers(cfg):
+    for line in check_servers(cfg, wait=wait_for_servers):
         print(f"forge: {line}", file=sys.stderr)
     if cfg.model.path is not None:
         # A wrong folder, or a hub id not in this node's cache that cannot be downloaded: before

@@ -149,9 +149,11 @@ async def probe(
     return f"{spec}: {name}{version} serving {', '.join(names)} ({context or '?'} tokens of context){flags}"
 
 
-def check_servers(cfg: Any, transport: Any = None) -> list[str]:
+def check_servers(cfg: Any, transport: Any = None, wait: bool = True) -> list[str]:
     """Probe every `vllm+` / `sglang+` entry of a remote run's `rollout.servers` (forge
-    serve entries are Forge's own, checked by their first call); one line per server."""
+    serve entries are Forge's own, checked by their first call); one line per server. With
+    `wait`, a server not answering yet is waited for up to rollout.engine_timeout_s (a run
+    starting beside its servers); without, it is refused at once (a dry run)."""
     if cfg.rollout.engine != "remote":
         return []
     needs = Needs(
@@ -163,7 +165,7 @@ def check_servers(cfg: Any, transport: Any = None) -> list[str]:
     specs = [s for s in cfg.rollout.servers if s.split("://")[0] in kinds]
 
     async def all_of() -> list[str]:
-        wait_s = cfg.rollout.engine_timeout_s
+        wait_s = cfg.rollout.engine_timeout_s if wait else 0.0
         return list(await asyncio.gather(*(probe(s, needs, transport, wait_s) for s in specs)))
 
     return asyncio.run(all_of()) if specs else []
