@@ -50,7 +50,13 @@ class LoraConfig(Section):
     enabled: bool = Field(False, description="train LoRA adapters with peft instead of all weights")
     r: int = Field(8, gt=0)
     alpha: int = Field(16, gt=0)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    dropout: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="dropout on the adapters' inputs: the one randomness the trainer's forwards keep (they "
+        "run the model in eval mode), so above 0 an on-policy importance ratio is no longer exactly 1",
+    )
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
         description="module names peft wraps",

@@ -16,6 +16,7 @@ import torch
 from forge.config import ModelConfig, TrainConfig, TrainerConfig
 from forge.heap import release_free_heap
 from forge.train.losses import VANISH_AT_ZERO_ADVANTAGE, LossConfig, aggregate_loss, compute_loss
+from forge.train.policy_mode import policy_mode
 from forge.tree import microbatches
 from forge.types import Sample
 
@@ -219,7 +220,7 @@ class Trainer:
         parts = min(self.train_cfg.minibatches_per_step, len(samples))  # 0: nothing to train
         if parts == 0:
             return {"train_seconds": time.perf_counter() - started, "trained_samples": 0.0}
-        self.model.train()
+        policy_mode(self.model)  # the forward is the policy the engine sampled: no dropout, no jitter
         order = torch.randperm(len(samples), generator=self._shuffle).tolist()
         step_totals: dict[str, float] = {}  # loss, grad_norm, optimizer_steps_skipped: means over the steps
         token_sums: dict[str, float] = {}  # token-mean metrics, times their tokens, over every step
