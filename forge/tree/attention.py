@@ -39,6 +39,14 @@ EXACT_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention"}
 Kind = Literal["flex", "dense", "blocks"]
 
 
+def layer_types_named(types: list[str]) -> str:
+    """`types` for a message; transformers calls SSM (Mamba) layers linear_attention too, which a
+    Mamba2 or Zamba2 user would not guess."""
+    return ", ".join(
+        f"{kind} (SSM or linear attention)" if kind == "linear_attention" else kind for kind in types
+    )
+
+
 @dataclass
 class QueryBlock:
     """Queries `[start, end)` attend to nodes `keys` under the additive `mask` `(1, 1, end-start, len(keys))`."""
@@ -258,7 +266,7 @@ def check_tree_support(config: Any) -> None:
     other = sorted(set(getattr(config, "layer_types", None) or []) - EXACT_LAYER_TYPES)
     if other:
         raise ValueError(
-            f"{name} has layers of type {', '.join(other)}, which tree packing cannot compute exactly "
+            f"{name} has layers of type {layer_types_named(other)}, which tree packing cannot compute exactly "
             f"(it reproduces {', '.join(sorted(EXACT_LAYER_TYPES))}); set trainer.packing: padded"
         )
     base = base_implementation(config)

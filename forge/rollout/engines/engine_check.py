@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from forge.tree.attention import layer_types_named
 from forge.tree.self_check import CHECK_WINDOW, shrunk_windows
 
 FP32_TOLERANCE = 1e-4
@@ -47,7 +48,7 @@ def unsupported_reason(config: Any) -> str | None:
     other = sorted(set(getattr(config, "layer_types", None) or []) - KV_LAYER_TYPES)
     if other:
         return (
-            f"{name} has layers of type {', '.join(other)}, which the engine's attention KV cache "
+            f"{name} has layers of type {layer_types_named(other)}, which the engine's attention KV cache "
             f"does not hold (it serves {', '.join(sorted(KV_LAYER_TYPES))})"
         )
     return None
