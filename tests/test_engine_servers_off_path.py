@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from forge.rollout.engines import sglang_client, vllm_client
-from forge.rollout.engines.protocol import GenerationRequest
+from forge.rollout.engines.protocol import GenerationRequest, GenerationResult
 from forge.rollout.engines.remote import EngineLost, ProtocolError, RequestAborted, Sampling
 from forge.rollout.engines.router import Router
 
@@ -493,3 +493,50 @@ def test_a_vllm_that_restarted_since_the_last_update_is_regrouped_not_the_run_lo
     assert joined == [2, 2]  # the trainer formed a new group with it
     assert seen[:3] == ["/weight_info", "/get_world_size", "/init_weight_transfer_engine"]
     assert "http://a:8000 holds weights None, not version 3 (restarted?)" in capsys.readouterr().err
+
+
+# -- many episodes on one server: none waits on the client's own connection pool ----------------
+def test_more_turns_in_flight_than_httpx_pools_by_default_all_reach_the_server_together():
+    """A rollout worker sends each live episode's turn to a vLLM / SGLang server as its own
+    request (those servers batch them). httpx pools 100 connections by default and counts the
+    wait for one against the timeout, so past 100 live episodes turns queued in the client
+    and, once a wave took longer than the timeout, an answering engine was lost. Over real
+    HTTP: 150 turns to a server that holds each 2.5 s reach it together."""
+    body = json.dumps(SGLANG["generate"]["response"]).encode()
+
+    async def scenario() -> tuple[int, int]:
+        in_flight = {"now": 0, "most": 0}
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                while True:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    length = int(re.search(rb"content-length: (\d+)", head.lower()).group(1))
+                    await reader.readexactly(length)
+                    in_flight["now"] += 1
+                    in_flight["most"] = max(in_flight["most"], in_flight["now"])
+                    await asyncio.sleep(2.5)
+                    in_flight["now"] -= 1
+                    head = f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+                    writer.write(head.encode() + body)
+                    await writer.drain()
+            except (asyncio.IncompleteReadError, ConnectionError):
+                pass  # the client closed a kept-alive connection
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0, backlog=512)
+        port = server.sockets[0].getsockname()[1]
+        client = sglang_client.SGLangClient(
+            f"http://127.0.0.1:{port}", Sampling(1.0, 1.0, (3,)), timeout_s=30
+        )
+        try:
+            results = await asyncio.gather(
+                *(client.generate(GenerationRequest(PROMPT, 4)) for _ in range(150)), return_exceptions=True
+            )
+        finally:
+            await client.close()
+            server.close()
+        return sum(not isinstance(r, GenerationResult) for r in results), in_flight["most"]
+
+    failed, most = asyncio.run(scenario())
+    assert failed == 0
+    assert most > 100  # before: exactly 100 at a time, the rest waiting in the client

@@ -141,8 +141,15 @@ class HttpTransport:
 
         loop = asyncio.get_running_loop()
         if self._client is None or self._loop is not loop:
+            # vLLM and SGLang get one request per live episode's turn and batch them
+            # themselves: no cap on connections (httpx pools 100 by default, and the rest
+            # waited, that wait counted against the timeout, so a worker with many episodes
+            # lost engines that were answering), and no pool wait counted as "no answer".
             self._client = httpx.AsyncClient(
-                base_url=self.url, timeout=self.timeout_s, transport=self.transport
+                base_url=self.url,
+                timeout=httpx.Timeout(self.timeout_s, pool=None),
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=512),
+                transport=self.transport,
             )
             self._loop = loop
         return self._client
