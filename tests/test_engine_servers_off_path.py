@@ -540,3 +540,18 @@ def test_more_turns_in_flight_than_httpx_pools_by_default_all_reach_the_server_t
     failed, most = asyncio.run(scenario())
     assert failed == 0
     assert most > 100  # before: exactly 100 at a time, the rest waiting in the client
+
+
+def test_sglang_holds_two_tokens_less_than_its_context_length():
+    """SGLang serves a request of at most context_len - 1 tokens and cuts generation one before
+    that (Scheduler.max_req_len, init_req_max_new_tokens): a run whose turns fill its
+    --context-length exactly would have the last two tokens of a long turn cut."""
+    from forge.config import ConfigError
+    from forge.rollout.engines.server_check import check_servers
+
+    held = SGLANG["models"]["response"]["data"][0]["max_model_len"]  # 2048
+    check_servers(remote_config(["sglang+http://h:1"], context=held - 2), models_server("sglang", []))
+    with pytest.raises(
+        ConfigError, match=rf"less the 2 SGLang keeps back, {held - 2}.*--context-length >= {held + 2}"
+    ):
+        check_servers(remote_config(["sglang+http://h:1"], context=held), models_server("sglang", []))

@@ -137,12 +137,18 @@ async def probe(
             f"it serves {names}, but Forge's requests name the model model.path={needs.model!r} (vLLM answers 404 "
             f"to every one): start it with --served-model-name {needs.model}",
         )
-    if context is not None and context < needs.max_context_tokens:
+    # vLLM serves prompt + max_tokens up to max_model_len (vllm/renderers/params.py). SGLang
+    # keeps two tokens back: a request is at most context_len - 1 tokens and generation is
+    # cut one before that (Scheduler.max_req_len, init_req_max_new_tokens).
+    usable = None if context is None else context - (2 if kind == "sglang" else 0)
+    if usable is not None and usable < needs.max_context_tokens:
         flag = "--max-model-len" if kind == "vllm" else "--context-length"
+        kept = "" if kind == "vllm" else f" less the 2 SGLang keeps back, {usable}"
         problems.append(
-            f"it holds {context} tokens of context (its {flag}), less than rollout.max_context_tokens="
+            f"it holds {context} tokens of context (its {flag}){kept}, less than rollout.max_context_tokens="
             f"{needs.max_context_tokens}, so a long episode's turns would be refused or cut: set "
-            f"rollout.max_context_tokens <= {context}, or start it with {flag} >= {needs.max_context_tokens}"
+            f"rollout.max_context_tokens <= {usable}, or start it with {flag} >= "
+            f"{needs.max_context_tokens + context - usable}"
         )
     if problems:
         raise ConfigError(f"rollout.servers entry {spec} ({name}{version}): " + "; ".join(problems))
