@@ -158,8 +158,11 @@ def test_an_answer_vllm_counts_fewer_prompt_tokens_for_is_refused():
 
 
 # -- at connect: the server answers, serves the model and holds the run's context --------------
-def models_server(kind: str, seen: list[str], server_info: dict | None = None) -> httpx.MockTransport:
-    """A server answering GET /v1/models as recorded, and (vLLM) /version and /server_info."""
+def models_server(
+    kind: str, seen: list[str], server_info: dict | None = None, sglang_info: dict | None = None
+) -> httpx.MockTransport:
+    """A server answering GET /v1/models as recorded, (vLLM) /version and /server_info, and
+    (SGLang, when given) /server_info."""
     recorded = (VLLM if kind == "vllm" else SGLANG)["models"]["response"]
     info = server_info if server_info is not None else VLLM["server_info"]["response"]
 
@@ -172,6 +175,8 @@ def models_server(kind: str, seen: list[str], server_info: dict | None = None) -
         if request.url.path == "/server_info" and kind == "vllm" and info:
             assert request.url.params["config_format"] == "json"
             return httpx.Response(200, json=info)
+        if request.url.path == "/server_info" and kind == "sglang" and sglang_info is not None:
+            return httpx.Response(200, json=sglang_info)
         return httpx.Response(404, json={"detail": "Not Found"})
 
     return httpx.MockTransport(handle)
@@ -202,8 +207,8 @@ def test_at_connect_each_server_says_what_it_serves():
     assert lines == ["vllm+http://vllm-3:8000: vLLM 0.11.2 serving /models/qwen (4096 tokens of context)"]
     assert seen == ["/v1/models", "/version", "/server_info"]
     cfg = remote_config(["sglang+http://sglang-2:30000"])
-    assert check_servers(cfg, models_server("sglang", [])) == [
-        "sglang+http://sglang-2:30000: SGLang serving /models/qwen (2048 tokens of context)"
+    assert check_servers(cfg, models_server("sglang", [], sglang_info=SGLANG["server_info"]["response"])) == [
+        "sglang+http://sglang-2:30000: SGLang 0.5.6 serving /models/qwen (2048 tokens of context)"
     ]
 
 
@@ -415,11 +420,11 @@ def test_a_server_still_starting_is_waited_for_up_to_the_engine_timeout(capsys):
     from forge.config import ConfigError
     from forge.rollout.engines.server_check import Needs, probe
 
-    attempts: list[int] = []
+    attempts: list[str] = []
     answering_later = models_server("sglang", [])
 
     def starting(request: httpx.Request) -> httpx.Response:
-        attempts.append(1)
+        attempts.append(request.url.path)
         if len(attempts) <= 2:  # not listening yet: the model is still loading
             raise httpx.ConnectError("connection refused", request=request)
         return answering_later.handler(request)
@@ -428,7 +433,8 @@ def test_a_server_still_starting_is_waited_for_up_to_the_engine_timeout(capsys):
     line = asyncio.run(
         probe("sglang+http://h:1", needs, httpx.MockTransport(starting), wait_s=5, poll_s=0.01)
     )
-    assert line.startswith("sglang+http://h:1: SGLang serving /models/qwen") and len(attempts) == 3
+    assert line.startswith("sglang+http://h:1: SGLang serving /models/qwen")
+    assert attempts[:3] == ["/v1/models"] * 3  # refused twice, then answered
     assert "forge: waiting up to 5s for sglang+http://h:1 to answer" in capsys.readouterr().err
 
     def never(request: httpx.Request) -> httpx.Response:
@@ -555,3 +561,19 @@ def test_sglang_holds_two_tokens_less_than_its_context_length():
         ConfigError, match=rf"less the 2 SGLang keeps back, {held - 2}.*--context-length >= {held + 2}"
     ):
         check_servers(remote_config(["sglang+http://h:1"], context=held), models_server("sglang", []))
+
+
+@pytest.mark.parametrize(
+    "change,said",
+    [
+        ({"allow_auto_truncate": True}, "--allow-auto-truncate"),
+        ({"max_total_num_tokens": 1000}, "its KV cache holds 1000 tokens (max_total_num_tokens)"),
+    ],
+)
+def test_an_sglang_that_would_cut_prompts_or_cannot_hold_one_request_is_refused_at_connect(change, said):
+    from forge.config import ConfigError
+    from forge.rollout.engines.server_check import check_servers
+
+    info = {**SGLANG["server_info"]["response"], **change}
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        check_servers(remote_config(["sglang+http://h:1"]), models_server("sglang", [], sglang_info=info))

@@ -72,6 +72,27 @@ def vllm_flag_problems(info: Any, needs: Needs) -> list[str]:
     return problems
 
 
+def sglang_flag_problems(info: dict, needs: Needs) -> list[str]:
+    """What an SGLang's `GET /server_info` (its ServerArgs, its scheduler's limits and its
+    version, flat; get_server_info in python/sglang/srt/entrypoints/http_server.py) says is
+    wrong for this run. A field the server does not show is not judged."""
+    problems = []
+    if info.get("allow_auto_truncate") is True:
+        problems.append(
+            "it keeps the first tokens of a prompt over its limit (--allow-auto-truncate), which would sample "
+            "from context the trajectory does not hold: start it without that flag"
+        )
+    pool = info.get("max_total_num_tokens")
+    # One request holds at most min(context_len, max_total_num_tokens) - 2 tokens (Scheduler.max_req_len).
+    if isinstance(pool, int) and pool - 2 < needs.max_context_tokens:
+        problems.append(
+            f"its KV cache holds {pool} tokens (max_total_num_tokens), fewer than one request of "
+            f"rollout.max_context_tokens={needs.max_context_tokens} needs: give it more memory "
+            "(--mem-fraction-static, more GPUs) or lower rollout.max_context_tokens"
+        )
+    return problems
+
+
 async def probe(
     spec: str,
     needs: Needs,
@@ -127,6 +148,19 @@ async def probe(
             except (EngineLost, ProtocolError):
                 pass
             if not shown:  # older servers show their config as text; none without VLLM_SERVER_DEV_MODE
+                flags = "; its flags not shown (GET /server_info), so not checked"
+        else:
+            info = None
+            for path in ("/server_info", "/get_server_info"):  # the older name first had get_
+                try:
+                    info = await http.send(HttpCall("GET", path))
+                    break
+                except (EngineLost, ProtocolError):
+                    continue
+            if isinstance(info, dict):
+                version = f" {info['version']}" if info.get("version") else ""
+                problems = sglang_flag_problems(info, needs)
+            else:
                 flags = "; its flags not shown (GET /server_info), so not checked"
     finally:
         await http.close()
