@@ -355,7 +355,8 @@ class TrainerConfig(Section):
         "fallback",
         description="before the first step, compare the tree path with separate forwards on a few short "
         "random sequences through the loaded model; on a disagreement print it and fall back to padded "
-        "packing (fallback), or raise (stop)",
+        "packing (fallback), or raise (stop). Under gradient checkpointing also check that the layers apply "
+        "no dropout of their own (OPT's): fallback trains without checkpointing",
     )
     gradient_checkpointing: bool = False
 

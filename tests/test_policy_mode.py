@@ -21,6 +21,8 @@ RANDOM_IN_TRAINING = {
     # Its sparsemixer samples the routing in training mode; its own window never binds here.
     "phimoe": dict(head_dim=8, sliding_window=131072, num_local_experts=4, num_experts_per_tok=2,
                    input_jitter_noise=0.01),
+    # OPT's checkpoints carry dropout 0.1, which its decoder layers apply in their own code.
+    "opt": dict(dropout=0.1, attention_dropout=0.1, ffn_dim=64, word_embed_proj_dim=32),
 }  # fmt: skip
 
 
@@ -51,12 +53,16 @@ def on_policy_samples(model: torch.nn.Module, vocab: int) -> list[Sample]:
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers' own checkpointing API rename
-@pytest.mark.parametrize(("name", "checkpointing"), [("gpt2", False), ("gpt2", True), ("phimoe", False)])
+@pytest.mark.parametrize(
+    ("name", "checkpointing"), [("gpt2", False), ("gpt2", True), ("phimoe", False), ("opt", True)]
+)
 def test_an_on_policy_step_sees_every_ratio_at_one_where_training_mode_is_random(
-    name, checkpointing, tmp_path
+    name, checkpointing, tmp_path, capsys
 ):
     """In train mode the same step clipped PPO's ratio on 39% of GPT-2's tokens (mismatch KL
-    0.47) and 2% of PhiMoE's (0.003)."""
+    0.47) and 2% of PhiMoE's (0.003). OPT's layers apply their dropout in their own code, by
+    the flag gradient checkpointing needs (26% clipped): its trainer finds that at load and
+    trains without checkpointing; GPT-2's keeps it."""
     checkpoint(name, tmp_path)
     trainer = Trainer(
         tmp_path,
@@ -65,6 +71,8 @@ def test_an_on_policy_step_sees_every_ratio_at_one_where_training_mode_is_random
         TrainerConfig(gradient_checkpointing=checkpointing),
     )
     assert trainer.packing == "tree"
+    assert trainer.model.is_gradient_checkpointing == (checkpointing and name != "opt")
+    assert ("apply dropout of their own" in capsys.readouterr().out) == (name == "opt")
     metrics = trainer.train_step(on_policy_samples(trainer.model, len(trainer.tokenizer)))
     assert metrics["clip_fraction"] == 0.0
     assert metrics["mismatch_kl"] <= 1e-9
@@ -88,3 +96,14 @@ def test_policy_mode_keeps_checkpointed_layers_and_lora_dropout_training(tmp_pat
     dropouts = {name for name in dict(model.named_modules()) if name.endswith("lora_dropout.default")}
     assert layers and len(dropouts) == 2
     assert training == layers | dropouts
+
+
+def test_the_trainer_stops_on_layer_dropout_under_checkpointing_when_told_to(tmp_path):
+    checkpoint("opt", tmp_path)
+    with pytest.raises(RuntimeError, match="trainer.gradient_checkpointing: false"):
+        Trainer(
+            tmp_path,
+            ModelConfig(path=str(tmp_path)),
+            TrainConfig(),
+            TrainerConfig(gradient_checkpointing=True, self_check="stop"),
+        )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 
-def policy_mode(model: torch.nn.Module) -> None:
+def policy_mode(model: torch.nn.Module, lora_dropout: bool = True) -> None:
     """Put `model` in eval mode, except the flags gradient checkpointing and LoRA dropout read.
 
     In train mode a model's forward is random wherever its config asks for it: dropout (GPT-2's
@@ -15,7 +15,8 @@ def policy_mode(model: torch.nn.Module) -> None:
     a tiny GPT-2 with its 0.1 dropouts had PPO's ratio clipped on 39% of tokens, PhiMoE on 2%.
     In eval mode the forward is that policy and autograd runs as ever. Left in train mode:
     a checkpointed layer's own flag (transformers checkpoints a layer only while it trains;
-    its children stay in eval) and peft's LoRA dropout (model.lora.dropout, asked for by name).
+    its children stay in eval) and, with `lora_dropout`, peft's LoRA dropout
+    (model.lora.dropout, asked for by name).
     """
     model.eval()
     from transformers.modeling_layers import GradientCheckpointingLayer
@@ -23,5 +24,29 @@ def policy_mode(model: torch.nn.Module) -> None:
     for name, module in model.named_modules():
         if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
             module.training = True  # this module only: its attention, MLP and dropouts stay in eval
-        elif name.rsplit(".", 2)[-2:-1] == ["lora_dropout"]:
+        elif lora_dropout and name.rsplit(".", 2)[-2:-1] == ["lora_dropout"]:
             module.train()
+
+
+def policy_forward_noise(model: torch.nn.Module, tokens: list[int]) -> tuple[float, float]:
+    """The largest logprob difference between two forwards of `tokens` in `policy_mode` (LoRA
+    dropout left out), and between two in eval mode (a GPU's own run-to-run noise, e.g. MoE's
+    atomic adds). The first exceeds the second only where the model's checkpointed layers draw
+    randomness of their own from their training flag (OPT's, BioGPT's and XGLM's layers apply
+    their dropout in their own code). Leaves the model in eval mode."""
+    ids = torch.tensor([tokens], device=model.get_input_embeddings().weight.device)
+
+    def spread() -> float:
+        with torch.no_grad():  # the layer's own code reads its flag with or without grad
+            first, second = (
+                model(input_ids=ids, use_cache=False).logits.float().log_softmax(-1) for _ in range(2)
+            )
+        return (first - second).abs().max().item()
+
+    try:
+        policy_mode(model, lora_dropout=False)
+        policy = spread()
+        model.eval()
+        return policy, spread()
+    finally:
+        model.eval()

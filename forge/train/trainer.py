@@ -16,7 +16,7 @@ import torch
 from forge.config import ModelConfig, TrainConfig, TrainerConfig
 from forge.heap import release_free_heap
 from forge.train.losses import VANISH_AT_ZERO_ADVANTAGE, LossConfig, aggregate_loss, compute_loss
-from forge.train.policy_mode import policy_mode
+from forge.train.policy_mode import policy_forward_noise, policy_mode
 from forge.tree import microbatches
 from forge.types import Sample
 
@@ -130,6 +130,7 @@ class Trainer:
         # Last, once the optimizer holds the parameters: the check's forwards must not change
         # what it was built over (forge.train.distributed reshards after them).
         self.self_check_result = self._self_check()
+        self._check_policy_forward()
 
     # Overridden by forge.train.distributed, where accelerate places the model.
     def model_device(self, model_cfg: ModelConfig, train_cfg: TrainConfig) -> torch.device:
@@ -185,6 +186,37 @@ class Trainer:
         )
         self.packing = "padded"
         return result
+
+    def _check_policy_forward(self) -> None:
+        """Under gradient checkpointing a layer keeps its own training flag (`policy_mode`): where
+        the layer's own code applies dropout by it, the trainer's forward is random still and its
+        logprobs are not the sampled policy's (OPT with its 0.1: PPO's ratio clipped on 26% of an
+        on-policy step's tokens). Two forwards tell; then it trains without checkpointing, or
+        stops (trainer.self_check: stop)."""
+        from forge.tree.self_check import FP32_TOLERANCE, NOISE_FACTOR, check_sequences
+
+        if not self.trainer_cfg.gradient_checkpointing or self.trainer_cfg.self_check == "off":
+            return
+        tokens = check_sequences(int(self.model.config.vocab_size))[0]
+        noise, own_noise = policy_forward_noise(self.model, tokens)
+        self.after_forward_only()
+        # Dropout moves logprobs by O(1); bf16's rounding of a batch, or a GPU's run-to-run
+        # noise, far less (the engine's check allows 0.1 in low precision).
+        floor = FP32_TOLERANCE if self.model.get_input_embeddings().weight.dtype == torch.float32 else 0.1
+        if noise <= max(floor, NOISE_FACTOR * own_noise):
+            return
+        message = (
+            f"forge: {type(self.model).__name__}'s layers apply dropout of their own while gradient checkpointing "
+            f"keeps them training (two forwards of one sequence differ by {noise:.3g} in logprob), so its logprobs would not "
+            "be the sampled policy's"
+        )
+        if self.trainer_cfg.self_check == "stop":
+            raise RuntimeError(f"{message}; set trainer.gradient_checkpointing: false")
+        print(
+            f"{message}; training without gradient checkpointing (trainer.self_check: stop refuses)",
+            flush=True,
+        )
+        self.model.gradient_checkpointing_disable()
 
     def after_forward_only(self) -> None:
         """After forwards without a backward (the self-check): leave the model as a step
