@@ -12,6 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 from test_engine_families import play_group, play_ragged
+from test_model_families import family_samples
+from test_tree_exact import packed_results, separate_results
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from forge.config import Config, ConfigError
@@ -19,6 +21,7 @@ from forge.models.families import SHAPE, WINDOW
 from forge.rollout.engines.hf import HFEngine
 from forge.rollout.engines.protocol import GenerationRequest
 from forge.run.launch import preflight
+from forge.tree import attention
 from forge.tree.self_check import check_tree_path
 
 MLA = dict(kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, head_dim=4,
@@ -116,6 +119,21 @@ def test_the_self_check_passes_where_the_tree_path_is_exact(name):
     result = check_tree_path(build(name))
     assert result.ok, result.reason
     assert result.max_error <= 1e-5
+
+
+@pytest.mark.parametrize("name", EXACT)
+def test_where_the_self_check_passes_tree_gradients_equal_separate_forwards(name, monkeypatch):
+    """The self-check compares logprobs; the loss gradients agree too (split trees, windows
+    binding on these samples), as the family matrix checks on its families."""
+    monkeypatch.setattr(attention, "QUERY_BLOCK", 5)  # the block-sparse path splits these trees
+    samples = family_samples(seed=len(name))
+    want_logprobs, want_grad, scale = separate_results(build(name), samples)
+    logprobs, grad = packed_results(build(name), samples, "tree", 24)
+    assert (
+        max((g - w).abs().max().item() for g, w in zip(logprobs, want_logprobs, strict=True) if len(w))
+        <= 1e-5
+    )
+    assert ((grad - want_grad).norm() / scale).item() <= 1e-5
 
 
 @pytest.mark.parametrize("name", list(CAUGHT))
