@@ -79,8 +79,9 @@ def test_a_hub_id_resolves_to_its_snapshot_in_the_cache_once_per_process(hf_cach
 
 
 def test_a_run_gives_its_actors_the_hub_id_pinned_to_the_commit_and_the_hub_settings(
-    hf_cache, tiny_checkpoint
+    hf_cache, tiny_checkpoint, monkeypatch
 ):
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")  # never passed along: Ray's dashboard shows what is
     model = ModelConfig(path=REPO)
     assert actor_model_source(model, checkpoint_folder(REPO)) == REPO
     assert model.revision == COMMIT  # every node loads the commit the driver found, even if main moves

@@ -28,14 +28,15 @@ PYTORCH_BIN = ["pytorch_model*.bin"]
 
 # Variables huggingface_hub reads: passed to every Ray actor of a run whose model is a hub id,
 # so each resolves it as this process does (a Ray that was already running, or another node,
-# does not see this process's environment). Unset ones are left to each node.
+# does not see this process's environment). Unset ones are left to each node. HF_TOKEN is not
+# among them: a runtime_env's variables show in Ray's dashboard and job table, so a token is each
+# node's own (a Ray that Forge starts here inherits this process's environment anyway).
 HUB_ENV = (
     "HF_HOME",
     "HF_HUB_CACHE",
     "HUGGINGFACE_HUB_CACHE",
     "HF_HUB_OFFLINE",
     "TRANSFORMERS_OFFLINE",
-    "HF_TOKEN",
     "HF_TOKEN_PATH",
     "HF_ENDPOINT",
     "HF_HUB_ETAG_TIMEOUT",
