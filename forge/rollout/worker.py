@@ -66,7 +66,12 @@ class RolloutWorker:
             sampling = run_sampling(rollout_cfg, self.chat.stop_token_ids)
             self._client = client_factory(model_cfg, rollout_cfg, sampling)
             clients = [self._client(url) for url in engine_urls]
-            self.router = Router(clients, offset=worker_index, name=f"rollout worker {worker_index}")
+            self.router = Router(
+                clients,
+                offset=worker_index,
+                name=f"rollout worker {worker_index}",
+                lost_wait_s=rollout_cfg.engine_timeout_s,
+            )
         else:
             device = resolve_device(model_cfg.device, rollout_cfg.num_gpus_per_worker)
             self.model = load_model(
@@ -184,10 +189,12 @@ class RolloutWorker:
         """An engine started in place of a lost one: route new groups to it too."""
         self.router.add(self._client(url))
 
-    def set_engine_version(self, version: int, adapter: bool = False) -> None:
-        """The version vLLM engines now generate with (`Router.stamp_version`): set between
-        steps, while none of this worker's episodes run."""
-        self.router.stamp_version(version, adapter)
+    def set_engine_version(
+        self, version: int, adapter: bool = False, holders: list[str] | None = None
+    ) -> None:
+        """The version the engines now generate with, and the urls that took it
+        (`Router.stamp_version`): set between steps."""
+        self.router.stamp_version(version, adapter, holders)
 
     def get_policy_version(self) -> int:
         return self.engine.policy_version if self.engine is not None else self.router.policy_version
@@ -251,6 +258,7 @@ class RolloutWorker:
         # One batcher for all concurrent calls, so groups launched separately (async mode)
         # still share generation batches.
         if self.router is not None:
+            await self.router.readmit()  # between rollouts: dropped engines that hold the weights again
             engine: BatchingEngine | Router = self.router
         else:
             if getattr(self, "batching", None) is None or self.batching.engine is not self.engine:

@@ -368,6 +368,7 @@ class AsyncLoop:
             "rollout_idle_fraction": max(0.0, 1.0 - busy / (wall * len(self.clocks))),
             "step_seconds": time.perf_counter() - self.step_ended,
             "wall_seconds": time.perf_counter() - started,
+            **(self.run.engines.engine_metrics() if self.run.engines is not None else {}),
         }
         self.step_ended = time.perf_counter()
         self.lost = 0

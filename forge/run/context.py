@@ -202,9 +202,10 @@ class Run:
             self.engines.sync(wrapped, version, self.trainer)
             for url in self.engines.take_started():  # replacements for lost engines
                 ray.get([worker.add_engine.remote(url) for worker in self.workers])
-            if any(url.startswith("vllm+") for url in self.engines.live_urls):  # vLLM keeps no Forge versions
-                lora = self.cfg.model.lora.enabled
-                ray.get([worker.set_engine_version.remote(version, lora) for worker in self.workers])
+            # The version (vLLM keeps none: its clients stamp it) and the servers that took it
+            # (a worker takes back an engine it dropped only if it is one of them).
+            holders, lora = self.engines.holders(version), self.cfg.model.lora.enabled
+            ray.get([worker.set_engine_version.remote(version, lora, holders) for worker in self.workers])
             return version
         # The ObjectRef goes to each worker as a top-level argument: Ray resolves it there,
         # so the weights are put once and fetched by every worker from the object store.

@@ -37,12 +37,20 @@ def collect_groups(
     """The episodes of one worker call, one list per task (its group) in launch order; if
     the worker died, lost stand-ins for every group, and True."""
     import ray
-    from ray.exceptions import ActorUnavailableError, RayActorError
+    from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+
+    from forge.failures import RunStopped
+    from forge.rollout.engines.remote import EngineLost
 
     try:
         episodes = ray.get(ref)
     except (RayActorError, ActorUnavailableError) as exc:  # Ray restarts the worker; the episodes are gone
         return [lost_group(task, group_size, f"rollout worker died: {exc}") for task in tasks], True
+    except RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, EngineLost) and cause.url == "every engine":  # waited rollout.engine_timeout_s
+            raise RunStopped(f"a rollout worker stopped: {cause}") from None
+        raise
     return [episodes[i * group_size : (i + 1) * group_size] for i in range(len(tasks))], False
 
 

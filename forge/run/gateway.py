@@ -120,6 +120,7 @@ def gateway_step(
         "step_seconds": time.perf_counter() - step_started,
         "wall_seconds": time.perf_counter() - started,
         **run.prefix_cache_metrics(),
+        **(run.pool.engine_metrics() if run.pool is not None else {}),
     }
     metrics = step_metrics(trajectories, reward_metrics, train_metrics, gateway_metrics)
     log.record(step, metrics, trajectories, run.tokenizer, calls=f"{metrics['gateway_calls']:.0f}")
@@ -222,7 +223,12 @@ class GatewayRun:
 
         sampling = run_sampling(self.cfg.rollout, ChatFormat(self.tokenizer).stop_token_ids)
         self._client = client_factory(self.cfg.model, self.cfg.rollout, sampling)
-        self.router = Router([self._client(url) for url in self.pool.urls], name="gateway", max_wait_s=0.01)
+        self.router = Router(
+            [self._client(url) for url in self.pool.urls],
+            name="gateway",
+            max_wait_s=0.01,
+            lost_wait_s=self.cfg.rollout.engine_timeout_s,
+        )
         self.version = 0
         return sampling
 
@@ -246,6 +252,8 @@ class GatewayRun:
     def play(self) -> tuple[list[Episode], dict[str, AgentExit]]:
         """One step's episodes: `tasks_per_step` tasks x `group_size`, one agent process each."""
         cfg = self.cfg
+        if self.router is not None:  # between steps: dropped engines that hold the weights again
+            self.server.call(self.router.readmit())
         starts = []
         for task in self.tasks.take(cfg.rollout.tasks_per_step):
             group_id = f"{task.get('task_id', '')}@v{self.policy_version}#{self.rng.getrandbits(32):08x}"
@@ -276,7 +284,7 @@ class GatewayRun:
         self.pool.sync(wrapped, version, self.trainer)
         for url in self.pool.take_started():
             self.router.add(self._client(url))
-        self.router.stamp_version(version, self.cfg.model.lora.enabled)
+        self.router.stamp_version(version, self.cfg.model.lora.enabled, self.pool.holders(version))
         self.version = version
         return version
 

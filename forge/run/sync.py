@@ -80,6 +80,7 @@ def sync_step(run: Run, step: int, failures: FailureWatch, log: StepLog, started
         "policy_version": float(version),
         "step_seconds": time.perf_counter() - step_started,
         "wall_seconds": time.perf_counter() - started,
+        **(run.engines.engine_metrics() if run.engines is not None else {}),
     }
     metrics = step_metrics(trajectories, reward_metrics, train_metrics, timings, swarm=cfg.swarm.enabled)
     log.record(

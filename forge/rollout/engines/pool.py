@@ -1,6 +1,7 @@
 """The engines of a run with `rollout.engine: server | remote`: `forge serve` Ray actors
 that Forge starts itself (`server`), or servers someone else runs (`remote`); weight
-updates to all of them, and engines that died dropped with a console line."""
+updates to all of them, and engines that died dropped with a console line; a dropped remote
+server that answers again gets the current weights at the next sync and serves again."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from forge.config import Config, ConfigError
+from forge.rollout.engines.router import READMIT_FIRST_WAIT_S, READMIT_MAX_WAIT_S
 
 
 class EngineActor:
@@ -180,6 +182,9 @@ class EnginePool:
         self.cfg = cfg
         self.model_path = model_path
         self.dead: dict[str, str] = {}
+        self.held: dict[str, int] = {}  # url -> the weights version it last took from this pool
+        self.readmitted = 0  # dropped remote servers that took the weights again
+        self._next_probe: dict[str, tuple[float, float]] = {}  # dead url -> (when to ask, the wait after)
         self.restarts = 0
         self.started: list[str] = []  # urls of engines started in place of lost ones, for the workers
 
@@ -237,10 +242,64 @@ class EnginePool:
                     file=sys.stderr,
                     flush=True,
                 )
-        if not self.live_urls:
+        self._next_probe[url] = (time.monotonic() + READMIT_FIRST_WAIT_S, READMIT_FIRST_WAIT_S * 2)
+        if self.actors and not self.live_urls:  # remote servers: `sync` waits for one to come back
             raise RuntimeError(
                 f"all {len(self.urls)} inference engines are lost ({self.dead}); the run stops"
             )
+
+    def holders(self, version: int) -> list[str]:
+        """The servers that took weights `version` and are not lost since (workers take back a
+        server they dropped only if it is one of these)."""
+        if self.actors:  # Forge's own actors: every live one took it, or was lost
+            return self.live_urls
+        return [url for url in self.urls if url not in self.dead and self.held.get(url) == version]
+
+    def engine_metrics(self) -> dict[str, float]:
+        """`engine_servers_live`: servers holding the last version sent; `engine_servers_readmitted`:
+        dropped servers taken back so far."""
+        if not self.held:
+            return {}
+        latest = max(self.held.values())
+        return {
+            "engine_servers_live": float(len(self.holders(latest))),
+            "engine_servers_readmitted": float(self.readmitted),
+        }
+
+    def _revive(self, every: bool) -> list[str]:
+        """Ask the lost remote servers that are due (all of them with `every`) whether they
+        answer GET /health again (PROBE_TIMEOUT_S each, at once); those that do count as live
+        again, to get this sync's weights. A server still down is asked at doubling waits."""
+        from forge.rollout.engines.clients import make_client
+        from forge.rollout.engines.remote import Sampling
+
+        now = time.monotonic()
+        due = [url for url in self.dead if every or self._next_probe.get(url, (0.0, 0.0))[0] <= now]
+        if not due:
+            return []
+
+        async def ask() -> list[bool]:
+            clients = [make_client(url, self.cfg.model.path or "policy", Sampling()) for url in due]
+            try:
+                return list(await asyncio.gather(*(client.healthy() for client in clients)))
+            finally:
+                for client in clients:
+                    await client.close()
+
+        back = []
+        for url, healthy in zip(due, asyncio.run(ask()), strict=True):
+            if healthy:
+                del self.dead[url]
+                back.append(url)
+                print(
+                    f"forge: engine {url} answers again; it gets the current weights now",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            else:
+                _, wait = self._next_probe.get(url, (0.0, READMIT_FIRST_WAIT_S))
+                self._next_probe[url] = (time.monotonic() + wait, min(wait * 2, READMIT_MAX_WAIT_S))
+        return back
 
     def sync(
         self, wrapped: list[Any], version: int, trainer: Any = None, timeout_s: float | None = None
@@ -252,7 +311,7 @@ class EnginePool:
 
         timeout_s = timeout_s or self.cfg.rollout.engine_timeout_s
         if not self.actors:
-            asyncio.run(self._sync_remote(wrapped, version, trainer, timeout_s))
+            self._sync_servers(wrapped, version, trainer, timeout_s)
             return
         known = len(self.urls)
         self._sync_actors(wrapped, version, trainer, timeout_s)
@@ -264,6 +323,48 @@ class EnginePool:
                     ray.get(actor.set_weights.remote(wrapped[0], version), timeout=timeout_s)
                 except (RayActorError, GetTimeoutError) as exc:
                     self.lost(url, f"weight update failed: {type(exc).__name__}")
+
+    def _sync_servers(self, wrapped: list[Any], version: int, trainer: Any, timeout_s: float) -> None:
+        """Remote servers: the live ones and those that answer again get `version`. With none
+        taking it, every lost server is asked again each second for up to
+        rollout.engine_timeout_s; then the run stops naming them."""
+        deadline = time.monotonic() + self.cfg.rollout.engine_timeout_s
+        waiting = False
+        while True:
+            revived = set(self._revive(every=waiting))
+            targets = self.live_urls
+            if targets:
+                asyncio.run(self._sync_remote(wrapped, version, trainer, timeout_s))
+            for url in targets:
+                if url not in self.dead:
+                    self.held[url] = version
+                    if url in revived:
+                        self.readmitted += 1
+                        print(
+                            f"forge: engine {url} took weights version {version} and serves again "
+                            f"({len(self.holders(version))} of {len(self.urls)} engines live)",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+            if self.holders(version):
+                return
+            if time.monotonic() >= deadline:
+                from forge.failures import RunStopped
+
+                raise RunStopped(
+                    f"all {len(self.urls)} inference servers are lost and none answered again within "
+                    f"rollout.engine_timeout_s={self.cfg.rollout.engine_timeout_s:g}s ({self.dead}); the run stops: "
+                    "restart them, or check rollout.servers"
+                )
+            if not waiting:
+                print(
+                    f"forge: every inference server is lost; waiting up to {self.cfg.rollout.engine_timeout_s:g}s "
+                    "(rollout.engine_timeout_s) for one to answer again",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                waiting = True
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
     def take_started(self) -> list[str]:
         """Engines started in place of lost ones since the last call (workers add them)."""
@@ -382,9 +483,11 @@ class EnginePool:
         from forge.rollout.engines.updates import tensors_to_bytes
         from forge.weights import unpack_weights
 
-        clients = [
-            make_client(url, self.cfg.model.path or "policy", Sampling(), timeout_s) for url in self.live_urls
-        ]
+        clients = []
+        for url in self.live_urls:
+            client = make_client(url, self.cfg.model.path or "policy", Sampling(), timeout_s)
+            client.spec = url  # the rollout.servers entry (vllm+http://...) the pool knows it by
+            clients.append(client)
         vllm = [client for client in clients if client.kind == "vllm"]
         blob = folder = None
         try:
@@ -411,7 +514,7 @@ class EnginePool:
                             folder = ray.get(trainer.save.remote(str(target)))
                         await client.load_checkpoint(folder, version)
                 except (EngineLost, ProtocolError) as exc:
-                    self.lost(client.url, f"weight update failed: {exc}")
+                    self.lost(getattr(client, "spec", client.url), f"weight update failed: {exc}")
         finally:
             for client in clients:
                 await client.close()
@@ -427,7 +530,7 @@ class EnginePool:
             try:
                 await client.load_adapter(path, version)
             except (EngineLost, ProtocolError) as exc:
-                self.lost(client.url, f"LoRA adapter load failed: {exc}")
+                self.lost(getattr(client, "spec", client.url), f"LoRA adapter load failed: {exc}")
 
     async def _vllm_update(self, clients: list[Any], version: int, trainer: Any) -> None:
         """Full weights to vLLM servers by vLLM's NCCL weight transfer (trainer on a GPU,
@@ -453,7 +556,10 @@ class EnginePool:
             await self._vllm.update(clients, version)
         except Exception as exc:
             for client in clients:
-                self.lost(client.url, f"vLLM weight transfer failed: {type(exc).__name__}: {str(exc)[:300]}")
+                self.lost(
+                    getattr(client, "spec", client.url),
+                    f"vLLM weight transfer failed: {type(exc).__name__}: {str(exc)[:300]}",
+                )
 
     def metrics(self) -> dict[str, float]:
         """Prefix-cache counters summed over the server-mode engines (remote ones report

@@ -84,6 +84,10 @@ class EngineClient(Protocol):
 
     async def healthy(self) -> bool: ...
 
+    async def holds_version(self, version: int) -> bool | None:
+        """Whether the server says it holds weights `version` (None: it cannot say)."""
+        ...
+
     async def load_checkpoint(self, path: str, version: int) -> None: ...
 
     async def load_adapter(self, path: str, version: int) -> None: ...
@@ -106,6 +110,10 @@ async def generate_each(
 
     return list(await asyncio.gather(*(one(request) for request in requests)))
 
+
+# How long a probe of a server's health or weights may take (a dropped server re-checked
+# between rollouts, or before a weight sync): a dead one costs this much at most.
+PROBE_TIMEOUT_S = 5.0
 
 BUSY_STATUSES = (429, 503)  # turned away for now, nothing run: worth sending again
 
@@ -155,9 +163,10 @@ class HttpTransport:
         return self._client
 
     async def healthy(self) -> bool:
-        """Whether the server answers GET /health within 5 s (the route all three servers have)."""
+        """Whether the server answers GET /health within PROBE_TIMEOUT_S (the route all three
+        servers have)."""
         try:
-            await self.send(HttpCall("GET", "/health"), timeout_s=5.0)
+            await self.send(HttpCall("GET", "/health"), timeout_s=PROBE_TIMEOUT_S)
             return True
         except (EngineLost, ProtocolError):
             return False
@@ -457,6 +466,12 @@ class ForgeClient:
 
     async def healthy(self) -> bool:
         return await self.http.healthy()
+
+    async def holds_version(self, version: int) -> bool | None:
+        """`GET /ready`: ready (not paused) and serving weights `version` (a restarted server
+        holds its checkpoint, version 0 or its --policy-version, again)."""
+        body = await self.http.send(HttpCall("GET", "/ready"), timeout_s=PROBE_TIMEOUT_S)
+        return isinstance(body, dict) and body.get("ready") is True and body.get("policy_version") == version
 
     async def load_checkpoint(self, path: str, version: int) -> None:
         await self.http.send(HttpCall("POST", "/forge/weights", {"checkpoint": path, "version": version}))

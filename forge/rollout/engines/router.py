@@ -6,6 +6,13 @@ work (live episodes plus calls in flight). An engine that fails or hangs past it
 is dropped: its episodes end as lost (never waited on forever), one console line says so,
 and the other engines carry on. A request the server aborted loses its episode only.
 
+Between rollouts (`readmit`, never per token) a dropped engine is asked again, with backoff,
+and taken back once it answers and holds the current weights: the driver delivered this
+version to it (`stamp_version`'s `holders`) and, where the server can say, it says so. A
+server restarted from its checkpoint holds stale weights until then, and stays out. With
+every engine dropped, `readmit` waits up to the engine timeout for one, then stops the
+rollout with an error naming them all.
+
 Calls are batched as `BatchingEngine` batches in-process: a turn waits until every live
 episode of the worker is waiting on generation (or `max_wait_s` has passed), then each
 engine gets its episodes' turns in one `generate_batch` call. One HTTP call per turn cost
@@ -22,7 +29,7 @@ from typing import Any
 
 from forge.rollout.engines.batching import wait_for_batch
 from forge.rollout.engines.protocol import GenerationRequest, GenerationResult
-from forge.rollout.engines.remote import EngineClient, EngineLost, RequestAborted
+from forge.rollout.engines.remote import EngineClient, EngineLost, ProtocolError, RequestAborted
 
 
 @dataclass
@@ -34,6 +41,16 @@ class _Engine:
     lost_reason: str = ""
     pending: list[tuple[GenerationRequest, asyncio.Future]] = field(default_factory=list)
     ended: list[str] = field(default_factory=list)  # episodes to release with the next call
+    next_check: float = 0.0  # monotonic time at which a dropped engine is asked again
+    check_every_s: float = 0.0  # the wait after its next failed check (doubles, to READMIT_MAX_WAIT_S)
+
+
+# A dropped engine is asked again READMIT_FIRST_WAIT_S after it was dropped, then at doubling
+# waits up to READMIT_MAX_WAIT_S: a dead server costs one short probe a minute at most.
+READMIT_FIRST_WAIT_S = 1.0
+READMIT_MAX_WAIT_S = 60.0
+# With every engine dropped, how often they are asked while the rollout waits for one.
+ALL_LOST_POLL_S = 1.0
 
 
 class Router:
@@ -48,6 +65,7 @@ class Router:
         offset: int = 0,
         name: str = "rollout worker",
         max_wait_s: float = 0.005,
+        lost_wait_s: float = 120.0,
     ) -> None:
         if not clients:
             raise ValueError("the router needs at least one engine (rollout.servers or rollout.num_engines)")
@@ -55,6 +73,10 @@ class Router:
         self.offset = offset
         self.name = name
         self.max_wait_s = max_wait_s
+        self.lost_wait_s = lost_wait_s  # with every engine dropped, the wait for one
+        self.version = 0  # the policy version the driver last delivered to the engines
+        self.holders: set[str] | None = None  # the urls it was delivered to (None: no sync yet, all hold 0)
+        self.readmitted = 0  # engines taken back after being dropped
         self.active_episodes = 0
         self.waiting = 0  # episodes whose turn is queued or in flight
         self.calls = 0  # generate_batch calls sent
@@ -79,16 +101,94 @@ class Router:
     def add(self, client: EngineClient) -> None:
         self.engines.append(_Engine(client))
 
-    def stamp_version(self, version: int, adapter: bool = False) -> None:
-        """vLLM servers keep no Forge versions: their clients stamp `version` on what they
-        return from now on (set between steps); with `adapter`, that version is Forge's LoRA
-        adapter on them, which requests then name."""
+    def stamp_version(self, version: int, adapter: bool = False, holders: list[str] | None = None) -> None:
+        """The driver delivered weights `version` (set between steps) to `holders` (None: to
+        every engine). vLLM servers keep no Forge versions: their clients stamp `version` on
+        what they return from now on; with `adapter`, that version is Forge's LoRA adapter on
+        them, which requests then name."""
+        self.version = version
+        self.holders = None if holders is None else {server_url(url) for url in holders}
+        for engine in self.engines:
+            if not engine.alive and (self.holders is None or engine.client.url in self.holders):
+                engine.next_check = 0.0  # it just took this version: worth asking at the next rollout
         for engine in self.engines:
             if getattr(engine.client, "kind", "") == "vllm":
                 if adapter:
                     engine.client.use_adapter(version)
                 else:
                     engine.client.policy_version = version
+
+    @property
+    def live(self) -> int:
+        return sum(e.alive for e in self.engines)
+
+    async def readmit(self) -> list[str]:
+        """Between rollouts: ask the dropped engines that are due (backoff) and take back those
+        that answer and hold the current weights; returns their urls. With none alive, ask
+        every ALL_LOST_POLL_S up to `lost_wait_s`, then raise EngineLost naming them all."""
+        back = await self._check_dropped(time.monotonic())
+        if self.live:
+            return back
+        deadline = time.monotonic() + self.lost_wait_s
+        print(
+            f"forge: {self.name}: every engine is lost; waiting up to {self.lost_wait_s:g}s "
+            "(rollout.engine_timeout_s) for one to answer with the current weights",
+            file=sys.stderr,
+            flush=True,
+        )
+        while not self.live:
+            now = time.monotonic()
+            if now >= deadline:
+                reasons = "; ".join(f"{e.client.url}: {e.lost_reason}" for e in self.engines)
+                raise EngineLost(
+                    "every engine",
+                    f"all {len(self.engines)} engines are lost and none came back with weights version "
+                    f"{self.version} within {self.lost_wait_s:g}s (rollout.engine_timeout_s) ({reasons}); "
+                    "restart the servers, or check rollout.servers",
+                )
+            await asyncio.sleep(min(ALL_LOST_POLL_S, deadline - now))
+            back += await self._check_dropped(None)
+        return back
+
+    async def _check_dropped(self, now: float | None) -> list[str]:
+        """Probe the dropped engines due at `now` (None: all of them) at once."""
+        due = [e for e in self.engines if not e.alive and (now is None or e.next_check <= now)]
+        answers = await asyncio.gather(*(self._current(e) for e in due))
+        back = []
+        for engine, (ok, why) in zip(due, answers, strict=True):
+            if engine.alive:  # taken back meanwhile by a concurrent rollout call's check
+                continue
+            if ok:
+                engine.alive, engine.lost_reason = True, ""
+                self.readmitted += 1
+                back.append(engine.client.url)
+                print(
+                    f"forge: {self.name}: engine {engine.client.url} taken back (it answers and holds weights "
+                    f"version {self.version}); {self.live} of {len(self.engines)} engines live",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            else:
+                engine.lost_reason = f"{engine.lost_reason.split(' [')[0]} [re-checked: {why}]"
+                engine.next_check = time.monotonic() + engine.check_every_s
+                engine.check_every_s = min(engine.check_every_s * 2, READMIT_MAX_WAIT_S)
+        return back
+
+    async def _current(self, engine: _Engine) -> tuple[bool, str]:
+        """Whether a dropped engine may serve again, and why not."""
+        client = engine.client
+        if self.holders is not None and client.url not in self.holders:
+            return False, f"weights version {self.version} not delivered to it yet"
+        try:
+            if not await client.healthy():
+                return False, "no answer to GET /health"
+            holds = client.holds_version
+            said = await holds(self.version) if callable(holds) else None
+        except (EngineLost, ProtocolError) as exc:
+            return False, str(exc)[:200]
+        if said is False:
+            return False, f"it does not hold weights version {self.version} (restarted?)"
+        return True, ""
 
     def register(self) -> None:
         self.active_episodes += 1
@@ -198,10 +298,13 @@ class Router:
         if not engine.alive:
             return
         engine.alive, engine.lost_reason = False, reason
+        engine.next_check = time.monotonic() + READMIT_FIRST_WAIT_S
+        engine.check_every_s = READMIT_FIRST_WAIT_S * 2
         remaining = sum(e.alive for e in self.engines)
         print(
             f"forge: {self.name}: engine {engine.client.url} lost ({reason}); its {len(engine.episodes)} live "
-            f"episodes end as lost; {remaining} of {len(self.engines)} engines remain",
+            f"episodes end as lost; {remaining} of {len(self.engines)} engines remain (it is asked again "
+            "between rollouts, and taken back once it holds the current weights)",
             file=sys.stderr,
             flush=True,
         )
@@ -247,9 +350,19 @@ class Router:
                 pass
 
     def stats(self) -> dict[str, Any]:
-        return {"engines_alive": sum(e.alive for e in self.engines), "engines": len(self.engines)}
+        return {
+            "engines_alive": self.live,
+            "engines": len(self.engines),
+            "engines_readmitted": self.readmitted,
+        }
 
 
 def _group_of(request: GenerationRequest) -> str:
     """The agent loop names episodes `{group_id}/{seed}`: a group's episodes share the prefix."""
     return request.episode_id.rsplit("/", 1)[0] if "/" in request.episode_id else ""
+
+
+def server_url(spec: str) -> str:
+    """A `rollout.servers` entry's url, as its client names it (`vllm+http://h:p/` -> `http://h:p`)."""
+    url = spec.split("+", 1)[1] if "+" in spec.split("://")[0] else spec
+    return url.rstrip("/")

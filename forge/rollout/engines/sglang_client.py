@@ -14,6 +14,7 @@ from typing import Any
 
 from forge.rollout.engines.protocol import GenerationRequest, GenerationResult
 from forge.rollout.engines.remote import (
+    PROBE_TIMEOUT_S,
     EngineLost,
     HttpCall,
     HttpTransport,
@@ -209,6 +210,16 @@ class SGLangClient:
 
     async def healthy(self) -> bool:
         return await self.http.healthy()
+
+    async def holds_version(self, version: int) -> bool | None:
+        """What `GET /get_model_info`'s `weight_version` says (the one the last
+        /update_weights_from_disk set; a restarted server holds its --weight-version again,
+        "default" unless set); None where the server does not say."""
+        body = await self.http.send(HttpCall("GET", "/get_model_info"), timeout_s=PROBE_TIMEOUT_S)
+        held = body.get("weight_version") if isinstance(body, dict) else None
+        if held is None:
+            return None
+        return str(held) == str(version) or (version == 0 and str(held) == "default")
 
     async def load_checkpoint(self, path: str, version: int) -> None:
         check_success(await self.http.send(update_from_disk_call(path, version)), "update_weights_from_disk")

@@ -13,6 +13,7 @@ from typing import Any
 
 from forge.rollout.engines.protocol import GenerationRequest, GenerationResult
 from forge.rollout.engines.remote import (
+    PROBE_TIMEOUT_S,
     EngineLost,
     HttpCall,
     HttpTransport,
@@ -353,7 +354,7 @@ class VLLMClient:
         """(whether the server says, the weight_version it says it holds): a server that
         restarted holds its checkpoint again and says None."""
         try:
-            body = await self.http.send(weight_info_call())
+            body = await self.http.send(weight_info_call(), timeout_s=PROBE_TIMEOUT_S)
         except ProtocolError as exc:
             if exc.status == 404:  # a vLLM before /weight_info
                 return False, None
@@ -362,6 +363,23 @@ class VLLMClient:
             return False, None
         version = body["weight_version"]
         return True, None if version is None else str(version)
+
+    async def holds_version(self, version: int) -> bool | None:
+        """Whether the server holds Forge's weights `version`: with an adapter in use, whether it
+        still serves it (`GET /v1/models`: a restarted vLLM has lost every runtime adapter; the
+        version loaded under that name is the driver's to know); with full weights, what
+        `/weight_info` says (None after a restart: its checkpoint, which is version 0). None
+        where the server cannot say (a vLLM before /weight_info)."""
+        if self.model != self.base_model:
+            body = await self.http.send(HttpCall("GET", "/v1/models"), timeout_s=PROBE_TIMEOUT_S)
+            cards = body.get("data") if isinstance(body, dict) else None
+            return isinstance(cards, list) and any(
+                isinstance(card, dict) and card.get("id") == self.model for card in cards
+            )
+        known, held = await self.served_version()
+        if not known:
+            return None
+        return held == str(version) or (held is None and version == 0)
 
     async def resume(self) -> None:
         await self.http.send(resume_call())

@@ -1,0 +1,361 @@
+"""Taking back an engine server a rollout worker dropped: between rollouts, once it answers
+and holds the current weights (never a restarted server's stale checkpoint stamped as the
+current version); with every engine lost, a bounded wait, then a clear stop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from forge.rollout.engines import router as router_module
+from forge.rollout.engines.protocol import GenerationRequest, GenerationResult
+from forge.rollout.engines.remote import EngineLost, HttpTransport, generate_each
+from forge.rollout.engines.router import Router
+from forge.rollout.engines.sglang_client import SGLangClient
+from forge.rollout.engines.vllm_client import VLLMClient
+
+FIXTURES = Path(__file__).parent / "fixtures" / "engines"
+VLLM = json.loads((FIXTURES / "vllm.json").read_text())
+SGLANG = json.loads((FIXTURES / "sglang.json").read_text())
+
+
+class Server:
+    """An engine client standing for a server that can die, restart from its checkpoint
+    (version 0) and be given a version; counts the probes it answers."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.policy_version = 0
+        self.up = True
+        self.held = 0
+        self.probes = 0
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        if not self.up:
+            raise EngineLost(self.url, "ConnectError: connection refused")
+        return GenerationResult([7], [-0.1], True, self.held, 1)
+
+    async def generate_batch(
+        self, requests: list[GenerationRequest], release: list[str] | None = None
+    ) -> list:
+        return await generate_each(self, requests)
+
+    async def release(self, episode_ids: list[str]) -> None:
+        pass
+
+    async def healthy(self) -> bool:
+        self.probes += 1
+        return self.up
+
+    async def holds_version(self, version: int) -> bool | None:
+        return self.held == version
+
+    def restart(self) -> None:
+        self.up, self.held = True, 0
+
+    async def close(self) -> None:
+        pass
+
+
+def turn(group: str) -> GenerationRequest:
+    return GenerationRequest([1, 2, 3], 2, f"{group}/00000001")
+
+
+async def drop(router: Router, server: Server, group: str) -> None:
+    """Send a group to `server` while it is down, so that the router drops it."""
+    server.up = False
+    router._group_engine[group] = router.engines.index(next(e for e in router.engines if e.client is server))
+    with pytest.raises(EngineLost):
+        await router.generate(turn(group))
+    router.release(turn(group).episode_id)
+
+
+@pytest.fixture
+def quick_backoff(monkeypatch):
+    monkeypatch.setattr(router_module, "READMIT_FIRST_WAIT_S", 0.05)
+    monkeypatch.setattr(router_module, "ALL_LOST_POLL_S", 0.02)
+
+
+def test_a_dropped_engine_is_taken_back_only_once_it_answers_and_holds_the_current_weights(
+    quick_backoff, capsys
+):
+    a, b = Server("http://a:1"), Server("http://b:1")
+    router = Router([a, b])
+    router.stamp_version(3, holders=["http://a:1", "http://b:1"])
+    a.held = b.held = 3
+
+    async def scenario() -> None:
+        await drop(router, b, "g1")
+        assert router.alive == ["http://a:1"]
+        await asyncio.sleep(0.06)
+        b.restart()  # back up, holding its checkpoint (version 0)
+        assert await router.readmit() == []
+        assert router.alive == ["http://a:1"]  # stale weights: it stays out
+        b.held = 3  # the driver's sync pushed version 3 to it
+        await asyncio.sleep(0.2)
+        assert await router.readmit() == ["http://b:1"]
+        await router.close()
+
+    asyncio.run(scenario())
+    assert router.alive == ["http://a:1", "http://b:1"] and router.readmitted == 1
+    console = capsys.readouterr().err
+    assert "engine http://b:1 lost" in console
+    assert (
+        "engine http://b:1 taken back (it answers and holds weights version 3); 2 of 2 engines live"
+        in console
+    )
+
+
+def test_a_server_the_driver_did_not_deliver_the_version_to_stays_out_even_if_it_says_it_holds_it(
+    quick_backoff,
+):
+    """vLLM with LoRA cannot say which version its adapter is: the driver's list of servers
+    that took the version decides."""
+    a, b = Server("http://a:1"), Server("vllm-b")
+    b.url = "http://b:1"
+    router = Router([a, b])
+    a.held = b.held = 4
+    router.stamp_version(4, holders=["http://a:1"])
+
+    async def scenario() -> list[str]:
+        await drop(router, b, "g1")
+        b.restart()
+        b.held = 4
+        await asyncio.sleep(0.06)
+        return await router.readmit()
+
+    assert asyncio.run(scenario()) == []
+    assert "weights version 4 not delivered to it yet" in router.engines[1].lost_reason
+    router.stamp_version(4, holders=["vllm+http://b:1/", "http://a:1"])  # rollout.servers spelling
+    router.engines[1].next_check = 0.0
+    assert asyncio.run(router.readmit()) == ["http://b:1"]
+
+
+def test_a_dead_engine_is_asked_again_at_doubling_waits_not_at_every_rollout(quick_backoff):
+    a, b = Server("http://a:1"), Server("http://b:1")
+    router = Router([a, b])
+
+    async def scenario() -> None:
+        await drop(router, b, "g1")
+        started = time.monotonic()
+        while time.monotonic() - started < 0.5:  # a rollout every 10 ms
+            await router.readmit()
+            await asyncio.sleep(0.01)
+
+    asyncio.run(scenario())
+    # Waits of 0.05, 0.1, 0.2, 0.4 s: at most 4 probes in 0.5 s, not 50.
+    assert 2 <= b.probes <= 4
+    assert router.alive == ["http://a:1"]
+
+
+def test_with_every_engine_lost_the_rollout_waits_a_bounded_time_then_stops_naming_them(
+    quick_backoff, capsys
+):
+    a, b = Server("http://a:1"), Server("http://b:1")
+    router = Router([a, b], lost_wait_s=0.3)
+
+    async def scenario() -> None:
+        await drop(router, a, "g1")
+        await drop(router, b, "g2")
+        started = time.monotonic()
+        with pytest.raises(EngineLost) as lost:
+            await router.readmit()
+        assert 0.3 <= time.monotonic() - started < 2.0
+        message = str(lost.value)
+        assert "all 2 engines are lost and none came back with weights version 0 within 0.3s" in message
+        assert "http://a:1: ConnectError" in message and "http://b:1" in message
+
+    asyncio.run(scenario())
+    assert "every engine is lost; waiting up to 0.3s" in capsys.readouterr().err
+
+
+def test_with_every_engine_lost_one_that_comes_back_within_the_wait_serves_the_rollout(quick_backoff):
+    a, b = Server("http://a:1"), Server("http://b:1")
+    router = Router([a, b], lost_wait_s=5.0)
+
+    async def scenario() -> GenerationResult:
+        await drop(router, a, "g1")
+        await drop(router, b, "g2")
+
+        async def restart_later() -> None:
+            await asyncio.sleep(0.2)
+            a.restart()
+
+        started = time.monotonic()
+        _, back = await asyncio.gather(restart_later(), router.readmit())
+        assert back == ["http://a:1"] and time.monotonic() - started < 1.0
+        result = await router.generate(turn("g3"))
+        await router.close()
+        return result
+
+    assert asyncio.run(scenario()).token_ids == [7]
+
+
+# -- vLLM and SGLang: what their servers say about the weights they hold ------------------------
+def answering(*exchanges: dict) -> httpx.MockTransport:
+    """A server that answers GET /health, and each recorded exchange's path with its response."""
+    routes = {e["path"]: e for e in exchanges}
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/health":
+            return httpx.Response(200, text="")
+        exchange = routes[request.url.path]
+        return httpx.Response(exchange.get("status", 200), json=exchange["response"])
+
+    return httpx.MockTransport(handle)
+
+
+def readmitted(client, version: int, adapter: bool = False) -> bool:
+    """Whether a router that dropped `client` takes it back at `version`."""
+    router = Router([client])
+    router.stamp_version(version, adapter, holders=[client.url])
+    router._drop(0, "ConnectError: connection refused")
+    router.engines[0].next_check = 0.0
+    return asyncio.run(router._check_dropped(None)) == [client.url]
+
+
+def vllm(*exchanges: dict) -> VLLMClient:
+    client = VLLMClient("http://v:8000", "/models/qwen", None)
+    client.http = HttpTransport("http://v:8000", 10, answering(*exchanges))
+    return client
+
+
+def test_a_vllm_server_is_taken_back_when_its_weight_info_says_the_current_version():
+    assert readmitted(vllm(VLLM["weight_info"]), 3)  # /finish_weight_update set "3"
+    assert not readmitted(vllm(VLLM["weight_info_after_a_restart"]), 3)  # its checkpoint again
+    assert not readmitted(vllm(VLLM["weight_info"]), 4)  # a sync it missed
+
+
+def test_a_vllm_server_that_lost_forges_lora_adapter_in_a_restart_stays_out():
+    assert readmitted(vllm(VLLM["models"]), 5, adapter=True)  # it lists /models/qwen-forge-lora
+    restarted = {
+        **VLLM["models"],
+        "response": {"object": "list", "data": VLLM["models"]["response"]["data"][:1]},
+    }
+    assert not readmitted(vllm(restarted), 5, adapter=True)
+
+
+def test_an_sglang_server_is_taken_back_when_its_model_info_says_the_current_weight_version():
+    def sglang(exchange: dict) -> SGLangClient:
+        client = SGLangClient("http://s:30000", None)
+        client.http = HttpTransport("http://s:30000", 10, answering(exchange))
+        return client
+
+    assert readmitted(sglang(SGLANG["get_model_info"]), 4)
+    assert not readmitted(sglang(SGLANG["get_model_info_after_a_restart"]), 4)
+
+
+# -- Forge's own server, over real HTTP ---------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_a_restarted_forge_serve_is_taken_back_after_the_weight_push_and_samples_the_pushed_policy(tmp_path):
+    """Two `forge serve`s; one is stopped and started again on its port from the checkpoint on
+    disk. It stays out while it holds version 0, and once the driver's push (the same
+    /forge/weights/tensors call a sync makes) gave it version 1 it is taken back: its
+    samples carry version 1 and their logprobs are the pushed weights' own."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from forge.config import load_config
+    from forge.models.loading import resolve_model_path
+    from forge.rollout.engines.remote import ForgeClient, Sampling
+    from forge.rollout.engines.server import EngineServer, make_service
+    from forge.rollout.engines.updates import tensors_to_bytes
+
+    cfg = load_config("configs/smoke.yaml", [])
+    model_path = resolve_model_path(cfg.model, tmp_path / "model", seed=cfg.seed)
+    trained = AutoModelForCausalLM.from_pretrained(model_path).eval()
+    with torch.no_grad():  # "the trainer's step": every weight moved
+        generator = torch.Generator().manual_seed(0)
+        for tensor in trained.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.add_(torch.randn(tensor.shape, generator=generator) * 0.05)
+    blob = tensors_to_bytes({name: tensor.clone() for name, tensor in trained.state_dict().items()})
+
+    def start(port: int) -> EngineServer:
+        return EngineServer(
+            make_service(model_path, max_new_tokens=8, max_context_tokens=256), port=port
+        ).start()
+
+    port_a, port_b = free_port(), free_port()
+    server_a, server_b = start(port_a), start(port_b)
+    clients = [ForgeClient(s.url, 10.0, Sampling(1.0, 1.0)) for s in (server_a, server_b)]
+    router = Router(clients, name="rollout worker 0")
+
+    async def push(client: ForgeClient) -> None:
+        await client.push_tensors(blob, 1)
+
+    try:
+
+        async def before_restart() -> None:
+            await asyncio.gather(*(push(c) for c in clients))
+            router.stamp_version(1, holders=[server_a.url, server_b.url])
+            server_b.stop()
+            router._group_engine["g1"] = 1
+            with pytest.raises(EngineLost):
+                await router.generate(turn("g1"))
+            router.release(turn("g1").episode_id)
+
+        asyncio.run(before_restart())
+        assert router.alive == [server_a.url]
+        server_b = start(port_b)  # restarted from the checkpoint on disk: version 0
+        router.engines[1].next_check = 0.0
+        assert asyncio.run(router.readmit()) == []
+        assert "does not hold weights version 1" in router.engines[1].lost_reason
+        asyncio.run(push(clients[1]))  # the driver's next sync
+        router.engines[1].next_check = 0.0
+
+        async def after_push() -> GenerationResult:
+            assert await router.readmit() == [server_b.url]
+            router._group_engine["g2"] = 1
+            result = await router.generate(GenerationRequest([5, 6, 7, 8], 8, "g2/00000001", seed=11))
+            await router.close()
+            return result
+
+        result = asyncio.run(after_push())
+    finally:
+        for server in (server_a, server_b):
+            server.stop()
+    assert server_b.service.served.metrics()["requests"] == 1  # the restarted server answered it
+    assert result.policy_version == 1
+    ids = torch.tensor([[5, 6, 7, 8, *result.token_ids]])
+    with torch.no_grad():
+        logits = trained(ids).logits[0, 3:-1].log_softmax(-1)
+    expected = logits.gather(-1, torch.tensor(result.token_ids)[:, None])[:, 0]
+    assert torch.allclose(torch.tensor(result.logprobs), expected, atol=1e-4)
+
+
+def test_a_sync_with_every_server_lost_waits_engine_timeout_s_for_one_then_stops_the_run(capsys):
+    from forge.config import load_config
+    from forge.failures import RunStopped
+    from forge.rollout.engines.pool import EnginePool
+
+    urls = [f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"]  # nothing listens
+    cfg = load_config(
+        "configs/smoke.yaml",
+        ["rollout.engine=remote", f"rollout.servers=[{urls[0]},{urls[1]}]", "rollout.engine_timeout_s=1"],
+    )
+    pool = EnginePool(list(urls), [], cfg)
+    for url in urls:
+        pool.lost(url, "weight update failed: ConnectError")  # a remote pool waits; it does not raise here
+    started = time.monotonic()
+    with pytest.raises(RunStopped) as stopped:
+        pool.sync([None], 5, trainer=None)
+    assert 1.0 <= time.monotonic() - started < 5.0
+    assert (
+        "all 2 inference servers are lost and none answered again within rollout.engine_timeout_s=1s"
+        in str(stopped.value)
+    )
+    assert urls[0] in str(stopped.value) and urls[1] in str(stopped.value)
+    assert "every inference server is lost; waiting up to 1s" in capsys.readouterr().err
+    assert pool.engine_metrics() == {}  # no server ever took a version
