@@ -212,6 +212,7 @@ class GatewayRun:
             cfg.rollout.temperature,
             cfg.rollout.top_p,
             seed=cfg.seed,
+            max_context_tokens=cfg.rollout.max_context_tokens,
         )
 
     def _route_engines(self, model_path: Path) -> Any:

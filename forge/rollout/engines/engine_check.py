@@ -8,6 +8,9 @@ then not be the policy's, silently or with an error from deep inside transformer
 tiny generate calls here (a group's shared prompt, ragged later turns with pad holes, an
 episode joining) are compared with fresh forwards: the shared prompt is dropped where it
 disagrees, and a model the engine cannot sample exactly is refused, naming the setting.
+Sliding windows are shrunk for the calls so that they bind, except those longer than the
+engine's context, which never bind: those are played as declared (the engine shares the prompt
+over them, and the check must see that path).
 """
 
 from __future__ import annotations
@@ -93,6 +96,11 @@ def _fresh(model: Any, context: list[int], generated: list[int], device: torch.d
     return logprobs[rows, torch.tensor(generated, device=device)].cpu()
 
 
+# The most tokens a row of `_play` holds: its prompt, then 3 turns of 3 new tokens and an
+# observation of up to 4.
+PLAY_TOKENS = 3 * CHECK_WINDOW + 3 * (3 + 4)
+
+
 def _play(engine: Any, vocab: int) -> float:
     """Three calls through `engine`: a group of 3 on one prompt, two of them back with
     observations of different lengths (pad holes), then those and a new episode (a new
@@ -122,24 +130,30 @@ def _play(engine: Any, vocab: int) -> float:
     return error
 
 
-def check_engine(engine_class: type, model: Any, pad_token_id: int, share_prompt: bool) -> bool:
+def check_engine(
+    engine_class: type, model: Any, pad_token_id: int, share_prompt: bool, longest: int | None = None
+) -> bool:
     """Whether an `engine_class` (HFEngine, passed in: it calls this) engine may share a group's
     prompt KV on `model` (it asked to and the check agrees); raises ValueError, naming the
-    setting, where the engine cannot sample it exactly."""
+    setting, where the engine cannot sample it exactly. `longest`: the engine's context
+    (max_context_tokens); windows longer than it are checked as declared, not shrunk."""
     # What it finds is the model's structure, not its weights: once per model object (a
     # worker's engine is built once; a test builds many over one model).
     memo = model.__dict__.setdefault("_forge_engine_check", {})
-    if share_prompt not in memo:
+    key = (share_prompt, longest)
+    if key not in memo:
         try:
-            memo[share_prompt] = _check(engine_class, model, pad_token_id, share_prompt)
+            memo[key] = _check(engine_class, model, pad_token_id, share_prompt, longest)
         except ValueError as error:
-            memo[share_prompt] = str(error)  # not the exception: its traceback holds the probe's caches
-    if isinstance(memo[share_prompt], str):
-        raise ValueError(memo[share_prompt])
-    return memo[share_prompt]
+            memo[key] = str(error)  # not the exception: its traceback holds the probe's caches
+    if isinstance(memo[key], str):
+        raise ValueError(memo[key])
+    return memo[key]
 
 
-def _check(engine_class: type, model: Any, pad_token_id: int, share_prompt: bool) -> bool:
+def _check(
+    engine_class: type, model: Any, pad_token_id: int, share_prompt: bool, longest: int | None
+) -> bool:
     name = type(model).__name__
     reason = unsupported_reason(model.config)
     if reason is not None:
@@ -150,12 +164,21 @@ def _check(engine_class: type, model: Any, pad_token_id: int, share_prompt: bool
     was_training = model.training
     model.eval()
     findings = []
+    # The probe holds the play's rows: a window between the engine's context and the play's
+    # (a context under PLAY_TOKENS) then binds in the probe and is checked on the copy.
+    context = max(longest, PLAY_TOKENS) if longest is not None else None
     try:
         for share in [True, False] if share_prompt else [False]:
-            with torch.no_grad(), shrunk_windows(model, CHECK_WINDOW):
+            with torch.no_grad(), shrunk_windows(model, CHECK_WINDOW, longest):
                 # Temperature 1: behaviour logprobs are then the model's own, as a fresh forward's.
                 probe = engine_class(
-                    model, [], pad_token_id, temperature=1.0, share_prompt=share, self_check=False
+                    model,
+                    [],
+                    pad_token_id,
+                    temperature=1.0,
+                    share_prompt=share,
+                    self_check=False,
+                    max_context_tokens=context,
                 )
                 if share and not probe.share_prompt:
                     continue

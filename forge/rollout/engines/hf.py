@@ -60,6 +60,9 @@ class HFEngine:
     from the same tokens with no cache (a group's samples) are prefilled once, and where the
     model's attention is plain sdpa (`share_prompt`) that prompt's KV stays one copy that
     all the rows read (forge.rollout.engines.shared_prefix); else it is copied into each row.
+    A sliding window (or attention chunk) longer than `max_context_tokens`, the most tokens a
+    row may hold (refused past it), never binds: its layers attend as full attention, and the
+    prompt is shared (Phi-3-mini-128k's 262143, PhiMoE's 131072).
 
     The batch's KV stays as it is after a call. When the next call brings back the same
     episodes (or some of them), their new tokens are appended to it in place, so a turn
@@ -78,6 +81,7 @@ class HFEngine:
         seed: int = 0,
         share_prompt: bool = True,
         self_check: bool = True,
+        max_context_tokens: int | None = None,
     ) -> None:
         self.model = model
         self.stop_token_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long)
@@ -88,7 +92,12 @@ class HFEngine:
         self.device = next(model.parameters()).device
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self._num_layers = model.config.get_text_config().num_hidden_layers
-        self._windows = sliding_windows(model.config)
+        if max_context_tokens is not None and max_context_tokens < 1:
+            raise ValueError(
+                f"max_context_tokens={max_context_tokens}: give a positive count (rollout.max_context_tokens)"
+            )
+        self.max_context_tokens = max_context_tokens
+        self._windows = sliding_windows(model.config, longest=max_context_tokens)
         # Mixture-of-experts: no router load-balancing loss (nothing here trains on it).
         self._no_router = (
             {"output_router_logits": False} if hasattr(model.config, "output_router_logits") else {}
@@ -101,7 +110,7 @@ class HFEngine:
             # drop the shared prompt where it disagrees, refuse where the copy does too.
             from forge.rollout.engines.engine_check import check_engine
 
-            share_prompt = check_engine(type(self), model, pad_token_id, share_prompt)
+            share_prompt = check_engine(type(self), model, pad_token_id, share_prompt, max_context_tokens)
         # A group's prompt KV is kept once for all its rows where the attention allows
         # (forge.rollout.engines.shared_prefix); else copied into each row.
         self._attention_before = model.config._attn_implementation
@@ -166,18 +175,25 @@ class HFEngine:
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         if not requests:
             return []
-        if self._position_limit is not None:
-            self._check_positions(requests)
+        if self._position_limit is not None or self.max_context_tokens is not None:
+            self._check_lengths(requests)
         with self._lock, torch.no_grad():
             self._apply_releases()
             return self._generate(requests)
 
-    def _check_positions(self, requests: list[GenerationRequest]) -> None:
-        """Refuse a request that would run past a learned position table (an IndexError from
-        inside the model otherwise), naming the settings that bound it."""
-        limit = self._position_limit
+    def _check_lengths(self, requests: list[GenerationRequest]) -> None:
+        """Refuse a request whose row could grow past the engine's context (its windows are
+        judged by it) or a learned position table (an IndexError from inside the model
+        otherwise), naming the settings that bound it."""
+        context, limit = self.max_context_tokens, self._position_limit
         for request in requests:
-            if len(request.token_ids) + request.max_new_tokens > limit:
+            if context is not None and len(request.token_ids) + request.max_new_tokens > context:
+                raise ValueError(
+                    f"a request of {len(request.token_ids)} tokens plus up to {request.max_new_tokens} new ones "
+                    f"is over the engine's context of {context} tokens (rollout.max_context_tokens): "
+                    "shorten the request or lower its max_new_tokens"
+                )
+            if limit is not None and len(request.token_ids) + request.max_new_tokens > limit:
                 raise ValueError(
                     f"a request of {len(request.token_ids)} tokens plus up to {request.max_new_tokens} new ones "
                     f"runs past the {limit} positions {type(self.model).__name__} has learned embeddings for; "
@@ -315,8 +331,11 @@ class HFEngine:
 
     def _attention(self, mask: torch.Tensor, new_tokens: int) -> Any:
         """The 2-D `mask` for transformers, or on a sliding-window model the masks that count
-        the window in positions, not in the batch's columns (forge.rollout.engines.windows)."""
-        if self._windows is None:
+        the window in positions, not in the batch's columns (forge.rollout.engines.windows).
+        Windows that cannot bind keep the 2-D mask while the batch's columns (pad holes and
+        all) are fewer than them: transformers' column-counted window then reaches them all."""
+        windows = self._windows
+        if windows is None or (not windows.binds and windows.reached_in(mask.shape[1])):
             return mask
         return positional_masks(
             mask, new_tokens, self._windows, self.model.get_input_embeddings().weight.dtype

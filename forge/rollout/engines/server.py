@@ -380,7 +380,13 @@ def make_service(
     )
     chat = ChatFormat(tokenizer)
     engine = HFEngine(
-        model, chat.stop_token_ids, tokenizer.pad_token_id, temperature=temperature, top_p=top_p, seed=seed
+        model,
+        chat.stop_token_ids,
+        tokenizer.pad_token_id,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        max_context_tokens=max_context_tokens,
     )
     served = ServedEngine(engine, cache_tokens=cache_tokens)
     name = model_name or (str(checkpoint) if names_hub_model(str(checkpoint)) else path.resolve().name)

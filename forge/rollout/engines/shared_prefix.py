@@ -7,8 +7,8 @@ prompts (P=4096: the engine's 8-row copy alone was 0.2-0.4 s a call). Here the r
 only what follows the prompt; each attention call scores the rows' queries against the one
 prompt copy as a single matrix product (the rows become extra queries of it), scores their
 own keys apart, and joins the two softmax parts exactly (a shared maximum and denominator).
-Used for sdpa models without sliding windows, where every row sees the whole prompt; others
-keep the copy.
+Used for sdpa models without sliding windows (or with windows no row can reach past), where
+every row sees the whole prompt; others keep the copy.
 """
 
 from __future__ import annotations
@@ -135,11 +135,11 @@ def register_shared_prompt_attention() -> None:
 
 
 def can_share_prompt(model: Any, windows: Any) -> bool:
-    """Whether `model` computes plain sdpa attention (no sliding window, soft-cap or sinks), so
-    the shared-prompt attention reproduces it. Switches the model's config to it when so."""
+    """Whether `model` computes plain sdpa attention (no sliding window that can bind, soft-cap
+    or sinks), so the shared-prompt attention reproduces it."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     implementation = getattr(config, "_attn_implementation", None)
-    if windows is not None or implementation not in ("sdpa", SHARED_IMPLEMENTATION):
+    if (windows is not None and windows.binds) or implementation not in ("sdpa", SHARED_IMPLEMENTATION):
         return False
     if getattr(config, "attn_logit_softcapping", None) is not None:
         return False
