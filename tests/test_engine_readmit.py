@@ -359,3 +359,19 @@ def test_a_sync_with_every_server_lost_waits_engine_timeout_s_for_one_then_stops
     assert urls[0] in str(stopped.value) and urls[1] in str(stopped.value)
     assert "every inference server is lost; waiting up to 1s" in capsys.readouterr().err
     assert pool.engine_metrics() == {}  # no server ever took a version
+
+
+def test_a_worker_that_waited_in_vain_for_its_engines_stops_the_run_with_its_reason(monkeypatch):
+    import ray
+    from ray.exceptions import RayTaskError
+
+    from forge.failures import RunStopped
+    from forge.run.faults import collect_groups
+
+    cause = EngineLost("every engine", "all 2 engines are lost and none came back (http://a:1: refused)")
+    error = RayTaskError("RolloutWorker.rollout", "Traceback ...", cause).as_instanceof_cause()
+    monkeypatch.setattr(ray, "get", lambda ref: (_ for _ in ()).throw(error))
+    with pytest.raises(
+        RunStopped, match="a rollout worker stopped: engine every engine: all 2 engines are lost"
+    ):
+        collect_groups(object(), [{"task_id": "t"}], 2)
