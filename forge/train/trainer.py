@@ -193,7 +193,8 @@ class Trainer:
         logprobs are not the sampled policy's (OPT with its 0.1: PPO's ratio clipped on 26% of an
         on-policy step's tokens). Two forwards tell; then it trains without checkpointing, or
         stops (trainer.self_check: stop)."""
-        from forge.tree.self_check import FP32_TOLERANCE, NOISE_FACTOR, check_sequences
+        from forge.tree.agreement import FP32_TOLERANCE, NOISE_FACTOR
+        from forge.tree.self_check import check_sequences
 
         if not self.trainer_cfg.gradient_checkpointing or self.trainer_cfg.self_check == "off":
             return
@@ -201,7 +202,7 @@ class Trainer:
         noise, own_noise = policy_forward_noise(self.model, tokens)
         self.after_forward_only()
         # Dropout moves logprobs by O(1); bf16's rounding of a batch, or a GPU's run-to-run
-        # noise, far less (the engine's check allows 0.1 in low precision).
+        # noise, far less (0.1 in low precision).
         floor = FP32_TOLERANCE if self.model.get_input_embeddings().weight.dtype == torch.float32 else 0.1
         if noise <= max(floor, NOISE_FACTOR * own_noise):
             return

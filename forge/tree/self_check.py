@@ -17,26 +17,24 @@ from dataclasses import dataclass
 
 import torch
 
+from forge.tree.agreement import Look, agreement, is_low_precision
 from forge.tree.microbatch import Attention, microbatches
 from forge.types import Sample
 
 CHECK_WINDOW = 4  # the sliding window every windowed layer gets during the check
-# Largest logprob disagreement accepted in fp32 (exact paths agree to ~1e-6). In lower
-# precision: NOISE_FACTOR times the rounding noise between two exact computations (separate
-# forwards and a padded batch of the same sequences), and at least EPS_FACTOR units of the
-# dtype's rounding (two exact computations may round alike on one model and not on another).
-FP32_TOLERANCE = 1e-4
-NOISE_FACTOR = 4.0
-EPS_FACTOR = 4.0
 
 
 @dataclass
 class CheckResult:
+    """`error` is what was held to `tolerance` (forge.tree.agreement: in low precision, the
+    largest difference past the few largest); `max_error` the largest difference."""
+
     ok: bool
     max_error: float
     tolerance: float
     seconds: float
     reason: str = ""
+    error: float = 0.0
 
 
 def check_sequences(vocab_size: int, seed: int = 0) -> list[list[int]]:
@@ -99,7 +97,10 @@ def _separate(model: torch.nn.Module, sequences: list[list[int]], device: torch.
     return out
 
 
-def _packed(model: torch.nn.Module, sequences: list[list[int]], packing: str, attention: Attention):
+def packed_logprobs(
+    model: torch.nn.Module, sequences: list[list[int]], packing: str, attention: Attention = "auto"
+) -> list[torch.Tensor]:
+    """Per sequence its logprobs (fp32, element t of token t+1), through `packing` in one micro-batch."""
     samples = [_sample(s) for s in sequences]
     out: list[torch.Tensor] = [torch.empty(0)] * len(samples)
     budget = sum(len(s) for s in sequences)
@@ -109,8 +110,22 @@ def _packed(model: torch.nn.Module, sequences: list[list[int]], packing: str, at
     return out
 
 
-def _max_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
-    return max((g - w).abs().max().item() for g, w in zip(got, want, strict=True) if len(w))
+def position_errors(
+    sequences: list[list[int]], got: list[torch.Tensor], want: list[torch.Tensor]
+) -> list[float]:
+    """The absolute logprob difference at each distinct position: one that several sequences
+    share (the same tokens up to its target) is computed once by the tree, so it counts once,
+    by its largest difference (a rounding flip there would otherwise count once per sequence)."""
+    errors: dict[tuple[int, ...], float] = {}
+    for tokens, g, w in zip(sequences, got, want, strict=True):
+        for t, error in enumerate((g - w).abs().tolist()):
+            key = tuple(tokens[: t + 2])
+            errors[key] = max(errors.get(key, 0.0), error)
+    return list(errors.values())
+
+
+class _TreeFailed(Exception):
+    """The tree forward itself raised: the finding, not a fault of the check."""
 
 
 def check_tree_path(
@@ -121,39 +136,51 @@ def check_tree_path(
 
     `longest`: the most tokens a sequence trained on the tree path may have (the trainer's
     trainer.max_tokens_per_microbatch, which `microbatches` enforces); windows longer than that
-    are checked as declared, not shrunk. None: every window is shrunk."""
+    are checked as declared, not shrunk. None: every window is shrunk. In low precision, the
+    rule of forge.tree.agreement (a second look uses seed + 1)."""
     started = time.perf_counter()
     embeddings = model.get_input_embeddings().weight
-    sequences = check_sequences(int(model.config.vocab_size), seed)
+    vocab_size = int(model.config.vocab_size)
+    low_precision = is_low_precision(embeddings.dtype)
+
+    def look(index: int) -> Look:
+        sequences = check_sequences(vocab_size, seed + index)
+        want = _separate(model, sequences, embeddings.device)
+        noise = None
+        if low_precision:
+            # Two exact computations of the same logprobs: how far this dtype alone moves them.
+            padded = packed_logprobs(model, sequences, "padded", attention)
+            noise = position_errors(sequences, padded, want)
+        try:
+            got = packed_logprobs(model, sequences, "tree", attention)
+        except Exception as error:  # noqa: BLE001 - any failure of the tree path is the finding
+            raise _TreeFailed(str(error)) from error
+        return position_errors(sequences, got, want), noise
+
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), shrunk_windows(model, CHECK_WINDOW, longest):
-            want = _separate(model, sequences, embeddings.device)
-            tolerance = FP32_TOLERANCE
-            if embeddings.dtype != torch.float32:
-                noise = _max_error(_packed(model, sequences, "padded", attention), want)
-                tolerance = max(EPS_FACTOR * torch.finfo(embeddings.dtype).eps, NOISE_FACTOR * noise)
-            try:
-                got = _packed(model, sequences, "tree", attention)
-            except Exception as error:  # noqa: BLE001 - any failure of the tree path is the finding
-                return CheckResult(
-                    False,
-                    float("inf"),
-                    tolerance,
-                    time.perf_counter() - started,
-                    f"the tree forward failed: {error}",
-                )
-    finally:
-        model.train(was_training)
-    error = _max_error(got, want)
-    seconds = time.perf_counter() - started
-    if error > tolerance:
+            verdict = agreement(look, embeddings.dtype)
+    except _TreeFailed as failure:
         return CheckResult(
             False,
-            error,
-            tolerance,
-            seconds,
-            f"largest logprob difference {error:.3g} > {tolerance:.3g} on {len(sequences)} random sequences",
+            float("inf"),
+            float("nan"),
+            time.perf_counter() - started,
+            f"the tree forward failed: {failure}",
+            float("inf"),
         )
-    return CheckResult(True, error, tolerance, seconds)
+    finally:
+        model.train(was_training)
+    seconds = time.perf_counter() - started
+    if not verdict.ok:
+        return CheckResult(
+            False,
+            verdict.largest,
+            verdict.tolerance,
+            seconds,
+            f"{verdict.describe('logprob difference')} on {len(check_sequences(vocab_size))} random sequences",
+            verdict.error,
+        )
+    return CheckResult(True, verdict.largest, verdict.tolerance, seconds, error=verdict.error)

@@ -15,17 +15,15 @@ over them, and the check must see that path).
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
 
+from forge.tree.agreement import Look, agreement, is_low_precision
 from forge.tree.attention import layer_types_named
-from forge.tree.self_check import CHECK_WINDOW, shrunk_windows
+from forge.tree.self_check import CHECK_WINDOW, packed_logprobs, shrunk_windows
 
-FP32_TOLERANCE = 1e-4
-# In half precision a batched and a single forward round differently; a wrong mask or cache
-# moves logprobs by O(1) (0.9 to 5 on the families this was written against).
-LOW_PRECISION_TOLERANCE = 0.1
 # Layer kinds the engine's KV cache serves (transformers' `layer_types`).
 KV_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention"}
 REFUSE_HINT = (
@@ -101,33 +99,45 @@ def _fresh(model: Any, context: list[int], generated: list[int], device: torch.d
 PLAY_TOKENS = 3 * CHECK_WINDOW + 3 * (3 + 4)
 
 
-def _play(engine: Any, vocab: int) -> float:
+def _play(engine: Any, vocab: int, noise: bool, seed: int = 0) -> Look:
     """Three calls through `engine`: a group of 3 on one prompt, two of them back with
     observations of different lengths (pad holes), then those and a new episode (a new
-    layout from the kept caches). The largest behaviour logprob error against fresh forwards."""
+    layout from the kept caches). Per sampled token, its behaviour logprob's error against a
+    fresh forward; with `noise`, also that of a padded batch of the same sequences (two exact
+    computations: how far the dtype alone moves them). Episodes are named by `seed`, so a
+    second play on the same engine starts its own."""
     from forge.rollout.engines.protocol import GenerationRequest
 
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
 
     def tokens(n: int) -> list[int]:
         return torch.randint(2, vocab, (n,), generator=generator).tolist()
 
     prompt = tokens(3 * CHECK_WINDOW)
-    contexts = {f"c{i}": list(prompt) for i in range(3)}
-    calls = [["c0", "c1", "c2"], ["c0", "c2"], ["c2", "c0", "new"]]
-    error = 0.0
+    contexts = {f"{seed}c{i}": list(prompt) for i in range(3)}
+    calls = [
+        [f"{seed}{name}" for name in call] for call in (["c0", "c1", "c2"], ["c0", "c2"], ["c2", "c0", "new"])
+    ]
+    errors: list[float] = []
+    noises: list[float] = []
     for turn, names in enumerate(calls):
-        if "new" in names:
-            contexts["new"] = tokens(CHECK_WINDOW + 3)
+        if f"{seed}new" in names:
+            contexts[f"{seed}new"] = tokens(CHECK_WINDOW + 3)
         requests = [GenerationRequest(contexts[n], 3, episode_id=n) for n in names]
+        sampled = []
         for i, (request, result) in enumerate(zip(requests, engine.generate(requests), strict=True)):
             if result.token_ids:
                 want = _fresh(engine.model, request.token_ids, result.token_ids, engine.device)
-                error = max(error, (torch.tensor(result.logprobs) - want).abs().max().item())
+                errors += (torch.tensor(result.logprobs) - want).abs().tolist()
+                sampled.append((request.token_ids + result.token_ids, len(result.token_ids), want))
             contexts[request.episode_id] = (
                 request.token_ids + result.token_ids + tokens(1 + (2 * i + turn) % 4)
             )
-    return error
+        if noise and sampled:
+            padded = packed_logprobs(engine.model, [tokens_ for tokens_, _, _ in sampled], "padded")
+            for logprobs, (_, n, want) in zip(padded, sampled, strict=True):
+                noises += (logprobs[-n:].cpu() - want).abs().tolist()
+    return errors, noises
 
 
 def check_engine(
@@ -159,7 +169,6 @@ def _check(
     if reason is not None:
         raise ValueError(f"{name}: {reason}; {REFUSE_HINT}")
     dtype = model.get_input_embeddings().weight.dtype
-    tolerance = FP32_TOLERANCE if dtype == torch.float32 else LOW_PRECISION_TOLERANCE
     vocab = int(model.get_input_embeddings().weight.shape[0])
     was_training = model.training
     model.eval()
@@ -183,16 +192,16 @@ def _check(
                 if share and not probe.share_prompt:
                     continue
                 try:
-                    error = _play(probe, vocab)
+                    verdict = agreement(partial(_play, probe, vocab, is_low_precision(dtype)), dtype)
                 except Exception as failure:  # noqa: BLE001 - any failure of the engine's path is the finding
                     findings.append(f"{type(failure).__name__}: {failure}")
                     continue
                 finally:
                     probe.restore_attention()
-            if error <= tolerance:
+            if verdict.ok:
                 return share
             findings.append(
-                f"behaviour logprobs differ from a fresh forward's by {error:.3g} (> {tolerance:.3g})"
+                f"behaviour logprobs differ from a fresh forward's: {verdict.describe('difference')}"
             )
     finally:
         model.train(was_training)
