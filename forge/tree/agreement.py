@@ -23,8 +23,10 @@ import torch
 
 FP32_TOLERANCE = 1e-4  # exact paths agree to ~1e-6 in fp32
 OUTLIERS = 2  # errors set aside in low precision (near-tie flips are isolated and rare)
-# On the family matrix's tiny models (CPU, 20 seeds each, bf16 and fp16) the tree path's
-# statistic stayed within 0.58 of this tolerance and the engine's within 0.xx.
+# Measured on the family matrix's tiny models (CPU, 20 seeds each, bf16 and fp16): the tree
+# path's statistic stayed within 0.58 of the tolerance, the engine's within 0.89 (fp16, where its
+# batched decode rounds more than any exact pair: the eps floor decides there). With lm_head
+# weights x10 the tree's noise grew ~15x in bf16 and the padded pair's with it.
 NOISE_FACTOR = 4.0
 EPS_FACTOR = 4.0  # units of the dtype's eps: two exact computations may round alike (noise 0)
 
