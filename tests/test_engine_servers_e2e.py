@@ -1,6 +1,7 @@
 """Training with `rollout.engine: server` (Forge starts `forge serve` actors) and `remote`
 (servers someone else runs): weights reach the engines, versions come back on every
-token, prefix-cache hits are reported, and a run survives an engine killed mid-run."""
+token, prefix-cache hits are reported, a run survives an engine killed mid-run, takes back a
+remote server restarted mid-run, and stops when its only server is lost."""
 
 from __future__ import annotations
 
@@ -97,6 +98,135 @@ def test_a_remote_engine_run_trains_against_forge_servers_it_did_not_start(ray_s
         assert server.service.served.policy_version == 3  # pushed tensors after every step
         assert server.service.served.metrics()["requests"] > 0
     assert [row["policy_version"] for row in rows(tmp_path / "run")] == [1.0, 2.0, 3.0]
+
+
+@pytest.mark.slow
+def test_a_remote_forge_server_restarted_mid_run_is_taken_back_after_the_weight_push(
+    ray_session, tmp_path, capfd, monkeypatch
+):
+    """Two forge serves; one is stopped after step 1 and started again on its port (from the
+    checkpoint on disk, version 0) after step 3. The driver's sync finds it answering, pushes
+    the current weights, and the workers route to it again; the run trains every step."""
+    import socket
+
+    from forge.models.loading import resolve_model_path
+    from forge.rollout.engines import pool as pool_module
+    from forge.rollout.engines.server import EngineServer, make_service
+    from forge.run.launch import train
+
+    monkeypatch.setattr(pool_module, "READMIT_FIRST_WAIT_S", 0.1)  # the driver asks at each sync
+    monkeypatch.setattr(pool_module, "READMIT_MAX_WAIT_S", 0.1)
+    cfg = load_config("configs/smoke.yaml", ["train.max_steps=7", *SMALL])
+    model = resolve_model_path(cfg.model, tmp_path / "model", seed=cfg.seed)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    def start(port: int) -> EngineServer:
+        return EngineServer(make_service(model, max_new_tokens=1, max_context_tokens=1024), port=port).start()
+
+    servers = [start(0), start(port)]
+    run = tmp_path / "run"
+
+    def stop_then_restart() -> None:
+        deadline = time.monotonic() + 300
+        metrics, stopped = run / "metrics.jsonl", False
+        while time.monotonic() < deadline:
+            done = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+            if done >= 1 and not stopped:
+                servers[1].stop()
+                stopped = True
+            if done >= 3:
+                servers.append(start(port))
+                return
+            time.sleep(0.05)
+
+    cfg = load_config(
+        "configs/smoke.yaml",
+        [
+            "train.max_steps=7",
+            *SMALL,
+            "rollout.engine=remote",
+            f"rollout.servers=[{servers[0].url},{servers[1].url}]",
+            f"model.path={model}",
+        ],
+    )
+    chaos = threading.Thread(target=stop_then_restart, daemon=True)
+    chaos.start()
+    try:
+        result = train(cfg, run, progress=False)
+        chaos.join(timeout=5)
+    finally:
+        for server in servers:
+            server.stop()
+    restarted = servers[2].service.served
+    assert result.steps == 7
+    steps = rows(run)
+    assert [row["policy_version"] for row in steps] == [float(n) for n in range(1, 8)]
+    assert restarted.policy_version == 7  # it took every version after its restart
+    assert restarted.metrics()["requests"] > 0  # and the workers sampled from it again
+    assert steps[-1]["engine_servers_live"] == 2.0 and steps[-1]["engine_servers_readmitted"] == 1.0
+    assert min(row["engine_servers_live"] for row in steps) == 1.0
+    console = capfd.readouterr().err
+    url = f"http://127.0.0.1:{port}"
+    assert f"engine {url} lost" in console
+    assert f"engine {url} answers again" in console and f"engine {url} took weights version" in console
+
+
+@pytest.mark.slow
+def test_a_remote_run_whose_only_server_is_lost_stops_with_an_error_naming_it(ray_session, tmp_path):
+    """Not a hang, not exit 0: the run stops within rollout.engine_timeout_s of the loss."""
+    from forge.failures import RunStopped
+    from forge.models.loading import resolve_model_path
+    from forge.rollout.engines.server import EngineServer, make_service
+    from forge.run.launch import train
+
+    cfg = load_config("configs/smoke.yaml", ["train.max_steps=6", *SMALL])
+    model = resolve_model_path(cfg.model, tmp_path / "model", seed=cfg.seed)
+    server = EngineServer(make_service(model, max_new_tokens=1, max_context_tokens=1024)).start()
+    run = tmp_path / "run"
+    stopped_at: list[float] = []
+
+    def stop_after_step_1() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().strip():
+                server.stop()
+                stopped_at.append(time.monotonic())
+                return
+            time.sleep(0.05)
+
+    cfg = load_config(
+        "configs/smoke.yaml",
+        [
+            "train.max_steps=6",
+            *SMALL,
+            "rollout.engine=remote",
+            f"rollout.servers=[{server.url}]",
+            f"model.path={model}",
+            "rollout.engine_timeout_s=3",
+        ],
+    )
+    killer = threading.Thread(target=stop_after_step_1, daemon=True)
+    killer.start()
+    try:
+        with pytest.raises(RunStopped) as stopped:
+            train(cfg, run, progress=False)
+    finally:
+        server.stop()
+    assert time.monotonic() - stopped_at[0] < 3 + 30  # the wait, plus a step's own time on a loaded CPU
+    message = str(stopped.value)
+    # Lost at a sync (the driver waited 3 s for it), or before a rollout / with all of a step's episodes.
+    assert any(
+        why in message
+        for why in (
+            "none answered again within rollout.engine_timeout_s=3s",
+            "none came back with weights version",
+            "every episode was lost",
+        )
+    )
+    assert server.url in message
+    assert len(rows(run)) < 6
 
 
 def test_engine_settings_that_cannot_work_are_refused_before_anything_starts():
