@@ -1,6 +1,7 @@
 """Taking back an engine server a rollout worker dropped: between rollouts, once it answers
 and holds the current weights (never a restarted server's stale checkpoint stamped as the
-current version); with every engine lost, a bounded wait, then a clear stop."""
+current version); the driver giving a lost server that answers again the current weights
+(forge serve, vLLM, SGLang); with every engine lost, a bounded wait, then a clear stop."""
 
 from __future__ import annotations
 
@@ -375,3 +376,106 @@ def test_a_worker_that_waited_in_vain_for_its_engines_stops_the_run_with_its_rea
         RunStopped, match="a rollout worker stopped: engine every engine: all 2 engines are lost"
     ):
         collect_groups(object(), [{"task_id": "t"}], 2)
+
+
+# -- the driver: a lost vLLM / SGLang server that answers again gets the weights at the next sync ---
+class Restartable:
+    """Recorded vLLM / SGLang exchanges behind an httpx transport, and a switch: while down,
+    every request is refused as a stopped server's would be."""
+
+    def __init__(self, *exchanges: dict) -> None:
+        self.routes = {(e["method"], e["path"]): e for e in exchanges}
+        self.up = True
+        self.seen: list[str] = []
+
+    def transport(self) -> httpx.MockTransport:
+        def handle(request: httpx.Request) -> httpx.Response:
+            if not self.up:
+                raise httpx.ConnectError("All connection attempts failed", request=request)
+            self.seen.append(request.url.path)
+            if request.url.path == "/health":
+                return httpx.Response(200, text="")
+            exchange = self.routes[(request.method, request.url.path)]
+            if "response_text" in exchange:
+                return httpx.Response(200, text=exchange["response_text"])
+            return httpx.Response(exchange.get("status", 200), json=exchange["response"])
+
+        return httpx.MockTransport(handle)
+
+
+class Trainer:
+    """The trainer actor's calls a remote sync makes, answered at once (with `ray.get` as identity)."""
+
+    class _Call:
+        def __init__(self, answer) -> None:
+            self.remote = answer
+
+    def __init__(self) -> None:
+        self.save = self._Call(lambda path: path)
+        self.__ray_call__ = self._Call(lambda fn, path: path)
+
+
+def pool_over(servers: dict[str, Restartable], overrides: list[str], monkeypatch):
+    import ray
+
+    from forge.config import load_config
+    from forge.rollout.engines import clients, pool
+    from forge.rollout.engines.pool import EnginePool
+
+    real = clients.make_client
+
+    def make_client(spec: str, model: str, sampling, timeout_s: float = 120.0):
+        client = real(spec, model, sampling, timeout_s)
+        client.http = HttpTransport(client.url, timeout_s, servers[spec].transport())
+        client.http.busy_retry_delays_s = ()
+        return client
+
+    monkeypatch.setattr(clients, "make_client", make_client)
+    monkeypatch.setattr(ray, "get", lambda ref, **_: ref)
+    monkeypatch.setattr(pool, "READMIT_FIRST_WAIT_S", 0.0)
+    cfg = load_config(
+        "configs/smoke.yaml",
+        ["rollout.engine=remote", f"rollout.servers=[{','.join(servers)}]", *overrides],
+    )
+    return EnginePool(list(servers), [], cfg)
+
+
+def test_a_lost_sglang_server_that_answers_again_loads_the_current_folder_and_counts_live(
+    tmp_path, monkeypatch, capsys
+):
+    a, b = "sglang+http://a:30000", "sglang+http://b:30000"
+    servers = {url: Restartable(SGLANG["update_weights_from_disk"]) for url in (a, b)}
+    pool = pool_over(servers, [f"rollout.weight_dir={tmp_path}", "train.mode=sync"], monkeypatch)
+    trainer = Trainer()
+    pool.sync([None], 1, trainer)
+    servers[b].up = False
+    pool.sync([None], 2, trainer)
+    assert pool.holders(2) == [a] and b in pool.dead
+    assert pool.engine_metrics() == {"engine_servers_live": 1.0, "engine_servers_readmitted": 0.0}
+    servers[b].up = True  # restarted, holding its checkpoint
+    servers[b].seen.clear()
+    pool.sync([None], 3, trainer)
+    assert servers[b].seen == ["/health", "/update_weights_from_disk"]  # asked, then given version 3
+    assert pool.holders(3) == [a, b]
+    assert pool.engine_metrics() == {"engine_servers_live": 2.0, "engine_servers_readmitted": 1.0}
+    console = capsys.readouterr().err
+    assert f"engine {b} answers again" in console
+    assert f"engine {b} took weights version 3 and serves again (2 of 2 engines live)" in console
+
+
+def test_a_lost_vllm_server_in_a_lora_run_gets_the_adapter_again_before_it_counts_live(tmp_path, monkeypatch):
+    a, b = "vllm+http://a:8000", "vllm+http://b:8000"
+    exchanges = (VLLM["pause"], VLLM["load_lora_adapter"], VLLM["resume"])
+    servers = {url: Restartable(*exchanges) for url in (a, b)}
+    pool = pool_over(
+        servers, [f"rollout.weight_dir={tmp_path}", "model.lora.enabled=true", "train.mode=sync"], monkeypatch
+    )
+    trainer = Trainer()
+    servers[b].up = False
+    pool.sync([None], 1, trainer)
+    assert pool.holders(1) == [a]
+    servers[b].up = True
+    servers[b].seen.clear()
+    pool.sync([None], 2, trainer)
+    assert servers[b].seen == ["/health", "/pause", "/v1/load_lora_adapter", "/resume"]
+    assert pool.holders(2) == [a, b] and pool.readmitted == 1
