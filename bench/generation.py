@@ -75,16 +75,6 @@ MODELS = {
         num_key_value_heads=2,
         intermediate_size=512,
     ),
-    # A Mistral of the small shapes whose window no row reaches (Phi-3-mini-128k declares 262143).
-    "small-window": dict(
-        vocab_size=VOCAB,
-        hidden_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=512,
-        sliding_window=1 << 17,
-    ),
     "qwen2-0.5b": dict(
         vocab_size=151936,
         hidden_size=896,
@@ -94,6 +84,8 @@ MODELS = {
         intermediate_size=4864,
     ),
 }
+# The small shapes as a Mistral whose window no row reaches (Phi-3-mini-128k declares 262143).
+MODELS["small-window"] = dict(MODELS["small"], sliding_window=1 << 17)
 CONTEXT = 8192  # the engine's max_context_tokens (and the checkpoint's max_position_embeddings)
 # Peak memory bandwidth in GB/s by device name, for the decode bound; --bandwidth-gbs overrides.
 BANDWIDTH_GBS = {

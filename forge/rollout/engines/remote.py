@@ -22,6 +22,21 @@ from typing import Any, Protocol
 
 from forge.rollout.engines.protocol import GenerationRequest, GenerationResult
 
+# vLLM and SGLang fill every sampling parameter a request leaves unset from the model's
+# generation_config.json (vLLM: `--generation-config auto`, CompletionRequest.to_sampling_params
+# in vllm/entrypoints/openai/completion/protocol.py; SGLang: `--sampling-defaults model`,
+# python/sglang/srt/server_args.py), e.g. Qwen2.5-Instruct's top_k 20 and repetition_penalty
+# 1.05. Forge's behaviour logprobs and its trainer assume temperature and top-p only, so both
+# clients send every other knob switched off (top_k -1 is the whole vocabulary on both, and
+# older vLLMs refuse 0).
+NEUTRAL_SAMPLING = {
+    "top_k": -1,
+    "min_p": 0.0,
+    "repetition_penalty": 1.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+}
+
 
 class EngineLost(RuntimeError):
     """The engine at `url` died, hung past its timeout, or failed the request."""

@@ -14,6 +14,7 @@ from typing import Any
 
 from forge.rollout.engines.protocol import GenerationRequest, GenerationResult
 from forge.rollout.engines.remote import (
+    NEUTRAL_SAMPLING,
     PROBE_TIMEOUT_S,
     EngineLost,
     HttpCall,
@@ -26,19 +27,6 @@ from forge.rollout.engines.remote import (
     request_sampling,
     top_logprob_pairs,
 )
-
-# SGLang fills sampling parameters a request leaves unset from the model's
-# generation_config.json (`--sampling-defaults model`, its default; python/sglang/srt/
-# server_args.py), e.g. Qwen2.5-Instruct's top_k 20 and repetition_penalty 1.05. Forge's
-# behaviour logprobs and trainer assume temperature and top-p only: the rest is sent off
-# (top_k -1 is the whole vocabulary in SGLang's SamplingParams).
-NEUTRAL_SAMPLING = {
-    "top_k": -1,
-    "min_p": 0.0,
-    "repetition_penalty": 1.0,
-    "presence_penalty": 0.0,
-    "frequency_penalty": 0.0,
-}
 
 
 def generate_call(request: GenerationRequest, sampling: Sampling, lora_name: str | None = None) -> HttpCall:

@@ -13,6 +13,7 @@ from typing import Any
 
 from forge.rollout.engines.protocol import GenerationRequest, GenerationResult
 from forge.rollout.engines.remote import (
+    NEUTRAL_SAMPLING,
     PROBE_TIMEOUT_S,
     EngineLost,
     HttpCall,
@@ -27,20 +28,6 @@ from forge.rollout.engines.remote import (
 )
 
 TOKEN_PREFIX = "token_id:"  # how return_tokens_as_token_ids spells each sampled token
-
-# Sampling knobs a request leaves unset take the server's defaults, which vLLM reads from the
-# model's generation_config.json (`--generation-config auto`, its default: Qwen2.5-Instruct's
-# sets top_k 20, repetition_penalty 1.05; CompletionRequest.to_sampling_params in
-# vllm/entrypoints/openai/completion/protocol.py). Forge's behaviour logprobs and its trainer
-# assume temperature and top-p only, so every other knob is sent switched off. top_k -1 is
-# "off" on every vLLM (older ones refuse 0).
-NEUTRAL_SAMPLING = {
-    "top_k": -1,
-    "min_p": 0.0,
-    "repetition_penalty": 1.0,
-    "presence_penalty": 0.0,
-    "frequency_penalty": 0.0,
-}
 
 # Routes a plain `vllm serve` lacks, and what turns them on.
 ROUTE_HINTS = {
