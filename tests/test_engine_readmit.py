@@ -479,3 +479,60 @@ def test_a_lost_vllm_server_in_a_lora_run_gets_the_adapter_again_before_it_count
     pool.sync([None], 2, trainer)
     assert servers[b].seen == ["/health", "/pause", "/v1/load_lora_adapter", "/resume"]
     assert pool.holders(2) == [a, b] and pool.readmitted == 1
+
+
+def test_a_lost_vllm_server_with_full_weights_rejoins_a_weight_transfer_group_formed_afresh(
+    tmp_path, monkeypatch
+):
+    """NCCL groups cannot grow: the server that answers again and the ones still in the
+    group all join a new one (world 1 + 2), then take the version."""
+    a, b = "vllm+http://a:8000", "vllm+http://b:8000"
+    exchanges = [
+        VLLM[name]
+        for name in (
+            "get_world_size",
+            "init_weight_transfer_engine",
+            "pause",
+            "start_weight_update",
+            "update_weights",
+            "finish_weight_update",
+            "resume",
+        )
+    ]
+    servers = {url: Restartable(*exchanges, VLLM["weight_info"]) for url in (a, b)}
+    pool = pool_over(servers, ["train.mode=sync", "train.num_gpus=1"], monkeypatch)
+    joined: list[int] = []
+
+    class NcclTrainer:
+        """The trainer's side of vLLM's weight transfer (forge.rollout.engines.vllm_transfer)."""
+
+        class _Call:
+            @staticmethod
+            def remote(fn, *args):
+                async def answer():
+                    if fn.__name__ == "trainer_address":
+                        return "10.0.0.5", 29555
+                    if fn.__name__ == "trainer_join":
+                        joined.append(args[-1])
+                        info = VLLM["update_weights"]["request"]["update_info"]
+                        return info["names"], info["dtype_names"], info["shapes"]
+                    return None
+
+                return answer()
+
+        __ray_call__ = _Call()
+
+    trainer = NcclTrainer()
+    pool.sync([None], 1, trainer)
+    assert joined == [3] and pool.holders(1) == [a, b]
+    servers[b].up = False
+    # b fails the update, which drops every vLLM in it (their weights may be half new); a
+    # answers again at once and takes version 2 in a group of its own.
+    pool.sync([None], 2, trainer)
+    assert pool.holders(2) == [a] and joined == [3, 2]
+    servers[b].up = True
+    servers[b].seen.clear()
+    pool.sync([None], 3, trainer)
+    assert joined == [3, 2, 3]  # a new group: the trainer and both servers
+    assert servers[b].seen[:3] == ["/health", "/get_world_size", "/init_weight_transfer_engine"]
+    assert "/finish_weight_update" in servers[b].seen and pool.holders(3) == [a, b]
