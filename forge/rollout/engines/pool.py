@@ -534,8 +534,9 @@ class EnginePool:
 
     async def _vllm_update(self, clients: list[Any], version: int, trainer: Any) -> None:
         """Full weights to vLLM servers by vLLM's NCCL weight transfer (trainer on a GPU,
-        vllm installed beside it). A failure midway leaves their weights part old, part new:
-        every server in it is dropped."""
+        vllm installed beside it). A server that does not answer GET /health is dropped first
+        (it would fail the shared update for all); a failure midway leaves their weights part
+        old, part new: every server in it is dropped (and asked again: `_sync_servers`)."""
         from forge.rollout.engines import vllm_transfer
         from forge.rollout.engines.broadcast import trainer_address
 
@@ -552,6 +553,15 @@ class EnginePool:
                 send=lambda: trainer.__ray_call__.remote(vllm_transfer.trainer_send),
                 address=lambda: trainer.__ray_call__.remote(trainer_address),
             )
+        answering = await asyncio.gather(*(client.healthy() for client in clients))
+        for client, ok in zip(clients, answering, strict=True):
+            if not ok:
+                self.lost(
+                    getattr(client, "spec", client.url), "no answer to GET /health before the weight update"
+                )
+        clients = [client for client, ok in zip(clients, answering, strict=True) if ok]
+        if not clients:
+            return
         try:
             await self._vllm.update(clients, version)
         except Exception as exc:
