@@ -206,7 +206,10 @@ class RolloutConfig(Section):
     engine_timeout_s: float = Field(
         120.0,
         gt=0,
-        description="a generate call or weight update an engine has not answered by then counts it lost",
+        description=(
+            "a generate call or weight update an engine has not answered by then counts it lost; with every "
+            "server lost, how long a run waits for one to come back before it stops"
+        ),
     )
     weight_sync: Literal["auto", "object_store", "folder", "broadcast"] = Field(
         "auto",
