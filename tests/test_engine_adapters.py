@@ -479,7 +479,8 @@ def test_a_vllm_server_that_refuses_the_adapter_is_dropped_and_the_others_keep_i
     asyncio.run(pool._vllm_adapters([good, bad], 4, lambda: "/shared/forge/v000004"))
     assert good.policy_version == 4 and good.model == "policy-forge-lora"
     assert bad.policy_version == 0 and bad.model == "policy"  # it keeps naming what it serves
-    assert list(pool.dead) == ["http://b:1"] and "LoRA adapter load failed" in capsys.readouterr().err
+    # The pool knows it by its rollout.servers entry, as a run's sync and its later re-admission do.
+    assert list(pool.dead) == ["vllm+http://b:1"] and "LoRA adapter load failed" in capsys.readouterr().err
 
 
 def test_the_trainers_adapters_are_saved_as_the_peft_folder_vllm_and_forge_serve_load(tmp_path):

@@ -13,19 +13,26 @@ from forge.rollout.engines.vllm_client import VLLMClient
 
 def make_client(spec: str, model: str, sampling: Sampling, timeout_s: float = 120.0) -> EngineClient:
     """A client from a `rollout.servers` entry: `http://host:port` (forge serve),
-    `vllm+http://host:port` or `sglang+http://host:port`."""
+    `vllm+http://host:port` or `sglang+http://host:port`. The client's `spec` is that entry: the
+    pool knows a server by it (`pool.dead`, `holders`), its client by its bare `url`."""
     kind, _, url = spec.partition("+") if "+" in spec.split("://")[0] else ("forge", "", spec)
     if not url.startswith(("http://", "https://")):
         raise ValueError(
             f"rollout.servers entry {spec!r}: write http://host:port, vllm+http://... or sglang+http://..."
         )
+    client: EngineClient
     if kind == "forge":
-        return ForgeClient(url, timeout_s, sampling)
-    if kind == "vllm":
-        return VLLMClient(url, model, sampling, timeout_s)
-    if kind == "sglang":
-        return SGLangClient(url, sampling, timeout_s)
-    raise ValueError(f"rollout.servers entry {spec!r}: unknown server kind {kind!r} (forge, vllm or sglang)")
+        client = ForgeClient(url, timeout_s, sampling)
+    elif kind == "vllm":
+        client = VLLMClient(url, model, sampling, timeout_s)
+    elif kind == "sglang":
+        client = SGLangClient(url, sampling, timeout_s)
+    else:
+        raise ValueError(
+            f"rollout.servers entry {spec!r}: unknown server kind {kind!r} (forge, vllm or sglang)"
+        )
+    client.spec = spec  # type: ignore[attr-defined]
+    return client
 
 
 def run_sampling(rollout_cfg: Any, stop_token_ids: list[int]) -> Sampling:

@@ -483,11 +483,10 @@ class EnginePool:
         from forge.rollout.engines.updates import tensors_to_bytes
         from forge.weights import unpack_weights
 
-        clients = []
-        for url in self.live_urls:
-            client = make_client(url, self.cfg.model.path or "policy", Sampling(), timeout_s)
-            client.spec = url  # the rollout.servers entry (vllm+http://...) the pool knows it by
-            clients.append(client)
+        # Each client's `spec` is its rollout.servers entry (vllm+http://...), which the pool knows it by.
+        clients = [
+            make_client(url, self.cfg.model.path or "policy", Sampling(), timeout_s) for url in self.live_urls
+        ]
         vllm = [client for client in clients if client.kind == "vllm"]
         blob = folder = None
         try:
