@@ -416,7 +416,7 @@ class EpisodeStore:
     def stop_calls(self, episode_ids: list[str], reason: str) -> int:
         """Give up the calls still generating for these episodes, e.g. when no agent is left
         to read them: dropped now (not kept, counted in `calls_dropped`, not waited for), and
-        stopped at the in-process engine's next decode step (an engine server runs them on);
+        stopped at the engine's next decode step (on an engine server: cancelled or aborted there);
         their clients, if any, are told `reason`. Returns how many."""
         stopped = 0
         for episode_id in episode_ids:

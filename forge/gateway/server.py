@@ -205,9 +205,13 @@ class Gateway:
         except asyncio.CancelledError:  # the server is stopping: the reply is never sent
             self.store.end_call(run.episode, run.pending, [], dropped=True)
             raise
-        except BaseException:  # generation failed: no sample, and not a dropped reply
-            self.store.end_call(run.episode, run.pending, [])
-            raise
+        except BaseException:
+            if not run.aborted:  # generation failed: no sample, and not a dropped reply
+                self.store.end_call(run.episode, run.pending, [])
+                raise
+            # Given up, and the engine server ended it without a reply (a vLLM or SGLang
+            # call is stopped by closing its connection): dropped, as a reply cut would be.
+            choices, gone = [], True
         finally:
             if watcher is not None:
                 watcher.cancel()

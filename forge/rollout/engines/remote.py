@@ -17,6 +17,7 @@ which those servers batch themselves).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -260,6 +261,45 @@ class HttpTransport:
             self._client = None
 
 
+# How often a call in flight looks whether it was given up (its request's `cancel` set): a
+# wake-up per call every 0.1 s, nothing per token. The gateway checks its clients as often.
+CANCEL_POLL_S = 0.1
+
+
+async def send_cancellable(
+    http: HttpTransport, call: HttpCall, cancel: threading.Event | None, abort: HttpCall | None = None
+) -> Any:
+    """`http.send(call)`, ended early once `cancel` is set: the connection is closed (httpx
+    drops a connection whose response was not read to the end), and `abort`, when given, is
+    sent to the server after it; raises `RequestAborted` (the request's episode is lost, the
+    engine stays). vLLM aborts a /v1/completions request whose client disconnects (the route
+    is wrapped in `with_cancellation`, vllm/entrypoints/utils.py, which cancels the handler
+    on http.disconnect); SGLang notices a disconnect only when it next looks (its
+    TokenizerManager._wait_one_response, python/sglang/srt/managers/tokenizer_manager.py), so
+    its client also sends POST /abort_request."""
+    import asyncio
+
+    if cancel is None:
+        return await http.send(call)
+    sending = asyncio.ensure_future(http.send(call))
+    try:
+        while not sending.done():
+            await asyncio.wait({sending}, timeout=CANCEL_POLL_S)
+            if cancel.is_set() and not sending.done():
+                sending.cancel()
+                if abort is not None:
+                    try:
+                        await http.send(abort, PROBE_TIMEOUT_S)
+                    except (EngineLost, ProtocolError):  # the disconnect stops it all the same
+                        pass
+                raise RequestAborted(
+                    http.url, f"{call.method} {call.path} was given up and ended on the server"
+                )
+        return sending.result()
+    finally:
+        sending.cancel()  # done by now, unless this call itself was cancelled
+
+
 def check_prompt_kept(sent: int | None, counted: Any, url: str, fix: str) -> None:
     """Refuse an answer to a prompt the server shortened: its tokens would be trained as a
     continuation of context the model never saw. `counted` is the server's own prompt count."""
@@ -417,10 +457,6 @@ def forge_parse_generate(body: Any) -> GenerationResult:
         raise ProtocolError(
             f"not a forge serve /forge/generate answer ({exc!r}): {str(body)[:300]}"
         ) from None
-
-
-# How often a batch in flight on a `forge serve` looks for requests given up meanwhile.
-CANCEL_POLL_S = 0.1
 
 
 class ForgeClient:

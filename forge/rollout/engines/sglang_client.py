@@ -10,6 +10,7 @@ running SGLang. Launch flags are in the README ("Inference servers").
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from forge.rollout.engines.protocol import GenerationRequest, GenerationResult
@@ -25,11 +26,15 @@ from forge.rollout.engines.remote import (
     check_prompt_kept,
     generate_each,
     request_sampling,
+    send_cancellable,
     top_logprob_pairs,
 )
 
 
-def generate_call(request: GenerationRequest, sampling: Sampling, lora_name: str | None = None) -> HttpCall:
+def generate_call(
+    request: GenerationRequest, sampling: Sampling, lora_name: str | None = None, rid: str | None = None
+) -> HttpCall:
+    """`rid`: the request's id on the server (GenerateReqInput.rid), for POST /abort_request."""
     temperature, top_p = request_sampling(request, sampling)
     params: dict[str, Any] = {
         "max_new_tokens": request.max_new_tokens,
@@ -56,7 +61,15 @@ def generate_call(request: GenerationRequest, sampling: Sampling, lora_name: str
         body["top_logprobs_num"] = request.top_logprobs
     if lora_name:
         body["lora_path"] = lora_name
+    if rid is not None:
+        body["rid"] = rid
     return HttpCall("POST", "/generate", body)
+
+
+def abort_call(rid: str) -> HttpCall:
+    # AbortReq {"rid", "abort_all"} (python/sglang/srt/entrypoints/http_server.py,
+    # /abort_request); a rid the server no longer runs is ignored.
+    return HttpCall("POST", "/abort_request", {"rid": rid})
 
 
 def parse_generate(
@@ -175,7 +188,16 @@ class SGLangClient:
         self.lora_name: str | None = None
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
-        body = await self.http.send(generate_call(request, self.sampling, self.lora_name))
+        # A request the gateway may give up (`cancel`) carries an id of Forge's making, unique
+        # per call, so that it can be aborted: its connection is closed, which SGLang notices
+        # only at its next look, and POST /abort_request names it.
+        rid = f"forge-{uuid.uuid4().hex}" if request.cancel is not None else None
+        body = await send_cancellable(
+            self.http,
+            generate_call(request, self.sampling, self.lora_name, rid),
+            request.cancel,
+            abort_call(rid) if rid is not None else None,
+        )
         result = parse_generate(
             body, self.sampling.stop_token_ids, self.policy_version, request.top_logprobs, self.url
         )

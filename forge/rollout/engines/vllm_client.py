@@ -24,6 +24,7 @@ from forge.rollout.engines.remote import (
     check_prompt_kept,
     generate_each,
     request_sampling,
+    send_cancellable,
     top_logprob_pairs,
 )
 
@@ -225,7 +226,11 @@ class VLLMClient:
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         try:
-            body = await self.http.send(completion_call(request, self.model, self.sampling))
+            # A call given up (the gateway sets `cancel`) is ended by closing its connection,
+            # which vLLM's /v1/completions takes as an abort (`with_cancellation`).
+            body = await send_cancellable(
+                self.http, completion_call(request, self.model, self.sampling), request.cancel
+            )
         except ProtocolError as exc:
             if exc.status == 404 and self.model != self.base_model:
                 # The server had Forge's adapter and now serves no such model: it restarted
