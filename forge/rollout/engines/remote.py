@@ -274,7 +274,8 @@ async def send_cancellable(
     sent to the server after it; raises `RequestAborted` (the request's episode is lost, the
     engine stays). vLLM aborts a /v1/completions request whose client disconnects (the route
     is wrapped in `with_cancellation`, vllm/entrypoints/utils.py, which cancels the handler
-    on http.disconnect); SGLang notices a disconnect only when it next looks (its
+    on http.disconnect, and AsyncLLM.generate, vllm/v1/engine/async_llm.py, aborts the
+    engine request when cancelled); SGLang notices a disconnect only when it next looks (its
     TokenizerManager._wait_one_response, python/sglang/srt/managers/tokenizer_manager.py), so
     its client also sends POST /abort_request."""
     import asyncio

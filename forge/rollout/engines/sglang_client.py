@@ -34,7 +34,8 @@ from forge.rollout.engines.remote import (
 def generate_call(
     request: GenerationRequest, sampling: Sampling, lora_name: str | None = None, rid: str | None = None
 ) -> HttpCall:
-    """`rid`: the request's id on the server (GenerateReqInput.rid), for POST /abort_request."""
+    """`rid`: the request's id on the server (GenerateReqInput.rid,
+    python/sglang/srt/managers/io_struct.py), for POST /abort_request."""
     temperature, top_p = request_sampling(request, sampling)
     params: dict[str, Any] = {
         "max_new_tokens": request.max_new_tokens,
