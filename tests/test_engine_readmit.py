@@ -124,10 +124,9 @@ def test_a_server_the_driver_did_not_deliver_the_version_to_stays_out_even_if_it
     a.held = b.held = 4
     router.stamp_version(4, holders=["http://a:1"])
 
+    assert router.alive == ["http://a:1"]  # dropped as the version was stamped
+
     async def scenario() -> list[str]:
-        await drop(router, b, "g1")
-        b.restart()
-        b.held = 4
         await asyncio.sleep(0.06)
         return await router.readmit()
 
@@ -252,6 +251,79 @@ def test_an_sglang_server_is_taken_back_when_its_model_info_says_the_current_wei
     assert not readmitted(sglang(SGLANG["get_model_info_after_a_restart"]), 4)
 
 
+# -- a live server that restarted unnoticed: asked at each rollout's start -----------------------
+def kept_live(client, version: int, adapter: bool = False) -> bool:
+    """Whether a router that delivered `version` to `client` keeps it live at a rollout's start."""
+    router = Router([client])
+    router.stamp_version(version, adapter, holders=[client.url])
+    asyncio.run(router.confirm_live())  # what `readmit` does first
+    return router.alive == [client.url]
+
+
+def test_a_live_vllm_server_that_restarted_unnoticed_is_dropped_at_the_next_rollout_start():
+    """No request failed, but its /weight_info says None (its checkpoint): its samples would be
+    stamped with the current version. One that says the version, or a newer one (the driver
+    is mid-sync), or cannot say (no /weight_info), stays."""
+    assert not kept_live(vllm(VLLM["weight_info_after_a_restart"]), 3)
+    assert kept_live(vllm(VLLM["weight_info"]), 3)
+    assert not kept_live(vllm(VLLM["weight_info"]), 4)  # the update it missed
+    assert kept_live(vllm(VLLM["weight_info"]), 2)  # version 3 pushed, not yet stamped here
+    assert kept_live(vllm({"path": "/weight_info", "status": 404, "response": {"detail": "Not Found"}}), 3)
+    restarted = {
+        **VLLM["models"],
+        "response": {"object": "list", "data": VLLM["models"]["response"]["data"][:1]},
+    }
+    assert kept_live(vllm(VLLM["models"]), 5, adapter=True)
+    assert not kept_live(vllm(restarted), 5, adapter=True)  # runtime adapters do not survive a restart
+
+
+def test_a_live_sglang_server_back_at_its_default_weight_version_is_dropped_at_the_next_rollout_start(capsys):
+    def sglang(exchange: dict) -> SGLangClient:
+        client = SGLangClient("http://s:30000", None)
+        client.http = HttpTransport("http://s:30000", 10, answering(exchange))
+        return client
+
+    assert kept_live(sglang(SGLANG["get_model_info"]), 4)
+    assert not kept_live(sglang(SGLANG["get_model_info_after_a_restart"]), 4)
+    assert (
+        "engine http://s:30000 lost (it holds weights version 0, not 4 (restarted?))"
+        in capsys.readouterr().err
+    )
+
+
+def test_the_version_probe_of_live_servers_is_bounded_and_concurrent(monkeypatch):
+    """Servers that do not answer it in time cost one VERSION_PROBE_TIMEOUT_S together, and
+    stay live (their requests' own timeout judges them)."""
+    monkeypatch.setattr(router_module, "VERSION_PROBE_TIMEOUT_S", 0.2)
+
+    async def hang(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(5.0)
+        return httpx.Response(200, json={"weight_version": None})
+
+    clients = []
+    for host in "abc":
+        client = VLLMClient(f"http://{host}:8000", "/models/qwen", None)
+        client.http = HttpTransport(client.url, 10, httpx.MockTransport(hang))
+        clients.append(client)
+    router = Router(clients)
+    router.stamp_version(3)
+    started = time.monotonic()
+    assert asyncio.run(router.readmit()) == []
+    assert 0.2 <= time.monotonic() - started < 0.6
+    assert router.live == 3
+
+
+def test_a_live_server_the_drivers_sync_did_not_reach_is_dropped_when_the_version_is_stamped(quick_backoff):
+    a, b = Server("http://a:1"), Server("http://b:1")
+    router = Router([a, b])
+    router.stamp_version(2, holders=["http://a:1"])  # b failed the update (its pool entry is dead)
+    assert router.alive == ["http://a:1"]
+    assert "did not deliver weights version 2" in router.engines[1].lost_reason
+    b.held = 2
+    router.stamp_version(2, holders=["http://a:1", "http://b:1"])  # the next sync reached it
+    assert asyncio.run(router.readmit()) == ["http://b:1"]
+
+
 # -- Forge's own server, over real HTTP ---------------------------------------------------------
 def free_port() -> int:
     with socket.socket() as probe:
@@ -263,7 +335,8 @@ def test_a_restarted_forge_serve_is_taken_back_after_the_weight_push_and_samples
     """Two `forge serve`s; one is stopped and started again on its port from the checkpoint on
     disk. It stays out while it holds version 0, and once the driver's push (the same
     /forge/weights/tensors call a sync makes) gave it version 1 it is taken back: its
-    samples carry version 1 and their logprobs are the pushed weights' own."""
+    samples carry version 1 and their logprobs are the pushed weights' own. Restarted again
+    with no request failing, it is dropped at the next rollout's start."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -324,10 +397,17 @@ def test_a_restarted_forge_serve_is_taken_back_after_the_weight_push_and_samples
             return result
 
         result = asyncio.run(after_push())
+        # Then b restarts between two rollouts, with no request of a rollout failing: at the
+        # next rollout's start it says version 0 and is dropped; a serves on.
+        answered = server_b.service.served.metrics()["requests"]
+        server_b.stop()
+        server_b = start(port_b)
+        assert asyncio.run(router.readmit()) == [] and router.alive == [server_a.url]
+        assert "it holds weights version 0, not 1 (restarted?)" in router.engines[1].lost_reason
     finally:
         for server in (server_a, server_b):
             server.stop()
-    assert server_b.service.served.metrics()["requests"] == 1  # the restarted server answered it
+    assert answered == 1  # the restarted server answered it
     assert result.policy_version == 1
     ids = torch.tensor([[5, 6, 7, 8, *result.token_ids]])
     with torch.no_grad():

@@ -104,6 +104,11 @@ class EngineClient(Protocol):
         """Whether the server says it holds weights `version` (None: it cannot say)."""
         ...
 
+    async def held_version(self, timeout_s: float) -> int | None:
+        """The Forge policy version the server says it holds (0: its checkpoint, as after a
+        restart; None: it cannot say), asked within `timeout_s`."""
+        ...
+
     async def load_checkpoint(self, path: str, version: int) -> None: ...
 
     async def load_adapter(self, path: str, version: int) -> None: ...
@@ -130,6 +135,16 @@ async def generate_each(
 # How long a probe of a server's health or weights may take (a dropped server re-checked
 # between rollouts, or before a weight sync): a dead one costs this much at most.
 PROBE_TIMEOUT_S = 5.0
+
+
+def as_policy_version(said: Any) -> int:
+    """A version a server reports, as Forge's: what Forge set (`str(version)`), else 0 (None,
+    SGLang's "default", a --weight-version of the user's own: the checkpoint it started from)."""
+    try:
+        return int(said)
+    except (TypeError, ValueError):
+        return 0
+
 
 BUSY_STATUSES = (429, 503)  # turned away for now, nothing run: worth sending again
 
@@ -524,6 +539,12 @@ class ForgeClient:
         holds its checkpoint, version 0 or its --policy-version, again)."""
         body = await self.http.send(HttpCall("GET", "/ready"), timeout_s=PROBE_TIMEOUT_S)
         return isinstance(body, dict) and body.get("ready") is True and body.get("policy_version") == version
+
+    async def held_version(self, timeout_s: float = PROBE_TIMEOUT_S) -> int | None:
+        """`GET /ready`'s policy_version (a paused server, mid-update, answers 503: EngineLost)."""
+        body = await self.http.send(HttpCall("GET", "/ready"), timeout_s=timeout_s)
+        said = body.get("policy_version") if isinstance(body, dict) else None
+        return said if isinstance(said, int) else None
 
     async def load_checkpoint(self, path: str, version: int) -> None:
         await self.http.send(HttpCall("POST", "/forge/weights", {"checkpoint": path, "version": version}))

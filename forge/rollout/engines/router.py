@@ -13,6 +13,13 @@ server restarted from its checkpoint holds stale weights until then, and stays o
 every engine dropped, `readmit` waits up to the engine timeout for one, then stops the
 rollout with an error naming them all.
 
+A server can also restart between two of a worker's requests without any request failing;
+it then samples its checkpoint while the worker stamps the current version. So `readmit`
+first asks every live engine which weights it holds (at once, each within
+VERSION_PROBE_TIMEOUT_S): one that says an older version than the driver delivered is dropped
+like a failed one (and taken back after the next push). `stamp_version` drops at once a live
+engine the driver's sync did not reach (not among `holders`).
+
 Calls are batched as `BatchingEngine` batches in-process: a turn waits until every live
 episode of the worker is waiting on generation (or `max_wait_s` has passed), then each
 engine gets its episodes' turns in one `generate_batch` call. One HTTP call per turn cost
@@ -51,6 +58,10 @@ READMIT_FIRST_WAIT_S = 1.0
 READMIT_MAX_WAIT_S = 60.0
 # With every engine dropped, how often they are asked while the rollout waits for one.
 ALL_LOST_POLL_S = 1.0
+# The most a live engine's answer to "which weights do you hold" may add to a rollout's start.
+# A server that does not answer in time stays live: its requests' own timeout judges it (a
+# server busy generating must not be dropped for a slow probe).
+VERSION_PROBE_TIMEOUT_S = 2.0
 
 
 class Router:
@@ -108,9 +119,12 @@ class Router:
         them, which requests then name."""
         self.version = version
         self.holders = None if holders is None else {server_url(url) for url in holders}
-        for engine in self.engines:
-            if not engine.alive and (self.holders is None or engine.client.url in self.holders):
+        for index, engine in enumerate(self.engines):
+            delivered = self.holders is None or engine.client.url in self.holders
+            if not engine.alive and delivered:
                 engine.next_check = 0.0  # it just took this version: worth asking at the next rollout
+            elif engine.alive and not delivered:  # its samples would be stamped with a version it lacks
+                self._drop(index, f"the driver's sync did not deliver weights version {version} to it")
         for engine in self.engines:
             if getattr(engine.client, "kind", "") == "vllm":
                 if adapter:
@@ -123,9 +137,12 @@ class Router:
         return sum(e.alive for e in self.engines)
 
     async def readmit(self) -> list[str]:
-        """Between rollouts: ask the dropped engines that are due (backoff) and take back those
-        that answer and hold the current weights; returns their urls. With none alive, ask
-        every ALL_LOST_POLL_S up to `lost_wait_s`, then raise EngineLost naming them all."""
+        """Between rollouts: drop the live engines that say they hold older weights than the
+        current version (`confirm_live`); ask the dropped engines that are due (backoff) and
+        take back those that answer and hold the current weights; returns their urls. With
+        none alive, ask every ALL_LOST_POLL_S up to `lost_wait_s`, then raise EngineLost
+        naming them all."""
+        await self.confirm_live()
         back = await self._check_dropped(time.monotonic())
         if self.live:
             return back
@@ -149,6 +166,24 @@ class Router:
             await asyncio.sleep(min(ALL_LOST_POLL_S, deadline - now))
             back += await self._check_dropped(None)
         return back
+
+    async def confirm_live(self) -> list[str]:
+        """Ask every live engine which weights version it holds (at once, VERSION_PROBE_TIMEOUT_S
+        each) and drop those that hold an older one than the driver delivered (restarted from
+        their checkpoint since, or missed the update); returns their urls. An engine that cannot
+        say, or does not answer in time, stays; one that holds a newer version is mid-sync
+        (the driver stamps it next)."""
+        version = self.version  # what the answers are compared with, should a stamp arrive meanwhile
+        if version == 0:  # nothing is older than the checkpoint
+            return []
+        asked = [(i, e) for i, e in enumerate(self.engines) if e.alive and hasattr(e.client, "held_version")]
+        said = await asyncio.gather(*(_held_version(e.client) for _, e in asked))
+        stale = []
+        for (index, engine), held in zip(asked, said, strict=True):
+            if held is not None and held < version and engine.alive:
+                self._drop(index, f"it holds weights version {held}, not {version} (restarted?)")
+                stale.append(engine.client.url)
+        return stale
 
     async def _check_dropped(self, now: float | None) -> list[str]:
         """Probe the dropped engines due at `now` (None: all of them) at once."""
@@ -355,6 +390,14 @@ class Router:
             "engines": len(self.engines),
             "engines_readmitted": self.readmitted,
         }
+
+
+async def _held_version(client: EngineClient) -> int | None:
+    """The version `client`'s server says it holds, or None where it cannot say in time."""
+    try:
+        return await asyncio.wait_for(client.held_version(VERSION_PROBE_TIMEOUT_S), VERSION_PROBE_TIMEOUT_S)
+    except (EngineLost, ProtocolError, TimeoutError):
+        return None
 
 
 def _group_of(request: GenerationRequest) -> str:

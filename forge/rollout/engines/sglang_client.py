@@ -23,6 +23,7 @@ from forge.rollout.engines.remote import (
     ProtocolError,
     RequestAborted,
     Sampling,
+    as_policy_version,
     check_prompt_kept,
     generate_each,
     request_sampling,
@@ -231,6 +232,13 @@ class SGLangClient:
         if held is None:
             return None
         return str(held) == str(version) or (version == 0 and str(held) == "default")
+
+    async def held_version(self, timeout_s: float = PROBE_TIMEOUT_S) -> int | None:
+        """`GET /get_model_info`'s `weight_version` as a Forge version (0: "default" or the
+        server's own --weight-version, as after a restart); None where it does not say."""
+        body = await self.http.send(HttpCall("GET", "/get_model_info"), timeout_s=timeout_s)
+        held = body.get("weight_version") if isinstance(body, dict) else None
+        return None if held is None else as_policy_version(held)
 
     async def load_checkpoint(self, path: str, version: int) -> None:
         check_success(await self.http.send(update_from_disk_call(path, version)), "update_weights_from_disk")

@@ -21,6 +21,7 @@ from forge.rollout.engines.remote import (
     ProtocolError,
     RequestAborted,
     Sampling,
+    as_policy_version,
     check_prompt_kept,
     generate_each,
     request_sampling,
@@ -342,11 +343,11 @@ class VLLMClient:
             await self.http.send(resume_call())
         self.policy_version = version
 
-    async def served_version(self) -> tuple[bool, str | None]:
+    async def served_version(self, timeout_s: float = PROBE_TIMEOUT_S) -> tuple[bool, str | None]:
         """(whether the server says, the weight_version it says it holds): a server that
         restarted holds its checkpoint again and says None."""
         try:
-            body = await self.http.send(weight_info_call(), timeout_s=PROBE_TIMEOUT_S)
+            body = await self.http.send(weight_info_call(), timeout_s=timeout_s)
         except ProtocolError as exc:
             if exc.status == 404:  # a vLLM before /weight_info
                 return False, None
@@ -363,15 +364,29 @@ class VLLMClient:
         `/weight_info` says (None after a restart: its checkpoint, which is version 0). None
         where the server cannot say (a vLLM before /weight_info)."""
         if self.model != self.base_model:
-            body = await self.http.send(HttpCall("GET", "/v1/models"), timeout_s=PROBE_TIMEOUT_S)
-            cards = body.get("data") if isinstance(body, dict) else None
-            return isinstance(cards, list) and any(
-                isinstance(card, dict) and card.get("id") == self.model for card in cards
-            )
+            return await self._serves_adapter(PROBE_TIMEOUT_S)
         known, held = await self.served_version()
         if not known:
             return None
         return held == str(version) or (held is None and version == 0)
+
+    async def held_version(self, timeout_s: float = PROBE_TIMEOUT_S) -> int | None:
+        """With Forge's adapter in use: 0 once the server no longer lists it (a restart drops
+        runtime adapters), else None (which version it is, the driver knows); with full
+        weights, `/weight_info`'s (0 after a restart, where it says None); None where the
+        server cannot say (a vLLM before /weight_info)."""
+        if self.model != self.base_model:
+            return None if await self._serves_adapter(timeout_s) else 0
+        known, held = await self.served_version(timeout_s)
+        return as_policy_version(held) if known else None
+
+    async def _serves_adapter(self, timeout_s: float) -> bool:
+        """Whether `GET /v1/models` lists the adapter requests name."""
+        body = await self.http.send(HttpCall("GET", "/v1/models"), timeout_s=timeout_s)
+        cards = body.get("data") if isinstance(body, dict) else None
+        return isinstance(cards, list) and any(
+            isinstance(card, dict) and card.get("id") == self.model for card in cards
+        )
 
     async def resume(self) -> None:
         await self.http.send(resume_call())
