@@ -107,3 +107,25 @@ def test_the_trainer_stops_on_layer_dropout_under_checkpointing_when_told_to(tmp
             TrainConfig(),
             TrainerConfig(gradient_checkpointing=True, self_check="stop"),
         )
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_in_bf16_the_check_finds_opts_layer_dropout_and_passes_gpt2s(tmp_path, capsys):
+    """The check holds the two forwards to forge.tree.agreement's rule in the model's dtype:
+    OPT's own dropout (0.1) moves logprobs by ~2, far past bf16's bound (4 eps, 0.031, the
+    eval pair differing by nothing on CPU), while GPT-2's two forwards, its dropouts in eval,
+    are bitwise equal."""
+    dtype = "bfloat16"
+    for name in ("opt", "gpt2"):
+        checkpoint(name, tmp_path / name)
+        trainer = Trainer(
+            tmp_path / name,
+            ModelConfig(path=str(tmp_path / name), dtype=dtype),
+            TrainConfig(),
+            TrainerConfig(gradient_checkpointing=True),
+        )
+        assert trainer.model.get_input_embeddings().weight.dtype == getattr(torch, dtype)
+        assert trainer.model.is_gradient_checkpointing == (name == "gpt2")
+    message = capsys.readouterr().out
+    assert message.count("apply dropout of their own") == 1 and "OPTForCausalLM" in message
+    assert "past the 2 largest" in message and "2 looks" in message and "4x the difference" in message

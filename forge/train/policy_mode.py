@@ -28,20 +28,21 @@ def policy_mode(model: torch.nn.Module, lora_dropout: bool = True) -> None:
             module.train()
 
 
-def policy_forward_noise(model: torch.nn.Module, tokens: list[int]) -> tuple[float, float]:
-    """The largest logprob difference between two forwards of `tokens` in `policy_mode` (LoRA
-    dropout left out), and between two in eval mode (a GPU's own run-to-run noise, e.g. MoE's
-    atomic adds). The first exceeds the second only where the model's checkpointed layers draw
-    randomness of their own from their training flag (OPT's, BioGPT's and XGLM's layers apply
-    their dropout in their own code). Leaves the model in eval mode."""
+def policy_forward_noise(model: torch.nn.Module, tokens: list[int]) -> tuple[list[float], list[float]]:
+    """Per position of `tokens`, the largest logprob difference between two forwards in
+    `policy_mode` (LoRA dropout left out), and between two in eval mode (the device's own
+    run-to-run noise, e.g. MoE's atomic adds on a GPU; none on CPU). The first exceeds the
+    second only where the model's checkpointed layers draw randomness of their own from their
+    training flag (OPT's, BioGPT's and XGLM's layers apply their dropout in their own code).
+    Leaves the model in eval mode."""
     ids = torch.tensor([tokens], device=model.get_input_embeddings().weight.device)
 
-    def spread() -> float:
+    def spread() -> list[float]:
         with torch.no_grad():  # the layer's own code reads its flag with or without grad
             first, second = (
                 model(input_ids=ids, use_cache=False).logits.float().log_softmax(-1) for _ in range(2)
             )
-        return (first - second).abs().max().item()
+        return (first - second).abs().amax(-1)[0].tolist()
 
     try:
         policy_mode(model, lora_dropout=False)
