@@ -92,6 +92,16 @@ def test_no_second_look_where_the_first_settles_it():
     assert not agreement(look, torch.float32).ok and taken == [0]  # fp32: one token decides
 
 
+def test_processes_that_must_run_the_same_forwards_always_take_both_looks():
+    """Under FSDP each forward gathers shards with the other processes: a look one process takes
+    and another skips (its own first look settled it) would hang them both."""
+    look, taken = looks(([0.002] * 24, [0.002] * 24), ([0.002] * 24, [0.002] * 24))
+    verdict = agreement(look, torch.bfloat16, both_looks=True)
+    assert verdict.ok and verdict.looks == 2 and taken == [0, 1]
+    look, taken = looks(([0.0] * 24, None))
+    assert agreement(look, torch.float32, both_looks=True).ok and taken == [0]  # fp32: one look decides
+
+
 # The trainer's tree self-check
 
 

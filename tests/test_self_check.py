@@ -134,6 +134,25 @@ def test_trainer_stops_when_the_self_check_fails_and_it_is_told_to(odd_checkpoin
         make_trainer(odd_checkpoint, "stop")
 
 
+def test_trainer_falls_back_with_its_other_processes_when_one_of_them_fails(tiny_checkpoint, capsys):
+    """Data-parallel processes must run the same packing (or their collectives stop matching):
+    a check that passed here still falls back when another process's failed."""
+
+    class OneOfTwo(Trainer):
+        world_size = 2
+
+        def all_agree(self, ok: bool) -> bool:
+            return False  # the other process's check failed
+
+    trainer = OneOfTwo(
+        tiny_checkpoint, ModelConfig(path=str(tiny_checkpoint)), TrainConfig(), TrainerConfig()
+    )
+    assert trainer.packing == "padded"
+    assert "disagrees with separate forwards on this model: on another of the trainer's processes" in (
+        capsys.readouterr().out
+    )
+
+
 def test_trainer_keeps_the_tree_on_a_model_that_passes(tiny_checkpoint):
     trainer = make_trainer(tiny_checkpoint, "stop")
     assert trainer.packing == "tree" and trainer.self_check_result.ok

@@ -232,6 +232,13 @@ class DistributedTrainer(Trainer):
     def world_size(self) -> int:
         return self.accelerator.num_processes
 
+    def all_agree(self, ok: bool) -> bool:
+        import torch.distributed as dist
+
+        flag = torch.tensor([int(ok)], device=self.accelerator.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
     def model_device(self, model_cfg: Any, train_cfg: Any) -> torch.device:
         """Load on CPU: `accelerator.prepare` puts the model on this process's device (DDP),
         or `shard_model` spreads it over the processes (FSDP2)."""

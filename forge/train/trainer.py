@@ -174,11 +174,14 @@ class Trainer:
         cfg = self.trainer_cfg
         if self.packing != "tree" or cfg.self_check == "off":
             return None
-        result = check_tree_path(self.model, cfg.attention, longest=cfg.max_tokens_per_microbatch)
+        result = check_tree_path(
+            self.model, cfg.attention, longest=cfg.max_tokens_per_microbatch, both_looks=self.world_size > 1
+        )
         self.after_forward_only()
-        if result.ok:
+        if self.all_agree(result.ok):
             return result
-        message = f"forge: the tree path disagrees with separate forwards on this model: {result.reason}"
+        reason = result.reason if not result.ok else "on another of the trainer's processes"
+        message = f"forge: the tree path disagrees with separate forwards on this model: {reason}"
         if cfg.self_check == "stop":
             raise RuntimeError(f"{message}; set trainer.packing: padded (or trainer.self_check: fallback)")
         print(
@@ -218,8 +221,10 @@ class Trainer:
             policy, noise = policy + more_policy, noise + more_noise
         verdict = dataclasses.replace(judge(policy, noise, dtype), looks=looks)
         self.after_forward_only()
-        if verdict.ok:
+        if self.all_agree(verdict.ok):
             return
+        if verdict.ok:
+            verdict = dataclasses.replace(verdict, ok=False)  # another process's forwards differed
         message = (
             f"forge: {type(self.model).__name__}'s layers apply dropout of their own while gradient checkpointing "
             f"keeps them training (two forwards of one sequence: {verdict.describe('logprob difference')}), so its logprobs would not "
@@ -232,6 +237,17 @@ class Trainer:
             flush=True,
         )
         self.model.gradient_checkpointing_disable()
+
+    @property
+    def world_size(self) -> int:
+        """How many processes train together (forge.train.distributed: data-parallel ones)."""
+        return 1
+
+    def all_agree(self, ok: bool) -> bool:
+        """Whether `ok` holds on every process of this trainer. A load-time check's verdict that
+        changes what a step runs (packing, checkpointing) must be the same on all of them, or
+        their collectives stop matching and the step hangs."""
+        return ok
 
     def after_forward_only(self) -> None:
         """After forwards without a backward (the self-check): leave the model as a step

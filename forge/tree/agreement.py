@@ -82,12 +82,16 @@ def judge(errors: Sequence[float], noise: Sequence[float] | None, dtype: torch.d
     return Agreement(error <= tolerance, error, tolerance, largest, True)
 
 
-def agreement(look: Callable[[int], Look], dtype: torch.dtype) -> Agreement:
+def agreement(look: Callable[[int], Look], dtype: torch.dtype, both_looks: bool = False) -> Agreement:
     """The verdict on a check whose `look(i)` runs it on the i-th set of random tokens: one look,
-    or in low precision a second where the first set outliers aside, both held together."""
+    or in low precision a second where the first set outliers aside, both held together.
+    `both_looks`: in low precision always the two, so that processes which must run the same
+    forwards (FSDP gathers each layer's shards with the others) do, whatever their own noise."""
     errors, noise = look(0)
     first = judge(errors, noise, dtype)
-    if not first.low_precision or not first.ok or first.largest <= first.tolerance:
+    if not first.low_precision:
+        return first
+    if not both_looks and (not first.ok or first.largest <= first.tolerance):
         return first
     more_errors, more_noise = look(1)
     both = judge([*errors, *more_errors], [*(noise or []), *(more_noise or [])], dtype)

@@ -129,7 +129,11 @@ class _TreeFailed(Exception):
 
 
 def check_tree_path(
-    model: torch.nn.Module, attention: Attention = "auto", seed: int = 0, longest: int | None = None
+    model: torch.nn.Module,
+    attention: Attention = "auto",
+    seed: int = 0,
+    longest: int | None = None,
+    both_looks: bool = False,
 ) -> CheckResult:
     """Compare the tree path's logprobs with separate forwards of `check_sequences` through
     `model` as loaded (its attention implementation and dtype), in eval mode without grad.
@@ -137,7 +141,8 @@ def check_tree_path(
     `longest`: the most tokens a sequence trained on the tree path may have (the trainer's
     trainer.max_tokens_per_microbatch, which `microbatches` enforces); windows longer than that
     are checked as declared, not shrunk. None: every window is shrunk. In low precision, the
-    rule of forge.tree.agreement (a second look uses seed + 1)."""
+    rule of forge.tree.agreement (a second look uses seed + 1; `both_looks`: always, as
+    processes of one data-parallel trainer must all run the same forwards)."""
     started = time.perf_counter()
     embeddings = model.get_input_embeddings().weight
     vocab_size = int(model.config.vocab_size)
@@ -161,7 +166,7 @@ def check_tree_path(
     model.eval()
     try:
         with torch.no_grad(), shrunk_windows(model, CHECK_WINDOW, longest):
-            verdict = agreement(look, embeddings.dtype)
+            verdict = agreement(look, embeddings.dtype, both_looks)
     except _TreeFailed as failure:
         return CheckResult(
             False,
