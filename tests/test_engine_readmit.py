@@ -54,8 +54,8 @@ class Server:
         self.probes += 1
         return self.up
 
-    async def holds_version(self, version: int) -> bool | None:
-        return self.held == version
+    async def held_version(self, timeout_s: float) -> int | None:
+        return self.held
 
     def restart(self) -> None:
         self.up, self.held = True, 0

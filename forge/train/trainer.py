@@ -203,23 +203,20 @@ class Trainer:
         OUTLIERS largest (a near-tie flip) set aside, over two looks. Without dropout both pairs are bitwise equal on CPU;
         OPT's dropout moves the third-largest position by 2.4 at 0.1 and 0.85 at 0.01 (fp32,
         bf16 and fp16 alike), 27x bf16's bound of 0.031."""
-        from forge.tree.agreement import is_low_precision, judge
+        from forge.tree.agreement import agreement
         from forge.tree.self_check import check_sequences
 
         if not self.trainer_cfg.gradient_checkpointing or self.trainer_cfg.self_check == "off":
             return
         vocab = int(self.model.config.vocab_size)
         dtype = self.model.get_input_embeddings().weight.dtype
-        # In low precision always the rule's two looks, held together: whether `agreement` takes
-        # the second depends on this process's own noise, and under FSDP every process must run
-        # the same forwards (each gathers the shards with the others).
-        looks = 2 if is_low_precision(dtype) else 1
-        policy: list[float] = []
-        noise: list[float] = []
-        for seed in range(looks):
-            more_policy, more_noise = policy_forward_noise(self.model, check_sequences(vocab, seed=seed)[0])
-            policy, noise = policy + more_policy, noise + more_noise
-        verdict = dataclasses.replace(judge(policy, noise, dtype), looks=looks)
+        # Both looks always (in low precision): whether the rule takes its second depends on this
+        # process's own noise, and under FSDP every process must run the same forwards.
+        verdict = agreement(
+            lambda seed: policy_forward_noise(self.model, check_sequences(vocab, seed=seed)[0]),
+            dtype,
+            both_looks=True,
+        )
         self.after_forward_only()
         if self.all_agree(verdict.ok):
             return

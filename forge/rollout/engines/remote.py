@@ -100,10 +100,6 @@ class EngineClient(Protocol):
 
     async def healthy(self) -> bool: ...
 
-    async def holds_version(self, version: int) -> bool | None:
-        """Whether the server says it holds weights `version` (None: it cannot say)."""
-        ...
-
     async def held_version(self, timeout_s: float) -> int | None:
         """The Forge policy version the server says it holds (0: its checkpoint, as after a
         restart; None: it cannot say), asked within `timeout_s`."""
@@ -533,12 +529,6 @@ class ForgeClient:
 
     async def healthy(self) -> bool:
         return await self.http.healthy()
-
-    async def holds_version(self, version: int) -> bool | None:
-        """`GET /ready`: ready (not paused) and serving weights `version` (a restarted server
-        holds its checkpoint, version 0 or its --policy-version, again)."""
-        body = await self.http.send(HttpCall("GET", "/ready"), timeout_s=PROBE_TIMEOUT_S)
-        return isinstance(body, dict) and body.get("ready") is True and body.get("policy_version") == version
 
     async def held_version(self, timeout_s: float = PROBE_TIMEOUT_S) -> int | None:
         """`GET /ready`'s policy_version (a paused server, mid-update, answers 503: EngineLost)."""

@@ -36,7 +36,13 @@ from typing import Any
 
 from forge.rollout.engines.batching import wait_for_batch
 from forge.rollout.engines.protocol import GenerationRequest, GenerationResult
-from forge.rollout.engines.remote import EngineClient, EngineLost, ProtocolError, RequestAborted
+from forge.rollout.engines.remote import (
+    PROBE_TIMEOUT_S,
+    EngineClient,
+    EngineLost,
+    ProtocolError,
+    RequestAborted,
+)
 
 
 @dataclass
@@ -217,11 +223,11 @@ class Router:
         try:
             if not await client.healthy():
                 return False, "no answer to GET /health"
-            holds = client.holds_version
-            said = await holds(self.version) if callable(holds) else None
+            asked = getattr(client, "held_version", None)
+            held = await asked(PROBE_TIMEOUT_S) if callable(asked) else None
         except (EngineLost, ProtocolError) as exc:
             return False, str(exc)[:200]
-        if said is False:
+        if held is not None and held != self.version:
             return False, f"it does not hold weights version {self.version} (restarted?)"
         return True, ""
 

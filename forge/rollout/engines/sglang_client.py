@@ -223,16 +223,6 @@ class SGLangClient:
     async def healthy(self) -> bool:
         return await self.http.healthy()
 
-    async def holds_version(self, version: int) -> bool | None:
-        """What `GET /get_model_info`'s `weight_version` says (the one the last
-        /update_weights_from_disk set; a restarted server holds its --weight-version again,
-        "default" unless set); None where the server does not say."""
-        body = await self.http.send(HttpCall("GET", "/get_model_info"), timeout_s=PROBE_TIMEOUT_S)
-        held = body.get("weight_version") if isinstance(body, dict) else None
-        if held is None:
-            return None
-        return str(held) == str(version) or (version == 0 and str(held) == "default")
-
     async def held_version(self, timeout_s: float = PROBE_TIMEOUT_S) -> int | None:
         """`GET /get_model_info`'s `weight_version` as a Forge version (0: "default" or the
         server's own --weight-version, as after a restart); None where it does not say."""

@@ -357,19 +357,6 @@ class VLLMClient:
         version = body["weight_version"]
         return True, None if version is None else str(version)
 
-    async def holds_version(self, version: int) -> bool | None:
-        """Whether the server holds Forge's weights `version`: with an adapter in use, whether it
-        still serves it (`GET /v1/models`: a restarted vLLM has lost every runtime adapter; the
-        version loaded under that name is the driver's to know); with full weights, what
-        `/weight_info` says (None after a restart: its checkpoint, which is version 0). None
-        where the server cannot say (a vLLM before /weight_info)."""
-        if self.model != self.base_model:
-            return await self._serves_adapter(PROBE_TIMEOUT_S)
-        known, held = await self.served_version()
-        if not known:
-            return None
-        return held == str(version) or (held is None and version == 0)
-
     async def held_version(self, timeout_s: float = PROBE_TIMEOUT_S) -> int | None:
         """With Forge's adapter in use: 0 once the server no longer lists it (a restart drops
         runtime adapters), else None (which version it is, the driver knows); with full
