@@ -237,14 +237,15 @@ def test_a_vllm_server_older_than_start_and_finish_is_updated_without_them():
 
 
 def test_a_failed_vllm_transfer_resumes_the_servers_keeps_the_old_version_and_regroups_next_time():
-    from forge.rollout.engines.vllm_transfer import VLLMWeightTransfer
+    from forge.rollout.engines.vllm_transfer import VLLMWeightTransfer, WeightTransferFailed
 
     seen: list = []
     client = vllm_for_transfer("http://a:8000", "get_world_size", seen, failing=True)
     trainer = FakeTrainer([seen])
     transfer = VLLMWeightTransfer(trainer.join, trainer.send, trainer.address)
-    with pytest.raises(EngineLost, match="NCCL error"):
+    with pytest.raises(WeightTransferFailed, match="http://a:8000: EngineLost: .*NCCL error") as failed:
         asyncio.run(transfer.update([client], 5))
+    assert isinstance(failed.value.failed["http://a:8000"], EngineLost)
     assert seen[-1][1] == "/resume" and "/finish_weight_update" not in [p for _, p, _ in seen]
     assert client.policy_version == 0 and transfer.members is None
 

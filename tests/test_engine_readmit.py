@@ -593,7 +593,7 @@ def test_a_lost_vllm_server_with_full_weights_rejoins_a_weight_transfer_group_fo
                     if fn.__name__ == "trainer_address":
                         return "10.0.0.5", 29555
                     if fn.__name__ == "trainer_join":
-                        joined.append(args[-1])
+                        joined.append(args[2])  # host, port, world, timeout_s
                         info = VLLM["update_weights"]["request"]["update_info"]
                         return info["names"], info["dtype_names"], info["shapes"]
                     return None

@@ -498,7 +498,7 @@ class EnginePool:
                     vllm, version, lambda: ray.get(trainer.__ray_call__.remote(trainer_save_adapter, target))
                 )
             elif vllm:
-                await self._vllm_update(vllm, version, trainer)
+                await self._vllm_update(vllm, version, trainer, timeout_s)
             for client in clients:
                 if client.kind == "vllm":
                     continue
@@ -531,11 +531,15 @@ class EnginePool:
             except (EngineLost, ProtocolError) as exc:
                 self.lost(getattr(client, "spec", client.url), f"LoRA adapter load failed: {exc}")
 
-    async def _vllm_update(self, clients: list[Any], version: int, trainer: Any) -> None:
+    async def _vllm_update(self, clients: list[Any], version: int, trainer: Any, timeout_s: float) -> None:
         """Full weights to vLLM servers by vLLM's NCCL weight transfer (trainer on a GPU,
         vllm installed beside it). A server that does not answer GET /health is dropped first
-        (it would fail the shared update for all); a failure midway leaves their weights part
-        old, part new: every server in it is dropped (and asked again: `_sync_servers`)."""
+        (it would fail the shared update for all). Every step of the update, the trainer's
+        NCCL rendezvous and broadcast included, ends within `timeout_s` (rollout.engine_timeout_s).
+        An update that fails leaves its servers' weights part old, part new: those of them that
+        no longer answer GET /health (or refused their part) are dropped as its cause, and the
+        others take the version at once in a group without them; with no cause found, every
+        server in it is dropped (and asked again: `_sync_servers`)."""
         from forge.rollout.engines import vllm_transfer
         from forge.rollout.engines.broadcast import trainer_address
 
@@ -547,28 +551,61 @@ class EnginePool:
                 )
             self._vllm = vllm_transfer.VLLMWeightTransfer(
                 join=lambda host, port, world: trainer.__ray_call__.remote(
-                    vllm_transfer.trainer_join, host, port, world
+                    vllm_transfer.trainer_join, host, port, world, timeout_s
                 ),
-                send=lambda: trainer.__ray_call__.remote(vllm_transfer.trainer_send),
+                send=lambda: trainer.__ray_call__.remote(vllm_transfer.trainer_send, timeout_s),
                 address=lambda: trainer.__ray_call__.remote(trainer_address),
             )
+        clients = await self._answering_health(clients, "no answer to GET /health before the weight update")
+        while clients:  # each failed round drops at least one server, or all of them
+            try:
+                await self._vllm.update(clients, version)
+                return
+            except vllm_transfer.WeightTransferFailed as exc:
+                failure: Exception = exc
+                causes = await self._transfer_causes(exc, clients)
+            except Exception as exc:  # the trainer's side could not run at all (e.g. no vllm there)
+                failure, causes = exc, {}
+            if not causes:
+                for client in clients:
+                    self.lost(
+                        getattr(client, "spec", client.url),
+                        f"vLLM weight transfer failed: {type(failure).__name__}: {str(failure)[:300]}",
+                    )
+                return
+            for client, reason in causes.items():
+                self.lost(
+                    getattr(client, "spec", client.url),
+                    f"{reason}; the others take version {version} in a new NCCL group without it",
+                )
+            clients = [client for client in clients if client not in causes]
+
+    async def _transfer_causes(self, failure: Any, clients: list[Any]) -> dict[Any, str]:
+        """The servers a failed vLLM weight transfer is put down to, and why: those that no
+        longer answer GET /health (dead, or stalled whole), and those that refused their part.
+        The others waited in the collective the causes left, and get the update again."""
+        from forge.rollout.engines.remote import ProtocolError
+
+        answering = await asyncio.gather(*(client.healthy() for client in clients))
+        causes = {}
+        for client, ok in zip(clients, answering, strict=True):
+            error = failure.failed.get(client.url)
+            said = f" ({type(error).__name__}: {str(error)[:200]})" if error is not None else ""
+            if not ok:
+                causes[client] = (
+                    f"it stalled the vLLM weight transfer at {failure.step}{said} and does not answer GET /health"
+                )
+            elif isinstance(error, ProtocolError):
+                causes[client] = f"it refused its part of the vLLM weight transfer at {failure.step}{said}"
+        return causes
+
+    async def _answering_health(self, clients: list[Any], reason: str) -> list[Any]:
+        """The clients that answer GET /health; each other one is dropped for `reason`."""
         answering = await asyncio.gather(*(client.healthy() for client in clients))
         for client, ok in zip(clients, answering, strict=True):
             if not ok:
-                self.lost(
-                    getattr(client, "spec", client.url), "no answer to GET /health before the weight update"
-                )
-        clients = [client for client, ok in zip(clients, answering, strict=True) if ok]
-        if not clients:
-            return
-        try:
-            await self._vllm.update(clients, version)
-        except Exception as exc:
-            for client in clients:
-                self.lost(
-                    getattr(client, "spec", client.url),
-                    f"vLLM weight transfer failed: {type(exc).__name__}: {str(exc)[:300]}",
-                )
+                self.lost(getattr(client, "spec", client.url), reason)
+        return [client for client, ok in zip(clients, answering, strict=True) if ok]
 
     def metrics(self) -> dict[str, float]:
         """Prefix-cache counters summed over the server-mode engines (remote ones report
