@@ -207,8 +207,9 @@ class RolloutConfig(Section):
         120.0,
         gt=0,
         description=(
-            "a generate call or weight update an engine has not answered by then counts it lost; with every "
-            "server lost, how long a run waits for one to come back before it stops"
+            "a generate call or weight update an engine has not answered by then counts it lost (vLLM servers: "
+            "each step of the NCCL weight transfer, the trainer's group rendezvous and broadcast included); "
+            "with every server lost, how long a run waits for one to come back before it stops"
         ),
     )
     weight_sync: Literal["auto", "object_store", "folder", "broadcast"] = Field(
