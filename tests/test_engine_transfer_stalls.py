@@ -273,12 +273,12 @@ def test_a_vllm_server_that_stalls_mid_broadcast_is_dropped_and_the_others_take_
     world.pool.sync([None], 2, world.trainer)
     took = time.monotonic() - started
     # The broadcast and b's resume each wait out the timeout; then a takes version 2 alone.
-    assert took < 4 * TIMEOUT_S + 2.0, took
+    assert took < 4 * TIMEOUT_S + 10.0, took  # bounded, not a hang (slack for a loaded CI machine)
     assert world.pool.holders(2) == [a] and b in world.pool.dead
     assert world.fleet.aborts == 1  # the trainer aborted the group it was stuck in
     assert [w for w, _ in world.trainer.joined] == [3, 2]  # a new group: the trainer and a
     assert world.servers[a].version == "2"
-    assert world.trainer.answers_within(1.0)  # the trainer's next call (a training step) runs
+    assert world.trainer.answers_within(5.0)  # the trainer's next call (a training step) runs
     console = capsys.readouterr().err
     assert (
         f"engine {b} lost (it stalled the vLLM weight transfer at the NCCL weight broadcast (/update_weights)"
@@ -306,7 +306,7 @@ def test_a_vllm_server_that_stalls_while_the_group_forms_is_dropped_and_the_othe
     world.pool.sync([None], 1, world.trainer)
     assert world.pool.holders(1) == [a] and b in world.pool.dead
     assert [w for w, _ in world.trainer.joined] == [3, 2]
-    assert world.trainer.answers_within(1.0)
+    assert world.trainer.answers_within(5.0)
 
 
 @pytest.mark.timeout(60)
@@ -326,8 +326,8 @@ def test_a_sync_in_which_every_vllm_server_stalls_stops_the_run_with_exit_1_not_
     monkeypatch.setattr(launch, "train", train)
     started = time.monotonic()
     assert main(["train", "configs/smoke.yaml"]) == 1
-    assert time.monotonic() - started < 6 * TIMEOUT_S + 4.0
-    assert world.fleet.aborts == 1 and world.trainer.answers_within(1.0)  # the next step would run
+    assert time.monotonic() - started < 6 * TIMEOUT_S + 10.0
+    assert world.fleet.aborts == 1 and world.trainer.answers_within(5.0)  # the next step would run
     console = capsys.readouterr().err
     assert "it stalled the vLLM weight transfer at the NCCL weight broadcast" in console
     assert (
@@ -354,7 +354,7 @@ def test_the_trainers_broadcast_in_a_group_a_member_never_joins_ends_at_its_time
             vllm_transfer.trainer_send(trainer, 0.3)
     finally:
         fleet.closed.set()
-    assert time.monotonic() - started < 3.0
+    assert time.monotonic() - started < 10.0  # at its timeout, not at the test's 60 s
     assert fleet.aborts == 1 and trainer._vllm_group is None
     with pytest.raises(RuntimeError, match="no weight-transfer group"):
         vllm_transfer.trainer_send(trainer, 0.3)
@@ -370,7 +370,7 @@ def test_a_group_the_trainer_gave_up_forming_is_aborted_if_it_forms_later(monkey
         started = time.monotonic()
         with pytest.raises(vllm_transfer.TransferTimeout, match="forming the NCCL weight-transfer group"):
             vllm_transfer.trainer_join(trainer, "127.0.0.1", 2, 2, 0.2)
-        assert time.monotonic() - started < 2.0  # no wait for a thread nothing could end
+        assert time.monotonic() - started < 10.0  # no wait for a thread nothing could end
         assert trainer._vllm_group is None and fleet.aborts == 0
         fleet.group(2, 2).joined.add(1)  # the late server joins after all
         deadline = time.monotonic() + 5.0
