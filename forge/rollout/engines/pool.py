@@ -1,7 +1,8 @@
 """The engines of a run with `rollout.engine: server | remote`: `forge serve` Ray actors
 that Forge starts itself (`server`), or servers someone else runs (`remote`); weight
-updates to all of them, and engines that died dropped with a console line; a dropped remote
-server that answers again gets the current weights at the next sync and serves again."""
+updates to all of them, and engines that died or stalled dropped with a console line; a
+dropped remote server, or engine actor that had stalled, that answers again gets the current
+weights at a later sync and serves again."""
 
 from __future__ import annotations
 
@@ -14,6 +15,13 @@ from typing import Any
 
 from forge.config import Config, ConfigError
 from forge.rollout.engines.router import READMIT_FIRST_WAIT_S, READMIT_MAX_WAIT_S
+
+# A weight broadcast's every side (trainer, engines) ends by gloo's own timeout
+# (rollout.engine_timeout_s); the driver waits this much longer for them to say so before it
+# counts an engine that has not answered as stalled whole.
+BROADCAST_GRACE_S = 10.0
+# How long a stalled engine actor asked again at a sync has to show it could take weights.
+READMIT_PROBE_S = 2.0
 
 
 class EngineActor:
@@ -60,16 +68,31 @@ class EngineActor:
             t.numel() * t.element_size() for t in self.service.served.engine.model.state_dict().values()
         )
 
-    def join_weight_group(self, host: str, port: int, rank: int, world_size: int) -> None:
+    def join_weight_group(
+        self, host: str, port: int, rank: int, world_size: int, timeout_s: float = 600.0
+    ) -> None:
         from forge.rollout.engines.broadcast import WeightGroup
 
-        self.weight_group = WeightGroup(host, port, rank, world_size)
+        self.weight_group = None  # the last group is never used again
+        self.weight_group = WeightGroup(host, port, rank, world_size, timeout_s)
 
-    def receive_weights(self, names: list[str], version: int) -> int:
-        """New weights broadcast by the trainer, straight into the model, between batches."""
+    def receive_weights(self, names: list[str], version: int, timeout_s: float | None = None) -> int:
+        """New weights broadcast by the trainer, straight into the model, between batches
+        (TimeoutError if a batch still runs after `timeout_s`: the broadcast is left to fail)."""
         served = self.service.served
-        served.update(lambda: self.weight_group.receive(served.engine.model.state_dict(), names), version)
+        served.update(
+            lambda: self.weight_group.receive(served.engine.model.state_dict(), names), version, timeout_s
+        )
         return version
+
+    def can_take_weights(self, wait_s: float) -> bool:
+        """Whether a weight update could start within `wait_s` (no generation batch stuck)."""
+        try:
+            self.service.served.pause(wait_s)
+        except TimeoutError:
+            return False
+        self.service.served.resume()
+        return True
 
     def load_weight_folder(self, path: str, version: int) -> int:
         from forge.rollout.engines.updates import checkpoint_state
@@ -145,6 +168,13 @@ def check_engine_config(cfg: Config) -> None:
 # memory and back, and no GPU number exists yet to say otherwise.
 
 
+def _said(exc: BaseException) -> str:
+    """An actor's error in one line: its own type and message, not Ray's wrapping traceback."""
+    cause = getattr(exc, "cause", None) or exc
+    lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[-1][:200] if lines else ''}"
+
+
 def start_engine(cfg: Config, model_path: Path | str | None, index: int, name: str) -> Any:
     """Engine actor `index`, serving `model_path` (a folder, or a hub id it resolves itself)."""
     import ray
@@ -183,7 +213,8 @@ class EnginePool:
         self.model_path = model_path
         self.dead: dict[str, str] = {}
         self.held: dict[str, int] = {}  # url -> the weights version it last took from this pool
-        self.readmitted = 0  # dropped remote servers that took the weights again
+        self.readmitted = 0  # dropped engines that took the weights again
+        self.stalled: set[str] = set()  # server mode: dropped engine actors still alive, asked again
         self._next_probe: dict[str, tuple[float, float]] = {}  # dead url -> (when to ask, the wait after)
         self.restarts = 0
         self.started: list[str] = []  # urls of engines started in place of lost ones, for the workers
@@ -224,7 +255,10 @@ class EnginePool:
     def live_urls(self) -> list[str]:
         return [url for url in self.urls if url not in self.dead]
 
-    def lost(self, url: str, reason: str) -> None:
+    def lost(self, url: str, reason: str, stalled: bool = False) -> None:
+        """Drop engine `url` for `reason`. A dead engine actor is replaced (up to
+        rollout.max_engine_restarts); one alive but `stalled` is not (it still holds its CPUs
+        and GPU) and is asked again at later syncs (`_revive_actors`), as remote servers are."""
         if url in self.dead:
             return
         self.dead[url] = reason
@@ -233,7 +267,9 @@ class EnginePool:
             file=sys.stderr,
             flush=True,
         )
-        if self.actors and self.restarts < self.cfg.rollout.max_engine_restarts:
+        if self.actors and stalled:
+            self.stalled.add(url)
+        elif self.actors and self.restarts < self.cfg.rollout.max_engine_restarts:
             try:
                 self._restart(self.urls.index(url))
             except Exception as exc:  # the replacement failed to start: go on with the others
@@ -243,7 +279,7 @@ class EnginePool:
                     flush=True,
                 )
         self._next_probe[url] = (time.monotonic() + READMIT_FIRST_WAIT_S, READMIT_FIRST_WAIT_S * 2)
-        if self.actors and not self.live_urls:  # remote servers: `sync` waits for one to come back
+        if self.actors and not self.live_urls and not self.stalled:  # else `sync` waits for one to come back
             raise RuntimeError(
                 f"all {len(self.urls)} inference engines are lost ({self.dead}); the run stops"
             )
@@ -304,8 +340,10 @@ class EnginePool:
     def sync(
         self, wrapped: list[Any], version: int, trainer: Any = None, timeout_s: float | None = None
     ) -> None:
-        """Get weights `version` to every live engine: server mode through the object
-        store; remote forge servers as pushed tensors; SGLang servers from a folder."""
+        """Get weights `version` to every live engine: server mode by `method`; remote forge
+        servers as pushed tensors; SGLang servers from a folder. With every engine lost (some
+        only stalled), waits up to rollout.engine_timeout_s for one to answer again, then
+        raises RunStopped naming them."""
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError
 
@@ -313,16 +351,86 @@ class EnginePool:
         if not self.actors:
             self._sync_servers(wrapped, version, trainer, timeout_s)
             return
-        known = len(self.urls)
-        self._sync_actors(wrapped, version, trainer, timeout_s)
-        while len(self.urls) > known:  # engines started in place of ones lost during the sync
-            fresh = list(zip(self.urls[known:], self.actors[known:], strict=True))
+        lost_wait_s = self.cfg.rollout.engine_timeout_s
+        deadline = None
+        while True:
+            revived = self._revive_actors(every=deadline is not None)
             known = len(self.urls)
-            for url, actor in fresh:
-                try:
-                    ray.get(actor.set_weights.remote(wrapped[0], version), timeout=timeout_s)
-                except (RayActorError, GetTimeoutError) as exc:
-                    self.lost(url, f"weight update failed: {type(exc).__name__}")
+            self._sync_actors(wrapped, version, trainer, timeout_s)
+            while len(self.urls) > known:  # engines started in place of ones lost during the sync
+                fresh = list(zip(self.urls[known:], self.actors[known:], strict=True))
+                known = len(self.urls)
+                for url, actor in fresh:
+                    try:
+                        ray.get(actor.set_weights.remote(wrapped[0], version), timeout=timeout_s)
+                    except (RayActorError, GetTimeoutError) as exc:
+                        self.lost(url, f"weight update failed: {type(exc).__name__}")
+            for url in revived:
+                if url not in self.dead:
+                    self.readmitted += 1
+                    print(
+                        f"forge: engine {url} took weights version {version} and serves again "
+                        f"({len(self.live_urls)} of {len(self.urls)} engines live)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+            if self.live_urls:
+                return
+            if deadline is None:
+                print(
+                    f"forge: every inference engine is lost; waiting up to {lost_wait_s:g}s "
+                    "(rollout.engine_timeout_s) for a stalled one to answer again",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                deadline = time.monotonic() + lost_wait_s
+            elif time.monotonic() >= deadline:
+                from forge.failures import RunStopped
+
+                raise RunStopped(
+                    f"all {len(self.urls)} inference engines are lost and none answered again within "
+                    f"rollout.engine_timeout_s={lost_wait_s:g}s ({self.dead}); the run stops"
+                )
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
+    def _revive_actors(self, every: bool) -> list[str]:
+        """Ask the engine actors dropped as stalled that are due (all of them with `every`)
+        whether they could take weights now (within READMIT_PROBE_S, at once); those that can
+        count as live again, to get this sync's weights. One still stalled is asked at doubling
+        waits; one that died meanwhile is not asked again."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        now = time.monotonic()
+        due = [
+            url
+            for url in self.urls
+            if url in self.stalled and (every or self._next_probe.get(url, (0.0, 0.0))[0] <= now)
+        ]
+        if not due:
+            return []
+        asks = [self.actors[self.urls.index(url)].can_take_weights.remote(READMIT_PROBE_S) for url in due]
+        ended, _ = ray.wait(asks, num_returns=len(asks), timeout=READMIT_PROBE_S + 2.0)
+        back = []
+        for url, ask in zip(due, asks, strict=True):
+            try:
+                ready = ask in ended and ray.get(ask)
+            except RayActorError:
+                self.stalled.discard(url)
+                continue
+            if ready:
+                del self.dead[url]
+                self.stalled.discard(url)
+                back.append(url)
+                print(
+                    f"forge: engine {url} answers again; it gets the current weights now",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            else:
+                _, wait = self._next_probe.get(url, (0.0, READMIT_FIRST_WAIT_S))
+                self._next_probe[url] = (time.monotonic() + wait, min(wait * 2, READMIT_MAX_WAIT_S))
+        return back
 
     def _sync_servers(self, wrapped: list[Any], version: int, trainer: Any, timeout_s: float) -> None:
         """Remote servers: the live ones and those that answer again get `version`. With none
@@ -374,16 +482,22 @@ class EnginePool:
 
     def _sync_actors(self, wrapped: list[Any], version: int, trainer: Any, timeout_s: float) -> None:
         import ray
-        from ray.exceptions import GetTimeoutError, RayActorError
+        from ray.exceptions import GetTimeoutError, RayActorError, RayError
+
+        from forge.rollout.engines.broadcast import BroadcastFailed
 
         live = self._answering(timeout_s)
+        if not live:
+            return
         method = self.method(trainer)
         if method == "broadcast":
             try:
-                calls = self._broadcast(live, trainer, version)
+                self._broadcast(live, trainer, version, timeout_s)
+                calls = []
             except (
-                Exception
-            ) as exc:  # a member failed mid-broadcast: regroup next time, send this one plainly
+                BroadcastFailed,
+                RayError,
+            ) as exc:  # no engine to blame: regroup next time, send this one plainly
                 print(
                     f"forge: weight broadcast failed ({type(exc).__name__}: {str(exc)[:200]}); "
                     "this version goes through the object store",
@@ -453,27 +567,103 @@ class EnginePool:
         )
         return str(Path(root) / f"v{version:06d}")
 
-    def _broadcast(self, live: list[tuple[str, Any]], trainer: Any, version: int) -> list[tuple[str, Any]]:
-        """Broadcast from the trainer to every live engine; the group is formed at the
-        first sync (and again after an engine is lost: a group cannot shrink)."""
+    def _broadcast(self, live: list[tuple[str, Any]], trainer: Any, version: int, timeout_s: float) -> None:
+        """Broadcast from the trainer to every live engine, in a group formed at the first
+        sync (and again whenever its members change: a group cannot shrink). Every step ends
+        within `timeout_s` (rollout.engine_timeout_s), gloo enforcing it on every side. A round
+        that fails is put down to the engines that stalled it (no answer by then, or a
+        generation batch they could not pause), died, or failed their part: each is dropped,
+        naming why, and the others take the version at once in a new group without them.
+        Raises BroadcastFailed when no engine is to blame (the caller sends it another way)."""
+        while live:
+            causes = self._broadcast_round(live, trainer, version, timeout_s)
+            for url, (reason, stalled) in causes.items():
+                self.lost(
+                    url,
+                    f"{reason}; the others take version {version} in a new broadcast group without it",
+                    stalled,
+                )
+            if not causes:
+                return
+            live = [(url, actor) for url, actor in live if url not in causes]
+
+    def _broadcast_round(
+        self, live: list[tuple[str, Any]], trainer: Any, version: int, timeout_s: float
+    ) -> dict[str, tuple[str, bool]]:
+        """One try of `_broadcast`: the engines that made it fail, each with why and whether it
+        is alive (stalled) rather than dead; empty when every engine took the version."""
         import ray
 
         from forge.rollout.engines.broadcast import trainer_address, trainer_join, trainer_send
 
         members = [url for url, _ in live]
         if getattr(self, "_group_members", None) != members:
-            host, port = ray.get(trainer.__ray_call__.remote(trainer_address))
+            # A fresh group, on a fresh port, also after a failed round: a gloo group whose
+            # collective failed or timed out cannot be used again (see BroadcastFailed).
+            self._group_members = None
+            host, port = ray.get(trainer.__ray_call__.remote(trainer_address), timeout=timeout_s)
             world = len(live) + 1
             joins = [
-                actor.join_weight_group.remote(host, port, rank + 1, world)
+                actor.join_weight_group.remote(host, port, rank + 1, world, timeout_s)
                 for rank, (_, actor) in enumerate(live)
             ]
-            self._names = ray.get(trainer.__ray_call__.remote(trainer_join, host, port, world))
-            ray.get(joins)
-            self._group_members = members
-        receiving = [(url, actor.receive_weights.remote(self._names, version)) for url, actor in live]
-        ray.get(trainer.__ray_call__.remote(trainer_send, self._names))
-        return receiving
+            joined = trainer.__ray_call__.remote(trainer_join, host, port, world, timeout_s)
+            names, causes = self._await_group(
+                "forming the weight broadcast group", joined, members, joins, timeout_s
+            )
+            if causes:
+                return causes
+            self._names, self._group_members = names, members
+        receiving = [actor.receive_weights.remote(self._names, version, timeout_s) for _, actor in live]
+        sent = trainer.__ray_call__.remote(trainer_send, self._names)
+        _, causes = self._await_group("the weight broadcast", sent, members, receiving, timeout_s)
+        if causes:
+            self._group_members = None
+        return causes
+
+    def _await_group(
+        self, step: str, trainer_ref: Any, members: list[str], refs: list[Any], timeout_s: float
+    ) -> tuple[Any, dict[str, tuple[str, bool]]]:
+        """Wait for the trainer's side of `step` and each member's, all at once, up to
+        `timeout_s` + BROADCAST_GRACE_S: (the trainer's result, the members to blame for a
+        failure: {url: (why, stalled)}). A member whose own side failed in the collective
+        (BroadcastFailed) waited on another and is not to blame; with a failure and nobody to
+        blame, raises BroadcastFailed."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        from forge.rollout.engines.broadcast import BroadcastFailed
+
+        wait_s = timeout_s + BROADCAST_GRACE_S
+        ended, _ = ray.wait([trainer_ref, *refs], num_returns=len(refs) + 1, timeout=wait_s)
+        causes: dict[str, tuple[str, bool]] = {}
+        failures: list[str] = []
+        for url, ref in zip(members, refs, strict=True):
+            if ref not in ended:
+                causes[url] = (
+                    f"it stalled {step}: no answer within {wait_s:g}s (rollout.engine_timeout_s)",
+                    True,
+                )
+                continue
+            try:
+                ray.get(ref)
+            except BroadcastFailed as exc:
+                failures.append(f"{url}: {_said(exc)}")
+            except RayActorError as exc:
+                causes[url] = (f"it died during {step} ({type(exc).__name__})", False)
+            except Exception as exc:  # its own part failed, e.g. a generation batch it could not pause
+                causes[url] = (f"it failed its part of {step} ({_said(exc)})", True)
+        result = None
+        if trainer_ref not in ended:
+            failures.append(f"the trainer did not end its side within {wait_s:g}s")
+        else:
+            try:
+                result = ray.get(trainer_ref)
+            except Exception as exc:
+                failures.append(f"trainer: {_said(exc)}")
+        if failures and not causes:
+            raise BroadcastFailed(f"{step} failed with no engine to blame ({'; '.join(failures)})")
+        return result, causes
 
     async def _sync_remote(self, wrapped: list[Any], version: int, trainer: Any, timeout_s: float) -> None:
         import ray

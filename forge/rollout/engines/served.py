@@ -44,11 +44,14 @@ class ServedEngine:
 
     # -- pause / resume -------------------------------------------------------------
     def pause(self, timeout_s: float | None = None) -> None:
-        """Stop starting batches; return once no batch is running."""
+        """Stop starting batches; return once no batch is running. After `timeout_s` with one
+        still running, raise TimeoutError with generation resumed (nothing else would resume it)."""
         with self._state:
             self._paused = True
             if not self._state.wait_for(lambda: self._running == 0, timeout_s):
-                raise TimeoutError(f"a generation batch was still running after {timeout_s}s")
+                self._paused = False
+                self._state.notify_all()
+                raise TimeoutError(f"a generation batch was still running after {timeout_s:g}s")
 
     def resume(self) -> None:
         with self._state:
@@ -101,11 +104,14 @@ class ServedEngine:
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         self.update(lambda: state_dict, version)
 
-    def update(self, load: Callable[[], dict[str, torch.Tensor] | None], version: int) -> None:
+    def update(
+        self, load: Callable[[], dict[str, torch.Tensor] | None], version: int, timeout_s: float | None = None
+    ) -> None:
         """Between batches, run `load` (it returns the new tensors, or None when it changed
         the model itself) and load its tensors; later outputs carry `version`. Episodes'
-        KV came from the old weights and is dropped (the engine re-prefills it)."""
-        self.pause()
+        KV came from the old weights and is dropped (the engine re-prefills it). A batch
+        still running after `timeout_s` raises TimeoutError, nothing loaded."""
+        self.pause(timeout_s)
         try:
             self.engine.load_weights(load() or {}, version)
             with self._state:

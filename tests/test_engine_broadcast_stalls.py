@@ -1,0 +1,212 @@
+"""`rollout.weight_sync: broadcast` to Forge's own engine actors never hangs the run: an
+engine that stalls during the gloo broadcast (a generation batch it cannot leave, or its
+whole actor stuck) is dropped within rollout.engine_timeout_s naming it, the others take the
+version at once in a new group, the trainer's next call runs, and the dropped engine takes the
+weights again once it answers; with every engine stalled the run stops with exit 1.
+
+Real Ray actors (the tests' shared instance), a real trainer actor and real gloo groups; the
+stalls are injected into the engine actors through `__ray_call__`."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import pytest
+
+from forge.config import load_config
+from forge.rollout.engines.pool import BROADCAST_GRACE_S
+
+TIMEOUT_S = 3.0
+# A stalled round ends by gloo's timeout on every side, or at the driver's grace past it
+# (BROADCAST_GRACE_S); the rest (a group formed afresh, a broadcast of the tiny model, Ray
+# calls) gets generous slack for a loaded 2-core CI machine.
+SLACK_S = 15.0
+
+
+def stick_a_batch(engine) -> None:
+    """In the engine actor: a generation batch starts and does not end (a long generation
+    the engine cannot leave), so no weight update can pause it."""
+    served = engine.service.served
+    with served._state:
+        served._running += 1
+
+
+def end_the_batch(engine) -> None:
+    served = engine.service.served
+    with served._state:
+        served._running -= 1
+        served._state.notify_all()
+
+
+def stall_the_next_group_forming(engine, seconds: float) -> None:
+    """In the engine actor: its next join of a weight group blocks the whole actor for
+    `seconds` first (a deadlocked thread, a slow node), then goes on."""
+    from forge.rollout.engines import broadcast
+
+    real = broadcast.WeightGroup
+
+    def stalled(*args, **kwargs):
+        broadcast.WeightGroup = real
+        time.sleep(seconds)
+        return real(*args, **kwargs)
+
+    broadcast.WeightGroup = stalled
+
+
+def answers(actor, seconds: float = 10.0) -> bool:
+    """Whether a Ray actor runs a call made now within `seconds` (none is stuck ahead of it)."""
+    import ray
+    from ray.exceptions import GetTimeoutError
+
+    try:
+        return ray.get(actor.__ray_call__.remote(lambda _: True), timeout=seconds)
+    except GetTimeoutError:
+        return False
+
+
+def versions(pool) -> list[int]:
+    import ray
+
+    return ray.get([actor.get_policy_version.remote() for actor in pool.actors], timeout=30)
+
+
+def broadcast_config():
+    return load_config(
+        "configs/smoke.yaml",
+        [
+            "rollout.engine=server",
+            "rollout.num_engines=2",
+            "rollout.num_cpus_per_engine=0",
+            "rollout.weight_sync=broadcast",
+            f"rollout.engine_timeout_s={TIMEOUT_S}",
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from forge.models.loading import resolve_model_path
+
+    return resolve_model_path(broadcast_config().model, tmp_path_factory.mktemp("model"), seed=0)
+
+
+@pytest.fixture
+def world(ray_session, model, monkeypatch):
+    """Two engine actors, the trainer actor, and the driver's pool over them (broadcast)."""
+    import ray
+    from ray import cloudpickle
+
+    from forge.rollout.engines import pool as pool_module
+    from forge.rollout.engines.pool import EnginePool
+    from forge.run.context import make_trainer
+
+    monkeypatch.setattr(pool_module, "READMIT_FIRST_WAIT_S", 0.0)
+    cfg = broadcast_config()
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the helpers run inside the actors
+    pool = EnginePool.start(cfg, model)
+    trainer = make_trainer(cfg, model)
+    try:
+        yield pool, trainer
+    finally:
+        pool.shutdown()
+        ray.kill(trainer)
+
+
+def sync(pool, trainer, version: int) -> float:
+    """The driver's weight sync of `version`; the seconds it took."""
+    import ray
+
+    wrapped, _ = ray.get(trainer.publish_weights.remote())
+    started = time.monotonic()
+    pool.sync(wrapped, version, trainer)
+    return time.monotonic() - started
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_an_engine_stuck_in_a_generation_is_dropped_from_the_broadcast_and_taken_back_once_it_ends(
+    world, capsys
+):
+    pool, trainer = world
+    a, b = pool.urls
+    sync(pool, trainer, 1)
+    assert versions(pool) == [1, 1]
+
+    pool.actors[1].__ray_call__.remote(stick_a_batch)
+    took = sync(pool, trainer, 2)
+    assert took < TIMEOUT_S + BROADCAST_GRACE_S + SLACK_S, took  # one stalled round, then a group without b
+    assert pool.live_urls == [a] and b in pool.dead and pool.holders(2) == [a]
+    assert len(pool.urls) == 2  # alive: no engine started in its place
+    assert versions(pool) == [2, 1]
+    assert answers(trainer)  # the trainer's next call (a training step) runs
+    console = capsys.readouterr().err
+    assert (
+        f"engine {b} lost (it failed its part of the weight broadcast (TimeoutError: a generation batch was "
+        f"still running after {TIMEOUT_S:g}s); the others take version 2 in a new broadcast group without it); "
+        "1 of 2 engines remain"
+    ) in console
+
+    sync(pool, trainer, 3)  # its batch still runs: it stays out, the sync goes on without it
+    assert pool.live_urls == [a] and versions(pool) == [3, 1]
+
+    pool.actors[1].__ray_call__.remote(end_the_batch)  # the long generation ends
+    sync(pool, trainer, 4)
+    assert pool.live_urls == [a, b] and pool.holders(4) == [a, b] and pool.readmitted == 1
+    assert versions(pool) == [4, 4]
+    console = capsys.readouterr().err
+    assert f"engine {b} answers again; it gets the current weights now" in console
+    assert f"engine {b} took weights version 4 and serves again (2 of 2 engines live)" in console
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_an_engine_actor_that_stalls_whole_while_the_group_forms_is_dropped_and_the_other_takes_the_version(
+    world, capsys
+):
+    pool, trainer = world
+    a, b = pool.urls
+    stall_s = TIMEOUT_S + BROADCAST_GRACE_S + 5.0  # past the driver's wait: it sees no answer at all
+    pool.actors[1].__ray_call__.remote(stall_the_next_group_forming, stall_s)
+    took = sync(pool, trainer, 1)
+    assert took < 2 * TIMEOUT_S + BROADCAST_GRACE_S + SLACK_S, took
+    assert pool.live_urls == [a] and versions(pool)[0] == 1
+    assert answers(trainer)
+    assert (
+        f"engine {b} lost (it stalled forming the weight broadcast group: no answer within "
+        f"{TIMEOUT_S + BROADCAST_GRACE_S:g}s (rollout.engine_timeout_s)"
+    ) in capsys.readouterr().err
+
+    assert answers(pool.actors[1], 60.0)  # its stall has passed (its late join failed alone)
+    sync(pool, trainer, 2)
+    assert pool.live_urls == [a, b] and versions(pool) == [2, 2] and pool.readmitted == 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_broadcast_in_which_every_engine_stalls_stops_the_run_with_exit_1_not_a_hang(
+    world, monkeypatch, capsys
+):
+    from forge.cli import main
+    from forge.run import launch
+
+    pool, trainer = world
+    sync(pool, trainer, 1)
+    for actor in pool.actors:
+        actor.__ray_call__.remote(stick_a_batch)
+
+    def train(cfg, resume: bool = False, overwrite: bool = False):
+        sync(pool, trainer, 2)  # a run's next weight sync
+
+    monkeypatch.setattr(launch, "train", train)
+    started = time.monotonic()
+    assert main(["train", "configs/smoke.yaml"]) == 1
+    # One stalled round, then the wait of rollout.engine_timeout_s for one to answer again.
+    assert time.monotonic() - started < 2 * TIMEOUT_S + BROADCAST_GRACE_S + SLACK_S
+    assert answers(trainer)
+    console = capsys.readouterr().err
+    assert "the others take version 2 in a new broadcast group without it); 0 of 2 engines remain" in console
+    assert (
+        f"forge: all 2 inference engines are lost and none answered again within "
+        f"rollout.engine_timeout_s={TIMEOUT_S:g}s"
+    ) in console
