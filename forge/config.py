@@ -208,7 +208,8 @@ class RolloutConfig(Section):
         gt=0,
         description=(
             "a generate call or weight update an engine has not answered by then counts it lost (vLLM servers: "
-            "each step of the NCCL weight transfer, the trainer's group rendezvous and broadcast included); "
+            "each step of the NCCL weight transfer, the trainer's group rendezvous and broadcast included; "
+            "engine: server with weight_sync=broadcast: the gloo group's rendezvous and each broadcast); "
             "with every server lost, how long a run waits for one to come back before it stops"
         ),
     )
