@@ -127,6 +127,22 @@ def test_groups_are_spread_over_engines_by_load():
     assert [len(e.calls) for e in engines] == [4, 4]
 
 
+def test_groups_played_one_at_a_time_take_turns_over_the_engines():
+    """A gateway whose agents play one group at a time leaves every engine idle between
+    groups: the next group goes to the next engine, not always to the first."""
+    engines = [FakeClient("http://a"), FakeClient("http://b")]
+    router = Router(engines)
+
+    async def scenario() -> None:
+        for g in range(4):
+            await asyncio.gather(*(router.generate(request(f"task{g}", s)) for s in range(2)))
+            for s in range(2):
+                router.release(f"task{g}/{s:08x}")
+
+    asyncio.run(scenario())
+    assert [len(e.calls) for e in engines] == [4, 4]
+
+
 def test_workers_with_different_offsets_start_on_different_engines():
     engines = [FakeClient("http://a"), FakeClient("http://b")]
     assert Router(engines, offset=0).engine_for("g/1", "g") != Router(engines, offset=1).engine_for(

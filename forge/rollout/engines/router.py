@@ -2,7 +2,10 @@
 
 All turns of an episode, and all episodes of a group, go to one engine, so that its
 prefix cache holds their shared context; a new group goes to the engine with the least
-work (live episodes plus calls in flight). An engine that fails or hangs past its timeout
+work (live episodes plus calls in flight), and among equally loaded engines to the next one
+after the engine the last new group went to (a gateway whose agents play one group at a
+time would otherwise send every group to the first engine, and a server taken back would
+serve nothing). An engine that fails or hangs past its timeout
 is dropped: its episodes end as lost (never waited on forever), one console line says so,
 and the other engines carry on. A request the server aborted loses its episode only.
 
@@ -87,7 +90,7 @@ class Router:
         if not clients:
             raise ValueError("the router needs at least one engine (rollout.servers or rollout.num_engines)")
         self.engines = [_Engine(client) for client in clients]
-        self.offset = offset
+        self.offset = offset  # advances past each engine chosen for a new group
         self.name = name
         self.max_wait_s = max_wait_s
         self.lost_wait_s = lost_wait_s  # with every engine dropped, the wait for one
@@ -245,10 +248,12 @@ class Router:
             reasons = "; ".join(f"{e.client.url}: {e.lost_reason}" for e in self.engines)
             raise EngineLost("every engine", f"all {len(self.engines)} engines are lost ({reasons})")
         n = len(self.engines)
-        return min(
+        chosen = min(
             live,
             key=lambda i: (len(self.engines[i].episodes) + self.engines[i].in_flight, (i - self.offset) % n),
         )
+        self.offset = chosen + 1
+        return chosen
 
     def engine_for(self, episode_id: str, group_id: str = "") -> int:
         """The engine an episode's calls go to: its own, its group's, or the least loaded."""
