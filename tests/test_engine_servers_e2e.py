@@ -283,3 +283,101 @@ def test_engine_settings_that_cannot_work_are_refused_before_anything_starts():
         )
     with pytest.raises(ConfigError, match="rollout.engine=remote"):
         check_engine_config(load_config("configs/smoke.yaml", ["rollout.servers=[http://h:1]"]))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def stop_then_restart(run, servers: list, start, port: int, stop_after: int, restart_after: int) -> None:
+    """Chaos for a run on two servers: stop `servers[1]` once `stop_after` steps are recorded
+    and start one again on its `port` once `restart_after` are (appended to `servers`)."""
+    deadline = time.monotonic() + 300
+    metrics, stopped = run / "metrics.jsonl", False
+    while time.monotonic() < deadline:
+        done = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+        if done >= stop_after and not stopped:
+            servers[1].stop()
+            stopped = True
+        if done >= restart_after:
+            servers.append(start(port))
+            return
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_a_gateway_run_keeps_training_when_a_remote_server_stops_and_takes_it_back_restarted(
+    ray_session, tmp_path, capfd, monkeypatch
+):
+    """Agent processes play every episode through the gateway, whose calls go to two forge
+    serves; one stops as step 2 starts (its calls fail mid-step: their episodes are lost, as
+    on a rollout worker) and comes back on its port, from the checkpoint on disk, after step
+    3. The run trains every step on the survivor, the restarted server is taken back after
+    the weight push, serves calls again, and every call trained in step k was sampled by
+    version k - 1 (none by the restarted server's stale weights)."""
+    import forge.run.gateway as gateway_run
+    from forge.models.loading import resolve_model_path
+    from forge.rollout.engines import pool as pool_module
+    from forge.rollout.engines.server import EngineServer, make_service
+    from forge.run.launch import train
+
+    monkeypatch.setattr(pool_module, "READMIT_FIRST_WAIT_S", 0.1)
+    monkeypatch.setattr(pool_module, "READMIT_MAX_WAIT_S", 0.1)
+    steps = 5
+    base = load_config("configs/gateway-smoke.yaml", [])
+    model = resolve_model_path(base.model, tmp_path / "model", seed=base.seed)
+    port = free_port()
+
+    def start(port: int) -> EngineServer:
+        return EngineServer(make_service(model, max_new_tokens=4, max_context_tokens=512), port=port).start()
+
+    servers = [start(0), start(port)]
+    versions_trained: list[set[int]] = []
+    original = gateway_run.episode_samples
+
+    def capture(episodes, advantages):
+        samples = original(episodes, advantages)
+        versions_trained.append(
+            {v for s in samples for v, m in zip(s.policy_versions, s.loss_mask, strict=True) if m}
+        )
+        return samples
+
+    monkeypatch.setattr(gateway_run, "episode_samples", capture)
+    cfg = load_config(
+        "configs/gateway-smoke.yaml",
+        [
+            f"train.max_steps={steps}",
+            "rollout.engine=remote",
+            f"rollout.servers=[{servers[0].url},{servers[1].url}]",
+            f"model.path={model}",
+            "gateway.max_concurrent_agents=8",
+            "train.max_steps_without_signal=0",
+        ],
+    )
+    run = tmp_path / "run"
+    chaos = threading.Thread(target=stop_then_restart, args=(run, servers, start, port, 1, 3), daemon=True)
+    chaos.start()
+    try:
+        result = train(cfg, run, progress=False)
+        chaos.join(timeout=5)
+    finally:
+        for server in servers:
+            server.stop()
+    restarted = servers[2].service.served
+    assert result.steps == steps
+    rows_ = rows(run)
+    assert [row["policy_version"] for row in rows_] == [float(n) for n in range(1, steps + 1)]
+    assert versions_trained == [{k} for k in range(steps)]  # step k + 1 trains version k's calls only
+    # The stopped server's episodes are lost (never trained on), not the agents' errors.
+    assert sum(row["episodes_lost"] for row in rows_) > 0
+    assert sum(row["episodes_error"] for row in rows_) == 0
+    assert restarted.policy_version == steps and restarted.metrics()["requests"] > 0
+    assert rows_[-1]["engine_servers_live"] == 2.0 and rows_[-1]["engine_servers_readmitted"] == 1.0
+    assert min(row["engine_servers_live"] for row in rows_) == 1.0
+    console = capfd.readouterr().err
+    url = f"http://127.0.0.1:{port}"
+    assert f"engine {url} took weights version" in console and f"gateway: engine {url} taken back" in console

@@ -407,3 +407,29 @@ def test_a_gateway_run_on_engine_servers_trains_on_the_tokens_the_engines_sample
         and any(s in bytes(sum(c["bytes"], [])).decode("utf-8", "replace") for s in stops)
     ]
     assert cut  # some replies ended on a stop string (its token recorded and trained, its text not shown)
+
+
+def test_a_call_whose_engine_server_is_gone_loses_its_episode_not_errors_it(engines):
+    """The engine went away with the episode's context: the agent hears 503 and the episode
+    is lost (never trained on, not counted against the agent or its env), as on a rollout
+    worker; the engine is dropped from the router."""
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        gone = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    tokenizer = engines[0].service.gateway.tokenizer
+    sampling = Sampling(1.0, 1.0, tuple(ChatFormat(tokenizer).stop_token_ids))
+    router = Router([ForgeClient(gone, sampling=sampling)], name="gateway", max_wait_s=0.01)
+    gateway = Gateway(
+        sampling, tokenizer, EpisodeStore(lambda: GuessNumberEnv(n=8)), MAX_NEW_TOKENS, 512, router=router
+    )
+    with GatewayServer(gateway) as server:
+        client, episode = start(server)
+        with pytest.raises(openai.APIStatusError) as failed:
+            chat(client)
+        server.call(router.close(), timeout_s=10)
+    assert failed.value.status_code == 503 and "is lost" in failed.value.message
+    assert gateway.store.get(episode).status == "lost"
+    assert gateway.store.get(episode).to_trajectory(0.5).status == "lost"
+    assert router.alive == []

@@ -14,6 +14,7 @@ from typing import Any
 from forge.gateway.decoding import TextStream
 from forge.gateway.episodes import CallRecord, EpisodeError
 from forge.rollout.engines.protocol import GenerationRequest, GenerationResult
+from forge.rollout.engines.remote import EngineLost, RequestAborted
 
 
 @dataclass
@@ -149,6 +150,15 @@ class CallRun:
             results: list[GenerationResult] = await asyncio.gather(
                 *(self.gateway.batching.generate(request) for request in requests)
             )
+        except EngineLost as exc:
+            if isinstance(exc, RequestAborted):  # given up by the gateway: `finish_call` drops it
+                raise EpisodeError(500, f"generation failed: {type(exc).__name__}: {exc}") from None
+            # The engine server went away with the episode's context, not the agent or its
+            # env: the episode is lost (never trained on, not an error), as on a rollout worker.
+            await self.gateway.abandon_episode(self.episode_id, "lost", f"its engine was lost: {exc}")
+            raise EpisodeError(
+                503, f"episode {self.episode_id!r} is lost: its engine server was lost ({exc.reason})"
+            ) from None
         except Exception as exc:
             raise EpisodeError(500, f"generation failed: {type(exc).__name__}: {exc}") from None
         seconds = time.monotonic() - started
