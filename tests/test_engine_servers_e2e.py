@@ -381,3 +381,77 @@ def test_a_gateway_run_keeps_training_when_a_remote_server_stops_and_takes_it_ba
     console = capfd.readouterr().err
     url = f"http://127.0.0.1:{port}"
     assert f"engine {url} took weights version" in console and f"gateway: engine {url} taken back" in console
+
+
+@pytest.mark.slow
+def test_an_async_run_keeps_training_when_a_remote_server_stops_and_takes_it_back_restarted(
+    ray_session, tmp_path, capfd, monkeypatch
+):
+    """train.mode=async on two forge serves: one stops after step 2 (its episodes in flight
+    are lost and counted) and comes back on its port, from the checkpoint on disk, after step
+    4. The run trains every step on the survivor; the driver pushes the restarted server the
+    latest published version and the worker takes it back at its next rollout call; from
+    then on it serves the run's current weights, never its checkpoint's (version 0)."""
+    from forge.models.loading import resolve_model_path
+    from forge.rollout.engines import pool as pool_module
+    from forge.rollout.engines.server import EngineServer, make_service
+    from forge.run.launch import train
+
+    monkeypatch.setattr(pool_module, "READMIT_FIRST_WAIT_S", 0.1)
+    monkeypatch.setattr(pool_module, "READMIT_MAX_WAIT_S", 0.1)
+    steps = 12
+    base = load_config("configs/smoke.yaml", SMALL)
+    model = resolve_model_path(base.model, tmp_path / "model", seed=base.seed)
+    port = free_port()
+    served_versions: list[int] = []  # the version of each reply of the restarted server
+
+    def start(port: int) -> EngineServer:
+        server = EngineServer(make_service(model, max_new_tokens=1, max_context_tokens=1024), port=port)
+        if port and len(servers) == 2:  # the restart: record what it serves
+            served = server.service.served
+            generate = served.generate
+
+            def recorded(requests):
+                results = generate(requests)
+                served_versions.extend(r.policy_version for r in results)
+                return results
+
+            served.generate = recorded
+        return server.start()
+
+    servers: list[EngineServer] = []
+    servers.extend([start(0), start(port)])
+    cfg = load_config(
+        "configs/smoke.yaml",
+        [
+            f"train.max_steps={steps}",
+            "train.mode=async",
+            *SMALL,
+            "rollout.num_workers=1",
+            "rollout.engine=remote",
+            f"rollout.servers=[{servers[0].url},{servers[1].url}]",
+            f"model.path={model}",
+        ],
+    )
+    run = tmp_path / "run"
+    chaos = threading.Thread(target=stop_then_restart, args=(run, servers, start, port, 2, 4), daemon=True)
+    chaos.start()
+    try:
+        result = train(cfg, run, progress=False)
+        chaos.join(timeout=5)
+    finally:
+        for server in servers:
+            server.stop()
+    restarted = servers[2].service.served
+    assert result.steps == steps
+    rows_ = rows(run)
+    assert [row["policy_version"] for row in rows_] == [float(n) for n in range(1, steps + 1)]
+    assert restarted.policy_version == steps
+    assert served_versions and min(served_versions) >= 1  # never its checkpoint's weights
+    assert rows_[-1]["engine_servers_live"] == 2.0 and rows_[-1]["engine_servers_readmitted"] == 1.0
+    assert min(row["engine_servers_live"] for row in rows_) == 1.0
+    assert max(row["staleness_max"] for row in rows_) <= cfg.async_.max_staleness
+    assert sum(row["episodes_lost"] for row in rows_) > 0  # the stopped server's, counted
+    console = capfd.readouterr().err
+    url = f"http://127.0.0.1:{port}"
+    assert f"engine {url} lost" in console and f"engine {url} took weights version" in console

@@ -42,7 +42,8 @@ def train_async(
     worker.
 
     A worker that dies is restarted by Ray; the groups it was playing come back as lost
-    episodes (metric `episodes_lost`) and it is re-synced before its next group.
+    episodes (metric `episodes_lost`, which also counts episodes lost with their engine
+    server) and it is re-synced before its next group.
 
     A checkpoint step is the last one queued until it ends (the trainer's state is then
     exactly that step's); the checkpoint holds the tasks of the groups in flight or in the
@@ -293,6 +294,8 @@ class AsyncLoop:
                 return
             call.sent.add(position)
             self.groups_in_flight[call.worker] -= 1
+            # Episodes whose engine was lost: the pool leaves them out, the step counts them.
+            self.lost += sum(t.status == "lost" for t in group)
             self.arrived.append(([call.seqs[position]], [group]))
             if not ray.wait([stream], timeout=0)[0]:  # nothing more yet
                 return
