@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -319,3 +320,68 @@ def test_forge_train_trains_a_hub_model_its_ray_actors_resolve_themselves(
     assert any(not after[name].equal(before[name]) for name in before)  # it trained
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines if "step" in line][-1] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("node", ["offline, its cache lacks the model", "online, the hub lacks the commit"])
+def test_a_hub_model_a_node_cannot_resolve_stops_the_run_with_the_hub_message_naming_role_and_node(
+    ray_session, hf_cache, tiny_files, tmp_path, capsys, monkeypatch, node
+):
+    """The driver resolves the hub id from its cache; the run's actors, on a node whose cache
+    lacks it, cannot: offline, or online from a hub (tests.fake_hub) that no longer has the
+    commit the run pinned. The run stops (exit 1) with the hub's message as the driver would
+    have printed it, naming the actor and its node, not as a rollout worker that died."""
+    empty = tmp_path / "node_cache"
+    empty.mkdir()
+    files = {path.name: path.read_bytes() for path in tiny_files.iterdir()}
+    with FakeHub({REPO: ("f" * 40, files)}) as fake:
+        offline = node.startswith("offline")
+        node_env = {"HF_HUB_CACHE": str(empty), "HF_HUB_OFFLINE": "1" if offline else "0"}
+        if not offline:
+            node_env["HF_ENDPOINT"] = fake.url
+        monkeypatch.setattr(hub, "hub_env", lambda: node_env)  # what the run's actors get
+        code = main(
+            ["train", "smoke", f"model.path={REPO}", *SMOKE_STEPS, "--output-dir", str(tmp_path / "run")]
+        )
+    err = capsys.readouterr().err
+    assert code == 1
+    assert f"forge: rollout worker 0 on node {socket.gethostname()} (" in err, err
+    assert f"model.path='{REPO}' (model.revision='{COMMIT}')" in err
+    if offline:
+        assert f"is not in this node's Hugging Face cache ({empty})" in err
+        assert f"hf download {REPO} --revision {COMMIT}" in err
+    else:
+        assert f"has no branch, tag or commit '{COMMIT}'; set model.revision" in err
+    assert "rollout worker died" not in err and "Traceback" not in err
+
+
+def test_a_trainer_that_cannot_resolve_the_hub_id_is_reported_by_its_hub_message(
+    ray_session, hf_cache, tmp_path, monkeypatch
+):
+    """What `forge train` prints when the trainer (or an engine) never started because its node
+    cannot resolve the model: the hub's message naming the role and the node, not 'the Trainer
+    actor died'."""
+    import ray
+
+    from forge.config import load_config
+    from forge.run.context import make_trainer
+    from forge.run.faults import actor_death_message
+
+    empty = tmp_path / "node_cache"
+    empty.mkdir()
+    monkeypatch.setattr(hub, "hub_env", lambda: {"HF_HUB_CACHE": str(empty), "HF_HUB_OFFLINE": "1"})
+    cfg = load_config(
+        "configs/smoke.yaml", [f"model.path={REPO}", f"model.revision={COMMIT}", "train.num_cpus=0.01"]
+    )
+    trainer = make_trainer(cfg, REPO)
+    with pytest.raises(ray.exceptions.RayActorError) as died:
+        ray.get(trainer.save.remote(str(tmp_path / "never")), timeout=120)
+    message = actor_death_message(died.value, tmp_path)
+    assert message is not None and message.startswith(f"trainer on node {socket.gethostname()} ("), message
+    assert (
+        f"model.path='{REPO}' (model.revision='{COMMIT}') is not in this node's Hugging Face cache" in message
+    )
+    assert message.endswith(
+        f"then model.path=/models/{REPO.split('/')[1]}"
+    )  # the fixes, nothing of Ray's after
+    assert "Traceback" not in message

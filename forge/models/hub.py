@@ -77,6 +77,22 @@ def hub_env() -> dict[str, str]:
 MODEL_SETTINGS = ("model.path", "model.revision")
 
 
+class NodeHubError(ConfigError):
+    """A run's Ray actor could not resolve the hub id the driver resolved (that node's cache
+    lacks it offline, or its download failed); the message names the actor's role and node."""
+
+
+def actor_hub_message(exc: BaseException) -> str | None:
+    """The NodeHubError message of a Ray actor whose creation failed on it, or None. Ray keeps
+    only the text of a creation task's error (its traceback, the exception's own line last)."""
+    if not getattr(exc, "actor_init_failed", False):
+        return None
+    marker = f"{NodeHubError.__module__}.{NodeHubError.__qualname__}: "
+    text = str(exc)
+    at = text.rfind(marker)
+    return text[at + len(marker) :].strip() if at >= 0 else None
+
+
 @functools.cache
 def hub_snapshot(repo_id: str, revision: str = "main", settings: tuple[str, str] = MODEL_SETTINGS) -> Path:
     """The local folder of hub model `repo_id` at `revision` (a branch, tag or commit): found

@@ -44,6 +44,31 @@ def checkpoint_folder(
     )
 
 
+def node_checkpoint_folder(given: str | Path, revision: str, role: str) -> Path:
+    """`checkpoint_folder` in a run's Ray actor (`role`: "rollout worker 1", "trainer", ...).
+    A hub id that the driver resolved and this node cannot raises NodeHubError naming the role
+    and the node, which the driver prints as it is (`forge.models.hub.actor_hub_message`)
+    instead of reporting a dead actor with its traceback."""
+    from forge.models.hub import NodeHubError
+
+    try:
+        return checkpoint_folder(given, revision)
+    except ConfigError as exc:  # only a hub id raises it (a missing folder is FileNotFoundError)
+        raise NodeHubError(f"{role} on node {node_name()}: {exc}") from None
+
+
+def node_name() -> str:
+    """This machine as a Ray cluster's user knows it: host name and Ray's address for it."""
+    import socket
+
+    try:
+        import ray
+
+        return f"{socket.gethostname()} ({ray.util.get_node_ip_address()})"
+    except Exception:  # no Ray here: the host name says enough
+        return socket.gethostname()
+
+
 def resolve_model_path(cfg: ModelConfig, cache_dir: str | Path, seed: int = 0) -> Path:
     """The checkpoint folder to load: `cfg.path` (a folder or a hub id, see `checkpoint_folder`),
     or a freshly built tiny checkpoint."""
@@ -73,7 +98,6 @@ def actor_env(cfg: ModelConfig) -> dict[str, str]:
     from forge.models.hub import hub_env, names_hub_model
 
     return hub_env() if names_hub_model(cfg.path) else {}
-    return {}
 
 
 def load_tokenizer(path: str | Path):

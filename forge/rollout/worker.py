@@ -48,14 +48,15 @@ class RolloutWorker:
     ) -> None:
         """With `stuck_report_dir` (a run's workers, which Ray restarts), a loop stuck past
         `stuck_limit_s` ends this process, its stacks written there (`forge.rollout.stuck`)."""
-        from forge.models.loading import checkpoint_folder, load_model, load_tokenizer, resolve_device
+        from forge.models.loading import load_model, load_tokenizer, node_checkpoint_folder, resolve_device
         from forge.sandbox.policy import configure_for_env
 
         # Each actor is its own process: apply the run's sandbox policy here too.
         configure_for_env(sandbox_cfg or SandboxConfig(), resolve_env(env_cfg.name), env_cfg.name)
         torch.set_num_threads(num_threads or rollout_cfg.threads)
         torch.manual_seed(seed)
-        model_path = checkpoint_folder(model_path, model_cfg.revision)  # a hub id: this node's cache
+        # A hub id resolves in this node's cache; a failure names this actor and its node.
+        model_path = node_checkpoint_folder(model_path, model_cfg.revision, f"rollout worker {worker_index}")
         self.tokenizer = load_tokenizer(model_path)
         self.chat = ChatFormat(self.tokenizer)
         self.router: Router | None = None

@@ -23,7 +23,7 @@ from forge.run.context import (
     step_metrics,
     to_samples,
 )
-from forge.run.faults import lost_group, worker_gone_message
+from forge.run.faults import lost_group, stop_if_model_missing, worker_gone_message
 from forge.run.frozen import keep_snapshot
 from forge.types import NO_VERSION, Trajectory
 
@@ -289,6 +289,7 @@ class AsyncLoop:
                 self.end_call(stream)
                 return
             except (RayActorError, ActorUnavailableError) as exc:
+                stop_if_model_missing(exc)
                 # Ray restarts the worker; the episodes are gone.
                 self.worker_died(stream, f"rollout worker died: {exc}")
                 return

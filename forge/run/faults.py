@@ -45,6 +45,7 @@ def collect_groups(
     try:
         episodes = ray.get(ref)
     except (RayActorError, ActorUnavailableError) as exc:  # Ray restarts the worker; the episodes are gone
+        stop_if_model_missing(exc)
         return [lost_group(task, group_size, f"rollout worker died: {exc}") for task in tasks], True
     except RayTaskError as exc:
         cause = getattr(exc, "cause", None)
@@ -52,6 +53,15 @@ def collect_groups(
             raise RunStopped(f"a rollout worker stopped: {cause}") from None
         raise
     return [episodes[i * group_size : (i + 1) * group_size] for i in range(len(tasks))], False
+
+
+def stop_if_model_missing(exc: BaseException) -> None:
+    """A worker that could not start because its node cannot resolve the run's hub model would
+    fail the same way at every restart: stop the run with its message (role, node, setting, fix)."""
+    from forge.models.hub import actor_hub_message
+
+    if (message := actor_hub_message(exc)) is not None:
+        raise RunStopped(message) from None
 
 
 def worker_death_note(
@@ -123,6 +133,10 @@ def actor_death_message(exc: BaseException, output_dir: str | Path, config: str 
 
     if not isinstance(exc, RayActorError):
         return None
+    from forge.models.hub import actor_hub_message
+
+    if (hub := actor_hub_message(exc)) is not None:  # it never started: its node lacks the model
+        return hub
     found = re.search(r"class_name: (\w+)", str(exc))
     who = f"the {found.group(1)} actor" if found else "an actor of the run"
     message = f"{who} died, so the run stopped (its log above says why: often out of memory)."

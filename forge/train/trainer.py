@@ -80,12 +80,13 @@ class Trainer:
         seed: int = 0,
         num_threads: int | None = None,
     ) -> None:
-        from forge.models.loading import checkpoint_folder, load_tokenizer
+        from forge.models.loading import load_tokenizer, node_checkpoint_folder
 
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         torch.manual_seed(seed)
-        self.model_path = checkpoint_folder(model_path, model_cfg.revision)  # a hub id: this node's cache
+        # A hub id resolves in this node's cache; a failure names this actor and its node.
+        self.model_path = node_checkpoint_folder(model_path, model_cfg.revision, "trainer")
         model_path = self.model_path
         self.model_cfg = model_cfg
         self.train_cfg = train_cfg

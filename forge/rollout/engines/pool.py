@@ -31,9 +31,13 @@ class EngineActor:
     def __init__(self, model_path: str, cfg: Config, seed: int, num_threads: int = 1) -> None:
         import torch
 
+        from forge.models.loading import node_checkpoint_folder
         from forge.rollout.engines.server import EngineServer, make_service
 
         torch.set_num_threads(num_threads)
+        # A hub id this node cannot resolve fails here with the hub's message (make_service's
+        # own resolution is then a cached look-up).
+        node_checkpoint_folder(model_path, cfg.model.revision, "inference engine")
         rollout = cfg.rollout
         self.service = make_service(
             model_path,
