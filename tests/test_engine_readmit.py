@@ -458,6 +458,26 @@ def test_a_worker_that_waited_in_vain_for_its_engines_stops_the_run_with_its_rea
         collect_groups(object(), [{"task_id": "t"}], 2)
 
 
+def test_a_workers_engine_lost_error_crosses_ray_as_itself():
+    """Ray pickles a worker's exception to the driver: EngineLost must come back with its url
+    and reason (rebuilt from its message alone it raised TypeError, and Ray handed the driver
+    an UnserializableException, so an async run whose engines were all lost ended in a traceback)."""
+    import pickle
+
+    from forge.rollout.engines.remote import RequestAborted
+
+    for error in (
+        EngineLost("every engine", "all 2 engines are lost"),
+        RequestAborted("http://a:1", "aborted"),
+    ):
+        back = pickle.loads(pickle.dumps(error))
+        assert type(back) is type(error) and (back.url, back.reason, str(back)) == (
+            error.url,
+            error.reason,
+            str(error),
+        )
+
+
 # -- the driver: a lost vLLM / SGLang server that answers again gets the weights at the next sync ---
 class Restartable:
     """Recorded vLLM / SGLang exchanges behind an httpx transport, and a switch: while down,

@@ -174,7 +174,8 @@ def test_a_remote_forge_server_restarted_mid_run_is_taken_back_after_the_weight_
 
 
 @pytest.mark.slow
-def test_a_remote_run_whose_only_server_is_lost_stops_with_an_error_naming_it(ray_session, tmp_path):
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_remote_run_whose_only_server_is_lost_stops_with_an_error_naming_it(ray_session, tmp_path, mode):
     """Not a hang, not exit 0: the run stops within rollout.engine_timeout_s of the loss."""
     from forge.failures import RunStopped
     from forge.models.loading import resolve_model_path
@@ -205,6 +206,8 @@ def test_a_remote_run_whose_only_server_is_lost_stops_with_an_error_naming_it(ra
             f"rollout.servers=[{server.url}]",
             f"model.path={model}",
             "rollout.engine_timeout_s=3",
+            f"train.mode={mode}",
+            *(["rollout.num_workers=1"] if mode == "async" else []),
         ],
     )
     killer = threading.Thread(target=stop_after_step_1, daemon=True)

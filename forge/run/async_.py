@@ -23,7 +23,7 @@ from forge.run.context import (
     step_metrics,
     to_samples,
 )
-from forge.run.faults import lost_group, stop_if_model_missing, worker_gone_message
+from forge.run.faults import lost_group, stop_if_engines_lost, stop_if_model_missing, worker_gone_message
 from forge.run.frozen import keep_snapshot
 from forge.types import NO_VERSION, Trajectory
 
@@ -279,7 +279,7 @@ class AsyncLoop:
         pool; if the worker died, the groups it had not sent are lost stand-ins, and the
         worker is probed until Ray has restarted it."""
         import ray
-        from ray.exceptions import ActorUnavailableError, RayActorError
+        from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
         call = self.in_flight[stream]
         while True:
@@ -288,6 +288,9 @@ class AsyncLoop:
             except StopIteration:
                 self.end_call(stream)
                 return
+            except RayTaskError as exc:
+                stop_if_engines_lost(exc)
+                raise
             except (RayActorError, ActorUnavailableError) as exc:
                 stop_if_model_missing(exc)
                 # Ray restarts the worker; the episodes are gone.

@@ -39,20 +39,25 @@ def collect_groups(
     import ray
     from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
-    from forge.failures import RunStopped
-    from forge.rollout.engines.remote import EngineLost
-
     try:
         episodes = ray.get(ref)
     except (RayActorError, ActorUnavailableError) as exc:  # Ray restarts the worker; the episodes are gone
         stop_if_model_missing(exc)
         return [lost_group(task, group_size, f"rollout worker died: {exc}") for task in tasks], True
     except RayTaskError as exc:
-        cause = getattr(exc, "cause", None)
-        if isinstance(cause, EngineLost) and cause.url == "every engine":  # waited rollout.engine_timeout_s
-            raise RunStopped(f"a rollout worker stopped: {cause}") from None
+        stop_if_engines_lost(exc)
         raise
     return [episodes[i * group_size : (i + 1) * group_size] for i in range(len(tasks))], False
+
+
+def stop_if_engines_lost(exc: BaseException) -> None:
+    """A worker's rollout that waited rollout.engine_timeout_s for one of its lost engines to
+    come back, in vain, stops the run naming them (`exc`: the call's RayTaskError)."""
+    from forge.rollout.engines.remote import EngineLost
+
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, EngineLost) and cause.url == "every engine":
+        raise RunStopped(f"a rollout worker stopped: {cause}") from None
 
 
 def stop_if_model_missing(exc: BaseException) -> None:

@@ -47,6 +47,11 @@ class EngineLost(RuntimeError):
         self.url = url
         self.reason = reason
 
+    def __reduce__(self) -> tuple:
+        # Rebuilt from (url, reason), not from args (its message): a worker's EngineLost
+        # must reach the driver through Ray as itself, not as an UnserializableException.
+        return (type(self), (self.url, self.reason))
+
 
 class RequestAborted(EngineLost):
     """The server ended one request as aborted (finish reason `abort`: someone paused it with
