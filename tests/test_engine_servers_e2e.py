@@ -319,7 +319,7 @@ def test_a_gateway_run_keeps_training_when_a_remote_server_stops_and_takes_it_ba
     """Agent processes play every episode through the gateway, whose calls go to two forge
     serves; one stops as step 2 starts (its calls fail mid-step: their episodes are lost, as
     on a rollout worker) and comes back on its port, from the checkpoint on disk, after step
-    3. The run trains every step on the survivor, the restarted server is taken back after
+    2. The run trains every step on the survivor, the restarted server is taken back after
     the weight push, serves calls again, and every call trained in step k was sampled by
     version k - 1 (none by the restarted server's stale weights)."""
     import forge.run.gateway as gateway_run
@@ -330,7 +330,7 @@ def test_a_gateway_run_keeps_training_when_a_remote_server_stops_and_takes_it_ba
 
     monkeypatch.setattr(pool_module, "READMIT_FIRST_WAIT_S", 0.1)
     monkeypatch.setattr(pool_module, "READMIT_MAX_WAIT_S", 0.1)
-    steps = 5
+    steps = 4
     base = load_config("configs/gateway-smoke.yaml", [])
     model = resolve_model_path(base.model, tmp_path / "model", seed=base.seed)
     port = free_port()
@@ -362,7 +362,7 @@ def test_a_gateway_run_keeps_training_when_a_remote_server_stops_and_takes_it_ba
         ],
     )
     run = tmp_path / "run"
-    chaos = threading.Thread(target=stop_then_restart, args=(run, servers, start, port, 1, 3), daemon=True)
+    chaos = threading.Thread(target=stop_then_restart, args=(run, servers, start, port, 1, 2), daemon=True)
     chaos.start()
     try:
         result = train(cfg, run, progress=False)
