@@ -216,7 +216,8 @@ class RolloutConfig(Section):
     weight_sync: Literal["auto", "object_store", "folder", "broadcast"] = Field(
         "auto",
         description="engine: server: how new weights reach the engines: the Ray object store, a safetensors "
-        "folder (rollout.weight_dir, else a temp folder; shared across nodes), a gloo/NCCL broadcast group; "
+        "folder (rollout.weight_dir, else a temp folder; shared across nodes), a gloo broadcast group "
+        "(through host memory, GPU engines too); "
         "auto = the fastest measured per case (bench.weight_sync)",
     )
     weight_dir: str | None = Field(

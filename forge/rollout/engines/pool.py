@@ -168,8 +168,8 @@ def check_engine_config(cfg: Config) -> None:
 # Full weights fp32 0.55 s (a folder 0.89 s, a gloo broadcast 1.62 s), bf16 0.32 s (0.44 s,
 # 0.84 s); LoRA adapters (8.6 MB) about 0.02 s by the object store or a folder alike, broadcast
 # 0.16-0.19 s (its cost is per-tensor latency). Engines on GPUs (num_gpus_per_engine > 0)
-# take the NCCL broadcast peers use instead: the object store would copy every tensor to host
-# memory and back, and no GPU number exists yet to say otherwise.
+# take the object store too: the broadcast group is gloo (forge/rollout/engines/broadcast.py),
+# so it also passes every tensor through host memory, and it was the slower of the two.
 
 
 def _said(exc: BaseException) -> str:
@@ -557,8 +557,7 @@ class EnginePool:
             # may be a queued step further by the time it would write or send them.
             return "object_store"
         if chosen == "auto":
-            full_on_gpus = self.cfg.rollout.num_gpus_per_engine > 0 and not self.cfg.model.lora.enabled
-            chosen = "broadcast" if full_on_gpus else "object_store"
+            chosen = "object_store"
         if chosen == "broadcast" and hasattr(trainer, "actors"):
             return "object_store"  # a data-parallel trainer group (one rank would have to send)
         return chosen
