@@ -326,20 +326,23 @@ class EnginePool:
                 for client in clients:
                     await client.close()
 
-        back = []
-        for url, healthy in zip(due, asyncio.run(ask()), strict=True):
-            if healthy:
-                del self.dead[url]
-                back.append(url)
-                print(
-                    f"forge: engine {url} answers again; it gets the current weights now",
-                    file=sys.stderr,
-                    flush=True,
-                )
-            else:
-                _, wait = self._next_probe.get(url, (0.0, READMIT_FIRST_WAIT_S))
-                self._next_probe[url] = (time.monotonic() + wait, min(wait * 2, READMIT_MAX_WAIT_S))
-        return back
+        return [
+            url for url, healthy in zip(due, asyncio.run(ask()), strict=True) if self._answered(url, healthy)
+        ]
+
+    def _answered(self, url: str, ready: bool) -> bool:
+        """A lost engine's answer to a re-admission probe: ready -> live again, to get this
+        sync's weights; not -> asked again after a doubled wait."""
+        if not ready:
+            _, wait = self._next_probe.get(url, (0.0, READMIT_FIRST_WAIT_S))
+            self._next_probe[url] = (time.monotonic() + wait, min(wait * 2, READMIT_MAX_WAIT_S))
+            return False
+        del self.dead[url]
+        self.stalled.discard(url)
+        print(
+            f"forge: engine {url} answers again; it gets the current weights now", file=sys.stderr, flush=True
+        )
+        return True
 
     def sync(
         self, wrapped: list[Any], version: int, trainer: Any = None, timeout_s: float | None = None
@@ -422,18 +425,8 @@ class EnginePool:
             except RayActorError:
                 self.stalled.discard(url)
                 continue
-            if ready:
-                del self.dead[url]
-                self.stalled.discard(url)
+            if self._answered(url, ready):
                 back.append(url)
-                print(
-                    f"forge: engine {url} answers again; it gets the current weights now",
-                    file=sys.stderr,
-                    flush=True,
-                )
-            else:
-                _, wait = self._next_probe.get(url, (0.0, READMIT_FIRST_WAIT_S))
-                self._next_probe[url] = (time.monotonic() + wait, min(wait * 2, READMIT_MAX_WAIT_S))
         return back
 
     def _sync_servers(self, wrapped: list[Any], version: int, trainer: Any, timeout_s: float) -> None:
