@@ -520,6 +520,7 @@ def test_after_a_lora_sync_a_rollout_workers_vllm_requests_name_the_adapter_with
     import torch
 
     from forge.config import load_config
+    from forge.rollout.engines.router import EngineView
     from forge.rollout.worker import RolloutWorker
 
     threads = torch.get_num_threads()
@@ -540,7 +541,7 @@ def test_after_a_lora_sync_a_rollout_workers_vllm_requests_name_the_adapter_with
     torch.set_num_threads(threads)
     client = worker.router.engines[0].client
     assert client.model == str(tiny_checkpoint)  # version 0: the base model (LoRA's B starts at zero)
-    worker.set_engine_version(3, adapter=True)
+    worker.set_engine_view(EngineView(3, adapter=True))
     assert (client.model, client.policy_version) == (f"{tiny_checkpoint}-forge-lora", 3)
     assert (
         vllm_client.completion_call(GenerationRequest([1], 2), client.model, client.sampling).body["model"]

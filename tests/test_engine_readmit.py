@@ -635,3 +635,86 @@ def test_a_lost_vllm_server_with_full_weights_rejoins_a_weight_transfer_group_fo
     assert joined == [3, 2, 3]  # a new group: the trainer and both servers
     assert servers[b].seen[1:4] == ["/health", "/get_world_size", "/init_weight_transfer_engine"]
     assert "/finish_weight_update" in servers[b].seen and pool.holders(3) == [a, b]
+
+
+# -- a rollout worker Ray restarted: its router starts from the driver's view, not its creation ---
+def test_a_restarted_workers_router_routes_by_the_drivers_view_not_the_engines_it_was_created_with():
+    """Ray rebuilds a dead worker from its creation arguments: a router over the run's first
+    engines, at version 0, all live. The driver meanwhile lost b (c was started in place of
+    it) and delivered version 5 to a and c; a then restarted from its checkpoint. With the
+    driver's view the new router drops b, adds c, and drops a at the rollout's start, so
+    every group goes to c and is stamped with the version c holds."""
+    from forge.rollout.engines.router import EngineView
+
+    a, b, c = Server("http://a:1"), Server("http://b:1"), Server("http://c:1")
+    a.held = c.held = 5
+    b.up = False
+    a.restart()
+    router = Router([a, b], name="rollout worker 0")  # as Ray rebuilt it
+    servers = {s.url: s for s in (a, b, c)}
+    router.take_view(EngineView(5, False, [a.url, c.url], [a.url, b.url, c.url]), servers.__getitem__)
+
+    async def rollout() -> list[GenerationResult]:
+        await router.readmit()
+        results = [await router.generate(turn(f"g{i}")) for i in range(3)]
+        await router.close()
+        return results
+
+    results = asyncio.run(rollout())
+    assert router.alive == [c.url]
+    assert [r.policy_version for r in results] == [5, 5, 5]
+    assert "it holds weights version 0, not 5" in router.engines[0].lost_reason
+    assert "did not deliver weights version 5" in router.engines[1].lost_reason
+
+
+def test_the_view_adds_each_engine_once_and_a_vllm_spec_names_its_server():
+    from forge.rollout.engines.router import EngineView
+
+    a, c = Server("http://a:1"), Server("http://c:1")
+    made = []
+
+    def client_for(spec: str) -> Server:
+        made.append(spec)
+        return c
+
+    router = Router([a])
+    view = EngineView(2, False, None, ["http://a:1/", "vllm+http://c:1"])
+    router.take_view(view, client_for)
+    router.take_view(view, client_for)
+    assert made == ["vllm+http://c:1"] and router.alive == [a.url, c.url] and router.version == 2
+
+
+def test_an_async_run_tells_a_restarted_worker_the_engine_view_before_its_first_rollout():
+    """A worker Ray restarted gets the driver's engine view in the call before its next
+    rollout (calls from one caller to an actor run in order)."""
+    from types import SimpleNamespace
+
+    from forge.rollout.engines.router import EngineView
+    from forge.run.async_ import AsyncLoop, BusyClock
+
+    calls: list[tuple[str, tuple]] = []
+
+    class Worker:
+        def __getattr__(self, method: str):
+            return SimpleNamespace(remote=lambda *args: calls.append((method, args)) or object())
+
+    view = EngineView(4, False, ["http://c:1"], ["http://a:1", "http://c:1"])
+    loop = AsyncLoop.__new__(AsyncLoop)
+    loop.run = SimpleNamespace(
+        workers=[Worker(), Worker()], engine_view=view, tasks=SimpleNamespace(take=lambda n: [{}] * n)
+    )
+    loop.cfg = SimpleNamespace(
+        train=SimpleNamespace(checkpoint_every=0), rollout=SimpleNamespace(group_size=2)
+    )
+    loop.weights, loop.needs_sync, loop.in_flight = None, {1}, {}
+    loop.groups_in_flight, loop.clocks = [0, 0], [BusyClock(), BusyClock()]
+    loop.start_groups(0, [0])
+    loop.start_groups(1, [1])
+    loop.start_groups(1, [2])
+    assert [name for name, _ in calls] == [
+        "rollout_groups",
+        "set_engine_view",
+        "rollout_groups",
+        "rollout_groups",
+    ]
+    assert calls[1][1] == (view,)

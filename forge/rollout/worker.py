@@ -23,7 +23,7 @@ from forge.rollout.agent import EpisodeLimits, run_episode
 from forge.rollout.chat import ChatFormat
 from forge.rollout.engines.batching import BatchingEngine
 from forge.rollout.engines.hf import HFEngine
-from forge.rollout.engines.router import Router
+from forge.rollout.engines.router import EngineView, Router
 from forge.rollout.stuck import LoopGuard, stuck_limit_s
 from forge.types import Trajectory
 from forge.weights import PackedWeights, unpack_weights
@@ -188,16 +188,10 @@ class RolloutWorker:
         os.replace(partial, target)
         return str(target)
 
-    def add_engine(self, url: str) -> None:
-        """An engine started in place of a lost one: route new groups to it too."""
-        self.router.add(self._client(url))
-
-    def set_engine_version(
-        self, version: int, adapter: bool = False, holders: list[str] | None = None
-    ) -> None:
-        """The version the engines now generate with, and the urls that took it
-        (`Router.stamp_version`): set between steps."""
-        self.router.stamp_version(version, adapter, holders)
+    def set_engine_view(self, view: EngineView) -> None:
+        """The driver's view of the engines (`EngineView`): set between steps, and before a
+        restarted worker's first rollout."""
+        self.router.take_view(view, self._client)
 
     def get_policy_version(self) -> int:
         return self.engine.policy_version if self.engine is not None else self.router.policy_version

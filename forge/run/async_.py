@@ -259,9 +259,12 @@ class AsyncLoop:
 
     def start_groups(self, index: int, seqs: list[int]) -> None:
         """One rollout call on worker `index` for the groups `seqs`; a worker Ray restarted
-        gets the latest weights first."""
+        gets the latest weights first, or with engine servers the driver's view of them (its
+        router would start at version 0 with every engine the run started with live)."""
         worker = self.run.workers[index]
-        if index in self.needs_sync and self.weights is not None and self.run.engines is None:
+        if index in self.needs_sync and self.run.engine_view is not None:
+            worker.set_engine_view.remote(self.run.engine_view)
+        elif index in self.needs_sync and self.weights is not None:
             worker.set_weights.remote(self.weights[0], self.weights[1])
         self.needs_sync.discard(index)
         tasks = self.run.tasks.take(len(seqs))

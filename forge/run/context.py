@@ -12,7 +12,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -25,6 +25,9 @@ from forge.run.faults import collect_groups, wait_until_alive, worker_death_note
 from forge.run.frozen import check_resumable, frozen_snapshot, keep_snapshot
 from forge.run.tasks import TaskStream, load_task_rows, split_evenly
 from forge.types import Sample, Trajectory
+
+if TYPE_CHECKING:
+    from forge.rollout.engines.router import EngineView
 
 
 @dataclass
@@ -108,10 +111,13 @@ class Run:
 
         check_resources(cfg, cfg.rollout.num_workers)
         self.engines = None
+        self.engine_view: EngineView | None = None  # what a worker Ray restarted is told (forge.run.async_)
         if cfg.rollout.engine != "inprocess":  # generation on engine servers (forge.rollout.engines.pool)
             from forge.rollout.engines.pool import EnginePool
+            from forge.rollout.engines.router import EngineView
 
             self.engines = EnginePool.start(cfg, self.model_source)
+            self.engine_view = EngineView(urls=list(self.engines.urls))  # version 0: every engine holds it
         self.trainer = make_trainer(cfg, self.model_source)
         # Where a worker whose event loop got stuck writes its stacks before it ends (forge.rollout.stuck).
         self.stuck_report_dir = output_dir.resolve() / "stuck_workers"
@@ -195,29 +201,35 @@ class Run:
         """Send every worker the trainer's weights (`published`, as `train_and_publish`
         returned them, or published now) and wait until each has loaded them."""
         import ray
-        from ray.exceptions import ActorUnavailableError, RayActorError
 
         wrapped, version = published or ray.get(self.trainer.publish_weights.remote())
         if self.engines is not None:  # the engines generate: they get the weights, workers hold none
             self.engines.sync(wrapped, version, self.trainer)
-            for url in self.engines.take_started():  # replacements for lost engines
-                ray.get([worker.add_engine.remote(url) for worker in self.workers])
-            # The version (vLLM keeps none: its clients stamp it) and the servers that took it
-            # (a worker takes back an engine it dropped only if it is one of them).
-            holders, lora = self.engines.holders(version), self.cfg.model.lora.enabled
-            ray.get([worker.set_engine_version.remote(version, lora, holders) for worker in self.workers])
+            # The version (vLLM keeps none: its clients stamp it), the servers that took it (a
+            # worker takes back an engine it dropped only if it is one of them) and the
+            # engines started in place of lost ones.
+            self.engine_view = self.engines.view(version)
+            self.tell_workers("set_engine_view", self.engine_view)
             return version
         # The ObjectRef goes to each worker as a top-level argument: Ray resolves it there,
         # so the weights are put once and fetched by every worker from the object store.
-        calls = [(worker, worker.set_weights.remote(wrapped[0], version)) for worker in self.workers]
+        self.tell_workers("set_weights", wrapped[0], version)
+        self.keep_frozen(version)
+        return version
+
+    def tell_workers(self, method: str, *args: Any) -> None:
+        """Call `method` on every worker and wait for each; a worker Ray is restarting is
+        waited for, then called again (it came back without what the call gives)."""
+        import ray
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        calls = [(worker, getattr(worker, method).remote(*args)) for worker in self.workers]
         for index, (worker, ref) in enumerate(calls):
             try:
                 ray.get(ref)
-            except (RayActorError, ActorUnavailableError):  # a worker Ray is restarting
+            except (RayActorError, ActorUnavailableError):
                 wait_until_alive(worker, index, self.cfg.async_.max_worker_restarts)
-                ray.get(worker.set_weights.remote(wrapped[0], version))
-        self.keep_frozen(version)
-        return version
+                ray.get(getattr(worker, method).remote(*args))
 
     def keep_frozen(self, version: int) -> None:
         """Save the sub-agents' snapshot when the workers reach swarm.frozen_version (forge.run.frozen)."""

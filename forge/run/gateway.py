@@ -283,9 +283,7 @@ class GatewayRun:
         # Between steps no call is in flight: the engines load, the router learns of any
         # engine started in place of a lost one, and vLLM clients stamp the new version.
         self.pool.sync(wrapped, version, self.trainer)
-        for url in self.pool.take_started():
-            self.router.add(self._client(url))
-        self.router.stamp_version(version, self.cfg.model.lora.enabled, self.pool.holders(version))
+        self.router.take_view(self.pool.view(version), self._client)
         self.version = version
         return version
 

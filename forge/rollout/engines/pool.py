@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from forge.config import Config, ConfigError
-from forge.rollout.engines.router import READMIT_FIRST_WAIT_S, READMIT_MAX_WAIT_S
+from forge.rollout.engines.router import READMIT_FIRST_WAIT_S, READMIT_MAX_WAIT_S, EngineView
 
 # A weight broadcast's every side (trainer, engines) ends by gloo's own timeout
 # (rollout.engine_timeout_s); the driver waits this much longer for them to say so before it
@@ -221,7 +221,6 @@ class EnginePool:
         self.stalled: set[str] = set()  # server mode: dropped engine actors still alive, asked again
         self._next_probe: dict[str, tuple[float, float]] = {}  # dead url -> (when to ask, the wait after)
         self.restarts = 0
-        self.started: list[str] = []  # urls of engines started in place of lost ones, for the workers
 
     @classmethod
     def start(cls, cfg: Config, model_path: Path | str) -> EnginePool:
@@ -247,7 +246,6 @@ class EnginePool:
         url = ray.get(actor.url.remote(), timeout=self.cfg.rollout.engine_timeout_s * 5)
         self.urls.append(url)
         self.actors.append(actor)
-        self.started.append(url)
         print(
             f"forge: engine {url} started in place of {self.urls[index]} "
             f"({self.restarts} of rollout.max_engine_restarts={self.cfg.rollout.max_engine_restarts})",
@@ -471,11 +469,10 @@ class EnginePool:
                 waiting = True
             time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
-    def take_started(self) -> list[str]:
-        """Engines started in place of lost ones since the last call (workers add them)."""
-        started = [url for url in self.started if url not in self.dead]
-        self.started = []
-        return started
+    def view(self, version: int) -> EngineView:
+        """What the routers route by after weights `version` were sent (`EngineView`): every
+        engine, those started in place of lost ones included, and the ones that took it."""
+        return EngineView(version, self.cfg.model.lora.enabled, self.holders(version), list(self.urls))
 
     def _sync_actors(self, wrapped: list[Any], version: int, trainer: Any, timeout_s: float) -> None:
         import ray

@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +60,21 @@ class _Engine:
     ended: list[str] = field(default_factory=list)  # episodes to release with the next call
     next_check: float = 0.0  # monotonic time at which a dropped engine is asked again
     check_every_s: float = 0.0  # the wait after its next failed check (doubles, to READMIT_MAX_WAIT_S)
+
+
+@dataclass(frozen=True)
+class EngineView:
+    """The driver's view of the engines, which a rollout worker's router routes by: the
+    weights version last delivered, whether it is a LoRA adapter, the urls it was delivered to
+    (None: every engine, as at the start), and every engine's url, those started in place
+    of lost ones included. Sent at each weight sync, and to a worker Ray restarted before
+    its first rollout: Ray builds it again from its creation arguments, so its router would
+    start at version 0 with the engines the run started with, all live."""
+
+    version: int = 0
+    adapter: bool = False
+    holders: list[str] | None = None
+    urls: list[str] = field(default_factory=list)
 
 
 # A dropped engine is asked again READMIT_FIRST_WAIT_S after it was dropped, then at doubling
@@ -120,6 +136,15 @@ class Router:
 
     def add(self, client: EngineClient) -> None:
         self.engines.append(_Engine(client))
+
+    def take_view(self, view: EngineView, client_for: Callable[[str], EngineClient]) -> None:
+        """Route by the driver's `view`: add the engines it names that this router lacks
+        (`client_for` makes their clients), then stamp its version and holders."""
+        known = {engine.client.url for engine in self.engines}
+        for url in view.urls:
+            if server_url(url) not in known:
+                self.add(client_for(url))
+        self.stamp_version(view.version, view.adapter, view.holders)
 
     def stamp_version(self, version: int, adapter: bool = False, holders: list[str] | None = None) -> None:
         """The driver delivered weights `version` (set between steps) to `holders` (None: to
