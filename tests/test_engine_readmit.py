@@ -495,7 +495,9 @@ class Restartable:
             self.seen.append(request.url.path)
             if request.url.path == "/health":
                 return httpx.Response(200, text="")
-            exchange = self.routes[(request.method, request.url.path)]
+            exchange = self.routes.get((request.method, request.url.path))
+            if exchange is None:  # a route these recordings lack: as a server without it answers
+                return httpx.Response(404, json={"detail": "Not Found"})
             if "response_text" in exchange:
                 return httpx.Response(200, text=exchange["response_text"])
             return httpx.Response(exchange.get("status", 200), json=exchange["response"])
@@ -561,6 +563,54 @@ def test_a_lost_sglang_server_that_answers_again_loads_the_current_folder_and_co
     console = capsys.readouterr().err
     assert f"engine {b} answers again" in console
     assert f"engine {b} took weights version 3 and serves again (2 of 2 engines live)" in console
+
+
+class SGLangWeights(Restartable):
+    """An SGLang server that says the weight_version it was last given (its own default
+    after a restart)."""
+
+    def __init__(self) -> None:
+        super().__init__(SGLANG["update_weights_from_disk"])
+        self.held = "default"
+
+    def transport(self) -> httpx.MockTransport:
+        recorded = super().transport()
+
+        def handle(request: httpx.Request) -> httpx.Response:
+            if self.up and request.url.path == "/get_model_info":
+                self.seen.append(request.url.path)
+                return httpx.Response(
+                    200, json={**SGLANG["get_model_info"]["response"], "weight_version": self.held}
+                )
+            if self.up and request.url.path == "/update_weights_from_disk":
+                self.held = json.loads(request.content)["weight_version"]
+            return recorded.handle_request(request)
+
+        return httpx.MockTransport(handle)
+
+
+def test_a_server_restarted_between_two_pushes_with_none_failing_counts_as_taken_back(
+    tmp_path, monkeypatch, capsys
+):
+    """b restarts between the pushes of versions 1 and 2 and answers again before the push of
+    2, which it takes: no push failed, so the driver never saw it lost, while a worker's
+    rollout-start check dropped it and takes it back after that push. The driver asks which
+    version each server holds before it pushes, and counts b as taken back."""
+    a, b = "sglang+http://a:30000", "sglang+http://b:30000"
+    servers = {a: SGLangWeights(), b: SGLangWeights()}
+    pool = pool_over(servers, [f"rollout.weight_dir={tmp_path}", "train.mode=sync"], monkeypatch)
+    trainer = Trainer()
+    pool.sync([None], 1, trainer)
+    servers[b].held = "default"  # restarted from its checkpoint; up again before the next push
+    pool.sync([None], 2, trainer)
+    assert servers[b].held == "2" and pool.holders(2) == [a, b]
+    assert pool.engine_metrics() == {"engine_servers_live": 2.0, "engine_servers_readmitted": 1.0}
+    pool.sync([None], 3, trainer)  # nothing restarted since: nothing more counted
+    assert pool.engine_metrics() == {"engine_servers_live": 2.0, "engine_servers_readmitted": 1.0}
+    console = capsys.readouterr().err
+    assert f"engine {b} says it holds weights version 0, not 1: it restarted since the last push" in console
+    assert f"engine {b} took weights version 2 and serves again (2 of 2 engines live)" in console
+    assert f"engine {a} says" not in console
 
 
 def test_a_lost_vllm_server_in_a_lora_run_gets_the_adapter_again_before_it_counts_live(tmp_path, monkeypatch):

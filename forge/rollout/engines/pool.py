@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from forge.config import Config, ConfigError
-from forge.rollout.engines.router import READMIT_FIRST_WAIT_S, READMIT_MAX_WAIT_S, EngineView
+from forge.rollout.engines.router import READMIT_FIRST_WAIT_S, READMIT_MAX_WAIT_S, EngineView, said_version
 
 # A weight broadcast's every side (trainer, engines) ends by gloo's own timeout
 # (rollout.engine_timeout_s); the driver waits this much longer for them to say so before it
@@ -295,7 +295,7 @@ class EnginePool:
 
     def engine_metrics(self) -> dict[str, float]:
         """`engine_servers_live`: servers holding the last version sent; `engine_servers_readmitted`:
-        dropped servers taken back so far."""
+        servers taken back so far, lost ones and those restarted between two pushes (`_restarted`)."""
         if not self.held:
             return {}
         latest = max(self.held.values())
@@ -436,12 +436,14 @@ class EnginePool:
         while True:
             revived = set(self._revive(every=waiting))
             targets = self.live_urls
+            restarted: dict[str, int] = {}
             if targets:
+                restarted = asyncio.run(self._restarted([url for url in targets if url not in revived]))
                 asyncio.run(self._sync_remote(wrapped, version, trainer, timeout_s))
             for url in targets:
                 if url not in self.dead:
                     self.held[url] = version
-                    if url in revived:
+                    if url in revived or url in restarted:
                         self.readmitted += 1
                         print(
                             f"forge: engine {url} took weights version {version} and serves again "
@@ -657,6 +659,40 @@ class EnginePool:
         if failures and not causes:
             raise BroadcastFailed(f"{step} failed with no engine to blame ({'; '.join(failures)})")
         return result, causes
+
+    async def _restarted(self, urls: list[str]) -> dict[str, int]:
+        """The servers among `urls` that say they hold an older version than this pool last
+        gave them (each asked at once, within VERSION_PROBE_TIMEOUT_S), with what they say.
+        Such a server restarted since with no push failing, so the driver never saw it
+        lost, while a worker's rollout-start check dropped it; this sync takes it back. One
+        that cannot say, or does not answer in time, is not counted. Not asked: SGLang
+        servers in a LoRA run (their weight version is the base model's)."""
+        from forge.rollout.engines.clients import make_client
+        from forge.rollout.engines.remote import Sampling
+
+        lora = self.cfg.model.lora.enabled
+        given = {url: self.held[url] for url in urls if self.held.get(url, 0) > 0}
+        clients = [make_client(url, self.cfg.model.path or "policy", Sampling()) for url in given]
+        asked = [client for client in clients if not lora or client.kind == "vllm"]
+        for client in asked:
+            if lora:  # it holds the version if it still lists the adapter its requests name
+                client.use_adapter(given[client.spec])
+        try:
+            said = await asyncio.gather(*(said_version(client) for client in asked))
+        finally:
+            for client in clients:
+                await client.close()
+        restarted = {}
+        for client, held in zip(asked, said, strict=True):
+            if held is not None and held < given[client.spec]:
+                restarted[client.spec] = held
+                print(
+                    f"forge: engine {client.spec} says it holds weights version {held}, not "
+                    f"{given[client.spec]}: it restarted since the last push",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        return restarted
 
     async def _sync_remote(self, wrapped: list[Any], version: int, trainer: Any, timeout_s: float) -> None:
         import ray

@@ -211,7 +211,7 @@ class Router:
         if version == 0:  # nothing is older than the checkpoint
             return []
         asked = [(i, e) for i, e in enumerate(self.engines) if e.alive and hasattr(e.client, "held_version")]
-        said = await asyncio.gather(*(_held_version(e.client) for _, e in asked))
+        said = await asyncio.gather(*(said_version(e.client) for _, e in asked))
         stale = []
         for (index, engine), held in zip(asked, said, strict=True):
             if held is not None and held < version and engine.alive:
@@ -428,7 +428,7 @@ class Router:
         }
 
 
-async def _held_version(client: EngineClient) -> int | None:
+async def said_version(client: EngineClient) -> int | None:
     """The version `client`'s server says it holds, or None where it cannot say in time."""
     try:
         return await asyncio.wait_for(client.held_version(VERSION_PROBE_TIMEOUT_S), VERSION_PROBE_TIMEOUT_S)
