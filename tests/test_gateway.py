@@ -176,6 +176,41 @@ def test_a_streamed_tool_call_arrives_whole(tokenizer):
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
+def byte_pieces(tokenizer, data: bytes) -> list[int]:
+    return tokenizer.convert_tokens_to_ids([f"<0x{byte:02X}>" for byte in data])
+
+
+def streamed_and_whole(tokenizer, reply: list[int]) -> tuple[list[str], str]:
+    """The content pieces a streamed call of `reply` sends, and the same reply's content unstreamed."""
+    engine = ScriptedEngine(reply + [tokenizer.eos_token_id])
+    with serve(engine, tokenizer, max_new_tokens=len(reply) + 1) as server:
+        agent = client(server, start(server)["episode_id"])
+        messages = [{"role": "user", "content": "guess"}]
+        chunks = list(agent.chat.completions.create(model="p", messages=messages, stream=True))
+        whole = agent.chat.completions.create(model="p", messages=messages).choices[0].message.content
+    return [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content], whole
+
+
+def test_byte_pieces_that_spell_no_character_stream_as_they_are_sampled(tokenizer):
+    # Byte fallback decodes such a run as all U+FFFD: text ending in U+FFFD is not always a
+    # character still arriving, and waiting for one kept the stream silent to the end.
+    pieces, whole = streamed_and_whole(tokenizer, byte_pieces(tokenizer, b"\xff\xfe\x80\xc0" * 5))
+    assert len(pieces) == 20 and "".join(pieces) == whole == "\ufffd" * 20
+
+
+def test_a_character_split_over_byte_pieces_is_sent_whole_as_soon_as_complete(tokenizer):
+    pieces, whole = streamed_and_whole(tokenizer, byte_pieces(tokenizer, "é日é🙂".encode()))
+    assert pieces == ["é", "日", "é", "🙂"] and whole == "é日é🙂"
+
+
+def test_invalid_bytes_before_characters_and_words_are_sent_at_once(tokenizer):
+    words = tokenizer.convert_tokens_to_ids(["\u2581guess", "\u2581a", "\u2581number"])
+    # \xc3 then "A": the character \xc3 began can no longer complete.
+    pieces, whole = streamed_and_whole(tokenizer, byte_pieces(tokenizer, b"\xff\xc3A\xc3\xa9") + words)
+    assert pieces == ["\ufffd", "\ufffdA", "é", " guess", " a", " number"]
+    assert "".join(pieces) == whole == "\ufffd\ufffdAé guess a number"
+
+
 def test_completions_and_models_endpoints(engine, tokenizer):
     with serve(engine, tokenizer) as server:
         episode = start(server)

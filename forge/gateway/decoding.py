@@ -4,6 +4,7 @@ token's string and bytes for `logprobs`."""
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
@@ -37,25 +38,50 @@ class TextStream:
         # new one (the token before gives the spacing context), so a reply costs O(length).
         self._visible: list[int] = []
         self._window = self._read = 0
+        # Byte-fallback pieces (<0xNN>) go through a UTF-8 decoder of our own before the
+        # tokenizer sees them: its `ByteFallback` turns a whole run of byte pieces into U+FFFD
+        # once any byte in it is invalid, so no text of the run could be sent before it ended.
+        # `_visible` holds the run as valid UTF-8 (a byte that can no longer be part of a
+        # character as U+FFFD's bytes); only a possibly-incomplete character waits here.
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self._end_final = True  # a U+FFFD ending `text` is final, not a character still arriving
 
     def _decode(self) -> None:
-        self._visible = [i for i in self.ids if i not in self.hidden_ids]
         self.text = self.prefix + self.tokenizer.decode(self._visible, skip_special_tokens=False)
         self._window = self._read = len(self._visible)
 
-    def _append(self, token_id: int) -> None:
+    def _visible_ids(self, token_id: int) -> tuple[list[int], list[int]]:
+        """What `token_id` adds to `_visible`: the byte pieces of whole characters it settles
+        (none while a character may still be arriving), then the token itself unless it is
+        hidden or a byte piece."""
         if token_id in self.hidden_ids:
+            return [], []
+        byte = _fallback_byte(self.tokenizer.convert_ids_to_tokens(token_id))
+        if byte is not None:
+            return self._byte_ids(self._utf8.decode(bytes([byte]))), []
+        return self._flush_bytes(), [token_id]
+
+    def _flush_bytes(self) -> list[int]:
+        """A byte run ended: bytes of a character left incomplete become U+FFFD."""
+        ids = self._byte_ids(self._utf8.decode(b"", final=True))
+        self._utf8.reset()
+        return ids
+
+    def _byte_ids(self, text: str) -> list[int]:
+        return self.tokenizer.convert_tokens_to_ids([f"<0x{byte:02X}>" for byte in text.encode("utf-8")])
+
+    def _append(self, ids: list[int], settled: bool) -> None:
+        """Decode `ids` onto `text`; `settled`: they are whole characters from byte pieces,
+        so a U+FFFD they end with is final."""
+        if not ids:
             return
-        self._visible.append(token_id)
-        if _byte_piece(self.tokenizer.convert_ids_to_tokens(token_id)):
-            # Sentencepiece's byte fallback decodes a run of byte pieces as one (an invalid run
-            # becomes all replacement characters): wait for the run to end.
-            return
+        self._visible.extend(ids)
         decode = self.tokenizer.decode
         before = decode(self._visible[self._window : self._read], skip_special_tokens=False)
         after = decode(self._visible[self._window :], skip_special_tokens=False)
-        if after.endswith("\ufffd"):  # a character whose bytes are not all sampled yet
+        if not settled and after.endswith("\ufffd"):  # a character whose bytes are not all sampled yet
             return
+        self._end_final = settled
         if not after.startswith(before):  # decoding is not local here: decode it all
             self._decode()
             return
@@ -66,7 +92,9 @@ class TextStream:
         """Add a sampled token; True when the text now holds a stop string (or is complete)."""
         self.ids.append(token_id)
         before = len(self.text)
-        self._append(token_id)
+        characters, token = self._visible_ids(token_id)
+        self._append(characters, settled=True)
+        self._append(token, settled=False)
         if self.stop_at is None and self.stop:
             longest = max(len(s) for s in self.stop)
             start = max(len(self.prefix), min(before, len(self.text)) - longest + 1)
@@ -81,12 +109,19 @@ class TextStream:
 
     def settle(self) -> None:
         """Generation ended: decode tokens still waiting on the rest of a character."""
-        if self.stop_at is None and self._read < len(self._visible):
-            self._decode()
+        if self.stop_at is None:
+            self._visible.extend(self._flush_bytes())
+            if self._read < len(self._visible):
+                self._decode()
 
     def take_all(self, token_ids: list[int]) -> None:
         """The whole reply at once, from an engine that did not report its tokens one by one."""
         self.ids = list(token_ids)
+        self._visible = []
+        for token_id in self.ids:
+            for ids in self._visible_ids(token_id):
+                self._visible.extend(ids)
+        self._visible.extend(self._flush_bytes())
         self._decode()
         found = [i for i in (self.text.find(s, len(self.prefix)) for s in self.stop) if i >= 0]
         ends = [self.end(self.text)] if self.end is not None else []
@@ -102,7 +137,7 @@ class TextStream:
         text = self.final_text
         end = len(text)
         if not final:
-            if text.endswith("\ufffd"):  # a character whose bytes are not all sampled yet
+            if text.endswith("\ufffd") and not self._end_final:  # a character still arriving
                 end -= 1
             end -= _stop_prefix_at_end(text[:end], self.stop)
         if self.hold is not None:
@@ -175,6 +210,16 @@ def token_bytes(tokenizer: Any, token_id: int) -> bytes:
         elif "\u2581" in piece:  # sentencepiece's word-start mark is a space
             return piece.replace("\u2581", " ").encode("utf-8")
     return tokenizer.decode([token_id], skip_special_tokens=False).encode("utf-8")
+
+
+def _fallback_byte(piece: str | None) -> int | None:
+    """The byte a sentencepiece byte-fallback token (`<0xNN>`) stands for, else None."""
+    if not _byte_piece(piece):
+        return None
+    try:
+        return int(piece[3:5], 16)
+    except ValueError:
+        return None
 
 
 def _byte_piece(piece: str | None) -> bool:
