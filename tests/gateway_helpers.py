@@ -107,3 +107,19 @@ def async_client(server: GatewayServer, episode_id: str, **kwargs) -> openai.Asy
 
 def calls_of(server: GatewayServer, episode: dict) -> list:
     return server.gateway.store.get(episode["episode_id"]).calls
+
+
+def with_byte_runs_made_valid(tokenizer, ids: list[int]) -> list[int]:
+    """`ids` with each run of byte pieces as its UTF-8 decode (a byte that cannot be part of a
+    character as U+FFFD), which byte fallback then decodes byte for byte."""
+    out, run = [], b""
+    for token in ids + [None]:
+        piece = tokenizer.convert_ids_to_tokens(token) if token is not None else None
+        if piece is not None and len(piece) == 6 and piece.startswith("<0x"):
+            run += bytes([int(piece[3:5], 16)])
+            continue
+        valid = run.decode("utf-8", errors="replace").encode("utf-8")
+        out += tokenizer.convert_tokens_to_ids([f"<0x{byte:02X}>" for byte in valid])
+        out += [] if token is None else [token]
+        run = b""
+    return out

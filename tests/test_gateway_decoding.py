@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 from family_tokenizers import byte_level_tokenizer
+from gateway_helpers import with_byte_runs_made_valid
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -62,22 +63,6 @@ def tiny(tiny_checkpoint):
     from forge.models.loading import load_tokenizer
 
     return load_tokenizer(tiny_checkpoint)
-
-
-def with_byte_runs_made_valid(tokenizer, ids: list[int]) -> list[int]:
-    """`ids` with each run of byte pieces as its UTF-8 decode (a byte that cannot be part of a
-    character as U+FFFD), which byte fallback then decodes byte for byte."""
-    out, run = [], b""
-    for token in ids + [None]:
-        piece = tokenizer.convert_ids_to_tokens(token) if token is not None else None
-        if piece is not None and len(piece) == 6 and piece.startswith("<0x"):
-            run += bytes([int(piece[3:5], 16)])
-            continue
-        valid = run.decode("utf-8", errors="replace").encode("utf-8")
-        out += tokenizer.convert_tokens_to_ids([f"<0x{byte:02X}>" for byte in valid])
-        out += [] if token is None else [token]
-        run = b""
-    return out
 
 
 @settings(max_examples=40, deadline=None)

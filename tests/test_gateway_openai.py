@@ -13,7 +13,17 @@ import httpx
 import openai
 import pytest
 from family_tokenizers import byte_level_tokenizer
-from gateway_helpers import GUESS, HINT, ScriptedEngine, async_client, calls_of, client, serve, start
+from gateway_helpers import (
+    GUESS,
+    HINT,
+    ScriptedEngine,
+    async_client,
+    calls_of,
+    client,
+    serve,
+    start,
+    with_byte_runs_made_valid,
+)
 
 from forge.config import ModelConfig
 from forge.models.loading import load_model, load_tokenizer
@@ -49,7 +59,10 @@ def scripted(tokenizer, text: str, **options) -> ScriptedEngine:
 
 
 def recorded_text(tokenizer, call) -> str:
-    return tokenizer.decode(call.completion_ids, skip_special_tokens=True)
+    """The text of a recorded reply as the gateway decodes it (byte pieces that spell no
+    character as U+FFFD each, the characters around them kept)."""
+    text_ids = [t for t in call.completion_ids if t not in tokenizer.all_special_ids]
+    return tokenizer.decode(with_byte_runs_made_valid(tokenizer, text_ids), skip_special_tokens=True)
 
 
 # --- stop -----------------------------------------------------------------------------
