@@ -16,7 +16,7 @@ import pytest
 
 from forge.rollout.engines import router as router_module
 from forge.rollout.engines.protocol import GenerationRequest, GenerationResult
-from forge.rollout.engines.remote import EngineLost, HttpTransport, generate_each
+from forge.rollout.engines.remote import EngineLost, HttpTransport, Sampling, generate_each
 from forge.rollout.engines.router import Router
 from forge.rollout.engines.sglang_client import SGLangClient
 from forge.rollout.engines.vllm_client import VLLMClient
@@ -342,7 +342,7 @@ def test_a_restarted_forge_serve_is_taken_back_after_the_weight_push_and_samples
 
     from forge.config import load_config
     from forge.models.loading import resolve_model_path
-    from forge.rollout.engines.remote import ForgeClient, Sampling
+    from forge.rollout.engines.remote import ForgeClient
     from forge.rollout.engines.server import EngineServer, make_service
     from forge.rollout.engines.updates import tensors_to_bytes
 
@@ -768,3 +768,44 @@ def test_an_async_run_tells_a_restarted_worker_the_engine_view_before_its_first_
         "rollout_groups",
     ]
     assert calls[1][1] == (view,)
+
+
+# -- SGLang with Forge's LoRA adapter: what the driver loaded is what workers sample ------------
+def sglang_lora_server(seen: list[dict]) -> httpx.MockTransport:
+    """An SGLang server in a LoRA run: GET /get_model_info keeps the base weights' version
+    ("default": loading an adapter does not change it); POST /generate answers as recorded."""
+    answer = json.loads(json.dumps(SGLANG["generate"]["response"]))
+    answer["meta_info"]["weight_version"] = "default"
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/health":
+            return httpx.Response(200, text="")
+        if request.url.path == "/get_model_info":
+            return httpx.Response(200, json=SGLANG["get_model_info_after_a_restart"]["response"])
+        seen.append(json.loads(request.content))
+        return httpx.Response(200, json=answer)
+
+    return httpx.MockTransport(handle)
+
+
+def test_a_worker_samples_the_lora_adapter_the_driver_loaded_on_an_sglang_server():
+    """The driver loads adapter version 5 as forge-v5 through its own client; a worker's router,
+    stamped with version 5 and adapter=True, must name it (without lora_path SGLang samples the
+    base model) and stamp the samples 5. On main its SGLang clients were never told: requests
+    went to the base model, stamped 0."""
+    seen: list[dict] = []
+    client = SGLangClient("http://s:30000", Sampling(1.0, 1.0, (3,)))
+    client.http = HttpTransport("http://s:30000", 10, sglang_lora_server(seen))
+    router = Router([client])
+    router.stamp_version(5, adapter=True, holders=[client.url])
+
+    async def play() -> GenerationResult:
+        await router.readmit()  # a rollout's start: the server stays live
+        return await router.generate(
+            GenerationRequest(SGLANG["generate"]["given"]["token_ids"], 4, "g/00000001")
+        )
+
+    result = asyncio.run(play())
+    assert router.alive == [client.url]  # its /get_model_info says "default": not a restart
+    assert seen[0]["lora_path"] == "forge-v5"
+    assert result.policy_version == 5

@@ -149,8 +149,9 @@ class Router:
     def stamp_version(self, version: int, adapter: bool = False, holders: list[str] | None = None) -> None:
         """The driver delivered weights `version` (set between steps) to `holders` (None: to
         every engine). vLLM servers keep no Forge versions: their clients stamp `version` on
-        what they return from now on; with `adapter`, that version is Forge's LoRA adapter on
-        them, which requests then name."""
+        what they return from now on. With `adapter`, that version is Forge's LoRA adapter on
+        the vLLM and SGLang servers, which requests then name (the driver loaded it; without
+        the name a request samples the base model)."""
         self.version = version
         self.holders = None if holders is None else {server_url(url) for url in holders}
         for index, engine in enumerate(self.engines):
@@ -160,11 +161,11 @@ class Router:
             elif engine.alive and not delivered:  # its samples would be stamped with a version it lacks
                 self._drop(index, f"the driver's sync did not deliver weights version {version} to it")
         for engine in self.engines:
-            if getattr(engine.client, "kind", "") == "vllm":
-                if adapter:
-                    engine.client.use_adapter(version)
-                else:
-                    engine.client.policy_version = version
+            kind = getattr(engine.client, "kind", "")
+            if adapter and kind in ("vllm", "sglang"):
+                engine.client.use_adapter(version)
+            elif kind == "vllm":
+                engine.client.policy_version = version
 
     @property
     def live(self) -> int:

@@ -150,6 +150,11 @@ def update_from_disk_call(path: str, version: int) -> HttpCall:
     )
 
 
+def adapter_name(version: int) -> str:
+    """A new name per version: SGLang keys adapters by name, and requests name the one they use."""
+    return f"forge-v{version}"
+
+
 def load_adapter_call(name: str, path: str) -> HttpCall:
     return HttpCall("POST", "/load_lora_adapter", {"lora_name": name, "lora_path": path})
 
@@ -225,7 +230,12 @@ class SGLangClient:
 
     async def held_version(self, timeout_s: float = PROBE_TIMEOUT_S) -> int | None:
         """`GET /get_model_info`'s `weight_version` as a Forge version (0: "default" or the
-        server's own --weight-version, as after a restart); None where it does not say."""
+        server's own --weight-version, as after a restart); None where it does not say. With
+        Forge's adapter in use, None: loading an adapter leaves the base weights' version as it
+        was, so that field says nothing of the adapter (a restarted server has lost it, and
+        requests that name it fail, which drops the server)."""
+        if self.lora_name is not None:
+            return None
         body = await self.http.send(HttpCall("GET", "/get_model_info"), timeout_s=timeout_s)
         held = body.get("weight_version") if isinstance(body, dict) else None
         return None if held is None else as_policy_version(held)
@@ -234,9 +244,14 @@ class SGLangClient:
         check_success(await self.http.send(update_from_disk_call(path, version)), "update_weights_from_disk")
         self.policy_version = version
 
+    def use_adapter(self, version: int) -> None:
+        """Another process (the driver) loaded `version` of the adapter on this server: name it
+        in requests from now on, and stamp their samples with `version`."""
+        self.lora_name = adapter_name(version)
+        self.policy_version = version
+
     async def load_adapter(self, path: str, version: int) -> None:
-        # A new name per version: SGLang keys adapters by name, and requests name the one they use.
-        name = f"forge-v{version}"
+        name = adapter_name(version)
         await self.http.send(pause_call())
         try:
             check_success(await self.http.send(load_adapter_call(name, path)), "load_lora_adapter")
