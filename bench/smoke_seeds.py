@@ -53,7 +53,14 @@ def success_ends(metrics: Path) -> tuple[float, float, int]:
 
 def run_seed(seed: int, overrides: list[str], folder: Path) -> dict:
     out = folder / f"seed{seed}"
-    command = [sys.executable, "-m", "forge.cli", "train", str(ROOT / "configs" / "smoke.yaml"), f"seed={seed}"]
+    command = [
+        sys.executable,
+        "-m",
+        "forge.cli",
+        "train",
+        str(ROOT / "configs" / "smoke.yaml"),
+        f"seed={seed}",
+    ]
     command += [*overrides, "logging.progress_bar=false", "--output-dir", str(out)]
     started = time.monotonic()
     done = subprocess.run(command, capture_output=True, text=True, cwd=folder)
