@@ -22,7 +22,9 @@ CONFIG = {
         }
     },
     "env": {"name": "guess_number", "kwargs": {"n": 4}},
-    "rollout": {"num_workers": 1, "tasks_per_step": 2, "group_size": 4, "max_turns": 4, "max_new_tokens": 1},
+    # 4 groups of 8: with 2 of 4 the random model's steps 3-4 could all score alike (no learning
+    # signal, nothing to compare after the kill), as with the tiny model's embeddings of session 16.
+    "rollout": {"num_workers": 1, "tasks_per_step": 4, "group_size": 8, "max_turns": 4, "max_new_tokens": 1},
     "train": {
         "max_steps": 4,
         "learning_rate": 0.01,
