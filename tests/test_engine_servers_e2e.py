@@ -312,6 +312,24 @@ def stop_then_restart(run, servers: list, start, port: int, stop_after: int, res
         time.sleep(0.02)
 
 
+def train_through_a_restart(cfg, run, servers: list, start, port: int, stop_after: int, restart_after: int):
+    """Train `cfg` into `run` while `stop_then_restart` stops `servers[1]` and starts it again;
+    every server is stopped after. Returns the run's result and the restarted server's state."""
+    from forge.run.launch import train
+
+    chaos = threading.Thread(
+        target=stop_then_restart, args=(run, servers, start, port, stop_after, restart_after), daemon=True
+    )
+    chaos.start()
+    try:
+        result = train(cfg, run, progress=False)
+        chaos.join(timeout=5)
+    finally:
+        for server in servers:
+            server.stop()
+    return result, servers[2].service.served
+
+
 @pytest.mark.slow
 def test_a_gateway_run_keeps_training_when_a_remote_server_stops_and_takes_it_back_restarted(
     ray_session, tmp_path, capfd, monkeypatch
@@ -326,7 +344,6 @@ def test_a_gateway_run_keeps_training_when_a_remote_server_stops_and_takes_it_ba
     from forge.models.loading import resolve_model_path
     from forge.rollout.engines import pool as pool_module
     from forge.rollout.engines.server import EngineServer, make_service
-    from forge.run.launch import train
 
     monkeypatch.setattr(pool_module, "READMIT_FIRST_WAIT_S", 0.1)
     monkeypatch.setattr(pool_module, "READMIT_MAX_WAIT_S", 0.1)
@@ -362,15 +379,7 @@ def test_a_gateway_run_keeps_training_when_a_remote_server_stops_and_takes_it_ba
         ],
     )
     run = tmp_path / "run"
-    chaos = threading.Thread(target=stop_then_restart, args=(run, servers, start, port, 1, 2), daemon=True)
-    chaos.start()
-    try:
-        result = train(cfg, run, progress=False)
-        chaos.join(timeout=5)
-    finally:
-        for server in servers:
-            server.stop()
-    restarted = servers[2].service.served
+    result, restarted = train_through_a_restart(cfg, run, servers, start, port, 1, 2)
     assert result.steps == steps
     rows_ = rows(run)
     assert [row["policy_version"] for row in rows_] == [float(n) for n in range(1, steps + 1)]
@@ -398,7 +407,6 @@ def test_an_async_run_keeps_training_when_a_remote_server_stops_and_takes_it_bac
     from forge.models.loading import resolve_model_path
     from forge.rollout.engines import pool as pool_module
     from forge.rollout.engines.server import EngineServer, make_service
-    from forge.run.launch import train
 
     monkeypatch.setattr(pool_module, "READMIT_FIRST_WAIT_S", 0.1)
     monkeypatch.setattr(pool_module, "READMIT_MAX_WAIT_S", 0.1)
@@ -437,15 +445,7 @@ def test_an_async_run_keeps_training_when_a_remote_server_stops_and_takes_it_bac
         ],
     )
     run = tmp_path / "run"
-    chaos = threading.Thread(target=stop_then_restart, args=(run, servers, start, port, 2, 4), daemon=True)
-    chaos.start()
-    try:
-        result = train(cfg, run, progress=False)
-        chaos.join(timeout=5)
-    finally:
-        for server in servers:
-            server.stop()
-    restarted = servers[2].service.served
+    result, restarted = train_through_a_restart(cfg, run, servers, start, port, 2, 4)
     assert result.steps == steps
     rows_ = rows(run)
     assert [row["policy_version"] for row in rows_] == [float(n) for n in range(1, steps + 1)]
