@@ -331,6 +331,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_a_restarted_forge_serve_is_taken_back_after_the_weight_push_and_samples_the_pushed_policy(tmp_path):
     """Two `forge serve`s; one is stopped and started again on its port from the checkpoint on
     disk. It stays out while it holds version 0, and once the driver's push (the same
