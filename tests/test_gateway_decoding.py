@@ -4,13 +4,15 @@ finder scans a growing text once."""
 
 from __future__ import annotations
 
+import codecs
+
 import pytest
 from family_tokenizers import byte_level_tokenizer
 from gateway_helpers import with_byte_runs_made_valid
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from forge.gateway.decoding import JsonObjectEnd, TextStream
+from forge.gateway.decoding import JsonObjectEnd, TextStream, token_bytes
 
 
 @pytest.fixture(scope="module")
@@ -88,4 +90,31 @@ def test_any_token_ids_of_a_byte_fallback_tokenizer_stream_as_their_whole_decode
         == stream.final_text
         == whole.final_text
         == tiny.decode(with_byte_runs_made_valid(tiny, visible))
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_a_byte_level_reply_streams_all_but_a_character_still_arriving(qwen, data):
+    # A byte-level token may end inside a character, and a random policy samples bytes that
+    # spell none (a lone continuation byte, 0xFF). After each token the text sent is the
+    # UTF-8 decode of the bytes so far, less only the U+FFFD of a character whose bytes may
+    # still come: a byte that can never be part of one is sent at once, not held for later.
+    ids = data.draw(st.lists(st.integers(0, len(qwen) - 1), max_size=30))
+    hidden = set(qwen.all_special_ids)
+    stream, handed_out = TextStream(qwen, [], hidden), ""
+    utf8, sampled = codecs.getincrementaldecoder("utf-8")("replace"), b""
+    for token in ids:
+        stream.push(token)
+        handed_out += stream.ready()
+        if token not in hidden:
+            sampled += token_bytes(qwen, token)
+            utf8.decode(token_bytes(qwen, token))
+        text = sampled.decode("utf-8", errors="replace")
+        assert handed_out == (text[:-1] if utf8.getstate()[0] else text)
+    stream.settle()
+    whole = TextStream(qwen, [], hidden)
+    whole.take_all(ids)
+    assert (
+        handed_out + stream.ready(final=True) == whole.final_text == sampled.decode("utf-8", errors="replace")
     )

@@ -44,7 +44,14 @@ class TextStream:
         # `_visible` holds the run as valid UTF-8 (a byte that can no longer be part of a
         # character as U+FFFD's bytes); only a possibly-incomplete character waits here.
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
-        self._end_final = True  # a U+FFFD ending `text` is final, not a character still arriving
+        # A byte-level BPE token (GPT-2, Qwen, Llama 3) is bytes that may end inside a character.
+        # Its decode ends in U+FFFD both while a character is still arriving and for bytes that
+        # can never be one (a lone continuation byte, 0xFF): the reply's own UTF-8 state tells
+        # them apart, so only the first is held back, as the one U+FFFD ending `text`.
+        self._byte_level = _byte_level(tokenizer)
+        self._arriving = False  # `text` ends with the U+FFFD of a character still arriving
+        self._added_ids = set(getattr(tokenizer, "added_tokens_decoder", {}))
+        self._token_utf8 = codecs.getincrementaldecoder("utf-8")("replace")
 
     def _decode(self) -> None:
         self.text = self.prefix + self.tokenizer.decode(self._visible, skip_special_tokens=False)
@@ -59,6 +66,11 @@ class TextStream:
         byte = _fallback_byte(self.tokenizer.convert_ids_to_tokens(token_id))
         if byte is not None:
             return self._byte_ids(self._utf8.decode(bytes([byte]))), []
+        if self._byte_level:
+            if token_id in self._added_ids:  # decoded on its own: bytes before it end there
+                self._token_utf8.reset()
+            else:
+                self._token_utf8.decode(token_bytes(self.tokenizer, token_id))
         return self._flush_bytes(), [token_id]
 
     def _flush_bytes(self) -> list[int]:
@@ -71,22 +83,30 @@ class TextStream:
         return self.tokenizer.convert_tokens_to_ids([f"<0x{byte:02X}>" for byte in text.encode("utf-8")])
 
     def _append(self, ids: list[int], settled: bool) -> None:
-        """Decode `ids` onto `text`; `settled`: they are whole characters from byte pieces,
-        so a U+FFFD they end with is final."""
+        """Decode `ids` onto `text`; `settled`: they are whole characters from byte pieces."""
         if not ids:
             return
         self._visible.extend(ids)
         decode = self.tokenizer.decode
         before = decode(self._visible[self._window : self._read], skip_special_tokens=False)
         after = decode(self._visible[self._window :], skip_special_tokens=False)
-        if not settled and after.endswith("\ufffd"):  # a character whose bytes are not all sampled yet
+        if self._arriving:  # its U+FFFD is decoded again, with the bytes that came since
+            before, self.text = before[:-1], self.text[:-1]
+        if self._byte_level:
+            arriving = bool(self._token_utf8.getstate()[0])
+        elif not settled and after.endswith("\ufffd"):  # a character whose bytes are not all sampled yet
             return
-        self._end_final = settled
-        if not after.startswith(before):  # decoding is not local here: decode it all
+        else:
+            arriving = False
+        window = self._window
+        if after.startswith(before):
+            self.text += after[len(before) :]
+            self._window, self._read = self._read, len(self._visible)
+        else:  # decoding is not local here: decode it all
             self._decode()
-            return
-        self.text += after[len(before) :]
-        self._window, self._read = self._read, len(self._visible)
+        if arriving:  # the next decode starts no later than the character does
+            self._window = window
+        self._arriving = arriving
 
     def push(self, token_id: int) -> bool:
         """Add a sampled token; True when the text now holds a stop string (or is complete)."""
@@ -109,6 +129,7 @@ class TextStream:
 
     def settle(self) -> None:
         """Generation ended: decode tokens still waiting on the rest of a character."""
+        self._arriving = False  # the rest of its bytes will not come: its U+FFFD is final
         if self.stop_at is None:
             self._visible.extend(self._flush_bytes())
             if self._read < len(self._visible):
@@ -137,7 +158,7 @@ class TextStream:
         text = self.final_text
         end = len(text)
         if not final:
-            if text.endswith("\ufffd") and not self._end_final:  # a character still arriving
+            if self._arriving and text.endswith("\ufffd"):
                 end -= 1
             end -= _stop_prefix_at_end(text[:end], self.stop)
         if self.hold is not None:
