@@ -348,7 +348,7 @@ def test_a_body_without_messages_is_a_400_naming_the_field(engine, tokenizer):
 def test_a_prompt_over_the_context_limit_is_a_400(engine, tokenizer):
     with serve(engine, tokenizer, max_context_tokens=16) as server:
         episode = start(server)
-        with pytest.raises(openai.BadRequestError, match="context limit") as raised:
+        with pytest.raises(openai.BadRequestError, match="maximum context length is 16 tokens") as raised:
             client(server, episode["episode_id"]).chat.completions.create(
                 model="p", messages=[{"role": "user", "content": "guess a number " * 10}]
             )

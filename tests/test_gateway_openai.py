@@ -117,7 +117,9 @@ def test_max_tokens_is_honoured_past_the_runs_default_up_to_the_context(tokenize
             agent.chat.completions.create(model="p", messages=USER, max_tokens=200)
     assert default.usage.completion_tokens == 6 and default.choices[0].finish_reason == "length"
     assert longer.usage.completion_tokens == 20
-    assert raised.value.code == "context_length_exceeded" and "context limit of 64" in str(raised.value)
+    assert raised.value.code == "context_length_exceeded" and "maximum context length is 64" in str(
+        raised.value
+    )
 
 
 # --- n and seed -----------------------------------------------------------------------

@@ -145,12 +145,15 @@ class Gateway:
         error); unasked, `max_new_tokens` or what room is left."""
         room = self.max_context_tokens - prompt_tokens
         if room < 1 or (asked is not None and asked > room):
-            wanted = f" and {asked} more were asked for" if asked is not None else ""
+            # OpenAI's (and vLLM's) wording: LiteLLM and LangChain tell a context overflow from
+            # other bad requests by these phrases, not by the error's code.
+            wanted = f" with {asked} more asked for" if asked is not None else ""
             raise EpisodeError(
                 400,
-                f"the prompt is {prompt_tokens} tokens{wanted}, over the context limit of "
-                f"{self.max_context_tokens} tokens (rollout.max_context_tokens): shorten the conversation"
-                + (f" or ask for at most {field}={room}" if room >= 1 else ""),
+                f"This model's maximum context length is {self.max_context_tokens} tokens "
+                f"(rollout.max_context_tokens): the prompt is too long at {prompt_tokens} tokens{wanted}; "
+                "shorten the conversation" + (f" or ask for at most {field}={room}" if room >= 1 else ""),
+                code="context_length_exceeded",
             )
         return asked if asked is not None else min(self.max_new_tokens, room)
 
@@ -359,7 +362,7 @@ def _sse_errors(stream: AsyncIterator[str]) -> AsyncIterator[str]:
                 yield piece
         except EpisodeError as exc:
             kind = "invalid_request_error" if exc.status < 500 else "server_error"
-            yield f"data: {json.dumps(error_body(exc.message, kind))}\n\n"
+            yield f"data: {json.dumps(error_body(exc.message, kind, exc.code))}\n\n"
 
     return guarded()
 
@@ -388,8 +391,7 @@ def build_app(gateway: Gateway) -> FastAPI:
     @app.exception_handler(EpisodeError)
     async def episode_error(_: Request, exc: EpisodeError) -> JSONResponse:
         kind, _code = _error_kind(exc.status)
-        code = "context_length_exceeded" if "context limit" in exc.message else None
-        return JSONResponse(error_body(exc.message, kind, code), status_code=exc.status)
+        return JSONResponse(error_body(exc.message, kind, exc.code), status_code=exc.status)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -1,0 +1,53 @@
+"""What frameworks over the openai SDK make of the gateway's errors: a prompt over the
+context limit is each framework's own context-overflow error (the one its agents catch to
+trim or summarise the conversation), not a generic bad request. Each framework's test
+skips when it is not installed."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from family_tokenizers import byte_level_tokenizer
+from gateway_helpers import ScriptedEngine, serve, start
+
+LONG = [{"role": "user", "content": "guess a number " * 40}]
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    return byte_level_tokenizer("qwen", tmp_path_factory.mktemp("qwen"))
+
+
+@pytest.fixture
+def gateway(qwen):
+    with serve(ScriptedEngine([qwen.eos_token_id]), qwen, max_context_tokens=64) as server:
+        yield server
+
+
+def test_litellm_raises_its_context_window_error(gateway):
+    # LiteLLM fetches its model price list from the network on import unless told not to.
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    litellm = pytest.importorskip("litellm")
+    episode = start(gateway)
+    with pytest.raises(litellm.ContextWindowExceededError, match="maximum context length is 64"):
+        litellm.completion(
+            model="openai/forge-policy",
+            api_base=gateway.base_url,
+            api_key=episode["episode_id"],
+            messages=LONG,
+            num_retries=0,
+        )
+
+
+def test_langchain_raises_its_context_overflow_error(gateway):
+    pytest.importorskip("langchain_openai")
+    from langchain_core.exceptions import ContextOverflowError
+    from langchain_openai import ChatOpenAI
+
+    episode = start(gateway)
+    model = ChatOpenAI(
+        model="forge-policy", base_url=gateway.base_url, api_key=episode["episode_id"], max_retries=0
+    )
+    with pytest.raises(ContextOverflowError, match="maximum context length is 64"):
+        model.invoke(LONG)
