@@ -22,6 +22,9 @@ from forge.rollout.engines.router import READMIT_FIRST_WAIT_S, READMIT_MAX_WAIT_
 BROADCAST_GRACE_S = 10.0
 # How long a stalled engine actor asked again at a sync has to show it could take weights.
 READMIT_PROBE_S = 2.0
+# An engine actor's weight update gives up by itself after rollout.engine_timeout_s (a
+# generation batch it cannot pause); the driver waits this much longer to hear it say so.
+UPDATE_GRACE_S = 2.0
 
 
 class EngineActor:
@@ -58,10 +61,12 @@ class EngineActor:
     def get_policy_version(self) -> int:
         return self.service.served.policy_version
 
-    def set_weights(self, weights: Any, version: int) -> int:
+    def set_weights(self, weights: Any, version: int, timeout_s: float | None = None) -> int:
+        """New weights from the object store, between batches (TimeoutError if a batch still
+        runs after `timeout_s`: nothing is loaded, and the actor is free again)."""
         from forge.weights import unpack_weights
 
-        self.service.served.load_weights(unpack_weights(weights), version)
+        self.service.served.update(lambda: unpack_weights(weights), version, timeout_s)
         return version
 
     def metrics(self) -> dict[str, Any]:
@@ -98,10 +103,10 @@ class EngineActor:
         self.service.served.resume()
         return True
 
-    def load_weight_folder(self, path: str, version: int) -> int:
+    def load_weight_folder(self, path: str, version: int, timeout_s: float | None = None) -> int:
         from forge.rollout.engines.updates import checkpoint_state
 
-        self.service.served.update(lambda: checkpoint_state(path), version)
+        self.service.served.update(lambda: checkpoint_state(path), version, timeout_s)
         return version
 
     def next_token_logprobs(self, token_ids: list[int]) -> list[float]:
@@ -177,6 +182,27 @@ def _said(exc: BaseException) -> str:
     cause = getattr(exc, "cause", None) or exc
     lines = str(cause).strip().splitlines()
     return f"{type(cause).__name__}: {lines[-1][:200] if lines else ''}"
+
+
+def _await_each(refs: list[Any], timeout_s: float) -> list[BaseException | None]:
+    """Wait for every call in `refs` at once, `timeout_s` in all, so that K stalled engines
+    cost a sync one timeout, not K: for each, None if it returned, else its error
+    (GetTimeoutError if it had not ended by then)."""
+    import ray
+    from ray.exceptions import GetTimeoutError
+
+    ended, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s) if refs else ([], [])
+    outcomes: list[BaseException | None] = []
+    for ref in refs:
+        if ref not in ended:
+            outcomes.append(GetTimeoutError(f"no answer within {timeout_s:g}s (rollout.engine_timeout_s)"))
+            continue
+        try:
+            ray.get(ref)
+            outcomes.append(None)
+        except Exception as exc:
+            outcomes.append(exc)
+    return outcomes
 
 
 def start_engine(cfg: Config, model_path: Path | str | None, index: int, name: str) -> Any:
@@ -349,9 +375,6 @@ class EnginePool:
         servers as pushed tensors; SGLang servers from a folder. With every engine lost (some
         only stalled), waits up to rollout.engine_timeout_s for one to answer again, then
         raises RunStopped naming them."""
-        import ray
-        from ray.exceptions import GetTimeoutError, RayActorError
-
         timeout_s = timeout_s or self.cfg.rollout.engine_timeout_s
         if not self.actors:
             self._sync_servers(wrapped, version, trainer, timeout_s)
@@ -365,11 +388,10 @@ class EnginePool:
             while len(self.urls) > known:  # engines started in place of ones lost during the sync
                 fresh = list(zip(self.urls[known:], self.actors[known:], strict=True))
                 known = len(self.urls)
-                for url, actor in fresh:
-                    try:
-                        ray.get(actor.set_weights.remote(wrapped[0], version), timeout=timeout_s)
-                    except (RayActorError, GetTimeoutError) as exc:
-                        self.lost(url, f"weight update failed: {type(exc).__name__}")
+                calls = [
+                    (url, actor.set_weights.remote(wrapped[0], version, timeout_s)) for url, actor in fresh
+                ]
+                self._drop_failed(calls, timeout_s + UPDATE_GRACE_S, "weight update failed")
             for url in revived:
                 if url not in self.dead:
                     self.readmitted += 1
@@ -478,7 +500,7 @@ class EnginePool:
 
     def _sync_actors(self, wrapped: list[Any], version: int, trainer: Any, timeout_s: float) -> None:
         import ray
-        from ray.exceptions import GetTimeoutError, RayActorError, RayError
+        from ray.exceptions import RayError
 
         from forge.rollout.engines.broadcast import BroadcastFailed
 
@@ -502,20 +524,18 @@ class EnginePool:
                 )
                 self._group_members = None
                 live = self._answering(timeout_s)
-                calls = [(url, actor.set_weights.remote(wrapped[0], version)) for url, actor in live]
+                calls = [
+                    (url, actor.set_weights.remote(wrapped[0], version, timeout_s)) for url, actor in live
+                ]
         elif method == "folder":
             from forge.rollout.engines.broadcast import trainer_save
 
             folder = self._weight_folder(version)
             path = ray.get(trainer.__ray_call__.remote(trainer_save, folder), timeout=timeout_s)
-            calls = [(url, actor.load_weight_folder.remote(path, version)) for url, actor in live]
+            calls = [(url, actor.load_weight_folder.remote(path, version, timeout_s)) for url, actor in live]
         else:
-            calls = [(url, actor.set_weights.remote(wrapped[0], version)) for url, actor in live]
-        for url, ref in calls:
-            try:
-                ray.get(ref, timeout=timeout_s)
-            except (RayActorError, GetTimeoutError) as exc:
-                self.lost(url, f"weight update failed: {type(exc).__name__}")
+            calls = [(url, actor.set_weights.remote(wrapped[0], version, timeout_s)) for url, actor in live]
+        self._drop_failed(calls, timeout_s + UPDATE_GRACE_S, "weight update failed")
         if method == "folder":
             import shutil
 
@@ -523,22 +543,31 @@ class EnginePool:
 
     def _answering(self, timeout_s: float) -> list[tuple[str, Any]]:
         """The engines not known lost that still answer (a dead one would stall a broadcast)."""
-        import ray
-        from ray.exceptions import GetTimeoutError, RayActorError
-
         live = [
             (url, actor) for url, actor in zip(self.urls, self.actors, strict=True) if url not in self.dead
         ]
-        probes = [(url, actor, actor.get_policy_version.remote()) for url, actor in live]
+        probes = [(url, actor.get_policy_version.remote()) for url, actor in live]
         known = len(self.urls)
-        answering = []
-        for url, actor, ref in probes:
-            try:
-                ray.get(ref, timeout=timeout_s)
-                answering.append((url, actor))
-            except (RayActorError, GetTimeoutError) as exc:
-                self.lost(url, f"it does not answer: {type(exc).__name__}")
+        self._drop_failed(probes, timeout_s, "it does not answer")
+        answering = [(url, actor) for url, actor in live if url not in self.dead]
         return answering + list(zip(self.urls[known:], self.actors[known:], strict=True))  # started meanwhile
+
+    def _drop_failed(self, calls: list[tuple[str, Any]], wait_s: float, what: str) -> None:
+        """Wait for each engine's call (url, ref), all at once within `wait_s`, and drop each
+        engine whose call failed, saying `what` and why: one that died (it is replaced), one
+        that did not answer in time or could not pause its generation (alive: it is asked
+        again at later syncs). Any other error of an engine's own is raised."""
+        from ray.exceptions import RayActorError
+
+        for (url, _), error in zip(calls, _await_each([ref for _, ref in calls], wait_s), strict=True):
+            if error is None:
+                continue
+            if isinstance(error, RayActorError):
+                self.lost(url, f"{what}: {type(error).__name__}")
+            elif isinstance(error, TimeoutError):
+                self.lost(url, f"{what} ({_said(error)})", stalled=True)
+            else:
+                raise error
 
     def method(self, trainer: Any) -> str:
         """How weights travel to server-mode engines: `rollout.weight_sync`, or with `auto`

@@ -1,0 +1,152 @@
+"""A weight sync to Forge's own engine actors (`rollout.engine: server`, the object store)
+waits about one rollout.engine_timeout_s however many engines stall, not one per stalled
+engine: the probe of every engine and the update of every engine are waited for at once.
+An engine dropped for stalling is alive: it is not replaced, and takes the weights again at a
+later sync once it answers.
+
+Real Ray actors (the tests' shared instance) and a real trainer actor; the stalls are injected
+into the engine actors through `__ray_call__`."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import pytest
+
+from forge.config import load_config
+
+TIMEOUT_S = 5.0
+STALLED = 3  # of 4 engines: waited one after another, a sync took STALLED x TIMEOUT_S
+
+
+def stick_a_batch(engine) -> None:
+    """In the engine actor: a generation batch starts and does not end, so no weight update
+    can pause it."""
+    served = engine.service.served
+    with served._state:
+        served._running += 1
+
+
+def end_the_batch(engine) -> None:
+    served = engine.service.served
+    with served._state:
+        served._running -= 1
+        served._state.notify_all()
+
+
+def block(engine, seconds: float) -> None:
+    """In the engine actor: the actor's one thread is held for `seconds` (a call stuck in it)."""
+    time.sleep(seconds)
+
+
+def actor_config():
+    return load_config(
+        "configs/smoke.yaml",
+        [
+            "rollout.engine=server",
+            f"rollout.num_engines={STALLED + 1}",
+            "rollout.num_cpus_per_engine=0",
+            "rollout.weight_sync=object_store",
+            "rollout.max_engine_restarts=0",
+            f"rollout.engine_timeout_s={TIMEOUT_S}",
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from forge.models.loading import resolve_model_path
+
+    return resolve_model_path(actor_config().model, tmp_path_factory.mktemp("model"), seed=0)
+
+
+@pytest.fixture
+def world(ray_session, model, monkeypatch):
+    import ray
+    from ray import cloudpickle
+
+    from forge.rollout.engines import pool as pool_module
+    from forge.rollout.engines.pool import EnginePool
+    from forge.run.context import make_trainer
+
+    monkeypatch.setattr(pool_module, "READMIT_FIRST_WAIT_S", 0.0)
+    cfg = actor_config()
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the helpers run inside the actors
+    pool = EnginePool.start(cfg, model)
+    trainer = make_trainer(cfg, model)
+    try:
+        yield pool, trainer
+    finally:
+        pool.shutdown()
+        ray.kill(trainer)
+
+
+def sync(pool, trainer, version: int) -> float:
+    import ray
+
+    wrapped, _ = ray.get(trainer.publish_weights.remote())
+    started = time.monotonic()
+    pool.sync(wrapped, version, trainer)
+    return time.monotonic() - started
+
+
+def versions(pool) -> list[int]:
+    import ray
+
+    return ray.get([actor.get_policy_version.remote() for actor in pool.actors], timeout=60)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_engines_stuck_in_a_generation_cost_a_sync_one_timeout_and_take_the_weights_once_it_ends(
+    world, capsys
+):
+    pool, trainer = world
+    sync(pool, trainer, 1)
+    live, *stuck = pool.urls
+    for actor in pool.actors[1:]:
+        actor.__ray_call__.remote(stick_a_batch)
+
+    took = sync(pool, trainer, 2)
+    assert took < 2 * TIMEOUT_S, took  # one timeout for all three (3 x 5 s one after another before)
+    assert pool.live_urls == [live] and pool.holders(2) == [live]
+    assert pool.stalled == set(stuck) and len(pool.urls) == STALLED + 1  # alive: kept, not replaced
+    console = capsys.readouterr().err
+    for url in stuck:
+        assert (
+            f"engine {url} lost (weight update failed (TimeoutError: a generation batch was still running "
+            f"after {TIMEOUT_S:g}s))"
+        ) in console
+
+    for actor in pool.actors[1:]:
+        actor.__ray_call__.remote(end_the_batch)
+    sync(pool, trainer, 3)
+    assert pool.live_urls == pool.urls and pool.readmitted == STALLED
+    assert versions(pool) == [3] * (STALLED + 1)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_engine_actors_stalled_whole_cost_a_sync_one_timeout_and_come_back_once_they_answer(world, capsys):
+    pool, trainer = world
+    sync(pool, trainer, 1)
+    live, *stuck = pool.urls
+    stall_s = 2 * TIMEOUT_S
+    for actor in pool.actors[1:]:
+        actor.__ray_call__.remote(block, stall_s)
+
+    took = sync(pool, trainer, 2)
+    assert took < 2 * TIMEOUT_S, took
+    assert pool.live_urls == [live] and pool.stalled == set(stuck) and len(pool.urls) == STALLED + 1
+    console = capsys.readouterr().err
+    for url in stuck:
+        assert (
+            f"engine {url} lost (it does not answer (GetTimeoutError: no answer within {TIMEOUT_S:g}s"
+            in console
+        )
+
+    time.sleep(stall_s)  # their stall passes
+    sync(pool, trainer, 3)
+    assert pool.live_urls == pool.urls and pool.readmitted == STALLED
+    assert versions(pool) == [3] * (STALLED + 1)
