@@ -116,12 +116,16 @@ class Fleet:
 class Server:
     """A vLLM server behind an httpx transport: recorded answers, its one rank's part in the
     fleet's groups, and `stall_from`: the route at which it stops answering anything (each
-    request then runs into the client's timeout, as with a hung server)."""
+    request then runs into the client's timeout, as with a hung server); `stick_from`: the
+    route at which its engine gets stuck, while its API server still answers GET /health
+    (vLLM serves /health apart from the engine)."""
 
     def __init__(self, fleet: Fleet) -> None:
         self.fleet = fleet
         self.stall_from: str | None = None
         self.stalled = False
+        self.stick_from: str | None = None
+        self.stuck = False
         self.group: Group | None = None
         self.rank = 0
         self.rounds = 0
@@ -131,6 +135,7 @@ class Server:
     def recover(self) -> None:
         """Restarted: it answers again, from its checkpoint, outside any group."""
         self.stall_from, self.stalled, self.group, self.version = None, False, None, None
+        self.stick_from, self.stuck = None, False
 
     def transport(self) -> httpx.MockTransport:
         recorded = {
@@ -157,7 +162,8 @@ class Server:
             path = request.url.path
             self.seen.append(path)
             self.stalled = self.stalled or path == self.stall_from
-            if self.stalled:
+            self.stuck = self.stuck or path == self.stick_from
+            if self.stalled or (self.stuck and path != "/health"):
                 await until(request, lambda: False)
             if path == "/health":
                 return httpx.Response(200, text="")
@@ -295,6 +301,30 @@ def test_a_vllm_server_that_stalls_mid_broadcast_is_dropped_and_the_others_take_
     assert (
         f"engine {b} took weights version 3 and serves again (2 of 2 engines live)" in capsys.readouterr().err
     )
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("route", ["/pause", "/update_weights", "/finish_weight_update"])
+def test_a_vllm_server_whose_engine_sticks_while_its_health_answers_is_dropped_alone(world, route, capsys):
+    """b's GET /health answers, but its engine no longer answers from `route` on (a step each
+    server takes alone, or the broadcast, where a answered once the trainer gave up). b alone
+    is dropped, naming it; a takes the version in a group without it; b comes back through
+    re-admission once restarted. On main every server was dropped (no cause found)."""
+    a, b = "vllm+http://a:8000", "vllm+http://b:8000"
+    world.pool.sync([None], 1, world.trainer)
+    world.servers[b].stick_from = route
+    world.pool.sync([None], 2, world.trainer)
+    assert world.pool.holders(2) == [a] and list(world.pool.dead) == [b]
+    assert world.servers[a].version == "2"
+    assert world.trainer.answers_within(5.0)
+    console = capsys.readouterr().err
+    assert f"engine {b} lost (it " in console and "though it answers GET /health" in console
+    assert f"engine {a} lost" not in console
+
+    world.servers[b].recover()
+    world.pool.sync([None], 3, world.trainer)
+    assert world.pool.holders(3) == [a, b] and world.pool.readmitted == 1
+    assert world.servers[b].version == "3"
 
 
 @pytest.mark.timeout(60)

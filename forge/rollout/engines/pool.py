@@ -784,8 +784,9 @@ class EnginePool:
         vllm installed beside it). A server that does not answer GET /health is dropped first
         (it would fail the shared update for all). Every step of the update, the trainer's
         NCCL rendezvous and broadcast included, ends within `timeout_s` (rollout.engine_timeout_s).
-        An update that fails leaves its servers' weights part old, part new: those of them that
-        no longer answer GET /health (or refused their part) are dropped as its cause, and the
+        An update that fails leaves its servers' weights part old, part new: those of them it is
+        put down to (`_transfer_causes`: no answer to GET /health, a refusal, their own call
+        failing, or no answer where the others' calls ended) are dropped as its cause, and the
         others take the version at once in a group without them; with no cause found, every
         server in it is dropped (and asked again: `_sync_servers`)."""
         from forge.rollout.engines import vllm_transfer
@@ -830,13 +831,18 @@ class EnginePool:
 
     async def _transfer_causes(self, failure: Any, clients: list[Any]) -> dict[Any, str]:
         """The servers a failed vLLM weight transfer is put down to, and why: those that no
-        longer answer GET /health (dead, or stalled whole), and those that refused their part.
-        The others waited in the collective the causes left, and get the update again."""
-        from forge.rollout.engines.remote import ProtocolError
+        longer answer GET /health (dead, or stalled whole); those that refused their part;
+        at a step each server takes alone (pause, finish, resume, ...), each whose call
+        failed; at a step taken together (the group's forming, the broadcast), each that gave
+        no answer while the others' calls ended (a vLLM serves GET /health apart from its
+        engine, so a stuck engine still answers it). The others waited in the collective the
+        causes left, and get the update again."""
+        from forge.rollout.engines.remote import NoAnswer, ProtocolError
 
         answering = await asyncio.gather(*(client.healthy() for client in clients))
+        silent = [isinstance(failure.failed.get(client.url), NoAnswer) for client in clients]
         causes = {}
-        for client, ok in zip(clients, answering, strict=True):
+        for client, ok, quiet in zip(clients, answering, silent, strict=True):
             error = failure.failed.get(client.url)
             said = f" ({type(error).__name__}: {str(error)[:200]})" if error is not None else ""
             if not ok:
@@ -845,6 +851,16 @@ class EnginePool:
                 )
             elif isinstance(error, ProtocolError):
                 causes[client] = f"it refused its part of the vLLM weight transfer at {failure.step}{said}"
+            elif error is not None and not failure.collective:
+                causes[client] = (
+                    f"it failed its own call of the vLLM weight transfer at {failure.step}{said}, "
+                    "though it answers GET /health"
+                )
+            elif quiet and not all(silent):
+                causes[client] = (
+                    f"it gave no answer at {failure.step}{said} while the others' calls ended: its engine "
+                    "is stuck, though it answers GET /health"
+                )
         return causes
 
     async def _answering_health(self, clients: list[Any], reason: str) -> list[Any]:

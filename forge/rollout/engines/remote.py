@@ -53,6 +53,11 @@ class EngineLost(RuntimeError):
         return (type(self), (self.url, self.reason))
 
 
+class NoAnswer(EngineLost):
+    """The server gave no answer within the call's time: it may still be working on it (its
+    engine stuck, while its GET /health, served apart from the engine, may still answer)."""
+
+
 class RequestAborted(EngineLost):
     """The server ended one request as aborted (finish reason `abort`: someone paused it with
     mode=abort, or an older server that aborts on every pause): that episode is lost, not
@@ -250,7 +255,7 @@ class HttpTransport:
                 # still a sample of the policy; the server re-prefills that episode.
                 return await self._request(call, timeout_s)
         except httpx.TimeoutException:
-            raise EngineLost(
+            raise NoAnswer(
                 self.url,
                 f"no answer to {call.method} {call.path} within {timeout_s or self.timeout_s:g}s "
                 "(rollout.engine_timeout_s)",

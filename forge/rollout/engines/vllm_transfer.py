@@ -190,16 +190,23 @@ def trainer_send(trainer: Any, timeout_s: float = 600.0) -> None:
 
 class WeightTransferFailed(RuntimeError):
     """An update that did not finish at `step`. `failed`: each server (by URL) whose own call
-    failed, and its error (a server waiting in a collective that never completes fails by
-    timeout too, so this alone does not say who stalled it); `trainer`: the trainer side's
-    error, if it had one."""
+    failed, and its error; `trainer`: the trainer side's error, if it had one; `collective`:
+    whether the step was one the servers and the trainer take together (the group's forming,
+    the broadcast), where a server waiting on one that never came fails too, so its failure
+    alone does not say who stalled it. At any other step each call is the server's own."""
 
-    def __init__(self, step: str, failed: dict[str, BaseException], trainer: BaseException | None) -> None:
+    def __init__(
+        self,
+        step: str,
+        failed: dict[str, BaseException],
+        trainer: BaseException | None,
+        collective: bool = False,
+    ) -> None:
         said = [f"{url}: {type(exc).__name__}: {str(exc)[:200]}" for url, exc in failed.items()]
         if trainer is not None:
             said.append(f"trainer: {type(trainer).__name__}: {str(trainer)[:300]}")
         super().__init__(f"{step} failed ({'; '.join(said)})")
-        self.step, self.failed, self.trainer = step, failed, trainer
+        self.step, self.failed, self.trainer, self.collective = step, failed, trainer, collective
 
 
 async def _each(
@@ -214,7 +221,7 @@ async def _each(
     answers = outcomes[len(sides) :]
     failed = {c.url: a for c, a in zip(clients, answers, strict=True) if isinstance(a, BaseException)}
     if failed or trainer_error is not None:
-        raise WeightTransferFailed(step, failed, trainer_error)
+        raise WeightTransferFailed(step, failed, trainer_error, collective=bool(sides))
     return (outcomes[0] if sides else None), answers
 
 
