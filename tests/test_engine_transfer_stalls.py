@@ -250,6 +250,7 @@ def world(monkeypatch):
     monkeypatch.setattr(remote, "PROBE_TIMEOUT_S", 0.2)  # GET /health of a hung server
     monkeypatch.setattr(vllm_transfer, "_nccl_engine", fleet.engine)
     monkeypatch.setattr(vllm_transfer, "ABORT_GRACE_S", 2.0, raising=False)
+    monkeypatch.setattr(vllm_transfer, "COLLECTIVE_GRACE_S", 2.0)
     cfg = load_config(
         "configs/smoke.yaml",
         [

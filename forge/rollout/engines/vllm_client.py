@@ -317,10 +317,14 @@ class VLLMClient:
             ) from None
 
     async def init_weight_transfer(
-        self, master_address: str, master_port: int, rank_offset: int, world_size: int
+        self, master_address: str, master_port: int, rank_offset: int, world_size: int, grace_s: float = 0.0
     ) -> None:
-        """Join the trainer's NCCL group; returns once every member has joined."""
-        await self.http.send(init_weight_transfer_call(master_address, master_port, rank_offset, world_size))
+        """Join the trainer's NCCL group; returns once every member has joined (waiting
+        `grace_s` past the client's timeout)."""
+        await self.http.send(
+            init_weight_transfer_call(master_address, master_port, rank_offset, world_size),
+            timeout_s=self.http.timeout_s + grace_s,
+        )
 
     async def begin_weight_update(self) -> None:
         """Pause once running requests end, then open the update (servers older than
@@ -329,10 +333,13 @@ class VLLMClient:
         await self._optional(start_weight_update_call())
 
     async def receive_weights(
-        self, names: list[str], dtype_names: list[str], shapes: list[list[int]]
+        self, names: list[str], dtype_names: list[str], shapes: list[list[int]], grace_s: float = 0.0
     ) -> None:
-        """Take the tensors the trainer broadcasts (returns when all have arrived)."""
-        await self.http.send(update_weights_call(names, dtype_names, shapes))
+        """Take the tensors the trainer broadcasts (returns when all have arrived; waits
+        `grace_s` past the client's timeout)."""
+        await self.http.send(
+            update_weights_call(names, dtype_names, shapes), timeout_s=self.http.timeout_s + grace_s
+        )
 
     async def end_weight_update(self, version: int) -> None:
         """Close the update with its version and resume generation; outputs from now on

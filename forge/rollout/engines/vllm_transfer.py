@@ -63,6 +63,13 @@ def _nccl_engine() -> Any:
 ABORT_GRACE_S = 10.0  # how long the trainer waits for an aborted broadcast's thread to end
 
 
+# A server's part of a collective step (the group's forming, the broadcast) is waited for this
+# much past the trainer's own timeout: a server that was only waiting on a stalled one and ends
+# once the trainer aborts the group then answers before the stalled one's call times out, which
+# tells the two apart (the pool drops only the one that never answered).
+COLLECTIVE_GRACE_S = 5.0
+
+
 class TransferTimeout(TimeoutError):
     """The trainer's side of a weight transfer did not finish within its time."""
 
@@ -260,7 +267,7 @@ class VLLMWeightTransfer:
                 await _each(
                     "the NCCL weight broadcast (/update_weights)",
                     clients,
-                    [c.receive_weights(names, dtypes, shapes) for c in clients],
+                    [c.receive_weights(names, dtypes, shapes, COLLECTIVE_GRACE_S) for c in clients],
                     trainer=self.send(),
                 )
             except BaseException:
@@ -303,7 +310,7 @@ class VLLMWeightTransfer:
             "forming the NCCL group (/init_weight_transfer_engine)",
             clients,
             [
-                c.init_weight_transfer(host, port, offset, world)
+                c.init_weight_transfer(host, port, offset, world, COLLECTIVE_GRACE_S)
                 for c, offset in zip(clients, offsets, strict=True)
             ],
             trainer=self.join(host, port, world),
