@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import textwrap
 import time
@@ -480,3 +481,32 @@ def test_without_a_tmpfs_a_work_dir_over_its_byte_cap_ends_the_call(level, no_tm
         limits=sandbox.Limits(disk_bytes=8 << 20, file_bytes=128 << 20),
     )
     assert result.disk_exceeded and not result.timed_out, result
+
+
+@pytest.mark.parametrize("level", NAMESPACED)
+def test_system_paths_holding_mounts_are_bound_whole_and_read_only(level):
+    """A container runtime binds files into /usr (the NVIDIA toolkit's libraries and tools); a
+    user namespace may bind such a path only with the mounts inside it, each made read-only."""
+    if not ROOT:
+        pytest.skip("making a mount namespace with a mount inside /usr needs root")
+    inner = os.path.realpath("/bin/sh")  # a file under /usr on merged-/usr systems, else /bin
+    child = textwrap.dedent(
+        f"""
+        import json, os
+        from forge import sandbox
+        from forge.sandbox import _syscalls as sc
+        sc.unshare(sc.CLONE_NEWNS)
+        sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
+        sc.mount({inner!r}, {inner!r}, None, sc.MS_BIND)  # the same file, now a mount of its own
+        result = sandbox.run(
+            "import os\\nprint(os.statvfs({inner!r}).f_flag & os.ST_RDONLY, os.statvfs('/usr').f_flag & os.ST_RDONLY)",
+            level={level},
+        )
+        print(json.dumps([result.exit_code, result.stdout, result.stderr]))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    exit_code, stdout, stderr = json.loads(out.stdout.splitlines()[-1])
+    assert exit_code == 0, stderr
+    assert stdout.split() == [str(os.ST_RDONLY)] * 2

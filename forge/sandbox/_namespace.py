@@ -8,6 +8,7 @@ them to uncover what they hide, and the host's root is detached entirely anyway.
 """
 
 import os
+import re
 import select
 import signal
 
@@ -36,17 +37,40 @@ def _makedirs(path):
     os.makedirs(path, mode=0o755, exist_ok=True)
 
 
+def _mount_points_under(path):
+    """Mount points at or below `path`, from /proc/self/mountinfo (octal escapes undone)."""
+    prefix = path.rstrip("/") + "/"
+    points = []
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            raw = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), line.split()[4])
+            point = os.fsdecode(raw)
+            if point == path or point.startswith(prefix):
+                points.append(point)
+    return points
+
+
 def _bind(source, target, writable, device=False):
+    """Bind `source` at `target`, with the mounts below it: a host path with mounts inside it
+    (a container runtime's files bound into /usr) cannot be bound alone from a user namespace,
+    since that would uncover what they hide. A read-only bind makes each of them read-only."""
     if os.path.isdir(source):
         _makedirs(target)
     else:
         _makedirs(os.path.dirname(target))
         open(target, "a").close()
-    sc.mount(source, target, None, sc.MS_BIND)
-    flags = sc.mount_flags(target) | sc.MS_NOSUID | (0 if device else sc.MS_NODEV)
-    if not writable:
-        flags |= sc.MS_RDONLY
-    sc.mount(None, target, None, sc.MS_REMOUNT | sc.MS_BIND | flags)
+    sc.mount(source, target, None, sc.MS_BIND | sc.MS_REC)
+    for point in _mount_points_under(target):
+        try:
+            flags = sc.mount_flags(point) | sc.MS_NOSUID | (0 if device else sc.MS_NODEV)
+            if not writable:
+                flags |= sc.MS_RDONLY
+            sc.mount(None, point, None, sc.MS_REMOUNT | sc.MS_BIND | flags)
+        except (PermissionError, FileNotFoundError):
+            if point == target:
+                raise
+            # Hidden, or below a directory this uid cannot search: the code, with no more rights,
+            # cannot reach it either.
 
 
 def _tmpfs(target, size, inodes, mode="0755"):
