@@ -281,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from forge.config import ConfigError
+    from forge.sandbox.core import SandboxUnavailable
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -300,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"forge: {exc}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, FileExistsError) as exc:
+    except (FileNotFoundError, FileExistsError, SandboxUnavailable) as exc:
         print(f"forge: {exc}", file=sys.stderr)
         return 2
 

@@ -93,6 +93,30 @@ def test_a_training_run_refuses_untrusted_code_at_level_0_before_starting_anythi
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_forge_train_refuses_untrusted_code_at_level_0_in_one_message(host_level, tmp_path, capsys, dry_run):
+    from forge.cli import main
+
+    host_level(0)
+    args = ["train", "configs/smoke.yaml", "env.name=python_coding", "env.kwargs={}", "train.max_steps=1",
+            "--output-dir", str(tmp_path / "run")]  # fmt: skip
+    code = main(args + (["--dry-run"] if dry_run else []))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "forge: env 'python_coding' runs untrusted code" in err and "sandbox.allow_level_0: true" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_dry_run_accepts_level_0_for_untrusted_code_when_allowed(host_level, capsys):
+    from forge.cli import main
+
+    host_level(0)
+    code = main(["train", "configs/smoke.yaml", "env.name=python_coding", "env.kwargs={}",
+                 "sandbox.allow_level_0=true", "--dry-run"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_a_run_prints_its_level_and_writes_it_to_config_and_metrics(ray_session, tmp_path, capfd):
     from forge.run.launch import train

@@ -40,14 +40,17 @@ def preflight(cfg: Config, wait_for_servers: bool = True) -> str:
     """Refuse what cannot run, before Ray starts (also what `forge train --dry-run` checks):
     engine settings, remote vLLM / SGLang servers (each answers, serves model.path and holds
     rollout.max_context_tokens), model.path (a folder the in-process engine can serve), the
-    gateway's mode, and the env built with its kwargs and reset once.
+    gateway's mode, the env built with its kwargs and reset once, and the sandbox level its
+    code needs (`sandbox.min_level`, level 1 for untrusted code unless `sandbox.allow_level_0`).
     A dry run (`wait_for_servers` false) does not wait for remote servers still starting.
     Returns the env check's one-line summary."""
     from forge.env.preflight import preflight_env
+    from forge.env.registry import resolve_env
     from forge.models.loading import checkpoint_folder
     from forge.rollout.engines.engine_check import refuse_unservable
     from forge.rollout.engines.pool import check_engine_config
     from forge.rollout.engines.server_check import check_servers
+    from forge.sandbox.policy import configure_for_env
 
     check_engine_config(cfg)
     for line in check_servers(cfg, wait=wait_for_servers):
@@ -59,4 +62,8 @@ def preflight(cfg: Config, wait_for_servers: bool = True) -> str:
         refuse_unservable(cfg.model.path, cfg.rollout.engine, folder)
     if cfg.gateway.enabled and cfg.train.mode != "sync":
         raise ConfigError("gateway runs train in sync mode only; set train.mode: sync")
-    return preflight_env(cfg.env, cfg.seed)  # a wrong env name, kwargs or reset: one message
+    summary = preflight_env(cfg.env, cfg.seed)  # a wrong env name, kwargs or reset: one message
+    # The sandbox floor the run applies at start: an env that runs model code on a host that
+    # gives only level 0 is refused by a dry run too, not only once the run starts.
+    configure_for_env(cfg.sandbox, resolve_env(cfg.env.name), cfg.env.name)
+    return summary
