@@ -53,6 +53,36 @@ def test_opting_in_runs_level_0_with_a_console_warning(host_level, capsys):
     assert "Ray's included" in err
 
 
+def test_the_level_0_warning_without_root_says_the_code_runs_as_the_harness_user(
+    host_level, capsys, monkeypatch
+):
+    monkeypatch.setattr(policy.uids, "is_root", lambda: False)
+    host_level(0)
+    policy.announce(0, untrusted=True, env_name="python_coding")
+    err = capsys.readouterr().err
+    assert "uid of its own" not in err
+    assert (
+        "runs as this harness's own user" in err
+        and "environment variables" in err
+        and "kill the harness" in err
+    )
+
+
+def test_below_level_2_the_warning_says_why_each_stronger_level_failed_here(monkeypatch, capsys):
+    monkeypatch.setattr(levels, "_level", None)
+    monkeypatch.setattr(levels, "_unavailable", {})
+    reasons = {2: "bwrap not found", 1: "PermissionError: [Errno 1] unshare: Operation not permitted"}
+    monkeypatch.setattr(levels, "_works", lambda level: (level == 0, reasons.get(level, "")))
+    assert sandbox.probe() == 0
+    policy.announce(0, untrusted=False, env_name="countdown")
+    err = capsys.readouterr().err
+    assert "below bubblewrap's (2): level 2 needs bubblewrap" in err and "(here: bwrap not found)" in err
+    assert "level 1 is unavailable too: level 1 needs unprivileged user namespaces" in err
+    assert "(here: PermissionError: [Errno 1] unshare: Operation not permitted)" in err
+    with pytest.raises(sandbox.SandboxUnavailable, match=r"\(here: PermissionError: \[Errno 1\] unshare"):
+        policy.configure(untrusted=True, env_name="python_coding")
+
+
 def test_trusted_envs_may_run_at_level_0_with_a_warning(host_level, capsys):
     host_level(0)
     assert policy.configure(untrusted=False) == 0

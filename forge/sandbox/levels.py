@@ -19,6 +19,7 @@ _floor = 0  # set_min_level: no sandbox in this process may run below it
 _floor_reason = ""  # what set the floor, for the refusal's message
 _python: str | None = None  # set_python: sandbox.python
 _python_ok: set[tuple[int, str]] = set()
+_unavailable: dict[int, str] = {}  # level -> why the probe found it does not work here
 
 HOW_TO_ENABLE = {
     1: "level 1 needs unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1 / "
@@ -37,7 +38,9 @@ def _works(level: int) -> tuple[bool, str]:
         return False, f"{type(exc).__name__}: {exc}"
     if result.exit_code == 0 and result.stdout.strip() == "ok":
         return True, ""
-    return False, (result.stderr.strip() or f"exit code {result.exit_code}")[-300:]
+    # The last line says what failed (a launcher that crashed printed a traceback above it).
+    lines = result.stderr.strip().splitlines()
+    return False, (lines[-1] if lines else f"exit code {result.exit_code}")[-300:]
 
 
 def available_level() -> int:
@@ -51,6 +54,7 @@ def available_level() -> int:
                 ok, why = _works(level)
                 if ok:
                     break
+                _unavailable[level] = why
                 log.info("sandbox level %d (%s) unavailable: %s", level, isolation.LEVEL_NAMES[level], why)
             else:
                 raise SandboxUnavailable(
@@ -66,6 +70,18 @@ def probe() -> int:
     return available_level()
 
 
+def why_unavailable(level: int) -> str:
+    """Why the probe found `level` does not work on this host ("" if it works or was not tried)."""
+    available_level()
+    return _unavailable.get(level, "")
+
+
+def how_to_enable(level: int) -> str:
+    """What `level` needs, with what the probe met here when it tried it."""
+    why = why_unavailable(level)
+    return HOW_TO_ENABLE[level] + (f" (here: {why})" if why else "")
+
+
 def require_level(min_level: int) -> int:
     """Fail closed: raise unless the host gives at least `min_level`; return the level in use."""
     if min_level not in isolation.LEVEL_NAMES:
@@ -74,7 +90,7 @@ def require_level(min_level: int) -> int:
     if level < min_level:
         raise SandboxUnavailable(
             f"sandbox.min_level={min_level} but this host only offers level {level} "
-            f"({isolation.LEVEL_NAMES[level]}): {HOW_TO_ENABLE[min_level]}; or lower sandbox.min_level."
+            f"({isolation.LEVEL_NAMES[level]}): {how_to_enable(min_level)}; or lower sandbox.min_level."
         )
     return level
 

@@ -6,13 +6,25 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from forge.sandbox import isolation, levels
+from forge.sandbox import isolation, levels, uids
 from forge.sandbox.core import SandboxUnavailable
 
 LEVEL_0_RISK = (
     "level 0 is rlimits and a uid of its own: the code can read files any user may read, write to the "
     "host's /tmp and /dev/shm, list the host's processes and connect to services on this host (Ray's included)"
 )
+# Without root there is no uid to give the code: it runs as the harness's own user.
+LEVEL_0_RISK_NOT_ROOT = (
+    "level 0 without root is rlimits only, and the code runs as this harness's own user: it can do "
+    "whatever that user can, including read and write that user's files (its home, ~/.ssh, the "
+    "repository), read the harness's environment variables with their secrets (/proc/PID/environ), "
+    "signal or kill the harness, Ray and that user's other processes, leave processes running after the "
+    "call, write to the host's /tmp and /dev/shm and connect to services on this host (Ray's included)"
+)
+
+
+def level_0_risk() -> str:
+    return LEVEL_0_RISK if uids.is_root() else LEVEL_0_RISK_NOT_ROOT
 
 
 def configure(
@@ -38,7 +50,7 @@ def configure(
     if level < floor:
         raise SandboxUnavailable(
             f"{reason}, but this host offers only level {level} ({isolation.LEVEL_NAMES[level]}): "
-            f"{levels.HOW_TO_ENABLE[floor]}"
+            f"{levels.how_to_enable(floor)}"
         )
     levels.set_min_level(floor, reason)
     if untrusted:
@@ -62,12 +74,14 @@ def announce(level: int, *, untrusted: bool, env_name: str = "") -> list[str]:
     lines = [f"forge: sandbox level {level} ({isolation.LEVEL_NAMES[level]})"]
     if level < 2:
         lines.append(
-            f"forge: WARNING: sandbox level {level} is below bubblewrap's (2): {levels.HOW_TO_ENABLE[2]}"
+            f"forge: WARNING: sandbox level {level} is below bubblewrap's (2): {levels.how_to_enable(2)}"
         )
+    if level == 0:
+        lines.append(f"forge: WARNING: sandbox level 1 is unavailable too: {levels.how_to_enable(1)}")
     if level == 0 and untrusted:
         lines.append(
             f"forge: WARNING: env {env_name!r} runs untrusted code at level 0 because sandbox.allow_level_0 "
-            f"is true; {LEVEL_0_RISK}"
+            f"is true; {level_0_risk()}"
         )
     for line in lines:
         print(line, file=sys.stderr, flush=True)
