@@ -179,3 +179,32 @@ def test_a_gateway_run_whose_agents_always_crash_stops_with_exit_code_1(ray_sess
     assert [(r["step"], r["agents_failed"]) for r in rows] == [(1, 4.0), (2, 4.0)]
     assert "gateway_samples" in rows[0]
     assert not {"gateway_samples", "loss", "policy_loss", "trained_samples"} & set(rows[1])
+
+
+@pytest.mark.slow
+def test_a_gateway_run_whose_trainer_cannot_load_the_model_stops_before_any_agent(
+    ray_session, tmp_path, capsys, monkeypatch, tiny_checkpoint
+):
+    # The driver's engine loads the model; the trainer actor's copy is one transformers does
+    # not know (as on a trainer node with another transformers). Waiting for the first
+    # training step, every agent of step 1 would play first.
+    import shutil
+
+    import forge.run.gateway
+    from forge.cli import main
+    from forge.run.context import make_trainer
+
+    broken = tmp_path / "unknown_family"
+    shutil.copytree(tiny_checkpoint, broken)
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, "model_type": "no_such_family"}))
+    monkeypatch.setattr(forge.run.gateway, "make_trainer", lambda cfg, _source: make_trainer(cfg, broken))
+    played = tmp_path / "played"
+    (tmp_path / "agent.py").write_text(f"open({str(played)!r}, 'a').write('x')\n")
+    agent = f"gateway.agent_command='{{python}} {tmp_path / 'agent.py'}'"
+    assert main(["train", "gateway-smoke", agent, "--output-dir", str(tmp_path / "run")]) == 1
+    error = capsys.readouterr().err
+    stopped = "forge: the trainer could not start, so the run stopped before its first step: "
+    assert stopped in error and "no_such_family" in error.split(stopped)[1]
+    assert not played.exists()
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -154,3 +154,39 @@ def actor_death_message(exc: BaseException, output_dir: str | Path, config: str 
     return message + (
         f" Continue from {latest.name} with: forge train {config or 'CONFIG'} --resume {output_dir}"
     )
+
+
+def creation_error(exc: BaseException) -> str | None:
+    """The error a Ray actor's creation task raised (`ValueError: ...`), read from the text
+    Ray keeps of it (the traceback, the exception's own lines last), or None when `exc` is
+    not an actor whose creation failed."""
+    if not getattr(exc, "actor_init_failed", False):
+        return None
+    lines = str(exc).splitlines()
+    frames = [index for index, line in enumerate(lines) if line.startswith("  File ")]
+    if not frames:
+        return None
+    rest = lines[frames[-1] + 1 :]
+    while rest and (not rest[0].strip() or rest[0].startswith(" ")):  # the frame's code and its ^^^ marks
+        rest = rest[1:]
+    return "\n".join(rest).strip() or None
+
+
+def wait_for_trainer(trainer: Any) -> None:
+    """Block until the trainer actor(s) have loaded the model; one that could not stops the
+    run with its error (RunStopped), before anything is played for it to train on."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    from forge.models.hub import actor_hub_message
+
+    actors = list(getattr(trainer, "actors", [trainer]))  # a TrainerGroup's ranks, or the one actor
+    try:
+        ray.get([actor.__ray_ready__.remote() for actor in actors])
+    except RayActorError as exc:
+        cause = actor_hub_message(exc) or creation_error(exc)
+        if cause is None:
+            raise
+        raise RunStopped(
+            f"the trainer could not start, so the run stopped before its first step: {cause}"
+        ) from None

@@ -35,6 +35,7 @@ from forge.run.context import (
     step_metrics,
     trainer_actors,
 )
+from forge.run.faults import wait_for_trainer
 from forge.run.gateway_guard import GatewayGuard
 from forge.run.tasks import TaskStream, load_task_rows
 
@@ -57,13 +58,16 @@ def train_gateway(
     start_sandbox(cfg)  # its envs run in this process
     run = GatewayRun(cfg, output)
     step = done = 0
-    if resume:
-        try:
+    try:
+        # The trainer loads while the engine and gateway start; the agents wait for it, since a
+        # trainer that cannot load would otherwise be found only after they played a whole step.
+        wait_for_trainer(run.trainer)
+        if resume:
             step = done = restore_run(run)
             run.sync_weights()
-        except Exception:
-            run.shutdown()
-            raise
+    except Exception:
+        run.shutdown()
+        raise
     log = StepLog(cfg, output, progress, "train (gateway)", done)
     # An errored episode here is most often an agent process that crashed (or an env error).
     failures = FailureWatch(cfg.env.max_error_fraction, cfg.env.error_window_steps, AGENT_FIX)
