@@ -5,8 +5,6 @@ skips when it is not installed."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 from family_tokenizers import byte_level_tokenizer
 from gateway_helpers import ScriptedEngine, serve, start
@@ -25,9 +23,9 @@ def gateway(qwen):
         yield server
 
 
-def test_litellm_raises_its_context_window_error(gateway):
+def test_litellm_raises_its_context_window_error(gateway, monkeypatch):
     # LiteLLM fetches its model price list from the network on import unless told not to.
-    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     litellm = pytest.importorskip("litellm")
     episode = start(gateway)
     with pytest.raises(litellm.ContextWindowExceededError, match="maximum context length is 64"):

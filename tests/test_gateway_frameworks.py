@@ -219,3 +219,37 @@ def test_a_langchain_react_style_stop_ends_the_reply_token_exact(qwen):
     assert reply.content == streamed == "Thought: try 3\nAction: guess[3]"
     for call in (first, second):
         assert qwen.decode(call.completion_ids) == "Thought: try 3\nAction: guess[3]\nObservation:"
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_litellm_agent_plays_a_tool_using_episode(qwen, monkeypatch, streamed):
+    """LiteLLM's OpenAI provider (`openai/<model>` at `api_base`) in a hand-written tool loop;
+    streamed, the chunks are put back together with LiteLLM's own stream_chunk_builder."""
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # else it fetches its price list
+    litellm = pytest.importorskip("litellm")
+    from gateway_helpers import GUESS
+
+    engine = ScriptEngine(qwen, SCRIPT)
+    with serve(engine, qwen, **WIDE) as server:
+        episode = start(server)
+        route = {
+            "model": "openai/forge-policy",
+            "api_base": server.base_url,
+            "api_key": episode["episode_id"],
+        }
+        messages = [{"role": "user", "content": "Guess the number between 1 and 8."}]
+        for _ in range(5):
+            if streamed:
+                chunks = list(litellm.completion(messages=messages, tools=[GUESS], stream=True, **route))
+                reply = litellm.stream_chunk_builder(chunks, messages=messages).choices[0].message
+            else:
+                reply = litellm.completion(messages=messages, tools=[GUESS], **route).choices[0].message
+            messages.append(reply.model_dump(exclude_none=True))
+            if not reply.tool_calls:
+                break
+            for call in reply.tool_calls:
+                result = guess_number(**json.loads(call.function.arguments))
+                messages.append({"role": "tool", "tool_call_id": call.id, "content": result})
+        assert_recorded_token_exact(server, episode, engine, qwen)
+    assert [m["content"] for m in messages if m["role"] == "tool"] == ["higher", "correct"]
+    assert messages[-1]["content"] == "The number is 5."
