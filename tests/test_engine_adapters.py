@@ -313,7 +313,7 @@ def test_a_failed_sglang_update_says_why():
         )
 
 
-def test_the_sglang_client_updates_from_disk_and_swaps_adapters_paused():
+def test_the_sglang_client_updates_from_disk_loads_adapters_paused_and_unloads_one_when_asked():
     seen: list = []
     exchanges = [
         SGLANG["update_weights_from_disk"],
@@ -332,6 +332,7 @@ def test_the_sglang_client_updates_from_disk_and_swaps_adapters_paused():
         client.lora_name = "forge-v2"
         await client.load_adapter("/shared/forge/v000003", 3)
         assert client.lora_name == "forge-v3"
+        await client.unload_adapter(2)  # the driver's, once no request can name it
         result = await client.generate(GenerationRequest(SGLANG["generate"]["given"]["token_ids"], 2))
         assert result.policy_version == 4  # stamped by the server (its weight_version)
 
@@ -439,15 +440,13 @@ def test_a_lora_version_reaches_vllm_servers_as_the_adapter_folder_the_trainer_w
         replay([VLLM["pause"], VLLM["load_lora_adapter"], VLLM["resume"], VLLM["completion"]], seen),
     )
     pool = EnginePool(["vllm+http://vllm:8000"], [], cfg)
-    saved: list = []
 
     async def scenario() -> None:
-        await pool._vllm_adapters([client], 3, lambda: saved.append(3) or "/shared/forge/v000003")
+        await pool._load_adapters([client], "/shared/forge/v000003", 3)
         given = VLLM["completion"]["given"]
         await client.generate(GenerationRequest(given["token_ids"], 4, given["episode_id"]))
 
     asyncio.run(scenario())
-    assert saved == [3]  # written once for every server
     assert [path for _, path, _ in seen] == ["/pause", "/v1/load_lora_adapter", "/resume", "/v1/completions"]
     assert seen[1][2] == VLLM["load_lora_adapter"]["request"]
     assert seen[3][2]["model"] == "policy-forge-lora"  # requests name the adapter from then on
@@ -477,7 +476,7 @@ def test_a_vllm_server_that_refuses_the_adapter_is_dropped_and_the_others_keep_i
         "http://b:1", 10, replay([VLLM["pause"], refused, unload, VLLM["resume"]], [])
     )
     pool = EnginePool(["vllm+http://a:1", "vllm+http://b:1"], [], cfg)
-    asyncio.run(pool._vllm_adapters([good, bad], 4, lambda: "/shared/forge/v000004"))
+    asyncio.run(pool._load_adapters([good, bad], "/shared/forge/v000004", 4))
     assert good.policy_version == 4 and good.model == "policy-forge-lora"
     assert bad.policy_version == 0 and bad.model == "policy"  # it keeps naming what it serves
     # The pool knows it by its rollout.servers entry, as a run's sync and its later re-admission do.

@@ -566,6 +566,46 @@ def test_a_lost_sglang_server_that_answers_again_loads_the_current_folder_and_co
     assert f"engine {b} took weights version 3 and serves again (2 of 2 engines live)" in console
 
 
+class StuckSGLang(Restartable):
+    """An SGLang server whose engine is stuck: /update_weights_from_disk never answers (each
+    call runs into the client's timeout) while GET /health still does."""
+
+    def transport(self) -> httpx.MockTransport:
+        recorded = super().transport()
+
+        async def handle(request: httpx.Request) -> httpx.Response:
+            if request.url.path == "/update_weights_from_disk":
+                await asyncio.sleep(request.extensions["timeout"]["read"])
+                raise httpx.ReadTimeout("timed out", request=request)
+            return recorded.handle_request(request)
+
+        return httpx.MockTransport(handle)
+
+
+def test_stuck_sglang_servers_cost_a_sync_one_timeout_and_the_live_one_takes_the_version(
+    tmp_path, monkeypatch, capsys
+):
+    """Three of four SGLang servers never answer the update: each is dropped naming it, and
+    the sync waits for them all at once (one after another on main: 3 x the timeout)."""
+    timeout_s = 2.0
+    urls = [f"sglang+http://{host}:30000" for host in "abcd"]
+    servers = {urls[0]: Restartable(SGLANG["update_weights_from_disk"])}
+    servers.update({url: StuckSGLang() for url in urls[1:]})
+    pool = pool_over(
+        servers,
+        [f"rollout.weight_dir={tmp_path}", "train.mode=sync", f"rollout.engine_timeout_s={timeout_s}"],
+        monkeypatch,
+    )
+    started = time.monotonic()
+    pool.sync([None], 1, Trainer())
+    took = time.monotonic() - started
+    assert took < 2 * timeout_s, took
+    assert pool.holders(1) == [urls[0]] and list(pool.dead) == urls[1:]
+    console = capsys.readouterr().err
+    for url in urls[1:]:
+        assert f"engine {url} lost (weight update failed: engine http" in console
+
+
 class SGLangWeights(Restartable):
     """An SGLang server that says the weight_version it was last given (its own default
     after a restart)."""
@@ -810,3 +850,100 @@ def test_a_worker_samples_the_lora_adapter_the_driver_loaded_on_an_sglang_server
     assert router.alive == [client.url]  # its /get_model_info says "default": not a restart
     assert seen[0]["lora_path"] == "forge-v5"
     assert result.policy_version == 5
+
+
+class SGLangAdapters(Restartable):
+    """An SGLang server started with --enable-lora, as its LoRA registry behaves
+    (python/sglang/srt/lora/lora_registry.py): adapters by name, a request that names one not
+    loaded refused (400), an unload of one not loaded refused; the base weights' version
+    stays "default"."""
+
+    def __init__(self) -> None:
+        super().__init__(SGLANG["pause_generation"], SGLANG["continue_generation"])
+        self.loaded: dict[str, str] = {}
+        self.sampled: list[str] = []  # the adapter each answered request named
+
+    def transport(self) -> httpx.MockTransport:
+        recorded = super().transport()
+
+        def handle(request: httpx.Request) -> httpx.Response:
+            path = request.url.path
+            body = json.loads(request.content) if request.content else {}
+            if not self.up:
+                return recorded.handle_request(request)
+            if path == "/load_lora_adapter":
+                self.seen.append(path)
+                if body["lora_name"] in self.loaded:
+                    return httpx.Response(
+                        200, json={"success": False, "error_message": f"{body['lora_name']} already exists"}
+                    )
+                self.loaded[body["lora_name"]] = body["lora_path"]
+                return httpx.Response(
+                    200, json={**SGLANG["load_lora_adapter"]["response"], "loaded_adapters": self.loaded}
+                )
+            if path == "/unload_lora_adapter":
+                self.seen.append(path)
+                if self.loaded.pop(body["lora_name"], None) is None:
+                    return httpx.Response(
+                        200, json={"success": False, "error_message": f"{body['lora_name']} does not exist"}
+                    )
+                return httpx.Response(
+                    200, json={**SGLANG["unload_lora_adapter"]["response"], "loaded_adapters": self.loaded}
+                )
+            if path == "/get_model_info":
+                return httpx.Response(200, json=SGLANG["get_model_info_after_a_restart"]["response"])
+            if path == "/generate":
+                name = body.get("lora_path")
+                if name not in self.loaded:
+                    message = f"The following requested LoRA adapters are not loaded: {name}"
+                    return httpx.Response(400, json={"error": {"message": message}})
+                self.sampled.append(name)
+                answer = json.loads(json.dumps(SGLANG["generate"]["response"]))
+                answer["meta_info"]["weight_version"] = "default"
+                return httpx.Response(200, json=answer)
+            return recorded.handle_request(request)
+
+        return httpx.MockTransport(handle)
+
+
+def test_an_sglang_lora_run_loads_each_version_as_an_adapter_and_keeps_the_last_one_loaded(
+    tmp_path, monkeypatch
+):
+    """The driver loads version N's adapter as forge-vN and unloads only the version before
+    the last: a worker still naming the last version (not yet told of N, or its request
+    sent just before) is still answered. On main the driver sent SGLang merged full weights
+    (/update_weights_from_disk) while workers named forge-vN, which no server had loaded."""
+    url = "sglang+http://s:30000"
+    server = SGLangAdapters()
+    pool = pool_over(
+        {url: server},
+        [
+            f"rollout.weight_dir={tmp_path}",
+            "model.lora.enabled=true",
+            "train.mode=sync",
+            "rollout.engine_timeout_s=2",
+        ],
+        monkeypatch,
+    )
+    trainer = Trainer()
+    worker = SGLangClient("http://s:30000", Sampling(1.0, 1.0, (3,)))
+    worker.http = HttpTransport("http://s:30000", 10, server.transport())
+    router = Router([worker])
+    prompt = GenerationRequest(SGLANG["generate"]["given"]["token_ids"], 4, "g/00000001")
+
+    pool.sync([None], 1, trainer)
+    router.take_view(pool.view(1), lambda spec: None)
+    pool.sync([None], 2, trainer)  # the worker is not told yet: its requests name forge-v1
+    assert sorted(server.loaded) == ["forge-v1", "forge-v2"]
+    assert server.loaded["forge-v2"] == str(tmp_path / "v000002-adapter")
+    assert asyncio.run(router.generate(prompt)).policy_version == 1
+
+    router.take_view(pool.view(2), lambda spec: None)
+    pool.sync([None], 3, trainer)
+    assert sorted(server.loaded) == ["forge-v2", "forge-v3"]  # forge-v1: no worker names it now
+    assert asyncio.run(router.generate(prompt)).policy_version == 2
+    router.take_view(pool.view(3), lambda spec: None)
+    assert asyncio.run(router.generate(prompt)).policy_version == 3
+    assert server.sampled == ["forge-v1", "forge-v2", "forge-v3"]
+    assert "/update_weights_from_disk" not in server.seen
+    assert pool.holders(3) == [url]

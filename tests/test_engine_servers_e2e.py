@@ -284,6 +284,13 @@ def test_engine_settings_that_cannot_work_are_refused_before_anything_starts():
         check_engine_config(
             load_config("configs/smoke.yaml", [*vllm_lora, "rollout.weight_dir=/tmp/w", "train.mode=async"])
         )
+    # LoRA to SGLang goes by adapter folders the one trainer process writes (/load_lora_adapter).
+    sglang_lora = ["rollout.engine=remote", "rollout.servers=[sglang+http://h:1]", "model.lora.enabled=true"]
+    check_engine_config(load_config("configs/smoke.yaml", [*sglang_lora, "rollout.weight_dir=/tmp/w"]))
+    with pytest.raises(ConfigError, match="train.num_gpus <= 1"):
+        check_engine_config(
+            load_config("configs/smoke.yaml", [*sglang_lora, "rollout.weight_dir=/tmp/w", "train.num_gpus=2"])
+        )
     with pytest.raises(ConfigError, match="rollout.engine=remote"):
         check_engine_config(load_config("configs/smoke.yaml", ["rollout.servers=[http://h:1]"]))
 

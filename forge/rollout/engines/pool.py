@@ -22,6 +22,9 @@ from forge.rollout.engines.router import READMIT_FIRST_WAIT_S, READMIT_MAX_WAIT_
 BROADCAST_GRACE_S = 10.0
 # How long a stalled engine actor asked again at a sync has to show it could take weights.
 READMIT_PROBE_S = 2.0
+# SGLang servers in a LoRA run keep this many of Forge's adapter versions loaded: the newest
+# and the one before, which workers not yet told of the newest still name.
+KEPT_ADAPTERS = 2
 # An engine actor's weight update gives up by itself after rollout.engine_timeout_s (a
 # generation batch it cannot pause); the driver waits this much longer to hear it say so.
 UPDATE_GRACE_S = 2.0
@@ -157,11 +160,17 @@ def check_engine_config(cfg: Config) -> None:
                     "trainer, which needs train.num_gpus=1 (vllm installed beside the trainer) and "
                     "train.mode=sync (an async trainer would send a later step's weights)"
                 )
-        if any(s.startswith("sglang+") for s in rollout.servers) and not rollout.weight_dir:
-            raise ConfigError(
-                "rollout.servers has SGLang servers, which load weights from a folder: set "
-                "rollout.weight_dir to a folder the trainer and those servers both see"
-            )
+        if any(s.startswith("sglang+") for s in rollout.servers):
+            if not rollout.weight_dir:
+                raise ConfigError(
+                    "rollout.servers has SGLang servers, which load weights from a folder: set "
+                    "rollout.weight_dir to a folder the trainer and those servers both see"
+                )
+            if cfg.model.lora.enabled and cfg.train.num_gpus > 1:
+                raise ConfigError(
+                    "rollout.servers: sglang+ servers in a LoRA run load each adapter version from a "
+                    "folder one trainer process writes after its step: use train.num_gpus <= 1 with them"
+                )
     elif rollout.servers:
         raise ConfigError(
             f"rollout.servers is set but rollout.engine={rollout.engine}; set rollout.engine=remote"
@@ -246,6 +255,7 @@ class EnginePool:
         self.readmitted = 0  # dropped engines that took the weights again
         self.stalled: set[str] = set()  # server mode: dropped engine actors still alive, asked again
         self._next_probe: dict[str, tuple[float, float]] = {}  # dead url -> (when to ask, the wait after)
+        self.adapters: dict[str, list[int]] = {}  # SGLang url -> adapter versions it holds from this pool
         self.restarts = 0
 
     @classmethod
@@ -735,49 +745,78 @@ class EnginePool:
         clients = [
             make_client(url, self.cfg.model.path or "policy", Sampling(), timeout_s) for url in self.live_urls
         ]
-        vllm = [client for client in clients if client.kind == "vllm"]
-        blob = folder = None
+        # vLLM and SGLang servers in a LoRA run load each version's adapter; vLLM servers
+        # otherwise take full weights by NCCL; forge serves the pushed tensors, SGLang a folder.
+        adapters = [c for c in clients if self.cfg.model.lora.enabled and c.kind in ("vllm", "sglang")]
+        nccl = [c for c in clients if c.kind == "vllm" and c not in adapters]
+        pushed = [c for c in clients if c not in adapters and c not in nccl]
         try:
-            if vllm and self.cfg.model.lora.enabled:
+            if adapters:
                 from forge.rollout.engines.updates import trainer_save_adapter
 
                 target = str(Path(self.cfg.rollout.weight_dir) / f"v{version:06d}-adapter")
-                await self._vllm_adapters(
-                    vllm, version, lambda: ray.get(trainer.__ray_call__.remote(trainer_save_adapter, target))
-                )
-            elif vllm:
-                await self._vllm_update(vllm, version, trainer, timeout_s)
-            for client in clients:
-                if client.kind == "vllm":
-                    continue
+                path = ray.get(trainer.__ray_call__.remote(trainer_save_adapter, target))
+                await self._load_adapters(adapters, path, version)
+            if nccl:
+                await self._vllm_update(nccl, version, trainer, timeout_s)
+            blob = folder = None
+            if any(isinstance(c, ForgeClient) for c in pushed):
+                blob = tensors_to_bytes(unpack_weights(ray.get(wrapped[0])))
+            if any(not isinstance(c, ForgeClient) for c in pushed):
+                target = Path(self.cfg.rollout.weight_dir) / f"v{version:06d}"
+                folder = ray.get(trainer.save.remote(str(target)))
+
+            async def push(client: Any) -> None:
                 try:
                     if isinstance(client, ForgeClient):
-                        if blob is None:
-                            blob = tensors_to_bytes(unpack_weights(ray.get(wrapped[0])))
                         await client.push_tensors(blob, version)
                     else:
-                        if folder is None:
-                            target = Path(self.cfg.rollout.weight_dir) / f"v{version:06d}"
-                            folder = ray.get(trainer.save.remote(str(target)))
                         await client.load_checkpoint(folder, version)
                 except (EngineLost, ProtocolError) as exc:
                     self.lost(getattr(client, "spec", client.url), f"weight update failed: {exc}")
+
+            await asyncio.gather(*(push(client) for client in pushed))  # a stuck one costs the others nothing
         finally:
             for client in clients:
                 await client.close()
 
-    async def _vllm_adapters(self, clients: list[Any], version: int, save: Any) -> None:
-        """LoRA to vLLM servers: `save()` writes this version's adapter folder (under
-        rollout.weight_dir) and returns its path; each server loads it in place of the last
-        (`/v1/load_lora_adapter`, paused around it). A server that fails it is dropped."""
+    async def _load_adapters(self, clients: list[Any], path: str, version: int) -> None:
+        """LoRA to vLLM and SGLang servers, all at once: each loads this version's adapter
+        folder `path` (under rollout.weight_dir), paused around it; a server that fails it is
+        dropped. vLLM loads it under one name in place of the last. SGLang keys adapters by
+        name (forge-v{version}): the last version stays loaded beside the new one, for the
+        workers' requests that still name it (told of this version only after this sync, or
+        sent just before), and the one before that is unloaded (`_retire_adapters`)."""
         from forge.rollout.engines.remote import EngineLost, ProtocolError
 
-        path = save()
-        for client in clients:
+        async def load(client: Any) -> None:
             try:
                 await client.load_adapter(path, version)
             except (EngineLost, ProtocolError) as exc:
                 self.lost(getattr(client, "spec", client.url), f"LoRA adapter load failed: {exc}")
+                return
+            if client.kind == "sglang":
+                await self._retire_adapters(client, version)
+
+        await asyncio.gather(*(load(client) for client in clients))
+
+    async def _retire_adapters(self, client: Any, version: int) -> None:
+        """After SGLang server `client` loaded `version`: unload every adapter this pool loaded
+        on it but the last two. A request naming an unloaded adapter is refused, while SGLang's
+        unload itself waits for the requests still running on it, so only an adapter no worker
+        names any more goes: workers are told each version before their next rollout, so by
+        the time version N+1 loads none names N-1. A failed unload (a restarted server lost
+        its adapters; one still draining past PROBE_TIMEOUT_S) costs memory, not correctness."""
+        from forge.rollout.engines.remote import PROBE_TIMEOUT_S, EngineLost, ProtocolError
+
+        spec = getattr(client, "spec", client.url)
+        loaded = [*self.adapters.get(spec, []), version]
+        self.adapters[spec] = loaded[-KEPT_ADAPTERS:]
+        for old in loaded[:-KEPT_ADAPTERS]:
+            try:
+                await client.unload_adapter(old, PROBE_TIMEOUT_S)
+            except (EngineLost, ProtocolError):
+                pass
 
     async def _vllm_update(self, clients: list[Any], version: int, trainer: Any, timeout_s: float) -> None:
         """Full weights to vLLM servers by vLLM's NCCL weight transfer (trainer on a GPU,

@@ -251,19 +251,24 @@ class SGLangClient:
         self.policy_version = version
 
     async def load_adapter(self, path: str, version: int) -> None:
+        """Load `version` of the adapter from folder `path` as forge-v{version}, generation
+        paused around it, and name it in this client's requests from now on. The versions
+        before stay loaded: other processes' requests may still name them
+        (`unload_adapter`, which the driver calls once none can)."""
         name = adapter_name(version)
         await self.http.send(pause_call())
         try:
             check_success(await self.http.send(load_adapter_call(name, path)), "load_lora_adapter")
-            old, self.lora_name = self.lora_name, name
+            self.lora_name = name
         finally:
             await self.http.send(continue_call())
         self.policy_version = version
-        if old is not None:  # after continuing: requests frozen mid-turn may still be using it
-            try:
-                await self.http.send(unload_adapter_call(old))
-            except ProtocolError:
-                pass  # still busy; it stays loaded, which costs memory, not correctness
+
+    async def unload_adapter(self, version: int, timeout_s: float | None = None) -> None:
+        """Unload forge-v{version}. SGLang refuses requests naming it at once and answers once
+        the ones running on it have ended (its LoRA registry's wait_for_unload)."""
+        body = await self.http.send(unload_adapter_call(adapter_name(version)), timeout_s=timeout_s)
+        check_success(body, "unload_lora_adapter")
 
     async def close(self) -> None:
         await self.http.close()
