@@ -250,6 +250,27 @@ def test_parallel_tool_calls_come_back_together_unless_turned_off(qwen):
     assert [c.function.name for c in one.choices[0].message.tool_calls] == ["guess"]
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_reply_cut_at_max_tokens_after_a_tool_call_finishes_as_length(qwen, stream):
+    # The second call was cut at max_tokens: the reply is incomplete, as the Responses API
+    # says of it (status incomplete), so its finish_reason is "length", not "tool_calls".
+    call = '<tool_call>\n{"name": "guess", "arguments": {"number": 3}}\n</tool_call>\n'
+    cut = len(qwen(call + '<tool_call>\n{"name"', add_special_tokens=False)["input_ids"])
+    with serve(scripted(qwen, call + call), qwen, **BYTES) as server:
+        episode = start(server)
+        agent = client(server, episode["episode_id"])
+        asked = {"model": "p", "messages": USER, "tools": [GUESS], "max_tokens": cut}
+        if stream:
+            chunks = [c.choices[0] for c in agent.chat.completions.create(**asked, stream=True) if c.choices]
+            reason = chunks[-1].finish_reason
+            calls = [call for c in chunks for call in c.delta.tool_calls or []]
+        else:
+            reply = agent.chat.completions.create(**asked).choices[0]
+            reason, calls = reply.finish_reason, reply.message.tool_calls
+    assert reason == "length"
+    assert [json.loads(c.function.arguments) for c in calls] == [{"number": 3}]
+
+
 def test_json_mode_opens_an_object_and_ends_where_it_closes(qwen):
     engine = scripted(qwen, '"answer": {"n": "}"}} and more')
     with serve(engine, qwen, **BYTES) as server:

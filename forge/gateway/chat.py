@@ -239,7 +239,7 @@ def logprobs_of(gateway: Any, choice: Choice) -> dict[str, Any]:
 
 
 def _finish_reason(finished: bool, tool_calls: list, legacy: bool) -> str:
-    return LEGACY_FINISH if legacy and tool_calls else finish_reason(finished, tool_calls)
+    return LEGACY_FINISH if legacy and tool_calls and finished else finish_reason(finished, tool_calls)
 
 
 def chat_response(

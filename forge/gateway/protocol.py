@@ -268,9 +268,11 @@ def template_messages(
 
 
 def finish_reason(finished: bool, tool_calls: list) -> str:
-    if tool_calls:
-        return "tool_calls"
-    return "stop" if finished else "length"
+    """A reply cut at its token limit is "length" even after a whole tool call: the calls
+    may be missing one (the Responses API calls it incomplete)."""
+    if not finished:
+        return "length"
+    return "tool_calls" if tool_calls else "stop"
 
 
 def error_body(message: str, kind: str, code: str | None = None) -> dict[str, Any]:
