@@ -7,11 +7,12 @@ import logging
 import os
 
 import pytest
+from sandbox_levels import BEST, level_params
 
 from forge import sandbox
 from forge.sandbox import levels as probe_module
 
-BEST = sandbox.available_level()
+ALL_LEVELS = level_params(slow_between=False)
 
 
 def test_python_code_runs_and_reports_exit_code_and_level():
@@ -114,13 +115,13 @@ def test_closing_the_output_pipes_does_not_end_the_run_early():
     assert result.timed_out
 
 
-@pytest.mark.parametrize("level", range(BEST + 1))
+@pytest.mark.parametrize("level", ALL_LEVELS)
 def test_a_signal_death_is_reported_as_128_plus_the_signal_at_every_level(level):
     result = sandbox.run("import os, signal\nos.kill(os.getpid(), signal.SIGTERM)", level=level)
     assert result.exit_code == 128 + 15
 
 
-@pytest.mark.parametrize("level", range(BEST + 1))
+@pytest.mark.parametrize("level", ALL_LEVELS)
 def test_a_timeout_reports_sigkill_as_137_at_every_level(level):
     result = sandbox.run("import time\ntime.sleep(30)", level=level, timeout_s=0.5)
     assert result.timed_out and result.exit_code == 128 + 9
@@ -167,7 +168,7 @@ def test_a_host_without_bubblewrap_falls_back_to_level_1(monkeypatch):
     assert result.ok and result.level == 1 and result.stdout == "[] /work\n"
 
 
-@pytest.mark.parametrize("level", range(BEST + 1))
+@pytest.mark.parametrize("level", ALL_LEVELS)
 def test_hidden_tests_can_import_the_harness_packages_read_only(level):
     # pydantic is a forge dependency, absent from a bare system python3.
     hidden = "import pydantic, sys\nprint(pydantic.VERSION, sys.executable)\n"
@@ -193,7 +194,7 @@ def test_sandbox_python_chooses_the_interpreter(monkeypatch):
     assert result.ok and result.stdout.strip() == "/usr/bin/python3"
 
 
-@pytest.mark.parametrize("level", range(BEST + 1))
+@pytest.mark.parametrize("level", ALL_LEVELS)
 def test_a_command_that_cannot_start_reports_127(level):
     result = sandbox.run("exec /no/such/program", "shell", level=level)
     assert result.exit_code == 127 and not result.timed_out

@@ -14,14 +14,11 @@ import time
 import uuid
 
 import pytest
+from sandbox_levels import LEVELS, NAMESPACED
 
 from forge import sandbox
 from forge.sandbox import uids
 
-BEST = sandbox.available_level()
-# The weakest fallback and the strongest level run by default; levels in between run with the slow tests.
-LEVELS = [pytest.param(lv, marks=pytest.mark.slow) if 0 < lv < BEST else lv for lv in range(BEST + 1)]
-NAMESPACED = [p for p in LEVELS if (p.values[0] if hasattr(p, "values") else p) >= 1]
 ROOT = uids.is_root()
 
 
