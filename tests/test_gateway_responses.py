@@ -154,8 +154,10 @@ def test_previous_response_id_of_another_episode_is_refused(qwen):
     with serve(scripted(qwen, "x"), qwen, **WIDE) as server:
         first = client(server, start(server)["episode_id"]).responses.create(model="p", input="x")
         other = client(server, start(server, task_id="t1")["episode_id"])
-        with pytest.raises(openai.BadRequestError, match="not a stored response of this episode"):
+        with pytest.raises(openai.BadRequestError, match="not a stored response of this episode") as raised:
             other.responses.create(model="p", input="y", previous_response_id=first.id)
+    # OpenAI's code and param, by which clients (Codex and its proxies) resend the whole input.
+    assert (raised.value.code, raised.value.param) == ("previous_response_not_found", "previous_response_id")
 
 
 class FailingMidway(ScriptedEngine):

@@ -67,18 +67,24 @@ class PendingCall:
 
 class EpisodeError(Exception):
     """A request about an episode that cannot be served; `status` is the HTTP code, `code`
-    OpenAI's error code where it has one (`context_length_exceeded`).
+    and `param` OpenAI's error code and the field at fault where the API has them.
     `episode_id`: an episode the failed request started and ended at once (its env could
     not be built), kept in the store as an error for the caller to take or record."""
 
     def __init__(
-        self, status: int, message: str, episode_id: str | None = None, code: str | None = None
+        self,
+        status: int,
+        message: str,
+        episode_id: str | None = None,
+        code: str | None = None,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.episode_id = episode_id
         self.code = code
+        self.param = param
 
 
 @dataclass

@@ -275,8 +275,8 @@ def finish_reason(finished: bool, tool_calls: list) -> str:
     return "tool_calls" if tool_calls else "stop"
 
 
-def error_body(message: str, kind: str, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+def error_body(message: str, kind: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def completion_id(prefix: str) -> str:

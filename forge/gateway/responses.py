@@ -101,6 +101,8 @@ def conversation(gateway: Any, episode_id: str, body: ResponsesRequest) -> list[
             f"previous_response_id {body.previous_response_id!r} is not a stored response of this "
             "episode: the gateway keeps an episode's responses (made with store unset or true) until it "
             "ends; send the whole conversation as input instead",
+            code="previous_response_not_found",
+            param="previous_response_id",
         )
     return kept + input_items(body)
 

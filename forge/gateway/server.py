@@ -362,7 +362,7 @@ def _sse_errors(stream: AsyncIterator[str]) -> AsyncIterator[str]:
                 yield piece
         except EpisodeError as exc:
             kind = "invalid_request_error" if exc.status < 500 else "server_error"
-            yield f"data: {json.dumps(error_body(exc.message, kind, exc.code))}\n\n"
+            yield f"data: {json.dumps(error_body(exc.message, kind, exc.code, exc.param))}\n\n"
 
     return guarded()
 
@@ -391,7 +391,7 @@ def build_app(gateway: Gateway) -> FastAPI:
     @app.exception_handler(EpisodeError)
     async def episode_error(_: Request, exc: EpisodeError) -> JSONResponse:
         kind, _code = _error_kind(exc.status)
-        return JSONResponse(error_body(exc.message, kind, exc.code), status_code=exc.status)
+        return JSONResponse(error_body(exc.message, kind, exc.code, exc.param), status_code=exc.status)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
