@@ -16,6 +16,7 @@ groups the staleness bound would drop before their turn.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Any
 
 from forge.types import NO_VERSION, Trajectory
@@ -25,6 +26,23 @@ def group_version(trajectories: list[Trajectory]) -> int | None:
     """The oldest policy version that generated any token of the group (None: no tokens)."""
     versions = [v for t in trajectories for v in t.policy_versions if v != NO_VERSION]
     return min(versions) if versions else None
+
+
+def staleness_metrics(batch: list[list[Trajectory]], at_version: int) -> dict[str, float]:
+    """How many policy versions `batch` lags a trainer at `at_version`: per group (its oldest
+    token; a group without generated tokens counts as fresh) and per generated token."""
+    versions = [group_version(g) for g in batch]
+    lags = [0 if v is None else at_version - v for v in versions]
+    # Per token, the distribution actually trained on: an episode that spanned weight
+    # updates holds tokens of several versions.
+    token_lags = Counter(
+        at_version - v for group in batch for t in group for v in t.policy_versions if v != NO_VERSION
+    )
+    return {
+        "staleness_mean": sum(lags) / len(lags),
+        "staleness_max": float(max(lags)),
+        **{f"staleness_tokens/{lag}": float(n) for lag, n in sorted(token_lags.items())},
+    }
 
 
 DEFAULT_WINDOW = 0.3  # async.window's default, as a fraction of the batch

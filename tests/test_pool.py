@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from forge.pool import DataPool, group_version
+from forge.pool import DataPool, group_version, staleness_metrics
 from forge.types import NO_VERSION, Trajectory
 
 
@@ -59,6 +59,22 @@ def test_groups_past_the_staleness_bound_are_dropped_and_counted():
 def test_a_group_spanning_a_sync_counts_as_its_oldest_version():
     mixed = [episode(3), episode(1)]
     assert group_version(mixed) == 1
+
+
+def test_a_batch_from_policy_version_0_is_one_version_stale_for_a_trainer_at_1():
+    # Version 0 (the initial weights) is a version like any other, not "no version".
+    metrics = staleness_metrics([group(version=0), group(version=1)], at_version=1)
+    assert metrics["staleness_mean"] == 0.5 and metrics["staleness_max"] == 1.0
+    assert metrics["staleness_tokens/1"] == metrics["staleness_tokens/0"] == 4.0
+
+
+def test_a_group_without_generated_tokens_counts_as_fresh():
+    empty = [Trajectory("t", "g", [1], [0], [0.0], [NO_VERSION], prompt_length=1)]
+    assert staleness_metrics([empty, group(version=2)], at_version=3) == {
+        "staleness_mean": 0.5,
+        "staleness_max": 1.0,
+        "staleness_tokens/1": 4.0,
+    }
 
 
 def test_reserve_refuses_when_the_pool_is_full_and_resumes_after_a_take():

@@ -4,7 +4,7 @@ hands the trainer batches within the staleness bound (`async.*`)."""
 from __future__ import annotations
 
 import time
-from collections import Counter, deque
+from collections import deque
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -25,7 +25,7 @@ from forge.run.context import (
 )
 from forge.run.faults import lost_group, stop_if_engines_lost, stop_if_model_missing, worker_gone_message
 from forge.run.frozen import keep_snapshot
-from forge.types import NO_VERSION, Trajectory
+from forge.types import Trajectory
 
 # Async mode keeps this many training steps submitted to the trainer: one running, one
 # queued behind it, so the trainer never waits on the driver between steps.
@@ -220,7 +220,7 @@ class AsyncLoop:
 
     def submit(self, batch: list[list[Trajectory]], pool_stats: dict[str, float]) -> None:
         """Queue a training step on `batch`, with its reward and staleness metrics."""
-        from forge.pool import group_version
+        from forge.pool import staleness_metrics
 
         # The version the steps queued before it leave the trainer at.
         at_version = self.trainer_version + len(self.queued)
@@ -228,15 +228,7 @@ class AsyncLoop:
         reward_metrics, advantages = shape_rewards(
             self.run.shaper, trajectories, self.cfg, self.submitted + 1
         )
-        staleness = [at_version - (group_version(g) or at_version) for g in batch]
-        reward_metrics["staleness_mean"] = sum(staleness) / len(staleness)
-        reward_metrics["staleness_max"] = float(max(staleness))
-        # Per token, the distribution actually trained on: an episode that spanned weight
-        # updates holds tokens of several versions.
-        token_lags = Counter(
-            at_version - v for t in trajectories for v in t.policy_versions if v != NO_VERSION
-        )
-        reward_metrics.update({f"staleness_tokens/{lag}": float(n) for lag, n in sorted(token_lags.items())})
+        reward_metrics.update(staleness_metrics(batch, at_version))
         reward_metrics.update(pool_stats)
         ref = self.run.trainer.train_and_publish.remote(to_samples(trajectories, advantages, self.cfg))
         self.queued.append((ref, trajectories, reward_metrics))
