@@ -2,8 +2,9 @@
 
 import pytest
 import torch
+import yaml
 
-from forge.config import ModelConfig, TrainConfig, TrainerConfig
+from forge.config import ConfigError, ModelConfig, TrainConfig, TrainerConfig
 from forge.train.checkpoint import (
     CheckpointError,
     checkpoint_root,
@@ -52,6 +53,53 @@ def test_old_checkpoints_are_pruned_to_keep(tmp_path):
 def test_resuming_a_run_without_checkpoints_names_the_setting(tmp_path):
     with pytest.raises(CheckpointError, match="train.checkpoint_every"):
         latest_checkpoint(tmp_path)
+
+
+def killed_run(run_dir, model_path: str, lora: bool = False):
+    """What a run killed after its first checkpoint leaves: its config.yaml and a checkpoint."""
+    from forge.config import load_config
+
+    cfg = load_config("smoke", [f"model.path={model_path}", f"model.lora.enabled={str(lora).lower()}"])
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    write_checkpoint(run_dir, 1, fill(1), keep=2)
+    return run_dir
+
+
+def test_resuming_with_another_model_is_refused_before_anything_starts_naming_the_run_config(
+    tmp_path, tiny_checkpoint, capsys
+):
+    from forge.cli import main
+
+    run = killed_run(tmp_path / "run", str(tiny_checkpoint))
+    written = (run / "config.yaml").read_text()
+    # The smoke config's own model is the built-in tiny one, not the run's model.path.
+    assert main(["train", "smoke", "--resume", str(run)]) == 2
+    error = capsys.readouterr().err
+    assert f"model.path={str(tiny_checkpoint)!r}" in error and "model.path=None" in error
+    assert f"forge train {run / 'config.yaml'} --resume {run}" in error
+    assert (run / "config.yaml").read_text() == written  # the run's record still names its model
+
+
+def test_resuming_with_lora_switched_on_is_refused(tmp_path, tiny_checkpoint):
+    from forge.config import load_config
+    from forge.train.checkpoint import check_resumed_model
+
+    run = killed_run(tmp_path / "run", str(tiny_checkpoint))
+    cfg = load_config("smoke", [f"model.path={tiny_checkpoint}", "model.lora.enabled=true"])
+    with pytest.raises(ConfigError, match=r"model.lora.enabled=False \(its config.yaml\)"):
+        check_resumed_model(run, cfg.to_dict()["model"])
+
+
+def test_resuming_with_the_same_model_spelled_otherwise_is_allowed(tmp_path, tiny_checkpoint, monkeypatch):
+    from forge.config import load_config
+    from forge.train.checkpoint import check_resumed_model
+
+    run = killed_run(tmp_path / "run", str(tiny_checkpoint), lora=True)
+    monkeypatch.chdir(tiny_checkpoint.parent)
+    cfg = load_config("smoke", [f"model.path=./{tiny_checkpoint.name}", "model.lora.enabled=true",
+                                "model.lora.alpha=32"])  # fmt: skip
+    check_resumed_model(run, cfg.to_dict()["model"])  # alpha scales the adapters, their shapes stay
 
 
 def test_rows_logged_after_the_checkpoint_are_dropped_including_a_cut_line(tmp_path):

@@ -11,6 +11,7 @@ from forge.metrics import claim_output_dir
 from forge.run.async_ import train_async
 from forge.run.context import RunResult
 from forge.run.sync import train_sync
+from forge.train.checkpoint import check_resumed_model
 
 
 def train(
@@ -24,7 +25,9 @@ def train(
 
     With `resume`, continue from the latest checkpoint in the output directory. Without it,
     an output directory holding an earlier run is refused, or with `overwrite` emptied of it."""
-    if not resume:
+    if resume:
+        check_resumed_model(Path(output_dir or cfg.output_dir), cfg.to_dict()["model"])
+    else:
         claim_output_dir(Path(output_dir or cfg.output_dir), overwrite)
     preflight(cfg)
     if cfg.gateway.enabled:  # agent programs play the episodes through the HTTP gateway

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from forge.config import ConfigError
+
 LATEST = "latest"
 TRAINER_FILE = "trainer.pt"
 RUN_STATE_FILE = "run_state.pkl"
@@ -108,6 +110,39 @@ def latest_checkpoint(run_dir: str | Path) -> Path:
             f"{pointer} names {directory}, which is incomplete; delete the pointer to start over"
         )
     return directory
+
+
+def check_resumed_model(run_dir: str | Path, model: dict[str, Any]) -> None:
+    """Refuse to resume `run_dir` with a model (`model`: the config's model section as a dict)
+    whose trainable parameters differ from the run's, by its config.yaml, before anything starts:
+    else the trainer fails to load the checkpoint after Ray and every actor have started, and
+    the run's config.yaml already names the wrong model."""
+    import yaml
+
+    written = Path(run_dir) / "config.yaml"
+    if not written.is_file():
+        return
+    trained = (yaml.safe_load(written.read_text()) or {}).get("model") or {}
+    settings = [("path", trained.get("path"), model.get("path"))]
+    if model.get("path") is None:
+        settings.append(("tiny", trained.get("tiny"), model.get("tiny")))
+    trained_lora, lora = trained.get("lora") or {}, model.get("lora") or {}
+    adapters = ("enabled", "r", "target_modules") if lora.get("enabled") else ("enabled",)
+    settings += [(f"lora.{key}", trained_lora.get(key), lora.get(key)) for key in adapters]
+    for key, before, now in settings:
+        if before != now and not _same_folder(before, now):
+            raise ConfigError(
+                f"{run_dir} trained model.{key}={before!r} (its config.yaml), this config gives "
+                f"model.{key}={now!r}: the checkpoint cannot load into another model. Resume with the "
+                f"run's own settings: forge train {written} --resume {run_dir}"
+            )
+
+
+def _same_folder(before: Any, now: Any) -> bool:
+    """Two spellings of one local folder (relative and absolute, `~`)."""
+    if not isinstance(before, str) or not isinstance(now, str):
+        return False
+    return Path(before).expanduser().resolve() == Path(now).expanduser().resolve()
 
 
 # ---- trainer side (runs inside the trainer actor) ----
