@@ -79,6 +79,8 @@ def test_below_level_2_the_warning_says_why_each_stronger_level_failed_here(monk
     assert "below bubblewrap's (2): level 2 needs bubblewrap" in err and "(here: bwrap not found)" in err
     assert "level 1 is unavailable too: level 1 needs unprivileged user namespaces" in err
     assert "(here: PermissionError: [Errno 1] unshare: Operation not permitted)" in err
+    # Ubuntu 23.10+ lets unshare succeed but AppArmor takes the namespace's capabilities (mount fails).
+    assert "kernel.apparmor_restrict_unprivileged_userns=0" in err
     with pytest.raises(sandbox.SandboxUnavailable, match=r"\(here: PermissionError: \[Errno 1\] unshare"):
         policy.configure(untrusted=True, env_name="python_coding")
 

@@ -23,8 +23,9 @@ _unavailable: dict[int, str] = {}  # level -> why the probe found it does not wo
 
 HOW_TO_ENABLE = {
     1: "level 1 needs unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1 / "
-    "user.max_user_namespaces>0; in Docker, run with --security-opt seccomp=unconfined or a profile "
-    "allowing unshare and mount)",
+    "user.max_user_namespaces>0; on Ubuntu 23.10 and later, where AppArmor takes their capabilities, "
+    "sysctl kernel.apparmor_restrict_unprivileged_userns=0; in Docker, run with --security-opt "
+    "seccomp=unconfined --security-opt apparmor=unconfined, or profiles allowing unshare and mount)",
     2: "level 2 needs bubblewrap (apt-get install bubblewrap) and unprivileged user namespaces",
 }
 
