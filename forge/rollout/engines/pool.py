@@ -382,7 +382,8 @@ class EnginePool:
         self, wrapped: list[Any], version: int, trainer: Any = None, timeout_s: float | None = None
     ) -> None:
         """Get weights `version` to every live engine: server mode by `method`; remote forge
-        servers as pushed tensors; SGLang servers from a folder. With every engine lost (some
+        servers as pushed tensors; SGLang servers from a folder (LoRA: an adapter folder, as vLLM
+        servers in a LoRA run). With every engine lost (some
         only stalled), waits up to rollout.engine_timeout_s for one to answer again, then
         raises RunStopped naming them."""
         timeout_s = timeout_s or self.cfg.rollout.engine_timeout_s
