@@ -249,6 +249,20 @@ def test_the_engine_refuses_a_request_past_a_learned_position_table_naming_the_s
         engine.generate([GenerationRequest(list(range(2, 30)), 5)])
 
 
+def test_an_engine_context_past_a_learned_position_table_is_refused_naming_the_setting_alone():
+    """The smoke config's context (1024) on a GPT-2 of 32 positions: refused when the engine is
+    built, naming rollout.max_context_tokens; the self-check used to fail first and advise
+    another engine, which would not help."""
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        "gpt2", **{**SHAPE, "n_layer": 2, "n_head": 4, "n_embd": 32, "max_position_embeddings": 24}
+    )
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with pytest.raises(ValueError, match="max_context_tokens=1024 runs past the 24 positions") as refused:
+        HFEngine(model, [], pad_token_id=0, max_context_tokens=1024)
+    assert "rollout.engine" not in str(refused.value)
+
+
 @pytest.mark.parametrize("name", ["qwen3_next", "mamba2"])
 def test_forge_train_refuses_a_model_the_engine_cannot_serve_before_ray_starts(name, tmp_path):
     build(name).save_pretrained(tmp_path)

@@ -105,6 +105,14 @@ class HFEngine:
         from forge.rollout.engines.engine_check import position_limit
 
         self._position_limit = position_limit(model)
+        if self._position_limit is not None and (max_context_tokens or 0) > self._position_limit:
+            # Here, not at the first long request, and not as the self-check's failure (whose
+            # advice, another engine, would not help): the context is the setting to change.
+            raise ValueError(
+                f"rollout.max_context_tokens={max_context_tokens} runs past the {self._position_limit} positions "
+                f"{type(model).__name__} has learned embeddings for; set rollout.max_context_tokens to at most "
+                f"{self._position_limit}"
+            )
         if self_check:
             # A family nobody has tested: sample a few tiny turns against fresh forwards first;
             # drop the shared prompt where it disagrees, refuse where the copy does too.
