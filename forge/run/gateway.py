@@ -246,13 +246,11 @@ class GatewayRun:
         caches held them), from the engines' counters; none in-process or with remote servers."""
         if self.pool is None or not self.pool.actors:
             return {}
-        totals = self.pool.metrics()
-        last, self._cache_totals = getattr(self, "_cache_totals", {}), totals
-        hits = totals.get("prefix_cache_hit_tokens", 0.0) - last.get("prefix_cache_hit_tokens", 0.0)
-        prompt = totals.get("prompt_tokens", 0.0) - last.get("prompt_tokens", 0.0)
-        if prompt <= 0:  # an engine restarted meanwhile reset its counters: skip this step
-            return {}
-        return {"prefix_cache_hit_tokens": hits, "prefix_cache_hit_rate": hits / prompt}
+        counters = self.pool.metrics()
+        last = getattr(self, "_cache_counters", {})
+        # None for each engine not read (busy, or dropped): its next read is its new baseline.
+        self._cache_counters = {url: counters.get(url) for url in self.pool.urls}
+        return step_cache_metrics(last, counters)
 
     def play(self) -> tuple[list[Episode], dict[str, AgentExit]]:
         """One step's episodes: `tasks_per_step` tasks x `group_size`, one agent process each."""
@@ -305,6 +303,25 @@ class GatewayRun:
             ray.kill(actor)
         if self.pool is not None:
             self.pool.shutdown()
+
+
+def step_cache_metrics(
+    last: dict[str, dict[str, float] | None], now: dict[str, dict[str, float]]
+) -> dict[str, float]:
+    """A step's prefix-cache hits from the engines' counters (by url) read at its end, less
+    those read at the last step's end (None: not read then, so this step cannot tell its
+    share from the steps' before and leaves the engine out; an engine not known then started
+    since, from zero)."""
+    hits = prompt = 0.0
+    for url, counts in now.items():
+        if url in last and last[url] is None:
+            continue
+        before = last.get(url) or {"prefix_cache_hit_tokens": 0.0, "prompt_tokens": 0.0}
+        hits += counts["prefix_cache_hit_tokens"] - before["prefix_cache_hit_tokens"]
+        prompt += counts["prompt_tokens"] - before["prompt_tokens"]
+    if prompt <= 0:
+        return {}
+    return {"prefix_cache_hit_tokens": hits, "prefix_cache_hit_rate": hits / prompt}
 
 
 def run_gateway(cfg: Config, engine: Any, tokenizer: Any, store: EpisodeStore, router: Any = None) -> Gateway:

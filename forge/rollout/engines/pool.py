@@ -28,6 +28,15 @@ KEPT_ADAPTERS = 2
 # An engine actor's weight update gives up by itself after rollout.engine_timeout_s (a
 # generation batch it cannot pause); the driver waits this much longer to hear it say so.
 UPDATE_GRACE_S = 2.0
+# An engine actor answers a read of its counters at once unless its one thread is held; the
+# step's metrics wait this long for it, then go on without its counts.
+METRICS_WAIT_S = 5.0
+PREFIX_CACHE_COUNTERS = (
+    "prefix_cache_hit_tokens",
+    "prompt_tokens",
+    "prefix_cache_evictions",
+    "prefix_cache_tokens",
+)
 
 
 class EngineActor:
@@ -257,6 +266,8 @@ class EnginePool:
         self._next_probe: dict[str, tuple[float, float]] = {}  # dead url -> (when to ask, the wait after)
         self.adapters: dict[str, list[int]] = {}  # SGLang url -> adapter versions it holds from this pool
         self.restarts = 0
+        self._metrics_asks: dict[str, Any] = {}  # url -> a read of its metrics not answered yet
+        self._metrics_missing: set[str] = set()  # urls already named on the console for it
 
     @classmethod
     def start(cls, cfg: Config, model_path: Path | str) -> EnginePool:
@@ -911,22 +922,45 @@ class EnginePool:
                 self.lost(getattr(client, "spec", client.url), reason)
         return [client for client, ok in zip(clients, answering, strict=True) if ok]
 
-    def metrics(self) -> dict[str, float]:
-        """Prefix-cache counters summed over the server-mode engines (remote ones report
-        through the trajectories' own counts)."""
+    def metrics(self) -> dict[str, dict[str, float]]:
+        """Each live server-mode engine's prefix-cache counters (since it started), by url
+        (remote ones report through the trajectories' own counts). An engine whose actor is
+        held (a call stuck in it) is left out after METRICS_WAIT_S, with a console line the
+        first time: a step's metrics never wait on it longer, nor stop the run; the sync drops
+        it if it is still stuck then. Its unanswered ask is waited on again at the next read
+        rather than a new one queued behind it."""
         import ray
 
-        totals: dict[str, float] = {}
-        live = [actor for url, actor in zip(self.urls, self.actors, strict=False) if url not in self.dead]
-        for reply in ray.get([a.metrics.remote() for a in live], timeout=10) if live else []:
-            for key in (
-                "prefix_cache_hit_tokens",
-                "prompt_tokens",
-                "prefix_cache_evictions",
-                "prefix_cache_tokens",
-            ):
-                totals[key] = totals.get(key, 0.0) + float(reply[key])
-        return totals
+        live = [
+            (url, actor) for url, actor in zip(self.urls, self.actors, strict=False) if url not in self.dead
+        ]
+        for url in self.dead:  # an engine taken back is asked afresh: an old answer predates its drop
+            self._metrics_asks.pop(url, None)
+            self._metrics_missing.discard(url)
+        asks = {url: self._metrics_asks.pop(url, None) or actor.metrics.remote() for url, actor in live}
+        ended, _ = (
+            ray.wait(list(asks.values()), num_returns=len(asks), timeout=METRICS_WAIT_S) if asks else ([], [])
+        )
+        counters: dict[str, dict[str, float]] = {}
+        for url, ask in asks.items():
+            if ask not in ended:
+                self._metrics_asks[url] = ask
+                if url not in self._metrics_missing:
+                    self._metrics_missing.add(url)
+                    print(
+                        f"forge: engine {url} gave no metrics within {METRICS_WAIT_S:g}s (its actor is busy); "
+                        "its prefix-cache counts are missing from the step metrics until it answers",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                continue
+            self._metrics_missing.discard(url)
+            try:
+                reply = ray.get(ask)
+            except Exception:  # died: the next sync finds it lost and replaces it
+                continue
+            counters[url] = {key: float(reply[key]) for key in PREFIX_CACHE_COUNTERS}
+        return counters
 
     def shutdown(self) -> None:
         import ray
