@@ -580,7 +580,8 @@ class SandboxConfig(Section):
     allow_level_0: bool = Field(
         False,
         description="let an env that runs untrusted code (python_coding, file_search) run it at level 0 "
-        "(rlimits + uid only: host files any user may read, /tmp, loopback services); warned on the console",
+        "(rlimits + uid only: host files any user may read, /tmp, loopback services; without root, "
+        "everything the harness's user can do); warned on the console",
     )
     python: str | None = Field(
         None,
@@ -590,7 +591,8 @@ class SandboxConfig(Section):
         None,
         ge=0,
         le=2,
-        description="written by the run into its config.yaml: the level it used (ignored as input)",
+        description="written by the run into its config.yaml: the level it used, the lowest of its rollout "
+        "workers' (ignored as input)",
     )
 
 

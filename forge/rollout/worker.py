@@ -25,6 +25,7 @@ from forge.rollout.engines.batching import BatchingEngine
 from forge.rollout.engines.hf import HFEngine
 from forge.rollout.engines.router import EngineView, Router
 from forge.rollout.stuck import LoopGuard, stuck_limit_s
+from forge.sandbox.policy import SandboxReport
 from forge.types import Trajectory
 from forge.weights import PackedWeights, unpack_weights
 
@@ -48,11 +49,25 @@ class RolloutWorker:
     ) -> None:
         """With `stuck_report_dir` (a run's workers, which Ray restarts), a loop stuck past
         `stuck_limit_s` ends this process, its stacks written there (`forge.rollout.stuck`)."""
-        from forge.models.loading import load_model, load_tokenizer, node_checkpoint_folder, resolve_device
-        from forge.sandbox.policy import configure_for_env
+        from forge.models.loading import (
+            load_model,
+            load_tokenizer,
+            node_checkpoint_folder,
+            node_name,
+            resolve_device,
+        )
+        from forge.sandbox.core import SandboxUnavailable
+        from forge.sandbox.policy import WorkerSandboxRefused, configure_for_env, report
 
-        # Each actor is its own process: apply the run's sandbox policy here too.
-        configure_for_env(sandbox_cfg or SandboxConfig(), resolve_env(env_cfg.name), env_cfg.name)
+        # Each actor is its own process, maybe on a node that offers less than the driver's:
+        # apply the run's sandbox policy here too, and keep the level for the driver to record.
+        try:
+            configure_for_env(sandbox_cfg or SandboxConfig(), resolve_env(env_cfg.name), env_cfg.name)
+        except SandboxUnavailable as exc:
+            raise WorkerSandboxRefused(
+                f"rollout worker {worker_index} on node {node_name()}: {exc}"
+            ) from None
+        self.sandbox = report(node_name())
         torch.set_num_threads(num_threads or rollout_cfg.threads)
         torch.manual_seed(seed)
         # A hub id resolves in this node's cache; a failure names this actor and its node.
@@ -127,6 +142,10 @@ class RolloutWorker:
                 )
             if self.swarm.subagent_policy == "frozen" and self.swarm.frozen_version == 0:
                 self._freeze()
+
+    def sandbox_report(self) -> SandboxReport:
+        """The sandbox level this worker's env code runs at, and its node."""
+        return self.sandbox
 
     def _freeze(self, weights: dict[str, torch.Tensor] | None = None, version: int | None = None) -> None:
         """Keep a copy of the engine's weights for sub-agents (a second model): its current

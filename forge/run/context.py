@@ -124,7 +124,27 @@ class Run:
         # Reports told already (or left by the run this one resumes).
         self.stuck_reported = {str(path) for path in self.stuck_report_dir.glob("*.txt")}
         self.workers = self._start_workers()
+        try:
+            self._record_sandbox_level()
+        except Exception:
+            self.shutdown()
+            raise
         self.tokenizer = load_tokenizer(self.model_path)
+
+    def _record_sandbox_level(self) -> None:
+        """Each worker probed its own node: the run's level is the lowest, in config.yaml and
+        the metrics; a worker whose node gives less than the config allows stops the run here."""
+        from forge.env.registry import resolve_env
+        from forge.run.worker_levels import workers_level
+        from forge.sandbox import available_level
+
+        cfg = self.cfg
+        driver_level = available_level() if cfg.sandbox.level is None else cfg.sandbox.level
+        untrusted = bool(getattr(resolve_env(cfg.env.name), "runs_untrusted_code", False))
+        level = workers_level(self.workers, driver_level, untrusted=untrusted, env_name=cfg.env.name)
+        if level != cfg.sandbox.level:
+            cfg.sandbox.level = level
+            (self.output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     def _start_workers(self) -> list[Any]:
         import ray

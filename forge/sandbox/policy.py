@@ -1,9 +1,11 @@
 """A run's sandbox policy: untrusted code never runs silently at level 0, and the level in
-use is said on the console at start, with a warning below level 2."""
+use is said on the console at start, with a warning below level 2 (and naming the nodes whose
+rollout workers run below the driver's level)."""
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass, field
 from typing import Any
 
 from forge.sandbox import isolation, levels, uids
@@ -23,8 +25,32 @@ LEVEL_0_RISK_NOT_ROOT = (
 )
 
 
-def level_0_risk() -> str:
-    return LEVEL_0_RISK if uids.is_root() else LEVEL_0_RISK_NOT_ROOT
+class WorkerSandboxRefused(SandboxUnavailable):
+    """A run's Ray actor whose node cannot give the sandbox level the run needs; the message
+    names the actor and its node."""
+
+
+@dataclass(frozen=True)
+class SandboxReport:
+    """The sandbox level one process (a rollout worker) uses, on which node, and why each
+    stronger level failed there."""
+
+    node: str
+    level: int
+    unavailable: dict[int, str] = field(default_factory=dict)
+    root: bool = True  # a harness without root gives level-0 code its own user (level_0_risk)
+
+
+def report(node: str) -> SandboxReport:
+    """This process's level, after `configure`, as the driver is told it."""
+    level = levels.available_level()
+    unavailable = {n: levels.why_unavailable(n) for n in range(level + 1, 3)}
+    return SandboxReport(node, level, unavailable, uids.is_root())
+
+
+def level_0_risk(root: bool | None = None) -> str:
+    """What level-0 code can do, for a harness with root or without (None: this process)."""
+    return LEVEL_0_RISK if (uids.is_root() if root is None else root) else LEVEL_0_RISK_NOT_ROOT
 
 
 def configure(
@@ -83,6 +109,39 @@ def announce(level: int, *, untrusted: bool, env_name: str = "") -> list[str]:
             f"forge: WARNING: env {env_name!r} runs untrusted code at level 0 because sandbox.allow_level_0 "
             f"is true; {level_0_risk()}"
         )
+    for line in lines:
+        print(line, file=sys.stderr, flush=True)
+    return lines
+
+
+def announce_workers(
+    driver_level: int, reports: list[SandboxReport], *, untrusted: bool, env_name: str = ""
+) -> list[str]:
+    """Warn (stderr) about the rollout workers whose node gives a lower level than the driver's,
+    naming each such node; the run's level is the lowest, and says so."""
+    below = [r for r in reports if r.level < driver_level]
+    if not below:
+        return []
+    lowest = min(r.level for r in below)
+    nodes = {r.node: r for r in below}  # a node's workers share its level
+    lines = [
+        f"forge: WARNING: rollout workers on {', '.join(f'node {n} (level {r.level})' for n, r in nodes.items())} "
+        f"run sandboxed code below this machine's level {driver_level}; this run's sandbox level is "
+        f"{lowest} ({isolation.LEVEL_NAMES[lowest]}), and it is recorded as such"
+    ]
+    for node, node_report in nodes.items():
+        for level in range(node_report.level + 1, driver_level + 1):
+            why = node_report.unavailable.get(level, "")
+            lines.append(
+                f"forge: WARNING: on node {node}: {levels.HOW_TO_ENABLE[level]}"
+                + (f" (there: {why})" if why else "")
+            )
+    for node, node_report in nodes.items():
+        if node_report.level == 0 and untrusted:
+            lines.append(
+                f"forge: WARNING: env {env_name!r} runs untrusted code at level 0 on node {node} because "
+                f"sandbox.allow_level_0 is true; {level_0_risk(node_report.root)}"
+            )
     for line in lines:
         print(line, file=sys.stderr, flush=True)
     return lines
