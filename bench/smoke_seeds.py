@@ -5,7 +5,10 @@ after a few dozen steps sample different episodes from then on, so whether a run
 1.0 or stalls at 0.8 turns on the seed and on the machine's arithmetic. This runs
 `forge train configs/smoke.yaml seed=S` for each seed (PARALLEL at a time, each in its own
 output folder), and reports per seed the success rate over the first and the last 10% of
-steps and the wall time, and how many seeds pass the smoke acceptance (last 10% >= 0.9).
+steps, the share of byte-spelled replies over the first 10% (the failing seeds' usual start:
+a step or two move most of the reply mass onto the tokenizer's 256 byte pieces, away from
+the words the task is played in), the wall time, and how many seeds pass the smoke
+acceptance (last 10% >= 0.9).
 Extra arguments are config overrides, applied to every seed. Prints one JSON object and
 writes bench/results/smoke_seeds.json (or --output).
 
@@ -51,6 +54,25 @@ def success_ends(metrics: Path) -> tuple[float, float, int]:
     return statistics.fmean(rates[:tenth]), statistics.fmean(rates[-tenth:]), len(rates)
 
 
+def byte_replies(trajectories: Path, tokenizer_dir: Path, last_step: int) -> float:
+    """Share of the sampled replies (`logging.trajectory_samples` episodes a step) up to
+    `last_step` that the tokenizer spells with byte pieces rather than whole words."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    byte_ids = {i for token, i in tokenizer.get_vocab().items() if token.startswith("<0x")}
+    replies = [
+        turn["generated"]
+        for episode in map(json.loads, trajectories.read_text().splitlines())
+        if episode["step"] <= last_step
+        for turn in episode["turns"]
+    ]
+    if not replies:
+        raise RuntimeError(f"{trajectories} holds no replies up to step {last_step}")
+    spelled = sum(any(i in byte_ids for i in tokenizer.encode(r, add_special_tokens=False)) for r in replies)
+    return spelled / len(replies)
+
+
 def run_seed(seed: int, overrides: list[str], folder: Path) -> dict:
     out = folder / f"seed{seed}"
     command = [
@@ -69,12 +91,14 @@ def run_seed(seed: int, overrides: list[str], folder: Path) -> dict:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
         return {"seed": seed, "exit": done.returncode, "seconds": round(seconds, 1), "error": tail}
     first, last, steps = success_ends(out / "metrics.jsonl")
+    bytes_first = byte_replies(out / "trajectories.jsonl", out / "initial_model", max(1, steps // 10))
     return {
         "seed": seed,
         "exit": 0,
         "steps": steps,
         "success_first_10pct": round(first, 3),
         "success_last_10pct": round(last, 3),
+        "byte_replies_first_10pct": round(bytes_first, 3),
         "passed": last >= PASS,
         "seconds": round(seconds, 1),
     }

@@ -27,3 +27,20 @@ def test_a_run_without_success_rates_is_an_error_not_a_zero(tmp_path):
     metrics.write_text(json.dumps({"step": 1}) + "\n")
     with pytest.raises(RuntimeError, match="holds no success_rate"):
         success_ends(metrics)
+
+
+def test_byte_replies_counts_the_replies_spelled_in_byte_pieces_up_to_a_step(tmp_path):
+    from bench.smoke_seeds import byte_replies
+    from forge.models.tiny import build_tokenizer
+
+    build_tokenizer().save_pretrained(tmp_path / "model")
+    episodes = [
+        {"step": 1, "turns": [{"generated": "2"}, {"generated": "Y"}]},  # a word, a byte piece
+        {"step": 2, "turns": [{"generated": "\ufffd"}, {"generated": "guess"}]},  # a lone byte decodes to U+FFFD
+        {"step": 3, "turns": [{"generated": "Q"}, {"generated": "Q"}]},  # past last_step: not counted
+    ]
+    trajectories = tmp_path / "trajectories.jsonl"
+    trajectories.write_text("\n".join(json.dumps(e) for e in episodes) + "\n")
+    assert byte_replies(trajectories, tmp_path / "model", last_step=2) == 0.5
+    with pytest.raises(RuntimeError, match="no replies"):
+        byte_replies(trajectories, tmp_path / "model", last_step=0)
