@@ -13,26 +13,12 @@ import sys
 import time
 
 import pytest
+from engine_pool_world import end_the_batch, pool_and_trainer, stick_a_batch, sync, versions
 
 from forge.config import load_config
 
 TIMEOUT_S = 5.0
 STALLED = 3  # of 4 engines: waited one after another, a sync took STALLED x TIMEOUT_S
-
-
-def stick_a_batch(engine) -> None:
-    """In the engine actor: a generation batch starts and does not end, so no weight update
-    can pause it."""
-    served = engine.service.served
-    with served._state:
-        served._running += 1
-
-
-def end_the_batch(engine) -> None:
-    served = engine.service.served
-    with served._state:
-        served._running -= 1
-        served._state.notify_all()
 
 
 def block(engine, seconds: float) -> None:
@@ -63,38 +49,7 @@ def model(tmp_path_factory):
 
 @pytest.fixture
 def world(ray_session, model, monkeypatch):
-    import ray
-    from ray import cloudpickle
-
-    from forge.rollout.engines import pool as pool_module
-    from forge.rollout.engines.pool import EnginePool
-    from forge.run.context import make_trainer
-
-    monkeypatch.setattr(pool_module, "READMIT_FIRST_WAIT_S", 0.0)
-    cfg = actor_config()
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the helpers run inside the actors
-    pool = EnginePool.start(cfg, model)
-    trainer = make_trainer(cfg, model)
-    try:
-        yield pool, trainer
-    finally:
-        pool.shutdown()
-        ray.kill(trainer)
-
-
-def sync(pool, trainer, version: int) -> float:
-    import ray
-
-    wrapped, _ = ray.get(trainer.publish_weights.remote())
-    started = time.monotonic()
-    pool.sync(wrapped, version, trainer)
-    return time.monotonic() - started
-
-
-def versions(pool) -> list[int]:
-    import ray
-
-    return ray.get([actor.get_policy_version.remote() for actor in pool.actors], timeout=60)
+    yield from pool_and_trainer(actor_config(), model, monkeypatch, sys.modules[__name__])
 
 
 @pytest.mark.slow

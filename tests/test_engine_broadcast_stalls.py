@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+from engine_pool_world import end_the_batch, pool_and_trainer, stick_a_batch, sync, versions
 
 from forge.config import load_config
 from forge.rollout.engines.pool import BROADCAST_GRACE_S
@@ -22,21 +23,6 @@ TIMEOUT_S = 3.0
 # (BROADCAST_GRACE_S); the rest (a group formed afresh, a broadcast of the tiny model, Ray
 # calls) gets generous slack for a loaded 2-core CI machine.
 SLACK_S = 15.0
-
-
-def stick_a_batch(engine) -> None:
-    """In the engine actor: a generation batch starts and does not end (a long generation
-    the engine cannot leave), so no weight update can pause it."""
-    served = engine.service.served
-    with served._state:
-        served._running += 1
-
-
-def end_the_batch(engine) -> None:
-    served = engine.service.served
-    with served._state:
-        served._running -= 1
-        served._state.notify_all()
 
 
 def stall_the_next_group_forming(engine, seconds: float) -> None:
@@ -65,12 +51,6 @@ def answers(actor, seconds: float = 10.0) -> bool:
         return False
 
 
-def versions(pool) -> list[int]:
-    import ray
-
-    return ray.get([actor.get_policy_version.remote() for actor in pool.actors], timeout=30)
-
-
 def broadcast_config():
     return load_config(
         "configs/smoke.yaml",
@@ -94,33 +74,7 @@ def model(tmp_path_factory):
 @pytest.fixture
 def world(ray_session, model, monkeypatch):
     """Two engine actors, the trainer actor, and the driver's pool over them (broadcast)."""
-    import ray
-    from ray import cloudpickle
-
-    from forge.rollout.engines import pool as pool_module
-    from forge.rollout.engines.pool import EnginePool
-    from forge.run.context import make_trainer
-
-    monkeypatch.setattr(pool_module, "READMIT_FIRST_WAIT_S", 0.0)
-    cfg = broadcast_config()
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the helpers run inside the actors
-    pool = EnginePool.start(cfg, model)
-    trainer = make_trainer(cfg, model)
-    try:
-        yield pool, trainer
-    finally:
-        pool.shutdown()
-        ray.kill(trainer)
-
-
-def sync(pool, trainer, version: int) -> float:
-    """The driver's weight sync of `version`; the seconds it took."""
-    import ray
-
-    wrapped, _ = ray.get(trainer.publish_weights.remote())
-    started = time.monotonic()
-    pool.sync(wrapped, version, trainer)
-    return time.monotonic() - started
+    yield from pool_and_trainer(broadcast_config(), model, monkeypatch, sys.modules[__name__])
 
 
 @pytest.mark.slow
