@@ -57,9 +57,11 @@ def success_ends(metrics: Path) -> tuple[float, float, int]:
 def byte_replies(trajectories: Path, tokenizer_dir: Path, last_step: int) -> float:
     """Share of the sampled replies (`logging.trajectory_samples` episodes a step) up to
     `last_step` that the tokenizer spells with byte pieces rather than whole words."""
-    from transformers import AutoTokenizer
+    from forge.models.loading import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    # Not AutoTokenizer: for a qwen2 checkpoint transformers 5 swaps in Qwen2Tokenizer, which
+    # cannot read the tiny model's tokenizer.json (it encodes its text to nothing).
+    tokenizer = load_tokenizer(tokenizer_dir)
     byte_ids = {i for token, i in tokenizer.get_vocab().items() if token.startswith("<0x")}
     replies = [
         turn["generated"]
