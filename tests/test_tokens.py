@@ -105,3 +105,25 @@ def test_the_cli_names_a_model_folder_it_cannot_read(capsys):
 
     assert main(["env", "check", "guess_number", "--model", "/no/such/model"]) == 2
     assert "model '/no/such/model' is not a folder" in capsys.readouterr().err
+
+
+def test_a_saved_tiny_checkpoint_reads_back_as_the_readme_says_not_through_autotokenizer(tmp_path):
+    """README (the run's files): load the tiny model's tokenizer with PreTrainedTokenizerFast
+    (or forge's load_tokenizer). transformers 5's AutoTokenizer builds Qwen2Tokenizer for every
+    qwen2 checkpoint, whatever its tokenizer_config declares, and that byte-level rebuild reads
+    this metaspace tokenizer's text as nothing. Should AutoTokenizer ever read it right, this
+    test fails and the README's warning can go."""
+    from transformers import AutoTokenizer
+
+    from forge.config import TinyModelConfig
+    from forge.models.loading import load_tokenizer
+    from forge.models.tiny import save_tiny_checkpoint
+
+    folder = save_tiny_checkpoint(TinyModelConfig(), tmp_path / "tiny")
+    expected = build_tokenizer()(ANY_TEXT, add_special_tokens=False)["input_ids"]
+    for tokenizer in (PreTrainedTokenizerFast.from_pretrained(folder), load_tokenizer(folder)):
+        assert tokenizer(ANY_TEXT, add_special_tokens=False)["input_ids"] == expected
+        assert tokenizer.decode(expected) == ANY_TEXT
+    auto = AutoTokenizer.from_pretrained(folder)
+    assert type(auto).__name__ == "Qwen2Tokenizer"
+    assert auto("guess a number", add_special_tokens=False)["input_ids"] == []
