@@ -115,6 +115,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     seeds = seed_list(args.seeds)
     load_start = os.getloadavg()[0]
+    # transformers resolves these names lazily, and two threads resolving them at once can
+    # fail (ImportError: cannot import name 'AutoTokenizer'): resolve them before the pool.
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast  # noqa: F401
+
     with tempfile.TemporaryDirectory(prefix="forge-smoke-seeds-") as folder:
         with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
             runs = list(pool.map(lambda s: run_seed(s, args.overrides, Path(folder)), seeds))
