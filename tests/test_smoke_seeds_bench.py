@@ -36,7 +36,10 @@ def test_byte_replies_counts_the_replies_spelled_in_byte_pieces_up_to_a_step(tmp
     build_tokenizer().save_pretrained(tmp_path / "model")
     episodes = [
         {"step": 1, "turns": [{"generated": "2"}, {"generated": "Y"}]},  # a word, a byte piece
-        {"step": 2, "turns": [{"generated": "\ufffd"}, {"generated": "guess"}]},  # a lone byte decodes to U+FFFD
+        {
+            "step": 2,
+            "turns": [{"generated": "\ufffd"}, {"generated": "guess"}],
+        },  # a lone byte decodes to U+FFFD
         {"step": 3, "turns": [{"generated": "Q"}, {"generated": "Q"}]},  # past last_step: not counted
     ]
     trajectories = tmp_path / "trajectories.jsonl"
