@@ -107,39 +107,21 @@ def test_a_remote_forge_server_restarted_mid_run_is_taken_back_after_the_weight_
     """Two forge serves; one is stopped after step 1 and started again on its port (from the
     checkpoint on disk, version 0) after step 3. The driver's sync finds it answering, pushes
     the current weights, and the workers route to it again; the run trains every step."""
-    import socket
-
     from forge.models.loading import resolve_model_path
     from forge.rollout.engines import pool as pool_module
     from forge.rollout.engines.server import EngineServer, make_service
-    from forge.run.launch import train
 
     monkeypatch.setattr(pool_module, "READMIT_FIRST_WAIT_S", 0.1)  # the driver asks at each sync
     monkeypatch.setattr(pool_module, "READMIT_MAX_WAIT_S", 0.1)
     cfg = load_config("configs/smoke.yaml", ["train.max_steps=7", *SMALL])
     model = resolve_model_path(cfg.model, tmp_path / "model", seed=cfg.seed)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
 
     def start(port: int) -> EngineServer:
         return EngineServer(make_service(model, max_new_tokens=1, max_context_tokens=1024), port=port).start()
 
     servers = [start(0), start(port)]
     run = tmp_path / "run"
-
-    def stop_then_restart() -> None:
-        deadline = time.monotonic() + 300
-        metrics, stopped = run / "metrics.jsonl", False
-        while time.monotonic() < deadline:
-            done = len(metrics.read_text().splitlines()) if metrics.exists() else 0
-            if done >= 1 and not stopped:
-                servers[1].stop()
-                stopped = True
-            if done >= 3:
-                servers.append(start(port))
-                return
-            time.sleep(0.05)
 
     cfg = load_config(
         "configs/smoke.yaml",
@@ -151,15 +133,7 @@ def test_a_remote_forge_server_restarted_mid_run_is_taken_back_after_the_weight_
             f"model.path={model}",
         ],
     )
-    chaos = threading.Thread(target=stop_then_restart, daemon=True)
-    chaos.start()
-    try:
-        result = train(cfg, run, progress=False)
-        chaos.join(timeout=5)
-    finally:
-        for server in servers:
-            server.stop()
-    restarted = servers[2].service.served
+    result, restarted = train_through_a_restart(cfg, run, servers, start, port, stop_after=1, restart_after=3)
     assert result.steps == 7
     steps = rows(run)
     assert [row["policy_version"] for row in steps] == [float(n) for n in range(1, 8)]

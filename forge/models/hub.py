@@ -83,14 +83,10 @@ class NodeHubError(ConfigError):
 
 
 def actor_hub_message(exc: BaseException) -> str | None:
-    """The NodeHubError message of a Ray actor whose creation failed on it, or None. Ray keeps
-    only the text of a creation task's error (its traceback, the exception's own line last)."""
-    if not getattr(exc, "actor_init_failed", False):
-        return None
-    marker = f"{NodeHubError.__module__}.{NodeHubError.__qualname__}: "
-    text = str(exc)
-    at = text.rfind(marker)
-    return text[at + len(marker) :].strip() if at >= 0 else None
+    """The NodeHubError message of a Ray actor whose creation failed on it, or None."""
+    from forge.actor_errors import raised_at_creation
+
+    return raised_at_creation(exc, NodeHubError)
 
 
 @functools.cache

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from forge.actor_errors import creation_error
 from forge.failures import RunStopped
 from forge.types import Trajectory
 
@@ -154,22 +155,6 @@ def actor_death_message(exc: BaseException, output_dir: str | Path, config: str 
     return message + (
         f" Continue from {latest.name} with: forge train {config or 'CONFIG'} --resume {output_dir}"
     )
-
-
-def creation_error(exc: BaseException) -> str | None:
-    """The error a Ray actor's creation task raised (`ValueError: ...`), read from the text
-    Ray keeps of it (the traceback, the exception's own lines last), or None when `exc` is
-    not an actor whose creation failed."""
-    if not getattr(exc, "actor_init_failed", False):
-        return None
-    lines = str(exc).splitlines()
-    frames = [index for index, line in enumerate(lines) if line.startswith("  File ")]
-    if not frames:
-        return None
-    rest = lines[frames[-1] + 1 :]
-    while rest and (not rest[0].strip() or rest[0].startswith(" ")):  # the frame's code and its ^^^ marks
-        rest = rest[1:]
-    return "\n".join(rest).strip() or None
 
 
 def wait_for_trainer(trainer: Any) -> None:

@@ -6,19 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from forge.actor_errors import raised_at_creation
 from forge.sandbox.core import SandboxUnavailable
 from forge.sandbox.policy import WorkerSandboxRefused, announce_workers
-
-
-def refused_message(exc: BaseException) -> str | None:
-    """The WorkerSandboxRefused message of a Ray actor whose creation failed on it, or None.
-    Ray keeps only the text of a creation task's error (its traceback, the exception's own line last)."""
-    if not getattr(exc, "actor_init_failed", False):
-        return None
-    marker = f"{WorkerSandboxRefused.__module__}.{WorkerSandboxRefused.__qualname__}: "
-    text = str(exc)
-    at = text.rfind(marker)
-    return text[at + len(marker) :].strip() if at >= 0 else None
 
 
 def workers_level(workers: list[Any], driver_level: int, *, untrusted: bool, env_name: str) -> int:
@@ -33,7 +23,7 @@ def workers_level(workers: list[Any], driver_level: int, *, untrusted: bool, env
         try:
             reports.append(ray.get(worker.sandbox_report.remote()))
         except RayActorError as exc:  # a worker that failed to start otherwise is told of at its first call
-            if (message := refused_message(exc)) is not None:
+            if (message := raised_at_creation(exc, WorkerSandboxRefused)) is not None:
                 refused.append(message)
     if refused:
         more = f" ({len(refused)} of {len(workers)} rollout workers refused)" if len(refused) > 1 else ""

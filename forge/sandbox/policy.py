@@ -53,6 +53,14 @@ def level_0_risk(root: bool | None = None) -> str:
     return LEVEL_0_RISK if (uids.is_root() if root is None else root) else LEVEL_0_RISK_NOT_ROOT
 
 
+def untrusted_at_level_0(env_name: str, where: str = "", root: bool | None = None) -> str:
+    """The warning for an env's untrusted code let run at level 0 (`where`: on which node)."""
+    return (
+        f"forge: WARNING: env {env_name!r} runs untrusted code at level 0{where} because "
+        f"sandbox.allow_level_0 is true; {level_0_risk(root)}"
+    )
+
+
 def configure(
     min_level: int = 0,
     *,
@@ -105,10 +113,7 @@ def announce(level: int, *, untrusted: bool, env_name: str = "") -> list[str]:
     if level == 0:
         lines.append(f"forge: WARNING: sandbox level 1 is unavailable too: {levels.how_to_enable(1)}")
     if level == 0 and untrusted:
-        lines.append(
-            f"forge: WARNING: env {env_name!r} runs untrusted code at level 0 because sandbox.allow_level_0 "
-            f"is true; {level_0_risk()}"
-        )
+        lines.append(untrusted_at_level_0(env_name))
     for line in lines:
         print(line, file=sys.stderr, flush=True)
     return lines
@@ -138,10 +143,7 @@ def announce_workers(
             )
     for node, node_report in nodes.items():
         if node_report.level == 0 and untrusted:
-            lines.append(
-                f"forge: WARNING: env {env_name!r} runs untrusted code at level 0 on node {node} because "
-                f"sandbox.allow_level_0 is true; {level_0_risk(node_report.root)}"
-            )
+            lines.append(untrusted_at_level_0(env_name, f" on node {node}", node_report.root))
     for line in lines:
         print(line, file=sys.stderr, flush=True)
     return lines
