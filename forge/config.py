@@ -270,6 +270,14 @@ class TrainConfig(Section):
         "'reward' is textbook std normalisation of the shaped reward, which blows small speed "
         "differences in all-success groups up to full-size advantages",
     )
+    negative_advantage_weight: float = Field(
+        1.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="advantages below 0 are multiplied by this after the estimator (and sub-agents' "
+        "too), in every mode; below 1 softens the push down on failed episodes' tokens, which on "
+        "a mostly-failing start can move the policy's mass onto rarely-sampled tokens; 1: unweighted",
+    )
     loss: str = Field("pg", description="policy loss (forge.train.losses)")
     loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = "token_mean"
     clip_low: float = Field(0.2, ge=0, description="ppo_clip: ratio clipped to [1 - clip_low, 1 + clip_high]")

@@ -1,7 +1,8 @@
 """Advantage estimators: one scalar advantage per trajectory from its reward and group.
 
 Each estimator is a pure function over Python floats, kept in one registry so a config
-names it (`train.advantage`). `compute_advantages` is the single entry point.
+names it (`train.advantage`). `compute_advantages` is the single entry point; it also
+weights the negative advantages (`train.negative_advantage_weight`), whatever the estimator.
 """
 
 from __future__ import annotations
@@ -132,13 +133,32 @@ def reinforce_pp_baseline(
     return [(a - batch_mean) / scale for a in centred]
 
 
+def weight_negative_advantages(advantages: Sequence[float], weight: float) -> list[float]:
+    """Each advantage below zero times `weight`; positives and zeros as they are.
+
+    Why: on a task most first episodes fail, the failures' push down on the words they
+    tried can outweigh the few successes' push up, and the probability mass freed goes to
+    whatever was rarely sampled (the smoke run's byte pieces). A weight below 1 softens it.
+    """
+    if not (weight > 0 and math.isfinite(weight)):
+        raise ValueError(
+            f"negative advantage weight {weight!r}: use a finite number above 0 (1 = unweighted)"
+        )
+    if weight == 1.0:
+        return list(advantages)  # untouched, so the default is bit-for-bit the estimator's
+    return [a * weight if a < 0 else a for a in advantages]
+
+
 def compute_advantages(
     rewards: Sequence[float],
     group_ids: Sequence[str],
     estimator: str = "grpo",
+    *,
+    negative_weight: float = 1.0,
     **knobs: float | Sequence[float] | None,
 ) -> list[float]:
-    """One advantage per trajectory. `knobs` go to the estimator (e.g. `eps`, `outcomes`)."""
+    """One advantage per trajectory, the negative ones times `negative_weight`. `knobs`
+    go to the estimator (e.g. `eps`, `outcomes`)."""
     if len(rewards) != len(group_ids):
         raise ValueError(f"got {len(rewards)} rewards but {len(group_ids)} group ids: pass one each")
     try:
@@ -155,4 +175,5 @@ def compute_advantages(
             f"advantage estimator {estimator!r} does not take {', '.join(unknown)}; "
             f"it takes {', '.join(sorted(accepted)) or 'no options'}"
         )
-    return fn([float(r) for r in rewards], list(group_ids), **knobs)
+    advantages = fn([float(r) for r in rewards], list(group_ids), **knobs)
+    return weight_negative_advantages(advantages, negative_weight)

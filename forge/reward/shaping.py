@@ -267,9 +267,11 @@ def trajectory_advantages(
     estimator: str = "grpo",
     advantage_std: str = "outcome",
     outcome_gap: float = 1.0,
+    negative_weight: float = 1.0,
 ) -> list[float]:
     """One advantage per trajectory from its shaped `reward`; lost episodes get 0.0 and
-    take no part in any group (drop them before training).
+    take no part in any group (drop them before training). Negative advantages are
+    multiplied by `negative_weight` (`train.negative_advantage_weight`).
 
     `advantage_std="outcome"` makes grpo and reinforce_pp_baseline divide by the spread of
     the raw outcomes (see the module docstring); "reward" is textbook normalisation.
@@ -282,7 +284,7 @@ def trajectory_advantages(
     knobs: dict[str, object] = {}
     if advantage_std == "outcome" and estimator in ("grpo", "reinforce_pp_baseline"):
         knobs = {"outcomes": [trajectories[i].outcome for i in live], "outcome_scale": outcome_gap}
-    found = compute_advantages(rewards, group_ids, estimator, **knobs)
+    found = compute_advantages(rewards, group_ids, estimator, negative_weight=negative_weight, **knobs)
     advantages = [0.0] * len(trajectories)
     for i, advantage in zip(live, found, strict=True):
         advantages[i] = advantage

@@ -297,12 +297,17 @@ def stand_in(task_id: str, group_id: str, status: str, error: str) -> Trajectory
 
 
 def with_subagents(
-    trajectories: list[Trajectory], advantages: list[float], train_subagents: bool, estimator: str = "grpo"
+    trajectories: list[Trajectory],
+    advantages: list[float],
+    train_subagents: bool,
+    estimator: str = "grpo",
+    negative_weight: float = 1.0,
 ) -> tuple[list[Trajectory], list[float]]:
     """The episodes to train on and their advantages: the given ones and, with
     `train_subagents`, every sub-agent under each (of an episode that was not lost). A
     sub-agent is credited for its own sub-task: its outcome (1 when it finished) against
-    the other sub-agents of its orchestrator's group, by `estimator`. (Handing it the team's
+    the other sub-agents of its orchestrator's group, by `estimator`, its negative advantages
+    times `negative_weight` like the orchestrators'. (Handing it the team's
     advantage instead was too noisy a signal for a sub-agent to learn its job from.)"""
     if not train_subagents:
         return trajectories, advantages
@@ -311,5 +316,5 @@ def with_subagents(
     subagents = [sub for t in trajectories if t.status != "lost" for sub in t.all_subagents()]
     if not subagents:
         return trajectories, advantages
-    own = trajectory_advantages(subagents, estimator)
+    own = trajectory_advantages(subagents, estimator, negative_weight=negative_weight)
     return [*trajectories, *subagents], [*advantages, *own]

@@ -303,7 +303,11 @@ def shape_rewards(
     progress = None if step is None else (step - 1) / cfg.train.max_steps
     reward_metrics = shaper.shape(trajectories, progress=progress)
     advantages = trajectory_advantages(
-        trajectories, cfg.train.advantage, cfg.train.advantage_std, cfg.reward.outcome_gap
+        trajectories,
+        cfg.train.advantage,
+        cfg.train.advantage_std,
+        cfg.reward.outcome_gap,
+        cfg.train.negative_advantage_weight,
     )
     played = [a for t, a in zip(trajectories, advantages, strict=True) if t.status != "lost"]
     # The share of episodes there is something to learn from (forge.failures.SignalWatch).
@@ -319,7 +323,9 @@ def to_samples(
     if cfg is not None and cfg.swarm.train_subagents:
         from forge.rollout.spawn import with_subagents
 
-        trajectories, advantages = with_subagents(trajectories, advantages, True, cfg.train.advantage)
+        trajectories, advantages = with_subagents(
+            trajectories, advantages, True, cfg.train.advantage, cfg.train.negative_advantage_weight
+        )
     return [
         Sample.from_trajectory(t, a)
         for t, a in zip(trajectories, advantages, strict=True)
