@@ -24,7 +24,7 @@ def rows(run) -> list[dict]:
 def test_a_server_engine_run_survives_an_engine_killed_mid_run_and_replaces_it(ray_session, tmp_path, capfd):
     import ray
 
-    from forge.rollout.engines.pool import engine_actor_name
+    from forge.rollout.engines.actor import engine_actor_name
     from forge.run.launch import train
 
     cfg = load_config("configs/smoke.yaml", ["train.max_steps=8", "rollout.engine=server", *SMALL])
