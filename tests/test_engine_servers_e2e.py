@@ -207,7 +207,7 @@ def test_a_remote_run_whose_only_server_is_lost_stops_with_an_error_naming_it(ra
 
 
 def test_engine_settings_that_cannot_work_are_refused_before_anything_starts():
-    from forge.rollout.engines.pool import check_engine_config
+    from forge.rollout.engines.engine_config import check_engine_config
 
     with pytest.raises(ConfigError, match="rollout.servers"):
         check_engine_config(load_config("configs/smoke.yaml", ["rollout.engine=remote"]))

@@ -51,7 +51,7 @@ def preflight(cfg: Config, wait_for_servers: bool = True) -> str:
     from forge.env.registry import resolve_env
     from forge.models.loading import checkpoint_folder
     from forge.rollout.engines.engine_check import refuse_unservable
-    from forge.rollout.engines.pool import check_engine_config
+    from forge.rollout.engines.engine_config import check_engine_config
     from forge.rollout.engines.server_check import check_servers
     from forge.sandbox.policy import configure_for_env
 
