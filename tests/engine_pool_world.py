@@ -19,11 +19,11 @@ def pool_and_trainer(cfg: Config, model: Path, monkeypatch, test_module: ModuleT
     import ray
     from ray import cloudpickle
 
-    from forge.rollout.engines import pool as pool_module
+    from forge.rollout.engines import health
     from forge.rollout.engines.pool import EnginePool
     from forge.run.context import make_trainer
 
-    monkeypatch.setattr(pool_module, "READMIT_FIRST_WAIT_S", 0.0)
+    monkeypatch.setattr(health, "READMIT_FIRST_WAIT_S", 0.0)
     for module in (sys.modules[__name__], test_module):
         cloudpickle.register_pickle_by_value(module)
     pool = EnginePool.start(cfg, model)

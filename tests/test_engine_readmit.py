@@ -522,7 +522,7 @@ def pool_over(servers: dict[str, Restartable], overrides: list[str], monkeypatch
     import ray
 
     from forge.config import load_config
-    from forge.rollout.engines import clients, pool
+    from forge.rollout.engines import clients, health
     from forge.rollout.engines.pool import EnginePool
 
     real = clients.make_client
@@ -535,7 +535,7 @@ def pool_over(servers: dict[str, Restartable], overrides: list[str], monkeypatch
 
     monkeypatch.setattr(clients, "make_client", make_client)
     monkeypatch.setattr(ray, "get", lambda ref, **_: ref)
-    monkeypatch.setattr(pool, "READMIT_FIRST_WAIT_S", 0.0)
+    monkeypatch.setattr(health, "READMIT_FIRST_WAIT_S", 0.0)
     cfg = load_config(
         "configs/smoke.yaml",
         ["rollout.engine=remote", f"rollout.servers=[{','.join(servers)}]", *overrides],

@@ -108,11 +108,11 @@ def test_a_remote_forge_server_restarted_mid_run_is_taken_back_after_the_weight_
     checkpoint on disk, version 0) after step 3. The driver's sync finds it answering, pushes
     the current weights, and the workers route to it again; the run trains every step."""
     from forge.models.loading import resolve_model_path
-    from forge.rollout.engines import pool as pool_module
+    from forge.rollout.engines import health
     from forge.rollout.engines.server import EngineServer, make_service
 
-    monkeypatch.setattr(pool_module, "READMIT_FIRST_WAIT_S", 0.1)  # the driver asks at each sync
-    monkeypatch.setattr(pool_module, "READMIT_MAX_WAIT_S", 0.1)
+    monkeypatch.setattr(health, "READMIT_FIRST_WAIT_S", 0.1)  # the driver asks at each sync
+    monkeypatch.setattr(health, "READMIT_MAX_WAIT_S", 0.1)
     cfg = load_config("configs/smoke.yaml", ["train.max_steps=7", *SMALL])
     model = resolve_model_path(cfg.model, tmp_path / "model", seed=cfg.seed)
     port = free_port()
@@ -323,11 +323,11 @@ def test_a_gateway_run_keeps_training_when_a_remote_server_stops_and_takes_it_ba
     version k - 1 (none by the restarted server's stale weights)."""
     import forge.run.gateway as gateway_run
     from forge.models.loading import resolve_model_path
-    from forge.rollout.engines import pool as pool_module
+    from forge.rollout.engines import health
     from forge.rollout.engines.server import EngineServer, make_service
 
-    monkeypatch.setattr(pool_module, "READMIT_FIRST_WAIT_S", 0.1)
-    monkeypatch.setattr(pool_module, "READMIT_MAX_WAIT_S", 0.1)
+    monkeypatch.setattr(health, "READMIT_FIRST_WAIT_S", 0.1)
+    monkeypatch.setattr(health, "READMIT_MAX_WAIT_S", 0.1)
     steps = 4
     base = load_config("configs/gateway-smoke.yaml", [])
     model = resolve_model_path(base.model, tmp_path / "model", seed=base.seed)
@@ -386,11 +386,11 @@ def test_an_async_run_keeps_training_when_a_remote_server_stops_and_takes_it_bac
     latest published version and the worker takes it back at its next rollout call; from
     then on it serves the run's current weights, never its checkpoint's (version 0)."""
     from forge.models.loading import resolve_model_path
-    from forge.rollout.engines import pool as pool_module
+    from forge.rollout.engines import health
     from forge.rollout.engines.server import EngineServer, make_service
 
-    monkeypatch.setattr(pool_module, "READMIT_FIRST_WAIT_S", 0.1)
-    monkeypatch.setattr(pool_module, "READMIT_MAX_WAIT_S", 0.1)
+    monkeypatch.setattr(health, "READMIT_FIRST_WAIT_S", 0.1)
+    monkeypatch.setattr(health, "READMIT_MAX_WAIT_S", 0.1)
     steps = 12
     base = load_config("configs/smoke.yaml", SMALL)
     model = resolve_model_path(base.model, tmp_path / "model", seed=base.seed)

@@ -231,7 +231,7 @@ def world(monkeypatch):
     import ray
 
     from forge.config import load_config
-    from forge.rollout.engines import clients, pool
+    from forge.rollout.engines import clients, health
     from forge.rollout.engines.pool import EnginePool
 
     fleet = Fleet()
@@ -246,7 +246,7 @@ def world(monkeypatch):
 
     monkeypatch.setattr(clients, "make_client", make_client)
     monkeypatch.setattr(ray, "get", lambda ref, **_: ref)
-    monkeypatch.setattr(pool, "READMIT_FIRST_WAIT_S", 0.0)
+    monkeypatch.setattr(health, "READMIT_FIRST_WAIT_S", 0.0)
     monkeypatch.setattr(remote, "PROBE_TIMEOUT_S", 0.2)  # GET /health of a hung server
     monkeypatch.setattr(vllm_transfer, "_nccl_engine", fleet.engine)
     monkeypatch.setattr(vllm_transfer, "ABORT_GRACE_S", 2.0, raising=False)

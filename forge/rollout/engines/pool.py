@@ -16,14 +16,13 @@ from typing import Any
 from forge.config import Config
 from forge.rollout.engines.actor import engine_actor_name, start_engine
 from forge.rollout.engines.engine_config import check_engine_config
-from forge.rollout.engines.router import READMIT_FIRST_WAIT_S, READMIT_MAX_WAIT_S, EngineView, said_version
+from forge.rollout.engines.health import ProbeSchedule, actors_ready, drop_failed, said, servers_answer
+from forge.rollout.engines.router import EngineView, said_version
 
 # A weight broadcast's every side (trainer, engines) ends by gloo's own timeout
 # (rollout.engine_timeout_s); the driver waits this much longer for them to say so before it
 # counts an engine that has not answered as stalled whole.
 BROADCAST_GRACE_S = 10.0
-# How long a stalled engine actor asked again at a sync has to show it could take weights.
-READMIT_PROBE_S = 2.0
 # SGLang servers in a LoRA run keep this many of Forge's adapter versions loaded: the newest
 # and the one before, which workers not yet told of the newest still name.
 KEPT_ADAPTERS = 2
@@ -50,34 +49,6 @@ PREFIX_CACHE_COUNTERS = (
 # so it also passes every tensor through host memory, and it was the slower of the two.
 
 
-def _said(exc: BaseException) -> str:
-    """An actor's error in one line: its own type and message, not Ray's wrapping traceback."""
-    cause = getattr(exc, "cause", None) or exc
-    lines = str(cause).strip().splitlines()
-    return f"{type(cause).__name__}: {lines[-1][:200] if lines else ''}"
-
-
-def _await_each(refs: list[Any], timeout_s: float) -> list[BaseException | None]:
-    """Wait for every call in `refs` at once, `timeout_s` in all, so that K stalled engines
-    cost a sync one timeout, not K: for each, None if it returned, else its error
-    (GetTimeoutError if it had not ended by then)."""
-    import ray
-    from ray.exceptions import GetTimeoutError
-
-    ended, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s) if refs else ([], [])
-    outcomes: list[BaseException | None] = []
-    for ref in refs:
-        if ref not in ended:
-            outcomes.append(GetTimeoutError(f"no answer within {timeout_s:g}s (rollout.engine_timeout_s)"))
-            continue
-        try:
-            ray.get(ref)
-            outcomes.append(None)
-        except Exception as exc:
-            outcomes.append(exc)
-    return outcomes
-
-
 class EnginePool:
     """The run's engines, seen from the driver."""
 
@@ -92,7 +63,7 @@ class EnginePool:
         self.held: dict[str, int] = {}  # url -> the weights version it last took from this pool
         self.readmitted = 0  # dropped engines that took the weights again
         self.stalled: set[str] = set()  # server mode: dropped engine actors still alive, asked again
-        self._next_probe: dict[str, tuple[float, float]] = {}  # dead url -> (when to ask, the wait after)
+        self.probes = ProbeSchedule()  # when each dropped engine is asked again
         self.adapters: dict[str, list[int]] = {}  # SGLang url -> adapter versions it holds from this pool
         self.restarts = 0
         self._metrics_asks: dict[str, Any] = {}  # url -> a read of its metrics not answered yet
@@ -156,7 +127,7 @@ class EnginePool:
                     file=sys.stderr,
                     flush=True,
                 )
-        self._next_probe[url] = (time.monotonic() + READMIT_FIRST_WAIT_S, READMIT_FIRST_WAIT_S * 2)
+        self.probes.dropped(url)
         if self.actors and not self.live_urls and not self.stalled:  # else `sync` waits for one to come back
             raise RuntimeError(
                 f"all {len(self.urls)} inference engines are lost ({self.dead}); the run stops"
@@ -184,32 +155,17 @@ class EnginePool:
         """Ask the lost remote servers that are due (all of them with `every`) whether they
         answer GET /health again (PROBE_TIMEOUT_S each, at once); those that do count as live
         again, to get this sync's weights. A server still down is asked at doubling waits."""
-        from forge.rollout.engines.clients import make_client
-        from forge.rollout.engines.remote import Sampling
-
-        now = time.monotonic()
-        due = [url for url in self.dead if every or self._next_probe.get(url, (0.0, 0.0))[0] <= now]
+        due = self.probes.due(list(self.dead), every)
         if not due:
             return []
-
-        async def ask() -> list[bool]:
-            clients = [make_client(url, self.cfg.model.path or "policy", Sampling()) for url in due]
-            try:
-                return list(await asyncio.gather(*(client.healthy() for client in clients)))
-            finally:
-                for client in clients:
-                    await client.close()
-
-        return [
-            url for url, healthy in zip(due, asyncio.run(ask()), strict=True) if self._answered(url, healthy)
-        ]
+        answers = servers_answer(due, self.cfg.model.path or "policy")
+        return [url for url, healthy in zip(due, answers, strict=True) if self._answered(url, healthy)]
 
     def _answered(self, url: str, ready: bool) -> bool:
         """A lost engine's answer to a re-admission probe: ready -> live again, to get this
         sync's weights; not -> asked again after a doubled wait."""
         if not ready:
-            _, wait = self._next_probe.get(url, (0.0, READMIT_FIRST_WAIT_S))
-            self._next_probe[url] = (time.monotonic() + wait, min(wait * 2, READMIT_MAX_WAIT_S))
+            self.probes.not_answered(url)
             return False
         del self.dead[url]
         self.stalled.discard(url)
@@ -242,7 +198,7 @@ class EnginePool:
                 calls = [
                     (url, actor.set_weights.remote(wrapped[0], version, timeout_s)) for url, actor in fresh
                 ]
-                self._drop_failed(calls, timeout_s + UPDATE_GRACE_S, "weight update failed")
+                drop_failed(calls, timeout_s + UPDATE_GRACE_S, "weight update failed", self.lost)
             for url in revived:
                 if url not in self.dead:
                     self.readmitted += 1
@@ -276,27 +232,15 @@ class EnginePool:
         whether they could take weights now (within READMIT_PROBE_S, at once); those that can
         count as live again, to get this sync's weights. One still stalled is asked at doubling
         waits; one that died meanwhile is not asked again."""
-        import ray
-        from ray.exceptions import RayActorError
-
-        now = time.monotonic()
-        due = [
-            url
-            for url in self.urls
-            if url in self.stalled and (every or self._next_probe.get(url, (0.0, 0.0))[0] <= now)
-        ]
+        due = self.probes.due([url for url in self.urls if url in self.stalled], every)
         if not due:
             return []
-        asks = [self.actors[self.urls.index(url)].can_take_weights.remote(READMIT_PROBE_S) for url in due]
-        ended, _ = ray.wait(asks, num_returns=len(asks), timeout=READMIT_PROBE_S + 2.0)
+        answers = actors_ready([self.actors[self.urls.index(url)] for url in due])
         back = []
-        for url, ask in zip(due, asks, strict=True):
-            try:
-                ready = ask in ended and ray.get(ask)
-            except RayActorError:
+        for url, ready in zip(due, answers, strict=True):
+            if ready is None:  # it died meanwhile
                 self.stalled.discard(url)
-                continue
-            if self._answered(url, ready):
+            elif self._answered(url, ready):
                 back.append(url)
         return back
 
@@ -386,7 +330,7 @@ class EnginePool:
             calls = [(url, actor.load_weight_folder.remote(path, version, timeout_s)) for url, actor in live]
         else:
             calls = [(url, actor.set_weights.remote(wrapped[0], version, timeout_s)) for url, actor in live]
-        self._drop_failed(calls, timeout_s + UPDATE_GRACE_S, "weight update failed")
+        drop_failed(calls, timeout_s + UPDATE_GRACE_S, "weight update failed", self.lost)
         if method == "folder":
             import shutil
 
@@ -399,26 +343,9 @@ class EnginePool:
         ]
         probes = [(url, actor.get_policy_version.remote()) for url, actor in live]
         known = len(self.urls)
-        self._drop_failed(probes, timeout_s, "it does not answer")
+        drop_failed(probes, timeout_s, "it does not answer", self.lost)
         answering = [(url, actor) for url, actor in live if url not in self.dead]
         return answering + list(zip(self.urls[known:], self.actors[known:], strict=True))  # started meanwhile
-
-    def _drop_failed(self, calls: list[tuple[str, Any]], wait_s: float, what: str) -> None:
-        """Wait for each engine's call (url, ref), all at once within `wait_s`, and drop each
-        engine whose call failed, saying `what` and why: one that died (it is replaced), one
-        that did not answer in time or could not pause its generation (alive: it is asked
-        again at later syncs). Any other error of an engine's own is raised."""
-        from ray.exceptions import RayActorError
-
-        for (url, _), error in zip(calls, _await_each([ref for _, ref in calls], wait_s), strict=True):
-            if error is None:
-                continue
-            if isinstance(error, RayActorError):
-                self.lost(url, f"{what}: {type(error).__name__}")
-            elif isinstance(error, TimeoutError):
-                self.lost(url, f"{what} ({_said(error)})", stalled=True)
-            else:
-                raise error
 
     def method(self, trainer: Any) -> str:
         """How weights travel to server-mode engines: `rollout.weight_sync`, or with `auto`
@@ -523,11 +450,11 @@ class EnginePool:
             try:
                 ray.get(ref)
             except BroadcastFailed as exc:
-                failures.append(f"{url}: {_said(exc)}")
+                failures.append(f"{url}: {said(exc)}")
             except RayActorError as exc:
                 causes[url] = (f"it died during {step} ({type(exc).__name__})", False)
             except Exception as exc:  # its own part failed, e.g. a generation batch it could not pause
-                causes[url] = (f"it failed its part of {step} ({_said(exc)})", True)
+                causes[url] = (f"it failed its part of {step} ({said(exc)})", True)
         result = None
         if trainer_ref not in ended:
             failures.append(f"the trainer did not end its side within {wait_s:g}s")
@@ -535,7 +462,7 @@ class EnginePool:
             try:
                 result = ray.get(trainer_ref)
             except Exception as exc:
-                failures.append(f"trainer: {_said(exc)}")
+                failures.append(f"trainer: {said(exc)}")
         if failures and not causes:
             raise BroadcastFailed(f"{step} failed with no engine to blame ({'; '.join(failures)})")
         return result, causes
