@@ -16,7 +16,7 @@ import pytest
 from engine_pool_world import end_the_batch, pool_and_trainer, stick_a_batch, sync, versions
 
 from forge.config import load_config
-from forge.rollout.engines.pool import BROADCAST_GRACE_S
+from forge.rollout.engines.actor_sync import BROADCAST_GRACE_S
 
 TIMEOUT_S = 3.0
 # A stalled round ends by gloo's timeout on every side, or at the driver's grace past it

@@ -70,10 +70,10 @@ def test_every_weight_sync_path_gives_the_engines_the_trainers_weights(ray_sessi
     ],
 )
 def test_auto_weight_sync_follows_the_measured_numbers(overrides, expected):
-    from forge.rollout.engines.pool import EnginePool
+    from forge.rollout.engines.actor_sync import weight_sync_method
 
     cfg = load_config("configs/smoke.yaml", ["rollout.engine=server", *overrides])
-    assert EnginePool(["http://engine"], [object()], cfg).method(trainer=object()) == expected
+    assert weight_sync_method(cfg.rollout.weight_sync, cfg.train.mode, trainer=object()) == expected
 
 
 def test_the_weight_sync_bench_calls_a_near_tie_for_the_object_store():

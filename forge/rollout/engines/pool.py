@@ -1,13 +1,12 @@
-"""The engines of a run with `rollout.engine: server | remote`: `forge serve` Ray actors
-that Forge starts itself (`server`), or servers someone else runs (`remote`); weight
-updates to all of them, and engines that died or stalled dropped with a console line; a
-dropped remote server, or engine actor that had stalled, that answers again gets the current
-weights at a later sync and serves again."""
+"""`EnginePool`: the engines of a run with `rollout.engine: server | remote`, seen from the
+driver: `forge serve` Ray actors that Forge starts itself (`server`), or servers someone else
+runs (`remote`). Each weight sync reaches every live one (actor_sync.py, server_sync.py); an
+engine that died or stalled is dropped with a console line, and a dropped one that answers
+again (health.py) gets the current weights at a later sync and serves again."""
 
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 import time
 from pathlib import Path
@@ -15,18 +14,12 @@ from typing import Any
 
 from forge.config import Config
 from forge.rollout.engines.actor import engine_actor_name, start_engine
+from forge.rollout.engines.actor_sync import ActorWeights, weight_sync_method
 from forge.rollout.engines.engine_config import check_engine_config
-from forge.rollout.engines.health import ProbeSchedule, actors_ready, drop_failed, said, servers_answer
+from forge.rollout.engines.health import ProbeSchedule, actors_ready, drop_failed, servers_answer
 from forge.rollout.engines.router import EngineView
 from forge.rollout.engines.server_sync import ServerWeights
 
-# A weight broadcast's every side (trainer, engines) ends by gloo's own timeout
-# (rollout.engine_timeout_s); the driver waits this much longer for them to say so before it
-# counts an engine that has not answered as stalled whole.
-BROADCAST_GRACE_S = 10.0
-# An engine actor's weight update gives up by itself after rollout.engine_timeout_s (a
-# generation batch it cannot pause); the driver waits this much longer to hear it say so.
-UPDATE_GRACE_S = 2.0
 # An engine actor answers a read of its counters at once unless its one thread is held; the
 # step's metrics wait this long for it, then go on without its counts.
 METRICS_WAIT_S = 5.0
@@ -36,15 +29,6 @@ PREFIX_CACHE_COUNTERS = (
     "prefix_cache_evictions",
     "prefix_cache_tokens",
 )
-
-
-# rollout.weight_sync: auto, the fastest in bench/results/weight_sync.json (0.5B Qwen2
-# shape, 2 engines, CPU, 5 alternated rounds, idle machine): the object store for every case.
-# Full weights fp32 0.55 s (a folder 0.89 s, a gloo broadcast 1.62 s), bf16 0.32 s (0.44 s,
-# 0.84 s); LoRA adapters (8.6 MB) about 0.02 s by the object store or a folder alike, broadcast
-# 0.16-0.19 s (its cost is per-tensor latency). Engines on GPUs (num_gpus_per_engine > 0)
-# take the object store too: the broadcast group is gloo (forge/rollout/engines/broadcast.py),
-# so it also passes every tensor through host memory, and it was the slower of the two.
 
 
 class EnginePool:
@@ -62,6 +46,7 @@ class EnginePool:
         self.readmitted = 0  # dropped engines that took the weights again
         self.stalled: set[str] = set()  # server mode: dropped engine actors still alive, asked again
         self.probes = ProbeSchedule()  # when each dropped engine is asked again
+        self.actor_weights = ActorWeights(cfg.rollout.weight_dir, self.lost)  # server mode
         self.servers = ServerWeights(  # remote mode: weights to servers someone else runs
             cfg.model.path or "policy", cfg.model.lora.enabled, cfg.rollout.weight_dir, self.lost
         )
@@ -177,7 +162,7 @@ class EnginePool:
     def sync(
         self, wrapped: list[Any], version: int, trainer: Any = None, timeout_s: float | None = None
     ) -> None:
-        """Get weights `version` to every live engine: server mode by `method`; remote forge
+        """Get weights `version` to every live engine: server mode by `weight_sync_method`; remote forge
         servers as pushed tensors; SGLang servers from a folder (LoRA: an adapter folder, as vLLM
         servers in a LoRA run). With every engine lost (some
         only stalled), waits up to rollout.engine_timeout_s for one to answer again, then
@@ -191,14 +176,14 @@ class EnginePool:
         while True:
             revived = self._revive_actors(every=deadline is not None)
             known = len(self.urls)
-            self._sync_actors(wrapped, version, trainer, timeout_s)
+            method = weight_sync_method(self.cfg.rollout.weight_sync, self.cfg.train.mode, trainer)
+            self.actor_weights.send(
+                lambda: self._answering(timeout_s), method, wrapped, version, trainer, timeout_s
+            )
             while len(self.urls) > known:  # engines started in place of ones lost during the sync
                 fresh = list(zip(self.urls[known:], self.actors[known:], strict=True))
                 known = len(self.urls)
-                calls = [
-                    (url, actor.set_weights.remote(wrapped[0], version, timeout_s)) for url, actor in fresh
-                ]
-                drop_failed(calls, timeout_s + UPDATE_GRACE_S, "weight update failed", self.lost)
+                self.actor_weights.by_object_store(fresh, wrapped, version, timeout_s)
             for url in revived:
                 if url not in self.dead:
                     self.readmitted += 1
@@ -294,49 +279,6 @@ class EnginePool:
         engine, those started in place of lost ones included, and the ones that took it."""
         return EngineView(version, self.cfg.model.lora.enabled, self.holders(version), list(self.urls))
 
-    def _sync_actors(self, wrapped: list[Any], version: int, trainer: Any, timeout_s: float) -> None:
-        import ray
-        from ray.exceptions import RayError
-
-        from forge.rollout.engines.broadcast import BroadcastFailed
-
-        live = self._answering(timeout_s)
-        if not live:
-            return
-        method = self.method(trainer)
-        if method == "broadcast":
-            try:
-                self._broadcast(live, trainer, version, timeout_s)
-                calls = []
-            except (
-                BroadcastFailed,
-                RayError,
-            ) as exc:  # no engine to blame: regroup next time, send this one plainly
-                print(
-                    f"forge: weight broadcast failed ({type(exc).__name__}: {str(exc)[:200]}); "
-                    "this version goes through the object store",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                self._group_members = None
-                live = self._answering(timeout_s)
-                calls = [
-                    (url, actor.set_weights.remote(wrapped[0], version, timeout_s)) for url, actor in live
-                ]
-        elif method == "folder":
-            from forge.rollout.engines.broadcast import trainer_save
-
-            folder = self._weight_folder(version)
-            path = ray.get(trainer.__ray_call__.remote(trainer_save, folder), timeout=timeout_s)
-            calls = [(url, actor.load_weight_folder.remote(path, version, timeout_s)) for url, actor in live]
-        else:
-            calls = [(url, actor.set_weights.remote(wrapped[0], version, timeout_s)) for url, actor in live]
-        drop_failed(calls, timeout_s + UPDATE_GRACE_S, "weight update failed", self.lost)
-        if method == "folder":
-            import shutil
-
-            shutil.rmtree(self._weight_folder(version), ignore_errors=True)
-
     def _answering(self, timeout_s: float) -> list[tuple[str, Any]]:
         """The engines not known lost that still answer (a dead one would stall a broadcast)."""
         live = [
@@ -347,126 +289,6 @@ class EnginePool:
         drop_failed(probes, timeout_s, "it does not answer", self.lost)
         answering = [(url, actor) for url, actor in live if url not in self.dead]
         return answering + list(zip(self.urls[known:], self.actors[known:], strict=True))  # started meanwhile
-
-    def method(self, trainer: Any) -> str:
-        """How weights travel to server-mode engines: `rollout.weight_sync`, or with `auto`
-        the fastest path measured for this case (bench/results/weight_sync.json)."""
-        chosen = self.cfg.rollout.weight_sync
-        if self.cfg.train.mode == "async":
-            # The published (packed) weights are exactly this version's; the trainer's own
-            # may be a queued step further by the time it would write or send them.
-            return "object_store"
-        if chosen == "auto":
-            chosen = "object_store"
-        if chosen == "broadcast" and hasattr(trainer, "actors"):
-            return "object_store"  # a data-parallel trainer group (one rank would have to send)
-        return chosen
-
-    def _weight_folder(self, version: int) -> str:
-        import tempfile
-
-        root = self.cfg.rollout.weight_dir or str(
-            Path(tempfile.gettempdir()) / f"forge-weights-{os.getpid()}"
-        )
-        return str(Path(root) / f"v{version:06d}")
-
-    def _broadcast(self, live: list[tuple[str, Any]], trainer: Any, version: int, timeout_s: float) -> None:
-        """Broadcast from the trainer to every live engine, in a group formed at the first
-        sync (and again whenever its members change: a group cannot shrink). Every step ends
-        within `timeout_s` (rollout.engine_timeout_s), gloo enforcing it on every side. A round
-        that fails is put down to the engines that stalled it (no answer by then, or a
-        generation batch they could not pause), died, or failed their part: each is dropped,
-        naming why, and the others take the version at once in a new group without them.
-        Raises BroadcastFailed when no engine is to blame (the caller sends it another way)."""
-        while live:
-            causes = self._broadcast_round(live, trainer, version, timeout_s)
-            for url, (reason, stalled) in causes.items():
-                self.lost(
-                    url,
-                    f"{reason}; the others take version {version} in a new broadcast group without it",
-                    stalled,
-                )
-            if not causes:
-                return
-            live = [(url, actor) for url, actor in live if url not in causes]
-
-    def _broadcast_round(
-        self, live: list[tuple[str, Any]], trainer: Any, version: int, timeout_s: float
-    ) -> dict[str, tuple[str, bool]]:
-        """One try of `_broadcast`: the engines that made it fail, each with why and whether it
-        is alive (stalled) rather than dead; empty when every engine took the version."""
-        import ray
-
-        from forge.rollout.engines.broadcast import trainer_address, trainer_join, trainer_send
-
-        members = [url for url, _ in live]
-        if getattr(self, "_group_members", None) != members:
-            # A fresh group, on a fresh port, also after a failed round: a gloo group whose
-            # collective failed or timed out cannot be used again (see BroadcastFailed).
-            self._group_members = None
-            host, port = ray.get(trainer.__ray_call__.remote(trainer_address), timeout=timeout_s)
-            world = len(live) + 1
-            joins = [
-                actor.join_weight_group.remote(host, port, rank + 1, world, timeout_s)
-                for rank, (_, actor) in enumerate(live)
-            ]
-            joined = trainer.__ray_call__.remote(trainer_join, host, port, world, timeout_s)
-            names, causes = self._await_group(
-                "forming the weight broadcast group", joined, members, joins, timeout_s
-            )
-            if causes:
-                return causes
-            self._names, self._group_members = names, members
-        receiving = [actor.receive_weights.remote(self._names, version, timeout_s) for _, actor in live]
-        sent = trainer.__ray_call__.remote(trainer_send, self._names)
-        _, causes = self._await_group("the weight broadcast", sent, members, receiving, timeout_s)
-        if causes:
-            self._group_members = None
-        return causes
-
-    def _await_group(
-        self, step: str, trainer_ref: Any, members: list[str], refs: list[Any], timeout_s: float
-    ) -> tuple[Any, dict[str, tuple[str, bool]]]:
-        """Wait for the trainer's side of `step` and each member's, all at once, up to
-        `timeout_s` + BROADCAST_GRACE_S: (the trainer's result, the members to blame for a
-        failure: {url: (why, stalled)}). A member whose own side failed in the collective
-        (BroadcastFailed) waited on another and is not to blame; with a failure and nobody to
-        blame, raises BroadcastFailed."""
-        import ray
-        from ray.exceptions import RayActorError
-
-        from forge.rollout.engines.broadcast import BroadcastFailed
-
-        wait_s = timeout_s + BROADCAST_GRACE_S
-        ended, _ = ray.wait([trainer_ref, *refs], num_returns=len(refs) + 1, timeout=wait_s)
-        causes: dict[str, tuple[str, bool]] = {}
-        failures: list[str] = []
-        for url, ref in zip(members, refs, strict=True):
-            if ref not in ended:
-                causes[url] = (
-                    f"it stalled {step}: no answer within {wait_s:g}s (rollout.engine_timeout_s)",
-                    True,
-                )
-                continue
-            try:
-                ray.get(ref)
-            except BroadcastFailed as exc:
-                failures.append(f"{url}: {said(exc)}")
-            except RayActorError as exc:
-                causes[url] = (f"it died during {step} ({type(exc).__name__})", False)
-            except Exception as exc:  # its own part failed, e.g. a generation batch it could not pause
-                causes[url] = (f"it failed its part of {step} ({said(exc)})", True)
-        result = None
-        if trainer_ref not in ended:
-            failures.append(f"the trainer did not end its side within {wait_s:g}s")
-        else:
-            try:
-                result = ray.get(trainer_ref)
-            except Exception as exc:
-                failures.append(f"trainer: {said(exc)}")
-        if failures and not causes:
-            raise BroadcastFailed(f"{step} failed with no engine to blame ({'; '.join(failures)})")
-        return result, causes
 
     def metrics(self) -> dict[str, dict[str, float]]:
         """Each live server-mode engine's prefix-cache counters (since it started), by url
