@@ -442,7 +442,7 @@ def test_a_lora_version_reaches_vllm_servers_as_the_adapter_folder_the_trainer_w
     pool = EnginePool(["vllm+http://vllm:8000"], [], cfg)
 
     async def scenario() -> None:
-        await pool.servers.load_adapters([client], "/shared/forge/v000003", 3)
+        await pool.server_weights.load_adapters([client], "/shared/forge/v000003", 3)
         given = VLLM["completion"]["given"]
         await client.generate(GenerationRequest(given["token_ids"], 4, given["episode_id"]))
 
@@ -476,7 +476,7 @@ def test_a_vllm_server_that_refuses_the_adapter_is_dropped_and_the_others_keep_i
         "http://b:1", 10, replay([VLLM["pause"], refused, unload, VLLM["resume"]], [])
     )
     pool = EnginePool(["vllm+http://a:1", "vllm+http://b:1"], [], cfg)
-    asyncio.run(pool.servers.load_adapters([good, bad], "/shared/forge/v000004", 4))
+    asyncio.run(pool.server_weights.load_adapters([good, bad], "/shared/forge/v000004", 4))
     assert good.policy_version == 4 and good.model == "policy-forge-lora"
     assert bad.policy_version == 0 and bad.model == "policy"  # it keeps naming what it serves
     # The pool knows it by its rollout.servers entry, as a run's sync and its later re-admission do.

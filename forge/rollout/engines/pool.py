@@ -47,7 +47,7 @@ class EnginePool:
         self.stalled: set[str] = set()  # server mode: dropped engine actors still alive, asked again
         self.probes = ProbeSchedule()  # when each dropped engine is asked again
         self.actor_weights = ActorWeights(cfg.rollout.weight_dir, self.lost)  # server mode
-        self.servers = ServerWeights(  # remote mode: weights to servers someone else runs
+        self.server_weights = ServerWeights(  # remote mode: weights to servers someone else runs
             cfg.model.path or "policy", cfg.model.lora.enabled, cfg.rollout.weight_dir, self.lost
         )
         self.restarts = 0
@@ -68,26 +68,33 @@ class EnginePool:
         urls = ray.get([actor.url.remote() for actor in actors])
         return cls(urls, actors, cfg, model_path)
 
-    def _restart(self, index: int) -> None:
-        """Start a new engine in place of lost engine `index` (it gets the weights at this sync)."""
-        import ray
-
-        self.restarts += 1
-        name = f"{engine_actor_name(index)}-restart{self.restarts}"
-        actor = start_engine(self.cfg, self.model_path, index, name)
-        url = ray.get(actor.url.remote(), timeout=self.cfg.rollout.engine_timeout_s * 5)
-        self.urls.append(url)
-        self.actors.append(actor)
-        print(
-            f"forge: engine {url} started in place of {self.urls[index]} "
-            f"({self.restarts} of rollout.max_engine_restarts={self.cfg.rollout.max_engine_restarts})",
-            file=sys.stderr,
-            flush=True,
-        )
-
     @property
     def live_urls(self) -> list[str]:
         return [url for url in self.urls if url not in self.dead]
+
+    def holders(self, version: int) -> list[str]:
+        """The servers that took weights `version` and are not lost since (workers take back a
+        server they dropped only if it is one of these)."""
+        if self.actors:  # Forge's own actors: every live one took it, or was lost
+            return self.live_urls
+        return [url for url in self.urls if url not in self.dead and self.held.get(url) == version]
+
+    def view(self, version: int) -> EngineView:
+        """What the routers route by after weights `version` were sent (`EngineView`): every
+        engine, those started in place of lost ones included, and the ones that took it."""
+        return EngineView(version, self.cfg.model.lora.enabled, self.holders(version), list(self.urls))
+
+    def engine_metrics(self) -> dict[str, float]:
+        """`engine_servers_live`: servers holding the last version sent; `engine_servers_readmitted`:
+        servers taken back so far, lost ones and those restarted between two pushes
+        (`ServerWeights.restarted`)."""
+        if not self.held:
+            return {}
+        latest = max(self.held.values())
+        return {
+            "engine_servers_live": float(len(self.holders(latest))),
+            "engine_servers_readmitted": float(self.readmitted),
+        }
 
     def lost(self, url: str, reason: str, stalled: bool = False) -> None:
         """Drop engine `url` for `reason`. A dead engine actor is replaced (up to
@@ -118,55 +125,31 @@ class EnginePool:
                 f"all {len(self.urls)} inference engines are lost ({self.dead}); the run stops"
             )
 
-    def holders(self, version: int) -> list[str]:
-        """The servers that took weights `version` and are not lost since (workers take back a
-        server they dropped only if it is one of these)."""
-        if self.actors:  # Forge's own actors: every live one took it, or was lost
-            return self.live_urls
-        return [url for url in self.urls if url not in self.dead and self.held.get(url) == version]
+    def _restart(self, index: int) -> None:
+        """Start a new engine in place of lost engine `index` (it gets the weights at this sync)."""
+        import ray
 
-    def engine_metrics(self) -> dict[str, float]:
-        """`engine_servers_live`: servers holding the last version sent; `engine_servers_readmitted`:
-        servers taken back so far, lost ones and those restarted between two pushes (`ServerWeights.restarted`)."""
-        if not self.held:
-            return {}
-        latest = max(self.held.values())
-        return {
-            "engine_servers_live": float(len(self.holders(latest))),
-            "engine_servers_readmitted": float(self.readmitted),
-        }
-
-    def _revive(self, every: bool) -> list[str]:
-        """Ask the lost remote servers that are due (all of them with `every`) whether they
-        answer GET /health again (PROBE_TIMEOUT_S each, at once); those that do count as live
-        again, to get this sync's weights. A server still down is asked at doubling waits."""
-        due = self.probes.due(list(self.dead), every)
-        if not due:
-            return []
-        answers = servers_answer(due, self.cfg.model.path or "policy")
-        return [url for url, healthy in zip(due, answers, strict=True) if self._answered(url, healthy)]
-
-    def _answered(self, url: str, ready: bool) -> bool:
-        """A lost engine's answer to a re-admission probe: ready -> live again, to get this
-        sync's weights; not -> asked again after a doubled wait."""
-        if not ready:
-            self.probes.not_answered(url)
-            return False
-        del self.dead[url]
-        self.stalled.discard(url)
+        self.restarts += 1
+        name = f"{engine_actor_name(index)}-restart{self.restarts}"
+        actor = start_engine(self.cfg, self.model_path, index, name)
+        url = ray.get(actor.url.remote(), timeout=self.cfg.rollout.engine_timeout_s * 5)
+        self.urls.append(url)
+        self.actors.append(actor)
         print(
-            f"forge: engine {url} answers again; it gets the current weights now", file=sys.stderr, flush=True
+            f"forge: engine {url} started in place of {self.urls[index]} "
+            f"({self.restarts} of rollout.max_engine_restarts={self.cfg.rollout.max_engine_restarts})",
+            file=sys.stderr,
+            flush=True,
         )
-        return True
 
     def sync(
         self, wrapped: list[Any], version: int, trainer: Any = None, timeout_s: float | None = None
     ) -> None:
-        """Get weights `version` to every live engine: server mode by `weight_sync_method`; remote forge
-        servers as pushed tensors; SGLang servers from a folder (LoRA: an adapter folder, as vLLM
-        servers in a LoRA run). With every engine lost (some
-        only stalled), waits up to rollout.engine_timeout_s for one to answer again, then
-        raises RunStopped naming them."""
+        """Get weights `version` to every live engine: engine actors by `weight_sync_method`
+        (ActorWeights); remote forge servers as pushed tensors, SGLang servers from a folder
+        (LoRA: an adapter folder, as vLLM servers in a LoRA run; ServerWeights). With every
+        engine lost (some only stalled), waits up to rollout.engine_timeout_s for one to answer
+        again, then raises RunStopped naming them."""
         timeout_s = timeout_s or self.cfg.rollout.engine_timeout_s
         if not self.actors:
             self._sync_servers(wrapped, version, trainer, timeout_s)
@@ -229,6 +212,17 @@ class EnginePool:
                 back.append(url)
         return back
 
+    def _answering(self, timeout_s: float) -> list[tuple[str, Any]]:
+        """The engines not known lost that still answer (a dead one would stall a broadcast)."""
+        live = [
+            (url, actor) for url, actor in zip(self.urls, self.actors, strict=True) if url not in self.dead
+        ]
+        probes = [(url, actor.get_policy_version.remote()) for url, actor in live]
+        known = len(self.urls)
+        drop_failed(probes, timeout_s, "it does not answer", self.lost)
+        answering = [(url, actor) for url, actor in live if url not in self.dead]
+        return answering + list(zip(self.urls[known:], self.actors[known:], strict=True))  # started meanwhile
+
     def _sync_servers(self, wrapped: list[Any], version: int, trainer: Any, timeout_s: float) -> None:
         """Remote servers: the live ones and those that answer again get `version`. With none
         taking it, every lost server is asked again each second for up to
@@ -241,8 +235,8 @@ class EnginePool:
             restarted: dict[str, int] = {}
             if targets:
                 asked = [url for url in targets if url not in revived]
-                restarted = asyncio.run(self.servers.restarted(asked, self.held))
-                asyncio.run(self.servers.push(self.live_urls, wrapped, version, trainer, timeout_s))
+                restarted = asyncio.run(self.server_weights.restarted(asked, self.held))
+                asyncio.run(self.server_weights.push(self.live_urls, wrapped, version, trainer, timeout_s))
             for url in targets:
                 if url not in self.dead:
                     self.held[url] = version
@@ -274,21 +268,28 @@ class EnginePool:
                 waiting = True
             time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
-    def view(self, version: int) -> EngineView:
-        """What the routers route by after weights `version` were sent (`EngineView`): every
-        engine, those started in place of lost ones included, and the ones that took it."""
-        return EngineView(version, self.cfg.model.lora.enabled, self.holders(version), list(self.urls))
+    def _revive(self, every: bool) -> list[str]:
+        """Ask the lost remote servers that are due (all of them with `every`) whether they
+        answer GET /health again (PROBE_TIMEOUT_S each, at once); those that do count as live
+        again, to get this sync's weights. A server still down is asked at doubling waits."""
+        due = self.probes.due(list(self.dead), every)
+        if not due:
+            return []
+        answers = servers_answer(due, self.cfg.model.path or "policy")
+        return [url for url, healthy in zip(due, answers, strict=True) if self._answered(url, healthy)]
 
-    def _answering(self, timeout_s: float) -> list[tuple[str, Any]]:
-        """The engines not known lost that still answer (a dead one would stall a broadcast)."""
-        live = [
-            (url, actor) for url, actor in zip(self.urls, self.actors, strict=True) if url not in self.dead
-        ]
-        probes = [(url, actor.get_policy_version.remote()) for url, actor in live]
-        known = len(self.urls)
-        drop_failed(probes, timeout_s, "it does not answer", self.lost)
-        answering = [(url, actor) for url, actor in live if url not in self.dead]
-        return answering + list(zip(self.urls[known:], self.actors[known:], strict=True))  # started meanwhile
+    def _answered(self, url: str, ready: bool) -> bool:
+        """A lost engine's answer to a re-admission probe: ready -> live again, to get this
+        sync's weights; not -> asked again after a doubled wait."""
+        if not ready:
+            self.probes.not_answered(url)
+            return False
+        del self.dead[url]
+        self.stalled.discard(url)
+        print(
+            f"forge: engine {url} answers again; it gets the current weights now", file=sys.stderr, flush=True
+        )
+        return True
 
     def metrics(self) -> dict[str, dict[str, float]]:
         """Each live server-mode engine's prefix-cache counters (since it started), by url
