@@ -137,11 +137,16 @@ class Sample:
 
     @classmethod
     def from_trajectory(cls, trajectory: Trajectory, advantage: float) -> Sample:
+        """The trajectory up to its last trained token: what follows (the env's last
+        observation, the eos closing a cut reply) moves no logprob the loss reads, and can
+        run past the context the episode kept to (rollout.max_context_tokens, a model's
+        learned positions), which the trainer's forward cannot hold."""
+        end = max((i + 1 for i, trained in enumerate(trajectory.loss_mask) if trained), default=0)
         return cls(
-            token_ids=list(trajectory.token_ids),
-            loss_mask=list(trajectory.loss_mask),
-            behaviour_logprobs=list(trajectory.behaviour_logprobs),
-            policy_versions=list(trajectory.policy_versions),
+            token_ids=list(trajectory.token_ids[:end]),
+            loss_mask=list(trajectory.loss_mask[:end]),
+            behaviour_logprobs=list(trajectory.behaviour_logprobs[:end]),
+            policy_versions=list(trajectory.policy_versions[:end]),
             advantage=advantage,
             group_id=trajectory.group_id,
         )

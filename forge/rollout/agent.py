@@ -45,6 +45,25 @@ class EpisodeSpawner(Protocol):
     def wait_limit_s(self) -> float: ...
 
 
+def context_full(tokens: int, turns: int, limits: EpisodeLimits) -> tuple[str, str]:
+    """The status and error of an episode whose `tokens` leave no room for a reply of
+    rollout.max_new_tokens within rollout.max_context_tokens, after `turns` replies."""
+    over = (
+        f"{tokens} tokens plus rollout.max_new_tokens={limits.max_new_tokens} are over "
+        f"rollout.max_context_tokens={limits.max_context_tokens}"
+    )
+    fix = "raise rollout.max_context_tokens (within the model's context) or lower rollout.max_new_tokens"
+    if turns == 0:
+        return (
+            "error",
+            f"context full before any reply: the prompt's {over}; {fix}, or shorten the env's prompt",
+        )
+    return (
+        "truncated",
+        f"context full: after {turns} replies the episode's {over}; {fix}, or lower rollout.max_turns",
+    )
+
+
 async def run_episode(
     env: Env,
     task: dict[str, Any],
@@ -101,6 +120,9 @@ async def run_episode(
         for _ in range(limits.max_turns):
             if len(token_ids) + limits.max_new_tokens > limits.max_context_tokens:
                 info["stop_reason"] = "context_full"
+                # Said (once per kind, forge.failures.FailureWatch) and counted: before any
+                # reply the episode is an error (nothing to train on), after one it is cut short.
+                status, error = context_full(len(token_ids), len(turns), limits)
                 break
             gen_started = time.monotonic()
             request = GenerationRequest(

@@ -67,6 +67,37 @@ def position_limit(model: Any) -> int | None:
     return None
 
 
+def past_positions_message(max_context_tokens: int, limit: int, model_name: str) -> str:
+    """Why rollout.max_context_tokens cannot be served by a model that learned `limit` positions."""
+    return (
+        f"rollout.max_context_tokens={max_context_tokens} runs past the {limit} positions {model_name} has "
+        f"learned embeddings for (an episode's prompt, replies and observations must fit in them); set "
+        f"rollout.max_context_tokens to at most {limit}"
+    )
+
+
+def refuse_context_past_positions(model_path: str, folder: Any, max_context_tokens: int) -> None:
+    """Before Ray starts: a ConfigError when the checkpoint in `folder` learned fewer positions
+    than rollout.max_context_tokens (GPT-2's wpe, OPT's embed_positions). Every engine's
+    trainer runs the model itself, so this holds for remote engines too; else the refusal
+    came from each rollout worker's start, or an IndexError from the trainer's forward."""
+    from pathlib import Path
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from forge.config import ConfigError
+
+    if not (Path(folder) / "config.json").is_file():
+        return
+    with torch.device("meta"):  # the module tree only: no weights read or allocated
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(folder)))
+    limit = position_limit(model)
+    if limit is not None and max_context_tokens > limit:
+        raise ConfigError(
+            f"model.path={model_path!r}: {past_positions_message(max_context_tokens, limit, type(model).__name__)}"
+        )
+
+
 def refuse_unservable(model_path: str | None, engine: str, folder: Any = None) -> None:
     """Before Ray starts: a ConfigError for a checkpoint at `model_path` (read from `folder`,
     its local folder, when given: a hub id's snapshot) that the in-process engine cannot serve,

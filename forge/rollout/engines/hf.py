@@ -102,16 +102,16 @@ class HFEngine:
         self._no_router = (
             {"output_router_logits": False} if hasattr(model.config, "output_router_logits") else {}
         )
-        from forge.rollout.engines.engine_check import position_limit
+        from forge.rollout.engines.engine_check import past_positions_message, position_limit
 
         self._position_limit = position_limit(model)
         if self._position_limit is not None and (max_context_tokens or 0) > self._position_limit:
+            from forge.config import ConfigError
+
             # Here, not at the first long request, and not as the self-check's failure (whose
             # advice, another engine, would not help): the context is the setting to change.
-            raise ValueError(
-                f"rollout.max_context_tokens={max_context_tokens} runs past the {self._position_limit} positions "
-                f"{type(model).__name__} has learned embeddings for; set rollout.max_context_tokens to at most "
-                f"{self._position_limit}"
+            raise ConfigError(
+                past_positions_message(max_context_tokens, self._position_limit, type(model).__name__)
             )
         if self_check:
             # A family nobody has tested: sample a few tiny turns against fresh forwards first;
