@@ -49,6 +49,9 @@ class RolloutWorker:
     ) -> None:
         """With `stuck_report_dir` (a run's workers, which Ray restarts), a loop stuck past
         `stuck_limit_s` ends this process, its stacks written there (`forge.rollout.stuck`)."""
+        from forge.actor_errors import quiet_known_creation_errors
+
+        quiet_known_creation_errors()  # the driver says a refusal here in one line (forge.run.worker_levels)
         from forge.models.loading import (
             load_model,
             load_tokenizer,

@@ -23,7 +23,13 @@ from forge.run.context import (
     step_metrics,
     to_samples,
 )
-from forge.run.faults import lost_group, stop_if_engines_lost, stop_if_model_missing, worker_gone_message
+from forge.run.faults import (
+    death_cause,
+    lost_group,
+    stop_if_engines_lost,
+    stop_if_model_missing,
+    worker_gone_message,
+)
 from forge.run.frozen import keep_snapshot
 from forge.types import Trajectory
 
@@ -289,7 +295,7 @@ class AsyncLoop:
             except (RayActorError, ActorUnavailableError) as exc:
                 stop_if_model_missing(exc)
                 # Ray restarts the worker; the episodes are gone.
-                self.worker_died(stream, f"rollout worker died: {exc}")
+                self.worker_died(stream, death_cause(exc))
                 return
             call.sent.add(position)
             self.groups_in_flight[call.worker] -= 1

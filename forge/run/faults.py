@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from forge.actor_errors import creation_error
+from forge.actor_errors import creation_error, known_refusal
 from forge.failures import RunStopped
 from forge.types import Trajectory
 
@@ -44,11 +44,18 @@ def collect_groups(
         episodes = ray.get(ref)
     except (RayActorError, ActorUnavailableError) as exc:  # Ray restarts the worker; the episodes are gone
         stop_if_model_missing(exc)
-        return [lost_group(task, group_size, f"rollout worker died: {exc}") for task in tasks], True
+        return [lost_group(task, group_size, death_cause(exc)) for task in tasks], True
     except RayTaskError as exc:
         stop_if_engines_lost(exc)
         raise
     return [episodes[i * group_size : (i + 1) * group_size] for i in range(len(tasks))], False
+
+
+def death_cause(exc: BaseException) -> str:
+    """A dead worker's lost episodes' error: what its start raised, or Ray's first line (not
+    Ray's whole text, a traceback that would bury the run's stop message)."""
+    lines = str(exc).strip().splitlines()
+    return f"rollout worker died: {creation_error(exc) or (lines[0] if lines else type(exc).__name__)}"
 
 
 def stop_if_engines_lost(exc: BaseException) -> None:
@@ -62,12 +69,16 @@ def stop_if_engines_lost(exc: BaseException) -> None:
 
 
 def stop_if_model_missing(exc: BaseException) -> None:
-    """A worker that could not start because its node cannot resolve the run's hub model would
-    fail the same way at every restart: stop the run with its message (role, node, setting, fix)."""
+    """A worker that could not start (or restart) because its node cannot resolve the run's hub
+    model, or because it refused a setting or its node's sandbox, would fail the same way at
+    every restart: stop the run with its message (role, node, setting, fix). Ray's log of it
+    was kept off the console (forge.actor_errors.quiet_known_creation_errors)."""
     from forge.models.hub import actor_hub_message
 
     if (message := actor_hub_message(exc)) is not None:
         raise RunStopped(message) from None
+    if (message := known_refusal(exc)) is not None:
+        raise RunStopped(f"a rollout worker could not start, so the run stopped: {message}") from None
 
 
 def worker_death_note(

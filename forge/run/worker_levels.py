@@ -1,12 +1,17 @@
 """The sandbox level a run records is the one its rollout workers use: each worker probes its
 own node, so the run's level is the lowest they report, and a worker whose node is below what
-the config allows stops the run at start with its refusal (naming the worker and its node)."""
+the config allows stops the run at start with its refusal (naming the worker and its node).
+A worker whose start failed otherwise stops the run there too, with its error: Ray does not
+restart an actor whose `__init__` raised, so every episode sent to it would be lost."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from forge.actor_errors import raised_at_creation
+from forge.actor_errors import creation_error, known_refusal, raised_at_creation
+from forge.config import ConfigError
+from forge.failures import RunStopped
+from forge.models.hub import actor_hub_message
 from forge.sandbox.core import SandboxUnavailable
 from forge.sandbox.policy import WorkerSandboxRefused, announce_workers
 
@@ -18,15 +23,27 @@ def workers_level(workers: list[Any], driver_level: int, *, untrusted: bool, env
     import ray
     from ray.exceptions import RayActorError
 
-    reports, refused = [], []
-    for worker in workers:
+    reports, refused, failed = [], [], []
+    for index, worker in enumerate(workers):
         try:
             reports.append(ray.get(worker.sandbox_report.remote()))
-        except RayActorError as exc:  # a worker that failed to start otherwise is told of at its first call
+        except RayActorError as exc:  # one that died later, not at its start, is told of at its next call
             if (message := raised_at_creation(exc, WorkerSandboxRefused)) is not None:
                 refused.append(message)
+            elif actor_hub_message(exc) is not None:
+                continue  # told at its first call, as a restarted worker's (forge.run.faults)
+            elif (message := known_refusal(exc)) is not None:
+                raise ConfigError(message) from None  # a setting every worker refuses alike
+            elif (cause := creation_error(exc)) is not None:
+                failed.append((index, cause))
     if refused:
         more = f" ({len(refused)} of {len(workers)} rollout workers refused)" if len(refused) > 1 else ""
         raise SandboxUnavailable(refused[0] + more)
+    if failed:
+        index, cause = failed[0]
+        more = f" ({len(failed)} of {len(workers)} rollout workers failed)" if len(failed) > 1 else ""
+        raise RunStopped(
+            f"rollout worker {index} could not start, so the run stopped before its first step{more}: {cause}"
+        )
     announce_workers(driver_level, reports, untrusted=untrusted, env_name=env_name)
     return min((r.level for r in reports), default=driver_level)

@@ -80,8 +80,10 @@ class Trainer:
         seed: int = 0,
         num_threads: int | None = None,
     ) -> None:
+        from forge.actor_errors import quiet_known_creation_errors
         from forge.models.loading import load_tokenizer, node_checkpoint_folder
 
+        quiet_known_creation_errors()  # the driver says a refusal here in one line (faults.wait_for_trainer)
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         torch.manual_seed(seed)
