@@ -100,7 +100,8 @@ def build_model_config(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerFast)
 # The word shift is small on purpose: every word carries it, so it makes words alike. At
 # 0.6 (both sides, before) words started at cosine similarity 0.88 with each other, and 2 of
 # 10 smoke seeds stalled below 0.9 (seed 0 at 0.85, repeating its last guess); at 0.2 they
-# start at 0.44 and 9 of 10 pass (bench/results/smoke_seeds.json).
+# start at 0.44 and 9 of 10 pass (bench/results/smoke_seeds_negw1.json, before the smoke
+# config scaled negative advantages by 0.25).
 WORD_OFFSET = 0.2
 BYTE_OFFSET = 3.0
 
