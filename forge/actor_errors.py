@@ -35,6 +35,13 @@ def creation_error(exc: BaseException) -> str | None:
     return "\n".join(rest).strip() or None
 
 
+def actor_hub_message(exc: BaseException) -> str | None:
+    """The NodeHubError message of a Ray actor whose creation failed on it, or None."""
+    from forge.models.hub import NodeHubError
+
+    return raised_at_creation(exc, NodeHubError)
+
+
 # Where Ray's actor process logs its failed creation, the whole traceback, which Ray's
 # log_to_driver then prints on the driver's console (Ray 2.60: `ray._raylet`, level ERROR,
 # "Exception raised in creation task: ..."; checked by tests/test_actor_errors.py).

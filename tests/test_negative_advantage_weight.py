@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from forge.config import ConfigError, load_config
+from forge.config import Config, ConfigError, load_config
 from forge.reward.advantages import ADVANTAGE_ESTIMATORS, compute_advantages, weight_negative_advantages
 from forge.reward.shaping import RewardShaper
 from forge.run.context import shape_rewards, to_samples
@@ -40,13 +40,13 @@ def episodes() -> list[Trajectory]:
 
 
 def run_advantages(overrides: list[str]) -> list[float]:
-    cfg = load_config("configs/smoke.yaml", overrides)
+    cfg = load_config("configs/smoke.yaml", ["train.negative_advantage_weight=1", *overrides])
     return shape_rewards(RewardShaper(cfg.reward), episodes(), cfg)[1]
 
 
 def test_a_run_defaults_to_weight_1_and_its_advantages_are_the_estimators():
-    cfg = load_config("configs/smoke.yaml")
-    assert cfg.train.negative_advantage_weight == 1.0
+    cfg = load_config("configs/smoke.yaml", ["train.negative_advantage_weight=1"])
+    assert Config().train.negative_advantage_weight == 1.0  # the key's default; the smoke config sets 0.25
     shaped = episodes()
     RewardShaper(cfg.reward).shape(shaped)
     raw = ADVANTAGE_ESTIMATORS[cfg.train.advantage](
@@ -61,6 +61,9 @@ def test_a_run_defaults_to_weight_1_and_its_advantages_are_the_estimators():
 def test_a_runs_advantages_take_the_configured_weight():
     plain = run_advantages([])
     assert run_advantages(["train.negative_advantage_weight=0.5"]) == [a * 0.5 if a < 0 else a for a in plain]
+    smoke_cfg = load_config("configs/smoke.yaml")
+    smoke = shape_rewards(RewardShaper(smoke_cfg.reward), episodes(), smoke_cfg)[1]
+    assert smoke == [a * 0.25 if a < 0 else a for a in plain]  # the smoke config's own weight
 
 
 def test_subagents_advantages_take_the_weight_too():

@@ -82,13 +82,6 @@ class NodeHubError(ConfigError):
     lacks it offline, or its download failed); the message names the actor's role and node."""
 
 
-def actor_hub_message(exc: BaseException) -> str | None:
-    """The NodeHubError message of a Ray actor whose creation failed on it, or None."""
-    from forge.actor_errors import raised_at_creation
-
-    return raised_at_creation(exc, NodeHubError)
-
-
 @functools.cache
 def hub_snapshot(repo_id: str, revision: str = "main", settings: tuple[str, str] = MODEL_SETTINGS) -> Path:
     """The local folder of hub model `repo_id` at `revision` (a branch, tag or commit): found

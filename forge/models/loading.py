@@ -47,7 +47,7 @@ def checkpoint_folder(
 def node_checkpoint_folder(given: str | Path, revision: str, role: str) -> Path:
     """`checkpoint_folder` in a run's Ray actor (`role`: "rollout worker 1", "trainer", ...).
     A hub id that the driver resolved and this node cannot raises NodeHubError naming the role
-    and the node, which the driver prints as it is (`forge.models.hub.actor_hub_message`)
+    and the node, which the driver prints as it is (`forge.actor_errors.actor_hub_message`)
     instead of reporting a dead actor with its traceback."""
     from forge.models.hub import NodeHubError
 

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from forge.actor_errors import creation_error, known_refusal
+from forge.actor_errors import actor_hub_message, creation_error, known_refusal
 from forge.failures import RunStopped
 from forge.types import Trajectory
 
@@ -73,8 +73,6 @@ def stop_if_model_missing(exc: BaseException) -> None:
     model, or because it refused a setting or its node's sandbox, would fail the same way at
     every restart: stop the run with its message (role, node, setting, fix). Ray's log of it
     was kept off the console (forge.actor_errors.quiet_known_creation_errors)."""
-    from forge.models.hub import actor_hub_message
-
     if (message := actor_hub_message(exc)) is not None:
         raise RunStopped(message) from None
     if (message := known_refusal(exc)) is not None:
@@ -150,8 +148,6 @@ def actor_death_message(exc: BaseException, output_dir: str | Path, config: str 
 
     if not isinstance(exc, RayActorError):
         return None
-    from forge.models.hub import actor_hub_message
-
     if (hub := actor_hub_message(exc)) is not None:  # it never started: its node lacks the model
         return hub
     found = re.search(r"class_name: (\w+)", str(exc))
@@ -173,8 +169,6 @@ def wait_for_trainer(trainer: Any) -> None:
     run with its error (RunStopped), before anything is played for it to train on."""
     import ray
     from ray.exceptions import RayActorError
-
-    from forge.models.hub import actor_hub_message
 
     actors = list(getattr(trainer, "actors", [trainer]))  # a TrainerGroup's ranks, or the one actor
     try:

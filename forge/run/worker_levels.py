@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from forge.actor_errors import creation_error, known_refusal, raised_at_creation
+from forge.actor_errors import actor_hub_message, creation_error, known_refusal, raised_at_creation
 from forge.config import ConfigError
 from forge.failures import RunStopped
-from forge.models.hub import actor_hub_message
 from forge.sandbox.core import SandboxUnavailable
 from forge.sandbox.policy import WorkerSandboxRefused, announce_workers
 
