@@ -12,11 +12,20 @@ import logging
 def raised_at_creation(exc: BaseException, error_type: type[BaseException]) -> str | None:
     """The message of an `error_type` the actor's creation raised, or None (another error, or
     `exc` is not an actor whose creation failed)."""
+    return _raised_one_of(exc, {_qualified(error_type)})
+
+
+def _qualified(error_type: type[BaseException]) -> str:
+    return f"{error_type.__module__}.{error_type.__qualname__}"
+
+
+def _raised_one_of(exc: BaseException, names: set[str]) -> str | None:
+    """The message after the last of the error types `names` (qualified) in the text Ray kept
+    of the actor's failed creation, or None."""
     if not getattr(exc, "actor_init_failed", False):
         return None
-    marker = f"{error_type.__module__}.{error_type.__qualname__}: "
     text = str(exc)
-    at = text.rfind(marker)
+    at, marker = max((text.rfind(f"{name}: "), f"{name}: ") for name in names)
     return text[at + len(marker) :].strip() if at >= 0 else None
 
 
@@ -66,12 +75,7 @@ def known_refusal(exc: BaseException) -> str | None:
     """The message of a Forge refusal (a ConfigError, a sandbox refusal) that the actor's
     creation raised, whose traceback `quiet_known_creation_errors` kept off the console: the
     driver must say it. None for anything else."""
-    if not getattr(exc, "actor_init_failed", False):
-        return None
-    text = str(exc)
-    found = [(text.rfind(marker), marker) for marker in (f"{name}: " for name in _known_error_names())]
-    at, marker = max(found)
-    return text[at + len(marker) :].strip() if at >= 0 else None
+    return _raised_one_of(exc, _known_error_names())
 
 
 def _known_error_names() -> set[str]:
@@ -83,7 +87,7 @@ def _known_error_names() -> set[str]:
     names, todo = set(), [ConfigError, SandboxUnavailable]
     while todo:
         error_type = todo.pop()
-        names.add(f"{error_type.__module__}.{error_type.__qualname__}")
+        names.add(_qualified(error_type))
         todo.extend(error_type.__subclasses__())
     return names
 
