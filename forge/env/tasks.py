@@ -4,16 +4,19 @@ from a seed or read from a local jsonl/parquet/arrow file or a named dataset."""
 from __future__ import annotations
 
 import os
-from typing import Any
-
-import datasets
+from typing import TYPE_CHECKING, Any
 
 from forge.env.base import Env
+
+if TYPE_CHECKING:
+    import datasets
 
 _FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}
 
 
 def generated_tasks(env_class: type[Env], num_tasks: int, seed: int, **kwargs: Any) -> datasets.Dataset:
+    import datasets  # here, not at the top: a second of import that rollout workers never need
+
     rows = env_class.generate_tasks(num_tasks, seed, **kwargs)
     if not rows:
         raise ValueError(f"{env_class.__name__}.generate_tasks returned no tasks")
@@ -27,6 +30,8 @@ def _with_id(row: dict[str, Any], index: int) -> dict[str, Any]:
 def tasks_from(source: str, split: str = "train") -> datasets.Dataset:
     """Read tasks from a local file or folder (jsonl, json, parquet, arrow, csv, or a
     `save_to_disk` folder) or a dataset name `datasets.load_dataset` understands."""
+    import datasets
+
     if os.path.isdir(source) and os.path.exists(os.path.join(source, "dataset_info.json")):
         loaded = datasets.load_from_disk(source)
     elif os.path.exists(source):
