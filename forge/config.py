@@ -816,6 +816,30 @@ def config_file(name_or_path: str | Path) -> Path:
     raise ConfigError(f"config {name_or_path!r} is neither a YAML file nor a built-in config name ({known})")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys in a mapping: a second `train:` section in a
+    file would silently drop every key of the first. Refuse it instead."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    f"{key!r} is given first",
+                    seen[key],
+                    "and again here; merge the two (YAML would keep only the second, dropping the first's keys)",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_yaml(path: Path) -> Any:
+    with path.open() as stream:  # a stream, so YAML's errors name the file, not "<unicode string>"
+        return yaml.load(stream, Loader=_UniqueKeyLoader)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load YAML (or start from defaults when `path` is None) and apply dotted overrides;
     `path` is a YAML file or a built-in config's name."""
@@ -824,9 +848,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = config_file(path)
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = _read_yaml(path)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+            tabs = " (YAML indents with spaces, not tabs)" if "'\\t'" in str(exc) else ""
+            raise ConfigError(f"{path} is not valid YAML{tabs}: {exc}") from exc
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path} must hold a mapping of sections, got {type(loaded).__name__}")
         raw = loaded or {}

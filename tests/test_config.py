@@ -89,6 +89,24 @@ def test_unknown_key_in_yaml_file_names_the_file_and_key(tmp_path):
         load_config(path)
 
 
+def test_a_section_given_twice_in_a_yaml_file_is_refused_naming_both_lines(tmp_path):
+    # PyYAML keeps the last of two equal keys: the second train: would drop the first's keys.
+    path = tmp_path / "twice.yaml"
+    path.write_text("train:\n  learning_rate: 0.01\n  max_steps: 9\nseed: 1\ntrain:\n  max_steps: 5\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert "'train' is given first" in message and "line 1," in message and "line 5," in message
+    assert 'in "' + str(path) + '"' in message
+
+
+def test_a_tab_in_a_yaml_file_names_the_file_line_and_the_fix(tmp_path):
+    path = tmp_path / "tab.yaml"
+    path.write_text("train:\n\tmax_steps: 5\n")
+    with pytest.raises(ConfigError, match=r"indents with spaces, not tabs[\s\S]*tab\.yaml\", line 2"):
+        load_config(path)
+
+
 def test_wrong_type_names_key_and_expected_type():
     with pytest.raises(ConfigError, match=r"train\.max_steps: .*valid integer.*'abc'"):
         load_config(None, ["train.max_steps=abc"])
