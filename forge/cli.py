@@ -17,17 +17,19 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.output_dir:
         cfg.output_dir = args.output_dir
+    if args.resume:
+        cfg.output_dir = args.resume
     if args.dry_run:
-        from forge.run.launch import preflight
+        from forge.run.launch import check_resumable, preflight
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        if args.resume:
+            check_resumable(cfg)
         print(f"forge: {preflight(cfg, wait_for_servers=False)}", file=sys.stderr)
         return 0
     from forge.failures import RunStopped
     from forge.run.launch import train
 
-    if args.resume:
-        cfg.output_dir = args.resume
     try:
         result = train(cfg, resume=bool(args.resume), overwrite=args.overwrite)
     except RunStopped as exc:

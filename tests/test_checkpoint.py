@@ -81,6 +81,20 @@ def test_resuming_with_another_model_is_refused_before_anything_starts_naming_th
     assert (run / "config.yaml").read_text() == written  # the run's record still names its model
 
 
+def test_a_dry_run_of_resume_checks_the_folder_is_a_run_of_this_model(tmp_path, tiny_checkpoint, capsys):
+    from forge.cli import main
+
+    not_a_run = tmp_path / "notes"
+    not_a_run.mkdir()
+    assert main(["train", "smoke", "--resume", str(not_a_run), "--dry-run"]) == 2
+    assert "has no checkpoint to resume from" in capsys.readouterr().err
+    run = killed_run(tmp_path / "run", str(tiny_checkpoint))
+    assert main(["train", "smoke", "--resume", str(run), "--dry-run"]) == 2
+    assert "the checkpoint cannot load into another model" in capsys.readouterr().err
+    assert main(["train", "smoke", f"model.path={tiny_checkpoint}", "--resume", str(run), "--dry-run"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["output_dir"] == str(run)
+
+
 def test_resuming_with_lora_switched_on_is_refused(tmp_path, tiny_checkpoint):
     from forge.config import load_config
     from forge.train.checkpoint import check_resumed_model

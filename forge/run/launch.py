@@ -11,7 +11,7 @@ from forge.metrics import claim_output_dir
 from forge.run.async_ import train_async
 from forge.run.context import RunResult
 from forge.run.sync import train_sync
-from forge.train.checkpoint import check_resumed_model
+from forge.train.checkpoint import check_resumed_model, latest_checkpoint
 
 
 def train(
@@ -37,6 +37,13 @@ def train(
     if cfg.train.mode == "async":
         return train_async(cfg, output_dir, progress, resume)
     return train_sync(cfg, output_dir, progress, resume)
+
+
+def check_resumable(cfg: Config) -> None:
+    """What `--resume` of `cfg.output_dir` needs, checked without starting anything (the run
+    checks the same): a checkpoint to continue from, of the model this config gives."""
+    latest_checkpoint(cfg.output_dir)
+    check_resumed_model(Path(cfg.output_dir), cfg.to_dict()["model"])
 
 
 def preflight(cfg: Config, wait_for_servers: bool = True) -> str:
