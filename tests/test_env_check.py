@@ -62,6 +62,16 @@ def test_step_must_return_a_step_result():
     assert "expected forge.env.StepResult" in failed(check_env(TupleStep))["step"]
 
 
+def test_a_reward_given_as_text_fails_the_check_as_it_errors_a_rollout():
+    class TextReward(Good):
+        def step(self, action):
+            result = super().step(action)
+            result.reward = str(result.reward)
+            return result
+
+    assert "StepResult.reward '" in failed(check_env(TextReward))["step"]
+
+
 def test_raising_on_an_empty_action_fails_with_a_fix():
     class Picky(Good):
         def step(self, action):

@@ -114,6 +114,42 @@ def test_a_reset_of_the_wrong_type_points_at_the_reset_method(tiny_checkpoint, l
     )
 
 
+class BadRewardEnv(Env):
+    reward: object = float("nan")
+
+    def reset(self, task, seed):
+        return "guess"
+
+    def step(self, action):
+        return StepResult("x", reward=self.reward, done=True)
+
+
+class TextRewardEnv(BadRewardEnv):
+    reward = "1"
+
+
+class NoneRewardEnv(BadRewardEnv):
+    reward = None
+
+
+@pytest.mark.parametrize(
+    ("env", "shown"), [("BadRewardEnv", "nan"), ("TextRewardEnv", "'1'"), ("NoneRewardEnv", "None")]
+)
+def test_a_reward_that_is_not_a_finite_float_errors_the_episode_at_the_step_method(
+    tiny_checkpoint, env, shown
+):
+    # Summed as it was, NaN made the group's advantages NaN and one trained step broke the
+    # model ("probability tensor contains either inf, nan"); text "1" passed as 1.0.
+    from forge.env.errors import error_headline
+
+    trajectories = asyncio.run(_worker(tiny_checkpoint, f"{__name__}:{env}").rollout([{"task_id": "t"}], 1))
+    assert trajectories[0].status == "error"
+    assert error_headline(trajectories[0].error).startswith(
+        f"EnvContractError: {env}.step returned StepResult.reward {shown}, expected a "
+    )
+    assert f"{_this_file()}:" in error_headline(trajectories[0].error)
+
+
 def _errored(task: str, where: str = "  at /u/env.py:7 in step") -> Trajectory:
     return Trajectory(
         task, "g", [], [], [], [], 0, status="error", error=f"KeyError: {task!r}\n{where}\nTraceback"

@@ -7,6 +7,8 @@ step and episode timeouts itself, so an env never has to. Plain methods run in a
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +25,25 @@ class StepResult:
     reward: float = 0.0
     done: bool = False
     info: dict[str, Any] = field(default_factory=dict)
+
+
+def step_problem(step: Any) -> str | None:
+    """What makes `step` break the contract (None: nothing). A reward that is text, None or
+    not finite is refused rather than summed: a NaN outcome turns every advantage of its
+    group into NaN, and one trained step into a model that samples nothing."""
+    if not isinstance(step, StepResult):
+        return f"returned {type(step).__name__}, expected forge.env.StepResult"
+    if not isinstance(step.observation, str):
+        return f"returned StepResult.observation of type {type(step.observation).__name__}, expected str"
+    if not isinstance(step.done, bool):
+        return f"returned StepResult.done of type {type(step.done).__name__}, expected bool"
+    if not isinstance(step.reward, numbers.Real):  # numpy floats and bools count
+        return f"returned StepResult.reward {step.reward!r}, expected a float"
+    if not math.isfinite(step.reward):
+        return f"returned StepResult.reward {step.reward}, expected a finite float"
+    if not isinstance(step.info, dict):
+        return f"returned StepResult.info of type {type(step.info).__name__}, expected dict"
+    return None
 
 
 class Env:

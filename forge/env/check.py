@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import random
 import threading
 import time
@@ -17,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from forge.env.base import Env, StepResult
+from forge.env.base import Env, StepResult, step_problem
 from forge.env.calls import EnvTimeout, ThreadCall, build_env, call_env, in_daemon_thread
 from forge.env.errors import user_frame
 from forge.env.preflight import text_problem
@@ -90,20 +89,9 @@ class _Stop(Exception):
 
 
 def _step_problem(step: Any) -> str | None:
-    if not isinstance(step, StepResult):
-        return f"returned {type(step).__name__}, expected forge.env.StepResult"
-    if not isinstance(step.observation, str):
-        return f"StepResult.observation is {type(step.observation).__name__}, expected str"
-    if not isinstance(step.done, bool):
-        return f"StepResult.done is {type(step.done).__name__}, expected bool"
-    try:
-        reward = float(step.reward)
-    except (TypeError, ValueError):
-        return f"StepResult.reward {step.reward!r} is not a number"
-    if not math.isfinite(reward):
-        return f"StepResult.reward is {reward}, expected a finite number"
-    if not isinstance(step.info, dict):
-        return f"StepResult.info is {type(step.info).__name__}, expected dict"
+    problem = step_problem(step)
+    if problem is not None:
+        return problem
     try:
         json.dumps(step.info)
     except (TypeError, ValueError) as exc:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from forge.env.base import Env, StepResult
+from forge.env.base import Env, StepResult, step_problem
 from forge.env.calls import EnvTimeout, build_env, call_env, in_threads
 from forge.env.closing import close_env
 from forge.env.errors import EnvContractError, describe_env_error, error_headline
@@ -313,8 +313,9 @@ class EpisodeStore:
                 raise EpisodeError(
                     500, f"episode {episode_id!r}: env step failed: {type(exc).__name__}: {exc}"
                 ) from None
-            if not isinstance(result, StepResult):
-                raise EpisodeError(500, f"{type(episode.env).__name__}.step returned {type(result).__name__}")
+            problem = step_problem(result)
+            if problem is not None:
+                raise EpisodeError(500, f"{type(unwrapped(episode.env)).__name__}.step {problem}")
             episode.steps += 1
             episode.info.update(result.info)
             if result.done:

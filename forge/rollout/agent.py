@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from forge.env.base import Env, StepResult
+from forge.env.base import Env, step_problem
 from forge.env.calls import EnvTimeout, call_env
 from forge.env.errors import EnvContractError, describe_env_error
 from forge.env.latency import unwrapped
@@ -150,12 +150,10 @@ async def run_episode(
                 spawner.turn = len(turns) - 1
             step = await call_env(env.step, chat.decode(result.token_ids), timeout_s=remaining(step_limit))
             turn.env_seconds = time.monotonic() - env_started
-            if not isinstance(step, StepResult):
+            problem = step_problem(step)
+            if problem is not None:
                 inner = unwrapped(env)
-                raise EnvContractError(
-                    f"{type(inner).__name__}.step returned {type(step).__name__}, expected StepResult",
-                    inner.step,
-                )
+                raise EnvContractError(f"{type(inner).__name__}.step {problem}", inner.step)
             outcome += float(step.reward)
             info.update(step.info)
             if step.done:
