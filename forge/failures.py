@@ -120,6 +120,7 @@ class SignalWatch:
         self.in_a_row = 0
         self.steps = 0
         self.said_alike = False
+        self.said_first = False  # the first step without signal (before any had it) was said
 
     def observe(self, step: int, metrics: dict[str, float], last_step: bool = False) -> None:
         """Watch step `step`, already recorded; raises `RunStopped` when the run must stop."""
@@ -140,7 +141,13 @@ class SignalWatch:
                     "sometimes give it more to learn)"
                 )
             return
-        if self.in_a_row == 1:
+        # A step whose every episode errored has no signal for that reason, said by ErrorWatch;
+        # telling the user then to check the env can be solved would send them the wrong way.
+        all_errored = metrics.get("episodes", 0) > 0 and metrics.get("episodes_error") == metrics.get(
+            "episodes"
+        )
+        if not self.said_first and not all_errored:
+            self.said_first = True
             say(
                 f"forge: step {step} had no learning signal: within each task's group every episode got the same "
                 f"reward ({scored}), so every advantage is 0 and the step trains nothing. {self.fix}"

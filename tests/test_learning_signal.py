@@ -49,6 +49,16 @@ def test_the_first_step_without_signal_is_said_once_with_what_to_check(capsys):
     assert said.rstrip().endswith("Check the env")
 
 
+def test_a_step_whose_every_episode_errored_is_not_said_as_one_without_signal(capsys):
+    # Its error is said by the error watch; "check that the env can be solved" would mislead.
+    watch = SignalWatch(max_steps=5, fix="Check the env")
+    errored = {"signal_fraction": 0.0, "reward_mean": 0.0, "episodes": 8.0, "episodes_error": 8.0}
+    watch.observe(1, errored)
+    assert capsys.readouterr().err == ""
+    watch.observe(2, {**errored, "episodes_error": 3.0})
+    assert "forge: step 2 had no learning signal" in capsys.readouterr().err
+
+
 def test_a_run_that_never_had_signal_stops_after_max_steps_or_at_its_last_step():
     watch = SignalWatch(max_steps=3, fix="Check the env")
     watch.observe(1, steps(0)[0])
