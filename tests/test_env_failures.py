@@ -38,6 +38,20 @@ class DictResetEnv(Env):
         return StepResult("x", done=True)
 
 
+class EmptyResetEnv(Env):
+    """No system prompt and an empty first observation: the model would be shown no task."""
+
+    def reset(self, task, seed):
+        return "  "
+
+    def step(self, action):
+        return StepResult("x", reward=float(len(action) % 2), done=True)
+
+
+class EmptyResetAfterSystemPromptEnv(EmptyResetEnv):
+    system_prompt = "Reply with an odd number of characters."
+
+
 class SpinningEnv(Env):
     """Inline, and its step never returns: a pure-Python loop."""
 
@@ -150,6 +164,22 @@ def test_a_reward_that_is_not_a_finite_float_errors_the_episode_at_the_step_meth
     assert f"{_this_file()}:" in error_headline(trajectories[0].error)
 
 
+def test_an_empty_first_observation_errors_the_episode_unless_a_system_prompt_states_the_task(
+    tiny_checkpoint,
+):
+    from forge.env.errors import error_headline
+
+    empty = asyncio.run(_worker(tiny_checkpoint, f"{__name__}:EmptyResetEnv").rollout([{"task_id": "t"}], 1))
+    assert empty[0].status == "error"
+    assert error_headline(empty[0].error).startswith(
+        "EnvContractError: EmptyResetEnv.reset returned an empty observation and the env has no system_prompt"
+    )
+    prompted = asyncio.run(
+        _worker(tiny_checkpoint, f"{__name__}:EmptyResetAfterSystemPromptEnv").rollout([{"task_id": "t"}], 1)
+    )
+    assert prompted[0].status == "ok"
+
+
 def _errored(task: str, where: str = "  at /u/env.py:7 in step") -> Trajectory:
     return Trajectory(
         task, "g", [], [], [], [], 0, status="error", error=f"KeyError: {task!r}\n{where}\nTraceback"
@@ -198,6 +228,10 @@ def test_a_run_shorter_than_the_window_is_judged_at_its_last_step():
         (
             [f"env.name={__name__}:DictResetEnv", "env.kwargs={}", "env.tasks=" + "{tasks}"],
             r"DictResetEnv.reset returned dict, expected str \(.*test_env_failures.py:\d+\)",
+        ),
+        (
+            [f"env.name={__name__}:EmptyResetEnv", "env.kwargs={}", "env.tasks=" + "{tasks}"],
+            r"EmptyResetEnv.reset returned an empty observation and the env has no system_prompt",
         ),
     ],
 )

@@ -27,6 +27,19 @@ class StepResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+def reset_problem(observation: Any, system_prompt: Any) -> str | None:
+    """What makes `reset`'s return break the contract (None: nothing). An empty first
+    observation is fine after a system prompt that states the task; without one the model
+    would be shown no task at all and the run would train on noise."""
+    if not isinstance(observation, str):
+        return f"returned {type(observation).__name__}, expected str"
+    if not observation.strip() and not (isinstance(system_prompt, str) and system_prompt.strip()):
+        return (
+            "returned an empty observation and the env has no system_prompt, so the model would see no task"
+        )
+    return None
+
+
 def step_problem(step: Any) -> str | None:
     """What makes `step` break the contract (None: nothing). A reward that is text, None or
     not finite is refused rather than summed: a NaN outcome turns every advantage of its

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from forge.env.base import Env, StepResult, step_problem
+from forge.env.base import Env, StepResult, reset_problem, step_problem
 from forge.env.calls import EnvTimeout, ThreadCall, build_env, call_env, in_daemon_thread
 from forge.env.errors import user_frame
 from forge.env.preflight import text_problem
@@ -245,8 +245,9 @@ class _Checker:
 
     async def reset(self, env: Env, task: dict[str, Any], seed: int) -> str:
         observation = await self.call("reset", env.reset, task, seed)
-        if not isinstance(observation, str):
-            self.record("reset", False, f"reset returned {type(observation).__name__}, expected str",
+        problem = reset_problem(observation, getattr(env, "system_prompt", None))
+        if problem is not None:
+            self.record("reset", False, f"reset {problem}",
                         "return the first observation as a string")  # fmt: skip
             raise _Stop
         return observation

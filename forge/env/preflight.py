@@ -10,7 +10,7 @@ import threading
 from typing import Any
 
 from forge.config import ConfigError, EnvConfig
-from forge.env.base import Env
+from forge.env.base import Env, reset_problem
 from forge.env.calls import EnvTimeout, ThreadCall, call_sync
 from forge.env.errors import describe_env_error, error_headline
 from forge.env.registry import resolve_env
@@ -150,12 +150,12 @@ def preflight_env(env_cfg: EnvConfig, seed: int) -> str:
             _in_thread(env.close, timeout_s=env_cfg.step_timeout_s)
         except Exception:  # a failing close is `forge env check`'s to report, not a reason to stop
             pass
-    if not isinstance(observation, str):
+    problem = reset_problem(observation, getattr(env, "system_prompt", None))
+    if problem is not None:
         code = env.reset.__func__.__code__ if hasattr(env.reset, "__func__") else None
         where = f" ({code.co_filename}:{code.co_firstlineno})" if code else ""
         raise EnvPreflightError(
-            f"{name}.reset returned {type(observation).__name__}, expected str{where}: return the first "
-            "observation as text the model reads"
+            f"{name}.reset {problem}{where}: return the first observation as text the model reads"
         )
     problem = text_problem(env)
     if problem:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from forge.env.base import Env, StepResult, step_problem
+from forge.env.base import Env, StepResult, reset_problem, step_problem
 from forge.env.calls import EnvTimeout, build_env, call_env, in_threads
 from forge.env.closing import close_env
 from forge.env.errors import EnvContractError, describe_env_error, error_headline
@@ -231,12 +231,10 @@ class EpisodeStore:
                 with in_threads():
                     env = await build_env(self.env_factory, timeout_s=self.step_timeout_s, name=self.env_name)
                     observation = await call_env(env.reset, task, seed, timeout_s=self.step_timeout_s)
-                if not isinstance(observation, str):
+                problem = reset_problem(observation, env.system_prompt)
+                if problem is not None:
                     inner = unwrapped(env)
-                    raise EnvContractError(
-                        f"{type(inner).__name__}.reset returned {type(observation).__name__}, expected str",
-                        inner.reset,
-                    )
+                    raise EnvContractError(f"{type(inner).__name__}.reset {problem}", inner.reset)
             except Exception as exc:
                 raise self._failed_start(episode_id, task, group, env, exc, started) from None
         episode = Episode(episode_id, dict(task), group, env, observation)

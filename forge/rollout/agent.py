@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from forge.env.base import Env, step_problem
+from forge.env.base import Env, reset_problem, step_problem
 from forge.env.calls import EnvTimeout, call_env
 from forge.env.errors import EnvContractError, describe_env_error
 from forge.env.latency import unwrapped
@@ -107,12 +107,10 @@ async def run_episode(
     engine.register()
     try:
         observation = await call_env(env.reset, task, seed, timeout_s=remaining())
-        if not isinstance(observation, str):
+        problem = reset_problem(observation, env.system_prompt)
+        if problem is not None:
             inner = unwrapped(env)  # the user's env, not the env.latency wrapper
-            raise EnvContractError(
-                f"{type(inner).__name__}.reset returned {type(observation).__name__}, expected str",
-                inner.reset,
-            )
+            raise EnvContractError(f"{type(inner).__name__}.reset {problem}", inner.reset)
         # An env whose system prompt explains its own tool syntax shows no schemas.
         tools = env.tools if getattr(env, "render_tools", True) else None
         append(chat.prompt_ids(observation, env.system_prompt, tools), trainable=False)
