@@ -14,6 +14,7 @@ import pytest
 import forge.models.hub  # noqa: F401  (a subclass is known once imported, as in the actor that raised it)
 import forge.sandbox.policy  # noqa: F401
 from forge.actor_errors import CREATION_LOGGER, CREATION_PREFIX, known_refusal, quiet_known_creation_errors
+from forge.config import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -70,3 +71,59 @@ def test_forge_train_says_a_refusal_at_a_workers_start_in_one_line_without_rays_
     assert "forge: model.lora.target_modules names ['nope']" in done.stderr
     assert "Traceback" not in done.stderr and 'File "' not in done.stderr, done.stderr
     assert "every episode was lost" not in done.stderr
+
+
+def test_an_engine_actor_keeps_rays_log_of_its_refusal_off_the_console(tiny_checkpoint, monkeypatch):
+    """The filter is installed before the engine loads the model, where LoRA targets it lacks
+    are refused; before, Ray printed each engine's traceback above the driver's line."""
+    from forge.config import load_config
+    from forge.rollout.engines.actor import EngineActor
+
+    logger = logging.getLogger(CREATION_LOGGER)
+    monkeypatch.setattr(logger, "filters", [])  # as in a fresh actor process
+    cfg = load_config("smoke", ["model.lora.enabled=true", "model.lora.target_modules=[nope]"])
+    with pytest.raises(ConfigError, match="model.lora.target_modules names"):
+        EngineActor(str(tiny_checkpoint), cfg, seed=0)
+    assert not logger.filter(creation_record("forge.config.ConfigError: model.lora.target_modules names"))
+
+
+class RefusingEngine:
+    """An engine actor whose start raises `error` (the first one), or starts (the others)."""
+
+    def __init__(self, error: Exception | None) -> None:
+        if error is not None:
+            raise error
+
+    def url(self) -> str:
+        return "http://127.0.0.1:1"
+
+
+@pytest.mark.parametrize("error", [ConfigError("rollout.x refused"), ValueError("a bug")])
+def test_the_engine_pool_says_an_engines_refusal_and_stops_the_others(ray_session, monkeypatch, error):
+    """A known refusal at an engine actor's start is the driver's ConfigError (the CLI's one
+    `forge:` line, exit 2); any other error stays Ray's, with its traceback. Either way the
+    engines still starting are stopped, not left holding their CPUs."""
+    import ray
+    from ray import cloudpickle
+    from ray.exceptions import RayActorError
+
+    from forge.config import load_config
+    from forge.rollout.engines import pool
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    started = []
+
+    def start_engine(cfg, model_path, index, name):
+        started.append(ray.remote(RefusingEngine).options(num_cpus=0).remote(error if index == 0 else None))
+        return started[-1]
+
+    monkeypatch.setattr(pool, "start_engine", start_engine)
+    cfg = load_config("smoke", ["rollout.engine=server", "rollout.num_engines=2"])
+    refusal = isinstance(error, ConfigError)
+    with pytest.raises(
+        ConfigError if refusal else RayActorError,
+        match="^rollout.x refused$" if refusal else "ValueError: a bug",
+    ):
+        pool.EnginePool.start(cfg, "unused")
+    with pytest.raises(RayActorError):
+        ray.get(started[1].url.remote(), timeout=30)

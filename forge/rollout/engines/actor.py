@@ -17,9 +17,11 @@ class EngineActor:
     def __init__(self, model_path: str, cfg: Config, seed: int, num_threads: int = 1) -> None:
         import torch
 
+        from forge.actor_errors import quiet_known_creation_errors
         from forge.models.loading import node_checkpoint_folder
         from forge.rollout.engines.server import EngineServer, make_service
 
+        quiet_known_creation_errors()  # the driver says a refusal here in one line (EnginePool.start)
         torch.set_num_threads(num_threads)
         # A hub id this node cannot resolve fails here with the hub's message (make_service's
         # own resolution is then a cached look-up).

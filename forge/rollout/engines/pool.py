@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from forge.config import Config
+from forge.actor_errors import actor_hub_message, known_refusal
+from forge.config import Config, ConfigError
 from forge.rollout.engines.actor import engine_actor_name, start_engine
 from forge.rollout.engines.actor_sync import ActorWeights, weight_sync_method
 from forge.rollout.engines.engine_config import check_engine_config
@@ -65,7 +66,16 @@ class EnginePool:
             start_engine(cfg, model_path, index, engine_actor_name(index))
             for index in range(cfg.rollout.num_engines)
         ]
-        urls = ray.get([actor.url.remote() for actor in actors])
+        try:
+            urls = ray.get([actor.url.remote() for actor in actors])
+        except Exception as exc:
+            for actor in actors:  # those still loading would hold their CPUs and GPUs until Ray stops
+                ray.kill(actor)
+            # A setting every engine refuses alike, whose traceback the actor kept off the
+            # console; a hub id its node lacks is told as the trainer's (forge.run.faults).
+            if actor_hub_message(exc) is None and (message := known_refusal(exc)) is not None:
+                raise ConfigError(message) from None
+            raise
         return cls(urls, actors, cfg, model_path)
 
     @property
