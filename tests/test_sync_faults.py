@@ -91,3 +91,25 @@ def test_only_a_dead_actor_gets_the_resume_advice(tmp_path):
     assert actor_death_message(ValueError("bad batch"), tmp_path) is None
     message = actor_death_message(ActorDiedError(), tmp_path)
     assert "died" in message and "set train.checkpoint_every" in message  # nothing to resume from
+
+
+def test_an_actor_whose_constructor_raised_is_told_by_its_error_not_as_a_death(tmp_path):
+    from ray.exceptions import ActorDiedError
+
+    from forge.run.faults import actor_death_message
+
+    class FailedCreation(ActorDiedError):  # what Ray raises for an actor whose __init__ raised
+        actor_init_failed = True
+
+        def __str__(self) -> str:
+            return (
+                "The actor died because of an error raised in its creation task, class_name: EngineActor\n"
+                'ray::EngineActor.__init__()\n  File "actor.py", line 9, in __init__\n    raise\n'
+                "RuntimeError: no free port on 0.0.0.0"
+            )
+
+    message = actor_death_message(FailedCreation(), tmp_path)
+    assert message.startswith(
+        "the EngineActor actor could not start, so the run stopped: RuntimeError: no free port"
+    )
+    assert "out of memory" not in message and "set train.checkpoint_every" in message

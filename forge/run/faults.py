@@ -152,7 +152,10 @@ def actor_death_message(exc: BaseException, output_dir: str | Path, config: str 
         return hub
     found = re.search(r"class_name: (\w+)", str(exc))
     who = f"the {found.group(1)} actor" if found else "an actor of the run"
-    message = f"{who} died, so the run stopped (its log above says why: often out of memory)."
+    if (cause := creation_error(exc)) is not None:  # it never started: say what its constructor raised
+        message = f"{who} could not start, so the run stopped: {cause}."
+    else:
+        message = f"{who} died, so the run stopped (its log above says why: often out of memory)."
     from forge.train.checkpoint import CheckpointError, latest_checkpoint
 
     try:
