@@ -1,14 +1,18 @@
-"""A gateway run's read of its engine actors' counters (`rollout.engine: server`) waits a
-bounded time for an actor whose one thread is held, leaves that engine's counts out of the
-step, names it on the console once, and never stops the run; once the actor answers again
-its counts come back.
+"""A gateway run's read of its engine actors' counters (`rollout.engine: server`): an engine
+held in a weight update (waiting for a generation batch to end) still gives its counts at
+once; one whose process is stalled whole costs one bounded wait, not one per step: it is left
+out of the step, named on the console once, never stops the run, and its counts come back
+once it answers again.
 
-Real Ray actors (the tests' shared instance); the stall is injected into an engine actor
-through `__ray_call__`."""
+Real Ray actors (the tests' shared instance); a generation batch is held in an engine actor
+through `__ray_call__`, and a whole engine process is stopped with SIGSTOP."""
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import threading
 import time
 
 import pytest
@@ -17,17 +21,31 @@ from forge.config import load_config
 from forge.run.gateway import step_cache_metrics
 
 WAIT_S = 1.0
-# Longer than the 10 s the read waited before it raised GetTimeoutError and stopped the run.
-BLOCKED_S = 12.0
 
 
-def block(engine, seconds: float) -> None:
-    """In the engine actor: the actor's one thread is held for `seconds` (a call stuck in it)."""
-    time.sleep(seconds)
+def hold_a_batch_until(engine, flag: str) -> None:
+    """In the engine actor: a generation batch starts and runs until file `flag` exists, so a
+    weight update asked for meanwhile waits for it."""
+    served = engine.service.served
+    with served._state:
+        served._running += 1
+
+    def end_when_flagged() -> None:
+        while not os.path.exists(flag):
+            time.sleep(0.05)
+        with served._state:
+            served._running -= 1
+            served._state.notify_all()
+
+    threading.Thread(target=end_when_flagged, daemon=True).start()
 
 
-@pytest.fixture
-def pool(ray_session, tmp_path, monkeypatch):
+def process_id(engine) -> int:
+    return os.getpid()
+
+
+@pytest.fixture(scope="module")
+def pool(ray_session, tmp_path_factory):
     from ray import cloudpickle
 
     from forge.models.loading import resolve_model_path
@@ -38,33 +56,90 @@ def pool(ray_session, tmp_path, monkeypatch):
         "configs/smoke.yaml",
         ["rollout.engine=server", "rollout.num_engines=2", "rollout.num_cpus_per_engine=0"],
     )
-    monkeypatch.setattr(pool_module, "METRICS_WAIT_S", WAIT_S)
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # `block` runs inside the actor
-    engines = EnginePool.start(cfg, resolve_model_path(cfg.model, tmp_path / "model", seed=0))
-    try:
-        yield engines
-    finally:
-        engines.shutdown()
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the helpers above run inside the actor
+    model = resolve_model_path(cfg.model, tmp_path_factory.mktemp("model"), seed=0)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pool_module, "METRICS_WAIT_S", WAIT_S)
+        engines = EnginePool.start(cfg, model)
+        engines.model_path = model
+        try:
+            yield engines
+        finally:
+            engines.shutdown()
+
+
+def paused(url: str) -> bool:
+    """Whether the engine's generation is paused for a weight update (its HTTP server's own
+    read, which never waits on the actor)."""
+    import httpx
+
+    return httpx.get(f"{url}/forge/metrics", timeout=10.0).json()["paused"]
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_a_blocked_engine_actor_is_left_out_of_the_step_metrics_named_once_and_read_again_later(pool, capsys):
+def test_an_engine_held_in_a_weight_update_gives_its_counts_at_once(pool, tmp_path, capsys):
     import ray
 
-    answering, blocked = pool.urls
-    assert set(pool.metrics()) == {answering, blocked}
-    held = pool.actors[1].__ray_call__.remote(block, BLOCKED_S)
+    answering, updating = pool.urls
+    flag = tmp_path / "the-batch-ends"
+    ray.get(pool.actors[1].__ray_call__.remote(hold_a_batch_until, str(flag)), timeout=60)
+    update = pool.actors[1].load_weight_folder.remote(str(pool.model_path), 1, 120.0)
+    try:
+        deadline = time.monotonic() + 60
+        while not paused(updating):  # the update has begun: it waits for the batch to end
+            assert time.monotonic() < deadline, "the weight update never paused generation"
+            time.sleep(0.05)
+        read = pool.metrics()  # waited METRICS_WAIT_S and left the engine out before
+        assert not ray.wait([update], timeout=0)[0]  # read while the update still waits
+    finally:
+        flag.touch()
+    assert set(read) == {answering, updating}
+    assert "gave no metrics" not in capsys.readouterr().err
+    assert ray.get(update, timeout=60) == 1  # the update itself goes on as before
+    assert set(pool.metrics()) == {answering, updating}
 
-    first = pool.metrics()  # raised GetTimeoutError (after 10 s) before
-    second = pool.metrics()
-    assert set(first) == set(second) == {answering}
-    assert pool.live_urls == [answering, blocked]  # reading counters drops no engine: the sync decides
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_an_engine_stalled_whole_costs_one_wait_is_named_once_and_is_read_again_once_it_answers(
+    pool, monkeypatch, capsys
+):
+    import ray
+
+    answering, stalled = pool.urls
+    assert set(pool.metrics()) == {answering, stalled}
+    full_waits: list[float] = []  # the timeout of each ray.wait that ran it out (something unanswered)
+    ray_wait = ray.wait
+
+    def recording_wait(refs, *args, **kwargs):
+        ended, pending = ray_wait(refs, *args, **kwargs)
+        if pending:
+            full_waits.append(kwargs.get("timeout"))
+        return ended, pending
+
+    pid = ray.get(pool.actors[1].__ray_call__.remote(process_id), timeout=60)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        monkeypatch.setattr(ray, "wait", recording_wait)
+        first = pool.metrics()
+        waits_first = list(full_waits)
+        second = pool.metrics()
+        third = pool.metrics()
+        monkeypatch.setattr(ray, "wait", ray_wait)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert set(first) == set(second) == set(third) == {answering}
+    assert waits_first == [WAIT_S]
+    assert full_waits == [WAIT_S, 0, 0]  # each later step only looks (WAIT_S each before)
+    assert pool.live_urls == [answering, stalled]  # reading counters drops no engine: the sync decides
     console = capsys.readouterr().err
-    assert console.count(f"engine {blocked} gave no metrics within {WAIT_S:g}s") == 1, console
+    assert console.count(f"engine {stalled} gave no metrics within {WAIT_S:g}s") == 1, console
 
-    ray.get(held, timeout=60)
-    assert set(pool.metrics()) == {answering, blocked}
+    deadline = time.monotonic() + 60
+    while set(pool.metrics()) != {answering, stalled}:  # its pending answer arrives
+        assert time.monotonic() < deadline, "the engine's counts never came back"
+        time.sleep(0.1)
 
 
 def counts(hits: float, prompt: float) -> dict[str, float]:

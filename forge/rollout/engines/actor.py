@@ -9,6 +9,11 @@ from typing import Any
 
 from forge.config import Config
 
+# Every call to an engine actor runs on one thread, one at a time (so weight updates never
+# overlap), except these reads, which must answer while a weight update holds that thread
+# waiting for the running generation batch to end: they run on a thread of their own.
+READS = "reads"
+
 
 class EngineActor:
     """`forge serve` inside a Ray actor: the HTTP server runs on a thread; weights arrive
@@ -44,6 +49,8 @@ class EngineActor:
         return self.server.url
 
     def get_policy_version(self) -> int:
+        # On the calls' thread, not READS: the sync asks it to learn whether that thread, the
+        # one a weight update needs, answers (EnginePool._answering).
         return self.service.served.policy_version
 
     def set_weights(self, weights: Any, version: int, timeout_s: float | None = None) -> int:
@@ -55,6 +62,8 @@ class EngineActor:
         return version
 
     def metrics(self) -> dict[str, Any]:
+        """The served engine's counters; asked on the READS thread (`ask_metrics`), this reads
+        them under ServedEngine's lock, as its HTTP server's /forge/metrics does."""
         return self.service.served.metrics()
 
     def model_bytes(self) -> int:
@@ -109,7 +118,7 @@ def start_engine(cfg: Config, model_path: Path | str | None, index: int, name: s
 
     env_vars = actor_env(cfg.model)
     return (
-        ray.remote(EngineActor)
+        ray.remote(concurrency_groups={READS: 1})(EngineActor)
         .options(
             num_cpus=cfg.rollout.num_cpus_per_engine,
             num_gpus=cfg.rollout.num_gpus_per_engine,
@@ -120,6 +129,12 @@ def start_engine(cfg: Config, model_path: Path | str | None, index: int, name: s
             str(model_path), cfg, cfg.seed + 7919 * (index + 1), max(1, int(cfg.rollout.num_cpus_per_engine))
         )
     )
+
+
+def ask_metrics(actor: Any) -> Any:
+    """A read of engine actor `actor`'s counters (`EngineActor.metrics`) that a weight update
+    holding the actor does not queue behind: an ObjectRef."""
+    return actor.metrics.options(concurrency_group=READS).remote()
 
 
 def engine_actor_name(index: int) -> str:

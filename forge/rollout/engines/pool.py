@@ -14,15 +14,16 @@ from typing import Any
 
 from forge.actor_errors import actor_hub_message, known_refusal
 from forge.config import Config, ConfigError
-from forge.rollout.engines.actor import engine_actor_name, start_engine
+from forge.rollout.engines.actor import ask_metrics, engine_actor_name, start_engine
 from forge.rollout.engines.actor_sync import ActorWeights, weight_sync_method
 from forge.rollout.engines.engine_config import check_engine_config
 from forge.rollout.engines.health import ProbeSchedule, actors_ready, drop_failed, servers_answer
 from forge.rollout.engines.router import EngineView
 from forge.rollout.engines.server_sync import ServerWeights
 
-# An engine actor answers a read of its counters at once unless its one thread is held; the
-# step's metrics wait this long for it, then go on without its counts.
+# An engine actor answers a read of its counters at once, a weight update in it or not
+# (`ask_metrics`), unless its process is stalled whole (GIL held, stopped); the step's metrics
+# wait this long for a new read, then go on without its counts.
 METRICS_WAIT_S = 5.0
 PREFIX_CACHE_COUNTERS = (
     "prefix_cache_hit_tokens",
@@ -303,11 +304,12 @@ class EnginePool:
 
     def metrics(self) -> dict[str, dict[str, float]]:
         """Each live server-mode engine's prefix-cache counters (since it started), by url
-        (remote ones report through the trajectories' own counts). An engine whose actor is
-        held (a call stuck in it) is left out after METRICS_WAIT_S, with a console line the
-        first time: a step's metrics never wait on it longer, nor stop the run; the sync drops
-        it if it is still stuck then. Its unanswered ask is waited on again at the next read
-        rather than a new one queued behind it."""
+        (remote ones report through the trajectories' own counts). An engine actor answers
+        while a weight update holds it; one stalled whole is left out after METRICS_WAIT_S,
+        with a console line the first time: a step's metrics never wait on it longer, nor stop
+        the run; the sync drops it if it is still stuck then. Its unanswered read is not asked
+        again but only looked at (no wait) at later steps, so a stalled engine costs the run
+        one METRICS_WAIT_S, not one per step."""
         import ray
 
         live = [
@@ -316,18 +318,20 @@ class EnginePool:
         for url in self.dead:  # an engine taken back is asked afresh: an old answer predates its drop
             self._metrics_asks.pop(url, None)
             self._metrics_missing.discard(url)
-        asks = {url: self._metrics_asks.pop(url, None) or actor.metrics.remote() for url, actor in live}
-        ended, _ = (
-            ray.wait(list(asks.values()), num_returns=len(asks), timeout=METRICS_WAIT_S) if asks else ([], [])
-        )
+        unanswered = {url: self._metrics_asks.pop(url) for url, _ in live if url in self._metrics_asks}
+        fresh = {url: ask_metrics(actor) for url, actor in live if url not in unanswered}
+        ended = []
+        for asks, wait_s in ((fresh, METRICS_WAIT_S), (unanswered, 0)):
+            if asks:
+                ended += ray.wait(list(asks.values()), num_returns=len(asks), timeout=wait_s)[0]
         counters: dict[str, dict[str, float]] = {}
-        for url, ask in asks.items():
+        for url, ask in {**fresh, **unanswered}.items():
             if ask not in ended:
                 self._metrics_asks[url] = ask
                 if url not in self._metrics_missing:
                     self._metrics_missing.add(url)
                     print(
-                        f"forge: engine {url} gave no metrics within {METRICS_WAIT_S:g}s (its actor is busy); "
+                        f"forge: engine {url} gave no metrics within {METRICS_WAIT_S:g}s (its process is stalled); "
                         "its prefix-cache counts are missing from the step metrics until it answers",
                         file=sys.stderr,
                         flush=True,
