@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from forge.config import Config
+from forge.config import Config, ConfigError
 from forge.types import Trajectory
 
 ON_LOOP = (
@@ -90,6 +90,10 @@ def evaluate(
     from forge.run.context import start_sandbox
     from forge.run.tasks import load_task_rows
 
+    if episodes < 1 or num_tasks < 1:  # else nothing is played and the verdict blames the engine
+        raise ConfigError(
+            f"forge eval needs --episodes and --tasks of at least 1 (got {episodes}, {num_tasks})"
+        )
     try:  # a hub id: this machine's Hugging Face cache (its errors name the fix themselves)
         checkpoint = checkpoint_folder(checkpoint, cfg.model.revision, ("--checkpoint", "model.revision"))
     except FileNotFoundError:

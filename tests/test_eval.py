@@ -46,6 +46,13 @@ def test_eval_of_a_folder_that_is_not_a_model_names_the_fix(tmp_path):
         evaluate(Config(), tmp_path, episodes=1, num_tasks=1)
 
 
+@pytest.mark.parametrize("counts", [["--tasks", "0"], ["--episodes", "-1"]])
+def test_eval_of_no_episodes_is_refused_naming_the_flags(tmp_path, capsys, counts):
+    # It played nothing, and its verdict blamed a dead engine: "every one of the 0 episodes was lost".
+    assert main(["eval", "smoke", "--checkpoint", str(tmp_path), *counts, "--no-progress"]) == 2
+    assert "forge eval needs --episodes and --tasks of at least 1" in capsys.readouterr().err
+
+
 class RaisingEnv(Env):
     """Every step raises: an eval of it measures the env's bug, not the model."""
 
