@@ -257,12 +257,19 @@ def test_dry_run_reports_the_env_it_built(capsys):
     assert "built GuessNumberEnv(**{'n': 4}), 10000 tasks, reset on task 'guess-0'" in capsys.readouterr().err
 
 
-def test_a_hung_inline_env_truncates_its_episodes_and_the_worker_goes_on(tiny_checkpoint):
+def test_a_hung_inline_env_truncates_its_episodes_and_the_worker_goes_on(tiny_checkpoint, monkeypatch):
+    from forge.env import calls
+
+    monkeypatch.setattr(calls, "_SLOW_INLINE", set())
     worker = _worker(tiny_checkpoint, f"{__name__}:SpinningEnv", step_timeout_s=0.5)
     started = time.monotonic()
-    trajectories = asyncio.run(worker.rollout([{"task_id": "t"}], 2))
-    assert [t.status for t in trajectories] == ["truncated", "truncated"]
+    trajectories = asyncio.run(worker.rollout([{"task_id": "t"}], 6))
+    assert [t.status for t in trajectories] == ["truncated"] * 6
     assert all("blocking = False" in t.error for t in trajectories)
+    # A group's steps come due together. Inline, each held the loop until the watchdog ended
+    # it (a limit per episode: a 32-episode group at 3 s stalled the worker past its stuck
+    # limit and it was ended, every episode lost). After the first, the class runs in threads.
+    assert sum("called inline" in t.error for t in trajectories) == 1
     assert time.monotonic() - started < 10
     worker.env_class = NeedsSize  # the same worker plays on
     again = asyncio.run(worker.rollout([{"task_id": "t"}], 2))

@@ -15,7 +15,7 @@ import pytest
 import reset_close_envs
 from env_fault_kit import LoopTicker, episode_store, marked_line, rollout_worker
 
-from forge.env import closing
+from forge.env import calls, closing
 from forge.env.errors import error_headline
 
 ENV = "reset_close_envs:ResetCloseEnv"  # tests/ is on the path, as a user's folder would be
@@ -32,7 +32,7 @@ def _definition(name: str) -> str:
 def fresh_warnings(monkeypatch):
     """Each test sees close failures printed as a fresh process would."""
     monkeypatch.setattr(closing, "_WARNED", set())
-    monkeypatch.setattr(closing, "_SLOW_INLINE", set())
+    monkeypatch.setattr(calls, "_SLOW_INLINE", set())
 
 
 @pytest.mark.parametrize(("on_reset", "status", "headline"), [
@@ -126,11 +126,14 @@ def test_a_gateway_close_that_fails_leaves_the_episode_and_the_loop_alone(on_clo
     assert capsys.readouterr().err.count(headline) == 1  # printed once
 
 
+IN_A_THREAD = " (in a thread: a call of this blocking = False env ran past its limit inline)"
+
+
 @pytest.mark.parametrize(("env", "on_close", "headline"), [
     (ENV, "raise", f"OSError: the board file is gone (at {marked_line(reset_close_envs, 'close raised here')} in close)"),
     (ENV, "sleep", f"EnvTimeout: ResetCloseEnv.close took longer than 1.0s (at {marked_line(reset_close_envs, 'close stuck here')} in close)"),
     ("reset_close_envs:InlineResetCloseEnv", "spin",
-     f"EnvTimeout: ResetCloseEnv.close took longer than 1.0s (at {marked_line(reset_close_envs, 'close spins here')} in close)"),
+     f"EnvTimeout: ResetCloseEnv.close took longer than 1.0s{IN_A_THREAD} (at {marked_line(reset_close_envs, 'close spins here')} in close)"),
 ])  # fmt: skip
 def test_a_worker_close_that_fails_is_given_up_on_and_its_episodes_stand(
     tiny_checkpoint, env, on_close, headline, capsys, tmp_path
@@ -154,7 +157,7 @@ def test_a_worker_close_that_fails_is_given_up_on_and_its_episodes_stand(
     inline = env != ENV
     assert failing - quiet < (2 if inline else 1) * 1.0 + 1.5, (failing, quiet)
     assert [(t.status, t.outcome, t.error) for t in trajectories] == [("ok", 1.0, None)] * 4
-    said_inline = headline.replace("1.0s (at", "1.0s (called inline: the env sets blocking = False) (at")
+    said_inline = headline.replace(IN_A_THREAD, " (called inline: the env sets blocking = False)")
     headlines = {headline, said_inline} if inline else {headline}
     assert {error_headline(t.info["close_error"]) for t in trajectories} == headlines
     assert capsys.readouterr().err.count(said_inline if inline else headline) == 1  # printed once

@@ -64,6 +64,19 @@ _THREADS = DaemonThreads()
 _INLINE_ALLOWED: contextvars.ContextVar[bool] = contextvars.ContextVar("forge_inline_env_calls", default=True)
 
 
+# blocking = False env classes one of whose inline calls ran past its limit: from then on
+# their calls run in daemon threads. Inline, the calls of a step's episodes that all hang run
+# one after another on the event loop, each holding it until the watchdog ends it: a limit per
+# episode, every other episode stalled, and a worker whose loop stalls that long is ended as
+# stuck (`forge.rollout.stuck`) with all its episodes lost.
+_SLOW_INLINE: set[type] = set()
+
+
+def _inline(cls: Any) -> bool:
+    """Whether sync calls of env class `cls` run inline on the loop (see `call_env`)."""
+    return _INLINE_ALLOWED.get() and getattr(cls, "blocking", True) is False and cls not in _SLOW_INLINE
+
+
 @contextlib.contextmanager
 def in_threads() -> Iterator[None]:
     """Within this block (this task and what it awaits), `call_env` hands every sync env
@@ -163,18 +176,22 @@ async def call_env(method: Any, *args: Any, timeout_s: float) -> Any:
     past the timeout the caller moves on and the call is abandoned (stopped with `Abandoned`
     if it loops in Python; a thread stuck in C code stays until that code returns). A sync method of an
     env with `blocking = False` runs inline on the loop: quicker, and interrupted by a
-    watchdog when it hangs (see `forge.env.watchdog`). A timeout's `EnvTimeout.stuck_at`
+    watchdog when it hangs (see `forge.env.watchdog`), after which its class's calls run in
+    threads (`_SLOW_INLINE`). A timeout's `EnvTimeout.stuck_at`
     is where a sync call was when given up on (the user's frame), when known.
     """
     thread_call = ThreadCall()  # a sync call's thread
+    owner = getattr(method, "__self__", None)
+    env_class = owner if isinstance(owner, type) else type(owner)
     if inspect.iscoroutinefunction(method):
         call = method(*args)
-    elif _INLINE_ALLOWED.get() and getattr(getattr(method, "__self__", None), "blocking", True) is False:
+    elif _inline(env_class):
         # The env says it never blocks: no thread hand-off (see Env.blocking), but a
         # watchdog interrupts the call if it hangs anyway.
         try:
             result = call_inline(method, *args, timeout_s=timeout_s)
         except InlineTimeout as exc:
+            _SLOW_INLINE.add(env_class)
             name = getattr(method, "__qualname__", repr(method))
             raise EnvTimeout(
                 f"{name} took longer than {timeout_s:.1f}s (called inline: the env sets blocking = False)",
@@ -190,7 +207,10 @@ async def call_env(method: Any, *args: Any, timeout_s: float) -> Any:
     except TimeoutError:
         name = getattr(method, "__qualname__", repr(method))
         stuck = thread_call.give_up()
-        raise EnvTimeout(f"{name} took longer than {timeout_s:.1f}s", stuck) from None
+        why = " (in a thread: a call of this blocking = False env ran past its limit inline)"
+        raise EnvTimeout(
+            f"{name} took longer than {timeout_s:.1f}s{why if env_class in _SLOW_INLINE else ''}", stuck
+        ) from None
 
 
 async def build_env(
@@ -212,11 +232,12 @@ async def build_env(
     if not label or label.startswith("<"):  # a lambda
         label = "the env"
     what = f"building {label} took longer than {timeout_s:g}s ({limit})"
-    inline = _INLINE_ALLOWED.get() and getattr(factory, "blocking", True) is False
-    if inline:
+    if _inline(factory):
         try:
             return call_inline(lambda: factory(**(kwargs or {})), timeout_s=timeout_s)
         except InlineTimeout as exc:
+            if isinstance(factory, type):
+                _SLOW_INLINE.add(factory)
             stuck = _user_frame(traceback.extract_tb(exc.__traceback__))
             raise EnvTimeout(f"{what}; built inline: {label} sets blocking = False", stuck) from None
     state: dict[str, Any] = {}
@@ -236,6 +257,8 @@ async def build_env(
     except TimeoutError:
         state["abandoned"] = True
         stuck = thread_call.give_up()
+        if factory in _SLOW_INLINE:
+            what += f"; built in a thread: a call of {label} (blocking = False) ran past its limit inline"
         raise EnvTimeout(what, stuck) from None
     except asyncio.CancelledError:
         state["abandoned"] = True

@@ -1,20 +1,18 @@
 """Closing envs like any other env call: within env.step_timeout_s, a close that raises or
 hangs abandoned at the limit, warned once per kind, noted on its episode, never its failure.
-A close runs where the env's other calls run, until one of its class runs past the limit
-inline; then in threads (see `close_env`)."""
+A close runs where the env's other calls run: inline for `blocking = False` until a call of
+its class runs past the limit there, then in threads (`forge.env.calls.call_env`)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any
 
-from forge.env.calls import EnvTimeout, call_env, in_threads
+from forge.env.calls import call_env
 from forge.env.errors import describe_env_error, error_headline, error_kind
 
 _WARNED: set[str] = set()  # kinds of close failure this process has printed
 _BACKGROUND: set[asyncio.Future] = set()  # closes nobody waits for, kept from the collector
-_SLOW_INLINE: set[type] = set()  # blocking = False env classes one of whose closes ran past its limit inline
 
 
 async def close_env(env: Any, timeout_s: float) -> str | None:
@@ -23,17 +21,13 @@ async def close_env(env: Any, timeout_s: float) -> str | None:
     per kind.
 
     An env with `blocking = False` closes inline, as its other calls: no thread per close
-    (a worker closes a whole step's envs at once). Once a close of its class has run past the
+    (a worker closes a whole step's envs at once). Once a call of its class has run past the
     limit there, that class closes in daemon threads (a spinning one stopped, `ThreadCall`):
     inline, closes gathered together run one after another, each holding the event loop until
     the watchdog ends it (N limits for a group of N, every other episode stalled meanwhile)."""
-    threaded = type(env) in _SLOW_INLINE
     try:
-        with in_threads() if threaded else contextlib.nullcontext():
-            await call_env(env.close, timeout_s=timeout_s)
+        await call_env(env.close, timeout_s=timeout_s)
     except Exception as exc:  # the env's fault: its episode stands
-        if isinstance(exc, EnvTimeout) and not getattr(env, "blocking", True):
-            _SLOW_INLINE.add(type(env))
         error = "\n".join(describe_env_error(exc, env).splitlines()[:2])
         warn_close_failure(error)
         return error
