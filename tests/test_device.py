@@ -54,6 +54,24 @@ def test_a_trainer_or_rollout_worker_that_reserves_a_gpu_asks_torch_for_it(tiny_
         RolloutWorker(str(tiny_checkpoint), cfg.model, cfg.env, cfg.rollout, 0.5, seed=0)
 
 
+@pytest.mark.skipif(CUDA, reason="checks the error where torch sees no GPU")
+def test_model_device_cuda_without_a_gpu_is_one_line_before_anything_starts(
+    tiny_checkpoint, monkeypatch, capsys
+):
+    # Each actor of a local run failed its start with its own traceback (~40 lines), and
+    # forge eval ended in a traceback.
+    from forge.cli import main
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert main(["train", "smoke", "model.device=cuda", "--dry-run"]) == 2
+    eval_args = ["eval", "smoke", "--checkpoint", str(tiny_checkpoint), "model.device=cuda", "--tasks", "1"]
+    assert main([*eval_args, "--episodes", "1", "--no-progress"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "needs a GPU" in line]
+    assert len(errors) == 2 and all(
+        line.startswith("forge: model.device='cuda' needs a GPU") for line in errors
+    )
+
+
 def test_the_default_trainer_reserves_no_gpu_and_runs_on_cpu(tiny_checkpoint):
     cfg = Config()
     trainer = Trainer(tiny_checkpoint, cfg.model, cfg.train, cfg.trainer, seed=0)

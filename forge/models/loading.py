@@ -122,6 +122,11 @@ def load_tokenizer(path: str | Path):
     return tokenizer
 
 
+class GpuUnavailable(ConfigError, RuntimeError):
+    """`model.device` (or a GPU reservation) asks for a GPU torch cannot see: a setting the
+    user fixes, so the command says it in one line (a ConfigError), not a traceback."""
+
+
 def resolve_device(setting: str, reserved_gpus: float | None = None) -> torch.device:
     """The device a model runs on for `model.device` = `setting`.
 
@@ -141,7 +146,7 @@ def resolve_device(setting: str, reserved_gpus: float | None = None) -> torch.de
         return torch.device("cpu")
     if not torch.cuda.is_available():
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        raise RuntimeError(
+        raise GpuUnavailable(
             f"model.device={setting!r} needs a GPU in this process"
             + (f" (it reserved {reserved_gpus:g})" if reserved_gpus else "")
             + f", but torch sees none (torch {torch.__version__}, CUDA_VISIBLE_DEVICES={visible!r}); "

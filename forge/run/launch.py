@@ -3,6 +3,7 @@ mode (`forge.run.sync`, `forge.run.async_`, or `forge.run.gateway` for agent pro
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -56,13 +57,17 @@ def preflight(cfg: Config, wait_for_servers: bool = True) -> str:
     Returns the env check's one-line summary."""
     from forge.env.preflight import preflight_env
     from forge.env.registry import resolve_env
-    from forge.models.loading import checkpoint_folder
+    from forge.models.loading import checkpoint_folder, resolve_device
     from forge.rollout.engines.engine_check import refuse_context_past_positions, refuse_unservable
     from forge.rollout.engines.engine_config import check_engine_config
     from forge.rollout.engines.server_check import check_servers
     from forge.sandbox.policy import configure_for_env
 
     check_engine_config(cfg)
+    if cfg.model.device == "cuda" and not os.environ.get("RAY_ADDRESS"):
+        # A local Ray runs every actor on this machine: without a GPU torch can see here, each
+        # would fail its start, each with its own traceback on the console.
+        resolve_device("cuda")
     for line in check_servers(cfg, wait=wait_for_servers):
         print(f"forge: {line}", file=sys.stderr)
     if cfg.model.path is not None:
