@@ -216,3 +216,53 @@ def test_a_call_that_returns_as_it_is_given_up_on_leaves_nothing_for_the_next_ca
     assert 0 < timeouts  # the race was run
     assert after == [f"B{i}" for i in range(100)]
     assert killed == []
+
+
+SLOW_MODULE = """import time
+end = time.monotonic() + 0.5
+while time.monotonic() < end:  # the import takes a while, in Python code
+    pass
+LOADED = True
+"""
+
+
+@pytest.mark.parametrize("give_up", ["abandon", "inline watchdog"])
+def test_a_call_given_up_on_while_importing_finishes_the_import_first(tmp_path, monkeypatch, give_up):
+    # An exception raised inside the import machinery can leave an import lock held, and every
+    # later import in the process waits forever: a test run hung on a lazy `import datasets`
+    # after a generate_tasks importing it was abandoned at its time limit.
+    import sys
+
+    from forge.env.calls import ThreadCall
+    from forge.env.watchdog import InlineTimeout, call_inline, importing
+
+    name = f"slow_to_import_{give_up.split()[0]}"
+    (tmp_path / f"{name}.py").write_text(SLOW_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, name, raising=False)
+
+    def work():
+        __import__(name)
+        while True:  # then loops, so the stop lands here
+            pass
+
+    call, outcome = ThreadCall(), {}
+
+    def run():
+        try:
+            if give_up == "abandon":
+                call.run(work)
+            else:
+                call_inline(work, timeout_s=0.05)
+        except BaseException as exc:
+            outcome["raised"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    if give_up == "abandon":
+        while not importing(thread.ident):
+            time.sleep(0.01)
+        call.abandon()
+    thread.join(timeout=30)
+    assert isinstance(outcome.get("raised"), Abandoned if give_up == "abandon" else InlineTimeout)
+    assert sys.modules[name].LOADED

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from forge.env.errors import is_harness
-from forge.env.watchdog import InlineTimeout, call_inline, raise_in
+from forge.env.watchdog import REFIRE_S, InlineTimeout, call_inline, importing, raise_in
 
 
 class EnvTimeout(Exception):
@@ -118,10 +118,17 @@ class ThreadCall:
         return stuck
 
     def abandon(self) -> None:
-        """Raise `Abandoned` in the call, if it is still running."""
+        """Raise `Abandoned` in the call, if it is still running; while it is importing a
+        module, again every `REFIRE_S` until it is out (see `watchdog.importing`)."""
         with self._lock:
-            if self.thread is not None and not self.finished:
+            if self.thread is None or self.finished:
+                return
+            if not importing(self.thread):
                 raise_in(self.thread, Abandoned)
+                return
+        retry = threading.Timer(REFIRE_S, self.abandon)
+        retry.daemon = True
+        retry.start()
 
     def run(self, function: Any, *args: Any, **kwargs: Any) -> Any:
         self.thread = threading.get_ident()

@@ -13,6 +13,7 @@ may block must leave `blocking` True.
 from __future__ import annotations
 
 import ctypes
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -32,6 +33,19 @@ def raise_in(thread_id: int, exception: type[BaseException] | None) -> None:
     ctypes.pythonapi.PyThreadState_SetAsyncExc(
         ctypes.c_ulong(thread_id), ctypes.py_object(exception) if exception else ctypes.c_void_p(0)
     )
+
+
+def importing(thread_id: int) -> bool:
+    """Whether the thread is inside Python's import machinery. An exception raised there can
+    land between its taking an import lock and the `try` that releases it: the lock stays
+    held, and every later import in the process (a lazy `import datasets`, an env's `import
+    numpy` in a method) waits forever. So `raise_in`'s callers wait until the import is done."""
+    frame = sys._current_frames().get(thread_id)
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 class _Watchdog:
@@ -68,9 +82,10 @@ class _Watchdog:
                 now = time.monotonic()
                 for thread_id, deadline in self.deadlines.items():
                     if now >= deadline:
-                        raise_in(thread_id, InlineTimeout)
+                        if not importing(thread_id):
+                            raise_in(thread_id, InlineTimeout)
+                            self.fired[thread_id] = True
                         self.deadlines[thread_id] = now + REFIRE_S
-                        self.fired[thread_id] = True
                 self.wake_at = min(self.deadlines.values(), default=now + 60.0)
                 self.lock.wait(max(self.wake_at - time.monotonic(), 0.001))
 
