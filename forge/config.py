@@ -600,7 +600,7 @@ class SandboxConfig(Section):
         ge=0,
         le=2,
         description="written by the run into its config.yaml: the level it used, the lowest of its rollout "
-        "workers' (ignored as input)",
+        "workers' (restarted ones included; ignored as input)",
     )
 
 

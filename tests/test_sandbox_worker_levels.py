@@ -112,3 +112,107 @@ def test_the_warning_names_each_node_below_the_driver_with_what_failed_there(cap
         announce_workers(1, reports, untrusted=True) != []
         and announce_workers(0, reports, untrusted=True) == []
     )
+
+
+class Answers:
+    """A fake actor method: `.remote()` gives a ref to its answer."""
+
+    def __init__(self, answer: object) -> None:
+        self.answer = answer
+
+    def remote(self, *args: object) -> object:
+        import ray
+
+        return ray.put(self.answer)
+
+
+class FakeWorker:
+    """A rollout worker that answers at once, on a node whose level `report` gives."""
+
+    def __init__(self, report: object) -> None:
+        self.sandbox_report = Answers(report)
+        self.set_weights = Answers(None)
+        self.get_policy_version = Answers(0)
+
+
+def run_recorded_at(level: int, reports: list, output) -> object:
+    """A Run (no actors started) whose workers are `reports`' fakes and whose recorded level is `level`."""
+    from forge.run.context import Run
+
+    cfg = load_config("configs/smoke.yaml", ["logging.tensorboard=false"])
+    cfg.sandbox.level = level
+    run = object.__new__(Run)
+    run.cfg, run.output_dir, run.workers = cfg, output, [FakeWorker(report) for report in reports]
+    run.restarted, run.stuck_report_dir, run.stuck_reported = set(), output / "stuck_workers", set()
+    return run
+
+
+def test_a_worker_restarted_on_a_weaker_node_lowers_the_recorded_level_and_says_so_once(
+    ray_session, tmp_path, capsys
+):
+    from forge.run.context import StepLog
+    from forge.sandbox.policy import SandboxReport
+
+    reports = [SandboxReport("a (10.0.0.2)", 2), SandboxReport("b (10.0.0.3)", 1, {2: "bwrap not found"})]
+    run = run_recorded_at(2, reports, tmp_path)
+    log = StepLog(run.cfg, tmp_path, False, "train", 0)
+    log.record(1, {}, [], None)
+    run.tell_worker_death(0, 4)  # back on a node as strong as the run's: nothing changes
+    run.tell_worker_death(1, 4)  # as the sync loop's collect_rollouts tells it
+    run.tell_workers("set_weights", None, 2)  # the step's weight sync: both answer, restarted
+    run.tell_workers("set_weights", None, 3)
+    log.record(2, {}, [], None)
+    log.close()
+    err = capsys.readouterr().err
+    assert err.count("restarted on node") == 1
+    assert (
+        "forge: rollout worker 1 restarted on node b (10.0.0.3) at sandbox level 1 (was 2; there: bwrap not found)"
+        in err
+    )
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["sandbox"]["level"] == 1
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [row["sandbox_level"] for row in rows] == [2.0, 1.0]
+
+
+def test_an_async_run_asks_the_level_of_a_worker_it_sees_come_back(ray_session, tmp_path, capsys):
+    from forge.run.async_ import AsyncLoop
+    from forge.sandbox.policy import SandboxReport
+
+    run = run_recorded_at(2, [SandboxReport("a", 2), SandboxReport("b", 0, root=False)], tmp_path)
+    run.cfg.env.name = "weak_worker_envs:UntrustedGuessEnv"
+    loop = object.__new__(AsyncLoop)
+    loop.run, loop.cfg, loop.down = run, run.cfg, {1}
+    probe = run.workers[1].get_policy_version.remote()
+    loop.probes = {probe: 1}
+    run.tell_worker_death(1, 4)  # as AsyncLoop.worker_died tells it
+    loop.probe_restarted(probe)
+    err = capsys.readouterr().err
+    assert (
+        run.cfg.sandbox.level == 0
+        and "forge: rollout worker 1 restarted on node b at sandbox level 0 (was 2)" in err
+    )
+    assert "untrusted code at level 0 on node b" in err  # it was allowed there: warned as at start
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["sandbox"]["level"] == 0
+
+
+def test_a_worker_that_refuses_to_restart_on_a_weaker_node_stops_the_run_with_its_refusal():
+    from ray.exceptions import ActorDiedError
+
+    from forge.run.faults import worker_gone_message
+
+    class RefusedRestart(ActorDiedError):  # what Ray raises once a restart's __init__ raised
+        actor_init_failed = True
+
+        def __str__(self) -> str:
+            return (
+                "The actor died because of an error raised in its creation task, class_name: RolloutWorker\n"
+                'ray::RolloutWorker.__init__()\n  File "worker.py", line 70, in __init__\n    raise\n'
+                "forge.sandbox.policy.WorkerSandboxRefused: rollout worker 1 on node b: sandbox.min_level=2, "
+                "but this host offers only level 1"
+            )
+
+    message = worker_gone_message(1, 3, RefusedRestart())
+    assert message == (
+        "rollout worker 1 could not restart, so the run stopped: rollout worker 1 on node b: "
+        "sandbox.min_level=2, but this host offers only level 1"
+    )

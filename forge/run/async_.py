@@ -341,6 +341,7 @@ class AsyncLoop:
         except ActorDiedError as exc:
             raise RunStopped(worker_gone_message(index, self.cfg.async_.max_worker_restarts, exc)) from None
         self.down.discard(index)
+        self.run.recheck_sandbox_level(index)
 
     def end_step(self, started: float) -> tuple[list[Trajectory], dict[str, float]]:
         """The oldest queued step has ended: send its weights to every worker in sync, count

@@ -124,6 +124,9 @@ class Run:
         # Reports told already (or left by the run this one resumes).
         self.stuck_reported = {str(path) for path in self.stuck_report_dir.glob("*.txt")}
         self.workers = self._start_workers()
+        # Workers Ray restarted (or is restarting), maybe on another node, whose sandbox
+        # level the run has not asked again yet (recheck_sandbox_level).
+        self.restarted: set[int] = set()
         try:
             self._record_sandbox_level()
         except Exception:
@@ -143,8 +146,38 @@ class Run:
         untrusted = bool(getattr(resolve_env(cfg.env.name), "runs_untrusted_code", False))
         level = workers_level(self.workers, driver_level, untrusted=untrusted, env_name=cfg.env.name)
         if level != cfg.sandbox.level:
-            cfg.sandbox.level = level
-            (self.output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            self._set_sandbox_level(level)
+
+    def _set_sandbox_level(self, level: int) -> None:
+        """Record `level` as the run's: in cfg (so the steps' `sandbox_level`, StepLog) and config.yaml."""
+        self.cfg.sandbox.level = level
+        (self.output_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+
+    def recheck_sandbox_level(self, index: int) -> None:
+        """Rollout worker `index` is back from a restart, maybe on another node: if that node
+        gives a lower sandbox level than the run's, the run's level drops to it, said once.
+        (A node below what the config allows made the worker refuse to restart: the run
+        stopped there, forge.run.faults.worker_gone_message.)"""
+        import ray
+        from ray.exceptions import RayActorError
+
+        from forge.env.registry import resolve_env
+        from forge.run.worker_levels import restarted_level_note
+
+        try:
+            report = ray.get(self.workers[index].sandbox_report.remote())
+        except RayActorError:  # died again: told, and asked again, after its next restart
+            return
+        self.restarted.discard(index)
+        if report.level >= self.cfg.sandbox.level:
+            return
+        untrusted = bool(getattr(resolve_env(self.cfg.env.name), "runs_untrusted_code", False))
+        say(
+            restarted_level_note(
+                index, report, self.cfg.sandbox.level, untrusted=untrusted, env_name=self.cfg.env.name
+            )
+        )
+        self._set_sandbox_level(report.level)
 
     def _start_workers(self) -> list[Any]:
         import ray
@@ -210,6 +243,7 @@ class Run:
 
     def tell_worker_death(self, index: int, lost: int) -> None:
         """Say on the console that rollout worker `index` died, losing `lost` episodes, and why if it knows."""
+        self.restarted.add(index)
         env = self.cfg.env
         say(
             worker_death_note(
@@ -239,7 +273,8 @@ class Run:
 
     def tell_workers(self, method: str, *args: Any) -> None:
         """Call `method` on every worker and wait for each; a worker Ray is restarting is
-        waited for, then called again (it came back without what the call gives)."""
+        waited for, then called again (it came back without what the call gives), and its
+        sandbox level asked again."""
         import ray
         from ray.exceptions import ActorUnavailableError, RayActorError
 
@@ -249,7 +284,10 @@ class Run:
                 ray.get(ref)
             except (RayActorError, ActorUnavailableError):
                 wait_until_alive(worker, index, self.cfg.async_.max_worker_restarts)
+                self.restarted.add(index)
                 ray.get(getattr(worker, method).remote(*args))
+            if index in self.restarted:  # it answered: it is back
+                self.recheck_sandbox_level(index)
 
     def keep_frozen(self, version: int) -> None:
         """Save the sub-agents' snapshot when the workers reach swarm.frozen_version (forge.run.frozen)."""
@@ -367,7 +405,7 @@ class StepLog:
         self.bar = tqdm(
             total=cfg.train.max_steps, desc=desc, unit="step", disable=not show_progress, initial=done_steps
         )
-        self.sandbox_level = float(cfg.sandbox.level)
+        self.sandbox = cfg.sandbox  # read at each step: a worker restarted on a weaker node lowers it
         self.trajectory_samples = cfg.logging.trajectory_samples
 
     def record(
@@ -379,7 +417,7 @@ class StepLog:
         **shown: str,
     ) -> None:
         """Log step `step` (its metrics plus the sandbox level) and advance the bar, showing `shown` too."""
-        metrics["sandbox_level"] = self.sandbox_level
+        metrics["sandbox_level"] = float(self.sandbox.level)
         self.logger.record_step(step, metrics, trajectories, tokenizer, self.trajectory_samples)
         show_step(self.bar, metrics, **shown)
 

@@ -130,7 +130,11 @@ def wait_until_alive(actor: Any, index: int, max_restarts: int, timeout_s: float
 
 
 def worker_gone_message(index: int, max_restarts: int, exc: BaseException) -> str:
-    """Why the run stops when rollout worker `index` is dead for good."""
+    """Why the run stops when rollout worker `index` is dead for good: it refused to restart
+    (e.g. on a node whose sandbox level is below what the config allows: Ray does not restart
+    an actor whose `__init__` raised), or it died more than `max_restarts` times."""
+    if (refusal := known_refusal(exc)) is not None:
+        return f"rollout worker {index} could not restart, so the run stopped: {refusal}"
     cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return (
         f"rollout worker {index} died more than async.max_worker_restarts={max_restarts} times, so the run "
