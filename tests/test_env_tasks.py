@@ -78,3 +78,27 @@ def test_an_unloadable_dataset_name_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(ValueError, match="neither a local file nor a loadable dataset"):
         tasks_from("someorg/missing")
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ('{"task_id": "a"}\n{"task_id": "b"\n', "line 2 is not JSON (Expecting ',' delimiter, column 16)"),
+        ('{"task_id": "a"}\n\n["b"]\n', "line 3 is a JSON list; each line must be one task, an object"),
+        (b'{"task_id": "\xff"}\n', "it is not UTF-8 text"),
+    ],
+)
+def test_a_malformed_jsonl_task_file_names_its_line(tmp_path, text, problem):
+    path = tmp_path / "tasks.jsonl"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ValueError) as raised:
+        tasks_from(str(path))
+    assert str(raised.value) == f"env.tasks={str(path)!r}: {problem}"
+
+
+def test_a_csv_datasets_cannot_read_says_pyarrows_reason_not_datasets_generic_one(tmp_path):
+    path = tmp_path / "tasks.csv"
+    path.write_text("task_id,x\na,1\nb,2,3,4\n")
+    with pytest.raises(ValueError, match="could not be read as csv") as raised:
+        tasks_from(str(path))
+    assert "DatasetGenerationError" not in str(raised.value)

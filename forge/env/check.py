@@ -21,7 +21,7 @@ from forge.env.calls import EnvTimeout, ThreadCall, build_env, call_env, in_daem
 from forge.env.errors import user_frame
 from forge.env.preflight import text_problem
 from forge.env.registry import resolve_env
-from forge.env.tasks import load_tasks
+from forge.env.tasks import as_dataset, generated_rows, load_tasks
 
 HUGE_ACTION_CHARS = 1_000_000
 HUGE_ACTION = "huge action"  # the check's name; its 1M-char probe is exempt from INLINE_LIMIT_S
@@ -228,11 +228,11 @@ class _Checker:
         self.in_call = ("tasks", label, time.monotonic())
         call = ThreadCall()
 
-        def generate() -> Any:
-            return load_tasks(self.env_class, None, num_tasks, seed, **self.kwargs)
+        def generate() -> list[dict[str, Any]]:
+            return generated_rows(self.env_class, num_tasks, seed, **self.kwargs)
 
         try:
-            return await asyncio.wait_for(in_daemon_thread(generate, call=call), timeout=self.timeout_s)
+            rows = await asyncio.wait_for(in_daemon_thread(generate, call=call), timeout=self.timeout_s)
         except TimeoutError:
             stuck = call.give_up()
             where = f" (stuck at {stuck.filename}:{stuck.lineno} in {stuck.name})" if stuck else ""
@@ -242,6 +242,7 @@ class _Checker:
         finally:
             self.in_call = None
             self.report.calling(None)
+        return as_dataset(rows)  # after the limit: the env's time is its own code's only
 
     async def reset(self, env: Env, task: dict[str, Any], seed: int) -> str:
         observation = await self.call("reset", env.reset, task, seed)

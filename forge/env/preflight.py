@@ -14,7 +14,7 @@ from forge.env.base import Env, reset_problem
 from forge.env.calls import EnvTimeout, ThreadCall, call_sync
 from forge.env.errors import describe_env_error, error_headline
 from forge.env.registry import resolve_env
-from forge.env.tasks import load_tasks
+from forge.env.tasks import as_dataset, generated_rows, load_tasks
 
 GIL_GRACE_S = 5.0  # past env.step_timeout_s: a call that kept this thread waiting holds the GIL
 
@@ -86,8 +86,8 @@ def _in_thread(function: Any, *args: Any, timeout_s: float) -> Any:
     return outcome["value"]
 
 
-def _generate(env_class: type[Env], env_cfg: EnvConfig, seed: int) -> Any:
-    return load_tasks(env_class, None, env_cfg.num_tasks, seed, **env_cfg.kwargs)
+def _generate(env_class: type[Env], env_cfg: EnvConfig, seed: int) -> list[dict[str, Any]]:
+    return generated_rows(env_class, env_cfg.num_tasks, seed, **env_cfg.kwargs)
 
 
 def _stuck_at(exc: EnvTimeout) -> str:
@@ -111,7 +111,8 @@ def preflight_env(env_cfg: EnvConfig, seed: int) -> str:
             tasks = load_tasks(env_class, env_cfg.tasks, env_cfg.num_tasks, seed, **env_cfg.kwargs)
         else:
             # The env's own code, run in a thread: one that hangs is given up on with its line.
-            tasks = _in_thread(_generate, env_class, env_cfg, seed, timeout_s=env_cfg.tasks_timeout_s)
+            rows = _in_thread(_generate, env_class, env_cfg, seed, timeout_s=env_cfg.tasks_timeout_s)
+            tasks = as_dataset(rows)  # after the limit: the env's time is its own code's only
     except EnvTimeout as exc:
         raise EnvPreflightError(
             f"{name}.generate_tasks (env.num_tasks={env_cfg.num_tasks}) did not return within "

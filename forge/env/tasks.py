@@ -3,6 +3,7 @@ from a seed or read from a local jsonl/parquet/arrow file or a named dataset."""
 
 from __future__ import annotations
 
+import json
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -15,12 +16,24 @@ _FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arr
 
 
 def generated_tasks(env_class: type[Env], num_tasks: int, seed: int, **kwargs: Any) -> datasets.Dataset:
-    import datasets  # here, not at the top: a second of import that rollout workers never need
+    return as_dataset(generated_rows(env_class, num_tasks, seed, **kwargs))
 
+
+def generated_rows(env_class: type[Env], num_tasks: int, seed: int, **kwargs: Any) -> list[dict[str, Any]]:
+    """The env's own `generate_tasks`, each row given a task_id: the part a caller that limits
+    the env's time (preflight, `forge env check`) times; `as_dataset` is Forge's."""
     rows = env_class.generate_tasks(num_tasks, seed, **kwargs)
     if not rows:
         raise ValueError(f"{env_class.__name__}.generate_tasks returned no tasks")
-    return datasets.Dataset.from_list([_with_id(row, i) for i, row in enumerate(rows)])
+    return [_with_id(row, i) for i, row in enumerate(rows)]
+
+
+def as_dataset(rows: list[dict[str, Any]]) -> datasets.Dataset:
+    # Imported here, not at the top: a second of import that rollout workers never need,
+    # and that is not the env's time when a generator is timed.
+    import datasets
+
+    return datasets.Dataset.from_list(rows)
 
 
 def _with_id(row: dict[str, Any], index: int) -> dict[str, Any]:
@@ -43,11 +56,14 @@ def tasks_from(source: str, split: str = "train") -> datasets.Dataset:
             )
         if os.path.getsize(source) == 0:
             raise ValueError(f"env.tasks={source!r} holds no rows")
+        if extension == ".jsonl" and (problem := _jsonl_problem(source)) is not None:
+            raise ValueError(f"env.tasks={source!r}: {problem}")
         try:
             loaded = datasets.load_dataset(_FILE_FORMATS[extension], data_files=source, split=split)
         except Exception as exc:
+            cause = _first_cause(exc)
             raise ValueError(
-                f"env.tasks={source!r} could not be read as {extension[1:]} ({type(exc).__name__}: {str(exc)[:200]})"
+                f"env.tasks={source!r} could not be read as {extension[1:]} ({type(cause).__name__}: {str(cause).strip()[:200]})"
             ) from exc
     elif source.endswith(tuple(_FILE_FORMATS)) or source.startswith((".", "/", "~")):
         raise ValueError(f"env.tasks={source!r}: no such file; check the path (relative to {os.getcwd()})")
@@ -68,6 +84,34 @@ def tasks_from(source: str, split: str = "train") -> datasets.Dataset:
     if "task_id" not in loaded.column_names:
         loaded = loaded.add_column("task_id", [str(i) for i in range(len(loaded))])
     return loaded
+
+
+def _jsonl_problem(source: str) -> str | None:
+    """What is wrong with a jsonl task file, by line: datasets says only "An error occurred
+    while generating the dataset" (its log line above gives a 0-based row)."""
+    try:
+        with open(source, encoding="utf-8") as lines:
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line.rstrip("\r\n"))
+                except json.JSONDecodeError as exc:
+                    return f"line {number} is not JSON ({exc.msg}, column {exc.pos + 1})"
+                if not isinstance(row, dict):
+                    return (
+                        f"line {number} is a JSON {type(row).__name__}; each line must be one task, an object"
+                    )
+    except UnicodeDecodeError:
+        return "it is not UTF-8 text"
+    return None
+
+
+def _first_cause(exc: BaseException) -> BaseException:
+    """The error under datasets' generic DatasetGenerationError (pyarrow's, which names the row)."""
+    while type(exc).__name__ == "DatasetGenerationError" and (exc.__cause__ or exc.__context__) is not None:
+        exc = exc.__cause__ or exc.__context__
+    return exc
 
 
 def load_tasks(
