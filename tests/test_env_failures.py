@@ -164,6 +164,33 @@ def test_a_reward_that_is_not_a_finite_float_errors_the_episode_at_the_step_meth
     assert f"{_this_file()}:" in error_headline(trajectories[0].error)
 
 
+class NumpyStepEnv(Env):
+    """Gym-style: reward and done computed with numpy."""
+
+    def reset(self, task, seed):
+        return "guess"
+
+    def step(self, action):
+        import numpy
+
+        return StepResult("x", reward=numpy.float32(1.0), done=numpy.array([True]).all())
+
+
+def test_a_step_whose_reward_and_done_are_numpys_plays_as_a_float_and_a_bool(tiny_checkpoint):
+    import json
+
+    import numpy
+
+    step = NumpyStepEnv().step("7")
+    assert type(step.done) is bool and step.done and json.dumps(step.done) == "true"
+    assert StepResult("x", done=numpy.bool_(False)).done is False
+    [played] = asyncio.run(
+        _worker(tiny_checkpoint, f"{__name__}:NumpyStepEnv").rollout([{"task_id": "t"}], 1)
+    )
+    assert played.status != "error", played.error
+    assert played.outcome == 1.0 and played.num_turns == 1
+
+
 def test_an_empty_first_observation_errors_the_episode_unless_a_system_prompt_states_the_task(
     tiny_checkpoint,
 ):

@@ -26,6 +26,12 @@ class StepResult:
     done: bool = False
     info: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # Gym-style code computes `done` with numpy (`np.all(...)`, `terminated | truncated`):
+        # its bool is the bool it stands for (and JSON can carry it, as the gateway sends it).
+        if type(self.done).__module__ == "numpy" and type(self.done).__name__ in ("bool_", "bool"):
+            self.done = bool(self.done)
+
 
 def reset_problem(observation: Any, system_prompt: Any) -> str | None:
     """What makes `reset`'s return break the contract (None: nothing). An empty first
