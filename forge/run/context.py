@@ -137,16 +137,20 @@ class Run:
     def _record_sandbox_level(self) -> None:
         """Each worker probed its own node: the run's level is the lowest, in config.yaml and
         the metrics; a worker whose node gives less than the config allows stops the run here."""
-        from forge.env.registry import resolve_env
         from forge.run.worker_levels import workers_level
         from forge.sandbox import available_level
 
         cfg = self.cfg
         driver_level = available_level() if cfg.sandbox.level is None else cfg.sandbox.level
-        untrusted = bool(getattr(resolve_env(cfg.env.name), "runs_untrusted_code", False))
-        level = workers_level(self.workers, driver_level, untrusted=untrusted, env_name=cfg.env.name)
+        level = workers_level(self.workers, driver_level, untrusted=self._untrusted(), env_name=cfg.env.name)
         if level != cfg.sandbox.level:
             self._set_sandbox_level(level)
+
+    def _untrusted(self) -> bool:
+        """Whether the run's env runs model-written code (what a sandbox level 0 warns of)."""
+        from forge.env.registry import resolve_env
+
+        return bool(getattr(resolve_env(self.cfg.env.name), "runs_untrusted_code", False))
 
     def _set_sandbox_level(self, level: int) -> None:
         """Record `level` as the run's: in cfg (so the steps' `sandbox_level`, StepLog) and config.yaml."""
@@ -161,7 +165,6 @@ class Run:
         import ray
         from ray.exceptions import RayActorError
 
-        from forge.env.registry import resolve_env
         from forge.run.worker_levels import restarted_level_note
 
         try:
@@ -171,10 +174,9 @@ class Run:
         self.restarted.discard(index)
         if report.level >= self.cfg.sandbox.level:
             return
-        untrusted = bool(getattr(resolve_env(self.cfg.env.name), "runs_untrusted_code", False))
         say(
             restarted_level_note(
-                index, report, self.cfg.sandbox.level, untrusted=untrusted, env_name=self.cfg.env.name
+                index, report, self.cfg.sandbox.level, untrusted=self._untrusted(), env_name=self.cfg.env.name
             )
         )
         self._set_sandbox_level(report.level)

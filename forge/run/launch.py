@@ -27,7 +27,7 @@ def train(
     With `resume`, continue from the latest checkpoint in the output directory. Without it,
     an output directory holding an earlier run is refused, or with `overwrite` emptied of it."""
     if resume:
-        check_resumed_model(Path(output_dir or cfg.output_dir), cfg.to_dict()["model"])
+        check_resumable(cfg, output_dir)
     else:
         claim_output_dir(Path(output_dir or cfg.output_dir), overwrite)
     preflight(cfg)
@@ -40,11 +40,13 @@ def train(
     return train_sync(cfg, output_dir, progress, resume)
 
 
-def check_resumable(cfg: Config) -> None:
-    """What `--resume` of `cfg.output_dir` needs, checked without starting anything (the run
-    checks the same): a checkpoint to continue from, of the model this config gives."""
-    latest_checkpoint(cfg.output_dir)
-    check_resumed_model(Path(cfg.output_dir), cfg.to_dict()["model"])
+def check_resumable(cfg: Config, output_dir: str | Path | None = None) -> None:
+    """What `--resume` of `output_dir` (default `cfg.output_dir`) needs, checked without
+    starting anything (`forge train --dry-run` and the run alike): a checkpoint to continue
+    from, of the model this config gives."""
+    folder = Path(output_dir or cfg.output_dir)
+    latest_checkpoint(folder)
+    check_resumed_model(folder, cfg.to_dict()["model"])
 
 
 def preflight(cfg: Config, wait_for_servers: bool = True) -> str:
