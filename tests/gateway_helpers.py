@@ -75,8 +75,15 @@ class ScriptedEngine:
 
 
 @contextmanager
-def serve(engine, tokenizer, max_new_tokens: int = 6, max_context_tokens: int = 1024, **gateway_options):
-    store = EpisodeStore(lambda: GuessNumberEnv(n=8))
+def serve(
+    engine,
+    tokenizer,
+    max_new_tokens: int = 6,
+    max_context_tokens: int = 1024,
+    env_factory=lambda: GuessNumberEnv(n=8),
+    **gateway_options,
+):
+    store = EpisodeStore(env_factory)
     gateway = Gateway(engine, tokenizer, store, max_new_tokens, max_context_tokens, **gateway_options)
     # The gateway runs batches on a worker thread; torch's thread pool spinning there
     # against the server's threads made decoding ~20x slower on a loaded 2-core machine.

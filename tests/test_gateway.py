@@ -18,10 +18,12 @@ import pytest
 from gateway_helpers import ScriptedEngine, client, serve, start
 
 from forge.config import ModelConfig, TinyModelConfig
+from forge.env.base import StepResult
 from forge.env.tools import hermes_tools_prompt
 from forge.models.loading import load_model, load_tokenizer
 from forge.models.tiny import save_tiny_checkpoint
 from forge.rollout.engines.hf import HFEngine
+from forge_envs.guess_number import GuessNumberEnv
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL_TEXT = '<tool_call>{"name":"guess","arguments":{"number":3}}</tool_call>'
@@ -277,6 +279,28 @@ def test_env_steps_reach_the_env_and_its_reward_is_the_outcome(engine, tokenizer
     assert hint["observation"] == "higher" and not hint["done"]
     assert correct["done"] and correct["reward"] == 1.0
     assert finished["outcome"] == 1.0
+
+
+class NumpyGuessEnv(GuessNumberEnv):
+    """Scores with numpy, as gym-style envs do."""
+
+    def step(self, action):
+        import numpy
+
+        result = super().step(action)
+        return StepResult(
+            result.observation, numpy.float32(result.reward), numpy.bool_(result.done), result.info
+        )
+
+
+def test_an_envs_numpy_reward_and_done_reach_the_agent_as_json(engine, tokenizer):
+    # FastAPI cannot encode numpy's float32 or int64: the step answered 500 after the env had stepped.
+    with serve(engine, tokenizer, env_factory=lambda: NumpyGuessEnv(n=8)) as server:
+        episode = start(server, secret=3)
+        url = f"{server.root_url}/forge/episodes/{episode['episode_id']}"
+        correct = httpx.post(f"{url}/step", json={"action": "3"})
+    assert correct.status_code == 200, correct.text
+    assert correct.json()["reward"] == 1.0 and correct.json()["done"] is True
 
 
 def test_concurrent_episodes_keep_their_calls_apart(engine, tokenizer):

@@ -27,10 +27,18 @@ class StepResult:
     info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        # Gym-style code computes `done` with numpy (`np.all(...)`, `terminated | truncated`):
-        # its bool is the bool it stands for (and JSON can carry it, as the gateway sends it).
-        if type(self.done).__module__ == "numpy" and type(self.done).__name__ in ("bool_", "bool"):
-            self.done = bool(self.done)
+        # Gym-style code computes `reward` and `done` with numpy (`np.float32`, `np.all(...)`):
+        # each stands for the Python number or bool it holds, which the contract check
+        # (`step_problem`) and JSON (the gateway's answer to an agent's step) both take.
+        self.reward = _plain(self.reward)
+        self.done = _plain(self.done)
+
+
+def _plain(value: Any) -> Any:
+    """A numpy scalar as the Python value it holds (`.item()`); anything else as it is."""
+    return (
+        value.item() if type(value).__module__ == "numpy" and getattr(value, "shape", None) == () else value
+    )
 
 
 def reset_problem(observation: Any, system_prompt: Any) -> str | None:
