@@ -32,6 +32,7 @@ def task_summary(trajectories: list[Trajectory], wall_seconds: float, swarm: boo
         "episodes": len(played),
         "episodes_error": sum(t.status == "error" for t in played),
         "episodes_truncated": sum(t.status == "truncated" for t in played),
+        "episodes_timeout": sum(t.timed_out for t in played),
         "episodes_lost": len(trajectories) - len(played),
         "success_rate": statistics.fmean(t.success for t in played) if played else None,
         "turns_mean": statistics.fmean(t.num_turns for t in played) if played else None,

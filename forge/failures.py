@@ -32,6 +32,22 @@ def signal_fix(env_name: str, max_turns: int, max_new_tokens: int) -> str:
     )
 
 
+def env_timeout_fix(step_timeout_s: float, episode_timeout_s: float) -> str:
+    """What a stop tells the user when a run's episodes were all cut short by a time limit."""
+    return (
+        f"Raise env.step_timeout_s (now {step_timeout_s:g} s, the limit on one env call) or "
+        f"env.episode_timeout_s (now {episode_timeout_s:g} s), or make the env's calls faster"
+    )
+
+
+def agent_timeout_fix(agent_timeout_s: float) -> str:
+    """As `env_timeout_fix`, for a gateway run's agent programs."""
+    return (
+        f"Raise gateway.agent_timeout_s (now {agent_timeout_s:g} s) or env.step_timeout_s, or make the agent "
+        "program (gateway.agent_command) or the env faster"
+    )
+
+
 AGENT_SIGNAL_FIX = (
     "Check that the agent program (gateway.agent_command) can solve the env's tasks and that their rewards "
     "differ between episodes of a task; or warm-start the model first (`forge sft`)"
@@ -111,11 +127,22 @@ class SignalWatch:
     run training on nothing: its first such step is said with `fix`, and `max_steps` of them
     in a row stop it, as does its last step. After signal, steps without it are a policy that
     solves its tasks alike (converged, most often): said once, when `max_steps` come in a
-    row, and the run goes on. A resumed run has had signal. `max_steps` 0 turns it all off."""
+    row, and the run goes on. A resumed run has had signal. `max_steps` 0 turns it all off.
 
-    def __init__(self, max_steps: int, fix: str, from_scratch: bool = True) -> None:
+    Steps whose every episode errored or ran out of time have no signal for that reason
+    (FailureWatch prints the first of each kind): they are never said to need an env that can
+    be solved, and a stop after only such steps says `timeout_fix` where time limits cut some
+    short, else `error_fix`."""
+
+    def __init__(
+        self, max_steps: int, fix: str, from_scratch: bool = True, error_fix: str = "", timeout_fix: str = ""
+    ) -> None:
         self.max_steps = max_steps
         self.fix = fix
+        self.error_fix = error_fix
+        self.timeout_fix = timeout_fix
+        self.cut_off_in_a_row = 0  # of the steps in a row without signal, those none of whose episodes ended
+        self.timeouts_in_a_row = 0  # of those, the steps with an episode cut short by a time limit
         self.ever = not from_scratch  # whether a step had signal (a resumed run trained before)
         self.in_a_row = 0
         self.steps = 0
@@ -126,9 +153,15 @@ class SignalWatch:
         """Watch step `step`, already recorded; raises `RunStopped` when the run must stop."""
         self.steps += 1
         if metrics.get("signal_fraction", 0.0) > 0:
-            self.ever, self.in_a_row = True, 0
+            self.ever, self.in_a_row, self.cut_off_in_a_row, self.timeouts_in_a_row = True, 0, 0, 0
             return
         self.in_a_row += 1
+        played = metrics.get("episodes", 0)
+        cut_off = (
+            played > 0 and metrics.get("episodes_error", 0) + metrics.get("episodes_timeout", 0) == played
+        )
+        self.cut_off_in_a_row += cut_off
+        self.timeouts_in_a_row += cut_off and metrics.get("episodes_timeout", 0) > 0
         if not self.max_steps:
             return
         scored = f"reward_mean {metrics.get('reward_mean', float('nan')):.3g}, success_rate {metrics.get('success_rate', float('nan')):.2f}"
@@ -141,20 +174,26 @@ class SignalWatch:
                     "sometimes give it more to learn)"
                 )
             return
-        # A step whose every episode errored has no signal for that reason, said by ErrorWatch;
-        # telling the user then to check the env can be solved would send them the wrong way.
-        all_errored = metrics.get("episodes", 0) > 0 and metrics.get("episodes_error") == metrics.get(
-            "episodes"
-        )
-        if not self.said_first and not all_errored:
+        # A step whose every episode errored or timed out has no signal for that reason, said by
+        # FailureWatch; telling the user then to check the env can be solved would send them the wrong way.
+        if not self.said_first and not cut_off:
             self.said_first = True
             say(
                 f"forge: step {step} had no learning signal: within each task's group every episode got the same "
                 f"reward ({scored}), so every advantage is 0 and the step trains nothing. {self.fix}"
             )
         if self.in_a_row >= self.max_steps or last_step:
+            fix = self.fix
+            if self.cut_off_in_a_row == self.in_a_row and self.timeouts_in_a_row:
+                scored = (
+                    "every episode errored or ran past a time limit, the first of each kind printed above"
+                )
+                fix = self.timeout_fix or fix
+            elif self.cut_off_in_a_row == self.in_a_row:
+                scored = "every episode errored, the first error of each kind printed above"
+                fix = self.error_fix or fix
             raise RunStopped(
                 f"stopped at step {step}: none of the run's {self.steps} steps had learning signal (every "
                 f"episode's advantage was 0; {scored}), so it trained on nothing (train.max_steps_without_signal="
-                f"{self.max_steps}; 0 never stops). {self.fix}"
+                f"{self.max_steps}; 0 never stops). {fix}"
             )

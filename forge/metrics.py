@@ -44,6 +44,7 @@ def rollout_metrics(trajectories: list[Trajectory], swarm: bool = False) -> dict
         "episodes_lost": float(len(trajectories) - len(played)),
         "episodes_error": float(sum(t.status == "error" for t in played)),
         "episodes_truncated": float(sum(t.status == "truncated" for t in played)),
+        "episodes_timeout": float(sum(t.timed_out for t in played)),
     }
     if not played:
         return metrics

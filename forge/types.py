@@ -16,6 +16,9 @@ EpisodeStatus = Literal["ok", "truncated", "error", "lost"]
 
 NO_VERSION = -1  # policy version of tokens the model did not generate
 
+# How the error of an episode cut short by a time limit begins (`Trajectory.timed_out`).
+TIMEOUT = "timeout:"
+
 
 @dataclass
 class Turn:
@@ -78,6 +81,12 @@ class Trajectory:
     @property
     def num_turns(self) -> int:
         return len(self.turns)
+
+    @property
+    def timed_out(self) -> bool:
+        """Cut short by a time limit (an env call's, the episode's, an agent's, a sub-agent's):
+        its error reads "timeout: ..."."""
+        return self.status == "truncated" and bool(self.error) and self.error.startswith(TIMEOUT)
 
     @property
     def generated_tokens(self) -> int:

@@ -55,8 +55,15 @@ def test_a_hung_env_step_truncates_its_episode_without_stalling_the_others(tiny_
     trajectories = asyncio.run(worker.rollout(tasks, group_size=2))
     stuck = [t for t in trajectories if t.task_id == "stuck"]
     fine = [t for t in trajectories if t.task_id == "fine"]
-    assert all(t.status == "truncated" and t.error.startswith("timeout") for t in stuck)
-    assert all(t.error is None and t.num_turns == 3 for t in fine)
+    assert all(t.status == "truncated" and t.error.startswith("timeout") and t.timed_out for t in stuck)
+    # The fine ones end at rollout.max_turns: truncated too, but not by a time limit.
+    assert all(t.error is None and t.num_turns == 3 and not t.timed_out for t in fine)
+    counts = rollout_metrics(trajectories)
+    assert (counts["episodes_truncated"], counts["episodes_timeout"], counts["episodes_error"]) == (
+        4.0,
+        2.0,
+        0.0,
+    )
     assert max(t.wall_seconds for t in fine) < 3.0 <= min(t.wall_seconds for t in stuck)
     assert time.monotonic() - started < 20
 

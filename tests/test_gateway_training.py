@@ -99,6 +99,7 @@ def test_an_agent_past_its_timeout_is_killed_and_its_episode_truncated(server):
     agent, played = play(server, """{python} -c "import time; time.sleep(60)" """, timeout_s=0.5)
     assert agent.returncode is None
     assert played.status == "truncated" and "agent_timeout_s" in played.error
+    assert played.to_trajectory(success_threshold=0.5).timed_out  # counted in episodes_timeout
 
 
 def test_an_agent_gets_its_episode_id_as_the_api_key(server):

@@ -59,6 +59,36 @@ def test_a_step_whose_every_episode_errored_is_not_said_as_one_without_signal(ca
     assert "forge: step 2 had no learning signal" in capsys.readouterr().err
 
 
+def test_steps_cut_short_by_time_limits_say_the_limit_to_raise_not_that_the_env_may_be_unsolvable(capsys):
+    # Every episode ran past env.step_timeout_s (its kind printed by the failure watch): all
+    # rewards are 0, but the env's solvability is not what to check.
+    watch = SignalWatch(
+        max_steps=3, fix="Check the env can be solved", timeout_fix="Raise env.step_timeout_s"
+    )
+    timed_out = {"signal_fraction": 0.0, "reward_mean": 0.0, "episodes": 8.0, "episodes_timeout": 8.0}
+    watch.observe(1, timed_out)
+    watch.observe(2, {**timed_out, "episodes_timeout": 5.0, "episodes_error": 3.0})
+    assert capsys.readouterr().err == ""
+    with pytest.raises(RunStopped, match=r"ran past a time limit.*\. Raise env.step_timeout_s$") as stop:
+        watch.observe(3, timed_out)
+    assert "can be solved" not in str(stop.value)
+    # One step in the run whose episodes ended (reward 0 all the same) and the env is in question again.
+    mixed = SignalWatch(
+        max_steps=3, fix="Check the env can be solved", timeout_fix="Raise env.step_timeout_s"
+    )
+    mixed.observe(1, timed_out)
+    mixed.observe(2, {**timed_out, "episodes_timeout": 2.0})
+    assert "forge: step 2 had no learning signal" in capsys.readouterr().err
+    with pytest.raises(RunStopped, match=r"Check the env can be solved$"):
+        mixed.observe(3, timed_out)
+    # Only errors (the error watch stops such runs first unless env.max_error_fraction=1): the env's error.
+    errored = SignalWatch(
+        max_steps=1, fix="Check the env can be solved", error_fix="Fix the env", timeout_fix="Raise"
+    )
+    with pytest.raises(RunStopped, match=r"every episode errored, the first error .*\. Fix the env$"):
+        errored.observe(1, {**timed_out, "episodes_timeout": 0.0, "episodes_error": 8.0})
+
+
 def test_a_run_that_never_had_signal_stops_after_max_steps_or_at_its_last_step():
     watch = SignalWatch(max_steps=3, fix="Check the env")
     watch.observe(1, steps(0)[0])

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from forge.gateway.server import GatewayServer
+from forge.types import TIMEOUT
 
 
 @dataclass
@@ -101,7 +102,10 @@ def close_unfinished(server: GatewayServer, exits: dict[str, AgentExit]) -> None
         if store.get(episode_id).finished:
             continue
         if agent.returncode is None:
-            status, error = "truncated", "the agent ran past gateway.agent_timeout_s and was killed"
+            status, error = (
+                "truncated",
+                f"{TIMEOUT} the agent ran past gateway.agent_timeout_s and was killed",
+            )
         else:
             status, error = (
                 "error",

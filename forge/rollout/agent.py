@@ -20,7 +20,7 @@ from forge.rollout.chat import ChatFormat
 from forge.rollout.engines.batching import BatchingEngine
 from forge.rollout.engines.protocol import GenerationRequest
 from forge.rollout.engines.remote import EngineLost
-from forge.types import NO_VERSION, Trajectory, Turn
+from forge.types import NO_VERSION, TIMEOUT, Trajectory, Turn
 
 
 @dataclass(frozen=True)
@@ -165,7 +165,7 @@ async def run_episode(
     except EngineLost as exc:  # infrastructure, not the policy: counted, never trained on
         status, error = "lost", str(exc)
     except (TimeoutError, EnvTimeout) as exc:
-        status, error = "truncated", f"timeout: {exc}" if str(exc) else "timeout: episode time limit"
+        status, error = "truncated", f"{TIMEOUT} {exc}" if str(exc) else f"{TIMEOUT} episode time limit"
     except Exception as exc:
         status, error = "error", describe_env_error(exc, env)
     finally:

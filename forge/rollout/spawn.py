@@ -21,7 +21,7 @@ from typing import Any
 from forge.env.base import Env, StepResult
 from forge.env.tools import ToolCall, ToolEnv, parse_answer
 from forge.rollout.agent import run_episode
-from forge.types import Trajectory
+from forge.types import TIMEOUT, Trajectory
 
 SPAWN_TOOL = "spawn"
 # Past swarm.timeout_s the sub-agent's own deadline ends it; this is the backstop for an
@@ -269,7 +269,7 @@ class Spawner:
             )
         except TimeoutError:
             return stand_in(
-                row["task_id"], self.group_id, "truncated", f"timeout: ran past {self.swarm.timeout_s}s"
+                row["task_id"], self.group_id, "truncated", f"{TIMEOUT} ran past {self.swarm.timeout_s}s"
             )
         except Exception as exc:  # run_episode records env failures itself; this is the engine or a bug
             return stand_in(row["task_id"], self.group_id, "error", f"{type(exc).__name__}: {exc}")
@@ -279,7 +279,7 @@ def subagent_result(trajectory: Trajectory, timeout_s: float) -> str:
     """What the parent reads for one sub-agent: its answer, or why there is none."""
     if trajectory.success:
         return str(trajectory.info.get("answer", ""))
-    if trajectory.error and trajectory.error.startswith("timeout"):
+    if trajectory.timed_out:
         return f"error: the sub-agent did not finish within swarm.timeout_s={timeout_s:g}s"
     if trajectory.error:
         return f"error: the sub-agent failed: {trajectory.error.splitlines()[0][:300]}"

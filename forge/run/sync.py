@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from forge.config import Config
-from forge.failures import FailureWatch, RunStopped, SignalWatch, env_fix, signal_fix
+from forge.failures import FailureWatch, RunStopped, SignalWatch, env_fix, env_timeout_fix, signal_fix
 from forge.run.context import (
     Run,
     RunResult,
@@ -34,7 +34,14 @@ def train_sync(
     log = StepLog(cfg, output, progress, "train", done)
     failures = FailureWatch(cfg.env.max_error_fraction, cfg.env.error_window_steps, env_fix(cfg.env.name))
     fix = signal_fix(cfg.env.name, cfg.rollout.max_turns, cfg.rollout.max_new_tokens)
-    signal = SignalWatch(cfg.train.max_steps_without_signal, fix, from_scratch=done == 0)
+    timeouts = env_timeout_fix(cfg.env.step_timeout_s, cfg.env.episode_timeout_s)
+    signal = SignalWatch(
+        cfg.train.max_steps_without_signal,
+        fix,
+        from_scratch=done == 0,
+        error_fix=env_fix(cfg.env.name),
+        timeout_fix=timeouts,
+    )
     step = done
     try:
         for step in range(done + 1, cfg.train.max_steps + 1):
