@@ -24,6 +24,44 @@ def test_env_kwargs_reach_task_generation():
     assert {row["n"] for row in tasks} == {4} and max(row["secret"] for row in tasks) < 4
 
 
+class InstanceGenerator(GuessNumberEnv):
+    def generate_tasks(self, num_tasks, seed):  # a newcomer's mistake: no @classmethod
+        return [{"secret": 1}] * num_tasks
+
+
+class OneDict(GuessNumberEnv):
+    @classmethod
+    def generate_tasks(cls, num_tasks, seed):
+        return {"secret": 1}
+
+
+class Strings(GuessNumberEnv):
+    @staticmethod
+    def generate_tasks(num_tasks, seed):
+        return (f"secret {i}" for i in range(num_tasks))
+
+
+@pytest.mark.parametrize(
+    ("env_class", "message"),
+    [
+        (
+            InstanceGenerator,
+            r"InstanceGenerator.generate_tasks must be a @classmethod: Forge calls .* on the class, before any env",
+        ),
+        (OneDict, r"OneDict.generate_tasks returned a dict; return a list of tasks, each a dict"),
+        (
+            Strings,
+            r"Strings.generate_tasks returned a str \('secret 0'\) among its tasks; each task is a dict",
+        ),
+    ],
+)
+def test_a_generator_of_the_wrong_shape_says_what_shape_it_must_have(env_class, message):
+    # Before, Python's and datasets' own words: "missing 1 required positional argument: 'seed'",
+    # "'str' object is not a mapping".
+    with pytest.raises(TypeError, match=message):
+        load_tasks(env_class, None, num_tasks=3, seed=0)
+
+
 @pytest.mark.parametrize("extension", ["jsonl", "parquet", "csv"])
 def test_a_local_file_is_read_and_given_task_ids(tmp_path, extension):
     path = tmp_path / f"tasks.{extension}"

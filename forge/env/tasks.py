@@ -3,6 +3,7 @@ from a seed or read from a local jsonl/parquet/arrow file or a named dataset."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from typing import TYPE_CHECKING, Any
@@ -22,9 +23,24 @@ def generated_tasks(env_class: type[Env], num_tasks: int, seed: int, **kwargs: A
 def generated_rows(env_class: type[Env], num_tasks: int, seed: int, **kwargs: Any) -> list[dict[str, Any]]:
     """The env's own `generate_tasks`, each row given a task_id: the part a caller that limits
     the env's time (preflight, `forge env check`) times; `as_dataset` is Forge's."""
+    name = f"{env_class.__name__}.generate_tasks"
+    if not isinstance(inspect.getattr_static(env_class, "generate_tasks"), classmethod | staticmethod):
+        # Called on the class, a plain method would take num_tasks for self: say so, not "missing 'seed'".
+        raise TypeError(
+            f"{name} must be a @classmethod: Forge calls {name}(num_tasks, seed) on the class, before any env "
+            "is built"
+        )
     rows = env_class.generate_tasks(num_tasks, seed, **kwargs)
     if not rows:
-        raise ValueError(f"{env_class.__name__}.generate_tasks returned no tasks")
+        raise ValueError(f"{name} returned no tasks")
+    if isinstance(rows, dict | str):
+        raise TypeError(f"{name} returned a {type(rows).__name__}; return a list of tasks, each a dict")
+    rows = list(rows)
+    bad = next((row for row in rows if not isinstance(row, dict)), None)
+    if bad is not None:
+        raise TypeError(
+            f"{name} returned a {type(bad).__name__} ({bad!r:.60}) among its tasks; each task is a dict"
+        )
     return [_with_id(row, i) for i, row in enumerate(rows)]
 
 
