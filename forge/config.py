@@ -852,9 +852,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except yaml.YAMLError as exc:
             tabs = " (YAML indents with spaces, not tabs)" if "'\\t'" in str(exc) else ""
             raise ConfigError(f"{path} is not valid YAML{tabs}: {exc}") from exc
-        if loaded is not None and not isinstance(loaded, dict):
+        if loaded is None:
+            # Most often the wrong file, or one saved empty: a run on every default is a run nobody
+            # asked for. `{}` says "the defaults" on purpose.
+            raise ConfigError(
+                f"{path} holds no settings (it is empty or only comments), so the run would train on every "
+                "default; give the sections to change (`forge train smoke --dry-run` prints a whole config), "
+                "or write `{}` to mean the defaults"
+            )
+        if not isinstance(loaded, dict):
             raise ConfigError(f"{path} must hold a mapping of sections, got {type(loaded).__name__}")
-        raw = loaded or {}
+        raw = loaded
         source = str(path)
     given = {}
     for text in overrides or []:

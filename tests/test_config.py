@@ -100,6 +100,18 @@ def test_a_section_given_twice_in_a_yaml_file_is_refused_naming_both_lines(tmp_p
     assert 'in "' + str(path) + '"' in message
 
 
+@pytest.mark.parametrize("text", ["", "# the settings go here\n", "---\n"])
+def test_a_config_file_without_settings_is_refused_and_an_empty_mapping_means_the_defaults(tmp_path, text):
+    # Before, an empty file (the wrong one, or one saved empty) trained on every default.
+    (tmp_path / "empty.yaml").write_text(text)
+    with pytest.raises(
+        ConfigError, match=r"empty\.yaml holds no settings .* write `\{\}` to mean the defaults"
+    ):
+        load_config(tmp_path / "empty.yaml")
+    (tmp_path / "defaults.yaml").write_text("{}\n")
+    assert load_config(tmp_path / "defaults.yaml") == load_config()
+
+
 def test_a_tab_in_a_yaml_file_names_the_file_line_and_the_fix(tmp_path):
     path = tmp_path / "tab.yaml"
     path.write_text("train:\n\tmax_steps: 5\n")
