@@ -20,11 +20,19 @@ def _train(args: argparse.Namespace) -> int:
     if args.resume:
         cfg.output_dir = args.resume
     if args.dry_run:
+        from pathlib import Path
+
+        from forge.metrics import check_output_dir
         from forge.run.launch import check_resumable, preflight
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         if args.resume:
             check_resumable(cfg)
+        else:
+            try:  # said, not refused: a dry run after a run into the same folder is the usual order
+                check_output_dir(Path(cfg.output_dir), args.overwrite)
+            except FileExistsError as exc:
+                print(f"forge: note: without --dry-run the run would stop here: {exc}", file=sys.stderr)
         print(f"forge: {preflight(cfg, wait_for_servers=False)}", file=sys.stderr)
         return 0
     from forge.failures import RunStopped

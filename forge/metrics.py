@@ -20,19 +20,25 @@ def claim_output_dir(output: Path, overwrite: bool = False) -> None:
     """Make `output` ready for a new run. One that holds an earlier run is refused (its
     metrics would be appended to, and its checkpoints mixed with this run's), unless
     `overwrite`: then that run's files are removed, and only those."""
-    earlier = [name for name in ("metrics.jsonl", "checkpoints") if (output / name).exists()]
-    if not earlier:
+    if not check_output_dir(output, overwrite):
         return
-    if not overwrite:
+    for name in RUN_FILES:
+        (output / name).unlink(missing_ok=True)
+    for name in RUN_FOLDERS:
+        shutil.rmtree(output / name, ignore_errors=True)
+
+
+def check_output_dir(output: Path, overwrite: bool = False) -> bool:
+    """`claim_output_dir`'s refusal, changing nothing (also for `forge train --dry-run`): whether
+    `output` holds an earlier run that `overwrite` would remove."""
+    earlier = [name for name in ("metrics.jsonl", "checkpoints") if (output / name).exists()]
+    if earlier and not overwrite:
         raise FileExistsError(
             f"{output} already holds a run ({' and '.join(earlier)}): continue it with --resume {output} "
             "(if it wrote checkpoints), write this run elsewhere with --output-dir DIR, or replace it with "
             "--overwrite"
         )
-    for name in RUN_FILES:
-        (output / name).unlink(missing_ok=True)
-    for name in RUN_FOLDERS:
-        shutil.rmtree(output / name, ignore_errors=True)
+    return bool(earlier)
 
 
 def rollout_metrics(trajectories: list[Trajectory], swarm: bool = False) -> dict[str, float]:

@@ -93,6 +93,30 @@ def test_a_dry_run_of_resume_checks_the_folder_is_a_run_of_this_model(tmp_path, 
     assert "the checkpoint cannot load into another model" in capsys.readouterr().err
     assert main(["train", "smoke", f"model.path={tiny_checkpoint}", "--resume", str(run), "--dry-run"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["output_dir"] == str(run)
+    # Without --resume, the run would refuse that folder: the dry run says so (and passes, as a
+    # dry run after a run into the same folder is the usual order); --overwrite would take it.
+    assert (
+        main(["train", "smoke", f"model.path={tiny_checkpoint}", "--output-dir", str(run), "--dry-run"]) == 0
+    )
+    assert f"forge: note: without --dry-run the run would stop here: {run} already holds a run" in (
+        capsys.readouterr().err
+    )
+    assert (
+        main(
+            [
+                "train",
+                "smoke",
+                f"model.path={tiny_checkpoint}",
+                "--output-dir",
+                str(run),
+                "--overwrite",
+                "--dry-run",
+            ]
+        )
+        == 0
+    )
+    assert "already holds a run" not in capsys.readouterr().err
+    assert (run / "checkpoints").is_dir()  # a dry run of --overwrite removes nothing
 
 
 def test_resuming_with_lora_switched_on_is_refused(tmp_path, tiny_checkpoint):
