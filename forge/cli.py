@@ -4,11 +4,36 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 import yaml
 
 SIGPIPE_EXIT = 141  # 128 + SIGPIPE, the status a shell reports for a program the signal ended
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, as for a program Ctrl-C ended
+TERMINATED_EXIT = 143  # 128 + SIGTERM
+
+
+_SIGNALLED: list[
+    int
+] = []  # SIGTERM, once it came: Ray re-raises what a handler raised as a KeyboardInterrupt
+
+
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM (a scheduler's preemption, `kill`): the run stops as on Ctrl-C, its actors shut down."""
+    _SIGNALLED.append(signum)
+    raise KeyboardInterrupt
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _has_steps(output_dir: str) -> bool:
+    metrics = os.path.join(output_dir, "metrics.jsonl")
+    return os.path.isfile(metrics) and os.path.getsize(metrics) > 0
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -38,11 +63,22 @@ def _train(args: argparse.Namespace) -> int:
     from forge.failures import RunStopped
     from forge.run.launch import train
 
+    previous = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
     try:
         result = train(cfg, resume=bool(args.resume), overwrite=args.overwrite)
     except RunStopped as exc:
         print(f"forge: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # the run's actors were shut down on the way out (its finally)
+        from forge.run.faults import resume_hint
+
+        how, code = ("SIGTERM", TERMINATED_EXIT) if _SIGNALLED else ("Ctrl-C", INTERRUPTED_EXIT)
+        kept = (
+            f"; its steps so far are in {cfg.output_dir}/metrics.jsonl" if _has_steps(cfg.output_dir) else ""
+        )
+        hint = resume_hint(cfg.output_dir, args.config)
+        print(f"forge: interrupted ({how}), so the run stopped{kept}.{hint}", file=sys.stderr)
+        return code
     except Exception as exc:
         from forge.run.faults import actor_death_message
 
@@ -51,6 +87,9 @@ def _train(args: argparse.Namespace) -> int:
             raise
         print(f"forge: {message}", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     print(
         f"done: {result.steps} steps in {result.wall_seconds:.0f}s; metrics in {result.output_dir}/metrics.jsonl; "
         f"checkpoint {result.checkpoint}"
@@ -311,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"forge: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, not Python's traceback of wherever it landed
+        print("forge: interrupted (Ctrl-C)", file=sys.stderr)
+        return INTERRUPTED_EXIT
     except (FileNotFoundError, FileExistsError, SandboxUnavailable) as exc:
         print(f"forge: {exc}", file=sys.stderr)
         return 2

@@ -3,9 +3,13 @@ run's trainer, rollout workers and engines before anything waits on it."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import threading
 import time
+from collections.abc import Iterator
 
 from forge.config import Config
 from forge.rollout.stuck_watch import RUN_MARK
@@ -32,6 +36,28 @@ def start_ray(num_cpus: int | None = None, env_name: str | None = None) -> None:
 
     if ray.is_initialized():
         return
+    with _callers_sigterm_kept():
+        _init(num_cpus, env_name)
+
+
+@contextlib.contextmanager
+def _callers_sigterm_kept() -> Iterator[None]:
+    """Ray's init puts its own SIGTERM handling in place (the driver aborts with a C++ stack
+    dump); a handler the caller had set (`forge train`'s, which stops the run as Ctrl-C does)
+    is put back."""
+    caller = (
+        signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    )
+    try:
+        yield
+    finally:
+        if callable(caller):
+            signal.signal(signal.SIGTERM, caller)
+
+
+def _init(num_cpus: int | None, env_name: str | None) -> None:
+    import ray
+
     if os.environ.get("RAY_ADDRESS"):
         from forge.env.registry import env_module_path
 

@@ -160,15 +160,19 @@ def actor_death_message(exc: BaseException, output_dir: str | Path, config: str 
         message = f"{who} could not start, so the run stopped: {cause}."
     else:
         message = f"{who} died, so the run stopped (its log above says why: often out of memory)."
+    return message + resume_hint(output_dir, config)
+
+
+def resume_hint(output_dir: str | Path, config: str | None) -> str:
+    """How a run that stopped early goes on: the command resuming its latest checkpoint, or
+    that it wrote none."""
     from forge.train.checkpoint import CheckpointError, latest_checkpoint
 
     try:
         latest = latest_checkpoint(output_dir)
     except CheckpointError:
-        return message + " No checkpoint was written; set train.checkpoint_every to make runs resumable."
-    return message + (
-        f" Continue from {latest.name} with: forge train {config or 'CONFIG'} --resume {output_dir}"
-    )
+        return " No checkpoint was written; set train.checkpoint_every to make runs resumable."
+    return f" Continue from {latest.name} with: forge train {config or 'CONFIG'} --resume {output_dir}"
 
 
 def wait_for_trainer(trainer: Any) -> None:
