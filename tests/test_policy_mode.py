@@ -71,7 +71,7 @@ def test_an_on_policy_step_sees_every_ratio_at_one_where_training_mode_is_random
         TrainerConfig(gradient_checkpointing=checkpointing),
     )
     assert trainer.packing == "tree"
-    assert trainer.model.is_gradient_checkpointing == (checkpointing and name != "opt")
+    assert trainer.model.is_activation_checkpointing == (checkpointing and name != "opt")
     assert ("apply dropout of their own" in capsys.readouterr().out) == (name == "opt")
     metrics = trainer.train_step(on_policy_samples(trainer.model, len(trainer.tokenizer)))
     assert metrics["clip_fraction"] == 0.0
@@ -87,7 +87,7 @@ def test_policy_mode_keeps_checkpointed_layers_and_lora_dropout_training(tmp_pat
 
     checkpoint("gpt2", tmp_path)
     model = AutoModelForCausalLM.from_pretrained(tmp_path)
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     model = get_peft_model(model, LoraConfig(r=2, target_modules=["c_attn"], lora_dropout=0.1))
     model.train()
     policy_mode(model)
@@ -125,7 +125,7 @@ def test_in_bf16_the_check_finds_opts_layer_dropout_and_passes_gpt2s(tmp_path, c
             TrainerConfig(gradient_checkpointing=True),
         )
         assert trainer.model.get_input_embeddings().weight.dtype == getattr(torch, dtype)
-        assert trainer.model.is_gradient_checkpointing == (name == "gpt2")
+        assert trainer.model.is_activation_checkpointing == (name == "gpt2")
     message = capsys.readouterr().out
     assert message.count("apply dropout of their own") == 1 and "OPTForCausalLM" in message
     assert "past the 2 largest" in message and "2 looks" in message and "4x the difference" in message

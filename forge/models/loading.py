@@ -11,10 +11,17 @@ from forge.config import ConfigError, ModelConfig
 
 
 def quiet_transformers() -> None:
-    """Per-file loading bars from every Ray actor drown the run's own progress bar."""
+    """Per-file loading bars from every Ray actor drown the run's own progress bar; peft's
+    check for gradient checkpointing warns, in each process wrapping LoRA, of transformers'
+    renaming it (peft's call, nothing the user can change)."""
+    import warnings
+
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    warnings.filterwarnings(
+        "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+    )
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

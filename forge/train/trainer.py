@@ -106,7 +106,7 @@ class Trainer:
         self.packing = trainer_cfg.packing  # padded after a failed self-check
         self.model = self.load(trainable=True)
         if trainer_cfg.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
+            checkpointing(self.model, "enable")()
         self.model = self.prepare_model(self.model)
         self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         params = list(self.trainable.values())
@@ -236,7 +236,7 @@ class Trainer:
             f"{message}; training without gradient checkpointing (trainer.self_check: stop refuses)",
             flush=True,
         )
-        self.model.gradient_checkpointing_disable()
+        checkpointing(self.model, "disable")()
 
     @property
     def world_size(self) -> int:
@@ -508,3 +508,11 @@ class Trainer:
         model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
         return str(directory)
+
+
+def checkpointing(model: Any, action: str) -> Any:
+    """The model's `activation_checkpointing_{action}` (transformers' name from 5.25, where the
+    `gradient_checkpointing_*` one warns of its removal in v6), or the older name before it."""
+    return getattr(model, f"activation_checkpointing_{action}", None) or getattr(
+        model, f"gradient_checkpointing_{action}"
+    )
