@@ -3,125 +3,139 @@ with the whole batch, under DDP and under FSDP2 (which shards on CPU too): also 
 halves pack into different numbers of micro-batches, under FSDP2 with gradient checkpointing,
 with LoRA adapters and a KL term, in a full fine-tune with a KL term to a sharded reference,
 and with two optimizer steps per batch; and what they publish, checkpoint and save is what the
-one process does."""
+one process does.
+
+Starting a process (torch, transformers, a model) costs more than a case's step, so one
+process runs every case's single-process step in turn, and one pair of gloo processes every
+case's group step; each parametrized test then compares its own case's results."""
 
 import os
 import socket
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
-STEP = textwrap.dedent("""
-    import os, sys, torch
+STEPS = textwrap.dedent("""
+    import contextlib, os, sys, torch
+    from unittest import mock
+    import transformers
     from forge.config import LoraConfig, ModelConfig, TrainConfig, TrainerConfig
     from forge.types import Sample
 
-    model_dir, out, strategy, case = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
-    distributed = strategy != "single"
+    model_dir, out_dir, runs = sys.argv[1], sys.argv[2], sys.argv[3:]
     torch.set_num_threads(1)
-    generator = torch.Generator().manual_seed(0)
-    samples = []
-    if case == "even":
-        for i in range(6):
-            tokens = torch.randint(8, 40, (10 + 3 * i,), generator=generator).tolist()
-            mask = [0] * 5 + [1] * (len(tokens) - 5)
-            samples.append(Sample(tokens, mask, [-1.5 * m for m in mask], [0] * len(tokens), advantage=i - 2.5))
-        trainer_cfg, steps = TrainerConfig(packing="padded"), 1
-    elif case in ("lora", "kl"):
-        # The same batch through LoRA adapters with a KL term to the adapter-free model, or
-        # a full fine-tune with a KL term to a frozen copy of the model (sharded under FSDP2).
-        for i in range(6):
-            tokens = torch.randint(8, 40, (10 + 3 * i,), generator=generator).tolist()
-            mask = [0] * 5 + [1] * (len(tokens) - 5)
-            samples.append(Sample(tokens, mask, [-1.5 * m for m in mask], [0] * len(tokens), advantage=i - 2.5))
-        trainer_cfg, steps = TrainerConfig(packing="tree"), 2
-    elif case == "minibatches":
-        # Two optimizer steps per batch, each on a shuffled half: every process cuts the same
-        # halves and trains its share of each, as the single process trains each half. Two
-        # GRPO-like groups (a shared prompt each) and one lone sample; one zero advantage.
-        for g in range(3):
-            prompt = torch.randint(8, 40, (12,), generator=generator).tolist()
-            for i in range(3 if g < 2 else 1):
-                tokens = prompt + torch.randint(8, 40, (4 + 2 * i,), generator=generator).tolist()
-                mask = [0] * 12 + [1] * (len(tokens) - 12)
-                samples.append(Sample(tokens, mask, [-1.5 * m for m in mask], [0] * len(tokens),
-                                      advantage=0.0 if (g, i) == (0, 1) else i - 1.0 + g))
-        trainer_cfg, steps = TrainerConfig(packing="tree"), 2
-    else:
-        # Two unrelated 40-token samples (2 micro-batches of the 64-token budget) and a family
-        # of three that share 48 tokens (one 60-token tree) plus one with nothing to train.
-        # The split keeps the family on one process and balances tokens, so one process
-        # runs 2 micro-batches and the other 1 (checked below). Two steps, so the second
-        # starts from the first.
-        prefix = [39] + torch.randint(20, 40, (47,), generator=generator).tolist()
-        for i in range(6):
-            tokens = (torch.randint(8, 20, (40,), generator=generator).tolist() if i < 2
-                      else prefix + torch.randint(8, 40, (4,), generator=generator).tolist())
-            mask = [0] * 3 + [0 if i == 5 else 1] * (len(tokens) - 3)
-            samples.append(Sample(tokens, mask, [-1.5 * m for m in mask], [0] * len(tokens), advantage=i - 2.5))
-        # FSDP2 recomputes each block's activations in the backward here: the same step.
-        trainer_cfg = TrainerConfig(packing="tree", max_tokens_per_microbatch=64,
-                                    gradient_checkpointing=strategy == "fsdp")
-        steps = 2
-        from forge.train.distributed import shard
-        from forge.train.trainer import trainable
-        from forge.tree import microbatches
-        counts = [len(microbatches(shard([s for s in samples if trainable(s)], rank, 2), "tree", 64, "auto"))
-                  for rank in range(2)]
-        assert sorted(counts) == [1, 2], counts
-    lora = LoraConfig(enabled=case == "lora")
-    train_cfg = TrainConfig(learning_rate=0.01, max_grad_norm=0.05, kl_coef=0.1 if case in ("lora", "kl") else 0.0,
-                            minibatches_per_step=2 if case == "minibatches" else 1)
-    args = (model_dir, ModelConfig(path=model_dir, lora=lora), train_cfg, trainer_cfg)
 
-    if strategy == "fsdp" and os.environ["RANK"] != "0":
-        # Under FSDP2 only the first process reads the checkpoint; the others get their shards
-        # (and the buffers) from it.
-        import transformers
+    def refuse(*args, **kwargs):
+        raise AssertionError("a process other than the first read the checkpoint's weights")
 
-        def refuse(*args, **kwargs):
-            raise AssertionError("a process other than the first read the checkpoint's weights")
+    def step(strategy, case):
+        out = os.path.join(out_dir, f"{strategy}-{case}.pt")
+        distributed = strategy != "single"
+        generator = torch.Generator().manual_seed(0)
+        samples = []
+        if case == "even":
+            for i in range(6):
+                tokens = torch.randint(8, 40, (10 + 3 * i,), generator=generator).tolist()
+                mask = [0] * 5 + [1] * (len(tokens) - 5)
+                samples.append(Sample(tokens, mask, [-1.5 * m for m in mask], [0] * len(tokens), advantage=i - 2.5))
+            trainer_cfg, steps = TrainerConfig(packing="padded"), 1
+        elif case in ("lora", "kl"):
+            # The same batch through LoRA adapters with a KL term to the adapter-free model, or
+            # a full fine-tune with a KL term to a frozen copy of the model (sharded under FSDP2).
+            for i in range(6):
+                tokens = torch.randint(8, 40, (10 + 3 * i,), generator=generator).tolist()
+                mask = [0] * 5 + [1] * (len(tokens) - 5)
+                samples.append(Sample(tokens, mask, [-1.5 * m for m in mask], [0] * len(tokens), advantage=i - 2.5))
+            trainer_cfg, steps = TrainerConfig(packing="tree"), 2
+        elif case == "minibatches":
+            # Two optimizer steps per batch, each on a shuffled half: every process cuts the same
+            # halves and trains its share of each, as the single process trains each half. Two
+            # GRPO-like groups (a shared prompt each) and one lone sample; one zero advantage.
+            for g in range(3):
+                prompt = torch.randint(8, 40, (12,), generator=generator).tolist()
+                for i in range(3 if g < 2 else 1):
+                    tokens = prompt + torch.randint(8, 40, (4 + 2 * i,), generator=generator).tolist()
+                    mask = [0] * 12 + [1] * (len(tokens) - 12)
+                    samples.append(Sample(tokens, mask, [-1.5 * m for m in mask], [0] * len(tokens),
+                                          advantage=0.0 if (g, i) == (0, 1) else i - 1.0 + g))
+            trainer_cfg, steps = TrainerConfig(packing="tree"), 2
+        else:
+            # Two unrelated 40-token samples (2 micro-batches of the 64-token budget) and a family
+            # of three that share 48 tokens (one 60-token tree) plus one with nothing to train.
+            # The split keeps the family on one process and balances tokens, so one process
+            # runs 2 micro-batches and the other 1 (checked below). Two steps, so the second
+            # starts from the first.
+            prefix = [39] + torch.randint(20, 40, (47,), generator=generator).tolist()
+            for i in range(6):
+                tokens = (torch.randint(8, 20, (40,), generator=generator).tolist() if i < 2
+                          else prefix + torch.randint(8, 40, (4,), generator=generator).tolist())
+                mask = [0] * 3 + [0 if i == 5 else 1] * (len(tokens) - 3)
+                samples.append(Sample(tokens, mask, [-1.5 * m for m in mask], [0] * len(tokens), advantage=i - 2.5))
+            # FSDP2 recomputes each block's activations in the backward here: the same step.
+            trainer_cfg = TrainerConfig(packing="tree", max_tokens_per_microbatch=64,
+                                        gradient_checkpointing=strategy == "fsdp")
+            steps = 2
+            from forge.train.distributed import shard
+            from forge.train.trainer import trainable
+            from forge.tree import microbatches
+            counts = [len(microbatches(shard([s for s in samples if trainable(s)], rank, 2), "tree", 64, "auto"))
+                      for rank in range(2)]
+            assert sorted(counts) == [1, 2], counts
+        lora = LoraConfig(enabled=case == "lora")
+        train_cfg = TrainConfig(learning_rate=0.01, max_grad_norm=0.05, kl_coef=0.1 if case in ("lora", "kl") else 0.0,
+                                minibatches_per_step=2 if case == "minibatches" else 1)
+        args = (model_dir, ModelConfig(path=model_dir, lora=lora), train_cfg, trainer_cfg)
 
-        transformers.AutoModelForCausalLM.from_pretrained = refuse
+        def make():
+            if distributed:
+                from forge.train.distributed import DistributedTrainer
+                trainer = DistributedTrainer(*args, seed=0, strategy=strategy)
+                assert trainer.world_size == 2
+                return trainer
+            from forge.train.trainer import Trainer
+            return Trainer(*args, seed=0)
 
-    def make():
-        if distributed:
-            from forge.train.distributed import DistributedTrainer
-            trainer = DistributedTrainer(*args, seed=0, strategy=strategy)
-            assert trainer.world_size == 2
-            return trainer
-        from forge.train.trainer import Trainer
-        return Trainer(*args, seed=0)
-
-    trainer = make()
-    if strategy == "fsdp":  # each process holds half of every weight
-        from torch.distributed.tensor import DTensor
-        for name, param in trainer.trainable.items():
-            assert isinstance(param, DTensor), name
-            assert param.to_local().shape[0] <= -(-param.shape[0] // 2), name
-        if case == "kl":  # and of the frozen reference's
-            for name, param in trainer.reference.named_parameters():
-                assert isinstance(param, DTensor) and not param.requires_grad, name
-                assert param.to_local().shape[0] <= -(-param.shape[0] // 2), name
-    metrics = trainer.train_step(samples)
-    if case == "uneven":
-        # Every process saves the state after the first step (the first writes it), then a
-        # new trainer resumes, from the single process's file: the layout is the same.
-        os.makedirs(out + ".state", exist_ok=True)
-        trainer.save_state(out + ".state")
         trainer = make()
-        trainer.load_state(out.replace(strategy, "single") + ".state")
-    for _ in range(steps - 1):
+        if strategy == "fsdp":  # each process holds half of every weight
+            from torch.distributed.tensor import DTensor
+            for name, param in trainer.trainable.items():
+                assert isinstance(param, DTensor), name
+                assert param.to_local().shape[0] <= -(-param.shape[0] // 2), name
+            if case == "kl":  # and of the frozen reference's
+                for name, param in trainer.reference.named_parameters():
+                    assert isinstance(param, DTensor) and not param.requires_grad, name
+                    assert param.to_local().shape[0] <= -(-param.shape[0] // 2), name
         metrics = trainer.train_step(samples)
-    if case != "even":
-        trainer.save(out + ".model")  # under LoRA: the adapters merged into the gathered base
-    weights = trainer.weights()  # whole tensors, gathered under FSDP2
-    if not distributed or trainer.accelerator.is_main_process:
-        torch.save({"params": weights, "grad_norm": metrics["grad_norm"], "metrics": metrics}, out)
-    if distributed:
+        if case == "uneven":
+            # Every process saves the state after the first step (the first writes it), then a
+            # new trainer resumes, from the single process's file: the layout is the same.
+            os.makedirs(out + ".state", exist_ok=True)
+            trainer.save_state(out + ".state")
+            trainer = make()
+            trainer.load_state(os.path.join(out_dir, f"single-{case}.pt.state"))
+        for _ in range(steps - 1):
+            metrics = trainer.train_step(samples)
+        if case != "even":
+            trainer.save(out + ".model")  # under LoRA: the adapters merged into the gathered base
+        weights = trainer.weights()  # whole tensors, gathered under FSDP2
+        if not distributed or trainer.accelerator.is_main_process:
+            torch.save({"params": weights, "grad_norm": metrics["grad_norm"], "metrics": metrics}, out)
+        return trainer
+
+    trainer = None
+    for run in runs:
+        strategy, case = run.split("-")
+        print(f"--- {run}", flush=True)  # whose output follows, in a failure's report
+        # Under FSDP2 only the first process reads the checkpoint; the others get their
+        # shards (and the buffers) from it.
+        refused = mock.patch.object(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+        with refused if strategy == "fsdp" and os.environ["RANK"] != "0" else contextlib.nullcontext():
+            trainer = step(strategy, case)
+    if "WORLD_SIZE" in os.environ:  # the group ends once, after every case
         trainer.close()
 """)
 
@@ -132,8 +146,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(model_dir, out, strategy: str, case: str) -> None:
-    world_size = 1 if strategy == "single" else 2
+def launch(model_dir: Path, out_dir: Path, world_size: int, runs: list[str]) -> str | None:
+    """`runs` ("ddp-even", ...) in turn in one process, or in each of a pair of gloo processes:
+    None if every process ended well, else the output of those that did not."""
     port = free_port()
     processes = []
     for rank in range(world_size):
@@ -151,7 +166,7 @@ def run(model_dir, out, strategy: str, case: str) -> None:
             )
         processes.append(
             subprocess.Popen(
-                [sys.executable, "-c", STEP, str(model_dir), str(out), strategy, case],
+                [sys.executable, "-c", STEPS, str(model_dir), str(out_dir), *runs],
                 env=env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
@@ -161,13 +176,61 @@ def run(model_dir, out, strategy: str, case: str) -> None:
     outputs = []
     for process in processes:
         try:
-            outputs.append(process.communicate(timeout=300)[0])
+            outputs.append(process.communicate(timeout=120 + 60 * len(runs))[0])
         except subprocess.TimeoutExpired:  # processes stuck in a collective: fail, do not hang
             for p in processes:
                 p.kill()
-            raise
-    for rank, (process, output) in enumerate(zip(processes, outputs, strict=True)):
-        assert process.returncode == 0, f"rank {rank}:\n{output[-3000:]}"
+            outputs.append(process.communicate()[0] + "\n(timed out)")
+    failed = [
+        f"rank {rank}:\n{output[-3000:]}"
+        for rank, (process, output) in enumerate(zip(processes, outputs, strict=True))
+        if process.returncode != 0
+    ]
+    return "\n".join(failed) or None
+
+
+def run_each(model_dir: Path, out_dir: Path, world_size: int, runs: list[str]) -> dict[str, str]:
+    """Runs `runs` in as few processes as they allow: a run that fails ends its processes and is
+    answered with their output, and the runs after it go on in new ones. Returns the failures."""
+    failures = {}
+    while runs:
+        output = launch(model_dir, out_dir, world_size, runs)
+        if output is None:
+            break
+        finished = [(out_dir / f"{run}.pt").exists() for run in runs]
+        failed = finished.index(False) if False in finished else len(runs) - 1  # else: in close()
+        failures[runs[failed]] = output
+        runs = runs[failed + 1 :]
+    return failures
+
+
+CASES = [
+    ("ddp", "even"),
+    ("ddp", "uneven"),
+    ("ddp", "minibatches"),
+    ("fsdp", "even"),
+    ("fsdp", "uneven"),
+    ("fsdp", "lora"),
+    ("fsdp", "kl"),
+    ("fsdp", "minibatches"),
+]
+
+
+@pytest.fixture(scope="module")
+def steps(request, tiny_checkpoint, tmp_path_factory):
+    """Every selected case's single-process and group results, in a folder, and the runs that
+    failed with their processes' output."""
+    selected = {
+        tuple(item.callspec.params[key] for key in ("strategy", "case"))
+        for item in request.session.items
+        if item.originalname == "test_two_gloo_processes_with_half_the_batch_take_the_single_process_step"
+    }
+    cases = [c for c in CASES if c in selected]
+    out_dir = tmp_path_factory.mktemp("steps")
+    single = list(dict.fromkeys(f"single-{case}" for _, case in cases))
+    failures = run_each(tiny_checkpoint, out_dir, 1, single)  # first: the groups resume from its states
+    failures.update(run_each(tiny_checkpoint, out_dir, 2, [f"{s}-{c}" for s, c in cases]))
+    return out_dir, failures
 
 
 def load_model_file(directory):
@@ -177,25 +240,13 @@ def load_model_file(directory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("strategy", "case"),
-    [
-        ("ddp", "even"),
-        ("ddp", "uneven"),
-        ("ddp", "minibatches"),
-        ("fsdp", "even"),
-        ("fsdp", "uneven"),
-        ("fsdp", "lora"),
-        ("fsdp", "kl"),
-        ("fsdp", "minibatches"),
-    ],
-)
-def test_two_gloo_processes_with_half_the_batch_take_the_single_process_step(
-    tiny_checkpoint, tmp_path, strategy, case
-):
-    run(tiny_checkpoint, tmp_path / "single.pt", "single", case)
-    run(tiny_checkpoint, tmp_path / f"{strategy}.pt", strategy, case)
-    single, group = torch.load(tmp_path / "single.pt"), torch.load(tmp_path / f"{strategy}.pt")
+@pytest.mark.parametrize(("strategy", "case"), CASES)
+def test_two_gloo_processes_with_half_the_batch_take_the_single_process_step(steps, strategy, case):
+    out_dir, failures = steps
+    for run in (f"single-{case}", f"{strategy}-{case}"):
+        if run in failures:
+            pytest.fail(f"{run} failed:\n{failures[run]}")
+    single, group = torch.load(out_dir / f"single-{case}.pt"), torch.load(out_dir / f"{strategy}-{case}.pt")
     assert group["grad_norm"] == pytest.approx(single["grad_norm"], rel=1e-5)
     assert single["params"].keys() == group["params"].keys()
     # Adam's first step is about lr * sign(gradient), so where a gradient is near Adam's eps the
@@ -214,15 +265,17 @@ def test_two_gloo_processes_with_half_the_batch_take_the_single_process_step(
     if case == "uneven":
         # The group's checkpoint after step 1 holds what the single process's does
         # (weights and Adam moments, gathered whole).
-        one = torch.load(tmp_path / "single.pt.state" / "trainer.pt", weights_only=False)
-        two = torch.load(tmp_path / f"{strategy}.pt.state" / "trainer.pt", weights_only=False)
+        one = torch.load(out_dir / f"single-{case}.pt.state" / "trainer.pt", weights_only=False)
+        two = torch.load(out_dir / f"{strategy}-{case}.pt.state" / "trainer.pt", weights_only=False)
         torch.testing.assert_close(two["trainable"], one["trainable"], rtol=1e-5, atol=5e-5)
         torch.testing.assert_close(two["optimizer"]["state"], one["optimizer"]["state"], rtol=1e-4, atol=1e-9)
         assert two["policy_version"] == one["policy_version"] == 1
     if case != "even":  # and so does the model it saves after step 2
-        saved = load_model_file(tmp_path / f"{strategy}.pt.model")
-        assert saved.keys() == load_model_file(tmp_path / "single.pt.model").keys()
-        torch.testing.assert_close(saved, load_model_file(tmp_path / "single.pt.model"), rtol=1e-5, atol=5e-5)
+        saved = load_model_file(out_dir / f"{strategy}-{case}.pt.model")
+        assert saved.keys() == load_model_file(out_dir / f"single-{case}.pt.model").keys()
+        torch.testing.assert_close(
+            saved, load_model_file(out_dir / f"single-{case}.pt.model"), rtol=1e-5, atol=5e-5
+        )
 
 
 ONE_PROCESS_BF16 = textwrap.dedent("""
