@@ -8,41 +8,58 @@ import torch
 
 from forge.config import load_config
 
+FIRST_STEP = [
+    "train.max_steps=1",
+    "rollout.tasks_per_step=8",
+    "rollout.group_size=8",
+    "rollout.num_workers=1",
+    "train.minibatches_per_step=1",
+    "train.num_cpus=1",
+    "trainer.packing=padded",
+    "logging.tensorboard=false",
+    "train.checkpoint_every=0",
+]
 
-@pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_trainer_processes_train_the_same_first_step_as_one(ray_session, tmp_path, monkeypatch, strategy):
-    from safetensors.torch import load_file
 
+def train_recording_group_sizes(overrides: list[str], output_dir) -> tuple[object, list[int]]:
+    """The run's result, and for each run context it built, how many processes its trainer
+    trains in."""
+    from forge.run import context
     from forge.run.launch import train
 
-    overrides = [
-        "train.max_steps=1",
-        "rollout.tasks_per_step=8",
-        "rollout.group_size=8",
-        "rollout.num_workers=1",
-        "train.minibatches_per_step=1",
-        "train.num_cpus=1",
-        "trainer.packing=padded",
-        "logging.tensorboard=false",
-        "train.checkpoint_every=0",
-    ]
-    from forge.run import context
-
-    groups = []
+    sizes = []
 
     class RecordingRun(context.Run):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            groups.append(getattr(self.trainer, "world_size", 1))
+            sizes.append(getattr(self.trainer, "world_size", 1))
 
-    monkeypatch.setattr(context, "Run", RecordingRun)
-    single = train(load_config("configs/smoke.yaml", overrides), tmp_path / "one", progress=False)
-    group = [*overrides, "train.num_trainers=2", f"train.strategy={strategy}"]
-    double = train(load_config("configs/smoke.yaml", group), tmp_path / "two", progress=False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(context, "Run", RecordingRun)
+        result = train(load_config("configs/smoke.yaml", overrides), output_dir, progress=False)
+    return result, sizes
 
-    assert groups == [1, 2]  # the second run trained in a real two-process group
-    initial = load_file(str(tmp_path / "one" / "initial_model" / "model.safetensors"))
+
+@pytest.fixture(scope="module")
+def one_trainer_first_step(ray_session, tmp_path_factory):
+    """The one-trainer run both strategies compare with (it is the same for both)."""
+    output_dir = tmp_path_factory.mktemp("one")
+    result, sizes = train_recording_group_sizes(FIRST_STEP, output_dir)
+    assert sizes == [1]
+    return output_dir, result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_trainer_processes_train_the_same_first_step_as_one(one_trainer_first_step, tmp_path, strategy):
+    from safetensors.torch import load_file
+
+    one_dir, single = one_trainer_first_step
+    group = [*FIRST_STEP, "train.num_trainers=2", f"train.strategy={strategy}"]
+    double, sizes = train_recording_group_sizes(group, tmp_path / "two")
+
+    assert sizes == [2]  # the run trained in a real two-process group
+    initial = load_file(str(one_dir / "initial_model" / "model.safetensors"))
     one = load_file(str(single.checkpoint / "model.safetensors"))
     two = load_file(str(double.checkpoint / "model.safetensors"))
     assert one.keys() == two.keys()
