@@ -140,6 +140,12 @@ class EnvConfig(Section):
     step_timeout_s: float = Field(
         30.0, gt=0, description="harness-enforced limit on building an env and on one env step"
     )
+    stuck_grace_s: float = Field(
+        10.0,
+        ge=2.0,  # past the guard's re-arm period (1 s), with room for a busy machine
+        description="an inline (blocking = False) env call that holds its process's event loop this long past "
+        "step_timeout_s (or step_timeout_s past it, if longer) ends the process as stuck in C code",
+    )
     episode_timeout_s: float = Field(600.0, gt=0, description="harness-enforced limit on one episode")
     max_error_fraction: float = Field(
         0.5,

@@ -113,7 +113,7 @@ def evaluate(
     # exit code 1 instead of hanging it (forge.rollout.stuck), every thread's stack written
     # to a file, and a watcher process says which call was stuck and where.
     report_dir = Path(tempfile.mkdtemp(prefix="forge-eval-"))
-    worker.guard = LoopGuard(report_dir, "eval", stuck_limit_s(cfg.env.step_timeout_s))
+    worker.guard = LoopGuard(report_dir, "eval", stuck_limit_s(cfg.env.step_timeout_s, cfg.env.stuck_grace_s))
     env_file = env_source_file(resolve_env(cfg.env.name))
     watcher = StuckWatcher(
         worker.guard.report_path(), cfg.env.name, env_file, cfg.env.step_timeout_s, "forge eval", ON_LOOP

@@ -26,14 +26,14 @@ from pathlib import Path
 from typing import IO
 
 REARM_S = 1.0  # how often the loop re-arms the timer (each arming starts a C thread: ~60 us)
-MIN_GRACE_S = 10.0  # a loop busy this long past env.step_timeout_s is stuck, not slow
 
 
-def stuck_limit_s(step_timeout_s: float) -> float:
+def stuck_limit_s(step_timeout_s: float, grace_s: float) -> float:
     """How long a worker's event loop may go without running before the worker is ended:
-    the env's step time limit plus as long again, at least `MIN_GRACE_S` (an inline call
-    that runs over is interrupted at the step limit; a loaded machine may add seconds)."""
-    return step_timeout_s + max(step_timeout_s, MIN_GRACE_S)
+    the env's step time limit plus as long again, at least `grace_s` (env.stuck_grace_s: an
+    inline call that runs over is interrupted at the step limit; a loaded machine may add
+    seconds)."""
+    return step_timeout_s + max(step_timeout_s, grace_s)
 
 
 class LoopGuard:

@@ -125,7 +125,11 @@ class RolloutWorker:
         self.rng = random.Random(seed)
         self.seed = seed
         self.guard = (
-            LoopGuard(stuck_report_dir, f"rollout_{worker_index}", stuck_limit_s(env_cfg.step_timeout_s))
+            LoopGuard(
+                stuck_report_dir,
+                f"rollout_{worker_index}",
+                stuck_limit_s(env_cfg.step_timeout_s, env_cfg.stuck_grace_s),
+            )
             if stuck_report_dir
             else None
         )

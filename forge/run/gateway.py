@@ -199,7 +199,7 @@ class GatewayRun:
         # Last: an env call stuck in C code that holds the GIL ends this process instead of
         # hanging it, and a watcher says which call and where (forge.run.gateway_guard).
         self.guard = GatewayGuard(
-            self.server, output, env.name, env_source_file(env_class), env.step_timeout_s
+            self.server, output, env.name, env_source_file(env_class), env.step_timeout_s, env.stuck_grace_s
         )
 
     def _load_engine(self, model_path: Path) -> Any:

@@ -6,7 +6,7 @@ thread inside one C function that holds the GIL (a regex backtracking for hours,
 extension's loop) stops every thread of the process: the gateway's loop, the training
 loop, the timeouts. `GatewayGuard` puts a `LoopGuard` (`forge.rollout.stuck`) on the
 gateway server's event loop, so once that loop has not run for
-`stuck_limit_s(env.step_timeout_s)` the process writes every thread's stack to
+`stuck_limit_s(env.step_timeout_s, env.stuck_grace_s)` the process writes every thread's stack to
 `OUTPUT_DIR/stuck_workers/gateway.PID.txt` and exits with code 1; a `StuckWatcher`
 (`forge.rollout.stuck_watch`) then prints what was stuck to the run's stderr.
 """
@@ -29,11 +29,17 @@ class GatewayGuard:
     server stops. `env_file` is the env class's source file, whose frames the message names."""
 
     def __init__(
-        self, server: Any, output: Path, env_name: str, env_file: str | None, step_timeout_s: float
+        self,
+        server: Any,
+        output: Path,
+        env_name: str,
+        env_file: str | None,
+        step_timeout_s: float,
+        stuck_grace_s: float,
     ) -> None:
         self.server = server
         self.report_dir = output.resolve() / REPORT_DIR
-        self.guard = LoopGuard(self.report_dir, "gateway", stuck_limit_s(step_timeout_s))
+        self.guard = LoopGuard(self.report_dir, "gateway", stuck_limit_s(step_timeout_s, stuck_grace_s))
         server.call(_start(self.guard))
         try:
             self.watcher = StuckWatcher(
