@@ -13,7 +13,15 @@ import sys
 import time
 
 import pytest
-from engine_pool_world import end_the_batch, pool_and_trainer, stick_a_batch, sync, versions
+from engine_pool_world import (
+    answers,
+    end_the_batch,
+    module_actors,
+    pool_and_trainer,
+    stick_a_batch,
+    sync,
+    versions,
+)
 
 from forge.config import load_config
 
@@ -47,9 +55,15 @@ def model(tmp_path_factory):
     return resolve_model_path(actor_config().model, tmp_path_factory.mktemp("model"), seed=0)
 
 
+@pytest.fixture(scope="module")
+def actors(ray_session, model):
+    yield from module_actors(actor_config(), model, sys.modules[__name__])
+
+
 @pytest.fixture
-def world(ray_session, model, monkeypatch):
-    yield from pool_and_trainer(actor_config(), model, monkeypatch, sys.modules[__name__])
+def world(actors, model, monkeypatch):
+    """Four engine actors, the trainer actor, and a fresh driver's pool over them."""
+    return pool_and_trainer(actor_config(), model, monkeypatch, actors)
 
 
 @pytest.mark.slow
@@ -101,7 +115,7 @@ def test_engine_actors_stalled_whole_cost_a_sync_one_timeout_and_come_back_once_
             in console
         )
 
-    time.sleep(stall_s)  # their stall passes
+    assert all(answers(actor, 60.0) for actor in pool.actors[1:])  # their stall has passed
     sync(pool, trainer, 3)
     assert pool.live_urls == pool.urls and pool.readmitted == STALLED
     assert versions(pool) == [3] * (STALLED + 1)

@@ -13,15 +13,28 @@ import sys
 import time
 
 import pytest
-from engine_pool_world import end_the_batch, pool_and_trainer, stick_a_batch, sync, versions
+from engine_pool_world import (
+    answers,
+    end_the_batch,
+    module_actors,
+    pool_and_trainer,
+    stick_a_batch,
+    sync,
+    versions,
+)
 
 from forge.config import load_config
-from forge.rollout.engines.actor_sync import BROADCAST_GRACE_S
+from forge.rollout.engines import actor_sync
 
 TIMEOUT_S = 3.0
-# A stalled round ends by gloo's timeout on every side, or at the driver's grace past it
-# (BROADCAST_GRACE_S); the rest (a group formed afresh, a broadcast of the tiny model, Ray
-# calls) gets generous slack for a loaded 2-core CI machine.
+# The driver's grace past gloo's timeout for the sides to say how their part ended
+# (actor_sync.BROADCAST_GRACE_S, 10 s in a run), shortened here: a whole stall is waited
+# out 4 s sooner. The sides that failed answered 2.9-3.0 s after the driver began to wait
+# (their own timeout) at load 10-17 on a 2-core machine; TIMEOUT_S + GRACE_S is 3x that.
+GRACE_S = 6.0
+# A stalled round ends by gloo's timeout on every side, or at the driver's grace past it; the
+# rest (a group formed afresh, a broadcast of the tiny model, Ray calls) gets generous slack
+# for a loaded 2-core CI machine.
 SLACK_S = 15.0
 
 
@@ -38,17 +51,6 @@ def stall_the_next_group_forming(engine, seconds: float) -> None:
         return real(*args, **kwargs)
 
     broadcast.WeightGroup = stalled
-
-
-def answers(actor, seconds: float = 10.0) -> bool:
-    """Whether a Ray actor runs a call made now within `seconds` (none is stuck ahead of it)."""
-    import ray
-    from ray.exceptions import GetTimeoutError
-
-    try:
-        return ray.get(actor.__ray_call__.remote(lambda _: True), timeout=seconds)
-    except GetTimeoutError:
-        return False
 
 
 def broadcast_config():
@@ -71,10 +73,16 @@ def model(tmp_path_factory):
     return resolve_model_path(broadcast_config().model, tmp_path_factory.mktemp("model"), seed=0)
 
 
+@pytest.fixture(scope="module")
+def actors(ray_session, model):
+    yield from module_actors(broadcast_config(), model, sys.modules[__name__])
+
+
 @pytest.fixture
-def world(ray_session, model, monkeypatch):
-    """Two engine actors, the trainer actor, and the driver's pool over them (broadcast)."""
-    yield from pool_and_trainer(broadcast_config(), model, monkeypatch, sys.modules[__name__])
+def world(actors, model, monkeypatch):
+    """Two engine actors, the trainer actor, and a fresh driver's pool over them (broadcast)."""
+    monkeypatch.setattr(actor_sync, "BROADCAST_GRACE_S", GRACE_S)
+    return pool_and_trainer(broadcast_config(), model, monkeypatch, actors)
 
 
 @pytest.mark.slow
@@ -89,7 +97,7 @@ def test_an_engine_stuck_in_a_generation_is_dropped_from_the_broadcast_and_taken
 
     pool.actors[1].__ray_call__.remote(stick_a_batch)
     took = sync(pool, trainer, 2)
-    assert took < TIMEOUT_S + BROADCAST_GRACE_S + SLACK_S, took  # one stalled round, then a group without b
+    assert took < TIMEOUT_S + GRACE_S + SLACK_S, took  # one stalled round, then a group without b
     assert pool.live_urls == [a] and b in pool.dead and pool.holders(2) == [a]
     assert len(pool.urls) == 2  # alive: no engine started in its place
     assert versions(pool) == [2, 1]
@@ -120,15 +128,15 @@ def test_an_engine_actor_that_stalls_whole_while_the_group_forms_is_dropped_and_
 ):
     pool, trainer = world
     a, b = pool.urls
-    stall_s = TIMEOUT_S + BROADCAST_GRACE_S + 5.0  # past the driver's wait: it sees no answer at all
+    stall_s = TIMEOUT_S + GRACE_S + 5.0  # past the driver's wait: it sees no answer at all
     pool.actors[1].__ray_call__.remote(stall_the_next_group_forming, stall_s)
     took = sync(pool, trainer, 1)
-    assert took < 2 * TIMEOUT_S + BROADCAST_GRACE_S + SLACK_S, took
+    assert took < 2 * TIMEOUT_S + GRACE_S + SLACK_S, took
     assert pool.live_urls == [a] and versions(pool)[0] == 1
     assert answers(trainer)
     assert (
         f"engine {b} lost (it stalled forming the weight broadcast group: no answer within "
-        f"{TIMEOUT_S + BROADCAST_GRACE_S:g}s (rollout.engine_timeout_s)"
+        f"{TIMEOUT_S + GRACE_S:g}s (rollout.engine_timeout_s)"
     ) in capsys.readouterr().err
 
     assert answers(pool.actors[1], 60.0)  # its stall has passed (its late join failed alone)
@@ -156,7 +164,7 @@ def test_a_broadcast_in_which_every_engine_stalls_stops_the_run_with_exit_1_not_
     started = time.monotonic()
     assert main(["train", "configs/smoke.yaml"]) == 1
     # One stalled round, then the wait of rollout.engine_timeout_s for one to answer again.
-    assert time.monotonic() - started < 2 * TIMEOUT_S + BROADCAST_GRACE_S + SLACK_S
+    assert time.monotonic() - started < 2 * TIMEOUT_S + GRACE_S + SLACK_S
     assert answers(trainer)
     console = capsys.readouterr().err
     assert "the others take version 2 in a new broadcast group without it); 0 of 2 engines remain" in console
