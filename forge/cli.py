@@ -14,9 +14,8 @@ INTERRUPTED_EXIT = 130  # 128 + SIGINT, as for a program Ctrl-C ended
 TERMINATED_EXIT = 143  # 128 + SIGTERM
 
 
-_SIGNALLED: list[
-    int
-] = []  # SIGTERM, once it came: Ray re-raises what a handler raised as a KeyboardInterrupt
+# SIGTERM, once it came: Ray re-raises what a handler raised as a plain KeyboardInterrupt.
+_SIGNALLED: list[int] = []
 
 
 def _terminate(signum: int, frame: object) -> None:

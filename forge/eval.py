@@ -22,18 +22,12 @@ ON_LOOP = (
 def task_summary(trajectories: list[Trajectory], wall_seconds: float, swarm: bool = False) -> dict[str, Any]:
     """Success, turns, tokens and wall time of a task's episodes; with `swarm`, also the
     agent-cluster measures (`forge.metrics.swarm_metrics`)."""
-    played = [t for t in trajectories if t.status != "lost"]
-    extra: dict[str, Any] = {}
-    if swarm:
-        from forge.metrics import swarm_metrics
+    from forge.metrics import episode_counts, swarm_metrics
 
-        extra = swarm_metrics(played)
+    played = [t for t in trajectories if t.status != "lost"]
+    extra: dict[str, Any] = swarm_metrics(played) if swarm else {}
     return {
-        "episodes": len(played),
-        "episodes_error": sum(t.status == "error" for t in played),
-        "episodes_truncated": sum(t.status == "truncated" for t in played),
-        "episodes_timeout": sum(t.timed_out for t in played),
-        "episodes_lost": len(trajectories) - len(played),
+        **episode_counts(trajectories),
         "success_rate": statistics.fmean(t.success for t in played) if played else None,
         "turns_mean": statistics.fmean(t.num_turns for t in played) if played else None,
         "generated_tokens_mean": statistics.fmean(t.generated_tokens for t in played) if played else None,

@@ -41,17 +41,24 @@ def check_output_dir(output: Path, overwrite: bool = False) -> bool:
     return bool(earlier)
 
 
+def episode_counts(trajectories: list[Trajectory]) -> dict[str, int]:
+    """Episodes played and, of them, errored, cut short and cut short by a time limit; and
+    those lost (a training step's metrics and `forge eval` alike)."""
+    played = [t for t in trajectories if t.status != "lost"]
+    return {
+        "episodes": len(played),
+        "episodes_error": sum(t.status == "error" for t in played),
+        "episodes_truncated": sum(t.status == "truncated" for t in played),
+        "episodes_timeout": sum(t.timed_out for t in played),
+        "episodes_lost": len(trajectories) - len(played),
+    }
+
+
 def rollout_metrics(trajectories: list[Trajectory], swarm: bool = False) -> dict[str, float]:
     """Per-step episode statistics. Lost episodes (infra failures) are counted, not averaged;
     `swarm` adds the agent-cluster ones (`swarm_metrics`)."""
     played = [t for t in trajectories if t.status != "lost"]
-    metrics: dict[str, float] = {
-        "episodes": float(len(played)),
-        "episodes_lost": float(len(trajectories) - len(played)),
-        "episodes_error": float(sum(t.status == "error" for t in played)),
-        "episodes_truncated": float(sum(t.status == "truncated" for t in played)),
-        "episodes_timeout": float(sum(t.timed_out for t in played)),
-    }
+    metrics: dict[str, float] = {name: float(count) for name, count in episode_counts(trajectories).items()}
     if not played:
         return metrics
     solved = [t for t in played if t.success]
