@@ -459,3 +459,69 @@ def test_a_responses_function_call_output_that_answers_no_call_is_a_400_naming_t
         model="p", input=[function_call.model_dump(exclude_none=True), answer], tools=tools
     )
     assert len(calls_of(server, episode)) == 3
+
+
+# --- malformed tools and content: a 400 that says what is wrong, never a 500 ------------------
+
+FUNCTION_OUTPUT = [
+    {"type": "function_call", "call_id": "c1", "name": "guess", "arguments": '{"number": 3}'},
+    {"type": "function_call_output", "call_id": "c1", "output": {"result": "higher"}},
+]
+
+
+@pytest.mark.parametrize(
+    ("named", "route", "fields"),
+    [
+        (
+            "tools\\[0\\].function.name is missing",
+            "chat",
+            {"tools": [{"type": "function", "function": {"parameters": {}}}]},
+        ),
+        (
+            "tools\\[0\\] is in the Responses API's shape",
+            "chat",
+            {"tools": [{"type": "function", "name": "guess", "parameters": {}}]},
+        ),
+        (
+            "tools\\[0\\].function.parameters must be a JSON Schema object, got str",
+            "chat",
+            {"tools": [{"type": "function", "function": {"name": "guess", "parameters": "number"}}]},
+        ),
+        (
+            "messages\\[0\\]: content part 0's text must be a string, got int",
+            "chat",
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": 3}]}]},
+        ),
+        ("tools\\[0\\] is in the chat completions API's shape", "responses", {"tools": [GUESS]}),
+        (
+            "tools\\[0\\].parameters must be a JSON Schema object, got list",
+            "responses",
+            {"tools": [{"type": "function", "name": "guess", "parameters": []}]},
+        ),
+        (
+            "input\\[1\\].output: message content must be a string or a list of text parts, got dict",
+            "responses",
+            {"input": FUNCTION_OUTPUT},
+        ),
+    ],
+    ids=[
+        "chat tool without a name",
+        "chat tool in the responses shape",
+        "chat parameters not an object",
+        "chat text part not a string",
+        "responses tool in the chat shape",
+        "responses parameters not an object",
+        "responses output not text",
+    ],
+)
+def test_malformed_tools_and_content_are_a_400_saying_what_is_wrong(served, named, route, fields):
+    server, engine = served
+    episode = start(server)
+    agent = client(server, episode["episode_id"])
+    asked = len(engine.requests)
+    with pytest.raises(openai.BadRequestError, match=named):
+        if route == "chat":
+            agent.chat.completions.create(model="p", **{"messages": USER, **fields})
+        else:
+            agent.responses.create(model="p", **{"input": "x", **fields})
+    assert len(engine.requests) == asked and calls_of(server, episode) == []

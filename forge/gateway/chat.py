@@ -56,16 +56,44 @@ RESERVED_TEMPLATE_KWARGS = frozenset(
 
 
 def check_tools(tools: list[dict[str, Any]] | None) -> None:
-    """Every tool must be a function the policy can be shown and its calls read as."""
+    """Every tool must be a function the policy can be shown and its calls read as; a malformed
+    one is a 400 that says which part is wrong, as OpenAI's is."""
     for index, tool in enumerate(tools or []):
         kind = tool.get("type") if isinstance(tool, dict) else None
-        function = tool.get("function") if isinstance(tool, dict) else None
-        if kind != "function" or not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        if kind != "function":
             raise EpisodeError(
                 400,
                 f"tools[{index}] (type {kind!r}) is not supported: give function tools, "
                 '{"type": "function", "function": {"name": ..., "parameters": {...}}}',
             )
+        function = tool.get("function")
+        if function is None and "name" in tool:  # the most common mix-up of the two APIs
+            raise EpisodeError(
+                400,
+                f"tools[{index}] is in the Responses API's shape (name at the top); chat completions "
+                'takes {"type": "function", "function": {"name": ..., "parameters": {...}}}',
+                param=f"tools[{index}]",
+            )
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise EpisodeError(
+                400,
+                f"tools[{index}].function.name is missing: give "
+                '{"type": "function", "function": {"name": ..., "parameters": {...}}}',
+                param=f"tools[{index}].function.name",
+            )
+        check_parameters(function.get("parameters"), f"tools[{index}].function.parameters")
+
+
+def check_parameters(parameters: Any, where: str) -> None:
+    """A tool's parameters, when given, are a JSON Schema object: the template renders them
+    for the policy, which would otherwise be shown whatever was sent."""
+    if parameters is not None and not isinstance(parameters, dict):
+        raise EpisodeError(
+            400,
+            f"{where} must be a JSON Schema object, got {type(parameters).__name__}: "
+            'e.g. {"type": "object", "properties": {...}}',
+            param=where,
+        )
 
 
 def check_tool_results(messages: list[dict[str, Any]]) -> None:

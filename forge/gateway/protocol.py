@@ -173,14 +173,21 @@ def text_content(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        for part in content:
+        texts = []
+        for number, part in enumerate(content):
             kind = part.get("type") if isinstance(part, dict) else type(part).__name__
             if kind not in TEXT_PARTS and kind != "refusal":
                 raise ValueError(
                     f"content part type {kind!r} is not supported: the Forge gateway's policy reads "
                     'text only; send text parts ({"type": "text", "text": ...})'
                 )
-        return "".join(part.get("text", part.get("refusal", "")) for part in content)
+            text = part.get("refusal" if kind == "refusal" else "text")
+            if not isinstance(text, str):
+                field = "refusal" if kind == "refusal" else "text"
+                got = "it is missing" if text is None else f"got {type(text).__name__}"
+                raise ValueError(f"content part {number}'s {field} must be a string, {got}")
+            texts.append(text)
+        return "".join(texts)
     raise ValueError(
         f"message content must be a string or a list of text parts, got {type(content).__name__}"
     )

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import Field
 
 from forge.gateway.calls import CallRun, Choice
-from forge.gateway.chat import chat_spec, logprobs_of
+from forge.gateway.chat import chat_spec, check_parameters, logprobs_of
 from forge.gateway.decoding import token_entry
 from forge.gateway.episodes import EpisodeError
 from forge.gateway.protocol import ChatCompletionRequest, OpenAIBody, refused_field, text_content
@@ -70,13 +70,10 @@ LOGPROBS = "message.output_text.logprobs"  # the `include` entry that asks for l
 
 
 def _part_text(content: Any, where: str) -> str:
-    if isinstance(content, list):
-        for part in content:
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind not in ("input_text", "output_text", "text", "refusal"):
-                raise EpisodeError(400, f"{where}: content part type {kind!r} is not supported (text only)")
-        return "".join(part.get("text", part.get("refusal", "")) for part in content)
-    return text_content(content)
+    try:
+        return text_content(content)
+    except ValueError as exc:
+        raise EpisodeError(400, f"{where}: {exc}") from None
 
 
 def input_items(body: ResponsesRequest) -> list[dict[str, Any]]:
@@ -156,7 +153,7 @@ def chat_messages(body: ResponsesRequest, items: list[dict[str, Any]]) -> list[d
                 {
                     "role": "tool",
                     "tool_call_id": item.get("call_id", ""),
-                    "content": _part_text(item.get("output"), where),
+                    "content": _part_text(item.get("output"), f"{where}.output"),
                 }
             )
         elif kind == "reasoning":
@@ -192,10 +189,17 @@ def as_chat_request(body: ResponsesRequest, items: list[dict[str, Any]]) -> Chat
         if tool.get("type") != "function":
             raise EpisodeError(400, f"tool type {tool.get('type')!r} is not supported; give function tools")
         if not isinstance(tool.get("name"), str):
+            shape = (
+                "is in the chat completions API's shape (a `function` inside); the Responses API takes"
+                if isinstance(tool.get("function"), dict)
+                else "has no name: give"
+            )
             raise EpisodeError(
                 400,
-                f'tools[{index}] has no name: give {{"type": "function", "name": ..., "parameters": {{...}}}}',
+                f'tools[{index}] {shape} {{"type": "function", "name": ..., "parameters": {{...}}}}',
+                param=f"tools[{index}]",
             )
+        check_parameters(tool.get("parameters"), f"tools[{index}].parameters")
         tools.append(
             {
                 "type": "function",
