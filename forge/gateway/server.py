@@ -391,7 +391,12 @@ def build_app(gateway: Gateway) -> FastAPI:
     @app.exception_handler(EpisodeError)
     async def episode_error(_: Request, exc: EpisodeError) -> JSONResponse:
         kind, _code = _error_kind(exc.status)
-        return JSONResponse(error_body(exc.message, kind, exc.code, exc.param), status_code=exc.status)
+        # OpenAI's SDKs retry a 409 (as a lock timeout) unless told not to; the gateway's 409s
+        # (a finished episode, a call given up on) cannot succeed on a retry.
+        headers = {"x-should-retry": "false"} if exc.status == 409 else None
+        return JSONResponse(
+            error_body(exc.message, kind, exc.code, exc.param), status_code=exc.status, headers=headers
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
