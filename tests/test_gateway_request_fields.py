@@ -525,3 +525,22 @@ def test_malformed_tools_and_content_are_a_400_saying_what_is_wrong(served, name
         else:
             agent.responses.create(model="p", **{"input": "x", **fields})
     assert len(engine.requests) == asked and calls_of(server, episode) == []
+
+
+def test_a_lone_surrogate_in_a_message_is_read_as_the_replacement_character(served, qwen):
+    """JSON may escape a lone UTF-16 surrogate ("\\udcff": what `json.dumps` writes for text
+    read with surrogateescape, e.g. a file name that is not UTF-8, and what JavaScript's
+    JSON.stringify writes for half a pair); no UTF-8 tokenizer can encode one, so the
+    prompt holds U+FFFD in its place, as Forge reads any bytes that are not text."""
+    server, _ = served
+    say(served, qwen, "ok")
+    episode = start(server)
+    body = {"model": "p", "messages": [{"role": "user", "content": "ls: caf\udcff.txt"}]}
+    response = httpx.post(
+        f"{server.base_url}/chat/completions",
+        content=json.dumps(body),  # ensure_ascii: the surrogate travels as its escape
+        headers={"Authorization": f"Bearer {episode['episode_id']}", "Content-Type": "application/json"},
+    )
+    assert response.status_code == 200, response.text
+    [call] = calls_of(server, episode)
+    assert "ls: caf\ufffd.txt" in qwen.decode(call.prompt_ids)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import threading
 import time
@@ -60,6 +61,7 @@ from forge.rollout.engines.batching import BatchingEngine
 from forge.rollout.engines.protocol import InferenceEngine
 
 SAMPLING_RULES = ("honour", "override")
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # a str holds a valid pair as one code point
 
 
 class Gateway:
@@ -115,6 +117,10 @@ class Gateway:
         self.kept_responses: dict[str, dict[str, list[dict[str, Any]]]] = {}
 
     def encode(self, text: str) -> list[int]:
+        # A lone surrogate (JSON may escape one: text read with surrogateescape, half a UTF-16
+        # pair) has no UTF-8 form for the tokenizer; it stands for bytes that were not text,
+        # which Forge reads as U+FFFD everywhere.
+        text = LONE_SURROGATE.sub("\ufffd", text)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def parser_for_tools(self) -> ToolParser:
