@@ -303,6 +303,8 @@ def test_responses_allowed_tools_offers_only_the_listed_tools(served, qwen):
         ("input\\[0\\].role='tool'", {"input": [{"type": "message", "role": "tool", "content": "3"}]}),
         ("text.format.type='xml'", {"text": {"format": {"type": "xml"}}}),
         ("at most max_output_tokens=", {"max_output_tokens": 10**6}),
+        # truncation "auto" does not cut the input from its front: the policy sees what was sent
+        ("maximum context length is 4096", {"input": "x" * 5000, "truncation": "auto"}),
     ],
 )
 def test_a_malformed_responses_request_names_its_own_field(served, named, fields):
