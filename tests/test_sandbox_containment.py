@@ -78,13 +78,41 @@ def test_writes_to_tmp_shm_and_home_stay_inside(level):
         level,
     )
     assert result.exit_code == 0, result.stderr
+    assert sandbox.wait_for_cleanup()
     leaked = [path for path in targets if os.path.exists(path)]
     for path in leaked:
         os.remove(path)
-    # Level 0 shares the host's world-writable /tmp and /dev/shm; the harness's tree is root's.
-    expected = [] if level >= 1 else targets[:2] if ROOT else targets
+    # Level 0 writes to the host's world-writable /tmp and /dev/shm; under a root harness what
+    # its uid left there is removed after the call, and the harness's tree is root's.
+    expected = [] if level >= 1 or ROOT else targets
     assert leaked == expected, result.stdout
+    if level == 0:
+        assert f"wrote /tmp/{name}" in result.stdout
     assert_still_works(level)
+
+
+@pytest.mark.skipif(not ROOT, reason="without root level 0 has no uid of its own to tell its files by")
+def test_what_level_0_leaves_in_the_hosts_shared_dirs_is_removed_and_nothing_else(host_files):
+    name = f"forge-left-{uuid.uuid4().hex}"
+    left = [f"/tmp/{name}", f"/dev/shm/{name}", f"/var/tmp/{name}", f"/tmp/{name}-dir"]
+    result = run(
+        f"""
+        import os
+        for path in {left[:3]!r}:
+            open(path, "w").write("x" * 4096)
+        os.makedirs({left[3]!r} + "/deep/er")
+        open({left[3]!r} + "/deep/er/file", "w").write("x")
+        os.symlink({host_files["session"]!r}, {left[3]!r} + "/deep/host")
+        os.symlink({host_files["secret"]!r}, "/tmp/{name}-link")
+        print("left", len(os.listdir({left[3]!r})))
+    """,
+        0,
+    )
+    assert result.stdout.strip() == "left 1", result.stderr
+    assert sandbox.wait_for_cleanup()
+    assert [path for path in [*left, f"/tmp/{name}-link"] if os.path.lexists(path)] == []
+    # Symlinks were removed, never followed: the host files they named are intact.
+    assert open(host_files["secret"]).read() == "host-secret-2718"
 
 
 @pytest.mark.parametrize("level", LEVELS)

@@ -1,5 +1,5 @@
-"""Per-sandbox unprivileged uids for a root harness: allocation across processes and
-killing everything a uid runs.
+"""Per-sandbox unprivileged uids for a root harness: allocation across processes, killing
+everything a uid runs, and removing what it left in the host's shared writable directories.
 
 A uid of its own means a sandbox cannot signal the harness or another sandbox, RLIMIT_NPROC
 counts only its own processes, and "kill every process of this uid" reaps daemons that
@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import os
 import pwd
+import shutil
 import subprocess
 import sys
 import time
@@ -21,6 +22,9 @@ LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_launch.py"
 UID_BASE = 200_000
 UID_COUNT = 1_000
 LOCK_DIR = "/run/forge-sandbox" if os.path.isdir("/run") else "/tmp/forge-sandbox-uids"
+# World-writable directories where level 0's code, which sees the host's filesystem, can
+# leave files (levels 1-2 give it private ones).
+SHARED_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm")
 
 
 def is_root() -> bool:
@@ -73,6 +77,29 @@ def kill_all_of(uid: int, attempts: int = 20) -> None:
         raise RuntimeError(f"sandbox uid {uid} still has processes {leftover} after {attempts} kill passes")
 
 
+def remove_files_of(uid: int) -> int:
+    """Remove every entry `uid` owns at the top of SHARED_WRITABLE (a directory with all it
+    holds); call it once none of its processes runs. Returns how many were removed."""
+    removed = 0
+    for directory in SHARED_WRITABLE:
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if entry.stat(follow_symlinks=False).st_uid != uid:
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)  # fd-based: a symlink inside is removed, never followed
+                else:
+                    os.unlink(entry.path)
+                removed += 1
+            except OSError:
+                continue
+    return removed
+
+
 def _unused(uid: int) -> bool:
     try:
         pwd.getpwuid(uid)
@@ -98,10 +125,12 @@ def sandbox_uid() -> Iterator[int]:
             continue
         try:
             kill_all_of(uid)  # leftovers of a harness that died mid-run
+            remove_files_of(uid)
             try:
                 yield uid
             finally:
                 kill_all_of(uid)
+                remove_files_of(uid)
         finally:
             os.close(fd)
         return
