@@ -594,7 +594,7 @@ class SandboxConfig(Section):
     allow_level_0: bool = Field(
         False,
         description="let an env that runs untrusted code (python_coding, file_search) run it at level 0 "
-        "(rlimits + uid only: host files any user may read, /tmp, loopback services; without root, "
+        "(rlimits + uid only: host files any user may read, /tmp, the network; without root, "
         "everything the harness's user can do); warned on the console",
     )
     python: str | None = Field(

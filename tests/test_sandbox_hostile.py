@@ -145,6 +145,42 @@ def test_memory_bomb_hits_the_address_space_limit(level):
 
 
 @pytest.mark.parametrize("level", LEVELS)
+def test_memory_is_capped_per_process_not_per_call_as_the_console_says(level):
+    """No level caps a call's total memory (that needs a cgroup): children of one call each hold
+    most of Limits.memory_bytes at once. policy.NOT_CONTAINED_AT_ANY_LEVEL says so at run start."""
+    from forge.sandbox.policy import NOT_CONTAINED_AT_ANY_LEVEL
+
+    assert "per process, not per call" in NOT_CONTAINED_AT_ANY_LEVEL
+    result = run(
+        """
+        import os
+        touched_r, touched_w = os.pipe()
+        release_r, release_w = os.pipe()
+        children = []
+        for _ in range(3):
+            pid = os.fork()
+            if pid == 0:
+                block = bytearray(96 << 20)
+                block[::4096] = b"x" * len(block[::4096])  # resident, not only reserved
+                os.write(touched_w, b"+")
+                os.read(release_r, 1)  # hold it until the parent has counted every child
+                os._exit(0)
+            children.append(pid)
+        held = sum(len(os.read(touched_r, 1)) for _ in children)
+        print("held together MiB:", 96 * held)
+        os.write(release_w, b"." * len(children))
+        for pid in children:
+            os.waitpid(pid, 0)
+    """,
+        level,
+        limits=sandbox.Limits(memory_bytes=128 << 20),
+        timeout_s=20.0,
+    )
+    assert result.ok, result
+    assert result.stdout.strip() == "held together MiB: 288"
+
+
+@pytest.mark.parametrize("level", LEVELS)
 def test_infinite_loop_is_stopped_at_the_wall_timeout(level):
     result = run("while True:\n    pass\n", level, timeout_s=1.0)
     assert result.timed_out and not result.ok

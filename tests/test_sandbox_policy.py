@@ -50,7 +50,8 @@ def test_opting_in_runs_level_0_with_a_console_warning(host_level, capsys):
     err = capsys.readouterr().err
     assert "forge: sandbox level 0 (rlimits+uid)" in err
     assert "WARNING: env 'file_search' runs untrusted code at level 0 because sandbox.allow_level_0" in err
-    assert "Ray's included" in err
+    assert "Ray's included" in err and "the internet" in err
+    assert f"forge: no sandbox level contains this: {policy.NOT_CONTAINED_AT_ANY_LEVEL}" in err
 
 
 def test_the_level_0_warning_without_root_says_the_code_runs_as_the_harness_user(
@@ -60,11 +61,13 @@ def test_the_level_0_warning_without_root_says_the_code_runs_as_the_harness_user
     host_level(0)
     policy.announce(0, untrusted=True, env_name="python_coding")
     err = capsys.readouterr().err
-    assert "uid of its own" not in err
+    assert "uid of its own" not in err and "rlimits+uid" not in err
+    assert err.startswith("forge: sandbox level 0 (rlimits only, as the harness's own user)\n")
     assert (
         "runs as this harness's own user" in err
         and "environment variables" in err
-        and "kill the harness" in err
+        and "kill or ptrace the harness" in err
+        and "the internet" in err
     )
 
 
@@ -91,12 +94,31 @@ def test_trusted_envs_may_run_at_level_0_with_a_warning(host_level, capsys):
     policy.announce(0, untrusted=False, env_name="countdown")
     err = capsys.readouterr().err
     assert "below bubblewrap's (2)" in err and "untrusted" not in err
+    # What sandboxed code may do at level 0 is said whether or not the env declares it untrusted.
+    assert f"forge: WARNING: {policy.level_0_risk()}" in err
 
 
-def test_level_2_is_one_line_without_warning(host_level, capsys):
+def test_level_2_states_only_what_no_level_contains(host_level, capsys):
     host_level(2)
     lines = policy.announce(2, untrusted=True, env_name="python_coding")
-    assert lines == ["forge: sandbox level 2 (bubblewrap)"]
+    assert lines == [
+        "forge: sandbox level 2 (bubblewrap)",
+        f"forge: no sandbox level contains this: {policy.NOT_CONTAINED_AT_ANY_LEVEL}",
+    ]
+    assert "per process, not per call" in lines[1] and "64 GiB together" in lines[1] and "kernel" in lines[1]
+
+
+def test_level_1_says_it_keeps_in_what_level_2_does_and_how_to_get_bubblewrap(host_level, monkeypatch):
+    host_level(1)
+    monkeypatch.setattr(levels, "_unavailable", {2: "bwrap not found"})
+    lines = policy.announce(1, untrusted=True, env_name="python_coding")
+    assert lines[0] == "forge: sandbox level 1 (namespaces (user, mount, pid, net))"
+    assert lines[1] == f"forge: no sandbox level contains this: {policy.NOT_CONTAINED_AT_ANY_LEVEL}"
+    assert lines[2].startswith(
+        f"forge: {policy.LEVEL_1_AS_2}; for bubblewrap itself: level 2 needs bubblewrap"
+    )
+    assert lines[2].endswith("(here: bwrap not found)") and len(lines) == 3
+    assert not any("WARNING" in line for line in lines)
 
 
 @pytest.mark.skipif(BEST < 1, reason="needs a host with level 1 or more")

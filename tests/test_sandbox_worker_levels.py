@@ -105,7 +105,8 @@ def test_the_warning_names_each_node_below_the_driver_with_what_failed_there(cap
     assert lines == capsys.readouterr().err.splitlines()
     assert "node b (10.0.0.3) (level 1), node c (10.0.0.4) (level 0) run sandboxed code below" in lines[0]
     assert "node a" not in "\n".join(lines)
-    assert "this run's sandbox level is 0 (rlimits+uid)" in lines[0]
+    # node c's harness is not root: level 0 there gives the code no uid of its own
+    assert "this run's sandbox level is 0 (rlimits only, as the harness's own user)" in lines[0]
     assert any("on node c (10.0.0.4): level 1 needs" in line and "(there: unshare" in line for line in lines)
     assert "untrusted code at level 0 on node c (10.0.0.4)" in lines[-1] and "own user" in lines[-1]
     assert (

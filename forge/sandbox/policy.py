@@ -1,6 +1,6 @@
 """A run's sandbox policy: untrusted code never runs silently at level 0, and the level in
-use is said on the console at start, with a warning below level 2 (and naming the nodes whose
-rollout workers run below the driver's level)."""
+use is said on the console at start with what it does not contain, with a warning at level 0
+(and naming the nodes whose rollout workers run below the driver's level)."""
 
 from __future__ import annotations
 
@@ -12,16 +12,30 @@ from forge.sandbox import isolation, levels, uids
 from forge.sandbox.core import SandboxUnavailable
 
 LEVEL_0_RISK = (
-    "level 0 is rlimits and a uid of its own: the code can read files any user may read, write to the "
-    "host's /tmp and /dev/shm, list the host's processes and connect to services on this host (Ray's included)"
+    "level 0 is rlimits and a uid of its own: the code can read files any user may read (checkpoints "
+    "and the repository included), reach the network (the internet, and services on this host, Ray's "
+    "included), list the host's processes, and fill the host's /tmp and /dev/shm (memory) while it "
+    "runs (what it leaves there is removed after the call)"
 )
 # Without root there is no uid to give the code: it runs as the harness's own user.
 LEVEL_0_RISK_NOT_ROOT = (
     "level 0 without root is rlimits only, and the code runs as this harness's own user: it can do "
     "whatever that user can, including read and write that user's files (its home, ~/.ssh, the "
-    "repository), read the harness's environment variables with their secrets (/proc/PID/environ), "
-    "signal or kill the harness, Ray and that user's other processes, leave processes running after the "
-    "call, write to the host's /tmp and /dev/shm and connect to services on this host (Ray's included)"
+    "repository, checkpoints), read the harness's environment variables with their secrets "
+    "(/proc/PID/environ), signal, kill or ptrace the harness, Ray and that user's other processes, leave "
+    "processes running after the call, write to the host's /tmp and /dev/shm and reach the network (the "
+    "internet, and services on this host, Ray's included)"
+)
+# What rlimits and namespaces leave to a cgroup (which forge does not set up) or the host's kernel.
+NOT_CONTAINED_AT_ANY_LEVEL = (
+    "memory and CPU are capped per process, not per call: a call may run Limits.processes processes "
+    "(64 by default), each with Limits.memory_bytes of address space (1 GiB by default: 64 GiB together) "
+    "and a core kept busy until its timeout; and the kernel is the host's, so a kernel exploit escapes "
+    "any level"
+)
+LEVEL_1_AS_2 = (
+    "level 1 keeps in what level 2 does (forge's hostile-code tests run the same cases at both), "
+    "with forge's own launcher instead of bubblewrap"
 )
 
 
@@ -83,7 +97,7 @@ def configure(
         )
     if level < floor:
         raise SandboxUnavailable(
-            f"{reason}, but this host offers only level {level} ({isolation.LEVEL_NAMES[level]}): "
+            f"{reason}, but this host offers only level {level} ({level_name(level)}): "
             f"{levels.how_to_enable(floor)}"
         )
     levels.set_min_level(floor, reason)
@@ -103,17 +117,26 @@ def configure_for_env(settings: Any, env_class: type, env_name: str) -> int:
     )
 
 
+def level_name(level: int, root: bool | None = None) -> str:
+    """The level's name as this process (None) or a node (`root`) gives it: level 0 without root
+    has no uid of its own."""
+    if level == 0 and not (uids.is_root() if root is None else root):
+        return "rlimits only, as the harness's own user"
+    return isolation.LEVEL_NAMES[level]
+
+
 def announce(level: int, *, untrusted: bool, env_name: str = "") -> list[str]:
-    """Print (stderr) the run's sandbox level, and why it is weak when it is below 2."""
-    lines = [f"forge: sandbox level {level} ({isolation.LEVEL_NAMES[level]})"]
-    if level < 2:
-        lines.append(
-            f"forge: WARNING: sandbox level {level} is below bubblewrap's (2): {levels.how_to_enable(2)}"
-        )
+    """Print (stderr) the run's sandbox level, what it does not contain and, below level 2, how
+    to get a stronger one."""
+    lines = [f"forge: sandbox level {level} ({level_name(level)})"]
     if level == 0:
+        lines.append(untrusted_at_level_0(env_name) if untrusted else f"forge: WARNING: {level_0_risk()}")
+    lines.append(f"forge: no sandbox level contains this: {NOT_CONTAINED_AT_ANY_LEVEL}")
+    if level == 1:
+        lines.append(f"forge: {LEVEL_1_AS_2}; for bubblewrap itself: {levels.how_to_enable(2)}")
+    if level == 0:
+        lines.append(f"forge: WARNING: sandbox level 0 is below bubblewrap's (2): {levels.how_to_enable(2)}")
         lines.append(f"forge: WARNING: sandbox level 1 is unavailable too: {levels.how_to_enable(1)}")
-    if level == 0 and untrusted:
-        lines.append(untrusted_at_level_0(env_name))
     for line in lines:
         print(line, file=sys.stderr, flush=True)
     return lines
@@ -127,12 +150,13 @@ def announce_workers(
     below = [r for r in reports if r.level < driver_level]
     if not below:
         return []
-    lowest = min(r.level for r in below)
+    weakest = min(below, key=lambda r: r.level)
+    lowest = weakest.level
     nodes = {r.node: r for r in below}  # a node's workers share its level
     lines = [
         f"forge: WARNING: rollout workers on {', '.join(f'node {n} (level {r.level})' for n, r in nodes.items())} "
         f"run sandboxed code below this machine's level {driver_level}; this run's sandbox level is "
-        f"{lowest} ({isolation.LEVEL_NAMES[lowest]}), and it is recorded as such"
+        f"{lowest} ({level_name(lowest, weakest.root)}), and it is recorded as such"
     ]
     for node, node_report in nodes.items():
         for level in range(node_report.level + 1, driver_level + 1):

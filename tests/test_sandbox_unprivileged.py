@@ -1,0 +1,135 @@
+"""Level 1 for most users: a harness that is not root, on a host without bubblewrap. The
+harness runs as `nobody` with no bwrap on its PATH, holds what a run holds (a secret in its
+environment, files in its home, a loopback port, an abstract socket), and hostile code tries to
+reach each of them. Needs root to start the harness as another user (CI runs as root)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+import pytest
+
+from forge.sandbox import isolation, uids
+
+NOBODY = 65534
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+HARNESS = textwrap.dedent(
+    """
+    import json, os, socket, sys
+    from forge import sandbox
+    from forge.sandbox import levels, policy
+
+    home = os.environ["HOME"]
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    abstract = socket.socket(socket.AF_UNIX)
+    abstract.bind("\\0forge-test-harness-" + str(os.getpid()))
+    abstract.listen(4)
+    log = open(os.path.join(home, "metrics.jsonl"), "w")
+    pid, port, fd = os.getpid(), listener.getsockname()[1], log.fileno()
+    attacks = {
+        "home": f"print(open({home!r} + '/notes.txt').read())",
+        "environ": "import os\\nfor p in os.listdir('/proc'):\\n"
+                   "    try: print(open(f'/proc/{p}/environ', 'rb').read())\\n    except OSError: pass",
+        "write_home": f"open({home!r} + '/pwned', 'w').write('x')",
+        "loopback": f"import socket\\nsocket.create_connection(('127.0.0.1', {port}), timeout=1)\\nprint('CONNECTED')",
+        "abstract": f"import socket\\ns = socket.socket(socket.AF_UNIX)\\n"
+                    f"s.connect('\\\\0forge-test-harness-{pid}')\\nprint('CONNECTED')",
+        "kill": f"import os\\nos.kill({pid}, 9)\\nprint('KILLED')",
+        "ptrace": f"import ctypes\\nlibc = ctypes.CDLL(None, use_errno=True)\\n"
+                  f"print('ATTACHED' if libc.ptrace(16, {pid}, 0, 0) == 0 else 'denied')",
+        "proc_fd": f"open('/proc/{pid}/fd/{fd}', 'w').write('PWNED')\\nprint('WROTE')",
+        "daemon": "import os\\nif os.fork() == 0:\\n    os.setsid()\\n"
+                  "    os.execv('/bin/sleep', ['sleep', '" + sys.argv[1] + "'])",
+    }
+    level = sandbox.available_level()
+    lines = policy.announce(level, untrusted=True, env_name="python_coding")
+    results = {name: sandbox.run(code, timeout_s=5.0).stdout for name, code in attacks.items()}
+    sandbox.wait_for_cleanup()
+    log.close()
+    print(json.dumps({"level": level, "why_not_2": levels.why_unavailable(2), "announce": lines,
+                      "results": results, "log": open(os.path.join(home, "metrics.jsonl")).read()}))
+    """
+)
+
+
+def nobody_python() -> tuple[str, dict[str, str]] | None:
+    """An interpreter `nobody` can run, with what it needs to find its libpython."""
+    python = isolation.level0_python(sys.executable)
+    if python is None:
+        return None
+    env = {}
+    if python != sys.executable:
+        env["LD_LIBRARY_PATH"] = os.path.join(os.path.dirname(os.path.dirname(python)), "lib")
+    return python, env
+
+
+def processes_with(marker: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and marker.encode() in open(f"/proc/{entry}/cmdline", "rb").read():
+                found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.skipif(not uids.is_root(), reason="needs root to start a harness as nobody")
+def test_an_unprivileged_harness_without_bubblewrap_gets_level_1_and_it_contains_hostile_code():
+    found = nobody_python()
+    if found is None or not isolation.world_searchable(REPO):
+        pytest.skip("nobody cannot run this interpreter or reach this checkout")
+    python, python_env = found
+    marker = f"4242.{os.getpid()}"
+    home = tempfile.mkdtemp(prefix="forge-nobody-home-")
+    try:
+        os.chmod(home, 0o755)  # a Debian home: other users may list it
+        with open(os.path.join(home, "notes.txt"), "w") as f:
+            f.write("home-secret-1618")
+        os.chmod(os.path.join(home, "notes.txt"), 0o644)
+        os.chown(home, NOBODY, NOBODY)
+        env = {
+            "HOME": home,
+            "PATH": "/nonexistent",  # no bwrap: level 2 is out, as on a host without bubblewrap
+            "PYTHONPATH": REPO,
+            "FORGE_TEST_TOKEN": "token-secret-2236",
+            **python_env,
+        }
+        proc = subprocess.run(
+            [python, "-c", HARNESS, marker],
+            env=env,
+            cwd=home,
+            user=NOBODY,
+            group=NOBODY,
+            extra_groups=[],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        report = json.loads(proc.stdout.strip().splitlines()[-1])
+        if report["level"] < 1:
+            pytest.skip(f"unprivileged user namespaces are unavailable here: {report['announce']}")
+        assert report["level"] == 1 and report["why_not_2"] == "bwrap not found"
+        assert report["announce"][0] == "forge: sandbox level 1 (namespaces (user, mount, pid, net))"
+        assert report["announce"][2].endswith("(here: bwrap not found)")
+        leaked = {
+            name: out
+            for name, out in report["results"].items()
+            if any(s in out for s in ("secret", "CONNECTED", "KILLED", "ATTACHED", "WROTE"))
+        }
+        assert leaked == {}
+        assert not os.path.exists(os.path.join(home, "pwned")) and report["log"] == ""
+        assert processes_with(marker) == []
+    finally:
+        for pid in processes_with(marker):
+            os.kill(pid, 9)
+        subprocess.run(["rm", "-rf", home], check=False)
