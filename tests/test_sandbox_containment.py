@@ -115,6 +115,27 @@ def test_what_level_0_leaves_in_the_hosts_shared_dirs_is_removed_and_nothing_els
     assert open(host_files["secret"]).read() == "host-secret-2718"
 
 
+@pytest.mark.skipif(not ROOT, reason="without root level 0 has no uid of its own to tell its files by")
+def test_level_0_bytes_kept_in_the_hosts_tmp_end_the_call_at_the_disk_cap():
+    name = f"forge-fill-{uuid.uuid4().hex}"
+    result = run(
+        f"""
+        import time
+        for i in range(12):
+            with open(f"/tmp/{name}-{{i}}", "wb") as f:
+                f.write(b"x" * (8 << 20))
+        time.sleep(10)
+        print("kept 96 MiB")
+    """,
+        0,
+        limits=sandbox.Limits(disk_bytes=32 << 20),
+        timeout_s=15.0,
+    )
+    assert result.disk_exceeded and not result.timed_out and "kept" not in result.stdout, result
+    assert sandbox.wait_for_cleanup()
+    assert not [entry for entry in os.listdir("/tmp") if entry.startswith(name)]
+
+
 @pytest.mark.parametrize("level", LEVELS)
 def test_host_files_readable_by_anyone_are_out_of_reach(level, host_files):
     needs_own_uid(level)

@@ -44,6 +44,7 @@ class Limits:
     output_bytes: int = 1 << 20  # per stream; more ends the run, output_truncated=True
     # Everything the code may keep in its work dir, /tmp and /dev/shm together: a tmpfs of this
     # size and inode count when the harness is root; otherwise /tmp and /dev/shm each (levels 1-2).
+    # Level 0 under a root harness also measures its uid's files in the host's shared dirs.
     disk_bytes: int = 256 << 20
     max_files: int = 4096
 
@@ -62,8 +63,9 @@ class SandboxResult:
     wall_seconds: float
     files: dict[str, str] = field(default_factory=dict)  # the `collect` paths that were regular files
     uid: int | None = None  # host uid the code ran as (root harness only), for audits
-    # Ended for holding more than Limits.disk_bytes or max_files in its work dir: measured
-    # when the harness is not root (as root a capped tmpfs makes such writes fail instead).
+    # Ended for holding more than Limits.disk_bytes or max_files in its work dir (measured when
+    # the harness is not root: as root a capped tmpfs makes such writes fail instead), or, at
+    # level 0 under a root harness, in the host's /tmp, /var/tmp and /dev/shm (measured).
     disk_exceeded: bool = False
 
     @property
@@ -173,7 +175,7 @@ def _pump(
     proc: subprocess.Popen, deadline: float, cap: int, over_disk: Callable[[], bool] | None
 ) -> tuple[bytes, bytes, bool, bool, bool]:
     """Read both pipes until EOF, the deadline, more than `cap` bytes on one stream, or
-    `over_disk()` (checked every DISK_CHECK_S) says the work dir holds too much."""
+    `over_disk()` (checked every DISK_CHECK_S) says the code keeps too much on disk."""
     buffers = {proc.stdout: bytearray(), proc.stderr: bytearray()}
     sel = selectors.DefaultSelector()
     for stream in buffers:
@@ -213,6 +215,17 @@ def _pump(
         sel.close()
     out, err = (bytes(b[:cap]) for b in buffers.values())
     return out, err, timed_out, truncated, disk_exceeded
+
+
+def _disk_check(run_dir: workdir.RunDir, shared_uid: int | None, limits: Limits) -> Callable[[], bool] | None:
+    """What `_pump` measures: the work dir when no capped tmpfs holds it, and, for level 0's own
+    uid, its files in the host's /tmp, /var/tmp and /dev/shm (no tmpfs can hold those)."""
+    checks = []
+    if not run_dir.mounted:
+        checks.append(lambda: workdir.over_cap(run_dir, limits.disk_bytes, limits.max_files))
+    if shared_uid is not None:
+        checks.append(lambda: workdir.shared_over_cap(shared_uid, limits.disk_bytes, limits.max_files))
+    return (lambda: any(check() for check in checks)) if checks else None
 
 
 def _launch(spec: dict) -> subprocess.Popen:
@@ -282,11 +295,7 @@ def run_at(
         proc = _launch(spec)
         try:
             deadline = started + timeout_s
-            over_disk = (
-                None
-                if run_dir.mounted
-                else lambda: workdir.over_cap(run_dir, limits.disk_bytes, limits.max_files)
-            )
+            over_disk = _disk_check(run_dir, uid if level == 0 else None, limits)
             out, err, timed_out, truncated, disk_exceeded = _pump(
                 proc, deadline, limits.output_bytes, over_disk
             )

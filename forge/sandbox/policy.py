@@ -14,8 +14,8 @@ from forge.sandbox.core import SandboxUnavailable
 LEVEL_0_RISK = (
     "level 0 is rlimits and a uid of its own: the code can read files any user may read (checkpoints "
     "and the repository included), reach the network (the internet, and services on this host, Ray's "
-    "included), list the host's processes, and fill the host's /tmp and /dev/shm (memory) while it "
-    "runs (what it leaves there is removed after the call)"
+    "included), list the host's processes, and write to the host's /tmp and /dev/shm (what its uid "
+    "keeps there is measured against Limits.disk_bytes every 0.25 s, and removed after the call)"
 )
 # Without root there is no uid to give the code: it runs as the harness's own user.
 LEVEL_0_RISK_NOT_ROOT = (

@@ -14,7 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from forge.sandbox import _syscalls, isolation
+from forge.sandbox import _syscalls, isolation, uids
 
 log = logging.getLogger("forge.sandbox")
 PREFIX = "forge-sandbox-"
@@ -92,24 +92,39 @@ def _warn_unmounted(exc: OSError) -> None:
 def over_cap(run_dir: RunDir, max_bytes: int, max_files: int) -> bool:
     """Whether fs/ holds more than the caps: the check for a harness that cannot mount a
     capped tmpfs. It stops counting at the cap, so a flood costs it O(cap) per check."""
+    return _holds_more([run_dir.fs], [], max_bytes, max_files)
+
+
+def shared_over_cap(uid: int, max_bytes: int, max_files: int) -> bool:
+    """Whether what `uid` keeps in the host's shared writable directories (where level 0's code
+    can write) holds more than the caps."""
+    return _holds_more(list(uids.SHARED_WRITABLE), [uid], max_bytes, max_files)
+
+
+def _holds_more(roots: list[str], owners: list[int], max_bytes: int, max_files: int) -> bool:
+    """Count what lies below `roots` (at their top, only entries of `owners` when given) until
+    it passes a cap."""
     files = used = 0
-    stack = [run_dir.fs]
+    stack = [(root, bool(owners)) for root in roots]
     while stack:
+        directory, filtered = stack.pop()
         try:
-            entries = list(os.scandir(stack.pop()))
+            entries = list(os.scandir(directory))
         except OSError:
             continue
         for entry in entries:
-            files += 1
             try:
                 info = entry.stat(follow_symlinks=False)
             except OSError:
                 continue
+            if filtered and info.st_uid not in owners:
+                continue
+            files += 1
             used += info.st_blocks * 512  # what it occupies: a sparse file counts what it wrote
             if files > max_files or used > max_bytes:
                 return True
             if entry.is_dir(follow_symlinks=False):
-                stack.append(entry.path)
+                stack.append((entry.path, False))
     return False
 
 
