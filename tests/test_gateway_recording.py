@@ -248,39 +248,49 @@ def test_a_close_that_ignores_being_given_up_on_is_recorded_once_at_shutdown_and
     assert seconds < 0.3 + SHUTDOWN_GRACE_S + 1.0, seconds
 
 
+@pytest.fixture(scope="module")
+def served(tiny_checkpoint, tmp_path_factory):
+    """A `forge serve --record-dir` per way of stopping, both started at once: most of the
+    time is each process's start-up (torch, the model), which overlaps on 2 cores."""
+    started = {}
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        folder = tmp_path_factory.mktemp(f"serve-{stop.name}")
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        with (folder / "output").open("w") as output:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "forge.cli", "serve", str(tiny_checkpoint), "--port", str(port),
+                 "--max-new-tokens", "4", "--record-dir", str(folder)],
+                stdout=output, stderr=subprocess.STDOUT, text=True,
+            )  # fmt: skip
+        started[stop] = process, f"http://127.0.0.1:{port}", folder
+    yield started
+    for process, _, _ in started.values():
+        if process.poll() is None:  # a test failed before it stopped its server
+            process.kill()
+            process.wait()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
-def test_forge_serve_stopped_by_ctrl_c_or_a_kill_records_its_live_episodes(tiny_checkpoint, tmp_path, stop):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "forge.cli", "serve", str(tiny_checkpoint), "--port", str(port),
-         "--max-new-tokens", "4", "--record-dir", str(tmp_path)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()
-            time.sleep(0.5)
-        episodes = [
-            httpx.post(f"{url}/forge/episodes", json={"task": {"task_id": "t"}}).json() for _ in range(2)
-        ]
-        for episode in episodes:
-            agent = openai.OpenAI(base_url=f"{url}/v1", api_key=episode["episode_id"], max_retries=0)
-            agent.chat.completions.create(model="p", messages=USER)
-        httpx.post(f"{url}/forge/episodes/{episodes[0]['episode_id']}/finish", json={"reward": 1.0})
-        process.send_signal(stop)
-        assert process.wait(timeout=60) == 0, process.stdout.read()
-    finally:
-        if process.poll() is None:
-            process.kill()
-    recorded = read_recorded(tmp_path / "episodes.jsonl")
+def test_forge_serve_stopped_by_ctrl_c_or_a_kill_records_its_live_episodes(served, stop):
+    process, url, folder = served[stop]
+    deadline = time.monotonic() + 120
+    while True:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                break
+        assert process.poll() is None and time.monotonic() < deadline, (folder / "output").read_text()
+        time.sleep(0.5)
+    episodes = [httpx.post(f"{url}/forge/episodes", json={"task": {"task_id": "t"}}).json() for _ in range(2)]
+    for episode in episodes:
+        agent = openai.OpenAI(base_url=f"{url}/v1", api_key=episode["episode_id"], max_retries=0)
+        agent.chat.completions.create(model="p", messages=USER)
+    httpx.post(f"{url}/forge/episodes/{episodes[0]['episode_id']}/finish", json={"reward": 1.0})
+    process.send_signal(stop)
+    assert process.wait(timeout=60) == 0, (folder / "output").read_text()
+    recorded = read_recorded(folder / "episodes.jsonl")
     assert sorted((t.info["episode_id"], t.status, len(s)) for t, s in recorded) == [
         (episodes[0]["episode_id"], "ok", 1), (episodes[1]["episode_id"], "truncated", 1)]  # fmt: skip
 
