@@ -141,11 +141,16 @@ def test_a_worker_past_the_frozen_version_without_its_snapshot_refuses(lookup_ch
 @pytest.mark.slow
 def test_a_run_keeps_its_frozen_version_for_restarts_and_resumes(ray_session, tmp_path):
     """The run saves version 1's weights when its workers reach it; killed after step 2 and
-    resumed, it ends where the uninterrupted run ends; without the snapshot it refuses to resume."""
+    resumed, it ends where the uninterrupted run ends; without the snapshot it refuses to resume,
+    before any actor starts."""
     from test_resume import trainable
 
+    from forge.run import context
     from forge.run.frozen import SNAPSHOT_FILE
     from forge.run.launch import train
+
+    def refuse_to_start(*args, **kwargs):
+        raise AssertionError("the run's actors were started")
 
     def config(steps: int, *extra: str) -> Config:
         return load_config("configs/swarm.yaml", [*extra,
@@ -170,7 +175,8 @@ def test_a_run_keeps_its_frozen_version_for_restarts_and_resumes(ray_session, tm
         assert torch.equal(tensor, got[name]), name
 
     (tmp_path / "cut" / SNAPSHOT_FILE).unlink()
-    with pytest.raises(ValueError, match="no snapshot"):
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(ValueError, match="no snapshot"):
+        patch.setattr(context, "Run", refuse_to_start)  # refused before any actor starts
         train(config(4), tmp_path / "cut", progress=False, resume=True)
 
     train(config(2, "train.mode=async"), tmp_path / "async", progress=False)  # weights sent without waiting

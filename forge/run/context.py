@@ -313,10 +313,11 @@ def open_run(cfg: Config, output: Path, resume: bool) -> tuple[Run, int, tuple[l
     Returns the run, the steps already done and the weights published (None when fresh)."""
     import ray
 
-    from forge.train.checkpoint import latest_checkpoint, restore_run
+    from forge.train.checkpoint import checkpoint_step, latest_checkpoint, restore_run
 
-    if resume:
-        latest_checkpoint(output)  # nothing to resume: say so before any actor starts
+    if resume:  # nothing to resume, or no snapshot the sub-agents need: say so before any actor starts
+        step = checkpoint_step(latest_checkpoint(output))
+        check_resumable(frozen_snapshot(cfg, output), cfg.swarm.frozen_version, step)
     start_sandbox(cfg)
     start_ray(env_name=cfg.env.name)
     run = Run(cfg, output)
@@ -324,7 +325,6 @@ def open_run(cfg: Config, output: Path, resume: bool) -> tuple[Run, int, tuple[l
         return run, 0, None
     try:
         step = restore_run(run)
-        check_resumable(run.frozen_snapshot, cfg.swarm.frozen_version, step)
         published = ray.get(run.trainer.publish_weights.remote())
         run.sync_weights(published)
     except Exception:

@@ -39,6 +39,11 @@ def step_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
+def checkpoint_step(directory: Path) -> int:
+    """The step a checkpoint directory (named by `step_name`) holds."""
+    return int(directory.name.removeprefix("step-"))
+
+
 def _fsync(path: Path) -> None:
     flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0)
     fd = os.open(path, flags)
