@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 from pathlib import Path
 
@@ -64,6 +65,48 @@ def test_requests_switch_off_every_sampling_knob_the_server_would_fill_from_gene
         "presence_penalty": 0.0,
         "frequency_penalty": 0.0,
     }
+
+
+def forge_engine_logprob(logits: list[float], token: int, temperature: float, top_p: float) -> float:
+    """The behaviour logprob Forge's own engine records for `token` (HFEngine's RowSampling)."""
+    import torch
+
+    from forge.rollout.engines.sampling import RowSampling
+
+    sampling = RowSampling.of([GenerationRequest([1], 1)], temperature, top_p, torch.device("cpu"))
+    _, _, distribution = sampling.sample(torch.tensor([logits]), torch.Generator().manual_seed(0))
+    return float(distribution[0, token])
+
+
+def test_below_top_p_1_sglang_reports_forges_behaviour_logprob_and_vllm_a_renormalised_one():
+    """Why a vLLM run needs rollout.top_p 1: its processed logprobs are renormalised over the
+    nucleus, SGLang's (and Forge's engine's) are the tempered distribution's own."""
+    case = SGLANG["logprobs_at_top_p"]
+    ours = forge_engine_logprob(case["logits"], case["sampled_token"], case["temperature"], case["top_p"])
+    assert ours == pytest.approx(case["output_logprob"], abs=1e-5)
+    case = VLLM["logprobs_at_top_p"]
+    assert ours == pytest.approx(case["processed_logprob_at_top_p_1"], abs=1e-5)
+    assert case["processed_logprob"] - ours == pytest.approx(-math.log(0.904370), abs=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["vllm", "sglang"])
+def test_a_run_below_top_p_1_is_refused_at_connect_on_vllm_only(kind):
+    from forge.config import ConfigError
+    from forge.rollout.engines.server_check import check_servers
+
+    cfg = remote_config([f"{kind}+http://h:1"])
+    cfg.rollout.top_p = 0.9
+    server = models_server(kind, [], sglang_info=SGLANG["server_info"]["response"])
+    if kind == "sglang":
+        assert check_servers(cfg, server)
+        return
+    with pytest.raises(
+        ConfigError, match=r"rollout.top_p=0.9: vLLM reports .* renormalised .* rollout.top_p: 1.0"
+    ):
+        check_servers(cfg, server)
+    # the same holds for a vLLM that does not show its flags: no flag changes it
+    with pytest.raises(ConfigError, match=r"rollout.top_p=0.9"):
+        check_servers(cfg, models_server(kind, [], server_info={}))
 
 
 # -- pauses that wait on every version -----------------------------------------------------------

@@ -22,6 +22,7 @@ class Needs:
     model: str  # the name vLLM requests carry (model.path)
     max_context_tokens: int
     lora_rank: int | None = None  # model.lora.r in LoRA runs, else None (full weights by NCCL)
+    top_p: float = 1.0  # rollout.top_p
 
 
 def served_models(body: Any) -> tuple[list[str], int | None]:
@@ -70,6 +71,22 @@ def vllm_flag_problems(info: Any, needs: Needs) -> list[str]:
                 f'--weight-transfer-config \'{{"backend": "nccl"}}\' (it has {backend or "none"})'
             )
     return problems
+
+
+def vllm_sampling_problems(needs: Needs) -> list[str]:
+    """What no vLLM flag can give this run. Its processed logprobs are the log-softmax of the
+    logits after temperature *and* the top-k / top-p mask (TopKTopPSampler.forward_native in
+    vllm/v1/sample/ops/topk_topp_sampler.py), so below top-p 1 each is renormalised over the
+    nucleus: higher by -log(nucleus mass) than the tempered distribution's own logprob, which
+    Forge's engine and SGLang report. The other modes are of the logits before temperature."""
+    if needs.top_p >= 1:
+        return []
+    return [
+        f"rollout.top_p={needs.top_p:g}: vLLM reports each token's logprob renormalised over the top-p nucleus "
+        "(--logprobs-mode processed_logprobs; no mode gives the tempered distribution's own, which Forge's engine "
+        "and SGLang report), so its behaviour logprobs would not be comparable: set rollout.top_p: 1.0 for vLLM "
+        "servers"
+    ]
 
 
 def sglang_flag_problems(info: dict, needs: Needs) -> list[str]:
@@ -149,6 +166,7 @@ async def probe(
                 pass
             if not shown:  # older servers show their config as text; none without VLLM_SERVER_DEV_MODE
                 flags = "; its flags not shown (GET /server_info), so not checked"
+            problems += vllm_sampling_problems(needs)
         else:
             info = None
             for path in ("/server_info", "/get_server_info"):  # the older name first had get_
@@ -200,6 +218,7 @@ def check_servers(cfg: Any, transport: Any = None, wait: bool = True) -> list[st
         cfg.model.path or "policy",
         cfg.rollout.max_context_tokens,
         cfg.model.lora.r if cfg.model.lora.enabled else None,
+        cfg.rollout.top_p,
     )
     kinds = ("vllm+http", "vllm+https", "sglang+http", "sglang+https")
     specs = [s for s in cfg.rollout.servers if s.split("://")[0] in kinds]
