@@ -434,6 +434,7 @@ def server_info_with(**changes: object) -> dict:
     "lora,change,said",
     [
         (False, {"model_config__logprobs_mode": "raw_logprobs"}, "--logprobs-mode processed_logprobs"),
+        (False, {"model_config__logprobs_mode": "processed_logits"}, "after temperature, not normalised"),
         (False, {"weight_transfer_config": None}, '--weight-transfer-config \'{"backend": "nccl"}\''),
         (True, {"lora_config": None}, "--enable-lora"),
         (True, {"lora_config__max_lora_rank": 8}, "--max-lora-rank 8 is below model.lora.r=16"),

@@ -48,9 +48,14 @@ def vllm_flag_problems(info: Any, needs: Needs) -> list[str]:
     problems = []
     mode = (config.get("model_config") or {}).get("logprobs_mode")
     if mode is not None and mode != "processed_logprobs":
+        # What each other mode returns in the logprob fields (Sampler.forward, vllm/v1/sample/sampler.py).
+        what = {
+            "raw_logprobs": "logprobs of the logits before temperature",
+            "raw_logits": "the logits before temperature, not logprobs",
+            "processed_logits": "the logits after temperature, not normalised into logprobs",
+        }.get(mode, "not the logprobs of the distribution it samples")
         problems.append(
-            f"its logprobs are {mode} (of the logits before temperature and top-p), not of the distribution it "
-            "samples: start it with --logprobs-mode processed_logprobs"
+            f"its --logprobs-mode is {mode} ({what}): start it with --logprobs-mode processed_logprobs"
         )
     if needs.lora_rank is not None:
         if "lora_config" in config:
