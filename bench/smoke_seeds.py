@@ -5,12 +5,13 @@ after a few dozen steps sample different episodes from then on, so whether a run
 1.0 or stalls at 0.8 turns on the seed and on the machine's arithmetic. This runs
 `forge train configs/smoke.yaml seed=S` for each seed (PARALLEL at a time, each in its own
 output folder), and reports per seed the success rate over the first and the last 10% of
-steps, the share of byte-spelled replies over the first 10% (the failing seeds' usual start:
-a step or two move most of the reply mass onto the tokenizer's 256 byte pieces, away from
+steps, the share of byte-spelled replies over the first 10% (the failing seeds' usual start
+on the tiny qwen2: a step or two move most of the reply mass onto the tokenizer's 256 byte pieces, away from
 the words the task is played in), the wall time, and how many seeds pass the smoke
 acceptance (last 10% >= 0.9).
 Extra arguments are config overrides, applied to every seed. Prints one JSON object and
-writes bench/results/smoke_seeds.json (or --output).
+writes bench/results/smoke_seeds_llama.json (or --output): smoke_seeds.json and
+smoke_seeds_10-29.json hold the runs on the tiny qwen2, the smoke model before llama.
 
     python -m bench.smoke_seeds --seeds 0-9 --parallel 2
     python -m bench.smoke_seeds --seeds 0-4 train.minibatches_per_step=4 --output /tmp/mb4.json
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0-9", help="seeds to run: 0-9, or 0,3,5")
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time")
-    parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "smoke_seeds.json")
+    parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "smoke_seeds_llama.json")
     parser.add_argument("overrides", nargs="*", help="config overrides for every seed (key=value)")
     args = parser.parse_args(argv)
     seeds = seed_list(args.seeds)

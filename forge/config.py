@@ -25,7 +25,12 @@ class Section(BaseModel):
 class TinyModelConfig(Section):
     """The random-init model built when `model.path` is not set (offline smoke runs)."""
 
-    architecture: Literal["qwen2", "llama"] = Field("qwen2", description="transformers architecture")
+    architecture: Literal["qwen2", "llama"] = Field(
+        "llama",
+        description="transformers architecture. With qwen2, transformers 5's AutoTokenizer builds "
+        "Qwen2Tokenizer for the saved checkpoint, which reads the tiny tokenizer's text as no tokens; "
+        "load it with PreTrainedTokenizerFast or forge's load_tokenizer",
+    )
     hidden_size: int = Field(128, gt=0)
     num_layers: int = Field(2, gt=0)
     num_heads: int = Field(4, gt=0)

@@ -29,7 +29,7 @@ def ray_session():
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
-    """A random-init tiny Qwen2 + local tokenizer saved as a Hugging Face checkpoint."""
+    """A random-init tiny Llama (the default architecture) + local tokenizer saved as a Hugging Face checkpoint."""
     from forge.config import TinyModelConfig
     from forge.models.tiny import save_tiny_checkpoint
 

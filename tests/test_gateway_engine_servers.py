@@ -31,9 +31,9 @@ MAX_NEW_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    # Llama here: the other gateway and serve tests run the default Qwen2 family.
+    # Qwen2 here: the other gateway and serve tests run the default Llama family.
     return save_tiny_checkpoint(
-        TinyModelConfig(architecture="llama"), tmp_path_factory.mktemp("llama"), seed=3
+        TinyModelConfig(architecture="qwen2"), tmp_path_factory.mktemp("qwen2"), seed=3
     )
 
 

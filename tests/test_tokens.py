@@ -107,12 +107,22 @@ def test_the_cli_names_a_model_folder_it_cannot_read(capsys):
     assert "model '/no/such/model' is not a folder" in capsys.readouterr().err
 
 
-def test_a_saved_tiny_checkpoint_reads_back_as_the_readme_says_not_through_autotokenizer(tmp_path):
-    """README (the run's files): load the tiny model's tokenizer with PreTrainedTokenizerFast
-    (or forge's load_tokenizer). transformers 5's AutoTokenizer builds Qwen2Tokenizer for every
-    qwen2 checkpoint, whatever its tokenizer_config declares, and that byte-level rebuild reads
-    this metaspace tokenizer's text as nothing. Should AutoTokenizer ever read it right, this
-    test fails and the README's warning can go."""
+# Known words, numbers, words the tiny vocabulary lacks (byte pieces), non-ASCII, and the chat
+# template's special tokens.
+TEXTS_FOR_ANY_READER = [
+    "guess a number from 0 to 15",
+    "what is 3 plus 4",
+    "héllo wörld 😀",
+    "<|im_start|>user guess a number from 0 to 15 héllo 3<|im_end|>",
+    ANY_TEXT,
+]
+
+
+def test_a_default_tiny_checkpoint_reads_the_same_through_autotokenizer(tmp_path):
+    """A smoke checkpoint opened with plain transformers (`AutoTokenizer`, as HF pipelines,
+    vLLM and SGLang do) tokenizes and decodes as Forge's own loader does. With the qwen2
+    architecture it did not: transformers 5 forces Qwen2Tokenizer, which read 'what is 3 plus
+    4' as no tokens at all."""
     from transformers import AutoTokenizer
 
     from forge.config import TinyModelConfig
@@ -120,6 +130,43 @@ def test_a_saved_tiny_checkpoint_reads_back_as_the_readme_says_not_through_autot
     from forge.models.tiny import save_tiny_checkpoint
 
     folder = save_tiny_checkpoint(TinyModelConfig(), tmp_path / "tiny")
+    forge_reader, auto = load_tokenizer(folder), AutoTokenizer.from_pretrained(folder)
+    for text in TEXTS_FOR_ANY_READER:
+        ids = forge_reader(text)["input_ids"]
+        assert ids and auto(text)["input_ids"] == ids, text
+        for skip in (False, True):
+            assert auto.decode(ids, skip_special_tokens=skip) == forge_reader.decode(
+                ids, skip_special_tokens=skip
+            )
+        if "<|" not in text:
+            assert auto.decode(ids) == text
+    messages = [
+        {"role": "system", "content": "guess a number"},
+        {"role": "user", "content": "what is 3 plus 4"},
+    ]
+    assert (
+        auto.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+        == (
+            forge_reader.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+        )
+    )
+    assert (auto.eos_token_id, auto.pad_token_id) == (forge_reader.eos_token_id, forge_reader.pad_token_id)
+
+
+def test_a_qwen2_tiny_checkpoint_reads_back_as_the_readme_says_not_through_autotokenizer(tmp_path):
+    """README (the run's files): with `model.tiny.architecture: qwen2`, load the tiny model's
+    tokenizer with PreTrainedTokenizerFast (or forge's load_tokenizer). transformers 5's
+    AutoTokenizer builds Qwen2Tokenizer for every qwen2 checkpoint, whatever its
+    tokenizer_config declares, and that byte-level rebuild reads this metaspace tokenizer's
+    text as nothing. Should AutoTokenizer ever read it right, this test fails and the README's
+    warning can go."""
+    from transformers import AutoTokenizer
+
+    from forge.config import TinyModelConfig
+    from forge.models.loading import load_tokenizer
+    from forge.models.tiny import save_tiny_checkpoint
+
+    folder = save_tiny_checkpoint(TinyModelConfig(architecture="qwen2"), tmp_path / "tiny")
     expected = build_tokenizer()(ANY_TEXT, add_special_tokens=False)["input_ids"]
     for tokenizer in (PreTrainedTokenizerFast.from_pretrained(folder), load_tokenizer(folder)):
         assert tokenizer(ANY_TEXT, add_special_tokens=False)["input_ids"] == expected
@@ -127,3 +174,24 @@ def test_a_saved_tiny_checkpoint_reads_back_as_the_readme_says_not_through_autot
     auto = AutoTokenizer.from_pretrained(folder)
     assert type(auto).__name__ == "Qwen2Tokenizer"
     assert auto("guess a number", add_special_tokens=False)["input_ids"] == []
+
+
+def test_a_tiny_checkpoint_cached_under_the_old_qwen2_default_is_rebuilt_as_llama(tmp_path):
+    """The folder stamp names the architecture, so a smoke folder that holds a qwen2 build (the
+    default before llama) is rebuilt, not reused with the tokenizer AutoTokenizer misreads."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoTokenizer
+
+    from forge.config import TinyModelConfig
+    from forge.models.loading import load_tokenizer
+    from forge.models.tiny import save_tiny_checkpoint
+
+    folder = save_tiny_checkpoint(TinyModelConfig(architecture="qwen2"), tmp_path / "tiny")
+    assert save_tiny_checkpoint(TinyModelConfig(), folder) == folder
+    assert AutoConfig.from_pretrained(folder).model_type == "llama"
+    with safe_open(folder / "model.safetensors", "pt") as weights:
+        assert not [name for name in weights.keys() if name.endswith("_proj.bias")]
+    assert (
+        AutoTokenizer.from_pretrained(folder)("what is 3 plus 4")["input_ids"]
+        == (load_tokenizer(folder)("what is 3 plus 4")["input_ids"])
+    )

@@ -12,8 +12,9 @@ from forge.config import load_config
 
 @pytest.mark.slow
 def test_short_run_writes_finite_metrics_tensorboard_and_a_loadable_checkpoint(ray_session, tmp_path):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from forge.models.loading import load_tokenizer
     from forge.run.launch import train
 
     cfg = load_config(
@@ -47,7 +48,15 @@ def test_short_run_writes_finite_metrics_tensorboard_and_a_loadable_checkpoint(r
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     assert (tmp_path / "run" / "trajectories.jsonl").read_text().strip()
     model = AutoModelForCausalLM.from_pretrained(str(result.checkpoint))
-    assert model.config.model_type == "qwen2"
+    assert model.config.model_type == "llama"
+    # Read as plain transformers reads it (pipelines, vLLM, SGLang), the saved tokenizer
+    # tokenizes as Forge's loader does.
+    text = "<|im_start|>user what is 3 plus 4 héllo<|im_end|>"
+    auto, forge_reader = (
+        AutoTokenizer.from_pretrained(str(result.checkpoint)),
+        load_tokenizer(result.checkpoint),
+    )
+    assert auto(text)["input_ids"] == forge_reader(text)["input_ids"]
 
 
 def save_gemma3_checkpoint(folder, window: int) -> None:
@@ -82,7 +91,7 @@ def save_gemma3_checkpoint(folder, window: int) -> None:
 def test_forge_train_on_a_gemma3_checkpoint_with_a_short_sliding_window_trains_on_policy(
     ray_session, tmp_path, capsys
 ):
-    """The CLI path on a family other than Qwen2: the engine keeps each episode's KV across turns
+    """The CLI path on a family other than the tiny Llama: the engine keeps each episode's KV across turns
     (longer than the window), the tree trainer computes the logprobs it sampled with, and the
     synced weights (tied embeddings) are the ones the next step samples from."""
     from forge.cli import main

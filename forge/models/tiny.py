@@ -94,7 +94,7 @@ def build_model_config(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerFast)
 # a little along it, bytes far against it. With tied embeddings a token's logit is its
 # embedding against the final hidden state, which at init points mostly along the current
 # token's embedding: after a word, words score higher than bytes. Measured on the smoke model
-# (seeds 0-2, two prompts): 0.0-4.1% of the next-token mass on byte pieces (86% with no
+# (a Qwen2 then; seeds 0-2, two prompts): 0.0-4.1% of the next-token mass on byte pieces (86% with no
 # offset) and 0.06-0.11 on the numbers 0-3 (uniform over the 41 words: 0.098), so its replies
 # are words and the smoke task is as learnable from chance as with a word-level tokenizer.
 # The word shift is small on purpose: every word carries it, so it makes words alike. At
