@@ -72,14 +72,22 @@ def test_a_stop_string_ends_the_reply_and_the_sample_token_exact(engine, tokeniz
     with serve(engine, tokenizer, max_new_tokens=40) as server:
         episode = start(server)
         agent = client(server, episode["episode_id"])
-        free = agent.chat.completions.create(model="p", messages=USER, seed=11, max_tokens=40)
-        words = free.choices[0].message.content.split()
-        assert len(words) >= 4, "the seeded reply is long enough to stop inside"
+        # A seeded reply that starts with four whole-word tokens, so the stop string (its third
+        # word) is a token of its own; which seed gives one turns on the tiny model's weights.
+        for seed in range(11, 41):
+            free = agent.chat.completions.create(model="p", messages=USER, seed=seed, max_tokens=40)
+            words = free.choices[0].message.content.split()
+            if len(words) >= 4 and all(
+                len(tokenizer.encode(w, add_special_tokens=False)) == 1 for w in words[:4]
+            ):
+                break
+        else:
+            pytest.fail("no seed in 11-40 gave a reply of four whole words to stop inside")
         stop = words[2]
         stopped = agent.chat.completions.create(
-            model="p", messages=USER, seed=11, max_tokens=40, stop=[stop], logprobs=True
+            model="p", messages=USER, seed=seed, max_tokens=40, stop=[stop], logprobs=True
         )
-        _, call = calls_of(server, episode)
+        *_, call = calls_of(server, episode)
     choice = stopped.choices[0]
     assert choice.finish_reason == "stop"
     assert stop not in choice.message.content.split()
