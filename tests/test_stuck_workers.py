@@ -74,6 +74,46 @@ def test_a_loop_stuck_in_one_c_call_ends_its_process_with_a_report_of_the_env_li
     assert "Timeout (0:00:01)" in Path(stuck.path).read_text()
 
 
+def test_work_on_the_loop_that_beats_goes_past_the_limit_and_a_stall_after_it_still_ends(tmp_path):
+    # A generation batch runs on the worker's loop with no await between its decode steps; each
+    # step beats. Beating for 3 s past a 2 s limit is fine; stopping (a C call) is not.
+    healthy = "deadline = time.monotonic() + 3\n            while time.monotonic() < deadline:\n"
+    healthy += "                time.sleep(0.05); guard.beat()\n            print('went on')"
+    done = _guarded_loop(tmp_path, healthy, limit_s=2.0)
+    assert done.returncode == 0 and "went on" in done.stdout, done.stderr
+    stalled = "for _ in range(20):\n                time.sleep(0.05); guard.beat()\n            time.sleep(4)"
+    assert _guarded_loop(tmp_path, stalled, limit_s=2.0).returncode == 1
+
+
+@pytest.mark.slow
+def test_a_rollout_worker_generating_past_the_guards_limit_is_not_taken_for_stuck(tmp_path, tiny_checkpoint):
+    """Before, a healthy batch that decoded longer than env.step_timeout_s + stuck_grace_s (a
+    big model, long replies: 60 s by default) ended the worker as 'stuck inside C code' at a
+    line of the model's forward, blamed on the env, and every episode of the step was lost."""
+    script = textwrap.dedent(f"""
+        import asyncio, time
+        from forge.config import Config
+        from forge.rollout.worker import RolloutWorker
+
+        cfg = Config()
+        cfg.env.step_timeout_s, cfg.env.stuck_grace_s = 1.0, 2.0  # the guard's limit: 3 s
+        cfg.rollout.max_new_tokens, cfg.rollout.max_turns = 80, 1
+        worker = RolloutWorker({str(tiny_checkpoint)!r}, cfg.model, cfg.env, cfg.rollout, 0.5, seed=0,
+                               stuck_report_dir={str(tmp_path)!r})
+        # A slow model: each forward 0.06 s, so a batch of 80 decode steps takes ~5 s.
+        worker.engine.model.register_forward_pre_hook(lambda *args: time.sleep(0.06))
+        started = time.monotonic()
+        played = asyncio.run(worker.rollout([{{"task_id": "t", "secret": 1, "n": 4}}], group_size=4))
+        print("rolled out", round(time.monotonic() - started, 1), [t.status for t in played])
+    """)
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT / "tests", capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    seconds = float(done.stdout.split("rolled out ")[1].split()[0])
+    assert seconds > 3.0, done.stdout  # the batch did outlast the guard's limit
+
+
 def test_the_run_says_which_env_line_a_worker_was_stuck_at_and_then_that_others_died(tmp_path):
     done = _guarded_loop(
         tmp_path, "env = StuckInlineEnv(); env.reset({'stuck': 'sleep'}, 0); env.step('x')", limit_s=0.5

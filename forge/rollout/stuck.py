@@ -20,6 +20,7 @@ import os
 import re
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,7 @@ class LoopGuard:
         self.report: IO[str] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None  # the loop guarded, None when stopped
         self.paused = False
+        self._armed_at = 0.0  # time.monotonic() of the last arming
 
     def start(self) -> None:
         """Guard the running loop: arm the timer and keep re-arming it from that loop (a later
@@ -83,8 +85,20 @@ class LoopGuard:
         if loop is not self.loop:  # stopped, or guarding another loop now
             return
         if not self.paused:
-            faulthandler.dump_traceback_later(self.limit_s, exit=True, file=self.report)
+            self._arm()
         loop.call_later(REARM_S, self._rearm, loop)
+
+    def _arm(self) -> None:
+        self._armed_at = time.monotonic()
+        faulthandler.dump_traceback_later(self.limit_s, exit=True, file=self.report)
+
+    def beat(self) -> None:
+        """Long work on the loop that is not an env call and shows its progress (a generation
+        batch, after each decode step) re-arms the timer as the loop would, at most every
+        REARM_S: a healthy batch longer than `limit_s` goes on, while one that stops moving
+        (an env thread holding the GIL) still ends the process."""
+        if self.loop is not None and not self.paused and time.monotonic() - self._armed_at >= REARM_S:
+            self._arm()
 
     def stop(self) -> None:
         """Disarm until the next `start` (the loop is about to close)."""
@@ -113,7 +127,7 @@ class LoopGuard:
         finally:
             self.paused = False
             if self.loop is not None:  # not stopped meanwhile
-                faulthandler.dump_traceback_later(self.limit_s, exit=True, file=self.report)
+                self._arm()
 
 
 @dataclass

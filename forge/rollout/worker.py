@@ -294,6 +294,12 @@ class RolloutWorker:
         # in the groups' coroutines, under env.step_timeout_s and the armed guard.
         with self._unguarded():
             subagent_engine = self._subagent_engine(engine)
+        if self.guard is not None:
+            # Generation batches run on this loop: one longer than the guard's limit (long
+            # replies, a big model) beats at each decode step instead of reading as stuck.
+            for local in (self.engine, self.frozen):
+                if local is not None:
+                    local.heartbeat = self.guard.beat
         for index, task in enumerate(tasks):
             group = self._play_group(index, task, group_size, engine, subagent_engine)
             playing.append(asyncio.ensure_future(group))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,6 +131,9 @@ class HFEngine:
         self._released: collections.deque[str] = collections.deque()
         # Weights never change under a running batch: a sync waits for it to finish.
         self._lock = threading.Lock()
+        # Called after the prefill and each decode step: a batch that runs on a guarded event
+        # loop says it is making progress (forge.rollout.stuck.LoopGuard.beat).
+        self.heartbeat: Callable[[], None] | None = None
 
     def restore_attention(self) -> None:
         """Give the model back the attention it had before this engine (the engine check's
@@ -387,9 +391,12 @@ class HFEngine:
         # this step, read on the host, so no step waits on the device for it.
         cancellable = [(row, r.cancel) for row, r in enumerate(requests) if r.cancel is not None]
         shared = self._shared(cache)
+        heartbeat = self.heartbeat
         # Per-token work outside the model's forward is kept to a few in-place tensor ops:
         # on a GPU each op is a kernel launch and Python's cost per token adds up.
         for step in range(steps):
+            if heartbeat is not None:
+                heartbeat()
             tokens, logprobs, distribution = sampling.sample(logits, self.generator)
             active = ~done
             tokens.masked_fill_(done, self.pad_token_id)
