@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +14,7 @@ from bench.soak import (
     floor_slope_per_1000,
     memory_parts,
     merge_into,
+    one_time_rise_mb,
     per_process_slopes,
     resummarized,
     slope_per_1000,
@@ -22,7 +24,8 @@ from bench.soak import (
 )
 
 # Per process over the second half of the soak, on the floor slope (the memory a process
-# comes back to between steps, bench.soak.floor_slope_per_1000), as bench.soak judges it.
+# comes back to between steps, bench.soak.floor_slope_per_1000), as bench.soak judges it; a
+# single rise from one flat floor onto another is memory taken once, reported apart.
 # Private memory (anonymous: Python objects, tensors, the allocator's heap) grew 0.07-0.75
 # MB per 1,000 steps in every process over steps 3,235-6,470 of an instrumented sync run,
 # where Python's object counts by type stayed the same from step 1,000 on. Ray's GCS
@@ -38,6 +41,7 @@ from bench.soak import (
 # step's weights are 1.2 MB, so objects kept alive step after step pass 64 MB in ~50 steps.
 # Open fds and threads may rise by a few while pools start.
 MAX_PRIVATE_SLOPE_MB = 3.0
+FIXTURES = Path(__file__).parent / "fixtures"
 MAX_SHARED_MB = 64.0
 MAX_HANDLE_RISE = 4
 
@@ -98,6 +102,46 @@ def test_the_floor_slope_follows_a_steady_series_and_falls_back_on_few_samples()
     assert floor_slope_per_1000(growing) == pytest.approx(18.0)
     few = [(step, 100 + step * 0.018) for step in range(0, 2001, 250)]
     assert floor_slope_per_1000(few) == pytest.approx(slope_per_1000(few))
+
+
+def rising_once(trend_mb_per_1000: float, rises: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """A worker sampled 400 times over 2,000 steps, steady within ~1 MB, growing by
+    `trend_mb_per_1000` and rising by MB at each (step, MB) of `rises`."""
+    rng = random.Random(7)
+    return [
+        (
+            step,
+            670
+            + trend_mb_per_1000 * step / 1000
+            + sum(mb for at, mb in rises if step >= at)
+            + rng.gauss(0, 0.3),
+        )
+        for step in range(0, 2000, 5)
+    ]
+
+
+def test_one_rise_of_a_flat_floor_is_memory_taken_once_but_a_leak_or_a_second_rise_is_not():
+    once = rising_once(0.0, [(1600, 7.3)])
+    assert abs(floor_slope_per_1000(once)) < 0.6 and one_time_rise_mb(once) == pytest.approx(7.3, abs=0.8)
+    leak_and_once = rising_once(3.0, [(1600, 7.3)])
+    assert floor_slope_per_1000(leak_and_once) == pytest.approx(3.0, abs=0.6)
+    twice = rising_once(0.0, [(1300, 4.0), (1700, 4.0)])
+    assert floor_slope_per_1000(twice) > 3.0
+    assert one_time_rise_mb(rising_once(3.0, [])) == 0.0
+
+
+def test_the_tiny_llama_workers_one_rise_in_a_real_soak_reads_as_flat():
+    # bench.soak's samples of a real run (tests/fixtures/soak_llama_worker.json): the floor
+    # is flat from step 2 on but for one rise at step 1,193, after which a 3,000-step run of
+    # the same seed stayed flat (0.23 MB per 1,000 steps over steps 1,500-3,000).
+    points = [
+        tuple(point) for point in json.loads((FIXTURES / "soak_llama_worker.json").read_text())["points"]
+    ]
+    assert one_time_rise_mb(points) == pytest.approx(7.3, abs=0.5)
+    assert abs(floor_slope_per_1000(points)) < 2.0
+    assert (
+        floor_slope_per_1000([(step, mb + (0.005 * step if step > 750 else 0)) for step, mb in points]) > 3.0
+    )
 
 
 def test_summary_reports_start_end_and_slope_per_process_kind():
