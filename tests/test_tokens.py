@@ -195,3 +195,11 @@ def test_a_tiny_checkpoint_cached_under_the_old_qwen2_default_is_rebuilt_as_llam
         AutoTokenizer.from_pretrained(folder)("what is 3 plus 4")["input_ids"]
         == (load_tokenizer(folder)("what is 3 plus 4")["input_ids"])
     )
+
+
+def test_env_check_reads_the_tokenizer_of_a_local_checkpoint_folder(tmp_path):
+    from forge.env.tokens import load_check_tokenizer
+
+    build_tokenizer().save_pretrained(tmp_path)
+    tokenizer, name = load_check_tokenizer(str(tmp_path))
+    assert name == str(tmp_path) and tokenizer.chat_template

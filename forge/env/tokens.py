@@ -100,3 +100,4 @@ def check_model_folder(model_path: str | None) -> str | None:
         raise FileNotFoundError(
             f"model {model_path!r} is not a folder: give a checkpoint folder or a hub id, org/name (--model, model.path)"
         )
+    return model_path
