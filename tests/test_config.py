@@ -272,6 +272,11 @@ def test_overwrite_removes_the_earlier_runs_files_and_nothing_else(tmp_path, mon
     [
         ("{tmp}", "it has no config.json"),
         ("{tmp}/missing", "it does not exist); point it at a local folder saved with save_pretrained"),
+        ("{tmp}/weights.safetensors", "it is a file); point it at a local folder saved with save_pretrained"),
+        (
+            "no_such_checkpoint",
+            "it does not exist); relative paths are read from the working directory, ",
+        ),  # a config run from elsewhere
         (
             "Qwen/Qwen3-0.6B",  # a hub id, offline and not in the (empty) cache
             "model.path='Qwen/Qwen3-0.6B' (model.revision='main') is not in this node's Hugging Face cache",
@@ -289,13 +294,32 @@ def test_the_dry_run_refuses_a_model_path_that_is_not_a_checkpoint_folder(
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     hub_snapshot.cache_clear()
     given = path.format(tmp=tmp_path)
+    (tmp_path / "weights.safetensors").write_bytes(b"")
     assert main(["train", "smoke", f"model.path={given}", "--dry-run"]) == 2
     err = capsys.readouterr().err
-    folder = (
-        "Hugging Face checkpoint folder" if given.startswith(str(tmp_path)) else "hf download Qwen/Qwen3-0.6B"
-    )
+    folder = "hf download Qwen/Qwen3-0.6B" if given.startswith("Qwen/") else "Hugging Face checkpoint folder"
     assert folder in err and says in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("saved", "says"),
+    [
+        ("weights only", "has no tokenizer (none of tokenizer.json"),
+        ("no chat template", "has no chat template, which Forge renders every turn through"),
+    ],
+)
+def test_the_dry_run_refuses_a_checkpoint_folder_without_a_usable_tokenizer(capsys, tmp_path, saved, says):
+    from forge.models.tiny import build_tokenizer
+
+    (tmp_path / "config.json").write_text('{"model_type": "qwen2"}')
+    if saved == "no chat template":
+        tokenizer = build_tokenizer()
+        tokenizer.chat_template = None
+        tokenizer.save_pretrained(tmp_path)
+    assert main(["train", "smoke", f"model.path={tmp_path}", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "save_pretrained" in err and "Traceback" not in err
 
 
 def test_a_command_without_its_config_names_only_what_is_missing(capsys):

@@ -63,11 +63,20 @@ def run_check_command(args: Any) -> int:
 
 def check_from_arguments(args: Any, sink: Callable[[dict[str, Any]], None] | None = None) -> CheckReport:
     """The check `forge env check`'s arguments ask for, with the tokenizer they name."""
+    from forge.config import ConfigError
+    from forge.env.check import Check, CheckReport
     from forge.env.tokens import load_check_tokenizer
 
     cfg = _config(args)
     extra_words = cfg.model.tiny.extra_words if cfg is not None else ()
-    tokenizer, name = load_check_tokenizer(model_path_of(args), extra_words)
+    try:
+        tokenizer, name = load_check_tokenizer(model_path_of(args), extra_words)
+    except ConfigError as exc:  # a folder without a usable tokenizer: one failed check, not a traceback
+        report = CheckReport(args.name, sink=sink)
+        report.add(
+            Check("tokenizer", False, str(exc), "--model, or --config's model.path, names that folder")
+        )
+        return report
     return check_env(
         args.name,
         kwargs_of(args),

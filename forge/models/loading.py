@@ -42,10 +42,12 @@ def checkpoint_folder(
         return path
     if names_hub_model(str(given)):
         return hub_snapshot(str(given), revision, settings)
-    what = "has no config.json" if path.is_dir() else "does not exist"
+    what = "has no config.json" if path.is_dir() else "is a file" if path.exists() else "does not exist"
     hint = "point it at a local folder saved with save_pretrained" + (
         ", or unset it for the tiny model" if settings[0] == "model.path" else ""
     )
+    if not path.exists() and not path.is_absolute():  # a config run from another folder than its own
+        hint = f"relative paths are read from the working directory, {os.getcwd()}; {hint}"
     raise FileNotFoundError(
         f"{settings[0]}={str(given)!r} is not a Hugging Face checkpoint folder (it {what}); {hint}"
     )
@@ -107,12 +109,28 @@ def actor_env(cfg: ModelConfig) -> dict[str, str]:
     return hub_env() if names_hub_model(cfg.path) else {}
 
 
+# Files of which a saved tokenizer has at least one (an exotic one, such as tiktoken's, at
+# least its tokenizer_config.json); without any, transformers 5's AutoTokenizer builds an
+# empty tokenizer of the model type's class rather than fail.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "tokenizer_config.json")
+
+
+class TokenizerError(ConfigError):
+    """A checkpoint folder whose tokenizer Forge cannot train with: none saved, no chat
+    template, no end-of-turn token. The message names the folder and what to save into it."""
+
+
 def load_tokenizer(path: str | Path):
     import json
 
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     path = Path(path)
+    if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise TokenizerError(
+            f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save the model's "
+            f"tokenizer into it, tokenizer.save_pretrained({str(path)!r})"
+        )
     config_file = path / "tokenizer_config.json"
     declared = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.is_file() else None
     if declared in ("TokenizersBackend", "PreTrainedTokenizerFast") and (path / "tokenizer.json").is_file():
@@ -122,10 +140,19 @@ def load_tokenizer(path: str | Path):
         tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
     else:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if tokenizer.eos_token is None:
+        raise TokenizerError(
+            f"the tokenizer at {path} has no eos_token, which ends the model's turns: set "
+            "tokenizer.eos_token to the token its chat template ends a turn with and save_pretrained it there"
+        )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.chat_template is None:
-        raise ValueError(f"tokenizer at {path} has no chat template; Forge renders turns through it")
+        raise TokenizerError(
+            f"the tokenizer at {path} has no chat template, which Forge renders every turn through: "
+            "set tokenizer.chat_template (a Jinja template) and save_pretrained it there, or use the chat "
+            "(instruct) version of the model"
+        )
     return tokenizer
 
 

@@ -52,14 +52,14 @@ def check_resumable(cfg: Config, output_dir: str | Path | None = None) -> None:
 def preflight(cfg: Config, wait_for_servers: bool = True) -> str:
     """Refuse what cannot run, before Ray starts (also what `forge train --dry-run` checks):
     engine settings, remote vLLM / SGLang servers (each answers, serves model.path and holds
-    rollout.max_context_tokens), model.path (a folder the in-process engine can serve), the
+    rollout.max_context_tokens), model.path (a folder the in-process engine can serve, with a tokenizer Forge can use), the
     gateway's mode, the env built with its kwargs and reset once, and the sandbox level its
     code needs (`sandbox.min_level`, level 1 for untrusted code unless `sandbox.allow_level_0`).
     A dry run (`wait_for_servers` false) does not wait for remote servers still starting.
     Returns the env check's one-line summary."""
     from forge.env.preflight import preflight_env
     from forge.env.registry import resolve_env
-    from forge.models.loading import checkpoint_folder, resolve_device
+    from forge.models.loading import checkpoint_folder, load_tokenizer, resolve_device
     from forge.rollout.engines.engine_check import refuse_context_past_positions, refuse_unservable
     from forge.rollout.engines.engine_config import check_engine_config
     from forge.rollout.engines.server_check import check_servers
@@ -77,6 +77,7 @@ def preflight(cfg: Config, wait_for_servers: bool = True) -> str:
         # anything starts (downloaded here, the run's actors on this node find it in the cache).
         folder = checkpoint_folder(cfg.model.path, cfg.model.revision)
         refuse_unservable(cfg.model.path, cfg.rollout.engine, folder)
+        load_tokenizer(folder)  # no tokenizer, chat template or eos token: said here, not by each actor
         refuse_context_past_positions(cfg.model.path, folder, cfg.rollout.max_context_tokens)
     if cfg.gateway.enabled and cfg.train.mode != "sync":
         raise ConfigError("gateway runs train in sync mode only; set train.mode: sync")
