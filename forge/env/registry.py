@@ -53,7 +53,14 @@ def resolve_env(name: str) -> type[Env]:
             module = _import_from_here(module_name)
         except ImportError as exc:
             _refuse_a_file_path(name, module_name, class_name)
-            raise ValueError(f"env {name!r}: cannot import module {module_name!r} ({exc})") from exc
+            missing = isinstance(exc, ModuleNotFoundError) and module_name.startswith(exc.name or "\0")
+            where = (  # the module itself is not found (not a missing import inside it): say where it was looked for
+                f"; it is looked for in the working directory ({os.getcwd()}) and on PYTHONPATH: run from the "
+                "folder that holds it, add that folder to PYTHONPATH, or pip install its package"
+                if missing
+                else ""
+            )
+            raise ValueError(f"env {name!r}: cannot import module {module_name!r} ({exc}){where}") from exc
         env_class = getattr(module, class_name, None)
         if env_class is None:
             raise ValueError(f"env {name!r}: module {module_name!r} has no attribute {class_name!r}")
