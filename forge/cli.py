@@ -110,13 +110,17 @@ def _sft(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    import contextlib
     import json
 
     from forge.config import load_config
     from forge.eval import error_verdict, evaluate
 
     cfg = load_config(args.config, args.overrides)
-    result = evaluate(cfg, args.checkpoint, args.episodes, args.tasks, progress=not args.no_progress)
+    # stdout carries the one JSON object alone (`forge eval ... | jq`): an env's own prints,
+    # made in this process while it plays, go to stderr.
+    with contextlib.redirect_stdout(sys.stderr):
+        result = evaluate(cfg, args.checkpoint, args.episodes, args.tasks, progress=not args.no_progress)
     print(json.dumps(result))
     verdict = error_verdict(result, cfg.env.max_error_fraction)
     if verdict:

@@ -63,6 +63,7 @@ class RaisingEnv(Env):
         return [{"task_id": str(i)} for i in range(num_tasks)]
 
     def reset(self, task, seed):
+        print("debugging my env")  # which must not spoil the JSON on stdout
         return "guess a number"
 
     def step(self, action):
@@ -82,6 +83,7 @@ def test_eval_of_an_env_that_errors_says_so_and_exits_1(tiny_checkpoint, tmp_pat
     assert result["per_task"]["0"]["episodes_error"] == 2
     assert err.count("KeyError: 'answer'") == 1 and "test_eval.py:" in err  # once, at the user's line
     assert "4 of 4 episodes errored" in err and "env.max_error_fraction=0.5" in err
+    assert "debugging my env" in err
 
 
 def test_eval_of_a_misspelt_env_is_one_message_before_the_model_loads(tiny_checkpoint, capsys):
