@@ -180,7 +180,12 @@ class RolloutConfig(Section):
     max_turns: int = Field(8, gt=0)
     max_new_tokens: int = Field(16, gt=0, description="generation cap per model call")
     max_context_tokens: int = Field(1024, gt=0)
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(
+        1.0,
+        gt=0,
+        description="sampling temperature; the trainer takes logprobs at it too, so the policy trained is "
+        "softmax(logits / temperature), the one sampled",
+    )
     top_p: float = Field(1.0, gt=0, le=1.0)
     num_cpus_per_worker: float = Field(0.5, gt=0, description="CPUs Ray reserves per worker (placement only)")
     num_gpus_per_worker: float = Field(0.0, ge=0)

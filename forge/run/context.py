@@ -53,6 +53,20 @@ def start_sandbox(cfg: Config) -> int:
     return level
 
 
+def trainer_arguments(cfg: Config, model_path: Path | str) -> tuple:
+    """`Trainer`'s positional arguments for a run: the trained policy is the one its engines
+    sample from, at `rollout.temperature`."""
+    return (
+        str(model_path),
+        cfg.model,
+        cfg.train,
+        cfg.trainer,
+        cfg.seed,
+        cfg.train.threads,
+        cfg.rollout.temperature,
+    )
+
+
 def make_trainer(cfg: Config, model_path: Path | str) -> Any:
     """The trainer actor; with `train.num_trainers > 1` a TrainerGroup that answers like one.
     `model_path`: a folder, or a hub id each trainer process resolves (`actor_model_source`)."""
@@ -61,7 +75,7 @@ def make_trainer(cfg: Config, model_path: Path | str) -> Any:
     from forge.models.loading import actor_env
     from forge.train.trainer import Trainer
 
-    trainer_args = (str(model_path), cfg.model, cfg.train, cfg.trainer, cfg.seed, cfg.train.threads)
+    trainer_args = trainer_arguments(cfg, model_path)
     env_vars = actor_env(cfg.model)
     if cfg.train.num_trainers > 1:
         from forge.train.group import TrainerGroup

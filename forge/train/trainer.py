@@ -79,6 +79,7 @@ class Trainer:
         trainer_cfg: TrainerConfig,
         seed: int = 0,
         num_threads: int | None = None,
+        temperature: float = 1.0,
     ) -> None:
         from forge.actor_errors import quiet_known_creation_errors
         from forge.models.loading import load_tokenizer, node_checkpoint_folder
@@ -93,6 +94,12 @@ class Trainer:
         self.model_cfg = model_cfg
         self.train_cfg = train_cfg
         self.trainer_cfg = trainer_cfg
+        # The policy trained is the one the engines sample from, softmax(logits /
+        # rollout.temperature): its logprobs, the reference's and the entropy are taken at that
+        # temperature, so an on-policy token's importance ratio is 1 (taken at temperature 1
+        # while the engine sampled at 0.7, an on-policy step of the tiny model measured a
+        # mismatch KL of 0.032 and clipped PPO's ratio: tests/test_trainer_temperature.py).
+        self.temperature = temperature
         self.loss_cfg = loss_config(train_cfg)
         self.skips_zero_advantage = (
             train_cfg.skip_zero_advantage
@@ -265,9 +272,9 @@ class Trainer:
     def _reference_logprobs(self, batch: Any) -> list[torch.Tensor]:
         with torch.no_grad():
             if self.reference is not None:
-                return batch.forward_logprobs(self.reference)
+                return batch.forward_logprobs(self.reference, self.temperature)
             with self.model.disable_adapter():
-                return batch.forward_logprobs(self.model)
+                return batch.forward_logprobs(self.model, self.temperature)
 
     def train_step(self, samples: list[Sample]) -> dict[str, float]:
         """Train on one rollout batch: `train.minibatches_per_step` optimizer steps over
@@ -387,9 +394,9 @@ class Trainer:
         (token means over those tokens)."""
         entropies: list[torch.Tensor] | None = None
         if self.train_cfg.entropy_coef > 0:  # one more (N, V) tensor: only when it is used
-            logprobs, entropies = batch.forward_logprobs_and_entropy(self.model)
+            logprobs, entropies = batch.forward_logprobs_and_entropy(self.model, self.temperature)
         else:
-            logprobs = batch.forward_logprobs(self.model)
+            logprobs = batch.forward_logprobs(self.model, self.temperature)
         width = max(lp.shape[0] for lp in logprobs)
         new_logprobs = pad_rows(logprobs, width)
         entropy = pad_rows(entropies, width) if entropies is not None else None

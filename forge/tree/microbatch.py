@@ -38,28 +38,30 @@ class MicroBatch:
     tokens_separate: int
     tree: PrefixTree | None = None
 
-    def forward_logprobs(self, model: torch.nn.Module) -> list[torch.Tensor]:
+    def forward_logprobs(self, model: torch.nn.Module, temperature: float = 1.0) -> list[torch.Tensor]:
         """Per sample (in `sample_indices` order) a 1-D tensor of length `len(token_ids) - 1`:
-        element t = log p(token_ids[t+1] | token_ids[:t+1]), with the autograd graph attached."""
-        return self._forward(model, entropy=False)[0]
+        element t = log p(token_ids[t+1] | token_ids[:t+1]) under softmax(logits /
+        `temperature`), the distribution the rollout engine samples from, with the autograd
+        graph attached."""
+        return self._forward(model, entropy=False, temperature=temperature)[0]
 
     def forward_logprobs_and_entropy(
-        self, model: torch.nn.Module
+        self, model: torch.nn.Module, temperature: float = 1.0
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """`forward_logprobs`, plus per sample the entropy of the policy's next-token
         distribution at the same positions (with grad). Holds one more `(N, V)` tensor."""
-        logprobs, entropy = self._forward(model, entropy=True)
+        logprobs, entropy = self._forward(model, entropy=True, temperature=temperature)
         assert entropy is not None
         return logprobs, entropy
 
     def _forward(
-        self, model: torch.nn.Module, entropy: bool
+        self, model: torch.nn.Module, entropy: bool, temperature: float
     ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
         if self.packing == "tree":
             logits, rows, targets = _tree_logits(model, self.tree, self.token_ids, self.attention)
         else:
             logits, rows, targets = _padded_logits(model, self.token_ids)
-        logprobs, entropies = _token_logprobs(logits, rows, targets, entropy)
+        logprobs, entropies = _token_logprobs(logits, rows, targets, entropy, temperature)
         lengths = [len(t) - 1 for t in self.token_ids]
         split = list(torch.split(logprobs, lengths))
         return split, (list(torch.split(entropies, lengths)) if entropies is not None else None)
@@ -208,11 +210,14 @@ def _no_router_loss(model: torch.nn.Module) -> dict[str, bool]:
 
 
 def _token_logprobs(
-    logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, entropy: bool
+    logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, entropy: bool, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log_softmax(logits)[rows, targets], without materialising a second `(N, V)` tensor
-    unless `entropy` is asked for too (then also -sum p log p at each of `rows`)."""
+    """log_softmax(logits / temperature)[rows, targets], without materialising a second
+    `(N, V)` tensor unless `entropy` is asked for too (then also -sum p log p at each of
+    `rows`) or the temperature is not 1."""
     logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
     log_normaliser = torch.logsumexp(logits, dim=-1)
     logprobs = logits[rows, targets] - log_normaliser[rows]
     if not entropy:
