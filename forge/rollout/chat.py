@@ -77,7 +77,12 @@ class ChatFormat:
             base = self._render(history, None, generation_prompt=False)
             cut = base.rfind(self.tokenizer.eos_token)
             if cut < 0:
-                raise ValueError("the chat template does not end an assistant turn with the eos token")
+                ends = base[base.rfind("y") + 1 :].strip() or "nothing"
+                raise ValueError(
+                    f"the chat template ends an assistant turn with {ends!r}, not the tokenizer's eos_token "
+                    f"{self.tokenizer.eos_token!r}, so Forge cannot tell where a turn ends: set tokenizer.eos_token "
+                    "to the token that ends a turn and save_pretrained it into the checkpoint folder"
+                )
             self._assistant_end = base[: cut + len(self.tokenizer.eos_token)]
         full = self._render(history + [{"role": role, "content": observation}], None, generation_prompt=True)
         if not full.startswith(self._assistant_end):
@@ -89,3 +94,14 @@ class ChatFormat:
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+
+def check_chat_format(tokenizer: Any, folder: Any) -> None:
+    """Refuse, before a run starts, a tokenizer whose chat template Forge cannot append turns
+    through (each multi-turn episode would error on it): one message naming `folder`."""
+    from forge.config import ConfigError
+
+    try:
+        ChatFormat(tokenizer).observation_ids("x")
+    except ValueError as exc:
+        raise ConfigError(f"the tokenizer at {folder}: {exc}") from None

@@ -60,6 +60,7 @@ def preflight(cfg: Config, wait_for_servers: bool = True) -> str:
     from forge.env.preflight import preflight_env
     from forge.env.registry import resolve_env
     from forge.models.loading import checkpoint_folder, load_tokenizer, resolve_device
+    from forge.rollout.chat import check_chat_format
     from forge.rollout.engines.engine_check import refuse_context_past_positions, refuse_unservable
     from forge.rollout.engines.engine_config import check_engine_config
     from forge.rollout.engines.server_check import check_servers
@@ -77,7 +78,9 @@ def preflight(cfg: Config, wait_for_servers: bool = True) -> str:
         # anything starts (downloaded here, the run's actors on this node find it in the cache).
         folder = checkpoint_folder(cfg.model.path, cfg.model.revision)
         refuse_unservable(cfg.model.path, cfg.rollout.engine, folder)
-        load_tokenizer(folder)  # no tokenizer, chat template or eos token: said here, not by each actor
+        # No tokenizer, chat template or eos token, or a template that ends a turn with another
+        # token: said here, not by each actor or each episode.
+        check_chat_format(load_tokenizer(folder), folder)
         refuse_context_past_positions(cfg.model.path, folder, cfg.rollout.max_context_tokens)
     if cfg.gateway.enabled and cfg.train.mode != "sync":
         raise ConfigError("gateway runs train in sync mode only; set train.mode: sync")
