@@ -3,6 +3,7 @@ tokenizes for the model it will train, failing when the model would read <unk>."
 
 from __future__ import annotations
 
+import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -203,3 +204,21 @@ def test_env_check_reads_the_tokenizer_of_a_local_checkpoint_folder(tmp_path):
     build_tokenizer().save_pretrained(tmp_path)
     tokenizer, name = load_check_tokenizer(str(tmp_path))
     assert name == str(tmp_path) and tokenizer.chat_template
+
+
+def test_the_first_prompt_check_refuses_env_words_the_model_cannot_see(tmp_path):
+    from forge.config import ConfigError
+    from forge.env.tokens import first_prompt_check
+
+    check = first_prompt_check(_word_level(tmp_path), "my-model", "reach", 1024, 16)
+    with pytest.raises(ConfigError, match="the model cannot see 'Reach'"):
+        check("Reach 9 from 2.", None, None)
+
+
+def test_a_dry_run_refuses_a_first_prompt_that_leaves_no_room_for_a_reply(capsys):
+    from forge.cli import main
+
+    overrides = ["env.name=examples.custom_env:ReverseEnv", "env.kwargs={}", "rollout.max_context_tokens=24"]
+    assert main(["train", "configs/smoke.yaml", *overrides, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "first prompt is" in err and "over rollout.max_context_tokens=24" in err and "Traceback" not in err

@@ -95,9 +95,11 @@ def _stuck_at(exc: EnvTimeout) -> str:
     return f" (stuck at {frame.filename}:{frame.lineno} in {frame.name})" if frame is not None else ""
 
 
-def preflight_env(env_cfg: EnvConfig, seed: int) -> str:
+def preflight_env(env_cfg: EnvConfig, seed: int, first_prompt_check: Any = None) -> str:
     """Build the env of `env_cfg` and reset it on the first task; a one-line summary, or
-    `EnvPreflightError` naming the setting or the user's code (file:line) to fix."""
+    `EnvPreflightError` naming the setting or the user's code (file:line) to fix.
+    `first_prompt_check(observation, system_prompt, tools)`, when given, is called on the
+    reset's text (the model's side of it: `forge.env.tokens.first_prompt_check`)."""
     try:
         env_class = resolve_env(env_cfg.name)
     except ValueError as exc:
@@ -161,6 +163,8 @@ def preflight_env(env_cfg: EnvConfig, seed: int) -> str:
     problem = text_problem(env)
     if problem:
         raise EnvPreflightError(f"{name}.{problem}")
+    if first_prompt_check is not None:
+        first_prompt_check(observation, getattr(env, "system_prompt", None), getattr(env, "tools", None))
     return (
         f"env {env_cfg.name}: built {name}(**{env_cfg.kwargs!r}), {len(tasks)} tasks, reset on task "
         f"{task.get('task_id')!r} returned {len(observation)} chars"

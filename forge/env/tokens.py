@@ -101,3 +101,30 @@ def check_model_folder(model_path: str | None) -> str | None:
             f"model {model_path!r} is not a folder: give a checkpoint folder or a hub id, org/name (--model, model.path)"
         )
     return model_path
+
+
+def first_prompt_check(
+    tokenizer: Any, model_path: str, env_name: str, max_context_tokens: int, max_new_tokens: int
+) -> Any:
+    """A check of an env's first prompt as the run's model reads it, for `preflight_env`: text
+    the tokenizer reads as unknown tokens, or a prompt that leaves no room for a reply, stops
+    the run before it starts (else every episode trains on unknown tokens, or errors)."""
+    from forge.config import ConfigError
+
+    def check(observation: str, system_prompt: str | None, tools: list[dict] | None) -> None:
+        report = tokenize_env_text(tokenizer, [observation], system_prompt, tools)
+        if report.unknown_words:  # the env's own words (a template's quirks are the model's)
+            raise ConfigError(
+                f"env {env_name}'s first prompt, as the tokenizer of {model_path} reads it: {report.summary()}; "
+                f"use a model whose tokenizer covers the env's text (`forge env check {env_name} --config CONFIG` "
+                "shows how it tokenizes)"
+            )
+        if report.prompt_tokens + max_new_tokens > max_context_tokens:
+            raise ConfigError(
+                f"env {env_name}'s first prompt is {report.prompt_tokens} tokens: with rollout.max_new_tokens="
+                f"{max_new_tokens} it is over rollout.max_context_tokens={max_context_tokens}; raise "
+                "rollout.max_context_tokens (within the model's context), lower rollout.max_new_tokens, or "
+                "shorten the env's prompt"
+            )
+
+    return check

@@ -59,6 +59,7 @@ def preflight(cfg: Config, wait_for_servers: bool = True) -> str:
     Returns the env check's one-line summary."""
     from forge.env.preflight import preflight_env
     from forge.env.registry import resolve_env
+    from forge.env.tokens import first_prompt_check, load_check_tokenizer
     from forge.models.loading import checkpoint_folder, load_tokenizer, resolve_device
     from forge.rollout.chat import check_chat_format
     from forge.rollout.engines.engine_check import refuse_context_past_positions, refuse_unservable
@@ -73,18 +74,24 @@ def preflight(cfg: Config, wait_for_servers: bool = True) -> str:
         resolve_device("cuda")
     for line in check_servers(cfg, wait=wait_for_servers):
         print(f"forge: {line}", file=sys.stderr)
-    if cfg.model.path is not None:
+    if cfg.model.path is None:  # the tiny model's tokenizer, as the run will build it
+        tokenizer, model_name = load_check_tokenizer(None, cfg.model.tiny.extra_words)
+    else:
         # A wrong folder, or a hub id not in this node's cache that cannot be downloaded: before
         # anything starts (downloaded here, the run's actors on this node find it in the cache).
         folder = checkpoint_folder(cfg.model.path, cfg.model.revision)
         refuse_unservable(cfg.model.path, cfg.rollout.engine, folder)
         # No tokenizer, chat template or eos token, or a template that ends a turn with another
         # token: said here, not by each actor or each episode.
-        check_chat_format(load_tokenizer(folder), folder)
+        tokenizer, model_name = load_tokenizer(folder), cfg.model.path
+        check_chat_format(tokenizer, folder)
         refuse_context_past_positions(cfg.model.path, folder, cfg.rollout.max_context_tokens)
+    prompt_check = first_prompt_check(
+        tokenizer, model_name, cfg.env.name, cfg.rollout.max_context_tokens, cfg.rollout.max_new_tokens
+    )
     if cfg.gateway.enabled and cfg.train.mode != "sync":
         raise ConfigError("gateway runs train in sync mode only; set train.mode: sync")
-    summary = preflight_env(cfg.env, cfg.seed)  # a wrong env name, kwargs or reset: one message
+    summary = preflight_env(cfg.env, cfg.seed, prompt_check)  # a wrong env name, kwargs or reset: one message
     # The sandbox floor the run applies at start: an env that runs model code on a host that
     # gives only level 0 is refused by a dry run too, not only once the run starts.
     configure_for_env(cfg.sandbox, resolve_env(cfg.env.name), cfg.env.name)
