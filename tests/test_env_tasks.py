@@ -140,3 +140,16 @@ def test_a_csv_datasets_cannot_read_says_pyarrows_reason_not_datasets_generic_on
     with pytest.raises(ValueError, match="could not be read as csv") as raised:
         tasks_from(str(path))
     assert "DatasetGenerationError" not in str(raised.value)
+
+
+class YieldsNothing(GuessNumberEnv):
+    @classmethod
+    def generate_tasks(cls, num_tasks, seed):
+        yield from ()
+
+
+def test_a_generate_tasks_that_yields_no_tasks_says_so():
+    # Before, a generator object passed the emptiness check and the first task's lookup raised
+    # datasets' IndexError, a traceback from the dry run.
+    with pytest.raises(ValueError, match="YieldsNothing.generate_tasks returned no tasks"):
+        load_tasks(YieldsNothing, None, num_tasks=3, seed=0)

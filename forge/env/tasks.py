@@ -31,11 +31,11 @@ def generated_rows(env_class: type[Env], num_tasks: int, seed: int, **kwargs: An
             "is built"
         )
     rows = env_class.generate_tasks(num_tasks, seed, **kwargs)
-    if not rows:
-        raise ValueError(f"{name} returned no tasks")
     if isinstance(rows, dict | str):
         raise TypeError(f"{name} returned a {type(rows).__name__}; return a list of tasks, each a dict")
-    rows = list(rows)
+    rows = list(rows or ())  # a generator (generate_tasks that yields) is truthy even when empty
+    if not rows:
+        raise ValueError(f"{name} returned no tasks")
     bad = next((row for row in rows if not isinstance(row, dict)), None)
     if bad is not None:
         raise TypeError(
