@@ -307,7 +307,7 @@ def test_the_dry_run_refuses_a_model_path_that_is_not_a_checkpoint_folder(
     [
         ("weights only", "has no tokenizer (none of tokenizer.json"),
         ("no chat template", "has no chat template, which Forge renders every turn through"),
-        ("eos not the turn's end", "ends an assistant turn with '<|im_end|>', not the tokenizer's eos_token"),
+        ("turn ends in plain text", "ends an assistant turn with 'END', neither the tokenizer's eos_token"),
     ],
 )
 def test_the_dry_run_refuses_a_checkpoint_folder_without_a_usable_tokenizer(capsys, tmp_path, saved, says):
@@ -317,8 +317,10 @@ def test_the_dry_run_refuses_a_checkpoint_folder_without_a_usable_tokenizer(caps
     tokenizer = build_tokenizer()
     if saved == "no chat template":
         tokenizer.chat_template = None
-    if saved == "eos not the turn's end":  # a base model's eos, as Gemma's <eos> beside <end_of_turn>
-        tokenizer.eos_token = "<|endoftext|>"
+    if saved == "turn ends in plain text":  # no token marks a turn's end (tests/test_chat_turn_end.py)
+        tokenizer.chat_template = (
+            "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} END\n{% endfor %}"
+        )
     if saved != "weights only":
         tokenizer.save_pretrained(tmp_path)
     assert main(["train", "smoke", f"model.path={tmp_path}", "--dry-run"]) == 2

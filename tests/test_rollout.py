@@ -71,9 +71,9 @@ def test_observation_tokens_come_from_the_chat_template(played):
     for t in trajectories:
         for turn in t.turns[:-1]:
             observation = t.token_ids[turn.end : turn.obs_end]
-            # The eos closing a turn cut off by max_new_tokens is the harness's, not the model's.
+            # The turn's end closing a turn cut off by max_new_tokens is the harness's, not the model's.
             if turn.truncated:
-                assert observation[0] == worker.chat.eos_token_id
+                assert observation[0] == worker.chat.turn_end_id == worker.chat.eos_token_id
                 observation = observation[1:]
             text = worker.tokenizer.decode(observation, skip_special_tokens=True).split()
             assert text[0] == "user" and text[1] in {"higher", "lower", "invalid"}

@@ -140,7 +140,7 @@ async def run_episode(
             if not result.finished:
                 # Close the turn so the conversation stays in template form; the model
                 # did not produce this token, so it is not trained on.
-                append([chat.eos_token_id], trainable=False)
+                append([chat.turn_end_id], trainable=False)
             turns.append(turn)
 
             env_started = time.monotonic()

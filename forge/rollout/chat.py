@@ -23,13 +23,42 @@ class ChatFormat:
         if tokenizer.eos_token is None:
             raise ValueError("tokenizer has no eos_token; Forge needs it to end the model's turns")
         self.eos_token_id: int = tokenizer.eos_token_id
-        self.stop_token_ids = [self.eos_token_id]
+        # What the template ends an assistant turn with: the eos token, or another special token
+        # (Gemma's <end_of_turn> beside its <eos>, the first Llama 3 tokenizers' <|eot_id|>
+        # beside <|end_of_text|>). Generation stops at either; a turn cut at max_new_tokens is
+        # closed with it.
+        self.turn_end = self._turn_end()
+        self.turn_end_id: int = tokenizer.convert_tokens_to_ids(self.turn_end)
+        self.stop_token_ids = list(dict.fromkeys([self.turn_end_id, self.eos_token_id]))
         from forge.env.tools import template_renders_tools
 
         self.renders_tools = template_renders_tools(tokenizer)
         self._cached_prompt = functools.lru_cache(CACHE_ENTRIES)(self._prompt_ids)
         self._cached_observation = functools.lru_cache(CACHE_ENTRIES)(self._observation_ids)
         self._assistant_end: str | None = None
+
+    # An assistant reply no template renders specially, to find what follows it.
+    _MARKER = "forge-reply-marker"
+
+    def _turn_end(self) -> str:
+        """The eos token when the template's assistant turn ends with it, else the first special
+        token the template writes after an assistant reply; the eos token too where the
+        template cannot render a conversation (its turns are checked where they are appended)."""
+        try:
+            base = self._render(
+                [{"role": "user", "content": "x"}, {"role": "assistant", "content": self._MARKER}],
+                None,
+                generation_prompt=False,
+            )
+        except Exception:  # noqa: BLE001 - a template that refuses this conversation is judged later
+            return self.tokenizer.eos_token
+        after = base[base.rfind(self._MARKER) + len(self._MARKER) :] if self._MARKER in base else ""
+        if self.tokenizer.eos_token in after:
+            return self.tokenizer.eos_token
+        special = {str(token) for token in self.tokenizer.all_special_tokens}
+        special |= {str(added) for added in getattr(self.tokenizer, "added_tokens_decoder", {}).values()}
+        found = [(after.find(token), token) for token in special if token and token in after]
+        return min(found)[1] if found else self.tokenizer.eos_token
 
     def _render(
         self, messages: list[dict[str, Any]], tools: list[dict] | None, generation_prompt: bool
@@ -63,7 +92,7 @@ class ChatFormat:
         return self._encode(self._render(messages, tools, generation_prompt=True))
 
     def observation_ids(self, observation: str, role: str = "user") -> list[int]:
-        """Tokens that follow a finished assistant turn (ending in eos) to add `observation`
+        """Tokens that follow a finished assistant turn (ending in `turn_end`) to add `observation`
         and open the next assistant turn, exactly as the template renders them."""
         if len(observation) > CACHE_MAX_CHARS:
             return self._observation_ids(observation, role)
@@ -73,17 +102,18 @@ class ChatFormat:
 
     def _observation_ids(self, observation: str, role: str) -> list[int]:
         history = [dict(message) for message in self._HISTORY]
-        if self._assistant_end is None:  # the rendered history up to and including the eos
+        if self._assistant_end is None:  # the rendered history up to and including the turn's end
             base = self._render(history, None, generation_prompt=False)
-            cut = base.rfind(self.tokenizer.eos_token)
+            cut = base.rfind(self.turn_end)
             if cut < 0:
                 ends = base[base.rfind("y") + 1 :].strip() or "nothing"
                 raise ValueError(
-                    f"the chat template ends an assistant turn with {ends!r}, not the tokenizer's eos_token "
-                    f"{self.tokenizer.eos_token!r}, so Forge cannot tell where a turn ends: set tokenizer.eos_token "
-                    "to the token that ends a turn and save_pretrained it into the checkpoint folder"
+                    f"the chat template ends an assistant turn with {ends!r}, neither the tokenizer's eos_token "
+                    f"{self.tokenizer.eos_token!r} nor a special token, so Forge cannot tell where a turn ends: "
+                    "set tokenizer.eos_token to the token that ends a turn and save_pretrained it into the "
+                    "checkpoint folder"
                 )
-            self._assistant_end = base[: cut + len(self.tokenizer.eos_token)]
+            self._assistant_end = base[: cut + len(self.turn_end)]
         full = self._render(history + [{"role": role, "content": observation}], None, generation_prompt=True)
         if not full.startswith(self._assistant_end):
             raise ValueError(

@@ -216,9 +216,11 @@ class GatewayRun:
             attn_implementation=cfg.rollout.attn_implementation,
             setting_key="rollout.attn_implementation",
         )
+        from forge.rollout.chat import ChatFormat
+
         return HFEngine(
             model,
-            [self.tokenizer.eos_token_id],
+            ChatFormat(self.tokenizer).stop_token_ids,
             self.tokenizer.pad_token_id,
             cfg.rollout.temperature,
             cfg.rollout.top_p,
