@@ -270,3 +270,19 @@ def built(turns: int, subagents=(), parent_turn=None) -> Trajectory:
 )
 def test_critical_steps_count_each_turn_plus_its_longest_subagent(orchestrator, critical, total):
     assert orchestrator.critical_steps == critical and orchestrator.total_steps == total
+
+
+def test_max_subagents_per_episode_counts_every_level():
+    def rule(message, prompt):  # each helper spawns one nested helper before it answers
+        if message.startswith("key ") and prompt.count("helper") == 1 and "nested" not in message:
+            return call("spawn", tasks=[{"prompt": f"{message} nested"}])
+        if message.startswith("key ") and "nested" in message:
+            return call("lookup", key=message.split()[1])
+        if "[1]" in message and prompt.startswith("helper"):
+            return f"<answer>{message.split('] ', 1)[1]}</answer>"
+        return team_rule(message, prompt)
+
+    trajectory, engine, _ = play(["a", "b"], rule=rule, swarm=SwarmLimits(depth=2, max_per_episode=3))
+    assert len(trajectory.all_subagents()) == 3
+    prompts = json.dumps([p for batch in engine.batches for p in batch])
+    assert "this episode already started 3 sub-agents (swarm.max_subagents_per_episode)" in prompts

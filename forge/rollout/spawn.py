@@ -173,6 +173,7 @@ class Spawner:
         group_id: str,
         seed: int,
         depth: int = 1,
+        started: list[int] | None = None,
     ) -> None:
         self.env = env
         self.engine = engine
@@ -185,7 +186,9 @@ class Spawner:
         self.depth = depth
         self.rng = random.Random(seed)
         self.turn = 0  # the parent's current turn; the agent loop sets it before each env step
-        self.spawned = 0
+        # Sub-agents started in the whole episode, every level: nested spawners share it so
+        # swarm.max_subagents_per_episode caps them all, as the README and the metrics count.
+        self.started = started if started is not None else [0]
         self.trajectories: list[Trajectory] = []
 
     @property
@@ -223,13 +226,13 @@ class Spawner:
                     f"error: at most {self.swarm.max_per_call} sub-agents per spawn call "
                     "(swarm.max_subagents_per_call); this one was not started"
                 )
-            elif self.spawned >= self.swarm.max_per_episode:
+            elif self.started[0] >= self.swarm.max_per_episode:
                 results[index] = (
                     f"error: this episode already started {self.swarm.max_per_episode} sub-agents "
                     "(swarm.max_subagents_per_episode); this one was not started"
                 )
             else:
-                self.spawned += 1
+                self.started[0] += 1
                 runnable.append((index, task))
         turn = self.turn
         self.parent_engine.unregister()
@@ -249,7 +252,7 @@ class Spawner:
         nested = None
         if self.depth < self.swarm.depth:
             nested = Spawner(self.env, self.engine, self.engine, self.chat, self.limits, self.swarm,
-                             self.task_id, f"{self.group_id}/sub", seed, self.depth + 1)  # fmt: skip
+                             self.task_id, f"{self.group_id}/sub", seed, self.depth + 1, self.started)  # fmt: skip
         env = SubagentEnv(self.env, list(task.tools) if task.tools is not None else known,
                           self.swarm.subagent_max_turns, nested)  # fmt: skip
         row = {"task_id": f"{self.task_id}/sub", "prompt": task.prompt}
