@@ -286,3 +286,36 @@ def test_max_subagents_per_episode_counts_every_level():
     assert len(trajectory.all_subagents()) == 3
     prompts = json.dumps([p for batch in engine.batches for p in batch])
     assert "this episode already started 3 sub-agents (swarm.max_subagents_per_episode)" in prompts
+
+
+def test_a_huge_subagent_answer_leaves_room_for_the_others():
+    class HugeEnv(FactsEnv):
+        max_observation_chars = 1000
+
+        @tool
+        async def lookup(self, key: str) -> str:
+            """Read one key's value."""
+            return "x" * 100_000 if key == "a" else f"{key}={FACTS[key]}"
+
+    def rule(message, prompt):  # helpers end on their lookup (one turn): its output is the answer
+        if message.startswith("find "):
+            return call("spawn", tasks=[{"prompt": "key a"}, {"prompt": "key b"}])
+        return team_rule(message, prompt)
+
+    engine = RuleEngine(rule)
+
+    async def episode():
+        batching = BatchingEngine(engine)
+        env = HugeEnv()
+        spawner = Spawner(env, batching, batching, ByteChat(), LIMITS, SwarmLimits(subagent_max_turns=1), "t",
+                          "g/0", seed=7)  # fmt: skip
+        spawner.attach()
+        try:
+            return await run_episode(env, {"task_id": "t", "keys": ["a", "b"]}, 0, batching, ByteChat(), LIMITS,
+                                     "g", spawner)  # fmt: skip
+        finally:
+            await batching.close()
+
+    trajectory = asyncio.run(episode())
+    assert "[2] b=2" in tool_result(engine, 0)
+    assert len(trajectory.subagents[0].info["answer"]) < 1100

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from forge.env.base import Env, StepResult
-from forge.env.tools import ToolCall, ToolEnv, parse_answer
+from forge.env.tools import ToolCall, ToolEnv, parse_answer, truncate
 from forge.rollout.agent import run_episode
 from forge.types import TIMEOUT, Trajectory
 
@@ -126,6 +126,7 @@ class SubagentEnv(Env):
         return self.prompt
 
     def answer(self, answer: str) -> StepResult:
+        answer = truncate(answer, self.parent.max_observation_chars)  # a tool's huge output, kept once
         success = self.parent.subtask_succeeded(self.prompt, answer)
         info = {"turns": self.turns, "answer": answer, "success": success}
         return StepResult(answer, reward=float(success), done=True, info=info)
@@ -245,7 +246,10 @@ class Spawner:
             trajectory.depth = self.depth
             self.trajectories.append(trajectory)
             results[index] = subagent_result(trajectory, self.swarm.timeout_s)
-        return "\n".join(f"[{i + 1}] {result}" for i, result in enumerate(results))
+        # Each answer gets its share of the observation limit, so one huge answer cannot push
+        # the others out of what the spawning agent reads.
+        share = max(1, self.env.max_observation_chars // len(results))
+        return "\n".join(f"[{i + 1}] {truncate(result, share)}" for i, result in enumerate(results))
 
     async def _run(self, task: SubTask, known: list[str]) -> Trajectory:
         seed = self.rng.getrandbits(31)
