@@ -319,3 +319,30 @@ def test_a_huge_subagent_answer_leaves_room_for_the_others():
     trajectory = asyncio.run(episode())
     assert "[2] b=2" in tool_result(engine, 0)
     assert len(trajectory.subagents[0].info["answer"]) < 1100
+
+
+def test_a_subagent_whose_judge_raises_fails_at_the_users_line():
+    class BadJudgeEnv(FactsEnv):
+        def subtask_succeeded(self, prompt, answer):
+            raise KeyError("judge broke")
+
+    engine = RuleEngine(team_rule)
+
+    async def episode():
+        batching = BatchingEngine(engine)
+        env = BadJudgeEnv()
+        spawner = Spawner(env, batching, batching, ByteChat(), LIMITS, SwarmLimits(), "t", "g/0", seed=7)
+        spawner.attach()
+        try:
+            return await run_episode(env, {"task_id": "t", "keys": ["a"]}, 0, batching, ByteChat(), LIMITS, "g",
+                                     spawner)  # fmt: skip
+        finally:
+            await batching.close()
+
+    trajectory = asyncio.run(episode())
+    helper = trajectory.subagents[0]
+    assert helper.status == "error" and not helper.success
+    assert (
+        helper.error.splitlines()[1].startswith(f"  at {__file__}:") and "subtask_succeeded" in helper.error
+    )
+    assert "[1] error: the sub-agent failed: KeyError" in tool_result(engine, 0)

@@ -64,7 +64,9 @@ def user_frame(exc: BaseException, env: Any = None) -> traceback.FrameSummary | 
             env_file = os.path.abspath(inspect.getfile(env if isinstance(env, type) else type(env)))
         except (TypeError, OSError):
             env_file = None
-    if env_file is not None:
+    # An env class of Forge's own (a sub-agent's `SubagentEnv`, a latency wrapper) wraps the
+    # user's env: its frames are the harness's, so look outside Forge instead.
+    if env_file is not None and not is_harness(env_file):
         own = [f for f in frames if os.path.abspath(f.filename) == env_file]
         if own:
             return own[-1]
