@@ -535,7 +535,9 @@ class SwarmConfig(Section):
     max_subagents_per_call: int = Field(
         8, gt=0, description="sub-tasks one spawn call may start; the rest get errors"
     )
-    max_subagents_per_episode: int = Field(16, gt=0, description="sub-agents one episode may start in all")
+    max_subagents_per_episode: int = Field(
+        16, gt=0, description="sub-agents one episode may start in all, every level counted"
+    )
     depth: int = Field(1, gt=0, description="spawn levels: 1 = sub-agents cannot spawn")
     timeout_s: float = Field(
         60.0, gt=0, description="a sub-agent still running after this returns an error result"
@@ -556,8 +558,8 @@ class SwarmConfig(Section):
     )
     train_subagents: bool = Field(
         False,
-        description="train on sub-agents' turns too (needs subagent_policy current), with their "
-        "orchestrator episode's advantage",
+        description="train on sub-agents' turns too (needs subagent_policy current), each credited for its own "
+        "sub-task against its orchestrator's group's other sub-agents",
     )
 
     @model_validator(mode="after")
