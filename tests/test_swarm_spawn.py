@@ -346,3 +346,19 @@ def test_a_subagent_whose_judge_raises_fails_at_the_users_line():
         helper.error.splitlines()[1].startswith(f"  at {__file__}:") and "subtask_succeeded" in helper.error
     )
     assert "[1] error: the sub-agent failed: KeyError" in tool_result(engine, 0)
+
+
+def test_spawn_calls_in_one_turn_share_one_timeout():
+    def rule(message, prompt):  # three spawn calls in one reply, each with a helper that hangs
+        if message.startswith("find "):
+            return call("spawn", tasks=[{"prompt": "key slow"}]) * 3
+        return team_rule(message, prompt)
+
+    trajectory, engine, _ = play(["a"], rule=rule, swarm=SwarmLimits(timeout_s=0.3))
+    result = tool_result(engine, 0)
+    assert result.count("error: the sub-agent did not finish within swarm.timeout_s=0.3s") == 1
+    assert (
+        result.count("this turn's spawn calls already took swarm.timeout_s=0.3s; this one was not started")
+        == 2
+    )
+    assert len(trajectory.subagents) == 1 and trajectory.status == "ok" and trajectory.num_turns == 2

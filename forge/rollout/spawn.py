@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import random
+import time
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -191,6 +192,10 @@ class Spawner:
         # swarm.max_subagents_per_episode caps them all, as the README and the metrics count.
         self.started = started if started is not None else [0]
         self.trajectories: list[Trajectory] = []
+        # One turn may hold several spawn calls, played one after another: they share one
+        # swarm.timeout_s, so the turn never waits longer than wait_limit_s in all.
+        self.waiting_turn = -1
+        self.turn_deadline = 0.0
 
     @property
     def wait_limit_s(self) -> float:
@@ -216,12 +221,20 @@ class Spawner:
         if not isinstance(tasks, list) or not tasks:
             return 'error: spawn takes {"tasks": [{"prompt": "...", "tools": [...]}, ...]} with at least one task'
         known = [name for name in tool_names(self.env) if name != SPAWN_TOOL]
+        if self.turn != self.waiting_turn:
+            self.waiting_turn, self.turn_deadline = self.turn, time.monotonic() + self.swarm.timeout_s
+        left_s = self.turn_deadline - time.monotonic()
         results: list[str] = [""] * len(tasks)
         runnable: list[tuple[int, SubTask]] = []
         for index, item in enumerate(tasks):
             task = read_subtask(item, known)
             if isinstance(task, str):
                 results[index] = f"error: {task}"
+            elif left_s <= 0:
+                results[index] = (
+                    f"error: this turn's spawn calls already took swarm.timeout_s={self.swarm.timeout_s:g}s; "
+                    "this one was not started"
+                )
             elif len(runnable) >= self.swarm.max_per_call:
                 results[index] = (
                     f"error: at most {self.swarm.max_per_call} sub-agents per spawn call "
@@ -238,7 +251,7 @@ class Spawner:
         turn = self.turn
         self.parent_engine.unregister()
         try:
-            finished = await asyncio.gather(*(self._run(task, known) for _, task in runnable))
+            finished = await asyncio.gather(*(self._run(task, known, left_s) for _, task in runnable))
         finally:
             self.parent_engine.register()
         for (index, _), trajectory in zip(runnable, finished, strict=True):
@@ -251,7 +264,7 @@ class Spawner:
         share = max(1, self.env.max_observation_chars // len(results))
         return "\n".join(f"[{i + 1}] {truncate(result, share)}" for i, result in enumerate(results))
 
-    async def _run(self, task: SubTask, known: list[str]) -> Trajectory:
+    async def _run(self, task: SubTask, known: list[str], left_s: float) -> Trajectory:
         seed = self.rng.getrandbits(31)
         nested = None
         if self.depth < self.swarm.depth:
@@ -260,6 +273,7 @@ class Spawner:
         env = SubagentEnv(self.env, list(task.tools) if task.tools is not None else known,
                           self.swarm.subagent_max_turns, nested)  # fmt: skip
         row = {"task_id": f"{self.task_id}/sub", "prompt": task.prompt}
+        limits = replace(self.limits, episode_timeout_s=min(left_s, self.swarm.timeout_s))
         try:
             return await asyncio.wait_for(
                 run_episode(
@@ -268,11 +282,11 @@ class Spawner:
                     seed,
                     self.engine,
                     self.chat,
-                    self.limits,
+                    limits,
                     f"{self.group_id}/sub",
                     spawner=nested,
                 ),  # fmt: skip
-                timeout=self.swarm.timeout_s + TIMEOUT_GRACE_S,
+                timeout=limits.episode_timeout_s + TIMEOUT_GRACE_S,
             )
         except TimeoutError:
             return stand_in(
