@@ -97,6 +97,21 @@ def test_a_swarm_run_writes_the_cluster_metrics_and_its_subagents(ray_session, t
     logged = [json.loads(line) for line in (tmp_path / "run" / "trajectories.jsonl").read_text().splitlines()]
     helpers = [sub for episode in logged for sub in episode.get("subagents", [])]
     assert helpers and all("find" in sub["prompt"] and sub["parent_turn"] is not None for sub in helpers)
+    for row in rows:  # every episode is logged: the step's metrics are counts of what it played
+        episodes = [episode for episode in logged if episode["step"] == row["step"]]
+        subs = [sub for episode in episodes for sub in episode.get("subagents", [])]
+        assert len(episodes) == 16 and row["subagents_per_episode"] == pytest.approx(len(subs) / 16)
+        if subs:
+            assert row["subagent_success_rate"] == pytest.approx(
+                sum(sub["success"] for sub in subs) / len(subs)
+            )
+        critical = 0
+        for episode in episodes:
+            longest = [0] * len(episode["turns"])
+            for sub in episode.get("subagents", []):
+                longest[sub["parent_turn"]] = max(longest[sub["parent_turn"]], len(sub["generated"]))
+            critical += sum(1 + steps for steps in longest)
+        assert row["critical_steps_mean"] == pytest.approx(critical / 16)
 
 
 def test_a_restarted_worker_past_the_frozen_version_loads_the_runs_snapshot(lookup_checkpoint, tmp_path):
