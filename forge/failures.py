@@ -118,6 +118,12 @@ class FailureWatch:
             )
 
 
+SOLVED_FIX = (
+    "Every episode solved its task (a warm start that already learned them?): harder tasks, or a reward "
+    "term that tells solved episodes apart (reward.speed), give RL something to learn"
+)
+
+
 class SignalWatch:
     """Watches each step for learning signal: an episode whose advantage is not 0 (the step's
     `signal_fraction` metric, `forge.run.context.shape_rewards`).
@@ -164,6 +170,8 @@ class SignalWatch:
         self.timeouts_in_a_row += cut_off and metrics.get("episodes_timeout", 0) > 0
         if not self.max_steps:
             return
+        # Every episode solved: the env and model are fine, there is only nothing left to learn.
+        fix = SOLVED_FIX if metrics.get("success_rate", 0.0) >= 1.0 else self.fix
         scored = f"reward_mean {metrics.get('reward_mean', float('nan')):.3g}, success_rate {metrics.get('success_rate', float('nan')):.2f}"
         if self.ever:
             if self.in_a_row >= self.max_steps and not self.said_alike:
@@ -180,10 +188,9 @@ class SignalWatch:
             self.said_first = True
             say(
                 f"forge: step {step} had no learning signal: within each task's group every episode got the same "
-                f"reward ({scored}), so every advantage is 0 and the step trains nothing. {self.fix}"
+                f"reward ({scored}), so every advantage is 0 and the step trains nothing. {fix}"
             )
         if self.in_a_row >= self.max_steps or last_step:
-            fix = self.fix
             if self.cut_off_in_a_row == self.in_a_row and self.timeouts_in_a_row:
                 scored = (
                     "every episode errored or ran past a time limit, the first of each kind printed above"

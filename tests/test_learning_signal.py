@@ -169,3 +169,11 @@ def test_a_run_on_an_env_it_never_solves_ends_with_exit_code_1_not_0(ray_session
     assert f"`forge env check {__name__}:NeverSolvedEnv` plays it" in error
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["signal_fraction"]) for r in rows] == [(1, 0.0), (2, 0.0)]
+
+
+def test_a_first_step_that_solved_every_task_is_not_told_to_check_the_env(capsys):
+    watch = SignalWatch(max_steps=5, fix="Check the env or warm-start")
+    watch.observe(1, {"signal_fraction": 0.0, "reward_mean": 1.0, "success_rate": 1.0})
+    said = capsys.readouterr().err
+    assert "had no learning signal" in said and "Check the env" not in said
+    assert "Every episode solved its task" in said
