@@ -93,10 +93,10 @@ def test_a_remote_forge_server_restarted_mid_run_is_taken_back_after_the_weight_
     model = resolve_model_path(cfg.model, tmp_path / "model", seed=cfg.seed)
     port = free_port()
 
-    def start(port: int) -> EngineServer:
-        return EngineServer(make_service(model, max_new_tokens=1, max_context_tokens=1024), port=port).start()
+    def build(port: int) -> EngineServer:
+        return EngineServer(make_service(model, max_new_tokens=1, max_context_tokens=1024), port=port)
 
-    servers = [start(0), start(port)]
+    servers = [build(0).start(), build(port).start()]
     run = tmp_path / "run"
 
     cfg = load_config(
@@ -109,7 +109,7 @@ def test_a_remote_forge_server_restarted_mid_run_is_taken_back_after_the_weight_
             f"model.path={model}",
         ],
     )
-    result, restarted = train_through_a_restart(cfg, run, servers, start, port, stop_after=1, restart_after=3)
+    result, restarted = train_through_a_restart(cfg, run, servers, build, port, stop_after=1, restart_after=3)
     assert result.steps == 7
     steps = rows(run)
     assert [row["policy_version"] for row in steps] == [float(n) for n in range(1, 8)]
@@ -255,29 +255,33 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def stop_then_restart(run, servers: list, start, port: int, stop_after: int, restart_after: int) -> None:
+def stop_then_restart(run, servers: list, build, port: int, stop_after: int, restart_after: int) -> None:
     """Chaos for a run on two servers: stop `servers[1]` once `stop_after` steps are recorded
-    and start one again on its `port` once `restart_after` are (appended to `servers`)."""
+    and start one again on its `port` once `restart_after` are (appended to `servers`). The
+    new server is built (its model loaded) while the old one is down, so the restart itself
+    is quick: built at the restart, a loaded machine took long enough that a fast run ended
+    before it could take the server back."""
     deadline = time.monotonic() + 300
-    metrics, stopped = run / "metrics.jsonl", False
+    metrics, ready = run / "metrics.jsonl", None
     while time.monotonic() < deadline:
         done = len(metrics.read_text().splitlines()) if metrics.exists() else 0
-        if done >= stop_after and not stopped:
+        if done >= stop_after and ready is None:
             servers[1].stop()
-            stopped = True
-        if done >= restart_after:
-            servers.append(start(port))
+            ready = build(port)
+            continue  # the build took a while: read the steps again
+        if ready is not None and done >= restart_after:
+            servers.append(ready.start())
             return
         time.sleep(0.02)
 
 
-def train_through_a_restart(cfg, run, servers: list, start, port: int, stop_after: int, restart_after: int):
+def train_through_a_restart(cfg, run, servers: list, build, port: int, stop_after: int, restart_after: int):
     """Train `cfg` into `run` while `stop_then_restart` stops `servers[1]` and starts it again;
     every server is stopped after. Returns the run's result and the restarted server's state."""
     from forge.run.launch import train
 
     chaos = threading.Thread(
-        target=stop_then_restart, args=(run, servers, start, port, stop_after, restart_after), daemon=True
+        target=stop_then_restart, args=(run, servers, build, port, stop_after, restart_after), daemon=True
     )
     chaos.start()
     try:
@@ -311,10 +315,10 @@ def test_a_gateway_run_keeps_training_when_a_remote_server_stops_and_takes_it_ba
     model = resolve_model_path(base.model, tmp_path / "model", seed=base.seed)
     port = free_port()
 
-    def start(port: int) -> EngineServer:
-        return EngineServer(make_service(model, max_new_tokens=4, max_context_tokens=512), port=port).start()
+    def build(port: int) -> EngineServer:
+        return EngineServer(make_service(model, max_new_tokens=4, max_context_tokens=512), port=port)
 
-    servers = [start(0), start(port)]
+    servers = [build(0).start(), build(port).start()]
     versions_trained: list[set[int]] = []
     original = gateway_run.episode_samples
 
@@ -340,7 +344,7 @@ def test_a_gateway_run_keeps_training_when_a_remote_server_stops_and_takes_it_ba
         ],
     )
     run = tmp_path / "run"
-    result, restarted = train_through_a_restart(cfg, run, servers, start, port, 1, 2)
+    result, restarted = train_through_a_restart(cfg, run, servers, build, port, 1, 2)
     assert result.steps == steps
     rows_ = rows(run)
     assert [row["policy_version"] for row in rows_] == [float(n) for n in range(1, steps + 1)]
@@ -377,7 +381,7 @@ def test_an_async_run_keeps_training_when_a_remote_server_stops_and_takes_it_bac
     port = free_port()
     served_versions: list[int] = []  # the version of each reply of the restarted server
 
-    def start(port: int) -> EngineServer:
+    def build(port: int) -> EngineServer:
         server = EngineServer(make_service(model, max_new_tokens=1, max_context_tokens=1024), port=port)
         if port and len(servers) == 2:  # the restart: record what it serves
             served = server.service.served
@@ -389,10 +393,10 @@ def test_an_async_run_keeps_training_when_a_remote_server_stops_and_takes_it_bac
                 return results
 
             served.generate = recorded
-        return server.start()
+        return server
 
     servers: list[EngineServer] = []
-    servers.extend([start(0), start(port)])
+    servers.extend([build(0).start(), build(port).start()])
     cfg = load_config(
         "configs/smoke.yaml",
         [
@@ -406,7 +410,7 @@ def test_an_async_run_keeps_training_when_a_remote_server_stops_and_takes_it_bac
         ],
     )
     run = tmp_path / "run"
-    result, restarted = train_through_a_restart(cfg, run, servers, start, port, 2, 4)
+    result, restarted = train_through_a_restart(cfg, run, servers, build, port, 2, 4)
     assert result.steps == steps
     rows_ = rows(run)
     assert [row["policy_version"] for row in rows_] == [float(n) for n in range(1, steps + 1)]
