@@ -227,23 +227,26 @@ def test_malformed_spawn_calls_come_back_as_errors():
     assert len(trajectory.subagents) == 1
 
 
-def test_subagents_cannot_spawn_at_depth_1_and_can_at_depth_2():
-    def rule(message, prompt):
-        if message.startswith("key ") and prompt.count("helper") == 1 and "nested" not in message:
-            return call("spawn", tasks=[{"prompt": f"{message} nested"}])
-        if message.startswith("key ") and "nested" in message:
-            return call("lookup", key=message.split()[1])
-        if "[1]" in message and prompt.startswith("helper"):
-            return f"<answer>{message.split('] ', 1)[1]}</answer>"
-        return team_rule(message, prompt)
+def nesting_rule(message, prompt):
+    """The team's rule, but each helper spawns one nested helper (which looks its key up)
+    and answers with what that one returned."""
+    if message.startswith("key ") and prompt.count("helper") == 1 and "nested" not in message:
+        return call("spawn", tasks=[{"prompt": f"{message} nested"}])
+    if message.startswith("key ") and "nested" in message:
+        return call("lookup", key=message.split()[1])
+    if "[1]" in message and prompt.startswith("helper"):
+        return f"<answer>{message.split('] ', 1)[1]}</answer>"
+    return team_rule(message, prompt)
 
-    shallow, engine, _ = play(["a"], rule=rule)
+
+def test_subagents_cannot_spawn_at_depth_1_and_can_at_depth_2():
+    shallow, engine, _ = play(["a"], rule=nesting_rule)
     assert "error: tool 'spawn' is not available to this sub-agent (tools: lookup)" in json.dumps(
         [p for batch in engine.batches for p in batch]
     )
     assert shallow.subagents[0].subagents == []
 
-    deep, _, _ = play(["a"], rule=rule, swarm=SwarmLimits(depth=2))
+    deep, _, _ = play(["a"], rule=nesting_rule, swarm=SwarmLimits(depth=2))
     assert deep.success, [s.info for s in deep.all_subagents()]
     child = deep.subagents[0]
     assert [s.depth for s in deep.all_subagents()] == [1, 2] and child.subagents[0].parent_turn == 0
@@ -273,16 +276,7 @@ def test_critical_steps_count_each_turn_plus_its_longest_subagent(orchestrator, 
 
 
 def test_max_subagents_per_episode_counts_every_level():
-    def rule(message, prompt):  # each helper spawns one nested helper before it answers
-        if message.startswith("key ") and prompt.count("helper") == 1 and "nested" not in message:
-            return call("spawn", tasks=[{"prompt": f"{message} nested"}])
-        if message.startswith("key ") and "nested" in message:
-            return call("lookup", key=message.split()[1])
-        if "[1]" in message and prompt.startswith("helper"):
-            return f"<answer>{message.split('] ', 1)[1]}</answer>"
-        return team_rule(message, prompt)
-
-    trajectory, engine, _ = play(["a", "b"], rule=rule, swarm=SwarmLimits(depth=2, max_per_episode=3))
+    trajectory, engine, _ = play(["a", "b"], rule=nesting_rule, swarm=SwarmLimits(depth=2, max_per_episode=3))
     assert len(trajectory.all_subagents()) == 3
     prompts = json.dumps([p for batch in engine.batches for p in batch])
     assert "this episode already started 3 sub-agents (swarm.max_subagents_per_episode)" in prompts
