@@ -50,7 +50,8 @@ def _become_sandbox(spec, parent):
     for name, value in spec["rlimits"].items():
         _set_limit(name, int(value))
     uid = spec.get("uid")
-    if uid is not None:
+    # Level 1 as root keeps root until its namespaces are built: the code's process drops it.
+    if uid is not None and not (spec.get("level") == 1 and spec["ns"].get("as_root")):
         os.setgroups([])
         os.setgid(uid)
         os.setuid(uid)

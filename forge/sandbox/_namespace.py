@@ -5,6 +5,12 @@ no capability over any of those mounts. Standard library only (the launcher impo
 
 Mounts made in the outer namespace are locked for the nested one: the code cannot unmount
 them to uncover what they hide, and the host's root is detached entirely anyway.
+
+A root harness on a host that refuses user namespaces (user.max_user_namespaces=0, Ubuntu's
+AppArmor restriction of unprivileged ones, a seccomp profile) builds the same mount, pid,
+net, ipc and uts namespaces with root's own capabilities instead (`ns["as_root"]`), and the
+code runs as the sandbox uid itself: a non-root uid of the host's user namespace, which holds
+no capability anywhere, so it can neither unmount nor remount what hides the host.
 """
 
 import os
@@ -118,10 +124,16 @@ def _build_root(ns):
 
 
 def _exec_code(spec):
-    sc.unshare(sc.CLONE_NEWUSER)
-    _map_self(INNER_UID, 0, 0)
-    os.setresgid(INNER_UID, INNER_UID, INNER_UID)
-    os.setresuid(INNER_UID, INNER_UID, INNER_UID)  # a non-zero uid: every capability is gone
+    if spec["ns"].get("as_root"):
+        uid = spec["uid"]
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)  # root -> a non-zero uid: every capability is gone
+    else:
+        sc.unshare(sc.CLONE_NEWUSER)
+        _map_self(INNER_UID, 0, 0)
+        os.setresgid(INNER_UID, INNER_UID, INNER_UID)
+        os.setresuid(INNER_UID, INNER_UID, INNER_UID)  # a non-zero uid: every capability is gone
     sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
     os.umask(0o022)
     os.chdir(spec["cwd"])
@@ -157,15 +169,22 @@ def _init(spec, alive):
 
 
 def run(spec, parent):
-    """Called by the launcher after rlimits and the uid drop: never returns."""
-    uid, gid = os.getuid(), os.getgid()
-    sc.prctl(sc.PR_SET_DUMPABLE, 1)  # the uid drop made /proc/self root's: we must write our maps
-    sc.unshare(NAMESPACES)
-    _map_self(0, uid, gid)
-    # Entering a user namespace is a credential change, which disarms the parent-death signal.
-    sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:
-        os._exit(137)
+    """Called by the launcher after rlimits, and after the uid drop unless `ns["as_root"]`:
+    never returns."""
+    if spec["ns"].get("as_root"):
+        # Still root: the namespaces come from root's capabilities, no user namespace, and
+        # the code drops to the sandbox uid in _exec_code. No credential change here, so the
+        # parent-death signal the launcher armed still holds.
+        sc.unshare(NAMESPACES & ~sc.CLONE_NEWUSER)
+    else:
+        uid, gid = os.getuid(), os.getgid()
+        sc.prctl(sc.PR_SET_DUMPABLE, 1)  # the uid drop made /proc/self root's: we must write our maps
+        sc.unshare(NAMESPACES)
+        _map_self(0, uid, gid)
+        # Entering a user namespace is a credential change, which disarms the parent-death signal.
+        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(137)
     alive, keep = os.pipe()
     init = os.fork()  # the first child is pid 1 of the new pid namespace
     if init == 0:

@@ -15,6 +15,20 @@ import subprocess
 import sys
 
 LEVEL_NAMES = {0: "rlimits+uid", 1: "namespaces (user, mount, pid, net)", 2: "bubblewrap"}
+# Level 1 built with a root harness's own capabilities where the host refuses user namespaces.
+LEVEL_1_AS_ROOT_NAME = "namespaces (mount, pid, net), built as root: this host refuses user namespaces"
+_level1_as_root = False  # set by the level probe (forge.sandbox.levels) for this process
+
+
+def set_level1_as_root(on: bool) -> None:
+    global _level1_as_root
+    _level1_as_root = on
+
+
+def level1_as_root() -> bool:
+    """Whether this process builds level 1 as root, without a user namespace."""
+    return _level1_as_root
+
 
 # Read-only system paths a level 1-2 sandbox sees; everything else (/etc, /home, /root, /tmp,
 # Ray's session files, the harness's tree) is absent.
@@ -136,6 +150,7 @@ def level1_spec(work: str, scratch: str, ro_binds: list[tuple[str, str]], scratc
         else:
             tmpfs.append((dest, tmpfs_bytes, tmpfs_files))
     return {
+        "as_root": _level1_as_root,
         "new_root": os.path.join(os.path.dirname(scratch), "newroot"),
         "system": list(SYSTEM_PATHS),
         "ro_binds": [list(pair) for pair in ro_binds],

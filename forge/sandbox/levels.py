@@ -22,7 +22,8 @@ _python_ok: set[tuple[int, str]] = set()
 _unavailable: dict[int, str] = {}  # level -> why the probe found it does not work here
 
 HOW_TO_ENABLE = {
-    1: "level 1 needs unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1 / "
+    1: "level 1 needs unprivileged user namespaces, or a harness running as root with CAP_SYS_ADMIN "
+    "(which builds the namespaces itself) (sysctl kernel.unprivileged_userns_clone=1 / "
     "user.max_user_namespaces>0; on Ubuntu 23.10 and later, where AppArmor takes their capabilities, "
     "sysctl kernel.apparmor_restrict_unprivileged_userns=0; in Docker, run with --security-opt "
     "seccomp=unconfined --security-opt apparmor=unconfined, or profiles allowing unshare and mount)",
@@ -44,6 +45,18 @@ def _works(level: int) -> tuple[bool, str]:
     return False, (lines[-1] if lines else f"exit code {result.exit_code}")[-300:]
 
 
+def _level_1_as_root(why_not: str) -> tuple[bool, str]:
+    """Level 1 from root's own capabilities, for a root harness whose host refused the
+    unprivileged user namespace level 1 first tries (`why_not`)."""
+    isolation.set_level1_as_root(True)
+    ok, why = _works(1)
+    if ok:
+        log.info("sandbox level 1 builds its namespaces as root: %s", why_not)
+        return True, ""
+    isolation.set_level1_as_root(False)
+    return False, f"{why_not}; as root without a user namespace: {why}"
+
+
 def available_level() -> int:
     """The strongest level that works here (probed once per process, then logged). The first
     probe also sweeps work dirs left by harnesses that died."""
@@ -53,6 +66,8 @@ def available_level() -> int:
             workdir.sweep(workdir.base_dir(uids.UID_BASE if uids.is_root() else None))
             for level in (2, 1, 0):
                 ok, why = _works(level)
+                if not ok and level == 1 and uids.is_root():
+                    ok, why = _level_1_as_root(why)
                 if ok:
                     break
                 _unavailable[level] = why

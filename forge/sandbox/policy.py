@@ -122,6 +122,8 @@ def level_name(level: int, root: bool | None = None) -> str:
     has no uid of its own."""
     if level == 0 and not (uids.is_root() if root is None else root):
         return "rlimits only, as the harness's own user"
+    if level == 1 and root is None and isolation.level1_as_root():
+        return isolation.LEVEL_1_AS_ROOT_NAME
     return isolation.LEVEL_NAMES[level]
 
 
