@@ -232,3 +232,24 @@ def test_the_cli_exits_1_when_a_check_crashed(capsys):
     assert "FAILED: 1 passed, 1 failed" in captured.out and "Traceback" not in captured.err
     assert main(["check", f"{__name__}:NumberPrompt"]) == 1
     assert "FAIL  text" in capsys.readouterr().out
+
+
+class Chatty(Good):
+    """Prints as a user debugging their env does."""
+
+    def reset(self, task, seed):
+        print("debug: reset", task["task_id"])
+        return super().reset(task, seed)
+
+    def step(self, action):
+        print("debug: step", action)
+        return super().step(action)
+
+
+def test_the_reports_stdout_holds_the_report_alone_and_the_envs_prints_go_to_stderr(capfd):
+    assert main(["check", f"{__name__}:Chatty"]) == 0
+    captured = capfd.readouterr()
+    lines = captured.out.splitlines()
+    assert lines[0] == f"forge env check {__name__}:Chatty" and lines[-1].startswith("PASSED: ")
+    assert all(line.startswith(("  PASS  ", "  FAIL  ", "        fix: ")) for line in lines[1:-1])
+    assert "debug: reset" in captured.err and "debug: step" in captured.err

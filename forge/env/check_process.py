@@ -28,6 +28,7 @@ from forge.env.check import (
 )
 
 OUTSIDE_GRACE_S = 3.0  # past the child's own watch, which reports what it can itself
+STDERR_FD = 2  # the descriptor, not sys.stderr: that may be an object with none (a test's capture)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,7 +152,11 @@ def check_in_child_process(args: Any) -> CheckReport:
     # The child finds the env's module where this process would (the working directory, a
     # folder a caller put on sys.path).
     path = os.pathsep.join([entry or os.getcwd() for entry in sys.path] + [os.environ.get("PYTHONPATH", "")])
-    child = subprocess.Popen(command, pass_fds=(write_fd,), env={**os.environ, "PYTHONPATH": path})
+    # The child's stdout is this process's stderr: stdout carries the report alone (`forge env
+    # check NAME | grep FAIL`), and an env's own prints (a user debugging it) still show.
+    child = subprocess.Popen(
+        command, pass_fds=(write_fd,), env={**os.environ, "PYTHONPATH": path}, stdout=STDERR_FD
+    )
     os.close(write_fd)
     report = CheckReport(args.name)
     in_call: tuple[str, str, bool, float] | None = None  # (check, method, inline, started)
