@@ -78,7 +78,8 @@ def evaluate(
 
     from forge.env.preflight import preflight_env
     from forge.env.registry import resolve_env
-    from forge.models.loading import checkpoint_folder
+    from forge.env.tokens import first_prompt_check
+    from forge.models.loading import checkpoint_folder, load_tokenizer
     from forge.rollout.stuck import LoopGuard, remove_unused_reports, stuck_limit_s
     from forge.rollout.stuck_watch import StuckWatcher, env_source_file
     from forge.rollout.worker import RolloutWorker
@@ -96,7 +97,17 @@ def evaluate(
             f"--checkpoint {checkpoint} is not a model folder (no config.json); pass a run's final/ folder, "
             "any save_pretrained checkpoint or a hub model id (org/name)"
         ) from None
-    preflight_env(cfg.env, cfg.seed)  # a wrong name, kwargs or reset: one message, as forge train gives
+    # A wrong name, kwargs or reset, and a first prompt with words the checkpoint's tokenizer
+    # cannot see or no room left for a reply: one message before the model loads, as forge
+    # train's dry run gives (else every episode plays unknown tokens, or errors).
+    prompt_check = first_prompt_check(
+        load_tokenizer(checkpoint),
+        str(checkpoint),
+        cfg.env.name,
+        cfg.rollout.max_context_tokens,
+        cfg.rollout.max_new_tokens,
+    )
+    preflight_env(cfg.env, cfg.seed, prompt_check)
     start_sandbox(cfg)  # says the level; untrusted code is refused at level 0 unless allowed
     model_cfg = cfg.model.model_copy(
         update={"path": str(checkpoint), "lora": cfg.model.lora.model_copy(update={"enabled": False})}

@@ -91,3 +91,48 @@ def test_eval_of_a_misspelt_env_is_one_message_before_the_model_loads(tiny_check
                  "--no-progress"])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and "env 'guess_numbr' is not registered" in err and "Traceback" not in err
+
+
+def _word_level_checkpoint(tiny_checkpoint, folder):
+    """The tiny checkpoint's config with a word-level tokenizer that knows none of ReverseEnv's
+    words (and no weights: a check that let it through would fail loading them instead)."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<|im_start|>", "<|im_end|>", "<unk>", "user", "assistant", "system"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<|im_end|>",
+                                        additional_special_tokens=["<|im_start|>"])  # fmt: skip
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m.role }} {{ m.content }}<|im_end|>{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
+    )
+    folder.mkdir()
+    shutil.copy(tiny_checkpoint / "config.json", folder / "config.json")
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("checkpoint", "overrides", "said"),
+    [
+        ("word-level", [], "unknown tokens: the model cannot see 'Reply', 'with'"),
+        ("tiny", ["rollout.max_context_tokens=24"], "over rollout.max_context_tokens=24"),
+    ],
+    ids=["unknown tokens", "no room for a reply"],
+)
+def test_eval_checks_the_first_prompt_as_a_dry_run_does(
+    tiny_checkpoint, tmp_path, capsys, checkpoint, overrides, said
+):
+    folder = (
+        tiny_checkpoint
+        if checkpoint == "tiny"
+        else _word_level_checkpoint(tiny_checkpoint, tmp_path / "words")
+    )
+    code = main(["eval", "configs/smoke.yaml", "env.name=examples.custom_env:ReverseEnv", "env.kwargs={}", *overrides,
+                 "--checkpoint", str(folder), "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "first prompt" in err and said in err and "Traceback" not in err
