@@ -318,7 +318,11 @@ def test_a_malformed_responses_request_names_its_own_field(served, named, fields
 def test_a_history_tool_call_without_a_function_name_is_a_400_naming_it(served):
     server, _ = served
     episode = start(server)
-    history = [*USER, {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function"}]}]
+    history = [
+        *USER,
+        {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function"}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "x"},
+    ]
     with pytest.raises(
         openai.BadRequestError, match="messages\\[1\\].tool_calls\\[0\\] has no function name"
     ):
@@ -435,6 +439,37 @@ def test_a_chat_tool_result_that_answers_no_call_is_a_400_naming_it(served, name
     assert len(engine.requests) == asked and calls_of(server, episode) == []
 
 
+TWO_ASKED = {
+    **ASKED,
+    "tool_calls": [*ASKED["tool_calls"], {**ASKED["tool_calls"][0], "id": "call_2"}],
+}
+
+
+@pytest.mark.parametrize(
+    ("named", "history"),
+    [
+        (
+            "messages\\[1\\]: an assistant message with 'tool_calls' must be followed by tool messages "
+            "responding to each 'tool_call_id'; these had none: 'call_1' \\(messages\\[2\\] is a user message\\)",
+            [*USER, ASKED, {"role": "user", "content": "and?"}],
+        ),
+        ("these had none: 'call_2' \\(messages\\[3\\] is a user", [*USER, TWO_ASKED, ANSWER, *USER]),
+        ("these had none: 'call_1', 'call_2' \\(the conversation ends there\\)", [*USER, TWO_ASKED]),
+    ],
+    ids=["a user message after", "one of two answered", "the last message"],
+)
+def test_a_chat_tool_call_without_its_result_is_a_400_naming_the_missing_ids(served, named, history):
+    server, engine = served
+    episode = start(server)
+    asked = len(engine.requests)
+    with pytest.raises(openai.BadRequestError, match=named) as refused:
+        client(server, episode["episode_id"]).chat.completions.create(
+            model="p", messages=history, tools=[GUESS]
+        )
+    assert refused.value.body["type"] == "invalid_request_error"
+    assert len(engine.requests) == asked and calls_of(server, episode) == []
+
+
 def test_a_responses_function_call_output_that_answers_no_call_is_a_400_naming_the_call_id(served, qwen):
     server, engine = served
     say(served, qwen, CALL)
@@ -461,6 +496,35 @@ def test_a_responses_function_call_output_that_answers_no_call_is_a_400_naming_t
         model="p", input=[function_call.model_dump(exclude_none=True), answer], tools=tools
     )
     assert len(calls_of(server, episode)) == 3
+
+
+def test_a_responses_function_call_without_its_output_is_a_400_naming_the_call_id(served, qwen):
+    """As the API's "No tool output found for function call ..." (param input): whether the
+    call is the previous response's or one of this request's input items."""
+    server, engine = served
+    say(served, qwen, CALL)
+    episode = start(server)
+    agent = client(server, episode["episode_id"])
+    tools = [{"type": "function", **GUESS["function"]}]
+    first = agent.responses.create(model="p", input="Guess.", tools=tools)
+    [function_call] = first.output
+    call_id = function_call.call_id
+    asked = len(engine.requests)
+    with pytest.raises(
+        openai.BadRequestError,
+        match=f"previous_response_id's item 1: no tool output found for function call '{call_id}'",
+    ) as refused:
+        agent.responses.create(model="p", input="And now?", tools=tools, previous_response_id=first.id)
+    assert refused.value.param == "input"
+    with pytest.raises(
+        openai.BadRequestError, match=f"input\\[1\\]: no tool output found for function call '{call_id}'"
+    ):
+        agent.responses.create(
+            model="p",
+            input=[{"role": "user", "content": "x"}, function_call.model_dump(exclude_none=True)],
+            tools=tools,
+        )
+    assert len(engine.requests) == asked and len(calls_of(server, episode)) == 1
 
 
 # --- malformed tools and content: a 400 that says what is wrong, never a 500 ------------------

@@ -97,16 +97,21 @@ def check_parameters(parameters: Any, where: str) -> None:
 
 
 def check_tool_results(messages: list[dict[str, Any]]) -> None:
-    """Each tool message answers a call of the assistant message before it (other tool messages
-    between), by `tool_call_id`, as OpenAI's API requires: a result that answers no call is a
-    400 naming it, not a turn the model is shown."""
+    """Tool calls and their results pair up by `tool_call_id`, as OpenAI's API requires: each
+    tool message answers a call of the assistant message before it (other tool messages
+    between), and each call of an assistant message is answered before the next other
+    message or the end. Either broken is a 400 naming the ids, not a turn the model is shown
+    (a call left unanswered would have the policy go on as if its result had been seen)."""
     offered: list[str] | None = None  # the ids of the calls the next tool message may answer
+    unanswered: list[Any] = []  # of those, the ones no tool message has answered yet
     made_at = -1
     for index, message in enumerate(messages):
         role = message.get("role")
         if role != "tool":
+            _check_answered(unanswered, made_at, f"messages[{index}] is a {role} message")
             calls = message.get("tool_calls") if role == "assistant" else None
             offered = [c.get("id") for c in calls if isinstance(c, dict)] if calls else None
+            unanswered = list(offered or [])
             made_at = index
             continue
         call_id = message.get("tool_call_id")
@@ -124,6 +129,22 @@ def check_tool_results(messages: list[dict[str, Any]]) -> None:
                 f"messages[{index}].tool_call_id {call_id!r} is not found in the tool_calls of the assistant "
                 f"message before it (messages[{made_at}], ids {offered}): answer one of those calls by its id",
             )
+        if call_id in unanswered:
+            unanswered.remove(call_id)
+    _check_answered(unanswered, made_at, "the conversation ends there")
+
+
+def _check_answered(unanswered: list[Any], made_at: int, after: str) -> None:
+    """OpenAI's 400 for calls of messages[made_at] that no tool message answered."""
+    if unanswered:
+        raise EpisodeError(
+            400,
+            f"messages[{made_at}]: an assistant message with 'tool_calls' must be followed by tool "
+            f"messages responding to each 'tool_call_id'; these had none: "
+            f"{', '.join(repr(call_id) for call_id in unanswered)} ({after}): send each call's result as "
+            '{"role": "tool", "tool_call_id": ..., "content": ...} right after it',
+            param=f"messages[{made_at}].tool_calls",
+        )
 
 
 def narrow_allowed_tools(body: ChatCompletionRequest) -> None:

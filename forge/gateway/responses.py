@@ -118,6 +118,7 @@ def chat_messages(body: ResponsesRequest, items: list[dict[str, Any]]) -> list[d
     response's instructions are not carried over, as the API says.)"""
     messages: list[dict[str, Any]] = []
     called: set[str] = set()  # call_ids of the function_call items so far
+    unanswered: dict[Any, str] = {}  # of those, the ones no output has answered yet: where each is
     if body.instructions:
         messages.append({"role": "system", "content": body.instructions})
     kept = len(items) - len(input_items(body))  # the previous_response_id chain's items come first
@@ -136,6 +137,7 @@ def chat_messages(body: ResponsesRequest, items: list[dict[str, Any]]) -> list[d
             )
         elif kind == "function_call":
             called.add(item.get("call_id", ""))
+            unanswered[item.get("call_id", "")] = where
             call = {
                 "id": item.get("call_id", ""),
                 "type": "function",
@@ -149,6 +151,7 @@ def chat_messages(body: ResponsesRequest, items: list[dict[str, Any]]) -> list[d
         elif kind == "function_call_output":
             if item.get("call_id") not in called:
                 raise EpisodeError(400, _unmatched_output(body, item.get("call_id"), where))
+            unanswered.pop(item.get("call_id"), None)
             messages.append(
                 {
                     "role": "tool",
@@ -166,6 +169,15 @@ def chat_messages(body: ResponsesRequest, items: list[dict[str, Any]]) -> list[d
             )
     if not messages:
         raise EpisodeError(400, "input is empty: give a string or a list of input items")
+    if unanswered:  # the API's "No tool output found for function call ...", every id named
+        ids = ", ".join(repr(call_id) for call_id in unanswered)
+        raise EpisodeError(
+            400,
+            f"{next(iter(unanswered.values()))}: no tool output found for function call {ids}: each "
+            "function_call item needs a function_call_output item with its call_id after it; send the "
+            "call's output in this request's input",
+            param="input",
+        )
     return messages
 
 

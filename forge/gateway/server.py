@@ -463,8 +463,10 @@ def build_app(gateway: Gateway) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         episode_id = gateway.resolve_episode(request, body.user)
-        legacy = translate_functions(body)  # the deprecated functions / function_call, as tools
+        # Before the legacy history becomes tool turns: the deprecated form pairs a function_call
+        # with its result by position, and translate_functions checks those.
         check_tool_results(body.messages)
+        legacy = translate_functions(body)  # the deprecated functions / function_call, as tools
         spec, parser = chat_spec(gateway, body)
         headers = gateway.apply_sampling(body, spec)
         run = gateway.start_call(episode_id, spec, body.stream)
