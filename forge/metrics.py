@@ -75,6 +75,11 @@ def rollout_metrics(trajectories: list[Trajectory], swarm: bool = False) -> dict
     )
     if solved:
         metrics["turns_per_solved"] = sum(t.num_turns for t in solved) / len(solved)
+    if any("tool_calls" in t.info for t in played):  # a ToolEnv counts them; other envs say nothing
+        metrics.update(
+            tool_calls_mean=sum(tool_count(t, "tool_calls") for t in played) / n,
+            tool_errors_mean=sum(tool_count(t, "tool_errors") for t in played) / n,
+        )
     context = sum(t.info.get("context_tokens", 0) for t in played)
     if context:  # context tokens sent to the engine that it did not prefill: its prefix cache held them
         hits = context - sum(t.info.get("prefill_tokens", 0) for t in played)
@@ -84,10 +89,16 @@ def rollout_metrics(trajectories: list[Trajectory], swarm: bool = False) -> dict
     return metrics
 
 
+def tool_count(episode: Trajectory, key: str) -> int:
+    """An episode's `tool_calls` or `tool_errors`, every agent in it counted: its own (a spawn
+    call is one) and every sub-agent's under it."""
+    return sum(agent.info.get(key, 0) for agent in [episode, *episode.all_subagents()])
+
+
 def swarm_metrics(played: list[Trajectory]) -> dict[str, float]:
-    """Agent clusters: sub-agents spawned per episode and the share that finished, critical
-    steps (each turn plus the longest sub-agent run it started) against total steps (every
-    agent's turns), and parallelism, total over critical."""
+    """Agent clusters: sub-agents spawned per episode and the share that finished, their tool
+    calls and errors per episode, critical steps (each turn plus the longest sub-agent run it
+    started) against total steps (every agent's turns), and parallelism, total over critical."""
     if not played:
         return {}
     spawned = [sub for t in played for sub in t.all_subagents()]
@@ -99,6 +110,8 @@ def swarm_metrics(played: list[Trajectory]) -> dict[str, float]:
         "critical_steps_mean": critical / n,
         "total_steps_mean": total / n,
         "parallelism": total / critical if critical else 1.0,
+        "subagent_tool_calls_mean": sum(sub.info.get("tool_calls", 0) for sub in spawned) / n,
+        "subagent_tool_errors_mean": sum(sub.info.get("tool_errors", 0) for sub in spawned) / n,
     }
     if spawned:
         metrics["subagent_success_rate"] = sum(sub.success for sub in spawned) / len(spawned)

@@ -25,19 +25,26 @@ def test_the_table_is_there_and_names_the_failure_counts():
 
 def test_every_episode_metric_is_documented():
     solved = Trajectory("t", "g", [1, 2], [0, 1], [0.0, -0.1], [-1, 0], 1, turns=[Turn(1, 2, 2)],
-                        success=True, info={"context_tokens": 4, "prefill_tokens": 1})  # fmt: skip
+                        success=True, info={"context_tokens": 4, "prefill_tokens": 1, "tool_calls": 1,
+                        "tool_errors": 0})  # fmt: skip
     errored = Trajectory("t", "g", [], [], [], [], 0, status="error", error="KeyError: 'x'")
     keys = set(rollout_metrics([solved, errored]))
+    assert {"tool_calls_mean", "tool_errors_mean"} <= keys
     assert keys - documented_metrics() == set()
 
 
 def test_every_swarm_metric_is_documented():
     helper = Trajectory("t", "g", [1, 2], [0, 1], [0.0, 0.0], [-1, 0], 1, turns=[Turn(1, 2, 2)], success=True,
-                        parent_turn=0)  # fmt: skip
+                        parent_turn=0, info={"tool_calls": 1, "tool_errors": 0})  # fmt: skip
     team = Trajectory("t", "g", [1, 2], [0, 1], [0.0, 0.0], [-1, 0], 1, turns=[Turn(1, 2, 2)], success=True,
                       subagents=[helper])  # fmt: skip
     keys = set(rollout_metrics([team], swarm=True))
-    assert {"parallelism", "subagent_success_rate", "critical_steps_per_solved"} <= keys
+    assert {
+        "parallelism",
+        "subagent_success_rate",
+        "critical_steps_per_solved",
+        "subagent_tool_calls_mean",
+    } <= keys
     assert keys - documented_metrics() == set()
 
 

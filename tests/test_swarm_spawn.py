@@ -132,6 +132,18 @@ def test_subagents_answers_come_back_as_the_spawn_result_and_the_episode_succeed
     assert [sub.info["answer"] for sub in trajectory.subagents] == ["1", "2", "3"]
 
 
+def test_each_subagent_counts_its_own_tool_calls_and_errors():
+    def rule(message, prompt):  # helper b also calls a tool it is not given
+        if message == "key b":
+            return call("lookup", key="b") + call("nope")
+        return team_rule(message, prompt)
+
+    trajectory, _, _ = play(["a", "b"], rule=rule)
+    assert trajectory.info["tool_calls"] == 1 and trajectory.info["tool_errors"] == 0  # its one spawn call
+    counts = [(sub.info["tool_calls"], sub.info["tool_errors"]) for sub in trajectory.subagents]
+    assert counts == [(1, 0), (2, 1)]
+
+
 def test_the_spawn_tool_is_offered_in_the_prompt():
     _, engine, _ = play(["a"])
     first = engine.batches[0][0]

@@ -87,9 +87,38 @@ def test_swarm_metrics_count_spawns_their_success_and_the_critical_path():
         "critical_steps_mean": (5 + 4) / 2,
         "total_steps_mean": (6 + 4) / 2,
         "parallelism": 10 / 9,
+        "subagent_tool_calls_mean": 0.0,
+        "subagent_tool_errors_mean": 0.0,
         "critical_steps_per_solved": 5.0,
         "total_steps_per_solved": 6.0,
     })  # fmt: skip
+
+
+def counted(turns, tool_calls, tool_errors, subagents=(), parent_turn=None):
+    episode = built(turns, subagents=subagents, parent_turn=parent_turn)
+    episode.info = {"tool_calls": tool_calls, "tool_errors": tool_errors}
+    return episode
+
+
+def test_a_steps_tool_calls_count_every_level_and_the_subagents_apart():
+    nested = counted(1, 2, 1, parent_turn=0)
+    team = counted(
+        2, 1, 0, subagents=[counted(2, 3, 1, [nested], parent_turn=0), counted(1, 1, 0, parent_turn=0)]
+    )
+    alone = counted(3, 4, 2)
+    metrics = rollout_metrics([team, alone], swarm=True)
+    assert (
+        metrics["tool_calls_mean"] == (1 + 3 + 2 + 1 + 4) / 2
+        and metrics["tool_errors_mean"] == (1 + 1 + 2) / 2
+    )
+    assert (
+        metrics["subagent_tool_calls_mean"] == (3 + 2 + 1) / 2 and metrics["subagent_tool_errors_mean"] == 1.0
+    )
+
+
+def test_tool_counts_appear_only_for_envs_that_count_them():
+    assert "tool_calls_mean" not in rollout_metrics([built(2)])
+    assert rollout_metrics([counted(2, 3, 1)])["tool_calls_mean"] == 3.0
 
 
 def test_swarm_metrics_appear_only_in_swarm_runs():

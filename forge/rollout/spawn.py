@@ -120,17 +120,25 @@ class SubagentEnv(Env):
         self.max_turns = max_turns
         self.spawner = spawner
         self.turns = 0
+        # The sub-agent's own tool calls and error responses, as a ToolEnv counts its agent's
+        # (the parent's counters hold the parent's calls; the step metrics add up every level).
+        self.tool_calls = 0
+        self.tool_errors = 0
 
     async def reset(self, task: dict[str, Any], seed: int) -> str:
-        self.turns = 0
+        self.turns = self.tool_calls = self.tool_errors = 0
         self.prompt = str(task["prompt"])
         return self.prompt
+
+    def info(self, **extra: Any) -> dict[str, Any]:
+        return {"turns": self.turns, "tool_calls": self.tool_calls, "tool_errors": self.tool_errors, **extra}
 
     def answer(self, answer: str) -> StepResult:
         answer = truncate(answer, self.parent.max_observation_chars)  # a tool's huge output, kept once
         success = self.parent.subtask_succeeded(self.prompt, answer)
-        info = {"turns": self.turns, "answer": answer, "success": success}
-        return StepResult(answer, reward=float(success), done=True, info=info)
+        return StepResult(
+            answer, reward=float(success), done=True, info=self.info(answer=answer, success=success)
+        )
 
     async def step(self, action: str) -> StepResult:
         self.turns += 1
@@ -140,10 +148,12 @@ class SubagentEnv(Env):
             return self.answer(action.strip() if found is None else found)
         responses = [f"error: {message}" for message in errors]
         for call in calls[: self.parent.max_calls_per_turn]:
+            self.tool_calls += 1
             responses.append(await self._call(call))
+        self.tool_errors += sum(response.startswith("error:") for response in responses)
         if self.turns >= self.max_turns:  # out of turns: the last tool response is the answer
             return self.answer(responses[-1])
-        return StepResult(self.parent.format_responses(responses), info={"turns": self.turns})
+        return StepResult(self.parent.format_responses(responses), info=self.info())
 
     async def _call(self, call: ToolCall) -> str:
         if call.name not in self.allowed:
