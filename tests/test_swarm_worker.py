@@ -34,6 +34,16 @@ def test_swarm_needs_a_tool_env(tiny_checkpoint):
         RolloutWorker(str(tiny_checkpoint), cfg.model, cfg.env, cfg.rollout, 0.5, seed=0, swarm_cfg=cfg.swarm)
 
 
+def test_swarm_on_an_env_without_tools_is_refused_before_ray_starts():
+    from forge.config import ConfigError
+    from forge.run.launch import preflight
+
+    cfg = Config()  # guess_number: a plain Env
+    cfg.swarm.enabled = True
+    with pytest.raises(ConfigError, match="swarm.enabled: env 'guess_number' .* is not a forge.env.ToolEnv"):
+        preflight(cfg)
+
+
 def test_a_frozen_subagent_policy_keeps_its_weights_while_the_policy_moves(lookup_checkpoint):
     cfg = swarm_config(subagent_policy="frozen", train_subagents="false")
     worker = RolloutWorker(

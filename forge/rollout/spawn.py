@@ -80,6 +80,17 @@ class SubTask:
     tools: tuple[str, ...] | None = None  # None: every tool of the parent but spawn
 
 
+def swarm_env_problem(env_class: type, env_name: str) -> str | None:
+    """Why `swarm.enabled` cannot play env `env_name` (its class), or None: spawn is a tool, and
+    only a ToolEnv has tools to offer it beside."""
+    if issubclass(env_class, ToolEnv):
+        return None
+    return (
+        f"swarm.enabled: env {env_name!r} ({env_class.__name__}) is not a forge.env.ToolEnv, so it has no "
+        "tools to offer spawn beside; use a ToolEnv or set swarm.enabled: false"
+    )
+
+
 def tool_names(env: Env) -> list[str]:
     return [schema["function"]["name"] for schema in env.tools or []]
 

@@ -140,13 +140,11 @@ class RolloutWorker:
         self.frozen_snapshot = Path(frozen_snapshot) if frozen_snapshot else None
         self._frozen_sampling: Any = None  # a checkpoint's sampling state, until the snapshot is loaded
         if self.swarm is not None:
-            from forge.env.tools import ToolEnv
+            from forge.rollout.spawn import swarm_env_problem
 
-            if not issubclass(self.env_class, ToolEnv):
-                raise ValueError(
-                    f"swarm.enabled: env {env_cfg.name!r} ({self.env_class.__name__}) is not a forge.env.ToolEnv, "
-                    "so it has no tools to offer spawn beside; use a ToolEnv or set swarm.enabled: false"
-                )
+            problem = swarm_env_problem(self.env_class, env_cfg.name)
+            if problem:
+                raise ValueError(problem)
             if self.swarm.subagent_policy == "frozen" and self.swarm.frozen_version == 0:
                 self._freeze()
 

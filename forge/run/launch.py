@@ -92,6 +92,12 @@ def preflight(cfg: Config, wait_for_servers: bool = True) -> str:
     if cfg.gateway.enabled and cfg.train.mode != "sync":
         raise ConfigError("gateway runs train in sync mode only; set train.mode: sync")
     summary = preflight_env(cfg.env, cfg.seed, prompt_check)  # a wrong env name, kwargs or reset: one message
+    if cfg.swarm.enabled:
+        from forge.rollout.spawn import swarm_env_problem
+
+        problem = swarm_env_problem(resolve_env(cfg.env.name), cfg.env.name)
+        if problem:  # said by every rollout worker's start otherwise, after Ray started
+            raise ConfigError(problem)
     # The sandbox floor the run applies at start: an env that runs model code on a host that
     # gives only level 0 is refused by a dry run too, not only once the run starts.
     configure_for_env(cfg.sandbox, resolve_env(cfg.env.name), cfg.env.name)
