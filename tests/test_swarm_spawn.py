@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 
 import byte_chat
@@ -368,3 +369,35 @@ def test_spawn_calls_in_one_turn_share_one_timeout():
         == 2
     )
     assert len(trajectory.subagents) == 1 and trajectory.status == "ok" and trajectory.num_turns == 2
+
+
+def test_a_subagent_whose_judge_hangs_is_cut_at_the_timeout_and_the_episode_goes_on():
+    release = threading.Event()
+
+    class HangingJudgeEnv(FactsEnv):
+        def subtask_succeeded(self, prompt, answer):  # a grader that blocks: it must not stall the loop
+            release.wait(60)
+            return True
+
+    engine = RuleEngine(team_rule)
+
+    async def episode():
+        batching = BatchingEngine(engine)
+        env = HangingJudgeEnv()
+        spawner = Spawner(env, batching, batching, ByteChat(), LIMITS, SwarmLimits(timeout_s=0.5), "t", "g/0",
+                          seed=7)  # fmt: skip
+        spawner.attach()
+        try:
+            return await run_episode(env, {"task_id": "t", "keys": ["a"]}, 0, batching, ByteChat(), LIMITS, "g",
+                                     spawner)  # fmt: skip
+        finally:
+            await batching.close()
+
+    started = time.monotonic()
+    try:
+        trajectory = asyncio.run(episode())
+    finally:
+        release.set()
+    assert time.monotonic() - started < 10
+    assert "[1] error: the sub-agent did not finish within swarm.timeout_s=0.5s" in tool_result(engine, 0)
+    assert trajectory.status == "ok" and trajectory.num_turns == 2

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from forge.env.base import Env, StepResult
-from forge.env.tools import ToolCall, ToolEnv, parse_answer, truncate
+from forge.env.tools import ToolCall, ToolEnv, in_thread, parse_answer, truncate
 from forge.rollout.agent import run_episode
 from forge.types import TIMEOUT, Trajectory
 
@@ -144,9 +144,11 @@ class SubagentEnv(Env):
     def info(self, **extra: Any) -> dict[str, Any]:
         return {"turns": self.turns, "tool_calls": self.tool_calls, "tool_errors": self.tool_errors, **extra}
 
-    def answer(self, answer: str) -> StepResult:
+    async def answer(self, answer: str) -> StepResult:
         answer = truncate(answer, self.parent.max_observation_chars)  # a tool's huge output, kept once
-        success = self.parent.subtask_succeeded(self.prompt, answer)
+        # In a thread, as a ToolEnv grades its answers: a judge that blocks (a grader, a sandbox)
+        # must not stall the worker's loop, where the sub-agent's timeout could not end it.
+        success = await in_thread(self.parent.subtask_succeeded, self.prompt, answer)
         return StepResult(
             answer, reward=float(success), done=True, info=self.info(answer=answer, success=success)
         )
@@ -156,14 +158,14 @@ class SubagentEnv(Env):
         calls, errors = self.parent.parse_calls(action)
         if not calls and not errors:
             found = parse_answer(action)
-            return self.answer(action.strip() if found is None else found)
+            return await self.answer(action.strip() if found is None else found)
         responses = [f"error: {message}" for message in errors]
         for call in calls[: self.parent.max_calls_per_turn]:
             self.tool_calls += 1
             responses.append(await self._call(call))
         self.tool_errors += sum(response.startswith("error:") for response in responses)
         if self.turns >= self.max_turns:  # out of turns: the last tool response is the answer
-            return self.answer(responses[-1])
+            return await self.answer(responses[-1])
         return StepResult(self.parent.format_responses(responses), info=self.info())
 
     async def _call(self, call: ToolCall) -> str:
