@@ -17,6 +17,10 @@ seed runs them in reverse order), each through the same steps:
      held-out tasks (a task seed no run trained on) through the real rollout worker at the
      training temperature: success_rate, critical_steps_per_solved, total_steps_per_solved,
      subagents_per_episode.
+A run that stops as `forge train` would (with exit 1: no step with learning signal, as
+when a warm start already solves every task alike; too many errored episodes) is said on
+stderr with its reason and kept in `runs` with `stopped` and no eval; its arm's numbers leave
+it out, the other runs go on, and the bench exits 1 (`stopped_runs` names them).
 `--no-spawn-term` adds a third arm, `swarm_no_spawn_term` (reward.parl.spawn_weight=0).
 The top-level `single` and `swarm` pool the seeds' eval episodes; `runs` holds each run's
 warm start, eval, training tail and its curve (every `--curve-every` steps: spawns per
@@ -136,6 +140,7 @@ def warm_start(cfg: Config, args: argparse.Namespace, out: Path) -> Path:
 
 
 def run(arm: str, seed: int, args: argparse.Namespace, workdir: Path) -> dict:
+    from forge.failures import RunStopped
     from forge.run.launch import train
 
     cfg = build_config(arm, args.steps, seed, args.set)
@@ -153,9 +158,17 @@ def run(arm: str, seed: int, args: argparse.Namespace, workdir: Path) -> dict:
         rl = [f"model.path={start_model}", f"train.learning_rate={args.rl_learning_rate}"]
         cfg = build_config(arm, args.steps, seed, [*rl, *args.set])
     started = time.perf_counter()
-    result = train(cfg, out, progress=False, overwrite=True)
+    stopped = None
+    try:
+        checkpoint = train(cfg, out, progress=False, overwrite=True).checkpoint
+    except RunStopped as exc:
+        # As `forge train` stops with exit 1 (a warm start that already solves every task alike
+        # trains on nothing): said here, the bench goes on with its other runs and exits 1.
+        stopped, checkpoint = str(exc), None
+        print(f"bench.swarm: {arm}, seed {seed}: {stopped}", file=sys.stderr)
     train_seconds = time.perf_counter() - started
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = out / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     return {
         "arm": arm,
         "seed": seed,
@@ -163,8 +176,9 @@ def run(arm: str, seed: int, args: argparse.Namespace, workdir: Path) -> dict:
         + ([f"train.learning_rate={args.rl_learning_rate}"] if warm else [])
         + args.set,
         "warm_start": warm or None,
-        "eval": evaluate(cfg, result.checkpoint, args.eval_tasks, args.eval_group),
-        "train_tail": training_tail(rows),
+        "stopped": stopped,  # no final policy: nothing to evaluate
+        "eval": evaluate(cfg, checkpoint, args.eval_tasks, args.eval_group) if checkpoint else None,
+        "train_tail": training_tail(rows) if rows else None,
         "train_seconds": train_seconds,
         "curve": curve(rows, args.curve_every),
     }
@@ -184,8 +198,10 @@ def pooled(evals: list[dict]) -> dict:
 
 
 def arm_summary(runs: list[dict]) -> dict:
-    """An arm's pooled eval after training, and (`warm_start`) of its warm starts before RL."""
-    out = pooled([r["eval"] for r in runs])
+    """An arm's pooled eval after training (of its runs that finished), and (`warm_start`) of
+    its warm starts before RL."""
+    finished = [r["eval"] for r in runs if r["eval"] is not None]
+    out = pooled(finished) if finished else {"success_rate": None, "eval_episodes": 0}
     warm = [r["warm_start"]["eval"] for r in runs if (r.get("warm_start") or {}).get("eval")]
     if warm:
         out["warm_start"] = pooled(warm)
@@ -200,15 +216,25 @@ def summarize(runs: list[dict], args: argparse.Namespace, seconds: float, comple
     result = {"benchmark": "swarm", "config": "configs/swarm.yaml", "steps": args.steps, "seeds": args.seeds,
               "complete": complete, "overrides": args.set, **arms}  # fmt: skip
     single, swarm = arms.get("single"), arms.get("swarm")
-    if single and swarm and single["critical_steps_per_solved"] and swarm["critical_steps_per_solved"]:
+    if (
+        single
+        and swarm
+        and single.get("critical_steps_per_solved")
+        and swarm.get("critical_steps_per_solved")
+    ):
         reduction = single["critical_steps_per_solved"] / swarm["critical_steps_per_solved"]
         drop = single["success_rate"] - swarm["success_rate"]
         result.update(critical_steps_reduction=reduction, success_rate_drop=drop,
                       meets_target=bool(reduction >= 2.0 and drop <= 0.0))  # fmt: skip
     result["target"] = "critical_steps_per_solved at least 2x lower for swarm, success_rate not lower"
+    result["stopped_runs"] = stopped_runs(runs)
     result["runs"] = runs
     result["total_seconds"] = seconds
     return result
+
+
+def stopped_runs(runs: list[dict]) -> list[str]:
+    return [f"{r['arm']}, seed {r['seed']}" for r in runs if r.get("stopped")]
 
 
 def main() -> None:
@@ -254,9 +280,7 @@ def main() -> None:
             runs, args, max(p["total_seconds"] for p in parts), all(p["complete"] for p in parts)
         )
         save_result(result, args.output)
-        json.dump({k: v for k, v in result.items() if k != "runs"}, sys.stdout)
-        print()
-        return
+        report(result)
     arms = args.arms or ["single", "swarm"] + (["swarm_no_spawn_term"] if args.no_spawn_term else [])
     started = time.perf_counter()
     runs: list[dict] = []
@@ -268,8 +292,22 @@ def main() -> None:
             runs.append(run(arm, seed, args, workdir))
             result = summarize(runs, args, time.perf_counter() - started, complete=index == len(jobs) - 1)
             save_result(result, args.output)
+    report(result)
+
+
+def report(result: dict) -> None:
+    """Print the result (its runs left out) and exit: 1 when a run stopped, as `forge train`
+    does for a run that trained on nothing."""
     json.dump({k: v for k, v in result.items() if k != "runs"}, sys.stdout)
     print()
+    stopped = result["stopped_runs"]
+    if stopped:
+        print(
+            f"bench.swarm: {len(stopped)} of {len(result['runs'])} runs stopped ({'; '.join(stopped)}), each "
+            "said above: they have no final policy, and their arms' numbers leave them out",
+            file=sys.stderr,
+        )
+    sys.exit(1 if stopped else 0)
 
 
 if __name__ == "__main__":
