@@ -64,6 +64,28 @@ def test_a_run_hands_the_trainer_subagent_samples_only_with_train_subagents():
     assert len(to_samples([team], [1.0], frozen)) == 1
 
 
+def test_with_train_subagents_a_step_whose_subagents_differ_has_learning_signal():
+    """Orchestrators that all scored alike, sub-agents that did not: the step trains the
+    sub-agents, so the run must not count it (and stop) as one that trains nothing."""
+    from forge.config import load_config
+    from forge.reward.shaping import RewardShaper
+    from forge.run.context import shape_rewards
+
+    def team(*helpers_finished):
+        helpers = [built_in("g/sub", 1, success=finished) for finished in helpers_finished]
+        for sub in helpers:
+            sub.outcome = sub.reward = float(sub.success)
+        orchestrator = built(2, subagents=helpers)
+        orchestrator.outcome = orchestrator.reward = 1.0
+        return orchestrator
+
+    plain = ["reward.speed.enabled=false", "reward.parl.enabled=false"]
+    for train_subagents, signal in ((True, 4 / 6), (False, 0.0)):
+        cfg = load_config("configs/swarm.yaml", [*plain, f"swarm.train_subagents={train_subagents}"])
+        metrics, _ = shape_rewards(RewardShaper(cfg.reward), [team(True, True), team(True, False)], cfg)
+        assert metrics["signal_fraction"] == pytest.approx(signal), train_subagents
+
+
 def test_the_prefix_tree_merges_the_prompts_subagents_share():
     trajectory, _, _ = play(["a", "b", "c"])
     helpers = [Sample.from_trajectory(sub, 1.0).token_ids for sub in trajectory.subagents]

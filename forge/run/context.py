@@ -364,6 +364,16 @@ def shape_rewards(
         cfg.train.negative_advantage_weight,
     )
     played = [a for t, a in zip(trajectories, advantages, strict=True) if t.status != "lost"]
+    if cfg.swarm.train_subagents:  # sub-agents learn from their own advantages too (to_samples)
+        from forge.rollout.spawn import with_subagents
+
+        trained, own = with_subagents(
+            trajectories, advantages, True, cfg.train.advantage, cfg.train.negative_advantage_weight
+        )
+        subagents = zip(trained[len(trajectories) :], own[len(trajectories) :], strict=True)
+        played += [
+            a for sub, a in subagents if sub.generated_tokens > 0
+        ]  # one cut off before a reply trains nothing
     # The share of episodes there is something to learn from (forge.failures.SignalWatch).
     reward_metrics["signal_fraction"] = sum(a != 0 for a in played) / len(played) if played else 0.0
     return reward_metrics, advantages
