@@ -145,6 +145,34 @@ def test_each_subagent_counts_its_own_tool_calls_and_errors():
     assert counts == [(1, 0), (2, 1)]
 
 
+def test_a_subagents_calls_past_max_calls_per_turn_are_refused_with_an_error_as_the_agents_are():
+    class TwoCallsEnv(FactsEnv):
+        max_calls_per_turn = 2
+
+    def rule(message, prompt):  # the helper looks its key up three times in one reply
+        if message.startswith("key "):
+            return call("lookup", key=message.split()[1]) * 3
+        return team_rule(message, prompt)
+
+    engine = RuleEngine(rule)
+
+    async def episode():
+        batching = BatchingEngine(engine)
+        env = TwoCallsEnv()
+        spawner = Spawner(env, batching, batching, ByteChat(), LIMITS, SwarmLimits(), "t", "g/0", seed=7)
+        spawner.attach()
+        try:
+            return await run_episode(env, {"task_id": "t", "keys": ["a"]}, 0, batching, ByteChat(), LIMITS, "g",
+                                     spawner)  # fmt: skip
+        finally:
+            await batching.close()
+
+    helper = asyncio.run(episode()).subagents[0]
+    helper_prompts = [p for batch in engine.batches for p in batch if p.startswith("helper")]
+    assert "error: at most 2 tool calls per turn; the rest were ignored" in helper_prompts[1]
+    assert helper.info["tool_calls"] == 2 and helper.info["tool_errors"] == 1
+
+
 def test_the_spawn_tool_is_offered_in_the_prompt():
     _, engine, _ = play(["a"])
     first = engine.batches[0][0]

@@ -288,9 +288,7 @@ class ToolEnv(Env):
             return await in_thread(self.finish, action)  # grading may run the sandbox
         responses = [f"error: {message}" for message in errors]
         if len(calls) > self.max_calls_per_turn:
-            responses.append(
-                f"error: at most {self.max_calls_per_turn} tool calls per turn; the rest were ignored"
-            )
+            responses.append(calls_past_limit(self.max_calls_per_turn))
             calls = calls[: self.max_calls_per_turn]
         for call in calls:
             started = time.monotonic()
@@ -311,6 +309,11 @@ class ToolEnv(Env):
         return "\n".join(
             f"<tool_response>\n{truncate(r, self.max_observation_chars)}\n</tool_response>" for r in responses
         )
+
+
+def calls_past_limit(max_calls_per_turn: int) -> str:
+    """The response to a reply with more tool calls than `max_calls_per_turn` (the first run)."""
+    return f"error: at most {max_calls_per_turn} tool calls per turn; the rest were ignored"
 
 
 async def in_thread(function: Any, *args: Any, **kwargs: Any) -> Any:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from forge.env.base import Env, StepResult
-from forge.env.tools import ToolCall, ToolEnv, in_thread, parse_answer, truncate
+from forge.env.tools import ToolCall, ToolEnv, calls_past_limit, in_thread, parse_answer, truncate
 from forge.rollout.agent import run_episode
 from forge.types import TIMEOUT, Trajectory
 
@@ -160,6 +160,8 @@ class SubagentEnv(Env):
             found = parse_answer(action)
             return await self.answer(action.strip() if found is None else found)
         responses = [f"error: {message}" for message in errors]
+        if len(calls) > self.parent.max_calls_per_turn:
+            responses.append(calls_past_limit(self.parent.max_calls_per_turn))
         for call in calls[: self.parent.max_calls_per_turn]:
             self.tool_calls += 1
             responses.append(await self._call(call))
