@@ -371,9 +371,8 @@ def shape_rewards(
             trajectories, advantages, True, cfg.train.advantage, cfg.train.negative_advantage_weight
         )
         subagents = zip(trained[len(trajectories) :], own[len(trajectories) :], strict=True)
-        played += [
-            a for sub, a in subagents if sub.generated_tokens > 0
-        ]  # one cut off before a reply trains nothing
+        # A sub-agent cut off before its first reply has no token to train.
+        played += [a for sub, a in subagents if sub.generated_tokens > 0]
     # The share of episodes there is something to learn from (forge.failures.SignalWatch).
     reward_metrics["signal_fraction"] = sum(a != 0 for a in played) / len(played) if played else 0.0
     return reward_metrics, advantages
