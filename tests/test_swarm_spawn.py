@@ -236,6 +236,7 @@ def test_a_subagent_past_the_timeout_returns_an_error_and_the_orchestrator_goes_
     assert "[1] 1\n[2] error: the sub-agent did not finish within swarm.timeout_s=0.3s" in result
     slow = trajectory.subagents[1]
     assert slow.status == "truncated" and not slow.success
+    assert slow.info["tool_calls"] == 1  # the call it hung in counts
     assert trajectory.num_turns == 2 and trajectory.status == "ok"  # it answered after the error
 
 

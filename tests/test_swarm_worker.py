@@ -102,6 +102,11 @@ def test_a_swarm_run_writes_the_cluster_metrics_and_its_subagents(ray_session, t
                     "reward/parl_spawn", "reward/parl_finish"):  # fmt: skip
             assert math.isfinite(row[key]), key
         assert row["critical_steps_mean"] <= row["total_steps_mean"]
+        # every level's tool calls: the sub-agents' among them, each of which looks up at least once
+        assert row["tool_calls_mean"] >= row["subagent_tool_calls_mean"] >= 0
+        assert row["subagent_tool_calls_mean"] >= row["subagents_per_episode"] * row.get(
+            "subagent_success_rate", 0
+        )
     assert rows[0]["reward/parl_weight_scale"] == 1.0 > rows[1]["reward/parl_weight_scale"]
     assert any(row["subagents_per_episode"] > 0 for row in rows)
     logged = [json.loads(line) for line in (tmp_path / "run" / "trajectories.jsonl").read_text().splitlines()]

@@ -300,7 +300,7 @@ class Spawner:
         row = {"task_id": f"{self.task_id}/sub", "prompt": task.prompt}
         limits = replace(self.limits, episode_timeout_s=min(left_s, self.swarm.timeout_s))
         try:
-            return await asyncio.wait_for(
+            trajectory = await asyncio.wait_for(
                 run_episode(
                     env,
                     row,
@@ -314,11 +314,14 @@ class Spawner:
                 timeout=limits.episode_timeout_s + TIMEOUT_GRACE_S,
             )
         except TimeoutError:
-            return stand_in(
+            trajectory = stand_in(
                 row["task_id"], self.group_id, "truncated", f"{TIMEOUT} ran past {self.swarm.timeout_s}s"
             )
         except Exception as exc:  # run_episode records env failures itself; this is the engine or a bug
-            return stand_in(row["task_id"], self.group_id, "error", f"{type(exc).__name__}: {exc}")
+            trajectory = stand_in(row["task_id"], self.group_id, "error", f"{type(exc).__name__}: {exc}")
+        # The env's own counts: a step cut off (by a timeout) returned no info, but its calls were made.
+        trajectory.info.update(env.info())
+        return trajectory
 
 
 def subagent_result(trajectory: Trajectory, timeout_s: float) -> str:
