@@ -33,6 +33,7 @@ class ChatFormat:
         from forge.env.tools import template_renders_tools
 
         self.renders_tools = template_renders_tools(tokenizer)
+        self.system_in_user = not self._renders_system()
         self._cached_prompt = functools.lru_cache(CACHE_ENTRIES)(self._prompt_ids)
         self._cached_observation = functools.lru_cache(CACHE_ENTRIES)(self._observation_ids)
         self._assistant_end: str | None = None
@@ -59,6 +60,24 @@ class ChatFormat:
         special |= {str(added) for added in getattr(self.tokenizer, "added_tokens_decoder", {}).values()}
         found = [(after.find(token), token) for token in special if token and token in after]
         return min(found)[1] if found else self.tokenizer.eos_token
+
+    def _renders_system(self) -> bool:
+        """Whether the template renders a system message. Some refuse one (Gemma 1 and 2: 'System
+        role not supported'; Mistral's first instruct models: 'Conversation roles must alternate')
+        or drop it unsaid; their models' own guidance puts instructions in the first user message,
+        where `prompt_ids` then puts the env's system prompt."""
+        user = [{"role": "user", "content": "x"}]
+        try:
+            with_system = self._render([{"role": "system", "content": self._MARKER}, *user], None, True)
+        except Exception:  # noqa: BLE001 - a template error of any kind: it refused the system message
+            with_system = None
+        if with_system is not None and self._MARKER in with_system:
+            return True
+        try:
+            self._render(user, None, True)
+        except Exception:  # noqa: BLE001 - it refuses a lone user message too: judged where it is used
+            return True
+        return False
 
     def _render(
         self, messages: list[dict[str, Any]], tools: list[dict] | None, generation_prompt: bool
@@ -87,6 +106,8 @@ class ChatFormat:
 
             system_prompt = "\n\n".join(p for p in (system_prompt, hermes_tools_prompt(tools)) if p)
             tools = None
+        if system_prompt and self.system_in_user:
+            observation, system_prompt = f"{system_prompt}\n\n{observation}", None
         messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
         messages.append({"role": "user", "content": observation})
         return self._encode(self._render(messages, tools, generation_prompt=True))

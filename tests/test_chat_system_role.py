@@ -1,0 +1,83 @@
+"""A chat template that takes no system message (Gemma 1 and 2 raise 'System role not
+supported', Mistral's first instruct models 'Conversation roles must alternate', others drop
+it unsaid) still gets the env's system prompt: at the head of the first user message, as
+those models' own guidance puts instructions."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from forge.cli import main
+from forge.models.loading import load_tokenizer
+from forge.models.tiny import CHAT_TEMPLATE, build_tokenizer
+from forge.rollout.chat import ChatFormat
+
+REFUSES_SYSTEM = (
+    "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    + CHAT_TEMPLATE
+)
+ALTERNATES = (
+    "{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "<|im_start|>{{ message['role'] }} {{ message['content'] }}<|im_end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant{% endif %}"
+)
+DROPS_SYSTEM = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}"
+    "<|im_start|>{{ message['role'] }} {{ message['content'] }}<|im_end|>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant{% endif %}"
+)
+SYSTEM = "Reply with the given word spelled backwards."
+TASK = "Reverse this word: forge"
+
+
+def tokenizer_with(template: str):
+    tokenizer = build_tokenizer(extra_words=["Reply", "with", "given", "word", "spelled", "backwards."])
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+@pytest.mark.parametrize(
+    "template", [REFUSES_SYSTEM, ALTERNATES, DROPS_SYSTEM], ids=["refuses", "alternates", "drops"]
+)
+def test_a_template_without_a_system_role_gets_the_system_prompt_in_the_first_user_message(template):
+    tokenizer = tokenizer_with(template)
+    ids = ChatFormat(tokenizer).prompt_ids(TASK, SYSTEM)
+    expected = tokenizer.apply_chat_template(
+        [{"role": "user", "content": f"{SYSTEM}\n\n{TASK}"}], add_generation_prompt=True, tokenize=False
+    )
+    assert ids == tokenizer(expected, add_special_tokens=False)["input_ids"]
+
+
+def test_a_template_with_a_system_role_renders_the_system_prompt_as_its_own_message():
+    tokenizer = tokenizer_with(CHAT_TEMPLATE)
+    expected = tokenizer.apply_chat_template(
+        [{"role": "system", "content": SYSTEM}, {"role": "user", "content": TASK}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    assert (
+        ChatFormat(tokenizer).prompt_ids(TASK, SYSTEM)
+        == tokenizer(expected, add_special_tokens=False)["input_ids"]
+    )
+
+
+def test_the_dry_run_takes_an_env_with_a_system_prompt_on_a_template_that_refuses_one(
+    tiny_checkpoint, tmp_path, capsys
+):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint, folder)
+    tokenizer = load_tokenizer(folder)
+    tokenizer.chat_template = REFUSES_SYSTEM
+    tokenizer.save_pretrained(folder)
+    args = [
+        "train",
+        "smoke",
+        f"model.path={folder}",
+        "env.name=examples.custom_env:ReverseEnv",
+        "env.kwargs={}",
+    ]
+    assert main([*args, "env.num_tasks=8", "--dry-run", "--output-dir", str(tmp_path / "run")]) == 0
+    assert "Traceback" not in capsys.readouterr().err
