@@ -156,3 +156,9 @@ def check_chat_format(tokenizer: Any, folder: Any) -> None:
         ChatFormat(tokenizer).observation_ids("x")
     except ValueError as exc:
         raise ConfigError(f"the tokenizer at {folder}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - the template's own raise_exception (a jinja2 TemplateError)
+        raise ConfigError(
+            f"the chat template of the tokenizer at {folder} raised {type(exc).__name__}: {exc}, rendering "
+            "a user message, the model's reply and the next user message, as every multi-turn episode "
+            "renders them: fix tokenizer.chat_template and save_pretrained it into that folder"
+        ) from None

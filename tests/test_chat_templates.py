@@ -1,7 +1,8 @@
-"""A chat template that takes no system message (Gemma 1 and 2 raise 'System role not
-supported', Mistral's first instruct models 'Conversation roles must alternate', others drop
-it unsaid) still gets the env's system prompt: at the head of the first user message, as
-those models' own guidance puts instructions."""
+"""Chat templates as checkpoints in the wild carry them. One that takes no system message
+(Gemma 1 and 2 raise 'System role not supported', Mistral's first instruct models 'Conversation
+roles must alternate', others drop it unsaid) still gets the env's system prompt: at the head of
+the first user message, as those models' own guidance puts instructions. One that raises on
+what every episode renders is refused before a run starts, naming the folder."""
 
 from __future__ import annotations
 
@@ -81,3 +82,22 @@ def test_the_dry_run_takes_an_env_with_a_system_prompt_on_a_template_that_refuse
     ]
     assert main([*args, "env.num_tasks=8", "--dry-run", "--output-dir", str(tmp_path / "run")]) == 0
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_the_dry_run_refuses_a_template_that_raises_on_a_conversation_naming_the_folder(
+    tiny_checkpoint, tmp_path, capsys
+):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint, folder)
+    tokenizer = load_tokenizer(folder)
+    tokenizer.chat_template = (
+        "{% if messages|length > 1 %}{{ raise_exception('one message only') }}{% endif %}" + CHAT_TEMPLATE
+    )
+    tokenizer.save_pretrained(folder)
+    assert (
+        main(["train", "smoke", f"model.path={folder}", "--dry-run", "--output-dir", str(tmp_path / "run")])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert str(folder) in err and "one message only" in err
