@@ -146,6 +146,7 @@ def _serve(args: argparse.Namespace) -> int:
         port=args.port,
         max_new_tokens=args.max_new_tokens,
         max_context_tokens=args.max_context_tokens,
+        prefill_chunk_tokens=args.prefill_chunk_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
         cache_tokens=args.prefix_cache_tokens,
@@ -271,6 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-new-tokens", type=int, default=256, help="cap on tokens sampled per call")
     serve.add_argument("--max-context-tokens", type=int, default=4096, help="prompt plus sampled tokens")
+    serve.add_argument(
+        "--prefill-chunk-tokens",
+        type=int,
+        default=2048,
+        help="prefill in forwards of at most this many tokens (as rollout.prefill_chunk_tokens; 0: one forward)",
+    )
     serve.add_argument(
         "--temperature", type=float, default=1.0, help="sampling temperature (logprobs are of it)"
     )

@@ -1,6 +1,6 @@
 """The rollout engine on every family of the matrix: behaviour logprobs from its kept KV
 caches (ragged multi-turn batches with pad holes, shared prompts, sliding windows shorter than
-the contexts) equal a fresh forward's, and a weight sync (all weights, or LoRA adapters: the
+the contexts, prefills in chunks) equal a fresh forward's, and a weight sync (all weights, or LoRA adapters: the
 trainer's tensors in process, or a peft adapter folder as forge serve takes it) makes it
 sample the new policy."""
 
@@ -125,11 +125,60 @@ def test_the_shared_prompt_is_one_copy_however_many_rows():
     )  # the rows hold only their own tokens
 
 
+# Prefill chunks of 7 tokens (rows x columns): play_ragged's 3-4 rows take 1-2 columns a chunk,
+# so chunk edges fall inside pad runs and windows; play_group's prompt (3 windows) takes 7.
+CHUNK = 7
+
+
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_engine_behaviour_logprobs_equal_a_fresh_forward(name):
+    """Prefilled in chunks (the one-forward prefill plays in the other tests here)."""
     model = rollout_model(name)
-    engine = HFEngine(model, [STOP], pad_token_id=0, seed=3)
+    engine = HFEngine(model, [STOP], pad_token_id=0, seed=3, prefill_chunk_tokens=CHUNK)
     assert play_ragged(engine, model, turns=8, seed=0) > 4 * WINDOW  # far past every window
+
+
+# Shared prompt (llama), sliding windows (mistral; gemma3, one mask per layer type).
+@pytest.mark.parametrize("name", ["llama", "mistral", "gemma3"])
+def test_a_groups_prompt_prefilled_in_chunks_samples_with_fresh_forward_logprobs(name):
+    model = rollout_model(name)
+    engine = HFEngine(model, [STOP], pad_token_id=0, seed=3, prefill_chunk_tokens=CHUNK)
+    assert (play_group(engine, model, turns=4) is SharedPromptLayer) == engine.share_prompt
+
+
+def test_a_chunked_prefill_stays_in_its_budget_and_fills_one_cache_buffer_sized_once():
+    """A long prompt's chunks are written into one buffer per layer, reserved for the whole
+    prompt and the reply at the first chunk (growing it per chunk would copy it each time), and
+    a later turn's chunks extend it with at most one reservation."""
+    model = rollout_model("mistral")
+    engine = HFEngine(model, [STOP], pad_token_id=0, seed=3, prefill_chunk_tokens=CHUNK)
+    forwards: list[tuple[int, int, int]] = []  # tokens computed, layer 0's key buffer and its size
+
+    def record(module, args, kwargs, output):
+        keys = output.cache.layers[0]._keys
+        forwards.append((kwargs["input_ids"].numel(), keys.data_ptr(), keys.shape[2]))
+
+    model.register_forward_hook(record, with_kwargs=True)
+    prompts = {"a": [5 + i % 50 for i in range(40)], "b": [7 + i % 40 for i in range(23)]}
+    requests = [GenerationRequest(prompt, 4, episode_id=name) for name, prompt in prompts.items()]
+    results = engine.generate(requests)
+    prefill = forwards[: -(max(len(r.token_ids) for r in results) - 1) or None]
+    assert len(prefill) == 40 // (CHUNK // 2) + 1 and all(tokens <= CHUNK for tokens, _, _ in prefill)
+    assert {(pointer, size) for _, pointer, size in forwards} == {(forwards[0][1], 40 + 4)}
+    forwards.clear()
+    later = [
+        GenerationRequest(r.token_ids + result.token_ids + [30] * 9, 4, episode_id=r.episode_id)
+        for r, result in zip(requests, results, strict=True)
+    ]
+    engine.generate(later)
+    assert len({pointer for _, pointer, _ in forwards}) == 1 and all(
+        tokens <= CHUNK for tokens, _, _ in forwards
+    )
+
+
+def test_a_negative_prefill_chunk_is_refused_naming_the_setting():
+    with pytest.raises(ValueError, match="rollout.prefill_chunk_tokens"):
+        HFEngine(rollout_model("llama"), [STOP], pad_token_id=0, prefill_chunk_tokens=-1)
 
 
 # Tied embeddings (gemma2) and expert weights (qwen3_moe) in the fast run; every family in the slow one.

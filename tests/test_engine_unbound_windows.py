@@ -56,9 +56,13 @@ def test_a_window_longer_than_the_context_shares_the_groups_prompt_exactly(tmp_p
     assert layer.prompt_keys.shape[:3] == (1, 2, 3 * WINDOW) and layer.keys.shape[0] == 8
 
 
-def test_a_window_shorter_than_the_context_still_copies_the_prompt_exactly(tmp_path):
+@pytest.mark.parametrize("chunk", [0, 5])
+def test_a_window_shorter_than_the_context_still_copies_the_prompt_exactly(tmp_path, chunk):
+    """Also with the prompt prefilled 5 tokens at a time: chunk edges inside the window."""
     model = saved(tmp_path, "phi3", sliding_window=2 * WINDOW)  # play_group's prompt is 3 windows long
-    engine = HFEngine(model, [1], pad_token_id=0, seed=3, max_context_tokens=CONTEXT)
+    engine = HFEngine(
+        model, [1], pad_token_id=0, seed=3, max_context_tokens=CONTEXT, prefill_chunk_tokens=chunk
+    )
     assert not engine.share_prompt
     assert play_group(engine, model, turns=4) is _RoomyLayer
 
@@ -70,14 +74,24 @@ def test_qwen2_with_its_window_switched_off_shares_the_prompt(tmp_path):
     assert HFEngine(model, [1], pad_token_id=0, max_context_tokens=CONTEXT * 1000).share_prompt
 
 
-@pytest.mark.parametrize("share", [True, False])
-def test_pad_holes_wider_than_a_window_that_cannot_bind_keep_full_attention(tmp_path, share):
+@pytest.mark.parametrize(("share", "chunk"), [(True, 0), (False, 0), (True, 6), (False, 6)])
+def test_pad_holes_wider_than_a_window_that_cannot_bind_keep_full_attention(tmp_path, share, chunk):
     """A window of max_context_tokens + 1 binds in no row, but ragged turns leave pad holes that
     widen the kept batch past it; transformers counts windows in the batch's columns, so there
-    the engine passes its own masks (full attention by position) instead of the 2-D one."""
+    the engine passes its own masks (full attention by position) instead of the 2-D one. With
+    chunks of 6 tokens the long observations are prefilled 3 columns at a time, the first
+    chunks of the short row all pads, the kept batch's columns crossing the window mid-turn."""
     window = CONTEXT + 1
     model = saved(tmp_path, "mistral", sliding_window=window)
-    engine = HFEngine(model, [1], pad_token_id=0, seed=5, share_prompt=share, max_context_tokens=CONTEXT)
+    engine = HFEngine(
+        model,
+        [1],
+        pad_token_id=0,
+        seed=5,
+        share_prompt=share,
+        max_context_tokens=CONTEXT,
+        prefill_chunk_tokens=chunk,
+    )
     assert engine.share_prompt == share
     prompt = [5, 6, 7, 8]
     contexts = {"a": list(prompt), "b": list(prompt)}

@@ -85,6 +85,46 @@ def test_work_on_the_loop_that_beats_goes_past_the_limit_and_a_stall_after_it_st
     assert _guarded_loop(tmp_path, stalled, limit_s=2.0).returncode == 1
 
 
+def test_a_prefill_longer_than_the_guards_limit_beats_between_its_chunks(tmp_path, monkeypatch):
+    """Before, a prompt's prefill was one forward with no beat: a healthy worker prefilling a
+    long agent context for longer than the guard's limit was ended as stuck. On a fake clock
+    where the model takes 0.01 s per token it computes, a 400-token prompt's prefill takes 4 s
+    against a 3 s limit; the guard is re-armed before it could fire all the way through."""
+    import faulthandler
+    from types import SimpleNamespace
+
+    from forge.models.families import FAMILIES
+    from forge.rollout import stuck
+    from forge.rollout.engines.hf import HFEngine
+    from forge.rollout.engines.protocol import GenerationRequest
+
+    limit_s, now = 3.0, [0.0]
+    armed: list[float] = []  # the fake times the guard's timer was (re-)armed at
+    monkeypatch.setattr(stuck, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    monkeypatch.setattr(faulthandler, "dump_traceback_later", lambda *args, **kwargs: armed.append(now[0]))
+    monkeypatch.setattr(faulthandler, "cancel_dump_traceback_later", lambda: None)
+    model = FAMILIES["llama"].build("sdpa")
+    engine = HFEngine(model, [], pad_token_id=0, self_check=False, prefill_chunk_tokens=64)
+
+    def slow(module, args, kwargs):
+        now[0] += 0.01 * kwargs["input_ids"].numel()
+
+    model.register_forward_pre_hook(slow, with_kwargs=True)
+    guard = stuck.LoopGuard(tmp_path, "rollout_0", limit_s)
+
+    async def prefill_on_the_guarded_loop() -> float:
+        guard.start()
+        engine.heartbeat = guard.beat  # as RolloutWorker.rollout sets it
+        engine.generate([GenerationRequest([2 + i % 60 for i in range(400)], 1)])
+        guard.stop()
+        return now[0]
+
+    ended = asyncio.run(prefill_on_the_guarded_loop())
+    guard.close()
+    assert ended - armed[0] > limit_s  # the prefill outlasted the limit
+    assert max(later - earlier for earlier, later in zip(armed, [*armed[1:], ended], strict=True)) < limit_s
+
+
 @pytest.mark.slow
 def test_a_rollout_worker_generating_past_the_guards_limit_is_not_taken_for_stuck(tmp_path, tiny_checkpoint):
     """Before, a healthy batch that decoded longer than env.step_timeout_s + stuck_grace_s (a

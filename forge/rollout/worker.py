@@ -109,6 +109,7 @@ class RolloutWorker:
                 top_p=rollout_cfg.top_p,
                 seed=seed,
                 max_context_tokens=rollout_cfg.max_context_tokens,
+                prefill_chunk_tokens=rollout_cfg.prefill_chunk_tokens,
             )
         self.env_class = resolve_env(env_cfg.name)
         self.env_kwargs = dict(env_cfg.kwargs)
@@ -170,6 +171,7 @@ class RolloutWorker:
             top_p=self.engine.top_p,
             seed=self.seed + 1,  # its own sampling stream, apart from the policy's
             max_context_tokens=self.engine.max_context_tokens,
+            prefill_chunk_tokens=self.engine.prefill_chunk_tokens,
         )
         self.frozen.policy_version = self.engine.policy_version if version is None else version
         if self._frozen_sampling is not None:

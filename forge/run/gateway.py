@@ -226,6 +226,7 @@ class GatewayRun:
             cfg.rollout.top_p,
             seed=cfg.seed,
             max_context_tokens=cfg.rollout.max_context_tokens,
+            prefill_chunk_tokens=cfg.rollout.prefill_chunk_tokens,
         )
 
     def _route_engines(self, model_path: Path) -> Any:

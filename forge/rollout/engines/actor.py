@@ -36,6 +36,7 @@ class EngineActor:
             model_path,
             max_new_tokens=rollout.max_new_tokens,
             max_context_tokens=rollout.max_context_tokens,
+            prefill_chunk_tokens=rollout.prefill_chunk_tokens,
             temperature=rollout.temperature,
             top_p=rollout.top_p,
             cache_tokens=rollout.prefix_cache_tokens,

@@ -125,6 +125,9 @@ def _fresh(model: Any, context: list[int], generated: list[int], device: torch.d
     return logprobs[rows, torch.tensor(generated, device=device)].cpu()
 
 
+# The probes' prefill chunk (rows x columns): a group's prompt in chunks of 2 windows less
+# one, ragged later turns in chunks of a few columns, so chunk edges fall inside windows and pads.
+CHECK_CHUNK = 2 * CHECK_WINDOW - 1
 # The most tokens a row of `_play` holds: its prompt, then 3 turns of 3 new tokens and an
 # observation of up to 4.
 PLAY_TOKENS = 3 * CHECK_WINDOW + 3 * (3 + 4)
@@ -172,19 +175,25 @@ def _play(engine: Any, vocab: int, noise: bool, seed: int = 0) -> Look:
 
 
 def check_engine(
-    engine_class: type, model: Any, pad_token_id: int, share_prompt: bool, longest: int | None = None
+    engine_class: type,
+    model: Any,
+    pad_token_id: int,
+    share_prompt: bool,
+    longest: int | None = None,
+    chunked: bool = True,
 ) -> bool:
     """Whether an `engine_class` (HFEngine, passed in: it calls this) engine may share a group's
     prompt KV on `model` (it asked to and the check agrees); raises ValueError, naming the
     setting, where the engine cannot sample it exactly. `longest`: the engine's context
-    (max_context_tokens); windows longer than it are checked as declared, not shrunk."""
+    (max_context_tokens); windows longer than it are checked as declared, not shrunk.
+    `chunked`: the engine prefills in chunks, which the check's probes then do at CHECK_CHUNK."""
     # What it finds is the model's structure, not its weights: once per model object (a
     # worker's engine is built once; a test builds many over one model).
     memo = model.__dict__.setdefault("_forge_engine_check", {})
-    key = (share_prompt, longest)
+    key = (share_prompt, longest, chunked)
     if key not in memo:
         try:
-            memo[key] = _check(engine_class, model, pad_token_id, share_prompt, longest)
+            memo[key] = _check(engine_class, model, pad_token_id, share_prompt, longest, chunked)
         except ValueError as error:
             memo[key] = str(error)  # not the exception: its traceback holds the probe's caches
     if isinstance(memo[key], str):
@@ -193,7 +202,7 @@ def check_engine(
 
 
 def _check(
-    engine_class: type, model: Any, pad_token_id: int, share_prompt: bool, longest: int | None
+    engine_class: type, model: Any, pad_token_id: int, share_prompt: bool, longest: int | None, chunked: bool
 ) -> bool:
     name = type(model).__name__
     reason = unsupported_reason(model.config)
@@ -219,6 +228,7 @@ def _check(
                     share_prompt=share,
                     self_check=False,
                     max_context_tokens=context,
+                    prefill_chunk_tokens=CHECK_CHUNK if chunked else 0,
                 )
                 if share and not probe.share_prompt:
                     continue

@@ -70,6 +70,11 @@ class HFEngine:
     costs no copying of the history: cache layers have room to grow (`_RoomyLayer`).
     Only when a call brings an episode the batch does not hold is the batch split into
     per-episode caches and a new one laid out.
+
+    New tokens are prefilled in chunks of at most `prefill_chunk_tokens` (rows x columns, pads
+    included; 0 or None: one forward) over the growing cache, the heartbeat beating before each:
+    a long agent context neither holds the loop past the stuck guard's limit in one forward nor
+    needs activations for its whole block at once.
     """
 
     def __init__(
@@ -83,6 +88,7 @@ class HFEngine:
         share_prompt: bool = True,
         self_check: bool = True,
         max_context_tokens: int | None = None,
+        prefill_chunk_tokens: int | None = 2048,
     ) -> None:
         self.model = model
         self.stop_token_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long)
@@ -98,6 +104,12 @@ class HFEngine:
                 f"max_context_tokens={max_context_tokens}: give a positive count (rollout.max_context_tokens)"
             )
         self.max_context_tokens = max_context_tokens
+        if prefill_chunk_tokens is not None and prefill_chunk_tokens < 0:
+            raise ValueError(
+                f"prefill_chunk_tokens={prefill_chunk_tokens}: give a positive count, or 0 for one forward "
+                "(rollout.prefill_chunk_tokens)"
+            )
+        self.prefill_chunk_tokens = prefill_chunk_tokens or None
         self._windows = sliding_windows(model.config, longest=max_context_tokens)
         # Mixture-of-experts: no router load-balancing loss (nothing here trains on it).
         self._no_router = (
@@ -119,7 +131,14 @@ class HFEngine:
             # drop the shared prompt where it disagrees, refuse where the copy does too.
             from forge.rollout.engines.engine_check import check_engine
 
-            share_prompt = check_engine(type(self), model, pad_token_id, share_prompt, max_context_tokens)
+            share_prompt = check_engine(
+                type(self),
+                model,
+                pad_token_id,
+                share_prompt,
+                max_context_tokens,
+                self.prefill_chunk_tokens is not None,
+            )
         # A group's prompt KV is kept once for all its rows where the attention allows
         # (forge.rollout.engines.shared_prefix); else copied into each row.
         self._attention_before = model.config._attn_implementation
@@ -131,8 +150,8 @@ class HFEngine:
         self._released: collections.deque[str] = collections.deque()
         # Weights never change under a running batch: a sync waits for it to finish.
         self._lock = threading.Lock()
-        # Called after the prefill and each decode step: a batch that runs on a guarded event
-        # loop says it is making progress (forge.rollout.stuck.LoopGuard.beat).
+        # Called before each prefill chunk and each decode step: a batch that runs on a guarded
+        # event loop says it is making progress (forge.rollout.stuck.LoopGuard.beat).
         self.heartbeat: Callable[[], None] | None = None
 
     def restore_attention(self) -> None:
@@ -279,17 +298,8 @@ class HFEngine:
         for layer in cache.layers:
             layer.reserve(input_ids.shape[1] + room)
         mask = torch.cat([mask, new_mask], dim=-1)
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=self._attention(mask, input_ids.shape[1]),
-            position_ids=positions,
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-            **self._no_router,
-            **self._shared(cache),
-        )
-        return out.cache, mask, out.logits[:, -1, :], [len(new) for new in news]
+        cache, logits = self._run_new_tokens(input_ids, mask, positions, cache)
+        return cache, mask, logits, [len(new) for new in news]
 
     def _prefill(
         self, pasts: list[_EpisodeKV | None], news: list[list[int]], room: int
@@ -321,19 +331,46 @@ class HFEngine:
                         v[row, :, width_past - past_lengths[row] : width_past] = past.layers[layer][1][0]
                 layers.append(_RoomyLayer.holding(k, v, width_past))
         else:
-            # Sized when the prefill's keys arrive: their length plus `room` (adding the new
-            # tokens here too made every buffer twice the prompt, copied again per sample).
-            layers = [_RoomyLayer(room=room) for _ in range(self._num_layers)]
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=self._attention(mask, input_ids.shape[1]),
-            position_ids=positions,
-            cache=Cache(layers=layers),
-            use_cache=True,
-            logits_to_keep=1,  # only the last position is sampled from: no [tokens, vocab] logits
-            **self._no_router,
-        )
-        return out.cache, mask, out.logits[:, -1, :]
+            # Sized when the first chunk's keys arrive: their length plus the rest of the block
+            # and `room`, once (adding the new tokens here too made every buffer twice the
+            # prompt, copied again per sample; growing per chunk would copy it per chunk).
+            rest = input_ids.shape[1] - self._chunk_columns(*input_ids.shape)
+            layers = [_RoomyLayer(room=rest + room) for _ in range(self._num_layers)]
+        cache, logits = self._run_new_tokens(input_ids, mask, positions, Cache(layers=layers))
+        return cache, mask, logits
+
+    def _chunk_columns(self, rows: int, width: int) -> int:
+        """How many of the new block's columns one prefill forward takes."""
+        if self.prefill_chunk_tokens is None:
+            return width
+        return max(1, min(width, self.prefill_chunk_tokens // rows))
+
+    def _run_new_tokens(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any
+    ) -> tuple[Any, torch.Tensor]:
+        """Run the new block (`input_ids`, the last columns of `mask`) through the model after
+        the KV `cache` holds, in chunks of columns, each appended to the cache before the next;
+        returns the cache and the last column's logits. Each chunk's queries see the keys before
+        them and none after, as in one forward, so the result is that forward's."""
+        rows, width = input_ids.shape
+        held = mask.shape[1] - width
+        step = self._chunk_columns(rows, width)
+        for start in range(0, width, step):
+            end = min(start + step, width)
+            if self.heartbeat is not None:
+                self.heartbeat()
+            out = self.model(
+                input_ids=input_ids[:, start:end],
+                attention_mask=self._attention(mask[:, : held + end], end - start),
+                position_ids=positions[:, start:end],
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,  # only the last position is sampled from: no [tokens, vocab] logits
+                **self._no_router,
+                **self._shared(cache),
+            )
+            cache = out.cache
+        return cache, out.logits[:, -1, :]
 
     def _shared(self, cache: Any) -> dict[str, Any]:
         """The keyword that hands a cache holding a shared prompt to the attention calls."""

@@ -338,6 +338,7 @@ def make_service(
     checkpoint: str | Path,
     max_new_tokens: int = 256,
     max_context_tokens: int = 4096,
+    prefill_chunk_tokens: int = 2048,
     temperature: float = 1.0,
     top_p: float = 1.0,
     cache_tokens: int = 65536,
@@ -387,6 +388,7 @@ def make_service(
         top_p=top_p,
         seed=seed,
         max_context_tokens=max_context_tokens,
+        prefill_chunk_tokens=prefill_chunk_tokens,
     )
     served = ServedEngine(engine, cache_tokens=cache_tokens)
     name = model_name or (str(checkpoint) if names_hub_model(str(checkpoint)) else path.resolve().name)
