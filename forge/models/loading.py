@@ -115,6 +115,21 @@ def actor_env(cfg: ModelConfig) -> dict[str, str]:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "tokenizer_config.json")
 
 
+def generation_end_ids(path: str | Path) -> list[int]:
+    """The end-of-sequence ids the checkpoint folder's generation_config.json lists, often more
+    than the tokenizer's one eos (Llama-3.x-Instruct: 128001, 128008, 128009; Qwen2.5-Instruct:
+    151645, 151643): generation stops at each. None without that file."""
+    path = Path(path)
+    if not (path / "generation_config.json").is_file():
+        return []
+    from transformers import GenerationConfig
+
+    ends = GenerationConfig.from_pretrained(str(path)).eos_token_id
+    if ends is None:
+        return []
+    return [int(end) for end in ([ends] if isinstance(ends, int) else ends)]
+
+
 class TokenizerError(ConfigError):
     """A checkpoint folder whose tokenizer Forge cannot train with: none saved, no chat
     template, no end-of-turn token. The message names the folder and what to save into it."""

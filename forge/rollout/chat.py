@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Sequence
 from typing import Any
 
 # Rendered prompts and observation suffixes are cached per ChatFormat: the same text always
@@ -18,18 +19,21 @@ CACHE_MAX_CHARS = 4096  # longer texts (file contents, tool output) are rendered
 
 
 class ChatFormat:
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, end_token_ids: Sequence[int] = ()) -> None:
+        """`end_token_ids`: more ids generation stops at, beside the turn end and eos (those a
+        checkpoint's generation_config.json lists: forge.models.loading.generation_end_ids)."""
         self.tokenizer = tokenizer
         if tokenizer.eos_token is None:
             raise ValueError("tokenizer has no eos_token; Forge needs it to end the model's turns")
         self.eos_token_id: int = tokenizer.eos_token_id
         # What the template ends an assistant turn with: the eos token, or another special token
         # (Gemma's <end_of_turn> beside its <eos>, the first Llama 3 tokenizers' <|eot_id|>
-        # beside <|end_of_text|>). Generation stops at either; a turn cut at max_new_tokens is
-        # closed with it.
+        # beside <|end_of_text|>). Generation stops at either, and at every end id the checkpoint's
+        # generation config lists; a turn cut at max_new_tokens is closed with the turn end. A stop
+        # token is the reply's last, sampled and trained on with its logprob.
         self.turn_end = self._turn_end()
         self.turn_end_id: int = tokenizer.convert_tokens_to_ids(self.turn_end)
-        self.stop_token_ids = list(dict.fromkeys([self.turn_end_id, self.eos_token_id]))
+        self.stop_token_ids = list(dict.fromkeys([self.turn_end_id, self.eos_token_id, *end_token_ids]))
         from forge.env.tools import template_renders_tools
 
         self.renders_tools = template_renders_tools(tokenizer)

@@ -53,6 +53,7 @@ class RolloutWorker:
 
         quiet_known_creation_errors()  # the driver says a refusal here in one line (forge.run.worker_levels)
         from forge.models.loading import (
+            generation_end_ids,
             load_model,
             load_tokenizer,
             node_checkpoint_folder,
@@ -76,7 +77,7 @@ class RolloutWorker:
         # A hub id resolves in this node's cache; a failure names this actor and its node.
         model_path = node_checkpoint_folder(model_path, model_cfg.revision, f"rollout worker {worker_index}")
         self.tokenizer = load_tokenizer(model_path)
-        self.chat = ChatFormat(self.tokenizer)
+        self.chat = ChatFormat(self.tokenizer, generation_end_ids(model_path))
         self.router: Router | None = None
         self.engine: HFEngine | None = None
         if engine_urls:  # generation runs on engine servers; this worker holds no model

@@ -203,7 +203,7 @@ class GatewayRun:
         )
 
     def _load_engine(self, model_path: Path) -> Any:
-        from forge.models.loading import load_model, resolve_device
+        from forge.models.loading import generation_end_ids, load_model, resolve_device
         from forge.rollout.engines.hf import HFEngine
 
         cfg = self.cfg
@@ -220,7 +220,7 @@ class GatewayRun:
 
         return HFEngine(
             model,
-            ChatFormat(self.tokenizer).stop_token_ids,
+            ChatFormat(self.tokenizer, generation_end_ids(model_path)).stop_token_ids,
             self.tokenizer.pad_token_id,
             cfg.rollout.temperature,
             cfg.rollout.top_p,
@@ -232,11 +232,14 @@ class GatewayRun:
     def _route_engines(self, model_path: Path) -> Any:
         """A router over the engine servers, for the gateway's calls; returns the sampling
         the servers are asked to use (the run's), which the gateway reports as the engine's."""
+        from forge.models.loading import generation_end_ids
         from forge.rollout.chat import ChatFormat
         from forge.rollout.engines.clients import client_factory, run_sampling
         from forge.rollout.engines.router import Router
 
-        sampling = run_sampling(self.cfg.rollout, ChatFormat(self.tokenizer).stop_token_ids)
+        sampling = run_sampling(
+            self.cfg.rollout, ChatFormat(self.tokenizer, generation_end_ids(model_path)).stop_token_ids
+        )
         self._client = client_factory(self.cfg.model, self.cfg.rollout, sampling)
         self.router = Router(
             [self._client(url) for url in self.pool.urls],

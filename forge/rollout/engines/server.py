@@ -360,7 +360,13 @@ def make_service(
     `checkpoint` is a folder or a hub id (at `revision`, or a run's model.revision), as model.path."""
     from forge.gateway.recording import standalone_store
     from forge.models.hub import names_hub_model
-    from forge.models.loading import checkpoint_folder, load_model, load_tokenizer, resolve_device
+    from forge.models.loading import (
+        checkpoint_folder,
+        generation_end_ids,
+        load_model,
+        load_tokenizer,
+        resolve_device,
+    )
     from forge.rollout.chat import ChatFormat
     from forge.rollout.engines.hf import HFEngine
 
@@ -379,7 +385,7 @@ def make_service(
         attn_implementation=attn_implementation,
         setting_key=attn_setting,
     )
-    chat = ChatFormat(tokenizer)
+    chat = ChatFormat(tokenizer, generation_end_ids(path))
     engine = HFEngine(
         model,
         chat.stop_token_ids,
