@@ -620,6 +620,12 @@ class SandboxConfig(Section):
         None,
         description="interpreter for sandboxed Python; null: the harness's own, with its packages (read-only)",
     )
+    call_cgroup: bool = Field(
+        True,
+        description="give each sandbox call a cgroup of its own where the harness can (root), capping the "
+        "memory (sandbox.Limits.call_memory_bytes, 2 GiB by default) and processes of the call as a whole; "
+        "false: per-process rlimits only",
+    )
     level: int | None = Field(
         None,
         ge=0,

@@ -113,6 +113,8 @@ class FileSearchEnv(ToolEnv):
             limits=sandbox.Limits(output_bytes=self.max_observation_chars * 4),
             min_level=self.min_sandbox_level,
         )
+        if result.memory_exceeded:
+            return "error: killed for using more memory than the command may"
         if result.timed_out:
             return f"error: timed out after {self.timeout_s:.0f}s"
         return truncate((result.stdout + result.stderr).strip() or "(no output)", self.max_observation_chars)

@@ -168,6 +168,8 @@ class PythonCodingEnv(ToolEnv):
             limits=sandbox.Limits(memory_bytes=512 << 20, output_bytes=64 << 10),
             min_level=self.min_sandbox_level,
         )
+        if result.memory_exceeded:  # a process was killed: whatever it wrote may be incomplete
+            return 0, "killed for using more memory than the tests may"
         if result.timed_out:
             return 0, f"timed out after {self.timeout_s:.0f}s"
         try:

@@ -87,6 +87,23 @@ def test_a_hanging_solution_times_out_without_ending_the_episode():
     assert "timed out after 1s" in result.observation and not result.done
 
 
+def test_a_solution_whose_processes_together_exceed_the_calls_memory_is_told_so():
+    from forge.sandbox import cgroup
+
+    if not cgroup.enabled():
+        pytest.skip(f"no cgroup per call here: {cgroup.why_not()}")
+    env = PythonCodingEnv(timeout_s=60.0)  # room for a loaded machine to touch 2 GiB
+    env.reset(task_for("dedupe"), seed=0)
+    # Each process stays under the env's 512 MiB of address space; six together pass the call's 2 GiB.
+    hog = (
+        "import os, time\nfor _ in range(6):\n    if os.fork() == 0:\n        block = bytearray(400 << 20)\n"
+        "        block[::4096] = b'x' * len(block[::4096])\n        time.sleep(120)\n"
+        "time.sleep(120)\ndef dedupe(xs):\n    return xs\n"
+    )
+    result = call_sync(env.step, run_tests(hog))
+    assert "killed for using more memory than the tests may" in result.observation and not result.done
+
+
 def test_a_final_answer_is_graded_once():
     env = PythonCodingEnv()
     env.reset(task_for("digital_root"), seed=0)

@@ -10,7 +10,7 @@ import yaml
 
 from forge import sandbox
 from forge.config import load_config
-from forge.sandbox import levels, policy, uids
+from forge.sandbox import cgroup, levels, policy, uids
 
 BEST = sandbox.available_level()
 
@@ -21,6 +21,7 @@ def host_level(monkeypatch):
     monkeypatch.setattr(levels, "_floor", 0)
     monkeypatch.setattr(levels, "_floor_reason", "")
     monkeypatch.setattr(levels, "_python", None)
+    monkeypatch.setattr(cgroup, "_allowed", False)  # configure() sets it: restored afterwards
 
     def offer(level: int) -> None:
         monkeypatch.setattr(levels, "_level", level)
@@ -51,7 +52,7 @@ def test_opting_in_runs_level_0_with_a_console_warning(host_level, capsys):
     assert "forge: sandbox level 0 (rlimits+uid)" in err
     assert "WARNING: env 'file_search' runs untrusted code at level 0 because sandbox.allow_level_0" in err
     assert "Ray's included" in err and "the internet" in err
-    assert f"forge: no sandbox level contains this: {policy.NOT_CONTAINED_AT_ANY_LEVEL}" in err
+    assert f"forge: no sandbox level contains this: {policy.not_contained()}" in err
 
 
 def test_the_level_0_warning_without_root_says_the_code_runs_as_the_harness_user(
@@ -105,9 +106,28 @@ def test_level_2_states_only_what_no_level_contains(host_level, capsys):
     lines = policy.announce(2, untrusted=True, env_name="python_coding")
     assert lines == [
         "forge: sandbox level 2 (bubblewrap)",
-        f"forge: no sandbox level contains this: {policy.NOT_CONTAINED_AT_ANY_LEVEL}",
+        f"forge: no sandbox level contains this: {policy.not_contained()}",
     ]
     assert "per process, not per call" in lines[1] and "64 GiB together" in lines[1] and "kernel" in lines[1]
+
+
+def test_with_a_cgroup_per_call_the_start_message_says_what_it_caps_and_what_it_does_not(
+    host_level, monkeypatch
+):
+    host_level(2)
+    monkeypatch.setattr(cgroup, "enabled", lambda: True)
+    lines = policy.announce(2, untrusted=True, env_name="python_coding")
+    assert lines == [
+        "forge: sandbox level 2 (bubblewrap)",
+        f"forge: {policy.CALL_CGROUP}",
+        f"forge: no sandbox level contains this: {policy.NOT_CONTAINED_WITH_CALL_CGROUP}",
+    ]
+    assert "per process, not per call" not in " ".join(lines) and "call_cpus" in lines[2]
+
+
+def test_without_a_cgroup_per_call_the_start_message_says_why(host_level):
+    host_level(2)
+    assert policy.not_contained().endswith("(no cgroup per call here: sandbox.call_cgroup is false)")
 
 
 def test_level_1_says_it_keeps_in_what_level_2_does_and_how_to_get_bubblewrap(host_level, monkeypatch):
@@ -115,7 +135,7 @@ def test_level_1_says_it_keeps_in_what_level_2_does_and_how_to_get_bubblewrap(ho
     monkeypatch.setattr(levels, "_unavailable", {2: "bwrap not found"})
     lines = policy.announce(1, untrusted=True, env_name="python_coding")
     assert lines[0] == "forge: sandbox level 1 (namespaces (user, mount, pid, net))"
-    assert lines[1] == f"forge: no sandbox level contains this: {policy.NOT_CONTAINED_AT_ANY_LEVEL}"
+    assert lines[1] == f"forge: no sandbox level contains this: {policy.not_contained()}"
     assert lines[2].startswith(
         f"forge: {policy.LEVEL_1_AS_2}; for bubblewrap itself: level 2 needs bubblewrap"
     )

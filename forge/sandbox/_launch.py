@@ -122,6 +122,14 @@ def main():
         return
     spec = json.loads(sys.argv[1])
     parent = os.getppid()
+    # The call's cgroups, joined before anything forks: every process of the call is in them.
+    for procs in spec.get("cgroups", ()):
+        try:
+            with open(procs, "w") as f:
+                f.write(str(os.getpid()))
+        except OSError as error:
+            os.write(2, f"forge sandbox: cannot join the call's cgroup {procs}: {error}\n".encode())
+            os._exit(126)
     if spec.get("supervise"):
         _supervise(spec, parent)
     else:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from forge.sandbox import isolation, uids, workdir
+from forge.sandbox import cgroup, isolation, uids, workdir
 
 Language = Literal["python", "shell"]
 log = logging.getLogger("forge.sandbox")
@@ -47,6 +47,11 @@ class Limits:
     # Level 0 under a root harness also measures its uid's files in the host's shared dirs.
     disk_bytes: int = 256 << 20
     max_files: int = 4096
+    # The call as a whole, in a cgroup of its own where the harness can make one (root; see
+    # forge.sandbox.cgroup): memory of all its processes together (page cache and tmpfs pages
+    # included; None: no cap), and cores (None: no cap). `processes` caps the call there too.
+    call_memory_bytes: int | None = 2 << 30
+    call_cpus: float | None = None
 
 
 @dataclass
@@ -67,6 +72,9 @@ class SandboxResult:
     # the harness is not root: as root a capped tmpfs makes such writes fail instead), or, at
     # level 0 under a root harness, in the host's /tmp, /var/tmp and /dev/shm (measured).
     disk_exceeded: bool = False
+    # The kernel killed a process of the call for holding more than Limits.call_memory_bytes
+    # together (only where calls get a cgroup).
+    memory_exceeded: bool = False
 
     @property
     def ok(self) -> bool:
@@ -75,6 +83,7 @@ class SandboxResult:
             and not self.timed_out
             and not self.output_truncated
             and not self.disk_exceeded
+            and not self.memory_exceeded
         )
 
 
@@ -172,16 +181,18 @@ def _kill_now(proc: subprocess.Popen, uid: int | None) -> None:
 
 
 def _pump(
-    proc: subprocess.Popen, deadline: float, cap: int, over_disk: Callable[[], bool] | None
-) -> tuple[bytes, bytes, bool, bool, bool]:
+    proc: subprocess.Popen, deadline: float, cap: int, over_cap: Callable[[], str | None] | None
+) -> tuple[bytes, bytes, bool, bool, str | None]:
     """Read both pipes until EOF, the deadline, more than `cap` bytes on one stream, or
-    `over_disk()` (checked every DISK_CHECK_S) says the code keeps too much on disk."""
+    `over_cap()` (checked every DISK_CHECK_S) names a cap the call went over ("disk" or
+    "memory"), which it returns."""
     buffers = {proc.stdout: bytearray(), proc.stderr: bytearray()}
     sel = selectors.DefaultSelector()
     for stream in buffers:
         os.set_blocking(stream.fileno(), False)
         sel.register(stream, selectors.EVENT_READ)
-    timed_out = truncated = disk_exceeded = False
+    timed_out = truncated = False
+    over: str | None = None
     exited_at: float | None = None
     next_disk_check = time.monotonic() + DISK_CHECK_S
     try:
@@ -190,10 +201,10 @@ def _pump(
             if now >= deadline:
                 timed_out = True
                 break
-            if over_disk is not None and now >= next_disk_check:
+            if over_cap is not None and now >= next_disk_check:
                 next_disk_check = now + DISK_CHECK_S
-                if over_disk():
-                    disk_exceeded = True
+                over = over_cap()
+                if over is not None:
                     break
             if exited_at is None and proc.poll() is not None:
                 exited_at = now
@@ -214,18 +225,28 @@ def _pump(
     finally:
         sel.close()
     out, err = (bytes(b[:cap]) for b in buffers.values())
-    return out, err, timed_out, truncated, disk_exceeded
+    return out, err, timed_out, truncated, over
 
 
-def _disk_check(run_dir: workdir.RunDir, shared_uid: int | None, limits: Limits) -> Callable[[], bool] | None:
+def _cap_check(
+    run_dir: workdir.RunDir, shared_uid: int | None, group: cgroup.CallGroup | None, limits: Limits
+) -> Callable[[], str | None] | None:
     """What `_pump` measures: the work dir when no capped tmpfs holds it, and, for level 0's own
-    uid, its files in the host's /tmp, /var/tmp and /dev/shm (no tmpfs can hold those)."""
-    checks = []
+    uid, its files in the host's /tmp, /var/tmp and /dev/shm (no tmpfs can hold those) ("disk");
+    and whether the kernel killed one of the call's processes for the call's memory ("memory":
+    the code could carry on without it, but the result would not say why)."""
+    checks: list[tuple[str, Callable[[], bool]]] = []
     if not run_dir.mounted:
-        checks.append(lambda: workdir.over_cap(run_dir, limits.disk_bytes, limits.max_files))
+        checks.append(("disk", lambda: workdir.over_cap(run_dir, limits.disk_bytes, limits.max_files)))
     if shared_uid is not None:
-        checks.append(lambda: workdir.shared_over_cap(shared_uid, limits.disk_bytes, limits.max_files))
-    return (lambda: any(check() for check in checks)) if checks else None
+        checks.append(
+            ("disk", lambda: workdir.shared_over_cap(shared_uid, limits.disk_bytes, limits.max_files))
+        )
+    if group is not None:
+        checks.append(("memory", group.memory_exceeded))
+    if not checks:
+        return None
+    return lambda: next((name for name, check in checks if check()), None)
 
 
 def _launch(spec: dict) -> subprocess.Popen:
@@ -272,6 +293,13 @@ def run_at(
         uid = cleanup.enter_context(uids.sandbox_uid()) if uids.is_root() else None
         run_dir = workdir.create(uid, limits.disk_bytes, limits.max_files)
         cleanup.callback(workdir.remove, run_dir)
+        group = (
+            cgroup.create(limits.call_memory_bytes, limits.processes, limits.call_cpus)
+            if uid is not None
+            else None
+        )
+        if group is not None:
+            cleanup.callback(group.remove)
         work = run_dir.work
         runnable = isolation.level0_python(python) or python if level == 0 else python
         argv, entry = _command(language, code, work, runnable)
@@ -291,15 +319,14 @@ def run_at(
             "env": env,
             "ns": ns,
             "supervise": level == 0 and uid is not None,
+            "cgroups": group.procs_files if group is not None else [],
         }
         proc = _launch(spec)
         try:
             deadline = started + timeout_s
-            over_disk = _disk_check(run_dir, uid if level == 0 else None, limits)
-            out, err, timed_out, truncated, disk_exceeded = _pump(
-                proc, deadline, limits.output_bytes, over_disk
-            )
-            if not (timed_out or truncated or disk_exceeded):
+            over_cap = _cap_check(run_dir, uid if level == 0 else None, group, limits)
+            out, err, timed_out, truncated, over = _pump(proc, deadline, limits.output_bytes, over_cap)
+            if not (timed_out or truncated or over):
                 # The pipes closed; the run lasts until the main process exits too.
                 try:
                     proc.wait(timeout=max(deadline - time.monotonic(), 0.0))
@@ -309,6 +336,8 @@ def run_at(
             _kill_now(proc, uid)
             proc.stdout.close()
             proc.stderr.close()
+        disk_exceeded = over == "disk"
+        memory_exceeded = over == "memory" or (group is not None and group.memory_exceeded())
         collected = {}
         for name in collect:
             content = _read_back(work, name, limits.output_bytes)
@@ -328,6 +357,7 @@ def run_at(
         files=collected,
         uid=uid,
         disk_exceeded=disk_exceeded,
+        memory_exceeded=memory_exceeded,
     )
 
 

@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from forge.sandbox import isolation, levels, uids
+from forge.sandbox import cgroup, isolation, levels, uids
 from forge.sandbox.core import SandboxUnavailable
 
 LEVEL_0_RISK = (
@@ -26,12 +26,21 @@ LEVEL_0_RISK_NOT_ROOT = (
     "processes running after the call, write to the host's /tmp and /dev/shm and reach the network (the "
     "internet, and services on this host, Ray's included)"
 )
-# What rlimits and namespaces leave to a cgroup (which forge does not set up) or the host's kernel.
+# What rlimits and namespaces leave to a cgroup (where the harness cannot make one) or the host's kernel.
 NOT_CONTAINED_AT_ANY_LEVEL = (
     "memory and CPU are capped per process, not per call: a call may run Limits.processes processes "
     "(64 by default), each with Limits.memory_bytes of address space (1 GiB by default: 64 GiB together) "
     "and a core kept busy until its timeout; and the kernel is the host's, so a kernel exploit escapes "
     "any level"
+)
+# The same where each call has a cgroup (forge.sandbox.cgroup).
+NOT_CONTAINED_WITH_CALL_CGROUP = (
+    "cores are not capped per call unless Limits.call_cpus is set (a call may keep Limits.processes "
+    "cores busy until its timeout); and the kernel is the host's, so a kernel exploit escapes any level"
+)
+CALL_CGROUP = (
+    "each call runs in a cgroup of its own: its processes together hold at most Limits.call_memory_bytes "
+    "of memory (2 GiB by default; the call ends with memory_exceeded) and Limits.processes processes"
 )
 LEVEL_1_AS_2 = (
     "level 1 keeps in what level 2 does (forge's hostile-code tests run the same cases at both), "
@@ -82,11 +91,13 @@ def configure(
     allow_level_0: bool = False,
     python: str | None = None,
     env_name: str = "",
+    call_cgroup: bool = True,
 ) -> int:
     """Apply `sandbox.*` to this process and return the level its sandboxes use. An env that
     runs untrusted code needs level 1 or more unless `allow_level_0`; sandboxed Python is
     checked now (`python`, else the harness's own interpreter), so a bad one fails at start."""
     levels.set_python(python)
+    cgroup.set_allowed(call_cgroup)
     level = levels.available_level()
     floor, reason = min_level, f"sandbox.min_level={min_level}"
     if untrusted and not allow_level_0 and floor < 1:
@@ -114,7 +125,16 @@ def configure_for_env(settings: Any, env_class: type, env_name: str) -> int:
         allow_level_0=settings.allow_level_0,
         python=settings.python,
         env_name=env_name,
+        call_cgroup=settings.call_cgroup,
     )
+
+
+def not_contained() -> str:
+    """What no level contains in this process: with or without a cgroup per call."""
+    if cgroup.enabled():
+        return NOT_CONTAINED_WITH_CALL_CGROUP
+    why = cgroup.why_not()
+    return f"{NOT_CONTAINED_AT_ANY_LEVEL} (no cgroup per call here: {why})"
 
 
 def level_name(level: int, root: bool | None = None) -> str:
@@ -133,7 +153,9 @@ def announce(level: int, *, untrusted: bool, env_name: str = "") -> list[str]:
     lines = [f"forge: sandbox level {level} ({level_name(level)})"]
     if level == 0:
         lines.append(untrusted_at_level_0(env_name) if untrusted else f"forge: WARNING: {level_0_risk()}")
-    lines.append(f"forge: no sandbox level contains this: {NOT_CONTAINED_AT_ANY_LEVEL}")
+    if cgroup.enabled():
+        lines.append(f"forge: {CALL_CGROUP}")
+    lines.append(f"forge: no sandbox level contains this: {not_contained()}")
     if level == 1:
         lines.append(f"forge: {LEVEL_1_AS_2}; for bubblewrap itself: {levels.how_to_enable(2)}")
     if level == 0:
