@@ -21,11 +21,21 @@ def _encode(tokenizer: Any, messages: list[dict[str, Any]], generation_prompt: b
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def transcript_sample(tokenizer: Any, messages: list[dict[str, Any]]) -> Sample:
+def transcript_sample(
+    tokenizer: Any, messages: list[dict[str, Any]], system_in_user: bool | None = None
+) -> Sample:
     """One transcript as a training sample: the tokens of each assistant message (its
     text and end of turn) have loss mask 1, every other token 0. The transcript is
     rendered through the model's chat template one message at a time, so the assistant
-    spans are exactly the tokens the template adds for them."""
+    spans are exactly the tokens the template adds for them. A template that takes no system
+    message (`system_in_user`, found from the tokenizer when None) gets a leading one in the
+    first user message, as a rollout renders an env's system prompt."""
+    from forge.rollout.chat import ChatFormat, system_in_first_user
+
+    if system_in_user is None:
+        system_in_user = ChatFormat(tokenizer).system_in_user
+    if system_in_user:
+        messages = system_in_first_user(messages)
     ids: list[int] = []
     mask: list[int] = []
     for index, message in enumerate(messages):
@@ -181,10 +191,20 @@ def sft(
         "max_steps": steps,
     })  # fmt: skip
     trainer = Trainer(model_path, cfg.model, train_cfg, cfg.trainer, cfg.seed)
-    try:
-        samples = [transcript_sample(trainer.tokenizer, messages) for messages in transcripts]
-    except ValueError as exc:  # the model's chat template cannot separate the assistant's tokens
-        raise ConfigError(f"forge sft on {model_path}: {exc}") from None
+    from forge.rollout.chat import ChatFormat
+
+    system_in_user = ChatFormat(trainer.tokenizer).system_in_user
+    samples = []
+    for index, messages in enumerate(transcripts):
+        try:
+            samples.append(transcript_sample(trainer.tokenizer, messages, system_in_user))
+        except ValueError as exc:  # the model's chat template cannot separate the assistant's tokens
+            raise ConfigError(f"forge sft on {model_path}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - the template's own raise_exception (a jinja2 TemplateError)
+            raise ConfigError(
+                f"forge sft on {model_path}: its chat template raised {type(exc).__name__}: {exc}, rendering "
+                f"transcript {index}; give transcripts whose roles the template takes"
+            ) from None
     logger = MetricsLogger(output, cfg.logging.tensorboard, None, cfg.to_dict())
     # The console's view of a warm start that can take minutes: steps done and the loss.
     bar = tqdm(total=steps, desc="sft", unit="step", disable=not cfg.logging.progress_bar)

@@ -33,6 +33,21 @@ def test_only_the_assistant_tokens_carry_the_loss():
     assert sample.advantage == 1.0
 
 
+def test_a_template_without_a_system_role_learns_the_prompt_a_rollout_renders():
+    """Gemma 1 and 2 refuse a system message: the transcript's goes at the head of the first
+    user message, as ChatFormat puts an env's system prompt in a rollout."""
+    from test_chat_templates import REFUSES_SYSTEM
+
+    from forge.rollout.chat import ChatFormat
+
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = REFUSES_SYSTEM
+    sample = transcript_sample(tokenizer, TRANSCRIPT)
+    prompt = ChatFormat(tokenizer).prompt_ids(TRANSCRIPT[1]["content"], TRANSCRIPT[0]["content"])
+    assert sample.token_ids[: len(prompt)] == prompt
+    assert sample.loss_mask[: len(prompt)] == [0] * len(prompt) and sample.loss_mask[len(prompt)] == 1
+
+
 def test_a_transcript_without_an_assistant_message_is_refused():
     with pytest.raises(ValueError, match="no assistant message"):
         transcript_sample(build_tokenizer(), TRANSCRIPT[:2])
@@ -217,3 +232,34 @@ def test_an_earlier_sft_run_is_refused_with_the_flags_forge_sft_has_then_replace
     assert "already holds a run" in error and "--overwrite" in error and "--resume" not in error
     assert main([*args, "--overwrite"]) == 0
     assert len((tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_transcript_the_chat_template_refuses_stops_with_its_words_and_no_traceback(
+    tiny_checkpoint, tmp_path, capsys
+):
+    import shutil
+
+    from test_chat_templates import ALTERNATES
+
+    from forge.cli import main
+    from forge.models.loading import load_tokenizer
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint, folder)
+    tokenizer = load_tokenizer(folder)
+    tokenizer.chat_template = ALTERNATES  # Mistral's first instruct models: user and assistant only
+    tokenizer.save_pretrained(folder)
+    with_tool = [*TRANSCRIPT[1:3], {"role": "tool", "content": "7"}, TRANSCRIPT[4]]
+    data = tmp_path / "demos.jsonl"
+    data.write_text(json.dumps({"messages": with_tool}) + "\n")
+    args = [
+        "sft",
+        "configs/smoke.yaml",
+        f"model.path={folder}",
+        "logging.tensorboard=false",
+        "--data",
+        str(data),
+    ]
+    assert main([*args, "--output-dir", str(tmp_path / "sft")]) == 2
+    err = capsys.readouterr().err
+    assert "Conversation roles must alternate" in err and "transcript 0" in err and "Traceback" not in err

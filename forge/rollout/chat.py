@@ -110,10 +110,10 @@ class ChatFormat:
 
             system_prompt = "\n\n".join(p for p in (system_prompt, hermes_tools_prompt(tools)) if p)
             tools = None
-        if system_prompt and self.system_in_user:
-            observation, system_prompt = f"{system_prompt}\n\n{observation}", None
         messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
         messages.append({"role": "user", "content": observation})
+        if self.system_in_user:
+            messages = system_in_first_user(messages)
         return self._encode(self._render(messages, tools, generation_prompt=True))
 
     def observation_ids(self, observation: str, role: str = "user") -> list[int]:
@@ -149,6 +149,15 @@ class ChatFormat:
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+
+def system_in_first_user(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`messages` with a leading system message put at the head of the user message after it,
+    for a template that takes no system message (`ChatFormat.system_in_user`); else as given."""
+    if len(messages) < 2 or messages[0].get("role") != "system" or messages[1].get("role") != "user":
+        return messages
+    first = {**messages[1], "content": f"{messages[0]['content']}\n\n{messages[1]['content']}"}
+    return [first, *messages[2:]]
 
 
 def check_chat_format(tokenizer: Any, folder: Any) -> None:
