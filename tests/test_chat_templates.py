@@ -101,3 +101,21 @@ def test_the_dry_run_refuses_a_template_that_raises_on_a_conversation_naming_the
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert str(folder) in err and "one message only" in err
+
+
+def test_the_gateway_puts_an_agents_system_message_in_its_first_user_message_on_such_a_template():
+    """The reference agent (forge.openai_agent) sends an env's system prompt as a system message."""
+    from gateway_helpers import ScriptedEngine
+
+    from forge.gateway import Gateway
+    from forge.gateway.episodes import EpisodeStore
+
+    tokenizer = tokenizer_with(REFUSES_SYSTEM)
+    gateway = Gateway(
+        ScriptedEngine([5]), tokenizer, EpisodeStore(), max_new_tokens=4, max_context_tokens=256
+    )
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": TASK}]
+    expected = tokenizer.apply_chat_template(
+        [{"role": "user", "content": f"{SYSTEM}\n\n{TASK}"}], add_generation_prompt=True, tokenize=False
+    )
+    assert gateway.chat_prompt_text(messages, None) == expected

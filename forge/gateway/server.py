@@ -57,6 +57,7 @@ from forge.gateway.protocol import (
 )
 from forge.gateway.responses import mount_responses
 from forge.gateway.tool_parsers import HermesParser, ToolParser, choose_tool_parser
+from forge.rollout.chat import system_in_first_user, template_takes_system
 from forge.rollout.engines.batching import BatchingEngine
 from forge.rollout.engines.protocol import InferenceEngine
 
@@ -110,6 +111,7 @@ class Gateway:
         self.system_prompt = system_prompt
         self.sampling = sampling
         self.tool_aware = template_renders_tools(tokenizer)
+        self.takes_system = template_takes_system(tokenizer)
         self.tool_parser = choose_tool_parser(tokenizer, tool_parser)
         self.hidden_ids = hidden_token_ids(tokenizer, self.tool_parser.markers)
         self.engine_names: dict[str, set[str]] = {}  # episode -> the names its calls' KV is kept under
@@ -134,6 +136,8 @@ class Gateway:
         `chat_template_kwargs` (e.g. Qwen3's enable_thinking), handed to the template."""
         try:
             rendered = template_messages(messages, tools, self.tool_aware)
+            if not self.takes_system:  # as a rollout renders an env's system prompt
+                rendered = system_in_first_user(rendered)
             return self.tokenizer.apply_chat_template(
                 rendered,
                 tools=tools if self.tool_aware else None,

@@ -37,7 +37,7 @@ class ChatFormat:
         from forge.env.tools import template_renders_tools
 
         self.renders_tools = template_renders_tools(tokenizer)
-        self.system_in_user = not self._renders_system()
+        self.system_in_user = not template_takes_system(tokenizer)
         self._cached_prompt = functools.lru_cache(CACHE_ENTRIES)(self._prompt_ids)
         self._cached_observation = functools.lru_cache(CACHE_ENTRIES)(self._observation_ids)
         self._assistant_end: str | None = None
@@ -64,24 +64,6 @@ class ChatFormat:
         special |= {str(added) for added in getattr(self.tokenizer, "added_tokens_decoder", {}).values()}
         found = [(after.find(token), token) for token in special if token and token in after]
         return min(found)[1] if found else self.tokenizer.eos_token
-
-    def _renders_system(self) -> bool:
-        """Whether the template renders a system message. Some refuse one (Gemma 1 and 2: 'System
-        role not supported'; Mistral's first instruct models: 'Conversation roles must alternate')
-        or drop it unsaid; their models' own guidance puts instructions in the first user message,
-        where `prompt_ids` then puts the env's system prompt."""
-        user = [{"role": "user", "content": "x"}]
-        try:
-            with_system = self._render([{"role": "system", "content": self._MARKER}, *user], None, True)
-        except Exception:  # noqa: BLE001 - a template error of any kind: it refused the system message
-            with_system = None
-        if with_system is not None and self._MARKER in with_system:
-            return True
-        try:
-            self._render(user, None, True)
-        except Exception:  # noqa: BLE001 - it refuses a lone user message too: judged where it is used
-            return True
-        return False
 
     def _render(
         self, messages: list[dict[str, Any]], tools: list[dict] | None, generation_prompt: bool
@@ -149,6 +131,29 @@ class ChatFormat:
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+
+def template_takes_system(tokenizer: Any) -> bool:
+    """Whether the tokenizer's chat template renders a system message. Some refuse one (Gemma 1
+    and 2: 'System role not supported'; Mistral's first instruct models: 'Conversation roles must
+    alternate') or drop it unsaid; their models' own guidance puts instructions in the first user
+    message, where `system_in_first_user` puts a system message for them."""
+    marker = ChatFormat._MARKER
+
+    def render(messages: list[dict[str, Any]]) -> str:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    user = [{"role": "user", "content": "x"}]
+    try:
+        if marker in render([{"role": "system", "content": marker}, *user]):
+            return True
+    except Exception:  # noqa: BLE001 - a template error of any kind: it refused the system message
+        pass
+    try:
+        render(user)
+    except Exception:  # noqa: BLE001 - it refuses a lone user message too: judged where it is used
+        return True
+    return False
 
 
 def system_in_first_user(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
