@@ -1,6 +1,7 @@
 """Tiny byte-level BPE tokenizers carrying each model family's chat template in its
 essential shape (Qwen 2.5 / Hermes, Llama 3.1 JSON tools, Mistral v3 tools), saved as a
-local tokenizer config and loaded back with `from_pretrained`: no hub."""
+local tokenizer config and loaded back with `from_pretrained`: no hub. And a word-level
+tokenizer that knows only the words it is given (everything else is <unk>)."""
 
 from __future__ import annotations
 
@@ -135,3 +136,17 @@ def byte_level_tokenizer(family: str, directory: Path) -> PreTrainedTokenizerFas
     tokenizer.chat_template = template
     tokenizer.save_pretrained(directory)
     return AutoTokenizer.from_pretrained(directory)
+
+
+def word_level_tokenizer(*known: str) -> PreTrainedTokenizerFast:
+    """A ChatML-templated tokenizer that reads any word but the template's and `known` as <unk>."""
+    words = ["<|im_start|>", "<|im_end|>", "<unk>", "user", "assistant", "system", *known]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<|im_end|>",
+                                        additional_special_tokens=["<|im_start|>"])  # fmt: skip
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m.role }} {{ m.content }}<|im_end|>{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
+    )
+    return tokenizer

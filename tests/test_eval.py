@@ -98,18 +98,9 @@ def _word_level_checkpoint(tiny_checkpoint, folder):
     words (and no weights: a check that let it through would fail loading them instead)."""
     import shutil
 
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from family_tokenizers import word_level_tokenizer
 
-    words = ["<|im_start|>", "<|im_end|>", "<unk>", "user", "assistant", "system"]
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<|im_end|>",
-                                        additional_special_tokens=["<|im_start|>"])  # fmt: skip
-    tokenizer.chat_template = (
-        "{% for m in messages %}<|im_start|>{{ m.role }} {{ m.content }}<|im_end|>{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
-    )
+    tokenizer = word_level_tokenizer()
     folder.mkdir()
     shutil.copy(tiny_checkpoint / "config.json", folder / "config.json")
     tokenizer.save_pretrained(folder)
@@ -136,3 +127,5 @@ def test_eval_checks_the_first_prompt_as_a_dry_run_does(
                  "--checkpoint", str(folder), "--no-progress"])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and "first prompt" in err and said in err and "Traceback" not in err
+    if checkpoint != "tiny":  # the hint's command checks the env with this very tokenizer
+        assert f"`forge env check examples.custom_env:ReverseEnv --model {folder}`" in err

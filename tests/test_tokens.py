@@ -4,7 +4,7 @@ tokenizes for the model it will train, failing when the model would read <unk>."
 from __future__ import annotations
 
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers
+from family_tokenizers import word_level_tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from forge.env.base import Env, StepResult
@@ -66,21 +66,8 @@ def test_env_check_reports_how_the_env_text_tokenizes_for_the_tiny_model():
     assert "no unknown tokens" in tokens.detail and "spelled in bytes" in tokens.detail
 
 
-def _word_level(tmp_path) -> PreTrainedTokenizerFast:
-    words = ["<|im_start|>", "<|im_end|>", "<unk>", "user", "assistant", "system", "you", "are", "at"]
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<|im_end|>",
-                                        additional_special_tokens=["<|im_start|>"])  # fmt: skip
-    tokenizer.chat_template = (
-        "{% for m in messages %}<|im_start|>{{ m.role }} {{ m.content }}<|im_end|>{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
-    )
-    return tokenizer
-
-
 def test_env_check_fails_text_the_model_would_read_as_unknown(tmp_path):
-    report = check_env(ReachEnv, tokenizer=("a word-level model", _word_level(tmp_path)))
+    report = check_env(ReachEnv, tokenizer=("a word-level model", word_level_tokenizer("you", "are", "at")))
     tokens = next(c for c in report.checks if c.name == "tokens")
     assert not tokens.passed and not report.passed
     assert "unknown tokens: the model cannot see 'Reach'" in tokens.detail
@@ -210,7 +197,7 @@ def test_the_first_prompt_check_refuses_env_words_the_model_cannot_see(tmp_path)
     from forge.config import ConfigError
     from forge.env.tokens import first_prompt_check
 
-    check = first_prompt_check(_word_level(tmp_path), "my-model", "reach", 1024, 16)
+    check = first_prompt_check(word_level_tokenizer("you", "are", "at"), "my-model", "reach", 1024, 16)
     with pytest.raises(ConfigError, match="the model cannot see 'Reach'"):
         check("Reach 9 from 2.", None, None)
 

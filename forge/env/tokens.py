@@ -116,8 +116,8 @@ def first_prompt_check(
         if report.unknown_words:  # the env's own words (a template's quirks are the model's)
             raise ConfigError(
                 f"env {env_name}'s first prompt, as the tokenizer of {model_path} reads it: {report.summary()}; "
-                f"use a model whose tokenizer covers the env's text (`forge env check {env_name} --config CONFIG` "
-                "shows how it tokenizes)"
+                f"use a model whose tokenizer covers the env's text (`forge env check {env_name} --model {model_path}` "
+                "shows how this one tokenizes it)"
             )
         if report.prompt_tokens + max_new_tokens > max_context_tokens:
             raise ConfigError(
