@@ -82,7 +82,11 @@ class ModelConfig(Section):
     )
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="the weights' dtype in the trainer and the engines; float16 trains only LoRA adapters "
+        "(they are float32): AdamW's state underflows in float16, so full weights are refused",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto",
         description="where the trainer and rollout workers run their models: auto = CUDA in a process that "

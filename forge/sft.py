@@ -166,8 +166,9 @@ def sft(
 
     from forge.metrics import MetricsLogger, claim_output_dir
     from forge.models.loading import resolve_model_path
-    from forge.train.trainer import Trainer
+    from forge.train.trainer import Trainer, check_trainable_dtype
 
+    check_trainable_dtype(cfg.model)  # before the transcripts, which may take a while to make
     if epochs < 1 or batch_size < 1:
         raise ConfigError(
             f"forge sft needs --epochs and --batch-size of at least 1 (got {epochs}, {batch_size})"

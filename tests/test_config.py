@@ -211,6 +211,7 @@ def test_cli_reports_bad_key_without_traceback(capsys):
             "rollout.weight_sync=folder with",
         ),
         (["gateway.enabled=true", "train.mode=async"], "gateway runs train in sync mode only"),
+        (["model.dtype=float16"], "model.dtype=float16 trains float16 weights"),
     ],
 )
 def test_dry_run_refuses_what_the_run_would_refuse(capsys, overrides, message):

@@ -192,6 +192,7 @@ def test_demonstrations_that_are_not_transcripts_stop_with_one_message(monkeypat
         (["--data", "no/such.jsonl"], "sft.data no/such.jsonl: cannot read it"),
         (["--epochs", "0"], "--epochs and --batch-size of at least 1"),
         (["--batch-size", "0"], "--epochs and --batch-size of at least 1"),
+        (["model.dtype=float16"], "model.dtype=float16 trains float16 weights"),
     ],
 )
 def test_forge_sft_refuses_bad_input_with_exit_2_and_no_traceback(tmp_path, capsys, args, says):

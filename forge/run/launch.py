@@ -66,8 +66,10 @@ def preflight(cfg: Config, wait_for_servers: bool = True) -> str:
     from forge.rollout.engines.engine_config import check_engine_config
     from forge.rollout.engines.server_check import check_servers
     from forge.sandbox.policy import configure_for_env
+    from forge.train.trainer import check_trainable_dtype
 
     check_engine_config(cfg)
+    check_trainable_dtype(cfg.model)
     if cfg.model.device == "cuda" and not os.environ.get("RAY_ADDRESS"):
         # A local Ray runs every actor on this machine: without a GPU torch can see here, each
         # would fail its start, each with its own traceback on the console.

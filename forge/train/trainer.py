@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from forge.config import ModelConfig, TrainConfig, TrainerConfig
+from forge.config import ConfigError, ModelConfig, TrainConfig, TrainerConfig
 from forge.heap import release_free_heap
 from forge.train.losses import VANISH_AT_ZERO_ADVANTAGE, LossConfig, aggregate_loss, compute_loss
 from forge.train.policy_mode import policy_forward_noise, policy_mode
@@ -67,6 +67,20 @@ def pad_rows(rows: list[torch.Tensor], width: int, value: float = 0.0) -> torch.
     return out
 
 
+def check_trainable_dtype(model_cfg: ModelConfig) -> None:
+    """Refuse to train all weights in float16: AdamW keeps its state in the weights' dtype, where
+    a gradient below ~2e-4 squares to 0 and the update divides by it (a tiny model's weights moved
+    by hundreds in 3 steps at learning rate 1e-3; torch's unfused AdamW turns them to NaN). LoRA
+    adapters are float32 whatever the base model's dtype (peft), so they train."""
+    if model_cfg.dtype == "float16" and not model_cfg.lora.enabled:
+        raise ConfigError(
+            "model.dtype=float16 trains float16 weights with AdamW, whose state underflows in float16 (a "
+            "gradient below ~2e-4 squares to 0 and the update divides by it: a tiny model's weights moved by "
+            "hundreds in 3 steps); set model.dtype=bfloat16 or float32, or model.lora.enabled=true (the "
+            "adapters train in float32)"
+        )
+
+
 class Trainer:
     fused_optimizer = True  # see __init__
     writes_files = True  # this process writes checkpoints (one of several data-parallel ones may not)
@@ -85,6 +99,7 @@ class Trainer:
         from forge.models.loading import load_tokenizer, node_checkpoint_folder
 
         quiet_known_creation_errors()  # the driver says a refusal here in one line (faults.wait_for_trainer)
+        check_trainable_dtype(model_cfg)
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         torch.manual_seed(seed)
