@@ -212,6 +212,10 @@ def test_cli_reports_bad_key_without_traceback(capsys):
         ),
         (["gateway.enabled=true", "train.mode=async"], "gateway runs train in sync mode only"),
         (["model.dtype=float16"], "model.dtype=float16 trains float16 weights"),
+        (
+            ["model.lora.enabled=true", "model.lora.target_modules=[query_key_value]"],
+            "model.lora.target_modules names ['query_key_value'], which LlamaForCausalLM has no module for",
+        ),
     ],
 )
 def test_dry_run_refuses_what_the_run_would_refuse(capsys, overrides, message):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -255,6 +256,23 @@ def check_lora_targets(model: torch.nn.Module, targets: list[str]) -> None:
             f"model.lora.target_modules names {missing}, which {type(model).__name__} has no module for; "
             f"its linear layers are {linear}: set model.lora.target_modules to some of them"
         )
+
+
+def refuse_missing_lora_targets(config: Any, cfg: ModelConfig) -> None:
+    """`check_lora_targets` before anything loads: on the model `config` describes, built on the
+    meta device (its modules, no weights), so `forge train` and its dry run refuse the targets
+    before Ray starts rather than in the trainer's process."""
+    if not cfg.lora.enabled:
+        return
+    from transformers import AutoModelForCausalLM
+
+    quiet_transformers()
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception:  # noqa: BLE001 - a model transformers cannot build here is refused where it loads
+        return
+    check_lora_targets(model, list(cfg.lora.target_modules))
 
 
 def _transformers_version() -> str:

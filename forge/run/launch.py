@@ -57,10 +57,18 @@ def preflight(cfg: Config, wait_for_servers: bool = True) -> str:
     code needs (`sandbox.min_level`, level 1 for untrusted code unless `sandbox.allow_level_0`).
     A dry run (`wait_for_servers` false) does not wait for remote servers still starting.
     Returns the env check's one-line summary."""
+    from transformers import AutoConfig
+
     from forge.env.preflight import preflight_env
     from forge.env.registry import resolve_env
     from forge.env.tokens import first_prompt_check, load_check_tokenizer
-    from forge.models.loading import checkpoint_folder, load_tokenizer, resolve_device
+    from forge.models.loading import (
+        checkpoint_folder,
+        load_tokenizer,
+        refuse_missing_lora_targets,
+        resolve_device,
+    )
+    from forge.models.tiny import build_model_config
     from forge.rollout.chat import check_chat_format
     from forge.rollout.engines.engine_check import refuse_context_past_positions, refuse_unservable
     from forge.rollout.engines.engine_config import check_engine_config
@@ -78,6 +86,7 @@ def preflight(cfg: Config, wait_for_servers: bool = True) -> str:
         print(f"forge: {line}", file=sys.stderr)
     if cfg.model.path is None:  # the tiny model's tokenizer, as the run will build it
         tokenizer, model_name = load_check_tokenizer(None, cfg.model.tiny.extra_words)
+        refuse_missing_lora_targets(build_model_config(cfg.model.tiny, tokenizer), cfg.model)
     else:
         # A wrong folder, or a hub id not in this node's cache that cannot be downloaded: before
         # anything starts (downloaded here, the run's actors on this node find it in the cache).
@@ -88,6 +97,7 @@ def preflight(cfg: Config, wait_for_servers: bool = True) -> str:
         tokenizer, model_name = load_tokenizer(folder), cfg.model.path
         check_chat_format(tokenizer, folder)
         refuse_context_past_positions(cfg.model.path, folder, cfg.rollout.max_context_tokens)
+        refuse_missing_lora_targets(AutoConfig.from_pretrained(str(folder)), cfg.model)
     prompt_check = first_prompt_check(
         tokenizer, model_name, cfg.env.name, cfg.rollout.max_context_tokens, cfg.rollout.max_new_tokens
     )
