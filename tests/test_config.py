@@ -226,6 +226,22 @@ def test_dry_run_refuses_what_the_run_would_refuse(capsys, overrides, message):
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    ("overrides", "noted"),
+    [
+        (["model.dtype=bfloat16", "train.learning_rate=1e-6"], True),
+        (["model.dtype=bfloat16", "train.learning_rate=1e-6", "model.lora.enabled=true"], False),
+        (["model.dtype=float32", "train.learning_rate=1e-6"], False),
+    ],
+)
+def test_the_dry_run_notes_bfloat16_weights_too_coarse_for_the_learning_rate(
+    capsys, tmp_path, overrides, noted
+):
+    assert main(["train", "smoke", *overrides, "--dry-run", "--output-dir", str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err
+    assert ("train.learning_rate=1e-06 rounds away on every weight larger than 0.0005" in err) == noted
+
+
 def test_bench_with_an_unknown_name_is_a_clear_error(capsys):
     assert main(["bench", "no_such_bench"]) == 2
     assert "no benchmark 'no_such_bench'" in capsys.readouterr().err

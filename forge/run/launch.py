@@ -74,10 +74,12 @@ def preflight(cfg: Config, wait_for_servers: bool = True) -> str:
     from forge.rollout.engines.engine_config import check_engine_config
     from forge.rollout.engines.server_check import check_servers
     from forge.sandbox.policy import configure_for_env
-    from forge.train.trainer import check_trainable_dtype
+    from forge.train.trainer import bfloat16_weights_note, check_trainable_dtype
 
     check_engine_config(cfg)
     check_trainable_dtype(cfg.model)
+    if note := bfloat16_weights_note(cfg.model, cfg.train.learning_rate):
+        print(f"forge: {note}", file=sys.stderr)
     if cfg.model.device == "cuda" and not os.environ.get("RAY_ADDRESS"):
         # A local Ray runs every actor on this machine: without a GPU torch can see here, each
         # would fail its start, each with its own traceback on the console.
