@@ -22,11 +22,12 @@ Prints one JSON object and writes bench/results/warm_start.json.
 
     python -m bench.warm_start                 # 2 seeds x 2 arms
 
-Committed result (60 RL steps, load average 1.7-3.5): training success over the last 10 steps
-0.29 / 0.35 after the warm start against 0.11 / 0.19 from random init (0.27 / 0.26 against
-0.02 / 0.02 over the first 10); held-out success on all 21 held-out pairs 0.37 / 0.29 against
-0.14 / 0.15 (random moves score 0.23; the warm start before RL 0.24 / 0.26); forge sft then
-forge train 32 / 33 s.
+Committed result (60 RL steps, reach.yaml's tiny Llama, load average 2-11): training success
+over the last 10 steps 0.26 / 0.37 after the warm start against 0.19 / 0.15 from random init
+(0.30 / 0.26 against 0.03 / 0.02 over the first 10); held-out success on all 21 held-out pairs
+0.30 / 0.31 against 0.20 / 0.16 (random moves score 0.23; the warm start before RL 0.27 /
+0.24); forge sft then forge train 146 / 86 s. On the tiny Qwen2 the config built before
+(load 1.7-3.5): 0.37 / 0.29 held-out against 0.14 / 0.15, 32 / 33 s.
 """
 
 from __future__ import annotations
