@@ -389,3 +389,15 @@ def test_a_trainer_that_cannot_resolve_the_hub_id_is_reported_by_its_hub_message
         f"then model.path=/models/{REPO.split('/')[1]}"
     )  # the fixes, nothing of Ray's after
     assert "Traceback" not in message
+
+
+def test_a_hub_id_whose_org_is_a_local_folder_names_what_that_folder_holds(
+    capsys, hf_cache, tmp_path, monkeypatch, tiny_checkpoint
+):
+    """`ck/olmo` where ./ck holds olmo2 is most likely a typo of a local folder, not a hub model."""
+    shutil.copytree(tiny_checkpoint, tmp_path / "ck" / "olmo2")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "smoke", "model.path=ck/olmo", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert f"there is no folder ck/olmo in {tmp_path} either: ck/ holds olmo2 (a typo?)" in err, err
+    assert "Traceback" not in err

@@ -42,7 +42,10 @@ def checkpoint_folder(
     if (path / "config.json").is_file():
         return path
     if names_hub_model(str(given)):
-        return hub_snapshot(str(given), revision, settings)
+        try:
+            return hub_snapshot(str(given), revision, settings)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc}{_local_folder_hint(str(given))}") from None
     what = "has no config.json" if path.is_dir() else "is a file" if path.exists() else "does not exist"
     hint = "point it at a local folder saved with save_pretrained" + (
         ", or unset it for the tiny model" if settings[0] == "model.path" else ""
@@ -52,6 +55,20 @@ def checkpoint_folder(
     raise FileNotFoundError(
         f"{settings[0]}={str(given)!r} is not a Hugging Face checkpoint folder (it {what}); {hint}"
     )
+
+
+def _local_folder_hint(given: str) -> str:
+    """For a hub id the hub could not give whose org is a folder here (`ck/olmo` beside ./ck/olmo2):
+    what that folder holds, as a likely typo of a local path."""
+    import difflib
+
+    parent = Path(given).parent
+    if not parent.is_dir():
+        return ""
+    held = sorted(entry.name for entry in parent.iterdir() if entry.is_dir())
+    close = difflib.get_close_matches(Path(given).name, held, n=3, cutoff=0.6)
+    what = f"{', '.join(close)} (a typo?)" if close else (", ".join(held[:8]) or "no folders")
+    return f"\nthere is no folder {given} in {os.getcwd()} either: {parent}/ holds {what}"
 
 
 def node_checkpoint_folder(given: str | Path, revision: str, role: str) -> Path:
