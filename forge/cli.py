@@ -275,8 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--prefill-chunk-tokens",
         type=int,
-        default=2048,
-        help="prefill in forwards of at most this many tokens (as rollout.prefill_chunk_tokens; 0: one forward)",
+        default=None,
+        help="prefill in forwards of at most this many tokens (as rollout.prefill_chunk_tokens; default 2048 on "
+        "CPU, 16384 on a GPU; 0: one forward)",
     )
     serve.add_argument(
         "--temperature", type=float, default=1.0, help="sampling temperature (logprobs are of it)"

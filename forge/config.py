@@ -184,12 +184,12 @@ class RolloutConfig(Section):
     max_turns: int = Field(8, gt=0)
     max_new_tokens: int = Field(16, gt=0, description="generation cap per model call")
     max_context_tokens: int = Field(1024, gt=0)
-    prefill_chunk_tokens: int = Field(
-        2048,
+    prefill_chunk_tokens: int | None = Field(
+        None,
         ge=0,
         description="the in-process engine (and forge serve) prefills new tokens in forwards of at most this "
         "many (rows x columns, pads included), its progress beating the stuck guard between them; bounds "
-        "a long context's prefill memory; 0: one forward",
+        "a long context's prefill memory; null: 2048 on CPU, 16384 on a GPU; 0: one forward",
     )
     temperature: float = Field(
         1.0,

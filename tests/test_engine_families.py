@@ -176,6 +176,17 @@ def test_a_chunked_prefill_stays_in_its_budget_and_fills_one_cache_buffer_sized_
     )
 
 
+def test_an_unset_prefill_chunk_is_the_devices_default_and_zero_is_one_forward():
+    from forge.rollout.engines.hf import CPU_PREFILL_CHUNK, GPU_PREFILL_CHUNK, default_prefill_chunk
+
+    assert HFEngine(rollout_model("llama"), [STOP], pad_token_id=0).prefill_chunk_tokens == CPU_PREFILL_CHUNK
+    assert default_prefill_chunk(torch.device("cuda")) == GPU_PREFILL_CHUNK > CPU_PREFILL_CHUNK
+    assert (
+        HFEngine(rollout_model("llama"), [STOP], pad_token_id=0, prefill_chunk_tokens=0).prefill_chunk_tokens
+        is None
+    )
+
+
 def test_a_negative_prefill_chunk_is_refused_naming_the_setting():
     with pytest.raises(ValueError, match="rollout.prefill_chunk_tokens"):
         HFEngine(rollout_model("llama"), [STOP], pad_token_id=0, prefill_chunk_tokens=-1)

@@ -172,7 +172,7 @@ class RolloutWorker:
             top_p=self.engine.top_p,
             seed=self.seed + 1,  # its own sampling stream, apart from the policy's
             max_context_tokens=self.engine.max_context_tokens,
-            prefill_chunk_tokens=self.engine.prefill_chunk_tokens,
+            prefill_chunk_tokens=self.engine.prefill_chunk_tokens or 0,  # the policy engine's, resolved
         )
         self.frozen.policy_version = self.engine.policy_version if version is None else version
         if self._frozen_sampling is not None:

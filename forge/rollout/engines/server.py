@@ -338,7 +338,7 @@ def make_service(
     checkpoint: str | Path,
     max_new_tokens: int = 256,
     max_context_tokens: int = 4096,
-    prefill_chunk_tokens: int = 2048,
+    prefill_chunk_tokens: int | None = None,
     temperature: float = 1.0,
     top_p: float = 1.0,
     cache_tokens: int = 65536,
