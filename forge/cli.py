@@ -79,9 +79,12 @@ def _train(args: argparse.Namespace) -> int:
         print(f"forge: interrupted ({how}), so the run stopped{kept}.{hint}", file=sys.stderr)
         return code
     except Exception as exc:
-        from forge.run.faults import actor_death_message
+        from forge.disk import write_failure_message
+        from forge.run.faults import actor_death_message, resume_hint
 
         message = actor_death_message(exc, cfg.output_dir, args.config)
+        if message is None and (wrote := write_failure_message(exc, cfg.output_dir)) is not None:
+            message = wrote + resume_hint(cfg.output_dir, args.config)
         if message is None:
             raise
         print(f"forge: {message}", file=sys.stderr)

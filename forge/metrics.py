@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from forge.disk import naming
 from forge.types import Trajectory
 
 # What a run writes into its output folder (the trainers, `forge plot`).
@@ -166,8 +167,9 @@ class MetricsLogger:
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         record = {"step": step, **{k: _finite_or_none(v) for k, v in metrics.items()}}
-        self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
+        with naming(self.jsonl.name):
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
         if self.tensorboard is not None:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and math.isfinite(value):
@@ -188,7 +190,8 @@ class MetricsLogger:
         of its episodes, decoded."""
         self.log(step, metrics)
         if step % self.trajectories_every == 0:
-            self.log_trajectories(step, trajectories, tokenizer, samples)
+            with naming(self.samples.name):
+                self.log_trajectories(step, trajectories, tokenizer, samples)
 
     def log_trajectories(self, step: int, trajectories: list[Trajectory], tokenizer: Any, limit: int) -> None:
         for trajectory in trajectories[:limit]:

@@ -1,4 +1,11 @@
-"""Checkpoints publish atomically, and a trainer restored from one continues bit for bit."""
+"""Checkpoints publish atomically, a damaged one is refused naming its file, a full disk
+stops a run with the file it could not write, and a trainer restored from a checkpoint
+continues bit for bit."""
+
+import errno
+import os
+import pickle
+import types
 
 import pytest
 import torch
@@ -7,6 +14,7 @@ import yaml
 from forge.config import ConfigError, ModelConfig, TrainConfig, TrainerConfig
 from forge.train.checkpoint import (
     CheckpointError,
+    check_checkpoint,
     checkpoint_root,
     drop_rows_after,
     latest_checkpoint,
@@ -17,8 +25,8 @@ from forge.types import Sample
 
 def fill(step: int):
     def write(directory):
-        (directory / "trainer.pt").write_text(f"trainer {step}")
-        (directory / "run_state.pkl").write_text(f"run {step}")
+        torch.save({"policy_version": step}, directory / "trainer.pt")
+        (directory / "run_state.pkl").write_bytes(pickle.dumps({"step": step}))
 
     return write
 
@@ -27,7 +35,7 @@ def test_latest_names_the_newest_complete_checkpoint(tmp_path):
     write_checkpoint(tmp_path, 1, fill(1))
     write_checkpoint(tmp_path, 2, fill(2))
     assert latest_checkpoint(tmp_path).name == "step-000002"
-    assert (latest_checkpoint(tmp_path) / "trainer.pt").read_text() == "trainer 2"
+    assert torch.load(latest_checkpoint(tmp_path) / "trainer.pt")["policy_version"] == 2
 
 
 def test_a_checkpoint_that_dies_while_writing_never_becomes_latest(tmp_path):
@@ -41,6 +49,104 @@ def test_a_checkpoint_that_dies_while_writing_never_becomes_latest(tmp_path):
         write_checkpoint(tmp_path, 2, dies_halfway)
     assert latest_checkpoint(tmp_path).name == "step-000001"
     assert not (checkpoint_root(tmp_path) / "step-000002").exists()
+
+
+def test_a_checkpoint_the_disk_cannot_hold_is_removed_and_the_previous_stays_latest(tmp_path):
+    write_checkpoint(tmp_path, 1, fill(1))
+
+    def disk_fills(directory):
+        (directory / "trainer.pt").write_bytes(b"x" * 1000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        write_checkpoint(tmp_path, 2, disk_fills)
+    # Its half would hold the space the run (or the next checkpoint) needs.
+    assert sorted(p.name for p in checkpoint_root(tmp_path).iterdir()) == ["latest", "step-000001"]
+    check_checkpoint(latest_checkpoint(tmp_path))
+
+
+def test_a_trainer_state_that_does_not_fit_on_the_disk_names_its_file(tmp_path):
+    from forge.train.checkpoint import save_trainer
+
+    state = types.SimpleNamespace(state_dict=dict, get_state=dict)
+    trainer = types.SimpleNamespace(
+        training_state=lambda: ({"weight": torch.zeros(100_000)}, {}), scheduler=state, _shuffle=state,
+        policy_version=1, writes_files=True,
+    )  # fmt: skip
+    os.symlink("/dev/full", tmp_path / "trainer.pt")  # every write to it fails with ENOSPC
+    with pytest.raises(OSError) as failed:
+        save_trainer(trainer, tmp_path)
+    assert failed.value.errno == errno.ENOSPC and failed.value.filename == str(tmp_path / "trainer.pt")
+
+
+def test_metrics_that_do_not_fit_on_the_disk_name_their_file(tmp_path):
+    from forge.metrics import MetricsLogger
+
+    os.symlink("/dev/full", tmp_path / "metrics.jsonl")
+    logger = MetricsLogger(tmp_path, tensorboard=False)
+    with pytest.raises(OSError) as failed:
+        logger.log(1, {"reward_mean": 0.5})
+    assert failed.value.errno == errno.ENOSPC and failed.value.filename == str(tmp_path / "metrics.jsonl")
+
+
+def test_a_run_stopped_by_a_full_disk_says_which_file_and_how_to_resume(tmp_path, monkeypatch, capsys):
+    from ray.exceptions import RayTaskError
+
+    import forge.run.launch
+    from forge.cli import main
+
+    write_checkpoint(tmp_path, 2, fill(2))
+    written = tmp_path / "checkpoints" / ".tmp-step-000004-1" / "trainer.pt"
+    full = OSError(errno.ENOSPC, "No space left on device", str(written))
+
+    def disk_fills(*args, **kwargs):  # as the trainer actor's save raises it through ray.get
+        raise RayTaskError("Trainer.save_state", "Traceback ...", full).as_instanceof_cause()
+
+    monkeypatch.setattr(forge.run.launch, "train", disk_fills)
+    assert main(["train", "smoke", "--output-dir", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"forge: writing {written} failed (No space left on device), so the run stopped; free space under "
+        f"{tmp_path} or choose another --output-dir. Continue from step-000002 with: forge train smoke "
+        f"--resume {tmp_path}"
+    ]
+
+
+def damaged_run(run_dir, tiny_checkpoint, damage):
+    """A run with checkpoints at steps 1 and 2 whose latest was damaged by `damage(step_dir)`."""
+    killed_run(run_dir, str(tiny_checkpoint))
+    write_checkpoint(run_dir, 2, fill(2), keep=2)
+    damage(checkpoint_root(run_dir) / "step-000002")
+    return run_dir
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+DAMAGES = {
+    "trainer.pt is damaged (BadZipFile": lambda d: truncate(d / "trainer.pt"),
+    "run_state.pkl is damaged (UnpicklingError": lambda d: (d / "run_state.pkl").write_bytes(b"\x80\x04junk"),
+    "run_state.pkl is missing": lambda d: (d / "run_state.pkl").unlink(),
+    "trainer.pt is missing": lambda d: (d / "trainer.pt").unlink(),
+}
+
+
+@pytest.mark.parametrize("told", DAMAGES)
+def test_resuming_a_damaged_checkpoint_is_refused_naming_the_file_and_the_older_one(
+    tmp_path, tiny_checkpoint, capsys, told
+):
+    from forge.cli import main
+
+    run = damaged_run(tmp_path / "run", tiny_checkpoint, DAMAGES[told])
+    pointer = checkpoint_root(run) / "latest"
+    for dry_run in (["--dry-run"], []):  # the run itself refuses it before Ray starts, as a dry run does
+        assert main(["train", "smoke", f"model.path={tiny_checkpoint}", "--resume", str(run), *dry_run]) == 2
+        error = capsys.readouterr().err
+        assert f"{checkpoint_root(run) / 'step-000002' / told.split()[0]} {told.split(' ', 1)[1]}" in error
+        assert f"echo step-000001 > {pointer}" in error
+    (checkpoint_root(run) / "step-000001" / "trainer.pt").unlink()
+    assert main(["train", "smoke", f"model.path={tiny_checkpoint}", "--resume", str(run), "--dry-run"]) == 2
+    assert "kept no other checkpoint" in capsys.readouterr().err
 
 
 def test_old_checkpoints_are_pruned_to_keep(tmp_path):

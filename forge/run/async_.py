@@ -78,9 +78,11 @@ def train_async(
             loop.signal.observe(loop.step, metrics, last_step=last)
         checkpoint = Path(ray.get(run.trainer.save.remote(str(output / "final"))))
     finally:
-        log.close()
-        loop.stop()
-        run.shutdown()
+        try:
+            log.close()  # a full disk fails it again: the actors are shut down still
+        finally:
+            loop.stop()
+            run.shutdown()
     return finish(output, loop.step, checkpoint, started)
 
 

@@ -85,8 +85,10 @@ def train_gateway(
             signal.observe(step, metrics, last_step=step == cfg.train.max_steps)
         checkpoint = Path(ray.get(run.trainer.save.remote(str(output / "final"))))
     finally:
-        log.close()
-        run.shutdown()
+        try:
+            log.close()  # a full disk fails it again: the actors are shut down still
+        finally:
+            run.shutdown()
     return finish(output, step, checkpoint, started)
 
 

@@ -12,7 +12,7 @@ from forge.metrics import claim_output_dir
 from forge.run.async_ import train_async
 from forge.run.context import RunResult
 from forge.run.sync import train_sync
-from forge.train.checkpoint import check_resumed_model, latest_checkpoint
+from forge.train.checkpoint import check_checkpoint, check_resumed_model, latest_checkpoint
 
 
 def train(
@@ -43,9 +43,9 @@ def train(
 def check_resumable(cfg: Config, output_dir: str | Path | None = None) -> None:
     """What `--resume` of `output_dir` (default `cfg.output_dir`) needs, checked without
     starting anything (`forge train --dry-run` and the run alike): a checkpoint to continue
-    from, of the model this config gives."""
+    from, with its files whole, of the model this config gives."""
     folder = Path(output_dir or cfg.output_dir)
-    latest_checkpoint(folder)
+    check_checkpoint(latest_checkpoint(folder))
     check_resumed_model(folder, cfg.to_dict()["model"])
 
 

@@ -5,7 +5,8 @@ optimizer, scheduler, RNG states, policy version) and `run_state.pkl` (step, tas
 position, reward-shaper state, driver and worker RNG states); `latest` names the newest
 complete one. A checkpoint is written under a temporary name, fsynced, renamed, and only
 then does `latest` move to it, so a process killed at any point leaves the previous
-checkpoint as the latest.
+checkpoint as the latest; one whose writing fails (a full disk) is removed at once, freeing
+what it took. Resume checks the files `latest` names before anything starts.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import pickle
 import random
 import shutil
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from typing import Any
 import torch
 
 from forge.config import ConfigError
+from forge.disk import naming
 
 LATEST = "latest"
 TRAINER_FILE = "trainer.pt"
@@ -69,13 +72,18 @@ def write_checkpoint(run_dir: str | Path, step: int, write: Callable[[Path], Non
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    write(tmp)
-    _fsync_tree(tmp)
     final = root / step_name(step)
-    if final.exists():
-        # Left by a run that died after the rename but before moving `latest` to it.
-        shutil.rmtree(final)
-    os.rename(tmp, final)
+    try:
+        write(tmp)
+        _fsync_tree(tmp)
+        if final.exists():
+            # Left by a run that died after the rename but before moving `latest` to it.
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException:
+        # On a full disk the half-written checkpoint would hold the space the run needs next.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _fsync(root)
     pointer = root / f".{LATEST}.tmp"
     with open(pointer, "w") as handle:
@@ -110,10 +118,12 @@ def latest_checkpoint(run_dir: str | Path) -> Path:
             "set train.checkpoint_every to a positive number of steps when you start a run"
         )
     directory = root / pointer.read_text().strip()
-    if not (directory / TRAINER_FILE).is_file() or not (directory / RUN_STATE_FILE).is_file():
-        raise CheckpointError(
-            f"{pointer} names {directory}, which is incomplete; delete the pointer to start over"
-        )
+    for name in (TRAINER_FILE, RUN_STATE_FILE):
+        if not (directory / name).is_file():
+            raise CheckpointError(
+                f"{directory / name} is missing, so {pointer} names a checkpoint that cannot be resumed."
+                + _other_checkpoint(root, directory)
+            )
     return directory
 
 
@@ -148,6 +158,48 @@ def _same_folder(before: Any, now: Any) -> bool:
     if not isinstance(before, str) or not isinstance(now, str):
         return False
     return Path(before).expanduser().resolve() == Path(now).expanduser().resolve()
+
+
+def check_checkpoint(directory: Path) -> None:
+    """Refuse a checkpoint whose files were damaged after it was written (cut short, edited),
+    naming the file: read cheaply here, before Ray starts, rather than failing inside the
+    trainer actor after every actor started."""
+    if (damage := _damage(directory)) is not None:
+        raise CheckpointError(
+            f"{damage}, so this checkpoint cannot be resumed."
+            + _other_checkpoint(directory.parent, directory)
+        )
+
+
+def _damage(directory: Path) -> str | None:
+    """What is wrong with a checkpoint's files, or None. trainer.pt is a zip whose index sits
+    at its end, so opening it finds a truncated file without reading the weights."""
+    trainer_file, run_file = directory / TRAINER_FILE, directory / RUN_STATE_FILE
+    try:
+        with zipfile.ZipFile(trainer_file):
+            pass
+    except (zipfile.BadZipFile, OSError) as exc:
+        return f"{trainer_file} is damaged ({type(exc).__name__}: {exc})"
+    try:
+        with open(run_file, "rb") as handle:
+            int(pickle.load(handle)["step"])
+    except Exception as exc:  # unpickling damaged bytes raises nearly any error
+        return f"{run_file} is damaged ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _other_checkpoint(root: Path, bad: Path) -> str:
+    """How to resume from the newest other checkpoint, if the run kept one."""
+    for other in sorted((p for p in root.glob("step-*") if p != bad and p.is_dir()), reverse=True):
+        if _damage(other) is not None:
+            continue
+        return (
+            f" To resume from the newest other checkpoint instead, write its name into the pointer: "
+            f"echo {other.name} > {root / LATEST}"
+        )
+    return (
+        " The run kept no other checkpoint: start it again without --resume (--overwrite replaces this one)"
+    )
 
 
 # ---- trainer side (runs inside the trainer actor) ----
@@ -198,7 +250,10 @@ def restore_trainer_state(trainer: Any, state: dict[str, Any]) -> None:
 def save_trainer(trainer: Any, directory: str | Path) -> None:
     state = trainer_state(trainer)
     if trainer.writes_files:
-        torch.save(state, Path(directory) / TRAINER_FILE)
+        path = Path(directory) / TRAINER_FILE
+        # Into a file opened here: given a path, torch reports a full disk as an "enforce fail".
+        with naming(path), open(path, "wb") as handle:
+            torch.save(state, handle)
 
 
 def load_trainer(trainer: Any, directory: str | Path) -> None:
@@ -243,7 +298,7 @@ def save_run(run: Any, step: int, keep: int = 2, pending_tasks: list[dict[str, A
 
     def write(directory: Path) -> None:
         ray.get(run.trainer.save_state.remote(str(directory)))
-        with open(directory / RUN_STATE_FILE, "wb") as handle:
+        with naming(directory / RUN_STATE_FILE), open(directory / RUN_STATE_FILE, "wb") as handle:
             pickle.dump(state, handle)
 
     return write_checkpoint(run.output_dir, step, write, keep)
