@@ -4,6 +4,8 @@ and the one line a stopped run prints about it."""
 from __future__ import annotations
 
 import errno
+import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +23,13 @@ def naming(path: str | Path) -> Iterator[None]:
         if exc.filename is not None:
             raise
         raise OSError(exc.errno, exc.strerror, str(path)) from exc
+    except Exception as exc:
+        # safetensors (Rust) reports a full disk as SafetensorError('... (os error 28)').
+        found = re.search(r"\(os error (\d+)\)", str(exc))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from exc
 
 
 def write_error(exc: BaseException) -> OSError | None:

@@ -89,6 +89,17 @@ def test_metrics_that_do_not_fit_on_the_disk_name_their_file(tmp_path):
     assert failed.value.errno == errno.ENOSPC and failed.value.filename == str(tmp_path / "metrics.jsonl")
 
 
+def test_a_model_whose_safetensors_do_not_fit_on_the_disk_names_its_folder(tmp_path):
+    from safetensors import SafetensorError
+
+    from forge.disk import naming
+
+    with pytest.raises(OSError) as failed, naming(tmp_path):  # as the trainer saves final/
+        # safetensors' words for a full disk (a 1 MiB tmpfs; /dev/full it replaces, not writes)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert failed.value.errno == errno.ENOSPC and failed.value.filename == str(tmp_path)
+
+
 def test_a_run_stopped_by_a_full_disk_says_which_file_and_how_to_resume(tmp_path, monkeypatch, capsys):
     from ray.exceptions import RayTaskError
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from forge.config import ConfigError, ModelConfig, TrainConfig, TrainerConfig
+from forge.disk import naming
 from forge.heap import release_free_heap
 from forge.train.losses import VANISH_AT_ZERO_ADVANTAGE, LossConfig, aggregate_loss, compute_loss
 from forge.train.policy_mode import policy_forward_noise, policy_mode
@@ -542,8 +543,9 @@ class Trainer:
             import copy
 
             model = copy.deepcopy(model).merge_and_unload()
-        model.save_pretrained(directory)
-        self.tokenizer.save_pretrained(directory)
+        with naming(directory):
+            model.save_pretrained(directory)
+            self.tokenizer.save_pretrained(directory)
         return str(directory)
 
 
