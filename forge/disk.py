@@ -32,6 +32,37 @@ def naming(path: str | Path) -> Iterator[None]:
         raise OSError(code, os.strerror(code), str(path)) from exc
 
 
+class WholeWrites:
+    """An unbuffered file for torch.save whose failed write is raised when it closes. torch
+    ignores a short write's count and swallows what its file's `write` raises, so a disk that
+    filled mid-checkpoint showed only as torch's 'enforce fail ... unexpected pos'."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.file = open(path, "wb", buffering=0)  # noqa: SIM115 (closed by __exit__)
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        view = memoryview(data).cast("B")
+        try:
+            while view:  # a full disk's short write is followed by one that raises ENOSPC
+                view = view[self.file.write(view) :]
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+        return len(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def __enter__(self) -> WholeWrites:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()
+        if self.error is not None:
+            raise self.error
+
+
 def write_error(exc: BaseException) -> OSError | None:
     """The OSError of a failed write behind `exc`: itself, the cause of a Ray task's error
     (the trainer's checkpoint save), or what it was raised from; None when there is none."""

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from forge.config import ConfigError
-from forge.disk import naming
+from forge.disk import WholeWrites, naming
 
 LATEST = "latest"
 TRAINER_FILE = "trainer.pt"
@@ -251,8 +251,7 @@ def save_trainer(trainer: Any, directory: str | Path) -> None:
     state = trainer_state(trainer)
     if trainer.writes_files:
         path = Path(directory) / TRAINER_FILE
-        # Into a file opened here: given a path, torch reports a full disk as an "enforce fail".
-        with naming(path), open(path, "wb") as handle:
+        with naming(path), WholeWrites(path) as handle:
             torch.save(state, handle)
 
 
