@@ -1,8 +1,10 @@
-"""Sync mode survives a rollout worker that dies mid-rollout."""
+"""Sync mode survives a rollout worker that dies mid-rollout or between rollouts, and says so."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import pytest
 
@@ -11,12 +13,12 @@ from forge.config import load_config
 
 @pytest.mark.slow
 def test_a_worker_killed_mid_rollout_is_restarted_and_its_episodes_are_counted_lost(
-    ray_session, tmp_path, monkeypatch
+    ray_session, tmp_path, monkeypatch, capsys
 ):
     from forge.run import context, launch
 
     class KillingRun(context.Run):
-        launches = 0
+        launches = syncs = 0
 
         def launch_rollouts(self):
             calls = super().launch_rollouts()
@@ -24,6 +26,14 @@ def test_a_worker_killed_mid_rollout_is_restarted_and_its_episodes_are_counted_l
             if KillingRun.launches == 2:  # the second step's episodes are in flight
                 ray_session.kill(self.workers[0], no_restart=False)
             return calls
+
+        def sync_weights(self, published=None):
+            KillingRun.syncs += 1
+            if KillingRun.syncs == 3:  # step 3 trained: its weights go to a worker that died idle
+                # SIGKILL, as the OOM killer ends it (ray.kill lets the next call in first).
+                pid = ray_session.get(self.workers[1].__ray_call__.remote(lambda worker: os.getpid()))
+                os.kill(pid, signal.SIGKILL)
+            return super().sync_weights(published)
 
     monkeypatch.setattr(context, "Run", KillingRun)
     cfg = load_config(
@@ -42,6 +52,16 @@ def test_a_worker_killed_mid_rollout_is_restarted_and_its_episodes_are_counted_l
     assert [r["episodes_lost"] for r in rows] == [0.0, 4.0, 0.0, 0.0]
     assert rows[1]["episodes"] == 4.0  # the other worker's group still trained
     assert [r["policy_version"] for r in rows] == [1.0, 2.0, 3.0, 4.0]
+    deaths = [
+        line for line in capsys.readouterr().err.splitlines() if line.startswith("forge: rollout worker")
+    ]
+    assert deaths == [
+        "forge: rollout worker 0 died (its log above says why; Ray restarts it, up to async.max_worker_restarts "
+        "times); its 4 episodes count as lost",
+        # Before, a worker that died while the trainer trained was restarted without a word.
+        "forge: rollout worker 1 died between rollouts (its log above says why); Ray restarts it, up to "
+        "async.max_worker_restarts times, and it is given the current weights again, so no episode is lost",
+    ]
 
 
 def test_a_run_asking_for_more_cpus_than_the_cluster_has_fails_fast_with_the_keys(ray_session, tmp_path):

@@ -21,7 +21,7 @@ from forge.failures import say
 from forge.metrics import MetricsLogger, rollout_metrics, show_step
 from forge.rollout.stuck import remove_unused_reports
 from forge.run.cluster import check_resources, start_ray, worker_cpus
-from forge.run.faults import collect_groups, wait_until_alive, worker_death_note
+from forge.run.faults import collect_groups, idle_worker_death_note, wait_until_alive, worker_death_note
 from forge.run.frozen import check_resumable, frozen_snapshot, keep_snapshot
 from forge.run.tasks import TaskStream, load_task_rows, split_evenly
 from forge.types import Sample, Trajectory
@@ -299,6 +299,8 @@ class Run:
             try:
                 ray.get(ref)
             except (RayActorError, ActorUnavailableError):
+                if index not in self.restarted:  # it died while idle: no rollout call saw it
+                    say(idle_worker_death_note(index))
                 wait_until_alive(worker, index, self.cfg.async_.max_worker_restarts)
                 self.restarted.add(index)
                 ray.get(getattr(worker, method).remote(*args))

@@ -107,6 +107,15 @@ def worker_death_note(
     )
 
 
+def idle_worker_death_note(index: int) -> str:
+    """The console line for rollout worker `index`'s death between rollouts (while the trainer
+    trained): no episode was lost, but each death counts toward async.max_worker_restarts."""
+    return (
+        f"forge: rollout worker {index} died between rollouts (its log above says why); Ray restarts it, "
+        "up to async.max_worker_restarts times, and it is given the current weights again, so no episode is lost"
+    )
+
+
 def wait_until_alive(actor: Any, index: int, max_restarts: int, timeout_s: float = 300.0) -> None:
     """Block until restarting rollout worker `index` answers again; one that never comes
     back (it died more than `max_restarts` times, or did not restart within `timeout_s`)
