@@ -67,6 +67,45 @@ def position_limit(model: Any) -> int | None:
     return None
 
 
+def rope_switch_limit(config: Any) -> tuple[int, str] | None:
+    """(the longest sequence, rope type) for a RoPE whose frequencies transformers picks per
+    forward from the largest position in it: longrope (Phi-3/3.5 long-context, Phi-4-mini)
+    switches every position to its long factors once a forward reaches past
+    original_max_position_embeddings, dynamic NTK rescales past max_position_embeddings. A
+    padded or packed batch then scales a short sequence by its longest neighbour, and a cached
+    turn's keys keep the scaling they were computed under: neither is that sequence's own
+    forward, so the trainer's logprobs would not be the sampler's. None for every other RoPE."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    parameters = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    found = [parameters] if "rope_type" in parameters or "type" in parameters else list(parameters.values())
+    for params in found:
+        if not isinstance(params, dict):
+            continue
+        kind = params.get("rope_type", params.get("type", ""))
+        if kind == "longrope":
+            limit = params.get("original_max_position_embeddings") or getattr(
+                config, "original_max_position_embeddings", None
+            )
+        elif "dynamic" in kind:
+            limit = getattr(config, "max_position_embeddings", None)
+        else:
+            continue
+        if limit:
+            return int(limit), kind
+    return None
+
+
+def rope_switch_message(max_context_tokens: int, limit: int, kind: str, model_name: str) -> str:
+    """Why rollout.max_context_tokens cannot be trained exactly on a model whose RoPE switches at `limit`."""
+    return (
+        f"rollout.max_context_tokens={max_context_tokens} runs past the {limit} tokens after which {model_name}'s "
+        f"{kind} RoPE changes the frequencies of every position in a forward (transformers picks them by the "
+        f"forward's longest sequence): a packed or padded batch, and a turn after a cached one, would score "
+        f"tokens under another scaling than their own sequence's, so the trainer would not train the policy "
+        f"that sampled; set rollout.max_context_tokens to at most {limit}"
+    )
+
+
 def past_positions_message(max_context_tokens: int, limit: int, model_name: str) -> str:
     """Why rollout.max_context_tokens cannot be served by a model that learned `limit` positions."""
     return (
@@ -78,7 +117,8 @@ def past_positions_message(max_context_tokens: int, limit: int, model_name: str)
 
 def refuse_context_past_positions(model_path: str, folder: Any, max_context_tokens: int) -> None:
     """Before Ray starts: a ConfigError when the checkpoint in `folder` learned fewer positions
-    than rollout.max_context_tokens (GPT-2's wpe, OPT's embed_positions). Every engine's
+    than rollout.max_context_tokens (GPT-2's wpe, OPT's embed_positions), or its RoPE changes
+    scaling within them (`rope_switch_limit`). Every engine's
     trainer runs the model itself, so this holds for remote engines too; else the refusal
     came from each rollout worker's start, or an IndexError from the trainer's forward."""
     from pathlib import Path
@@ -96,6 +136,10 @@ def refuse_context_past_positions(model_path: str, folder: Any, max_context_toke
         raise ConfigError(
             f"model.path={model_path!r}: {past_positions_message(max_context_tokens, limit, type(model).__name__)}"
         )
+    switch = rope_switch_limit(model.config)
+    if switch is not None and max_context_tokens > switch[0]:
+        message = rope_switch_message(max_context_tokens, *switch, type(model).__name__)
+        raise ConfigError(f"model.path={model_path!r}: {message}")
 
 
 def refuse_unservable(model_path: str | None, engine: str, folder: Any = None) -> None:

@@ -128,7 +128,12 @@ class HFEngine:
         self._no_router = (
             {"output_router_logits": False} if hasattr(model.config, "output_router_logits") else {}
         )
-        from forge.rollout.engines.engine_check import past_positions_message, position_limit
+        from forge.rollout.engines.engine_check import (
+            past_positions_message,
+            position_limit,
+            rope_switch_limit,
+            rope_switch_message,
+        )
 
         self._position_limit = position_limit(model)
         if self._position_limit is not None and (max_context_tokens or 0) > self._position_limit:
@@ -139,6 +144,11 @@ class HFEngine:
             raise ConfigError(
                 past_positions_message(max_context_tokens, self._position_limit, type(model).__name__)
             )
+        switch = rope_switch_limit(model.config)
+        if switch is not None and (max_context_tokens or 0) > switch[0]:
+            from forge.config import ConfigError
+
+            raise ConfigError(rope_switch_message(max_context_tokens, *switch, type(model).__name__))
         if self_check:
             # A family nobody has tested: sample a few tiny turns against fresh forwards first;
             # drop the shared prompt where it disagrees, refuse where the copy does too.
