@@ -75,16 +75,17 @@ def _train(args: argparse.Namespace) -> int:
         kept = (
             f"; its steps so far are in {cfg.output_dir}/metrics.jsonl" if _has_steps(cfg.output_dir) else ""
         )
-        hint = resume_hint(cfg.output_dir, args.config)
+        hint = resume_hint(cfg.output_dir, args.config, cfg.train.checkpoint_every)
         print(f"forge: interrupted ({how}), so the run stopped{kept}.{hint}", file=sys.stderr)
         return code
     except Exception as exc:
         from forge.disk import write_failure_message
         from forge.run.faults import actor_death_message, resume_hint
 
-        message = actor_death_message(exc, cfg.output_dir, args.config)
+        every = cfg.train.checkpoint_every
+        message = actor_death_message(exc, cfg.output_dir, args.config, every)
         if message is None and (wrote := write_failure_message(exc, cfg.output_dir)) is not None:
-            message = wrote + resume_hint(cfg.output_dir, args.config)
+            message = wrote + resume_hint(cfg.output_dir, args.config, every, write_failed=True)
         if message is None:
             raise
         print(f"forge: {message}", file=sys.stderr)

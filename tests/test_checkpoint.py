@@ -136,6 +136,39 @@ def test_a_run_stopped_by_a_full_disk_says_which_file_and_how_to_resume(tmp_path
     ]
 
 
+def test_a_full_disk_at_the_first_checkpoint_is_not_told_to_set_checkpoint_every(
+    tmp_path, monkeypatch, capsys
+):
+    from ray.exceptions import RayTaskError
+
+    import forge.run.launch
+    from forge.cli import main
+
+    written = tmp_path / "checkpoints" / ".tmp-step-000002-1" / "trainer.pt"
+    full = OSError(errno.ENOSPC, "No space left on device", str(written))
+
+    def disk_fills(*args, **kwargs):
+        raise RayTaskError("Trainer.save_state", "Traceback ...", full).as_instanceof_cause()
+
+    monkeypatch.setattr(forge.run.launch, "train", disk_fills)
+    assert main(["train", "smoke", "train.checkpoint_every=2", "--output-dir", str(tmp_path)]) == 1
+    error = capsys.readouterr().err
+    assert "set train.checkpoint_every" not in error
+    assert error.rstrip().endswith(
+        "No checkpoint was complete before the write failed, so the run starts over."
+    )
+
+
+def test_a_run_stopped_before_its_first_checkpoint_says_so_not_to_set_checkpoint_every(tmp_path):
+    from forge.run.faults import resume_hint
+
+    assert resume_hint(tmp_path, "smoke", checkpoint_every=50) == (
+        " No checkpoint was written: the run stopped before its first (train.checkpoint_every=50), "
+        "so it starts over."
+    )
+    assert "set train.checkpoint_every" in resume_hint(tmp_path, "smoke", checkpoint_every=0)
+
+
 def damaged_run(run_dir, tiny_checkpoint, damage):
     """A run with checkpoints at steps 1 and 2 whose latest was damaged by `damage(step_dir)`."""
     killed_run(run_dir, str(tiny_checkpoint))

@@ -151,7 +151,9 @@ def worker_gone_message(index: int, max_restarts: int, exc: BaseException) -> st
     )
 
 
-def actor_death_message(exc: BaseException, output_dir: str | Path, config: str | None = None) -> str | None:
+def actor_death_message(
+    exc: BaseException, output_dir: str | Path, config: str | None = None, checkpoint_every: int = 0
+) -> str | None:
     """What to tell the user when a run stops because one of its actors died for good (the
     trainer, or a trainer rank: its state since the last checkpoint is gone), or None when
     `exc` is something else."""
@@ -169,18 +171,29 @@ def actor_death_message(exc: BaseException, output_dir: str | Path, config: str 
         message = f"{who} could not start, so the run stopped: {cause}."
     else:
         message = f"{who} died, so the run stopped (its log above says why: often out of memory)."
-    return message + resume_hint(output_dir, config)
+    return message + resume_hint(output_dir, config, checkpoint_every)
 
 
-def resume_hint(output_dir: str | Path, config: str | None) -> str:
+def resume_hint(
+    output_dir: str | Path, config: str | None, checkpoint_every: int = 0, write_failed: bool = False
+) -> str:
     """How a run that stopped early goes on: the command resuming its latest checkpoint, or
-    that it wrote none."""
+    why it wrote none (checkpoints off, stopped before the first, or a write failed: then
+    setting train.checkpoint_every, already set, is no advice)."""
     from forge.train.checkpoint import CheckpointError, latest_checkpoint
 
     try:
         latest = latest_checkpoint(output_dir)
     except CheckpointError:
-        return " No checkpoint was written; set train.checkpoint_every to make runs resumable."
+        if write_failed:
+            turn_on = "" if checkpoint_every else "; set train.checkpoint_every to make runs resumable"
+            return f" No checkpoint was complete before the write failed, so the run starts over{turn_on}."
+        if not checkpoint_every:
+            return " No checkpoint was written; set train.checkpoint_every to make runs resumable."
+        return (
+            f" No checkpoint was written: the run stopped before its first (train.checkpoint_every="
+            f"{checkpoint_every}), so it starts over."
+        )
     return f" Continue from {latest.name} with: forge train {config or 'CONFIG'} --resume {output_dir}"
 
 
