@@ -165,3 +165,26 @@ def test_an_async_run_survives_a_killed_worker_and_counts_its_episodes_lost(
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert result.steps == 8
     assert sum(r["episodes_lost"] for r in records) > 0
+
+
+def test_a_worker_that_dies_with_two_calls_in_flight_is_told_once_with_every_lost_episode():
+    from types import SimpleNamespace
+
+    from forge.run.async_ import AsyncLoop, BusyClock, RolloutCall
+
+    told: list[tuple[int, int]] = []
+    worker = SimpleNamespace(get_policy_version=SimpleNamespace(remote=lambda: object()))
+    loop = AsyncLoop.__new__(AsyncLoop)
+    loop.run = SimpleNamespace(
+        workers=[worker], tell_worker_death=lambda index, lost: told.append((index, lost))
+    )
+    loop.cfg = SimpleNamespace(rollout=SimpleNamespace(group_size=4))
+    loop.in_flight = {"first": RolloutCall([0, 1], 0, [{}, {}]), "second": RolloutCall([2], 0, [{}])}
+    loop.groups_in_flight, loop.clocks = [3], [BusyClock()]
+    loop.clocks[0].start(), loop.clocks[0].start()
+    loop.lost, loop.lost_by_death, loop.arrived = 0, {}, []
+    loop.needs_sync, loop.down, loop.probes = set(), set(), {}
+    loop.worker_died("first", "rollout worker died: killed")
+    assert told == []  # its other call has not raised yet
+    loop.worker_died("second", "rollout worker died: killed")
+    assert told == [(0, 12)] and loop.lost == 12

@@ -161,6 +161,8 @@ class AsyncLoop:
         self.task_of: dict[int, dict[str, Any]] = {}  # group seq -> its task, while a checkpoint may need it
         self.train_seconds = 0.0
         self.lost = 0  # episodes lost since the last step
+        # Dead workers' episodes lost so far, said once the last of their calls in flight has ended.
+        self.lost_by_death: dict[int, int] = {}
         fix = env_fix(cfg.env.name)
         self.failures = FailureWatch(cfg.env.max_error_fraction, cfg.env.error_window_steps, fix)
         fix = signal_fix(cfg.env.name, cfg.rollout.max_turns, cfg.rollout.max_new_tokens)
@@ -317,15 +319,19 @@ class AsyncLoop:
     def end_call(self, stream: Any) -> None:
         call = self.in_flight.pop(stream)
         self.clocks[call.worker].stop()
+        index = call.worker
+        if index in self.lost_by_death and all(c.worker != index for c in self.in_flight.values()):
+            # Each call in flight on a dead worker raises on its own: one line per death, with the total.
+            self.run.tell_worker_death(index, self.lost_by_death.pop(index))
 
     def worker_died(self, stream: Any, error: str) -> None:
         call = self.in_flight[stream]
-        self.end_call(stream)
         unsent = [position for position in range(len(call.seqs)) if position not in call.sent]
         self.groups_in_flight[call.worker] -= len(unsent)
-        self.lost += len(unsent) * self.cfg.rollout.group_size  # their slots are freed, their groups dropped
-        self.run.tell_worker_death(call.worker, len(unsent) * self.cfg.rollout.group_size)
         size = self.cfg.rollout.group_size
+        self.lost += len(unsent) * size  # their slots are freed, their groups dropped
+        self.lost_by_death[call.worker] = self.lost_by_death.get(call.worker, 0) + len(unsent) * size
+        self.end_call(stream)
         self.arrived.append(
             ([call.seqs[p] for p in unsent], [lost_group(call.tasks[p], size, error) for p in unsent])
         )
