@@ -124,6 +124,18 @@ SOLVED_FIX = (
 )
 
 
+def solved_fix(speed_enabled: bool, speed_measure: str) -> str:
+    """What to do when every episode solved its task: SOLVED_FIX, unless reward.speed is on
+    already (then its measure came out the same for each group's episodes)."""
+    if not speed_enabled:
+        return SOLVED_FIX
+    return (
+        "Every episode solved its task (a warm start that already learned them?), and reward.speed, which is on, "
+        f"scored each group's episodes alike (their {speed_measure} were the same): harder tasks, or a "
+        "reward.speed.measure that differs between episodes, give RL something to learn"
+    )
+
+
 class SignalWatch:
     """Watches each step for learning signal: an episode whose advantage is not 0 (the step's
     `signal_fraction` metric, `forge.run.context.shape_rewards`).
@@ -141,10 +153,17 @@ class SignalWatch:
     short, else `error_fix`."""
 
     def __init__(
-        self, max_steps: int, fix: str, from_scratch: bool = True, error_fix: str = "", timeout_fix: str = ""
+        self,
+        max_steps: int,
+        fix: str,
+        from_scratch: bool = True,
+        error_fix: str = "",
+        timeout_fix: str = "",
+        solved_fix: str = SOLVED_FIX,
     ) -> None:
         self.max_steps = max_steps
         self.fix = fix
+        self.solved_fix = solved_fix  # said instead of `fix` when every episode solved its task
         self.error_fix = error_fix
         self.timeout_fix = timeout_fix
         self.cut_off_in_a_row = 0  # of the steps in a row without signal, those none of whose episodes ended
@@ -171,7 +190,7 @@ class SignalWatch:
         if not self.max_steps:
             return
         # Every episode solved: the env and model are fine, there is only nothing left to learn.
-        fix = SOLVED_FIX if metrics.get("success_rate", 0.0) >= 1.0 else self.fix
+        fix = self.solved_fix if metrics.get("success_rate", 0.0) >= 1.0 else self.fix
         scored = f"reward_mean {metrics.get('reward_mean', float('nan')):.3g}, success_rate {metrics.get('success_rate', float('nan')):.2f}"
         if self.ever:
             if self.in_a_row >= self.max_steps and not self.said_alike:

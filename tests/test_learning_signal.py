@@ -177,3 +177,18 @@ def test_a_first_step_that_solved_every_task_is_not_told_to_check_the_env(capsys
     said = capsys.readouterr().err
     assert "had no learning signal" in said and "Check the env" not in said
     assert "Every episode solved its task" in said
+
+
+def test_a_run_with_reward_speed_on_that_solved_every_task_is_not_told_to_turn_it_on(capsys):
+    from forge.failures import solved_fix
+
+    speed = load_config("configs/swarm.yaml").reward.speed
+    assert speed.enabled
+    watch = SignalWatch(max_steps=5, fix="Check the env", solved_fix=solved_fix(speed.enabled, speed.measure))
+    watch.observe(1, {"signal_fraction": 0.0, "reward_mean": 1.2, "success_rate": 1.0})
+    said = capsys.readouterr().err
+    assert "a reward term that tells solved episodes apart (reward.speed)" not in said
+    assert (
+        "reward.speed, which is on, scored each group's episodes alike (their critical_steps were the same)"
+        in said
+    )

@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from forge.config import Config
-from forge.failures import FailureWatch, RunStopped, SignalWatch, env_fix, env_timeout_fix, signal_fix
+from forge.failures import (
+    FailureWatch,
+    RunStopped,
+    SignalWatch,
+    env_fix,
+    env_timeout_fix,
+    signal_fix,
+    solved_fix,
+)
 from forge.run.context import (
     Run,
     RunResult,
@@ -173,6 +181,7 @@ class AsyncLoop:
             from_scratch=step == 0,
             error_fix=env_fix(cfg.env.name),
             timeout_fix=timeouts,
+            solved_fix=solved_fix(cfg.reward.speed.enabled, cfg.reward.speed.measure),
         )
         self.loop_started = self.step_ended = time.perf_counter()
 

@@ -7,7 +7,15 @@ import time
 from pathlib import Path
 
 from forge.config import Config
-from forge.failures import FailureWatch, RunStopped, SignalWatch, env_fix, env_timeout_fix, signal_fix
+from forge.failures import (
+    FailureWatch,
+    RunStopped,
+    SignalWatch,
+    env_fix,
+    env_timeout_fix,
+    signal_fix,
+    solved_fix,
+)
 from forge.run.context import (
     Run,
     RunResult,
@@ -41,6 +49,7 @@ def train_sync(
         from_scratch=done == 0,
         error_fix=env_fix(cfg.env.name),
         timeout_fix=timeouts,
+        solved_fix=solved_fix(cfg.reward.speed.enabled, cfg.reward.speed.measure),
     )
     step = done
     try:
