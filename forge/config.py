@@ -368,6 +368,13 @@ class TrainConfig(Section):
         description="num_trainers > 1: compute in this precision (bf16 on GPU; fp16 only under ddp); "
         "the single trainer uses model.dtype",
     )
+    master_weights: bool = Field(
+        True,
+        description="the single trainer, training full weights in model.dtype=bfloat16, steps float32 copies "
+        "of them and rounds them back (8 more bytes a parameter for the copy and float32 moments, 12 at a step), so steps "
+        "smaller than a bfloat16 weight's precision add up; false: bfloat16 weights and moments, where "
+        "those steps are lost (at learning rate 1e-6 most weights never move)",
+    )
 
     @model_validator(mode="after")
     def _check_precision(self) -> TrainConfig:

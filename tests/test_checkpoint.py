@@ -323,15 +323,20 @@ def samples(vocab: int, seed: int) -> list[Sample]:
     return out
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_a_restored_trainer_takes_the_same_next_step(tiny_checkpoint, tmp_path, lora):
+@pytest.mark.parametrize(
+    ("lora", "dtype"),
+    [(False, "float32"), (True, "float32"), (False, "bfloat16")],
+    ids=["full", "lora", "bfloat16 master weights"],
+)
+def test_a_restored_trainer_takes_the_same_next_step(tiny_checkpoint, tmp_path, lora, dtype):
     from forge.config import LoraConfig
     from forge.train.checkpoint import load_trainer, save_trainer
+    from forge.train.master_weights import MASTER, MasterWeightAdamW
     from forge.train.trainer import Trainer
 
     vocab = 16
     train_cfg = TrainConfig(learning_rate=0.01, minibatches_per_step=2, warmup_steps=3)
-    model_cfg = ModelConfig(path=str(tiny_checkpoint), lora=LoraConfig(enabled=lora))
+    model_cfg = ModelConfig(path=str(tiny_checkpoint), lora=LoraConfig(enabled=lora), dtype=dtype)
 
     def make():
         return Trainer(tiny_checkpoint, model_cfg, train_cfg, TrainerConfig(packing="padded"), seed=3)
@@ -351,6 +356,14 @@ def test_a_restored_trainer_takes_the_same_next_step(tiny_checkpoint, tmp_path, 
     assert restored.scheduler.get_last_lr() == original.scheduler.get_last_lr()
     for name, param in original.trainable.items():
         assert torch.equal(param, restored.trainable[name]), name
+    if dtype == "bfloat16":  # the float32 copies come back as they were, not rounded to bfloat16
+        assert isinstance(restored.optimizer, MasterWeightAdamW)
+        for name, param in original.trainable.items():
+            kept, back = original.optimizer.state[param], restored.optimizer.state[restored.trainable[name]]
+            assert back[MASTER].dtype == back["exp_avg"].dtype == torch.float32
+            assert torch.equal(kept[MASTER], back[MASTER]) and torch.equal(
+                param, kept[MASTER].to(param.dtype)
+            )
 
 
 def test_a_checkpoint_keyed_by_parameter_index_is_refused_with_the_reason(tiny_checkpoint, tmp_path):

@@ -78,7 +78,7 @@ def preflight(cfg: Config, wait_for_servers: bool = True) -> str:
 
     check_engine_config(cfg)
     check_trainable_dtype(cfg.model)
-    if note := bfloat16_weights_note(cfg.model, cfg.train.learning_rate):
+    if note := bfloat16_weights_note(cfg.model, cfg.train):
         print(f"forge: {note}", file=sys.stderr)
     if cfg.model.device == "cuda" and not os.environ.get("RAY_ADDRESS"):
         # A local Ray runs every actor on this machine: without a GPU torch can see here, each

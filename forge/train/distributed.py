@@ -203,6 +203,7 @@ class DistributedTrainer(Trainer):
     publishes or writes)."""
 
     fused_optimizer = False  # accelerate moves the parameters (DDP) after the optimizer is built
+    master_weights_supported = False  # it swaps parameter tensors, which DDP's buckets and FSDP's shards hold
 
     def __init__(self, *args: Any, strategy: str = "ddp", mixed_precision: str = "no", **kwargs: Any) -> None:
         self.strategy, self.mixed_precision = strategy, mixed_precision

@@ -17,6 +17,7 @@ from forge.config import ConfigError, ModelConfig, TrainConfig, TrainerConfig
 from forge.disk import naming
 from forge.heap import release_free_heap
 from forge.train.losses import VANISH_AT_ZERO_ADVANTAGE, LossConfig, aggregate_loss, compute_loss
+from forge.train.master_weights import MasterWeightAdamW
 from forge.train.policy_mode import policy_forward_noise, policy_mode
 from forge.tree import microbatches
 from forge.types import Sample
@@ -82,23 +83,28 @@ def check_trainable_dtype(model_cfg: ModelConfig) -> None:
         )
 
 
-def bfloat16_weights_note(model_cfg: ModelConfig, learning_rate: float) -> str | None:
+def bfloat16_weights_note(model_cfg: ModelConfig, train_cfg: TrainConfig) -> str | None:
     """A note for training all weights in bfloat16 at a learning rate its 8 significant bits
     cannot hold: AdamW's step is about the learning rate, and a weight larger than 512 times it
     rounds the step away (with 1e-3-sized gradients at 1e-6, 98% of a 0.02-scale tensor's weights
-    never moved in 10 steps; at 1e-5, 85%). None where the step holds on weights of ~0.02."""
+    never moved in 10 steps; at 1e-5, 85%). None where the step holds on weights of ~0.02, or
+    where the single trainer keeps float32 master weights (train.master_weights)."""
+    learning_rate = train_cfg.learning_rate
     if model_cfg.dtype != "bfloat16" or model_cfg.lora.enabled or 512 * learning_rate >= 0.02:
+        return None
+    if train_cfg.master_weights and train_cfg.num_trainers == 1:
         return None
     return (
         f"note: model.dtype=bfloat16 trains bfloat16 weights, which keep 8 significant bits: an AdamW step "
         f"of about train.learning_rate={learning_rate:g} rounds away on every weight larger than "
-        f"{512 * learning_rate:.1g}, most of a model's, so those never change; set model.dtype=float32, or "
-        "model.lora.enabled=true (the adapters train in float32)"
+        f"{512 * learning_rate:.1g}, most of a model's, so those never change; set model.dtype=float32, "
+        "model.lora.enabled=true (the adapters train in float32), or, with one trainer, train.master_weights=true"
     )
 
 
 class Trainer:
     fused_optimizer = True  # see __init__
+    master_weights_supported = True  # DistributedTrainer: FSDP2's mixed precision, or none
     writes_files = True  # this process writes checkpoints (one of several data-parallel ones may not)
 
     def __init__(
@@ -152,7 +158,15 @@ class Trainer:
         # for the smoke model). Where accelerate moves or shards the parameters after this
         # (forge.train.distributed), torch picks its own default.
         fused = self.fused_optimizer and all(p.device.type in ("cpu", "cuda") for p in params)
-        self.optimizer = torch.optim.AdamW(
+        # bfloat16 weights keep 8 significant bits: steps at RL's learning rates round away on
+        # them, so the single trainer steps float32 copies (forge.train.master_weights).
+        master = (
+            train_cfg.master_weights
+            and self.master_weights_supported
+            and any(p.dtype == torch.bfloat16 for p in params)
+        )
+        optimizer_class = MasterWeightAdamW if master else torch.optim.AdamW
+        self.optimizer = optimizer_class(
             params,
             lr=train_cfg.learning_rate,
             weight_decay=train_cfg.weight_decay,
