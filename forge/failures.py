@@ -7,9 +7,13 @@ from __future__ import annotations
 import sys
 from collections import deque
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from forge.env.errors import error_headline, error_kind
 from forge.types import Trajectory
+
+if TYPE_CHECKING:
+    from forge.config import Config
 
 
 def env_fix(env_name: str) -> str:
@@ -223,3 +227,19 @@ class SignalWatch:
                 f"episode's advantage was 0; {scored}), so it trained on nothing (train.max_steps_without_signal="
                 f"{self.max_steps}; 0 never stops). {fix}"
             )
+
+
+def env_watches(cfg: Config, from_scratch: bool) -> tuple[FailureWatch, SignalWatch]:
+    """The failure and learning-signal watches of a run whose episodes the env plays (sync
+    and async runs), with the fixes its config points to; `from_scratch`: not resumed."""
+    fix = env_fix(cfg.env.name)
+    failures = FailureWatch(cfg.env.max_error_fraction, cfg.env.error_window_steps, fix)
+    signal = SignalWatch(
+        cfg.train.max_steps_without_signal,
+        signal_fix(cfg.env.name, cfg.rollout.max_turns, cfg.rollout.max_new_tokens),
+        from_scratch=from_scratch,
+        error_fix=fix,
+        timeout_fix=env_timeout_fix(cfg.env.step_timeout_s, cfg.env.episode_timeout_s),
+        solved_fix=solved_fix(cfg.reward.speed.enabled, cfg.reward.speed.measure),
+    )
+    return failures, signal

@@ -470,13 +470,26 @@ def test_a_chat_tool_call_without_its_result_is_a_400_naming_the_missing_ids(ser
     assert len(engine.requests) == asked and calls_of(server, episode) == []
 
 
-def test_a_responses_function_call_output_that_answers_no_call_is_a_400_naming_the_call_id(served, qwen):
+def responses_call_made(served, qwen):
+    """An episode whose agent asked once through the Responses API, with the guess tool, and
+    got a function call back: (server, engine, episode, agent client, tools, that response)."""
     server, engine = served
     say(served, qwen, CALL)
     episode = start(server)
     agent = client(server, episode["episode_id"])
     tools = [{"type": "function", **GUESS["function"]}]
-    first = agent.responses.create(model="p", input="Guess.", tools=tools)
+    return (
+        server,
+        engine,
+        episode,
+        agent,
+        tools,
+        agent.responses.create(model="p", input="Guess.", tools=tools),
+    )
+
+
+def test_a_responses_function_call_output_that_answers_no_call_is_a_400_naming_the_call_id(served, qwen):
+    server, engine, episode, agent, tools, first = responses_call_made(served, qwen)
     [function_call] = first.output
     stray = {"type": "function_call_output", "call_id": "call_stray", "output": "higher"}
     asked = len(engine.requests)
@@ -501,12 +514,7 @@ def test_a_responses_function_call_output_that_answers_no_call_is_a_400_naming_t
 def test_a_responses_function_call_without_its_output_is_a_400_naming_the_call_id(served, qwen):
     """As the API's "No tool output found for function call ..." (param input): whether the
     call is the previous response's or one of this request's input items."""
-    server, engine = served
-    say(served, qwen, CALL)
-    episode = start(server)
-    agent = client(server, episode["episode_id"])
-    tools = [{"type": "function", **GUESS["function"]}]
-    first = agent.responses.create(model="p", input="Guess.", tools=tools)
+    server, engine, episode, agent, tools, first = responses_call_made(served, qwen)
     [function_call] = first.output
     call_id = function_call.call_id
     asked = len(engine.requests)

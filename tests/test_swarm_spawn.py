@@ -98,8 +98,9 @@ LIMITS = EpisodeLimits(max_turns=4, max_new_tokens=4096, max_context_tokens=1 <<
                        episode_timeout_s=60)  # fmt: skip
 
 
-def play(keys, rule=team_rule, swarm=None, subagent_rule=None):
-    """One orchestrator episode on FactsEnv; sub-agents on a second engine when `subagent_rule`."""
+def play(keys, rule=team_rule, swarm=None, subagent_rule=None, env_class=None):
+    """One orchestrator episode on FactsEnv (or `env_class`); sub-agents on a second engine
+    when `subagent_rule`."""
     swarm = swarm or SwarmLimits()
     engine = RuleEngine(rule)
     sub_engine = RuleEngine(subagent_rule, policy_version=0) if subagent_rule else engine
@@ -107,7 +108,7 @@ def play(keys, rule=team_rule, swarm=None, subagent_rule=None):
     async def episode():
         batching = BatchingEngine(engine)
         sub_batching = BatchingEngine(sub_engine) if subagent_rule else batching
-        env = FactsEnv()
+        env = (env_class or FactsEnv)()
         spawner = Spawner(env, sub_batching, batching, ByteChat(), LIMITS, swarm, "t", "g/0", seed=7)
         spawner.attach()
         try:
@@ -154,20 +155,8 @@ def test_a_subagents_calls_past_max_calls_per_turn_are_refused_with_an_error_as_
             return call("lookup", key=message.split()[1]) * 3
         return team_rule(message, prompt)
 
-    engine = RuleEngine(rule)
-
-    async def episode():
-        batching = BatchingEngine(engine)
-        env = TwoCallsEnv()
-        spawner = Spawner(env, batching, batching, ByteChat(), LIMITS, SwarmLimits(), "t", "g/0", seed=7)
-        spawner.attach()
-        try:
-            return await run_episode(env, {"task_id": "t", "keys": ["a"]}, 0, batching, ByteChat(), LIMITS, "g",
-                                     spawner)  # fmt: skip
-        finally:
-            await batching.close()
-
-    helper = asyncio.run(episode()).subagents[0]
+    trajectory, engine, _ = play(["a"], rule=rule, env_class=TwoCallsEnv)
+    helper = trajectory.subagents[0]
     helper_prompts = [p for batch in engine.batches for p in batch if p.startswith("helper")]
     assert "error: at most 2 tool calls per turn; the rest were ignored" in helper_prompts[1]
     assert helper.info["tool_calls"] == 2 and helper.info["tool_errors"] == 1
@@ -338,21 +327,9 @@ def test_a_huge_subagent_answer_leaves_room_for_the_others():
             return call("spawn", tasks=[{"prompt": "key a"}, {"prompt": "key b"}])
         return team_rule(message, prompt)
 
-    engine = RuleEngine(rule)
-
-    async def episode():
-        batching = BatchingEngine(engine)
-        env = HugeEnv()
-        spawner = Spawner(env, batching, batching, ByteChat(), LIMITS, SwarmLimits(subagent_max_turns=1), "t",
-                          "g/0", seed=7)  # fmt: skip
-        spawner.attach()
-        try:
-            return await run_episode(env, {"task_id": "t", "keys": ["a", "b"]}, 0, batching, ByteChat(), LIMITS,
-                                     "g", spawner)  # fmt: skip
-        finally:
-            await batching.close()
-
-    trajectory = asyncio.run(episode())
+    trajectory, engine, _ = play(
+        ["a", "b"], rule=rule, swarm=SwarmLimits(subagent_max_turns=1), env_class=HugeEnv
+    )
     assert "[2] b=2" in tool_result(engine, 0)
     assert len(trajectory.subagents[0].info["answer"]) < 1100
 
@@ -362,20 +339,7 @@ def test_a_subagent_whose_judge_raises_fails_at_the_users_line():
         def subtask_succeeded(self, prompt, answer):
             raise KeyError("judge broke")
 
-    engine = RuleEngine(team_rule)
-
-    async def episode():
-        batching = BatchingEngine(engine)
-        env = BadJudgeEnv()
-        spawner = Spawner(env, batching, batching, ByteChat(), LIMITS, SwarmLimits(), "t", "g/0", seed=7)
-        spawner.attach()
-        try:
-            return await run_episode(env, {"task_id": "t", "keys": ["a"]}, 0, batching, ByteChat(), LIMITS, "g",
-                                     spawner)  # fmt: skip
-        finally:
-            await batching.close()
-
-    trajectory = asyncio.run(episode())
+    trajectory, engine, _ = play(["a"], env_class=BadJudgeEnv)
     helper = trajectory.subagents[0]
     assert helper.status == "error" and not helper.success
     assert (
@@ -408,23 +372,9 @@ def test_a_subagent_whose_judge_hangs_is_cut_at_the_timeout_and_the_episode_goes
             release.wait(60)
             return True
 
-    engine = RuleEngine(team_rule)
-
-    async def episode():
-        batching = BatchingEngine(engine)
-        env = HangingJudgeEnv()
-        spawner = Spawner(env, batching, batching, ByteChat(), LIMITS, SwarmLimits(timeout_s=0.5), "t", "g/0",
-                          seed=7)  # fmt: skip
-        spawner.attach()
-        try:
-            return await run_episode(env, {"task_id": "t", "keys": ["a"]}, 0, batching, ByteChat(), LIMITS, "g",
-                                     spawner)  # fmt: skip
-        finally:
-            await batching.close()
-
     started = time.monotonic()
     try:
-        trajectory = asyncio.run(episode())
+        trajectory, engine, _ = play(["a"], swarm=SwarmLimits(timeout_s=0.5), env_class=HangingJudgeEnv)
     finally:
         release.set()
     assert time.monotonic() - started < 10

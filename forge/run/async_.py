@@ -11,15 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from forge.config import Config
-from forge.failures import (
-    FailureWatch,
-    RunStopped,
-    SignalWatch,
-    env_fix,
-    env_timeout_fix,
-    signal_fix,
-    solved_fix,
-)
+from forge.failures import RunStopped, env_watches
 from forge.run.context import (
     Run,
     RunResult,
@@ -171,18 +163,7 @@ class AsyncLoop:
         self.lost = 0  # episodes lost since the last step
         # Dead workers' episodes lost so far, said once the last of their calls in flight has ended.
         self.lost_by_death: dict[int, int] = {}
-        fix = env_fix(cfg.env.name)
-        self.failures = FailureWatch(cfg.env.max_error_fraction, cfg.env.error_window_steps, fix)
-        fix = signal_fix(cfg.env.name, cfg.rollout.max_turns, cfg.rollout.max_new_tokens)
-        timeouts = env_timeout_fix(cfg.env.step_timeout_s, cfg.env.episode_timeout_s)
-        self.signal = SignalWatch(
-            cfg.train.max_steps_without_signal,
-            fix,
-            from_scratch=step == 0,
-            error_fix=env_fix(cfg.env.name),
-            timeout_fix=timeouts,
-            solved_fix=solved_fix(cfg.reward.speed.enabled, cfg.reward.speed.measure),
-        )
+        self.failures, self.signal = env_watches(cfg, from_scratch=step == 0)
         self.loop_started = self.step_ended = time.perf_counter()
 
     def checkpoint_due(self, step: int) -> bool:

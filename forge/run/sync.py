@@ -7,15 +7,7 @@ import time
 from pathlib import Path
 
 from forge.config import Config
-from forge.failures import (
-    FailureWatch,
-    RunStopped,
-    SignalWatch,
-    env_fix,
-    env_timeout_fix,
-    signal_fix,
-    solved_fix,
-)
+from forge.failures import FailureWatch, RunStopped, env_watches
 from forge.run.context import (
     Run,
     RunResult,
@@ -40,17 +32,7 @@ def train_sync(
     output = Path(output_dir or cfg.output_dir)
     run, done, _ = open_run(cfg, output, resume)
     log = StepLog(cfg, output, progress, "train", done)
-    failures = FailureWatch(cfg.env.max_error_fraction, cfg.env.error_window_steps, env_fix(cfg.env.name))
-    fix = signal_fix(cfg.env.name, cfg.rollout.max_turns, cfg.rollout.max_new_tokens)
-    timeouts = env_timeout_fix(cfg.env.step_timeout_s, cfg.env.episode_timeout_s)
-    signal = SignalWatch(
-        cfg.train.max_steps_without_signal,
-        fix,
-        from_scratch=done == 0,
-        error_fix=env_fix(cfg.env.name),
-        timeout_fix=timeouts,
-        solved_fix=solved_fix(cfg.reward.speed.enabled, cfg.reward.speed.measure),
-    )
+    failures, signal = env_watches(cfg, from_scratch=done == 0)
     step = done
     try:
         for step in range(done + 1, cfg.train.max_steps + 1):
