@@ -243,3 +243,18 @@ def env_watches(cfg: Config, from_scratch: bool) -> tuple[FailureWatch, SignalWa
         solved_fix=solved_fix(cfg.reward.speed.enabled, cfg.reward.speed.measure),
     )
     return failures, signal
+
+
+def gateway_watches(cfg: Config, from_scratch: bool) -> tuple[FailureWatch, SignalWatch]:
+    """The failure and learning-signal watches of a gateway run, whose episodes are agent
+    processes: an errored episode is most often an agent that crashed (or an env error)."""
+    failures = FailureWatch(cfg.env.max_error_fraction, cfg.env.error_window_steps, AGENT_FIX)
+    signal = SignalWatch(
+        cfg.train.max_steps_without_signal,
+        AGENT_SIGNAL_FIX,
+        from_scratch=from_scratch,
+        error_fix=AGENT_FIX,
+        timeout_fix=agent_timeout_fix(cfg.gateway.agent_timeout_s),
+        solved_fix=solved_fix(cfg.reward.speed.enabled, cfg.reward.speed.measure),
+    )
+    return failures, signal

@@ -192,3 +192,14 @@ def test_a_run_with_reward_speed_on_that_solved_every_task_is_not_told_to_turn_i
         "reward.speed, which is on, scored each group's episodes alike (their critical_steps were the same)"
         in said
     )
+
+
+def test_a_gateway_run_with_reward_speed_on_that_solved_every_task_is_not_told_to_turn_it_on(capsys):
+    from forge.failures import gateway_watches
+
+    cfg = load_config("configs/gateway-smoke.yaml", ["reward.speed.enabled=true"])
+    _, watch = gateway_watches(cfg, from_scratch=True)
+    watch.observe(1, {"signal_fraction": 0.0, "reward_mean": 1.0, "success_rate": 1.0})
+    said = capsys.readouterr().err
+    assert "a reward term that tells solved episodes apart (reward.speed)" not in said
+    assert "reward.speed, which is on, scored each group's episodes alike" in said

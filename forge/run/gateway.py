@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from forge.config import Config
-from forge.failures import AGENT_FIX, AGENT_SIGNAL_FIX, FailureWatch, SignalWatch, agent_timeout_fix
+from forge.failures import FailureWatch, gateway_watches
 from forge.gateway.agents import AgentExit, agent_argv, close_unfinished, run_agents
 from forge.gateway.episodes import Episode, EpisodeError, EpisodeStore, episode_samples
 from forge.gateway.server import Gateway, GatewayServer
@@ -69,16 +69,7 @@ def train_gateway(
         run.shutdown()
         raise
     log = StepLog(cfg, output, progress, "train (gateway)", done)
-    # An errored episode here is most often an agent process that crashed (or an env error).
-    failures = FailureWatch(cfg.env.max_error_fraction, cfg.env.error_window_steps, AGENT_FIX)
-    timeouts = agent_timeout_fix(cfg.gateway.agent_timeout_s)
-    signal = SignalWatch(
-        cfg.train.max_steps_without_signal,
-        AGENT_SIGNAL_FIX,
-        from_scratch=done == 0,
-        error_fix=AGENT_FIX,
-        timeout_fix=timeouts,
-    )
+    failures, signal = gateway_watches(cfg, from_scratch=done == 0)
     try:
         for step in range(done + 1, cfg.train.max_steps + 1):
             metrics = gateway_step(run, step, failures, log, started)
