@@ -8,6 +8,7 @@ import pickle
 import resource
 import signal
 import types
+import zipfile
 
 import pytest
 import torch
@@ -27,7 +28,9 @@ from forge.types import Sample
 
 def fill(step: int):
     def write(directory):
-        torch.save({"policy_version": step}, directory / "trainer.pt")
+        torch.save(
+            {"policy_version": step, "trainable": {"w": torch.arange(4096.0)}}, directory / "trainer.pt"
+        )
         (directory / "run_state.pkl").write_bytes(pickle.dumps({"step": step}))
 
     return write
@@ -181,8 +184,23 @@ def truncate(path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+def flip_a_weight_byte(path):
+    """Change one byte inside a saved tensor's bytes, as a bad disk or a bit flip in transit
+    does: torch.load reads it back as a different weight without an error."""
+    with zipfile.ZipFile(path) as archive:
+        record = max(archive.infolist(), key=lambda info: info.file_size)  # the tensor's data
+    data = bytearray(path.read_bytes())
+    name_and_extra = int.from_bytes(data[record.header_offset + 26 : record.header_offset + 28], "little")
+    name_and_extra += int.from_bytes(data[record.header_offset + 28 : record.header_offset + 30], "little")
+    data[record.header_offset + 30 + name_and_extra + record.file_size // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
 DAMAGES = {
     "trainer.pt is damaged (BadZipFile": lambda d: truncate(d / "trainer.pt"),
+    "trainer.pt is damaged (its record trainer/data/0 fails its CRC check": lambda d: flip_a_weight_byte(
+        d / "trainer.pt"
+    ),
     "run_state.pkl is damaged (UnpicklingError": lambda d: (d / "run_state.pkl").write_bytes(b"\x80\x04junk"),
     "run_state.pkl is missing": lambda d: (d / "run_state.pkl").unlink(),
     "trainer.pt is missing": lambda d: (d / "trainer.pt").unlink(),
