@@ -247,8 +247,8 @@ def test_an_sglang_server_is_taken_back_when_its_model_info_says_the_current_wei
         client.http = HttpTransport("http://s:30000", 10, answering(exchange))
         return client
 
-    assert readmitted(sglang(SGLANG["get_model_info"]), 4)
-    assert not readmitted(sglang(SGLANG["get_model_info_after_a_restart"]), 4)
+    assert readmitted(sglang(SGLANG["model_info"]), 4)
+    assert not readmitted(sglang(SGLANG["model_info_after_a_restart"]), 4)
 
 
 # -- a live server that restarted unnoticed: asked at each rollout's start -----------------------
@@ -283,8 +283,8 @@ def test_a_live_sglang_server_back_at_its_default_weight_version_is_dropped_at_t
         client.http = HttpTransport("http://s:30000", 10, answering(exchange))
         return client
 
-    assert kept_live(sglang(SGLANG["get_model_info"]), 4)
-    assert not kept_live(sglang(SGLANG["get_model_info_after_a_restart"]), 4)
+    assert kept_live(sglang(SGLANG["model_info"]), 4)
+    assert not kept_live(sglang(SGLANG["model_info_after_a_restart"]), 4)
     assert (
         "engine http://s:30000 lost (it holds weights version 0, not 4 (restarted?))"
         in capsys.readouterr().err
@@ -618,10 +618,10 @@ class SGLangWeights(Restartable):
         recorded = super().transport()
 
         def handle(request: httpx.Request) -> httpx.Response:
-            if self.up and request.url.path == "/get_model_info":
+            if self.up and request.url.path == "/model_info":
                 self.seen.append(request.url.path)
                 return httpx.Response(
-                    200, json={**SGLANG["get_model_info"]["response"], "weight_version": self.held}
+                    200, json={**SGLANG["model_info"]["response"], "weight_version": self.held}
                 )
             if self.up and request.url.path == "/update_weights_from_disk":
                 self.held = json.loads(request.content)["weight_version"]
@@ -813,16 +813,21 @@ def test_an_async_run_tells_a_restarted_worker_the_engine_view_before_its_first_
 
 # -- SGLang with Forge's LoRA adapter: what the driver loaded is what workers sample ------------
 def sglang_lora_server(seen: list[dict]) -> httpx.MockTransport:
-    """An SGLang server in a LoRA run: GET /get_model_info keeps the base weights' version
-    ("default": loading an adapter does not change it); POST /generate answers as recorded."""
+    """An SGLang server in a LoRA run that loaded forge-v5: GET /model_info keeps the base
+    weights' version ("default": loading an adapter does not change it), GET /v1/models lists
+    the adapter; POST /generate answers as recorded."""
     answer = json.loads(json.dumps(SGLANG["generate"]["response"]))
     answer["meta_info"]["weight_version"] = "default"
 
     def handle(request: httpx.Request) -> httpx.Response:
         if request.url.path == "/health":
             return httpx.Response(200, text="")
-        if request.url.path == "/get_model_info":
-            return httpx.Response(200, json=SGLANG["get_model_info_after_a_restart"]["response"])
+        if request.url.path == "/model_info":
+            return httpx.Response(200, json=SGLANG["model_info_after_a_restart"]["response"])
+        if request.url.path == "/v1/models":
+            listed = json.loads(json.dumps(SGLANG["models_with_an_adapter"]["response"]))
+            listed["data"][1]["id"] = "forge-v5"
+            return httpx.Response(200, json=listed)
         seen.append(json.loads(request.content))
         return httpx.Response(200, json=answer)
 
@@ -847,7 +852,7 @@ def test_a_worker_samples_the_lora_adapter_the_driver_loaded_on_an_sglang_server
         )
 
     result = asyncio.run(play())
-    assert router.alive == [client.url]  # its /get_model_info says "default": not a restart
+    assert router.alive == [client.url]  # it lists forge-v5: not a restart
     assert seen[0]["lora_path"] == "forge-v5"
     assert result.policy_version == 5
 
@@ -890,12 +895,22 @@ class SGLangAdapters(Restartable):
                 return httpx.Response(
                     200, json={**SGLANG["unload_lora_adapter"]["response"], "loaded_adapters": self.loaded}
                 )
-            if path == "/get_model_info":
-                return httpx.Response(200, json=SGLANG["get_model_info_after_a_restart"]["response"])
+            if path == "/model_info":
+                return httpx.Response(200, json=SGLANG["model_info_after_a_restart"]["response"])
+            if path == "/v1/models":
+                base = SGLANG["models_with_an_adapter"]["response"]["data"]
+                cards = [
+                    base[0],
+                    *({**base[1], "id": name, "root": folder} for name, folder in self.loaded.items()),
+                ]
+                return httpx.Response(200, json={"object": "list", "data": cards})
             if path == "/generate":
                 name = body.get("lora_path")
                 if name not in self.loaded:
-                    message = f"The following requested LoRA adapters are not loaded: {name}"
+                    message = (
+                        f"The following requested LoRA adapters are not loaded: {name}\n"
+                        f"Loaded adapters: odict_keys({list(self.loaded)})."
+                    )
                     return httpx.Response(400, json={"error": {"message": message}})
                 self.sampled.append(name)
                 answer = json.loads(json.dumps(SGLANG["generate"]["response"]))

@@ -148,7 +148,10 @@ def test_a_request_an_older_sglang_pause_aborted_names_the_server_and_loses_only
     [
         ("vllm", "error_response_prompt_too_long"),
         ("vllm", "error_response_older_flat"),
+        ("vllm", "error_max_tokens_over_max_model_len"),
         ("sglang", "error_prompt_too_long"),
+        ("sglang", "error_prompt_and_max_new_tokens_too_long"),
+        ("sglang", "error_prompt_too_long_older"),
     ],
 )
 def test_a_prompt_over_the_servers_context_is_refused_with_its_message_and_the_settings_to_change(kind, name):
@@ -415,6 +418,75 @@ def test_a_vllm_that_lost_forges_adapter_in_a_restart_is_lost_not_an_episode_err
     base = vllm(answering(404, VLLM["error_model_not_found"]["response"]))  # no adapter: a naming mistake
     with pytest.raises(ProtocolError, match="--served-model-name"):
         asyncio.run(base.generate(GenerationRequest(PROMPT, 4)))
+
+
+def test_an_sglang_that_lost_forges_adapter_in_a_restart_is_lost_not_an_episode_error():
+    """SGLang refuses a request naming an adapter it has not loaded (400) and lists the ones it
+    has: none of Forge's after a restart (the engine is lost; before, every episode sent there
+    failed one by one while the server stayed in the pool), newer ones when only this worker's
+    version was unloaded since (that episode's error; the engine stays)."""
+    client = sglang(answering(400, SGLANG["error_lora_not_loaded_after_a_restart"]["response"]))
+    client.use_adapter(3)
+    with pytest.raises(EngineLost, match="http://sglang-2:30000.*no LoRA adapter 'forge-v3'.*restarted"):
+        asyncio.run(client.generate(GenerationRequest(PROMPT, 4)))
+    stale = sglang(answering(400, SGLANG["error_lora_not_loaded_an_older_version"]["response"]))
+    stale.use_adapter(3)
+    with pytest.raises(ProtocolError, match="not loaded: forge-v3") as refused:
+        asyncio.run(stale.generate(GenerationRequest(PROMPT, 4)))
+    assert not isinstance(refused.value, EngineLost) and refused.value.status == 400
+
+
+def test_an_sglang_that_no_longer_lists_forges_adapter_holds_version_0():
+    """With an adapter in use, GET /v1/models tells whether the server still has it (a restart
+    drops runtime adapters): 0 when it does not, so the router keeps it out until the next
+    sync loads it again; before, it said None (cannot say) and took the server back."""
+    listed = sglang(answering(200, SGLANG["models_with_an_adapter"]["response"]))
+    listed.use_adapter(3)
+    assert asyncio.run(listed.held_version()) is None  # it has forge-v3: which version, the driver knows
+    restarted = sglang(answering(200, SGLANG["models"]["response"]))
+    restarted.use_adapter(3)
+    assert asyncio.run(restarted.held_version()) == 0
+
+
+def model_info_server(*exchanges: dict, seen: list[str]) -> httpx.MockTransport:
+    routes = {exchange["path"]: exchange for exchange in exchanges}
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.path)
+        exchange = routes.get(request.url.path, SGLANG["model_info_route_missing"])
+        return httpx.Response(exchange.get("status", 200), json=exchange["response"])
+
+    return httpx.MockTransport(handle)
+
+
+def test_sglang_is_asked_its_weight_version_at_model_info_not_the_deprecated_name():
+    """Current SGLang answers GET /model_info and still /get_model_info, logging a deprecation
+    warning on each call (every version probe, every rollout); Forge asked only the old name."""
+    seen: list[str] = []
+    client = sglang(model_info_server(SGLANG["model_info"], SGLANG["get_model_info"], seen=seen))
+    assert asyncio.run(client.held_version()) == 4
+    assert seen == ["/model_info"]
+
+
+def test_an_sglang_older_than_model_info_is_asked_by_the_older_name():
+    seen: list[str] = []
+    client = sglang(model_info_server(SGLANG["get_model_info"], seen=seen))
+    assert asyncio.run(client.held_version()) == 4
+    assert asyncio.run(client.held_version()) == 4
+    assert seen == ["/model_info", "/get_model_info", "/get_model_info"]  # the 404 is not asked again
+
+
+def test_a_dropped_sglang_still_warming_up_stays_out_saying_so():
+    """A restarted SGLang listens before it is ready: while it warms up its GET /health
+    answers 503 with no body (recorded), which the router said was no answer at all."""
+    starting = SGLANG["health_while_starting"]
+    client = sglang(httpx.MockTransport(lambda request: httpx.Response(starting["status"], text="")))
+    client.http.busy_retry_delays_s = ()
+    router = Router([client])
+    router._drop(0, "ConnectError: connection refused")
+    router.engines[0].next_check = 0.0
+    assert asyncio.run(router._check_dropped(None)) == []
+    assert "GET /health did not answer 200 (down, or still starting)" in router.engines[0].lost_reason
 
 
 def server_info_with(**changes: object) -> dict:

@@ -322,6 +322,16 @@ async def send_cancellable(
         sending.cancel()  # done by now, unless this call itself was cancelled
 
 
+async def lists_model(http: HttpTransport, name: str, timeout_s: float) -> bool:
+    """Whether the server's `GET /v1/models` (vLLM's and SGLang's ModelList, runtime LoRA
+    adapters among its cards) lists `name`."""
+    body = await http.send(HttpCall("GET", "/v1/models"), timeout_s=timeout_s)
+    cards = body.get("data") if isinstance(body, dict) else None
+    return isinstance(cards, list) and any(
+        isinstance(card, dict) and card.get("id") == name for card in cards
+    )
+
+
 def check_prompt_kept(sent: int | None, counted: Any, url: str, fix: str) -> None:
     """Refuse an answer to a prompt the server shortened: its tokens would be trained as a
     continuation of context the model never saw. `counted` is the server's own prompt count."""

@@ -251,7 +251,9 @@ class Router:
             return False, f"weights version {self.version} not delivered to it yet"
         try:
             if not await client.healthy():
-                return False, "no answer to GET /health"
+                # Down, or up but not ready: SGLang listens before it has warmed up and
+                # answers 503 until then; vLLM listens only once its engine is up.
+                return False, "GET /health did not answer 200 (down, or still starting)"
             asked = getattr(client, "held_version", None)
             held = await asked(PROBE_TIMEOUT_S) if callable(asked) else None
         except (EngineLost, ProtocolError) as exc:

@@ -26,6 +26,7 @@ from forge.rollout.engines.remote import (
     as_policy_version,
     check_prompt_kept,
     generate_each,
+    lists_model,
     request_sampling,
     send_cancellable,
     top_logprob_pairs,
@@ -173,6 +174,27 @@ def continue_call() -> HttpCall:
     return HttpCall("POST", "/continue_generation", {})
 
 
+# GET /model_info (weight_version among the model's facts); SGLang before it named the route
+# /get_model_info, which newer releases still answer with a deprecation warning logged on every
+# call (http_server.py, "Endpoint '/get_model_info' is deprecated ... use '/model_info'").
+MODEL_INFO_PATHS = ("/model_info", "/get_model_info")
+
+# How SGLang refuses a request naming an adapter it has not loaded (LoRARegistry, python/sglang/
+# srt/lora/lora_registry.py: a ValueError answered 400 {"error": {"message"}}), and where the
+# message lists the ones it has.
+ADAPTER_NOT_LOADED = "LoRA adapters are not loaded"
+LOADED_ADAPTERS = "Loaded adapters:"
+
+
+def lost_adapter(message: str) -> bool:
+    """Whether a refusal says the server holds none of Forge's adapters (a restart drops them
+    all), as opposed to an older version the driver has since unloaded, beside newer ones."""
+    if ADAPTER_NOT_LOADED not in message:
+        return False
+    _, _, loaded = message.partition(LOADED_ADAPTERS)
+    return "forge-v" not in loaded
+
+
 def check_success(body: Any, what: str) -> None:
     """SGLang answers control calls with {"success": bool, "message" | "error_message": ...}."""
     if isinstance(body, dict) and body.get("success") is False:
@@ -193,18 +215,29 @@ class SGLangClient:
         self.sampling = sampling
         self.policy_version = 0
         self.lora_name: str | None = None
+        self._model_info_paths = MODEL_INFO_PATHS
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         # A request the gateway may give up (`cancel`) carries an id of Forge's making, unique
         # per call, so that it can be aborted: its connection is closed, which SGLang notices
         # only at its next look, and POST /abort_request names it.
         rid = f"forge-{uuid.uuid4().hex}" if request.cancel is not None else None
-        body = await send_cancellable(
-            self.http,
-            generate_call(request, self.sampling, self.lora_name, rid),
-            request.cancel,
-            abort_call(rid) if rid is not None else None,
-        )
+        try:
+            body = await send_cancellable(
+                self.http,
+                generate_call(request, self.sampling, self.lora_name, rid),
+                request.cancel,
+                abort_call(rid) if rid is not None else None,
+            )
+        except ProtocolError as exc:
+            if self.lora_name is not None and lost_adapter(str(exc)):
+                # The server holds none of Forge's adapters: it restarted (runtime adapters do not
+                # survive one), and every request naming the adapter would be refused. The engine
+                # is lost, not this episode; the next sync loads the adapter again.
+                raise EngineLost(
+                    self.url, f"serves no LoRA adapter {self.lora_name!r} any more (restarted?): {exc}"
+                ) from None
+            raise
         result = parse_generate(
             body, self.sampling.stop_token_ids, self.policy_version, request.top_logprobs, self.url
         )
@@ -229,16 +262,28 @@ class SGLangClient:
         return await self.http.healthy()
 
     async def held_version(self, timeout_s: float = PROBE_TIMEOUT_S) -> int | None:
-        """`GET /get_model_info`'s `weight_version` as a Forge version (0: "default" or the
+        """`GET /model_info`'s `weight_version` as a Forge version (0: "default" or the
         server's own --weight-version, as after a restart); None where it does not say. With
-        Forge's adapter in use, None: loading an adapter leaves the base weights' version as it
-        was, so that field says nothing of the adapter (a restarted server has lost it, and
-        requests that name it fail, which drops the server)."""
+        Forge's adapter in use (loading one leaves that field as it was): None while
+        `GET /v1/models` lists the adapter (which version it is, the driver knows), else 0 (a
+        restart drops runtime adapters)."""
         if self.lora_name is not None:
-            return None
-        body = await self.http.send(HttpCall("GET", "/get_model_info"), timeout_s=timeout_s)
+            return None if await lists_model(self.http, self.lora_name, timeout_s) else 0
+        body = await self._model_info(timeout_s)
         held = body.get("weight_version") if isinstance(body, dict) else None
         return None if held is None else as_policy_version(held)
+
+    async def _model_info(self, timeout_s: float) -> Any:
+        """GET /model_info, or /get_model_info on a server older than that name (it answers
+        404, and is asked by the older name from then on)."""
+        first, *older = self._model_info_paths
+        try:
+            return await self.http.send(HttpCall("GET", first), timeout_s=timeout_s)
+        except ProtocolError as exc:
+            if exc.status != 404 or not older:
+                raise
+        self._model_info_paths = tuple(older)
+        return await self.http.send(HttpCall("GET", older[0]), timeout_s=timeout_s)
 
     async def load_checkpoint(self, path: str, version: int) -> None:
         check_success(await self.http.send(update_from_disk_call(path, version)), "update_weights_from_disk")

@@ -2,7 +2,7 @@
 `return_tokens_as_token_ids` and `logprobs`; runtime LoRA loading; the weight-transfer
 control plane (`/pause`, `/init_weight_transfer_engine`, `/update_weights`, `/resume`).
 
-Written against vLLM's documented shapes (its OpenAI protocol, `entrypoints/serve/rlhf`
+Written against vLLM's documented shapes (its OpenAI protocol, `entrypoints/serve/dev/rlhf`
 router and examples), checked against recorded fixtures, not a running vLLM. Launch flags
 the requests need are in the README ("Inference servers").
 """
@@ -24,6 +24,7 @@ from forge.rollout.engines.remote import (
     as_policy_version,
     check_prompt_kept,
     generate_each,
+    lists_model,
     request_sampling,
     send_cancellable,
     top_logprob_pairs,
@@ -370,17 +371,9 @@ class VLLMClient:
         weights, `/weight_info`'s (0 after a restart, where it says None); None where the
         server cannot say (a vLLM before /weight_info)."""
         if self.model != self.base_model:
-            return None if await self._serves_adapter(timeout_s) else 0
+            return None if await lists_model(self.http, self.model, timeout_s) else 0
         known, held = await self.served_version(timeout_s)
         return as_policy_version(held) if known else None
-
-    async def _serves_adapter(self, timeout_s: float) -> bool:
-        """Whether `GET /v1/models` lists the adapter requests name."""
-        body = await self.http.send(HttpCall("GET", "/v1/models"), timeout_s=timeout_s)
-        cards = body.get("data") if isinstance(body, dict) else None
-        return isinstance(cards, list) and any(
-            isinstance(card, dict) and card.get("id") == self.model for card in cards
-        )
 
     async def resume(self) -> None:
         await self.http.send(resume_call())
