@@ -11,7 +11,7 @@ EOS = 0
 class ByteChat:
     """A chat format over raw bytes (token id = byte + 1, 0 = end of turn)."""
 
-    eos_token_id = EOS
+    eos_token_id = turn_end_id = EOS
     stop_token_ids = [EOS]
 
     def encode(self, text: str) -> list[int]:

@@ -5,6 +5,7 @@ tokenizer that knows only the words it is given (everything else is <unk>)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -112,17 +113,23 @@ FAMILIES = {
 }
 
 
-def byte_level_tokenizer(family: str, directory: Path) -> PreTrainedTokenizerFast:
+def byte_level_tokenizer(
+    family: str, directory: Path, more_specials: Sequence[str] = ()
+) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer (one token per byte, a few merges) with `family`'s special
-    tokens and chat template, saved to `directory` and loaded back from there."""
-    template, specials, eos, bos = FAMILIES[family]
+    tokens and chat template, saved to `directory` and loaded back from there. `more_specials`
+    (e.g. the base model's <|end_of_text|> beside Llama 3's <|eot_id|>) take the last ids."""
+    template, family_specials, eos, bos = FAMILIES[family]
+    specials = [*family_specials, *more_specials]
     alphabet = list(byte_to_char().values())
-    vocab = {token: i for i, token in enumerate(specials)}
+    vocab = {token: i for i, token in enumerate(family_specials)}
     for char in alphabet:
         vocab[char] = len(vocab)
     merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("a", "r")]
     for left, right in merges:
         vocab[left + right] = len(vocab)
+    for token in more_specials:
+        vocab[token] = len(vocab)
     backend = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()

@@ -1,7 +1,7 @@
 """A checkpoint whose chat template ends an assistant turn with a special token other than
 its eos token (Gemma's <end_of_turn> beside <eos>, the first Llama 3 tokenizers' <|eot_id|>
 beside <|end_of_text|>) trains multi-turn: generation stops at either, a turn cut at
-max_new_tokens is closed with the template's end of turn, and observations are appended
+max_new_tokens or ended at eos is closed with the template's end of turn, and observations are appended
 after it exactly as the template renders them. Generation also stops at every end id the
 checkpoint's generation_config.json lists (Llama-3.x-Instruct, Qwen2.5-Instruct list several)."""
 
@@ -67,11 +67,11 @@ def test_a_multi_turn_rollout_closes_cut_turns_with_the_templates_turn_end(base_
         assert t.status in {"ok", "truncated"}, t.status
         for turn in t.turns[:-1]:
             observation = t.token_ids[turn.end : turn.obs_end]
-            if turn.truncated:  # closed by the harness, with the template's end of turn
+            if not turn.truncated:  # the model stopped itself, at either stop token
+                assert t.token_ids[turn.end - 1] in worker.chat.stop_token_ids
+            if t.token_ids[turn.end - 1] != turn_end:  # cut, or at eos: closed by the harness
                 assert observation[0] == turn_end
                 observation = observation[1:]
-            else:  # the model stopped itself, at either stop token
-                assert t.token_ids[turn.end - 1] in worker.chat.stop_token_ids
             text = worker.tokenizer.decode(observation, skip_special_tokens=True).split()
             assert text[0] == "user" and text[1] in {"higher", "lower", "invalid"}
 
@@ -97,7 +97,8 @@ def test_generation_stops_at_every_end_id_the_generation_config_lists_and_trains
 ):
     """Before, only the tokenizer's eos and the template's turn end stopped generation: a reply
     ran on past <|endoftext|> to max_new_tokens. The listed end is the reply's last token,
-    sampled, trained on with its behaviour logprob (as eos is), and the observation follows it."""
+    sampled, trained on with its behaviour logprob (as eos is), and closed with the template's
+    turn end (tests/test_turn_close.py) before the observation."""
     assert generation_end_ids(tmp_path) == []  # no generation_config.json: no more ends
     cfg = Config()
     cfg.rollout.max_new_tokens, cfg.rollout.max_turns = 4, 2
@@ -120,7 +121,8 @@ def test_generation_stops_at_every_end_id_the_generation_config_lists_and_trains
             logits = model(input_ids=torch.tensor([t.token_ids[: turn.end - 1]])).logits[0, -1]
         want = torch.log_softmax(logits.float(), dim=-1)[listed].item()
         assert abs(t.behaviour_logprobs[turn.end - 1] - want) < 1e-4
-        if turn.obs_end > turn.end:  # the observation follows the end token, nothing between
+        if turn.obs_end > turn.end:  # closed with the template's turn end, then the observation
+            assert t.token_ids[turn.end] == turn_end and t.loss_mask[turn.end] == 0
             text = worker.tokenizer.decode(t.token_ids[turn.end : turn.obs_end], skip_special_tokens=True)
             assert text.split()[0] == "user"
 

@@ -24,7 +24,7 @@ LIMITS = EpisodeLimits(max_turns=6, max_new_tokens=64, max_context_tokens=1 << 2
 class WordChat:
     """Text chat over a toy word vocabulary (ids are positions in a growing table)."""
 
-    eos_token_id = 0
+    eos_token_id = turn_end_id = 0
     stop_token_ids = [0]
 
     def __init__(self):

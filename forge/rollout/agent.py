@@ -1,7 +1,8 @@
 """The multi-turn agent loop: one episode, token in, token out.
 
 Generated ids go into the trajectory exactly as sampled (loss mask 1, behaviour
-logprob, policy version); observations are appended through the chat template (mask 0).
+logprob, policy version); a reply not ended by the template's turn end is closed with it,
+and observations are appended through the chat template (mask 0).
 The harness, not the env, enforces step and episode time limits.
 """
 
@@ -137,9 +138,11 @@ async def run_episode(
             append(result.token_ids, trainable=True, lps=result.logprobs, version=result.policy_version)
             turn.end = len(token_ids)
             turn.truncated = not result.finished
-            if not result.finished:
-                # Close the turn so the conversation stays in template form; the model
-                # did not produce this token, so it is not trained on.
+            if result.token_ids[-1:] != [chat.turn_end_id]:
+                # Cut at max_new_tokens, or stopped at another end id (an eos beside the template's
+                # turn end, one the generation config lists): closed with the turn end, so what
+                # follows is what the template renders after an assistant message. The model did
+                # not sample this token: it is not trained on.
                 append([chat.turn_end_id], trainable=False)
             turns.append(turn)
 

@@ -29,8 +29,9 @@ class ChatFormat:
         # What the template ends an assistant turn with: the eos token, or another special token
         # (Gemma's <end_of_turn> beside its <eos>, the first Llama 3 tokenizers' <|eot_id|>
         # beside <|end_of_text|>). Generation stops at either, and at every end id the checkpoint's
-        # generation config lists; a turn cut at max_new_tokens is closed with the turn end. A stop
-        # token is the reply's last, sampled and trained on with its logprob.
+        # generation config lists. A stop token is the reply's last, sampled and trained on with its
+        # logprob; a reply that ended at another stop token or was cut at max_new_tokens is closed
+        # with the turn end (forge.rollout.agent), as the template closes an assistant message.
         self.turn_end = self._turn_end()
         self.turn_end_id: int = tokenizer.convert_tokens_to_ids(self.turn_end)
         self.stop_token_ids = list(dict.fromkeys([self.turn_end_id, self.eos_token_id, *end_token_ids]))
