@@ -962,3 +962,24 @@ def test_an_sglang_lora_run_loads_each_version_as_an_adapter_and_keeps_the_last_
     assert server.sampled == ["forge-v1", "forge-v2", "forge-v3"]
     assert "/update_weights_from_disk" not in server.seen
     assert pool.holders(3) == [url]
+
+
+def test_an_sglang_lora_server_restarted_between_two_pushes_counts_as_taken_back(
+    tmp_path, monkeypatch, capsys
+):
+    """A restarted SGLang has lost every adapter; no push failed, so the driver never saw it
+    lost. Before each push the driver asks whether it still lists the adapter it was given
+    (GET /v1/models): it did not ask SGLang servers in LoRA runs, so the restart went unsaid."""
+    url = "sglang+http://s:30000"
+    server = SGLangAdapters()
+    overrides = [f"rollout.weight_dir={tmp_path}", "model.lora.enabled=true", "train.mode=sync"]
+    pool = pool_over({url: server}, overrides, monkeypatch)
+    trainer = Trainer()
+    pool.sync([None], 1, trainer)
+    pool.sync([None], 2, trainer)
+    server.loaded.clear()  # restarted, up again before the next push
+    pool.sync([None], 3, trainer)
+    assert sorted(server.loaded) == ["forge-v3"] and pool.holders(3) == [url]
+    assert pool.engine_metrics()["engine_servers_readmitted"] == 1.0
+    console = capsys.readouterr().err
+    assert f"engine {url} says it holds weights version 0, not 2: it restarted since the last push" in console

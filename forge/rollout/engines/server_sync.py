@@ -35,14 +35,15 @@ class ServerWeights:
         gave them (`held`; each asked at once, within VERSION_PROBE_TIMEOUT_S), with what they say.
         Such a server restarted since with no push failing, so the driver never saw it
         lost, while a worker's rollout-start check dropped it; this sync takes it back. One
-        that cannot say, or does not answer in time, is not counted. Not asked: SGLang
-        servers in a LoRA run (their weight version is the base model's)."""
+        that cannot say, or does not answer in time, is not counted. In a LoRA run vLLM and
+        SGLang servers say whether they still list the adapter (a restart drops it); forge
+        serve servers are not asked."""
         from forge.rollout.engines.clients import make_client
         from forge.rollout.engines.remote import Sampling
 
         given = {url: held[url] for url in urls if held.get(url, 0) > 0}
         clients = [make_client(url, self.model, Sampling()) for url in given]
-        asked = [client for client in clients if not self.lora or client.kind == "vllm"]
+        asked = [client for client in clients if not self.lora or client.kind in ("vllm", "sglang")]
         for client in asked:
             if self.lora:  # it holds the version if it still lists the adapter its requests name
                 client.use_adapter(given[client.spec])
