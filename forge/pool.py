@@ -19,7 +19,7 @@ import math
 from collections import Counter
 from typing import Any
 
-from forge.types import NO_VERSION, Trajectory
+from forge.types import NO_VERSION, Sample, Trajectory
 
 
 def group_version(trajectories: list[Trajectory]) -> int | None:
@@ -28,15 +28,22 @@ def group_version(trajectories: list[Trajectory]) -> int | None:
     return min(versions) if versions else None
 
 
-def staleness_metrics(batch: list[list[Trajectory]], at_version: int) -> dict[str, float]:
+def staleness_metrics(
+    batch: list[list[Trajectory]], at_version: int, trained: list[Sample]
+) -> dict[str, float]:
     """How many policy versions `batch` lags a trainer at `at_version`: per group (its oldest
-    token; a group without generated tokens counts as fresh) and per generated token."""
+    token; a group without generated tokens counts as fresh) and per token of `trained`, the
+    samples the step trains on (sub-agents' too, with swarm.train_subagents)."""
     versions = [group_version(g) for g in batch]
     lags = [0 if v is None else at_version - v for v in versions]
     # Per token, the distribution actually trained on: an episode that spanned weight
-    # updates holds tokens of several versions.
+    # updates holds tokens of several versions. Counted from the samples, not the batch's
+    # episodes, whose sub-agents train as samples of their own.
     token_lags = Counter(
-        at_version - v for group in batch for t in group for v in t.policy_versions if v != NO_VERSION
+        at_version - v
+        for sample in trained
+        for v, mask in zip(sample.policy_versions, sample.loss_mask, strict=True)
+        if mask and v != NO_VERSION
     )
     return {
         "staleness_mean": sum(lags) / len(lags),

@@ -188,3 +188,40 @@ def test_a_worker_that_dies_with_two_calls_in_flight_is_told_once_with_every_los
     assert told == []  # its other call has not raised yet
     loop.worker_died("second", "rollout worker died: killed")
     assert told == [(0, 12)] and loop.lost == 12
+
+
+def test_staleness_tokens_count_every_trained_token_once_subagents_included():
+    """An async step's `staleness_tokens/K` counts the tokens it trains on, by lag: with
+    swarm.train_subagents the sub-agents' samples are trained too, and counted (they were not:
+    only the orchestrators' tokens were)."""
+    from types import SimpleNamespace
+
+    from forge.reward.shaping import RewardShaper
+    from forge.run.async_ import AsyncLoop
+    from forge.types import NO_VERSION, Trajectory, Turn
+
+    def episode(version: int, success: bool, group: str, subagents=()) -> Trajectory:
+        return Trajectory("t", group, [1, 2, 3, 4], [0, 1, 1, 1], [0.0, -0.5, -0.5, -0.5],
+                          [NO_VERSION, version, version, version], 1, turns=[Turn(1, 4, 4)],
+                          outcome=float(success), success=success, subagents=list(subagents),
+                          parent_turn=0 if group.endswith("/sub") else None)  # fmt: skip
+
+    # Orchestrators sampled at version 2, their sub-agents (spawned later) at version 3.
+    group = [
+        episode(2, True, "g", [episode(3, True, "g/sub"), episode(3, False, "g/sub")]),
+        episode(2, False, "g", [episode(3, False, "g/sub")]),
+    ]
+    handed: list = []
+    loop = AsyncLoop.__new__(AsyncLoop)
+    loop.cfg = load_config("configs/swarm.yaml", ["train.mode=async"])
+    assert loop.cfg.swarm.train_subagents
+    trainer = SimpleNamespace(train_and_publish=SimpleNamespace(remote=lambda s: handed.append(s) or "ref"))
+    loop.run = SimpleNamespace(shaper=RewardShaper(loop.cfg.reward), trainer=trainer)
+    loop.trainer_version, loop.queued, loop.submitted = 4, [], 0
+    loop.submit([group], {})
+    (samples,) = handed
+    assert len(samples) == 5  # two orchestrators, three sub-agents
+    metrics = loop.queued[0][2]
+    counted = {key: n for key, n in metrics.items() if key.startswith("staleness_tokens/")}
+    assert counted == {"staleness_tokens/1": 9.0, "staleness_tokens/2": 6.0}
+    assert sum(counted.values()) == sum(sum(sample.loss_mask) for sample in samples)

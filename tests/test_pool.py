@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from forge.pool import DataPool, group_version, staleness_metrics
-from forge.types import NO_VERSION, Trajectory
+from forge.types import NO_VERSION, Sample, Trajectory
 
 
 def episode(version: int, status: str = "ok") -> Trajectory:
@@ -23,6 +23,10 @@ def episode(version: int, status: str = "ok") -> Trajectory:
 
 def group(version: int = 0, size: int = 2) -> list[Trajectory]:
     return [episode(version) for _ in range(size)]
+
+
+def samples(batch: list[list[Trajectory]]) -> list[Sample]:
+    return [Sample.from_trajectory(t, 1.0) for g in batch for t in g]
 
 
 def test_groups_leave_in_generation_order_when_all_are_finished():
@@ -63,14 +67,16 @@ def test_a_group_spanning_a_sync_counts_as_its_oldest_version():
 
 def test_a_batch_from_policy_version_0_is_one_version_stale_for_a_trainer_at_1():
     # Version 0 (the initial weights) is a version like any other, not "no version".
-    metrics = staleness_metrics([group(version=0), group(version=1)], at_version=1)
+    batch = [group(version=0), group(version=1)]
+    metrics = staleness_metrics(batch, at_version=1, trained=samples(batch))
     assert metrics["staleness_mean"] == 0.5 and metrics["staleness_max"] == 1.0
     assert metrics["staleness_tokens/1"] == metrics["staleness_tokens/0"] == 4.0
 
 
 def test_a_group_without_generated_tokens_counts_as_fresh():
     empty = [Trajectory("t", "g", [1], [0], [0.0], [NO_VERSION], prompt_length=1)]
-    assert staleness_metrics([empty, group(version=2)], at_version=3) == {
+    batch = [empty, group(version=2)]
+    assert staleness_metrics(batch, at_version=3, trained=samples(batch)) == {
         "staleness_mean": 0.5,
         "staleness_max": 1.0,
         "staleness_tokens/1": 4.0,

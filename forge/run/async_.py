@@ -235,9 +235,10 @@ class AsyncLoop:
         reward_metrics, advantages = shape_rewards(
             self.run.shaper, trajectories, self.cfg, self.submitted + 1
         )
-        reward_metrics.update(staleness_metrics(batch, at_version))
+        samples = to_samples(trajectories, advantages, self.cfg)
+        reward_metrics.update(staleness_metrics(batch, at_version, samples))
         reward_metrics.update(pool_stats)
-        ref = self.run.trainer.train_and_publish.remote(to_samples(trajectories, advantages, self.cfg))
+        ref = self.run.trainer.train_and_publish.remote(samples)
         self.queued.append((ref, trajectories, reward_metrics))
         self.submitted += 1
 
