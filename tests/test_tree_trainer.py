@@ -51,3 +51,60 @@ def test_tree_and_padded_packing_train_the_same_step(tmp_path):
     # AdamW divides by sqrt(v), which turns float noise on near-zero gradients into visible
     # moves of single weights; the update as a whole still agrees closely.
     assert ((tree_update - padded_update).norm() / padded_update.norm()).item() <= 1e-3
+
+
+def multi_turn_samples(vocab: int) -> list[Sample]:
+    """A group whose first three replies sampled the same first six tokens (the tree shares
+    trained tokens between samples of different advantages), then an observation and a
+    second reply (trained spans with a gap), with behaviour logprobs off the policy's."""
+    generator = torch.Generator().manual_seed(0)
+
+    def tokens(n: int) -> list[int]:
+        return torch.randint(8, vocab, (n,), generator=generator).tolist()
+
+    prompt, shared_reply, observation = tokens(20), tokens(6), tokens(5)
+    samples = []
+    for i in range(6):
+        reply = shared_reply + tokens(2 + i) if i < 3 else tokens(4 + i)
+        second = tokens(3 + i)
+        sequence = prompt + reply + observation + second
+        mask = [0] * len(prompt) + [1] * len(reply) + [0] * len(observation) + [1] * len(second)
+        behaviour = [-3.0 - 0.3 * torch.rand(1, generator=generator).item() if m else 0.0 for m in mask]
+        samples.append(Sample(sequence, mask, behaviour, [0] * len(sequence), advantage=float(i - 2.5)))
+    return samples
+
+
+def second_step(model_dir, packing: str, samples: list[Sample], **train) -> tuple[dict, torch.Tensor]:
+    """The metrics and weight update of a trainer's second step on `samples`: the policy has
+    moved from the reference, so the KL term has a gradient."""
+    from forge.train.trainer import Trainer
+
+    trainer = Trainer(
+        model_dir,
+        ModelConfig(path=str(model_dir)),
+        TrainConfig(learning_rate=1e-3, **train),
+        TrainerConfig(packing=packing, max_tokens_per_microbatch=64),
+    )
+    trainer.train_step(samples)
+    before = torch.cat([p.detach().flatten().clone() for p in trainer.model.parameters()])
+    metrics = trainer.train_step(samples)
+    after = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+    return metrics, after - before
+
+
+@pytest.mark.slow  # 12 cases of two trainers' two steps: ~2 min
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"])
+@pytest.mark.parametrize("loss", ["pg", "ppo_clip", "cispo", "gspo"])
+def test_every_loss_and_aggregation_trains_the_same_step_on_the_tree_as_padded(tmp_path, loss, aggregation):
+    from forge.models.tiny import save_tiny_checkpoint
+
+    model_dir = save_tiny_checkpoint(TinyModelConfig(), tmp_path / "model")
+    samples = multi_turn_samples(json.loads((model_dir / "config.json").read_text())["vocab_size"])
+    train = {"loss": loss, "loss_aggregation": aggregation, "kl_coef": 0.1, "entropy_coef": 0.01}
+    tree_metrics, tree_update = second_step(model_dir, "tree", samples, **train)
+    padded_metrics, padded_update = second_step(model_dir, "padded", samples, **train)
+    assert tree_metrics["tree_token_ratio"] > 1.0  # the shared replies' tokens computed once
+    for key in ("loss", "policy_loss", "grad_norm", "ref_kl", "entropy"):
+        assert tree_metrics[key] == pytest.approx(padded_metrics[key], rel=1e-4, abs=1e-7), key
+    assert padded_metrics["ref_kl"] > 0
+    assert ((tree_update - padded_update).norm() / padded_update.norm()).item() <= 1e-2
