@@ -396,3 +396,27 @@ def test_a_checkpoint_keyed_by_parameter_index_is_refused_with_the_reason(tiny_c
     torch.save(state, tmp_path / "trainer.pt")
     with pytest.raises(ValueError, match="by parameter index"):
         load_trainer(trainer, tmp_path)
+
+
+def test_a_resumed_trainer_takes_the_learning_rate_and_weight_decay_of_its_config(tiny_checkpoint, tmp_path):
+    from forge.train.checkpoint import load_trainer, save_trainer
+    from forge.train.trainer import Trainer
+
+    def make(train_cfg: TrainConfig) -> Trainer:
+        return Trainer(
+            tiny_checkpoint, ModelConfig(path=str(tiny_checkpoint)), train_cfg, TrainerConfig(), seed=3
+        )
+
+    first = TrainConfig(learning_rate=0.01, max_steps=4, warmup_steps=2)
+    original = make(first)
+    original.train_step(samples(16, 0))
+    save_trainer(original, tmp_path)
+
+    changed = first.model_copy(update={"learning_rate": 0.002, "weight_decay": 0.1, "lr_schedule": "linear"})
+    resumed = make(changed)
+    load_trainer(resumed, tmp_path)
+    # The second optimizer step: warmup's 2/2 of the new rate, as a run started with it would take.
+    assert resumed.scheduler.get_last_lr() == pytest.approx([0.002])
+    assert [group["lr"] for group in resumed.optimizer.param_groups] == pytest.approx([0.002])
+    assert [group["weight_decay"] for group in resumed.optimizer.param_groups] == [0.1]
+    assert resumed.train_step(samples(16, 1))["learning_rate"] == pytest.approx(0.002)

@@ -15,6 +15,7 @@ import os
 import pickle
 import random
 import shutil
+import sys
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -246,12 +247,26 @@ def restore_trainer_state(trainer: Any, state: dict[str, Any]) -> None:
         )
     trainer.load_training_state(saved, state["optimizer"])
     trainer.scheduler.load_state_dict(state["scheduler"])
+    take_config_hyperparameters(trainer.optimizer, trainer.scheduler, trainer.train_cfg)
     trainer.policy_version = state["policy_version"]
     trainer._shuffle.set_state(state["shuffle_rng"])
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     random.setstate(state["python_rng"])
+
+
+def take_config_hyperparameters(optimizer: Any, scheduler: Any, train_cfg: Any) -> None:
+    """Give a restored optimizer the config's `train.learning_rate` and `train.weight_decay`:
+    their saved state holds the values the run started with, so a resume that changed them
+    would otherwise train on the old ones unsaid. The schedule (warmup, decay over the new
+    `max_steps`) goes on from the optimizer steps taken."""
+    scheduler.base_lrs = [train_cfg.learning_rate] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"] = train_cfg.learning_rate
+        group["lr"] = train_cfg.learning_rate * factor(scheduler.last_epoch)
+        group["weight_decay"] = train_cfg.weight_decay
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def save_trainer(trainer: Any, directory: str | Path) -> None:
@@ -320,13 +335,18 @@ def restore_run(run: Any) -> int:
         state = pickle.load(handle)
     worker_rng = state["worker_rng"]
     if worker_rng is not None and len(worker_rng) != len(run.workers):
-        raise ValueError(
-            f"the checkpoint was written with rollout.num_workers={len(worker_rng)}, "
-            f"the config asks for {len(run.workers)}; resume with the run's original value"
+        # A resume may change the rollout layout (a bigger machine, a smaller one): the workers
+        # both layouts have take their saved state, a new one starts from its seed.
+        print(
+            f"forge: the checkpoint was written with rollout.num_workers={len(worker_rng)} and this run has "
+            f"{len(run.workers)}: workers 0-{min(len(worker_rng), len(run.workers)) - 1} resume their episode "
+            "and sampling streams, any other starts from its seed, so this run samples other episodes than "
+            "an uninterrupted one would",
+            file=sys.stderr,
         )
     ray.get(run.trainer.load_state.remote(str(directory)))
     if worker_rng is not None:
-        ray.get([w.set_rng_state.remote(s) for w, s in zip(run.workers, worker_rng, strict=True)])
+        ray.get([w.set_rng_state.remote(s) for w, s in zip(run.workers, worker_rng, strict=False)])
     run.tasks.rng.setstate(state["tasks"]["rng"])
     run.tasks.order = list(state["tasks"]["order"])
     run.tasks.position = state["tasks"]["position"]
