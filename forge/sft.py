@@ -21,19 +21,99 @@ def _encode(tokenizer: Any, messages: list[dict[str, Any]], generation_prompt: b
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+_PROBE_CALL = "forge_probe_call_5c1e"
+
+
+def template_renders_tool_calls(tokenizer: Any) -> bool:
+    """Whether `tokenizer`'s chat template writes an assistant message's `tool_calls` (one
+    that does not, or refuses them, renders such a message as its text alone)."""
+    call = {"id": "forgeprob", "type": "function", "function": {"name": _PROBE_CALL, "arguments": {}}}
+    messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+    try:
+        return _PROBE_CALL in tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that refuses tool_calls does not render them
+        return False
+
+
+def _call_arguments(call: dict[str, Any]) -> dict[str, Any]:
+    """A tool call's arguments as a dict: OpenAI's messages give them as JSON text, which
+    templates (and the env's parser) take as an object."""
+    function = call["function"]
+    arguments = function.get("arguments", {})
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError as exc:
+            raise ValueError(
+                f"tool call {function.get('name')!r} has arguments that are not JSON ({exc.msg}): {arguments[:200]}"
+            ) from None
+    if not isinstance(arguments, dict):
+        raise ValueError(f"tool call {function.get('name')!r} has arguments that are not a JSON object")
+    return arguments
+
+
+def as_rollout_renders(messages: list[dict[str, Any]], renders_tool_calls: bool) -> list[dict[str, Any]]:
+    """`messages` with their tool calls in the form a rollout shows the model. Arguments
+    given as JSON text become objects. For a template that does not write `tool_calls`, each
+    call becomes Hermes text in its assistant message (`<tool_call>{"name", "arguments"}
+    </tool_call>`, what a `ToolEnv` parses from a reply) and each run of tool results one user
+    message of `<tool_response>` blocks (what `ToolEnv.format_responses` answers), as a
+    rollout renders every observation: else such a template renders a call as an empty turn,
+    and the warm start teaches the model to reply with nothing."""
+    out: list[dict[str, Any]] = []
+    responses: list[str] = []  # the tool results since the last other message
+    for message in messages:
+        if message.get("role") == "tool" and not renders_tool_calls:
+            responses.append(f"<tool_response>\n{message.get('content') or ''}\n</tool_response>")
+            continue
+        if responses:
+            out.append({"role": "user", "content": "\n".join(responses)})
+            responses = []
+        calls = message.get("tool_calls") or []
+        if message.get("role") != "assistant" or not calls:
+            out.append(message)
+            continue
+        functions = [{**call["function"], "arguments": _call_arguments(call)} for call in calls]
+        if renders_tool_calls:
+            out.append(
+                {
+                    **message,
+                    "tool_calls": [{**c, "function": f} for c, f in zip(calls, functions, strict=True)],
+                }
+            )
+            continue
+        text = [message.get("content") or ""]
+        text += [
+            f"<tool_call>{json.dumps({'name': f['name'], 'arguments': f['arguments']})}</tool_call>"
+            for f in functions
+        ]
+        out.append({"role": "assistant", "content": "\n".join(part for part in text if part)})
+    if responses:
+        out.append({"role": "user", "content": "\n".join(responses)})
+    return out
+
+
 def transcript_sample(
-    tokenizer: Any, messages: list[dict[str, Any]], system_in_user: bool | None = None
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    system_in_user: bool | None = None,
+    renders_tool_calls: bool | None = None,
 ) -> Sample:
     """One transcript as a training sample: the tokens of each assistant message (its
     text and end of turn) have loss mask 1, every other token 0. The transcript is
     rendered through the model's chat template one message at a time, so the assistant
     spans are exactly the tokens the template adds for them. A template that takes no system
     message (`system_in_user`, found from the tokenizer when None) gets a leading one in the
-    first user message, as a rollout renders an env's system prompt."""
+    first user message, as a rollout renders an env's system prompt; one that does not write
+    tool calls (`renders_tool_calls`, found when None) gets them as a rollout shows them
+    (`as_rollout_renders`)."""
     from forge.rollout.chat import ChatFormat, system_in_first_user
 
     if system_in_user is None:
         system_in_user = ChatFormat(tokenizer).system_in_user
+    if renders_tool_calls is None:
+        renders_tool_calls = template_renders_tool_calls(tokenizer)
+    messages = as_rollout_renders(messages, renders_tool_calls)
     if system_in_user:
         messages = system_in_first_user(messages)
     ids: list[int] = []
@@ -76,10 +156,28 @@ def transcript_problem(messages: Any) -> str | None:
         content = message.get("content")
         if not isinstance(content, str) and not (content is None and message.get("tool_calls")):
             return f"message {index} ({role}) has 'content' {type(content).__name__}, not text"
+        problem = _tool_calls_problem(message.get("tool_calls") or [])
+        if role == "assistant" and problem:
+            return f"message {index} (assistant) {problem}"
         if role == "assistant" and not message.get("tool_calls") and not content.strip():
             return f"message {index} (assistant) is empty: nothing to learn but the end of a turn"
     if not any(m["role"] == "assistant" for m in messages):
         return "has no assistant message to learn from (the loss is on assistant tokens only)"
+    return None
+
+
+def _tool_calls_problem(calls: Any) -> str | None:
+    """What is wrong with an assistant message's OpenAI-style `tool_calls`, or None."""
+    if not isinstance(calls, list):
+        return f"has 'tool_calls' {type(calls).__name__}, not a list"
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            return 'has a tool call that is not {"type": "function", "function": {"name": ..., "arguments": ...}}'
+        try:
+            _call_arguments(call)
+        except ValueError as exc:
+            return f"has a {exc}"
     return None
 
 
@@ -195,10 +293,11 @@ def sft(
     from forge.rollout.chat import ChatFormat
 
     system_in_user = ChatFormat(trainer.tokenizer).system_in_user
+    renders_tool_calls = template_renders_tool_calls(trainer.tokenizer)
     samples = []
     for index, messages in enumerate(transcripts):
         try:
-            samples.append(transcript_sample(trainer.tokenizer, messages, system_in_user))
+            samples.append(transcript_sample(trainer.tokenizer, messages, system_in_user, renders_tool_calls))
         except ValueError as exc:  # the model's chat template cannot separate the assistant's tokens
             raise ConfigError(f"forge sft on {model_path}: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - the template's own raise_exception (a jinja2 TemplateError)

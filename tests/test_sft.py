@@ -250,9 +250,10 @@ def test_a_transcript_the_chat_template_refuses_stops_with_its_words_and_no_trac
     tokenizer = load_tokenizer(folder)
     tokenizer.chat_template = ALTERNATES  # Mistral's first instruct models: user and assistant only
     tokenizer.save_pretrained(folder)
-    with_tool = [*TRANSCRIPT[1:3], {"role": "tool", "content": "7"}, TRANSCRIPT[4]]
+    # Two user messages in a row (a tool result is a user message to a template without tool calls).
+    twice_user = [TRANSCRIPT[1], TRANSCRIPT[3], TRANSCRIPT[4]]
     data = tmp_path / "demos.jsonl"
-    data.write_text(json.dumps({"messages": with_tool}) + "\n")
+    data.write_text(json.dumps({"messages": twice_user}) + "\n")
     args = [
         "sft",
         "configs/smoke.yaml",
@@ -264,3 +265,80 @@ def test_a_transcript_the_chat_template_refuses_stops_with_its_words_and_no_trac
     assert main([*args, "--output-dir", str(tmp_path / "sft")]) == 2
     err = capsys.readouterr().err
     assert "Conversation roles must alternate" in err and "transcript 0" in err and "Traceback" not in err
+
+
+TOOL_TRANSCRIPT = [  # OpenAI's chat format: arguments as JSON text, results in tool messages
+    {"role": "user", "content": "How many fig and pear in total?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c0", "type": "function", "function": {"name": "count", "arguments": '{"item": "fig"}'}},
+        {"id": "c1", "type": "function", "function": {"name": "count", "arguments": '{"item": "pear"}'}},
+    ]},
+    {"role": "tool", "tool_call_id": "c0", "content": "3"},
+    {"role": "tool", "tool_call_id": "c1", "content": "2"},
+    {"role": "assistant", "content": "<answer>5</answer>"},
+]  # fmt: skip
+
+
+def trained_text(tokenizer, sample) -> list[str]:
+    """The decoded runs of loss-masked tokens: one per assistant turn."""
+    runs, current = [], []
+    for token, mask in zip(sample.token_ids, sample.loss_mask, strict=True):
+        if mask:
+            current.append(token)
+        elif current:
+            runs.append(tokenizer.decode(current, skip_special_tokens=True))
+            current = []
+    return runs + ([tokenizer.decode(current, skip_special_tokens=True)] if current else [])
+
+
+def test_tool_calls_a_template_drops_are_learned_as_the_text_a_tool_env_parses():
+    """The tiny model's template writes a message's content only: a call would be an empty
+    turn. It becomes the Hermes text a ToolEnv reads, its results the user turn a rollout shows."""
+    from forge.env.tools import ToolCall, ToolEnv, parse_tool_calls
+    from forge.rollout.chat import ChatFormat
+
+    tokenizer = build_tokenizer()
+    sample = transcript_sample(tokenizer, TOOL_TRANSCRIPT)
+    call_turn, answer_turn = trained_text(tokenizer, sample)
+    assert parse_tool_calls(call_turn) == (
+        [ToolCall("count", {"item": "fig"}), ToolCall("count", {"item": "pear"})],
+        [],
+    )
+    assert answer_turn.strip() == "<answer>5</answer>"
+    observation = ToolEnv.format_responses(ToolEnv.__new__(ToolEnv), ["3", "2"])
+    shown = ChatFormat(tokenizer).observation_ids(observation)
+    untrained = [t for t, m in zip(sample.token_ids, sample.loss_mask, strict=True) if not m]
+    assert any(untrained[i : i + len(shown)] == shown for i in range(len(untrained))), (
+        "results not shown as a rollout"
+    )
+
+
+def test_tool_call_arguments_given_as_json_text_render_as_an_object_in_a_hermes_template(tmp_path):
+    from family_tokenizers import byte_level_tokenizer
+
+    from forge.env.tools import ToolCall, parse_tool_calls
+
+    tokenizer = byte_level_tokenizer("qwen", tmp_path)
+    sample = transcript_sample(tokenizer, TOOL_TRANSCRIPT)
+    call_turn = trained_text(tokenizer, sample)[0]
+    assert '"arguments": {"item": "fig"}' in call_turn  # not the text '"{\"item\": \"fig\"}"'
+    assert parse_tool_calls(call_turn)[0] == [
+        ToolCall("count", {"item": "fig"}),
+        ToolCall("count", {"item": "pear"}),
+    ]
+
+
+def test_a_transcript_whose_tool_call_arguments_are_not_json_is_refused_naming_its_line(tmp_path):
+    from forge.config import ConfigError
+    from forge.sft import read_transcripts
+
+    broken = json.loads(json.dumps(TOOL_TRANSCRIPT))
+    broken[1]["tool_calls"][1]["function"]["arguments"] = '{"item": pear}'
+    data = tmp_path / "data.jsonl"
+    data.write_text(
+        json.dumps({"messages": TOOL_TRANSCRIPT}) + "\n" + json.dumps({"messages": broken}) + "\n"
+    )
+    with pytest.raises(
+        ConfigError, match=r"line 2 message 1 \(assistant\) has a tool call 'count' has arguments"
+    ):
+        read_transcripts(data)
