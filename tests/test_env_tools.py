@@ -6,6 +6,7 @@ import asyncio
 import json
 import threading
 import time
+from typing import Literal
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -92,6 +93,15 @@ def test_schema_comes_from_signature_and_docstring():
         },
         "required": ["query"],
     }
+
+
+def test_a_literal_parameter_offers_its_values_typed_by_them():
+    def sort(order: Literal["asc", "desc"], depth: Literal[1, 2, 3] | None = None) -> str:
+        return ""
+
+    properties = tool_schema(sort)["function"]["parameters"]["properties"]
+    assert properties["order"] == {"type": "string", "enum": ["asc", "desc"]}
+    assert properties["depth"] == {"type": "integer", "enum": [1, 2, 3]}  # not a string
 
 
 class Calculator(ToolEnv):

@@ -40,12 +40,18 @@ def tool(method: Any) -> Any:
     return method
 
 
-def _json_type(annotation: Any) -> str:
+def _json_schema(annotation: Any) -> dict[str, Any]:
+    """A parameter's JSON schema type from its hint; a `Literal` lists its values (`enum`),
+    typed by them, so the model is told the choices and a `Literal[1, 2]` is no string."""
     origin = typing.get_origin(annotation) or annotation
     if origin in (Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return _json_type(args[0]) if args else "string"
-    return _JSON_TYPES.get(origin, "string")
+        return _json_schema(args[0]) if args else {"type": "string"}
+    if origin is typing.Literal:
+        values = list(typing.get_args(annotation))
+        kinds = {_JSON_TYPES.get(type(value), "string") for value in values}
+        return {"type": kinds.pop(), "enum": values} if len(kinds) == 1 else {"enum": values}
+    return {"type": _JSON_TYPES.get(origin, "string")}
 
 
 def _doc_parts(doc: str) -> tuple[str, dict[str, str]]:
@@ -69,7 +75,7 @@ def tool_schema(method: Any) -> dict[str, Any]:
     for name, param in inspect.signature(method).parameters.items():
         if name == "self" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             continue
-        prop: dict[str, Any] = {"type": _json_type(hints.get(name, str))}
+        prop: dict[str, Any] = _json_schema(hints.get(name, str))
         if name in param_docs:
             prop["description"] = param_docs[name]
         properties[name] = prop
