@@ -202,9 +202,9 @@ def test_a_refused_streamed_completion_generates_nothing(served):
     response = httpx.post(
         f"{server.base_url}/completions",
         headers={"Authorization": f"Bearer {episode['episode_id']}"},
-        json={"model": "p", "prompt": "x", "stream": True, "echo": True},
+        json={"model": "p", "prompt": "x", "stream": True, "logprobs": 1},
     )
-    assert response.status_code == 400 and "echo" in response.json()["error"]["message"]
+    assert response.status_code == 400 and "logprobs" in response.json()["error"]["message"]
     time.sleep(0.3)  # a call started anyway would have reached the engine by now (batches wait 10 ms)
     assert len(engine.requests) == asked  # the engine was never asked
 

@@ -218,7 +218,7 @@ def chat_spec(
             "(send tools in the request's tools)",
         )
     prompt_text = gateway.chat_prompt_text(body.messages, tools, body.chat_template_kwargs)
-    prompt_ids = gateway.encode(prompt_text + prefix)
+    prompt_ids = gateway.encode(prompt_text + prefix, body.add_special_tokens)
     asked = body.max_completion_tokens or body.max_tokens
     spec = CallSpec(
         prompt_ids,

@@ -13,15 +13,18 @@ from forge.gateway.episodes import EpisodeError
 from forge.gateway.protocol import CompletionRequest, completion_id, finish_reason, now
 
 
-def prompt_token_lists(gateway: Any, prompt: Any) -> list[list[int]]:
+def prompt_token_lists(gateway: Any, prompt: Any, special: bool = True) -> list[list[int]]:
+    """The prompts' token ids. Text is encoded with the tokenizer's special tokens (a BOS)
+    when `special` (the request's add_special_tokens, true unless set: vLLM's default, so a
+    policy trained here sees what it is served); token ids are taken as they are."""
     if isinstance(prompt, str):
-        return [gateway.encode(prompt)]
+        return [gateway.encode(prompt, special)]
     if not prompt:
         raise EpisodeError(400, "prompt is empty: give a string, a list of strings or token ids")
     if all(isinstance(p, int) for p in prompt):
         return [list(prompt)]
     if all(isinstance(p, str) for p in prompt):
-        return [gateway.encode(p) for p in prompt]
+        return [gateway.encode(p, special) for p in prompt]
     if all(isinstance(p, list) and all(isinstance(t, int) for t in p) for p in prompt):
         return [list(p) for p in prompt]
     raise EpisodeError(
@@ -38,7 +41,7 @@ def completion_specs(gateway: Any, body: CompletionRequest) -> list[CallSpec]:
         )
     vocab = len(gateway.tokenizer)
     specs = []
-    for number, ids in enumerate(prompt_token_lists(gateway, body.prompt)):
+    for number, ids in enumerate(prompt_token_lists(gateway, body.prompt, body.add_special_tokens)):
         if not ids:  # the engine has nothing to go on from (a model without a BOS token adds none)
             where = "prompt" if isinstance(body.prompt, str) else f"prompt[{number}]"
             raise EpisodeError(400, f"{where} is empty (0 tokens): give at least one token of prompt")
@@ -80,9 +83,16 @@ def _legacy_logprobs(gateway: Any, choice: Choice) -> dict[str, Any]:
     }
 
 
-def _text(gateway: Any, body: CompletionRequest, spec: CallSpec, choice: Choice) -> str:
-    prompt = gateway.tokenizer.decode(spec.prompt_ids, skip_special_tokens=False) if body.echo else ""
-    return prompt + choice.text
+def echoed(gateway: Any, body: CompletionRequest, number: int, prompt_ids: list[int]) -> str:
+    """What `echo` puts before prompt `number`'s completions: its text as sent (without the
+    special tokens encoding added), or its token ids decoded."""
+    if not body.echo:
+        return ""
+    if isinstance(body.prompt, str):
+        return body.prompt
+    if isinstance(body.prompt[number], str):
+        return body.prompt[number]
+    return gateway.tokenizer.decode(prompt_ids, skip_special_tokens=False)
 
 
 def completions_response(
@@ -96,7 +106,7 @@ def completions_response(
             out.append(
                 {
                     "index": number * body.n + choice.index,
-                    "text": _text(gateway, body, spec, choice),
+                    "text": echoed(gateway, body, number, spec.prompt_ids) + choice.text,
                     "finish_reason": finish_reason(choice.record.finished, []),
                     "logprobs": _legacy_logprobs(gateway, choice) if body.logprobs is not None else None,
                 }
@@ -135,6 +145,10 @@ async def completions_stream(
         return f"data: {json.dumps(data)}\n\n"
 
     for number, run in enumerate(runs):
+        if body.echo:  # each choice's text starts with its prompt, as without stream
+            prompt = echoed(gateway, body, number, run.spec.prompt_ids)
+            for index in range(body.n):
+                yield chunk(number * body.n + index, prompt)
         streamed = gateway.stream_events(
             run,
             lambda event, number=number: (

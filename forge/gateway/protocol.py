@@ -124,6 +124,9 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     # vLLM's and SGLang's extra field (extra_body), e.g. {"enable_thinking": false} for Qwen3
     chat_template_kwargs: dict[str, Any] | None = None
+    # vLLM's extra field, with its default: the template writes any BOS itself; true encodes
+    # the rendered prompt with the tokenizer's special tokens as well, as vLLM does.
+    add_special_tokens: bool = False
     # The API's deprecated form of tools and tool_choice (`forge.gateway.legacy`).
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
@@ -135,6 +138,9 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1)
+    # vLLM's extra field, with its default: a text prompt is encoded with the tokenizer's
+    # special tokens (the BOS of a model whose tokenizer adds one), as vLLM serves it.
+    add_special_tokens: bool = True
 
     def unsupported(self) -> str | None:
         if self.best_of is not None and self.best_of != self.n:

@@ -118,12 +118,12 @@ class Gateway:
         # episode -> response id -> its conversation items, for previous_response_id (until it ends)
         self.kept_responses: dict[str, dict[str, list[dict[str, Any]]]] = {}
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         # A lone surrogate (JSON may escape one: text read with surrogateescape, half a UTF-16
         # pair) has no UTF-8 form for the tokenizer; it stands for bytes that were not text,
         # which Forge reads as U+FFFD everywhere.
         text = LONE_SURROGATE.sub("\ufffd", text)
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
     def parser_for_tools(self) -> ToolParser:
         """A template that ignores `tools=` is given them, and reads its calls, in Hermes text."""
@@ -492,10 +492,8 @@ def build_app(gateway: Gateway) -> FastAPI:
         headers = {}
         for spec in specs:
             headers = gateway.apply_sampling(body, spec)
-        if body.stream and (body.echo or body.logprobs is not None):  # refused before any generation starts
-            raise EpisodeError(
-                400, "a streamed completion takes neither echo nor logprobs; ask without stream"
-            )
+        if body.stream and body.logprobs is not None:  # refused before any generation starts
+            raise EpisodeError(400, "a streamed completion does not take logprobs; ask without stream")
         runs = [gateway.start_call(episode_id, spec, body.stream) for spec in specs]
         if body.stream:
             return StreamingResponse(
