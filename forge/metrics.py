@@ -69,8 +69,9 @@ def rollout_metrics(trajectories: list[Trajectory], swarm: bool = False) -> dict
         outcome_mean=sum(t.outcome for t in played) / n,
         success_rate=len(solved) / n,
         turns_mean=sum(t.num_turns for t in played) / n,
-        tokens_generated=float(sum(t.generated_tokens for t in played)),
-        tokens_total=float(sum(len(t.token_ids) for t in played)),
+        # every agent's (sub-agents' too): the engines sampled and held them all
+        tokens_generated=float(sum(agent.generated_tokens for t in played for agent in every_agent(t))),
+        tokens_total=float(sum(len(agent.token_ids) for t in played for agent in every_agent(t))),
         episode_seconds_mean=sum(t.wall_seconds for t in played) / n,
         tool_seconds_mean=sum(t.tool_seconds for t in played) / n,
     )
@@ -90,10 +91,15 @@ def rollout_metrics(trajectories: list[Trajectory], swarm: bool = False) -> dict
     return metrics
 
 
+def every_agent(episode: Trajectory) -> list[Trajectory]:
+    """An episode's agent and every sub-agent under it, at any level."""
+    return [episode, *episode.all_subagents()]
+
+
 def tool_count(episode: Trajectory, key: str) -> int:
     """An episode's `tool_calls` or `tool_errors`, every agent in it counted: its own (a spawn
     call is one) and every sub-agent's under it."""
-    return sum(agent.info.get(key, 0) for agent in [episode, *episode.all_subagents()])
+    return sum(agent.info.get(key, 0) for agent in every_agent(episode))
 
 
 def swarm_metrics(played: list[Trajectory]) -> dict[str, float]:

@@ -35,6 +35,16 @@ def test_critical_steps_are_a_speed_measure_that_ignores_parallel_helpers():
     assert speed_measure(team, "turns") == 2  # turns alone would miss the helpers' time
 
 
+def test_a_steps_token_counts_include_every_sub_agents_tokens():
+    from forge.metrics import rollout_metrics
+
+    nested = helper(1)
+    nested.subagents = [helper(1)]
+    team = episode(2, subagents=[helper(1), nested])  # four agents of two tokens, one sampled each
+    metrics = rollout_metrics([team, episode(1)])
+    assert (metrics["tokens_generated"], metrics["tokens_total"]) == (5.0, 10.0)
+
+
 def test_critical_seconds_are_the_episodes_own_model_and_tool_time():
     team = episode(2, seconds=0.5)
     team.turns[0].env_seconds = 3.0  # the spawn call: waiting for its slowest helper
