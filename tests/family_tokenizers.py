@@ -36,25 +36,31 @@ QWEN_TEMPLATE = (
 )
 
 LLAMA3_TEMPLATE = (
+    # As Llama 3.1's: each header is a string expression, so its "\n\n" survives the {%- trims.
     "{{- bos_token }}"
     "{%- if messages[0].role == 'system' %}{%- set system = messages[0].content %}"
     "{%- set messages = messages[1:] %}{%- else %}{%- set system = '' %}{%- endif %}"
-    "<|start_header_id|>system<|end_header_id|>\n\n"
-    "{%- if tools %}Environment: ipython\n{%- endif %}{{ system }}<|eot_id|>"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}"
+    "{%- if tools %}{{- 'Environment: ipython\\n' }}{%- endif %}{{- system }}{{- '<|eot_id|>' }}"
     "{%- for message in messages %}"
-    "{%- if message.role == 'user' and tools and loop.first %}<|start_header_id|>user<|end_header_id|>\n\n"
-    "Given the following functions, please respond with a JSON for a function call with its proper arguments "
-    'that best answers the given prompt.\n\nRespond in the format {"name": function name, "parameters": '
-    "dictionary of argument name and its value}. Do not use variables.\n\n"
-    "{%- for t in tools %}{{ t | tojson }}\n\n{%- endfor %}{{ message.content }}<|eot_id|>"
-    "{%- elif message.role == 'assistant' and message.tool_calls %}<|start_header_id|>assistant<|end_header_id|>\n\n"
-    '{%- for tool_call in message.tool_calls %}{"name": "{{ tool_call.function.name }}", "parameters": '
-    "{{ tool_call.function.arguments | tojson }}}{%- endfor %}<|eot_id|>"
-    "{%- elif message.role == 'tool' or message.role == 'ipython' %}<|start_header_id|>ipython<|end_header_id|>\n\n"
-    "{{ message.content }}<|eot_id|>"
-    "{%- else %}<|start_header_id|>{{ message.role }}<|end_header_id|>\n\n{{ message.content }}<|eot_id|>"
+    "{%- if message.role == 'user' and tools and loop.first %}"
+    "{{- '<|start_header_id|>user<|end_header_id|>\\n\\n' }}"
+    "{{- 'Given the following functions, please respond with a JSON for a function call with its proper arguments "
+    "that best answers the given prompt.\\n\\n' }}"
+    '{{- \'Respond in the format {\\"name\\": function name, \\"parameters\\": '
+    "dictionary of argument name and its value}. Do not use variables.\\n\\n' }}"
+    "{%- for t in tools %}{{- t | tojson }}{{- '\\n\\n' }}{%- endfor %}{{- message.content }}{{- '<|eot_id|>' }}"
+    "{%- elif message.role == 'assistant' and message.tool_calls %}"
+    "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+    "{%- for tool_call in message.tool_calls %}"
+    '{{- \'{\\"name\\": \\"\' + tool_call.function.name + \'\\", \\"parameters\\": \' }}'
+    "{{- tool_call.function.arguments | tojson }}{{- '}' }}{%- endfor %}{{- '<|eot_id|>' }}"
+    "{%- elif message.role == 'tool' or message.role == 'ipython' %}"
+    "{{- '<|start_header_id|>ipython<|end_header_id|>\\n\\n' }}{{- message.content }}{{- '<|eot_id|>' }}"
+    "{%- else %}{{- '<|start_header_id|>' + message.role + '<|end_header_id|>\\n\\n' }}"
+    "{{- message.content }}{{- '<|eot_id|>' }}"
     "{%- endif %}{%- endfor %}"
-    "{%- if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{%- endif %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
 )
 
 MISTRAL_TEMPLATE = (
