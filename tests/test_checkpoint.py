@@ -420,3 +420,12 @@ def test_a_resumed_trainer_takes_the_learning_rate_and_weight_decay_of_its_confi
     assert [group["lr"] for group in resumed.optimizer.param_groups] == pytest.approx([0.002])
     assert [group["weight_decay"] for group in resumed.optimizer.param_groups] == [0.1]
     assert resumed.train_step(samples(16, 1))["learning_rate"] == pytest.approx(0.002)
+
+
+def test_checking_a_large_trainer_file_is_said_before_it_is_read(tmp_path, monkeypatch, capsys):
+    import forge.train.checkpoint as checkpoint
+
+    write_checkpoint(tmp_path, 1, fill(1))
+    monkeypatch.setattr(checkpoint, "CHECK_SAID_BYTES", 1)  # as a multi-GB file would be
+    check_checkpoint(latest_checkpoint(tmp_path))
+    assert "trainer.pt (0.0 GiB) to check it is whole" in capsys.readouterr().err

@@ -28,6 +28,7 @@ from forge.disk import WholeWrites, naming
 
 LATEST = "latest"
 TRAINER_FILE = "trainer.pt"
+CHECK_SAID_BYTES = 2**30  # checking a trainer.pt this large or larger (seconds) is said first
 RUN_STATE_FILE = "run_state.pkl"
 
 
@@ -178,6 +179,8 @@ def _damage(directory: Path) -> str | None:
     written (torch.load does not check them: it would resume from the changed weights without
     an error). Checking reads the whole file, at several GB/s: less than loading it."""
     trainer_file, run_file = directory / TRAINER_FILE, directory / RUN_STATE_FILE
+    if trainer_file.is_file() and (size := trainer_file.stat().st_size) >= CHECK_SAID_BYTES:
+        print(f"forge: reading {trainer_file} ({size / 2**30:.1f} GiB) to check it is whole", file=sys.stderr)
     try:
         with zipfile.ZipFile(trainer_file) as archive:
             changed = archive.testzip()
