@@ -370,10 +370,12 @@ class TrainConfig(Section):
     )
     master_weights: bool = Field(
         True,
-        description="the single trainer, training full weights in model.dtype=bfloat16, steps float32 copies "
-        "of them and rounds them back (8 more bytes a parameter for the copy and float32 moments, 12 at a step), so steps "
-        "smaller than a bfloat16 weight's precision add up; false: bfloat16 weights and moments, where "
-        "those steps are lost (at learning rate 1e-6 most weights never move)",
+        description="training full weights in model.dtype=bfloat16 (one trainer, or several under ddp or "
+        "fsdp), step float32 copies of them and round them back, and sum a step's micro-batch gradients in "
+        "float32 (8 more bytes a parameter for the copy and float32 moments, 4 more from a step's first "
+        "backward to the step), so steps smaller than a bfloat16 weight's precision add up; false: bfloat16 "
+        "weights, moments and gradient sums, where those steps are lost (at learning rate 1e-6 most weights "
+        "never move)",
     )
 
     @model_validator(mode="after")

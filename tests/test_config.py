@@ -231,6 +231,7 @@ def test_dry_run_refuses_what_the_run_would_refuse(capsys, overrides, message):
     [
         (["model.dtype=bfloat16", "train.learning_rate=1e-6", "train.master_weights=false"], True),
         (["model.dtype=bfloat16", "train.learning_rate=1e-6"], False),  # float32 master weights
+        (["model.dtype=bfloat16", "train.learning_rate=1e-6", "train.num_trainers=2"], False),  # on each
         (["model.dtype=bfloat16", "train.learning_rate=1e-6", "model.lora.enabled=true"], False),
         (["model.dtype=float32", "train.learning_rate=1e-6"], False),
     ],

@@ -146,9 +146,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(model_dir: Path, out_dir: Path, world_size: int, runs: list[str]) -> str | None:
-    """`runs` ("ddp-even", ...) in turn in one process, or in each of a pair of gloo processes:
-    None if every process ended well, else the output of those that did not."""
+def launch(
+    model_dir: Path, out_dir: Path, world_size: int, runs: list[str], script: str = STEPS
+) -> str | None:
+    """`runs` ("ddp-even", ...) of `script` in turn in one process, or in each of a pair of gloo
+    processes: None if every process ended well, else the output of those that did not."""
     port = free_port()
     processes = []
     for rank in range(world_size):
@@ -166,7 +168,7 @@ def launch(model_dir: Path, out_dir: Path, world_size: int, runs: list[str]) -> 
             )
         processes.append(
             subprocess.Popen(
-                [sys.executable, "-c", STEPS, str(model_dir), str(out_dir), *runs],
+                [sys.executable, "-c", script, str(model_dir), str(out_dir), *runs],
                 env=env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,

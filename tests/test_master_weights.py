@@ -67,3 +67,31 @@ def test_float32_parameters_beside_bfloat16_ones_step_as_plain_adamw(fused):
         mixed.step()
         plain.step()
     assert torch.equal(full, reference) and MASTER not in mixed.state[full]
+
+
+def test_many_micro_batches_sum_their_gradients_in_float32(tiny_checkpoint):
+    """One sample with advantage 1 and 32 with 1e-3, each its own micro-batch (the long one
+    first, as padded packing orders them): summed in bfloat16 every small gradient rounds away
+    against the large one (1e-3 of it is below half a bfloat16 step), so the step's gradient came
+    out short of the one all 33 give in one micro-batch (its norm 2.1% smaller); in float32 they agree."""
+    from forge.config import ModelConfig, TrainConfig, TrainerConfig
+    from forge.train.trainer import Trainer
+    from forge.types import Sample
+
+    tokens = torch.randint(8, 40, (24,), generator=torch.Generator().manual_seed(0)).tolist()
+    samples = [Sample(tokens, [0] * 5 + [1] * 19, [-1.5] * 24, [0] * 24, advantage=1.0)]
+    samples += [Sample(tokens[:20], [0] * 5 + [1] * 15, [-1.5] * 20, [0] * 20, advantage=1e-3)] * 32
+
+    def grad_norm(max_tokens_per_microbatch):
+        trainer = Trainer(
+            tiny_checkpoint,
+            ModelConfig(path=str(tiny_checkpoint), dtype="bfloat16"),
+            TrainConfig(learning_rate=1e-5, max_grad_norm=1e6),
+            TrainerConfig(packing="padded", max_tokens_per_microbatch=max_tokens_per_microbatch),
+        )
+        metrics = trainer.train_step(samples)
+        return metrics["grad_norm"], metrics["microbatches"]
+
+    (each, thirty_three), (together, one) = grad_norm(24), grad_norm(8192)
+    assert (thirty_three, one) == (33, 1)
+    assert each == pytest.approx(together, rel=5e-3)  # measured 0.12% apart; in bfloat16, 2.1%

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from forge.train.trainer import Trainer, loss_tokens
+from forge.train.trainer import Trainer, keeps_master_weights, loss_tokens
 from forge.tree.trie import TreeOrder
 from forge.types import Sample
 
@@ -40,7 +40,12 @@ def make_accelerator(strategy: str, mixed_precision: str) -> Any:
 
 
 def shard_model(
-    model: torch.nn.Module, device_type: str, world_size: int, mixed_precision: str, frozen: bool = False
+    model: torch.nn.Module,
+    device_type: str,
+    world_size: int,
+    mixed_precision: str,
+    frozen: bool = False,
+    float32_reduce: bool = False,
 ) -> torch.nn.Module:
     """FSDP2 over all processes: each transformer block is one unit (its weights are
     gathered just for its forward and backward), and the root holds the rest. The model
@@ -48,7 +53,8 @@ def shard_model(
 
     `frozen`: a model that only runs forwards (the KL reference). FSDP2 keeps the root's
     weights gathered after a forward, for the backward that follows; with no backward to
-    come, they are resharded at once."""
+    come, they are resharded at once. `float32_reduce`: bfloat16 weights under master
+    weights, whose gradients are averaged in float32 (then rounded once to their shard)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -56,6 +62,8 @@ def shard_model(
     policy = MixedPrecisionPolicy()
     if mixed_precision == "bf16":  # compute in bf16, average gradients in fp32
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    elif float32_reduce:
+        policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft
     blocks = set(getattr(base, "_no_split_modules", None) or ())
     for module in model.modules():
@@ -66,7 +74,12 @@ def shard_model(
 
 
 def shard_from_first_process(
-    model: torch.nn.Module, device: torch.device, world_size: int, mixed_precision: str, frozen: bool = False
+    model: torch.nn.Module,
+    device: torch.device,
+    world_size: int,
+    mixed_precision: str,
+    frozen: bool = False,
+    float32_reduce: bool = False,
 ) -> torch.nn.Module:
     """`shard_model` for a model the first process loaded whole and the others built on the
     meta device (shapes, no data): each process's shard of every weight comes from the first
@@ -77,7 +90,7 @@ def shard_from_first_process(
 
     first = dist.get_rank() == 0
     whole = model.state_dict() if first else {}
-    shard_model(model, device.type, world_size, mixed_precision, frozen)
+    shard_model(model, device.type, world_size, mixed_precision, frozen, float32_reduce)
     if not first:
         model.to_empty(device=device)
     set_model_state_dict(
@@ -203,7 +216,6 @@ class DistributedTrainer(Trainer):
     publishes or writes)."""
 
     fused_optimizer = False  # accelerate moves the parameters (DDP) after the optimizer is built
-    master_weights_supported = False  # it swaps parameter tensors, which DDP's buckets and FSDP's shards hold
 
     def __init__(self, *args: Any, strategy: str = "ddp", mixed_precision: str = "no", **kwargs: Any) -> None:
         self.strategy, self.mixed_precision = strategy, mixed_precision
@@ -263,7 +275,14 @@ class DistributedTrainer(Trainer):
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         if not self.sharded:
             return model
-        return shard_from_first_process(model, self.accelerator.device, self.world_size, self.mixed_precision)
+        float32_reduce = keeps_master_weights(self.train_cfg, model.parameters())
+        return shard_from_first_process(
+            model,
+            self.accelerator.device,
+            self.world_size,
+            self.mixed_precision,
+            float32_reduce=float32_reduce,
+        )
 
     def after_forward_only(self) -> None:
         """FSDP2 keeps the root module's parameters gathered after a forward, for the backward
@@ -328,12 +347,33 @@ class DistributedTrainer(Trainer):
 
     def gradient_sync(self, last: bool) -> contextlib.AbstractContextManager:
         """DDP combines gradients once per step, in the last micro-batch's backward (which
-        every process enters together); before it they accumulate locally. FSDP2
-        reduce-scatters every micro-batch's gradients, so a process only ever holds its
-        shard of them."""
-        if last or self.sharded:
+        every process enters together); before it they accumulate locally. Under master
+        weights DDP combines none: each process sums its micro-batches in float32 and
+        `accumulate_gradients` combines those sums. FSDP2 reduce-scatters every
+        micro-batch's gradients, so a process only ever holds its shard of them."""
+        if self.sharded or (last and not self.float32_gradients):
             return contextlib.nullcontext()
         return self.accelerator.no_sync(self.wrapped)
+
+    def accumulate_gradients(self, last: bool) -> None:
+        """Under DDP with master weights, after the last micro-batch, the processes' float32
+        sums are added up in one all-reduce (in float32, where DDP would reduce bfloat16
+        gradients) and divided by the process count, as DDP's average is."""
+        super().accumulate_gradients(last)
+        if not (self.float32_gradients and last) or self.sharded:
+            return
+        import torch.distributed as dist
+
+        optimizer = self._torch_optimizer()
+        params = optimizer.parameters()
+        sums = [optimizer.float_gradients.get(p, torch.zeros_like(p, dtype=torch.float32)) for p in params]
+        flat = torch.cat([s.reshape(-1) for s in sums])
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        optimizer.float_gradients = {
+            p: part.view_as(p)
+            for p, part in zip(params, flat.split([p.numel() for p in params]), strict=True)
+        }
 
     def loss_denominators(self, samples: list[Sample]) -> tuple[int, int]:
         local = torch.tensor([loss_tokens(samples), len(samples)], dtype=torch.float32)
@@ -351,6 +391,8 @@ class DistributedTrainer(Trainer):
 
     def clip_gradients(self) -> torch.Tensor:
         params = list(self.trainable.values())
+        if self.float32_gradients:  # the optimizer's float32 sums (under FSDP2, of every process's shard)
+            return full_tensor(super().clip_gradients())
         if self.sharded:  # the norm over every process's shard
             return full_tensor(torch.nn.utils.clip_grad_norm_(params, self.train_cfg.max_grad_norm))
         return self.accelerator.clip_grad_norm_(params, self.train_cfg.max_grad_norm)

@@ -8,6 +8,7 @@ import dataclasses
 import math
 import time
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -88,23 +89,28 @@ def bfloat16_weights_note(model_cfg: ModelConfig, train_cfg: TrainConfig) -> str
     cannot hold: AdamW's step is about the learning rate, and a weight larger than 512 times it
     rounds the step away (with 1e-3-sized gradients at 1e-6, 98% of a 0.02-scale tensor's weights
     never moved in 10 steps; at 1e-5, 85%). None where the step holds on weights of ~0.02, or
-    where the single trainer keeps float32 master weights (train.master_weights)."""
+    where the trainer keeps float32 master weights (train.master_weights)."""
     learning_rate = train_cfg.learning_rate
     if model_cfg.dtype != "bfloat16" or model_cfg.lora.enabled or 512 * learning_rate >= 0.02:
         return None
-    if train_cfg.master_weights and train_cfg.num_trainers == 1:
+    if train_cfg.master_weights:
         return None
     return (
         f"note: model.dtype=bfloat16 trains bfloat16 weights, which keep 8 significant bits: an AdamW step "
         f"of about train.learning_rate={learning_rate:g} rounds away on every weight larger than "
-        f"{512 * learning_rate:.1g}, most of a model's, so those never change; set model.dtype=float32, "
-        "model.lora.enabled=true (the adapters train in float32), or, with one trainer, train.master_weights=true"
+        f"{512 * learning_rate:.1g}, most of a model's, so those never change; set train.master_weights=true "
+        "(float32 copies), model.dtype=float32, or model.lora.enabled=true (the adapters train in float32)"
     )
+
+
+def keeps_master_weights(train_cfg: TrainConfig, params: Iterable[torch.nn.Parameter]) -> bool:
+    """Whether the trainer steps float32 copies of its weights and sums their gradients in
+    float32 (forge.train.master_weights): train.master_weights, with bfloat16 weights to train."""
+    return train_cfg.master_weights and any(p.dtype == torch.bfloat16 for p in params if p.requires_grad)
 
 
 class Trainer:
     fused_optimizer = True  # see __init__
-    master_weights_supported = True  # DistributedTrainer: FSDP2's mixed precision, or none
     writes_files = True  # this process writes checkpoints (one of several data-parallel ones may not)
 
     def __init__(
@@ -159,13 +165,10 @@ class Trainer:
         # (forge.train.distributed), torch picks its own default.
         fused = self.fused_optimizer and all(p.device.type in ("cpu", "cuda") for p in params)
         # bfloat16 weights keep 8 significant bits: steps at RL's learning rates round away on
-        # them, so the single trainer steps float32 copies (forge.train.master_weights).
-        master = (
-            train_cfg.master_weights
-            and self.master_weights_supported
-            and any(p.dtype == torch.bfloat16 for p in params)
-        )
-        optimizer_class = MasterWeightAdamW if master else torch.optim.AdamW
+        # them, so the trainer steps float32 copies, and sums a step's micro-batch gradients
+        # in float32 (forge.train.master_weights).
+        self.float32_gradients = keeps_master_weights(train_cfg, params)
+        optimizer_class = MasterWeightAdamW if self.float32_gradients else torch.optim.AdamW
         self.optimizer = optimizer_class(
             params,
             lr=train_cfg.learning_rate,
@@ -405,6 +408,7 @@ class Trainer:
             with self.gradient_sync(last=index == len(work) - 1):
                 loss, tokens, stats = self._microbatch_loss(batch, members, num_tokens, num_samples)
                 self.backward(loss)
+            self.accumulate_gradients(last=index == len(work) - 1)
             loss_total += float(loss.detach())
             if tokens:  # a padding micro-batch trains no token, so it reports no token means
                 for key, value in stats.items():
@@ -476,7 +480,15 @@ class Trainer:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
+    def accumulate_gradients(self, last: bool) -> None:
+        """After a micro-batch's backward (`last`: the step's last): under master weights its
+        gradients join the optimizer's float32 sums, which the clip and the step then use."""
+        if self.float32_gradients:
+            self._torch_optimizer().accumulate_gradients()
+
     def clip_gradients(self) -> torch.Tensor:
+        if self.float32_gradients:
+            return clip_norm(self._torch_optimizer().gradients(), self.train_cfg.max_grad_norm)
         return torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), self.train_cfg.max_grad_norm)
 
     def weights(self) -> dict[str, torch.Tensor]:
@@ -561,6 +573,17 @@ class Trainer:
             model.save_pretrained(directory)
             self.tokenizer.save_pretrained(directory)
         return str(directory)
+
+
+def clip_norm(gradients: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """`torch.nn.utils.clip_grad_norm_` over gradient tensors themselves (the float32 sums of
+    forge.train.master_weights, which are no parameter's `.grad`): scales them in place to
+    a total norm of at most `max_norm` and returns the norm they had."""
+    total = torch.nn.utils.get_total_norm(gradients)
+    scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for gradient in gradients:
+        gradient.mul_(scale.to(gradient.device))
+    return total
 
 
 def checkpointing(model: Any, action: str) -> Any:
