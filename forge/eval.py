@@ -75,11 +75,12 @@ def evaluate(
     """Play `episodes` episodes of each of the first `num_tasks` tasks of `cfg.env` in this
     process with the model saved in `checkpoint` (a `forge train` output's `final/`)."""
     from tqdm import tqdm
+    from transformers import AutoConfig
 
     from forge.env.preflight import preflight_env
     from forge.env.registry import resolve_env
     from forge.env.tokens import first_prompt_check
-    from forge.models.loading import checkpoint_folder, load_tokenizer
+    from forge.models.loading import checkpoint_folder, load_tokenizer, refuse_tokenizer_past_embeddings
     from forge.rollout.stuck import LoopGuard, remove_unused_reports, stuck_limit_s
     from forge.rollout.stuck_watch import StuckWatcher, env_source_file
     from forge.rollout.worker import RolloutWorker
@@ -100,8 +101,10 @@ def evaluate(
     # A wrong name, kwargs or reset, and a first prompt with words the checkpoint's tokenizer
     # cannot see or no room left for a reply: one message before the model loads, as forge
     # train's dry run gives (else every episode plays unknown tokens, or errors).
+    tokenizer = load_tokenizer(checkpoint)
+    refuse_tokenizer_past_embeddings(tokenizer, AutoConfig.from_pretrained(str(checkpoint)), checkpoint)
     prompt_check = first_prompt_check(
-        load_tokenizer(checkpoint),
+        tokenizer,
         str(checkpoint),
         cfg.env.name,
         cfg.rollout.max_context_tokens,

@@ -261,9 +261,10 @@ def sft(
     steps of `batch_size` transcripts; write metrics.jsonl and final/. Returns final/.
     An output folder holding an earlier run is refused unless `overwrite`."""
     from tqdm import tqdm
+    from transformers import AutoConfig
 
     from forge.metrics import MetricsLogger, claim_output_dir
-    from forge.models.loading import resolve_model_path
+    from forge.models.loading import load_tokenizer, refuse_tokenizer_past_embeddings, resolve_model_path
     from forge.train.trainer import Trainer, check_trainable_dtype
 
     check_trainable_dtype(cfg.model)  # before the transcripts, which may take a while to make
@@ -289,6 +290,10 @@ def sft(
         "loss": "pg", "tis_cap": None, "kl_coef": 0.0, "entropy_coef": 0.0, "minibatches_per_step": 1,
         "max_steps": steps,
     })  # fmt: skip
+    # Before the model loads: a tokenizer past the model's embeddings fails in its forward.
+    refuse_tokenizer_past_embeddings(
+        load_tokenizer(model_path), AutoConfig.from_pretrained(str(model_path)), model_path
+    )
     trainer = Trainer(model_path, cfg.model, train_cfg, cfg.trainer, cfg.seed)
     from forge.rollout.chat import ChatFormat
 

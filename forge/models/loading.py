@@ -189,6 +189,36 @@ def load_tokenizer(path: str | Path):
     return tokenizer
 
 
+def refuse_tokenizer_past_embeddings(tokenizer: Any, config: Any, folder: str | Path) -> None:
+    """A TokenizerError when the tokenizer gives ids the model has no embedding for: its own
+    vocabulary (any text may tokenize to any of it) or its eos / pad token at or past the
+    model's `vocab_size`. Else every episode whose text holds such a token errors with an
+    IndexError from deep inside torch's embedding, read as the env's fault. Added tokens past
+    the table that no text needs (a spare special token) are left alone."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    rows = getattr(text_config, "vocab_size", None)
+    if not isinstance(rows, int):
+        return
+    needed = {"its vocabulary": tokenizer.vocab_size - 1}
+    needed |= {
+        f"its {name} {getattr(tokenizer, name)!r}": getattr(tokenizer, f"{name}_id")
+        for name in ("eos_token", "pad_token")
+    }
+    past = [
+        (what, token_id)
+        for what, token_id in needed.items()
+        if isinstance(token_id, int) and token_id >= rows
+    ]
+    if past:
+        said = ", ".join(f"{what} (id {token_id})" for what, token_id in past)
+        raise TokenizerError(
+            f"the tokenizer at {folder} gives ids the model there has no embedding for: {said}, while its "
+            f"embedding table has {rows} rows (config.json vocab_size), so any text holding such a token fails "
+            "in the model's forward: save the tokenizer the model was trained with into that folder, or grow the "
+            f"model's embeddings to it (model.resize_token_embeddings(len(tokenizer)), then model.save_pretrained({str(folder)!r}))"
+        )
+
+
 class GpuUnavailable(ConfigError, RuntimeError):
     """`model.device` (or a GPU reservation) asks for a GPU torch cannot see: a setting the
     user fixes, so the command says it in one line (a ConfigError), not a traceback."""

@@ -66,6 +66,7 @@ def preflight(cfg: Config, wait_for_servers: bool = True) -> str:
         checkpoint_folder,
         load_tokenizer,
         refuse_missing_lora_targets,
+        refuse_tokenizer_past_embeddings,
         resolve_device,
     )
     from forge.models.tiny import build_model_config
@@ -99,7 +100,9 @@ def preflight(cfg: Config, wait_for_servers: bool = True) -> str:
         tokenizer, model_name = load_tokenizer(folder), cfg.model.path
         check_chat_format(tokenizer, folder)
         refuse_context_past_positions(cfg.model.path, folder, cfg.rollout.max_context_tokens)
-        refuse_missing_lora_targets(AutoConfig.from_pretrained(str(folder)), cfg.model)
+        model_config = AutoConfig.from_pretrained(str(folder))
+        refuse_tokenizer_past_embeddings(tokenizer, model_config, folder)
+        refuse_missing_lora_targets(model_config, cfg.model)
     prompt_check = first_prompt_check(
         tokenizer, model_name, cfg.env.name, cfg.rollout.max_context_tokens, cfg.rollout.max_new_tokens
     )
