@@ -7,11 +7,15 @@ or an override fails at once with the key's full dotted path and what it expects
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# What can name an environment variable (rollout.server_api_key_env and its admin twin).
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class ConfigError(ValueError):
@@ -209,6 +213,18 @@ class RolloutConfig(Section):
         default_factory=list,
         description="engine: remote: server URLs, http://host:port (forge serve), vllm+http://... or sglang+http://...",
     )
+    server_api_key_env: str | None = Field(
+        None,
+        description="engine: remote: the environment variable holding the API key the servers were started "
+        "with (vllm serve --api-key, SGLang --api-key), sent as Authorization: Bearer on every request; set it "
+        "on every node (where Ray was started), as HF_TOKEN. The variable's name, never the key: the config "
+        "is saved with the run",
+    )
+    server_admin_api_key_env: str | None = Field(
+        None,
+        description="engine: remote: the environment variable holding the --admin-api-key of SGLang servers "
+        "started with one, sent on their admin routes (pause, weight updates, LoRA loads, abort)",
+    )
     num_engines: int = Field(2, gt=0, description="engine: server: forge serve actors to start")
     num_cpus_per_engine: float = Field(
         0.5, ge=0, description="engine: server: CPUs each engine actor reserves"
@@ -264,6 +280,17 @@ class RolloutConfig(Section):
         description="the rollout engine's transformers attention: auto = sdpa where the model family "
         "has it, else eager",
     )
+
+    @field_validator("server_api_key_env", "server_admin_api_key_env")
+    @classmethod
+    def _check_key_env(cls, value: str | None) -> str | None:
+        # Not echoed back (see _describe): a key pasted in place of its variable's name.
+        if value is None or ENV_NAME.fullmatch(value):
+            return value
+        raise ValueError(
+            "name the environment variable that holds the key (e.g. VLLM_API_KEY), not the key itself: the "
+            "config is saved with the run. Export the key in a variable and name that variable here"
+        )
 
     @property
     def threads(self) -> int:
@@ -809,6 +836,10 @@ def _near(key: str) -> list[str]:
     return list(dict.fromkeys(found))[:3]
 
 
+# Settings a user may fill with a secret by mistake: an error about them does not repeat the value.
+SECRET_SHAPED = {"rollout.server_api_key_env", "rollout.server_admin_api_key_env"}
+
+
 def _describe(error: dict[str, Any], overrides: dict[str, str]) -> str:
     key = ".".join(str(part) for part in error["loc"])
     unknown = error["type"] == "extra_forbidden"  # an unknown section holds the overridden key
@@ -830,6 +861,8 @@ def _describe(error: dict[str, Any], overrides: dict[str, str]) -> str:
         expected = expected.removeprefix("Value error, ")
     got = error.get("input")
     got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+    if key in SECRET_SHAPED:  # what was given may be a key: never on the console
+        got_text = where = ""
     return f"{key}: {expected}{got_text}{where}" if key else f"{expected}{where}"
 
 

@@ -18,6 +18,7 @@ from forge.rollout.engines import router as router_module
 from forge.rollout.engines.protocol import GenerationRequest, GenerationResult
 from forge.rollout.engines.remote import EngineLost, HttpTransport, Sampling, generate_each
 from forge.rollout.engines.router import Router
+from forge.rollout.engines.server_keys import NO_KEYS
 from forge.rollout.engines.sglang_client import SGLangClient
 from forge.rollout.engines.vllm_client import VLLMClient
 
@@ -527,9 +528,9 @@ def pool_over(servers: dict[str, Restartable], overrides: list[str], monkeypatch
 
     real = clients.make_client
 
-    def make_client(spec: str, model: str, sampling, timeout_s: float = 120.0):
-        client = real(spec, model, sampling, timeout_s)
-        client.http = HttpTransport(client.url, timeout_s, servers[spec].transport())
+    def make_client(spec: str, model: str, sampling, timeout_s: float = 120.0, keys=NO_KEYS):
+        client = real(spec, model, sampling, timeout_s, keys)
+        client.http = HttpTransport(client.url, timeout_s, servers[spec].transport(), keys)
         client.http.busy_retry_delays_s = ()
         return client
 
@@ -564,6 +565,54 @@ def test_a_lost_sglang_server_that_answers_again_loads_the_current_folder_and_co
     console = capsys.readouterr().err
     assert f"engine {b} answers again" in console
     assert f"engine {b} took weights version 3 and serves again (2 of 2 engines live)" in console
+
+
+class KeyedSGLang(Restartable):
+    """An SGLang started with --api-key and --admin-api-key, recording each request's key: its
+    admin routes take the admin key alone, the others the API key, /health any (SGLang's
+    decide_request_auth, python/sglang/srt/utils/auth.py)."""
+
+    ADMIN = ("/update_weights_from_disk", "/pause_generation", "/continue_generation", "/load_lora_adapter")
+
+    def __init__(self, *exchanges: dict) -> None:
+        super().__init__(*exchanges)
+        self.keys: list[tuple[str, str | None]] = []
+
+    def transport(self) -> httpx.MockTransport:
+        recorded = super().transport()
+
+        def handle(request: httpx.Request) -> httpx.Response:
+            path, given = request.url.path, request.headers.get("authorization")
+            self.keys.append((path, given))
+            wanted = None if path == "/health" else "admin-key" if path in self.ADMIN else "api-key"
+            if self.up and wanted is not None and given != f"Bearer {wanted}":
+                return httpx.Response(401, json={"error": "Unauthorized"})
+            return recorded.handler(request)
+
+        return httpx.MockTransport(handle)
+
+
+def test_the_drivers_weight_syncs_and_readmission_probes_carry_the_servers_keys(tmp_path, monkeypatch):
+    monkeypatch.setenv("FORGE_TEST_API_KEY", "api-key")
+    monkeypatch.setenv("FORGE_TEST_ADMIN_KEY", "admin-key")
+    a, b = "sglang+http://a:30000", "sglang+http://b:30000"
+    servers = {url: KeyedSGLang(SGLANG["update_weights_from_disk"]) for url in (a, b)}
+    keys = [
+        "rollout.server_api_key_env=FORGE_TEST_API_KEY",
+        "rollout.server_admin_api_key_env=FORGE_TEST_ADMIN_KEY",
+    ]
+    pool = pool_over(servers, [f"rollout.weight_dir={tmp_path}", "train.mode=sync", *keys], monkeypatch)
+    trainer = Trainer()
+    pool.sync([None], 1, trainer)
+    servers[b].up = False
+    pool.sync([None], 2, trainer)
+    servers[b].up = True
+    pool.sync([None], 3, trainer)  # b answers /health again and takes version 3
+    assert pool.holders(3) == [a, b]
+    assert ("/health", "Bearer api-key") in servers[b].keys
+    assert {
+        given for path, given in servers[a].keys + servers[b].keys if path == "/update_weights_from_disk"
+    } == {"Bearer admin-key"}
 
 
 class StuckSGLang(Restartable):

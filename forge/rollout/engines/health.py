@@ -8,6 +8,7 @@ import time
 from typing import Any, Protocol
 
 from forge.rollout.engines.router import READMIT_FIRST_WAIT_S, READMIT_MAX_WAIT_S
+from forge.rollout.engines.server_keys import NO_KEYS, ServerKeys
 
 # How long a stalled engine actor asked again at a sync has to show it could take weights.
 READMIT_PROBE_S = 2.0
@@ -85,13 +86,14 @@ class ProbeSchedule:
         self._next[url] = (time.monotonic() + wait, min(wait * 2, READMIT_MAX_WAIT_S))
 
 
-def servers_answer(urls: list[str], model: str) -> list[bool]:
-    """Whether each remote server answers GET /health (PROBE_TIMEOUT_S each, all at once)."""
+def servers_answer(urls: list[str], model: str, keys: ServerKeys = NO_KEYS) -> list[bool]:
+    """Whether each remote server answers GET /health (PROBE_TIMEOUT_S each, all at once), asked
+    with the API keys `keys` names."""
     from forge.rollout.engines.clients import make_client
     from forge.rollout.engines.remote import Sampling
 
     async def ask() -> list[bool]:
-        clients = [make_client(url, model, Sampling()) for url in urls]
+        clients = [make_client(url, model, Sampling(), keys=keys) for url in urls]
         try:
             return list(await asyncio.gather(*(client.healthy() for client in clients)))
         finally:

@@ -19,6 +19,7 @@ from forge.rollout.engines.actor_sync import ActorWeights, weight_sync_method
 from forge.rollout.engines.engine_config import check_engine_config
 from forge.rollout.engines.health import ProbeSchedule, actors_ready, drop_failed, servers_answer
 from forge.rollout.engines.router import EngineView
+from forge.rollout.engines.server_keys import ServerKeys
 from forge.rollout.engines.server_sync import ServerWeights
 
 # An engine actor answers a read of its counters at once, a weight update in it or not
@@ -50,7 +51,11 @@ class EnginePool:
         self.probes = ProbeSchedule()  # when each dropped engine is asked again
         self.actor_weights = ActorWeights(cfg.rollout.weight_dir, self.lost)  # server mode
         self.server_weights = ServerWeights(  # remote mode: weights to servers someone else runs
-            cfg.model.path or "policy", cfg.model.lora.enabled, cfg.rollout.weight_dir, self.lost
+            cfg.model.path or "policy",
+            cfg.model.lora.enabled,
+            cfg.rollout.weight_dir,
+            self.lost,
+            ServerKeys.of(cfg.rollout),
         )
         self.restarts = 0
         self._metrics_asks: dict[str, Any] = {}  # url -> a read of its metrics not answered yet
@@ -286,7 +291,7 @@ class EnginePool:
         due = self.probes.due(list(self.dead), every)
         if not due:
             return []
-        answers = servers_answer(due, self.cfg.model.path or "policy")
+        answers = servers_answer(due, self.cfg.model.path or "policy", ServerKeys.of(self.cfg.rollout))
         return [url for url, healthy in zip(due, answers, strict=True) if self._answered(url, healthy)]
 
     def _answered(self, url: str, ready: bool) -> bool:

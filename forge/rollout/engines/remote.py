@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from forge.rollout.engines.protocol import GenerationRequest, GenerationResult
+from forge.rollout.engines.server_keys import NO_KEYS, ServerKeys
 
 # vLLM and SGLang fill every sampling parameter a request leaves unset from the model's
 # generation_config.json (vLLM: `--generation-config auto`, CompletionRequest.to_sampling_params
@@ -91,6 +92,7 @@ class HttpCall:
     body: Any = None
     content: bytes | None = None
     params: dict[str, Any] | None = None
+    admin: bool = False  # an SGLang admin route: sent with the admin key (--admin-api-key) where one is set
 
 
 class EngineClient(Protocol):
@@ -166,8 +168,12 @@ def retry_after(response: Any, default: float) -> float:
 class HttpTransport:
     """An httpx client per event loop (Ray actors and tests run several loops)."""
 
-    def __init__(self, url: str, timeout_s: float, transport: Any = None) -> None:
+    def __init__(self, url: str, timeout_s: float, transport: Any = None, keys: ServerKeys = NO_KEYS) -> None:
         self.url = url.rstrip("/")
+        # Which variables hold the server's API keys, and their values (read here, so a variable
+        # named but unset is refused when the client is made, not on its first request).
+        self.keys = keys
+        self._api_key, self._admin_key = keys.values()
         self.timeout_s = timeout_s
         self.transport = transport  # an httpx transport; tests replay recorded exchanges through one
         # Waits before sending a request turned away as busy again (BUSY_STATUSES); after
@@ -233,6 +239,8 @@ class HttpTransport:
         if response.status_code >= 400:
             message = error_message(response)
             hint = error_hint(message)
+            if response.status_code in (401, 403):  # vLLM's and SGLang's answer to a missing or wrong key
+                hint = self.keys.refusal_hint(call.admin, response.status_code)
             if response.status_code == 404 and message == "Not Found" and call.path in self.route_hints:
                 hint = f" (the server has no {call.path}: {self.route_hints[call.path]})"
             raise ProtocolError(
@@ -270,8 +278,15 @@ class HttpTransport:
             json=call.body if call.content is None else None,
             content=call.content,
             params=call.params,
+            headers=self._headers(call),
             timeout=timeout_s or self.timeout_s,
         )
+
+    def _headers(self, call: HttpCall) -> dict[str, str] | None:
+        """`Authorization: Bearer <key>`: the admin key on an admin route where one is set (SGLang
+        accepts only it there once started with --admin-api-key), else the API key."""
+        key = self._admin_key if call.admin and self._admin_key else self._api_key
+        return {"Authorization": f"Bearer {key}"} if key else None
 
     async def close(self) -> None:
         if self._client is not None:
@@ -497,8 +512,10 @@ class ForgeClient:
 
     kind = "forge"
 
-    def __init__(self, url: str, timeout_s: float = 120.0, sampling: Sampling | None = None) -> None:
-        self.http = HttpTransport(url, timeout_s)
+    def __init__(
+        self, url: str, timeout_s: float = 120.0, sampling: Sampling | None = None, keys: ServerKeys = NO_KEYS
+    ) -> None:
+        self.http = HttpTransport(url, timeout_s, keys=keys)
         self.url = self.http.url
         self.sampling = sampling  # None: the server's own --temperature / --top-p
         self.policy_version = 0

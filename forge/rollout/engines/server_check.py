@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from forge.config import ConfigError
-from forge.rollout.engines.remote import EngineLost, HttpCall, HttpTransport, ProtocolError
+from forge.rollout.engines.remote import NO_KEYS, EngineLost, HttpCall, HttpTransport, ProtocolError
+from forge.rollout.engines.server_keys import ServerKeys
 
 
 @dataclass
@@ -122,13 +123,15 @@ async def probe(
     wait_s: float = 120.0,
     poll_s: float = 2.0,
     timeout_s: float = 10.0,
+    keys: ServerKeys = NO_KEYS,
 ) -> str:
     """Check one `vllm+` / `sglang+` server, waiting up to `wait_s` for one still starting
     (a large model takes minutes to load before the server listens); returns a line saying
-    what it serves."""
+    what it serves. Asked with the API key `keys` names: a server that refuses it (or wants one
+    and gets none) is refused here, before the run starts."""
     kind, _, url = spec.partition("+")
     name = {"vllm": "vLLM", "sglang": "SGLang"}[kind]
-    http = HttpTransport(url, timeout_s, transport)
+    http = HttpTransport(url, timeout_s, transport, keys)
     http.busy_retry_delays_s = ()
     version, flags = "", ""
     problems: list[str] = []
@@ -152,6 +155,8 @@ async def probe(
                     said = True
                 await asyncio.sleep(poll_s)
             except ProtocolError as exc:
+                if exc.status in (401, 403):  # the message says which setting to fix
+                    raise ConfigError(f"rollout.servers entry {spec} ({name}): {exc}") from None
                 raise ConfigError(
                     f"rollout.servers entry {spec}: GET /v1/models did not answer as {name} does ({exc}); "
                     f"is this a {name} server? (forge serve is written http://host:port)"
@@ -225,11 +230,13 @@ def check_servers(cfg: Any, transport: Any = None, wait: bool = True) -> list[st
         cfg.model.lora.r if cfg.model.lora.enabled else None,
         cfg.rollout.top_p,
     )
+    keys = ServerKeys.of(cfg.rollout)  # a variable named but unset is refused here
+    keys.values()
     kinds = ("vllm+http", "vllm+https", "sglang+http", "sglang+https")
     specs = [s for s in cfg.rollout.servers if s.split("://")[0] in kinds]
 
     async def all_of() -> list[str]:
         wait_s = cfg.rollout.engine_timeout_s if wait else 0.0
-        return list(await asyncio.gather(*(probe(s, needs, transport, wait_s) for s in specs)))
+        return list(await asyncio.gather(*(probe(s, needs, transport, wait_s, keys=keys) for s in specs)))
 
     return asyncio.run(all_of()) if specs else []

@@ -12,6 +12,7 @@ from typing import Any
 
 from forge.rollout.engines.health import Drop
 from forge.rollout.engines.router import said_version
+from forge.rollout.engines.server_keys import NO_KEYS, ServerKeys
 
 # SGLang servers in a LoRA run keep this many of Forge's adapter versions loaded: the newest
 # and the one before, which workers not yet told of the newest still name.
@@ -22,8 +23,11 @@ class ServerWeights:
     """The driver's side of weight updates to remote servers; it keeps what it loaded where
     (SGLang's adapter versions, the vLLM transfer group) from one sync to the next."""
 
-    def __init__(self, model: str, lora: bool, weight_dir: str | None, lost: Drop) -> None:
+    def __init__(
+        self, model: str, lora: bool, weight_dir: str | None, lost: Drop, keys: ServerKeys = NO_KEYS
+    ) -> None:
         self.model = model  # the name requests give the base model (model.path)
+        self.keys = keys  # the servers' API keys (rollout.server_api_key_env, ...)
         self.lora = lora
         self.weight_dir = weight_dir
         self.lost = lost
@@ -42,7 +46,7 @@ class ServerWeights:
         from forge.rollout.engines.remote import Sampling
 
         given = {url: held[url] for url in urls if held.get(url, 0) > 0}
-        clients = [make_client(url, self.model, Sampling()) for url in given]
+        clients = [make_client(url, self.model, Sampling(), keys=self.keys) for url in given]
         asked = [client for client in clients if not self.lora or client.kind in ("vllm", "sglang")]
         for client in asked:
             if self.lora:  # it holds the version if it still lists the adapter its requests name
@@ -76,7 +80,7 @@ class ServerWeights:
         from forge.weights import unpack_weights
 
         # Each client's `spec` is its rollout.servers entry (vllm+http://...), which the pool knows it by.
-        clients = [make_client(url, self.model, Sampling(), timeout_s) for url in urls]
+        clients = [make_client(url, self.model, Sampling(), timeout_s, self.keys) for url in urls]
         # vLLM and SGLang servers in a LoRA run load each version's adapter; vLLM servers
         # otherwise take full weights by NCCL; forge serves the pushed tensors, SGLang a folder.
         adapters = [c for c in clients if self.lora and c.kind in ("vllm", "sglang")]

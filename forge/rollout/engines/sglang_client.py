@@ -16,6 +16,7 @@ from typing import Any
 from forge.rollout.engines.protocol import GenerationRequest, GenerationResult
 from forge.rollout.engines.remote import (
     NEUTRAL_SAMPLING,
+    NO_KEYS,
     PROBE_TIMEOUT_S,
     EngineLost,
     HttpCall,
@@ -31,6 +32,7 @@ from forge.rollout.engines.remote import (
     send_cancellable,
     top_logprob_pairs,
 )
+from forge.rollout.engines.server_keys import ServerKeys
 
 
 def generate_call(
@@ -72,7 +74,7 @@ def generate_call(
 def abort_call(rid: str) -> HttpCall:
     # AbortReq {"rid", "abort_all"} (python/sglang/srt/entrypoints/http_server.py,
     # /abort_request); a rid the server no longer runs is ignored.
-    return HttpCall("POST", "/abort_request", {"rid": rid})
+    return HttpCall("POST", "/abort_request", {"rid": rid}, admin=True)
 
 
 def parse_generate(
@@ -148,6 +150,7 @@ def update_from_disk_call(path: str, version: int) -> HttpCall:
             "weight_version": str(version),
             "abort_all_requests": False,
         },
+        admin=True,
     )
 
 
@@ -157,21 +160,28 @@ def adapter_name(version: int) -> str:
 
 
 def load_adapter_call(name: str, path: str) -> HttpCall:
-    return HttpCall("POST", "/load_lora_adapter", {"lora_name": name, "lora_path": path})
+    return HttpCall("POST", "/load_lora_adapter", {"lora_name": name, "lora_path": path}, admin=True)
 
 
 def unload_adapter_call(name: str) -> HttpCall:
-    return HttpCall("POST", "/unload_lora_adapter", {"lora_name": name})
+    return HttpCall("POST", "/unload_lora_adapter", {"lora_name": name}, admin=True)
+
+
+# Admin routes (`admin=True` calls): abort, weight updates, LoRA loads, pause and continue are
+# AuthLevel.ADMIN_OPTIONAL in SGLang's http_server.py. Its decide_request_auth (python/sglang/srt/
+# utils/auth.py) lets them through with the --admin-api-key where one is set (the --api-key is then
+# refused there), else with the --api-key; every other route but /health* and /metrics* wants the
+# --api-key alone.
 
 
 def pause_call() -> HttpCall:
     # "in_place" keeps running requests (and their KV) frozen until continue; "abort" would
     # end them, losing episodes mid-turn.
-    return HttpCall("POST", "/pause_generation", {"mode": "in_place"})
+    return HttpCall("POST", "/pause_generation", {"mode": "in_place"}, admin=True)
 
 
 def continue_call() -> HttpCall:
-    return HttpCall("POST", "/continue_generation", {})
+    return HttpCall("POST", "/continue_generation", {}, admin=True)
 
 
 # GET /model_info (weight_version among the model's facts); SGLang before it named the route
@@ -209,8 +219,10 @@ class SGLangClient:
 
     kind = "sglang"
 
-    def __init__(self, url: str, sampling: Sampling, timeout_s: float = 120.0) -> None:
-        self.http = HttpTransport(url, timeout_s)
+    def __init__(
+        self, url: str, sampling: Sampling, timeout_s: float = 120.0, keys: ServerKeys = NO_KEYS
+    ) -> None:
+        self.http = HttpTransport(url, timeout_s, keys=keys)
         self.url = self.http.url
         self.sampling = sampling
         self.policy_version = 0

@@ -14,6 +14,7 @@ from typing import Any
 from forge.rollout.engines.protocol import GenerationRequest, GenerationResult
 from forge.rollout.engines.remote import (
     NEUTRAL_SAMPLING,
+    NO_KEYS,
     PROBE_TIMEOUT_S,
     EngineLost,
     HttpCall,
@@ -29,6 +30,7 @@ from forge.rollout.engines.remote import (
     send_cancellable,
     top_logprob_pairs,
 )
+from forge.rollout.engines.server_keys import ServerKeys
 
 TOKEN_PREFIX = "token_id:"  # how return_tokens_as_token_ids spells each sampled token
 
@@ -216,8 +218,12 @@ class VLLMClient:
 
     kind = "vllm"
 
-    def __init__(self, url: str, model: str, sampling: Sampling, timeout_s: float = 120.0) -> None:
-        self.http = HttpTransport(url, timeout_s)
+    def __init__(
+        self, url: str, model: str, sampling: Sampling, timeout_s: float = 120.0, keys: ServerKeys = NO_KEYS
+    ) -> None:
+        # vLLM's --api-key guards every route but /health, /ping, /load, /version, /metrics and the docs
+        # (newer vLLM; older guarded /v1 only): the key goes on every request.
+        self.http = HttpTransport(url, timeout_s, keys=keys)
         self.http.route_hints = ROUTE_HINTS
         self.url = self.http.url
         self.base_model = model
