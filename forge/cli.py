@@ -148,6 +148,7 @@ def _serve(args: argparse.Namespace) -> int:
         args.checkpoint,
         host=args.host,
         port=args.port,
+        api_key_env=args.api_key_env,
         max_new_tokens=args.max_new_tokens,
         max_context_tokens=args.max_context_tokens,
         prefill_chunk_tokens=args.prefill_chunk_tokens,
@@ -274,6 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--revision", default="main", help="for a hub id: the branch, tag or commit to serve")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all)")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--api-key-env",
+        default=None,
+        metavar="NAME",
+        help="require the key environment variable NAME holds (Authorization: Bearer) on every route but "
+        "/health; a run sends it with rollout.server_api_key_env: NAME",
+    )
     serve.add_argument("--max-new-tokens", type=int, default=256, help="cap on tokens sampled per call")
     serve.add_argument("--max-context-tokens", type=int, default=4096, help="prompt plus sampled tokens")
     serve.add_argument(

@@ -16,7 +16,7 @@ import openai
 import pytest
 import torch
 
-from forge.config import TinyModelConfig
+from forge.config import ConfigError, TinyModelConfig
 from forge.models.tiny import save_tiny_checkpoint
 from forge.rollout.engines.protocol import GenerationRequest
 from forge.rollout.engines.remote import EngineLost, ForgeClient
@@ -403,3 +403,35 @@ def test_the_forge_client_sends_the_runs_sampling():
     )
     assert (batch.method, batch.path) == ("POST", "/forge/generate/batch")
     assert batch.body == {"requests": [call.body], "release": ["d"]}
+
+
+def test_with_an_api_key_every_route_but_health_wants_it_and_forges_client_sends_it(checkpoint, monkeypatch):
+    from forge.rollout.engines.server import api_key_from_env
+    from forge.rollout.engines.server_keys import ServerKeys
+
+    monkeypatch.setenv("FORGE_TEST_SERVE_KEY", "sk-serve-key")
+    service = make_service(checkpoint, max_new_tokens=2, max_context_tokens=128)
+    with EngineServer(service, api_key=api_key_from_env("FORGE_TEST_SERVE_KEY")) as running:
+        ids = running.service.gateway.encode("hi")
+        assert httpx.get(f"{running.url}/health").status_code == 200
+        for path in ("/forge/info", "/v1/models", "/ready"):
+            assert httpx.get(f"{running.url}{path}").status_code == 401
+        wrong = {"Authorization": "Bearer sk-other"}
+        assert (
+            httpx.post(f"{running.url}/forge/generate", json={"token_ids": ids}, headers=wrong).status_code
+            == 401
+        )
+
+        async def generate():
+            client = ForgeClient(running.url, 30.0, keys=ServerKeys("FORGE_TEST_SERVE_KEY"))
+            try:
+                return await client.generate(GenerationRequest(ids, 2))
+            finally:
+                await client.close()
+
+        assert asyncio.run(generate()).token_ids
+    monkeypatch.delenv("FORGE_TEST_SERVE_KEY")
+    with pytest.raises(
+        ConfigError, match="--api-key-env FORGE_TEST_SERVE_KEY: FORGE_TEST_SERVE_KEY is not set"
+    ):
+        api_key_from_env("FORGE_TEST_SERVE_KEY")

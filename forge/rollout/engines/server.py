@@ -44,7 +44,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from forge.config import ModelConfig
+from forge.config import ConfigError, ModelConfig
 from forge.gateway.decoding import TextStream
 from forge.gateway.episodes import EpisodeError
 from forge.gateway.server import Gateway, ThreadedServer, build_app
@@ -403,14 +403,54 @@ def make_service(
     return EngineService(served, gateway, name)
 
 
+class RequireKey:
+    """ASGI middleware: every request but `GET /health` must carry `Authorization: Bearer <key>`,
+    else 401 {"error": "Unauthorized"} (vLLM's and SGLang's answer, which Forge's clients explain)."""
+
+    OPEN = ("/health",)
+
+    def __init__(self, app: Any, key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {key}".encode()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        import hmac
+
+        if scope["type"] == "http" and scope["path"] not in self.OPEN:
+            given = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                await JSONResponse({"error": "Unauthorized"}, status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def api_key_from_env(name: str | None) -> str | None:
+    """`forge serve --api-key-env NAME`: the key in variable NAME (never on the command line,
+    which `ps` shows to every user of the machine)."""
+    import os
+
+    if name is None:
+        return None
+    key = os.environ.get(name)
+    if not key:
+        raise ConfigError(
+            f"forge serve --api-key-env {name}: {name} is not set (or empty); export the key in it"
+        )
+    return key
+
+
 class EngineServer(ThreadedServer):
     """Serves a service's app with uvicorn on its own thread (for tests, benchmarks and the
-    Ray actor behind `rollout.engine: server`). `port=0` picks a free port."""
+    Ray actor behind `rollout.engine: server`). `port=0` picks a free port. With `api_key`,
+    every route but /health wants it (`Authorization: Bearer`)."""
 
-    def __init__(self, service: EngineService, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self, service: EngineService, host: str = "127.0.0.1", port: int = 0, api_key: str | None = None
+    ) -> None:
         self.service = service
+        app = build_server_app(service)
         super().__init__(
-            build_server_app(service),
+            RequireKey(app, api_key) if api_key else app,
             host,
             port,
             "forge serve",
@@ -425,11 +465,15 @@ class EngineServer(ThreadedServer):
         return f"http://{host}:{self.port}"
 
 
-def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, **options: Any) -> None:
+def serve(
+    checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key_env: str | None = None, **options: Any
+) -> None:
     """Run `forge serve` in the foreground until interrupted (Ctrl-C or SIGTERM); stopping
-    ends live episodes and records every ended one, its env's close waited for (bounded)."""
+    ends live episodes and records every ended one, its env's close waited for (bounded). With
+    `api_key_env`, requests must carry the key that variable holds."""
+    api_key = api_key_from_env(api_key_env)
     service = make_service(checkpoint, **options)
-    server = EngineServer(service, host, port).start()
+    server = EngineServer(service, host, port, api_key).start()
     print(
         f"forge serve: {service.model_name} at {server.url} (OpenAI API at {server.url}/v1, "
         f"token API at {server.url}/forge/generate)",
