@@ -136,6 +136,10 @@ def transcript_sample(
 
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}  # OpenAI's chat roles
+# The loss's comparisons of the trained policy with the one that sampled the tokens. A transcript
+# was sampled by none (its behaviour logprobs are placeholders, 0), so these would read as a
+# policy far off its samples (mismatch_kl ~10 at the first step): not written.
+BEHAVIOUR_METRICS = ("mismatch_kl", "importance_ratio_mean")
 
 
 def transcript_problem(messages: Any) -> str | None:
@@ -323,6 +327,8 @@ def sft(
                 step += 1
                 step_started = time.perf_counter()
                 metrics = trainer.train_step(samples[first : first + batch_size])
+                for key in BEHAVIOUR_METRICS:  # against behaviour logprobs a transcript has not
+                    metrics.pop(key, None)
                 metrics["step_seconds"] = time.perf_counter() - step_started
                 metrics["wall_seconds"] = time.perf_counter() - started
                 logger.log(step, metrics)

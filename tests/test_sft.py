@@ -216,6 +216,8 @@ def test_each_sft_step_records_its_own_wall_time_and_shows_its_loss(tmp_path, ca
     sft_module.sft(cfg, str(data), tmp_path / "sft", epochs=1, batch_size=2)
     rows = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(0 < r["step_seconds"] <= r["wall_seconds"] for r in rows)
+    # No behaviour policy sampled a transcript: nothing is compared with one.
+    assert not {"mismatch_kl", "importance_ratio_mean"} & {key for row in rows for key in row}
     progress = capsys.readouterr().err.split("\r")[-1]  # the console's last progress line
     assert "sft: 100%" in progress and "2/2" in progress and f"loss={rows[-1]['loss']:.3f}" in progress
 
