@@ -298,6 +298,14 @@ class RolloutConfig(Section):
         return self.torch_threads or max(1, int(self.num_cpus_per_worker))
 
 
+def _registered(name: str, registry: dict[str, Any], what: str) -> str:
+    """`name` if the registry holds it: an unknown one stopped the trainer (the loss) or the
+    driver after the first rollout (the advantage), not the config."""
+    if name not in registry:
+        raise ValueError(f"unknown {what} {name!r}; use one of {', '.join(sorted(registry))}")
+    return name
+
+
 class TrainConfig(Section):
     mode: Literal["sync", "async"] = "sync"
     max_steps: int = Field(100, gt=0)
@@ -316,7 +324,10 @@ class TrainConfig(Section):
     minibatches_per_step: int = Field(
         1, gt=0, description="optimizer steps per rollout batch, each on a disjoint slice (PPO-style)"
     )
-    advantage: str = Field("grpo", description="advantage estimator (forge.reward.advantages)")
+    advantage: str = Field(
+        "grpo",
+        description="advantage estimator: grpo, dr_grpo, rloo, reinforce_pp_baseline (forge.reward.advantages)",
+    )
     advantage_std: Literal["outcome", "reward"] = Field(
         "outcome",
         description="what grpo / reinforce_pp_baseline divide by: the spread of the raw outcomes "
@@ -332,17 +343,19 @@ class TrainConfig(Section):
         "too), in every mode; below 1 softens the push down on failed episodes' tokens, which on "
         "a mostly-failing start can move the policy's mass onto rarely-sampled tokens; 1: unweighted",
     )
-    loss: str = Field("pg", description="policy loss (forge.train.losses)")
+    loss: str = Field("pg", description="policy loss: pg, ppo_clip, cispo, gspo (forge.train.losses)")
     loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = "token_mean"
-    clip_low: float = Field(0.2, ge=0, description="ppo_clip: ratio clipped to [1 - clip_low, 1 + clip_high]")
+    clip_low: float = Field(
+        0.2, ge=0, lt=1, description="ppo_clip: ratio clipped to [1 - clip_low, 1 + clip_high]"
+    )
     clip_high: float = Field(0.28, ge=0, description="ppo_clip: DAPO clip-higher upper bound")
     cispo_clip_low: float = Field(0.0, ge=0, description="cispo: lower bound of the stop-gradient IS weight")
     cispo_clip_high: float = Field(5.0, gt=0, description="cispo: upper bound of the stop-gradient IS weight")
     gspo_clip_low: float = Field(
-        3e-4, ge=0, description="gspo: sequence ratio clipped to [1 - low, 1 + high]"
+        3e-4, ge=0, lt=1, description="gspo: sequence ratio clipped to [1 - low, 1 + high]"
     )
     gspo_clip_high: float = Field(4e-4, ge=0, description="gspo: upper clip of the sequence ratio")
-    tis_cap: float | None = Field(None, description="truncated importance sampling cap; unset disables")
+    tis_cap: float | None = Field(None, gt=0, description="truncated importance sampling cap; unset disables")
     kl_coef: float = Field(0.0, ge=0, description="KL to the frozen initial policy; 0 disables")
     entropy_coef: float = Field(
         0.0,
@@ -404,6 +417,20 @@ class TrainConfig(Section):
         "weights, moments and gradient sums, where those steps are lost (at learning rate 1e-6 most weights "
         "never move)",
     )
+
+    @field_validator("loss")
+    @classmethod
+    def _check_loss(cls, value: str) -> str:
+        from forge.train.losses import LOSSES  # the registry the trainer looks the name up in
+
+        return _registered(value, LOSSES, "loss")
+
+    @field_validator("advantage")
+    @classmethod
+    def _check_advantage(cls, value: str) -> str:
+        from forge.reward.advantages import ADVANTAGE_ESTIMATORS
+
+        return _registered(value, ADVANTAGE_ESTIMATORS, "advantage estimator")
 
     @model_validator(mode="after")
     def _check_precision(self) -> TrainConfig:
@@ -813,12 +840,31 @@ def known_keys() -> list[str]:
     ]
 
 
-# Names other trainers use for a key Forge spells differently.
+# Names other trainers use for a key Forge spells differently (TRL's GRPOConfig, verl's
+# actor_rollout_ref / algorithm keys): README's "Coming from TRL or verl" says where their
+# meanings differ.
 _SYNONYMS = {
     "lr": "learning_rate",
     "steps": "max_steps",
     "num_steps": "max_steps",
     "total_steps": "max_steps",
+    "num_generations": "group_size",
+    "n": "group_size",
+    "beta": "kl_coef",
+    "kl_loss_coef": "kl_coef",
+    "epsilon": "clip_low",
+    "epsilon_low": "clip_low",
+    "epsilon_high": "clip_high",
+    "clip_ratio": "clip_low",
+    "clip_ratio_low": "clip_low",
+    "clip_ratio_high": "clip_high",
+    "loss_type": "loss_aggregation",
+    "loss_agg_mode": "loss_aggregation",
+    "adv_estimator": "advantage",
+    "max_completion_length": "max_new_tokens",
+    "max_response_length": "max_new_tokens",
+    "lr_scheduler_type": "lr_schedule",
+    "entropy_coeff": "entropy_coef",
 }
 
 
