@@ -16,8 +16,12 @@ from forge.config import Config, ConfigError
 from forge.types import NO_VERSION, Sample
 
 
-def _encode(tokenizer: Any, messages: list[dict[str, Any]], generation_prompt: bool) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
+def _encode(
+    tokenizer: Any, messages: list[dict[str, Any]], generation_prompt: bool, tools: list[dict] | None = None
+) -> list[int]:
+    text = tokenizer.apply_chat_template(
+        messages, tools=tools, add_generation_prompt=generation_prompt, tokenize=False
+    )
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -98,6 +102,7 @@ def transcript_sample(
     messages: list[dict[str, Any]],
     system_in_user: bool | None = None,
     renders_tool_calls: bool | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> Sample:
     """One transcript as a training sample: the tokens of each assistant message (its
     text and end of turn) have loss mask 1, every other token 0. The transcript is
@@ -106,7 +111,10 @@ def transcript_sample(
     message (`system_in_user`, found from the tokenizer when None) gets a leading one in the
     first user message, as a rollout renders an env's system prompt; one that does not write
     tool calls (`renders_tool_calls`, found when None) gets them as a rollout shows them
-    (`as_rollout_renders`)."""
+    (`as_rollout_renders`). `tools` (the function schemas a row of OpenAI's fine-tuning
+    format lists) are shown as a rollout shows an env's: through the template's `tools=`, or
+    for a template that drops them as Hermes text after the system message."""
+    from forge.env.tools import hermes_tools_prompt, template_renders_tools
     from forge.rollout.chat import ChatFormat, system_in_first_user
 
     if system_in_user is None:
@@ -114,6 +122,13 @@ def transcript_sample(
     if renders_tool_calls is None:
         renders_tool_calls = template_renders_tool_calls(tokenizer)
     messages = as_rollout_renders(messages, renders_tool_calls)
+    if tools and not template_renders_tools(tokenizer):  # as ChatFormat.prompt_ids shows an env's tools
+        listing = hermes_tools_prompt(tools)
+        if messages and messages[0].get("role") == "system":
+            messages = [{**messages[0], "content": f"{messages[0]['content']}\n\n{listing}"}, *messages[1:]]
+        else:
+            messages = [{"role": "system", "content": listing}, *messages]
+        tools = None
     if system_in_user:
         messages = system_in_first_user(messages)
     ids: list[int] = []
@@ -121,8 +136,8 @@ def transcript_sample(
     for index, message in enumerate(messages):
         if message.get("role") != "assistant":
             continue
-        before = _encode(tokenizer, messages[:index], generation_prompt=True)
-        after = _encode(tokenizer, messages[: index + 1], generation_prompt=False)
+        before = _encode(tokenizer, messages[:index], generation_prompt=True, tools=tools)
+        after = _encode(tokenizer, messages[: index + 1], generation_prompt=False, tools=tools)
         if after[: len(before)] != before or before[: len(ids)] != ids:
             raise ValueError(
                 "the chat template does not render a conversation as a prefix of its continuation; "
@@ -185,8 +200,25 @@ def _tool_calls_problem(calls: Any) -> str | None:
     return None
 
 
-def read_transcripts(path: str | Path) -> list[list[dict[str, Any]]]:
-    """`messages` lists from a jsonl file, one transcript a line."""
+Transcript = tuple[list[dict[str, Any]], "list[dict[str, Any]] | None"]  # messages, tools
+
+
+def _tools_problem(tools: Any) -> str | None:
+    """What keeps a row's `tools` from being a list of OpenAI function schemas, or None."""
+    if tools is None:
+        return None
+    if not isinstance(tools, list):
+        return f"has 'tools' {type(tools).__name__}, not a list of function schemas"
+    for schema in tools:
+        function = schema.get("function") if isinstance(schema, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            return 'has a tool that is not {"type": "function", "function": {"name": ..., "parameters": ...}}'
+    return None
+
+
+def read_transcripts(path: str | Path) -> list[Transcript]:
+    """The transcripts of a jsonl file, one a line: its `messages`, and the function schemas
+    its `tools` lists (OpenAI's fine-tuning format), or None."""
     try:
         text = Path(path).read_text()
     except OSError as exc:
@@ -202,10 +234,11 @@ def read_transcripts(path: str | Path) -> list[list[dict[str, Any]]]:
         except json.JSONDecodeError as exc:
             raise ConfigError(f"sft.data {path}: line {number} is not JSON ({exc})") from None
         messages = row.get("messages") if isinstance(row, dict) else None
-        problem = transcript_problem(messages)
+        tools = row.get("tools") if isinstance(row, dict) else None
+        problem = transcript_problem(messages) or _tools_problem(tools)
         if problem:
             raise ConfigError(f"sft.data {path}: line {number} {problem}")
-        transcripts.append(messages)
+        transcripts.append((messages, tools or None))
     if not transcripts:
         raise ConfigError(f"sft.data {path} holds no transcripts")
     return transcripts
@@ -285,7 +318,9 @@ def sft(
             "or replace it with --overwrite"
         ) from None
     output.mkdir(parents=True, exist_ok=True)
-    transcripts = read_transcripts(data) if data else env_demonstrations(cfg)
+    transcripts = (
+        read_transcripts(data) if data else [(messages, None) for messages in env_demonstrations(cfg)]
+    )
     model_path = resolve_model_path(cfg.model, output / "initial_model", seed=cfg.seed)
     steps = epochs * -(-len(transcripts) // batch_size)
     # Plain negative log-likelihood of the assistant tokens: pg at advantage 1, one
@@ -304,9 +339,11 @@ def sft(
     system_in_user = ChatFormat(trainer.tokenizer).system_in_user
     renders_tool_calls = template_renders_tool_calls(trainer.tokenizer)
     samples = []
-    for index, messages in enumerate(transcripts):
+    for index, (messages, tools) in enumerate(transcripts):
         try:
-            samples.append(transcript_sample(trainer.tokenizer, messages, system_in_user, renders_tool_calls))
+            samples.append(
+                transcript_sample(trainer.tokenizer, messages, system_in_user, renders_tool_calls, tools)
+            )
         except ValueError as exc:  # the model's chat template cannot separate the assistant's tokens
             raise ConfigError(f"forge sft on {model_path}: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - the template's own raise_exception (a jinja2 TemplateError)

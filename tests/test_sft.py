@@ -344,3 +344,43 @@ def test_a_transcript_whose_tool_call_arguments_are_not_json_is_refused_naming_i
         ConfigError, match=r"line 2 message 1 \(assistant\) has a tool call 'count' has arguments"
     ):
         read_transcripts(data)
+
+
+COUNT_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "count",
+        "description": "Stock count of one item.",
+        "parameters": {"type": "object", "properties": {"item": {"type": "string"}}, "required": ["item"]},
+    },
+}
+
+
+@pytest.mark.parametrize("family", ["tiny", "qwen"], ids=["template drops tools", "template renders tools"])
+def test_a_rows_tools_are_shown_as_a_rollout_shows_an_envs(tmp_path, family):
+    """OpenAI's fine-tuning rows list the tools beside the messages: the transcript's prompt
+    is then the first prompt a rollout of a ToolEnv with that system prompt and tools renders."""
+    from family_tokenizers import byte_level_tokenizer
+
+    from forge.rollout.chat import ChatFormat
+    from forge.sft import read_transcripts
+
+    tokenizer = build_tokenizer() if family == "tiny" else byte_level_tokenizer("qwen", tmp_path)
+    system = {"role": "system", "content": "Count the stock."}
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"messages": [system, *TOOL_TRANSCRIPT], "tools": [COUNT_TOOL]}) + "\n")
+    [(messages, tools)] = read_transcripts(data)
+    sample = transcript_sample(tokenizer, messages, tools=tools)
+    prompt = ChatFormat(tokenizer).prompt_ids(TOOL_TRANSCRIPT[0]["content"], system["content"], [COUNT_TOOL])
+    assert sample.token_ids[: len(prompt)] == prompt
+    assert sample.loss_mask[: len(prompt)] == [0] * len(prompt) and sample.loss_mask[len(prompt)] == 1
+
+
+def test_a_row_whose_tools_are_not_function_schemas_is_refused_naming_its_line(tmp_path):
+    from forge.config import ConfigError
+    from forge.sft import read_transcripts
+
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"messages": TOOL_TRANSCRIPT, "tools": ["count"]}) + "\n")
+    with pytest.raises(ConfigError, match="line 1 has a tool that is not"):
+        read_transcripts(data)
