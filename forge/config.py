@@ -306,6 +306,16 @@ def _registered(name: str, registry: dict[str, Any], what: str) -> str:
     return name
 
 
+_CLIP_READ_BY = {
+    "clip_low": "ppo_clip",
+    "clip_high": "ppo_clip",
+    "cispo_clip_low": "cispo",
+    "cispo_clip_high": "cispo",
+    "gspo_clip_low": "gspo",
+    "gspo_clip_high": "gspo",
+}
+
+
 class TrainConfig(Section):
     mode: Literal["sync", "async"] = "sync"
     max_steps: int = Field(100, gt=0)
@@ -431,6 +441,19 @@ class TrainConfig(Section):
         from forge.reward.advantages import ADVANTAGE_ESTIMATORS
 
         return _registered(value, ADVANTAGE_ESTIMATORS, "advantage estimator")
+
+    @model_validator(mode="after")
+    def _check_clips_read(self) -> TrainConfig:
+        # Each clip is read by one loss alone: set for another, it changed nothing, silently
+        # (TRL clips every GRPO loss; Forge's default, pg, clips none). At its default it is let be,
+        # since a run's config.yaml writes every key.
+        for knob, loss in _CLIP_READ_BY.items():
+            if self.loss != loss and getattr(self, knob) != type(self).model_fields[knob].default:
+                raise ValueError(
+                    f"train.{knob}={getattr(self, knob):g} is read only by train.loss={loss}, and this run "
+                    f"trains train.loss={self.loss}: set train.loss={loss}, or leave train.{knob} unset"
+                )
+        return self
 
     @model_validator(mode="after")
     def _check_precision(self) -> TrainConfig:

@@ -252,9 +252,16 @@ def test_bench_with_an_unknown_name_is_a_clear_error(capsys):
 def test_every_loss_knob_reaches_the_loss_config():
     from forge.train.trainer import loss_config
 
-    cfg = load_config(None, ["train.cispo_clip_high=3.0", "train.gspo_clip_low=1e-3", "train.clip_high=0.3"])
-    knobs = loss_config(cfg.train)
-    assert (knobs.cispo_clip_high, knobs.gspo_clip_low, knobs.clip_high) == (3.0, 1e-3, 0.3)
+    # Each with the loss that reads it: a clip set for another loss is refused (test_config_trl_names).
+    found = [
+        getattr(loss_config(load_config(None, [f"train.loss={loss}", f"train.{knob}={value}"]).train), knob)
+        for loss, knob, value in [
+            ("cispo", "cispo_clip_high", 3.0),
+            ("gspo", "gspo_clip_low", 1e-3),
+            ("ppo_clip", "clip_high", 0.3),
+        ]
+    ]
+    assert found == [3.0, 1e-3, 0.3]
 
 
 def test_a_new_run_refuses_a_directory_that_holds_an_earlier_run(capsys, tmp_path):

@@ -77,3 +77,29 @@ def test_a_clip_that_cannot_bound_a_ratio_is_refused(override):
     no ratio is ever clipped from below."""
     with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "knob", "loss"),
+    [
+        (["train.clip_low=0.1"], "train.clip_low", "ppo_clip"),  # the default loss, pg
+        (["train.loss=cispo", "train.clip_high=0.3"], "train.clip_high", "ppo_clip"),
+        (["train.loss=ppo_clip", "train.gspo_clip_low=1e-3"], "train.gspo_clip_low", "gspo"),
+        (["train.loss=gspo", "train.cispo_clip_high=3"], "train.cispo_clip_high", "cispo"),
+    ],
+)
+def test_a_clip_set_for_another_loss_than_the_one_trained_is_refused(overrides, knob, loss):
+    """TRL clips every GRPO loss at epsilon / epsilon_high; Forge's default loss, pg, reads no
+    clip at all, so train.clip_low=0.1 on it trained unclipped with no word said. A clip at its
+    default is let be: a run's own config.yaml writes every key."""
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, overrides)
+    message = str(caught.value)
+    assert knob in message and f"train.loss={loss}" in message
+
+
+def test_a_clip_at_its_default_or_for_the_loss_trained_loads():
+    assert load_config(None, ["train.loss=ppo_clip", "train.clip_high=0.3"]).train.clip_high == 0.3
+    assert load_config(None, ["train.loss=gspo", "train.gspo_clip_low=1e-3"]).train.gspo_clip_low == 1e-3
+    assert load_config(None, ["train.clip_high=0.28"]).train.loss == "pg"  # its default: as if unset
+    assert load_config(None, ["train.loss=pg", "train.tis_cap=2"]).train.tis_cap == 2  # every loss takes it
