@@ -80,7 +80,12 @@ def evaluate(
     from forge.env.preflight import preflight_env
     from forge.env.registry import resolve_env
     from forge.env.tokens import first_prompt_check
-    from forge.models.loading import checkpoint_folder, load_tokenizer, refuse_tokenizer_past_embeddings
+    from forge.models.loading import (
+        checkpoint_folder,
+        load_tokenizer,
+        refuse_tokenizer_past_embeddings,
+        run_model_hint,
+    )
     from forge.rollout.stuck import LoopGuard, remove_unused_reports, stuck_limit_s
     from forge.rollout.stuck_watch import StuckWatcher, env_source_file
     from forge.rollout.worker import RolloutWorker
@@ -94,8 +99,11 @@ def evaluate(
     try:  # a hub id: this machine's Hugging Face cache (its errors name the fix themselves)
         checkpoint = checkpoint_folder(checkpoint, cfg.model.revision, ("--checkpoint", "model.revision"))
     except FileNotFoundError:
+        run = run_model_hint(Path(checkpoint))  # a path into a run: where its model is
         raise FileNotFoundError(
-            f"--checkpoint {checkpoint} is not a model folder (no config.json); pass a run's final/ folder, "
+            f"--checkpoint {checkpoint} is not a model folder: {run}"
+            if run
+            else f"--checkpoint {checkpoint} is not a model folder (no config.json); pass a run's final/ folder, "
             "any save_pretrained checkpoint or a hub model id (org/name)"
         ) from None
     # A wrong name, kwargs or reset, and a first prompt with words the checkpoint's tokenizer

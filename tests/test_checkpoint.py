@@ -429,3 +429,20 @@ def test_checking_a_large_trainer_file_is_said_before_it_is_read(tmp_path, monke
     monkeypatch.setattr(checkpoint, "CHECK_SAID_BYTES", 1)  # as a multi-GB file would be
     check_checkpoint(latest_checkpoint(tmp_path))
     assert "trainer.pt (0.0 GiB) to check it is whole" in capsys.readouterr().err
+
+
+def test_a_model_path_into_a_run_names_the_runs_final_model(tiny_checkpoint, tmp_path, capsys):
+    import shutil
+
+    from forge.cli import main
+
+    run = tmp_path / "run"
+    step = run / "checkpoints" / "step-000002"
+    step.mkdir(parents=True)
+    (step / "trainer.pt").write_bytes(b"")
+    shutil.copytree(tiny_checkpoint, run / "final")
+    assert (
+        main(["train", "smoke", f"model.path={step}", "--dry-run", "--output-dir", str(tmp_path / "new")])
+        == 2
+    )
+    assert f"whose trained model is {run / 'final'}: pass that" in capsys.readouterr().err

@@ -46,6 +46,38 @@ def test_eval_of_a_folder_that_is_not_a_model_names_the_fix(tmp_path):
         evaluate(Config(), tmp_path, episodes=1, num_tasks=1)
 
 
+@pytest.mark.parametrize("given", ["run", "checkpoints", "step", "latest"])
+def test_eval_of_a_path_into_a_run_without_a_final_model_says_how_to_get_one(tmp_path, capsys, given):
+    """A run stopped early (no learning signal, too many errors) has checkpoints and no final/:
+    a checkpoint is trainer state, and the message says so and what to run, not 'no config.json'."""
+    run = tmp_path / "run"
+    step = run / "checkpoints" / "step-000004"
+    step.mkdir(parents=True)
+    (step / "trainer.pt").write_bytes(b"")
+    (step / "run_state.pkl").write_bytes(b"")
+    (run / "checkpoints" / "latest").write_text("step-000004\n")
+    (run / "metrics.jsonl").write_text("")
+    path = {
+        "run": run,
+        "checkpoints": run / "checkpoints",
+        "step": step,
+        "latest": run / "checkpoints" / "latest",
+    }
+    assert main(["eval", "smoke", "--checkpoint", str(path[given]), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"of the run {run}" in err and f"forge train {run / 'config.yaml'} --resume {run}" in err
+
+
+def test_eval_of_a_run_folder_names_its_final_model(tiny_checkpoint, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tiny_checkpoint, run / "final")
+    assert main(["eval", "smoke", "--checkpoint", str(run), "--no-progress"]) == 2
+    assert f"whose trained model is {run / 'final'}: pass that" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("counts", [["--tasks", "0"], ["--episodes", "-1"]])
 def test_eval_of_no_episodes_is_refused_naming_the_flags(tmp_path, capsys, counts):
     # It played nothing, and its verdict blamed a dead engine: "every one of the 0 episodes was lost".

@@ -46,6 +46,11 @@ def checkpoint_folder(
             return hub_snapshot(str(given), revision, settings)
         except ConfigError as exc:
             raise ConfigError(f"{exc}{_local_folder_hint(str(given))}") from None
+    run = run_model_hint(path)
+    if run is not None:
+        raise FileNotFoundError(
+            f"{settings[0]}={str(given)!r} is not a Hugging Face checkpoint folder: {run}"
+        )
     what = "has no config.json" if path.is_dir() else "is a file" if path.exists() else "does not exist"
     hint = "point it at a local folder saved with save_pretrained" + (
         ", or unset it for the tiny model" if settings[0] == "model.path" else ""
@@ -54,6 +59,29 @@ def checkpoint_folder(
         hint = f"relative paths are read from the working directory, {os.getcwd()}; {hint}"
     raise FileNotFoundError(
         f"{settings[0]}={str(given)!r} is not a Hugging Face checkpoint folder (it {what}); {hint}"
+    )
+
+
+def run_model_hint(path: Path) -> str | None:
+    """For a path into a Forge run's folder (the run itself, its checkpoints/, a step-N
+    checkpoint or the `latest` pointer), where that run's model is and how to get it; else None."""
+    if path.name == "latest" and path.parent.name == "checkpoints" and path.is_file():
+        run, what = path.parent.parent, "the checkpoint pointer"
+    elif path.is_dir() and ((path / "trainer.pt").is_file() or (path / "run_state.pkl").is_file()):
+        run, what = path.parent.parent, "a resumable checkpoint"
+    elif path.is_dir() and path.name == "checkpoints" and (path / "latest").is_file():
+        run, what = path.parent, "the checkpoints"
+    elif path.is_dir() and ((path / "metrics.jsonl").is_file() or (path / "checkpoints").is_dir()):
+        run, what = path, "the folder"
+    else:
+        return None
+    said = f"it is {what} of the run {run}"
+    if (run / "final" / "config.json").is_file():
+        return f"{said}, whose trained model is {run / 'final'}: pass that"
+    return (
+        f"{said}, and a checkpoint holds the trainer's state for `forge train --resume`, not a model; the run "
+        f"has no final/ yet (the model folder a run writes when it reaches train.max_steps): continue it to its "
+        f"end with `forge train {run / 'config.yaml'} --resume {run}`, then pass {run / 'final'}"
     )
 
 
