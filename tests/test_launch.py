@@ -234,3 +234,115 @@ def test_a_smoke_job_submitted_to_a_two_node_loopback_cluster_trains(tmp_path):
     assert steps == [1, 2]
     assert (output / "final" / "config.json").is_file()
     assert (output / "checkpoints" / "latest").read_text().strip() == "step-000002"
+
+
+def tiny_job(path: Path) -> Path:
+    """A one-step job small enough for a 2-CPU test cluster."""
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "model": {
+                    "tiny": {
+                        "hidden_size": 32,
+                        "num_layers": 1,
+                        "num_heads": 2,
+                        "num_kv_heads": 1,
+                        "intermediate_size": 64,
+                    }
+                },  # fmt: skip
+                "env": {"name": "guess_number", "kwargs": {"n": 4}},
+                "rollout": {
+                    "num_workers": 1,
+                    "tasks_per_step": 2,
+                    "group_size": 2,
+                    "max_turns": 2,
+                    "max_new_tokens": 1,
+                    "num_cpus_per_worker": 0.5,
+                },  # fmt: skip
+                "train": {"max_steps": 1, "num_cpus": 1, "max_steps_without_signal": 0},
+                "logging": {"progress_bar": False, "tensorboard": False},
+            }
+        )
+    )
+    return path
+
+
+@pytest.mark.slow
+def test_a_run_on_a_machine_where_ray_start_runs_a_token_auth_cluster_joins_it(tmp_path):
+    """`forge train` on a cluster's head node (RAY_ADDRESS unset) joins the cluster `ray start`
+    runs there, as Ray itself would, with its token auth (Ray 2.5x turns that on where a token
+    is found); it failed with Ray's "num_cpus must not be provided" traceback. Naming the
+    address without RAY_AUTH_MODE=token is a one-line error saying so."""
+    ray_tmp = tempfile.mkdtemp(prefix="fj", dir="/tmp")  # short: unix socket paths
+    (gcs, *ports) = free_ports(7)
+    token = "ab" * 32
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    base |= {"RAY_TMPDIR": ray_tmp, "RAY_AUTH_TOKEN": token, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+    head = subprocess.Popen(
+        [
+            "ray",
+            "start",
+            "--head",
+            f"--port={gcs}",
+            "--node-ip-address=127.0.0.1",
+            "--num-cpus=2",
+            "--num-gpus=0",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+            "--block",
+            f"--ray-client-server-port={ports[0]}",
+            f"--dashboard-agent-listen-port={ports[1]}",
+            f"--dashboard-agent-grpc-port={ports[2]}",
+            f"--metrics-export-port={ports[3]}",
+            f"--runtime-env-agent-port={ports[4]}",
+        ],  # fmt: skip
+        env=base | {"RAY_AUTH_MODE": "token"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    job = tiny_job(tmp_path / "job.yaml")
+    forge = [sys.executable, "-m", "forge.cli", "train", str(job)]
+    runs = {"pythonpath": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    try:
+        recorded = Path(ray_tmp) / "ray" / "ray_current_cluster"
+        deadline = time.monotonic() + 120
+        while not recorded.is_file() and time.monotonic() < deadline:
+            assert head.poll() is None, "ray start exited"
+            time.sleep(1)
+        joined = subprocess.run(
+            [*forge, "--output-dir", str(tmp_path / "joined")],
+            env=base | {"PYTHONPATH": runs["pythonpath"]},
+            cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        address = recorded.read_text().strip()  # the head's own: the machine's address, port `gcs`
+        named = subprocess.run(
+            [*forge, "--output-dir", str(tmp_path / "named")],
+            env=base | {"PYTHONPATH": runs["pythonpath"], "RAY_ADDRESS": address},
+            cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        # What the error says to do is what joins: the address named, with the token mode on.
+        with_token = subprocess.run(
+            [sys.executable, "-c", f"import ray; ray.init(address={address!r}); print(ray.cluster_resources()['CPU'])"],
+            env=base | {"RAY_AUTH_MODE": "token"}, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        listed = subprocess.run(["pgrep", "-f", ray_tmp], capture_output=True, text=True).stdout.split()
+        for pid in map(int, listed):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert joined.returncode == 0, joined.stderr[-3000:]
+    assert f"joining the Ray cluster `ray start` runs on this machine ({address})" in joined.stderr
+    assert address.endswith(f":{gcs}")
+    assert (tmp_path / "joined" / "final" / "config.json").is_file()
+    assert named.returncode == 2, named.stderr[-3000:]
+    assert f"forge: could not join the Ray cluster at {address}" in named.stderr
+    assert "RAY_AUTH_MODE=token" in named.stderr and "Traceback" not in named.stderr
+    assert with_token.returncode == 0 and with_token.stdout.split()[-1] == "2.0", with_token.stderr[-2000:]

@@ -7,11 +7,12 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
 
-from forge.config import Config
+from forge.config import Config, ConfigError
 from forge.rollout.stuck_watch import RUN_MARK
 
 # Ray's GCS server keeps the status and profile events of the last 100,000 tasks (its
@@ -58,27 +59,55 @@ def _callers_sigterm_kept() -> Iterator[None]:
 def _init(num_cpus: int | None, env_name: str | None) -> None:
     import ray
 
-    if os.environ.get("RAY_ADDRESS"):
+    named = os.environ.get("RAY_ADDRESS", "")
+    if (named and named != "local") or (not named and local_cluster_running()):
         from forge.env.registry import env_module_path
 
         shipped = env_module_path(env_name) if env_name else None
-        ray.init(
-            address=os.environ["RAY_ADDRESS"],
-            log_to_driver=True,
-            runtime_env={"py_modules": [shipped]} if shipped else None,
-        )
+        try:
+            ray.init(
+                # None: Ray finds the `ray start` cluster itself, and takes its token auth
+                address=named or None,
+                log_to_driver=True,
+                runtime_env={"py_modules": [shipped]} if shipped else None,
+            )
+        except ConnectionError as exc:
+            raise ConfigError(
+                f"could not join the Ray cluster at {named or 'this machine'} ({exc}). Check RAY_ADDRESS "
+                "names the head's GCS (host:6379 by default); a cluster with Ray's token authentication on "
+                "takes a driver that names its address only with RAY_AUTH_MODE=token and the cluster's "
+                "token (RAY_AUTH_TOKEN, or ~/.ray/auth_token)"
+            ) from exc
         return
     # Every process of this local Ray inherits the mark, so what a run that was ended
     # abruptly left can be found (forge.rollout.stuck_watch). This process's own, never
     # one inherited from the process that started it.
     os.environ[RUN_MARK] = f"{os.getpid()}-{time.time_ns()}"
     ray.init(
+        address="local",  # a new one, never a cluster whose record outlived it
         num_cpus=num_cpus or os.cpu_count() or 1,
         include_dashboard=False,
         log_to_driver=True,
         configure_logging=False,
         _system_config=ray_system_config(),
     )
+
+
+def local_cluster_running() -> bool:
+    """Whether `ray start` runs a cluster on this machine: Ray itself joins one when RAY_ADDRESS
+    is unset, so a run on a cluster's head node uses the cluster (said); RAY_ADDRESS=local
+    starts a Ray of Forge's own beside it."""
+    from ray._private.services import find_bootstrap_address, find_gcs_addresses
+
+    recorded = find_bootstrap_address(None)  # what `ray start` wrote (`ray stop` removes it)
+    if recorded is None or recorded not in find_gcs_addresses():  # none, or it outlived its cluster
+        return False
+    print(
+        f"forge: joining the Ray cluster `ray start` runs on this machine ({recorded}); RAY_ADDRESS=local "
+        "starts a Ray of Forge's own instead",
+        file=sys.stderr,
+    )
+    return True
 
 
 def ray_system_config() -> dict[str, int]:
