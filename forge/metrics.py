@@ -143,6 +143,21 @@ def show_step(bar: Any, metrics: dict[str, float], **extra: str) -> None:
     bar.update(1)
 
 
+def require_wandb() -> Any:
+    """The wandb module `logging.wandb_project` logs through; checked before a run starts
+    (its preflight, `--dry-run` too), not once Ray and the models are up."""
+    from forge.config import ConfigError
+
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError(
+            "logging.wandb_project is set but wandb is not installed: pip install wandb "
+            "(or Forge's extra, forge-rl[wandb]), or leave logging.wandb_project unset"
+        ) from None
+    return wandb
+
+
 class MetricsLogger:
     def __init__(
         self,
@@ -163,12 +178,7 @@ class MetricsLogger:
             self.tensorboard = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
         self.wandb = None
         if wandb_project:
-            try:
-                import wandb
-            except ImportError:
-                raise RuntimeError(
-                    "logging.wandb_project is set but wandb is not installed: pip install 'forge-rl[wandb]'"
-                ) from None
+            wandb = require_wandb()
             self.wandb = wandb.init(project=wandb_project, config=config, dir=str(output_dir))
 
     def log(self, step: int, metrics: dict[str, float]) -> None:

@@ -62,6 +62,7 @@ def preflight(cfg: Config, wait_for_servers: bool = True) -> str:
     from forge.env.preflight import preflight_env
     from forge.env.registry import resolve_env
     from forge.env.tokens import first_prompt_check, load_check_tokenizer
+    from forge.metrics import require_wandb
     from forge.models.loading import (
         checkpoint_folder,
         load_tokenizer,
@@ -79,6 +80,8 @@ def preflight(cfg: Config, wait_for_servers: bool = True) -> str:
 
     check_engine_config(cfg)
     check_trainable_dtype(cfg.model)
+    if cfg.logging.wandb_project:
+        require_wandb()
     if note := bfloat16_weights_note(cfg.model, cfg.train):
         print(f"forge: {note}", file=sys.stderr)
     if cfg.model.device == "cuda" and not os.environ.get("RAY_ADDRESS"):
