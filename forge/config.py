@@ -185,9 +185,14 @@ class RolloutConfig(Section):
     num_workers: int = Field(2, gt=0, description="RolloutWorker actors")
     tasks_per_step: int = Field(4, gt=0, description="distinct tasks per training step")
     group_size: int = Field(8, gt=0, description="episodes per task (G in GRPO)")
-    max_turns: int = Field(8, gt=0)
+    max_turns: int = Field(8, gt=0, description="model turns per episode before it ends as truncated")
     max_new_tokens: int = Field(16, gt=0, description="generation cap per model call")
-    max_context_tokens: int = Field(1024, gt=0)
+    max_context_tokens: int = Field(
+        1024,
+        gt=0,
+        description="an episode's tokens (prompt, replies, observations) at most; a prompt that leaves no room "
+        "for max_new_tokens errors its episode (never cut)",
+    )
     prefill_chunk_tokens: int | None = Field(
         None,
         ge=0,
@@ -354,7 +359,13 @@ class TrainConfig(Section):
         "a mostly-failing start can move the policy's mass onto rarely-sampled tokens; 1: unweighted",
     )
     loss: str = Field("pg", description="policy loss: pg, ppo_clip, cispo, gspo (forge.train.losses)")
-    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = "token_mean"
+    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = Field(
+        "token_mean",
+        description="how token losses become the batch's loss: token_mean, over every trained token of the "
+        "optimizer batch (DAPO; TRL's dapo, bnpo); seq_mean_token_mean, each sequence's token mean, then their "
+        "mean (TRL's grpo); seq_mean_token_sum, each sequence's token sum over the number of sequences (Dr. GRPO, "
+        "which TRL also divides by max_completion_length)",
+    )
     clip_low: float = Field(
         0.2, ge=0, lt=1, description="ppo_clip: ratio clipped to [1 - clip_low, 1 + clip_high]"
     )
@@ -366,7 +377,12 @@ class TrainConfig(Section):
     )
     gspo_clip_high: float = Field(4e-4, ge=0, description="gspo: upper clip of the sequence ratio")
     tis_cap: float | None = Field(None, gt=0, description="truncated importance sampling cap; unset disables")
-    kl_coef: float = Field(0.0, ge=0, description="KL to the frozen initial policy; 0 disables")
+    kl_coef: float = Field(
+        0.0,
+        ge=0,
+        description="weight of the KL to the frozen initial policy, k3 per trained token added to its loss "
+        "(TRL's beta, verl's kl_loss_coef with low_var_kl); 0 disables and loads no reference",
+    )
     entropy_coef: float = Field(
         0.0,
         ge=0,
