@@ -618,3 +618,15 @@ def test_a_lone_surrogate_in_a_message_is_read_as_the_replacement_character(serv
     assert response.status_code == 200, response.text
     [call] = calls_of(server, episode)
     assert "ls: caf\ufffd.txt" in qwen.decode(call.prompt_ids)
+
+
+def test_an_unknown_episode_error_says_only_the_start_of_an_api_key_that_is_no_episode_id(served):
+    server, _ = served
+    secret = "sk-proj-" + "x7" * 20  # an agent's real OpenAI key, left in its environment
+    with pytest.raises(openai.NotFoundError) as refused:
+        client(server, secret).chat.completions.create(model="p", messages=USER)
+    said = refused.value.response.json()["error"]["message"]
+    assert secret not in said and "api key 'sk-p'..." in said
+    gone = "ep-000999-0badc0de"  # an episode id, which says which one was not found
+    with pytest.raises(openai.NotFoundError, match=f"api key='{gone}'"):
+        client(server, gone).chat.completions.create(model="p", messages=USER)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import re
 import secrets
 import time
 from collections.abc import Callable
@@ -52,6 +53,7 @@ class CallRecord:
 # The error of an episode still live when its server stopped; how much longer than the step
 # limit a server's shutdown waits for closes already running (they give up at that limit), and
 # for calls stopped at that limit to come back (half of it: the rest is the closes').
+EPISODE_ID = re.compile(r"ep-\d{6}-[0-9a-f]{8}")  # the form of the ids start() gives
 SHUT_DOWN = "the server shut down before the episode finished"
 SHUTDOWN_GRACE_S = 1.0
 
@@ -219,7 +221,7 @@ class EpisodeStore:
         """Start an episode: build its env and reset it on `task` (each within the step time
         limit). If either fails, the episode is ended as an error at once and `EpisodeError`
         says why (see `_failed_start`)."""
-        episode_id = f"ep-{next(self._counter):06d}-{secrets.token_hex(4)}"
+        episode_id = f"ep-{next(self._counter):06d}-{secrets.token_hex(4)}"  # EPISODE_ID's form
         group = group_id if group_id is not None else str(task.get("task_id", episode_id))
         env = None
         observation = str(task.get("prompt", ""))

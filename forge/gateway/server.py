@@ -43,7 +43,7 @@ from forge.gateway.calls import CallRun, CallSpec, Choice, TokenEvent
 from forge.gateway.chat import chat_response, chat_spec, chat_stream, check_tool_results
 from forge.gateway.completions import completion_specs, completions_response, completions_stream
 from forge.gateway.decoding import hidden_token_ids
-from forge.gateway.episodes import SHUTDOWN_GRACE_S, EpisodeError, EpisodeStore
+from forge.gateway.episodes import EPISODE_ID, SHUTDOWN_GRACE_S, EpisodeError, EpisodeStore
 from forge.gateway.legacy import translate_functions
 from forge.gateway.protocol import (
     ChatCompletionRequest,
@@ -197,7 +197,14 @@ class Gateway:
         for candidate in (key, user):
             if candidate and candidate in self.store.episodes:
                 return candidate
-        tried = ", ".join(f"{name}={value!r}" for name, value in (("api key", key), ("user", user)) if value)
+        # An API key that is no episode id may be a real secret the agent holds: only its start is said.
+        said = (
+            []
+            if not key
+            else [f"api key={key!r}" if EPISODE_ID.fullmatch(key) else f"api key {key[:4]!r}..."]
+        )
+        said += [f"user={user!r}"] if user else []
+        tried = ", ".join(said)
         raise EpisodeError(
             404,
             f"unknown episode ({tried or 'none given'}): start one with POST /forge/episodes and send "
