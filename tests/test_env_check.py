@@ -92,6 +92,19 @@ def test_info_must_be_json_serializable():
     assert "not JSON-serializable" in failed(check_env(SetInfo))["step"]
 
 
+def test_a_numpy_value_in_info_is_named_by_its_key_and_type_with_the_fix():
+    """numpy 2 calls its bool 'bool': json's own 'Object of type bool is not JSON serializable'
+    reads as if a plain bool were refused."""
+    import numpy as np
+
+    class NumpyInfo(Good):
+        def step(self, action):
+            return StepResult("o", info={"success": np.bool_(True), "scores": [1.0, np.float32(0.5)]})
+
+    problem = failed(check_env(NumpyInfo))["step"]
+    assert "StepResult.info['success'] is numpy.bool" in problem and "bool(x)" in problem
+
+
 def test_global_randomness_breaks_determinism():
     class Noisy(Good):
         def reset(self, task, seed):

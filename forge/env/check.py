@@ -95,8 +95,35 @@ def _step_problem(step: Any) -> str | None:
     try:
         json.dumps(step.info)
     except (TypeError, ValueError) as exc:
-        return f"StepResult.info is not JSON-serializable ({exc}); it is logged with the trajectory"
+        where, value = _first_unserializable(step.info, "StepResult.info")
+        kind = type(value)
+        named = (
+            kind.__name__
+            if kind.__module__ == "builtins"
+            else f"{kind.__module__.split('.')[0]}.{kind.__name__}"
+        )
+        return (
+            f"{where} is {named}, which is not JSON-serializable ({exc}); the gateway sends info to agent "
+            "programs as JSON, where it would arrive as its str(): give plain Python values (bool(x), float(x), "
+            "int(x), x.tolist() for a numpy value; a list for a set)"
+        )
     return None
+
+
+def _first_unserializable(value: Any, where: str) -> tuple[str, Any]:
+    """The first value inside `value` that json cannot write, and where it is (`info['a'][0]`)."""
+    if isinstance(value, dict):
+        items = [(f"{where}[{key!r}]", item) for key, item in value.items()]
+    elif isinstance(value, (list, tuple)):
+        items = [(f"{where}[{index}]", item) for index, item in enumerate(value)]
+    else:
+        return where, value
+    for inner, item in items:
+        try:
+            json.dumps(item)
+        except (TypeError, ValueError):
+            return _first_unserializable(item, inner)
+    return where, value
 
 
 def _probe_actions(task: dict[str, Any], count: int) -> list[str]:
