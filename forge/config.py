@@ -767,6 +767,26 @@ class GatewayConfig(Section):
     )
 
 
+class EvalConfig(Section):
+    """Held-out evaluation during a sync run: every every_steps steps (and at the last) the
+    policy just published plays `episodes` episodes of each of the first num_tasks rows of
+    `tasks` on the rollout workers, sampled as training samples, trained on never; the step's
+    metrics row gets eval/*."""
+
+    tasks: str | None = Field(None, description="held-out task file (or dataset name), read as env.tasks is")
+    every_steps: int = Field(
+        0, ge=0, description="evaluate every this many steps (and at the last); 0: never"
+    )
+    num_tasks: int | None = Field(None, gt=0, description="the file's first this many rows; unset: every row")
+    episodes: int = Field(1, gt=0, description="episodes per held-out task")
+
+    @model_validator(mode="after")
+    def _check_tasks(self) -> EvalConfig:
+        if self.every_steps and not self.tasks:
+            raise ValueError("eval.every_steps needs eval.tasks: the held-out task file to play")
+        return self
+
+
 class LoggingConfig(Section):
     tensorboard: bool = True
     wandb_project: str | None = None
@@ -793,6 +813,7 @@ class Config(Section):
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     swarm: SwarmConfig = Field(default_factory=SwarmConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
@@ -816,6 +837,11 @@ class Config(Section):
         if self.swarm.enabled and self.gateway.enabled:
             raise ValueError(
                 "swarm.enabled plays sub-agents in Forge's own agent loop; gateway runs cannot use it"
+            )
+        if self.eval.every_steps and (self.train.mode != "sync" or self.gateway.enabled):
+            raise ValueError(
+                "eval.every_steps evaluates in sync runs of Forge's own agent loop only (train.mode: sync, "
+                "gateway off); evaluate this run's final/ with forge eval CONFIG env.tasks=FILE --checkpoint"
             )
         if self.reward.parl.enabled and not self.swarm.enabled:
             raise ValueError(

@@ -75,6 +75,7 @@ def preflight(cfg: Config, wait_for_servers: bool = True) -> str:
     from forge.rollout.engines.engine_check import refuse_context_past_positions, refuse_unservable
     from forge.rollout.engines.engine_config import check_engine_config
     from forge.rollout.engines.server_check import check_servers
+    from forge.run.held_out import held_out_tasks
     from forge.sandbox.policy import configure_for_env
     from forge.train.trainer import bfloat16_weights_note, check_trainable_dtype
 
@@ -82,6 +83,7 @@ def preflight(cfg: Config, wait_for_servers: bool = True) -> str:
     check_trainable_dtype(cfg.model)
     if cfg.logging.wandb_project:
         require_wandb()
+    held_out_tasks(cfg)  # a wrong eval.tasks file: before anything starts
     if note := bfloat16_weights_note(cfg.model, cfg.train):
         print(f"forge: {note}", file=sys.stderr)
     if cfg.model.device == "cuda" and not os.environ.get("RAY_ADDRESS"):

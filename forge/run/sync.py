@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 from forge.config import Config
 from forge.failures import FailureWatch, RunStopped, env_watches
@@ -19,6 +20,7 @@ from forge.run.context import (
     step_metrics,
     to_samples,
 )
+from forge.run.held_out import evaluation_due, held_out_metrics, held_out_tasks
 
 
 def train_sync(
@@ -30,13 +32,14 @@ def train_sync(
 
     started = time.perf_counter()
     output = Path(output_dir or cfg.output_dir)
+    held_out = held_out_tasks(cfg)
     run, done, _ = open_run(cfg, output, resume)
     log = StepLog(cfg, output, progress, "train", done)
     failures, signal = env_watches(cfg, from_scratch=done == 0)
     step = done
     try:
         for step in range(done + 1, cfg.train.max_steps + 1):
-            metrics = sync_step(run, step, failures, log, started)
+            metrics = sync_step(run, step, failures, log, started, held_out)
             signal.observe(step, metrics, last_step=step == cfg.train.max_steps)
         checkpoint = Path(ray.get(run.trainer.save.remote(str(output / "final"))))
     finally:
@@ -47,9 +50,17 @@ def train_sync(
     return finish(output, step, checkpoint, started)
 
 
-def sync_step(run: Run, step: int, failures: FailureWatch, log: StepLog, started: float) -> dict[str, float]:
-    """Play one step's episodes, train on them, sync the weights, record it and checkpoint when
-    due; returns its metrics."""
+def sync_step(
+    run: Run,
+    step: int,
+    failures: FailureWatch,
+    log: StepLog,
+    started: float,
+    held_out: list[dict[str, Any]] | None = None,
+) -> dict[str, float]:
+    """Play one step's episodes, train on them, sync the weights, evaluate the new weights on
+    the `held_out` tasks when due (`eval.every_steps`), record it and checkpoint when due;
+    returns its metrics."""
     import ray
 
     cfg = run.cfg
@@ -73,16 +84,24 @@ def sync_step(run: Run, step: int, failures: FailureWatch, log: StepLog, started
     train_metrics, *published = ray.get(run.trainer.train_and_publish.remote(samples))
     sync_started = time.perf_counter()
     version = run.sync_weights(tuple(published))
+    sync_seconds = time.perf_counter() - sync_started
+    evaluation: dict[str, float] = {}
+    if held_out and evaluation_due(step, cfg.eval.every_steps, cfg.train.max_steps):
+        eval_started = time.perf_counter()
+        evaluation = held_out_metrics(run, held_out, cfg.eval.episodes)
+        evaluation["eval/seconds"] = time.perf_counter() - eval_started
 
     timings = {
         "rollout_seconds": rollout_seconds,
-        "sync_seconds": time.perf_counter() - sync_started,
+        "sync_seconds": sync_seconds,
         "policy_version": float(version),
         "step_seconds": time.perf_counter() - step_started,
         "wall_seconds": time.perf_counter() - started,
         **(run.engines.engine_metrics() if run.engines is not None else {}),
     }
-    metrics = step_metrics(trajectories, reward_metrics, train_metrics, timings, swarm=cfg.swarm.enabled)
+    metrics = step_metrics(
+        trajectories, reward_metrics, train_metrics, timings, evaluation, swarm=cfg.swarm.enabled
+    )
     log.record(
         step, metrics, trajectories, run.tokenizer, turns=f"{metrics.get('turns_mean', float('nan')):.1f}"
     )

@@ -1,0 +1,57 @@
+"""Held-out evaluation during a sync run (`eval.*`): the current policy plays a task file's
+episodes on the rollout workers between steps; nothing of it is trained on."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from forge.config import Config, ConfigError
+from forge.metrics import rollout_metrics
+from forge.run.faults import collect_groups
+from forge.run.tasks import split_evenly
+
+if TYPE_CHECKING:
+    from forge.run.context import Run
+
+# What an eval row reports: the played episodes' outcome, not the shaped reward (shaping
+# compares a training group's episodes, and a held-out set has no such groups).
+EVAL_METRICS = (
+    "episodes", "episodes_error", "episodes_truncated", "episodes_lost", "outcome_mean", "success_rate", "turns_mean",
+)  # fmt: skip
+
+
+def held_out_tasks(cfg: Config) -> list[dict[str, Any]] | None:
+    """The held-out rows to play (`eval.tasks`, its first `eval.num_tasks`), or None when the
+    run does not evaluate. Read before Ray starts, so a wrong file stops the run there."""
+    if not cfg.eval.every_steps:
+        return None
+    from forge.env.tasks import tasks_from
+
+    try:
+        rows = [dict(row) for row in tasks_from(cfg.eval.tasks)]
+    except ValueError as exc:
+        raise ConfigError(str(exc).replace("env.tasks=", "eval.tasks=")) from exc
+    return rows[: cfg.eval.num_tasks] if cfg.eval.num_tasks else rows
+
+
+def evaluation_due(step: int, every_steps: int, max_steps: int) -> bool:
+    return every_steps > 0 and (step % every_steps == 0 or step == max_steps)
+
+
+def held_out_metrics(run: Run, tasks: list[dict[str, Any]], episodes: int) -> dict[str, float]:
+    """Play `episodes` of each task on the workers (whole tasks per worker) and return the
+    eval/* metrics; a worker that dies loses its episodes (counted in eval/episodes_lost)."""
+    chunks = split_evenly(tasks, len(run.workers))
+    calls = [
+        (worker.rollout.remote(chunk, episodes), chunk)
+        for worker, chunk in zip(run.workers, chunks, strict=True)
+        if chunk
+    ]
+    trajectories = []
+    for index, (ref, chunk) in enumerate(calls):
+        groups, died = collect_groups(ref, chunk, episodes)
+        if died:
+            run.tell_worker_death(index, len(chunk) * episodes)
+        trajectories.extend(t for group in groups for t in group)
+    metrics = rollout_metrics(trajectories)
+    return {f"eval/{name}": metrics[name] for name in EVAL_METRICS if name in metrics}

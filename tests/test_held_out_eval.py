@@ -1,0 +1,87 @@
+"""A held-out evaluation during training (TRL's eval_steps, verl's test_freq): every
+eval.every_steps steps of a sync run, and at the last, the policy just published plays the
+eval.tasks file on the rollout workers, and that step's metrics row holds eval/*."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from forge.config import ConfigError, load_config
+from forge.run.held_out import evaluation_due
+
+
+def write_held_out(path, rows=3):
+    path.write_text(
+        "".join(json.dumps({"task_id": f"h{i}", "secret": i % 4, "n": 4}) + "\n" for i in range(rows))
+    )
+    return str(path)
+
+
+def test_evaluation_is_due_every_n_steps_and_at_the_last():
+    assert [step for step in range(1, 8) if evaluation_due(step, 3, 7)] == [3, 6, 7]
+    assert not any(evaluation_due(step, 0, 7) for step in range(1, 8))
+
+
+def test_every_steps_without_a_task_file_is_refused():
+    with pytest.raises(ConfigError, match="eval.every_steps needs eval.tasks"):
+        load_config(None, ["eval.every_steps=5"])
+
+
+@pytest.mark.parametrize("mode", ["train.mode=async", "gateway.enabled=true"])
+def test_every_steps_outside_a_sync_run_is_refused(tmp_path, mode):
+    tasks = write_held_out(tmp_path / "held.jsonl")
+    with pytest.raises(ConfigError, match="forge eval"):
+        load_config(None, ["eval.every_steps=5", f"eval.tasks={tasks}", mode])
+
+
+def test_a_missing_held_out_file_stops_the_dry_run(tmp_path, capsys):
+    from forge.cli import main
+
+    missing = tmp_path / "nope.jsonl"
+    code = main(
+        [
+            "train",
+            "configs/smoke.yaml",
+            "eval.every_steps=2",
+            f"eval.tasks={missing}",
+            "--output-dir",
+            str(tmp_path / "r"),
+            "--dry-run",
+        ]  # fmt: skip
+    )
+    assert code == 2 and "eval.tasks=" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_sync_run_evaluates_the_held_out_tasks_every_n_steps(ray_session, tmp_path):
+    from forge.run.launch import train
+
+    tasks = write_held_out(tmp_path / "held.jsonl", rows=5)
+    cfg = load_config(
+        "configs/smoke.yaml",
+        [
+            "train.max_steps=3",
+            "rollout.num_workers=1",
+            "rollout.tasks_per_step=2",
+            "rollout.group_size=4",
+            "train.minibatches_per_step=1",
+            "train.max_steps_without_signal=0",
+            "logging.progress_bar=false",
+            "eval.every_steps=2",
+            f"eval.tasks={tasks}",
+            "eval.num_tasks=3",
+            "eval.episodes=2",
+        ],  # fmt: skip
+    )
+    train(cfg, tmp_path / "run", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [row["step"] for row in rows if "eval/success_rate" in row]
+    assert evaluated == [2, 3]  # every 2 steps, and at the last
+    for row in rows:
+        if row["step"] in evaluated:
+            assert row["eval/episodes"] == 6  # 3 of the file's 5 rows x 2 episodes, none of them trained on
+            assert row["eval/episodes_error"] == 0
+            assert row["episodes"] == 8 and row["trained_samples"] <= 8
+            assert 0 <= row["eval/success_rate"] <= 1 and 1 <= row["eval/turns_mean"] <= 3
