@@ -29,11 +29,22 @@ class ToolNamesEnv(NumberPromptEnv):
     tools = ["calculator"]  # names, not schemas
 
 
+class BareSchemaEnv(NumberPromptEnv):
+    system_prompt = "Use the calculator."
+    # Without the {"type": "function", "function": ...} wrapper: every tool call errored its episode.
+    tools = [{"name": "add", "description": "Add.", "parameters": {"type": "object", "properties": {}}}]
+
+
 @pytest.mark.parametrize(
     ("env", "message"),
     [
         ("NumberPromptEnv", r"NumberPromptEnv.system_prompt is int, expected str or None"),
         ("ToolNamesEnv", r"ToolNamesEnv.tools is list, expected a list of OpenAI-style function schemas"),
+        (
+            "BareSchemaEnv",
+            r"BareSchemaEnv.tools\[0\] is not an OpenAI function schema \(it has 'name', "
+            r"'description', 'parameters': put them under 'function'\)",
+        ),
     ],
 )
 def test_a_system_prompt_or_tools_of_the_wrong_type_stop_the_dry_run(capsys, env, message):

@@ -19,7 +19,7 @@ from typing import Any
 from forge.env.base import Env, StepResult, reset_problem, step_problem
 from forge.env.calls import EnvTimeout, ThreadCall, build_env, call_env, in_daemon_thread
 from forge.env.errors import user_frame
-from forge.env.preflight import text_problem
+from forge.env.preflight import text_problem, tool_schema_problem
 from forge.env.registry import resolve_env
 from forge.env.tasks import as_dataset, generated_rows, load_tasks
 
@@ -416,17 +416,7 @@ class _Checker:
         self.stage = "tools"
         if not env.tools:
             return
-        problems = []
-        for schema in env.tools:
-            function = schema.get("function", {}) if isinstance(schema, dict) else {}
-            if (
-                not isinstance(schema, dict)
-                or schema.get("type") != "function"
-                or not isinstance(function.get("name"), str)
-            ):
-                problems.append(f"{str(schema)[:80]}: needs type 'function' and function.name")
-            elif function.get("parameters", {}).get("type") != "object":
-                problems.append(f"{function['name']}: parameters must be a JSON schema of type 'object'")
+        problems = [problem] if (problem := tool_schema_problem(env.tools)) else []
         try:
             json.dumps(env.tools)
         except (TypeError, ValueError) as exc:

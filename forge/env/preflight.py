@@ -55,6 +55,32 @@ def text_problem(env: Env) -> str | None:
     return None
 
 
+def tool_schema_problem(tools: list[dict[str, Any]]) -> str | None:
+    """What keeps a list of tool schemas from being OpenAI function schemas, which every
+    episode renders and every tool call is looked up in (a bare {name, parameters} schema,
+    the legacy or another API's shape, erred every episode whose reply called a tool)."""
+    for index, schema in enumerate(tools):
+        function = schema.get("function")
+        if (
+            schema.get("type") != "function"
+            or not isinstance(function, dict)
+            or not isinstance(function.get("name"), str)
+        ):
+            shape = (
+                f" (it has {', '.join(map(repr, schema))}: put them under 'function')"
+                if "name" in schema
+                else ""
+            )
+            return (
+                f"tools[{index}] is not an OpenAI function schema{shape}: each needs "
+                '{"type": "function", "function": {"name": ..., "description": ..., "parameters": {...}}}, '
+                "as forge.env.tool builds on a ToolEnv method"
+            )
+        if function.get("parameters", {}).get("type") != "object":
+            return f"tools[{index}] ({function['name']}): parameters must be a JSON schema of type 'object'"
+    return None
+
+
 def _in_thread(function: Any, *args: Any, timeout_s: float) -> Any:
     """`function(*args)` in a daemon thread (so a hung call costs one thread, not the
     process); raises `EnvTimeout` (where the call was stuck) past `timeout_s`, or what the
@@ -161,6 +187,9 @@ def preflight_env(env_cfg: EnvConfig, seed: int, first_prompt_check: Any = None)
             f"{name}.reset {problem}{where}: return the first observation as text the model reads"
         )
     problem = text_problem(env)
+    if problem:
+        raise EnvPreflightError(f"{name}.{problem}")
+    problem = tool_schema_problem(getattr(env, "tools", None) or [])
     if problem:
         raise EnvPreflightError(f"{name}.{problem}")
     if first_prompt_check is not None:
