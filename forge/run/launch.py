@@ -77,15 +77,16 @@ def preflight(cfg: Config, wait_for_servers: bool = True) -> str:
     from forge.rollout.engines.server_check import check_servers
     from forge.run.held_out import held_out_tasks
     from forge.sandbox.policy import configure_for_env
-    from forge.train.trainer import bfloat16_weights_note, check_trainable_dtype
+    from forge.train.trainer import bfloat16_weights_note, check_trainable_dtype, off_policy_note
 
     check_engine_config(cfg)
     check_trainable_dtype(cfg.model)
     if cfg.logging.wandb_project:
         require_wandb()
     held_out_tasks(cfg)  # a wrong eval.tasks file: before anything starts
-    if note := bfloat16_weights_note(cfg.model, cfg.train):
-        print(f"forge: {note}", file=sys.stderr)
+    for note in (bfloat16_weights_note(cfg.model, cfg.train), off_policy_note(cfg.train)):
+        if note:
+            print(f"forge: {note}", file=sys.stderr)
     if cfg.model.device == "cuda" and not os.environ.get("RAY_ADDRESS"):
         # A local Ray runs every actor on this machine: without a GPU torch can see here, each
         # would fail its start, each with its own traceback on the console.

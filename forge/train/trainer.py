@@ -103,6 +103,26 @@ def bfloat16_weights_note(model_cfg: ModelConfig, train_cfg: TrainConfig) -> str
     )
 
 
+def off_policy_note(train_cfg: TrainConfig) -> str | None:
+    """A note for `pg` (-A x logprob, no importance ratio) trained on data its policy did not
+    sample: every optimizer step of a step after its first (`train.minibatches_per_step`), and
+    an async run's batches, sampled up to `async.max_staleness` versions back. TRL and verl clip
+    every such step; pg takes it uncorrected. None when the loss or `tis_cap` corrects it."""
+    if train_cfg.loss != "pg" or train_cfg.tis_cap is not None:
+        return None
+    where = [f"train.minibatches_per_step={train_cfg.minibatches_per_step}"] * (
+        train_cfg.minibatches_per_step > 1
+    )
+    where += ["train.mode=async"] * (train_cfg.mode == "async")
+    if not where:
+        return None
+    return (
+        f"note: {' and '.join(where)} with train.loss=pg trains on episodes an earlier policy sampled, "
+        "with no importance ratio or clip (pg is -advantage x logprob, exact only on-policy); set "
+        "train.loss=ppo_clip (or cispo, gspo), or train.tis_cap to weight pg's tokens by the capped ratio"
+    )
+
+
 def keeps_master_weights(train_cfg: TrainConfig, params: Iterable[torch.nn.Parameter]) -> bool:
     """Whether the trainer steps float32 copies of its weights and sums their gradients in
     float32 (forge.train.master_weights): train.master_weights, with bfloat16 weights to train."""
