@@ -266,3 +266,26 @@ def test_the_reports_stdout_holds_the_report_alone_and_the_envs_prints_go_to_std
     assert lines[0] == f"forge env check {__name__}:Chatty" and lines[-1].startswith("PASSED: ")
     assert all(line.startswith(("  PASS  ", "  FAIL  ", "        fix: ")) for line in lines[1:-1])
     assert "debug: reset" in captured.err and "debug: step" in captured.err
+
+
+def test_a_tool_env_whose_methods_lack_the_tool_decorator_fails_naming_them():
+    from forge.env.tools import ToolEnv
+
+    class ForgotTool(ToolEnv):
+        @classmethod
+        def generate_tasks(cls, num_tasks, seed, **kwargs):
+            return [{"task_id": str(i)} for i in range(num_tasks)]
+
+        def reset(self, task, seed):
+            return "count the apples"
+
+        def count(self, item: str) -> str:  # meant as a tool: no @tool
+            return "3"
+
+        def score_answer(self, answer):
+            return self.done(float(answer == "3"), answer == "3")
+
+    report = check_env(ForgotTool)
+    assert "ForgotTool is a ToolEnv with no tools" in failed(report)["tools"]
+    assert "count is a plain method, not a @tool" in failed(report)["tools"]
+    assert "decorate each method the model may call with @tool" in report.render()

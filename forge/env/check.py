@@ -8,6 +8,7 @@ an episode, determinism under a seed, the harness timeouts (and that an env clai
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import random
 import threading
@@ -414,6 +415,16 @@ class _Checker:
 
     def check_tools(self, env: Env) -> None:
         self.stage = "tools"
+        from forge.env.tools import ToolEnv
+
+        if isinstance(env, ToolEnv) and not env.tools:  # most often a forgotten @tool
+            candidates = _untagged_methods(type(env))
+            plain = "are plain methods" if len(candidates) > 1 else "is a plain method"
+            said = f" ({', '.join(candidates)} {plain}, not a @tool)" if candidates else ""
+            self.record("tools", False, f"{type(env).__name__} is a ToolEnv with no tools, so its model is offered nothing to call{said}",
+                        "decorate each method the model may call with @tool (from forge.env.tools import tool); "
+                        "an env whose replies are only answers subclasses Env")  # fmt: skip
+            return
         if not env.tools:
             return
         problems = [problem] if (problem := tool_schema_problem(env.tools)) else []
@@ -423,6 +434,27 @@ class _Checker:
             problems.append(f"not JSON-serializable: {exc}")
         self.record("tools", not problems, "; ".join(problems) or f"{len(env.tools)} valid function schemas",
                     "use OpenAI function schemas, e.g. via forge.env.tool on a ToolEnv method")  # fmt: skip
+
+
+def _untagged_methods(env_class: type) -> list[str]:
+    """Public plain methods the env's own classes define that are not tools and not part of
+    the Env / ToolEnv contract: what a ToolEnv with no tools most likely meant as its tools."""
+    from forge.env.tools import ToolEnv
+
+    contract = {name for klass in ToolEnv.__mro__ for name in vars(klass)}
+    found = []
+    for klass in env_class.__mro__:
+        if klass in ToolEnv.__mro__:
+            break
+        for name, value in vars(klass).items():
+            if (
+                not name.startswith("_")
+                and name not in contract
+                and inspect.isfunction(value)
+                and name not in found
+            ):
+                found.append(name)
+    return found
 
 
 def check_env(
