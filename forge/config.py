@@ -472,6 +472,22 @@ class TrainConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _check_schedule(self) -> TrainConfig:
+        optimizer_steps = self.max_steps * self.minibatches_per_step
+        if self.warmup_steps >= optimizer_steps:
+            raise ValueError(
+                f"train.warmup_steps={self.warmup_steps} is not below the run's {optimizer_steps} optimizer steps "
+                f"(train.max_steps x train.minibatches_per_step): the learning rate would never reach "
+                "train.learning_rate; lower train.warmup_steps (it counts optimizer steps)"
+            )
+        if self.min_lr_ratio and self.lr_schedule == "constant":
+            raise ValueError(
+                f"train.min_lr_ratio={self.min_lr_ratio:g} is where a decay ends, and train.lr_schedule=constant "
+                "decays nothing: set train.lr_schedule to linear or cosine, or leave train.min_lr_ratio unset"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _check_precision(self) -> TrainConfig:
         if self.strategy == "fsdp" and self.mixed_precision == "fp16":
             raise ValueError(
@@ -842,6 +858,18 @@ class Config(Section):
             raise ValueError(
                 "eval.every_steps evaluates in sync runs of Forge's own agent loop only (train.mode: sync, "
                 "gateway off); evaluate this run's final/ with forge eval CONFIG env.tasks=FILE --checkpoint"
+            )
+        overlong, most = self.reward.overlong, self.rollout.max_turns * self.rollout.max_new_tokens
+        if (
+            overlong.enabled
+            and not self.gateway.enabled
+            and most <= overlong.max_tokens - overlong.buffer_tokens
+        ):
+            raise ValueError(
+                f"reward.overlong starts at {overlong.max_tokens - overlong.buffer_tokens} generated tokens "
+                f"(max_tokens - buffer_tokens), and an episode generates at most {most} (rollout.max_turns x "
+                "rollout.max_new_tokens): the penalty never applies; set reward.overlong.max_tokens and buffer_tokens "
+                "within that"
             )
         if self.reward.parl.enabled and not self.swarm.enabled:
             raise ValueError(
