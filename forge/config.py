@@ -474,9 +474,9 @@ class TrainConfig(Section):
     @model_validator(mode="after")
     def _check_schedule(self) -> TrainConfig:
         optimizer_steps = self.max_steps * self.minibatches_per_step
-        if self.warmup_steps >= optimizer_steps:
+        if self.warmup_steps > optimizer_steps:  # equal: the last step takes the whole rate
             raise ValueError(
-                f"train.warmup_steps={self.warmup_steps} is not below the run's {optimizer_steps} optimizer steps "
+                f"train.warmup_steps={self.warmup_steps} is more than the run's {optimizer_steps} optimizer steps "
                 f"(train.max_steps x train.minibatches_per_step): the learning rate would never reach "
                 "train.learning_rate; lower train.warmup_steps (it counts optimizer steps)"
             )

@@ -1,5 +1,5 @@
 """Pairs of settings under which one of them can never act are refused, naming both: a
-warmup that outlasts the run, a decay floor on a constant schedule, an overlong penalty
+warmup longer than the run, a decay floor on a constant schedule, an overlong penalty
 past the most tokens an episode can generate."""
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ def test_a_warmup_as_long_as_the_run_is_refused():
     """At 40 steps and warmup_steps=500 the rate ended at 8% of train.learning_rate."""
     with pytest.raises(ConfigError, match=r"train.warmup_steps=500.*40 optimizer steps"):
         load_config(None, ["train.max_steps=40", "train.warmup_steps=500"])
-    with pytest.raises(ConfigError, match=r"train.warmup_steps=80"):  # 40 steps x 2 minibatches
-        load_config(None, ["train.max_steps=40", "train.minibatches_per_step=2", "train.warmup_steps=80"])
-    assert load_config(None, ["train.max_steps=40", "train.warmup_steps=39"]).train.warmup_steps == 39
+    with pytest.raises(ConfigError, match=r"train.warmup_steps=81"):  # 40 steps x 2 minibatches
+        load_config(None, ["train.max_steps=40", "train.minibatches_per_step=2", "train.warmup_steps=81"])
+    # As long as the run: its last optimizer step takes the whole rate ((step + 1) / warmup).
+    assert load_config(None, ["train.max_steps=40", "train.warmup_steps=40"]).train.warmup_steps == 40
 
 
 def test_a_decay_floor_on_a_constant_schedule_is_refused():
