@@ -119,3 +119,22 @@ def test_the_gateway_puts_an_agents_system_message_in_its_first_user_message_on_
         [{"role": "user", "content": f"{SYSTEM}\n\n{TASK}"}], add_generation_prompt=True, tokenize=False
     )
     assert gateway.chat_prompt_text(messages, None) == expected
+
+
+def test_tool_call_markers_a_tokenizer_registers_as_special_reach_the_env_in_the_reply():
+    """A tokenizer whose <tool_call> and </tool_call> are special tokens: skipping special tokens
+    handed a ToolEnv the call's JSON alone, a malformed final answer, on every call."""
+    from forge.env.tools import ToolCall, parse_tool_calls
+    from forge.models.tiny import build_tokenizer
+    from forge.rollout.chat import ChatFormat
+
+    tokenizer = build_tokenizer()
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": ["<|im_start|>", "<|endoftext|>", "<tool_call>", "</tool_call>"]}
+    )
+    chat = ChatFormat(tokenizer)
+    call = '<tool_call>{"name": "count", "arguments": {"item": "fig"}}</tool_call>'
+    reply = tokenizer(call, add_special_tokens=False)["input_ids"] + [chat.turn_end_id]
+    text = chat.decode(reply)
+    assert parse_tool_calls(text) == ([ToolCall("count", {"item": "fig"})], [])
+    assert "<|im_end|>" not in text  # the turn's end is still no text

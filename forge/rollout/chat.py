@@ -18,6 +18,9 @@ CACHE_ENTRIES = 4096
 CACHE_MAX_CHARS = 4096  # longer texts (file contents, tool output) are rendered each time
 
 
+TOOL_CALL_MARKERS = ("<tool_call>", "</tool_call>")  # what forge.env.tools.parse_tool_calls reads calls by
+
+
 class ChatFormat:
     def __init__(self, tokenizer: Any, end_token_ids: Sequence[int] = ()) -> None:
         """`end_token_ids`: more ids generation stops at, beside the turn end and eos (those a
@@ -42,6 +45,14 @@ class ChatFormat:
         self._cached_prompt = functools.lru_cache(CACHE_ENTRIES)(self._prompt_ids)
         self._cached_observation = functools.lru_cache(CACHE_ENTRIES)(self._observation_ids)
         self._assistant_end: str | None = None
+        # Hermes tool-call markers a tokenizer registers as special tokens (a user's added_tokens, some
+        # fine-tunes' tokenizers) stay in a reply's text: skipped, a ToolEnv got the call without them
+        # and read it as a malformed final answer.
+        special = set(tokenizer.all_special_ids)
+        vocabulary = tokenizer.get_vocab()
+        markers = {vocabulary[token] for token in TOOL_CALL_MARKERS if token in vocabulary}
+        self._kept_special_ids = markers & special
+        self._skipped_special_ids = special - markers
 
     # An assistant reply no template renders specially, to find what follows it.
     _MARKER = "forge-reply-marker"
@@ -131,7 +142,11 @@ class ChatFormat:
         return self._encode(full[len(self._assistant_end) :])
 
     def decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        """A reply's text as the env reads it: special tokens left out, but for tool-call markers."""
+        if not self._kept_special_ids.intersection(token_ids):
+            return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        kept = [token for token in token_ids if token not in self._skipped_special_ids]
+        return self.tokenizer.decode(kept, skip_special_tokens=False)
 
 
 def template_takes_system(tokenizer: Any) -> bool:
