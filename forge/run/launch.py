@@ -77,7 +77,12 @@ def preflight(cfg: Config, wait_for_servers: bool = True) -> str:
     from forge.rollout.engines.server_check import check_servers
     from forge.run.held_out import held_out_tasks
     from forge.sandbox.policy import configure_for_env
-    from forge.train.trainer import bfloat16_weights_note, check_trainable_dtype, off_policy_note
+    from forge.train.trainer import (
+        bfloat16_weights_note,
+        check_trainable_dtype,
+        learning_rate_note,
+        off_policy_note,
+    )
 
     check_engine_config(cfg)
     check_trainable_dtype(cfg.model)
@@ -109,6 +114,8 @@ def preflight(cfg: Config, wait_for_servers: bool = True) -> str:
         model_config = AutoConfig.from_pretrained(str(folder))
         refuse_tokenizer_past_embeddings(tokenizer, model_config, folder)
         refuse_missing_lora_targets(model_config, cfg.model)
+        if note := learning_rate_note(cfg.train, cfg.model, model_config):
+            print(f"forge: {note}", file=sys.stderr)
     prompt_check = first_prompt_check(
         tokenizer, model_name, cfg.env.name, cfg.rollout.max_context_tokens, cfg.rollout.max_new_tokens
     )

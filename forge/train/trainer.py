@@ -103,6 +103,33 @@ def bfloat16_weights_note(model_cfg: ModelConfig, train_cfg: TrainConfig) -> str
     )
 
 
+LARGE_RATE = 1e-4  # a full fine-tuning learning rate above this is said, on a pretrained model
+PRETRAINED_PARAMETERS = 100_000_000  # a checkpoint of about this many parameters or more
+
+
+def learning_rate_note(train_cfg: TrainConfig, model_cfg: ModelConfig, model_config: Any) -> str | None:
+    """A note for full fine-tuning a pretrained-size checkpoint (`model_config`, its
+    transformers config) at a learning rate above LARGE_RATE: Forge's default (and the CPU
+    configs') 1e-3 fits the tiny random model; RL on a pretrained model runs at 1e-6 to 1e-5
+    (TRL's and verl's default is 1e-6), and 1e-3 wrecks it in a few steps. None for LoRA, or
+    where the checkpoint's size cannot be read from its config."""
+    if model_cfg.lora.enabled or train_cfg.learning_rate <= LARGE_RATE:
+        return None
+    sizes = [getattr(model_config, name, None) for name in ("hidden_size", "num_hidden_layers", "vocab_size")]
+    if not all(isinstance(size, int) for size in sizes):
+        return None
+    hidden, layers, vocab = sizes
+    parameters = 12 * layers * hidden**2 + vocab * hidden  # attention and MLP, and the embeddings
+    if parameters < PRETRAINED_PARAMETERS:
+        return None
+    return (
+        f"note: train.learning_rate={train_cfg.learning_rate:g} trains every weight of a ~{parameters / 1e9:.1f}B-"
+        "parameter checkpoint; that rate fits Forge's tiny random model (its default and the CPU configs'), "
+        "while RL on a pretrained model runs at 1e-6 to 1e-5 (TRL's and verl's default is 1e-6) and 1e-3 "
+        "wrecks it in a few steps: set train.learning_rate"
+    )
+
+
 def off_policy_note(train_cfg: TrainConfig) -> str | None:
     """A note for `pg` (-A x logprob, no importance ratio) trained on data its policy did not
     sample: every optimizer step of a step after its first (`train.minibatches_per_step`), and
