@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from forge.rollout.engines import remote, vllm_transfer
+from forge.rollout.engines.server_keys import NO_KEYS
 
 VLLM = json.loads((Path(__file__).parent / "fixtures" / "engines" / "vllm.json").read_text())
 TIMEOUT_S = 1.0  # rollout.engine_timeout_s in these tests
@@ -238,8 +239,8 @@ def world(monkeypatch):
     servers = {url: Server(fleet) for url in ("vllm+http://a:8000", "vllm+http://b:8000")}
     real = clients.make_client
 
-    def make_client(spec: str, model: str, sampling, timeout_s: float = 120.0):
-        client = real(spec, model, sampling, timeout_s)
+    def make_client(spec: str, model: str, sampling, timeout_s: float = 120.0, keys=NO_KEYS):
+        client = real(spec, model, sampling, timeout_s, keys)
         client.http = remote.HttpTransport(client.url, timeout_s, servers[spec].transport())
         client.http.busy_retry_delays_s = ()
         return client
