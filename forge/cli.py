@@ -124,12 +124,27 @@ def _eval(args: argparse.Namespace) -> int:
     # stdout carries the one JSON object alone (`forge eval ... | jq`): an env's own prints,
     # made in this process while it plays, go to stderr.
     with contextlib.redirect_stdout(sys.stderr):
-        result = evaluate(cfg, args.checkpoint, args.episodes, args.tasks, progress=not args.no_progress)
+        result = evaluate(
+            cfg,
+            args.checkpoint,
+            args.episodes,
+            args.tasks,
+            progress=not args.no_progress,
+            trajectories=args.trajectories,
+        )
     print(json.dumps(result))
     verdict = error_verdict(result, cfg.env.max_error_fraction)
     if verdict:
         print(f"forge: {verdict}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from forge.export import export_checkpoint
+
+    out = export_checkpoint(args.run_dir, args.step, args.out)
+    print(f"done: model {out} (forge eval CONFIG --checkpoint {out}; forge serve {out})")
     return 0
 
 
@@ -259,12 +274,32 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--checkpoint",
         required=True,
-        help="model folder, e.g. runs/smoke/final, or a hub model id (org/name; revision: model.revision)",
+        help="model folder, e.g. runs/smoke/final (a run's checkpoint: forge export RUN_DIR --step N makes one), "
+        "or a hub model id (org/name; revision: model.revision)",
     )
     evaluate.add_argument("--episodes", type=int, default=8, help="episodes per task")
     evaluate.add_argument("--tasks", type=int, default=16, help="how many of the env's tasks to play")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    evaluate.add_argument(
+        "--trajectories",
+        metavar="FILE",
+        help="write every episode played to FILE (jsonl, the rows a run writes to trajectories.jsonl)",
+    )
     evaluate.set_defaults(handler=_eval)
+
+    export = commands.add_parser(
+        "export", help="write a model folder (as a run's final/) from one of a run's checkpoints"
+    )
+    export.add_argument(
+        "run_dir", help="a run's output directory (holds checkpoints/), or a checkpoint in it"
+    )
+    export.add_argument(
+        "--step", type=int, metavar="N", help="the checkpoint of this step (default: the latest)"
+    )
+    export.add_argument(
+        "--out", metavar="DIR", help="where the model folder goes (default RUN_DIR/exports/step-NNNNNN)"
+    )
+    export.set_defaults(handler=_export)
 
     serve = commands.add_parser("serve", help="serve a checkpoint over HTTP (token API + OpenAI API)")
     serve.add_argument(

@@ -70,16 +70,25 @@ def error_verdict(result: dict[str, Any], max_error_fraction: float) -> str | No
 
 
 def evaluate(
-    cfg: Config, checkpoint: str | Path, episodes: int, num_tasks: int, progress: bool = True
+    cfg: Config,
+    checkpoint: str | Path,
+    episodes: int,
+    num_tasks: int,
+    progress: bool = True,
+    trajectories: str | Path | None = None,
 ) -> dict[str, Any]:
     """Play `episodes` episodes of each of the first `num_tasks` tasks of `cfg.env` in this
-    process with the model saved in `checkpoint` (a `forge train` output's `final/`)."""
+    process with the model saved in `checkpoint` (a `forge train` output's `final/`, or a folder
+    `forge export` wrote). With `trajectories`, every episode is written to that file as the
+    rows of a run's trajectories.jsonl (step null), task by task as they finish."""
     from tqdm import tqdm
     from transformers import AutoConfig
 
+    from forge.disk import naming
     from forge.env.preflight import preflight_env
     from forge.env.registry import resolve_env
     from forge.env.tokens import first_prompt_check
+    from forge.metrics import write_trajectories
     from forge.models.loading import (
         checkpoint_folder,
         load_tokenizer,
@@ -95,6 +104,10 @@ def evaluate(
     if episodes < 1 or num_tasks < 1:  # else nothing is played and the verdict blames the engine
         raise ConfigError(
             f"forge eval needs --episodes and --tasks of at least 1 (got {episodes}, {num_tasks})"
+        )
+    if trajectories is not None and not Path(trajectories).parent.is_dir():  # said before the model loads
+        raise FileNotFoundError(
+            f"--trajectories {trajectories}: its folder {Path(trajectories).parent} does not exist"
         )
     try:  # a hub id: this machine's Hugging Face cache (its errors name the fix themselves)
         checkpoint = checkpoint_folder(checkpoint, cfg.model.revision, ("--checkpoint", "model.revision"))
@@ -135,6 +148,10 @@ def evaluate(
         worker.guard.report_path(), cfg.env.name, env_file, cfg.env.step_timeout_s, "forge eval", ON_LOOP
     )
     tasks = load_task_rows(cfg)[:num_tasks]
+    rows = None
+    if trajectories is not None:
+        with naming(trajectories):
+            rows = open(trajectories, "w")  # noqa: SIM115 (closed in the finally below)
     started = time.perf_counter()
     per_task: dict[str, Any] = {}
     everything: list[Trajectory] = []
@@ -142,13 +159,18 @@ def evaluate(
     try:
         for index, task in enumerate(tqdm(tasks, desc="eval", unit="task", disable=not progress)):
             task_started = time.perf_counter()
-            trajectories = asyncio.run(worker.rollout([task], episodes))
-            say_new_errors(str(task.get("task_id", index)), trajectories, seen)
+            played = asyncio.run(worker.rollout([task], episodes))
+            say_new_errors(str(task.get("task_id", index)), played, seen)
             per_task[str(task.get("task_id", index))] = task_summary(
-                trajectories, time.perf_counter() - task_started, cfg.swarm.enabled
+                played, time.perf_counter() - task_started, cfg.swarm.enabled
             )
-            everything.extend(trajectories)
+            everything.extend(played)
+            if rows is not None:
+                with naming(rows.name):
+                    write_trajectories(rows, None, played, tokenizer)
     finally:
+        if rows is not None:
+            rows.close()
         worker.guard.close()
         watcher.close()
         remove_unused_reports(report_dir)

@@ -14,7 +14,7 @@ from forge.types import Trajectory
 
 # What a run writes into its output folder (the trainers, `forge plot`).
 RUN_FILES = ("metrics.jsonl", "trajectories.jsonl", "config.yaml")
-RUN_FOLDERS = ("tensorboard", "checkpoints", "final", "plots", "initial_model")
+RUN_FOLDERS = ("tensorboard", "checkpoints", "final", "plots", "initial_model", "exports")
 
 
 def claim_output_dir(output: Path, overwrite: bool = False) -> None:
@@ -210,48 +210,7 @@ class MetricsLogger:
                 self.log_trajectories(step, trajectories, tokenizer, samples)
 
     def log_trajectories(self, step: int, trajectories: list[Trajectory], tokenizer: Any, limit: int) -> None:
-        for trajectory in trajectories[:limit]:
-            turns = []
-            for turn in trajectory.turns:
-                turns.append(
-                    {
-                        "generated": tokenizer.decode(trajectory.token_ids[turn.start : turn.end]),
-                        "observation": tokenizer.decode(trajectory.token_ids[turn.end : turn.obs_end]),
-                        "truncated": turn.truncated,
-                    }
-                )
-            self.samples.write(
-                json.dumps(
-                    {
-                        "step": step,
-                        "task_id": trajectory.task_id,
-                        "prompt": tokenizer.decode(trajectory.token_ids[: trajectory.prompt_length]),
-                        "turns": turns,
-                        "outcome": trajectory.outcome,
-                        "reward": trajectory.reward,
-                        "success": trajectory.success,
-                        "status": trajectory.status,
-                        "error": trajectory.error,
-                        # The env's close() failed (the episode stands): forge.env.closing.
-                        **(
-                            {"close_error": trajectory.info["close_error"]}
-                            if trajectory.info.get("close_error")
-                            else {}
-                        ),
-                        **(
-                            {
-                                "subagents": [
-                                    _decoded_subagent(sub, tokenizer) for sub in trajectory.all_subagents()
-                                ]
-                            }
-                            if trajectory.subagents
-                            else {}
-                        ),
-                    }
-                )
-                + "\n"
-            )
-        self.samples.flush()
+        write_trajectories(self.samples, step, trajectories[:limit], tokenizer)
 
     def close(self) -> None:
         self.jsonl.close()
@@ -260,6 +219,52 @@ class MetricsLogger:
             self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def write_trajectories(handle: Any, step: int | None, trajectories: list[Trajectory], tokenizer: Any) -> None:
+    """Episodes as trajectories.jsonl rows, decoded (`forge eval --trajectories` writes step None)."""
+    for trajectory in trajectories:
+        turns = []
+        for turn in trajectory.turns:
+            turns.append(
+                {
+                    "generated": tokenizer.decode(trajectory.token_ids[turn.start : turn.end]),
+                    "observation": tokenizer.decode(trajectory.token_ids[turn.end : turn.obs_end]),
+                    "truncated": turn.truncated,
+                }
+            )
+        handle.write(
+            json.dumps(
+                {
+                    "step": step,
+                    "task_id": trajectory.task_id,
+                    "prompt": tokenizer.decode(trajectory.token_ids[: trajectory.prompt_length]),
+                    "turns": turns,
+                    "outcome": trajectory.outcome,
+                    "reward": trajectory.reward,
+                    "success": trajectory.success,
+                    "status": trajectory.status,
+                    "error": trajectory.error,
+                    # The env's close() failed (the episode stands): forge.env.closing.
+                    **(
+                        {"close_error": trajectory.info["close_error"]}
+                        if trajectory.info.get("close_error")
+                        else {}
+                    ),
+                    **(
+                        {
+                            "subagents": [
+                                _decoded_subagent(sub, tokenizer) for sub in trajectory.all_subagents()
+                            ]
+                        }
+                        if trajectory.subagents
+                        else {}
+                    ),
+                }
+            )
+            + "\n"
+        )
+    handle.flush()
 
 
 def _decoded_subagent(sub: Trajectory, tokenizer: Any) -> dict[str, Any]:

@@ -66,6 +66,8 @@ def test_eval_of_a_path_into_a_run_without_a_final_model_says_how_to_get_one(tmp
     assert main(["eval", "smoke", "--checkpoint", str(path[given]), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert f"of the run {run}" in err and f"forge train {run / 'config.yaml'} --resume {run}" in err
+    # ...or how to get that checkpoint's model now: forge export (tests/test_export.py)
+    assert f"`forge export {run}{' --step 4' if given == 'step' else ''}`" in err
 
 
 def test_eval_of_a_run_folder_names_its_final_model(tiny_checkpoint, tmp_path, capsys):

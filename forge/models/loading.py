@@ -76,12 +76,19 @@ def run_model_hint(path: Path) -> str | None:
     else:
         return None
     said = f"it is {what} of the run {run}"
+    step = path.name if path.name.startswith("step-") and (path / "trainer.pt").is_file() else None
+    export = f"forge export {run}" + (f" --step {int(step.removeprefix('step-'))}" if step else "")
+    out = run / "exports" / (step or "step-N")
     if (run / "final" / "config.json").is_file():
-        return f"{said}, whose trained model is {run / 'final'}: pass that"
+        return f"{said}, whose trained model is {run / 'final'}: pass that" + (
+            f" (or, for this step's model, run `{export}` and pass {out})" if step else ""
+        )
     return (
         f"{said}, and a checkpoint holds the trainer's state for `forge train --resume`, not a model; the run "
-        f"has no final/ yet (the model folder a run writes when it reaches train.max_steps): continue it to its "
-        f"end with `forge train {run / 'config.yaml'} --resume {run}`, then pass {run / 'final'}"
+        f"has no final/ yet (the model folder a run writes when it reaches train.max_steps): write the "
+        f"{'checkpoint' if step else 'latest checkpoint'}'s model with `{export}` and pass the folder it "
+        f"prints ({out}), or continue the run to its end with "
+        f"`forge train {run / 'config.yaml'} --resume {run}`, then pass {run / 'final'}"
     )
 
 

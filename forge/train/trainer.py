@@ -610,16 +610,22 @@ class Trainer:
         return self.save_model(self.model, directory)
 
     def save_model(self, model: torch.nn.Module, directory: str | Path) -> str:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        if hasattr(model, "merge_and_unload"):
-            import copy
+        return save_model_folder(model, self.tokenizer, directory)
 
-            model = copy.deepcopy(model).merge_and_unload()
-        with naming(directory):
-            model.save_pretrained(directory)
-            self.tokenizer.save_pretrained(directory)
-        return str(directory)
+
+def save_model_folder(model: torch.nn.Module, tokenizer: Any, directory: str | Path) -> str:
+    """The model folder a run ends with (final/), which `forge export` also writes from a
+    checkpoint: `from_pretrained` loads it, LoRA adapters merged into the weights."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "merge_and_unload"):
+        import copy
+
+        model = copy.deepcopy(model).merge_and_unload()
+    with naming(directory):
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+    return str(directory)
 
 
 def clip_norm(gradients: list[torch.Tensor], max_norm: float) -> torch.Tensor:
