@@ -267,8 +267,11 @@ def test_an_engine_context_past_a_learned_position_table_is_refused_naming_the_s
 def test_forge_train_refuses_a_model_the_engine_cannot_serve_before_ray_starts(name, tmp_path):
     from forge.models.tiny import build_tokenizer
 
-    build(name).save_pretrained(tmp_path)
-    build_tokenizer().save_pretrained(tmp_path)  # a checkpoint without one is refused first
+    tokenizer = build_tokenizer()
+    model = build(name)
+    model.resize_token_embeddings(len(tokenizer))  # a tokenizer past the embeddings is refused first
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)  # a checkpoint without one is refused first
     cfg = Config.model_validate({"model": {"path": str(tmp_path)}, "env": {"name": "guess_number"}})
     with pytest.raises(ConfigError, match="linear_attention.*rollout.engine: remote"):
         preflight(cfg)
