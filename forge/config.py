@@ -807,6 +807,11 @@ class LoggingConfig(Section):
     tensorboard: bool = True
     wandb_project: str | None = None
     progress_bar: bool = True
+    env_output: Literal["file", "console"] = Field(
+        "file",
+        description="where a run's env output goes (its prints, its subprocesses' stdout): file, "
+        "OUTPUT_DIR/env-logs/worker-N.log per rollout worker; console, Ray's log forwarding (to debug an env)",
+    )
     trajectory_samples: int = Field(4, ge=0, description="decoded trajectories saved per saved step")
     trajectories_every: int = Field(
         1,

@@ -4,12 +4,12 @@ error or too many of its steps in a row have no learning signal."""
 
 from __future__ import annotations
 
-import sys
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from forge.env.errors import error_headline, error_kind
+from forge.env.output import console
 from forge.types import Trajectory
 
 if TYPE_CHECKING:
@@ -66,7 +66,8 @@ def say(message: str) -> None:
     """Print a run's message on the console, above its progress bar."""
     from tqdm import tqdm
 
-    tqdm.write(message, file=sys.stderr)  # above a progress bar, not through it
+    # Above a progress bar, not through it; in a rollout worker, not into the env's log file.
+    tqdm.write(message, file=console())
 
 
 class FailureWatch:

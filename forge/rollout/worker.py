@@ -46,9 +46,16 @@ class RolloutWorker:
         swarm_cfg: SwarmConfig | None = None,
         frozen_snapshot: str | None = None,
         stuck_report_dir: str | None = None,
+        env_output_log: str | None = None,
     ) -> None:
         """With `stuck_report_dir` (a run's workers, which Ray restarts), a loop stuck past
-        `stuck_limit_s` ends this process, its stacks written there (`forge.rollout.stuck`)."""
+        `stuck_limit_s` ends this process, its stacks written there (`forge.rollout.stuck`).
+        With `env_output_log` (a run's workers, logging.env_output: file), this process's
+        output goes to that file from here on, env module imports included (`forge.env.output`)."""
+        if env_output_log:
+            from forge.env.output import send_env_output_to
+
+            send_env_output_to(Path(env_output_log))
         from forge.actor_errors import quiet_known_creation_errors
 
         quiet_known_creation_errors()  # the driver says a refusal here in one line (forge.run.worker_levels)

@@ -198,6 +198,7 @@ class Run:
     def _start_workers(self) -> list[Any]:
         import ray
 
+        from forge.env.output import env_log_path
         from forge.env.registry import worker_runtime_env
         from forge.models.loading import actor_env
         from forge.rollout.worker import RolloutWorker
@@ -207,6 +208,12 @@ class Run:
         # A user's env module found through the working directory or PYTHONPATH: the workers
         # get its folder on their path (on a remote cluster, start_ray shipped it instead).
         runtime_env = (None if os.environ.get("RAY_ADDRESS") else worker_runtime_env(cfg.env.name)) or {}
+        to_file = cfg.logging.env_output == "file"
+        if to_file:  # said once, before the workers start (their env module imports may print)
+            say(
+                f"forge: env output (prints, subprocesses' stdout) goes to {env_log_path(self.output_dir, 0).parent}/"
+                "worker-N.log, one file per rollout worker (logging.env_output: console shows it here)"
+            )
         if hub := actor_env(cfg.model):  # the model is a hub id: resolved as this process does
             runtime_env = {**runtime_env, "env_vars": {**runtime_env.get("env_vars", {}), **hub}}
         return [
@@ -229,6 +236,7 @@ class Run:
                 cfg.swarm,
                 str(self.frozen_snapshot) if self.frozen_snapshot is not None else None,
                 str(self.stuck_report_dir),
+                str(env_log_path(self.output_dir.resolve(), index)) if to_file else None,
             )
             for index in range(cfg.rollout.num_workers)
         ]

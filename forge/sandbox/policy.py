@@ -4,10 +4,10 @@ use is said on the console at start with what it does not contain, with a warnin
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from forge.env.output import console
 from forge.sandbox import cgroup, isolation, levels, uids
 from forge.sandbox.core import SandboxUnavailable
 
@@ -162,7 +162,7 @@ def announce(level: int, *, untrusted: bool, env_name: str = "") -> list[str]:
         lines.append(f"forge: WARNING: sandbox level 0 is below bubblewrap's (2): {levels.how_to_enable(2)}")
         lines.append(f"forge: WARNING: sandbox level 1 is unavailable too: {levels.how_to_enable(1)}")
     for line in lines:
-        print(line, file=sys.stderr, flush=True)
+        print(line, file=console(), flush=True)
     return lines
 
 
@@ -193,5 +193,5 @@ def announce_workers(
         if node_report.level == 0 and untrusted:
             lines.append(untrusted_at_level_0(env_name, f" on node {node}", node_report.root))
     for line in lines:
-        print(line, file=sys.stderr, flush=True)
+        print(line, file=console(), flush=True)
     return lines

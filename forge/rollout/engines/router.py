@@ -32,12 +32,12 @@ engine gets its episodes' turns in one `generate_batch` call. One HTTP call per 
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from forge.env.output import console
 from forge.rollout.engines.batching import wait_for_batch
 from forge.rollout.engines.protocol import GenerationRequest, GenerationResult
 from forge.rollout.engines.remote import (
@@ -185,7 +185,7 @@ class Router:
         print(
             f"forge: {self.name}: every engine is lost; waiting up to {self.lost_wait_s:g}s "
             "(rollout.engine_timeout_s) for one to answer with the current weights",
-            file=sys.stderr,
+            file=console(),
             flush=True,
         )
         while not self.live:
@@ -235,7 +235,7 @@ class Router:
                 print(
                     f"forge: {self.name}: engine {engine.client.url} taken back (it answers and holds weights "
                     f"version {self.version}); {self.live} of {len(self.engines)} engines live",
-                    file=sys.stderr,
+                    file=console(),
                     flush=True,
                 )
             else:
@@ -379,7 +379,7 @@ class Router:
             f"forge: {self.name}: engine {engine.client.url} lost ({reason}); its {len(engine.episodes)} live "
             f"episodes end as lost; {remaining} of {len(self.engines)} engines remain (it is asked again "
             "between rollouts, and taken back once it holds the current weights)",
-            file=sys.stderr,
+            file=console(),
             flush=True,
         )
 

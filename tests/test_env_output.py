@@ -1,0 +1,105 @@
+"""An env's own output in a run (logging.env_output) goes to a log file per rollout worker in
+the run directory, not through Ray to the console; Forge's own lines still reach the console."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from forge.env.base import Env, StepResult
+
+LINES_PER_CALL = 20
+MARKER_FILE_KWARG = "marker"
+
+
+class ChattyEnv(Env):
+    """Prints LINES_PER_CALL lines in reset and in step (stdout and stderr), and runs a
+    subprocess that prints one line to its inherited stdout."""
+
+    def __init__(self, marker: str = "") -> None:
+        self.marker = marker
+
+    @classmethod
+    def generate_tasks(cls, num_tasks, seed, **kwargs):
+        return [{"task_id": str(i)} for i in range(num_tasks)]
+
+    def reset(self, task, seed):
+        for i in range(LINES_PER_CALL):
+            print(f"{self.marker} reset line {i}")
+        print(f"{self.marker} reset to stderr", file=sys.stderr)
+        return "guess"
+
+    def step(self, action):
+        for i in range(LINES_PER_CALL):
+            print(f"{self.marker} step line {i}")
+        subprocess.run([sys.executable, "-c", f"print('{self.marker} from a subprocess')"], check=True)
+        return StepResult("x", reward=float(len(action) % 2), done=True)
+
+
+def _ray_logs_with(marker: str) -> list[Path]:
+    """The files in this Ray session's log folder (worker-*.out/.err, which Ray forwards to
+    the driver's console) that hold `marker`."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    return [p for p in logs.glob("worker-*") if p.is_file() and marker in p.read_text(errors="replace")]
+
+
+def _train(tmp_path: Path, marker: str, *extra: str) -> Path:
+    from forge.cli import main
+
+    overrides = [
+        f"env.name={__name__}:ChattyEnv",
+        "env.kwargs=" + json.dumps({MARKER_FILE_KWARG: marker}),
+        "env.num_tasks=4",
+        "train.max_steps=1",
+        "rollout.tasks_per_step=2",
+        "rollout.group_size=2",
+        "rollout.max_turns=1",
+        "logging.progress_bar=false",
+        "logging.tensorboard=false",
+        *extra,
+    ]
+    run = tmp_path / "run"
+    assert main(["train", "configs/smoke.yaml", *overrides, "--output-dir", str(run)]) == 0
+    time.sleep(1.0)  # Ray's writes to a worker's log file are its own, and may lag the run's end
+    return run
+
+
+@pytest.mark.slow
+def test_a_runs_env_output_goes_to_a_log_file_per_worker_not_the_console(ray_session, tmp_path, capsys):
+    marker = f"chatty-{uuid.uuid4().hex}"
+    run = _train(tmp_path, marker)
+    console = capsys.readouterr()
+    logs = sorted((run / "env-logs").glob("worker-*.log"))
+    assert [p.name for p in logs] == ["worker-0.log", "worker-1.log"]
+    text = "".join(p.read_text() for p in logs)
+    episodes = 2 * 2
+    assert text.count(f"{marker} reset line ") == episodes * LINES_PER_CALL
+    assert text.count(f"{marker} step line ") == episodes * LINES_PER_CALL
+    assert text.count(f"{marker} reset to stderr") == episodes
+    assert text.count(f"{marker} from a subprocess") == episodes  # descriptor 1, not only sys.stdout
+    # Not on the console: neither this process's nor Ray's worker logs, which it forwards.
+    # (The one reset the driver plays before the run starts, forge.env.preflight, prints there.)
+    printed = console.out + console.err
+    assert printed.count(f"{marker} reset line ") == LINES_PER_CALL
+    assert f"{marker} step line" not in printed and f"{marker} from a subprocess" not in printed
+    assert _ray_logs_with(marker) == []
+    assert (
+        f"forge: env output (prints, subprocesses' stdout) goes to {run}/env-logs/worker-N.log" in console.err
+    )
+
+
+@pytest.mark.slow
+def test_env_output_console_leaves_it_to_ray(ray_session, tmp_path, capsys):
+    marker = f"chatty-{uuid.uuid4().hex}"
+    run = _train(tmp_path, marker, "logging.env_output=console")
+    assert not (run / "env-logs").exists()
+    assert "env-logs" not in capsys.readouterr().err
+    assert _ray_logs_with(marker)
