@@ -103,3 +103,30 @@ def test_env_output_console_leaves_it_to_ray(ray_session, tmp_path, capsys):
     assert not (run / "env-logs").exists()
     assert "env-logs" not in capsys.readouterr().err
     assert _ray_logs_with(marker)
+
+
+def test_forges_own_lines_reach_the_real_stderr_while_env_output_goes_to_the_file(tmp_path):
+    log = tmp_path / "worker-0.log"
+    script = f"""
+import subprocess, sys, threading
+from pathlib import Path
+from forge.env.output import console, send_env_output_to
+from forge.failures import say
+send_env_output_to(Path({str(log)!r}))
+print("env print")
+print("env stderr", file=sys.stderr)
+thread = threading.Thread(target=lambda: print("env print in a thread"))
+thread.start(); thread.join()
+subprocess.run([sys.executable, "-c", "print('env subprocess')"], check=True)
+say("forge: a run's message")
+print("forge: a router's message", file=console(), flush=True)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert log.read_text().splitlines() == [
+        "env print",
+        "env stderr",
+        "env print in a thread",
+        "env subprocess",
+    ]
+    assert done.stdout == ""
+    assert done.stderr.splitlines() == ["forge: a run's message", "forge: a router's message"]
