@@ -130,3 +130,20 @@ print("forge: a router's message", file=console(), flush=True)
     ]
     assert done.stdout == ""
     assert done.stderr.splitlines() == ["forge: a run's message", "forge: a router's message"]
+
+
+def test_forge_code_that_runs_in_a_rollout_worker_writes_its_lines_to_the_console_stream():
+    """A rollout worker's sys.stderr is the env log file once env output goes there, so a Forge
+    line written to sys.stderr from code a worker runs (the engine pool's "engine lost",
+    the stuck-env watch, the weight pushes) would land in that file, unseen; console() is the
+    worker's real stderr (and sys.stderr anywhere else)."""
+    root = Path(__file__).resolve().parents[1] / "forge"
+    worker_side = [root / "rollout", root / "env", root / "sandbox"]
+    writes = [
+        f"{path.relative_to(root.parent)}:{number}"
+        for folder in worker_side
+        for path in sorted(folder.rglob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if "file=sys.stderr" in line
+    ]
+    assert writes == []

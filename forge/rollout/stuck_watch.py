@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import forge
+from forge.env.output import console
 from forge.rollout.stuck import StuckReport, read_stuck_report
 
 # The environment variable whose value marks the processes a run started (set before a
@@ -139,14 +140,14 @@ def watch(argv: list[str]) -> int:
     report = read_stuck_report(report_path, env_file or None)
     if report is not None:
         message = stuck_message(report, env_name, float(step_timeout_s), what, on_loop)
-        print(message, file=sys.stderr, flush=True)
+        print(message, file=console(), flush=True)
     if mark and not let_go:
         ended = end_marked(f"{RUN_MARK}={mark}", LEFTOVER_GRACE_S)
         if ended and report is None:  # killed from outside: say what became of its processes
             print(
                 f"forge: {what} ended without shutting down (killed, or out of memory?); ended the "
                 f"{len(ended)} processes it left running (Ray's, the agents')",
-                file=sys.stderr,
+                file=console(),
                 flush=True,
             )
     return 0

@@ -5,11 +5,11 @@ engines; an engine whose part fails is dropped, naming why."""
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from forge.env.output import console
 from forge.rollout.engines.health import Drop, drop_failed, said
 
 # A weight broadcast's every side (trainer, engines) ends by gloo's own timeout
@@ -84,7 +84,7 @@ class ActorWeights:
                 print(
                     f"forge: weight broadcast failed ({type(exc).__name__}: {str(exc)[:200]}); "
                     "this version goes through the object store",
-                    file=sys.stderr,
+                    file=console(),
                     flush=True,
                 )
                 self._group_members = None

@@ -7,13 +7,13 @@ again (health.py) gets the current weights at a later sync and serves again."""
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from forge.actor_errors import actor_hub_message, known_refusal
 from forge.config import Config, ConfigError
+from forge.env.output import console
 from forge.rollout.engines.actor import ask_metrics, engine_actor_name, start_engine
 from forge.rollout.engines.actor_sync import ActorWeights, weight_sync_method
 from forge.rollout.engines.engine_config import check_engine_config
@@ -121,7 +121,7 @@ class EnginePool:
         self.dead[url] = reason
         print(
             f"forge: engine {url} lost ({reason}); {len(self.live_urls)} of {len(self.urls)} engines remain",
-            file=sys.stderr,
+            file=console(),
             flush=True,
         )
         if self.actors and stalled:
@@ -132,7 +132,7 @@ class EnginePool:
             except Exception as exc:  # the replacement failed to start: go on with the others
                 print(
                     f"forge: a new engine in place of {url} did not start ({type(exc).__name__}: {exc})",
-                    file=sys.stderr,
+                    file=console(),
                     flush=True,
                 )
         self.probes.dropped(url)
@@ -154,7 +154,7 @@ class EnginePool:
         print(
             f"forge: engine {url} started in place of {self.urls[index]} "
             f"({self.restarts} of rollout.max_engine_restarts={self.cfg.rollout.max_engine_restarts})",
-            file=sys.stderr,
+            file=console(),
             flush=True,
         )
 
@@ -189,7 +189,7 @@ class EnginePool:
                     print(
                         f"forge: engine {url} took weights version {version} and serves again "
                         f"({len(self.live_urls)} of {len(self.urls)} engines live)",
-                        file=sys.stderr,
+                        file=console(),
                         flush=True,
                     )
             if self.live_urls:
@@ -198,7 +198,7 @@ class EnginePool:
                 print(
                     f"forge: every inference engine is lost; waiting up to {lost_wait_s:g}s "
                     "(rollout.engine_timeout_s) for a stalled one to answer again",
-                    file=sys.stderr,
+                    file=console(),
                     flush=True,
                 )
                 deadline = time.monotonic() + lost_wait_s
@@ -261,7 +261,7 @@ class EnginePool:
                         print(
                             f"forge: engine {url} took weights version {version} and serves again "
                             f"({len(self.holders(version))} of {len(self.urls)} engines live)",
-                            file=sys.stderr,
+                            file=console(),
                             flush=True,
                         )
             if self.holders(version):
@@ -278,7 +278,7 @@ class EnginePool:
                 print(
                     f"forge: every inference server is lost; waiting up to {self.cfg.rollout.engine_timeout_s:g}s "
                     "(rollout.engine_timeout_s) for one to answer again",
-                    file=sys.stderr,
+                    file=console(),
                     flush=True,
                 )
                 waiting = True
@@ -303,7 +303,7 @@ class EnginePool:
         del self.dead[url]
         self.stalled.discard(url)
         print(
-            f"forge: engine {url} answers again; it gets the current weights now", file=sys.stderr, flush=True
+            f"forge: engine {url} answers again; it gets the current weights now", file=console(), flush=True
         )
         return True
 
@@ -338,7 +338,7 @@ class EnginePool:
                     print(
                         f"forge: engine {url} gave no metrics within {METRICS_WAIT_S:g}s (its process is stalled); "
                         "its prefix-cache counts are missing from the step metrics until it answers",
-                        file=sys.stderr,
+                        file=console(),
                         flush=True,
                     )
                 continue

@@ -6,12 +6,12 @@ naming the server and the setting, instead of every episode failing or sampling 
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from forge.config import ConfigError
+from forge.env.output import console
 from forge.rollout.engines.remote import NO_KEYS, EngineLost, HttpCall, HttpTransport, ProtocolError
 from forge.rollout.engines.server_keys import ServerKeys
 
@@ -150,7 +150,7 @@ async def probe(
                     ) from None
                 if not said:
                     print(
-                        f"forge: waiting up to {wait_s:g}s for {spec} to answer", file=sys.stderr, flush=True
+                        f"forge: waiting up to {wait_s:g}s for {spec} to answer", file=console(), flush=True
                     )
                     said = True
                 await asyncio.sleep(poll_s)

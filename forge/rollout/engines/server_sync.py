@@ -6,10 +6,10 @@ dropped, naming why."""
 from __future__ import annotations
 
 import asyncio
-import sys
 from pathlib import Path
 from typing import Any
 
+from forge.env.output import console
 from forge.rollout.engines.health import Drop
 from forge.rollout.engines.router import said_version
 from forge.rollout.engines.server_keys import NO_KEYS, ServerKeys
@@ -63,7 +63,7 @@ class ServerWeights:
                 print(
                     f"forge: engine {client.spec} says it holds weights version {says}, not "
                     f"{given[client.spec]}: it restarted since the last push",
-                    file=sys.stderr,
+                    file=console(),
                     flush=True,
                 )
         return restarted

@@ -16,10 +16,11 @@ broadcast by running on a thread the trainer stops waiting for (aborting the com
 from __future__ import annotations
 
 import asyncio
-import sys
 import threading
 from collections.abc import Callable
 from typing import Any
+
+from forge.env.output import console
 
 
 def weight_metadata(state: dict[str, Any]) -> tuple[list[str], list[str], list[list[int]]]:
@@ -296,7 +297,7 @@ class VLLMWeightTransfer:
             print(
                 f"forge: vLLM server {url} holds weights {held!r}, not version {self.version} (restarted?): "
                 "forming the weight-transfer group afresh",
-                file=sys.stderr,
+                file=console(),
                 flush=True,
             )
         return bool(gone)
