@@ -14,6 +14,10 @@ import pytest
 import yaml
 
 LAUNCH = Path(__file__).resolve().parent.parent / "launch"
+# The jobs these tests run: a model small enough for a 2-CPU test cluster.
+TINY_MODEL = {
+    "tiny": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 64}
+}
 REPO = LAUNCH.parent
 
 
@@ -185,15 +189,7 @@ def test_a_smoke_job_submitted_to_a_two_node_loopback_cluster_trains(tmp_path):
     config.write_text(
         yaml.safe_dump(
             {
-                "model": {
-                    "tiny": {
-                        "hidden_size": 32,
-                        "num_layers": 1,
-                        "num_heads": 2,
-                        "num_kv_heads": 1,
-                        "intermediate_size": 64,
-                    }
-                },
+                "model": TINY_MODEL,
                 "env": {"name": "guess_number", "kwargs": {"n": 4}},
                 # 1 CPU per node: the trainer takes one node's CPU, so the workers must run on the other.
                 "rollout": {
@@ -241,15 +237,7 @@ def tiny_job(path: Path) -> Path:
     path.write_text(
         yaml.safe_dump(
             {
-                "model": {
-                    "tiny": {
-                        "hidden_size": 32,
-                        "num_layers": 1,
-                        "num_heads": 2,
-                        "num_kv_heads": 1,
-                        "intermediate_size": 64,
-                    }
-                },  # fmt: skip
+                "model": TINY_MODEL,
                 "env": {"name": "guess_number", "kwargs": {"n": 4}},
                 "rollout": {
                     "num_workers": 1,

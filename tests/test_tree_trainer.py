@@ -22,16 +22,22 @@ def group_samples(vocab: int) -> list[Sample]:
     return samples
 
 
-def one_step(model_dir, packing: str, samples: list[Sample]) -> tuple[dict, torch.Tensor]:
-    """The step's metrics and its weight update, flattened."""
+def one_step(
+    model_dir, packing: str, samples: list[Sample], warm_steps: int = 0, tokens: int = 128, **train
+) -> tuple[dict, torch.Tensor]:
+    """The metrics and weight update of a trainer's step on `samples`, after `warm_steps`
+    steps on them (after one the policy has moved from the reference: the KL term has a
+    gradient); `train` sets TrainConfig's fields."""
     from forge.train.trainer import Trainer
 
     trainer = Trainer(
         model_dir,
         ModelConfig(path=str(model_dir)),
-        TrainConfig(),
-        TrainerConfig(packing=packing, max_tokens_per_microbatch=128),
+        TrainConfig(**train),
+        TrainerConfig(packing=packing, max_tokens_per_microbatch=tokens),
     )
+    for _ in range(warm_steps):
+        trainer.train_step(samples)
     before = torch.cat([p.detach().flatten().clone() for p in trainer.model.parameters()])
     metrics = trainer.train_step(samples)
     after = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
@@ -74,24 +80,6 @@ def multi_turn_samples(vocab: int) -> list[Sample]:
     return samples
 
 
-def second_step(model_dir, packing: str, samples: list[Sample], **train) -> tuple[dict, torch.Tensor]:
-    """The metrics and weight update of a trainer's second step on `samples`: the policy has
-    moved from the reference, so the KL term has a gradient."""
-    from forge.train.trainer import Trainer
-
-    trainer = Trainer(
-        model_dir,
-        ModelConfig(path=str(model_dir)),
-        TrainConfig(learning_rate=1e-3, **train),
-        TrainerConfig(packing=packing, max_tokens_per_microbatch=64),
-    )
-    trainer.train_step(samples)
-    before = torch.cat([p.detach().flatten().clone() for p in trainer.model.parameters()])
-    metrics = trainer.train_step(samples)
-    after = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
-    return metrics, after - before
-
-
 @pytest.mark.slow  # 12 cases of two trainers' two steps: ~2 min
 @pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"])
 @pytest.mark.parametrize("loss", ["pg", "ppo_clip", "cispo", "gspo"])
@@ -100,9 +88,15 @@ def test_every_loss_and_aggregation_trains_the_same_step_on_the_tree_as_padded(t
 
     model_dir = save_tiny_checkpoint(TinyModelConfig(), tmp_path / "model")
     samples = multi_turn_samples(json.loads((model_dir / "config.json").read_text())["vocab_size"])
-    train = {"loss": loss, "loss_aggregation": aggregation, "kl_coef": 0.1, "entropy_coef": 0.01}
-    tree_metrics, tree_update = second_step(model_dir, "tree", samples, **train)
-    padded_metrics, padded_update = second_step(model_dir, "padded", samples, **train)
+    train = {
+        "loss": loss,
+        "loss_aggregation": aggregation,
+        "kl_coef": 0.1,
+        "entropy_coef": 0.01,
+        "learning_rate": 1e-3,
+    }
+    tree_metrics, tree_update = one_step(model_dir, "tree", samples, warm_steps=1, tokens=64, **train)
+    padded_metrics, padded_update = one_step(model_dir, "padded", samples, warm_steps=1, tokens=64, **train)
     assert tree_metrics["tree_token_ratio"] > 1.0  # the shared replies' tokens computed once
     for key in ("loss", "policy_loss", "grad_norm", "ref_kl", "entropy"):
         assert tree_metrics[key] == pytest.approx(padded_metrics[key], rel=1e-4, abs=1e-7), key

@@ -95,12 +95,17 @@ def after_reply(tokenizer, turn: int) -> str:
     return text[reply + len(REPLIES[turn]) :]
 
 
+def family_tokenizer(family: str, folder):
+    """`family`'s byte-level tokenizer with its other end token (Llama 3's <|end_of_text|> is
+    not among the family's specials; Qwen's <|endoftext|> is)."""
+    other_end = FAMILIES[family][1]
+    return byte_level_tokenizer(family, folder, more_specials=[other_end] if family == "llama3" else [])
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_what_follows_every_reply_is_the_templates_rendering_however_the_reply_ended(family, tmp_path):
     turn_end, other_end = FAMILIES[family]
-    tokenizer = byte_level_tokenizer(
-        family, tmp_path, more_specials=[other_end] if family == "llama3" else []
-    )
+    tokenizer = family_tokenizer(family, tmp_path)
     turn_end_id, other_end_id = tokenizer.convert_tokens_to_ids([turn_end, other_end])
     chat = ChatFormat(tokenizer, end_token_ids=[turn_end_id, other_end_id])  # the generation config's
     assert chat.turn_end_id == turn_end_id and other_end_id in chat.stop_token_ids
@@ -130,9 +135,7 @@ def test_what_follows_every_reply_is_the_templates_rendering_however_the_reply_e
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_only_sampled_tokens_are_trained_and_the_closing_turn_end_is_not(family, tmp_path):
     turn_end, other_end = FAMILIES[family]
-    tokenizer = byte_level_tokenizer(
-        family, tmp_path, more_specials=[other_end] if family == "llama3" else []
-    )
+    tokenizer = family_tokenizer(family, tmp_path)
     turn_end_id, other_end_id = tokenizer.convert_tokens_to_ids([turn_end, other_end])
     chat = ChatFormat(tokenizer, end_token_ids=[other_end_id])
     ends = [other_end_id, CUT, turn_end_id, other_end_id]
@@ -165,9 +168,7 @@ def test_the_gateway_renders_each_calls_prompt_whole_so_a_reply_at_another_end_i
     from gateway_helpers import calls_of, client, serve, start
 
     turn_end, other_end = FAMILIES[family]
-    tokenizer = byte_level_tokenizer(
-        family, tmp_path, more_specials=[other_end] if family == "llama3" else []
-    )
+    tokenizer = family_tokenizer(family, tmp_path)
     other_end_id = tokenizer.convert_tokens_to_ids(other_end)
     reply = tokenizer("4", add_special_tokens=False)["input_ids"] + [other_end_id]
     with serve(GatewayEngine(reply), tokenizer) as server:

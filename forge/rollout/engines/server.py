@@ -44,12 +44,13 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from forge.config import ConfigError, ModelConfig
+from forge.config import ModelConfig
 from forge.gateway.decoding import TextStream
 from forge.gateway.episodes import EpisodeError
 from forge.gateway.server import Gateway, ThreadedServer, build_app
 from forge.rollout.engines.protocol import GenerationRequest, GenerationResult
 from forge.rollout.engines.served import ServedEngine
+from forge.rollout.engines.server_keys import key_in_env
 from forge.rollout.engines.shared_prefix import loaded_attention
 from forge.rollout.engines.updates import (
     WeightUpdateError,
@@ -427,16 +428,9 @@ class RequireKey:
 def api_key_from_env(name: str | None) -> str | None:
     """`forge serve --api-key-env NAME`: the key in variable NAME (never on the command line,
     which `ps` shows to every user of the machine)."""
-    import os
-
-    if name is None:
-        return None
-    key = os.environ.get(name)
-    if not key:
-        raise ConfigError(
-            f"forge serve --api-key-env {name}: {name} is not set (or empty); export the key in it"
-        )
-    return key
+    return key_in_env(
+        name, f"forge serve --api-key-env {name}: {name} is not set (or empty); export the key in it"
+    )
 
 
 class EngineServer(ThreadedServer):

@@ -66,19 +66,26 @@ class ServerKeys:
         )
 
 
-def _read(name: str | None, setting: str) -> str | None:
+def key_in_env(name: str | None, missing: str) -> str | None:
+    """The API key in environment variable `name` (None when no variable is named); a
+    variable that is unset or empty is a ConfigError saying `missing`."""
     if name is None:
         return None
     value = os.environ.get(name)
     if not value:
-        import socket
-
-        raise ConfigError(
-            f"{setting}={name}, but this process (on {socket.gethostname()}) has no {name} in its "
-            "environment: export the server's API key as "
-            f"{name} on every node of the run (where Ray was started), or unset {setting}"
-        )
+        raise ConfigError(missing)
     return value
+
+
+def _read(name: str | None, setting: str) -> str | None:
+    import socket
+
+    return key_in_env(
+        name,
+        f"{setting}={name}, but this process (on {socket.gethostname()}) has no {name} in its "
+        "environment: export the server's API key as "
+        f"{name} on every node of the run (where Ray was started), or unset {setting}",
+    )
 
 
 NO_KEYS = ServerKeys()  # servers that want no key
