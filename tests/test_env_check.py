@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import random
+import sys
 import time
+from pathlib import Path
+
+import pytest
+from side_by_side import Started, selected_tests
 
 from forge.env import Env, StepResult
 from forge.env.check import check_env, list_envs
@@ -28,6 +34,35 @@ class Good(Env):
 
 def failed(report) -> dict[str, str]:
     return {c.name: c.detail for c in report.checks if not c.passed}
+
+
+# `forge env check NAME` (this module's `main`) in a process per env: each spends seconds
+# starting (its check runs in a child process of its own, which loads the tokenizer's
+# libraries), so the tests that run it from the command line start theirs at once.
+CLI_CHECKS = {
+    "test_cli_exit_code_follows_the_verdict": ["guess_number"],
+    "test_the_cli_exits_1_when_a_check_crashed": [f"{__name__}:RaisingPrompt", f"{__name__}:NumberPrompt"],
+    "test_the_reports_stdout_holds_the_report_alone_and_the_envs_prints_go_to_stderr": [f"{__name__}:Chatty"],
+}
+
+
+@pytest.fixture(scope="module")
+def checks(request, tmp_path_factory):
+    """`main(["check", NAME])` run as `forge env check NAME` for the selected tests above,
+    all started at once; by the env's class name."""
+    tests = Path(__file__).resolve().parent
+    path = os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")])
+    run_main = "import sys; from forge.env.check_process import main; sys.exit(main(sys.argv[1:]))"
+    started = {}
+    for name in [name for test in selected_tests(request) for name in CLI_CHECKS.get(test, [])]:
+        key = name.rsplit(":", 1)[-1]
+        started[key] = Started(
+            tmp_path_factory.mktemp(f"check-{key}"), [sys.executable, "-c", run_main, "check", name],
+            tests.parent, {**os.environ, "PYTHONPATH": path},
+        )  # fmt: skip
+    yield started
+    for run in started.values():
+        run.stop()
 
 
 def test_a_well_behaved_env_passes_every_check():
@@ -171,11 +206,11 @@ def test_render_prints_pass_fail_lines_and_a_verdict():
     assert "  PASS  construct" in text and "  FAIL  reset" in text and text.endswith("1 failed")
 
 
-def test_cli_exit_code_follows_the_verdict(capsys):
-    assert main(["check", "guess_number"]) == 0
+def test_cli_exit_code_follows_the_verdict(checks):
+    passed = checks["guess_number"].finish(timeout_s=120)
+    assert passed.returncode == 0 and "PASSED" in passed.stdout, passed.stderr
     assert main(["check", "no_such_env_anywhere"]) == 1
     assert main(["check", "guess_number", "--kwargs", "{bad"]) == 2
-    assert "PASSED" in capsys.readouterr().out
 
 
 def test_list_shows_the_registered_built_ins():
@@ -239,12 +274,12 @@ def test_an_exception_in_the_checkers_own_code_fails_the_check_it_was_in():
     assert failed(check_env(ListParameters))["tools"].startswith("the check raised AttributeError: ")
 
 
-def test_the_cli_exits_1_when_a_check_crashed(capsys):
-    assert main(["check", f"{__name__}:RaisingPrompt"]) == 1
-    captured = capsys.readouterr()
-    assert "FAILED: 1 passed, 1 failed" in captured.out and "Traceback" not in captured.err
-    assert main(["check", f"{__name__}:NumberPrompt"]) == 1
-    assert "FAIL  text" in capsys.readouterr().out
+def test_the_cli_exits_1_when_a_check_crashed(checks):
+    raising = checks["RaisingPrompt"].finish(timeout_s=120)
+    assert raising.returncode == 1
+    assert "FAILED: 1 passed, 1 failed" in raising.stdout and "Traceback" not in raising.stderr
+    number = checks["NumberPrompt"].finish(timeout_s=120)
+    assert number.returncode == 1 and "FAIL  text" in number.stdout
 
 
 class Chatty(Good):
@@ -259,13 +294,13 @@ class Chatty(Good):
         return super().step(action)
 
 
-def test_the_reports_stdout_holds_the_report_alone_and_the_envs_prints_go_to_stderr(capfd):
-    assert main(["check", f"{__name__}:Chatty"]) == 0
-    captured = capfd.readouterr()
-    lines = captured.out.splitlines()
+def test_the_reports_stdout_holds_the_report_alone_and_the_envs_prints_go_to_stderr(checks):
+    captured = checks["Chatty"].finish(timeout_s=120)
+    assert captured.returncode == 0, captured.stderr
+    lines = captured.stdout.splitlines()
     assert lines[0] == f"forge env check {__name__}:Chatty" and lines[-1].startswith("PASSED: ")
     assert all(line.startswith(("  PASS  ", "  FAIL  ", "        fix: ")) for line in lines[1:-1])
-    assert "debug: reset" in captured.err and "debug: step" in captured.err
+    assert "debug: reset" in captured.stderr and "debug: step" in captured.stderr
 
 
 def test_a_tool_env_whose_methods_lack_the_tool_decorator_fails_naming_them():

@@ -66,8 +66,13 @@ def check_from_arguments(args: Any, sink: Callable[[dict[str, Any]], None] | Non
     """The check `forge env check`'s arguments ask for, with the tokenizer they name."""
     from forge.config import ConfigError
     from forge.env.check import Check, CheckReport
+    from forge.env.registry import resolve_env
     from forge.env.tokens import load_check_tokenizer
 
+    try:
+        resolve_env(args.name)
+    except ValueError:  # the check's one failed line says so: no tokenizer to load (seconds) first
+        return check_env(args.name, sink=sink)
     cfg = _config(args)
     extra_words = cfg.model.tiny.extra_words if cfg is not None else ()
     try:
