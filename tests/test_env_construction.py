@@ -192,18 +192,6 @@ def test_env_check_fails_a_constructor_that_hangs(env, hang, detail):
     assert [(c.name, c.passed, c.detail) for c in report.checks] == [("construct", False, detail)]
 
 
-@pytest.mark.slow
-def test_env_check_fails_a_constructor_holding_the_gil(capsys):
-    from forge.cli import main
-
-    started = time.monotonic()
-    assert main(["env", "check", ENV, "--kwargs", '{"hang": "regex"}', "--timeout", "0.3"]) == 1
-    assert time.monotonic() - started < 60
-    out = capsys.readouterr().out
-    assert "FAIL  construct        SlowInitEnv.__init__ did not return within 0.3s and held the GIL" in out
-    assert "release the GIL in it or run it in a subprocess" in out
-
-
 def test_dry_run_fails_a_constructor_past_the_limit_with_its_line(capsys):
     from forge.cli import main
 
@@ -236,20 +224,44 @@ def test_dry_run_stops_a_constructor_it_gave_up_on_that_loops_in_python(capsys):
         assert not dry_run.is_alive()
 
 
-def test_dry_run_on_a_constructor_holding_the_gil_ends_with_its_line_instead_of_hanging():
+@pytest.fixture(scope="module")
+def gil_dry_run(tmp_path_factory):
+    """`forge train --dry-run` on a constructor holding the GIL, started at the first test that
+    asks: each of the two tests below waits ~5 s on a time limit, so the two overlap."""
     command = [
         sys.executable, "-m", "forge.cli", "train", "configs/smoke.yaml", "--dry-run",
         f"env.name={ENV}", "env.kwargs={hang: regex}", "env.step_timeout_s=0.3",
     ]  # fmt: skip
     path = os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
     environment = {**os.environ, "PYTHONPATH": path}
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60, env=environment)
-    assert done.returncode == 1
+    stderr = tmp_path_factory.mktemp("gil_dry_run") / "stderr"
+    with stderr.open("w") as stderr_file:  # a file, not a pipe: nothing reads it meanwhile
+        process = subprocess.Popen(
+            command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr_file, env=environment
+        )
+    yield process, stderr
+    process.kill()  # a test failed before it ended
+    process.wait()
+
+
+@pytest.mark.slow
+def test_env_check_fails_a_constructor_holding_the_gil(capsys, gil_dry_run):
+    from forge.cli import main
+
+    started = time.monotonic()
+    assert main(["env", "check", ENV, "--kwargs", '{"hang": "regex"}', "--timeout", "0.3"]) == 1
+    assert time.monotonic() - started < 60
+    out = capsys.readouterr().out
+    assert "FAIL  construct        SlowInitEnv.__init__ did not return within 0.3s and held the GIL" in out
+    assert "release the GIL in it or run it in a subprocess" in out
+
+
+def test_dry_run_on_a_constructor_holding_the_gil_ends_with_its_line_instead_of_hanging(gil_dry_run):
+    process, stderr_file = gil_dry_run
+    assert process.wait(timeout=60) == 1
+    stderr = stderr_file.read_text()
     file, line = STUCK["regex"].rsplit(":", 1)
-    assert (
-        "Timeout (0:00:05.300000)!" in done.stderr
-        and f'File "{file}", line {line} in __init__' in done.stderr
-    )
+    assert "Timeout (0:00:05.300000)!" in stderr and f'File "{file}", line {line} in __init__' in stderr
 
 
 @pytest.mark.slow
@@ -264,6 +276,7 @@ def test_a_run_whose_constructors_hang_stops_with_exit_code_1(ray_session, tmp_p
         "env.error_window_steps=2",
         "rollout.tasks_per_step=2",
         "rollout.group_size=2",
+        "rollout.num_workers=1",  # the driver counts the errors and stops the run: one worker as two
         "logging.progress_bar=false",
     ]
     assert main(["train", "configs/smoke.yaml", *overrides, "--output-dir", str(tmp_path / "run")]) == 1
