@@ -70,6 +70,7 @@ def test_forge_train_says_a_refusal_at_a_workers_start_in_one_line_without_rays_
     done = subprocess.run(
         [sys.executable, "-c", run, "train", "smoke", "model.lora.enabled=true",
          "model.lora.target_modules=[nope]", "train.max_steps=2", "logging.progress_bar=false",
+         "rollout.num_workers=1",  # each worker refuses alike: one shows its refusal's one line
          "--output-dir", str(tmp_path / "run")],
         capture_output=True, text=True, cwd=REPO, timeout=300,
     )  # fmt: skip

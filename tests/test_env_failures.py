@@ -343,6 +343,7 @@ def test_a_run_whose_env_always_errors_stops_with_exit_code_1(ray_session, tmp_p
         "env.error_window_steps=2",
         "rollout.tasks_per_step=2",
         "rollout.group_size=2",
+        "rollout.num_workers=1",  # the driver counts the errors and stops the run: one worker as two
         "logging.progress_bar=false",
     ]
     (tmp_path / "tasks.jsonl").write_text("".join(json.dumps({"task_id": str(i)}) + "\n" for i in range(4)))

@@ -81,6 +81,7 @@ def test_a_run_plays_an_env_from_a_module_in_a_temp_folder(ray_session, tmp_path
             "train.max_steps=2",
             "rollout.tasks_per_step=2",
             "rollout.group_size=2",
+            "rollout.num_workers=1",  # each worker gets the folder alike: one shows it
             "train.max_steps_without_signal=0",  # a random model rarely solves it: not what this tests
         ],
     )

@@ -160,6 +160,7 @@ def test_a_run_on_an_env_it_never_solves_ends_with_exit_code_1_not_0(ray_session
         "train.max_steps=2",
         "rollout.tasks_per_step=2",
         "rollout.group_size=2",
+        "rollout.num_workers=1",  # the driver judges the signal: one worker plays the episodes as two would
         "logging.progress_bar=false",
     ]
     assert main(["train", "configs/smoke.yaml", *overrides, "--output-dir", str(tmp_path / "run")]) == 1
