@@ -26,8 +26,10 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 # 4 groups of 8 episodes a step: the random model solves about 1 in 10 (smoke step 1: 0.11), so
 # some group scores unevenly and the step trains (with 2 groups of 4 both steps of the tiny
 # model built at seed 0 scored 0 throughout: no learning signal, the run stopped with exit 1).
+# One rollout worker: an actor resolving the hub id itself as well as two do, one process
+# fewer to start on a 2-core machine.
 SMOKE_STEPS = ["train.max_steps=2", "rollout.tasks_per_step=4", "rollout.group_size=8",
-               "train.minibatches_per_step=1", "train.max_steps_without_signal=0",
+               "train.minibatches_per_step=1", "train.max_steps_without_signal=0", "rollout.num_workers=1",
                "logging.progress_bar=false", "logging.tensorboard=false"]  # fmt: skip
 
 
