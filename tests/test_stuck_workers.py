@@ -13,11 +13,13 @@ import subprocess
 import sys
 import textwrap
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import stuck_envs
 from env_fault_kit import LoopTicker
+from side_by_side import Started, selected_tests
 
 from forge.rollout.stuck import remove_unused_reports, stuck_report
 from forge.run.faults import worker_death_note
@@ -79,10 +81,14 @@ def test_work_on_the_loop_that_beats_goes_past_the_limit_and_a_stall_after_it_st
     # step beats. Beating for 3 s past a 2 s limit is fine; stopping (a C call) is not.
     healthy = "deadline = time.monotonic() + 3\n            while time.monotonic() < deadline:\n"
     healthy += "                time.sleep(0.05); guard.beat()\n            print('went on')"
-    done = _guarded_loop(tmp_path, healthy, limit_s=2.0)
-    assert done.returncode == 0 and "went on" in done.stdout, done.stderr
     stalled = "for _ in range(20):\n                time.sleep(0.05); guard.beat()\n            time.sleep(4)"
-    assert _guarded_loop(tmp_path, stalled, limit_s=2.0).returncode == 1
+    # The two processes run side by side (each mostly sleeps), each with its own report folder.
+    with ThreadPoolExecutor(2) as pool:
+        ran = pool.map(lambda body, folder: _guarded_loop(folder, body, limit_s=2.0),
+                       [healthy, stalled], [tmp_path / "healthy", tmp_path / "stalled"])  # fmt: skip
+        done, stalled_done = list(ran)
+    assert done.returncode == 0 and "went on" in done.stdout, done.stderr
+    assert stalled_done.returncode == 1
 
 
 def test_a_prefill_longer_than_the_guards_limit_beats_between_its_chunks(tmp_path, monkeypatch):
@@ -125,35 +131,6 @@ def test_a_prefill_longer_than_the_guards_limit_beats_between_its_chunks(tmp_pat
     assert max(later - earlier for earlier, later in zip(armed, [*armed[1:], ended], strict=True)) < limit_s
 
 
-@pytest.mark.slow
-def test_a_rollout_worker_generating_past_the_guards_limit_is_not_taken_for_stuck(tmp_path, tiny_checkpoint):
-    """Before, a healthy batch that decoded longer than env.step_timeout_s + stuck_grace_s (a
-    big model, long replies: 60 s by default) ended the worker as 'stuck inside C code' at a
-    line of the model's forward, blamed on the env, and every episode of the step was lost."""
-    script = textwrap.dedent(f"""
-        import asyncio, time
-        from forge.config import Config
-        from forge.rollout.worker import RolloutWorker
-
-        cfg = Config()
-        cfg.env.step_timeout_s, cfg.env.stuck_grace_s = 1.0, 2.0  # the guard's limit: 3 s
-        cfg.rollout.max_new_tokens, cfg.rollout.max_turns = 80, 1
-        worker = RolloutWorker({str(tiny_checkpoint)!r}, cfg.model, cfg.env, cfg.rollout, 0.5, seed=0,
-                               stuck_report_dir={str(tmp_path)!r})
-        # A slow model: each forward 0.06 s, so a batch of 80 decode steps takes ~5 s.
-        worker.engine.model.register_forward_pre_hook(lambda *args: time.sleep(0.06))
-        started = time.monotonic()
-        played = asyncio.run(worker.rollout([{{"task_id": "t", "secret": 1, "n": 4}}], group_size=4))
-        print("rolled out", round(time.monotonic() - started, 1), [t.status for t in played])
-    """)
-    done = subprocess.run(
-        [sys.executable, "-c", script], cwd=ROOT / "tests", capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    seconds = float(done.stdout.split("rolled out ")[1].split()[0])
-    assert seconds > 3.0, done.stdout  # the batch did outlast the guard's limit
-
-
 def test_the_run_says_which_env_line_a_worker_was_stuck_at_and_then_that_others_died(tmp_path):
     done = _guarded_loop(
         tmp_path, "env = StuckInlineEnv(); env.reset({'stuck': 'sleep'}, 0); env.step('x')", limit_s=0.5
@@ -185,20 +162,6 @@ def test_a_paused_guard_lets_long_work_run_and_leaves_no_report(tmp_path):
     assert stuck_report(tmp_path, "rollout_0", set()) is None
     remove_unused_reports(tmp_path)
     assert not tmp_path.exists()
-
-
-@pytest.mark.parametrize(("kind", "how"), [("sleep", "could not be interrupted"), ("regex", "held the GIL")])
-def test_env_check_fails_an_env_stuck_in_one_c_call(tmp_path, capsys, kind, how):
-    from forge.cli import main
-
-    tasks = tmp_path / "tasks.jsonl"
-    tasks.write_text(json.dumps({"task_id": "a", "stuck": kind}) + "\n")
-    started = time.monotonic()
-    assert main(["env", "check", ENV, "--tasks", str(tasks), "--timeout", "0.3"]) == 1
-    assert time.monotonic() - started < 60
-    out = capsys.readouterr().out
-    assert f"FAIL  step             StuckInlineEnv.step did not return within 0.3s and {how}" in out
-    assert "drop `blocking = False`" in out and out.rstrip().endswith("FAILED: 3 passed, 1 failed")
 
 
 def test_the_gateway_runs_an_inline_env_in_a_thread_so_a_stuck_step_only_times_out():
@@ -263,31 +226,6 @@ def test_a_run_whose_worker_stays_stuck_stops_with_exit_code_1(ray_session, tmp_
     assert code == 1
     assert " was stuck for 3.5s at " in console
     assert "died more than async.max_worker_restarts=0 times, so the run stopped" in console.splitlines()[-1]
-
-
-@pytest.mark.slow
-def test_forge_eval_on_an_env_stuck_in_a_c_call_ends_with_the_env_line_instead_of_hanging(
-    tmp_path, tiny_checkpoint
-):
-    tasks = tmp_path / "tasks.jsonl"
-    tasks.write_text(json.dumps({"task_id": "a", "stuck": "regex"}) + "\n")
-    command = [
-        sys.executable, "-m", "forge.cli", "eval", "configs/smoke.yaml", "--checkpoint", str(tiny_checkpoint),
-        "--episodes", "1", "--tasks", "1", "--no-progress",
-        f"env.name={ENV}", "env.kwargs={}", f"env.tasks={tasks}", "env.step_timeout_s=0.2", GRACE,
-    ]  # fmt: skip
-    path = os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
-    done = subprocess.run(
-        command, cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": path}
-    )
-    assert done.returncode == 1
-    [line] = [line for line in done.stderr.splitlines() if line.startswith("forge: forge eval was ended")]
-    assert f"the env call step() was stuck for 3.2s at {_stuck_line('regex')} (env {ENV}, " in line
-    assert "the env sets blocking = False" in line
-    report = Path(line.rsplit("All threads' stacks: ", 1)[1])
-    file, number = _stuck_line("regex").removesuffix(" in step").rsplit(":", 1)
-    assert f'File "{file}", line {number} in step' in report.read_text()
-    shutil.rmtree(report.parent)
 
 
 def test_a_guard_report_names_the_env_call_a_thread_holding_the_gil_was_stuck_in(tmp_path):
@@ -359,42 +297,6 @@ def _processes_with(marker: str) -> list[str]:
     return found
 
 
-@pytest.mark.slow
-def test_a_gateway_run_whose_env_holds_the_gil_ends_naming_the_env_line_instead_of_hanging(tmp_path):
-    tasks = tmp_path / "tasks.jsonl"
-    tasks.write_text(json.dumps({"task_id": "a", "stuck": "regex"}) + "\n")
-    command = [
-        sys.executable, "-m", "forge.cli", "train", "gateway-smoke", f"env.name={ENV}", "env.kwargs={}",
-        f"env.tasks={tasks}", "env.step_timeout_s=1", "rollout.tasks_per_step=1", "rollout.group_size=2",
-        "train.max_steps=1", GRACE, "--output-dir", str(tmp_path / "run"),
-    ]  # fmt: skip
-    marker = f"FORGE_TEST_RUN={tmp_path.name}"
-    path = os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
-    started = time.monotonic()
-    done = subprocess.run(
-        command, cwd=ROOT, capture_output=True, text=True, timeout=180,
-        env={**os.environ, "PYTHONPATH": path, "FORGE_TEST_RUN": tmp_path.name},
-    )  # fmt: skip
-    seconds = time.monotonic() - started
-    assert done.returncode == 1, done.stderr[-3000:]
-    [report] = (tmp_path / "run" / "stuck_workers").glob("gateway.*.txt")
-    [line] = [
-        line for line in done.stderr.splitlines() if line.startswith("forge: the gateway run was ended")
-    ]
-    assert (
-        f"the env call step() was stuck for 4s at {_stuck_line('regex')} (env {ENV}, env.step_timeout_s=1)"
-        in line
-    )
-    assert line.endswith(f"All threads' stacks: {report}") and "Timeout (0:00:04)!" in report.read_text()
-    assert seconds < 120, seconds
-    # Nothing the run started lives on: Ray's processes, the agents, the watcher (Ray's own
-    # take a while to notice their driver is gone on a loaded machine).
-    deadline = time.monotonic() + 60
-    while _processes_with(marker) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert [_command_line(pid) for pid in _processes_with(marker)] == []
-
-
 def test_the_watcher_ends_the_processes_carrying_the_runs_mark_and_no_others(monkeypatch):
     from forge.rollout.stuck_watch import RUN_MARK, end_marked, own_mark
 
@@ -453,3 +355,142 @@ def test_a_guarded_process_killed_from_outside_leaves_nothing_running(tmp_path, 
     finally:
         with contextlib.suppress(OSError):
             os.kill(child, 9)
+
+
+# The tests below each check one whole process (`forge env check`'s, a rollout worker's,
+# `forge eval`'s, a gateway run's), most of whose time is start-up and waiting on a time
+# limit: the processes of the tests selected are all started at once, by the `processes`
+# fixture, and each test waits for its own (on 2 cores they end in ~the time of the longest).
+KINDS = ("sleep", "regex")
+GENERATING = textwrap.dedent("""
+    import asyncio, sys, time
+    from forge.config import Config
+    from forge.rollout.worker import RolloutWorker
+
+    checkpoint, report_dir = sys.argv[1:]
+    cfg = Config()
+    cfg.env.step_timeout_s, cfg.env.stuck_grace_s = 1.0, 2.0  # the guard's limit: 3 s
+    cfg.rollout.max_new_tokens, cfg.rollout.max_turns = 80, 1
+    worker = RolloutWorker(checkpoint, cfg.model, cfg.env, cfg.rollout, 0.5, seed=0, stuck_report_dir=report_dir)
+    # A slow model: each forward 0.06 s, so a batch of 80 decode steps takes ~5 s.
+    worker.engine.model.register_forward_pre_hook(lambda *args: time.sleep(0.06))
+    started = time.monotonic()
+    played = asyncio.run(worker.rollout([{"task_id": "t", "secret": 1, "n": 4}], group_size=4))
+    seconds = round(time.monotonic() - started, 1)
+    # Disarm the guard, as RolloutWorker.close does before a run ends the actor: else it fires
+    # when this process's exit takes longer than its limit (a loaded machine), after the batch.
+    worker.guard.stop()
+    print("rolled out", seconds, [t.status for t in played])
+""")
+
+
+@pytest.fixture(scope="module")
+def processes(request, tmp_path_factory):
+    """The processes of the tests below that were selected, started at once, by test name."""
+    selected = selected_tests(request)
+    if selected & {"test_a_rollout_worker_generating_past_the_guards_limit_is_not_taken_for_stuck",
+                   "test_forge_eval_on_an_env_stuck_in_a_c_call_ends_with_the_env_line_instead_of_hanging"}:  # fmt: skip
+        tiny_checkpoint = request.getfixturevalue("tiny_checkpoint")
+    tests_path = os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
+    started = {}
+    if "test_a_rollout_worker_generating_past_the_guards_limit_is_not_taken_for_stuck" in selected:
+        folder = tmp_path_factory.mktemp("generating")
+        started["generating"] = Started(
+            folder,
+            [sys.executable, "-c", GENERATING, str(tiny_checkpoint), str(folder / "reports")],
+            ROOT / "tests",
+        )
+    if "test_env_check_fails_an_env_stuck_in_one_c_call" in selected:
+        for kind in KINDS:
+            folder = tmp_path_factory.mktemp(f"check-{kind}")
+            tasks = folder / "tasks.jsonl"
+            tasks.write_text(json.dumps({"task_id": "a", "stuck": kind}) + "\n")
+            command = [
+                sys.executable, "-m", "forge.cli", "env", "check", ENV, "--tasks", str(tasks), "--timeout", "0.3",
+            ]  # fmt: skip
+            started[f"check-{kind}"] = Started(
+                folder, command, ROOT, {**os.environ, "PYTHONPATH": tests_path}
+            )
+    if "test_forge_eval_on_an_env_stuck_in_a_c_call_ends_with_the_env_line_instead_of_hanging" in selected:
+        folder = tmp_path_factory.mktemp("eval")
+        tasks = folder / "tasks.jsonl"
+        tasks.write_text(json.dumps({"task_id": "a", "stuck": "regex"}) + "\n")
+        command = [
+            sys.executable, "-m", "forge.cli", "eval", "configs/smoke.yaml", "--checkpoint", str(tiny_checkpoint),
+            "--episodes", "1", "--tasks", "1", "--no-progress",
+            f"env.name={ENV}", "env.kwargs={}", f"env.tasks={tasks}", "env.step_timeout_s=0.2", GRACE,
+        ]  # fmt: skip
+        started["eval"] = Started(folder, command, ROOT, {**os.environ, "PYTHONPATH": tests_path})
+    if "test_a_gateway_run_whose_env_holds_the_gil_ends_naming_the_env_line_instead_of_hanging" in selected:
+        folder = tmp_path_factory.mktemp("gateway")
+        tasks = folder / "tasks.jsonl"
+        tasks.write_text(json.dumps({"task_id": "a", "stuck": "regex"}) + "\n")
+        command = [
+            sys.executable, "-m", "forge.cli", "train", "gateway-smoke", f"env.name={ENV}", "env.kwargs={}",
+            f"env.tasks={tasks}", "env.step_timeout_s=1", "rollout.tasks_per_step=1", "rollout.group_size=2",
+            "train.max_steps=1", GRACE, "--output-dir", str(folder / "run"),
+        ]  # fmt: skip
+        marked = {**os.environ, "PYTHONPATH": tests_path, "FORGE_TEST_RUN": folder.name}
+        started["gateway"] = Started(folder, command, ROOT, marked)
+    yield started
+    for run in started.values():
+        run.stop()
+
+
+@pytest.mark.parametrize(("kind", "how"), [("sleep", "could not be interrupted"), ("regex", "held the GIL")])
+def test_env_check_fails_an_env_stuck_in_one_c_call(processes, kind, how):
+    run = processes[f"check-{kind}"]
+    done = run.finish(timeout_s=120)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert run.seconds < 60
+    out = done.stdout
+    assert f"FAIL  step             StuckInlineEnv.step did not return within 0.3s and {how}" in out
+    assert "drop `blocking = False`" in out and out.rstrip().endswith("FAILED: 3 passed, 1 failed")
+
+
+@pytest.mark.slow
+def test_a_rollout_worker_generating_past_the_guards_limit_is_not_taken_for_stuck(processes):
+    """Before, a healthy batch that decoded longer than env.step_timeout_s + stuck_grace_s (a
+    big model, long replies: 60 s by default) ended the worker as 'stuck inside C code' at a
+    line of the model's forward, blamed on the env, and every episode of the step was lost."""
+    done = processes["generating"].finish(timeout_s=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    seconds = float(done.stdout.split("rolled out ")[1].split()[0])
+    assert seconds > 3.0, done.stdout  # the batch did outlast the guard's limit
+
+
+@pytest.mark.slow
+def test_forge_eval_on_an_env_stuck_in_a_c_call_ends_with_the_env_line_instead_of_hanging(processes):
+    done = processes["eval"].finish(timeout_s=120)
+    assert done.returncode == 1
+    [line] = [line for line in done.stderr.splitlines() if line.startswith("forge: forge eval was ended")]
+    assert f"the env call step() was stuck for 3.2s at {_stuck_line('regex')} (env {ENV}, " in line
+    assert "the env sets blocking = False" in line
+    report = Path(line.rsplit("All threads' stacks: ", 1)[1])
+    file, number = _stuck_line("regex").removesuffix(" in step").rsplit(":", 1)
+    assert f'File "{file}", line {number} in step' in report.read_text()
+    shutil.rmtree(report.parent)
+
+
+@pytest.mark.slow
+def test_a_gateway_run_whose_env_holds_the_gil_ends_naming_the_env_line_instead_of_hanging(processes):
+    run = processes["gateway"]
+    done = run.finish(timeout_s=180)
+    assert done.returncode == 1, done.stderr[-3000:]
+    [report] = (run.folder / "run" / "stuck_workers").glob("gateway.*.txt")
+    [line] = [
+        line for line in done.stderr.splitlines() if line.startswith("forge: the gateway run was ended")
+    ]
+    assert (
+        f"the env call step() was stuck for 4s at {_stuck_line('regex')} (env {ENV}, env.step_timeout_s=1)"
+        in line
+    )
+    assert line.endswith(f"All threads' stacks: {report}") and "Timeout (0:00:04)!" in report.read_text()
+    assert run.seconds < 120, run.seconds
+    # Nothing the run started lives on: Ray's processes, the agents, the watcher (Ray's own
+    # take a while to notice their driver is gone on a loaded machine).
+    marker = f"FORGE_TEST_RUN={run.folder.name}"
+    deadline = time.monotonic() + 60
+    while _processes_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert [_command_line(pid) for pid in _processes_with(marker)] == []
