@@ -106,22 +106,24 @@ def test_resuming_a_directory_without_checkpoints_fails_with_the_fix(tmp_path, c
 
 
 @pytest.mark.slow
-def test_a_run_resumes_with_another_number_of_workers_and_learning_rate(tmp_path):
+def test_a_run_resumes_with_another_number_of_workers_and_learning_rate(ray_session, tmp_path, capsys):
+    # `forge train` in this process, on the tests' Ray: what is checked is what a resume does
+    # with the changed settings, not a killed process (the test above), so the runs skip the
+    # start of a Ray of their own.
+    from forge.cli import main
+
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump({**CONFIG, "train": {**CONFIG["train"], "max_steps": 2}}))
     run_dir = tmp_path / "run"
-    finish(forge_train(str(config), "--output-dir", str(run_dir)))
-    resumed = forge_train(
-        str(config),
-        "--resume",
-        str(run_dir),
-        "rollout.num_workers=2",
-        "train.max_steps=3",
-        "train.learning_rate=0.005",
-    )
-    _, stderr = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, stderr.decode()[-3000:]
-    assert "rollout.num_workers=1 and this run has 2" in stderr.decode()
+    assert main(["train", str(config), "--output-dir", str(run_dir)]) == 0, capsys.readouterr().err[-3000:]
+    capsys.readouterr()
+    resumed = main([
+        "train", str(config), "--resume", str(run_dir),
+        "rollout.num_workers=2", "train.max_steps=3", "train.learning_rate=0.005",
+    ])  # fmt: skip
+    stderr = capsys.readouterr().err
+    assert resumed == 0, stderr[-3000:]
+    assert "rollout.num_workers=1 and this run has 2" in stderr
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2, 3]
     assert rows[-1]["learning_rate"] == 0.005
