@@ -195,7 +195,10 @@ def test_flex_block_mask_attention_equals_dense_mask_attention(compiled):
     n = tree.num_nodes
     query, key, value = (torch.randn(1, 2, n, 16) for _ in range(3))
     attend = torch.compile(flex_attention) if compiled else flex_attention  # compiled skips empty blocks
-    flex = attend(query, key, value, block_mask=flex_tree_block_mask(subtree_end))
+    # Inductor's kernels compiled in this process: the same code, without the ~5 s start of the
+    # worker pool it would compile them in (this is the only compile in the tests).
+    with torch._inductor.config.patch(compile_threads=1):
+        flex = attend(query, key, value, block_mask=flex_tree_block_mask(subtree_end))
     dense = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=dense_tree_mask(subtree_end, torch.float32)
     )
