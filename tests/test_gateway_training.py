@@ -14,8 +14,6 @@ from forge.gateway.episodes import CallRecord, Episode, episode_samples
 from forge.reward.shaping import trajectory_advantages
 from forge.types import NO_VERSION
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def episode(group_id: str, outcome: float, calls: list[CallRecord]) -> Episode:
     played = Episode(f"ep-{group_id}-{outcome}", {"task_id": group_id}, group_id, None, "obs")
@@ -110,46 +108,57 @@ def test_an_agent_gets_its_episode_id_as_the_api_key(server):
     assert agent.returncode == 0 and played.status == "error"  # exited without finishing
 
 
-@pytest.mark.slow
-def test_gateway_smoke_config_trains_with_agent_processes(ray_session, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def gateway_run(ray_session, tmp_path_factory):
+    """One step of the gateway smoke config, checkpointed, run from a folder outside the
+    repository (the built-in agent is a module: no repository folder needed). What the smoke
+    test checks is read here, before the resume test goes on in the same folder."""
     from forge.run.launch import train
 
-    monkeypatch.chdir(tmp_path)  # the built-in agent is a module: no repository folder needed
-    # Every call trains (none skipped for a zero advantage), so the packing of a group's calls shows.
-    overrides = ["train.max_steps=1", "rollout.group_size=2", "train.skip_zero_advantage=false"]
-    overrides.append("train.max_steps_without_signal=0")  # one step may score alike: not what this tests
-    cfg = load_config("gateway-smoke", overrides)
-    result = train(cfg, tmp_path, progress=False)
-    [metrics] = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    folder = tmp_path_factory.mktemp("gateway_run")
+    # Every call trains (none skipped for a zero advantage), so the packing of a group's calls
+    # shows; one step may score alike: not what these tests check.
+    overrides = ["rollout.group_size=2", "train.skip_zero_advantage=false", "train.max_steps_without_signal=0",
+                 "train.checkpoint_every=1", "logging.tensorboard=false"]  # fmt: skip
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        result = train(
+            load_config("gateway-smoke", [*overrides, "train.max_steps=1"]), folder, progress=False
+        )
+        agents_left = [p for p in os.listdir("/proc") if p.isdigit() and _is_agent(p, folder)]
+    metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return folder, overrides, result, metrics, agents_left
+
+
+@pytest.mark.slow
+def test_gateway_smoke_config_trains_with_agent_processes(gateway_run):
+    folder, _, result, [metrics], agents_left = gateway_run
     assert result.steps == 1 and (result.checkpoint / "config.json").is_file()
     assert metrics["agents_failed"] == 0 and metrics["episodes"] == 4
     assert metrics["trained_samples"] == metrics["gateway_calls"] >= 4
     assert metrics["tree_token_ratio"] > 1.0  # calls of a group share their first prompt
-    assert not [p for p in os.listdir("/proc") if p.isdigit() and _is_agent(p, tmp_path)]
+    assert not agents_left
     # The guard against an env stuck in C code (forge.run.gateway_guard) never fired: no report.
-    assert not (tmp_path / "stuck_workers").exists()
+    assert not (folder / "stuck_workers").exists()
 
 
 @pytest.mark.slow
-def test_a_gateway_run_checkpoints_and_resumes(ray_session, tmp_path, monkeypatch):
+def test_a_gateway_run_checkpoints_and_resumes(gateway_run, monkeypatch):
     import torch
 
     from forge.run.launch import train
 
-    monkeypatch.chdir(ROOT)
-    overrides = ["rollout.group_size=2", "train.checkpoint_every=1", "logging.tensorboard=false"]
-    overrides.append("train.max_steps_without_signal=0")  # one step may score alike: not what this tests
-    config = ROOT / "configs" / "gateway-smoke.yaml"
-    train(load_config(config, [*overrides, "train.max_steps=1"]), tmp_path, progress=False)
-    saved = torch.load(tmp_path / "checkpoints" / "step-000001" / "trainer.pt", weights_only=False)
+    folder, overrides, _, _, _ = gateway_run
+    monkeypatch.chdir(folder)
+    saved = torch.load(folder / "checkpoints" / "step-000001" / "trainer.pt", weights_only=False)
     assert saved["policy_version"] == 1
     result = train(
-        load_config(config, [*overrides, "train.max_steps=2"]), tmp_path, progress=False, resume=True
+        load_config("gateway-smoke", [*overrides, "train.max_steps=2"]), folder, progress=False, resume=True
     )
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert result.steps == 2 and [r["step"] for r in records] == [1, 2]
     assert records[1]["policy_version"] == 2.0  # the trainer went on from the checkpoint
-    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-000002"
+    assert (folder / "checkpoints" / "latest").read_text().strip() == "step-000002"
 
 
 def _is_agent(pid: str, cwd: Path) -> bool:
