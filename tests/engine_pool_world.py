@@ -44,8 +44,17 @@ def pool_and_trainer(cfg: Config, model: Path, monkeypatch, actors: dict) -> tup
     if actors and not _all_ready(actors):
         _stop(actors)
     if not actors:
-        started = EnginePool.start(cfg, model)
-        actors.update(first=started, trainer=make_trainer(cfg, model))
+        # The trainer loads while the engines do (EnginePool.start waits for them): started
+        # after them, it loaded with one of the two cores idle.
+        trainer = make_trainer(cfg, model)
+        try:
+            started = EnginePool.start(cfg, model)
+        except BaseException:
+            import ray
+
+            ray.kill(trainer)
+            raise
+        actors.update(first=started, trainer=trainer)
     first = actors["first"]
     return EnginePool(list(first.urls), list(first.actors), cfg, model), actors["trainer"]
 

@@ -9,6 +9,7 @@ into the engine actors through `__ray_call__`."""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -29,9 +30,12 @@ TIMEOUT_S = 5.0
 STALLED = 3  # of 4 engines: waited one after another, a sync took STALLED x TIMEOUT_S
 
 
-def block(engine, seconds: float) -> None:
-    """In the engine actor: the actor's one thread is held for `seconds` (a call stuck in it)."""
-    time.sleep(seconds)
+def block_until(engine, flag: str, limit_s: float) -> None:
+    """In the engine actor: the actor's one thread is held (a call stuck in it) until file
+    `flag` exists, `limit_s` at most."""
+    deadline = time.monotonic() + limit_s
+    while not os.path.exists(flag) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def actor_config():
@@ -97,15 +101,20 @@ def test_engines_stuck_in_a_generation_cost_a_sync_one_timeout_and_take_the_weig
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_engine_actors_stalled_whole_cost_a_sync_one_timeout_and_come_back_once_they_answer(world, capsys):
+def test_engine_actors_stalled_whole_cost_a_sync_one_timeout_and_come_back_once_they_answer(
+    world, capsys, tmp_path
+):
     pool, trainer = world
     sync(pool, trainer, 1)
     live, *stuck = pool.urls
-    stall_s = 2 * TIMEOUT_S
+    stall_ends = tmp_path / "the-stall-ends"  # made once the sync is over: the stall outlasts it
     for actor in pool.actors[1:]:
-        actor.__ray_call__.remote(block, stall_s)
+        actor.__ray_call__.remote(block_until, str(stall_ends), 120.0)
 
-    took = sync(pool, trainer, 2)
+    try:
+        took = sync(pool, trainer, 2)
+    finally:
+        stall_ends.touch()
     assert took < 2 * TIMEOUT_S, took
     assert pool.live_urls == [live] and pool.stalled == set(stuck) and len(pool.urls) == STALLED + 1
     console = capsys.readouterr().err

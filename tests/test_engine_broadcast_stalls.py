@@ -9,6 +9,7 @@ stalls are injected into the engine actors through `__ray_call__`."""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -38,16 +39,18 @@ GRACE_S = 6.0
 SLACK_S = 15.0
 
 
-def stall_the_next_group_forming(engine, seconds: float) -> None:
-    """In the engine actor: its next join of a weight group blocks the whole actor for
-    `seconds` first (a deadlocked thread, a slow node), then goes on."""
+def stall_the_next_group_forming(engine, flag: str, limit_s: float) -> None:
+    """In the engine actor: its next join of a weight group blocks the whole actor (a
+    deadlocked thread, a slow node) until file `flag` exists, `limit_s` at most, then goes on."""
     from forge.rollout.engines import broadcast
 
     real = broadcast.WeightGroup
 
     def stalled(*args, **kwargs):
         broadcast.WeightGroup = real
-        time.sleep(seconds)
+        deadline = time.monotonic() + limit_s
+        while not os.path.exists(flag) and time.monotonic() < deadline:
+            time.sleep(0.05)
         return real(*args, **kwargs)
 
     broadcast.WeightGroup = stalled
@@ -124,13 +127,17 @@ def test_an_engine_stuck_in_a_generation_is_dropped_from_the_broadcast_and_taken
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_an_engine_actor_that_stalls_whole_while_the_group_forms_is_dropped_and_the_other_takes_the_version(
-    world, capsys
+    world, capsys, tmp_path
 ):
     pool, trainer = world
     a, b = pool.urls
-    stall_s = TIMEOUT_S + GRACE_S + 5.0  # past the driver's wait: it sees no answer at all
-    pool.actors[1].__ray_call__.remote(stall_the_next_group_forming, stall_s)
-    took = sync(pool, trainer, 1)
+    # Made once the sync is over: the stall outlasts the driver's wait, which sees no answer at all.
+    stall_ends = tmp_path / "the-stall-ends"
+    pool.actors[1].__ray_call__.remote(stall_the_next_group_forming, str(stall_ends), 120.0)
+    try:
+        took = sync(pool, trainer, 1)
+    finally:
+        stall_ends.touch()
     assert took < 2 * TIMEOUT_S + GRACE_S + SLACK_S, took
     assert pool.live_urls == [a] and versions(pool)[0] == 1
     assert answers(trainer)
