@@ -39,8 +39,12 @@ def test_every_weight_sync_path_gives_the_engines_the_trainers_weights(ray_sessi
     cfg = load_config("configs/smoke.yaml", overrides + ([f"model.lora.enabled={lora}"]))
     model = resolve_model_path(cfg.model, tmp_path / "model", seed=0)
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # perturb & co run inside the trainer
-    pool = EnginePool.start(cfg, model)
-    trainer = make_trainer(cfg, model)
+    trainer = make_trainer(cfg, model)  # loads while the engines do (EnginePool.start waits for them)
+    try:
+        pool = EnginePool.start(cfg, model)
+    except BaseException:
+        ray.kill(trainer)
+        raise
     prompt = [2, 6, 9, 10, 11, 3, 2, 7]
     try:
         for version, method in enumerate(["object_store", "folder", "broadcast", "broadcast"], start=1):
