@@ -13,7 +13,9 @@ import pytest
 
 from forge.config import ConfigError, load_config
 
-SMALL = ["rollout.tasks_per_step=2", "rollout.group_size=4", "rollout.num_workers=2", "rollout.num_engines=2"]
+# One rollout worker: its router still spreads the two groups over both engines (the least
+# loaded first), and each worker actor took ~2 s of a run's start on a 2-core machine.
+SMALL = ["rollout.tasks_per_step=2", "rollout.group_size=4", "rollout.num_workers=1", "rollout.num_engines=2"]
 
 
 def rows(run) -> list[dict]:
@@ -61,7 +63,7 @@ def test_an_async_run_generates_on_engine_servers_that_get_each_version(ray_sess
 
     cfg = load_config(
         "configs/smoke.yaml",
-        ["train.max_steps=6", "train.mode=async", "rollout.engine=server", *SMALL, "rollout.num_workers=1"],
+        ["train.max_steps=6", "train.mode=async", "rollout.engine=server", *SMALL],
     )
     result = train(cfg, tmp_path / "run", progress=False)
 
@@ -159,7 +161,6 @@ def test_a_remote_run_whose_only_server_is_lost_stops_with_an_error_naming_it(ra
             f"model.path={model}",
             "rollout.engine_timeout_s=3",
             f"train.mode={mode}",
-            *(["rollout.num_workers=1"] if mode == "async" else []),
         ],
     )
     killer = threading.Thread(target=stop_after_step_1, daemon=True)
@@ -403,7 +404,6 @@ def test_an_async_run_keeps_training_when_a_remote_server_stops_and_takes_it_bac
             f"train.max_steps={steps}",
             "train.mode=async",
             *SMALL,
-            "rollout.num_workers=1",
             "rollout.engine=remote",
             f"rollout.servers=[{servers[0].url},{servers[1].url}]",
             f"model.path={model}",
