@@ -304,9 +304,10 @@ def test_a_run_on_a_machine_where_ray_start_runs_a_token_auth_cluster_joins_it(t
             cwd=tmp_path, capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         address = recorded.read_text().strip()  # the head's own: the machine's address, port `gcs`
+        # Ray retries a refused connection once a second, 20 times by default; 2 say the same.
         named = subprocess.run(
             [*forge, "--output-dir", str(tmp_path / "named")],
-            env=base | {"PYTHONPATH": runs["pythonpath"], "RAY_ADDRESS": address},
+            env=base | {"PYTHONPATH": runs["pythonpath"], "RAY_ADDRESS": address, "RAY_gcs_server_port_wait_time_s": "2"},
             cwd=tmp_path, capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         # What the error says to do is what joins: the address named, with the token mode on.
