@@ -297,6 +297,37 @@ def _processes_with(marker: str) -> list[str]:
     return found
 
 
+def test_the_watcher_also_ends_a_marked_process_started_while_it_listed_them(monkeypatch):
+    """A Ray node still starting its agents when its driver ended: an agent not yet in the list
+    the watcher killed lived on after the run (seen in CI, 60 s after a gateway run ended)."""
+    from forge.rollout import stuck_watch
+
+    sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+    mark = f"{os.getpid()}-late"
+    first = subprocess.Popen(sleep, env={**os.environ, stuck_watch.RUN_MARK: mark})
+    late: list[subprocess.Popen] = []
+    listed = stuck_watch.marked_processes
+
+    def listing_while_one_starts(wanted: str) -> list[int]:
+        found = listed(wanted)
+        if not late:  # started just after the first listing, as it is killed
+            late.append(subprocess.Popen(sleep, env={**os.environ, stuck_watch.RUN_MARK: mark}))
+            time.sleep(0.5)  # its environment is readable once it runs Python
+        return found
+
+    monkeypatch.setattr(stuck_watch, "marked_processes", listing_while_one_starts)
+    try:
+        while first.pid not in listed(f"{stuck_watch.RUN_MARK}={mark}"):
+            time.sleep(0.05)
+        killed = stuck_watch.end_marked(f"{stuck_watch.RUN_MARK}={mark}", grace_s=0.0)
+        assert sorted(killed) == sorted([first.pid, late[0].pid])
+        assert [p.wait(timeout=10) for p in (first, late[0])] == [-9, -9]
+    finally:
+        for p in [first, *late]:
+            p.kill()
+            p.wait()
+
+
 def test_the_watcher_ends_the_processes_carrying_the_runs_mark_and_no_others(monkeypatch):
     from forge.rollout.stuck_watch import RUN_MARK, end_marked, own_mark
 
