@@ -5,6 +5,7 @@ the actor, so the module is pickled by value)."""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -119,3 +120,11 @@ def end_the_batch(engine) -> None:
     with served._state:
         served._running -= 1
         served._state.notify_all()
+
+
+def wait_for_file(flag: str, limit_s: float) -> None:
+    """Hold the calling thread (in an engine actor: a stall) until file `flag` exists, made by
+    the test once what the stall must outlast is over; `limit_s` at most."""
+    deadline = time.monotonic() + limit_s
+    while not os.path.exists(flag) and time.monotonic() < deadline:
+        time.sleep(0.05)

@@ -9,9 +9,7 @@ into the engine actors through `__ray_call__`."""
 
 from __future__ import annotations
 
-import os
 import sys
-import time
 
 import pytest
 from engine_pool_world import (
@@ -22,6 +20,7 @@ from engine_pool_world import (
     stick_a_batch,
     sync,
     versions,
+    wait_for_file,
 )
 
 from forge.config import load_config
@@ -33,9 +32,7 @@ STALLED = 3  # of 4 engines: waited one after another, a sync took STALLED x TIM
 def block_until(engine, flag: str, limit_s: float) -> None:
     """In the engine actor: the actor's one thread is held (a call stuck in it) until file
     `flag` exists, `limit_s` at most."""
-    deadline = time.monotonic() + limit_s
-    while not os.path.exists(flag) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for_file(flag, limit_s)
 
 
 def actor_config():

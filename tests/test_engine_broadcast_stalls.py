@@ -9,7 +9,6 @@ stalls are injected into the engine actors through `__ray_call__`."""
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
@@ -22,6 +21,7 @@ from engine_pool_world import (
     stick_a_batch,
     sync,
     versions,
+    wait_for_file,
 )
 
 from forge.config import load_config
@@ -48,9 +48,7 @@ def stall_the_next_group_forming(engine, flag: str, limit_s: float) -> None:
 
     def stalled(*args, **kwargs):
         broadcast.WeightGroup = real
-        deadline = time.monotonic() + limit_s
-        while not os.path.exists(flag) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for_file(flag, limit_s)
         return real(*args, **kwargs)
 
     broadcast.WeightGroup = stalled
