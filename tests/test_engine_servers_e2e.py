@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -256,17 +257,21 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def stop_then_restart(run, servers: list, build, port: int, stop_after: int, restart_after: int) -> None:
+def stop_then_restart(
+    run, servers: list, build, port: int, stop_after: int, restart_after: int, before_stop: Any = None
+) -> None:
     """Chaos for a run on two servers: stop `servers[1]` once `stop_after` steps are recorded
-    and start one again on its `port` once `restart_after` are (appended to `servers`). The
-    new server is built (its model loaded) while the old one is down, so the restart itself
-    is quick: built at the restart, a loaded machine took long enough that a fast run ended
-    before it could take the server back."""
+    (after `before_stop()`, if given) and start one again on its `port` once `restart_after`
+    are (appended to `servers`). The new server is built (its model loaded) while the old one
+    is down, so the restart itself is quick: built at the restart, a loaded machine took long
+    enough that a fast run ended before it could take the server back."""
     deadline = time.monotonic() + 300
     metrics, ready = run / "metrics.jsonl", None
     while time.monotonic() < deadline:
         done = len(metrics.read_text().splitlines()) if metrics.exists() else 0
         if done >= stop_after and ready is None:
+            if before_stop is not None:
+                before_stop()
             servers[1].stop()
             ready = build(port)
             continue  # the build took a while: read the steps again
@@ -276,13 +281,17 @@ def stop_then_restart(run, servers: list, build, port: int, stop_after: int, res
         time.sleep(0.02)
 
 
-def train_through_a_restart(cfg, run, servers: list, build, port: int, stop_after: int, restart_after: int):
+def train_through_a_restart(
+    cfg, run, servers: list, build, port: int, stop_after: int, restart_after: int, before_stop: Any = None
+):
     """Train `cfg` into `run` while `stop_then_restart` stops `servers[1]` and starts it again;
     every server is stopped after. Returns the run's result and the restarted server's state."""
     from forge.run.launch import train
 
     chaos = threading.Thread(
-        target=stop_then_restart, args=(run, servers, build, port, stop_after, restart_after), daemon=True
+        target=stop_then_restart,
+        args=(run, servers, build, port, stop_after, restart_after, before_stop),
+        daemon=True,
     )
     chaos.start()
     try:
@@ -365,11 +374,17 @@ def test_a_gateway_run_keeps_training_when_a_remote_server_stops_and_takes_it_ba
 def test_an_async_run_keeps_training_when_a_remote_server_stops_and_takes_it_back_restarted(
     ray_session, tmp_path, capfd, monkeypatch
 ):
-    """train.mode=async on two forge serves: one stops after step 2 (its episodes in flight
-    are lost and counted) and comes back on its port, from the checkpoint on disk, after step
-    4. The run trains every step on the survivor; the driver pushes the restarted server the
-    latest published version and the worker takes it back at its next rollout call; from
-    then on it serves the run's current weights, never its checkpoint's (version 0)."""
+    """train.mode=async on two forge serves: one crashes after step 2 (it fails the next
+    generate call it gets, then stops: the episodes of that call are lost and counted) and
+    comes back on its port, from the checkpoint on disk, after step 4. The run trains every
+    step on the survivor; the driver pushes the restarted server the latest published version
+    and the worker takes it back at its next rollout call; from then on it serves the run's
+    current weights, never its checkpoint's (version 0).
+
+    The crash is a failed call, not only a stop, so that some episodes are surely lost: a
+    stop alone lost none when the worker happened to send that server nothing between the
+    stop and the driver's next weight push (which then found it gone first); uvicorn's
+    graceful stop answers the calls it holds."""
     from forge.models.loading import resolve_model_path
     from forge.rollout.engines import health
     from forge.rollout.engines.server import EngineServer, make_service
@@ -381,9 +396,21 @@ def test_an_async_run_keeps_training_when_a_remote_server_stops_and_takes_it_bac
     model = resolve_model_path(base.model, tmp_path / "model", seed=base.seed)
     port = free_port()
     served_versions: list[int] = []  # the version of each reply of the restarted server
+    crash, crashed = threading.Event(), threading.Event()
 
     def build(port: int) -> EngineServer:
         server = EngineServer(make_service(model, max_new_tokens=1, max_context_tokens=1024), port=port)
+        if port and not servers:  # the server that crashes: fails its calls once told to
+            served = server.service.served
+            generate = served.generate
+
+            def failing(requests):
+                if crash.is_set():
+                    crashed.set()
+                    raise RuntimeError("this server crashed (the test's chaos)")
+                return generate(requests)
+
+            served.generate = failing
         if port and len(servers) == 2:  # the restart: record what it serves
             served = server.service.served
             generate = served.generate
@@ -410,7 +437,13 @@ def test_an_async_run_keeps_training_when_a_remote_server_stops_and_takes_it_bac
         ],
     )
     run = tmp_path / "run"
-    result, restarted = train_through_a_restart(cfg, run, servers, build, port, 2, 4)
+
+    def crash_then_stop() -> None:
+        crash.set()
+        assert crashed.wait(timeout=120), "the worker sent the crashing server nothing in 120 s"
+
+    result, restarted = train_through_a_restart(cfg, run, servers, build, port, 2, 4, crash_then_stop)
+    assert crashed.is_set()
     assert result.steps == steps
     rows_ = rows(run)
     assert [row["policy_version"] for row in rows_] == [float(n) for n in range(1, steps + 1)]
