@@ -784,10 +784,10 @@ class GatewayConfig(Section):
 
 
 class EvalConfig(Section):
-    """Held-out evaluation during a sync run: every every_steps steps (and at the last) the
-    policy just published plays `episodes` episodes of each of the first num_tasks rows of
-    `tasks` on the rollout workers, sampled as training samples, trained on never; the step's
-    metrics row gets eval/*."""
+    """Held-out evaluation during a run: every every_steps steps (and at the last) the policy
+    just published plays `episodes` episodes of each of the first num_tasks rows of `tasks` on
+    the rollout workers, sampled as training samples, trained on never; the step's metrics row
+    gets eval/*. In async runs they play beside the training groups in flight."""
 
     tasks: str | None = Field(None, description="held-out task file (or dataset name), read as env.tasks is")
     every_steps: int = Field(
@@ -859,10 +859,10 @@ class Config(Section):
             raise ValueError(
                 "swarm.enabled plays sub-agents in Forge's own agent loop; gateway runs cannot use it"
             )
-        if self.eval.every_steps and (self.train.mode != "sync" or self.gateway.enabled):
+        if self.eval.every_steps and self.gateway.enabled:
             raise ValueError(
-                "eval.every_steps evaluates in sync runs of Forge's own agent loop only (train.mode: sync, "
-                "gateway off); evaluate this run's final/ with forge eval CONFIG env.tasks=FILE --checkpoint"
+                "eval.every_steps evaluates in runs of Forge's own agent loop only (gateway off); "
+                "evaluate this run's final/ with forge eval CONFIG env.tasks=FILE --checkpoint"
             )
         overlong, most = self.reward.overlong, self.rollout.max_turns * self.rollout.max_new_tokens
         if (

@@ -1,10 +1,11 @@
 """A held-out evaluation during training (TRL's eval_steps, verl's test_freq): every
-eval.every_steps steps of a sync run, and at the last, the policy just published plays the
-eval.tasks file on the rollout workers, and that step's metrics row holds eval/*."""
+eval.every_steps steps of a sync or async run, and at the last, the policy just published
+plays the eval.tasks file on the rollout workers, and that step's metrics row holds eval/*."""
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -29,11 +30,11 @@ def test_every_steps_without_a_task_file_is_refused():
         load_config(None, ["eval.every_steps=5"])
 
 
-@pytest.mark.parametrize("mode", ["train.mode=async", "gateway.enabled=true"])
-def test_every_steps_outside_a_sync_run_is_refused(tmp_path, mode):
+def test_every_steps_in_a_gateway_run_is_refused(tmp_path):
     tasks = write_held_out(tmp_path / "held.jsonl")
     with pytest.raises(ConfigError, match="forge eval"):
-        load_config(None, ["eval.every_steps=5", f"eval.tasks={tasks}", mode])
+        load_config(None, ["eval.every_steps=5", f"eval.tasks={tasks}", "gateway.enabled=true"])
+    load_config(None, ["eval.every_steps=5", f"eval.tasks={tasks}", "train.mode=async"])  # async evaluates
 
 
 def test_a_missing_held_out_file_stops_the_dry_run(tmp_path, capsys):
@@ -54,15 +55,15 @@ def test_a_missing_held_out_file_stops_the_dry_run(tmp_path, capsys):
     assert code == 2 and "eval.tasks=" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_a_sync_run_evaluates_the_held_out_tasks_every_n_steps(ray_session, tmp_path):
+def held_out_run(tmp_path, held_out_rows: int, overrides: list[str]) -> tuple[Any, list[dict]]:
+    """A smoke run of one worker (2 groups of 4 a step) evaluating every 2 steps, 2 episodes
+    of each held-out task; its config and metrics rows."""
     from forge.run.launch import train
 
-    tasks = write_held_out(tmp_path / "held.jsonl", rows=5)
+    tasks = write_held_out(tmp_path / "held.jsonl", rows=held_out_rows)
     cfg = load_config(
         "configs/smoke.yaml",
         [
-            "train.max_steps=3",
             "rollout.num_workers=1",
             "rollout.tasks_per_step=2",
             "rollout.group_size=4",
@@ -71,12 +72,17 @@ def test_a_sync_run_evaluates_the_held_out_tasks_every_n_steps(ray_session, tmp_
             "logging.progress_bar=false",
             "eval.every_steps=2",
             f"eval.tasks={tasks}",
-            "eval.num_tasks=3",
             "eval.episodes=2",
+            *overrides,
         ],  # fmt: skip
     )
     train(cfg, tmp_path / "run", progress=False)
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    return cfg, [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_a_sync_run_evaluates_the_held_out_tasks_every_n_steps(ray_session, tmp_path):
+    _, rows = held_out_run(tmp_path, 5, ["train.max_steps=3", "eval.num_tasks=3"])
     evaluated = [row["step"] for row in rows if "eval/success_rate" in row]
     assert evaluated == [2, 3]  # every 2 steps, and at the last
     for row in rows:
@@ -85,3 +91,21 @@ def test_a_sync_run_evaluates_the_held_out_tasks_every_n_steps(ray_session, tmp_
             assert row["eval/episodes_error"] == 0
             assert row["episodes"] == 8 and row["trained_samples"] <= 8
             assert 0 <= row["eval/success_rate"] <= 1 and 1 <= row["eval/turns_mean"] <= 3
+            assert row["eval/policy_version"] == row["step"] and row["eval/policy_version_spread"] == 0
+
+
+@pytest.mark.slow
+def test_an_async_run_evaluates_with_the_weights_just_published_beside_its_training_groups(
+    ray_session, tmp_path
+):
+    """Every eval token was sampled by the step's own version, though the worker plays its
+    training groups at the same time, and the run trains every step within the staleness bound."""
+    cfg, rows = held_out_run(tmp_path, 4, ["train.mode=async", "train.max_steps=5"])
+    assert [row["policy_version"] for row in rows] == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert [row["step"] for row in rows if "eval/success_rate" in row] == [2, 4, 5]
+    for row in rows:
+        if "eval/success_rate" in row:
+            assert row["eval/episodes"] == 8 and row["eval/episodes_error"] == row["eval/episodes_lost"] == 0
+            assert row["eval/policy_version"] == row["step"] and row["eval/policy_version_spread"] == 0
+            assert row["eval/seconds"] > 0
+    assert max(row["staleness_max"] for row in rows) <= cfg.async_.max_staleness  # the bound held

@@ -31,6 +31,7 @@ from forge.run.faults import (
     worker_gone_message,
 )
 from forge.run.frozen import keep_snapshot
+from forge.run.held_out import evaluation_due, held_out_metrics, held_out_tasks
 from forge.types import Trajectory
 
 # Async mode keeps this many training steps submitted to the trainer: one running, one
@@ -58,6 +59,7 @@ def train_async(
 
     started = time.perf_counter()
     output = Path(output_dir or cfg.output_dir)
+    held_out = held_out_tasks(cfg)
     run, done, published = open_run(cfg, output, resume)
     weights = (published[0][0], published[1]) if published else None  # (the weights' ref, their version)
     log = StepLog(cfg, output, progress, "train async", done)
@@ -67,6 +69,8 @@ def train_async(
             if not loop.wait_for_step():
                 continue
             trajectories, metrics = loop.end_step(started)
+            if held_out and evaluation_due(loop.step, cfg.eval.every_steps, cfg.train.max_steps):
+                metrics.update(loop.evaluate(held_out))
             # Also the step that stops the run: trained, since its training ended before it.
             stale = f"{metrics['staleness_mean']:.2f}"
             record = partial(log.record, loop.step, metrics, trajectories, run.tokenizer, stale=stale)
@@ -348,6 +352,17 @@ class AsyncLoop:
             raise RunStopped(worker_gone_message(index, self.cfg.async_.max_worker_restarts, exc)) from None
         self.down.discard(index)
         self.run.recheck_sandbox_level(index)
+
+    def evaluate(self, tasks: list[dict[str, Any]]) -> dict[str, float]:
+        """The held-out `tasks` played by the policy just published, on the workers that hold
+        it (not down, not waiting for their sync), beside their training groups in flight. The
+        driver waits for them: no weights reach the workers meanwhile, so one version samples
+        every eval token (eval/policy_version_spread 0); the trainer goes on with the steps queued."""
+        eval_started = time.perf_counter()
+        ready = [i for i in range(len(self.run.workers)) if i not in self.down and i not in self.needs_sync]
+        evaluation = held_out_metrics(self.run, tasks, self.cfg.eval.episodes, ready)
+        evaluation["eval/seconds"] = time.perf_counter() - eval_started
+        return evaluation
 
     def end_step(self, started: float) -> tuple[list[Trajectory], dict[str, float]]:
         """The oldest queued step has ended: send its weights to every worker in sync, count

@@ -1,5 +1,6 @@
-"""Held-out evaluation during a sync run (`eval.*`): the current policy plays a task file's
-episodes on the rollout workers between steps; nothing of it is trained on."""
+"""Held-out evaluation during a run (`eval.*`): the policy just published plays a task file's
+episodes on the rollout workers after a step (sync runs: between steps; async runs: beside
+the training groups in flight); nothing of it is trained on."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ from typing import TYPE_CHECKING, Any
 
 from forge.config import Config, ConfigError
 from forge.metrics import rollout_metrics
-from forge.run.faults import collect_groups
+from forge.run.faults import collect_groups, lost_group
 from forge.run.tasks import split_evenly
 
 if TYPE_CHECKING:
     from forge.run.context import Run
+    from forge.types import Trajectory
 
 # What an eval row reports: the played episodes' outcome, not the shaped reward (shaping
 # compares a training group's episodes, and a held-out set has no such groups).
@@ -38,20 +40,38 @@ def evaluation_due(step: int, every_steps: int, max_steps: int) -> bool:
     return every_steps > 0 and (step % every_steps == 0 or step == max_steps)
 
 
-def held_out_metrics(run: Run, tasks: list[dict[str, Any]], episodes: int) -> dict[str, float]:
-    """Play `episodes` of each task on the workers (whole tasks per worker) and return the
-    eval/* metrics; a worker that dies loses its episodes (counted in eval/episodes_lost)."""
-    chunks = split_evenly(tasks, len(run.workers))
+def held_out_metrics(
+    run: Run, tasks: list[dict[str, Any]], episodes: int, workers: list[int] | None = None
+) -> dict[str, float]:
+    """Play `episodes` of each task on the workers (whole tasks per worker; `workers`, their
+    indices, or all) and return the eval/* metrics; a worker that dies loses its episodes
+    (counted in eval/episodes_lost). With no worker to play them, every episode is lost."""
+    playing = list(range(len(run.workers))) if workers is None else workers
+    if not playing:
+        lost = [lost_group(task, episodes, "no rollout worker was up to play it") for task in tasks]
+        return eval_metrics([t for group in lost for t in group])
     calls = [
-        (worker.rollout.remote(chunk, episodes), chunk)
-        for worker, chunk in zip(run.workers, chunks, strict=True)
+        (index, run.workers[index].rollout.remote(chunk, episodes), chunk)
+        for index, chunk in zip(playing, split_evenly(tasks, len(playing)), strict=True)
         if chunk
     ]
     trajectories = []
-    for index, (ref, chunk) in enumerate(calls):
+    for index, ref, chunk in calls:
         groups, died = collect_groups(ref, chunk, episodes)
         if died:
             run.tell_worker_death(index, len(chunk) * episodes)
         trajectories.extend(t for group in groups for t in group)
+    return eval_metrics(trajectories)
+
+
+def eval_metrics(trajectories: list[Trajectory]) -> dict[str, float]:
+    """eval/* of the held-out episodes, with the weights versions that sampled their tokens:
+    eval/policy_version the oldest, eval/policy_version_spread the newest less the oldest (0:
+    one version played them all)."""
     metrics = rollout_metrics(trajectories)
-    return {f"eval/{name}": metrics[name] for name in EVAL_METRICS if name in metrics}
+    evaluation = {f"eval/{name}": metrics[name] for name in EVAL_METRICS if name in metrics}
+    versions = [v for t in trajectories for v, m in zip(t.policy_versions, t.loss_mask, strict=True) if m]
+    if versions:
+        evaluation["eval/policy_version"] = float(min(versions))
+        evaluation["eval/policy_version_spread"] = float(max(versions) - min(versions))
+    return evaluation
