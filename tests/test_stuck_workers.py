@@ -408,9 +408,9 @@ GENERATING = textwrap.dedent("""
     started = time.monotonic()
     played = asyncio.run(worker.rollout([{"task_id": "t", "secret": 1, "n": 4}], group_size=4))
     seconds = round(time.monotonic() - started, 1)
-    # Disarm the guard, as RolloutWorker.close does before a run ends the actor: else it fires
-    # when this process's exit takes longer than its limit (a loaded machine), after the batch.
-    worker.guard.stop()
+    # Longer than the guard's limit after the rollout: a guard left armed when the rollout
+    # ended (its loop gone with asyncio.run) would end this process here, with exit code 1.
+    time.sleep(3.5)
     print("rolled out", seconds, [t.status for t in played])
 """)
 

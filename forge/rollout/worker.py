@@ -142,6 +142,7 @@ class RolloutWorker:
             if stuck_report_dir
             else None
         )
+        self.rollouts_playing = 0  # rollout calls in progress: the guard is armed while one is
         self.swarm = swarm_cfg if swarm_cfg is not None and swarm_cfg.enabled else None
         self.frozen: HFEngine | None = None  # the sub-agents' weight snapshot (swarm.subagent_policy: frozen)
         # Where the run keeps that snapshot (forge.run.frozen), so that a worker Ray restarted
@@ -295,8 +296,6 @@ class RolloutWorker:
             if getattr(self, "batching", None) is None or self.batching.engine is not self.engine:
                 self.batching = BatchingEngine(self.engine)
             engine = self.batching
-        if self.guard is not None:
-            self.guard.start()
         playing: list[asyncio.Future] = []
         # Loading a frozen snapshot is long work, not an env call: no limit. Envs are built
         # in the groups' coroutines, under env.step_timeout_s and the armed guard.
@@ -311,15 +310,23 @@ class RolloutWorker:
         for index, task in enumerate(tasks):
             group = self._play_group(index, task, group_size, engine, subagent_engine)
             playing.append(asyncio.ensure_future(group))
+        if self.guard is not None:
+            self.guard.start()
+        self.rollouts_playing += 1
         try:
             for finished in asyncio.as_completed(playing):
                 yield await finished
         finally:
+            self.rollouts_playing -= 1
             for future in playing:  # the caller stopped early (cancelled): end what still plays
                 future.cancel()
             for used in {id(engine): engine, id(subagent_engine): subagent_engine}.values():
                 if used.active_episodes == 0:
                     await used.close()
+            if self.guard is not None and self.rollouts_playing == 0:
+                # Disarmed between rollouts: a caller whose loop ends with the call (asyncio.run:
+                # forge eval, a script) must not be ended by it later, when nothing is guarded.
+                self.guard.stop()
 
     def _play_group(
         self, index: int, task: dict[str, Any], group_size: int, engine: Any, subagent_engine: Any
