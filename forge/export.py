@@ -89,7 +89,11 @@ def export_checkpoint(given: str | Path, step: int | None = None, out: str | Pat
     print(f"forge: exporting {directory} (step {step}) over {model_path}", file=sys.stderr)
     model = load_model(model_path, model_cfg, trainable=True, device="cpu")
     trainable = {name for name, param in model.named_parameters() if param.requires_grad}
-    saved = torch.load(directory / TRAINER_FILE, map_location="cpu", weights_only=False)["trainable"]
+    # Mapped, not read: only the weights' pages are read; the optimizer's state (twice the
+    # weights under Adam) stays on disk.
+    saved = torch.load(directory / TRAINER_FILE, map_location="cpu", weights_only=False, mmap=True)[
+        "trainable"
+    ]
     missing, unexpected = sorted(trainable - set(saved)), sorted(set(saved) - trainable)
     if missing or unexpected:
         raise CheckpointError(
@@ -97,4 +101,5 @@ def export_checkpoint(given: str | Path, step: int | None = None, out: str | Pat
             f"unexpected {unexpected[:3]}): was config.yaml's model section changed after the run?"
         )
     model.load_state_dict(saved, strict=False)
+    del saved  # unmapped before the model is written: its pages leave this process's memory
     return Path(save_model_folder(model, load_tokenizer(model_path), out))
