@@ -6,8 +6,9 @@ import asyncio
 import json
 import threading
 import time
-from typing import Literal
+from typing import Any, Literal
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -135,6 +136,51 @@ class Calculator(ToolEnv):
 
 def step(env: ToolEnv, action: str) -> StepResult:
     return call_sync(env.step, action)
+
+
+class Sorter(ToolEnv):
+    @tool
+    def sort(
+        self, order: Literal["asc", "desc"], depth: Literal[1, 2] | None = None, scale: float = 1.0,
+        items: list[str] | None = None, note: Any = None,
+    ) -> str:  # fmt: skip
+        """Sort."""
+        self.got = (order, depth, scale, items, note)
+        return "sorted"
+
+    def reset(self, task, seed):
+        return "go"
+
+
+@pytest.mark.parametrize(
+    ("arguments", "said"),
+    [
+        ({"order": "up"}, "order must be one of 'asc', 'desc' (got 'up')"),
+        ({"order": "asc", "depth": "1"}, "depth must be one of 1, 2 or null (got '1')"),
+        ({"order": "asc", "depth": True}, "depth must be one of 1, 2 or null (got True)"),
+        ({"order": "asc", "scale": "2"}, "scale must be a number (got '2')"),
+        ({"order": "asc", "items": "a,b"}, "items must be an array or null (got 'a,b')"),
+        ({"order": 1}, "order must be one of 'asc', 'desc' (got 1)"),
+    ],
+)
+def test_an_argument_its_hint_rules_out_is_an_error_the_tool_never_sees(arguments, said):
+    """The schema the model was shown (enum, integer, number, array) is held to: the call is
+    an error observation, as OpenAI's strict function calling refuses it."""
+    env = Sorter()
+    env.reset({}, 0)
+    result = step(env, call("sort", **arguments))
+    assert result.observation == f"<tool_response>\nerror: bad arguments for sort: {said}\n</tool_response>"
+    assert not hasattr(env, "got") and result.info["tool_errors"] == 1
+
+
+def test_arguments_that_fit_their_hints_reach_the_tool():
+    env = Sorter()
+    env.reset({}, 0)
+    result = step(env, call("sort", order="desc", depth=None, scale=2, items=["b", "a"], note={"any": 1}))
+    assert "sorted" in result.observation and result.info["tool_errors"] == 0
+    assert env.got == ("desc", None, 2, ["b", "a"], {"any": 1})  # an int is a number; Any takes anything
+    result = step(env, call("sort", order="asc", depth=2))
+    assert env.got[:2] == ("asc", 2) and result.info["tool_errors"] == 0
 
 
 def test_tool_env_exposes_only_marked_methods_as_tools():

@@ -21,6 +21,7 @@ from typing import Any, Union
 
 from forge.env.base import Env, StepResult
 from forge.env.calls import ThreadCall, in_daemon_thread
+from forge.env.tool_arguments import argument_problem
 
 _TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
@@ -262,10 +263,9 @@ class ToolEnv(Env):
     async def _call(self, call: ToolCall) -> str | StepResult:
         added = getattr(self, "added_tools", {}).get(call.name)
         if added is not None:
-            try:
-                inspect.signature(added).bind(**call.arguments)
-            except TypeError as exc:
-                return f"error: bad arguments for {call.name}: {exc}"
+            problem = argument_problem(added, call.arguments)
+            if problem is not None:
+                return f"error: bad arguments for {call.name}: {problem}"
             try:
                 return await added(**call.arguments)
             except Exception as exc:  # the tool's failure is the model's observation
@@ -274,10 +274,9 @@ class ToolEnv(Env):
         if method is None or not getattr(method, "__forge_tool__", False):
             known = ", ".join(t["function"]["name"] for t in self.tools or [])
             return f"error: unknown tool {call.name!r} (tools: {known})"
-        try:
-            inspect.signature(method).bind(**call.arguments)
-        except TypeError as exc:
-            return f"error: bad arguments for {call.name}: {exc}"
+        problem = argument_problem(method, call.arguments)  # its hints too: the schema the model saw
+        if problem is not None:
+            return f"error: bad arguments for {call.name}: {problem}"
         try:
             if inspect.iscoroutinefunction(method):
                 return await method(**call.arguments)
