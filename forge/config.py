@@ -331,13 +331,19 @@ class TrainConfig(Section):
     lr_schedule: Literal["constant", "linear", "cosine"] = Field(
         "constant",
         description="learning rate after warmup: constant, or decayed to min_lr_ratio * learning_rate "
-        "at the last of the run's max_steps * minibatches_per_step optimizer steps",
+        "at the last of the run's max_steps * minibatches_per_step * epochs_per_step optimizer steps",
     )
     min_lr_ratio: float = Field(
         0.0, ge=0, le=1, description="where linear / cosine decay ends, as a fraction"
     )
     minibatches_per_step: int = Field(
         1, gt=0, description="optimizer steps per rollout batch, each on a disjoint slice (PPO-style)"
+    )
+    epochs_per_step: int = Field(
+        1,
+        gt=0,
+        description="passes over each rollout batch (TRL's num_iterations, verl's ppo_epochs), each "
+        "minibatches_per_step optimizer steps on a fresh shuffle; passes after the first are off-policy",
     )
     advantage: str = Field(
         "grpo",
@@ -471,13 +477,20 @@ class TrainConfig(Section):
                 )
         return self
 
+    @property
+    def optimizer_steps_per_step(self) -> int:
+        """Optimizer steps a rollout batch takes (at most: fewer when it has fewer samples
+        than minibatches_per_step)."""
+        return self.minibatches_per_step * self.epochs_per_step
+
     @model_validator(mode="after")
     def _check_schedule(self) -> TrainConfig:
-        optimizer_steps = self.max_steps * self.minibatches_per_step
+        optimizer_steps = self.optimizer_steps_per_step * self.max_steps
         if self.warmup_steps > optimizer_steps:  # equal: the last step takes the whole rate
             raise ValueError(
                 f"train.warmup_steps={self.warmup_steps} is more than the run's {optimizer_steps} optimizer steps "
-                f"(train.max_steps x train.minibatches_per_step): the learning rate would never reach "
+                f"(train.max_steps x train.minibatches_per_step x train.epochs_per_step): the learning rate "
+                "would never reach "
                 "train.learning_rate; lower train.warmup_steps (it counts optimizer steps)"
             )
         if self.min_lr_ratio and self.lr_schedule == "constant":

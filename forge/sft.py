@@ -327,7 +327,7 @@ def sft(
     # optimizer step per batch, no importance weights (there is no behaviour policy).
     train_cfg = cfg.train.model_copy(update={
         "loss": "pg", "tis_cap": None, "kl_coef": 0.0, "entropy_coef": 0.0, "minibatches_per_step": 1,
-        "max_steps": steps,
+        "epochs_per_step": 1, "max_steps": steps,
     })  # fmt: skip
     # Before the model loads: a tokenizer past the model's embeddings fails in its forward.
     refuse_tokenizer_past_embeddings(

@@ -132,7 +132,8 @@ def learning_rate_note(train_cfg: TrainConfig, model_cfg: ModelConfig, model_con
 
 def off_policy_note(train_cfg: TrainConfig) -> str | None:
     """A note for `pg` (-A x logprob, no importance ratio) trained on data its policy did not
-    sample: every optimizer step of a step after its first (`train.minibatches_per_step`), and
+    sample: every optimizer step of a step after its first (`train.minibatches_per_step`, and
+    every pass after the first, `train.epochs_per_step`), and
     an async run's batches, sampled up to `async.max_staleness` versions back. TRL and verl clip
     every such step; pg takes it uncorrected. None when the loss or `tis_cap` corrects it."""
     if train_cfg.loss != "pg" or train_cfg.tis_cap is not None:
@@ -140,6 +141,7 @@ def off_policy_note(train_cfg: TrainConfig) -> str | None:
     where = [f"train.minibatches_per_step={train_cfg.minibatches_per_step}"] * (
         train_cfg.minibatches_per_step > 1
     )
+    where += [f"train.epochs_per_step={train_cfg.epochs_per_step}"] * (train_cfg.epochs_per_step > 1)
     where += ["train.mode=async"] * (train_cfg.mode == "async")
     if not where:
         return None
@@ -222,7 +224,7 @@ class Trainer:
             weight_decay=train_cfg.weight_decay,
             fused=True if fused else None,
         )
-        total = train_cfg.max_steps * train_cfg.minibatches_per_step
+        total = train_cfg.max_steps * train_cfg.optimizer_steps_per_step
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lambda step: lr_factor(
@@ -372,9 +374,11 @@ class Trainer:
                 return batch.forward_logprobs(self.model, self.temperature)
 
     def train_step(self, samples: list[Sample]) -> dict[str, float]:
-        """Train on one rollout batch: `train.minibatches_per_step` optimizer steps over
-        disjoint shuffled slices of `samples` (1 = a single step on all of them).
-        Bumps the policy version once, since workers sync once per batch.
+        """Train on one rollout batch: `train.epochs_per_step` passes over it, each
+        `train.minibatches_per_step` optimizer steps over disjoint slices of a fresh shuffle
+        of `samples` (1 and 1 = a single step on all of them). Bumps the policy version once,
+        since workers sync once per batch. Token-mean metrics are over every pass's tokens,
+        step metrics (loss, grad_norm) means over every optimizer step.
 
         Data-parallel processes (forge.train.distributed) each get the whole batch, cut the
         same slices (the same shuffle) and train their share of each (`own_share`), so N
@@ -386,24 +390,27 @@ class Trainer:
         if parts == 0:
             return {"train_seconds": time.perf_counter() - started, "trained_samples": 0.0}
         policy_mode(self.model)  # the forward is the policy the engine sampled: no dropout, no jitter
-        order = torch.randperm(len(samples), generator=self._shuffle).tolist()
+        epochs = self.train_cfg.epochs_per_step
         step_totals: dict[str, float] = {}  # loss, grad_norm, optimizer_steps_skipped: means over the steps
         token_sums: dict[str, float] = {}  # token-mean metrics, times their tokens, over every step
         computed = separate = num_microbatches = 0
-        for part in range(parts):
-            minibatch = self.own_share([samples[i] for i in order[part::parts]])
-            self.last_share += minibatch
-            step_metrics, token_metrics, batches = self._optimizer_step(minibatch)
-            for key, value in step_metrics.items():
-                step_totals[key] = step_totals.get(key, 0.0) + value / parts
-            for key, value in token_metrics.items():
-                token_sums[key] = token_sums.get(key, 0.0) + value
-            computed += sum(b.tokens_computed for b in batches)
-            separate += sum(b.tokens_separate for b in batches)
-            num_microbatches += len(batches)
+        for epoch in range(epochs):
+            order = torch.randperm(len(samples), generator=self._shuffle).tolist()
+            for part in range(parts):
+                minibatch = self.own_share([samples[i] for i in order[part::parts]])
+                if epoch == 0:
+                    self.last_share += minibatch
+                step_metrics, token_metrics, batches = self._optimizer_step(minibatch)
+                for key, value in step_metrics.items():
+                    step_totals[key] = step_totals.get(key, 0.0) + value / (parts * epochs)
+                for key, value in token_metrics.items():
+                    token_sums[key] = token_sums.get(key, 0.0) + value
+                computed += sum(b.tokens_computed for b in batches)
+                separate += sum(b.tokens_separate for b in batches)
+                num_microbatches += len(batches)
         self.policy_version += 1
         trained = [s for s in self.last_share if not self._skipped(s)]
-        tokens = loss_tokens(trained)
+        tokens = loss_tokens(trained) * epochs  # every pass trains them again
         # Token means over every token trained this step (none on a step that skipped every sample).
         totals = {key: value / tokens for key, value in token_sums.items()} if tokens else {}
         totals.update(step_totals)
