@@ -48,7 +48,9 @@ def test_two_passes_over_a_batch_are_the_optimizer_steps_of_two_steps_on_it(tiny
     assert metrics["loss"] == pytest.approx((first["loss"] + second["loss"]) / 2)  # mean over the 4 steps
     moved = trainer(tiny_checkpoint, minibatches_per_step=2)
     moved.train_step(batch())
-    assert any(not torch.equal(w, moved.trainable[n]) for n, w in passes.trainable.items())  # the 2nd pass trained
+    assert any(
+        not torch.equal(w, moved.trainable[n]) for n, w in passes.trainable.items()
+    )  # the 2nd pass trained
 
 
 def test_the_learning_rate_schedule_ends_at_the_last_pass_of_the_last_step(tiny_checkpoint):
@@ -81,4 +83,6 @@ def test_warmup_is_checked_against_every_pass():
 def test_pg_over_several_passes_is_noted_and_ppo_clip_is_not():
     note = off_policy_note(load_config(None, ["train.epochs_per_step=2"]).train)
     assert note is not None and "train.epochs_per_step=2" in note and "train.loss=ppo_clip" in note
-    assert off_policy_note(load_config(None, ["train.epochs_per_step=2", "train.loss=ppo_clip"]).train) is None
+    assert (
+        off_policy_note(load_config(None, ["train.epochs_per_step=2", "train.loss=ppo_clip"]).train) is None
+    )
