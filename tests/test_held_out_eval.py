@@ -25,6 +25,17 @@ def test_evaluation_is_due_every_n_steps_and_at_the_last():
     assert not any(evaluation_due(step, 0, 7) for step in range(1, 8))
 
 
+def test_held_out_tasks_with_no_worker_up_to_play_them_are_counted_lost():
+    """An async run whose workers are all down (or waiting for their sync) at an eval step."""
+    from types import SimpleNamespace
+
+    from forge.run.held_out import held_out_metrics
+
+    tasks = [{"task_id": f"h{i}"} for i in range(3)]
+    metrics = held_out_metrics(SimpleNamespace(workers=["w0", "w1"]), tasks, 2, workers=[])
+    assert metrics["eval/episodes_lost"] == 6 and "eval/success_rate" not in metrics
+
+
 def test_every_steps_without_a_task_file_is_refused():
     with pytest.raises(ConfigError, match="eval.every_steps needs eval.tasks"):
         load_config(None, ["eval.every_steps=5"])
