@@ -489,9 +489,8 @@ class TrainConfig(Section):
         if self.warmup_steps > optimizer_steps:  # equal: the last step takes the whole rate
             raise ValueError(
                 f"train.warmup_steps={self.warmup_steps} is more than the run's {optimizer_steps} optimizer steps "
-                f"(train.max_steps x train.minibatches_per_step x train.epochs_per_step): the learning rate "
-                "would never reach "
-                "train.learning_rate; lower train.warmup_steps (it counts optimizer steps)"
+                "(train.max_steps x train.minibatches_per_step x train.epochs_per_step): the learning rate "
+                "would never reach train.learning_rate; lower train.warmup_steps (it counts optimizer steps)"
             )
         if self.min_lr_ratio and self.lr_schedule == "constant":
             raise ValueError(

@@ -22,9 +22,14 @@ from typing import Any
 from forge.types import NO_VERSION, Sample, Trajectory
 
 
+def generated_versions(trajectories: list[Trajectory]) -> list[int]:
+    """The policy version of every token the model generated in `trajectories`."""
+    return [v for t in trajectories for v in t.policy_versions if v != NO_VERSION]
+
+
 def group_version(trajectories: list[Trajectory]) -> int | None:
     """The oldest policy version that generated any token of the group (None: no tokens)."""
-    versions = [v for t in trajectories for v in t.policy_versions if v != NO_VERSION]
+    versions = generated_versions(trajectories)
     return min(versions) if versions else None
 
 

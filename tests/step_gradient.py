@@ -1,10 +1,29 @@
-"""A train step that leaves the weights where they are, for comparing gradients."""
+"""For trainer tests: a train step that leaves the weights where they are, for comparing
+gradients, and a small batch of two groups that share a prompt."""
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
+
+from forge.types import Sample
+
+
+def two_groups(advantage: Callable[[int, int], float]) -> list[Sample]:
+    """Two groups of 4 samples, each group's members sharing a 10-token prompt before 6
+    trained tokens (behaviour logprob -3, version 0); `advantage(group, member)`."""
+    generator = torch.Generator().manual_seed(0)
+    samples = []
+    for group in range(2):
+        prompt = torch.randint(5, 30, (10,), generator=generator).tolist()
+        for member in range(4):
+            tokens = prompt + torch.randint(5, 30, (6,), generator=generator).tolist()
+            samples.append(
+                Sample(tokens, [0] * 10 + [1] * 6, [-3.0] * 16, [0] * 16, advantage=advantage(group, member))
+            )
+    return samples
 
 
 def step_gradient(trainer, samples) -> tuple[dict[str, float], torch.Tensor]:

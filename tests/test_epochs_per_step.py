@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from step_gradient import two_groups
 
 from forge.config import Config, ConfigError, load_config
 from forge.train.trainer import Trainer, off_policy_note
@@ -14,15 +15,7 @@ from forge.types import Sample
 
 def batch() -> list[Sample]:
     """Two groups of 4 that share a prompt, every advantage non-zero."""
-    generator = torch.Generator().manual_seed(0)
-    samples = []
-    for group in range(2):
-        prompt = torch.randint(5, 30, (10,), generator=generator).tolist()
-        for member in range(4):
-            tokens = prompt + torch.randint(5, 30, (6,), generator=generator).tolist()
-            advantage = (member - 1.5) * (1 if group else -1)
-            samples.append(Sample(tokens, [0] * 10 + [1] * 6, [-3.0] * 16, [0] * 16, advantage=advantage))
-    return samples
+    return two_groups(lambda group, member: (member - 1.5) * (1 if group else -1))
 
 
 def trainer(tiny_checkpoint, **train) -> Trainer:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from step_gradient import step_gradient
+from step_gradient import step_gradient, two_groups
 
 from forge.config import Config
 from forge.train.losses import LOSSES, VANISH_AT_ZERO_ADVANTAGE, register_loss
@@ -15,15 +15,7 @@ from forge.types import Sample
 
 def batch() -> list[Sample]:
     """Two groups of 4 that share a prompt: one all-equal (advantage 0), one spread."""
-    generator = torch.Generator().manual_seed(0)
-    samples = []
-    for group in range(2):
-        prompt = torch.randint(5, 30, (10,), generator=generator).tolist()
-        for member in range(4):
-            tokens = prompt + torch.randint(5, 30, (6,), generator=generator).tolist()
-            advantage = 0.0 if group == 0 else member - 1.5
-            samples.append(Sample(tokens, [0] * 10 + [1] * 6, [-3.0] * 16, [0] * 16, advantage=advantage))
-    return samples
+    return two_groups(lambda group, member: 0.0 if group == 0 else member - 1.5)
 
 
 def step(tiny_checkpoint, **train) -> tuple[dict, torch.Tensor]:

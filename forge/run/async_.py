@@ -358,11 +358,8 @@ class AsyncLoop:
         it (not down, not waiting for their sync), beside their training groups in flight. The
         driver waits for them: no weights reach the workers meanwhile, so one version samples
         every eval token (eval/policy_version_spread 0); the trainer goes on with the steps queued."""
-        eval_started = time.perf_counter()
         ready = [i for i in range(len(self.run.workers)) if i not in self.down and i not in self.needs_sync]
-        evaluation = held_out_metrics(self.run, tasks, self.cfg.eval.episodes, ready)
-        evaluation["eval/seconds"] = time.perf_counter() - eval_started
-        return evaluation
+        return held_out_metrics(self.run, tasks, self.cfg.eval.episodes, ready)
 
     def end_step(self, started: float) -> tuple[list[Trajectory], dict[str, float]]:
         """The oldest queued step has ended: send its weights to every worker in sync, count

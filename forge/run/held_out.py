@@ -4,10 +4,12 @@ the training groups in flight); nothing of it is trained on."""
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 from forge.config import Config, ConfigError
 from forge.metrics import rollout_metrics
+from forge.pool import generated_versions
 from forge.run.faults import collect_groups, lost_group
 from forge.run.tasks import split_evenly
 
@@ -44,12 +46,21 @@ def held_out_metrics(
     run: Run, tasks: list[dict[str, Any]], episodes: int, workers: list[int] | None = None
 ) -> dict[str, float]:
     """Play `episodes` of each task on the workers (whole tasks per worker; `workers`, their
-    indices, or all) and return the eval/* metrics; a worker that dies loses its episodes
-    (counted in eval/episodes_lost). With no worker to play them, every episode is lost."""
+    indices, or all) and return the eval/* metrics, its wall time (eval/seconds) included; a
+    worker that dies loses its episodes (counted in eval/episodes_lost). With no worker to
+    play them, every episode is lost."""
+    started = time.perf_counter()
+    trajectories = play_held_out(run, tasks, episodes, workers)
+    return {**eval_metrics(trajectories), "eval/seconds": time.perf_counter() - started}
+
+
+def play_held_out(
+    run: Run, tasks: list[dict[str, Any]], episodes: int, workers: list[int] | None
+) -> list[Trajectory]:
     playing = list(range(len(run.workers))) if workers is None else workers
     if not playing:
         lost = [lost_group(task, episodes, "no rollout worker was up to play it") for task in tasks]
-        return eval_metrics([t for group in lost for t in group])
+        return [t for group in lost for t in group]
     calls = [
         (index, run.workers[index].rollout.remote(chunk, episodes), chunk)
         for index, chunk in zip(playing, split_evenly(tasks, len(playing)), strict=True)
@@ -61,16 +72,16 @@ def held_out_metrics(
         if died:
             run.tell_worker_death(index, len(chunk) * episodes)
         trajectories.extend(t for group in groups for t in group)
-    return eval_metrics(trajectories)
+    return trajectories
 
 
 def eval_metrics(trajectories: list[Trajectory]) -> dict[str, float]:
-    """eval/* of the held-out episodes, with the weights versions that sampled their tokens:
+    """eval/* of the held-out episodes, with the policy versions that generated their tokens:
     eval/policy_version the oldest, eval/policy_version_spread the newest less the oldest (0:
     one version played them all)."""
     metrics = rollout_metrics(trajectories)
     evaluation = {f"eval/{name}": metrics[name] for name in EVAL_METRICS if name in metrics}
-    versions = [v for t in trajectories for v, m in zip(t.policy_versions, t.loss_mask, strict=True) if m]
+    versions = generated_versions(trajectories)
     if versions:
         evaluation["eval/policy_version"] = float(min(versions))
         evaluation["eval/policy_version_spread"] = float(max(versions) - min(versions))

@@ -87,9 +87,7 @@ def sync_step(
     sync_seconds = time.perf_counter() - sync_started
     evaluation: dict[str, float] = {}
     if held_out and evaluation_due(step, cfg.eval.every_steps, cfg.train.max_steps):
-        eval_started = time.perf_counter()
         evaluation = held_out_metrics(run, held_out, cfg.eval.episodes)
-        evaluation["eval/seconds"] = time.perf_counter() - eval_started
 
     timings = {
         "rollout_seconds": rollout_seconds,
