@@ -165,6 +165,7 @@ class AsyncLoop:
         self.task_of: dict[int, dict[str, Any]] = {}  # group seq -> its task, while a checkpoint may need it
         self.train_seconds = 0.0
         self.lost = 0  # episodes lost since the last step
+        self.loading: dict[int, Any] = {}  # worker -> its call loading the weights the last step published
         # Dead workers' episodes lost so far, said once the last of their calls in flight has ended.
         self.lost_by_death: dict[int, int] = {}
         self.failures, self.signal = env_watches(cfg, from_scratch=step == 0)
@@ -357,8 +358,25 @@ class AsyncLoop:
         """The held-out `tasks` played by the policy just published, on the workers that hold
         it (not down, not waiting for their sync), beside their training groups in flight. The
         driver waits for them: no weights reach the workers meanwhile, so one version samples
-        every eval token (eval/policy_version_spread 0); the trainer goes on with the steps queued."""
-        ready = [i for i in range(len(self.run.workers)) if i not in self.down and i not in self.needs_sync]
+        every eval token (eval/policy_version_spread 0); the trainer goes on with the steps queued.
+
+        A worker plays them once its load of those weights has ended: Ray starts an async
+        actor's call whose arguments are ready (the held-out tasks) before an earlier one still
+        fetching its own (the weights), so without the wait its first eval tokens were the
+        previous version's. A worker whose load fails (it died) plays none."""
+        import ray
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        ready = []
+        for index in range(len(self.run.workers)):
+            if index in self.down or index in self.needs_sync:
+                continue
+            try:
+                if index in self.loading:
+                    ray.get(self.loading[index])
+            except (RayActorError, ActorUnavailableError):
+                continue  # its rollout call fails too: the loop counts that death
+            ready.append(index)
         return held_out_metrics(self.run, tasks, self.cfg.eval.episodes, ready)
 
     def end_step(self, started: float) -> tuple[list[Trajectory], dict[str, float]]:
@@ -381,6 +399,7 @@ class AsyncLoop:
             loading = [
                 self.run.workers[i].set_weights.remote(self.weights[0], self.trainer_version) for i in synced
             ]
+            self.loading = dict(zip(synced, loading, strict=True))
             if synced:
                 keep_snapshot(self.run.frozen_snapshot, self.cfg.swarm.frozen_version, self.trainer_version,
                               self.run.workers[synced[0]], loading[0])  # fmt: skip
