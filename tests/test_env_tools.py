@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from forge.env import StepResult, ToolEnv, parse_tool_calls, tool
 from forge.env.calls import call_sync
+from forge.env.tool_arguments import expected, json_schema
 from forge.env.tools import ToolCall, parse_answer, tool_schema
 
 
@@ -90,7 +91,7 @@ def test_schema_comes_from_signature_and_docstring():
         "properties": {
             "query": {"type": "string", "description": "words to look for"},
             "limit": {"type": "integer", "description": "most results to return"},
-            "exact": {"type": "boolean"},
+            "exact": {"type": ["boolean", "null"]},  # None is a value it takes
         },
         "required": ["query"],
     }
@@ -102,7 +103,46 @@ def test_a_literal_parameter_offers_its_values_typed_by_them():
 
     properties = tool_schema(sort)["function"]["parameters"]["properties"]
     assert properties["order"] == {"type": "string", "enum": ["asc", "desc"]}
-    assert properties["depth"] == {"type": "integer", "enum": [1, 2, 3]}  # not a string
+    assert properties["depth"] == {"type": ["integer", "null"], "enum": [1, 2, 3, None]}  # not a string
+
+
+def test_a_union_shows_every_type_it_takes_and_a_hint_not_checked_shows_any_value():
+    def find(
+        key: int | str, mode: Literal["a", "b"] | int, extra: Any, bare, since: float | None = None
+    ) -> str:
+        return ""
+
+    properties = tool_schema(find)["function"]["parameters"]["properties"]
+    assert properties["key"] == {"type": ["integer", "string"]}  # not just the first
+    assert properties["mode"] == {"anyOf": [{"type": "string", "enum": ["a", "b"]}, {"type": "integer"}]}
+    assert properties["extra"] == properties["bare"] == {}  # JSON Schema's "any value", not "string"
+    assert properties["since"] == {"type": ["number", "null"]}
+
+
+_HINTS = [str, int, float, bool, list, dict, list[str], dict[str, int], int | str, float | None, bool | None,
+          Literal["a", "b"], Literal[1, 2] | None, Literal["x"] | int, Literal[1, "1"], int | list | None, Any,
+          object]  # fmt: skip
+_JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.text(max_size=3)
+    | st.sampled_from(["a", "b", "x", "1", 1, 2])
+    | st.floats(allow_nan=False, allow_infinity=False).filter(lambda x: not x.is_integer()),
+    lambda inner: st.lists(inner, max_size=2) | st.dictionaries(st.text(max_size=2), inner, max_size=2),
+    max_leaves=4,
+)  # a float with an integral value (1.0) is left out: JSON Schema counts it an integer, a tool's int is no float
+
+
+@given(hint=st.sampled_from(_HINTS), value=_JSON_VALUES)
+def test_a_call_is_refused_exactly_when_its_value_breaks_the_schema_the_model_was_shown(hint, value):
+    """The schema and the check read the hint once: no value the schema admits is refused,
+    and none it rules out reaches the tool (checked by a JSON Schema validator)."""
+    jsonschema = pytest.importorskip("jsonschema")
+    shown = json_schema(hint)
+    jsonschema.Draft202012Validator.check_schema(shown)
+    refused = expected(hint, value) is not None
+    assert refused != jsonschema.Draft202012Validator(shown).is_valid(value), (hint, value)
 
 
 class Calculator(ToolEnv):

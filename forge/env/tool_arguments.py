@@ -1,12 +1,14 @@
-"""A tool call's arguments checked against the type hints of the method it calls: the schema
-the model was shown says `integer`, `string`, or one of a `Literal`'s values (`enum`), and a
-call that breaks it gets an error observation, as OpenAI's strict function calling refuses it,
-instead of reaching the tool with a value its code never expected.
+"""A tool parameter's type hint, read once for both of its uses: the JSON schema the model is
+shown (`json_schema`) and the check of the arguments a call brings (`argument_problem`), so
+a call is refused exactly when it breaks the schema the model saw. A call that breaks it gets
+an error observation, as OpenAI's strict function calling refuses it, instead of reaching the
+tool with a value its code never expected.
 
-Only what a hint states exactly is checked: str, int, float (an int is a number too), bool,
-list, dict (their item types are not), a `Literal`, `X | None` / `Optional[X]` (None allowed)
-and unions of those. Any other hint (`Any`, a class of the env's own) and a parameter without
-one take any value, as before."""
+What a hint states exactly is shown and checked: str, int, float (an int is a number too),
+bool, list, dict (their item types are not), a `Literal` (its values, `enum`), `X | None` /
+`Optional[X]` (null allowed) and unions of those (a list of types, or `anyOf`). Any other
+hint (`Any`, a class of the env's own) and a parameter without one take any value, and their
+schema is `{}`, JSON Schema's "any value"."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ _KINDS: dict[Any, tuple[type, ...]] = {
     list: (list,),
     dict: (dict,),
 }
+_JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", list: "array", dict: "object"}
 _NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "an array",
           dict: "an object"}  # fmt: skip
 _UNCHECKED = object()
@@ -74,6 +77,42 @@ def _allowed(hint: Any) -> Any:
         return [("literal", typing.get_args(hint))]
     base = origin if origin in (list, dict) else hint
     return [base] if base in _KINDS else _UNCHECKED
+
+
+def json_schema(hint: Any) -> dict[str, Any]:
+    """The JSON schema of the values `hint` allows: `{"type": ...}` (a list of types for a
+    union or an optional), a `Literal`'s values as `enum` typed by them (so `Literal[1, 2]` is
+    no string), `anyOf` where values and types mix, `{}` for a hint not checked."""
+    allowed = _allowed(hint)
+    if allowed is _UNCHECKED:
+        return {}
+    parts = [_schema_of(kind) for kind in allowed]
+    if len(parts) == 1:
+        return parts[0]
+    if all(part.keys() == {"type"} for part in parts):  # only types: one list of them
+        return {"type": _merged(part["type"] for part in parts)}
+    if all("enum" in part or part == {"type": "null"} for part in parts):  # only values
+        values = [value for part in parts for value in part.get("enum", [None])]
+        kinds = _merged(
+            _JSON_TYPES.get(type(value), "null" if value is None else "string") for value in values
+        )
+        return {"type": kinds, "enum": values}
+    return {"anyOf": parts}
+
+
+def _schema_of(kind: Any) -> dict[str, Any]:
+    if kind is None:
+        return {"type": "null"}
+    if isinstance(kind, tuple):
+        values = list(kind[1])
+        kinds = {_JSON_TYPES.get(type(value), "string") for value in values}
+        return {"type": kinds.pop(), "enum": values} if len(kinds) == 1 else {"enum": values}
+    return {"type": _JSON_TYPES[kind]}
+
+
+def _merged(kinds: Any) -> str | list[str]:
+    unique = list(dict.fromkeys(kinds))
+    return unique[0] if len(unique) == 1 else unique
 
 
 def fits(value: Any, kind: Any) -> bool:

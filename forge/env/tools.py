@@ -14,18 +14,16 @@ import inspect
 import json
 import re
 import time
-import types
 import typing
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 from forge.env.base import Env, StepResult
 from forge.env.calls import ThreadCall, in_daemon_thread
-from forge.env.tool_arguments import argument_problem
+from forge.env.tool_arguments import argument_problem, json_schema
 
 _TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-_JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", list: "array", dict: "object"}
 
 
 @dataclass(frozen=True)
@@ -39,20 +37,6 @@ def tool(method: Any) -> Any:
     its docstring (first paragraph; `name: text` lines under `Args:`) become the schema."""
     method.__forge_tool__ = True
     return method
-
-
-def _json_schema(annotation: Any) -> dict[str, Any]:
-    """A parameter's JSON schema type from its hint; a `Literal` lists its values (`enum`),
-    typed by them, so the model is told the choices and a `Literal[1, 2]` is no string."""
-    origin = typing.get_origin(annotation) or annotation
-    if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return _json_schema(args[0]) if args else {"type": "string"}
-    if origin is typing.Literal:
-        values = list(typing.get_args(annotation))
-        kinds = {_JSON_TYPES.get(type(value), "string") for value in values}
-        return {"type": kinds.pop(), "enum": values} if len(kinds) == 1 else {"enum": values}
-    return {"type": _JSON_TYPES.get(origin, "string")}
 
 
 def _doc_parts(doc: str) -> tuple[str, dict[str, str]]:
@@ -76,7 +60,7 @@ def tool_schema(method: Any) -> dict[str, Any]:
     for name, param in inspect.signature(method).parameters.items():
         if name == "self" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             continue
-        prop: dict[str, Any] = _json_schema(hints.get(name, str))
+        prop: dict[str, Any] = json_schema(hints.get(name, Any))
         if name in param_docs:
             prop["description"] = param_docs[name]
         properties[name] = prop
