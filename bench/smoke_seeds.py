@@ -55,6 +55,13 @@ def success_ends(metrics: Path) -> tuple[float, float, int]:
     return statistics.fmean(rates[:tenth]), statistics.fmean(rates[-tenth:]), len(rates)
 
 
+def episodes_played(metrics: Path) -> int:
+    """Every episode the run played (more than steps x a step's batch with rounds: rollout.max_rounds_per_step)."""
+    return int(
+        sum(json.loads(line).get("episodes", 0) for line in metrics.read_text().splitlines() if line.strip())
+    )
+
+
 def byte_replies(trajectories: Path, tokenizer_dir: Path, last_step: int) -> float:
     """Share of the sampled replies (`logging.trajectory_samples` episodes a step) up to
     `last_step` that the tokenizer spells with byte pieces rather than whole words."""
@@ -102,6 +109,7 @@ def run_seed(seed: int, overrides: list[str], folder: Path) -> dict:
         "success_first_10pct": round(first, 3),
         "success_last_10pct": round(last, 3),
         "byte_replies_first_10pct": round(bytes_first, 3),
+        "episodes": episodes_played(out / "metrics.jsonl"),
         "passed": last >= PASS,
         "seconds": round(seconds, 1),
     }

@@ -185,6 +185,15 @@ class RolloutConfig(Section):
     num_workers: int = Field(2, gt=0, description="RolloutWorker actors")
     tasks_per_step: int = Field(4, gt=0, description="distinct tasks per training step")
     group_size: int = Field(8, gt=0, description="episodes per task (G in GRPO)")
+    max_rounds_per_step: int = Field(
+        1,
+        gt=0,
+        description="dynamic sampling (DAPO's; verl's filter_groups with max_num_gen_batches): above 1, a sync "
+        "step whose groups have fewer than tasks_per_step with learning signal (an advantage not 0) plays another "
+        "round of tasks (as many as the rate it found them so far says it needs, at most tasks_per_step), up to "
+        "this many rounds, and trains on the first tasks_per_step groups with signal only; 1: one round, every "
+        "group trained on",
+    )
     max_turns: int = Field(8, gt=0, description="model turns per episode before it ends as truncated")
     max_new_tokens: int = Field(16, gt=0, description="generation cap per model call")
     max_context_tokens: int = Field(
@@ -871,6 +880,12 @@ class Config(Section):
             raise ValueError(
                 "swarm.enabled plays sub-agents in Forge's own agent loop; gateway runs cannot use it"
             )
+        if self.rollout.max_rounds_per_step > 1 and (self.gateway.enabled or self.train.mode != "sync"):
+            where = "gateway runs" if self.gateway.enabled else "train.mode: async"
+            raise ValueError(
+                f"rollout.max_rounds_per_step={self.rollout.max_rounds_per_step} (dynamic sampling) plays more "
+                f"rounds of a sync step of Forge's own agent loop; {where} cannot: set it to 1"
+            )
         if self.eval.every_steps and self.gateway.enabled:
             raise ValueError(
                 "eval.every_steps evaluates in runs of Forge's own agent loop only (gateway off); "
@@ -975,6 +990,7 @@ _SYNONYMS = {
     "max_response_length": "max_new_tokens",
     "lr_scheduler_type": "lr_schedule",
     "entropy_coeff": "entropy_coef",
+    "max_num_gen_batches": "max_rounds_per_step",
 }
 
 

@@ -20,8 +20,8 @@ def test_a_worker_killed_mid_rollout_is_restarted_and_its_episodes_are_counted_l
     class KillingRun(context.Run):
         launches = syncs = 0
 
-        def launch_rollouts(self):
-            calls = super().launch_rollouts()
+        def launch_rollouts(self, count=None):
+            calls = super().launch_rollouts(count)
             KillingRun.launches += 1
             if KillingRun.launches == 2:  # the second step's episodes are in flight
                 ray_session.kill(self.workers[0], no_restart=False)

@@ -241,12 +241,13 @@ class Run:
             for index in range(cfg.rollout.num_workers)
         ]
 
-    def rollout(self) -> list[Trajectory]:
-        """One step's episodes: `tasks_per_step` tasks x `group_size`, whole tasks per worker."""
-        return self.collect_rollouts(self.launch_rollouts())
+    def rollout(self, count: int | None = None) -> list[Trajectory]:
+        """The episodes of `count` tasks (a step's `tasks_per_step` unless given) x `group_size`,
+        whole tasks per worker."""
+        return self.collect_rollouts(self.launch_rollouts(count))
 
-    def launch_rollouts(self) -> list[tuple[Any, list[dict[str, Any]]]]:
-        tasks = self.tasks.take(self.cfg.rollout.tasks_per_step)
+    def launch_rollouts(self, count: int | None = None) -> list[tuple[Any, list[dict[str, Any]]]]:
+        tasks = self.tasks.take(count or self.cfg.rollout.tasks_per_step)
         chunks = split_evenly(tasks, len(self.workers))
         return [
             (worker.rollout.remote(chunk, self.cfg.rollout.group_size), chunk)

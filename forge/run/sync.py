@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from forge.config import Config
-from forge.failures import FailureWatch, RunStopped, env_watches
+from forge.failures import FailureWatch, env_watches
 from forge.run.context import (
     Run,
     RunResult,
@@ -16,11 +16,11 @@ from forge.run.context import (
     checkpoint_due,
     finish,
     open_run,
-    shape_rewards,
     step_metrics,
     to_samples,
 )
 from forge.run.held_out import evaluation_due, held_out_metrics, held_out_tasks
+from forge.run.rounds import play_step
 
 
 def train_sync(
@@ -58,17 +58,16 @@ def sync_step(
     started: float,
     held_out: list[dict[str, Any]] | None = None,
 ) -> dict[str, float]:
-    """Play one step's episodes, train on them, sync the weights, evaluate the new weights on
-    the `held_out` tasks when due (`eval.every_steps`), record it and checkpoint when due;
-    returns its metrics."""
+    """Play one step's episodes (in rounds, `forge.run.rounds`), train on them, sync the
+    weights, evaluate the new weights on the `held_out` tasks when due (`eval.every_steps`),
+    record it and checkpoint when due; returns its metrics."""
     import ray
 
     cfg = run.cfg
     step_started = time.perf_counter()
-    trajectories = run.rollout()
+    episodes = play_step(run, step)
+    trajectories = episodes.played
     rollout_seconds = time.perf_counter() - step_started
-    if trajectories and all(t.status == "lost" for t in trajectories):
-        raise RunStopped(f"stopped at step {step}: every episode was lost, e.g. {trajectories[0].error}")
 
     def record_stopped() -> None:  # the step that stops the run: its episodes, nothing trained
         timings = {"rollout_seconds": rollout_seconds, "step_seconds": time.perf_counter() - step_started,
@@ -79,8 +78,7 @@ def sync_step(
 
     failures.observe(step, trajectories, last_step=step == cfg.train.max_steps, before_stop=record_stopped)
 
-    reward_metrics, advantages = shape_rewards(run.shaper, trajectories, cfg, step)
-    samples = to_samples(trajectories, advantages, cfg)
+    samples = to_samples(episodes.trained, episodes.advantages, cfg)
     train_metrics, *published = ray.get(run.trainer.train_and_publish.remote(samples))
     sync_started = time.perf_counter()
     version = run.sync_weights(tuple(published))
@@ -98,7 +96,13 @@ def sync_step(
         **(run.engines.engine_metrics() if run.engines is not None else {}),
     }
     metrics = step_metrics(
-        trajectories, reward_metrics, train_metrics, timings, evaluation, swarm=cfg.swarm.enabled
+        trajectories,
+        episodes.reward_metrics,
+        episodes.metrics,
+        train_metrics,
+        timings,
+        evaluation,
+        swarm=cfg.swarm.enabled,
     )
     log.record(
         step, metrics, trajectories, run.tokenizer, turns=f"{metrics.get('turns_mean', float('nan')):.1f}"
