@@ -191,8 +191,9 @@ class RolloutConfig(Section):
         description="dynamic sampling (DAPO's; verl's filter_groups with max_num_gen_batches): above 1, a sync "
         "step whose groups have fewer than tasks_per_step with learning signal (an advantage not 0) plays another "
         "round of tasks (as many as the rate it found them so far says it needs, at most tasks_per_step), up to "
-        "this many rounds, and trains on the first tasks_per_step groups with signal only; 1: one round, every "
-        "group trained on",
+        "this many rounds, and trains on the first tasks_per_step groups with signal only; an async run leaves "
+        "out finished groups without signal, up to (this - 1) x tasks_per_step per batch; 1: every group "
+        "trained on",
     )
     max_turns: int = Field(8, gt=0, description="model turns per episode before it ends as truncated")
     max_new_tokens: int = Field(16, gt=0, description="generation cap per model call")
@@ -880,11 +881,10 @@ class Config(Section):
             raise ValueError(
                 "swarm.enabled plays sub-agents in Forge's own agent loop; gateway runs cannot use it"
             )
-        if self.rollout.max_rounds_per_step > 1 and (self.gateway.enabled or self.train.mode != "sync"):
-            where = "gateway runs" if self.gateway.enabled else "train.mode: async"
+        if self.rollout.max_rounds_per_step > 1 and self.gateway.enabled:
             raise ValueError(
                 f"rollout.max_rounds_per_step={self.rollout.max_rounds_per_step} (dynamic sampling) plays more "
-                f"rounds of a sync step of Forge's own agent loop; {where} cannot: set it to 1"
+                "groups in Forge's own agent loop; gateway runs cannot: set it to 1"
             )
         if self.eval.every_steps and self.gateway.enabled:
             raise ValueError(

@@ -102,6 +102,7 @@ class DataPool:
         self._ready: dict[int, list[Trajectory]] = {}  # put, not yet taken
         self.dropped_stale = 0
         self.dropped_empty = 0
+        self.dropped_no_signal = 0
         self.taken = 0
 
     def reserve(self) -> int | None:
@@ -140,6 +141,14 @@ class DataPool:
             self.dropped_empty += 1
             return
         self._ready[seq] = played
+
+    def discard(self, seq: int) -> None:
+        """The finished group `seq` is left out by the driver: it has no learning signal
+        (`rollout.max_rounds_per_step`, `forge.run.rounds`); its slot is free again."""
+        if seq not in self._open:
+            raise KeyError(f"group {seq} was never reserved or was already put")
+        self._open.discard(seq)
+        self.dropped_no_signal += 1
 
     def put_all(self, seqs: list[int], groups: list[list[Trajectory]]) -> None:
         """`put` for each of several finished groups (one call for the driver)."""
@@ -186,12 +195,15 @@ class DataPool:
         max_takes: int,
         steps_queued: int,
         reserve: bool = True,
+        discarded: list[int] | None = None,
     ) -> tuple[list[list[list[Trajectory]]], dict[str, Any], list[int]]:
         """The driver's whole turn in one round trip (each actor call costs both sides
-        ~1 ms of CPU, which an async run on 2 cores pays out of training): `put_all` the
-        finished groups, take up to `max_takes` batches (the k-th for a trainer at
-        `trainer_version + k`), then `reserve_all` behind the `steps_queued` steps plus the
+        ~1 ms of CPU, which an async run on 2 cores pays out of training): `discard` the
+        groups the driver left out, `put_all` the finished groups, take up to `max_takes`
+        batches (the k-th for a trainer at `trainer_version + k`), then `reserve_all` behind the `steps_queued` steps plus the
         batches just taken, unless `reserve` is False. Returns (batches, stats, seqs)."""
+        for seq in discarded or []:
+            self.discard(seq)
         self.put_all(seqs, groups)
         batches: list[list[list[Trajectory]]] = []
         while len(batches) < max_takes and (batch := self.take(trainer_version + len(batches))) is not None:
@@ -209,5 +221,6 @@ class DataPool:
             "pool/ready": float(len(self._ready)),
             "pool/dropped_stale": float(self.dropped_stale),
             "pool/dropped_empty": float(self.dropped_empty),
+            "pool/dropped_no_signal": float(self.dropped_no_signal),
             "pool/taken": float(self.taken),
         }

@@ -219,3 +219,20 @@ def test_a_window_that_is_neither_a_fraction_nor_a_mode_is_refused():
         DataPool(batch_groups=2, max_staleness=1, window="greedy")
     with pytest.raises(ValueError, match=r"\(0, 1\]"):
         DataPool(batch_groups=2, max_staleness=1, window=1.5)
+
+
+def test_a_group_the_driver_leaves_out_frees_its_slot_and_no_longer_holds_the_window():
+    """Dynamic sampling in async runs: a finished group without signal is discarded, not put."""
+    pool = DataPool(batch_groups=2, max_staleness=0, window="fifo")  # capacity 2
+    first, second = pool.reserve(), pool.reserve()
+    assert pool.reserve() is None  # full
+    pool.put(second, group())
+    batches, stats, reserved = pool.exchange([], [], 0, max_takes=1, steps_queued=0, discarded=[first])
+    assert batches == [] and stats["pool/dropped_no_signal"] == 1.0 and stats["pool/dropped_empty"] == 0.0
+    # Its slot went to a new group, and the second group heads the window.
+    assert reserved == [2] and pool.pending() == [1, 2]
+    pool.put(2, group())
+    batch = pool.take(trainer_version=0)
+    assert batch is not None and len(batch) == 2
+    with pytest.raises(KeyError, match="never reserved or was already put"):
+        pool.discard(first)

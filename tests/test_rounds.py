@@ -149,10 +149,9 @@ def test_groups_with_signal_are_those_with_a_nonzero_advantage_not_lost_in_play_
     assert groups_with_signal(b + a + c, [0.0, 0.0, 1.0, -1.0, 1.0, -1.0]) == [gid(a)]
 
 
-@pytest.mark.parametrize("where", ["train.mode=async", "gateway.enabled=true"])
-def test_rounds_are_refused_where_a_step_is_not_played_by_the_sync_loop(where):
-    with pytest.raises(ConfigError, match=r"max_rounds_per_step=3 \(dynamic sampling\).*set it to 1"):
-        load_config("configs/smoke.yaml", ["rollout.max_rounds_per_step=3", where])
+def test_rounds_are_refused_in_gateway_runs_where_forge_does_not_play_the_groups():
+    with pytest.raises(ConfigError, match=r"max_rounds_per_step=3 \(dynamic sampling\).*gateway runs cannot"):
+        load_config("configs/smoke.yaml", ["rollout.max_rounds_per_step=3", "gateway.enabled=true"])
 
 
 def test_verls_name_for_it_points_at_forges():
@@ -179,3 +178,30 @@ def test_a_sync_run_with_rounds_trains_full_batches_of_groups_with_signal(ray_se
         # a group without signal would count too).
         assert row["trained_samples"] == 4 * row["sampling/groups_trained"]
     assert any(row["sampling/rounds"] > 1 for row in rows)  # the tiny model fails most tasks at first
+
+
+@pytest.mark.slow
+def test_an_async_run_leaves_out_groups_without_signal_within_its_budget(ray_session, tmp_path):
+    from forge.run.launch import train
+
+    cfg = load_config("configs/smoke.yaml", ["train.mode=async", "train.max_steps=5", "rollout.tasks_per_step=4",
+                      "rollout.group_size=4", "rollout.num_workers=1", "rollout.max_rounds_per_step=3"])  # fmt: skip
+    train(cfg, tmp_path, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2, 3, 4, 5]
+    budget = 2 * 4  # (max_rounds_per_step - 1) x tasks_per_step groups per batch
+    checked = 0
+    for before, row in zip([None, *rows], rows, strict=False):
+        left_out = row["sampling/groups_left_out"]
+        assert 0 <= left_out <= budget and row["episodes"] == 4 * (4 + left_out)  # counted with the step
+        # Within budget every group it trains on has signal: none is skipped for a zero advantage.
+        # A group that finished while the step before had spent its budget went to the pool, and
+        # may be trained in this batch (the pool holds two batches: never one later).
+        if left_out < budget and (before is None or before["sampling/groups_left_out"] < budget):
+            assert row["zero_advantage_skipped"] == 0.0, row
+            checked += 1
+    assert checked  # some step was within budget
+    assert any(
+        row["sampling/groups_left_out"] > 0 for row in rows
+    )  # the tiny model fails most tasks at first
+    assert rows[-1]["pool/dropped_no_signal"] >= sum(row["sampling/groups_left_out"] for row in rows)

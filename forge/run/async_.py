@@ -32,6 +32,7 @@ from forge.run.faults import (
 )
 from forge.run.frozen import keep_snapshot
 from forge.run.held_out import evaluation_due, held_out_metrics, held_out_tasks
+from forge.run.rounds import has_signal
 from forge.types import Trajectory
 
 # Async mode keeps this many training steps submitted to the trainer: one running, one
@@ -168,6 +169,11 @@ class AsyncLoop:
         self.loading: dict[int, Any] = {}  # worker -> its call loading the weights the last step published
         # Dead workers' episodes lost so far, said once the last of their calls in flight has ended.
         self.lost_by_death: dict[int, int] = {}
+        # Dynamic sampling (rollout.max_rounds_per_step, forge.run.rounds): finished groups
+        # without signal left out since the last batch submitted, and their seqs the pool frees.
+        self.leave_out_at_most = (cfg.rollout.max_rounds_per_step - 1) * cfg.rollout.tasks_per_step
+        self.left_out: list[list[Trajectory]] = []
+        self.discarded: list[int] = []
         self.failures, self.signal = env_watches(cfg, from_scratch=step == 0)
         self.loop_started = self.step_ended = time.perf_counter()
 
@@ -221,9 +227,16 @@ class AsyncLoop:
             held = self.checkpoint_due(self.submitted) and self.step < self.submitted
             max_takes = 0 if held else min(max_takes, every - self.submitted % every)
         live = len(self.down) < len(self.run.workers)
+        discarded, self.discarded = self.discarded, []
         batches, stats, reserved = ray.get(
             self.pool.exchange.remote(
-                seqs, groups, self.trainer_version + len(self.queued), max_takes, len(self.queued), live
+                seqs,
+                groups,
+                self.trainer_version + len(self.queued),
+                max_takes,
+                len(self.queued),
+                live,
+                discarded,
             )
         )
         for batch in batches:
@@ -236,13 +249,18 @@ class AsyncLoop:
 
         # The version the steps queued before it leave the trainer at.
         at_version = self.trainer_version + len(self.queued)
-        trajectories = [t for group in batch for t in group]
+        trained = [t for group in batch for t in group]
+        # The groups left out for no signal since the last batch are shaped and counted with it.
+        left_out, self.left_out = self.left_out, []
+        trajectories = [t for group in left_out for t in group] + trained
         reward_metrics, advantages = shape_rewards(
             self.run.shaper, trajectories, self.cfg, self.submitted + 1
         )
-        samples = to_samples(trajectories, advantages, self.cfg)
+        samples = to_samples(trained, advantages[len(trajectories) - len(trained) :], self.cfg)
         reward_metrics.update(staleness_metrics(batch, at_version, samples))
         reward_metrics.update(pool_stats)
+        if self.leave_out_at_most:
+            reward_metrics["sampling/groups_left_out"] = float(len(left_out))
         ref = self.run.trainer.train_and_publish.remote(samples)
         self.queued.append((ref, trajectories, reward_metrics))
         self.submitted += 1
@@ -308,9 +326,21 @@ class AsyncLoop:
             self.groups_in_flight[call.worker] -= 1
             # Episodes whose engine was lost: the pool leaves them out, the step counts them.
             self.lost += sum(t.status == "lost" for t in group)
-            self.arrived.append(([call.seqs[position]], [group]))
+            if self.leaves_out(group):
+                self.left_out.append(group)
+                self.discarded.append(call.seqs[position])
+            else:
+                self.arrived.append(([call.seqs[position]], [group]))
             if not ray.wait([stream], timeout=0)[0]:  # nothing more yet
                 return
+
+    def leaves_out(self, group: list[Trajectory]) -> bool:
+        """Whether a finished group is left out for having no learning signal: only with
+        dynamic sampling on, within its budget per batch, and not for a group all lost (the
+        pool drops that one as before)."""
+        if len(self.left_out) >= self.leave_out_at_most or all(t.status == "lost" for t in group):
+            return False
+        return not has_signal(self.run.shaper, group, self.cfg, self.submitted + 1)
 
     def end_call(self, stream: Any) -> None:
         call = self.in_flight.pop(stream)

@@ -17,6 +17,13 @@ Every episode played is shaped together, once the rounds are over, so a speed ba
 kept per task (`reward.speed.baseline: task_moving_average`) takes each episode once, and
 the step's metrics (success rate, rewards, signal_fraction) are those of every episode
 played, not of the ones kept.
+
+An async run has no step to play again: there the driver leaves out each finished group
+without signal as it arrives (`has_signal`), freeing its pool slot for another task, up to
+`(max_rounds_per_step - 1) x tasks_per_step` groups per batch trained; past that a group
+without signal goes to the pool as before, so a policy that solves all or none of its tasks
+still trains (its groups are then skipped as zero-advantage) instead of playing forever. The
+groups left out count in the metrics of the next step submitted.
 """
 
 from __future__ import annotations
@@ -81,6 +88,13 @@ def next_round_tasks(missing: int, signal_rate: float, most: int) -> int:
     if signal_rate <= 0:
         return most
     return min(most, math.ceil(missing / signal_rate))
+
+
+def has_signal(shaper: Any, group: list[Trajectory], cfg: Any, step: int) -> bool:
+    """Whether `group` (one task's episodes) has an episode whose advantage is not 0, shaped
+    alone by a copy of the run's `shaper` (the run's own is left as it was)."""
+    _, advantages = shape_rewards(copy.deepcopy(shaper), group, cfg, step)
+    return bool(groups_with_signal(group, advantages))
 
 
 def groups_with_signal(trajectories: list[Trajectory], advantages: list[float]) -> list[str]:
