@@ -218,6 +218,7 @@ def test_staleness_tokens_count_every_trained_token_once_subagents_included():
     trainer = SimpleNamespace(train_and_publish=SimpleNamespace(remote=lambda s: handed.append(s) or "ref"))
     loop.run = SimpleNamespace(shaper=RewardShaper(loop.cfg.reward), trainer=trainer)
     loop.trainer_version, loop.queued, loop.submitted = 4, [], 0
+    loop.left_out, loop.leave_out_at_most = [], 0  # no dynamic sampling
     loop.submit([group], {})
     (samples,) = handed
     assert len(samples) == 5  # two orchestrators, three sub-agents

@@ -190,18 +190,50 @@ def test_an_async_run_leaves_out_groups_without_signal_within_its_budget(ray_ses
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2, 3, 4, 5]
     budget = 2 * 4  # (max_rounds_per_step - 1) x tasks_per_step groups per batch
-    checked = 0
     for before, row in zip([None, *rows], rows, strict=False):
         left_out = row["sampling/groups_left_out"]
-        assert 0 <= left_out <= budget and row["episodes"] == 4 * (4 + left_out)  # counted with the step
+        assert 0 <= left_out <= budget and row["episodes"] == 4 * (4 + left_out), (
+            rows
+        )  # counted with the step
         # Within budget every group it trains on has signal: none is skipped for a zero advantage.
         # A group that finished while the step before had spent its budget went to the pool, and
         # may be trained in this batch (the pool holds two batches: never one later).
         if left_out < budget and (before is None or before["sampling/groups_left_out"] < budget):
-            assert row["zero_advantage_skipped"] == 0.0, row
-            checked += 1
-    assert checked  # some step was within budget
-    assert any(
-        row["sampling/groups_left_out"] > 0 for row in rows
-    )  # the tiny model fails most tasks at first
-    assert rows[-1]["pool/dropped_no_signal"] >= sum(row["sampling/groups_left_out"] for row in rows)
+            assert row["zero_advantage_skipped"] == 0.0, rows
+    # Not asserted that some step was within budget: a trainer slowed by a busy machine lets
+    # the worker finish more groups a step, and every step may spend it (the budget's own
+    # logic is tested without timing below).
+    # The tiny model fails most tasks at first.
+    assert any(row["sampling/groups_left_out"] > 0 for row in rows), rows
+    assert rows[-1]["pool/dropped_no_signal"] >= sum(row["sampling/groups_left_out"] for row in rows), rows
+
+
+def test_the_async_driver_leaves_out_groups_without_signal_up_to_its_budget_and_counts_them_with_the_next_batch():
+    from types import SimpleNamespace
+
+    from forge.run.async_ import AsyncLoop
+
+    handed: list = []
+    loop = AsyncLoop.__new__(AsyncLoop)
+    loop.cfg = load_config("configs/smoke.yaml", ["train.mode=async", "rollout.tasks_per_step=2",
+                           "rollout.group_size=2", "rollout.max_rounds_per_step=2"])  # fmt: skip
+    trainer = SimpleNamespace(train_and_publish=SimpleNamespace(remote=lambda s: handed.append(s) or "ref"))
+    loop.run = SimpleNamespace(shaper=RewardShaper(loop.cfg.reward), trainer=trainer)
+    loop.trainer_version, loop.queued, loop.submitted = 0, [], 0
+    loop.leave_out_at_most, loop.left_out = 2, []  # (2 - 1) x 2 groups per batch
+    alike, mixed, lost = group("00"), group("10"), group("00", lost=True)
+    assert not loop.leaves_out(mixed) and not loop.leaves_out(lost)  # the pool drops a lost one
+    assert loop.leaves_out(alike)
+    solved = group("11")
+    loop.left_out += [alike, solved]
+    assert not loop.leaves_out(group("00"))  # the budget is spent: it goes to the pool
+    assert [t.reward for t in alike] == [0.0, 0.0] and loop.run.shaper.task_baselines == {}
+
+    batch = [mixed, group("01")]
+    loop.submit(batch, {})
+    (samples,) = handed
+    assert len(samples) == 4  # the batch's episodes alone are trained
+    _, trajectories, metrics = loop.queued[0]
+    assert trajectories == alike + solved + mixed + batch[1]  # the left out first: counted, not trained
+    assert metrics["sampling/groups_left_out"] == 2.0 and metrics["reward/success_rate"] == 4 / 8
+    assert loop.left_out == []  # the next batch has its own budget
