@@ -366,6 +366,13 @@ class TrainConfig(Section):
         "'reward' is textbook std normalisation of the shaped reward, which blows small speed "
         "differences in all-success groups up to full-size advantages",
     )
+    mask_truncated: bool = Field(
+        False,
+        description="leave out of the loss every episode with a reply cut at rollout.max_new_tokens (it ended "
+        "without the model's end of turn; TRL's mask_truncated_completions, DAPO's overlong filtering): its "
+        "reward still counts in its group's advantages; with one-token replies (the smoke run) that is every "
+        "episode",
+    )
     negative_advantage_weight: float = Field(
         1.0,
         gt=0,
@@ -991,6 +998,7 @@ _SYNONYMS = {
     "lr_scheduler_type": "lr_schedule",
     "entropy_coeff": "entropy_coef",
     "max_num_gen_batches": "max_rounds_per_step",
+    "mask_truncated_completions": "mask_truncated",
 }
 
 

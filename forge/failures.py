@@ -36,6 +36,21 @@ def signal_fix(env_name: str, max_turns: int, max_new_tokens: int) -> str:
     )
 
 
+def cut_fix(mask_truncated: bool, max_new_tokens: int, agents: bool = False) -> str:
+    """What a stop for want of learning signal says when `train.mask_truncated` left out every
+    episode (each had a reply cut at its token limit); "" when it is off. `agents`: a gateway
+    run's, whose agents may ask for a lower limit (max_tokens) themselves."""
+    if not mask_truncated:
+        return ""
+    limit = f"rollout.max_new_tokens={max_new_tokens}" + (
+        " or the max_tokens its agent asked for" if agents else ""
+    )
+    return (
+        f"Every episode had a reply cut at {limit}, and train.mask_truncated leaves those out of the loss: "
+        "raise the limit, or set train.mask_truncated=false"
+    )
+
+
 def env_timeout_fix(step_timeout_s: float, episode_timeout_s: float) -> str:
     """What a stop tells the user when a run's episodes were all cut short by a time limit."""
     return (
@@ -165,8 +180,10 @@ class SignalWatch:
         error_fix: str = "",
         timeout_fix: str = "",
         solved_fix: str = SOLVED_FIX,
+        cut_fix: str = "",
     ) -> None:
         self.max_steps = max_steps
+        self.cut_fix = cut_fix  # said when train.mask_truncated left every episode out (see cut_fix())
         self.fix = fix
         self.solved_fix = solved_fix  # said instead of `fix` when every episode solved its task
         self.error_fix = error_fix
@@ -197,6 +214,7 @@ class SignalWatch:
         # Every episode solved: the env and model are fine, there is only nothing left to learn.
         fix = self.solved_fix if metrics.get("success_rate", 0.0) >= 1.0 else self.fix
         scored = f"reward_mean {metrics.get('reward_mean', float('nan')):.3g}, success_rate {metrics.get('success_rate', float('nan')):.2f}"
+        masked = bool(self.cut_fix) and played > 0 and metrics.get("episodes_reply_cut", 0) >= played
         if self.ever:
             if self.in_a_row >= self.max_steps and not self.said_alike:
                 self.said_alike = True
@@ -210,10 +228,13 @@ class SignalWatch:
         # FailureWatch; telling the user then to check the env can be solved would send them the wrong way.
         if not self.said_first and not cut_off:
             self.said_first = True
-            say(
-                f"forge: step {step} had no learning signal: within each task's group every episode got the same "
-                f"reward ({scored}), so every advantage is 0 and the step trains nothing. {fix}"
-            )
+            if masked:  # left out, whatever they scored
+                say(f"forge: step {step} trains nothing: {self.cut_fix}")
+            else:
+                say(
+                    f"forge: step {step} had no learning signal: within each task's group every episode got the "
+                    f"same reward ({scored}), so every advantage is 0 and the step trains nothing. {fix}"
+                )
         if self.in_a_row >= self.max_steps or last_step:
             if self.cut_off_in_a_row == self.in_a_row and self.timeouts_in_a_row:
                 scored = (
@@ -223,9 +244,12 @@ class SignalWatch:
             elif self.cut_off_in_a_row == self.in_a_row:
                 scored = "every episode errored, the first error of each kind printed above"
                 fix = self.error_fix or fix
+            why = f"every episode's advantage was 0; {scored}"
+            if masked and self.cut_off_in_a_row < self.in_a_row:
+                why, fix = "train.mask_truncated left out every episode: each had a reply cut", self.cut_fix
             raise RunStopped(
-                f"stopped at step {step}: none of the run's {self.steps} steps had learning signal (every "
-                f"episode's advantage was 0; {scored}), so it trained on nothing (train.max_steps_without_signal="
+                f"stopped at step {step}: none of the run's {self.steps} steps had learning signal ({why}), "
+                "so it trained on nothing (train.max_steps_without_signal="
                 f"{self.max_steps}; 0 never stops). {fix}"
             )
 
@@ -242,6 +266,7 @@ def env_watches(cfg: Config, from_scratch: bool) -> tuple[FailureWatch, SignalWa
         error_fix=fix,
         timeout_fix=env_timeout_fix(cfg.env.step_timeout_s, cfg.env.episode_timeout_s),
         solved_fix=solved_fix(cfg.reward.speed.enabled, cfg.reward.speed.measure),
+        cut_fix=cut_fix(cfg.train.mask_truncated, cfg.rollout.max_new_tokens),
     )
     return failures, signal
 
@@ -257,5 +282,6 @@ def gateway_watches(cfg: Config, from_scratch: bool) -> tuple[FailureWatch, Sign
         error_fix=AGENT_FIX,
         timeout_fix=agent_timeout_fix(cfg.gateway.agent_timeout_s),
         solved_fix=solved_fix(cfg.reward.speed.enabled, cfg.reward.speed.measure),
+        cut_fix=cut_fix(cfg.train.mask_truncated, cfg.rollout.max_new_tokens, agents=True),
     )
     return failures, signal

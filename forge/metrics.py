@@ -69,6 +69,7 @@ def rollout_metrics(trajectories: list[Trajectory], swarm: bool = False) -> dict
         outcome_mean=sum(t.outcome for t in played) / n,
         success_rate=len(solved) / n,
         turns_mean=sum(t.num_turns for t in played) / n,
+        episodes_reply_cut=float(sum(t.reply_cut for t in played)),
         # every agent's (sub-agents' too): the engines sampled and held them all
         tokens_generated=float(sum(agent.generated_tokens for t in played for agent in every_agent(t))),
         tokens_total=float(sum(len(agent.token_ids) for t in played for agent in every_agent(t))),

@@ -89,6 +89,12 @@ class Trajectory:
         return self.status == "truncated" and bool(self.error) and self.error.startswith(TIMEOUT)
 
     @property
+    def reply_cut(self) -> bool:
+        """A reply of the episode was cut at `rollout.max_new_tokens`: it ended without the
+        model's end of turn (`train.mask_truncated` leaves such episodes out of the loss)."""
+        return any(turn.truncated for turn in self.turns)
+
+    @property
     def generated_tokens(self) -> int:
         return sum(self.loss_mask)
 

@@ -374,7 +374,12 @@ def shape_rewards(
         cfg.reward.outcome_gap,
         cfg.train.negative_advantage_weight,
     )
-    played = [a for t, a in zip(trajectories, advantages, strict=True) if t.status != "lost"]
+    masked = cfg.train.mask_truncated  # episodes it leaves out are no signal (to_samples)
+    played = [
+        a
+        for t, a in zip(trajectories, advantages, strict=True)
+        if t.status != "lost" and not (masked and t.reply_cut)
+    ]
     if cfg.swarm.train_subagents:  # sub-agents learn from their own advantages too (to_samples)
         from forge.rollout.spawn import with_subagents
 
@@ -383,8 +388,8 @@ def shape_rewards(
         )
         subagents = zip(trained[len(trajectories) :], own[len(trajectories) :], strict=True)
         # A sub-agent cut off before its first reply has no token to train.
-        played += [a for sub, a in subagents if sub.generated_tokens > 0]
-    # The share of episodes there is something to learn from (forge.failures.SignalWatch).
+        played += [a for sub, a in subagents if sub.generated_tokens > 0 and not (masked and sub.reply_cut)]
+    # The share of episodes there is something to learn from (forge.failures.SignalWatch); 0 with none trained.
     reward_metrics["signal_fraction"] = sum(a != 0 for a in played) / len(played) if played else 0.0
     return reward_metrics, advantages
 
@@ -392,7 +397,8 @@ def shape_rewards(
 def to_samples(
     trajectories: list[Trajectory], advantages: list[float], cfg: Config | None = None
 ) -> list[Sample]:
-    """Training samples from every episode that is learning signal (not lost); with
+    """Training samples from every episode that is learning signal (not lost; with
+    `train.mask_truncated`, no reply cut at `rollout.max_new_tokens`); with
     `swarm.train_subagents`, their sub-agents' too (`forge.rollout.spawn.with_subagents`)."""
     if cfg is not None and cfg.swarm.train_subagents:
         from forge.rollout.spawn import with_subagents
@@ -400,10 +406,11 @@ def to_samples(
         trajectories, advantages = with_subagents(
             trajectories, advantages, True, cfg.train.advantage, cfg.train.negative_advantage_weight
         )
+    masked = cfg is not None and cfg.train.mask_truncated
     return [
         Sample.from_trajectory(t, a)
         for t, a in zip(trajectories, advantages, strict=True)
-        if t.status != "lost" and t.generated_tokens > 0
+        if t.status != "lost" and t.generated_tokens > 0 and not (masked and t.reply_cut)
     ]
 
 

@@ -66,7 +66,7 @@ def play_step(run: Any, step: int) -> StepEpisodes:
         reward_metrics, advantages = shape_rewards(run.shaper, played, cfg, step)
         if rounds == 1:
             return StepEpisodes(played, played, advantages, reward_metrics)
-        groups = groups_with_signal(played, advantages)
+        groups = groups_with_signal(played, advantages, cfg.train.mask_truncated)
         if len(groups) >= wanted:
             break
         count = next_round_tasks(wanted - len(groups), len(groups) / tasks_played, wanted)
@@ -94,14 +94,16 @@ def has_signal(shaper: Any, group: list[Trajectory], cfg: Any, step: int) -> boo
     """Whether `group` (one task's episodes) has an episode whose advantage is not 0, shaped
     alone by a copy of the run's `shaper` (the run's own is left as it was)."""
     _, advantages = shape_rewards(copy.deepcopy(shaper), group, cfg, step)
-    return bool(groups_with_signal(group, advantages))
+    return bool(groups_with_signal(group, advantages, cfg.train.mask_truncated))
 
 
-def groups_with_signal(trajectories: list[Trajectory], advantages: list[float]) -> list[str]:
-    """The group ids, in the order first played, of the groups with an episode (not lost)
-    whose advantage is not 0."""
+def groups_with_signal(
+    trajectories: list[Trajectory], advantages: list[float], mask_truncated: bool = False
+) -> list[str]:
+    """The group ids, in the order first played, of the groups with an episode trained on (not
+    lost; with `mask_truncated`, no reply cut) whose advantage is not 0."""
     found: dict[str, None] = {}
     for trajectory, advantage in zip(trajectories, advantages, strict=True):
-        if trajectory.status != "lost" and advantage != 0:
+        if trajectory.status != "lost" and advantage != 0 and not (mask_truncated and trajectory.reply_cut):
             found.setdefault(trajectory.group_id)
     return list(found)
