@@ -53,8 +53,9 @@ def test_dynamic_sampling_counts_a_group_whose_signal_is_all_in_cut_episodes_as_
     batch = [episode("a", 1.0, cut=True), episode("a", 0.0, cut=True), episode("b", 1.0, cut=False),
              episode("b", 0.0, cut=False)]  # fmt: skip
     _, _, advantages = shaped([], batch)
-    assert groups_with_signal(batch, advantages) == ["a", "b"]
-    assert groups_with_signal(batch, advantages, mask_truncated=True) == ["b"]
+    assert groups_with_signal(batch, advantages, load_config("configs/smoke.yaml")) == ["a", "b"]
+    masking = load_config("configs/smoke.yaml", ["train.mask_truncated=true"])
+    assert groups_with_signal(batch, advantages, masking) == ["b"]
 
 
 def test_a_run_whose_every_episode_was_cut_is_told_to_raise_the_limit_not_to_check_the_env(capsys):

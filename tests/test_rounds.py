@@ -11,6 +11,7 @@ import pytest
 from forge.config import ConfigError, load_config
 from forge.failures import RunStopped
 from forge.reward.shaping import RewardShaper
+from forge.run.context import shape_rewards
 from forge.run.rounds import groups_with_signal, next_round_tasks, play_step
 from forge.types import Trajectory
 
@@ -146,7 +147,31 @@ def test_next_round_plays_what_the_rate_so_far_says_it_takes_at_most_a_round():
 
 def test_groups_with_signal_are_those_with_a_nonzero_advantage_not_lost_in_play_order():
     a, b, c = group("10"), group("11"), group("01", lost=True)
-    assert groups_with_signal(b + a + c, [0.0, 0.0, 1.0, -1.0, 1.0, -1.0]) == [gid(a)]
+    cfg = load_config("configs/smoke.yaml")
+    assert groups_with_signal(b + a + c, [0.0, 0.0, 1.0, -1.0, 1.0, -1.0], cfg) == [gid(a)]
+
+
+def test_a_group_whose_only_signal_is_in_its_subagents_has_signal_when_they_are_trained():
+    """swarm.train_subagents trains each sub-agent on its own advantage: a team whose
+    orchestrators all scored alike still teaches its sub-agents (a swarm run with rounds on
+    trained nothing at exit 0 before: its rounds kept no group, its signal_fraction counted
+    the sub-agents)."""
+    cfg = load_config(
+        "configs/smoke.yaml",
+        ["swarm.enabled=true", "swarm.train_subagents=true", "swarm.subagent_policy=current"],
+    )
+    alike = group("00")
+    for orchestrator, finished in zip(alike, "10", strict=True):
+        sub = group(finished)[0]
+        sub.group_id, sub.depth, sub.parent_turn = orchestrator.group_id + "/sub", 1, 0
+        sub.reward = sub.outcome  # as the agent loop sets it: 1 when it finished its sub-task
+        orchestrator.subagents = [sub]
+    plain = group("11")
+    _, advantages = shape_rewards(RewardShaper(cfg.reward), plain + alike, cfg)
+    assert advantages == [0.0] * 4  # no orchestrator has any
+    assert groups_with_signal(plain + alike, advantages, cfg) == [gid(alike)]
+    without = load_config("configs/smoke.yaml", ["swarm.enabled=true", "swarm.train_subagents=false"])
+    assert groups_with_signal(plain + alike, advantages, without) == []
 
 
 def test_rounds_are_refused_in_gateway_runs_where_forge_does_not_play_the_groups():

@@ -374,24 +374,42 @@ def shape_rewards(
         cfg.reward.outcome_gap,
         cfg.train.negative_advantage_weight,
     )
-    masked = cfg.train.mask_truncated  # episodes it leaves out are no signal (to_samples)
-    played = [
-        a
+    played = [advantage for _, advantage in trained_advantages(trajectories, advantages, cfg)]
+    # The share of episodes there is something to learn from (forge.failures.SignalWatch); 0 with none trained.
+    reward_metrics["signal_fraction"] = sum(a != 0 for a in played) / len(played) if played else 0.0
+    return reward_metrics, advantages
+
+
+def trained_advantages(
+    trajectories: list[Trajectory], advantages: list[float], cfg: Config
+) -> list[tuple[str, float]]:
+    """(group id, advantage) of every episode the step's loss takes in: each not lost (with
+    `train.mask_truncated`, none with a reply cut) and, with `swarm.train_subagents`, each
+    sub-agent that replied, under its orchestrator's group and with its own advantage. What
+    learning signal is (`signal_fraction`, dynamic sampling's groups with signal): a sub-agent
+    whose advantage is not 0 gives its orchestrator's group some, as `to_samples` trains it."""
+    masked = cfg.train.mask_truncated
+    found = [
+        (t.group_id, a)
         for t, a in zip(trajectories, advantages, strict=True)
         if t.status != "lost" and not (masked and t.reply_cut)
     ]
-    if cfg.swarm.train_subagents:  # sub-agents learn from their own advantages too (to_samples)
+    if cfg.swarm.train_subagents:
         from forge.rollout.spawn import with_subagents
 
         trained, own = with_subagents(
             trajectories, advantages, True, cfg.train.advantage, cfg.train.negative_advantage_weight
         )
-        subagents = zip(trained[len(trajectories) :], own[len(trajectories) :], strict=True)
+        # with_subagents lists every sub-agent of each episode not lost, in order.
+        roots = [t.group_id for t in trajectories if t.status != "lost" for _ in t.all_subagents()]
+        subagents = zip(roots, trained[len(trajectories) :], own[len(trajectories) :], strict=True)
         # A sub-agent cut off before its first reply has no token to train.
-        played += [a for sub, a in subagents if sub.generated_tokens > 0 and not (masked and sub.reply_cut)]
-    # The share of episodes there is something to learn from (forge.failures.SignalWatch); 0 with none trained.
-    reward_metrics["signal_fraction"] = sum(a != 0 for a in played) / len(played) if played else 0.0
-    return reward_metrics, advantages
+        found += [
+            (root, a)
+            for root, sub, a in subagents
+            if sub.generated_tokens > 0 and not (masked and sub.reply_cut)
+        ]
+    return found
 
 
 def to_samples(

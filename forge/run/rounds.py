@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from forge.failures import RunStopped
-from forge.run.context import shape_rewards
+from forge.run.context import shape_rewards, trained_advantages
 from forge.types import Trajectory
 
 
@@ -66,7 +66,7 @@ def play_step(run: Any, step: int) -> StepEpisodes:
         reward_metrics, advantages = shape_rewards(run.shaper, played, cfg, step)
         if rounds == 1:
             return StepEpisodes(played, played, advantages, reward_metrics)
-        groups = groups_with_signal(played, advantages, cfg.train.mask_truncated)
+        groups = groups_with_signal(played, advantages, cfg)
         if len(groups) >= wanted:
             break
         count = next_round_tasks(wanted - len(groups), len(groups) / tasks_played, wanted)
@@ -94,16 +94,13 @@ def has_signal(shaper: Any, group: list[Trajectory], cfg: Any, step: int) -> boo
     """Whether `group` (one task's episodes) has an episode whose advantage is not 0, shaped
     alone by a copy of the run's `shaper` (the run's own is left as it was)."""
     _, advantages = shape_rewards(copy.deepcopy(shaper), group, cfg, step)
-    return bool(groups_with_signal(group, advantages, cfg.train.mask_truncated))
+    return bool(groups_with_signal(group, advantages, cfg))
 
 
-def groups_with_signal(
-    trajectories: list[Trajectory], advantages: list[float], mask_truncated: bool = False
-) -> list[str]:
-    """The group ids, in the order first played, of the groups with an episode trained on (not
-    lost; with `mask_truncated`, no reply cut) whose advantage is not 0."""
-    found: dict[str, None] = {}
-    for trajectory, advantage in zip(trajectories, advantages, strict=True):
-        if trajectory.status != "lost" and advantage != 0 and not (mask_truncated and trajectory.reply_cut):
-            found.setdefault(trajectory.group_id)
-    return list(found)
+def groups_with_signal(trajectories: list[Trajectory], advantages: list[float], cfg: Any) -> list[str]:
+    """The group ids, in the order first played, of the groups with an episode the loss takes
+    in (`forge.run.context.trained_advantages`: sub-agents' too) whose advantage is not 0."""
+    signal = {
+        group for group, advantage in trained_advantages(trajectories, advantages, cfg) if advantage != 0
+    }
+    return [group for group in dict.fromkeys(t.group_id for t in trajectories) if group in signal]
