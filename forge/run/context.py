@@ -403,13 +403,19 @@ def trained_advantages(
         # with_subagents lists every sub-agent of each episode not lost, in order.
         roots = [t.group_id for t in trajectories if t.status != "lost" for _ in t.all_subagents()]
         subagents = zip(roots, trained[len(trajectories) :], own[len(trajectories) :], strict=True)
-        # A sub-agent cut off before its first reply has no token to train.
-        found += [
-            (root, a)
-            for root, sub, a in subagents
-            if sub.generated_tokens > 0 and not (masked and sub.reply_cut)
-        ]
+        found += [(root, a) for root, sub, a in subagents if becomes_sample(sub, masked)]
     return found
+
+
+def becomes_sample(trajectory: Trajectory, mask_truncated: bool) -> bool:
+    """Whether an episode (or sub-agent) becomes a training sample: not lost, with a token the
+    model generated (one cut off before its first reply has none), and with `mask_truncated`
+    no reply cut at its token limit."""
+    return (
+        trajectory.status != "lost"
+        and trajectory.generated_tokens > 0
+        and not (mask_truncated and trajectory.reply_cut)
+    )
 
 
 def to_samples(
@@ -428,7 +434,7 @@ def to_samples(
     return [
         Sample.from_trajectory(t, a)
         for t, a in zip(trajectories, advantages, strict=True)
-        if t.status != "lost" and t.generated_tokens > 0 and not (masked and t.reply_cut)
+        if becomes_sample(t, masked)
     ]
 
 

@@ -2,16 +2,18 @@
 
 With `rollout.max_rounds_per_step` at 1 (the default) a sync step plays `tasks_per_step`
 groups and trains on all of them. Above 1, a step whose groups have fewer than
-`tasks_per_step` with learning signal (an episode whose advantage is not 0: the group did not
-all score alike) plays another round, up to that many rounds, and trains on the first
-`tasks_per_step` groups with signal, in the order they were played, and on no other. So every
-step trains a full batch of groups that teach something while the policy still solves some
-of its tasks and fails some, instead of a batch that shrinks as it gets better or worse at
-them; a step that runs out of rounds trains on the groups with signal it found. A lost group
-(its worker died) has no signal either, so a round replaces it too. A round after the first
-plays as many tasks as it takes to find the groups still missing at the rate the step found
-them so far (at most `tasks_per_step`), so a step that lacks one group plays a few tasks
-more, not a whole batch that is mostly thrown away.
+`tasks_per_step` with learning signal plays another round, up to that many rounds, and
+trains on the first `tasks_per_step` groups with signal, in the order they were played, and
+on no other. A group has signal when an episode the loss takes in has an advantage that is
+not 0 (`forge.run.context.trained_advantages`): its episodes did not all score alike or,
+with `swarm.train_subagents`, its sub-agents did not. So every step trains a full batch of
+groups that teach something while the policy still solves some of its tasks and fails
+some, instead of a batch that shrinks as it gets better or worse at them; a step that runs
+out of rounds trains on the groups with signal it found. A lost group (its worker died) has
+no signal either, so a round replaces it too. A round after the first plays as many tasks
+as it takes to find the groups still missing at the rate the step found them so far (at
+most `tasks_per_step`), so a step that lacks one group plays a few tasks more, not a whole
+batch that is mostly thrown away.
 
 Each round shapes every episode played so far afresh, from the shaper as the step found it,
 so a speed baseline kept per task (`reward.speed.baseline: task_moving_average`) takes each
