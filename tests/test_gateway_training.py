@@ -218,3 +218,29 @@ def test_a_gateway_run_whose_trainer_cannot_load_the_model_stops_before_any_agen
     assert stopped in error and "no_such_family" in error.split(stopped)[1]
     assert not played.exists()
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_a_gateway_run_masking_cut_replies_trains_no_call_of_an_episode_with_one(
+    ray_session, tmp_path, monkeypatch
+):
+    """train.mask_truncated in gateway runs: an episode with a call cut at its token limit
+    gives no sample, whichever of its calls was cut (the smoke agent's replies are 4 tokens)."""
+    from forge.run import gateway as gateway_run
+    from forge.run.launch import train
+
+    handed: list[list[Episode]] = []
+    original = gateway_run.episode_samples
+
+    def capture(episodes, advantages):
+        handed.append(list(episodes))
+        return original(episodes, advantages)
+
+    monkeypatch.setattr(gateway_run, "episode_samples", capture)
+    cfg = load_config("configs/gateway-smoke.yaml", ["train.max_steps=2", "train.mask_truncated=true",
+                      "train.max_steps_without_signal=0", "logging.progress_bar=false"])  # fmt: skip
+    train(cfg, tmp_path / "run", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["trained_samples"] for row in rows] == [0.0, 0.0]
+    assert all(row["episodes_reply_cut"] == row["episodes"] > 0 for row in rows)
+    assert handed == [[], []]  # no episode reached the samples

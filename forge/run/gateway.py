@@ -111,7 +111,9 @@ def gateway_step(
 
     failures.observe(step, trajectories, last_step=step == cfg.train.max_steps, before_stop=record_stopped)
     reward_metrics, advantages = shape_rewards(run.shaper, trajectories, cfg)
-    samples = episode_samples(episodes, advantages)
+    # train.mask_truncated: an episode with a call cut at its token limit gives no sample.
+    kept = [i for i, t in enumerate(trajectories) if not (cfg.train.mask_truncated and t.reply_cut)]
+    samples = episode_samples([episodes[i] for i in kept], [advantages[i] for i in kept])
     train_metrics = ray.get(run.trainer.train_step.remote(samples))
     sync_started = time.perf_counter()
     version = run.sync_weights()
