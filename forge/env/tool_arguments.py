@@ -113,9 +113,7 @@ def _schema(allowed: Any) -> dict[str, Any]:
         }
     if all("enum" in part or part == {"type": "null"} for part in parts):  # only values
         values = [value for part in parts for value in part.get("enum", [None])]
-        kinds = _merged(
-            _JSON_TYPES.get(type(value), "null" if value is None else "string") for value in values
-        )
+        kinds = _merged(_value_type(value) for value in values)
         return {"type": kinds, "enum": values}
     return {"anyOf": parts}
 
@@ -133,6 +131,11 @@ def _schema_of(kind: Any) -> dict[str, Any]:
         kinds = {_JSON_TYPES.get(type(value), "string") for value in values}
         return {"type": kinds.pop(), "enum": values} if len(kinds) == 1 else {"enum": values}
     return {"type": _JSON_TYPES[kind]}
+
+
+def _value_type(value: Any) -> str:
+    """The JSON type of a `Literal`'s value (None: null; an Enum member or other: string)."""
+    return "null" if value is None else _JSON_TYPES.get(type(value), "string")
 
 
 def _merged(kinds: Any) -> str | list[str]:

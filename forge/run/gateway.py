@@ -27,6 +27,7 @@ from forge.run.cluster import check_resources, start_ray
 from forge.run.context import (
     RunResult,
     StepLog,
+    becomes_sample,
     checkpoint_due,
     finish,
     make_trainer,
@@ -111,8 +112,8 @@ def gateway_step(
 
     failures.observe(step, trajectories, last_step=step == cfg.train.max_steps, before_stop=record_stopped)
     reward_metrics, advantages = shape_rewards(run.shaper, trajectories, cfg)
-    # train.mask_truncated: an episode with a call cut at its token limit gives no sample.
-    kept = [i for i, t in enumerate(trajectories) if not (cfg.train.mask_truncated and t.reply_cut)]
+    # Per call, but of the episodes the other modes' to_samples would train (train.mask_truncated).
+    kept = [i for i, t in enumerate(trajectories) if becomes_sample(t, cfg.train.mask_truncated)]
     samples = episode_samples([episodes[i] for i in kept], [advantages[i] for i in kept])
     train_metrics = ray.get(run.trainer.train_step.remote(samples))
     sync_started = time.perf_counter()
