@@ -122,7 +122,8 @@ def test_a_union_shows_every_type_it_takes_and_a_hint_not_checked_shows_any_valu
 _HINTS = [str, int, float, bool, list, dict, list[str], dict[str, int], int | str, float | None, bool | None,
           Literal["a", "b"], Literal[1, 2] | None, Literal["x"] | int, Literal[1, "1"], int | list | None, Any,
           object, list[int], list[str | None], list[int] | None, list[list[Literal["a", "b"]]],
-          list[int] | list[str], int | dict[str, int] | None, list[Any], dict[str, Any]]  # fmt: skip
+          list[int] | list[str], int | dict[str, int] | None, list[Any], dict[str, Any],
+          Literal["a", None]]  # fmt: skip
 _JSON_VALUES = st.recursive(
     st.none()
     | st.booleans()

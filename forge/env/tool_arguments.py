@@ -128,7 +128,7 @@ def _schema_of(kind: Any) -> dict[str, Any]:
         return {"type": "object", "additionalProperties": _schema(items)}
     if isinstance(kind, tuple):
         values = list(kind[1])
-        kinds = {_JSON_TYPES.get(type(value), "string") for value in values}
+        kinds = {_value_type(value) for value in values}
         return {"type": kinds.pop(), "enum": values} if len(kinds) == 1 else {"enum": values}
     return {"type": _JSON_TYPES[kind]}
 
