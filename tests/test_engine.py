@@ -69,6 +69,38 @@ def test_a_later_turn_prefills_only_the_tokens_after_the_cache(model_and_tokeniz
     assert second.prefill_tokens == len(context) - len(prompt) - len(first.token_ids) + 1
 
 
+def test_a_turn_that_diverges_from_the_cache_reuses_the_tokens_before_it(model_and_tokenizer):
+    """A reply the client re-rendered (or cut at a stop string) differs from the sampled
+    tokens: the turn still starts from the cache up to there, with a fresh forward's logprobs.
+    Of two episodes in one batch, one extends its cache and one diverges from it; then a
+    retry of an episode's first prompt reuses all of it but the token it samples after."""
+    model, _ = model_and_tokenizer
+    engine = make_engine(model_and_tokenizer)
+    prompts = {"a": [5, 6, 7, 8, 9], "b": [5, 6, 7, 8, 12, 13]}
+    firsts = engine.generate([GenerationRequest(p, 3, episode_id=n) for n, p in prompts.items()])
+    other = next(t for t in range(20, 40) if t != firsts[1].token_ids[0])
+    extends = prompts["a"] + firsts[0].token_ids + [10, 11]
+    diverges = prompts["b"] + [other, 10, 11]  # not the reply b sampled
+    seconds = engine.generate(
+        [GenerationRequest(extends, 3, episode_id="a"), GenerationRequest(diverges, 3, episode_id="b")]
+    )
+    assert seconds[0].prefill_tokens == len(extends) - len(prompts["a"]) - len(firsts[0].token_ids) + 1
+    assert seconds[1].prefill_tokens == len(diverges) - len(prompts["b"])
+    retry = engine.generate([GenerationRequest(prompts["a"], 3, episode_id="a")])[0]
+    assert retry.prefill_tokens == 1
+    for context, result in [(extends, seconds[0]), (diverges, seconds[1]), (prompts["a"], retry)]:
+        assert result.logprobs == pytest.approx(
+            reference_logprobs(model, context, result.token_ids), abs=1e-4
+        )
+
+
+def test_a_turn_that_shares_nothing_with_the_cache_is_prefilled_afresh(model_and_tokenizer):
+    engine = make_engine(model_and_tokenizer)
+    engine.generate([GenerationRequest([5, 6, 7], 2, episode_id="a")])
+    again = engine.generate([GenerationRequest([9, 6, 7, 8], 2, episode_id="a")])[0]
+    assert again.prefill_tokens == 4
+
+
 def test_a_group_prompt_is_prefilled_once(model_and_tokenizer):
     engine = make_engine(model_and_tokenizer)
     prompt = [5, 6, 7, 8, 9]

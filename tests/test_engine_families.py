@@ -39,7 +39,8 @@ def fresh_logprobs(model, context: list[int], generated: list[int]) -> torch.Ten
 
 def play_ragged(engine: HFEngine, model, turns: int, seed: int, contexts: dict | None = None) -> int:
     """Episodes that share a prompt, sit out turns, stop at different lengths and get
-    observations of different lengths (pad holes in the kept batch); every sampled token's
+    observations of different lengths (pad holes in the kept batch), and one per turn comes back
+    differing from its cached tokens (a client that re-rendered them); every sampled token's
     logprob is checked against a fresh forward. `contexts` (episode id -> its tokens so far)
     carries episodes on from an earlier call, whose KV the engine holds; it is updated in place.
     Returns the longest context seen."""
@@ -59,7 +60,10 @@ def play_ragged(engine: HFEngine, model, turns: int, seed: int, contexts: dict |
             got = torch.tensor(result.logprobs)
             assert (got - want).abs().max().item() <= TOLERANCE, (turn, request.episode_id)
             observation = [20 + turn] * (1 + (i * 3 + turn + seed) % 7)
-            contexts[request.episode_id] = request.token_ids + result.token_ids + observation
+            sent = request.token_ids
+            if i == turn % len(names):  # re-rendered: the cached KV is reused up to this token only
+                sent = sent[:-1] + [30 + turn]
+            contexts[request.episode_id] = sent + result.token_ids + observation
             longest = max(longest, len(contexts[request.episode_id]))
     return longest
 

@@ -255,13 +255,23 @@ class HFEngine:
                 )
 
     def _past_for(self, request: GenerationRequest) -> _EpisodeKV | None:
+        """The episode's cached KV that this request can start from: all of it when the request
+        extends the cached tokens, else the part before they diverge (a client that re-renders a
+        reply, or a reply cut at a stop string, differs from the sampled tokens from that turn
+        on; the turns before it are still the cache's). None when nothing is shared. The
+        request's last token is always left to run, for the logits it samples from."""
         past = self._episodes.pop(request.episode_id, None) if request.episode_id else None
         if past is None:
             return None
-        n = len(past.token_ids)
-        if n < len(request.token_ids) and request.token_ids[:n] == past.token_ids:
+        shared = _shared_length(past.token_ids, request.token_ids[:-1])
+        if shared == len(past.token_ids):
             return past
-        return None  # the episode's tokens diverged from what was cached: prefill afresh
+        if shared == 0:
+            return None
+        layers = [
+            None if held is None else (held[0][:, :, :shared], held[1][:, :, :shared]) for held in past.layers
+        ]
+        return _EpisodeKV(past.token_ids[:shared], layers)
 
     def _batch_rows(self, requests: list[GenerationRequest]) -> list[int] | None:
         """Each request's row in the kept batch, or None if any request cannot extend
@@ -597,6 +607,14 @@ class HFEngine:
             cache.batch_select_indices(index)
             attention_mask, logits = attention_mask[index], logits[index]
         return cache, attention_mask, logits, prefill_counts
+
+
+def _shared_length(a: list[int], b: list[int]) -> int:
+    """How many leading tokens `a` and `b` have in common."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    return next(i for i in range(n) if a[i] != b[i])
 
 
 def _check_shared_reads(cache: Any) -> None:
