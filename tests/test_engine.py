@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from forge.config import ModelConfig
-from forge.rollout.engines.hf import HFEngine
+from forge.rollout.engines.hf import BORROW_MIN_TOKENS, HFEngine
 from forge.rollout.engines.protocol import GenerationRequest
 
 
@@ -99,6 +99,37 @@ def test_a_turn_that_shares_nothing_with_the_cache_is_prefilled_afresh(model_and
     engine.generate([GenerationRequest([5, 6, 7], 2, episode_id="a")])
     again = engine.generate([GenerationRequest([9, 6, 7, 8], 2, episode_id="a")])[0]
     assert again.prefill_tokens == 4
+
+
+def test_a_new_episode_starts_from_the_longest_prefix_another_episode_holds(model_and_tokenizer):
+    """Within one call too (another row's own cache), and for a group of new rows at once;
+    a common start shorter than BORROW_MIN_TOKENS is prefilled."""
+    model, _ = model_and_tokenizer
+    engine = make_engine(model_and_tokenizer)
+    system = list(range(5, 5 + BORROW_MIN_TOKENS + 8))
+    first = engine.generate([GenerationRequest(system + [40, 41], 3, episode_id="a")])[0]
+    again = system + [40, 41] + first.token_ids + [42]
+    calls = [
+        # "a" extends its cache; "b" takes the first 20 tokens "a" holds
+        [
+            GenerationRequest(again, 3, episode_id="a"),
+            GenerationRequest(system[:20] + [43], 3, episode_id="b"),
+        ],
+        [GenerationRequest(system + [44], 3, episode_id=f"g{i}") for i in range(3)],  # once, from a's cache
+        [GenerationRequest(system[: BORROW_MIN_TOKENS - 1] + [45], 3, episode_id="c")],  # too short a start
+    ]
+    prefilled = []
+    for requests in calls:
+        results = engine.generate(requests)
+        prefilled.append([r.prefill_tokens for r in results])
+        for request, result in zip(requests, results, strict=True):
+            expected = reference_logprobs(model, request.token_ids, result.token_ids)
+            assert result.logprobs == pytest.approx(expected, abs=1e-4)
+    assert prefilled == [
+        [len(again) - len(system) - 2 - len(first.token_ids) + 1, 1],
+        [1, 0, 0],
+        [BORROW_MIN_TOKENS],
+    ]
 
 
 def test_a_group_prompt_is_prefilled_once(model_and_tokenizer):

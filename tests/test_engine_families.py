@@ -110,6 +110,31 @@ def test_a_groups_shared_prompt_samples_with_fresh_forward_logprobs(name):
     assert (layer_type is SharedPromptLayer) == engine.share_prompt
 
 
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=[] if n in GROUP_FAST else [pytest.mark.slow]) for n in FAMILIES]
+)
+def test_new_episodes_start_from_another_episodes_cache_with_fresh_forward_logprobs(name):
+    """A group whose first episode came in an earlier call, then an episode whose prompt shares
+    only a system prompt (longer than the windows) with them: each starts from the KV another
+    episode holds, prefills the rest, and samples with a fresh forward's logprobs."""
+    model = rollout_model(name)
+    engine = HFEngine(model, [STOP], pad_token_id=0, seed=3)
+    system = [5 + (i * 7) % 50 for i in range(3 * WINDOW + 4)]
+    calls = [
+        [GenerationRequest(system + [60], 3, episode_id="a")],
+        [GenerationRequest(system + [60], 3, episode_id=f"b{i}") for i in range(3)],
+        [GenerationRequest(system + [61, 62], 3, episode_id="c")],
+    ]
+    prefilled = []
+    for requests in calls:
+        results = engine.generate(requests)
+        prefilled.append(sum(result.prefill_tokens for result in results))
+        for request, result in zip(requests, results, strict=True):
+            want = fresh_logprobs(model, request.token_ids, result.token_ids)
+            assert (torch.tensor(result.logprobs) - want).abs().max().item() <= TOLERANCE, request.episode_id
+    assert prefilled == [len(system) + 1, 1, 2]
+
+
 def test_plain_sdpa_families_share_the_prompt_and_windowed_or_capped_ones_copy_it():
     shares = {name: HFEngine(rollout_model(name), [STOP], pad_token_id=0).share_prompt for name in FAMILIES}
     assert all(shares[name] for name in ["llama", "qwen3", "qwen3_moe", "gpt_neox", "gptj", "codegen"])

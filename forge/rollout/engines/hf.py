@@ -5,11 +5,13 @@ across their turns (the last batch's cache stays in place; see the class).
 from __future__ import annotations
 
 import collections
+import functools
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from transformers.cache_utils import Cache
 
@@ -34,6 +36,23 @@ class _EpisodeKV:
     token_ids: list[int]
     layers: list[tuple[torch.Tensor, torch.Tensor] | None]
 
+    @functools.cached_property
+    def array(self) -> np.ndarray:
+        return np.asarray(self.token_ids, dtype=np.int64)
+
+    def shared_with(self, tokens: np.ndarray) -> int:
+        """How many leading tokens this cache has in common with `tokens`."""
+        n = min(len(self.token_ids), len(tokens))
+        differ = np.flatnonzero(self.array[:n] != tokens[:n])
+        return int(differ[0]) if differ.size else n
+
+    def prefix(self, n: int) -> _EpisodeKV:
+        """The KV of this cache's first `n` tokens (views of its tensors, nothing copied)."""
+        if n == len(self.token_ids):
+            return self
+        layers = [None if held is None else (held[0][:, :, :n], held[1][:, :, :n]) for held in self.layers]
+        return _EpisodeKV(self.token_ids[:n], layers)
+
 
 @dataclass
 class _BatchKV:
@@ -55,6 +74,11 @@ class _BatchKV:
 # cost a GPU's prefill its throughput (each chunk launches every kernel again).
 CPU_PREFILL_CHUNK = 2048
 GPU_PREFILL_CHUNK = 16384
+
+# The fewest tokens a new episode takes from another episode's cache (vLLM's prefix cache
+# shares whole blocks of 16): a shorter common start (a chat template's opening tokens) saves
+# less than the pad columns it lays out before the batch's other new rows.
+BORROW_MIN_TOKENS = 16
 
 
 def default_prefill_chunk(device: torch.device) -> int:
@@ -263,15 +287,23 @@ class HFEngine:
         past = self._episodes.pop(request.episode_id, None) if request.episode_id else None
         if past is None:
             return None
-        shared = _shared_length(past.token_ids, request.token_ids[:-1])
-        if shared == len(past.token_ids):
-            return past
-        if shared == 0:
-            return None
-        layers = [
-            None if held is None else (held[0][:, :, :shared], held[1][:, :, :shared]) for held in past.layers
-        ]
-        return _EpisodeKV(past.token_ids[:shared], layers)
+        shared = past.shared_with(np.asarray(request.token_ids[:-1], dtype=np.int64))
+        return past.prefix(shared) if shared else None
+
+    def _borrowed(self, request: GenerationRequest, donors: list[_EpisodeKV]) -> _EpisodeKV | None:
+        """For a request with no cache of its own (an episode's first turn), the longest prefix
+        of it that another episode's cache holds, if at least `BORROW_MIN_TOKENS` long: a group's
+        prompt whose other episodes came in an earlier call, a system prompt every task shares.
+        The KV of the same tokens under the same weights is the same whichever episode ran them.
+        """
+        wanted = np.asarray(request.token_ids[:-1], dtype=np.int64)
+        best, longest = None, BORROW_MIN_TOKENS - 1
+        for donor in donors:
+            if donor.token_ids[0] == request.token_ids[0]:
+                shared = donor.shared_with(wanted)
+                if shared > longest:
+                    best, longest = donor, shared
+        return best.prefix(longest) if best is not None else None
 
     def _batch_rows(self, requests: list[GenerationRequest]) -> list[int] | None:
         """Each request's row in the kept batch, or None if any request cannot extend
@@ -575,19 +607,25 @@ class HFEngine:
     ) -> tuple[Any, torch.Tensor, torch.Tensor, list[int]]:
         """Lay out a new batch from per-episode caches (or none) and prefill what they lack."""
         batch = len(requests)
-        pasts = [self._past_for(r) for r in requests]
+        owns = [self._past_for(r) for r in requests]
+        # Rows with no cache and the same tokens (a group's first turn) are prefilled once,
+        # from what another episode's cache holds of them where it holds enough.
+        unique: dict[tuple, int] = {}
+        expand: list[int] = []
+        for row, (request, own) in enumerate(zip(requests, owns, strict=True)):
+            key = ("row", row) if own is not None else ("prompt", tuple(request.token_ids))
+            expand.append(unique.setdefault(key, len(unique)))
+        firsts = [expand.index(u) for u in range(len(unique))]
+        pasts = list(owns)
+        donors = [own for own in owns if own is not None] + list(self._episodes.values())
+        for row in firsts:
+            if owns[row] is None and donors:
+                pasts[row] = self._borrowed(requests[row], donors)
         news = [
             r.token_ids[len(p.token_ids) :] if p is not None else list(r.token_ids)
             for r, p in zip(requests, pasts, strict=True)
         ]
-        # Rows with no cache and the same tokens (a group's first turn) are prefilled once.
-        unique: dict[tuple, int] = {}
-        expand: list[int] = []
-        for row, (past, new) in enumerate(zip(pasts, news, strict=True)):
-            key = ("row", row) if past is not None else ("prompt", tuple(new))
-            expand.append(unique.setdefault(key, len(unique)))
-        firsts = [expand.index(u) for u in range(len(unique))]
-        shared = self.share_prompt and len(unique) == 1 and batch > 1 and pasts[0] is None
+        shared = self.share_prompt and len(unique) == 1 and batch > 1 and owns[0] is None
         # A shared prompt's KV is sized to it exactly: the rows' own tokens go elsewhere.
         cache, attention_mask, logits = self._prefill(
             [pasts[r] for r in firsts], [news[r] for r in firsts], 0 if shared else room
@@ -607,14 +645,6 @@ class HFEngine:
             cache.batch_select_indices(index)
             attention_mask, logits = attention_mask[index], logits[index]
         return cache, attention_mask, logits, prefill_counts
-
-
-def _shared_length(a: list[int], b: list[int]) -> int:
-    """How many leading tokens `a` and `b` have in common."""
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    return next(i for i in range(n) if a[i] != b[i])
 
 
 def _check_shared_reads(cache: Any) -> None:
