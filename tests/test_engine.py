@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from forge.config import ModelConfig
-from forge.rollout.engines.hf import BORROW_MIN_TOKENS, HFEngine
+from forge.rollout.engines.hf import BORROW_MIN_TOKENS, SHARED_START_MIN_TOKENS, HFEngine
 from forge.rollout.engines.protocol import GenerationRequest
 
 
@@ -130,6 +130,26 @@ def test_a_new_episode_starts_from_the_longest_prefix_another_episode_holds(mode
         [1, 0, 0],
         [BORROW_MIN_TOKENS],
     ]
+
+
+def test_new_rows_of_one_call_that_start_alike_run_their_common_start_once(model_and_tokenizer):
+    """Two system prompts, two tasks under each (one more under the first, sharing a token more
+    with one of them) and a task under neither, in one call with no episode cached: each system
+    prompt runs once, apart; every row samples as a fresh forward."""
+    model, _ = model_and_tokenizer
+    engine = make_engine(model_and_tokenizer)
+    systems = [[5 + (i * k) % 40 for i in range(SHARED_START_MIN_TOKENS)] for k in (3, 7)]
+    requests = [GenerationRequest(systems[i % 2] + [50 + i, 51], 3, episode_id=f"t{i}") for i in range(4)]
+    requests.append(GenerationRequest(systems[0] + [50, 60, 61], 3, episode_id="y"))  # t0's start, and more
+    requests.append(
+        GenerationRequest(systems[0][: SHARED_START_MIN_TOKENS - 1] + [52, 53], 3, episode_id="x")
+    )
+    results = engine.generate(requests)
+    own = 4 * 2 + 3 + len(requests[-1].token_ids)
+    assert sum(r.prefill_tokens for r in results) == 2 * SHARED_START_MIN_TOKENS + own
+    for request, result in zip(requests, results, strict=True):
+        expected = reference_logprobs(model, request.token_ids, result.token_ids)
+        assert result.logprobs == pytest.approx(expected, abs=1e-4)
 
 
 def test_a_group_prompt_is_prefilled_once(model_and_tokenizer):

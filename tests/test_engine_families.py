@@ -113,17 +113,23 @@ def test_a_groups_shared_prompt_samples_with_fresh_forward_logprobs(name):
 @pytest.mark.parametrize(
     "name", [pytest.param(n, marks=[] if n in GROUP_FAST else [pytest.mark.slow]) for n in FAMILIES]
 )
-def test_new_episodes_start_from_another_episodes_cache_with_fresh_forward_logprobs(name):
+def test_new_episodes_start_from_another_episodes_cache_with_fresh_forward_logprobs(name, monkeypatch):
     """A group whose first episode came in an earlier call, then an episode whose prompt shares
     only a system prompt (longer than the windows) with them: each starts from the KV another
-    episode holds, prefills the rest, and samples with a fresh forward's logprobs."""
+    episode holds, prefills the rest, and samples with a fresh forward's logprobs; as do two
+    tasks in one call under a system prompt no episode holds, run once for both."""
     model = rollout_model(name)
     engine = HFEngine(model, [STOP], pad_token_id=0, seed=3)
     system = [5 + (i * 7) % 50 for i in range(3 * WINDOW + 4)]
+    # GPT-J and CodeGen hold 128 positions: a shorter common start runs apart here.
+    monkeypatch.setattr("forge.rollout.engines.hf.SHARED_START_MIN_TOKENS", 4 * WINDOW)
+    other = [4] + [5 + (i * 11) % 50 for i in range(4 * WINDOW)]
     calls = [
         [GenerationRequest(system + [60], 3, episode_id="a")],
         [GenerationRequest(system + [60], 3, episode_id=f"b{i}") for i in range(3)],
         [GenerationRequest(system + [61, 62], 3, episode_id="c")],
+        # Two tasks under a system prompt no episode holds: it runs once, apart.
+        [GenerationRequest(other + [60 + i, 61], 3, episode_id=f"d{i}") for i in range(2)],
     ]
     prefilled = []
     for requests in calls:
@@ -132,7 +138,7 @@ def test_new_episodes_start_from_another_episodes_cache_with_fresh_forward_logpr
         for request, result in zip(requests, results, strict=True):
             want = fresh_logprobs(model, request.token_ids, result.token_ids)
             assert (torch.tensor(result.logprobs) - want).abs().max().item() <= TOLERANCE, request.episode_id
-    assert prefilled == [len(system) + 1, 1, 2]
+    assert prefilled == [len(system) + 1, 1, 2, len(other) + 2 * 2]
 
 
 def test_plain_sdpa_families_share_the_prompt_and_windowed_or_capped_ones_copy_it():

@@ -42,9 +42,7 @@ class _EpisodeKV:
 
     def shared_with(self, tokens: np.ndarray) -> int:
         """How many leading tokens this cache has in common with `tokens`."""
-        n = min(len(self.token_ids), len(tokens))
-        differ = np.flatnonzero(self.array[:n] != tokens[:n])
-        return int(differ[0]) if differ.size else n
+        return _shared_length(self.array, tokens)
 
     def prefix(self, n: int) -> _EpisodeKV:
         """The KV of this cache's first `n` tokens (views of its tensors, nothing copied)."""
@@ -79,6 +77,9 @@ GPU_PREFILL_CHUNK = 16384
 # shares whole blocks of 16): a shorter common start (a chat template's opening tokens) saves
 # less than the pad columns it lays out before the batch's other new rows.
 BORROW_MIN_TOKENS = 16
+# The fewest tokens that new rows of one call, starting alike, run once apart rather than each
+# in its row: one forward more costs about what the batch would spend on this many.
+SHARED_START_MIN_TOKENS = 128
 
 
 def default_prefill_chunk(device: torch.device) -> int:
@@ -304,6 +305,12 @@ class HFEngine:
                 if shared > longest:
                     best, longest = donor, shared
         return best.prefix(longest) if best is not None else None
+
+    def _start_kv(self, tokens: list[int]) -> _EpisodeKV:
+        """The KV of `tokens` alone, run as a batch of one row."""
+        cache, _, _ = self._prefill([None], [tokens], room=0)
+        columns = torch.arange(len(tokens), device=self.device)
+        return _EpisodeKV(list(tokens), [layer.row(0, columns) for layer in cache.layers])
 
     def _batch_rows(self, requests: list[GenerationRequest]) -> list[int] | None:
         """Each request's row in the kept batch, or None if any request cannot extend
@@ -621,6 +628,14 @@ class HFEngine:
         for row in firsts:
             if owns[row] is None and donors:
                 pasts[row] = self._borrowed(requests[row], donors)
+        # Rows still with none that start alike (tasks under one system prompt) run their
+        # common start once, apart, and each starts from it.
+        apart = [0] * batch
+        for run, length in _common_starts([row for row in firsts if pasts[row] is None], requests):
+            start = self._start_kv(requests[run[0]].token_ids[:length])
+            for row in run:
+                pasts[row] = start
+            apart[run[0]] = length
         news = [
             r.token_ids[len(p.token_ids) :] if p is not None else list(r.token_ids)
             for r, p in zip(requests, pasts, strict=True)
@@ -630,7 +645,7 @@ class HFEngine:
         cache, attention_mask, logits = self._prefill(
             [pasts[r] for r in firsts], [news[r] for r in firsts], 0 if shared else room
         )
-        prefill_counts = [len(news[row]) if row in firsts else 0 for row in range(batch)]
+        prefill_counts = [len(news[row]) + apart[row] if row in firsts else 0 for row in range(batch)]
         if shared:
             cache = Cache(
                 layers=[
@@ -645,6 +660,36 @@ class HFEngine:
             cache.batch_select_indices(index)
             attention_mask, logits = attention_mask[index], logits[index]
         return cache, attention_mask, logits, prefill_counts
+
+
+def _shared_length(a: np.ndarray, b: np.ndarray) -> int:
+    """How many leading tokens `a` and `b` have in common."""
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if differ.size else n
+
+
+def _common_starts(rows: list[int], requests: list[GenerationRequest]) -> list[tuple[list[int], int]]:
+    """Runs of two or more of these rows whose tokens (all but the last, which is sampled
+    after) begin alike for at least SHARED_START_MIN_TOKENS, each with how many they share:
+    the rows in order of their tokens, a run cut where a row shares fewer with the one before."""
+    order = sorted(rows, key=lambda row: requests[row].token_ids)
+    runs: list[tuple[list[int], int]] = []
+    run: list[int] = order[:1]
+    length = 0
+    arrays = {row: np.asarray(requests[row].token_ids[:-1], dtype=np.int64) for row in rows}
+    for before, row in zip(order, order[1:], strict=False):
+        shared = _shared_length(arrays[before], arrays[row])
+        if shared >= SHARED_START_MIN_TOKENS:
+            run.append(row)
+            length = shared if len(run) == 2 else min(length, shared)
+            continue
+        if len(run) > 1:
+            runs.append((run, length))
+        run = [row]
+    if len(run) > 1:
+        runs.append((run, length))
+    return runs
 
 
 def _check_shared_reads(cache: Any) -> None:
