@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import threading
 import time
-from typing import Any, Literal
+from typing import Any, Literal, NotRequired, TypedDict
 
+import pydantic
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -119,11 +121,50 @@ def test_a_union_shows_every_type_it_takes_and_a_hint_not_checked_shows_any_valu
     assert properties["since"] == {"type": ["number", "null"]}
 
 
+class Span(TypedDict):
+    a: int
+    b: NotRequired[str | None]
+
+
+class Loose(TypedDict, total=False):
+    a: list[int]
+    x: Any
+
+
+@dataclasses.dataclass
+class Box:
+    a: int
+    b: Literal["x", "y"] = "x"
+
+
+@dataclasses.dataclass
+class Shelf:
+    a: list[Box]
+    x: Box | None = None
+
+
+@dataclasses.dataclass
+class Node:  # holds itself: below its first level, any value
+    a: int
+    b: list[Node] = dataclasses.field(default_factory=list)
+
+
+class Point(pydantic.BaseModel):
+    a: float
+    b: int | None = None
+
+
+class Path(pydantic.BaseModel):
+    a: list[Point]
+    x: Point | None = None
+
+
 _HINTS = [str, int, float, bool, list, dict, list[str], dict[str, int], int | str, float | None, bool | None,
           Literal["a", "b"], Literal[1, 2] | None, Literal["x"] | int, Literal[1, "1"], int | list | None, Any,
           object, list[int], list[str | None], list[int] | None, list[list[Literal["a", "b"]]],
           list[int] | list[str], int | dict[str, int] | None, list[Any], dict[str, Any],
-          Literal["a", None]]  # fmt: skip
+          Literal["a", None], Span, Loose, Box, Shelf, Node, Span | None, list[Box], Box | dict[str, int],
+          Point, Path, Path | None]  # fmt: skip
 _JSON_VALUES = st.recursive(
     st.none()
     | st.booleans()
@@ -131,8 +172,11 @@ _JSON_VALUES = st.recursive(
     | st.text(max_size=3)
     | st.sampled_from(["a", "b", "x", "1", 1, 2])
     | st.floats(allow_nan=False, allow_infinity=False).filter(lambda x: not x.is_integer()),
-    lambda inner: st.lists(inner, max_size=2) | st.dictionaries(st.text(max_size=2), inner, max_size=2),
-    max_leaves=4,
+    lambda inner: (
+        st.lists(inner, max_size=2)
+        | st.dictionaries(st.sampled_from(["a", "b", "x"]) | st.text(max_size=2), inner, max_size=3)
+    ),
+    max_leaves=6,
 )  # a float with an integral value (1.0) is left out: JSON Schema counts it an integer, a tool's int is no float
 
 
@@ -146,6 +190,24 @@ def test_a_call_is_refused_exactly_when_its_value_breaks_the_schema_the_model_wa
     jsonschema.Draft202012Validator.check_schema(shown)
     refused = expected(hint, value) is not None
     assert refused != jsonschema.Draft202012Validator(shown).is_valid(value), (hint, value)
+
+
+def test_a_typeddict_or_dataclass_is_an_object_of_its_fields_and_a_pydantic_model_its_own_schema():
+    assert json_schema(Span) == {
+        "type": "object",
+        "properties": {"a": {"type": "integer"}, "b": {"type": ["string", "null"]}},
+        "required": ["a"],
+        "additionalProperties": False,
+    }
+    shelf = json_schema(Shelf | None)
+    assert shelf["type"] == ["object", "null"] and shelf["required"] == ["a"]
+    assert shelf["properties"]["a"]["items"] == json_schema(Box)
+    assert shelf["properties"]["x"] == {**json_schema(Box), "type": ["object", "null"]}
+    node = json_schema(Node)["properties"]["b"]
+    assert node == {"type": "array"}  # Node within Node: any value, not endless
+    path = json_schema(Path)
+    assert "$defs" not in json.dumps(path) and "$ref" not in json.dumps(path)  # stands anywhere
+    assert path["properties"]["a"]["items"]["properties"]["a"] == {"title": "A", "type": "number"}
 
 
 class Calculator(ToolEnv):
@@ -221,6 +283,41 @@ def test_an_argument_its_hint_rules_out_is_an_error_the_tool_never_sees(argument
     result = step(env, call("sort", **arguments))
     assert result.observation == f"<tool_response>\nerror: bad arguments for sort: {said}\n</tool_response>"
     assert not hasattr(env, "got") and result.info["tool_errors"] == 1
+
+
+class Planner(ToolEnv):
+    @tool
+    def plan(self, span: Span, shelf: Shelf, path: Path | None = None) -> str:
+        """Plan."""
+        self.got = (span, shelf, path)
+        return "planned"
+
+    def reset(self, task, seed):
+        return "go"
+
+
+def test_dataclass_and_pydantic_arguments_reach_the_tool_built_and_bad_ones_are_refused():
+    env = Planner()
+    env.reset({}, 0)
+    shelf = {"a": [{"a": 1}, {"a": 2, "b": "y"}], "x": None}
+    result = step(env, call("plan", span={"a": 3}, shelf=shelf, path={"a": [{"a": 1, "b": 2}]}))
+    assert "planned" in result.observation and result.info["tool_errors"] == 0
+    span, built, path = env.got
+    assert span == {"a": 3}  # a TypedDict is a dict
+    assert built == Shelf([Box(1), Box(2, "y")], None)
+    assert path == Path(a=[Point(a=1.0, b=2)]) and isinstance(path.a[0], Point)
+    wrong = [
+        ({"span": {"a": 3, "c": 1}, "shelf": shelf}, "span must be an object with keys a: an integer; "
+         "b (optional): a string or null (a Span), and no others (got {'a': 3, 'c': 1})"),
+        ({"span": {"a": 3}, "shelf": {"a": [{"a": "1"}]}}, "shelf must be an object with keys a: an array"),
+        ({"span": {"a": 3}, "shelf": shelf, "path": {"a": [{"a": "1"}]}}, "path must be an object that Path validates"),
+    ]  # fmt: skip
+    for arguments, said in wrong:
+        env.reset({}, 0)
+        env.got = None
+        result = step(env, call("plan", **arguments))
+        assert f"error: bad arguments for plan: {said}" in result.observation, result.observation
+        assert env.got is None and result.info["tool_errors"] == 1
 
 
 def test_arguments_that_fit_their_hints_reach_the_tool():

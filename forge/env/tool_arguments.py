@@ -7,12 +7,18 @@ tool with a value its code never expected.
 What a hint states exactly is shown and checked: str, int, float (an int is a number too),
 bool, list and dict (`list[X]`'s items and `dict[str, X]`'s values as X), a `Literal` (its
 values, `enum`), `X | None` / `Optional[X]` (null allowed) and unions of those (a list of
-types, or `anyOf`). Any other hint (`Any`, a class of the env's own) and a parameter without
-one take any value, and their schema is `{}`, JSON Schema's "any value"."""
+types, or `anyOf`). A TypedDict or a dataclass is an object with its fields as keys (those
+without a default required, no others), each held to its own hint; a dataclass parameter
+gets an instance built from the object (`converted`). A pydantic model shows its own JSON
+schema (its `$defs` written in place) and is checked, and built, by its strict JSON
+validation. Any other hint (`Any`, a class of the env's own) and a parameter without one take
+any value, and their schema is `{}`, JSON Schema's "any value"."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import json
 import types
 import typing
 from typing import Any, Union
@@ -51,6 +57,17 @@ def argument_problem(method: Any, arguments: dict[str, Any]) -> str | None:
     return None
 
 
+def converted(method: Any, arguments: dict[str, Any]) -> dict[str, Any]:
+    """`arguments` (which `argument_problem` passed) as `method` takes them: a dataclass's or a
+    pydantic model's object built into an instance, wherever it sits in the value."""
+    try:
+        hints = typing.get_type_hints(method)
+    except Exception:
+        return arguments
+    return {name: _converted(_allowed(hints[name]), value) if name in hints else value
+            for name, value in arguments.items()}  # fmt: skip
+
+
 def expected(hint: Any, value: Any) -> str | None:
     """None when `value` fits `hint` (or the hint is one not checked); else what it must be."""
     allowed = _allowed(hint)
@@ -62,19 +79,26 @@ def expected(hint: Any, value: Any) -> str | None:
 def _either(allowed: list[Any]) -> str:
     """`allowed` in words; ", or " between alternatives where one has items of its own, so
     "an array whose items are each an integer, or null" is no array of optional integers."""
-    nested = any(isinstance(kind, tuple) and kind[0] == "items" for kind in allowed)
+    nested = any(isinstance(kind, tuple) and kind[0] in ("items", "fields") for kind in allowed)
     return (", or " if nested and len(allowed) > 1 else " or ").join(describe(kind) for kind in allowed)
 
 
-def _allowed(hint: Any) -> Any:
+def _allowed(hint: Any, within: frozenset = frozenset()) -> Any:
     """The alternatives a hint allows: types checked, ("literal", values), ("items", list or
-    dict, the alternatives each item or value allows), or None (the value None); _UNCHECKED
-    when any part is a hint not checked (an item hint not checked leaves the items so)."""
+    dict, the alternatives each item or value allows), ("fields", class, each field's
+    alternatives, the required ones, the class to build or None), ("model", a pydantic model),
+    or None (the value None); _UNCHECKED when any part is a hint not checked (an item hint not
+    checked leaves the items so; a field's, that field). `within`: the classes whose fields are
+    being read, so a class that holds itself is taken as not checked there."""
+    if _is_model(hint):
+        return [("model", hint)]
+    if isinstance(hint, type) and (typing.is_typeddict(hint) or dataclasses.is_dataclass(hint)):
+        return _fields(hint, within) if hint not in within else _UNCHECKED
     origin = typing.get_origin(hint)
     if origin in (Union, types.UnionType):
         alternatives: list[Any] = []
         for arg in typing.get_args(hint):
-            inner = _allowed(arg)
+            inner = _allowed(arg, within)
             if inner is _UNCHECKED:
                 return _UNCHECKED
             alternatives.extend(inner)
@@ -84,10 +108,80 @@ def _allowed(hint: Any) -> Any:
     if origin is typing.Literal:
         return [("literal", typing.get_args(hint))]
     if origin in (list, dict) and typing.get_args(hint):  # list[X], dict[str, X]: X checked too
-        items = _allowed(typing.get_args(hint)[-1])
+        items = _allowed(typing.get_args(hint)[-1], within)
         return [origin] if items is _UNCHECKED else [("items", origin, items)]
     base = origin if origin in (list, dict) else hint
     return [base] if base in _KINDS else _UNCHECKED
+
+
+def _is_model(hint: Any) -> bool:
+    """A pydantic model class (pydantic is not imported for it)."""
+    return (
+        isinstance(hint, type)
+        and callable(getattr(hint, "model_json_schema", None))
+        and callable(getattr(hint, "model_validate_json", None))
+    )
+
+
+def _fields(cls: type, within: frozenset) -> Any:
+    try:
+        hints = typing.get_type_hints(cls, include_extras=True)
+    except Exception:  # a field's hint that does not resolve: the object is not checked
+        return _UNCHECKED
+    if typing.is_typeddict(cls):
+        # A hint written as a string (postponed annotations) hides NotRequired from the class's
+        # own __required_keys__: the resolved hints say it.
+        marked = {name: typing.get_origin(hint) for name, hint in hints.items()}
+        required = frozenset(
+            name
+            for name in hints
+            if marked[name] is typing.Required
+            or (name in cls.__required_keys__ and marked[name] is not typing.NotRequired)
+        )
+        names, make = list(hints), None
+    else:
+        fields = [field for field in dataclasses.fields(cls) if field.init]
+        names = [field.name for field in fields]
+        empty = dataclasses.MISSING
+        required = frozenset(f.name for f in fields if f.default is empty and f.default_factory is empty)
+        make = cls
+    inner = within | {cls}
+    return [
+        (
+            "fields",
+            cls,
+            {name: _allowed(_bare(hints.get(name, Any)), inner) for name in names},
+            required,
+            make,
+        )
+    ]
+
+
+def _bare(hint: Any) -> Any:
+    """A field's hint without Required, NotRequired or Annotated around it."""
+    while typing.get_origin(hint) in (typing.Required, typing.NotRequired, typing.Annotated):
+        hint = typing.get_args(hint)[0]
+    return hint
+
+
+def _converted(allowed: Any, value: Any) -> Any:
+    if allowed is _UNCHECKED:
+        return value
+    kind = next((kind for kind in allowed if fits(value, kind)), None)
+    if not isinstance(kind, tuple):
+        return value
+    if kind[0] == "items":
+        _, container, items = kind
+        if container is list:
+            return [_converted(items, item) for item in value]
+        return {key: _converted(items, item) for key, item in value.items()}
+    if kind[0] == "fields":
+        _, _, fields, _, make = kind
+        made = {key: _converted(fields[key], item) for key, item in value.items()}
+        return make(**made) if make is not None else made
+    if kind[0] == "model":
+        return kind[1].model_validate_json(json.dumps(value), strict=True)
+    return value
 
 
 def json_schema(hint: Any) -> dict[str, Any]:
@@ -121,6 +215,17 @@ def _schema(allowed: Any) -> dict[str, Any]:
 def _schema_of(kind: Any) -> dict[str, Any]:
     if kind is None:
         return {"type": "null"}
+    if isinstance(kind, tuple) and kind[0] == "fields":
+        _, _, fields, required, _ = kind
+        return {
+            "type": "object",
+            "properties": {name: _schema(allowed) for name, allowed in fields.items()},
+            "required": [name for name in fields if name in required],
+            "additionalProperties": False,
+        }
+    if isinstance(kind, tuple) and kind[0] == "model":
+        schema = kind[1].model_json_schema()
+        return _in_place(schema, schema.pop("$defs", {}), ())
     if isinstance(kind, tuple) and kind[0] == "items":
         _, container, items = kind
         if container is list:
@@ -131,6 +236,23 @@ def _schema_of(kind: Any) -> dict[str, Any]:
         kinds = {_value_type(value) for value in values}
         return {"type": kinds.pop(), "enum": values} if len(kinds) == 1 else {"enum": values}
     return {"type": _JSON_TYPES[kind]}
+
+
+def _in_place(schema: Any, defs: dict[str, Any], seen: tuple[str, ...]) -> Any:
+    """`schema` with each `{"$ref": "#/$defs/Name"}` replaced by that definition, so that it
+    stands anywhere in a tool's parameters; a model that holds itself is any value there."""
+    if isinstance(schema, list):
+        return [_in_place(part, defs, seen) for part in schema]
+    if not isinstance(schema, dict):
+        return schema
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/$defs/"):
+        name = ref.removeprefix("#/$defs/")
+        rest = {key: value for key, value in schema.items() if key != "$ref"}
+        if name in seen or name not in defs:
+            return rest
+        return {**_in_place(defs[name], defs, (*seen, name)), **_in_place(rest, defs, seen)}
+    return {key: _in_place(value, defs, seen) for key, value in schema.items()}
 
 
 def _value_type(value: Any) -> str:
@@ -153,6 +275,22 @@ def fits(value: Any, kind: Any) -> bool:
         return all(
             any(fits(item, k) for k in items) for item in (value if container is list else value.values())
         )
+    if isinstance(kind, tuple) and kind[0] == "fields":
+        _, _, fields, required, _ = kind
+        return (
+            isinstance(value, dict)
+            and required <= value.keys() <= fields.keys()
+            and all(
+                fields[key] is _UNCHECKED or any(fits(item, k) for k in fields[key])
+                for key, item in value.items()
+            )
+        )
+    if isinstance(kind, tuple) and kind[0] == "model":
+        try:
+            kind[1].model_validate_json(json.dumps(value), strict=True)
+        except ValueError:  # pydantic's ValidationError is a ValueError
+            return False
+        return True
     if isinstance(kind, tuple):  # a Literal's values: equal and of the same type (True is no 1)
         return any(value == option and type(value) is type(option) for option in kind[1])
     if isinstance(value, bool) and kind is not bool:  # JSON's true is no integer, nor a number
@@ -163,6 +301,13 @@ def fits(value: Any, kind: Any) -> bool:
 def describe(kind: Any) -> str:
     if kind is None:
         return "null"
+    if isinstance(kind, tuple) and kind[0] == "fields":
+        _, cls, fields, required, _ = kind
+        parts = [f"{name}{'' if name in required else ' (optional)'}: "
+                 f"{'any value' if allowed is _UNCHECKED else _either(allowed)}" for name, allowed in fields.items()]  # fmt: skip
+        return f"an object with keys {'; '.join(parts)} (a {cls.__name__}), and no others"
+    if isinstance(kind, tuple) and kind[0] == "model":
+        return f"an object that {kind[1].__name__} validates: {json.dumps(_schema_of(kind))}"
     if isinstance(kind, tuple) and kind[0] == "items":
         _, container, items = kind
         whose = "an array whose items are" if container is list else "an object whose values are"

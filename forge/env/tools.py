@@ -20,7 +20,7 @@ from typing import Any
 
 from forge.env.base import Env, StepResult
 from forge.env.calls import ThreadCall, in_daemon_thread
-from forge.env.tool_arguments import argument_problem, json_schema
+from forge.env.tool_arguments import argument_problem, converted, json_schema
 
 _TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
@@ -251,7 +251,7 @@ class ToolEnv(Env):
             if problem is not None:
                 return f"error: bad arguments for {call.name}: {problem}"
             try:
-                return await added(**call.arguments)
+                return await added(**converted(added, call.arguments))
             except Exception as exc:  # the tool's failure is the model's observation
                 return f"error: {call.name} failed: {type(exc).__name__}: {exc}"
         method = getattr(self, call.name, None) if not call.name.startswith("_") else None
@@ -262,9 +262,10 @@ class ToolEnv(Env):
         if problem is not None:
             return f"error: bad arguments for {call.name}: {problem}"
         try:
+            arguments = converted(method, call.arguments)  # dataclass and pydantic objects built
             if inspect.iscoroutinefunction(method):
-                return await method(**call.arguments)
-            return await in_thread(method, **call.arguments)
+                return await method(**arguments)
+            return await in_thread(method, **arguments)
         except Exception as exc:  # the tool's failure is the model's observation
             return f"error: {call.name} failed: {type(exc).__name__}: {exc}"
 
