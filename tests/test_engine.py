@@ -251,3 +251,10 @@ def test_a_roomy_cache_layer_grows_in_place_and_keeps_what_it_holds():
     assert torch.equal(layer.keys[:, :, :11], torch.cat(chunks, dim=2)[[2, 0]])
     layer.crop(-4)
     assert layer.get_seq_length() == 11
+
+
+def test_a_request_with_no_tokens_is_refused_saying_so(model_and_tokenizer):
+    engine = make_engine(model_and_tokenizer)
+    engine.generate([GenerationRequest([5, 6, 7] * 8, 2, episode_id="a")])  # a cache to borrow from
+    with pytest.raises(ValueError, match="a request with no tokens"):
+        engine.generate([GenerationRequest([], 2, episode_id="b")])

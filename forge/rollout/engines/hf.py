@@ -254,6 +254,8 @@ class HFEngine:
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         if not requests:
             return []
+        if any(not request.token_ids for request in requests):
+            raise ValueError("a request with no tokens: the engine samples after a prompt's last token")
         if self._position_limit is not None or self.max_context_tokens is not None:
             self._check_lengths(requests)
         with self._lock, torch.no_grad():
