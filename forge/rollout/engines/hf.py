@@ -78,7 +78,9 @@ GPU_PREFILL_CHUNK = 16384
 # less than the pad columns it lays out before the batch's other new rows.
 BORROW_MIN_TOKENS = 16
 # The fewest tokens that new rows of one call, starting alike, run once apart rather than each
-# in its row: one forward more costs about what the batch would spend on this many.
+# in its row. The forward more breaks even at about 32 on the CPU bench model (4 rows: 0.84x
+# the time at 64, 0.68x at 128; bench.prefix_reuse's start-N); a GPU's forward costs more
+# against its tokens, so the bar is higher than that (not measured there).
 SHARED_START_MIN_TOKENS = 128
 
 
