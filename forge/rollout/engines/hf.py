@@ -95,7 +95,10 @@ class HFEngine:
     request of that episode, whose tokens extend the cached ones, prefills only the new
     tokens (the observation). Requests at different turns share one batch: row i is laid
     out as `[pad][cached KV][pad][new tokens]`, with the attention mask hiding the pads
-    and explicit position ids, so each row computes what it would alone. Rows that start
+    and explicit position ids, so each row computes what it would alone. A request whose
+    tokens part from its episode's cached ones keeps the KV before they part; one with no
+    cache of its own starts from the longest prefix another episode's cache holds; new rows
+    of one call that start alike run their common start once. Rows that start
     from the same tokens with no cache (a group's samples) are prefilled once, and where the
     model's attention is plain sdpa (`share_prompt`) that prompt's KV stays one copy that
     all the rows read (forge.rollout.engines.shared_prefix); else it is copied into each row.
