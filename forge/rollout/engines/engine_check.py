@@ -6,7 +6,7 @@ attention reads (MLA's compressed latents), combine attention outputs in their o
 keep recurrent state (SSM / linear-attention layers) instead of KV. Behaviour logprobs would
 then not be the policy's, silently or with an error from deep inside transformers. A few
 tiny generate calls here (a group's shared prompt, ragged later turns with pad holes, an
-episode joining) are compared with fresh forwards: the shared prompt is dropped where it
+episode joining, a turn that parts from its cache) are compared with fresh forwards: the shared prompt is dropped where it
 disagrees, and a model the engine cannot sample exactly is refused, naming the setting.
 Sliding windows are shrunk for the calls so that they bind, except those longer than the
 engine's context, which never bind: those are played as declared (the engine shares the prompt
@@ -178,9 +178,10 @@ PLAY_TOKENS = 3 * CHECK_WINDOW + 3 * (3 + 4)
 
 
 def _play(engine: Any, vocab: int, noise: bool, seed: int = 0) -> Look:
-    """Three calls through `engine`: a group of 3 on one prompt, two of them back with
+    """Four calls through `engine`: a group of 3 on one prompt, two of them back with
     observations of different lengths (pad holes), then those and a new episode (a new
-    layout from the kept caches). Per sampled token, its behaviour logprob's error against a
+    layout from the kept caches), then the third back with a token of its first reply changed
+    (a client that re-rendered it: its cache is kept up to there). Per sampled token, its behaviour logprob's error against a
     fresh forward; with `noise`, also that of a padded batch of the same sequences (two exact
     computations: how far the dtype alone moves them). Episodes are named by `seed`, so a
     second play on the same engine starts its own."""
@@ -194,13 +195,17 @@ def _play(engine: Any, vocab: int, noise: bool, seed: int = 0) -> Look:
     prompt = tokens(3 * CHECK_WINDOW)
     contexts = {f"{seed}c{i}": list(prompt) for i in range(3)}
     calls = [
-        [f"{seed}{name}" for name in call] for call in (["c0", "c1", "c2"], ["c0", "c2"], ["c2", "c0", "new"])
+        [f"{seed}{name}" for name in call]
+        for call in (["c0", "c1", "c2"], ["c0", "c2"], ["c2", "c0", "new"], ["c1"])
     ]
     errors: list[float] = []
     noises: list[float] = []
     for turn, names in enumerate(calls):
         if f"{seed}new" in names:
             contexts[f"{seed}new"] = tokens(CHECK_WINDOW + 3)
+        if names == [f"{seed}c1"]:
+            parted = contexts[f"{seed}c1"]
+            parted[len(prompt) + 1] = 2 + (parted[len(prompt) + 1] - 1) % (vocab - 2)  # another token
         requests = [GenerationRequest(contexts[n], 3, episode_id=n) for n in names]
         sampled = []
         for i, (request, result) in enumerate(zip(requests, engine.generate(requests), strict=True)):
