@@ -73,9 +73,8 @@ class _BatchKV:
 CPU_PREFILL_CHUNK = 2048
 GPU_PREFILL_CHUNK = 16384
 
-# The fewest tokens a new episode takes from another episode's cache (vLLM's prefix cache
-# shares whole blocks of 16): a shorter common start (a chat template's opening tokens) saves
-# less than the pad columns it lays out before the batch's other new rows.
+# The fewest tokens a new episode takes from another episode's cache, as vLLM's prefix cache
+# shares whole blocks of 16: a chat template's opening tokens alone are prefilled.
 BORROW_MIN_TOKENS = 16
 # The fewest tokens that new rows of one call, starting alike, run once apart rather than each
 # in its row. The forward more breaks even at about 32 on the CPU bench model (4 rows: 0.84x
