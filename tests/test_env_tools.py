@@ -310,7 +310,7 @@ def test_dataclass_and_pydantic_arguments_reach_the_tool_built_and_bad_ones_are_
         ({"span": {"a": 3, "c": 1}, "shelf": shelf}, "span must be an object with keys a: an integer; "
          "b (optional): a string or null (a Span), and no others (got {'a': 3, 'c': 1})"),
         ({"span": {"a": 3}, "shelf": {"a": [{"a": "1"}]}}, "shelf must be an object with keys a: an array"),
-        ({"span": {"a": 3}, "shelf": shelf, "path": {"a": [{"a": "1"}]}}, "path must be an object that Path validates"),
+        ({"span": {"a": 3}, "shelf": shelf, "path": {"a": [{"a": "1"}]}}, "path must be an object that Path validates (a.0.a: Input should be a valid number), or null"),
     ]  # fmt: skip
     for arguments, said in wrong:
         env.reset({}, 0)

@@ -73,14 +73,16 @@ def expected(hint: Any, value: Any) -> str | None:
     allowed = _allowed(hint)
     if allowed is _UNCHECKED or any(fits(value, kind) for kind in allowed):
         return None
-    return _either(allowed)
+    return _either(allowed, value)
 
 
-def _either(allowed: list[Any]) -> str:
+def _either(allowed: list[Any], value: Any = _UNCHECKED) -> str:
     """`allowed` in words; ", or " between alternatives where one has items of its own, so
-    "an array whose items are each an integer, or null" is no array of optional integers."""
-    nested = any(isinstance(kind, tuple) and kind[0] in ("items", "fields") for kind in allowed)
-    return (", or " if nested and len(allowed) > 1 else " or ").join(describe(kind) for kind in allowed)
+    "an array whose items are each an integer, or null" is no array of optional integers.
+    `value`, where given, is the one refused (a pydantic model says what it found wrong)."""
+    nested = any(isinstance(kind, tuple) and kind[0] in ("items", "fields", "model") for kind in allowed)
+    joiner = ", or " if nested and len(allowed) > 1 else " or "
+    return joiner.join(describe(kind, value) for kind in allowed)
 
 
 def _allowed(hint: Any, within: frozenset = frozenset()) -> Any:
@@ -238,6 +240,25 @@ def _schema_of(kind: Any) -> dict[str, Any]:
     return {"type": _JSON_TYPES[kind]}
 
 
+def _model_problems(model: Any, value: Any) -> str:
+    """What a pydantic model's strict validation finds wrong with `value` (its first three
+    errors, each at its key path), or, with no value, the keys it takes."""
+    if value is not _UNCHECKED:
+        try:
+            model.model_validate_json(json.dumps(value), strict=True)
+        except ValueError as exc:
+            errors = exc.errors() if callable(getattr(exc, "errors", None)) else []
+            found = [
+                f"{'.'.join(map(str, e.get('loc', ()))) or 'the value'}: {e.get('msg', '')}" for e in errors
+            ]
+            if found:
+                return "; ".join(found[:3]) + ("; ..." if len(found) > 3 else "")
+    schema = _schema_of(("model", model))
+    required = set(schema.get("required", []))
+    keys = [f"{name}{'' if name in required else ' (optional)'}" for name in schema.get("properties", {})]
+    return "keys " + ", ".join(keys)
+
+
 def _in_place(schema: Any, defs: dict[str, Any], seen: tuple[str, ...]) -> Any:
     """`schema` with each `{"$ref": "#/$defs/Name"}` replaced by that definition, so that it
     stands anywhere in a tool's parameters; a model that holds itself is any value there."""
@@ -298,7 +319,8 @@ def fits(value: Any, kind: Any) -> bool:
     return isinstance(value, _KINDS[kind])
 
 
-def describe(kind: Any) -> str:
+def describe(kind: Any, value: Any = _UNCHECKED) -> str:
+    """`kind` in words; for a pydantic model and a refused `value`, what its validation found."""
     if kind is None:
         return "null"
     if isinstance(kind, tuple) and kind[0] == "fields":
@@ -307,7 +329,7 @@ def describe(kind: Any) -> str:
                  f"{'any value' if allowed is _UNCHECKED else _either(allowed)}" for name, allowed in fields.items()]  # fmt: skip
         return f"an object with keys {'; '.join(parts)} (a {cls.__name__}), and no others"
     if isinstance(kind, tuple) and kind[0] == "model":
-        return f"an object that {kind[1].__name__} validates: {json.dumps(_schema_of(kind))}"
+        return f"an object that {kind[1].__name__} validates ({_model_problems(kind[1], value)})"
     if isinstance(kind, tuple) and kind[0] == "items":
         _, container, items = kind
         whose = "an array whose items are" if container is list else "an object whose values are"
