@@ -308,7 +308,9 @@ def test_dataclass_and_pydantic_arguments_reach_the_tool_built_and_bad_ones_are_
     assert path == Path(a=[Point(a=1.0, b=2)]) and isinstance(path.a[0], Point)
     wrong = [
         ({"span": {"a": 3, "c": 1}, "shelf": shelf}, "span must be an object with keys a: an integer; "
-         "b (optional): a string or null (a Span), and no others (got {'a': 3, 'c': 1})"),
+         "b (optional): a string or null (a Span), and no others ('c' is not one of them) (got {'a': 3, 'c': 1})"),
+        ({"span": {"b": "x"}, "shelf": shelf}, "and no others (a is missing) (got {'b': 'x'})"),
+        ({"span": {"a": "3"}, "shelf": shelf}, "and no others (a must be an integer, got '3') (got {'a': '3'})"),
         ({"span": {"a": 3}, "shelf": {"a": [{"a": "1"}]}}, "shelf must be an object with keys a: an array"),
         ({"span": {"a": 3}, "shelf": shelf, "path": {"a": [{"a": "1"}]}}, "path must be an object that Path validates (a.0.a: Input should be a valid number), or null"),
     ]  # fmt: skip
@@ -316,7 +318,7 @@ def test_dataclass_and_pydantic_arguments_reach_the_tool_built_and_bad_ones_are_
         env.reset({}, 0)
         env.got = None
         result = step(env, call("plan", **arguments))
-        assert f"error: bad arguments for plan: {said}" in result.observation, result.observation
+        assert said in result.observation and "error: bad arguments for plan: " in result.observation
         assert env.got is None and result.info["tool_errors"] == 1
 
 

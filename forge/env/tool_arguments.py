@@ -240,6 +240,22 @@ def _schema_of(kind: Any) -> dict[str, Any]:
     return {"type": _JSON_TYPES[kind]}
 
 
+def _fields_problem(fields: dict[str, Any], required: frozenset, value: dict) -> str | None:
+    """The first thing wrong with an object for these fields: a key missing or unknown, or a
+    value its field's hint rules out."""
+    missing = [name for name in fields if name in required and name not in value]
+    if missing:
+        return f"{missing[0]} is missing"
+    unknown = [key for key in value if key not in fields]
+    if unknown:
+        return f"{unknown[0]!r} is not one of them"
+    for key, item in value.items():
+        allowed = fields[key]
+        if allowed is not _UNCHECKED and not any(fits(item, kind) for kind in allowed):
+            return f"{key} must be {_either(allowed, item)}, got {item!r}"
+    return None
+
+
 def _model_problems(model: Any, value: Any) -> str:
     """What a pydantic model's strict validation finds wrong with `value` (its first three
     errors, each at its key path), or, with no value, the keys it takes."""
@@ -327,7 +343,10 @@ def describe(kind: Any, value: Any = _UNCHECKED) -> str:
         _, cls, fields, required, _ = kind
         parts = [f"{name}{'' if name in required else ' (optional)'}: "
                  f"{'any value' if allowed is _UNCHECKED else _either(allowed)}" for name, allowed in fields.items()]  # fmt: skip
-        return f"an object with keys {'; '.join(parts)} (a {cls.__name__}), and no others"
+        found = _fields_problem(fields, required, value) if isinstance(value, dict) else None
+        return f"an object with keys {'; '.join(parts)} (a {cls.__name__}), and no others" + (
+            f" ({found})" if found else ""
+        )
     if isinstance(kind, tuple) and kind[0] == "model":
         return f"an object that {kind[1].__name__} validates ({_model_problems(kind[1], value)})"
     if isinstance(kind, tuple) and kind[0] == "items":
