@@ -46,7 +46,7 @@ from bench.generation import (
 from bench.report import save_result
 from forge.config import ModelConfig
 from forge.models.loading import load_model, quiet_transformers
-from forge.rollout.engines import hf
+from forge.rollout.engines import episode_kv
 from forge.rollout.engines.hf import HFEngine
 from forge.rollout.engines.protocol import GenerationRequest
 
@@ -61,12 +61,12 @@ class StartsApart(HFEngine):
     start_min = 16
 
     def generate(self, requests: list[GenerationRequest]) -> list:
-        kept = hf.SHARED_START_MIN_TOKENS
-        hf.SHARED_START_MIN_TOKENS = self.start_min
+        kept = episode_kv.SHARED_START_MIN_TOKENS
+        episode_kv.SHARED_START_MIN_TOKENS = self.start_min
         try:
             return super().generate(requests)
         finally:
-            hf.SHARED_START_MIN_TOKENS = kept
+            episode_kv.SHARED_START_MIN_TOKENS = kept
 
 
 class ExactOnly(StartsApart):

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from forge.config import ModelConfig
-from forge.rollout.engines.hf import BORROW_MIN_TOKENS, SHARED_START_MIN_TOKENS, HFEngine
+from forge.rollout.engines.episode_kv import BORROW_MIN_TOKENS, SHARED_START_MIN_TOKENS
+from forge.rollout.engines.hf import HFEngine
 from forge.rollout.engines.protocol import GenerationRequest
 
 

@@ -122,7 +122,7 @@ def test_new_episodes_start_from_another_episodes_cache_with_fresh_forward_logpr
     engine = HFEngine(model, [STOP], pad_token_id=0, seed=3)
     system = [5 + (i * 7) % 50 for i in range(3 * WINDOW + 4)]
     # GPT-J and CodeGen hold 128 positions: a shorter common start runs apart here.
-    monkeypatch.setattr("forge.rollout.engines.hf.SHARED_START_MIN_TOKENS", 4 * WINDOW)
+    monkeypatch.setattr("forge.rollout.engines.episode_kv.SHARED_START_MIN_TOKENS", 4 * WINDOW)
     other = [4] + [5 + (i * 11) % 50 for i in range(4 * WINDOW)]
     calls = [
         [GenerationRequest(system + [60], 3, episode_id="a")],

@@ -5,16 +5,15 @@ across their turns (the last batch's cache stays in place; see the class).
 from __future__ import annotations
 
 import collections
-import functools
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from transformers.cache_utils import Cache
 
+from forge.rollout.engines.episode_kv import EpisodeKV, borrowed, common_starts, kept_part
 from forge.rollout.engines.kv import _RoomyLayer
 from forge.rollout.engines.protocol import GenerationRequest, GenerationResult
 from forge.rollout.engines.sampling import RowSampling
@@ -25,31 +24,6 @@ from forge.rollout.engines.shared_prefix import (
     use_shared_prompt_attention,
 )
 from forge.rollout.engines.windows import positional_masks, sliding_windows
-
-
-@dataclass
-class _EpisodeKV:
-    """An episode's KV cache: per layer (keys, values) of shape [1, heads, len, dim] for
-    exactly the tokens in `token_ids`, no padding; None for a layer that keeps no KV of its own
-    (it reads another layer's, as Gemma 3n's KV-shared layers do)."""
-
-    token_ids: list[int]
-    layers: list[tuple[torch.Tensor, torch.Tensor] | None]
-
-    @functools.cached_property
-    def array(self) -> np.ndarray:
-        return np.asarray(self.token_ids, dtype=np.int64)
-
-    def shared_with(self, tokens: np.ndarray) -> int:
-        """How many leading tokens this cache has in common with `tokens`."""
-        return _shared_length(self.array, tokens)
-
-    def prefix(self, n: int) -> _EpisodeKV:
-        """The KV of this cache's first `n` tokens (views of its tensors, nothing copied)."""
-        if n == len(self.token_ids):
-            return self
-        layers = [None if held is None else (held[0][:, :, :n], held[1][:, :, :n]) for held in self.layers]
-        return _EpisodeKV(self.token_ids[:n], layers)
 
 
 @dataclass
@@ -72,15 +46,6 @@ class _BatchKV:
 # cost a GPU's prefill its throughput (each chunk launches every kernel again).
 CPU_PREFILL_CHUNK = 2048
 GPU_PREFILL_CHUNK = 16384
-
-# The fewest tokens a new episode takes from another episode's cache, as vLLM's prefix cache
-# shares whole blocks of 16: a chat template's opening tokens alone are prefilled.
-BORROW_MIN_TOKENS = 16
-# The fewest tokens that new rows of one call, starting alike, run once apart rather than each
-# in its row. The forward more breaks even at about 32 on the CPU bench model (4 rows: 0.84x
-# the time at 64, 0.68x at 128; bench.prefix_reuse's start-N); a GPU's forward costs more
-# against its tokens, so the bar is higher than that (not measured there).
-SHARED_START_MIN_TOKENS = 128
 
 
 def default_prefill_chunk(device: torch.device) -> int:
@@ -197,7 +162,7 @@ class HFEngine:
         self.share_prompt = share_prompt and can_share_prompt(model, self._windows)
         if self.share_prompt:
             use_shared_prompt_attention(model)
-        self._episodes: dict[str, _EpisodeKV] = {}
+        self._episodes: dict[str, EpisodeKV] = {}
         self._batch: _BatchKV | None = None
         self._released: collections.deque[str] = collections.deque()
         # Weights never change under a running batch: a sync waits for it to finish.
@@ -285,38 +250,20 @@ class HFEngine:
                     f"set rollout.max_context_tokens to at most {limit}"
                 )
 
-    def _past_for(self, request: GenerationRequest) -> _EpisodeKV | None:
-        """The episode's cached KV that this request can start from: all of it when the request
-        extends the cached tokens, else the part before they diverge (a client that re-renders a
-        reply, or a reply cut at a stop string, differs from the sampled tokens from that turn
-        on; the turns before it are still the cache's). None when nothing is shared. The
-        request's last token is always left to run, for the logits it samples from."""
+    def _past_for(self, request: GenerationRequest) -> EpisodeKV | None:
+        """What of its episode's own cache (taken out) this request starts from, if any."""
         past = self._episodes.pop(request.episode_id, None) if request.episode_id else None
-        if past is None:
-            return None
-        shared = past.shared_with(np.asarray(request.token_ids[:-1], dtype=np.int64))
-        return past.prefix(shared) if shared else None
+        return kept_part(past, request.token_ids) if past is not None else None
 
-    def _borrowed(self, request: GenerationRequest, donors: list[_EpisodeKV]) -> _EpisodeKV | None:
-        """For a request with no cache of its own (an episode's first turn), the longest prefix
-        of it that another episode's cache holds, if at least `BORROW_MIN_TOKENS` long: a group's
-        prompt whose other episodes came in an earlier call, a system prompt every task shares.
-        The KV of the same tokens under the same weights is the same whichever episode ran them.
-        """
-        wanted = np.asarray(request.token_ids[:-1], dtype=np.int64)
-        best, longest = None, BORROW_MIN_TOKENS - 1
-        for donor in donors:
-            if donor.token_ids[0] == request.token_ids[0]:
-                shared = donor.shared_with(wanted)
-                if shared > longest:
-                    best, longest = donor, shared
-        return best.prefix(longest) if best is not None else None
+    def _borrowed(self, request: GenerationRequest, donors: list[EpisodeKV]) -> EpisodeKV | None:
+        """For a request with no cache of its own, what another episode's cache holds of it."""
+        return borrowed(request.token_ids, donors)
 
-    def _start_kv(self, tokens: list[int]) -> _EpisodeKV:
+    def _start_kv(self, tokens: list[int]) -> EpisodeKV:
         """The KV of `tokens` alone, run as a batch of one row."""
         cache, _, _ = self._prefill([None], [tokens], room=0)
         columns = torch.arange(len(tokens), device=self.device)
-        return _EpisodeKV(list(tokens), [layer.row(0, columns) for layer in cache.layers])
+        return EpisodeKV(list(tokens), [layer.row(0, columns) for layer in cache.layers])
 
     def _batch_rows(self, requests: list[GenerationRequest]) -> list[int] | None:
         """Each request's row in the kept batch, or None if any request cannot extend
@@ -342,7 +289,7 @@ class HFEngine:
             if batch.episode_ids[row]:
                 columns = batch.mask[row].nonzero().squeeze(-1)
                 layers = [layer.row(row, columns) for layer in batch.cache.layers]
-                self._episodes[batch.episode_ids[row]] = _EpisodeKV(batch.token_ids[row], layers)
+                self._episodes[batch.episode_ids[row]] = EpisodeKV(batch.token_ids[row], layers)
 
     def _new_block(
         self, news: list[list[int]], starts: list[int]
@@ -380,7 +327,7 @@ class HFEngine:
         return cache, mask, logits, [len(new) for new in news]
 
     def _prefill(
-        self, pasts: list[_EpisodeKV | None], news: list[list[int]], room: int
+        self, pasts: list[EpisodeKV | None], news: list[list[int]], room: int
     ) -> tuple[Any, torch.Tensor, torch.Tensor]:
         """Run the new tokens of each row after its cached KV. Returns the cache, the
         attention mask over it and the last position's logits."""
@@ -637,7 +584,7 @@ class HFEngine:
         # Rows still with none that start alike (tasks under one system prompt) run their
         # common start once, apart, and each starts from it.
         apart = [0] * batch
-        for run, length in _common_starts([row for row in firsts if pasts[row] is None], requests):
+        for run, length in common_starts([row for row in firsts if pasts[row] is None], requests):
             start = self._start_kv(requests[run[0]].token_ids[:length])
             for row in run:
                 pasts[row] = start
@@ -666,36 +613,6 @@ class HFEngine:
             cache.batch_select_indices(index)
             attention_mask, logits = attention_mask[index], logits[index]
         return cache, attention_mask, logits, prefill_counts
-
-
-def _shared_length(a: np.ndarray, b: np.ndarray) -> int:
-    """How many leading tokens `a` and `b` have in common."""
-    n = min(len(a), len(b))
-    differ = np.flatnonzero(a[:n] != b[:n])
-    return int(differ[0]) if differ.size else n
-
-
-def _common_starts(rows: list[int], requests: list[GenerationRequest]) -> list[tuple[list[int], int]]:
-    """Runs of two or more of these rows whose tokens (all but the last, which is sampled
-    after) begin alike for at least SHARED_START_MIN_TOKENS, each with how many they share:
-    the rows in order of their tokens, a run cut where a row shares fewer with the one before."""
-    order = sorted(rows, key=lambda row: requests[row].token_ids)
-    runs: list[tuple[list[int], int]] = []
-    run: list[int] = order[:1]
-    length = 0
-    arrays = {row: np.asarray(requests[row].token_ids[:-1], dtype=np.int64) for row in rows}
-    for before, row in zip(order, order[1:], strict=False):
-        shared = _shared_length(arrays[before], arrays[row])
-        if shared >= SHARED_START_MIN_TOKENS:
-            run.append(row)
-            length = shared if len(run) == 2 else min(length, shared)
-            continue
-        if len(run) > 1:
-            runs.append((run, length))
-        run = [row]
-    if len(run) > 1:
-        runs.append((run, length))
-    return runs
 
 
 def _check_shared_reads(cache: Any) -> None:
