@@ -70,7 +70,11 @@ def converted(method: Any, arguments: dict[str, Any]) -> dict[str, Any]:
 
 def expected(hint: Any, value: Any) -> str | None:
     """None when `value` fits `hint` (or the hint is one not checked); else what it must be."""
-    allowed = _allowed(hint)
+    return _refused(_allowed(hint), value)
+
+
+def _refused(allowed: Any, value: Any) -> str | None:
+    """`expected` for a hint already read into its alternatives."""
     if allowed is _UNCHECKED or any(fits(value, kind) for kind in allowed):
         return None
     return _either(allowed, value)
@@ -250,9 +254,9 @@ def _fields_problem(fields: dict[str, Any], required: frozenset, value: dict) ->
     if unknown:
         return f"{unknown[0]!r} is not one of them"
     for key, item in value.items():
-        allowed = fields[key]
-        if allowed is not _UNCHECKED and not any(fits(item, kind) for kind in allowed):
-            return f"{key} must be {_either(allowed, item)}, got {item!r}"
+        wanted = _refused(fields[key], item)
+        if wanted is not None:
+            return f"{key} must be {wanted}, got {item!r}"
     return None
 
 
@@ -314,14 +318,7 @@ def fits(value: Any, kind: Any) -> bool:
         )
     if isinstance(kind, tuple) and kind[0] == "fields":
         _, _, fields, required, _ = kind
-        return (
-            isinstance(value, dict)
-            and required <= value.keys() <= fields.keys()
-            and all(
-                fields[key] is _UNCHECKED or any(fits(item, k) for k in fields[key])
-                for key, item in value.items()
-            )
-        )
+        return isinstance(value, dict) and _fields_problem(fields, required, value) is None
     if isinstance(kind, tuple) and kind[0] == "model":
         try:
             kind[1].model_validate_json(json.dumps(value), strict=True)
