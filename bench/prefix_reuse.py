@@ -32,7 +32,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from bench.generation import (
@@ -56,34 +55,30 @@ STARTS = (16, 32, 64, 128, 256)
 
 
 class StartsApart(HFEngine):
-    """The engine with new rows' common starts run apart from `start_min` tokens on."""
+    """The engine with new rows' common starts run apart from `start_min` tokens on, and
+    other episodes' prefixes borrowed from `borrow_min` on."""
 
     start_min = 16
+    borrow_min = episode_kv.BORROW_MIN_TOKENS
 
     def generate(self, requests: list[GenerationRequest]) -> list:
-        kept = episode_kv.SHARED_START_MIN_TOKENS
-        episode_kv.SHARED_START_MIN_TOKENS = self.start_min
+        kept = episode_kv.SHARED_START_MIN_TOKENS, episode_kv.BORROW_MIN_TOKENS
+        episode_kv.SHARED_START_MIN_TOKENS, episode_kv.BORROW_MIN_TOKENS = self.start_min, self.borrow_min
         try:
             return super().generate(requests)
         finally:
-            episode_kv.SHARED_START_MIN_TOKENS = kept
+            episode_kv.SHARED_START_MIN_TOKENS, episode_kv.BORROW_MIN_TOKENS = kept
 
 
 class ExactOnly(StartsApart):
     """The engine before partial reuse: an episode's cache only when the call extends it all,
-    and new rows that start alike each run their start in their own row."""
+    never another episode's, and new rows that start alike each run their start in their row."""
 
-    start_min = 10**9
+    start_min = borrow_min = 10**9
 
     def _past_for(self, request: GenerationRequest) -> Any:
         past = self._episodes.pop(request.episode_id, None) if request.episode_id else None
-        if past is None:
-            return None
-        shared = past.shared_with(np.asarray(request.token_ids[:-1], dtype=np.int64))
-        return past if shared == len(past.token_ids) else None
-
-    def _borrowed(self, request: GenerationRequest, donors: list) -> Any:
-        return None
+        return past if past is not None and episode_kv.kept_part(past, request.token_ids) is past else None
 
 
 def observation(episode: int, turn: int) -> list[int]:

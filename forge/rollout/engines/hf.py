@@ -255,10 +255,6 @@ class HFEngine:
         past = self._episodes.pop(request.episode_id, None) if request.episode_id else None
         return kept_part(past, request.token_ids) if past is not None else None
 
-    def _borrowed(self, request: GenerationRequest, donors: list[EpisodeKV]) -> EpisodeKV | None:
-        """For a request with no cache of its own, what another episode's cache holds of it."""
-        return borrowed(request.token_ids, donors)
-
     def _start_kv(self, tokens: list[int]) -> EpisodeKV:
         """The KV of `tokens` alone, run as a batch of one row."""
         cache, _, _ = self._prefill([None], [tokens], room=0)
@@ -580,7 +576,7 @@ class HFEngine:
         donors = [own for own in owns if own is not None] + list(self._episodes.values())
         for row in firsts:
             if owns[row] is None and donors:
-                pasts[row] = self._borrowed(requests[row], donors)
+                pasts[row] = borrowed(requests[row].token_ids, donors)
         # Rows still with none that start alike (tasks under one system prompt) run their
         # common start once, apart, and each starts from it.
         apart = [0] * batch
