@@ -148,6 +148,10 @@ def test_signal_fraction_is_the_share_of_played_episodes_with_a_nonzero_advantag
         _episode("b", 1, "lost"),
     ]
     assert shape_rewards(shaper, mixed, cfg)[0]["signal_fraction"] == 0.5  # the lost one is not played
+    # An episode that errored before its first reply has no token to train: not counted either.
+    unreplied = Trajectory("t", "a", [5], [0], [0.0], [0], 0, reward=0.0, outcome=0.0, status="error")
+    solved = [_episode("a", 1.0), _episode("a", 1.0), unreplied, _episode("b", 0.0), _episode("b", 0.0)]
+    assert shape_rewards(shaper, solved, cfg)[0]["signal_fraction"] == 0.5  # a's two of the four trained
 
 
 @pytest.mark.slow

@@ -383,16 +383,15 @@ def shape_rewards(
 def trained_advantages(
     trajectories: list[Trajectory], advantages: list[float], cfg: Config
 ) -> list[tuple[str, float]]:
-    """(group id, advantage) of every episode the step's loss takes in: each not lost (with
-    `train.mask_truncated`, none with a reply cut) and, with `swarm.train_subagents`, each
-    sub-agent that replied, under its orchestrator's group and with its own advantage. What
+    """(group id, advantage) of every episode the step's loss takes in (`becomes_sample`: not
+    lost, with a token it generated and, with `train.mask_truncated`, no reply cut) and, with
+    `swarm.train_subagents`, each such sub-agent, under its orchestrator's group and with its
+    own advantage. What
     learning signal is (`signal_fraction`, dynamic sampling's groups with signal): a sub-agent
     whose advantage is not 0 gives its orchestrator's group some, as `to_samples` trains it."""
     masked = cfg.train.mask_truncated
     found = [
-        (t.group_id, a)
-        for t, a in zip(trajectories, advantages, strict=True)
-        if t.status != "lost" and not (masked and t.reply_cut)
+        (t.group_id, a) for t, a in zip(trajectories, advantages, strict=True) if becomes_sample(t, masked)
     ]
     if cfg.swarm.train_subagents:
         from forge.rollout.spawn import with_subagents
