@@ -41,7 +41,11 @@ class DaemonThreads:
         self._idle: list[queue.SimpleQueue] = []
         self._lock = threading.Lock()
 
-    def submit(self, work: Any) -> None:
+    def submit(self, work: Callable[[], Callable[[], None]]) -> None:
+        """Run `work` in an idle thread (a new one if none is idle). `work` returns the call
+        that reports its outcome; it runs after the thread is back on the idle list, so the
+        caller's next call, made once it hears, finds that thread idle instead of starting
+        another."""
         with self._lock:
             inbox = self._idle.pop() if self._idle else None
         if inbox is None:
@@ -51,11 +55,14 @@ class DaemonThreads:
 
     def _serve(self, inbox: queue.SimpleQueue) -> None:
         while True:
-            inbox.get()()
+            report = inbox.get()()
             with self._lock:
-                if len(self._idle) >= self.max_idle:
-                    return
-                self._idle.append(inbox)
+                kept = len(self._idle) < self.max_idle
+                if kept:
+                    self._idle.append(inbox)
+            report()
+            if not kept:
+                return
 
 
 _THREADS = DaemonThreads()
@@ -157,13 +164,17 @@ def in_daemon_thread(
         else:
             future.set_result(result)
 
-    def work() -> None:
+    def work() -> Callable[[], None]:
         try:
             outcome: tuple[Any, BaseException | None] = (call.run(function, *args, **kwargs), None)
         except BaseException as exc:  # handed to the awaiting coroutine (Abandoned: to nobody)
             outcome = (None, exc)
-        with contextlib.suppress(RuntimeError):  # the loop closed while we ran
-            loop.call_soon_threadsafe(settle, *outcome)
+
+        def report() -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed while we ran
+                loop.call_soon_threadsafe(settle, *outcome)
+
+        return report
 
     _THREADS.submit(work)
     return future
