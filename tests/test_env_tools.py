@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import enum
 import json
 import threading
 import time
@@ -149,6 +150,16 @@ class Node:  # holds itself: below its first level, any value
     b: list[Node] = dataclasses.field(default_factory=list)
 
 
+class Mode(enum.Enum):
+    A = "a"
+    X = "x"
+
+
+class Rank(enum.IntEnum):
+    ONE = 1
+    TWO = 2
+
+
 class Point(pydantic.BaseModel):
     a: float
     b: int | None = None
@@ -164,7 +175,9 @@ _HINTS = [str, int, float, bool, list, dict, list[str], dict[str, int], int | st
           object, list[int], list[str | None], list[int] | None, list[list[Literal["a", "b"]]],
           list[int] | list[str], int | dict[str, int] | None, list[Any], dict[str, Any],
           Literal["a", None], Span, Loose, Box, Shelf, Node, Span | None, list[Box], Box | dict[str, int],
-          Point, Path, Path | None]  # fmt: skip
+          Point, Path, Path | None, list | list[int], Mode, Rank | None, Mode | int, list[Mode],
+          tuple, tuple[int, ...], tuple[int, str], tuple[()], tuple[int, Any] | None, tuple[int, int] | list[str],
+          tuple[Mode, Box]]  # fmt: skip
 _JSON_VALUES = st.recursive(
     st.none()
     | st.booleans()
@@ -292,6 +305,12 @@ class Planner(ToolEnv):
         self.got = (span, shelf, path)
         return "planned"
 
+    @tool
+    def pick(self, mode: Mode, ranks: list[Rank], at: tuple[int, int], boxes: tuple[Box, ...] = ()) -> str:
+        """Pick."""
+        self.got = (mode, ranks, at, boxes)
+        return "picked"
+
     def reset(self, task, seed):
         return "go"
 
@@ -319,6 +338,45 @@ def test_dataclass_and_pydantic_arguments_reach_the_tool_built_and_bad_ones_are_
         env.got = None
         result = step(env, call("plan", **arguments))
         assert said in result.observation and "error: bad arguments for plan: " in result.observation
+        assert env.got is None and result.info["tool_errors"] == 1
+
+
+def test_enum_and_tuple_parameters_show_their_values_and_shape_and_reach_the_tool_as_members_and_tuples():
+    assert json_schema(Mode) == {"type": "string", "enum": ["a", "x"]}
+    assert json_schema(Rank | None) == {"type": ["integer", "null"], "enum": [1, 2, None]}
+    assert json_schema(tuple[int, str]) == {
+        "type": "array", "prefixItems": [{"type": "integer"}, {"type": "string"}], "minItems": 2, "maxItems": 2,
+    }  # fmt: skip
+    assert json_schema(tuple[Box, ...]) == {"type": "array", "items": json_schema(Box)}
+    assert json_schema(list | list[int]) == {
+        "anyOf": [{"type": "array"}, {"type": "array", "items": {"type": "integer"}}]
+    }
+
+    class Perms(enum.Flag):  # a combination is no member: not checked
+        R = 1
+        W = 2
+
+    assert json_schema(Perms) == {} and expected(Perms, 3) is None
+
+    env = Planner()
+    env.reset({}, 0)
+    result = step(env, call("pick", mode="x", ranks=[2, 1], at=[3, 4], boxes=[{"a": 1}]))
+    assert "picked" in result.observation and result.info["tool_errors"] == 0
+    assert env.got == (Mode.X, [Rank.TWO, Rank.ONE], (3, 4), (Box(1),))
+    assert type(env.got[1][0]) is Rank and type(env.got[2]) is tuple
+    wrong = [
+        ({"mode": "b", "ranks": [], "at": [1, 2]}, "mode must be one of 'a', 'x' (got 'b')"),
+        ({"mode": "a", "ranks": [3], "at": [1, 2]}, "ranks must be an array whose items are each one of 1, 2 (got [3])"),
+        ({"mode": "a", "ranks": [], "at": [1]}, "at must be an array of 2 items: an integer, then an integer (got [1])"),
+        ({"mode": "a", "ranks": [], "at": [1, 2], "boxes": [{"a": "1"}]}, "boxes must be an array whose items are each an object"),
+    ]  # fmt: skip
+    for arguments, said in wrong:
+        env.reset({}, 0)
+        env.got = None
+        result = step(env, call("pick", **arguments))
+        assert said in result.observation and "error: bad arguments for pick: " in result.observation, (
+            result.observation
+        )
         assert env.got is None and result.info["tool_errors"] == 1
 
 

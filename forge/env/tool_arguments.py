@@ -5,11 +5,12 @@ an error observation, as OpenAI's strict function calling refuses it, instead of
 tool with a value its code never expected.
 
 What a hint states exactly is shown and checked: str, int, float (an int is a number too),
-bool, list and dict (`list[X]`'s items and `dict[str, X]`'s values as X), a `Literal` (its
-values, `enum`), `X | None` / `Optional[X]` (null allowed) and unions of those (a list of
-types, or `anyOf`). A TypedDict or a dataclass is an object with its fields as keys (those
+bool, list and dict (`list[X]`'s items and `dict[str, X]`'s values as X), a tuple (an array:
+`tuple[X, ...]` of X, `tuple[X, Y]` of exactly those, in order), a `Literal` (its values,
+`enum`), an `Enum` class (its members' values; the tool gets the member), `X | None` /
+`Optional[X]` (null allowed) and unions of those (a list of types, or `anyOf`). A TypedDict or a dataclass is an object with its fields as keys (those
 without a default required, no others), each held to its own hint; a dataclass parameter
-gets an instance built from the object (`converted`). A pydantic model shows its own JSON
+gets an instance built from the object, a tuple parameter a tuple (`converted`). A pydantic model shows its own JSON
 schema (its `$defs` written in place) and is checked, and built, by its strict JSON
 validation. Any other hint (`Any`, a class of the env's own) and a parameter without one take
 any value, and their schema is `{}`, JSON Schema's "any value"."""
@@ -17,6 +18,7 @@ any value, and their schema is `{}`, JSON Schema's "any value"."""
 from __future__ import annotations
 
 import dataclasses
+import enum
 import inspect
 import json
 import types
@@ -35,6 +37,7 @@ _JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", 
 _NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "an array",
           dict: "an object"}  # fmt: skip
 _UNCHECKED = object()
+_NESTED = ("items", "positions", "fields", "model")  # the kinds with alternatives of their own
 
 
 def argument_problem(method: Any, arguments: dict[str, Any]) -> str | None:
@@ -84,14 +87,15 @@ def _either(allowed: list[Any], value: Any = _UNCHECKED) -> str:
     """`allowed` in words; ", or " between alternatives where one has items of its own, so
     "an array whose items are each an integer, or null" is no array of optional integers.
     `value`, where given, is the one refused (a pydantic model says what it found wrong)."""
-    nested = any(isinstance(kind, tuple) and kind[0] in ("items", "fields", "model") for kind in allowed)
+    nested = any(isinstance(kind, tuple) and kind[0] in _NESTED for kind in allowed)
     joiner = ", or " if nested and len(allowed) > 1 else " or "
     return joiner.join(describe(kind, value) for kind in allowed)
 
 
 def _allowed(hint: Any, within: frozenset = frozenset()) -> Any:
-    """The alternatives a hint allows: types checked, ("literal", values), ("items", list or
-    dict, the alternatives each item or value allows), ("fields", class, each field's
+    """The alternatives a hint allows: types checked, ("literal", values, the Enum class to
+    build or None), ("items", list, dict or tuple, the alternatives each item or value allows),
+    ("positions", the alternatives of each of a fixed tuple's items), ("fields", class, each field's
     alternatives, the required ones, the class to build or None), ("model", a pydantic model),
     or None (the value None); _UNCHECKED when any part is a hint not checked (an item hint not
     checked leaves the items so; a field's, that field). `within`: the classes whose fields are
@@ -100,6 +104,8 @@ def _allowed(hint: Any, within: frozenset = frozenset()) -> Any:
         return [("model", hint)]
     if isinstance(hint, type) and (typing.is_typeddict(hint) or dataclasses.is_dataclass(hint)):
         return _fields(hint, within) if hint not in within else _UNCHECKED
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return _members(hint)
     origin = typing.get_origin(hint)
     if origin in (Union, types.UnionType):
         alternatives: list[Any] = []
@@ -112,12 +118,34 @@ def _allowed(hint: Any, within: frozenset = frozenset()) -> Any:
     if hint is None or hint is type(None):
         return [None]
     if origin is typing.Literal:
-        return [("literal", typing.get_args(hint))]
+        return [("literal", typing.get_args(hint), None)]
+    if hint is tuple or origin is tuple:
+        return _tuple(hint, within)
     if origin in (list, dict) and typing.get_args(hint):  # list[X], dict[str, X]: X checked too
         items = _allowed(typing.get_args(hint)[-1], within)
         return [origin] if items is _UNCHECKED else [("items", origin, items)]
     base = origin if origin in (list, dict) else hint
     return [base] if base in _KINDS else _UNCHECKED
+
+
+def _members(cls: type[enum.Enum]) -> Any:
+    """An Enum class's kind: its members' values, built back into the member. A Flag (whose
+    combinations are no members) and values JSON has no type for are not checked."""
+    values = tuple(member.value for member in cls)
+    plain = all(value is None or type(value) in _JSON_TYPES for value in values)
+    if issubclass(cls, enum.Flag) or not values or not plain:
+        return _UNCHECKED
+    return [("literal", values, cls)]
+
+
+def _tuple(hint: Any, within: frozenset) -> Any:
+    """A tuple's kind: a JSON array, built into a tuple. `tuple[X, ...]` (and a bare `tuple`,
+    whose items are any value) as ("items", tuple, X); `tuple[X, Y]` as ("positions", [X, Y]),
+    `tuple[()]` as ("positions", [])."""
+    args = typing.get_args(hint)
+    if hint in (tuple, typing.Tuple) or (len(args) == 2 and args[1] is Ellipsis):  # noqa: UP006
+        return [("items", tuple, _allowed(args[0], within) if args else _UNCHECKED)]
+    return [("positions", [_allowed(arg, within) for arg in args if arg != ()])]
 
 
 def _is_model(hint: Any) -> bool:
@@ -176,11 +204,16 @@ def _converted(allowed: Any, value: Any) -> Any:
     kind = next((kind for kind in allowed if fits(value, kind)), None)
     if not isinstance(kind, tuple):
         return value
+    if kind[0] == "literal":
+        _, _, make = kind
+        return value if make is None else make(value)
     if kind[0] == "items":
         _, container, items = kind
-        if container is list:
-            return [_converted(items, item) for item in value]
-        return {key: _converted(items, item) for key, item in value.items()}
+        if container is dict:
+            return {key: _converted(items, item) for key, item in value.items()}
+        return container(_converted(items, item) for item in value)
+    if kind[0] == "positions":
+        return tuple(_converted(items, item) for items, item in zip(kind[1], value, strict=True))
     if kind[0] == "fields":
         _, _, fields, _, make = kind
         made = {key: _converted(fields[key], item) for key, item in value.items()}
@@ -204,8 +237,10 @@ def _schema(allowed: Any) -> dict[str, Any]:
     if len(parts) == 1:
         return parts[0]
     keywords = [key for part in parts for key in part if key != "type"]
-    if "enum" not in keywords and "anyOf" not in keywords and len(keywords) == len(set(keywords)):
-        # Types, each with its own keywords (items, additionalProperties apply to their type only).
+    types_ = [part.get("type") for part in parts]
+    distinct = all(isinstance(kind, str) for kind in types_) and len(types_) == len(set(types_))
+    if "enum" not in keywords and "anyOf" not in keywords and distinct:
+        # Types, each once with its own keywords (items, additionalProperties apply to their type only).
         kinds = _merged(part["type"] for part in parts)
         return {
             "type": kinds,
@@ -234,9 +269,15 @@ def _schema_of(kind: Any) -> dict[str, Any]:
         return _in_place(schema, schema.pop("$defs", {}), ())
     if isinstance(kind, tuple) and kind[0] == "items":
         _, container, items = kind
-        if container is list:
-            return {"type": "array", "items": _schema(items)}
-        return {"type": "object", "additionalProperties": _schema(items)}
+        if container is dict:
+            return {"type": "object", "additionalProperties": _schema(items)}
+        return {"type": "array", "items": _schema(items)} if items is not _UNCHECKED else {"type": "array"}
+    if isinstance(kind, tuple) and kind[0] == "positions":
+        size = len(kind[1])
+        if not size:
+            return {"type": "array", "maxItems": 0}
+        return {"type": "array", "prefixItems": [_schema(items) for items in kind[1]], "minItems": size,
+                "maxItems": size}  # fmt: skip
     if isinstance(kind, tuple):
         values = list(kind[1])
         kinds = {_value_type(value) for value in values}
@@ -309,12 +350,16 @@ def _merged(kinds: Any) -> str | list[str]:
 def fits(value: Any, kind: Any) -> bool:
     if kind is None:
         return value is None
-    if isinstance(kind, tuple) and kind[0] == "items":  # a list's items, a dict's values
+    if isinstance(kind, tuple) and kind[0] == "items":  # a list's or tuple's items, a dict's values
         _, container, items = kind
-        if not isinstance(value, container):
+        if not isinstance(value, dict if container is dict else list):  # JSON's arrays are lists
             return False
-        return all(
-            any(fits(item, k) for k in items) for item in (value if container is list else value.values())
+        return all(_refused(items, item) is None for item in (value.values() if container is dict else value))
+    if isinstance(kind, tuple) and kind[0] == "positions":
+        return (
+            isinstance(value, list)
+            and len(value) == len(kind[1])
+            and all(_refused(items, item) is None for items, item in zip(kind[1], value, strict=True))
         )
     if isinstance(kind, tuple) and kind[0] == "fields":
         _, _, fields, required, _ = kind
@@ -348,9 +393,17 @@ def describe(kind: Any, value: Any = _UNCHECKED) -> str:
         return f"an object that {kind[1].__name__} validates ({_model_problems(kind[1], value)})"
     if isinstance(kind, tuple) and kind[0] == "items":
         _, container, items = kind
-        whose = "an array whose items are" if container is list else "an object whose values are"
+        if items is _UNCHECKED:
+            return _NAMES[list]
+        whose = "an object whose values are" if container is dict else "an array whose items are"
         inner = _either(items)
         return f"{whose} each {f'({inner})' if len(items) > 1 else inner}"
+    if isinstance(kind, tuple) and kind[0] == "positions":
+        if not kind[1]:
+            return "an empty array"
+        each = [f"({_either(items)})" if items is not _UNCHECKED and len(items) > 1 else
+                "any value" if items is _UNCHECKED else _either(items) for items in kind[1]]  # fmt: skip
+        return f"an array of {len(each)} item{'s' if len(each) > 1 else ''}: " + ", then ".join(each)
     if isinstance(kind, tuple):
         return "one of " + ", ".join(repr(option) for option in kind[1])
     return _NAMES[kind]
