@@ -13,6 +13,10 @@ fp32, sdpa, 1 thread); every task's prompt is a 1024-token system prompt, then 6
   (d) `start-N`: 4 tasks in one call under a common start of N tokens, 8 new tokens each:
       running the start once apart (`apart`, from 16 tokens on) against in each row, to place
       SHARED_START_MIN_TOKENS where one forward more starts to pay.
+  (e) `ended`: the 16 episodes one after another, 3 turns each, on an engine as `forge serve`
+      runs it (ServedEngine, 65536 cached tokens), each released when it ends: an agent loop
+      that plays one episode at a time. `reuse` keeps an ended episode's KV for later ones to
+      start from (`HFEngine.retire`); `release-drops` drops it at once, as before.
 
 `reuse` is the engine as it is: a new episode starts from the longest prefix (at least
 BORROW_MIN_TOKENS) another episode's cache holds, a turn that parts from its own cache keeps
@@ -48,6 +52,7 @@ from forge.models.loading import load_model, quiet_transformers
 from forge.rollout.engines import episode_kv
 from forge.rollout.engines.hf import HFEngine
 from forge.rollout.engines.protocol import GenerationRequest
+from forge.rollout.engines.served import ServedEngine
 
 SYSTEM, TASK, TASKS, GROUP = 1024, 64, 4, 4
 NEW, OBSERVATION, CUT = 32, 32, 4
@@ -79,6 +84,15 @@ class ExactOnly(StartsApart):
     def _past_for(self, request: GenerationRequest) -> Any:
         past = self._episodes.pop(request.episode_id, None) if request.episode_id else None
         return past if past is not None and episode_kv.kept_part(past, request.token_ids) is past else None
+
+
+class DropsEnded(ServedEngine):
+    """The served engine before ended episodes' KV was kept: a release drops it at once."""
+
+    def release(self, episode_id: str) -> None:
+        with self._state:
+            self._cached.pop(episode_id, None)
+        self.engine.release(episode_id)
 
 
 def observation(episode: int, turn: int) -> list[int]:
@@ -135,6 +149,18 @@ def re_rendered(engine: HFEngine) -> int:
     return prefilled
 
 
+def one_at_a_time(served: ServedEngine) -> int:
+    prefilled = 0
+    for index, (name, ids) in enumerate(prompts().items()):
+        for turn in range(3):
+            result = served.generate([GenerationRequest(ids, NEW, episode_id=name)])[0]
+            prefilled += result.prefill_tokens
+            ids = ids + result.token_ids + observation(index, turn)
+        served.release(name)
+    served.load_weights({}, 0)  # the next round starts with nothing cached
+    return prefilled
+
+
 def main(repeats: int, output: Path) -> dict:
     torch.set_num_threads(1)
     quiet_transformers()
@@ -160,6 +186,8 @@ def main(repeats: int, output: Path) -> dict:
     # Where running a common start apart starts to pay: 4 tasks in one call, each start length.
     apart = {"apart": StartsApart(model, [10**9], 0, seed=0), "exact-only": engines["exact-only"]}
     cases += [(f"start-{n}", lambda engine, n=n: one_call(engine, n, TASKS), apart) for n in STARTS]
+    served = {"reuse": ServedEngine(engines["reuse"]), "release-drops": DropsEnded(engines["reuse"])}
+    cases.append(("ended", one_at_a_time, served))
     for case, workload, arms in cases:
         for engine in arms.values():
             workload(engine)  # warm-up

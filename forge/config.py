@@ -254,7 +254,8 @@ class RolloutConfig(Section):
     prefix_cache_tokens: int = Field(
         65536,
         ge=0,
-        description="engine: server: episodes' KV each engine keeps between calls, in tokens (LRU)",
+        description="engine: server: episodes' KV each engine keeps between calls, in tokens: live ones', and "
+        "ended ones' for later episodes to start from (dropped first), least recently used dropped first",
     )
     max_engine_restarts: int = Field(
         3,

@@ -171,6 +171,42 @@ def test_release_drops_the_cache_and_the_next_call_prefills_everything(model_and
     assert again.prefill_tokens == len(context)
 
 
+def test_a_retired_episode_kv_is_borrowed_exactly_until_it_is_released(model_and_tokenizer):
+    """`retire` keeps an ended episode's KV (from the kept batch, or set aside) for new
+    episodes to start from; `release` and new weights drop it; its own id takes it back."""
+    model, _ = model_and_tokenizer
+    engine = make_engine(model_and_tokenizer)
+    system = list(range(5, 5 + BORROW_MIN_TOKENS + 8))
+    firsts = engine.generate([GenerationRequest(system + [40 + i], 3, episode_id=f"a{i}") for i in range(2)])
+    engine.retire("a0")  # a row of the kept batch: copied out
+    engine.generate([GenerationRequest([7, 8, 9], 2, episode_id="other")])  # sets a1 aside
+    engine.retire("a1")  # a set-aside cache
+    assert engine.retired_episodes == 2 and engine.cached_episodes == 1
+    calls = [
+        [GenerationRequest(system + [40] + firsts[0].token_ids + [50], 3, episode_id="b")],  # all a0 held
+        [GenerationRequest(system + [41, 51], 3, episode_id="c")],
+    ]
+    prefilled = []
+    for requests in calls:
+        results = engine.generate(requests)
+        prefilled.append([r.prefill_tokens for r in results])
+        for request, result in zip(requests, results, strict=True):
+            assert result.logprobs == pytest.approx(
+                reference_logprobs(model, request.token_ids, result.token_ids), abs=1e-4
+            )
+    # b: a0 held its prompt and all but its last sampled token (that token and 50 are run);
+    # c: a1 held its prompt (51 is run).
+    assert prefilled == [[2], [1]]
+    for name in ("a0", "a1", "b", "c", "other"):
+        engine.release(name)
+    assert engine.retired_episodes == 0 and engine.cached_episodes == 0
+    fresh = engine.generate([GenerationRequest(system + [41, 52], 3, episode_id="d")])[0]
+    assert fresh.prefill_tokens == len(system) + 2  # nothing left to start from
+    engine.retire("d")
+    engine.load_weights({}, version=1)
+    assert engine.retired_episodes == 0 and engine.cached_episodes == 0
+
+
 def test_a_weight_sync_invalidates_cached_kv(model_and_tokenizer):
     model, _ = model_and_tokenizer
     engine = make_engine(model_and_tokenizer)

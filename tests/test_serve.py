@@ -18,7 +18,7 @@ import torch
 
 from forge.config import ConfigError, TinyModelConfig
 from forge.models.tiny import save_tiny_checkpoint
-from forge.rollout.engines.protocol import GenerationRequest
+from forge.rollout.engines.protocol import GenerationRequest, GenerationResult
 from forge.rollout.engines.remote import EngineLost, ForgeClient
 from forge.rollout.engines.server import EngineServer, make_service
 from forge.rollout.engines.updates import tensors_to_bytes
@@ -243,18 +243,42 @@ def test_a_refused_request_in_a_batch_gets_its_own_error_and_the_others_are_answ
     assert "context limit" in too_long["error"]
 
 
-def test_a_batch_releases_the_episodes_it_names_before_generating(server):
-    ids = prompt(server)
+def test_a_batch_ends_the_episodes_it_names_before_generating_and_a_new_one_starts_from_their_kv(server):
+    served = server.service.served
+    ids = prompt(server) * 3  # past BORROW_MIN_TOKENS
     httpx.post(
         f"{server.url}/forge/generate", json={"token_ids": ids, "max_new_tokens": 1, "episode_id": "old"}
     )
-    assert "old" in server.service.served._cached
-    httpx.post(
+    assert "old" in served._cached and not served._ended
+    answer = httpx.post(
         f"{server.url}/forge/generate/batch",
         json={"requests": [{"token_ids": ids, "max_new_tokens": 1, "episode_id": "new"}], "release": ["old"]},
-    )
-    assert "old" not in server.service.served._cached and "new" in server.service.served._cached
+    ).json()["results"][0]
+    assert served._ended == {"old"} and "new" in served._cached
+    assert answer["prefill_tokens"] == 1 and answer["cached_tokens"] == len(ids) - 1  # from old's KV
+    metrics = httpx.get(f"{server.url}/forge/metrics").json()
+    assert metrics["prefix_cache_episodes"] == 1 and metrics["prefix_cache_ended_episodes"] == 1
     assert httpx.post(f"{server.url}/forge/release", json={}).status_code == 400
+
+
+def test_an_ended_episode_kv_is_dropped_first_when_the_cache_needs_its_room_and_by_new_weights(checkpoint):
+    served = make_service(checkpoint, max_new_tokens=6, max_context_tokens=128, cache_tokens=90).served
+    engine = served.engine
+    ids = list(range(3, 27))  # 24 tokens
+
+    def turn(name: str, tokens: list[int]) -> GenerationResult:
+        return served.generate([GenerationRequest(tokens, 2, name)])[0]
+
+    turn("live", [50] * 24)
+    turn("a", ids)
+    served.release("a")
+    assert engine.retired_episodes == 1 and served.metrics()["prefix_cache_ended_episodes"] == 1
+    assert turn("b", ids + [30]).prefill_tokens == 1  # a's KV, all of the prompt it shares
+    turn("c", [40] * 24)  # past 90 tokens: a goes, though "live" was used longer ago
+    assert engine.retired_episodes == 0 and not served._ended and list(served._cached) == ["live", "b", "c"]
+    served.release("b")
+    served.load_weights({}, 1)
+    assert engine.retired_episodes == 0 and served.metrics()["prefix_cache_tokens"] == 0
 
 
 def test_the_forge_client_sends_a_batch_and_reads_each_answer_or_error(server):
@@ -278,7 +302,7 @@ def test_the_forge_client_generates_releases_and_updates(server, other_checkpoin
         result = await client.generate(GenerationRequest(prompt(server), 3, "e"))
         assert len(result.token_ids) == len(result.logprobs) and client.policy_version == 0
         await client.release(["e"])
-        assert "e" not in server.service.served._cached
+        assert server.service.served._ended == {"e"}  # ended: its KV kept only for later episodes
         await client.load_checkpoint(str(other_checkpoint), 4)
         assert (await client.generate(GenerationRequest(prompt(server), 2))).policy_version == 4
         assert (await client.metrics())["weight_updates"] == 1

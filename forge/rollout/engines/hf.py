@@ -163,8 +163,11 @@ class HFEngine:
         if self.share_prompt:
             use_shared_prompt_attention(model)
         self._episodes: dict[str, EpisodeKV] = {}
+        # Ended episodes' KV kept for other episodes to borrow from (`retire`), until released.
+        self._retired: dict[str, EpisodeKV] = {}
         self._batch: _BatchKV | None = None
-        self._released: collections.deque[str] = collections.deque()
+        # (episode, whether its KV stays as a donor) for each release not yet applied.
+        self._released: collections.deque[tuple[str, bool]] = collections.deque()
         # Weights never change under a running batch: a sync waits for it to finish.
         self._lock = threading.Lock()
         # Called before each prefill chunk and each decode step: a batch that runs on a guarded
@@ -190,12 +193,28 @@ class HFEngine:
             # Cached KV came from the old weights; the next turn re-prefills its history so
             # that new tokens' behaviour logprobs are exactly the new policy's.
             self._episodes.clear()
+            self._retired.clear()
             self._batch = None
 
+    @property
+    def retired_episodes(self) -> int:
+        return len(self._retired)
+
     def release(self, episode_id: str) -> None:
-        """Drop an episode's cached KV (call when the episode ends). Never waits for a
-        running batch: the release is applied before the next one if it cannot be now."""
-        self._released.append(episode_id)
+        """Drop an episode's cached KV (call when the episode ends), or the KV `retire` kept.
+        Never waits for a running batch: the release is applied before the next one if it
+        cannot be now."""
+        self._queue_release(episode_id, keep=False)
+
+    def retire(self, episode_id: str) -> None:
+        """End an episode but keep its KV for a later episode to start from (`borrowed`: the
+        rest of its group, tasks under the same system prompt), as vLLM's prefix cache keeps a
+        finished request's blocks until it needs the room; `release` drops it. For a caller
+        that bounds what is kept (`ServedEngine`); new weights drop it too."""
+        self._queue_release(episode_id, keep=True)
+
+    def _queue_release(self, episode_id: str, keep: bool) -> None:
+        self._released.append((episode_id, keep))
         if self._lock.acquire(blocking=False):
             try:
                 self._apply_releases()
@@ -204,13 +223,20 @@ class HFEngine:
 
     def _apply_releases(self) -> None:
         while self._released:
-            episode_id = self._released.popleft()
-            self._episodes.pop(episode_id, None)
+            episode_id, keep = self._released.popleft()
+            kv = self._episodes.pop(episode_id, None)
             batch = self._batch
             if batch is not None and episode_id in batch.episode_ids:
-                batch.episode_ids[batch.episode_ids.index(episode_id)] = ""
+                row = batch.episode_ids.index(episode_id)
+                if keep:
+                    kv = _row_kv(batch, row)
+                batch.episode_ids[row] = ""
                 if not any(batch.episode_ids):
                     self._batch = None
+            if keep and kv is not None:
+                self._retired[episode_id] = kv
+            elif not keep:
+                self._retired.pop(episode_id, None)
 
     def next_token_logprobs(self, token_ids: list[int]) -> torch.Tensor:
         """The tempered next-token distribution after `token_ids` (log space, fp32)."""
@@ -251,8 +277,11 @@ class HFEngine:
                 )
 
     def _past_for(self, request: GenerationRequest) -> EpisodeKV | None:
-        """What of its episode's own cache (taken out) this request starts from, if any."""
-        past = self._episodes.pop(request.episode_id, None) if request.episode_id else None
+        """What of its episode's own cache (taken out) this request starts from, if any: an
+        episode called again after `retire` takes its kept KV back."""
+        past = None
+        if request.episode_id:
+            past = self._episodes.pop(request.episode_id, None) or self._retired.pop(request.episode_id, None)
         return kept_part(past, request.token_ids) if past is not None else None
 
     def _start_kv(self, tokens: list[int]) -> EpisodeKV:
@@ -283,9 +312,7 @@ class HFEngine:
         """Copy these rows of a kept batch out into per-episode caches, without pads."""
         for row in rows:
             if batch.episode_ids[row]:
-                columns = batch.mask[row].nonzero().squeeze(-1)
-                layers = [layer.row(row, columns) for layer in batch.cache.layers]
-                self._episodes[batch.episode_ids[row]] = EpisodeKV(batch.token_ids[row], layers)
+                self._episodes[batch.episode_ids[row]] = _row_kv(batch, row)
 
     def _new_block(
         self, news: list[list[int]], starts: list[int]
@@ -573,7 +600,10 @@ class HFEngine:
             expand.append(unique.setdefault(key, len(unique)))
         firsts = [expand.index(u) for u in range(len(unique))]
         pasts = list(owns)
-        donors = [own for own in owns if own is not None] + list(self._episodes.values())
+        donors = [own for own in owns if own is not None] + [
+            *self._episodes.values(),
+            *self._retired.values(),
+        ]
         for row in firsts:
             if owns[row] is None and donors:
                 pasts[row] = borrowed(requests[row].token_ids, donors)
@@ -609,6 +639,12 @@ class HFEngine:
             cache.batch_select_indices(index)
             attention_mask, logits = attention_mask[index], logits[index]
         return cache, attention_mask, logits, prefill_counts
+
+
+def _row_kv(batch: _BatchKV, row: int) -> EpisodeKV:
+    """A kept batch's row as an episode's own cache, without its pads (copied out)."""
+    columns = batch.mask[row].nonzero().squeeze(-1)
+    return EpisodeKV(batch.token_ids[row], [layer.row(row, columns) for layer in batch.cache.layers])
 
 
 def _check_shared_reads(cache: Any) -> None:

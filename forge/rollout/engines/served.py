@@ -21,8 +21,10 @@ class ServedEngine:
     `pause()` holds new batches back and returns once the running one has finished, so a
     weight update never lands under a batch and every token's version is the one that
     sampled it. The wrapped engine keeps each episode's KV so that its next turn prefills
-    only the new tokens; here that cache is bounded to `cache_tokens` tokens: past it, the
-    episodes used least recently are released (their next turn is prefilled afresh)."""
+    only the new tokens, and an ended episode's for later episodes to start from (its group's
+    prompt, a shared system prompt: `HFEngine.retire`); here that cache is bounded to
+    `cache_tokens` tokens: past it, ended episodes are dropped first, then live ones (whose
+    next turn is prefilled afresh), each the least recently used first."""
 
     def __init__(self, engine: Any, cache_tokens: int = 65536) -> None:
         if cache_tokens < 0:
@@ -31,7 +33,8 @@ class ServedEngine:
         self.cache_tokens = cache_tokens
         self._cached: collections.OrderedDict[str, int] = (
             collections.OrderedDict()
-        )  # episode -> tokens, LRU first
+        )  # episode -> tokens, LRU first; ended ones (retired) too, until evicted
+        self._ended: set[str] = set()  # the episodes in `_cached` that have ended
         self._state = threading.Condition()
         self._paused = False
         self._running = 0
@@ -87,18 +90,41 @@ class ServedEngine:
                 self.counts["generated_tokens"] += len(result.token_ids)
                 if request.episode_id:
                     self._cached.pop(request.episode_id, None)
+                    self._ended.discard(request.episode_id)
                     self._cached[request.episode_id] = len(request.token_ids) + len(result.token_ids)
-            while self._cached and sum(self._cached.values()) > self.cache_tokens:
-                episode_id, _ = self._cached.popitem(last=False)
-                evicted.append(episode_id)
-            self.counts["evictions"] += len(evicted)
+            evicted = self._evict()
         for episode_id in evicted:
             self.engine.release(episode_id)
 
+    def _evict(self) -> list[str]:
+        """Take episodes out of the count until it is within bounds: ended ones first, then
+        live ones, each the least recently used first (as vLLM evicts only freed blocks)."""
+        evicted = []
+        total = sum(self._cached.values())
+        order = [name for name in self._cached if name in self._ended] + [
+            name for name in self._cached if name not in self._ended
+        ]
+        for episode_id in order:
+            if total <= self.cache_tokens:
+                break
+            total -= self._cached.pop(episode_id)
+            self._ended.discard(episode_id)
+            evicted.append(episode_id)
+        self.counts["evictions"] += len(evicted)
+        return evicted
+
     def release(self, episode_id: str) -> None:
+        """An episode has ended: its KV stays, counted as used now, for later episodes to
+        start from until the bound needs its room (`HFEngine.retire`)."""
         with self._state:
-            self._cached.pop(episode_id, None)
-        self.engine.release(episode_id)
+            tokens = self._cached.pop(episode_id, None)
+            if tokens is not None:
+                self._cached[episode_id] = tokens
+                self._ended.add(episode_id)
+        if tokens is None:
+            self.engine.release(episode_id)
+            return
+        self.engine.retire(episode_id)
 
     # -- weights ------------------------------------------------------------------------
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
@@ -116,6 +142,7 @@ class ServedEngine:
             self.engine.load_weights(load() or {}, version)
             with self._state:
                 self._cached.clear()
+                self._ended.clear()
                 self.counts["weight_updates"] += 1
         finally:
             self.resume()
@@ -128,7 +155,8 @@ class ServedEngine:
         with self._state:
             counts = dict(self.counts)
             cached_tokens = sum(self._cached.values())
-            cached_episodes = len(self._cached)
+            ended = len(self._ended)
+            cached_episodes = len(self._cached) - ended
         prompt = counts.get("prompt_tokens", 0.0)
         hits = prompt - counts.get("prefill_tokens", 0.0)
         return {
@@ -142,7 +170,8 @@ class ServedEngine:
             "prefix_cache_hit_tokens": int(hits),
             "prefix_cache_hit_rate": hits / prompt if prompt else 0.0,
             "prefix_cache_tokens": cached_tokens,
-            "prefix_cache_episodes": cached_episodes,
+            "prefix_cache_episodes": cached_episodes,  # live ones
+            "prefix_cache_ended_episodes": ended,  # kept for later episodes to start from
             "prefix_cache_capacity_tokens": self.cache_tokens,
             "prefix_cache_evictions": int(counts.get("evictions", 0)),
             "weight_updates": int(counts.get("weight_updates", 0)),

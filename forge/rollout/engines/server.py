@@ -16,7 +16,8 @@ The OpenAI-compatible endpoints and the episode API are the training gateway's o
     POST /forge/generate/batch    {"requests": [generate bodies], "release"?: [episode ids]}
                                   -> {"results": [generate answers, or {"error", "status"}]}:
                                   one call, one engine batch (a rollout worker's many episodes)
-    POST /forge/release           {"episode_id"} | {"episode_ids": [...]}: drop cached KV
+    POST /forge/release           {"episode_id"} | {"episode_ids": [...]}: the episodes ended (their KV
+                                  stays for later episodes to start from, until the cache needs its room)
     POST /forge/cancel            {"episode_ids": [...]}: their requests still generating end at the
                                   next decode step (answered cut, finish_reason length); -> "cancelled"
     POST /forge/pause             hold new batches until /forge/resume (returns when none runs)
