@@ -170,9 +170,9 @@ def marked_processes(mark: str) -> list[int]:
 
 
 # After the kill, the processes holding the mark are looked for again this many times, 0.2 s
-# apart: one started while the others were listed (a Ray node still starting its agents when
-# its driver ended) is not in that list, and outlived the run (seen: Ray's dashboard and
-# runtime-env agents, 60 s after a gateway run was ended on a loaded machine).
+# apart: one started while the others were listed (a Ray node still starting a process when
+# its driver ended) is not in that list. (Ray's agents once outlived a run for another reason:
+# their titles had overwritten the mark; `forge.run.cluster` sets SPT_NOENV against that.)
 KILL_ROUNDS = 5
 
 

@@ -83,6 +83,10 @@ def _init(num_cpus: int | None, env_name: str | None) -> None:
     # abruptly left can be found (forge.rollout.stuck_watch). This process's own, never
     # one inherited from the process that started it.
     os.environ[RUN_MARK] = f"{os.getpid()}-{time.time_ns()}"
+    # Ray's agents retitle themselves with setproctitle, which by default writes the title over
+    # the environment /proc/PID/environ shows, the mark with it: the watcher could not find
+    # them, and they outlived a run ended abruptly. With SPT_NOENV a title stays in argv's room.
+    os.environ["SPT_NOENV"] = "1"
     ray.init(
         address="local",  # a new one, never a cluster whose record outlived it
         num_cpus=num_cpus or os.cpu_count() or 1,
