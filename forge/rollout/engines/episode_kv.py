@@ -24,8 +24,8 @@ import torch
 # shares whole blocks of 16: a chat template's opening tokens alone are prefilled.
 BORROW_MIN_TOKENS = 16
 # The fewest tokens that new rows of one call, starting alike, run once apart rather than each
-# in its row. The forward more breaks even at about 32 on the CPU bench model (4 rows: 0.84x
-# the time at 64, 0.68x at 128; bench.prefix_reuse's start-N); a GPU's forward costs more
+# in its row. The forward more breaks even at about 32 on the CPU bench model (4 rows: 0.86x
+# the time at 64, 0.75x at 128; bench.prefix_reuse's start-N); a GPU's forward costs more
 # against its tokens, so the bar is higher than that (not measured there).
 SHARED_START_MIN_TOKENS = 128
 
