@@ -26,6 +26,7 @@ when the call extends all of it, and every row runs its own start. The two take 
 round and keep their fastest. Prints one JSON object and writes bench/results/prefix-reuse.json.
 
     python -m bench.prefix_reuse [--repeats 5]
+    python -m bench.prefix_reuse --model qwen2-0.5b --device cuda --dtype bfloat16  # bench/gpu_prefix_reuse.sh
 """
 
 from __future__ import annotations
@@ -161,19 +162,29 @@ def one_at_a_time(served: ServedEngine) -> int:
     return prefilled
 
 
-def main(repeats: int, output: Path) -> dict:
+def main(
+    repeats: int,
+    output: Path,
+    preset: str = "small",
+    device: str = "cpu",
+    dtype: str = "float32",
+    only: list[str] | None = None,
+) -> dict:
     torch.set_num_threads(1)
     quiet_transformers()
     with tempfile.TemporaryDirectory() as tmp:
-        path = save_checkpoint(Path(tmp), "small")
-        model = load_model(path, ModelConfig(path=str(path)), attn_implementation="sdpa").eval()
+        path = save_checkpoint(Path(tmp), preset)
+        model_cfg = ModelConfig(path=str(path), dtype=dtype)
+        model = load_model(path, model_cfg, device=device, attn_implementation="sdpa").eval()
     clock = ForwardClock(model)
     engines = {
         "reuse": HFEngine(model, [10**9], 0, seed=0, max_context_tokens=8192),
         "exact-only": ExactOnly(model, [10**9], 0, seed=0, max_context_tokens=8192),
     }
+    name = torch.cuda.get_device_name() if model.device.type == "cuda" else "cpu, 1 thread"
     report: dict[str, Any] = {
-        "model": "bench.generation small (Qwen2, 4 layers, hidden 256, fp32, sdpa), 1 thread",
+        "model": f"bench.generation {preset} ({dtype}, sdpa)",
+        "device": name,
         "episodes": TASKS * GROUP,
         "system_prompt_tokens": SYSTEM,
         "repeats": repeats,
@@ -189,6 +200,8 @@ def main(repeats: int, output: Path) -> dict:
     served = {"reuse": ServedEngine(engines["reuse"]), "release-drops": DropsEnded(engines["reuse"])}
     cases.append(("ended", one_at_a_time, served))
     for case, workload, arms in cases:
+        if only and not any(case.startswith(wanted) for wanted in only):
+            continue
         for engine in arms.values():
             workload(engine)  # warm-up
         runs = {
@@ -212,8 +225,14 @@ if __name__ == "__main__":
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--model", default="small", help="a bench.generation preset (small, qwen2-0.5b, ...)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument(
+        "--cases", nargs="*", help="run only the cases whose names start so (e.g. start- one-call)"
+    )
     parser.add_argument(
         "--output", type=Path, default=Path(__file__).parent / "results" / "prefix-reuse.json"
     )
     args = parser.parse_args()
-    main(args.repeats, args.output)
+    main(args.repeats, args.output, args.model, args.device, args.dtype, args.cases)
