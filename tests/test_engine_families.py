@@ -116,7 +116,8 @@ def test_a_groups_shared_prompt_samples_with_fresh_forward_logprobs(name):
 def test_new_episodes_start_from_another_episodes_cache_with_fresh_forward_logprobs(name, monkeypatch):
     """A group whose first episode came in an earlier call, then an episode whose prompt shares
     only a system prompt (longer than the windows) with them: each starts from the KV another
-    episode holds, prefills the rest, and samples with a fresh forward's logprobs; as do two
+    episode holds, prefills the rest, and samples with a fresh forward's logprobs (those of the
+    group ended and kept as `retire` keeps them, one copied out of the kept batch); as do two
     tasks in one call under a system prompt no episode holds, run once for both."""
     model = rollout_model(name)
     engine = HFEngine(model, [STOP], pad_token_id=0, seed=3)
@@ -133,6 +134,10 @@ def test_new_episodes_start_from_another_episodes_cache_with_fresh_forward_logpr
     ]
     prefilled = []
     for requests in calls:
+        if requests[0].episode_id == "c":  # the group has ended: only their kept KV is left
+            for name in ("a", "b0", "b1", "b2"):
+                engine.retire(name)
+            assert engine.retired_episodes == 4 and engine.cached_episodes == 0
         results = engine.generate(requests)
         prefilled.append(sum(result.prefill_tokens for result in results))
         for request, result in zip(requests, results, strict=True):
