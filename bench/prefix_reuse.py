@@ -92,7 +92,7 @@ class DropsEnded(ServedEngine):
 
     def release(self, episode_id: str) -> None:
         with self._state:
-            self._cached.pop(episode_id, None)
+            self._live.pop(episode_id, None)
         self.engine.release(episode_id)
 
 

@@ -90,7 +90,7 @@ def test_the_prefix_cache_is_bounded_and_evicts_the_least_recently_used_episode(
     metrics = httpx.get(f"{server.url}/forge/metrics").json()
     assert metrics["prefix_cache_tokens"] <= metrics["prefix_cache_capacity_tokens"] == 64
     assert metrics["prefix_cache_evictions"] >= 1
-    assert "a" not in server.service.served._cached and "c" in server.service.served._cached
+    assert "a" not in server.service.served._live and "c" in server.service.served._live
 
 
 def test_a_checkpoint_folder_update_stamps_its_version_on_later_outputs(server, other_checkpoint):
@@ -249,12 +249,12 @@ def test_a_batch_ends_the_episodes_it_names_before_generating_and_a_new_one_star
     httpx.post(
         f"{server.url}/forge/generate", json={"token_ids": ids, "max_new_tokens": 1, "episode_id": "old"}
     )
-    assert "old" in served._cached and not served._ended
+    assert "old" in served._live and not served._ended
     answer = httpx.post(
         f"{server.url}/forge/generate/batch",
         json={"requests": [{"token_ids": ids, "max_new_tokens": 1, "episode_id": "new"}], "release": ["old"]},
     ).json()["results"][0]
-    assert served._ended == {"old"} and "new" in served._cached
+    assert list(served._ended) == ["old"] and "new" in served._live
     assert answer["prefill_tokens"] == 1 and answer["cached_tokens"] == len(ids) - 1  # from old's KV
     metrics = httpx.get(f"{server.url}/forge/metrics").json()
     assert metrics["prefix_cache_episodes"] == 1 and metrics["prefix_cache_ended_episodes"] == 1
@@ -275,7 +275,7 @@ def test_an_ended_episode_kv_is_dropped_first_when_the_cache_needs_its_room_and_
     assert engine.retired_episodes == 1 and served.metrics()["prefix_cache_ended_episodes"] == 1
     assert turn("b", ids + [30]).prefill_tokens == 1  # a's KV, all of the prompt it shares
     turn("c", [40] * 24)  # past 90 tokens: a goes, though "live" was used longer ago
-    assert engine.retired_episodes == 0 and not served._ended and list(served._cached) == ["live", "b", "c"]
+    assert engine.retired_episodes == 0 and not served._ended and list(served._live) == ["live", "b", "c"]
     served.release("b")
     served.load_weights({}, 1)
     assert engine.retired_episodes == 0 and served.metrics()["prefix_cache_tokens"] == 0
@@ -302,7 +302,7 @@ def test_the_forge_client_generates_releases_and_updates(server, other_checkpoin
         result = await client.generate(GenerationRequest(prompt(server), 3, "e"))
         assert len(result.token_ids) == len(result.logprobs) and client.policy_version == 0
         await client.release(["e"])
-        assert server.service.served._ended == {"e"}  # ended: its KV kept only for later episodes
+        assert list(server.service.served._ended) == ["e"]  # ended: its KV kept only for later episodes
         await client.load_checkpoint(str(other_checkpoint), 4)
         assert (await client.generate(GenerationRequest(prompt(server), 2))).policy_version == 4
         assert (await client.metrics())["weight_updates"] == 1

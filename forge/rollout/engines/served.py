@@ -31,10 +31,10 @@ class ServedEngine:
             raise ValueError(f"cache_tokens={cache_tokens}: give 0 (keep no episode between calls) or more")
         self.engine = engine
         self.cache_tokens = cache_tokens
-        self._cached: collections.OrderedDict[str, int] = (
-            collections.OrderedDict()
-        )  # episode -> tokens, LRU first; ended ones (retired) too, until evicted
-        self._ended: set[str] = set()  # the episodes in `_cached` that have ended
+        # episode -> tokens it holds, least recently used first: live episodes, and ended ones
+        # whose KV the engine keeps for later episodes (`HFEngine.retire`) until evicted.
+        self._live: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._ended: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._state = threading.Condition()
         self._paused = False
         self._running = 0
@@ -80,7 +80,6 @@ class ServedEngine:
         return results
 
     def _account(self, requests: list[GenerationRequest], results: list[GenerationResult]) -> None:
-        evicted: list[str] = []
         with self._state:
             self.counts["requests"] += len(requests)
             self.counts["batches"] += 1
@@ -89,9 +88,9 @@ class ServedEngine:
                 self.counts["prefill_tokens"] += result.prefill_tokens
                 self.counts["generated_tokens"] += len(result.token_ids)
                 if request.episode_id:
-                    self._cached.pop(request.episode_id, None)
-                    self._ended.discard(request.episode_id)
-                    self._cached[request.episode_id] = len(request.token_ids) + len(result.token_ids)
+                    self._live.pop(request.episode_id, None)
+                    self._ended.pop(request.episode_id, None)
+                    self._live[request.episode_id] = len(request.token_ids) + len(result.token_ids)
             evicted = self._evict()
         for episode_id in evicted:
             self.engine.release(episode_id)
@@ -100,16 +99,12 @@ class ServedEngine:
         """Take episodes out of the count until it is within bounds: ended ones first, then
         live ones, each the least recently used first (as vLLM evicts only freed blocks)."""
         evicted = []
-        total = sum(self._cached.values())
-        order = [name for name in self._cached if name in self._ended] + [
-            name for name in self._cached if name not in self._ended
-        ]
-        for episode_id in order:
-            if total <= self.cache_tokens:
-                break
-            total -= self._cached.pop(episode_id)
-            self._ended.discard(episode_id)
-            evicted.append(episode_id)
+        total = sum(self._live.values()) + sum(self._ended.values())
+        for held in (self._ended, self._live):
+            while held and total > self.cache_tokens:
+                episode_id, tokens = held.popitem(last=False)
+                total -= tokens
+                evicted.append(episode_id)
         self.counts["evictions"] += len(evicted)
         return evicted
 
@@ -117,10 +112,11 @@ class ServedEngine:
         """An episode has ended: its KV stays, counted as used now, for later episodes to
         start from until the bound needs its room (`HFEngine.retire`)."""
         with self._state:
-            tokens = self._cached.pop(episode_id, None)
+            tokens = self._live.pop(episode_id, None)
+            if tokens is None:  # ended before: counted as used now
+                tokens = self._ended.pop(episode_id, None)
             if tokens is not None:
-                self._cached[episode_id] = tokens
-                self._ended.add(episode_id)
+                self._ended[episode_id] = tokens
         if tokens is None:
             self.engine.release(episode_id)
             return
@@ -141,7 +137,7 @@ class ServedEngine:
         try:
             self.engine.load_weights(load() or {}, version)
             with self._state:
-                self._cached.clear()
+                self._live.clear()
                 self._ended.clear()
                 self.counts["weight_updates"] += 1
         finally:
@@ -154,9 +150,9 @@ class ServedEngine:
     def metrics(self) -> dict[str, float | int | bool]:
         with self._state:
             counts = dict(self.counts)
-            cached_tokens = sum(self._cached.values())
+            cached_tokens = sum(self._live.values()) + sum(self._ended.values())
             ended = len(self._ended)
-            cached_episodes = len(self._cached) - ended
+            cached_episodes = len(self._live)
         prompt = counts.get("prompt_tokens", 0.0)
         hits = prompt - counts.get("prefill_tokens", 0.0)
         return {
