@@ -287,8 +287,7 @@ class HFEngine:
     def _start_kv(self, tokens: list[int]) -> EpisodeKV:
         """The KV of `tokens` alone, run as a batch of one row."""
         cache, _, _ = self._prefill([None], [tokens], room=0)
-        columns = torch.arange(len(tokens), device=self.device)
-        return EpisodeKV(list(tokens), [layer.row(0, columns) for layer in cache.layers])
+        return _kv_of(cache, 0, torch.arange(len(tokens), device=self.device), list(tokens))
 
     def _batch_rows(self, requests: list[GenerationRequest]) -> list[int] | None:
         """Each request's row in the kept batch, or None if any request cannot extend
@@ -642,9 +641,13 @@ class HFEngine:
 
 
 def _row_kv(batch: _BatchKV, row: int) -> EpisodeKV:
-    """A kept batch's row as an episode's own cache, without its pads (copied out)."""
-    columns = batch.mask[row].nonzero().squeeze(-1)
-    return EpisodeKV(batch.token_ids[row], [layer.row(row, columns) for layer in batch.cache.layers])
+    """A kept batch's row as an episode's own cache, without its pads."""
+    return _kv_of(batch.cache, row, batch.mask[row].nonzero().squeeze(-1), batch.token_ids[row])
+
+
+def _kv_of(cache: Any, row: int, columns: torch.Tensor, tokens: list[int]) -> EpisodeKV:
+    """Row `row` of a batch cache at these columns, the KV of `tokens` (copied out)."""
+    return EpisodeKV(tokens, [layer.row(row, columns) for layer in cache.layers])
 
 
 def _check_shared_reads(cache: Any) -> None:
